@@ -1,0 +1,81 @@
+"""Settings: defaults, overridden by etc/rc.json, overridden by environment.
+
+RC_CONFIG names another config file, RC_HOME the state directory (var/ in the
+checkout by default), RC_TCP_PORT and RC_WEB_PORT the two ports, so that two
+clusters can run side by side on one box.
+"""
+import json
+import os
+
+from rc.defaults import DEFAULTS
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG_PATH = os.path.join(CHECKOUT, "etc", "rc.json")
+WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why."""
+
+
+class Config:
+    """The settings of one cluster, with the paths of its state directory."""
+
+    def __init__(self, settings, home):
+        self.__dict__.update(settings)
+        self.home = home
+        self.db_path = os.path.join(home, "db", "rc.db")
+        self.log_dir = os.path.join(home, "log")
+        self.run_dir = os.path.join(home, "run")
+        self.token_path = os.path.join(home, "token")
+
+    def as_dict(self):
+        return {key: getattr(self, key) for key in DEFAULTS}
+
+
+def load(path=None, environ=None):
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("RC_CONFIG") or DEFAULT_CONFIG_PATH
+    settings = dict(DEFAULTS)
+    settings.update(read_file(path))
+    for key, variable in (("tcp_port", "RC_TCP_PORT"), ("web_port", "RC_WEB_PORT")):
+        if environ.get(variable):
+            settings[key] = check(key, parse_int(variable, environ[variable]))
+    home = environ.get("RC_HOME") or os.path.join(CHECKOUT, "var")
+    return Config(settings, os.path.abspath(home))
+
+
+def read_file(path):
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ConfigError("%s: not valid JSON: %s" % (path, e))
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must hold one JSON object" % path)
+    return {key: check(key, value, path) for key, value in data.items()}
+
+
+def check(key, value, where="environment"):
+    if key not in DEFAULTS:
+        raise ConfigError("%s: unknown setting %r" % (where, key))
+    default = DEFAULTS[key]
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ConfigError("%s: %s must be %s, not %r"
+                          % (where, key, type(default).__name__, value))
+    if isinstance(value, (int, float)) and value < 0:
+        raise ConfigError("%s: %s must not be negative" % (where, key))
+    if key.endswith("_port") and not 0 <= value <= 65535:
+        raise ConfigError("%s: %s must be a port number" % (where, key))
+    return value
+
+
+def parse_int(name, text):
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError("%s must be a whole number, not %r" % (name, text))

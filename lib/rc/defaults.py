@@ -1,0 +1,31 @@
+"""Every tunable of the main node, with its unit. `etc/rc.json` may override
+any of them by its lower-case name; docs/configuration.md explains each."""
+
+# -- network -----------------------------------------------------------------
+TCP_HOST = "0.0.0.0"            # address rc-server listens on for workers
+TCP_PORT = 8080                 # port for workers (env RC_TCP_PORT wins)
+WEB_HOST = "0.0.0.0"            # address rc-web listens on
+WEB_PORT = 5000                 # dashboard and HTTP API port (env RC_WEB_PORT wins)
+
+# -- devices -----------------------------------------------------------------
+HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats
+OFFLINE_TIMEOUT = 300.0         # seconds without a heartbeat before a device is offline
+HEARTBEAT_HISTORY = 1440        # heartbeats kept per device (a day at 60 s)
+AUTH_TIMEOUT = 10.0             # seconds a new connection has to authenticate
+
+# -- tasks -------------------------------------------------------------------
+TASK_TIMEOUT = 300.0            # seconds a task may run when it names no timeout
+TASK_RETRIES = 3                # re-runs after a system failure when the task names none
+ACCEPT_TIMEOUT = 15.0           # seconds a device has to accept an assignment
+TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
+RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt
+RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries
+
+# -- processes ---------------------------------------------------------------
+POLL_INTERVAL = 0.002           # seconds between looks for changes in the database
+REAPER_INTERVAL = 1.0           # seconds between the reaper's sweeps
+LOG_LEVEL = "info"              # debug, info, warning or error
+
+# The settings as rc.json names them, built from the constants above.
+DEFAULTS = {name.lower(): value for name, value in dict(globals()).items()
+            if name.isupper() and name != "DEFAULTS"}

@@ -1,0 +1,108 @@
+"""The wire protocol between rc-server and workers: framing, envelopes and
+the mutual HMAC proof of the join token. docs/protocol.md describes it for
+people; bin/worker.py implements the other side with the standard library."""
+import hashlib
+import hmac
+import secrets
+import time
+
+import orjson
+
+from rc.states import MAX_FRAME_BYTES
+
+MAIN_NODE_ID = "main"
+
+
+class ProtocolError(Exception):
+    """A peer sent something the protocol does not allow; the message says what."""
+
+
+def new_nonce():
+    return secrets.token_hex(16)
+
+
+def worker_proof(token, server_nonce, worker_nonce, device_id):
+    """What a worker sends to show it knows the join token."""
+    return _sign(token, "rc-worker", server_nonce, worker_nonce, device_id)
+
+
+def server_proof(token, server_nonce, worker_nonce, device_id):
+    """What the main node sends back to show it knows the token too."""
+    return _sign(token, "rc-server", server_nonce, worker_nonce, device_id)
+
+
+def _sign(token, role, server_nonce, worker_nonce, device_id):
+    message = "|".join((role, server_nonce, worker_nonce, device_id)).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def proofs_match(expected, given):
+    return isinstance(given, str) and hmac.compare_digest(expected, given)
+
+
+def encode(message_type, data, sender_id=MAIN_NODE_ID, target_id=None):
+    """One frame: the envelope as a JSON line."""
+    envelope = {"message_type": message_type, "sender_id": sender_id,
+                "timestamp": time.time(), "message_id": secrets.token_hex(8),
+                "data": data}
+    if target_id is not None:
+        envelope["target_id"] = target_id
+    frame = orjson.dumps(envelope, option=orjson.OPT_APPEND_NEWLINE)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("frame of %d bytes is over the %d byte limit"
+                            % (len(frame), MAX_FRAME_BYTES))
+    return frame
+
+
+def decode(line):
+    """The envelope in one received line, checked for shape."""
+    try:
+        envelope = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError("frame is not JSON: %s" % e)
+    if not isinstance(envelope, dict):
+        raise ProtocolError("frame must be a JSON object")
+    if not isinstance(envelope.get("message_type"), str):
+        raise ProtocolError("frame has no message_type")
+    if not isinstance(envelope.get("data", {}), dict):
+        raise ProtocolError("data must be an object")
+    envelope.setdefault("data", {})
+    return envelope
+
+
+def split_frames(buffer):
+    """Complete lines taken off the front of a bytearray, which keeps the rest.
+
+    Raises ProtocolError when a line, complete or not, is over the limit."""
+    lines = []
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end < 0:
+            break
+        if end - start > MAX_FRAME_BYTES:
+            raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
+        lines.append(bytes(buffer[start:end]))
+        start = end + 1
+    del buffer[:start]
+    if len(buffer) > MAX_FRAME_BYTES:
+        raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
+    return lines
+
+
+def field(data, name, kind, required=True, default=None):
+    """data[name] checked to be of `kind` (a type or tuple of types)."""
+    if name not in data:
+        if required:
+            raise ProtocolError("missing field %r" % name)
+        return default
+    value = data[name]
+    if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+        raise ProtocolError("field %r has the wrong type" % name)
+    if not isinstance(value, kind):
+        raise ProtocolError("field %r has the wrong type" % name)
+    return value
+
+
+def _as_tuple(kind):
+    return kind if isinstance(kind, tuple) else (kind,)

@@ -1,0 +1,65 @@
+"""Names shared by every program and by the worker.
+
+This module imports nothing, so it can be read by anything. `bin/worker.py`
+keeps its own copy of the wire-level names (it must stay one file);
+tests/test_shared_definitions.py checks that the two agree.
+"""
+
+PROTOCOL_VERSION = 1
+
+# A frame is one JSON object on one line; anything longer is an error.
+MAX_FRAME_BYTES = 1024 * 1024
+
+# -- task states ---------------------------------------------------------------
+QUEUED = "queued"
+ASSIGNED = "assigned"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
+
+TASK_STATES = (QUEUED, ASSIGNED, RUNNING, COMPLETED, FAILED, TIMED_OUT, CANCELLED)
+TERMINAL_STATES = (COMPLETED, FAILED, TIMED_OUT, CANCELLED)
+# States in which a task holds one of its device's slots.
+ACTIVE_STATES = (ASSIGNED, RUNNING)
+
+# -- priorities: higher number runs first ---------------------------------------
+PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
+PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
+
+# -- task types the worker knows ----------------------------------------------
+TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
+
+# -- device states -------------------------------------------------------------
+ONLINE = "online"
+OFFLINE = "offline"
+DEVICE_STATES = (ONLINE, OFFLINE)
+
+# -- message types on the wire ---------------------------------------------------
+HELLO = "hello"                    # server -> worker: challenge nonce
+REGISTER = "register"              # worker -> server: identity, proof, profile
+REGISTER_ACK = "register_ack"      # server -> worker: server's proof, settings
+HEARTBEAT = "heartbeat"            # worker -> server: metrics, active tasks
+HEARTBEAT_ACK = "heartbeat_ack"
+TASK_ASSIGN = "task_assign"        # server -> worker
+TASK_ACCEPT = "task_accept"        # worker -> server: started running it
+TASK_PROGRESS = "task_progress"    # worker -> server
+TASK_RESULT = "task_result"        # worker -> server
+TASK_RESULT_ACK = "task_result_ack"  # server -> worker: result is committed
+TASK_CANCEL = "task_cancel"        # server -> worker
+ERROR = "error"                    # either way; the sender may then close
+
+MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
+                 TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR)
+
+# -- why a task attempt ended, as the worker reports it -----------------------
+# These are the outcomes a worker puts in task_result's "status".
+OUTCOME_COMPLETED = COMPLETED
+OUTCOME_FAILED = FAILED
+OUTCOME_TIMED_OUT = TIMED_OUT
+OUTCOME_CANCELLED = CANCELLED
+OUTCOME_NOT_ALLOWED = "not_allowed"
+OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
+            OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED)
