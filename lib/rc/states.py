@@ -30,6 +30,10 @@ PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 # -- task types the worker knows ----------------------------------------------
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
+# The one payload field each type takes from the command line (None: no argument).
+PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
+                 "python_eval": "expression", "python_exec": "code",
+                 "shell": "command"}
 
 # -- device states -------------------------------------------------------------
 ONLINE = "online"
