@@ -27,7 +27,8 @@ class Config:
         self.db_path = os.path.join(home, "db", "rc.db")
         self.log_dir = os.path.join(home, "log")
         self.run_dir = os.path.join(home, "run")
-        self.token_path = os.path.join(home, "token")
+        self.token_path = os.path.join(home, "token")          # workers join with it
+        self.web_token_path = os.path.join(home, "web_token")  # HTTP writes need it
 
     def as_dict(self):
         return {key: getattr(self, key) for key in DEFAULTS}

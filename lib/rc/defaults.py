@@ -12,6 +12,8 @@ HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats
 OFFLINE_TIMEOUT = 300.0         # seconds without a heartbeat before a device is offline
 HEARTBEAT_HISTORY = 1440        # heartbeats kept per device (a day at 60 s)
 AUTH_TIMEOUT = 10.0             # seconds a new connection has to authenticate
+DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before
+                                # its tasks go elsewhere
 
 # -- tasks -------------------------------------------------------------------
 TASK_TIMEOUT = 300.0            # seconds a task may run when it names no timeout

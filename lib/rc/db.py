@@ -1,0 +1,213 @@
+"""The one SQLite file every program shares: connections, schema, migrations.
+
+Programs never talk to each other; they coordinate through committed rows.
+Every connection comes from connect() so all of them use the same pragmas,
+and every write goes through write(), a short `BEGIN IMMEDIATE` transaction.
+"""
+import contextlib
+import os
+import sqlite3
+
+import orjson
+
+from rc.states import ACTIVE_STATES, TERMINAL_STATES
+
+BUSY_TIMEOUT_MS = 10000   # how long a writer waits for another to finish
+
+# Seconds since the epoch with a fraction; SQLite 3.40 has no unixepoch('subsec').
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def _sql_list(names):
+    return ", ".join("'%s'" % name for name in names)
+
+
+# Each entry upgrades the schema by one version; user_version counts them.
+MIGRATIONS = [
+    """
+    CREATE TABLE devices (
+        device_id      TEXT PRIMARY KEY,
+        hostname       TEXT,
+        platform       TEXT,
+        architecture   TEXT,
+        role           TEXT,
+        cpu_cores      INTEGER,
+        memory_gb      REAL,
+        slots          INTEGER NOT NULL DEFAULT 1,
+        capabilities   TEXT NOT NULL DEFAULT '[]',
+        tags           TEXT NOT NULL DEFAULT '[]',
+        task_types     TEXT NOT NULL DEFAULT '[]',
+        profile        TEXT NOT NULL DEFAULT '{}',
+        metrics        TEXT NOT NULL DEFAULT '{}',
+        status         TEXT NOT NULL DEFAULT 'offline',
+        connected      INTEGER NOT NULL DEFAULT 0,
+        address        TEXT,
+        protocol       INTEGER,
+        registered_at  REAL NOT NULL,
+        connected_at   REAL,
+        disconnected_at REAL,
+        last_seen      REAL NOT NULL
+    );
+
+    CREATE TABLE heartbeats (
+        id         INTEGER PRIMARY KEY,
+        device_id  TEXT NOT NULL REFERENCES devices(device_id),
+        time       REAL NOT NULL,
+        metrics    TEXT NOT NULL
+    );
+    CREATE INDEX heartbeats_by_device ON heartbeats(device_id, id);
+
+    CREATE TABLE tasks (
+        task_id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_type        TEXT NOT NULL,
+        payload          TEXT NOT NULL DEFAULT '{}',
+        priority         INTEGER NOT NULL DEFAULT 1,
+        requirements     TEXT NOT NULL DEFAULT '{}',
+        timeout          REAL NOT NULL,
+        max_retries      INTEGER NOT NULL,
+        idempotency_key  TEXT UNIQUE,
+        state            TEXT NOT NULL DEFAULT 'queued',
+        attempt          INTEGER NOT NULL DEFAULT 1,
+        device_id        TEXT REFERENCES devices(device_id),
+        created_at       REAL NOT NULL,
+        not_before       REAL NOT NULL DEFAULT 0,
+        assigned_at      REAL,
+        started_at       REAL,
+        finished_at      REAL,
+        result           TEXT,
+        error            TEXT,
+        reason           TEXT,
+        progress         REAL,
+        progress_message TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    -- The scheduler's queue, in the order it serves it.
+    CREATE INDEX tasks_queue ON tasks(priority DESC, task_id)
+        WHERE state = 'queued';
+    -- What each device holds, for slots and for reassignment.
+    CREATE INDEX tasks_active ON tasks(device_id, state)
+        WHERE state IN (%(active)s);
+
+    CREATE TABLE task_events (
+        id         INTEGER PRIMARY KEY,
+        task_id    INTEGER NOT NULL REFERENCES tasks(task_id),
+        time       REAL NOT NULL,
+        attempt    INTEGER NOT NULL,
+        state      TEXT NOT NULL,
+        device_id  TEXT,
+        reason     TEXT
+    );
+    CREATE INDEX task_events_by_task ON task_events(task_id, id);
+
+    -- Every state change is an event, whoever makes it.
+    CREATE TRIGGER task_created AFTER INSERT ON tasks BEGIN
+        INSERT INTO task_events(task_id, time, attempt, state, device_id, reason)
+        VALUES (NEW.task_id, NEW.created_at, NEW.attempt, NEW.state,
+                NEW.device_id, NEW.reason);
+    END;
+    CREATE TRIGGER task_state_changed AFTER UPDATE OF state, attempt ON tasks
+    WHEN NEW.state != OLD.state OR NEW.attempt != OLD.attempt BEGIN
+        INSERT INTO task_events(task_id, time, attempt, state, device_id, reason)
+        VALUES (NEW.task_id, %(now)s, NEW.attempt, NEW.state,
+                NEW.device_id, NEW.reason);
+    END;
+    -- A terminal state never changes again, whatever code tries.
+    CREATE TRIGGER task_terminal_is_final BEFORE UPDATE OF state, attempt ON tasks
+    WHEN OLD.state IN (%(terminal)s)
+         AND (NEW.state != OLD.state OR NEW.attempt != OLD.attempt) BEGIN
+        SELECT RAISE(ABORT, 'a finished task cannot change state');
+    END;
+
+    -- Monotonic counters for /text/metrics, kept across restarts.
+    CREATE TABLE counters (
+        name   TEXT PRIMARY KEY,
+        value  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TRIGGER task_finished_count AFTER UPDATE OF state ON tasks
+    WHEN NEW.state IN (%(terminal)s) AND OLD.state NOT IN (%(terminal)s) BEGIN
+        INSERT INTO counters(name, value) VALUES ('tasks_' || NEW.state, 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+    END;
+    """ % {"active": _sql_list(ACTIVE_STATES), "terminal": _sql_list(TERMINAL_STATES),
+           "now": NOW},
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path):
+    """A connection with the pragmas every program uses.
+
+    Autocommit mode (isolation_level=None): reads see the latest commit, and
+    writes open their own transaction through write()."""
+    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000.0,
+                                 isolation_level=None, check_same_thread=False)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across a program crash in WAL mode; only a power cut
+    # can lose the last commits, and those tasks are then re-run, not lost.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
+    connection.execute("PRAGMA foreign_keys=ON")
+    return connection
+
+
+@contextlib.contextmanager
+def write(connection):
+    """One short write transaction: taken at once, committed or rolled back."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def open_database(path):
+    """connect(), after creating the directory and upgrading the schema."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    connection = connect(path)
+    migrate(connection)
+    return connection
+
+
+def migrate(connection):
+    with write(connection):
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError("database schema %d is newer than this code (%d)"
+                               % (version, SCHEMA_VERSION))
+        for number in range(version, SCHEMA_VERSION):
+            for statement in split_statements(MIGRATIONS[number]):
+                connection.execute(statement)
+            connection.execute("PRAGMA user_version=%d" % (number + 1))
+
+
+def split_statements(script):
+    """The statements of a migration, triggers kept whole (executescript
+    would commit our transaction, so each runs on its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    return statements
+
+
+def data_version(connection):
+    """Changes when any other connection commits: the cheap way to wake up."""
+    return connection.execute("PRAGMA data_version").fetchone()[0]
+
+
+def dumps(value):
+    return orjson.dumps(value).decode()
+
+
+def loads(text, default=None):
+    return default if text is None else orjson.loads(text)
+

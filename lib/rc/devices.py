@@ -1,0 +1,143 @@
+"""Devices: what a worker tells about itself, whether it is connected, and
+its heartbeat history. Writes here run inside a transaction the caller holds."""
+from rc import db
+from rc.states import ACTIVE_STATES, ONLINE
+
+DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores, memory_gb,"
+                  " slots, capabilities, tags, task_types, profile, metrics, status,"
+                  " connected, address, protocol, registered_at, connected_at,"
+                  " disconnected_at, last_seen")
+LIST_COLUMNS = ("capabilities", "tags", "task_types")
+OBJECT_COLUMNS = ("profile", "metrics")
+
+
+def register(connection, device_id, data, address, now):
+    """Create or refresh a device from its `register` message."""
+    info = data.get("device_info") or {}
+    specs = data.get("hardware_specs") or {}
+    profile = {"device_info": info, "hardware_specs": specs}
+    connection.execute(
+        "INSERT INTO devices(device_id, hostname, platform, architecture, role, cpu_cores,"
+        " memory_gb, slots, capabilities, tags, task_types, profile, status, connected,"
+        " address, protocol, registered_at, connected_at, disconnected_at, last_seen)"
+        " VALUES (:device_id, :hostname, :platform, :architecture, :role, :cpu_cores,"
+        " :memory_gb, :slots, :capabilities, :tags, :task_types, :profile, :status, 1,"
+        " :address, :protocol, :now, :now, NULL, :now)"
+        " ON CONFLICT(device_id) DO UPDATE SET hostname = excluded.hostname,"
+        " platform = excluded.platform, architecture = excluded.architecture,"
+        " role = excluded.role, cpu_cores = excluded.cpu_cores,"
+        " memory_gb = excluded.memory_gb, slots = excluded.slots,"
+        " capabilities = excluded.capabilities, tags = excluded.tags,"
+        " task_types = excluded.task_types, profile = excluded.profile,"
+        " status = excluded.status, connected = 1, address = excluded.address,"
+        " protocol = excluded.protocol, connected_at = excluded.connected_at,"
+        " disconnected_at = NULL, last_seen = excluded.last_seen",
+        {"device_id": device_id, "hostname": text(info.get("hostname")),
+         "platform": text(info.get("platform")),
+         "architecture": text(info.get("architecture")), "role": text(data.get("role")),
+         "cpu_cores": number(specs.get("cpu_cores"), int),
+         "memory_gb": number(specs.get("memory_gb"), float),
+         "slots": max(1, number(data.get("slots"), int) or 1),
+         "capabilities": db.dumps(names(data.get("capabilities"))),
+         "tags": db.dumps(names(data.get("tags"))),
+         "task_types": db.dumps(names(data.get("task_types"))),
+         "profile": db.dumps(profile), "status": ONLINE, "address": address,
+         "protocol": data.get("protocol"), "now": now})
+
+
+def heartbeat(connection, device_id, metrics, now):
+    connection.execute(
+        "UPDATE devices SET metrics = ?, last_seen = ?, status = ? WHERE device_id = ?",
+        (db.dumps(metrics), now, ONLINE, device_id))
+    connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
+                       (device_id, now, db.dumps(metrics)))
+
+
+def disconnected(connection, device_id, now):
+    connection.execute(
+        "UPDATE devices SET connected = 0, disconnected_at = ? WHERE device_id = ?",
+        (now, device_id))
+
+
+def disconnect_all(connection, now):
+    """At server start: no connection survives a restart of rc-server."""
+    connection.execute(
+        "UPDATE devices SET connected = 0, disconnected_at = ? WHERE connected = 1",
+        (now,))
+
+
+def prune_heartbeats(connection, keep):
+    """Keep the newest `keep` heartbeats of each device."""
+    for row in connection.execute("SELECT device_id FROM devices").fetchall():
+        connection.execute(
+            "DELETE FROM heartbeats WHERE device_id = :d AND id <= (SELECT id FROM"
+            " heartbeats WHERE device_id = :d ORDER BY id DESC LIMIT 1 OFFSET :keep)",
+            {"d": row["device_id"], "keep": keep})
+
+
+# -- reading -------------------------------------------------------------------
+
+def device_dict(row):
+    device = dict(row)
+    for key in LIST_COLUMNS:
+        if key in device:
+            device[key] = db.loads(device[key], [])
+    for key in OBJECT_COLUMNS:
+        if key in device:
+            device[key] = db.loads(device[key], {})
+    if "connected" in device:
+        device["connected"] = bool(device["connected"])
+    return device
+
+
+def list_devices(connection, status=None):
+    if status is None:
+        return list_devices_where(connection, "1", ())
+    return list_devices_where(connection, "d.status = ?", (status,))
+
+
+def get(connection, device_id):
+    for device in list_devices_where(connection, "d.device_id = ?", (device_id,)):
+        return device
+    return None
+
+
+def list_devices_where(connection, clause, parameters):
+    rows = connection.execute(
+        "SELECT %s, (SELECT count(*) FROM tasks t WHERE t.device_id = d.device_id"
+        " AND t.state IN (?, ?)) AS active_tasks FROM devices d WHERE %s"
+        " ORDER BY d.device_id" % (prefixed(DEVICE_COLUMNS, "d."), clause), ACTIVE_STATES + tuple(parameters))
+    return [device_dict(row) for row in rows]
+
+
+def counts(connection):
+    row = connection.execute(
+        "SELECT count(*) AS total, coalesce(sum(status = ?), 0) AS online FROM devices",
+        (ONLINE,)).fetchone()
+    return {"online": row["online"], "offline": row["total"] - row["online"],
+            "total": row["total"]}
+
+
+def prefixed(columns, prefix):
+    return ", ".join(prefix + name.strip() for name in columns.split(","))
+
+
+# -- cleaning what a worker sends -------------------------------------------------
+
+def text(value, limit=200):
+    return value[:limit] if isinstance(value, str) else None
+
+
+def number(value, kind):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None
+    return kind(value)
+
+
+def names(values, limit=100):
+    if not isinstance(values, list):
+        return []
+    return sorted({v[:100] for v in values if isinstance(v, str) and v})[:limit]
+

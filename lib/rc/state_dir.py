@@ -1,0 +1,39 @@
+"""The state directory (var/ by default): made once at install, kept after.
+
+It holds the database, the logs, supervisord's socket and pid, and the two
+secrets: the join token workers prove they know, and the web token that
+every mutating HTTP request must carry. Secrets are files readable by the
+owner only, made once and never overwritten."""
+import os
+import secrets
+
+from rc import db
+
+
+def init(config):
+    """Create what a fresh cluster needs; harmless to run again."""
+    for directory in (config.home, os.path.dirname(config.db_path), config.log_dir,
+                      config.run_dir):
+        os.makedirs(directory, exist_ok=True)
+    db.open_database(config.db_path).close()
+    for path in (config.token_path, config.web_token_path):
+        ensure_secret(path)
+
+
+def ensure_secret(path):
+    if os.path.exists(path):
+        return read_secret(path)
+    secret = secrets.token_urlsafe(24)
+    # O_EXCL: two installs at once cannot both write, and nobody else can read it.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def read_secret(path):
+    with open(path, encoding="utf-8") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError("%s is empty; delete it and run make install" % path)
+    return secret

@@ -1,0 +1,341 @@
+"""Tasks: what a valid task is, submitting, cancelling, and every state change.
+
+All writes here are fenced: an update names the (task id, attempt) and, once
+assigned, the device it expects, so a stale message or a second process can
+never move a task that has moved on. The database refuses to change a
+terminal state at all (see db.py).
+"""
+import math
+import random
+import time
+
+from rc import db
+from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, FAILED, PAYLOAD_FIELD,
+                       PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
+                       TERMINAL_STATES)
+
+MAX_PAYLOAD_TEXT = 256 * 1024   # bytes of code, command or message in one task
+MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a week is plenty for an old laptop
+MAX_RETRIES = 100
+
+# --require KEY=VALUE: which keys exist and how their value is read.
+REQUIREMENT_KINDS = {
+    "min_cpu_cores": "int", "min_memory_gb": "float",
+    "platform": "str", "architecture": "str", "role": "str", "device_id": "str",
+    "capabilities": "list", "tags": "list",
+}
+REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
+                       "arch": "architecture", "device": "device_id",
+                       "capability": "capabilities", "tag": "tags"}
+
+
+class TaskError(ValueError):
+    """A task or a request about one is not valid; the message says why."""
+
+
+# -- what a valid task is ------------------------------------------------------
+
+def payload_from_argument(task_type, argument):
+    """The payload a command-line argument stands for, e.g. shell 'ls' ->
+    {"command": "ls"}."""
+    check_type(task_type)
+    name = PAYLOAD_FIELD[task_type]
+    if name is None:
+        if argument not in (None, ""):
+            raise TaskError("%s takes no argument" % task_type)
+        return {}
+    if argument is None:
+        raise TaskError("%s needs an argument (its %s)" % (task_type, name))
+    if task_type == "sleep":
+        argument = parse_number("sleep seconds", argument)
+    return {name: argument}
+
+
+def check_type(task_type):
+    if task_type not in TASK_TYPES:
+        raise TaskError("unknown task type %r (known: %s)"
+                        % (task_type, ", ".join(TASK_TYPES)))
+
+
+def check_payload(task_type, payload):
+    check_type(task_type)
+    if not isinstance(payload, dict):
+        raise TaskError("payload must be an object")
+    name = PAYLOAD_FIELD[task_type]
+    if name is None:
+        return {}
+    if name not in payload:
+        raise TaskError("%s payload needs %r" % (task_type, name))
+    value = payload[name]
+    if task_type == "sleep":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not 0 <= value <= MAX_TIMEOUT:
+            raise TaskError("sleep seconds must be a number from 0 to %d" % MAX_TIMEOUT)
+    elif not isinstance(value, str):
+        raise TaskError("%s %s must be text" % (task_type, name))
+    elif len(value.encode("utf-8", "surrogatepass")) > MAX_PAYLOAD_TEXT:
+        raise TaskError("%s %s is over %d bytes" % (task_type, name, MAX_PAYLOAD_TEXT))
+    elif "\x00" in value:
+        raise TaskError("%s %s must not contain NUL" % (task_type, name))
+    return {name: value}
+
+
+def parse_number(what, text):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise TaskError("%s must be a number, not %r" % (what, text))
+    if not math.isfinite(value):
+        raise TaskError("%s must be a finite number" % what)
+    return value
+
+
+def parse_priority(priority):
+    if priority in PRIORITIES:
+        return PRIORITIES[priority]
+    raise TaskError("priority must be one of %s, not %r"
+                    % (", ".join(PRIORITIES), priority))
+
+
+def parse_requirements(texts):
+    """--require KEY=VALUE options as a requirements dict; lists accumulate
+    and take commas (--require tags=gpu,big)."""
+    requirements = {}
+    for text in texts:
+        key, separator, value = text.partition("=")
+        key = REQUIREMENT_ALIASES.get(key.strip(), key.strip())
+        if not separator or not value.strip():
+            raise TaskError("requirement %r must look like KEY=VALUE" % text)
+        if key not in REQUIREMENT_KINDS:
+            raise TaskError("unknown requirement %r (known: %s)"
+                            % (key, ", ".join(sorted(REQUIREMENT_KINDS))))
+        if REQUIREMENT_KINDS[key] == "list":
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            requirements.setdefault(key, []).extend(items)
+        else:
+            requirements[key] = value.strip()
+    return check_requirements(requirements)
+
+
+def check_requirements(requirements):
+    """Requirements with values of the right kind, or TaskError."""
+    if not isinstance(requirements, dict):
+        raise TaskError("requirements must be an object")
+    checked = {}
+    for key, value in requirements.items():
+        kind = REQUIREMENT_KINDS.get(key)
+        if kind is None:
+            raise TaskError("unknown requirement %r" % key)
+        if kind == "int":
+            number = parse_number(key, value)
+            if number != int(number) or number < 0:
+                raise TaskError("%s must be a whole number" % key)
+            checked[key] = int(number)
+        elif kind == "float":
+            number = parse_number(key, value)
+            if number < 0:
+                raise TaskError("%s must not be negative" % key)
+            checked[key] = number
+        elif kind == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise TaskError("%s must be a list of names" % key)
+            checked[key] = sorted(set(value))
+        elif not isinstance(value, str) or not value:
+            raise TaskError("%s must be a name" % key)
+        else:
+            checked[key] = value
+    return checked
+
+
+def unmet_requirements(requirements, device):
+    """Why a device (a row of the devices table, lists decoded) cannot take a
+    task with these requirements: a list of reasons, empty when it can."""
+    reasons = []
+    for key, wanted in requirements.items():
+        if key == "min_cpu_cores" and (device["cpu_cores"] or 0) < wanted:
+            reasons.append("needs %d CPU cores" % wanted)
+        elif key == "min_memory_gb" and (device["memory_gb"] or 0) < wanted:
+            reasons.append("needs %g GB memory" % wanted)
+        elif key in ("platform", "architecture", "role", "device_id") \
+                and device[key] != wanted:
+            reasons.append("needs %s=%s" % (key, wanted))
+        elif key in ("capabilities", "tags"):
+            missing = set(wanted) - set(device[key])
+            if missing:
+                reasons.append("needs %s %s" % (key, ",".join(sorted(missing))))
+    return reasons
+
+
+# -- submitting ----------------------------------------------------------------
+
+def submit(connection, config, task_type, payload, priority="normal", timeout=None,
+           retries=None, requirements=None, idempotency_key=None):
+    """Queue one task and return its id. With an idempotency key, a second
+    submit of the same key returns the first task's id instead."""
+    payload = check_payload(task_type, payload)
+    priority_number = parse_priority(priority)
+    timeout = config.task_timeout if timeout is None else parse_number("timeout", timeout)
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise TaskError("timeout must be more than 0 and at most %d seconds" % MAX_TIMEOUT)
+    retries = config.task_retries if retries is None else retries
+    if isinstance(retries, bool) or not isinstance(retries, int) \
+            or not 0 <= retries <= MAX_RETRIES:
+        raise TaskError("retries must be a whole number from 0 to %d" % MAX_RETRIES)
+    requirements = check_requirements(requirements or {})
+    if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                        or not 0 < len(idempotency_key) <= 200):
+        raise TaskError("idempotency key must be text of 1 to 200 characters")
+    with db.write(connection):
+        if idempotency_key is not None:
+            row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
+                                     (idempotency_key,)).fetchone()
+            if row:
+                return row["task_id"]
+        cursor = connection.execute(
+            "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
+            " max_retries, idempotency_key, created_at, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'submitted')",
+            (task_type, db.dumps(payload), priority_number, db.dumps(requirements),
+             timeout, retries, idempotency_key, time.time()))
+        return cursor.lastrowid
+
+
+def cancel(connection, task_id):
+    """Cancel a task: a queued one at once, an active one by asking its device
+    (the result comes back as `cancelled`). Returns the task's state after."""
+    with db.write(connection):
+        row = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                 (task_id,)).fetchone()
+        if row is None:
+            raise TaskError("no task %s" % task_id)
+        state = row["state"]
+        if state == QUEUED:
+            connection.execute(
+                "UPDATE tasks SET state = ?, finished_at = ?, reason = 'cancelled by user'"
+                " WHERE task_id = ? AND state = ?", (CANCELLED, time.time(), task_id, QUEUED))
+            return CANCELLED
+        if state in ACTIVE_STATES:
+            connection.execute("UPDATE tasks SET cancel_requested = 1 WHERE task_id = ?",
+                               (task_id,))
+        return state
+
+
+# -- reading -------------------------------------------------------------------
+
+TASK_COLUMNS = ("task_id, task_type, payload, priority, requirements, timeout, max_retries,"
+                " idempotency_key, state, attempt, device_id, created_at, not_before,"
+                " assigned_at, started_at, finished_at, result, error, reason, progress,"
+                " progress_message, cancel_requested")
+
+
+def task_dict(row):
+    task = dict(row)
+    for key in ("payload", "requirements", "result"):
+        if key in task:
+            task[key] = db.loads(task[key])
+    if "priority" in task:
+        task["priority"] = PRIORITY_NAMES.get(task["priority"], task["priority"])
+    if "cancel_requested" in task:
+        task["cancel_requested"] = bool(task["cancel_requested"])
+    return task
+
+
+def get(connection, task_id):
+    row = connection.execute("SELECT %s FROM tasks WHERE task_id = ?" % TASK_COLUMNS,
+                             (task_id,)).fetchone()
+    if row is None:
+        raise TaskError("no task %s" % task_id)
+    task = task_dict(row)
+    task["events"] = [dict(event) for event in connection.execute(
+        "SELECT time, attempt, state, device_id, reason FROM task_events"
+        " WHERE task_id = ? ORDER BY id", (task_id,))]
+    return task
+
+
+def list_tasks(connection, state=None, device_id=None, limit=100, offset=0):
+    clauses, parameters = [], []
+    if state is not None:
+        if state not in (QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES:
+            raise TaskError("unknown state %r" % state)
+        clauses.append("state = ?")
+        parameters.append(state)
+    if device_id is not None:
+        clauses.append("device_id = ?")
+        parameters.append(device_id)
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    rows = connection.execute(
+        "SELECT %s FROM tasks %s ORDER BY task_id DESC LIMIT ? OFFSET ?"
+        % (TASK_COLUMNS, where), parameters + [limit, offset])
+    return [task_dict(row) for row in rows]
+
+
+def counts_by_state(connection):
+    counts = dict.fromkeys((QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES, 0)
+    for row in connection.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+# -- state changes made by the main node's programs ------------------------------
+# These run inside a write transaction the caller holds.
+
+def accept(connection, task_id, attempt, device_id, now):
+    """The device started the task. False when the message is stale."""
+    cursor = connection.execute(
+        "UPDATE tasks SET state = ?, started_at = ?, reason = 'accepted'"
+        " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state = ?",
+        (RUNNING, now, task_id, attempt, device_id, ASSIGNED))
+    return cursor.rowcount == 1
+
+
+def record_progress(connection, task_id, attempt, device_id, progress, message):
+    cursor = connection.execute(
+        "UPDATE tasks SET progress = ?, progress_message = ?"
+        " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state IN (?, ?)",
+        (progress, message, task_id, attempt, device_id) + ACTIVE_STATES)
+    return cursor.rowcount == 1
+
+
+def finish(connection, task_id, attempt, device_id, state, result, error, reason, now):
+    """Record the outcome of the current attempt. False when it is not the
+    current attempt on that device (already finished, retried, moved)."""
+    cursor = connection.execute(
+        "UPDATE tasks SET state = ?, result = ?, error = ?, reason = ?, finished_at = ?,"
+        " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END"
+        " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state IN (?, ?)",
+        (state, db.dumps(result), error, reason, now, state,
+         task_id, attempt, device_id) + ACTIVE_STATES)
+    return cursor.rowcount == 1
+
+
+def retry_or_fail(connection, task, reason, now, config):
+    """The system lost this attempt (device gone, worker restarted, lease
+    expired): queue the next attempt after a backoff, or fail the task when
+    its retry budget is spent. `task` is a row with task_id, attempt,
+    device_id, state and max_retries. False when the task has moved on."""
+    fence = (task["task_id"], task["attempt"], task["state"])
+    if task["cancel_requested"]:
+        cursor = connection.execute(
+            "UPDATE tasks SET state = ?, finished_at = ?, reason = ?"
+            " WHERE task_id = ? AND attempt = ? AND state = ?",
+            (CANCELLED, now, "cancelled; " + reason) + fence)
+    elif task["attempt"] > task["max_retries"]:
+        cursor = connection.execute(
+            "UPDATE tasks SET state = ?, finished_at = ?, error = ?, reason = ?"
+            " WHERE task_id = ? AND attempt = ? AND state = ?",
+            (FAILED, now, reason, "retries spent: " + reason) + fence)
+    else:
+        cursor = connection.execute(
+            "UPDATE tasks SET state = ?, attempt = attempt + 1, device_id = NULL,"
+            " not_before = ?, assigned_at = NULL, started_at = NULL, progress = NULL,"
+            " progress_message = NULL, reason = ?"
+            " WHERE task_id = ? AND attempt = ? AND state = ?",
+            (QUEUED, now + backoff(task["attempt"], config), reason) + fence)
+    return cursor.rowcount == 1
+
+
+def backoff(attempt, config):
+    """Seconds before attempt+1 may start: doubling, capped, with jitter so
+    that the tasks of one dead device do not all land at once."""
+    delay = min(config.retry_backoff * 2 ** (attempt - 1), config.retry_backoff_max)
+    return delay * random.uniform(0.5, 1.0)
