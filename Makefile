@@ -1,0 +1,55 @@
+# Retire-Cluster main node. `make run` to start, `make test` to check.
+# State lives in $(RC_HOME) (var/ here); set RC_HOME, RC_TCP_PORT and
+# RC_WEB_PORT to run a second cluster beside the first.
+
+PYTHON ?= python3
+RC_HOME ?= $(CURDIR)/var
+export RC_HOME
+
+VENV := .venv
+PY := $(VENV)/bin/python
+CTL := $(VENV)/bin/supervisorctl -c etc/supervisord.conf
+SUPERVISORD := $(VENV)/bin/supervisord -c etc/supervisord.conf
+
+.PHONY: install run stop status test bench clean
+
+install: $(VENV)/.installed
+	@$(PY) -m rc.cli init
+
+# Reinstall when the pins change; the stamp keeps `make run` quick otherwise.
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+run: install
+	@if $(CTL) pid >/dev/null 2>&1; then \
+		$(CTL) start all >/dev/null; \
+	else \
+		$(SUPERVISORD); \
+	fi
+	@$(PY) -m rc.cli wait-ready
+	@$(CTL) status
+	@$(PY) -m rc.cli join
+
+stop:
+	@if $(CTL) pid >/dev/null 2>&1; then \
+		pid=$$($(CTL) pid); $(CTL) shutdown; \
+		while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; \
+		echo "stopped"; \
+	else \
+		echo "not running"; \
+	fi
+
+status:
+	@$(CTL) status
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m pytest -m bench -s -p no:cacheprovider tests
+
+clean: stop
+	rm -rf $(VENV) var lib/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Retire-Cluster main node."""

@@ -1,0 +1,105 @@
+"""rc-reaper: notices what did not happen.
+
+A device that stopped heartbeating, or dropped its connection and did not
+come back, goes offline and its tasks go back to the queue (or fail when
+their retries are spent). An assignment not accepted in time is taken back.
+A task running far past its timeout is failed even if its device never says
+so. Heartbeat history is kept bounded.
+"""
+import signal
+import time
+
+from rc import config as config_module
+from rc import db, devices, tasks
+from rc.log import Logger
+from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
+
+PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
+TASK_ROW = ("SELECT task_id, attempt, device_id, state, max_retries, cancel_requested"
+            " FROM tasks")
+
+
+def sweep(connection, config, log, now):
+    """One look at everything overdue, in one short transaction."""
+    with db.write(connection):
+        for device_id, why in overdue_devices(connection, config, now):
+            connection.execute("UPDATE devices SET status = ? WHERE device_id = ?",
+                               (OFFLINE, device_id))
+            log.warning("device_offline", device_id=device_id, reason=why)
+        requeue(connection, config, log, now, TASK_ROW +
+                " WHERE state IN (?, ?) AND device_id IN"
+                " (SELECT device_id FROM devices WHERE status = ?)",
+                (ASSIGNED, RUNNING, OFFLINE), "device {device_id} offline")
+        requeue(connection, config, log, now, TASK_ROW +
+                " WHERE state = ? AND assigned_at < ?",
+                (ASSIGNED, now - config.accept_timeout),
+                "not accepted by {device_id} within %gs" % config.accept_timeout)
+        fail_overdue(connection, log, now, config.timeout_grace)
+
+
+def overdue_devices(connection, config, now):
+    """Online devices that have gone quiet or dropped off for too long."""
+    rows = connection.execute(
+        "SELECT device_id, connected, last_seen, disconnected_at FROM devices"
+        " WHERE status = ? AND (last_seen < ? OR (connected = 0 AND disconnected_at < ?))",
+        (ONLINE, now - config.offline_timeout, now - config.disconnect_grace)).fetchall()
+    for row in rows:
+        if row["last_seen"] < now - config.offline_timeout:
+            yield row["device_id"], "no heartbeat for %gs" % config.offline_timeout
+        else:
+            yield row["device_id"], "disconnected for %gs" % config.disconnect_grace
+
+
+def requeue(connection, config, log, now, query, parameters, reason):
+    for row in connection.execute(query, parameters).fetchall():
+        why = reason.format(device_id=row["device_id"])
+        if tasks.retry_or_fail(connection, row, why, now, config):
+            log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
+                        device_id=row["device_id"], reason=why)
+
+
+def fail_overdue(connection, log, now, grace):
+    """The main node's backstop for the worker's own timeout."""
+    rows = connection.execute(
+        "SELECT task_id, attempt, device_id, timeout, cancel_requested FROM tasks"
+        " WHERE state = ? AND started_at + timeout + ? < ?", (RUNNING, grace, now)).fetchall()
+    for row in rows:
+        state = CANCELLED if row["cancel_requested"] else TIMED_OUT
+        error = "no result %gs after its %gs timeout" % (grace, row["timeout"])
+        if tasks.finish(connection, row["task_id"], row["attempt"], row["device_id"],
+                        state, None, error, "timeout backstop", now):
+            log.warning("task_timed_out", task_id=row["task_id"], attempt=row["attempt"],
+                        device_id=row["device_id"])
+
+
+def prune(connection, config):
+    with db.write(connection):
+        devices.prune_heartbeats(connection, config.heartbeat_history)
+
+
+def run(config, log, should_stop):
+    connection = db.open_database(config.db_path)
+    log.info("reaper_started", offline_timeout=config.offline_timeout,
+             disconnect_grace=config.disconnect_grace)
+    next_prune = 0.0
+    while not should_stop():
+        now = time.time()
+        sweep(connection, config, log, now)
+        if now >= next_prune:
+            prune(connection, config)
+            next_prune = now + PRUNE_INTERVAL
+        time.sleep(config.reaper_interval)
+
+
+def main():
+    config = config_module.load()
+    log = Logger("rc-reaper", config.log_level)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    run(config, log, lambda: bool(stop))
+    log.info("reaper_stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""rc-scheduler: gives queued tasks to online devices with free slots.
+
+Order: priority (urgent first), then age. A task that fits no device is
+passed over, so it never holds up the tasks behind it. The scheduler wakes
+when another program commits (PRAGMA data_version), not on a fixed beat.
+"""
+import signal
+import time
+
+from rc import config as config_module
+from rc import db, devices, tasks
+from rc.log import Logger
+from rc.states import ACTIVE_STATES, ASSIGNED, ONLINE, QUEUED
+
+BATCH = 2000          # queued tasks looked at per pass
+IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
+
+
+class Slots:
+    """The online, connected devices and how many tasks each can still take."""
+
+    def __init__(self, connection):
+        self.devices = devices.list_devices_where(
+            connection, "d.status = ? AND d.connected = 1", (ONLINE,))
+        for device in self.devices:
+            device["free"] = device["slots"] - device["active_tasks"]
+        self.devices = [device for device in self.devices if device["free"] > 0]
+        self.free = sum(device["free"] for device in self.devices)
+
+    def take(self, device):
+        device["free"] -= 1
+        self.free -= 1
+
+    def best_for(self, task_type, requirements):
+        """The fitting device with the most free slots, so work spreads out."""
+        best = None
+        for device in self.devices:
+            if device["free"] <= 0 or task_type not in device["task_types"]:
+                continue
+            if requirements and tasks.unmet_requirements(requirements, device):
+                continue
+            if best is None or device["free"] > best["free"]:
+                best = device
+        return best
+
+
+def schedule(connection, now, log):
+    """One pass: assign what fits now. Returns how many tasks were assigned."""
+    with db.write(connection):
+        slots = Slots(connection)
+        if not slots.devices:
+            return 0
+        queued = connection.execute(
+            "SELECT task_id, attempt, task_type, requirements FROM tasks"
+            " WHERE state = ? AND not_before <= ? ORDER BY priority DESC, task_id"
+            " LIMIT ?", (QUEUED, now, BATCH)).fetchall()
+        assigned = 0
+        for task in queued:
+            device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
+            if device is None:
+                continue
+            connection.execute(
+                "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?, reason = ?"
+                " WHERE task_id = ? AND attempt = ? AND state = ?",
+                (ASSIGNED, device["device_id"], now, "scheduled", task["task_id"],
+                 task["attempt"], QUEUED))
+            slots.take(device)
+            assigned += 1
+            if slots.free == 0:
+                break
+    if assigned:
+        log.debug("tasks_assigned", count=assigned)
+    return assigned
+
+
+def next_backoff_end(connection, now):
+    row = connection.execute("SELECT min(not_before) AS t FROM tasks WHERE state = ?"
+                             " AND not_before > ?", (QUEUED, now)).fetchone()
+    return row["t"]
+
+
+def run(config, log, should_stop):
+    connection = db.open_database(config.db_path)
+    log.info("scheduler_started", active_states=list(ACTIVE_STATES))
+    seen = None
+    wake_at = 0.0
+    while not should_stop():
+        version = db.data_version(connection)
+        now = time.time()
+        if version != seen or now >= wake_at:
+            seen = version
+            schedule(connection, now, log)
+            # Our own commit does not change data_version for us; nothing to undo.
+            later = next_backoff_end(connection, now)
+            wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
+        time.sleep(config.poll_interval)
+
+
+def main():
+    config = config_module.load()
+    log = Logger("rc-scheduler", config.log_level)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    run(config, log, lambda: bool(stop))
+    log.info("scheduler_stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""rc-server: the one process that holds the workers' connections.
+
+A single `selectors` loop reads frames from every connection, applies what
+they say to the database in one short transaction per turn of the loop, and
+only then answers (acks go out after the commit, so an acknowledged result is
+never lost). It learns about new assignments and cancellations from the
+database alone: when `PRAGMA data_version` says another program committed,
+it looks for assigned tasks it has not pushed yet.
+"""
+import selectors
+import signal
+import socket
+import time
+
+from rc import config as config_module
+from rc import db, devices, protocol, tasks
+from rc.log import Logger
+from rc.protocol import ProtocolError, field
+from rc.state_dir import read_secret
+from rc.states import (ASSIGNED, CANCELLED, COMPLETED, ERROR, FAILED, HEARTBEAT,
+                       HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED,
+                       OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
+                       RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
+                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
+
+READ_SIZE = 256 * 1024
+MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
+FULL_SCAN_INTERVAL = 1.0              # seconds; look for work even without a change
+DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
+                 "cancelled": CANCELLED}
+
+
+class Peer:
+    """One worker connection and what the server knows about it."""
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.address = "%s:%s" % address[:2]
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.device_id = None          # set once the worker has proved the token
+        self.nonce = protocol.new_nonce()
+        self.opened_at = time.monotonic()
+        self.pushed = set()            # (task_id, attempt) sent as task_assign
+        self.cancels_sent = set()
+        self.closed = False
+
+
+class Server:
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.token = read_secret(config.token_path)
+        self.database = db.open_database(config.db_path)
+        self.selector = selectors.DefaultSelector()
+        self.peers_by_device = {}
+        self.peers = set()
+        self.batch = []                # (handler, peer, data) applied in one transaction
+        self.seen_version = None
+        self.last_scan = 0.0
+        self.stopping = False
+
+    # -- the loop ---------------------------------------------------------------
+
+    def listen(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.tcp_host, self.config.tcp_port))
+        listener.listen(1024)
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.listener = listener
+        return listener.getsockname()[1]
+
+    def run(self):
+        port = self.listen()
+        with db.write(self.database):
+            devices.disconnect_all(self.database, time.time())
+        self.log.info("server_started", host=self.config.tcp_host, port=port,
+                      protocol=PROTOCOL_VERSION)
+        while not self.stopping:
+            self.turn(self.config.poll_interval)
+        self.log.info("server_stopping", connections=len(self.peers))
+        for peer in list(self.peers):
+            self.close(peer, "server stopping", record=False)
+
+    def turn(self, timeout):
+        for key, events in self.selector.select(timeout):
+            if key.data is None:
+                self.accept_connections()
+                continue
+            peer = key.data
+            if events & selectors.EVENT_READ:
+                self.read(peer)
+            if events & selectors.EVENT_WRITE and not peer.closed:
+                self.flush(peer)
+        self.apply_batch()
+        self.push_changes()
+        self.drop_unauthenticated()
+
+    def stop(self, *_):
+        self.stopping = True     # the loop notices; nothing else happens in a handler
+
+    # -- connections -------------------------------------------------------------
+
+    def accept_connections(self):
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:    # out of descriptors: keep serving those we have
+                self.log.error("accept_failed", error=str(e))
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = Peer(sock, address)
+            self.peers.add(peer)
+            self.selector.register(sock, selectors.EVENT_READ, peer)
+            self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION})
+
+    def read(self, peer):
+        try:
+            chunk = peer.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close(peer, "read failed: %s" % e)
+            return
+        if not chunk:
+            self.close(peer, "closed by peer")
+            return
+        peer.inbox += chunk
+        try:
+            lines = protocol.split_frames(peer.inbox)
+        except ProtocolError as e:
+            self.refuse(peer, "frame_too_large", str(e))
+            return
+        for line in lines:
+            if peer.closed:
+                return
+            self.receive(peer, line)
+
+    def receive(self, peer, line):
+        try:
+            envelope = protocol.decode(line)
+        except ProtocolError as e:
+            self.send_error(peer, "bad_frame", str(e))
+            return
+        kind, data = envelope["message_type"], envelope["data"]
+        if peer.device_id is None and kind != REGISTER:
+            self.refuse(peer, "not_registered", "register first, then send %s" % kind)
+            return
+        handler = self.HANDLERS.get(kind)
+        if handler is None:
+            self.send_error(peer, "unknown_message", "unknown message type %r" % kind[:50])
+            return
+        try:
+            handler(self, peer, data)
+        except ProtocolError as e:
+            self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
+
+    def send(self, peer, message_type, data):
+        if peer.closed:
+            return
+        peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
+        if len(peer.outbox) > MAX_OUTBOX_BYTES:
+            self.close(peer, "not reading its messages")
+            return
+        self.flush(peer)
+
+    def flush(self, peer):
+        try:
+            sent = peer.sock.send(peer.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self.close(peer, "write failed: %s" % e)
+            return
+        del peer.outbox[:sent]
+        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        if self.selector.get_key(peer.sock).events != wanted:
+            self.selector.modify(peer.sock, wanted, peer)
+
+    def send_error(self, peer, code, message):
+        self.log.warning("peer_error", address=peer.address, device_id=peer.device_id,
+                         code=code, message=message)
+        self.send(peer, ERROR, {"code": code, "message": message})
+
+    def refuse(self, peer, code, message):
+        """Tell the peer why, then hang up."""
+        self.send_error(peer, code, message)
+        self.close(peer, code)
+
+    def close(self, peer, reason, record=True):
+        if peer.closed:
+            return
+        peer.closed = True
+        self.selector.unregister(peer.sock)
+        peer.sock.close()
+        self.peers.discard(peer)
+        if peer.device_id and self.peers_by_device.get(peer.device_id) is peer:
+            del self.peers_by_device[peer.device_id]
+            if record:
+                self.batch.append((Server.apply_disconnect, peer, None))
+            self.log.info("device_disconnected", device_id=peer.device_id, reason=reason)
+
+    def drop_unauthenticated(self):
+        deadline = time.monotonic() - self.config.auth_timeout
+        for peer in [p for p in self.peers if p.device_id is None and p.opened_at < deadline]:
+            self.refuse(peer, "auth_timeout", "no register within %gs" % self.config.auth_timeout)
+
+    # -- messages: checked here, applied in apply_batch -----------------------------
+
+    def on_register(self, peer, data):
+        if peer.device_id is not None:
+            raise ProtocolError("already registered")
+        device_id = field(data, "device_id", str)
+        if not 0 < len(device_id) <= 64 or not set(device_id) <= DEVICE_ID_CHARACTERS:
+            self.refuse(peer, "bad_request", "device_id must be 1-64 of [A-Za-z0-9._-]")
+            return
+        version = field(data, "protocol", int)
+        if version != PROTOCOL_VERSION:
+            self.refuse(peer, "bad_protocol", "this main node speaks protocol %d, not %r;"
+                        " copy the current bin/worker.py" % (PROTOCOL_VERSION, version))
+            return
+        worker_nonce = field(data, "nonce", str)
+        expected = protocol.worker_proof(self.token, peer.nonce, worker_nonce, device_id)
+        if not protocol.proofs_match(expected, data.get("proof")):
+            self.log.warning("auth_failed", address=peer.address, device_id=device_id)
+            self.refuse(peer, "auth_failed", "wrong join token")
+            return
+        for name, kind in (("device_info", dict), ("hardware_specs", dict),
+                           ("capabilities", list), ("task_types", list), ("tags", list)):
+            field(data, name, kind, required=False)
+        field(data, "slots", int, required=False)
+        active = active_tasks(data)
+        previous = self.peers_by_device.get(device_id)
+        if previous is not None:
+            self.close(previous, "replaced by a new connection", record=False)
+        peer.device_id = device_id
+        self.peers_by_device[device_id] = peer
+        peer.pushed.update(active)
+        self.batch.append((Server.apply_register, peer, (data, worker_nonce)))
+
+    def on_heartbeat(self, peer, data):
+        metrics = field(data, "system_metrics", dict, required=False, default={})
+        active = active_tasks(data)
+        self.batch.append((Server.apply_heartbeat, peer, (metrics, active)))
+
+    def on_accept(self, peer, data):
+        self.batch.append((Server.apply_accept, peer, task_key(data)))
+
+    def on_progress(self, peer, data):
+        progress = field(data, "progress", (int, float))
+        if not 0 <= progress <= 100:
+            raise ProtocolError("progress must be from 0 to 100")
+        message = field(data, "message", str, required=False, default="")[:200]
+        self.batch.append((Server.apply_progress, peer, (task_key(data), progress, message)))
+
+    def on_result(self, peer, data):
+        key = task_key(data)
+        status = field(data, "status", str)
+        if status not in OUTCOMES:
+            raise ProtocolError("status must be one of %s" % ", ".join(OUTCOMES))
+        result = field(data, "result", dict, required=False, default={})
+        error = field(data, "error", (str, type(None)), required=False)
+        self.batch.append((Server.apply_result, peer, (key, status, result, error)))
+
+    HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
+                TASK_PROGRESS: on_progress, TASK_RESULT: on_result}
+
+    # -- applying a turn's messages in one transaction -----------------------------
+
+    def apply_batch(self):
+        if not self.batch:
+            return
+        batch, self.batch = self.batch, []
+        replies = []
+        now = time.time()
+        with db.write(self.database):
+            for apply, peer, data in batch:
+                reply = apply(self, peer, data, now)
+                if reply:
+                    replies.append((peer, reply))
+        # Only now is everything above durable; acknowledge it.
+        for peer, reply in replies:
+            for message_type, data in reply:
+                self.send(peer, message_type, data)
+
+    def apply_register(self, peer, data, now):
+        data, worker_nonce = data
+        devices.register(self.database, peer.device_id, data, peer.address, now)
+        self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
+                      slots=data.get("slots"), active_tasks=len(peer.pushed))
+        proof = protocol.server_proof(self.token, peer.nonce, worker_nonce, peer.device_id)
+        return [(REGISTER_ACK, {"proof": proof,
+                                "heartbeat_interval": self.config.heartbeat_interval})]
+
+    def apply_heartbeat(self, peer, data, now):
+        metrics, active = data
+        devices.heartbeat(self.database, peer.device_id, metrics, now)
+        replies = [(HEARTBEAT_ACK, {})]
+        held = {(row["task_id"], row["attempt"]): row for row in self.database.execute(
+            "SELECT task_id, attempt, state, max_retries, cancel_requested FROM tasks"
+            " WHERE device_id = ? AND state IN (?, ?)", (peer.device_id, ASSIGNED, RUNNING))}
+        for key, row in held.items():
+            # Running here, yet the worker no longer has it: it restarted or lost it.
+            if row["state"] == RUNNING and key not in active:
+                tasks.retry_or_fail(self.database, row, "lost by worker %s" % peer.device_id,
+                                    now, self.config)
+                self.log.warning("task_lost", task_id=key[0], attempt=key[1],
+                                 device_id=peer.device_id)
+        for key in active - set(held):
+            # The worker runs an attempt that is no longer its own: stop it.
+            replies.append((TASK_CANCEL, {"task_id": key[0], "attempt": key[1]}))
+        return replies
+
+    def apply_disconnect(self, peer, data, now):
+        devices.disconnected(self.database, peer.device_id, now)
+
+    def apply_accept(self, peer, key, now):
+        if tasks.accept(self.database, key[0], key[1], peer.device_id, now):
+            self.log.debug("task_started", task_id=key[0], attempt=key[1],
+                           device_id=peer.device_id)
+            return None
+        self.log.warning("stale_accept", task_id=key[0], attempt=key[1],
+                         device_id=peer.device_id)
+        return [(TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})]
+
+    def apply_progress(self, peer, data, now):
+        key, progress, message = data
+        tasks.record_progress(self.database, key[0], key[1], peer.device_id, progress,
+                              message)
+
+    def apply_result(self, peer, data, now):
+        key, status, result, error = data
+        peer.pushed.discard(key)
+        ack = (TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})
+        row = self.database.execute(
+            "SELECT task_id, attempt, state, max_retries, cancel_requested FROM tasks"
+            " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state IN (?, ?)",
+            (key[0], key[1], peer.device_id, ASSIGNED, RUNNING)).fetchone()
+        if row is None:
+            self.log.warning("stale_result", task_id=key[0], attempt=key[1],
+                             device_id=peer.device_id, status=status)
+            return [ack, (ERROR, {"code": "stale_result", "task_id": key[0],
+                                  "attempt": key[1],
+                                  "message": "task %s attempt %s is not assigned to %s;"
+                                  " result ignored" % (key[0], key[1], peer.device_id)})]
+        if status == OUTCOME_NOT_ALLOWED or (status == OUTCOME_CANCELLED
+                                             and not row["cancel_requested"]):
+            # Not the task's fault: another device may run it.
+            tasks.retry_or_fail(self.database, row, "%s on %s" % (status, peer.device_id),
+                                now, self.config)
+        else:
+            tasks.finish(self.database, key[0], key[1], peer.device_id, RESULT_STATES[status],
+                         result, error, status, now)
+        self.log.info("task_finished", task_id=key[0], attempt=key[1],
+                      device_id=peer.device_id, status=status)
+        return [ack]
+
+    # -- what other programs decided -------------------------------------------------
+
+    def push_changes(self):
+        """Send assignments and cancellations committed by other programs."""
+        version = db.data_version(self.database)
+        if version == self.seen_version and time.monotonic() - self.last_scan < FULL_SCAN_INTERVAL:
+            return
+        self.seen_version = version
+        self.last_scan = time.monotonic()
+        rows = self.database.execute(
+            "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
+            " cancel_requested FROM tasks WHERE state IN (?, ?)", (ASSIGNED, RUNNING))
+        for row in rows:
+            peer = self.peers_by_device.get(row["device_id"])
+            if peer is None:
+                continue
+            key = (row["task_id"], row["attempt"])
+            if row["cancel_requested"]:
+                if key not in peer.cancels_sent:
+                    peer.cancels_sent.add(key)
+                    self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
+            elif row["state"] == ASSIGNED and key not in peer.pushed:
+                peer.pushed.add(key)
+                self.send(peer, TASK_ASSIGN, {
+                    "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
+                    "payload": db.loads(row["payload"]), "timeout": row["timeout"],
+                    "priority": PRIORITY_NAMES.get(row["priority"], "normal")})
+
+
+def task_key(data):
+    task_id = field(data, "task_id", int)
+    attempt = field(data, "attempt", int)
+    if task_id < 1 or attempt < 1 or task_id > 2 ** 62 or attempt > 2 ** 31:
+        raise ProtocolError("task_id and attempt must be positive")
+    return task_id, attempt
+
+
+def active_tasks(data):
+    items = field(data, "active_tasks", list, required=False, default=[])
+    if len(items) > 10000:
+        raise ProtocolError("too many active_tasks")
+    keys = set()
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError("active_tasks must hold objects")
+        keys.add(task_key(item))
+    return keys
+
+
+def main():
+    config = config_module.load()
+    log = Logger("rc-server", config.log_level)
+    server = Server(config, log)
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()
