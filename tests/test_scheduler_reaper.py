@@ -1,0 +1,142 @@
+"""rc-scheduler's choices and rc-reaper's sweeps, one pass at a time."""
+import io
+
+import pytest
+
+from rc import config as config_module
+from rc import db, devices, reaper, scheduler, tasks
+from rc.log import Logger
+from rc.states import ASSIGNED, QUEUED
+
+LOG = Logger("test", "error", io.BytesIO())
+
+
+@pytest.fixture
+def store(tmp_path):
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    yield config, connection
+    connection.close()
+
+
+def add_device(connection, device_id, slots=1, cores=2, types=("echo", "shell"), tags=()):
+    data = {"device_info": {"platform": "linux", "architecture": "x86_64"},
+            "hardware_specs": {"cpu_cores": cores, "memory_gb": 4.0},
+            "task_types": list(types), "tags": list(tags), "slots": slots, "role": "compute"}
+    with db.write(connection):
+        devices.register(connection, device_id, data, "127.0.0.1:1", 1000.0)
+
+
+def placement(connection):
+    return {row["task_id"]: (row["state"], row["device_id"])
+            for row in connection.execute("SELECT task_id, state, device_id FROM tasks")}
+
+
+def test_priority_then_age_decides_who_runs_first(store):
+    config, connection = store
+    add_device(connection, "a", slots=2)
+    low = tasks.submit(connection, config, "echo", {"message": "1"}, priority="low")
+    normal = tasks.submit(connection, config, "echo", {"message": "2"})
+    urgent = tasks.submit(connection, config, "echo", {"message": "3"}, priority="urgent")
+    later_normal = tasks.submit(connection, config, "echo", {"message": "4"})
+    assert scheduler.schedule(connection, 2000.0, LOG) == 2
+    state = placement(connection)
+    assert state[urgent][0] == state[normal][0] == ASSIGNED
+    assert state[low][0] == state[later_normal][0] == QUEUED
+
+
+def test_a_task_that_fits_nowhere_does_not_hold_up_others(store):
+    config, connection = store
+    add_device(connection, "small", slots=4, cores=2)
+    big = tasks.submit(connection, config, "echo", {"message": "x"}, priority="urgent",
+                       requirements={"min_cpu_cores": 16})
+    wrong_type = tasks.submit(connection, config, "python_eval", {"expression": "1"})
+    fits = tasks.submit(connection, config, "echo", {"message": "y"})
+    scheduler.schedule(connection, 2000.0, LOG)
+    state = placement(connection)
+    assert state[big] == (QUEUED, None)
+    assert state[wrong_type] == (QUEUED, None)
+    assert state[fits] == (ASSIGNED, "small")
+
+
+def test_requirements_pick_the_device(store):
+    config, connection = store
+    add_device(connection, "plain", slots=4)
+    add_device(connection, "tagged", slots=1, tags=["gpu"])
+    named = tasks.submit(connection, config, "echo", {"message": "n"},
+                         requirements={"device_id": "plain"})
+    gpu = tasks.submit(connection, config, "echo", {"message": "g"},
+                       requirements={"tags": ["gpu"]})
+    scheduler.schedule(connection, 2000.0, LOG)
+    state = placement(connection)
+    assert state[named] == (ASSIGNED, "plain")
+    assert state[gpu] == (ASSIGNED, "tagged")
+
+
+def test_slots_are_respected_and_disconnected_devices_get_nothing(store):
+    config, connection = store
+    add_device(connection, "one", slots=1)
+    add_device(connection, "gone", slots=5)
+    with db.write(connection):
+        devices.disconnected(connection, "gone", 1001.0)
+    for n in range(3):
+        tasks.submit(connection, config, "echo", {"message": str(n)})
+    assert scheduler.schedule(connection, 2000.0, LOG) == 1
+    assert sorted(placement(connection).values(), key=str) == [
+        (ASSIGNED, "one"), (QUEUED, None), (QUEUED, None)]
+
+
+def test_backoff_delays_a_retry(store):
+    config, connection = store
+    add_device(connection, "a", slots=1)
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET not_before = 5000")
+    assert scheduler.schedule(connection, 2000.0, LOG) == 0
+    assert scheduler.next_backoff_end(connection, 2000.0) == 5000
+    assert scheduler.schedule(connection, 5000.0, LOG) == 1
+    assert placement(connection)[task_id][0] == ASSIGNED
+
+
+def test_a_device_gone_past_the_grace_has_its_tasks_requeued(store):
+    config, connection = store
+    add_device(connection, "a", slots=2)
+    first = tasks.submit(connection, config, "echo", {"message": "x"})
+    scheduler.schedule(connection, 1000.0, LOG)
+    with db.write(connection):
+        tasks.accept(connection, first, 1, "a", 1000.0)
+        devices.disconnected(connection, "a", 1001.0)
+    reaper.sweep(connection, config, LOG, 1001.0 + config.disconnect_grace - 1)
+    assert tasks.get(connection, first)["state"] == "running"
+    reaper.sweep(connection, config, LOG, 1001.0 + config.disconnect_grace + 1)
+    task = tasks.get(connection, first)
+    assert (task["state"], task["attempt"]) == (QUEUED, 2)
+    assert devices.get(connection, "a")["status"] == "offline"
+
+
+def test_silent_device_goes_offline_after_the_timeout(store):
+    config, connection = store
+    add_device(connection, "quiet")
+    reaper.sweep(connection, config, LOG, 1000.0 + config.offline_timeout + 1)
+    assert devices.get(connection, "quiet")["status"] == "offline"
+
+
+def test_unaccepted_assignment_is_taken_back(store):
+    config, connection = store
+    add_device(connection, "a")
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    scheduler.schedule(connection, 1000.0, LOG)
+    reaper.sweep(connection, config, LOG, 1000.0 + config.accept_timeout + 1)
+    assert tasks.get(connection, task_id)["attempt"] == 2
+
+
+def test_timeout_backstop_fails_a_task_its_device_never_reports(store):
+    config, connection = store
+    add_device(connection, "a")
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"}, timeout=10)
+    scheduler.schedule(connection, 1000.0, LOG)
+    with db.write(connection):
+        tasks.accept(connection, task_id, 1, "a", 1000.0)
+        devices.heartbeat(connection, "a", {}, 1000.0 + 10 + config.timeout_grace + 1)
+    reaper.sweep(connection, config, LOG, 1000.0 + 10 + config.timeout_grace + 1)
+    assert tasks.get(connection, task_id)["state"] == "timed_out"

@@ -1,0 +1,204 @@
+"""rc-server on a real socket: the handshake, fencing, and bad input.
+
+The server runs in a thread of the test; the client speaks the protocol by
+hand so that it can also say what a real worker never would."""
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from rc import config as config_module
+from rc import db, protocol, state_dir, tasks
+from rc.log import Logger
+from rc.server import Server
+from rc.states import MAX_FRAME_BYTES
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    config.tcp_host, config.tcp_port, config.auth_timeout = "127.0.0.1", 0, 1.0
+    state_dir.init(config)
+    instance = Server(config, Logger("rc-server", "debug", io.BytesIO()))
+    port = instance.listen()
+    thread = threading.Thread(target=lambda: [instance.turn(0.002)
+                                              for _ in iter(lambda: instance.stopping, True)])
+    thread.start()
+    yield instance, port
+    instance.stopping = True
+    thread.join()
+    instance.database.close()
+
+
+class Client:
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buffer = b""
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send(self, message_type, data):
+        self.send_raw(protocol.encode(message_type, data, sender_id="t"))
+
+    def receive(self):
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def closed(self):
+        try:
+            while True:
+                self.receive()
+        except (EOFError, ConnectionResetError):
+            return True
+
+    def register(self, token, device_id="dev1", **extra):
+        hello = self.receive()
+        assert hello["message_type"] == "hello"
+        nonce = protocol.new_nonce()
+        data = {"device_id": device_id, "protocol": 1, "nonce": nonce,
+                "proof": protocol.worker_proof(token, hello["data"]["nonce"], nonce, device_id),
+                "device_info": {"platform": "linux"}, "hardware_specs": {"cpu_cores": 2},
+                "task_types": ["echo"], "slots": 2}
+        data.update(extra)
+        self.send("register", data)
+        reply = self.receive()
+        if reply["message_type"] == "register_ack":
+            assert reply["data"]["proof"] == protocol.server_proof(
+                token, hello["data"]["nonce"], nonce, device_id)
+        return reply
+
+
+def token_of(instance):
+    return state_dir.read_secret(instance.config.token_path)
+
+
+def test_register_proves_both_ways_and_records_the_device(server):
+    instance, port = server
+    client = Client(port)
+    assert client.register(token_of(instance))["message_type"] == "register_ack"
+    row = instance.database.execute("SELECT connected, status FROM devices").fetchone()
+    assert tuple(row) == (1, "online")
+
+
+def test_wrong_token_is_refused_and_nothing_recorded(server):
+    instance, port = server
+    client = Client(port)
+    reply = client.register("not-the-token")
+    assert reply["data"]["code"] == "auth_failed"
+    assert client.closed()
+    assert instance.database.execute("SELECT count(*) FROM devices").fetchone()[0] == 0
+
+
+def test_messages_before_register_close_the_connection(server):
+    instance, port = server
+    client = Client(port)
+    client.receive()
+    client.send("heartbeat", {})
+    assert client.receive()["data"]["code"] == "not_registered"
+    assert client.closed()
+
+
+def test_silent_connections_are_dropped(server):
+    instance, port = server
+    client = Client(port)
+    client.receive()
+    assert client.receive()["data"]["code"] == "auth_timeout"
+
+
+def test_bad_frames_get_errors_and_others_keep_being_served(server):
+    instance, port = server
+    token = token_of(instance)
+    bad, good = Client(port), Client(port)
+    bad.register(token, "bad")
+    good.register(token, "good")
+    bad.send_raw(b"this is not json\n")
+    assert bad.receive()["data"]["code"] == "bad_frame"
+    bad.send("launch_missiles", {})
+    assert bad.receive()["data"]["code"] == "unknown_message"
+    bad.send("heartbeat", {"active_tasks": "lots"})
+    assert bad.receive()["data"]["code"] == "bad_request"
+    bad.send_raw(b"x" * (MAX_FRAME_BYTES + 10))
+    assert bad.receive()["data"]["code"] == "frame_too_large"
+    assert bad.closed()
+    good.send("heartbeat", {"system_metrics": {"cpu_percent": 5}, "active_tasks": []})
+    assert good.receive()["message_type"] == "heartbeat_ack"
+
+
+def test_assignment_is_pushed_and_result_committed_before_ack(server):
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    config = instance.config
+    connection = db.connect(config.db_path)
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='assigned', device_id='dev1'")
+    assign = client.receive()
+    assert assign["message_type"] == "task_assign"
+    assert assign["data"]["payload"] == {"message": "hi"}
+    key = {"task_id": task_id, "attempt": 1}
+    client.send("task_accept", key)
+    client.send("task_result", dict(key, status="completed", result={"output": "hi"}))
+    ack = client.receive()
+    assert ack["message_type"] == "task_result_ack"
+    # The ack came after the commit: the result is there to read now.
+    assert tasks.get(connection, task_id)["state"] == "completed"
+    connection.close()
+
+
+def test_result_for_a_task_not_assigned_to_the_worker_changes_nothing(server):
+    instance, port = server
+    token = token_of(instance)
+    owner, intruder = Client(port), Client(port)
+    owner.register(token, "owner")
+    intruder.register(token, "intruder")
+    config = instance.config
+    connection = db.connect(config.db_path)
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='assigned', device_id='owner'")
+    intruder.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
+                                  "result": {"output": "forged"}})
+    replies = [intruder.receive(), intruder.receive()]
+    assert {r["message_type"] for r in replies} == {"task_result_ack", "error"}
+    assert any(r["data"].get("code") == "stale_result" for r in replies)
+    assert tasks.get(connection, task_id)["state"] == "assigned"
+    connection.close()
+
+
+def test_a_lost_running_task_is_retried_when_the_worker_no_longer_has_it(server):
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    config = instance.config
+    connection = db.connect(config.db_path)
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    client.send("heartbeat", {"active_tasks": []})
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"]) == ("queued", 2)
+    connection.close()
+
+
+def test_disconnect_is_recorded(server):
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    client.sock.close()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if instance.database.execute("SELECT connected FROM devices").fetchone()[0] == 0:
+            break
+        time.sleep(0.01)
+    assert instance.database.execute("SELECT connected FROM devices").fetchone()[0] == 0
