@@ -1,0 +1,1340 @@
+#!/usr/bin/env python3
+"""Retire-Cluster worker: makes this device part of the cluster.
+
+Copy this one file onto a device and run it:
+
+    python3 worker.py --join nas.local:8080 --token-file ~/.rc-token
+
+It connects to the main node, proves that it knows the join token (and makes
+the main node prove it too), describes the device, sends heartbeats and runs
+the tasks it is given. Standard library only, CPython 3.6 to 3.13; psutil and
+orjson are used when they happen to be installed. docs/protocol.md is the
+contract this file implements.
+"""
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import OrderedDict
+
+try:
+    import orjson
+except Exception:       # not installed, or built for another Python
+    orjson = None
+    import json
+
+__version__ = "0.1.0"
+
+###############################################################################
+# Wire names: a copy of lib/rc/states.py ######################################
+###############################################################################
+# This file must stay one file, so it cannot import rc.states;
+# tests/test_shared_definitions.py checks that the two copies agree.
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1024 * 1024
+
+HELLO = "hello"
+REGISTER = "register"
+REGISTER_ACK = "register_ack"
+HEARTBEAT = "heartbeat"
+HEARTBEAT_ACK = "heartbeat_ack"
+TASK_ASSIGN = "task_assign"
+TASK_ACCEPT = "task_accept"
+TASK_PROGRESS = "task_progress"
+TASK_RESULT = "task_result"
+TASK_RESULT_ACK = "task_result_ack"
+TASK_CANCEL = "task_cancel"
+ERROR = "error"
+MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
+                 TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR)
+
+TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
+PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
+                 "python_eval": "expression", "python_exec": "code",
+                 "shell": "command"}
+
+OUTCOME_COMPLETED = "completed"
+OUTCOME_FAILED = "failed"
+OUTCOME_TIMED_OUT = "timed_out"
+OUTCOME_CANCELLED = "cancelled"
+OUTCOME_NOT_ALLOWED = "not_allowed"
+OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
+            OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED)
+
+###############################################################################
+# Tunables ####################################################################
+###############################################################################
+
+DEFAULT_PORT = 8080             # the main node's port for workers
+HEARTBEAT_INTERVAL = 60.0       # seconds between heartbeats, until register_ack says otherwise
+BACKOFF_START = 0.5             # seconds before the first reconnect; doubles per failure
+BACKOFF_MAX = 30.0              # seconds, the longest wait between reconnects
+CONNECT_TIMEOUT = 10.0          # seconds a TCP connect may take
+AUTH_TIMEOUT = 15.0             # seconds from connected to register_ack (the server allows 10)
+SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link is presumed dead
+OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
+DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
+CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
+READ_SIZE = 256 * 1024          # bytes per read from the socket or a pipe
+MAX_ERROR_CHARS = 2000          # a result's error message is cut to this length
+CAPABILITY_TOOLS = ("python3", "gcc", "git", "docker", "ffmpeg", "nvidia-smi", "make", "curl")
+
+# States of the connection to the main node, in the order they happen.
+DISCONNECTED = "disconnected"
+CONNECTING = "connecting"
+AWAIT_HELLO = "await_hello"
+AWAIT_ACK = "await_ack"
+READY = "ready"
+
+###############################################################################
+# Helpers: JSON, logging, proofs ##############################################
+###############################################################################
+
+if orjson is not None:
+    def dumps(obj, default=None):
+        return orjson.dumps(obj, default=default)
+
+    loads = orjson.loads
+else:
+    def dumps(obj, default=None):
+        text = json.dumps(obj, default=default, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:   # a lone surrogate: escape everything instead
+            return json.dumps(obj, default=default, separators=(",", ":")).encode("ascii")
+
+    loads = json.loads
+
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+log_threshold = LOG_LEVELS["info"]
+
+
+def log(level, event, **fields):
+    """One JSON object per line on stdout, like every program of the cluster."""
+    if LOG_LEVELS[level] < log_threshold:
+        return
+    record = {"time": round(time.time(), 6), "program": "worker", "level": level,
+              "event": event}
+    record.update(fields)
+    try:
+        sys.stdout.buffer.write(dumps(record, default=repr) + b"\n")
+        sys.stdout.buffer.flush()
+    except (AttributeError, OSError, ValueError):
+        pass     # nowhere to log is no reason to stop working
+
+
+def new_nonce():
+    return os.urandom(16).hex()
+
+
+def sha256_function():
+    """The built-in SHA-256. hashlib would load OpenSSL, which alone costs
+    more resident memory (about 4 MB) than the worker's own code."""
+    for name in ("_sha2", "_sha256"):     # 3.12+, then 3.6-3.11
+        try:
+            return __import__(name).sha256
+        except (ImportError, AttributeError):
+            pass
+    import hashlib
+    return hashlib.sha256
+
+
+HMAC_INNER = bytes(x ^ 0x36 for x in range(256))
+HMAC_OUTER = bytes(x ^ 0x5C for x in range(256))
+
+
+def hmac_sha256(key, message):
+    """HMAC as RFC 2104 defines it, on the built-in SHA-256."""
+    sha256 = sha256_function()
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = sha256(key.translate(HMAC_INNER) + message).digest()
+    return sha256(key.translate(HMAC_OUTER) + inner).hexdigest()
+
+
+def sign(token, role, server_nonce, worker_nonce, device_id):
+    """HMAC-SHA256 of "ROLE|S|W|DEVICE_ID" under the join token, as hex."""
+    message = "|".join((role, server_nonce, worker_nonce, device_id)).encode("utf-8")
+    return hmac_sha256(token.encode("utf-8"), message)
+
+
+def proofs_match(expected, given):
+    if not isinstance(given, str):
+        return False
+    try:
+        from _operator import _compare_digest as compare_digest   # what hmac uses
+    except ImportError:
+        from hmac import compare_digest
+    return compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+
+
+def encode_frame(message_type, data, sender_id):
+    envelope = {"message_type": message_type, "sender_id": sender_id,
+                "timestamp": time.time(), "message_id": os.urandom(8).hex(), "data": data}
+    return dumps(envelope) + b"\n"
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def jitter():
+    """A random factor in [0.5, 1], so that many workers do not reconnect in step."""
+    return 0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0
+
+
+def kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:      # already gone, or only zombies left (macOS says EPERM)
+        pass
+
+
+###############################################################################
+# The device: profile and metrics #############################################
+###############################################################################
+
+_psutil = []
+
+
+def optional_psutil():
+    """psutil if installed. Asked only where /proc cannot answer (macOS, Android),
+    because importing it costs more memory than the rest of the worker."""
+    if not _psutil:
+        try:
+            import psutil
+        except Exception:
+            psutil = None
+        _psutil.append(psutil)
+    return _psutil[0]
+
+
+def device_platform():
+    # Termux on older Pythons reports "linux"; the scheduler wants to know.
+    if os.environ.get("ANDROID_ROOT") or os.environ.get("TERMUX_VERSION"):
+        return "android"
+    return sys.platform
+
+
+def device_info():
+    uname = os.uname()
+    return {"hostname": socket.gethostname(), "platform": device_platform(),
+            "architecture": uname.machine,
+            "os_version": "%s %s" % (uname.sysname, uname.release),
+            "python_version": "%d.%d.%d" % sys.version_info[:3]}
+
+
+def hardware_specs():
+    return {"cpu_cores": os.cpu_count() or 1, "memory_gb": memory_gb(),
+            "disk_gb": disk_gb(), "network_interfaces": network_interfaces()}
+
+
+def read_meminfo():
+    """/proc/meminfo as {name: kB}; empty where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f
+                    if len(line.split()) >= 2}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def memory_gb():
+    total_kb = read_meminfo().get("MemTotal")
+    if total_kb:
+        return round(total_kb / 1048576.0, 2)
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1073741824.0, 2)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def disk_usage():
+    """(total, used) bytes of the file system holding the home directory."""
+    try:
+        st = os.statvfs(os.path.expanduser("~"))
+    except (OSError, AttributeError):
+        return None
+    return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def disk_gb():
+    usage = disk_usage()
+    return round(usage[0] / 1073741824.0, 1) if usage else None
+
+
+def network_interfaces():
+    """Interface name -> addresses, as far as this platform lets us see."""
+    interfaces = {}
+    try:
+        for _, name in socket.if_nameindex():
+            interfaces[name] = []
+    except OSError:
+        pass
+    if sys.platform in ("linux", "android"):
+        for name, addresses in interfaces.items():
+            addresses.extend(ipv4_address(name))
+        for name, address in ipv6_addresses():
+            interfaces.setdefault(name, []).append(address)
+    elif optional_psutil():
+        for name, addresses in optional_psutil().net_if_addrs().items():
+            interfaces[name] = [a.address for a in addresses
+                                if a.family in (socket.AF_INET, socket.AF_INET6)]
+    return interfaces
+
+
+def ipv4_address(name):
+    import fcntl
+    import struct
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        request = struct.pack("256s", name.encode()[:15])
+        reply = fcntl.ioctl(probe.fileno(), 0x8915, request)    # SIOCGIFADDR
+        return [socket.inet_ntoa(reply[20:24])]
+    except OSError:       # no IPv4 address on it
+        return []
+    finally:
+        probe.close()
+
+
+def ipv6_addresses():
+    try:
+        with open("/proc/net/if_inet6") as f:
+            rows = [line.split() for line in f]
+        return [(row[5], socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[0])))
+                for row in rows if len(row) >= 6]
+    except (OSError, ValueError):
+        return []
+
+
+def which(program):
+    """shutil.which without importing shutil (and the compressors it pulls in)."""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def capabilities():
+    return [tool for tool in CAPABILITY_TOOLS if which(tool)]
+
+
+def read_cpu_times():
+    """(busy, total) jiffies since boot from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]      # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class Metrics(object):
+    """What the heartbeat reports. A metric that cannot be read is left out."""
+
+    def __init__(self):
+        self.cpu_sample = read_cpu_times()
+
+    def sample(self):
+        metrics = {}
+        for name, reader in (("cpu_percent", self.cpu_percent),
+                             ("memory_percent", memory_percent),
+                             ("disk_percent", disk_percent), ("load_avg", load_avg)):
+            try:
+                value = reader()
+            except Exception:     # a metric is never worth a crash
+                value = None
+            if value is not None:
+                metrics[name] = value
+        return metrics
+
+    def cpu_percent(self):
+        """CPU use since the previous sample."""
+        previous, self.cpu_sample = self.cpu_sample, read_cpu_times()
+        if self.cpu_sample is None:
+            psutil = optional_psutil()
+            return psutil.cpu_percent(None) if psutil else None
+        if previous is None or self.cpu_sample[1] <= previous[1]:
+            return None
+        busy = self.cpu_sample[0] - previous[0]
+        return round(100.0 * busy / (self.cpu_sample[1] - previous[1]), 1)
+
+
+def memory_percent():
+    meminfo = read_meminfo()
+    if meminfo.get("MemTotal") and "MemAvailable" in meminfo:
+        return round(100.0 * (1 - meminfo["MemAvailable"] / float(meminfo["MemTotal"])), 1)
+    psutil = optional_psutil()
+    return psutil.virtual_memory().percent if psutil else None
+
+
+def disk_percent():
+    usage = disk_usage()
+    return round(100.0 * usage[1] / usage[0], 1) if usage and usage[0] else None
+
+
+def load_avg():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+###############################################################################
+# Tasks #######################################################################
+###############################################################################
+
+class BadPayload(Exception):
+    """The payload lacks the field this task type needs."""
+
+
+def result_data(key, status, error=None, output="", stderr="", exit_code=None,
+                execution_time=0.0, cpu_time=0.0, peak_memory_kb=None, truncated=False):
+    """The data of a task_result."""
+    if error is not None and len(error) > MAX_ERROR_CHARS:
+        error = error[:MAX_ERROR_CHARS]
+    return {"task_id": key[0], "attempt": key[1], "status": status, "error": error,
+            "result": {"output": output, "stderr": stderr, "exit_code": exit_code,
+                       "execution_time": execution_time, "cpu_time": cpu_time,
+                       "peak_memory_kb": peak_memory_kb, "truncated": truncated}}
+
+
+def fit_result(data, sender_id):
+    """Cut output and stderr until the task_result frame fits in MAX_FRAME_BYTES."""
+    result = data["result"]
+    if len(result["output"]) + len(result["stderr"]) < MAX_FRAME_BYTES // 8:
+        return data     # cannot be too long even if every character were escaped
+    while True:
+        excess = len(encode_frame(TASK_RESULT, data, sender_id)) - MAX_FRAME_BYTES
+        if excess <= 0:
+            return data
+        result["truncated"] = True
+        # Each character encodes to at least one byte, so cutting `excess`
+        # characters (stderr first, it matters less) saves at least as many bytes.
+        cut = excess + 64
+        for name in ("stderr", "output"):
+            take = min(cut, len(result[name]))
+            result[name] = result[name][:len(result[name]) - take]
+            cut -= take
+
+
+class Task(object):
+    """One attempt of a task on this device, from task_assign to task_result."""
+    task_type = None
+    quiet = False           # log its start and end at debug level only
+    argument_types = (str,)
+
+    def __init__(self, key, payload, timeout):
+        self.key = key
+        self.payload = payload if isinstance(payload, dict) else {}
+        self.timeout = timeout
+        self.started = None
+        self.deadline = None
+
+    def argument(self):
+        name = PAYLOAD_FIELD[self.task_type]
+        value = self.payload.get(name)
+        if not isinstance(value, self.argument_types) or isinstance(value, bool):
+            kind = "a string" if self.argument_types == (str,) else "a number"
+            raise BadPayload("payload field %r must be %s" % (name, kind))
+        return value
+
+    def elapsed(self):
+        return round(time.monotonic() - self.started, 6) if self.started else 0.0
+
+    def start(self, worker):
+        raise NotImplementedError
+
+    def wake_at(self):
+        """When on_time must run next (monotonic seconds), or None."""
+        return None
+
+    def on_time(self, worker, now):
+        pass
+
+    def poll(self, worker):
+        """Look for an exited child process."""
+
+    def stop(self, worker, outcome):
+        worker.finish(self, outcome, error=outcome.replace("_", " "))
+
+    def abandon(self, worker):
+        """The worker is exiting: leave nothing behind."""
+
+
+class EchoTask(Task):
+    task_type = "echo"
+    # The unit of the throughput benchmark: a log line per echo would cost
+    # more than the echo itself.
+    quiet = True
+
+    def start(self, worker):
+        worker.finish(self, OUTCOME_COMPLETED, output=self.argument())
+
+
+class SystemInfoTask(Task):
+    task_type = "system_info"
+
+    def start(self, worker):
+        info = worker.profile()
+        info["system_metrics"] = worker.metrics.sample()
+        worker.finish(self, OUTCOME_COMPLETED, output=dumps(info).decode("utf-8"))
+
+
+class SleepTask(Task):
+    """Waits in the loop's timers, so it holds a slot but no thread or process."""
+    task_type = "sleep"
+    argument_types = (int, float)
+
+    def start(self, worker):
+        seconds = self.argument()
+        if seconds < 0:
+            raise BadPayload("payload field 'seconds' must not be negative")
+        self.until = self.started + seconds
+
+    def wake_at(self):
+        return min(self.until, self.deadline) if self.deadline else self.until
+
+    def on_time(self, worker, now):
+        if self.deadline is not None and self.deadline < self.until:
+            worker.finish(self, OUTCOME_TIMED_OUT, error="timed out after %g s" % self.timeout)
+        else:
+            worker.finish(self, OUTCOME_COMPLETED)
+
+
+class ProcessTask(Task):
+    """Runs a child process in its own process group and a fresh directory."""
+    proc = None
+    workdir = None
+    ending = None            # timed_out or cancelled, once decided from outside
+    exit_code = None
+    reaped = False
+    drain_until = None
+    truncated = False
+    cpu_time = 0.0
+    peak_memory_kb = None
+
+    def command(self, value):
+        """The argv; may write files into self.workdir."""
+        raise NotImplementedError
+
+    def start(self, worker):
+        import subprocess
+        import tempfile
+        value = self.argument()
+        try:
+            self.workdir = tempfile.mkdtemp(prefix="rc-task-")
+            self.proc = subprocess.Popen(
+                self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=child_limits(self.timeout))
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            self.remove_workdir()
+            worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
+            return
+        self.cap = worker.options.output_cap
+        self.pipes = {}         # fd -> file object, while open
+        self.buffers = {}       # fd -> what was read, up to the cap
+        self.stream_fds = (self.proc.stdout.fileno(), self.proc.stderr.fileno())
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self.pipes[fd] = pipe
+            self.buffers[fd] = bytearray()
+            worker.selector.register(fd, selectors.EVENT_READ,
+                                     lambda mask, fd=fd: self.on_output(worker, fd))
+
+    def on_output(self, worker, fd):
+        if fd not in self.pipes:     # closed earlier in this turn of the loop
+            return
+        try:
+            chunk = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close_pipe(worker, fd)
+            self.maybe_done(worker)
+            return
+        buffer = self.buffers[fd]
+        room = self.cap - len(buffer)
+        if len(chunk) > room:
+            # Keep reading and discarding, or a chatty child would block on a full pipe.
+            self.truncated = True
+            chunk = chunk[:max(room, 0)]
+        buffer += chunk
+
+    def close_pipe(self, worker, fd):
+        worker.selector.unregister(fd)
+        self.pipes.pop(fd).close()
+
+    def poll(self, worker):
+        if self.proc is None or self.reaped:
+            return
+        pid = self.proc.pid
+        if hasattr(os, "waitid"):
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    return
+            except ChildProcessError:
+                pass
+            # The unreaped leader keeps its group id reserved, so this cannot hit
+            # a stranger: whatever the task left running ends with it.
+            kill_group(pid)
+            self.record_exit(os.wait4(pid, 0))
+        else:
+            status = os.wait4(pid, os.WNOHANG)
+            if status[0] == 0:
+                return
+            kill_group(pid)
+            self.record_exit(status)
+        self.drain_until = time.monotonic() + DRAIN_GRACE
+        self.maybe_done(worker)
+
+    def record_exit(self, wait_status):
+        _, status, usage = wait_status
+        self.reaped = True
+        if os.WIFSIGNALED(status):
+            self.exit_code = -os.WTERMSIG(status)
+        else:
+            self.exit_code = os.WEXITSTATUS(status)
+        self.proc.returncode = self.exit_code    # so subprocess never waits for it again
+        self.cpu_time = round(usage.ru_utime + usage.ru_stime, 6)
+        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+        divisor = 1024 if sys.platform == "darwin" else 1
+        self.peak_memory_kb = int(usage.ru_maxrss // divisor)
+
+    def wake_at(self):
+        if self.reaped:
+            return self.drain_until
+        return None if self.ending else self.deadline
+
+    def on_time(self, worker, now):
+        if self.reaped:       # something it started still holds its pipes open
+            self.conclude(worker)
+        elif self.deadline is not None and now >= self.deadline:
+            self.stop(worker, OUTCOME_TIMED_OUT)
+
+    def stop(self, worker, outcome):
+        if self.ending or self.proc is None:
+            return
+        self.ending = outcome
+        if self.reaped:
+            self.conclude(worker)
+        else:
+            kill_group(self.proc.pid)     # poll() reaps it and concludes
+
+    def maybe_done(self, worker):
+        if self.reaped and not self.pipes:
+            self.conclude(worker)
+
+    def conclude(self, worker):
+        for fd in list(self.pipes):
+            self.close_pipe(worker, fd)
+        self.remove_workdir()
+        stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
+                          for fd in self.stream_fds]
+        status, error = self.outcome(stderr)
+        worker.finish(self, status, error=error, output=self.output_text(stdout),
+                      stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
+                      peak_memory_kb=self.peak_memory_kb, truncated=self.truncated)
+
+    def outcome(self, stderr):
+        if self.ending == OUTCOME_TIMED_OUT:
+            return OUTCOME_TIMED_OUT, "timed out after %g s" % self.timeout
+        if self.ending == OUTCOME_CANCELLED:
+            return OUTCOME_CANCELLED, "cancelled"
+        if self.exit_code == 0:
+            return OUTCOME_COMPLETED, None
+        return OUTCOME_FAILED, self.failure(stderr)
+
+    def failure(self, stderr):
+        if self.exit_code < 0:
+            return "killed by signal %d" % -self.exit_code
+        return "exit status %d" % self.exit_code
+
+    def output_text(self, stdout):
+        return stdout
+
+    def abandon(self, worker):
+        if self.proc is not None and not self.reaped:
+            kill_group(self.proc.pid)
+            try:
+                self.record_exit(os.wait4(self.proc.pid, 0))
+            except ChildProcessError:
+                pass
+        for fd in list(getattr(self, "pipes", ())):
+            self.close_pipe(worker, fd)
+        self.remove_workdir()
+
+    def remove_workdir(self):
+        if self.workdir:
+            import shutil
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def write(self, name, text):
+        with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+        return name
+
+
+def child_limits(timeout):
+    """A preexec_fn: no core dumps, and a CPU-time limit a little past the timeout
+    (the worker's own timer normally acts first; this covers a worker that died)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    cpu_seconds = int(timeout) + 1 + CPU_LIMIT_MARGIN if timeout else None
+
+    def limit():
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if cpu_seconds:
+                hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+                if hard == resource.RLIM_INFINITY or hard > cpu_seconds + 1:
+                    hard = cpu_seconds + 1
+                resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, hard), hard))
+        except (ValueError, OSError):
+            pass
+    return limit
+
+
+def python_executable():
+    return sys.executable or which("python3") or "python3"
+
+
+# Evaluates expression.txt in the child and prints repr() of the value.
+EVAL_DRIVER = (
+    "import sys\n"
+    "with open(sys.argv[1], encoding='utf-8') as f:\n"
+    "    source = f.read()\n"
+    "value = eval(compile(source, '<expression>', 'eval'), {'__name__': '__main__'})\n"
+    "sys.stdout.write(repr(value) + '\\n')\n")
+
+
+class PythonTask(ProcessTask):
+    def failure(self, stderr):
+        # An uncaught exception: its last line ("ZeroDivisionError: ...") says it best.
+        if "Traceback (most recent call last)" in stderr:
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            return lines[-1]
+        return ProcessTask.failure(self, stderr)
+
+
+class PythonEvalTask(PythonTask):
+    task_type = "python_eval"
+
+    def command(self, expression):
+        return [python_executable(), "-I", "-c", EVAL_DRIVER,
+                self.write("expression.txt", expression)]
+
+    def output_text(self, stdout):
+        return stdout[:-1] if stdout.endswith("\n") else stdout
+
+
+class PythonExecTask(PythonTask):
+    task_type = "python_exec"
+
+    def command(self, code):
+        return [python_executable(), "-I", self.write("script.py", code)]
+
+
+class ShellTask(ProcessTask):
+    task_type = "shell"
+
+    def command(self, command):
+        return [which("sh") or "/bin/sh", "-c", command]
+
+
+TASK_CLASSES = {cls.task_type: cls for cls in (
+    EchoTask, SleepTask, SystemInfoTask, PythonEvalTask, PythonExecTask, ShellTask)}
+
+###############################################################################
+# The worker: one selectors loop for the connection, the tasks and signals ####
+###############################################################################
+
+
+class Worker(object):
+    def __init__(self, options):
+        self.options = options
+        self.device_id = options.device_id
+        self.selector = selectors.DefaultSelector()
+        self.metrics = Metrics()
+        self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
+        self.running = {}              # (task_id, attempt) -> Task
+        self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
+        self.heartbeat_interval = options.heartbeat
+        self.stop_signal = None
+        # The connection to the main node.
+        self.sock = None
+        self.state = DISCONNECTED
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.backoff = BACKOFF_START
+        self.connect_at = time.monotonic() if options.join else None
+        self.auth_deadline = None
+        self.next_heartbeat = None
+        self.last_heard = None
+        self.nonces = None
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self):
+        self.install_signals()
+        log("info", "worker_started", device_id=self.device_id, version=__version__,
+            main_node="%s:%d" % self.options.join, task_types=list(self.options.task_types),
+            slots=self.options.slots, python=sys.version.split()[0])
+        while self.stop_signal is None:
+            self.turn()
+        self.shutdown()
+        return 0
+
+    def turn(self):
+        for key, mask in self.selector.select(self.select_timeout()):
+            key.data(mask)
+        for task in list(self.running.values()):
+            task.poll(self)
+        self.check_timers(time.monotonic())
+        self.start_queued()
+        self.flush()
+
+    def select_timeout(self):
+        now = time.monotonic()
+        times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit()]
+        times.extend(task.wake_at() for task in self.running.values())
+        times = [t for t in times if t is not None]
+        # A child's exit normally wakes us through SIGCHLD; polling each second
+        # covers a platform where that signal does not arrive.
+        longest = 1.0 if self.running else 60.0
+        if self.queued and len(self.running) < self.options.slots:
+            longest = 0.0
+        return max(0.0, min([longest] + [t - now for t in times]))
+
+    def check_timers(self, now):
+        if self.connect_at is not None and now >= self.connect_at:
+            self.connect()
+        if self.auth_deadline is not None and now >= self.auth_deadline:
+            self.disconnect("no register_ack within %g s" % (CONNECT_TIMEOUT + AUTH_TIMEOUT))
+        if self.state == READY and now >= self.silence_limit():
+            self.disconnect("nothing heard from the main node for %g s" % (now - self.last_heard))
+        if self.state == READY and now >= self.next_heartbeat:
+            self.send_heartbeat()
+        for task in list(self.running.values()):
+            wake_at = task.wake_at()
+            if wake_at is not None and now >= wake_at:
+                task.on_time(self, now)
+
+    def silence_limit(self):
+        if self.state != READY:
+            return None
+        return self.last_heard + SILENT_HEARTBEATS * self.heartbeat_interval + 5.0
+
+    # -- signals: handlers only record; the loop acts --------------------------
+
+    def install_signals(self):
+        self.wakeup, wakeup_writer = socket.socketpair()
+        self.wakeup.setblocking(False)
+        wakeup_writer.setblocking(False)
+        self.wakeup_writer = wakeup_writer          # keep it open
+        signal.set_wakeup_fd(wakeup_writer.fileno())
+        self.selector.register(self.wakeup, selectors.EVENT_READ, self.drain_wakeup)
+        signal.signal(signal.SIGTERM, self.on_stop_signal)
+        signal.signal(signal.SIGINT, self.on_stop_signal)
+        # A Python handler, even one doing nothing, makes SIGCHLD write to the
+        # wakeup socket, so a child's exit ends select() at once.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def on_stop_signal(self, signum, frame):
+        self.stop_signal = signum
+
+    def drain_wakeup(self, mask):
+        try:
+            while self.wakeup.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def shutdown(self):
+        log("info", "worker_stopping", signal=self.stop_signal, running=len(self.running),
+            unacknowledged=len(self.unacked))
+        for task in list(self.running.values()):
+            task.abandon(self)
+        self.running.clear()
+        if self.sock is not None:
+            self.flush()
+            self.sock.close()
+        log("info", "worker_stopped")
+
+    # -- the connection ----------------------------------------------------------
+
+    def connect(self):
+        host, port = self.options.join
+        self.connect_at = None
+        try:
+            # An ASCII name as bytes spares loading the IDNA codec and its tables.
+            name = host.encode("ascii") if all(ord(c) < 128 for c in host) else host
+            family, kind, proto, _, address = socket.getaddrinfo(
+                name, port, 0, socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as e:
+            self.disconnect("cannot resolve %s: %s" % (host, e))
+            return
+        sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            sock.close()
+            self.disconnect("cannot connect: %s" % os.strerror(code))
+            return
+        self.sock = sock
+        self.state = CONNECTING
+        self.auth_deadline = time.monotonic() + CONNECT_TIMEOUT + AUTH_TIMEOUT
+        self.selector.register(sock, selectors.EVENT_WRITE,
+                               lambda mask, sock=sock: self.on_socket(sock, mask))
+
+    def on_socket(self, sock, mask):
+        if sock is not self.sock:       # closed earlier in this turn of the loop
+            return
+        if self.state == CONNECTING:
+            self.on_connected()
+            return
+        if mask & selectors.EVENT_READ:
+            self.receive()
+        if mask & selectors.EVENT_WRITE and sock is self.sock:
+            self.flush()
+
+    def on_connected(self):
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self.disconnect("cannot connect: %s" % os.strerror(code))
+            return
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.state = AWAIT_HELLO
+        self.watch_socket(writing=False)
+        log("info", "connected", main_node="%s:%d" % self.options.join)
+
+    def watch_socket(self, writing):
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        key = self.selector.get_key(self.sock)
+        if key.events != events:
+            self.selector.modify(self.sock, events, key.data)
+
+    def disconnect(self, reason, level="warning"):
+        """Close the connection (if any) and plan the next attempt."""
+        if self.sock is not None:
+            self.selector.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.state = DISCONNECTED
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.auth_deadline = self.next_heartbeat = None
+        delay = self.backoff * jitter()
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        self.connect_at = time.monotonic() + delay
+        log(level, "disconnected", reason=reason, retry_in=round(delay, 3))
+
+    def receive(self):
+        try:
+            chunk = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.disconnect("read failed: %s" % e)
+            return
+        if not chunk:
+            self.disconnect("closed by the main node")
+            return
+        self.last_heard = time.monotonic()
+        self.inbox += chunk
+        sock = self.sock
+        for line in self.take_frames():
+            self.on_frame(line)
+            if self.sock is not sock:     # that frame ended the connection
+                return
+
+    def take_frames(self):
+        """Complete lines off the front of the inbox; an over-long one ends the link."""
+        lines = self.inbox.split(b"\n")
+        self.inbox = bytearray(lines.pop())
+        if len(self.inbox) > MAX_FRAME_BYTES or any(len(l) > MAX_FRAME_BYTES for l in lines):
+            self.send(ERROR, {"code": "frame_too_large",
+                              "message": "frame over the %d byte limit" % MAX_FRAME_BYTES})
+            self.flush()
+            self.disconnect("the main node sent a frame over %d bytes" % MAX_FRAME_BYTES)
+            return []
+        return lines
+
+    def send(self, message_type, data):
+        if self.sock is not None:
+            self.outbox += encode_frame(message_type, data, self.device_id)
+
+    def tell(self, message_type, data):
+        """Send only on a registered connection; task news waits for the next one."""
+        if self.state == READY:
+            self.send(message_type, data)
+
+    def flush(self):
+        if self.sock is None or self.state == CONNECTING:
+            return
+        try:
+            sent = self.sock.send(self.outbox) if self.outbox else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self.disconnect("write failed: %s" % e)
+            return
+        del self.outbox[:sent]
+        self.watch_socket(writing=bool(self.outbox))
+
+    # -- frames --------------------------------------------------------------------
+
+    def on_frame(self, line):
+        try:
+            envelope = loads(line)
+        except ValueError:
+            envelope = None
+        if (not isinstance(envelope, dict) or not isinstance(envelope.get("message_type"), str)
+                or not isinstance(envelope.get("data", {}), dict)):
+            log("warning", "bad_frame", frame=line[:200].decode("utf-8", "replace"))
+            self.send(ERROR, {"code": "bad_frame", "message": "not a JSON envelope"})
+            return
+        kind, data = envelope["message_type"], envelope.get("data", {})
+        if kind == ERROR:
+            self.on_error(data)
+        elif self.state == AWAIT_HELLO and kind == HELLO:
+            self.on_hello(data)
+        elif self.state == AWAIT_ACK and kind == REGISTER_ACK:
+            self.on_register_ack(data)
+        elif self.state != READY:
+            # Above all, no task_assign before the main node has proved the token.
+            self.disconnect("%s before registration" % kind[:50], level="error")
+        elif kind in self.HANDLERS:
+            self.HANDLERS[kind](self, data)
+        else:
+            log("debug", "frame_ignored", message_type=kind[:50])
+
+    def on_error(self, data):
+        code, message = data.get("code"), data.get("message")
+        if code == "auth_failed":
+            log("error", "auth_failed", message="wrong join token: the main node refused"
+                " this worker's proof; check --token", detail=message)
+        elif code == "stale_result":
+            log("info", "stale_result", task_id=data.get("task_id"),
+                attempt=data.get("attempt"), message=message)
+        else:
+            log("error" if self.state != READY else "warning", "error_from_main_node",
+                code=code, message=message)
+
+    def on_hello(self, data):
+        server_nonce = data.get("nonce")
+        if not isinstance(server_nonce, str) or not server_nonce:
+            self.disconnect("hello without a nonce", level="error")
+            return
+        if data.get("protocol") != PROTOCOL_VERSION:
+            log("warning", "protocol_mismatch", ours=PROTOCOL_VERSION,
+                theirs=data.get("protocol"))
+        self.nonces = (server_nonce, new_nonce())
+        register = self.profile()
+        register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
+                        nonce=self.nonces[1], active_tasks=self.active_tasks(),
+                        proof=sign(self.options.token, "rc-worker", self.nonces[0],
+                                   self.nonces[1], self.device_id))
+        self.send(REGISTER, register)
+        self.state = AWAIT_ACK
+
+    def on_register_ack(self, data):
+        expected = sign(self.options.token, "rc-server", self.nonces[0], self.nonces[1],
+                        self.device_id)
+        if not proofs_match(expected, data.get("proof")):
+            log("error", "server_proof_wrong", message="the main node did not prove it"
+                " knows the join token; none of its tasks will run")
+            self.disconnect("main node failed to prove the join token", level="error")
+            return
+        interval = data.get("heartbeat_interval")
+        if is_number(interval) and interval > 0:
+            self.heartbeat_interval = float(interval)
+        self.state = READY
+        self.auth_deadline = None
+        self.backoff = BACKOFF_START
+        log("info", "registered", device_id=self.device_id, resending=len(self.unacked),
+            active_tasks=len(self.running) + len(self.queued),
+            heartbeat_interval=self.heartbeat_interval)
+        for result in self.unacked.values():
+            self.send(TASK_RESULT, result)
+        self.send_heartbeat()     # metrics for the dashboard now, not in a minute
+
+    def on_task_assign(self, data):
+        key = (data.get("task_id"), data.get("attempt"))
+        if not (is_int(key[0]) and is_int(key[1])):
+            self.send(ERROR, {"code": "bad_request",
+                              "message": "task_assign needs integer task_id and attempt"})
+            return
+        if key in self.running or key in self.queued:
+            log("debug", "duplicate_assign", task_id=key[0], attempt=key[1])
+            return
+        if key in self.unacked:       # our result was lost on the way
+            self.send(TASK_RESULT, self.unacked[key])
+            return
+        task_type = data.get("task_type")
+        if task_type not in self.options.task_types:
+            self.report(result_data(key, OUTCOME_NOT_ALLOWED,
+                                    error="this worker does not accept %r tasks" % task_type))
+            return
+        timeout = data.get("timeout")
+        timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
+        self.queued[key] = TASK_CLASSES[task_type](key, data.get("payload"), timeout)
+
+    def on_task_cancel(self, data):
+        key = (data.get("task_id"), data.get("attempt"))
+        if key in self.queued:
+            self.finish(self.queued.pop(key), OUTCOME_CANCELLED, error="cancelled")
+        elif key in self.running:
+            self.running[key].stop(self, OUTCOME_CANCELLED)
+        else:
+            log("info", "cancel_ignored", task_id=key[0], attempt=key[1],
+                reason="not running here")
+
+    def on_task_result_ack(self, data):
+        key = (data.get("task_id"), data.get("attempt"))
+        if self.unacked.pop(key, None) is not None:
+            log("debug", "result_acknowledged", task_id=key[0], attempt=key[1])
+
+    def on_heartbeat_ack(self, data):
+        pass      # hearing it is the point: see silence_limit()
+
+    HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
+                TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack}
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def start_queued(self):
+        while self.queued and len(self.running) < self.options.slots:
+            key, task = self.queued.popitem(last=False)
+            self.running[key] = task
+            task.started = time.monotonic()
+            if task.timeout:
+                task.deadline = task.started + task.timeout
+            self.tell(TASK_ACCEPT, {"task_id": key[0], "attempt": key[1]})
+            log("debug" if task.quiet else "info", "task_started", task_id=key[0],
+                attempt=key[1], task_type=task.task_type)
+            try:
+                task.start(self)
+            except BadPayload as e:
+                self.finish(task, OUTCOME_FAILED, error=str(e))
+
+    def finish(self, task, status, error=None, **result):
+        self.running.pop(task.key, None)
+        data = result_data(task.key, status, error, execution_time=task.elapsed(), **result)
+        self.report(fit_result(data, self.device_id))
+        log("debug" if task.quiet and status == OUTCOME_COMPLETED else "info",
+            "task_finished", task_id=task.key[0], attempt=task.key[1],
+            task_type=task.task_type, status=status, error=error,
+            execution_time=data["result"]["execution_time"])
+
+    def report(self, data):
+        """Send a task_result, and keep it until the main node acknowledges it."""
+        key = (data["task_id"], data["attempt"])
+        self.unacked[key] = data
+        self.tell(TASK_RESULT, data)
+        if data["status"] == OUTCOME_NOT_ALLOWED:
+            log("info", "task_not_allowed", task_id=key[0], attempt=key[1], error=data["error"])
+
+    def active_tasks(self):
+        keys = list(self.running) + list(self.queued)
+        return [{"task_id": key[0], "attempt": key[1]} for key in keys]
+
+    def send_heartbeat(self):
+        self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        busy = self.running or self.queued
+        self.send(HEARTBEAT, {"system_metrics": self.metrics.sample(),
+                              "status": "busy" if busy else "idle",
+                              "active_tasks": self.active_tasks()})
+
+    def profile(self):
+        """What register says about this device (and system_info reports)."""
+        return {"device_info": device_info(), "hardware_specs": hardware_specs(),
+                "capabilities": capabilities(), "task_types": list(self.options.task_types),
+                "tags": list(self.options.tags), "role": self.options.role,
+                "slots": self.options.slots}
+
+
+###############################################################################
+# Self-test: every task type, locally, without a main node ####################
+###############################################################################
+
+SELF_TEST = (("echo", {"message": "hello"}, "hello"),
+             ("sleep", {"seconds": 0.1}, ""),
+             ("system_info", {}, None),
+             ("python_eval", {"expression": "6 * 7"}, "42"),
+             ("python_exec", {"code": "print('ok')"}, "ok\n"),
+             ("shell", {"command": "echo ok"}, "ok\n"))
+
+
+def self_test(worker):
+    import json as pretty
+    worker.install_signals()
+    print(pretty.dumps(worker.profile(), indent=2, sort_keys=True))
+    for number, (task_type, payload, _) in enumerate(SELF_TEST, 1):
+        worker.on_task_assign({"task_id": number, "attempt": 1, "task_type": task_type,
+                               "payload": payload, "timeout": 30})
+    give_up = time.monotonic() + 60
+    while (worker.queued or worker.running) and time.monotonic() < give_up:
+        worker.turn()
+    failures = 0
+    for number, (task_type, _, expected) in enumerate(SELF_TEST, 1):
+        data = worker.unacked.get((number, 1), {"status": "no result", "result": {}})
+        wanted = OUTCOME_COMPLETED if task_type in worker.options.task_types \
+            else OUTCOME_NOT_ALLOWED
+        ok = data["status"] == wanted and (wanted != OUTCOME_COMPLETED or expected is None
+                                           or data["result"]["output"] == expected)
+        failures += not ok
+        print("%-12s %-12s %s" % (task_type, data["status"], "ok" if ok else
+                                  "FAILED: %r" % (data.get("error") or data["result"],)))
+    worker.shutdown()
+    return 1 if failures else 0
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def join_address(text):
+    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT."""
+    import argparse
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (rest or DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, DEFAULT_PORT
+    try:
+        port = int(port)
+    except ValueError:
+        port = 0
+    if not host or not 0 < port < 65536:
+        raise argparse.ArgumentTypeError("expected HOST or HOST:PORT, got %r" % text)
+    return host, port
+
+
+def positive(kind):
+    import argparse
+
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError("must be a number above 0, got %r" % text)
+        return value
+    return check
+
+
+def default_device_id():
+    import re
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "worker"
+
+
+def default_role():
+    return "mobile" if device_platform() == "android" else "compute"
+
+
+def parse_args(argv=None):
+    import argparse
+    import re
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="Join this device to a Retire-Cluster main node.")
+    parser.add_argument("--join", metavar="HOST[:PORT]", type=join_address,
+                        help="the main node (port %d by default)" % DEFAULT_PORT)
+    parser.add_argument("--token", help="the join token (`rc token` on the main node)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
+    parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
+                        help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
+    parser.add_argument("--role", default=default_role(),
+                        help="compute, storage, mobile... (default: %(default)s)")
+    parser.add_argument("--slots", type=positive(int), default=os.cpu_count() or 1,
+                        help="tasks run at once (default: CPU count, %(default)s)")
+    parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
+                        help="a free label; may be repeated")
+    parser.add_argument("--allow", action="append", default=[], metavar="TYPE,...",
+                        help="accept only these task types")
+    parser.add_argument("--deny", action="append", default=[], metavar="TYPE,...",
+                        help="never accept these task types")
+    parser.add_argument("--heartbeat", type=positive(float), default=HEARTBEAT_INTERVAL,
+                        metavar="SECONDS", help="until the main node says otherwise"
+                        " (default: %(default)g)")
+    parser.add_argument("--output-cap", type=positive(int), default=OUTPUT_CAP,
+                        metavar="BYTES", help="bytes kept of a task's stdout and of its"
+                        " stderr (default: %(default)d)")
+    parser.add_argument("--log-level", choices=sorted(LOG_LEVELS, key=LOG_LEVELS.get),
+                        default="info")
+    parser.add_argument("--self-test", action="store_true",
+                        help="print the profile, run each task type locally, and exit")
+    parser.add_argument("--version", action="version", version=__version__)
+    options = parser.parse_args(argv)
+    if not re.match(r"[A-Za-z0-9._-]{1,64}\Z", options.device_id):
+        parser.error("--device-id must be 1-64 characters of [A-Za-z0-9._-]")
+    options.task_types = task_types(parser, options.allow, options.deny)
+    if not options.self_test:
+        if options.join is None:
+            parser.error("--join HOST[:PORT] is required")
+        options.token = join_token(parser, options)
+    return options
+
+
+def task_types(parser, allow, deny):
+    def names(lists):
+        chosen = [name.strip() for text in lists for name in text.split(",") if name.strip()]
+        unknown = sorted(set(chosen) - set(TASK_TYPES))
+        if unknown:
+            parser.error("unknown task type %s (known: %s)"
+                         % (", ".join(unknown), ", ".join(TASK_TYPES)))
+        return set(chosen)
+    allowed = names(allow) or set(TASK_TYPES)
+    denied = names(deny)
+    return tuple(t for t in TASK_TYPES if t in allowed and t not in denied)
+
+
+def join_token(parser, options):
+    # Tasks run with our environment: the token must not be in it.
+    token = os.environ.pop("RC_TOKEN", None)
+    if options.token_file:
+        try:
+            with open(os.path.expanduser(options.token_file)) as f:
+                token = f.read()
+        except OSError as e:
+            parser.error("cannot read --token-file: %s" % e)
+    if options.token is not None:
+        token = options.token
+    token = (token or "").strip()
+    if not token:
+        parser.error("a join token is required: --token, --token-file or RC_TOKEN")
+    return token
+
+
+def main(argv=None):
+    global log_threshold
+    options = parse_args(argv)
+    log_threshold = LOG_LEVELS[options.log_level]
+    if options.self_test:
+        log_threshold = LOG_LEVELS["warning"]    # the report is the output
+        return self_test(Worker(options))
+    return Worker(options).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

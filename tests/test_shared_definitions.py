@@ -1,0 +1,57 @@
+"""bin/worker.py keeps its own copy of the wire-level names (it must stay one
+file); this checks the copy against lib/rc/states.py."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+
+from rc import states  # noqa: E402
+
+WIRE_NAMES = (
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES",
+    "HELLO", "REGISTER", "REGISTER_ACK", "HEARTBEAT", "HEARTBEAT_ACK", "TASK_ASSIGN",
+    "TASK_ACCEPT", "TASK_PROGRESS", "TASK_RESULT", "TASK_RESULT_ACK", "TASK_CANCEL", "ERROR",
+    "MESSAGE_TYPES", "TASK_TYPES", "PAYLOAD_FIELD",
+    "OUTCOME_COMPLETED", "OUTCOME_FAILED", "OUTCOME_TIMED_OUT", "OUTCOME_CANCELLED",
+    "OUTCOME_NOT_ALLOWED", "OUTCOMES")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    spec = importlib.util.spec_from_file_location(
+        "rc_worker_copy", os.path.join(ROOT, "bin", "worker.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", WIRE_NAMES)
+def test_worker_agrees_with_states(worker, name):
+    assert getattr(worker, name) == getattr(states, name)
+
+
+def test_every_message_type_is_copied(worker):
+    for value in states.MESSAGE_TYPES:
+        name = [n for n in dir(states) if getattr(states, n) is value and n.isupper()][0]
+        assert getattr(worker, name) == value
+
+
+def test_worker_runs_every_task_type(worker):
+    assert set(worker.TASK_CLASSES) == set(states.TASK_TYPES)
+
+
+@pytest.mark.parametrize("token", ["t", "0123456789abcdef-join-token", "k" * 100, "jöin"])
+def test_worker_proofs_match_the_main_node(worker, token):
+    # The worker computes HMAC on the built-in SHA-256 to stay off OpenSSL.
+    from rc import protocol
+    arguments = (token, "a" * 32, "b" * 32, "pi-kitchen")
+    assert worker.sign(arguments[0], "rc-worker", *arguments[1:]) == protocol.worker_proof(*arguments)
+    assert worker.sign(arguments[0], "rc-server", *arguments[1:]) == protocol.server_proof(*arguments)
+    assert worker.proofs_match(protocol.server_proof(*arguments),
+                               protocol.server_proof(*arguments))
+    assert not worker.proofs_match(protocol.server_proof(*arguments), "x" * 64)
+    assert not worker.proofs_match(protocol.server_proof(*arguments), None)

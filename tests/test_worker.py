@@ -1,0 +1,520 @@
+"""bin/worker.py against a small fake main node on 127.0.0.1.
+
+The real worker runs as a subprocess under `python -I -S`, as on a device with
+nothing but CPython. The fake main node here speaks the protocol of
+docs/protocol.md with plain blocking sockets; rc.protocol computes the proofs,
+so the worker is checked against the main node's own definition of them.
+"""
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+
+from rc.protocol import server_proof, worker_proof  # noqa: E402
+
+WORKER = os.path.join(ROOT, "bin", "worker.py")
+TOKEN = "0123456789abcdef-test-token"
+DEVICE_ID = "test-device"
+WAIT = 15.0      # seconds any single expected frame may take on a slow machine
+
+
+def interpreter_version(path):
+    match = re.search(r"/3\.(\d+)\.(\d+)/", path)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+INTERPRETERS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")),
+                      key=interpreter_version)
+# The detailed checks run on the interpreter running the tests and on the oldest
+# one supported; every other version gets the smoke test.
+DETAILED = [sys.executable] + [p for p in INTERPRETERS[:1] if "/3.6." in p]
+
+
+def short_name(path):
+    match = re.search(r"/(3\.\d+\.\d+)/", path)
+    return match.group(1) if match else "current"
+
+
+# -- the fake main node ----------------------------------------------------------
+
+class Link:
+    """One accepted worker connection, read and written from the test."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+        self.register = None
+        self.heartbeats = []
+
+    def send(self, message_type, data):
+        self.send_raw(json.dumps({"message_type": message_type, "sender_id": "main",
+                                  "timestamp": time.time(), "message_id": "t",
+                                  "data": data}).encode() + b"\n")
+
+    def send_raw(self, frame):
+        self.sock.sendall(frame)
+
+    def recv(self, timeout=WAIT):
+        """The next envelope; None when the worker closed the connection."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no frame from the worker within %g s" % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def next(self, timeout=WAIT):
+        """The next frame that is not a heartbeat (heartbeats are acknowledged)."""
+        while True:
+            envelope = self.recv(timeout)
+            if envelope is None or envelope["message_type"] != "heartbeat":
+                return envelope
+            self.heartbeats.append(envelope["data"])
+            self.send("heartbeat_ack", {})
+
+    def expect(self, message_type, timeout=WAIT):
+        envelope = self.next(timeout)
+        assert envelope is not None, "worker closed the connection, wanted %s" % message_type
+        assert envelope["message_type"] == message_type, envelope
+        assert envelope["sender_id"] == DEVICE_ID
+        return envelope["data"]
+
+    def handshake(self, prove=True, heartbeat_interval=60):
+        server_nonce = os.urandom(16).hex()
+        self.send("hello", {"nonce": server_nonce, "protocol": 1})
+        register = self.expect("register")
+        expected = worker_proof(TOKEN, server_nonce, register["nonce"], register["device_id"])
+        assert register["proof"] == expected
+        proof = server_proof(TOKEN, server_nonce, register["nonce"], register["device_id"])
+        if not prove:
+            proof = server_proof("some other token", server_nonce, register["nonce"],
+                                 register["device_id"])
+        self.send("register_ack", {"proof": proof, "heartbeat_interval": heartbeat_interval})
+        self.register = register
+        return register
+
+    def assign(self, task_id, task_type, payload, timeout=30.0, attempt=1):
+        self.send("task_assign", {"task_id": task_id, "attempt": attempt,
+                                  "task_type": task_type, "payload": payload,
+                                  "timeout": timeout, "priority": "normal"})
+
+    def results(self, count, timeout=WAIT):
+        """The next `count` task_results by task id; accepts are noted on the side."""
+        results = {}
+        self.accepted = getattr(self, "accepted", set())
+        while len(results) < count:
+            envelope = self.next(timeout)
+            assert envelope is not None, "worker closed the connection"
+            kind, data = envelope["message_type"], envelope["data"]
+            if kind == "task_accept":
+                self.accepted.add((data["task_id"], data["attempt"]))
+            elif kind == "task_result":
+                results[data["task_id"]] = data
+            else:
+                raise AssertionError("unexpected %s" % envelope)
+        return results
+
+    def run(self, task_type, payload, timeout=30.0, task_id=1):
+        self.assign(task_id, task_type, payload, timeout)
+        return self.results(1)[task_id]
+
+    def close(self):
+        self.sock.close()
+
+
+class FakeMain:
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.links = []
+
+    def accept(self, timeout=WAIT):
+        self.listener.settimeout(timeout)
+        sock, _ = self.listener.accept()
+        link = Link(sock)
+        self.links.append(link)
+        return link
+
+    def close(self):
+        for link in self.links:
+            link.close()
+        self.listener.close()
+
+
+class WorkerProcess:
+    def __init__(self, python, port, log_path, *arguments):
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [python, "-I", "-S", WORKER, "--join", "127.0.0.1:%d" % port, "--token", TOKEN,
+             "--device-id", DEVICE_ID, "--slots", "4", "--log-level", "debug"] + list(arguments),
+            stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return [json.loads(line) if line.startswith("{") else {"raw": line} for line in f]
+
+    def stop(self):
+        """SIGTERM, as supervisord would; the worker must exit 0."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log_file.close()
+
+
+@pytest.fixture
+def main():
+    fake = FakeMain()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def spawn(main, tmp_path):
+    """Start the worker against `main`; teardown stops it and shows its log on failure."""
+    started = []
+
+    def start(python, *arguments):
+        worker = WorkerProcess(python, main.port, str(tmp_path / ("worker%d.log" % len(started))),
+                               *arguments)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def registered(main, spawn, python, *arguments, **handshake):
+    worker = spawn(python, *arguments)
+    link = main.accept()
+    link.handshake(**handshake)
+    return worker, link
+
+
+def process_gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+# -- every interpreter: registers, runs the core task types, stops cleanly -------
+
+@pytest.mark.skipif(not INTERPRETERS, reason="no CPython under ~/.pyenv/versions/3.*")
+@pytest.mark.parametrize("python", INTERPRETERS or ["none"], ids=short_name)
+def test_smoke_on_every_python(main, spawn, python):
+    worker, link = registered(main, spawn, python, "--tag", "kitchen")
+    register = link.register
+    assert register["device_id"] == DEVICE_ID and register["protocol"] == 1
+    assert register["device_info"]["python_version"] == short_name(python)
+    assert register["tags"] == ["kitchen"] and register["slots"] == 4
+    assert register["active_tasks"] == []
+    link.assign(1, "echo", {"message": "hi there"})
+    link.assign(2, "python_eval", {"expression": "sum(range(100000))"})
+    link.assign(3, "shell", {"command": "echo hi"})
+    results = link.results(3)
+    assert [results[i]["status"] for i in (1, 2, 3)] == ["completed"] * 3, results
+    assert results[1]["result"]["output"] == "hi there"
+    assert results[2]["result"]["output"] == "4999950000"
+    assert results[3]["result"]["output"] == "hi\n"
+    assert results[3]["result"]["exit_code"] == 0
+    assert worker.stop() == 0
+
+
+def test_no_interpreter_matrix_is_visible():
+    if not INTERPRETERS:
+        pytest.skip("no CPython 3.x under ~/.pyenv/versions: only the current one was tested")
+
+
+# -- detailed checks on the current and the oldest interpreter --------------------
+
+detailed = pytest.mark.parametrize("python", DETAILED, ids=short_name)
+
+
+@detailed
+def test_register_profile(main, spawn, python):
+    _, link = registered(main, spawn, python, "--role", "storage")
+    register = link.register
+    info, specs = register["device_info"], register["hardware_specs"]
+    assert set(info) == {"hostname", "platform", "architecture", "os_version",
+                         "python_version"}
+    assert info["platform"] == sys.platform
+    assert isinstance(specs["cpu_cores"], int) and specs["cpu_cores"] >= 1
+    assert isinstance(specs["memory_gb"], float) and isinstance(specs["disk_gb"], float)
+    assert isinstance(specs["network_interfaces"], dict)
+    assert "python3" in register["capabilities"] or "sh" not in register["capabilities"]
+    assert register["task_types"] == ["echo", "sleep", "system_info", "python_eval",
+                                      "python_exec", "shell"]
+    assert register["role"] == "storage"
+    heartbeat = link.recv()   # the first heartbeat follows register_ack at once
+    assert heartbeat["message_type"] == "heartbeat"
+    assert heartbeat["data"]["status"] == "idle"
+    assert heartbeat["data"]["active_tasks"] == []
+    assert "memory_percent" in heartbeat["data"]["system_metrics"]
+
+
+@detailed
+def test_each_task_type(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    link.assign(1, "echo", {"message": "héllo"})
+    link.assign(2, "sleep", {"seconds": 0.2})
+    link.assign(3, "system_info", {})
+    link.assign(4, "python_eval", {"expression": "sum(range(100000))"})
+    link.assign(5, "python_exec", {"code": "import sys\nprint('out')\nprint('err', file=sys.stderr)"})
+    link.assign(6, "shell", {"command": "echo hi; echo oops >&2"})
+    results = link.results(6)
+    assert link.accepted == {(i, 1) for i in range(1, 7)}
+    for task_id, result in results.items():
+        assert result["status"] == "completed", result
+        assert result["error"] is None
+        assert result["result"]["truncated"] is False
+    assert results[1]["result"]["output"] == "héllo"
+    assert results[2]["result"]["output"] == ""
+    assert results[2]["result"]["execution_time"] >= 0.2
+    info = json.loads(results[3]["result"]["output"])
+    assert info["device_info"]["hostname"] and "system_metrics" in info
+    assert results[4]["result"]["output"] == "4999950000"
+    assert results[5]["result"]["output"] == "out\n"
+    assert results[5]["result"]["stderr"] == "err\n"
+    shell = results[6]["result"]
+    assert (shell["output"], shell["stderr"], shell["exit_code"]) == ("hi\n", "oops\n", 0)
+    assert shell["cpu_time"] >= 0 and shell["peak_memory_kb"] > 0
+
+
+@detailed
+def test_failures(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    link.assign(1, "shell", {"command": "echo hi; exit 3"})
+    link.assign(2, "python_eval", {"expression": "1/0"})
+    link.assign(3, "python_exec", {"code": "raise SystemExit(5)"})
+    link.assign(4, "echo", {})
+    results = link.results(4)
+    assert results[1]["status"] == "failed"
+    assert results[1]["result"]["exit_code"] == 3 and results[1]["result"]["output"] == "hi\n"
+    assert results[1]["error"] == "exit status 3"
+    assert results[2]["status"] == "failed"
+    assert results[2]["error"] == "ZeroDivisionError: division by zero"
+    assert "Traceback" in results[2]["result"]["stderr"]
+    assert results[3]["status"] == "failed" and results[3]["error"] == "exit status 5"
+    assert results[4]["status"] == "failed" and "message" in results[4]["error"]
+
+
+@detailed
+def test_timeout_kills_the_process_group(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    link.assign(1, "shell", {"command": "sleep 30 & echo $!; wait"}, timeout=1.0)
+    link.assign(2, "sleep", {"seconds": 30}, timeout=0.3)
+    started = time.monotonic()
+    results = link.results(2)
+    assert time.monotonic() - started < 5
+    assert results[2]["status"] == "timed_out"
+    shell = results[1]
+    assert shell["status"] == "timed_out", shell
+    assert shell["result"]["exit_code"] == -signal.SIGKILL
+    child = int(shell["result"]["output"].split()[0])
+    assert wait_until(lambda: process_gone(child)), "the task's background child survived"
+
+
+@detailed
+def test_cancel(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    link.assign(1, "shell", {"command": "sleep 30"})
+    link.assign(2, "sleep", {"seconds": 30})
+    assert link.expect("task_accept") == {"task_id": 1, "attempt": 1}
+    assert link.expect("task_accept") == {"task_id": 2, "attempt": 1}
+    link.send("task_cancel", {"task_id": 99, "attempt": 1})     # unknown: ignored
+    link.send("task_cancel", {"task_id": 1, "attempt": 2})      # another attempt: ignored
+    link.send("task_cancel", {"task_id": 1, "attempt": 1})
+    link.send("task_cancel", {"task_id": 2, "attempt": 1})
+    results = link.results(2, timeout=5)
+    assert results[1]["status"] == "cancelled" and results[2]["status"] == "cancelled"
+    assert link.run("echo", {"message": "still here"}, task_id=3)["status"] == "completed"
+
+
+@detailed
+def test_denied_type_is_not_allowed(main, spawn, python):
+    _, link = registered(main, spawn, python, "--deny", "shell,python_exec")
+    assert link.register["task_types"] == ["echo", "sleep", "system_info", "python_eval"]
+    result = link.run("shell", {"command": "echo should not run"})
+    assert result["status"] == "not_allowed" and "shell" in result["error"]
+    assert not link.accepted
+
+
+@detailed
+def test_output_is_capped(main, spawn, python):
+    _, link = registered(main, spawn, python, "--output-cap", "1000")
+    result = link.run("python_exec", {"code": "import sys\nprint('x' * 50000)\n"
+                                              "sys.stderr.write('e' * 300000)"})
+    assert result["status"] == "completed"
+    assert result["result"]["truncated"] is True
+    assert result["result"]["output"] == "x" * 1000
+    assert result["result"]["stderr"] == "e" * 1000
+
+
+@detailed
+def test_results_are_resent_until_acknowledged(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    first = link.run("echo", {"message": "keep me"}, task_id=7)
+    link.assign(8, "sleep", {"seconds": 1.0})
+    assert link.expect("task_accept")["task_id"] == 8
+    link.close()                                  # no task_result_ack for task 7
+
+    link = main.accept()
+    register = link.handshake()
+    assert register["active_tasks"] == [{"task_id": 8, "attempt": 1}]
+    resent = link.expect("task_result")
+    assert resent == first
+    link.send("task_result_ack", {"task_id": 7, "attempt": 1})
+    finished = link.expect("task_result")           # the sleep kept running meanwhile
+    assert (finished["task_id"], finished["status"]) == (8, "completed")
+    link.send("task_result_ack", {"task_id": 8, "attempt": 1})
+    link.close()
+
+    link = main.accept()
+    assert link.handshake()["active_tasks"] == []
+    # Resent results come before the first heartbeat: none are left.
+    assert link.recv()["message_type"] == "heartbeat"
+
+
+@detailed
+def test_main_node_with_wrong_proof_gets_nothing_run(main, spawn, python):
+    worker, link = registered(main, spawn, python, prove=False)
+    link.assign(1, "shell", {"command": "echo ran > ran.txt"})
+    assert link.next() is None, "the worker should hang up on a main node without the token"
+    link = main.accept()          # it keeps trying: the right main node may come back
+    register = link.handshake()
+    assert register["active_tasks"] == []
+    assert link.recv()["message_type"] == "heartbeat"
+    events = [entry.get("event") for entry in worker.log()]
+    assert "server_proof_wrong" in events and "task_started" not in events
+
+
+@detailed
+def test_wrong_token_is_logged_and_retried(main, spawn, python):
+    worker = spawn(python)
+    link = main.accept()
+    link.send("hello", {"nonce": os.urandom(16).hex(), "protocol": 1})
+    link.expect("register")
+    link.send("error", {"code": "auth_failed", "message": "wrong join token"})
+    link.close()
+    main.accept().handshake()
+    errors = [e for e in worker.log() if e.get("event") == "auth_failed"]
+    assert errors and errors[0]["level"] == "error" and "wrong join token" in errors[0]["message"]
+
+
+@detailed
+def test_heartbeats_follow_register_ack_interval(main, spawn, python):
+    _, link = registered(main, spawn, python, heartbeat_interval=0.2)
+    link.assign(1, "sleep", {"seconds": 0.7})
+    results = link.results(1)
+    assert results[1]["status"] == "completed"
+    assert len(link.heartbeats) >= 3
+    assert any(h["status"] == "busy" and h["active_tasks"] == [{"task_id": 1, "attempt": 1}]
+               for h in link.heartbeats)
+    for heartbeat in link.heartbeats:
+        assert set(heartbeat) == {"system_metrics", "status", "active_tasks"}
+
+
+@detailed
+def test_oversized_frame_ends_the_connection(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    link.send_raw(b"x" * (1024 * 1024 + 10))
+    error = link.expect("error")
+    assert error["code"] == "frame_too_large"
+    assert link.next() is None
+    main.accept().handshake()
+
+
+@detailed
+def test_sigterm_kills_running_tasks_and_exits_0(main, spawn, python, tmp_path):
+    worker, link = registered(main, spawn, python)
+    pid_file = tmp_path / "child.pid"
+    link.assign(1, "shell", {"command": "sleep 30 & echo $! > %s; wait" % pid_file})
+    link.expect("task_accept")
+    assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip())
+    child = int(pid_file.read_text())
+    assert worker.stop() == 0
+    assert wait_until(lambda: process_gone(child))
+
+
+@pytest.mark.parametrize("arguments", [
+    [], ["--join", "127.0.0.1:70000", "--token", "t"], ["--join", "h", "--token", "t",
+                                                        "--slots", "0"],
+    ["--join", "h"], ["--join", "h", "--token", "t", "--allow", "nonsense"],
+    ["--join", "h", "--token", "t", "--device-id", "bad id!"]])
+def test_bad_arguments_exit_2(arguments):
+    env = {k: v for k, v in os.environ.items() if k != "RC_TOKEN"}
+    proc = subprocess.run([sys.executable, "-I", "-S", WORKER] + arguments, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=WAIT)
+    assert proc.returncode == 2, proc.stderr
+
+
+def test_token_from_file_and_environment(main, spawn, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = subprocess.Popen([sys.executable, "-I", "-S", WORKER, "--join",
+                             "127.0.0.1:%d" % main.port, "--token-file", str(token_file),
+                             "--device-id", DEVICE_ID], stdout=subprocess.DEVNULL)
+    try:
+        main.accept().handshake()          # the proof checks out with the file's token
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    env = dict(os.environ, RC_TOKEN=TOKEN)
+    proc = subprocess.Popen([sys.executable, "-S", WORKER, "--join", "127.0.0.1:%d" % main.port,
+                             "--device-id", DEVICE_ID], env=env, stdout=subprocess.DEVNULL)
+    try:
+        link = main.accept()
+        link.handshake()
+        # Tasks must not see the token.
+        result = link.run("shell", {"command": "echo ${RC_TOKEN:-unset}"})
+        assert result["result"]["output"] == "unset\n"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_self_test():
+    proc = subprocess.run([sys.executable, "-I", "-S", WORKER, "--self-test"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert b"python_eval  completed    ok" in proc.stdout
