@@ -112,5 +112,5 @@ def key_values(pairs, align=False):
     """`key: value` lines; aligned for people, plain (one space) for scripts."""
     pairs = list(pairs)
     width = max([len(key) + 1 for key, _ in pairs if align] or [0])
-    return "".join("%s %s\n" % ((key + ":").ljust(width), cell(value))
+    return "".join(("%s %s" % ((key + ":").ljust(width), cell(value))).rstrip() + "\n"
                    for key, value in pairs)

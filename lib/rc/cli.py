@@ -1,0 +1,663 @@
+"""The `rc` command on the main node: look at the cluster, submit and cancel
+tasks, read logs, and show how a device joins.
+
+run_command() does the work without exiting and writes only to the streams
+it is given, so the dashboard's web terminal can run the same grammar."""
+import argparse
+import glob
+import os
+import re
+import shlex
+import shutil
+import socket
+import sqlite3
+import sys
+import time
+
+import orjson
+
+from rc import config as rc_config
+from rc import db, devices, render, state_dir, tasks
+from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
+                       PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
+                       TERMINAL_STATES, TIMED_OUT)
+
+WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
+FOLLOW_POLL_INTERVAL = 0.2    # seconds between looks at the log files in logs -f
+TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
+DEFAULT_TASK_LIMIT = 50       # rows `rc tasks` shows
+DEFAULT_LOG_LINES = 20        # lines `rc logs` shows before following
+LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
+READY_POLL_INTERVAL = 0.1   # seconds between tries in wait-ready
+DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
+SUMMARY_WIDTH = 40            # characters of payload in the SUMMARY column
+# connect() on a UDP socket sends nothing; it only asks the kernel which local
+# address would route there, which is the address other devices can reach.
+LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
+LOG_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[,.](\d+))?")
+DEVICE_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+MAX_DEVICE_ID = 64
+
+DEVICE_COLUMNS = ["DEVICE", "STATUS", "ROLE", "PLATFORM", "ARCH", "CPUS", "MEM_GB",
+                  "SLOTS", "ACTIVE", "CPU%", "MEM%", "LAST_SEEN"]
+TASK_COLUMNS = ["ID", "TYPE", "STATE", "PRIORITY", "ATTEMPT", "DEVICE", "AGE", "SUMMARY"]
+EVENT_COLUMNS = ["TIME", "STATE", "ATTEMPT", "DEVICE", "REASON"]
+
+STATE_COLOURS = {ONLINE: "green", OFFLINE: "red", QUEUED: "yellow", ASSIGNED: "blue",
+                 RUNNING: "cyan", COMPLETED: "green", FAILED: "red", TIMED_OUT: "red",
+                 CANCELLED: "grey"}
+LEVEL_COLOURS = {"debug": "grey", "warning": "yellow", "error": "red"}
+
+
+class CommandError(Exception):
+    """A command cannot go on; the message, one line, says why."""
+    status = 1
+
+
+class UsageError(CommandError):
+    status = 2
+
+
+class ParserExit(Exception):
+    """argparse finished early (--help); carries the exit status."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports instead of exiting, and prints help to `out`
+    rather than to sys.stdout (which the web terminal does not own)."""
+
+    def __init__(self, *args, out=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out = out
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def exit(self, status=0, message=None):
+        raise ParserExit(status)
+
+    def _print_message(self, message, file=None):
+        if message:
+            self.out.write(message)
+
+
+class Context:
+    """What a command runs with: streams, and config and database opened
+    only when the command needs them (so --help works on a broken install)."""
+
+    def __init__(self, out, err, config=None):
+        self.out, self.err = out, err
+        self._config, self._connection = config, None
+        tty = hasattr(out, "isatty") and out.isatty()
+        self.colour = tty and "NO_COLOR" not in os.environ
+        self.width = shutil.get_terminal_size().columns if tty else None
+
+    @property
+    def config(self):
+        if self._config is None:
+            self._config = rc_config.load()
+        return self._config
+
+    @property
+    def connection(self):
+        if self._connection is None:
+            self._connection = connect(self.config)
+        return self._connection
+
+    def close(self):
+        if self._connection is not None:
+            self._connection.close()
+
+    def colourize(self, column, value):
+        if self.colour and column in ("STATUS", "STATE", "LEVEL"):
+            return STATE_COLOURS.get(value)
+        return None
+
+
+def connect(config):
+    """A connection to an installed cluster's database, or a CommandError
+    that tells the user to install (connect() alone would create an empty file)."""
+    if not os.path.exists(config.db_path):
+        raise CommandError("no cluster database at %s; run `make install` first"
+                           % config.db_path)
+    connection = db.connect(config.db_path)
+    if connection.execute("PRAGMA user_version").fetchone()[0] < db.SCHEMA_VERSION:
+        connection.close()
+        raise CommandError("the database at %s is not set up or is out of date;"
+                           " run `make install`" % config.db_path)
+    return connection
+
+
+# -- what the commands show (the web uses these too) ------------------------------
+
+def status_summary(connection):
+    device_counts = devices.counts(connection)
+    task_counts = tasks.counts_by_state(connection)
+    summary = {"devices_%s" % key: value for key, value in device_counts.items()}
+    summary.update(("tasks_%s" % state, count) for state, count in task_counts.items())
+    summary["queue_length"] = task_counts[QUEUED]
+    return summary
+
+
+def device_metrics(device):
+    # Servers may store the heartbeat's data or just its system_metrics.
+    metrics = device.get("metrics") or {}
+    return metrics.get("system_metrics", metrics)
+
+
+def device_row(device, now):
+    metrics = device_metrics(device)
+    return {"DEVICE": device["device_id"], "STATUS": device["status"],
+            "ROLE": device["role"], "PLATFORM": device["platform"],
+            "ARCH": device["architecture"], "CPUS": device["cpu_cores"],
+            "MEM_GB": device["memory_gb"], "SLOTS": device["slots"],
+            "ACTIVE": device.get("active_tasks"), "CPU%": metrics.get("cpu_percent"),
+            "MEM%": metrics.get("memory_percent"),
+            "LAST_SEEN": ago(device["last_seen"], now)}
+
+
+def task_row(task, now):
+    return {"ID": task["task_id"], "TYPE": task["task_type"], "STATE": task["state"],
+            "PRIORITY": task["priority"], "ATTEMPT": task["attempt"],
+            "DEVICE": task["device_id"], "AGE": render.age(now - task["created_at"]),
+            "SUMMARY": render.shorten(payload_summary(task), SUMMARY_WIDTH)}
+
+
+def payload_summary(task):
+    name = PAYLOAD_FIELD.get(task["task_type"])
+    return render.cell((task["payload"] or {}).get(name)) if name else ""
+
+
+def ago(timestamp, now):
+    return "" if timestamp is None else render.age(now - timestamp) + " ago"
+
+
+def when(timestamp, now):
+    if timestamp is None:
+        return None
+    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    return "%s (%s)" % (local, ago(timestamp, now))
+
+
+def flatten(value, prefix=""):
+    """Nested objects as dotted keys: metrics.cpu_percent, profile.device_info.os."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from flatten(item, "%s.%s" % (prefix, key) if prefix else key)
+    else:
+        yield prefix, value
+
+
+def detail_pairs(record, now):
+    """A record's fields, simple ones first, times read as dates and ages."""
+    simple = [(k, v) for k, v in record.items() if not isinstance(v, dict)]
+    nested = [(k, v) for k, v in record.items() if isinstance(v, dict) and v]
+    for key, value in simple:
+        is_time = key.endswith("_at") or key in ("last_seen", "not_before")
+        yield key, when(value, now) if is_time and value else value
+    for key, value in nested:
+        yield from flatten(value, key)
+
+
+# -- output -------------------------------------------------------------------------
+
+def write_rows(context, arguments, rows, columns, records):
+    """The rows in the chosen format; --json gives the full records instead."""
+    header = not arguments.no_header
+    if arguments.format == "json":
+        text = render.json_text(records)
+    elif arguments.format == "csv":
+        text = render.csv_text(rows, columns, header)
+    elif arguments.format == "tsv":
+        text = render.tsv_text(rows, columns, header)
+    else:
+        text = render.table(rows, columns, context.width, header, context.colourize)
+    context.out.write(text)
+
+
+# -- commands -----------------------------------------------------------------------
+
+def cmd_init(arguments, context):
+    state_dir.init(context.config)
+    context.out.write("cluster state in %s\n" % context.config.home)
+
+
+def cmd_status(arguments, context):
+    summary = status_summary(context.connection)
+    if arguments.format == "json":
+        context.out.write(render.json_text(summary))
+        return
+    rows = [{"key": key, "value": value} for key, value in summary.items()]
+    if arguments.format in ("csv", "tsv"):
+        write_rows(context, arguments, rows, ["key", "value"], summary)
+    else:
+        context.out.write(render.key_values(summary.items()))
+
+
+def cmd_devices(arguments, context):
+    records = devices.list_devices(context.connection)
+    now = time.time()
+    rows = [device_row(device, now) for device in records]
+    write_rows(context, arguments, rows, DEVICE_COLUMNS, records)
+
+
+def cmd_device(arguments, context):
+    device = devices.get(context.connection, arguments.device_id)
+    if device is None:
+        raise CommandError("no device %r" % arguments.device_id)
+    if arguments.format == "json":
+        context.out.write(render.json_text(device))
+    else:
+        context.out.write(render.key_values(detail_pairs(device, time.time()), align=True))
+
+
+def cmd_tasks(arguments, context):
+    records = tasks.list_tasks(context.connection, arguments.state, arguments.device,
+                               arguments.limit)
+    now = time.time()
+    rows = [task_row(task, now) for task in records]
+    write_rows(context, arguments, rows, TASK_COLUMNS, records)
+
+
+def cmd_task(arguments, context):
+    task = tasks.get(context.connection, arguments.task_id)
+    if arguments.format == "json":
+        context.out.write(render.json_text(task))
+        return
+    now = time.time()
+    result = task.get("result") or {}
+    shown = {key: value for key, value in task.items() if key not in ("events", "result")}
+    shown["result"] = {k: v for k, v in result.items() if k not in ("output", "stderr")}
+    context.out.write(render.key_values(detail_pairs(shown, now), align=True))
+    for name in ("output", "stderr"):
+        if result.get(name):
+            context.out.write("\n%s:\n%s" % (name, with_newline(result[name])))
+    events = [{"TIME": time.strftime("%H:%M:%S", time.localtime(event["time"]))
+               + ("%.3f" % (event["time"] % 1))[1:], "STATE": event["state"],
+               "ATTEMPT": event["attempt"], "DEVICE": event["device_id"],
+               "REASON": event["reason"]} for event in task["events"]]
+    context.out.write("\nevents:\n" + render.table(events, EVENT_COLUMNS, context.width,
+                                                  colourize=context.colourize))
+
+
+def with_newline(text):
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def cmd_submit(arguments, context):
+    try:
+        payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
+        requirements = tasks.parse_requirements(arguments.require)
+        task_id = tasks.submit(context.connection, context.config, arguments.task_type,
+                               payload, arguments.priority, arguments.timeout,
+                               arguments.retries, requirements, arguments.key)
+    except tasks.TaskError as e:
+        raise UsageError(str(e))
+    if not arguments.wait:
+        context.out.write("%d\n" % task_id)
+        return 0
+    return report_outcome(context, wait_for(context.connection, task_id,
+                                            arguments.wait_timeout))
+
+
+def wait_for(connection, task_id, timeout=None):
+    """The task once it is terminal, or as it is when `timeout` runs out.
+    PRAGMA data_version changes only when another connection commits, so the
+    loop reads the task again only when something may have moved."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen_version, task = None, None
+    while True:
+        version = db.data_version(connection)
+        if version != seen_version:
+            seen_version, task = version, tasks.get(connection, task_id)
+            if task["state"] in TERMINAL_STATES:
+                return task
+        if deadline is not None and time.monotonic() >= deadline:
+            return task
+        time.sleep(WAIT_POLL_INTERVAL)
+
+
+def report_outcome(context, task):
+    """Exactly the task's output on stdout; a one-line reason when it did not complete."""
+    output = (task.get("result") or {}).get("output") or ""
+    context.out.write(with_newline(output))
+    if task["state"] == COMPLETED:
+        return 0
+    if task["state"] not in TERMINAL_STATES:
+        raise CommandError("task %d is still %s; gave up waiting"
+                           % (task["task_id"], task["state"]))
+    raise CommandError("task %d %s%s" % (task["task_id"], task["state"],
+                                         ": " + last_line(task) if last_line(task) else ""))
+
+
+def last_line(task):
+    """The most telling line of why a task failed (a traceback ends with it)."""
+    text = task.get("error") or (task.get("result") or {}).get("stderr") or task["reason"]
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def cmd_cancel(arguments, context):
+    state = tasks.cancel(context.connection, arguments.task_id)
+    context.out.write("%s\n" % state)
+
+
+def cmd_logs(arguments, context):
+    paths = log_paths(context.config.log_dir, arguments.program)
+    offsets, lines = {}, []
+    for path in paths:
+        tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
+        parsed = parse_log_lines(tail, program_of(path))
+        lines.extend(parsed[-arguments.lines:] if arguments.lines else [])
+    lines.sort(key=lambda line: line[0])
+    write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
+    if arguments.follow:
+        follow_logs(context, arguments.program, offsets)
+
+
+def log_paths(log_dir, program=None):
+    paths = sorted(glob.glob(os.path.join(log_dir, "*.log")))
+    if program is None:
+        return paths
+    chosen = [path for path in paths if program_of(path) == program]
+    if not chosen:
+        have = ", ".join(program_of(path) for path in paths) or "none yet"
+        raise CommandError("no log for program %r in %s (have: %s)" % (program, log_dir, have))
+    return chosen
+
+
+def program_of(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def tail_lines(path, count):
+    """The last `count` lines of a file, and its size, reading from the end."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start, data = size, b""
+        while start > 0 and data.count(b"\n") <= count:
+            start = max(0, start - TAIL_BLOCK)
+            f.seek(start)
+            data = f.read(min(TAIL_BLOCK, size - start)) + data
+    lines = data.decode("utf-8", "replace").splitlines()
+    return (lines[-count:] if count else []), size
+
+
+def parse_log_lines(lines, program):
+    """(time, record or text) pairs; a line that is not JSON keeps the time of
+    the line before it, so it stays next to it when files are merged."""
+    parsed, last_time = [], 0.0
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("time"), (int, float)):
+            last_time = record["time"]
+            record.setdefault("program", program)
+            parsed.append((last_time, record))
+        elif line.strip():
+            last_time = stamped_time(line) or last_time
+            parsed.append((last_time, line))
+    return parsed
+
+
+def stamped_time(line):
+    """The time at the start of a plain log line (supervisord's own log)."""
+    match = LOG_TIMESTAMP.match(line)
+    if not match:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) \
+        + float("0." + (match.group(2) or "0"))
+
+
+def format_log_line(record, colour=False):
+    if not isinstance(record, dict):
+        return record
+    level = str(record.get("level", ""))
+    fields = " ".join("%s=%s" % (key, log_value(value)) for key, value in record.items()
+                      if key not in ("time", "program", "level", "event"))
+    text = "%s %s %s %s %s" % (time.strftime("%H:%M:%S", time.localtime(record["time"])),
+                               record.get("program"),
+                               render.colour(level.upper(), LEVEL_COLOURS.get(level), colour),
+                               record.get("event"), fields)
+    return text.rstrip()
+
+
+def log_value(value):
+    if isinstance(value, str) and value and not any(c.isspace() or c == '"' for c in value):
+        return value
+    return orjson.dumps(value, default=repr).decode()
+
+
+def write_log_lines(context, lines):
+    for _, record in lines:
+        context.out.write(format_log_line(record, context.colour) + "\n")
+    context.out.flush()
+
+
+def follow_logs(context, program, offsets):
+    """Print lines as they are appended, until interrupted; a file that
+    shrank was rotated, so it is read again from the start."""
+    while True:
+        time.sleep(FOLLOW_POLL_INTERVAL)
+        lines = []
+        for path in log_paths(context.config.log_dir, program):
+            offset = offsets.get(path, 0)
+            offset = 0 if os.path.getsize(path) < offset else offset
+            text, offsets[path] = read_complete_lines(path, offset)
+            lines.extend(parse_log_lines(text, program_of(path)))
+        lines.sort(key=lambda line: line[0])
+        write_log_lines(context, lines)
+
+
+def read_complete_lines(path, offset):
+    """Whole lines after `offset`, and the offset after the last of them
+    (a line still being written is left for the next look)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", "replace").splitlines(), offset + end
+
+
+def cmd_token(arguments, context):
+    config = context.config
+    context.out.write(read_token(config.web_token_path if arguments.web
+                                 else config.token_path) + "\n")
+
+
+def read_token(path):
+    try:
+        return state_dir.read_secret(path)
+    except FileNotFoundError:
+        raise CommandError("no token at %s; run `make install` first" % path)
+    except ValueError as e:
+        raise CommandError(str(e))
+
+
+def cmd_join(arguments, context):
+    config = context.config
+    token = read_token(config.token_path)
+    address = lan_address()
+    context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
+    context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
+    context.out.write("python3 worker.py --join %s:%d --token %s\n"
+                      % (address, config.tcp_port, shlex.quote(token)))
+
+
+def lan_address():
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(LAN_PROBE_ADDRESS)
+            address = probe.getsockname()[0]
+        if not address.startswith("0."):
+            return address
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def cmd_wait_ready(arguments, context):
+    """Wait until rc-server and rc-web accept connections (for `make run`)."""
+    config = context.config
+    deadline = time.monotonic() + arguments.timeout
+    waiting = [(local_host(config.tcp_host), config.tcp_port, "rc-server"),
+               (local_host(config.web_host), config.web_port, "rc-web")]
+    while waiting:
+        if accepts(*waiting[0][:2]):
+            waiting.pop(0)
+        elif time.monotonic() >= deadline:
+            raise CommandError("%s is not answering on %s:%d after %g s; see `rc logs`"
+                               % (waiting[0][2], waiting[0][0], waiting[0][1],
+                                  arguments.timeout))
+        else:
+            time.sleep(READY_POLL_INTERVAL)
+
+
+def local_host(listen_host):
+    return "127.0.0.1" if listen_host in ("", "0.0.0.0", "::") else listen_host
+
+
+def accepts(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def cmd_local_worker(arguments, context):
+    config = context.config
+    extra = [arg for arg in arguments.worker_args if arg != "--"]
+    argv = [sys.executable, rc_config.WORKER_PATH, "--join", "127.0.0.1:%d" % config.tcp_port,
+            "--token-file", config.token_path, "--device-id", local_device_id()] + extra
+    context.out.flush()
+    os.execv(sys.executable, argv)
+
+
+def local_device_id():
+    name = DEVICE_ID_CHARACTERS.sub("-", socket.gethostname()) or "main"
+    return name[:MAX_DEVICE_ID - len("-local")] + "-local"
+
+
+# -- grammar ------------------------------------------------------------------------
+
+def build_parser(out):
+    parser = Parser(prog="rc", out=out,
+                    description="Look after a Retire-Cluster from its main node.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    formats = Parser(add_help=False, out=out)
+    group = formats.add_mutually_exclusive_group()
+    for name in ("json", "csv", "tsv"):
+        group.add_argument("--" + name, dest="format", action="store_const", const=name,
+                           help="output %s" % name.upper())
+    formats.add_argument("--no-header", action="store_true",
+                         help="leave out the header line (table, CSV, TSV)")
+    as_json = Parser(add_help=False, out=out)
+    as_json.add_argument("--json", dest="format", action="store_const", const="json",
+                         help="output JSON")
+
+    def command(name, handler, help, parents=()):
+        sub = commands.add_parser(name, help=help, description=help, out=out,
+                                  parents=list(parents))
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("init", cmd_init, "create the state directory, database and tokens")
+    command("status", cmd_status, "devices online and tasks by state", [formats])
+    command("devices", cmd_devices, "list the devices", [formats])
+    sub = command("device", cmd_device, "everything about one device", [as_json])
+    sub.add_argument("device_id", metavar="ID")
+    sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
+    sub.add_argument("--state", choices=TASK_STATES)
+    sub.add_argument("--device", metavar="ID")
+    sub.add_argument("--limit", type=int, default=DEFAULT_TASK_LIMIT, metavar="N")
+    sub = command("task", cmd_task, "one task: result, error and events", [as_json])
+    sub.add_argument("task_id", type=int, metavar="ID")
+    add_submit_arguments(command("submit", cmd_submit, "queue a task"))
+    sub = command("cancel", cmd_cancel, "cancel a task; prints its state after")
+    sub.add_argument("task_id", type=int, metavar="ID")
+    sub = command("logs", cmd_logs, "the programs' logs, merged by time")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    sub.add_argument("--program", metavar="NAME", help="only this program's log")
+    sub.add_argument("-n", "--lines", type=int, default=DEFAULT_LOG_LINES, metavar="N")
+    sub = command("token", cmd_token, "print the join token workers use")
+    sub.add_argument("--web", action="store_true", help="print the web API token instead")
+    command("join", cmd_join, "print the command that joins a device to this cluster")
+    sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer")
+    sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS")
+    sub = command("local-worker", cmd_local_worker,
+                  "run bin/worker.py here; other arguments go to the worker")
+    sub.set_defaults(worker_args=[])
+    return parser
+
+
+def add_submit_arguments(sub):
+    sub.add_argument("task_type", metavar="TYPE", help="echo, sleep, system_info,"
+                     " python_eval, python_exec or shell")
+    sub.add_argument("argument", nargs="?", metavar="ARG",
+                     help="the message, seconds, expression, code or command")
+    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES))
+    sub.add_argument("--timeout", metavar="SECONDS")
+    sub.add_argument("--retries", type=int, metavar="N")
+    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
+                     help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu")
+    sub.add_argument("--key", metavar="IDEMPOTENCY_KEY",
+                     help="a second submit with the same key returns the first task")
+    sub.add_argument("--wait", action="store_true",
+                     help="wait until it ends and print its output")
+    sub.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+
+
+# -- entry points -------------------------------------------------------------------
+
+def run_command(argv, out, err, config=None):
+    """Run one `rc` command line; returns the exit status, never exits."""
+    context = Context(out, err, config)
+    try:
+        arguments = parse(build_parser(out), argv)
+        return arguments.handler(arguments, context) or 0
+    except ParserExit as e:
+        return e.status
+    except CommandError as e:
+        return fail(err, e, e.status)
+    except (tasks.TaskError, rc_config.ConfigError, sqlite3.Error) as e:
+        return fail(err, e, 1)
+    finally:
+        context.close()
+
+
+def parse(parser, argv):
+    """Arguments; unknown options are an error except for local-worker,
+    which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
+    arguments, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(arguments, "worker_args"):
+        parser.error("unrecognized arguments: %s" % " ".join(extra))
+    if extra:
+        arguments.worker_args = extra
+    return arguments
+
+
+def fail(err, error, status):
+    err.write("rc: error: %s\n" % " ".join(str(error).splitlines()))
+    return status
+
+
+def main(argv=None):
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `rc logs | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Fixtures shared by the CLI and web tests: a real cluster state directory."""
+import pytest
+
+from rc import config as config_module
+from rc import db, devices, state_dir
+
+
+@pytest.fixture
+def cluster_home(tmp_path, monkeypatch):
+    """A fresh RC_HOME made by state_dir.init; yields (config, connection)."""
+    monkeypatch.setenv("RC_HOME", str(tmp_path / "var"))
+    # No etc/rc.json from the checkout: the tests see the documented defaults.
+    monkeypatch.setenv("RC_CONFIG", str(tmp_path / "no-such-rc.json"))
+    config = config_module.load()
+    state_dir.init(config)
+    connection = db.connect(config.db_path)
+    yield config, connection
+    connection.close()
+
+
+@pytest.fixture
+def add_device(cluster_home):
+    """Register a device as rc-server would; returns its id."""
+    config, connection = cluster_home
+
+    def add(device_id="pi", metrics=None, now=None, **specs):
+        data = {"device_info": {"hostname": device_id, "platform": "linux",
+                                "architecture": "aarch64"},
+                "hardware_specs": dict({"cpu_cores": 4, "memory_gb": 3.8}, **specs),
+                "task_types": ["echo", "python_eval"], "tags": ["kitchen"], "slots": 2,
+                "role": "compute", "protocol": 1}
+        with db.write(connection):
+            devices.register(connection, device_id, data, "127.0.0.1:1", now or 1.0)
+            if metrics is not None:
+                devices.heartbeat(connection, device_id, metrics, now or 1.0)
+        return device_id
+    return add

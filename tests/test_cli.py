@@ -1,0 +1,321 @@
+"""The rc command, run in-process through run_command and once as a real
+process, against a real SQLite file in a temporary RC_HOME."""
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import pytest
+
+from rc import cli, db, tasks
+from rc import config as config_module
+from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rc(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.run_command(list(argv), out, err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def task_count(connection):
+    return connection.execute("SELECT count(*) FROM tasks").fetchone()[0]
+
+
+def finish_later(config, task_id, device_id, state, output, error=None):
+    """What rc-server would do when a worker reports: assign, accept, finish."""
+    def run():
+        connection = db.connect(config.db_path)
+        time.sleep(0.05)
+        now = time.time()
+        with db.write(connection):
+            connection.execute("UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?"
+                               " WHERE task_id = ?", (ASSIGNED, device_id, now, task_id))
+            assert tasks.accept(connection, task_id, 1, device_id, now)
+        with db.write(connection):
+            assert tasks.finish(connection, task_id, 1, device_id, state,
+                                {"output": output, "exit_code": 0}, error, state, now)
+        connection.close()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+# -- grammar and errors -----------------------------------------------------------
+
+def test_unknown_command_is_one_line_usage_error(cluster_home):
+    status, out, err = rc("launch")
+    assert status == 2 and out == ""
+    assert err.startswith("rc: error:") and len(err.splitlines()) == 1
+
+
+def test_help_goes_to_the_given_stream(cluster_home):
+    status, out, err = rc("--help")
+    assert status == 0 and "submit" in out and err == ""
+    status, out, err = rc("submit", "--help")
+    assert status == 0 and "--require" in out
+
+
+def test_a_missing_database_says_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("RC_HOME", str(tmp_path / "nothing"))
+    status, out, err = rc("status")
+    assert status == 1 and "make install" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "nothing" / "db" / "rc.db")
+
+
+def test_a_broken_config_is_one_line(tmp_path, monkeypatch):
+    bad = tmp_path / "rc.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("RC_CONFIG", str(bad))
+    status, out, err = rc("status")
+    assert status == 1 and "not valid JSON" in err and len(err.splitlines()) == 1
+
+
+def test_init_makes_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("RC_HOME", str(tmp_path / "var"))
+    assert rc("init")[0] == 0
+    assert rc("status")[0] == 0
+    assert os.path.exists(tmp_path / "var" / "token")
+
+
+# -- status and devices -----------------------------------------------------------
+
+def test_status_counts_devices_and_tasks(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    tasks.submit(connection, config, "echo", {"message": "hi"})
+    status, out, err = rc("status")
+    assert status == 0
+    lines = dict(line.split(": ") for line in out.splitlines())
+    assert lines["devices_online"] == "1" and lines["devices_total"] == "1"
+    assert lines["tasks_queued"] == "1" and lines["queue_length"] == "1"
+    assert orjson.loads(rc("status", "--json")[1])["tasks_completed"] == 0
+
+
+def test_devices_in_every_format(cluster_home, add_device):
+    add_device("pi", metrics={"cpu_percent": 12.5, "memory_percent": 40.0}, now=time.time())
+    status, out, err = rc("devices")
+    header, row = out.splitlines()
+    assert header.split() == cli.DEVICE_COLUMNS
+    assert row.split() == ["pi", "online", "compute", "linux", "aarch64", "4", "3.8", "2",
+                           "0", "12.5", "40", "0s", "ago"]
+    csv_lines = rc("devices", "--csv")[1].splitlines()
+    assert csv_lines[0] == ",".join(cli.DEVICE_COLUMNS) and csv_lines[1].startswith("pi,online,")
+    assert rc("devices", "--tsv", "--no-header")[1].split("\t")[:2] == ["pi", "online"]
+    records = orjson.loads(rc("devices", "--json")[1])
+    assert records[0]["device_id"] == "pi" and records[0]["metrics"]["cpu_percent"] == 12.5
+
+
+def test_one_device_and_an_unknown_one(cluster_home, add_device):
+    add_device("pi", metrics={"cpu_percent": 5.0})
+    status, out, err = rc("device", "pi")
+    assert status == 0
+    assert "platform:" in out and "metrics.cpu_percent:" in out and "last_seen:" in out
+    assert orjson.loads(rc("device", "pi", "--json")[1])["tags"] == ["kitchen"]
+    status, out, err = rc("device", "ghost")
+    assert status == 1 and out == "" and err == "rc: error: no device 'ghost'\n"
+
+
+# -- submitting -------------------------------------------------------------------
+
+def test_submit_prints_the_id_and_queues_the_task(cluster_home):
+    config, connection = cluster_home
+    status, out, err = rc("submit", "shell", "uptime", "--priority", "high", "--timeout", "30",
+                          "--retries", "1", "--require", "cores=2", "--require", "tags=gpu",
+                          "--key", "nightly")
+    assert status == 0 and err == ""
+    task = tasks.get(connection, int(out))
+    assert task["payload"] == {"command": "uptime"} and task["priority"] == "high"
+    assert task["timeout"] == 30 and task["max_retries"] == 1
+    assert task["requirements"] == {"min_cpu_cores": 2, "tags": ["gpu"]}
+    again = rc("submit", "shell", "uptime", "--key", "nightly")[1]
+    assert again == out and task_count(connection) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["submit", "launch", "x"],
+    ["submit", "echo", "x", "--require", "cores"],
+    ["submit", "echo", "x", "--require", "colour=red"],
+    ["submit", "echo"],
+    ["submit", "sleep", "soon"],
+    ["submit", "echo", "x", "--priority", "asap"],
+    ["submit", "echo", "x", "--timeout", "-1"],
+])
+def test_bad_submits_write_nothing_and_say_why_in_one_line(cluster_home, argv):
+    config, connection = cluster_home
+    status, out, err = rc(*argv)
+    assert status == 2 and out == ""
+    assert err.startswith("rc: error: ") and len(err.splitlines()) == 1
+    assert task_count(connection) == 0
+
+
+def test_submit_wait_prints_exactly_the_output(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    worker = finish_later(config, 1, "pi", COMPLETED, "4999950000")
+    status, out, err = rc("submit", "python_eval", "sum(range(100000))", "--wait")
+    worker.join()
+    assert (status, out, err) == (0, "4999950000\n", "")
+
+
+def test_submit_wait_on_a_failure_exits_1_with_the_reason(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    error = "Traceback (most recent call last):\n  ...\nZeroDivisionError: division by zero"
+    worker = finish_later(config, 1, "pi", FAILED, "", error)
+    status, out, err = rc("submit", "python_eval", "1/0", "--wait")
+    worker.join()
+    assert status == 1 and out == ""
+    assert err == "rc: error: task 1 failed: ZeroDivisionError: division by zero\n"
+
+
+def test_submit_wait_gives_up_after_its_timeout(cluster_home):
+    started = time.monotonic()
+    status, out, err = rc("submit", "echo", "hi", "--wait", "--wait-timeout", "0.2")
+    assert status == 1 and "still queued" in err
+    assert 0.2 <= time.monotonic() - started < 5
+
+
+# -- tasks ------------------------------------------------------------------------
+
+def test_tasks_list_filters_and_shortens(cluster_home):
+    config, connection = cluster_home
+    tasks.submit(connection, config, "echo", {"message": "first"})
+    long_id = tasks.submit(connection, config, "shell", {"command": "echo " + "x" * 100})
+    tasks.cancel(connection, long_id)
+    lines = rc("tasks")[1].splitlines()
+    assert lines[0].split() == cli.TASK_COLUMNS
+    assert lines[1].split()[:5] == [str(long_id), "shell", "cancelled", "normal", "1"]
+    assert lines[1].endswith("…") and len(lines) == 3
+    only = rc("tasks", "--state", "queued", "--csv", "--no-header")[1]
+    assert only.startswith("1,echo,queued,") and only.count("\n") == 1
+    assert len(orjson.loads(rc("tasks", "--limit", "1", "--json")[1])) == 1
+    assert rc("tasks", "--state", "lost")[0] == 2
+
+
+def test_one_task_shows_output_error_and_events(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    task_id = tasks.submit(connection, config, "echo", {"message": "hello"})
+    finish_later(config, task_id, "pi", COMPLETED, "hello\nworld\n").join()
+    status, out, err = rc("task", "1")
+    assert status == 0
+    assert "state:" in out and "completed" in out and "payload.message:" in out
+    assert "\noutput:\nhello\nworld\n" in out
+    events = out.split("events:\n")[1].splitlines()
+    assert [line.split()[1] for line in events[1:]] == ["queued", "assigned", "running",
+                                                        "completed"]
+    assert orjson.loads(rc("task", "1", "--json")[1])["result"]["output"] == "hello\nworld\n"
+    assert rc("task", "9") == (1, "", "rc: error: no task 9\n")
+
+
+def test_cancel_prints_the_state(cluster_home):
+    config, connection = cluster_home
+    task_id = tasks.submit(connection, config, "sleep", {"seconds": 5})
+    assert rc("cancel", str(task_id)) == (0, CANCELLED + "\n", "")
+    assert tasks.get(connection, task_id)["state"] == CANCELLED
+    assert rc("cancel", "99")[0] == 1
+
+
+# -- logs -------------------------------------------------------------------------
+
+def write_log(config, program, lines):
+    with open(os.path.join(config.log_dir, program + ".log"), "a") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def test_logs_merge_programs_by_time(cluster_home):
+    config, _ = cluster_home
+    base = time.mktime((2026, 1, 1, 12, 0, 0, 0, 0, -1))
+    write_log(config, "rc-server", [
+        {"time": base + 1, "program": "rc-server", "level": "info", "event": "started",
+         "port": 8080},
+        {"time": base + 3, "program": "rc-server", "level": "error", "event": "bad_frame",
+         "reason": "too long"},
+        "Traceback: not JSON"])
+    write_log(config, "rc-reaper", [
+        {"time": base + 2, "program": "rc-reaper", "level": "info", "event": "swept"}])
+    write_log(config, "supervisord", ["2026-01-01 12:00:01,500 INFO spawned: 'rc-web'"])
+    status, out, err = rc("logs")
+    assert status == 0
+    assert out.splitlines() == [
+        "12:00:01 rc-server INFO started port=8080",
+        "2026-01-01 12:00:01,500 INFO spawned: 'rc-web'",
+        "12:00:02 rc-reaper INFO swept",
+        '12:00:03 rc-server ERROR bad_frame reason="too long"',
+        "Traceback: not JSON"]
+    assert rc("logs", "-n", "1")[1] == "Traceback: not JSON\n"
+    assert rc("logs", "--program", "rc-reaper")[1] == "12:00:02 rc-reaper INFO swept\n"
+    status, out, err = rc("logs", "--program", "rc-nothing")
+    assert status == 1 and "rc-reaper" in err
+
+
+def test_logs_follow_reads_only_whole_new_lines(cluster_home):
+    config, _ = cluster_home
+    path = os.path.join(config.log_dir, "rc-web.log")
+    with open(path, "w") as f:
+        f.write('{"time": 1, "event": "old"}\n{"time": 2, "ev')
+    lines, offset = cli.read_complete_lines(path, 0)
+    assert lines == ['{"time": 1, "event": "old"}'] and offset == 28
+    assert cli.tail_lines(path, 5)[1] == os.path.getsize(path)
+
+
+# -- tokens, join, local worker ------------------------------------------------------
+
+def test_tokens_and_join(cluster_home):
+    config, _ = cluster_home
+    token = rc("token")[1].strip()
+    web_token = rc("token", "--web")[1].strip()
+    assert len(token) > 20 and token != web_token
+    assert open(config.token_path).read().strip() == token
+    status, out, err = rc("join")
+    assert status == 0 and config_module.WORKER_PATH in out
+    command = out.splitlines()[-1]
+    assert command.startswith("python3 worker.py --join ")
+    assert command.endswith(":%d --token %s" % (config.tcp_port, token))
+    assert "http://" in out and ":%d/" % config.web_port in out
+
+
+def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeypatch):
+    config, _ = cluster_home
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv)))
+    assert rc("local-worker", "--slots", "2")[0] == 0
+    path, argv = calls[0]
+    assert path == sys.executable and argv[1] == config_module.WORKER_PATH
+    assert argv[2:8] == ["--join", "127.0.0.1:%d" % config.tcp_port,
+                         "--token-file", config.token_path, "--device-id",
+                         cli.local_device_id()]
+    assert argv[8:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
+
+
+def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):
+    monkeypatch.setenv("RC_TCP_PORT", "1")
+    status, out, err = rc("wait-ready", "--timeout", "0.1")
+    assert status == 1 and "rc-server" in err and len(err.splitlines()) == 1
+
+
+# -- as a real process --------------------------------------------------------------
+
+def test_the_command_as_a_process(cluster_home):
+    config, connection = cluster_home
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "lib"))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "rc.cli"] + list(argv), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+    done = run("submit", "echo", "from a process")
+    assert done.returncode == 0 and done.stdout.strip().isdigit()
+    assert tasks.get(connection, int(done.stdout))["payload"] == {"message": "from a process"}
+    done = run("submit", "launch", "x")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("rc: error:") and len(done.stderr.splitlines()) == 1
+    assert task_count(connection) == 1

@@ -1,0 +1,64 @@
+"""Text output: tables that fit, CSV/TSV/JSON of the same rows, ages, colour."""
+import orjson
+
+from rc import render
+
+ROWS = [{"NAME": "pi-kitchen", "CPU%": 12.5, "TAGS": ["a", "b"], "NOTE": None},
+        {"NAME": "old-laptop", "CPU%": 3.0, "TAGS": [], "NOTE": "line one\nline two"}]
+COLUMNS = ["NAME", "CPU%", "TAGS", "NOTE"]
+
+
+def test_table_aligns_columns_under_their_headers():
+    lines = render.table(ROWS, COLUMNS).splitlines()
+    assert lines[0].split() == COLUMNS
+    assert lines[1].split() == ["pi-kitchen", "12.5", "a,b"]
+    assert lines[2].index("3") == lines[0].index("CPU%")
+    assert lines[2].endswith("line one line two")   # one row stays one line
+
+
+def test_table_fits_the_width_by_shortening_the_widest_column():
+    rows = [{"ID": 1, "SUMMARY": "x" * 200}]
+    lines = render.table(rows, ["ID", "SUMMARY"], width=40).splitlines()
+    assert all(len(line) <= 40 for line in lines)
+    assert lines[1].endswith("…")
+    assert render.table(rows, ["ID", "SUMMARY"]).splitlines()[1].endswith("x" * 200)
+
+
+def test_table_without_header_and_empty():
+    assert render.table(ROWS, COLUMNS, header=False).splitlines()[0].startswith("pi-kitchen")
+    assert render.table([], COLUMNS).splitlines() == ["NAME  CPU%  TAGS  NOTE"]
+
+
+def test_colour_only_when_enabled_and_after_padding():
+    assert render.colour("ok", "green", False) == "ok"
+    assert render.colour("ok", "green", True) == "\x1b[32mok\x1b[0m"
+    assert render.colour("ok", None, True) == "ok"
+    text = render.table(ROWS, COLUMNS, colourize=lambda column, value:
+                        "red" if column == "NAME" else None)
+    assert "\x1b[31mpi-kitchen\x1b[0m" in text
+    assert "\x1b" not in text.splitlines()[0]    # headers stay plain
+
+
+def test_csv_and_tsv_carry_the_same_rows():
+    assert render.csv_text(ROWS, COLUMNS) == (
+        "NAME,CPU%,TAGS,NOTE\npi-kitchen,12.5,\"a,b\",\nold-laptop,3,,line one line two\n")
+    tsv = render.tsv_text([{"A": "x\ty", "B": 1}], ["A", "B"], header=False)
+    assert tsv == "x y\t1\n"
+    assert render.separated_text([{"A": "a|b"}], ["A"], "|") == "A\na b\n"
+
+
+def test_json_text_is_indented_json():
+    text = render.json_text({"a": [1, 2]})
+    assert orjson.loads(text) == {"a": [1, 2]} and "\n  " in text and text.endswith("\n")
+
+
+def test_age_uses_the_largest_unit():
+    assert [render.age(s) for s in (0, 3, 59, 60, 299, 7200, 4 * 86400 + 5)] == \
+        ["0s", "3s", "59s", "1m", "4m", "2h", "4d"]
+    assert render.age(-5) == "0s" and render.age(None) == ""
+
+
+def test_key_values_plain_for_scripts_and_aligned_for_people():
+    pairs = [("a", 1), ("long_key", None)]
+    assert render.key_values(pairs) == "a: 1\nlong_key:\n"
+    assert render.key_values(pairs, align=True) == "a:        1\nlong_key:\n"
