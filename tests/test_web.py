@@ -177,3 +177,9 @@ def test_the_page_and_unknown_paths(client):
     status, body = client.json("/api/v1/nothing")
     assert status == 404 and "error" in body
     assert client.json("/api/v1/status", data=b"{}", method="POST")[0] == 405
+
+
+def test_the_worker_can_be_downloaded_from_the_dashboard(client):
+    status, headers, text = client.request("/worker.py")
+    with open(config_module.WORKER_PATH) as f:
+        assert status == 200 and text == f.read()

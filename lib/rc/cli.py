@@ -503,18 +503,22 @@ def lan_address():
 
 
 def cmd_wait_ready(arguments, context):
-    """Wait until rc-server and rc-web accept connections (for `make run`)."""
+    """Wait until rc-server and rc-web accept connections and a worker is
+    connected (for `make run`, so the next command can run a task)."""
     config = context.config
     deadline = time.monotonic() + arguments.timeout
-    waiting = [(local_host(config.tcp_host), config.tcp_port, "rc-server"),
-               (local_host(config.web_host), config.web_port, "rc-web")]
+    waiting = [("rc-server on %s:%d" % (local_host(config.tcp_host), config.tcp_port),
+                lambda: accepts(local_host(config.tcp_host), config.tcp_port)),
+               ("rc-web on %s:%d" % (local_host(config.web_host), config.web_port),
+                lambda: accepts(local_host(config.web_host), config.web_port)),
+               ("a connected worker",
+                lambda: devices.counts(context.connection)["connected"])]
     while waiting:
-        if accepts(*waiting[0][:2]):
+        if waiting[0][1]():
             waiting.pop(0)
         elif time.monotonic() >= deadline:
-            raise CommandError("%s is not answering on %s:%d after %g s; see `rc logs`"
-                               % (waiting[0][2], waiting[0][0], waiting[0][1],
-                                  arguments.timeout))
+            raise CommandError("no sign of %s after %g s; see `rc logs`"
+                               % (waiting[0][0], arguments.timeout))
         else:
             time.sleep(READY_POLL_INTERVAL)
 

@@ -112,10 +112,10 @@ def list_devices_where(connection, clause, parameters):
 
 def counts(connection):
     row = connection.execute(
-        "SELECT count(*) AS total, coalesce(sum(status = ?), 0) AS online FROM devices",
-        (ONLINE,)).fetchone()
+        "SELECT count(*) AS total, coalesce(sum(status = ?), 0) AS online,"
+        " coalesce(sum(connected), 0) AS connected FROM devices", (ONLINE,)).fetchone()
     return {"online": row["online"], "offline": row["total"] - row["online"],
-            "total": row["total"]}
+            "connected": row["connected"], "total": row["total"]}
 
 
 def prefixed(columns, prefix):

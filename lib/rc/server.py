@@ -410,9 +410,25 @@ def active_tasks(data):
     return keys
 
 
+def raise_file_limit(log):
+    """Each worker holds a descriptor; the usual soft limit of 1,024 is too
+    few for a large fleet, so take what the hard limit allows."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 1048576 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    log.info("file_limit", descriptors=soft)
+
+
 def main():
     config = config_module.load()
     log = Logger("rc-server", config.log_level)
+    raise_file_limit(log)
     server = Server(config, log)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)

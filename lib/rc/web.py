@@ -190,6 +190,12 @@ class Web:
     def static(self, path):
         return bottle.static_file(path, root=WEB_ROOT)
 
+    def worker_file(self):
+        """The worker, for `curl -O http://NAS:5000/worker.py` on a device."""
+        return bottle.static_file(os.path.basename(rc_config.WORKER_PATH),
+                                  root=os.path.dirname(rc_config.WORKER_PATH),
+                                  mimetype="text/x-python", download=True)
+
     def error(self, error):
         if error.status_code >= 500:
             self.logger.error("request_failed", method=bottle.request.method,
@@ -264,6 +270,7 @@ def make_app(config, logger=None):
         ("GET", "/text/devices", web.text_devices),
         ("GET", "/text/tasks", web.text_tasks),
         ("GET", "/", web.index), ("GET", "/static/<path:path>", web.static),
+        ("GET", "/worker.py", web.worker_file),
     ]
     for method, path, handler in routes:
         app.route(path, method, answers(handler))
