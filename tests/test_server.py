@@ -202,3 +202,26 @@ def test_disconnect_is_recorded(server):
             break
         time.sleep(0.01)
     assert instance.database.execute("SELECT connected FROM devices").fetchone()[0] == 0
+
+
+def test_thousands_of_idle_connections_in_one_process(server):
+    instance, port = server
+    token = token_of(instance)
+    clients = []
+    for n in range(2000):
+        client = Client(port)
+        hello = client.receive()
+        nonce = protocol.new_nonce()
+        device_id = "d%d" % n
+        client.send("register", {
+            "device_id": device_id, "protocol": 1, "nonce": nonce,
+            "proof": protocol.worker_proof(token, hello["data"]["nonce"], nonce, device_id)})
+        clients.append(client)
+    assert all(c.receive()["message_type"] == "register_ack" for c in clients)
+    connected = instance.database.execute(
+        "SELECT count(*) FROM devices WHERE connected = 1").fetchone()[0]
+    assert connected == 2000
+    clients[1234].send("heartbeat", {"active_tasks": []})
+    assert clients[1234].receive()["message_type"] == "heartbeat_ack"
+    for c in clients:
+        c.sock.close()
