@@ -37,7 +37,7 @@ def finish_later(config, task_id, device_id, state, output, error=None):
         with db.write(connection):
             connection.execute("UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?"
                                " WHERE task_id = ?", (ASSIGNED, device_id, now, task_id))
-            assert tasks.accept(connection, task_id, 1, device_id, now)
+            assert tasks.accept(connection, task_id, 1, device_id, now, 180.0)
         with db.write(connection):
             assert tasks.finish(connection, task_id, 1, device_id, state,
                                 {"output": output, "exit_code": 0}, error, state, now)
@@ -319,3 +319,22 @@ def test_the_command_as_a_process(cluster_home):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("rc: error:") and len(done.stderr.splitlines()) == 1
     assert task_count(connection) == 1
+
+
+def test_submit_after_and_why(cluster_home):
+    config, connection = cluster_home
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.run_command(["submit", "echo", "first"], out, err, config) == 0
+    first = int(out.getvalue())
+    out = io.StringIO()
+    assert cli.run_command(["submit", "echo", "second", "--after", str(first),
+                            "--retry-on-failure"], out, err, config) == 0
+    second = int(out.getvalue())
+    task = tasks.get(connection, second)
+    assert task["depends_on"] == [first] and task["retry_on_failure"]
+    out = io.StringIO()
+    assert cli.run_command(["why", str(second)], out, err, config) == 0
+    assert "waits for task %d" % first in out.getvalue()
+    err = io.StringIO()
+    assert cli.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
+    assert "task id must be a whole number" in err.getvalue()

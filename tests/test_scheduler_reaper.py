@@ -4,7 +4,7 @@ import io
 import pytest
 
 from rc import config as config_module
-from rc import db, devices, reaper, scheduler, tasks
+from rc import db, devices, explain, reaper, scheduler, tasks
 from rc.log import Logger
 from rc.states import ASSIGNED, QUEUED
 
@@ -39,7 +39,7 @@ def test_priority_then_age_decides_who_runs_first(store):
     normal = tasks.submit(connection, config, "echo", {"message": "2"})
     urgent = tasks.submit(connection, config, "echo", {"message": "3"}, priority="urgent")
     later_normal = tasks.submit(connection, config, "echo", {"message": "4"})
-    assert scheduler.schedule(connection, 2000.0, LOG) == 2
+    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 2
     state = placement(connection)
     assert state[urgent][0] == state[normal][0] == ASSIGNED
     assert state[low][0] == state[later_normal][0] == QUEUED
@@ -52,7 +52,7 @@ def test_a_task_that_fits_nowhere_does_not_hold_up_others(store):
                        requirements={"min_cpu_cores": 16})
     wrong_type = tasks.submit(connection, config, "python_eval", {"expression": "1"})
     fits = tasks.submit(connection, config, "echo", {"message": "y"})
-    scheduler.schedule(connection, 2000.0, LOG)
+    scheduler.schedule(connection, 2000.0, LOG, 15.0)
     state = placement(connection)
     assert state[big] == (QUEUED, None)
     assert state[wrong_type] == (QUEUED, None)
@@ -67,7 +67,7 @@ def test_requirements_pick_the_device(store):
                          requirements={"device_id": "plain"})
     gpu = tasks.submit(connection, config, "echo", {"message": "g"},
                        requirements={"tags": ["gpu"]})
-    scheduler.schedule(connection, 2000.0, LOG)
+    scheduler.schedule(connection, 2000.0, LOG, 15.0)
     state = placement(connection)
     assert state[named] == (ASSIGNED, "plain")
     assert state[gpu] == (ASSIGNED, "tagged")
@@ -81,7 +81,7 @@ def test_slots_are_respected_and_disconnected_devices_get_nothing(store):
         devices.disconnected(connection, "gone", 1001.0)
     for n in range(3):
         tasks.submit(connection, config, "echo", {"message": str(n)})
-    assert scheduler.schedule(connection, 2000.0, LOG) == 1
+    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 1
     assert sorted(placement(connection).values(), key=str) == [
         (ASSIGNED, "one"), (QUEUED, None), (QUEUED, None)]
 
@@ -92,9 +92,9 @@ def test_backoff_delays_a_retry(store):
     task_id = tasks.submit(connection, config, "echo", {"message": "x"})
     with db.write(connection):
         connection.execute("UPDATE tasks SET not_before = 5000")
-    assert scheduler.schedule(connection, 2000.0, LOG) == 0
+    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 0
     assert scheduler.next_backoff_end(connection, 2000.0) == 5000
-    assert scheduler.schedule(connection, 5000.0, LOG) == 1
+    assert scheduler.schedule(connection, 5000.0, LOG, 15.0) == 1
     assert placement(connection)[task_id][0] == ASSIGNED
 
 
@@ -102,9 +102,9 @@ def test_a_device_gone_past_the_grace_has_its_tasks_requeued(store):
     config, connection = store
     add_device(connection, "a", slots=2)
     first = tasks.submit(connection, config, "echo", {"message": "x"})
-    scheduler.schedule(connection, 1000.0, LOG)
+    scheduler.schedule(connection, 1000.0, LOG, 15.0)
     with db.write(connection):
-        tasks.accept(connection, first, 1, "a", 1000.0)
+        tasks.accept(connection, first, 1, "a", 1000.0, 180.0)
         devices.disconnected(connection, "a", 1001.0)
     reaper.sweep(connection, config, LOG, 1001.0 + config.disconnect_grace - 1)
     assert tasks.get(connection, first)["state"] == "running"
@@ -125,7 +125,7 @@ def test_unaccepted_assignment_is_taken_back(store):
     config, connection = store
     add_device(connection, "a")
     task_id = tasks.submit(connection, config, "echo", {"message": "x"})
-    scheduler.schedule(connection, 1000.0, LOG)
+    scheduler.schedule(connection, 1000.0, LOG, 15.0)
     reaper.sweep(connection, config, LOG, 1000.0 + config.accept_timeout + 1)
     assert tasks.get(connection, task_id)["attempt"] == 2
 
@@ -134,9 +134,74 @@ def test_timeout_backstop_fails_a_task_its_device_never_reports(store):
     config, connection = store
     add_device(connection, "a")
     task_id = tasks.submit(connection, config, "echo", {"message": "x"}, timeout=10)
-    scheduler.schedule(connection, 1000.0, LOG)
+    scheduler.schedule(connection, 1000.0, LOG, 15.0)
     with db.write(connection):
-        tasks.accept(connection, task_id, 1, "a", 1000.0)
+        tasks.accept(connection, task_id, 1, "a", 1000.0, 180.0)
         devices.heartbeat(connection, "a", {}, 1000.0 + 10 + config.timeout_grace + 1)
     reaper.sweep(connection, config, LOG, 1000.0 + 10 + config.timeout_grace + 1)
     assert tasks.get(connection, task_id)["state"] == "timed_out"
+
+
+def test_an_expired_lease_is_taken_back_and_charged(store):
+    config, connection = store
+    add_device(connection, "frozen")
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    scheduler.schedule(connection, 1000.0, LOG, 15.0)
+    with db.write(connection):
+        tasks.accept(connection, task_id, 1, "frozen", 1000.0, 30.0)
+        devices.heartbeat(connection, "frozen", {}, 1029.0)
+        tasks.renew_leases(connection, "frozen", {(task_id, 1)}, 1029.0 + 30.0)
+    reaper.sweep(connection, config, LOG, 1050.0)
+    assert tasks.get(connection, task_id)["state"] == "running"
+    reaper.sweep(connection, config, LOG, 1060.0)
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"], task["retries_used"]) == (QUEUED, 2, 1)
+
+
+def test_dependencies_hold_a_task_until_they_complete(store):
+    config, connection = store
+    add_device(connection, "a", slots=4)
+    first = tasks.submit(connection, config, "echo", {"message": "1"})
+    second = tasks.submit(connection, config, "echo", {"message": "2"}, depends_on=[first])
+    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 1
+    assert "waits for task %d (assigned)" % first in explain.why(connection, second)
+    with db.write(connection):
+        tasks.accept(connection, first, 1, "a", 2000.0, 180.0)
+        tasks.finish(connection, first, 1, "a", "completed", {}, None, "completed", 2001.0)
+    assert scheduler.schedule(connection, 2002.0, LOG, 15.0) == 1
+    assert placement(connection)[second] == (ASSIGNED, "a")
+
+
+def test_a_batch_spreads_over_devices_and_prefers_idle_cpus(store):
+    config, connection = store
+    for name, cpu in (("busy", 95.0), ("idle", 5.0)):
+        add_device(connection, name, slots=2)
+        with db.write(connection):
+            devices.heartbeat(connection, name, {"cpu_percent": cpu}, 1500.0)
+    ids = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(3)]
+    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    state = placement(connection)
+    assert [state[i][1] for i in ids] == ["idle", "busy", "idle"]
+
+
+def test_why_names_the_requirement_no_device_meets(store):
+    config, connection = store
+    add_device(connection, "a", cores=8)
+    add_device(connection, "b", cores=4)
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"},
+                           requirements={"min_cpu_cores": 64})
+    text = explain.why(connection, task_id, 2000.0)
+    assert "none of the 2 online devices fits" in text and "needs 64 CPU cores" in text
+
+
+def test_why_says_full_and_backing_off(store):
+    config, connection = store
+    add_device(connection, "a", slots=1)
+    running = tasks.submit(connection, config, "echo", {"message": "x"})
+    waiting = tasks.submit(connection, config, "echo", {"message": "y"})
+    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    assert "all their slots are busy" in explain.why(connection, waiting, 2000.0)
+    assert "assigned to a" in explain.why(connection, running, 2000.0)
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET not_before = 2100 WHERE task_id = ?", (waiting,))
+    assert "backing off" in explain.why(connection, waiting, 2000.0)

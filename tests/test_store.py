@@ -56,7 +56,7 @@ def test_every_state_change_is_an_event(store):
     with db.write(connection):
         connection.execute("UPDATE tasks SET state='assigned', device_id='pi' WHERE task_id=?",
                            (task_id,))
-        assert tasks.accept(connection, task_id, 1, "pi", 2.0)
+        assert tasks.accept(connection, task_id, 1, "pi", 2.0, 180.0)
         assert tasks.finish(connection, task_id, 1, "pi", COMPLETED, {"output": "hi"},
                             None, "completed", 3.0)
     task = tasks.get(connection, task_id)
@@ -83,30 +83,89 @@ def test_fencing_ignores_stale_attempts_and_other_devices(store):
     with db.write(connection):
         connection.execute("UPDATE tasks SET state='assigned', device_id='pi' WHERE task_id=?",
                            (task_id,))
-        assert not tasks.accept(connection, task_id, 1, "laptop", 1.0)
-        assert not tasks.accept(connection, task_id, 2, "pi", 1.0)
+        assert not tasks.accept(connection, task_id, 1, "laptop", 1.0, 180.0)
+        assert not tasks.accept(connection, task_id, 2, "pi", 1.0, 180.0)
         row = connection.execute("SELECT * FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-        assert tasks.retry_or_fail(connection, row, "device pi offline", 1.0, config)
+        assert tasks.take_back(connection, row, "device pi offline", 1.0, config)
         # The old attempt's result arrives late: it changes nothing.
         assert not tasks.finish(connection, task_id, 1, "pi", COMPLETED, {}, None, "x", 2.0)
     task = tasks.get(connection, task_id)
     assert (task["state"], task["attempt"], task["device_id"]) == (QUEUED, 2, None)
 
 
+def run_and_lose(connection, config, task_id, accepted=True):
+    """Assign the task to pi, maybe start it, then lose it."""
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='assigned', device_id='pi'"
+                           " WHERE task_id=?", (task_id,))
+        attempt = tasks.get(connection, task_id)["attempt"]
+        if accepted:
+            assert tasks.accept(connection, task_id, attempt, "pi", 1.0, 180.0)
+        row = connection.execute("SELECT * FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        assert tasks.take_back(connection, row, "device lost", 1.0, config)
+    return tasks.get(connection, task_id)
+
+
 def test_retries_are_spent_then_the_task_fails(store):
     config, connection = store
+    config.poison_limit = 10
     add_device(connection)
     task_id = tasks.submit(connection, config, "echo", {"message": "hi"}, retries=1)
-    for attempt in (1, 2):
-        with db.write(connection):
-            connection.execute("UPDATE tasks SET state='assigned', device_id='pi'"
-                               " WHERE task_id=?", (task_id,))
-            row = connection.execute("SELECT * FROM tasks WHERE task_id=?",
-                                     (task_id,)).fetchone()
-            assert row["attempt"] == attempt
-            assert tasks.retry_or_fail(connection, row, "device lost", 1.0, config)
-    task = tasks.get(connection, task_id)
+    assert run_and_lose(connection, config, task_id)["state"] == QUEUED
+    task = run_and_lose(connection, config, task_id)
     assert task["state"] == "failed" and "retries spent" in task["reason"]
+
+
+def test_a_task_that_keeps_losing_devices_is_failed_as_poison(store):
+    config, connection = store
+    add_device(connection)
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"}, retries=10)
+    for _ in range(config.poison_limit - 1):
+        assert run_and_lose(connection, config, task_id)["state"] == QUEUED
+    task = run_and_lose(connection, config, task_id)
+    assert task["state"] == "failed" and "poison" in task["reason"]
+    assert task["device_losses"] == config.poison_limit
+
+
+def test_losing_a_task_that_never_started_costs_it_nothing(store):
+    config, connection = store
+    add_device(connection)
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"}, retries=0)
+    for attempt in range(2, 6):
+        task = run_and_lose(connection, config, task_id, accepted=False)
+        assert (task["state"], task["attempt"], task["retries_used"]) == (QUEUED, attempt, 0)
+
+
+def test_task_failures_are_retried_only_when_asked(store):
+    config, connection = store
+    add_device(connection)
+    for asked in (False, True):
+        task_id = tasks.submit(connection, config, "shell", {"command": "false"}, retries=2,
+                               retry_on_failure=asked)
+        with db.write(connection):
+            connection.execute("UPDATE tasks SET state='running', device_id='pi'"
+                               " WHERE task_id=?", (task_id,))
+            row = connection.execute("SELECT %s FROM tasks WHERE task_id=?"
+                                     % tasks.LEASE_COLUMNS, (task_id,)).fetchone()
+            assert tasks.retry_failed(connection, row, "failed", {}, "exit status 1", 1.0,
+                                      config) == asked
+
+
+def test_dependents_wait_and_fail_with_their_dependency(store):
+    config, connection = store
+    add_device(connection)
+    first = tasks.submit(connection, config, "echo", {"message": "1"})
+    second = tasks.submit(connection, config, "echo", {"message": "2"}, depends_on=[first])
+    third = tasks.submit(connection, config, "echo", {"message": "3"}, depends_on=[second])
+    assert tasks.get(connection, third)["depends_on"] == [second]
+    tasks.cancel(connection, first)
+    for task_id in (second, third):
+        task = tasks.get(connection, task_id)
+        assert task["state"] == "failed" and "dependency" in task["reason"]
+    with pytest.raises(tasks.TaskError, match="already cancelled"):
+        tasks.submit(connection, config, "echo", {"message": "4"}, depends_on=[first])
+    with pytest.raises(tasks.TaskError, match="no task 999"):
+        tasks.submit(connection, config, "echo", {"message": "4"}, depends_on=[999])
 
 
 def test_idempotency_key_returns_the_first_task(store):

@@ -183,3 +183,14 @@ def test_the_worker_can_be_downloaded_from_the_dashboard(client):
     status, headers, text = client.request("/worker.py")
     with open(config_module.WORKER_PATH) as f:
         assert status == 200 and text == f.read()
+
+
+def test_why_and_dependencies_over_the_api(client):
+    status, first = client.submit({"task_type": "echo", "payload": "a"})
+    status, second = client.submit({"task_type": "echo", "payload": "b",
+                                    "depends_on": [first["task_id"]]})
+    assert status == 201
+    status, body = client.json("/api/v1/tasks/%d/why" % second["task_id"])
+    assert status == 200 and "waits for task %d" % first["task_id"] in body["why"]
+    status, body = client.submit({"task_type": "echo", "payload": "c", "depends_on": [999]})
+    assert status == 400 and "no task 999" in body["error"]

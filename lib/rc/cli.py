@@ -17,7 +17,7 @@ import time
 import orjson
 
 from rc import config as rc_config
-from rc import db, devices, render, state_dir, tasks
+from rc import db, devices, explain, render, state_dir, tasks
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
                        TERMINAL_STATES, TIMED_OUT)
@@ -294,7 +294,9 @@ def cmd_submit(arguments, context):
         requirements = tasks.parse_requirements(arguments.require)
         task_id = tasks.submit(context.connection, context.config, arguments.task_type,
                                payload, arguments.priority, arguments.timeout,
-                               arguments.retries, requirements, arguments.key)
+                               arguments.retries, requirements, arguments.key,
+                               arguments.retry_on_failure,
+                               tasks.parse_task_ids(arguments.after))
     except tasks.TaskError as e:
         raise UsageError(str(e))
     if not arguments.wait:
@@ -339,6 +341,10 @@ def last_line(task):
     text = task.get("error") or (task.get("result") or {}).get("stderr") or task["reason"]
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def cmd_why(arguments, context):
+    context.out.write(explain.why(context.connection, arguments.task_id) + "\n")
 
 
 def cmd_cancel(arguments, context):
@@ -584,6 +590,8 @@ def build_parser(out):
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=int, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
+    sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
+    sub.add_argument("task_id", type=int, metavar="ID")
     sub = command("cancel", cmd_cancel, "cancel a task; prints its state after")
     sub.add_argument("task_id", type=int, metavar="ID")
     sub = command("logs", cmd_logs, "the programs' logs, merged by time")
@@ -613,6 +621,10 @@ def add_submit_arguments(sub):
                      help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu")
     sub.add_argument("--key", metavar="IDEMPOTENCY_KEY",
                      help="a second submit with the same key returns the first task")
+    sub.add_argument("--retry-on-failure", action="store_true",
+                     help="also retry when the task itself fails (non-zero exit, exception)")
+    sub.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
+                     help="start only when these tasks have completed; fail if one fails")
     sub.add_argument("--wait", action="store_true",
                      help="wait until it ends and print its output")
     sub.add_argument("--wait-timeout", type=float, metavar="SECONDS")

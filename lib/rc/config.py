@@ -42,6 +42,7 @@ def load(path=None, environ=None):
     for key, variable in (("tcp_port", "RC_TCP_PORT"), ("web_port", "RC_WEB_PORT")):
         if environ.get(variable):
             settings[key] = check(key, parse_int(variable, environ[variable]))
+    check_together(settings, path)
     home = environ.get("RC_HOME") or os.path.join(CHECKOUT, "var")
     return Config(settings, os.path.abspath(home))
 
@@ -73,6 +74,14 @@ def check(key, value, where="environment"):
     if key.endswith("_port") and not 0 <= value <= 65535:
         raise ConfigError("%s: %s must be a port number" % (where, key))
     return value
+
+
+def check_together(settings, where):
+    # A worker gives up its tasks half a heartbeat before its lease ends, and
+    # must still hear at least one heartbeat acknowledged in that time.
+    if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
+        raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
+                          % where)
 
 
 def parse_int(name, text):

@@ -10,7 +10,7 @@ import sqlite3
 
 import orjson
 
-from rc.states import ACTIVE_STATES, TERMINAL_STATES
+from rc.states import ACTIVE_STATES, COMPLETED, TERMINAL_STATES
 
 BUSY_TIMEOUT_MS = 10000   # how long a writer waits for another to finish
 
@@ -79,7 +79,15 @@ MIGRATIONS = [
         reason           TEXT,
         progress         REAL,
         progress_message TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        -- The current attempt's lease: past it, the attempt is taken back.
+        lease_expires    REAL,
+        -- Attempts charged to the retry budget (a run that was lost or, when
+        -- retry_on_failure is set, that failed), and of those, how many
+        -- ended with the device lost: the poison-pill count.
+        retries_used     INTEGER NOT NULL DEFAULT 0,
+        device_losses    INTEGER NOT NULL DEFAULT 0,
+        retry_on_failure INTEGER NOT NULL DEFAULT 0
     );
     -- The scheduler's queue, in the order it serves it.
     CREATE INDEX tasks_queue ON tasks(priority DESC, task_id)
@@ -118,6 +126,22 @@ MIGRATIONS = [
         SELECT RAISE(ABORT, 'a finished task cannot change state');
     END;
 
+    -- A task waits for the tasks it depends on; their failure is its own.
+    CREATE TABLE task_dependencies (
+        task_id     INTEGER NOT NULL REFERENCES tasks(task_id),
+        depends_on  INTEGER NOT NULL REFERENCES tasks(task_id),
+        PRIMARY KEY (task_id, depends_on)
+    ) WITHOUT ROWID;
+    CREATE INDEX task_dependents ON task_dependencies(depends_on);
+    CREATE TRIGGER dependency_did_not_complete AFTER UPDATE OF state ON tasks
+    WHEN NEW.state IN (%(unsuccessful)s) AND OLD.state NOT IN (%(terminal)s) BEGIN
+        UPDATE tasks SET state = 'failed', finished_at = %(now)s,
+               error = 'task ' || NEW.task_id || ' it depends on ended ' || NEW.state,
+               reason = 'dependency ' || NEW.task_id || ' ' || NEW.state
+        WHERE state = 'queued' AND task_id IN
+              (SELECT task_id FROM task_dependencies WHERE depends_on = NEW.task_id);
+    END;
+
     -- Monotonic counters for /text/metrics, kept across restarts.
     CREATE TABLE counters (
         name   TEXT PRIMARY KEY,
@@ -129,7 +153,7 @@ MIGRATIONS = [
         ON CONFLICT(name) DO UPDATE SET value = value + 1;
     END;
     """ % {"active": _sql_list(ACTIVE_STATES), "terminal": _sql_list(TERMINAL_STATES),
-           "now": NOW},
+           "unsuccessful": _sql_list(set(TERMINAL_STATES) - {COMPLETED}), "now": NOW},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -149,6 +173,8 @@ def connect(path):
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
     connection.execute("PRAGMA foreign_keys=ON")
+    # A failed task fails its dependents, and theirs, through one trigger.
+    connection.execute("PRAGMA recursive_triggers=ON")
     return connection
 
 

@@ -19,6 +19,9 @@ DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect befo
 TASK_TIMEOUT = 300.0            # seconds a task may run when it names no timeout
 TASK_RETRIES = 3                # re-runs after a system failure when the task names none
 ACCEPT_TIMEOUT = 15.0           # seconds a device has to accept an assignment
+LEASE_DURATION = 180.0          # seconds a running attempt is leased to its device;
+                                # renewed by every heartbeat that lists it
+POISON_LIMIT = 3                # devices a task may lose before it is failed as poison
 TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt
 RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries

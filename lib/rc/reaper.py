@@ -15,8 +15,7 @@ from rc.log import Logger
 from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
-TASK_ROW = ("SELECT task_id, attempt, device_id, state, max_retries, cancel_requested"
-            " FROM tasks")
+TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
 
 
 def sweep(connection, config, log, now):
@@ -26,14 +25,17 @@ def sweep(connection, config, log, now):
             connection.execute("UPDATE devices SET status = ? WHERE device_id = ?",
                                (OFFLINE, device_id))
             log.warning("device_offline", device_id=device_id, reason=why)
-        requeue(connection, config, log, now, TASK_ROW +
-                " WHERE state IN (?, ?) AND device_id IN"
-                " (SELECT device_id FROM devices WHERE status = ?)",
-                (ASSIGNED, RUNNING, OFFLINE), "device {device_id} offline")
-        requeue(connection, config, log, now, TASK_ROW +
-                " WHERE state = ? AND assigned_at < ?",
-                (ASSIGNED, now - config.accept_timeout),
-                "not accepted by {device_id} within %gs" % config.accept_timeout)
+        take_back(connection, config, log, now, TASK_ROW +
+                  " WHERE state IN (?, ?) AND device_id IN"
+                  " (SELECT device_id FROM devices WHERE status = ?)",
+                  (ASSIGNED, RUNNING, OFFLINE), "device {device_id} offline")
+        take_back(connection, config, log, now, TASK_ROW +
+                  " WHERE state IN (?, ?) AND lease_expires < ?",
+                  (ASSIGNED, RUNNING, now), "lease on {device_id} expired")
+        take_back(connection, config, log, now, TASK_ROW +
+                  " WHERE cancel_requested = 1 AND state IN (?, ?) AND device_id IN"
+                  " (SELECT device_id FROM devices WHERE connected = 0)",
+                  (ASSIGNED, RUNNING), "device {device_id} not connected")
         fail_overdue(connection, log, now, config.timeout_grace)
 
 
@@ -50,12 +52,12 @@ def overdue_devices(connection, config, now):
             yield row["device_id"], "disconnected for %gs" % config.disconnect_grace
 
 
-def requeue(connection, config, log, now, query, parameters, reason):
+def take_back(connection, config, log, now, query, parameters, reason):
     for row in connection.execute(query, parameters).fetchall():
         why = reason.format(device_id=row["device_id"])
-        if tasks.retry_or_fail(connection, row, why, now, config):
+        if tasks.take_back(connection, row, why, now, config):
             log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
-                        device_id=row["device_id"], reason=why)
+                        device_id=row["device_id"], state=row["state"], reason=why)
 
 
 def fail_overdue(connection, log, now, grace):

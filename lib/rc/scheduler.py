@@ -14,6 +14,10 @@ from rc.states import ACTIVE_STATES, ASSIGNED, ONLINE, QUEUED
 
 BATCH = 2000          # queued tasks looked at per pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
+# SQL: every task this one depends on has completed.
+DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
+                    " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
+                    " AND p.state != 'completed')")
 
 
 class Slots:
@@ -32,19 +36,32 @@ class Slots:
         self.free -= 1
 
     def best_for(self, task_type, requirements):
-        """The fitting device with the most free slots, so work spreads out."""
-        best = None
+        """The fitting device that should take the task next: the most free
+        slots, so a batch spreads out, then the least busy CPU, then the
+        fastest (when the worker reported a speed)."""
+        best, best_rank = None, None
         for device in self.devices:
             if device["free"] <= 0 or task_type not in device["task_types"]:
                 continue
             if requirements and tasks.unmet_requirements(requirements, device):
                 continue
-            if best is None or device["free"] > best["free"]:
-                best = device
+            rank = preference(device)
+            if best is None or rank > best_rank:
+                best, best_rank = device, rank
         return best
 
 
-def schedule(connection, now, log):
+def preference(device):
+    metrics = device["metrics"].get("system_metrics", device["metrics"])
+    specs = device["profile"].get("hardware_specs") or {}
+    cpu_busy = metrics.get("cpu_percent")
+    speed = specs.get("cpu_speed")
+    return (device["free"],
+            -cpu_busy if isinstance(cpu_busy, (int, float)) else -50.0,
+            speed if isinstance(speed, (int, float)) else 0.0)
+
+
+def schedule(connection, now, log, accept_timeout):
     """One pass: assign what fits now. Returns how many tasks were assigned."""
     with db.write(connection):
         slots = Slots(connection)
@@ -52,18 +69,20 @@ def schedule(connection, now, log):
             return 0
         queued = connection.execute(
             "SELECT task_id, attempt, task_type, requirements FROM tasks"
-            " WHERE state = ? AND not_before <= ? ORDER BY priority DESC, task_id"
-            " LIMIT ?", (QUEUED, now, BATCH)).fetchall()
+            " WHERE state = ? AND not_before <= ? AND %s"
+            " ORDER BY priority DESC, task_id LIMIT ?" % DEPENDENCIES_MET,
+            (QUEUED, now, BATCH)).fetchall()
         assigned = 0
         for task in queued:
             device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
             if device is None:
                 continue
+            # The first lease is short: the device must accept it promptly.
             connection.execute(
-                "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?, reason = ?"
-                " WHERE task_id = ? AND attempt = ? AND state = ?",
-                (ASSIGNED, device["device_id"], now, "scheduled", task["task_id"],
-                 task["attempt"], QUEUED))
+                "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"
+                " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
+                (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
+                 task["task_id"], task["attempt"], QUEUED))
             slots.take(device)
             assigned += 1
             if slots.free == 0:
@@ -89,7 +108,7 @@ def run(config, log, should_stop):
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            schedule(connection, now, log)
+            schedule(connection, now, log, config.accept_timeout)
             # Our own commit does not change data_version for us; nothing to undo.
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK

@@ -295,21 +295,22 @@ class Server:
         self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
                       slots=data.get("slots"), active_tasks=len(peer.pushed))
         proof = protocol.server_proof(self.token, peer.nonce, worker_nonce, peer.device_id)
-        return [(REGISTER_ACK, {"proof": proof,
-                                "heartbeat_interval": self.config.heartbeat_interval})]
+        return [(REGISTER_ACK, dict(fence_settings(self.config), proof=proof))]
 
     def apply_heartbeat(self, peer, data, now):
         metrics, active = data
         devices.heartbeat(self.database, peer.device_id, metrics, now)
+        tasks.renew_leases(self.database, peer.device_id, active,
+                           now + self.config.lease_duration)
         replies = [(HEARTBEAT_ACK, {})]
         held = {(row["task_id"], row["attempt"]): row for row in self.database.execute(
-            "SELECT task_id, attempt, state, max_retries, cancel_requested FROM tasks"
-            " WHERE device_id = ? AND state IN (?, ?)", (peer.device_id, ASSIGNED, RUNNING))}
+            "SELECT %s FROM tasks WHERE device_id = ? AND state IN (?, ?)"
+            % tasks.LEASE_COLUMNS, (peer.device_id, ASSIGNED, RUNNING))}
         for key, row in held.items():
             # Running here, yet the worker no longer has it: it restarted or lost it.
             if row["state"] == RUNNING and key not in active:
-                tasks.retry_or_fail(self.database, row, "lost by worker %s" % peer.device_id,
-                                    now, self.config)
+                tasks.take_back(self.database, row, "lost by worker %s" % peer.device_id,
+                                now, self.config)
                 self.log.warning("task_lost", task_id=key[0], attempt=key[1],
                                  device_id=peer.device_id)
         for key in active - set(held):
@@ -321,7 +322,8 @@ class Server:
         devices.disconnected(self.database, peer.device_id, now)
 
     def apply_accept(self, peer, key, now):
-        if tasks.accept(self.database, key[0], key[1], peer.device_id, now):
+        if tasks.accept(self.database, key[0], key[1], peer.device_id, now,
+                        self.config.lease_duration):
             self.log.debug("task_started", task_id=key[0], attempt=key[1],
                            device_id=peer.device_id)
             return None
@@ -339,8 +341,8 @@ class Server:
         peer.pushed.discard(key)
         ack = (TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})
         row = self.database.execute(
-            "SELECT task_id, attempt, state, max_retries, cancel_requested FROM tasks"
-            " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state IN (?, ?)",
+            "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
+            " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
             (key[0], key[1], peer.device_id, ASSIGNED, RUNNING)).fetchone()
         if row is None:
             self.log.warning("stale_result", task_id=key[0], attempt=key[1],
@@ -352,8 +354,11 @@ class Server:
         if status == OUTCOME_NOT_ALLOWED or (status == OUTCOME_CANCELLED
                                              and not row["cancel_requested"]):
             # Not the task's fault: another device may run it.
-            tasks.retry_or_fail(self.database, row, "%s on %s" % (status, peer.device_id),
-                                now, self.config)
+            tasks.take_back(self.database, row, "%s on %s" % (status, peer.device_id),
+                            now, self.config)
+        elif status in (FAILED, TIMED_OUT) and tasks.retry_failed(
+                self.database, row, status, result, error, now, self.config):
+            pass
         else:
             tasks.finish(self.database, key[0], key[1], peer.device_id, RESULT_STATES[status],
                          result, error, status, now)
@@ -372,13 +377,18 @@ class Server:
         self.last_scan = time.monotonic()
         rows = self.database.execute(
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
-            " cancel_requested FROM tasks WHERE state IN (?, ?)", (ASSIGNED, RUNNING))
+            " cancel_requested FROM tasks WHERE state IN (?, ?)", (ASSIGNED, RUNNING)).fetchall()
         for row in rows:
             peer = self.peers_by_device.get(row["device_id"])
             if peer is None:
                 continue
             key = (row["task_id"], row["attempt"])
-            if row["cancel_requested"]:
+            if row["cancel_requested"] and row["state"] == ASSIGNED and key not in peer.pushed:
+                # Never sent, so it cannot be running: cancel it here and now.
+                with db.write(self.database):
+                    tasks.finish(self.database, key[0], key[1], peer.device_id, CANCELLED,
+                                 None, None, "cancelled by user", time.time())
+            elif row["cancel_requested"]:
                 if key not in peer.cancels_sent:
                     peer.cancels_sent.add(key)
                     self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
@@ -388,6 +398,16 @@ class Server:
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
                     "priority": PRIORITY_NAMES.get(row["priority"], "normal")})
+
+
+def fence_settings(config):
+    """What a worker needs to stop its own tasks before the main node gives
+    them to someone else: it must give up a little before its lease ends
+    (heartbeats, which renew the lease, come every heartbeat_interval) and
+    well before a dropped connection's grace runs out."""
+    return {"heartbeat_interval": config.heartbeat_interval,
+            "fence_interval": config.lease_duration - config.heartbeat_interval / 2,
+            "disconnect_fence": config.disconnect_grace / 2}
 
 
 def task_key(data):

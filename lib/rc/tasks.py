@@ -10,7 +10,7 @@ import random
 import time
 
 from rc import db
-from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, FAILED, PAYLOAD_FIELD,
+from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
                        TERMINAL_STATES)
 
@@ -169,9 +169,11 @@ def unmet_requirements(requirements, device):
 # -- submitting ----------------------------------------------------------------
 
 def submit(connection, config, task_type, payload, priority="normal", timeout=None,
-           retries=None, requirements=None, idempotency_key=None):
+           retries=None, requirements=None, idempotency_key=None, retry_on_failure=False,
+           depends_on=()):
     """Queue one task and return its id. With an idempotency key, a second
-    submit of the same key returns the first task's id instead."""
+    submit of the same key returns the first task's id instead. A task that
+    depends on others waits until they have completed."""
     payload = check_payload(task_type, payload)
     priority_number = parse_priority(priority)
     timeout = config.task_timeout if timeout is None else parse_number("timeout", timeout)
@@ -185,19 +187,61 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
     if idempotency_key is not None and (not isinstance(idempotency_key, str)
                                         or not 0 < len(idempotency_key) <= 200):
         raise TaskError("idempotency key must be text of 1 to 200 characters")
+    if not isinstance(retry_on_failure, bool):
+        raise TaskError("retry_on_failure must be true or false")
+    depends_on = check_dependencies(depends_on)
     with db.write(connection):
         if idempotency_key is not None:
             row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
                                      (idempotency_key,)).fetchone()
             if row:
                 return row["task_id"]
+        refuse_unusable_dependencies(connection, depends_on)
         cursor = connection.execute(
             "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
-            " max_retries, idempotency_key, created_at, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'submitted')",
+            " max_retries, idempotency_key, retry_on_failure, created_at, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task_type, db.dumps(payload), priority_number, db.dumps(requirements),
-             timeout, retries, idempotency_key, time.time()))
+             timeout, retries, idempotency_key, retry_on_failure, time.time(),
+             "submitted" if not depends_on else "waiting for %s" % ", ".join(
+                 map(str, depends_on))))
+        connection.executemany(
+            "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
+            [(cursor.lastrowid, parent) for parent in depends_on])
         return cursor.lastrowid
+
+
+def check_dependencies(depends_on):
+    if isinstance(depends_on, (str, bytes)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in depends_on):
+        raise TaskError("depends_on must be a list of task ids")
+    if len(depends_on) > 1000:
+        raise TaskError("a task may depend on at most 1000 others")
+    return sorted(set(depends_on))
+
+
+def refuse_unusable_dependencies(connection, depends_on):
+    """Dependencies must exist, and must not have ended other than completed
+    (a task that can never start is refused, not queued)."""
+    for parent in depends_on:
+        row = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                 (parent,)).fetchone()
+        if row is None:
+            raise TaskError("no task %d to depend on" % parent)
+        if row["state"] in TERMINAL_STATES and row["state"] != COMPLETED:
+            raise TaskError("task %d it would depend on has already %s"
+                            % (parent, row["state"]))
+
+
+def parse_task_ids(texts):
+    """--after 3,4 --after 7 -> [3, 4, 7]"""
+    ids = []
+    for text in texts:
+        for item in text.split(","):
+            if not item.strip().isdigit():
+                raise TaskError("task id must be a whole number, not %r" % item.strip())
+            ids.append(int(item))
+    return ids
 
 
 def cancel(connection, task_id):
@@ -225,7 +269,11 @@ def cancel(connection, task_id):
 TASK_COLUMNS = ("task_id, task_type, payload, priority, requirements, timeout, max_retries,"
                 " idempotency_key, state, attempt, device_id, created_at, not_before,"
                 " assigned_at, started_at, finished_at, result, error, reason, progress,"
-                " progress_message, cancel_requested")
+                " progress_message, cancel_requested, lease_expires, retries_used,"
+                " device_losses, retry_on_failure")
+# What take_back() and retry_failed() need to know of a task.
+LEASE_COLUMNS = ("task_id, attempt, device_id, state, max_retries, retries_used,"
+                 " device_losses, cancel_requested, retry_on_failure")
 
 
 def task_dict(row):
@@ -235,8 +283,9 @@ def task_dict(row):
             task[key] = db.loads(task[key])
     if "priority" in task:
         task["priority"] = PRIORITY_NAMES.get(task["priority"], task["priority"])
-    if "cancel_requested" in task:
-        task["cancel_requested"] = bool(task["cancel_requested"])
+    for key in ("cancel_requested", "retry_on_failure"):
+        if key in task:
+            task[key] = bool(task[key])
     return task
 
 
@@ -249,6 +298,9 @@ def get(connection, task_id):
     task["events"] = [dict(event) for event in connection.execute(
         "SELECT time, attempt, state, device_id, reason FROM task_events"
         " WHERE task_id = ? ORDER BY id", (task_id,))]
+    task["depends_on"] = [row[0] for row in connection.execute(
+        "SELECT depends_on FROM task_dependencies WHERE task_id = ? ORDER BY depends_on",
+        (task_id,))]
     return task
 
 
@@ -279,13 +331,22 @@ def counts_by_state(connection):
 # -- state changes made by the main node's programs ------------------------------
 # These run inside a write transaction the caller holds.
 
-def accept(connection, task_id, attempt, device_id, now):
-    """The device started the task. False when the message is stale."""
+def accept(connection, task_id, attempt, device_id, now, lease):
+    """The device started the task; its lease runs from now. False when the
+    message is stale."""
     cursor = connection.execute(
-        "UPDATE tasks SET state = ?, started_at = ?, reason = 'accepted'"
+        "UPDATE tasks SET state = ?, started_at = ?, lease_expires = ?, reason = 'accepted'"
         " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state = ?",
-        (RUNNING, now, task_id, attempt, device_id, ASSIGNED))
+        (RUNNING, now, now + lease, task_id, attempt, device_id, ASSIGNED))
     return cursor.rowcount == 1
+
+
+def renew_leases(connection, device_id, keys, until):
+    """The device says it still runs these (task id, attempt) pairs."""
+    connection.executemany(
+        "UPDATE tasks SET lease_expires = ? WHERE task_id = ? AND attempt = ?"
+        " AND device_id = ? AND state = ?",
+        [(until, task_id, attempt, device_id, RUNNING) for task_id, attempt in keys])
 
 
 def record_progress(connection, task_id, attempt, device_id, progress, message):
@@ -301,6 +362,7 @@ def finish(connection, task_id, attempt, device_id, state, result, error, reason
     current attempt on that device (already finished, retried, moved)."""
     cursor = connection.execute(
         "UPDATE tasks SET state = ?, result = ?, error = ?, reason = ?, finished_at = ?,"
+        " lease_expires = NULL,"
         " progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END"
         " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state IN (?, ?)",
         (state, db.dumps(result), error, reason, now, state,
@@ -308,29 +370,55 @@ def finish(connection, task_id, attempt, device_id, state, result, error, reason
     return cursor.rowcount == 1
 
 
-def retry_or_fail(connection, task, reason, now, config):
+def take_back(connection, task, reason, now, config):
     """The system lost this attempt (device gone, worker restarted, lease
-    expired): queue the next attempt after a backoff, or fail the task when
-    its retry budget is spent. `task` is a row with task_id, attempt,
-    device_id, state and max_retries. False when the task has moved on."""
-    fence = (task["task_id"], task["attempt"], task["state"])
+    expired, refused): queue the next attempt after a backoff.
+
+    Only an attempt that was running is charged to the task's retry budget
+    and counted as a lost device; one merely assigned was never the task's
+    doing. A task that has lost `poison_limit` devices is failed rather than
+    sent to take down another. `task` holds LEASE_COLUMNS. False when the
+    task has moved on."""
+    charged = task["state"] == RUNNING
+    losses = task["device_losses"] + charged
     if task["cancel_requested"]:
-        cursor = connection.execute(
-            "UPDATE tasks SET state = ?, finished_at = ?, reason = ?"
-            " WHERE task_id = ? AND attempt = ? AND state = ?",
-            (CANCELLED, now, "cancelled; " + reason) + fence)
-    elif task["attempt"] > task["max_retries"]:
-        cursor = connection.execute(
-            "UPDATE tasks SET state = ?, finished_at = ?, error = ?, reason = ?"
-            " WHERE task_id = ? AND attempt = ? AND state = ?",
-            (FAILED, now, reason, "retries spent: " + reason) + fence)
-    else:
-        cursor = connection.execute(
-            "UPDATE tasks SET state = ?, attempt = attempt + 1, device_id = NULL,"
-            " not_before = ?, assigned_at = NULL, started_at = NULL, progress = NULL,"
-            " progress_message = NULL, reason = ?"
-            " WHERE task_id = ? AND attempt = ? AND state = ?",
-            (QUEUED, now + backoff(task["attempt"], config), reason) + fence)
+        return _end(connection, task, CANCELLED, "cancelled; " + reason, None, now, losses)
+    if charged and losses >= config.poison_limit:
+        return _end(connection, task, FAILED, "poison pill: lost %d devices" % losses,
+                    "the task lost %d devices; last: %s" % (losses, reason), now, losses)
+    if charged and task["retries_used"] >= task["max_retries"]:
+        return _end(connection, task, FAILED, "retries spent: " + reason, reason, now, losses)
+    return _requeue(connection, task, reason, now, config, charged, losses)
+
+
+def retry_failed(connection, task, state, result, error, now, config):
+    """A task that asked to be retried when it fails itself: requeue it while
+    its budget lasts. False when it is not to be retried."""
+    if not task["retry_on_failure"] or task["cancel_requested"] \
+            or task["retries_used"] >= task["max_retries"]:
+        return False
+    return _requeue(connection, task, "attempt %d %s: %s" % (task["attempt"], state, error),
+                    now, config, True, task["device_losses"])
+
+
+def _requeue(connection, task, reason, now, config, charged, losses):
+    cursor = connection.execute(
+        "UPDATE tasks SET state = ?, attempt = attempt + 1, device_id = NULL,"
+        " not_before = ?, assigned_at = NULL, started_at = NULL, lease_expires = NULL,"
+        " progress = NULL, progress_message = NULL, reason = ?,"
+        " retries_used = retries_used + ?, device_losses = ?"
+        " WHERE task_id = ? AND attempt = ? AND state = ?",
+        (QUEUED, now + backoff(task["attempt"], config), reason, int(charged), losses,
+         task["task_id"], task["attempt"], task["state"]))
+    return cursor.rowcount == 1
+
+
+def _end(connection, task, state, reason, error, now, losses):
+    cursor = connection.execute(
+        "UPDATE tasks SET state = ?, finished_at = ?, error = ?, reason = ?,"
+        " lease_expires = NULL, device_losses = ?"
+        " WHERE task_id = ? AND attempt = ? AND state = ?",
+        (state, now, error, reason, losses, task["task_id"], task["attempt"], task["state"]))
     return cursor.rowcount == 1
 
 

@@ -15,7 +15,7 @@ import bottle
 import orjson
 import waitress
 
-from rc import cli, devices, render, state_dir, tasks
+from rc import cli, devices, explain, render, state_dir, tasks
 from rc import config as rc_config
 from rc.log import Logger
 
@@ -27,7 +27,7 @@ DEFAULT_LIST_LIMIT = 100
 SERVER_THREADS = 4
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
 SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
-                 "requirements", "idempotency_key"}
+                 "requirements", "idempotency_key", "retry_on_failure", "depends_on"}
 TEXT_FORMATS = {"pipe": "text/plain", "csv": "text/csv", "tsv": "text/tab-separated-values"}
 
 
@@ -156,10 +156,16 @@ class Web:
         task_id = tasks.submit(self.connection(), self.config, body.get("task_type"),
                                submitted_payload(body), body.get("priority", "normal"),
                                body.get("timeout"), body.get("retries"),
-                               submitted_requirements(body), body.get("idempotency_key"))
+                               submitted_requirements(body), body.get("idempotency_key"),
+                               body.get("retry_on_failure", False), body.get("depends_on", []))
         state = self.existing_task(task_id)["state"]
         return json_response({"task_id": task_id, "state": state,
                               "url": "/api/v1/tasks/%d" % task_id}, 201)
+
+    def why(self, task_id):
+        self.existing_task(task_id)
+        return json_response({"task_id": task_id,
+                              "why": explain.why(self.connection(), task_id)})
 
     def cancel(self, task_id):
         self.require_token()
@@ -266,6 +272,7 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/tasks/<task_id:int>", web.task),
         ("POST", "/api/v1/tasks", web.submit),
         ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel),
+        ("GET", "/api/v1/tasks/<task_id:int>/why", web.why),
         ("GET", "/text/status", web.text_status),
         ("GET", "/text/devices", web.text_devices),
         ("GET", "/text/tasks", web.text_tasks),

@@ -1,0 +1,101 @@
+"""`rc why ID`: one readable paragraph on why a task is where it is.
+
+For a queued task it goes through what the scheduler checks, in its order:
+backoff, dependencies, online devices, task type, each requirement, free
+slots, and the tasks ahead in the queue (like HTCondor's
+`condor_q -better-analyze`)."""
+import time
+
+from rc import devices, tasks
+from rc.render import age
+from rc.states import ASSIGNED, ONLINE, QUEUED, RUNNING, TERMINAL_STATES
+
+
+def why(connection, task_id, now=None):
+    now = time.time() if now is None else now
+    task = tasks.get(connection, task_id)
+    if task["state"] in TERMINAL_STATES:
+        return "Task %d %s (attempt %d%s): %s." % (
+            task_id, task["state"], task["attempt"], on_device(task),
+            task["error"] or task["reason"] or "no reason recorded")
+    if task["state"] == ASSIGNED:
+        return ("Task %d is assigned to %s and waits for it to start (lease until %s)."
+                % (task_id, task["device_id"], clock(task["lease_expires"])))
+    if task["state"] == RUNNING:
+        progress = "" if task["progress"] is None else ", %g%% done" % task["progress"]
+        return "Task %d is running on %s since %s ago (attempt %d%s)." % (
+            task_id, task["device_id"], age(now - task["started_at"]), task["attempt"],
+            progress)
+    return "Task %d is queued: %s" % (task_id, why_queued(connection, task, now))
+
+
+def why_queued(connection, task, now):
+    if task["not_before"] > now:
+        return "backing off until %s (in %s) before attempt %d, after: %s." % (
+            clock(task["not_before"]), age(task["not_before"] - now), task["attempt"],
+            task["reason"])
+    waiting = [row for row in connection.execute(
+        "SELECT p.task_id, p.state FROM task_dependencies d JOIN tasks p"
+        " ON p.task_id = d.depends_on WHERE d.task_id = ? AND p.state != 'completed'",
+        (task["task_id"],))]
+    if waiting:
+        return "it waits for %s to complete." % ", ".join(
+            "task %d (%s)" % (row["task_id"], row["state"]) for row in waiting)
+    online = [d for d in devices.list_devices(connection, ONLINE) if d["connected"]]
+    if not online:
+        return "no device is online; it will run when one joins."
+    fitting, refusals = [], {}
+    for device in online:
+        reasons = unmet(task, device)
+        if reasons:
+            for reason in reasons:
+                refusals.setdefault(reason, []).append(device["device_id"])
+        else:
+            fitting.append(device)
+    if not fitting:
+        return "none of the %d online devices fits: %s." % (len(online), "; ".join(
+            "%s (%s)" % (reason, count_of(names, "device"))
+            for reason, names in sorted(refusals.items(), key=lambda item: -len(item[1]))))
+    free = [d for d in fitting if d["slots"] > d["active_tasks"]]
+    ahead = tasks_ahead(connection, task)
+    names = ", ".join(d["device_id"] for d in fitting[:5])
+    if not free:
+        return ("%s fit%s (%s) but all their slots are busy; %s ahead of it in the queue."
+                % (count_of(fitting, "device"), "" if len(fitting) > 1 else "s", names,
+                   count_of(range(ahead), "task")))
+    return ("%s with free slots fit%s (%s); it should be assigned in a moment"
+            " (%s ahead of it)." % (count_of(free, "device"), "" if len(free) > 1 else "s",
+                                     ", ".join(d["device_id"] for d in free[:5]),
+                                     count_of(range(ahead), "task")))
+
+
+def unmet(task, device):
+    reasons = []
+    if task["task_type"] not in device["task_types"]:
+        reasons.append("does not accept %s tasks" % task["task_type"])
+    return reasons + tasks.unmet_requirements(task["requirements"], device)
+
+
+def tasks_ahead(connection, task):
+    return connection.execute(
+        "SELECT count(*) FROM tasks WHERE state = ? AND (priority > ? OR (priority = ?"
+        " AND task_id < ?))", (QUEUED, db_priority(task), db_priority(task),
+                                task["task_id"])).fetchone()[0]
+
+
+def db_priority(task):
+    return tasks.parse_priority(task["priority"])
+
+
+def count_of(items, noun):
+    n = len(items)
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
+
+
+def on_device(task):
+    return " on %s" % task["device_id"] if task["device_id"] else ""
+
+
+def clock(timestamp):
+    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
