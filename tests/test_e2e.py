@@ -1,135 +1,28 @@
 """The whole cluster: `make run` starts the real supervisord with every
 program, two more workers join over 127.0.0.1, and tasks of every type run
 to the right result, through worker deaths and main-node program deaths."""
-import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
-from rc import config as config_module
-from rc import db, tasks
-from rc.states import TERMINAL_STATES
+from cluster_harness import (Cluster, alive, assert_one_terminal_state_each, online,
+                             wait_all_finished, wait_for)
+from rc import tasks
 
 pytestmark = pytest.mark.e2e
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RC = os.path.join(REPO, "bin", "rc")
-WORKER = os.path.join(REPO, "bin", "worker.py")
-# Short grace and backoff so failover fits in a test; the defaults are longer.
-TEST_SETTINGS = {"disconnect_grace": 2.0, "retry_backoff": 0.2, "accept_timeout": 5.0,
-                 "tcp_host": "127.0.0.1", "web_host": "127.0.0.1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    def __init__(self, home):
-        self.home = str(home)
-        settings_path = os.path.join(self.home, "rc.json")
-        os.makedirs(self.home, exist_ok=True)
-        with open(settings_path, "w") as f:
-            json.dump(TEST_SETTINGS, f)
-        self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
-                        RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()))
-        self.config = config_module.load(environ=self.env)
-        self.workers = {}
-
-    def make(self, target):
-        return subprocess.run(["make", "-s", "-C", REPO, target], env=self.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              universal_newlines=True, timeout=180)
-
-    def rc(self, *args, check=True):
-        done = subprocess.run([RC] + list(args), env=self.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def supervisorctl(self, *args):
-        return subprocess.run([os.path.join(REPO, ".venv", "bin", "supervisorctl"), "-c",
-                               os.path.join(REPO, "etc", "supervisord.conf")] + list(args),
-                              env=self.env, stdout=subprocess.PIPE, universal_newlines=True,
-                              timeout=60).stdout
-
-    def program_pid(self, name):
-        output = self.supervisorctl("pid", name).strip()
-        return int(output) if output.isdigit() else 0
-
-    def start_worker(self, device_id, *extra):
-        log = open(os.path.join(self.home, "log", device_id + ".log"), "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % self.config.tcp_port,
-             "--token-file", self.config.token_path, "--device-id", device_id] + list(extra),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers[device_id] = process
-        return process
-
-    def stop_workers(self):
-        for process in self.workers.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("cluster"))
-    started = cluster.make("run")
-    assert started.returncode == 0, started.stdout
-    connection = db.connect(cluster.config.db_path)
-    cluster.db = connection
+    cluster.start()
     try:
         yield cluster
     finally:
-        cluster.stop_workers()
-        stopped = cluster.make("stop")
-        connection.close()
-        assert stopped.returncode == 0, stopped.stdout
-
-
-def online(cluster):
-    return {row[0] for row in cluster.db.execute(
-        "SELECT device_id FROM devices WHERE status = 'online' AND connected = 1")}
-
-
-def wait_all_finished(cluster, task_ids, timeout):
-    marks = ",".join("?" * len(TERMINAL_STATES))
-
-    def finished():
-        rows = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id IN (%s)"
-                                  " AND state IN (%s)" % (",".join(map(str, task_ids)), marks),
-                                  TERMINAL_STATES).fetchone()
-        return rows[0] == len(task_ids)
-    wait_for(finished, timeout, "%d tasks to finish" % len(task_ids))
-
-
-def assert_one_terminal_state_each(cluster, task_ids):
-    marks = ",".join("?" * len(TERMINAL_STATES))
-    for task_id in task_ids:
-        events = cluster.db.execute(
-            "SELECT count(*) FROM task_events WHERE task_id = ? AND state IN (%s)" % marks,
-            (task_id,) + TERMINAL_STATES).fetchone()[0]
-        assert events == 1, "task %s recorded %d terminal states" % (task_id, events)
+        cluster.stop()
 
 
 def test_make_run_prints_the_dashboard_and_the_join_command(cluster):
@@ -263,11 +156,3 @@ def test_make_stop_leaves_nothing_running(cluster):
         wait_for(lambda: not alive(pid), 15, "pid %d to exit" % pid)
     # Start again so the fixture's own stop has a cluster to stop.
     assert cluster.make("run").returncode == 0
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -225,3 +225,22 @@ def test_thousands_of_idle_connections_in_one_process(server):
     assert clients[1234].receive()["message_type"] == "heartbeat_ack"
     for c in clients:
         c.sock.close()
+
+
+def test_tasks_a_worker_fenced_itself_are_retried_without_charge(server):
+    instance, port = server
+    config = instance.config
+    connection = db.connect(config.db_path)
+    first = Client(port)
+    first.register(token_of(instance))
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    first.sock.close()
+    again = Client(port)
+    assert again.register(token_of(instance), fenced_tasks=[
+        {"task_id": task_id, "attempt": 1}])["message_type"] == "register_ack"
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"], task["retries_used"]) == ("queued", 2, 0)
+    assert "fenced by dev1" in task["reason"]
+    connection.close()

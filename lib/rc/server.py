@@ -236,13 +236,14 @@ class Server:
             field(data, name, kind, required=False)
         field(data, "slots", int, required=False)
         active = active_tasks(data)
+        fenced = active_tasks(data, "fenced_tasks")
         previous = self.peers_by_device.get(device_id)
         if previous is not None:
             self.close(previous, "replaced by a new connection", record=False)
         peer.device_id = device_id
         self.peers_by_device[device_id] = peer
         peer.pushed.update(active)
-        self.batch.append((Server.apply_register, peer, (data, worker_nonce)))
+        self.batch.append((Server.apply_register, peer, (data, worker_nonce, fenced)))
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
@@ -290,12 +291,26 @@ class Server:
                 self.send(peer, message_type, data)
 
     def apply_register(self, peer, data, now):
-        data, worker_nonce = data
+        data, worker_nonce, fenced = data
         devices.register(self.database, peer.device_id, data, peer.address, now)
+        self.take_back_fenced(peer.device_id, fenced, now)
         self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
                       slots=data.get("slots"), active_tasks=len(peer.pushed))
         proof = protocol.server_proof(self.token, peer.nonce, worker_nonce, peer.device_id)
         return [(REGISTER_ACK, dict(fence_settings(self.config), proof=proof))]
+
+    def take_back_fenced(self, device_id, keys, now):
+        """Tasks the worker stopped itself after losing us: the main node's
+        absence, not the task's doing, so the retry is not charged to it."""
+        for task_id, attempt in keys:
+            row = self.database.execute(
+                "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
+                " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
+                (task_id, attempt, device_id, ASSIGNED, RUNNING)).fetchone()
+            if row and tasks.take_back(self.database, row, "fenced by %s" % device_id, now,
+                                       self.config, charged=False):
+                self.log.info("task_fenced", task_id=task_id, attempt=attempt,
+                              device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
         metrics, active = data
@@ -418,14 +433,15 @@ def task_key(data):
     return task_id, attempt
 
 
-def active_tasks(data):
-    items = field(data, "active_tasks", list, required=False, default=[])
+def active_tasks(data, name="active_tasks"):
+    """A list of {task_id, attempt} as a set of pairs."""
+    items = field(data, name, list, required=False, default=[])
     if len(items) > 10000:
-        raise ProtocolError("too many active_tasks")
+        raise ProtocolError("too many %s" % name)
     keys = set()
     for item in items:
         if not isinstance(item, dict):
-            raise ProtocolError("active_tasks must hold objects")
+            raise ProtocolError("%s must hold objects" % name)
         keys.add(task_key(item))
     return keys
 

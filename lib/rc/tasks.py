@@ -370,16 +370,17 @@ def finish(connection, task_id, attempt, device_id, state, result, error, reason
     return cursor.rowcount == 1
 
 
-def take_back(connection, task, reason, now, config):
+def take_back(connection, task, reason, now, config, charged=None):
     """The system lost this attempt (device gone, worker restarted, lease
     expired, refused): queue the next attempt after a backoff.
 
-    Only an attempt that was running is charged to the task's retry budget
-    and counted as a lost device; one merely assigned was never the task's
-    doing. A task that has lost `poison_limit` devices is failed rather than
-    sent to take down another. `task` holds LEASE_COLUMNS. False when the
-    task has moved on."""
-    charged = task["state"] == RUNNING
+    Unless told otherwise, only an attempt that was running is charged to the
+    task's retry budget and counted as a lost device; one merely assigned was
+    never the task's doing. A task that has lost `poison_limit` devices is
+    failed rather than sent to take down another. `task` holds LEASE_COLUMNS.
+    False when the task has moved on."""
+    if charged is None:
+        charged = task["state"] == RUNNING
     losses = task["device_losses"] + charged
     if task["cancel_requested"]:
         return _end(connection, task, CANCELLED, "cancelled; " + reason, None, now, losses)
