@@ -35,10 +35,10 @@ def placement(connection):
 def test_priority_then_age_decides_who_runs_first(store):
     config, connection = store
     add_device(connection, "a", slots=2)
-    low = tasks.submit(connection, config, "echo", {"message": "1"}, priority="low")
-    normal = tasks.submit(connection, config, "echo", {"message": "2"})
-    urgent = tasks.submit(connection, config, "echo", {"message": "3"}, priority="urgent")
-    later_normal = tasks.submit(connection, config, "echo", {"message": "4"})
+    low = tasks.submit(connection, config, "shell", {"command": "1"}, priority="low")
+    normal = tasks.submit(connection, config, "shell", {"command": "2"})
+    urgent = tasks.submit(connection, config, "shell", {"command": "3"}, priority="urgent")
+    later_normal = tasks.submit(connection, config, "shell", {"command": "4"})
     assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 2
     state = placement(connection)
     assert state[urgent][0] == state[normal][0] == ASSIGNED
@@ -80,10 +80,21 @@ def test_slots_are_respected_and_disconnected_devices_get_nothing(store):
     with db.write(connection):
         devices.disconnected(connection, "gone", 1001.0)
     for n in range(3):
-        tasks.submit(connection, config, "echo", {"message": str(n)})
+        tasks.submit(connection, config, "shell", {"command": str(n)})
     assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 1
     assert sorted(placement(connection).values(), key=str) == [
         (ASSIGNED, "one"), (QUEUED, None), (QUEUED, None)]
+
+
+def test_instant_tasks_need_no_free_slot(store):
+    config, connection = store
+    add_device(connection, "one", slots=1)
+    long = tasks.submit(connection, config, "shell", {"command": "sleep 100"})
+    quick = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(10)]
+    assert scheduler.schedule(connection, 2000.0, LOG, 15.0, instant_per_slot=8) == 9
+    state = placement(connection)
+    assert state[long] == (ASSIGNED, "one")
+    assert [state[t][0] for t in quick].count(ASSIGNED) == 8
 
 
 def test_backoff_delays_a_retry(store):
@@ -197,8 +208,8 @@ def test_why_names_the_requirement_no_device_meets(store):
 def test_why_says_full_and_backing_off(store):
     config, connection = store
     add_device(connection, "a", slots=1)
-    running = tasks.submit(connection, config, "echo", {"message": "x"})
-    waiting = tasks.submit(connection, config, "echo", {"message": "y"})
+    running = tasks.submit(connection, config, "shell", {"command": "x"})
+    waiting = tasks.submit(connection, config, "shell", {"command": "y"})
     scheduler.schedule(connection, 2000.0, LOG, 15.0)
     assert "all their slots are busy" in explain.why(connection, waiting, 2000.0)
     assert "assigned to a" in explain.why(connection, running, 2000.0)

@@ -10,7 +10,7 @@ import sqlite3
 
 import orjson
 
-from rc.states import ACTIVE_STATES, COMPLETED, TERMINAL_STATES
+from rc.states import ACTIVE_STATES, COMPLETED, QUEUED, TERMINAL_STATES
 
 BUSY_TIMEOUT_MS = 10000   # how long a writer waits for another to finish
 
@@ -18,7 +18,7 @@ BUSY_TIMEOUT_MS = 10000   # how long a writer waits for another to finish
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-def _sql_list(names):
+def sql_list(names):
     return ", ".join("'%s'" % name for name in names)
 
 
@@ -92,6 +92,8 @@ MIGRATIONS = [
     -- The scheduler's queue, in the order it serves it.
     CREATE INDEX tasks_queue ON tasks(priority DESC, task_id)
         WHERE state = 'queued';
+    -- When the next retry's backoff ends, for the scheduler's wake-up.
+    CREATE INDEX tasks_backoff ON tasks(not_before) WHERE state = 'queued';
     -- What each device holds, for slots and for reassignment.
     CREATE INDEX tasks_active ON tasks(device_id, state)
         WHERE state IN (%(active)s);
@@ -152,11 +154,17 @@ MIGRATIONS = [
         INSERT INTO counters(name, value) VALUES ('tasks_' || NEW.state, 1)
         ON CONFLICT(name) DO UPDATE SET value = value + 1;
     END;
-    """ % {"active": _sql_list(ACTIVE_STATES), "terminal": _sql_list(TERMINAL_STATES),
-           "unsuccessful": _sql_list(set(TERMINAL_STATES) - {COMPLETED}), "now": NOW},
+    """ % {"active": sql_list(ACTIVE_STATES), "terminal": sql_list(TERMINAL_STATES),
+           "unsuccessful": sql_list(set(TERMINAL_STATES) - {COMPLETED}), "now": NOW},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# SQLite uses a partial index only when the query names its condition
+# literally, never through bound parameters: queries that look for queued or
+# active tasks among many use these fragments.
+QUEUED_SQL = "state = '%s'" % QUEUED
+ACTIVE_SQL = "state IN (%s)" % sql_list(ACTIVE_STATES)
 
 
 def connect(path):

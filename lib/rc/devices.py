@@ -1,7 +1,7 @@
 """Devices: what a worker tells about itself, whether it is connected, and
 its heartbeat history. Writes here run inside a transaction the caller holds."""
 from rc import db
-from rc.states import ACTIVE_STATES, ONLINE
+from rc.states import ONLINE
 
 DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores, memory_gb,"
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
@@ -105,8 +105,8 @@ def get(connection, device_id):
 def list_devices_where(connection, clause, parameters):
     rows = connection.execute(
         "SELECT %s, (SELECT count(*) FROM tasks t WHERE t.device_id = d.device_id"
-        " AND t.state IN (?, ?)) AS active_tasks FROM devices d WHERE %s"
-        " ORDER BY d.device_id" % (prefixed(DEVICE_COLUMNS, "d."), clause), ACTIVE_STATES + tuple(parameters))
+        " AND t.%s) AS active_tasks FROM devices d WHERE %s ORDER BY d.device_id"
+        % (prefixed(DEVICE_COLUMNS, "d."), db.ACTIVE_SQL, clause), tuple(parameters))
     return [device_dict(row) for row in rows]
 
 

@@ -6,9 +6,9 @@ slots, and the tasks ahead in the queue (like HTCondor's
 `condor_q -better-analyze`)."""
 import time
 
-from rc import devices, tasks
+from rc import db, devices, tasks
 from rc.render import age
-from rc.states import ASSIGNED, ONLINE, QUEUED, RUNNING, TERMINAL_STATES
+from rc.states import ASSIGNED, INSTANT_TASK_TYPES, ONLINE, RUNNING, TERMINAL_STATES
 
 
 def why(connection, task_id, now=None):
@@ -56,7 +56,8 @@ def why_queued(connection, task, now):
         return "none of the %d online devices fits: %s." % (len(online), "; ".join(
             "%s (%s)" % (reason, count_of(names, "device"))
             for reason, names in sorted(refusals.items(), key=lambda item: -len(item[1]))))
-    free = [d for d in fitting if d["slots"] > d["active_tasks"]]
+    instant = task["task_type"] in INSTANT_TASK_TYPES     # needs no slot
+    free = [d for d in fitting if instant or d["slots"] > d["active_tasks"]]
     ahead = tasks_ahead(connection, task)
     names = ", ".join(d["device_id"] for d in fitting[:5])
     if not free:
@@ -78,9 +79,9 @@ def unmet(task, device):
 
 def tasks_ahead(connection, task):
     return connection.execute(
-        "SELECT count(*) FROM tasks WHERE state = ? AND (priority > ? OR (priority = ?"
-        " AND task_id < ?))", (QUEUED, db_priority(task), db_priority(task),
-                                task["task_id"])).fetchone()[0]
+        "SELECT count(*) FROM tasks WHERE %s AND (priority > ? OR (priority = ?"
+        " AND task_id < ?))" % db.QUEUED_SQL,
+        (db_priority(task), db_priority(task), task["task_id"])).fetchone()[0]
 
 
 def db_priority(task):

@@ -12,7 +12,7 @@ import time
 from rc import config as config_module
 from rc import db, devices, tasks
 from rc.log import Logger
-from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
+from rc.states import CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
@@ -26,16 +26,15 @@ def sweep(connection, config, log, now):
                                (OFFLINE, device_id))
             log.warning("device_offline", device_id=device_id, reason=why)
         take_back(connection, config, log, now, TASK_ROW +
-                  " WHERE state IN (?, ?) AND device_id IN"
-                  " (SELECT device_id FROM devices WHERE status = ?)",
-                  (ASSIGNED, RUNNING, OFFLINE), "device {device_id} offline")
+                  " WHERE %s AND device_id IN (SELECT device_id FROM devices"
+                  " WHERE status = ?)" % db.ACTIVE_SQL, (OFFLINE,), "device {device_id} offline")
         take_back(connection, config, log, now, TASK_ROW +
-                  " WHERE state IN (?, ?) AND lease_expires < ?",
-                  (ASSIGNED, RUNNING, now), "lease on {device_id} expired")
+                  " WHERE %s AND lease_expires < ?" % db.ACTIVE_SQL,
+                  (now,), "lease on {device_id} expired")
         take_back(connection, config, log, now, TASK_ROW +
-                  " WHERE cancel_requested = 1 AND state IN (?, ?) AND device_id IN"
-                  " (SELECT device_id FROM devices WHERE connected = 0)",
-                  (ASSIGNED, RUNNING), "device {device_id} not connected")
+                  " WHERE %s AND cancel_requested = 1 AND device_id IN"
+                  " (SELECT device_id FROM devices WHERE connected = 0)" % db.ACTIVE_SQL,
+                  (), "device {device_id} not connected")
         fail_overdue(connection, log, now, config.timeout_grace)
 
 
@@ -64,7 +63,8 @@ def fail_overdue(connection, log, now, grace):
     """The main node's backstop for the worker's own timeout."""
     rows = connection.execute(
         "SELECT task_id, attempt, device_id, timeout, cancel_requested FROM tasks"
-        " WHERE state = ? AND started_at + timeout + ? < ?", (RUNNING, grace, now)).fetchall()
+        " WHERE %s AND state = ? AND started_at + timeout + ? < ?" % db.ACTIVE_SQL,
+        (RUNNING, grace, now)).fetchall()
     for row in rows:
         state = CANCELLED if row["cancel_requested"] else TIMED_OUT
         error = "no result %gs after its %gs timeout" % (grace, row["timeout"])

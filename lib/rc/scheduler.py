@@ -10,7 +10,7 @@ import time
 from rc import config as config_module
 from rc import db, devices, tasks
 from rc.log import Logger
-from rc.states import ACTIVE_STATES, ASSIGNED, ONLINE, QUEUED
+from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
 
 BATCH = 2000          # queued tasks looked at per pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
@@ -21,57 +21,69 @@ DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
 
 
 class Slots:
-    """The online, connected devices and how many tasks each can still take."""
+    """The online, connected devices and how many tasks each can still take:
+    `free` slots for tasks that run a while, `instant_free` for the instant
+    types, which the worker answers at once without a slot."""
 
-    def __init__(self, connection):
+    def __init__(self, connection, instant_per_slot):
         self.devices = devices.list_devices_where(
             connection, "d.status = ? AND d.connected = 1", (ONLINE,))
+        instant_held = dict(connection.execute(
+            "SELECT device_id, count(*) FROM tasks WHERE %s AND task_type IN (%s)"
+            " GROUP BY device_id" % (db.ACTIVE_SQL, db.sql_list(INSTANT_TASK_TYPES))))
         for device in self.devices:
-            device["free"] = device["slots"] - device["active_tasks"]
-        self.devices = [device for device in self.devices if device["free"] > 0]
-        self.free = sum(device["free"] for device in self.devices)
+            instant = instant_held.get(device["device_id"], 0)
+            device["free"] = device["slots"] - (device["active_tasks"] - instant)
+            device["instant_free"] = device["slots"] * instant_per_slot - instant
+        self.free = sum(max(0, d["free"]) + max(0, d["instant_free"]) for d in self.devices)
 
-    def take(self, device):
-        device["free"] -= 1
+    def take(self, device, task_type):
+        device["instant_free" if task_type in INSTANT_TASK_TYPES else "free"] -= 1
         self.free -= 1
 
     def best_for(self, task_type, requirements):
         """The fitting device that should take the task next: the most free
         slots, so a batch spreads out, then the least busy CPU, then the
         fastest (when the worker reported a speed)."""
+        room = "instant_free" if task_type in INSTANT_TASK_TYPES else "free"
         best, best_rank = None, None
         for device in self.devices:
-            if device["free"] <= 0 or task_type not in device["task_types"]:
+            if device[room] <= 0 or task_type not in device["task_types"]:
                 continue
             if requirements and tasks.unmet_requirements(requirements, device):
                 continue
-            rank = preference(device)
+            rank = preference(device, room)
             if best is None or rank > best_rank:
                 best, best_rank = device, rank
         return best
 
 
-def preference(device):
+def preference(device, room):
     metrics = device["metrics"].get("system_metrics", device["metrics"])
     specs = device["profile"].get("hardware_specs") or {}
     cpu_busy = metrics.get("cpu_percent")
     speed = specs.get("cpu_speed")
-    return (device["free"],
+    return (device[room],
             -cpu_busy if isinstance(cpu_busy, (int, float)) else -50.0,
             speed if isinstance(speed, (int, float)) else 0.0)
 
 
-def schedule(connection, now, log, accept_timeout):
+def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
     """One pass: assign what fits now. Returns how many tasks were assigned."""
+    if not connection.execute("SELECT 1 FROM tasks WHERE %s AND not_before <= ? LIMIT 1"
+                              % db.QUEUED_SQL, (now,)).fetchone():
+        return 0      # the common case when idle: no transaction at all
     with db.write(connection):
-        slots = Slots(connection)
-        if not slots.devices:
+        slots = Slots(connection, instant_per_slot)
+        if slots.free <= 0:
             return 0
+        # Read lazily: with thousands queued and a few free slots, a pass
+        # should touch a few rows, not the whole queue.
         queued = connection.execute(
             "SELECT task_id, attempt, task_type, requirements FROM tasks"
-            " WHERE state = ? AND not_before <= ? AND %s"
-            " ORDER BY priority DESC, task_id LIMIT ?" % DEPENDENCIES_MET,
-            (QUEUED, now, BATCH)).fetchall()
+            " WHERE %s AND not_before <= ? AND %s"
+            " ORDER BY priority DESC, task_id LIMIT ?" % (db.QUEUED_SQL, DEPENDENCIES_MET),
+            (now, BATCH))
         assigned = 0
         for task in queued:
             device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
@@ -83,7 +95,7 @@ def schedule(connection, now, log, accept_timeout):
                 " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
                 (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
                  task["task_id"], task["attempt"], QUEUED))
-            slots.take(device)
+            slots.take(device, task["task_type"])
             assigned += 1
             if slots.free == 0:
                 break
@@ -93,8 +105,8 @@ def schedule(connection, now, log, accept_timeout):
 
 
 def next_backoff_end(connection, now):
-    row = connection.execute("SELECT min(not_before) AS t FROM tasks WHERE state = ?"
-                             " AND not_before > ?", (QUEUED, now)).fetchone()
+    row = connection.execute("SELECT min(not_before) AS t FROM tasks WHERE %s"
+                             " AND not_before > ?" % db.QUEUED_SQL, (now,)).fetchone()
     return row["t"]
 
 
@@ -108,7 +120,7 @@ def run(config, log, should_stop):
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            schedule(connection, now, log, config.accept_timeout)
+            schedule(connection, now, log, config.accept_timeout, config.instant_per_slot)
             # Our own commit does not change data_version for us; nothing to undo.
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK

@@ -319,8 +319,8 @@ class Server:
                            now + self.config.lease_duration)
         replies = [(HEARTBEAT_ACK, {})]
         held = {(row["task_id"], row["attempt"]): row for row in self.database.execute(
-            "SELECT %s FROM tasks WHERE device_id = ? AND state IN (?, ?)"
-            % tasks.LEASE_COLUMNS, (peer.device_id, ASSIGNED, RUNNING))}
+            "SELECT %s FROM tasks WHERE device_id = ? AND %s"
+            % (tasks.LEASE_COLUMNS, db.ACTIVE_SQL), (peer.device_id,))}
         for key, row in held.items():
             # Running here, yet the worker no longer has it: it restarted or lost it.
             if row["state"] == RUNNING and key not in active:
@@ -392,7 +392,7 @@ class Server:
         self.last_scan = time.monotonic()
         rows = self.database.execute(
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
-            " cancel_requested FROM tasks WHERE state IN (?, ?)", (ASSIGNED, RUNNING)).fetchall()
+            " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
         for row in rows:
             peer = self.peers_by_device.get(row["device_id"])
             if peer is None:

@@ -30,6 +30,9 @@ PRIORITY_NAMES = {number: name for name, number in PRIORITIES.items()}
 
 # -- task types the worker knows ----------------------------------------------
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
+# Types the worker runs inside itself in microseconds: they take no slot, so
+# a device busy with long tasks still answers them at once.
+INSTANT_TASK_TYPES = ("echo", "system_info")
 # The one payload field each type takes from the command line (None: no argument).
 PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
                  "python_eval": "expression", "python_exec": "code",
