@@ -82,6 +82,10 @@ DRAIN_GRACE = 2.0               # seconds to read what an exited task left in it
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
 READ_SIZE = 256 * 1024          # bytes per read from the socket or a pipe
 MAX_ERROR_CHARS = 2000          # a result's error message is cut to this length
+PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of one task
+PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress
+PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
+WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
 CAPABILITY_TOOLS = ("python3", "gcc", "git", "docker", "ffmpeg", "nvidia-smi", "make", "curl")
 
 # States of the connection to the main node, in the order they happen.
@@ -188,16 +192,63 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def positive_or_none(value):
+    return float(value) if is_number(value) and value > 0 else None
+
+
 def jitter():
     """A random factor in [0.5, 1], so that many workers do not reconnect in step."""
     return 0.5 + int.from_bytes(os.urandom(2), "big") / 131070.0
 
 
 def kill_group(pgid):
+    """SIGKILL a process group; True if it had a process to signal."""
     try:
         os.killpg(pgid, signal.SIGKILL)
+        return True
     except OSError:      # already gone, or only zombies left (macOS says EPERM)
-        pass
+        return False
+
+
+def sleep_aware_clock():
+    """A monotonic clock that keeps counting while the machine is suspended,
+    which time.monotonic() does not on Linux and macOS: a laptop that slept
+    through its lease must notice, or it would go on with tasks that the main
+    node has given to another device."""
+    clock_id = {"linux": 7, "android": 7,            # CLOCK_BOOTTIME (named in 3.7+)
+                "darwin": getattr(time, "CLOCK_MONOTONIC", None)}.get(sys.platform)
+    try:
+        time.clock_gettime(clock_id)
+    except (AttributeError, TypeError, OSError):
+        return time.monotonic
+    return lambda: time.clock_gettime(clock_id)
+
+
+contact_clock = sleep_aware_clock()
+
+
+PROGRESS_MARK = b"PROGRESS "     # how a task's stdout line reporting progress begins
+
+
+def parse_progress(line):
+    """(percent, message) from a stdout line such as b"PROGRESS 42", b"PROGRESS 42.5%"
+    or b"PROGRESS 3/10 copying" (30.0), or None when it is not one."""
+    fields = line.decode("utf-8", "replace").split(None, 2)
+    if len(fields) < 2 or fields[0] != "PROGRESS":
+        return None
+    amount = fields[1]
+    try:
+        if "/" in amount:
+            done, total = amount.split("/")
+            percent = 100.0 * float(done) / float(total)
+        else:
+            percent = float(amount[:-1] if amount.endswith("%") else amount)
+    except (ValueError, ZeroDivisionError):
+        return None
+    if percent != percent:      # NaN
+        return None
+    message = fields[2].strip() if len(fields) > 2 else ""
+    return min(max(percent, 0.0), 100.0), message[:PROGRESS_MESSAGE_MAX]
 
 
 ###############################################################################
@@ -468,7 +519,7 @@ class Task(object):
         worker.finish(self, outcome, error=outcome.replace("_", " "))
 
     def abandon(self, worker):
-        """The worker is exiting: leave nothing behind."""
+        """Stop at once, leave nothing behind, and report nothing."""
 
 
 class EchoTask(Task):
@@ -522,6 +573,11 @@ class ProcessTask(Task):
     truncated = False
     cpu_time = 0.0
     peak_memory_kb = None
+    # Stdout is read line by line for PROGRESS lines (see parse_progress).
+    unfinished = b""         # the start of a line that may yet be a PROGRESS line
+    line_start = True        # the next byte of stdout begins a line
+    progress = None          # the latest task_progress data, not sent yet
+    progress_sent = float("-inf")   # when the previous one was sent (monotonic seconds)
 
     def command(self, value):
         """The argv; may write files into self.workdir."""
@@ -541,6 +597,7 @@ class ProcessTask(Task):
             self.remove_workdir()
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
+        worker.watchdog.group_started(self.proc.pid)
         self.cap = worker.options.output_cap
         self.pipes = {}         # fd -> file object, while open
         self.buffers = {}       # fd -> what was read, up to the cap
@@ -566,6 +623,11 @@ class ProcessTask(Task):
             self.close_pipe(worker, fd)
             self.maybe_done(worker)
             return
+        if fd == self.stream_fds[0]:
+            chunk = self.without_progress(worker, chunk)
+        self.keep(fd, chunk)
+
+    def keep(self, fd, chunk):
         buffer = self.buffers[fd]
         room = self.cap - len(buffer)
         if len(chunk) > room:
@@ -574,9 +636,55 @@ class ProcessTask(Task):
             chunk = chunk[:max(room, 0)]
         buffer += chunk
 
+    def without_progress(self, worker, chunk):
+        """Stdout less its PROGRESS lines, which become task_progress frames."""
+        data = self.unfinished + chunk
+        end = data.rfind(b"\n") + 1
+        lines, tail = data[:end], data[end:]
+        if PROGRESS_MARK in lines:
+            lines = self.take_progress(worker, lines)
+        # Hold back an unfinished line only while it may still be a PROGRESS
+        # line, so that memory stays bounded and the output in order.
+        if ((self.line_start or end) and len(tail) < PROGRESS_LINE_MAX
+                and (tail.startswith(PROGRESS_MARK) or PROGRESS_MARK.startswith(tail))):
+            self.unfinished, self.line_start = tail, True
+            return lines
+        self.unfinished, self.line_start = b"", False
+        return lines + tail
+
+    def take_progress(self, worker, lines):
+        kept = []
+        for number, line in enumerate(lines[:-1].split(b"\n")):
+            parsed = None
+            if ((number or self.line_start) and line.startswith(PROGRESS_MARK)
+                    and len(line) < PROGRESS_LINE_MAX):
+                parsed = parse_progress(line)
+            if parsed is None:
+                kept.append(line + b"\n")
+            else:
+                self.progress = {"task_id": self.key[0], "attempt": self.key[1],
+                                 "progress": parsed[0], "message": parsed[1]}
+                self.send_progress(worker, time.monotonic())
+        return b"".join(kept)
+
+    def progress_due(self):
+        """When the latest progress may be sent (monotonic seconds), or None."""
+        if self.progress is None or self.reaped or self.ending:
+            return None     # nothing new, or the result (which implies 100) comes next
+        return self.progress_sent + PROGRESS_INTERVAL
+
+    def send_progress(self, worker, now):
+        due = self.progress_due()
+        if due is not None and now >= due:
+            worker.tell(TASK_PROGRESS, self.progress)
+            self.progress, self.progress_sent = None, now
+
     def close_pipe(self, worker, fd):
         worker.selector.unregister(fd)
         self.pipes.pop(fd).close()
+        if fd == self.stream_fds[0]:        # a last line without a newline is output
+            self.keep(fd, self.unfinished)
+            self.unfinished = b""
 
     def poll(self, worker):
         if self.proc is None or self.reaped:
@@ -591,19 +699,20 @@ class ProcessTask(Task):
             # The unreaped leader keeps its group id reserved, so this cannot hit
             # a stranger: whatever the task left running ends with it.
             kill_group(pid)
-            self.record_exit(os.wait4(pid, 0))
+            self.record_exit(worker, os.wait4(pid, 0))
         else:
             status = os.wait4(pid, os.WNOHANG)
             if status[0] == 0:
                 return
             kill_group(pid)
-            self.record_exit(status)
+            self.record_exit(worker, status)
         self.drain_until = time.monotonic() + DRAIN_GRACE
         self.maybe_done(worker)
 
-    def record_exit(self, wait_status):
+    def record_exit(self, worker, wait_status):
         _, status, usage = wait_status
         self.reaped = True
+        worker.watchdog.group_ended(self.proc.pid)
         if os.WIFSIGNALED(status):
             self.exit_code = -os.WTERMSIG(status)
         else:
@@ -617,11 +726,14 @@ class ProcessTask(Task):
     def wake_at(self):
         if self.reaped:
             return self.drain_until
-        return None if self.ending else self.deadline
+        times = [t for t in (self.deadline, self.progress_due()) if t is not None]
+        return None if self.ending or not times else min(times)
 
     def on_time(self, worker, now):
-        if self.reaped:       # something it started still holds its pipes open
-            self.conclude(worker)
+        self.send_progress(worker, now)
+        if self.reaped:
+            if now >= self.drain_until:   # something it started still holds its pipes open
+                self.conclude(worker)
         elif self.deadline is not None and now >= self.deadline:
             self.stop(worker, OUTCOME_TIMED_OUT)
 
@@ -670,9 +782,9 @@ class ProcessTask(Task):
         if self.proc is not None and not self.reaped:
             kill_group(self.proc.pid)
             try:
-                self.record_exit(os.wait4(self.proc.pid, 0))
+                self.record_exit(worker, os.wait4(self.proc.pid, 0))
             except ChildProcessError:
-                pass
+                worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
         self.remove_workdir()
@@ -762,6 +874,115 @@ TASK_CLASSES = {cls.task_type: cls for cls in (
     EchoTask, SleepTask, SystemInfoTask, PythonEvalTask, PythonExecTask, ShellTask)}
 
 ###############################################################################
+# The watchdog: no orphaned tasks when the worker is killed ###################
+###############################################################################
+# Each task runs in a session of its own, so nothing ends it when the worker is
+# killed with SIGKILL. A forked process reads "+PGID" and "-PGID" lines from a
+# pipe; end of file means the worker is gone, however it died.
+
+class Watchdog(object):
+    pid = None
+    fd = None       # the pipe's write end, while the watchdog is there
+
+    def start(self):
+        """Fork it; call before any socket is opened, so it holds none."""
+        if not hasattr(os, "fork"):
+            return
+        read_fd, write_fd = os.pipe()        # not inherited by the tasks
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(read_fd)
+            os.close(write_fd)
+            log("warning", "watchdog_not_started", error=str(e))
+            return
+        if pid == 0:
+            try:
+                os.close(write_fd)
+                watch(read_fd)
+            finally:
+                os._exit(0)
+        os.close(read_fd)
+        self.pid, self.fd = pid, write_fd
+
+    def group_started(self, pgid):
+        self.tell(b"+%d\n" % pgid)
+
+    def group_ended(self, pgid):
+        self.tell(b"-%d\n" % pgid)
+
+    def tell(self, line):
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, line)
+        except OSError as e:     # it was killed: carry on without it
+            log("warning", "watchdog_lost", error=str(e))
+            self.stop()
+
+    def stop(self):
+        """Close the pipe (the watchdog exits on EOF) and reap it."""
+        if self.fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        give_up = time.monotonic() + WATCHDOG_EXIT_WAIT
+        while time.monotonic() < give_up:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+
+
+def watch(read_fd):
+    """The watchdog's life. It imports nothing, and in a session of its own and
+    deaf to SIGINT, SIGTERM and SIGHUP it outlives the worker until EOF."""
+    os.setsid()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    close_all_but(read_fd)
+    groups, pending = set(), b""
+    while True:
+        try:
+            chunk = os.read(read_fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            try:
+                pgid = int(line[1:])
+            except ValueError:
+                continue
+            (groups.add if line[:1] == b"+" else groups.discard)(pgid)
+    killed = [pgid for pgid in sorted(groups) if kill_group(pgid)]
+    if killed:
+        log("warning", "orphans_killed", pgids=killed)
+
+
+def close_all_but(keep):
+    """Close every descriptor except stdin, stdout, stderr and `keep`."""
+    for directory in ("/proc/self/fd", "/dev/fd"):     # the open ones only
+        try:
+            fds = [int(name) for name in os.listdir(directory)]
+            break
+        except (OSError, ValueError):
+            pass
+    else:       # the limit may be "unlimited": trying each number could take minutes
+        fds = range(3, 65536)
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+###############################################################################
 # The worker: one selectors loop for the connection, the tasks and signals ####
 ###############################################################################
 
@@ -777,6 +998,12 @@ class Worker(object):
         self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
         self.heartbeat_interval = options.heartbeat
         self.stop_signal = None
+        self.watchdog = Watchdog()     # started by run(), not by the self-test
+        # Self-fencing (see check_fence). Times are on contact_clock().
+        self.fence_interval = None     # from register_ack; None: never
+        self.disconnect_fence = None   # from register_ack; None: never
+        self.last_contact = None       # the last frame on a registered connection
+        self.lost_at = None            # when the connection was lost, until registered again
         # The connection to the main node.
         self.sock = None
         self.state = DISCONNECTED
@@ -792,17 +1019,22 @@ class Worker(object):
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
+        self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,
             main_node="%s:%d" % self.options.join, task_types=list(self.options.task_types),
-            slots=self.options.slots, python=sys.version.split()[0])
+            slots=self.options.slots, python=sys.version.split()[0], watchdog=self.watchdog.pid)
         while self.stop_signal is None:
             self.turn()
         self.shutdown()
         return 0
 
     def turn(self):
-        for key, mask in self.selector.select(self.select_timeout()):
+        events = self.selector.select(self.select_timeout())
+        # Before any frame is read or result sent: after a freeze (SIGSTOP, a
+        # suspended laptop) the main node may have given our tasks to another device.
+        self.check_fence()
+        for key, mask in events:
             key.data(mask)
         for task in list(self.running.values()):
             task.poll(self)
@@ -814,6 +1046,9 @@ class Worker(object):
         now = time.monotonic()
         times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit()]
         times.extend(task.wake_at() for task in self.running.values())
+        fence_in = self.fence_in()
+        if fence_in is not None:
+            times.append(now + fence_in)
         times = [t for t in times if t is not None]
         # A child's exit normally wakes us through SIGCHLD; polling each second
         # covers a platform where that signal does not arrive.
@@ -835,6 +1070,41 @@ class Worker(object):
             wake_at = task.wake_at()
             if wake_at is not None and now >= wake_at:
                 task.on_time(self, now)
+
+    # -- self-fencing: give tasks up before the main node gives them away -------
+
+    def fence_in(self):
+        """Seconds until our tasks must be killed unheard, or None."""
+        if not (self.running or self.queued):
+            return None
+        limits = []
+        if self.fence_interval and self.last_contact is not None:
+            limits.append(self.last_contact + self.fence_interval)
+        if self.disconnect_fence and self.lost_at is not None:
+            limits.append(self.lost_at + self.disconnect_fence)
+        return min(limits) - contact_clock() if limits else None
+
+    def check_fence(self):
+        fence_in = self.fence_in()
+        if fence_in is None or fence_in > 0:
+            return
+        now = contact_clock()
+        if self.disconnect_fence and self.lost_at is not None \
+                and now - self.lost_at >= self.disconnect_fence:
+            reason = "disconnected for %.1f s" % (now - self.lost_at)
+        else:
+            reason = "nothing from the main node for %.1f s" % (now - self.last_contact)
+        # No task_result: the main node requeues these attempts on its own.
+        for task in list(self.running.values()) + list(self.queued.values()):
+            self.drop(task, "task_fenced", reason)
+        self.running.clear()
+        self.queued.clear()
+
+    def drop(self, task, event, reason):
+        """End a task without a result: kill what it runs, and log it."""
+        task.abandon(self)
+        log("warning", event, task_id=task.key[0], attempt=task.key[1],
+            device_id=self.device_id, task_type=task.task_type, reason=reason)
 
     def silence_limit(self):
         if self.state != READY:
@@ -870,11 +1140,12 @@ class Worker(object):
         log("info", "worker_stopping", signal=self.stop_signal, running=len(self.running),
             unacknowledged=len(self.unacked))
         for task in list(self.running.values()):
-            task.abandon(self)
+            self.drop(task, "task_abandoned", "the worker is stopping")
         self.running.clear()
         if self.sock is not None:
             self.flush()
             self.sock.close()
+        self.watchdog.stop()
         log("info", "worker_stopped")
 
     # -- the connection ----------------------------------------------------------
@@ -941,6 +1212,8 @@ class Worker(object):
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.auth_deadline = self.next_heartbeat = None
+        if self.lost_at is None:
+            self.lost_at = contact_clock()
         delay = self.backoff * jitter()
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         self.connect_at = time.monotonic() + delay
@@ -958,9 +1231,12 @@ class Worker(object):
             self.disconnect("closed by the main node")
             return
         self.last_heard = time.monotonic()
+        contact = contact_clock()
         self.inbox += chunk
         sock = self.sock
         for line in self.take_frames():
+            if self.state == READY:     # only a main node that proved the token counts
+                self.last_contact = contact
             self.on_frame(line)
             if self.sock is not sock:     # that frame ended the connection
                 return
@@ -1066,12 +1342,18 @@ class Worker(object):
         interval = data.get("heartbeat_interval")
         if is_number(interval) and interval > 0:
             self.heartbeat_interval = float(interval)
+        # Kept through later disconnections; a main node that sends none wants no fencing.
+        self.fence_interval = positive_or_none(data.get("fence_interval"))
+        self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
+        self.last_contact = contact_clock()
+        self.lost_at = None
         self.state = READY
         self.auth_deadline = None
         self.backoff = BACKOFF_START
         log("info", "registered", device_id=self.device_id, resending=len(self.unacked),
             active_tasks=len(self.running) + len(self.queued),
-            heartbeat_interval=self.heartbeat_interval)
+            heartbeat_interval=self.heartbeat_interval, fence_interval=self.fence_interval,
+            disconnect_fence=self.disconnect_fence)
         for result in self.unacked.values():
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
@@ -1128,8 +1410,8 @@ class Worker(object):
             if task.timeout:
                 task.deadline = task.started + task.timeout
             self.tell(TASK_ACCEPT, {"task_id": key[0], "attempt": key[1]})
-            log("debug" if task.quiet else "info", "task_started", task_id=key[0],
-                attempt=key[1], task_type=task.task_type)
+            log(self.task_log_level(task), "task_started", task_id=key[0], attempt=key[1],
+                device_id=self.device_id, task_type=task.task_type)
             try:
                 task.start(self)
             except BadPayload as e:
@@ -1139,10 +1421,13 @@ class Worker(object):
         self.running.pop(task.key, None)
         data = result_data(task.key, status, error, execution_time=task.elapsed(), **result)
         self.report(fit_result(data, self.device_id))
-        log("debug" if task.quiet and status == OUTCOME_COMPLETED else "info",
-            "task_finished", task_id=task.key[0], attempt=task.key[1],
-            task_type=task.task_type, status=status, error=error,
-            execution_time=data["result"]["execution_time"])
+        log(self.task_log_level(task, status), "task_finished", task_id=task.key[0],
+            attempt=task.key[1], device_id=self.device_id, task_type=task.task_type,
+            status=status, error=error, execution_time=data["result"]["execution_time"])
+
+    def task_log_level(self, task, status=OUTCOME_COMPLETED):
+        quiet = task.quiet and status == OUTCOME_COMPLETED and not self.options.log_tasks
+        return "debug" if quiet else "info"
 
     def report(self, data):
         """Send a task_result, and keep it until the main node acknowledges it."""
@@ -1282,6 +1567,9 @@ def parse_args(argv=None):
                         " stderr (default: %(default)d)")
     parser.add_argument("--log-level", choices=sorted(LOG_LEVELS, key=LOG_LEVELS.get),
                         default="info")
+    parser.add_argument("--log-tasks", action="store_true",
+                        help="log the start and end of every task at info level, echo"
+                        " included (it is logged at debug level otherwise)")
     parser.add_argument("--self-test", action="store_true",
                         help="print the profile, run each task type locally, and exit")
     parser.add_argument("--version", action="version", version=__version__)

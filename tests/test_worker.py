@@ -66,11 +66,18 @@ class Link:
 
     def recv(self, timeout=WAIT):
         """The next envelope; None when the worker closed the connection."""
+        envelope = self.try_recv(timeout)
+        if envelope == "timeout":
+            raise AssertionError("no frame from the worker within %g s" % timeout)
+        return envelope
+
+    def try_recv(self, timeout):
+        """The next envelope, None when the worker closed the connection, or "timeout"."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError("no frame from the worker within %g s" % timeout)
+                return "timeout"
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
@@ -83,6 +90,23 @@ class Link:
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
+
+    def pump(self, seconds, keep_alive=True, until=None):
+        """Every frame the worker sends for `seconds` (or until `until()`); with
+        keep_alive, a heartbeat_ack every 0.2 s, so the worker hears from us."""
+        frames = []
+        deadline = time.monotonic() + seconds
+        next_ack = 0
+        while time.monotonic() < deadline and not (until and until()):
+            if keep_alive and time.monotonic() >= next_ack:
+                self.send("heartbeat_ack", {})
+                next_ack = time.monotonic() + 0.2
+            envelope = self.try_recv(0.05)
+            if envelope is None:
+                break
+            if envelope != "timeout":
+                frames.append(envelope)
+        return frames
 
     def next(self, timeout=WAIT):
         """The next frame that is not a heartbeat (heartbeats are acknowledged)."""
@@ -100,7 +124,7 @@ class Link:
         assert envelope["sender_id"] == DEVICE_ID
         return envelope["data"]
 
-    def handshake(self, prove=True, heartbeat_interval=60):
+    def handshake(self, prove=True, heartbeat_interval=60, **fencing):
         server_nonce = os.urandom(16).hex()
         self.send("hello", {"nonce": server_nonce, "protocol": 1})
         register = self.expect("register")
@@ -110,7 +134,8 @@ class Link:
         if not prove:
             proof = server_proof("some other token", server_nonce, register["nonce"],
                                  register["device_id"])
-        self.send("register_ack", {"proof": proof, "heartbeat_interval": heartbeat_interval})
+        self.send("register_ack", dict(fencing, proof=proof,
+                                       heartbeat_interval=heartbeat_interval))
         self.register = register
         return register
 
@@ -120,9 +145,11 @@ class Link:
                                   "timeout": timeout, "priority": "normal"})
 
     def results(self, count, timeout=WAIT):
-        """The next `count` task_results by task id; accepts are noted on the side."""
+        """The next `count` task_results by task id; accepts and progress are
+        noted on the side."""
         results = {}
         self.accepted = getattr(self, "accepted", set())
+        self.progress = getattr(self, "progress", [])
         while len(results) < count:
             envelope = self.next(timeout)
             assert envelope is not None, "worker closed the connection"
@@ -131,6 +158,8 @@ class Link:
                 self.accepted.add((data["task_id"], data["attempt"]))
             elif kind == "task_result":
                 results[data["task_id"]] = data
+            elif kind == "task_progress":
+                self.progress.append(data)
             else:
                 raise AssertionError("unexpected %s" % envelope)
         return results
@@ -176,6 +205,12 @@ class WorkerProcess:
     def log(self):
         with open(self.log_path) as f:
             return [json.loads(line) if line.startswith("{") else {"raw": line} for line in f]
+
+    def events(self, name):
+        return [entry for entry in self.log() if entry.get("event") == name]
+
+    def watchdog_pid(self):
+        return self.events("worker_started")[0]["watchdog"]
 
     def stop(self):
         """SIGTERM, as supervisord would; the worker must exit 0."""
@@ -472,8 +507,179 @@ def test_sigterm_kills_running_tasks_and_exits_0(main, spawn, python, tmp_path):
     link.expect("task_accept")
     assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip())
     child = int(pid_file.read_text())
+    watchdog = worker.watchdog_pid()
+    assert not process_gone(watchdog)
     assert worker.stop() == 0
     assert wait_until(lambda: process_gone(child))
+    assert process_gone(watchdog), "the watchdog outlived a clean exit"
+    assert not worker.events("orphans_killed")       # the worker cleaned up itself
+
+
+# -- self-fencing, progress, the watchdog, task log lines ------------------------
+
+def task_pids(path):
+    """The pids a shell task wrote to `path`: itself (its group) and its child."""
+    assert wait_until(lambda: path.exists() and len(path.read_text().split()) == 2)
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def background_task(path):
+    return {"command": "sleep 30 & echo $$ $! > %s; wait" % path}
+
+
+def assert_fenced(worker, frames, *task_ids):
+    assert not [f for f in frames if f["message_type"] == "task_result"], frames
+    # The worker logs once it has reaped what it killed.
+    wait_until(lambda: len(worker.events("task_fenced")) >= len(task_ids))
+    fenced = worker.events("task_fenced")
+    assert sorted(e["task_id"] for e in fenced) == sorted(task_ids), fenced
+    for entry in fenced:
+        assert entry["level"] == "warning" and entry["attempt"] == 1
+        assert entry["device_id"] == DEVICE_ID and entry["reason"]
+
+
+@detailed
+def test_fencing_while_connected(main, spawn, python, tmp_path):
+    worker, link = registered(main, spawn, python, fence_interval=1.5)
+    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    silent_since = time.monotonic()        # from here on the main node says nothing
+    pids = task_pids(tmp_path / "pids")
+    frames = link.pump(4, keep_alive=False, until=lambda: all(map(process_gone, pids)))
+    assert all(map(process_gone, pids)), "the fenced task is still running"
+    assert 1.4 < time.monotonic() - silent_since < 3.5
+    frames += link.pump(0.3, keep_alive=False)
+    assert [f["message_type"] for f in frames if f["message_type"] != "heartbeat"] \
+        == ["task_accept"]
+    assert_fenced(worker, frames, 1)
+    # The connection is still good, and so is the worker.
+    assert link.run("echo", {"message": "after"}, task_id=2)["status"] == "completed"
+
+
+@detailed
+def test_fencing_after_disconnect(main, spawn, python, tmp_path):
+    worker, link = registered(main, spawn, python, fence_interval=60, disconnect_fence=1)
+    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    pids = task_pids(tmp_path / "pids")
+    frames = link.pump(0.2)
+    link.close()
+    main.listener.close()                   # and no reconnecting
+    lost = time.monotonic()
+    assert wait_until(lambda: all(map(process_gone, pids)), timeout=3.5)
+    assert 0.8 < time.monotonic() - lost < 3.0
+    assert_fenced(worker, frames, 1)
+    assert "disconnected" in worker.events("task_fenced")[0]["reason"]
+
+
+@detailed
+def test_fencing_checked_first_after_a_freeze(main, spawn, python, tmp_path):
+    worker, link = registered(main, spawn, python, fence_interval=1)
+    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    link.assign(2, "shell", {"command": "sleep 0.5"})     # ends while the worker is frozen
+    pids = task_pids(tmp_path / "pids")
+    frames = link.pump(0.3)
+    assert [f["message_type"] for f in frames].count("task_accept") == 2
+    worker.proc.send_signal(signal.SIGSTOP)
+    # Our heartbeat_acks wait in the worker's socket: it must not take them as
+    # contact before it has looked at the clock.
+    frames = link.pump(2.5)
+    worker.proc.send_signal(signal.SIGCONT)
+    frames += link.pump(3, until=lambda: all(map(process_gone, pids)))
+    assert all(map(process_gone, pids))
+    frames += link.pump(0.5)
+    assert_fenced(worker, frames, 1, 2)
+
+
+@detailed
+def test_progress_lines(main, spawn, python):
+    _, link = registered(main, spawn, python)
+    code = ("import time\n"
+            "def say(line):\n"
+            "    print(line, flush=True)\n"
+            "say('PROGRESS 1/4 a')\n"      # sent at once
+            "say('PROGRESS 30')\n"         # within 0.5 s: replaced by the next one
+            "say('PROGRESS 40%')\n"        # sent 0.5 s after the first
+            "time.sleep(0.7)\n"
+            "say('PROGRESS 75')\n"
+            "time.sleep(0.7)\n"
+            "print('done')\n")
+    result = link.run("python_exec", {"code": code})
+    assert result["status"] == "completed"
+    assert result["result"]["output"] == "done\n"
+    progress = link.progress
+    assert len(progress) >= 2, progress
+    assert progress[0] == {"task_id": 1, "attempt": 1, "progress": 25.0, "message": "a"}
+    assert progress[-1]["progress"] == 75.0 and progress[-1]["message"] == ""
+    values = [p["progress"] for p in progress]
+    assert values == sorted(values) and 30.0 not in values
+
+
+@detailed
+def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, tmp_path):
+    worker, link = registered(main, spawn, python)
+    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    pids = task_pids(tmp_path / "pids")
+    watchdog = worker.watchdog_pid()
+    worker.proc.kill()
+    worker.proc.wait()
+    assert wait_until(lambda: all(map(process_gone, pids)), timeout=2)
+    assert wait_until(lambda: process_gone(watchdog), timeout=2)
+    assert wait_until(lambda: worker.events("orphans_killed"), timeout=2)
+    assert worker.events("orphans_killed")[0]["pgids"] == [pids[0]]
+
+
+def test_log_tasks_logs_every_task_at_info(main, spawn):
+    for arguments, expected in (((), 0), (("--log-tasks",), 2)):
+        worker, link = registered(main, spawn, sys.executable, "--log-level", "info",
+                                  *arguments)
+        link.run("echo", {"message": "hi"}, task_id=1)
+        worker.stop()           # before it could reconnect to the next accept()
+        link.close()
+        lines = worker.events("task_started") + worker.events("task_finished")
+        assert len(lines) == expected
+        for entry in lines:
+            assert entry["level"] == "info" and entry["device_id"] == DEVICE_ID
+            assert (entry["task_id"], entry["attempt"]) == (1, 1) and entry["time"]
+
+
+# -- the worker's pure functions, imported ---------------------------------------
+
+@pytest.fixture(scope="module")
+def module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rc_worker_module", WORKER)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"PROGRESS 42", (42.0, "")), (b"PROGRESS 42.5", (42.5, "")), (b"PROGRESS 42%", (42.0, "")),
+    (b"PROGRESS 3/10 some message ", (30.0, "some message")), (b"PROGRESS 150", (100.0, "")),
+    (b"PROGRESS -3 x", (0.0, "x")), (b"PROGRESS 1 " + b"m" * 300, (1.0, "m" * 200)),
+    (b"PROGRESS 42\r", (42.0, "")),
+    (b"PROGRESS", None), (b"PROGRESS report", None), (b"PROGRESS 1/0", None),
+    (b"PROGRESS nan", None), (b"PROGRESSIVE 5", None)])
+def test_parse_progress(module, line, expected):
+    assert module.parse_progress(line) == expected
+
+
+def test_progress_lines_split_across_reads(module):
+    class Worker:
+        sent = []
+
+        def tell(self, kind, data):
+            self.sent.append(data["progress"])
+
+    task = module.PythonExecTask((1, 1), {}, None)
+    chunks = [b"a\nPROG", b"RESS 50 half\nb", b"c\nPROGRESS x\n", b"xPROGRESS 5\n",
+              b"PROGRESS 7\nPROGRESS 8\n", b"abc", b"PROGRESS 9\n", b"PROGRESS 60"]
+    output = b"".join(task.without_progress(Worker(), chunk) for chunk in chunks)
+    assert output == b"a\nbc\nPROGRESS x\nxPROGRESS 5\nabcPROGRESS 9\n"
+    assert task.unfinished == b"PROGRESS 60"       # output if no newline ever comes
+    assert Worker.sent == [50.0]                   # 8 waits for its 0.5 s
+    assert task.progress["progress"] == 8.0
+    long_line = b"PROGRESS 1 " + b"x" * 5000
+    assert task.without_progress(Worker(), long_line) == b"PROGRESS 60" + long_line
 
 
 @pytest.mark.parametrize("arguments", [
