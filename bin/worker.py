@@ -54,6 +54,7 @@ MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
+INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot
 PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
                  "python_eval": "expression", "python_exec": "code",
                  "shell": "command"}
@@ -996,6 +997,8 @@ class Worker(object):
         self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
         self.running = {}              # (task_id, attempt) -> Task
         self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
+        self.fenced = set()            # (task_id, attempt) we gave up, until the main node knows
+        self.fenced_told = set()       # ... of those, the ones in the message awaiting its ack
         self.heartbeat_interval = options.heartbeat
         self.stop_signal = None
         self.watchdog = Watchdog()     # started by run(), not by the self-test
@@ -1097,6 +1100,7 @@ class Worker(object):
         # No task_result: the main node requeues these attempts on its own.
         for task in list(self.running.values()) + list(self.queued.values()):
             self.drop(task, "task_fenced", reason)
+            self.fenced.add(task.key)
         self.running.clear()
         self.queued.clear()
 
@@ -1326,6 +1330,7 @@ class Worker(object):
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
                         nonce=self.nonces[1], active_tasks=self.active_tasks(),
+                        fenced_tasks=self.tell_fenced(),
                         proof=sign(self.options.token, "rc-worker", self.nonces[0],
                                    self.nonces[1], self.device_id))
         self.send(REGISTER, register)
@@ -1347,6 +1352,7 @@ class Worker(object):
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
         self.last_contact = contact_clock()
         self.lost_at = None
+        self.fenced_known()
         self.state = READY
         self.auth_deadline = None
         self.backoff = BACKOFF_START
@@ -1395,7 +1401,19 @@ class Worker(object):
             log("debug", "result_acknowledged", task_id=key[0], attempt=key[1])
 
     def on_heartbeat_ack(self, data):
-        pass      # hearing it is the point: see silence_limit()
+        # Hearing it is the point (see silence_limit); it also means the
+        # heartbeat, and the fenced tasks it listed, are on record.
+        self.fenced_known()
+
+    def tell_fenced(self):
+        """Fenced tasks for the next register or heartbeat: the main node
+        requeues them without blaming the task."""
+        self.fenced_told = set(self.fenced)
+        return [{"task_id": key[0], "attempt": key[1]} for key in sorted(self.fenced_told)]
+
+    def fenced_known(self):
+        self.fenced -= self.fenced_told
+        self.fenced_told = set()
 
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack}
@@ -1403,19 +1421,26 @@ class Worker(object):
     # -- tasks ---------------------------------------------------------------------
 
     def start_queued(self):
+        # Instant tasks take no slot: they are done before the next line runs.
+        for key in [key for key, task in self.queued.items()
+                    if task.task_type in INSTANT_TASK_TYPES]:
+            self.start_task(key, self.queued.pop(key))
         while self.queued and len(self.running) < self.options.slots:
-            key, task = self.queued.popitem(last=False)
-            self.running[key] = task
-            task.started = time.monotonic()
-            if task.timeout:
-                task.deadline = task.started + task.timeout
+            self.start_task(*self.queued.popitem(last=False))
+
+    def start_task(self, key, task):
+        self.running[key] = task
+        task.started = time.monotonic()
+        if task.timeout:
+            task.deadline = task.started + task.timeout
+        if task.task_type not in INSTANT_TASK_TYPES:    # their result says it all
             self.tell(TASK_ACCEPT, {"task_id": key[0], "attempt": key[1]})
-            log(self.task_log_level(task), "task_started", task_id=key[0], attempt=key[1],
-                device_id=self.device_id, task_type=task.task_type)
-            try:
-                task.start(self)
-            except BadPayload as e:
-                self.finish(task, OUTCOME_FAILED, error=str(e))
+        log(self.task_log_level(task), "task_started", task_id=key[0], attempt=key[1],
+            device_id=self.device_id, task_type=task.task_type)
+        try:
+            task.start(self)
+        except BadPayload as e:
+            self.finish(task, OUTCOME_FAILED, error=str(e))
 
     def finish(self, task, status, error=None, **result):
         self.running.pop(task.key, None)
@@ -1446,7 +1471,8 @@ class Worker(object):
         busy = self.running or self.queued
         self.send(HEARTBEAT, {"system_metrics": self.metrics.sample(),
                               "status": "busy" if busy else "idle",
-                              "active_tasks": self.active_tasks()})
+                              "active_tasks": self.active_tasks(),
+                              "fenced_tasks": self.tell_fenced()})
 
     def profile(self):
         """What register says about this device (and system_info reports)."""

@@ -248,7 +248,8 @@ class Server:
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
         active = active_tasks(data)
-        self.batch.append((Server.apply_heartbeat, peer, (metrics, active)))
+        fenced = active_tasks(data, "fenced_tasks")
+        self.batch.append((Server.apply_heartbeat, peer, (metrics, active, fenced)))
 
     def on_accept(self, peer, data):
         self.batch.append((Server.apply_accept, peer, task_key(data)))
@@ -313,8 +314,9 @@ class Server:
                               device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
-        metrics, active = data
+        metrics, active, fenced = data
         devices.heartbeat(self.database, peer.device_id, metrics, now)
+        self.take_back_fenced(peer.device_id, fenced, now)
         tasks.renew_leases(self.database, peer.device_id, active,
                            now + self.config.lease_duration)
         replies = [(HEARTBEAT_ACK, {})]
