@@ -338,3 +338,33 @@ def test_submit_after_and_why(cluster_home):
     err = io.StringIO()
     assert cli.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
     assert "task id must be a whole number" in err.getvalue()
+
+
+def test_admin_token_with_web_as_its_old_name(cluster_home):
+    config, _ = cluster_home
+    admin = rc("token", "--admin")[1].strip()
+    assert admin == rc("token", "--web")[1].strip() == open(config.admin_token_path).read().strip()
+    assert config.admin_token_path.endswith("admin_token") and admin != rc("token")[1].strip()
+
+
+def test_an_old_web_token_becomes_the_admin_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("RC_HOME", str(tmp_path))
+    os.makedirs(tmp_path, exist_ok=True)
+    (tmp_path / "web_token").write_text("old-secret\n")
+    assert rc("init")[0] == 0
+    assert rc("token", "--admin")[1] == "old-secret\n"
+
+
+def test_monitor_once_and_the_device_grid(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi", metrics={"cpu_percent": 50.0, "battery_percent": 30}, now=time.time())
+    task_id = tasks.submit(connection, config, "sleep", {"seconds": 5})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'running', device_id = 'pi',"
+                           " progress = 40 WHERE task_id = ?", (task_id,))
+    status, out, err = rc("monitor", "--once")
+    assert status == 0 and out.startswith("rc monitor")
+    assert "devices 1/1 online" in out and "slots 1/2" in out
+    assert "|CPU [" in out and "30%" in out and "active tasks:" in out and " 40%" in out
+    grid = rc("devices", "--grid")[1]
+    assert grid.splitlines()[1].startswith("|pi") and "tasks 1/2" in grid

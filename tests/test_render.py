@@ -62,3 +62,40 @@ def test_key_values_plain_for_scripts_and_aligned_for_people():
     pairs = [("a", 1), ("long_key", None)]
     assert render.key_values(pairs) == "a: 1\nlong_key:\n"
     assert render.key_values(pairs, align=True) == "a:        1\nlong_key:\n"
+
+
+def test_control_characters_from_devices_never_reach_a_terminal():
+    assert render.cell("evil\x1b[2Jname\x07") == "evil?[2Jname?"
+    assert render.printable("line\n\ttab\x1b]0;title\x07") == "line\n\ttab?]0;title?"
+    assert "\x1b" not in render.table([{"A": "\x1b[31mred"}], ["A"])
+
+
+def test_bars_show_a_fraction_and_turn_red_when_full():
+    assert render.bar(0.5, 10) == "[#####.....]"
+    assert render.bar(None, 4) == "[    ]" and render.bar(7, 4) == "[####]"
+    assert render.bar(0.95, 4, True) == "[\x1b[31m####\x1b[0m]"
+    line = render.progress_line("slots 1/4", 0.25, 40)
+    assert len(line) == 40 and line.endswith("25%") and line.startswith("slots 1/4 [")
+
+
+def test_device_grid_fits_the_width_and_shows_every_device():
+    cells = [{"device": "pi-%d" % n, "status": "online", "cpu": 0.5, "memory": None,
+              "battery": 0.9, "active": 1, "slots": 2} for n in range(5)]
+    lines = render.device_grid(cells, 80).splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert len(lines) == 2 * 7 and lines[1].count("|pi-") == 3    # three per row at 80
+    text = "\n".join(lines)
+    assert "BAT [" in text and " 90%|" in text
+    assert "MEM [" in text and "n/a" in text and "tasks 1/2" in text
+    assert render.device_grid([], 80) == ""
+    narrow = render.device_grid(cells[:1], 10).splitlines()
+    assert len(narrow) == 7 and all(len(line) == render.GRID_CELL_WIDTH for line in narrow)
+
+
+def test_log_lines_are_coloured_by_level_only_on_a_terminal():
+    record = {"time": 0, "program": "rc-web", "level": "error", "event": "bad",
+              "why": "two words"}
+    plain = render.log_line(record)
+    assert plain.endswith('rc-web ERROR bad why="two words"')
+    assert "\x1b[31mERROR\x1b[0m" in render.log_line(record, True)
+    assert render.log_line("plain \x1b[2J text") == "plain ?[2J text"

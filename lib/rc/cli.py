@@ -5,6 +5,7 @@ run_command() does the work without exiting and writes only to the streams
 it is given, so the dashboard's web terminal can run the same grammar."""
 import argparse
 import glob
+import io
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ from rc import config as rc_config
 from rc import db, devices, explain, render, state_dir, tasks
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
-                       TERMINAL_STATES, TIMED_OUT)
+                       TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
 
 WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
 FOLLOW_POLL_INTERVAL = 0.2    # seconds between looks at the log files in logs -f
@@ -46,7 +47,17 @@ EVENT_COLUMNS = ["TIME", "STATE", "ATTEMPT", "DEVICE", "REASON"]
 STATE_COLOURS = {ONLINE: "green", OFFLINE: "red", QUEUED: "yellow", ASSIGNED: "blue",
                  RUNNING: "cyan", COMPLETED: "green", FAILED: "red", TIMED_OUT: "red",
                  CANCELLED: "grey"}
-LEVEL_COLOURS = {"debug": "grey", "warning": "yellow", "error": "red"}
+LEVEL_COLOURS = render.LEVEL_COLOURS
+MONITOR_POLL_INTERVAL = 0.25  # seconds between looks for changes in `rc monitor`
+MONITOR_TASKS = 8             # active tasks the monitor lists
+# Commands the web terminal may not run, and why.
+WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
+               "wait-ready": "it is for scripts on the main node",
+               "local-worker": "it would start a worker inside rc-web",
+               "monitor": "the web terminal has its own `monitor`; `monitor --once` works"}
+# Commands that change the cluster or show a secret: the admin token only.
+WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join"}
+WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
 class CommandError(Exception):
@@ -89,12 +100,13 @@ class Context:
     """What a command runs with: streams, and config and database opened
     only when the command needs them (so --help works on a broken install)."""
 
-    def __init__(self, out, err, config=None):
+    def __init__(self, out, err, config=None, width=None, colour=None):
         self.out, self.err = out, err
         self._config, self._connection = config, None
         tty = hasattr(out, "isatty") and out.isatty()
-        self.colour = tty and "NO_COLOR" not in os.environ
-        self.width = shutil.get_terminal_size().columns if tty else None
+        # The web terminal is a terminal too, but says so itself.
+        self.colour = (tty and "NO_COLOR" not in os.environ) if colour is None else colour
+        self.width = width or (shutil.get_terminal_size().columns if tty else None)
 
     @property
     def config(self):
@@ -172,6 +184,29 @@ def payload_summary(task):
     return render.cell((task["payload"] or {}).get(name)) if name else ""
 
 
+def fraction(value):
+    """A percentage from a device as a fraction, None when it sent none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return min(max(value / 100.0, 0.0), 1.0)
+
+
+def battery_percent(metrics):
+    battery = metrics.get("battery")
+    if isinstance(battery, dict):
+        return battery.get("percent")
+    return metrics.get("battery_percent", battery)
+
+
+def grid_cell(device):
+    metrics = device_metrics(device)
+    return {"device": device["device_id"], "status": device["status"],
+            "cpu": fraction(metrics.get("cpu_percent")),
+            "memory": fraction(metrics.get("memory_percent")),
+            "battery": fraction(battery_percent(metrics)),
+            "active": device.get("active_tasks"), "slots": device["slots"]}
+
+
 def ago(timestamp, now):
     return "" if timestamp is None else render.age(now - timestamp) + " ago"
 
@@ -240,6 +275,10 @@ def cmd_status(arguments, context):
 
 def cmd_devices(arguments, context):
     records = devices.list_devices(context.connection)
+    if arguments.grid and arguments.format is None:
+        context.out.write(render.device_grid([grid_cell(device) for device in records],
+                                             context.width or 80, context.colour))
+        return
     now = time.time()
     rows = [device_row(device, now) for device in records]
     write_rows(context, arguments, rows, DEVICE_COLUMNS, records)
@@ -275,7 +314,8 @@ def cmd_task(arguments, context):
     context.out.write(render.key_values(detail_pairs(shown, now), align=True))
     for name in ("output", "stderr"):
         if result.get(name):
-            context.out.write("\n%s:\n%s" % (name, with_newline(result[name])))
+            context.out.write("\n%s:\n%s" % (name, with_newline(render.printable(
+                str(result[name])))))
     events = [{"TIME": time.strftime("%H:%M:%S", time.localtime(event["time"]))
                + ("%.3f" % (event["time"] % 1))[1:], "STATE": event["state"],
                "ATTEMPT": event["attempt"], "DEVICE": event["device_id"],
@@ -352,6 +392,58 @@ def cmd_cancel(arguments, context):
     context.out.write("%s\n" % state)
 
 
+def cmd_monitor(arguments, context):
+    """Draw the frame; without --once, draw it again whenever the database
+    changes, until interrupted."""
+    if arguments.once:
+        context.out.write(monitor_frame(context.connection, context.width or 80,
+                                        context.colour))
+        return
+    seen = None
+    while True:
+        version = db.data_version(context.connection)
+        if version != seen:
+            seen = version
+            width = shutil.get_terminal_size().columns
+            context.out.write("\x1b[H\x1b[2J" + monitor_frame(context.connection, width,
+                                                              context.colour))
+            context.out.flush()
+        time.sleep(MONITOR_POLL_INTERVAL)
+
+
+def monitor_frame(connection, width, colour=False):
+    """Cluster utilisation, the device grid and the active tasks with their
+    progress, in `width` columns."""
+    records = devices.list_devices(connection)
+    online = [d for d in records if d["status"] == ONLINE]
+    slots = sum(d["slots"] for d in online)
+    busy = sum(d["active_tasks"] for d in online)
+    cpus = [fraction(device_metrics(d).get("cpu_percent")) for d in online]
+    cpus = [value for value in cpus if value is not None]
+    counts = tasks.counts_by_state(connection)
+    lines = ["rc monitor  %s  devices %d/%d online  queued %d  running %d  completed %d"
+             "  failed %d" % (time.strftime("%H:%M:%S"), len(online), len(records),
+                              counts[QUEUED], counts[RUNNING] + counts[ASSIGNED],
+                              counts[COMPLETED], counts[FAILED] + counts[TIMED_OUT]),
+             render.progress_line("slots %d/%d" % (busy, slots),
+                                  busy / slots if slots else None, width, colour),
+             render.progress_line("cpu (mean)", sum(cpus) / len(cpus) if cpus else None,
+                                  width, colour), ""]
+    text = "\n".join(lines) + "\n"
+    text += render.device_grid([grid_cell(d) for d in records], width, colour) or \
+        "no devices yet; `rc join` shows how to add one\n"
+    active = [t for state in (RUNNING, ASSIGNED)
+              for t in tasks.list_tasks(connection, state, limit=MONITOR_TASKS)]
+    if active:
+        text += "\nactive tasks:\n"
+        for task in active[:MONITOR_TASKS]:
+            label = "%5d %-11s %-9s %s" % (task["task_id"], task["task_type"][:11],
+                                          task["state"], render.cell(task["device_id"])[:16])
+            progress = task["progress"] / 100.0 if task["progress"] is not None else None
+            text += render.progress_line(label, progress, width, colour) + "\n"
+    return text
+
+
 def cmd_logs(arguments, context):
     paths = log_paths(context.config.log_dir, arguments.program)
     offsets, lines = {}, []
@@ -422,22 +514,7 @@ def stamped_time(line):
 
 
 def format_log_line(record, colour=False):
-    if not isinstance(record, dict):
-        return record
-    level = str(record.get("level", ""))
-    fields = " ".join("%s=%s" % (key, log_value(value)) for key, value in record.items()
-                      if key not in ("time", "program", "level", "event"))
-    text = "%s %s %s %s %s" % (time.strftime("%H:%M:%S", time.localtime(record["time"])),
-                               record.get("program"),
-                               render.colour(level.upper(), LEVEL_COLOURS.get(level), colour),
-                               record.get("event"), fields)
-    return text.rstrip()
-
-
-def log_value(value):
-    if isinstance(value, str) and value and not any(c.isspace() or c == '"' for c in value):
-        return value
-    return orjson.dumps(value, default=repr).decode()
+    return render.log_line(record, colour)
 
 
 def write_log_lines(context, lines):
@@ -473,7 +550,7 @@ def read_complete_lines(path, offset):
 
 def cmd_token(arguments, context):
     config = context.config
-    context.out.write(read_token(config.web_token_path if arguments.web
+    context.out.write(read_token(config.admin_token_path if arguments.admin
                                  else config.token_path) + "\n")
 
 
@@ -580,7 +657,9 @@ def build_parser(out):
 
     command("init", cmd_init, "create the state directory, database and tokens")
     command("status", cmd_status, "devices online and tasks by state", [formats])
-    command("devices", cmd_devices, "list the devices", [formats])
+    sub = command("devices", cmd_devices, "list the devices", [formats])
+    sub.add_argument("--grid", action="store_true",
+                     help="one box per device: state, CPU, memory, battery")
     sub = command("device", cmd_device, "everything about one device", [as_json])
     sub.add_argument("device_id", metavar="ID")
     sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
@@ -599,7 +678,10 @@ def build_parser(out):
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
     sub.add_argument("-n", "--lines", type=int, default=DEFAULT_LOG_LINES, metavar="N")
     sub = command("token", cmd_token, "print the join token workers use")
-    sub.add_argument("--web", action="store_true", help="print the web API token instead")
+    sub.add_argument("--admin", "--web", dest="admin", action="store_true",
+                     help="print the admin token (HTTP: Authorization: Bearer) instead")
+    sub = command("monitor", cmd_monitor, "a live view: utilisation, devices, active tasks")
+    sub.add_argument("--once", action="store_true", help="draw it once and exit")
     command("join", cmd_join, "print the command that joins a device to this cluster")
     sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer")
     sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS")
@@ -632,9 +714,10 @@ def add_submit_arguments(sub):
 
 # -- entry points -------------------------------------------------------------------
 
-def run_command(argv, out, err, config=None):
-    """Run one `rc` command line; returns the exit status, never exits."""
-    context = Context(out, err, config)
+def run_command(argv, out, err, config=None, width=None, colour=None):
+    """Run one `rc` command line; returns the exit status, never exits.
+    `width` and `colour` are for a terminal that is not this process's."""
+    context = Context(out, err, config, width, colour)
     try:
         arguments = parse(build_parser(out), argv)
         return arguments.handler(arguments, context) or 0
@@ -657,6 +740,47 @@ def parse(parser, argv):
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def web_access(argv):
+    """What the web terminal needs to run `argv`: "read" or "admin"; a
+    CommandError when it must not run it there. May change argv (a
+    `submit --wait` gets a bounded wait)."""
+    try:
+        arguments = parse(build_parser(io.StringIO()), argv)
+    except (CommandError, ParserExit):
+        return "read"            # run_command reports the usage error itself
+    name = arguments.command
+    if name == "monitor" and arguments.once:
+        return "read"
+    if name in WEB_REFUSED:
+        raise CommandError("`%s` does not run in the web terminal: %s"
+                           % (name, WEB_REFUSED[name]))
+    if name == "logs" and arguments.follow:
+        raise CommandError("`logs -f` does not run in the web terminal; try `monitor`,"
+                           " or /stream/logs")
+    if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
+                                                arguments.wait_timeout > WEB_WAIT_LIMIT):
+        argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])
+    return "admin" if name in WEB_ADMIN_COMMANDS else "read"
+
+
+def completion_words(web=True):
+    """For Tab in the web terminal: each command's options, the values some
+    options take, and what each command's positional argument is."""
+    parser = build_parser(io.StringIO())
+    commands = {}
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        if web and name in WEB_REFUSED and name != "monitor":
+            continue
+        options = sorted(option for a in sub._actions for option in a.option_strings
+                         if option.startswith("--"))
+        commands[name] = options
+    return {"commands": commands,
+            "values": {"--state": list(TASK_STATES), "--priority": list(PRIORITIES),
+                       "--device": "device", "--after": "task"},
+            "positional": {"device": "device", "task": "task", "why": "task",
+                           "cancel": "task", "submit": list(TASK_TYPES)}}
 
 
 def fail(err, error, status):

@@ -28,7 +28,9 @@ class Config:
         self.log_dir = os.path.join(home, "log")
         self.run_dir = os.path.join(home, "run")
         self.token_path = os.path.join(home, "token")          # workers join with it
-        self.web_token_path = os.path.join(home, "web_token")  # HTTP writes need it
+        # HTTP requests that change the cluster need it; never given to workers.
+        self.admin_token_path = os.path.join(home, "admin_token")
+        self.web_token_path = self.admin_token_path   # its name before the admin token
 
     def as_dict(self):
         return {key: getattr(self, key) for key in DEFAULTS}

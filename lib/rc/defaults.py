@@ -6,6 +6,12 @@ TCP_HOST = "0.0.0.0"            # address rc-server listens on for workers
 TCP_PORT = 8080                 # port for workers (env RC_TCP_PORT wins)
 WEB_HOST = "0.0.0.0"            # address rc-web listens on
 WEB_PORT = 5000                 # dashboard and HTTP API port (env RC_WEB_PORT wins)
+READ_ACCESS = "local"           # who may read /text, GET /api/v1 and /stream without the
+                                # admin token: "open" (anyone), "local" (127.0.0.1 and
+                                # ::1 only), "token" (nobody)
+ALLOWED_HOSTS = []              # Host names rc-web answers to besides IP addresses,
+                                # localhost and this machine's own name
+MAX_STREAMS = 24                # /stream/* connections open at once; each holds a thread
 
 # -- devices -----------------------------------------------------------------
 HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats
@@ -21,6 +27,7 @@ TASK_RETRIES = 3                # re-runs after a system failure when the task n
 ACCEPT_TIMEOUT = 15.0           # seconds a device has to accept an assignment
 LEASE_DURATION = 180.0          # seconds a running attempt is leased to its device;
                                 # renewed by every heartbeat that lists it
+INSTANT_PER_SLOT = 8            # instant tasks (echo, system_info) in flight per slot
 POISON_LIMIT = 3                # devices a task may lose before it is failed as poison
 TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt

@@ -1,16 +1,26 @@
-"""Text output shared by the CLI and the web: tables, CSV/TSV, JSON, ages.
+"""Text output shared by the CLI and the web terminal: tables, CSV/TSV, JSON,
+ages, progress bars, the device grid and log lines.
 
 Rows are dicts; `columns` names the keys to show, in order, and doubles as
 the header. Every format shows the same rows, so a script can switch from
 the table to --csv without surprises."""
 import csv
 import io
+import re
+import time
 
 import orjson
 
 ELLIPSIS = "…"
 MIN_COLUMN_WIDTH = 3      # a truncated column still shows two characters and "…"
 COLUMN_GAP = "  "
+
+BAR_WIDTH = 10            # characters inside a progress bar's brackets
+GRID_CELL_WIDTH = 24      # characters of one device's cell in the grid, borders included
+# Control characters from devices (hostnames, outputs) could move the cursor or
+# retitle a terminal; they are shown as "?" instead.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 COLOURS = {"red": 31, "green": 32, "yellow": 33, "blue": 34, "magenta": 35,
            "cyan": 36, "grey": 90, "bold": 1}
@@ -24,7 +34,13 @@ def cell(value):
         value = "%g" % round(value, 1) if abs(value) < 1e6 else "%.0f" % value
     elif isinstance(value, (list, tuple)):
         value = ",".join(str(item) for item in value)
-    return " ".join(str(value).splitlines())
+    return CONTROL.sub("?", " ".join(str(value).splitlines()).replace("\t", " "))
+
+
+def printable(text):
+    """Text from a device as it may reach a terminal: lines and tabs kept,
+    every other control character (escape sequences) made visible as "?"."""
+    return CONTROL_BUT_LINES.sub("?", text)
 
 
 def shorten(text, width):
@@ -114,3 +130,81 @@ def key_values(pairs, align=False):
     width = max([len(key) + 1 for key, _ in pairs if align] or [0])
     return "".join(("%s %s" % ((key + ":").ljust(width), cell(value))).rstrip() + "\n"
                    for key, value in pairs)
+
+
+# -- bars, the device grid and log lines ------------------------------------------
+
+def bar(fraction, width=BAR_WIDTH, colour_enabled=False):
+    """[#####.....] for a fraction from 0 to 1; an unknown value is blank.
+    Past three quarters it is yellow, past nine tenths red."""
+    if fraction is None:
+        return "[" + " " * width + "]"
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    filled = int(round(fraction * width))
+    name = "red" if fraction > 0.9 else "yellow" if fraction > 0.75 else "green"
+    return "[" + colour("#" * filled, name, colour_enabled) + "." * (width - filled) + "]"
+
+
+def percent(fraction):
+    return "  n/a" if fraction is None else "%4d%%" % round(min(max(fraction, 0), 1) * 100)
+
+
+def progress_line(label, fraction, width, colour_enabled=False):
+    """label [#####.....]  50% in `width` characters: the bar takes the room left."""
+    room = max(width - len(label) - 1 - 2 - 5 - 1, 4)
+    return "%s %s %s" % (label, bar(fraction, room, colour_enabled), percent(fraction))
+
+
+def device_grid(cells, width=80, colour_enabled=False):
+    """One box per device, as many per row as fit in `width`. Each cell is a
+    dict: device, status, cpu, memory, battery (fractions or None), active,
+    slots."""
+    per_row = max(1, (width + 1) // (GRID_CELL_WIDTH + 1))
+    lines = []
+    for start in range(0, len(cells), per_row):
+        boxes = [grid_cell(cell_, colour_enabled) for cell_ in cells[start:start + per_row]]
+        for row in zip(*boxes):
+            lines.append(" ".join(row))
+    return "".join(line + "\n" for line in lines)
+
+
+def grid_cell(device, colour_enabled):
+    inner = GRID_CELL_WIDTH - 2
+    status = cell(device.get("status"))
+    name = shorten(cell(device.get("device")), inner - len(status) - 1)
+    state_colour = "green" if status == "online" else "red"
+    rows = [(name.ljust(inner - len(status)) + colour(status, state_colour, colour_enabled),
+             inner)]
+    for label, key in (("CPU", "cpu"), ("MEM", "memory"), ("BAT", "battery")):
+        rows.append((label + " " + bar(device.get(key), inner - 11, colour_enabled)
+                     + percent(device.get(key)), inner))
+    tasks_text = "tasks %s/%s" % (cell(device.get("active")) or "0",
+                                  cell(device.get("slots")) or "?")
+    rows.append((tasks_text.ljust(inner), inner))
+    border = "+" + "-" * inner + "+"
+    return [border] + ["|" + text + "|" for text, _ in rows] + [border]
+
+
+LEVEL_COLOURS = {"debug": "grey", "warning": "yellow", "error": "red"}
+
+
+def log_line(record, colour_enabled=False):
+    """One log record as a line: time, program, LEVEL (coloured by level),
+    event, then key=value fields. A line that was not JSON stays as it was."""
+    if not isinstance(record, dict):
+        return printable(str(record))
+    level = str(record.get("level", ""))
+    fields = " ".join("%s=%s" % (key, log_value(value)) for key, value in record.items()
+                      if key not in ("time", "program", "level", "event"))
+    text = "%s %s %s %s %s" % (time.strftime("%H:%M:%S", time.localtime(record["time"])),
+                               cell(record.get("program")),
+                               colour(cell(level.upper()), LEVEL_COLOURS.get(level),
+                                      colour_enabled),
+                               cell(record.get("event")), cell(fields))
+    return text.rstrip()
+
+
+def log_value(value):
+    if isinstance(value, str) and value and not any(c.isspace() or c == '"' for c in value):
+        return value
+    return orjson.dumps(value, default=repr).decode()

@@ -1,8 +1,9 @@
 """The state directory (var/ by default): made once at install, kept after.
 
 It holds the database, the logs, supervisord's socket and pid, and the two
-secrets: the join token workers prove they know, and the web token that
-every mutating HTTP request must carry. Secrets are files readable by the
+secrets: the join token workers prove they know, and the admin token that
+every HTTP request that changes the cluster must carry (a device holding the
+join token cannot drive the cluster). Secrets are files readable by the
 owner only, made once and never overwritten."""
 import os
 import secrets
@@ -16,7 +17,11 @@ def init(config):
                       config.run_dir):
         os.makedirs(directory, exist_ok=True)
     db.open_database(config.db_path).close()
-    for path in (config.token_path, config.web_token_path):
+    # An install from before the admin token had the same secret as web_token.
+    old = os.path.join(config.home, "web_token")
+    if os.path.exists(old) and not os.path.exists(config.admin_token_path):
+        os.rename(old, config.admin_token_path)
+    for path in (config.token_path, config.admin_token_path):
         ensure_secret(path)
 
 

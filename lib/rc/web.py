@@ -1,34 +1,77 @@
 """rc-web: the HTTP side of the main node, a Bottle app under waitress.
 
-/api/v1/* speaks JSON, /text/* plain text for shell pipelines, / the
-dashboard page. Reads need nothing; anything that changes the cluster needs
-`Authorization: Bearer <web token>` (var/web_token, shown by `rc token --web`).
-The rows and summaries come from rc.cli, so the web and the CLI agree."""
+/ is the dashboard (an xterm.js terminal that runs `rc` commands through
+/api/v1/command), /api/v1/* speaks JSON, /text/* plain text for shell
+pipelines and Prometheus, /stream/* Server-Sent Events. docs/http.md is the
+reference.
+
+Access: reading is open from 127.0.0.1 and needs the admin token from
+elsewhere (setting `read_access`); anything that changes the cluster always
+needs `Authorization: Bearer <admin token>` (var/admin_token, `rc token
+--admin`), a same-origin request, and a Host header that names this machine
+(against DNS rebinding). The join token the workers hold is never enough.
+"""
 import hmac
+import io
+import ipaddress
 import os
+import shlex
+import socket
 import sys
 import threading
 import time
 import traceback
+from urllib.parse import urlsplit
 
 import bottle
 import orjson
 import waitress
 
-from rc import cli, devices, explain, render, state_dir, tasks
+from rc import cli, db, devices, explain, render, state_dir, tasks
 from rc import config as rc_config
 from rc.log import Logger
+from rc.states import COMPLETED, TASK_STATES, TERMINAL_STATES
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
 SERVER_BODY_LIMIT = 4 * MAX_BODY_BYTES
 MAX_LIST_LIMIT = 1000             # most rows one list request returns
 DEFAULT_LIST_LIMIT = 100
-SERVER_THREADS = 4
+# Threads beyond max_streams: ordinary requests always find one free.
+SPARE_THREADS = 8
+STREAM_POLL_INTERVAL = 0.2        # seconds between a stream's looks for changes
+LOG_POLL_INTERVAL = 0.5           # seconds between looks at the log files
+STREAM_PING_INTERVAL = 15.0       # seconds between comment pings on a quiet stream
+STREAM_BATCH = 500                # task events one look sends at most
+STREAM_RETRY_MS = 2000            # the browser reconnects after this
+DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
+MAX_TERMINAL_WIDTH = 500
+READ_ACCESS = ("open", "local", "token")
+THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
 SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
                  "requirements", "idempotency_key", "retry_on_failure", "depends_on"}
 TEXT_FORMATS = {"pipe": "text/plain", "csv": "text/csv", "tsv": "text/tab-separated-values"}
+
+# The stable columns of /text/devices, /text/tasks and /text/logs (docs/http.md).
+# New columns are only ever added at the end.
+TEXT_DEVICE_COLUMNS = ["device", "status", "connected", "role", "platform", "arch", "cpus",
+                       "memory_gb", "slots", "active", "cpu_percent", "memory_percent",
+                       "battery_percent", "heartbeat_age_seconds", "hostname"]
+TEXT_TASK_COLUMNS = ["id", "type", "state", "priority", "attempt", "device", "age_seconds",
+                     "summary"]
+TEXT_LOG_COLUMNS = ["time", "program", "level", "event", "fields"]
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # xterm.js writes its colours into a <style> element, hence style 'unsafe-inline';
+    # scripts only from here, so a string that slipped into HTML could not run.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self';"
+                               " style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+                               " frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
 
 
 class ApiError(Exception):
@@ -48,24 +91,16 @@ def text_response(text, content_type="text/plain"):
     return bottle.HTTPResponse(text, 200, {"Content-Type": content_type + "; charset=utf-8"})
 
 
-def answers(handler):
-    """Route wrapper: ApiError and TaskError become JSON errors."""
-    def wrapper(*args, **kwargs):
-        try:
-            return handler(*args, **kwargs)
-        except ApiError as e:
-            return json_response({"error": str(e)}, e.status)
-        except tasks.TaskError as e:
-            return json_response({"error": str(e)}, 400)
-    return wrapper
-
-
 class Web:
     """The routes, with the config, the log and one connection per thread."""
 
     def __init__(self, config, logger):
         self.config, self.logger = config, logger
         self.local = threading.local()
+        self.started = time.time()
+        self.stream_slots = threading.BoundedSemaphore(config.max_streams)
+        self.closing = threading.Event()
+        self.host_names = own_host_names(config.allowed_hosts)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.
@@ -76,18 +111,79 @@ class Web:
                 raise ApiError(503, str(e))
         return self.local.connection
 
-    # -- request helpers ---------------------------------------------------------
+    # -- access ----------------------------------------------------------------------
 
-    def require_token(self):
+    def route(self, handler, access):
+        """Wrap a handler: Host check, access check, errors as JSON."""
+        def wrapper(*args, **kwargs):
+            try:
+                self.check_host()
+                if access == "read":
+                    self.check_read()
+                elif access == "admin":
+                    self.check_same_origin()
+                    self.require_admin()
+                elif access == "command":
+                    self.check_same_origin()
+                    self.check_read()
+                return handler(*args, **kwargs)
+            except ApiError as e:
+                return json_response({"error": str(e)}, e.status)
+            except tasks.TaskError as e:
+                return json_response({"error": str(e)}, 400)
+        return wrapper
+
+    def check_host(self):
+        """Only names of this machine: a page on another site that made its
+        own name point here (DNS rebinding) is refused."""
+        host = host_name(bottle.request.environ.get("HTTP_HOST", ""))
+        if host and not (is_ip_address(host) or host in self.host_names):
+            raise ApiError(403, "Host %r is not a name of this machine; add it to"
+                                " allowed_hosts in etc/rc.json" % host)
+
+    def check_same_origin(self):
+        """Refuse a request a browser sent from another site."""
+        environ = bottle.request.environ
+        if environ.get("HTTP_SEC_FETCH_SITE") in ("cross-site", "same-site"):
+            raise ApiError(403, "cross-site request refused")
+        origin = environ.get("HTTP_ORIGIN")
+        if origin and origin != "null" and \
+                urlsplit(origin).netloc.lower() != environ.get("HTTP_HOST", "").lower():
+            raise ApiError(403, "request from origin %s refused" % origin)
+        if origin == "null":
+            raise ApiError(403, "request from an opaque origin refused")
+
+    def given_token(self, allow_query=False):
         scheme, _, given = bottle.request.get_header("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and given.strip():
+            return given.strip()
+        if allow_query:   # EventSource cannot send headers
+            return bottle.request.query.get("token") or None
+        return None
+
+    def token_matches(self, given):
         try:
-            token = state_dir.read_secret(self.config.web_token_path)
+            token = state_dir.read_secret(self.config.admin_token_path)
         except (OSError, ValueError):
-            raise ApiError(503, "no web token; run `make install`")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
-            raise ApiError(401, "missing or wrong web token"
-                                " (send Authorization: Bearer TOKEN; see `rc token --web`)")
+            raise ApiError(503, "no admin token; run `make install`")
+        return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+    def require_admin(self):
+        if not self.token_matches(self.given_token()):
+            raise ApiError(401, "missing or wrong admin token"
+                                " (send Authorization: Bearer TOKEN; see `rc token --admin`)")
+
+    def check_read(self):
+        mode = self.config.read_access
+        if mode == "open" or (mode == "local" and is_loopback(
+                bottle.request.environ.get("REMOTE_ADDR"))):
+            return
+        if not self.token_matches(self.given_token(bottle.request.method == "GET")):
+            raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
+                                " send Authorization: Bearer TOKEN"
+                           % (bottle.request.environ.get("REMOTE_ADDR"), mode))
+
+    # -- request helpers ---------------------------------------------------------
 
     def json_body(self):
         if bottle.request.content_length > MAX_BODY_BYTES:
@@ -111,10 +207,23 @@ class Web:
 
     def listed_tasks(self):
         query = bottle.request.query
-        limit = query_int("limit", DEFAULT_LIST_LIMIT)
+        limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
         return tasks.list_tasks(self.connection(), query.get("state") or None,
-                                query.get("device") or None,
-                                max(1, min(limit, MAX_LIST_LIMIT)), query_int("offset", 0))
+                                query.get("device") or None, limit, query_int("offset", 0))
+
+    def listed_devices(self):
+        """Devices, filtered by ?status= ?role= ?platform= ?arch= ?connected=0|1 ?tag=."""
+        query = bottle.request.query
+        found = devices.list_devices(self.connection())
+        for name, key in (("status", "status"), ("role", "role"), ("platform", "platform"),
+                          ("arch", "architecture")):
+            if query.get(name):
+                found = [d for d in found if d[key] == query.get(name)]
+        if query.get("connected") in ("0", "1"):
+            found = [d for d in found if d["connected"] == (query.get("connected") == "1")]
+        if query.get("tag"):
+            found = [d for d in found if query.get("tag") in d["tags"]]
+        return found
 
     # -- JSON API ----------------------------------------------------------------
 
@@ -126,10 +235,22 @@ class Web:
         return json_response({"status": "ok", "database": "ok"})
 
     def status(self):
-        return json_response(cli.status_summary(self.connection()))
+        return json_response(self.status_summary())
+
+    def status_summary(self):
+        connection = self.connection()
+        summary = cli.status_summary(connection)
+        now = time.time()
+        for window, count in zip(THROUGHPUT_WINDOWS, completed_since(connection, now)):
+            summary["throughput_%dm" % (window // 60)] = round(count * 60.0 / window, 3)
+        online = [d for d in devices.list_devices(connection, "online")]
+        summary["slots_total"] = sum(d["slots"] for d in online)
+        summary["slots_busy"] = sum(d["active_tasks"] for d in online)
+        summary["uptime_seconds"] = round(now - self.started, 3)
+        return summary
 
     def devices(self):
-        return json_response({"devices": devices.list_devices(self.connection())})
+        return json_response({"devices": self.listed_devices()})
 
     def device(self, device_id):
         device = devices.get(self.connection(), device_id)
@@ -139,15 +260,26 @@ class Web:
 
     def tasks(self):
         query = bottle.request.query
-        return json_response({"tasks": self.listed_tasks(),
-                              "limit": query_int("limit", DEFAULT_LIST_LIMIT),
-                              "offset": query_int("offset", 0)})
+        found = self.listed_tasks()
+        limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
+        offset = query_int("offset", 0)
+        return json_response({"tasks": found, "limit": limit, "offset": offset,
+                              "next_offset": offset + limit if len(found) == limit else None,
+                              "state": query.get("state") or None})
 
     def task(self, task_id):
         return json_response(self.existing_task(task_id))
 
+    def result(self, task_id):
+        task = self.existing_task(task_id)
+        if task["state"] not in TERMINAL_STATES:
+            return json_response({"error": "task %d is still %s" % (task_id, task["state"]),
+                                  "task_id": task_id, "state": task["state"]}, 409)
+        return json_response({"task_id": task_id, "state": task["state"],
+                              "completed": task["state"] == COMPLETED,
+                              "result": task["result"], "error": task["error"]})
+
     def submit(self):
-        self.require_token()
         body = self.json_body()
         unknown = sorted(set(body) - SUBMIT_FIELDS)
         if unknown:
@@ -168,25 +300,206 @@ class Web:
                               "why": explain.why(self.connection(), task_id)})
 
     def cancel(self, task_id):
-        self.require_token()
         self.existing_task(task_id)
         state = tasks.cancel(self.connection(), task_id)
         return json_response({"task_id": task_id, "state": state})
 
+    def command(self):
+        """Run one `rc` command line, as the CLI would, for the web terminal:
+        {"command": "tasks --state queued", "width": 120, "colour": true}."""
+        body = self.json_body()
+        argv = body.get("argv")
+        if argv is None:
+            line = body.get("command")
+            if not isinstance(line, str):
+                raise ApiError(400, "send {\"command\": \"a command line\"}")
+            try:
+                argv = shlex.split(line)
+            except ValueError as e:
+                raise ApiError(400, "cannot read the command line: %s" % e)
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise ApiError(400, "argv must be a list of strings")
+        if argv[:1] == ["rc"]:
+            argv = argv[1:]
+        if not argv:
+            raise ApiError(400, "no command given; try `help`")
+        try:
+            access = cli.web_access(argv)
+        except cli.CommandError as e:
+            raise ApiError(403, str(e))
+        if access == "admin":
+            self.require_admin()
+        width = body.get("width")
+        width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.run_command(argv, out, err, self.config, width,
+                                 bool(body.get("colour", False)))
+        self.logger.info("command", argv=argv[:1], status=status)
+        return json_response({"status": status, "output": out.getvalue(),
+                              "error": err.getvalue()})
+
+    def completion(self):
+        """What Tab completes in the web terminal: commands, options, option
+        values, device ids and recent task ids."""
+        words = cli.completion_words()
+        connection = self.connection()
+        words["devices"] = [row[0] for row in connection.execute(
+            "SELECT device_id FROM devices ORDER BY device_id LIMIT 1000")]
+        words["tasks"] = [row[0] for row in connection.execute(
+            "SELECT task_id FROM tasks ORDER BY task_id DESC LIMIT 200")]
+        return json_response(words)
+
     # -- plain text ----------------------------------------------------------------
 
     def text_status(self):
-        return text_response(render.key_values(cli.status_summary(self.connection()).items()))
+        return text_response(render.key_values(self.status_summary().items()))
 
     def text_devices(self):
         now = time.time()
-        rows = [cli.device_row(device, now) for device in devices.list_devices(self.connection())]
-        return separated(rows, cli.DEVICE_COLUMNS)
+        return separated([text_device_row(d, now) for d in self.listed_devices()],
+                         TEXT_DEVICE_COLUMNS)
 
     def text_tasks(self):
         now = time.time()
-        return separated([cli.task_row(task, now) for task in self.listed_tasks()],
-                         cli.TASK_COLUMNS)
+        return separated([text_task_row(task, now) for task in self.listed_tasks()],
+                         TEXT_TASK_COLUMNS)
+
+    def text_logs(self):
+        query = bottle.request.query
+        lines = min(query_int("lines", DEFAULT_LOG_LINES), 10000)
+        try:
+            records = recent_log_records(self.config.log_dir, query.get("program") or None,
+                                         lines)
+        except cli.CommandError as e:
+            raise ApiError(404, str(e))
+        return separated([text_log_row(record) for _, record in records], TEXT_LOG_COLUMNS)
+
+    def text_metrics(self):
+        return text_response(metrics_text(self.connection(), time.time(), self.started),
+                             "text/plain; version=0.0.4")
+
+    # -- streams ---------------------------------------------------------------------
+
+    def stream(self, kind):
+        """Server-Sent Events. Each stream holds a waitress thread, so there
+        are at most max_streams at once; past that, 503."""
+        if not self.stream_slots.acquire(blocking=False):
+            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
+                                " try again later" % self.config.max_streams)
+        try:
+            last_id = bottle.request.get_header("Last-Event-ID") or \
+                bottle.request.query.get("last_event_id") or None
+            events = {"devices": self.device_events, "tasks": self.task_events,
+                      "logs": self.log_events}[kind](last_id)
+            disconnected = bottle.request.environ.get("waitress.client_disconnected")
+            body = StreamBody(self.paced(events, disconnected), self.stream_slots.release)
+        except BaseException:
+            self.stream_slots.release()
+            raise
+        bottle.response.content_type = "text/event-stream; charset=utf-8"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        return body
+
+    def paced(self, events, disconnected):
+        """The stream's text: its events as they come, a comment ping when it
+        has been quiet, and an end when the client has gone."""
+        yield ("retry: %d\n\n" % STREAM_RETRY_MS).encode()
+        quiet_since = time.monotonic()
+        try:
+            for chunk in events:
+                if self.closing.is_set() or (disconnected and disconnected()):
+                    return
+                if chunk:
+                    quiet_since = time.monotonic()
+                    yield chunk.encode()
+                elif time.monotonic() - quiet_since >= STREAM_PING_INTERVAL:
+                    quiet_since = time.monotonic()
+                    yield b": ping\n\n"
+        finally:
+            events.close()   # its database connection closes now, not at collection
+
+    def watch(self, connection):
+        """Yields True when the database has changed, None otherwise, one
+        look per STREAM_POLL_INTERVAL; reads only, never a transaction."""
+        seen = None
+        while True:
+            version = db.data_version(connection)
+            yield version != seen or None
+            seen = version
+            time.sleep(STREAM_POLL_INTERVAL)
+
+    def device_events(self, last_id):
+        """`device` events: a device's whole record when anything about it
+        changed; every device first (the current state is the resume point)."""
+        connection = cli.connect(self.config)
+        try:
+            shown = {}
+            for changed in self.watch(connection):
+                chunks = []
+                if changed:
+                    for device in devices.list_devices(connection):
+                        if shown.get(device["device_id"]) != device:
+                            shown[device["device_id"]] = device
+                            chunks.append(sse("device", device, device_event_id(device)))
+                yield "".join(chunks)
+        finally:
+            connection.close()
+
+    def task_events(self, last_id):
+        """`task` events: each state change of every task, in order; the id
+        is the event's, so Last-Event-ID resumes right after it."""
+        connection = cli.connect(self.config)
+        try:
+            after = event_number(last_id)
+            if after is None:
+                after = bottle.request.query.get("since")
+                after = int(after) if (after or "").isdigit() else connection.execute(
+                    "SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
+            for changed in self.watch(connection):
+                chunks = []
+                while changed:
+                    rows = connection.execute(
+                        "SELECT e.id, e.task_id, e.time, e.attempt, e.state, e.device_id,"
+                        " e.reason, t.task_type, t.progress FROM task_events e"
+                        " JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ?"
+                        " ORDER BY e.id LIMIT ?", (after, STREAM_BATCH)).fetchall()
+                    for row in rows:
+                        after = row["id"]
+                        chunks.append(sse("task", dict(row), row["id"]))
+                    changed = len(rows) == STREAM_BATCH
+                yield "".join(chunks)
+        finally:
+            connection.close()
+
+    def log_events(self, last_id):
+        """`log` events: the programs' log lines as they are written; the id
+        is the line's time, so Last-Event-ID resumes after it."""
+        program = bottle.request.query.get("program") or None
+        after = event_time(last_id)
+        offsets = {}
+        try:
+            backlog = recent_log_records(self.config.log_dir, program,
+                                         DEFAULT_LOG_LINES if after is None else 10000,
+                                         offsets)
+        except cli.CommandError:
+            backlog = []
+        first = [sse("log", log_event(record, moment), "%.6f" % moment)
+                 for moment, record in backlog if after is None or moment > after]
+        yield "".join(first)
+        while True:
+            time.sleep(LOG_POLL_INTERVAL)
+            lines = []
+            for path in cli.log_paths(self.config.log_dir):
+                if program and cli.program_of(path) != program:
+                    continue
+                offset = offsets.get(path, 0)
+                offset = 0 if os.path.getsize(path) < offset else offset
+                text, offsets[path] = cli.read_complete_lines(path, offset)
+                lines.extend(cli.parse_log_lines(text, cli.program_of(path)))
+            lines.sort(key=lambda line: line[0])
+            yield "".join(sse("log", log_event(record, moment), "%.6f" % moment)
+                          for moment, record in lines)
 
     # -- pages and errors ------------------------------------------------------------
 
@@ -210,10 +523,201 @@ class Web:
         bottle.response.content_type = "application/json"
         return orjson.dumps({"error": error.body or error.status_line})
 
-    def log_request(self):
+    def after_request(self):
+        for name, value in SECURITY_HEADERS.items():
+            bottle.response.set_header(name, value)
         self.logger.debug("request", method=bottle.request.method, path=bottle.request.path,
                           status=bottle.response.status_code)
 
+
+class StreamBody:
+    """A stream's body for waitress: `release` runs once when it is closed,
+    whether the client read it to the end or went away."""
+
+    def __init__(self, chunks, release):
+        self.chunks, self.release_slot = chunks, release
+        self.released = False
+
+    def __iter__(self):
+        return self.chunks
+
+    def close(self):
+        self.chunks.close()
+        if not self.released:
+            self.released = True
+            self.release_slot()
+
+
+# -- helpers ----------------------------------------------------------------------
+
+def sse(event, data, event_id=None):
+    """One Server-Sent Event; JSON data is one line, so it needs no splitting."""
+    head = "id: %s\n" % event_id if event_id is not None else ""
+    return "%sevent: %s\ndata: %s\n\n" % (head, event, orjson.dumps(data, default=repr).decode())
+
+
+def device_event_id(device):
+    return "%.6f" % max(t or 0 for t in (device["last_seen"], device["connected_at"],
+                                         device["disconnected_at"]))
+
+
+def event_number(text):
+    return int(text) if text and text.strip().isdigit() else None
+
+
+def event_time(text):
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def log_event(record, moment):
+    if isinstance(record, dict):
+        return dict(record, line=render.log_line(record))
+    return {"time": moment, "line": render.printable(record)}
+
+
+def recent_log_records(log_dir, program, count, offsets=None):
+    """The last `count` log lines of the programs, merged by time, as
+    (time, record or text); `offsets` gets each file's size."""
+    offsets = {} if offsets is None else offsets
+    found = []
+    for path in cli.log_paths(log_dir, program):
+        tail, offsets[path] = cli.tail_lines(path, count + cli.LOG_CONTEXT_LINES)
+        found.extend(cli.parse_log_lines(tail, cli.program_of(path))[-count:] if count else [])
+    found.sort(key=lambda line: line[0])
+    return found[-count:] if count else []
+
+
+def completed_since(connection, now):
+    """Completed tasks in each THROUGHPUT_WINDOWS, read from the newest event
+    back (event ids grow with time), so the cost is the recent events only."""
+    counts = [0] * len(THROUGHPUT_WINDOWS)
+    oldest = now - max(THROUGHPUT_WINDOWS)
+    for row in connection.execute("SELECT time, state FROM task_events ORDER BY id DESC"):
+        if row[0] < oldest:
+            break
+        if row[1] == COMPLETED:
+            for i, window in enumerate(THROUGHPUT_WINDOWS):
+                counts[i] += row[0] >= now - window
+    return counts
+
+
+def text_device_row(device, now):
+    metrics = cli.device_metrics(device)
+    return {"device": device["device_id"], "status": device["status"],
+            "connected": int(device["connected"]), "role": device["role"],
+            "platform": device["platform"], "arch": device["architecture"],
+            "cpus": device["cpu_cores"], "memory_gb": device["memory_gb"],
+            "slots": device["slots"], "active": device["active_tasks"],
+            "cpu_percent": number(metrics.get("cpu_percent")),
+            "memory_percent": number(metrics.get("memory_percent")),
+            "battery_percent": number(cli.battery_percent(metrics)),
+            "heartbeat_age_seconds": "%.1f" % max(0.0, now - device["last_seen"]),
+            "hostname": device["hostname"]}
+
+
+def text_task_row(task, now):
+    return {"id": task["task_id"], "type": task["task_type"], "state": task["state"],
+            "priority": task["priority"], "attempt": task["attempt"],
+            "device": task["device_id"], "age_seconds": "%.1f" % max(0.0, now - task["created_at"]),
+            "summary": render.shorten(cli.payload_summary(task), cli.SUMMARY_WIDTH)}
+
+
+def text_log_row(record):
+    if not isinstance(record, dict):
+        return {"fields": record}
+    fields = " ".join("%s=%s" % (key, render.log_value(value)) for key, value in record.items()
+                      if key not in ("time", "program", "level", "event"))
+    return {"time": "%.6f" % record["time"], "program": record.get("program"),
+            "level": record.get("level"), "event": record.get("event"), "fields": fields}
+
+
+def number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+# -- /text/metrics: Prometheus exposition format ------------------------------------
+
+def metrics_text(connection, now, started):
+    """Counters come from the database (tasks_* rows and the task id
+    sequence), so they never go down when a program restarts."""
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
+        for labels, value in samples:
+            if value is None:
+                continue
+            label_text = ",".join('%s="%s"' % (k, label_value(v)) for k, v in labels)
+            out.append("%s%s %s\n" % (name, "{%s}" % label_text if labels else "",
+                                      sample_value(value)))
+
+    counts = devices.counts(connection)
+    family("rc_devices", "gauge", "Devices known to the cluster, by status.",
+           [((("status", status),), counts[status]) for status in ("online", "offline")])
+    family("rc_devices_connected", "gauge", "Devices with an open connection.",
+           [((), counts["connected"])])
+    by_state = tasks.counts_by_state(connection)
+    family("rc_tasks", "gauge", "Tasks in the database, by state.",
+           [((("state", state),), by_state[state]) for state in TASK_STATES])
+    finished = {row[0]: row[1] for row in connection.execute(
+        "SELECT name, value FROM counters WHERE name LIKE 'tasks_%'")}
+    family("rc_tasks_finished_total", "counter", "Tasks that reached a final state.",
+           [((("state", state),), finished.get("tasks_" + state, 0))
+            for state in TERMINAL_STATES])
+    row = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+    family("rc_tasks_submitted_total", "counter", "Tasks ever submitted.",
+           [((), row[0] if row else 0)])
+    listed = devices.list_devices(connection)
+    online = [d for d in listed if d["status"] == "online"]
+    family("rc_slots", "gauge", "Task slots of online devices.",
+           [((), sum(d["slots"] for d in online))])
+    family("rc_slots_busy", "gauge", "Task slots of online devices that hold a task.",
+           [((), sum(d["active_tasks"] for d in online))])
+    family("rc_web_uptime_seconds", "gauge", "Seconds since rc-web started.",
+           [((), now - started)])
+    per_device = [
+        ("rc_device_up", "1 if the device is online.",
+         lambda d, m: int(d["status"] == "online")),
+        ("rc_device_connected", "1 if the device has an open connection.",
+         lambda d, m: int(d["connected"])),
+        ("rc_device_heartbeat_age_seconds", "Seconds since the device was last heard.",
+         lambda d, m: max(0.0, now - d["last_seen"])),
+        ("rc_device_cpu_usage_ratio", "CPU in use, 0 to 1.",
+         lambda d, m: cli.fraction(m.get("cpu_percent"))),
+        ("rc_device_memory_usage_ratio", "Memory in use, 0 to 1.",
+         lambda d, m: cli.fraction(m.get("memory_percent"))),
+        ("rc_device_battery_ratio", "Battery charge, 0 to 1.",
+         lambda d, m: cli.fraction(cli.battery_percent(m))),
+        ("rc_device_cpu_cores", "CPU cores.", lambda d, m: d["cpu_cores"]),
+        ("rc_device_memory_bytes", "Memory size in bytes.",
+         lambda d, m: None if d["memory_gb"] is None else d["memory_gb"] * 1024 ** 3),
+        ("rc_device_slots", "Tasks the device runs at once.", lambda d, m: d["slots"]),
+        ("rc_device_active_tasks", "Tasks assigned to or running on the device.",
+         lambda d, m: d["active_tasks"]),
+    ]
+    for name, help_text, value in per_device:
+        family(name, "gauge", help_text,
+               [((("device", d["device_id"]),), value(d, cli.device_metrics(d)))
+                for d in listed])
+    return "".join(out)
+
+
+def label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def sample_value(value):
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    return str(int(value))
+
+
+# -- requests ------------------------------------------------------------------------
 
 def query_int(name, default):
     text = bottle.request.query.get(name)
@@ -260,30 +764,89 @@ def separated(rows, columns):
     return text_response(text, TEXT_FORMATS[kind])
 
 
+def host_name(header):
+    """The name in a Host header, without its port: "nas:5000" -> "nas"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_ip_address(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def is_loopback(address):
+    try:
+        return ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        return False
+
+
+def own_host_names(extra):
+    """localhost, this machine's name with any domain (nas, nas.local,
+    nas.lan...) and the names in allowed_hosts."""
+    names = {"localhost", "localhost.localdomain"}
+    for name in (socket.gethostname(), socket.getfqdn()):
+        name = name.lower()
+        names.add(name)
+        short = name.split(".")[0]
+        names.update({short, short + ".local", short + ".lan", short + ".home.arpa",
+                      short + ".home", short + ".localdomain"})
+    names.update(name.lower() for name in extra)
+    return names
+
+
+# -- the app -------------------------------------------------------------------------
+
 def make_app(config, logger=None):
+    if config.read_access not in READ_ACCESS:
+        raise rc_config.ConfigError("read_access must be one of %s, not %r"
+                                    % (", ".join(READ_ACCESS), config.read_access))
     web = Web(config, logger or Logger("rc-web", config.log_level))
     app = bottle.Bottle()
     routes = [
-        ("GET", "/health", web.health), ("GET", "/api/v1/health", web.health),
-        ("GET", "/api/v1/status", web.status),
-        ("GET", "/api/v1/devices", web.devices),
-        ("GET", "/api/v1/devices/<device_id>", web.device),
-        ("GET", "/api/v1/tasks", web.tasks),
-        ("GET", "/api/v1/tasks/<task_id:int>", web.task),
-        ("POST", "/api/v1/tasks", web.submit),
-        ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel),
-        ("GET", "/api/v1/tasks/<task_id:int>/why", web.why),
-        ("GET", "/text/status", web.text_status),
-        ("GET", "/text/devices", web.text_devices),
-        ("GET", "/text/tasks", web.text_tasks),
-        ("GET", "/", web.index), ("GET", "/static/<path:path>", web.static),
-        ("GET", "/worker.py", web.worker_file),
+        ("GET", "/health", web.health, "open"), ("GET", "/api/v1/health", web.health, "open"),
+        ("GET", "/api/v1/status", web.status, "read"),
+        ("GET", "/api/v1/devices", web.devices, "read"),
+        ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
+        ("GET", "/api/v1/tasks", web.tasks, "read"),
+        ("GET", "/api/v1/tasks/<task_id:int>", web.task, "read"),
+        ("GET", "/api/v1/tasks/<task_id:int>/result", web.result, "read"),
+        ("GET", "/api/v1/tasks/<task_id:int>/why", web.why, "read"),
+        ("POST", "/api/v1/tasks", web.submit, "admin"),
+        ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel, "admin"),
+        ("POST", "/api/v1/command", web.command, "command"),
+        ("GET", "/api/v1/completion", web.completion, "read"),
+        ("GET", "/text/status", web.text_status, "read"),
+        ("GET", "/text/devices", web.text_devices, "read"),
+        ("GET", "/text/tasks", web.text_tasks, "read"),
+        ("GET", "/text/logs", web.text_logs, "read"),
+        ("GET", "/text/metrics", web.text_metrics, "read"),
+        ("GET", "/stream/<kind:re:devices|tasks|logs>", web.stream, "read"),
+        ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
+        ("GET", "/worker.py", web.worker_file, "open"),
     ]
-    for method, path, handler in routes:
-        app.route(path, method, answers(handler))
+    for method, path, handler, access in routes:
+        app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
-    app.add_hook("after_request", web.log_request)
+    app.add_hook("after_request", web.after_request)
+    app.config["rc.web"] = web
     return app
+
+
+def create_server(app, host, port, config):
+    """waitress with enough threads that max_streams streams leave
+    SPARE_THREADS for ordinary requests; lookahead lets a stream notice that
+    its client went away."""
+    return waitress.create_server(app, host=host, port=port,
+                                  threads=config.max_streams + SPARE_THREADS,
+                                  ident="rc-web", max_request_body_size=SERVER_BODY_LIMIT,
+                                  channel_request_lookahead=1)
 
 
 def main():
@@ -291,12 +854,11 @@ def main():
     try:
         config = rc_config.load()
         logger = Logger("rc-web", config.log_level)
+        app = make_app(config, logger)
     except (rc_config.ConfigError, ValueError) as e:
         logger.error("config_error", error=str(e))
         return 1
-    server = waitress.create_server(make_app(config, logger), host=config.web_host,
-                                    port=config.web_port, threads=SERVER_THREADS,
-                                    ident="rc-web", max_request_body_size=SERVER_BODY_LIMIT)
+    server = create_server(app, config.web_host, config.web_port, config)
     logger.info("web_started", host=config.web_host, port=int(server.effective_port))
     server.run()
     return 0
