@@ -309,3 +309,20 @@ def started_count(cluster, task_ids):
 
 def test_no_task_process_is_left_behind(cluster):
     assert no_task_processes_left()
+
+
+def test_progress_is_stored_and_cancel_stops_a_running_task(cluster):
+    code = ("import time\nfor step in range(1, 100):\n"
+            "    print('PROGRESS %%d/100 step %%d' %% (step, step), flush=True)\n"
+            "    time.sleep(0.2)\n# %s" % MARKER)
+    task_id = tasks.submit(cluster.db, cluster.config, "python_exec", {"code": code})
+    wait_for(lambda: (tasks.get(cluster.db, task_id)["progress"] or 0) >= 3, 30,
+             "progress to be reported")
+    shown = cluster.rc("task", str(task_id)).stdout
+    assert "progress" in shown and "step" in shown, shown
+    cancelled_at = time.time()
+    cluster.rc("cancel", str(task_id))
+    wait_all_finished(cluster, [task_id], 10)
+    assert time.time() - cancelled_at < 5
+    assert tasks.get(cluster.db, task_id)["state"] == "cancelled"
+    Executions(cluster).check([task_id])
