@@ -64,8 +64,9 @@ OUTCOME_FAILED = "failed"
 OUTCOME_TIMED_OUT = "timed_out"
 OUTCOME_CANCELLED = "cancelled"
 OUTCOME_NOT_ALLOWED = "not_allowed"
+OUTCOME_HANDED_BACK = "handed_back"
 OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
-            OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED)
+            OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK)
 
 ###############################################################################
 # Tunables ####################################################################

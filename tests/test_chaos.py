@@ -106,7 +106,10 @@ class Executions:
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self.runs = {}         # (task_id, attempt, device_id) -> [start, end, status]
+        # (task_id, attempt, device_id) -> [[start, end, status], ...]: one
+        # attempt can start twice on a device whose worker died before the
+        # main node heard it had started, so it was sent to the new one.
+        self.runs = {}
         for device_id in WORKERS:
             self.read(device_id)
 
@@ -120,30 +123,36 @@ class Executions:
                     continue
                 if not isinstance(record, dict) or "task_id" not in record:
                     continue
-                key = (record["task_id"], record["attempt"], device_id)
+                runs = self.runs.setdefault(
+                    (record["task_id"], record["attempt"], device_id), [])
                 if record["event"] == "task_started":
-                    assert key not in self.runs, "attempt started twice: %s" % (key,)
-                    self.runs[key] = [record["time"], None, None]
-                elif record["event"] in ("task_finished", "task_fenced") and key in self.runs:
-                    self.runs[key][1] = record["time"]
-                    self.runs[key][2] = record.get("status", record["event"])
+                    runs.append([record["time"], None, None])
+                elif record["event"] in ("task_finished", "task_fenced") and runs \
+                        and runs[-1][1] is None:
+                    runs[-1][1] = record["time"]
+                    runs[-1][2] = record.get("status", record["event"])
+
+    def last_run(self, key):
+        runs = self.runs.get(key)
+        return runs[-1] if runs else None
 
     def intervals(self, task_id):
         """Each execution as the stretches of time it could actually run:
         until its worker died, and never while its device was frozen."""
         found = []
-        for (tid, attempt, device_id), (start, end, status) in self.runs.items():
+        for (tid, attempt, device_id), runs in self.runs.items():
             if tid != task_id:
                 continue
-            if end is None:
-                deaths = [t for t in self.cluster.deaths.get(device_id, []) if t >= start]
-                end = min(deaths) if deaths else time.time()
-            pieces = [(start, end)]
-            for stopped, continued in self.cluster.freezes.get(device_id, []):
-                pieces = [part for a, b in pieces
-                          for part in ((a, min(b, stopped)), (max(a, continued), b))
-                          if part[0] < part[1]]
-            found.extend((attempt, device_id, a, b) for a, b in pieces)
+            for start, end, status in runs:
+                if end is None:
+                    deaths = [t for t in self.cluster.deaths.get(device_id, []) if t >= start]
+                    end = min(deaths) if deaths else time.time()
+                pieces = [(start, end)]
+                for stopped, continued in self.cluster.freezes.get(device_id, []):
+                    pieces = [part for a, b in pieces
+                              for part in ((a, min(b, stopped)), (max(a, continued), b))
+                              if part[0] < part[1]]
+                found.extend((attempt, device_id, a, b) for a, b in pieces)
         return found
 
     def check(self, task_ids):
@@ -161,7 +170,7 @@ class Executions:
                 assert s2 >= e1, ("task %d: attempt %d on %s overlaps attempt %d on %s"
                                   % (task_id, a1, d1, a2, d2))
             if task["state"] == "completed" and task["task_type"] != "echo":
-                run = self.runs.get((task_id, task["attempt"], task["device_id"]))
+                run = self.last_run((task_id, task["attempt"], task["device_id"]))
                 assert run and run[2] == "completed", (task, run)
 
 
@@ -242,7 +251,7 @@ def test_a_frozen_worker_s_late_work_is_ignored(cluster):
     assert task["state"] == "completed" and task["device_id"] != device_id
     assert task["attempt"] >= 2
     Executions(cluster).check([task_id])
-    fenced = Executions(cluster).runs[(task_id, 1, device_id)]
+    fenced = Executions(cluster).last_run((task_id, 1, device_id))
     assert fenced[2] == "task_fenced", fenced
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rc import config as config_module
-from rc import db, protocol, state_dir, tasks
+from rc import db, devices, protocol, scheduler, state_dir, tasks
 from rc.log import Logger
 from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
@@ -243,4 +243,27 @@ def test_tasks_a_worker_fenced_itself_are_retried_without_charge(server):
     task = tasks.get(connection, task_id)
     assert (task["state"], task["attempt"], task["retries_used"]) == ("queued", 2, 0)
     assert "fenced by dev1" in task["reason"]
+    connection.close()
+
+
+def test_an_unavailable_device_hands_back_without_charge_and_gets_nothing(server):
+    instance, port = server
+    config = instance.config
+    connection = db.connect(config.db_path)
+    client = Client(port)
+    client.register(token_of(instance))
+    task_id = tasks.submit(connection, config, "shell", {"command": "sleep 9"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    client.send("heartbeat", {"availability": {"available": False, "reason": "battery 12%"},
+                              "active_tasks": [{"task_id": task_id, "attempt": 1}]})
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "handed_back",
+                                "error": "battery 12%"})
+    assert client.receive()["message_type"] == "task_result_ack"
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"], task["retries_used"]) == ("queued", 2, 0)
+    device = devices.get(connection, "dev1")
+    assert not device["available"] and device["unavailable_reason"] == "battery 12%"
+    assert scheduler.schedule(connection, time.time() + 100, instance.log, 15.0) == 0
     connection.close()

@@ -41,6 +41,10 @@ MIGRATIONS = [
         metrics        TEXT NOT NULL DEFAULT '{}',
         status         TEXT NOT NULL DEFAULT 'offline',
         connected      INTEGER NOT NULL DEFAULT 0,
+        -- The worker's own policy (battery, heat, owner, quiet hours) may
+        -- make it unavailable for new tasks while it stays online.
+        available      INTEGER NOT NULL DEFAULT 1,
+        unavailable_reason TEXT,
         address        TEXT,
         protocol       INTEGER,
         registered_at  REAL NOT NULL,

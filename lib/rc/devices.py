@@ -5,7 +5,7 @@ from rc.states import ONLINE
 
 DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores, memory_gb,"
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
-                  " connected, address, protocol, registered_at, connected_at,"
+                  " connected, available, unavailable_reason, address, protocol, registered_at, connected_at,"
                   " disconnected_at, last_seen")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 OBJECT_COLUMNS = ("profile", "metrics")
@@ -19,17 +19,19 @@ def register(connection, device_id, data, address, now):
     connection.execute(
         "INSERT INTO devices(device_id, hostname, platform, architecture, role, cpu_cores,"
         " memory_gb, slots, capabilities, tags, task_types, profile, status, connected,"
-        " address, protocol, registered_at, connected_at, disconnected_at, last_seen)"
+        " available, unavailable_reason, address, protocol, registered_at, connected_at,"
+        " disconnected_at, last_seen)"
         " VALUES (:device_id, :hostname, :platform, :architecture, :role, :cpu_cores,"
         " :memory_gb, :slots, :capabilities, :tags, :task_types, :profile, :status, 1,"
-        " :address, :protocol, :now, :now, NULL, :now)"
+        " :available, :unavailable_reason, :address, :protocol, :now, :now, NULL, :now)"
         " ON CONFLICT(device_id) DO UPDATE SET hostname = excluded.hostname,"
         " platform = excluded.platform, architecture = excluded.architecture,"
         " role = excluded.role, cpu_cores = excluded.cpu_cores,"
         " memory_gb = excluded.memory_gb, slots = excluded.slots,"
         " capabilities = excluded.capabilities, tags = excluded.tags,"
         " task_types = excluded.task_types, profile = excluded.profile,"
-        " status = excluded.status, connected = 1, address = excluded.address,"
+        " status = excluded.status, connected = 1, available = excluded.available,"
+        " unavailable_reason = excluded.unavailable_reason, address = excluded.address,"
         " protocol = excluded.protocol, connected_at = excluded.connected_at,"
         " disconnected_at = NULL, last_seen = excluded.last_seen",
         {"device_id": device_id, "hostname": text(info.get("hostname")),
@@ -42,13 +44,17 @@ def register(connection, device_id, data, address, now):
          "tags": db.dumps(names(data.get("tags"))),
          "task_types": db.dumps(names(data.get("task_types"))),
          "profile": db.dumps(profile), "status": ONLINE, "address": address,
+         "available": availability_of(data.get("availability"))[0],
+         "unavailable_reason": availability_of(data.get("availability"))[1],
          "protocol": data.get("protocol"), "now": now})
 
 
-def heartbeat(connection, device_id, metrics, now):
+def heartbeat(connection, device_id, metrics, now, availability=None):
+    available, reason = availability_of(availability)
     connection.execute(
-        "UPDATE devices SET metrics = ?, last_seen = ?, status = ? WHERE device_id = ?",
-        (db.dumps(metrics), now, ONLINE, device_id))
+        "UPDATE devices SET metrics = ?, last_seen = ?, status = ?, available = ?,"
+        " unavailable_reason = ? WHERE device_id = ?",
+        (db.dumps(metrics), now, ONLINE, available, reason, device_id))
     connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
                        (device_id, now, db.dumps(metrics)))
 
@@ -85,9 +91,18 @@ def device_dict(row):
     for key in OBJECT_COLUMNS:
         if key in device:
             device[key] = db.loads(device[key], {})
-    if "connected" in device:
-        device["connected"] = bool(device["connected"])
+    for key in ("connected", "available"):
+        if key in device:
+            device[key] = bool(device[key])
     return device
+
+
+def availability_of(availability):
+    """(available, reason) from a worker's {"available", "reason"}; a worker
+    that says nothing is available."""
+    if not isinstance(availability, dict) or availability.get("available") is not False:
+        return 1, None
+    return 0, text(availability.get("reason")) or "unavailable"
 
 
 def list_devices(connection, status=None):

@@ -44,6 +44,11 @@ def why_queued(connection, task, now):
     online = [d for d in devices.list_devices(connection, ONLINE) if d["connected"]]
     if not online:
         return "no device is online; it will run when one joins."
+    paused = [d for d in online if not d["available"]]
+    online = [d for d in online if d["available"]]
+    if not online:
+        return "every online device is unavailable: %s." % "; ".join(
+            "%s (%s)" % (d["device_id"], d["unavailable_reason"]) for d in paused)
     fitting, refusals = [], {}
     for device in online:
         reasons = unmet(task, device)

@@ -27,7 +27,7 @@ class Slots:
 
     def __init__(self, connection, instant_per_slot):
         self.devices = devices.list_devices_where(
-            connection, "d.status = ? AND d.connected = 1", (ONLINE,))
+            connection, "d.status = ? AND d.connected = 1 AND d.available = 1", (ONLINE,))
         instant_held = dict(connection.execute(
             "SELECT device_id, count(*) FROM tasks WHERE %s AND task_type IN (%s)"
             " GROUP BY device_id" % (db.ACTIVE_SQL, db.sql_list(INSTANT_TASK_TYPES))))

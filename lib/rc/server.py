@@ -18,7 +18,8 @@ from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, ERROR, FAILED, HEARTBEAT,
-                       HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED,
+                       HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_HANDED_BACK,
+                       OUTCOME_NOT_ALLOWED,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
@@ -247,9 +248,11 @@ class Server:
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
+        availability = field(data, "availability", dict, required=False)
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
-        self.batch.append((Server.apply_heartbeat, peer, (metrics, active, fenced)))
+        self.batch.append((Server.apply_heartbeat, peer,
+                           (metrics, availability, active, fenced)))
 
     def on_accept(self, peer, data):
         self.batch.append((Server.apply_accept, peer, task_key(data)))
@@ -314,8 +317,8 @@ class Server:
                               device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
-        metrics, active, fenced = data
-        devices.heartbeat(self.database, peer.device_id, metrics, now)
+        metrics, availability, active, fenced = data
+        devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
         self.take_back_fenced(peer.device_id, fenced, now)
         tasks.renew_leases(self.database, peer.device_id, active,
                            now + self.config.lease_duration)
@@ -368,11 +371,12 @@ class Server:
                                   "attempt": key[1],
                                   "message": "task %s attempt %s is not assigned to %s;"
                                   " result ignored" % (key[0], key[1], peer.device_id)})]
-        if status == OUTCOME_NOT_ALLOWED or (status == OUTCOME_CANCELLED
-                                             and not row["cancel_requested"]):
+        if status in (OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK) or (
+                status == OUTCOME_CANCELLED and not row["cancel_requested"]):
             # Not the task's fault: another device may run it.
-            tasks.take_back(self.database, row, "%s on %s" % (status, peer.device_id),
-                            now, self.config)
+            why = "%s by %s%s" % (status.replace("_", " "), peer.device_id,
+                                  ": " + error if error else "")
+            tasks.take_back(self.database, row, why, now, self.config, charged=False)
         elif status in (FAILED, TIMED_OUT) and tasks.retry_failed(
                 self.database, row, status, result, error, now, self.config):
             pass
