@@ -34,7 +34,8 @@ RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per at
 RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries
 
 # -- processes ---------------------------------------------------------------
-POLL_INTERVAL = 0.002           # seconds between looks for changes in the database
+POLL_INTERVAL = 0.05            # seconds between looks for changes in the database when
+                                # no doorbell rings (see lib/rc/bell.py)
 REAPER_INTERVAL = 1.0           # seconds between the reaper's sweeps
 LOG_LEVEL = "info"              # debug, info, warning or error
 

@@ -8,7 +8,7 @@ import signal
 import time
 
 from rc import config as config_module
-from rc import db, devices, tasks
+from rc import bell, db, devices, tasks
 from rc.log import Logger
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
 
@@ -112,6 +112,7 @@ def next_backoff_end(connection, now):
 
 def run(config, log, should_stop):
     connection = db.open_database(config.db_path)
+    doorbell = bell.Bell(config.run_dir, bell.SCHEDULER)
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
     seen = None
     wake_at = 0.0
@@ -120,11 +121,13 @@ def run(config, log, should_stop):
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            schedule(connection, now, log, config.accept_timeout, config.instant_per_slot)
+            if schedule(connection, now, log, config.accept_timeout, config.instant_per_slot):
+                bell.ring(config.run_dir, bell.SERVER)
             # Our own commit does not change data_version for us; nothing to undo.
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
-        time.sleep(config.poll_interval)
+        doorbell.wait(min(config.poll_interval, max(0.0, wake_at - time.time())))
+    doorbell.close()
 
 
 def main():

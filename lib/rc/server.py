@@ -13,7 +13,7 @@ import socket
 import time
 
 from rc import config as config_module
-from rc import db, devices, protocol, tasks
+from rc import bell, db, devices, protocol, tasks
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
@@ -72,6 +72,8 @@ class Server:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
         self.listener = listener
+        self.doorbell = bell.Bell(self.config.run_dir, bell.SERVER)
+        self.selector.register(self.doorbell, selectors.EVENT_READ, self.doorbell)
         return listener.getsockname()[1]
 
     def run(self):
@@ -85,11 +87,15 @@ class Server:
         self.log.info("server_stopping", connections=len(self.peers))
         for peer in list(self.peers):
             self.close(peer, "server stopping", record=False)
+        self.doorbell.close()
 
     def turn(self, timeout):
         for key, events in self.selector.select(timeout):
             if key.data is None:
                 self.accept_connections()
+                continue
+            if key.data is self.doorbell:
+                self.doorbell.drain()      # push_changes below looks at the database
                 continue
             peer = key.data
             if events & selectors.EVENT_READ:
@@ -289,6 +295,8 @@ class Server:
                 reply = apply(self, peer, data, now)
                 if reply:
                     replies.append((peer, reply))
+        if any(apply in FREES_SLOTS for apply, _, _ in batch):
+            bell.ring(self.config.run_dir, bell.SCHEDULER)
         # Only now is everything above durable; acknowledge it.
         for peer, reply in replies:
             for message_type, data in reply:
@@ -419,6 +427,11 @@ class Server:
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
                     "priority": PRIORITY_NAMES.get(row["priority"], "normal")})
+
+
+# After these, the scheduler may have work to give out.
+FREES_SLOTS = (Server.apply_register, Server.apply_result, Server.apply_disconnect,
+               Server.apply_heartbeat)
 
 
 def fence_settings(config):

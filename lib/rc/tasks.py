@@ -9,7 +9,7 @@ import math
 import random
 import time
 
-from rc import db
+from rc import bell, db
 from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
                        TERMINAL_STATES)
@@ -208,7 +208,8 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
         connection.executemany(
             "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
             [(cursor.lastrowid, parent) for parent in depends_on])
-        return cursor.lastrowid
+    bell.ring(config.run_dir, bell.SCHEDULER)
+    return cursor.lastrowid
 
 
 def check_dependencies(depends_on):
