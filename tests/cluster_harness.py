@@ -29,12 +29,13 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, home, **settings):
+    def __init__(self, home, base=None, **settings):
+        """`base` replaces the short test timings (e.g. to measure defaults)."""
         self.home = str(home)
         settings_path = os.path.join(self.home, "rc.json")
         os.makedirs(self.home, exist_ok=True)
         with open(settings_path, "w") as f:
-            json.dump(dict(TEST_SETTINGS, **settings), f)
+            json.dump(dict(TEST_SETTINGS if base is None else base, **settings), f)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
                         RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()))
         self.config = config_module.load(environ=self.env)

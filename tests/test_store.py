@@ -217,8 +217,8 @@ def test_heartbeat_history_is_bounded(store):
     config, connection = store
     add_device(connection)
     with db.write(connection):
-        for n in range(30):
+        for n in range(5000):
             devices.heartbeat(connection, "pi", {"cpu_percent": n}, float(n))
-        devices.prune_heartbeats(connection, 10)
+    devices.prune_heartbeats(connection, 4990.0)
     rows = connection.execute("SELECT metrics FROM heartbeats ORDER BY id").fetchall()
-    assert len(rows) == 10 and db.loads(rows[-1][0]) == {"cpu_percent": 29}
+    assert len(rows) == 10 and db.loads(rows[-1][0]) == {"cpu_percent": 4999}

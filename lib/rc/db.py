@@ -60,6 +60,7 @@ MIGRATIONS = [
         metrics    TEXT NOT NULL
     );
     CREATE INDEX heartbeats_by_device ON heartbeats(device_id, id);
+    CREATE INDEX heartbeats_by_time ON heartbeats(time);
 
     CREATE TABLE tasks (
         task_id          INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -72,13 +72,20 @@ def disconnect_all(connection, now):
         (now,))
 
 
-def prune_heartbeats(connection, keep):
-    """Keep the newest `keep` heartbeats of each device."""
-    for row in connection.execute("SELECT device_id FROM devices").fetchall():
-        connection.execute(
-            "DELETE FROM heartbeats WHERE device_id = :d AND id <= (SELECT id FROM"
-            " heartbeats WHERE device_id = :d ORDER BY id DESC LIMIT 1 OFFSET :keep)",
-            {"d": row["device_id"], "keep": keep})
+PRUNE_CHUNK = 2000    # heartbeats deleted per transaction, so writers never wait long
+
+
+def prune_heartbeats(connection, older_than):
+    """Delete heartbeats from before `older_than`, a chunk per short
+    transaction: with 10,000 devices one big delete would hold up every
+    heartbeat acknowledgement behind it."""
+    while True:
+        with db.write(connection):
+            deleted = connection.execute(
+                "DELETE FROM heartbeats WHERE id IN (SELECT id FROM heartbeats"
+                " WHERE time < ? LIMIT ?)", (older_than, PRUNE_CHUNK)).rowcount
+        if deleted < PRUNE_CHUNK:
+            return
 
 
 # -- reading -------------------------------------------------------------------

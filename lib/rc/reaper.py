@@ -74,9 +74,10 @@ def fail_overdue(connection, log, now, grace):
                         device_id=row["device_id"])
 
 
-def prune(connection, config):
-    with db.write(connection):
-        devices.prune_heartbeats(connection, config.heartbeat_history)
+def prune(connection, config, now):
+    """Keep about `heartbeat_history` heartbeats per device."""
+    devices.prune_heartbeats(connection,
+                             now - config.heartbeat_history * config.heartbeat_interval)
 
 
 def run(config, log, should_stop):
@@ -88,7 +89,7 @@ def run(config, log, should_stop):
         now = time.time()
         sweep(connection, config, log, now)
         if now >= next_prune:
-            prune(connection, config)
+            prune(connection, config, now)
             next_prune = now + PRUNE_INTERVAL
         time.sleep(config.reaper_interval)
 

@@ -4,11 +4,12 @@ Order: priority (urgent first), then age. A task that fits no device is
 passed over, so it never holds up the tasks behind it. The scheduler wakes
 when another program commits (PRAGMA data_version), not on a fixed beat.
 """
+import heapq
 import signal
 import time
 
 from rc import config as config_module
-from rc import bell, db, devices, tasks
+from rc import bell, db, tasks
 from rc.log import Logger
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
 
@@ -20,52 +21,104 @@ DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " AND p.state != 'completed')")
 
 
+# What the scheduler reads of each device: only what matching and ranking need,
+# with the two ranking figures pulled out of their JSON by SQLite itself.
+DEVICE_QUERY = (
+    "SELECT device_id, slots, cpu_cores, memory_gb, platform, architecture, role,"
+    " capabilities, tags, task_types,"
+    " coalesce(json_extract(metrics, '$.cpu_percent'), 50.0) AS cpu_busy,"
+    " coalesce(json_extract(profile, '$.hardware_specs.cpu_speed'), 0.0) AS speed"
+    " FROM devices WHERE status = ? AND connected = 1 AND available = 1")
+
+
 class Slots:
-    """The online, connected devices and how many tasks each can still take:
-    `free` slots for tasks that run a while, `instant_free` for the instant
-    types, which the worker answers at once without a slot."""
+    """The online, connected, available devices and how many tasks each can
+    still take: `free` slots for tasks that run a while, `instant_free` for the
+    instant types, which the worker answers at once without a slot.
+
+    With thousands of devices a pass must not rank every device for every
+    task: tasks without requirements take the top of a heap per (room, task
+    type); only tasks with requirements scan the devices."""
 
     def __init__(self, connection, instant_per_slot):
-        self.devices = devices.list_devices_where(
-            connection, "d.status = ? AND d.connected = 1 AND d.available = 1", (ONLINE,))
-        instant_held = dict(connection.execute(
-            "SELECT device_id, count(*) FROM tasks WHERE %s AND task_type IN (%s)"
-            " GROUP BY device_id" % (db.ACTIVE_SQL, db.sql_list(INSTANT_TASK_TYPES))))
-        for device in self.devices:
-            instant = instant_held.get(device["device_id"], 0)
-            device["free"] = device["slots"] - (device["active_tasks"] - instant)
-            device["instant_free"] = device["slots"] * instant_per_slot - instant
+        held = {}
+        for row in connection.execute(
+                "SELECT device_id, task_type IN (%s) AS instant, count(*) AS n FROM tasks"
+                " WHERE %s GROUP BY 1, 2" % (db.sql_list(INSTANT_TASK_TYPES), db.ACTIVE_SQL)):
+            held[(row["device_id"], row["instant"])] = row["n"]
+        decoded = {}      # most devices send identical lists: decode each text once
+
+        def names(text):
+            if text not in decoded:
+                decoded[text] = frozenset(db.loads(text, []))
+            return decoded[text]
+        self.devices = []
+        for row in connection.execute(DEVICE_QUERY, (ONLINE,)):
+            device = dict(row)
+            for key in ("capabilities", "tags", "task_types"):
+                device[key] = names(row[key])
+            device["free"] = row["slots"] - held.get((row["device_id"], 0), 0)
+            device["instant_free"] = (row["slots"] * instant_per_slot
+                                      - held.get((row["device_id"], 1), 0))
+            self.devices.append(device)
         self.free = sum(max(0, d["free"]) + max(0, d["instant_free"]) for d in self.devices)
+        self.heaps = {}
 
     def take(self, device, task_type):
-        device["instant_free" if task_type in INSTANT_TASK_TYPES else "free"] -= 1
+        device[room_for(task_type)] -= 1
         self.free -= 1
 
     def best_for(self, task_type, requirements):
         """The fitting device that should take the task next: the most free
         slots, so a batch spreads out, then the least busy CPU, then the
         fastest (when the worker reported a speed)."""
-        room = "instant_free" if task_type in INSTANT_TASK_TYPES else "free"
+        room = room_for(task_type)
+        if not requirements:
+            return self.top_of_heap(room, task_type)
         best, best_rank = None, None
         for device in self.devices:
             if device[room] <= 0 or task_type not in device["task_types"]:
                 continue
-            if requirements and tasks.unmet_requirements(requirements, device):
+            if tasks.unmet_requirements(requirements, device):
                 continue
             rank = preference(device, room)
             if best is None or rank > best_rank:
                 best, best_rank = device, rank
         return best
 
+    def top_of_heap(self, room, task_type):
+        heap = self.heaps.get((room, task_type))
+        if heap is None:
+            heap = [(negated(preference(d, room)), n, d) for n, d in enumerate(self.devices)
+                    if d[room] > 0 and task_type in d["task_types"]]
+            heapq.heapify(heap)
+            self.heaps[(room, task_type)] = heap
+        # Entries go stale when a device takes a task: re-rank and retry.
+        while heap:
+            rank, n, device = heap[0]
+            current = negated(preference(device, room))
+            if device[room] <= 0:
+                heapq.heappop(heap)
+            elif current != rank:
+                heapq.heapreplace(heap, (current, n, device))
+            else:
+                return device
+        return None
+
+
+def room_for(task_type):
+    return "instant_free" if task_type in INSTANT_TASK_TYPES else "free"
+
 
 def preference(device, room):
-    metrics = device["metrics"].get("system_metrics", device["metrics"])
-    specs = device["profile"].get("hardware_specs") or {}
-    cpu_busy = metrics.get("cpu_percent")
-    speed = specs.get("cpu_speed")
+    busy, speed = device["cpu_busy"], device["speed"]
     return (device[room],
-            -cpu_busy if isinstance(cpu_busy, (int, float)) else -50.0,
+            -busy if isinstance(busy, (int, float)) else -50.0,
             speed if isinstance(speed, (int, float)) else 0.0)
+
+
+def negated(rank):
+    return tuple(-value for value in rank)
 
 
 def schedule(connection, now, log, accept_timeout, instant_per_slot=8):

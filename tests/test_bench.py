@@ -1,0 +1,242 @@
+"""`make bench`: the speed and memory figures of issue 7, measured on a real
+cluster in a temporary state directory, medians over repetitions. Prints one
+table (figure, target, measured, pass/fail) and writes it as JSON to
+test-artifacts/bench.json. Not part of `make test`.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from cluster_harness import REPO, Cluster, online, wait_for
+from rc import db, tasks
+
+pytestmark = pytest.mark.bench
+
+REPEAT = int(os.environ.get("RC_BENCH_REPEAT", "3"))
+SIM_DEVICES = int(os.environ.get("RC_BENCH_DEVICES", "10000"))
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+RESULTS = []      # (figure, target, measured, unit, passed)
+# The defaults, only kept on the loopback interface.
+BENCH_SETTINGS = {"tcp_host": "127.0.0.1", "web_host": "127.0.0.1"}
+
+
+def record(figure, target, measured, unit, passed):
+    RESULTS.append({"figure": figure, "target": target, "measured": round(measured, 3),
+                    "unit": unit, "pass": bool(passed)})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("bench"), base=BENCH_SETTINGS)
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    cluster.start_worker("bench", "--slots", "4")
+    wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
+    yield cluster
+    cluster.stop()
+
+
+def wait_done(cluster, first, last, timeout=600):
+    def done():
+        return cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE task_id BETWEEN ? AND ? AND state IN"
+            " ('completed', 'failed', 'timed_out', 'cancelled')", (first, last)).fetchone()[0]
+    wait_for(lambda: done() == last - first + 1, timeout, "tasks %d-%d" % (first, last))
+    return cluster.db.execute("SELECT max(finished_at) FROM tasks WHERE task_id BETWEEN ? AND ?",
+                              (first, last)).fetchone()[0]
+
+
+def throughput(cluster, task_type, payload, count):
+    """Tasks per second from the first submit to the last result stored."""
+    started = time.time()
+    ids = [tasks.submit(cluster.db, cluster.config, task_type, payload) for _ in range(count)]
+    finished = wait_done(cluster, ids[0], ids[-1])
+    failed = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id BETWEEN ? AND ?"
+                                " AND state != 'completed'", (ids[0], ids[-1])).fetchone()[0]
+    assert failed == 0
+    return count / (finished - started)
+
+
+def median_of(measure):
+    return statistics.median(measure() for _ in range(REPEAT))
+
+
+def test_echo_throughput(cluster):
+    rate = median_of(lambda: throughput(cluster, "echo", {"message": "x"}, 5000))
+    record("echo tasks/s (5,000, 4 slots)", ">= 2000", rate, "tasks/s", rate >= 2000)
+
+
+def test_shell_throughput(cluster):
+    rate = median_of(lambda: throughput(cluster, "shell", {"command": "true"}, 2000))
+    record("shell true tasks/s (2,000)", ">= 600", rate, "tasks/s", rate >= 600)
+
+
+def test_python_eval_throughput(cluster):
+    rate = median_of(lambda: throughput(cluster, "python_eval", {"expression": "1"}, 2000))
+    record("python_eval tasks/s (2,000)", ">= 400", rate, "tasks/s", rate >= 400)
+
+
+def test_round_trip_latency(cluster):
+    def one_round():
+        samples = []
+        for _ in range(200):
+            time.sleep(0.005)         # an idle cluster between tasks
+            started = time.perf_counter()
+            task_id = tasks.submit(cluster.db, cluster.config, "echo", {"message": "x"})
+            while cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                     (task_id,)).fetchone()[0] != "completed":
+                time.sleep(0.0001)
+            samples.append(time.perf_counter() - started)
+        samples.sort()
+        return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+    rounds = [one_round() for _ in range(REPEAT)]
+    p50 = statistics.median(r[0] for r in rounds)
+    p99 = statistics.median(r[1] for r in rounds)
+    record("echo round trip p50", "<= 2 ms", p50, "ms", p50 <= 2)
+    record("echo round trip p99", "<= 10 ms", p99, "ms", p99 <= 10)
+
+
+def rss_mib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 1024 / 1024
+
+
+def main_node_pids(cluster):
+    supervisord = int(open(os.path.join(cluster.home, "run", "supervisord.pid")).read())
+    return [supervisord] + [cluster.program_pid(p) for p in
+                            ("rc-server", "rc-scheduler", "rc-reaper", "rc-web")]
+
+
+def test_memory(cluster):
+    idle_worker = cluster.start_worker("idle", "--slots", "1")
+    wait_for(lambda: "idle" in online(cluster), 30, "an idle worker")
+    time.sleep(3)
+    worker_rss = psutil.Process(idle_worker.pid).memory_info().rss / 1024 / 1024
+    record("idle connected worker RSS (Python %s)" % sys.version.split()[0], "<= 16 MiB",
+           worker_rss, "MiB", worker_rss <= 16)
+    cluster.workers.pop("idle").terminate()
+    idle = rss_mib(main_node_pids(cluster))
+    record("main node RSS idle (all programs + supervisord)", "<= 150 MiB", idle, "MiB",
+           idle <= 150)
+    # Load for a while, then compare: the full 10-minute run is RC_BENCH_SOAK=600.
+    soak = float(os.environ.get("RC_BENCH_SOAK", "60"))
+    end = time.time() + soak
+    while time.time() < end:
+        throughput(cluster, "echo", {"message": "x"}, 1000)
+    time.sleep(2)
+    after = rss_mib(main_node_pids(cluster))
+    record("main node RSS growth over %gs of load" % soak, "<= 10 %", 100 * (after - idle) / idle,
+           "%", after <= idle * 1.10)
+
+
+def test_failover_after_kill_9(cluster):
+    """With the default settings: a worker killed mid-task, its task started
+    on another device; seconds from the kill to that start."""
+    cluster.workers.pop("bench").kill()
+    rescuer = "rescuer"
+    cluster.start_worker(rescuer, "--slots", "1")
+    times = []
+    for round_number in range(REPEAT):
+        victim = "victim-%d" % round_number
+        cluster.start_worker(victim, "--slots", "1")
+        wait_for(lambda: {victim, rescuer} <= online(cluster), 30, "both workers")
+        task_id = tasks.submit(cluster.db, cluster.config, "shell", {"command": "sleep 60"},
+                               requirements={"device_id": victim})
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "running", 30, "start")
+        # Let it go anywhere now, and take its device away.
+        with db.write(cluster.db):
+            cluster.db.execute("UPDATE tasks SET requirements = '{}' WHERE task_id = ?",
+                               (task_id,))
+        killed = time.time()
+        cluster.workers[victim].kill()
+        wait_for(lambda: started_on(cluster, task_id, rescuer), 120, "failover")
+        times.append(tasks.get(cluster.db, task_id)["started_at"] - killed)
+        tasks.cancel(cluster.db, task_id)
+    failover = statistics.median(times)
+    record("failover after kill -9 (default settings)", "<= 30 s", failover, "s", failover <= 30)
+
+
+def started_on(cluster, task_id, device_id):
+    task = tasks.get(cluster.db, task_id)
+    return task["state"] == "running" and task["device_id"] == device_id
+
+
+def test_scale_10000_devices(cluster, tmp_path):
+    report_path = str(tmp_path / "sim.json")
+    duration = 75.0
+    simulator = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "device_simulator.py"),
+         "--join", "127.0.0.1:%d" % cluster.config.tcp_port,
+         "--token-file", cluster.config.token_path, "--count", str(SIM_DEVICES),
+         "--interval", "60", "--duration", str(duration), "--report", report_path])
+    try:
+        wait_for(lambda: connected(cluster) >= SIM_DEVICES, 180, "simulated devices")
+        server = psutil.Process(cluster.program_pid("rc-server"))
+        before, t0 = server.cpu_times(), time.time()
+        time.sleep(30)
+        after, t1 = server.cpu_times(), time.time()
+        cpu = 100 * ((after.user + after.system) - (before.user + before.system)) / (t1 - t0)
+        record("rc-server CPU, %d devices heartbeating every 60 s" % SIM_DEVICES,
+               "<= 10 %", cpu, "% of a core", cpu <= 10)
+        url = "http://127.0.0.1:%d/text/devices" % cluster.config.web_port
+        started = time.time()
+        urllib.request.urlopen(url, timeout=30).read()
+        elapsed = time.time() - started
+        record("/text/devices with %d devices" % SIM_DEVICES, "<= 1 s", elapsed, "s",
+               elapsed <= 1)
+        started = time.time()
+        cluster.rc("devices")
+        elapsed = time.time() - started
+        record("rc devices with %d devices" % SIM_DEVICES, "<= 1 s", elapsed, "s", elapsed <= 1)
+        started = time.time()
+        with db.write(cluster.db):
+            first = None
+            for _ in range(SIM_DEVICES):
+                cursor = cluster.db.execute(
+                    "INSERT INTO tasks(task_type, payload, timeout, max_retries, created_at,"
+                    " requirements) VALUES ('shell', '{\"command\": \"true\"}', 300, 3, ?,"
+                    " '{\"tags\": []}')", (time.time(),))
+                first = first or cursor.lastrowid
+        last = cursor.lastrowid
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE task_id BETWEEN ? AND ? AND state = 'queued'",
+            (first, last)).fetchone()[0] == 0, 120, "all tasks assigned")
+        elapsed = time.time() - started
+        record("%d tasks assigned over %d devices" % (SIM_DEVICES, SIM_DEVICES), "<= 10 s",
+               elapsed, "s", elapsed <= 10)
+        simulator.wait(timeout=duration + 200)
+        with open(report_path) as f:
+            report = json.load(f)
+        record("heartbeat ack p99, %d devices" % SIM_DEVICES, "<= 100 ms",
+               report["ack_p99_ms"], "ms", report["ack_p99_ms"] <= 100)
+    finally:
+        if simulator.poll() is None:
+            simulator.kill()
+
+
+def connected(cluster):
+    return cluster.db.execute("SELECT count(*) FROM devices WHERE connected = 1").fetchone()[0]
+
+
+def test_zz_print_the_table():
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with open(os.path.join(ARTIFACTS, "bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=2)
+    width = max(len(r["figure"]) for r in RESULTS)
+    print("\n%-*s  %-12s  %12s  %s" % (width, "figure", "target", "measured", "result"))
+    for r in RESULTS:
+        print("%-*s  %-12s  %9.2f %-2s  %s" % (width, r["figure"], r["target"], r["measured"],
+                                             r["unit"][:2], "pass" if r["pass"] else "FAIL"))
+    print("written to %s" % os.path.join(ARTIFACTS, "bench.json"))
