@@ -9,6 +9,7 @@ writes what it measured as JSON when it is done:
         --count 10000 --interval 60 --duration 60 --report sim.json
 """
 import argparse
+import heapq
 import json
 import os
 import selectors
@@ -29,7 +30,6 @@ class Device:
         self.nonce = protocol.new_nonce()
         self.registered = False
         self.heartbeat_sent = None
-        self.next_heartbeat = None
 
 
 class Simulator:
@@ -39,6 +39,7 @@ class Simulator:
         self.selector = selectors.DefaultSelector()
         self.devices = []
         self.ack_latencies = []
+        self.ack_times = []         # wall-clock time of each acknowledgement
         self.registered = 0
         self.tasks_answered = 0
 
@@ -61,8 +62,8 @@ class Simulator:
         registered_in = time.monotonic() - started
         # Spread the heartbeats evenly over one interval.
         now = time.monotonic()
-        for n, device in enumerate(self.devices):
-            device.next_heartbeat = now + self.options.interval * n / len(self.devices)
+        self.due = [(now + self.options.interval * n / len(self.devices), n)
+                    for n in range(len(self.devices))]
         end = now + self.options.duration
         while time.monotonic() < end:
             self.turn(0.01)
@@ -71,15 +72,19 @@ class Simulator:
                 "registered_in_s": registered_in, "heartbeats_acked": len(self.ack_latencies),
                 "ack_p50_ms": percentile(self.ack_latencies, 50) * 1000,
                 "ack_p99_ms": percentile(self.ack_latencies, 99) * 1000,
-                "tasks_answered": self.tasks_answered}
+                "tasks_answered": self.tasks_answered,
+                "acks": list(zip(self.ack_times, self.ack_latencies))}
 
     def send_due_heartbeats(self):
+        """Heartbeats that are due, from a queue ordered by time (looking at
+        every device each turn would make the simulator the bottleneck)."""
         now = time.monotonic()
-        for device in self.devices:
-            if device.registered and device.next_heartbeat <= now \
-                    and device.heartbeat_sent is None:
-                device.heartbeat_sent = now
-                device.next_heartbeat = now + self.options.interval
+        while self.due and self.due[0][0] <= now:
+            _, n = heapq.heappop(self.due)
+            heapq.heappush(self.due, (now + self.options.interval, n))
+            device = self.devices[n]
+            if device.registered and device.heartbeat_sent is None:
+                device.heartbeat_sent = time.monotonic()
                 self.send(device, "heartbeat", {"system_metrics": {"cpu_percent": 3.0},
                                                 "status": "idle", "active_tasks": []})
 
@@ -113,6 +118,7 @@ class Simulator:
             self.registered += 1
         elif kind == "heartbeat_ack" and device.heartbeat_sent is not None:
             self.ack_latencies.append(time.monotonic() - device.heartbeat_sent)
+            self.ack_times.append(time.time())
             device.heartbeat_sent = None
         elif kind == "task_assign":
             self.tasks_answered += 1

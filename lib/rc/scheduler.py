@@ -14,6 +14,7 @@ from rc.log import Logger
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
 
 BATCH = 2000          # queued tasks looked at per pass
+PASS_BUDGET = 0.1     # seconds a pass may hold the write lock; the rest waits a pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
 # SQL: every task this one depends on has completed.
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
@@ -73,27 +74,11 @@ class Slots:
         slots, so a batch spreads out, then the least busy CPU, then the
         fastest (when the worker reported a speed)."""
         room = room_for(task_type)
-        if not requirements:
-            return self.top_of_heap(room, task_type)
-        best, best_rank = None, None
-        for device in self.devices:
-            if device[room] <= 0 or task_type not in device["task_types"]:
-                continue
-            if tasks.unmet_requirements(requirements, device):
-                continue
-            rank = preference(device, room)
-            if best is None or rank > best_rank:
-                best, best_rank = device, rank
-        return best
-
-    def top_of_heap(self, room, task_type):
-        heap = self.heaps.get((room, task_type))
-        if heap is None:
-            heap = [(negated(preference(d, room)), n, d) for n, d in enumerate(self.devices)
-                    if d[room] > 0 and task_type in d["task_types"]]
-            heapq.heapify(heap)
-            self.heaps[(room, task_type)] = heap
-        # Entries go stale when a device takes a task: re-rank and retry.
+        heap = self.heap(room, task_type)
+        refused, best = [], None
+        # Best first; a device that misses a requirement is set aside for
+        # this task only. Entries go stale when a device takes a task:
+        # re-rank them and look again.
         while heap:
             rank, n, device = heap[0]
             current = negated(preference(device, room))
@@ -101,9 +86,23 @@ class Slots:
                 heapq.heappop(heap)
             elif current != rank:
                 heapq.heapreplace(heap, (current, n, device))
+            elif requirements and tasks.unmet_requirements(requirements, device):
+                refused.append(heapq.heappop(heap))
             else:
-                return device
-        return None
+                best = device
+                break
+        for entry in refused:
+            heapq.heappush(heap, entry)
+        return best
+
+    def heap(self, room, task_type):
+        heap = self.heaps.get((room, task_type))
+        if heap is None:
+            heap = [(negated(preference(d, room)), n, d) for n, d in enumerate(self.devices)
+                    if d[room] > 0 and task_type in d["task_types"]]
+            heapq.heapify(heap)
+            self.heaps[(room, task_type)] = heap
+        return heap
 
 
 def room_for(task_type):
@@ -138,7 +137,10 @@ def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
             " ORDER BY priority DESC, task_id LIMIT ?" % (db.QUEUED_SQL, DEPENDENCIES_MET),
             (now, BATCH))
         assigned = 0
+        deadline = time.monotonic() + PASS_BUDGET
         for task in queued:
+            if time.monotonic() > deadline:
+                break         # commit what we have; the next pass goes on
             device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
             if device is None:
                 continue
@@ -174,11 +176,15 @@ def run(config, log, should_stop):
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            if schedule(connection, now, log, config.accept_timeout, config.instant_per_slot):
-                bell.ring(config.run_dir, bell.SERVER)
+            assigned = schedule(connection, now, log, config.accept_timeout,
+                                config.instant_per_slot)
             # Our own commit does not change data_version for us; nothing to undo.
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
+            if assigned:
+                bell.ring(config.run_dir, bell.SERVER)
+                wake_at = now          # a pass may stop at its budget: look again at once
+                continue
         doorbell.wait(min(config.poll_interval, max(0.0, wake_at - time.time())))
     doorbell.close()
 

@@ -57,6 +57,8 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.peers_by_device = {}
         self.peers = set()
+        self.unauthenticated = set()   # checked for auth_timeout apart from the many others
+        self.next_auth_check = 0.0
         self.batch = []                # (handler, peer, data) applied in one transaction
         self.seen_version = None
         self.last_scan = 0.0
@@ -124,6 +126,7 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = Peer(sock, address)
             self.peers.add(peer)
+            self.unauthenticated.add(peer)
             self.selector.register(sock, selectors.EVENT_READ, peer)
             self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION})
 
@@ -207,6 +210,7 @@ class Server:
         self.selector.unregister(peer.sock)
         peer.sock.close()
         self.peers.discard(peer)
+        self.unauthenticated.discard(peer)
         if peer.device_id and self.peers_by_device.get(peer.device_id) is peer:
             del self.peers_by_device[peer.device_id]
             if record:
@@ -214,8 +218,12 @@ class Server:
             self.log.info("device_disconnected", device_id=peer.device_id, reason=reason)
 
     def drop_unauthenticated(self):
-        deadline = time.monotonic() - self.config.auth_timeout
-        for peer in [p for p in self.peers if p.device_id is None and p.opened_at < deadline]:
+        now = time.monotonic()
+        if now < self.next_auth_check:
+            return
+        self.next_auth_check = now + min(1.0, self.config.auth_timeout / 4)
+        deadline = now - self.config.auth_timeout
+        for peer in [p for p in self.unauthenticated if p.opened_at < deadline]:
             self.refuse(peer, "auth_timeout", "no register within %gs" % self.config.auth_timeout)
 
     # -- messages: checked here, applied in apply_batch -----------------------------
@@ -249,6 +257,7 @@ class Server:
             self.close(previous, "replaced by a new connection", record=False)
         peer.device_id = device_id
         self.peers_by_device[device_id] = peer
+        self.unauthenticated.discard(peer)
         peer.pushed.update(active)
         self.batch.append((Server.apply_register, peer, (data, worker_nonce, fenced)))
 

@@ -139,7 +139,8 @@ def check_requirements(requirements):
         elif kind == "list":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise TaskError("%s must be a list of names" % key)
-            checked[key] = sorted(set(value))
+            if value:                   # an empty list asks for nothing
+                checked[key] = sorted(set(value))
         elif not isinstance(value, str) or not value:
             raise TaskError("%s must be a name" % key)
         else:
