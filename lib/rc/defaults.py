@@ -18,6 +18,11 @@ HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats
 OFFLINE_TIMEOUT = 300.0         # seconds without a heartbeat before a device is offline
 HEARTBEAT_HISTORY = 1440        # heartbeats kept per device (a day at 60 s)
 AUTH_TIMEOUT = 10.0             # seconds a new connection has to authenticate
+MAX_UNAUTHENTICATED = 1000      # connections still authenticating at once; more are refused
+AUTH_FAILURES_PER_MINUTE = 10   # wrong proofs from one address before it is shut out
+                                # for a minute
+MAX_MESSAGE_RATE = 10000        # messages a second one connection may send (burst: twice)
+FRAME_DEADLINE = 30.0           # seconds a frame may take to arrive once started
 DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before
                                 # its tasks go elsewhere
 

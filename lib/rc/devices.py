@@ -8,6 +8,7 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
                   " connected, available, unavailable_reason, address, protocol, registered_at, connected_at,"
                   " disconnected_at, last_seen")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
+MAX_SLOTS = 1024
 OBJECT_COLUMNS = ("profile", "metrics")
 
 
@@ -37,9 +38,9 @@ def register(connection, device_id, data, address, now):
         {"device_id": device_id, "hostname": text(info.get("hostname")),
          "platform": text(info.get("platform")),
          "architecture": text(info.get("architecture")), "role": text(data.get("role")),
-         "cpu_cores": number(specs.get("cpu_cores"), int),
-         "memory_gb": number(specs.get("memory_gb"), float),
-         "slots": max(1, number(data.get("slots"), int) or 1),
+         "cpu_cores": number(specs.get("cpu_cores"), int, 100000),
+         "memory_gb": number(specs.get("memory_gb"), float, 1e7),
+         "slots": max(1, number(data.get("slots"), int, MAX_SLOTS) or 1),
          "capabilities": db.dumps(names(data.get("capabilities"))),
          "tags": db.dumps(names(data.get("tags"))),
          "task_types": db.dumps(names(data.get("task_types"))),
@@ -150,10 +151,11 @@ def text(value, limit=200):
     return value[:limit] if isinstance(value, str) else None
 
 
-def number(value, kind):
+def number(value, kind, largest):
+    """A number a worker reported, or None when it is not a sane one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not 0 <= value <= largest:      # also false for NaN
         return None
     return kind(value)
 

@@ -3,6 +3,7 @@ the mutual HMAC proof of the join token. docs/protocol.md describes it for
 people; bin/worker.py implements the other side with the standard library."""
 import hashlib
 import hmac
+import json
 import secrets
 import time
 
@@ -55,11 +56,18 @@ def encode(message_type, data, sender_id=MAIN_NODE_ID, target_id=None):
 
 
 def decode(line):
-    """The envelope in one received line, checked for shape."""
+    """The envelope in one received line, checked for shape.
+
+    orjson refuses what JSON does not allow (NaN, Infinity, invalid UTF-8,
+    lone surrogates, numbers out of range); a second, stdlib parse refuses
+    duplicate keys, which orjson would silently resolve to the last one."""
     try:
         envelope = orjson.loads(line)
-    except orjson.JSONDecodeError as e:
-        raise ProtocolError("frame is not JSON: %s" % e)
+        json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except (orjson.JSONDecodeError, ValueError) as e:
+        raise ProtocolError("frame is not valid JSON: %s" % str(e)[:200])
+    except RecursionError:
+        raise ProtocolError("frame is nested too deeply")
     if not isinstance(envelope, dict):
         raise ProtocolError("frame must be a JSON object")
     if not isinstance(envelope.get("message_type"), str):
@@ -68,6 +76,22 @@ def decode(line):
         raise ProtocolError("data must be an object")
     envelope.setdefault("data", {})
     return envelope
+
+
+def _no_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in an object")
+    return None     # the value is not used: orjson's parse is the one kept
+
+
+def storable(value, what):
+    """`value` as the JSON text the database will hold, or ProtocolError
+    (orjson refuses nesting deeper than 254, which JSON itself allows)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as e:
+        raise ProtocolError("%s cannot be stored: %s" % (what, e))
 
 
 def split_frames(buffer):

@@ -13,7 +13,7 @@ import socket
 import time
 
 from rc import config as config_module
-from rc import bell, db, devices, protocol, tasks
+from rc import audit, bell, db, devices, protocol, tasks
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
@@ -25,7 +25,10 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, ERROR, FAILED, HEARTBEAT,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
 
 READ_SIZE = 256 * 1024
+BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
+SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
+SHUT_OUT_SECONDS = 60.0               # how long an address with too many wrong proofs waits
 FULL_SCAN_INTERVAL = 1.0              # seconds; look for work even without a change
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
@@ -43,6 +46,9 @@ class Peer:
         self.device_id = None          # set once the worker has proved the token
         self.nonce = protocol.new_nonce()
         self.opened_at = time.monotonic()
+        self.partial_since = None      # when the unfinished frame in inbox began
+        self.allowance = None          # messages it may still send now (a token bucket)
+        self.allowance_at = self.opened_at
         self.pushed = set()            # (task_id, attempt) sent as task_assign
         self.cancels_sent = set()
         self.closed = False
@@ -58,7 +64,9 @@ class Server:
         self.peers_by_device = {}
         self.peers = set()
         self.unauthenticated = set()   # checked for auth_timeout apart from the many others
-        self.next_auth_check = 0.0
+        self.partial = set()           # peers in the middle of a frame
+        self.next_sweep = 0.0
+        self.auth_failures = {}        # address -> monotonic times of recent wrong proofs
         self.batch = []                # (handler, peer, data) applied in one transaction
         self.seen_version = None
         self.last_scan = 0.0
@@ -106,7 +114,7 @@ class Server:
                 self.flush(peer)
         self.apply_batch()
         self.push_changes()
-        self.drop_unauthenticated()
+        self.sweep()
 
     def stop(self, *_):
         self.stopping = True     # the loop notices; nothing else happens in a handler
@@ -128,7 +136,23 @@ class Server:
             self.peers.add(peer)
             self.unauthenticated.add(peer)
             self.selector.register(sock, selectors.EVENT_READ, peer)
-            self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION})
+            if len(self.unauthenticated) > self.config.max_unauthenticated:
+                self.refuse(peer, "too_many_connections", "too many connections are"
+                            " authenticating; try again later")
+            elif self.shut_out(address[0]):
+                self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute"
+                            % address[0])
+            else:
+                self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION})
+
+    def shut_out(self, host):
+        recent = [t for t in self.auth_failures.get(host, ())
+                  if t > time.monotonic() - SHUT_OUT_SECONDS]
+        if recent:
+            self.auth_failures[host] = recent
+        else:
+            self.auth_failures.pop(host, None)
+        return len(recent) >= self.config.auth_failures_per_minute
 
     def read(self, peer):
         try:
@@ -147,10 +171,35 @@ class Server:
         except ProtocolError as e:
             self.refuse(peer, "frame_too_large", str(e))
             return
+        self.note_partial(peer)
+        if not self.within_rate(peer, len(lines)):
+            self.refuse(peer, "rate_limited", "more than %d messages a second"
+                        % self.config.max_message_rate)
+            return
         for line in lines:
             if peer.closed:
                 return
             self.receive(peer, line)
+
+    def note_partial(self, peer):
+        """Remember when a frame started to trickle in (see sweep)."""
+        if not peer.inbox:
+            peer.partial_since = None
+            self.partial.discard(peer)
+        elif peer.partial_since is None:
+            peer.partial_since = time.monotonic()
+            self.partial.add(peer)
+
+    def within_rate(self, peer, count):
+        """A token bucket: max_message_rate a second, bursts of twice that."""
+        now = time.monotonic()
+        rate = self.config.max_message_rate
+        if peer.allowance is None:
+            peer.allowance = 2.0 * rate
+        peer.allowance = min(2.0 * rate, peer.allowance + (now - peer.allowance_at) * rate)
+        peer.allowance_at = now
+        peer.allowance -= count
+        return peer.allowance >= 0
 
     def receive(self, peer, line):
         try:
@@ -189,7 +238,10 @@ class Server:
             self.close(peer, "write failed: %s" % e)
             return
         del peer.outbox[:sent]
-        wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        # A peer that does not read what we send gets nothing more read from
+        # it until it does: its messages would only make more replies.
+        reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES else 0
+        wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
         if self.selector.get_key(peer.sock).events != wanted:
             self.selector.modify(peer.sock, wanted, peer)
 
@@ -199,9 +251,11 @@ class Server:
         self.send(peer, ERROR, {"code": code, "message": message})
 
     def refuse(self, peer, code, message):
-        """Tell the peer why, then hang up."""
+        """Tell the peer why, then hang up; a line in the audit log."""
         self.send_error(peer, code, message)
         self.close(peer, code)
+        audit.record(self.config, "connection_refused", peer.device_id or "unknown",
+                     peer.address, code=code, message=message)
 
     def close(self, peer, reason, record=True):
         if peer.closed:
@@ -211,20 +265,28 @@ class Server:
         peer.sock.close()
         self.peers.discard(peer)
         self.unauthenticated.discard(peer)
+        self.partial.discard(peer)
         if peer.device_id and self.peers_by_device.get(peer.device_id) is peer:
             del self.peers_by_device[peer.device_id]
             if record:
                 self.batch.append((Server.apply_disconnect, peer, None))
             self.log.info("device_disconnected", device_id=peer.device_id, reason=reason)
 
-    def drop_unauthenticated(self):
+    def sweep(self):
+        """Drop connections that stall: not authenticated in time, or in the
+        middle of a frame for too long (a slow-loris). Once a second: with
+        thousands of peers, not on every turn."""
         now = time.monotonic()
-        if now < self.next_auth_check:
+        if now < self.next_sweep:
             return
-        self.next_auth_check = now + min(1.0, self.config.auth_timeout / 4)
+        self.next_sweep = now + min(SWEEP_INTERVAL, self.config.auth_timeout / 4)
         deadline = now - self.config.auth_timeout
         for peer in [p for p in self.unauthenticated if p.opened_at < deadline]:
             self.refuse(peer, "auth_timeout", "no register within %gs" % self.config.auth_timeout)
+        deadline = now - self.config.frame_deadline
+        for peer in [p for p in self.partial if p.partial_since < deadline]:
+            self.refuse(peer, "frame_timeout", "a frame took over %gs to arrive"
+                        % self.config.frame_deadline)
 
     # -- messages: checked here, applied in apply_batch -----------------------------
 
@@ -244,12 +306,15 @@ class Server:
         expected = protocol.worker_proof(self.token, peer.nonce, worker_nonce, device_id)
         if not protocol.proofs_match(expected, data.get("proof")):
             self.log.warning("auth_failed", address=peer.address, device_id=device_id)
+            host = peer.address.rsplit(":", 1)[0]
+            self.auth_failures.setdefault(host, []).append(time.monotonic())
             self.refuse(peer, "auth_failed", "wrong join token")
             return
         for name, kind in (("device_info", dict), ("hardware_specs", dict),
                            ("capabilities", list), ("task_types", list), ("tags", list)):
             field(data, name, kind, required=False)
         field(data, "slots", int, required=False)
+        protocol.storable(data, "register")
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
         previous = self.peers_by_device.get(device_id)
@@ -263,6 +328,7 @@ class Server:
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
+        protocol.storable(metrics, "system_metrics")
         availability = field(data, "availability", dict, required=False)
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
@@ -285,6 +351,7 @@ class Server:
         if status not in OUTCOMES:
             raise ProtocolError("status must be one of %s" % ", ".join(OUTCOMES))
         result = field(data, "result", dict, required=False, default={})
+        protocol.storable(result, "result")
         error = field(data, "error", (str, type(None)), required=False)
         self.batch.append((Server.apply_result, peer, (key, status, result, error)))
 
@@ -314,6 +381,7 @@ class Server:
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced = data
         devices.register(self.database, peer.device_id, data, peer.address, now)
+        audit.record(self.config, "device_joined", peer.device_id, peer.address)
         self.take_back_fenced(peer.device_id, fenced, now)
         self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
                       slots=data.get("slots"), active_tasks=len(peer.pushed))
