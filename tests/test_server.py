@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rc import config as config_module
-from rc import db, devices, protocol, scheduler, state_dir, tasks
+from rc import audit, db, devices, protocol, scheduler, state_dir, tasks
 from rc.log import Logger
 from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
@@ -74,6 +74,9 @@ class Client:
         if reply["message_type"] == "register_ack":
             assert reply["data"]["proof"] == protocol.server_proof(
                 token, hello["data"]["nonce"], nonce, device_id)
+            if "device_secret" in reply["data"]:
+                self.secret = protocol.unseal(token, hello["data"]["nonce"], nonce, device_id,
+                                              reply["data"]["device_secret"])
         return reply
 
 
@@ -266,4 +269,58 @@ def test_an_unavailable_device_hands_back_without_charge_and_gets_nothing(server
     device = devices.get(connection, "dev1")
     assert not device["available"] and device["unavailable_reason"] == "battery 12%"
     assert scheduler.schedule(connection, time.time() + 100, instance.log, 15.0) == 0
+    connection.close()
+
+
+def test_a_device_gets_its_own_secret_and_its_id_cannot_be_taken(server):
+    instance, port = server
+    instance.config.device_secrets = True
+    token = token_of(instance)
+    first = Client(port)
+    first.register(token, "phone")
+    secret = first.secret
+    stored = instance.database.execute("SELECT secret FROM devices").fetchone()[0]
+    assert secret == stored and len(secret) == 64
+    first.sock.close()
+    # The join token no longer claims this id...
+    thief = Client(port)
+    assert thief.register(token, "phone")["data"]["code"] == "device_id_taken"
+    # ...the device's own secret does, and no new secret is handed out.
+    again = Client(port)
+    reply = again.register(secret, "phone", auth="device")
+    assert reply["message_type"] == "register_ack" and "device_secret" not in reply["data"]
+
+
+def test_rotating_the_token_keeps_joined_devices(server):
+    instance, port = server
+    old = token_of(instance)
+    joined = Client(port)
+    joined.register(old, "laptop")
+    joined.sock.close()
+    new = state_dir.rotate_token(instance.config)
+    assert new != old
+    assert Client(port).register(old, "newcomer")["data"]["code"] == "auth_failed"
+    assert Client(port).register(new, "newcomer")["message_type"] == "register_ack"
+    reply = Client(port).register(joined.secret, "laptop", auth="device")
+    assert reply["message_type"] == "register_ack"
+
+
+def test_a_revoked_device_is_shut_out_alone(server):
+    instance, port = server
+    token = token_of(instance)
+    victim, bystander = Client(port), Client(port)
+    victim.register(token, "lost-phone")
+    bystander.register(token, "pi")
+    connection = db.connect(instance.config.db_path)
+    with db.write(connection):
+        assert devices.revoke(connection, "lost-phone")
+    assert victim.receive()["data"]["code"] == "revoked"
+    assert victim.closed()
+    reply = Client(port).register(victim.secret, "lost-phone", auth="device")
+    assert reply["data"]["code"] == "revoked"
+    bystander.send("heartbeat", {"active_tasks": []})
+    assert bystander.receive()["message_type"] == "heartbeat_ack"
+    refusals = [line["code"] for line in audit.read(instance.config)
+                if line["event"] == "connection_refused"]
+    assert refusals.count("revoked") == 2
     connection.close()

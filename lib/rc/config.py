@@ -30,6 +30,8 @@ class Config:
         self.token_path = os.path.join(home, "token")          # workers join with it
         # HTTP requests that change the cluster need it; never given to workers.
         self.admin_token_path = os.path.join(home, "admin_token")
+        # Names this cluster to workers, which keep one secret per cluster.
+        self.cluster_id_path = os.path.join(home, "cluster_id")
         self.web_token_path = self.admin_token_path   # its name before the admin token
 
     def as_dict(self):

@@ -45,6 +45,10 @@ MIGRATIONS = [
         -- make it unavailable for new tasks while it stays online.
         available      INTEGER NOT NULL DEFAULT 1,
         unavailable_reason TEXT,
+        -- Given at the first join; later connections prove it instead of
+        -- the join token, so one device can be revoked alone.
+        secret         TEXT,
+        revoked        INTEGER NOT NULL DEFAULT 0,
         address        TEXT,
         protocol       INTEGER,
         registered_at  REAL NOT NULL,

@@ -50,6 +50,17 @@ def register(connection, device_id, data, address, now):
          "protocol": data.get("protocol"), "now": now})
 
 
+def set_secret(connection, device_id, secret):
+    connection.execute("UPDATE devices SET secret = ? WHERE device_id = ?", (secret, device_id))
+
+
+def revoke(connection, device_id):
+    """The device's secret stops working; it must never connect again."""
+    cursor = connection.execute("UPDATE devices SET revoked = 1, secret = NULL"
+                                " WHERE device_id = ?", (device_id,))
+    return cursor.rowcount == 1
+
+
 def heartbeat(connection, device_id, metrics, now, availability=None):
     available, reason = availability_of(availability)
     connection.execute(

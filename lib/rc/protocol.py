@@ -37,6 +37,21 @@ def _sign(token, role, server_nonce, worker_nonce, device_id):
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
+def seal(token, server_nonce, worker_nonce, device_id, secret):
+    """The device's own secret (64 hex digits) as it crosses the wire: XORed
+    with a pad only holders of the join token can make, from this
+    connection's nonces, so a listener learns nothing from it."""
+    pad = bytes.fromhex(_sign(token, "rc-seal", server_nonce, worker_nonce, device_id))
+    return bytes(a ^ b for a, b in zip(bytes.fromhex(secret), pad)).hex()
+
+
+unseal = seal     # XOR with the same pad undoes it
+
+
+def new_device_secret():
+    return secrets.token_hex(32)
+
+
 def proofs_match(expected, given):
     return isinstance(given, str) and hmac.compare_digest(expected, given)
 

@@ -7,6 +7,7 @@ never lost). It learns about new assignments and cancellations from the
 database alone: when `PRAGMA data_version` says another program committed,
 it looks for assigned tasks it has not pushed yet.
 """
+import os
 import selectors
 import signal
 import socket
@@ -58,7 +59,8 @@ class Server:
     def __init__(self, config, log):
         self.config = config
         self.log = log
-        self.token = read_secret(config.token_path)
+        self.join_token = JoinToken(config.token_path)
+        self.cluster_id = read_secret(config.cluster_id_path)
         self.database = db.open_database(config.db_path)
         self.selector = selectors.DefaultSelector()
         self.peers_by_device = {}
@@ -143,7 +145,8 @@ class Server:
                 self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute"
                             % address[0])
             else:
-                self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION})
+                self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
+                                        "cluster_id": self.cluster_id})
 
     def shut_out(self, host):
         recent = [t for t in self.auth_failures.get(host, ())
@@ -303,12 +306,17 @@ class Server:
                         " copy the current bin/worker.py" % (PROTOCOL_VERSION, version))
             return
         worker_nonce = field(data, "nonce", str)
-        expected = protocol.worker_proof(self.token, peer.nonce, worker_nonce, device_id)
+        key = self.identity_key(peer, device_id, field(data, "auth", str, required=False,
+                                                       default="token"))
+        if key is None:
+            return
+        expected = protocol.worker_proof(key, peer.nonce, worker_nonce, device_id)
         if not protocol.proofs_match(expected, data.get("proof")):
             self.log.warning("auth_failed", address=peer.address, device_id=device_id)
             host = peer.address.rsplit(":", 1)[0]
             self.auth_failures.setdefault(host, []).append(time.monotonic())
-            self.refuse(peer, "auth_failed", "wrong join token")
+            self.refuse(peer, "auth_failed", "wrong join token" if key == self.join_token.value()
+                        else "wrong device secret")
             return
         for name, kind in (("device_info", dict), ("hardware_specs", dict),
                            ("capabilities", list), ("task_types", list), ("tags", list)):
@@ -324,7 +332,31 @@ class Server:
         self.peers_by_device[device_id] = peer
         self.unauthenticated.discard(peer)
         peer.pushed.update(active)
-        self.batch.append((Server.apply_register, peer, (data, worker_nonce, fenced)))
+        self.batch.append((Server.apply_register, peer, (data, worker_nonce, fenced, key)))
+
+    def identity_key(self, peer, device_id, auth):
+        """The key this device must prove: its own secret once it has one
+        (so its id cannot be taken over with the join token), the join token
+        for a first join. None, having refused the peer, when neither fits."""
+        row = self.database.execute("SELECT secret, revoked FROM devices WHERE device_id = ?",
+                                    (device_id,)).fetchone()
+        if row and row["revoked"]:
+            self.refuse(peer, "revoked", "device %s was revoked on the main node" % device_id)
+            return None
+        if auth == "device":
+            if not row or not row["secret"]:
+                self.refuse(peer, "unknown_device", "this main node has no secret for %s;"
+                            " join with the token" % device_id)
+                return None
+            return row["secret"]
+        if auth != "token":
+            self.refuse(peer, "bad_request", "auth must be token or device")
+            return None
+        if row and row["secret"] and self.config.device_secrets:
+            self.refuse(peer, "device_id_taken", "%s has joined already and must prove its"
+                        " own secret; a new device needs another --device-id" % device_id)
+            return None
+        return self.join_token.value()
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
@@ -379,14 +411,24 @@ class Server:
                 self.send(peer, message_type, data)
 
     def apply_register(self, peer, data, now):
-        data, worker_nonce, fenced = data
+        data, worker_nonce, fenced, key = data
         devices.register(self.database, peer.device_id, data, peer.address, now)
-        audit.record(self.config, "device_joined", peer.device_id, peer.address)
+        ack = dict(fence_settings(self.config),
+                   proof=protocol.server_proof(key, peer.nonce, worker_nonce, peer.device_id))
+        first_join = key == self.join_token.value()
+        if first_join:
+            # From now on the device proves its own secret, not the token.
+            secret = protocol.new_device_secret()
+            devices.set_secret(self.database, peer.device_id, secret)
+            ack["device_secret"] = protocol.seal(key, peer.nonce, worker_nonce,
+                                                 peer.device_id, secret)
+        audit.record(self.config, "device_joined" if first_join else "device_connected",
+                     peer.device_id, peer.address)
         self.take_back_fenced(peer.device_id, fenced, now)
         self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
-                      slots=data.get("slots"), active_tasks=len(peer.pushed))
-        proof = protocol.server_proof(self.token, peer.nonce, worker_nonce, peer.device_id)
-        return [(REGISTER_ACK, dict(fence_settings(self.config), proof=proof))]
+                      slots=data.get("slots"), active_tasks=len(peer.pushed),
+                      first_join=first_join)
+        return [(REGISTER_ACK, ack)]
 
     def take_back_fenced(self, device_id, keys, now):
         """Tasks the worker stopped itself after losing us: the main node's
@@ -481,6 +523,11 @@ class Server:
             return
         self.seen_version = version
         self.last_scan = time.monotonic()
+        for row in self.database.execute("SELECT device_id FROM devices WHERE revoked = 1"
+                                         " AND connected = 1").fetchall():
+            peer = self.peers_by_device.get(row["device_id"])
+            if peer is not None:
+                self.refuse(peer, "revoked", "this device was revoked on the main node")
         rows = self.database.execute(
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
             " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
@@ -509,6 +556,21 @@ class Server:
 # After these, the scheduler may have work to give out.
 FREES_SLOTS = (Server.apply_register, Server.apply_result, Server.apply_disconnect,
                Server.apply_heartbeat)
+
+
+class JoinToken:
+    """The join token, read again when its file changes (`rc token --rotate`)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.seen = None
+        self.token = None
+
+    def value(self):
+        stamp = os.stat(self.path).st_mtime_ns
+        if stamp != self.seen:
+            self.token, self.seen = read_secret(self.path), stamp
+        return self.token
 
 
 def fence_settings(config):

@@ -21,8 +21,20 @@ def init(config):
     old = os.path.join(config.home, "web_token")
     if os.path.exists(old) and not os.path.exists(config.admin_token_path):
         os.rename(old, config.admin_token_path)
-    for path in (config.token_path, config.admin_token_path):
+    for path in (config.token_path, config.admin_token_path, config.cluster_id_path):
         ensure_secret(path)
+
+
+def rotate_token(config):
+    """A new join token. Devices that have joined prove their own secrets,
+    so they keep working; only new joins need the new token."""
+    token = secrets.token_urlsafe(24)
+    temporary = config.token_path + ".new"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(token + "\n")
+    os.replace(temporary, config.token_path)     # never half a token on disk
+    return token
 
 
 def ensure_secret(path):
