@@ -7,5 +7,6 @@ setup(
     package_dir={"": "lib"},
     packages=["rc"],
     python_requires=">=3.8",
-    install_requires=["bottle", "waitress", "psutil", "supervisor>=4.3", "orjson"],
+    install_requires=["bottle", "waitress", "psutil", "supervisor>=4.3", "orjson",
+                      "cryptography"],
 )

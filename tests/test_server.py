@@ -2,25 +2,28 @@
 
 The server runs in a thread of the test; the client speaks the protocol by
 hand so that it can also say what a real worker never would."""
+import hashlib
 import io
 import json
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
 from rc import config as config_module
-from rc import audit, db, devices, protocol, scheduler, state_dir, tasks
+from rc import audit, db, devices, protocol, scheduler, state_dir, tasks, tls
 from rc.log import Logger
 from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(params=["tcp"])
+def server(tmp_path, request):
     config = config_module.load(environ={"RC_HOME": str(tmp_path)})
     config.tcp_host, config.tcp_port, config.auth_timeout = "127.0.0.1", 0, 1.0
+    config.tls = request.param == "tls"
     state_dir.init(config)
     instance = Server(config, Logger("rc-server", "debug", io.BytesIO()))
     port = instance.listen()
@@ -34,8 +37,14 @@ def server(tmp_path):
 
 
 class Client:
-    def __init__(self, port):
+    def __init__(self, port, tls=False):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if tls:
+            # As the worker does: no certificate authority, the fingerprint pinned.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
+            self.fingerprint = hashlib.sha256(self.sock.getpeercert(binary_form=True)).hexdigest()
         self.buffer = b""
 
     def send_raw(self, data):
@@ -324,3 +333,18 @@ def test_a_revoked_device_is_shut_out_alone(server):
                 if line["event"] == "connection_refused"]
     assert refusals.count("revoked") == 2
     connection.close()
+
+
+@pytest.mark.parametrize("server", ["tls"], indirect=True)
+def test_tls_on_the_worker_port_with_a_pinnable_certificate(server):
+    instance, port = server
+    client = Client(port, tls=True)
+    assert client.fingerprint == tls.fingerprint(instance.config)
+    assert client.register(token_of(instance))["message_type"] == "register_ack"
+    for _ in range(3):           # several frames, decrypted in one read or many
+        client.send("heartbeat", {"active_tasks": []})
+    assert [client.receive()["message_type"] for _ in range(3)] == ["heartbeat_ack"] * 3
+    # Plain bytes on the TLS port get nothing but a closed connection.
+    plain = Client(port)
+    plain.send_raw(b'{"message_type": "register"}\n')
+    assert plain.closed()

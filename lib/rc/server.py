@@ -11,10 +11,11 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, devices, protocol, tasks
+from rc import audit, bell, db, devices, protocol, tasks, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
@@ -47,6 +48,7 @@ class Peer:
         self.device_id = None          # set once the worker has proved the token
         self.nonce = protocol.new_nonce()
         self.opened_at = time.monotonic()
+        self.handshaking = False       # TLS handshake still going on
         self.partial_since = None      # when the unfinished frame in inbox began
         self.allowance = None          # messages it may still send now (a token bucket)
         self.allowance_at = self.opened_at
@@ -69,6 +71,7 @@ class Server:
         self.partial = set()           # peers in the middle of a frame
         self.next_sweep = 0.0
         self.auth_failures = {}        # address -> monotonic times of recent wrong proofs
+        self.tls = tls.server_context(config) if config.tls else None
         self.batch = []                # (handler, peer, data) applied in one transaction
         self.seen_version = None
         self.last_scan = 0.0
@@ -110,6 +113,9 @@ class Server:
                 self.doorbell.drain()      # push_changes below looks at the database
                 continue
             peer = key.data
+            if peer.handshaking:
+                self.handshake(peer)
+                continue
             if events & selectors.EVENT_READ:
                 self.read(peer)
             if events & selectors.EVENT_WRITE and not peer.closed:
@@ -134,19 +140,49 @@ class Server:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls:
+                sock = self.tls.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False)
             peer = Peer(sock, address)
             self.peers.add(peer)
             self.unauthenticated.add(peer)
             self.selector.register(sock, selectors.EVENT_READ, peer)
-            if len(self.unauthenticated) > self.config.max_unauthenticated:
-                self.refuse(peer, "too_many_connections", "too many connections are"
-                            " authenticating; try again later")
-            elif self.shut_out(address[0]):
-                self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute"
-                            % address[0])
+            if self.tls and len(self.unauthenticated) > self.config.max_unauthenticated:
+                self.close(peer, "too many connections authenticating")   # no TLS yet to say so
+            elif self.tls:
+                peer.handshaking = True
+                self.handshake(peer)
             else:
-                self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
-                                        "cluster_id": self.cluster_id})
+                self.greet(peer)
+
+    def handshake(self, peer):
+        """One step of a TLS handshake, without blocking the others."""
+        try:
+            peer.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.selector.modify(peer.sock, selectors.EVENT_READ, peer)
+            return
+        except ssl.SSLWantWriteError:
+            self.selector.modify(peer.sock, selectors.EVENT_WRITE, peer)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self.close(peer, "tls handshake failed: %s" % e)
+            return
+        peer.handshaking = False
+        self.selector.modify(peer.sock, selectors.EVENT_READ, peer)
+        self.greet(peer)
+
+    def greet(self, peer):
+        """hello, or why not."""
+        host = peer.address.rsplit(":", 1)[0]
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            self.refuse(peer, "too_many_connections", "too many connections are"
+                        " authenticating; try again later")
+        elif self.shut_out(host):
+            self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute" % host)
+        else:
+            self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
+                                    "cluster_id": self.cluster_id})
 
     def shut_out(self, host):
         recent = [t for t in self.auth_failures.get(host, ())
@@ -158,17 +194,24 @@ class Server:
         return len(recent) >= self.config.auth_failures_per_minute
 
     def read(self, peer):
-        try:
-            chunk = peer.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        while True:
+            try:
+                chunk = peer.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                break
+            except OSError as e:
+                self.close(peer, "read failed: %s" % e)
+                return
+            if not chunk:
+                self.close(peer, "closed by peer")
+                return
+            peer.inbox += chunk
+            # TLS may hold decrypted bytes the selector cannot see: take them too.
+            if not (self.tls and peer.sock.pending()):
+                break
+        if not peer.inbox:
             return
-        except OSError as e:
-            self.close(peer, "read failed: %s" % e)
-            return
-        if not chunk:
-            self.close(peer, "closed by peer")
-            return
-        peer.inbox += chunk
         try:
             lines = protocol.split_frames(peer.inbox)
         except ProtocolError as e:
@@ -235,7 +278,8 @@ class Server:
     def flush(self, peer):
         try:
             sent = peer.sock.send(peer.outbox)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
             sent = 0
         except OSError as e:
             self.close(peer, "write failed: %s" % e)

@@ -8,7 +8,7 @@ owner only, made once and never overwritten."""
 import os
 import secrets
 
-from rc import db
+from rc import db, tls
 
 
 def init(config):
@@ -23,6 +23,7 @@ def init(config):
         os.rename(old, config.admin_token_path)
     for path in (config.token_path, config.admin_token_path, config.cluster_id_path):
         ensure_secret(path)
+    tls.ensure_certificate(config)
 
 
 def rotate_token(config):
