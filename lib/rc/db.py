@@ -49,6 +49,11 @@ MIGRATIONS = [
         -- the join token, so one device can be revoked alone.
         secret         TEXT,
         revoked        INTEGER NOT NULL DEFAULT 0,
+        -- Set from the main node, kept across reconnections.
+        drained        INTEGER NOT NULL DEFAULT 0,   -- no new tasks until resumed
+        forgotten      INTEGER NOT NULL DEFAULT 0,   -- retired for good; history kept
+        labels         TEXT NOT NULL DEFAULT '{}',
+        role_override  TEXT,
         address        TEXT,
         protocol       INTEGER,
         registered_at  REAL NOT NULL,
@@ -96,8 +101,37 @@ MIGRATIONS = [
         -- ended with the device lost: the poison-pill count.
         retries_used     INTEGER NOT NULL DEFAULT 0,
         device_losses    INTEGER NOT NULL DEFAULT 0,
-        retry_on_failure INTEGER NOT NULL DEFAULT 0
+        retry_on_failure INTEGER NOT NULL DEFAULT 0,
+        group_id         INTEGER REFERENCES task_groups(group_id)
     );
+    CREATE INDEX tasks_by_group ON tasks(group_id) WHERE group_id IS NOT NULL;
+
+    -- `rc submit --each`: one task per matching device, read as one.
+    CREATE TABLE task_groups (
+        group_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at    REAL NOT NULL,
+        task_type     TEXT NOT NULL,
+        payload       TEXT NOT NULL,
+        requirements  TEXT NOT NULL DEFAULT '{}',
+        options       TEXT NOT NULL DEFAULT '{}',
+        include_new   INTEGER NOT NULL DEFAULT 0   -- devices joining later get one too
+    );
+
+    -- Control messages broadcast to workers, and each worker's answer.
+    CREATE TABLE controls (
+        control_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at    REAL NOT NULL,
+        command       TEXT NOT NULL,
+        targets       TEXT NOT NULL DEFAULT '{}'   -- requirements the devices must meet
+    );
+    CREATE TABLE control_acks (
+        control_id    INTEGER NOT NULL REFERENCES controls(control_id),
+        device_id     TEXT NOT NULL,
+        time          REAL NOT NULL,
+        ok            INTEGER NOT NULL,
+        detail        TEXT,
+        PRIMARY KEY (control_id, device_id)
+    ) WITHOUT ROWID;
     -- The scheduler's queue, in the order it serves it.
     CREATE INDEX tasks_queue ON tasks(priority DESC, task_id)
         WHERE state = 'queued';

@@ -5,11 +5,12 @@ from rc.states import ONLINE
 
 DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores, memory_gb,"
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
-                  " connected, available, unavailable_reason, address, protocol, registered_at, connected_at,"
+                  " connected, available, unavailable_reason, drained, forgotten, labels,"
+                  " role_override, address, protocol, registered_at, connected_at,"
                   " disconnected_at, last_seen")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
-OBJECT_COLUMNS = ("profile", "metrics")
+OBJECT_COLUMNS = ("profile", "metrics", "labels")
 
 
 def register(connection, device_id, data, address, now):
@@ -110,9 +111,13 @@ def device_dict(row):
     for key in OBJECT_COLUMNS:
         if key in device:
             device[key] = db.loads(device[key], {})
-    for key in ("connected", "available"):
+    for key in ("connected", "available", "drained", "forgotten"):
         if key in device:
             device[key] = bool(device[key])
+    # The role set on the main node wins over the one the device reports.
+    if device.get("role_override"):
+        device["reported_role"], device["role"] = device["role"], device["role_override"]
+    device.pop("role_override", None)
     return device
 
 
@@ -124,10 +129,12 @@ def availability_of(availability):
     return 0, text(availability.get("reason")) or "unavailable"
 
 
-def list_devices(connection, status=None):
+def list_devices(connection, status=None, include_forgotten=False):
+    """Devices by id; forgotten ones only when asked (their history stays)."""
+    clause = "1" if include_forgotten else "d.forgotten = 0"
     if status is None:
-        return list_devices_where(connection, "1", ())
-    return list_devices_where(connection, "d.status = ?", (status,))
+        return list_devices_where(connection, clause, ())
+    return list_devices_where(connection, clause + " AND d.status = ?", (status,))
 
 
 def get(connection, device_id):

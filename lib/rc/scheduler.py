@@ -25,11 +25,12 @@ DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
 # What the scheduler reads of each device: only what matching and ranking need,
 # with the two ranking figures pulled out of their JSON by SQLite itself.
 DEVICE_QUERY = (
-    "SELECT device_id, slots, cpu_cores, memory_gb, platform, architecture, role,"
-    " capabilities, tags, task_types,"
+    "SELECT device_id, slots, cpu_cores, memory_gb, platform, architecture,"
+    " coalesce(role_override, role) AS role, capabilities, tags, task_types, labels,"
     " coalesce(json_extract(metrics, '$.cpu_percent'), 50.0) AS cpu_busy,"
     " coalesce(json_extract(profile, '$.hardware_specs.cpu_speed'), 0.0) AS speed"
-    " FROM devices WHERE status = ? AND connected = 1 AND available = 1")
+    " FROM devices WHERE status = ? AND connected = 1 AND available = 1"
+    " AND drained = 0 AND forgotten = 0")
 
 
 class Slots:
@@ -53,11 +54,17 @@ class Slots:
             if text not in decoded:
                 decoded[text] = frozenset(db.loads(text, []))
             return decoded[text]
+
+        def labels(text):
+            if text not in decoded:
+                decoded[text] = db.loads(text, {})
+            return decoded[text]
         self.devices = []
         for row in connection.execute(DEVICE_QUERY, (ONLINE,)):
             device = dict(row)
             for key in ("capabilities", "tags", "task_types"):
                 device[key] = names(row[key])
+            device["labels"] = labels(row["labels"])
             device["free"] = row["slots"] - held.get((row["device_id"], 0), 0)
             device["instant_free"] = (row["slots"] * instant_per_slot
                                       - held.get((row["device_id"], 1), 0))

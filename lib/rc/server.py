@@ -15,7 +15,7 @@ import ssl
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, devices, protocol, tasks, tls
+from rc import audit, bell, db, devices, fleet, protocol, tasks, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
@@ -350,8 +350,8 @@ class Server:
                         " copy the current bin/worker.py" % (PROTOCOL_VERSION, version))
             return
         worker_nonce = field(data, "nonce", str)
-        key = self.identity_key(peer, device_id, field(data, "auth", str, required=False,
-                                                       default="token"))
+        key, is_new = self.identity_key(peer, device_id, field(
+            data, "auth", str, required=False, default="token"))
         if key is None:
             return
         expected = protocol.worker_proof(key, peer.nonce, worker_nonce, device_id)
@@ -376,31 +376,34 @@ class Server:
         self.peers_by_device[device_id] = peer
         self.unauthenticated.discard(peer)
         peer.pushed.update(active)
-        self.batch.append((Server.apply_register, peer, (data, worker_nonce, fenced, key)))
+        self.batch.append((Server.apply_register, peer,
+                           (data, worker_nonce, fenced, key, is_new)))
 
     def identity_key(self, peer, device_id, auth):
         """The key this device must prove: its own secret once it has one
         (so its id cannot be taken over with the join token), the join token
-        for a first join. None, having refused the peer, when neither fits."""
-        row = self.database.execute("SELECT secret, revoked FROM devices WHERE device_id = ?",
-                                    (device_id,)).fetchone()
-        if row and row["revoked"]:
-            self.refuse(peer, "revoked", "device %s was revoked on the main node" % device_id)
-            return None
+        for a first join; and whether the device is new here. (None, _),
+        having refused the peer, when neither fits."""
+        row = self.database.execute("SELECT secret, revoked, forgotten FROM devices"
+                                    " WHERE device_id = ?", (device_id,)).fetchone()
+        if row and (row["revoked"] or row["forgotten"]):
+            code = "forgotten" if row["forgotten"] else "revoked"
+            self.refuse(peer, code, "device %s was %s on the main node" % (device_id, code))
+            return None, False
         if auth == "device":
             if not row or not row["secret"]:
                 self.refuse(peer, "unknown_device", "this main node has no secret for %s;"
                             " join with the token" % device_id)
-                return None
-            return row["secret"]
+                return None, False
+            return row["secret"], False
         if auth != "token":
             self.refuse(peer, "bad_request", "auth must be token or device")
-            return None
+            return None, False
         if row and row["secret"] and self.config.device_secrets:
             self.refuse(peer, "device_id_taken", "%s has joined already and must prove its"
                         " own secret; a new device needs another --device-id" % device_id)
-            return None
-        return self.join_token.value()
+            return None, False
+        return self.join_token.value(), row is None
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
@@ -455,8 +458,10 @@ class Server:
                 self.send(peer, message_type, data)
 
     def apply_register(self, peer, data, now):
-        data, worker_nonce, fenced, key = data
+        data, worker_nonce, fenced, key, is_new = data
         devices.register(self.database, peer.device_id, data, peer.address, now)
+        if is_new:
+            fleet.tasks_for_new_device(self.database, self.config, peer.device_id)
         ack = dict(fence_settings(self.config),
                    proof=protocol.server_proof(key, peer.nonce, worker_nonce, peer.device_id))
         first_join = key == self.join_token.value()
@@ -560,6 +565,16 @@ class Server:
 
     # -- what other programs decided -------------------------------------------------
 
+    def cancel_taken_back(self, rows):
+        """Attempts we sent that are no longer their device's (drained with
+        --now, forgotten, lease expired): tell the worker to stop them now,
+        not at its next heartbeat."""
+        held = active_by_device(rows)
+        for peer in list(self.peers_by_device.values()):
+            for key in peer.pushed - held.get(peer.device_id, set()):
+                peer.pushed.discard(key)
+                self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
+
     def push_changes(self):
         """Send assignments and cancellations committed by other programs."""
         version = db.data_version(self.database)
@@ -567,14 +582,16 @@ class Server:
             return
         self.seen_version = version
         self.last_scan = time.monotonic()
-        for row in self.database.execute("SELECT device_id FROM devices WHERE revoked = 1"
-                                         " AND connected = 1").fetchall():
+        for row in self.database.execute("SELECT device_id, forgotten FROM devices"
+                                         " WHERE revoked = 1 AND connected = 1").fetchall():
             peer = self.peers_by_device.get(row["device_id"])
             if peer is not None:
-                self.refuse(peer, "revoked", "this device was revoked on the main node")
+                code = "forgotten" if row["forgotten"] else "revoked"
+                self.refuse(peer, code, "this device was %s on the main node" % code)
         rows = self.database.execute(
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
             " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
+        self.cancel_taken_back(rows)
         for row in rows:
             peer = self.peers_by_device.get(row["device_id"])
             if peer is None:
@@ -625,6 +642,13 @@ def fence_settings(config):
     return {"heartbeat_interval": config.heartbeat_interval,
             "fence_interval": config.lease_duration - config.heartbeat_interval / 2,
             "disconnect_fence": config.disconnect_grace / 2}
+
+
+def active_by_device(rows):
+    held = {}
+    for row in rows:
+        held.setdefault(row["device_id"], set()).add((row["task_id"], row["attempt"]))
+    return held
 
 
 def task_key(data):

@@ -22,7 +22,7 @@ MAX_RETRIES = 100
 REQUIREMENT_KINDS = {
     "min_cpu_cores": "int", "min_memory_gb": "float",
     "platform": "str", "architecture": "str", "role": "str", "device_id": "str",
-    "capabilities": "list", "tags": "list",
+    "capabilities": "list", "tags": "list", "labels": "map",
 }
 REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
                        "arch": "architecture", "device": "device_id",
@@ -106,6 +106,9 @@ def parse_requirements(texts):
         key = REQUIREMENT_ALIASES.get(key.strip(), key.strip())
         if not separator or not value.strip():
             raise TaskError("requirement %r must look like KEY=VALUE" % text)
+        if key.startswith("label.") and len(key) > len("label."):
+            requirements.setdefault("labels", {})[key[len("label."):]] = value.strip()
+            continue
         if key not in REQUIREMENT_KINDS:
             raise TaskError("unknown requirement %r (known: %s)"
                             % (key, ", ".join(sorted(REQUIREMENT_KINDS))))
@@ -141,11 +144,22 @@ def check_requirements(requirements):
                 raise TaskError("%s must be a list of names" % key)
             if value:                   # an empty list asks for nothing
                 checked[key] = sorted(set(value))
+        elif kind == "map":
+            checked[key] = check_labels(value)
         elif not isinstance(value, str) or not value:
             raise TaskError("%s must be a name" % key)
         else:
             checked[key] = value
     return checked
+
+
+def check_labels(labels):
+    """Labels: names to values, both short text."""
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and 0 < len(k) <= 64 and isinstance(v, str) and len(v) <= 200
+            for k, v in labels.items()):
+        raise TaskError("labels must map names (1-64 characters) to text")
+    return dict(labels)
 
 
 def unmet_requirements(requirements, device):
@@ -164,6 +178,10 @@ def unmet_requirements(requirements, device):
             missing = set(wanted) - set(device[key])
             if missing:
                 reasons.append("needs %s %s" % (key, ",".join(sorted(missing))))
+        elif key == "labels":
+            reasons.extend("needs label %s=%s" % (name, value)
+                           for name, value in sorted(wanted.items())
+                           if device["labels"].get(name) != value)
     return reasons
 
 
@@ -171,7 +189,7 @@ def unmet_requirements(requirements, device):
 
 def submit(connection, config, task_type, payload, priority="normal", timeout=None,
            retries=None, requirements=None, idempotency_key=None, retry_on_failure=False,
-           depends_on=()):
+           depends_on=(), group_id=None):
     """Queue one task and return its id. With an idempotency key, a second
     submit of the same key returns the first task's id instead. A task that
     depends on others waits until they have completed."""
@@ -200,10 +218,10 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
         refuse_unusable_dependencies(connection, depends_on)
         cursor = connection.execute(
             "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
-            " max_retries, idempotency_key, retry_on_failure, created_at, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " max_retries, idempotency_key, retry_on_failure, group_id, created_at, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (task_type, db.dumps(payload), priority_number, db.dumps(requirements),
-             timeout, retries, idempotency_key, retry_on_failure, time.time(),
+             timeout, retries, idempotency_key, retry_on_failure, group_id, time.time(),
              "submitted" if not depends_on else "waiting for %s" % ", ".join(
                  map(str, depends_on))))
         connection.executemany(
@@ -272,7 +290,7 @@ TASK_COLUMNS = ("task_id, task_type, payload, priority, requirements, timeout, m
                 " idempotency_key, state, attempt, device_id, created_at, not_before,"
                 " assigned_at, started_at, finished_at, result, error, reason, progress,"
                 " progress_message, cancel_requested, lease_expires, retries_used,"
-                " device_losses, retry_on_failure")
+                " device_losses, retry_on_failure, group_id")
 # What take_back() and retry_failed() need to know of a task.
 LEASE_COLUMNS = ("task_id, attempt, device_id, state, max_retries, retries_used,"
                  " device_losses, cancel_requested, retry_on_failure")

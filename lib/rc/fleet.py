@@ -1,0 +1,203 @@
+"""Managing devices as a fleet from the main node: drain and resume, forget,
+labels and roles, one task on every matching device, control broadcasts.
+
+What is set here is kept in the devices table next to what each device
+reports about itself, so it survives the device reconnecting.
+"""
+import time
+
+from rc import bell, db, devices, tasks
+from rc.states import ONLINE, RUNNING
+
+CONTROL_COMMANDS = ("reload", "report_profile", "drain", "upgrade")
+
+
+class FleetError(ValueError):
+    """A fleet request cannot be done; the message says why."""
+
+
+def known_device(connection, device_id):
+    row = connection.execute("SELECT device_id, forgotten FROM devices WHERE device_id = ?",
+                             (device_id,)).fetchone()
+    if row is None or row["forgotten"]:
+        raise FleetError("no device %r" % device_id)
+
+
+def drain(connection, config, device_id, now=False):
+    """No new tasks for the device. With now=True its tasks also go back to
+    the queue at once (not charged to them) and run elsewhere; otherwise
+    they finish where they are. Returns how many tasks were handed back."""
+    with db.write(connection):
+        known_device(connection, device_id)
+        connection.execute("UPDATE devices SET drained = 1 WHERE device_id = ?", (device_id,))
+        handed_back = take_back_all(connection, config, device_id, "drained") if now else 0
+    bell.ring(config.run_dir, bell.SERVER)       # tell the worker to stop them
+    return handed_back
+
+
+def resume(connection, config, device_id):
+    with db.write(connection):
+        known_device(connection, device_id)
+        connection.execute("UPDATE devices SET drained = 0 WHERE device_id = ?", (device_id,))
+    bell.ring(config.run_dir, bell.SCHEDULER)
+
+
+def forget(connection, config, device_id):
+    """Retire a device for good: its identity stops working, its tasks go
+    elsewhere, its history (tasks, heartbeats) stays readable."""
+    with db.write(connection):
+        known_device(connection, device_id)
+        connection.execute("UPDATE devices SET forgotten = 1, revoked = 1, secret = NULL,"
+                           " drained = 1 WHERE device_id = ?", (device_id,))
+        handed_back = take_back_all(connection, config, device_id, "device forgotten")
+    bell.ring(config.run_dir, bell.SERVER)
+    return handed_back
+
+
+def take_back_all(connection, config, device_id, reason):
+    count = 0
+    for row in connection.execute("SELECT %s FROM tasks WHERE device_id = ? AND %s"
+                                  % (tasks.LEASE_COLUMNS, db.ACTIVE_SQL),
+                                  (device_id,)).fetchall():
+        count += tasks.take_back(connection, row, "%s: %s" % (reason, device_id),
+                                 time.time(), config, charged=False)
+    return count
+
+
+def label(connection, device_id, assignments):
+    """Set labels from KEY=VALUE texts; KEY= (empty) removes one."""
+    changes = {}
+    for text in assignments:
+        key, separator, value = text.partition("=")
+        if not separator or not key:
+            raise FleetError("label %r must look like KEY=VALUE (KEY= removes it)" % text)
+        changes[key] = value
+    try:
+        tasks.check_labels({k: v for k, v in changes.items()})
+    except tasks.TaskError as e:
+        raise FleetError(str(e))
+    with db.write(connection):
+        known_device(connection, device_id)
+        current = db.loads(connection.execute("SELECT labels FROM devices WHERE device_id = ?",
+                                              (device_id,)).fetchone()[0], {})
+        for key, value in changes.items():
+            if value:
+                current[key] = value
+            else:
+                current.pop(key, None)
+        connection.execute("UPDATE devices SET labels = ? WHERE device_id = ?",
+                           (db.dumps(current), device_id))
+    return current
+
+
+def set_role(connection, device_id, role):
+    """The role the scheduler sees, whatever the device reports; "" undoes it."""
+    if len(role) > 64:
+        raise FleetError("a role is at most 64 characters")
+    with db.write(connection):
+        known_device(connection, device_id)
+        connection.execute("UPDATE devices SET role_override = ? WHERE device_id = ?",
+                           (role or None, device_id))
+
+
+# -- one task on every matching device --------------------------------------------
+
+def submit_each(connection, config, task_type, payload, requirements=None,
+                include_new=False, **options):
+    """One task per matching online device, grouped; returns the group id.
+    Each task is pinned to its device. With include_new, devices that join
+    later get one too (see tasks_for_new_device)."""
+    payload = tasks.check_payload(task_type, payload)
+    requirements = tasks.check_requirements(requirements or {})
+    targets = matching_devices(connection, task_type, requirements)
+    if not targets and not include_new:
+        raise FleetError("no online device accepts %s tasks%s" % (
+            task_type, " with those requirements" if requirements else ""))
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), task_type, db.dumps(payload), db.dumps(requirements),
+             db.dumps(options), int(include_new))).lastrowid
+    for device_id in targets:
+        add_group_task(connection, config, group_id, task_type, payload, requirements,
+                       device_id, options)
+    return group_id
+
+
+def matching_devices(connection, task_type, requirements):
+    return [d["device_id"] for d in devices.list_devices(connection, ONLINE)
+            if d["connected"] and not d["drained"] and task_type in d["task_types"]
+            and not tasks.unmet_requirements(requirements, d)]
+
+
+def add_group_task(connection, config, group_id, task_type, payload, requirements,
+                   device_id, options):
+    pinned = dict(requirements, device_id=device_id)
+    return tasks.submit(connection, config, task_type, payload, requirements=pinned,
+                        group_id=group_id, **options)
+
+
+def tasks_for_new_device(connection, config, device_id):
+    """A device joined for the first time: give it the groups that asked
+    for newcomers, when it matches them."""
+    device = devices.get(connection, device_id)
+    for group in connection.execute("SELECT * FROM task_groups WHERE include_new = 1"
+                                    ).fetchall():
+        requirements = db.loads(group["requirements"])
+        if group["task_type"] in device["task_types"] and \
+                not tasks.unmet_requirements(requirements, device):
+            add_group_task(connection, config, group["group_id"], group["task_type"],
+                           db.loads(group["payload"]), requirements, device_id,
+                           db.loads(group["options"]))
+
+
+def group(connection, group_id):
+    """Each device's task side by side, and a summary."""
+    row = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
+                             (group_id,)).fetchone()
+    if row is None:
+        raise FleetError("no group %s" % group_id)
+    members = [tasks.task_dict(r) for r in connection.execute(
+        "SELECT %s FROM tasks WHERE group_id = ? ORDER BY task_id" % tasks.TASK_COLUMNS,
+        (group_id,))]
+    summary = {"tasks": len(members)}
+    for member in members:
+        outcome = member["state"] if member["state"] in ("completed", "failed") else (
+            "running" if member["state"] == RUNNING else member["state"])
+        summary[outcome] = summary.get(outcome, 0) + 1
+    return {"group_id": group_id, "task_type": row["task_type"],
+            "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
+            "summary": summary,
+            "tasks": [{"device_id": m["requirements"].get("device_id"), "task_id": m["task_id"],
+                       "state": m["state"], "output": (m["result"] or {}).get("output"),
+                       "error": m["error"]} for m in members]}
+
+
+# -- control messages -------------------------------------------------------------
+
+def broadcast(connection, config, command, targets=None):
+    """Queue a control message for every connected worker that meets
+    `targets` (requirements); rc-server sends it, workers acknowledge."""
+    if command not in CONTROL_COMMANDS:
+        raise FleetError("unknown control %r (known: %s)" % (command,
+                                                            ", ".join(CONTROL_COMMANDS)))
+    targets = tasks.check_requirements(targets or {})
+    with db.write(connection):
+        control_id = connection.execute(
+            "INSERT INTO controls(created_at, command, targets) VALUES (?, ?, ?)",
+            (time.time(), command, db.dumps(targets))).lastrowid
+    bell.ring(config.run_dir, bell.SERVER)
+    return control_id
+
+
+def control_status(connection, control_id):
+    row = connection.execute("SELECT * FROM controls WHERE control_id = ?",
+                             (control_id,)).fetchone()
+    if row is None:
+        raise FleetError("no control %s" % control_id)
+    acks = [dict(r) for r in connection.execute(
+        "SELECT device_id, time, ok, detail FROM control_acks WHERE control_id = ?"
+        " ORDER BY device_id", (control_id,))]
+    return {"control_id": control_id, "command": row["command"],
+            "targets": db.loads(row["targets"]), "acks": acks}
