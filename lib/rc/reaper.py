@@ -6,12 +6,9 @@ their retries are spent). An assignment not accepted in time is taken back.
 A task running far past its timeout is failed even if its device never says
 so. Heartbeat history is kept bounded.
 """
-import signal
 import time
 
-from rc import config as config_module
-from rc import db, devices, tasks
-from rc.log import Logger
+from rc import db, devices, program, tasks
 from rc.states import CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
@@ -95,13 +92,7 @@ def run(config, log, should_stop):
 
 
 def main():
-    config = config_module.load()
-    log = Logger("rc-reaper", config.log_level)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    run(config, log, lambda: bool(stop))
-    log.info("reaper_stopped")
+    program.serve("rc-reaper", run)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,9 @@ passed over, so it never holds up the tasks behind it. The scheduler wakes
 when another program commits (PRAGMA data_version), not on a fixed beat.
 """
 import heapq
-import signal
 import time
 
-from rc import config as config_module
-from rc import bell, db, tasks
-from rc.log import Logger
+from rc import bell, db, program, tasks
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
 
 BATCH = 2000          # queued tasks looked at per pass
@@ -197,13 +194,7 @@ def run(config, log, should_stop):
 
 
 def main():
-    config = config_module.load()
-    log = Logger("rc-scheduler", config.log_level)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
-    run(config, log, lambda: bool(stop))
-    log.info("scheduler_stopped")
+    program.serve("rc-scheduler", run)
 
 
 if __name__ == "__main__":
