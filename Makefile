@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 CTL := $(VENV)/bin/supervisorctl -c etc/supervisord.conf
 SUPERVISORD := $(VENV)/bin/supervisord -c etc/supervisord.conf
 
-.PHONY: install run stop status test bench clean
+.PHONY: install run stop status test bench clean docker
 
 install: $(VENV)/.installed
 	@$(PY) -m rc.cli init
@@ -50,6 +50,10 @@ test: install
 
 bench: install
 	$(PY) -m pytest -m bench -s -p no:cacheprovider tests
+
+# The main node as a container image (Dockerfile; docs/operations.md).
+docker:
+	docker build -t retire-cluster:latest .
 
 clean: stop
 	rm -rf $(VENV) var lib/*.egg-info .pytest_cache

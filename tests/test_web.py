@@ -64,14 +64,22 @@ def stop(server, thread):
 @pytest.fixture
 def client(cluster_home):
     config, _ = cluster_home
+    config.health_supervisor = False     # no supervisord here; tests/test_health.py has one
     server, thread = serve(config)
     yield Client(server.effective_port, state_dir.read_secret(config.admin_token_path))
     stop(server, thread)
 
 
-def test_health(client):
-    assert client.json("/health") == (200, {"status": "ok", "database": "ok"})
-    assert client.json("/api/v1/health")[0] == 200
+def test_health_says_what_rc_health_says(client, add_device):
+    status, body = client.json("/health")
+    assert (status, body["status"], body["code"]) == (200, "warning", 1)
+    assert body["line"].startswith("RC WARNING - devices 0/0 online")
+    checks = {check["check"]: check["status"] for check in body["checks"]}
+    assert checks == {"database": "ok", "integrity": "ok", "queue": "ok", "devices": "warning",
+                      "disk": "ok", "wal": "ok"}
+    add_device("pi", metrics={"cpu_percent": 5}, now=__import__("time").time())
+    status, body = client.json("/api/v1/health")
+    assert (status, body["status"]) == (200, "ok") and "devices 1/1 online" in body["line"]
 
 
 def test_health_without_a_database_is_503(tmp_path, monkeypatch):
@@ -79,8 +87,8 @@ def test_health_without_a_database_is_503(tmp_path, monkeypatch):
     server, thread = serve(config_module.load())
     try:
         status, body = Client(server.effective_port, "").json("/health")
-        assert status == 503 and body["status"] == "error"
-        assert "make install" in body["database"]
+        assert status == 503 and body["status"] == "critical"
+        assert "make install" in body["line"]
     finally:
         stop(server, thread)
 
@@ -238,6 +246,7 @@ def admin(config):
 
 def test_reading_is_open_from_this_machine_and_needs_the_token_from_elsewhere(cluster_home):
     config, connection = cluster_home
+    config.health_supervisor = False
     app = web.make_app(config)
     assert call(app, "/text/status")[0] == 200
     assert call(app, "/api/v1/devices", remote="::1")[0] == 200

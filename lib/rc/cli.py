@@ -17,8 +17,10 @@ import time
 
 import orjson
 
+from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import db, devices, explain, render, state_dir, tasks
+from rc import db, devices, explain, health, housekeeping, render, state_dir, stats, tasks
+from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
                        TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
@@ -54,7 +56,9 @@ MONITOR_TASKS = 8             # active tasks the monitor lists
 WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "wait-ready": "it is for scripts on the main node",
                "local-worker": "it would start a worker inside rc-web",
-               "monitor": "the web terminal has its own `monitor`; `monitor --once` works"}
+               "monitor": "the web terminal has its own `monitor`; `monitor --once` works",
+               "backup": "it writes a file on the main node; run it there",
+               "restore": "it replaces the database; run it on the main node"}
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join"}
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
@@ -100,9 +104,10 @@ class Context:
     """What a command runs with: streams, and config and database opened
     only when the command needs them (so --help works on a broken install)."""
 
-    def __init__(self, out, err, config=None, width=None, colour=None):
+    def __init__(self, out, err, config=None, width=None, colour=None, logger=None):
         self.out, self.err = out, err
         self._config, self._connection = config, None
+        self._logger, self._own_logger = logger, False
         tty = hasattr(out, "isatty") and out.isatty()
         # The web terminal is a terminal too, but says so itself.
         self.colour = (tty and "NO_COLOR" not in os.environ) if colour is None else colour
@@ -120,9 +125,26 @@ class Context:
             self._connection = connect(self.config)
         return self._connection
 
+    @property
+    def logger(self):
+        """The web's own logger in the web terminal; otherwise rc-cli.log,
+        since no supervisor files this command's stdout. A log that cannot
+        be opened is no reason to refuse the command."""
+        if self._logger is None:
+            try:
+                self._logger = Logger.appending(
+                    "rc-cli", os.path.join(self.config.log_dir, housekeeping.CLI_LOG),
+                    self.config.log_level)
+                self._own_logger = True
+            except OSError:
+                self._logger = Logger("rc-cli", "error", io.BytesIO())
+        return self._logger
+
     def close(self):
         if self._connection is not None:
             self._connection.close()
+        if self._own_logger:
+            self._logger.close()
 
     def colourize(self, column, value):
         if self.colour and column in ("STATUS", "STATE", "LEVEL"):
@@ -339,11 +361,21 @@ def cmd_submit(arguments, context):
                                tasks.parse_task_ids(arguments.after))
     except tasks.TaskError as e:
         raise UsageError(str(e))
+    context.logger.info("task_submitted", task_id=task_id, task_type=arguments.task_type,
+                        priority=arguments.priority, user=user_name())
     if not arguments.wait:
         context.out.write("%d\n" % task_id)
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
                                             arguments.wait_timeout))
+
+
+def user_name():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return None
 
 
 def wait_for(connection, task_id, timeout=None):
@@ -389,6 +421,8 @@ def cmd_why(arguments, context):
 
 def cmd_cancel(arguments, context):
     state = tasks.cancel(context.connection, arguments.task_id)
+    context.logger.info("task_cancel_requested", task_id=arguments.task_id, state=state,
+                        user=user_name())
     context.out.write("%s\n" % state)
 
 
@@ -445,16 +479,70 @@ def monitor_frame(connection, width, colour=False):
 
 
 def cmd_logs(arguments, context):
+    wanted = LogFilter(arguments.task, arguments.device, arguments.level)
     paths = log_paths(context.config.log_dir, arguments.program)
     offsets, lines = {}, []
     for path in paths:
-        tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
-        parsed = parse_log_lines(tail, program_of(path))
+        if wanted.active:
+            # A task's lines may be anywhere in the files, rotated ones too.
+            found = []
+            for older in reversed(rotated_paths(path)):
+                found.extend(parse_log_lines(wanted.scan(older), program_of(path)))
+            text, offsets[path] = wanted.scan(path), os.path.getsize(path)
+            found.extend(parse_log_lines(text, program_of(path)))
+            parsed = [line for line in found if wanted(line[1])]
+        else:
+            tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
+            parsed = parse_log_lines(tail, program_of(path))
         lines.extend(parsed[-arguments.lines:] if arguments.lines else [])
     lines.sort(key=lambda line: line[0])
     write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
     if arguments.follow:
-        follow_logs(context, arguments.program, offsets)
+        follow_logs(context, arguments.program, offsets, wanted)
+
+
+class LogFilter:
+    """--task, --device, --level: which records `rc logs` shows. The task is
+    the correlation id: every program logs it as `task_id`."""
+
+    def __init__(self, task_id=None, device_id=None, level=None):
+        self.task_id, self.device_id = task_id, device_id
+        self.threshold = LEVELS[level] if level else None
+        self.active = task_id is not None or device_id is not None or level is not None
+        # Lines are orjson (or json with the same separators): a byte search
+        # skips most of them before any parsing.
+        self.needles = []
+        if task_id is not None:
+            self.needles.append(re.compile(rb'"task_id":%d[,}]' % task_id))
+        if device_id is not None:
+            self.needles.append(re.compile(re.escape(b'"device_id":' + orjson.dumps(device_id))))
+
+    def __call__(self, record):
+        if not self.active:
+            return True
+        if not isinstance(record, dict):
+            return False
+        if self.task_id is not None and record.get("task_id") != self.task_id:
+            return False
+        if self.device_id is not None and record.get("device_id") != self.device_id:
+            return False
+        return self.threshold is None or LEVELS.get(record.get("level"), 0) >= self.threshold
+
+    def scan(self, path):
+        """The lines of a whole file that may match."""
+        with open(path, "rb") as f:
+            return [line.decode("utf-8", "replace") for line in f
+                    if all(needle.search(line) for needle in self.needles)]
+
+
+def rotated_paths(path):
+    """supervisord's backups of a log: path.1 (newest) … path.N."""
+    found = []
+    number = 1
+    while os.path.exists("%s.%d" % (path, number)):
+        found.append("%s.%d" % (path, number))
+        number += 1
+    return found
 
 
 def log_paths(log_dir, program=None):
@@ -523,9 +611,10 @@ def write_log_lines(context, lines):
     context.out.flush()
 
 
-def follow_logs(context, program, offsets):
+def follow_logs(context, program, offsets, wanted=None):
     """Print lines as they are appended, until interrupted; a file that
     shrank was rotated, so it is read again from the start."""
+    wanted = wanted or LogFilter()
     while True:
         time.sleep(FOLLOW_POLL_INTERVAL)
         lines = []
@@ -533,7 +622,8 @@ def follow_logs(context, program, offsets):
             offset = offsets.get(path, 0)
             offset = 0 if os.path.getsize(path) < offset else offset
             text, offsets[path] = read_complete_lines(path, offset)
-            lines.extend(parse_log_lines(text, program_of(path)))
+            lines.extend(line for line in parse_log_lines(text, program_of(path))
+                         if wanted(line[1]))
         lines.sort(key=lambda line: line[0])
         write_log_lines(context, lines)
 
@@ -546,6 +636,57 @@ def read_complete_lines(path, offset):
         data = f.read()
     end = data.rfind(b"\n") + 1
     return data[:end].decode("utf-8", "replace").splitlines(), offset + end
+
+
+def cmd_health(arguments, context):
+    """One line and the monitoring-plugin exit code: 0 OK, 1 WARNING, 2 CRITICAL."""
+    report = health.check(context.config)
+    if arguments.format == "json":
+        context.out.write(render.json_text(report.as_dict()))
+    else:
+        context.out.write(report.line() + "\n")
+        if arguments.verbose:
+            for finding in report.findings:
+                context.out.write("  %-8s %-10s %s\n" % (health.NAMES[finding.status],
+                                                        finding.name, finding.message))
+    return report.status
+
+
+def cmd_stats(arguments, context):
+    rows = stats.history(context.connection, arguments.minutes)
+    if arguments.format == "json":
+        context.out.write(render.json_text({"summary": stats.summary(rows), "minutes": rows}))
+    elif arguments.format in ("csv", "tsv"):
+        write_rows(context, arguments, rows, stats.COLUMNS, rows)
+    else:
+        context.out.write(stats.text(rows, context.width or 80))
+
+
+def cmd_backup(arguments, context):
+    try:
+        summary = rc_backup.backup(context.config.db_path, arguments.file, arguments.force)
+    except rc_backup.BackupError as e:
+        raise CommandError(str(e))
+    context.logger.info("backup_made", **summary)
+    context.out.write("%(path)s: %(tasks)d tasks, %(devices)d devices, schema %(schema_version)d,"
+                      " %(bytes)d bytes, integrity %(integrity)s\n" % summary)
+
+
+def cmd_restore(arguments, context):
+    config = context.config
+    if os.path.exists(health.supervisor_socket(config)):
+        try:
+            health.program_states(config)
+            raise CommandError("the main node is running; `make stop` first, then restore")
+        except (OSError, health.xmlrpc.client.Error):
+            pass        # a socket left by a supervisord that died
+    try:
+        summary = rc_backup.restore(arguments.file, config.db_path)
+    except rc_backup.BackupError as e:
+        raise CommandError(str(e))
+    context.logger.info("backup_restored", source=os.path.abspath(arguments.file), **summary)
+    context.out.write("restored %s: %d tasks, %d devices; `make run` to start\n"
+                      % (arguments.file, summary["tasks"], summary["devices"]))
 
 
 def cmd_token(arguments, context):
@@ -649,9 +790,9 @@ def build_parser(out):
     as_json.add_argument("--json", dest="format", action="store_const", const="json",
                          help="output JSON")
 
-    def command(name, handler, help, parents=()):
+    def command(name, handler, help, parents=(), aliases=()):
         sub = commands.add_parser(name, help=help, description=help, out=out,
-                                  parents=list(parents))
+                                  parents=list(parents), aliases=list(aliases))
         sub.set_defaults(handler=handler)
         return sub
 
@@ -677,6 +818,24 @@ def build_parser(out):
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
     sub.add_argument("-n", "--lines", type=int, default=DEFAULT_LOG_LINES, metavar="N")
+    sub.add_argument("--task", type=int, metavar="ID",
+                     help="only lines about this task: submit, assignment, start, result")
+    sub.add_argument("--device", metavar="ID", help="only lines about this device")
+    sub.add_argument("--level", choices=list(LEVELS), help="only this level and above")
+    sub = command("health", cmd_health, "one line for cron and monitoring; exit 0 OK,"
+                  " 1 WARNING, 2 CRITICAL", [as_json])
+    sub.add_argument("-v", "--verbose", action="store_true", help="every check on its own line")
+    # Also `rc stats`; named history so that "stat" + Tab still means status.
+    sub = command("history", cmd_stats, "cluster history per minute: throughput, failures,"
+                  " durations, queue, devices", [formats], aliases=["stats"])
+    sub.add_argument("--minutes", type=int, default=60, metavar="N",
+                     help="how far back (default 60)")
+    sub = command("backup", cmd_backup, "a consistent copy of the live database")
+    sub.add_argument("file", metavar="FILE")
+    sub.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    sub = command("restore", cmd_restore, "put a backup in place of the database"
+                  " (with the main node stopped)")
+    sub.add_argument("file", metavar="FILE")
     sub = command("token", cmd_token, "print the join token workers use")
     sub.add_argument("--admin", "--web", dest="admin", action="store_true",
                      help="print the admin token (HTTP: Authorization: Bearer) instead")
@@ -714,10 +873,11 @@ def add_submit_arguments(sub):
 
 # -- entry points -------------------------------------------------------------------
 
-def run_command(argv, out, err, config=None, width=None, colour=None):
+def run_command(argv, out, err, config=None, width=None, colour=None, logger=None):
     """Run one `rc` command line; returns the exit status, never exits.
-    `width` and `colour` are for a terminal that is not this process's."""
-    context = Context(out, err, config, width, colour)
+    `width` and `colour` are for a terminal that is not this process's;
+    `logger` is where task_submitted lines go (default var/log/rc-cli.log)."""
+    context = Context(out, err, config, width, colour, logger)
     try:
         arguments = parse(build_parser(out), argv)
         return arguments.handler(arguments, context) or 0
@@ -765,12 +925,18 @@ def web_access(argv):
     return "admin" if name in WEB_ADMIN_COMMANDS else "read"
 
 
+def command_parsers(parser):
+    """{name: subparser} for each command by its own name (aliases left out)."""
+    action = parser._subparsers._group_actions[0]
+    return {choice.dest: action.choices[choice.dest] for choice in action._choices_actions}
+
+
 def completion_words(web=True):
     """For Tab in the web terminal: each command's options, the values some
     options take, and what each command's positional argument is."""
     parser = build_parser(io.StringIO())
     commands = {}
-    for name, sub in parser._subparsers._group_actions[0].choices.items():
+    for name, sub in command_parsers(parser).items():
         if web and name in WEB_REFUSED and name != "monitor":
             continue
         options = sorted(option for a in sub._actions for option in a.option_strings
@@ -778,7 +944,8 @@ def completion_words(web=True):
         commands[name] = options
     return {"commands": commands,
             "values": {"--state": list(TASK_STATES), "--priority": list(PRIORITIES),
-                       "--device": "device", "--after": "task"},
+                       "--device": "device", "--after": "task", "--task": "task",
+                       "--level": list(LEVELS)},
             "positional": {"device": "device", "task": "task", "why": "task",
                            "cancel": "task", "submit": list(TASK_TYPES)}}
 

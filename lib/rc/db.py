@@ -198,7 +198,38 @@ MIGRATIONS = [
         ON CONFLICT(name) DO UPDATE SET value = value + 1;
     END;
     """ % {"active": sql_list(ACTIVE_STATES), "terminal": sql_list(TERMINAL_STATES),
-           "unsuccessful": sql_list(set(TERMINAL_STATES) - {COMPLETED}), "now": NOW},
+           "unsuccessful": sql_list([s for s in TERMINAL_STATES if s != COMPLETED]), "now": NOW},
+    # 2: operations (lib/rc/stats.py, alerts.py, health.py).
+    """
+    -- The cluster minute by minute, kept for stats_history minutes.
+    CREATE TABLE stats_minutes (
+        minute          INTEGER PRIMARY KEY,   -- its start, seconds since the epoch
+        submitted       INTEGER NOT NULL DEFAULT 0,
+        completed       INTEGER NOT NULL DEFAULT 0,
+        failed          INTEGER NOT NULL DEFAULT 0,   -- failed or timed out
+        cancelled       INTEGER NOT NULL DEFAULT 0,
+        duration_mean   REAL,       -- seconds from start to result of those finished
+        duration_max    REAL,
+        wait_mean       REAL,       -- seconds from submit to start of those finished
+        queue_length    INTEGER,    -- at the end of the minute
+        running         INTEGER,
+        devices_online  INTEGER,
+        devices_total   INTEGER,
+        slots           INTEGER,
+        slots_busy      INTEGER
+    );
+    -- When each alert last fired, for its cooldown across restarts.
+    CREATE TABLE alert_state (
+        key       TEXT PRIMARY KEY,
+        fired_at  REAL NOT NULL,
+        message   TEXT
+    ) WITHOUT ROWID;
+    -- `rc health` proves the database takes writes by writing this row.
+    CREATE TABLE health_probe (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        time  REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -48,6 +48,28 @@ POLL_INTERVAL = 0.05            # seconds between looks for changes in the datab
 REAPER_INTERVAL = 1.0           # seconds between the reaper's sweeps
 LOG_LEVEL = "info"              # debug, info, warning or error
 
+# -- operations: health, history, alerts, housekeeping ------------------------
+HEALTH_SUPERVISOR = True        # `rc health` checks that every supervisord program runs;
+                                # false when something else supervises them
+HEALTH_QUEUE_STUCK = 600.0      # seconds a ready task may wait while a device that fits
+                                # it has a free slot before the queue counts as stuck
+HEALTH_MIN_DEVICES_ONLINE = 1   # fewer devices online than this is a WARNING
+HEALTH_DISK_FREE_WARNING = 10.0     # percent free on the state directory's disk: WARNING
+HEALTH_DISK_FREE_CRITICAL = 5.0     # below: CRITICAL
+HEALTH_WAL_WARNING = 268435456  # bytes of write-ahead log (var/db/rc.db-wal): WARNING
+STATS_HISTORY = 10080           # minutes of cluster history kept (a week)
+ALERTS = [{"rule": "device_offline", "after": 900.0},
+          {"rule": "queue_stuck"},
+          {"rule": "failure_rate", "above": 0.5, "window": 900.0, "min_tasks": 10}]
+                                # rules the reaper checks each minute (docs/operations.md)
+ALERT_COMMAND = ""              # run by `sh -c` when an alert fires, details in RC_ALERT_*
+                                # variables; empty: alerts only go to the log
+ALERT_COOLDOWN = 3600.0         # seconds before the same alert fires again
+TASK_RETENTION = 2592000.0      # seconds finished tasks and their events are kept (30
+                                # days); 0 keeps them for ever
+WAL_CHECKPOINT_BYTES = 16777216     # the reaper truncates the write-ahead log past this
+TEMP_FILE_AGE = 86400.0         # seconds before leftover temporary files are removed
+
 # The settings as rc.json names them, built from the constants above.
 DEFAULTS = {name.lower(): value for name, value in dict(globals()).items()
             if name.isupper() and name != "DEFAULTS"}

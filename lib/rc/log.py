@@ -1,8 +1,12 @@
 """One JSON object per line on stdout: time, program, level, event, fields.
 
 supervisord files each program's stdout under var/log/, rotating it by its own
-settings, so programs never open log files themselves.
+settings, so programs never open log files themselves. The one exception is
+the `rc` command, which no supervisor runs: it appends its few lines (the
+tasks it submits and cancels) to var/log/rc-cli.log, which the reaper rotates
+(housekeeping.rotate_cli_log).
 """
+import os
 import sys
 import time
 
@@ -18,6 +22,20 @@ class Logger:
         self.program = program
         self.threshold = LEVELS[level]
         self.stream = stream or sys.stdout.buffer
+        self.owns_stream = False
+
+    @classmethod
+    def appending(cls, program, path, level="info"):
+        """A logger that appends to a file: each line is one write() on an
+        O_APPEND descriptor, so processes logging at once never mix lines."""
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        logger = cls(program, level, os.fdopen(descriptor, "ab", buffering=0))
+        logger.owns_stream = True
+        return logger
+
+    def close(self):
+        if self.owns_stream:
+            self.stream.close()
 
     def log(self, level, event, **fields):
         if LEVELS[level] < self.threshold:

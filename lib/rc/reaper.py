@@ -8,7 +8,7 @@ so. Heartbeat history is kept bounded.
 """
 import time
 
-from rc import db, devices, program, tasks
+from rc import db, devices, housekeeping, program, tasks
 from rc.states import CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
@@ -87,6 +87,7 @@ def run(config, log, should_stop):
         sweep(connection, config, log, now)
         if now >= next_prune:
             prune(connection, config, now)
+            housekeeping.every_minute(connection, config, log, now)
             next_prune = now + PRUNE_INTERVAL
         time.sleep(config.reaper_interval)
 

@@ -140,7 +140,7 @@ def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
             " WHERE %s AND not_before <= ? AND %s"
             " ORDER BY priority DESC, task_id LIMIT ?" % (db.QUEUED_SQL, DEPENDENCIES_MET),
             (now, BATCH))
-        assigned = 0
+        given = []
         deadline = time.monotonic() + PASS_BUDGET
         for task in queued:
             if time.monotonic() > deadline:
@@ -155,12 +155,12 @@ def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
                 (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
                  task["task_id"], task["attempt"], QUEUED))
             slots.take(device, task["task_type"])
-            assigned += 1
+            given.append((task["task_id"], task["attempt"], device["device_id"]))
             if slots.free == 0:
                 break
-    if assigned:
-        log.debug("tasks_assigned", count=assigned)
-    return assigned
+    for task_id, attempt, device_id in given:      # after the commit: never log a rollback
+        log.info("task_assigned", task_id=task_id, attempt=attempt, device_id=device_id)
+    return len(given)
 
 
 def next_backoff_end(connection, now):

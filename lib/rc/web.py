@@ -27,7 +27,7 @@ import bottle
 import orjson
 import waitress
 
-from rc import cli, db, devices, explain, render, state_dir, tasks
+from rc import cli, db, devices, explain, health, render, state_dir, stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
 from rc.states import COMPLETED, TASK_STATES, TERMINAL_STATES
@@ -228,11 +228,15 @@ class Web:
     # -- JSON API ----------------------------------------------------------------
 
     def health(self):
-        try:
-            self.connection().execute("SELECT 1").fetchone()
-        except ApiError as e:
-            return json_response({"status": "error", "database": str(e)}, 503)
-        return json_response({"status": "ok", "database": "ok"})
+        """What `rc health` says, as JSON: 200 when OK or WARNING, 503 when
+        CRITICAL, so an HTTP checker (Docker's HEALTHCHECK) needs only the code."""
+        report = health.check(self.config, without_supervisor=health.WARNING)
+        return json_response(report.as_dict(), 503 if report.status == health.CRITICAL else 200)
+
+    def stats(self):
+        """?minutes=N (default 60): the history rows and their summary."""
+        rows = stats.history(self.connection(), min(query_int("minutes", 60), 100000))
+        return json_response({"summary": stats.summary(rows), "minutes": rows})
 
     def status(self):
         return json_response(self.status_summary())
@@ -291,6 +295,9 @@ class Web:
                                submitted_requirements(body), body.get("idempotency_key"),
                                body.get("retry_on_failure", False), body.get("depends_on", []))
         state = self.existing_task(task_id)["state"]
+        self.logger.info("task_submitted", task_id=task_id, task_type=body.get("task_type"),
+                         priority=body.get("priority", "normal"),
+                         address=bottle.request.environ.get("REMOTE_ADDR"))
         return json_response({"task_id": task_id, "state": state,
                               "url": "/api/v1/tasks/%d" % task_id}, 201)
 
@@ -302,6 +309,8 @@ class Web:
     def cancel(self, task_id):
         self.existing_task(task_id)
         state = tasks.cancel(self.connection(), task_id)
+        self.logger.info("task_cancel_requested", task_id=task_id, state=state,
+                         address=bottle.request.environ.get("REMOTE_ADDR"))
         return json_response({"task_id": task_id, "state": state})
 
     def command(self):
@@ -333,7 +342,7 @@ class Web:
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
         status = cli.run_command(argv, out, err, self.config, width,
-                                 bool(body.get("colour", False)))
+                                 bool(body.get("colour", False)), self.logger)
         self.logger.info("command", argv=argv[:1], status=status)
         return json_response({"status": status, "output": out.getvalue(),
                               "error": err.getvalue()})
@@ -680,6 +689,7 @@ def metrics_text(connection, now, started):
            [((), sum(d["active_tasks"] for d in online))])
     family("rc_web_uptime_seconds", "gauge", "Seconds since rc-web started.",
            [((), now - started)])
+    history_families(family, connection, now)
     per_device = [
         ("rc_device_up", "1 if the device is online.",
          lambda d, m: int(d["status"] == "online")),
@@ -705,6 +715,31 @@ def metrics_text(connection, now, started):
                [((("device", d["device_id"]),), value(d, cli.device_metrics(d)))
                 for d in listed])
     return "".join(out)
+
+
+# The history's windows: the last whole minute and the last quarter hour.
+HISTORY_WINDOWS = ((1, "1m"), (15, "15m"))
+
+
+def history_families(family, connection, now):
+    """Gauges over the recorded history (stats_minutes), by window."""
+    summaries = [(label, stats.summary(stats.history(connection, minutes + 1, now)[-minutes:]))
+                 for minutes, label in HISTORY_WINDOWS]
+    for name, key, help_text in (
+            ("rc_history_throughput_per_minute", "throughput_per_minute",
+             "Tasks completed per minute over the window."),
+            ("rc_history_success_ratio", "success_rate",
+             "Completed among the tasks that finished in the window, 0 to 1."),
+            ("rc_history_task_duration_seconds_mean", "duration_mean",
+             "Mean seconds from start to result of the tasks that finished in the window."),
+            ("rc_history_task_duration_seconds_max", "duration_max",
+             "Longest run of the tasks that finished in the window."),
+            ("rc_history_queue_length", "queue_length",
+             "Queued tasks at the end of the window's last recorded minute."),
+            ("rc_history_devices_online", "devices_online",
+             "Devices online at the end of the window's last recorded minute.")):
+        family(name, "gauge", help_text,
+               [((("window", label),), summary[key]) for label, summary in summaries])
 
 
 def label_value(value):
@@ -812,6 +847,7 @@ def make_app(config, logger=None):
     routes = [
         ("GET", "/health", web.health, "open"), ("GET", "/api/v1/health", web.health, "open"),
         ("GET", "/api/v1/status", web.status, "read"),
+        ("GET", "/api/v1/stats", web.stats, "read"),
         ("GET", "/api/v1/devices", web.devices, "read"),
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
         ("GET", "/api/v1/tasks", web.tasks, "read"),

@@ -1,0 +1,151 @@
+"""Alerts: rules in etc/rc.json (`alerts`) that the reaper checks each
+minute, so someone without cron still hears about trouble.
+
+A rule that holds writes an `alert` warning to rc-reaper's log and, when
+`alert_command` is set, runs it through `sh -c` with the details in RC_ALERT_*
+variables. The same alert (rule and subject) fires again only after
+`alert_cooldown`; when it fired is kept in the database, so a restarted
+reaper does not repeat itself.
+
+Rules:
+  {"rule": "device_offline", "after": 900}      a device offline that long
+  {"rule": "queue_stuck"}                         as `rc health` sees it
+  {"rule": "failure_rate", "above": 0.5, "window": 900, "min_tasks": 10}
+"""
+import os
+import subprocess
+
+from rc import db, devices, health
+from rc.states import FAILED, OFFLINE, TIMED_OUT
+
+COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
+RULE_DEFAULTS = {"device_offline": {"after": 900.0},
+                 "queue_stuck": {},
+                 "failure_rate": {"above": 0.5, "window": 900.0, "min_tasks": 10}}
+
+_children = []              # alert commands still running: (process, deadline)
+
+
+class Alert:
+    def __init__(self, rule, subject, message, **details):
+        self.rule, self.subject, self.message, self.details = rule, subject, message, details
+
+    @property
+    def key(self):
+        return "%s:%s" % (self.rule, self.subject)
+
+
+def check_rules(rules):
+    """The rules with their defaults filled in; ValueError names a bad one."""
+    checked = []
+    for rule in rules:
+        if not isinstance(rule, dict) or rule.get("rule") not in RULE_DEFAULTS:
+            raise ValueError("alert rule %r: \"rule\" must be one of %s"
+                             % (rule, ", ".join(RULE_DEFAULTS)))
+        options = dict(RULE_DEFAULTS[rule["rule"]], **rule)
+        for name, value in options.items():
+            if name != "rule" and (isinstance(value, bool) or
+                                   not isinstance(value, (int, float)) or value < 0):
+                raise ValueError("alert rule %r: %s must be a number" % (rule, name))
+        checked.append(options)
+    return checked
+
+
+def find(connection, config, rules, now):
+    """Every alert the rules raise now, cooldown aside."""
+    found = []
+    for rule in rules:
+        found.extend(RULES[rule["rule"]](connection, config, rule, now))
+    return found
+
+
+def device_offline(connection, config, rule, now):
+    for device in devices.list_devices(connection, OFFLINE):
+        if device.get("revoked"):
+            continue
+        quiet = now - device["last_seen"]
+        if quiet >= rule["after"]:
+            yield Alert("device_offline", device["device_id"],
+                        "device %s offline for %ds" % (device["device_id"], quiet),
+                        device_id=device["device_id"], seconds=int(quiet))
+
+
+def queue_stuck(connection, config, rule, now):
+    stuck = health.stuck_tasks(connection, config, now)
+    if stuck:
+        task_id, waited, device_id = stuck[0]
+        yield Alert("queue_stuck", "queue", "queue stuck: task %d waited %ds while %s had a"
+                    " free slot (%d such tasks)" % (task_id, waited, device_id, len(stuck)),
+                    task_id=task_id, device_id=device_id, seconds=int(waited),
+                    count=len(stuck))
+
+
+def failure_rate(connection, config, rule, now):
+    rows = connection.execute(
+        "SELECT state, count(*) FROM tasks WHERE finished_at >= ? AND state IN"
+        " ('completed', ?, ?) GROUP BY state", (now - rule["window"], FAILED, TIMED_OUT))
+    counts = dict(rows.fetchall())
+    finished = sum(counts.values())
+    failed = counts.get(FAILED, 0) + counts.get(TIMED_OUT, 0)
+    if finished >= max(1, rule["min_tasks"]) and failed / finished > rule["above"]:
+        yield Alert("failure_rate", "tasks", "%d of %d tasks failed in the last %ds"
+                    % (failed, finished, rule["window"]), failed=failed, finished=finished,
+                    rate=round(failed / finished, 3))
+
+
+RULES = {"device_offline": device_offline, "queue_stuck": queue_stuck,
+         "failure_rate": failure_rate}
+
+
+def evaluate(connection, config, log, now):
+    """Check the rules; fire what holds and is out of its cooldown. Returns
+    the alerts fired."""
+    reap_children(now)
+    try:
+        rules = check_rules(config.alerts)
+    except ValueError as e:
+        log.error("alert_rules_invalid", error=str(e))
+        return []
+    fired = []
+    with db.write(connection):
+        for alert in find(connection, config, rules, now):
+            row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",
+                                     (alert.key,)).fetchone()
+            if row is not None and now - row[0] < config.alert_cooldown:
+                continue
+            connection.execute("INSERT OR REPLACE INTO alert_state(key, fired_at, message)"
+                               " VALUES (?, ?, ?)", (alert.key, now, alert.message))
+            fired.append(alert)
+    for alert in fired:
+        log.warning("alert", rule=alert.rule, message=alert.message, **alert.details)
+        if config.alert_command:
+            run_command(config.alert_command, alert, log, now)
+    return fired
+
+
+def run_command(command, alert, log, now):
+    """Start the user's command without waiting: the reaper must keep sweeping."""
+    env = dict(os.environ, RC_ALERT_RULE=alert.rule, RC_ALERT_SUBJECT=str(alert.subject),
+               RC_ALERT_MESSAGE=alert.message, RC_ALERT_TIME="%.3f" % now)
+    env.update(("RC_ALERT_%s" % key.upper(), str(value)) for key, value in alert.details.items())
+    try:
+        process = subprocess.Popen(["/bin/sh", "-c", command], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        log.error("alert_command_failed", rule=alert.rule, error=str(e))
+        return None
+    _children.append((process, now + COMMAND_TIMEOUT))
+    return process
+
+
+def reap_children(now):
+    """Collect finished alert commands; kill those past COMMAND_TIMEOUT."""
+    for entry in list(_children):
+        process, deadline = entry
+        if process.poll() is not None:
+            _children.remove(entry)
+        elif now > deadline:
+            process.kill()
+            process.wait()
+            _children.remove(entry)

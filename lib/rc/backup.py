@@ -1,0 +1,97 @@
+"""`rc backup FILE`: a consistent copy of the live database.
+
+SQLite's online backup API copies every page in one step, inside one read
+transaction: the copy is the database as it was when that transaction
+began, whatever the programs commit meanwhile (WAL mode lets them go on
+writing). It is written beside FILE as FILE.partial, checked with
+`PRAGMA integrity_check`, and only then renamed to FILE, so FILE is never
+half a database.
+"""
+import os
+import sqlite3
+
+from rc import db
+
+
+class BackupError(Exception):
+    pass
+
+
+def backup(source_path, target_path, overwrite=False):
+    """Copy the database at source_path to target_path; returns a summary."""
+    target_path = os.path.abspath(target_path)
+    if os.path.isdir(target_path):
+        raise BackupError("%s is a directory; name the file to write" % target_path)
+    if os.path.exists(target_path) and not overwrite:
+        raise BackupError("%s exists; pass --force to replace it" % target_path)
+    if not os.path.exists(source_path):
+        raise BackupError("no database at %s" % source_path)
+    partial = target_path + ".partial"
+    if os.path.exists(partial):
+        os.remove(partial)
+    source = db.connect(source_path)
+    try:
+        target = sqlite3.connect(partial)
+        try:
+            source.backup(target)           # all pages in one step: one snapshot
+            # A single file is easier to carry about than a WAL database.
+            target.execute("PRAGMA journal_mode=DELETE")
+            summary = describe(target)
+        finally:
+            target.close()
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    finally:
+        source.close()
+    if summary["integrity"] != "ok":
+        os.remove(partial)
+        raise BackupError("the copy failed its integrity check: %s" % summary["integrity"])
+    os.replace(partial, target_path)
+    summary["path"] = target_path
+    summary["bytes"] = os.path.getsize(target_path)
+    return summary
+
+
+def describe(connection):
+    rows = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+    return {"integrity": "ok" if rows == ["ok"] else "; ".join(rows[:5]),
+            "schema_version": connection.execute("PRAGMA user_version").fetchone()[0],
+            "tasks": connection.execute("SELECT count(*) FROM tasks").fetchone()[0],
+            "devices": connection.execute("SELECT count(*) FROM devices").fetchone()[0]}
+
+
+def restore(backup_path, db_path):
+    """Put a backup in place of the database; only while nothing runs
+    (`make stop` first): the -wal and -shm files of the old one go too."""
+    if not os.path.exists(backup_path):
+        raise BackupError("no backup at %s" % backup_path)
+    check = sqlite3.connect("file:%s?mode=ro" % backup_path, uri=True)
+    try:
+        summary = describe(check)
+    finally:
+        check.close()
+    if summary["integrity"] != "ok":
+        raise BackupError("%s fails its integrity check: %s" % (backup_path, summary["integrity"]))
+    if summary["schema_version"] > db.SCHEMA_VERSION:
+        raise BackupError("%s has schema %d, newer than this code's %d"
+                          % (backup_path, summary["schema_version"], db.SCHEMA_VERSION))
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    partial = db_path + ".partial"
+    with open(backup_path, "rb") as source, open(partial, "wb") as target:
+        while True:
+            block = source.read(1024 * 1024)
+            if not block:
+                break
+            target.write(block)
+        target.flush()
+        os.fsync(target.fileno())
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.remove(db_path + suffix)
+    os.replace(partial, db_path)
+    connection = db.open_database(db_path)      # upgrades an older backup's schema
+    connection.close()
+    summary["path"] = db_path
+    return summary

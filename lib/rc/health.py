@@ -1,0 +1,268 @@
+"""Is the main node well? One verdict for cron, HTTP checkers and alerts.
+
+check() looks at everything a person would look at with a shell: the
+supervisord programs, the database (does it take a write, does it pass
+`PRAGMA quick_check`), the queue, the devices, the disk and the WAL. Each
+look gives OK, WARNING or CRITICAL; the worst is the verdict, and its exit
+code is the monitoring-plugin convention (0, 1, 2).
+"""
+import os
+import shutil
+import socket
+import sqlite3
+import time
+import xmlrpc.client
+
+from rc import db, devices, tasks
+from rc.states import ONLINE
+
+OK, WARNING, CRITICAL = 0, 1, 2
+NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
+SUPERVISOR_TIMEOUT = 5.0      # seconds to wait for supervisord's answer
+STUCK_LOOKED_AT = 200         # oldest ready tasks the queue check looks at
+# supervisord's states: a program restarting after a crash is only a warning.
+PASSING_STATES = {"RUNNING": OK, "STARTING": WARNING}
+
+
+class Finding:
+    def __init__(self, name, status, message, **values):
+        self.name, self.status, self.message, self.values = name, status, message, values
+
+    def as_dict(self):
+        return dict({"check": self.name, "status": NAMES[self.status].lower(),
+                     "message": self.message}, **self.values)
+
+
+class Report:
+    def __init__(self, findings):
+        self.findings = findings
+        self.status = max([f.status for f in findings] or [OK])
+
+    def line(self):
+        """One line: `RC CRITICAL - what is wrong; ... | perfdata`."""
+        worst = [f for f in self.findings if f.status == self.status]
+        if self.status == OK:
+            text = ", ".join(f.message for f in self.findings)
+        else:
+            text = "; ".join(f.message for f in worst)
+        perf = " ".join("%s=%s" % (key, value) for f in self.findings
+                        for key, value in f.values.items() if isinstance(value, (int, float)))
+        return "RC %s - %s%s" % (NAMES[self.status], text, " | " + perf if perf else "")
+
+    def as_dict(self):
+        return {"status": NAMES[self.status].lower(), "code": self.status,
+                "line": self.line(), "checks": [f.as_dict() for f in self.findings]}
+
+
+def check(config, now=None, without_supervisor=CRITICAL):
+    """The report. `without_supervisor` is how bad it is that supervisord
+    is not running at all: CRITICAL for `rc health` (the cluster is down);
+    rc-web, which answers, was started some other way, so it says WARNING."""
+    now = time.time() if now is None else now
+    findings = []
+    if config.health_supervisor:
+        findings.append(programs(config, without_supervisor))
+    connection = None
+    try:
+        connection = open_connection(config)
+        findings.append(writable(connection, now))
+        findings.append(integrity(connection))
+        findings.append(queue(connection, config, now))
+        findings.append(devices_online(connection, config))
+    except (sqlite3.Error, OSError, RuntimeError) as e:
+        findings.append(Finding("database", CRITICAL, "database: %s" % one_line(e)))
+    finally:
+        if connection is not None:
+            connection.close()
+    findings.append(disk(config))
+    findings.append(wal(config))
+    return Report(findings)
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+# -- supervisord --------------------------------------------------------------------
+
+class UnixConnection(xmlrpc.client.http.client.HTTPConnection):
+    """HTTP over supervisord's unix socket, with a timeout (a wedged
+    supervisord must not hang cron)."""
+
+    def __init__(self, path):
+        super().__init__("localhost", timeout=SUPERVISOR_TIMEOUT)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def make_connection(self, host):
+        return UnixConnection(self.path)
+
+
+def supervisor_socket(config):
+    return os.path.join(config.run_dir, "supervisor.sock")
+
+
+def program_states(config):
+    """{program: state name} from supervisord's XML-RPC interface."""
+    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2",
+                                      transport=UnixTransport(supervisor_socket(config)))
+    return {info["name"]: info["statename"] for info in proxy.supervisor.getAllProcessInfo()}
+
+
+def programs(config, without_supervisor=CRITICAL):
+    if not os.path.exists(supervisor_socket(config)):
+        return Finding("programs", without_supervisor, "supervisord is not running (no %s)"
+                       % supervisor_socket(config))
+    try:
+        states = program_states(config)
+    except (OSError, xmlrpc.client.Error) as e:
+        return Finding("programs", CRITICAL, "supervisord does not answer on %s (%s)"
+                       % (supervisor_socket(config), one_line(e)))
+    if not states:
+        return Finding("programs", CRITICAL, "supervisord runs no programs")
+    bad = {name: state for name, state in states.items() if PASSING_STATES.get(state) != OK}
+    status = max([PASSING_STATES.get(state, CRITICAL) for state in states.values()])
+    running = len(states) - len(bad)
+    if not bad:
+        return Finding("programs", OK, "%d programs running" % running, programs_running=running)
+    return Finding("programs", status, ", ".join("%s %s" % item for item in sorted(bad.items())),
+                   programs_running=running)
+
+
+# -- the database -------------------------------------------------------------------
+
+def open_connection(config):
+    if not os.path.exists(config.db_path):
+        raise RuntimeError("no database at %s; run `make install`" % config.db_path)
+    connection = db.connect(config.db_path)
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version < db.SCHEMA_VERSION:
+        connection.close()
+        raise RuntimeError("schema %d is older than this code's %d; run `make install`"
+                           % (version, db.SCHEMA_VERSION))
+    return connection
+
+
+def writable(connection, now):
+    """A real write, committed: a read-only file, a full disk or a lock held
+    for ever all show here."""
+    try:
+        with db.write(connection):
+            connection.execute("INSERT INTO health_probe(id, time) VALUES (1, ?)"
+                               " ON CONFLICT(id) DO UPDATE SET time = excluded.time", (now,))
+    except sqlite3.Error as e:
+        return Finding("database", CRITICAL, "database not writable: %s" % one_line(e))
+    return Finding("database", OK, "database writable")
+
+
+def integrity(connection):
+    rows = [row[0] for row in connection.execute("PRAGMA quick_check")]
+    if rows == ["ok"]:
+        return Finding("integrity", OK, "integrity ok")
+    return Finding("integrity", CRITICAL, "database damaged: %s" % "; ".join(rows[:3]))
+
+
+def ready_queued(connection, now, older_than):
+    """Queued tasks free to run (backoff over, dependencies completed) that
+    were submitted before `older_than`, oldest first, with when each was
+    last queued."""
+    return connection.execute(
+        "SELECT t.task_id, t.requirements, t.task_type,"
+        " (SELECT max(e.time) FROM task_events e WHERE e.task_id = t.task_id) AS since"
+        " FROM tasks t WHERE t.%s AND t.not_before <= ? AND t.created_at < ?"
+        " AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
+        " ON p.task_id = d.depends_on WHERE d.task_id = t.task_id AND p.state != 'completed')"
+        " ORDER BY t.task_id LIMIT ?" % db.QUEUED_SQL,
+        (now, older_than, STUCK_LOOKED_AT)).fetchall()
+
+
+def free_devices(connection):
+    """Online devices that take new tasks and have a free slot."""
+    return [d for d in devices.list_devices(connection, ONLINE)
+            if d["connected"] and d.get("available", True) and not d.get("drained")
+            and d["active_tasks"] < d["slots"]]
+
+
+def stuck_tasks(connection, config, now):
+    """Tasks waiting past health_queue_stuck that a device with a free slot
+    could run: the scheduler should have given them out."""
+    limit = now - config.health_queue_stuck
+    candidates = [row for row in ready_queued(connection, now, limit)
+                  if (row["since"] or 0) < limit]
+    if not candidates:
+        return []
+    free = free_devices(connection)
+    stuck = []
+    for row in candidates:
+        requirements = db.loads(row["requirements"], {})
+        fits = [d for d in free if not tasks.unmet_requirements(requirements, d)
+                and (not d["task_types"] or row["task_type"] in d["task_types"])]
+        if fits:
+            stuck.append((row["task_id"], now - row["since"], fits[0]["device_id"]))
+    return stuck
+
+
+def queue(connection, config, now):
+    queued = connection.execute("SELECT count(*) FROM tasks WHERE %s" % db.QUEUED_SQL
+                                ).fetchone()[0]
+    stuck = stuck_tasks(connection, config, now)
+    if stuck:
+        task_id, waited, device_id = stuck[0]
+        return Finding("queue", CRITICAL, "queue stuck: task %d waited %ds while %s had a"
+                       " free slot (%d such tasks)" % (task_id, waited, device_id, len(stuck)),
+                       queued=queued, stuck=len(stuck))
+    return Finding("queue", OK, "queue %d" % queued, queued=queued, stuck=0)
+
+
+def devices_online(connection, config):
+    counts = devices.counts(connection)
+    message = "devices %d/%d online" % (counts["online"], counts["total"])
+    values = {"devices_online": counts["online"], "devices_total": counts["total"]}
+    if counts["online"] < config.health_min_devices_online:
+        return Finding("devices", WARNING, message + " (fewer than %d)"
+                       % config.health_min_devices_online, **values)
+    return Finding("devices", OK, message, **values)
+
+
+# -- files ------------------------------------------------------------------------------
+
+def disk(config):
+    try:
+        usage = shutil.disk_usage(config.home)
+    except OSError as e:
+        return Finding("disk", CRITICAL, "state directory: %s" % one_line(e))
+    free = 100.0 * usage.free / usage.total if usage.total else 0.0
+    message = "disk %.0f%% free" % free
+    values = {"disk_free_percent": round(free, 1), "disk_free_bytes": usage.free}
+    if free < config.health_disk_free_critical:
+        return Finding("disk", CRITICAL, message + " on %s" % config.home, **values)
+    if free < config.health_disk_free_warning:
+        return Finding("disk", WARNING, message + " on %s" % config.home, **values)
+    return Finding("disk", OK, message, **values)
+
+
+def wal_size(config):
+    try:
+        return os.path.getsize(config.db_path + "-wal")
+    except OSError:
+        return 0
+
+
+def wal(config):
+    size = wal_size(config)
+    message = "wal %.1f MiB" % (size / 1048576.0)
+    if size > config.health_wal_warning:
+        return Finding("wal", WARNING, message + " (over %d MiB; is a reader holding it?)"
+                       % (config.health_wal_warning // 1048576), wal_bytes=size)
+    return Finding("wal", OK, message, wal_bytes=size)
+

@@ -1,0 +1,120 @@
+"""Housekeeping the reaper does once a minute: finished tasks past
+`task_retention` are deleted with their events, leftover temporary files are
+removed, rc-cli.log is rotated, and the write-ahead log is truncated when it
+has grown past `wal_checkpoint_bytes` (the dashboard's readers keep SQLite
+from recycling it on its own under steady load).
+"""
+import glob
+import os
+
+from rc import alerts, db, stats
+from rc.states import TERMINAL_STATES
+
+PRUNE_CHUNK = 500            # tasks deleted per transaction, so writers never wait long
+CLI_LOG_MAX_BYTES = 10 * 1024 * 1024   # rc-cli.log is rotated past this, like the others
+CLI_LOG_BACKUPS = 5
+CLI_LOG = "rc-cli.log"
+TEMPORARY_PATTERNS = ("tmp/*", "*.partial", "*.new", "db/*.partial")
+
+
+def sweep(connection, config, log, now):
+    """Everything below, once; returns what it did (for the log and tests)."""
+    done = {"tasks_pruned": prune_tasks(connection, config.task_retention, now),
+            "temp_files_removed": clean_temp(config.home, config.temp_file_age, now),
+            "cli_log_rotated": rotate_cli_log(config.log_dir)}
+    done.update(checkpoint(connection, config.wal_checkpoint_bytes))
+    if done["tasks_pruned"] or done["temp_files_removed"] or done["wal_checkpointed"]:
+        log.info("housekeeping", **done)
+    return done
+
+
+def prune_tasks(connection, retention, now):
+    """Delete tasks that finished more than `retention` seconds ago, with
+    their events and dependency links; 0 keeps them for ever."""
+    if not retention:
+        return 0
+    total = 0
+    terminal = db.sql_list(TERMINAL_STATES)
+    while True:
+        with db.write(connection):
+            ids = [row[0] for row in connection.execute(
+                "SELECT task_id FROM tasks WHERE finished_at < ? AND state IN (%s)"
+                " ORDER BY task_id LIMIT ?" % terminal, (now - retention, PRUNE_CHUNK))]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                connection.execute("DELETE FROM task_dependencies WHERE task_id IN (%s)"
+                                   " OR depends_on IN (%s)" % (marks, marks), ids + ids)
+                connection.execute("DELETE FROM task_events WHERE task_id IN (%s)" % marks, ids)
+                connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
+        total += len(ids)
+        if len(ids) < PRUNE_CHUNK:
+            return total
+
+
+def wal_path(connection):
+    path = connection.execute("PRAGMA database_list").fetchone()[2]
+    return path + "-wal"
+
+
+def checkpoint(connection, limit):
+    """Copy the WAL into the database and truncate it, when it is over `limit`."""
+    try:
+        size = os.path.getsize(wal_path(connection))
+    except OSError:
+        size = 0
+    if size <= limit:
+        return {"wal_checkpointed": False, "wal_bytes": size}
+    busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    try:
+        after = os.path.getsize(wal_path(connection))
+    except OSError:
+        after = 0
+    return {"wal_checkpointed": not busy, "wal_bytes": after, "wal_bytes_before": size}
+
+
+def clean_temp(home, age, now):
+    """Files a crash may leave: var/tmp/*, half-written backups and tokens."""
+    removed = 0
+    for pattern in TEMPORARY_PATTERNS:
+        for path in glob.glob(os.path.join(home, pattern)):
+            try:
+                if os.path.isfile(path) and os.path.getmtime(path) < now - age:
+                    os.remove(path)
+                    removed += 1
+            except OSError:
+                pass       # gone already, or not ours to remove
+    return removed
+
+
+def rotate_cli_log(log_dir, max_bytes=CLI_LOG_MAX_BYTES, backups=CLI_LOG_BACKUPS):
+    """rc-cli.log has no supervisord to rotate it: rc-cli.log.1 … .5, as
+    supervisord names its own backups."""
+    path = os.path.join(log_dir, CLI_LOG)
+    try:
+        if os.path.getsize(path) <= max_bytes:
+            return False
+    except OSError:
+        return False
+    for number in range(backups - 1, 0, -1):
+        older = "%s.%d" % (path, number)
+        if os.path.exists(older):
+            os.replace(older, "%s.%d" % (path, number + 1))
+    os.replace(path, path + ".1")
+    return True
+
+
+
+def every_minute(connection, config, log, now):
+    """What rc-reaper runs once a minute, beside its sweeps: the minute's
+    history row, the alert rules, then the housekeeping above. A failure
+    here is logged, never allowed to stop the reaper's own work."""
+    steps = (("stats", lambda: stats.record(connection, config, now)),
+             ("alerts", lambda: alerts.evaluate(connection, config, log, now)),
+             ("housekeeping", lambda: sweep(connection, config, log, now)))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as e:     # the reaper's own sweeps matter more
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            log.error("upkeep_failed", step=name, error=repr(e))
