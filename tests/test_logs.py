@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_for
-from rc import cli, housekeeping, protocol, scheduler
+from rc import cli, housekeeping, protocol
 from rc.log import Logger
 
 pytestmark = pytest.mark.e2e
