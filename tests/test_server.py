@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rc import config as config_module
-from rc import audit, db, devices, protocol, scheduler, state_dir, tasks, tls
+from rc import audit, db, devices, fleet, protocol, scheduler, state_dir, tasks, tls
 from rc.log import Logger
 from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
@@ -348,3 +348,25 @@ def test_tls_on_the_worker_port_with_a_pinnable_certificate(server):
     plain = Client(port)
     plain.send_raw(b'{"message_type": "register"}\n')
     assert plain.closed()
+
+
+def test_broadcast_reaches_the_devices_it_names_and_acks_are_kept(server):
+    instance, port = server
+    token = token_of(instance)
+    pi, laptop = Client(port), Client(port)
+    pi.register(token, "pi", tags=["pi"])
+    laptop.register(token, "laptop")
+    connection = db.connect(instance.config.db_path)
+    control_id = fleet.broadcast(connection, instance.config, "report_profile",
+                                 {"tags": ["pi"]})
+    control = pi.receive()
+    assert control["message_type"] == "control"
+    assert control["data"] == {"control_id": control_id, "command": "report_profile"}
+    pi.send("control_ack", {"control_id": control_id, "ok": True, "detail": "sent"})
+    pi.send("heartbeat", {"active_tasks": []})
+    assert pi.receive()["message_type"] == "heartbeat_ack"
+    acks = fleet.control_status(connection, control_id)["acks"]
+    assert [(a["device_id"], a["ok"]) for a in acks] == [("pi", 1)]
+    laptop.send("heartbeat", {"active_tasks": []})
+    assert laptop.receive()["message_type"] == "heartbeat_ack"   # and no control before it
+    connection.close()

@@ -19,7 +19,7 @@ from rc import audit, bell, db, devices, fleet, protocol, tasks, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import read_secret
-from rc.states import (ASSIGNED, CANCELLED, COMPLETED, ERROR, FAILED, HEARTBEAT,
+from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERROR, FAILED, HEARTBEAT,
                        HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_HANDED_BACK,
                        OUTCOME_NOT_ALLOWED,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
@@ -71,6 +71,9 @@ class Server:
         self.partial = set()           # peers in the middle of a frame
         self.next_sweep = 0.0
         self.auth_failures = {}        # address -> monotonic times of recent wrong proofs
+        # Controls from before this start are history, not news.
+        self.last_control = self.database.execute(
+            "SELECT coalesce(max(control_id), 0) FROM controls").fetchone()[0]
         self.tls = tls.server_context(config) if config.tls else None
         self.batch = []                # (handler, peer, data) applied in one transaction
         self.seen_version = None
@@ -434,8 +437,15 @@ class Server:
         error = field(data, "error", (str, type(None)), required=False)
         self.batch.append((Server.apply_result, peer, (key, status, result, error)))
 
+    def on_control_ack(self, peer, data):
+        control_id = field(data, "control_id", int)
+        ok = field(data, "ok", bool)
+        detail = field(data, "detail", (str, type(None)), required=False)
+        self.batch.append((Server.apply_control_ack, peer, (control_id, ok, (detail or "")[:500])))
+
     HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
-                TASK_PROGRESS: on_progress, TASK_RESULT: on_result}
+                TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
+                CONTROL_ACK: on_control_ack}
 
     # -- applying a turn's messages in one transaction -----------------------------
 
@@ -575,6 +585,27 @@ class Server:
                 peer.pushed.discard(key)
                 self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
 
+    def push_controls(self):
+        """Broadcasts queued by `rc broadcast`, to the connected devices they
+        name; each worker answers with control_ack."""
+        for row in self.database.execute("SELECT control_id, command, targets FROM controls"
+                                         " WHERE control_id > ? ORDER BY control_id",
+                                         (self.last_control,)).fetchall():
+            self.last_control = row["control_id"]
+            targets = db.loads(row["targets"], {})
+            for device in devices.list_devices_where(self.database, "d.connected = 1", ()):
+                peer = self.peers_by_device.get(device["device_id"])
+                if peer and not tasks.unmet_requirements(targets, device):
+                    self.send(peer, CONTROL, {"control_id": row["control_id"],
+                                              "command": row["command"]})
+
+    def apply_control_ack(self, peer, data, now):
+        control_id, ok, detail = data
+        self.database.execute(
+            "INSERT OR REPLACE INTO control_acks(control_id, device_id, time, ok, detail)"
+            " SELECT control_id, ?, ?, ?, ? FROM controls WHERE control_id = ?",
+            (peer.device_id, now, int(ok), detail, control_id))
+
     def push_changes(self):
         """Send assignments and cancellations committed by other programs."""
         version = db.data_version(self.database)
@@ -592,6 +623,7 @@ class Server:
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
             " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
         self.cancel_taken_back(rows)
+        self.push_controls()
         for row in rows:
             peer = self.peers_by_device.get(row["device_id"])
             if peer is None:

@@ -56,10 +56,12 @@ TASK_RESULT = "task_result"        # worker -> server
 TASK_RESULT_ACK = "task_result_ack"  # server -> worker: result is committed
 TASK_CANCEL = "task_cancel"        # server -> worker
 ERROR = "error"                    # either way; the sender may then close
+CONTROL = "control"                # server -> worker: reload, report_profile, drain, upgrade
+CONTROL_ACK = "control_ack"        # worker -> server: done, or why not
 
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
-                 TASK_RESULT_ACK, TASK_CANCEL, ERROR)
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK)
 
 # -- why a task attempt ended, as the worker reports it -----------------------
 # These are the outcomes a worker puts in task_result's "status".
