@@ -90,7 +90,21 @@ PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of on
 PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
 WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
-CAPABILITY_TOOLS = ("python3", "gcc", "git", "docker", "ffmpeg", "nvidia-smi", "make", "curl")
+CAPABILITY_TOOLS = ("python3", "gcc", "g++", "make", "git", "curl", "docker", "podman",
+                    "ffmpeg", "nvidia-smi", "node", "go", "rustc", "java")
+SPEED_TEST_SECONDS = 0.1        # seconds the start-up CPU benchmark runs (cpu_speed)
+STORAGE_DISK_GB = 1000          # a device with at least this much disk is guessed "storage"
+TERMUX_BATTERY_AGE = 60.0       # seconds an answer of termux-battery-status is kept
+TERMUX_BATTERY_TIMEOUT = 5.0    # seconds termux-battery-status may take (it hangs without Termux:API)
+# The availability policy (see Availability).
+POLICY_INTERVAL = 5.0           # seconds between two looks at battery, heat, owner and clock
+BATTERY_RESUME_MARGIN = 10      # percent above --min-battery at which tasks resume
+TEMPERATURE_RESUME_MARGIN = 5.0  # degrees C below --max-temperature at which tasks resume
+OWNER_CPU_BUSY = 25.0           # percent of the CPU used by other programs: the owner is busy
+# Sandbox limits for each task (rlimits, where the OS has them).
+TASK_OPEN_FILES = 1024          # open descriptors (RLIMIT_NOFILE)
+MAX_FILE_MB = 1024              # MiB, the largest file a task may write (--max-file-size)
+MIN_MEMORY_MB = 1024            # MiB; --max-memory defaults to this or half the RAM, if more
 
 # States of the connection to the main node, in the order they happen.
 DISCONNECTED = "disconnected"
@@ -258,6 +272,13 @@ def parse_progress(line):
 ###############################################################################
 # The device: profile and metrics #############################################
 ###############################################################################
+# Read from /proc and /sys where Linux and Android have them. A value that
+# cannot be read is left out, never guessed and never a crash: Android denies
+# apps /proc/stat and /proc/loadavg. RC_PROC_ROOT and RC_SYSFS_ROOT move the two
+# trees (the tests use them to play an Android phone with a fake battery).
+
+PROC_ROOT = os.environ.get("RC_PROC_ROOT", "/proc")
+SYSFS_ROOT = os.environ.get("RC_SYSFS_ROOT", "/sys")
 
 _psutil = []
 
@@ -274,8 +295,39 @@ def optional_psutil():
     return _psutil[0]
 
 
+def proc_path(*names):
+    return os.path.join(PROC_ROOT, *names)
+
+
+def sysfs_path(*names):
+    return os.path.join(SYSFS_ROOT, *names)
+
+
+def read_text(path):
+    """A small file's text, or None when it cannot be read."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def read_number(path):
+    try:
+        return float(read_text(path).strip())
+    except (AttributeError, ValueError):
+        return None
+
+
+def list_dir(path):
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
 def device_platform():
-    # Termux on older Pythons reports "linux"; the scheduler wants to know.
+    # Termux on Pythons before 3.13 reports "linux"; the scheduler wants to know.
     if os.environ.get("ANDROID_ROOT") or os.environ.get("TERMUX_VERSION"):
         return "android"
     return sys.platform
@@ -283,25 +335,82 @@ def device_platform():
 
 def device_info():
     uname = os.uname()
-    return {"hostname": socket.gethostname(), "platform": device_platform(),
+    info = {"hostname": socket.gethostname(), "platform": device_platform(),
             "architecture": uname.machine,
             "os_version": "%s %s" % (uname.sysname, uname.release),
             "python_version": "%d.%d.%d" % sys.version_info[:3]}
+    name = os_name()
+    if name:
+        info["os_name"] = name
+    return info
 
 
-def hardware_specs():
-    return {"cpu_cores": os.cpu_count() or 1, "memory_gb": memory_gb(),
-            "disk_gb": disk_gb(), "network_interfaces": network_interfaces()}
+def os_name():
+    """"Debian GNU/Linux 12 (bookworm)", "Android 14"..., or None."""
+    if device_platform() == "android":
+        release = run_quietly(["getprop", "ro.build.version.release"])
+        return "Android %s" % release.strip() if release else "Android"
+    for line in (read_text("/etc/os-release") or "").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip("\"'") or None
+    return None
+
+
+def run_quietly(argv, timeout=5.0):
+    """A helper program's stdout, or None if it is missing, fails or hangs."""
+    if not which(argv[0]):
+        return None
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+
+def hardware_specs(power=None, speed=None):
+    specs = {"cpu_cores": os.cpu_count() or 1, "memory_gb": memory_gb(),
+             "disk_gb": disk_gb(), "network_interfaces": network_interfaces(),
+             "cpu_model": cpu_model(), "cpu_speed": speed,
+             "battery": bool(power and power.read())}
+    return {name: value for name, value in specs.items() if value is not None}
+
+
+def cpu_model():
+    """The CPU's name from /proc/cpuinfo (x86: "model name"; ARM: "Hardware"...)."""
+    fields = {}
+    for line in (read_text(proc_path("cpuinfo")) or "").splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), value.strip())
+    for name in ("model name", "hardware", "cpu model", "processor", "model"):
+        if fields.get(name) and not fields[name].isdigit():
+            return fields[name]
+    return None
+
+
+def cpu_speed(seconds=SPEED_TEST_SECONDS):
+    """Million turns of an empty Python loop per second, on one core: a Pi 3
+    scores several times less than a laptop. Measured once, at start."""
+    turns, start = 0, time.perf_counter()
+    deadline = start + seconds
+    now = start
+    while now < deadline:
+        for _ in range(20000):
+            pass
+        turns += 20000
+        now = time.perf_counter()
+    return round(turns / (now - start) / 1e6, 1)
 
 
 def read_meminfo():
     """/proc/meminfo as {name: kB}; empty where there is none."""
-    try:
-        with open("/proc/meminfo") as f:
-            return {line.split(":")[0]: int(line.split()[1]) for line in f
-                    if len(line.split()) >= 2}
-    except (OSError, ValueError, IndexError):
-        return {}
+    meminfo = {}
+    for line in (read_text(proc_path("meminfo")) or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            meminfo[fields[0].rstrip(":")] = int(fields[1])
+    return meminfo
 
 
 def memory_gb():
@@ -364,8 +473,8 @@ def ipv4_address(name):
 
 def ipv6_addresses():
     try:
-        with open("/proc/net/if_inet6") as f:
-            rows = [line.split() for line in f]
+        rows = [line.split() for line in (read_text(proc_path("net", "if_inet6")) or "")
+                .splitlines()]
         return [(row[5], socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[0])))
                 for row in rows if len(row) >= 6]
     except (OSError, ValueError):
@@ -385,63 +494,365 @@ def capabilities():
     return [tool for tool in CAPABILITY_TOOLS if which(tool)]
 
 
+def guess_role(platform, disk):
+    """mobile on a phone, storage with a big disk, compute otherwise."""
+    if platform == "android":
+        return "mobile"
+    return "storage" if disk and disk >= STORAGE_DISK_GB else "compute"
+
+
+# -- battery and temperature ------------------------------------------------------
+
+class Power(object):
+    """The battery: {"percent", "charging", "temperature_c"} (each where known),
+    or None without one. "charging" means on external power. Read from
+    /sys/class/power_supply, else from termux-battery-status, which asks an
+    Android app and is slow, so its answer is kept for a while."""
+
+    def __init__(self):
+        self.termux = which("termux-battery-status")
+        self.kept, self.kept_until = None, 0.0
+
+    def read(self):
+        battery = sysfs_battery()
+        if battery is None and self.termux:
+            if time.monotonic() >= self.kept_until:
+                self.kept = self.from_termux()
+                self.kept_until = time.monotonic() + TERMUX_BATTERY_AGE
+            battery = self.kept
+        return battery
+
+    def from_termux(self):
+        text = run_quietly([self.termux], timeout=TERMUX_BATTERY_TIMEOUT)
+        try:
+            status = loads(text) if text else None
+        except ValueError:
+            status = None
+        if not isinstance(status, dict):
+            # Without the Termux:API app it hangs or fails: stop asking.
+            log("warning", "termux_battery_unavailable", program=self.termux)
+            self.termux = None
+            return None
+        battery = {"percent": status.get("percentage"),
+                   "temperature_c": status.get("temperature")}
+        if isinstance(status.get("plugged"), str):
+            battery["charging"] = status["plugged"].upper() != "UNPLUGGED"
+        return {k: v for k, v in battery.items() if v is not None}
+
+
+def sysfs_battery():
+    root = sysfs_path("class", "power_supply")
+    supplies = [(name, (read_text(os.path.join(root, name, "type")) or "").strip().lower())
+                for name in list_dir(root)]
+    batteries = [os.path.join(root, name) for name, kind in supplies if kind == "battery"
+                 and read_number(os.path.join(root, name, "present")) != 0]
+    if not batteries:
+        return None
+    directory = batteries[0]
+    battery = {"percent": read_number(os.path.join(directory, "capacity"))}
+    status = (read_text(os.path.join(directory, "status")) or "").strip().lower()
+    powered = any(read_number(os.path.join(root, name, "online")) == 1
+                  for name, kind in supplies if kind != "battery")
+    if status in ("charging", "full") or powered:
+        battery["charging"] = True
+    elif status:
+        battery["charging"] = False
+    tenths = read_number(os.path.join(directory, "temp"))
+    if tenths is not None:
+        battery["temperature_c"] = round(tenths / 10.0, 1)
+    return {k: v for k, v in battery.items() if v is not None}
+
+
+def temperature_c(battery=None):
+    """The hottest thermal zone (or the battery), in °C, or None."""
+    root = sysfs_path("class", "thermal")
+    readings = [read_number(os.path.join(root, name, "temp"))
+                for name in list_dir(root) if name.startswith("thermal_zone")]
+    readings = [t / 1000.0 if abs(t) >= 1000 else t for t in readings if t is not None]
+    if battery and "temperature_c" in battery:
+        readings.append(battery["temperature_c"])
+    readings = [t for t in readings if -40 < t < 150]     # a sensor that is not there
+    return round(max(readings), 1) if readings else None
+
+
+# -- load -------------------------------------------------------------------------
+
 def read_cpu_times():
     """(busy, total) jiffies since boot from /proc/stat, or None."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
+        fields = [int(x) for x in read_text(proc_path("stat")).split("\n", 1)[0].split()[1:9]]
+        idle = fields[3] + fields[4]      # idle + iowait
+    except (AttributeError, ValueError, IndexError):
         return None
-    idle = fields[3] + fields[4]      # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+class CpuMeter(object):
+    """CPU use of the whole device between two calls, in percent."""
+
+    def __init__(self):
+        self.sample = read_cpu_times()
+
+    def percent(self):
+        previous, self.sample = self.sample, read_cpu_times()
+        if self.sample is None:
+            psutil = optional_psutil()
+            return psutil.cpu_percent(None) if psutil else None
+        if previous is None or self.sample[1] <= previous[1]:
+            return None
+        return round(100.0 * (self.sample[0] - previous[0]) / (self.sample[1] - previous[1]), 1)
 
 
 class Metrics(object):
     """What the heartbeat reports. A metric that cannot be read is left out."""
 
-    def __init__(self):
-        self.cpu_sample = read_cpu_times()
+    def __init__(self, power):
+        self.cpu = CpuMeter()
+        self.power = power
 
     def sample(self):
         metrics = {}
-        for name, reader in (("cpu_percent", self.cpu_percent),
-                             ("memory_percent", memory_percent),
-                             ("disk_percent", disk_percent), ("load_avg", load_avg)):
+        for reader in (self.cpu_and_battery, memory_percent, disk_percent, load_avg,
+                       disk_io, network_io, uptime):
             try:
-                value = reader()
+                metrics.update(reader() or {})
             except Exception:     # a metric is never worth a crash
-                value = None
-            if value is not None:
-                metrics[name] = value
-        return metrics
+                pass
+        return {name: value for name, value in metrics.items() if value is not None}
 
-    def cpu_percent(self):
-        """CPU use since the previous sample."""
-        previous, self.cpu_sample = self.cpu_sample, read_cpu_times()
-        if self.cpu_sample is None:
-            psutil = optional_psutil()
-            return psutil.cpu_percent(None) if psutil else None
-        if previous is None or self.cpu_sample[1] <= previous[1]:
-            return None
-        busy = self.cpu_sample[0] - previous[0]
-        return round(100.0 * busy / (self.cpu_sample[1] - previous[1]), 1)
+    def cpu_and_battery(self):
+        battery = self.power.read() or {}
+        return {"cpu_percent": self.cpu.percent(), "battery_percent": battery.get("percent"),
+                "charging": battery.get("charging"), "temperature_c": temperature_c(battery)}
 
 
 def memory_percent():
     meminfo = read_meminfo()
     if meminfo.get("MemTotal") and "MemAvailable" in meminfo:
-        return round(100.0 * (1 - meminfo["MemAvailable"] / float(meminfo["MemTotal"])), 1)
+        return {"memory_percent":
+                round(100.0 * (1 - meminfo["MemAvailable"] / float(meminfo["MemTotal"])), 1)}
     psutil = optional_psutil()
-    return psutil.virtual_memory().percent if psutil else None
+    return {"memory_percent": psutil.virtual_memory().percent if psutil else None}
 
 
 def disk_percent():
     usage = disk_usage()
-    return round(100.0 * usage[1] / usage[0], 1) if usage and usage[0] else None
+    return {"disk_percent": round(100.0 * usage[1] / usage[0], 1) if usage and usage[0]
+            else None}
 
 
 def load_avg():
-    return [round(x, 2) for x in os.getloadavg()]
+    text = read_text(proc_path("loadavg"))
+    if text is not None:
+        return {"load_avg": [float(x) for x in text.split()[:3]]}
+    if os.path.isdir(PROC_ROOT):      # Android: there, but not for us
+        return None
+    return {"load_avg": [round(x, 2) for x in os.getloadavg()]}      # macOS
+
+
+# Block devices whose I/O is already counted on the disks beneath them.
+VIRTUAL_DISKS = ("loop", "ram", "zram", "dm-", "md", "sr", "fd", "nbd")
+
+
+def disk_io():
+    """Bytes read and written since boot on the whole disks."""
+    disks = [name for name in list_dir(sysfs_path("block")) if not name.startswith(VIRTUAL_DISKS)]
+    text = read_text(proc_path("diskstats"))
+    if not disks or text is None:
+        return None
+    read = written = 0
+    for fields in (line.split() for line in text.splitlines()):
+        if len(fields) >= 10 and fields[2] in disks:
+            read += int(fields[5]) * 512          # sectors are always 512 bytes here
+            written += int(fields[9]) * 512
+    return {"disk_read_bytes": read, "disk_write_bytes": written}
+
+
+def network_io():
+    """Bytes received and sent since boot on every interface but loopback."""
+    text = read_text(proc_path("net", "dev"))
+    if text is None:
+        return None
+    received = sent = 0
+    for line in text.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        fields = counters.split()
+        if name.strip() != "lo" and len(fields) >= 9:
+            received += int(fields[0])
+            sent += int(fields[8])
+    return {"net_bytes_recv": received, "net_bytes_sent": sent}
+
+
+def uptime():
+    text = read_text(proc_path("uptime"))
+    if text is not None:
+        return {"uptime_s": round(float(text.split()[0]), 1)}
+    if contact_clock is not time.monotonic:        # CLOCK_BOOTTIME: time since boot
+        return {"uptime_s": round(contact_clock(), 1)}
+    return None
+
+
+###############################################################################
+# A good guest: when this device takes new tasks ###############################
+###############################################################################
+# The owner's rules, from the command line or --config: only while charging,
+# only above a battery level, not above a temperature, only when the owner is
+# idle, never in quiet hours. Each rule that stops tasks resumes them only past
+# a second threshold, so that a device hovering at the limit does not flap.
+
+class Availability(object):
+    def __init__(self, options, power):
+        self.options = options
+        self.power = power
+        self.low_battery = False
+        self.hot = False
+        self.owner = OwnerWatch() if options.idle_minutes else None
+        self.available, self.reason = True, ""
+
+    def report(self):
+        return {"available": self.available, "reason": self.reason}
+
+    def check(self, own_cpu_seconds=0.0):
+        """Look again; True when availability changed."""
+        reasons = [reason for reason in (self.battery_rule(), self.temperature_rule(),
+                                         self.owner_rule(own_cpu_seconds),
+                                         self.quiet_hours_rule()) if reason]
+        available, reason = not reasons, "; ".join(reasons)
+        changed = available != self.available
+        self.available, self.reason = available, reason
+        return changed
+
+    def battery_rule(self):
+        options = self.options
+        if not (options.only_when_charging or options.min_battery is not None):
+            return None
+        battery = self.power.read() or {}
+        reasons = []
+        if options.only_when_charging and battery.get("charging") is False:
+            reasons.append("not charging")
+        percent = battery.get("percent")
+        if options.min_battery is not None and percent is not None:
+            if self.low_battery:
+                self.low_battery = percent < options.resume_battery
+            else:
+                self.low_battery = percent < options.min_battery
+            if self.low_battery:
+                reasons.append("battery %g%% (stops below %g%%, resumes at %g%%)"
+                               % (percent, options.min_battery, options.resume_battery))
+        return "; ".join(reasons)
+
+    def temperature_rule(self):
+        limit = self.options.max_temperature
+        if limit is None:
+            return None
+        now = temperature_c(self.power.read())
+        if now is None:
+            return None
+        resume = limit - TEMPERATURE_RESUME_MARGIN
+        self.hot = now > resume if self.hot else now > limit
+        if self.hot:
+            return "temperature %g C (stops above %g C, resumes at %g C)" % (now, limit, resume)
+        return None
+
+    def owner_rule(self, own_cpu_seconds):
+        if self.owner is None:
+            return None
+        idle = self.owner.idle_for(own_cpu_seconds)
+        wanted = self.options.idle_minutes * 60.0
+        if idle >= wanted:
+            return None
+        return "owner active %d s ago (needs %g min idle)" % (idle, self.options.idle_minutes)
+
+    def quiet_hours_rule(self):
+        if not self.options.quiet_hours:
+            return None
+        start, end = self.options.quiet_hours
+        now = time.localtime()
+        minute = now.tm_hour * 60 + now.tm_min
+        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+        if inside:
+            return "quiet hours %02d:%02d-%02d:%02d" % (start // 60, start % 60,
+                                                        end // 60, end % 60)
+        return None
+
+
+class OwnerWatch(object):
+    """When the owner was last seen: input on the keyboard, the mouse or a
+    terminal, or other programs keeping the CPU busy. Best effort: without
+    /proc/stat (Android) only input counts, and without either the owner is
+    never seen, so the device counts as idle. Until then, the owner is presumed
+    present since the worker started."""
+
+    def __init__(self):
+        self.seen = time.monotonic()
+        self.input = input_activity()
+        self.cpu = read_cpu_times()
+        self.own = None
+
+    def idle_for(self, own_cpu_seconds):
+        now = time.monotonic()
+        mark = input_activity()
+        if mark != self.input:
+            self.input = mark
+            self.seen = now
+        if self.others_busy(own_cpu_seconds):
+            self.seen = now
+        return now - self.seen
+
+    def others_busy(self, own_cpu_seconds):
+        """Did programs other than the worker and its tasks use the CPU?"""
+        previous, self.cpu = self.cpu, read_cpu_times()
+        own_before, self.own = self.own, own_cpu_seconds
+        if previous is None or self.cpu is None or own_before is None \
+                or self.cpu[1] <= previous[1]:
+            return False
+        try:
+            ticks = os.sysconf("SC_CLK_TCK")
+        except (ValueError, OSError, AttributeError):
+            ticks = 100
+        busy = self.cpu[0] - previous[0] - (own_cpu_seconds - own_before) * ticks
+        return 100.0 * busy / (self.cpu[1] - previous[1]) > OWNER_CPU_BUSY
+
+
+INPUT_INTERRUPTS = ("i8042", "keyboard", "mouse", "touchpad", "hid", "kbd")
+
+
+def input_activity():
+    """Something that changes when someone types or moves the mouse: the
+    interrupt counts of input devices, and when a terminal last had input
+    (what `w` shows as IDLE)."""
+    counts = []
+    for line in (read_text(proc_path("interrupts")) or "").splitlines():
+        if any(word in line.lower() for word in INPUT_INTERRUPTS):
+            counts.append(sum(int(x) for x in line.split()[1:] if x.isdigit()))
+    last_input = 0.0
+    for directory in ("/dev/pts", "/dev"):
+        for name in list_dir(directory):
+            if directory == "/dev/pts" or name.startswith("tty"):
+                try:
+                    last_input = max(last_input, os.stat(os.path.join(directory, name)).st_atime)
+                except OSError:
+                    pass
+    return tuple(counts), last_input
+
+
+def own_cpu_seconds(task_sessions):
+    """CPU seconds used by the worker, its finished tasks and the processes of
+    the tasks still running (each in a session whose id is its leader's pid)."""
+    times = os.times()
+    total = times[0] + times[1] + times[2] + times[3]
+    if not task_sessions:
+        return total
+    try:
+        ticks = float(os.sysconf("SC_CLK_TCK"))
+    except (ValueError, OSError, AttributeError):
+        return total
+    for pid in list_dir(PROC_ROOT):
+        if pid.isdigit():
+            fields = (read_text(proc_path(pid, "stat")) or ")").rsplit(")", 1)[1].split()
+            if len(fields) > 12 and fields[3].isdigit() and int(fields[3]) in task_sessions:
+                total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 ###############################################################################
@@ -577,6 +988,8 @@ class ProcessTask(Task):
     truncated = False
     cpu_time = 0.0
     peak_memory_kb = None
+    memory_limit = None      # MiB (--max-memory), for the error of a task that ran out
+    file_limit = None        # MiB (--max-file-size)
     # Stdout is read line by line for PROGRESS lines (see parse_progress).
     unfinished = b""         # the start of a line that may yet be a PROGRESS line
     line_start = True        # the next byte of stdout begins a line
@@ -596,12 +1009,14 @@ class ProcessTask(Task):
             self.proc = subprocess.Popen(
                 self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=child_limits(self.timeout))
+                preexec_fn=child_limits(self.timeout, worker.options))
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self.remove_workdir()
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
         worker.watchdog.group_started(self.proc.pid)
+        self.memory_limit = worker.options.max_memory
+        self.file_limit = worker.options.max_file_size
         self.cap = worker.options.output_cap
         self.pipes = {}         # fd -> file object, while open
         self.buffers = {}       # fd -> what was read, up to the cap
@@ -775,9 +1190,28 @@ class ProcessTask(Task):
         return OUTCOME_FAILED, self.failure(stderr)
 
     def failure(self, stderr):
+        if self.exit_code == -getattr(signal, "SIGXFSZ", 0) and self.file_limit:
+            return "file size limit exceeded (limit %d MiB)" % self.file_limit
+        if self.exit_code == -getattr(signal, "SIGXCPU", 0):
+            return "CPU time limit exceeded"
         if self.exit_code < 0:
-            return "killed by signal %d" % -self.exit_code
-        return "exit status %d" % self.exit_code
+            error = "killed by signal %d" % -self.exit_code
+        else:
+            error = "exit status %d" % self.exit_code
+        return self.memory_hint(error, stderr)
+
+    def memory_hint(self, error, stderr):
+        """Say so when the task probably ran out of its memory limit: an
+        allocation failed, or it died of a signal that a failed one causes."""
+        if not self.memory_limit:
+            return error
+        tail = stderr[-4000:].lower()
+        if any(sign in tail for sign in OUT_OF_MEMORY_SIGNS):
+            return "out of memory (limit %d MiB): %s" % (self.memory_limit, error)
+        if self.exit_code in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGKILL):
+            return "%s; the task may have hit its memory limit (%d MiB)" % (error,
+                                                                         self.memory_limit)
+        return error
 
     def output_text(self, stdout):
         return stdout
@@ -805,25 +1239,41 @@ class ProcessTask(Task):
         return name
 
 
-def child_limits(timeout):
-    """A preexec_fn: no core dumps, and a CPU-time limit a little past the timeout
-    (the worker's own timer normally acts first; this covers a worker that died)."""
+# What a task's stderr says when an allocation failed (Python, C, C++, shells).
+OUT_OF_MEMORY_SIGNS = ("memoryerror", "cannot allocate memory", "out of memory",
+                       "bad_alloc", "memory exhausted")
+
+
+def child_limits(timeout, options):
+    """A preexec_fn setting the task's rlimits: no core dumps, a CPU-time limit a
+    little past the timeout (the worker's own timer normally acts first; this
+    covers a worker that died), address space, open files and file size."""
     try:
         import resource
     except ImportError:
         return None
     cpu_seconds = int(timeout) + 1 + CPU_LIMIT_MARGIN if timeout else None
+    limits = [("RLIMIT_CORE", 0), ("RLIMIT_CPU", cpu_seconds),
+              ("RLIMIT_AS", options.max_memory * 1048576 if options.max_memory else None),
+              ("RLIMIT_NOFILE", TASK_OPEN_FILES),
+              ("RLIMIT_FSIZE", options.max_file_size * 1048576 if options.max_file_size
+               else None)]
+    limits = [(getattr(resource, name), value) for name, value in limits
+              if value is not None and hasattr(resource, name)]
 
     def limit():
-        try:
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if cpu_seconds:
-                hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-                if hard == resource.RLIM_INFINITY or hard > cpu_seconds + 1:
-                    hard = cpu_seconds + 1
-                resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_seconds, hard), hard))
-        except (ValueError, OSError):
-            pass
+        for which, value in limits:
+            try:
+                hard = resource.getrlimit(which)[1]
+                if hard != resource.RLIM_INFINITY:
+                    value = min(value, hard)
+                # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL a second later.
+                extra = 1 if which == resource.RLIMIT_CPU else 0
+                if hard == resource.RLIM_INFINITY or hard > value + extra:
+                    hard = value + extra
+                resource.setrlimit(which, (value, hard))
+            except (ValueError, OSError):
+                pass      # not on this OS (macOS refuses RLIMIT_AS): run without it
     return limit
 
 
@@ -844,8 +1294,10 @@ class PythonTask(ProcessTask):
     def failure(self, stderr):
         # An uncaught exception: its last line ("ZeroDivisionError: ...") says it best.
         if "Traceback (most recent call last)" in stderr:
-            lines = [line for line in stderr.splitlines() if line.strip()]
-            return lines[-1]
+            last = [line for line in stderr.splitlines() if line.strip()][-1]
+            if last.startswith("MemoryError") and self.memory_limit:
+                return "MemoryError: out of memory (limit %d MiB)" % self.memory_limit
+            return last
         return ProcessTask.failure(self, stderr)
 
 
@@ -996,7 +1448,11 @@ class Worker(object):
         self.options = options
         self.device_id = options.device_id
         self.selector = selectors.DefaultSelector()
-        self.metrics = Metrics()
+        self.power = Power()
+        self.metrics = Metrics(self.power)
+        self.speed = cpu_speed()
+        self.availability = Availability(options, self.power)
+        self.next_policy_check = time.monotonic()
         self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
         self.running = {}              # (task_id, attempt) -> Task
         self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
@@ -1050,7 +1506,8 @@ class Worker(object):
 
     def select_timeout(self):
         now = time.monotonic()
-        times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit()]
+        times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit(),
+                 self.next_policy_check]
         times.extend(task.wake_at() for task in self.running.values())
         fence_in = self.fence_in()
         if fence_in is not None:
@@ -1064,6 +1521,8 @@ class Worker(object):
         return max(0.0, min([longest] + [t - now for t in times]))
 
     def check_timers(self, now):
+        if now >= self.next_policy_check:
+            self.check_availability()
         if self.connect_at is not None and now >= self.connect_at:
             self.connect()
         if self.auth_deadline is not None and now >= self.auth_deadline:
@@ -1386,7 +1845,11 @@ class Worker(object):
             return
         timeout = data.get("timeout")
         timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
-        self.queued[key] = TASK_CLASSES[task_type](key, data.get("payload"), timeout)
+        task = TASK_CLASSES[task_type](key, data.get("payload"), timeout)
+        if not self.availability.available and task_type not in INSTANT_TASK_TYPES:
+            self.hand_back(task)      # assigned before our last heartbeat arrived
+            return
+        self.queued[key] = task
 
     def on_task_cancel(self, data):
         key = (data.get("task_id"), data.get("attempt"))
@@ -1428,6 +1891,9 @@ class Worker(object):
         for key in [key for key, task in self.queued.items()
                     if task.task_type in INSTANT_TASK_TYPES]:
             self.start_task(key, self.queued.pop(key))
+        if not self.availability.available:
+            for task in list(self.queued.values()):
+                self.hand_back(task)
         while self.queued and len(self.running) < self.options.slots:
             self.start_task(*self.queued.popitem(last=False))
 
@@ -1475,14 +1941,47 @@ class Worker(object):
         self.send(HEARTBEAT, {"system_metrics": self.metrics.sample(),
                               "status": "busy" if busy else "idle",
                               "active_tasks": self.active_tasks(),
-                              "fenced_tasks": self.tell_fenced()})
+                              "fenced_tasks": self.tell_fenced(),
+                              "availability": self.availability.report()})
 
     def profile(self):
         """What register says about this device (and system_info reports)."""
-        return {"device_info": device_info(), "hardware_specs": hardware_specs(),
+        info, specs = device_info(), hardware_specs(self.power, self.speed)
+        return {"device_info": info, "hardware_specs": specs,
                 "capabilities": capabilities(), "task_types": list(self.options.task_types),
-                "tags": list(self.options.tags), "role": self.options.role,
-                "slots": self.options.slots}
+                "tags": list(self.options.tags),
+                "role": self.options.role or guess_role(info["platform"], specs.get("disk_gb")),
+                "slots": self.options.slots, "availability": self.availability.report()}
+
+    # -- a good guest: the availability policy --------------------------------------
+
+    def check_availability(self):
+        self.next_policy_check = time.monotonic() + self.options.policy_interval
+        sessions = {task.proc.pid for task in self.running.values()
+                    if getattr(task, "proc", None) is not None}
+        if not self.availability.check(own_cpu_seconds(sessions)
+                                       if self.availability.owner else 0.0):
+            return
+        available, reason = self.availability.available, self.availability.reason
+        log("info" if available else "warning", "availability_changed",
+            device_id=self.device_id, available=available, reason=reason)
+        if self.state == READY:
+            self.send_heartbeat()    # the scheduler must know now, not in a minute
+        if available:
+            return
+        for task in list(self.queued.values()):
+            self.hand_back(task)
+        if self.options.on_unavailable == "hand-back":
+            for task in list(self.running.values()):
+                self.hand_back(task)
+
+    def hand_back(self, task):
+        """Give a task back without running it to the end: the main node
+        queues it again, uncharged, for another device."""
+        self.queued.pop(task.key, None)
+        if task.key in self.running:
+            task.abandon(self)
+        self.finish(task, OUTCOME_HANDED_BACK, error=self.availability.reason or "unavailable")
 
 
 ###############################################################################
@@ -1500,7 +1999,15 @@ SELF_TEST = (("echo", {"message": "hello"}, "hello"),
 def self_test(worker):
     import json as pretty
     worker.install_signals()
-    print(pretty.dumps(worker.profile(), indent=2, sort_keys=True))
+    worker.check_availability()
+    found = worker.profile()
+    found["system_metrics"] = worker.metrics.sample()
+    found["limits"] = {"max_memory_mb": worker.options.max_memory or None,
+                       "max_file_size_mb": worker.options.max_file_size or None,
+                       "open_files": TASK_OPEN_FILES}
+    print(pretty.dumps(found, indent=2, sort_keys=True))
+    # Whatever the owner's rules say now, the point is whether tasks can run here.
+    worker.availability.available, worker.next_policy_check = True, float("inf")
     for number, (task_type, payload, _) in enumerate(SELF_TEST, 1):
         worker.on_task_assign({"task_id": number, "attempt": 1, "task_type": task_type,
                                "payload": payload, "timeout": 30})
@@ -1563,8 +2070,77 @@ def default_device_id():
     return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "worker"
 
 
-def default_role():
-    return "mobile" if device_platform() == "android" else "compute"
+def not_negative(kind):
+    import argparse
+
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < 0:
+            raise argparse.ArgumentTypeError("must be a number, at least 0, got %r" % text)
+        return value
+    return check
+
+
+def percent(text):
+    value = not_negative(float)(text)
+    if value > 100:
+        import argparse
+        raise argparse.ArgumentTypeError("must be a percentage from 0 to 100, got %r" % text)
+    return value
+
+
+def hours_window(text):
+    """HH:MM-HH:MM as (start, end) minutes after midnight; it may span midnight."""
+    import argparse
+    import re
+    match = re.match(r"(\d{1,2}):(\d\d)-(\d{1,2}):(\d\d)\Z", text.strip())
+    numbers = [int(x) for x in match.groups()] if match else [99, 0, 0, 0]
+    if numbers[0] > 23 or numbers[2] > 23 or numbers[1] > 59 or numbers[3] > 59:
+        raise argparse.ArgumentTypeError("expected HH:MM-HH:MM, got %r" % text)
+    return numbers[0] * 60 + numbers[1], numbers[2] * 60 + numbers[3]
+
+
+def default_max_memory():
+    """MiB of address space per task: half the RAM, and at least MIN_MEMORY_MB."""
+    gb = memory_gb() or 0
+    return max(MIN_MEMORY_MB, int(gb * 1024 / 2))
+
+
+def config_arguments(parser, argv):
+    """--config FILE: a JSON object whose keys are the long options ("min_battery":
+    20, "only_when_charging": true, "tag": ["a", "b"]), turned into arguments
+    that go before the command line's, so that the command line wins."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    for number, argument in enumerate(argv):
+        if argument == "--config" and number + 1 < len(argv):
+            path = argv[number + 1]
+        elif argument.startswith("--config="):
+            path = argument.split("=", 1)[1]
+    if path is None:
+        return argv
+    import json as config_json
+    try:
+        with open(os.path.expanduser(path)) as f:
+            settings = config_json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error("cannot read --config %s: %s" % (path, e))
+    if not isinstance(settings, dict):
+        parser.error("--config %s must hold one JSON object" % path)
+    arguments = []
+    for key, value in settings.items():
+        option = "--" + key.replace("_", "-")
+        if option not in parser._option_string_actions or option == "--config":
+            parser.error("--config %s: unknown setting %r" % (path, key))
+        for value in (value if isinstance(value, list) else [value]):
+            if value is True:
+                arguments.append(option)
+            elif value not in (False, None):
+                arguments.extend([option, str(value)])
+    return arguments + argv
 
 
 def parse_args(argv=None):
@@ -1572,14 +2148,17 @@ def parse_args(argv=None):
     import re
     parser = argparse.ArgumentParser(
         prog="worker.py", description="Join this device to a Retire-Cluster main node.")
+    parser.add_argument("--config", metavar="FILE", help="a JSON file of these options"
+                        " (e.g. {\"min_battery\": 30}); the command line wins")
     parser.add_argument("--join", metavar="HOST[:PORT]", type=join_address,
                         help="the main node (port %d by default)" % DEFAULT_PORT)
     parser.add_argument("--token", help="the join token (`rc token` on the main node)")
     parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
-    parser.add_argument("--role", default=default_role(),
-                        help="compute, storage, mobile... (default: %(default)s)")
+    parser.add_argument("--role", help="compute, storage, mobile... (default: guessed:"
+                        " mobile on Android, storage with a disk of %d GB or more,"
+                        " compute)" % STORAGE_DISK_GB)
     parser.add_argument("--slots", type=positive(int), default=os.cpu_count() or 1,
                         help="tasks run at once (default: CPU count, %(default)s)")
     parser.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG",
@@ -1594,6 +2173,35 @@ def parse_args(argv=None):
     parser.add_argument("--output-cap", type=positive(int), default=OUTPUT_CAP,
                         metavar="BYTES", help="bytes kept of a task's stdout and of its"
                         " stderr (default: %(default)d)")
+    limits = parser.add_argument_group("limits on each task")
+    limits.add_argument("--max-memory", type=not_negative(int), default=default_max_memory(),
+                        metavar="MB", help="MiB of address space (0: no limit;"
+                        " default: half the RAM, at least %d: %%(default)d)" % MIN_MEMORY_MB)
+    limits.add_argument("--max-file-size", type=not_negative(int), default=MAX_FILE_MB,
+                        metavar="MB", help="MiB, the largest file it may write (0: no"
+                        " limit; default: %(default)d)")
+    guest = parser.add_argument_group("a good guest: when this device takes new tasks")
+    guest.add_argument("--only-when-charging", action="store_true",
+                       help="only while on external power")
+    guest.add_argument("--min-battery", type=percent, metavar="PCT",
+                       help="stop below PCT %% battery")
+    guest.add_argument("--resume-battery", type=percent, metavar="PCT",
+                       help="resume only at PCT %% (default: --min-battery + %d)"
+                       % BATTERY_RESUME_MARGIN)
+    guest.add_argument("--max-temperature", type=float, metavar="C",
+                       help="stop above C degrees Celsius, resume %g below"
+                       % TEMPERATURE_RESUME_MARGIN)
+    guest.add_argument("--idle-minutes", type=positive(float), metavar="M",
+                       help="only when the owner has been idle (no keyboard, mouse or"
+                       " terminal input, no other program busy) for M minutes")
+    guest.add_argument("--quiet-hours", type=hours_window, metavar="HH:MM-HH:MM",
+                       help="no new tasks in this window of local time")
+    guest.add_argument("--on-unavailable", choices=("finish", "hand-back"), default="finish",
+                       help="what running tasks do when the device becomes unavailable"
+                       " (default: %(default)s)")
+    guest.add_argument("--policy-interval", type=positive(float), default=POLICY_INTERVAL,
+                       metavar="SECONDS", help="how often the rules are checked"
+                       " (default: %(default)g)")
     parser.add_argument("--log-level", choices=sorted(LOG_LEVELS, key=LOG_LEVELS.get),
                         default="info")
     parser.add_argument("--log-tasks", action="store_true",
@@ -1602,7 +2210,11 @@ def parse_args(argv=None):
     parser.add_argument("--self-test", action="store_true",
                         help="print the profile, run each task type locally, and exit")
     parser.add_argument("--version", action="version", version=__version__)
-    options = parser.parse_args(argv)
+    options = parser.parse_args(config_arguments(parser, argv))
+    if options.min_battery is not None and options.resume_battery is None:
+        options.resume_battery = min(100.0, options.min_battery + BATTERY_RESUME_MARGIN)
+    if options.resume_battery is not None and options.resume_battery < (options.min_battery or 0):
+        parser.error("--resume-battery must be at least --min-battery")
     if not re.match(r"[A-Za-z0-9._-]{1,64}\Z", options.device_id):
         parser.error("--device-id must be 1-64 characters of [A-Za-z0-9._-]")
     options.task_types = task_types(parser, options.allow, options.deny)

@@ -310,12 +310,16 @@ def test_register_profile(main, spawn, python):
     _, link = registered(main, spawn, python, "--role", "storage")
     register = link.register
     info, specs = register["device_info"], register["hardware_specs"]
-    assert set(info) == {"hostname", "platform", "architecture", "os_version",
-                         "python_version"}
+    assert {"hostname", "platform", "architecture", "os_version",
+            "python_version"} <= set(info) <= {"hostname", "platform", "architecture",
+                                               "os_version", "python_version", "os_name"}
     assert info["platform"] == sys.platform
     assert isinstance(specs["cpu_cores"], int) and specs["cpu_cores"] >= 1
     assert isinstance(specs["memory_gb"], float) and isinstance(specs["disk_gb"], float)
     assert isinstance(specs["network_interfaces"], dict)
+    assert isinstance(specs["cpu_speed"], float) and specs["cpu_speed"] > 0
+    assert isinstance(specs["battery"], bool)
+    assert register["availability"] == {"available": True, "reason": ""}
     assert "python3" in register["capabilities"] or "sh" not in register["capabilities"]
     assert register["task_types"] == ["echo", "sleep", "system_info", "python_eval",
                                       "python_exec", "shell"]
@@ -487,7 +491,8 @@ def test_heartbeats_follow_register_ack_interval(main, spawn, python):
     assert any(h["status"] == "busy" and h["active_tasks"] == [{"task_id": 1, "attempt": 1}]
                for h in link.heartbeats)
     for heartbeat in link.heartbeats:
-        assert set(heartbeat) == {"system_metrics", "status", "active_tasks", "fenced_tasks"}
+        assert set(heartbeat) == {"system_metrics", "status", "active_tasks", "fenced_tasks",
+                                  "availability"}
         assert heartbeat["fenced_tasks"] == []
 
 
