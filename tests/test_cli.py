@@ -11,7 +11,7 @@ import time
 import orjson
 import pytest
 
-from rc import cli, db, tasks
+from rc import audit, cli, db, devices, fleet, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -368,3 +368,223 @@ def test_monitor_once_and_the_device_grid(cluster_home, add_device):
     assert "|CPU [" in out and "30%" in out and "active tasks:" in out and " 40%" in out
     grid = rc("devices", "--grid")[1]
     assert grid.splitlines()[1].startswith("|pi") and "tasks 1/2" in grid
+
+
+# -- the fleet: drain, forget, labels, roles, revoke, groups, broadcasts ------------
+
+def audit_events(config):
+    return [(line["event"], line["actor"], line["source"]) for line in audit.read(config)]
+
+
+def test_drain_and_resume_show_in_devices(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    status, out, err = rc("drain", "pi")
+    assert status == 0 and "pi drained" in out and err == ""
+    assert rc("devices", "--tsv")[1].splitlines()[1].startswith("pi\tonline,drained\t")
+    assert "drained:" in rc("device", "pi")[1] and devices.get(connection, "pi")["drained"]
+    assert rc("resume", "pi")[0] == 0 and not devices.get(connection, "pi")["drained"]
+    assert audit_events(config) == [("device_drained", "cli", "local"),
+                                    ("device_resumed", "cli", "local")]
+
+
+def test_drain_now_hands_tasks_back(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = ?, device_id = 'pi', assigned_at = 1"
+                           " WHERE task_id = ?", (ASSIGNED, task_id))
+    status, out, err = rc("drain", "pi", "--now")
+    assert status == 0 and "1 tasks handed back" in out
+    assert tasks.get(connection, task_id)["state"] == "queued"
+
+
+def test_a_paused_device_and_labels_in_the_listing(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    with db.write(connection):
+        devices.heartbeat(connection, "pi", {}, 2.0, {"available": False, "reason": "battery"})
+    assert rc("label", "pi", "kind=pi", "disk=big") == (0, "pi labels: disk=big,kind=pi\n", "")
+    assert rc("label", "pi", "disk=")[1] == "pi labels: kind=pi\n"
+    header, row = rc("devices", "--csv")[1].splitlines()
+    assert header.endswith(",LABELS") and row.startswith("pi,\"online,paused\",")
+    assert row.endswith(",kind=pi")
+    out = rc("device", "pi")[1]
+    assert "labels:" in out and "kind=pi" in out and "unavailable_reason: battery" in " ".join(
+        out.split())
+
+
+def test_role_overrides_and_clears(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    assert rc("role", "pi", "storage")[1] == "pi role: storage (it reports compute)\n"
+    out = rc("device", "pi")[1]
+    assert "reported_role:" in out and devices.get(connection, "pi")["role"] == "storage"
+    assert rc("role", "pi", "")[1] == "pi role: compute (as it reports)\n"
+    assert "reported_role" not in rc("device", "pi")[1]
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["drain", "ghost"], 1), (["resume", "ghost"], 1), (["forget", "ghost"], 1),
+    (["revoke", "ghost"], 1), (["label", "ghost", "a=b"], 1), (["role", "ghost", "x"], 1),
+    (["label", "pi", "nonsense"], 1), (["label", "pi"], 2), (["group", "7"], 1),
+    (["control", "7"], 1), (["broadcast", "explode"], 2), (["drain"], 2),
+    (["submit", "--each", "python_exec", "x"], 1), (["submit", "--each", "--key", "k",
+                                                     "echo", "x"], 2),
+    (["submit", "--include-new", "echo", "x"], 2), (["submit", "--each", "echo", "x",
+                                                     "--require", "label.=x"], 2),
+])
+def test_fleet_errors_are_one_line(cluster_home, add_device, argv, status):
+    config, connection = cluster_home
+    add_device("pi")
+    answer = rc(*argv)
+    assert answer[0] == status and answer[1] == "", answer
+    assert answer[2].startswith("rc: error:") and len(answer[2].splitlines()) == 1
+    assert task_count(connection) == 0 and audit.read(config) == []
+
+
+def test_forget_hides_the_device_but_keeps_its_history(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    add_device("nas")
+    status, out, err = rc("forget", "nas")
+    assert status == 0 and "can no longer connect" in out
+    assert [line.split(",")[0] for line in rc("devices", "--csv")[1].splitlines()[1:]] == ["pi"]
+    rows = rc("devices", "--csv", "--all")[1].splitlines()[1:]
+    assert rows[0].startswith("nas,\"online,forgotten\"")
+    assert "forgotten:" in rc("device", "nas")[1]
+    assert audit_events(config) == [("device_forgotten", "cli", "local")]
+
+
+def test_revoke_closes_the_device_out(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    status, out, err = rc("revoke", "pi")
+    assert status == 0 and "closes its connection" in out and "can no longer connect" in out
+    assert connection.execute("SELECT revoked FROM devices WHERE device_id = 'pi'"
+                              ).fetchone()[0] == 1
+    assert audit.read(config)[0]["event"] == "device_revoked"
+    assert audit.read(config)[0]["device_id"] == "pi"
+
+
+def test_token_rotate_prints_a_new_join_token(cluster_home):
+    config, _ = cluster_home
+    old, admin_token = rc("token")[1].strip(), rc("token", "--admin")[1].strip()
+    status, out, err = rc("token", "--rotate")
+    new = out.splitlines()[0]
+    assert status == 0 and new != old and "keep working" in out
+    assert rc("token")[1].strip() == new and rc("token", "--admin")[1].strip() == admin_token
+    assert rc("token", "--rotate", "--admin")[0] == 2
+    assert audit_events(config) == [("join_token_rotated", "cli", "local")]
+
+
+def test_join_prints_the_fingerprint_with_tls(cluster_home):
+    config, _ = cluster_home
+    config.tls = True
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.run_command(["join"], out, err, config) == 0
+    assert out.getvalue().splitlines()[-1].endswith(" --fingerprint " + tls.fingerprint(config))
+    config.tls = False
+    out = io.StringIO()
+    cli.run_command(["join"], out, err, config)
+    assert "--fingerprint" not in out.getvalue()
+
+
+def test_submit_each_makes_a_group_per_matching_device(cluster_home, add_device):
+    config, connection = cluster_home
+    for name in ("a", "b", "c"):
+        add_device(name)
+    rc("label", "b", "kind=pi")
+    rc("drain", "c")
+    status, out, err = rc("submit", "--each", "echo", "hi", "--priority", "high")
+    assert status == 0 and err == ""
+    group = fleet.group(connection, int(out))
+    assert sorted(t["device_id"] for t in group["tasks"]) == ["a", "b"]
+    status, out, err = rc("submit", "--each", "--require", "label.kind=pi", "echo", "hi")
+    assert [t["device_id"] for t in fleet.group(connection, int(out))["tasks"]] == ["b"]
+    events = [line for line in audit.read(config) if line["event"] == "group_submitted"]
+    assert [line["devices"] for line in events] == [["a", "b"], ["b"]]
+
+
+def test_group_shows_each_result_and_a_summary(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("a")
+    add_device("b")
+    group_id = fleet.submit_each(connection, config, "echo", {"message": "hi"})
+    first, second = [t["task_id"] for t in fleet.group(connection, group_id)["tasks"]]
+    finish_later(config, first, "a", COMPLETED, "hello\nmore").join()
+    finish_later(config, second, "b", FAILED, "", "Traceback\nValueError: no").join()
+    status, out, err = rc("group", str(group_id))
+    lines = out.splitlines()
+    assert status == 0 and lines[0].split() == cli.GROUP_COLUMNS
+    assert lines[1].split() == ["a", str(first), "completed", "hello"]
+    assert lines[2].split()[:3] == ["b", str(second), "failed"] and "ValueError: no" in lines[2]
+    assert lines[-1] == "2 tasks: 1 completed, 1 failed, 0 running"
+    body = json.loads(rc("group", str(group_id), "--json")[1])
+    assert body["summary"] == {"tasks": 2, "completed": 1, "failed": 1}
+
+
+def test_submit_each_wait_prints_the_group(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("a")
+
+    def finish_when_queued():
+        waiter = db.connect(config.db_path)
+        while not waiter.execute("SELECT count(*) FROM tasks").fetchone()[0]:
+            time.sleep(0.01)
+        waiter.close()
+        finish_later(config, 1, "a", COMPLETED, "hi").join()
+    thread = threading.Thread(target=finish_when_queued)
+    thread.start()
+    status, out, err = rc("submit", "--each", "echo", "hi", "--wait", "--wait-timeout", "10")
+    thread.join()
+    assert status == 0 and out.splitlines()[-1] == "1 task: 1 completed, 0 failed, 0 running"
+    status, out, err = rc("submit", "--each", "echo", "x", "--wait", "--wait-timeout", "0.1")
+    assert status == 1 and "gave up waiting" in err and "1 queued" in out
+
+
+def test_broadcast_and_control(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    status, out, err = rc("broadcast", "reload", "--require", "role=compute")
+    control_id = int(out)
+    assert status == 0 and rc("control", out.strip())[1].endswith("no acknowledgements yet\n")
+    with db.write(connection):
+        connection.execute("INSERT INTO control_acks(control_id, device_id, time, ok, detail)"
+                           " VALUES (?, 'pi', ?, 1, 'reloaded')", (control_id, time.time()))
+    out = rc("control", str(control_id))[1]
+    assert out.startswith("control %d: reload to role=compute" % control_id)
+    assert out.splitlines()[-1].split()[:1] == ["pi"] and "reloaded" in out
+    assert json.loads(rc("control", str(control_id), "--json")[1])["acks"][0]["ok"] == 1
+    assert audit.read(config)[0]["command"] == "reload"
+
+
+def test_submit_and_cancel_are_audited(cluster_home):
+    config, _ = cluster_home
+    task_id = int(rc("submit", "echo", "x")[1])
+    rc("cancel", str(task_id))
+    assert audit_events(config) == [("task_submitted", "cli", "local"),
+                                    ("task_cancel_requested", "cli", "local")]
+    assert audit.read(config)[0]["task_id"] == task_id
+
+
+def test_web_access_of_the_fleet_commands():
+    for line in ("drain pi", "drain pi --now", "resume pi", "forget pi", "revoke pi",
+                 "label pi a=b", "role pi x", "broadcast reload", "submit --each echo x",
+                 "token --rotate"):
+        assert cli.web_access(line.split()) == "admin", line
+    for line in ("group 1", "control 1", "devices --all", "device pi"):
+        assert cli.web_access(line.split()) == "read", line
+    words = cli.completion_words()
+    assert "--now" in words["commands"]["drain"] and "--each" in words["commands"]["submit"]
+    assert words["positional"]["label"] == "device"
+    assert words["positional"]["broadcast"] == list(fleet.CONTROL_COMMANDS)
+
+
+def test_the_audit_log_stays_out_of_the_merged_logs(cluster_home):
+    config, _ = cluster_home
+    write_log(config, "rc-server", ['{"time": 1.0, "level": "info", "event": "started"}'])
+    rc("submit", "echo", "x")
+    assert "rc-cli INFO task_submitted" in rc("logs")[1] and "actor=" not in rc("logs")[1]
+    assert "actor=cli source=local" in rc("logs", "--program", "audit")[1]

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from rc import cli, state_dir, tasks, web
+from rc import audit, cli, db, devices, fleet, state_dir, tasks, web
 from rc import config as config_module
 from rc.states import CANCELLED
 
@@ -391,3 +391,164 @@ def test_device_filters(client, add_device):
     assert [d["device_id"] for d in body["devices"]] == ["laptop", "pi"]
     assert client.json("/api/v1/devices?role=storage")[1]["devices"] == []
     assert client.json("/api/v1/tasks?limit=1")[1]["next_offset"] is None
+
+
+# -- the fleet over /api/v1 ------------------------------------------------------------
+
+def post(app, path, body, config, headers=None, remote="127.0.0.1"):
+    status, _, text = call(app, path, "POST", remote=remote, body=json.dumps(body).encode(),
+                           headers=dict(admin(config), **(headers or {})))
+    return status, json.loads(text)
+
+
+@pytest.fixture
+def fleet_app(cluster_home, add_device):
+    config, connection = cluster_home
+    config.health_supervisor = False
+    for name in ("a", "b"):
+        add_device(name)
+    return web.make_app(config)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/devices/a/drain", {}), ("/api/v1/devices/a/resume", {}),
+    ("/api/v1/devices/a/forget", {}), ("/api/v1/devices/a/revoke", {}),
+    ("/api/v1/devices/a/labels", {"labels": {"k": "v"}}),
+    ("/api/v1/devices/a/role", {"role": "x"}),
+    ("/api/v1/groups", {"task_type": "echo", "payload": "x"}),
+    ("/api/v1/broadcast", {"command": "reload"}),
+])
+def test_fleet_changes_need_the_token_and_the_same_site(cluster_home, fleet_app, path, body):
+    config, connection = cluster_home
+    data = json.dumps(body).encode()
+    assert call(fleet_app, path, "POST", body=data)[0] == 401
+    join = {"Authorization": "Bearer " + state_dir.read_secret(config.token_path)}
+    assert call(fleet_app, path, "POST", body=data, headers=join)[0] == 401
+    evil = dict(admin(config), Origin="http://evil.example")
+    assert call(fleet_app, path, "POST", body=data, headers=evil)[0] == 403
+    assert call(fleet_app, path, "POST", body=data,
+                headers=dict(admin(config), Host="evil.example"))[0] == 403
+    device = devices.get(connection, "a")
+    assert not device["drained"] and not device["forgotten"] and device["labels"] == {}
+    assert device["role"] == "compute" and tasks.list_tasks(connection) == []
+    assert connection.execute("SELECT count(*) FROM controls").fetchone()[0] == 0
+    assert connection.execute("SELECT revoked FROM devices WHERE device_id = 'a'"
+                              ).fetchone()[0] == 0
+    assert audit.read(config) == []
+
+
+def test_drain_resume_forget_revoke_over_http(cluster_home, fleet_app):
+    config, connection = cluster_home
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'assigned', device_id = 'a',"
+                           " assigned_at = 1 WHERE task_id = ?", (task_id,))
+    status, body = post(fleet_app, "/api/v1/devices/a/drain", {"now": True}, config,
+                        remote="192.168.1.5")
+    assert (status, body) == (200, {"device_id": "a", "drained": True, "handed_back": 1})
+    assert devices.get(connection, "a")["drained"] and tasks.get(connection, task_id)[
+        "state"] == "queued"
+    assert post(fleet_app, "/api/v1/devices/a/resume", {}, config)[1]["drained"] is False
+    assert post(fleet_app, "/api/v1/devices/b/revoke", {}, config)[0] == 200
+    assert connection.execute("SELECT revoked FROM devices WHERE device_id = 'b'"
+                              ).fetchone()[0] == 1
+    assert post(fleet_app, "/api/v1/devices/a/forget", {}, config)[1]["forgotten"] is True
+    assert call(fleet_app, "/api/v1/devices")[2].count('"device_id"') == 1
+    assert call(fleet_app, "/api/v1/devices?all=1")[2].count('"device_id"') == 2
+    assert post(fleet_app, "/api/v1/devices/a/drain", {}, config)[0] == 404
+    lines = audit.read(config)
+    assert [line["event"] for line in lines] == ["device_drained", "device_resumed",
+                                                 "device_revoked", "device_forgotten"]
+    assert lines[0]["actor"] == "admin" and lines[0]["source"] == "192.168.1.5"
+    assert lines[0]["now"] is True
+
+
+def test_labels_and_role_over_http(cluster_home, fleet_app):
+    config, connection = cluster_home
+    status, body = post(fleet_app, "/api/v1/devices/a/labels",
+                        {"labels": {"kind": "pi", "disk": "big"}}, config)
+    assert status == 200 and body["labels"] == {"kind": "pi", "disk": "big"}
+    body = post(fleet_app, "/api/v1/devices/a/labels", {"labels": {"disk": ""}}, config)[1]
+    assert body["labels"] == {"kind": "pi"}
+    status, body = post(fleet_app, "/api/v1/devices/a/role", {"role": "storage"}, config)
+    assert body == {"device_id": "a", "role": "storage", "reported_role": "compute"}
+    assert post(fleet_app, "/api/v1/devices/a/role", {"role": ""}, config)[1]["role"] == "compute"
+    text = call(fleet_app, "/text/devices?format=tsv")[2].splitlines()
+    assert text[0].endswith("\tdrained\tavailable\tlabels") and text[1].endswith("\t0\t1\tkind=pi")
+    for path, body in (("labels", {"labels": ["kind=pi"]}), ("labels", {"labels": {"a=b": "c"}}),
+                       ("labels", {"labels": {"k": 1}}), ("labels", {"labels": {"": "x"}}),
+                       ("role", {"role": 7}), ("role", {"role": "x" * 65}),
+                       ("drain", {"now": "yes"})):
+        status, answer = post(fleet_app, "/api/v1/devices/a/" + path, body, config)
+        assert status == 400 and answer["error"], (path, body)
+    assert post(fleet_app, "/api/v1/devices/ghost/labels", {"labels": {"k": "v"}},
+                config)[0] == 404
+    assert post(fleet_app, "/api/v1/devices/ghost/role", {"role": "x"}, config)[0] == 404
+
+
+def test_groups_over_http(cluster_home, fleet_app):
+    config, connection = cluster_home
+    fleet.label(connection, "b", ["kind=pi"])
+    status, body = post(fleet_app, "/api/v1/groups",
+                        {"task_type": "echo", "payload": "hi", "priority": "high"}, config)
+    assert status == 201 and body["tasks"] == 2 and body["url"] == "/api/v1/groups/%d" % body[
+        "group_id"]
+    status, _, text = call(fleet_app, body["url"])
+    group = json.loads(text)
+    assert status == 200 and sorted(t["device_id"] for t in group["tasks"]) == ["a", "b"]
+    assert group["summary"] == {"tasks": 2, "queued": 2}
+    status, body = post(fleet_app, "/api/v1/groups", {"task_type": "echo", "payload": "hi",
+                                                      "requirements": ["label.kind=pi"],
+                                                      "include_new": True}, config)
+    group = json.loads(call(fleet_app, body["url"])[2])
+    assert [t["device_id"] for t in group["tasks"]] == ["b"] and group["include_new"] is True
+    for bad in ({"task_type": "echo", "payload": "x", "idempotency_key": "k"},
+                {"task_type": "nope"}, {"task_type": "echo", "payload": "x",
+                                        "include_new": "yes"},
+                {"task_type": "python_exec", "payload": "x"}):
+        assert post(fleet_app, "/api/v1/groups", bad, config)[0] == 400, bad
+    assert call(fleet_app, "/api/v1/groups/99")[0] == 404
+    assert [line["event"] for line in audit.read(config)] == ["group_submitted"] * 2
+
+
+def test_broadcast_and_controls_over_http(cluster_home, fleet_app):
+    config, connection = cluster_home
+    status, body = post(fleet_app, "/api/v1/broadcast",
+                        {"command": "report_profile", "targets": {"role": "compute"}}, config)
+    assert status == 201 and body["url"] == "/api/v1/controls/%d" % body["control_id"]
+    status, _, text = call(fleet_app, body["url"])
+    assert status == 200 and json.loads(text) == {
+        "control_id": body["control_id"], "command": "report_profile",
+        "targets": {"role": "compute"}, "acks": []}
+    assert post(fleet_app, "/api/v1/broadcast", {"command": "explode"}, config)[0] == 400
+    assert post(fleet_app, "/api/v1/broadcast", {"command": "reload",
+                                                 "targets": ["colour=red"]}, config)[0] == 400
+    assert call(fleet_app, "/api/v1/controls/99")[0] == 404
+    assert audit.read(config)[0]["event"] == "control_broadcast"
+
+
+def test_fleet_commands_in_the_web_terminal(cluster_home, fleet_app):
+    config, connection = cluster_home
+    for line in ("drain a", "label a k=v", "role a x", "forget a", "revoke a",
+                 "broadcast reload", "submit --each echo x", "token --rotate"):
+        status, _, text = call(fleet_app, "/api/v1/command", "POST",
+                               body=json.dumps({"command": line}).encode())
+        assert status == 401, line
+    assert not devices.get(connection, "a")["drained"]
+    assert {line["event"] for line in audit.read(config)} == {"web_command_refused"}
+    status, body = post(fleet_app, "/api/v1/command", {"command": "drain a"}, config,
+                        remote="10.0.0.9")
+    assert status == 200 and body["status"] == 0 and devices.get(connection, "a")["drained"]
+    status, body = post(fleet_app, "/api/v1/command", {"command": "drain ghost"}, config)
+    assert body["status"] == 1 and body["error"] == "rc: error: no device 'ghost'\n"
+    lines = audit.read(config)
+    drained = [line for line in lines if line["event"] == "device_drained"]
+    assert drained[0]["actor"] == "admin" and drained[0]["source"] == "10.0.0.9"
+    commands = [line for line in lines if line["event"] == "web_command"]
+    assert [c["argv"] for c in commands] == [["drain", "a"], ["drain", "ghost"]]
+    assert [c["status"] for c in commands] == [0, 1]
+    status, _, text = call(fleet_app, "/api/v1/completion")
+    words = json.loads(text)
+    assert {"drain", "resume", "forget", "revoke", "label", "role", "group", "broadcast",
+            "control"} <= set(words["commands"])
+    assert "--each" in words["commands"]["submit"] and "--rotate" in words["commands"]["token"]

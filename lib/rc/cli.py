@@ -1,5 +1,6 @@
 """The `rc` command on the main node: look at the cluster, submit and cancel
-tasks, read logs, and show how a device joins.
+tasks, manage the fleet (drain, forget, label, revoke, broadcast), read logs,
+and show how a device joins.
 
 run_command() does the work without exiting and writes only to the streams
 it is given, so the dashboard's web terminal can run the same grammar."""
@@ -19,7 +20,8 @@ import orjson
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import db, devices, explain, health, housekeeping, render, state_dir, stats, tasks
+from rc import audit, bell, db, devices, explain, fleet, health, housekeeping, render
+from rc import state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -42,9 +44,11 @@ DEVICE_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 MAX_DEVICE_ID = 64
 
 DEVICE_COLUMNS = ["DEVICE", "STATUS", "ROLE", "PLATFORM", "ARCH", "CPUS", "MEM_GB",
-                  "SLOTS", "ACTIVE", "CPU%", "MEM%", "LAST_SEEN"]
+                  "SLOTS", "ACTIVE", "CPU%", "MEM%", "LAST_SEEN", "LABELS"]
 TASK_COLUMNS = ["ID", "TYPE", "STATE", "PRIORITY", "ATTEMPT", "DEVICE", "AGE", "SUMMARY"]
 EVENT_COLUMNS = ["TIME", "STATE", "ATTEMPT", "DEVICE", "REASON"]
+GROUP_COLUMNS = ["DEVICE", "TASK", "STATE", "OUTPUT", "ERROR"]
+ACK_COLUMNS = ["DEVICE", "TIME", "OK", "DETAIL"]
 
 STATE_COLOURS = {ONLINE: "green", OFFLINE: "red", QUEUED: "yellow", ASSIGNED: "blue",
                  RUNNING: "cyan", COMPLETED: "green", FAILED: "red", TIMED_OUT: "red",
@@ -60,7 +64,8 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "backup": "it writes a file on the main node; run it there",
                "restore": "it replaces the database; run it on the main node"}
 # Commands that change the cluster or show a secret: the admin token only.
-WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join"}
+WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
+                      "label", "role", "revoke", "broadcast"}
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
@@ -104,8 +109,10 @@ class Context:
     """What a command runs with: streams, and config and database opened
     only when the command needs them (so --help works on a broken install)."""
 
-    def __init__(self, out, err, config=None, width=None, colour=None, logger=None):
+    def __init__(self, out, err, config=None, width=None, colour=None, logger=None,
+                 actor=("cli", "local")):
         self.out, self.err = out, err
+        self.actor, self.source = actor
         self._config, self._connection = config, None
         self._logger, self._own_logger = logger, False
         tty = hasattr(out, "isatty") and out.isatty()
@@ -140,6 +147,14 @@ class Context:
                 self._logger = Logger("rc-cli", "error", io.BytesIO())
         return self._logger
 
+    def audit(self, event, **fields):
+        """A line in the audit log. The change is already made, so a log that
+        cannot be written is reported, not a reason to say it failed."""
+        try:
+            audit.record(self.config, event, self.actor, self.source, **fields)
+        except OSError as e:
+            self.err.write("rc: warning: cannot write the audit log: %s\n" % e)
+
     def close(self):
         if self._connection is not None:
             self._connection.close()
@@ -148,7 +163,8 @@ class Context:
 
     def colourize(self, column, value):
         if self.colour and column in ("STATUS", "STATE", "LEVEL"):
-            return STATE_COLOURS.get(value)
+            # online,drained and online,paused are online but take nothing new.
+            return "yellow" if value.startswith(ONLINE + ",") else STATE_COLOURS.get(value)
         return None
 
 
@@ -183,15 +199,31 @@ def device_metrics(device):
     return metrics.get("system_metrics", metrics)
 
 
+def device_status(device):
+    """online, offline, and why it takes nothing new: online,drained,paused."""
+    words = [device["status"]]
+    if device.get("forgotten"):
+        words.append("forgotten")
+    elif device.get("drained"):
+        words.append("drained")
+    if device.get("available") is False and not device.get("forgotten"):
+        words.append("paused")
+    return ",".join(words)
+
+
+def labels_text(labels):
+    return ",".join("%s=%s" % item for item in sorted((labels or {}).items()))
+
+
 def device_row(device, now):
     metrics = device_metrics(device)
-    return {"DEVICE": device["device_id"], "STATUS": device["status"],
+    return {"DEVICE": device["device_id"], "STATUS": device_status(device),
             "ROLE": device["role"], "PLATFORM": device["platform"],
             "ARCH": device["architecture"], "CPUS": device["cpu_cores"],
             "MEM_GB": device["memory_gb"], "SLOTS": device["slots"],
             "ACTIVE": device.get("active_tasks"), "CPU%": metrics.get("cpu_percent"),
             "MEM%": metrics.get("memory_percent"),
-            "LAST_SEEN": ago(device["last_seen"], now)}
+            "LAST_SEEN": ago(device["last_seen"], now), "LABELS": labels_text(device["labels"])}
 
 
 def task_row(task, now):
@@ -296,7 +328,7 @@ def cmd_status(arguments, context):
 
 
 def cmd_devices(arguments, context):
-    records = devices.list_devices(context.connection)
+    records = devices.list_devices(context.connection, include_forgotten=arguments.all)
     if arguments.grid and arguments.format is None:
         context.out.write(render.device_grid([grid_cell(device) for device in records],
                                              context.width or 80, context.colour))
@@ -312,8 +344,15 @@ def cmd_device(arguments, context):
         raise CommandError("no device %r" % arguments.device_id)
     if arguments.format == "json":
         context.out.write(render.json_text(device))
-    else:
-        context.out.write(render.key_values(detail_pairs(device, time.time()), align=True))
+        return
+    shown = {}
+    for key, value in device.items():
+        if key == "labels":
+            value = labels_text(value)
+        shown[key] = value
+        if key == "role" and "reported_role" in device:
+            shown["reported_role"] = device["reported_role"]
+    context.out.write(render.key_values(detail_pairs(shown, time.time()), align=True))
 
 
 def cmd_tasks(arguments, context):
@@ -351,6 +390,10 @@ def with_newline(text):
 
 
 def cmd_submit(arguments, context):
+    if arguments.each:
+        return submit_each(arguments, context)
+    if arguments.include_new:
+        raise UsageError("--include-new goes with --each")
     try:
         payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
         requirements = tasks.parse_requirements(arguments.require)
@@ -363,11 +406,106 @@ def cmd_submit(arguments, context):
         raise UsageError(str(e))
     context.logger.info("task_submitted", task_id=task_id, task_type=arguments.task_type,
                         priority=arguments.priority, user=user_name())
+    context.audit("task_submitted", task_id=task_id, task_type=arguments.task_type,
+                  user=user_name())
     if not arguments.wait:
         context.out.write("%d\n" % task_id)
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
                                             arguments.wait_timeout))
+
+
+def submit_each(arguments, context):
+    """One task on every matching online device, as a group; prints the
+    group id, or with --wait the group once every task has ended."""
+    if arguments.key:
+        raise UsageError("--key does not go with --each (each device gets its own task)")
+    try:
+        payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
+        requirements = tasks.parse_requirements(arguments.require)
+        options = each_options(arguments)
+    except tasks.TaskError as e:
+        raise UsageError(str(e))
+    group_id = fleet.submit_each(context.connection, context.config, arguments.task_type,
+                                 payload, requirements, arguments.include_new, **options)
+    members = fleet.group(context.connection, group_id)["tasks"]
+    context.logger.info("group_submitted", group_id=group_id, task_type=arguments.task_type,
+                        tasks=len(members), user=user_name())
+    context.audit("group_submitted", group_id=group_id, task_type=arguments.task_type,
+                  devices=[m["device_id"] for m in members],
+                  include_new=arguments.include_new, user=user_name())
+    if not arguments.wait:
+        context.out.write("%d\n" % group_id)
+        return 0
+    summary = wait_for_group(context.connection, group_id, arguments.wait_timeout)
+    write_group(context, summary)
+    unfinished = sum(1 for m in summary["tasks"] if m["state"] not in TERMINAL_STATES)
+    if unfinished:
+        raise CommandError("group %d: %d tasks not ended; gave up waiting" % (group_id, unfinished))
+    if summary["summary"].get(COMPLETED, 0) < len(summary["tasks"]):
+        raise CommandError("group %d: not every task completed" % group_id)
+    return 0
+
+
+def each_options(arguments):
+    """submit's per-task options, checked before the group is made."""
+    tasks.parse_priority(arguments.priority)
+    options = {"priority": arguments.priority, "retry_on_failure": arguments.retry_on_failure,
+               "depends_on": tasks.parse_task_ids(arguments.after)}
+    if arguments.timeout is not None:
+        options["timeout"] = tasks.parse_number("timeout", arguments.timeout)
+    if arguments.retries is not None:
+        options["retries"] = arguments.retries
+    return options
+
+
+def wait_for_group(connection, group_id, timeout=None):
+    """The group once all its tasks have ended, or as it is at the timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen_version = None
+    while True:
+        version = db.data_version(connection)
+        if version != seen_version:
+            seen_version, summary = version, fleet.group(connection, group_id)
+            if all(m["state"] in TERMINAL_STATES for m in summary["tasks"]):
+                return summary
+        if deadline is not None and time.monotonic() >= deadline:
+            return summary
+        time.sleep(WAIT_POLL_INTERVAL)
+
+
+def group_row(member):
+    output = (member["output"] or "").strip().splitlines()
+    error = [line.strip() for line in (member["error"] or "").splitlines() if line.strip()]
+    return {"DEVICE": member["device_id"], "TASK": member["task_id"], "STATE": member["state"],
+            "OUTPUT": output[0] if output else "", "ERROR": error[-1] if error else ""}
+
+
+def summary_line(summary):
+    """3 tasks: 2 completed, 1 failed, 0 running (then any other states)."""
+    counts = dict(summary)
+    total = counts.pop("tasks")
+    words = ["%d %s" % (counts.pop(name, 0), name) for name in (COMPLETED, FAILED, "running")]
+    words += ["%d %s" % (count, name) for name, count in sorted(counts.items())]
+    return "%d task%s: %s" % (total, "" if total == 1 else "s", ", ".join(words))
+
+
+def write_group(context, summary):
+    rows = [group_row(member) for member in summary["tasks"]]
+    context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
+                                   colourize=context.colourize))
+    context.out.write(summary_line(summary["summary"]) + "\n")
+
+
+def cmd_group(arguments, context):
+    summary = fleet.group(context.connection, arguments.group_id)
+    if arguments.format == "json":
+        context.out.write(render.json_text(summary))
+    elif arguments.format in ("csv", "tsv"):
+        write_rows(context, arguments, [group_row(m) for m in summary["tasks"]],
+                   GROUP_COLUMNS, summary)
+    else:
+        write_group(context, summary)
 
 
 def user_name():
@@ -423,7 +561,97 @@ def cmd_cancel(arguments, context):
     state = tasks.cancel(context.connection, arguments.task_id)
     context.logger.info("task_cancel_requested", task_id=arguments.task_id, state=state,
                         user=user_name())
+    context.audit("task_cancel_requested", task_id=arguments.task_id, state=state,
+                  user=user_name())
     context.out.write("%s\n" % state)
+
+
+# -- the fleet --------------------------------------------------------------------
+
+def cmd_drain(arguments, context):
+    handed_back = fleet.drain(context.connection, context.config, arguments.device_id,
+                              arguments.now)
+    context.audit("device_drained", device_id=arguments.device_id, now=arguments.now,
+                  handed_back=handed_back, user=user_name())
+    if arguments.now:
+        context.out.write("%s drained: %d tasks handed back to the queue\n"
+                          % (arguments.device_id, handed_back))
+    else:
+        context.out.write("%s drained: no new tasks; its running tasks finish there\n"
+                          % arguments.device_id)
+
+
+def cmd_resume(arguments, context):
+    fleet.resume(context.connection, context.config, arguments.device_id)
+    context.audit("device_resumed", device_id=arguments.device_id, user=user_name())
+    context.out.write("%s resumed: it takes new tasks again\n" % arguments.device_id)
+
+
+def cmd_forget(arguments, context):
+    handed_back = fleet.forget(context.connection, context.config, arguments.device_id)
+    context.audit("device_forgotten", device_id=arguments.device_id,
+                  handed_back=handed_back, user=user_name())
+    context.out.write("%s forgotten: it can no longer connect; %d tasks handed back to the"
+                      " queue; its history stays (`rc devices --all`)\n"
+                      % (arguments.device_id, handed_back))
+
+
+def cmd_revoke(arguments, context):
+    with db.write(context.connection):
+        revoked = devices.revoke(context.connection, arguments.device_id)
+    if not revoked:
+        raise CommandError("no device %r" % arguments.device_id)
+    bell.ring(context.config.run_dir, bell.SERVER)      # rc-server hangs up on it now
+    context.audit("device_revoked", device_id=arguments.device_id, user=user_name())
+    context.out.write("%s revoked: rc-server closes its connection and it can no longer"
+                      " connect; other devices keep working\n" % arguments.device_id)
+
+
+def cmd_label(arguments, context):
+    labels = fleet.label(context.connection, arguments.device_id, arguments.labels)
+    context.audit("device_labelled", device_id=arguments.device_id,
+                  changes=arguments.labels, user=user_name())
+    context.out.write("%s labels: %s\n" % (arguments.device_id, labels_text(labels) or "none"))
+
+
+def cmd_role(arguments, context):
+    fleet.set_role(context.connection, arguments.device_id, arguments.role)
+    context.audit("device_role_set", device_id=arguments.device_id, role=arguments.role,
+                  user=user_name())
+    device = devices.get(context.connection, arguments.device_id)
+    context.out.write("%s role: %s%s\n" % (
+        arguments.device_id, device["role"] or "none",
+        " (it reports %s)" % (device["reported_role"] or "none") if arguments.role
+        else " (as it reports)"))
+
+
+def cmd_broadcast(arguments, context):
+    try:
+        targets = tasks.parse_requirements(arguments.require)
+    except tasks.TaskError as e:
+        raise UsageError(str(e))
+    control_id = fleet.broadcast(context.connection, context.config, arguments.control,
+                                 targets)
+    context.audit("control_broadcast", control_id=control_id, command=arguments.control,
+                  targets=targets, user=user_name())
+    context.out.write("%d\n" % control_id)
+
+
+def cmd_control(arguments, context):
+    status = fleet.control_status(context.connection, arguments.control_id)
+    if arguments.format == "json":
+        context.out.write(render.json_text(status))
+        return
+    context.out.write("control %d: %s to %s\n" % (
+        status["control_id"], status["command"],
+        " ".join("%s=%s" % item for item in status["targets"].items()) or "every worker"))
+    if not status["acks"]:
+        context.out.write("no acknowledgements yet\n")
+        return
+    rows = [{"DEVICE": ack["device_id"], "TIME": ago(ack["time"], time.time()),
+             "OK": "yes" if ack["ok"] else "no", "DETAIL": ack["detail"]}
+            for ack in status["acks"]]
+    context.out.write(render.table(rows, ACK_COLUMNS, context.width))
 
 
 def cmd_monitor(arguments, context):
@@ -546,9 +774,11 @@ def rotated_paths(path):
 
 
 def log_paths(log_dir, program=None):
+    """The programs' logs; the audit log only when asked for by name
+    (`--program audit`): it says who did what, not what a program did."""
     paths = sorted(glob.glob(os.path.join(log_dir, "*.log")))
     if program is None:
-        return paths
+        return [path for path in paths if os.path.basename(path) != audit.FILE_NAME]
     chosen = [path for path in paths if program_of(path) == program]
     if not chosen:
         have = ", ".join(program_of(path) for path in paths) or "none yet"
@@ -691,6 +921,14 @@ def cmd_restore(arguments, context):
 
 def cmd_token(arguments, context):
     config = context.config
+    if arguments.rotate:
+        if arguments.admin:
+            raise UsageError("--rotate makes a new join token; the admin token stays")
+        token = state_dir.rotate_token(config)
+        context.audit("join_token_rotated", user=user_name())
+        context.out.write("%s\nnew devices join with this token; devices that have joined"
+                          " keep working\n" % token)
+        return
     context.out.write(read_token(config.admin_token_path if arguments.admin
                                  else config.token_path) + "\n")
 
@@ -710,8 +948,9 @@ def cmd_join(arguments, context):
     address = lan_address()
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
-    context.out.write("python3 worker.py --join %s:%d --token %s\n"
-                      % (address, config.tcp_port, shlex.quote(token)))
+    pin = " --fingerprint %s" % tls.fingerprint(config) if config.tls else ""
+    context.out.write("python3 worker.py --join %s:%d --token %s%s\n"
+                      % (address, config.tcp_port, shlex.quote(token), pin))
 
 
 def lan_address():
@@ -801,6 +1040,7 @@ def build_parser(out):
     sub = command("devices", cmd_devices, "list the devices", [formats])
     sub.add_argument("--grid", action="store_true",
                      help="one box per device: state, CPU, memory, battery")
+    sub.add_argument("--all", action="store_true", help="forgotten devices too")
     sub = command("device", cmd_device, "everything about one device", [as_json])
     sub.add_argument("device_id", metavar="ID")
     sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
@@ -810,10 +1050,37 @@ def build_parser(out):
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=int, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
+    sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
+                  [formats])
+    sub.add_argument("group_id", type=int, metavar="ID")
     sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
     sub.add_argument("task_id", type=int, metavar="ID")
     sub = command("cancel", cmd_cancel, "cancel a task; prints its state after")
     sub.add_argument("task_id", type=int, metavar="ID")
+    sub = command("drain", cmd_drain, "no new tasks for a device; its running ones finish")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub.add_argument("--now", action="store_true",
+                     help="hand its tasks back to the queue at once (not charged to them)")
+    sub = command("resume", cmd_resume, "a drained device takes new tasks again")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub = command("forget", cmd_forget, "retire a device for good; its history stays")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub = command("revoke", cmd_revoke, "a device's secret stops working; it cannot connect")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub = command("label", cmd_label, "set a device's labels (KEY= removes one)")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub.add_argument("labels", nargs="+", metavar="KEY=VALUE")
+    sub = command("role", cmd_role, "the role the scheduler sees for a device (\"\" undoes it)")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub.add_argument("role", metavar="ROLE")
+    sub = command("broadcast", cmd_broadcast, "a control message to connected workers;"
+                  " prints its id")
+    sub.add_argument("control", choices=fleet.CONTROL_COMMANDS, metavar="COMMAND",
+                     help=", ".join(fleet.CONTROL_COMMANDS))
+    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
+                     help="only the workers that meet it, as in submit")
+    sub = command("control", cmd_control, "which workers acknowledged a broadcast", [as_json])
+    sub.add_argument("control_id", type=int, metavar="ID")
     sub = command("logs", cmd_logs, "the programs' logs, merged by time")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
@@ -839,6 +1106,8 @@ def build_parser(out):
     sub = command("token", cmd_token, "print the join token workers use")
     sub.add_argument("--admin", "--web", dest="admin", action="store_true",
                      help="print the admin token (HTTP: Authorization: Bearer) instead")
+    sub.add_argument("--rotate", action="store_true",
+                     help="issue a new join token; devices that have joined keep working")
     sub = command("monitor", cmd_monitor, "a live view: utilisation, devices, active tasks")
     sub.add_argument("--once", action="store_true", help="draw it once and exit")
     command("join", cmd_join, "print the command that joins a device to this cluster")
@@ -859,25 +1128,32 @@ def add_submit_arguments(sub):
     sub.add_argument("--timeout", metavar="SECONDS")
     sub.add_argument("--retries", type=int, metavar="N")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
-                     help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu")
+                     help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu,"
+                     " label.disk=big")
     sub.add_argument("--key", metavar="IDEMPOTENCY_KEY",
                      help="a second submit with the same key returns the first task")
     sub.add_argument("--retry-on-failure", action="store_true",
                      help="also retry when the task itself fails (non-zero exit, exception)")
     sub.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
                      help="start only when these tasks have completed; fail if one fails")
+    sub.add_argument("--each", action="store_true",
+                     help="one task on every matching online device; prints the group id")
+    sub.add_argument("--include-new", action="store_true",
+                     help="with --each: devices that join later get one too")
     sub.add_argument("--wait", action="store_true",
-                     help="wait until it ends and print its output")
+                     help="wait until it ends and print its output (--each: the group)")
     sub.add_argument("--wait-timeout", type=float, metavar="SECONDS")
 
 
 # -- entry points -------------------------------------------------------------------
 
-def run_command(argv, out, err, config=None, width=None, colour=None, logger=None):
+def run_command(argv, out, err, config=None, width=None, colour=None, logger=None,
+                actor=("cli", "local")):
     """Run one `rc` command line; returns the exit status, never exits.
     `width` and `colour` are for a terminal that is not this process's;
-    `logger` is where task_submitted lines go (default var/log/rc-cli.log)."""
-    context = Context(out, err, config, width, colour, logger)
+    `logger` is where task_submitted lines go (default var/log/rc-cli.log);
+    `actor` is who and from where, for the audit log."""
+    context = Context(out, err, config, width, colour, logger, actor)
     try:
         arguments = parse(build_parser(out), argv)
         return arguments.handler(arguments, context) or 0
@@ -885,7 +1161,7 @@ def run_command(argv, out, err, config=None, width=None, colour=None, logger=Non
         return e.status
     except CommandError as e:
         return fail(err, e, e.status)
-    except (tasks.TaskError, rc_config.ConfigError, sqlite3.Error) as e:
+    except (tasks.TaskError, fleet.FleetError, rc_config.ConfigError, sqlite3.Error) as e:
         return fail(err, e, 1)
     finally:
         context.close()
@@ -947,7 +1223,10 @@ def completion_words(web=True):
                        "--device": "device", "--after": "task", "--task": "task",
                        "--level": list(LEVELS)},
             "positional": {"device": "device", "task": "task", "why": "task",
-                           "cancel": "task", "submit": list(TASK_TYPES)}}
+                           "cancel": "task", "submit": list(TASK_TYPES),
+                           "drain": "device", "resume": "device", "forget": "device",
+                           "revoke": "device", "label": "device", "role": "device",
+                           "broadcast": list(fleet.CONTROL_COMMANDS)}}
 
 
 def fail(err, error, status):

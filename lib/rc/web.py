@@ -27,7 +27,8 @@ import bottle
 import orjson
 import waitress
 
-from rc import cli, db, devices, explain, health, render, state_dir, stats, tasks
+from rc import audit, bell, cli, db, devices, explain, fleet, health, render, state_dir
+from rc import stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
 from rc.states import COMPLETED, TASK_STATES, TERMINAL_STATES
@@ -51,13 +52,16 @@ THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts compl
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
 SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
                  "requirements", "idempotency_key", "retry_on_failure", "depends_on"}
+# A group is a submit without the idempotency key (each device gets its own task).
+GROUP_FIELDS = (SUBMIT_FIELDS - {"idempotency_key"}) | {"include_new"}
 TEXT_FORMATS = {"pipe": "text/plain", "csv": "text/csv", "tsv": "text/tab-separated-values"}
 
 # The stable columns of /text/devices, /text/tasks and /text/logs (docs/http.md).
 # New columns are only ever added at the end.
 TEXT_DEVICE_COLUMNS = ["device", "status", "connected", "role", "platform", "arch", "cpus",
                        "memory_gb", "slots", "active", "cpu_percent", "memory_percent",
-                       "battery_percent", "heartbeat_age_seconds", "hostname"]
+                       "battery_percent", "heartbeat_age_seconds", "hostname", "drained",
+                       "available", "labels"]
 TEXT_TASK_COLUMNS = ["id", "type", "state", "priority", "attempt", "device", "age_seconds",
                      "summary"]
 TEXT_LOG_COLUMNS = ["time", "program", "level", "event", "fields"]
@@ -129,7 +133,7 @@ class Web:
                 return handler(*args, **kwargs)
             except ApiError as e:
                 return json_response({"error": str(e)}, e.status)
-            except tasks.TaskError as e:
+            except (tasks.TaskError, fleet.FleetError) as e:
                 return json_response({"error": str(e)}, 400)
         return wrapper
 
@@ -199,6 +203,21 @@ class Web:
             raise ApiError(400, "request body must be a JSON object")
         return body
 
+    def audit(self, event, actor="admin", **fields):
+        """An audit line for a request: a change needs the admin token, so
+        its actor is `admin`; the source is the socket's address."""
+        try:
+            audit.record(self.config, event, actor, bottle.request.environ.get("REMOTE_ADDR"),
+                         **fields)
+        except OSError as e:
+            self.logger.error("audit_failed", audit_event=event, error=str(e))
+
+    def existing_device(self, device_id):
+        device = devices.get(self.connection(), device_id)
+        if device is None or device["forgotten"]:
+            raise ApiError(404, "no device %r" % device_id)
+        return device
+
     def existing_task(self, task_id):
         try:
             return tasks.get(self.connection(), task_id)
@@ -214,7 +233,8 @@ class Web:
     def listed_devices(self):
         """Devices, filtered by ?status= ?role= ?platform= ?arch= ?connected=0|1 ?tag=."""
         query = bottle.request.query
-        found = devices.list_devices(self.connection())
+        found = devices.list_devices(self.connection(),
+                                     include_forgotten=query.get("all") in ("1", "true"))
         for name, key in (("status", "status"), ("role", "role"), ("platform", "platform"),
                           ("arch", "architecture")):
             if query.get(name):
@@ -298,6 +318,7 @@ class Web:
         self.logger.info("task_submitted", task_id=task_id, task_type=body.get("task_type"),
                          priority=body.get("priority", "normal"),
                          address=bottle.request.environ.get("REMOTE_ADDR"))
+        self.audit("task_submitted", task_id=task_id, task_type=body.get("task_type"))
         return json_response({"task_id": task_id, "state": state,
                               "url": "/api/v1/tasks/%d" % task_id}, 201)
 
@@ -311,7 +332,116 @@ class Web:
         state = tasks.cancel(self.connection(), task_id)
         self.logger.info("task_cancel_requested", task_id=task_id, state=state,
                          address=bottle.request.environ.get("REMOTE_ADDR"))
+        self.audit("task_cancel_requested", task_id=task_id, state=state)
         return json_response({"task_id": task_id, "state": state})
+
+    # -- the fleet -------------------------------------------------------------------
+
+    def drain(self, device_id):
+        now = self.json_body().get("now", False)
+        if not isinstance(now, bool):
+            raise ApiError(400, "now must be true or false")
+        self.existing_device(device_id)
+        handed_back = fleet.drain(self.connection(), self.config, device_id, now)
+        self.audit("device_drained", device_id=device_id, now=now, handed_back=handed_back)
+        return json_response({"device_id": device_id, "drained": True,
+                              "handed_back": handed_back})
+
+    def resume(self, device_id):
+        self.existing_device(device_id)
+        fleet.resume(self.connection(), self.config, device_id)
+        self.audit("device_resumed", device_id=device_id)
+        return json_response({"device_id": device_id, "drained": False})
+
+    def forget(self, device_id):
+        self.existing_device(device_id)
+        handed_back = fleet.forget(self.connection(), self.config, device_id)
+        self.audit("device_forgotten", device_id=device_id, handed_back=handed_back)
+        return json_response({"device_id": device_id, "forgotten": True,
+                              "handed_back": handed_back})
+
+    def revoke(self, device_id):
+        self.existing_device(device_id)
+        connection = self.connection()
+        with db.write(connection):
+            devices.revoke(connection, device_id)
+        bell.ring(self.config.run_dir, bell.SERVER)     # rc-server hangs up on it now
+        self.audit("device_revoked", device_id=device_id)
+        return json_response({"device_id": device_id, "revoked": True})
+
+    def labels(self, device_id):
+        """{"labels": {"disk": "big", "gone": ""}}: "" removes a label."""
+        labels = self.json_body().get("labels")
+        if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and "=" not in k and isinstance(v, str)
+                for k, v in labels.items()):
+            raise ApiError(400, "labels must be an object of names (without =) to text")
+        self.existing_device(device_id)
+        current = fleet.label(self.connection(), device_id,
+                              ["%s=%s" % item for item in labels.items()])
+        self.audit("device_labelled", device_id=device_id, changes=labels)
+        return json_response({"device_id": device_id, "labels": current})
+
+    def role(self, device_id):
+        """{"role": "storage"}; "" or null goes back to what the device reports."""
+        role = self.json_body().get("role")
+        if not isinstance(role, (str, type(None))):
+            raise ApiError(400, "role must be text")
+        self.existing_device(device_id)
+        fleet.set_role(self.connection(), device_id, role or "")
+        self.audit("device_role_set", device_id=device_id, role=role or "")
+        device = devices.get(self.connection(), device_id)
+        return json_response({"device_id": device_id, "role": device["role"],
+                              "reported_role": device.get("reported_role", device["role"])})
+
+    def submit_group(self):
+        body = self.json_body()
+        unknown = sorted(set(body) - GROUP_FIELDS)
+        if unknown:
+            raise ApiError(400, "unknown field %s (known: %s)"
+                           % (", ".join(unknown), ", ".join(sorted(GROUP_FIELDS))))
+        include_new = body.get("include_new", False)
+        if not isinstance(include_new, bool):
+            raise ApiError(400, "include_new must be true or false")
+        options = {key: body[key] for key in ("priority", "timeout", "retries",
+                                               "retry_on_failure", "depends_on") if key in body}
+        connection = self.connection()
+        group_id = fleet.submit_each(connection, self.config, body.get("task_type"),
+                                     submitted_payload(body), submitted_requirements(body),
+                                     include_new, **options)
+        members = fleet.group(connection, group_id)["tasks"]
+        self.audit("group_submitted", group_id=group_id, task_type=body.get("task_type"),
+                   devices=[m["device_id"] for m in members], include_new=include_new)
+        return json_response({"group_id": group_id, "tasks": len(members),
+                              "url": "/api/v1/groups/%d" % group_id}, 201)
+
+    def group(self, group_id):
+        try:
+            return json_response(fleet.group(self.connection(), group_id))
+        except fleet.FleetError as e:
+            raise ApiError(404, str(e))
+
+    def broadcast(self):
+        body = self.json_body()
+        targets = body.get("targets") or {}
+        if isinstance(targets, list):
+            if not all(isinstance(text, str) for text in targets):
+                raise ApiError(400, "targets must be an object or a list of KEY=VALUE")
+            targets = tasks.parse_requirements(targets)
+        control_id = fleet.broadcast(self.connection(), self.config, body.get("command"),
+                                     targets)
+        self.audit("control_broadcast", control_id=control_id, command=body.get("command"),
+                   targets=targets)
+        return json_response({"control_id": control_id,
+                              "url": "/api/v1/controls/%d" % control_id}, 201)
+
+    def control(self, control_id):
+        try:
+            return json_response(fleet.control_status(self.connection(), control_id))
+        except fleet.FleetError as e:
+            raise ApiError(404, str(e))
+
+    # -- the web terminal ------------------------------------------------------------
 
     def command(self):
         """Run one `rc` command line, as the CLI would, for the web terminal:
@@ -336,14 +466,22 @@ class Web:
             access = cli.web_access(argv)
         except cli.CommandError as e:
             raise ApiError(403, str(e))
+        actor = "admin" if access == "admin" else "reader"
+        shown_argv = [render.shorten(a, 200) for a in argv[:50]]   # a script can be long
         if access == "admin":
-            self.require_admin()
+            try:
+                self.require_admin()
+            except ApiError:
+                self.audit("web_command_refused", "anonymous", argv=shown_argv)
+                raise
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
         status = cli.run_command(argv, out, err, self.config, width,
-                                 bool(body.get("colour", False)), self.logger)
+                                 bool(body.get("colour", False)), self.logger,
+                                 (actor, bottle.request.environ.get("REMOTE_ADDR")))
         self.logger.info("command", argv=argv[:1], status=status)
+        self.audit("web_command", actor, argv=shown_argv, status=status)
         return json_response({"status": status, "output": out.getvalue(),
                               "error": err.getvalue()})
 
@@ -624,7 +762,8 @@ def text_device_row(device, now):
             "memory_percent": number(metrics.get("memory_percent")),
             "battery_percent": number(cli.battery_percent(metrics)),
             "heartbeat_age_seconds": "%.1f" % max(0.0, now - device["last_seen"]),
-            "hostname": device["hostname"]}
+            "hostname": device["hostname"], "drained": int(device["drained"]),
+            "available": int(device["available"]), "labels": cli.labels_text(device["labels"])}
 
 
 def text_task_row(task, now):
@@ -856,6 +995,16 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/tasks/<task_id:int>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
         ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/drain", web.drain, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/resume", web.resume, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/forget", web.forget, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/revoke", web.revoke, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/labels", web.labels, "admin"),
+        ("POST", "/api/v1/devices/<device_id>/role", web.role, "admin"),
+        ("POST", "/api/v1/groups", web.submit_group, "admin"),
+        ("GET", "/api/v1/groups/<group_id:int>", web.group, "read"),
+        ("POST", "/api/v1/broadcast", web.broadcast, "admin"),
+        ("GET", "/api/v1/controls/<control_id:int>", web.control, "read"),
         ("POST", "/api/v1/command", web.command, "command"),
         ("GET", "/api/v1/completion", web.completion, "read"),
         ("GET", "/text/status", web.text_status, "read"),
