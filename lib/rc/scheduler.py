@@ -66,12 +66,27 @@ class Slots:
             device["instant_free"] = (row["slots"] * instant_per_slot
                                       - held.get((row["device_id"], 1), 0))
             self.devices.append(device)
-        self.free = sum(max(0, d["free"]) + max(0, d["instant_free"]) for d in self.devices)
+        self.room_free = {room: sum(max(0, d[room]) for d in self.devices)
+                          for room in ("free", "instant_free")}
+        self.free = sum(self.room_free.values())
         self.heaps = {}
 
     def take(self, device, task_type):
-        device[room_for(task_type)] -= 1
+        room = room_for(task_type)
+        device[room] -= 1
+        self.room_free[room] -= 1
         self.free -= 1
+
+    def type_filter(self):
+        """SQL that leaves out the task types no device has room for: with
+        every slot busy and the instant room open, a pass must not walk the
+        whole queue of shell tasks to find the few echo ones."""
+        instant = db.sql_list(INSTANT_TASK_TYPES)
+        if self.room_free["free"] <= 0:
+            return "task_type IN (%s)" % instant
+        if self.room_free["instant_free"] <= 0:
+            return "task_type NOT IN (%s)" % instant
+        return "1"
 
     def best_for(self, task_type, requirements):
         """The fitting device that should take the task next: the most free
@@ -129,38 +144,48 @@ def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
     if not connection.execute("SELECT 1 FROM tasks WHERE %s AND not_before <= ? LIMIT 1"
                               % db.QUEUED_SQL, (now,)).fetchone():
         return 0      # the common case when idle: no transaction at all
+    given = []
     with db.write(connection):
         slots = Slots(connection, instant_per_slot)
-        if slots.free <= 0:
-            return 0
-        # Read lazily: with thousands queued and a few free slots, a pass
-        # should touch a few rows, not the whole queue.
-        queued = connection.execute(
-            "SELECT task_id, attempt, task_type, requirements FROM tasks"
-            " WHERE %s AND not_before <= ? AND %s"
-            " ORDER BY priority DESC, task_id LIMIT ?" % (db.QUEUED_SQL, DEPENDENCIES_MET),
-            (now, BATCH))
-        given = []
         deadline = time.monotonic() + PASS_BUDGET
-        for task in queued:
-            if time.monotonic() > deadline:
-                break         # commit what we have; the next pass goes on
-            device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
-            if device is None:
-                continue
-            # The first lease is short: the device must accept it promptly.
-            connection.execute(
-                "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"
-                " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
-                (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
-                 task["task_id"], task["attempt"], QUEUED))
-            slots.take(device, task["task_type"])
-            given.append((task["task_id"], task["attempt"], device["device_id"]))
-            if slots.free == 0:
-                break
+        # A room (slots, or instant room) that fills up ends a walk of the
+        # queue; the next walk asks only for the types that still have room.
+        while slots.free > 0 and assign_queued(connection, slots, now, accept_timeout,
+                                               deadline, given):
+            pass
     for task_id, attempt, device_id in given:      # after the commit: never log a rollback
         log.info("task_assigned", task_id=task_id, attempt=attempt, device_id=device_id)
     return len(given)
+
+
+def assign_queued(connection, slots, now, accept_timeout, deadline, given):
+    """Walk the queue in order, giving each task the best device for it,
+    until a room fills up (True: walk again) or the queue or the pass's time
+    ends (False)."""
+    # Read lazily: with thousands queued and a few free slots, a pass
+    # should touch a few rows, not the whole queue.
+    queued = connection.execute(
+        "SELECT task_id, attempt, task_type, requirements FROM tasks"
+        " WHERE %s AND not_before <= ? AND %s AND %s"
+        " ORDER BY priority DESC, task_id LIMIT ?"
+        % (db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
+    for task in queued:
+        if time.monotonic() > deadline:
+            return False      # commit what we have; the next pass goes on
+        device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
+        if device is None:
+            continue
+        # The first lease is short: the device must accept it promptly.
+        connection.execute(
+            "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"
+            " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
+            (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
+             task["task_id"], task["attempt"], QUEUED))
+        slots.take(device, task["task_type"])
+        given.append((task["task_id"], task["attempt"], device["device_id"]))
+        if slots.room_free[room_for(task["task_type"])] == 0:
+            return True
+    return False
 
 
 def next_backoff_end(connection, now):
