@@ -62,3 +62,29 @@ def test_the_deployment_files_say_what_the_docs_promise():
     with open(os.path.join(root, "share", "systemd", "rc-main.service")) as f:
         unit = f.read()
     assert "supervisord --nodaemon" in unit and "RC_HOME=" in unit and "User=rc" in unit
+
+
+class Battery:
+    """A device with a battery, so the worker reports every battery field."""
+
+    def read(self):
+        return {"percent": 80.0, "charging": True, "temperature_c": 31.5}
+
+
+def test_protocol_md_names_every_message_outcome_and_field_the_worker_sends():
+    import importlib.util
+    from rc.states import MESSAGE_TYPES, OUTCOMES
+    spec = importlib.util.spec_from_file_location(
+        "rc_worker_for_docs", os.path.join(os.path.dirname(DOCS), "bin", "worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    options = worker.parse_args(["--join", "h", "--token", "t"])
+    # What this machine lets the worker read: a lower bound of what it sends.
+    sent = (set(worker.Metrics(Battery()).sample()) | set(worker.device_info())
+            | set(worker.hardware_specs(Battery(), 1.0))
+            | set(worker.Availability(options, Battery()).report()))
+    text = read("protocol.md")
+    missing = sorted(name for name in sent | set(MESSAGE_TYPES) | set(OUTCOMES)
+                     if "`%s`" % name not in text and "`device_info.%s`" % name not in text
+                     and "`hardware_specs.%s`" % name not in text)
+    assert not missing, "docs/protocol.md does not name %s" % ", ".join(missing)

@@ -452,6 +452,11 @@ def test_drain_resume_forget_revoke_over_http(cluster_home, fleet_app):
     assert post(fleet_app, "/api/v1/devices/b/revoke", {}, config)[0] == 200
     assert connection.execute("SELECT revoked FROM devices WHERE device_id = 'b'"
                               ).fetchone()[0] == 1
+    listed = json.loads(call(fleet_app, "/api/v1/devices")[2])["devices"]
+    assert [(d["device_id"], d["revoked"]) for d in listed] == [("a", False), ("b", True)]
+    rows = call(fleet_app, "/text/devices?header=0")[2].splitlines()
+    assert [row.split("|")[web.TEXT_DEVICE_COLUMNS.index("revoked")] for row in rows] == [
+        "0", "1"]
     assert post(fleet_app, "/api/v1/devices/a/forget", {}, config)[1]["forgotten"] is True
     assert call(fleet_app, "/api/v1/devices")[2].count('"device_id"') == 1
     assert call(fleet_app, "/api/v1/devices?all=1")[2].count('"device_id"') == 2
@@ -474,7 +479,8 @@ def test_labels_and_role_over_http(cluster_home, fleet_app):
     assert body == {"device_id": "a", "role": "storage", "reported_role": "compute"}
     assert post(fleet_app, "/api/v1/devices/a/role", {"role": ""}, config)[1]["role"] == "compute"
     text = call(fleet_app, "/text/devices?format=tsv")[2].splitlines()
-    assert text[0].endswith("\tdrained\tavailable\tlabels") and text[1].endswith("\t0\t1\tkind=pi")
+    assert text[0].endswith("\tdrained\tavailable\tlabels\trevoked")
+    assert text[1].endswith("\t0\t1\tkind=pi\t0")
     for path, body in (("labels", {"labels": ["kind=pi"]}), ("labels", {"labels": {"a=b": "c"}}),
                        ("labels", {"labels": {"k": 1}}), ("labels", {"labels": {"": "x"}}),
                        ("role", {"role": 7}), ("role", {"role": "x" * 65}),

@@ -7,7 +7,7 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
                   " connected, available, unavailable_reason, drained, forgotten, labels,"
                   " role_override, address, protocol, registered_at, connected_at,"
-                  " disconnected_at, last_seen")
+                  " disconnected_at, last_seen, revoked")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
 OBJECT_COLUMNS = ("profile", "metrics", "labels")
@@ -111,7 +111,7 @@ def device_dict(row):
     for key in OBJECT_COLUMNS:
         if key in device:
             device[key] = db.loads(device[key], {})
-    for key in ("connected", "available", "drained", "forgotten"):
+    for key in ("connected", "available", "drained", "forgotten", "revoked"):
         if key in device:
             device[key] = bool(device[key])
     # The role set on the main node wins over the one the device reports.

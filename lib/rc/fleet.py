@@ -106,22 +106,25 @@ def submit_each(connection, config, task_type, payload, requirements=None,
                 include_new=False, **options):
     """One task per matching online device, grouped; returns the group id.
     Each task is pinned to its device. With include_new, devices that join
-    later get one too (see tasks_for_new_device)."""
-    payload = tasks.check_payload(task_type, payload)
-    requirements = tasks.check_requirements(requirements or {})
-    targets = matching_devices(connection, task_type, requirements)
-    if not targets and not include_new:
-        raise FleetError("no online device accepts %s tasks%s" % (
-            task_type, " with those requirements" if requirements else ""))
+    later get one too (see tasks_for_new_device). Everything is checked as
+    a single submit would be before anything is written, and the group and
+    its tasks are written in one transaction: a refused request leaves
+    nothing behind."""
+    task = tasks.check_task(config, task_type, payload, requirements, **options)
     with db.write(connection):
+        targets = matching_devices(connection, task_type, task["requirements"])
+        if not targets and not include_new:
+            raise FleetError("no online device accepts %s tasks%s" % (
+                task_type, " with those requirements" if task["requirements"] else ""))
+        tasks.refuse_unusable_dependencies(connection, task["depends_on"])
         group_id = connection.execute(
             "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
             " include_new) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), task_type, db.dumps(payload), db.dumps(requirements),
-             db.dumps(options), int(include_new))).lastrowid
-    for device_id in targets:
-        add_group_task(connection, config, group_id, task_type, payload, requirements,
-                       device_id, options)
+            (time.time(), task_type, db.dumps(task["payload"]),
+             db.dumps(task["requirements"]), db.dumps(options), int(include_new))).lastrowid
+        for device_id in targets:
+            add_group_task(connection, group_id, task, device_id)
+    bell.ring(config.run_dir, bell.SCHEDULER)
     return group_id
 
 
@@ -131,25 +134,32 @@ def matching_devices(connection, task_type, requirements):
             and not tasks.unmet_requirements(requirements, d)]
 
 
-def add_group_task(connection, config, group_id, task_type, payload, requirements,
-                   device_id, options):
-    pinned = dict(requirements, device_id=device_id)
-    return tasks.submit(connection, config, task_type, payload, requirements=pinned,
-                        group_id=group_id, **options)
+def add_group_task(connection, group_id, task, device_id):
+    """The group's task (from tasks.check_task) pinned to one device,
+    inside the caller's write transaction."""
+    pinned = dict(task, requirements=dict(task["requirements"], device_id=device_id))
+    return tasks.insert(connection, pinned, group_id=group_id)
 
 
 def tasks_for_new_device(connection, config, device_id):
     """A device joined for the first time: give it the groups that asked
-    for newcomers, when it matches them."""
+    for newcomers, when it matches them. Runs inside rc-server's write
+    transaction, so a group that can no longer be given (a task it depends
+    on has failed, or a group stored before options were checked) is
+    passed over rather than raised: it must not fail the registration."""
     device = devices.get(connection, device_id)
     for group in connection.execute("SELECT * FROM task_groups WHERE include_new = 1"
                                     ).fetchall():
-        requirements = db.loads(group["requirements"])
-        if group["task_type"] in device["task_types"] and \
-                not tasks.unmet_requirements(requirements, device):
-            add_group_task(connection, config, group["group_id"], group["task_type"],
-                           db.loads(group["payload"]), requirements, device_id,
-                           db.loads(group["options"]))
+        if group["task_type"] not in device["task_types"]:
+            continue
+        try:
+            task = tasks.check_task(config, group["task_type"], db.loads(group["payload"]),
+                                    db.loads(group["requirements"]),
+                                    **db.loads(group["options"], {}))
+            if not tasks.unmet_requirements(task["requirements"], device):
+                add_group_task(connection, group["group_id"], task, device_id)
+        except tasks.TaskError:
+            continue
 
 
 def group(connection, group_id):

@@ -193,6 +193,27 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
     """Queue one task and return its id. With an idempotency key, a second
     submit of the same key returns the first task's id instead. A task that
     depends on others waits until they have completed."""
+    task = check_task(config, task_type, payload, requirements, priority=priority,
+                      timeout=timeout, retries=retries, retry_on_failure=retry_on_failure,
+                      depends_on=depends_on)
+    if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                        or not 0 < len(idempotency_key) <= 200):
+        raise TaskError("idempotency key must be text of 1 to 200 characters")
+    with db.write(connection):
+        if idempotency_key is not None:
+            row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
+                                     (idempotency_key,)).fetchone()
+            if row:
+                return row["task_id"]
+        task_id = insert(connection, task, idempotency_key=idempotency_key, group_id=group_id)
+    bell.ring(config.run_dir, bell.SCHEDULER)
+    return task_id
+
+
+def check_task(config, task_type, payload, requirements=None, priority="normal",
+               timeout=None, retries=None, retry_on_failure=False, depends_on=()):
+    """A task as insert() takes it, every field checked and the defaults
+    filled in, or TaskError. Reads nothing from the database."""
     payload = check_payload(task_type, payload)
     priority_number = parse_priority(priority)
     timeout = config.task_timeout if timeout is None else parse_number("timeout", timeout)
@@ -202,32 +223,32 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
     if isinstance(retries, bool) or not isinstance(retries, int) \
             or not 0 <= retries <= MAX_RETRIES:
         raise TaskError("retries must be a whole number from 0 to %d" % MAX_RETRIES)
-    requirements = check_requirements(requirements or {})
-    if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                        or not 0 < len(idempotency_key) <= 200):
-        raise TaskError("idempotency key must be text of 1 to 200 characters")
     if not isinstance(retry_on_failure, bool):
         raise TaskError("retry_on_failure must be true or false")
-    depends_on = check_dependencies(depends_on)
-    with db.write(connection):
-        if idempotency_key is not None:
-            row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
-                                     (idempotency_key,)).fetchone()
-            if row:
-                return row["task_id"]
-        refuse_unusable_dependencies(connection, depends_on)
-        cursor = connection.execute(
-            "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
-            " max_retries, idempotency_key, retry_on_failure, group_id, created_at, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (task_type, db.dumps(payload), priority_number, db.dumps(requirements),
-             timeout, retries, idempotency_key, retry_on_failure, group_id, time.time(),
-             "submitted" if not depends_on else "waiting for %s" % ", ".join(
-                 map(str, depends_on))))
-        connection.executemany(
-            "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
-            [(cursor.lastrowid, parent) for parent in depends_on])
-    bell.ring(config.run_dir, bell.SCHEDULER)
+    return {"task_type": task_type, "payload": payload, "priority": priority_number,
+            "requirements": check_requirements(requirements or {}), "timeout": timeout,
+            "max_retries": retries, "retry_on_failure": retry_on_failure,
+            "depends_on": check_dependencies(depends_on)}
+
+
+def insert(connection, task, idempotency_key=None, group_id=None):
+    """Queue a task made by check_task() and return its id, inside the
+    caller's write transaction; TaskError (before writing anything) when a
+    task it depends on cannot complete. The caller rings the scheduler."""
+    depends_on = task["depends_on"]
+    refuse_unusable_dependencies(connection, depends_on)
+    cursor = connection.execute(
+        "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
+        " max_retries, idempotency_key, retry_on_failure, group_id, created_at, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (task["task_type"], db.dumps(task["payload"]), task["priority"],
+         db.dumps(task["requirements"]), task["timeout"], task["max_retries"],
+         idempotency_key, task["retry_on_failure"], group_id, time.time(),
+         "submitted" if not depends_on else "waiting for %s" % ", ".join(
+             map(str, depends_on))))
+    connection.executemany(
+        "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
+        [(cursor.lastrowid, parent) for parent in depends_on])
     return cursor.lastrowid
 
 

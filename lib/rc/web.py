@@ -61,7 +61,7 @@ TEXT_FORMATS = {"pipe": "text/plain", "csv": "text/csv", "tsv": "text/tab-separa
 TEXT_DEVICE_COLUMNS = ["device", "status", "connected", "role", "platform", "arch", "cpus",
                        "memory_gb", "slots", "active", "cpu_percent", "memory_percent",
                        "battery_percent", "heartbeat_age_seconds", "hostname", "drained",
-                       "available", "labels"]
+                       "available", "labels", "revoked"]
 TEXT_TASK_COLUMNS = ["id", "type", "state", "priority", "attempt", "device", "age_seconds",
                      "summary"]
 TEXT_LOG_COLUMNS = ["time", "program", "level", "event", "fields"]
@@ -763,7 +763,8 @@ def text_device_row(device, now):
             "battery_percent": number(cli.battery_percent(metrics)),
             "heartbeat_age_seconds": "%.1f" % max(0.0, now - device["last_seen"]),
             "hostname": device["hostname"], "drained": int(device["drained"]),
-            "available": int(device["available"]), "labels": cli.labels_text(device["labels"])}
+            "available": int(device["available"]), "labels": cli.labels_text(device["labels"]),
+            "revoked": int(device["revoked"])}
 
 
 def text_task_row(task, now):
