@@ -7,24 +7,19 @@ Copy this one file onto a device and run it:
 
 It connects to the main node, proves that it knows the join token (and makes
 the main node prove it too), describes the device, sends heartbeats and runs
-the tasks it is given. Standard library only, CPython 3.6 to 3.13; psutil and
-orjson are used when they happen to be installed. docs/protocol.md is the
-contract this file implements.
+the tasks it is given. Standard library only, CPython 3.6 to 3.13; psutil is
+used when it happens to be installed. docs/protocol.md is the contract this
+file implements.
 """
 import errno
+import json
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
-from collections import OrderedDict
-
-try:
-    import orjson
-except Exception:       # not installed, or built for another Python
-    orjson = None
-    import json
+from collections import OrderedDict, deque
 
 __version__ = "0.1.0"
 
@@ -75,6 +70,14 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 ###############################################################################
 
 DEFAULT_PORT = 8080             # the main node's port for workers
+DEFAULT_WEB_PORT = 5000         # the main node's dashboard port; it serves worker.py (upgrade)
+DEFAULT_STATE_DIR = "~/.rc-worker"  # where device secrets are kept (one per cluster and id)
+HELLO_TIMEOUT = 5.0             # seconds from connected to hello (a TLS main node sends none)
+FLUSH_TIMEOUT = 5.0             # seconds the last frames may take before a reconnect or re-exec
+UPGRADE_TIMEOUT = 30.0          # seconds the download of a new worker.py may take
+UPGRADE_MAX_BYTES = 4 * 1024 * 1024   # a served worker.py larger than this is refused
+EXIT_REFUSED = 3                # exit status when the main node refuses this device for good
+                                # (a supervisor should not restart it: RestartPreventExitStatus)
 HEARTBEAT_INTERVAL = 60.0       # seconds between heartbeats, until register_ack says otherwise
 BACKOFF_START = 0.5             # seconds before the first reconnect; doubles per failure
 BACKOFF_MAX = 30.0              # seconds, the longest wait between reconnects
@@ -90,6 +93,7 @@ PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of on
 PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
 WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
+SPAWNER_IDLE = 120.0            # seconds the spawner stays with no task before it exits
 CAPABILITY_TOOLS = ("python3", "gcc", "g++", "make", "git", "curl", "docker", "podman",
                     "ffmpeg", "nvidia-smi", "node", "go", "rustc", "java")
 SPEED_TEST_SECONDS = 0.1        # seconds the start-up CPU benchmark runs (cpu_speed)
@@ -109,6 +113,7 @@ MIN_MEMORY_MB = 1024            # MiB; --max-memory defaults to this or half the
 # States of the connection to the main node, in the order they happen.
 DISCONNECTED = "disconnected"
 CONNECTING = "connecting"
+TLS_HANDSHAKE = "tls_handshake"   # only with --fingerprint
 AWAIT_HELLO = "await_hello"
 AWAIT_ACK = "await_ack"
 READY = "ready"
@@ -117,20 +122,17 @@ READY = "ready"
 # Helpers: JSON, logging, proofs ##############################################
 ###############################################################################
 
-if orjson is not None:
-    def dumps(obj, default=None):
-        return orjson.dumps(obj, default=default)
+# The standard json, even where orjson is installed: loading orjson costs an
+# idle worker 2 MiB, more than the time it would save here.
+def dumps(obj, default=None):
+    text = json.dumps(obj, default=default, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate: escape everything instead
+        return json.dumps(obj, default=default, separators=(",", ":")).encode("ascii")
 
-    loads = orjson.loads
-else:
-    def dumps(obj, default=None):
-        text = json.dumps(obj, default=default, ensure_ascii=False, separators=(",", ":"))
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:   # a lone surrogate: escape everything instead
-            return json.dumps(obj, default=default, separators=(",", ":")).encode("ascii")
 
-    loads = json.loads
+loads = json.loads
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 log_threshold = LOG_LEVELS["info"]
@@ -267,6 +269,235 @@ def parse_progress(line):
         return None
     message = fields[2].strip() if len(fields) > 2 else ""
     return min(max(percent, 0.0), 100.0), message[:PROGRESS_MESSAGE_MAX]
+
+
+###############################################################################
+# Identity, TLS and upgrades: what the worker keeps and checks ################
+###############################################################################
+# After its first join with the token, a device proves a secret of its own,
+# kept in the state directory, one file per cluster and device id, so that a
+# stranger holding the token cannot take its id over. The main node sends it
+# sealed: XORed with a pad that only holders of the token can compute.
+
+def unseal(token, server_nonce, worker_nonce, device_id, sealed):
+    pad = bytes.fromhex(sign(token, "rc-seal", server_nonce, worker_nonce, device_id))
+    return bytes(a ^ b for a, b in zip(bytes.fromhex(sealed), pad)).hex()
+
+
+def is_hex(text, length):
+    return (isinstance(text, str) and len(text) == length
+            and all(c in "0123456789abcdef" for c in text.lower()))
+
+
+NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def safe_name(text):
+    """A name the main node sent that may become part of a path (no "..", no "/")."""
+    return (isinstance(text, str) and 0 < len(text) <= 64 and set(text) <= NAME_CHARACTERS
+            and text.strip(".") != "")
+
+
+class Identity(object):
+    """The device secrets in --state-dir: STATE_DIR/CLUSTER_ID/DEVICE_ID.secret."""
+
+    def __init__(self, state_dir, device_id):
+        self.state_dir = os.path.expanduser(state_dir)
+        self.device_id = device_id
+
+    def prepare(self):
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            log("warning", "state_dir_unusable", path=self.state_dir, error=str(e),
+                message="device secrets cannot be kept: this worker joins with the token"
+                " each time, which a main node with device_secrets on refuses")
+
+    def path(self, cluster_id):
+        if not safe_name(cluster_id):      # an old main node, or a name unfit for a path
+            return None
+        return os.path.join(self.state_dir, cluster_id, self.device_id + ".secret")
+
+    def secret(self, cluster_id):
+        path = self.path(cluster_id)
+        try:
+            with open(path) as f:
+                secret = f.read().strip()
+        except (TypeError, OSError):      # no path, or no secret yet
+            return None
+        if not is_hex(secret, 64):
+            log("warning", "device_secret_unreadable", path=path)
+            return None
+        return secret
+
+    def keep(self, cluster_id, secret):
+        """Write the secret atomically (a temporary file renamed over the old),
+        readable by the owner only. The path, or None."""
+        path = self.path(cluster_id)
+        if path is None:
+            return None
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temporary = "%s.%d.tmp" % (path, os.getpid())
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as f:
+                f.write(secret + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        return path
+
+    def forget(self, cluster_id):
+        try:
+            os.unlink(self.path(cluster_id))
+        except (TypeError, OSError):
+            pass
+
+
+# -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
+
+WOULD_BLOCK = (BlockingIOError, InterruptedError)   # and, once ssl is loaded, its two
+
+
+def load_ssl():
+    """ssl only when TLS is used: it loads OpenSSL, megabytes an idle worker
+    without TLS need not hold."""
+    global WOULD_BLOCK
+    import ssl
+    if ssl.SSLWantReadError not in WOULD_BLOCK:
+        WOULD_BLOCK = WOULD_BLOCK + (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    return ssl
+
+
+def client_context():
+    """No certificate authority and no host name: the one certificate whose
+    fingerprint was pinned is trusted, nothing else (see Worker.handshake)."""
+    ssl = load_ssl()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if hasattr(ssl, "TLSVersion"):         # 3.7+; the OP_NO_* flags warn from 3.10 on
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    return context
+
+
+def certificate_fingerprint(der):
+    return sha256_function()(der).hexdigest()
+
+
+def normal_fingerprint(text):
+    """64 lower-case hex digits from "AB:CD:..." or "abcd...", or None."""
+    text = text.strip().rsplit("=", 1)[-1].replace(":", "").strip().lower()
+    return text if is_hex(text, 64) else None
+
+
+# -- upgrades: the served worker.py replaces this file, which then runs again --------
+
+# Refusals after which trying again is pointless: the worker says what to do and exits.
+REFUSED_FOR_GOOD = {
+    "device_id_taken": "the main node already knows a device %(id)s that proves its own"
+                       " secret, and this worker holds none for it (%(path)s): give this"
+                       " device another --device-id, or, if it is that device, put its secret"
+                       " file back",
+    "revoked": "the main node revoked %(id)s (`rc revoke`) and will not let it in again;"
+               " to join as a new device, start this worker with another --device-id",
+    "forgotten": "%(id)s was retired on the main node (`rc forget`) and cannot connect"
+                 " again; to join as a new device, start this worker with another --device-id",
+}
+
+WORKER_FILE = os.path.abspath(__file__)
+
+
+class UpgradeError(Exception):
+    """The upgrade cannot be done; the message says why."""
+
+
+def fetch_worker(host, port, expected_sha256=None):
+    from urllib.request import urlopen
+    url = "http://%s:%d/worker.py" % ("[%s]" % host if ":" in host else host, port)
+    try:
+        with urlopen(url, timeout=UPGRADE_TIMEOUT) as response:
+            source = response.read(UPGRADE_MAX_BYTES + 1)
+    except Exception as e:      # URLError, HTTPError, timeouts, bad responses
+        raise UpgradeError("cannot download %s: %s" % (url, e))
+    if len(source) > UPGRADE_MAX_BYTES:
+        raise UpgradeError("%s is over %d bytes" % (url, UPGRADE_MAX_BYTES))
+    if expected_sha256 and not proofs_match(certificate_fingerprint(source),
+                                            expected_sha256.lower()):
+        raise UpgradeError("%s is not the file the main node announced (SHA-256 differs)" % url)
+    try:
+        compile(source, WORKER_FILE, "exec")
+    except (SyntaxError, ValueError) as e:
+        raise UpgradeError("%s does not compile on Python %s: %s"
+                           % (url, sys.version.split()[0], e))
+    return source
+
+
+def replace_worker_file(source):
+    """Atomically put `source` in place of this file; False when it is the same."""
+    path = os.path.realpath(WORKER_FILE)
+    try:
+        with open(path, "rb") as f:
+            if f.read() == source:
+                return False
+        mode = os.stat(path).st_mode & 0o777
+        temporary = "%s.%d.new" % (path, os.getpid())
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(source)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:
+        raise UpgradeError("cannot replace %s: %s" % (path, e))
+    return True
+
+
+def interpreter_argv():
+    """This interpreter with the flags it was started with."""
+    flags = sys.flags
+    argv = [sys.executable]
+    if getattr(flags, "isolated", 0):
+        argv.append("-I")
+    else:
+        argv += ["-E"] * bool(flags.ignore_environment) + ["-s"] * bool(flags.no_user_site)
+    return argv + ["-S"] * bool(flags.no_site) + ["-O"] * flags.optimize
+
+
+def restart_argv():
+    """This interpreter with its flags, this file and its arguments."""
+    return interpreter_argv() + [WORKER_FILE] + sys.argv[1:]
+
+
+def bytecode_argv(call, interpreter=None):
+    """A command that imports this file from its compiled bytecode and runs
+    `call` (such as "main()") of it; None where that cannot be done.
+
+    Run as a script, the file's 3,000 lines are compiled in memory, which
+    leaves ~5 MiB in the process for good: too much for an idle worker on a
+    phone. Imported, it is compiled once into __pycache__ and loaded from there."""
+    directory, name = os.path.split(WORKER_FILE)
+    module, extension = os.path.splitext(name)
+    if (os.name != "posix" or extension != ".py" or not module.isidentifier()
+            or sys.dont_write_bytecode or not sys.executable):
+        return None
+    try:
+        import py_compile
+        py_compile.compile(WORKER_FILE, doraise=True)
+    except Exception:       # a directory we cannot write to, among others
+        return None
+    code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
+            " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)"
+            % (directory, module, call))
+    return (interpreter or interpreter_argv()) + ["-c", code]
 
 
 ###############################################################################
@@ -707,6 +938,8 @@ class Availability(object):
         self.low_battery = False
         self.hot = False
         self.owner = OwnerWatch() if options.idle_minutes else None
+        self.hold = ""              # why the main node asked for no new tasks (drain, upgrade)
+        self.owner_stopped = False  # the owner's rules, not a hold, stop tasks
         self.available, self.reason = True, ""
 
     def report(self):
@@ -717,10 +950,20 @@ class Availability(object):
         reasons = [reason for reason in (self.battery_rule(), self.temperature_rule(),
                                          self.owner_rule(own_cpu_seconds),
                                          self.quiet_hours_rule()) if reason]
+        owner_stopped = bool(reasons)
+        if self.hold:
+            reasons.append(self.hold)
         available, reason = not reasons, "; ".join(reasons)
-        changed = available != self.available
-        self.available, self.reason = available, reason
+        changed = available != self.available or owner_stopped != self.owner_stopped
+        self.available, self.reason, self.owner_stopped = available, reason, owner_stopped
         return changed
+
+    def options_changed(self):
+        """After a reload: watch the owner only if a rule needs it."""
+        if not self.options.idle_minutes:
+            self.owner = None
+        elif self.owner is None:
+            self.owner = OwnerWatch()
 
     def battery_rule(self):
         options = self.options
@@ -988,6 +1231,8 @@ class ProcessTask(Task):
     truncated = False
     cpu_time = 0.0
     peak_memory_kb = None
+    limits = ()              # task_rlimits(), once started
+    lost_with_spawner = False   # killed because the spawner that started it died
     memory_limit = None      # MiB (--max-memory), for the error of a task that ran out
     file_limit = None        # MiB (--max-file-size)
     # Stdout is read line by line for PROGRESS lines (see parse_progress).
@@ -1000,21 +1245,38 @@ class ProcessTask(Task):
         """The argv; may write files into self.workdir."""
         raise NotImplementedError
 
+    spawned = True           # started by the spawner where there is one (see Spawner)
+
+    def spawn_request(self, value):
+        """What the spawner runs for this task: by default the argv of
+        command(); Python tasks ask it to run their code itself."""
+        return {"argv": self.command(value)}
+
+    def preexec(self):
+        """What runs in the child between fork and exec: setting the limits."""
+        return lambda: apply_rlimits(self.limits)
+
     def start(self, worker):
         import subprocess
         import tempfile
         value = self.argument()
+        self.limits = task_rlimits(self.timeout, worker.options)
         try:
             self.workdir = tempfile.mkdtemp(prefix="rc-task-")
-            self.proc = subprocess.Popen(
-                self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=child_limits(self.timeout, worker.options))
+            if self.spawned and worker.spawner.usable():
+                self.proc = worker.spawner.spawn(worker, dict(
+                    self.spawn_request(value), cwd=self.workdir, limits=self.limits))
+            if self.proc is None:      # a process of our own
+                self.proc = subprocess.Popen(
+                    self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    preexec_fn=self.preexec())
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self.remove_workdir()
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
-        worker.watchdog.group_started(self.proc.pid)
+        if self.proc.pid is not None:     # a spawned one: told when the spawner answers
+            worker.watchdog.group_started(self.proc.pid)
         self.memory_limit = worker.options.max_memory
         self.file_limit = worker.options.max_file_size
         self.cap = worker.options.output_cap
@@ -1109,7 +1371,16 @@ class ProcessTask(Task):
         if self.proc is None or self.reaped:
             return
         pid = self.proc.pid
-        if hasattr(os, "waitid"):
+        if isinstance(self.proc, SpawnedChild):
+            if self.proc.error is not None:
+                self.not_started(worker, self.proc.error)
+                return
+            ended = worker.spawner.exits.pop(pid, None)
+            if ended is None:
+                return
+            self.record_exit(worker, (pid,) + ended[:2])
+            self.lost_with_spawner = ended[2]
+        elif hasattr(os, "waitid"):
             try:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                     return
@@ -1129,18 +1400,13 @@ class ProcessTask(Task):
         self.maybe_done(worker)
 
     def record_exit(self, worker, wait_status):
+        """Take what os.wait4() says (the spawner sends the same, in numbers)."""
         _, status, usage = wait_status
         self.reaped = True
         worker.watchdog.group_ended(self.proc.pid)
-        if os.WIFSIGNALED(status):
-            self.exit_code = -os.WTERMSIG(status)
-        else:
-            self.exit_code = os.WEXITSTATUS(status)
+        self.exit_code = exit_code(status)
         self.proc.returncode = self.exit_code    # so subprocess never waits for it again
-        self.cpu_time = round(usage.ru_utime + usage.ru_stime, 6)
-        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-        divisor = 1024 if sys.platform == "darwin" else 1
-        self.peak_memory_kb = int(usage.ru_maxrss // divisor)
+        self.cpu_time, self.peak_memory_kb = usage_figures(usage)
 
     def wake_at(self):
         if self.reaped:
@@ -1160,10 +1426,21 @@ class ProcessTask(Task):
         if self.ending or self.proc is None:
             return
         self.ending = outcome
-        if self.reaped:
+        if self.proc.pid is None:         # the spawner has not started it yet: it never will
+            self.proc.doomed = True
+            self.reaped = True
+            self.conclude(worker)
+        elif self.reaped:
             self.conclude(worker)
         else:
             kill_group(self.proc.pid)     # poll() reaps it and concludes
+
+    def not_started(self, worker, error):
+        self.reaped = True
+        for fd in list(self.pipes):
+            self.close_pipe(worker, fd)
+        self.remove_workdir()
+        worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error)
 
     def maybe_done(self, worker):
         if self.reaped and not self.pipes:
@@ -1190,6 +1467,8 @@ class ProcessTask(Task):
         return OUTCOME_FAILED, self.failure(stderr)
 
     def failure(self, stderr):
+        if self.lost_with_spawner:
+            return "the worker's task spawner exited, and the task with it"
         if self.exit_code == -getattr(signal, "SIGXFSZ", 0) and self.file_limit:
             return "file size limit exceeded (limit %d MiB)" % self.file_limit
         if self.exit_code == -getattr(signal, "SIGXCPU", 0):
@@ -1217,7 +1496,9 @@ class ProcessTask(Task):
         return stdout
 
     def abandon(self, worker):
-        if self.proc is not None and not self.reaped:
+        if isinstance(self.proc, SpawnedChild) and not self.reaped:
+            worker.spawner.forget(worker, self.proc)     # the spawner reaps it
+        elif self.proc is not None and not self.reaped:
             kill_group(self.proc.pid)
             try:
                 self.record_exit(worker, os.wait4(self.proc.pid, 0))
@@ -1244,37 +1525,84 @@ OUT_OF_MEMORY_SIGNS = ("memoryerror", "cannot allocate memory", "out of memory",
                        "bad_alloc", "memory exhausted")
 
 
-def child_limits(timeout, options):
-    """A preexec_fn setting the task's rlimits: no core dumps, a CPU-time limit a
-    little past the timeout (the worker's own timer normally acts first; this
-    covers a worker that died), address space, open files and file size."""
-    try:
-        import resource
-    except ImportError:
-        return None
+def task_rlimits(timeout, options):
+    """The task's rlimits as [name, value] pairs: no core dumps, a CPU-time
+    limit a little past the timeout (the worker's own timer normally acts
+    first; this covers a worker that died), address space, open files and
+    file size."""
     cpu_seconds = int(timeout) + 1 + CPU_LIMIT_MARGIN if timeout else None
     limits = [("RLIMIT_CORE", 0), ("RLIMIT_CPU", cpu_seconds),
               ("RLIMIT_AS", options.max_memory * 1048576 if options.max_memory else None),
               ("RLIMIT_NOFILE", TASK_OPEN_FILES),
               ("RLIMIT_FSIZE", options.max_file_size * 1048576 if options.max_file_size
                else None)]
-    limits = [(getattr(resource, name), value) for name, value in limits
-              if value is not None and hasattr(resource, name)]
+    return [[name, value] for name, value in limits if value is not None]
 
-    def limit():
-        for which, value in limits:
-            try:
-                hard = resource.getrlimit(which)[1]
-                if hard != resource.RLIM_INFINITY:
-                    value = min(value, hard)
-                # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL a second later.
-                extra = 1 if which == resource.RLIMIT_CPU else 0
-                if hard == resource.RLIM_INFINITY or hard > value + extra:
-                    hard = value + extra
-                resource.setrlimit(which, (value, hard))
-            except (ValueError, OSError):
-                pass      # not on this OS (macOS refuses RLIMIT_AS): run without it
-    return limit
+
+def apply_rlimits(limits):
+    """Set task_rlimits() in the task's process, before it runs anything."""
+    try:
+        import resource
+    except ImportError:
+        return
+    for name, value in limits:
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        try:
+            hard = resource.getrlimit(which)[1]
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL a second later.
+            extra = 1 if which == resource.RLIMIT_CPU else 0
+            if hard == resource.RLIM_INFINITY or hard > value + extra:
+                hard = value + extra
+            resource.setrlimit(which, (value, hard))
+        except (ValueError, OSError):
+            pass      # not on this OS (macOS refuses RLIMIT_AS): run without it
+
+
+# task_rlimits names as `ulimit` options and the unit each counts in (bytes).
+ULIMIT_OPTIONS = {"RLIMIT_CORE": ("c", 512), "RLIMIT_CPU": ("t", 1), "RLIMIT_AS": ("v", 1024),
+                  "RLIMIT_NOFILE": ("n", 1), "RLIMIT_FSIZE": ("f", 512)}
+
+
+def shell_limits(limits):
+    """task_rlimits as the `ulimit` commands a POSIX shell runs on itself
+    first, on the command's first line (so its line numbers stay); each as
+    apply_rlimits would set it, and as there, one that fails is skipped."""
+    try:
+        import resource
+    except ImportError:
+        return ""
+    commands = []
+    for name, value in limits:
+        option, unit = ULIMIT_OPTIONS[name]
+        hard = resource.getrlimit(getattr(resource, name))[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        if name == "RLIMIT_CPU" and (hard == resource.RLIM_INFINITY or hard > value + 1):
+            # SIGXCPU at the soft limit, SIGKILL a second later; soft first, as
+            # the hard limit may not go below it.
+            commands.append("ulimit -S -t %d 2>/dev/null; ulimit -H -t %d 2>/dev/null; "
+                            % (value, value + 1))
+        else:
+            commands.append("ulimit -%s %d 2>/dev/null; " % (option, value // unit))
+    return "".join(commands)
+
+
+def exit_code(wait_status):
+    """The exit status, or minus the signal that killed the process."""
+    if os.WIFSIGNALED(wait_status):
+        return -os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def usage_figures(usage):
+    """CPU seconds and peak memory (KiB) from a resource usage (os.wait4)."""
+    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+    divisor = 1024 if sys.platform == "darwin" else 1
+    return round(usage.ru_utime + usage.ru_stime, 6), int(usage.ru_maxrss // divisor)
 
 
 def python_executable():
@@ -1308,6 +1636,9 @@ class PythonEvalTask(PythonTask):
         return [python_executable(), "-I", "-c", EVAL_DRIVER,
                 self.write("expression.txt", expression)]
 
+    def spawn_request(self, expression):
+        return {"eval": expression}
+
     def output_text(self, stdout):
         return stdout[:-1] if stdout.endswith("\n") else stdout
 
@@ -1318,16 +1649,380 @@ class PythonExecTask(PythonTask):
     def command(self, code):
         return [python_executable(), "-I", self.write("script.py", code)]
 
+    def spawn_request(self, code):
+        return {"exec": code, "filename": self.write("script.py", code)}
+
 
 class ShellTask(ProcessTask):
+    """The shell sets the limits on itself (`ulimit`) before it runs the
+    command, so no Python runs between fork and exec: subprocess can then
+    use vfork, which makes a shell task about twice as cheap to start."""
     task_type = "shell"
+    spawned = False
 
     def command(self, command):
-        return [which("sh") or "/bin/sh", "-c", command]
+        return [which("sh") or "/bin/sh", "-c", shell_limits(self.limits) + command]
+
+    def preexec(self):
+        return None
 
 
 TASK_CLASSES = {cls.task_type: cls for cls in (
     EchoTask, SleepTask, SystemInfoTask, PythonEvalTask, PythonExecTask, ShellTask)}
+
+###############################################################################
+# The spawner: a warm interpreter that forks the tasks ########################
+###############################################################################
+# Starting a process from the worker costs a fork of the worker and, for a
+# Python task, a whole interpreter start (~20 ms; far more on a Pi). Instead
+# the worker starts, when the first such task comes, a second interpreter of
+# this file (`worker.py --spawner FD`) that holds no connection and no token.
+# For each task it forks a child: the child starts a session of its own, sets
+# the rlimits and either execs the command or, for python_eval/python_exec,
+# runs the code itself, in a process of its own, never in the worker. The
+# spawner reaps its children and sends their exit status and resource usage
+# back. It needs fork and Unix SOCK_SEQPACKET sockets (Linux, Android); where
+# either is missing, tasks start through subprocess as before. It exits when
+# the worker closes the socket, or dies, killing what it still runs.
+
+class SpawnedChild(object):
+    """What ProcessTask needs of a task process the spawner starts: the
+    reading ends of its stdout and stderr at once, its pid when the spawner
+    answers (or the error that kept it from starting)."""
+    pid = None
+    error = None
+    returncode = None
+    doomed = False       # killed before it started: kill it as soon as it has a pid
+
+    def __init__(self, stdout, stderr):
+        self.stdout, self.stderr = stdout, stderr
+
+
+class Usage(object):
+    """The parts of a resource usage the spawner reports."""
+    def __init__(self, ru_utime, ru_stime, ru_maxrss):
+        self.ru_utime, self.ru_stime, self.ru_maxrss = ru_utime, ru_stime, ru_maxrss
+
+
+class Spawner(object):
+    """The worker's end of the spawner."""
+    process = None       # the spawner (a subprocess.Popen), while it runs
+    sock = None
+    broken = False       # it failed once: tasks start through subprocess from now on
+
+    def __init__(self):
+        self.starting = deque()   # SpawnedChild sent and not yet answered, in order
+        self.children = set()     # pids of task processes not yet reported ended
+        self.exits = {}           # pid -> (wait status, Usage, lost with the spawner)
+        self.idle_since = time.monotonic()
+
+    def usable(self):
+        return (not self.broken and hasattr(os, "fork")
+                and hasattr(socket, "SOCK_SEQPACKET") and hasattr(socket, "AF_UNIX"))
+
+    def start(self, worker):
+        import subprocess
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd = theirs.fileno()
+        # -I: the Python tasks it forks run as `python -I` would.
+        isolated = [python_executable(), "-I"]
+        argv = bytecode_argv("serve_spawner(%d)" % fd, isolated) or isolated + [
+            WORKER_FILE, "--spawner", str(fd)]
+        try:
+            self.process = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        finally:
+            theirs.close()
+        self.sock = ours
+        worker.selector.register(ours, selectors.EVENT_READ, lambda mask: self.receive(worker))
+        log("debug", "spawner_started", pid=self.process.pid)
+
+    def spawn(self, worker, request):
+        """Ask for a task process; a SpawnedChild whose pid comes with the
+        spawner's answer, or None when there is no spawner (the caller starts
+        the process itself). The worker never waits for the answer."""
+        import array
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            if self.sock is None:
+                self.start(worker)
+            self.sock.sendmsg([dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", (out_w, err_w)))])
+        except (OSError, ValueError) as e:
+            log("warning", "spawner_failed", error=str(e))
+            self.broken = True
+            self.lost(worker)
+            os.close(out_r)
+            os.close(err_r)
+            return None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        child = SpawnedChild(os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0))
+        self.starting.append(child)
+        return child
+
+    def receive(self, worker):
+        while self.sock is not None and self.read_message(worker):
+            pass
+
+    def read_message(self, worker):
+        """Take one message from the spawner: a child started (or not), or
+        one that ended. False when there is none; at the spawner's end too."""
+        try:
+            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.lost(worker)
+            return False
+        message = loads(data)
+        if "exit" in message:
+            self.ended(message["exit"], message["status"], Usage(*message["usage"]))
+        elif "pid" in message:
+            self.started(worker, self.starting.popleft(), message["pid"])
+        else:
+            self.starting.popleft().error = message["error"]
+        return True
+
+    def started(self, worker, child, pid):
+        child.pid = pid
+        if child.doomed:            # its task ended (timed out, cancelled, dropped) meanwhile
+            kill_group(pid)
+            return
+        self.children.add(pid)
+        worker.watchdog.group_started(pid)
+
+    def ended(self, pid, status, usage, lost=False):
+        if pid in self.children:
+            self.children.discard(pid)
+            self.exits[pid] = (status, usage, lost)
+        if not self.children:
+            self.idle_since = time.monotonic()
+
+    def lost(self, worker):
+        """The spawner is gone: its children are orphans we cannot wait for.
+        End them and report them killed, so no task waits for ever."""
+        if self.process is not None:
+            log("warning", "spawner_lost", pid=self.process.pid, tasks=len(self.children))
+        for pid in list(self.children):
+            kill_group(pid)
+            self.ended(pid, signal.SIGKILL, Usage(0.0, 0.0, 0), lost=True)
+        while self.starting:
+            self.starting.popleft().error = "the spawner exited"
+        self.stop(worker)
+
+    def forget(self, worker, child):
+        """An abandoned task: kill it; its end is of no more interest."""
+        if child.pid is None:
+            child.doomed = True
+            return
+        kill_group(child.pid)
+        if child.pid in self.children:
+            self.children.discard(child.pid)
+            worker.watchdog.group_ended(child.pid)
+        self.exits.pop(child.pid, None)
+
+    def stop_when_idle(self, worker, now):
+        if self.sock is not None and not self.children and not self.starting and \
+                now - self.idle_since >= SPAWNER_IDLE:
+            self.stop(worker)
+
+    def stop(self, worker):
+        if self.sock is not None:
+            worker.selector.unregister(self.sock)
+            self.sock.close()       # the spawner exits at end of file
+            self.sock = None
+        if self.process is not None:
+            try:
+                self.process.wait(WATCHDOG_EXIT_WAIT)
+            except Exception:
+                self.process.kill()
+            self.process = None
+        self.idle_since = time.monotonic()
+
+
+def serve_spawner(fd):
+    """The spawner's life: fork a child per request, report each child's end."""
+    import select
+    import atexit, gc, resource, types     # noqa: F401 -- once here, not in every child
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)     # the worker ends us, by closing the socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
+    if hasattr(gc, "freeze"):
+        gc.freeze()      # the collector in a child would write to (and copy) every page
+    wakeup, wakeup_writer = os.pipe()
+    for end in (wakeup, wakeup_writer):
+        os.set_blocking(end, False)
+    signal.set_wakeup_fd(wakeup_writer)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    children = set()
+    while True:
+        readable = select.select([sock, wakeup], [], [])[0]
+        if wakeup in readable:
+            while True:
+                try:
+                    if not os.read(wakeup, 4096):
+                        break
+                except OSError:
+                    break
+        if sock in readable and not serve_request(sock, children, (wakeup, wakeup_writer)):
+            break
+        report_exits(sock, children)
+    for pid in children:
+        kill_group(pid)
+    return 0
+
+
+def serve_request(sock, children, own_fds):
+    """Start one task process; False when the worker has gone."""
+    import array
+    fds = array.array("i")
+    try:
+        data, ancillary, _, _ = sock.recvmsg(MAX_FRAME_BYTES * 2, socket.CMSG_SPACE(
+            2 * fds.itemsize))
+    except OSError:
+        return False
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        return False
+    try:
+        if len(fds) != 2:
+            raise ValueError("a request carries two descriptors")
+        request = loads(data)
+        code = python_code(request)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run_spawned(request, code, fds[0], fds[1])
+            finally:
+                os._exit(127)
+        children.add(pid)
+        reply = {"pid": pid}
+    except (OSError, ValueError) as e:
+        reply = {"error": str(e)}
+    for fd in fds:
+        os.close(fd)
+    sock.send(dumps(reply))
+    return True
+
+
+def report_exits(sock, children):
+    for pid in list(children):
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                continue
+        except ChildProcessError:
+            pass
+        # Reaped only now: its unreaped leader kept the group id from reuse.
+        kill_group(pid)
+        _, status, usage = os.wait4(pid, 0)
+        children.discard(pid)
+        sock.send(dumps({"exit": pid, "status": status,
+                         "usage": [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]}))
+
+
+def python_source(request):
+    """compile()'s arguments for a Python task's code."""
+    if "eval" in request:
+        return request["eval"], "<expression>", "eval"
+    return request["exec"], request["filename"], "exec"
+
+
+def python_code(request):
+    """A Python task's code, compiled before the fork: compiling in the child
+    costs it a millisecond of copied pages. None for a shell task, and for
+    code that does not compile, which the child compiles again to report."""
+    if "argv" in request:
+        return None
+    try:
+        return compile(*python_source(request))
+    except Exception:      # SyntaxError, ValueError (a NUL), RecursionError, MemoryError
+        return None
+
+
+def run_spawned(request, code, stdout_fd, stderr_fd):
+    """In the forked child: become the task. Never returns."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    os.chdir(request["cwd"])
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    close_all_but(-1)          # the spawner's socket above all
+    apply_rlimits(request["limits"])
+    if "argv" in request:
+        # What Python ignores for itself, a command gets back (as subprocess does).
+        for name in ("SIGPIPE", "SIGXFSZ"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+        try:
+            os.execvp(request["argv"][0], request["argv"])
+        except OSError as e:
+            os.write(2, ("cannot start %s: %s\n" % (request["argv"][0], e)).encode())
+            os._exit(127)
+    os._exit(run_python(request, code))
+
+
+def run_python(request, code):
+    """python_eval and python_exec, in the forked child: as `python -I` would
+    run them, in a fresh __main__. Returns the exit status."""
+    import types
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    sys.argv = [request.get("filename", "-c")]
+    status = 0
+    try:
+        if code is None:    # it did not compile: compiling again raises what to report
+            code = compile(*python_source(request))
+        if "eval" in request:
+            value = eval(code, main.__dict__)
+            sys.stdout.write(repr(value) + "\n")
+        else:
+            exec(code, main.__dict__)
+    except SystemExit as e:
+        status = system_exit_status(e.code)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        status = 1
+    return finish_python(status)
+
+
+def system_exit_status(code):
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    sys.stderr.write("%s\n" % (code,))
+    return 1
+
+
+def finish_python(status):
+    """What an interpreter does on its way out: wait for threads, run atexit
+    functions, flush the output."""
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        import atexit
+        atexit._run_exitfuncs()
+    except BaseException:
+        status = status or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            status = status or 120
+    return status
+
 
 ###############################################################################
 # The watchdog: no orphaned tasks when the worker is killed ###################
@@ -1461,6 +2156,7 @@ class Worker(object):
         self.heartbeat_interval = options.heartbeat
         self.stop_signal = None
         self.watchdog = Watchdog()     # started by run(), not by the self-test
+        self.spawner = Spawner()       # started with the first task that needs a process
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
@@ -1474,22 +2170,31 @@ class Worker(object):
         self.backoff = BACKOFF_START
         self.connect_at = time.monotonic() if options.join else None
         self.auth_deadline = None
+        self.hello_deadline = None
         self.next_heartbeat = None
         self.last_heard = None
         self.nonces = None
+        # Who we are to the main node (see on_hello).
+        self.identity = Identity(options.state_dir, self.device_id)
+        self.cluster_id = None
+        self.auth, self.key = "token", None    # what the last register proved
+        self.restart_pending = False   # an upgrade is in place: run it once idle
+        self.exit_status = None        # set when the main node refused us for good
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
+        self.identity.prepare()
         self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,
             main_node="%s:%d" % self.options.join, task_types=list(self.options.task_types),
-            slots=self.options.slots, python=sys.version.split()[0], watchdog=self.watchdog.pid)
-        while self.stop_signal is None:
+            slots=self.options.slots, python=sys.version.split()[0], watchdog=self.watchdog.pid,
+            tls=bool(self.options.fingerprint))
+        while self.stop_signal is None and self.exit_status is None:
             self.turn()
         self.shutdown()
-        return 0
+        return self.exit_status or 0
 
     def turn(self):
         events = self.selector.select(self.select_timeout())
@@ -1503,11 +2208,13 @@ class Worker(object):
         self.check_timers(time.monotonic())
         self.start_queued()
         self.flush()
+        if self.restart_pending and not (self.running or self.queued or self.unacked):
+            self.restart()
 
     def select_timeout(self):
         now = time.monotonic()
         times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit(),
-                 self.next_policy_check]
+                 self.next_policy_check, self.hello_deadline]
         times.extend(task.wake_at() for task in self.running.values())
         fence_in = self.fence_in()
         if fence_in is not None:
@@ -1523,10 +2230,13 @@ class Worker(object):
     def check_timers(self, now):
         if now >= self.next_policy_check:
             self.check_availability()
+        self.spawner.stop_when_idle(self, now)
         if self.connect_at is not None and now >= self.connect_at:
             self.connect()
         if self.auth_deadline is not None and now >= self.auth_deadline:
             self.disconnect("no register_ack within %g s" % (CONNECT_TIMEOUT + AUTH_TIMEOUT))
+        if self.hello_deadline is not None and now >= self.hello_deadline:
+            self.no_hello()
         if self.state == READY and now >= self.silence_limit():
             self.disconnect("nothing heard from the main node for %g s" % (now - self.last_heard))
         if self.state == READY and now >= self.next_heartbeat:
@@ -1608,6 +2318,7 @@ class Worker(object):
         for task in list(self.running.values()):
             self.drop(task, "task_abandoned", "the worker is stopping")
         self.running.clear()
+        self.spawner.stop(self)
         if self.sock is not None:
             self.flush()
             self.sock.close()
@@ -1646,6 +2357,9 @@ class Worker(object):
         if self.state == CONNECTING:
             self.on_connected()
             return
+        if self.state == TLS_HANDSHAKE:
+            self.handshake()
+            return
         if mask & selectors.EVENT_READ:
             self.receive()
         if mask & selectors.EVENT_WRITE and sock is self.sock:
@@ -1658,9 +2372,71 @@ class Worker(object):
             return
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        log("info", "connected", main_node="%s:%d" % self.options.join,
+            tls=bool(self.options.fingerprint))
+        if self.options.fingerprint:
+            self.start_tls()
+        else:
+            self.await_hello()
+
+    def await_hello(self):
         self.state = AWAIT_HELLO
+        self.hello_deadline = time.monotonic() + HELLO_TIMEOUT
         self.watch_socket(writing=False)
-        log("info", "connected", main_node="%s:%d" % self.options.join)
+
+    def no_hello(self):
+        hint = ("; if the main node uses TLS, start this worker with --fingerprint"
+                " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
+        log("error", "no_hello", main_node="%s:%d" % self.options.join,
+            message="the main node sent no hello within %g s of connecting%s"
+            % (HELLO_TIMEOUT, hint))
+        self.disconnect("no hello within %g s" % HELLO_TIMEOUT, level="error")
+
+    # -- TLS ---------------------------------------------------------------------
+
+    def start_tls(self):
+        self.selector.unregister(self.sock)
+        self.sock = client_context().wrap_socket(self.sock, do_handshake_on_connect=False)
+        self.selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                               lambda mask, sock=self.sock: self.on_socket(sock, mask))
+        self.state = TLS_HANDSHAKE
+        self.handshake()
+
+    def handshake(self):
+        """One step of the TLS handshake; once done, the pin is checked before
+        a single byte of the protocol is read or written."""
+        ssl = load_ssl()
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.watch_socket(writing=False)
+            return
+        except ssl.SSLWantWriteError:
+            self.watch_socket(writing=True)
+            return
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+            self.disconnect("TLS handshake cut short: %s" % e)
+            return
+        except ssl.SSLError as e:
+            self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
+                         " does not use TLS (tls is false in its etc/rc.json), start this worker"
+                         " without --fingerprint" % (self.options.join + (e,)))
+            return
+        except OSError as e:
+            self.disconnect("TLS handshake failed: %s" % e)
+            return
+        found = certificate_fingerprint(self.sock.getpeercert(binary_form=True) or b"")
+        if not proofs_match(found, self.options.fingerprint):
+            self.give_up("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
+                         " with SHA-256 fingerprint %s, not the pinned %s: nothing was sent to it."
+                         " If its certificate was made again, start this worker with the"
+                         " --fingerprint `rc join` prints now; otherwise something else answers"
+                         " at that address" % (self.options.join + (found, self.options.fingerprint)))
+            return
+        log("debug", "tls_established", version=self.sock.version(), fingerprint=found)
+        self.await_hello()
+        if self.sock.pending():       # the hello may already be decrypted and waiting
+            self.receive()
 
     def watch_socket(self, writing):
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
@@ -1677,7 +2453,7 @@ class Worker(object):
         self.state = DISCONNECTED
         self.inbox = bytearray()
         self.outbox = bytearray()
-        self.auth_deadline = self.next_heartbeat = None
+        self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
         if self.lost_at is None:
             self.lost_at = contact_clock()
         delay = self.backoff * jitter()
@@ -1686,19 +2462,27 @@ class Worker(object):
         log(level, "disconnected", reason=reason, retry_in=round(delay, 3))
 
     def receive(self):
-        try:
-            chunk = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.disconnect("read failed: %s" % e)
-            return
-        if not chunk:
-            self.disconnect("closed by the main node")
-            return
+        chunk = b""
+        while True:
+            try:
+                chunk = self.sock.recv(READ_SIZE)
+            except WOULD_BLOCK:
+                if not chunk:
+                    return
+                break
+            except OSError as e:
+                self.disconnect("read failed: %s" % e)
+                return
+            if not chunk:
+                self.disconnect("closed by the main node")
+                return
+            self.inbox += chunk
+            # TLS may hold decrypted bytes that select() cannot see: take them now.
+            pending = getattr(self.sock, "pending", None)
+            if not (pending and pending()):
+                break
         self.last_heard = time.monotonic()
         contact = contact_clock()
-        self.inbox += chunk
         sock = self.sock
         for line in self.take_frames():
             if self.state == READY:     # only a main node that proved the token counts
@@ -1729,11 +2513,11 @@ class Worker(object):
             self.send(message_type, data)
 
     def flush(self):
-        if self.sock is None or self.state == CONNECTING:
+        if self.sock is None or self.state in (CONNECTING, TLS_HANDSHAKE):
             return
         try:
             sent = self.sock.send(self.outbox) if self.outbox else 0
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             sent = 0
         except OSError as e:
             self.disconnect("write failed: %s" % e)
@@ -1770,9 +2554,24 @@ class Worker(object):
 
     def on_error(self, data):
         code, message = data.get("code"), data.get("message")
-        if code == "auth_failed":
+        if code == "auth_failed" and self.auth == "device":
+            log("error", "auth_failed", detail=message, message="the main node refused this"
+                " device's secret (%s); if the device was reset there, delete that file to"
+                " join again with the join token" % self.identity.path(self.cluster_id))
+        elif code == "auth_failed":
             log("error", "auth_failed", message="wrong join token: the main node refused"
                 " this worker's proof; check --token", detail=message)
+        elif code == "unknown_device" and self.auth == "device":
+            # The main node lost our secret (a new database?): join again as new.
+            self.identity.forget(self.cluster_id)
+            self.backoff = BACKOFF_START
+            log("warning", "device_secret_unknown", detail=message, message="the main node"
+                " holds no secret for %s: the stored one is deleted; joining again with the"
+                " join token" % self.device_id)
+        elif code in REFUSED_FOR_GOOD:
+            self.give_up(code, REFUSED_FOR_GOOD[code] % {
+                "id": self.device_id, "path": self.identity.path(self.cluster_id)
+                or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
         elif code == "stale_result":
             log("info", "stale_result", task_id=data.get("task_id"),
                 attempt=data.get("attempt"), message=message)
@@ -1788,24 +2587,31 @@ class Worker(object):
         if data.get("protocol") != PROTOCOL_VERSION:
             log("warning", "protocol_mismatch", ours=PROTOCOL_VERSION,
                 theirs=data.get("protocol"))
+        self.hello_deadline = None
         self.nonces = (server_nonce, new_nonce())
+        # Our own secret for this cluster once we have one; the join token until then.
+        self.cluster_id = data.get("cluster_id")
+        secret = self.identity.secret(self.cluster_id)
+        self.auth, self.key = ("device", secret) if secret else ("token", self.options.token)
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
                         nonce=self.nonces[1], active_tasks=self.active_tasks(),
-                        fenced_tasks=self.tell_fenced(),
-                        proof=sign(self.options.token, "rc-worker", self.nonces[0],
-                                   self.nonces[1], self.device_id))
+                        fenced_tasks=self.tell_fenced(), auth=self.auth,
+                        proof=sign(self.key, "rc-worker", self.nonces[0], self.nonces[1],
+                                   self.device_id))
         self.send(REGISTER, register)
         self.state = AWAIT_ACK
 
     def on_register_ack(self, data):
-        expected = sign(self.options.token, "rc-server", self.nonces[0], self.nonces[1],
-                        self.device_id)
+        expected = sign(self.key, "rc-server", self.nonces[0], self.nonces[1], self.device_id)
+        what = "the join token" if self.auth == "token" else "this device's secret"
         if not proofs_match(expected, data.get("proof")):
             log("error", "server_proof_wrong", message="the main node did not prove it"
-                " knows the join token; none of its tasks will run")
-            self.disconnect("main node failed to prove the join token", level="error")
+                " knows %s; none of its tasks will run" % what)
+            self.disconnect("main node failed to prove %s" % what, level="error")
             return
+        if self.auth == "token" and data.get("device_secret") is not None:
+            self.keep_secret(data["device_secret"])
         interval = data.get("heartbeat_interval")
         if is_number(interval) and interval > 0:
             self.heartbeat_interval = float(interval)
@@ -1825,6 +2631,34 @@ class Worker(object):
         for result in self.unacked.values():
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
+
+    def keep_secret(self, sealed):
+        """The secret the main node made for us on a join with the token."""
+        if not is_hex(sealed, 64):
+            log("warning", "device_secret_malformed", message="register_ack carried a"
+                " device_secret that is not 64 hex digits; it is not kept")
+            return
+        secret = unseal(self.options.token, self.nonces[0], self.nonces[1], self.device_id,
+                        sealed)
+        try:
+            path = self.identity.keep(self.cluster_id, secret)
+        except OSError as e:
+            log("error", "device_secret_not_kept", error=str(e), message="cannot store this"
+                " device's secret under %s; the next connection joins with the token again"
+                % self.identity.state_dir)
+            return
+        if path is None:
+            log("warning", "device_secret_not_kept", message="the main node named no usable"
+                " cluster_id in its hello; the secret cannot be filed")
+        else:
+            log("info", "device_secret_stored", path=path)
+
+    def give_up(self, event, message):
+        """A refusal that trying again cannot mend: say what to do, and exit."""
+        log("error", event, device_id=self.device_id, message=message)
+        self.disconnect(event, level="info")
+        self.connect_at = None
+        self.exit_status = EXIT_REFUSED
 
     def on_task_assign(self, data):
         key = (data.get("task_id"), data.get("attempt"))
@@ -1881,8 +2715,123 @@ class Worker(object):
         self.fenced -= self.fenced_told
         self.fenced_told = set()
 
+    # -- control messages from `rc broadcast` -------------------------------------
+
+    def on_control(self, data):
+        control_id, command = data.get("control_id"), data.get("command")
+        if not is_int(control_id):
+            self.send(ERROR, {"code": "bad_request", "message": "control needs an integer"
+                              " control_id"})
+            return
+        action = self.CONTROLS.get(command) if isinstance(command, str) else None
+        if action is None:
+            ok, detail, then = False, ("unknown command %r" % (command,))[:200], None
+        else:
+            ok, detail, then = action(self, data)
+        self.send(CONTROL_ACK, {"control_id": control_id, "ok": ok, "detail": detail})
+        log("info" if ok else "warning", "control", control_id=control_id,
+            command=str(command)[:50], ok=ok, detail=detail)
+        if then is not None:       # after the answer: it may end this connection
+            then()
+
+    def control_reload(self, data):
+        """Read --config again and apply what can change while running."""
+        if not self.options.config:
+            return True, "nothing to reload (started without --config)", None
+        try:
+            fresh = parse_args(self.options.argv, reloading=True)
+        except ReloadError as e:
+            return False, "cannot reload %s: %s" % (self.options.config, e), None
+        changed = [name for name in RELOADABLE
+                   if getattr(fresh, name) != getattr(self.options, name)]
+        stuck = [name for name in NEEDS_RESTART
+                 if getattr(fresh, name) != getattr(self.options, name)]
+        for name in changed:
+            setattr(self.options, name, getattr(fresh, name))
+        global log_threshold
+        log_threshold = LOG_LEVELS[self.options.log_level]
+        self.availability.options_changed()
+        self.next_policy_check = time.monotonic()      # the new rules apply now
+        detail = "changed: %s" % ", ".join(changed) if changed else "nothing changed"
+        then = None
+        if set(changed) & set(PROFILE_OPTIONS):
+            detail += "; registering again with the new profile"
+            then = lambda: self.reconnect("profile changed by reload")
+        if stuck:
+            detail += "; needs a restart: %s" % ", ".join(stuck)
+        return True, detail, then
+
+    def control_report_profile(self, data):
+        """The main node takes a profile with register only: measure again
+        and register again on a new connection (running tasks carry on)."""
+        self.speed = cpu_speed()
+        return True, "profile measured again; registering again", lambda: self.reconnect(
+            "report_profile")
+
+    def control_drain(self, data):
+        self.hold("drained by the main node (rc broadcast drain); restart the worker to undo")
+        return True, "draining: no new tasks; %d running will finish" % len(self.running), None
+
+    def control_upgrade(self, data):
+        if not self.options.allow_upgrade:
+            return False, "upgrade not allowed on this device (start with --allow-upgrade)", None
+        try:
+            source = fetch_worker(self.options.join[0], self.options.web_port,
+                                  data.get("sha256") if isinstance(data.get("sha256"), str)
+                                  else None)
+            replaced = replace_worker_file(source)
+        except UpgradeError as e:
+            return False, str(e), None
+        if not replaced:
+            return True, "already the served worker.py; nothing to do", None
+        self.hold("restarting for an upgrade")
+        self.restart_pending = True
+        busy = len(self.running) + len(self.queued)
+        return True, "%s replaced (%d bytes); restarting %s" % (
+            WORKER_FILE, len(source), "once %d tasks finish" % busy if busy else "now"), None
+
+    CONTROLS = {"reload": control_reload, "report_profile": control_report_profile,
+                "drain": control_drain, "upgrade": control_upgrade}
+
+    def hold(self, reason):
+        """No new tasks, at the main node's request; running ones finish."""
+        self.availability.hold = reason
+        self.next_policy_check = time.monotonic()      # tell the scheduler now
+
+    def send_now(self):
+        """Write what is queued for the main node, waiting a little if need be
+        (before a reconnect or a re-exec)."""
+        if self.sock is None or not self.outbox or self.state in (CONNECTING, TLS_HANDSHAKE):
+            return
+        try:
+            self.sock.settimeout(FLUSH_TIMEOUT)
+            self.sock.sendall(self.outbox)
+        except OSError as e:
+            log("warning", "flush_failed", error=str(e))
+        self.outbox = bytearray()
+
+    def reconnect(self, reason):
+        """Register again at once: the main node reads a profile only then."""
+        self.send_now()
+        self.disconnect(reason, level="info")
+        self.backoff = BACKOFF_START
+        self.connect_at = time.monotonic()
+
+    def restart(self):
+        """Run the new worker.py in this process (same pid, same arguments)."""
+        argv = restart_argv()
+        log("info", "worker_restarting", reason="upgrade", argv=argv)
+        self.send_now()
+        self.shutdown()
+        try:
+            os.execv(sys.executable, argv)
+        except OSError as e:      # the new file is in place: a supervisor starts it
+            log("error", "restart_failed", error=str(e))
+            sys.exit(1)
+
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
-                TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack}
+                TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
+                CONTROL: on_control}
 
     # -- tasks ---------------------------------------------------------------------
 
@@ -1971,7 +2920,8 @@ class Worker(object):
             return
         for task in list(self.queued.values()):
             self.hand_back(task)
-        if self.options.on_unavailable == "hand-back":
+        # A hold from the main node (drain, upgrade) lets running tasks finish.
+        if self.options.on_unavailable == "hand-back" and self.availability.owner_stopped:
             for task in list(self.running.values()):
                 self.hand_back(task)
 
@@ -2031,6 +2981,21 @@ def self_test(worker):
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
+
+# What `reload` (a control message) may change in a running worker; the
+# profile ones are sent by registering again.
+RELOADABLE = ("task_types", "tags", "role", "slots", "max_memory", "max_file_size",
+              "output_cap", "only_when_charging", "min_battery", "resume_battery",
+              "max_temperature", "idle_minutes", "quiet_hours", "on_unavailable",
+              "policy_interval", "log_level", "log_tasks")
+PROFILE_OPTIONS = ("task_types", "tags", "role", "slots")
+NEEDS_RESTART = ("join", "device_id", "token_file", "fingerprint", "state_dir", "web_port",
+                 "allow_upgrade")
+
+
+class ReloadError(Exception):
+    """--config, read again, does not parse; the message says why."""
+
 
 def join_address(text):
     """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT."""
@@ -2143,11 +3108,30 @@ def config_arguments(parser, argv):
     return arguments + argv
 
 
-def parse_args(argv=None):
+def help_formatter(prog):
+    """argparse's formatter, told the width: left to find it out, it loads
+    shutil and the compressors shutil imports, half a megabyte an idle worker
+    would carry for good."""
+    import argparse
+    try:
+        width = int(os.environ.get("COLUMNS") or os.get_terminal_size(2).columns)
+    except (ValueError, OSError):
+        width = 80
+    return argparse.HelpFormatter(prog, width=width - 2)
+
+
+def parse_args(argv=None, reloading=False):
+    """The options; with reloading (see Worker.control_reload), errors raise
+    ReloadError instead of exiting, and the token is not read again."""
     import argparse
     import re
     parser = argparse.ArgumentParser(
-        prog="worker.py", description="Join this device to a Retire-Cluster main node.")
+        prog="worker.py", description="Join this device to a Retire-Cluster main node.",
+        formatter_class=help_formatter)
+    if reloading:
+        def fail(message):
+            raise ReloadError(message)
+        parser.error = fail
     parser.add_argument("--config", metavar="FILE", help="a JSON file of these options"
                         " (e.g. {\"min_battery\": 30}); the command line wins")
     parser.add_argument("--join", metavar="HOST[:PORT]", type=join_address,
@@ -2156,6 +3140,20 @@ def parse_args(argv=None):
     parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
+    parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                        help="where this device's secret is kept, one per cluster and"
+                        " device id (default: %(default)s)")
+    parser.add_argument("--fingerprint", metavar="HEX", help="the main node uses TLS: the"
+                        " SHA-256 fingerprint of its certificate (64 hex digits, colons"
+                        " allowed; `rc join` prints it)")
+    parser.add_argument("--fingerprint-file", metavar="FILE",
+                        help="read --fingerprint from FILE")
+    parser.add_argument("--web-port", type=positive(int), default=DEFAULT_WEB_PORT,
+                        metavar="PORT", help="the main node's dashboard port, which serves"
+                        " worker.py for upgrades (default: %(default)d)")
+    parser.add_argument("--allow-upgrade", action="store_true",
+                        help="let `rc broadcast upgrade` replace this file with the main"
+                        " node's worker.py and restart it")
     parser.add_argument("--role", help="compute, storage, mobile... (default: guessed:"
                         " mobile on Android, storage with a disk of %d GB or more,"
                         " compute)" % STORAGE_DISK_GB)
@@ -2186,7 +3184,7 @@ def parse_args(argv=None):
     guest.add_argument("--min-battery", type=percent, metavar="PCT",
                        help="stop below PCT %% battery")
     guest.add_argument("--resume-battery", type=percent, metavar="PCT",
-                       help="resume only at PCT %% (default: --min-battery + %d)"
+                       help="resume only at PCT %%%% (default: --min-battery + %d)"
                        % BATTERY_RESUME_MARGIN)
     guest.add_argument("--max-temperature", type=float, metavar="C",
                        help="stop above C degrees Celsius, resume %g below"
@@ -2211,6 +3209,8 @@ def parse_args(argv=None):
                         help="print the profile, run each task type locally, and exit")
     parser.add_argument("--version", action="version", version=__version__)
     options = parser.parse_args(config_arguments(parser, argv))
+    options.argv = list(sys.argv[1:] if argv is None else argv)
+    options.fingerprint = pinned_fingerprint(parser, options)
     if options.min_battery is not None and options.resume_battery is None:
         options.resume_battery = min(100.0, options.min_battery + BATTERY_RESUME_MARGIN)
     if options.resume_battery is not None and options.resume_battery < (options.min_battery or 0):
@@ -2221,8 +3221,26 @@ def parse_args(argv=None):
     if not options.self_test:
         if options.join is None:
             parser.error("--join HOST[:PORT] is required")
-        options.token = join_token(parser, options)
+        if not reloading:
+            options.token = join_token(parser, options)
     return options
+
+
+def pinned_fingerprint(parser, options):
+    text = options.fingerprint
+    if options.fingerprint_file:
+        try:
+            with open(os.path.expanduser(options.fingerprint_file)) as f:
+                text = f.read()
+        except OSError as e:
+            parser.error("cannot read --fingerprint-file: %s" % e)
+    if text is None:
+        return None
+    fingerprint = normal_fingerprint(text)
+    if fingerprint is None:
+        parser.error("--fingerprint must be 64 hex digits (colons allowed): the SHA-256 of"
+                     " the main node's certificate, as `rc join` prints it")
+    return fingerprint
 
 
 def task_types(parser, allow, deny):
@@ -2257,6 +3275,9 @@ def join_token(parser, options):
 
 def main(argv=None):
     global log_threshold
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--spawner"]:          # see Spawner: started by a worker, not by people
+        return serve_spawner(int(argv[1]))
     options = parse_args(argv)
     log_threshold = LOG_LEVELS[options.log_level]
     if options.self_test:
@@ -2266,4 +3287,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    argv = bytecode_argv("main()")
+    if argv:
+        os.execv(sys.executable, argv + sys.argv[1:])
     sys.exit(main())

@@ -1,16 +1,18 @@
 """A real cluster for tests: `make run` under a temporary RC_HOME with free
 ports on 127.0.0.1, extra workers started and killed at will, and helpers
 that read the database the programs share."""
+import hashlib
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 
 from rc import config as config_module
-from rc import db
+from rc import db, tls
 from rc.states import TERMINAL_STATES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,14 +65,39 @@ class Cluster:
         output = self.supervisorctl("pid", name).strip()
         return int(output) if output.isdigit() else 0
 
-    def start_worker(self, device_id, *extra):
+    def start_worker(self, device_id, *extra, worker=WORKER):
         with open(self.worker_log(device_id), "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % self.config.tcp_port,
-                 "--token-file", self.config.token_path, "--device-id", device_id]
-                + list(extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, "-I", worker] + self.worker_arguments(device_id) + list(extra),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers[device_id] = process
         return process
+
+    def worker_arguments(self, device_id):
+        """How a worker joins this cluster: its secrets in the harness home,
+        the certificate pinned when TLS is on."""
+        arguments = ["--join", "127.0.0.1:%d" % self.config.tcp_port, "--token-file",
+                     self.config.token_path, "--device-id", device_id, "--state-dir",
+                     os.path.join(self.home, "worker-state"), "--web-port",
+                     str(self.config.web_port)]
+        if self.config.tls:
+            arguments += ["--fingerprint", tls.fingerprint(self.config)]
+        return arguments
+
+    def connect(self, timeout=10):
+        """A raw connection to rc-server as a worker opens one: with TLS, and
+        the certificate pinned, when the cluster has TLS on."""
+        sock = socket.create_connection(("127.0.0.1", self.config.tcp_port), timeout=timeout)
+        if not self.config.tls:
+            return sock
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        # rc-server hangs up without a TLS close_notify: an end of file, not an error.
+        context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+        sock = context.wrap_socket(sock)
+        assert hashlib.sha256(sock.getpeercert(True)).hexdigest() == tls.fingerprint(self.config)
+        return sock
 
     def worker_log(self, device_id):
         return os.path.join(self.home, "log", "worker-%s.log" % device_id)

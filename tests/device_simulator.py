@@ -1,5 +1,9 @@
 """Thousands of simulated devices from one process, for `make bench`.
 
+It speaks plain TCP: run it against a main node with "tls": false (the
+bench does); thousands of TLS handshakes in one Python process would make the
+simulator, not rc-server, the thing measured.
+
 Each connection authenticates like a real worker (HMAC on the join token),
 heartbeats at the given interval (spread evenly, so 10,000 devices at 60 s
 are 167 heartbeats a second), answers every task at once, and the process

@@ -7,7 +7,6 @@ log does), and at the end the server's memory is back where it was.
 """
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +29,7 @@ def cluster(tmp_path_factory):
     cluster.start_worker("good", "--slots", "2")
     wait_for(lambda: "good" in online(cluster), 30, "the good worker")
     cluster.token = open(cluster.config.token_path).read().strip()
+    cluster.secrets = {}         # device id -> the secret it got at its first join
     cluster.server_rss = server_memory(cluster)
     yield cluster
     cluster.stop()
@@ -40,7 +40,7 @@ def server_memory(cluster):
 
 
 def connect(cluster):
-    sock = socket.create_connection(("127.0.0.1", cluster.config.tcp_port), timeout=5)
+    sock = cluster.connect(timeout=5)
     hello = read_frame(sock)
     assert hello["message_type"] == "hello"
     return sock, hello["data"]["nonce"]
@@ -69,8 +69,8 @@ def answered_or_closed(sock):
     return frame
 
 
-def register_frame(cluster, nonce, device_id="intruder", proof=None, **extra):
-    mine = protocol.new_nonce()
+def register_frame(cluster, nonce, device_id="intruder", proof=None, mine=None, **extra):
+    mine = mine or protocol.new_nonce()
     data = {"device_id": device_id, "protocol": 1, "nonce": mine,
             "proof": proof or protocol.worker_proof(cluster.token, nonce, mine, device_id)}
     data.update(extra)
@@ -78,9 +78,19 @@ def register_frame(cluster, nonce, device_id="intruder", proof=None, **extra):
 
 
 def registered(cluster, device_id="intruder"):
+    """Joined with the token the first time, with the device's own secret
+    after that, as a worker does."""
     sock, nonce = connect(cluster)
-    sock.sendall(register_frame(cluster, nonce, device_id))
-    assert read_frame(sock)["message_type"] == "register_ack"
+    mine = protocol.new_nonce()
+    secret = cluster.secrets.get(device_id)
+    proof = protocol.worker_proof(secret, nonce, mine, device_id) if secret else None
+    sock.sendall(register_frame(cluster, nonce, device_id, proof, mine,
+                                auth="device" if secret else "token"))
+    ack = read_frame(sock)
+    assert ack["message_type"] == "register_ack", ack
+    if "device_secret" in ack["data"]:
+        cluster.secrets[device_id] = protocol.unseal(cluster.token, nonce, mine, device_id,
+                                                     ack["data"]["device_secret"])
     return sock
 
 
@@ -224,8 +234,7 @@ def test_results_for_tasks_not_assigned_to_the_sender(cluster):
 
 
 def test_idle_connections_that_never_authenticate(cluster):
-    socks = [socket.create_connection(("127.0.0.1", cluster.config.tcp_port))
-             for _ in range(500)]
+    socks = [cluster.connect(timeout=None) for _ in range(500)]
     assert still_serving(cluster)
     deadline = cluster.config.auth_timeout + 3
     for sock in socks:

@@ -3,6 +3,7 @@ process, against a real SQLite file in a temporary RC_HOME."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -277,10 +278,14 @@ def test_tokens_and_join(cluster_home):
     assert open(config.token_path).read().strip() == token
     status, out, err = rc("join")
     assert status == 0 and config_module.WORKER_PATH in out
-    command = out.splitlines()[-1]
+    command = out.splitlines()[2]
+    pin = " --fingerprint " + tls.fingerprint(config)       # TLS is on by default
     assert command.startswith("python3 worker.py --join ")
-    assert command.endswith(":%d --token %s" % (config.tcp_port, token))
+    assert command.endswith(":%d --token %s%s" % (config.tcp_port, token, pin))
     assert "http://" in out and ":%d/" % config.web_port in out
+    fetch, start = out.splitlines()[-1].split(" && ")
+    assert re.match(r"curl -fsSO http://\S+:%d/worker.py\Z" % config.web_port, fetch)
+    assert start == command
 
 
 def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeypatch):
@@ -293,7 +298,9 @@ def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeyp
     assert argv[2:8] == ["--join", "127.0.0.1:%d" % config.tcp_port,
                          "--token-file", config.token_path, "--device-id",
                          cli.local_device_id()]
-    assert argv[8:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
+    assert argv[8:14] == ["--state-dir", os.path.join(config.home, "worker"), "--web-port",
+                          str(config.web_port), "--fingerprint", tls.fingerprint(config)]
+    assert argv[14:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
 
 
 def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):
@@ -484,11 +491,13 @@ def test_join_prints_the_fingerprint_with_tls(cluster_home):
     config.tls = True
     out, err = io.StringIO(), io.StringIO()
     assert cli.run_command(["join"], out, err, config) == 0
-    assert out.getvalue().splitlines()[-1].endswith(" --fingerprint " + tls.fingerprint(config))
+    for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
+        assert line.endswith(" --fingerprint " + tls.fingerprint(config))
     config.tls = False
     out = io.StringIO()
     cli.run_command(["join"], out, err, config)
     assert "--fingerprint" not in out.getvalue()
+    assert out.getvalue().splitlines()[-1].startswith("curl -fsSO http://")
 
 
 def test_submit_each_makes_a_group_per_matching_device(cluster_home, add_device):
@@ -505,6 +514,33 @@ def test_submit_each_makes_a_group_per_matching_device(cluster_home, add_device)
     assert [t["device_id"] for t in fleet.group(connection, int(out))["tasks"]] == ["b"]
     events = [line for line in audit.read(config) if line["event"] == "group_submitted"]
     assert [line["devices"] for line in events] == [["a", "b"], ["b"]]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--retries", "999"], ["--timeout", "0"], ["--after", "99"]])
+def test_a_refused_submit_each_leaves_nothing_behind(cluster_home, add_device, argv):
+    config, connection = cluster_home
+    add_device("a")
+    add_device("b")
+    status, out, err = rc("submit", "--each", "echo", "hi", *argv)
+    assert status != 0 and out == "" and err
+    assert connection.execute("SELECT count(*) FROM task_groups").fetchone()[0] == 0
+    assert task_count(connection) == 0
+
+
+def test_a_group_is_written_whole_or_not_at_all(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("a")
+    parent = tasks.submit(connection, config, "echo", {"message": "first"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'failed' WHERE task_id = ?", (parent,))
+    with pytest.raises(tasks.TaskError, match="already failed"):
+        fleet.submit_each(connection, config, "echo", {"message": "hi"}, include_new=True,
+                          depends_on=[parent])
+    with pytest.raises(tasks.TaskError, match="retries"):
+        fleet.submit_each(connection, config, "echo", {"message": "hi"}, retries=-1)
+    assert connection.execute("SELECT count(*) FROM task_groups").fetchone()[0] == 0
+    assert task_count(connection) == 1
 
 
 def test_group_shows_each_result_and_a_summary(cluster_home, add_device):

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from rc import config as config_module
-from rc import db, devices
+from rc import db, devices, tls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "bin", "worker.py")
@@ -82,10 +82,12 @@ class MainNode:
         log.close()
 
     def start_worker(self, device_id):
+        pin = ["--fingerprint", tls.fingerprint(self.config)] if self.config.tls else []
         self.spawn(device_id, [sys.executable, "-I", WORKER, "--join",
                                "127.0.0.1:%d" % self.config.tcp_port, "--token-file",
                                self.config.token_path, "--device-id", device_id,
-                               "--slots", "2"])
+                               "--slots", "2", "--state-dir",
+                               os.path.join(self.home, "worker-state")] + pin)
 
     def web_answers(self):
         try:

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -102,8 +101,7 @@ def test_an_old_worker_is_told_to_upgrade(cluster, tmp_path):
     old = tmp_path / "worker.py"
     old.write_text(source.replace("\nPROTOCOL_VERSION = 1\n", "\nPROTOCOL_VERSION = 0\n"))
     process = subprocess.Popen(
-        [sys.executable, "-I", str(old), "--join", "127.0.0.1:%d" % cluster.config.tcp_port,
-         "--token-file", cluster.config.token_path, "--device-id", "old"],
+        [sys.executable, "-I", str(old)] + cluster.worker_arguments("old"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output = b""
@@ -123,7 +121,7 @@ def test_a_raw_register_with_an_old_protocol_is_refused_with_the_reason(cluster)
 
 
 def refused_register(cluster):
-    sock = socket.create_connection(("127.0.0.1", cluster.config.tcp_port), timeout=10)
+    sock = cluster.connect(timeout=10)
     reader = sock.makefile("rb")
     hello = json.loads(reader.readline())
     assert hello["message_type"] == "hello" and hello["data"]["protocol"] == 1

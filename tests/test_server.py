@@ -24,6 +24,9 @@ def server(tmp_path, request):
     config = config_module.load(environ={"RC_HOME": str(tmp_path)})
     config.tcp_host, config.tcp_port, config.auth_timeout = "127.0.0.1", 0, 1.0
     config.tls = request.param == "tls"
+    # These clients reconnect a device id with the join token, as a worker
+    # without a state directory would; the device-secret test turns this on.
+    config.device_secrets = False
     state_dir.init(config)
     instance = Server(config, Logger("rc-server", "debug", io.BytesIO()))
     port = instance.listen()
@@ -278,6 +281,30 @@ def test_an_unavailable_device_hands_back_without_charge_and_gets_nothing(server
     device = devices.get(connection, "dev1")
     assert not device["available"] and device["unavailable_reason"] == "battery 12%"
     assert scheduler.schedule(connection, time.time() + 100, instance.log, 15.0) == 0
+    connection.close()
+
+
+def test_a_new_device_gets_the_groups_that_asked_for_newcomers(server):
+    instance, port = server
+    config = instance.config
+    connection = db.connect(config.db_path)
+    wanted = fleet.submit_each(connection, config, "echo", {"message": "hi"},
+                               include_new=True, priority="high")
+    fleet.submit_each(connection, config, "echo", {"message": "no"}, {"tags": ["gpu"]},
+                      include_new=True)
+    with db.write(connection):     # stored by an older version, before options were checked
+        connection.execute("INSERT INTO task_groups(created_at, task_type, payload, options,"
+                           " include_new) VALUES (1, 'echo', '{\"message\": \"x\"}',"
+                           " '{\"retries\": -1}', 1)")
+    client = Client(port)
+    assert client.register(token_of(instance), "newcomer")["message_type"] == "register_ack"
+    client.send("heartbeat", {"active_tasks": []})
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    given = [t for t in fleet.group(connection, wanted)["tasks"]]
+    assert [t["device_id"] for t in given] == ["newcomer"]
+    task = tasks.get(connection, given[0]["task_id"])
+    assert task["priority"] == "high" and task["requirements"] == {"device_id": "newcomer"}
+    assert len(tasks.list_tasks(connection)) == 1
     connection.close()
 
 

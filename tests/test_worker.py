@@ -199,7 +199,8 @@ class WorkerProcess:
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [python, "-I", "-S", WORKER, "--join", "127.0.0.1:%d" % port, "--token", TOKEN,
-             "--device-id", DEVICE_ID, "--slots", "4", "--log-level", "debug"] + list(arguments),
+             "--device-id", DEVICE_ID, "--slots", "4", "--log-level", "debug",
+             "--state-dir", log_path + ".state"] + list(arguments),
             stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def log(self):

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
 from rc import config as config_module  # noqa: E402
-from rc import db, tasks  # noqa: E402
+from rc import db, tasks, tls  # noqa: E402
 from rc.states import TERMINAL_STATES  # noqa: E402
 
 from cluster_harness import free_port  # noqa: E402
@@ -63,7 +63,8 @@ class MainNode:
         proc = subprocess.Popen(
             [python, "-I", "-S", WORKER, "--join", "127.0.0.1:%d" % self.config.tcp_port,
              "--token-file", self.config.token_path, "--device-id", device_id,
-             "--slots", "2"] + list(arguments),
+             "--slots", "2", "--state-dir", os.path.join(self.home, "worker-state")]
+            + self.pin() + list(arguments),
             env=dict(os.environ, **(env or {})), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
         proc.log_path = log_path
@@ -72,6 +73,9 @@ class MainNode:
                    and self.device(device_id)["metrics"] not in (None, "{}"), timeout=20)
         assert self.device(device_id), open(log_path).read()
         return proc
+
+    def pin(self):
+        return ["--fingerprint", tls.fingerprint(self.config)] if self.config.tls else []
 
     def device(self, device_id):
         return self.db.execute("SELECT * FROM devices WHERE device_id = ?",

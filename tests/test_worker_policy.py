@@ -134,6 +134,15 @@ def test_bad_policy_arguments_exit_2(arguments):
     assert proc.returncode == 2, proc.stderr
 
 
+def test_help_lists_the_policy_options():
+    proc = subprocess.run([sys.executable, "-I", "-S", WORKER, "--help"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "resume only at PCT % (default: --min-battery + 10)" in proc.stdout
+    assert "--max-temperature C" in proc.stdout
+
+
 def test_limit_failures_say_which_limit(worker):
     task = worker.ShellTask((1, 1), {}, None)
     task.memory_limit, task.file_limit = 256, 10

@@ -949,8 +949,12 @@ def cmd_join(arguments, context):
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
     pin = " --fingerprint %s" % tls.fingerprint(config) if config.tls else ""
-    context.out.write("python3 worker.py --join %s:%d --token %s%s\n"
-                      % (address, config.tcp_port, shlex.quote(token), pin))
+    start = "python3 worker.py --join %s:%d --token %s%s" % (
+        address, config.tcp_port, shlex.quote(token), pin)
+    context.out.write(start + "\n")
+    context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
+    context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"
+                      % (address, config.web_port, start))
 
 
 def lan_address():
@@ -1002,7 +1006,13 @@ def cmd_local_worker(arguments, context):
     config = context.config
     extra = [arg for arg in arguments.worker_args if arg != "--"]
     argv = [sys.executable, rc_config.WORKER_PATH, "--join", "127.0.0.1:%d" % config.tcp_port,
-            "--token-file", config.token_path, "--device-id", local_device_id()] + extra
+            "--token-file", config.token_path, "--device-id", local_device_id(),
+            # Its device secret lives with the main node's state, not in ~/.rc-worker.
+            "--state-dir", os.path.join(config.home, "worker"), "--web-port",
+            str(config.web_port)]
+    if config.tls:
+        argv += ["--fingerprint", tls.fingerprint(config)]
+    argv += extra
     context.out.flush()
     os.execv(sys.executable, argv)
 

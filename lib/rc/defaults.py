@@ -18,9 +18,9 @@ HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats
 OFFLINE_TIMEOUT = 300.0         # seconds without a heartbeat before a device is offline
 HEARTBEAT_HISTORY = 1440        # heartbeats kept per device (a day at 60 s)
 AUTH_TIMEOUT = 10.0             # seconds a new connection has to authenticate
-TLS = False                     # TLS on the worker port (certificate in var/tls, pinned
+TLS = True                      # TLS on the worker port (certificate in var/tls, pinned
                                 # by workers); false: plain TCP
-DEVICE_SECRETS = False          # true: a joined device must prove its own secret, and its
+DEVICE_SECRETS = True           # true: a joined device must prove its own secret, and its
                                 # id can no longer be claimed with the join token
 MAX_UNAUTHENTICATED = 1000      # connections still authenticating at once; more are refused
 AUTH_FAILURES_PER_MINUTE = 10   # wrong proofs from one address before it is shut out

@@ -7,6 +7,7 @@ never lost). It learns about new assignments and cancellations from the
 database alone: when `PRAGMA data_version` says another program committed,
 it looks for assigned tasks it has not pushed yet.
 """
+import hashlib
 import os
 import selectors
 import signal
@@ -593,11 +594,15 @@ class Server:
                                          (self.last_control,)).fetchall():
             self.last_control = row["control_id"]
             targets = db.loads(row["targets"], {})
+            data = {"control_id": row["control_id"], "command": row["command"]}
+            if row["command"] == "upgrade":
+                # The worker downloads worker.py over plain HTTP from rc-web; this
+                # hash, on the authenticated connection, is how it knows the file.
+                data["sha256"] = served_worker_sha256()
             for device in devices.list_devices_where(self.database, "d.connected = 1", ()):
                 peer = self.peers_by_device.get(device["device_id"])
                 if peer and not tasks.unmet_requirements(targets, device):
-                    self.send(peer, CONTROL, {"control_id": row["control_id"],
-                                              "command": row["command"]})
+                    self.send(peer, CONTROL, data)
 
     def apply_control_ack(self, peer, data, now):
         control_id, ok, detail = data
@@ -674,6 +679,12 @@ def fence_settings(config):
     return {"heartbeat_interval": config.heartbeat_interval,
             "fence_interval": config.lease_duration - config.heartbeat_interval / 2,
             "disconnect_fence": config.disconnect_grace / 2}
+
+
+def served_worker_sha256():
+    """SHA-256 of the worker.py that rc-web serves (GET /worker.py)."""
+    with open(config_module.WORKER_PATH, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def active_by_device(rows):

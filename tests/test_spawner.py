@@ -1,0 +1,117 @@
+"""How the worker starts task processes (see Spawner in bin/worker.py):
+Python tasks forked by the spawner, a warm interpreter of their own; shell
+tasks through subprocess with the shell setting its own limits; and the
+plain subprocess path used where there is no spawner (no fork, no
+SOCK_SEQPACKET). Each runs against the fake main node of test_worker.py.
+"""
+import ast
+import json
+import os
+import signal
+import stat
+import sys
+
+from test_worker import (WAIT, WORKER, main, process_gone, registered,  # noqa: F401
+                         spawn, wait_until)
+
+# Where it runs and under which limits, as the task itself sees it.
+PROBE = ("(__import__('os').getpid(), __import__('os').getppid(), __import__('os').getsid(0),"
+         " __import__('os').getcwd(),"
+         " __import__('resource').getrlimit(__import__('resource').RLIMIT_NOFILE),"
+         " __import__('sys').flags.isolated, __name__)")
+
+
+def probe(link, task_id):
+    link.assign(task_id, "python_eval", {"expression": PROBE})
+    result = link.results(1)[task_id]
+    assert result["status"] == "completed", result
+    return ast.literal_eval(result["result"]["output"])
+
+
+def children(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return f.read().split()
+
+
+def spawner_pids(worker):
+    return [event["pid"] for event in worker.events("spawner_started")]
+
+
+def test_python_tasks_are_forked_by_the_spawner(main, spawn):
+    worker, link = registered(main, spawn, sys.executable)
+    pid, parent, session, cwd, open_files, isolated, name = probe(link, 1)
+    spawner = spawner_pids(worker)
+    assert len(spawner) == 1
+    assert parent == spawner[0] and pid not in (worker.proc.pid, spawner[0])
+    assert session == pid, "a session (and process group) of its own"
+    assert os.path.basename(cwd).startswith("rc-task-") and not os.path.exists(cwd)
+    assert open_files == (1024, 1024) and isolated == 1 and name == "__main__"
+    assert probe(link, 2)[1] == spawner[0], "one warm spawner serves every task"
+
+
+def test_python_task_failures_read_as_from_an_interpreter(main, spawn):
+    _, link = registered(main, spawn, sys.executable)
+    link.assign(1, "python_eval", {"expression": "1 +"})
+    link.assign(2, "python_exec", {"code": "import sys\nprint(sys.argv[0])\nsys.exit(3)"})
+    link.assign(3, "python_exec", {"code": "import atexit, threading, time\n"
+                                           "atexit.register(print, 'atexit ran')\n"
+                                           "threading.Thread(target=lambda: (time.sleep(0.2),"
+                                           " print('thread done'))).start()\n"})
+    link.assign(4, "python_exec", {"code": "def f():\n    raise KeyError('k')\nf()\n"})
+    results = link.results(4)
+    assert results[1]["status"] == "failed" and results[1]["error"].startswith("SyntaxError")
+    assert (results[2]["status"], results[2]["error"]) == ("failed", "exit status 3")
+    assert results[2]["result"]["output"] == "script.py\n"
+    assert results[3]["status"] == "completed"
+    assert results[3]["result"]["output"] == "thread done\natexit ran\n"
+    assert results[4]["error"] == "KeyError: 'k'"
+    assert 'script.py", line 2, in f' in results[4]["result"]["stderr"]
+
+
+def test_shell_tasks_set_their_own_limits(main, spawn):
+    worker, link = registered(main, spawn, sys.executable, "--max-file-size", "3")
+    link.assign(1, "shell", {"command": "ulimit -n; ulimit -t; ulimit -H -t; ulimit -c;"
+                                        " ulimit -f; ps -o sid= -p $$; no-such-command"},
+                timeout=10)
+    result = link.results(1)[1]
+    assert result["result"]["exit_code"] == 127, result
+    open_files, cpu, cpu_hard, core, blocks, session = result["result"]["output"].split()
+    assert open_files == "1024" and core == "0"
+    assert int(cpu) > 10 and int(cpu_hard) == int(cpu) + 1
+    assert int(blocks) * 512 == 3 * 1048576
+    assert int(session) != os.getsid(worker.proc.pid)
+    # The limits come first on the command's own line: its line numbers stay.
+    assert " 1: no-such-command: not found" in result["result"]["stderr"]
+    assert spawner_pids(worker) == [], "shell tasks need no spawner"
+
+
+def test_a_killed_spawner_fails_its_tasks_and_is_replaced(main, spawn):
+    worker, link = registered(main, spawn, sys.executable)
+    link.assign(1, "python_exec", {"code": "import os, time\nprint(os.getpid(), flush=True)\n"
+                                           "time.sleep(60)\n"})
+    assert wait_until(lambda: spawner_pids(worker) and children(spawner_pids(worker)[0]), WAIT)
+    os.kill(spawner_pids(worker)[0], signal.SIGKILL)
+    result = link.results(1)[1]
+    assert result["status"] == "failed" and "spawner exited" in result["error"]
+    assert wait_until(lambda: process_gone(int(result["result"]["output"])))
+    assert probe(link, 2)[1] not in spawner_pids(worker)[:1]
+    assert len(spawner_pids(worker)) == 2
+
+
+def test_without_a_spawner_tasks_start_through_subprocess(main, spawn, tmp_path):
+    # As on macOS: no SOCK_SEQPACKET. The wrapper takes the place of the
+    # interpreter in `PYTHON -I -S worker.py ARGS` and runs the worker in it.
+    wrapper = tmp_path / "python-without-seqpacket"
+    wrapper.write_text(
+        "#!/bin/sh\nshift 3\nexec %s -I -S -c 'import runpy, socket, sys\n"
+        "del socket.SOCK_SEQPACKET\nsys.argv[0] = %s\n"
+        "sys.exit(runpy.run_path(sys.argv[0])[\"main\"]())' \"$@\"\n"
+        % (sys.executable, json.dumps(WORKER)))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    worker, link = registered(main, spawn, str(wrapper))
+    pid, parent, session, cwd, open_files, isolated, _ = probe(link, 1)
+    assert parent == worker.proc.pid and session == pid
+    assert open_files == (1024, 1024) and isolated == 1
+    link.assign(2, "shell", {"command": "ulimit -n"})
+    assert link.results(1)[2]["result"]["output"] == "1024\n"
+    assert spawner_pids(worker) == []

@@ -1,0 +1,341 @@
+"""bin/worker.py's device secret, its TLS pin and its control messages,
+against the fake main node of test_worker.py (rc.protocol and rc.tls make
+the proofs, the seal and the certificate, so the worker is checked against
+the main node's own definitions).
+
+The handshakes run on the oldest and the newest CPython found under
+~/.pyenv as well as the current one."""
+import json
+import os
+import stat
+import sys
+import types
+
+import pytest
+
+from rc import tls
+from rc.protocol import seal, server_proof, worker_proof
+
+from test_worker import (DEVICE_ID, INTERPRETERS, TOKEN, WAIT, FakeMain, Link, main, short_name,  # noqa: F401 (fixtures)
+                         spawn, wait_until)
+
+SECRET = "5e" * 32
+CLUSTER = "cluster-A_1"
+EDGES = [sys.executable] + [p for p in (INTERPRETERS[:1] + INTERPRETERS[-1:])
+                            if "/3.6." in p or "/3.13." in p]
+edges = pytest.mark.parametrize("python", sorted(set(EDGES)), ids=short_name)
+
+
+class TlsMain(FakeMain):
+    """The fake main node behind TLS with a certificate made like rc's."""
+
+    def __init__(self, home):
+        super().__init__()
+        config = types.SimpleNamespace(home=str(home))
+        tls.ensure_certificate(config)
+        self.fingerprint = tls.fingerprint(config)
+        self.context = tls.server_context(config)
+
+    def accept(self, timeout=WAIT, handshake=True):
+        self.listener.settimeout(timeout)
+        sock, _ = self.listener.accept()
+        sock.settimeout(timeout)
+        if handshake:
+            sock = self.context.wrap_socket(sock, server_side=True)
+        link = Link(sock)
+        self.links.append(link)
+        return link
+
+
+@pytest.fixture
+def state(tmp_path):
+    return tmp_path / "state"
+
+
+def start(spawn, python, state, *arguments):
+    return spawn(python, "--state-dir", str(state), *arguments)
+
+
+def hello(link, cluster_id=CLUSTER):
+    nonce = os.urandom(16).hex()
+    link.send("hello", {"nonce": nonce, "protocol": 1, "cluster_id": cluster_id})
+    return nonce, link.expect("register")
+
+
+def register(link, key=TOKEN, give_secret=None, cluster_id=CLUSTER):
+    """A main node's side of the handshake; the register the worker sent."""
+    nonce, register = hello(link, cluster_id)
+    assert register["proof"] == worker_proof(key, nonce, register["nonce"], DEVICE_ID)
+    ack = {"proof": server_proof(key, nonce, register["nonce"], DEVICE_ID),
+           "heartbeat_interval": 60}
+    if give_secret:
+        ack["device_secret"] = seal(TOKEN, nonce, register["nonce"], DEVICE_ID, give_secret)
+    link.send("register_ack", ack)
+    link.register = register
+    return register
+
+
+def secret_file(state):
+    return state / CLUSTER / (DEVICE_ID + ".secret")
+
+
+# -- the device secret -------------------------------------------------------------
+
+@edges
+def test_the_secret_from_a_token_join_is_kept_and_proved_from_then_on(main, spawn, python,
+                                                                      state):
+    worker = start(spawn, python, state)
+    link = main.accept()
+    assert register(link, give_secret=SECRET)["auth"] == "token"
+    assert link.recv()["message_type"] == "heartbeat"       # it believed our proof
+    assert wait_until(lambda: secret_file(state).exists())
+    assert secret_file(state).read_text().strip() == SECRET
+    assert stat.S_IMODE(os.stat(str(secret_file(state))).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(str(state)).st_mode) == 0o700
+    link.close()
+    again = main.accept()
+    assert register(again, key=SECRET)["auth"] == "device"
+    assert again.recv()["message_type"] == "heartbeat"
+    assert worker.events("device_secret_stored")
+    assert not os.listdir(str(secret_file(state).parent)) == []   # no temporary left over
+    assert sorted(os.listdir(str(secret_file(state).parent))) == [DEVICE_ID + ".secret"]
+
+
+def test_a_main_node_proving_only_the_token_is_not_believed_once_we_hold_a_secret(
+        main, spawn, state):
+    secret_file(state).parent.mkdir(parents=True)
+    secret_file(state).write_text(SECRET + "\n")
+    worker = start(spawn, sys.executable, state)
+    link = main.accept()
+    nonce, register_data = hello(link)
+    assert register_data["auth"] == "device"
+    link.send("register_ack", {"proof": server_proof(TOKEN, nonce, register_data["nonce"],
+                                                     DEVICE_ID)})
+    assert link.next() is None                # it hangs up
+    assert "this device's secret" in worker.events("server_proof_wrong")[0]["message"]
+
+
+def test_another_cluster_gets_the_token_and_a_secret_of_its_own(main, spawn, state):
+    secret_file(state).parent.mkdir(parents=True)
+    secret_file(state).write_text(SECRET + "\n")
+    start(spawn, sys.executable, state)
+    link = main.accept()
+    assert register(link, cluster_id="other", give_secret="77" * 32)["auth"] == "token"
+    link.recv()
+    assert (state / "other" / (DEVICE_ID + ".secret")).read_text().strip() == "77" * 32
+    assert secret_file(state).read_text().strip() == SECRET
+
+
+def test_unknown_device_drops_the_secret_and_joins_with_the_token(main, spawn, state):
+    secret_file(state).parent.mkdir(parents=True)
+    secret_file(state).write_text(SECRET + "\n")
+    worker = start(spawn, sys.executable, state)
+    link = main.accept()
+    assert hello(link)[1]["auth"] == "device"
+    link.send("error", {"code": "unknown_device", "message": "no secret for it"})
+    link.close()
+    again = main.accept()
+    assert register(again, give_secret="88" * 32)["auth"] == "token"
+    again.recv()
+    assert wait_until(lambda: secret_file(state).read_text().strip() == "88" * 32)
+    assert worker.events("device_secret_unknown")
+
+
+@pytest.mark.parametrize("code", ["revoked", "forgotten", "device_id_taken"])
+def test_a_refusal_for_good_ends_the_worker_with_what_to_do(main, spawn, state, code):
+    worker = start(spawn, sys.executable, state)
+    link = main.accept()
+    hello(link)
+    link.send("error", {"code": code, "message": "no"})
+    assert worker.proc.wait(WAIT) == 3
+    line = worker.events(code)[0]
+    assert line["level"] == "error" and "--device-id" in line["message"]
+
+
+def test_wrong_proof_is_retried_with_backoff_not_in_a_tight_loop(main, spawn, state):
+    worker = start(spawn, sys.executable, state)
+    for _ in range(3):
+        link = main.accept()
+        hello(link)
+        link.send("error", {"code": "auth_failed", "message": "wrong join token"})
+        link.close()
+    retries = [e["retry_in"] for e in worker.events("disconnected")]
+    assert retries[-1] > retries[0] and worker.proc.poll() is None
+    assert "check --token" in worker.events("auth_failed")[0]["message"]
+
+
+# -- TLS with the certificate pinned -------------------------------------------------
+
+@edges
+def test_tls_with_the_pinned_certificate(tmp_path, spawn, python, state):
+    main = TlsMain(tmp_path)
+    try:
+        pin = ":".join(main.fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
+        worker = spawn_against(spawn, main, python, state, "--fingerprint", pin)
+        link = main.accept()
+        register(link, give_secret=SECRET)
+        link.assign(1, "echo", {"message": "over tls"})
+        assert link.results(1)[1]["result"]["output"] == "over tls"
+        assert worker.events("connected")[0]["tls"] is True
+    finally:
+        main.close()
+
+
+def spawn_against(spawn, main, python, state, *arguments):
+    """A worker joining `main` rather than the `main` fixture's fake."""
+    worker = start(spawn, python, state, "--join", "127.0.0.1:%d" % main.port, *arguments)
+    return worker
+
+
+def test_tls_from_a_worker_given_the_fingerprint_file(tmp_path, spawn, state):
+    main = TlsMain(tmp_path)
+    try:
+        pin_file = tmp_path / "pin"
+        pin_file.write_text("sha256 Fingerprint=%s\n" % main.fingerprint.upper())
+        spawn_against(spawn, main, sys.executable, state, "--fingerprint-file", str(pin_file))
+        register(main.accept())
+    finally:
+        main.close()
+
+
+def test_a_wrong_pin_sends_nothing_and_ends_the_worker(tmp_path, spawn, state):
+    main = TlsMain(tmp_path)
+    try:
+        worker = spawn_against(spawn, main, sys.executable, state, "--fingerprint", "ab" * 32)
+        link = main.accept()
+        link.send("hello", {"nonce": "00" * 16, "protocol": 1, "cluster_id": CLUSTER})
+        assert link.try_recv(WAIT) is None        # closed: no register, nothing else
+        assert worker.proc.wait(WAIT) == 3
+        message = worker.events("fingerprint_mismatch")[0]["message"]
+        assert main.fingerprint in message and "ab" * 32 in message
+    finally:
+        main.close()
+
+
+def test_a_pinned_worker_against_a_plain_main_node_says_so(main, spawn, state):
+    worker = start(spawn, sys.executable, state, "--fingerprint", "ab" * 32)
+    link = main.accept()
+    link.send("hello", {"nonce": "00" * 16, "protocol": 1, "cluster_id": CLUSTER})
+    assert worker.proc.wait(WAIT) == 3
+    assert "without --fingerprint" in worker.events("tls_failed")[0]["message"]
+
+
+def test_a_plain_worker_against_a_tls_main_node_says_so(tmp_path, spawn, state):
+    main = TlsMain(tmp_path)
+    try:
+        worker = spawn_against(spawn, main, sys.executable, state)
+        main.accept(handshake=False)               # a TLS server waits for a ClientHello
+        assert wait_until(lambda: worker.events("no_hello"), timeout=WAIT)
+        assert "--fingerprint" in worker.events("no_hello")[0]["message"]
+        assert worker.proc.poll() is None          # it keeps trying, with backoff
+    finally:
+        main.close()
+
+
+def test_bad_fingerprints_are_refused_at_start(tmp_path):
+    import subprocess
+    from test_worker import WORKER
+    for arguments in (["--fingerprint", "abc"], ["--fingerprint-file", str(tmp_path / "no")]):
+        done = subprocess.run([sys.executable, "-I", WORKER, "--join", "h", "--token", "t"]
+                              + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+        assert done.returncode == 2 and "fingerprint" in done.stderr
+
+
+def test_an_idle_plain_worker_does_not_load_ssl():
+    import subprocess
+    from test_worker import WORKER
+    code = ("import runpy, sys; sys.argv = ['worker.py', '--join', 'h', '--token', 't'];"
+            "m = runpy.run_path(%r, run_name='not_main'); m['parse_args']();"
+            "print('ssl' in sys.modules)" % WORKER)
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], stdout=subprocess.PIPE,
+                          universal_newlines=True, timeout=30)
+    assert done.stdout.strip() == "False"
+
+
+# -- control messages -------------------------------------------------------------
+
+def controls(link, *commands):
+    """Send each control; the control_ack of each, by id."""
+    for number, command in enumerate(commands, 1):
+        link.send("control", {"control_id": number, "command": command})
+    acks = {}
+    while len(acks) < len(commands):
+        envelope = link.next()
+        assert envelope is not None, "closed while waiting for control_ack"
+        if envelope["message_type"] == "control_ack":
+            acks[envelope["data"]["control_id"]] = envelope["data"]
+    return [acks[n] for n in range(1, len(commands) + 1)]
+
+
+def next_heartbeat(link):
+    while True:
+        envelope = link.recv()
+        assert envelope is not None, "closed while waiting for a heartbeat"
+        if envelope["message_type"] == "heartbeat":
+            link.send("heartbeat_ack", {})
+            return envelope["data"]
+
+
+def test_controls_without_config_or_upgrade_permission(main, spawn, state):
+    start(spawn, sys.executable, state)
+    link = main.accept()
+    register(link)
+    unknown, upgrade, reload = controls(link, "bogus", "upgrade", "reload")
+    assert unknown["ok"] is False and "unknown command" in unknown["detail"]
+    assert upgrade == {"control_id": 2, "ok": False, "detail": "upgrade not allowed on this"
+                       " device (start with --allow-upgrade)"}
+    assert reload["ok"] is True and "nothing to reload" in reload["detail"]
+
+
+def test_reload_applies_the_config_file_and_registers_again(main, spawn, state, tmp_path):
+    config = tmp_path / "worker.json"
+    config.write_text(json.dumps({"tag": ["a"]}))
+    start(spawn, sys.executable, state, "--config", str(config))
+    link = main.accept()
+    assert register(link)["tags"] == ["a"]
+    assert controls(link, "reload")[0]["detail"] == "nothing changed"
+    config.write_text(json.dumps({"tag": ["b"], "deny": "shell", "min_battery": 5,
+                                  "web_port": 5001}))
+    link.send("control", {"control_id": 9, "command": "reload"})
+    ack = link.expect("control_ack")
+    assert ack["ok"] is True
+    assert ack["detail"] == ("changed: task_types, tags, min_battery, resume_battery;"
+                             " registering again with the new profile; needs a restart:"
+                             " web_port")
+    again = main.accept()
+    fresh = register(again)
+    assert fresh["tags"] == ["b"] and "shell" not in fresh["task_types"]
+    config.write_text("{not json")
+    again.send("control", {"control_id": 10, "command": "reload"})
+    ack = again.expect("control_ack")
+    assert ack["ok"] is False and "cannot reload" in ack["detail"]
+
+
+def test_report_profile_registers_again_and_keeps_running_tasks(main, spawn, state):
+    start(spawn, sys.executable, state)
+    link = main.accept()
+    register(link)
+    link.assign(1, "sleep", {"seconds": 1.5})
+    assert link.expect("task_accept")["task_id"] == 1
+    assert controls(link, "report_profile")[0]["ok"] is True
+    again = main.accept()
+    assert register(again)["active_tasks"] == [{"task_id": 1, "attempt": 1}]
+    assert again.results(1)[1]["status"] == "completed"
+
+
+def test_drain_hands_new_tasks_back_and_lets_running_ones_finish(main, spawn, state):
+    start(spawn, sys.executable, state, "--on-unavailable", "hand-back")
+    link = main.accept()
+    register(link)
+    link.assign(1, "sleep", {"seconds": 1.0})
+    assert link.expect("task_accept")["task_id"] == 1
+    ack = controls(link, "drain")[0]
+    assert ack["ok"] is True and "1 running will finish" in ack["detail"]
+    heartbeat = next_heartbeat(link)
+    assert heartbeat["availability"]["available"] is False
+    assert heartbeat["status"] == "busy"
+    link.assign(2, "sleep", {"seconds": 0.1})
+    results = link.results(2)
+    assert results[2]["status"] == "handed_back" and "drained" in results[2]["error"]
+    assert results[1]["status"] == "completed"
