@@ -1655,13 +1655,17 @@ class PythonExecTask(PythonTask):
 
 class ShellTask(ProcessTask):
     """The shell sets the limits on itself (`ulimit`) before it runs the
-    command, so no Python runs between fork and exec: subprocess can then
-    use vfork, which makes a shell task about twice as cheap to start."""
+    command, so no Python need run between fork and exec: the spawner (or
+    subprocess) can then use posix_spawn/vfork, which makes a shell task about
+    twice as cheap to start."""
     task_type = "shell"
-    spawned = False
 
     def command(self, command):
         return [which("sh") or "/bin/sh", "-c", shell_limits(self.limits) + command]
+
+    def spawn_request(self, command):
+        # The spawner may exec it straight away (posix_spawn): it limits itself.
+        return {"argv": self.command(command), "self_limiting": True}
 
     def preexec(self):
         return None
@@ -1894,14 +1898,13 @@ def serve_request(sock, children, own_fds):
     try:
         if len(fds) != 2:
             raise ValueError("a request carries two descriptors")
+        for fd in fds:
+            os.set_inheritable(fd, False)     # only as the child's stdout and stderr
         request = loads(data)
-        code = python_code(request)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                run_spawned(request, code, fds[0], fds[1])
-            finally:
-                os._exit(127)
+        if request.get("self_limiting") and hasattr(os, "posix_spawn"):
+            pid = spawn_command(request, fds[0], fds[1])
+        else:
+            pid = fork_child(request, fds[0], fds[1])
         children.add(pid)
         reply = {"pid": pid}
     except (OSError, ValueError) as e:
@@ -1910,6 +1913,34 @@ def serve_request(sock, children, own_fds):
         os.close(fd)
     sock.send(dumps(reply))
     return True
+
+
+def fork_child(request, stdout_fd, stderr_fd):
+    code = python_code(request)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_spawned(request, code, stdout_fd, stderr_fd)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def spawn_command(request, stdout_fd, stderr_fd):
+    """Start a command that sets its own limits (a shell task) with
+    posix_spawn: vfork's speed, and no Python in the child at all."""
+    argv = request["argv"]
+    # What Python ignores for itself, and what we ignore, a command gets back.
+    default = [getattr(signal, name) for name in (
+        "SIGPIPE", "SIGXFSZ", "SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    os.chdir(request["cwd"])      # inherited: posix_spawn has no chdir of its own
+    try:
+        return os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
+            setsid=True, setsigdef=default)
+    finally:
+        os.chdir("/")
 
 
 def report_exits(sock, children):

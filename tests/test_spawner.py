@@ -1,7 +1,7 @@
 """How the worker starts task processes (see Spawner in bin/worker.py):
 Python tasks forked by the spawner, a warm interpreter of their own; shell
-tasks through subprocess with the shell setting its own limits; and the
-plain subprocess path used where there is no spawner (no fork, no
+tasks started by it with posix_spawn, the shell setting its own limits; and
+the plain subprocess path used where there is no spawner (no fork, no
 SOCK_SEQPACKET). Each runs against the fake main node of test_worker.py.
 """
 import ast
@@ -71,18 +71,18 @@ def test_python_task_failures_read_as_from_an_interpreter(main, spawn):
 def test_shell_tasks_set_their_own_limits(main, spawn):
     worker, link = registered(main, spawn, sys.executable, "--max-file-size", "3")
     link.assign(1, "shell", {"command": "ulimit -n; ulimit -t; ulimit -H -t; ulimit -c;"
-                                        " ulimit -f; ps -o sid= -p $$; no-such-command"},
+                                        " ulimit -f; ps -o sid=,ppid= -p $$; no-such-command"},
                 timeout=10)
     result = link.results(1)[1]
     assert result["result"]["exit_code"] == 127, result
-    open_files, cpu, cpu_hard, core, blocks, session = result["result"]["output"].split()
+    open_files, cpu, cpu_hard, core, blocks, session, parent = result["result"]["output"].split()
     assert open_files == "1024" and core == "0"
     assert int(cpu) > 10 and int(cpu_hard) == int(cpu) + 1
     assert int(blocks) * 512 == 3 * 1048576
     assert int(session) != os.getsid(worker.proc.pid)
+    assert [int(parent)] == spawner_pids(worker), "started by the spawner"
     # The limits come first on the command's own line: its line numbers stay.
     assert " 1: no-such-command: not found" in result["result"]["stderr"]
-    assert spawner_pids(worker) == [], "shell tasks need no spawner"
 
 
 def test_a_killed_spawner_fails_its_tasks_and_is_replaced(main, spawn):
@@ -112,6 +112,6 @@ def test_without_a_spawner_tasks_start_through_subprocess(main, spawn, tmp_path)
     pid, parent, session, cwd, open_files, isolated, _ = probe(link, 1)
     assert parent == worker.proc.pid and session == pid
     assert open_files == (1024, 1024) and isolated == 1
-    link.assign(2, "shell", {"command": "ulimit -n"})
-    assert link.results(1)[2]["result"]["output"] == "1024\n"
+    link.assign(2, "shell", {"command": "ulimit -n; ps -o ppid= -p $$"})
+    assert link.results(1)[2]["result"]["output"].split() == ["1024", str(worker.proc.pid)]
     assert spawner_pids(worker) == []

@@ -131,6 +131,23 @@ def test_bad_submits_are_400_with_the_reason(client, cluster_home, body, message
     assert tasks.list_tasks(connection) == []
 
 
+def test_a_list_of_tasks_is_queued_all_or_none(client, cluster_home):
+    config, connection = cluster_home
+    good = {"task_type": "echo", "payload": {"message": "a"}}
+    status, answer = client.submit([good, {"task_type": "shell", "payload": "uptime",
+                                           "priority": "urgent"}, good])
+    assert status == 201 and len(answer["tasks"]) == 3
+    ids = [task["task_id"] for task in answer["tasks"]]
+    assert [tasks.get(connection, n)["task_type"] for n in ids] == ["echo", "shell", "echo"]
+    assert tasks.get(connection, ids[1])["priority"] == "urgent"
+    for bad, message in (([good, {"task_type": "echo", "payload": {}}], "task 2 of 2"),
+                         ([good, "echo"], "each task must be a JSON object"),
+                         ([], "1 to")):
+        status, answer = client.submit(bad)
+        assert status == 400 and message in answer["error"], answer
+    assert len(tasks.list_tasks(connection)) == 3, "a refused batch leaves nothing behind"
+
+
 def test_a_body_that_is_not_json_or_too_large(client):
     status, headers, text = client.request("/api/v1/tasks", data=b"{nope", token=client.token)
     assert status == 400 and "not JSON" in json.loads(text)["error"]

@@ -17,6 +17,7 @@ from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PA
 MAX_PAYLOAD_TEXT = 256 * 1024   # bytes of code, command or message in one task
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a week is plenty for an old laptop
 MAX_RETRIES = 100
+MAX_BATCH = 10000               # tasks in one submit_many (POST /api/v1/tasks with a list)
 
 # --require KEY=VALUE: which keys exist and how their value is read.
 REQUIREMENT_KINDS = {
@@ -193,21 +194,54 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
     """Queue one task and return its id. With an idempotency key, a second
     submit of the same key returns the first task's id instead. A task that
     depends on others waits until they have completed."""
-    task = check_task(config, task_type, payload, requirements, priority=priority,
-                      timeout=timeout, retries=retries, retry_on_failure=retry_on_failure,
-                      depends_on=depends_on)
-    if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                        or not 0 < len(idempotency_key) <= 200):
-        raise TaskError("idempotency key must be text of 1 to 200 characters")
+    return submit_many(connection, config, [dict(
+        task_type=task_type, payload=payload, priority=priority, timeout=timeout,
+        retries=retries, requirements=requirements, idempotency_key=idempotency_key,
+        retry_on_failure=retry_on_failure, depends_on=depends_on)], group_id=group_id)[0]
+
+
+def submit_many(connection, config, specs, group_id=None):
+    """Queue a batch of tasks, each a dict of submit()'s arguments, in one
+    transaction: all of them or, when one is refused, none (TaskError says
+    which). Returns their ids in order. Thousands of tasks cost one commit
+    and one ring of the scheduler's doorbell instead of one each."""
+    if not 0 < len(specs) <= MAX_BATCH:
+        raise TaskError("a batch holds 1 to %d tasks" % MAX_BATCH)
+    checked = [numbered(len(specs), number, check_spec, config, spec)
+               for number, spec in enumerate(specs, 1)]
     with db.write(connection):
-        if idempotency_key is not None:
-            row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
-                                     (idempotency_key,)).fetchone()
-            if row:
-                return row["task_id"]
-        task_id = insert(connection, task, idempotency_key=idempotency_key, group_id=group_id)
+        ids = [numbered(len(specs), number, insert_once, connection, task, key, group_id)
+               for number, (task, key) in enumerate(checked, 1)]
     bell.ring(config.run_dir, bell.SCHEDULER)
-    return task_id
+    return ids
+
+
+def numbered(count, number, function, *arguments):
+    """function(*arguments); in a batch, its TaskError names the task."""
+    try:
+        return function(*arguments)
+    except TaskError as e:
+        if count == 1:
+            raise
+        raise TaskError("task %d of %d: %s" % (number, count, e))
+
+
+def check_spec(config, spec):
+    spec = dict(spec)
+    key = spec.pop("idempotency_key", None)
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+        raise TaskError("idempotency key must be text of 1 to 200 characters")
+    return check_task(config, **spec), key
+
+
+def insert_once(connection, task, idempotency_key, group_id):
+    """insert(), unless a task with this idempotency key exists: its id then."""
+    if idempotency_key is not None:
+        row = connection.execute("SELECT task_id FROM tasks WHERE idempotency_key = ?",
+                                 (idempotency_key,)).fetchone()
+        if row:
+            return row["task_id"]
+    return insert(connection, task, idempotency_key=idempotency_key, group_id=group_id)
 
 
 def check_task(config, task_type, payload, requirements=None, priority="normal",

@@ -189,7 +189,7 @@ class Web:
 
     # -- request helpers ---------------------------------------------------------
 
-    def json_body(self):
+    def json_body(self, batch=False):
         if bottle.request.content_length > MAX_BODY_BYTES:
             raise ApiError(413, "request body is over %d bytes" % MAX_BODY_BYTES)
         data = bottle.request.body.read(MAX_BODY_BYTES + 1)
@@ -199,8 +199,9 @@ class Web:
             body = orjson.loads(data or b"{}")
         except orjson.JSONDecodeError as e:
             raise ApiError(400, "request body is not JSON: %s" % e)
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
+        if not isinstance(body, dict) and not (batch and isinstance(body, list)):
+            raise ApiError(400, "request body must be a JSON object"
+                           + (" or a list of them" if batch else ""))
         return body
 
     def audit(self, event, actor="admin", **fields):
@@ -304,23 +305,22 @@ class Web:
                               "result": task["result"], "error": task["error"]})
 
     def submit(self):
-        body = self.json_body()
-        unknown = sorted(set(body) - SUBMIT_FIELDS)
-        if unknown:
-            raise ApiError(400, "unknown field %s (known: %s)"
-                           % (", ".join(unknown), ", ".join(sorted(SUBMIT_FIELDS))))
-        task_id = tasks.submit(self.connection(), self.config, body.get("task_type"),
-                               submitted_payload(body), body.get("priority", "normal"),
-                               body.get("timeout"), body.get("retries"),
-                               submitted_requirements(body), body.get("idempotency_key"),
-                               body.get("retry_on_failure", False), body.get("depends_on", []))
-        state = self.existing_task(task_id)["state"]
-        self.logger.info("task_submitted", task_id=task_id, task_type=body.get("task_type"),
-                         priority=body.get("priority", "normal"),
-                         address=bottle.request.environ.get("REMOTE_ADDR"))
-        self.audit("task_submitted", task_id=task_id, task_type=body.get("task_type"))
-        return json_response({"task_id": task_id, "state": state,
-                              "url": "/api/v1/tasks/%d" % task_id}, 201)
+        """One task, or a list of them queued all or none in one transaction."""
+        body = self.json_body(batch=True)
+        batch = body if isinstance(body, list) else [body]
+        specs = [submitted_spec(item) for item in batch]
+        task_ids = tasks.submit_many(self.connection(), self.config, specs)
+        for task_id, spec in zip(task_ids, specs):
+            self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
+                             priority=spec["priority"],
+                             address=bottle.request.environ.get("REMOTE_ADDR"))
+            self.audit("task_submitted", task_id=task_id, task_type=spec["task_type"])
+        submitted = [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
+                     for task_id in task_ids]
+        if isinstance(body, list):
+            return json_response({"tasks": submitted}, 201)
+        state = self.existing_task(task_ids[0])["state"]
+        return json_response(dict(submitted[0], state=state), 201)
 
     def why(self, task_id):
         self.existing_task(task_id)
@@ -905,6 +905,22 @@ def query_int(name, default):
     if value < 0:
         raise ApiError(400, "%s must not be negative" % name)
     return value
+
+
+def submitted_spec(body):
+    """submit()'s arguments from one task of a POST /api/v1/tasks body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "each task must be a JSON object")
+    unknown = sorted(set(body) - SUBMIT_FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown field %s (known: %s)"
+                       % (", ".join(unknown), ", ".join(sorted(SUBMIT_FIELDS))))
+    return {"task_type": body.get("task_type"), "payload": submitted_payload(body),
+            "priority": body.get("priority", "normal"), "timeout": body.get("timeout"),
+            "retries": body.get("retries"), "requirements": submitted_requirements(body),
+            "idempotency_key": body.get("idempotency_key"),
+            "retry_on_failure": body.get("retry_on_failure", False),
+            "depends_on": body.get("depends_on", [])}
 
 
 def submitted_payload(body):
