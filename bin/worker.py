@@ -3047,7 +3047,8 @@ def join_address(text):
     return host, port
 
 
-def positive(kind):
+def number_type(kind, fits, wanted):
+    """An argparse type: `kind(text)` when fits() it, else a clear error."""
     import argparse
 
     def check(text):
@@ -3055,10 +3056,14 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError("must be a number above 0, got %r" % text)
+        if value is None or not fits(value):     # NaN fits nothing
+            raise argparse.ArgumentTypeError("must be %s, got %r" % (wanted, text))
         return value
     return check
+
+
+def positive(kind):
+    return number_type(kind, lambda value: value > 0, "a number above 0")
 
 
 def default_device_id():
@@ -3067,17 +3072,7 @@ def default_device_id():
 
 
 def not_negative(kind):
-    import argparse
-
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < 0:
-            raise argparse.ArgumentTypeError("must be a number, at least 0, got %r" % text)
-        return value
-    return check
+    return number_type(kind, lambda value: value >= 0, "a number, at least 0")
 
 
 def percent(text):

@@ -160,3 +160,14 @@ def alive(pid):
     except ProcessLookupError:
         return False
     return True
+
+
+def start_fleet(home, device_ids):
+    """A cluster with one single-slot worker per id instead of the local one."""
+    cluster = Cluster(home)
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    for device_id in device_ids:
+        cluster.start_worker(device_id, "--slots", "1")
+    wait_for(lambda: set(device_ids) <= online(cluster), 30, "the fleet")
+    return cluster

@@ -2,7 +2,7 @@
 roles in requirements, one task on every device."""
 import pytest
 
-from cluster_harness import Cluster, online, wait_all_finished, wait_for
+from cluster_harness import online, start_fleet, wait_all_finished, wait_for
 from rc import devices, fleet, tasks
 
 pytestmark = pytest.mark.e2e
@@ -11,12 +11,7 @@ WORKERS = ("f1", "f2", "f3")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("fleet"))
-    cluster.start()
-    cluster.supervisorctl("stop", "rc-worker")
-    for device_id in WORKERS:
-        cluster.start_worker(device_id, "--slots", "1")
-    wait_for(lambda: set(WORKERS) <= online(cluster), 30, "the fleet")
+    cluster = start_fleet(tmp_path_factory.mktemp("fleet"), WORKERS)
     yield cluster
     cluster.stop()
 

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import start_fleet, wait_for
 
 pytestmark = pytest.mark.e2e
 WORKERS = ("w1", "w2", "w3")
@@ -12,12 +12,7 @@ WORKERS = ("w1", "w2", "w3")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("fleet-cli"))
-    cluster.start()
-    cluster.supervisorctl("stop", "rc-worker")
-    for device_id in WORKERS:
-        cluster.start_worker(device_id, "--slots", "1")
-    wait_for(lambda: set(WORKERS) <= online(cluster), 30, "the fleet")
+    cluster = start_fleet(tmp_path_factory.mktemp("fleet-cli"), WORKERS)
     yield cluster
     cluster.stop()
 
