@@ -1232,7 +1232,6 @@ class ProcessTask(Task):
     cpu_time = 0.0
     peak_memory_kb = None
     limits = ()              # task_rlimits(), once started
-    lost_with_spawner = False   # killed because the spawner that started it died
     memory_limit = None      # MiB (--max-memory), for the error of a task that ran out
     file_limit = None        # MiB (--max-file-size)
     # Stdout is read line by line for PROGRESS lines (see parse_progress).
@@ -1378,8 +1377,7 @@ class ProcessTask(Task):
             ended = worker.spawner.exits.pop(pid, None)
             if ended is None:
                 return
-            self.record_exit(worker, (pid,) + ended[:2])
-            self.lost_with_spawner = ended[2]
+            self.record_exit(worker, (pid,) + ended)
         elif hasattr(os, "waitid"):
             try:
                 if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
@@ -1467,8 +1465,6 @@ class ProcessTask(Task):
         return OUTCOME_FAILED, self.failure(stderr)
 
     def failure(self, stderr):
-        if self.lost_with_spawner:
-            return "the worker's task spawner exited, and the task with it"
         if self.exit_code == -getattr(signal, "SIGXFSZ", 0) and self.file_limit:
             return "file size limit exceeded (limit %d MiB)" % self.file_limit
         if self.exit_code == -getattr(signal, "SIGXCPU", 0):
@@ -1717,7 +1713,7 @@ class Spawner(object):
     def __init__(self):
         self.starting = deque()   # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
-        self.exits = {}           # pid -> (wait status, Usage, lost with the spawner)
+        self.exits = {}           # pid -> (wait status, Usage), until its task takes it
         self.idle_since = time.monotonic()
 
     def usable(self):
@@ -1800,24 +1796,29 @@ class Spawner(object):
         self.children.add(pid)
         worker.watchdog.group_started(pid)
 
-    def ended(self, pid, status, usage, lost=False):
+    def ended(self, pid, status, usage):
         if pid in self.children:
             self.children.discard(pid)
-            self.exits[pid] = (status, usage, lost)
+            self.exits[pid] = (status, usage)
         if not self.children:
             self.idle_since = time.monotonic()
 
     def lost(self, worker):
-        """The spawner is gone: its children are orphans we cannot wait for.
-        End them and report them killed, so no task waits for ever."""
+        """The spawner is gone. Its children are orphans we cannot wait for:
+        end them, and if there were any, restart the worker (same pid) so that
+        the main node takes their tasks back as from a crashed worker. A task
+        that kills the spawner is thus charged like one that kills the
+        worker, and ends as a poison pill rather than failing its neighbours."""
         if self.process is not None:
             log("warning", "spawner_lost", pid=self.process.pid, tasks=len(self.children))
-        for pid in list(self.children):
+        for pid in self.children:
             kill_group(pid)
-            self.ended(pid, signal.SIGKILL, Usage(0.0, 0.0, 0), lost=True)
-        while self.starting:
-            self.starting.popleft().error = "the spawner exited"
+        serving = bool(self.children or self.starting)
+        self.children.clear()
+        self.starting.clear()
         self.stop(worker)
+        if serving:
+            worker.restart("the task spawner exited with tasks running", "error")
 
     def forget(self, worker, child):
         """An abandoned task: kill it; its end is of no more interest."""
@@ -2848,10 +2849,10 @@ class Worker(object):
         self.backoff = BACKOFF_START
         self.connect_at = time.monotonic()
 
-    def restart(self):
-        """Run the new worker.py in this process (same pid, same arguments)."""
+    def restart(self, reason="upgrade", level="info"):
+        """Run worker.py anew in this process (same pid, same arguments)."""
         argv = restart_argv()
-        log("info", "worker_restarting", reason="upgrade", argv=argv)
+        log(level, "worker_restarting", reason=reason, argv=argv)
         self.send_now()
         self.shutdown()
         try:

@@ -101,6 +101,10 @@ def cluster(tmp_path_factory):
 
 # -- the checker ------------------------------------------------------------------
 
+# Worker log events that end a run: the task's process group is gone by then.
+RUN_ENDS = ("task_finished", "task_fenced", "task_abandoned")
+
+
 class Executions:
     """Who ran which attempt when, from the workers' own logs."""
 
@@ -127,8 +131,7 @@ class Executions:
                     (record["task_id"], record["attempt"], device_id), [])
                 if record["event"] == "task_started":
                     runs.append([record["time"], None, None])
-                elif record["event"] in ("task_finished", "task_fenced") and runs \
-                        and runs[-1][1] is None:
+                elif record["event"] in RUN_ENDS and runs and runs[-1][1] is None:
                     runs[-1][1] = record["time"]
                     runs[-1][2] = record.get("status", record["event"])
 
