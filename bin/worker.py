@@ -12,14 +12,17 @@ used when it happens to be installed. docs/protocol.md is the contract this
 file implements.
 """
 import errno
-import json
 import os
 import selectors
-import signal
-import socket
 import sys
 import time
 from collections import OrderedDict, deque
+
+# The C modules under socket.py and signal.py, which add little the worker
+# uses but enums, and with the enum module over 1 MiB an idle worker would
+# hold for good. Their functions and constants are the same; numbers stay ints.
+import _signal as signal
+import _socket as socket
 
 __version__ = "0.1.0"
 
@@ -122,17 +125,66 @@ READY = "ready"
 # Helpers: JSON, logging, proofs ##############################################
 ###############################################################################
 
-# The standard json, even where orjson is installed: loading orjson costs an
-# idle worker 2 MiB, more than the time it would save here.
+# The standard library's JSON, even where orjson is installed (loading orjson
+# costs an idle worker 2 MiB, more than the time it would save here), and of it
+# only _json, the C encoder and scanner that json.dumps and json.loads run on:
+# json's own modules load re and enum, over 1 MiB an idle worker would hold.
+
+def json_encoder(ensure_ascii, default):
+    if _json is None:
+        return lambda obj: json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
+                                               separators=(",", ":"))
+    encode = _json.make_encoder(
+        {}, default or not_serializable,
+        _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
+        None, ":", ",", False, False, True)
+    return lambda obj: "".join(encode(obj, 0))
+
+
+def not_serializable(obj):
+    raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+
 def dumps(obj, default=None):
-    text = json.dumps(obj, default=default, ensure_ascii=False, separators=(",", ":"))
+    """Compact UTF-8 JSON, as json.dumps(obj, ensure_ascii=False, separators=(",", ":"))."""
     try:
-        return text.encode("utf-8")
+        return json_encoder(False, default)(obj).encode("utf-8")
     except UnicodeEncodeError:   # a lone surrogate: escape everything instead
-        return json.dumps(obj, default=default, separators=(",", ":")).encode("ascii")
+        return json_encoder(True, default)(obj).encode("ascii")
 
 
-loads = json.loads
+JSON_SPACE = " \t\n\r"
+JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def loads(data):
+    """json.loads(data) for UTF-8 bytes or text; bad JSON raises ValueError."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    if _json is None:
+        return json_module().loads(text)
+    start = len(text) - len(text.lstrip(JSON_SPACE))
+    try:
+        value, end = json_scanner(text, start)
+    except StopIteration:
+        raise ValueError("no JSON value at character %d" % start)
+    if text[end:].strip(JSON_SPACE):
+        raise ValueError("extra data at character %d" % end)
+    return value
+
+
+def json_module():
+    import json
+    return json
+
+
+try:
+    import _json
+    import types
+    json_scanner = _json.make_scanner(types.SimpleNamespace(
+        strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
+        parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
+except (ImportError, AttributeError):
+    _json = None
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 log_threshold = LOG_LEVELS["info"]
@@ -362,31 +414,95 @@ class Identity(object):
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
 
-WOULD_BLOCK = (BlockingIOError, InterruptedError)   # and, once ssl is loaded, its two
+WOULD_BLOCK = (BlockingIOError, InterruptedError)   # and, once TLS is used, its two
 
 
 def load_ssl():
-    """ssl only when TLS is used: it loads OpenSSL, megabytes an idle worker
-    without TLS need not hold."""
+    """_ssl, the C half of ssl, only when TLS is used: it loads OpenSSL,
+    megabytes an idle worker without TLS need not hold. Its exceptions are
+    the ones ssl raises."""
     global WOULD_BLOCK
+    import _ssl
+    if _ssl.SSLWantReadError not in WOULD_BLOCK:
+        WOULD_BLOCK = WOULD_BLOCK + (_ssl.SSLWantReadError, _ssl.SSLWantWriteError)
+    return _ssl
+
+
+def tls_socket(sock):
+    """`sock` wrapped in TLS, not yet shaken hands. Straight on _ssl where it
+    has what ssl.py builds on (CPython 3.6 to 3.13): ssl.py itself, with its
+    enums, would cost an idle worker ~1.9 MiB for good."""
+    _ssl = load_ssl()
+    if hasattr(getattr(_ssl, "_SSLContext", None), "_wrap_socket"):
+        return TlsSocket(sock, client_context(_ssl._SSLContext))
     import ssl
-    if ssl.SSLWantReadError not in WOULD_BLOCK:
-        WOULD_BLOCK = WOULD_BLOCK + (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-    return ssl
+    return client_context(ssl.SSLContext).wrap_socket(sock, do_handshake_on_connect=False)
 
 
-def client_context():
+def client_context(new_context):
     """No certificate authority and no host name: the one certificate whose
     fingerprint was pinned is trusted, nothing else (see Worker.handshake)."""
-    ssl = load_ssl()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _ssl = load_ssl()
+    context = new_context(_ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if hasattr(ssl, "TLSVersion"):         # 3.7+; the OP_NO_* flags warn from 3.10 on
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = _ssl.CERT_NONE
+    if hasattr(_ssl, "PROTO_TLSv1_2"):      # 3.7+; the OP_NO_* flags warn from 3.10 on
+        context.minimum_version = _ssl.PROTO_TLSv1_2
     else:
-        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+        context.options |= _ssl.OP_NO_TLSv1 | _ssl.OP_NO_TLSv1_1
     return context
+
+
+class TcpSocket(socket.socket):
+    """_socket's socket, which _ssl can use: it keeps a weak reference to it."""
+    __slots__ = ("__weakref__",)
+
+
+class TlsSocket(object):
+    """The part of ssl.SSLSocket the worker uses, on _ssl's own TLS object.
+    The timeout of `sock` rules, as in ssl: non-blocking calls raise
+    SSLWantReadError or SSLWantWriteError."""
+
+    def __init__(self, sock, context):
+        self.sock = sock
+        self.tls = context._wrap_socket(sock, False)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds)
+
+    def close(self):
+        self.sock.close()
+
+    def do_handshake(self):
+        self.tls.do_handshake()
+
+    def getpeercert(self, binary_form=False):
+        # Called peer_certificate until 3.7.
+        read = getattr(self.tls, "getpeercert", None) or self.tls.peer_certificate
+        return read(binary_form)
+
+    def version(self):
+        return self.tls.version()
+
+    def pending(self):
+        return self.tls.pending()
+
+    def recv(self, size):
+        try:
+            return self.tls.read(size)
+        except load_ssl().SSLEOFError:     # closed without a TLS goodbye: an end, as ssl's
+            return b""
+
+    def send(self, data):
+        return self.tls.write(data)
+
+    def sendall(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[self.tls.write(view):]
 
 
 def certificate_fingerprint(der):
@@ -512,6 +628,7 @@ PROC_ROOT = os.environ.get("RC_PROC_ROOT", "/proc")
 SYSFS_ROOT = os.environ.get("RC_SYSFS_ROOT", "/sys")
 
 _psutil = []
+site_dropped = []       # [True] when start() ran this interpreter with -S for us
 
 
 def optional_psutil():
@@ -519,6 +636,9 @@ def optional_psutil():
     because importing it costs more memory than the rest of the worker."""
     if not _psutil:
         try:
+            if site_dropped and "site" not in sys.modules:
+                import site         # start() dropped it: add site-packages now
+                site.main()
             import psutil
         except Exception:
             psutil = None
@@ -1256,7 +1376,6 @@ class ProcessTask(Task):
         return lambda: apply_rlimits(self.limits)
 
     def start(self, worker):
-        import subprocess
         import tempfile
         value = self.argument()
         self.limits = task_rlimits(self.timeout, worker.options)
@@ -1265,12 +1384,9 @@ class ProcessTask(Task):
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     self.spawn_request(value), cwd=self.workdir, limits=self.limits))
-            if self.proc is None:      # a process of our own
-                self.proc = subprocess.Popen(
-                    self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                    preexec_fn=self.preexec())
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            if self.proc is None:
+                self.proc = self.process_of_our_own(value)
+        except (OSError, ValueError) as e:
             self.remove_workdir()
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
@@ -1504,10 +1620,24 @@ class ProcessTask(Task):
             self.close_pipe(worker, fd)
         self.remove_workdir()
 
+    def process_of_our_own(self, value):
+        """Where there is no spawner: subprocess, loaded only then."""
+        import subprocess
+        try:
+            return subprocess.Popen(
+                self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=self.preexec())
+        except subprocess.SubprocessError as e:
+            raise OSError(str(e))
+
     def remove_workdir(self):
         if self.workdir:
-            import shutil
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                os.rmdir(self.workdir)      # most tasks leave nothing: half the time of rmtree
+            except OSError:
+                import shutil
+                shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
     def write(self, name, text):
@@ -2367,7 +2497,7 @@ class Worker(object):
             name = host.encode("ascii") if all(ord(c) < 128 for c in host) else host
             family, kind, proto, _, address = socket.getaddrinfo(
                 name, port, 0, socket.SOCK_STREAM)[0]
-            sock = socket.socket(family, kind, proto)
+            sock = TcpSocket(family, kind, proto)
         except OSError as e:
             self.disconnect("cannot resolve %s: %s" % (host, e))
             return
@@ -2428,7 +2558,7 @@ class Worker(object):
 
     def start_tls(self):
         self.selector.unregister(self.sock)
-        self.sock = client_context().wrap_socket(self.sock, do_handshake_on_connect=False)
+        self.sock = tls_socket(self.sock)
         self.selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                lambda mask, sock=self.sock: self.on_socket(sock, mask))
         self.state = TLS_HANDSHAKE
@@ -2437,19 +2567,19 @@ class Worker(object):
     def handshake(self):
         """One step of the TLS handshake; once done, the pin is checked before
         a single byte of the protocol is read or written."""
-        ssl = load_ssl()
+        _ssl = load_ssl()
         try:
             self.sock.do_handshake()
-        except ssl.SSLWantReadError:
+        except _ssl.SSLWantReadError:
             self.watch_socket(writing=False)
             return
-        except ssl.SSLWantWriteError:
+        except _ssl.SSLWantWriteError:
             self.watch_socket(writing=True)
             return
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+        except (_ssl.SSLEOFError, _ssl.SSLZeroReturnError) as e:
             self.disconnect("TLS handshake cut short: %s" % e)
             return
-        except ssl.SSLError as e:
+        except _ssl.SSLError as e:
             self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
                          " does not use TLS (tls is false in its etc/rc.json), start this worker"
                          " without --fingerprint" % (self.options.join + (e,)))
@@ -3147,7 +3277,7 @@ def help_formatter(prog):
     return argparse.HelpFormatter(prog, width=width - 2)
 
 
-def parse_args(argv=None, reloading=False):
+def parse_args(argv=None, reloading=False, read_token=True):
     """The options; with reloading (see Worker.control_reload), errors raise
     ReloadError instead of exiting, and the token is not read again."""
     import argparse
@@ -3248,7 +3378,7 @@ def parse_args(argv=None, reloading=False):
     if not options.self_test:
         if options.join is None:
             parser.error("--join HOST[:PORT] is required")
-        if not reloading:
+        if read_token and not reloading:
             options.token = join_token(parser, options)
     return options
 
@@ -3300,12 +3430,13 @@ def join_token(parser, options):
     return token
 
 
-def main(argv=None):
+def main(argv=None, options_fd=None):
+    """The worker; `options_fd` is a pipe with the options parsed (see start)."""
     global log_threshold
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--spawner"]:          # see Spawner: started by a worker, not by people
         return serve_spawner(int(argv[1]))
-    options = parse_args(argv)
+    options = parse_args(argv) if options_fd is None else received_options(options_fd)
     log_threshold = LOG_LEVELS[options.log_level]
     if options.self_test:
         log_threshold = LOG_LEVELS["warning"]    # the report is the output
@@ -3313,8 +3444,69 @@ def main(argv=None):
     return Worker(options).run()
 
 
+# -- start: parse here, run from bytecode in a fresh interpreter ------------------
+
+MAX_HANDED_OPTIONS = 8192   # bytes: far below any pipe's capacity, so writing never waits
+
+
+def start():
+    """Parse the command line in this process, then exec (same pid) an
+    interpreter that imports this file from its compiled bytecode and is
+    handed the parsed options through a pipe. Compiling the source would
+    leave ~5 MiB in the process and argparse ~1.4 MiB: the long-lived worker
+    carries neither. Where that cannot be done, the worker runs here."""
+    if sys.argv[1:2] == ["--spawner"]:
+        return main()
+    options = parse_args(read_token=False)
+    # -S as well: .pth files in site-packages may load anything, megabytes at
+    # times; psutil, the one package the worker may use, finds its way back
+    # through optional_psutil.
+    options.site_dropped = not sys.flags.no_site
+    data = handed_options(options)
+    reader, writer = os.pipe()
+    command = bytecode_argv("main(options_fd=%d)" % reader,
+                            interpreter_argv() + ["-S"] * options.site_dropped)
+    if command is None or data is None:
+        os.close(reader)
+        os.close(writer)
+        return main()
+    os.write(writer, data)
+    os.close(writer)
+    os.set_inheritable(reader, True)
+    os.execv(sys.executable, command + sys.argv[1:])
+
+
+def handed_options(options):
+    """The options as marshal data (tuples stay tuples), or None if they will not go."""
+    import marshal
+    try:
+        data = marshal.dumps(vars(options))
+    except ValueError:
+        return None
+    return data if len(data) <= MAX_HANDED_OPTIONS else None
+
+
+def received_options(fd):
+    """The options start() handed over; the token is read here, so that it
+    never passes through a pipe or the command line."""
+    import marshal
+    import types
+    with os.fdopen(fd, "rb") as pipe:
+        options = types.SimpleNamespace(**marshal.loads(pipe.read()))
+    if getattr(options, "site_dropped", False):
+        site_dropped.append(True)
+    if not options.self_test:
+        options.token = join_token(CommandLineErrors(), options)
+    return options
+
+
+class CommandLineErrors(object):
+    """What join_token needs of an argparse parser, without argparse."""
+
+    def error(self, message):
+        sys.stderr.write("worker.py: error: %s\n" % message)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    argv = bytecode_argv("main()")
-    if argv:
-        os.execv(sys.executable, argv + sys.argv[1:])
-    sys.exit(main())
+    sys.exit(start())

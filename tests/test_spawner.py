@@ -108,8 +108,8 @@ def test_without_a_spawner_tasks_start_through_subprocess(main, spawn, tmp_path)
     # interpreter in `PYTHON -I -S worker.py ARGS` and runs the worker in it.
     wrapper = tmp_path / "python-without-seqpacket"
     wrapper.write_text(
-        "#!/bin/sh\nshift 3\nexec %s -I -S -c 'import runpy, socket, sys\n"
-        "del socket.SOCK_SEQPACKET\nsys.argv[0] = %s\n"
+        "#!/bin/sh\nshift 3\nexec %s -I -S -c 'import runpy, _socket, sys\n"
+        "del _socket.SOCK_SEQPACKET\nsys.argv[0] = %s\n"
         "sys.exit(runpy.run_path(sys.argv[0])[\"main\"]())' \"$@\"\n"
         % (sys.executable, json.dumps(WORKER)))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)

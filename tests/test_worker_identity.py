@@ -24,6 +24,9 @@ CLUSTER = "cluster-A_1"
 EDGES = [sys.executable] + [p for p in (INTERPRETERS[:1] + INTERPRETERS[-1:])
                             if "/3.6." in p or "/3.13." in p]
 edges = pytest.mark.parametrize("python", sorted(set(EDGES)), ids=short_name)
+# TLS runs on _ssl directly, whose methods changed between versions: every one.
+every_python = pytest.mark.parametrize("python", sorted(set([sys.executable] + INTERPRETERS)),
+                                       ids=short_name)
 
 
 class TlsMain(FakeMain):
@@ -166,7 +169,7 @@ def test_wrong_proof_is_retried_with_backoff_not_in_a_tight_loop(main, spawn, st
 
 # -- TLS with the certificate pinned -------------------------------------------------
 
-@edges
+@every_python
 def test_tls_with_the_pinned_certificate(tmp_path, spawn, python, state):
     main = TlsMain(tmp_path)
     try:
@@ -242,15 +245,86 @@ def test_bad_fingerprints_are_refused_at_start(tmp_path):
         assert done.returncode == 2 and "fingerprint" in done.stderr
 
 
-def test_an_idle_plain_worker_does_not_load_ssl():
+# The long-lived worker process: what start() leaves out of it. Each of these
+# Python modules would weigh on an idle worker for good (issue 7: <= 16 MiB).
+HEAVY_MODULES = ("argparse", "ssl", "json", "enum", "re", "socket", "signal")
+
+RECEIVING_WORKER = """
+import os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import worker
+options = worker.received_options(int(sys.argv[2]))
+worker.loads(worker.dumps({"device": options.device_id, "join": options.join}))
+plain = "_ssl" in sys.modules
+connection = worker.tls_socket(worker.TcpSocket())
+print(options.token, options.join, plain, "_ssl" in sys.modules,
+      ",".join(name for name in %r if name in sys.modules), sep="|")
+""" % (HEAVY_MODULES,)
+
+
+def hand_over(arguments, tmp_path):
+    """Options parsed as start() parses them, handed through a pipe to a new
+    interpreter as start() hands them: what it printed, and how it ended."""
     import subprocess
     from test_worker import WORKER
-    code = ("import runpy, sys; sys.argv = ['worker.py', '--join', 'h', '--token', 't'];"
-            "m = runpy.run_path(%r, run_name='not_main'); m['parse_args']();"
-            "print('ssl' in sys.modules)" % WORKER)
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], stdout=subprocess.PIPE,
-                          universal_newlines=True, timeout=30)
-    assert done.stdout.strip() == "False"
+    module = load_worker_module()
+    reader, writer = os.pipe()
+    os.write(writer, module.handed_options(module.parse_args(arguments, read_token=False)))
+    os.close(writer)
+    try:
+        return subprocess.run([sys.executable, "-I", "-S", "-c", RECEIVING_WORKER, WORKER,
+                               str(reader)] + arguments, pass_fds=(reader,),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+    finally:
+        os.close(reader)
+
+
+def load_worker_module():
+    import importlib.util
+    from test_worker import WORKER
+    spec = importlib.util.spec_from_file_location("rc_worker_start", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_long_lived_worker_holds_no_heavy_module(tmp_path):
+    done = hand_over(["--join", "nas.local", "--token", " t0k "], tmp_path)
+    assert done.returncode == 0, done.stderr
+    token, join, plain, tls, heavy = done.stdout.split("|")
+    assert token == "t0k" and join == "('nas.local', 8080)"   # read there; tuples stay
+    assert plain == "False" and tls == "True"                  # _ssl only once TLS is used
+    assert heavy.strip() == ""
+
+
+def test_a_missing_token_is_a_usage_error_after_the_hand_over(tmp_path):
+    done = hand_over(["--join", "nas.local", "--token-file", str(tmp_path / "none")],
+                     tmp_path)
+    assert done.returncode == 2 and "cannot read --token-file" in done.stderr
+
+
+def test_json_as_the_json_module_writes_and_reads_it():
+    """dumps and loads run on _json: they must agree with json itself."""
+    import json
+    module = load_worker_module()
+    values = [{"a": [1, -0.0, 1e300, None, True, "\u00e9\u2603 \"\\\n"], "b": {}},
+              "text", 10 ** 30, [], {"nan": float("nan")}, "lone \ud800"]
+    for value in values:
+        try:
+            expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            expected = expected.encode("utf-8")
+        except UnicodeEncodeError:
+            expected = json.dumps(value, separators=(",", ":")).encode("ascii")
+        assert module.dumps(value) == expected
+        assert json.dumps(module.loads(expected)) == json.dumps(json.loads(expected))
+    assert module.loads(b' {"a": 1}\r\n') == {"a": 1}
+    for bad in (b"", b" ", b"{", b"{} x", b"[1,]", b"\xff", b'{"a":1}{"b":2}', b"nul"):
+        with pytest.raises(ValueError):
+            module.loads(bad)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        module.dumps({"a": [object()]})
+    assert module.dumps({"a": object()}, default=lambda o: "seen") == b'{"a":"seen"}'
 
 
 # -- control messages -------------------------------------------------------------
