@@ -282,6 +282,19 @@ def kill_group(pgid):
         return False
 
 
+def reap_if_ended(pid):
+    """os.wait4 of the task process `pid` once it has exited, else None. Its
+    group is killed first: the unreaped leader keeps the group id reserved, so
+    this cannot hit a stranger, and whatever the task left running ends with it."""
+    try:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None
+    except ChildProcessError:
+        pass
+    kill_group(pid)
+    return os.wait4(pid, 0)
+
+
 def sleep_aware_clock():
     """A monotonic clock that keeps counting while the machine is suspended,
     which time.monotonic() does not on Linux and macOS: a laptop that slept
@@ -1495,15 +1508,9 @@ class ProcessTask(Task):
                 return
             self.record_exit(worker, (pid,) + ended)
         elif hasattr(os, "waitid"):
-            try:
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    return
-            except ChildProcessError:
-                pass
-            # The unreaped leader keeps its group id reserved, so this cannot hit
-            # a stranger: whatever the task left running ends with it.
-            kill_group(pid)
-            self.record_exit(worker, os.wait4(pid, 0))
+            ended = reap_if_ended(pid)
+            if ended is not None:
+                self.record_exit(worker, ended)
         else:
             status = os.wait4(pid, os.WNOHANG)
             if status[0] == 0:
@@ -2076,14 +2083,10 @@ def spawn_command(request, stdout_fd, stderr_fd):
 
 def report_exits(sock, children):
     for pid in list(children):
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                continue
-        except ChildProcessError:
-            pass
-        # Reaped only now: its unreaped leader kept the group id from reuse.
-        kill_group(pid)
-        _, status, usage = os.wait4(pid, 0)
+        ended = reap_if_ended(pid)
+        if ended is None:
+            continue
+        _, status, usage = ended
         children.discard(pid)
         sock.send(dumps({"exit": pid, "status": status,
                          "usage": [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]}))
