@@ -130,6 +130,19 @@ READY = "ready"
 # only _json, the C encoder and scanner that json.dumps and json.loads run on:
 # json's own modules load re and enum, over 1 MiB an idle worker would hold.
 
+JSON_SPACE = " \t\n\r"
+JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+try:
+    import _json
+    import types
+    json_scanner = _json.make_scanner(types.SimpleNamespace(
+        strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
+        parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
+except (ImportError, AttributeError):
+    _json = None
+
+
 def json_encoder(ensure_ascii, default):
     if _json is None:
         return lambda obj: json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
@@ -153,10 +166,6 @@ def dumps(obj, default=None):
         return json_encoder(True, default)(obj).encode("ascii")
 
 
-JSON_SPACE = " \t\n\r"
-JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
-
-
 def loads(data):
     """json.loads(data) for UTF-8 bytes or text; bad JSON raises ValueError."""
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
@@ -176,15 +185,6 @@ def json_module():
     import json
     return json
 
-
-try:
-    import _json
-    import types
-    json_scanner = _json.make_scanner(types.SimpleNamespace(
-        strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
-        parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
-except (ImportError, AttributeError):
-    _json = None
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 log_threshold = LOG_LEVELS["info"]
@@ -591,14 +591,15 @@ def replace_worker_file(source):
 
 
 def interpreter_argv():
-    """This interpreter with the flags it was started with."""
+    """This interpreter with the flags it was started with (-S only if it was
+    the user's, not start()'s)."""
     flags = sys.flags
     argv = [sys.executable]
     if getattr(flags, "isolated", 0):
         argv.append("-I")
     else:
         argv += ["-E"] * bool(flags.ignore_environment) + ["-s"] * bool(flags.no_user_site)
-    return argv + ["-S"] * bool(flags.no_site) + ["-O"] * flags.optimize
+    return argv + ["-S"] * bool(flags.no_site and not site_dropped) + ["-O"] * flags.optimize
 
 
 def restart_argv():
@@ -3282,7 +3283,8 @@ def help_formatter(prog):
 
 def parse_args(argv=None, reloading=False, read_token=True):
     """The options; with reloading (see Worker.control_reload), errors raise
-    ReloadError instead of exiting, and the token is not read again."""
+    ReloadError instead of exiting, and the token is not read again; without
+    read_token it is left to received_options (see start)."""
     import argparse
     import re
     parser = argparse.ArgumentParser(

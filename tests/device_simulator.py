@@ -26,6 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from rc import protocol  # noqa: E402
 
 
+IN_FLIGHT = 500     # devices connected and not yet registered, at most
+
+
 class Device:
     def __init__(self, number, sock):
         self.device_id = "sim-%05d" % number
@@ -45,18 +48,35 @@ class Simulator:
         self.ack_latencies = []
         self.ack_times = []         # wall-clock time of each acknowledgement
         self.registered = 0
+        self.reconnects = 0        # refused or cut off before registering
         self.tasks_answered = 0
 
     def connect_all(self):
-        host, port = self.options.join.rsplit(":", 1)
+        """Like a fleet booting: at most IN_FLIGHT devices authenticating at
+        once (rc-server refuses more than max_unauthenticated, 1,000 by
+        default), and a device refused or cut off before its register_ack
+        connects again, as a worker would after its backoff."""
         for number in range(self.options.count):
-            sock = socket.create_connection((host, int(port)))
-            sock.setblocking(False)
-            device = Device(number, sock)
+            while len(self.devices) - self.registered >= IN_FLIGHT:
+                self.turn(0.01)
+            device = Device(number, None)
             self.devices.append(device)
-            self.selector.register(sock, selectors.EVENT_READ, device)
-            if number % 500 == 499:
-                self.turn(0)          # keep up with hellos while connecting
+            self.connect(device)
+
+    def connect(self, device):
+        host, port = self.options.join.rsplit(":", 1)
+        device.sock = socket.create_connection((host, int(port)))
+        device.sock.setblocking(False)
+        device.inbox = bytearray()
+        device.nonce = protocol.new_nonce()      # a new one per connection, as a worker's
+        self.selector.register(device.sock, selectors.EVENT_READ, device)
+
+    def lost(self, device):
+        self.selector.unregister(device.sock)
+        device.sock.close()
+        if not device.registered:
+            self.reconnects += 1
+            self.connect(device)
 
     def run(self):
         started = time.monotonic()
@@ -73,7 +93,8 @@ class Simulator:
             self.turn(0.01)
             self.send_due_heartbeats()
         return {"devices": len(self.devices), "registered": self.registered,
-                "registered_in_s": registered_in, "heartbeats_acked": len(self.ack_latencies),
+                "registered_in_s": registered_in, "reconnects": self.reconnects,
+                "heartbeats_acked": len(self.ack_latencies),
                 "ack_p50_ms": percentile(self.ack_latencies, 50) * 1000,
                 "ack_p99_ms": percentile(self.ack_latencies, 99) * 1000,
                 "tasks_answered": self.tasks_answered,
@@ -100,7 +121,7 @@ class Simulator:
             except BlockingIOError:
                 continue
             if not chunk:
-                self.selector.unregister(device.sock)
+                self.lost(device)
                 continue
             device.inbox += chunk
             for line in protocol.split_frames(device.inbox):
