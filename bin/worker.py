@@ -3391,11 +3391,7 @@ def parse_args(argv=None, reloading=False, read_token=True):
 def pinned_fingerprint(parser, options):
     text = options.fingerprint
     if options.fingerprint_file:
-        try:
-            with open(os.path.expanduser(options.fingerprint_file)) as f:
-                text = f.read()
-        except OSError as e:
-            parser.error("cannot read --fingerprint-file: %s" % e)
+        text = read_option_file(parser, "--fingerprint-file", options.fingerprint_file)
     if text is None:
         return None
     fingerprint = normal_fingerprint(text)
@@ -3403,6 +3399,14 @@ def pinned_fingerprint(parser, options):
         parser.error("--fingerprint must be 64 hex digits (colons allowed): the SHA-256 of"
                      " the main node's certificate, as `rc join` prints it")
     return fingerprint
+
+
+def read_option_file(parser, option, path):
+    try:
+        with open(os.path.expanduser(path)) as f:
+            return f.read()
+    except OSError as e:
+        parser.error("cannot read %s: %s" % (option, e))
 
 
 def task_types(parser, allow, deny):
@@ -3422,11 +3426,7 @@ def join_token(parser, options):
     # Tasks run with our environment: the token must not be in it.
     token = os.environ.pop("RC_TOKEN", None)
     if options.token_file:
-        try:
-            with open(os.path.expanduser(options.token_file)) as f:
-                token = f.read()
-        except OSError as e:
-            parser.error("cannot read --token-file: %s" % e)
+        token = read_option_file(parser, "--token-file", options.token_file)
     if options.token is not None:
         token = options.token
     token = (token or "").strip()
