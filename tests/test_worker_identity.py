@@ -262,7 +262,7 @@ print(options.token, options.join, plain, "_ssl" in sys.modules,
 """ % (HEAVY_MODULES,)
 
 
-def hand_over(arguments, tmp_path):
+def hand_over(arguments):
     """Options parsed as start() parses them, handed through a pipe to a new
     interpreter as start() hands them: what it printed, and how it ended."""
     import subprocess
@@ -289,8 +289,8 @@ def load_worker_module():
     return module
 
 
-def test_the_long_lived_worker_holds_no_heavy_module(tmp_path):
-    done = hand_over(["--join", "nas.local", "--token", " t0k "], tmp_path)
+def test_the_long_lived_worker_holds_no_heavy_module():
+    done = hand_over(["--join", "nas.local", "--token", " t0k "])
     assert done.returncode == 0, done.stderr
     token, join, plain, tls, heavy = done.stdout.split("|")
     assert token == "t0k" and join == "('nas.local', 8080)"   # read there; tuples stay
@@ -299,8 +299,7 @@ def test_the_long_lived_worker_holds_no_heavy_module(tmp_path):
 
 
 def test_a_missing_token_is_a_usage_error_after_the_hand_over(tmp_path):
-    done = hand_over(["--join", "nas.local", "--token-file", str(tmp_path / "none")],
-                     tmp_path)
+    done = hand_over(["--join", "nas.local", "--token-file", str(tmp_path / "none")])
     assert done.returncode == 2 and "cannot read --token-file" in done.stderr
 
 
