@@ -2647,6 +2647,9 @@ class Worker(object):
             pending = getattr(self.sock, "pending", None)
             if not (pending and pending()):
                 break
+        # Frames that waited out a freeze that began after turn() looked at
+        # the clock must not count as contact before the fence is checked.
+        self.check_fence()
         self.last_heard = time.monotonic()
         contact = contact_clock()
         sock = self.sock
