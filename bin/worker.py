@@ -143,15 +143,17 @@ except (ImportError, AttributeError):
     _json = None
 
 
-def json_encoder(ensure_ascii, default):
+def json_text(obj, ensure_ascii, default):
     if _json is None:
-        return lambda obj: json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
-                                               separators=(",", ":"))
+        return json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
+                                   separators=(",", ":"))
+    # The arguments json.JSONEncoder gives it: a fresh dict of markers (for
+    # circular references), no indent, compact separators, NaN allowed.
     encode = _json.make_encoder(
         {}, default or not_serializable,
         _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
         None, ":", ",", False, False, True)
-    return lambda obj: "".join(encode(obj, 0))
+    return "".join(encode(obj, 0))
 
 
 def not_serializable(obj):
@@ -161,9 +163,9 @@ def not_serializable(obj):
 def dumps(obj, default=None):
     """Compact UTF-8 JSON, as json.dumps(obj, ensure_ascii=False, separators=(",", ":"))."""
     try:
-        return json_encoder(False, default)(obj).encode("utf-8")
+        return json_text(obj, False, default).encode("utf-8")
     except UnicodeEncodeError:   # a lone surrogate: escape everything instead
-        return json_encoder(True, default)(obj).encode("ascii")
+        return json_text(obj, True, default).encode("ascii")
 
 
 def loads(data):
@@ -1390,6 +1392,7 @@ class ProcessTask(Task):
         return lambda: apply_rlimits(self.limits)
 
     def start(self, worker):
+        import subprocess
         import tempfile
         value = self.argument()
         self.limits = task_rlimits(self.timeout, worker.options)
@@ -1398,9 +1401,12 @@ class ProcessTask(Task):
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     self.spawn_request(value), cwd=self.workdir, limits=self.limits))
-            if self.proc is None:
-                self.proc = self.process_of_our_own(value)
-        except (OSError, ValueError) as e:
+            if self.proc is None:      # a process of our own
+                self.proc = subprocess.Popen(
+                    self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    preexec_fn=self.preexec())
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
             self.remove_workdir()
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
@@ -1627,17 +1633,6 @@ class ProcessTask(Task):
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
         self.remove_workdir()
-
-    def process_of_our_own(self, value):
-        """Where there is no spawner: subprocess, loaded only then."""
-        import subprocess
-        try:
-            return subprocess.Popen(
-                self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=self.preexec())
-        except subprocess.SubprocessError as e:
-            raise OSError(str(e))
 
     def remove_workdir(self):
         if self.workdir:
