@@ -1284,6 +1284,7 @@ class Task(object):
         self.timeout = timeout
         self.started = None
         self.deadline = None
+        self.received = time.monotonic()
 
     def argument(self):
         name = PAYLOAD_FIELD[self.task_type]
@@ -2321,6 +2322,7 @@ class Worker(object):
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
+        self.queue_wait = None         # from register_ack: longest wait in self.queued
         self.last_contact = None       # the last frame on a registered connection
         self.lost_at = None            # when the connection was lost, until registered again
         # The connection to the main node.
@@ -2377,6 +2379,7 @@ class Worker(object):
         times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit(),
                  self.next_policy_check, self.hello_deadline]
         times.extend(task.wake_at() for task in self.running.values())
+        times.append(self.queue_deadline())
         fence_in = self.fence_in()
         if fence_in is not None:
             times.append(now + fence_in)
@@ -2406,6 +2409,25 @@ class Worker(object):
             wake_at = task.wake_at()
             if wake_at is not None and now >= wake_at:
                 task.on_time(self, now)
+        deadline = self.queue_deadline()
+        if deadline is not None and now >= deadline:
+            self.hand_back_waiting(now)
+
+    # -- tasks waiting for a slot ------------------------------------------------
+    # The main node gives a device that finishes tasks quickly a few more than
+    # its slots; they wait here. Should the running ones turn out long, the
+    # waiting ones go back for another device before the main node's
+    # accept_timeout would take them.
+
+    def queue_deadline(self):
+        if not (self.queue_wait and self.queued):
+            return None
+        return min(task.received for task in self.queued.values()) + self.queue_wait
+
+    def hand_back_waiting(self, now):
+        for task in list(self.queued.values()):
+            if now - task.received >= self.queue_wait:
+                self.hand_back(task, "waited %.1f s for a free slot" % (now - task.received))
 
     # -- self-fencing: give tasks up before the main node gives them away -------
 
@@ -2782,6 +2804,7 @@ class Worker(object):
         # Kept through later disconnections; a main node that sends none wants no fencing.
         self.fence_interval = positive_or_none(data.get("fence_interval"))
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
+        self.queue_wait = positive_or_none(data.get("queue_wait"))
         self.last_contact = contact_clock()
         self.lost_at = None
         self.fenced_known()
@@ -3089,13 +3112,14 @@ class Worker(object):
             for task in list(self.running.values()):
                 self.hand_back(task)
 
-    def hand_back(self, task):
+    def hand_back(self, task, why=None):
         """Give a task back without running it to the end: the main node
         queues it again, uncharged, for another device."""
         self.queued.pop(task.key, None)
         if task.key in self.running:
             task.abandon(self)
-        self.finish(task, OUTCOME_HANDED_BACK, error=self.availability.reason or "unavailable")
+        self.finish(task, OUTCOME_HANDED_BACK,
+                    error=why or self.availability.reason or "unavailable")
 
 
 ###############################################################################

@@ -39,7 +39,7 @@ def test_priority_then_age_decides_who_runs_first(store):
     normal = tasks.submit(connection, config, "shell", {"command": "2"})
     urgent = tasks.submit(connection, config, "shell", {"command": "3"}, priority="urgent")
     later_normal = tasks.submit(connection, config, "shell", {"command": "4"})
-    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 2
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 2
     state = placement(connection)
     assert state[urgent][0] == state[normal][0] == ASSIGNED
     assert state[low][0] == state[later_normal][0] == QUEUED
@@ -52,7 +52,7 @@ def test_a_task_that_fits_nowhere_does_not_hold_up_others(store):
                        requirements={"min_cpu_cores": 16})
     wrong_type = tasks.submit(connection, config, "python_eval", {"expression": "1"})
     fits = tasks.submit(connection, config, "echo", {"message": "y"})
-    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    scheduler.schedule(connection, 2000.0, LOG, config)
     state = placement(connection)
     assert state[big] == (QUEUED, None)
     assert state[wrong_type] == (QUEUED, None)
@@ -67,7 +67,7 @@ def test_requirements_pick_the_device(store):
                          requirements={"device_id": "plain"})
     gpu = tasks.submit(connection, config, "echo", {"message": "g"},
                        requirements={"tags": ["gpu"]})
-    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    scheduler.schedule(connection, 2000.0, LOG, config)
     state = placement(connection)
     assert state[named] == (ASSIGNED, "plain")
     assert state[gpu] == (ASSIGNED, "tagged")
@@ -81,7 +81,7 @@ def test_slots_are_respected_and_disconnected_devices_get_nothing(store):
         devices.disconnected(connection, "gone", 1001.0)
     for n in range(3):
         tasks.submit(connection, config, "shell", {"command": str(n)})
-    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 1
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 1
     assert sorted(placement(connection).values(), key=str) == [
         (ASSIGNED, "one"), (QUEUED, None), (QUEUED, None)]
 
@@ -91,7 +91,7 @@ def test_instant_tasks_need_no_free_slot(store):
     add_device(connection, "one", slots=1)
     long = tasks.submit(connection, config, "shell", {"command": "sleep 100"})
     quick = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(10)]
-    assert scheduler.schedule(connection, 2000.0, LOG, 15.0, instant_per_slot=8) == 9
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 9
     state = placement(connection)
     assert state[long] == (ASSIGNED, "one")
     assert [state[t][0] for t in quick].count(ASSIGNED) == 8
@@ -103,9 +103,9 @@ def test_backoff_delays_a_retry(store):
     task_id = tasks.submit(connection, config, "echo", {"message": "x"})
     with db.write(connection):
         connection.execute("UPDATE tasks SET not_before = 5000")
-    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 0
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 0
     assert scheduler.next_backoff_end(connection, 2000.0) == 5000
-    assert scheduler.schedule(connection, 5000.0, LOG, 15.0) == 1
+    assert scheduler.schedule(connection, 5000.0, LOG, config) == 1
     assert placement(connection)[task_id][0] == ASSIGNED
 
 
@@ -113,7 +113,7 @@ def test_a_device_gone_past_the_grace_has_its_tasks_requeued(store):
     config, connection = store
     add_device(connection, "a", slots=2)
     first = tasks.submit(connection, config, "echo", {"message": "x"})
-    scheduler.schedule(connection, 1000.0, LOG, 15.0)
+    scheduler.schedule(connection, 1000.0, LOG, config)
     with db.write(connection):
         tasks.accept(connection, first, 1, "a", 1000.0, 180.0)
         devices.disconnected(connection, "a", 1001.0)
@@ -136,7 +136,7 @@ def test_unaccepted_assignment_is_taken_back(store):
     config, connection = store
     add_device(connection, "a")
     task_id = tasks.submit(connection, config, "echo", {"message": "x"})
-    scheduler.schedule(connection, 1000.0, LOG, 15.0)
+    scheduler.schedule(connection, 1000.0, LOG, config)
     reaper.sweep(connection, config, LOG, 1000.0 + config.accept_timeout + 1)
     assert tasks.get(connection, task_id)["attempt"] == 2
 
@@ -145,7 +145,7 @@ def test_timeout_backstop_fails_a_task_its_device_never_reports(store):
     config, connection = store
     add_device(connection, "a")
     task_id = tasks.submit(connection, config, "echo", {"message": "x"}, timeout=10)
-    scheduler.schedule(connection, 1000.0, LOG, 15.0)
+    scheduler.schedule(connection, 1000.0, LOG, config)
     with db.write(connection):
         tasks.accept(connection, task_id, 1, "a", 1000.0, 180.0)
         devices.heartbeat(connection, "a", {}, 1000.0 + 10 + config.timeout_grace + 1)
@@ -157,7 +157,7 @@ def test_an_expired_lease_is_taken_back_and_charged(store):
     config, connection = store
     add_device(connection, "frozen")
     task_id = tasks.submit(connection, config, "echo", {"message": "x"})
-    scheduler.schedule(connection, 1000.0, LOG, 15.0)
+    scheduler.schedule(connection, 1000.0, LOG, config)
     with db.write(connection):
         tasks.accept(connection, task_id, 1, "frozen", 1000.0, 30.0)
         devices.heartbeat(connection, "frozen", {}, 1029.0)
@@ -174,12 +174,12 @@ def test_dependencies_hold_a_task_until_they_complete(store):
     add_device(connection, "a", slots=4)
     first = tasks.submit(connection, config, "echo", {"message": "1"})
     second = tasks.submit(connection, config, "echo", {"message": "2"}, depends_on=[first])
-    assert scheduler.schedule(connection, 2000.0, LOG, 15.0) == 1
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 1
     assert "waits for task %d (assigned)" % first in explain.why(connection, second)
     with db.write(connection):
         tasks.accept(connection, first, 1, "a", 2000.0, 180.0)
         tasks.finish(connection, first, 1, "a", "completed", {}, None, "completed", 2001.0)
-    assert scheduler.schedule(connection, 2002.0, LOG, 15.0) == 1
+    assert scheduler.schedule(connection, 2002.0, LOG, config) == 1
     assert placement(connection)[second] == (ASSIGNED, "a")
 
 
@@ -190,7 +190,7 @@ def test_a_batch_spreads_over_devices_and_prefers_idle_cpus(store):
         with db.write(connection):
             devices.heartbeat(connection, name, {"cpu_percent": cpu}, 1500.0)
     ids = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(3)]
-    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    scheduler.schedule(connection, 2000.0, LOG, config)
     state = placement(connection)
     assert [state[i][1] for i in ids] == ["idle", "busy", "idle"]
 
@@ -210,9 +210,74 @@ def test_why_says_full_and_backing_off(store):
     add_device(connection, "a", slots=1)
     running = tasks.submit(connection, config, "shell", {"command": "x"})
     waiting = tasks.submit(connection, config, "shell", {"command": "y"})
-    scheduler.schedule(connection, 2000.0, LOG, 15.0)
+    scheduler.schedule(connection, 2000.0, LOG, config)
     assert "all their slots are busy" in explain.why(connection, waiting, 2000.0)
     assert "assigned to a" in explain.why(connection, running, 2000.0)
     with db.write(connection):
         connection.execute("UPDATE tasks SET not_before = 2100 WHERE task_id = ?", (waiting,))
     assert "backing off" in explain.why(connection, waiting, 2000.0)
+
+
+def start_and_finish(connection, device_id, started, finish_one_at):
+    """Accept every task assigned to the device at `started`; finish the first."""
+    with db.write(connection):
+        rows = connection.execute("SELECT task_id, attempt FROM tasks WHERE device_id = ?"
+                                  " AND state = ? ORDER BY task_id", (device_id, ASSIGNED)).fetchall()
+        for row in rows:
+            tasks.accept(connection, row["task_id"], row["attempt"], device_id, started, 180.0)
+        tasks.finish(connection, rows[0]["task_id"], rows[0]["attempt"], device_id,
+                     "completed", {}, None, "completed", finish_one_at)
+
+
+def held_by(connection, device_id):
+    return connection.execute("SELECT count(*) FROM tasks WHERE device_id = ? AND state IN"
+                              " ('assigned', 'running')", (device_id,)).fetchone()[0]
+
+
+def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
+    config, connection = store
+    add_device(connection, "quick", slots=2)
+    for n in range(10):
+        tasks.submit(connection, config, "shell", {"command": str(n)})
+    turnover = scheduler.Turnover()
+    assert scheduler.schedule(connection, 2000.0, LOG, config, turnover) == 2
+    start_and_finish(connection, "quick", 2000.0, 2000.1)
+    # One slot free, and 2 x prefetch_per_slot more to wait on the device.
+    assert config.prefetch_per_slot == 1
+    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 3
+    assert held_by(connection, "quick") == 4
+    # Nothing finished since: nothing more, however quick it was.
+    assert scheduler.schedule(connection, 2000.3, LOG, config, turnover) == 0
+
+
+def test_a_device_busy_with_long_tasks_gets_nothing_beyond_its_slots(store):
+    config, connection = store
+    add_device(connection, "slow", slots=2)
+    for n in range(10):
+        tasks.submit(connection, config, "shell", {"command": str(n)})
+    turnover = scheduler.Turnover()
+    scheduler.schedule(connection, 2000.0, LOG, config, turnover)
+    # One finished, but the other has run for longer than PREFETCH_WINDOW.
+    start_and_finish(connection, "slow", 2000.0, 2000.0 + scheduler.PREFETCH_WINDOW + 1)
+    assert scheduler.schedule(connection, 2000.0 + scheduler.PREFETCH_WINDOW + 1, LOG,
+                              config, turnover) == 1
+    assert held_by(connection, "slow") == 2
+
+
+def test_no_prefetch_without_a_setting_or_while_a_slot_elsewhere_is_idle(store):
+    config, connection = store
+    add_device(connection, "quick", slots=2)
+    for n in range(10):
+        tasks.submit(connection, config, "shell", {"command": str(n)})
+    turnover = scheduler.Turnover()
+    scheduler.schedule(connection, 2000.0, LOG, config, turnover)
+    start_and_finish(connection, "quick", 2000.0, 2000.1)
+    add_device(connection, "idle", slots=1)
+    # quick: 1 free slot + 2 to prefetch; idle: 1 free slot, which must be used.
+    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 4
+    assert (held_by(connection, "quick"), held_by(connection, "idle")) == (4, 1)
+
+    config.prefetch_per_slot = 0
+    start_and_finish(connection, "quick", 2000.3, 2000.3)
+    assert scheduler.schedule(connection, 2000.3, LOG, config, turnover) == 0
+    assert held_by(connection, "quick") == 3

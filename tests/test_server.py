@@ -280,7 +280,7 @@ def test_an_unavailable_device_hands_back_without_charge_and_gets_nothing(server
     assert (task["state"], task["attempt"], task["retries_used"]) == ("queued", 2, 0)
     device = devices.get(connection, "dev1")
     assert not device["available"] and device["unavailable_reason"] == "battery 12%"
-    assert scheduler.schedule(connection, time.time() + 100, instance.log, 15.0) == 0
+    assert scheduler.schedule(connection, time.time() + 100, instance.log, config) == 0
     connection.close()
 
 

@@ -272,3 +272,28 @@ def test_hand_back_when_unavailable_mid_task(node, tmp_path):
     (battery / "capacity").write_text("90\n")
     assert wait_until(lambda: node.task(task)["state"] == "running", timeout=10)
     node.stop_worker(worker)
+
+
+def test_a_task_waiting_for_a_slot_too_long_is_handed_back(node):
+    """The scheduler gives a quick device a few tasks beyond its slots; one
+    that then waits behind a long task goes back, uncharged, after half the
+    accept_timeout (5 s here), before the main node would take it back."""
+    worker = node.worker("prefetched", sys.executable, None, "--slots", "1")
+    long_task = node.submit("prefetched", "shell", {"command": "sleep 30"})
+    assert wait_until(lambda: node.task(long_task)["state"] == "running", timeout=10)
+    # As a prefetch would: assigned to the device while its one slot is busy.
+    waiting = tasks.submit(node.db, node.config, "shell", {"command": "true"}, retries=0,
+                           requirements={"device_id": "nowhere"})
+    assigned_at = time.time()
+    with db.write(node.db):
+        node.db.execute("UPDATE tasks SET state = 'assigned', device_id = 'prefetched',"
+                        " assigned_at = ?, lease_expires = ? WHERE task_id = ?",
+                        (assigned_at, assigned_at + node.config.accept_timeout, waiting))
+    assert wait_until(lambda: node.task(waiting)["state"] == "queued", timeout=10)
+    row = node.task(waiting)
+    assert (row["attempt"], row["retries_used"], row["device_id"]) == (2, 0, None)
+    assert "waited" in row["reason"] and "free slot" in row["reason"], row["reason"]
+    handed_back_after = time.time() - assigned_at
+    assert node.config.accept_timeout / 2 <= handed_back_after < node.config.accept_timeout
+    assert node.task(long_task)["state"] == "running"
+    node.stop_worker(worker)

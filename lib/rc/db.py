@@ -230,6 +230,11 @@ MIGRATIONS = [
         time  REAL NOT NULL
     );
     """,
+    # 3: whether any task of some types is queued, without walking the queue
+    # (lib/rc/scheduler.py).
+    """
+    CREATE INDEX tasks_queued_types ON tasks(task_type) WHERE state = 'queued';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -258,6 +263,16 @@ def connect(path):
     # A failed task fails its dependents, and theirs, through one trigger.
     connection.execute("PRAGMA recursive_triggers=ON")
     return connection
+
+
+@contextlib.contextmanager
+def snapshot(connection):
+    """Several reads that see the same commit, without taking the write lock."""
+    connection.execute("BEGIN DEFERRED")
+    try:
+        yield connection
+    finally:
+        connection.execute("COMMIT")
 
 
 @contextlib.contextmanager

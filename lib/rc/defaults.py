@@ -37,6 +37,8 @@ ACCEPT_TIMEOUT = 15.0           # seconds a device has to accept an assignment
 LEASE_DURATION = 180.0          # seconds a running attempt is leased to its device;
                                 # renewed by every heartbeat that lists it
 INSTANT_PER_SLOT = 8            # instant tasks (echo, system_info) in flight per slot
+PREFETCH_PER_SLOT = 1           # tasks per slot a device that finishes tasks quickly may
+                                # hold beyond its slots, queued on the device; 0: none
 POISON_LIMIT = 3                # devices a task may lose before it is failed as poison
 TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt

@@ -151,6 +151,12 @@ def list_devices_where(connection, clause, parameters):
     return [device_dict(row) for row in rows]
 
 
+def busy_slots(devices):
+    """Slots that hold a task, over these devices: a device may hold more tasks
+    than slots (instant ones, and a prefetch waiting on it), never more busy."""
+    return sum(min(device["active_tasks"], device["slots"]) for device in devices)
+
+
 def counts(connection):
     row = connection.execute(
         "SELECT count(*) AS total, coalesce(sum(status = ?), 0) AS online,"

@@ -3,20 +3,29 @@
 Order: priority (urgent first), then age. A task that fits no device is
 passed over, so it never holds up the tasks behind it. The scheduler wakes
 when another program commits (PRAGMA data_version), not on a fixed beat.
+
+A device that turns short tasks over fast is given a few more than its free
+slots (`prefetch_per_slot`), which wait in the worker's own queue: a slot
+that frees then starts its next task at once instead of waiting a round trip
+through rc-server and here. Tasks that run longer never wait behind each
+other that way (see Turnover).
 """
 import heapq
 import time
 
 from rc import bell, db, program, tasks
-from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED
+from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED, TASK_TYPES
 
 BATCH = 2000          # queued tasks looked at per pass
-PASS_BUDGET = 0.1     # seconds a pass may hold the write lock; the rest waits a pass
+PASS_BUDGET = 0.1     # seconds a pass may spend choosing; the rest waits a pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
+PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is quick
 # SQL: every task this one depends on has completed.
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
                     " AND p.state != 'completed')")
+# The types that need a slot (the others are instant).
+SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
 
 
 # What the scheduler reads of each device: only what matching and ranking need,
@@ -30,21 +39,47 @@ DEVICE_QUERY = (
     " AND drained = 0 AND forgotten = 0")
 
 
+class Turnover:
+    """Which devices finish their tasks fast enough to be given more than
+    their free slots: those that finished at least one since the last pass
+    (they hold fewer than the pass left them with) while everything they hold
+    began less than PREFETCH_WINDOW ago. A device busy with long tasks never
+    shows both, so nothing waits behind a long task on a device; should a
+    task be prefetched just as long ones began, the worker hands it back
+    after half the accept_timeout. Kept in memory: a restarted scheduler only
+    waits one pass to see it again."""
+
+    def __init__(self):
+        self.held = {}        # device_id -> tasks it held when the last pass ended
+
+    def is_quick(self, device_id, held, oldest, now):
+        before = self.held.get(device_id)
+        return (before is not None and 0 < held < before
+                and oldest is not None and now - oldest < PREFETCH_WINDOW)
+
+    def remember(self, devices):
+        self.held = {device["device_id"]: device["held"] for device in devices}
+
+
 class Slots:
     """The online, connected, available devices and how many tasks each can
-    still take: `free` slots for tasks that run a while, `instant_free` for the
-    instant types, which the worker answers at once without a slot.
+    still take: `free` for tasks that run a while (its free slots, plus what
+    it may prefetch), `instant_free` for the instant types, which the worker
+    answers at once without a slot.
 
     With thousands of devices a pass must not rank every device for every
     task: tasks without requirements take the top of a heap per (room, task
     type); only tasks with requirements scan the devices."""
 
-    def __init__(self, connection, instant_per_slot):
-        held = {}
+    def __init__(self, connection, config, now, turnover=None):
+        held, oldest = {}, {}
         for row in connection.execute(
-                "SELECT device_id, task_type IN (%s) AS instant, count(*) AS n FROM tasks"
+                "SELECT device_id, task_type IN (%s) AS instant, count(*) AS n,"
+                " min(coalesce(started_at, assigned_at)) AS oldest FROM tasks"
                 " WHERE %s GROUP BY 1, 2" % (db.sql_list(INSTANT_TASK_TYPES), db.ACTIVE_SQL)):
             held[(row["device_id"], row["instant"])] = row["n"]
+            if not row["instant"]:
+                oldest[row["device_id"]] = row["oldest"]
         decoded = {}      # most devices send identical lists: decode each text once
 
         def names(text):
@@ -56,15 +91,21 @@ class Slots:
             if text not in decoded:
                 decoded[text] = db.loads(text, {})
             return decoded[text]
+        turnover = turnover or Turnover()
         self.devices = []
         for row in connection.execute(DEVICE_QUERY, (ONLINE,)):
+            device_id = row["device_id"]
             device = dict(row)
             for key in ("capabilities", "tags", "task_types"):
                 device[key] = names(row[key])
             device["labels"] = labels(row["labels"])
-            device["free"] = row["slots"] - held.get((row["device_id"], 0), 0)
-            device["instant_free"] = (row["slots"] * instant_per_slot
-                                      - held.get((row["device_id"], 1), 0))
+            device["held"] = held.get((device_id, 0), 0)
+            device["idle"] = row["slots"] - device["held"]       # slots with nothing in them
+            prefetch = (row["slots"] * config.prefetch_per_slot if turnover.is_quick(
+                device_id, device["held"], oldest.get(device_id), now) else 0)
+            device["free"] = device["idle"] + prefetch
+            device["instant_free"] = (row["slots"] * config.instant_per_slot
+                                      - held.get((device_id, 1), 0))
             self.devices.append(device)
         self.room_free = {room: sum(max(0, d[room]) for d in self.devices)
                           for room in ("free", "instant_free")}
@@ -74,6 +115,9 @@ class Slots:
     def take(self, device, task_type):
         room = room_for(task_type)
         device[room] -= 1
+        if room == "free":
+            device["idle"] -= 1
+            device["held"] += 1
         self.room_free[room] -= 1
         self.free -= 1
 
@@ -81,17 +125,17 @@ class Slots:
         """SQL that leaves out the task types no device has room for: with
         every slot busy and the instant room open, a pass must not walk the
         whole queue of shell tasks to find the few echo ones."""
-        instant = db.sql_list(INSTANT_TASK_TYPES)
         if self.room_free["free"] <= 0:
-            return "task_type IN (%s)" % instant
+            return "task_type IN (%s)" % db.sql_list(INSTANT_TASK_TYPES)
         if self.room_free["instant_free"] <= 0:
-            return "task_type NOT IN (%s)" % instant
+            return "task_type IN (%s)" % db.sql_list(SLOT_TASK_TYPES)
         return "1"
 
     def best_for(self, task_type, requirements):
-        """The fitting device that should take the task next: the most free
-        slots, so a batch spreads out, then the least busy CPU, then the
-        fastest (when the worker reported a speed)."""
+        """The fitting device that should take the task next: the most idle
+        slots, so a batch spreads out (and a prefetch never wins over an idle
+        slot elsewhere), then the least busy CPU, then the fastest (when the
+        worker reported a speed)."""
         room = room_for(task_type)
         heap = self.heap(room, task_type)
         refused, best = [], None
@@ -130,7 +174,7 @@ def room_for(task_type):
 
 def preference(device, room):
     busy, speed = device["cpu_busy"], device["speed"]
-    return (device[room],
+    return (device["idle"] if room == "free" else device[room], device[room],
             -busy if isinstance(busy, (int, float)) else -50.0,
             speed if isinstance(speed, (int, float)) else 0.0)
 
@@ -139,53 +183,84 @@ def negated(rank):
     return tuple(-value for value in rank)
 
 
-def schedule(connection, now, log, accept_timeout, instant_per_slot=8):
-    """One pass: assign what fits now. Returns how many tasks were assigned."""
+def schedule(connection, now, log, config, turnover=None):
+    """One pass: assign what fits now. Returns how many tasks were assigned.
+    `turnover` carries what one pass learns to the next (see Turnover)."""
     if not connection.execute("SELECT 1 FROM tasks WHERE %s AND not_before <= ? LIMIT 1"
                               % db.QUEUED_SQL, (now,)).fetchone():
         return 0      # the common case when idle: no transaction at all
+    # Choose from one snapshot, then write the choices in one short
+    # transaction: reading is most of a pass, and rc-server's results must not
+    # wait behind it (SQLite's busy wait sleeps a millisecond or more). Only
+    # this program assigns, so no device's room shrinks in between; a task
+    # cancelled meanwhile is no longer queued and is left alone.
+    with db.snapshot(connection):
+        slots = Slots(connection, config, now, turnover)
+        chosen = choose(connection, slots, now)
     given = []
-    with db.write(connection):
-        slots = Slots(connection, instant_per_slot)
-        deadline = time.monotonic() + PASS_BUDGET
-        # A room (slots, or instant room) that fills up ends a walk of the
-        # queue; the next walk asks only for the types that still have room.
-        while slots.free > 0 and assign_queued(connection, slots, now, accept_timeout,
-                                               deadline, given):
-            pass
+    if chosen:
+        with db.write(connection):
+            given = [choice for choice in chosen
+                     if assign(connection, choice, now, config.accept_timeout)]
+    if turnover is not None:
+        turnover.remember(slots.devices)
     for task_id, attempt, device_id in given:      # after the commit: never log a rollback
         log.info("task_assigned", task_id=task_id, attempt=attempt, device_id=device_id)
     return len(given)
 
 
-def assign_queued(connection, slots, now, accept_timeout, deadline, given):
+def choose(connection, slots, now):
+    """(task_id, attempt, device_id) for the tasks that fit now, in queue order."""
+    deadline = time.monotonic() + PASS_BUDGET
+    chosen = []
+    # A room (slots, or instant room) that fills up ends a walk of the queue;
+    # the next walk asks only for the types that still have room, if any wait.
+    while slots.free > 0 and any_queued(connection, slots.type_filter()):
+        if not walk_queue(connection, slots, now, deadline, chosen):
+            break
+    return chosen
+
+
+def any_queued(connection, type_filter):
+    """Whether a task of these types waits at all (an index lookup): walking
+    the queue in order for a type it does not hold would read all of it."""
+    return type_filter == "1" or connection.execute(
+        "SELECT 1 FROM tasks WHERE %s AND %s LIMIT 1" % (db.QUEUED_SQL, type_filter)).fetchone()
+
+
+def walk_queue(connection, slots, now, deadline, chosen):
     """Walk the queue in order, giving each task the best device for it,
     until a room fills up (True: walk again) or the queue or the pass's time
     ends (False)."""
     # Read lazily: with thousands queued and a few free slots, a pass
     # should touch a few rows, not the whole queue.
     queued = connection.execute(
-        "SELECT task_id, attempt, task_type, requirements FROM tasks"
+        "SELECT task_id, attempt, task_type, requirements FROM tasks INDEXED BY tasks_queue"
         " WHERE %s AND not_before <= ? AND %s AND %s"
         " ORDER BY priority DESC, task_id LIMIT ?"
         % (db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
     for task in queued:
         if time.monotonic() > deadline:
-            return False      # commit what we have; the next pass goes on
+            return False      # assign what we have; the next pass goes on
         device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
         if device is None:
             continue
-        # The first lease is short: the device must accept it promptly.
-        connection.execute(
-            "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"
-            " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
-            (ASSIGNED, device["device_id"], now, now + accept_timeout, "scheduled",
-             task["task_id"], task["attempt"], QUEUED))
         slots.take(device, task["task_type"])
-        given.append((task["task_id"], task["attempt"], device["device_id"]))
+        chosen.append((task["task_id"], task["attempt"], device["device_id"]))
         if slots.room_free[room_for(task["task_type"])] == 0:
             return True
     return False
+
+
+def assign(connection, choice, now, accept_timeout):
+    """False when the task is no longer queued (cancelled since it was chosen)."""
+    task_id, attempt, device_id = choice
+    # The first lease is short: the device must accept it promptly.
+    return connection.execute(
+        "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"
+        " lease_expires = ?, reason = ? WHERE task_id = ? AND attempt = ? AND state = ?",
+        (ASSIGNED, device_id, now, now + accept_timeout, "scheduled",
+         task_id, attempt, QUEUED)).rowcount == 1
 
 
 def next_backoff_end(connection, now):
@@ -200,13 +275,13 @@ def run(config, log, should_stop):
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
     seen = None
     wake_at = 0.0
+    turnover = Turnover()
     while not should_stop():
         version = db.data_version(connection)
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            assigned = schedule(connection, now, log, config.accept_timeout,
-                                config.instant_per_slot)
+            assigned = schedule(connection, now, log, config, turnover)
             # Our own commit does not change data_version for us; nothing to undo.
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK

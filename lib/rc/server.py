@@ -675,10 +675,12 @@ def fence_settings(config):
     """What a worker needs to stop its own tasks before the main node gives
     them to someone else: it must give up a little before its lease ends
     (heartbeats, which renew the lease, come every heartbeat_interval) and
-    well before a dropped connection's grace runs out."""
+    well before a dropped connection's grace runs out; and hand back a task
+    still waiting for a slot well before accept_timeout takes it back."""
     return {"heartbeat_interval": config.heartbeat_interval,
             "fence_interval": config.lease_duration - config.heartbeat_interval / 2,
-            "disconnect_fence": config.disconnect_grace / 2}
+            "disconnect_fence": config.disconnect_grace / 2,
+            "queue_wait": config.accept_timeout / 2}
 
 
 def served_worker_sha256():

@@ -91,7 +91,7 @@ def gauges(connection):
             "devices_online": len(online),
             "devices_total": devices.counts(connection)["total"],
             "slots": sum(d["slots"] for d in online),
-            "slots_busy": sum(min(d["active_tasks"], d["slots"]) for d in online)}
+            "slots_busy": devices.busy_slots(online)}
 
 
 def history(connection, minutes, now=None):

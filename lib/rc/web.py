@@ -270,7 +270,7 @@ class Web:
             summary["throughput_%dm" % (window // 60)] = round(count * 60.0 / window, 3)
         online = [d for d in devices.list_devices(connection, "online")]
         summary["slots_total"] = sum(d["slots"] for d in online)
-        summary["slots_busy"] = sum(d["active_tasks"] for d in online)
+        summary["slots_busy"] = devices.busy_slots(online)
         summary["uptime_seconds"] = round(now - self.started, 3)
         return summary
 
@@ -826,7 +826,7 @@ def metrics_text(connection, now, started):
     family("rc_slots", "gauge", "Task slots of online devices.",
            [((), sum(d["slots"] for d in online))])
     family("rc_slots_busy", "gauge", "Task slots of online devices that hold a task.",
-           [((), sum(d["active_tasks"] for d in online))])
+           [((), devices.busy_slots(online))])
     family("rc_web_uptime_seconds", "gauge", "Seconds since rc-web started.",
            [((), now - started)])
     history_families(family, connection, now)
