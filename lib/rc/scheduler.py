@@ -202,6 +202,8 @@ def schedule(connection, now, log, config, turnover=None):
         with db.write(connection):
             given = [choice for choice in chosen
                      if assign(connection, choice, now, config.accept_timeout)]
+    if given:
+        bell.ring(config.run_dir, bell.SERVER)     # first: rc-server sends them on
     if turnover is not None:
         turnover.remember(slots.devices)
     for task_id, attempt, device_id in given:      # after the commit: never log a rollback
@@ -286,7 +288,6 @@ def run(config, log, should_stop):
             later = next_backoff_end(connection, now)
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
             if assigned:
-                bell.ring(config.run_dir, bell.SERVER)
                 wake_at = now          # a pass may stop at its budget: look again at once
                 continue
         doorbell.wait(min(config.poll_interval, max(0.0, wake_at - time.time())))

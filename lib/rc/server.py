@@ -77,6 +77,8 @@ class Server:
             "SELECT coalesce(max(control_id), 0) FROM controls").fetchone()[0]
         self.tls = tls.server_context(config) if config.tls else None
         self.batch = []                # (handler, peer, data) applied in one transaction
+        self.notes = []                # log lines of that transaction (see note)
+        self.unsent = set()            # peers with frames queued by send(later=True)
         self.seen_version = None
         self.last_scan = 0.0
         self.stopping = False
@@ -126,6 +128,7 @@ class Server:
                 self.flush(peer)
         self.apply_batch()
         self.push_changes()
+        self.send_queued()
         self.sweep()
 
     def stop(self, *_):
@@ -270,14 +273,24 @@ class Server:
         except ProtocolError as e:
             self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
 
-    def send(self, peer, message_type, data):
+    def send(self, peer, message_type, data, later=False):
+        """Queue a frame and send it now, or with `later` at the end of the
+        turn, together with the rest of the turn's frames to that peer."""
         if peer.closed:
             return
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
         if len(peer.outbox) > MAX_OUTBOX_BYTES:
             self.close(peer, "not reading its messages")
-            return
-        self.flush(peer)
+        elif later:
+            self.unsent.add(peer)
+        else:
+            self.flush(peer)
+
+    def send_queued(self):
+        for peer in self.unsent:
+            if not peer.closed:
+                self.flush(peer)
+        self.unsent.clear()
 
     def flush(self, peer):
         try:
@@ -466,7 +479,16 @@ class Server:
         # Only now is everything above durable; acknowledge it.
         for peer, reply in replies:
             for message_type, data in reply:
-                self.send(peer, message_type, data)
+                self.send(peer, message_type, data, later=True)
+        notes, self.notes = self.notes, []
+        for level, event, fields in notes:
+            self.log.log(level, event, **fields)
+
+    def note(self, level, event, **fields):
+        """Log what the turn's transaction does, once it has committed (and
+        the workers have their answers): never a rollback, and nobody waits
+        on the log."""
+        self.notes.append((level, event, fields))
 
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced, key, is_new = data
@@ -485,9 +507,9 @@ class Server:
         audit.record(self.config, "device_joined" if first_join else "device_connected",
                      peer.device_id, peer.address)
         self.take_back_fenced(peer.device_id, fenced, now)
-        self.log.info("device_registered", device_id=peer.device_id, address=peer.address,
-                      slots=data.get("slots"), active_tasks=len(peer.pushed),
-                      first_join=first_join)
+        self.note("info", "device_registered", device_id=peer.device_id, address=peer.address,
+                  slots=data.get("slots"), active_tasks=len(peer.pushed),
+                  first_join=first_join)
         return [(REGISTER_ACK, ack)]
 
     def take_back_fenced(self, device_id, keys, now):
@@ -500,8 +522,8 @@ class Server:
                 (task_id, attempt, device_id, ASSIGNED, RUNNING)).fetchone()
             if row and tasks.take_back(self.database, row, "fenced by %s" % device_id, now,
                                        self.config, charged=False):
-                self.log.info("task_fenced", task_id=task_id, attempt=attempt,
-                              device_id=device_id)
+                self.note("info", "task_fenced", task_id=task_id, attempt=attempt,
+                          device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
         metrics, availability, active, fenced = data
@@ -518,8 +540,8 @@ class Server:
             if row["state"] == RUNNING and key not in active:
                 tasks.take_back(self.database, row, "lost by worker %s" % peer.device_id,
                                 now, self.config)
-                self.log.warning("task_lost", task_id=key[0], attempt=key[1],
-                                 device_id=peer.device_id)
+                self.note("warning", "task_lost", task_id=key[0], attempt=key[1],
+                          device_id=peer.device_id)
         for key in active - set(held):
             # The worker runs an attempt that is no longer its own: stop it.
             replies.append((TASK_CANCEL, {"task_id": key[0], "attempt": key[1]}))
@@ -531,11 +553,11 @@ class Server:
     def apply_accept(self, peer, key, now):
         if tasks.accept(self.database, key[0], key[1], peer.device_id, now,
                         self.config.lease_duration):
-            self.log.debug("task_started", task_id=key[0], attempt=key[1],
-                           device_id=peer.device_id)
+            self.note("debug", "task_started", task_id=key[0], attempt=key[1],
+                      device_id=peer.device_id)
             return None
-        self.log.warning("stale_accept", task_id=key[0], attempt=key[1],
-                         device_id=peer.device_id)
+        self.note("warning", "stale_accept", task_id=key[0], attempt=key[1],
+                  device_id=peer.device_id)
         return [(TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})]
 
     def apply_progress(self, peer, data, now):
@@ -552,8 +574,8 @@ class Server:
             " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
             (key[0], key[1], peer.device_id, ASSIGNED, RUNNING)).fetchone()
         if row is None:
-            self.log.warning("stale_result", task_id=key[0], attempt=key[1],
-                             device_id=peer.device_id, status=status)
+            self.note("warning", "stale_result", task_id=key[0], attempt=key[1],
+                      device_id=peer.device_id, status=status)
             return [ack, (ERROR, {"code": "stale_result", "task_id": key[0],
                                   "attempt": key[1],
                                   "message": "task %s attempt %s is not assigned to %s;"
@@ -570,8 +592,8 @@ class Server:
         else:
             tasks.finish(self.database, key[0], key[1], peer.device_id, RESULT_STATES[status],
                          result, error, status, now)
-        self.log.info("task_finished", task_id=key[0], attempt=key[1],
-                      device_id=peer.device_id, status=status)
+        self.note("info", "task_finished", task_id=key[0], attempt=key[1],
+                  device_id=peer.device_id, status=status)
         return [ack]
 
     # -- what other programs decided -------------------------------------------------
@@ -628,7 +650,11 @@ class Server:
             "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
             " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
         self.cancel_taken_back(rows)
+        self.push_tasks(rows)
         self.push_controls()
+
+    def push_tasks(self, rows):
+        """Assignments not sent yet, and cancellations asked for."""
         for row in rows:
             peer = self.peers_by_device.get(row["device_id"])
             if peer is None:
@@ -642,13 +668,14 @@ class Server:
             elif row["cancel_requested"]:
                 if key not in peer.cancels_sent:
                     peer.cancels_sent.add(key)
-                    self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
+                    self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]},
+                              later=True)
             elif row["state"] == ASSIGNED and key not in peer.pushed:
                 peer.pushed.add(key)
                 self.send(peer, TASK_ASSIGN, {
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
-                    "priority": PRIORITY_NAMES.get(row["priority"], "normal")})
+                    "priority": PRIORITY_NAMES.get(row["priority"], "normal")}, later=True)
 
 
 # After these, the scheduler may have work to give out.
