@@ -186,9 +186,20 @@ def negated(rank):
 def schedule(connection, now, log, config, turnover=None):
     """One pass: assign what fits now. Returns how many tasks were assigned.
     `turnover` carries what one pass learns to the next (see Turnover)."""
-    if not connection.execute("SELECT 1 FROM tasks WHERE %s AND not_before <= ? LIMIT 1"
-                              % db.QUEUED_SQL, (now,)).fetchone():
+    earliest = earliest_queued(connection)
+    if earliest is None or earliest > now:
         return 0      # the common case when idle: no transaction at all
+    return assign_ready(connection, now, log, config, turnover)
+
+
+def earliest_queued(connection):
+    """When the first queued task may start (None: none queued); one index lookup."""
+    return connection.execute("SELECT min(not_before) FROM tasks WHERE %s"
+                              % db.QUEUED_SQL).fetchone()[0]
+
+
+def assign_ready(connection, now, log, config, turnover):
+    """schedule() once some queued task is ready."""
     # Choose from one snapshot, then write the choices in one short
     # transaction: reading is most of a pass, and rc-server's results must not
     # wait behind it (SQLite's busy wait sleeps a millisecond or more). Only
@@ -283,13 +294,17 @@ def run(config, log, should_stop):
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
-            assigned = schedule(connection, now, log, config, turnover)
             # Our own commit does not change data_version for us; nothing to undo.
-            later = next_backoff_end(connection, now)
+            earliest = earliest_queued(connection)
+            later = earliest
+            if earliest is not None and earliest <= now:
+                started = time.monotonic()
+                if assign_ready(connection, now, log, config, turnover) \
+                        and time.monotonic() - started >= PASS_BUDGET:
+                    wake_at = now      # the pass stopped at its budget: go on at once
+                    continue
+                later = next_backoff_end(connection, now)      # what is left waits
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
-            if assigned:
-                wake_at = now          # a pass may stop at its budget: look again at once
-                continue
         doorbell.wait(min(config.poll_interval, max(0.0, wake_at - time.time())))
     doorbell.close()
 

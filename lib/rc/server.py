@@ -569,6 +569,12 @@ class Server:
         key, status, result, error = data
         peer.pushed.discard(key)
         ack = (TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})
+        # The common case in one statement; finish() checks what the row must be.
+        if status == COMPLETED and tasks.finish(self.database, key[0], key[1], peer.device_id,
+                                                COMPLETED, result, error, status, now):
+            self.note("info", "task_finished", task_id=key[0], attempt=key[1],
+                      device_id=peer.device_id, status=status)
+            return [ack]
         row = self.database.execute(
             "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
             " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
@@ -640,18 +646,27 @@ class Server:
             return
         self.seen_version = version
         self.last_scan = time.monotonic()
+        revoked, last_control = self.database.execute(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE revoked = 1 AND connected = 1),"
+            " (SELECT coalesce(max(control_id), 0) FROM controls)").fetchone()
+        if revoked:
+            self.refuse_revoked()
+        rows = self.database.execute(
+            "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
+            " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
+        self.cancel_taken_back(rows)
+        self.push_tasks(rows)
+        if last_control > self.last_control:
+            self.push_controls()
+
+    def refuse_revoked(self):
+        """Hang up on devices `rc revoke` or `rc forget` shut out."""
         for row in self.database.execute("SELECT device_id, forgotten FROM devices"
                                          " WHERE revoked = 1 AND connected = 1").fetchall():
             peer = self.peers_by_device.get(row["device_id"])
             if peer is not None:
                 code = "forgotten" if row["forgotten"] else "revoked"
                 self.refuse(peer, code, "this device was %s on the main node" % code)
-        rows = self.database.execute(
-            "SELECT task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
-            " cancel_requested FROM tasks WHERE %s" % db.ACTIVE_SQL).fetchall()
-        self.cancel_taken_back(rows)
-        self.push_tasks(rows)
-        self.push_controls()
 
     def push_tasks(self, rows):
         """Assignments not sent yet, and cancellations asked for."""
