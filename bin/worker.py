@@ -90,7 +90,9 @@ SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link 
 OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
 DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
-READ_SIZE = 256 * 1024          # bytes per read from the socket or a pipe
+# Bytes per read from the socket or a pipe: a pipe holds 64 KiB, and a larger
+# buffer would be mmap-ed and unmapped again by malloc on every read.
+READ_SIZE = 64 * 1024
 MAX_ERROR_CHARS = 2000          # a result's error message is cut to this length
 PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of one task
 PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress

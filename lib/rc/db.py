@@ -266,16 +266,6 @@ def connect(path):
 
 
 @contextlib.contextmanager
-def snapshot(connection):
-    """Several reads that see the same commit, without taking the write lock."""
-    connection.execute("BEGIN DEFERRED")
-    try:
-        yield connection
-    finally:
-        connection.execute("COMMIT")
-
-
-@contextlib.contextmanager
 def write(connection):
     """One short write transaction: taken at once, committed or rolled back."""
     connection.execute("BEGIN IMMEDIATE")

@@ -200,14 +200,13 @@ def earliest_queued(connection):
 
 def assign_ready(connection, now, log, config, turnover):
     """schedule() once some queued task is ready."""
-    # Choose from one snapshot, then write the choices in one short
-    # transaction: reading is most of a pass, and rc-server's results must not
-    # wait behind it (SQLite's busy wait sleeps a millisecond or more). Only
-    # this program assigns, so no device's room shrinks in between; a task
+    # Choose outside any transaction, then write the choices in one short
+    # one: reading is most of a pass, and rc-server's results must not wait
+    # behind it (SQLite's busy wait sleeps a millisecond or more). Only this
+    # program assigns, so no device's room shrinks in between; a task
     # cancelled meanwhile is no longer queued and is left alone.
-    with db.snapshot(connection):
-        slots = Slots(connection, config, now, turnover)
-        chosen = choose(connection, slots, now)
+    slots = Slots(connection, config, now, turnover)
+    chosen = choose(connection, slots, now)
     given = []
     if chosen:
         with db.write(connection):

@@ -27,7 +27,7 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERR
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
 SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
