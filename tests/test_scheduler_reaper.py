@@ -234,13 +234,19 @@ def held_by(connection, device_id):
                               " ('assigned', 'running')", (device_id,)).fetchone()[0]
 
 
-def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
-    config, connection = store
-    add_device(connection, "quick", slots=2)
+def first_pass_on_a_two_slot_device(connection, config, device_id):
+    """A device with 2 slots, 10 shell tasks queued, and the first pass at 2000."""
+    add_device(connection, device_id, slots=2)
     for n in range(10):
         tasks.submit(connection, config, "shell", {"command": str(n)})
     turnover = scheduler.Turnover()
     assert scheduler.schedule(connection, 2000.0, LOG, config, turnover) == 2
+    return turnover
+
+
+def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
+    config, connection = store
+    turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
     start_and_finish(connection, "quick", 2000.0, 2000.1)
     # One slot free, and 2 x prefetch_per_slot more to wait on the device.
     assert config.prefetch_per_slot == 1
@@ -252,11 +258,7 @@ def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
 
 def test_a_device_busy_with_long_tasks_gets_nothing_beyond_its_slots(store):
     config, connection = store
-    add_device(connection, "slow", slots=2)
-    for n in range(10):
-        tasks.submit(connection, config, "shell", {"command": str(n)})
-    turnover = scheduler.Turnover()
-    scheduler.schedule(connection, 2000.0, LOG, config, turnover)
+    turnover = first_pass_on_a_two_slot_device(connection, config, "slow")
     # One finished, but the other has run for longer than PREFETCH_WINDOW.
     start_and_finish(connection, "slow", 2000.0, 2000.0 + scheduler.PREFETCH_WINDOW + 1)
     assert scheduler.schedule(connection, 2000.0 + scheduler.PREFETCH_WINDOW + 1, LOG,
@@ -266,11 +268,7 @@ def test_a_device_busy_with_long_tasks_gets_nothing_beyond_its_slots(store):
 
 def test_no_prefetch_without_a_setting_or_while_a_slot_elsewhere_is_idle(store):
     config, connection = store
-    add_device(connection, "quick", slots=2)
-    for n in range(10):
-        tasks.submit(connection, config, "shell", {"command": str(n)})
-    turnover = scheduler.Turnover()
-    scheduler.schedule(connection, 2000.0, LOG, config, turnover)
+    turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
     start_and_finish(connection, "quick", 2000.0, 2000.1)
     add_device(connection, "idle", slots=1)
     # quick: 1 free slot + 2 to prefetch; idle: 1 free slot, which must be used.
