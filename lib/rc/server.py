@@ -485,9 +485,8 @@ class Server:
             self.log.log(level, event, **fields)
 
     def note(self, level, event, **fields):
-        """Log what the turn's transaction does, once it has committed (and
-        the workers have their answers): never a rollback, and nobody waits
-        on the log."""
+        """Log what the turn's transaction does once it has committed: never
+        a rollback, and the commit does not wait on the log."""
         self.notes.append((level, event, fields))
 
     def apply_register(self, peer, data, now):
