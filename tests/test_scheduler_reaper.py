@@ -279,3 +279,16 @@ def test_no_prefetch_without_a_setting_or_while_a_slot_elsewhere_is_idle(store):
     start_and_finish(connection, "quick", 2000.3, 2000.3)
     assert scheduler.schedule(connection, 2000.3, LOG, config, turnover) == 0
     assert held_by(connection, "quick") == 3
+
+
+def test_a_pass_that_stops_short_of_the_queue_says_so(store, monkeypatch):
+    """The scheduler passes again at once only after a pass that stopped
+    short (BATCH rows, or its time); otherwise it waits for the next change."""
+    config, connection = store
+    monkeypatch.setattr(scheduler, "BATCH", 3)
+    add_device(connection, "big", slots=10)
+    for n in range(5):
+        tasks.submit(connection, config, "shell", {"command": str(n)})
+    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None) == (3, True)
+    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None) == (2, False)
+    assert held_by(connection, "big") == 5

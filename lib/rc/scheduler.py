@@ -26,6 +26,8 @@ DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " AND p.state != 'completed')")
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
+# How a walk of the queue ended.
+ROOM_FULL, QUEUE_ENDED, CUT_SHORT = "room full", "queue ended", "cut short"
 
 
 # What the scheduler reads of each device: only what matching and ranking need,
@@ -189,7 +191,7 @@ def schedule(connection, now, log, config, turnover=None):
     earliest = earliest_queued(connection)
     if earliest is None or earliest > now:
         return 0      # the common case when idle: no transaction at all
-    return assign_ready(connection, now, log, config, turnover)
+    return assign_ready(connection, now, log, config, turnover)[0]
 
 
 def earliest_queued(connection):
@@ -199,14 +201,15 @@ def earliest_queued(connection):
 
 
 def assign_ready(connection, now, log, config, turnover):
-    """schedule() once some queued task is ready."""
+    """schedule() once some queued task is ready: how many tasks it assigned,
+    and whether it stopped short of the queue's end (its time or BATCH ran out)."""
     # Choose outside any transaction, then write the choices in one short
     # one: reading is most of a pass, and rc-server's results must not wait
     # behind it (SQLite's busy wait sleeps a millisecond or more). Only this
     # program assigns, so no device's room shrinks in between; a task
     # cancelled meanwhile is no longer queued and is left alone.
     slots = Slots(connection, config, now, turnover)
-    chosen = choose(connection, slots, now)
+    chosen, cut_short = choose(connection, slots, now)
     given = []
     if chosen:
         with db.write(connection):
@@ -218,19 +221,21 @@ def assign_ready(connection, now, log, config, turnover):
         turnover.remember(slots.devices)
     for task_id, attempt, device_id in given:      # after the commit: never log a rollback
         log.info("task_assigned", task_id=task_id, attempt=attempt, device_id=device_id)
-    return len(given)
+    return len(given), cut_short
 
 
 def choose(connection, slots, now):
-    """(task_id, attempt, device_id) for the tasks that fit now, in queue order."""
+    """(task_id, attempt, device_id) for the tasks that fit now, in queue
+    order; and whether a walk was cut short."""
     deadline = time.monotonic() + PASS_BUDGET
     chosen = []
     # A room (slots, or instant room) that fills up ends a walk of the queue;
     # the next walk asks only for the types that still have room, if any wait.
     while slots.free > 0 and any_queued(connection, slots.type_filter()):
-        if not walk_queue(connection, slots, now, deadline, chosen):
-            break
-    return chosen
+        ended = walk_queue(connection, slots, now, deadline, chosen)
+        if ended != ROOM_FULL:
+            return chosen, ended == CUT_SHORT
+    return chosen, False
 
 
 def any_queued(connection, type_filter):
@@ -242,8 +247,8 @@ def any_queued(connection, type_filter):
 
 def walk_queue(connection, slots, now, deadline, chosen):
     """Walk the queue in order, giving each task the best device for it,
-    until a room fills up (True: walk again) or the queue or the pass's time
-    ends (False)."""
+    until a room fills up, the queue ends, or the pass's time or BATCH rows
+    run out (cut short)."""
     # Read lazily: with thousands queued and a few free slots, a pass
     # should touch a few rows, not the whole queue.
     queued = connection.execute(
@@ -251,17 +256,19 @@ def walk_queue(connection, slots, now, deadline, chosen):
         " WHERE %s AND not_before <= ? AND %s AND %s"
         " ORDER BY priority DESC, task_id LIMIT ?"
         % (db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
+    seen = 0
     for task in queued:
+        seen += 1
         if time.monotonic() > deadline:
-            return False      # assign what we have; the next pass goes on
+            return CUT_SHORT      # assign what we have; the next pass goes on
         device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
         if device is None:
             continue
         slots.take(device, task["task_type"])
         chosen.append((task["task_id"], task["attempt"], device["device_id"]))
         if slots.room_free[room_for(task["task_type"])] == 0:
-            return True
-    return False
+            return ROOM_FULL
+    return CUT_SHORT if seen == BATCH else QUEUE_ENDED
 
 
 def assign(connection, choice, now, accept_timeout):
@@ -297,10 +304,9 @@ def run(config, log, should_stop):
             earliest = earliest_queued(connection)
             later = earliest
             if earliest is not None and earliest <= now:
-                started = time.monotonic()
-                if assign_ready(connection, now, log, config, turnover) \
-                        and time.monotonic() - started >= PASS_BUDGET:
-                    wake_at = now      # the pass stopped at its budget: go on at once
+                assigned, cut_short = assign_ready(connection, now, log, config, turnover)
+                if assigned and cut_short:
+                    wake_at = now      # go on at once with what the pass left
                     continue
                 later = next_backoff_end(connection, now)      # what is left waits
             wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
