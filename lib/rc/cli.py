@@ -679,7 +679,7 @@ def monitor_frame(connection, width, colour=False):
     records = devices.list_devices(connection)
     online = [d for d in records if d["status"] == ONLINE]
     slots = sum(d["slots"] for d in online)
-    busy = sum(d["active_tasks"] for d in online)
+    busy = devices.busy_slots(online)
     cpus = [fraction(device_metrics(d).get("cpu_percent")) for d in online]
     cpus = [value for value in cpus if value is not None]
     counts = tasks.counts_by_state(connection)
