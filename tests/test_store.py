@@ -198,6 +198,22 @@ def test_requirements_match_devices(store):
         ["cores=8", "tags=big,gpu"]), device) == ["needs 8 CPU cores", "needs tags gpu"]
 
 
+def test_busy_slots_count_a_device_holding_more_than_its_slots_as_full(store):
+    """A prefetched device holds tasks beyond its slots; it is full, not over."""
+    config, connection = store
+    add_device(connection, "quick", slots=2)
+    add_device(connection, "half", slots=2)
+    for device_id, count in (("quick", 4), ("half", 1)):
+        for n in range(count):
+            task_id = tasks.submit(connection, config, "shell", {"command": str(n)})
+            with db.write(connection):
+                connection.execute("UPDATE tasks SET state = 'assigned', device_id = ?"
+                                   " WHERE task_id = ?", (device_id, task_id))
+    listed = devices.list_devices(connection)
+    assert [d["active_tasks"] for d in listed] == [1, 4]
+    assert devices.busy_slots(listed) == 3
+
+
 @pytest.mark.parametrize("task_type, payload, message", [
     ("launch", {}, "unknown task type"),
     ("sleep", {"seconds": "x"}, "number"),
