@@ -5,6 +5,7 @@ test-artifacts/bench.json. Not part of `make test`.
 """
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -191,6 +192,58 @@ def test_failover_after_kill_9(cluster):
 def started_on(cluster, task_id, device_id):
     task = tasks.get(cluster.db, task_id)
     return task["state"] == "running" and task["device_id"] == device_id
+
+
+def test_failover_after_silence(cluster):
+    """With the default settings: devices that go silent with their
+    connection left open (the worker and its children stopped, as a laptop
+    suspended mid-task); seconds from the silence to each task starting on
+    another device. The REPEAT devices go silent together, at different
+    points of their heartbeat cycle, so one wait serves every repetition."""
+    rescuer = "silence-rescuer"
+    cluster.start_worker(rescuer, "--slots", str(REPEAT))
+    victims = ["silent-%d" % n for n in range(REPEAT)]
+    for victim in victims:
+        cluster.start_worker(victim, "--slots", "1")
+        time.sleep(1)         # spread their heartbeats apart
+    wait_for(lambda: set(victims + [rescuer]) <= online(cluster), 30, "the workers")
+    task_ids = {victim: tasks.submit(cluster.db, cluster.config, "shell",
+                                     {"command": "sleep 900"}, requirements={"device_id": victim})
+                for victim in victims}
+    wait_for(lambda: all(started_on(cluster, task_ids[v], v) for v in victims), 30, "starts")
+    with db.write(cluster.db):      # from now on they may run anywhere
+        cluster.db.execute("UPDATE tasks SET requirements = '{}' WHERE task_id IN (%s)"
+                           % ",".join(map(str, task_ids.values())))
+    frozen = []
+    for victim in victims:
+        worker = psutil.Process(cluster.workers[victim].pid)
+        frozen += [worker] + worker.children(recursive=True)
+    silenced = time.time()
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        limit = cluster.config.offline_timeout + 10
+        wait_for(lambda: all(moved(cluster, task_ids[v], v) for v in victims), limit + 120,
+                 "failover from silent devices")
+        times = [tasks.get(cluster.db, task_ids[v])["started_at"] - silenced for v in victims]
+    finally:
+        for process in frozen:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for victim in victims:
+            cluster.workers.pop(victim).wait()
+    for task_id in task_ids.values():
+        tasks.cancel(cluster.db, task_id)
+    failover = statistics.median(times)
+    record("failover after a device goes silent (default settings)",
+           "<= %g s" % limit, failover, "s", failover <= limit)
+
+
+def moved(cluster, task_id, device_id):
+    task = tasks.get(cluster.db, task_id)
+    return task["state"] == "running" and task["device_id"] != device_id
 
 
 def test_scale_10000_devices(cluster, tmp_path):
