@@ -141,6 +141,8 @@ def test_one_byte_at_a_time_and_several_frames_in_one_packet(cluster):
     ("NaN", b'{"message_type": "heartbeat", "data": {"x": NaN}}\n'),
     ("Infinity", b'{"message_type": "heartbeat", "data": {"x": Infinity}}\n'),
     ("duplicate keys", b'{"message_type": "heartbeat", "message_type": "register"}\n'),
+    ("duplicate keys deep inside", b' {"message_type": "heartbeat", "data": {"m": [{"a": 1,'
+     b' "a": 2}]}}\n'),
     ("not an object", b'[1, 2, 3]\n'),
 ])
 def test_malformed_frames_are_refused(cluster, name, raw):
