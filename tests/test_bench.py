@@ -201,14 +201,14 @@ def test_failover_after_silence(cluster):
     """With the default settings: devices that go silent with their
     connection left open (the worker and its children stopped, as a laptop
     suspended mid-task); seconds from the silence to each task starting on
-    another device. The REPEAT devices go silent together, at different
-    points of their heartbeat cycle, so one wait serves every repetition."""
+    another device. The REPEAT devices go silent together, so one wait
+    serves every repetition: their tasks' leases, renewed only by
+    heartbeats they no longer send, run out within seconds of each other."""
     rescuer = "silence-rescuer"
     cluster.start_worker(rescuer, "--slots", str(REPEAT))
     victims = ["silent-%d" % n for n in range(REPEAT)]
     for victim in victims:
         cluster.start_worker(victim, "--slots", "1")
-        time.sleep(1)         # spread their heartbeats apart
     wait_for(lambda: set(victims + [rescuer]) <= online(cluster), 30, "the workers")
     task_ids = {victim: tasks.submit(cluster.db, cluster.config, "shell",
                                      {"command": "sleep 900"}, requirements={"device_id": victim})
