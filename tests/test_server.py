@@ -12,10 +12,12 @@ import time
 
 import pytest
 
+from cluster_harness import wait_for
 from rc import config as config_module
+from rc import server as server_module
 from rc import audit, db, devices, fleet, protocol, scheduler, state_dir, tasks, tls
 from rc.log import Logger
-from rc.server import Server
+from rc.server import FULL_SCAN_INTERVAL, Server
 from rc.states import MAX_FRAME_BYTES
 
 
@@ -167,6 +169,49 @@ def test_assignment_is_pushed_and_result_committed_before_ack(server):
     assert ack["message_type"] == "task_result_ack"
     # The ack came after the commit: the result is there to read now.
     assert tasks.get(connection, task_id)["state"] == "completed"
+    connection.close()
+
+
+def running_on_dev1(instance, port):
+    """A client registered as dev1, running a task it was sent; the connection
+    and task id, and a database connection to play the other programs."""
+    client = Client(port)
+    client.register(token_of(instance))
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='assigned', device_id='dev1'")
+    assert client.receive()["message_type"] == "task_assign"
+    client.send("task_accept", {"task_id": task_id, "attempt": 1})
+    wait_for(lambda: tasks.get(connection, task_id)["state"] == "running", 5, "accepted")
+    return client, task_id, connection
+
+
+def test_assignments_and_cancels_go_out_on_each_change(server, monkeypatch):
+    """Not only at the full read of every active attempt, pushed out of the way here."""
+    monkeypatch.setattr(server_module, "FULL_SCAN_INTERVAL", 3600.0)
+    instance, port = server
+    client, task_id, connection = running_on_dev1(instance, port)
+    assert tasks.cancel(connection, task_id) == "running"
+    cancel = client.receive()
+    assert cancel["message_type"] == "task_cancel"
+    assert cancel["data"] == {"task_id": task_id, "attempt": 1}
+    connection.close()
+
+
+def test_an_attempt_taken_back_elsewhere_is_stopped_on_its_device(server):
+    """Another program takes the attempt back (as the reaper does when a
+    lease runs out); the device hears task_cancel within the full scan."""
+    instance, port = server
+    client, task_id, connection = running_on_dev1(instance, port)
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='queued', device_id=NULL, attempt=2"
+                           " WHERE task_id = ?", (task_id,))
+    taken_back = time.monotonic()
+    cancel = client.receive()
+    assert cancel["message_type"] == "task_cancel"
+    assert cancel["data"] == {"task_id": task_id, "attempt": 1}
+    assert time.monotonic() - taken_back < FULL_SCAN_INTERVAL + 1.0
     connection.close()
 
 
