@@ -17,7 +17,7 @@ from rc import config as config_module
 from rc import server as server_module
 from rc import audit, db, devices, fleet, protocol, scheduler, state_dir, tasks, tls
 from rc.log import Logger
-from rc.server import FULL_SCAN_INTERVAL, Server
+from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
 
 
@@ -201,17 +201,17 @@ def test_assignments_and_cancels_go_out_on_each_change(server, monkeypatch):
 
 def test_an_attempt_taken_back_elsewhere_is_stopped_on_its_device(server):
     """Another program takes the attempt back (as the reaper does when a
-    lease runs out); the device hears task_cancel within the full scan."""
+    lease runs out); the device hears task_cancel at the next full read of
+    the active attempts (a second), not at its next heartbeat (a minute):
+    the client's socket gives up after 5 s."""
     instance, port = server
     client, task_id, connection = running_on_dev1(instance, port)
     with db.write(connection):
         connection.execute("UPDATE tasks SET state='queued', device_id=NULL, attempt=2"
                            " WHERE task_id = ?", (task_id,))
-    taken_back = time.monotonic()
     cancel = client.receive()
     assert cancel["message_type"] == "task_cancel"
     assert cancel["data"] == {"task_id": task_id, "attempt": 1}
-    assert time.monotonic() - taken_back < FULL_SCAN_INTERVAL + 1.0
     connection.close()
 
 
