@@ -1359,8 +1359,55 @@ class SleepTask(Task):
             worker.finish(self, OUTCOME_COMPLETED)
 
 
+class WorkDirs(object):
+    """Empty directories for process tasks to run in. One that a task leaves
+    as it found it (empty, a directory of ours, mode 0700) goes to the next
+    task instead of being removed and made anew: rmdir and mkdtemp took
+    ~0.3 ms of the worker's ~1.7 ms per `shell true` task on ext4 under load."""
+
+    def __init__(self, keep):
+        self.keep = keep         # spare directories kept at most: one per slot
+        self.spare = []
+
+    def take(self):
+        if self.spare:
+            return self.spare.pop()
+        import tempfile
+        return tempfile.mkdtemp(prefix="rc-task-")
+
+    def give_back(self, path):
+        if len(self.spare) < self.keep and self.as_made(path):
+            self.spare.append(path)
+        else:
+            remove_dir(path)
+
+    @staticmethod
+    def as_made(path):
+        import stat
+        try:
+            info = os.lstat(path)
+            return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+                    and info.st_uid == os.getuid() and not os.listdir(path))
+        except (OSError, AttributeError):       # gone, or no getuid (not Unix)
+            return False
+
+    def clear(self):
+        for path in self.spare:
+            remove_dir(path)
+        self.spare = []
+
+
+def remove_dir(path):
+    try:
+        os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
+    except OSError:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class ProcessTask(Task):
-    """Runs a child process in its own process group and a fresh directory."""
+    """Runs a child process in its own process group and an empty directory
+    of its own (see WorkDirs)."""
     proc = None
     workdir = None
     ending = None            # timed_out or cancelled, once decided from outside
@@ -1396,11 +1443,10 @@ class ProcessTask(Task):
 
     def start(self, worker):
         import subprocess
-        import tempfile
         value = self.argument()
         self.limits = task_rlimits(self.timeout, worker.options)
         try:
-            self.workdir = tempfile.mkdtemp(prefix="rc-task-")
+            self.workdir = worker.workdirs.take()
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     self.spawn_request(value), cwd=self.workdir, limits=self.limits))
@@ -1410,7 +1456,7 @@ class ProcessTask(Task):
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                     preexec_fn=self.preexec())
         except (OSError, ValueError, subprocess.SubprocessError) as e:
-            self.remove_workdir()
+            self.remove_workdir(worker)
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
         if self.proc.pid is not None:     # a spawned one: told when the spawner answers
@@ -1570,7 +1616,7 @@ class ProcessTask(Task):
         self.reaped = True
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
-        self.remove_workdir()
+        self.remove_workdir(worker)
         worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error)
 
     def maybe_done(self, worker):
@@ -1580,7 +1626,7 @@ class ProcessTask(Task):
     def conclude(self, worker):
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
-        self.remove_workdir()
+        self.remove_workdir(worker)
         stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
                           for fd in self.stream_fds]
         status, error = self.outcome(stderr)
@@ -1635,15 +1681,11 @@ class ProcessTask(Task):
                 worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
-        self.remove_workdir()
+        self.remove_workdir(worker)
 
-    def remove_workdir(self):
+    def remove_workdir(self, worker):
         if self.workdir:
-            try:
-                os.rmdir(self.workdir)      # most tasks leave nothing: half the time of rmtree
-            except OSError:
-                import shutil
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            worker.workdirs.give_back(self.workdir)
             self.workdir = None
 
     def write(self, name, text):
@@ -1791,9 +1833,12 @@ class ShellTask(ProcessTask):
     subprocess) can then use posix_spawn/vfork, which makes a shell task about
     twice as cheap to start."""
     task_type = "shell"
+    shell = None            # found on PATH once: the search costs a stat per entry
 
     def command(self, command):
-        return [which("sh") or "/bin/sh", "-c", shell_limits(self.limits) + command]
+        if ShellTask.shell is None:
+            ShellTask.shell = which("sh") or "/bin/sh"
+        return [ShellTask.shell, "-c", shell_limits(self.limits) + command]
 
     def spawn_request(self, command):
         # The spawner may exec it straight away (posix_spawn): it limits itself.
@@ -2321,6 +2366,7 @@ class Worker(object):
         self.stop_signal = None
         self.watchdog = Watchdog()     # started by run(), not by the self-test
         self.spawner = Spawner()       # started with the first task that needs a process
+        self.workdirs = WorkDirs(options.slots)
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
@@ -2504,6 +2550,7 @@ class Worker(object):
             self.drop(task, "task_abandoned", "the worker is stopping")
         self.running.clear()
         self.spawner.stop(self)
+        self.workdirs.clear()
         if self.sock is not None:
             self.flush()
             self.sock.close()

@@ -44,9 +44,33 @@ def test_python_tasks_are_forked_by_the_spawner(main, spawn):
     assert len(spawner) == 1
     assert parent == spawner[0] and pid not in (worker.proc.pid, spawner[0])
     assert session == pid, "a session (and process group) of its own"
-    assert os.path.basename(cwd).startswith("rc-task-") and not os.path.exists(cwd)
+    assert os.path.basename(cwd).startswith("rc-task-")
     assert open_files == (1024, 1024) and isolated == 1 and name == "__main__"
     assert probe(link, 2)[1] == spawner[0], "one warm spawner serves every task"
+
+
+def ran_in(link, task_id, expression):
+    """The directory a python_eval task ran in, after evaluating `expression`
+    there (python_eval writes no file of its own into it)."""
+    link.assign(task_id, "python_eval",
+                {"expression": "(%s, __import__('os').getcwd())[1]" % expression})
+    result = link.results(1)[task_id]
+    assert result["status"] == "completed", result
+    return ast.literal_eval(result["result"]["output"])
+
+
+def test_a_task_directory_goes_to_the_next_task_only_as_it_was_made(main, spawn):
+    worker, link = registered(main, spawn, sys.executable)
+    first = probe(link, 1)[3]
+    assert probe(link, 2)[3] == first, "left empty, it is the next task's"
+    littered = ran_in(link, 3, "open('left.txt', 'w').write('x')")
+    assert littered == first and not os.path.exists(littered), "files left: removed"
+    opened_up = ran_in(link, 4, "__import__('os').chmod('.', 0o755)")
+    assert opened_up != first and not os.path.exists(opened_up), "mode changed: removed"
+    kept = probe(link, 5)[3]
+    assert os.path.isdir(kept)
+    assert worker.stop() == 0
+    assert not os.path.exists(kept), "the worker removes its spare directories as it stops"
 
 
 def test_python_task_failures_read_as_from_an_interpreter(main, spawn):
