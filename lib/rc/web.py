@@ -595,7 +595,10 @@ class Web:
 
     def task_events(self, last_id):
         """`task` events: each state change of every task, in order; the id
-        is the event's, so Last-Event-ID resumes right after it."""
+        is the event's, so Last-Event-ID resumes right after it. Where a new
+        stream starts is read now, before the response begins: read as the
+        stream's first event is, a change committed just after the client
+        saw the headers would be missed."""
         connection = cli.connect(self.config)
         try:
             after = event_number(last_id)
@@ -603,6 +606,14 @@ class Web:
                 after = bottle.request.query.get("since")
                 after = int(after) if (after or "").isdigit() else connection.execute(
                     "SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
+        except BaseException:
+            connection.close()
+            raise
+        return self.task_changes(connection, after)
+
+    def task_changes(self, connection, after):
+        """The events of task_events() after event number `after`, as they come."""
+        try:
             for changed in self.watch(connection):
                 chunks = []
                 while changed:
