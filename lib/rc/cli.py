@@ -678,7 +678,7 @@ def monitor_frame(connection, width, colour=False):
     progress, in `width` columns."""
     records = devices.list_devices(connection)
     online = [d for d in records if d["status"] == ONLINE]
-    slots = sum(d["slots"] for d in online)
+    slots = devices.total_slots(online)
     busy = devices.busy_slots(online)
     cpus = [fraction(device_metrics(d).get("cpu_percent")) for d in online]
     cpus = [value for value in cpus if value is not None]

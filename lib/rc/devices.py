@@ -151,6 +151,10 @@ def list_devices_where(connection, clause, parameters):
     return [device_dict(row) for row in rows]
 
 
+def total_slots(devices):
+    return sum(device["slots"] for device in devices)
+
+
 def busy_slots(devices):
     """Slots that hold a task, over these devices: a device may hold more tasks
     than slots (instant ones, and a prefetch waiting on it), never more busy."""

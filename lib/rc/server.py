@@ -612,13 +612,15 @@ class Server:
 
     def cancel_taken_back(self, rows):
         """Attempts we sent that are no longer their device's (drained with
-        --now, forgotten, lease expired): tell the worker to stop them now,
-        not at its next heartbeat."""
+        --now, forgotten, lease expired), found by the full read of every
+        active attempt: tell the worker to stop them within the second, not
+        at its next heartbeat."""
         held = active_by_device(rows)
         for peer in list(self.peers_by_device.values()):
             for key in peer.pushed - held.get(peer.device_id, set()):
                 peer.pushed.discard(key)
-                self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})
+                self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]},
+                          later=True)
 
     def push_controls(self):
         """Broadcasts queued by `rc broadcast`, to the connected devices they

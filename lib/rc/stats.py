@@ -90,7 +90,7 @@ def gauges(connection):
     return {"queue_length": counts[QUEUED], "running": counts[RUNNING] + counts[ASSIGNED],
             "devices_online": len(online),
             "devices_total": devices.counts(connection)["total"],
-            "slots": sum(d["slots"] for d in online),
+            "slots": devices.total_slots(online),
             "slots_busy": devices.busy_slots(online)}
 
 

@@ -269,7 +269,7 @@ class Web:
         for window, count in zip(THROUGHPUT_WINDOWS, completed_since(connection, now)):
             summary["throughput_%dm" % (window // 60)] = round(count * 60.0 / window, 3)
         online = [d for d in devices.list_devices(connection, "online")]
-        summary["slots_total"] = sum(d["slots"] for d in online)
+        summary["slots_total"] = devices.total_slots(online)
         summary["slots_busy"] = devices.busy_slots(online)
         summary["uptime_seconds"] = round(now - self.started, 3)
         return summary
@@ -835,7 +835,7 @@ def metrics_text(connection, now, started):
     listed = devices.list_devices(connection)
     online = [d for d in listed if d["status"] == "online"]
     family("rc_slots", "gauge", "Task slots of online devices.",
-           [((), sum(d["slots"] for d in online))])
+           [((), devices.total_slots(online))])
     family("rc_slots_busy", "gauge", "Task slots of online devices that hold a task.",
            [((), devices.busy_slots(online))])
     family("rc_web_uptime_seconds", "gauge", "Seconds since rc-web started.",
