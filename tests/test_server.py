@@ -407,6 +407,18 @@ def test_a_revoked_device_is_shut_out_alone(server):
     connection.close()
 
 
+def test_looking_for_shut_out_devices_reads_an_index_not_every_device(server):
+    """rc-server asks at every turn; with 10,000 devices a scan would cost
+    more than all the rest of an idle turn."""
+    instance, port = server
+    connection = db.connect(instance.config.db_path)
+    plan = " ".join(row["detail"] for row in connection.execute(
+        "EXPLAIN QUERY PLAN SELECT 1 FROM devices WHERE "
+        + server_module.SHUT_OUT_BUT_CONNECTED))
+    assert "USING INDEX devices_revoked" in plan
+    connection.close()
+
+
 @pytest.mark.parametrize("server", ["tls"], indirect=True)
 def test_tls_on_the_worker_port_with_a_pinnable_certificate(server):
     instance, port = server

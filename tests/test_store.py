@@ -36,6 +36,31 @@ def test_every_connection_has_the_same_pragmas(store):
     other.close()
 
 
+def test_data_version_and_answers_from_the_same_snapshot(store):
+    config, connection = store
+    other = db.connect(config.db_path)
+    count = "(SELECT count(*) FROM tasks)"
+    before, none = db.data_version_and(other, count)
+    assert none == 0
+    tasks.submit(connection, config, "echo", {"message": "hi"})
+    after, one = db.data_version_and(other, count)
+    assert after != before and one == 1
+    assert db.data_version_and(other, count) == (after, 1)    # nothing new
+    other.close()
+
+
+def test_one_statement_commits_on_its_own_and_more_take_a_transaction(store):
+    config, connection = store
+    with db.write_statements(connection, 1):
+        assert not connection.in_transaction
+    with pytest.raises(ZeroDivisionError):
+        with db.write_statements(connection, 2):
+            assert connection.in_transaction
+            tasks.submit(connection, config, "echo", {"message": "rolled back"})
+            1 / 0
+    assert connection.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+
+
 def test_migrating_twice_changes_nothing(store):
     config, connection = store
     db.migrate(connection)

@@ -24,6 +24,7 @@ PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is 
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
                     " AND p.state != 'completed')")
+EARLIEST_QUEUED = "SELECT min(not_before) FROM tasks WHERE %s" % db.QUEUED_SQL
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
 # How a walk of the queue ended.
@@ -196,8 +197,7 @@ def schedule(connection, now, log, config, turnover=None):
 
 def earliest_queued(connection):
     """When the first queued task may start (None: none queued); one index lookup."""
-    return connection.execute("SELECT min(not_before) FROM tasks WHERE %s"
-                              % db.QUEUED_SQL).fetchone()[0]
+    return connection.execute(EARLIEST_QUEUED).fetchone()[0]
 
 
 def assign_ready(connection, now, log, config, turnover):
@@ -212,7 +212,7 @@ def assign_ready(connection, now, log, config, turnover):
     chosen, cut_short = choose(connection, slots, now)
     given = []
     if chosen:
-        with db.write(connection):
+        with db.write_statements(connection, len(chosen)):
             given = [choice for choice in chosen
                      if assign(connection, choice, now, config.accept_timeout)]
     if given:
@@ -296,12 +296,11 @@ def run(config, log, should_stop):
     wake_at = 0.0
     turnover = Turnover()
     while not should_stop():
-        version = db.data_version(connection)
+        version, earliest = db.data_version_and(connection, "(%s)" % EARLIEST_QUEUED)
         now = time.time()
         if version != seen or now >= wake_at:
             seen = version
             # Our own commit does not change data_version for us; nothing to undo.
-            earliest = earliest_queued(connection)
             later = earliest
             if earliest is not None and earliest <= now:
                 assigned, cut_short = assign_ready(connection, now, log, config, turnover)

@@ -209,7 +209,11 @@ def submit_many(connection, config, specs, group_id=None):
         raise TaskError("a batch holds 1 to %d tasks" % MAX_BATCH)
     checked = [numbered(len(specs), number, check_spec, config, spec)
                for number, spec in enumerate(specs, 1)]
-    with db.write(connection):
+    # Each task is an INSERT, with reads before it when it has a key or
+    # dependencies: one plain task is one statement, which commits on its own.
+    statements = len(checked) + sum(key is not None or bool(task["depends_on"])
+                                    for task, key in checked)
+    with db.write_statements(connection, statements):
         ids = [numbered(len(specs), number, insert_once, connection, task, key, group_id)
                for number, (task, key) in enumerate(checked, 1)]
     bell.ring(config.run_dir, bell.SCHEDULER)
@@ -280,9 +284,10 @@ def insert(connection, task, idempotency_key=None, group_id=None):
          idempotency_key, task["retry_on_failure"], group_id, time.time(),
          "submitted" if not depends_on else "waiting for %s" % ", ".join(
              map(str, depends_on))))
-    connection.executemany(
-        "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
-        [(cursor.lastrowid, parent) for parent in depends_on])
+    if depends_on:
+        connection.executemany(
+            "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
+            [(cursor.lastrowid, parent) for parent in depends_on])
     return cursor.lastrowid
 
 
