@@ -2,7 +2,13 @@
 # State lives in $(RC_HOME) (var/ here); set RC_HOME, RC_TCP_PORT and
 # RC_WEB_PORT to run a second cluster beside the first.
 
-PYTHON ?= python3
+# The virtualenv's interpreter: the system's own python3 when it can make one
+# (distributions build it optimized; a default pyenv or source build is not,
+# and runs the main node markedly slower: README, Benchmarks), else the first
+# python3 on PATH. `make clean install PYTHON=python3.12` picks another.
+SYSTEM_PYTHON := /usr/bin/python3
+PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import sys, ensurepip, venv; \
+	sys.exit(sys.version_info < (3, 8))' >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
 RC_HOME ?= $(CURDIR)/var
 export RC_HOME
 

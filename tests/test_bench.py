@@ -320,7 +320,9 @@ def test_zz_print_the_table():
     with open(os.path.join(ARTIFACTS, "bench.json"), "w") as f:
         json.dump(RESULTS, f, indent=2)
     width = max(len(r["figure"]) for r in RESULTS)
-    print("\n%-*s  %-12s  %12s  %s" % (width, "figure", "target", "measured", "result"))
+    print("\nmain node and workers on Python %s (%s)"
+          % (sys.version.split()[0], os.path.realpath(sys.executable)))
+    print("%-*s  %-12s  %12s  %s" % (width, "figure", "target", "measured", "result"))
     for r in RESULTS:
         print("%-*s  %-12s  %9.2f %-2s  %s" % (width, r["figure"], r["target"], r["measured"],
                                              r["unit"][:2], "pass" if r["pass"] else "FAIL"))
