@@ -286,8 +286,7 @@ def write(connection):
 def write_statements(connection, count):
     """write() for `count` statements. A single statement is atomic on its
     own (autocommit, triggers included): leaving out BEGIN and COMMIT spares
-    two trips through SQLite, ~65 µs each time a task changes hands on an
-    idle cluster."""
+    two trips through SQLite each time a task changes hands."""
     return write(connection) if count > 1 else contextlib.nullcontext(connection)
 
 

@@ -37,10 +37,10 @@ SHUT_OUT_SECONDS = 60.0               # how long an address with too many wrong 
 # only the attempts waiting to be sent or asked to stop: reading all of them
 # cost ~40 ms a change with 10,000 running.
 FULL_SCAN_INTERVAL = 1.0
-# The columns push_tasks() needs.
 # Devices `rc revoke` or `rc forget` shut out, not yet hung up on; looked
 # for at every turn, so through the devices_revoked index.
 SHUT_OUT_BUT_CONNECTED = "revoked = 1 AND connected = 1"
+# The columns push_tasks() needs.
 PUSH_COLUMNS = ("task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
                 " cancel_requested")
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
