@@ -471,7 +471,7 @@ class Server:
                 TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
                 CONTROL_ACK: on_control_ack}
 
-    # -- applying a turn's messages in one transaction -----------------------------
+    # -- applying a turn's messages: one transaction (or one statement) ------------
 
     def apply_batch(self):
         if not self.batch:
