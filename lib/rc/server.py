@@ -1,9 +1,10 @@
 """rc-server: the one process that holds the workers' connections.
 
 A single `selectors` loop reads frames from every connection, applies what
-they say to the database in one short transaction per turn of the loop, and
-only then answers (acks go out after the commit, so an acknowledged result is
-never lost). It learns about new assignments and cancellations from the
+they say to the database in one short transaction per turn of the loop (a
+turn that brought one completed result: one statement), and only then
+answers (acks go out after the commit, so an acknowledged result is never
+lost). It learns about new assignments and cancellations from the
 database alone: when `PRAGMA data_version` says another program committed,
 it looks for assigned tasks it has not pushed yet.
 """
