@@ -583,7 +583,9 @@ class Server:
         """A turn that brought one completed result and nothing else (each
         task on an idle cluster) needs one UPDATE, which commits on its own:
         (peer, reply) then; None when the batch needs apply_batch's
-        transaction, and nothing was written."""
+        transaction, and nothing was written (a lone completed result that
+        is stale then meets that UPDATE twice, the second time inside
+        apply_result: rare, and cheaper than a second way through it)."""
         if len(batch) != 1:
             return None
         apply, peer, data = batch[0]
