@@ -24,6 +24,12 @@ TEST_SETTINGS = {"disconnect_grace": 2.0, "retry_backoff": 0.2, "accept_timeout"
 TERMINAL_MARKS = ",".join("?" * len(TERMINAL_STATES))
 
 
+def private(path, flags):
+    """An opener for the files the harness writes into a state directory:
+    owner only, as the main node keeps every file there."""
+    return os.open(path, flags, 0o600)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +42,7 @@ class Cluster:
         self.home = str(home)
         settings_path = os.path.join(self.home, "rc.json")
         os.makedirs(self.home, exist_ok=True)
-        with open(settings_path, "w") as f:
+        with open(settings_path, "w", opener=private) as f:
             json.dump(dict(TEST_SETTINGS if base is None else base, **settings), f)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
                         RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()))
@@ -66,7 +72,7 @@ class Cluster:
         return int(output) if output.isdigit() else 0
 
     def start_worker(self, device_id, *extra, worker=WORKER):
-        with open(self.worker_log(device_id), "ab") as log:
+        with open(self.worker_log(device_id), "ab", opener=private) as log:
             process = subprocess.Popen(
                 [sys.executable, "-I", worker] + self.worker_arguments(device_id) + list(extra),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
