@@ -311,7 +311,10 @@ def write_rows(context, arguments, rows, columns, records):
 # -- commands -----------------------------------------------------------------------
 
 def cmd_init(arguments, context):
-    done = state_dir.init(context.config)
+    try:
+        done = state_dir.init(context.config)
+    except device_secrets.DeviceKeyError as e:
+        raise CommandError(str(e))
     if done["secrets_sealed"]:
         context.out.write("%d device secrets were in the database in clear; now sealed with %s\n"
                           % (done["secrets_sealed"], device_secrets.key_path(context.config)))

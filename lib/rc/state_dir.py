@@ -33,6 +33,7 @@ def init(config):
         for directory in (config.home, os.path.dirname(config.db_path), config.log_dir,
                           config.run_dir):
             os.makedirs(directory, exist_ok=True)
+        changed, failed = make_private(config.home)     # first, whatever fails below
         # An install from before the admin token had the same secret as web_token.
         old = os.path.join(config.home, "web_token")
         if os.path.exists(old) and not os.path.exists(config.admin_token_path):
@@ -45,7 +46,6 @@ def init(config):
             _, sealed = device_secrets.prepare(config, connection)
         finally:
             connection.close()
-        changed, failed = make_private(config.home)
     finally:
         os.umask(previous)
     return {"secrets_sealed": sealed, "made_private": changed, "not_private": failed}
