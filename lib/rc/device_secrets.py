@@ -13,7 +13,7 @@ init, never written to the database or a backup. A database copy without
 that file holds nothing that proves a device. A seal this node cannot open
 (a backup restored onto another main node) counts as no secret: rc-server
 answers `unknown_device` and the worker joins again with the join token.
-Standard library only, like everything on the wire.
+hmac and hashlib only: no cryptography dependency for this.
 """
 import hashlib
 import hmac
@@ -38,7 +38,7 @@ def key_path(config):
 
 
 def ensure_key(config):
-    """The device key, made once (owner-only, O_EXCL: two starts at once
+    """The device key, made once (owner-only; O_EXCL, so two starts at once
     cannot both write one) and never overwritten."""
     path = key_path(config)
     os.makedirs(config.home, mode=0o700, exist_ok=True)
