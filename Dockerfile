@@ -39,6 +39,7 @@ HEALTHCHECK --interval=60s --timeout=10s --start-period=30s --retries=3 \
     CMD .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=8)"
 
 # init makes the database, tokens and certificate on first start (and
-# upgrades the schema on later ones); supervisord stays in the foreground.
-CMD .venv/bin/python -m rc.cli init \
+# upgrades the schema on later ones); supervisord stays in the foreground,
+# where it does not apply its own umask setting, so the shell sets it.
+CMD umask 077 && .venv/bin/python -m rc.cli init \
     && exec .venv/bin/supervisord --nodaemon -c etc/supervisord.conf

@@ -29,11 +29,13 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
+# umask 077: supervisord opens its own log before it applies the umask in
+# etc/supervisord.conf, and everything under $(RC_HOME) is the owner's alone.
 run: install
 	@if $(CTL) pid >/dev/null 2>&1; then \
 		$(CTL) start all >/dev/null; \
 	else \
-		$(SUPERVISORD); \
+		umask 077; $(SUPERVISORD); \
 	fi
 	@$(PY) -m rc.cli wait-ready
 	@$(CTL) status

@@ -15,7 +15,8 @@ import pytest
 from cluster_harness import wait_for
 from rc import config as config_module
 from rc import server as server_module
-from rc import audit, db, devices, fleet, protocol, scheduler, state_dir, tasks, tls
+from rc import audit, db, device_secrets, devices, fleet, protocol, scheduler, state_dir, tasks
+from rc import tls
 from rc.log import Logger
 from rc.server import Server
 from rc.states import MAX_FRAME_BYTES
@@ -360,8 +361,9 @@ def test_a_device_gets_its_own_secret_and_its_id_cannot_be_taken(server):
     first = Client(port)
     first.register(token, "phone")
     secret = first.secret
-    stored = instance.database.execute("SELECT secret FROM devices").fetchone()[0]
-    assert secret == stored and len(secret) == 64
+    clear, sealed = instance.database.execute("SELECT secret, sealed_secret FROM devices").fetchone()
+    assert len(secret) == 64 and clear is None and secret not in sealed     # never in clear
+    assert device_secrets.unseal(instance.device_key, "phone", sealed) == secret
     first.sock.close()
     # The join token no longer claims this id...
     thief = Client(port)

@@ -6,15 +6,33 @@ began, whatever the programs commit meanwhile (WAL mode lets them go on
 writing). It is written beside FILE as FILE.partial, checked with
 `PRAGMA integrity_check`, and only then renamed to FILE, so FILE is never
 half a database.
+
+A backup is written owner-only and never holds a device secret in clear:
+secrets are sealed with var/device_key (lib/rc/device_secrets.py), which is
+not in the database, so a backup alone cannot log in as any device. The
+other side of that: restored onto a main node with another device_key, the
+devices join again with the join token (or copy the old node's device_key
+across before starting, and they keep their identities).
 """
 import os
 import sqlite3
 
-from rc import db
+from rc import db, device_secrets
+
+REJOIN_NOTICE = (
+    "%(devices_to_rejoin)d devices in the backup were sealed with another main node's"
+    " device key, not %(key)s: they join again with this node's join token (`rc token`)"
+    " when they next connect. To keep their identities instead, copy the old node's"
+    " device_key over %(key)s before `make run`.\n")
 
 
 class BackupError(Exception):
     pass
+
+
+def create_private(path):
+    """An empty file only the owner can read, whatever the umask."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def backup(source_path, target_path, overwrite=False):
@@ -29,6 +47,7 @@ def backup(source_path, target_path, overwrite=False):
     partial = target_path + ".partial"
     if os.path.exists(partial):
         os.remove(partial)
+    create_private(partial)
     source = db.connect(source_path)
     try:
         target = sqlite3.connect(partial)
@@ -36,6 +55,7 @@ def backup(source_path, target_path, overwrite=False):
             source.backup(target)           # all pages in one step: one snapshot
             # A single file is easier to carry about than a WAL database.
             target.execute("PRAGMA journal_mode=DELETE")
+            drop_clear_secrets(target)
             summary = describe(target)
         finally:
             target.close()
@@ -54,6 +74,14 @@ def backup(source_path, target_path, overwrite=False):
     return summary
 
 
+def drop_clear_secrets(connection):
+    """rc-server seals any secret an older version kept in clear as it
+    starts; one that is in clear all the same is left out of the copy (that
+    device joins again), and the copy rebuilt so no free page keeps it."""
+    if connection.execute("UPDATE devices SET secret = NULL WHERE secret IS NOT NULL").rowcount:
+        connection.execute("VACUUM")
+
+
 def describe(connection):
     rows = [row[0] for row in connection.execute("PRAGMA integrity_check")]
     return {"integrity": "ok" if rows == ["ok"] else "; ".join(rows[:5]),
@@ -62,9 +90,11 @@ def describe(connection):
             "devices": connection.execute("SELECT count(*) FROM devices").fetchone()[0]}
 
 
-def restore(backup_path, db_path):
+def restore(backup_path, db_path, device_key=None):
     """Put a backup in place of the database; only while nothing runs
-    (`make stop` first): the -wal and -shm files of the old one go too."""
+    (`make stop` first): the -wal and -shm files of the old one go too.
+    Given this node's device key, seals what an older backup holds in
+    clear and counts the devices whose seal it cannot open (they rejoin)."""
     if not os.path.exists(backup_path):
         raise BackupError("no backup at %s" % backup_path)
     check = sqlite3.connect("file:%s?mode=ro" % backup_path, uri=True)
@@ -79,6 +109,9 @@ def restore(backup_path, db_path):
                           % (backup_path, summary["schema_version"], db.SCHEMA_VERSION))
     os.makedirs(os.path.dirname(db_path), exist_ok=True)
     partial = db_path + ".partial"
+    if os.path.exists(partial):
+        os.remove(partial)
+    create_private(partial)
     with open(backup_path, "rb") as source, open(partial, "wb") as target:
         while True:
             block = source.read(1024 * 1024)
@@ -92,6 +125,11 @@ def restore(backup_path, db_path):
             os.remove(db_path + suffix)
     os.replace(partial, db_path)
     connection = db.open_database(db_path)      # upgrades an older backup's schema
-    connection.close()
+    try:
+        if device_key is not None:
+            device_secrets.seal_clear_secrets(connection, device_key)
+            summary["devices_to_rejoin"] = len(device_secrets.unopenable(connection, device_key))
+    finally:
+        connection.close()
     summary["path"] = db_path
     return summary

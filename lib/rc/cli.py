@@ -20,8 +20,8 @@ import orjson
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, db, devices, explain, fleet, health, housekeeping, render
-from rc import state_dir, stats, tasks, tls
+from rc import audit, bell, db, device_secrets, devices, explain, fleet, health, housekeeping
+from rc import render, state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -311,7 +311,18 @@ def write_rows(context, arguments, rows, columns, records):
 # -- commands -----------------------------------------------------------------------
 
 def cmd_init(arguments, context):
-    state_dir.init(context.config)
+    try:
+        done = state_dir.init(context.config)
+    except device_secrets.DeviceKeyError as e:
+        raise CommandError(str(e))
+    if done["secrets_sealed"]:
+        context.out.write("%d device secrets were in the database in clear; now sealed with %s\n"
+                          % (done["secrets_sealed"], device_secrets.key_path(context.config)))
+    if done["made_private"]:
+        context.out.write("%d files and directories were readable by others; now owner-only\n"
+                          % len(done["made_private"]))
+    for path, error in done["not_private"]:
+        context.err.write("rc: warning: cannot make %s owner-only: %s\n" % (path, error))
     context.out.write("cluster state in %s\n" % context.config.home)
 
 
@@ -911,12 +922,15 @@ def cmd_restore(arguments, context):
         except (OSError, health.xmlrpc.client.Error):
             pass        # a socket left by a supervisord that died
     try:
-        summary = rc_backup.restore(arguments.file, config.db_path)
-    except rc_backup.BackupError as e:
+        summary = rc_backup.restore(arguments.file, config.db_path,
+                                    device_secrets.ensure_key(config))
+    except (rc_backup.BackupError, device_secrets.DeviceKeyError) as e:
         raise CommandError(str(e))
     context.logger.info("backup_restored", source=os.path.abspath(arguments.file), **summary)
     context.out.write("restored %s: %d tasks, %d devices; `make run` to start\n"
                       % (arguments.file, summary["tasks"], summary["devices"]))
+    if summary.get("devices_to_rejoin"):
+        context.out.write(rc_backup.REJOIN_NOTICE % dict(summary, key=device_secrets.key_path(config)))
 
 
 def cmd_token(arguments, context):
@@ -1245,6 +1259,7 @@ def fail(err, error, status):
 
 
 def main(argv=None):
+    state_dir.keep_files_private()      # rc-cli.log, the audit log, backups
     try:
         return run_command(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stderr)
     except KeyboardInterrupt:

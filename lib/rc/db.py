@@ -241,6 +241,19 @@ MIGRATIONS = [
     """
     CREATE INDEX devices_revoked ON devices(connected) WHERE revoked = 1;
     """,
+    # 5: device secrets sealed with var/device_key, never in clear
+    # (lib/rc/device_secrets.py). devices.secret, which held them in clear,
+    # stays NULL from now on: sealing needs the key file, so state_dir.init and
+    # rc-server's start seal what an older version left there, not this entry.
+    """
+    ALTER TABLE devices ADD COLUMN sealed_secret TEXT;
+    -- However a device is shut out (rc revoke, rc forget), its secret goes.
+    CREATE TRIGGER device_revoked_loses_its_secret AFTER UPDATE OF revoked ON devices
+    WHEN NEW.revoked = 1 BEGIN
+        UPDATE devices SET secret = NULL, sealed_secret = NULL
+        WHERE device_id = NEW.device_id;
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -51,8 +51,10 @@ def register(connection, device_id, data, address, now):
          "protocol": data.get("protocol"), "now": now})
 
 
-def set_secret(connection, device_id, secret):
-    connection.execute("UPDATE devices SET secret = ? WHERE device_id = ?", (secret, device_id))
+def set_secret(connection, device_id, sealed):
+    """The device's secret, sealed (device_secrets.seal): never in clear."""
+    connection.execute("UPDATE devices SET sealed_secret = ?, secret = NULL WHERE device_id = ?",
+                       (sealed, device_id))
 
 
 def revoke(connection, device_id):

@@ -28,7 +28,7 @@ class Logger:
     def appending(cls, program, path, level="info"):
         """A logger that appends to a file: each line is one write() on an
         O_APPEND descriptor, so processes logging at once never mix lines."""
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         logger = cls(program, level, os.fdopen(descriptor, "ab", buffering=0))
         logger.owns_stream = True
         return logger

@@ -17,10 +17,10 @@ import ssl
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, devices, fleet, protocol, tasks, tls
+from rc import audit, bell, db, device_secrets, devices, fleet, protocol, tasks, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
-from rc.state_dir import read_secret
+from rc.state_dir import keep_files_private, read_secret
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERROR, FAILED, HEARTBEAT,
                        HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_HANDED_BACK,
                        OUTCOME_NOT_ALLOWED,
@@ -76,6 +76,11 @@ class Server:
         self.join_token = JoinToken(config.token_path)
         self.cluster_id = read_secret(config.cluster_id_path)
         self.database = db.open_database(config.db_path)
+        # Device secrets are stored sealed with this key (issue 17); any an
+        # older version left in clear are sealed now.
+        self.device_key, sealed = device_secrets.prepare(config, self.database)
+        if sealed:
+            log.info("device_secrets_sealed", devices=sealed)
         self.selector = selectors.DefaultSelector()
         self.peers_by_device = {}
         self.peers = set()
@@ -412,22 +417,27 @@ class Server:
         (so its id cannot be taken over with the join token), the join token
         for a first join; and whether the device is new here. (None, _),
         having refused the peer, when neither fits."""
-        row = self.database.execute("SELECT secret, revoked, forgotten FROM devices"
+        row = self.database.execute("SELECT sealed_secret, revoked, forgotten FROM devices"
                                     " WHERE device_id = ?", (device_id,)).fetchone()
         if row and (row["revoked"] or row["forgotten"]):
             code = "forgotten" if row["forgotten"] else "revoked"
             self.refuse(peer, code, "device %s was %s on the main node" % (device_id, code))
             return None, False
+        # Stored sealed (lib/rc/device_secrets.py); one this node cannot
+        # open (sealed with another node's var/device_key) counts as none.
+        secret = row and device_secrets.unseal(self.device_key, device_id, row["sealed_secret"])
         if auth == "device":
-            if not row or not row["secret"]:
-                self.refuse(peer, "unknown_device", "this main node has no secret for %s;"
-                            " join with the token" % device_id)
+            if not secret:
+                self.refuse(peer, "unknown_device", "this main node has no secret for %s%s;"
+                            " join with the token" % (device_id, " it can open (restored from"
+                            " another main node's backup?)" if row and row["sealed_secret"]
+                            else ""))
                 return None, False
-            return row["secret"], False
+            return secret, False
         if auth != "token":
             self.refuse(peer, "bad_request", "auth must be token or device")
             return None, False
-        if row and row["secret"] and self.config.device_secrets:
+        if secret and self.config.device_secrets:
             self.refuse(peer, "device_id_taken", "%s has joined already and must prove its"
                         " own secret; a new device needs another --device-id" % device_id)
             return None, False
@@ -515,7 +525,9 @@ class Server:
         if first_join:
             # From now on the device proves its own secret, not the token.
             secret = protocol.new_device_secret()
-            devices.set_secret(self.database, peer.device_id, secret)
+            # Stored sealed with var/device_key, never in clear (issue 17).
+            devices.set_secret(self.database, peer.device_id,
+                               device_secrets.seal(self.device_key, peer.device_id, secret))
             ack["device_secret"] = protocol.seal(key, peer.nonce, worker_nonce,
                                                  peer.device_id, secret)
         audit.record(self.config, "device_joined" if first_join else "device_connected",
@@ -821,6 +833,7 @@ def raise_file_limit(log):
 
 
 def main():
+    keep_files_private()
     config = config_module.load()
     log = Logger("rc-server", config.log_level)
     raise_file_limit(log)

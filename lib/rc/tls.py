@@ -35,14 +35,19 @@ def ensure_certificate(config, common_name="retire-cluster"):
                    .not_valid_before(now - datetime.timedelta(days=1))
                    .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
                    .sign(key, hashes.SHA256()))
-    os.makedirs(os.path.dirname(cert_path), exist_ok=True)
-    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    # Owner-only too: workers pin it by fingerprint, which rc-server and
+    # rc-web (the same user) read from it; nobody else needs the file.
+    write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def write_private(path, data):
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        f.write(data)
 
 
 def fingerprint(config):

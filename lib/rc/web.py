@@ -1063,6 +1063,7 @@ def create_server(app, host, port, config):
 
 
 def main():
+    state_dir.keep_files_private()
     logger = Logger("rc-web")
     try:
         config = rc_config.load()
