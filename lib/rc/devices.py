@@ -1,5 +1,11 @@
 """Devices: what a worker tells about itself, whether it is connected, and
-its heartbeat history. Writes here run inside a transaction the caller holds."""
+its heartbeat history. Writes here run inside a transaction the caller holds.
+
+What a device reports is cleaned before it is stored: every reader (the
+scheduler, `rc devices`, /text, the dashboard) then finds numbers where
+numbers belong, whatever a hostile device sent."""
+import math
+
 from rc import db
 from rc.states import ONLINE
 
@@ -11,12 +17,21 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
 OBJECT_COLUMNS = ("profile", "metrics", "labels")
+# Heartbeat metrics a worker sends (bin/worker.py Metrics.sample), by what they must be.
+NUMERIC_METRICS = ("cpu_percent", "memory_percent", "disk_percent", "battery_percent",
+                   "temperature_c", "disk_read_bytes", "disk_write_bytes", "net_bytes_recv",
+                   "net_bytes_sent", "uptime_s")
+MAX_METRICS = 64             # keys kept from one heartbeat's metrics
+MAX_METRIC_NAME = 64         # characters of a metric's name
+# Hardware figures a worker reports at register (bin/worker.py hardware_specs).
+NUMERIC_SPECS = ("cpu_cores", "memory_gb", "disk_gb", "cpu_speed")
 
 
-def register(connection, device_id, data, address, now):
-    """Create or refresh a device from its `register` message."""
-    info = data.get("device_info") or {}
-    specs = data.get("hardware_specs") or {}
+def register(connection, device_id, data, address, now, max_slots=MAX_SLOTS):
+    """Create or refresh a device from its `register` message; the slots it
+    claims are cut to `max_slots`, the most the operator allows."""
+    info = dict_or_empty(data.get("device_info"))
+    specs = clean_specs(dict_or_empty(data.get("hardware_specs")))
     profile = {"device_info": info, "hardware_specs": specs}
     connection.execute(
         "INSERT INTO devices(device_id, hostname, platform, architecture, role, cpu_cores,"
@@ -41,14 +56,14 @@ def register(connection, device_id, data, address, now):
          "architecture": text(info.get("architecture")), "role": text(data.get("role")),
          "cpu_cores": number(specs.get("cpu_cores"), int, 100000),
          "memory_gb": number(specs.get("memory_gb"), float, 1e7),
-         "slots": max(1, number(data.get("slots"), int, MAX_SLOTS) or 1),
+         "slots": claimed_slots(data.get("slots"), max_slots),
          "capabilities": db.dumps(names(data.get("capabilities"))),
          "tags": db.dumps(names(data.get("tags"))),
          "task_types": db.dumps(names(data.get("task_types"))),
          "profile": db.dumps(profile), "status": ONLINE, "address": address,
          "available": availability_of(data.get("availability"))[0],
          "unavailable_reason": availability_of(data.get("availability"))[1],
-         "protocol": data.get("protocol"), "now": now})
+         "protocol": number(data.get("protocol"), int, 2 ** 31), "now": now})
 
 
 def set_secret(connection, device_id, secret):
@@ -64,12 +79,22 @@ def revoke(connection, device_id):
 
 def heartbeat(connection, device_id, metrics, now, availability=None):
     available, reason = availability_of(availability)
+    metrics = clean_metrics(metrics)
     connection.execute(
         "UPDATE devices SET metrics = ?, last_seen = ?, status = ?, available = ?,"
         " unavailable_reason = ? WHERE device_id = ?",
         (db.dumps(metrics), now, ONLINE, available, reason, device_id))
     connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
                        (device_id, now, db.dumps(metrics)))
+
+
+def set_availability(connection, device_id, availability):
+    """The availability a heartbeat reports, written only when it changed."""
+    available, reason = availability_of(availability)
+    connection.execute("UPDATE devices SET available = ?, unavailable_reason = ?"
+                       " WHERE device_id = ? AND (available IS NOT ? OR"
+                       " unavailable_reason IS NOT ?)",
+                       (available, reason, device_id, available, reason))
 
 
 def disconnected(connection, device_id, now):
@@ -186,6 +211,61 @@ def number(value, kind, largest):
     if not 0 <= value <= largest:      # also false for NaN
         return None
     return kind(value)
+
+
+def claimed_slots(value, max_slots):
+    """The slots a worker claims, at least 1 and at most `max_slots`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 1
+    return max(1, min(value, max_slots, MAX_SLOTS))
+
+
+def dict_or_empty(value):
+    return value if isinstance(value, dict) else {}
+
+
+def finite(value):
+    """A real number that is neither a bool nor NaN nor infinite."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def clean_metrics(metrics):
+    """A heartbeat's system_metrics as they are stored: an object of at most
+    MAX_METRICS short names; the known figures only when they are numbers
+    (charging a bool, load_avg up to three numbers); anything else only
+    when it is a plain value (a finite number, a bool, a short text), never
+    a nested object a reader would trip on."""
+    cleaned = {}
+    for name, value in dict_or_empty(metrics).items():
+        if len(cleaned) >= MAX_METRICS:
+            break
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME:
+            continue
+        value = clean_metric(name, value)
+        if value is not None:
+            cleaned[name] = value
+    return cleaned
+
+
+def clean_metric(name, value):
+    """One metric as it is stored, or None to leave it out."""
+    if name in NUMERIC_METRICS:
+        return value if finite(value) else None
+    if name == "charging":
+        return value if isinstance(value, bool) else None
+    if name == "load_avg":
+        return value[:3] if isinstance(value, list) and all(map(finite, value[:3])) else None
+    if isinstance(value, bool) or finite(value):
+        return value
+    return text(value)
+
+
+def clean_specs(specs):
+    """hardware_specs with the figures the scheduler ranks by (cpu_speed)
+    and shows (cores, memory, disk) left out unless they are numbers."""
+    return {name: value for name, value in specs.items()
+            if name not in NUMERIC_SPECS or finite(value)}
 
 
 def names(values, limit=100):
