@@ -230,6 +230,10 @@ def finite(value):
             and math.isfinite(value))
 
 
+def is_bool(value):
+    return isinstance(value, bool)
+
+
 def clean_metrics(metrics):
     """A heartbeat's system_metrics as they are stored: an object of at most
     MAX_METRICS short names; the known figures only when they are numbers
@@ -253,9 +257,12 @@ def clean_metric(name, value):
     if name in NUMERIC_METRICS:
         return value if finite(value) else None
     if name == "charging":
-        return value if isinstance(value, bool) else None
+        return value if is_bool(value) else None
     if name == "load_avg":
         return value[:3] if isinstance(value, list) and all(map(finite, value[:3])) else None
+    if name == "battery" and isinstance(value, dict):     # an older worker's shape
+        return {key: value[key] for key, kind in (("percent", finite), ("charging", is_bool))
+                if kind(value.get(key))} or None
     if isinstance(value, bool) or finite(value):
         return value
     return text(value)

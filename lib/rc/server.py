@@ -99,7 +99,7 @@ class Server:
         self.unauthenticated_by_host = collections.Counter()
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
-        self.error_lines = throttle.Throttle(LOG_LINES_PER_MINUTE)
+        self.log_limited = throttle.LimitedLog(log, LOG_LINES_PER_MINUTE)
         self.next_held_back = 0.0
         # Controls from before this start are history, not news.
         self.last_control = self.database.execute(
@@ -182,13 +182,6 @@ class Server:
         except Exception as e:
             self.log_limited("error", "close_failed", peer.host, error=repr(e)[:500])
 
-    def log_limited(self, level, event, key, **fields):
-        """A log line about something a peer can repeat at will: a few a
-        minute per event and key; the next one says how many were held back."""
-        held = self.error_lines.allow((event, key))
-        if held is not None:
-            self.log.log(level, event, suppressed=held, **fields)
-
     def tell_held_back(self):
         """Now and then, the count of lines held back by the rate limits, so
         an attack that stops still leaves its size in the logs."""
@@ -196,7 +189,7 @@ class Server:
         if now < self.next_held_back:
             return
         self.next_held_back = now + HELD_BACK_INTERVAL
-        for (event, key), count in self.error_lines.held_back():
+        for (event, key), count in self.log_limited.throttle.held_back():
             self.log.warning("lines_suppressed", suppressed_event=event, key=key, count=count)
         for (host, code), count in self.refusal_lines.held_back():
             self.audit_refusal("unknown", host, code, "%d more refusals" % count, count)

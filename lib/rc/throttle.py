@@ -49,3 +49,18 @@ class Throttle:
         entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
         entry[1] = now
         return entry
+
+
+class LimitedLog:
+    """A program's log for lines a hostile peer or row could repeat at will:
+    a few a minute per event and key, the next one saying how many were
+    held back (`suppressed`)."""
+
+    def __init__(self, log, per_minute=6):
+        self.log = log
+        self.throttle = Throttle(per_minute)
+
+    def __call__(self, level, event, key, **fields):
+        held = self.throttle.allow((event, key))
+        if held is not None:
+            self.log.log(level, event, suppressed=held, **fields)
