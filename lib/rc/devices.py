@@ -254,6 +254,8 @@ def clean_metrics(metrics):
 
 def clean_metric(name, value):
     """One metric as it is stored, or None to leave it out."""
+    if name == "system_metrics":     # readers look inside a key of that name (older servers)
+        return None
     if name in NUMERIC_METRICS:
         return value if finite(value) else None
     if name == "charging":

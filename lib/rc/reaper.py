@@ -61,7 +61,7 @@ class RowGuard:
             yield
         except Exception as e:
             self.connection.execute("ROLLBACK TO reaper_row")
-            self.log_limited("error", "row_failed", (kind, key), kind=kind, key=key,
+            self.log_limited("error", "row_failed", (kind, key), row_kind=kind, row_key=key,
                              error=repr(e)[:300])
         self.connection.execute("RELEASE reaper_row")
 

@@ -53,7 +53,7 @@ SHUT_OUT_BUT_CONNECTED = "revoked = 1 AND connected = 1"
 PUSH_COLUMNS = ("task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
                 " cancel_requested")
 LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors; the rest counted
-HELD_BACK_INTERVAL = 10.0     # seconds between looks for held-back lines to sum up
+HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
                  "cancelled": CANCELLED}

@@ -60,7 +60,7 @@ class LimitedLog:
         self.log = log
         self.throttle = Throttle(per_minute)
 
-    def __call__(self, level, event, key, **fields):
+    def __call__(self, level, event, key, /, **fields):
         held = self.throttle.allow((event, key))
         if held is not None:
             self.log.log(level, event, suppressed=held, **fields)
