@@ -192,7 +192,8 @@ class Server:
         for (event, key), count in self.log_limited.throttle.held_back():
             self.log.warning("lines_suppressed", suppressed_event=event, key=key, count=count)
         for (host, code), count in self.refusal_lines.held_back():
-            self.audit_refusal("unknown", host, code, "%d more refusals" % count, count)
+            self.audit_line("connection_refusals_held_back", "unknown", host, code=code,
+                            count=count)
 
     def rollback(self):
         if self.database.in_transaction:
@@ -429,9 +430,12 @@ class Server:
 
     def audit_refusal(self, actor, source, code, message, suppressed):
         fields = {"suppressed": suppressed} if suppressed else {}
+        self.audit_line("connection_refused", actor, source, code=code, message=message,
+                        **fields)
+
+    def audit_line(self, event, actor, source, **fields):
         try:
-            audit.record(self.config, "connection_refused", actor, source, code=code,
-                         message=message, **fields)
+            audit.record(self.config, event, actor, source, **fields)
         except OSError as e:      # a full disk must not take the server down with it
             self.log_limited("error", "audit_failed", "audit", error=str(e))
 
@@ -710,10 +714,7 @@ class Server:
         if level is not None:
             self.log.log(level, event, **fields)
             return
-        try:
-            audit.record(self.config, event, fields["actor"], fields["source"])
-        except OSError as e:
-            self.log_limited("error", "audit_failed", "audit", error=str(e))
+        self.audit_line(event, fields["actor"], fields["source"])
 
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced, key, is_new = data
