@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from rc import config as config_module
-from rc import audit, db, devices, protocol, reaper, scheduler, state_dir, tasks
+from rc import audit, cli, db, devices, protocol, reaper, scheduler, state_dir, tasks
 from rc.log import Logger
 from rc.protocol import ProtocolError
 from rc.server import Server
@@ -270,3 +270,26 @@ def test_the_reaper_rolls_back_a_hostile_row_alone(store):
     states = dict(connection.execute("SELECT task_id, state FROM tasks"))
     assert states[ids[1]] == "timed_out"
     assert states[ids[0]] in ("running", "timed_out")
+
+
+def rc(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    return cli.run_command(list(argv), out, err), out.getvalue(), err.getvalue()
+
+
+def test_the_operator_sets_a_devices_slots_whatever_it_claims(cluster_home):
+    config, connection = cluster_home
+    data = {"slots": 1024, "task_types": ["shell"]}
+    with db.write(connection):
+        devices.register(connection, "big", data, "127.0.0.1:1", 1.0, config.max_device_slots)
+    assert rc("slots", "big") == (0, "big slots: 16 (it claims 1024; max_device_slots"
+                                     " allows 16)\n", "")
+    assert rc("slots", "big", "64")[0] == 0
+    with db.write(connection):        # it reconnects, still claiming 1024
+        devices.register(connection, "big", data, "127.0.0.1:1", 2.0, config.max_device_slots)
+    assert devices.get(connection, "big")["slots"] == 64
+    assert rc("slots", "big", "default")[1].startswith("big slots: 16 ")
+    assert rc("slots", "big", "0")[0] == 2 and rc("slots", "big", "-1")[0] == 2
+    assert rc("slots", "nobody", "4")[0] == 1
+    assert [line["slots"] for line in audit.read(config)
+            if line["event"] == "device_slots_set"] == [64, None]

@@ -241,6 +241,12 @@ MIGRATIONS = [
     """
     CREATE INDEX devices_revoked ON devices(connected) WHERE revoked = 1;
     """,
+    # 5: a device's slots are what it claims cut to what the operator allows
+    # (max_device_slots, or `rc slots DEVICE N` for that device; lib/rc/devices.py).
+    """
+    ALTER TABLE devices ADD COLUMN slots_claimed INTEGER;
+    ALTER TABLE devices ADD COLUMN slots_limit INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

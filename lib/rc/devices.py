@@ -29,22 +29,27 @@ NUMERIC_SPECS = ("cpu_cores", "memory_gb", "disk_gb", "cpu_speed")
 
 def register(connection, device_id, data, address, now, max_slots=MAX_SLOTS):
     """Create or refresh a device from its `register` message; the slots it
-    claims are cut to `max_slots`, the most the operator allows."""
+    claims are cut to the most the operator allows: its own `rc slots`
+    limit, else `max_slots` (max_device_slots)."""
     info = dict_or_empty(data.get("device_info"))
     specs = clean_specs(dict_or_empty(data.get("hardware_specs")))
     profile = {"device_info": info, "hardware_specs": specs}
     connection.execute(
         "INSERT INTO devices(device_id, hostname, platform, architecture, role, cpu_cores,"
-        " memory_gb, slots, capabilities, tags, task_types, profile, status, connected,"
+        " memory_gb, slots, slots_claimed, capabilities, tags, task_types, profile, status,"
+        " connected,"
         " available, unavailable_reason, address, protocol, registered_at, connected_at,"
         " disconnected_at, last_seen)"
         " VALUES (:device_id, :hostname, :platform, :architecture, :role, :cpu_cores,"
-        " :memory_gb, :slots, :capabilities, :tags, :task_types, :profile, :status, 1,"
+        " :memory_gb, min(:claimed, :max_slots), :claimed, :capabilities, :tags, :task_types,"
+        " :profile, :status, 1,"
         " :available, :unavailable_reason, :address, :protocol, :now, :now, NULL, :now)"
         " ON CONFLICT(device_id) DO UPDATE SET hostname = excluded.hostname,"
         " platform = excluded.platform, architecture = excluded.architecture,"
         " role = excluded.role, cpu_cores = excluded.cpu_cores,"
-        " memory_gb = excluded.memory_gb, slots = excluded.slots,"
+        " memory_gb = excluded.memory_gb,"
+        " slots = min(excluded.slots_claimed, coalesce(devices.slots_limit, :max_slots)),"
+        " slots_claimed = excluded.slots_claimed,"
         " capabilities = excluded.capabilities, tags = excluded.tags,"
         " task_types = excluded.task_types, profile = excluded.profile,"
         " status = excluded.status, connected = 1, available = excluded.available,"
@@ -56,7 +61,7 @@ def register(connection, device_id, data, address, now, max_slots=MAX_SLOTS):
          "architecture": text(info.get("architecture")), "role": text(data.get("role")),
          "cpu_cores": number(specs.get("cpu_cores"), int, 100000),
          "memory_gb": number(specs.get("memory_gb"), float, 1e7),
-         "slots": claimed_slots(data.get("slots"), max_slots),
+         "claimed": claimed_slots(data.get("slots"), MAX_SLOTS), "max_slots": max_slots,
          "capabilities": db.dumps(names(data.get("capabilities"))),
          "tags": db.dumps(names(data.get("tags"))),
          "task_types": db.dumps(names(data.get("task_types"))),
@@ -68,6 +73,17 @@ def register(connection, device_id, data, address, now, max_slots=MAX_SLOTS):
 
 def set_secret(connection, device_id, secret):
     connection.execute("UPDATE devices SET secret = ? WHERE device_id = ?", (secret, device_id))
+
+
+def set_slots_limit(connection, device_id, limit, max_slots):
+    """The most slots the operator allows this device (None: max_slots, the
+    default for all); its slots become that or its claim, the smaller.
+    False when there is no such device."""
+    cursor = connection.execute(
+        "UPDATE devices SET slots_limit = :limit, slots = max(1, min(coalesce(slots_claimed,"
+        " slots), coalesce(:limit, :max_slots))) WHERE device_id = :device_id",
+        {"limit": limit, "max_slots": max_slots, "device_id": device_id})
+    return cursor.rowcount == 1
 
 
 def revoke(connection, device_id):

@@ -43,7 +43,8 @@ ROOM_FULL, QUEUE_ENDED, CUT_SHORT = "room full", "queue ended", "cut short"
 # column that is not valid JSON reads as no figure: json_extract would fail
 # the whole query), and the slots it claims cut to what the operator allows.
 DEVICE_QUERY = (
-    "SELECT device_id, max(0, min(slots, :max_slots)) AS slots, cpu_cores, memory_gb,"
+    "SELECT device_id, max(0, min(slots, coalesce(slots_limit, :max_slots))) AS slots,"
+    " cpu_cores, memory_gb,"
     " platform, architecture,"
     " coalesce(role_override, role) AS role, capabilities, tags, task_types, labels,"
     " coalesce(CASE WHEN json_valid(metrics) THEN json_extract(metrics, '$.cpu_percent') END,"
