@@ -398,6 +398,14 @@ class Server:
         self.unsent.clear()
 
     def flush(self, peer):
+        """Send what the peer's outbox holds; any error closes that peer alone
+        (flush runs from many places: the loop, a handler, a broadcast)."""
+        try:
+            self.write_out(peer)
+        except Exception as e:
+            self.contain(peer, "flush", e)
+
+    def write_out(self, peer):
         try:
             sent = peer.sock.send(peer.outbox)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
