@@ -23,7 +23,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("bad"), auth_timeout=2.0)
+    # 500 idle connections from one address (test_idle_connections_that_never_authenticate)
+    cluster = Cluster(tmp_path_factory.mktemp("bad"), auth_timeout=2.0,
+                      max_unauthenticated_per_address=1000)
     cluster.start()
     cluster.supervisorctl("stop", "rc-worker")
     cluster.start_worker("good", "--slots", "2")

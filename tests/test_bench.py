@@ -30,7 +30,10 @@ RESULTS = []      # (figure, target, measured, unit, passed)
 # tests/device_simulator.py drives 10,000 connections from one process with
 # plain non-blocking sockets, and 10,000 TLS handshakes in Python would
 # measure the simulator rather than rc-server.
-BENCH_SETTINGS = {"tcp_host": "127.0.0.1", "web_host": "127.0.0.1", "tls": False}
+BENCH_SETTINGS = {"tcp_host": "127.0.0.1", "web_host": "127.0.0.1", "tls": False,
+                  # the simulated fleet joins from one address with one token
+                  "max_devices_per_token": SIM_DEVICES + 100,
+                  "max_unauthenticated_per_address": 1000}
 
 
 def record(figure, target, measured, unit, passed):

@@ -65,7 +65,7 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "restore": "it replaces the database; run it on the main node"}
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
-                      "label", "role", "revoke", "broadcast"}
+                      "label", "role", "slots", "revoke", "broadcast"}
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
@@ -636,6 +636,36 @@ def cmd_role(arguments, context):
         else " (as it reports)"))
 
 
+def cmd_slots(arguments, context):
+    """The most slots a device gets, whatever it claims: shown, or set
+    (`default` goes back to max_device_slots)."""
+    connection, device_id = context.connection, arguments.device_id
+    if arguments.slots is not None:
+        limit = slots_limit(arguments.slots)
+        with db.write(connection):
+            fleet.known_device(connection, device_id)
+            devices.set_slots_limit(connection, device_id, limit,
+                                    context.config.max_device_slots)
+        bell.ring(context.config.run_dir, bell.SCHEDULER)
+        context.audit("device_slots_set", device_id=device_id, slots=limit, user=user_name())
+    fleet.known_device(connection, device_id)
+    row = connection.execute("SELECT slots, slots_claimed, slots_limit FROM devices"
+                             " WHERE device_id = ?", (device_id,)).fetchone()
+    allowed = row["slots_limit"] or context.config.max_device_slots
+    context.out.write("%s slots: %d (it claims %s; %s allows %d)\n" % (
+        device_id, row["slots"], row["slots_claimed"] or row["slots"],
+        "rc slots" if row["slots_limit"] else "max_device_slots", allowed))
+
+
+def slots_limit(text):
+    """`default` (None) or a whole number of slots a device may have."""
+    if text == "default":
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= devices.MAX_SLOTS:
+        raise UsageError("slots must be 1 to %d, or default, not %r" % (devices.MAX_SLOTS, text))
+    return int(text)
+
+
 def cmd_broadcast(arguments, context):
     try:
         targets = tasks.parse_requirements(arguments.require)
@@ -1097,6 +1127,10 @@ def build_parser(out):
     sub = command("role", cmd_role, "the role the scheduler sees for a device (\"\" undoes it)")
     sub.add_argument("device_id", metavar="DEVICE")
     sub.add_argument("role", metavar="ROLE")
+    sub = command("slots", cmd_slots, "the most slots a device gets, whatever it claims"
+                  " (default: max_device_slots)")
+    sub.add_argument("device_id", metavar="DEVICE")
+    sub.add_argument("slots", metavar="N", nargs="?", help="1-%d, or default" % devices.MAX_SLOTS)
     sub = command("broadcast", cmd_broadcast, "a control message to connected workers;"
                   " prints its id")
     sub.add_argument("control", choices=fleet.CONTROL_COMMANDS, metavar="COMMAND",
@@ -1250,6 +1284,7 @@ def completion_words(web=True):
                            "cancel": "task", "submit": list(TASK_TYPES),
                            "drain": "device", "resume": "device", "forget": "device",
                            "revoke": "device", "label": "device", "role": "device",
+                           "slots": "device",
                            "broadcast": list(fleet.CONTROL_COMMANDS)}}
 
 

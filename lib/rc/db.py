@@ -254,6 +254,12 @@ MIGRATIONS = [
         WHERE device_id = NEW.device_id;
     END;
     """,
+    # 6: a device's slots are what it claims cut to what the operator allows
+    # (max_device_slots, or `rc slots DEVICE N` for that device; lib/rc/devices.py).
+    """
+    ALTER TABLE devices ADD COLUMN slots_claimed INTEGER;
+    ALTER TABLE devices ADD COLUMN slots_limit INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,8 +23,19 @@ TLS = True                      # TLS on the worker port (certificate in var/tls
 DEVICE_SECRETS = True           # true: a joined device must prove its own secret, and its
                                 # id can no longer be claimed with the join token
 MAX_UNAUTHENTICATED = 1000      # connections still authenticating at once; more are refused
-AUTH_FAILURES_PER_MINUTE = 10   # wrong proofs from one address before it is shut out
-                                # for a minute
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8     # ... of those, from one address
+AUTH_FAILURES_PER_MINUTE = 10   # wrong join-token proofs from one address before it is
+                                # shut out for a minute (a device proving its own secret
+                                # is not)
+MAX_DEVICES_PER_TOKEN = 100     # devices that may first join with the current join token;
+                                # `rc token --rotate` starts a new count
+MAX_PROFILE_BYTES = 65536       # bytes of a register message's data (the device profile)
+MIN_HEARTBEAT_INTERVAL = 1.0    # seconds; heartbeats from one device closer than this
+                                # are folded into one write
+MAX_DEVICE_SLOTS = 16           # slots a device may claim; it gets no more tasks at once
+AUDIT_REFUSALS_PER_MINUTE = 10  # audit lines for refused connections, per address and
+                                # reason (the rest are counted, not written)
+AUDIT_LOG_MAX_BYTES = 10485760  # bytes; audit.log is rotated past this (5 backups kept)
 MAX_MESSAGE_RATE = 10000        # messages a second one connection may send (burst: twice)
 FRAME_DEADLINE = 30.0           # seconds a frame may take to arrive once started
 DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before

@@ -1,5 +1,11 @@
 """Devices: what a worker tells about itself, whether it is connected, and
-its heartbeat history. Writes here run inside a transaction the caller holds."""
+its heartbeat history. Writes here run inside a transaction the caller holds.
+
+What a device reports is cleaned before it is stored: every reader (the
+scheduler, `rc devices`, /text, the dashboard) then finds numbers where
+numbers belong, whatever a hostile device sent."""
+import math
+
 from rc import db
 from rc.states import ONLINE
 
@@ -11,25 +17,39 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
 OBJECT_COLUMNS = ("profile", "metrics", "labels")
+# Heartbeat metrics a worker sends (bin/worker.py Metrics.sample), by what they must be.
+NUMERIC_METRICS = ("cpu_percent", "memory_percent", "disk_percent", "battery_percent",
+                   "temperature_c", "disk_read_bytes", "disk_write_bytes", "net_bytes_recv",
+                   "net_bytes_sent", "uptime_s")
+MAX_METRICS = 64             # keys kept from one heartbeat's metrics
+MAX_METRIC_NAME = 64         # characters of a metric's name
+# Hardware figures a worker reports at register (bin/worker.py hardware_specs).
+NUMERIC_SPECS = ("cpu_cores", "memory_gb", "disk_gb", "cpu_speed")
 
 
-def register(connection, device_id, data, address, now):
-    """Create or refresh a device from its `register` message."""
-    info = data.get("device_info") or {}
-    specs = data.get("hardware_specs") or {}
+def register(connection, device_id, data, address, now, max_slots=MAX_SLOTS):
+    """Create or refresh a device from its `register` message; the slots it
+    claims are cut to the most the operator allows: its own `rc slots`
+    limit, else `max_slots` (max_device_slots)."""
+    info = dict_or_empty(data.get("device_info"))
+    specs = clean_specs(dict_or_empty(data.get("hardware_specs")))
     profile = {"device_info": info, "hardware_specs": specs}
     connection.execute(
         "INSERT INTO devices(device_id, hostname, platform, architecture, role, cpu_cores,"
-        " memory_gb, slots, capabilities, tags, task_types, profile, status, connected,"
+        " memory_gb, slots, slots_claimed, capabilities, tags, task_types, profile, status,"
+        " connected,"
         " available, unavailable_reason, address, protocol, registered_at, connected_at,"
         " disconnected_at, last_seen)"
         " VALUES (:device_id, :hostname, :platform, :architecture, :role, :cpu_cores,"
-        " :memory_gb, :slots, :capabilities, :tags, :task_types, :profile, :status, 1,"
+        " :memory_gb, min(:claimed, :max_slots), :claimed, :capabilities, :tags, :task_types,"
+        " :profile, :status, 1,"
         " :available, :unavailable_reason, :address, :protocol, :now, :now, NULL, :now)"
         " ON CONFLICT(device_id) DO UPDATE SET hostname = excluded.hostname,"
         " platform = excluded.platform, architecture = excluded.architecture,"
         " role = excluded.role, cpu_cores = excluded.cpu_cores,"
-        " memory_gb = excluded.memory_gb, slots = excluded.slots,"
+        " memory_gb = excluded.memory_gb,"
+        " slots = min(excluded.slots_claimed, coalesce(devices.slots_limit, :max_slots)),"
+        " slots_claimed = excluded.slots_claimed,"
         " capabilities = excluded.capabilities, tags = excluded.tags,"
         " task_types = excluded.task_types, profile = excluded.profile,"
         " status = excluded.status, connected = 1, available = excluded.available,"
@@ -41,20 +61,31 @@ def register(connection, device_id, data, address, now):
          "architecture": text(info.get("architecture")), "role": text(data.get("role")),
          "cpu_cores": number(specs.get("cpu_cores"), int, 100000),
          "memory_gb": number(specs.get("memory_gb"), float, 1e7),
-         "slots": max(1, number(data.get("slots"), int, MAX_SLOTS) or 1),
+         "claimed": claimed_slots(data.get("slots"), MAX_SLOTS), "max_slots": max_slots,
          "capabilities": db.dumps(names(data.get("capabilities"))),
          "tags": db.dumps(names(data.get("tags"))),
          "task_types": db.dumps(names(data.get("task_types"))),
          "profile": db.dumps(profile), "status": ONLINE, "address": address,
          "available": availability_of(data.get("availability"))[0],
          "unavailable_reason": availability_of(data.get("availability"))[1],
-         "protocol": data.get("protocol"), "now": now})
+         "protocol": number(data.get("protocol"), int, 2 ** 31), "now": now})
 
 
 def set_secret(connection, device_id, sealed):
     """The device's secret, sealed (device_secrets.seal): never in clear."""
     connection.execute("UPDATE devices SET sealed_secret = ?, secret = NULL WHERE device_id = ?",
                        (sealed, device_id))
+
+
+def set_slots_limit(connection, device_id, limit, max_slots):
+    """The most slots the operator allows this device (None: max_slots, the
+    default for all); its slots become that or its claim, the smaller.
+    False when there is no such device."""
+    cursor = connection.execute(
+        "UPDATE devices SET slots_limit = :limit, slots = max(1, min(coalesce(slots_claimed,"
+        " slots), coalesce(:limit, :max_slots))) WHERE device_id = :device_id",
+        {"limit": limit, "max_slots": max_slots, "device_id": device_id})
+    return cursor.rowcount == 1
 
 
 def revoke(connection, device_id):
@@ -66,12 +97,22 @@ def revoke(connection, device_id):
 
 def heartbeat(connection, device_id, metrics, now, availability=None):
     available, reason = availability_of(availability)
+    metrics = clean_metrics(metrics)
     connection.execute(
         "UPDATE devices SET metrics = ?, last_seen = ?, status = ?, available = ?,"
         " unavailable_reason = ? WHERE device_id = ?",
         (db.dumps(metrics), now, ONLINE, available, reason, device_id))
     connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
                        (device_id, now, db.dumps(metrics)))
+
+
+def set_availability(connection, device_id, availability):
+    """The availability a heartbeat reports, written only when it changed."""
+    available, reason = availability_of(availability)
+    connection.execute("UPDATE devices SET available = ?, unavailable_reason = ?"
+                       " WHERE device_id = ? AND (available IS NOT ? OR"
+                       " unavailable_reason IS NOT ?)",
+                       (available, reason, device_id, available, reason))
 
 
 def disconnected(connection, device_id, now):
@@ -188,6 +229,70 @@ def number(value, kind, largest):
     if not 0 <= value <= largest:      # also false for NaN
         return None
     return kind(value)
+
+
+def claimed_slots(value, max_slots):
+    """The slots a worker claims, at least 1 and at most `max_slots`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 1
+    return max(1, min(value, max_slots, MAX_SLOTS))
+
+
+def dict_or_empty(value):
+    return value if isinstance(value, dict) else {}
+
+
+def finite(value):
+    """A real number that is neither a bool nor NaN nor infinite."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def is_bool(value):
+    return isinstance(value, bool)
+
+
+def clean_metrics(metrics):
+    """A heartbeat's system_metrics as they are stored: an object of at most
+    MAX_METRICS short names; the known figures only when they are numbers
+    (charging a bool, load_avg up to three numbers); anything else only
+    when it is a plain value (a finite number, a bool, a short text), never
+    a nested object a reader would trip on."""
+    cleaned = {}
+    for name, value in dict_or_empty(metrics).items():
+        if len(cleaned) >= MAX_METRICS:
+            break
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME:
+            continue
+        value = clean_metric(name, value)
+        if value is not None:
+            cleaned[name] = value
+    return cleaned
+
+
+def clean_metric(name, value):
+    """One metric as it is stored, or None to leave it out."""
+    if name == "system_metrics":     # readers look inside a key of that name (older servers)
+        return None
+    if name in NUMERIC_METRICS:
+        return value if finite(value) else None
+    if name == "charging":
+        return value if is_bool(value) else None
+    if name == "load_avg":
+        return value[:3] if isinstance(value, list) and all(map(finite, value[:3])) else None
+    if name == "battery" and isinstance(value, dict):     # an older worker's shape
+        return {key: value[key] for key, kind in (("percent", finite), ("charging", is_bool))
+                if kind(value.get(key))} or None
+    if isinstance(value, bool) or finite(value):
+        return value
+    return text(value)
+
+
+def clean_specs(specs):
+    """hardware_specs with the figures the scheduler ranks by (cpu_speed)
+    and shows (cores, memory, disk) left out unless they are numbers."""
+    return {name: value for name, value in specs.items()
+            if name not in NUMERIC_SPECS or finite(value)}
 
 
 def names(values, limit=100):

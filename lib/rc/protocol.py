@@ -5,6 +5,8 @@ import hashlib
 import hmac
 import json
 import json.scanner
+import math
+import re
 import secrets
 import time
 
@@ -13,6 +15,13 @@ import orjson
 from rc.states import MAX_FRAME_BYTES
 
 MAIN_NODE_ID = "main"
+# What SQLite can hold in an INTEGER column: a larger int raises OverflowError
+# in the middle of a transaction, so none gets past decode() or field().
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# orjson reads integers up to 2**64 - 1 exactly (larger ones, and negative
+# ones past INT64_MIN, become floats): only a run of 19 or more digits can
+# be out of range, so only a frame holding one is walked.
+LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
 
 
 class ProtocolError(Exception):
@@ -90,8 +99,42 @@ def decode(line):
         raise ProtocolError("frame has no message_type")
     if not isinstance(envelope.get("data", {}), dict):
         raise ProtocolError("data must be an object")
+    if LONG_DIGIT_RUN.search(line):
+        check_numbers(envelope, "frame")
     envelope.setdefault("data", {})
     return envelope
+
+
+def check_numbers(value, where):
+    """ProtocolError naming the first number in `value` (a decoded JSON
+    value) that SQLite cannot hold: an int outside signed 64 bits, a float
+    that is not finite. Iterative: the walk has no depth limit to reach."""
+    pending = [(value, where)]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, dict):
+            pending.extend((item, "%s.%s" % (where, str(key)[:50])) for key, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((item, "%s[%d]" % (where, n)) for n, item in enumerate(value))
+        else:
+            check_number(value, where)
+
+
+def check_number(value, where, low=INT64_MIN, high=INT64_MAX):
+    """`value` itself when it is a number within [low, high] (finite, for a
+    float), or not a number at all; ProtocolError naming `where` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("%s is %r: numbers must be finite" % (where, value))
+    if not low <= value <= high:
+        raise ProtocolError("%s is %s, outside %s to %s" % (where, _short(value), low, high))
+    return value
+
+
+def _short(number):
+    text = repr(number)
+    return text if len(text) <= 40 else text[:20] + "..." + text[-10:]
 
 
 def _no_duplicate_keys(pairs):
@@ -137,8 +180,9 @@ def split_frames(buffer):
     return lines
 
 
-def field(data, name, kind, required=True, default=None):
-    """data[name] checked to be of `kind` (a type or tuple of types)."""
+def field(data, name, kind, required=True, default=None, low=INT64_MIN, high=INT64_MAX):
+    """data[name] checked to be of `kind` (a type or tuple of types); a
+    number also to lie within [low, high] (by default, what SQLite holds)."""
     if name not in data:
         if required:
             raise ProtocolError("missing field %r" % name)
@@ -148,7 +192,7 @@ def field(data, name, kind, required=True, default=None):
         raise ProtocolError("field %r has the wrong type" % name)
     if not isinstance(value, kind):
         raise ProtocolError("field %r has the wrong type" % name)
-    return value
+    return check_number(value, "field %r" % name, low, high)
 
 
 def _as_tuple(kind):

@@ -5,70 +5,108 @@ come back, goes offline and its tasks go back to the queue (or fail when
 their retries are spent). An assignment not accepted in time is taken back.
 A task running far past its timeout is failed even if its device never says
 so. Heartbeat history is kept bounded.
+
+A row it cannot handle (a value no program would write) costs that row
+only: its changes are rolled back to a savepoint, it is logged (rate-
+limited), and the rest of the sweep goes on; a sweep that fails as a whole
+is logged and the next one comes as usual.
 """
+import contextlib
 import time
 
-from rc import db, devices, housekeeping, program, tasks
+from rc import db, devices, housekeeping, program, tasks, throttle
 from rc.states import CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
 
 
-def sweep(connection, config, log, now):
+def sweep(connection, config, log, now, log_limited=None):
     """One look at everything overdue, in one short transaction."""
+    contained = RowGuard(connection, log_limited or throttle.LimitedLog(log))
     with db.write(connection):
-        for device_id, why in overdue_devices(connection, config, now):
-            connection.execute("UPDATE devices SET status = ? WHERE device_id = ?",
-                               (OFFLINE, device_id))
-            log.warning("device_offline", device_id=device_id, reason=why)
+        for row in overdue_devices(connection, config, now):
+            with contained("device", row["device_id"]):
+                why = offline_reason(row, config, now)
+                connection.execute("UPDATE devices SET status = ? WHERE device_id = ?",
+                                   (OFFLINE, row["device_id"]))
+                log.warning("device_offline", device_id=row["device_id"], reason=why)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND device_id IN (SELECT device_id FROM devices"
-                  " WHERE status = ?)" % db.ACTIVE_SQL, (OFFLINE,), "device {device_id} offline")
+                  " WHERE status = ?)" % db.ACTIVE_SQL, (OFFLINE,), "device {device_id} offline",
+                  contained)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND lease_expires < ?" % db.ACTIVE_SQL,
-                  (now,), "lease on {device_id} expired")
+                  (now,), "lease on {device_id} expired", contained)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND cancel_requested = 1 AND device_id IN"
                   " (SELECT device_id FROM devices WHERE connected = 0)" % db.ACTIVE_SQL,
-                  (), "device {device_id} not connected")
-        fail_overdue(connection, log, now, config.timeout_grace)
+                  (), "device {device_id} not connected", contained)
+        fail_overdue(connection, log, now, config.timeout_grace, contained)
+
+
+class RowGuard:
+    """`with guard(kind, key):` around the work on one row, inside the
+    sweep's transaction: an error rolls back that row's changes alone (a
+    savepoint) and is logged, rate-limited; the sweep goes on."""
+
+    def __init__(self, connection, log_limited):
+        self.connection = connection
+        self.log_limited = log_limited
+
+    @contextlib.contextmanager
+    def __call__(self, kind, key):
+        self.connection.execute("SAVEPOINT reaper_row")
+        try:
+            yield
+        except Exception as e:
+            self.connection.execute("ROLLBACK TO reaper_row")
+            self.log_limited("error", "row_failed", (kind, key), row_kind=kind, row_key=key,
+                             error=repr(e)[:300])
+        self.connection.execute("RELEASE reaper_row")
 
 
 def overdue_devices(connection, config, now):
     """Online devices that have gone quiet or dropped off for too long."""
-    rows = connection.execute(
+    return connection.execute(
         "SELECT device_id, connected, last_seen, disconnected_at FROM devices"
         " WHERE status = ? AND (last_seen < ? OR (connected = 0 AND disconnected_at < ?))",
         (ONLINE, now - config.offline_timeout, now - config.disconnect_grace)).fetchall()
-    for row in rows:
-        if row["last_seen"] < now - config.offline_timeout:
-            yield row["device_id"], "no heartbeat for %gs" % config.offline_timeout
-        else:
-            yield row["device_id"], "disconnected for %gs" % config.disconnect_grace
 
 
-def take_back(connection, config, log, now, query, parameters, reason):
+def offline_reason(row, config, now):
+    if row["last_seen"] < now - config.offline_timeout:
+        return "no heartbeat for %gs" % config.offline_timeout
+    return "disconnected for %gs" % config.disconnect_grace
+
+
+def take_back(connection, config, log, now, query, parameters, reason, contained):
     for row in connection.execute(query, parameters).fetchall():
-        why = reason.format(device_id=row["device_id"])
-        if tasks.take_back(connection, row, why, now, config):
-            log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
-                        device_id=row["device_id"], state=row["state"], reason=why)
+        with contained("task", row["task_id"]):
+            why = reason.format(device_id=row["device_id"])
+            if tasks.take_back(connection, row, why, now, config):
+                log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
+                            device_id=row["device_id"], state=row["state"], reason=why)
 
 
-def fail_overdue(connection, log, now, grace):
+def fail_overdue(connection, log, now, grace, contained):
     """The main node's backstop for the worker's own timeout."""
     rows = connection.execute(
         "SELECT task_id, attempt, device_id, timeout, cancel_requested FROM tasks"
         " WHERE %s AND state = ? AND started_at + timeout + ? < ?" % db.ACTIVE_SQL,
         (RUNNING, grace, now)).fetchall()
     for row in rows:
-        state = CANCELLED if row["cancel_requested"] else TIMED_OUT
-        error = "no result %gs after its %gs timeout" % (grace, row["timeout"])
-        if tasks.finish(connection, row["task_id"], row["attempt"], row["device_id"],
-                        state, None, error, "timeout backstop", now):
-            log.warning("task_timed_out", task_id=row["task_id"], attempt=row["attempt"],
-                        device_id=row["device_id"])
+        with contained("task", row["task_id"]):
+            fail_one_overdue(connection, log, now, grace, row)
+
+
+def fail_one_overdue(connection, log, now, grace, row):
+    state = CANCELLED if row["cancel_requested"] else TIMED_OUT
+    error = "no result %gs after its %gs timeout" % (grace, row["timeout"])
+    if tasks.finish(connection, row["task_id"], row["attempt"], row["device_id"],
+                    state, None, error, "timeout backstop", now):
+        log.warning("task_timed_out", task_id=row["task_id"], attempt=row["attempt"],
+                    device_id=row["device_id"])
 
 
 def prune(connection, config, now):
@@ -81,14 +119,20 @@ def run(config, log, should_stop):
     connection = db.open_database(config.db_path)
     log.info("reaper_started", offline_timeout=config.offline_timeout,
              disconnect_grace=config.disconnect_grace)
+    log_limited = throttle.LimitedLog(log)
     next_prune = 0.0
     while not should_stop():
         now = time.time()
-        sweep(connection, config, log, now)
-        if now >= next_prune:
-            prune(connection, config, now)
-            housekeeping.every_minute(connection, config, log, now)
-            next_prune = now + PRUNE_INTERVAL
+        try:
+            sweep(connection, config, log, now, log_limited)
+            if now >= next_prune:
+                next_prune = now + PRUNE_INTERVAL
+                prune(connection, config, now)
+                housekeeping.every_minute(connection, config, log, now)
+        except Exception as e:     # the next sweep comes as usual
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            log_limited("error", "sweep_failed", "sweep", error=repr(e)[:500])
         time.sleep(config.reaper_interval)
 
 

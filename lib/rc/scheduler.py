@@ -9,16 +9,23 @@ slots (`prefetch_per_slot`), which wait in the worker's own queue: a slot
 that frees then starts its next task at once instead of waiting a round trip
 through rc-server and here. Tasks that run longer never wait behind each
 other that way (see Turnover).
+
+A row it cannot make sense of (a requirement or a device's list that is
+not valid JSON, a claim beyond what the operator allows) costs that row
+only: the task or device is passed over and logged (rate-limited), and a
+pass that fails as a whole is logged and tried again; the loop never ends
+on it.
 """
 import heapq
 import time
 
-from rc import bell, db, program, tasks
+from rc import bell, db, program, tasks, throttle
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED, TASK_TYPES
 
 BATCH = 2000          # queued tasks looked at per pass
 PASS_BUDGET = 0.1     # seconds a pass may spend choosing; the rest waits a pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
+FAILED_PASS_PAUSE = 1.0   # seconds before a pass that raised is tried again
 PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is quick
 # SQL: every task this one depends on has completed.
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
@@ -32,13 +39,19 @@ ROOM_FULL, QUEUE_ENDED, CUT_SHORT = "room full", "queue ended", "cut short"
 
 
 # What the scheduler reads of each device: only what matching and ranking need,
-# with the two ranking figures pulled out of their JSON by SQLite itself.
+# with the two ranking figures pulled out of their JSON by SQLite itself (a
+# column that is not valid JSON reads as no figure: json_extract would fail
+# the whole query), and the slots it claims cut to what the operator allows.
 DEVICE_QUERY = (
-    "SELECT device_id, slots, cpu_cores, memory_gb, platform, architecture,"
+    "SELECT device_id, max(0, min(slots, coalesce(slots_limit, :max_slots))) AS slots,"
+    " cpu_cores, memory_gb,"
+    " platform, architecture,"
     " coalesce(role_override, role) AS role, capabilities, tags, task_types, labels,"
-    " coalesce(json_extract(metrics, '$.cpu_percent'), 50.0) AS cpu_busy,"
-    " coalesce(json_extract(profile, '$.hardware_specs.cpu_speed'), 0.0) AS speed"
-    " FROM devices WHERE status = ? AND connected = 1 AND available = 1"
+    " coalesce(CASE WHEN json_valid(metrics) THEN json_extract(metrics, '$.cpu_percent') END,"
+    " 50.0) AS cpu_busy,"
+    " coalesce(CASE WHEN json_valid(profile)"
+    " THEN json_extract(profile, '$.hardware_specs.cpu_speed') END, 0.0) AS speed"
+    " FROM devices WHERE status = :online AND connected = 1 AND available = 1"
     " AND drained = 0 AND forgotten = 0")
 
 
@@ -74,7 +87,7 @@ class Slots:
     task: tasks without requirements take the top of a heap per (room, task
     type); only tasks with requirements scan the devices."""
 
-    def __init__(self, connection, config, now, turnover=None):
+    def __init__(self, connection, config, now, turnover=None, log_limited=None):
         held, oldest = {}, {}
         for row in connection.execute(
                 "SELECT device_id, task_type IN (%s) AS instant, count(*) AS n,"
@@ -96,12 +109,21 @@ class Slots:
             return decoded[text]
         turnover = turnover or Turnover()
         self.devices = []
-        for row in connection.execute(DEVICE_QUERY, (ONLINE,)):
+        for row in connection.execute(DEVICE_QUERY, {"max_slots": config.max_device_slots,
+                                                     "online": ONLINE}):
             device_id = row["device_id"]
             device = dict(row)
-            for key in ("capabilities", "tags", "task_types"):
-                device[key] = names(row[key])
-            device["labels"] = labels(row["labels"])
+            try:
+                for key in ("capabilities", "tags", "task_types"):
+                    device[key] = names(row[key])
+                device["labels"] = labels(row["labels"])
+                if not isinstance(device["labels"], dict) or not isinstance(row["slots"], int):
+                    raise ValueError("labels must be an object and slots a number")
+            except (ValueError, TypeError) as e:      # orjson's errors are ValueErrors
+                if log_limited:
+                    log_limited("error", "device_unreadable", device_id, device_id=device_id,
+                                error=repr(e)[:300])
+                continue
             device["held"] = held.get((device_id, 0), 0)
             device["idle"] = row["slots"] - device["held"]       # slots with nothing in them
             prefetch = (row["slots"] * config.prefetch_per_slot if turnover.is_quick(
@@ -145,20 +167,22 @@ class Slots:
         # Best first; a device that misses a requirement is set aside for
         # this task only. Entries go stale when a device takes a task:
         # re-rank them and look again.
-        while heap:
-            rank, n, device = heap[0]
-            current = negated(preference(device, room))
-            if device[room] <= 0:
-                heapq.heappop(heap)
-            elif current != rank:
-                heapq.heapreplace(heap, (current, n, device))
-            elif requirements and tasks.unmet_requirements(requirements, device):
-                refused.append(heapq.heappop(heap))
-            else:
-                best = device
-                break
-        for entry in refused:
-            heapq.heappush(heap, entry)
+        try:
+            while heap:
+                rank, n, device = heap[0]
+                current = negated(preference(device, room))
+                if device[room] <= 0:
+                    heapq.heappop(heap)
+                elif current != rank:
+                    heapq.heapreplace(heap, (current, n, device))
+                elif requirements and tasks.unmet_requirements(requirements, device):
+                    refused.append(heapq.heappop(heap))
+                else:
+                    best = device
+                    break
+        finally:       # requirements that raise must not cost the next task its devices
+            for entry in refused:
+                heapq.heappush(heap, entry)
         return best
 
     def heap(self, room, task_type):
@@ -186,13 +210,13 @@ def negated(rank):
     return tuple(-value for value in rank)
 
 
-def schedule(connection, now, log, config, turnover=None):
+def schedule(connection, now, log, config, turnover=None, log_limited=None):
     """One pass: assign what fits now. Returns how many tasks were assigned.
     `turnover` carries what one pass learns to the next (see Turnover)."""
     earliest = earliest_queued(connection)
     if earliest is None or earliest > now:
         return 0      # the common case when idle: no transaction at all
-    return assign_ready(connection, now, log, config, turnover)[0]
+    return assign_ready(connection, now, log, config, turnover, log_limited)[0]
 
 
 def earliest_queued(connection):
@@ -200,7 +224,7 @@ def earliest_queued(connection):
     return connection.execute(EARLIEST_QUEUED).fetchone()[0]
 
 
-def assign_ready(connection, now, log, config, turnover):
+def assign_ready(connection, now, log, config, turnover, log_limited=None):
     """schedule() once some queued task is ready: how many tasks it assigned,
     and whether it stopped short of the queue's end (its time or BATCH ran out)."""
     # Choose outside any transaction, then write the choices in one short
@@ -208,8 +232,9 @@ def assign_ready(connection, now, log, config, turnover):
     # behind it (SQLite's busy wait sleeps a millisecond or more). Only this
     # program assigns, so no device's room shrinks in between; a task
     # cancelled meanwhile is no longer queued and is left alone.
-    slots = Slots(connection, config, now, turnover)
-    chosen, cut_short = choose(connection, slots, now)
+    log_limited = log_limited or throttle.LimitedLog(log)
+    slots = Slots(connection, config, now, turnover, log_limited)
+    chosen, cut_short = choose(connection, slots, now, log_limited)
     given = []
     if chosen:
         with db.write_statements(connection, len(chosen)):
@@ -224,7 +249,7 @@ def assign_ready(connection, now, log, config, turnover):
     return len(given), cut_short
 
 
-def choose(connection, slots, now):
+def choose(connection, slots, now, log_limited):
     """(task_id, attempt, device_id) for the tasks that fit now, in queue
     order; and whether a walk was cut short."""
     deadline = time.monotonic() + PASS_BUDGET
@@ -232,7 +257,7 @@ def choose(connection, slots, now):
     # A room (slots, or instant room) that fills up ends a walk of the queue;
     # the next walk asks only for the types that still have room, if any wait.
     while slots.free > 0 and any_queued(connection, slots.type_filter()):
-        ended = walk_queue(connection, slots, now, deadline, chosen)
+        ended = walk_queue(connection, slots, now, deadline, chosen, log_limited)
         if ended != ROOM_FULL:
             return chosen, ended == CUT_SHORT
     return chosen, False
@@ -245,7 +270,7 @@ def any_queued(connection, type_filter):
         "SELECT 1 FROM tasks WHERE %s AND %s LIMIT 1" % (db.QUEUED_SQL, type_filter)).fetchone()
 
 
-def walk_queue(connection, slots, now, deadline, chosen):
+def walk_queue(connection, slots, now, deadline, chosen, log_limited):
     """Walk the queue in order, giving each task the best device for it,
     until a room fills up, the queue ends, or the pass's time or BATCH rows
     run out (cut short)."""
@@ -261,7 +286,12 @@ def walk_queue(connection, slots, now, deadline, chosen):
         seen += 1
         if time.monotonic() > deadline:
             return CUT_SHORT      # assign what we have; the next pass goes on
-        device = slots.best_for(task["task_type"], db.loads(task["requirements"]))
+        try:
+            device = slots.best_for(task["task_type"], requirements_of(task))
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            log_limited("error", "task_unreadable", task["task_id"], task_id=task["task_id"],
+                        error=repr(e)[:300])
+            continue       # it stays queued; `rc why` and the log say why
         if device is None:
             continue
         slots.take(device, task["task_type"])
@@ -269,6 +299,13 @@ def walk_queue(connection, slots, now, deadline, chosen):
         if slots.room_free[room_for(task["task_type"])] == 0:
             return ROOM_FULL
     return CUT_SHORT if seen == BATCH else QUEUE_ENDED
+
+
+def requirements_of(task):
+    requirements = db.loads(task["requirements"], {})
+    if not isinstance(requirements, dict):
+        raise ValueError("requirements must be an object, not %r" % task["requirements"][:100])
+    return requirements
 
 
 def assign(connection, choice, now, accept_timeout):
@@ -292,25 +329,40 @@ def run(config, log, should_stop):
     connection = db.open_database(config.db_path)
     doorbell = bell.Bell(config.run_dir, bell.SCHEDULER)
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
-    seen = None
-    wake_at = 0.0
-    turnover = Turnover()
+    log_limited = throttle.LimitedLog(log)
+    state = {"seen": None, "wake_at": 0.0, "turnover": Turnover()}
     while not should_stop():
-        version, earliest = db.data_version_and(connection, "(%s)" % EARLIEST_QUEUED)
-        now = time.time()
-        if version != seen or now >= wake_at:
-            seen = version
-            # Our own commit does not change data_version for us; nothing to undo.
-            later = earliest
-            if earliest is not None and earliest <= now:
-                assigned, cut_short = assign_ready(connection, now, log, config, turnover)
-                if assigned and cut_short:
-                    wake_at = now      # go on at once with what the pass left
-                    continue
-                later = next_backoff_end(connection, now)      # what is left waits
-            wake_at = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
-        doorbell.wait(min(config.poll_interval, max(0.0, wake_at - time.time())))
+        try:
+            if one_look(connection, config, log, log_limited, state):
+                continue       # go on at once with what the pass left
+        except Exception as e:     # a pass that raises is tried again; the loop goes on
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            log_limited("error", "pass_failed", "pass", error=repr(e)[:500])
+            state["wake_at"] = time.time() + FAILED_PASS_PAUSE
+        doorbell.wait(min(config.poll_interval, max(0.0, state["wake_at"] - time.time())))
     doorbell.close()
+
+
+def one_look(connection, config, log, log_limited, state):
+    """Assign what is ready if anything changed or a backoff ended; True
+    when the pass was cut short and should go on at once."""
+    version, earliest = db.data_version_and(connection, "(%s)" % EARLIEST_QUEUED)
+    now = time.time()
+    if version == state["seen"] and now < state["wake_at"]:
+        return False
+    state["seen"] = version
+    # Our own commit does not change data_version for us; nothing to undo.
+    later = earliest
+    if earliest is not None and earliest <= now:
+        assigned, cut_short = assign_ready(connection, now, log, config, state["turnover"],
+                                           log_limited)
+        if assigned and cut_short:
+            state["wake_at"] = now
+            return True
+        later = next_backoff_end(connection, now)      # what is left waits
+    state["wake_at"] = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
+    return False
 
 
 def main():

@@ -7,7 +7,15 @@ answers (acks go out after the commit, so an acknowledged result is never
 lost). It learns about new assignments and cancellations from the
 database alone: when `PRAGMA data_version` says another program committed,
 it looks for assigned tasks it has not pushed yet.
+
+Nothing a peer sends ends the process: an error while serving one
+connection closes that connection; a turn's transaction that fails is
+applied again message by message, so only the message that fails is
+refused; and a turn that still raises is logged and the loop goes on.
+Log lines about bad peers are rate-limited, as are the audit lines of
+refused connections (rc.throttle).
 """
+import collections
 import hashlib
 import os
 import selectors
@@ -17,7 +25,7 @@ import ssl
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, device_secrets, devices, fleet, protocol, tasks, tls
+from rc import audit, bell, db, device_secrets, devices, fleet, protocol, tasks, throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
@@ -44,6 +52,8 @@ SHUT_OUT_BUT_CONNECTED = "revoked = 1 AND connected = 1"
 # The columns push_tasks() needs.
 PUSH_COLUMNS = ("task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
                 " cancel_requested")
+LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors; the rest counted
+HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
                  "cancelled": CANCELLED}
@@ -55,6 +65,7 @@ class Peer:
     def __init__(self, sock, address):
         self.sock = sock
         self.address = "%s:%s" % address[:2]
+        self.host = str(address[0])
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.device_id = None          # set once the worker has proved the token
@@ -87,7 +98,14 @@ class Server:
         self.unauthenticated = set()   # checked for auth_timeout apart from the many others
         self.partial = set()           # peers in the middle of a frame
         self.next_sweep = 0.0
-        self.auth_failures = {}        # address -> monotonic times of recent wrong proofs
+        # (address, None) for the join token, (address, device id) for a
+        # device's own secret -> monotonic times of recent wrong proofs
+        self.auth_failures = {}
+        self.unauthenticated_by_host = collections.Counter()
+        self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
+        self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
+        self.log_limited = throttle.LimitedLog(log, LOG_LINES_PER_MINUTE)
+        self.next_held_back = 0.0
         # Controls from before this start are history, not news.
         self.last_control = self.database.execute(
             "SELECT coalesce(max(control_id), 0) FROM controls").fetchone()[0]
@@ -120,7 +138,11 @@ class Server:
         self.log.info("server_started", host=self.config.tcp_host, port=port,
                       protocol=PROTOCOL_VERSION)
         while not self.stopping:
-            self.turn(self.config.poll_interval)
+            try:
+                self.turn(self.config.poll_interval)
+            except Exception as e:     # the last line of defence: never a dead server
+                self.rollback()
+                self.log_limited("error", "turn_failed", "turn", error=repr(e)[:500])
         self.log.info("server_stopping", connections=len(self.peers))
         for peer in list(self.peers):
             self.close(peer, "server stopping", record=False)
@@ -134,18 +156,56 @@ class Server:
             if key.data is self.doorbell:
                 self.doorbell.drain()      # push_changes below looks at the database
                 continue
-            peer = key.data
-            if peer.handshaking:
-                self.handshake(peer)
-                continue
-            if events & selectors.EVENT_READ:
-                self.read(peer)
-            if events & selectors.EVENT_WRITE and not peer.closed:
-                self.flush(peer)
+            try:
+                self.serve(key.data, events)
+            except Exception as e:         # that peer's fault, or ours: it alone pays
+                self.contain(key.data, "serve", e)
         self.apply_batch()
         self.push_changes()
         self.send_queued()
         self.sweep()
+        self.tell_held_back()
+
+    def serve(self, peer, events):
+        if peer.closed:
+            return
+        if peer.handshaking:
+            self.handshake(peer)
+            return
+        if events & selectors.EVENT_READ:
+            self.read(peer)
+        if events & selectors.EVENT_WRITE and not peer.closed:
+            self.flush(peer)
+
+    def contain(self, peer, step, error):
+        """An unexpected error while serving one connection: log it (rate-
+        limited) and close that connection, whatever state it is in."""
+        self.log_limited("error", "connection_failed", peer.host, step=step,
+                         address=peer.address, device_id=peer.device_id, error=repr(error)[:500])
+        try:
+            self.close(peer, "%s failed" % step)
+        except Exception as e:
+            self.log_limited("error", "close_failed", peer.host, error=repr(e)[:500])
+
+    def tell_held_back(self):
+        """Now and then, the count of lines held back by the rate limits, so
+        an attack that stops still leaves its size in the logs."""
+        now = time.monotonic()
+        if now < self.next_held_back:
+            return
+        self.next_held_back = now + HELD_BACK_INTERVAL
+        for (event, key), count in self.log_limited.throttle.held_back():
+            self.log.warning("lines_suppressed", suppressed_event=event, key=key, count=count)
+        for (host, code), count in self.refusal_lines.held_back():
+            self.audit_line("connection_refusals_held_back", "unknown", host, code=code,
+                            count=count)
+
+    def rollback(self):
+        if self.database.in_transaction:
+            try:
+                self.database.execute("ROLLBACK")
+            except Exception as e:
+                self.log_limited("error", "rollback_failed", "database", error=repr(e)[:500])
 
     def stop(self, *_):
         self.stopping = True     # the loop notices; nothing else happens in a handler
@@ -159,24 +219,57 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:    # out of descriptors: keep serving those we have
-                self.log.error("accept_failed", error=str(e))
+                self.log_limited("error", "accept_failed", "listener", error=str(e))
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls:
-                sock = self.tls.wrap_socket(sock, server_side=True,
-                                            do_handshake_on_connect=False)
-            peer = Peer(sock, address)
-            self.peers.add(peer)
-            self.unauthenticated.add(peer)
+            try:
+                self.take(sock, address)
+            except Exception as e:
+                # A port scanner resets before (or while) TLS wraps the socket.
+                self.log_limited("warning", "connection_failed", str(address[0]), step="accept",
+                                 address="%s:%s" % address[:2], error=repr(e)[:500])
+                sock.close()
+
+    def take(self, sock, address):
+        """A new connection: TLS wrapping, then the handshake or hello."""
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        peer = Peer(sock, address)
+        self.peers.add(peer)
+        self.add_unauthenticated(peer)
+        try:
             self.selector.register(sock, selectors.EVENT_READ, peer)
-            if self.tls and len(self.unauthenticated) > self.config.max_unauthenticated:
-                self.close(peer, "too many connections authenticating")   # no TLS yet to say so
+            too_many = self.too_many_authenticating(peer)
+            if self.tls and too_many:
+                self.close(peer, too_many)      # no TLS yet to say so
             elif self.tls:
                 peer.handshaking = True
                 self.handshake(peer)
             else:
                 self.greet(peer)
+        except Exception as e:
+            self.contain(peer, "accept", e)
+
+    def add_unauthenticated(self, peer):
+        self.unauthenticated.add(peer)
+        self.unauthenticated_by_host[peer.host] += 1
+
+    def leave_unauthenticated(self, peer):
+        if peer in self.unauthenticated:
+            self.unauthenticated.discard(peer)
+            self.unauthenticated_by_host[peer.host] -= 1
+            if self.unauthenticated_by_host[peer.host] <= 0:
+                del self.unauthenticated_by_host[peer.host]
+
+    def too_many_authenticating(self, peer):
+        """Why this connection must wait (None: it need not): too many still
+        authenticating, in all or from its address."""
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            return "too many connections are authenticating"
+        if self.unauthenticated_by_host[peer.host] > self.config.max_unauthenticated_per_address:
+            return "too many connections from %s are authenticating" % peer.host
+        return None
 
     def handshake(self, peer):
         """One step of a TLS handshake, without blocking the others."""
@@ -196,24 +289,25 @@ class Server:
         self.greet(peer)
 
     def greet(self, peer):
-        """hello, or why not."""
-        host = peer.address.rsplit(":", 1)[0]
-        if len(self.unauthenticated) > self.config.max_unauthenticated:
-            self.refuse(peer, "too_many_connections", "too many connections are"
-                        " authenticating; try again later")
-        elif self.shut_out(host):
-            self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute" % host)
+        """hello, or why not. An address shut out for wrong proofs still
+        gets its hello: a device that proves its own secret may come in."""
+        too_many = self.too_many_authenticating(peer)
+        if too_many:
+            self.refuse(peer, "too_many_connections", too_many + "; try again later")
         else:
             self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
                                     "cluster_id": self.cluster_id})
 
-    def shut_out(self, host):
-        recent = [t for t in self.auth_failures.get(host, ())
+    def shut_out(self, key):
+        """Whether `key`, (address, None) for proofs of the join token or
+        (address, device id) for a device's own secret, proved wrong too
+        often in the last SHUT_OUT_SECONDS."""
+        recent = [t for t in self.auth_failures.get(key, ())
                   if t > time.monotonic() - SHUT_OUT_SECONDS]
         if recent:
-            self.auth_failures[host] = recent
+            self.auth_failures[key] = recent
         else:
-            self.auth_failures.pop(host, None)
+            self.auth_failures.pop(key, None)
         return len(recent) >= self.config.auth_failures_per_minute
 
     def read(self, peer):
@@ -309,6 +403,14 @@ class Server:
         self.unsent.clear()
 
     def flush(self, peer):
+        """Send what the peer's outbox holds; any error closes that peer alone
+        (flush runs from many places: the loop, a handler, a broadcast)."""
+        try:
+            self.write_out(peer)
+        except Exception as e:
+            self.contain(peer, "flush", e)
+
+    def write_out(self, peer):
         try:
             sent = peer.sock.send(peer.outbox)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
@@ -326,25 +428,44 @@ class Server:
             self.selector.modify(peer.sock, wanted, peer)
 
     def send_error(self, peer, code, message):
-        self.log.warning("peer_error", address=peer.address, device_id=peer.device_id,
-                         code=code, message=message)
+        self.log_limited("warning", "peer_error", (peer.host, code), address=peer.address,
+                         device_id=peer.device_id, code=code, message=message)
         self.send(peer, ERROR, {"code": code, "message": message})
 
     def refuse(self, peer, code, message):
-        """Tell the peer why, then hang up; a line in the audit log."""
+        """Tell the peer why, then hang up; a line in the audit log (a few a
+        minute per address and code: the rest are counted in the next)."""
         self.send_error(peer, code, message)
         self.close(peer, code)
-        audit.record(self.config, "connection_refused", peer.device_id or "unknown",
-                     peer.address, code=code, message=message)
+        held = self.refusal_lines.allow((peer.host, code))
+        if held is not None:
+            self.audit_refusal(peer.device_id or "unknown", peer.address, code, message, held)
+
+    def audit_refusal(self, actor, source, code, message, suppressed):
+        fields = {"suppressed": suppressed} if suppressed else {}
+        self.audit_line("connection_refused", actor, source, code=code, message=message,
+                        **fields)
+
+    def audit_line(self, event, actor, source, **fields):
+        try:
+            audit.record(self.config, event, actor, source, **fields)
+        except OSError as e:      # a full disk must not take the server down with it
+            self.log_limited("error", "audit_failed", "audit", error=str(e))
 
     def close(self, peer, reason, record=True):
         if peer.closed:
             return
         peer.closed = True
-        self.selector.unregister(peer.sock)
-        peer.sock.close()
+        try:
+            self.selector.unregister(peer.sock)
+        except (KeyError, ValueError, OSError):
+            pass         # never registered, or its descriptor is gone already
+        try:
+            peer.sock.close()
+        except OSError:
+            pass
         self.peers.discard(peer)
-        self.unauthenticated.discard(peer)
+        self.leave_unauthenticated(peer)
         self.partial.discard(peer)
         if peer.device_id and self.peers_by_device.get(peer.device_id) is peer:
             del self.peers_by_device[peer.device_id]
@@ -388,18 +509,34 @@ class Server:
         if key is None:
             return
         expected = protocol.worker_proof(key, peer.nonce, worker_nonce, device_id)
+        by_token = key == self.join_token.value()
+        # Wrong proofs of the token count against the address; of a device's
+        # own secret, against that device from that address: a stranger
+        # guessing the token behind a NAT shuts out no joined device there.
+        failures = (peer.host, None if by_token else device_id)
+        if self.shut_out(failures):
+            self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute"
+                        % peer.host)
+            return
         if not protocol.proofs_match(expected, data.get("proof")):
-            self.log.warning("auth_failed", address=peer.address, device_id=device_id)
-            host = peer.address.rsplit(":", 1)[0]
-            self.auth_failures.setdefault(host, []).append(time.monotonic())
-            self.refuse(peer, "auth_failed", "wrong join token" if key == self.join_token.value()
+            self.log_limited("warning", "auth_failed", peer.host, address=peer.address,
+                             device_id=device_id)
+            self.auth_failures.setdefault(failures, []).append(time.monotonic())
+            self.refuse(peer, "auth_failed", "wrong join token" if by_token
                         else "wrong device secret")
             return
-        for name, kind in (("device_info", dict), ("hardware_specs", dict),
-                           ("capabilities", list), ("task_types", list), ("tags", list)):
-            field(data, name, kind, required=False)
-        field(data, "slots", int, required=False)
-        protocol.storable(data, "register")
+        if is_new and self.token_used_up():
+            self.refuse(peer, "too_many_devices", "%d devices have joined with this join"
+                        " token already (max_devices_per_token); ask the operator to raise it,"
+                        " forget unused devices or rotate the token"
+                        % self.config.max_devices_per_token)
+            return
+        self.check_profile(data)
+        size = len(protocol.storable(profile_of(data), "register").encode())
+        if size > self.config.max_profile_bytes:
+            self.refuse(peer, "profile_too_large", "the profile is %d bytes encoded, over"
+                        " max_profile_bytes (%d)" % (size, self.config.max_profile_bytes))
+            return
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
         previous = self.peers_by_device.get(device_id)
@@ -407,10 +544,30 @@ class Server:
             self.close(previous, "replaced by a new connection", record=False)
         peer.device_id = device_id
         self.peers_by_device[device_id] = peer
-        self.unauthenticated.discard(peer)
+        self.leave_unauthenticated(peer)
         peer.pushed.update(active)
         self.batch.append((Server.apply_register, peer,
                            (data, worker_nonce, fenced, key, is_new)))
+
+    @staticmethod
+    def check_profile(data):
+        """ProtocolError unless the profile's fields have the shapes allowed."""
+        for name, kind in (("device_info", dict), ("hardware_specs", dict),
+                           ("capabilities", list), ("task_types", list), ("tags", list),
+                           ("availability", dict)):
+            field(data, name, kind, required=False)
+        field(data, "slots", int, required=False, low=0)
+
+    def token_used_up(self):
+        """Whether max_devices_per_token devices have first joined since the
+        join token was last written (forgotten ones aside), counting those
+        whose register is waiting in this turn's batch."""
+        joined = self.database.execute(
+            "SELECT count(*) FROM devices WHERE registered_at >= ? AND forgotten = 0",
+            (self.join_token.written_at(),)).fetchone()[0]
+        waiting = sum(1 for apply, _, data in self.batch
+                      if apply is Server.apply_register and data[4])
+        return joined + waiting >= self.config.max_devices_per_token
 
     def identity_key(self, peer, device_id, auth):
         """The key this device must prove: its own secret once it has one
@@ -450,7 +607,20 @@ class Server:
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
         self.batch.append((Server.apply_heartbeat, peer,
-                           (metrics, availability, active, fenced)))
+                           (metrics, availability, active, fenced, self.heartbeat_due(peer))))
+
+    def heartbeat_due(self, peer):
+        """Whether this heartbeat is written (metrics, history, leases): at
+        most one per min_heartbeat_interval per device, so a device that
+        sends thousands a second grows the database by one row a second.
+        The others are still acknowledged and still carry what must not
+        wait (fenced tasks, a change of availability)."""
+        now = time.monotonic()
+        last = self.heartbeat_written.get(peer.device_id)
+        if last is not None and now - last < self.config.min_heartbeat_interval:
+            return False
+        self.heartbeat_written[peer.device_id] = now
+        return True
 
     def on_accept(self, peer, data):
         self.batch.append((Server.apply_accept, peer, task_key(data)))
@@ -473,7 +643,7 @@ class Server:
         self.batch.append((Server.apply_result, peer, (key, status, result, error)))
 
     def on_control_ack(self, peer, data):
-        control_id = field(data, "control_id", int)
+        control_id = field(data, "control_id", int, low=1)
         ok = field(data, "ok", bool)
         detail = field(data, "detail", (str, type(None)), required=False)
         self.batch.append((Server.apply_control_ack, peer, (control_id, ok, (detail or "")[:500])))
@@ -488,17 +658,17 @@ class Server:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        replies = []
         now = time.time()
-        alone = self.complete_alone(batch, now)
-        if alone:
-            replies.append(alone)
-        else:
-            with db.write(self.database):
-                for apply, peer, data in batch:
-                    reply = apply(self, peer, data, now)
-                    if reply:
-                        replies.append((peer, reply))
+        try:
+            replies = self.apply_together(batch, now)
+        except Exception as e:
+            # One message the database will not take (an IntegrityError, a
+            # value it cannot hold...) must not cost everybody else's work.
+            self.rollback()
+            self.notes = []
+            self.log_limited("error", "batch_failed", "batch", messages=len(batch),
+                             error=repr(e)[:500])
+            replies = self.apply_one_by_one(batch, now)
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
             bell.ring(self.config.run_dir, bell.SCHEDULER)
         # Only now is everything above durable; acknowledge it.
@@ -506,17 +676,68 @@ class Server:
             for message_type, data in reply:
                 self.send(peer, message_type, data, later=True)
         notes, self.notes = self.notes, []
-        for level, event, fields in notes:
-            self.log.log(level, event, **fields)
+        for note in notes:
+            self.tell(note)
+
+    def apply_together(self, batch, now):
+        """The turn's messages in one transaction (or one statement): the
+        replies to send once it has committed."""
+        alone = self.complete_alone(batch, now)
+        if alone:
+            return [alone]
+        replies = []
+        with db.write(self.database):
+            for apply, peer, data in batch:
+                reply = apply(self, peer, data, now)
+                if reply:
+                    replies.append((peer, reply))
+        return replies
+
+    def apply_one_by_one(self, batch, now):
+        """After the turn's transaction failed: each message in its own, and
+        the peer whose message fails again is refused (it reconnects and
+        sends again what it still holds)."""
+        replies, notes = [], []
+        for apply, peer, data in batch:
+            try:
+                with db.write(self.database):
+                    reply = apply(self, peer, data, now)
+            except Exception as e:
+                self.rollback()
+                self.notes = []
+                self.log_limited("error", "message_not_stored", peer.host, address=peer.address,
+                                 device_id=peer.device_id, step=apply.__name__,
+                                 error=repr(e)[:500])
+                self.refuse(peer, "not_stored", "the main node could not store your %s: %s"
+                            % (apply.__name__.replace("apply_", ""), str(e)[:200]))
+                continue
+            notes += self.notes
+            self.notes = []
+            if reply:
+                replies.append((peer, reply))
+        self.notes = notes
+        return replies
 
     def note(self, level, event, **fields):
         """Log what the turn's transaction does once it has committed: never
         a rollback, and the commit does not wait on the log."""
         self.notes.append((level, event, fields))
 
+    def note_audit(self, event, actor, source):
+        """An audit line, written once the turn's transaction has committed."""
+        self.notes.append((None, event, {"actor": actor, "source": source}))
+
+    def tell(self, note):
+        level, event, fields = note
+        if level is not None:
+            self.log.log(level, event, **fields)
+            return
+        self.audit_line(event, fields["actor"], fields["source"])
+
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced, key, is_new = data
-        devices.register(self.database, peer.device_id, data, peer.address, now)
+        devices.register(self.database, peer.device_id, data, peer.address, now,
+                         self.config.max_device_slots)
         if is_new:
             fleet.tasks_for_new_device(self.database, self.config, peer.device_id)
         ack = dict(fence_settings(self.config),
@@ -530,8 +751,8 @@ class Server:
                                device_secrets.seal(self.device_key, peer.device_id, secret))
             ack["device_secret"] = protocol.seal(key, peer.nonce, worker_nonce,
                                                  peer.device_id, secret)
-        audit.record(self.config, "device_joined" if first_join else "device_connected",
-                     peer.device_id, peer.address)
+        self.note_audit("device_joined" if first_join else "device_connected", peer.device_id,
+                        peer.address)
         self.take_back_fenced(peer.device_id, fenced, now)
         self.note("info", "device_registered", device_id=peer.device_id, address=peer.address,
                   slots=data.get("slots"), active_tasks=len(peer.pushed),
@@ -552,11 +773,14 @@ class Server:
                           device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
-        metrics, availability, active, fenced = data
-        devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
+        metrics, availability, active, fenced, due = data
+        if due:
+            devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
+            tasks.renew_leases(self.database, peer.device_id, active,
+                               now + self.config.lease_duration)
+        else:
+            devices.set_availability(self.database, peer.device_id, availability)
         self.take_back_fenced(peer.device_id, fenced, now)
-        tasks.renew_leases(self.database, peer.device_id, active,
-                           now + self.config.lease_duration)
         replies = [(HEARTBEAT_ACK, {})]
         held = {(row["task_id"], row["attempt"]): row for row in self.database.execute(
             "SELECT %s FROM tasks WHERE device_id = ? AND %s"
@@ -770,6 +994,12 @@ class JoinToken:
             self.token, self.seen = read_secret(self.path), stamp
         return self.token
 
+    def written_at(self):
+        """When the current token was made (seconds since the epoch): the
+        devices registered since joined with it."""
+        self.value()
+        return self.seen / 1e9
+
 
 def fence_settings(config):
     """What a worker needs to stop its own tasks before the main node gives
@@ -794,6 +1024,12 @@ def active_by_device(rows):
     for row in rows:
         held.setdefault(row["device_id"], set()).add((row["task_id"], row["attempt"]))
     return held
+
+
+def profile_of(register_data):
+    """What a register message says about the device: all but the task lists."""
+    return {name: value for name, value in register_data.items()
+            if name not in ("active_tasks", "fenced_tasks")}
 
 
 def task_key(data):

@@ -1,0 +1,66 @@
+"""A rate limit per key, for lines an attacker could otherwise make us write
+without end: log lines about bad peers, audit lines about refused
+connections. Each key (an address and a code, say) gets a burst, then
+`per_minute`; what is held back is counted, and the count goes with the
+next line that is let through (or with held_back(), once the key may speak
+again), so nothing is hidden, only summed."""
+import time
+
+
+class Throttle:
+    def __init__(self, per_minute, burst=None, clock=time.monotonic):
+        self.rate = per_minute / 60.0
+        self.burst = float(max(1, per_minute if burst is None else burst))
+        self.clock = clock
+        self.keys = {}       # key -> [allowance, when it was worked out, held back]
+
+    def allow(self, key):
+        """How many lines of this key were held back since the last one let
+        through (0 or more) when this one may go; None when it is held back."""
+        entry = self.refill(key)
+        if entry[0] >= 1.0:
+            entry[0] -= 1.0
+            held, entry[2] = entry[2], 0
+            return held
+        entry[2] += 1
+        return None
+
+    def held_back(self):
+        """(key, count) for each key whose held-back lines may now be told
+        (one summary line each); keys with nothing to tell and a full
+        allowance are forgotten, so the table stays as small as the attack
+        of the last minute."""
+        told = []
+        for key in list(self.keys):
+            entry = self.refill(key)
+            if entry[2] and entry[0] >= 1.0:
+                entry[0] -= 1.0
+                told.append((key, entry[2]))
+                entry[2] = 0
+            elif not entry[2] and entry[0] >= self.burst:
+                del self.keys[key]
+        return told
+
+    def refill(self, key):
+        now = self.clock()
+        entry = self.keys.get(key)
+        if entry is None:
+            entry = self.keys[key] = [self.burst, now, 0]
+        entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        entry[1] = now
+        return entry
+
+
+class LimitedLog:
+    """A program's log for lines a hostile peer or row could repeat at will:
+    a few a minute per event and key, the next one saying how many were
+    held back (`suppressed`)."""
+
+    def __init__(self, log, per_minute=6):
+        self.log = log
+        self.throttle = Throttle(per_minute)
+
+    def __call__(self, level, event, key, /, **fields):
+        held = self.throttle.allow((event, key))
+        if held is not None:
+            self.log.log(level, event, suppressed=held, **fields)
