@@ -104,3 +104,18 @@ def test_restore_and_backup_refuse_what_they_cannot_use(tmp_path):
         backup.backup(str(tmp_path / "missing.db"), str(tmp_path / "x.db"))
     with pytest.raises(backup.BackupError, match="directory"):
         backup.backup(str(tmp_path / "missing.db"), str(tmp_path))
+
+
+def test_a_secret_left_in_clear_stays_out_of_the_copy(tmp_path):
+    """A database an older version left (a clear devices.secret that no
+    rc-server start has sealed yet) still backs up, without that secret."""
+    source = str(tmp_path / "rc.db")
+    connection = db.open_database(source)
+    connection.execute("INSERT INTO devices(device_id, secret, registered_at, last_seen)"
+                       " VALUES ('pi', 'clear-secret-17', 1, 1)")
+    connection.close()
+    copy = str(tmp_path / "copy.db")
+    backup.backup(source, copy)
+    with open(copy, "rb") as f:
+        assert b"clear-secret-17" not in f.read()
+    assert os.stat(copy).st_mode & 0o077 == 0

@@ -50,7 +50,7 @@ def backup(source_path, target_path, overwrite=False):
     create_private(partial)
     source = db.connect(source_path)
     try:
-        target = sqlite3.connect(partial)
+        target = sqlite3.connect(partial, isolation_level=None)   # autocommit: VACUUM below
         try:
             source.backup(target)           # all pages in one step: one snapshot
             # A single file is easier to carry about than a WAL database.
