@@ -49,9 +49,14 @@ TASK_CANCEL = "task_cancel"
 ERROR = "error"
 CONTROL = "control"
 CONTROL_ACK = "control_ack"
+PING = "ping"
+PONG = "pong"
+LEASE_CHECK = "lease_check"
+LEASE_CHECK_ACK = "lease_check_ack"
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
-                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK)
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
 INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot

@@ -200,7 +200,7 @@ def device_metrics(device):
 
 
 def device_status(device):
-    """online, offline, and why it takes nothing new: online,drained,paused."""
+    """online, offline, and why it takes nothing new: online,drained,paused,suspect."""
     words = [device["status"]]
     if device.get("forgotten"):
         words.append("forgotten")
@@ -208,6 +208,8 @@ def device_status(device):
         words.append("drained")
     if device.get("available") is False and not device.get("forgotten"):
         words.append("paused")
+    if device.get("suspect"):
+        words.append("suspect")       # connected, but answers nothing: gets no new work
     return ",".join(words)
 
 

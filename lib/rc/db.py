@@ -241,6 +241,12 @@ MIGRATIONS = [
     """
     CREATE INDEX devices_revoked ON devices(connected) WHERE revoked = 1;
     """,
+    # 5: when rc-server last found a connected device unresponsive (it answered
+    # no ping and took no assignment in time); NULL while it answers. The
+    # scheduler gives a suspect device nothing (lib/rc/server.py, Liveness).
+    """
+    ALTER TABLE devices ADD COLUMN suspect_since REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

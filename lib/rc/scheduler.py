@@ -39,7 +39,9 @@ DEVICE_QUERY = (
     " coalesce(json_extract(metrics, '$.cpu_percent'), 50.0) AS cpu_busy,"
     " coalesce(json_extract(profile, '$.hardware_specs.cpu_speed'), 0.0) AS speed"
     " FROM devices WHERE status = ? AND connected = 1 AND available = 1"
-    " AND drained = 0 AND forgotten = 0")
+    " AND drained = 0 AND forgotten = 0"
+    # A device that answers nothing (rc-server's Liveness) gets nothing new.
+    " AND suspect_since IS NULL")
 
 
 class Turnover:
