@@ -92,6 +92,10 @@ BACKOFF_MAX = 30.0              # seconds, the longest wait between reconnects
 CONNECT_TIMEOUT = 10.0          # seconds a TCP connect may take
 AUTH_TIMEOUT = 15.0             # seconds from connected to register_ack (the server allows 10)
 SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link is presumed dead
+FREEZE_THRESHOLD = 2.0          # seconds the loop may lose (SIGSTOP, a suspend) before it counts
+                                # as a freeze: then no task it holds starts unconfirmed
+FREEZE_CHECK = 1.0              # seconds, the longest wait of the loop on a connection, so
+                                # that a freeze is measured before a frame that waited it out
 OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
 DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
@@ -2378,6 +2382,13 @@ class Worker(object):
         self.queue_wait = None         # from register_ack: longest wait in self.queued
         self.last_contact = None       # the last frame on a registered connection
         self.lost_at = None            # when the connection was lost, until registered again
+        # Leases in doubt (see enter_doubt). Times are on contact_clock().
+        self.assignment_lease = None   # from register_ack: how long a task not started stays ours
+        self.awake_at = contact_clock()    # when the loop last looked at the clock
+        self.doubt = None              # why our tasks may have been given away, until answered
+        self.unconfirmed = set()       # (task_id, attempt) that may not start until then
+        self.checking = False          # a lease_check awaits its answer on this connection
+        self.check_again = False       # ... and doubt arose again since it was sent
         # The connection to the main node.
         self.sock = None
         self.state = DISCONNECTED
@@ -2413,9 +2424,11 @@ class Worker(object):
         return self.exit_status or 0
 
     def turn(self):
-        events = self.selector.select(self.select_timeout())
+        timeout = self.select_timeout()
+        events = self.selector.select(timeout)
         # Before any frame is read or result sent: after a freeze (SIGSTOP, a
         # suspended laptop) the main node may have given our tasks to another device.
+        self.notice_freeze(timeout)
         self.check_fence()
         for key, mask in events:
             key.data(mask)
@@ -2438,9 +2451,10 @@ class Worker(object):
             times.append(now + fence_in)
         times = [t for t in times if t is not None]
         # A child's exit normally wakes us through SIGCHLD; polling each second
-        # covers a platform where that signal does not arrive.
-        longest = 1.0 if self.running else 60.0
-        if self.queued and len(self.running) < self.options.slots:
+        # covers a platform where that signal does not arrive. On a connection
+        # the loop wakes each FREEZE_CHECK too (see notice_freeze).
+        longest = FREEZE_CHECK if self.running or self.sock is not None else 60.0
+        if self.startable() and len(self.running) < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
 
@@ -2511,6 +2525,91 @@ class Worker(object):
             self.fenced.add(task.key)
         self.running.clear()
         self.queued.clear()
+
+    # -- leases in doubt: ask before starting what may have been given away -------
+    # A worker frozen with its connection open (SIGSTOP, a closed lid, Android's
+    # freezer) may wake to task_assign frames that waited out the freeze in its
+    # socket, for attempts the main node has since given to another device.
+    # After a freeze, or a silence longer than an unstarted task's lease, none
+    # of the tasks it holds or receives starts until a lease_check_ack says
+    # which are still its own; running ones the answer disowns are killed.
+    # (Running ones whose lease ran out are fenced already: check_fence.)
+
+    def notice_freeze(self, slept):
+        """Time lost beyond what the loop meant to sleep is a freeze."""
+        now = contact_clock()
+        lost = now - self.awake_at - slept
+        self.awake_at = now
+        if lost > FREEZE_THRESHOLD:
+            self.enter_doubt("frozen for %.1f s" % lost)
+
+    def check_silence(self):
+        """A task waiting for a slot may go elsewhere once the main node has
+        heard nothing from us for assignment_lease; we hear it as silence."""
+        if self.assignment_lease is None or self.last_contact is None:
+            return
+        silence = contact_clock() - self.last_contact
+        if silence > self.assignment_lease and self.startable():
+            self.enter_doubt("nothing from the main node for %.1f s" % silence)
+
+    def enter_doubt(self, reason):
+        self.unconfirmed.update(self.queued)
+        if self.doubt is None:
+            log("warning", "leases_in_doubt", device_id=self.device_id, reason=reason,
+                queued=len(self.queued), running=len(self.running))
+        self.doubt = reason
+        self.send_lease_check()
+
+    def send_lease_check(self):
+        """Ask which attempts are still ours; a registered connection only
+        (on_register_ack asks again for a new one)."""
+        if self.state != READY:
+            return
+        if self.checking:             # the answer on its way may be stale by now
+            self.check_again = True
+            return
+        self.checking, self.check_again = True, False
+        self.send(LEASE_CHECK, {"tasks": [{"task_id": key[0], "attempt": key[1]}
+                                          for key in sorted(set(self.queued) | set(self.running))]})
+
+    def on_lease_check_ack(self, data):
+        if not self.checking:
+            return
+        self.checking = False
+        ours = set()
+        for item in data.get("active_tasks") or ():
+            if isinstance(item, dict) and is_int(item.get("task_id")) and is_int(item.get("attempt")):
+                ours.add((item["task_id"], item["attempt"]))
+        given_away = [task for key, task in self.queued.items()
+                      if key in self.unconfirmed and key not in ours]
+        given_away += [task for key, task in self.running.items() if key not in ours]
+        for task in given_away:
+            self.queued.pop(task.key, None)
+            self.running.pop(task.key, None)
+            self.drop(task, "task_given_away", "the main node gave it to another device"
+                      " while %s" % self.doubt)
+        if self.check_again:          # frozen again since asking: ask again
+            self.send_lease_check()
+            return
+        log("info", "leases_confirmed", device_id=self.device_id, given_away=len(given_away),
+            kept=len(self.unconfirmed & set(self.queued)) + len(self.running))
+        self.unconfirmed.clear()
+        self.doubt = None
+
+    def no_lease_check(self):
+        """A main node older than lease_check: hand back what is in doubt
+        (it requeues those still ours, uncharged) rather than guess."""
+        self.checking = self.check_again = False
+        for key in [key for key in self.queued if key in self.unconfirmed]:
+            self.hand_back(self.queued[key], "in doubt after being %s" % self.doubt)
+        self.unconfirmed.clear()
+        self.doubt = None
+
+    def startable(self):
+        return [key for key in self.queued if key not in self.unconfirmed]
+
+    def on_ping(self, data):
+        self.send(PONG, {})
 
     def drop(self, task, event, reason):
         """End a task without a result: kill what it runs, and log it."""
@@ -2691,6 +2790,7 @@ class Worker(object):
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
+        self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
             self.lost_at = contact_clock()
         delay = self.backoff * jitter()
@@ -2720,6 +2820,7 @@ class Worker(object):
                 break
         # Frames that waited out a freeze that began after turn() looked at
         # the clock must not count as contact before the fence is checked.
+        self.notice_freeze(0.0)
         self.check_fence()
         self.last_heard = time.monotonic()
         contact = contact_clock()
@@ -2812,6 +2913,8 @@ class Worker(object):
             self.give_up(code, REFUSED_FOR_GOOD[code] % {
                 "id": self.device_id, "path": self.identity.path(self.cluster_id)
                 or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
+        elif code == "unknown_message" and self.checking and LEASE_CHECK in str(message):
+            self.no_lease_check()
         elif code == "stale_result":
             log("info", "stale_result", task_id=data.get("task_id"),
                 attempt=data.get("attempt"), message=message)
@@ -2859,6 +2962,7 @@ class Worker(object):
         self.fence_interval = positive_or_none(data.get("fence_interval"))
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
         self.queue_wait = positive_or_none(data.get("queue_wait"))
+        self.assignment_lease = positive_or_none(data.get("assignment_lease"))
         self.last_contact = contact_clock()
         self.lost_at = None
         self.fenced_known()
@@ -2872,6 +2976,8 @@ class Worker(object):
         for result in self.unacked.values():
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
+        if self.doubt is not None:
+            self.send_lease_check()
 
     def keep_secret(self, sealed):
         """The secret the main node made for us on a join with the token."""
@@ -2925,6 +3031,8 @@ class Worker(object):
             self.hand_back(task)      # assigned before our last heartbeat arrived
             return
         self.queued[key] = task
+        if self.doubt is not None:    # it may have waited out the freeze in our socket
+            self.unconfirmed.add(key)
 
     def on_task_cancel(self, data):
         key = (data.get("task_id"), data.get("attempt"))
@@ -3072,20 +3180,26 @@ class Worker(object):
 
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
-                CONTROL: on_control}
+                CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack}
 
     # -- tasks ---------------------------------------------------------------------
 
     def start_queued(self):
+        # Before every start, not only once a turn: a freeze or a silence may
+        # have put what we hold in doubt (see enter_doubt).
+        self.notice_freeze(0.0)
+        self.check_silence()
         # Instant tasks take no slot: they are done before the next line runs.
-        for key in [key for key, task in self.queued.items()
-                    if task.task_type in INSTANT_TASK_TYPES]:
+        for key in [key for key in self.startable()
+                    if self.queued[key].task_type in INSTANT_TASK_TYPES]:
             self.start_task(key, self.queued.pop(key))
         if not self.availability.available:
             for task in list(self.queued.values()):
                 self.hand_back(task)
-        while self.queued and len(self.running) < self.options.slots:
-            self.start_task(*self.queued.popitem(last=False))
+        for key in self.startable():
+            if len(self.running) >= self.options.slots:
+                break
+            self.start_task(key, self.queued.pop(key))
 
     def start_task(self, key, task):
         self.running[key] = task

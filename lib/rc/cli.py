@@ -950,9 +950,11 @@ def cmd_join(arguments, context):
     address = lan_address()
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
-    pin = " --fingerprint %s" % tls.fingerprint(config) if config.tls else ""
-    start = "python3 worker.py --join %s:%d --token %s%s" % (
-        address, config.tcp_port, shlex.quote(token), pin)
+    pin = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    # --token=VALUE: a token from before may begin with "-", which a parser
+    # would take for an option after a bare --token.
+    start = "python3 worker.py --join %s:%d %s%s" % (
+        address, config.tcp_port, shlex.quote("--token=" + token), pin)
     context.out.write(start + "\n")
     context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
     context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"
