@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_all_finished, wait_for
-from rc import db, tasks
+from rc import cli, db, devices, explain, reaper, scheduler, tasks
+from test_scheduler_reaper import LOG, add_device, store  # noqa: F401 (store is a fixture)
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
 
 pytestmark = pytest.mark.e2e
@@ -85,6 +86,41 @@ def worker_events(cluster, device_id, event):
             if isinstance(record, dict) and record.get("event") == event:
                 found.append(record)
     return found
+
+
+# -- the programs that read the suspect mark ------------------------------------------
+
+def test_a_suspect_device_gets_nothing_and_says_why(store):
+    config, connection = store
+    add_device(connection, "ice", slots=4)
+    add_device(connection, "pi", slots=4)
+    with db.write(connection):
+        devices.mark_suspect(connection, "ice", 1000.0)
+    ids = [tasks.submit(connection, config, "shell", {"command": str(n)}) for n in range(3)]
+    pinned = tasks.submit(connection, config, "shell", {"command": "x"},
+                          requirements={"device_id": "ice"})
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 3
+    assert {tasks.get(connection, i)["device_id"] for i in ids} == {"pi"}
+    assert tasks.get(connection, pinned)["state"] == "queued"
+    assert "ice (suspect for " in explain.why(connection, pinned, now=1010.0)
+    assert cli.device_status(devices.get(connection, "ice")) == "online,suspect"
+    with db.write(connection):
+        assert devices.clear_suspect(connection, "ice")
+    assert scheduler.schedule(connection, 2000.0, LOG, config) == 1
+
+
+def test_the_reaper_hands_back_at_once_what_a_suspect_device_was_just_given(store):
+    # The scheduler chose it before rc-server's mark committed.
+    config, connection = store
+    add_device(connection, "ice")
+    task_id = tasks.submit(connection, config, "shell", {"command": "x"})
+    assert scheduler.schedule(connection, 1001.0, LOG, config) == 1
+    with db.write(connection):
+        devices.mark_suspect(connection, "ice", 1001.5)
+    reaper.sweep(connection, config, LOG, 1002.0)      # long before accept_timeout
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"], task["not_before"]) == ("queued", 2, 1002.0)
+    assert task["retries_used"] == 0 and task["device_losses"] == 0
 
 
 # -- rc-server alone, a hand-driven client ------------------------------------------

@@ -61,6 +61,10 @@ def why_queued(connection, task, now):
                 refusals.setdefault(reason, []).append(device["device_id"])
         else:
             fitting.append(device)
+    held_back = [d for d in paused if not unmet(task, d)]
+    if not fitting and held_back:
+        return "the devices that fit take nothing new now: %s." % "; ".join(
+            "%s (%s)" % (d["device_id"], unavailable_reason(d, now)) for d in held_back)
     if not fitting:
         return "none of the %d online devices fits: %s." % (len(online), "; ".join(
             "%s (%s)" % (reason, count_of(names, "device"))
