@@ -2381,6 +2381,10 @@ class Worker(object):
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
         self.last_contact = None       # the last frame on a registered connection
+        # The last answer that renewed our running leases (register_ack,
+        # heartbeat_ack, lease_check_ack): other frames (a ping, an
+        # assignment) say the main node is there, not that our leases are.
+        self.last_renewal = None
         self.lost_at = None            # when the connection was lost, until registered again
         # Leases in doubt (see enter_doubt). Times are on contact_clock().
         self.assignment_lease = None   # from register_ack: how long a task not started stays ours
@@ -2503,8 +2507,8 @@ class Worker(object):
         if not (self.running or self.queued):
             return None
         limits = []
-        if self.fence_interval and self.last_contact is not None:
-            limits.append(self.last_contact + self.fence_interval)
+        if self.fence_interval and self.last_renewal is not None:
+            limits.append(self.last_renewal + self.fence_interval)
         if self.disconnect_fence and self.lost_at is not None:
             limits.append(self.lost_at + self.disconnect_fence)
         return min(limits) - contact_clock() if limits else None
@@ -2518,7 +2522,7 @@ class Worker(object):
                 and now - self.lost_at >= self.disconnect_fence:
             reason = "disconnected for %.1f s" % (now - self.lost_at)
         else:
-            reason = "nothing from the main node for %.1f s" % (now - self.last_contact)
+            reason = "no lease renewed by the main node for %.1f s" % (now - self.last_renewal)
         # No task_result: the main node requeues these attempts on its own.
         for task in list(self.running.values()) + list(self.queued.values()):
             self.drop(task, "task_fenced", reason)
@@ -2576,6 +2580,7 @@ class Worker(object):
         if not self.checking:
             return
         self.checking = False
+        self.last_renewal = self.last_contact      # it renewed the running ones it confirms
         ours = set()
         for item in data.get("active_tasks") or ():
             if isinstance(item, dict) and is_int(item.get("task_id")) and is_int(item.get("attempt")):
@@ -2963,7 +2968,7 @@ class Worker(object):
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
         self.queue_wait = positive_or_none(data.get("queue_wait"))
         self.assignment_lease = positive_or_none(data.get("assignment_lease"))
-        self.last_contact = contact_clock()
+        self.last_contact = self.last_renewal = contact_clock()
         self.lost_at = None
         self.fenced_known()
         self.state = READY
@@ -3051,7 +3056,9 @@ class Worker(object):
 
     def on_heartbeat_ack(self, data):
         # Hearing it is the point (see silence_limit); it also means the
-        # heartbeat, and the fenced tasks it listed, are on record.
+        # heartbeat, and the fenced tasks it listed, are on record, and the
+        # leases of the tasks it listed renewed.
+        self.last_renewal = self.last_contact
         self.fenced_known()
 
     def tell_fenced(self):
