@@ -3495,7 +3495,8 @@ def parse_args(argv=None, reloading=False, read_token=True):
                         " (e.g. {\"min_battery\": 30}); the command line wins")
     parser.add_argument("--join", metavar="HOST[:PORT]", type=join_address,
                         help="the main node (port %d by default)" % DEFAULT_PORT)
-    parser.add_argument("--token", help="the join token (`rc token` on the main node)")
+    parser.add_argument("--token", help="the join token (`rc token` on the main node);"
+                        " write --token=TOKEN for one that begins with -")
     parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")

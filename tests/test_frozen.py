@@ -331,6 +331,19 @@ def test_a_task_running_through_a_freeze_is_stopped_on_waking(cluster, effects, 
     stop(cluster, "spare")
 
 
+def test_the_worker_takes_a_token_beginning_with_a_dash_every_safe_way(tmp_path, monkeypatch):
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    token = "-Dgi7kQ_x"
+    assert worker.parse_args(["--join", "h", "--token=" + token]).token == token
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    assert worker.parse_args(["--join", "h", "--token-file", str(path)]).token == token
+    monkeypatch.setenv("RC_TOKEN", token)
+    assert worker.parse_args(["--join", "h"]).token == token
+    assert "RC_TOKEN" not in os.environ          # tasks must not inherit it
+
+
 def test_the_join_line_works_for_a_token_beginning_with_a_dash(cluster, tmp_path):
     with open(cluster.config.token_path, "w") as f:     # as an older install made them
         f.write("-Dgi7kQ_x-token-from-before\n")
