@@ -93,9 +93,8 @@ CONNECT_TIMEOUT = 10.0          # seconds a TCP connect may take
 AUTH_TIMEOUT = 15.0             # seconds from connected to register_ack (the server allows 10)
 SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link is presumed dead
 FREEZE_THRESHOLD = 2.0          # seconds the loop may lose (SIGSTOP, a suspend) before it counts
-                                # as a freeze: then no task it holds starts unconfirmed
-FREEZE_CHECK = 1.0              # seconds, the longest wait of the loop on a connection, so
-                                # that a freeze is measured before a frame that waited it out
+                                # as a freeze: then no task it holds starts unconfirmed. Less
+                                # with a short assignment_lease (see freeze_threshold)
 OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
 DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
@@ -279,6 +278,14 @@ def is_number(value):
 
 def positive_or_none(value):
     return float(value) if is_number(value) and value > 0 else None
+
+
+def task_keys(items):
+    """A list of {"task_id", "attempt"} from the main node as a set of pairs;
+    anything else in it is left out."""
+    return {(item["task_id"], item["attempt"]) for item in
+            (items if isinstance(items, list) else ()) if isinstance(item, dict)
+            and is_int(item.get("task_id")) and is_int(item.get("attempt"))}
 
 
 def jitter():
@@ -2456,8 +2463,9 @@ class Worker(object):
         times = [t for t in times if t is not None]
         # A child's exit normally wakes us through SIGCHLD; polling each second
         # covers a platform where that signal does not arrive. On a connection
-        # the loop wakes each FREEZE_CHECK too (see notice_freeze).
-        longest = FREEZE_CHECK if self.running or self.sock is not None else 60.0
+        # the loop wakes often enough to measure a freeze (see notice_freeze).
+        longest = 60.0 if self.sock is None else self.freeze_threshold() / 2
+        longest = min(longest, 1.0) if self.running else longest
         if self.startable() and len(self.running) < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
@@ -2540,12 +2548,21 @@ class Worker(object):
     # (Running ones whose lease ran out are fenced already: check_fence.)
 
     def notice_freeze(self, slept):
-        """Time lost beyond what the loop meant to sleep is a freeze."""
+        """Time lost beyond what the loop meant to sleep is a freeze. A freeze
+        that began as the loop went to sleep shows shorter by that sleep, at
+        most half the threshold: one of 1.5 thresholds is always seen."""
         now = contact_clock()
         lost = now - self.awake_at - slept
         self.awake_at = now
-        if lost > FREEZE_THRESHOLD:
+        if lost > self.freeze_threshold():
             self.enter_doubt("frozen for %.1f s" % lost)
+
+    def freeze_threshold(self):
+        """Well inside the time after which the main node hands back a task
+        we have not started (assignment_lease), which may be short."""
+        if self.assignment_lease:
+            return min(FREEZE_THRESHOLD, self.assignment_lease / 4)
+        return FREEZE_THRESHOLD
 
     def check_silence(self):
         """A task waiting for a slot may go elsewhere once the main node has
@@ -2573,18 +2590,16 @@ class Worker(object):
             self.check_again = True
             return
         self.checking, self.check_again = True, False
+        held = sorted(set(self.queued) | set(self.running))
         self.send(LEASE_CHECK, {"tasks": [{"task_id": key[0], "attempt": key[1]}
-                                          for key in sorted(set(self.queued) | set(self.running))]})
+                                          for key in held]})
 
     def on_lease_check_ack(self, data):
         if not self.checking:
             return
         self.checking = False
         self.last_renewal = self.last_contact      # it renewed the running ones it confirms
-        ours = set()
-        for item in data.get("active_tasks") or ():
-            if isinstance(item, dict) and is_int(item.get("task_id")) and is_int(item.get("attempt")):
-                ours.add((item["task_id"], item["attempt"]))
+        ours = task_keys(data.get("active_tasks"))
         given_away = [task for key, task in self.queued.items()
                       if key in self.unconfirmed and key not in ours]
         given_away += [task for key, task in self.running.items() if key not in ours]

@@ -17,6 +17,7 @@ from cluster_harness import WORKER, Cluster, online, wait_all_finished, wait_for
 from rc import cli, db, devices, explain, reaper, scheduler, tasks
 from test_scheduler_reaper import LOG, add_device, store  # noqa: F401 (store is a fixture)
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
+from test_worker import detailed, main, registered, spawn  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.e2e
 
@@ -219,6 +220,48 @@ def test_lease_check_answers_which_attempts_are_still_the_device_s(server):
     client.send("lease_check", {"tasks": "all of them"})
     assert next_of(client, "error")["data"]["code"] == "bad_request"
     connection.close()
+
+
+# -- the worker alone, against a hand-driven main node ------------------------------
+
+def frozen_while_assigned(worker, link, *task_ids):
+    """Freeze the worker past FREEZE_THRESHOLD while assignments wait in its socket."""
+    link.pump(0.3)
+    worker.proc.send_signal(signal.SIGSTOP)
+    for task_id in task_ids:
+        link.assign(task_id, "shell", {"command": "echo %d" % task_id})
+    time.sleep(2.5)
+    worker.proc.send_signal(signal.SIGCONT)
+    return [f for f in link.pump(1.0) if f["message_type"] not in ("heartbeat", "pong")]
+
+
+@detailed
+def test_a_woken_worker_asks_before_it_starts_what_waited_out_the_freeze(main, spawn, python):
+    worker, link = registered(main, spawn, python, assignment_lease=2.0)
+    frames = frozen_while_assigned(worker, link, 1, 2)
+    # It asked, and started nothing while the question was out.
+    assert [f["message_type"] for f in frames] == ["lease_check"]
+    link.send("lease_check_ack", {"active_tasks": [{"task_id": 1, "attempt": 1}]})
+    frames = link.pump(2.0, until=lambda: worker.events("task_given_away"))
+    frames += link.pump(1.0)
+    results = [f["data"] for f in frames if f["message_type"] == "task_result"]
+    assert [(r["task_id"], r["status"]) for r in results] == [(1, "completed")]
+    assert [e["task_id"] for e in worker.events("task_given_away")] == [2]
+    assert worker.events("leases_in_doubt") and worker.events("leases_confirmed")
+    # The doubt is over: the next assignment runs without a question.
+    assert link.run("echo", {"message": "after"}, task_id=3)["status"] == "completed"
+
+
+@detailed
+def test_a_main_node_without_lease_check_gets_what_was_in_doubt_back(main, spawn, python):
+    worker, link = registered(main, spawn, python, assignment_lease=2.0)
+    frames = frozen_while_assigned(worker, link, 1, 2)
+    assert [f["message_type"] for f in frames] == ["lease_check"]
+    link.send("error", {"code": "unknown_message",
+                        "message": "unknown message type 'lease_check'"})
+    results = link.results(2)
+    assert {results[i]["status"] for i in (1, 2)} == {"handed_back"}
+    assert not link.accepted
 
 
 # -- a whole cluster -------------------------------------------------------------------

@@ -22,7 +22,8 @@ def why(connection, task_id, now=None):
         device = devices.get(connection, task["device_id"]) or {}
         if device.get("suspect"):
             return ("Task %d is assigned to %s, which is suspect (it answered nothing);"
-                    " it goes back to the queue at once, uncharged." % (task_id, task["device_id"]))
+                    " it goes back to the queue at once, uncharged."
+                    % (task_id, task["device_id"]))
         return ("Task %d is assigned to %s and waits for it to start (lease until %s)."
                 % (task_id, task["device_id"], clock(task["lease_expires"])))
     if task["state"] == RUNNING:
