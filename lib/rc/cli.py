@@ -288,7 +288,7 @@ def detail_pairs(record, now):
     simple = [(k, v) for k, v in record.items() if not isinstance(v, dict)]
     nested = [(k, v) for k, v in record.items() if isinstance(v, dict) and v]
     for key, value in simple:
-        is_time = key.endswith("_at") or key in ("last_seen", "not_before")
+        is_time = key.endswith("_at") or key in ("last_seen", "not_before", "suspect_since")
         yield key, when(value, now) if is_time and value else value
     for key, value in nested:
         yield from flatten(value, key)
