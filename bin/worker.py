@@ -2570,7 +2570,7 @@ class Worker(object):
         if self.assignment_lease is None or self.last_contact is None:
             return
         silence = contact_clock() - self.last_contact
-        if silence > self.assignment_lease and self.startable():
+        if self.doubt is None and self.queued and silence > self.assignment_lease:
             self.enter_doubt("nothing from the main node for %.1f s" % silence)
 
     def enter_doubt(self, reason):
@@ -3207,21 +3207,25 @@ class Worker(object):
     # -- tasks ---------------------------------------------------------------------
 
     def start_queued(self):
-        # Before every start, not only once a turn: a freeze or a silence may
-        # have put what we hold in doubt (see enter_doubt).
-        self.notice_freeze(0.0)
-        self.check_silence()
         # Instant tasks take no slot: they are done before the next line runs.
-        for key in [key for key in self.startable()
-                    if self.queued[key].task_type in INSTANT_TASK_TYPES]:
-            self.start_task(key, self.queued.pop(key))
+        self.start_ready(instant=True)
         if not self.availability.available:
             for task in list(self.queued.values()):
                 self.hand_back(task)
+        self.start_ready(instant=False)
+
+    def start_ready(self, instant):
         for key in self.startable():
-            if len(self.running) >= self.options.slots:
+            if (self.queued[key].task_type in INSTANT_TASK_TYPES) != instant:
+                continue
+            if not instant and len(self.running) >= self.options.slots:
                 break
-            self.start_task(key, self.queued.pop(key))
+            # Before every start, not only once a turn: a freeze or a silence
+            # may have put what we hold in doubt (see enter_doubt).
+            self.notice_freeze(0.0)
+            self.check_silence()
+            if key not in self.unconfirmed:
+                self.start_task(key, self.queued.pop(key))
 
     def start_task(self, key, task):
         self.running[key] = task
