@@ -49,9 +49,14 @@ TASK_CANCEL = "task_cancel"
 ERROR = "error"
 CONTROL = "control"
 CONTROL_ACK = "control_ack"
+PING = "ping"
+PONG = "pong"
+LEASE_CHECK = "lease_check"
+LEASE_CHECK_ACK = "lease_check_ack"
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
-                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK)
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
 INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot
@@ -87,6 +92,9 @@ BACKOFF_MAX = 30.0              # seconds, the longest wait between reconnects
 CONNECT_TIMEOUT = 10.0          # seconds a TCP connect may take
 AUTH_TIMEOUT = 15.0             # seconds from connected to register_ack (the server allows 10)
 SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link is presumed dead
+FREEZE_THRESHOLD = 2.0          # seconds the loop may lose (SIGSTOP, a suspend) before it counts
+                                # as a freeze: then no task it holds starts unconfirmed. Less
+                                # with a short assignment_lease (see freeze_threshold)
 OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
 DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
@@ -270,6 +278,14 @@ def is_number(value):
 
 def positive_or_none(value):
     return float(value) if is_number(value) and value > 0 else None
+
+
+def task_keys(items):
+    """A list of {"task_id", "attempt"} from the main node as a set of pairs;
+    anything else in it is left out."""
+    return {(item["task_id"], item["attempt"]) for item in
+            (items if isinstance(items, list) else ()) if isinstance(item, dict)
+            and is_int(item.get("task_id")) and is_int(item.get("attempt"))}
 
 
 def jitter():
@@ -2372,7 +2388,18 @@ class Worker(object):
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
         self.last_contact = None       # the last frame on a registered connection
+        # The last answer that renewed our running leases (register_ack,
+        # heartbeat_ack, lease_check_ack): other frames (a ping, an
+        # assignment) say the main node is there, not that our leases are.
+        self.last_renewal = None
         self.lost_at = None            # when the connection was lost, until registered again
+        # Leases in doubt (see enter_doubt). Times are on contact_clock().
+        self.assignment_lease = None   # from register_ack: how long a task not started stays ours
+        self.awake_at = contact_clock()    # when the loop last looked at the clock
+        self.doubt = None              # why our tasks may have been given away, until answered
+        self.unconfirmed = set()       # (task_id, attempt) that may not start until then
+        self.checking = False          # a lease_check awaits its answer on this connection
+        self.check_again = False       # ... and doubt arose again since it was sent
         # The connection to the main node.
         self.sock = None
         self.state = DISCONNECTED
@@ -2408,9 +2435,11 @@ class Worker(object):
         return self.exit_status or 0
 
     def turn(self):
-        events = self.selector.select(self.select_timeout())
+        timeout = self.select_timeout()
+        events = self.selector.select(timeout)
         # Before any frame is read or result sent: after a freeze (SIGSTOP, a
         # suspended laptop) the main node may have given our tasks to another device.
+        self.notice_freeze(timeout)
         self.check_fence()
         for key, mask in events:
             key.data(mask)
@@ -2433,9 +2462,11 @@ class Worker(object):
             times.append(now + fence_in)
         times = [t for t in times if t is not None]
         # A child's exit normally wakes us through SIGCHLD; polling each second
-        # covers a platform where that signal does not arrive.
-        longest = 1.0 if self.running else 60.0
-        if self.queued and len(self.running) < self.options.slots:
+        # covers a platform where that signal does not arrive. On a connection
+        # the loop wakes often enough to measure a freeze (see notice_freeze).
+        longest = 60.0 if self.sock is None else self.freeze_threshold() / 2
+        longest = min(longest, 1.0) if self.running else longest
+        if self.startable() and len(self.running) < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
 
@@ -2484,8 +2515,8 @@ class Worker(object):
         if not (self.running or self.queued):
             return None
         limits = []
-        if self.fence_interval and self.last_contact is not None:
-            limits.append(self.last_contact + self.fence_interval)
+        if self.fence_interval and self.last_renewal is not None:
+            limits.append(self.last_renewal + self.fence_interval)
         if self.disconnect_fence and self.lost_at is not None:
             limits.append(self.lost_at + self.disconnect_fence)
         return min(limits) - contact_clock() if limits else None
@@ -2499,13 +2530,106 @@ class Worker(object):
                 and now - self.lost_at >= self.disconnect_fence:
             reason = "disconnected for %.1f s" % (now - self.lost_at)
         else:
-            reason = "nothing from the main node for %.1f s" % (now - self.last_contact)
+            reason = "no lease renewed by the main node for %.1f s" % (now - self.last_renewal)
         # No task_result: the main node requeues these attempts on its own.
         for task in list(self.running.values()) + list(self.queued.values()):
             self.drop(task, "task_fenced", reason)
             self.fenced.add(task.key)
         self.running.clear()
         self.queued.clear()
+
+    # -- leases in doubt: ask before starting what may have been given away -------
+    # A worker frozen with its connection open (SIGSTOP, a closed lid, Android's
+    # freezer) may wake to task_assign frames that waited out the freeze in its
+    # socket, for attempts the main node has since given to another device.
+    # After a freeze, or a silence longer than an unstarted task's lease, none
+    # of the tasks it holds or receives starts until a lease_check_ack says
+    # which are still its own; running ones the answer disowns are killed.
+    # (Running ones whose lease ran out are fenced already: check_fence.)
+
+    def notice_freeze(self, slept):
+        """Time lost beyond what the loop meant to sleep is a freeze. A freeze
+        that began as the loop went to sleep shows shorter by that sleep, at
+        most half the threshold: one of 1.5 thresholds is always seen."""
+        now = contact_clock()
+        lost = now - self.awake_at - slept
+        self.awake_at = now
+        if lost > self.freeze_threshold():
+            self.enter_doubt("frozen for %.1f s" % lost)
+
+    def freeze_threshold(self):
+        """Well inside the time after which the main node hands back a task
+        we have not started (assignment_lease), which may be short."""
+        if self.assignment_lease:
+            return min(FREEZE_THRESHOLD, self.assignment_lease / 4)
+        return FREEZE_THRESHOLD
+
+    def check_silence(self):
+        """A task waiting for a slot may go elsewhere once the main node has
+        heard nothing from us for assignment_lease; we hear it as silence."""
+        if self.assignment_lease is None or self.last_contact is None:
+            return
+        silence = contact_clock() - self.last_contact
+        if self.doubt is None and self.queued and silence > self.assignment_lease:
+            self.enter_doubt("nothing from the main node for %.1f s" % silence)
+
+    def enter_doubt(self, reason):
+        self.unconfirmed.update(self.queued)
+        if self.doubt is None:
+            log("warning", "leases_in_doubt", device_id=self.device_id, reason=reason,
+                queued=len(self.queued), running=len(self.running))
+        self.doubt = reason
+        self.send_lease_check()
+
+    def send_lease_check(self):
+        """Ask which attempts are still ours; a registered connection only
+        (on_register_ack asks again for a new one)."""
+        if self.state != READY:
+            return
+        if self.checking:             # the answer on its way may be stale by now
+            self.check_again = True
+            return
+        self.checking, self.check_again = True, False
+        held = sorted(set(self.queued) | set(self.running))
+        self.send(LEASE_CHECK, {"tasks": [{"task_id": key[0], "attempt": key[1]}
+                                          for key in held]})
+
+    def on_lease_check_ack(self, data):
+        if not self.checking:
+            return
+        self.checking = False
+        self.last_renewal = self.last_contact      # it renewed the running ones it confirms
+        ours = task_keys(data.get("active_tasks"))
+        given_away = [task for key, task in self.queued.items()
+                      if key in self.unconfirmed and key not in ours]
+        given_away += [task for key, task in self.running.items() if key not in ours]
+        for task in given_away:
+            self.queued.pop(task.key, None)
+            self.running.pop(task.key, None)
+            self.drop(task, "task_given_away", "the main node gave it to another device"
+                      " while %s" % self.doubt)
+        if self.check_again:          # frozen again since asking: ask again
+            self.send_lease_check()
+            return
+        log("info", "leases_confirmed", device_id=self.device_id, given_away=len(given_away),
+            kept=len(self.unconfirmed & set(self.queued)) + len(self.running))
+        self.unconfirmed.clear()
+        self.doubt = None
+
+    def no_lease_check(self):
+        """A main node older than lease_check: hand back what is in doubt
+        (it requeues those still ours, uncharged) rather than guess."""
+        self.checking = self.check_again = False
+        for key in [key for key in self.queued if key in self.unconfirmed]:
+            self.hand_back(self.queued[key], "in doubt after being %s" % self.doubt)
+        self.unconfirmed.clear()
+        self.doubt = None
+
+    def startable(self):
+        return [key for key in self.queued if key not in self.unconfirmed]
+
+    def on_ping(self, data):
+        self.send(PONG, {})
 
     def drop(self, task, event, reason):
         """End a task without a result: kill what it runs, and log it."""
@@ -2686,6 +2810,7 @@ class Worker(object):
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
+        self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
             self.lost_at = contact_clock()
         delay = self.backoff * jitter()
@@ -2715,6 +2840,7 @@ class Worker(object):
                 break
         # Frames that waited out a freeze that began after turn() looked at
         # the clock must not count as contact before the fence is checked.
+        self.notice_freeze(0.0)
         self.check_fence()
         self.last_heard = time.monotonic()
         contact = contact_clock()
@@ -2807,6 +2933,8 @@ class Worker(object):
             self.give_up(code, REFUSED_FOR_GOOD[code] % {
                 "id": self.device_id, "path": self.identity.path(self.cluster_id)
                 or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
+        elif code == "unknown_message" and self.checking and LEASE_CHECK in str(message):
+            self.no_lease_check()
         elif code == "stale_result":
             log("info", "stale_result", task_id=data.get("task_id"),
                 attempt=data.get("attempt"), message=message)
@@ -2854,7 +2982,8 @@ class Worker(object):
         self.fence_interval = positive_or_none(data.get("fence_interval"))
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
         self.queue_wait = positive_or_none(data.get("queue_wait"))
-        self.last_contact = contact_clock()
+        self.assignment_lease = positive_or_none(data.get("assignment_lease"))
+        self.last_contact = self.last_renewal = contact_clock()
         self.lost_at = None
         self.fenced_known()
         self.state = READY
@@ -2867,6 +2996,8 @@ class Worker(object):
         for result in self.unacked.values():
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
+        if self.doubt is not None:
+            self.send_lease_check()
 
     def keep_secret(self, sealed):
         """The secret the main node made for us on a join with the token."""
@@ -2920,6 +3051,8 @@ class Worker(object):
             self.hand_back(task)      # assigned before our last heartbeat arrived
             return
         self.queued[key] = task
+        if self.doubt is not None:    # it may have waited out the freeze in our socket
+            self.unconfirmed.add(key)
 
     def on_task_cancel(self, data):
         key = (data.get("task_id"), data.get("attempt"))
@@ -2938,7 +3071,9 @@ class Worker(object):
 
     def on_heartbeat_ack(self, data):
         # Hearing it is the point (see silence_limit); it also means the
-        # heartbeat, and the fenced tasks it listed, are on record.
+        # heartbeat, and the fenced tasks it listed, are on record, and the
+        # leases of the tasks it listed renewed.
+        self.last_renewal = self.last_contact
         self.fenced_known()
 
     def tell_fenced(self):
@@ -3067,20 +3202,30 @@ class Worker(object):
 
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
-                CONTROL: on_control}
+                CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack}
 
     # -- tasks ---------------------------------------------------------------------
 
     def start_queued(self):
         # Instant tasks take no slot: they are done before the next line runs.
-        for key in [key for key, task in self.queued.items()
-                    if task.task_type in INSTANT_TASK_TYPES]:
-            self.start_task(key, self.queued.pop(key))
+        self.start_ready(instant=True)
         if not self.availability.available:
             for task in list(self.queued.values()):
                 self.hand_back(task)
-        while self.queued and len(self.running) < self.options.slots:
-            self.start_task(*self.queued.popitem(last=False))
+        self.start_ready(instant=False)
+
+    def start_ready(self, instant):
+        for key in self.startable():
+            if (self.queued[key].task_type in INSTANT_TASK_TYPES) != instant:
+                continue
+            if not instant and len(self.running) >= self.options.slots:
+                break
+            # Before every start, not only once a turn: a freeze or a silence
+            # may have put what we hold in doubt (see enter_doubt).
+            self.notice_freeze(0.0)
+            self.check_silence()
+            if key not in self.unconfirmed:
+                self.start_task(key, self.queued.pop(key))
 
     def start_task(self, key, task):
         self.running[key] = task
@@ -3369,7 +3514,8 @@ def parse_args(argv=None, reloading=False, read_token=True):
                         " (e.g. {\"min_battery\": 30}); the command line wins")
     parser.add_argument("--join", metavar="HOST[:PORT]", type=join_address,
                         help="the main node (port %d by default)" % DEFAULT_PORT)
-    parser.add_argument("--token", help="the join token (`rc token` on the main node)")
+    parser.add_argument("--token", help="the join token (`rc token` on the main node);"
+                        " write --token=TOKEN for one that begins with -")
     parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")

@@ -102,7 +102,7 @@ def cluster(tmp_path_factory):
 # -- the checker ------------------------------------------------------------------
 
 # Worker log events that end a run: the task's process group is gone by then.
-RUN_ENDS = ("task_finished", "task_fenced", "task_abandoned")
+RUN_ENDS = ("task_finished", "task_fenced", "task_abandoned", "task_given_away")
 
 
 class Executions:

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 import orjson
 import pytest
 
-from rc import audit, cli, db, devices, fleet, tasks, tls
+from rc import audit, cli, db, devices, fleet, state_dir, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -279,9 +280,9 @@ def test_tokens_and_join(cluster_home):
     status, out, err = rc("join")
     assert status == 0 and config_module.WORKER_PATH in out
     command = out.splitlines()[2]
-    pin = " --fingerprint " + tls.fingerprint(config)       # TLS is on by default
+    pin = " --fingerprint=" + tls.fingerprint(config)       # TLS is on by default
     assert command.startswith("python3 worker.py --join ")
-    assert command.endswith(":%d --token %s%s" % (config.tcp_port, token, pin))
+    assert command.endswith(":%d --token=%s%s" % (config.tcp_port, token, pin))
     assert "http://" in out and ":%d/" % config.web_port in out
     fetch, start = out.splitlines()[-1].split(" && ")
     assert re.match(r"curl -fsSO http://\S+:%d/worker.py\Z" % config.web_port, fetch)
@@ -475,6 +476,24 @@ def test_revoke_closes_the_device_out(cluster_home, add_device):
     assert audit.read(config)[0]["device_id"] == "pi"
 
 
+def test_new_secrets_are_safe_to_paste(cluster_home):
+    # A prefix and hex: never a leading "-" an argument parser would take for
+    # an option, nothing a shell would expand or split.
+    config, _ = cluster_home
+    for secret in [rc("token")[1].strip(), rc("token", "--admin")[1].strip()] + [
+            state_dir.new_secret() for _ in range(200)]:
+        assert re.match(r"rc1_[0-9a-f]{48}\Z", secret), secret
+
+
+def test_join_prints_a_line_that_works_for_an_old_token_beginning_with_a_dash(cluster_home):
+    config, _ = cluster_home
+    with open(config.token_path, "w") as f:
+        f.write("-Dgi7x_old-style\n")
+    line = rc("join")[1].splitlines()[2]
+    assert " --token=-Dgi7x_old-style" in line
+    assert shlex.split(line)[4] == "--token=-Dgi7x_old-style"
+
+
 def test_token_rotate_prints_a_new_join_token(cluster_home):
     config, _ = cluster_home
     old, admin_token = rc("token")[1].strip(), rc("token", "--admin")[1].strip()
@@ -492,7 +511,7 @@ def test_join_prints_the_fingerprint_with_tls(cluster_home):
     out, err = io.StringIO(), io.StringIO()
     assert cli.run_command(["join"], out, err, config) == 0
     for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
-        assert line.endswith(" --fingerprint " + tls.fingerprint(config))
+        assert line.endswith(" --fingerprint=" + tls.fingerprint(config))
     config.tls = False
     out = io.StringIO()
     cli.run_command(["join"], out, err, config)

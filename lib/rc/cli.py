@@ -200,7 +200,7 @@ def device_metrics(device):
 
 
 def device_status(device):
-    """online, offline, and why it takes nothing new: online,drained,paused."""
+    """online, offline, and why it takes nothing new: online,drained,paused,suspect."""
     words = [device["status"]]
     if device.get("forgotten"):
         words.append("forgotten")
@@ -208,6 +208,8 @@ def device_status(device):
         words.append("drained")
     if device.get("available") is False and not device.get("forgotten"):
         words.append("paused")
+    if device.get("suspect"):
+        words.append("suspect")       # connected, but answers nothing: gets no new work
     return ",".join(words)
 
 
@@ -286,7 +288,7 @@ def detail_pairs(record, now):
     simple = [(k, v) for k, v in record.items() if not isinstance(v, dict)]
     nested = [(k, v) for k, v in record.items() if isinstance(v, dict) and v]
     for key, value in simple:
-        is_time = key.endswith("_at") or key in ("last_seen", "not_before")
+        is_time = key.endswith("_at") or key in ("last_seen", "not_before", "suspect_since")
         yield key, when(value, now) if is_time and value else value
     for key, value in nested:
         yield from flatten(value, key)
@@ -992,9 +994,11 @@ def cmd_join(arguments, context):
     address = lan_address()
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
-    pin = " --fingerprint %s" % tls.fingerprint(config) if config.tls else ""
-    start = "python3 worker.py --join %s:%d --token %s%s" % (
-        address, config.tcp_port, shlex.quote(token), pin)
+    pin = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    # --token=VALUE: a token from before may begin with "-", which a parser
+    # would take for an option after a bare --token.
+    start = "python3 worker.py --join %s:%d %s%s" % (
+        address, config.tcp_port, shlex.quote("--token=" + token), pin)
     context.out.write(start + "\n")
     context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
     context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"

@@ -260,6 +260,12 @@ MIGRATIONS = [
     ALTER TABLE devices ADD COLUMN slots_claimed INTEGER;
     ALTER TABLE devices ADD COLUMN slots_limit INTEGER;
     """,
+    # 7: when rc-server last found a connected device unresponsive (it answered
+    # no ping and took no assignment in time); NULL while it answers. The
+    # scheduler gives a suspect device nothing (lib/rc/server.py, Liveness).
+    """
+    ALTER TABLE devices ADD COLUMN suspect_since REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

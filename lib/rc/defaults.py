@@ -38,6 +38,11 @@ AUDIT_REFUSALS_PER_MINUTE = 10  # audit lines for refused connections, per addre
 AUDIT_LOG_MAX_BYTES = 10485760  # bytes; audit.log is rotated past this (5 backups kept)
 MAX_MESSAGE_RATE = 10000        # messages a second one connection may send (burst: twice)
 FRAME_DEADLINE = 30.0           # seconds a frame may take to arrive once started
+PING_INTERVAL = 15.0            # seconds a connection may stay quiet (nothing received)
+                                # before rc-server pings it
+SUSPECT_AFTER = 10.0            # seconds a device has to answer a ping, or say anything
+                                # after an assignment, before it is suspect: no new work,
+                                # and what it has not accepted goes elsewhere uncharged
 DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before
                                 # its tasks go elsewhere
 

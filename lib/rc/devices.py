@@ -13,7 +13,7 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
                   " connected, available, unavailable_reason, drained, forgotten, labels,"
                   " role_override, address, protocol, registered_at, connected_at,"
-                  " disconnected_at, last_seen, revoked")
+                  " disconnected_at, last_seen, revoked, suspect_since")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
 OBJECT_COLUMNS = ("profile", "metrics", "labels")
@@ -116,16 +116,30 @@ def set_availability(connection, device_id, availability):
 
 
 def disconnected(connection, device_id, now):
+    # Suspect describes a connection; the next one starts with a clean slate.
     connection.execute(
-        "UPDATE devices SET connected = 0, disconnected_at = ? WHERE device_id = ?",
-        (now, device_id))
+        "UPDATE devices SET connected = 0, disconnected_at = ?, suspect_since = NULL"
+        " WHERE device_id = ?", (now, device_id))
 
 
 def disconnect_all(connection, now):
     """At server start: no connection survives a restart of rc-server."""
     connection.execute(
-        "UPDATE devices SET connected = 0, disconnected_at = ? WHERE connected = 1",
-        (now,))
+        "UPDATE devices SET connected = 0, disconnected_at = ?, suspect_since = NULL"
+        " WHERE connected = 1", (now,))
+
+
+def mark_suspect(connection, device_id, now):
+    """The device's connection stays open but it answers nothing: the
+    scheduler gives it no new work until it speaks again."""
+    connection.execute("UPDATE devices SET suspect_since = ? WHERE device_id = ?"
+                       " AND suspect_since IS NULL", (now, device_id))
+
+
+def clear_suspect(connection, device_id):
+    """It spoke again. True when it had been suspect."""
+    return connection.execute("UPDATE devices SET suspect_since = NULL WHERE device_id = ?"
+                              " AND suspect_since IS NOT NULL", (device_id,)).rowcount == 1
 
 
 PRUNE_CHUNK = 2000    # heartbeats deleted per transaction, so writers never wait long
@@ -157,6 +171,8 @@ def device_dict(row):
     for key in ("connected", "available", "drained", "forgotten", "revoked"):
         if key in device:
             device[key] = bool(device[key])
+    if "suspect_since" in device:
+        device["suspect"] = device["suspect_since"] is not None
     # The role set on the main node wins over the one the device reports.
     if device.get("role_override"):
         device["reported_role"], device["role"] = device["role"], device["role_override"]

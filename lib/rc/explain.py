@@ -19,6 +19,11 @@ def why(connection, task_id, now=None):
             task_id, task["state"], task["attempt"], on_device(task),
             task["error"] or task["reason"] or "no reason recorded")
     if task["state"] == ASSIGNED:
+        device = devices.get(connection, task["device_id"]) or {}
+        if device.get("suspect"):
+            return ("Task %d is assigned to %s, which is suspect (it answered nothing);"
+                    " it goes back to the queue at once, uncharged."
+                    % (task_id, task["device_id"]))
         return ("Task %d is assigned to %s and waits for it to start (lease until %s)."
                 % (task_id, task["device_id"], clock(task["lease_expires"])))
     if task["state"] == RUNNING:
@@ -44,11 +49,11 @@ def why_queued(connection, task, now):
     online = [d for d in devices.list_devices(connection, ONLINE) if d["connected"]]
     if not online:
         return "no device is online; it will run when one joins."
-    paused = [d for d in online if not d["available"]]
-    online = [d for d in online if d["available"]]
+    paused = [d for d in online if not d["available"] or d["suspect"]]
+    online = [d for d in online if d["available"] and not d["suspect"]]
     if not online:
         return "every online device is unavailable: %s." % "; ".join(
-            "%s (%s)" % (d["device_id"], d["unavailable_reason"]) for d in paused)
+            "%s (%s)" % (d["device_id"], unavailable_reason(d, now)) for d in paused)
     fitting, refusals = [], {}
     for device in online:
         reasons = unmet(task, device)
@@ -57,6 +62,10 @@ def why_queued(connection, task, now):
                 refusals.setdefault(reason, []).append(device["device_id"])
         else:
             fitting.append(device)
+    held_back = [d for d in paused if not unmet(task, d)]
+    if not fitting and held_back:
+        return "the devices that fit take nothing new now: %s." % "; ".join(
+            "%s (%s)" % (d["device_id"], unavailable_reason(d, now)) for d in held_back)
     if not fitting:
         return "none of the %d online devices fits: %s." % (len(online), "; ".join(
             "%s (%s)" % (reason, count_of(names, "device"))
@@ -73,6 +82,14 @@ def why_queued(connection, task, now):
             " (%s ahead of it)." % (count_of(free, "device"), "" if len(free) > 1 else "s",
                                      ", ".join(d["device_id"] for d in free[:5]),
                                      count_of(range(ahead), "task")))
+
+
+def unavailable_reason(device, now):
+    if device["suspect"]:
+        return ("suspect for %s: its connection is open but it answered no ping and"
+                " accepted no task in time; no new tasks until it speaks again"
+                % age(now - device["suspect_since"]))
+    return device["unavailable_reason"]
 
 
 def unmet(task, device):

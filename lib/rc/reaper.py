@@ -2,7 +2,8 @@
 
 A device that stopped heartbeating, or dropped its connection and did not
 come back, goes offline and its tasks go back to the queue (or fail when
-their retries are spent). An assignment not accepted in time is taken back.
+their retries are spent). An assignment not accepted in time is taken back;
+one on a device rc-server found suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
 so. Heartbeat history is kept bounded.
 
@@ -15,7 +16,7 @@ import contextlib
 import time
 
 from rc import db, devices, housekeeping, program, tasks, throttle
-from rc.states import CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
+from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
@@ -42,6 +43,7 @@ def sweep(connection, config, log, now, log_limited=None):
                   " WHERE %s AND cancel_requested = 1 AND device_id IN"
                   " (SELECT device_id FROM devices WHERE connected = 0)" % db.ACTIVE_SQL,
                   (), "device {device_id} not connected", contained)
+        hand_back_from_suspects(connection, log, now, contained)
         fail_overdue(connection, log, now, config.timeout_grace, contained)
 
 
@@ -64,6 +66,20 @@ class RowGuard:
             self.log_limited("error", "row_failed", (kind, key), row_kind=kind, row_key=key,
                              error=repr(e)[:300])
         self.connection.execute("RELEASE reaper_row")
+
+
+def hand_back_from_suspects(connection, log, now, contained):
+    """rc-server hands back what a device had not accepted when it marks it
+    suspect; this catches an assignment the scheduler made just before that
+    mark committed, so it waits for no accept_timeout either."""
+    for row in connection.execute(
+            TASK_ROW + " WHERE %s AND state = ? AND device_id IN (SELECT device_id FROM"
+            " devices WHERE suspect_since IS NOT NULL)" % db.ACTIVE_SQL, (ASSIGNED,)).fetchall():
+        why = "%s stopped answering before accepting it" % row["device_id"]
+        with contained("task", row["task_id"]):
+            if tasks.hand_back_unaccepted(connection, row, why, now):
+                log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
+                            device_id=row["device_id"], state=row["state"], reason=why)
 
 
 def overdue_devices(connection, config, now):

@@ -52,7 +52,9 @@ DEVICE_QUERY = (
     " coalesce(CASE WHEN json_valid(profile)"
     " THEN json_extract(profile, '$.hardware_specs.cpu_speed') END, 0.0) AS speed"
     " FROM devices WHERE status = :online AND connected = 1 AND available = 1"
-    " AND drained = 0 AND forgotten = 0")
+    " AND drained = 0 AND forgotten = 0"
+    # A device that answers nothing (rc-server's Liveness) gets nothing new.
+    " AND suspect_since IS NULL")
 
 
 class Turnover:

@@ -30,8 +30,8 @@ from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERROR, FAILED, HEARTBEAT,
-                       HEARTBEAT_ACK, HELLO, OUTCOME_CANCELLED, OUTCOME_HANDED_BACK,
-                       OUTCOME_NOT_ALLOWED,
+                       HEARTBEAT_ACK, HELLO, LEASE_CHECK, LEASE_CHECK_ACK, OUTCOME_CANCELLED,
+                       OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
@@ -78,6 +78,12 @@ class Peer:
         self.pushed = set()            # (task_id, attempt) sent as task_assign
         self.cancels_sent = set()
         self.closed = False
+        # Liveness (see Server.check_liveness); times on time.monotonic().
+        self.heard_at = self.opened_at   # when the last frame came
+        self.pinged_at = None            # a ping not answered yet
+        self.pushed_at = None            # the first task_assign sent since heard_at
+        self.answers_pings = False       # a worker older than ping never answers one
+        self.suspect = None              # None: whether the device is, not known yet
 
 
 class Server:
@@ -365,6 +371,7 @@ class Server:
         return peer.allowance >= 0
 
     def receive(self, peer, line):
+        self.heard_from(peer)
         try:
             envelope = protocol.decode(line)
         except ProtocolError as e:
@@ -488,6 +495,93 @@ class Server:
         for peer in [p for p in self.partial if p.partial_since < deadline]:
             self.refuse(peer, "frame_timeout", "a frame took over %gs to arrive"
                         % self.config.frame_deadline)
+        self.check_liveness(now)
+
+    # -- liveness: a device frozen with its connection open ------------------------
+    # A worker stopped by SIGSTOP, a closed laptop lid or Android's freezer
+    # keeps its connection open and would look online for offline_timeout,
+    # taking assignments it never accepts. Any frame from it counts as an
+    # answer; a quiet connection is pinged; one that answers neither a ping
+    # nor a task_assign within suspect_after is suspect: the scheduler gives
+    # it nothing, and what it has not accepted goes back to the queue at once,
+    # uncharged. Its next frame ends that.
+
+    def heard_from(self, peer):
+        peer.heard_at = time.monotonic()
+        peer.pinged_at = peer.pushed_at = None
+        if peer.device_id is not None and peer.suspect is not False:
+            # Suspect no more (or, on a new connection, not left so by the last one).
+            peer.suspect = False
+            self.batch.append((Server.apply_heard_again, peer, None))
+
+    def expect_answer(self, peer):
+        """A task_assign went out: the worker accepts it, or says something, soon."""
+        if peer.pushed_at is None:
+            peer.pushed_at = time.monotonic()
+
+    def check_liveness(self, now):
+        ping_interval, suspect_after = self.config.ping_interval, self.config.suspect_after
+        for peer in list(self.peers_by_device.values()):
+            if peer.suspect:
+                continue
+            due = [t for t in (peer.pushed_at, peer.pinged_at if peer.answers_pings else None)
+                   if t is not None]
+            if due and now - min(due) >= suspect_after:
+                peer.suspect = True
+                self.batch.append((Server.apply_suspect, peer, now - min(due)))
+            elif peer.pinged_at is None and (
+                    now - peer.heard_at >= ping_interval or (
+                        peer.pushed_at is not None and now - peer.pushed_at >= suspect_after / 2)):
+                # Asked after half the wait: a worker with nothing to say about
+                # an assignment (no free slot yet) still answers in time.
+                peer.pinged_at = now
+                self.send(peer, PING, {})
+
+    def apply_suspect(self, peer, silent_for, now):
+        devices.mark_suspect(self.database, peer.device_id, now)
+        rows = self.database.execute(
+            "SELECT %s FROM tasks WHERE device_id = ? AND %s AND state = ?"
+            % (tasks.LEASE_COLUMNS, db.ACTIVE_SQL), (peer.device_id, ASSIGNED)).fetchall()
+        why = "%s answered nothing for %.1fs before accepting it" % (peer.device_id, silent_for)
+        handed_back = 0
+        for row in rows:
+            if tasks.hand_back_unaccepted(self.database, row, why, now):
+                handed_back += 1
+                self.note("warning", "task_taken_back", task_id=row["task_id"],
+                          attempt=row["attempt"], device_id=peer.device_id, state=ASSIGNED,
+                          reason=why)
+        self.note("warning", "device_suspect", device_id=peer.device_id,
+                  silent_for=round(silent_for, 3), handed_back=handed_back)
+
+    def apply_heard_again(self, peer, data, now):
+        if devices.clear_suspect(self.database, peer.device_id):
+            self.note("info", "device_answering", device_id=peer.device_id)
+
+    def on_pong(self, peer, data):
+        peer.answers_pings = True      # heard_from has done the rest
+
+    def on_lease_check(self, peer, data):
+        self.batch.append((Server.apply_lease_check, peer, active_tasks(data, "tasks")))
+
+    def apply_lease_check(self, peer, asked, now):
+        """Which attempts are still this device's: the worker asks after a
+        freeze or a long silence, before it starts or goes on with any. The
+        answer holds for a while: leases of those it runs are renewed, and
+        those not accepted yet get accept_timeout from now to be."""
+        tasks.renew_leases(self.database, peer.device_id, asked,
+                           now + self.config.lease_duration)
+        self.database.executemany(
+            "UPDATE tasks SET lease_expires = max(lease_expires, ?) WHERE task_id = ?"
+            " AND attempt = ? AND device_id = ? AND state = ?",
+            [(now + self.config.accept_timeout, key[0], key[1], peer.device_id, ASSIGNED)
+             for key in asked])
+        held = {(row["task_id"], row["attempt"]) for row in self.database.execute(
+            "SELECT task_id, attempt FROM tasks WHERE device_id = ? AND %s" % db.ACTIVE_SQL,
+            (peer.device_id,))}
+        self.note("info", "lease_check", device_id=peer.device_id, asked=len(asked),
+                  given_away=len(asked - held))
+        return [(LEASE_CHECK_ACK, {"active_tasks": [
+            {"task_id": key[0], "attempt": key[1]} for key in sorted(held)]})]
 
     # -- messages: checked here, applied in apply_batch -----------------------------
 
@@ -650,7 +744,7 @@ class Server:
 
     HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
                 TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
-                CONTROL_ACK: on_control_ack}
+                CONTROL_ACK: on_control_ack, PONG: on_pong, LEASE_CHECK: on_lease_check}
 
     # -- applying a turn's messages: one transaction (or one statement) ------------
 
@@ -969,6 +1063,7 @@ class Server:
                               later=True)
             elif row["state"] == ASSIGNED and key not in peer.pushed:
                 peer.pushed.add(key)
+                self.expect_answer(peer)
                 self.send(peer, TASK_ASSIGN, {
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
@@ -977,7 +1072,7 @@ class Server:
 
 # After these, the scheduler may have work to give out.
 FREES_SLOTS = (Server.apply_register, Server.apply_result, Server.apply_disconnect,
-               Server.apply_heartbeat)
+               Server.apply_heartbeat, Server.apply_heard_again)
 
 
 class JoinToken:
@@ -1006,11 +1101,15 @@ def fence_settings(config):
     them to someone else: it must give up a little before its lease ends
     (heartbeats, which renew the lease, come every heartbeat_interval) and
     well before a dropped connection's grace runs out; and hand back a task
-    still waiting for a slot well before accept_timeout takes it back."""
+    still waiting for a slot well before accept_timeout takes it back. A
+    task not started yet may go elsewhere once we have heard nothing from the
+    worker for assignment_lease (suspect_after): after a silence that long,
+    or a freeze, the worker asks (lease_check) before it starts one."""
     return {"heartbeat_interval": config.heartbeat_interval,
             "fence_interval": config.lease_duration - config.heartbeat_interval / 2,
             "disconnect_fence": config.disconnect_grace / 2,
-            "queue_wait": config.accept_timeout / 2}
+            "queue_wait": config.accept_timeout / 2,
+            "assignment_lease": min(config.suspect_after, config.accept_timeout)}
 
 
 def served_worker_sha256():

@@ -81,7 +81,7 @@ def _make_private(path, changed, failed):
 def rotate_token(config):
     """A new join token. Devices that have joined prove their own secrets,
     so they keep working; only new joins need the new token."""
-    token = secrets.token_urlsafe(24)
+    token = new_secret()
     temporary = config.token_path + ".new"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as f:
@@ -93,12 +93,24 @@ def rotate_token(config):
 def ensure_secret(path):
     if os.path.exists(path):
         return read_secret(path)
-    secret = secrets.token_urlsafe(24)
+    secret = new_secret()
     # O_EXCL: two installs at once cannot both write, and nobody else can read it.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(secret + "\n")
     return secret
+
+
+# Secrets people copy into a shell or a command line: a fixed prefix, then hex,
+# so no shell or argument parser misreads one (token_urlsafe began with "-"
+# one time in 64 and could hold "-" and "_" anywhere). Secrets made before
+# keep working: they are read and compared as they are.
+SECRET_PREFIX = "rc1_"
+SECRET_BYTES = 24       # 192 bits
+
+
+def new_secret():
+    return SECRET_PREFIX + secrets.token_hex(SECRET_BYTES)
 
 
 def read_secret(path):

@@ -58,10 +58,15 @@ TASK_CANCEL = "task_cancel"        # server -> worker
 ERROR = "error"                    # either way; the sender may then close
 CONTROL = "control"                # server -> worker: reload, report_profile, drain, upgrade
 CONTROL_ACK = "control_ack"        # worker -> server: done, or why not
+PING = "ping"                      # server -> worker: a quiet connection; answer now
+PONG = "pong"                      # worker -> server: the answer (carries the ping's nonce)
+LEASE_CHECK = "lease_check"        # worker -> server: which of these attempts are still mine?
+LEASE_CHECK_ACK = "lease_check_ack"  # server -> worker: those that are, and those that are not
 
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
-                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK)
+                 TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK)
 
 # -- why a task attempt ended, as the worker reports it -----------------------
 # These are the outcomes a worker puts in task_result's "status".

@@ -472,6 +472,18 @@ def take_back(connection, task, reason, now, config, charged=None):
     return _requeue(connection, task, reason, now, config, charged, losses)
 
 
+def hand_back_unaccepted(connection, task, reason, now):
+    """An attempt its device never accepted, taken from a device that stopped
+    answering (suspect): queued again at once, charged to nothing. No
+    backoff: a suspect device is given nothing new, so the task cannot bounce
+    back to it. `task` holds LEASE_COLUMNS; False when it has moved on."""
+    if task["cancel_requested"]:
+        return _end(connection, task, CANCELLED, "cancelled; " + reason, None, now,
+                    task["device_losses"])
+    return _requeue(connection, task, reason, now, None, False, task["device_losses"],
+                    not_before=now)
+
+
 def retry_failed(connection, task, state, result, error, now, config):
     """A task that asked to be retried when it fails itself: requeue it while
     its budget lasts. False when it is not to be retried."""
@@ -482,14 +494,16 @@ def retry_failed(connection, task, state, result, error, now, config):
                     now, config, True, task["device_losses"])
 
 
-def _requeue(connection, task, reason, now, config, charged, losses):
+def _requeue(connection, task, reason, now, config, charged, losses, not_before=None):
+    if not_before is None:
+        not_before = now + backoff(task["attempt"], config)
     cursor = connection.execute(
         "UPDATE tasks SET state = ?, attempt = attempt + 1, device_id = NULL,"
         " not_before = ?, assigned_at = NULL, started_at = NULL, lease_expires = NULL,"
         " progress = NULL, progress_message = NULL, reason = ?,"
         " retries_used = retries_used + ?, device_losses = ?"
         " WHERE task_id = ? AND attempt = ? AND state = ?",
-        (QUEUED, now + backoff(task["attempt"], config), reason, int(charged), losses,
+        (QUEUED, not_before, reason, int(charged), losses,
          task["task_id"], task["attempt"], task["state"]))
     return cursor.rowcount == 1
 
