@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import bottle
 import orjson
-import waitress
 
-from rc import audit, bell, cli, db, devices, explain, fleet, health, render, state_dir
+from rc import audit, bell, bounded, cli, db, devices, explain, fleet, health, render
+from rc import state_dir, web_server
 from rc import stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
@@ -105,6 +105,7 @@ class Web:
         self.stream_slots = threading.BoundedSemaphore(config.max_streams)
         self.closing = threading.Event()
         self.host_names = own_host_names(config.allowed_hosts)
+        self.log = web_server.RateLimitedLog(logger)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.
@@ -199,6 +200,10 @@ class Web:
             body = orjson.loads(data or b"{}")
         except orjson.JSONDecodeError as e:
             raise ApiError(400, "request body is not JSON: %s" % e)
+        try:
+            bounded.check_json(body)
+        except ValueError as e:
+            raise ApiError(400, str(e))
         if not isinstance(body, dict) and not (batch and isinstance(body, list)):
             raise ApiError(400, "request body must be a JSON object"
                            + (" or a list of them" if batch else ""))
@@ -554,7 +559,7 @@ class Web:
         yield ("retry: %d\n\n" % STREAM_RETRY_MS).encode()
         quiet_since = time.monotonic()
         try:
-            for chunk in events:
+            for chunk in self.contained(events, bottle.request.path):
                 if self.closing.is_set() or (disconnected and disconnected()):
                     return
                 if chunk:
@@ -565,6 +570,15 @@ class Web:
                     yield b": ping\n\n"
         finally:
             events.close()   # its database connection closes now, not at collection
+
+    def contained(self, events, path):
+        """A stream's events until one fails: the failure is logged (rate
+        limited) and ends that stream alone; the browser reconnects."""
+        try:
+            yield from events
+        except Exception as e:
+            self.log("error", "stream_failed", type(e).__name__, path=path, error=render.shorten(repr(e), 500),
+                     traceback=traceback.format_exc())
 
     def watch(self, connection):
         """Yields True when the database has changed, None otherwise, one
@@ -603,8 +617,9 @@ class Web:
         try:
             after = event_number(last_id)
             if after is None:
-                after = bottle.request.query.get("since")
-                after = int(after) if (after or "").isdigit() else connection.execute(
+                after = event_number(bottle.request.query.get("since"))
+            if after is None:
+                after = connection.execute(
                     "SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
         except BaseException:
             connection.close()
@@ -674,10 +689,15 @@ class Web:
                                   mimetype="text/x-python", download=True)
 
     def error(self, error):
+        """Every error as {"error": ...}; a failure of ours (500) is logged,
+        once a minute per route and kind, and ends only its own request."""
         if error.status_code >= 500:
-            self.logger.error("request_failed", method=bottle.request.method,
-                              path=bottle.request.path, error=repr(error.exception),
-                              traceback=error.traceback or traceback.format_exc())
+            route = bottle.request.environ.get("bottle.route")
+            self.log("error", "request_failed", "%s %s" % (
+                         getattr(route, "rule", "?"), type(error.exception).__name__),
+                     method=bottle.request.method, path=render.shorten(bottle.request.path, 200),
+                     error=render.shorten(repr(error.exception), 500),
+                     traceback=error.traceback or traceback.format_exc())
         bottle.response.content_type = "application/json"
         return orjson.dumps({"error": error.body or error.status_line})
 
@@ -720,7 +740,8 @@ def device_event_id(device):
 
 
 def event_number(text):
-    return int(text) if text and text.strip().isdigit() else None
+    """A task event's id from Last-Event-ID or ?since=; None when there is none."""
+    return None if text in (None, "") else request_int(text, "event id")
 
 
 def event_time(text):
@@ -906,16 +927,26 @@ def sample_value(value):
 # -- requests ------------------------------------------------------------------------
 
 def query_int(name, default):
+    """?name=N, a whole number from 0 that SQLite can hold, or 400."""
     text = bottle.request.query.get(name)
     if text in (None, ""):
         return default
+    return request_int(text, name)
+
+
+def request_int(text, name):
     try:
-        value = int(text)
+        return bounded.whole(text, name)
+    except ValueError as e:
+        raise ApiError(400, str(e))
+
+
+def path_id(text):
+    """The <…:id> of a path: an id past what SQLite holds names nothing."""
+    try:
+        return bounded.whole(text, "id")
     except ValueError:
-        raise ApiError(400, "%s must be a whole number, not %r" % (name, text))
-    if value < 0:
-        raise ApiError(400, "%s must not be negative" % name)
-    return value
+        raise bottle.HTTPError(404, "no such id %s" % bounded.shown(text))
 
 
 def submitted_spec(body):
@@ -1011,6 +1042,7 @@ def make_app(config, logger=None):
                                     % (", ".join(READ_ACCESS), config.read_access))
     web = Web(config, logger or Logger("rc-web", config.log_level))
     app = bottle.Bottle()
+    app.router.add_filter("id", lambda conf: (r"[0-9]+", path_id, str))
     routes = [
         ("GET", "/health", web.health, "open"), ("GET", "/api/v1/health", web.health, "open"),
         ("GET", "/api/v1/status", web.status, "read"),
@@ -1018,11 +1050,11 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/devices", web.devices, "read"),
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
         ("GET", "/api/v1/tasks", web.tasks, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>", web.task, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>/result", web.result, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>/why", web.why, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>", web.task, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>/result", web.result, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
-        ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel, "admin"),
+        ("POST", "/api/v1/tasks/<task_id:id>/cancel", web.cancel, "admin"),
         ("POST", "/api/v1/devices/<device_id>/drain", web.drain, "admin"),
         ("POST", "/api/v1/devices/<device_id>/resume", web.resume, "admin"),
         ("POST", "/api/v1/devices/<device_id>/forget", web.forget, "admin"),
@@ -1030,9 +1062,9 @@ def make_app(config, logger=None):
         ("POST", "/api/v1/devices/<device_id>/labels", web.labels, "admin"),
         ("POST", "/api/v1/devices/<device_id>/role", web.role, "admin"),
         ("POST", "/api/v1/groups", web.submit_group, "admin"),
-        ("GET", "/api/v1/groups/<group_id:int>", web.group, "read"),
+        ("GET", "/api/v1/groups/<group_id:id>", web.group, "read"),
         ("POST", "/api/v1/broadcast", web.broadcast, "admin"),
-        ("GET", "/api/v1/controls/<control_id:int>", web.control, "read"),
+        ("GET", "/api/v1/controls/<control_id:id>", web.control, "read"),
         ("POST", "/api/v1/command", web.command, "command"),
         ("GET", "/api/v1/completion", web.completion, "read"),
         ("GET", "/text/status", web.text_status, "read"),
@@ -1055,11 +1087,22 @@ def make_app(config, logger=None):
 def create_server(app, host, port, config):
     """waitress with enough threads that max_streams streams leave
     SPARE_THREADS for ordinary requests; lookahead lets a stream notice that
-    its client went away."""
-    return waitress.create_server(app, host=host, port=port,
-                                  threads=config.max_streams + SPARE_THREADS,
-                                  ident="rc-web", max_request_body_size=SERVER_BODY_LIMIT,
-                                  channel_request_lookahead=1)
+    its client went away. The limits on connections and their timeouts, and
+    HTTPS, are web_server's (docs/http.md)."""
+    web = app.config["rc.web"]
+    timeouts = (config.web_channel_timeout, config.web_read_timeout)
+    return web_server.Server(
+        app, {"connections_per_address": config.web_connections_per_address,
+              "read_timeout": config.web_read_timeout},
+        web.log, web_server.tls_context(config) if config.web_tls else None,
+        host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
+        max_request_body_size=SERVER_BODY_LIMIT, channel_request_lookahead=1,
+        connection_limit=config.web_connection_limit,
+        channel_timeout=max(1, int(config.web_channel_timeout)),
+        # waitress looks for idle and slow connections this often (whole seconds).
+        cleanup_interval=max(1, int(min(timeouts) / 2)),
+        url_scheme="https" if config.web_tls else "http",
+        asyncore_use_poll=True)     # select() fails past descriptor 1024
 
 
 def main():
@@ -1071,8 +1114,13 @@ def main():
     except (rc_config.ConfigError, ValueError) as e:
         logger.error("config_error", error=str(e))
         return 1
-    server = create_server(app, config.web_host, config.web_port, config)
-    logger.info("web_started", host=config.web_host, port=int(server.effective_port))
+    try:
+        server = create_server(app, config.web_host, config.web_port, config)
+    except (OSError, ValueError) as e:      # a certificate that cannot be read
+        logger.error("web_cannot_listen", error=str(e), tls=config.web_tls)
+        return 1
+    logger.info("web_started", host=config.web_host, port=int(server.effective_port),
+                tls=config.web_tls)
     server.run()
     return 0
 
