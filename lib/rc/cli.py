@@ -66,6 +66,8 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
                       "label", "role", "revoke", "broadcast"}
+# `logs --program audit`: who did what from where, for the admin only on the web.
+AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
@@ -1217,6 +1219,8 @@ def web_access(argv):
     if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
                                                 arguments.wait_timeout > WEB_WAIT_LIMIT):
         argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])
+    if name == "logs" and arguments.program == AUDIT_PROGRAM:
+        return "admin"           # who did what from where: not for every reader
     return "admin" if name in WEB_ADMIN_COMMANDS else "read"
 
 

@@ -11,6 +11,7 @@ needs `Authorization: Bearer <admin token>` (var/admin_token, `rc token
 --admin`), a same-origin request, and a Host header that names this machine
 (against DNS rebinding). The join token the workers hold is never enough.
 """
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -48,6 +49,8 @@ STREAM_RETRY_MS = 2000            # the browser reconnects after this
 DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
 MAX_TERMINAL_WIDTH = 500
 READ_ACCESS = ("open", "local", "token")
+STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
+STREAM_SESSION_SECONDS = 12 * 3600    # how long one stream cookie lasts
 THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
 SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
@@ -158,19 +161,23 @@ class Web:
         if origin == "null":
             raise ApiError(403, "request from an opaque origin refused")
 
-    def given_token(self, allow_query=False):
+    def given_token(self):
+        """The admin token from the Authorization header, the one place it is
+        taken from: a token in a URL (?token=) would be kept in browser
+        history, proxy logs and Referer headers, so it is refused."""
         scheme, _, given = bottle.request.get_header("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and given.strip():
             return given.strip()
-        if allow_query:   # EventSource cannot send headers
-            return bottle.request.query.get("token") or None
         return None
 
-    def token_matches(self, given):
+    def admin_token(self):
         try:
-            token = state_dir.read_secret(self.config.admin_token_path)
+            return state_dir.read_secret(self.config.admin_token_path)
         except (OSError, ValueError):
             raise ApiError(503, "no admin token; run `make install`")
+
+    def token_matches(self, given):
+        token = self.admin_token()
         return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
     def require_admin(self):
@@ -179,14 +186,63 @@ class Web:
                                 " (send Authorization: Bearer TOKEN; see `rc token --admin`)")
 
     def check_read(self):
+        if self.reads_audit_log():
+            return self.require_admin()
         mode = self.config.read_access
         if mode == "open" or (mode == "local" and is_loopback(
                 bottle.request.environ.get("REMOTE_ADDR"))):
             return
-        if not self.token_matches(self.given_token(bottle.request.method == "GET")):
-            raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
-                                " send Authorization: Bearer TOKEN"
-                           % (bottle.request.environ.get("REMOTE_ADDR"), mode))
+        if self.token_matches(self.given_token()) or self.has_stream_cookie():
+            return
+        raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
+                            " send Authorization: Bearer TOKEN"
+                       % (bottle.request.environ.get("REMOTE_ADDR"), mode))
+
+    def reads_audit_log(self):
+        """The audit log says who did what from where: the admin token
+        always, from this machine too."""
+        path = bottle.request.path
+        return path in ("/text/logs", "/stream/logs") and \
+            bottle.request.query.get("program") == cli.AUDIT_PROGRAM
+
+    # -- the stream cookie: EventSource cannot send a header -----------------------
+
+    def stream_session(self):
+        """POST /api/v1/stream-session with the admin token: a cookie that
+        lets this browser open /stream/* for STREAM_SESSION_SECONDS, so the
+        token never goes into a stream's URL. HttpOnly (no script reads it),
+        SameSite=Strict (no other site's page sends it), Secure under HTTPS."""
+        expires = int(time.time() + STREAM_SESSION_SECONDS)
+        cookie = "%s=%d.%s; Path=/stream; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+            STREAM_COOKIE, expires, self.stream_proof(expires), STREAM_SESSION_SECONDS,
+            "; Secure" if self.config.web_tls else "")
+        response = json_response({"expires": expires})
+        response.set_header("Set-Cookie", cookie)
+        return response
+
+    def end_stream_session(self):
+        """DELETE /api/v1/stream-session (the terminal's `logout`)."""
+        response = json_response({"expires": 0})
+        response.set_header("Set-Cookie", "%s=; Path=/stream; Max-Age=0; HttpOnly;"
+                                          " SameSite=Strict" % STREAM_COOKIE)
+        return response
+
+    def stream_proof(self, expires):
+        """An HMAC of the expiry under the admin token: nothing to store, and
+        a new admin token (`rc token --admin --rotate`) ends every session."""
+        return hmac.new(self.admin_token().encode(), b"rc-stream:%d" % expires,
+                        hashlib.sha256).hexdigest()
+
+    def has_stream_cookie(self):
+        if not bottle.request.path.startswith("/stream/"):
+            return False
+        expires, _, proof = (bottle.request.get_cookie(STREAM_COOKIE) or "").partition(".")
+        try:
+            expires = bounded.whole(expires, "expiry")
+        except ValueError:
+            return False
+        return expires > time.time() and hmac.compare_digest(
+            proof.encode(), self.stream_proof(expires).encode())
 
     # -- request helpers ---------------------------------------------------------
 
@@ -1066,6 +1122,8 @@ def make_app(config, logger=None):
         ("POST", "/api/v1/broadcast", web.broadcast, "admin"),
         ("GET", "/api/v1/controls/<control_id:id>", web.control, "read"),
         ("POST", "/api/v1/command", web.command, "command"),
+        ("POST", "/api/v1/stream-session", web.stream_session, "admin"),
+        ("DELETE", "/api/v1/stream-session", web.end_stream_session, "open"),
         ("GET", "/api/v1/completion", web.completion, "read"),
         ("GET", "/text/status", web.text_status, "read"),
         ("GET", "/text/devices", web.text_devices, "read"),
