@@ -1172,6 +1172,7 @@ def main():
     except (rc_config.ConfigError, ValueError) as e:
         logger.error("config_error", error=str(e))
         return 1
+    web_server.route_waitress_log(app.config["rc.web"].log)
     try:
         server = create_server(app, config.web_host, config.web_port, config)
     except (OSError, ValueError) as e:      # a certificate that cannot be read

@@ -12,6 +12,7 @@ and the encryption inside waitress's own non-blocking loop, so nothing
 blocks it and every limit above applies to TLS connections too.
 """
 import ipaddress
+import logging
 import os
 import ssl
 import threading
@@ -52,6 +53,35 @@ class RateLimitedLog:
         if left_out:
             fields["left_out"] = left_out
         self.logger.log(level, event, **fields)
+
+
+class WaitressLog(logging.Handler):
+    """waitress's own messages (a socket error, an exception while serving)
+    as our JSON lines, rate limited per message, instead of bare text on
+    stderr."""
+
+    LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+    def __init__(self, log):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record):
+        try:
+            fields = {"message": record.getMessage()[:500]}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = repr(record.exc_info[1])[:500]
+            self.log(self.LEVELS.get(record.levelno, "error"), "web_server_message",
+                     str(record.msg)[:100], **fields)
+        except Exception:         # a log line is never worth a crash
+            pass
+
+
+def route_waitress_log(log):
+    logger = logging.getLogger("waitress")
+    logger.handlers = [WaitressLog(log)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def address_key(address):
@@ -197,7 +227,7 @@ class Server(TcpWSGIServer):
             conn, addr = pair
             self.set_socket_options(conn)
         except OSError as e:      # a connection reset before we took it, or no file left
-            self.log("warning", "web_accept_failed", "", error=str(e))
+            self.log("info", "web_accept_failed", "", error=str(e))
             return
         key = address_key(addr[0])
         if self.over_address_limit(key):
@@ -208,7 +238,7 @@ class Server(TcpWSGIServer):
                                                     do_handshake_on_connect=False)
             self.channel_class(self, conn, addr, self.adj, map=self._map)
         except OSError as e:
-            self.log("warning", "web_accept_failed", key, address=key, error=str(e))
+            self.log("info", "web_accept_failed", key, address=key, error=str(e))
             conn.close()
 
     def over_address_limit(self, key):
