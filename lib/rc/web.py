@@ -195,8 +195,10 @@ class Web:
         if self.token_matches(self.given_token()) or self.has_stream_cookie():
             return
         raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
-                            " send Authorization: Bearer TOKEN"
-                       % (bottle.request.environ.get("REMOTE_ADDR"), mode))
+                            " send Authorization: Bearer TOKEN%s"
+                       % (bottle.request.environ.get("REMOTE_ADDR"), mode,
+                          " (a token in the URL is refused)"
+                          if "token" in bottle.request.query else ""))
 
     def reads_audit_log(self):
         """The audit log says who did what from where: the admin token
@@ -216,6 +218,7 @@ class Web:
         cookie = "%s=%d.%s; Path=/stream; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
             STREAM_COOKIE, expires, self.stream_proof(expires), STREAM_SESSION_SECONDS,
             "; Secure" if self.config.web_tls else "")
+        self.audit("stream_session_started", expires=expires)
         response = json_response({"expires": expires})
         response.set_header("Set-Cookie", cookie)
         return response
