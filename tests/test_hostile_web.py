@@ -104,10 +104,11 @@ def closed_by_server(sock, within):
     return time.monotonic() - started
 
 
-def the_basics_answer(cluster, context=None):
+def the_basics_answer(cluster, context=None, timeout=5):
     """The page, /health and /worker.py, as a second address sees them."""
     for path in ("/", "/health", "/worker.py"):
-        status, _, text = request(cluster, path, token=False, timeout=5, context=context)
+        status, _, text = request(cluster, path, token=False, timeout=timeout,
+                                  context=context)
         assert status == 200, (path, status, text[:200])
 
 
@@ -156,6 +157,20 @@ def test_idle_sockets_from_one_address_leave_room_for_another(cluster):
             for s in held:
                 s.close()
         the_basics_answer(cluster)
+
+
+def test_idle_sockets_from_many_addresses_leave_room_too(cluster):
+    """Eight addresses, each within its cap, together past the connection
+    limit: the oldest idle ones make way for a new client."""
+    with unharmed(cluster, "good"):
+        held = [attacker_socket(cluster, "127.0.0.%d" % (2 + n % 8)) for n in range(64)]
+        try:
+            time.sleep(0.5)
+            # Sooner than web_channel_timeout could have closed any of them.
+            the_basics_answer(cluster, timeout=CHANNEL_TIMEOUT / 2)
+        finally:
+            for s in held:
+                s.close()
 
 
 def test_a_refused_connection_is_told_why(cluster):

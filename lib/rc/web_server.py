@@ -7,7 +7,8 @@ address locked everyone out, and a request that never finishes arriving
 counted as activity. Here one address (an IPv6 /64) holds at most
 `web_connections_per_address`; a request, TLS handshake included, must
 arrive whole within `web_read_timeout`; an idle connection closes after
-`web_channel_timeout`. waitress has no TLS: a TLS channel does the handshake
+`web_channel_timeout`, or at once when the cap is reached and a new client
+knocks. waitress has no TLS: a TLS channel does the handshake
 and the encryption inside waitress's own non-blocking loop, so nothing
 blocks it and every limit above applies to TLS connections too.
 """
@@ -256,6 +257,25 @@ class Server(TcpWSGIServer):
         except OSError:
             pass
         conn.close()
+
+    def readable(self):
+        """At the connection limit waitress stops accepting until one
+        closes; the oldest connection that is not being served closes first
+        instead, so sockets held from many addresses cannot lock anyone out."""
+        if self.accepting and len(self._map) >= self.adj.connection_limit:
+            self.close_oldest_unserved()
+        return super().readable()
+
+    def close_oldest_unserved(self):
+        channels = list(self.active_channels.values())
+        if any(channel.will_close for channel in channels):
+            return          # one is already on its way out
+        waiting = [channel for channel in channels if not channel.requests]
+        if waiting:
+            oldest = min(waiting, key=lambda channel: channel.last_activity)
+            oldest.will_close = True
+            self.log("warning", "web_connection_limit_reached", "",
+                     limit=self.adj.connection_limit, closed=oldest.address_key)
 
     def maintenance(self, now):
         """waitress closes idle connections; this also closes those whose
