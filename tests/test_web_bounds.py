@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from rc import bounded, cli, db, devices, state_dir, web
+from rc import bounded, cli, db, devices, state_dir, web, web_server
 from test_text_metrics import Stream
 from test_web import Client, admin, call, client, serve, stop  # noqa: F401 (fixture)
 
@@ -243,3 +243,26 @@ def test_the_dashboard_puts_no_token_in_a_url():
     assert "token=" not in script and "?token" not in script
     assert "new EventSource(path)" in script
     # test_hostile_web.py watches a real browser's requests for the same.
+
+
+# -- connections: whose they are, and logging them ------------------------------------
+
+def test_one_ipv6_client_is_its_whole_64():
+    key = web_server.address_key
+    assert key("2001:db8::1") == key("2001:db8::ffff:1234") == "2001:db8::/64"
+    assert key("2001:db8:0:1::1") != key("2001:db8::1")
+    assert key("::ffff:192.168.1.20") == key("192.168.1.20") == "192.168.1.20"
+    assert key("not an address") == "not an address"
+
+
+def test_the_rate_limited_log_counts_what_it_left_out():
+    logged = io.BytesIO()
+    log = web_server.RateLimitedLog(web.Logger("rc-web", "info", logged), interval=60)
+    for _ in range(5):
+        log("warning", "web_connection_refused", "10.0.0.9", address="10.0.0.9")
+    log("warning", "web_connection_refused", "10.0.0.8", address="10.0.0.8")
+    lines = [json.loads(line) for line in logged.getvalue().splitlines()]
+    assert [line["address"] for line in lines] == ["10.0.0.9", "10.0.0.8"]
+    log.seen[("web_connection_refused", "10.0.0.9")] = (-1e9, 4)    # a minute has passed
+    log("warning", "web_connection_refused", "10.0.0.9", address="10.0.0.9")
+    assert json.loads(logged.getvalue().splitlines()[-1])["left_out"] == 4
