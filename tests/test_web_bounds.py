@@ -74,6 +74,36 @@ def test_huge_numbers_in_headers_and_bodies_are_400(cluster_home):
     assert status == 400 and "width" in text
 
 
+SHAPES = [2 ** 63 - 1, -2 ** 63, 1e308, 1.5, True, None, "x", [], {}, [1.5], [True], ["1"],
+          {"a": 1}, -1, 0]
+
+
+def test_any_shape_of_any_submit_field_is_never_a_500(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    app = web.make_app(config)
+
+    def status(path, body):
+        return call(app, path, "POST", headers=admin(config), body=json.dumps(body).encode())[0]
+    failures = []
+    for field in ("timeout", "retries", "depends_on", "priority", "payload", "requirements",
+                  "idempotency_key", "retry_on_failure", "task_type"):
+        for value in SHAPES:
+            for path in ("/api/v1/tasks", "/api/v1/groups"):
+                body = {"task_type": "echo", "payload": "x", field: value}
+                if status(path, body) >= 500:
+                    failures.append((path, field, value))
+    huge = "cores=" + HUGE
+    for path, body in (("/api/v1/broadcast", {"command": "reload", "targets": [huge]}),
+                       ("/api/v1/tasks", {"task_type": "echo", "payload": "x",
+                                          "requirements": [huge]}),
+                       ("/api/v1/command", {"command": "submit echo x --require " + huge}),
+                       ("/api/v1/command", {"command": "submit echo x --timeout nan"})):
+        if status(path, body) >= 500:
+            failures.append((path, body))
+    assert not failures
+
+
 @pytest.mark.parametrize("line", ["tasks --limit " + HUGE, "task " + JUST_PAST,
                                   "logs -n " + HUGE, "stats --minutes " + HUGE,
                                   "group " + HUGE, "logs --task " + HUGE, "tasks --limit ²"])

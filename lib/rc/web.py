@@ -32,7 +32,7 @@ from rc import state_dir, web_server
 from rc import stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
-from rc.states import COMPLETED, TASK_STATES, TERMINAL_STATES
+from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
@@ -467,6 +467,7 @@ class Web:
         include_new = body.get("include_new", False)
         if not isinstance(include_new, bool):
             raise ApiError(400, "include_new must be true or false")
+        check_shapes(body)
         options = {key: body[key] for key in ("priority", "timeout", "retries",
                                                "retry_on_failure", "depends_on") if key in body}
         connection = self.connection()
@@ -1016,12 +1017,25 @@ def submitted_spec(body):
     if unknown:
         raise ApiError(400, "unknown field %s (known: %s)"
                        % (", ".join(unknown), ", ".join(sorted(SUBMIT_FIELDS))))
+    check_shapes(body)
     return {"task_type": body.get("task_type"), "payload": submitted_payload(body),
             "priority": body.get("priority", "normal"), "timeout": body.get("timeout"),
             "retries": body.get("retries"), "requirements": submitted_requirements(body),
             "idempotency_key": body.get("idempotency_key"),
             "retry_on_failure": body.get("retry_on_failure", False),
             "depends_on": body.get("depends_on", [])}
+
+
+def check_shapes(body):
+    """The fields of a submit whose wrong shape tasks.submit would not name
+    (it would fail on them): 400 naming the field."""
+    if not isinstance(body.get("priority", "normal"), str):
+        raise ApiError(400, "priority must be one of %s" % ", ".join(PRIORITIES))
+    depends_on = body.get("depends_on", [])
+    if not isinstance(depends_on, list) or not all(
+            isinstance(task_id, int) and not isinstance(task_id, bool) and task_id > 0
+            for task_id in depends_on):
+        raise ApiError(400, "depends_on must be a list of task ids")
 
 
 def submitted_payload(body):
@@ -1038,8 +1052,11 @@ def submitted_requirements(body):
     if isinstance(requirements, list):
         if not all(isinstance(text, str) for text in requirements):
             raise tasks.TaskError("requirements must be an object or a list of KEY=VALUE")
-        return tasks.parse_requirements(requirements)
-    return requirements
+        requirements = tasks.parse_requirements(requirements)
+    try:
+        return bounded.check_json(requirements, "requirements")
+    except ValueError as e:
+        raise ApiError(400, str(e))
 
 
 def separated(rows, columns):
