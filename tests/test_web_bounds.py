@@ -104,6 +104,26 @@ def test_any_shape_of_any_submit_field_is_never_a_500(cluster_home, add_device):
     assert not failures
 
 
+HOSTILE_HEADERS = [{"Origin": "http://["}, {"Origin": "http://[::1"}, {"Host": "["},
+                   {"Host": "a:b:c"}, {"Authorization": "Bearer \xe9"}, {"Authorization": "\xe9"},
+                   {"Cookie": "rc_stream=" + "9" * 40 + ".x"}, {"Cookie": "rc_stream=1.\xe9"},
+                   {"Cookie": "=;;;"}, {"Last-Event-ID": "\xe9"}, {"Sec-Fetch-Site": "\xe9"}]
+
+
+@pytest.mark.parametrize("headers", HOSTILE_HEADERS)
+def test_hostile_headers_are_refused_not_500s(cluster_home, headers):
+    """Header bytes that are not UTF-8 (waitress hands them on as latin-1),
+    Origins that are not URLs, cookies of any shape."""
+    config, connection = cluster_home
+    app = web.make_app(config)
+    for path, method in (("/text/status", "GET"), ("/api/v1/tasks", "POST"),
+                         ("/stream/tasks?since=x", "GET"), ("/api/v1/stream-session", "POST")):
+        for remote in ("127.0.0.1", "10.0.0.5"):
+            status, _, text = call(app, path, method, remote=remote, headers=headers,
+                                   body=b"{}")
+            assert status < 500, (path, remote, text)
+
+
 @pytest.mark.parametrize("line", ["tasks --limit " + HUGE, "task " + JUST_PAST,
                                   "logs -n " + HUGE, "stats --minutes " + HUGE,
                                   "group " + HUGE, "logs --task " + HUGE, "tasks --limit ²"])

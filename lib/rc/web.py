@@ -156,8 +156,8 @@ class Web:
             raise ApiError(403, "cross-site request refused")
         origin = environ.get("HTTP_ORIGIN")
         if origin and origin != "null" and \
-                urlsplit(origin).netloc.lower() != environ.get("HTTP_HOST", "").lower():
-            raise ApiError(403, "request from origin %s refused" % origin)
+                origin_host(origin) != environ.get("HTTP_HOST", "").lower():
+            raise ApiError(403, "request from origin %s refused" % bounded.shown(origin))
         if origin == "null":
             raise ApiError(403, "request from an opaque origin refused")
 
@@ -165,7 +165,7 @@ class Web:
         """The admin token from the Authorization header, the one place it is
         taken from: a token in a URL (?token=) would be kept in browser
         history, proxy logs and Referer headers, so it is refused."""
-        scheme, _, given = bottle.request.get_header("Authorization", "").partition(" ")
+        scheme, _, given = raw_header("Authorization").partition(" ")
         if scheme.lower() == "bearer" and given.strip():
             return given.strip()
         return None
@@ -599,7 +599,7 @@ class Web:
             raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
                                 " try again later" % self.config.max_streams)
         try:
-            last_id = bottle.request.get_header("Last-Event-ID") or \
+            last_id = raw_header("Last-Event-ID") or \
                 bottle.request.query.get("last_event_id") or None
             events = {"devices": self.device_events, "tasks": self.task_events,
                       "logs": self.log_events}[kind](last_id)
@@ -1071,6 +1071,20 @@ def separated(rows, columns):
     else:
         text = render.separated_text(rows, columns, "\t" if kind == "tsv" else "|", header)
     return text_response(text, TEXT_FORMATS[kind])
+
+
+def raw_header(name):
+    """A request header as the server read it (latin-1): bottle's
+    get_header() decodes it as UTF-8 and raises on bytes that are not."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+
+
+def origin_host(origin):
+    """host:port of an Origin header; None when it is not a URL ("http://[")."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
 
 
 def host_name(header):
