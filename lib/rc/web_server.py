@@ -165,6 +165,7 @@ class TLSChannel(Channel):
         else:
             self.handshaking = False
             self.last_activity = time.time()
+            self.handle_read()      # a request that came with the handshake's end
 
     def handle_read(self):
         if self.handshaking:
