@@ -20,8 +20,8 @@ import orjson
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, db, device_secrets, devices, explain, fleet, health, housekeeping
-from rc import render, state_dir, stats, tasks, tls
+from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet, health
+from rc import housekeeping, render, state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -66,6 +66,8 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
                       "label", "role", "slots", "revoke", "broadcast"}
+# `logs --program audit`: who did what from where, for the admin only on the web.
+AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
@@ -1104,17 +1106,17 @@ def build_parser(out):
     sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
     sub.add_argument("--state", choices=TASK_STATES)
     sub.add_argument("--device", metavar="ID")
-    sub.add_argument("--limit", type=int, default=DEFAULT_TASK_LIMIT, metavar="N")
+    sub.add_argument("--limit", type=whole_number, default=DEFAULT_TASK_LIMIT, metavar="N")
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
-    sub.add_argument("task_id", type=int, metavar="ID")
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
     sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
                   [formats])
-    sub.add_argument("group_id", type=int, metavar="ID")
+    sub.add_argument("group_id", type=whole_number, metavar="ID")
     sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
-    sub.add_argument("task_id", type=int, metavar="ID")
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
     sub = command("cancel", cmd_cancel, "cancel a task; prints its state after")
-    sub.add_argument("task_id", type=int, metavar="ID")
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
     sub = command("drain", cmd_drain, "no new tasks for a device; its running ones finish")
     sub.add_argument("device_id", metavar="DEVICE")
     sub.add_argument("--now", action="store_true",
@@ -1142,12 +1144,12 @@ def build_parser(out):
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
                      help="only the workers that meet it, as in submit")
     sub = command("control", cmd_control, "which workers acknowledged a broadcast", [as_json])
-    sub.add_argument("control_id", type=int, metavar="ID")
+    sub.add_argument("control_id", type=whole_number, metavar="ID")
     sub = command("logs", cmd_logs, "the programs' logs, merged by time")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
-    sub.add_argument("-n", "--lines", type=int, default=DEFAULT_LOG_LINES, metavar="N")
-    sub.add_argument("--task", type=int, metavar="ID",
+    sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N")
+    sub.add_argument("--task", type=whole_number, metavar="ID",
                      help="only lines about this task: submit, assignment, start, result")
     sub.add_argument("--device", metavar="ID", help="only lines about this device")
     sub.add_argument("--level", choices=list(LEVELS), help="only this level and above")
@@ -1157,7 +1159,7 @@ def build_parser(out):
     # Also `rc stats`; named history so that "stat" + Tab still means status.
     sub = command("history", cmd_stats, "cluster history per minute: throughput, failures,"
                   " durations, queue, devices", [formats], aliases=["stats"])
-    sub.add_argument("--minutes", type=int, default=60, metavar="N",
+    sub.add_argument("--minutes", type=whole_number, default=60, metavar="N",
                      help="how far back (default 60)")
     sub = command("backup", cmd_backup, "a consistent copy of the live database")
     sub.add_argument("file", metavar="FILE")
@@ -1188,7 +1190,7 @@ def add_submit_arguments(sub):
                      help="the message, seconds, expression, code or command")
     sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES))
     sub.add_argument("--timeout", metavar="SECONDS")
-    sub.add_argument("--retries", type=int, metavar="N")
+    sub.add_argument("--retries", type=whole_number, metavar="N")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu,"
                      " label.disk=big")
@@ -1208,6 +1210,15 @@ def add_submit_arguments(sub):
 
 
 # -- entry points -------------------------------------------------------------------
+
+def whole_number(text):
+    """argparse's type for counts and ids: digits only, within what SQLite
+    holds, so `--limit 99999999999999999999` is a usage error, not a traceback."""
+    try:
+        return bounded.whole(text, "the value")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
 
 def run_command(argv, out, err, config=None, width=None, colour=None, logger=None,
                 actor=("cli", "local")):
@@ -1260,6 +1271,8 @@ def web_access(argv):
     if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
                                                 arguments.wait_timeout > WEB_WAIT_LIMIT):
         argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])
+    if name == "logs" and arguments.program == AUDIT_PROGRAM:
+        return "admin"           # who did what from where: not for every reader
     return "admin" if name in WEB_ADMIN_COMMANDS else "read"
 
 

@@ -12,6 +12,17 @@ READ_ACCESS = "local"           # who may read /text, GET /api/v1 and /stream wi
 ALLOWED_HOSTS = []              # Host names rc-web answers to besides IP addresses,
                                 # localhost and this machine's own name
 MAX_STREAMS = 24                # /stream/* connections open at once; each holds a thread
+WEB_CONNECTION_LIMIT = 200      # connections rc-web holds at once; at it, the oldest idle
+                                # one makes way for a new one
+WEB_CONNECTIONS_PER_ADDRESS = 32    # connections one address (an IPv6 /64) may hold; more
+                                # are refused; 0: no limit (behind a reverse proxy)
+WEB_CHANNEL_TIMEOUT = 30.0      # seconds an idle connection (no request) stays open
+WEB_READ_TIMEOUT = 20.0         # seconds a request (and a TLS handshake) has to arrive whole
+WEB_TLS = False                 # true: the dashboard and HTTP API speak HTTPS only
+WEB_TLS_CERT = ""               # PEM certificate (chain) for HTTPS; "": the worker port's,
+                                # var/tls/cert.pem
+WEB_TLS_KEY = ""                # its PEM private key; "": in WEB_TLS_CERT's file, or
+                                # var/tls/key.pem with the worker port's certificate
 
 # -- devices -----------------------------------------------------------------
 HEARTBEAT_INTERVAL = 60.0       # seconds between a worker's heartbeats

@@ -161,13 +161,33 @@ def prune_heartbeats(connection, older_than):
 # -- reading -------------------------------------------------------------------
 
 def device_dict(row):
+    """A stored row as the one device record every view shows (the CLI,
+    /text, /api/v1, /stream). Whatever a device once sent, or an old
+    database holds, the record has the expected shape: a figure that is
+    not a sane number is absent, never an error in a view."""
     device = dict(row)
     for key in LIST_COLUMNS:
         if key in device:
-            device[key] = db.loads(device[key], [])
+            names = loaded(device[key], [])
+            device[key] = [text(v) for v in names if isinstance(v, str)] \
+                if isinstance(names, list) else []
     for key in OBJECT_COLUMNS:
         if key in device:
-            device[key] = db.loads(device[key], {})
+            value = reported(loaded(device[key], {}))
+            device[key] = value if isinstance(value, dict) else {}
+    if "metrics" in device:
+        device["metrics"] = shaped_metrics(device["metrics"])
+    for key, kind, largest in NUMBER_COLUMNS:
+        if key in device:
+            device[key] = number(device[key], kind, largest)
+    if "slots" in device:
+        device["slots"] = max(1, device["slots"] or 1)
+    if "last_seen" in device and device["last_seen"] is None:
+        device["last_seen"] = 0.0        # never heard: every reader subtracts it from now
+    for key in TEXT_COLUMNS:
+        if key in device and device[key] is not None:
+            device[key] = text(device[key]) if isinstance(device[key], str) \
+                else text(str(device[key]))
     for key in ("connected", "available", "drained", "forgotten", "revoked"):
         if key in device:
             device[key] = bool(device[key])
@@ -178,6 +198,77 @@ def device_dict(row):
         device["reported_role"], device["role"] = device["role"], device["role_override"]
     device.pop("role_override", None)
     return device
+
+
+# Columns read back as numbers: (name, type, largest sane value).
+NUMBER_COLUMNS = (("cpu_cores", int, 100000), ("memory_gb", float, 1e7),
+                  ("slots", int, MAX_SLOTS), ("registered_at", float, 1e11),
+                  ("connected_at", float, 1e11), ("disconnected_at", float, 1e11),
+                  ("last_seen", float, 1e11), ("protocol", int, 1e6))
+TEXT_COLUMNS = ("hostname", "platform", "architecture", "role", "role_override",
+                "unavailable_reason", "address")
+PERCENT_METRICS = ("cpu_percent", "memory_percent", "battery_percent", "disk_percent")
+NUMBER_METRICS = ("temperature_c", "uptime_s", "disk_read_bytes", "disk_write_bytes",
+                  "net_bytes_recv", "net_bytes_sent")
+LARGEST_FIGURE = 1e18       # past this a reported figure is junk, not a measurement
+REPORT_DEPTH = 4            # levels of nesting a device's report is shown with
+REPORT_ITEMS = 200          # keys or items shown per object or list
+
+
+def loaded(stored, default):
+    """A JSON column, or `default` when it does not hold JSON (an old or
+    damaged database)."""
+    try:
+        return db.loads(stored, default)
+    except (ValueError, TypeError):
+        return default
+
+
+def reported(value, depth=0):
+    """A value from a device's report as every view can show it: numbers
+    finite and sane, text short, objects and lists shallow; anything else
+    (NaN, 1e308, 2**64, nesting 1,000 deep) is None, which views show as absent."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value if -LARGEST_FIGURE <= value <= LARGEST_FIGURE else None
+    if isinstance(value, str):
+        return text(value, 1000)
+    if depth >= REPORT_DEPTH:
+        return None
+    if isinstance(value, dict):
+        items = ((text(str(k), 100), reported(v, depth + 1))
+                 for k, v in list(value.items())[:REPORT_ITEMS])
+        return {k: v for k, v in items if v is not None}
+    if isinstance(value, list):
+        items = (reported(v, depth + 1) for v in value[:REPORT_ITEMS])
+        return [v for v in items if v is not None]
+    return None
+
+
+def shaped_metrics(metrics):
+    """A device's last system_metrics: an object whose known figures are
+    numbers in their range or absent. Old servers stored the whole
+    heartbeat, with the metrics under system_metrics."""
+    if isinstance(metrics, dict) and "system_metrics" in metrics:
+        metrics = metrics["system_metrics"]
+    if not isinstance(metrics, dict):
+        return {}
+    metrics = dict(metrics)
+    for name in PERCENT_METRICS + NUMBER_METRICS:
+        largest = 100 if name in PERCENT_METRICS else LARGEST_FIGURE
+        if name in metrics and number(metrics[name], float, largest) is None:
+            del metrics[name]
+    battery = metrics.get("battery")
+    if isinstance(battery, dict) and number(battery.get("percent"), float, 100) is None:
+        metrics["battery"] = {k: v for k, v in battery.items() if k != "percent"}
+    elif battery is not None and not isinstance(battery, dict) and \
+            number(battery, float, 100) is None:
+        del metrics["battery"]
+    if "load_avg" in metrics and not (isinstance(metrics["load_avg"], list) and all(
+            number(v, float, LARGEST_FIGURE) is not None for v in metrics["load_avg"])):
+        del metrics["load_avg"]
+    return metrics
 
 
 def availability_of(availability):

@@ -9,7 +9,7 @@ import math
 import random
 import time
 
-from rc import bell, db
+from rc import bell, bounded, db
 from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
                        TERMINAL_STATES)
@@ -132,13 +132,15 @@ def check_requirements(requirements):
             raise TaskError("unknown requirement %r" % key)
         if kind == "int":
             number = parse_number(key, value)
-            if number != int(number) or number < 0:
-                raise TaskError("%s must be a whole number" % key)
+            # In range first: int() of inf raises, and SQLite holds 64 bits.
+            if not 0 <= number <= bounded.LARGEST or number != int(number):
+                raise TaskError("%s must be a whole number from 0 to %d"
+                                % (key, bounded.LARGEST))
             checked[key] = int(number)
         elif kind == "float":
             number = parse_number(key, value)
-            if number < 0:
-                raise TaskError("%s must not be negative" % key)
+            if not 0 <= number <= bounded.LARGEST:      # also false for NaN
+                raise TaskError("%s must be a number from 0 to %d" % (key, bounded.LARGEST))
             checked[key] = number
         elif kind == "list":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

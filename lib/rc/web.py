@@ -11,6 +11,7 @@ needs `Authorization: Bearer <admin token>` (var/admin_token, `rc token
 --admin`), a same-origin request, and a Host header that names this machine
 (against DNS rebinding). The join token the workers hold is never enough.
 """
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -25,13 +26,13 @@ from urllib.parse import urlsplit
 
 import bottle
 import orjson
-import waitress
 
-from rc import audit, bell, cli, db, devices, explain, fleet, health, render, state_dir
+from rc import audit, bell, bounded, cli, db, devices, explain, fleet, health, render
+from rc import state_dir, web_server
 from rc import stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
-from rc.states import COMPLETED, TASK_STATES, TERMINAL_STATES
+from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
@@ -48,6 +49,8 @@ STREAM_RETRY_MS = 2000            # the browser reconnects after this
 DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
 MAX_TERMINAL_WIDTH = 500
 READ_ACCESS = ("open", "local", "token")
+STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
+STREAM_SESSION_SECONDS = 12 * 3600    # how long one stream cookie lasts
 THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
 SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
@@ -105,6 +108,7 @@ class Web:
         self.stream_slots = threading.BoundedSemaphore(config.max_streams)
         self.closing = threading.Event()
         self.host_names = own_host_names(config.allowed_hosts)
+        self.log = web_server.RateLimitedLog(logger)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.
@@ -152,24 +156,28 @@ class Web:
             raise ApiError(403, "cross-site request refused")
         origin = environ.get("HTTP_ORIGIN")
         if origin and origin != "null" and \
-                urlsplit(origin).netloc.lower() != environ.get("HTTP_HOST", "").lower():
-            raise ApiError(403, "request from origin %s refused" % origin)
+                origin_host(origin) != environ.get("HTTP_HOST", "").lower():
+            raise ApiError(403, "request from origin %s refused" % bounded.shown(origin))
         if origin == "null":
             raise ApiError(403, "request from an opaque origin refused")
 
-    def given_token(self, allow_query=False):
-        scheme, _, given = bottle.request.get_header("Authorization", "").partition(" ")
+    def given_token(self):
+        """The admin token from the Authorization header, the one place it is
+        taken from: a token in a URL (?token=) would be kept in browser
+        history, proxy logs and Referer headers, so it is refused."""
+        scheme, _, given = raw_header("Authorization").partition(" ")
         if scheme.lower() == "bearer" and given.strip():
             return given.strip()
-        if allow_query:   # EventSource cannot send headers
-            return bottle.request.query.get("token") or None
         return None
 
-    def token_matches(self, given):
+    def admin_token(self):
         try:
-            token = state_dir.read_secret(self.config.admin_token_path)
+            return state_dir.read_secret(self.config.admin_token_path)
         except (OSError, ValueError):
             raise ApiError(503, "no admin token; run `make install`")
+
+    def token_matches(self, given):
+        token = self.admin_token()
         return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
     def require_admin(self):
@@ -178,14 +186,66 @@ class Web:
                                 " (send Authorization: Bearer TOKEN; see `rc token --admin`)")
 
     def check_read(self):
+        if self.reads_audit_log():
+            return self.require_admin()
         mode = self.config.read_access
         if mode == "open" or (mode == "local" and is_loopback(
                 bottle.request.environ.get("REMOTE_ADDR"))):
             return
-        if not self.token_matches(self.given_token(bottle.request.method == "GET")):
-            raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
-                                " send Authorization: Bearer TOKEN"
-                           % (bottle.request.environ.get("REMOTE_ADDR"), mode))
+        if self.token_matches(self.given_token()) or self.has_stream_cookie():
+            return
+        raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
+                            " send Authorization: Bearer TOKEN%s"
+                       % (bottle.request.environ.get("REMOTE_ADDR"), mode,
+                          " (a token in the URL is refused)"
+                          if "token" in bottle.request.query else ""))
+
+    def reads_audit_log(self):
+        """The audit log says who did what from where: the admin token
+        always, from this machine too."""
+        path = bottle.request.path
+        return path in ("/text/logs", "/stream/logs") and \
+            bottle.request.query.get("program") == cli.AUDIT_PROGRAM
+
+    # -- the stream cookie: EventSource cannot send a header -----------------------
+
+    def stream_session(self):
+        """POST /api/v1/stream-session with the admin token: a cookie that
+        lets this browser open /stream/* for STREAM_SESSION_SECONDS, so the
+        token never goes into a stream's URL. HttpOnly (no script reads it),
+        SameSite=Strict (no other site's page sends it), Secure under HTTPS."""
+        expires = int(time.time() + STREAM_SESSION_SECONDS)
+        cookie = "%s=%d.%s; Path=/stream; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+            STREAM_COOKIE, expires, self.stream_proof(expires), STREAM_SESSION_SECONDS,
+            "; Secure" if self.config.web_tls else "")
+        self.audit("stream_session_started", expires=expires)
+        response = json_response({"expires": expires})
+        response.set_header("Set-Cookie", cookie)
+        return response
+
+    def end_stream_session(self):
+        """DELETE /api/v1/stream-session (the terminal's `logout`)."""
+        response = json_response({"expires": 0})
+        response.set_header("Set-Cookie", "%s=; Path=/stream; Max-Age=0; HttpOnly;"
+                                          " SameSite=Strict" % STREAM_COOKIE)
+        return response
+
+    def stream_proof(self, expires):
+        """An HMAC of the expiry under the admin token: nothing to store, and
+        a new admin token (`rc token --admin --rotate`) ends every session."""
+        return hmac.new(self.admin_token().encode(), b"rc-stream:%d" % expires,
+                        hashlib.sha256).hexdigest()
+
+    def has_stream_cookie(self):
+        if not bottle.request.path.startswith("/stream/"):
+            return False
+        expires, _, proof = (bottle.request.get_cookie(STREAM_COOKIE) or "").partition(".")
+        try:
+            expires = bounded.whole(expires, "expiry")
+        except ValueError:
+            return False
+        return expires > time.time() and hmac.compare_digest(
+            proof.encode(), self.stream_proof(expires).encode())
 
     # -- request helpers ---------------------------------------------------------
 
@@ -199,6 +259,10 @@ class Web:
             body = orjson.loads(data or b"{}")
         except orjson.JSONDecodeError as e:
             raise ApiError(400, "request body is not JSON: %s" % e)
+        try:
+            bounded.check_json(body)
+        except ValueError as e:
+            raise ApiError(400, str(e))
         if not isinstance(body, dict) and not (batch and isinstance(body, list)):
             raise ApiError(400, "request body must be a JSON object"
                            + (" or a list of them" if batch else ""))
@@ -403,6 +467,7 @@ class Web:
         include_new = body.get("include_new", False)
         if not isinstance(include_new, bool):
             raise ApiError(400, "include_new must be true or false")
+        check_shapes(body)
         options = {key: body[key] for key in ("priority", "timeout", "retries",
                                                "retry_on_failure", "depends_on") if key in body}
         connection = self.connection()
@@ -534,7 +599,7 @@ class Web:
             raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
                                 " try again later" % self.config.max_streams)
         try:
-            last_id = bottle.request.get_header("Last-Event-ID") or \
+            last_id = raw_header("Last-Event-ID") or \
                 bottle.request.query.get("last_event_id") or None
             events = {"devices": self.device_events, "tasks": self.task_events,
                       "logs": self.log_events}[kind](last_id)
@@ -554,7 +619,7 @@ class Web:
         yield ("retry: %d\n\n" % STREAM_RETRY_MS).encode()
         quiet_since = time.monotonic()
         try:
-            for chunk in events:
+            for chunk in self.contained(events, bottle.request.path):
                 if self.closing.is_set() or (disconnected and disconnected()):
                     return
                 if chunk:
@@ -565,6 +630,15 @@ class Web:
                     yield b": ping\n\n"
         finally:
             events.close()   # its database connection closes now, not at collection
+
+    def contained(self, events, path):
+        """A stream's events until one fails: the failure is logged (rate
+        limited) and ends that stream alone; the browser reconnects."""
+        try:
+            yield from events
+        except Exception as e:
+            self.log("error", "stream_failed", type(e).__name__, path=path, error=render.shorten(repr(e), 500),
+                     traceback=traceback.format_exc())
 
     def watch(self, connection):
         """Yields True when the database has changed, None otherwise, one
@@ -603,8 +677,9 @@ class Web:
         try:
             after = event_number(last_id)
             if after is None:
-                after = bottle.request.query.get("since")
-                after = int(after) if (after or "").isdigit() else connection.execute(
+                after = event_number(bottle.request.query.get("since"))
+            if after is None:
+                after = connection.execute(
                     "SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
         except BaseException:
             connection.close()
@@ -674,10 +749,15 @@ class Web:
                                   mimetype="text/x-python", download=True)
 
     def error(self, error):
+        """Every error as {"error": ...}; a failure of ours (500) is logged,
+        once a minute per route and kind, and ends only its own request."""
         if error.status_code >= 500:
-            self.logger.error("request_failed", method=bottle.request.method,
-                              path=bottle.request.path, error=repr(error.exception),
-                              traceback=error.traceback or traceback.format_exc())
+            route = bottle.request.environ.get("bottle.route")
+            self.log("error", "request_failed", "%s %s" % (
+                         getattr(route, "rule", "?"), type(error.exception).__name__),
+                     method=bottle.request.method, path=render.shorten(bottle.request.path, 200),
+                     error=render.shorten(repr(error.exception), 500),
+                     traceback=error.traceback or traceback.format_exc())
         bottle.response.content_type = "application/json"
         return orjson.dumps({"error": error.body or error.status_line})
 
@@ -720,7 +800,8 @@ def device_event_id(device):
 
 
 def event_number(text):
-    return int(text) if text and text.strip().isdigit() else None
+    """A task event's id from Last-Event-ID or ?since=; None when there is none."""
+    return None if text in (None, "") else request_int(text, "event id")
 
 
 def event_time(text):
@@ -906,16 +987,26 @@ def sample_value(value):
 # -- requests ------------------------------------------------------------------------
 
 def query_int(name, default):
+    """?name=N, a whole number from 0 that SQLite can hold, or 400."""
     text = bottle.request.query.get(name)
     if text in (None, ""):
         return default
+    return request_int(text, name)
+
+
+def request_int(text, name):
     try:
-        value = int(text)
+        return bounded.whole(text, name)
+    except ValueError as e:
+        raise ApiError(400, str(e))
+
+
+def path_id(text):
+    """The <…:id> of a path: an id past what SQLite holds names nothing."""
+    try:
+        return bounded.whole(text, "id")
     except ValueError:
-        raise ApiError(400, "%s must be a whole number, not %r" % (name, text))
-    if value < 0:
-        raise ApiError(400, "%s must not be negative" % name)
-    return value
+        raise bottle.HTTPError(404, "no such id %s" % bounded.shown(text))
 
 
 def submitted_spec(body):
@@ -926,12 +1017,25 @@ def submitted_spec(body):
     if unknown:
         raise ApiError(400, "unknown field %s (known: %s)"
                        % (", ".join(unknown), ", ".join(sorted(SUBMIT_FIELDS))))
+    check_shapes(body)
     return {"task_type": body.get("task_type"), "payload": submitted_payload(body),
             "priority": body.get("priority", "normal"), "timeout": body.get("timeout"),
             "retries": body.get("retries"), "requirements": submitted_requirements(body),
             "idempotency_key": body.get("idempotency_key"),
             "retry_on_failure": body.get("retry_on_failure", False),
             "depends_on": body.get("depends_on", [])}
+
+
+def check_shapes(body):
+    """The fields of a submit whose wrong shape tasks.submit would not name
+    (it would fail on them): 400 naming the field."""
+    if not isinstance(body.get("priority", "normal"), str):
+        raise ApiError(400, "priority must be one of %s" % ", ".join(PRIORITIES))
+    depends_on = body.get("depends_on", [])
+    if not isinstance(depends_on, list) or not all(
+            isinstance(task_id, int) and not isinstance(task_id, bool) and task_id > 0
+            for task_id in depends_on):
+        raise ApiError(400, "depends_on must be a list of task ids")
 
 
 def submitted_payload(body):
@@ -948,8 +1052,11 @@ def submitted_requirements(body):
     if isinstance(requirements, list):
         if not all(isinstance(text, str) for text in requirements):
             raise tasks.TaskError("requirements must be an object or a list of KEY=VALUE")
-        return tasks.parse_requirements(requirements)
-    return requirements
+        requirements = tasks.parse_requirements(requirements)
+    try:
+        return bounded.check_json(requirements, "requirements")
+    except ValueError as e:
+        raise ApiError(400, str(e))
 
 
 def separated(rows, columns):
@@ -964,6 +1071,20 @@ def separated(rows, columns):
     else:
         text = render.separated_text(rows, columns, "\t" if kind == "tsv" else "|", header)
     return text_response(text, TEXT_FORMATS[kind])
+
+
+def raw_header(name):
+    """A request header as the server read it (latin-1): bottle's
+    get_header() decodes it as UTF-8 and raises on bytes that are not."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+
+
+def origin_host(origin):
+    """host:port of an Origin header; None when it is not a URL ("http://[")."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
 
 
 def host_name(header):
@@ -1011,6 +1132,7 @@ def make_app(config, logger=None):
                                     % (", ".join(READ_ACCESS), config.read_access))
     web = Web(config, logger or Logger("rc-web", config.log_level))
     app = bottle.Bottle()
+    app.router.add_filter("id", lambda conf: (r"[0-9]+", path_id, str))
     routes = [
         ("GET", "/health", web.health, "open"), ("GET", "/api/v1/health", web.health, "open"),
         ("GET", "/api/v1/status", web.status, "read"),
@@ -1018,11 +1140,11 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/devices", web.devices, "read"),
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
         ("GET", "/api/v1/tasks", web.tasks, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>", web.task, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>/result", web.result, "read"),
-        ("GET", "/api/v1/tasks/<task_id:int>/why", web.why, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>", web.task, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>/result", web.result, "read"),
+        ("GET", "/api/v1/tasks/<task_id:id>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
-        ("POST", "/api/v1/tasks/<task_id:int>/cancel", web.cancel, "admin"),
+        ("POST", "/api/v1/tasks/<task_id:id>/cancel", web.cancel, "admin"),
         ("POST", "/api/v1/devices/<device_id>/drain", web.drain, "admin"),
         ("POST", "/api/v1/devices/<device_id>/resume", web.resume, "admin"),
         ("POST", "/api/v1/devices/<device_id>/forget", web.forget, "admin"),
@@ -1030,10 +1152,12 @@ def make_app(config, logger=None):
         ("POST", "/api/v1/devices/<device_id>/labels", web.labels, "admin"),
         ("POST", "/api/v1/devices/<device_id>/role", web.role, "admin"),
         ("POST", "/api/v1/groups", web.submit_group, "admin"),
-        ("GET", "/api/v1/groups/<group_id:int>", web.group, "read"),
+        ("GET", "/api/v1/groups/<group_id:id>", web.group, "read"),
         ("POST", "/api/v1/broadcast", web.broadcast, "admin"),
-        ("GET", "/api/v1/controls/<control_id:int>", web.control, "read"),
+        ("GET", "/api/v1/controls/<control_id:id>", web.control, "read"),
         ("POST", "/api/v1/command", web.command, "command"),
+        ("POST", "/api/v1/stream-session", web.stream_session, "admin"),
+        ("DELETE", "/api/v1/stream-session", web.end_stream_session, "open"),
         ("GET", "/api/v1/completion", web.completion, "read"),
         ("GET", "/text/status", web.text_status, "read"),
         ("GET", "/text/devices", web.text_devices, "read"),
@@ -1055,11 +1179,22 @@ def make_app(config, logger=None):
 def create_server(app, host, port, config):
     """waitress with enough threads that max_streams streams leave
     SPARE_THREADS for ordinary requests; lookahead lets a stream notice that
-    its client went away."""
-    return waitress.create_server(app, host=host, port=port,
-                                  threads=config.max_streams + SPARE_THREADS,
-                                  ident="rc-web", max_request_body_size=SERVER_BODY_LIMIT,
-                                  channel_request_lookahead=1)
+    its client went away. The limits on connections and their timeouts, and
+    HTTPS, are web_server's (docs/http.md)."""
+    web = app.config["rc.web"]
+    timeouts = (config.web_channel_timeout, config.web_read_timeout)
+    return web_server.Server(
+        app, {"connections_per_address": config.web_connections_per_address,
+              "read_timeout": config.web_read_timeout},
+        web.log, web_server.tls_context(config) if config.web_tls else None,
+        host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
+        max_request_body_size=SERVER_BODY_LIMIT, channel_request_lookahead=1,
+        connection_limit=config.web_connection_limit,
+        channel_timeout=max(1, int(config.web_channel_timeout)),
+        # waitress looks for idle and slow connections this often (whole seconds).
+        cleanup_interval=max(1, int(min(timeouts) / 2)),
+        url_scheme="https" if config.web_tls else "http",
+        asyncore_use_poll=True)     # select() fails past descriptor 1024
 
 
 def main():
@@ -1072,8 +1207,14 @@ def main():
     except (rc_config.ConfigError, ValueError) as e:
         logger.error("config_error", error=str(e))
         return 1
-    server = create_server(app, config.web_host, config.web_port, config)
-    logger.info("web_started", host=config.web_host, port=int(server.effective_port))
+    web_server.route_waitress_log(app.config["rc.web"].log)
+    try:
+        server = create_server(app, config.web_host, config.web_port, config)
+    except (OSError, ValueError) as e:      # a certificate that cannot be read
+        logger.error("web_cannot_listen", error=str(e), tls=config.web_tls)
+        return 1
+    logger.info("web_started", host=config.web_host, port=int(server.effective_port),
+                tls=config.web_tls)
     server.run()
     return 0
 

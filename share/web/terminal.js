@@ -180,8 +180,15 @@ function run(text) {
   if (name === "theme") return theme(words[1]);
   if (name === "monitor" && words.length === 1) return startMonitor();
   if (name === "login") return askToken(null);
-  if (name === "logout") { store(TOKEN_KEY, null); term.writeln("token forgotten"); return prompt(); }
+  if (name === "logout") return logout();
   runRemote(text);
+}
+
+async function logout() {
+  store(TOKEN_KEY, null);
+  try { await fetch("/api/v1/stream-session", {method: "DELETE"}); } catch (e) { /* offline */ }
+  term.writeln("token forgotten");
+  prompt();
 }
 
 function theme(name) {
@@ -285,11 +292,16 @@ async function complete() {
 
 // -- monitor ----------------------------------------------------------------------
 
-function streamUrl(path) {
-  return token() ? path + "?token=" + encodeURIComponent(token()) : path;
+// EventSource cannot send a header, and a token in a URL ends up in history
+// and logs: with a token, the page first asks for an HttpOnly cookie that lets
+// this browser read /stream/*, then opens the streams with their plain paths.
+async function streamSession() {
+  if (!token()) return;
+  try { await fetch("/api/v1/stream-session", {method: "POST", headers: headers()}); }
+  catch (e) { /* the streams say what is wrong */ }
 }
 
-function startMonitor() {
+async function startMonitor() {
   mode = "monitor";
   const state = {sources: [], timer: null, refresh: null, drawing: false, again: false};
   monitorState = state;
@@ -297,14 +309,16 @@ function startMonitor() {
     if (state.timer === null) state.timer = setTimeout(() => { state.timer = null; draw(state); },
                                                        MONITOR_DEBOUNCE_MS);
   };
+  draw(state);
+  await streamSession();
+  if (monitorState !== state) return;   // left before the cookie came
   for (const path of ["/stream/devices", "/stream/tasks"]) {
-    const source = new EventSource(streamUrl(path));
+    const source = new EventSource(path);
     source.addEventListener("device", later);
     source.addEventListener("task", later);
     state.sources.push(source);
   }
   state.refresh = setInterval(later, MONITOR_REFRESH_MS);
-  draw(state);
 }
 
 async function draw(state) {

@@ -1,0 +1,314 @@
+"""rc-web's sockets: waitress, with limits a slow or hostile client cannot
+exhaust, and HTTPS without a proxy.
+
+waitress caps the connections it holds (then stops accepting) and closes
+idle ones, but knows nothing of who holds them: 100 idle sockets from one
+address locked everyone out, and a request that never finishes arriving
+counted as activity. Here one address (an IPv6 /64) holds at most
+`web_connections_per_address`; a request, TLS handshake included, must
+arrive whole within `web_read_timeout`; an idle connection closes after
+`web_channel_timeout`, or at once when the cap is reached and a new client
+knocks. waitress has no TLS: a TLS channel does the handshake
+and the encryption inside waitress's own non-blocking loop, so nothing
+blocks it and every limit above applies to TLS connections too.
+"""
+import ipaddress
+import logging
+import os
+import ssl
+import threading
+import time
+
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+
+from rc import tls
+
+LOG_INTERVAL = 60.0         # seconds between two lines of the same event and key
+LOG_KEYS = 10000            # keys remembered for rate limiting before starting afresh
+IPV6_PREFIX = 64            # one IPv6 client usually holds a whole /64
+REFUSAL_TEXT = b"too many connections from your address\n"
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+           b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+           % (len(REFUSAL_TEXT), REFUSAL_TEXT))
+
+
+class RateLimitedLog:
+    """At most one line per event and key (an address) every LOG_INTERVAL
+    seconds; the next line says how many were left out."""
+
+    def __init__(self, logger, interval=LOG_INTERVAL):
+        self.logger, self.interval = logger, interval
+        self.seen, self.lock = {}, threading.Lock()
+
+    def __call__(self, level, event, key="", **fields):
+        now = time.monotonic()
+        with self.lock:
+            if len(self.seen) > LOG_KEYS:
+                self.seen.clear()
+            last, left_out = self.seen.get((event, key), (None, 0))
+            if last is not None and now - last < self.interval:
+                self.seen[(event, key)] = (last, left_out + 1)
+                return
+            self.seen[(event, key)] = (now, 0)
+        if left_out:
+            fields["left_out"] = left_out
+        self.logger.log(level, event, **fields)
+
+
+class WaitressLog(logging.Handler):
+    """waitress's own messages (a socket error, an exception while serving)
+    as our JSON lines, rate limited per message, instead of bare text on
+    stderr."""
+
+    LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+    def __init__(self, log):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record):
+        try:
+            fields = {"message": record.getMessage()[:500]}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = repr(record.exc_info[1])[:500]
+            self.log(self.LEVELS.get(record.levelno, "error"), "web_server_message",
+                     str(record.msg)[:100], **fields)
+        except Exception:         # a log line is never worth a crash
+            pass
+
+
+def route_waitress_log(log):
+    logger = logging.getLogger("waitress")
+    logger.handlers = [WaitressLog(log)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def address_key(address):
+    """Whose connection this is, for the per-address limit."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_PREFIX), strict=False))
+
+
+class Channel(HTTPChannel):
+    """A connection that knows whose it is and when its request began."""
+
+    request_started = None
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        self.address_key = address_key(addr[0] if isinstance(addr, tuple) else addr)
+        super().__init__(server, sock, addr, adj, map)
+
+    def received(self, data):
+        if self.request is None:
+            self.request_started = time.time()
+        return super().received(data)
+
+    def overdue(self, now, read_timeout):
+        """A request that began arriving too long ago and is still not whole."""
+        return self.request is not None and not self.request.completed and \
+            self.request_started is not None and now - self.request_started > read_timeout
+
+
+class TLSChannel(Channel):
+    """A channel over TLS: the handshake and every read and write are
+    non-blocking steps of waitress's loop. OpenSSL objects are not for two
+    threads at once, and waitress writes from its task threads while the
+    loop reads, hence the lock."""
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        self.handshaking, self.handshake_writes = True, False
+        self.tls_lock = threading.Lock()
+        super().__init__(server, sock, addr, adj, map)
+        self.request_started = self.creation_time   # the handshake counts as reading
+
+    def overdue(self, now, read_timeout):
+        if self.handshaking:
+            return now - self.creation_time > read_timeout
+        return super().overdue(now, read_timeout)
+
+    def readable(self):
+        return True if self.handshaking else super().readable()
+
+    def writable(self):
+        if self.handshaking:
+            return self.handshake_writes or self.will_close
+        return super().writable()
+
+    def handle_write(self):
+        if self.handshaking and self.will_close:
+            return self.handle_close()
+        if self.handshaking:
+            return self.shake_hands()
+        return super().handle_write()
+
+    def shake_hands(self):
+        try:
+            with self.tls_lock:
+                self.socket.do_handshake()
+        except ssl.SSLWantReadError:
+            self.handshake_writes = False
+        except ssl.SSLWantWriteError:
+            self.handshake_writes = True
+        except (ssl.SSLError, OSError) as e:
+            self.server.log("debug", "web_tls_handshake_failed", self.address_key,
+                            address=self.address_key, error=str(e))
+            self.handle_close()
+        else:
+            self.handshaking = False
+            self.last_activity = time.time()
+            self.handle_read()      # a request that came with the handshake's end
+
+    def handle_read(self):
+        if self.handshaking:
+            return self.shake_hands()
+        try:
+            data = self.read_available()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError:          # ssl.SSLError included: a broken or closed session
+            data = b""
+        if not data:
+            return self.handle_close()
+        self.last_activity = time.time()
+        self.received(data)
+
+    def read_available(self):
+        """What the socket has, including what OpenSSL already decrypted and
+        holds (select() cannot see that)."""
+        with self.tls_lock:
+            data = self.socket.recv(self.adj.recv_bytes)
+            while data and self.socket.pending():
+                data += self.socket.recv(self.socket.pending())
+        return data
+
+    def send(self, data, do_close=True):
+        try:
+            with self.tls_lock:
+                return self.socket.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            return 0
+        except OSError:
+            if do_close:
+                self.handle_close()
+            return 0
+
+
+class Server(TcpWSGIServer):
+    """waitress's TCP server with the per-address cap, the read deadline
+    and TLS. `limits` holds connections_per_address and read_timeout
+    (seconds); `tls_context`, when given, makes every connection HTTPS;
+    `log(level, event, key, **fields)` is rate limited."""
+
+    def __init__(self, application, limits, log, tls_context=None, **adjustments):
+        self.limits, self.log, self.tls_context = limits, log, tls_context
+        self.channel_class = TLSChannel if tls_context else Channel
+        super().__init__(application, **adjustments)
+
+    def handle_accept(self):
+        """Never raises: an error here would close the listening socket."""
+        try:
+            self.accept_one()
+        except Exception as e:
+            self.log("error", "web_accept_failed", type(e).__name__,
+                     error="%s: %s" % (type(e).__name__, e))
+
+    def accept_one(self):
+        try:
+            pair = self.accept()
+            if pair is None:
+                return
+            conn, addr = pair
+            self.set_socket_options(conn)
+        except OSError as e:      # a connection reset before we took it, or no file left
+            self.log("info", "web_accept_failed", "", error=str(e))
+            return
+        key = address_key(addr[0])
+        if self.over_address_limit(key):
+            return self.refuse(conn, key)
+        try:
+            if self.tls_context:
+                conn = self.tls_context.wrap_socket(conn, server_side=True,
+                                                    do_handshake_on_connect=False)
+            self.channel_class(self, conn, addr, self.adj, map=self._map)
+        except OSError as e:
+            self.log("info", "web_accept_failed", key, address=key, error=str(e))
+            conn.close()
+
+    def over_address_limit(self, key):
+        limit = self.limits["connections_per_address"]
+        return bool(limit) and sum(1 for channel in list(self.active_channels.values())
+                                   if channel.address_key == key) >= limit
+
+    def refuse(self, conn, key):
+        self.log("warning", "web_connection_refused", key, address=key,
+                 reason="more than %d connections from this address"
+                        % self.limits["connections_per_address"])
+        try:
+            if not self.tls_context:
+                conn.send(REFUSAL)
+        except OSError:
+            pass
+        conn.close()
+
+    def readable(self):
+        """At the connection limit waitress stops accepting until one
+        closes; the oldest connection that is not being served closes first
+        instead, so sockets held from many addresses cannot lock anyone out."""
+        if self.accepting and len(self._map) >= self.adj.connection_limit:
+            self.close_oldest_unserved()
+        return super().readable()
+
+    def close_oldest_unserved(self):
+        channels = list(self.active_channels.values())
+        if any(channel.will_close for channel in channels):
+            return          # one is already on its way out
+        waiting = [channel for channel in channels if not channel.requests]
+        if waiting:
+            oldest = min(waiting, key=lambda channel: channel.last_activity)
+            oldest.will_close = True
+            self.log("warning", "web_connection_limit_reached", "",
+                     limit=self.adj.connection_limit, closed=oldest.address_key)
+
+    def maintenance(self, now):
+        """waitress closes idle connections; this also closes those whose
+        request (or TLS handshake) has taken longer than read_timeout."""
+        super().maintenance(now)
+        for channel in list(self.active_channels.values()):
+            if channel.overdue(now, self.limits["read_timeout"]):
+                self.log("info", "web_request_too_slow", channel.address_key,
+                         address=channel.address_key,
+                         seconds=round(now - channel.request_started, 3))
+                channel.will_close = True
+
+    def run(self):
+        """waitress's loop, restarted if anything escapes it: one bad
+        connection never ends rc-web."""
+        while True:
+            try:
+                return super().run()
+            except Exception as e:
+                self.log("error", "web_loop_failed", type(e).__name__,
+                         error="%s: %s" % (type(e).__name__, e))
+                time.sleep(0.1)
+
+
+def tls_context(config):
+    """The dashboard's certificate: the one the user names (web_tls_cert and
+    web_tls_key), else the worker port's, in var/tls/."""
+    cert_path, key_path = tls.paths(config)
+    if config.web_tls_cert:
+        cert_path = config.web_tls_cert
+        key_path = config.web_tls_key or config.web_tls_cert
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(os.path.expanduser(cert_path), os.path.expanduser(key_path))
+    return context
