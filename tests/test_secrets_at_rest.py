@@ -285,7 +285,10 @@ def test_restored_onto_a_node_with_another_device_key_devices_join_again(cluster
         in said["restore"]
     since = audit.read(cluster.config)[joined_before:]
     assert {line["actor"] for line in since if line["event"] == "device_joined"} >= set(held)
-    now = device_secrets_held(cluster)
-    assert set(now) == set(held) and all(now[d] != held[d] for d in held)
+    # A worker writes its new secret just after the main node records its
+    # join (which is all online() sees): wait for the files too.
+    now = wait_for(lambda: (lambda found: found if set(found) == set(held) else None)(
+        device_secrets_held(cluster)), 10, "both workers' new secrets")
+    assert all(now[d] != held[d] for d in held)
     run_tasks_on_both(cluster)
     shutil.rmtree(str(cluster.outside))
