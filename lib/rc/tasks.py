@@ -121,6 +121,17 @@ def parse_requirements(texts):
     return check_requirements(requirements)
 
 
+def bounded_requirement(key, value):
+    """A requirement's number, in range (SQLite holds 64 bits; NaN fails
+    both comparisons, and int() of inf would raise)."""
+    number = parse_number(key, value)
+    if number < 0:
+        raise TaskError("%s cannot be negative: %s" % (key, value))
+    if not number <= bounded.LARGEST:
+        raise TaskError("%s must be at most %d, not %s" % (key, bounded.LARGEST, value))
+    return number
+
+
 def check_requirements(requirements):
     """Requirements with values of the right kind, or TaskError."""
     if not isinstance(requirements, dict):
@@ -131,17 +142,12 @@ def check_requirements(requirements):
         if kind is None:
             raise TaskError("unknown requirement %r" % key)
         if kind == "int":
-            number = parse_number(key, value)
-            # In range first: int() of inf raises, and SQLite holds 64 bits.
-            if not 0 <= number <= bounded.LARGEST or number != int(number):
-                raise TaskError("%s must be a whole number from 0 to %d"
-                                % (key, bounded.LARGEST))
+            number = bounded_requirement(key, value)
+            if number != int(number):
+                raise TaskError("%s must be a whole number, not %s" % (key, value))
             checked[key] = int(number)
         elif kind == "float":
-            number = parse_number(key, value)
-            if not 0 <= number <= bounded.LARGEST:      # also false for NaN
-                raise TaskError("%s must be a number from 0 to %d" % (key, bounded.LARGEST))
-            checked[key] = number
+            checked[key] = bounded_requirement(key, value)
         elif kind == "list":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise TaskError("%s must be a list of names" % key)
