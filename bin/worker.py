@@ -2007,6 +2007,17 @@ def isolate(jail):
                       b"size=4k,mode=0555")
         elif os.path.exists(path):
             libc_call("mount", b"/dev/null", encoded(path), None, MS_BIND, None)
+    if jail.get("own_dir"):
+        # Other tasks' directories (of the same uid, or of other workers):
+        # gone under a tmpfs, where only this task's own is bound back. The
+        # process stands in it (chdir), which /proc/self/cwd names.
+        top, own = jail["own_dir"]
+        libc_call("mount", b"tmpfs", encoded(top), b"tmpfs", MS_NOSUID | MS_NODEV,
+                  b"size=64k,mode=0711")
+        path = os.path.join(top, own)
+        os.makedirs(path, 0o711)
+        libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
+        os.chdir(path)
 
 
 def isolation_works(hide_network=False):
@@ -2240,7 +2251,7 @@ def pid_alive(text):
 def task_root(device_id):
     """$TMPDIR/rc-worker-EUID/DEVICE_ID.PID: this worker's directory of task
     directories. The first part is made once and must be ours; at start each
-    DEVICE_ID.PID of a worker that is gone is removed, with what its tasks left."""
+    NAME.PID of a worker that is gone is removed, with what its tasks left."""
     import stat
     import tempfile
     top = os.path.join(tempfile.gettempdir(), "rc-worker-%d" % os.geteuid())
@@ -2255,8 +2266,8 @@ def task_root(device_id):
         top = tempfile.mkdtemp(prefix="rc-worker-%d-" % os.geteuid())
     os.chmod(top, 0o711)
     for name in list_dir(top):
-        owner, _, pid = name.rpartition(".")
-        if owner == device_id and not pid_alive(pid):
+        pid = name.rpartition(".")[2]
+        if pid.isdigit() and not pid_alive(pid):
             log("info", "stale_task_dirs_removed", path=os.path.join(top, name))
             remove_tree(os.path.join(top, name))
     root = os.path.join(top, "%s.%d" % (device_id, os.getpid()))
@@ -2332,6 +2343,8 @@ class Sandbox(object):
         less what holds the task directories (a task must reach its own)."""
         paths = [os.path.expanduser(self.options.state_dir), os.path.expanduser("~")]
         paths += [os.path.abspath(path) for path in self.options.hide]
+        if self.options.token_file:
+            paths.append(os.path.abspath(os.path.expanduser(self.options.token_file)))
         root = self.workdirs.root if self.workdirs else "/nonexistent"
         return [p for p in dict.fromkeys(paths)
                 if p not in ("/", "") and not (root + "/").startswith(p.rstrip("/") + "/")]
@@ -2349,7 +2362,9 @@ class Sandbox(object):
                 "nproc": self.process_limit(uid),
                 "track": self.tracking.startswith("subreaper")}
         if getattr(self.options, "isolated", False):
+            top = os.path.dirname(self.workdirs.root)
             jail.update(isolate=True, hide=self.hidden_paths(),
+                        own_dir=(top, os.path.relpath(jail["cwd"], top)),
                         read_only=[os.path.abspath(p) for p in self.options.read_only],
                         network=not self.options.isolate_network)
         return jail
