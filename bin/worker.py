@@ -1481,7 +1481,7 @@ class ProcessTask(Task):
         value = self.argument()
         self.limits = task_rlimits(self.timeout, worker.options)
         try:
-            self.jail = worker.sandbox.open(self)
+            self.jail = worker.sandbox.open(worker, self)
             self.workdir = self.jail["cwd"]
             if self.jail["nproc"]:
                 self.limits.append(["RLIMIT_NPROC", self.jail["nproc"]])
@@ -1827,7 +1827,12 @@ def usage_figures(usage):
 
 
 def python_executable():
-    return sys.executable or which("python3") or "python3"
+    """The interpreter of Python tasks (and of the spawner that forks them):
+    this one, unless the sandbox found that tasks cannot read its library."""
+    return task_python[0] if task_python else sys.executable or which("python3") or "python3"
+
+
+task_python = []     # [path] once Sandbox.prepare chose another interpreter for tasks
 
 
 # Evaluates expression.txt in the child and prints repr() of the value.
@@ -1932,6 +1937,11 @@ KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC
                     (1024, 1024), (2048, 2048), (4096, 1 << 21))
 
 
+def linux_kernel():
+    """Linux and Android (whose Python says "android" from 3.13 on)."""
+    return sys.platform.startswith("linux") or sys.platform == "android"
+
+
 def libc_call(name, *arguments):
     """Call a libc function through ctypes; OSError on failure. ctypes is
     imported only by the processes that need it (the spawner, a probe)."""
@@ -2023,7 +2033,7 @@ def isolate(jail):
 def isolation_works(hide_network=False):
     """None if --isolate works here, else why not: tried in a forked child,
     so that the worker itself loads no ctypes."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+    if not linux_kernel() or not hasattr(os, "fork"):
         return "no Linux namespaces on %s" % sys.platform
     import tempfile
     probe = tempfile.mkdtemp(prefix="rc-isolation-probe-")
@@ -2077,6 +2087,8 @@ def resolve_task_user(spec, slots):
         raise ValueError("--task-user %s: COUNT must be a number from 1 to 65536" % spec)
     if int(count) < slots:
         raise ValueError("--task-user %s: fewer uids than --slots (%d)" % (spec, slots))
+    if uid == 0:      # every process of these uids is killed when their task ends
+        raise ValueError("--task-user %s: a range of task uids must not include root" % spec)
     return list(range(uid, uid + int(count))), None, "%d-%d" % (uid, uid + int(count) - 1)
 
 
@@ -2115,9 +2127,9 @@ def user_processes(uid, cache={}):
         for name in os.listdir("/proc"):
             if name.isdigit():
                 try:
-                    info = os.stat("/proc/" + name)
-                    if info.st_uid == uid:
-                        count += max(1, info.st_nlink - 2)     # one task directory per thread
+                    if os.stat("/proc/" + name).st_uid == uid:
+                        # /proc/PID/task holds a directory per thread.
+                        count += max(1, os.stat("/proc/%s/task" % name).st_nlink - 2)
                 except OSError:
                     pass
     except OSError:
@@ -2276,6 +2288,27 @@ def task_root(device_id):
     return root
 
 
+def reachable(path, other_uid, hidden):
+    """Whether a task can read `path`: not under a hidden path, and, for a
+    task of another uid, readable by others through directories they may search."""
+    import stat
+    path = os.path.realpath(path)
+    if any((path + "/").startswith(h.rstrip("/") + "/") for h in hidden):
+        return False
+    if not other_uid:
+        return True
+    try:
+        if not os.stat(path).st_mode & stat.S_IROTH:
+            return False
+        while path != os.path.dirname(path):
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+    except OSError:
+        return False
+    return True
+
+
 def remove_tree(path):
     import shutil
     shutil.rmtree(path, ignore_errors=True)
@@ -2299,10 +2332,19 @@ class Sandbox(object):
     def prepare(self, worker):
         """Called once, before the first task."""
         self.cgroups.prepare()
-        self.workdirs = WorkDirs(self.options.slots, task_root(self.options.device_id))
+        try:
+            root = task_root(self.options.device_id)
+        except OSError as e:      # a temporary directory we cannot use as we would
+            import tempfile
+            root = tempfile.mkdtemp(prefix="rc-worker-")
+            log("warning", "task_root_unusable", error=str(e), path=root)
+        self.workdirs = WorkDirs(self.options.slots, root)
         self.tracking = self.tracking_mechanism(worker)
+        self.python_note = self.choose_python()
         for note in getattr(self.options, "sandbox_notes", ()):
             log("warning", "task_sandbox_limited", message=note)
+        if self.python_note:
+            log("warning", "task_python", message=self.python_note)
         if "--token" in self.options.argv or any(
                 a.startswith("--token=") for a in self.options.argv):
             log("warning", "token_on_command_line", message="the join token is on the"
@@ -2311,12 +2353,36 @@ class Sandbox(object):
         log("info", "task_sandbox", user=self.describe_user(), tracking=self.tracking,
             isolation=self.describe_isolation(), task_dirs=self.workdirs.root)
 
+    def choose_python(self):
+        """Python tasks run in the spawner's interpreter and import from its
+        library: a task of another uid, or one whose home is hidden, must be
+        able to read it. Where it cannot (a python under /root or ~), tasks
+        get a python3 from PATH that they can read; a note says which."""
+        other_uid = bool(self.free_uids) and self.free_uids != [os.geteuid()]
+        hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
+        if not (other_uid or hidden):
+            return None
+        here = (sys.executable, os.path.dirname(os.__file__))
+        if all(reachable(path, other_uid, hidden) for path in here):
+            return None
+        for candidate in dict.fromkeys(filter(None, [which("python3"), "/usr/bin/python3",
+                                                     "/usr/local/bin/python3"])):
+            library = run_quietly([candidate, "-I", "-c",
+                                   "import os; print(os.path.dirname(os.__file__))"])
+            if library and all(reachable(path, other_uid, hidden)
+                               for path in (candidate, library.strip())):
+                task_python[:] = [os.path.realpath(candidate)]
+                return ("python tasks run with %s: tasks cannot read the library of %s"
+                        % (task_python[0], sys.executable))
+        return ("tasks cannot read the library of %s and no python3 on PATH they can:"
+                " python tasks may fail to import modules" % sys.executable)
+
     def tracking_mechanism(self, worker):
         if self.cgroups.base is not None:
             return "cgroup v2 per task (%s)" % self.cgroups.base
         if self.free_uids and not self.shared_uid:
             return "a uid per task: all of its processes are killed"
-        if sys.platform.startswith("linux") and worker.spawner.usable():
+        if linux_kernel() and worker.spawner.usable():
             return "subreaper spawner following /proc (an environment mark for the quick)"
         return "process group only: a task that calls setsid escapes it"
 
@@ -2351,16 +2417,16 @@ class Sandbox(object):
 
     # -- one task -------------------------------------------------------------
 
-    def open(self, task):
+    def open(self, worker, task):
         """The jail of a task about to start: the request's "jail" field."""
-        uid = self.free_uids.pop(0) if self.free_uids and not self.shared_uid else (
-            self.free_uids[0] if self.shared_uid else None)
+        uid = self.task_uid()
         gid = self.gid if self.gid is not None else uid
         jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
                 "cwd": self.workdirs.take(uid, gid),
                 "cgroup": self.cgroups.make("task-%s-%s" % task.key),
                 "nproc": self.process_limit(uid),
                 "track": self.tracking.startswith("subreaper")}
+        self.tell_watchdog(worker, b"+", jail)
         if getattr(self.options, "isolated", False):
             top = os.path.dirname(self.workdirs.root)
             jail.update(isolate=True, hide=self.hidden_paths(),
@@ -2368,6 +2434,17 @@ class Sandbox(object):
                         read_only=[os.path.abspath(p) for p in self.options.read_only],
                         network=not self.options.isolate_network)
         return jail
+
+    def task_uid(self):
+        """The uid the next task runs as: a free one of the range, the shared
+        one, or None (the worker's own)."""
+        if self.shared_uid:
+            return self.free_uids[0]
+        if not self.user_name:
+            return None
+        if not self.free_uids:      # more slots than uids, after a reload
+            raise OSError(errno.EAGAIN, "every task uid (%s) is in use" % self.user_name)
+        return self.free_uids.pop(0)
 
     def process_limit(self, uid):
         """RLIMIT_NPROC: it counts every process of the real uid, so a uid
@@ -2392,12 +2469,20 @@ class Sandbox(object):
     def close(self, worker, task):
         """After end(): give back the task's uid, cgroup and directory."""
         jail = task.jail
+        self.tell_watchdog(worker, b"-", jail)
         if jail.get("cgroup"):
             self.cgroups.remove(jail["cgroup"])
         if jail.get("uid") is not None and not self.shared_uid:
             self.free_uids.append(jail["uid"])
             self.free_uids.sort()     # the lowest first: its spare directory waits for it
         self.workdirs.give_back(jail["cwd"], jail.get("uid"))
+
+    def tell_watchdog(self, worker, sign, jail):
+        """What the watchdog kills if the worker dies: the task's cgroup, its uid."""
+        if jail.get("cgroup"):
+            worker.watchdog.tell(sign + b"C" + jail["cgroup"].encode() + b"\n")
+        if jail.get("uid") is not None and not self.shared_uid:
+            worker.watchdog.tell(sign + b"U%d\n" % jail["uid"])
 
     def stop(self):
         if self.workdirs is not None:
@@ -2843,7 +2928,7 @@ class TaskTrees(object):
     @classmethod
     def started(cls):
         """A TaskTrees if this process could become a subreaper, else None."""
-        if not sys.platform.startswith("linux") or not os.path.isdir("/proc/self"):
+        if not linux_kernel() or not os.path.isdir("/proc/self"):
             return None
         try:
             libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -2961,7 +3046,8 @@ def kill_pid(pid):
 ###############################################################################
 # Each task runs in a session of its own, so nothing ends it when the worker is
 # killed with SIGKILL. A forked process reads "+PGID" and "-PGID" lines from a
-# pipe; end of file means the worker is gone, however it died.
+# pipe (and "+C" cgroup, "+U" uid lines from the sandbox); end of file means
+# the worker is gone, however it died.
 
 class Watchdog(object):
     pid = None
@@ -3037,14 +3123,16 @@ def watch(read_fd):
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
         for line in lines:
-            try:
-                pgid = int(line[1:])
-            except ValueError:
-                continue
-            (groups.add if line[:1] == b"+" else groups.discard)(pgid)
-    killed = [pgid for pgid in sorted(groups) if kill_group(pgid)]
+            (groups.add if line[:1] == b"+" else groups.discard)(line[1:])
+    killed = [int(pgid) for pgid in sorted(groups) if pgid.isdigit() and kill_group(int(pgid))]
     if killed:
         log("warning", "orphans_killed", pgids=killed)
+    # What the sandbox knows of the tasks (see Sandbox.tell_watchdog): all they started.
+    for entry in groups:
+        if entry[:1] == b"C":
+            TaskCgroups().kill(entry[1:].decode())
+        elif entry[:1] == b"U" and entry[1:].isdigit():
+            kill_uid(int(entry[1:]))
 
 
 def close_all_but(keep):
@@ -3954,8 +4042,9 @@ def print_sandbox(sandbox):
             isolation += "; tasks can read files of the worker's user"
     print("task isolation: %s" % isolation)
     print("task tracking:  %s" % sandbox.tracking)
-    for note in sandbox.options.sandbox_notes:
-        print("note:           %s" % note)
+    for note in sandbox.options.sandbox_notes + [sandbox.python_note]:
+        if note:
+            print("note:           %s" % note)
 
 
 ###############################################################################

@@ -146,6 +146,16 @@ def test_detached_processes_die_with_their_task_after_timeout_and_cancel(start):
     assert wait_until(lambda: not marked(done), timeout=3), marked(done)
 
 
+def test_detached_processes_die_with_a_killed_worker(start):
+    worker, link = start()
+    marker = new_marker()
+    link.assign(1, "shell", {"command": detaching_command(marker)}, timeout=60)
+    assert wait_until(lambda: len(marked(marker)) >= 6, timeout=10), marked(marker)
+    worker.proc.kill()
+    assert wait_until(lambda: not marked(marker), timeout=5), \
+        "outlived the worker: %s" % marked(marker)
+
+
 def test_a_task_reads_no_secret_of_the_worker_nor_another_tasks_files(start, drop_dir):
     isolate = () if start.runner == "machine" else ("--isolate",)
     token_file = os.path.join(drop_dir, "token")
@@ -284,3 +294,47 @@ def test_local_worker_tasks_reach_nothing_of_the_main_node():
     finally:
         cluster.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- what the options say, imported ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rc_worker_sandbox", WORKER)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def test_protected_paths_that_cannot_be_hidden_leave_only_harmless_task_types(
+        module, monkeypatch):
+    """The local worker of a main node run by a normal user where user
+    namespaces are off (a container, Termux): it must not run code."""
+    monkeypatch.setattr(module, "isolation_works", lambda *a: "namespaces are off (test)")
+    monkeypatch.setattr(module.os, "geteuid", lambda: 1000)
+    options = module.parse_args(["--self-test", "--hide", "/srv/rc/var", "--read-only",
+                                 "/srv/rc"])
+    assert options.task_types == ("echo", "sleep", "system_info")
+    assert not options.isolated
+    assert "namespaces are off (test)" in options.sandbox_notes[0]
+    assert "/srv/rc/var" in options.sandbox_notes[0]
+    # --isolate itself is a demand: the worker does not start without it.
+    with pytest.raises(SystemExit):
+        module.parse_args(["--self-test", "--isolate"])
+
+
+def test_task_user_options(module, monkeypatch):
+    monkeypatch.setattr(module.os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit):        # only root can change uid
+        module.parse_args(["--self-test", "--task-user", "nobody"])
+    assert module.parse_args(["--self-test"]).task_users is None
+    monkeypatch.setattr(module.os, "geteuid", lambda: 0)
+    uids, gid, name = module.resolve_task_user("40000:8", 4)
+    assert uids == list(range(40000, 40008)) and name == "40000-40007"
+    with pytest.raises(ValueError):
+        module.resolve_task_user("40000:2", 4)          # fewer uids than slots
+    with pytest.raises(ValueError):
+        module.resolve_task_user("no-such-user-here", 4)
+    default = module.resolve_task_user(None, 4)[0]
+    assert default and all(59000 <= uid < 59256 for uid in default)
