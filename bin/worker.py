@@ -1942,13 +1942,17 @@ def linux_kernel():
     return sys.platform.startswith("linux") or sys.platform == "android"
 
 
+libc = []      # the C library, once a process (the spawner, a probe) has loaded it
+
+
 def libc_call(name, *arguments):
     """Call a libc function through ctypes; OSError on failure. ctypes is
-    imported only by the processes that need it (the spawner, a probe)."""
+    imported only by the processes that need it; the spawner loads it once,
+    and the tasks it forks inherit it."""
     import ctypes
-    import ctypes.util
-    library = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    if getattr(library, name)(*arguments) != 0:
+    if not libc:     # this program's own symbols, libc's among them (no ldconfig run)
+        libc.append(ctypes.CDLL(None, use_errno=True))
+    if getattr(libc[0], name)(*arguments) != 0:
         number = ctypes.get_errno()
         raise OSError(number, "%s: %s" % (name, os.strerror(number)))
 
@@ -1973,8 +1977,9 @@ def enter_sandbox(jail):
         os.setgroups([])
         os.setgid(jail["gid"])
         os.setuid(jail["uid"])
-        os.environ.update(HOME=jail["cwd"], USER=jail["user"], LOGNAME=jail["user"])
+        os.environ.update(USER=jail["user"], LOGNAME=jail["user"])
     if jail.get("uid") is not None or jail.get("isolate"):
+        os.environ["HOME"] = os.getcwd()      # its own: the real one is hidden or not its
         # Directories of the worker's user it can no longer search: a shell
         # would say "Permission denied" for every command not found.
         os.environ["PATH"] = os.pathsep.join(
