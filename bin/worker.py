@@ -1917,11 +1917,13 @@ TASK_CLASSES = {cls.task_type: cls for cls in (
 #   a user namespace when not root) with the state dir, the home directory and
 #   each --hide path covered by an empty tmpfs, each --read-only path read-only,
 #   and with --isolate-network no network but a loopback that is down.
-# - The end of all it starts: a cgroup v2 per task where the worker may make
-#   one (cgroup.kill); else, with a uid of its own, every process of that uid;
+# - The end of all it starts: with a uid of its own, every process of that
+#   uid; else a cgroup v2 per task where the worker may make one (cgroup.kill);
 #   else the spawner is a child subreaper that follows each task's tree in
 #   /proc, so that setsid, double forks and nohup do not escape. The process
-#   group is killed in every case, and RLIMIT_NPROC bounds a fork bomb.
+#   group is killed in every case, and RLIMIT_NPROC bounds a fork bomb. The
+#   spawner is a subreaper in every case: what a task leaves running comes
+#   back to it, so it knows when there is anything to kill.
 
 TASK_MARK = "RC_TASK_MARK"      # environment variable naming a task's first process
 # Task types that run no code of the task's sender: what a worker that must
@@ -1980,11 +1982,7 @@ def enter_sandbox(jail):
         os.environ.update(USER=jail["user"], LOGNAME=jail["user"])
     if jail.get("uid") is not None or jail.get("isolate"):
         os.environ["HOME"] = os.getcwd()      # its own: the real one is hidden or not its
-        # Directories of the worker's user it can no longer search: a shell
-        # would say "Permission denied" for every command not found.
-        os.environ["PATH"] = os.pathsep.join(
-            d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
-            if d and os.access(d, os.X_OK))
+        os.environ["PATH"] = searchable_path()
     if jail.get("mark"):
         os.environ[TASK_MARK] = jail["mark"]
 
@@ -2179,7 +2177,7 @@ class TaskCgroups(object):
         except OSError as e:
             log("info", "cgroups_unusable", path=base, error=str(e))
             return
-        self.base = base
+        self.base, self.home = base, parent
         self.pending = []       # emptied cgroups that were still busy when removed
 
     @staticmethod
@@ -2199,7 +2197,8 @@ class TaskCgroups(object):
             log("warning", "cgroup_not_made", path=path, error=str(e))
             return None
 
-    def kill(self, path):
+    @staticmethod
+    def kill(path):
         try:
             write_file(os.path.join(path, "cgroup.kill"), "1")
             return
@@ -2270,8 +2269,9 @@ def task_root(device_id):
     directories. The first part is made once and must be ours; at start each
     NAME.PID of a worker that is gone is removed, with what its tasks left."""
     import stat
-    import tempfile
-    top = os.path.join(tempfile.gettempdir(), "rc-worker-%d" % os.geteuid())
+    # $TMPDIR (Termux sets it) or /tmp, as tempfile would find it: importing
+    # tempfile (and shutil with it) would cost an idle worker half a megabyte.
+    top = os.path.join(os.environ.get("TMPDIR") or "/tmp", "rc-worker-%d" % os.geteuid())
     try:
         os.mkdir(top, 0o711)
     except FileExistsError:
@@ -2280,6 +2280,7 @@ def task_root(device_id):
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         # Someone else made it (in a shared /tmp): a directory of our own instead.
         log("warning", "task_root_taken", path=top, owner=info.st_uid)
+        import tempfile
         top = tempfile.mkdtemp(prefix="rc-worker-%d-" % os.geteuid())
     os.chmod(top, 0o711)
     for name in list_dir(top):
@@ -2336,7 +2337,10 @@ class Sandbox(object):
 
     def prepare(self, worker):
         """Called once, before the first task."""
-        self.cgroups.prepare()
+        if not self.own_uids():
+            # A uid per task names every process of it already, whatever it
+            # does, for nothing; a cgroup cost ~1 ms of CPU per task here.
+            self.cgroups.prepare()
         try:
             root = task_root(self.options.device_id)
         except OSError as e:      # a temporary directory we cannot use as we would
@@ -2382,11 +2386,15 @@ class Sandbox(object):
         return ("tasks cannot read the library of %s and no python3 on PATH they can:"
                 " python tasks may fail to import modules" % sys.executable)
 
+    def own_uids(self):
+        """Whether each task runs as a uid of its own."""
+        return bool(self.user_name) and not self.shared_uid
+
     def tracking_mechanism(self, worker):
+        if self.own_uids():
+            return "a uid per task: all of its processes are killed"
         if self.cgroups.base is not None:
             return "cgroup v2 per task (%s)" % self.cgroups.base
-        if self.free_uids and not self.shared_uid:
-            return "a uid per task: all of its processes are killed"
         if linux_kernel() and worker.spawner.usable():
             return "subreaper spawner following /proc (an environment mark for the quick)"
         return "process group only: a task that calls setsid escapes it"
@@ -2429,6 +2437,8 @@ class Sandbox(object):
         jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
                 "cwd": self.workdirs.take(uid, gid),
                 "cgroup": self.cgroups.make("task-%s-%s" % task.key),
+                "cgroup_home": self.cgroups.home if self.cgroups.base else None,
+                "own_uid": uid is not None and not self.shared_uid,
                 "nproc": self.process_limit(uid),
                 "track": self.tracking.startswith("subreaper")}
         self.tell_watchdog(worker, b"+", jail)
@@ -2462,13 +2472,18 @@ class Sandbox(object):
     def end(self, worker, task):
         """Kill every process the task started, however it detached."""
         jail = task.jail
-        if task.proc is not None and task.proc.pid is not None:
-            kill_group(task.proc.pid)
-            if jail.get("track") and isinstance(task.proc, SpawnedChild):
-                worker.spawner.end_tree(task.proc.pid)
+        pid = task.proc.pid if task.proc is not None else None
+        if pid is not None and not task.reaped:
+            kill_group(pid)
+        if isinstance(task.proc, SpawnedChild):
+            # The spawner, its parent, does the rest: before it reaps it
+            # (having looked for strays), or now if it has not.
+            if pid is not None and not task.reaped:
+                worker.spawner.end_tree(pid)
+            return
         if jail.get("cgroup"):
             self.cgroups.kill(jail["cgroup"])
-        elif jail.get("uid") is not None and not self.shared_uid:
+        elif jail.get("own_uid"):
             kill_uid(jail["uid"])
 
     def close(self, worker, task):
@@ -2698,7 +2713,7 @@ def serve_spawner(fd):
         os.set_blocking(end, False)
     signal.set_wakeup_fd(wakeup_writer)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    children = set()
+    children = {}     # pid of a task's first process -> the task's jail
     trees = TaskTrees.started()
     while True:
         busy = trees is not None and trees.owner
@@ -2715,8 +2730,8 @@ def serve_spawner(fd):
         report_exits(sock, children, trees)
         if busy:
             trees.scan()
-    for pid in children:
-        kill_group(pid)
+    for pid, jail in children.items():
+        end_task(pid, jail, None, everything=True)
     if trees is not None:
         trees.end_all()
     return 0
@@ -2738,8 +2753,9 @@ def serve_request(sock, children, trees):
         return False
     if not fds:
         request = loads(data)
-        if "end" in request and trees is not None:
-            trees.end(request["end"])
+        pid = request.get("end")
+        if pid in children:
+            end_task(pid, children[pid], trees, everything=True)
         return True
     try:
         if len(fds) != 2:
@@ -2752,11 +2768,11 @@ def serve_request(sock, children, trees):
         if tracked:
             jail["mark"] = trees.new_mark()
         if (request.get("self_limiting") and hasattr(os, "posix_spawn")
-                and not needs_child_setup(jail)):
+                and not jail.get("isolate")):
             pid = spawn_command(request, fds[0], fds[1])
         else:
             pid = fork_child(request, fds[0], fds[1])
-        children.add(pid)
+        children[pid] = jail
         if tracked:
             trees.add(pid, jail["mark"])
         reply = {"pid": pid}
@@ -2786,31 +2802,108 @@ def spawn_command(request, stdout_fd, stderr_fd):
     # What Python ignores for itself, and what we ignore, a command gets back.
     default = [getattr(signal, name) for name in (
         "SIGPIPE", "SIGXFSZ", "SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    jail = request["jail"]
     os.chdir(request["cwd"])      # inherited: posix_spawn has no chdir of its own
     environment = dict(os.environ)
-    if request["jail"].get("mark"):
-        environment[TASK_MARK] = request["jail"]["mark"]
+    if jail.get("mark"):
+        environment[TASK_MARK] = jail["mark"]
+    saved = own_identity(jail)
     try:
+        borrow_task_identity(jail, environment)
         return os.posix_spawnp(argv[0], argv, environment, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
-            setsid=True, setsigdef=default)
+            setsid=True, setsigdef=default, resetids=jail.get("uid") is not None)
     finally:
+        give_back_identity(jail, saved)
         os.chdir("/")
 
 
+def borrow_task_identity(jail, environment):
+    """For one posix_spawn, which can neither join a cgroup nor change ids:
+    the spawner steps into the task's cgroup (the child is born there) and,
+    as root, takes the task's uid and gid as its *real* ids, which `resetids`
+    makes the child's effective ones (exec then makes them its saved ones
+    too, and drops every capability). give_back_identity undoes it."""
+    if jail.get("cgroup"):
+        write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
+    if jail.get("uid") is not None:
+        os.setgroups([])
+        os.setresgid(jail["gid"], -1, -1)
+        os.setresuid(jail["uid"], -1, -1)
+        environment.update(HOME=jail["cwd"], USER=jail["user"], LOGNAME=jail["user"],
+                           PATH=searchable_path())   # access() asks as the real uid: the task's
+
+
+def own_identity(jail):
+    """The spawner's ids, when borrow_task_identity is about to change them."""
+    if jail.get("uid") is None:
+        return None
+    return os.getresuid(), os.getresgid(), os.getgroups()
+
+
+def give_back_identity(jail, saved):
+    if saved is not None:
+        os.setresuid(*saved[0])
+        os.setresgid(*saved[1])
+        os.setgroups(saved[2])
+    if jail.get("cgroup"):
+        write_file(os.path.join(jail["cgroup_home"], "cgroup.procs"), str(os.getpid()))
+
+
+def searchable_path():
+    """PATH less the directories the (real) user cannot search: a shell would
+    say "Permission denied" for every command not found."""
+    return os.pathsep.join(d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                           if d and os.access(d, os.X_OK))
+
+
+def end_task(pid, jail, trees, everything):
+    """In the spawner: kill what the task `pid` started. Its group and
+    cgroup always (one signal, one write); its uid's processes and its
+    tree in /proc (a fork, a scan) when `everything`."""
+    kill_group(pid)
+    if jail.get("cgroup"):
+        TaskCgroups.kill(jail["cgroup"])
+    if everything and jail.get("own_uid"):
+        kill_uid(jail["uid"])
+    if everything and trees is not None and jail.get("track"):
+        trees.end(pid)
+
+
+def strays(children):
+    """Whether the spawner has a child that is not a task's first process: an
+    orphan of some task (a subreaper gets every process a task left behind,
+    the topmost of each one it left). True where /proc does not say."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as f:
+            return any(int(pid) not in children for pid in f.read().split())
+    except (OSError, ValueError):
+        return True
+
+
 def report_exits(sock, children, trees):
-    if trees is not None:
-        ended = trees.reap(children)
-    else:
-        ended = [(pid, reap_if_ended(pid)) for pid in list(children)]
+    ended = trees.reap(children) if trees is not None else reap_tasks(children)
     for pid, wait_status in ended:
-        if wait_status is None:
-            continue
         _, status, usage = wait_status
-        children.discard(pid)
+        del children[pid]
         sock.send(dumps({"exit": pid, "status": status,
                          "usage": [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]}))
+
+
+def reap_tasks(children):
+    """Without a subreaper: reap each task's first process that ended, as
+    reap_if_ended does, having killed what it left (its group, cgroup, uid)."""
+    ended = []
+    for pid, jail in list(children.items()):
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                continue
+        except ChildProcessError:
+            pass
+        end_task(pid, jail, None, everything=True)
+        ended.append((pid, os.wait4(pid, 0)))
+    return ended
 
 
 def python_source(request):
@@ -3009,7 +3102,8 @@ class TaskTrees(object):
                 return ended
             pid = info.si_pid
             if pid in children:
-                self.end(pid)
+                # Before it is reaped, while its pid (and group id) stays ours.
+                end_task(pid, children[pid], self, everything=strays(children))
                 ended.append((pid, os.wait4(pid, 0)))
             else:
                 os.waitpid(pid, 0)
@@ -3133,11 +3227,14 @@ def watch(read_fd):
     if killed:
         log("warning", "orphans_killed", pgids=killed)
     # What the sandbox knows of the tasks (see Sandbox.tell_watchdog): all they started.
+    cgroups = [entry[1:].decode() for entry in groups if entry[:1] == b"C"]
+    for path in cgroups:
+        TaskCgroups.kill(path)
     for entry in groups:
-        if entry[:1] == b"C":
-            TaskCgroups().kill(entry[1:].decode())
-        elif entry[:1] == b"U" and entry[1:].isdigit():
+        if entry[:1] == b"U" and entry[1:].isdigit():
             kill_uid(int(entry[1:]))
+    for path in cgroups:      # and the worker's own, once the last is gone
+        TaskCgroups().sweep(os.path.dirname(path))
 
 
 def close_all_but(keep):

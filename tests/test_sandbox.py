@@ -44,18 +44,50 @@ def drop_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def nobody_python(directory):
-    """An "interpreter" that is python3 run as nobody (setpriv), for WorkerProcess."""
+def nobody_python(directory, cgroup=None):
+    """An "interpreter" that is python3 run as nobody (setpriv), for
+    WorkerProcess; first moved into `cgroup` if given."""
     path = os.path.join(directory, "python-as-nobody")
     with open(path, "w") as f:
-        f.write("#!/bin/sh\nexec %s --reuid=%d --regid=%d --clear-groups env HOME=%s %s \"$@\"\n"
+        f.write("#!/bin/sh\n")
+        if cgroup:
+            f.write("echo $$ > %s/cgroup.procs\n" % cgroup)
+        f.write("exec %s --reuid=%d --regid=%d --clear-groups env HOME=%s %s \"$@\"\n"
                 % (SETPRIV, NOBODY, pwd.getpwnam("nobody").pw_gid, directory, SYSTEM_PYTHON))
     os.chmod(path, 0o755)
     return path
 
 
-# Who runs the worker: "machine" (root here), "nobody" (an unprivileged user).
-RUNNERS = ["machine"] + (["nobody"] if IS_ROOT and SETPRIV and SYSTEM_PYTHON else [])
+def delegated_cgroup():
+    """A cgroup v2 handed to nobody, as systemd's Delegate=yes hands one to a
+    service; None where this machine has no cgroup2 root can write."""
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split(" - ")
+        if fields[1].split()[0] == "cgroup2" and fields[0].split()[3] == "/":
+            path = tempfile.mkdtemp(prefix="rc-test-delegated-", dir=fields[0].split()[4])
+            os.chown(path, NOBODY, -1)
+            for name in ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+                os.chown(os.path.join(path, name), NOBODY, -1)
+            return path
+    return None
+
+
+def cgroup_writable():
+    try:
+        path = delegated_cgroup()
+    except OSError:
+        return False
+    if path:
+        os.rmdir(path)
+    return bool(path)
+
+
+# Who runs the worker: "machine" (root here: a uid per task), "nobody" (an
+# unprivileged user: a subreaper spawner), "delegated" (nobody in a cgroup
+# of its own: a cgroup per task).
+NOBODY_CAN_RUN = IS_ROOT and SETPRIV and SYSTEM_PYTHON
+RUNNERS = (["machine"] + (["nobody"] if NOBODY_CAN_RUN else [])
+           + (["delegated"] if NOBODY_CAN_RUN and cgroup_writable() else []))
 
 
 @pytest.fixture(params=RUNNERS)
@@ -64,9 +96,10 @@ def start(request, drop_dir):
     its state dir in drop_dir; stopped at teardown."""
     main = FakeMain()
     started = []
-    python = sys.executable if request.param == "machine" else nobody_python(drop_dir)
+    cgroup = delegated_cgroup() if request.param == "delegated" else None
+    python = sys.executable if request.param == "machine" else nobody_python(drop_dir, cgroup)
     state = os.path.join(drop_dir, "state")
-    if request.param == "nobody":
+    if request.param != "machine":
         os.mkdir(state, 0o700)
         os.chown(state, NOBODY, -1)
         os.chown(drop_dir, NOBODY, -1)
@@ -84,6 +117,10 @@ def start(request, drop_dir):
     for worker in started:
         worker.stop()
     main.close()
+    if cgroup:      # a killed worker's are removed by its watchdog, a moment later
+        assert wait_until(lambda: not [name for name in os.listdir(cgroup) if os.path.isdir(
+            os.path.join(cgroup, name))], timeout=5), "the worker left cgroups behind"
+        os.rmdir(cgroup)
 
 
 def marked(marker):
@@ -126,6 +163,9 @@ def new_marker():
 
 def test_detached_processes_die_with_their_task_after_timeout_and_cancel(start):
     worker, link = start()
+    tracking = worker.events("task_sandbox")[0]["tracking"]
+    assert tracking.startswith({"machine": "a uid per task" if IS_ROOT else "subreaper",
+                                "nobody": "subreaper", "delegated": "cgroup"}[start.runner])
     timed, cancelled = new_marker(), new_marker()
     link.assign(1, "shell", {"command": detaching_command(timed)}, timeout=TASK_TIMEOUT)
     link.assign(2, "shell", {"command": detaching_command(cancelled)}, timeout=60)
@@ -165,7 +205,7 @@ def test_a_task_reads_no_secret_of_the_worker_nor_another_tasks_files(start, dro
     os.makedirs(os.path.dirname(secret), 0o700)
     with open(secret, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
         f.write("ab" * 32 + "\n")
-    if start.runner == "nobody":
+    if start.runner != "machine":
         for path in (token_file, secret, os.path.dirname(secret)):
             os.chown(path, NOBODY, -1)
     worker, link = start("--token-file", token_file, *isolate)
