@@ -390,16 +390,23 @@ class Identity(object):
         self.device_id = device_id
 
     def prepare(self):
-        """Make the state directory, and make it (and what is in it) the
-        owner's only: older workers left it as the umask said."""
+        """Make the state directory, and make the secrets in it (and it, if it
+        holds nothing else: --state-dir may name any directory) the owner's
+        only, whatever made them."""
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            owner_only(self.state_dir, 0o700)
-            for directory, names, files in os.walk(self.state_dir):
-                for name in names:
-                    owner_only(os.path.join(directory, name), 0o700)
-                for name in files:
+            ours = True
+            for cluster in list_dir(self.state_dir):
+                directory = os.path.join(self.state_dir, cluster)
+                names = list_dir(directory) if os.path.isdir(directory) else [""]
+                secrets = [name for name in names if name.endswith((".secret", ".tmp"))]
+                ours = ours and len(secrets) == len(names)
+                if secrets:
+                    owner_only(directory, 0o700)
+                for name in secrets:
                     owner_only(os.path.join(directory, name), 0o600)
+            if ours:
+                owner_only(self.state_dir, 0o700)
         except OSError as e:
             log("warning", "state_dir_unusable", path=self.state_dir, error=str(e),
                 message="device secrets cannot be kept: this worker joins with the token"

@@ -378,3 +378,24 @@ def test_task_user_options(module, monkeypatch):
         module.resolve_task_user("no-such-user-here", 4)
     default = module.resolve_task_user(None, 4)[0]
     assert default and all(59000 <= uid < 59256 for uid in default)
+
+
+def test_the_state_dir_and_its_secrets_are_made_owner_only(module, tmp_path):
+    state = tmp_path / "state"
+    (state / "cluster-1").mkdir(parents=True)
+    (state / "cluster-1" / "dev.secret").write_text("ab" * 32 + "\n")
+    for path, mode in ((state, 0o755), (state / "cluster-1", 0o755),
+                       (state / "cluster-1" / "dev.secret", 0o644)):
+        os.chmod(str(path), mode)
+    module.Identity(str(state), "dev").prepare()
+    assert [stat.S_IMODE(os.stat(str(path)).st_mode) for path in (
+        state, state / "cluster-1", state / "cluster-1" / "dev.secret")] == [0o700, 0o700, 0o600]
+    # A --state-dir that holds other things (a home directory, say) keeps its mode.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    os.chmod(str(home), 0o755)
+    os.chmod(str(home / "notes.txt"), 0o644)
+    module.Identity(str(home), "dev").prepare()
+    assert stat.S_IMODE(os.stat(str(home)).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(str(home / "notes.txt")).st_mode) == 0o644
