@@ -2338,6 +2338,9 @@ class Sandbox(object):
         self.gid = users[1] if users else None
         self.user_name = users[2] if users else None
         self.shared_uid = bool(users) and len(users[0]) == 1
+        self.other_uid = bool(users) and users[0] != [os.geteuid()]   # tasks are not us
+        self.claimed = {}         # uid -> the descriptor of its lock (see claim_uid)
+        self.idle_uids = []       # claimed uids no task runs as
         self.cgroups = TaskCgroups()
         self.workdirs = None
         self.tracking = None
@@ -2375,7 +2378,7 @@ class Sandbox(object):
         library: a task of another uid, or one whose home is hidden, must be
         able to read it. Where it cannot (a python under /root or ~), tasks
         get a python3 from PATH that they can read; a note says which."""
-        other_uid = bool(self.free_uids) and self.free_uids != [os.geteuid()]
+        other_uid = self.other_uid
         hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
         if not (other_uid or hidden):
             return None
@@ -2398,7 +2401,7 @@ class Sandbox(object):
         """PATH less the directories a task cannot search (another uid's, or
         hidden): a shell would say "Permission denied" for every command it
         does not find. Found once: it costs a task 0.2 ms in its own process."""
-        other_uid = bool(self.free_uids) and self.free_uids != [os.geteuid()]
+        other_uid = self.other_uid
         hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
         return os.pathsep.join(
             d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
@@ -2475,9 +2478,30 @@ class Sandbox(object):
             return self.free_uids[0]
         if not self.user_name:
             return None
-        if not self.free_uids:      # more slots than uids, after a reload
-            raise OSError(errno.EAGAIN, "every task uid (%s) is in use" % self.user_name)
-        return self.free_uids.pop(0)
+        if not self.idle_uids:
+            self.claim_uid()
+        return self.idle_uids.pop(0)
+
+    def claim_uid(self):
+        """Take one more uid of the range for this worker, for as long as it
+        lives: a lock (flock) on TOP/uid-UID.lock, which no other worker of
+        this machine then gets. Two workers run as root (a main node's local
+        worker and a device's) must never share one: the end of a task kills
+        every process of its uid."""
+        import fcntl
+        top = os.path.dirname(self.workdirs.root)
+        while self.free_uids:
+            uid = self.free_uids.pop(0)
+            fd = os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:        # another worker's
+                os.close(fd)
+                continue
+            self.claimed[uid] = fd
+            self.idle_uids.append(uid)
+            return
+        raise OSError(errno.EAGAIN, "every task uid (%s) is in use" % self.user_name)
 
     def process_limit(self, uid):
         """RLIMIT_NPROC: it counts every process of the real uid, so a uid
@@ -2511,8 +2535,8 @@ class Sandbox(object):
         if jail.get("cgroup"):
             self.cgroups.remove(jail["cgroup"])
         if jail.get("uid") is not None and not self.shared_uid:
-            self.free_uids.append(jail["uid"])
-            self.free_uids.sort()     # the lowest first: its spare directory waits for it
+            self.idle_uids.append(jail["uid"])
+            self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         self.workdirs.give_back(jail["cwd"], jail.get("uid"))
 
     def tell_watchdog(self, worker, sign, jail):

@@ -196,6 +196,26 @@ def test_detached_processes_die_with_a_killed_worker(start):
         "outlived the worker: %s" % marked(marker)
 
 
+def test_two_workers_of_one_machine_never_share_a_task_uid(start):
+    """The end of a task kills every process of its uid: a main node's local
+    worker and a device's worker on the same box must not hit each other."""
+    if start.runner != "machine" or not IS_ROOT:
+        pytest.skip("task uids are for workers run as root")
+    first, link1 = start()
+    second, link2 = start()
+    link1.assign(1, "shell", {"command": "id -u; sleep 30"}, timeout=60)
+    link2.assign(1, "shell", {"command": "id -u; sleep 1; echo alive"}, timeout=60)
+    link1.expect("task_accept")
+    link2.expect("task_accept")
+    time.sleep(0.3)
+    link1.send("task_cancel", {"task_id": 1, "attempt": 1})
+    cancelled, survivor = link1.results(1)[1], link2.results(1)[1]
+    assert cancelled["status"] == "cancelled", cancelled
+    assert survivor["status"] == "completed", survivor
+    uids = cancelled["result"]["output"].split()[0], survivor["result"]["output"].split()[0]
+    assert uids[0] != uids[1] and "0" not in uids
+
+
 def test_a_task_reads_no_secret_of_the_worker_nor_another_tasks_files(start, drop_dir):
     isolate = () if start.runner == "machine" else ("--isolate",)
     token_file = os.path.join(drop_dir, "token")
