@@ -2518,11 +2518,13 @@ class Sandbox(object):
         if pid is not None and not task.reaped:
             kill_group(pid)
         if isinstance(task.proc, SpawnedChild):
-            # The spawner, its parent, does the rest: before it reaps it
-            # (having looked for strays), or now if it has not.
-            if pid is not None and not task.reaped:
-                worker.spawner.end_tree(pid)
-            return
+            if task.reaped:      # the spawner ended the rest before it reaped it
+                return
+            if worker.spawner.sock is not None:     # its parent does the rest, now
+                if pid is not None:
+                    worker.spawner.end_tree(pid)
+                return
+        # A process of our own, or of a spawner that is gone.
         if jail.get("cgroup"):
             self.cgroups.kill(jail["cgroup"])
         elif jail.get("own_uid"):
@@ -2748,6 +2750,9 @@ def serve_spawner(fd):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)     # the worker ends us, by closing the socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
+    # Handed over inheritable; a task that kept it (posix_spawn keeps what is
+    # inheritable) could ask the spawner for processes outside its sandbox.
+    os.set_inheritable(fd, False)
     if hasattr(gc, "freeze"):
         gc.freeze()      # the collector in a child would write to (and copy) every page
     wakeup, wakeup_writer = os.pipe()

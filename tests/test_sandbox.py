@@ -118,9 +118,11 @@ def start(request, drop_dir):
         worker.stop()
     main.close()
     if cgroup:      # a killed worker's are removed by its watchdog, a moment later
-        assert wait_until(lambda: not [name for name in os.listdir(cgroup) if os.path.isdir(
-            os.path.join(cgroup, name))], timeout=5), "the worker left cgroups behind"
-        os.rmdir(cgroup)
+        left = wait_until(lambda: not [name for name in os.listdir(cgroup) if os.path.isdir(
+            os.path.join(cgroup, name))], timeout=15)
+        for directory, _, _ in sorted(os.walk(cgroup), reverse=True):
+            os.rmdir(directory)
+        assert left, "the worker left cgroups behind"
 
 
 def marked(marker):
@@ -194,6 +196,21 @@ def test_detached_processes_die_with_a_killed_worker(start):
     worker.proc.kill()
     assert wait_until(lambda: not marked(marker), timeout=5), \
         "outlived the worker: %s" % marked(marker)
+
+
+def test_detached_processes_die_when_their_spawner_is_killed(start):
+    """The worker restarts itself then (see test_spawner); what the task
+    left running must not outlive the spawner that knew it."""
+    if start.runner != "machine":
+        pytest.skip("the spawner of a worker run as nobody is killed the same way")
+    worker, link = start()
+    marker = new_marker()
+    link.assign(1, "shell", {"command": detaching_command(marker)}, timeout=60)
+    assert wait_until(lambda: len(marked(marker)) >= 6, timeout=10), marked(marker)
+    spawner = [e["pid"] for e in worker.events("spawner_started")][0]
+    os.kill(spawner, signal.SIGKILL)
+    assert wait_until(lambda: not marked(marker), timeout=5), \
+        "outlived the spawner: %s" % marked(marker)
 
 
 def test_two_workers_of_one_machine_never_share_a_task_uid(start):
