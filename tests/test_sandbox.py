@@ -123,6 +123,7 @@ def start(request, drop_dir):
         killed = any(worker.proc.returncode == -signal.SIGKILL for worker in started)
         clean = wait_until(lambda: not [name for name in os.listdir(cgroup) if os.path.isdir(
             os.path.join(cgroup, name))], timeout=15 if killed else 2)
+        wait_until(lambda: not open(os.path.join(cgroup, "cgroup.procs")).read(), timeout=15)
         for directory, _, _ in sorted(os.walk(cgroup), reverse=True):
             try:
                 os.rmdir(directory)
