@@ -4013,6 +4013,8 @@ class Worker(object):
         log(level, "worker_restarting", reason=reason, argv=argv)
         self.send_now()
         self.shutdown()
+        if self.stop_signal is not None:    # told to stop meanwhile: the new one would not know
+            sys.exit(0)
         try:
             os.execv(sys.executable, argv)
         except OSError as e:      # the new file is in place: a supervisor starts it

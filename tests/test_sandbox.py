@@ -218,6 +218,7 @@ def test_detached_processes_die_when_their_spawner_is_killed(start):
     os.kill(spawner, signal.SIGKILL)
     assert wait_until(lambda: not marked(marker), timeout=5), \
         "outlived the spawner: %s" % marked(marker)
+    assert wait_until(lambda: len(worker.events("worker_started")) == 2), "it restarted"
 
 
 def test_two_workers_of_one_machine_never_share_a_task_uid(start):
