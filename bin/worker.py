@@ -1986,7 +1986,7 @@ def enter_sandbox(jail):
         os.setgroups([])
         os.setgid(jail["gid"])
         os.setuid(jail["uid"])
-        os.environ.update(USER=jail["user"], LOGNAME=jail["user"])
+        os.environ["USER"] = os.environ["LOGNAME"] = jail["user"]
     if jail.get("uid") is not None or jail.get("isolate"):
         os.environ["HOME"] = os.getcwd()      # its own: the real one is hidden or not its
         os.environ["PATH"] = jail["path"]
