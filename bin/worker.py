@@ -122,6 +122,12 @@ OWNER_CPU_BUSY = 25.0           # percent of the CPU used by other programs: the
 TASK_OPEN_FILES = 1024          # open descriptors (RLIMIT_NOFILE)
 MAX_FILE_MB = 1024              # MiB, the largest file a task may write (--max-file-size)
 MIN_MEMORY_MB = 1024            # MiB; --max-memory defaults to this or half the RAM, if more
+TASK_PROCESSES = 256            # processes (threads count) a task may have: RLIMIT_NPROC, above
+                                # what a uid it shares with others (the worker's) already has
+TASK_UID_BASE = 59000           # as root, tasks run as uids from here (none with an account),
+TASK_UID_COUNT = 256            # ... this many: one per running task (--task-user changes them)
+KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
+TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
 
 # States of the connection to the main node, in the order they happen.
 DISCONNECTED = "disconnected"
@@ -383,6 +389,15 @@ def safe_name(text):
             and text.strip(".") != "")
 
 
+def owner_only(path, mode):
+    """chmod `path` to `mode` if it allows more and is ours (never follows a link)."""
+    import stat
+    info = os.lstat(path)
+    if (not stat.S_ISLNK(info.st_mode) and info.st_uid == os.geteuid()
+            and stat.S_IMODE(info.st_mode) & 0o077):
+        os.chmod(path, mode)
+
+
 class Identity(object):
     """The device secrets in --state-dir: STATE_DIR/CLUSTER_ID/DEVICE_ID.secret."""
 
@@ -391,8 +406,23 @@ class Identity(object):
         self.device_id = device_id
 
     def prepare(self):
+        """Make the state directory, and make the secrets in it (and it, if it
+        holds nothing else: --state-dir may name any directory) the owner's
+        only, whatever made them."""
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            ours = True
+            for cluster in list_dir(self.state_dir):
+                directory = os.path.join(self.state_dir, cluster)
+                names = list_dir(directory) if os.path.isdir(directory) else [""]
+                secrets = [name for name in names if name.endswith((".secret", ".tmp"))]
+                ours = ours and len(secrets) == len(names)
+                if secrets:
+                    owner_only(directory, 0o700)
+                for name in secrets:
+                    owner_only(os.path.join(directory, name), 0o600)
+            if ours:
+                owner_only(self.state_dir, 0o700)
         except OSError as e:
             log("warning", "state_dir_unusable", path=self.state_dir, error=str(e),
                 message="device secrets cannot be kept: this worker joins with the token"
@@ -422,6 +452,7 @@ class Identity(object):
         if path is None:
             return None
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        owner_only(os.path.dirname(path), 0o700)
         temporary = "%s.%d.tmp" % (path, os.getpid())
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -1376,39 +1407,47 @@ class SleepTask(Task):
 
 
 class WorkDirs(object):
-    """Empty directories for process tasks to run in. One that a task leaves
-    as it found it (empty, a directory of ours, mode 0700) goes to the next
-    task instead of being removed and made anew: rmdir and mkdtemp took
-    ~0.3 ms of the worker's ~1.7 ms per `shell true` task on ext4 under load."""
+    """Empty directories for process tasks to run in, 0700 and owned by the
+    task's uid, under this worker's task root (see task_root). One that a task
+    leaves as it found it (empty, a directory of ours, mode 0700) goes to the
+    next task of the same uid instead of being removed and made anew: rmdir
+    and mkdtemp took ~0.3 ms of the worker's ~1.7 ms per `shell true` task on
+    ext4 under load."""
 
-    def __init__(self, keep):
+    def __init__(self, keep, root):
         self.keep = keep         # spare directories kept at most: one per slot
-        self.spare = []
+        self.root = root
+        self.spare = []          # (path, uid)
 
-    def take(self):
-        if self.spare:
-            return self.spare.pop()
+    def take(self, uid=None, gid=None):
+        for number, (path, owner) in enumerate(self.spare):
+            if owner == uid:
+                return self.spare.pop(number)[0]
         import tempfile
-        return tempfile.mkdtemp(prefix="rc-task-")
+        path = tempfile.mkdtemp(prefix="rc-task-", dir=self.root)
+        if uid is not None:
+            os.chown(path, uid, uid if gid is None else gid)
+        return path
 
-    def give_back(self, path):
-        if len(self.spare) < self.keep and self.as_made(path):
-            self.spare.append(path)
+    def give_back(self, path, uid=None):
+        if len(self.spare) < self.keep and self.as_made(path, uid):
+            self.spare.append((path, uid))
         else:
             remove_dir(path)
 
     @staticmethod
-    def as_made(path):
+    def as_made(path, uid=None):
         import stat
         try:
             info = os.lstat(path)
             return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
-                    and info.st_uid == os.getuid() and not os.listdir(path))
+                    and info.st_uid == (os.getuid() if uid is None else uid)
+                    and not os.listdir(path))
         except (OSError, AttributeError):       # gone, or no getuid (not Unix)
             return False
 
     def clear(self):
-        for path in self.spare:
+        for path, _ in self.spare:
             remove_dir(path)
         self.spare = []
 
@@ -1434,6 +1473,7 @@ class ProcessTask(Task):
     cpu_time = 0.0
     peak_memory_kb = None
     limits = ()              # task_rlimits(), once started
+    jail = None              # Sandbox.open(), from start until closed
     memory_limit = None      # MiB (--max-memory), for the error of a task that ran out
     file_limit = None        # MiB (--max-file-size)
     # Stdout is read line by line for PROGRESS lines (see parse_progress).
@@ -1454,18 +1494,24 @@ class ProcessTask(Task):
         return {"argv": self.command(value)}
 
     def preexec(self):
-        """What runs in the child between fork and exec: setting the limits."""
-        return lambda: apply_rlimits(self.limits)
+        """What runs in the child between fork and exec: entering the
+        sandbox, setting the limits."""
+        jail, limits = self.jail, self.limits
+        return lambda: (enter_sandbox(jail), apply_rlimits(limits))
 
     def start(self, worker):
         import subprocess
         value = self.argument()
         self.limits = task_rlimits(self.timeout, worker.options)
         try:
-            self.workdir = worker.workdirs.take()
+            self.jail = worker.sandbox.open(worker, self)
+            self.workdir = self.jail["cwd"]
+            if self.jail["nproc"]:
+                self.limits.append(["RLIMIT_NPROC", self.jail["nproc"]])
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
-                    self.spawn_request(value), cwd=self.workdir, limits=self.limits))
+                    self.spawn_request(value), cwd=self.workdir, limits=self.limits,
+                    jail=self.jail))
             if self.proc is None:      # a process of our own
                 self.proc = subprocess.Popen(
                     self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
@@ -1597,6 +1643,7 @@ class ProcessTask(Task):
         _, status, usage = wait_status
         self.reaped = True
         worker.watchdog.group_ended(self.proc.pid)
+        worker.sandbox.end(worker, self)       # whatever it left running, however detached
         self.exit_code = exit_code(status)
         self.proc.returncode = self.exit_code    # so subprocess never waits for it again
         self.cpu_time, self.peak_memory_kb = usage_figures(usage)
@@ -1626,7 +1673,7 @@ class ProcessTask(Task):
         elif self.reaped:
             self.conclude(worker)
         else:
-            kill_group(self.proc.pid)     # poll() reaps it and concludes
+            worker.sandbox.end(worker, self)     # poll() reaps it and concludes
 
     def not_started(self, worker, error):
         self.reaped = True
@@ -1688,9 +1735,11 @@ class ProcessTask(Task):
 
     def abandon(self, worker):
         if isinstance(self.proc, SpawnedChild) and not self.reaped:
+            if self.jail is not None:
+                worker.sandbox.end(worker, self)
             worker.spawner.forget(worker, self.proc)     # the spawner reaps it
         elif self.proc is not None and not self.reaped:
-            kill_group(self.proc.pid)
+            worker.sandbox.end(worker, self)
             try:
                 self.record_exit(worker, os.wait4(self.proc.pid, 0))
             except ChildProcessError:
@@ -1700,9 +1749,10 @@ class ProcessTask(Task):
         self.remove_workdir(worker)
 
     def remove_workdir(self, worker):
-        if self.workdir:
-            worker.workdirs.give_back(self.workdir)
-            self.workdir = None
+        """Give back its directory, uid and cgroup (see Sandbox.close)."""
+        if self.jail is not None:
+            worker.sandbox.close(worker, self)
+            self.jail = self.workdir = None
 
     def write(self, name, text):
         with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
@@ -1754,7 +1804,8 @@ def apply_rlimits(limits):
 
 # task_rlimits names as `ulimit` options and the unit each counts in (bytes).
 ULIMIT_OPTIONS = {"RLIMIT_CORE": ("c", 512), "RLIMIT_CPU": ("t", 1), "RLIMIT_AS": ("v", 1024),
-                  "RLIMIT_NOFILE": ("n", 1), "RLIMIT_FSIZE": ("f", 512)}
+                  "RLIMIT_NOFILE": ("n", 1), "RLIMIT_FSIZE": ("f", 512),
+                  "RLIMIT_NPROC": ("u", 1)}
 
 
 def shell_limits(limits):
@@ -1776,6 +1827,9 @@ def shell_limits(limits):
             # the hard limit may not go below it.
             commands.append("ulimit -S -t %d 2>/dev/null; ulimit -H -t %d 2>/dev/null; "
                             % (value, value + 1))
+        elif name == "RLIMIT_NPROC":      # bash says -u, dash -p
+            commands.append("ulimit -u %d 2>/dev/null || ulimit -p %d 2>/dev/null; "
+                            % (value, value))
         else:
             commands.append("ulimit -%s %d 2>/dev/null; " % (option, value // unit))
     return "".join(commands)
@@ -1796,7 +1850,12 @@ def usage_figures(usage):
 
 
 def python_executable():
-    return sys.executable or which("python3") or "python3"
+    """The interpreter of Python tasks (and of the spawner that forks them):
+    this one, unless the sandbox found that tasks cannot read its library."""
+    return task_python[0] if task_python else sys.executable or which("python3") or "python3"
+
+
+task_python = []     # [path] once Sandbox.prepare chose another interpreter for tasks
 
 
 # Evaluates expression.txt in the child and prints repr() of the value.
@@ -1861,11 +1920,657 @@ class ShellTask(ProcessTask):
         return {"argv": self.command(command), "self_limiting": True}
 
     def preexec(self):
+        if needs_child_setup(self.jail):
+            return lambda jail=self.jail: enter_sandbox(jail)
         return None
 
 
 TASK_CLASSES = {cls.task_type: cls for cls in (
     EchoTask, SleepTask, SystemInfoTask, PythonEvalTask, PythonExecTask, ShellTask)}
+
+###############################################################################
+# The sandbox: whom a task runs as, what it sees, and the end of all it starts
+###############################################################################
+# Each answered as well as the platform allows; `worker.py --self-test` says
+# which answer is in force here.
+# - Whom: as root (or with --task-user) each running task gets a uid of its
+#   own, so it reads neither the worker's 0600/0700 files (state dir, token
+#   file) nor another task's directory. Otherwise it runs as the worker's user.
+# - What it sees: with --isolate (or --hide/--read-only), a mount namespace (in
+#   a user namespace when not root) with the state dir, the home directory and
+#   each --hide path covered by an empty tmpfs, each --read-only path read-only,
+#   and with --isolate-network no network but a loopback that is down.
+# - The end of all it starts: with a uid of its own, every process of that
+#   uid; else a cgroup v2 per task where the worker may make one (cgroup.kill);
+#   else the spawner is a child subreaper that follows each task's tree in
+#   /proc, so that setsid, double forks and nohup do not escape. The process
+#   group is killed in every case, and RLIMIT_NPROC bounds a fork bomb. The
+#   spawner is a subreaper in every case: what a task leaves running comes
+#   back to it, so it knows when there is anything to kill.
+
+TASK_MARK = "RC_TASK_MARK"      # environment variable naming a task's first process
+# Task types that run no code of the task's sender: what a worker that must
+# protect files (--hide, --read-only) but cannot isolate its tasks still runs.
+HARMLESS_TASK_TYPES = ("echo", "sleep", "system_info")
+# ctypes numbers of Linux's unshare, mount and prctl.
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_REC, MS_PRIVATE = 16384, 1 << 18
+PR_SET_CHILD_SUBREAPER = 36
+# statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
+KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+                    (1024, 1024), (2048, 2048), (4096, 1 << 21))
+
+
+def linux_kernel():
+    """Linux and Android (whose Python says "android" from 3.13 on)."""
+    return sys.platform.startswith("linux") or sys.platform == "android"
+
+
+libc = []      # the C library, once a process (the spawner, a probe) has loaded it
+
+
+def libc_call(name, *arguments):
+    """Call a libc function through ctypes; OSError on failure. ctypes is
+    imported only by the processes that need it; the spawner loads it once,
+    and the tasks it forks inherit it."""
+    import ctypes
+    if not libc:     # this program's own symbols, libc's among them (no ldconfig run)
+        libc.append(ctypes.CDLL(None, use_errno=True))
+    if getattr(libc[0], name)(*arguments) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, "%s: %s" % (name, os.strerror(number)))
+
+
+def encoded(path):
+    return path.encode() if isinstance(path, str) else path
+
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def enter_sandbox(jail):
+    """In a task's child process, before it runs anything: join the task's
+    cgroup, isolate it, bound its processes and become the task's uid."""
+    if jail.get("cgroup"):
+        write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
+    if jail.get("isolate"):
+        isolate(jail)
+    if jail.get("uid") is not None:
+        os.setgroups([])
+        os.setgid(jail["gid"])
+        os.setuid(jail["uid"])
+        os.environ["USER"] = os.environ["LOGNAME"] = jail["user"]
+    if jail.get("uid") is not None or jail.get("isolate"):
+        os.environ["HOME"] = os.getcwd()      # its own: the real one is hidden or not its
+        os.environ["PATH"] = jail["path"]
+    if jail.get("mark"):
+        os.environ[TASK_MARK] = jail["mark"]
+
+
+def needs_child_setup(jail):
+    """Whether the task's process must do something between fork and exec
+    (posix_spawn cannot join a cgroup, unshare or change uid)."""
+    return bool(jail and (jail.get("cgroup") or jail.get("isolate")
+                          or jail.get("uid") is not None))
+
+
+def isolate(jail):
+    """A mount namespace of its own (and a user namespace when not root):
+    tmpfs over the hidden directories, /dev/null over hidden files, the
+    read-only paths bound read-only; a network namespace if asked."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNS | (CLONE_NEWNET if jail.get("network") is False else 0)
+    if uid != 0:
+        flags |= CLONE_NEWUSER
+    libc_call("unshare", flags)
+    if uid != 0:        # the same ids inside, with every capability until exec
+        write_file("/proc/self/setgroups", "deny")
+        write_file("/proc/self/uid_map", "%d %d 1" % (uid, uid))
+        write_file("/proc/self/gid_map", "%d %d 1" % (gid, gid))
+    libc_call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+    for path in jail.get("read_only", ()):
+        if os.path.exists(path):
+            libc_call("mount", encoded(path), encoded(path), None, MS_BIND | MS_REC, None)
+            kept = sum(ms for st, ms in KEPT_MOUNT_FLAGS if os.statvfs(path).f_flag & st)
+            libc_call("mount", None, encoded(path), None,
+                      MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None)
+    for path in jail.get("hide", ()):
+        if os.path.isdir(path):
+            libc_call("mount", b"tmpfs", encoded(path), b"tmpfs", MS_NOSUID | MS_NODEV,
+                      b"size=4k,mode=0555")
+        elif os.path.exists(path):
+            libc_call("mount", b"/dev/null", encoded(path), None, MS_BIND, None)
+    if jail.get("own_dir"):
+        # Other tasks' directories (of the same uid, or of other workers):
+        # gone under a tmpfs, where only this task's own is bound back. The
+        # process stands in it (chdir), which /proc/self/cwd names.
+        top, own = jail["own_dir"]
+        libc_call("mount", b"tmpfs", encoded(top), b"tmpfs", MS_NOSUID | MS_NODEV,
+                  b"size=64k,mode=0711")
+        path = os.path.join(top, own)
+        os.makedirs(path, 0o711)
+        libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
+        os.chdir(path)
+
+
+def isolation_works(hide_network=False):
+    """None if --isolate works here, else why not: tried in a forked child,
+    so that the worker itself loads no ctypes."""
+    if not linux_kernel() or not hasattr(os, "fork"):
+        return "no Linux namespaces on %s" % sys.platform
+    import tempfile
+    probe = tempfile.mkdtemp(prefix="rc-isolation-probe-")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(reader)
+            isolate({"hide": [probe], "read_only": [probe], "network": not hide_network})
+            os._exit(0)
+        except BaseException as e:
+            os.write(writer, str(e).encode()[:500])
+        finally:
+            os._exit(1)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        error = pipe.read().decode("utf-8", "replace")
+    status = os.waitpid(pid, 0)[1]
+    os.rmdir(probe)
+    if status == 0:
+        return None
+    return "user and mount namespaces are not available (%s)" % (error or "status %d" % status)
+
+
+# -- whom tasks run as --------------------------------------------------------------
+
+def resolve_task_user(spec, slots):
+    """--task-user USER|UID[:COUNT] as (uids, gid or None, name), or None for
+    the worker's own user. As root without it: TASK_UID_COUNT uids from
+    TASK_UID_BASE that no account uses. ValueError names what is wrong."""
+    import pwd
+    if spec is None:
+        if os.geteuid() != 0:
+            return None
+        uids = [uid for uid in range(TASK_UID_BASE, TASK_UID_BASE + TASK_UID_COUNT)
+                if not has_account(uid)]
+        return uids, None, "%d-%d" % (TASK_UID_BASE, TASK_UID_BASE + TASK_UID_COUNT - 1)
+    if os.geteuid() != 0:
+        raise ValueError("--task-user needs the worker to run as root")
+    name, _, count = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        if not name.isdigit():
+            raise ValueError("--task-user: no user %r" % name)
+        uid, gid = int(name), None
+    if not count:
+        return [uid], gid, name
+    if not count.isdigit() or not 1 <= int(count) <= 65536 or uid + int(count) > 2 ** 31:
+        raise ValueError("--task-user %s: COUNT must be a number from 1 to 65536" % spec)
+    if int(count) < slots:
+        raise ValueError("--task-user %s: fewer uids than --slots (%d)" % (spec, slots))
+    if uid == 0:      # every process of these uids is killed when their task ends
+        raise ValueError("--task-user %s: a range of task uids must not include root" % spec)
+    return list(range(uid, uid + int(count))), None, "%d-%d" % (uid, uid + int(count) - 1)
+
+
+def has_account(uid):
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def kill_uid(uid):
+    """SIGKILL every process of `uid`, from a child that takes that uid (a
+    task's own: nothing else runs as it): kill(-1) until none is left."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setuid(uid)
+            for _ in range(KILL_ROUNDS):
+                os.kill(-1, signal.SIGKILL)    # ProcessLookupError once none is left
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def user_processes(uid, cache={}):
+    """How many processes (threads included, as RLIMIT_NPROC counts) `uid`
+    has, read from /proc at most once a second; None where there is no /proc."""
+    now = time.monotonic()
+    if cache.get("until", 0) > now and cache.get("uid") == uid:
+        return cache["count"]
+    try:
+        count = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat("/proc/" + name).st_uid == uid:
+                        # /proc/PID/task holds a directory per thread.
+                        count += max(1, os.stat("/proc/%s/task" % name).st_nlink - 2)
+                except OSError:
+                    pass
+    except OSError:
+        return None
+    cache.update(until=now + 1.0, uid=uid, count=count)
+    return count
+
+
+# -- cgroups ------------------------------------------------------------------------
+
+def own_cgroup_dir():
+    """The directory of this process's cgroup v2, or None."""
+    own = [line[3:] for line in (read_text("/proc/self/cgroup") or "").splitlines()
+           if line.startswith("0::")]
+    if not own:
+        return None
+    for line in (read_text("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split(" - ")
+        if len(fields) == 2 and fields[1].split()[:1] == ["cgroup2"]:
+            root, mount_point = fields[0].split()[3:5]
+            if own[0] == root or own[0].startswith(root.rstrip("/") + "/"):
+                return mount_point + own[0][len(root.rstrip("/")):]
+    return None
+
+
+class TaskCgroups(object):
+    """A cgroup v2 per task, under one of this worker's (rc-worker.PID) in
+    its own cgroup, where the kernel lets it make them."""
+    base = None
+
+    def prepare(self):
+        parent = own_cgroup_dir()
+        if not parent or not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
+            return
+        for name in list_dir(parent):
+            if name.startswith("rc-worker.") and not pid_alive(name[10:]):
+                self.sweep(os.path.join(parent, name))    # a killed worker's
+        base = os.path.join(parent, "rc-worker.%d" % os.getpid())
+        try:
+            os.mkdir(base, 0o755)
+            self.make_and_remove(base)
+        except OSError as e:
+            log("info", "cgroups_unusable", path=base, error=str(e))
+            return
+        self.base, self.home = base, parent
+        self.pending = []       # emptied cgroups that were still busy when removed
+
+    @staticmethod
+    def make_and_remove(base):
+        probe = os.path.join(base, "probe")
+        os.mkdir(probe)
+        os.rmdir(probe)
+
+    def make(self, name):
+        if self.base is None:
+            return None
+        path = os.path.join(self.base, name)
+        try:
+            os.mkdir(path, 0o755)
+            return path
+        except OSError as e:
+            log("warning", "cgroup_not_made", path=path, error=str(e))
+            return None
+
+    @staticmethod
+    def kill(path):
+        try:
+            write_file(os.path.join(path, "cgroup.kill"), "1")
+            return
+        except OSError:      # before Linux 5.14: kill what is listed until nothing is
+            pass
+        for _ in range(KILL_ROUNDS):
+            pids = (read_text(os.path.join(path, "cgroup.procs")) or "").split()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+
+    def remove(self, path):
+        """rmdir once its processes are gone; retried at the next removal."""
+        self.pending.append(path)
+        for path in list(self.pending):
+            try:
+                os.rmdir(path)
+                self.pending.remove(path)
+            except FileNotFoundError:
+                self.pending.remove(path)
+            except OSError:      # EBUSY: a dying process is still in it
+                pass
+
+    def sweep(self, base):
+        """Kill and remove the task cgroups under `base`, then `base`."""
+        for name in list_dir(base):
+            path = os.path.join(base, name)
+            if not os.path.isdir(path):      # the cgroup's own files
+                continue
+            self.kill(path)
+            for _ in range(20):       # a second at most for the killed to go
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        try:
+            os.rmdir(base)
+        except OSError:
+            pass
+
+    def stop(self):
+        if self.base is not None:
+            self.sweep(self.base)
+            self.base = None
+
+
+def pid_alive(text):
+    try:
+        os.kill(int(text), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError):       # EPERM: alive, someone else's
+        return not isinstance(text, str) or text.isdigit()
+
+
+# -- the task directories -------------------------------------------------------
+
+def task_root(device_id):
+    """$TMPDIR/rc-worker-EUID/DEVICE_ID.PID: this worker's directory of task
+    directories. The first part is made once and must be ours; at start each
+    NAME.PID of a worker that is gone is removed, with what its tasks left."""
+    import stat
+    # $TMPDIR (Termux sets it) or /tmp, as tempfile would find it: importing
+    # tempfile (and shutil with it) would cost an idle worker half a megabyte.
+    top = os.path.join(os.environ.get("TMPDIR") or "/tmp", "rc-worker-%d" % os.geteuid())
+    try:
+        os.mkdir(top, 0o711)
+    except FileExistsError:
+        pass
+    info = os.lstat(top)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        # Someone else made it (in a shared /tmp): a directory of our own instead.
+        log("warning", "task_root_taken", path=top, owner=info.st_uid)
+        import tempfile
+        top = tempfile.mkdtemp(prefix="rc-worker-%d-" % os.geteuid())
+    os.chmod(top, 0o711)
+    for name in list_dir(top):
+        pid = name.rpartition(".")[2]
+        if pid.isdigit() and not pid_alive(pid):
+            log("info", "stale_task_dirs_removed", path=os.path.join(top, name))
+            remove_tree(os.path.join(top, name))
+    root = os.path.join(top, "%s.%d" % (device_id, os.getpid()))
+    os.mkdir(root, 0o711)
+    os.chmod(root, 0o711)     # whatever the umask
+    return root
+
+
+def reachable(path, other_uid, hidden):
+    """Whether a task can read `path`: not under a hidden path, and, for a
+    task of another uid, readable by others through directories they may search."""
+    import stat
+    path = os.path.realpath(path)
+    if any((path + "/").startswith(h.rstrip("/") + "/") for h in hidden):
+        return False
+    if not other_uid:
+        return True
+    try:
+        if not os.stat(path).st_mode & stat.S_IROTH:
+            return False
+        while path != os.path.dirname(path):
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def remove_tree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Sandbox(object):
+    """The worker's side of the sandbox: a uid, a cgroup and a directory for
+    each process task, and the end of everything the task started."""
+
+    def __init__(self, options):
+        self.options = options
+        users = getattr(options, "task_users", None)
+        self.free_uids = sorted(users[0]) if users else []
+        self.gid = users[1] if users else None
+        self.user_name = users[2] if users else None
+        self.shared_uid = bool(users) and len(users[0]) == 1
+        self.other_uid = bool(users) and users[0] != [os.geteuid()]   # tasks are not us
+        self.claimed = {}         # uid -> the descriptor of its lock (see claim_uid)
+        self.idle_uids = []       # claimed uids no task runs as
+        self.cgroups = TaskCgroups()
+        self.workdirs = None
+        self.tracking = None
+
+    def prepare(self, worker):
+        """Called once, before the first task."""
+        if not self.own_uids():
+            # A uid per task names every process of it already, whatever it
+            # does, for nothing; a cgroup cost ~1 ms of CPU per task here.
+            self.cgroups.prepare()
+        try:
+            root = task_root(self.options.device_id)
+        except OSError as e:      # a temporary directory we cannot use as we would
+            import tempfile
+            root = tempfile.mkdtemp(prefix="rc-worker-")
+            log("warning", "task_root_unusable", error=str(e), path=root)
+        self.workdirs = WorkDirs(self.options.slots, root)
+        self.tracking = self.tracking_mechanism(worker)
+        self.python_note = self.choose_python()
+        self.path = self.task_path()
+        for note in getattr(self.options, "sandbox_notes", ()):
+            log("warning", "task_sandbox_limited", message=note)
+        if self.python_note:
+            log("warning", "task_python", message=self.python_note)
+        if "--token" in self.options.argv or any(
+                a.startswith("--token=") for a in self.options.argv):
+            log("warning", "token_on_command_line", message="the join token is on the"
+                " command line, where every local user and task can read it (ps);"
+                " use --token-file or RC_TOKEN")
+        log("info", "task_sandbox", user=self.describe_user(), tracking=self.tracking,
+            isolation=self.describe_isolation(), task_dirs=self.workdirs.root)
+
+    def choose_python(self):
+        """Python tasks run in the spawner's interpreter and import from its
+        library: a task of another uid, or one whose home is hidden, must be
+        able to read it. Where it cannot (a python under /root or ~), tasks
+        get a python3 from PATH that they can read; a note says which."""
+        other_uid = self.other_uid
+        hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
+        if not (other_uid or hidden):
+            return None
+        here = (sys.executable, os.path.dirname(os.__file__))
+        if all(reachable(path, other_uid, hidden) for path in here):
+            return None
+        for candidate in dict.fromkeys(filter(None, [which("python3"), "/usr/bin/python3",
+                                                     "/usr/local/bin/python3"])):
+            library = run_quietly([candidate, "-I", "-c",
+                                   "import os; print(os.path.dirname(os.__file__))"])
+            if library and all(reachable(path, other_uid, hidden)
+                               for path in (candidate, library.strip())):
+                task_python[:] = [os.path.realpath(candidate)]
+                return ("python tasks run with %s: tasks cannot read the library of %s"
+                        % (task_python[0], sys.executable))
+        return ("tasks cannot read the library of %s and no python3 on PATH they can:"
+                " python tasks may fail to import modules" % sys.executable)
+
+    def task_path(self):
+        """PATH less the directories a task cannot search (another uid's, or
+        hidden): a shell would say "Permission denied" for every command it
+        does not find. Found once: it costs a task 0.2 ms in its own process."""
+        other_uid = self.other_uid
+        hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
+        return os.pathsep.join(
+            d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+            if d and os.path.isdir(d) and reachable(d, other_uid, hidden))
+
+    def own_uids(self):
+        """Whether each task runs as a uid of its own."""
+        return bool(self.user_name) and not self.shared_uid
+
+    def tracking_mechanism(self, worker):
+        if self.own_uids():
+            return "a uid per task: all of its processes are killed"
+        if self.cgroups.base is not None:
+            return "cgroup v2 per task (%s)" % self.cgroups.base
+        if linux_kernel() and worker.spawner.usable():
+            return "subreaper spawner following /proc (an environment mark for the quick)"
+        return "process group only: a task that calls setsid escapes it"
+
+    def describe_user(self):
+        if not self.user_name:
+            return ("the worker's own (uid %d): tasks can read files of the worker's user"
+                    % os.geteuid())
+        if self.shared_uid:
+            return "%s, shared: tasks can read each other's files" % self.user_name
+        return "a uid of its own per task (%s)" % self.user_name
+
+    def describe_isolation(self):
+        if not getattr(self.options, "isolated", False):
+            return "none"
+        hidden = ", ".join(self.hidden_paths())
+        kind = "mount namespace" if os.geteuid() == 0 else "user and mount namespace"
+        text = "%s hiding %s" % (kind, hidden)
+        if self.options.read_only:
+            text += "; read-only: %s" % ", ".join(self.options.read_only)
+        return text + ("; no network" if self.options.isolate_network else "")
+
+    def hidden_paths(self):
+        """What isolation covers: the state dir, the home directory, each --hide,
+        less what holds the task directories (a task must reach its own)."""
+        paths = [os.path.expanduser(self.options.state_dir), os.path.expanduser("~")]
+        paths += [os.path.abspath(path) for path in self.options.hide]
+        if self.options.token_file:
+            paths.append(os.path.abspath(os.path.expanduser(self.options.token_file)))
+        root = self.workdirs.root if self.workdirs else "/nonexistent"
+        return [p for p in dict.fromkeys(paths)
+                if p not in ("/", "") and not (root + "/").startswith(p.rstrip("/") + "/")]
+
+    # -- one task -------------------------------------------------------------
+
+    def open(self, worker, task):
+        """The jail of a task about to start: the request's "jail" field."""
+        uid = self.task_uid()
+        gid = self.gid if self.gid is not None else uid
+        jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
+                "cwd": self.workdirs.take(uid, gid),
+                "cgroup": self.cgroups.make("task-%s-%s" % task.key),
+                "cgroup_home": self.cgroups.home if self.cgroups.base else None,
+                "own_uid": uid is not None and not self.shared_uid, "path": self.path,
+                "nproc": self.process_limit(uid),
+                "track": self.tracking.startswith("subreaper")}
+        self.tell_watchdog(worker, b"+", jail)
+        if getattr(self.options, "isolated", False):
+            top = os.path.dirname(self.workdirs.root)
+            jail.update(isolate=True, hide=self.hidden_paths(),
+                        own_dir=(top, os.path.relpath(jail["cwd"], top)),
+                        read_only=[os.path.abspath(p) for p in self.options.read_only],
+                        network=not self.options.isolate_network)
+        return jail
+
+    def task_uid(self):
+        """The uid the next task runs as: a free one of the range, the shared
+        one, or None (the worker's own)."""
+        if self.shared_uid:
+            return self.free_uids[0]
+        if not self.user_name:
+            return None
+        if not self.idle_uids:
+            self.claim_uid()
+        return self.idle_uids.pop(0)
+
+    def claim_uid(self):
+        """Take one more uid of the range for this worker, for as long as it
+        lives: a lock (flock) on TOP/uid-UID.lock, which no other worker of
+        this machine then gets. Two workers run as root (a main node's local
+        worker and a device's) must never share one: the end of a task kills
+        every process of its uid."""
+        import fcntl
+        top = os.path.dirname(self.workdirs.root)
+        while self.free_uids:
+            uid = self.free_uids.pop(0)
+            fd = os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:        # another worker's
+                os.close(fd)
+                continue
+            self.claimed[uid] = fd
+            self.idle_uids.append(uid)
+            return
+        raise OSError(errno.EAGAIN, "every task uid (%s) is in use" % self.user_name)
+
+    def process_limit(self, uid):
+        """RLIMIT_NPROC: it counts every process of the real uid, so a uid
+        shared with others (the worker's) gets room above what it has now."""
+        if uid is not None and not self.shared_uid:
+            return TASK_PROCESSES
+        count = user_processes(os.geteuid() if uid is None else uid)
+        return None if count is None else count + TASK_PROCESSES
+
+    def end(self, worker, task):
+        """Kill every process the task started, however it detached."""
+        jail = task.jail
+        pid = task.proc.pid if task.proc is not None else None
+        if pid is not None and not task.reaped:
+            kill_group(pid)
+        if isinstance(task.proc, SpawnedChild):
+            if task.reaped:      # the spawner ended the rest before it reaped it
+                return
+            if worker.spawner.sock is not None:     # its parent does the rest, now
+                if pid is not None:
+                    worker.spawner.end_tree(pid)
+                return
+        # A process of our own, or of a spawner that is gone.
+        if jail.get("cgroup"):
+            self.cgroups.kill(jail["cgroup"])
+        elif jail.get("own_uid"):
+            kill_uid(jail["uid"])
+
+    def close(self, worker, task):
+        """After end(): give back the task's uid, cgroup and directory."""
+        jail = task.jail
+        self.tell_watchdog(worker, b"-", jail)
+        if jail.get("cgroup"):
+            self.cgroups.remove(jail["cgroup"])
+        if jail.get("uid") is not None and not self.shared_uid:
+            self.idle_uids.append(jail["uid"])
+            self.idle_uids.sort()     # the lowest first: its spare directory waits for it
+        self.workdirs.give_back(jail["cwd"], jail.get("uid"))
+
+    def tell_watchdog(self, worker, sign, jail):
+        """What the watchdog kills if the worker dies: the task's cgroup, its uid."""
+        if jail.get("cgroup"):
+            worker.watchdog.tell(sign + b"C" + jail["cgroup"].encode() + b"\n")
+        if jail.get("uid") is not None and not self.shared_uid:
+            worker.watchdog.tell(sign + b"U%d\n" % jail["uid"])
+
+    def stop(self):
+        if self.workdirs is not None:
+            self.workdirs.clear()
+            remove_tree(self.workdirs.root)
+        self.cgroups.stop()
+
+
 
 ###############################################################################
 # The spawner: a warm interpreter that forks the tasks ########################
@@ -2028,6 +2733,13 @@ class Spawner(object):
             worker.watchdog.group_ended(child.pid)
         self.exits.pop(child.pid, None)
 
+    def end_tree(self, pid):
+        """Ask the spawner to kill what the task `pid` started (see TaskTrees)."""
+        try:
+            self.sock.send(dumps({"end": pid}))
+        except (OSError, AttributeError):     # gone: lost() ends its children
+            pass
+
     def stop_when_idle(self, worker, now):
         if self.sock is not None and not self.children and not self.starting and \
                 now - self.idle_since >= SPAWNER_IDLE:
@@ -2054,6 +2766,9 @@ def serve_spawner(fd):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)     # the worker ends us, by closing the socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
+    # Handed over inheritable; a task that kept it (posix_spawn keeps what is
+    # inheritable) could ask the spawner for processes outside its sandbox.
+    os.set_inheritable(fd, False)
     if hasattr(gc, "freeze"):
         gc.freeze()      # the collector in a child would write to (and copy) every page
     wakeup, wakeup_writer = os.pipe()
@@ -2061,9 +2776,11 @@ def serve_spawner(fd):
         os.set_blocking(end, False)
     signal.set_wakeup_fd(wakeup_writer)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    children = set()
+    children = {}     # pid of a task's first process -> the task's jail
+    trees = TaskTrees.started()
     while True:
-        readable = select.select([sock, wakeup], [], [])[0]
+        busy = trees is not None and trees.owner
+        readable = select.select([sock, wakeup], [], [], TRACK_INTERVAL if busy else None)[0]
         if wakeup in readable:
             while True:
                 try:
@@ -2071,16 +2788,20 @@ def serve_spawner(fd):
                         break
                 except OSError:
                     break
-        if sock in readable and not serve_request(sock, children, (wakeup, wakeup_writer)):
+        if sock in readable and not serve_request(sock, children, trees):
             break
-        report_exits(sock, children)
-    for pid in children:
-        kill_group(pid)
+        report_exits(sock, children, trees)
+        if busy:
+            trees.scan()
+    for pid, jail in children.items():
+        end_task(pid, jail, None, everything=True)
+    if trees is not None:
+        trees.end_all()
     return 0
 
 
-def serve_request(sock, children, own_fds):
-    """Start one task process; False when the worker has gone."""
+def serve_request(sock, children, trees):
+    """Start one task process, or end one's tree; False when the worker has gone."""
     import array
     fds = array.array("i")
     try:
@@ -2093,17 +2814,30 @@ def serve_request(sock, children, own_fds):
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
     if not data:
         return False
+    if not fds:
+        request = loads(data)
+        pid = request.get("end")
+        if pid in children:
+            end_task(pid, children[pid], trees, everything=True)
+        return True
     try:
         if len(fds) != 2:
             raise ValueError("a request carries two descriptors")
         for fd in fds:
             os.set_inheritable(fd, False)     # only as the child's stdout and stderr
         request = loads(data)
-        if request.get("self_limiting") and hasattr(os, "posix_spawn"):
+        jail = request.setdefault("jail", {})
+        tracked = trees is not None and jail.get("track")
+        if tracked:
+            jail["mark"] = trees.new_mark()
+        if (request.get("self_limiting") and hasattr(os, "posix_spawn")
+                and not jail.get("isolate")):
             pid = spawn_command(request, fds[0], fds[1])
         else:
             pid = fork_child(request, fds[0], fds[1])
-        children.add(pid)
+        children[pid] = jail
+        if tracked:
+            trees.add(pid, jail["mark"])
         reply = {"pid": pid}
     except (OSError, ValueError) as e:
         reply = {"error": str(e)}
@@ -2131,25 +2865,101 @@ def spawn_command(request, stdout_fd, stderr_fd):
     # What Python ignores for itself, and what we ignore, a command gets back.
     default = [getattr(signal, name) for name in (
         "SIGPIPE", "SIGXFSZ", "SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    jail = request["jail"]
     os.chdir(request["cwd"])      # inherited: posix_spawn has no chdir of its own
+    environment = dict(os.environ)
+    if jail.get("mark"):
+        environment[TASK_MARK] = jail["mark"]
+    saved = own_identity(jail)
     try:
-        return os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+        borrow_task_identity(jail, environment)
+        return os.posix_spawnp(argv[0], argv, environment, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
-            setsid=True, setsigdef=default)
+            setsid=True, setsigdef=default, resetids=jail.get("uid") is not None)
     finally:
+        give_back_identity(jail, saved)
         os.chdir("/")
 
 
-def report_exits(sock, children):
-    for pid in list(children):
-        ended = reap_if_ended(pid)
-        if ended is None:
-            continue
-        _, status, usage = ended
-        children.discard(pid)
+def borrow_task_identity(jail, environment):
+    """For one posix_spawn, which can neither join a cgroup nor change ids:
+    the spawner steps into the task's cgroup (the child is born there) and,
+    as root, takes the task's uid and gid as its *real* ids, which `resetids`
+    makes the child's effective ones (exec then makes them its saved ones
+    too, and drops every capability). give_back_identity undoes it."""
+    if jail.get("cgroup"):
+        write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
+    if jail.get("uid") is not None:
+        os.setgroups([])
+        os.setresgid(jail["gid"], -1, -1)
+        os.setresuid(jail["uid"], -1, -1)
+        environment.update(HOME=jail["cwd"], USER=jail["user"], LOGNAME=jail["user"],
+                           PATH=jail["path"])
+
+
+def own_identity(jail):
+    """The spawner's ids, when borrow_task_identity is about to change them."""
+    if jail.get("uid") is None:
+        return None
+    return os.getresuid(), os.getresgid(), os.getgroups()
+
+
+def give_back_identity(jail, saved):
+    if saved is not None:
+        os.setresuid(*saved[0])
+        os.setresgid(*saved[1])
+        os.setgroups(saved[2])
+    if jail.get("cgroup"):
+        write_file(os.path.join(jail["cgroup_home"], "cgroup.procs"), str(os.getpid()))
+
+
+def end_task(pid, jail, trees, everything):
+    """In the spawner: kill what the task `pid` started. Its group and
+    cgroup always (one signal, one write); its uid's processes and its
+    tree in /proc (a fork, a scan) when `everything`."""
+    kill_group(pid)
+    if jail.get("cgroup"):
+        TaskCgroups.kill(jail["cgroup"])
+    if everything and jail.get("own_uid"):
+        kill_uid(jail["uid"])
+    if everything and trees is not None and jail.get("track"):
+        trees.end(pid)
+
+
+def strays(children):
+    """Whether the spawner has a child that is not a task's first process: an
+    orphan of some task (a subreaper gets every process a task left behind,
+    the topmost of each one it left). True where /proc does not say."""
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as f:
+            return any(int(pid) not in children for pid in f.read().split())
+    except (OSError, ValueError):
+        return True
+
+
+def report_exits(sock, children, trees):
+    ended = trees.reap(children) if trees is not None else reap_tasks(children)
+    for pid, wait_status in ended:
+        _, status, usage = wait_status
+        del children[pid]
         sock.send(dumps({"exit": pid, "status": status,
                          "usage": [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]}))
+
+
+def reap_tasks(children):
+    """Without a subreaper: reap each task's first process that ended, as
+    reap_if_ended does, having killed what it left (its group, cgroup, uid)."""
+    ended = []
+    for pid, jail in list(children.items()):
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                continue
+        except ChildProcessError:
+            pass
+        end_task(pid, jail, None, everything=True)
+        ended.append((pid, os.wait4(pid, 0)))
+    return ended
 
 
 def python_source(request):
@@ -2183,6 +2993,11 @@ def run_spawned(request, code, stdout_fd, stderr_fd):
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     close_all_but(-1)          # the spawner's socket above all
+    try:
+        enter_sandbox(request["jail"])
+    except OSError as e:      # never run a task outside its sandbox
+        os.write(2, ("cannot enter the task sandbox: %s\n" % e).encode())
+        os._exit(126)
     apply_rlimits(request["limits"])
     if "argv" in request:
         # What Python ignores for itself, a command gets back (as subprocess does).
@@ -2249,12 +3064,145 @@ def finish_python(status):
     return status
 
 
+class TaskTrees(object):
+    """In the spawner, made a child subreaper (Linux): orphans of its tasks
+    come back to it instead of init, and each process is tied to the task
+    that started it, by its parent found in /proc every TRACK_INTERVAL, or,
+    for one orphaned before that (`setsid -f`), by the TASK_MARK in its
+    environment. An orphan of no known task is killed at once; the processes
+    of an ended task are killed on sight until none is left."""
+
+    def __init__(self):
+        self.me = os.getpid()
+        self.owner = {}       # pid -> the first pid of its task
+        self.marks = {}       # TASK_MARK value -> the first pid of its task
+        self.ended = set()    # first pids of tasks that ended: their processes die
+        self.count = 0
+
+    @classmethod
+    def started(cls):
+        """A TaskTrees if this process could become a subreaper, else None."""
+        if not linux_kernel() or not os.path.isdir("/proc/self"):
+            return None
+        try:
+            libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls()
+
+    def new_mark(self):
+        self.count += 1
+        return "%d.%d" % (self.me, self.count)
+
+    def add(self, pid, mark):
+        self.owner[pid] = pid
+        self.marks[mark] = pid
+
+    def scan(self):
+        parents = process_parents()
+        for pid in [pid for pid in self.owner if pid not in parents]:
+            del self.owner[pid]
+        tasks = set(self.owner.values())      # those with a process left
+        self.ended &= tasks
+        self.marks = {mark: pid for mark, pid in self.marks.items() if pid in tasks}
+        outside = set()
+        for pid in parents:
+            self.claim(pid, parents, outside)
+        for pid, leader in list(self.owner.items()):
+            if leader in self.ended:
+                kill_pid(pid)
+
+    def claim(self, pid, parents, outside):
+        """Find the task of `pid` through its ancestors."""
+        chain = []
+        while pid not in self.owner and pid not in outside and pid in parents:
+            if parents[pid] == self.me:       # an orphan that came back to us
+                leader = self.marks.get(process_mark(pid))
+                if leader is None:
+                    kill_pid(pid)             # of no task we know: it must not stay
+                else:
+                    self.owner[pid] = leader
+                break
+            chain.append(pid)
+            pid = parents[pid]
+        leader = self.owner.get(pid)
+        for member in chain:
+            if leader is None:
+                outside.add(member)
+            else:
+                self.owner[member] = leader
+
+    def end(self, leader):
+        """Kill the task's processes now, and any found later."""
+        if leader in self.owner:
+            self.ended.add(leader)
+            kill_group(leader)
+            self.scan()
+
+    def end_all(self):
+        self.ended.update(self.marks.values())
+        for _ in range(3):
+            self.scan()
+
+    def reap(self, children):
+        """Reap every ended child, the tasks' first processes as
+        reap_if_ended does (their group killed first) and orphans; the
+        (pid, wait status) of the first ones."""
+        ended = []
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info = None
+            if info is None:
+                return ended
+            pid = info.si_pid
+            if pid in children:
+                # Before it is reaped, while its pid (and group id) stays ours.
+                end_task(pid, children[pid], self, everything=strays(children))
+                ended.append((pid, os.wait4(pid, 0)))
+            else:
+                os.waitpid(pid, 0)
+
+
+def process_parents():
+    """{pid: parent pid} of every process, from /proc."""
+    parents = {}
+    for name in list_dir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    parents[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return parents
+
+
+def process_mark(pid):
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            for entry in f.read().split(b"\0"):
+                if entry.startswith(TASK_MARK.encode() + b"="):
+                    return entry.split(b"=", 1)[1].decode("ascii", "replace")
+    except OSError:
+        pass
+    return None
+
+
+def kill_pid(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 ###############################################################################
 # The watchdog: no orphaned tasks when the worker is killed ###################
 ###############################################################################
 # Each task runs in a session of its own, so nothing ends it when the worker is
 # killed with SIGKILL. A forked process reads "+PGID" and "-PGID" lines from a
-# pipe; end of file means the worker is gone, however it died.
+# pipe (and "+C" cgroup, "+U" uid lines from the sandbox); end of file means
+# the worker is gone, however it died.
 
 class Watchdog(object):
     pid = None
@@ -2330,14 +3278,19 @@ def watch(read_fd):
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
         for line in lines:
-            try:
-                pgid = int(line[1:])
-            except ValueError:
-                continue
-            (groups.add if line[:1] == b"+" else groups.discard)(pgid)
-    killed = [pgid for pgid in sorted(groups) if kill_group(pgid)]
+            (groups.add if line[:1] == b"+" else groups.discard)(line[1:])
+    killed = [int(pgid) for pgid in sorted(groups) if pgid.isdigit() and kill_group(int(pgid))]
     if killed:
         log("warning", "orphans_killed", pgids=killed)
+    # What the sandbox knows of the tasks (see Sandbox.tell_watchdog): all they started.
+    cgroups = [entry[1:].decode() for entry in groups if entry[:1] == b"C"]
+    for path in cgroups:
+        TaskCgroups.kill(path)
+    for entry in groups:
+        if entry[:1] == b"U" and entry[1:].isdigit():
+            kill_uid(int(entry[1:]))
+    for path in cgroups:      # and the worker's own, once the last is gone
+        TaskCgroups().sweep(os.path.dirname(path))
 
 
 def close_all_but(keep):
@@ -2382,7 +3335,7 @@ class Worker(object):
         self.stop_signal = None
         self.watchdog = Watchdog()     # started by run(), not by the self-test
         self.spawner = Spawner()       # started with the first task that needs a process
-        self.workdirs = WorkDirs(options.slots)
+        self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
@@ -2423,6 +3376,7 @@ class Worker(object):
 
     def run(self):
         self.identity.prepare()
+        self.sandbox.prepare(self)
         self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,
@@ -2674,7 +3628,7 @@ class Worker(object):
             self.drop(task, "task_abandoned", "the worker is stopping")
         self.running.clear()
         self.spawner.stop(self)
-        self.workdirs.clear()
+        self.sandbox.stop()
         if self.sock is not None:
             self.flush()
             self.sock.close()
@@ -3194,6 +4148,8 @@ class Worker(object):
         log(level, "worker_restarting", reason=reason, argv=argv)
         self.send_now()
         self.shutdown()
+        if self.stop_signal is not None:    # told to stop meanwhile: the new one would not know
+            sys.exit(0)
         try:
             os.execv(sys.executable, argv)
         except OSError as e:      # the new file is in place: a supervisor starts it
@@ -3338,6 +4294,8 @@ def self_test(worker):
                        "max_file_size_mb": worker.options.max_file_size or None,
                        "open_files": TASK_OPEN_FILES}
     print(pretty.dumps(found, indent=2, sort_keys=True))
+    worker.sandbox.prepare(worker)
+    print_sandbox(worker.sandbox)
     # Whatever the owner's rules say now, the point is whether tasks can run here.
     worker.availability.available, worker.next_policy_check = True, float("inf")
     for number, (task_type, payload, _) in enumerate(SELF_TEST, 1):
@@ -3360,6 +4318,24 @@ def self_test(worker):
     return 1 if failures else 0
 
 
+def print_sandbox(sandbox):
+    """What keeps a task from the worker's secrets and from other tasks, here."""
+    print("task user:      %s" % sandbox.describe_user())
+    isolation = sandbox.describe_isolation()
+    if isolation == "none":
+        why_not = isolation_works()
+        isolation = "none" + (" (user namespaces work here: --isolate would hide the state"
+                              " dir and the home directory)" if why_not is None
+                              else ": %s" % why_not)
+        if not sandbox.user_name:
+            isolation += "; tasks can read files of the worker's user"
+    print("task isolation: %s" % isolation)
+    print("task tracking:  %s" % sandbox.tracking)
+    for note in sandbox.options.sandbox_notes + [sandbox.python_note]:
+        if note:
+            print("note:           %s" % note)
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -3372,6 +4348,7 @@ RELOADABLE = ("task_types", "tags", "role", "slots", "max_memory", "max_file_siz
               "policy_interval", "log_level", "log_tasks")
 PROFILE_OPTIONS = ("task_types", "tags", "role", "slots")
 NEEDS_RESTART = ("join", "device_id", "token_file", "fingerprint", "state_dir", "web_port",
+                 "task_user", "isolate", "isolate_network", "hide", "read_only",
                  "allow_upgrade")
 
 
@@ -3557,6 +4534,23 @@ def parse_args(argv=None, reloading=False, read_token=True):
     limits.add_argument("--max-file-size", type=not_negative(int), default=MAX_FILE_MB,
                         metavar="MB", help="MiB, the largest file it may write (0: no"
                         " limit; default: %(default)d)")
+    sandbox = parser.add_argument_group("the task sandbox (see docs/worker.md)")
+    sandbox.add_argument("--task-user", metavar="USER|UID[:COUNT]",
+                         help="as root: run tasks as USER, or as COUNT uids from UID, one per"
+                         " running task (default as root: uids %d-%d without an account)"
+                         % (TASK_UID_BASE, TASK_UID_BASE + TASK_UID_COUNT - 1))
+    sandbox.add_argument("--isolate", action="store_true",
+                         help="run tasks in a mount namespace (a user namespace when not"
+                         " root) that hides the state dir, the home directory and each"
+                         " --hide PATH; refuse to start where it cannot")
+    sandbox.add_argument("--isolate-network", action="store_true",
+                         help="with --isolate: no network for tasks")
+    sandbox.add_argument("--hide", action="append", default=[], metavar="PATH",
+                         help="a path tasks must not read: hidden by isolation where it"
+                         " works; where it does not and tasks run as this user, only"
+                         " %s tasks are accepted" % "/".join(HARMLESS_TASK_TYPES))
+    sandbox.add_argument("--read-only", action="append", default=[], metavar="PATH",
+                         help="a path tasks must not write (bound read-only, as --hide)")
     guest = parser.add_argument_group("a good guest: when this device takes new tasks")
     guest.add_argument("--only-when-charging", action="store_true",
                        help="only while on external power")
@@ -3597,12 +4591,40 @@ def parse_args(argv=None, reloading=False, read_token=True):
     if not re.match(r"[A-Za-z0-9._-]{1,64}\Z", options.device_id):
         parser.error("--device-id must be 1-64 characters of [A-Za-z0-9._-]")
     options.task_types = task_types(parser, options.allow, options.deny)
+    sandbox_options(parser, options)
     if not options.self_test:
         if options.join is None:
             parser.error("--join HOST[:PORT] is required")
         if read_token and not reloading:
             options.token = join_token(parser, options)
     return options
+
+
+def sandbox_options(parser, options):
+    """Whom tasks run as and whether they are isolated (see Sandbox), with
+    notes on what is left undone; --hide/--read-only that cannot be honoured
+    narrow the task types to those that run no code."""
+    try:
+        options.task_users = resolve_task_user(options.task_user, options.slots)
+    except ValueError as e:
+        parser.error(str(e))
+    wanted = options.isolate or bool(options.hide or options.read_only)
+    why_not = isolation_works(options.isolate_network) if wanted else None
+    options.isolated = wanted and why_not is None
+    options.sandbox_notes = []
+    if options.isolate and why_not:
+        parser.error("--isolate: %s" % why_not)
+    if why_not and options.task_users is None:
+        options.task_types = tuple(t for t in options.task_types if t in HARMLESS_TASK_TYPES)
+        options.sandbox_notes.append(
+            "tasks run as this worker's user and cannot be kept from %s: %s; only %s tasks"
+            " are accepted (run the worker as root, or where user namespaces work)"
+            % (", ".join(options.hide + options.read_only), why_not,
+               ", ".join(options.task_types) or "no"))
+    elif why_not:
+        options.sandbox_notes.append("tasks are not isolated (%s): the task user's own"
+                                     " rights keep them from %s" % (
+                                         why_not, ", ".join(options.hide + options.read_only)))
 
 
 def pinned_fingerprint(parser, options):

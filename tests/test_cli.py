@@ -301,7 +301,9 @@ def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeyp
                          cli.local_device_id()]
     assert argv[8:14] == ["--state-dir", os.path.join(config.home, "worker"), "--web-port",
                           str(config.web_port), "--fingerprint", tls.fingerprint(config)]
-    assert argv[14:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
+    # Its tasks must not reach var/ nor write the checkout (see docs/worker.md).
+    assert argv[14:18] == ["--hide", config.home, "--read-only", config_module.CHECKOUT]
+    assert argv[18:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
 
 
 def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):

@@ -6,13 +6,16 @@ docs/protocol.md with plain blocking sockets; rc.protocol computes the proofs,
 so the worker is checked against the main node's own definition of them.
 """
 import glob
+import pathlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -273,6 +276,16 @@ def wait_until(condition, timeout=5.0):
     return condition()
 
 
+@pytest.fixture
+def drop_dir():
+    """A directory a task can write into (pytest's tmp_path is not: run as
+    root, the worker runs each task as a uid of its own)."""
+    path = tempfile.mkdtemp(prefix="rc-test-drop-")
+    os.chmod(path, 0o1777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # -- every interpreter: registers, runs the core task types, stops cleanly -------
 
 @pytest.mark.skipif(not INTERPRETERS, reason="no CPython under ~/.pyenv/versions/3.*")
@@ -508,9 +521,9 @@ def test_oversized_frame_ends_the_connection(main, spawn, python):
 
 
 @detailed
-def test_sigterm_kills_running_tasks_and_exits_0(main, spawn, python, tmp_path):
+def test_sigterm_kills_running_tasks_and_exits_0(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python)
-    pid_file = tmp_path / "child.pid"
+    pid_file = drop_dir / "child.pid"
     link.assign(1, "shell", {"command": "sleep 30 & echo $! > %s; wait" % pid_file})
     link.expect("task_accept")
     assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip())
@@ -547,11 +560,11 @@ def assert_fenced(worker, frames, *task_ids):
 
 
 @detailed
-def test_fencing_while_connected(main, spawn, python, tmp_path):
+def test_fencing_while_connected(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=1.5, heartbeat_interval=0.5)
-    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    link.assign(1, "shell", background_task(drop_dir / "pids"))
     silent_since = time.monotonic()        # from here on the main node says nothing
-    pids = task_pids(tmp_path / "pids")
+    pids = task_pids(drop_dir / "pids")
     frames = link.pump(4, keep_alive=False, until=lambda: all(map(process_gone, pids)))
     assert all(map(process_gone, pids)), "the fenced task is still running"
     assert 1.4 < time.monotonic() - silent_since < 3.5
@@ -567,10 +580,10 @@ def test_fencing_while_connected(main, spawn, python, tmp_path):
 
 
 @detailed
-def test_fencing_after_disconnect(main, spawn, python, tmp_path):
+def test_fencing_after_disconnect(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=60, disconnect_fence=1)
-    link.assign(1, "shell", background_task(tmp_path / "pids"))
-    pids = task_pids(tmp_path / "pids")
+    link.assign(1, "shell", background_task(drop_dir / "pids"))
+    pids = task_pids(drop_dir / "pids")
     frames = link.pump(0.2)
     link.close()
     main.listener.close()                   # and no reconnecting
@@ -582,11 +595,11 @@ def test_fencing_after_disconnect(main, spawn, python, tmp_path):
 
 
 @detailed
-def test_fencing_checked_first_after_a_freeze(main, spawn, python, tmp_path):
+def test_fencing_checked_first_after_a_freeze(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=1)
-    link.assign(1, "shell", background_task(tmp_path / "pids"))
+    link.assign(1, "shell", background_task(drop_dir / "pids"))
     link.assign(2, "shell", {"command": "sleep 0.5"})     # ends while the worker is frozen
-    pids = task_pids(tmp_path / "pids")
+    pids = task_pids(drop_dir / "pids")
     frames = link.pump(0.3)
     assert [f["message_type"] for f in frames].count("task_accept") == 2
     worker.proc.send_signal(signal.SIGSTOP)
@@ -625,10 +638,10 @@ def test_progress_lines(main, spawn, python):
 
 
 @detailed
-def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, tmp_path):
+def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python)
-    link.assign(1, "shell", background_task(tmp_path / "pids"))
-    pids = task_pids(tmp_path / "pids")
+    link.assign(1, "shell", background_task(drop_dir / "pids"))
+    pids = task_pids(drop_dir / "pids")
     watchdog = worker.watchdog_pid()
     worker.proc.kill()
     worker.proc.wait()

@@ -26,7 +26,8 @@ from rc import db, tasks, tls  # noqa: E402
 from rc.states import TERMINAL_STATES  # noqa: E402
 
 from cluster_harness import free_port  # noqa: E402
-from test_worker import INTERPRETERS, short_name, process_gone, wait_until  # noqa: E402
+from test_worker import (INTERPRETERS, drop_dir, short_name, process_gone,  # noqa: E402,F401
+                         wait_until)
 
 WORKER = os.path.join(ROOT, "bin", "worker.py")
 VENV_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -188,10 +189,10 @@ def test_simulated_android(node, tmp_path):
 
 # -- the sandbox ---------------------------------------------------------------------------
 
-def test_sandbox(node, tmp_path):
+def test_sandbox(node, drop_dir):
     worker = node.worker("sandbox", sys.executable, None, "--max-memory", "256")
     # Children, a grandchild that left its parent, all asleep past the timeout.
-    pids = tmp_path / "pids"
+    pids = drop_dir / "pids"
     forking = node.submit("sandbox", "shell", {"command": (
         "sleep 60 & echo $! >> {0}; (sleep 60 & echo $! >> {0}) ; "
         "sh -c 'sleep 60 & echo $! >> {0}; wait' & echo $! >> {0}; "
@@ -256,11 +257,11 @@ def test_battery_threshold_with_hysteresis(node, tmp_path):
     node.stop_worker(worker)
 
 
-def test_hand_back_when_unavailable_mid_task(node, tmp_path):
+def test_hand_back_when_unavailable_mid_task(node, tmp_path, drop_dir):
     env, battery = fake_android(tmp_path)
     worker = node.worker("handback", sys.executable, env, "--min-battery", "30",
                          "--on-unavailable", "hand-back", "--policy-interval", "0.2")
-    pid_file = tmp_path / "pid"
+    pid_file = drop_dir / "pid"
     task = node.submit("handback", "shell", {"command": "echo $$ > %s; sleep 60" % pid_file})
     assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=10)
     pid = int(pid_file.read_text())

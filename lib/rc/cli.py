@@ -1062,6 +1062,12 @@ def cmd_local_worker(arguments, context):
             str(config.web_port)]
     if config.tls:
         argv += ["--fingerprint", tls.fingerprint(config)]
+    # Its tasks must not read var/ (the admin token, the TLS key, the database)
+    # nor write the worker.py every device downloads. The worker hides the one
+    # and binds the other read-only in a mount namespace where the kernel lets
+    # it, and as root runs tasks as uids of their own; a worker that can do
+    # neither accepts only echo, sleep and system_info, and logs why.
+    argv += ["--hide", config.home, "--read-only", rc_config.CHECKOUT]
     argv += extra
     context.out.flush()
     os.execv(sys.executable, argv)
