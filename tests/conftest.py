@@ -1,4 +1,10 @@
-"""Fixtures shared by the CLI and web tests: a real cluster state directory."""
+"""Fixtures shared by the tests: a real cluster state directory, and a
+directory tasks can write into."""
+import os
+import pathlib
+import shutil
+import tempfile
+
 import pytest
 
 from rc import config as config_module
@@ -35,3 +41,13 @@ def add_device(cluster_home):
                 devices.heartbeat(connection, device_id, metrics, now or 1.0)
         return device_id
     return add
+
+
+@pytest.fixture
+def drop_dir():
+    """A directory a task can write into (pytest's tmp_path is not: run as
+    root, the worker runs each task as a uid of its own)."""
+    path = tempfile.mkdtemp(prefix="rc-test-drop-")
+    os.chmod(path, 0o1777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)

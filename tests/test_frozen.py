@@ -40,8 +40,21 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def effects(tmp_path):
-    return str(tmp_path)
+def effects(drop_dir):
+    """Where tasks leave their side effects. Every attempt runs as a uid of
+    its own (the worker runs as root), so the directory is open to all and
+    without the sticky bit: with it, fs.protected_regular would refuse a
+    second uid's append, and a second execution would go unseen."""
+    os.chmod(str(drop_dir), 0o777)
+    return str(drop_dir)
+
+
+def shared_file(effects, name):
+    """A file any attempt of a task can append to, whatever its uid."""
+    path = os.path.join(effects, name)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+    os.chmod(path, 0o666)
+    return path
 
 
 def start(cluster, device_id, *extra):
@@ -62,7 +75,7 @@ def submit_shell(cluster, command, **options):
 
 def appending(effects, name):
     """A task whose side effect is one line in its own file."""
-    return "echo ran >> %s" % shlex.quote(os.path.join(effects, name))
+    return "echo ran >> %s" % shlex.quote(shared_file(effects, name))
 
 
 def device_row(cluster, device_id):
@@ -321,7 +334,7 @@ def test_a_frozen_worker_gets_nothing_new_and_runs_nothing_given_away(cluster, e
 
 def stamping(effects, name, seconds):
     """A task that writes "pid time" ten times a second for `seconds`."""
-    path = shlex.quote(os.path.join(effects, name))
+    path = shlex.quote(shared_file(effects, name))
     return ("i=0; while [ $i -lt %d ]; do echo \"$$ $(date +%%s.%%N)\" >> %s;"
             " sleep 0.1; i=$((i+1)); done" % (seconds * 10, path))
 
@@ -347,7 +360,7 @@ def test_a_task_running_through_a_freeze_is_stopped_on_waking(cluster, effects, 
     start(cluster, "lid")
     path = os.path.join(effects, "stamps")
     task_id = submit_shell(cluster, stamping(effects, "stamps", 8))
-    wait_for(lambda: os.path.exists(path), 15, "the first attempt to start")
+    wait_for(lambda: os.path.getsize(path) > 0, 15, "the first attempt to start")
     worker = psutil.Process(cluster.workers["lid"].pid)
     family = [worker] + worker.children(recursive=True) if whole_device else [worker]
     for process in family:

@@ -6,16 +6,13 @@ docs/protocol.md with plain blocking sockets; rc.protocol computes the proofs,
 so the worker is checked against the main node's own definition of them.
 """
 import glob
-import pathlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -274,16 +271,6 @@ def wait_until(condition, timeout=5.0):
             return True
         time.sleep(0.05)
     return condition()
-
-
-@pytest.fixture
-def drop_dir():
-    """A directory a task can write into (pytest's tmp_path is not: run as
-    root, the worker runs each task as a uid of its own)."""
-    path = tempfile.mkdtemp(prefix="rc-test-drop-")
-    os.chmod(path, 0o1777)
-    yield pathlib.Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- every interpreter: registers, runs the core task types, stops cleanly -------

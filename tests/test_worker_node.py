@@ -26,7 +26,7 @@ from rc import db, tasks, tls  # noqa: E402
 from rc.states import TERMINAL_STATES  # noqa: E402
 
 from cluster_harness import free_port  # noqa: E402
-from test_worker import (INTERPRETERS, drop_dir, short_name, process_gone,  # noqa: E402,F401
+from test_worker import (INTERPRETERS, short_name, process_gone,  # noqa: E402,F401
                          wait_until)
 
 WORKER = os.path.join(ROOT, "bin", "worker.py")
