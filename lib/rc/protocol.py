@@ -12,12 +12,15 @@ import time
 
 import orjson
 
+from rc.bounded import LARGEST as INT64_MAX
+from rc.bounded import SMALLEST as INT64_MIN
 from rc.states import MAX_FRAME_BYTES
 
 MAIN_NODE_ID = "main"
-# What SQLite can hold in an INTEGER column: a larger int raises OverflowError
-# in the middle of a transaction, so none gets past decode() or field().
-INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# INT64_MIN..INT64_MAX is what SQLite can hold in an INTEGER column (one
+# range for the wire, HTTP and the CLI: lib/rc/bounded.py): a larger int
+# raises OverflowError in the middle of a transaction, so none gets past
+# decode() or field().
 # orjson reads integers up to 2**64 - 1 exactly (larger ones, and negative
 # ones past INT64_MIN, become floats): only a run of 19 or more digits can
 # be out of range, so only a frame holding one is walked.
