@@ -14,6 +14,8 @@ import time
 
 import orjson
 
+from rc.log import shift_backups
+
 FILE_NAME = "audit.log"
 BACKUPS = 5          # rotated files kept: audit.log.1 (newest) ... audit.log.5
 
@@ -50,11 +52,7 @@ def rotate(current, descriptor, backups=BACKUPS):
     try:
         if os.stat(current).st_ino != os.fstat(descriptor).st_ino:
             return False
-        for number in range(backups - 1, 0, -1):
-            older = "%s.%d" % (current, number)
-            if os.path.exists(older):
-                os.replace(older, "%s.%d" % (current, number + 1))
-        os.replace(current, current + ".1")
+        shift_backups(current, backups)
         return True
     except FileNotFoundError:
         return False

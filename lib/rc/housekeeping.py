@@ -8,6 +8,7 @@ import glob
 import os
 
 from rc import alerts, db, stats
+from rc.log import shift_backups
 from rc.states import TERMINAL_STATES
 
 PRUNE_CHUNK = 500            # tasks deleted per transaction, so writers never wait long
@@ -95,11 +96,7 @@ def rotate_cli_log(log_dir, max_bytes=CLI_LOG_MAX_BYTES, backups=CLI_LOG_BACKUPS
             return False
     except OSError:
         return False
-    for number in range(backups - 1, 0, -1):
-        older = "%s.%d" % (path, number)
-        if os.path.exists(older):
-            os.replace(older, "%s.%d" % (path, number + 1))
-    os.replace(path, path + ".1")
+    shift_backups(path, backups)
     return True
 
 

@@ -58,3 +58,13 @@ class Logger:
 
     def error(self, event, **fields):
         self.log("error", event, **fields)
+
+
+def shift_backups(path, backups):
+    """Rotate `path` as supervisord rotates its logs: path.1 ... path.N,
+    the oldest dropped, and path itself becomes path.1."""
+    for number in range(backups - 1, 0, -1):
+        older = "%s.%d" % (path, number)
+        if os.path.exists(older):
+            os.replace(older, "%s.%d" % (path, number + 1))
+    os.replace(path, path + ".1")
