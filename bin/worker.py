@@ -126,8 +126,13 @@ TASK_PROCESSES = 256            # processes (threads count) a task may have: RLI
                                 # what a uid it shares with others (the worker's) already has
 TASK_UID_BASE = 59000           # as root, tasks run as uids from here (none with an account),
 TASK_UID_COUNT = 256            # ... this many: one per running task (--task-user changes them)
-SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")   # any uid may write here (see Leftovers)
-LEFTOVERS_SETTLED = 1.0         # seconds a directory's mtime must be old to be trusted as unchanged
+# Where any uid may leave files, and the kinds of SysV IPC object (the
+# /proc/sysvipc file, the call that removes one): a task's uid's are removed
+# before its next task (see Leftovers).
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))
+IPC_RMID = 0                    # the command that removes a SysV IPC object
+LEFTOVERS_SETTLED = 1.0         # seconds; a directory changed more recently is read again
 KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
 TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
 
@@ -2346,17 +2351,20 @@ def remove_tree(path):
 
 
 class Leftovers(object):
-    """What a task's uid left where every user may write (SHARED_TEMP_DIRS),
-    removed before the next task of that uid starts: task uids are reused,
-    and a task must not read another's files (nor the disk keep them). A
-    directory is read again only when it changed since that uid's last look
-    (a busy /tmp costs ~1 ms to scan)."""
+    """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
+    SysV IPC), removed before the next task of that uid starts: task uids
+    are reused, and a task must not read another's files (nor the disk or
+    memory keep them). A directory is read again only when it changed since
+    that uid's last look (a busy /tmp costs ~1 ms to scan)."""
 
     def __init__(self, directories=SHARED_TEMP_DIRS):
         self.directories = directories
         self.seen = {}       # (uid, directory) -> its mtime (ns) at that uid's last look
 
     def remove(self, uid):
+        removed = remove_ipc_of(uid)
+        if removed:
+            log("info", "task_leftovers_removed", path="/proc/sysvipc", uid=uid, entries=removed)
         for directory in self.directories:
             try:
                 changed = os.stat(directory).st_mtime_ns
@@ -2371,6 +2379,32 @@ class Leftovers(object):
             # this look would not show, so a recent mtime is not remembered.
             if time.time() - changed / 1e9 > LEFTOVERS_SETTLED:
                 self.seen[(uid, directory)] = changed
+
+
+def remove_ipc_of(uid):
+    """Remove the SysV shared memory, semaphores and message queues `uid`
+    made or owns: they outlive their task (holding memory) and the next
+    task of that uid could attach them. How many."""
+    removed = 0
+    for kind, remover in SYSV_IPC:
+        try:
+            with open("/proc/sysvipc/" + kind) as f:
+                header = f.readline().split()
+                rows = [line.split() for line in f]
+            owners = (header.index("uid"), header.index("cuid"))
+        except (OSError, ValueError):       # no SysV IPC here (not Linux, or not built in)
+            continue
+        for row in rows:
+            if len(row) > max(owners) and str(uid) in (row[owners[0]], row[owners[1]]):
+                try:
+                    if kind == "sem":
+                        libc_call(remover, int(row[1]), 0, IPC_RMID)
+                    else:
+                        libc_call(remover, int(row[1]), IPC_RMID, None)
+                    removed += 1
+                except (OSError, ValueError):
+                    pass
+    return removed
 
 
 def remove_entries_of(directory, uid):

@@ -58,3 +58,36 @@ def test_a_task_finds_nothing_its_uid_left_in_shared_temp_dirs(cluster):
         for path in paths:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
                 os.path.exists(path) and os.unlink(path))
+
+
+# A SysV shared memory segment (ctypes: the standard library has no shmget).
+SHM_SCRIPT = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+key = int(sys.argv[2])
+if sys.argv[1] == "write":
+    address = libc.shmat(libc.shmget(key, 4096, 0o1600), None, 0)
+    ctypes.memmove(address, b"shm-secret", 10)
+    print("written")
+else:
+    segment = libc.shmget(key, 0, 0)
+    print("found" if segment >= 0 else "none",
+          ctypes.string_at(libc.shmat(segment, None, 0o10000), 10) if segment >= 0 else "")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/sysvipc/shm"),
+                    reason="a uid per task needs a root worker; SysV IPC needs Linux")
+def test_a_task_finds_no_shared_memory_its_uid_left(cluster):
+    """A SysV segment outlives its task (and holds its memory): the next
+    task of the uid must not attach it."""
+    key = str(secrets.randbelow(2 ** 30) + 1)
+    command = "id -u; python3 -c '%s' %%s %s" % (SHM_SCRIPT, key)
+    with unharmed(cluster, "good"):
+        writer = submit_to(cluster, "reuser", command % "write")
+        assert_completes(cluster, writer, "written")
+        reader = submit_to(cluster, "reuser", command % "read")
+        assert_completes(cluster, reader, "none")
+    assert output_of(cluster, reader).split()[0] == output_of(cluster, writer).split()[0]
+    assert key not in [line.split()[0] for line in open("/proc/sysvipc/shm")]
