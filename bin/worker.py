@@ -126,6 +126,13 @@ TASK_PROCESSES = 256            # processes (threads count) a task may have: RLI
                                 # what a uid it shares with others (the worker's) already has
 TASK_UID_BASE = 59000           # as root, tasks run as uids from here (none with an account),
 TASK_UID_COUNT = 256            # ... this many: one per running task (--task-user changes them)
+# Where any uid may leave files, and the kinds of SysV IPC object (the
+# /proc/sysvipc file, the call that removes one): a task's uid's are removed
+# before its next task (see Leftovers).
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))
+IPC_RMID = 0                    # the command that removes a SysV IPC object
+LEFTOVERS_SETTLED = 1.0         # seconds; a directory changed more recently is read again
 KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
 TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
 
@@ -2343,6 +2350,86 @@ def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+class Leftovers(object):
+    """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
+    SysV IPC), removed before the next task of that uid starts: task uids
+    are reused, and a task must not read another's files (nor the disk or
+    memory keep them). A directory is read again only when it changed since
+    that uid's last look (a busy /tmp costs ~1 ms to scan)."""
+
+    def __init__(self, directories=SHARED_TEMP_DIRS):
+        self.directories = directories
+        self.seen = {}       # (uid, directory) -> its mtime (ns) at that uid's last look
+
+    def remove(self, uid):
+        removed = remove_ipc_of(uid)
+        if removed:
+            log("info", "task_leftovers_removed", path="/proc/sysvipc", uid=uid, entries=removed)
+        for directory in self.directories:
+            try:
+                changed = os.stat(directory).st_mtime_ns
+            except OSError:
+                continue
+            if self.seen.get((uid, directory)) == changed:
+                continue
+            removed = remove_entries_of(directory, uid)
+            if removed:
+                log("info", "task_leftovers_removed", path=directory, uid=uid, entries=removed)
+            # Timestamps move in coarse ticks: a change in the same tick as
+            # this look would not show, so a recent mtime is not remembered.
+            if time.time() - changed / 1e9 > LEFTOVERS_SETTLED:
+                self.seen[(uid, directory)] = changed
+
+
+def remove_ipc_of(uid):
+    """Remove the SysV shared memory, semaphores and message queues `uid`
+    made or owns: they outlive their task (holding memory) and the next
+    task of that uid could attach them. How many."""
+    removed = 0
+    for kind, remover in SYSV_IPC:
+        try:
+            with open("/proc/sysvipc/" + kind) as f:
+                header = f.readline().split()
+                rows = [line.split() for line in f]
+            owners = (header.index("uid"), header.index("cuid"))
+        except (OSError, ValueError):       # no SysV IPC here (not Linux, or not built in)
+            continue
+        for row in rows:
+            if len(row) > max(owners) and str(uid) in (row[owners[0]], row[owners[1]]):
+                try:
+                    if kind == "sem":
+                        libc_call(remover, int(row[1]), 0, IPC_RMID)
+                    else:
+                        libc_call(remover, int(row[1]), IPC_RMID, None)
+                    removed += 1
+                except (OSError, ValueError):
+                    pass
+    return removed
+
+
+def remove_entries_of(directory, uid):
+    """Remove the entries of `directory` that `uid` owns (none of its
+    processes is left: the end of its task killed them); how many."""
+    import shutil
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+            elif shutil.rmtree.avoids_symlink_attacks:
+                remove_tree(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 class Sandbox(object):
     """The worker's side of the sandbox: a uid, a cgroup and a directory for
     each process task, and the end of everything the task started."""
@@ -2358,6 +2445,7 @@ class Sandbox(object):
         self.claimed = {}         # uid -> the descriptor of its lock (see claim_uid)
         self.idle_uids = []       # claimed uids no task runs as
         self.cgroups = TaskCgroups()
+        self.leftovers = Leftovers()
         self.workdirs = None
         self.tracking = None
 
@@ -2470,6 +2558,8 @@ class Sandbox(object):
     def open(self, worker, task):
         """The jail of a task about to start: the request's "jail" field."""
         uid = self.task_uid()
+        if self.own_uids():
+            self.leftovers.remove(uid)
         gid = self.gid if self.gid is not None else uid
         jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
                 "cwd": self.workdirs.take(uid, gid),
