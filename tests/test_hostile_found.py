@@ -5,6 +5,7 @@ its pid and a good worker's tasks still complete (hostile_harness.unharmed).
 import os
 import secrets
 import shutil
+import urllib.request
 
 import pytest
 
@@ -91,3 +92,25 @@ def test_a_task_finds_no_shared_memory_its_uid_left(cluster):
         assert_completes(cluster, reader, "none")
     assert output_of(cluster, reader).split()[0] == output_of(cluster, writer).split()[0]
     assert key not in [line.split()[0] for line in open("/proc/sysvipc/shm")]
+
+
+READ_TASKS = ("python3 -c \"import urllib.request, urllib.error\n"
+              "try:\n"
+              "    urllib.request.urlopen('http://127.0.0.1:%d/api/v1/tasks'); print('read-it')\n"
+              "except urllib.error.HTTPError as e:\n"
+              "    print('refused', e.code)\"")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/net/tcp"),
+                    reason="a uid per task needs a root worker; socket owners need /proc")
+def test_a_task_on_this_machine_is_not_a_local_reader(cluster):
+    """read_access=local opens reading to the main node's own user on this
+    machine, not to every loopback client: a task running here (as a uid of
+    its own) reads no other task's command or result without the token."""
+    port = cluster.config.web_port
+    with unharmed(cluster, "good"):
+        reader = submit_to(cluster, "good", READ_TASKS % port)
+        assert_completes(cluster, reader, "refused 401")
+    # The main node's own user, from the same machine, still reads freely.
+    with urllib.request.urlopen("http://127.0.0.1:%d/api/v1/tasks" % port) as answer:
+        assert answer.status == 200

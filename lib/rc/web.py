@@ -189,8 +189,7 @@ class Web:
         if self.reads_audit_log():
             return self.require_admin()
         mode = self.config.read_access
-        if mode == "open" or (mode == "local" and is_loopback(
-                bottle.request.environ.get("REMOTE_ADDR"))):
+        if mode == "open" or (mode == "local" and is_local_peer(bottle.request.environ)):
             return
         if self.token_matches(self.given_token()) or self.has_stream_cookie():
             return
@@ -1108,6 +1107,42 @@ def is_loopback(address):
         return ipaddress.ip_address(address or "").is_loopback
     except ValueError:
         return False
+
+
+def is_local_peer(environ):
+    """read_access=local: a client on this machine *and* of rc-web's own
+    user. A task on the main node's local worker, or another local user,
+    connects from loopback too, but as another uid: to them the main node
+    is as remote as from the LAN. Where the kernel does not say who owns a
+    socket (no /proc/net/tcp), loopback is enough, as before."""
+    if not is_loopback(environ.get("REMOTE_ADDR")):
+        return False
+    owner = loopback_socket_owner(environ.get("REMOTE_PORT"))
+    return owner is None or owner == os.getuid()
+
+
+def loopback_socket_owner(client_port):
+    """The uid that owns the client's end (local port `client_port`, an
+    established connection) of a loopback connection, from /proc/net/tcp and
+    tcp6; None where unknown."""
+    try:
+        wanted = ":%04X" % int(client_port)
+    except (TypeError, ValueError):
+        return None
+    found_table = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        found_table = True
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st(01: established) tx:rx tr:when retrnsmt uid
+            if len(fields) > 7 and fields[1].endswith(wanted) and fields[3] == "01":
+                return int(fields[7])
+    return -1 if found_table else None      # a table but no such socket: not ours
 
 
 def own_host_names(extra):
