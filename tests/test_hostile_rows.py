@@ -293,3 +293,22 @@ def test_the_operator_sets_a_devices_slots_whatever_it_claims(cluster_home):
     assert rc("slots", "nobody", "4")[0] == 1
     assert [line["slots"] for line in audit.read(config)
             if line["event"] == "device_slots_set"] == [64, None]
+
+
+def test_a_frame_sent_a_byte_at_a_time_is_split_once(server, monkeypatch):
+    """Each byte (with TLS, each one-byte record) wakes the loop; looking for
+    frames in all that came so far on every wake made a trickling device cost
+    rc-server a core. Bytes with no end of line are only kept."""
+    instance, port = server
+    client = registered(instance, port, "trickle")
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    splits = []
+    real_split = protocol.split_frames
+    monkeypatch.setattr(protocol, "split_frames",
+                        lambda buffer: splits.append(len(buffer)) or real_split(buffer))
+    frame = protocol.encode("heartbeat", {"active_tasks": [], "pad": "x" * 200}, sender_id="t")
+    for n in range(len(frame)):
+        client.send_raw(frame[n:n + 1])
+        time.sleep(0.0005)
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    assert len(splits) <= 2, "split %d times for one frame" % len(splits)

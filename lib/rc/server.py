@@ -34,7 +34,7 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERR
                        OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
-                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT)
+                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES)
 
 READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
@@ -317,6 +317,7 @@ class Server:
         return len(recent) >= self.config.auth_failures_per_minute
 
     def read(self, peer):
+        ended = False                  # whether an end of line came this time
         while True:
             try:
                 chunk = peer.sock.recv(READ_SIZE)
@@ -330,10 +331,16 @@ class Server:
                 self.close(peer, "closed by peer")
                 return
             peer.inbox += chunk
+            ended = ended or b"\n" in chunk
             # TLS may hold decrypted bytes the selector cannot see: take them too.
             if not (self.tls and peer.sock.pending()):
                 break
         if not peer.inbox:
+            return
+        if not ended and len(peer.inbox) <= MAX_FRAME_BYTES:
+            # Nothing to split: a frame sent a byte (or a TLS record) at a
+            # time must not cost a scan of all it sent so far, each time.
+            self.note_partial(peer)
             return
         try:
             lines = protocol.split_frames(peer.inbox)
