@@ -166,6 +166,27 @@ def test_submit_wait_prints_exactly_the_output(cluster_home, add_device):
     assert (status, out, err) == (0, "4999950000\n", "")
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_submit_wait_shows_a_terminal_no_escape_sequence(cluster_home, add_device):
+    """A device chooses the output: on a terminal an escape (here OSC 52,
+    which sets the clipboard) is shown as "?"; a pipe still gets every byte."""
+    config, connection = cluster_home
+    add_device("pi")
+    evil = "ok\x1b]52;c;ZWNobyBwd25lZA==\x07\n"
+    worker = finish_later(config, 1, "pi", COMPLETED, evil)
+    out = Terminal()
+    status = cli.run_command(["submit", "echo", "x", "--wait"], out, io.StringIO())
+    worker.join()
+    assert status == 0 and "\x1b" not in out.getvalue() and out.getvalue().startswith("ok?]52")
+    worker = finish_later(config, 2, "pi", COMPLETED, evil)
+    assert rc("submit", "echo", "y", "--wait")[1] == evil
+    worker.join()
+
+
 def test_submit_wait_on_a_failure_exits_1_with_the_reason(cluster_home, add_device):
     config, connection = cluster_home
     add_device("pi")

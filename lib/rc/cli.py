@@ -549,8 +549,12 @@ def wait_for(connection, task_id, timeout=None):
 
 
 def report_outcome(context, task):
-    """Exactly the task's output on stdout; a one-line reason when it did not complete."""
+    """Exactly the task's output on stdout (a pipe gets it byte for byte; a
+    terminal gets escape sequences shown as "?", since a device chose them);
+    a one-line reason when it did not complete."""
     output = (task.get("result") or {}).get("output") or ""
+    if hasattr(context.out, "isatty") and context.out.isatty():
+        output = render.printable(output)
     context.out.write(with_newline(output))
     if task["state"] == COMPLETED:
         return 0
