@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from cluster_harness import Cluster, online, wait_for
-from hostile_harness import assert_completes, submit_to, unharmed
+from hostile_harness import assert_completes, readable_by_others, submit_to, unharmed
 from rc import audit, protocol, tasks
 from test_bad_input import answered_or_closed, connect, error_code, read_frame, register_frame
 
@@ -38,6 +38,8 @@ def cluster(tmp_path_factory):
     cluster.token = open(cluster.config.token_path).read().strip()
     cluster.secrets = {}
     yield cluster
+    # Whatever the attacks did, the state directory stays owner-only.
+    assert readable_by_others(cluster.home) == []
     cluster.stop()
 
 

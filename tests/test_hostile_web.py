@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from cluster_harness import Cluster, wait_for
-from hostile_harness import unharmed
+from hostile_harness import readable_by_others, unharmed
 from rc import tls
 
 pytestmark = pytest.mark.e2e
@@ -49,6 +49,8 @@ def start(home, device_id, **settings):
 def cluster(tmp_path_factory):
     cluster = start(tmp_path_factory.mktemp("hostile-web"), "good")
     yield cluster
+    # Whatever the attacks did, the state directory stays owner-only.
+    assert readable_by_others(cluster.home) == []
     cluster.stop()
 
 
@@ -57,6 +59,8 @@ def tls_cluster(tmp_path_factory):
     cluster = start(tmp_path_factory.mktemp("hostile-web-tls"), "good", web_tls=True,
                     read_access="local")
     yield cluster
+    # Whatever the attacks did, the state directory stays owner-only.
+    assert readable_by_others(cluster.home) == []
     cluster.stop()
 
 
