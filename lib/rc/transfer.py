@@ -158,21 +158,23 @@ class Session:
         try:
             if not self.authenticate():
                 return
-            while True:
-                self.sock.settimeout(IDLE_TIMEOUT)
-                request = self.read_line()
-                if request is None:
-                    return
-                self.sock.settimeout(DATA_TIMEOUT)
-                try:
-                    if not self.answer(request):
-                        return
-                except Refusal as e:
-                    self.send({"error": {"code": e.code, "message": str(e)}})
-                    if e.close:
-                        return
+            while self.serve_one():
+                pass
         finally:
             self.reader.close()
+
+    def serve_one(self):
+        """Read and answer one request; False when the connection is done."""
+        try:
+            self.sock.settimeout(IDLE_TIMEOUT)
+            request = self.read_line()
+            if request is None:
+                return False
+            self.sock.settimeout(DATA_TIMEOUT)
+            return self.answer(request)
+        except Refusal as e:
+            self.send({"error": {"code": e.code, "message": str(e)}})
+            return not e.close
 
     # -- framing ----------------------------------------------------------------------
 
