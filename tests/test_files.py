@@ -260,3 +260,44 @@ def test_cached_files_from_a_heartbeat_are_bounded_and_checked():
     assert devices.cached_files_text([good, "nope", good.upper(), 5]) == '["%s"]' % good
     assert devices.cached_files_text("not a list") == "[]"
     assert len(db.loads(devices.cached_files_text([good] * 5000))) == devices.MAX_CACHED_FILES
+
+
+# -- data-aware scheduling ----------------------------------------------------------------
+
+def add_worker(connection, device_id, cached=(), slots=2):
+    data = {"device_info": {"platform": "linux", "architecture": "x86_64"},
+            "hardware_specs": {"cpu_cores": 2, "memory_gb": 4.0},
+            "task_types": ["shell"], "slots": slots, "role": "compute"}
+    with db.write(connection):
+        devices.register(connection, device_id, data, "127.0.0.1:1", 1000.0)
+        devices.set_cached_files(connection, device_id, devices.cached_files_text(list(cached)))
+
+
+def test_the_device_holding_the_inputs_is_preferred_and_rc_why_says_so(cluster_home):
+    from rc import explain, scheduler
+    config, connection = cluster_home
+    model = os.urandom(4096)
+    digest, size = files.store_stream(connection, config, io.BytesIO(model), len(model))
+    # "a" comes first in every other ranking (more idle slots); "b" holds the model.
+    add_worker(connection, "a", slots=4)
+    add_worker(connection, "b", cached=[digest, sha(b"other")], slots=2)
+    task_id = submit_with_input(connection, config, digest, size)
+    plain = tasks.submit(connection, config, "shell", {"command": "true"})
+    why = explain.why(connection, task_id)
+    assert "Devices holding its inputs are preferred: b holds 4096 of its 4096 input bytes" \
+        in why
+    log = Logger("test", "error", io.BytesIO())
+    assert scheduler.schedule(connection, time.time() + 10, log, config) == 2
+    placed = {row[0]: row[1] for row in connection.execute("SELECT task_id, device_id FROM tasks")}
+    assert placed == {task_id: "b", plain: "a"}
+    assert "b holds 4096" in explain.why(connection, task_id)
+
+
+def test_without_a_cached_copy_rc_why_says_what_must_be_sent(cluster_home):
+    from rc import explain
+    config, connection = cluster_home
+    digest, size = files.store_stream(connection, config, io.BytesIO(b"x" * 10), 10)
+    add_worker(connection, "a")
+    task_id = submit_with_input(connection, config, digest, size)
+    assert "No device that fits holds its inputs in its cache yet (10 bytes to send)" \
+        in explain.why(connection, task_id)
