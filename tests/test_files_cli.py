@@ -248,3 +248,14 @@ def test_http_upload_refusals(web_node):
     assert status == 404
     status, _, body = http(base + "/api/v1/tasks/12345/files")
     assert status == 404
+
+
+def test_rc_wait_reports_a_task_submitted_earlier(cluster_home):
+    config, connection = cluster_home
+    task_id = tasks.submit(connection, config, "shell", {"command": "true"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'running'")
+        connection.execute("UPDATE tasks SET state = 'failed', finished_at = 1, result = ?,"
+                           " error = 'exit 3'", ('{"output": "partial"}',))
+    status, out, err = rc("wait", str(task_id), "--timeout", "1")
+    assert status == 1 and out == "partial\n" and "task %d failed: exit 3" % task_id in err

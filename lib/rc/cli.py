@@ -64,6 +64,7 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "monitor": "the web terminal has its own `monitor`; `monitor --once` works",
                "backup": "it writes a file on the main node; run it there",
                "restore": "it replaces the database; run it on the main node",
+               "wait": "it holds the request open; use GET /api/v1/tasks/ID/result",
                "get": "it writes files on the main node; use"
                       " GET /api/v1/tasks/ID/files/NAME"}
 # submit options that read files on the main node: not from the web terminal.
@@ -451,6 +452,12 @@ def submitted_payload(arguments, context):
     except files_cli.FileOptionError as e:
         raise UsageError(str(e))
     return payload
+
+
+def cmd_wait(arguments, context):
+    """Wait for a task submitted earlier; as `submit --wait` from there on."""
+    return report_outcome(context, wait_for(context.connection, arguments.task_id,
+                                            arguments.timeout))
 
 
 def cmd_files(arguments, context):
@@ -1155,6 +1162,10 @@ def build_parser(out):
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=int, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
+    sub = command("wait", cmd_wait, "wait until a task ends; print its output, exit 1"
+                  " unless it completed (as submit --wait)")
+    sub.add_argument("task_id", type=int, metavar="ID")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS")
     sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
                   " long stdout/stderr, checkpoint)", [formats])
     sub.add_argument("task_id", type=int, metavar="ID")
