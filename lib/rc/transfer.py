@@ -284,8 +284,8 @@ class Session:
                               % (offset, size))
             self.send({"ok": True, "size": size, "length": size - offset})
             self.send_bytes(blob, offset, size - offset)
-        self.log.debug("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
-                       size=size)
+        self.log.info("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
+                      size=size)
 
     def send_bytes(self, blob, offset, count):
         if not isinstance(self.sock, ssl.SSLSocket):
