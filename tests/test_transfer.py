@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -35,7 +36,8 @@ class Node:
     def __init__(self, home):
         self.env = dict(os.environ, RC_HOME=str(home), RC_FILES_PORT=str(free_port()),
                         RC_CONFIG=str(home / "rc.json"))
-        (home / "rc.json").write_text(json.dumps({"tcp_host": "127.0.0.1"}))
+        (home / "rc.json").write_text(json.dumps({"tcp_host": "127.0.0.1",
+                                                   "auth_timeout": 2.0}))
         self.config = config_module.load(environ=self.env)
         state_dir.init(self.config)
         self.db = db.connect(self.config.db_path)
@@ -324,3 +326,37 @@ def test_64_mib_in_and_out_with_bounded_memory(node):
     client.close()
     grown = node.rss_peak_kib() - before
     assert grown < 16 * 1024, "rc-files peak RSS grew by %d KiB moving 64 MiB" % grown
+
+
+def test_a_slow_stranger_is_cut_at_the_auth_timeout(node):
+    raw = socket.create_connection(("127.0.0.1", node.config.files_port), 10)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock = context.wrap_socket(raw)
+    sock.settimeout(10)
+    reader = sock.makefile("rb")
+    reader.readline()
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        # A byte every 0.25 s, well within the per-read timeout, never a whole line.
+        for _ in range(40):
+            sock.sendall(b"{")
+            time.sleep(0.25)
+            if select.select([sock], [], [], 0)[0] and sock.recv(1) == b"":
+                raise OSError("closed")
+    assert 1.5 < time.monotonic() - started < 6
+    sock.close()
+
+
+def test_one_device_holds_a_bounded_number_of_connections(node):
+    node.add_device("greedy")
+    held = [Client(node, "greedy") for _ in range(transfer.MAX_PER_DEVICE)]
+    assert all(client.welcome == {"ok": True} for client in held)
+    extra = Client(node, "greedy")
+    assert extra.welcome["error"]["code"] == "too_many_connections"
+    extra.close()
+    held.pop().close()
+    wait_for(lambda: Client(node, "greedy").welcome == {"ok": True}, 10,
+             "a connection to free up")
+    for client in held:
+        client.close()

@@ -283,6 +283,8 @@ MIGRATIONS = [
         PRIMARY KEY (task_id, kind, name, attempt)
     ) WITHOUT ROWID;
     CREATE INDEX task_files_by_sha256 ON task_files(sha256);
+    -- The retention sweep looks only at files unused for a while.
+    CREATE INDEX files_by_last_use ON files(last_used_at);
     ALTER TABLE devices ADD COLUMN cached_files TEXT NOT NULL DEFAULT '[]';
     """,
 ]

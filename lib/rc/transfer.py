@@ -28,7 +28,8 @@ import orjson
 from rc import db, device_secrets, files, program, protocol, throttle, tls
 from rc.state_dir import read_secret
 
-MAX_CONNECTIONS = 64          # connections served at once; more are closed at once
+MAX_CONNECTIONS = 128         # connections served at once; more are closed at once
+MAX_PER_DEVICE = 16           # of those, one device's (a worker uses one per task at most)
 MAX_LINE_BYTES = 64 * 1024    # a control line, newline included
 CHUNK_BYTES = 256 * 1024      # bytes one connection holds in memory while moving a file
 IDLE_TIMEOUT = 300.0          # seconds a connection may sit between requests
@@ -60,6 +61,8 @@ class FilesServer:
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.failures = {}          # (host, device_id) -> times of wrong proofs
+        self.authenticating = {}    # host -> connections still proving who they are
+        self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
         database = db.open_database(config.db_path)
         self.device_key, _ = device_secrets.prepare(config, database)
@@ -95,19 +98,33 @@ class FilesServer:
         self.listener.close()
 
     def handle(self, sock, address):
-        connection = None
+        connection, session, admitted = None, None, False
+        # However slowly a stranger sends, the handshake ends at auth_timeout.
+        # (wrap_socket moves the descriptor to a new object: the timer asks for the current one)
+        deadline = threading.Timer(self.config.auth_timeout, self.cut_unproven,
+                                   (lambda: sock, lambda: session))
+        deadline.start()
         try:
+            admitted = self.may_authenticate(address[0])
+            if not admitted:
+                self.log_limited("warning", "too_many_authenticating", address[0],
+                                 address=address[0])
+                return
             sock.settimeout(self.config.auth_timeout)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_side=True)
             connection = db.connect(self.config.db_path)
-            Session(self, sock, address, connection).run()
+            session = Session(self, sock, address, connection)
+            session.run()
         except (OSError, ssl.SSLError, EOFError) as e:
             self.log.debug("files_connection_lost", address=address[0], error=str(e)[:200])
         except Exception as e:       # contained to this connection
             self.log_limited("error", "files_connection_failed", address[0],
                              address=address[0], error=repr(e)[:500])
         finally:
+            deadline.cancel()
+            if admitted:
+                self.leave(address[0], session)
             if connection is not None:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
@@ -117,6 +134,48 @@ class FilesServer:
             except OSError:
                 pass
             self.slots.release()
+
+    @staticmethod
+    def cut_unproven(sock, session):
+        if session() is None or not session().counted:
+            try:
+                sock().shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- caps: connections authenticating per address, held per device -----------------
+
+    def may_authenticate(self, host):
+        with self.lock:
+            if self.authenticating.get(host, 0) >= self.config.max_unauthenticated_per_address:
+                return False
+            self.authenticating[host] = self.authenticating.get(host, 0) + 1
+            return True
+
+    def authenticated(self, host, device_id):
+        """Counted against the device from now on; False when it holds too many."""
+        with self.lock:
+            self.forget_authenticating(host)
+            if self.by_device.get(device_id, 0) >= MAX_PER_DEVICE:
+                return False
+            self.by_device[device_id] = self.by_device.get(device_id, 0) + 1
+            return True
+
+    def leave(self, host, session):
+        with self.lock:
+            if session is not None and session.counted:
+                self.by_device[session.device_id] -= 1
+                if not self.by_device[session.device_id]:
+                    del self.by_device[session.device_id]
+            elif session is None or session.device_id is None:
+                self.forget_authenticating(host)
+
+    def forget_authenticating(self, host):
+        left = self.authenticating.get(host, 0) - 1
+        if left > 0:
+            self.authenticating[host] = left
+        else:
+            self.authenticating.pop(host, None)
 
     # -- wrong proofs: a few a minute per address and device --------------------------
 
@@ -153,6 +212,7 @@ class Session:
         self.reader = sock.makefile("rb", buffering=CHUNK_BYTES)
         self.buffer = bytearray(CHUNK_BYTES)
         self.device_id = None
+        self.counted = False      # counted against its device's MAX_PER_DEVICE
 
     def run(self):
         try:
@@ -246,7 +306,11 @@ class Session:
             self.server.log_limited("warning", "files_auth_failed", self.host,
                                     address=self.host, device_id=device_id)
             raise Refusal("auth_failed", "wrong device secret")
-        self.device_id = device_id
+        if not self.server.authenticated(self.host, device_id):
+            self.device_id = device_id
+            raise Refusal("too_many_connections", "%s holds %d connections to rc-files"
+                          " already" % (device_id, MAX_PER_DEVICE))
+        self.device_id, self.counted = device_id, True
 
     # -- requests ------------------------------------------------------------------------
 
@@ -351,6 +415,9 @@ class Session:
             self.send({"ok": True, "have": writer.have})
             try:
                 self.read_into(writer, size - writer.have)
+            except files.FileStoreError as e:     # the disk filled up under us
+                writer.abort()
+                raise Refusal(e.code, str(e), close=True)
             except BaseException:
                 writer.file.close()      # kept: the next try resumes from here
                 raise
