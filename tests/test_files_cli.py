@@ -259,3 +259,15 @@ def test_rc_wait_reports_a_task_submitted_earlier(cluster_home):
                            " error = 'exit 3'", ('{"output": "partial"}',))
     status, out, err = rc("wait", str(task_id), "--timeout", "1")
     assert status == 1 and out == "partial\n" and "task %d failed: exit 3" % task_id in err
+
+
+def test_each_device_gets_the_inputs_too(cluster_home, add_device, tmp_path):
+    config, connection = cluster_home
+    add_device("pi")
+    add_device("pi2")
+    data = tmp_path / "data.csv"
+    data.write_bytes(b"1,2\n")
+    status, out, err = rc("submit", "--each", "python_eval", "1", "--input", str(data))
+    assert status == 0, err
+    rows = connection.execute("SELECT task_id, name FROM task_files ORDER BY task_id").fetchall()
+    assert [row["name"] for row in rows] == ["data.csv", "data.csv"]

@@ -175,7 +175,8 @@ def wanted(connection, task_id, names):
 def write_out(connection, config, entry, directory):
     """One stored file to directory/name, through a temporary file renamed
     into place once its hash is checked; returns the path written."""
-    problem = files.path_problem(entry["name"]) if entry["kind"] != files.STREAM else None
+    fixed = entry["kind"] in (files.STREAM, files.CHECKPOINT)     # the .rc/ names
+    problem = None if fixed else files.path_problem(entry["name"])
     if problem:
         raise FileOptionError("stored name %r %s; not written" % (entry["name"], problem))
     target = os.path.join(directory, *entry["name"].split("/"))
