@@ -131,12 +131,12 @@ def test_a_full_disk_is_refused_before_storing(cluster_home, monkeypatch):
 
 
 def test_paths_inside_a_task_directory(cluster_home):
-    for good in ("a.txt", "photos/2024/x.jpg", ".hidden", "a b/ü.txt"):
+    for good in ("a.txt", "photos/2024/x.jpg", ".hidden", "a b/ü.txt", ".rcfile", "x/.rc-y"):
         assert files.path_problem(good) is None, good
     for bad, why in (("", "non-empty"), ("/etc/passwd", "relative"), ("a/../../b", ".."),
                      ("a//b", "empty"), ("./a", "'.'"), ("a\x00b", "NUL"),
-                     ("x" * 256, "255"), (".rc/stdout", ".rc/"), (None, "non-empty"),
-                     (".rc-checkpoint/x", ".rc-checkpoint")):
+                     ("x" * 256, "255"), (".rc/stdout", "worker's own"), (None, "non-empty"),
+                     (".rc-checkpoint/x", ".rc-checkpoint"), (".rc-stdin", ".rc-stdin")):
         assert why in files.path_problem(bad), bad
 
 

@@ -71,7 +71,9 @@ def partial_dir(config):
 
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
-RESERVED_TOP = (".rc", ".rc-checkpoint")    # the worker's own names in a task directory
+# The worker's own names at the top of a task directory: ".rc" and ".rc-*"
+# (.rc-checkpoint/, .rc-stdin, .rc-stdout...).
+RESERVED_TOP = ".rc"
 
 
 def path_problem(path):
@@ -96,8 +98,8 @@ def path_problem(path):
         return "must not have empty or '.' parts"
     if any(len(part.encode("utf-8")) > MAX_COMPONENT_BYTES for part in parts):
         return "has a part over %d bytes" % MAX_COMPONENT_BYTES
-    if parts[0] in RESERVED_TOP:
-        return "must not start with %s/ (the worker's own)" % parts[0]
+    if parts[0] == RESERVED_TOP or parts[0].startswith(RESERVED_TOP + "-"):
+        return "must not start with %s (.rc and .rc-* are the worker's own)" % parts[0]
     return None
 
 
