@@ -271,3 +271,13 @@ def test_each_device_gets_the_inputs_too(cluster_home, add_device, tmp_path):
     assert status == 0, err
     rows = connection.execute("SELECT task_id, name FROM task_files ORDER BY task_id").fetchall()
     assert [row["name"] for row in rows] == ["data.csv", "data.csv"]
+
+
+def test_a_special_file_in_a_tree_is_refused_before_any_is_stored(cluster_home, photos):
+    """What root can still not read as a file: a named pipe (it would block)."""
+    config, connection = cluster_home
+    os.mkfifo(str(photos / "2024" / "pipe"))
+    status, _, err = rc("submit", "shell", "ls", "--input", str(photos))
+    assert status == 2 and "pipe' is not a regular file" in err
+    assert queued(connection) == 0
+    assert connection.execute("SELECT count(*) FROM files").fetchone()[0] == 0
