@@ -1,7 +1,8 @@
 """Task files end to end: the real supervisord with rc-files, the real
 bin/worker.py. Files go in, a shell task transforms them, the outputs come
 back byte-identical; the same input to two tasks on one device crosses the
-network once; stdin and env reach the task.
+network once; stdin and env reach the task; a device killed mid-task
+hands its checkpoint to the next attempt on another device.
 
 The worker's side is built on its own branch (issue 18); until this
 checkout's bin/worker.py has it (its --help offers --cache-mb), the module
@@ -10,6 +11,7 @@ another worker file."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,3 +116,25 @@ def test_stdin_env_and_a_script_file_reach_the_task(cluster, tmp_path):
     task_id = submit(cluster, "shell", "--file", str(script), "--stdin", str(numbers),
                      "--env", "GREETING=hi")
     assert wait(cluster, task_id) == "1\n2\n3\nhi from %d\n" % task_id
+
+
+def test_the_next_attempt_starts_from_the_last_checkpoint(cluster):
+    """A device that dies mid-task loses seconds, not the work: its worker
+    checkpointed $RC_CHECKPOINT_DIR, and the next attempt, on another
+    device, starts from it."""
+    first = cluster.start_worker("ckpt-1", "--slots", "1", "--tag", "ckpt",
+                                 "--checkpoint-every", "0.5", worker=E2E_WORKER)
+    wait_for(lambda: "ckpt-1" in online(cluster), 30, "ckpt-1 online")
+    script = ('if [ -f "$RC_CHECKPOINT_DIR/step" ]; then echo "resumed at $(cat'
+              ' "$RC_CHECKPOINT_DIR/step")"; else echo 7 > "$RC_CHECKPOINT_DIR/step";'
+              ' sleep 60; fi')
+    task_id = int(cluster.rc("submit", "shell", script, "--require", "tags=ckpt").stdout)
+    wait_for(lambda: cluster.db.execute(
+        "SELECT 1 FROM task_files WHERE task_id = ? AND kind = 'checkpoint'",
+        (task_id,)).fetchone(), 30, "a checkpoint stored")
+    os.killpg(first.pid, signal.SIGKILL)          # the phone went flat
+    first.wait()
+    cluster.start_worker("ckpt-2", "--slots", "1", "--tag", "ckpt", worker=E2E_WORKER)
+    assert wait(cluster, task_id) == "resumed at 7\n"
+    task = json.loads(cluster.rc("task", str(task_id), "--json").stdout)
+    assert task["attempt"] >= 2 and task["device_id"] == "ckpt-2"
