@@ -228,6 +228,8 @@ def test_partials_of_ended_attempts_are_removed(cluster_home, add_device):
         with open(os.path.join(files.partial_dir(config), name), "wb") as f:
             f.write(b"half")
     files.clean_partials(connection, config, time.time())
+    assert sorted(partials(config)) == sorted([live, dead])     # written to just now
+    files.clean_partials(connection, config, time.time() + 61)
     assert partials(config) == [live]
 
 

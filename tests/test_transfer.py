@@ -360,3 +360,32 @@ def test_one_device_holds_a_bounded_number_of_connections(node):
              "a connection to free up")
     for client in held:
         client.close()
+
+
+def test_a_checkpoint_arriving_just_after_a_take_back_still_counts(node):
+    """`rc drain --now` (or a lost lease) requeues the task first; the
+    worker's last checkpoint of that attempt is kept while no later attempt
+    has started, and refused once one has."""
+    node.add_device("drained")
+    node.add_device("next")
+    task_id = node.running_task("drained")
+    with db.write(node.db):
+        row = node.db.execute("SELECT %s FROM tasks WHERE task_id = ?" % tasks.LEASE_COLUMNS,
+                              (task_id,)).fetchone()
+        assert tasks.take_back(node.db, row, "drained --now", time.time(), node.config,
+                               charged=False)
+    client = Client(node, "drained")
+    _, done = client.put(task_id, 1, ".rc/checkpoint", b"late but in time")
+    assert done == {"ok": True, "stored": True}
+    assert tasks.get(node.db, task_id)["payload"]["checkpoint"]["sha256"] == \
+        sha(b"late but in time")
+    answer, _ = client.put(task_id, 1, "out.txt", b"an output is not a checkpoint")
+    assert answer["error"]["code"] == "stale_attempt"
+    with db.write(node.db):
+        node.db.execute("UPDATE tasks SET state = 'assigned', device_id = 'next'"
+                        " WHERE task_id = ?", (task_id,))
+    answer, _ = client.put(task_id, 1, ".rc/checkpoint", b"too late now")
+    assert answer["error"]["code"] == "stale_attempt"
+    assert tasks.get(node.db, task_id)["payload"]["checkpoint"]["sha256"] == \
+        sha(b"late but in time")
+    client.close()

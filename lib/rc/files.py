@@ -388,6 +388,23 @@ def holds_attempt(connection, device_id, task_id, attempt):
         % db.ACTIVE_SQL, (task_id, attempt, device_id)).fetchone() is not None
 
 
+def may_store(connection, device_id, task_id, attempt, name):
+    """The fence of a put: the device holds this attempt now; or, for a
+    checkpoint only, the attempt was this device's and the task waits,
+    queued, for its next one (taken back by `rc drain --now`, a lost
+    connection, a lease: the worker's last checkpoint still counts, and no
+    later attempt can have read an older one yet)."""
+    if holds_attempt(connection, device_id, task_id, attempt):
+        return True
+    if name != CHECKPOINT_NAME:
+        return False
+    return connection.execute(
+        "SELECT 1 FROM tasks t WHERE t.task_id = ? AND t.attempt = ? AND t.state = 'queued'"
+        " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = t.task_id"
+        " AND e.attempt = ? AND e.device_id = ?)",
+        (task_id, attempt + 1, attempt, device_id)).fetchone() is not None
+
+
 # -- retention (rc-reaper's upkeep, lib/rc/housekeeping.py) -----------------------------
 
 # A blob is still wanted while a task that refers to it has not ended, or
@@ -448,7 +465,10 @@ def clean_partials(connection, config, now):
         parts = name.split("-")
         if name.startswith("put-") and len(parts) == 4 and parts[1].isdigit() \
                 and parts[2].isdigit():
-            stale = stale or (int(parts[1]), int(parts[2])) not in active
+            # Of an attempt that ended, and not written to for a minute (a
+            # late checkpoint may still be on its way in).
+            stale = stale or ((int(parts[1]), int(parts[2])) not in active
+                              and os.path.getmtime(path) < now - 60)
         elif name.startswith("upload-"):
             # An HTTP upload in progress writes at least every few seconds.
             stale = stale or os.path.getmtime(path) < now - 3600

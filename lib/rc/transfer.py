@@ -366,7 +366,7 @@ class Session:
 
     def put(self, arguments):
         task_id, attempt, name, size, sha256 = self.put_fields(arguments)
-        if not files.holds_attempt(self.connection, self.device_id, task_id, attempt):
+        if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
         try:
@@ -439,7 +439,7 @@ class Session:
 
     def record(self, task_id, attempt, name, size, sha256):
         with db.write(self.connection):
-            if not files.holds_attempt(self.connection, self.device_id, task_id, attempt):
+            if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
                 raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
                               % (self.device_id, task_id, attempt))
             kind = files.add_task_file(self.connection, task_id, attempt, name, sha256, size,
