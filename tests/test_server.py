@@ -475,6 +475,7 @@ def test_the_files_port_is_told_and_cached_files_are_stored_checked(server):
     stored = instance.database.execute(
         "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0]
     assert json.loads(stored) == [good] * 250      # the first 1,000 entries, checked
+    time.sleep(instance.config.min_heartbeat_interval + 0.1)   # folded otherwise
     client.send("heartbeat", {"active_tasks": [], "cached_files": "not a list"})
     assert client.receive()["message_type"] == "heartbeat_ack"
     assert instance.database.execute(

@@ -778,9 +778,9 @@ class Server:
 
     def apply_heartbeat(self, peer, data, now):
         metrics, availability, active, fenced, due, cached = data
-        if cached is not None:
-            devices.set_cached_files(self.database, peer.device_id, cached)
         if due:
+            if cached is not None:     # like metrics: at most once per min_heartbeat_interval
+                devices.set_cached_files(self.database, peer.device_id, cached)
             devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
             tasks.renew_leases(self.database, peer.device_id, active,
                                now + self.config.lease_duration)
