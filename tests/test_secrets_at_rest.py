@@ -233,7 +233,7 @@ def test_devices_that_joined_before_the_upgrade_keep_connecting(cluster):
         old.execute("PRAGMA secure_delete=OFF")
         old.execute("DROP TRIGGER device_revoked_loses_its_secret")
         old.execute("ALTER TABLE devices DROP COLUMN sealed_secret")
-        for later in ("slots_claimed", "slots_limit"):      # added by migration 6
+        for later in ("slots_claimed", "slots_limit", "cached_files"):   # migrations 6, 7
             old.execute("ALTER TABLE devices DROP COLUMN %s" % later)
         for device_id, secret in held.items():
             old.execute("UPDATE devices SET secret = ? WHERE device_id = ?", (secret, device_id))
