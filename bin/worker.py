@@ -2716,9 +2716,10 @@ class FilesConnection(object):
         message = self.reply()
         error = message.get("error")
         if isinstance(error, dict):
-            raise FilesError("rc-files: %s: %s" % (str(error.get("code"))[:50],
-                                                   str(error.get("message"))[:300]),
-                             code=str(error.get("code"))[:50])
+            code = str(error.get("code"))[:50]
+            # busy: its end of a connection cut a moment ago still holds the upload.
+            raise FilesError("rc-files: %s: %s" % (code, str(error.get("message"))[:300]),
+                             code=code, retry=code == "busy")
         if message.get("ok") is not True:
             raise FilesError("rc-files answered neither ok nor an error: %r"
                              % (str(message)[:200],))

@@ -17,15 +17,13 @@ import ssl
 import sys
 import threading
 import time
-import types
 
 import pytest
 
-from rc import tls
 from rc.protocol import _sign, seal, server_proof, worker_proof
 
-from test_worker import (DEVICE_ID, INTERPRETERS, TOKEN, WAIT, FakeMain, Link,  # noqa: F401
-                         WorkerProcess, main, short_name, wait_until)
+from test_worker import (DEVICE_ID, INTERPRETERS, TOKEN, WAIT, WorkerProcess,  # noqa: F401
+                         main, short_name, wait_until)
 
 SECRET = "5e" * 32
 CLUSTER = "cluster-files"
@@ -55,6 +53,9 @@ class FakeFiles:
         self.stored = {}         # (task, attempt, name) -> bytes
         self.auth_failures = 0
         self.cut_after = None
+        self.cut_put_after = None
+        self.refuse_puts = None      # an error code every put gets before any byte
+        self.haves = []              # "have" answered to each put
         self.corrupt = set()
         self.closing = False
         threading.Thread(target=self.serve, daemon=True).start()
@@ -124,17 +125,23 @@ class FakeFiles:
         sock.sendall(body)
 
     def put(self, sock, reader, task_id, attempt, name, size, sha256):
+        if self.refuse_puts:
+            self.send(sock, {"error": {"code": self.refuse_puts, "message": "no room"}})
+            return
         key = (task_id, attempt, name, sha256)
-        have = self.partial.get(key, b"")
+        have = self.partial.setdefault(key, bytearray())
+        self.haves.append(len(have))
         self.send(sock, {"ok": True, "have": len(have)})
         while len(have) < size:
             chunk = reader.read(min(65536, size - len(have)))
             if not chunk:
-                self.partial[key] = have
                 return
             have += chunk
-            self.partial[key] = have
+            if self.cut_put_after is not None and len(have) >= self.cut_put_after:
+                self.cut_put_after = None
+                raise OSError("cut in the middle of an upload")
         del self.partial[key]
+        have = bytes(have)
         if sha(have) != sha256:
             self.send(sock, {"error": {"code": "hash_mismatch",
                                        "message": "expected %s got %s" % (sha256, sha(have))}})
@@ -319,7 +326,6 @@ def test_no_room_on_the_device_fails_the_attempt_before_any_byte(start, files):
 
 def test_outputs_leading_outside_the_task_directory_are_never_uploaded(start, files):
     worker, link = start()
-    secret = glob.glob(os.path.join(state_dir(worker), "*", "*.secret"))
     assert wait_until(lambda: glob.glob(os.path.join(state_dir(worker), "*", "*.secret")))
     secret = glob.glob(os.path.join(state_dir(worker), "*", "*.secret"))[0]
     command = ("ln -s /etc/passwd passwd; ln -s ../ up; ln -s %s secret.lnk; ln %s secret.hard;"
@@ -421,3 +427,136 @@ def test_scripts_run_from_input_files(start, files, python):
         "go.sh hi\n")
     missing = run(link, 3, "shell", {"file": "nothere.sh", "inputs": [dict(shell, path="go.sh")]})
     assert missing["status"] == "failed" and "not one of the task's inputs" in missing["error"]
+
+
+# -- uploads: resumed after a cut, never claimed unless stored ----------------------
+
+def test_a_cut_upload_resumes_and_a_refused_one_is_not_claimed(start, files):
+    worker, link = start()
+    files.cut_put_after = 700 * 1024
+    result = run(link, 1, "shell", {"command": "head -c 2000000 /dev/urandom > r.bin",
+                                    "outputs": ["r.bin"]})
+    data = files.stored[(1, 1, "r.bin")]
+    assert len(data) == 2000000 and stored_files(result)["r.bin"]["sha256"] == sha(data)
+    assert files.haves[0] == 0 and files.haves[-1] >= 700 * 1024     # resumed, not restarted
+    files.refuse_puts = "quota"
+    result = run(link, 2, "shell", {"command": "echo x > x.txt", "outputs": ["x.txt"]})
+    assert result["status"] == "completed" and "files" in result
+    assert result["files"] == []
+    assert "'x.txt' not uploaded: rc-files: quota" in result["result"]["stderr"]
+
+
+# -- over TLS, with the worker port's pinned certificate -----------------------------
+
+def test_files_move_over_tls_with_the_pinned_certificate(tmp_path):
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home")
+    secure = FakeFiles(context=server.context)
+    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+                           "--fingerprint", server.fingerprint)
+    try:
+        link = server.accept()
+        handshake(link, secure.port)
+        payload = transform_payload(secure)
+        check_transform(secure, run(link, 1, "shell", payload), 1)
+        assert secure.auth_failures == 0 and len(secure.gets) == 4
+    finally:
+        worker.stop()
+        secure.close()
+        server.close()
+
+
+def test_a_wrong_certificate_on_rc_files_gets_nothing(tmp_path):
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home")
+    other = TlsMain(tmp_path / "other")        # a certificate of its own
+    stranger = FakeFiles(context=other.context)
+    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+                           "--fingerprint", server.fingerprint)
+    try:
+        link = server.accept()
+        handshake(link, stranger.port)
+        ref = stranger.add(b"data")
+        result = run(link, 1, "shell", {"command": "true", "inputs": [dict(ref, path="d")]})
+        assert result["status"] == "failed" and "not the pinned" in result["error"], result
+        assert stranger.gets == []
+    finally:
+        worker.stop()
+        for fake in (stranger, other, server):
+            fake.close()
+
+
+# -- a task handed back, or a worker stopping, sends its checkpoint first ----------
+
+HOLDING = r"""
+import os, time
+d = os.environ["RC_CHECKPOINT_DIR"]
+with open(os.path.join(d, "progress"), "w") as f:
+    f.write("step 7")
+print("PROGRESS 50 written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_handed_back_task_sends_its_checkpoint_before_the_hand_back(start, files, tmp_path):
+    config = tmp_path / "worker.json"
+    config.write_text(json.dumps({"on_unavailable": "hand-back", "policy_interval": 0.2}))
+    worker, link = start("--config", str(config))
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    now = time.localtime()
+    window = "%02d:00-%02d:59" % ((now.tm_hour + 23) % 24, (now.tm_hour + 1) % 24)
+    config.write_text(json.dumps({"on_unavailable": "hand-back", "policy_interval": 0.2,
+                                  "quiet_hours": window}))
+    link.send("control", {"control_id": 1, "command": "reload"})
+    assert link.expect("control_ack")["ok"]
+    result = link.results(1)[1]
+    assert result["status"] == "handed_back", result
+    assert (1, 1, ".rc/checkpoint") in files.stored, "the checkpoint must be up before"
+    assert stored_files(result)[".rc/checkpoint"]["size"] == len(
+        files.stored[(1, 1, ".rc/checkpoint")])
+
+
+def test_a_stopping_worker_sends_running_tasks_checkpoints(start, files):
+    worker, link = start()
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    assert worker.stop() == 0
+    assert (1, 1, ".rc/checkpoint") in files.stored
+    assert worker.events("checkpoint_sent")
+
+
+# -- memory: a 256 MiB file in and out ------------------------------------------------
+
+def test_the_worker_moves_256_mib_in_bounded_memory(start, files):
+    psutil = pytest.importorskip("psutil")
+    worker, link = start()
+    data = os.urandom(1024 * 1024) * 256
+    ref = files.add(data)
+    process = psutil.Process(worker.proc.pid)
+    peak = [process.memory_info().rss]
+    done = []
+
+    def sample():
+        while not done:
+            try:
+                peak[0] = max(peak[0], process.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = run(link, 1, "shell", {"command": "cp big.bin out.bin",
+                                        "inputs": [dict(ref, path="big.bin")],
+                                        "outputs": ["out.bin"]}, timeout=120)
+    finally:
+        done.append(True)
+        sampler.join()
+    assert result["status"] == "completed", result
+    assert stored_files(result)["out.bin"]["sha256"] == ref["sha256"]
+    print("worker peak RSS while moving 256 MiB in and 256 MiB out: %.1f MiB"
+          % (peak[0] / 1048576.0))
+    assert peak[0] < 48 * 1048576
