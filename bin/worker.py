@@ -2373,6 +2373,10 @@ CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least 
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
+FILES_MAX_OUTPUTS = 1000        # outputs one attempt uploads at most (its result must fit a frame)
+FILES_MAX_NAMES = 256 * 1024    # bytes of output names one result lists at most
+FILES_MAX_NOTES = 50            # refusal lines one result's stderr carries at most
+PARTIAL_MAX_AGE = 7 * 86400     # seconds a cut fetch is kept for a resume that never came
 CHECKPOINT_DIR = ".rc-checkpoint"   # $RC_CHECKPOINT_DIR, inside the task directory
 STDIN_FILE = ".rc-stdin"        # the task's stdin, linked from the cache
 STREAM_FILES = {0: ".rc-stdout", 1: ".rc-stderr"}   # a stream past the inline cap, in full
@@ -2511,6 +2515,7 @@ class FileCache(object):
         self.index = None          # sha256 -> [size, last used, mtime_ns], once read
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
+        self.prepared = False
 
     def path(self, sha):
         return os.path.join(self.dir, sha)
@@ -2627,8 +2632,21 @@ class FileCache(object):
         return info.f_bavail * info.f_frsize
 
     def prepare(self):
+        if self.prepared:
+            return
         for path in (self.dir, os.path.join(self.dir, "partial"), os.path.join(self.dir, "tmp")):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        self.prepared = True
+        # A fetch cut long ago whose task never came back, and temporaries of a killed worker.
+        for folder, oldest in (("partial", time.time() - PARTIAL_MAX_AGE),
+                               ("tmp", time.time() - 86400)):
+            for name in list_dir(os.path.join(self.dir, folder)):
+                path = os.path.join(self.dir, folder, name)
+                try:
+                    if os.lstat(path).st_mtime < oldest:
+                        os.unlink(path)
+                except OSError:
+                    pass
 
 
 # -- the rc-files client -------------------------------------------------------
@@ -3126,13 +3144,20 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
                 matches.append(("/".join(parts), path))
-    kept = []
+    kept, names = [], 0
     for name, path in matches:
         reason = refusal(root, path, seen, protected, cached)
+        if reason is None and (len(kept) >= FILES_MAX_OUTPUTS or names > FILES_MAX_NAMES):
+            reason = "over %d outputs or %d bytes of names in one task" % (
+                FILES_MAX_OUTPUTS, FILES_MAX_NAMES)
         if reason:
             notes.append("rc-worker: output %r refused: %s; not uploaded" % (name, reason))
         else:
             kept.append((name, os.path.realpath(path)))
+            names += len(name)
+    if len(notes) > FILES_MAX_NOTES:
+        notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
+                                   % (len(notes) - FILES_MAX_NOTES)]
     return kept, notes
 
 
@@ -3150,7 +3175,7 @@ def refusal(root, path, seen, protected, cached):
     if (info.st_dev, info.st_ino) in protected:
         return "it is a file of the worker's own state"
     inode = (info.st_dev, info.st_ino)
-    if info.st_nlink > seen.get(inode, 0) + (inode in cached):
+    if inode not in cached and info.st_nlink > seen.get(inode, 0):   # an input's link is fine
         return "it has hard links outside the task directory"
     return None
 

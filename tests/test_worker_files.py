@@ -560,3 +560,32 @@ def test_the_worker_moves_256_mib_in_bounded_memory(start, files):
     print("worker peak RSS while moving 256 MiB in and 256 MiB out: %.1f MiB"
           % (peak[0] / 1048576.0))
     assert peak[0] < 48 * 1048576
+
+
+# -- the cache: least recently used out first, and what --self-test says ----------
+
+def test_the_cache_keeps_its_cap_least_recently_used_out_first(start, files):
+    worker, link = start("--cache-mb", "1")
+    first, second = (files.add(os.urandom(600 * 1024)) for _ in range(2))
+    for number, ref in enumerate((first, second, second, first), 1):
+        result = run(link, number, "shell", {"command": "true", "inputs": [dict(ref, path="f")]})
+        assert result["status"] == "completed", result
+    # the second evicted the first (1 MiB holds one), the third found the second,
+    # the fourth fetched the first again
+    assert [sha256 for sha256, _ in files.gets] == [first["sha256"], second["sha256"],
+                                                     first["sha256"]]
+    cached = os.listdir(os.path.join(state_dir(worker), "cache"))
+    assert first["sha256"] in cached and second["sha256"] not in cached
+
+
+def test_self_test_says_where_the_cache_is_and_what_it_holds(tmp_path):
+    import subprocess
+    from test_worker import WORKER
+    cache = tmp_path / "state" / "cache"
+    cache.mkdir(parents=True)
+    (cache / ("ab" * 32)).write_bytes(b"x" * 300000)
+    done = subprocess.run([sys.executable, "-I", WORKER, "--self-test", "--state-dir",
+                           str(tmp_path / "state"), "--cache-mb", "64"],
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
+    report = json.loads(done.stdout[:done.stdout.rindex("}") + 1])["cache"]
+    assert report == {"dir": str(cache), "cap_mb": 64, "used_mb": 0.3, "files": 1}
