@@ -28,6 +28,8 @@ from test_worker import (DEVICE_ID, INTERPRETERS, TOKEN, WAIT, WorkerProcess,  #
 SECRET = "5e" * 32
 CLUSTER = "cluster-files"
 PYTHON36 = [p for p in INTERPRETERS if "/3.6." in p]
+# The file paths on the current interpreter and, when it is there, the oldest one.
+also_36 = pytest.mark.parametrize("python", [sys.executable] + PYTHON36, ids=short_name)
 
 
 def sha(data):
@@ -248,8 +250,9 @@ def check_transform(files, result, task_id, attempt=1):
         assert entry["sha256"] == sha(got[name]) and entry["size"] == len(got[name])
 
 
-def test_inputs_land_byte_identical_and_outputs_come_back(start, files):
-    worker, link = start()
+@also_36
+def test_inputs_land_byte_identical_and_outputs_come_back(start, files, python):
+    worker, link = start(python=python)
     result = run(link, 1, "shell", transform_payload(files))
     check_transform(files, result, 1)
     assert sorted(stored_files(result)) == ["out/a.copy", "out/b.upper", "out/env.txt",
@@ -375,8 +378,9 @@ raise SystemExit(1)
 """
 
 
-def test_a_checkpoint_goes_up_and_the_next_attempt_starts_from_it(start, files):
-    worker, link = start("--checkpoint-every", "0.3")
+@also_36
+def test_a_checkpoint_goes_up_and_the_next_attempt_starts_from_it(start, files, python):
+    worker, link = start("--checkpoint-every", "0.3", python=python)
     first = run(link, 1, "python_exec", {"code": CHECKPOINTING})
     assert first["status"] == "failed" and first["result"]["output"] == "from 0\n"
     checkpoint = files.stored[(1, 1, ".rc/checkpoint")]
@@ -410,7 +414,7 @@ def test_a_checkpoint_from_elsewhere_is_fetched_and_unpacked_safely(start, files
 
 # -- scripts from files, on the oldest interpreter too ----------------------------
 
-@pytest.mark.parametrize("python", [sys.executable] + PYTHON36, ids=short_name)
+@also_36
 def test_scripts_run_from_input_files(start, files, python):
     worker, link = start(python=python)
     script = files.add(b"import os, sys\nprint('py', os.environ['RC_ATTEMPT'], sys.flags.isolated,"
@@ -448,11 +452,12 @@ def test_a_cut_upload_resumes_and_a_refused_one_is_not_claimed(start, files):
 
 # -- over TLS, with the worker port's pinned certificate -----------------------------
 
-def test_files_move_over_tls_with_the_pinned_certificate(tmp_path):
+@also_36
+def test_files_move_over_tls_with_the_pinned_certificate(tmp_path, python):
     from test_worker_identity import TlsMain
     server = TlsMain(tmp_path / "home")
     secure = FakeFiles(context=server.context)
-    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+    worker = WorkerProcess(python, server.port, str(tmp_path / "w.log"),
                            "--fingerprint", server.fingerprint)
     try:
         link = server.accept()
