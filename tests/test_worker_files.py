@@ -58,6 +58,7 @@ class FakeFiles:
         self.cut_put_after = None
         self.refuse_puts = None      # an error code every put gets before any byte
         self.haves = []              # "have" answered to each put
+        self.pause = 0.0             # seconds between two 64 KiB pieces of a get or put
         self.corrupt = set()
         self.closing = False
         threading.Thread(target=self.serve, daemon=True).start()
@@ -124,7 +125,11 @@ class FakeFiles:
             sock.sendall(body[:self.cut_after])
             self.cut_after = None
             raise OSError("cut, as a Wi-Fi drop would")
-        sock.sendall(body)
+        for start in range(0, len(body), 65536) if self.pause else ():
+            sock.sendall(body[start:start + 65536])
+            time.sleep(self.pause)
+        if not self.pause:
+            sock.sendall(body)
 
     def put(self, sock, reader, task_id, attempt, name, size, sha256):
         if self.refuse_puts:
@@ -138,6 +143,7 @@ class FakeFiles:
             chunk = reader.read(min(65536, size - len(have)))
             if not chunk:
                 return
+            time.sleep(self.pause)
             have += chunk
             if self.cut_put_after is not None and len(have) >= self.cut_put_after:
                 self.cut_put_after = None
@@ -594,3 +600,43 @@ def test_self_test_says_where_the_cache_is_and_what_it_holds(tmp_path):
                           stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
     report = json.loads(done.stdout[:done.stdout.rindex("}") + 1])["cache"]
     assert report == {"dir": str(cache), "cap_mb": 64, "used_mb": 0.3, "files": 1}
+
+
+# -- a transfer holds up nothing else ---------------------------------------------
+
+def test_other_tasks_and_controls_go_on_while_a_file_moves(start, files):
+    worker, link = start()
+    files.pause = 0.05                 # 2 MiB in about 1.6 s
+    ref = files.add(os.urandom(2 * 1024 * 1024))
+    link.assign(1, "shell", {"command": "true", "inputs": [dict(ref, path="slow.bin")]})
+    link.assign(2, "echo", {"message": "meanwhile"})
+    link.assign(3, "shell", {"command": "echo also"})
+    link.send("control", {"control_id": 7, "command": "reload"})
+    order = []
+    while len(order) < 4:
+        envelope = link.next()
+        kind, data = envelope["message_type"], envelope["data"]
+        if kind == "task_result":
+            order.append(data["task_id"])
+        elif kind == "control_ack":
+            order.append("control")
+    assert order[-1] == 1, order      # the others did not wait for the file
+    assert files.gets[0][0] == ref["sha256"]
+
+
+def test_a_worker_stopped_mid_upload_claims_nothing(start, files):
+    worker, link = start()
+    files.pause = 0.05
+    link.assign(1, "shell", {"command": "head -c 3000000 /dev/urandom > r.bin",
+                             "outputs": ["r.bin"]})
+    assert link.expect("task_accept")["task_id"] == 1
+    assert wait_until(lambda: files.partial, 15)          # the upload is under way
+    assert worker.stop() == 0
+    assert files.stored == {}
+    frames = []
+    while True:
+        envelope = link.try_recv(1)
+        if envelope in (None, "timeout"):
+            break
+        frames.append(envelope["message_type"])
+    assert "task_result" not in frames
