@@ -2817,6 +2817,9 @@ class Job(object):
         self.error = None
         self.sockets = []
         self.thread = None
+        self.blobs = []           # staging: the sha256 of what it fetches
+        self.remove_after = None  # staging: the task dir to remove if it is cancelled
+        self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
 
     def start(self):
         import threading
@@ -3217,16 +3220,14 @@ class Staging(Task):
     def poll(self, worker):
         if not self.job.done or self.job.cancelled:
             return
-        files = worker.files
-        files.cache.unpin(self.key)
         task = self.task
         if self.job.error is not None:
-            files.forget(task.workdir)
+            worker.files.cache.unpin(self.key)
+            remove_tree(task.workdir)
             task.workdir = None
             worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error)
             return
-        task.staged = True
-        files.cache.pin(self.job.blobs, task.key)
+        task.staged = True        # its inputs stay pinned in the cache until it ends
         worker.running[task.key] = task
         task.started = time.monotonic()
         task.deadline = task.started + task.timeout if task.timeout else None
@@ -3329,7 +3330,6 @@ class Files(object):
         blobs += [ref for ref in (stdin, checkpoint) if ref]
         job = Job(worker, lambda job: self.fetch_inputs(job, workdir, inputs, stdin, checkpoint))
         job.blobs = [sha for sha, _ in blobs]
-        job.remove_after = None
         self.cache.pin(job.blobs, task.key)
         worker.running[task.key] = Staging(task, job)
         job.start()
@@ -3365,10 +3365,6 @@ class Files(object):
         finally:
             if job.cancelled and job.remove_after:
                 remove_tree(job.remove_after)
-
-    def forget(self, workdir):
-        if workdir:
-            remove_tree(workdir)
 
     # -- as a process task starts
 
@@ -3455,7 +3451,6 @@ class Files(object):
         task.files_elapsed = task.elapsed()
         job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
                                                   checkpoint))
-        job.notes, job.stored = [], []
         worker.running[task.key] = Uploading(task, job, (status, error, result))
         job.start()
         return True
@@ -3617,8 +3612,9 @@ def spill_stream(task, fd, buffer, chunk):
 
 
 def remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
 
 
 ###############################################################################
