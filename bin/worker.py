@@ -2818,6 +2818,7 @@ class Job(object):
         self.sockets = []
         self.thread = None
         self.blobs = []           # staging: the sha256 of what it fetches
+        self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
 
@@ -3228,6 +3229,7 @@ class Staging(Task):
             worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error)
             return
         task.staged = True        # its inputs stay pinned in the cache until it ends
+        task.restored = self.job.restored
         worker.running[task.key] = task
         task.started = time.monotonic()
         task.deadline = task.started + task.timeout if task.timeout else None
@@ -3356,6 +3358,7 @@ class Files(object):
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
                 os.mkdir(directory, 0o700)
                 read_checkpoint(self.cache.path(checkpoint[0]), directory)
+                job.restored = checkpoint_signature(directory)
             log("info", "inputs_ready", files=len(inputs), fetched=fetched,
                 cached=len(unique) - fetched)
         except OSError as e:
@@ -3388,16 +3391,18 @@ class Files(object):
             return extra
         task.spill = {}          # streams past the cap are kept in full (see spill_stream)
         if task.key not in self.checkpoints:
+            # A restored checkpoint is not sent again until it changes.
             self.checkpoints[task.key] = [time.monotonic() + self.every(),
-                                          self.restored_signature(directory), None, None]
+                                          getattr(task, "restored", ()), None, None]
         return extra
 
     @staticmethod
-    def restored_signature(directory):
+    def has_checkpoint(directory):
+        """Whether the task wrote anything there (its walk is left to a thread)."""
         try:
-            return checkpoint_signature(directory) if os.listdir(directory) else ()
+            return bool(os.listdir(directory))
         except OSError:
-            return ()
+            return False
 
     @staticmethod
     def script_request(task, script):
@@ -3432,9 +3437,8 @@ class Files(object):
         directory = os.path.join(workdir, CHECKPOINT_DIR)
         checkpoint = None
         if status in (OUTCOME_FAILED, OUTCOME_TIMED_OUT, OUTCOME_HANDED_BACK) and state:
-            # What the next attempt starts from, if it changed since the last one sent.
-            signature = self.restored_signature(directory)
-            if signature and (signature != state[1] or state[2] is not None):
+            # What the next attempt starts from; sent only if it changed (send_checkpoint).
+            if self.has_checkpoint(directory):
                 checkpoint = state
         if self.service is None and globs:
             result["stderr"] = ("rc-worker: outputs not uploaded: the main node offers no"
@@ -3571,7 +3575,7 @@ class Files(object):
         state = self.checkpoints.get(task.key)
         if self.service is None or state is None or task.workdir is None:
             return
-        if self.restored_signature(os.path.join(task.workdir, CHECKPOINT_DIR)):
+        if self.has_checkpoint(os.path.join(task.workdir, CHECKPOINT_DIR)):
             task.kept_workdir, task.workdir = task.workdir, None
 
     def on_shutdown(self, worker):
