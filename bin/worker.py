@@ -3436,7 +3436,10 @@ class Files(object):
         globs = [] if handed_back else output_globs(task.payload)
         directory = os.path.join(workdir, CHECKPOINT_DIR)
         checkpoint = None
-        if status in (OUTCOME_FAILED, OUTCOME_TIMED_OUT, OUTCOME_HANDED_BACK) and state:
+        # Cancelled too: after a take-back (drain --now, a lost lease) the main node
+        # cancels the attempt yet takes its last checkpoint for the next one.
+        if status in (OUTCOME_FAILED, OUTCOME_TIMED_OUT, OUTCOME_HANDED_BACK,
+                      OUTCOME_CANCELLED) and state:
             # What the next attempt starts from; sent only if it changed (send_checkpoint).
             if self.has_checkpoint(directory):
                 checkpoint = state
@@ -3562,8 +3565,9 @@ class Files(object):
             log("info", "checkpoint_sent", task_id=key[0], attempt=key[1], size=size,
                 sha256=sha)
             self.cache.add(sha, temporary)      # the next attempt here fetches nothing
-        except FilesError as e:
-            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(e))
+        except FilesError as e:       # stale_attempt: a user's cancel, say; nothing lost
+            log("info" if e.code == "stale_attempt" else "warning", "checkpoint_not_sent",
+                task_id=key[0], attempt=key[1], error=str(e))
         except OSError as e:      # a file changed while it was read: the next one
             log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(e))
         finally:

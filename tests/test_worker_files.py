@@ -529,6 +529,17 @@ def test_a_handed_back_task_sends_its_checkpoint_before_the_hand_back(start, fil
         files.stored[(1, 1, ".rc/checkpoint")])
 
 
+def test_a_cancelled_task_sends_its_checkpoint_before_its_result(start, files):
+    worker, link = start()
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    link.send("task_cancel", {"task_id": 1, "attempt": 1})
+    result = link.results(1)[1]
+    assert result["status"] == "cancelled"
+    assert files.stored[(1, 1, ".rc/checkpoint")] and ".rc/checkpoint" in stored_files(result)
+
+
 def test_a_stopping_worker_sends_running_tasks_checkpoints(start, files):
     worker, link = start()
     link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
