@@ -624,14 +624,36 @@ def bytecode_argv(call, interpreter=None):
             or sys.dont_write_bytecode or not sys.executable):
         return None
     try:
-        import py_compile
-        py_compile.compile(WORKER_FILE, doraise=True)
+        if not compiled_fresh(WORKER_FILE):   # compiling costs a worker 12 MiB for good
+            import py_compile
+            py_compile.compile(WORKER_FILE, doraise=True)
     except Exception:       # a directory we cannot write to, among others
         return None
     code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
             " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)"
             % (directory, module, call))
     return (interpreter or interpreter_argv()) + ["-c", code]
+
+
+def compiled_fresh(source):
+    """Whether __pycache__ holds this interpreter's bytecode of `source` up
+    to date, as the import system judges it: the header py_compile writes
+    records the source's mtime and size (after 4 bytes of flags from 3.7)."""
+    bootstrap = sys.modules.get("_frozen_importlib_external")
+    try:
+        cached = bootstrap.cache_from_source(source)
+        info = os.stat(source)
+        with open(cached, "rb") as f:
+            header = f.read(16)
+    except (AttributeError, NotImplementedError, OSError, ValueError):
+        return False
+    if sys.version_info >= (3, 7):
+        if header[4:8] != b"\0\0\0\0":      # hash-based: leave it to py_compile
+            return False
+        header = header[:4] + header[8:]
+    stamp = [int.from_bytes(header[at:at + 4], "little") for at in (4, 8)]
+    return (header[:4] == bootstrap.MAGIC_NUMBER
+            and stamp == [int(info.st_mtime) & 0xFFFFFFFF, info.st_size & 0xFFFFFFFF])
 
 
 ###############################################################################

@@ -552,36 +552,49 @@ def test_a_stopping_worker_sends_running_tasks_checkpoints(start, files):
 
 # -- memory: a 256 MiB file in and out ------------------------------------------------
 
-def test_the_worker_moves_256_mib_in_bounded_memory(start, files):
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_the_worker_moves_256_mib_in_bounded_memory(tmp_path, secure):
+    """The bench's bar (issue 18: RSS <= 32 MiB throughout), on 256 MiB in and out."""
     psutil = pytest.importorskip("psutil")
-    worker, link = start()
-    data = os.urandom(1024 * 1024) * 256
-    ref = files.add(data)
-    process = psutil.Process(worker.proc.pid)
-    peak = [process.memory_info().rss]
-    done = []
-
-    def sample():
-        while not done:
-            try:
-                peak[0] = max(peak[0], process.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    from test_worker import FakeMain
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home") if secure else FakeMain()
+    fake = FakeFiles(context=server.context if secure else None)
+    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+                           *(("--fingerprint", server.fingerprint) if secure else ()))
     try:
-        result = run(link, 1, "shell", {"command": "cp big.bin out.bin",
-                                        "inputs": [dict(ref, path="big.bin")],
-                                        "outputs": ["out.bin"]}, timeout=120)
+        link = server.accept()
+        handshake(link, fake.port)
+        ref = fake.add(os.urandom(1024 * 1024) * 256)
+        process = psutil.Process(worker.proc.pid)
+        peak = [process.memory_info().rss]
+        done = []
+
+        def sample():
+            while not done:
+                try:
+                    peak[0] = max(peak[0], process.memory_info().rss)
+                except psutil.Error:
+                    return
+                time.sleep(0.02)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = run(link, 1, "shell", {"command": "cp big.bin out.bin",
+                                            "inputs": [dict(ref, path="big.bin")],
+                                            "outputs": ["out.bin"]}, timeout=120)
+        finally:
+            done.append(True)
+            sampler.join()
+        assert result["status"] == "completed", result
+        assert stored_files(result)["out.bin"]["sha256"] == ref["sha256"]
+        print("worker peak RSS (%s) while moving 256 MiB in and 256 MiB out: %.1f MiB"
+              % ("TLS" if secure else "plain", peak[0] / 1048576.0))
+        assert peak[0] <= 32 * 1048576
     finally:
-        done.append(True)
-        sampler.join()
-    assert result["status"] == "completed", result
-    assert stored_files(result)["out.bin"]["sha256"] == ref["sha256"]
-    print("worker peak RSS while moving 256 MiB in and 256 MiB out: %.1f MiB"
-          % (peak[0] / 1048576.0))
-    assert peak[0] < 48 * 1048576
+        worker.stop()
+        fake.close()
+        server.close()
 
 
 # -- the cache: least recently used out first, and what --self-test says ----------
