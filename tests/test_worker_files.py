@@ -664,3 +664,22 @@ def test_a_worker_stopped_mid_upload_claims_nothing(start, files):
             break
         frames.append(envelope["message_type"])
     assert "task_result" not in frames
+
+
+def test_a_task_cancelled_while_its_inputs_come_is_cancelled_and_the_fetch_resumes_later(
+        start, files):
+    worker, link = start()
+    files.pause = 0.05
+    data = os.urandom(2 * 1024 * 1024)
+    ref = files.add(data)
+    link.assign(1, "shell", {"command": "true", "inputs": [dict(ref, path="in.bin")]})
+    assert link.expect("task_accept")["task_id"] == 1
+    assert wait_until(lambda: files.gets, 10)
+    time.sleep(0.3)
+    link.send("task_cancel", {"task_id": 1, "attempt": 1})
+    assert link.results(1)[1]["status"] == "cancelled"
+    files.pause = 0.0
+    result = run(link, 2, "shell", {"command": "sha256sum in.bin",
+                                    "inputs": [dict(ref, path="in.bin")]})
+    assert result["result"]["output"].split()[0] == sha(data)
+    assert files.gets[-1][1] > 0, "the second task resumed what the first had fetched"
