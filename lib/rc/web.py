@@ -38,6 +38,10 @@ from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
 SERVER_BODY_LIMIT = 4 * MAX_BODY_BYTES
+UPLOAD_PATH = "/api/v1/files"     # the one route whose body may be large and slow
+# bytes per second an upload's body must keep arriving at, past web_read_timeout
+# (a phone on poor Wi-Fi moves more; a slow-loris drip moves far less)
+MIN_UPLOAD_RATE = 32 * 1024
 MAX_LIST_LIMIT = 1000             # most rows one list request returns
 DEFAULT_LIST_LIMIT = 100
 # Threads beyond max_streams: ordinary requests always find one free.
@@ -1286,10 +1290,23 @@ def make_app(config, logger=None):
 
 
 def file_routes(routes):
-    return [("POST", "/api/v1/files", routes.upload, "admin"),
+    return [("POST", UPLOAD_PATH, routes.upload, "admin"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
             ("GET", "/api/v1/tasks/<task_id:int>/files", routes.task_list, "read"),
             ("GET", "/api/v1/tasks/<task_id:int>/files/<name:path>", routes.task_file, "read")]
+
+
+def upload_allowance(web, request, quota):
+    """For web_server, on a request's headers: POST /api/v1/files with the
+    admin token may send up to the store's quota and take its time
+    (MIN_UPLOAD_RATE); anything else is held to SERVER_BODY_LIMIT within
+    web_read_timeout, so no stranger gets a slow or large body in."""
+    if request.command != "POST" or request.path != UPLOAD_PATH:
+        return None
+    scheme, _, given = request.headers.get("AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer" and web.token_matches(given.strip()):
+        return quota
+    return None
 
 
 def create_server(app, host, port, config):
@@ -1299,13 +1316,16 @@ def create_server(app, host, port, config):
     HTTPS, are web_server's (docs/http.md)."""
     web = app.config["rc.web"]
     timeouts = (config.web_channel_timeout, config.web_read_timeout)
+    quota = config.files_quota_mb * files.MIB
     return web_server.Server(
         app, {"connections_per_address": config.web_connections_per_address,
-              "read_timeout": config.web_read_timeout},
+              "read_timeout": config.web_read_timeout, "body_limit": SERVER_BODY_LIMIT,
+              "long_body": lambda request: upload_allowance(web, request, quota),
+              "min_body_rate": MIN_UPLOAD_RATE},
         web.log, web_server.tls_context(config) if config.web_tls else None,
         host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
-        # POST /api/v1/files takes up to the store's quota.
-        max_request_body_size=max(SERVER_BODY_LIMIT, config.files_quota_mb * files.MIB), channel_request_lookahead=1,
+        # The most any request may send: an upload of the whole quota (see upload_allowance).
+        max_request_body_size=max(SERVER_BODY_LIMIT, quota) + 1, channel_request_lookahead=1,
         connection_limit=config.web_connection_limit,
         channel_timeout=max(1, int(config.web_channel_timeout)),
         # waitress looks for idle and slow connections this often (whole seconds).
