@@ -4098,27 +4098,57 @@ def checkpoint_signature(directory):
 
 def write_checkpoint(directory, target):
     """Tar the regular files and directories of `directory` (no links,
-    nothing else) into `target`; (size, sha256)."""
-    import stat
+    nothing else) into `target`; (size, sha256). The task may be running
+    and changing it while a worker run as root reads it: each entry is
+    opened from its parent directory's descriptor, never through a link
+    (os.fwalk), and a file with other hard links is left out, so nothing
+    outside the directory ends up in the checkpoint."""
     import tarfile
     with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
+        for relative, descriptor in checkpoint_entries(directory):
+            try:
+                add_checkpoint_entry(archive, relative, descriptor)
+            finally:
+                os.close(descriptor)
+    return file_digest(target)
+
+
+def checkpoint_entries(directory):
+    """(relative name, open descriptor) of each entry of `directory`, in order."""
+    nofollow = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    if not hasattr(os, "fwalk"):       # no descriptor walk here: names, never through a link
         for root, dirs, files in os.walk(directory):
             dirs.sort()
             for name in sorted(dirs) + sorted(files):
-                path = os.path.join(root, name)
                 try:
-                    info = os.lstat(path)
+                    yield (os.path.relpath(os.path.join(root, name), directory),
+                           os.open(os.path.join(root, name), nofollow))
                 except OSError:
                     continue
-                if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                    continue
-                member = archive.gettarinfo(path, os.path.relpath(path, directory))
-                if member.isfile():
-                    with open(path, "rb") as f:
-                        archive.addfile(member, f)
-                else:
-                    archive.addfile(member)
-    return file_digest(target)
+        return
+    for root, dirs, files, root_fd in os.fwalk(directory):
+        dirs.sort()
+        base = os.path.relpath(root, directory)
+        for name in sorted(dirs) + sorted(files):
+            try:
+                yield os.path.normpath(os.path.join(base, name)), os.open(name, nofollow,
+                                                                          dir_fd=root_fd)
+            except OSError:      # gone, or a link: left out
+                continue
+
+
+def add_checkpoint_entry(archive, relative, descriptor):
+    import stat
+    import tarfile
+    info = os.fstat(descriptor)
+    if stat.S_ISDIR(info.st_mode):
+        member = tarfile.TarInfo(relative)
+        member.type, member.mode = tarfile.DIRTYPE, stat.S_IMODE(info.st_mode)
+        member.mtime = int(info.st_mtime)
+        archive.addfile(member)
+    elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+        with os.fdopen(os.dup(descriptor), "rb") as f:
+            archive.addfile(archive.gettarinfo(arcname=relative, fileobj=f), f)
 
 
 def file_digest(path):
