@@ -1538,6 +1538,11 @@ class ProcessTask(Task):
         command(); Python tasks ask it to run their code itself."""
         return {"argv": self.command(value)}
 
+    def popen_env(self, preexec):
+        """subprocess's env: None where preexec sets the task's own (after
+        the sandbox's), else ours with the task's added."""
+        return None if preexec or not self.env else dict(os.environ, **self.env)
+
     def preexec(self):
         """What runs in the child between fork and exec: entering the
         sandbox, setting the limits."""
@@ -1566,7 +1571,7 @@ class ProcessTask(Task):
                 with TaskStdin(extra["stdin"]) as stdin:
                     self.proc = subprocess.Popen(
                         request["argv"] if request else self.command(value), cwd=self.workdir,
-                        stdin=stdin, env=None if preexec or not self.env else dict(os.environ, **self.env),
+                        stdin=stdin, env=self.popen_env(preexec),
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                         preexec_fn=preexec)
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
@@ -2526,9 +2531,17 @@ class Sandbox(object):
         uid = self.task_uid()
         gid = self.gid if self.gid is not None else uid
         staged = task.workdir      # files: made and filled by the worker (Files.stage)
+        try:
+            cwd = self.workdirs.adopt(staged, uid, gid) if staged else self.workdirs.take(uid, gid)
+        except OSError:
+            if uid is not None and not self.shared_uid:   # no task runs as it after all
+                self.idle_uids.append(uid)
+            if staged:
+                remove_tree(staged)
+                task.workdir = None
+            raise
         jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
-                "cwd": self.workdirs.adopt(staged, uid, gid) if staged
-                else self.workdirs.take(uid, gid),
+                "cwd": cwd,
                 "cgroup": self.cgroups.make("task-%s-%s" % task.key),
                 "cgroup_home": self.cgroups.home if self.cgroups.base else None,
                 "own_uid": uid is not None and not self.shared_uid, "path": self.path,
