@@ -32,7 +32,7 @@ RUN .venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -
     && touch .venv/.installed
 
 VOLUME ["/var/lib/retire-cluster"]
-EXPOSE 8080 5000
+EXPOSE 8080 5000 8081
 
 # 200 for OK and WARNING, 503 for CRITICAL: exactly `rc health` (docs/operations.md).
 HEALTHCHECK --interval=60s --timeout=10s --start-period=30s --retries=3 \

@@ -678,14 +678,36 @@ def bytecode_argv(call, interpreter=None):
             or sys.dont_write_bytecode or not sys.executable):
         return None
     try:
-        import py_compile
-        py_compile.compile(WORKER_FILE, doraise=True)
+        if not compiled_fresh(WORKER_FILE):   # compiling costs a worker 12 MiB for good
+            import py_compile
+            py_compile.compile(WORKER_FILE, doraise=True)
     except Exception:       # a directory we cannot write to, among others
         return None
     code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
             " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)"
             % (directory, module, call))
     return (interpreter or interpreter_argv()) + ["-c", code]
+
+
+def compiled_fresh(source):
+    """Whether __pycache__ holds this interpreter's bytecode of `source` up
+    to date, as the import system judges it: the header py_compile writes
+    records the source's mtime and size (after 4 bytes of flags from 3.7)."""
+    bootstrap = sys.modules.get("_frozen_importlib_external")
+    try:
+        cached = bootstrap.cache_from_source(source)
+        info = os.stat(source)
+        with open(cached, "rb") as f:
+            header = f.read(16)
+    except (AttributeError, NotImplementedError, OSError, ValueError):
+        return False
+    if sys.version_info >= (3, 7):
+        if header[4:8] != b"\0\0\0\0":      # hash-based: leave it to py_compile
+            return False
+        header = header[:4] + header[8:]
+    stamp = [int.from_bytes(header[at:at + 4], "little") for at in (4, 8)]
+    return (header[:4] == bootstrap.MAGIC_NUMBER
+            and stamp == [int(info.st_mtime) & 0xFFFFFFFF, info.st_size & 0xFFFFFFFF])
 
 
 ###############################################################################
@@ -1436,6 +1458,28 @@ class WorkDirs(object):
             os.chown(path, uid, uid if gid is None else gid)
         return path
 
+    @staticmethod
+    def adopt(path, uid=None, gid=None):
+        """A directory the worker made and filled before the task started
+        (files: inputs, stdin, a restored checkpoint), handed to the task's
+        uid: it and what the worker made in it become the task's, except
+        hard links to the cache's blobs, which stay read-only and the
+        worker's. No process of that uid reaches it before this is done:
+        it was 0700 and the worker's until now."""
+        import stat
+        if uid is None:
+            return path
+        gid = uid if gid is None else gid
+        for directory, dirs, files in os.walk(path):      # links are not followed
+            for name in dirs + files:
+                entry = os.path.join(directory, name)
+                info = os.lstat(entry)
+                if stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode)
+                                                  and info.st_nlink == 1):
+                    os.chown(entry, uid, gid, follow_symlinks=False)
+        os.chown(path, uid, gid)
+        return path
+
     def give_back(self, path, uid=None):
         if len(self.spare) < self.keep and self.as_made(path, uid):
             self.spare.append((path, uid))
@@ -1481,6 +1525,7 @@ class ProcessTask(Task):
     peak_memory_kb = None
     limits = ()              # task_rlimits(), once started
     jail = None              # Sandbox.open(), from start until closed
+    env = {}                 # files: what its process gets besides the sandbox's (launch)
     memory_limit = None      # MiB (--max-memory), for the error of a task that ran out
     file_limit = None        # MiB (--max-file-size)
     # Stdout is read line by line for PROGRESS lines (see parse_progress).
@@ -1500,31 +1545,43 @@ class ProcessTask(Task):
         command(); Python tasks ask it to run their code itself."""
         return {"argv": self.command(value)}
 
+    def popen_env(self, preexec):
+        """subprocess's env: None where preexec sets the task's own (after
+        the sandbox's), else ours with the task's added."""
+        return None if preexec or not self.env else dict(os.environ, **self.env)
+
     def preexec(self):
         """What runs in the child between fork and exec: entering the
         sandbox, setting the limits."""
-        jail, limits = self.jail, self.limits
-        return lambda: (enter_sandbox(jail), apply_rlimits(limits))
+        jail, limits, env = self.jail, self.limits, self.env
+        # The payload's env last: what the task asks for wins over the sandbox's PATH.
+        return lambda: (enter_sandbox(jail), os.environ.update(env), apply_rlimits(limits))
 
     def start(self, worker):
         import subprocess
-        value = self.argument()
+        value = None if runs_file(self) else self.argument()   # files: a script from a file
         self.limits = task_rlimits(self.timeout, worker.options)
         try:
-            self.jail = worker.sandbox.open(worker, self)
+            self.jail = worker.sandbox.open(worker, self)   # adopts a staged directory
             self.workdir = self.jail["cwd"]
             if self.jail["nproc"]:
                 self.limits.append(["RLIMIT_NPROC", self.jail["nproc"]])
+            extra = worker.files.launch(self, worker)       # files: env, stdin, script file
+            request = extra.pop("request", None)
+            self.env = extra["env"]
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
-                    self.spawn_request(value), cwd=self.workdir, limits=self.limits,
-                    jail=self.jail))
+                    request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
+                    jail=self.jail, **extra))
             if self.proc is None:      # a process of our own
-                self.proc = subprocess.Popen(
-                    self.command(value), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                    preexec_fn=self.preexec())
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
+                preexec = self.preexec()
+                with TaskStdin(extra["stdin"]) as stdin:
+                    self.proc = subprocess.Popen(
+                        request["argv"] if request else self.command(value), cwd=self.workdir,
+                        stdin=stdin, env=self.popen_env(preexec),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                        preexec_fn=preexec)
+        except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
             self.remove_workdir(worker)
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
             return
@@ -1565,6 +1622,7 @@ class ProcessTask(Task):
         buffer = self.buffers[fd]
         room = self.cap - len(buffer)
         if len(chunk) > room:
+            spill_stream(self, fd, buffer, chunk)    # files: the whole stream, to a file
             # Keep reading and discarding, or a chatty child would block on a full pipe.
             self.truncated = True
             chunk = chunk[:max(room, 0)]
@@ -1696,13 +1754,13 @@ class ProcessTask(Task):
     def conclude(self, worker):
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
-        self.remove_workdir(worker)
         stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
                           for fd in self.stream_fds]
         status, error = self.outcome(stderr)
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
                       peak_memory_kb=self.peak_memory_kb, truncated=self.truncated)
+        self.remove_workdir(worker)     # after finish: files may take it for the upload
 
     def outcome(self, stderr):
         if self.ending == OUTCOME_TIMED_OUT:
@@ -1928,7 +1986,8 @@ class ShellTask(ProcessTask):
 
     def preexec(self):
         if needs_child_setup(self.jail):
-            return lambda jail=self.jail: enter_sandbox(jail)
+            env = self.env
+            return lambda jail=self.jail: (enter_sandbox(jail), os.environ.update(env))
         return None
 
 
@@ -2561,8 +2620,18 @@ class Sandbox(object):
         if self.own_uids():
             self.leftovers.remove(uid)
         gid = self.gid if self.gid is not None else uid
+        staged = task.workdir      # files: made and filled by the worker (Files.stage)
+        try:
+            cwd = self.workdirs.adopt(staged, uid, gid) if staged else self.workdirs.take(uid, gid)
+        except OSError:
+            if uid is not None and not self.shared_uid:   # no task runs as it after all
+                self.idle_uids.append(uid)
+            if staged:
+                remove_tree(staged)
+                task.workdir = None
+            raise
         jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
-                "cwd": self.workdirs.take(uid, gid),
+                "cwd": cwd,
                 "cgroup": self.cgroups.make("task-%s-%s" % task.key),
                 "cgroup_home": self.cgroups.home if self.cgroups.base else None,
                 "own_uid": uid is not None and not self.shared_uid, "path": self.path,
@@ -2576,6 +2645,25 @@ class Sandbox(object):
                         read_only=[os.path.abspath(p) for p in self.options.read_only],
                         network=not self.options.isolate_network)
         return jail
+
+    def may_link_inputs(self):
+        """Whether a task's inputs may be hard links to the cache's blobs
+        (0400, the worker's). A task of another uid gets copies: it could
+        not read the blob, and the state dir stays owner-only. A task of the
+        worker's own uid could chmod and write a linked blob, so it gets
+        copies too when isolated; unisolated, it reaches the cache in the
+        state dir anyway."""
+        return not self.other_uid and not getattr(self.options, "isolated", False)
+
+    @staticmethod
+    def keep_for_upload(path):
+        """A task's directory that stays for its files' upload after the task
+        has ended (Files.upload_first): the worker's again, 0700, so that the
+        next task of the same uid cannot reach into it while the worker reads
+        it. All of this task's processes are gone (end() ran)."""
+        if os.lstat(path).st_uid != os.geteuid():
+            os.chown(path, os.geteuid(), os.getegid(), follow_symlinks=False)
+            os.chmod(path, 0o700)     # ours, in the task root no task can write
 
     def task_uid(self):
         """The uid the next task runs as: a free one of the range, the shared
@@ -2645,7 +2733,8 @@ class Sandbox(object):
         if jail.get("uid") is not None and not self.shared_uid:
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
-        self.workdirs.give_back(jail["cwd"], jail.get("uid"))
+        if task.workdir is not None:      # else files took it for an upload (upload_first)
+            self.workdirs.give_back(jail["cwd"], jail.get("uid"))
 
     def tell_watchdog(self, worker, sign, jail):
         """What the watchdog kills if the worker dies: the task's cgroup, its uid."""
@@ -2963,8 +3052,10 @@ def spawn_command(request, stdout_fd, stderr_fd):
     saved = own_identity(jail)
     try:
         borrow_task_identity(jail, environment)
+        environment.update(request.get("env") or {})     # files: the task's env, last
+        # The child opens its stdin as the task's uid (resetids): a file it may read.
         return os.posix_spawnp(argv[0], argv, environment, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 0, request.get("stdin") or os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
             setsid=True, setsigdef=default, resetids=jail.get("uid") is not None)
     finally:
@@ -3085,9 +3176,13 @@ def run_spawned(request, code, stdout_fd, stderr_fd):
     close_all_but(-1)          # the spawner's socket above all
     try:
         enter_sandbox(request["jail"])
+        # files: its stdin opened as the task itself, never through a link.
+        if request.get("stdin"):
+            os.dup2(os.open(request["stdin"], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), 0)
     except OSError as e:      # never run a task outside its sandbox
         os.write(2, ("cannot enter the task sandbox: %s\n" % e).encode())
         os._exit(126)
+    os.environ.update(request.get("env") or {})       # files: the task's env, last
     apply_rlimits(request["limits"])
     if "argv" in request:
         # What Python ignores for itself, a command gets back (as subprocess does).
@@ -3402,6 +3497,1340 @@ def close_all_but(keep):
 
 
 ###############################################################################
+# -- files: cache, transfer, inputs and outputs --------------------------------
+###############################################################################
+# A task may name input files, a stdin, a script file, environment variables,
+# output globs and a checkpoint (docs/protocol.md, "Files"). Their bytes move
+# through rc-files, a program of the main node on a port of its own
+# (register_ack's files_port), never through the worker connection: a 4 GB
+# transfer must not hold up heartbeats and results. Each transfer runs in a
+# thread of its own with blocking sockets; the loop only sees it end (the
+# thread writes to the signal wakeup socket). A task whose inputs are not
+# here yet waits as a Staging in the running slots; a task whose outputs are
+# going up waits as an Uploading, and its result is sent once they are stored.
+
+FILES_CHUNK = 256 * 1024        # bytes per read and write of a transfer (bounded memory)
+FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
+FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
+FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
+FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
+CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
+CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
+FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
+CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
+FILES_MAX_OUTPUTS = 1000        # outputs one attempt uploads at most (its result must fit a frame)
+FILES_MAX_NAMES = 256 * 1024    # bytes of output names one result lists at most
+FILES_MAX_NOTES = 50            # refusal lines one result's stderr carries at most
+PARTIAL_MAX_AGE = 7 * 86400     # seconds a cut fetch is kept for a resume that never came
+CHECKPOINT_DIR = ".rc-checkpoint"   # $RC_CHECKPOINT_DIR, inside the task directory
+STDIN_FILE = ".rc-stdin"        # the task's stdin, linked from the cache
+STREAM_FILES = {0: ".rc-stdout", 1: ".rc-stderr"}   # a stream past the inline cap, in full
+STREAM_NAMES = {0: ".rc/stdout", 1: ".rc/stderr"}   # ... as rc-files stores it
+CHECKPOINT_NAME = ".rc/checkpoint"
+ENV_NAME_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+class FilesError(Exception):
+    """A transfer or a file of a task failed; the message says which and why."""
+
+    def __init__(self, message, code=None, retry=False):
+        Exception.__init__(self, message)
+        self.code, self.retry = code, retry
+
+
+def is_sha256(text):
+    return is_hex(text, 64) and text == text.lower()
+
+
+def relative_path(text):
+    """A payload's relative path as its components, or None if it could
+    leave the task directory (absolute, "..", NUL, empty parts)."""
+    if not isinstance(text, str) or not text or "\0" in text or text.startswith("/"):
+        return None
+    parts = text.split("/")
+    if any(part in ("", ".", "..") or len(part.encode("utf-8", "replace")) > 255
+           for part in parts):
+        return None
+    if parts[0].startswith(".rc-") or parts[0] == ".rc":
+        return None      # the worker's own names in the task directory
+    return parts
+
+
+def blob_ref(value):
+    """{"sha256", "size"} checked, as (sha256, size), or None."""
+    if not isinstance(value, dict):
+        return None
+    sha, size = value.get("sha256"), value.get("size")
+    if not is_sha256(sha) or not is_int(size) or size < 0:
+        return None
+    return sha, size
+
+
+def task_env(payload):
+    """The payload's "env", checked: names of [A-Za-z_][A-Za-z0-9_]*, not RC_,
+    values strings without NUL."""
+    env = payload.get("env")
+    if env is None:
+        return {}
+    if not isinstance(env, dict) or len(env) > 256:
+        raise BadPayload("payload field 'env' must be an object of at most 256 names")
+    for name, value in env.items():
+        if (not name or len(name) > 128 or not set(name) <= ENV_NAME_CHARACTERS
+                or name[0].isdigit() or name.startswith("RC_")):
+            raise BadPayload("payload env name %r is not allowed (letters, digits and _,"
+                             " not starting with a digit or RC_)" % name[:130])
+        if not isinstance(value, str) or "\0" in value or len(value) > 32768:
+            raise BadPayload("payload env %s must be a string without NUL, at most 32 KiB"
+                             % name)
+    return env
+
+
+def task_inputs(payload):
+    """The payload's inputs, stdin and checkpoint: (inputs, stdin, checkpoint)
+    with inputs as [(parts, sha256, size, mode)]; BadPayload names a bad one."""
+    inputs = payload.get("inputs") or []
+    if not isinstance(inputs, list) or len(inputs) > 10000:
+        raise BadPayload("payload field 'inputs' must be a list of at most 10000 files")
+    checked = []
+    for entry in inputs:
+        ref = blob_ref(entry)
+        parts = relative_path(entry.get("path")) if isinstance(entry, dict) else None
+        if ref is None or parts is None:
+            raise BadPayload("payload input %r must have a relative path inside the task"
+                             " directory, a sha256 and a size" % (str(entry)[:200],))
+        mode = entry.get("mode", 0o644)
+        checked.append((parts, ref[0], ref[1], 0o755 if is_int(mode) and mode & 0o111
+                        else 0o644))
+    stdin = checkpoint = None
+    if payload.get("stdin") is not None:
+        stdin = blob_ref(payload["stdin"])
+        if stdin is None:
+            raise BadPayload("payload field 'stdin' must be {\"sha256\", \"size\"}")
+    if payload.get("checkpoint") is not None:
+        checkpoint = blob_ref(payload["checkpoint"])
+        if checkpoint is None:
+            raise BadPayload("payload field 'checkpoint' must be {\"sha256\", \"size\"}")
+    return checked, stdin, checkpoint
+
+
+def runs_file(task):
+    return task.task_type in ("python_exec", "shell") and task.payload.get("file") is not None
+
+
+class TaskStdin(object):
+    """The stdin of a task process of the worker's own: its file, or /dev/null."""
+
+    def __init__(self, path):
+        import subprocess
+        # Never through a link: a root worker opens it.
+        self.file = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)),
+                              "rb") if path else None
+        self.handle = self.file or subprocess.DEVNULL
+
+    def __enter__(self):
+        return self.handle
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def needs_staging(task):
+    payload = task.payload
+    return isinstance(task, ProcessTask) and not getattr(task, "staged", False) and any(
+        payload.get(name) for name in ("inputs", "stdin", "checkpoint", "file"))
+
+
+def mebibytes(size):
+    return "%.1f MiB" % (size / 1048576.0)
+
+
+# -- the cache: blobs by sha256 in the state directory ------------------------
+
+class FileCache(object):
+    """STATE_DIR/cache/<sha256>, read-only, with partial fetches under
+    partial/. The last use of a blob is its atime (set by us, whatever the
+    file system's own atime policy); its mtime stamps the content, so a blob
+    changed behind our back (a task writing through a hard link) is dropped.
+    Used from transfer threads and the loop alike: one lock guards the index."""
+
+    def __init__(self, state_dir, cap_mb):
+        import _thread
+        self.dir = os.path.join(os.path.expanduser(state_dir), "cache")
+        self.cap = cap_mb * 1048576
+        self.lock = _thread.allocate_lock()
+        self.index = None          # sha256 -> [size, last used, mtime_ns], once read
+        self.pinned = {}           # sha256 -> tasks staging or running with it
+        self.fetching = {}         # sha256 -> threading.Event of the fetch under way
+        self.prepared = False
+
+    def path(self, sha):
+        return os.path.join(self.dir, sha)
+
+    def load(self):
+        with self.lock:
+            if self.index is None:
+                self.index = {}
+                for name in list_dir(self.dir):
+                    if not is_sha256(name):
+                        continue
+                    try:
+                        info = os.lstat(self.path(name))
+                    except OSError:
+                        continue
+                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns]
+        return self.index
+
+    def used(self):
+        return sum(entry[0] for entry in self.load().values())
+
+    def recent(self, limit=CACHED_FILES_MAX):
+        index = self.load()
+        with self.lock:
+            order = sorted(index, key=lambda sha: index[sha][1], reverse=True)
+        return order[:limit]
+
+    def has(self, sha, size):
+        """True if the blob is here as it was stored; a changed one is dropped."""
+        self.load()
+        with self.lock:
+            entry = self.index.get(sha)
+        if entry is None:
+            return False
+        try:
+            info = os.lstat(self.path(sha))
+        except OSError:
+            info = None
+        if info is None or info.st_size != size or info.st_mtime_ns != entry[2]:
+            log("warning", "cache_blob_changed", sha256=sha, message="a cached file changed"
+                " or went missing; it is fetched again")
+            self.drop(sha)
+            return False
+        return True
+
+    def touch(self, sha):
+        now = time.time()
+        with self.lock:
+            entry = self.index.get(sha)
+            if entry is None:
+                return
+            entry[1] = now
+        try:
+            os.utime(self.path(sha), ns=(int(now * 1e9), entry[2]))
+        except OSError:
+            pass
+
+    def add(self, sha, temporary):
+        """Move a verified file into the cache, read-only and owner-only (a
+        task of another uid gets a copy: see Sandbox.may_link_inputs)."""
+        os.chmod(temporary, 0o400)
+        os.replace(temporary, self.path(sha))
+        info = os.lstat(self.path(sha))
+        self.load()
+        with self.lock:
+            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns]
+        self.touch(sha)
+
+    def drop(self, sha):
+        with self.lock:
+            if self.index is not None:
+                self.index.pop(sha, None)
+        try:
+            os.unlink(self.path(sha))
+        except OSError:
+            pass
+
+    def pin(self, shas, by):
+        with self.lock:
+            for sha in shas:
+                self.pinned.setdefault(sha, set()).add(by)
+
+    def unpin(self, by):
+        with self.lock:
+            for sha in list(self.pinned):
+                self.pinned[sha].discard(by)
+                if not self.pinned[sha]:
+                    del self.pinned[sha]
+
+    def make_room(self, needed):
+        """Evict least recently used blobs no task holds until the cache fits
+        its cap with `needed` more bytes, and the disk has them free. A
+        FilesError when the disk cannot hold them even so."""
+        index = self.load()
+        with self.lock:
+            order = sorted((entry[1], sha) for sha, entry in index.items()
+                           if sha not in self.pinned)
+        total = sum(entry[0] for entry in index.values())
+        for _, sha in order:
+            if total + needed <= self.cap and self.free() >= needed:
+                break
+            total -= index.get(sha, [0])[0]
+            self.drop(sha)
+            log("info", "cache_evicted", sha256=sha)
+        if self.free() < needed:
+            raise FilesError("not enough disk space on this device: %s needed, %s free under"
+                             " %s" % (mebibytes(needed), mebibytes(self.free()), self.dir),
+                             code="disk_full")
+
+    def free(self):
+        try:
+            info = os.statvfs(self.dir)
+        except (OSError, AttributeError):
+            return float("inf")
+        return info.f_bavail * info.f_frsize
+
+    def prepare(self):
+        if self.prepared:
+            return
+        for path in (self.dir, os.path.join(self.dir, "partial"), os.path.join(self.dir, "tmp")):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self.prepared = True
+        # A fetch cut long ago whose task never came back, and temporaries of a killed worker.
+        for folder, oldest in (("partial", time.time() - PARTIAL_MAX_AGE),
+                               ("tmp", time.time() - 86400)):
+            for name in list_dir(os.path.join(self.dir, folder)):
+                path = os.path.join(self.dir, folder, name)
+                try:
+                    if os.lstat(path).st_mtime < oldest:
+                        os.unlink(path)
+                except OSError:
+                    pass
+
+
+# -- the rc-files client -------------------------------------------------------
+
+class FilesConnection(object):
+    """One authenticated connection to rc-files, used by one thread, blocking."""
+
+    def __init__(self, service, job):
+        self.service, self.job = service, job
+        self.sock = None
+        self.inbox = bytearray()
+
+    def open(self):
+        host, port = self.service.host, self.service.port
+        name = host.encode("ascii") if all(ord(c) < 128 for c in host) else host
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                name, port, 0, socket.SOCK_STREAM)[0]
+            sock = TcpSocket(family, kind, proto)
+            sock.settimeout(CONNECT_TIMEOUT)
+            self.job.sockets.append(sock)
+            sock.connect(address)
+            sock.settimeout(FILES_TIMEOUT)
+            if self.service.fingerprint:
+                sock = self.secure(sock)
+        except (OSError, ValueError) as e:
+            raise FilesError("cannot reach rc-files at %s:%d: %s" % (host, port, e), retry=True)
+        self.sock = sock
+        self.authenticate()
+        return self
+
+    def secure(self, sock):
+        tls = tls_socket(sock)
+        tls.do_handshake()
+        found = certificate_fingerprint(tls.getpeercert(binary_form=True) or b"")
+        if not proofs_match(found, self.service.fingerprint):
+            raise FilesError("rc-files at %s:%d showed a certificate with fingerprint %s, not"
+                             " the pinned %s: nothing was sent" % (
+                                 self.service.host, self.service.port, found,
+                                 self.service.fingerprint), code="fingerprint_mismatch")
+        return tls
+
+    def authenticate(self):
+        hello = self.reply().get("hello")
+        if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), str):
+            raise FilesError("rc-files sent no hello", retry=True)
+        nonce = new_nonce()
+        device_id = self.service.device_id
+        self.send({"auth": {"device_id": device_id, "nonce": nonce,
+                            "proof": sign(self.service.secret, "rc-files",
+                                          hello["nonce"][:64], nonce, device_id)}})
+        self.answer()
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.send({"bye": {}})
+            except (OSError, FilesError):
+                pass
+            self.sock.close()
+            self.sock = None
+
+    def send(self, message):
+        self.sock.sendall(dumps(message) + b"\n")
+
+    def reply(self):
+        """The next control line as a dict."""
+        while b"\n" not in self.inbox:
+            if len(self.inbox) > FILES_LINE_MAX:
+                raise FilesError("rc-files sent a control line over %d bytes" % FILES_LINE_MAX)
+            self.inbox += self.recv_socket(FILES_LINE_MAX)
+        line, _, rest = bytes(self.inbox).partition(b"\n")
+        self.inbox = bytearray(rest)
+        try:
+            message = loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            raise FilesError("rc-files sent something that is not a JSON object: %r"
+                             % line[:100])
+        return message
+
+    def answer(self):
+        """The next reply, which must be ok; an error reply raises FilesError."""
+        message = self.reply()
+        error = message.get("error")
+        if isinstance(error, dict):
+            code = str(error.get("code"))[:50]
+            # busy: its end of a connection cut a moment ago still holds the upload.
+            raise FilesError("rc-files: %s: %s" % (code, str(error.get("message"))[:300]),
+                             code=code, retry=code == "busy")
+        if message.get("ok") is not True:
+            raise FilesError("rc-files answered neither ok nor an error: %r"
+                             % (str(message)[:200],))
+        return message
+
+    def recv(self, size):
+        """Body bytes: what came with the last control line first."""
+        if self.inbox:
+            chunk = bytes(self.inbox[:size])
+            del self.inbox[:size]
+            return chunk
+        return self.recv_socket(size)
+
+    def recv_socket(self, size):
+        if self.job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+        try:
+            chunk = self.sock.recv(size)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
+        if not chunk:
+            raise FilesError("rc-files closed the connection", retry=True)
+        return chunk
+
+    def get(self, sha, offset, size, sink, digest):
+        """Append blob `sha` from `offset` to file `sink`, hashing into `digest`."""
+        self.send({"get": {"sha256": sha, "offset": offset}})
+        answer = self.answer()
+        total, length = answer.get("size"), answer.get("length")
+        if total != size or length != size - offset:
+            raise FilesError("rc-files offers %r bytes of %s from byte %d, not the %d"
+                             " expected" % (total, sha, offset, size))
+        while length:
+            chunk = self.recv(min(FILES_CHUNK, length))
+            sink.write(chunk)
+            digest.update(chunk)
+            length -= len(chunk)
+
+    def put(self, request, source):
+        """Send file object `source` under `request` (name, size, sha256...);
+        True once rc-files said it is stored."""
+        self.send({"put": request})
+        have = self.answer().get("have", 0)
+        if not is_int(have) or not 0 <= have <= request["size"]:
+            raise FilesError("rc-files claims to hold %r bytes of %s" % (have, request["name"]))
+        source.seek(have)
+        left = request["size"] - have
+        while left:
+            if self.job.cancelled:
+                raise FilesError("cancelled", code="cancelled")
+            chunk = source.read(min(FILES_CHUNK, left))
+            if not chunk:
+                raise FilesError("%s shrank while it was sent" % request["name"])
+            try:
+                self.sock.sendall(chunk)
+            except OSError as e:
+                raise FilesError("rc-files connection cut: %s" % e, retry=True)
+            left -= len(chunk)
+        return self.answer().get("stored") is True
+
+
+class FileService(object):
+    """Where rc-files is and how to prove ourselves to it."""
+
+    def __init__(self, host, port, fingerprint, device_id, secret):
+        self.host, self.port, self.fingerprint = host, port, fingerprint
+        self.device_id, self.secret = device_id, secret
+
+
+class Job(object):
+    """A transfer thread's handle: cancelled from the loop, done when it ends."""
+
+    def __init__(self, worker, work):
+        self.worker, self.work = worker, work
+        self.cancelled = False
+        self.done = False
+        self.error = None
+        self.sockets = []
+        self.thread = None
+        self.blobs = []           # staging: the sha256 of what it fetches
+        self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
+        self.remove_after = None  # staging: the task dir to remove if it is cancelled
+        self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
+
+    def start(self):
+        import threading
+        self.thread = threading.Thread(target=self.run, name="rc-files")
+        self.thread.daemon = True
+        self.thread.start()
+        return self
+
+    def run(self):
+        try:
+            self.work(self)
+        except FilesError as e:
+            self.error = str(e)
+        except Exception as e:      # a bug or an OS error: contained to this task
+            self.error = "%s: %s" % (type(e).__name__, e)
+        finally:
+            self.done = True
+            self.wake()
+
+    def wake(self):
+        writer = getattr(self.worker, "wakeup_writer", None)
+        try:
+            if writer is not None:
+                writer.send(b"\0")
+        except OSError:
+            pass
+
+    def cancel(self):
+        self.cancelled = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait(self, seconds):
+        if self.thread is not None:
+            self.thread.join(seconds)
+        return self.done
+
+    def connection(self, files):
+        if files.service is None:
+            raise FilesError("the main node offers no file service (no files_port in its"
+                             " register_ack)", code="no_service")
+        return FilesConnection(files.service, self).open()
+
+    def tries(self, action):
+        """Run action(connection) again on a new connection after a cut, up to FILES_TRIES."""
+        files = self.worker.files
+        wait = FILES_RETRY_WAIT
+        for attempt in range(FILES_TRIES):
+            connection = None
+            try:
+                connection = self.connection(files)
+                return action(connection)
+            except FilesError as e:
+                if not e.retry or attempt == FILES_TRIES - 1 or self.cancelled:
+                    raise
+                log("warning", "transfer_cut", error=str(e), retry_in=wait)
+            finally:
+                if connection is not None:
+                    connection.close()
+            time.sleep(wait)
+            wait *= 2
+
+
+def fetch_blob(job, cache, sha, size):
+    """The blob in the cache, fetched if need be: resumed from a partial
+    file, hash-checked, fetched once more on a mismatch."""
+    import threading
+    while True:
+        with cache.lock:
+            busy = cache.fetching.get(sha)
+            if busy is None:
+                cache.fetching[sha] = threading.Event()
+                break
+        busy.wait(FILES_TIMEOUT)     # another task fetches it: use its copy
+        if job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+    try:
+        if cache.has(sha, size):
+            cache.touch(sha)
+            return False
+        got = download(job, cache, sha, size)
+        if got != sha:
+            log("warning", "hash_mismatch", sha256=sha, got=got, message="fetching it again")
+            got = download(job, cache, sha, size)
+            if got != sha:
+                raise FilesError("input %s failed its hash check twice: expected sha256 %s,"
+                                 " got %s" % (sha[:12], sha, got), code="hash_mismatch")
+        return True
+    finally:
+        with cache.lock:
+            cache.fetching.pop(sha).set()
+
+
+def download(job, cache, sha, size):
+    """Fetch into partial/<sha>, resuming from its length; on a good hash it
+    enters the cache. The sha256 found (the partial is deleted if wrong)."""
+    partial = os.path.join(cache.dir, "partial", sha)
+    try:
+        have = os.lstat(partial).st_size
+    except OSError:
+        have = 0
+    if have > size:
+        os.unlink(partial)
+        have = 0
+    cache.make_room(size - have)
+    digest = sha256_function()()
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(partial, flags, 0o600), "r+b") as sink:
+        while True:
+            chunk = sink.read(FILES_CHUNK)       # hash what an earlier cut left
+            if not chunk:
+                break
+            digest.update(chunk)
+        have = sink.tell()
+
+        def resume(connection):
+            offset = sink.seek(0, 2)
+            if offset != have + fetched[0]:
+                raise FilesError("partial file of %s changed under us" % sha)
+            before = offset
+            try:
+                connection.get(sha, offset, size, CountingSink(sink, fetched), digest)
+            finally:
+                log("debug", "file_fetched", sha256=sha, offset=before, bytes=fetched[0])
+        fetched = [0]
+        try:
+            job.tries(resume)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FilesError("the device's disk is full while fetching %s (%s): %s"
+                                 % (sha[:12], mebibytes(size), e), code="disk_full")
+            raise
+    got = digest.hexdigest()
+    if got == sha:
+        cache.add(sha, partial)
+    else:
+        os.unlink(partial)
+    return got
+
+
+class CountingSink(object):
+    """A sink that counts what is written to it."""
+
+    def __init__(self, sink, count):
+        self.sink, self.count = sink, count
+
+    def write(self, chunk):
+        self.sink.write(chunk)
+        self.count[0] += len(chunk)
+
+
+def place(cache, sha, target, mode, link=True):
+    """The cached blob at `target`: a hard link where the mode allows and
+    `link` (see Sandbox.may_link_inputs), else a copy. A link shares the
+    cached file itself, read-only (0400): a task that writes its input
+    replaces the link, never the blob."""
+    source = cache.path(sha)
+    if link and not mode & 0o111:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass        # another file system, or no hard links here: copy
+    with open(source, "rb") as reader:
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | getattr(os, "O_NOFOLLOW", 0), mode)
+        with os.fdopen(descriptor, "wb") as writer:
+            copy_file(reader, writer)
+    os.chmod(target, mode)
+
+
+def copy_file(reader, writer):
+    """All of `reader` into `writer`: in the kernel (sendfile) where it can,
+    which copies a 1 GiB input about twice as fast as reads and writes."""
+    offset = 0
+    if hasattr(os, "sendfile"):
+        try:
+            while True:
+                sent = os.sendfile(writer.fileno(), reader.fileno(), offset, 16 * FILES_CHUNK)
+                if not sent:
+                    return
+                offset += sent
+        except OSError:         # not between two files here (macOS): by hand
+            reader.seek(offset)
+            writer.seek(offset)
+    while True:
+        chunk = reader.read(FILES_CHUNK)
+        if not chunk:
+            break
+        writer.write(chunk)
+
+
+def make_parents(workdir, parts):
+    """The directories of a relative path, inside `workdir`; none may be a link."""
+    import stat
+    path = workdir
+    for part in parts[:-1]:
+        path = os.path.join(path, part)
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise FilesError("input path %s: %s is not a directory"
+                                 % ("/".join(parts), part))
+    return os.path.join(path, parts[-1])
+
+
+# -- checkpoints: tar files in and out -----------------------------------------
+
+def checkpoint_signature(directory):
+    """What a changed checkpoint changes: every regular file's path, size and mtime."""
+    import stat
+    found = []
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((os.path.relpath(path, directory), info.st_size,
+                              info.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def write_checkpoint(directory, target):
+    """Tar the regular files and directories of `directory` (no links,
+    nothing else) into `target`; (size, sha256). The task may be running
+    and changing it while a worker run as root reads it: each entry is
+    opened from its parent directory's descriptor, never through a link
+    (os.fwalk), and a file with other hard links is left out, so nothing
+    outside the directory ends up in the checkpoint."""
+    import tarfile
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
+        for relative, descriptor in checkpoint_entries(directory):
+            try:
+                add_checkpoint_entry(archive, relative, descriptor)
+            finally:
+                os.close(descriptor)
+    return file_digest(target)
+
+
+def checkpoint_entries(directory):
+    """(relative name, open descriptor) of each entry of `directory`, in order."""
+    nofollow = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    if not hasattr(os, "fwalk"):       # no descriptor walk here: names, never through a link
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for name in sorted(dirs) + sorted(files):
+                try:
+                    yield (os.path.relpath(os.path.join(root, name), directory),
+                           os.open(os.path.join(root, name), nofollow))
+                except OSError:
+                    continue
+        return
+    for root, dirs, files, root_fd in os.fwalk(directory):
+        dirs.sort()
+        base = os.path.relpath(root, directory)
+        for name in sorted(dirs) + sorted(files):
+            try:
+                yield os.path.normpath(os.path.join(base, name)), os.open(name, nofollow,
+                                                                          dir_fd=root_fd)
+            except OSError:      # gone, or a link: left out
+                continue
+
+
+def add_checkpoint_entry(archive, relative, descriptor):
+    import stat
+    import tarfile
+    info = os.fstat(descriptor)
+    if stat.S_ISDIR(info.st_mode):
+        member = tarfile.TarInfo(relative)
+        member.type, member.mode = tarfile.DIRTYPE, stat.S_IMODE(info.st_mode)
+        member.mtime = int(info.st_mtime)
+        archive.addfile(member)
+    elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+        with os.fdopen(os.dup(descriptor), "rb") as f:
+            archive.addfile(archive.gettarinfo(arcname=relative, fileobj=f), f)
+
+
+def file_digest(path):
+    digest = sha256_function()()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(FILES_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def read_checkpoint(archive_path, directory):
+    """Unpack a checkpoint tar into `directory`: regular files and
+    directories with relative names only; anything else is skipped."""
+    import tarfile
+    skipped = []
+    with tarfile.open(archive_path, "r:") as archive:
+        for member in archive:
+            parts = relative_path(member.name.rstrip("/")) if member.name else None
+            if parts is None or not (member.isfile() or member.isdir()):
+                skipped.append(member.name[:100])
+                continue
+            if member.isdir():
+                make_parents(directory, parts + ["-"])
+                continue
+            target = make_parents(directory, parts)
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_NOFOLLOW", 0), member.mode & 0o755 | 0o600)
+            with os.fdopen(descriptor, "wb") as writer:
+                source = archive.extractfile(member)
+                while True:
+                    chunk = source.read(FILES_CHUNK)
+                    if not chunk:
+                        break
+                    writer.write(chunk)
+    if skipped:
+        log("warning", "checkpoint_members_skipped", members=skipped[:20])
+
+
+# -- outputs: globs matched in the task directory, nothing outside it ---------
+
+def glob_match(pattern_parts, parts):
+    """fnmatch per path component; "**" matches any number of directories."""
+    from fnmatch import fnmatchcase
+    if not pattern_parts:
+        return not parts
+    head = pattern_parts[0]
+    if head == "**":
+        return any(glob_match(pattern_parts[1:], parts[skip:])
+                   for skip in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:],
+                                                                       parts[1:])
+
+
+def output_globs(payload):
+    globs = payload.get("outputs") or []
+    if not isinstance(globs, list) or len(globs) > 1000:
+        return []
+    return [glob.strip("/").split("/") for glob in globs
+            if isinstance(glob, str) and glob and "\0" not in glob]
+
+
+def find_outputs(workdir, globs, protected, cached=frozenset()):
+    """(matches, notes): the files to upload as (name, path) and a note for
+    each match refused. A name or link leading outside the task directory,
+    or a file with links elsewhere (a hard link to a file of the worker's
+    state), is refused; `protected` are files never sent whatever the link;
+    `cached` are the cache's blobs, which an input links to."""
+    import stat
+    root = os.path.realpath(workdir)
+    matches, notes, seen = [], [], {}
+    for directory, dirs, files in os.walk(root):
+        relative = os.path.relpath(directory, root)
+        base = [] if relative == "." else relative.split(os.sep)
+        if not base:
+            dirs[:] = [d for d in dirs if not d.startswith(".rc-")]
+            files = [f for f in files if not f.startswith(".rc-")]
+        for name in sorted(dirs + files):
+            parts = base + [name]
+            path = os.path.join(directory, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                seen[(info.st_dev, info.st_ino)] = seen.get((info.st_dev, info.st_ino), 0) + 1
+            if name in dirs and not stat.S_ISLNK(info.st_mode):
+                continue
+            if any(glob_match(glob, parts) for glob in globs):
+                matches.append(("/".join(parts), path))
+    kept, names = [], 0
+    for name, path in matches:
+        reason = refusal(root, path, seen, protected, cached)
+        if reason is None and (len(kept) >= FILES_MAX_OUTPUTS or names > FILES_MAX_NAMES):
+            reason = "over %d outputs or %d bytes of names in one task" % (
+                FILES_MAX_OUTPUTS, FILES_MAX_NAMES)
+        if reason:
+            notes.append("rc-worker: output %r refused: %s; not uploaded" % (name, reason))
+        else:
+            kept.append((name, os.path.realpath(path)))
+            names += len(name)
+    if len(notes) > FILES_MAX_NOTES:
+        notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
+                                   % (len(notes) - FILES_MAX_NOTES)]
+    return kept, notes
+
+
+def refusal(root, path, seen, protected, cached):
+    import stat
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        return "it resolves outside the task directory (%s)" % real
+    try:
+        info = os.stat(real)
+    except OSError as e:
+        return "cannot read it: %s" % e
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if (info.st_dev, info.st_ino) in protected:
+        return "it is a file of the worker's own state"
+    inode = (info.st_dev, info.st_ino)
+    if inode not in cached and info.st_nlink > seen.get(inode, 0):   # an input's link is fine
+        return "it has hard links outside the task directory"
+    return None
+
+
+def open_output(path):
+    """An output opened without following a link at its last step."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    return os.fdopen(descriptor, "rb")
+
+
+def put_file(job, source, request):
+    """Upload file object `source` (hashed first); the stored entry, or a FilesError."""
+    digest = sha256_function()()
+    source.seek(0)
+    size = 0
+    while True:
+        chunk = source.read(FILES_CHUNK)
+        if not chunk:
+            break
+        digest.update(chunk)
+        size += len(chunk)
+    request = dict(request, size=size, sha256=digest.hexdigest())
+    if not job.tries(lambda connection: connection.put(request, source)):
+        raise FilesError("rc-files did not confirm %s as stored" % request["name"])
+    return {"name": request["name"], "size": size, "sha256": request["sha256"]}
+
+
+# -- the worker's side: staging, launching, uploading, checkpoints ---------------
+
+class Staging(Task):
+    """A task whose inputs are on their way; it holds its slot meanwhile."""
+
+    def __init__(self, task, job):
+        Task.__init__(self, task.key, task.payload, task.timeout)
+        self.task, self.job = task, job
+        self.task_type, self.quiet = task.task_type, task.quiet
+        self.started = task.started
+
+    def poll(self, worker):
+        if not self.job.done or self.job.cancelled:
+            return
+        task = self.task
+        if self.job.error is not None:
+            worker.files.cache.unpin(self.key)
+            remove_tree(task.workdir)
+            task.workdir = None
+            worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error)
+            return
+        task.staged = True        # its inputs stay pinned in the cache until it ends
+        task.restored = self.job.restored
+        worker.running[task.key] = task
+        task.started = time.monotonic()
+        task.deadline = task.started + task.timeout if task.timeout else None
+        try:
+            task.start(worker)
+        except BadPayload as e:
+            worker.finish(task, OUTCOME_FAILED, error=str(e))
+
+    def stop(self, worker, outcome):
+        self.abandon(worker)
+        worker.finish(self, outcome, error=outcome.replace("_", " "))
+
+    def abandon(self, worker):
+        workdir, self.task.workdir = self.task.workdir, None
+        self.job.remove_after = workdir       # the thread removes it as it ends
+        self.job.cancel()
+        worker.files.cache.unpin(self.key)
+        if self.job.done:
+            remove_tree(workdir)
+
+
+class Uploading(Task):
+    """A task that has ended and whose files are going up; its result is
+    sent when they are stored."""
+
+    def __init__(self, task, job, result):
+        Task.__init__(self, task.key, task.payload, task.timeout)
+        self.task, self.job, self.result = task, job, result
+        self.task_type, self.quiet = task.task_type, task.quiet
+
+    def poll(self, worker):
+        if not self.job.done or self.job.cancelled:
+            return
+        status, error, result = self.result
+        notes = list(self.job.notes)
+        if self.job.error is not None:
+            notes.append("rc-worker: files not all uploaded: %s" % self.job.error)
+        if notes:
+            result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
+        self.task.files_stored = self.job.stored
+        worker.running[self.key] = self.task
+        worker.finish(self.task, status, error=error, **result)
+
+    def stop(self, worker, outcome):
+        pass       # it has ended; its result follows
+
+    def abandon(self, worker):
+        self.job.cancel()
+
+
+class Files(object):
+    """The worker's files: the cache, the service, the transfers under way."""
+
+    def __init__(self, options):
+        self.options = options
+        self.cache = FileCache(options.state_dir, getattr(options, "cache_mb", CACHE_MB))
+        self.service = None
+        self.secret = None          # the device's own secret, for rc-files proofs
+        # task key -> [next due, signature sent, job or None, stored entry or None]
+        self.checkpoints = {}
+
+    def every(self):
+        return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
+
+    # -- from the worker connection
+
+    def on_register(self, worker, data):
+        port = data.get("files_port")
+        if worker.auth == "device":
+            self.secret = worker.key
+        if not (is_int(port) and 0 < port < 65536) or self.secret is None:
+            self.service = None
+            return
+        self.service = FileService(worker.options.join[0], port, worker.options.fingerprint,
+                                   worker.device_id, self.secret)
+
+    def heartbeat(self):
+        """What a heartbeat says of the cache, once rc-files is there to fill it."""
+        if self.service is None:
+            return {}
+        if self.cache.index is None and not os.path.isdir(self.cache.dir):
+            return {"cached_files": []}
+        return {"cached_files": self.cache.recent()}
+
+    def report(self):
+        """For --self-test: where the cache is, its cap and what it holds."""
+        return {"dir": self.cache.dir, "cap_mb": self.cache.cap // 1048576,
+                "used_mb": round(self.cache.used() / 1048576.0, 1),
+                "files": len(self.cache.load())}
+
+    # -- before a task starts
+
+    def stage(self, worker, task):
+        """True if the task waits for its inputs (a Staging takes its place)."""
+        if not needs_staging(task):
+            return False
+        inputs, stdin, checkpoint = task_inputs(task.payload)
+        # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
+        task.workdir = workdir = worker.sandbox.workdirs.take()
+        blobs = [(sha, size) for _, sha, size, _ in inputs]
+        blobs += [ref for ref in (stdin, checkpoint) if ref]
+        link = worker.sandbox.may_link_inputs()
+        job = Job(worker, lambda job: self.fetch_inputs(job, workdir, inputs, stdin, checkpoint,
+                                                        link))
+        job.blobs = [sha for sha, _ in blobs]
+        self.cache.pin(job.blobs, task.key)
+        worker.running[task.key] = Staging(task, job)
+        job.start()
+        return True
+
+    def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
+        try:
+            self.cache.prepare()
+            unique = OrderedDict()
+            for _, sha, size, _ in inputs:
+                unique[sha] = size
+            for ref in (stdin, checkpoint):
+                if ref:
+                    unique[ref[0]] = ref[1]
+            fetched = sum(fetch_blob(job, self.cache, sha, size) for sha, size in unique.items())
+            for parts, sha, _, mode in inputs:
+                target = make_parents(workdir, parts)
+                if os.path.lexists(target):
+                    raise FilesError("input path %s is given twice" % "/".join(parts))
+                place(self.cache, sha, target, mode, link)
+            if stdin:
+                place(self.cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
+            if checkpoint:
+                directory = os.path.join(workdir, CHECKPOINT_DIR)
+                os.mkdir(directory, 0o700)
+                read_checkpoint(self.cache.path(checkpoint[0]), directory)
+                job.restored = checkpoint_signature(directory)
+            log("info", "inputs_ready", files=len(inputs), fetched=fetched,
+                cached=len(unique) - fetched)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FilesError("the device's disk is full: %s" % e, code="disk_full")
+            raise FilesError("cannot place inputs: %s" % e)
+        finally:
+            if job.cancelled and job.remove_after:
+                remove_tree(job.remove_after)
+
+    # -- as a process task starts
+
+    def launch(self, task, worker):
+        """What the task's process gets besides its command: "env" (RC_TASK_ID,
+        RC_ATTEMPT, RC_CHECKPOINT_DIR and the payload's), "stdin" (a path or
+        None) and, for a script from a file, "request" (its argv)."""
+        env = dict(task_env(task.payload))
+        directory = os.path.join(task.workdir, CHECKPOINT_DIR)
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)
+            jail = task.jail or {}
+            if jail.get("uid") is not None:      # the task writes it as its own uid
+                os.chown(directory, jail["uid"], jail["gid"])
+        env.update(RC_TASK_ID=str(task.key[0]), RC_ATTEMPT=str(task.key[1]),
+                   RC_CHECKPOINT_DIR=directory)
+        stdin = os.path.join(task.workdir, STDIN_FILE) if task.payload.get("stdin") else None
+        extra = {"env": env, "stdin": stdin}
+        if runs_file(task):
+            extra["request"] = self.script_request(task, task.payload["file"])
+        if sum(len(name) + len(value) for name, value in env.items()) > FILES_SPAWN_ENV:
+            task.spawned = False        # more than a spawner message holds
+        if self.service is None:
+            return extra
+        task.spill = {}          # streams past the cap are kept in full (see spill_stream)
+        if task.key not in self.checkpoints:
+            # A restored checkpoint is not sent again until it changes.
+            self.checkpoints[task.key] = [time.monotonic() + self.every(),
+                                          getattr(task, "restored", ()), None, None]
+        return extra
+
+    @staticmethod
+    def has_checkpoint(directory):
+        """Whether the task wrote anything there (its walk is left to a thread)."""
+        try:
+            return bool(os.listdir(directory))
+        except OSError:
+            return False
+
+    @staticmethod
+    def script_request(task, script):
+        """`python -I FILE` or `sh FILE` for a script that came as an input."""
+        parts = relative_path(script)
+        path = os.path.join(task.workdir, *parts) if parts else None
+        if path is None or not os.path.isfile(path):
+            raise BadPayload("payload file %r is not one of the task's inputs" % (script,))
+        if task.task_type == "python_exec":
+            return {"argv": [python_executable(), "-I", path]}
+        if ShellTask.shell is None:
+            ShellTask.shell = which("sh") or "/bin/sh"
+        # The shell limits itself first, as for a command (see ShellTask).
+        return {"argv": [ShellTask.shell, "-c", shell_limits(task.limits) + 'exec "$0" "$1"',
+                         ShellTask.shell, path], "self_limiting": True}
+
+    # -- after a task ends
+
+    def upload_first(self, worker, task, status, error, result):
+        """True if the task's files go up before its result (an Uploading
+        takes its place and sends it later)."""
+        if isinstance(task, (Staging, Uploading)) or getattr(task, "files_stored", None) \
+                is not None or not isinstance(task, ProcessTask):
+            return False
+        state = self.checkpoints.pop(task.key, None)
+        workdir = task.workdir or getattr(task, "kept_workdir", None)
+        if workdir is None:
+            return False
+        handed_back = status == OUTCOME_HANDED_BACK      # only its checkpoint matters
+        spilled = {} if handed_back else getattr(task, "spill", None) or {}
+        globs = [] if handed_back else output_globs(task.payload)
+        directory = os.path.join(workdir, CHECKPOINT_DIR)
+        checkpoint = None
+        # Cancelled too: after a take-back (drain --now, a lost lease) the main node
+        # cancels the attempt yet takes its last checkpoint for the next one.
+        if status in (OUTCOME_FAILED, OUTCOME_TIMED_OUT, OUTCOME_HANDED_BACK,
+                      OUTCOME_CANCELLED) and state:
+            # What the next attempt starts from; sent only if it changed (send_checkpoint).
+            if self.has_checkpoint(directory):
+                checkpoint = state
+        if self.service is None and globs:
+            result["stderr"] = ("rc-worker: outputs not uploaded: the main node offers no"
+                                " file service\n" + result.get("stderr", ""))
+        if self.service is None or not (globs or spilled or checkpoint):
+            try:
+                os.rmdir(directory)     # an empty one, so that the directory is reused
+            except OSError:
+                pass
+            if state and state[3]:      # one went up while it ran
+                task.files_stored, task.files_elapsed = [state[3]], task.elapsed()
+            return False
+        worker.sandbox.keep_for_upload(workdir)
+        task.workdir = None           # ours now: removed when the upload ends
+        task.files_elapsed = task.elapsed()
+        job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
+                                                  checkpoint))
+        worker.running[task.key] = Uploading(task, job, (status, error, result))
+        job.start()
+        return True
+
+    def upload(self, job, task, workdir, globs, spilled, checkpoint):
+        try:
+            request = {"task_id": task.key[0], "attempt": task.key[1]}
+            if globs:
+                found, notes = find_outputs(workdir, globs, self.protected(),
+                                            self.cached_inodes())
+                job.notes.extend(notes)
+                for name, path in found:
+                    try:
+                        with open_output(path) as source:
+                            job.stored.append(put_file(job, source, dict(request, name=name)))
+                    except OSError as e:
+                        job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
+                    except FilesError as e:
+                        if e.code == "cancelled":
+                            raise
+                        job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
+            for fd, stream in sorted(spilled.items()):
+                job.stored.append(put_file(job, stream, dict(request, name=STREAM_NAMES[fd])))
+                stream.close()
+            if checkpoint:
+                if checkpoint[2] is not None:
+                    checkpoint[2].wait(FILES_TIMEOUT)     # the periodic one, first
+                self.send_checkpoint(job, task.key, os.path.join(workdir, CHECKPOINT_DIR),
+                                     checkpoint)
+                if checkpoint[3]:
+                    job.stored.append(checkpoint[3])
+        finally:
+            for stream in spilled.values():
+                stream.close()
+            remove_tree(workdir)
+
+    def protected(self):
+        """Files of the worker's state that no output may be, link or not."""
+        found = set()
+        for root, _, files in os.walk(os.path.expanduser(self.options.state_dir)):
+            if os.path.basename(root) in ("cache", "partial", "tmp") and root.startswith(
+                    self.cache.dir):
+                continue
+            for name in files:
+                try:
+                    info = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                found.add((info.st_dev, info.st_ino))
+        return found
+
+    def cached_inodes(self):
+        found = set()
+        for sha in list(self.cache.load()):
+            try:
+                info = os.lstat(self.cache.path(sha))
+            except OSError:
+                continue
+            found.add((info.st_dev, info.st_ino))
+        return found
+
+    def annotate(self, task, data):
+        """The result's "files": what rc-files confirmed as stored."""
+        stored = getattr(task, "files_stored", None)
+        if stored is not None:
+            data["files"] = stored
+            data["result"]["execution_time"] = round(task.files_elapsed, 6)
+        self.cache.unpin(task.key)
+
+    # -- checkpoints while a task runs, and when it is handed back
+
+    def wake_at(self):
+        times = [state[0] for state in self.checkpoints.values()]
+        return min(times) if times and self.service is not None else None
+
+    def on_time(self, worker, now):
+        if self.service is None:
+            return
+        for key, state in list(self.checkpoints.items()):
+            task = worker.running.get(key)
+            if not isinstance(task, ProcessTask) or task.workdir is None:
+                self.checkpoints.pop(key, None)
+                continue
+            if now < state[0] or (state[2] is not None and not state[2].done):
+                continue
+            state[0] = now + self.every()
+            directory = os.path.join(task.workdir, CHECKPOINT_DIR)
+            state[2] = Job(worker, lambda job, key=key, directory=directory, state=state:
+                           self.send_checkpoint(job, key, directory, state)).start()
+
+    def send_checkpoint(self, job, key, directory, state):
+        """Tar the checkpoint directory and put it, if it changed since the last."""
+        signature = checkpoint_signature(directory)
+        if not signature or signature == state[1]:
+            return
+        self.cache.prepare()
+        temporary = os.path.join(self.cache.dir, "tmp", "checkpoint-%d-%d-%s.tar"
+                                 % (key[0], key[1], new_nonce()[:8]))
+        try:
+            size, sha = write_checkpoint(directory, temporary)
+            with open(temporary, "rb") as source:
+                state[3] = put_file(job, source, {"task_id": key[0], "attempt": key[1],
+                                                  "name": CHECKPOINT_NAME})
+            state[1] = signature
+            log("info", "checkpoint_sent", task_id=key[0], attempt=key[1], size=size,
+                sha256=sha)
+            self.cache.add(sha, temporary)      # the next attempt here fetches nothing
+        except FilesError as e:       # stale_attempt: a user's cancel, say; nothing lost
+            log("info" if e.code == "stale_attempt" else "warning", "checkpoint_not_sent",
+                task_id=key[0], attempt=key[1], error=str(e))
+        except OSError as e:      # a file changed while it was read: the next one
+            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(e))
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    def keep_for_hand_back(self, task):
+        """The task dir outlives abandon() when its checkpoint must go up first."""
+        state = self.checkpoints.get(task.key)
+        if self.service is None or state is None or task.workdir is None:
+            return
+        if self.has_checkpoint(os.path.join(task.workdir, CHECKPOINT_DIR)):
+            task.kept_workdir, task.workdir = task.workdir, None
+
+    def on_shutdown(self, worker):
+        """Running tasks' checkpoints go up, within FILES_SHUTDOWN_WAIT."""
+        if self.service is None:
+            return
+        jobs = []
+        for key, state in list(self.checkpoints.items()):
+            task = worker.running.get(key)
+            if isinstance(task, ProcessTask) and task.workdir is not None:
+                directory = os.path.join(task.workdir, CHECKPOINT_DIR)
+                jobs.append(Job(worker, lambda job, key=key, directory=directory, state=state:
+                                self.send_checkpoint(job, key, directory, state)).start())
+        give_up = time.monotonic() + FILES_SHUTDOWN_WAIT
+        for job in jobs:
+            job.wait(max(0.0, give_up - time.monotonic()))
+
+
+def spill_stream(task, fd, buffer, chunk):
+    """A stream past the inline cap goes on, in full, to a file of the task
+    dir, opened once (never by name again: the upload reads this handle)."""
+    spill = getattr(task, "spill", None)
+    if spill is None or task.workdir is None:
+        return
+    index = task.stream_fds.index(fd)
+    stream = spill.get(index)
+    try:
+        if stream is None:
+            path = os.path.join(task.workdir, STREAM_FILES[index])
+            stream = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                                       | getattr(os, "O_NOFOLLOW", 0), 0o600), "w+b", 0)
+            spill[index] = stream
+            stream.write(bytes(buffer))
+        stream.write(chunk)
+    except OSError as e:
+        log("warning", "stream_not_kept", task_id=task.key[0], error=str(e))
+        task.spill = None
+
+
+def remove_tree(path):
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+
+
+###############################################################################
 # The worker: one selectors loop for the connection, the tasks and signals ####
 ###############################################################################
 
@@ -3426,6 +4855,7 @@ class Worker(object):
         self.watchdog = Watchdog()     # started by run(), not by the self-test
         self.spawner = Spawner()       # started with the first task that needs a process
         self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
+        self.files = Files(options)    # files: the cache, rc-files, transfers under way
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
@@ -3501,6 +4931,7 @@ class Worker(object):
                  self.next_policy_check, self.hello_deadline]
         times.extend(task.wake_at() for task in self.running.values())
         times.append(self.queue_deadline())
+        times.append(self.files.wake_at())      # files: checkpoints
         fence_in = self.fence_in()
         if fence_in is not None:
             times.append(now + fence_in)
@@ -3535,6 +4966,7 @@ class Worker(object):
         deadline = self.queue_deadline()
         if deadline is not None and now >= deadline:
             self.hand_back_waiting(now)
+        self.files.on_time(self, now)           # files: checkpoints
 
     # -- tasks waiting for a slot ------------------------------------------------
     # The main node gives a device that finishes tasks quickly a few more than
@@ -3714,6 +5146,7 @@ class Worker(object):
     def shutdown(self):
         log("info", "worker_stopping", signal=self.stop_signal, running=len(self.running),
             unacknowledged=len(self.unacked))
+        self.files.on_shutdown(self)        # files: checkpoints go up first
         for task in list(self.running.values()):
             self.drop(task, "task_abandoned", "the worker is stopping")
         self.running.clear()
@@ -4019,6 +5452,7 @@ class Worker(object):
             return
         if self.auth == "token" and data.get("device_secret") is not None:
             self.keep_secret(data["device_secret"])
+        self.files.on_register(self, data)      # files: where rc-files is
         interval = data.get("heartbeat_interval")
         if is_number(interval) and interval > 0:
             self.heartbeat_interval = float(interval)
@@ -4051,6 +5485,7 @@ class Worker(object):
             return
         secret = unseal(self.options.token, self.nonces[0], self.nonces[1], self.device_id,
                         sealed)
+        self.files.secret = secret      # files: rc-files takes this device's own proof
         try:
             path = self.identity.keep(self.cluster_id, secret)
         except OSError as e:
@@ -4283,13 +5718,17 @@ class Worker(object):
         log(self.task_log_level(task), "task_started", task_id=key[0], attempt=key[1],
             device_id=self.device_id, task_type=task.task_type)
         try:
-            task.start(self)
+            if not self.files.stage(self, task):   # files: inputs first (see Staging)
+                task.start(self)
         except BadPayload as e:
             self.finish(task, OUTCOME_FAILED, error=str(e))
 
     def finish(self, task, status, error=None, **result):
+        if self.files.upload_first(self, task, status, error, result):   # files: see Uploading
+            return
         self.running.pop(task.key, None)
         data = result_data(task.key, status, error, execution_time=task.elapsed(), **result)
+        self.files.annotate(task, data)     # files: what rc-files stored
         self.report(fit_result(data, self.device_id))
         log(self.task_log_level(task, status), "task_finished", task_id=task.key[0],
             attempt=task.key[1], device_id=self.device_id, task_type=task.task_type,
@@ -4318,7 +5757,8 @@ class Worker(object):
                               "status": "busy" if busy else "idle",
                               "active_tasks": self.active_tasks(),
                               "fenced_tasks": self.tell_fenced(),
-                              "availability": self.availability.report()})
+                              "availability": self.availability.report(),
+                              **self.files.heartbeat()})     # files: cached_files
 
     def profile(self):
         """What register says about this device (and system_info reports)."""
@@ -4357,6 +5797,7 @@ class Worker(object):
         queues it again, uncharged, for another device."""
         self.queued.pop(task.key, None)
         if task.key in self.running:
+            self.files.keep_for_hand_back(task)     # files: its checkpoint goes up first
             task.abandon(self)
         self.finish(task, OUTCOME_HANDED_BACK,
                     error=why or self.availability.reason or "unavailable")
@@ -4383,6 +5824,7 @@ def self_test(worker):
     found["limits"] = {"max_memory_mb": worker.options.max_memory or None,
                        "max_file_size_mb": worker.options.max_file_size or None,
                        "open_files": TASK_OPEN_FILES}
+    found["cache"] = worker.files.report()      # files
     print(pretty.dumps(found, indent=2, sort_keys=True))
     worker.sandbox.prepare(worker)
     print_sandbox(worker.sandbox)
@@ -4433,6 +5875,7 @@ def print_sandbox(sandbox):
 # What `reload` (a control message) may change in a running worker; the
 # profile ones are sent by registering again.
 RELOADABLE = ("task_types", "tags", "role", "slots", "max_memory", "max_file_size",
+              "checkpoint_every",
               "output_cap", "only_when_charging", "min_battery", "resume_battery",
               "max_temperature", "idle_minutes", "quiet_hours", "on_unavailable",
               "policy_interval", "log_level", "log_tasks")
@@ -4617,6 +6060,13 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--output-cap", type=positive(int), default=OUTPUT_CAP,
                         metavar="BYTES", help="bytes kept of a task's stdout and of its"
                         " stderr (default: %(default)d)")
+    files = parser.add_argument_group("files (input cache and checkpoints)")
+    files.add_argument("--cache-mb", type=not_negative(int), default=CACHE_MB, metavar="MB",
+                       help="MiB of task input files kept in the state dir, least recently"
+                       " used out first (default: %(default)d)")
+    files.add_argument("--checkpoint-every", type=positive(float), default=CHECKPOINT_EVERY,
+                       metavar="SECONDS", help="how often a running task's $RC_CHECKPOINT_DIR"
+                       " is sent to the main node when it changed (default: %(default)g)")
     limits = parser.add_argument_group("limits on each task")
     limits.add_argument("--max-memory", type=not_negative(int), default=default_max_memory(),
                         metavar="MB", help="MiB of address space (0: no limit;"

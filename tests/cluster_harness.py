@@ -45,7 +45,8 @@ class Cluster:
         with open(settings_path, "w", opener=private) as f:
             json.dump(dict(TEST_SETTINGS if base is None else base, **settings), f)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
-                        RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()))
+                        RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()),
+                        RC_FILES_PORT=str(free_port()))
         self.config = config_module.load(environ=self.env)
         self.workers = {}
 

@@ -13,7 +13,7 @@ import stat
 from cluster_harness import wait_for
 from rc import tasks
 
-PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web")
+PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
 
 
 def program_pids(cluster):

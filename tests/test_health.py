@@ -51,7 +51,7 @@ def healthy(cluster):
 def test_ok_when_all_is_well(cluster):
     wait_for(lambda: online(cluster), 30, "the local worker")
     line = wait_for(lambda: healthy(cluster), 30, "rc health to say OK")
-    assert line.startswith("RC OK - 5 programs running, database writable, integrity ok")
+    assert line.startswith("RC OK - 6 programs running, database writable, integrity ok")
     assert "devices 1/1 online" in line and "| " in line
     status, body = http_health(cluster)
     assert (status, body["status"], body["code"]) == (200, "ok", 0)

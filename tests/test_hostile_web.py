@@ -5,6 +5,7 @@ before and after complete.
 
 The attacker's address is 127.0.0.2 (Linux routes all of 127/8 to the
 loopback device); the good client is 127.0.0.1."""
+import hashlib
 import http.client
 import json
 import os
@@ -212,6 +213,51 @@ def test_a_body_shorter_than_its_length_or_dripping_is_cut_off(cluster):
         waited = closed_by_server(short, READ_TIMEOUT * 4)
         assert waited is not None
         short.close()
+        drip.close()
+        the_basics_answer(cluster)
+
+
+def upload_socket(cluster, length, token, source=ATTACKER):
+    """A socket that has sent the headers of POST /api/v1/files."""
+    sock = attacker_socket(cluster, source)
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"POST /api/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n%s"
+                 b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+                 % (auth, length))
+    return sock
+
+
+def test_an_upload_may_outlast_the_read_timeout_while_it_keeps_coming(cluster):
+    """POST /api/v1/files with the admin token: past the 4 MiB body limit and
+    past web_read_timeout at a steady rate; a stranger's large body is
+    refused on its headers, and an upload that drips is still cut off."""
+    body = os.urandom(6 * 1024 * 1024)
+    with unharmed(cluster, "good"):
+        steady = upload_socket(cluster, len(body), cluster.admin_token, source="127.0.0.1")
+        started, step = time.monotonic(), 64 * 1024
+        for offset in range(0, len(body), step):      # ~1.3 MiB/s, for ~5 s
+            steady.sendall(body[offset:offset + step])
+            time.sleep(0.05)
+        assert time.monotonic() - started > READ_TIMEOUT * 2
+        steady.settimeout(30)
+        answer = steady.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+        assert hashlib.sha256(body).hexdigest().encode() in answer
+        steady.close()
+        stranger = upload_socket(cluster, len(body), None)
+        stranger.settimeout(10)
+        assert stranger.recv(65536).startswith(b"HTTP/1.1 413")
+        stranger.close()
+        drip = upload_socket(cluster, len(body), cluster.admin_token)
+        started, closed = time.monotonic(), None
+        while closed is None and time.monotonic() - started < READ_TIMEOUT * 4:
+            try:
+                drip.sendall(b"x" * 1024)       # 2 KiB/s: far under the minimum rate
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            closed = closed_by_server(drip, 0.5)
+        assert closed is not None and closed < READ_TIMEOUT * 4
         drip.close()
         the_basics_answer(cluster)
 

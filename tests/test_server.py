@@ -459,3 +459,24 @@ def test_broadcast_reaches_the_devices_it_names_and_acks_are_kept(server):
     laptop.send("heartbeat", {"active_tasks": []})
     assert laptop.receive()["message_type"] == "heartbeat_ack"   # and no control before it
     connection.close()
+
+
+def test_the_files_port_is_told_and_cached_files_are_stored_checked(server):
+    """Issue 18: register_ack names rc-files' port; a heartbeat's cached_files
+    is kept for the scheduler, valid hashes only, bounded."""
+    instance, port = server
+    client = Client(port)
+    ack = client.register(token_of(instance))
+    assert ack["data"]["files_port"] == instance.config.files_port
+    good = "ab" * 32
+    client.send("heartbeat", {"active_tasks": [],
+                              "cached_files": [good, "../../etc", 7, good.upper()] * 400})
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    stored = instance.database.execute(
+        "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0]
+    assert json.loads(stored) == [good] * 250      # the first 1,000 entries, checked
+    time.sleep(instance.config.min_heartbeat_interval + 0.1)   # folded otherwise
+    client.send("heartbeat", {"active_tasks": [], "cached_files": "not a list"})
+    assert client.receive()["message_type"] == "heartbeat_ack"
+    assert instance.database.execute(
+        "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0] == "[]"

@@ -21,7 +21,7 @@ import orjson
 from rc import backup as rc_backup
 from rc import config as rc_config
 from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet, health
-from rc import housekeeping, render, state_dir, stats, tasks, tls
+from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -49,6 +49,7 @@ TASK_COLUMNS = ["ID", "TYPE", "STATE", "PRIORITY", "ATTEMPT", "DEVICE", "AGE", "
 EVENT_COLUMNS = ["TIME", "STATE", "ATTEMPT", "DEVICE", "REASON"]
 GROUP_COLUMNS = ["DEVICE", "TASK", "STATE", "OUTPUT", "ERROR"]
 ACK_COLUMNS = ["DEVICE", "TIME", "OK", "DETAIL"]
+FILE_COLUMNS = ["NAME", "KIND", "SIZE", "ATTEMPT", "SHA256"]
 
 STATE_COLOURS = {ONLINE: "green", OFFLINE: "red", QUEUED: "yellow", ASSIGNED: "blue",
                  RUNNING: "cyan", COMPLETED: "green", FAILED: "red", TIMED_OUT: "red",
@@ -62,7 +63,12 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "local-worker": "it would start a worker inside rc-web",
                "monitor": "the web terminal has its own `monitor`; `monitor --once` works",
                "backup": "it writes a file on the main node; run it there",
-               "restore": "it replaces the database; run it on the main node"}
+               "restore": "it replaces the database; run it on the main node",
+               "wait": "it holds the request open; use GET /api/v1/tasks/ID/result",
+               "get": "it writes files on the main node; use"
+                      " GET /api/v1/tasks/ID/files/NAME"}
+# submit options that read files on the main node: not from the web terminal.
+WEB_REFUSED_SUBMIT_OPTIONS = ("input", "stdin", "file")
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
                       "label", "role", "slots", "revoke", "broadcast"}
@@ -410,7 +416,7 @@ def cmd_submit(arguments, context):
     if arguments.include_new:
         raise UsageError("--include-new goes with --each")
     try:
-        payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
+        payload = submitted_payload(arguments, context)
         requirements = tasks.parse_requirements(arguments.require)
         task_id = tasks.submit(context.connection, context.config, arguments.task_type,
                                payload, arguments.priority, arguments.timeout,
@@ -430,13 +436,65 @@ def cmd_submit(arguments, context):
                                             arguments.wait_timeout))
 
 
+def submitted_payload(arguments, context):
+    """The payload of `rc submit`: the argument, and the files, script,
+    environment and outputs its options name (stored in the file store
+    once all of them have been checked)."""
+    if files_cli.looks_like_a_script_path(arguments.task_type, arguments.argument):
+        raise UsageError("%r is a file here, and the task would run on another device;"
+                         " did you mean --file %s?" % (arguments.argument,
+                                                      shlex.quote(arguments.argument)))
+    try:
+        if arguments.file and not arguments.argument:
+            payload = {}
+            tasks.check_type(arguments.task_type)
+        else:
+            payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
+        payload.update(files_cli.file_payload(context.connection, context.config,
+                                              arguments.task_type, arguments.argument,
+                                              arguments))
+    except files_cli.FileOptionError as e:
+        raise UsageError(str(e))
+    return payload
+
+
+def cmd_wait(arguments, context):
+    """Wait for a task submitted earlier; as `submit --wait` from there on."""
+    return report_outcome(context, wait_for(context.connection, arguments.task_id,
+                                            arguments.timeout))
+
+
+def cmd_files(arguments, context):
+    """The files a task reads and left."""
+    tasks.get(context.connection, arguments.task_id)        # "no task N" when there is none
+    rows = files_cli.listed(context.connection, arguments.task_id)
+    records = files.task_files(context.connection, arguments.task_id)
+    write_rows(context, arguments, rows, FILE_COLUMNS, records)
+
+
+def cmd_get(arguments, context):
+    """Write a task's output files (or those named) under -o DIR."""
+    tasks.get(context.connection, arguments.task_id)
+    try:
+        chosen = files_cli.wanted(context.connection, arguments.task_id, arguments.names)
+        if not chosen:
+            raise CommandError("task %d has no output files (yet); `rc files %d` lists what"
+                               " it has" % (arguments.task_id, arguments.task_id))
+        for entry in chosen:
+            path = files_cli.write_out(context.connection, context.config, entry,
+                                       arguments.output_dir)
+            context.out.write("%s\n" % path)
+    except (files_cli.FileOptionError, files.FileStoreError) as e:
+        raise CommandError(str(e))
+
+
 def submit_each(arguments, context):
     """One task on every matching online device, as a group; prints the
     group id, or with --wait the group once every task has ended."""
     if arguments.key:
         raise UsageError("--key does not go with --each (each device gets its own task)")
     try:
-        payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
+        payload = submitted_payload(arguments, context)
         requirements = tasks.parse_requirements(arguments.require)
         options = each_options(arguments)
     except tasks.TaskError as e:
@@ -1120,6 +1178,19 @@ def build_parser(out):
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
+    sub = command("wait", cmd_wait, "wait until a task ends; print its output, exit 1"
+                  " unless it completed (as submit --wait)")
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS")
+    sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
+                  " long stdout/stderr, checkpoint)", [formats])
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
+    sub = command("get", cmd_get, "write a task's output files (or those named) into a"
+                  " directory; prints each path")
+    sub.add_argument("task_id", type=whole_number, metavar="ID")
+    sub.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
+                     help="where to write them (default: here)")
     sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
                   [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
@@ -1217,6 +1288,16 @@ def add_submit_arguments(sub):
     sub.add_argument("--wait", action="store_true",
                      help="wait until it ends and print its output (--each: the group)")
     sub.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+    sub.add_argument("--input", action="append", metavar="PATH",
+                     help="a file, or a directory as a tree (dir/: its contents), placed in"
+                     " the task's directory before it starts; repeatable")
+    sub.add_argument("--stdin", metavar="FILE|-", help="the task's standard input")
+    sub.add_argument("--file", metavar="SCRIPT",
+                     help="python_exec/shell: run this script file instead of inline code")
+    sub.add_argument("--env", action="append", metavar="KEY=VALUE",
+                     help="an environment variable for the task; repeatable")
+    sub.add_argument("--output", action="append", metavar="GLOB",
+                     help="files the task leaves to bring back (rc get); repeatable")
 
 
 # -- entry points -------------------------------------------------------------------
@@ -1278,6 +1359,10 @@ def web_access(argv):
     if name == "logs" and arguments.follow:
         raise CommandError("`logs -f` does not run in the web terminal; try `monitor`,"
                            " or /stream/logs")
+    if name == "submit" and any(getattr(arguments, option) for option in
+                                WEB_REFUSED_SUBMIT_OPTIONS):
+        raise CommandError("--input, --stdin and --file read files on the main node and do"
+                           " not run in the web terminal; upload with POST /api/v1/files")
     if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
                                                 arguments.wait_timeout > WEB_WAIT_LIMIT):
         argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])
@@ -1309,6 +1394,7 @@ def completion_words(web=True):
                        "--level": list(LEVELS)},
             "positional": {"device": "device", "task": "task", "why": "task",
                            "cancel": "task", "submit": list(TASK_TYPES),
+                           "files": "task",
                            "drain": "device", "resume": "device", "forget": "device",
                            "revoke": "device", "label": "device", "role": "device",
                            "slots": "device",

@@ -1,7 +1,7 @@
 """Settings: defaults, overridden by etc/rc.json, overridden by environment.
 
 RC_CONFIG names another config file, RC_HOME the state directory (var/ in the
-checkout by default), RC_TCP_PORT and RC_WEB_PORT the two ports, so that two
+checkout by default), RC_TCP_PORT, RC_WEB_PORT and RC_FILES_PORT the three ports, so that two
 clusters can run side by side on one box.
 """
 import json
@@ -43,7 +43,8 @@ def load(path=None, environ=None):
     path = path or environ.get("RC_CONFIG") or DEFAULT_CONFIG_PATH
     settings = dict(DEFAULTS)
     settings.update(read_file(path))
-    for key, variable in (("tcp_port", "RC_TCP_PORT"), ("web_port", "RC_WEB_PORT")):
+    for key, variable in (("tcp_port", "RC_TCP_PORT"), ("web_port", "RC_WEB_PORT"),
+                          ("files_port", "RC_FILES_PORT")):
         if environ.get(variable):
             settings[key] = check(key, parse_int(variable, environ[variable]))
     check_together(settings, path)

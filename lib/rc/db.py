@@ -266,6 +266,35 @@ MIGRATIONS = [
     """
     ALTER TABLE devices ADD COLUMN suspect_since REAL;
     """,
+    # 8: the file store (lib/rc/files.py): blobs by SHA-256 under var/files,
+    # what each task reads and leaves, and what each device holds in its
+    # cache, so the scheduler can send a task where its inputs already are.
+    # (IF NOT EXISTS: a test that takes a database back to an older schema
+    # drops columns and triggers, not tables.)
+    """
+    CREATE TABLE IF NOT EXISTS files (
+        sha256        TEXT PRIMARY KEY,    -- 64 lower-case hex digits; the blob's name
+        size          INTEGER NOT NULL,    -- bytes
+        created_at    REAL NOT NULL,
+        last_used_at  REAL NOT NULL        -- stored, or named by a submit
+    ) WITHOUT ROWID;
+    -- No foreign key to tasks: pruning a task leaves its rows to the file
+    -- store's own sweep, which drops rows whose task is gone.
+    CREATE TABLE IF NOT EXISTS task_files (
+        task_id     INTEGER NOT NULL,
+        attempt     INTEGER NOT NULL,      -- 0 for inputs: every attempt reads them
+        kind        TEXT NOT NULL,         -- input, output, stream or checkpoint
+        name        TEXT NOT NULL,         -- path in the task directory, or .rc/...
+        sha256      TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (task_id, kind, name, attempt)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS task_files_by_sha256 ON task_files(sha256);
+    -- The retention sweep looks only at files unused for a while.
+    CREATE INDEX IF NOT EXISTS files_by_last_use ON files(last_used_at);
+    ALTER TABLE devices ADD COLUMN cached_files TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -57,6 +57,13 @@ SUSPECT_AFTER = 10.0            # seconds a device has to answer a ping, or say 
 DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before
                                 # its tasks go elsewhere
 
+# -- files (lib/rc/files.py, rc-files) ----------------------------------------
+FILES_PORT = 8081               # port of rc-files, which moves task files to and from
+                                # workers (env RC_FILES_PORT wins)
+FILES_QUOTA_MB = 10240          # MiB the file store may hold in all; an upload past it
+                                # is refused before any byte is stored
+FILES_RETENTION_DAYS = 30.0     # days a file is kept after the last task using it ended
+
 # -- tasks -------------------------------------------------------------------
 TASK_TIMEOUT = 300.0            # seconds a task may run when it names no timeout
 TASK_RETRIES = 3                # re-runs after a system failure when the task names none

@@ -115,6 +115,25 @@ def set_availability(connection, device_id, availability):
                        (available, reason, device_id, available, reason))
 
 
+MAX_CACHED_FILES = 1000       # hashes of a device's file cache kept (most recent first)
+
+
+def cached_files_text(value):
+    """A heartbeat's "cached_files" as stored: a JSON list of valid SHA-256
+    hex digests, at most MAX_CACHED_FILES; anything else is an empty list."""
+    if not isinstance(value, list):
+        return "[]"
+    return db.dumps([sha for sha in value[:MAX_CACHED_FILES]
+                     if isinstance(sha, str) and len(sha) == 64
+                     and not sha.strip("0123456789abcdef")])
+
+
+def set_cached_files(connection, device_id, text):
+    """What the device's file cache holds, written only when it changed."""
+    connection.execute("UPDATE devices SET cached_files = ? WHERE device_id = ?"
+                       " AND cached_files IS NOT ?", (text, device_id, text))
+
+
 def disconnected(connection, device_id, now):
     # Suspect describes a connection; the next one starts with a clean slate.
     connection.execute(

@@ -6,7 +6,7 @@ slots, and the tasks ahead in the queue (like HTCondor's
 `condor_q -better-analyze`)."""
 import time
 
-from rc import db, devices, tasks
+from rc import db, devices, files, tasks
 from rc.render import age
 from rc.states import ASSIGNED, INSTANT_TASK_TYPES, ONLINE, RUNNING, TERMINAL_STATES
 
@@ -24,8 +24,9 @@ def why(connection, task_id, now=None):
             return ("Task %d is assigned to %s, which is suspect (it answered nothing);"
                     " it goes back to the queue at once, uncharged."
                     % (task_id, task["device_id"]))
-        return ("Task %d is assigned to %s and waits for it to start (lease until %s)."
-                % (task_id, task["device_id"], clock(task["lease_expires"])))
+        return ("Task %d is assigned to %s and waits for it to start (lease until %s).%s"
+                % (task_id, task["device_id"], clock(task["lease_expires"]),
+                   cache_note(connection, task_id, [task["device_id"]])))
     if task["state"] == RUNNING:
         progress = "" if task["progress"] is None else ", %g%% done" % task["progress"]
         return "Task %d is running on %s since %s ago (attempt %d%s)." % (
@@ -79,9 +80,35 @@ def why_queued(connection, task, now):
                 % (count_of(fitting, "device"), "" if len(fitting) > 1 else "s", names,
                    count_of(range(ahead), "task")))
     return ("%s with free slots fit%s (%s); it should be assigned in a moment"
-            " (%s ahead of it)." % (count_of(free, "device"), "" if len(free) > 1 else "s",
-                                     ", ".join(d["device_id"] for d in free[:5]),
-                                     count_of(range(ahead), "task")))
+            " (%s ahead of it).%s" % (count_of(free, "device"), "" if len(free) > 1 else "s",
+                                       ", ".join(d["device_id"] for d in free[:5]),
+                                       count_of(range(ahead), "task"),
+                                       cache_note(connection, task["task_id"],
+                                                  [d["device_id"] for d in free])))
+
+
+def cache_note(connection, task_id, device_ids):
+    """For a task with input files: which of these devices already hold
+    them in their cache (the scheduler prefers those), in one sentence."""
+    inputs = files.input_hashes(connection, task_id)
+    if not inputs:
+        return ""
+    total = sum(inputs.values())
+    holding = []
+    for device_id in device_ids:
+        row = connection.execute("SELECT cached_files FROM devices WHERE device_id = ?",
+                                 (device_id,)).fetchone()
+        try:
+            cached = set(db.loads(row[0], [])) if row else set()
+        except (ValueError, TypeError):
+            cached = set()
+        held = sum(size for sha256, size in inputs.items() if sha256 in cached)
+        if held:
+            holding.append("%s holds %d of its %d input bytes" % (device_id, held, total))
+    if not holding:
+        return " No device that fits holds its inputs in its cache yet (%d bytes to send)." \
+            % total
+    return " Devices holding its inputs are preferred: %s." % "; ".join(holding[:5])
 
 
 def unavailable_reason(device, now):

@@ -1,13 +1,14 @@
 """Housekeeping the reaper does once a minute: finished tasks past
 `task_retention` are deleted with their events, leftover temporary files are
-removed, rc-cli.log is rotated, and the write-ahead log is truncated when it
+removed, stored files past `files_retention_days` are deleted
+(lib/rc/files.py), rc-cli.log is rotated, and the write-ahead log is truncated when it
 has grown past `wal_checkpoint_bytes` (the dashboard's readers keep SQLite
 from recycling it on its own under steady load).
 """
 import glob
 import os
 
-from rc import alerts, db, stats
+from rc import alerts, db, files, stats
 from rc.log import shift_backups
 from rc.states import TERMINAL_STATES
 
@@ -22,9 +23,11 @@ def sweep(connection, config, log, now):
     """Everything below, once; returns what it did (for the log and tests)."""
     done = {"tasks_pruned": prune_tasks(connection, config.task_retention, now),
             "temp_files_removed": clean_temp(config.home, config.temp_file_age, now),
-            "cli_log_rotated": rotate_cli_log(config.log_dir)}
+            "cli_log_rotated": rotate_cli_log(config.log_dir),
+            "files_removed": files.sweep(connection, config, now)}
     done.update(checkpoint(connection, config.wal_checkpoint_bytes))
-    if done["tasks_pruned"] or done["temp_files_removed"] or done["wal_checkpointed"]:
+    if done["tasks_pruned"] or done["temp_files_removed"] or done["wal_checkpointed"] \
+            or done["files_removed"]:
         log.info("housekeeping", **done)
     return done
 

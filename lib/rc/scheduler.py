@@ -10,6 +10,11 @@ that frees then starts its next task at once instead of waiting a round trip
 through rc-server and here. Tasks that run longer never wait behind each
 other that way (see Turnover).
 
+A task with input files goes, among the fitting devices with an idle slot,
+to the one whose file cache (reported in heartbeats) holds the most of its
+input bytes: the same 200 MB model is not sent to a second device when the
+first has a slot free.
+
 A row it cannot make sense of (a requirement or a device's list that is
 not valid JSON, a claim beyond what the operator allows) costs that row
 only: the task or device is passed over and logged (rate-limited), and a
@@ -19,7 +24,7 @@ on it.
 import heapq
 import time
 
-from rc import bell, db, program, tasks, throttle
+from rc import bell, db, files, program, tasks, throttle
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED, TASK_TYPES
 
 BATCH = 2000          # queued tasks looked at per pass
@@ -31,6 +36,9 @@ PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is 
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
                     " AND p.state != 'completed')")
+# SQL: the task has input files (then the device holding them is preferred).
+HAS_INPUTS = ("EXISTS (SELECT 1 FROM task_files f WHERE f.task_id = tasks.task_id"
+              " AND f.kind = 'input')")
 EARLIEST_QUEUED = "SELECT min(not_before) FROM tasks WHERE %s" % db.QUEUED_SQL
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
@@ -47,6 +55,7 @@ DEVICE_QUERY = (
     " cpu_cores, memory_gb,"
     " platform, architecture,"
     " coalesce(role_override, role) AS role, capabilities, tags, task_types, labels,"
+    " cached_files,"
     " coalesce(CASE WHEN json_valid(metrics) THEN json_extract(metrics, '$.cpu_percent') END,"
     " 50.0) AS cpu_busy,"
     " coalesce(CASE WHEN json_valid(profile)"
@@ -187,6 +196,22 @@ class Slots:
                 heapq.heappush(heap, entry)
         return best
 
+    def best_holding(self, task_type, requirements, inputs):
+        """best_for() for a task with input files: among the fitting devices
+        with an idle slot (or, failing that, any room), the one whose cache
+        holds the most of its input bytes, so it fetches the least. A scan
+        of the devices, for these tasks only."""
+        room = room_for(task_type)
+        best, best_rank = None, None
+        for device in self.devices:
+            if device[room] <= 0 or task_type not in device["task_types"] \
+                    or (requirements and tasks.unmet_requirements(requirements, device)):
+                continue
+            rank = (device["idle"] > 0, held_bytes(device, inputs), preference(device, room))
+            if best_rank is None or rank > best_rank:
+                best, best_rank = device, rank
+        return best
+
     def heap(self, room, task_type):
         heap = self.heaps.get((room, task_type))
         if heap is None:
@@ -195,6 +220,17 @@ class Slots:
             heapq.heapify(heap)
             self.heaps[(room, task_type)] = heap
         return heap
+
+
+def held_bytes(device, inputs):
+    """Bytes of these inputs ({sha256: size}) the device's cache holds."""
+    if "cached" not in device:
+        try:
+            cached = db.loads(device["cached_files"], [])
+            device["cached"] = frozenset(cached) if isinstance(cached, list) else frozenset()
+        except (ValueError, TypeError):
+            device["cached"] = frozenset()
+    return sum(size for sha256, size in inputs.items() if sha256 in device["cached"])
 
 
 def room_for(task_type):
@@ -279,17 +315,22 @@ def walk_queue(connection, slots, now, deadline, chosen, log_limited):
     # Read lazily: with thousands queued and a few free slots, a pass
     # should touch a few rows, not the whole queue.
     queued = connection.execute(
-        "SELECT task_id, attempt, task_type, requirements FROM tasks INDEXED BY tasks_queue"
+        "SELECT task_id, attempt, task_type, requirements, %s AS has_inputs"
+        " FROM tasks INDEXED BY tasks_queue"
         " WHERE %s AND not_before <= ? AND %s AND %s"
         " ORDER BY priority DESC, task_id LIMIT ?"
-        % (db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
+        % (HAS_INPUTS, db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
     seen = 0
     for task in queued:
         seen += 1
         if time.monotonic() > deadline:
             return CUT_SHORT      # assign what we have; the next pass goes on
         try:
-            device = slots.best_for(task["task_type"], requirements_of(task))
+            if task["has_inputs"]:
+                device = slots.best_holding(task["task_type"], requirements_of(task),
+                                            files.input_hashes(connection, task["task_id"]))
+            else:
+                device = slots.best_for(task["task_type"], requirements_of(task))
         except (ValueError, TypeError, AttributeError, KeyError) as e:
             log_limited("error", "task_unreadable", task["task_id"], task_id=task["task_id"],
                         error=repr(e)[:300])

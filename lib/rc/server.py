@@ -707,8 +707,12 @@ class Server:
         availability = field(data, "availability", dict, required=False)
         active = active_tasks(data)
         fenced = active_tasks(data, "fenced_tasks")
+        # What the worker's file cache holds, for data-aware scheduling (issue 18).
+        cached = devices.cached_files_text(data["cached_files"]) if "cached_files" in data \
+            else None
         self.batch.append((Server.apply_heartbeat, peer,
-                           (metrics, availability, active, fenced, self.heartbeat_due(peer))))
+                           (metrics, availability, active, fenced, self.heartbeat_due(peer),
+                            cached)))
 
     def heartbeat_due(self, peer):
         """Whether this heartbeat is written (metrics, history, leases): at
@@ -841,7 +845,7 @@ class Server:
                          self.config.max_device_slots)
         if is_new:
             fleet.tasks_for_new_device(self.database, self.config, peer.device_id)
-        ack = dict(fence_settings(self.config),
+        ack = dict(fence_settings(self.config), files_port=self.config.files_port,
                    proof=protocol.server_proof(key, peer.nonce, worker_nonce, peer.device_id))
         first_join = key == self.join_token.value()
         if first_join:
@@ -874,8 +878,10 @@ class Server:
                           device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
-        metrics, availability, active, fenced, due = data
+        metrics, availability, active, fenced, due, cached = data
         if due:
+            if cached is not None:     # like metrics: at most once per min_heartbeat_interval
+                devices.set_cached_files(self.database, peer.device_id, cached)
             devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
             tasks.renew_leases(self.database, peer.device_id, active,
                                now + self.config.lease_duration)

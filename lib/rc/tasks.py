@@ -7,9 +7,10 @@ terminal state at all (see db.py).
 """
 import math
 import random
+import re
 import time
 
-from rc import bell, bounded, db
+from rc import bell, bounded, db, files
 from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
                        TERMINAL_STATES)
@@ -59,9 +60,24 @@ def check_type(task_type):
 
 
 def check_payload(task_type, payload):
+    """The payload as it is stored: its main field checked, and the file
+    fields (inputs, stdin, env, outputs, file) when it has them."""
     check_type(task_type)
     if not isinstance(payload, dict):
         raise TaskError("payload must be an object")
+    extra = check_file_fields(task_type, payload)
+    if "file" in extra and PAYLOAD_FIELD[task_type] not in payload:
+        return extra          # the script is an input file, not inline text
+    checked = check_main_field(task_type, payload)
+    checked.update(extra)
+    if extra and len(db.dumps(checked)) > MAX_PAYLOAD_BYTES:
+        raise TaskError("the payload is %d bytes encoded, over %d; send fewer inputs"
+                        " (pack many small files into one archive)"
+                        % (len(db.dumps(checked)), MAX_PAYLOAD_BYTES))
+    return checked
+
+
+def check_main_field(task_type, payload):
     name = PAYLOAD_FIELD[task_type]
     if name is None:
         return {}
@@ -79,6 +95,131 @@ def check_payload(task_type, payload):
     elif "\x00" in value:
         raise TaskError("%s %s must not contain NUL" % (task_type, name))
     return {name: value}
+
+
+# -- files a task reads and leaves (issue 18; the store is lib/rc/files.py) ------
+
+MAX_INPUTS = 10000             # files placed in one task's directory
+MAX_OUTPUTS = 256              # output globs of one task
+MAX_ENV = 256                  # environment variables of one task
+MAX_ENV_VALUE = 32 * 1024      # bytes of one variable's value
+# A task_assign frame must stay under the 1 MiB frame limit with room to spare.
+MAX_PAYLOAD_BYTES = 768 * 1024
+ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+FILE_TASK_TYPES = ("python_exec", "shell")      # may run a script from an input file
+FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file")
+
+
+def check_file_fields(task_type, payload):
+    """The payload's file fields, each checked; TaskError names the bad value."""
+    checked = {}
+    if "inputs" in payload:
+        checked["inputs"] = check_inputs(payload["inputs"])
+    if "stdin" in payload:
+        checked["stdin"] = check_blob_reference("stdin", payload["stdin"])
+    if "env" in payload:
+        checked["env"] = check_env(payload["env"])
+    if "outputs" in payload:
+        checked["outputs"] = check_outputs(payload["outputs"])
+    if "file" in payload:
+        checked["file"] = check_script_file(task_type, payload["file"],
+                                            checked.get("inputs", []))
+    return checked
+
+
+def check_blob_reference(what, value):
+    if not isinstance(value, dict):
+        raise TaskError("%s must be an object with sha256 and size" % what)
+    sha256, size = value.get("sha256"), value.get("size")
+    if not files.is_sha256(sha256):
+        raise TaskError("%s sha256 must be 64 lower-case hex digits, not %r"
+                        % (what, str(sha256)[:80]))
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2 ** 62:
+        raise TaskError("%s size must be a whole number of bytes, not %r"
+                        % (what, str(size)[:80]))
+    return {"sha256": sha256, "size": size}
+
+
+def check_inputs(inputs):
+    if not isinstance(inputs, list):
+        raise TaskError("inputs must be a list of {path, sha256, size, mode}")
+    if len(inputs) > MAX_INPUTS:
+        raise TaskError("a task takes at most %d inputs, not %d" % (MAX_INPUTS, len(inputs)))
+    checked, seen = [], set()
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise TaskError("each input must be an object with path, sha256, size, mode")
+        path = item.get("path")
+        problem = files.path_problem(path)
+        if problem:
+            raise TaskError("input path %r %s" % (str(path)[:200], problem))
+        if path in seen:
+            raise TaskError("input path %r is given twice" % path)
+        seen.add(path)
+        entry = dict(check_blob_reference("input %s" % path, item), path=path)
+        mode = item.get("mode", 0o644)
+        if mode not in (0o644, 0o755) or isinstance(mode, bool):
+            raise TaskError("input %s mode must be 420 (0o644) or 493 (0o755), not %r"
+                            % (path, mode))
+        entry["mode"] = mode
+        checked.append(entry)
+    prefixes = {"/".join(p.split("/")[:n]) for p in seen for n in range(1, p.count("/") + 1)}
+    clash = sorted(seen & prefixes)
+    if clash:
+        raise TaskError("input %r is both a file and a directory" % clash[0])
+    return checked
+
+
+def check_env(env):
+    if not isinstance(env, dict):
+        raise TaskError("env must be an object of NAME: value")
+    if len(env) > MAX_ENV:
+        raise TaskError("env holds at most %d variables, not %d" % (MAX_ENV, len(env)))
+    for name, value in env.items():
+        if not ENV_NAME.match(name):
+            raise TaskError("env name %r must match [A-Za-z_][A-Za-z0-9_]* (at most 128)"
+                            % name[:200])
+        if name.upper().startswith("RC_"):
+            raise TaskError("env name %r: names starting with RC_ are the worker's own" % name)
+        if not isinstance(value, str):
+            raise TaskError("env %s must be text, not %r" % (name, str(value)[:80]))
+        if "\x00" in value:
+            raise TaskError("env %s must not contain NUL" % name)
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE:
+            raise TaskError("env %s is over %d bytes" % (name, MAX_ENV_VALUE))
+    return dict(env)
+
+
+def check_outputs(outputs):
+    if not isinstance(outputs, list) or not all(isinstance(glob, str) for glob in outputs):
+        raise TaskError("outputs must be a list of glob patterns")
+    if len(outputs) > MAX_OUTPUTS:
+        raise TaskError("a task names at most %d output globs" % MAX_OUTPUTS)
+    for glob in outputs:
+        problem = files.path_problem(glob)
+        if problem:
+            raise TaskError("output glob %r %s" % (glob[:200], problem))
+    return list(outputs)
+
+
+def check_script_file(task_type, path, inputs):
+    if task_type not in FILE_TASK_TYPES:
+        raise TaskError("file goes with %s tasks, not %s" % (" or ".join(FILE_TASK_TYPES),
+                                                              task_type))
+    if path not in {item["path"] for item in inputs}:
+        raise TaskError("file %r must be one of the task's inputs" % (str(path)[:200],))
+    return path
+
+
+def parse_env(texts):
+    """--env KEY=VALUE options as a dict, checked."""
+    env = {}
+    for text in texts:
+        name, separator, value = text.partition("=")
+        if not separator:
+            raise TaskError("--env %r must look like KEY=VALUE" % text)
+        env[name] = value
+    return check_env(env)
 
 
 def parse_number(what, text):
@@ -220,12 +361,17 @@ def submit_many(connection, config, specs, group_id=None):
     # Each task is an INSERT, with reads before it when it has a key or
     # dependencies: one plain task is one statement, which commits on its own.
     statements = len(checked) + sum(key is not None or bool(task["depends_on"])
-                                    for task, key in checked)
+                                    or has_files(task["payload"]) for task, key in checked)
     with db.write_statements(connection, statements):
         ids = [numbered(len(specs), number, insert_once, connection, task, key, group_id)
                for number, (task, key) in enumerate(checked, 1)]
     bell.ring(config.run_dir, bell.SCHEDULER)
     return ids
+
+
+def has_files(payload):
+    """Whether the task's insert also writes task_files rows (not one statement)."""
+    return "inputs" in payload or "stdin" in payload
 
 
 def numbered(count, number, function, *arguments):
@@ -296,6 +442,11 @@ def insert(connection, task, idempotency_key=None, group_id=None):
         connection.executemany(
             "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
             [(cursor.lastrowid, parent) for parent in depends_on])
+    if has_files(task["payload"]):
+        try:
+            files.attach_inputs(connection, cursor.lastrowid, task["payload"], time.time())
+        except files.MissingFile as e:
+            raise TaskError(str(e))
     return cursor.lastrowid
 
 

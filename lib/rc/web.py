@@ -16,6 +16,7 @@ import hmac
 import io
 import ipaddress
 import os
+import re
 import shlex
 import socket
 import sys
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 import bottle
 import orjson
 
-from rc import audit, bell, bounded, cli, db, devices, explain, fleet, health, render
+from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
 from rc import state_dir, web_server
 from rc import stats, tasks
 from rc import config as rc_config
@@ -37,6 +38,10 @@ from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
 SERVER_BODY_LIMIT = 4 * MAX_BODY_BYTES
+UPLOAD_PATH = "/api/v1/files"     # the one route whose body may be large and slow
+# bytes per second an upload's body must keep arriving at, past web_read_timeout
+# (a phone on poor Wi-Fi moves more; a slow-loris drip moves far less)
+MIN_UPLOAD_RATE = 32 * 1024
 MAX_LIST_LIMIT = 1000             # most rows one list request returns
 DEFAULT_LIST_LIMIT = 100
 # Threads beyond max_streams: ordinary requests always find one free.
@@ -1159,6 +1164,114 @@ def own_host_names(extra):
     return names
 
 
+# -- task files (issue 18): uploads, downloads with Range, a task's list ----------------
+
+FILE_STATUS = {"quota": 413, "disk_full": 507, "hash_mismatch": 400, "short": 400,
+               "not_found": 404, "bad_request": 400}
+RANGE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
+
+
+class FileRoutes:
+    """POST /api/v1/files, GET /api/v1/files/SHA256, GET /api/v1/tasks/ID/files
+    and .../files/NAME: the file store (lib/rc/files.py) over HTTP. Bodies
+    are streamed in CHUNK_BYTES pieces both ways."""
+
+    def __init__(self, web):
+        self.web = web
+
+    def upload(self):
+        """The raw request body into the store; answers {"sha256", "size"}."""
+        config, environ = self.web.config, bottle.request.environ
+        length = bottle.request.content_length
+        if length < 0 or "HTTP_TRANSFER_ENCODING" in environ:
+            raise ApiError(411, "send the file with a Content-Length")
+        quota = config.files_quota_mb * files.MIB
+        if length > quota:
+            raise ApiError(413, "the file is %d bytes, over the store's quota of %d"
+                                " (files_quota_mb)" % (length, quota))
+        expected = bottle.request.get_header("X-Content-SHA256")
+        if expected is not None and not files.is_sha256(expected.strip().lower()):
+            raise ApiError(400, "X-Content-SHA256 must be 64 hex digits, not %r"
+                                % expected[:80])
+        expected = expected and expected.strip().lower()
+        try:
+            digest, size = files.store_stream(self.web.connection(), config,
+                                              environ["wsgi.input"], length, expected)
+        except files.FileStoreError as e:
+            raise ApiError(FILE_STATUS.get(e.code, 400), str(e))
+        self.web.logger.info("file_uploaded", sha256=digest, size=size,
+                             address=environ.get("REMOTE_ADDR"))
+        self.web.audit("file_uploaded", sha256=digest, size=size)
+        return json_response({"sha256": digest, "size": size}, 201)
+
+    def blob(self, sha256):
+        return self.serve(sha256, sha256)
+
+    def task_list(self, task_id):
+        self.web.existing_task(task_id)
+        return json_response({"task_id": task_id, "files": files.task_files(
+            self.web.connection(), task_id)})
+
+    def task_file(self, task_id, name):
+        self.web.existing_task(task_id)
+        entry = files.task_file(self.web.connection(), task_id, name)
+        if entry is None:
+            raise ApiError(404, "task %d has no file %r" % (task_id, name[:200]))
+        return self.serve(entry["sha256"], name.rsplit("/", 1)[-1])
+
+    def serve(self, sha256, filename):
+        try:
+            blob, size = files.open_blob(self.web.connection(), self.web.config, sha256)
+        except files.FileStoreError as e:
+            raise ApiError(FILE_STATUS.get(e.code, 400), str(e))
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "X-Content-SHA256": sha256, "Content-Disposition":
+                   "attachment; filename=\"%s\"" % re.sub(r'[^A-Za-z0-9._-]', "_", filename)}
+        try:
+            start, end, status = byte_range(bottle.request.get_header("Range"), size)
+        except ApiError:
+            blob.close()
+            return bottle.HTTPResponse(orjson.dumps({"error": "range not satisfiable"}), 416,
+                                       {"Content-Range": "bytes */%d" % size,
+                                        "Content-Type": "application/json"})
+        headers["Content-Length"] = str(end - start)
+        if status == 206:
+            headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
+        return bottle.HTTPResponse(read_range(blob, start, end), status, headers)
+
+
+def byte_range(header, size):
+    """(start, end exclusive, status) for a Range header: one range, or the
+    whole file (200) without one; ApiError(416) when it cannot be met."""
+    if not header:
+        return 0, size, 200
+    match = RANGE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        raise ApiError(416, "only one range of bytes=START-END is served")
+    first, last = match.groups()
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(size, int(last) + 1)
+    if start >= size or start >= end:
+        raise ApiError(416, "range %s is outside %d bytes" % (header[:80], size))
+    return start, end, 206
+
+
+def read_range(blob, start, end):
+    """The bytes of [start, end) in chunks; the file closes when done or dropped."""
+    with blob:
+        blob.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = blob.read(min(files.CHUNK_BYTES, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+
 # -- the app -------------------------------------------------------------------------
 
 def make_app(config, logger=None):
@@ -1202,13 +1315,33 @@ def make_app(config, logger=None):
         ("GET", "/stream/<kind:re:devices|tasks|logs>", web.stream, "read"),
         ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
         ("GET", "/worker.py", web.worker_file, "open"),
-    ]
+    ] + file_routes(FileRoutes(web))
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
     app.add_hook("after_request", web.after_request)
     app.config["rc.web"] = web
     return app
+
+
+def file_routes(routes):
+    return [("POST", UPLOAD_PATH, routes.upload, "admin"),
+            ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
+            ("GET", "/api/v1/tasks/<task_id:int>/files", routes.task_list, "read"),
+            ("GET", "/api/v1/tasks/<task_id:int>/files/<name:path>", routes.task_file, "read")]
+
+
+def upload_allowance(web, request, quota):
+    """For web_server, on a request's headers: POST /api/v1/files with the
+    admin token may send up to the store's quota and take its time
+    (MIN_UPLOAD_RATE); anything else is held to SERVER_BODY_LIMIT within
+    web_read_timeout, so no stranger gets a slow or large body in."""
+    if request.command != "POST" or request.path != UPLOAD_PATH:
+        return None
+    scheme, _, given = request.headers.get("AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer" and web.token_matches(given.strip()):
+        return quota
+    return None
 
 
 def create_server(app, host, port, config):
@@ -1218,12 +1351,16 @@ def create_server(app, host, port, config):
     HTTPS, are web_server's (docs/http.md)."""
     web = app.config["rc.web"]
     timeouts = (config.web_channel_timeout, config.web_read_timeout)
+    quota = config.files_quota_mb * files.MIB
     return web_server.Server(
         app, {"connections_per_address": config.web_connections_per_address,
-              "read_timeout": config.web_read_timeout},
+              "read_timeout": config.web_read_timeout, "body_limit": SERVER_BODY_LIMIT,
+              "long_body": lambda request: upload_allowance(web, request, quota),
+              "min_body_rate": MIN_UPLOAD_RATE},
         web.log, web_server.tls_context(config) if config.web_tls else None,
         host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
-        max_request_body_size=SERVER_BODY_LIMIT, channel_request_lookahead=1,
+        # The most any request may send: an upload of the whole quota (see upload_allowance).
+        max_request_body_size=max(SERVER_BODY_LIMIT, quota) + 1, channel_request_lookahead=1,
         connection_limit=config.web_connection_limit,
         channel_timeout=max(1, int(config.web_channel_timeout)),
         # waitress looks for idle and slow connections this often (whole seconds).

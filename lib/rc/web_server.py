@@ -6,7 +6,12 @@ idle ones, but knows nothing of who holds them: 100 idle sockets from one
 address locked everyone out, and a request that never finishes arriving
 counted as activity. Here one address (an IPv6 /64) holds at most
 `web_connections_per_address`; a request, TLS handshake included, must
-arrive whole within `web_read_timeout`; an idle connection closes after
+arrive whole within `web_read_timeout`, and its body may be at most
+`body_limit` bytes -- except a request that `long_body` allows (an upload
+with the admin token): its headers must arrive within `web_read_timeout`,
+then its body may be as large as `long_body` says and take as long as it
+needs while it keeps coming at `min_body_rate` (a slow drip is still cut
+off, so the slow-loris hole stays closed); an idle connection closes after
 `web_channel_timeout`, or at once when the cap is reached and a new client
 knocks. waitress has no TLS: a TLS channel does the handshake
 and the encryption inside waitress's own non-blocking loop, so nothing
@@ -20,7 +25,9 @@ import threading
 import time
 
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
+from waitress.utilities import RequestEntityTooLarge
 
 from rc import tls
 
@@ -98,6 +105,41 @@ def address_key(address):
     return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_PREFIX), strict=False))
 
 
+class Request(HTTPRequestParser):
+    """A request whose body limit is decided on its headers: `body_limit`,
+    or what `long_body` allows it (then it is `long`: see Channel.overdue).
+    waitress's own max_request_body_size is the largest of them all."""
+
+    long = False
+    body_limit = None         # bytes, once the headers are in
+
+    def __init__(self, adj, limits):
+        super().__init__(adj)
+        self.limits = limits
+
+    def received(self, data):
+        consumed = super().received(data)
+        if self.error is not None or not self.headers_finished:
+            return consumed
+        if self.body_limit is None:
+            allowed = self.allowance()
+            self.long = allowed is not None
+            self.body_limit = allowed if self.long else self.limits["body_limit"]
+        if max(self.content_length, self.body_bytes_received) > self.body_limit:
+            self.error = RequestEntityTooLarge("exceeds max_body of %s" % self.body_limit)
+            self.completed = True
+        return consumed
+
+    def allowance(self):
+        long_body = self.limits.get("long_body")
+        if long_body is None or self.completed:
+            return None
+        try:
+            return long_body(self)
+        except Exception:       # whatever the app's check raises, no allowance
+            return None
+
+
 class Channel(HTTPChannel):
     """A connection that knows whose it is and when its request began."""
 
@@ -105,6 +147,8 @@ class Channel(HTTPChannel):
 
     def __init__(self, server, sock, addr, adj, map=None):
         self.address_key = address_key(addr[0] if isinstance(addr, tuple) else addr)
+        limits = server.limits
+        self.parser_class = lambda adj: Request(adj, limits)
         super().__init__(server, sock, addr, adj, map)
 
     def received(self, data):
@@ -113,9 +157,16 @@ class Channel(HTTPChannel):
         return super().received(data)
 
     def overdue(self, now, read_timeout):
-        """A request that began arriving too long ago and is still not whole."""
-        return self.request is not None and not self.request.completed and \
-            self.request_started is not None and now - self.request_started > read_timeout
+        """A request that began arriving too long ago and is still not whole;
+        a long one (an upload) has read_timeout more for each min_body_rate
+        bytes of its body that came."""
+        request = self.request
+        if request is None or request.completed or self.request_started is None:
+            return False
+        allowed = read_timeout
+        if getattr(request, "long", False):
+            allowed += request.body_bytes_received / float(self.server.limits["min_body_rate"])
+        return now - self.request_started > allowed
 
 
 class TLSChannel(Channel):
@@ -204,12 +255,16 @@ class TLSChannel(Channel):
 
 class Server(TcpWSGIServer):
     """waitress's TCP server with the per-address cap, the read deadline
-    and TLS. `limits` holds connections_per_address and read_timeout
-    (seconds); `tls_context`, when given, makes every connection HTTPS;
+    and TLS. `limits` holds connections_per_address, read_timeout
+    (seconds), body_limit (bytes) and, optionally, long_body (a function of
+    a Request: the body in bytes it may send, at min_body_rate bytes per
+    second at least, or None); `tls_context`, when given, makes every connection HTTPS;
     `log(level, event, key, **fields)` is rate limited."""
 
     def __init__(self, application, limits, log, tls_context=None, **adjustments):
-        self.limits, self.log, self.tls_context = limits, log, tls_context
+        self.limits = dict({"body_limit": adjustments.get("max_request_body_size",
+                                                          1073741824)}, **limits)
+        self.log, self.tls_context = log, tls_context
         self.channel_class = TLSChannel if tls_context else Channel
         super().__init__(application, **adjustments)
 

@@ -1,0 +1,487 @@
+"""The file store: task inputs and outputs, kept once by their SHA-256.
+
+Blobs live at var/files/<first two hex digits>/<sha256>; the `files` table
+says which exist and how big they are, `task_files` which task reads or left
+which. A blob is written to var/files/partial/ first, fsynced, its hash
+checked, and only then renamed into place (os.replace) and its row
+committed: a cut upload or a full disk leaves at most a partial file, never
+a half blob, and never a row pointing at nothing (the row comes after the
+rename; deletion removes the row first). A blob is kept while a task that
+is not finished refers to it, then `files_retention_days` after the last one
+ended; rc-reaper's upkeep deletes it after that (sweep()).
+
+Used by rc-files (lib/rc/transfer.py), rc-web and the `rc` command; it
+never talks to the network itself.
+"""
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import time
+
+from rc import db
+from rc.states import TERMINAL_STATES
+
+CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
+DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
+MIB = 1024 * 1024
+DAY = 86400.0
+SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+PARTIAL_DIR = "partial"
+INPUT, OUTPUT, STREAM, CHECKPOINT = "input", "output", "stream", "checkpoint"
+STDIN_NAME = ".rc/stdin"         # how a task's stdin is named among its inputs
+CHECKPOINT_NAME = ".rc/checkpoint"
+STREAM_NAMES = (".rc/stdout", ".rc/stderr")
+SWEEP_CHUNK = 500                # blobs deleted per transaction
+
+
+class FileStoreError(Exception):
+    """A file cannot be stored or found; `code` is what rc-files answers
+    (quota, disk_full, hash_mismatch, short, not_found) and the message
+    says why, naming the value."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def is_sha256(text):
+    return isinstance(text, str) and SHA256_HEX.match(text) is not None
+
+
+def root(config):
+    return os.path.join(config.home, "files")
+
+
+def blob_path(config, sha256):
+    if not is_sha256(sha256):
+        raise FileStoreError("bad_request", "%r is not a SHA-256 (64 lower-case hex digits)"
+                             % (sha256,))
+    return os.path.join(root(config), sha256[:2], sha256)
+
+
+def partial_dir(config):
+    path = os.path.join(root(config), PARTIAL_DIR)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+# -- names inside a task directory -------------------------------------------------------
+
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+# The worker's own names at the top of a task directory: ".rc" and ".rc-*"
+# (.rc-checkpoint/, .rc-stdin, .rc-stdout...).
+RESERVED_TOP = ".rc"
+
+
+def path_problem(path):
+    """What is wrong with a relative path inside a task directory (an
+    input's place, an output's name), or None when it is fine."""
+    if not isinstance(path, str) or not path:
+        return "must be a non-empty text"
+    if "\x00" in path:
+        return "must not contain NUL"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return "is over %d bytes" % MAX_PATH_BYTES
+    if path.startswith("/"):
+        return "must be relative, not absolute"
+    parts = path.split("/")
+    if ".." in parts:
+        return "must not contain '..'"
+    if any(part in ("", ".") for part in parts):
+        return "must not have empty or '.' parts"
+    if any(len(part.encode("utf-8")) > MAX_COMPONENT_BYTES for part in parts):
+        return "has a part over %d bytes" % MAX_COMPONENT_BYTES
+    if parts[0] == RESERVED_TOP or parts[0].startswith(RESERVED_TOP + "-"):
+        return "must not start with %s (.rc and .rc-* are the worker's own)" % parts[0]
+    return None
+
+
+# -- room ------------------------------------------------------------------------------
+
+def used_bytes(connection):
+    return connection.execute("SELECT coalesce(sum(size), 0) FROM files").fetchone()[0]
+
+
+def stored_size(connection, sha256):
+    """The size of a blob the store holds, or None."""
+    row = connection.execute("SELECT size FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+    return None if row is None else row[0]
+
+
+def exists(connection, sha256):
+    return stored_size(connection, sha256) is not None
+
+
+def check_room(connection, config, size, sha256=None):
+    """FileStoreError (quota or disk_full) when `size` more bytes do not fit;
+    a blob the store already holds always fits."""
+    if sha256 is not None and exists(connection, sha256):
+        return
+    quota = config.files_quota_mb * MIB
+    used = used_bytes(connection)
+    if used + size > quota:
+        raise FileStoreError("quota", "a file of %d bytes does not fit: the store holds %d"
+                             " of %d bytes (files_quota_mb=%d)"
+                             % (size, used, quota, config.files_quota_mb))
+    os.makedirs(root(config), mode=0o700, exist_ok=True)
+    free = shutil.disk_usage(root(config)).free
+    if free < size + DISK_RESERVE_BYTES:
+        raise FileStoreError("disk_full", "a file of %d bytes does not fit: %d bytes free on"
+                             " the main node's disk (%d kept in reserve)"
+                             % (size, free, DISK_RESERVE_BYTES))
+
+
+# -- writing ---------------------------------------------------------------------------
+
+class Writer:
+    """One blob on its way in: bytes go to a partial file (a named one can
+    be resumed: `have` bytes are there already), then commit() checks the
+    hash and puts blob and row in place."""
+
+    def __init__(self, config, partial_name=None):
+        self.config = config
+        name = partial_name or "upload-%s" % secrets.token_hex(16)
+        self.path = os.path.join(partial_dir(config), name)
+        self.hash = hashlib.sha256()
+        self.size = 0
+        if partial_name and os.path.exists(self.path):
+            self._rehash()
+        self.file = open(self.path, "ab")
+
+    def _rehash(self):
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+                self.hash.update(chunk)
+                self.size += len(chunk)
+
+    @property
+    def have(self):
+        return self.size
+
+    def truncate(self):
+        """Start again from nothing (the earlier part belonged to other bytes)."""
+        self.file.truncate(0)
+        self.file.seek(0)
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise disk_error(e)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def commit(self, connection, expected=None):
+        """Verify, rename into place, record; returns (sha256, size). On a
+        mismatch or error the partial file is removed."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            self.abort()
+            raise disk_error(e)
+        self.file.close()
+        sha256 = self.hash.hexdigest()
+        if expected is not None and sha256 != expected:
+            self.abort()
+            raise FileStoreError("hash_mismatch", "expected %s got %s" % (expected, sha256))
+        target = blob_path(self.config, sha256)
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        os.replace(self.path, target)
+        fsync_directory(os.path.dirname(target))
+        record(connection, sha256, self.size)
+        return sha256, self.size
+
+    def abort(self):
+        try:
+            self.file.close()
+        finally:
+            remove(self.path)
+
+
+def disk_error(error):
+    return FileStoreError("disk_full", "cannot write to the main node's disk: %s"
+                          % (error.strerror or error))
+
+
+def record(connection, sha256, size, now=None):
+    """The blob's row, once the blob is in place (after, never before)."""
+    now = time.time() if now is None else now
+    connection.execute(
+        "INSERT INTO files(sha256, size, created_at, last_used_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(sha256) DO UPDATE SET last_used_at = excluded.last_used_at",
+        (sha256, size, now, now))
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def store_stream(connection, config, stream, size=None, expected=None, limit=None):
+    """Read a stream (anything with read(n)) into the store; (sha256, size).
+    With `size`, the stream must hold exactly that many bytes (fewer: a cut
+    upload, FileStoreError "short", nothing kept); with `limit`, at most
+    that many."""
+    if size is not None:
+        check_room(connection, config, size, expected)
+    writer = Writer(config)
+    try:
+        while size is None or writer.size < size:
+            want = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - writer.size)
+            chunk = stream.read(want)
+            if not chunk:
+                break
+            writer.write(chunk)
+            if limit is not None and writer.size > limit:
+                raise FileStoreError("quota", "the upload is over %d bytes (files_quota_mb)"
+                                     % limit)
+        if size is not None and writer.size < size:
+            raise FileStoreError("short", "the upload ended after %d of %d bytes"
+                                 % (writer.size, size))
+        if size is None:
+            check_room(connection, config, writer.size)
+        return writer.commit(connection, expected)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def hash_file(path):
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def store_path(connection, config, path):
+    """A local file into the store (the `rc` command on the main node):
+    hashed first, so a file the store holds already is not copied again."""
+    sha256, size = hash_file(path)
+    if exists(connection, sha256):
+        record(connection, sha256, size)
+        return sha256, size
+    with open(path, "rb") as f:
+        return store_stream(connection, config, f, size, sha256)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def open_blob(connection, config, sha256):
+    """The blob opened for reading and its size; FileStoreError not_found."""
+    row = connection.execute("SELECT size FROM files WHERE sha256 = ?", (sha256,)).fetchone() \
+        if is_sha256(sha256) else None
+    if row is None:
+        raise FileStoreError("not_found", "no file %s in the store" % (sha256,))
+    try:
+        return open(blob_path(config, sha256), "rb"), row["size"]
+    except FileNotFoundError:
+        raise FileStoreError("not_found", "file %s is recorded but its blob is missing"
+                             % sha256)
+
+
+def task_files(connection, task_id):
+    """What a task reads and left: inputs, then for outputs, streams and the
+    checkpoint the latest attempt that stored each name."""
+    rows = connection.execute(
+        "SELECT kind, name, sha256, size, attempt, created_at FROM task_files t"
+        " WHERE task_id = ? AND attempt = (SELECT max(attempt) FROM task_files"
+        " WHERE task_id = t.task_id AND kind = t.kind AND name = t.name)"
+        " ORDER BY kind != 'input', kind, name", (task_id,))
+    return [dict(row) for row in rows]
+
+
+def task_file(connection, task_id, name):
+    """The newest stored file of this task by that name (outputs before inputs)."""
+    for entry in task_files(connection, task_id):
+        if entry["name"] == name and entry["kind"] != INPUT:
+            return entry
+    for entry in task_files(connection, task_id):
+        if entry["name"] == name:
+            return entry
+    return None
+
+
+# -- references from tasks -------------------------------------------------------------
+
+class MissingFile(Exception):
+    """A task names a file the store does not hold; the message says which."""
+
+
+def attach_inputs(connection, task_id, payload, now):
+    """Rows for the inputs (and stdin) of a task being inserted, inside the
+    caller's transaction; MissingFile names the first one not in the store."""
+    entries = [(item["path"], item["sha256"], item["size"])
+               for item in payload.get("inputs", ())]
+    if "stdin" in payload:
+        entries.append((STDIN_NAME, payload["stdin"]["sha256"], payload["stdin"]["size"]))
+    for name, sha256, size in entries:
+        row = connection.execute("SELECT size FROM files WHERE sha256 = ?",
+                                 (sha256,)).fetchone()
+        if row is None:
+            raise MissingFile("input %s: no file %s in the store; upload it first"
+                              " (POST /api/v1/files, or rc submit --input)" % (name, sha256))
+        if row["size"] != size:
+            raise MissingFile("input %s: file %s is %d bytes, not %d"
+                              % (name, sha256, row["size"], size))
+    connection.executemany(
+        "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
+        " created_at) VALUES (?, 0, 'input', ?, ?, ?, ?)",
+        [(task_id, name, sha256, size, now) for name, sha256, size in entries])
+    connection.executemany("UPDATE files SET last_used_at = ? WHERE sha256 = ?",
+                           [(now, sha256) for _, sha256, _ in entries])
+
+
+def add_task_file(connection, task_id, attempt, name, sha256, size, now):
+    """A file a device stored for (task, attempt), inside the caller's
+    transaction, which has checked the fence. A checkpoint replaces the
+    task's last one and becomes its next attempt's payload "checkpoint"."""
+    kind = (CHECKPOINT if name == CHECKPOINT_NAME else STREAM if name in STREAM_NAMES
+            else OUTPUT)
+    if kind == CHECKPOINT:
+        connection.execute("DELETE FROM task_files WHERE task_id = ? AND kind = 'checkpoint'",
+                           (task_id,))
+        connection.execute(
+            "UPDATE tasks SET payload = json_set(payload, '$.checkpoint', json(?))"
+            " WHERE task_id = ?", (db.dumps({"sha256": sha256, "size": size}), task_id))
+    connection.execute(
+        "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (task_id, attempt, kind, name, sha256, size, now))
+    connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
+    return kind
+
+
+def device_may_read(connection, device_id, sha256):
+    """Whether a task assigned to or running on this device reads the blob
+    (an input, its stdin, its checkpoint)."""
+    return connection.execute(
+        "SELECT 1 FROM task_files f JOIN tasks t ON t.task_id = f.task_id"
+        " WHERE f.sha256 = ? AND f.kind IN ('input', 'checkpoint') AND t.device_id = ?"
+        " AND t.%s LIMIT 1" % db.ACTIVE_SQL, (sha256, device_id)).fetchone() is not None
+
+
+def holds_attempt(connection, device_id, task_id, attempt):
+    """The fence of a put: the device holds this attempt now."""
+    return connection.execute(
+        "SELECT 1 FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ? AND %s"
+        % db.ACTIVE_SQL, (task_id, attempt, device_id)).fetchone() is not None
+
+
+def may_store(connection, device_id, task_id, attempt, name):
+    """The fence of a put: the device holds this attempt now; or, for a
+    checkpoint only, the attempt was this device's and the task waits,
+    queued, for its next one (taken back by `rc drain --now`, a lost
+    connection, a lease: the worker's last checkpoint still counts, and no
+    later attempt can have read an older one yet)."""
+    if holds_attempt(connection, device_id, task_id, attempt):
+        return True
+    if name != CHECKPOINT_NAME:
+        return False
+    return connection.execute(
+        "SELECT 1 FROM tasks t WHERE t.task_id = ? AND t.attempt = ? AND t.state = 'queued'"
+        " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = t.task_id"
+        " AND e.attempt = ? AND e.device_id = ?)",
+        (task_id, attempt + 1, attempt, device_id)).fetchone() is not None
+
+
+# -- retention (rc-reaper's upkeep, lib/rc/housekeeping.py) -----------------------------
+
+# A blob is still wanted while a task that refers to it has not ended, or
+# ended less than the retention ago.
+STILL_WANTED = (
+    "EXISTS (SELECT 1 FROM task_files r JOIN tasks t ON t.task_id = r.task_id"
+    " WHERE r.sha256 = files.sha256 AND (t.state NOT IN (%s) OR t.finished_at >= :cutoff))"
+    % db.sql_list(TERMINAL_STATES))
+
+
+def sweep(connection, config, now):
+    """Delete blobs no longer wanted (row first, then the blob: a crash in
+    between leaves a file without a row, never the reverse), rows whose task
+    was pruned, and partial files of attempts that ended or that are older
+    than temp_file_age. Returns how many blobs went."""
+    cutoff = now - config.files_retention_days * DAY
+    removed = 0
+    while True:
+        with db.write(connection):
+            gone = [row[0] for row in connection.execute(
+                "SELECT sha256 FROM files WHERE last_used_at < :cutoff AND NOT %s LIMIT :n"
+                % STILL_WANTED, {"cutoff": cutoff, "n": SWEEP_CHUNK})]
+            connection.executemany("DELETE FROM task_files WHERE sha256 = ?",
+                                   [(sha,) for sha in gone])
+            connection.executemany("DELETE FROM files WHERE sha256 = ?",
+                                   [(sha,) for sha in gone])
+        for sha256 in gone:
+            remove(blob_path(config, sha256))
+        removed += len(gone)
+        if len(gone) < SWEEP_CHUNK:
+            break
+    connection.execute("DELETE FROM task_files WHERE task_id NOT IN (SELECT task_id FROM tasks)")
+    clean_partials(connection, config, now)
+    return removed
+
+
+def put_partial_name(task_id, attempt, name, sha256):
+    """The partial file of a put, the same on every try: a cut upload resumes."""
+    key = hashlib.sha256(("%s|%s" % (name, sha256)).encode("utf-8", "surrogatepass"))
+    return "put-%d-%d-%s" % (task_id, attempt, key.hexdigest()[:32])
+
+
+def clean_partials(connection, config, now):
+    directory = os.path.join(root(config), PARTIAL_DIR)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    active = {(row[0], row[1]) for row in connection.execute(
+        "SELECT task_id, attempt FROM tasks WHERE %s" % db.ACTIVE_SQL)}
+    removed = 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            stale = os.path.getmtime(path) < now - config.temp_file_age
+        except OSError:
+            continue
+        parts = name.split("-")
+        if name.startswith("put-") and len(parts) == 4 and parts[1].isdigit() \
+                and parts[2].isdigit():
+            # Of an attempt that ended, and not written to for a minute (a
+            # late checkpoint may still be on its way in).
+            stale = stale or ((int(parts[1]), int(parts[2])) not in active
+                              and os.path.getmtime(path) < now - 60)
+        elif name.startswith("upload-"):
+            # An HTTP upload in progress writes at least every few seconds.
+            stale = stale or os.path.getmtime(path) < now - 3600
+        if stale:
+            remove(path)
+            removed += 1
+    return removed
+
+
+# -- what devices hold ------------------------------------------------------------------
+
+def input_hashes(connection, task_id):
+    return {row[0]: row[1] for row in connection.execute(
+        "SELECT sha256, size FROM task_files WHERE task_id = ? AND kind = 'input'",
+        (task_id,))}
+

@@ -1,0 +1,198 @@
+"""The `rc` command's side of task files: what --input, --stdin, --file,
+--env and --output put in a task's payload, and where `rc get` writes a
+task's files. The `rc` command runs on the main node, so it reads and
+writes the file store (lib/rc/files.py) directly; remote users upload with
+POST /api/v1/files instead.
+
+Every local path is checked (exists, readable) before any file is stored
+or any task queued; errors are FileOptionError, naming the path.
+"""
+import hashlib
+import os
+import stat
+import sys
+
+from rc import files, tasks
+from rc.states import PAYLOAD_FIELD
+
+EXECUTABLE_MODE, PLAIN_MODE = 0o755, 0o644
+
+
+class FileOptionError(ValueError):
+    """A file option cannot be used; the message names the path and why."""
+
+
+# -- submit: local files into the store and the payload ---------------------------------
+
+def looks_like_a_script_path(task_type, argument):
+    """`rc submit python_exec script.py`: the argument names a file here,
+    which the device would run as code (python_exec) or cannot see (a
+    relative path in a shell command)."""
+    if task_type not in tasks.FILE_TASK_TYPES or not argument or "\n" in argument \
+            or len(argument) > 4096:
+        return False
+    if task_type == "shell" and (" " in argument.strip() or os.path.isabs(argument)):
+        return False
+    return os.path.isfile(argument)
+
+
+def planned_inputs(paths):
+    """(path in the task directory, local path, mode) for each --input: a
+    file goes by its own name; a directory as a tree under its name, or,
+    written with a trailing slash (photos/), its contents at the top (as
+    rsync reads it). Every file is checked readable here, before any is
+    stored."""
+    planned = []
+    for given in paths:
+        if not os.path.exists(given):
+            raise FileOptionError("input %r: no such file or directory" % given)
+        if os.path.isdir(given):
+            planned.extend(tree(given))
+        else:
+            planned.append((os.path.basename(given), given, mode_of(given)))
+    for name, local, _ in planned:
+        readable(local, "input")
+        problem = files.path_problem(name)
+        if problem:
+            raise FileOptionError("input %r goes to %r, which %s" % (local, name, problem))
+    seen = {}
+    for name, local, _ in planned:
+        if name in seen:
+            raise FileOptionError("inputs %r and %r would both be %r in the task directory"
+                                  % (seen[name], local, name))
+        seen[name] = local
+    return planned
+
+
+def tree(directory):
+    top = "" if directory.endswith("/") else os.path.basename(os.path.normpath(directory))
+    found = []
+    for here, subdirectories, names in os.walk(directory):
+        subdirectories.sort()
+        for name in sorted(names):
+            local = os.path.join(here, name)
+            if os.path.islink(local) and not os.path.isfile(local):
+                continue          # a dangling link carries nothing
+            relative = os.path.relpath(local, directory).replace(os.sep, "/")
+            found.append(((top + "/" if top else "") + relative, local, mode_of(local)))
+    if not found:
+        raise FileOptionError("input %r: the directory holds no files" % directory)
+    return found
+
+
+def mode_of(path):
+    try:
+        return EXECUTABLE_MODE if os.stat(path).st_mode & stat.S_IXUSR else PLAIN_MODE
+    except OSError:
+        return PLAIN_MODE
+
+
+def readable(path, what):
+    if not os.path.isfile(path):
+        raise FileOptionError("%s %r is not a regular file" % (what, path))
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise FileOptionError("%s %r cannot be read: %s" % (what, path, e.strerror))
+
+
+def file_payload(connection, config, task_type, argument, options, stdin=None):
+    """The payload fields the file options stand for, their files stored.
+    `options` has inputs, stdin, file, env, outputs (lists or None) as
+    argparse gives them. Everything is checked before anything is stored."""
+    fields = {}
+    if options.env:
+        fields["env"] = tasks.parse_env(options.env)
+    if options.output:
+        fields["outputs"] = tasks.check_outputs(options.output)
+    planned = planned_inputs(options.input or [])
+    if options.file:
+        if task_type not in tasks.FILE_TASK_TYPES:
+            raise FileOptionError("--file goes with python_exec or shell, not %s" % task_type)
+        if argument:
+            raise FileOptionError("give either --file or the %s, not both"
+                                  % PAYLOAD_FIELD[task_type])
+        readable(options.file, "--file")
+        name = os.path.basename(options.file)
+        if name not in {entry[0] for entry in planned}:
+            planned.append((name, options.file, mode_of(options.file)))
+        fields["file"] = name
+    if options.stdin and options.stdin != "-":
+        readable(options.stdin, "--stdin")
+    if planned:
+        fields["inputs"] = [store_input(connection, config, name, local, mode)
+                            for name, local, mode in planned]
+    if options.stdin:
+        fields["stdin"] = store_stdin(connection, config, options.stdin, stdin)
+    return fields
+
+
+def store_input(connection, config, name, local, mode):
+    try:
+        digest, size = files.store_path(connection, config, local)
+    except files.FileStoreError as e:
+        raise FileOptionError("input %r: %s" % (local, e))
+    return {"path": name, "sha256": digest, "size": size, "mode": mode}
+
+
+def store_stdin(connection, config, given, stdin):
+    try:
+        if given == "-":
+            digest, size = files.store_stream(connection, config, stdin or sys.stdin.buffer,
+                                              limit=config.files_quota_mb * files.MIB)
+        else:
+            digest, size = files.store_path(connection, config, given)
+    except files.FileStoreError as e:
+        raise FileOptionError("--stdin %r: %s" % (given, e))
+    return {"sha256": digest, "size": size}
+
+
+# -- rc files / rc get --------------------------------------------------------------------
+
+def listed(connection, task_id):
+    """The task's files as rows for a table."""
+    return [{"NAME": entry["name"], "KIND": entry["kind"], "SIZE": entry["size"],
+             "ATTEMPT": entry["attempt"] or "", "SHA256": entry["sha256"]}
+            for entry in files.task_files(connection, task_id)]
+
+
+def wanted(connection, task_id, names):
+    """The files `rc get` writes: the named ones, or every output and stream."""
+    entries = files.task_files(connection, task_id)
+    if not names:
+        return [entry for entry in entries if entry["kind"] in (files.OUTPUT, files.STREAM)]
+    chosen = []
+    for name in names:
+        entry = files.task_file(connection, task_id, name)
+        if entry is None:
+            raise FileOptionError("task %d has no file %r (`rc files %d` lists them)"
+                                  % (task_id, name, task_id))
+        chosen.append(entry)
+    return chosen
+
+
+def write_out(connection, config, entry, directory):
+    """One stored file to directory/name, through a temporary file renamed
+    into place once its hash is checked; returns the path written."""
+    fixed = entry["kind"] in (files.STREAM, files.CHECKPOINT)     # the .rc/ names
+    problem = None if fixed else files.path_problem(entry["name"])
+    if problem:
+        raise FileOptionError("stored name %r %s; not written" % (entry["name"], problem))
+    target = os.path.join(directory, *entry["name"].split("/"))
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    temporary = target + ".rc-partial"
+    blob, _ = files.open_blob(connection, config, entry["sha256"])
+    digest = hashlib.sha256()
+    try:
+        with blob, open(temporary, "wb") as out:
+            for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise FileOptionError("%s: the stored blob is damaged (expected %s got %s)"
+                                  % (entry["name"], entry["sha256"], digest.hexdigest()))
+        os.replace(temporary, target)
+    finally:
+        files.remove(temporary)
+    return target

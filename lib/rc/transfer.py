@@ -1,0 +1,460 @@
+"""rc-files: moves task files between the main node's file store and workers.
+
+A program of its own, on its own port (`files_port`), so that moving a 4 GB
+file never shares a loop with rc-server's heartbeats, assignments and
+results (docs/architecture.md). One thread per connection, blocking
+sockets: a transfer is long and mostly waits on the network or the disk,
+and ssl, hashlib and file I/O all release the GIL while they work, so
+threads move bytes in parallel without a hand-written TLS state machine. At
+most MAX_CONNECTIONS at once, each with one CHUNK_BYTES buffer: memory is
+bounded whatever the file sizes.
+
+TLS with the worker port's certificate when `tls` is on (the fingerprint
+workers pin already). Each connection proves a joined device's own secret
+(HMAC on fresh nonces, role "rc-files"); the join token is never enough.
+A device reads only the blobs its current tasks read, and stores only for
+the (task, attempt) it holds now. docs/protocol.md describes the framing.
+It never assigns, finishes or retries a task.
+"""
+import hmac
+import os
+import socket
+import ssl
+import threading
+import time
+
+import orjson
+
+from rc import db, device_secrets, files, program, protocol, throttle, tls
+from rc.state_dir import read_secret
+
+MAX_CONNECTIONS = 128         # connections served at once; more are closed at once
+MAX_PER_DEVICE = 16           # of those, one device's (a worker uses one per task at most)
+MAX_LINE_BYTES = 64 * 1024    # a control line, newline included
+CHUNK_BYTES = 256 * 1024      # bytes one connection holds in memory while moving a file
+IDLE_TIMEOUT = 300.0          # seconds a connection may sit between requests
+DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
+ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
+DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+NONCE_HEX = 32
+MAX_NAME_BYTES = 4096
+
+
+class Refusal(Exception):
+    """A request is refused: {"error": {"code", "message"}}; `close` when
+    the connection cannot go on (it may be out of step)."""
+
+    def __init__(self, code, message, close=False):
+        super().__init__(message)
+        self.code, self.close = code, close
+
+
+def proof(secret, server_nonce, worker_nonce, device_id):
+    """What a device sends to rc-files: its own secret proven on both nonces."""
+    return protocol._sign(secret, "rc-files", server_nonce, worker_nonce, device_id)
+
+
+class FilesServer:
+    def __init__(self, config, log):
+        self.config, self.log = config, log
+        self.log_limited = throttle.LimitedLog(log)
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.failures = {}          # (host, device_id) -> times of wrong proofs
+        self.authenticating = {}    # host -> connections still proving who they are
+        self.by_device = {}         # device_id -> connections it holds
+        self.busy_partials = set()  # puts in progress, by partial file name
+        database = db.open_database(config.db_path)
+        self.device_key, _ = device_secrets.prepare(config, database)
+        database.close()
+        self.cluster_id = read_secret(config.cluster_id_path)
+        self.context = tls.server_context(config) if config.tls else None
+        self.listener = socket.create_server((config.tcp_host, config.files_port),
+                                             reuse_port=False, backlog=128)
+        self.listener.settimeout(ACCEPT_POLL)
+
+    @property
+    def port(self):
+        return self.listener.getsockname()[1]
+
+    def serve(self, should_stop):
+        self.log.info("files_started", host=self.config.tcp_host, port=self.port,
+                      tls=bool(self.context))
+        while not should_stop():
+            try:
+                sock, address = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError as e:        # out of descriptors, say: wait, go on
+                self.log_limited("error", "accept_failed", "accept", error=str(e))
+                time.sleep(ACCEPT_POLL)
+                continue
+            if not self.slots.acquire(blocking=False):
+                self.log_limited("warning", "too_many_connections", address[0],
+                                 address=address[0])
+                sock.close()
+                continue
+            threading.Thread(target=self.handle, args=(sock, address), daemon=True).start()
+        self.listener.close()
+
+    def handle(self, sock, address):
+        connection, session, admitted = None, None, False
+        # However slowly a stranger sends, the handshake ends at auth_timeout.
+        # (wrap_socket moves the descriptor to a new object: the timer asks for the current one)
+        deadline = threading.Timer(self.config.auth_timeout, self.cut_unproven,
+                                   (lambda: sock, lambda: session))
+        deadline.start()
+        try:
+            admitted = self.may_authenticate(address[0])
+            if not admitted:
+                self.log_limited("warning", "too_many_authenticating", address[0],
+                                 address=address[0])
+                return
+            sock.settimeout(self.config.auth_timeout)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_side=True)
+            connection = db.connect(self.config.db_path)
+            session = Session(self, sock, address, connection)
+            session.run()
+        except (OSError, ssl.SSLError, EOFError) as e:
+            self.log.debug("files_connection_lost", address=address[0], error=str(e)[:200])
+        except Exception as e:       # contained to this connection
+            self.log_limited("error", "files_connection_failed", address[0],
+                             address=address[0], error=repr(e)[:500])
+        finally:
+            deadline.cancel()
+            if admitted:
+                self.leave(address[0], session)
+            if connection is not None:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                connection.close()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.slots.release()
+
+    @staticmethod
+    def cut_unproven(sock, session):
+        if session() is None or not session().counted:
+            try:
+                sock().shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- caps: connections authenticating per address, held per device -----------------
+
+    def may_authenticate(self, host):
+        with self.lock:
+            if self.authenticating.get(host, 0) >= self.config.max_unauthenticated_per_address:
+                return False
+            self.authenticating[host] = self.authenticating.get(host, 0) + 1
+            return True
+
+    def authenticated(self, host, device_id):
+        """Counted against the device from now on; False when it holds too many."""
+        with self.lock:
+            self.forget_authenticating(host)
+            if self.by_device.get(device_id, 0) >= MAX_PER_DEVICE:
+                return False
+            self.by_device[device_id] = self.by_device.get(device_id, 0) + 1
+            return True
+
+    def leave(self, host, session):
+        with self.lock:
+            if session is not None and session.counted:
+                self.by_device[session.device_id] -= 1
+                if not self.by_device[session.device_id]:
+                    del self.by_device[session.device_id]
+            elif session is None or session.device_id is None:
+                self.forget_authenticating(host)
+
+    def forget_authenticating(self, host):
+        left = self.authenticating.get(host, 0) - 1
+        if left > 0:
+            self.authenticating[host] = left
+        else:
+            self.authenticating.pop(host, None)
+
+    # -- wrong proofs: a few a minute per address and device --------------------------
+
+    def shut_out(self, key):
+        with self.lock:
+            recent = [t for t in self.failures.get(key, ()) if t > time.monotonic() - 60]
+            self.failures[key] = recent
+            if not recent:
+                del self.failures[key]
+            return len(recent) >= self.config.auth_failures_per_minute
+
+    def failed(self, key):
+        with self.lock:
+            self.failures.setdefault(key, []).append(time.monotonic())
+
+    def claim_partial(self, name):
+        with self.lock:
+            if name in self.busy_partials:
+                return False
+            self.busy_partials.add(name)
+            return True
+
+    def release_partial(self, name):
+        with self.lock:
+            self.busy_partials.discard(name)
+
+
+class Session:
+    """One connection: the handshake, then requests one at a time."""
+
+    def __init__(self, server, sock, address, connection):
+        self.server, self.config, self.log = server, server.config, server.log
+        self.sock, self.host, self.connection = sock, address[0], connection
+        self.reader = sock.makefile("rb", buffering=CHUNK_BYTES)
+        self.buffer = bytearray(CHUNK_BYTES)
+        self.device_id = None
+        self.counted = False      # counted against its device's MAX_PER_DEVICE
+
+    def run(self):
+        try:
+            if not self.authenticate():
+                return
+            while self.serve_one():
+                pass
+        finally:
+            self.reader.close()
+
+    def serve_one(self):
+        """Read and answer one request; False when the connection is done."""
+        try:
+            self.sock.settimeout(IDLE_TIMEOUT)
+            request = self.read_line()
+            if request is None:
+                return False
+            self.sock.settimeout(DATA_TIMEOUT)
+            return self.answer(request)
+        except Refusal as e:
+            self.send({"error": {"code": e.code, "message": str(e)}})
+            return not e.close
+
+    # -- framing ----------------------------------------------------------------------
+
+    def send(self, message):
+        self.sock.sendall(orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE))
+
+    def read_line(self):
+        """The next control message (a JSON object), or None at the end."""
+        line = self.reader.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_LINE_BYTES:
+                raise Refusal("bad_request", "a control line is over %d bytes"
+                              % MAX_LINE_BYTES, close=True)
+            return None       # cut in the middle
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise Refusal("bad_request", "not a JSON line: %s" % str(e)[:200], close=True)
+        if not isinstance(message, dict) or len(message) != 1 \
+                or not isinstance(next(iter(message.values())), dict):
+            raise Refusal("bad_request", "a request is one object like {\"get\": {...}}",
+                          close=True)
+        return message
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def authenticate(self):
+        nonce = protocol.new_nonce()
+        self.send({"hello": {"nonce": nonce, "cluster_id": self.server.cluster_id}})
+        try:
+            message = self.read_line()
+            if message is None:
+                return False
+            auth = message.get("auth")
+            if auth is None:
+                raise Refusal("bad_request", "the first message must be auth", close=True)
+            self.check_proof(nonce, auth)
+        except Refusal as e:
+            self.send({"error": {"code": e.code, "message": str(e)}})
+            return False
+        self.send({"ok": True})
+        return True
+
+    def check_proof(self, nonce, auth):
+        device_id, worker_nonce = auth.get("device_id"), auth.get("nonce")
+        if not isinstance(device_id, str) or not 0 < len(device_id) <= 64 \
+                or not set(device_id) <= DEVICE_ID_CHARACTERS:
+            raise Refusal("bad_request", "device_id must be 1-64 of [A-Za-z0-9._-]")
+        if not isinstance(worker_nonce, str) or len(worker_nonce) != NONCE_HEX:
+            raise Refusal("bad_request", "nonce must be %d hex digits" % NONCE_HEX)
+        key = (self.host, device_id)
+        if self.server.shut_out(key):
+            raise Refusal("shut_out", "too many wrong proofs for %s from %s; wait a minute"
+                          % (device_id, self.host))
+        row = self.connection.execute(
+            "SELECT sealed_secret, revoked, forgotten FROM devices WHERE device_id = ?",
+            (device_id,)).fetchone()
+        secret = row and not row["revoked"] and not row["forgotten"] and \
+            device_secrets.unseal(self.server.device_key, device_id, row["sealed_secret"])
+        if not secret:
+            raise Refusal("unknown_device", "no usable secret for device %s here (not joined,"
+                          " revoked or forgotten)" % device_id)
+        expected = proof(secret, nonce, worker_nonce, device_id)
+        given = auth.get("proof")
+        if not isinstance(given, str) or not hmac.compare_digest(expected, given):
+            self.server.failed(key)
+            self.server.log_limited("warning", "files_auth_failed", self.host,
+                                    address=self.host, device_id=device_id)
+            raise Refusal("auth_failed", "wrong device secret")
+        if not self.server.authenticated(self.host, device_id):
+            self.device_id = device_id
+            raise Refusal("too_many_connections", "%s holds %d connections to rc-files"
+                          " already" % (device_id, MAX_PER_DEVICE))
+        self.device_id, self.counted = device_id, True
+
+    # -- requests ------------------------------------------------------------------------
+
+    def answer(self, request):
+        """Serve one request; False when the peer said bye."""
+        (verb, arguments), = request.items()
+        if verb == "get":
+            self.get(arguments)
+        elif verb == "put":
+            self.put(arguments)
+        elif verb == "bye":
+            return False
+        else:
+            raise Refusal("bad_request", "unknown request %r (get, put, bye)" % verb[:50],
+                          close=True)
+        return True
+
+    def get(self, arguments):
+        sha256, offset = arguments.get("sha256"), arguments.get("offset", 0)
+        if not files.is_sha256(sha256):
+            raise Refusal("bad_request", "sha256 must be 64 lower-case hex digits, not %r"
+                          % (str(sha256)[:80],))
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise Refusal("bad_request", "offset must be a whole number >= 0, not %r"
+                          % (offset,))
+        if not files.device_may_read(self.connection, self.device_id, sha256):
+            raise Refusal("not_yours", "no task of %s reads %s" % (self.device_id, sha256))
+        try:
+            blob, size = files.open_blob(self.connection, self.config, sha256)
+        except files.FileStoreError as e:
+            raise Refusal(e.code, str(e))
+        with blob:
+            if offset > size:
+                raise Refusal("bad_request", "offset %d is past the end (%d bytes)"
+                              % (offset, size))
+            self.send({"ok": True, "size": size, "length": size - offset})
+            self.send_bytes(blob, offset, size - offset)
+        self.log.info("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
+                      size=size)
+
+    def send_bytes(self, blob, offset, count):
+        if not isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendfile(blob, offset, count)     # the kernel copies; no buffer here
+            return
+        blob.seek(offset)
+        view = memoryview(self.buffer)
+        while count > 0:
+            n = blob.readinto(view[:min(count, CHUNK_BYTES)])
+            if not n:
+                raise EOFError("blob ended %d bytes early" % count)
+            self.sock.sendall(view[:n])
+            count -= n
+
+    def put(self, arguments):
+        task_id, attempt, name, size, sha256 = self.put_fields(arguments)
+        if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
+            raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
+                          % (self.device_id, task_id, attempt))
+        try:
+            files.check_room(self.connection, self.config, size, sha256)
+        except files.FileStoreError as e:
+            raise Refusal(e.code, str(e))
+        stored = files.stored_size(self.connection, sha256)
+        if stored is not None:
+            if stored != size:
+                raise Refusal("bad_request", "%s is %d bytes, not %d" % (sha256, stored, size))
+            # Held already (another task stored the same bytes): nothing to send.
+            self.send({"ok": True, "have": size})
+        else:
+            self.receive(task_id, attempt, name, size, sha256)
+        self.record(task_id, attempt, name, size, sha256)
+        self.send({"ok": True, "stored": True})
+
+    def put_fields(self, arguments):
+        values = []
+        for field in ("task_id", "attempt", "size"):
+            value = arguments.get(field)
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= protocol.INT64_MAX:
+                raise Refusal("bad_request", "%s must be a whole number >= 0, not %r"
+                              % (field, str(value)[:80]))
+            values.append(value)
+        task_id, attempt, size = values
+        name, sha256 = arguments.get("name"), arguments.get("sha256")
+        if not files.is_sha256(sha256):
+            raise Refusal("bad_request", "sha256 must be 64 lower-case hex digits, not %r"
+                          % (str(sha256)[:80],))
+        if name not in files.STREAM_NAMES and name != files.CHECKPOINT_NAME:
+            problem = files.path_problem(name)
+            if problem:
+                raise Refusal("bad_name", "output name %r %s" % (str(name)[:200], problem))
+        return task_id, attempt, name, size, sha256
+
+    def receive(self, task_id, attempt, name, size, sha256):
+        partial = files.put_partial_name(task_id, attempt, name, sha256)
+        if not self.server.claim_partial(partial):
+            raise Refusal("busy", "%s is being stored by another connection" % name)
+        try:
+            writer = files.Writer(self.config, partial)
+            if writer.have > size:
+                writer.truncate()
+            self.send({"ok": True, "have": writer.have})
+            try:
+                self.read_into(writer, size - writer.have)
+            except files.FileStoreError as e:     # the disk filled up under us
+                writer.abort()
+                raise Refusal(e.code, str(e), close=True)
+            except BaseException:
+                writer.file.close()      # kept: the next try resumes from here
+                raise
+            try:
+                writer.commit(self.connection, sha256)
+            except files.FileStoreError as e:
+                raise Refusal(e.code, str(e))
+        finally:
+            self.server.release_partial(partial)
+
+    def read_into(self, writer, count):
+        view = memoryview(self.buffer)
+        while count > 0:
+            n = self.reader.readinto(view[:min(count, CHUNK_BYTES)])
+            if not n:
+                raise EOFError("the upload was cut with %d bytes to go" % count)
+            writer.write(view[:n])
+            count -= n
+
+    def record(self, task_id, attempt, name, size, sha256):
+        with db.write(self.connection):
+            if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
+                raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
+                              % (self.device_id, task_id, attempt))
+            kind = files.add_task_file(self.connection, task_id, attempt, name, sha256, size,
+                                       time.time())
+        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
+                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
+
+
+def run(config, log, should_stop):
+    FilesServer(config, log).serve(should_stop)
+
+
+def main():
+    program.serve("rc-files", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,716 @@
+"""bin/worker.py's files (issue 18): inputs from a per-device cache, stdin,
+env, scripts from files, outputs, streams past the inline cap and
+checkpoints, moved through a fake rc-files written here.
+
+The fake rc-files is a small real server on 127.0.0.1 (plain or TLS with a
+certificate made like rc's) that speaks the framing of the issue 18
+contract and checks the device's proof with rc.protocol's own signing, role
+"rc-files", under the device secret the fake main node gave the worker.
+The worker is the real bin/worker.py, run as on a device (`python -I -S`).
+"""
+import glob
+import hashlib
+import json
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+
+import pytest
+
+from rc.protocol import _sign, seal, server_proof, worker_proof
+
+from test_worker import (DEVICE_ID, INTERPRETERS, TOKEN, WAIT, WorkerProcess,  # noqa: F401
+                         main, short_name, wait_until)
+
+SECRET = "5e" * 32
+CLUSTER = "cluster-files"
+PYTHON36 = [p for p in INTERPRETERS if "/3.6." in p]
+# The file paths on the current interpreter and, when it is there, the oldest one.
+also_36 = pytest.mark.parametrize("python", [sys.executable] + PYTHON36, ids=short_name)
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the fake rc-files -----------------------------------------------------------
+
+class FakeFiles:
+    """rc-files as the contract describes it, with knobs to misbehave:
+    `cut_after` ends a get's connection after that many bytes (once),
+    `corrupt` serves wrong bytes for these sha256 (every time)."""
+
+    def __init__(self, context=None, secret=SECRET):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.context, self.secret = context, secret
+        self.blobs = {}          # sha256 -> bytes the main node holds
+        self.gets = []           # (sha256, offset) of every get
+        self.partial = {}        # (task, attempt, name, sha) -> bytes so far
+        self.stored = {}         # (task, attempt, name) -> bytes
+        self.auth_failures = 0
+        self.cut_after = None
+        self.cut_put_after = None
+        self.refuse_puts = None      # an error code every put gets before any byte
+        self.haves = []              # "have" answered to each put
+        self.pause = 0.0             # seconds between two 64 KiB pieces of a get or put
+        self.corrupt = set()
+        self.closing = False
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def add(self, data):
+        self.blobs[sha(data)] = data
+        return {"sha256": sha(data), "size": len(data)}
+
+    def serve(self):
+        while not self.closing:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.connection, args=(sock,), daemon=True).start()
+
+    def connection(self, sock):
+        try:
+            sock.settimeout(WAIT)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_side=True)
+            self.session(sock, sock.makefile("rb"))
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        finally:
+            sock.close()
+
+    def send(self, sock, message):
+        sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def session(self, sock, reader):
+        nonce = os.urandom(16).hex()
+        self.send(sock, {"hello": {"nonce": nonce, "cluster_id": CLUSTER}})
+        auth = json.loads(reader.readline(65536))["auth"]
+        if auth["proof"] != _sign(self.secret, "rc-files", nonce, auth["nonce"],
+                                  auth["device_id"]):
+            self.auth_failures += 1
+            self.send(sock, {"error": {"code": "auth_failed", "message": "bad proof"}})
+            return
+        self.send(sock, {"ok": True})
+        while True:
+            line = reader.readline(65536)
+            if not line:
+                return
+            request = json.loads(line)
+            if "get" in request:
+                self.get(sock, **request["get"])
+            elif "put" in request:
+                self.put(sock, reader, **request["put"])
+            else:
+                return
+
+    def get(self, sock, sha256, offset):
+        self.gets.append((sha256, offset))
+        data = self.blobs.get(sha256)
+        if data is None:
+            self.send(sock, {"error": {"code": "not_yours", "message": "no such file"}})
+            return
+        if sha256 in self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        body = data[offset:]
+        self.send(sock, {"ok": True, "size": len(data), "length": len(body)})
+        if self.cut_after is not None and len(body) > self.cut_after:
+            sock.sendall(body[:self.cut_after])
+            self.cut_after = None
+            raise OSError("cut, as a Wi-Fi drop would")
+        for start in range(0, len(body), 65536) if self.pause else ():
+            sock.sendall(body[start:start + 65536])
+            time.sleep(self.pause)
+        if not self.pause:
+            sock.sendall(body)
+
+    def put(self, sock, reader, task_id, attempt, name, size, sha256):
+        if self.refuse_puts:
+            self.send(sock, {"error": {"code": self.refuse_puts, "message": "no room"}})
+            return
+        key = (task_id, attempt, name, sha256)
+        have = self.partial.setdefault(key, bytearray())
+        self.haves.append(len(have))
+        self.send(sock, {"ok": True, "have": len(have)})
+        while len(have) < size:
+            chunk = reader.read(min(65536, size - len(have)))
+            if not chunk:
+                return
+            time.sleep(self.pause)
+            have += chunk
+            if self.cut_put_after is not None and len(have) >= self.cut_put_after:
+                self.cut_put_after = None
+                raise OSError("cut in the middle of an upload")
+        del self.partial[key]
+        have = bytes(have)
+        if sha(have) != sha256:
+            self.send(sock, {"error": {"code": "hash_mismatch",
+                                       "message": "expected %s got %s" % (sha256, sha(have))}})
+            return
+        self.stored[(task_id, attempt, name)] = have
+        self.blobs[sha256] = have
+        self.send(sock, {"ok": True, "stored": True})
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
+
+
+# -- the fake main node, which tells the worker where rc-files is --------------
+
+def handshake(link, files_port):
+    """Register the worker with the join token, hand it SECRET, name rc-files."""
+    nonce = os.urandom(16).hex()
+    link.send("hello", {"nonce": nonce, "protocol": 1, "cluster_id": CLUSTER})
+    register = link.expect("register")
+    key = SECRET if register["auth"] == "device" else TOKEN     # the secret, once it has it
+    assert register["proof"] == worker_proof(key, nonce, register["nonce"], DEVICE_ID)
+    ack = {"proof": server_proof(key, nonce, register["nonce"], DEVICE_ID),
+           "heartbeat_interval": 60, "files_port": files_port}
+    if key == TOKEN:
+        ack["device_secret"] = seal(TOKEN, nonce, register["nonce"], DEVICE_ID, SECRET)
+    link.send("register_ack", ack)
+    link.register = register
+    return register
+
+
+@pytest.fixture
+def files():
+    server = FakeFiles()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def start(main, files, tmp_path):
+    """start(*arguments, python=...) -> (worker, link), registered and told files_port."""
+    started = []
+
+    def run(*arguments, python=sys.executable, server=main, files_port=None):
+        worker = WorkerProcess(python, server.port, str(tmp_path / ("worker%d.log" % len(started))),
+                               *arguments)
+        started.append(worker)
+        link = server.accept()
+        handshake(link, files_port or files.port)
+        return worker, link
+
+    yield run
+    for worker in started:
+        worker.stop()
+
+
+def state_dir(worker):
+    return worker.log_path + ".state"
+
+
+def run(link, task_id, task_type, payload, attempt=1, timeout=30.0):
+    link.assign(task_id, task_type, payload, timeout=timeout, attempt=attempt)
+    return link.results(1)[task_id]
+
+
+def stored_files(result):
+    return {entry["name"]: entry for entry in result.get("files", [])}
+
+
+# -- inputs in, outputs out ------------------------------------------------------
+
+INPUT_A = os.urandom(300 * 1024) + b"end of a"
+INPUT_B = b"line one\nline two\n" * 1000
+STDIN = b"from stdin\n" * 50
+
+TRANSFORM = ("set -e; mkdir -p out; tr a-z A-Z < data/b.txt > out/b.upper; cat data/a.bin > out/a.copy;"
+             " cat > out/stdin.txt; printf '%s|%s|%s|%s' \"$GREETING\" \"$RC_TASK_ID\""
+             " \"$RC_ATTEMPT\" \"$RC_CHECKPOINT_DIR\" > out/env.txt; ls -l data/tool.sh > /dev/null;"
+             " ./data/tool.sh > out/tool.txt; echo done")
+
+
+def transform_payload(files):
+    a, b, stdin = files.add(INPUT_A), files.add(INPUT_B), files.add(STDIN)
+    tool = files.add(b"#!/bin/sh\necho tool ran\n")
+    return {"command": TRANSFORM,
+            "inputs": [dict(a, path="data/a.bin", mode=0o644),
+                       dict(b, path="data/b.txt", mode=0o644),
+                       dict(tool, path="data/tool.sh", mode=0o755)],
+            "stdin": stdin, "env": {"GREETING": "hello there"}, "outputs": ["out/**"]}
+
+
+def check_transform(files, result, task_id, attempt=1):
+    assert result["status"] == "completed", result
+    assert result["result"]["output"] == "done\n"
+    got = {name: files.stored[(task_id, attempt, name)] for name in stored_files(result)}
+    assert got["out/b.upper"] == INPUT_B.upper()
+    assert got["out/a.copy"] == INPUT_A
+    assert got["out/stdin.txt"] == STDIN
+    assert got["out/tool.txt"] == b"tool ran\n"
+    greeting, task, attempt_seen, checkpoint_dir = got["out/env.txt"].decode().split("|")
+    assert (greeting, task, attempt_seen) == ("hello there", str(task_id), str(attempt))
+    assert checkpoint_dir.endswith("/.rc-checkpoint")
+    for name, entry in stored_files(result).items():
+        assert entry["sha256"] == sha(got[name]) and entry["size"] == len(got[name])
+
+
+@also_36
+def test_inputs_land_byte_identical_and_outputs_come_back(start, files, python):
+    worker, link = start(python=python)
+    result = run(link, 1, "shell", transform_payload(files))
+    check_transform(files, result, 1)
+    assert sorted(stored_files(result)) == ["out/a.copy", "out/b.upper", "out/env.txt",
+                                            "out/stdin.txt", "out/tool.txt"]
+    assert files.auth_failures == 0
+
+
+def test_the_same_inputs_twice_are_fetched_once_and_heartbeats_name_them(start, files, main):
+    worker, link = start()
+    payload = transform_payload(files)
+    check_transform(files, run(link, 1, "shell", payload), 1)
+    fetched = len(files.gets)
+    assert fetched == 4             # a, b, the tool and stdin, once each
+    check_transform(files, run(link, 2, "shell", payload), 2)
+    assert len(files.gets) == fetched, "a second task with the same inputs fetched again"
+    link.send("control", {"control_id": 1, "command": "report_profile"})   # registers again
+    again = main.accept()
+    handshake(again, files.port)
+    heartbeat = again.recv()
+    while heartbeat["message_type"] != "heartbeat":      # the results, sent again
+        heartbeat = again.recv()
+    cached = heartbeat["data"]["cached_files"]
+    assert {entry["sha256"] for entry in payload["inputs"]} | {payload["stdin"]["sha256"]} \
+        == set(cached)
+
+
+def test_a_task_that_writes_its_input_in_place_leaves_the_cache_as_it_was(start, files):
+    """As root a task runs as a uid of its own: its inputs are its own
+    copies (it may change them), the directories and $RC_CHECKPOINT_DIR are
+    its to write, the cached blob is untouched. As the worker's own uid an
+    input is a read-only hard link to the blob, which the write cannot go through."""
+    worker, link = start()
+    data = files.add(b"original\n")
+    payload = {"command": "id -u > out.uid; echo changed >> data/in.txt; cat data/in.txt > out.txt;"
+                          " echo note > data/new.txt && echo kept > \"$RC_CHECKPOINT_DIR/c\" &&"
+                          " cat \"$RC_CHECKPOINT_DIR/c\" > out.checkpoint",
+               "inputs": [dict(data, path="data/in.txt", mode=0o644)], "outputs": ["out.*"]}
+    for task_id in (1, 2):
+        result = run(link, task_id, "shell", payload)
+        assert result["status"] == "completed", result
+        got = {name: files.stored[(task_id, 1, name)] for name in stored_files(result)}
+        assert got["out.checkpoint"] == b"kept\n", result
+        if os.geteuid() == 0:
+            assert int(got["out.uid"]) != 0
+            assert got["out.txt"] == b"original\nchanged\n", result   # each task its own copy
+        else:
+            assert got["out.txt"] == b"original\n"
+            assert "Permission denied" in result["result"]["stderr"]
+    assert len(files.gets) == 1
+    cached = glob.glob(os.path.join(state_dir(worker), "**", data["sha256"]), recursive=True)
+    assert cached and all(open(path, "rb").read() == b"original\n" for path in cached)
+    assert all(os.stat(path).st_mode & 0o777 == 0o400 for path in cached)
+
+
+def test_a_cut_transfer_resumes_from_the_last_byte(start, files):
+    worker, link = start()
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    files.cut_after = 1024 * 1024 + 5
+    result = run(link, 1, "shell", {"command": "sha256sum big.bin",
+                                    "inputs": [dict(files.add(data), path="big.bin")]})
+    assert result["status"] == "completed", result
+    assert result["result"]["output"].split()[0] == sha(data)
+    assert [offset for _, offset in files.gets] == [0, 1024 * 1024 + 5]
+    assert worker.events("transfer_cut")
+
+
+def test_a_hash_mismatch_is_fetched_once_more_then_fails_naming_both(start, files):
+    worker, link = start()
+    data = b"the right bytes" * 100
+    ref = files.add(data)
+    files.corrupt.add(ref["sha256"])
+    result = run(link, 1, "shell", {"command": "true", "inputs": [dict(ref, path="x")]})
+    assert result["status"] == "failed"
+    wrong = sha(data[:-1] + bytes([data[-1] ^ 1]))
+    assert ref["sha256"] in result["error"] and wrong in result["error"], result["error"]
+    assert len(files.gets) == 2
+    files.corrupt.clear()                # the next attempt gets it right, nothing left over
+    assert run(link, 1, "shell", {"command": "cat x", "inputs": [dict(ref, path="x")]},
+               attempt=2)["result"]["output"] == data.decode()
+
+
+def test_inputs_that_would_leave_the_task_directory_are_refused(start, files):
+    worker, link = start()
+    ref = files.add(b"x")
+    for number, path in enumerate(["../escape", "/etc/passwd", "a/../../b", ".rc-stdin"], 1):
+        result = run(link, number, "shell", {"command": "true",
+                                             "inputs": [dict(ref, path=path)]})
+        assert result["status"] == "failed" and "relative path" in result["error"], result
+    assert files.gets == []
+
+
+def test_no_room_on_the_device_fails_the_attempt_before_any_byte(start, files):
+    worker, link = start()
+    ref = {"sha256": "ab" * 32, "size": 1 << 60}
+    result = run(link, 1, "shell", {"command": "true", "inputs": [dict(ref, path="huge")]})
+    assert result["status"] == "failed"
+    assert "not enough disk space on this device" in result["error"], result
+    assert files.gets == []
+
+
+# -- outputs that point outside are refused -------------------------------------
+
+def test_outputs_leading_outside_the_task_directory_are_never_uploaded(start, files):
+    worker, link = start()
+    assert wait_until(lambda: glob.glob(os.path.join(state_dir(worker), "*", "*.secret")))
+    secret = glob.glob(os.path.join(state_dir(worker), "*", "*.secret"))[0]
+    command = ("ln -s /etc/passwd passwd; ln -s ../ up; ln -s %s secret.lnk; ln %s secret.hard;"
+               " echo fine > good.txt; ln -s good.txt inside.lnk" % (secret, secret))
+    result = run(link, 1, "shell", {"command": command, "outputs": ["*", "up/*"]})
+    assert result["status"] == "completed", result
+    stored = stored_files(result)
+    assert sorted(stored) == ["good.txt", "inside.lnk"]
+    assert files.stored[(1, 1, "inside.lnk")] == b"fine\n"
+    stderr = result["result"]["stderr"]
+    # A task of a uid of its own (the worker run as root) cannot even make
+    # the hard link: the state dir is not its to read.
+    sandboxed = "ln: failed to access" in stderr
+    for name in ("passwd", "up", "secret.lnk") + (() if sandboxed else ("secret.hard",)):
+        assert "output %r refused" % name in stderr, stderr
+    assert not any(SECRET.encode() in data for data in files.stored.values())
+    assert not any(b"root:" in data for data in files.stored.values())
+
+
+# -- streams past the inline cap are kept in full --------------------------------
+
+def test_big_stdout_is_kept_in_full_as_a_file(start, files):
+    worker, link = start("--output-cap", "1000")
+    code = "import sys\nfor i in range(20000): print('line %05d' % i)\nsys.stderr.write('e' * 5000)"
+    result = run(link, 1, "python_exec", {"code": code})
+    assert result["status"] == "completed", result
+    expected = "".join("line %05d\n" % i for i in range(20000)).encode()
+    assert files.stored[(1, 1, ".rc/stdout")] == expected
+    assert files.stored[(1, 1, ".rc/stderr")] == b"e" * 5000
+    assert result["result"]["truncated"] is True
+    assert len(result["result"]["output"]) == 1000
+    assert stored_files(result)[".rc/stdout"]["size"] == len(expected)
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+CHECKPOINTING = r"""
+import os, time
+d = os.environ["RC_CHECKPOINT_DIR"]
+path = os.path.join(d, "state", "count")
+n = int(open(path).read()) if os.path.exists(path) else 0
+print("from", n)
+os.makedirs(os.path.dirname(path), exist_ok=True)
+for i in range(n + 1, n + 4):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(i))
+    os.replace(path + ".tmp", path)
+    time.sleep(0.4)
+raise SystemExit(1)
+"""
+
+
+@also_36
+def test_a_checkpoint_goes_up_and_the_next_attempt_starts_from_it(start, files, python):
+    worker, link = start("--checkpoint-every", "0.3", python=python)
+    first = run(link, 1, "python_exec", {"code": CHECKPOINTING})
+    assert first["status"] == "failed" and first["result"]["output"] == "from 0\n"
+    checkpoint = files.stored[(1, 1, ".rc/checkpoint")]
+    assert ".rc/checkpoint" in stored_files(first)
+    assert len(worker.events("checkpoint_sent")) >= 2       # while running, and at the end
+    fetched = len(files.gets)
+    second = run(link, 1, "python_exec", {"code": CHECKPOINTING,
+                                          "checkpoint": files.add(checkpoint)}, attempt=2)
+    assert second["result"]["output"] == "from 3\n", second
+    assert len(files.gets) == fetched, "the checkpoint it sent was in its own cache"
+
+
+def test_a_checkpoint_from_elsewhere_is_fetched_and_unpacked_safely(start, files, tmp_path):
+    import tarfile
+    worker, link = start()
+    archive = tmp_path / "c.tar"
+    with tarfile.open(str(archive), "w") as out:
+        for name, data in (("good/file", b"kept"), ("../evil", b"no"), ("/abs", b"no")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            out.addfile(member, __import__("io").BytesIO(data))
+        link_member = tarfile.TarInfo("link")
+        link_member.type, link_member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        out.addfile(link_member)
+    ref = files.add(archive.read_bytes())
+    result = run(link, 1, "shell", {"command": "cd \"$RC_CHECKPOINT_DIR\"; find . | sort;"
+                                               " cat good/file", "checkpoint": ref})
+    assert result["result"]["output"] == ".\n./good\n./good/file\nkept", result
+    assert not os.path.exists(str(tmp_path / "evil"))
+
+
+# -- scripts from files, on the oldest interpreter too ----------------------------
+
+@also_36
+def test_scripts_run_from_input_files(start, files, python):
+    worker, link = start(python=python)
+    script = files.add(b"import os, sys\nprint('py', os.environ['RC_ATTEMPT'], sys.flags.isolated,"
+                       b" sys.stdin.read().strip())\n")
+    shell = files.add(b"echo sh $0 $GREETING\n")
+    stdin = files.add(b"piped")
+    result = run(link, 1, "python_exec", {"file": "job/run.py", "stdin": stdin,
+                                          "inputs": [dict(script, path="job/run.py")]})
+    assert result["result"]["output"] == "py 1 1 piped\n", result
+    result = run(link, 2, "shell", {"file": "go.sh", "env": {"GREETING": "hi"},
+                                    "inputs": [dict(shell, path="go.sh")]})
+    assert result["status"] == "completed", result
+    assert result["result"]["output"].startswith("sh ") and result["result"]["output"].endswith(
+        "go.sh hi\n")
+    missing = run(link, 3, "shell", {"file": "nothere.sh", "inputs": [dict(shell, path="go.sh")]})
+    assert missing["status"] == "failed" and "not one of the task's inputs" in missing["error"]
+
+
+# -- uploads: resumed after a cut, never claimed unless stored ----------------------
+
+def test_a_cut_upload_resumes_and_a_refused_one_is_not_claimed(start, files):
+    worker, link = start()
+    files.cut_put_after = 700 * 1024
+    result = run(link, 1, "shell", {"command": "head -c 2000000 /dev/urandom > r.bin",
+                                    "outputs": ["r.bin"]})
+    data = files.stored[(1, 1, "r.bin")]
+    assert len(data) == 2000000 and stored_files(result)["r.bin"]["sha256"] == sha(data)
+    assert files.haves[0] == 0 and files.haves[-1] >= 700 * 1024     # resumed, not restarted
+    files.refuse_puts = "quota"
+    result = run(link, 2, "shell", {"command": "echo x > x.txt", "outputs": ["x.txt"]})
+    assert result["status"] == "completed" and "files" in result
+    assert result["files"] == []
+    assert "'x.txt' not uploaded: rc-files: quota" in result["result"]["stderr"]
+
+
+# -- over TLS, with the worker port's pinned certificate -----------------------------
+
+@also_36
+def test_files_move_over_tls_with_the_pinned_certificate(tmp_path, python):
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home")
+    secure = FakeFiles(context=server.context)
+    worker = WorkerProcess(python, server.port, str(tmp_path / "w.log"),
+                           "--fingerprint", server.fingerprint)
+    try:
+        link = server.accept()
+        handshake(link, secure.port)
+        payload = transform_payload(secure)
+        check_transform(secure, run(link, 1, "shell", payload), 1)
+        assert secure.auth_failures == 0 and len(secure.gets) == 4
+    finally:
+        worker.stop()
+        secure.close()
+        server.close()
+
+
+def test_a_wrong_certificate_on_rc_files_gets_nothing(tmp_path):
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home")
+    other = TlsMain(tmp_path / "other")        # a certificate of its own
+    stranger = FakeFiles(context=other.context)
+    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+                           "--fingerprint", server.fingerprint)
+    try:
+        link = server.accept()
+        handshake(link, stranger.port)
+        ref = stranger.add(b"data")
+        result = run(link, 1, "shell", {"command": "true", "inputs": [dict(ref, path="d")]})
+        assert result["status"] == "failed" and "not the pinned" in result["error"], result
+        assert stranger.gets == []
+    finally:
+        worker.stop()
+        for fake in (stranger, other, server):
+            fake.close()
+
+
+# -- a task handed back, or a worker stopping, sends its checkpoint first ----------
+
+HOLDING = r"""
+import os, time
+d = os.environ["RC_CHECKPOINT_DIR"]
+with open(os.path.join(d, "progress"), "w") as f:
+    f.write("step 7")
+print("PROGRESS 50 written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_handed_back_task_sends_its_checkpoint_before_the_hand_back(start, files, tmp_path):
+    config = tmp_path / "worker.json"
+    config.write_text(json.dumps({"on_unavailable": "hand-back", "policy_interval": 0.2}))
+    worker, link = start("--config", str(config))
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    now = time.localtime()
+    window = "%02d:00-%02d:59" % ((now.tm_hour + 23) % 24, (now.tm_hour + 1) % 24)
+    config.write_text(json.dumps({"on_unavailable": "hand-back", "policy_interval": 0.2,
+                                  "quiet_hours": window}))
+    link.send("control", {"control_id": 1, "command": "reload"})
+    assert link.expect("control_ack")["ok"]
+    result = link.results(1)[1]
+    assert result["status"] == "handed_back", result
+    assert (1, 1, ".rc/checkpoint") in files.stored, "the checkpoint must be up before"
+    assert stored_files(result)[".rc/checkpoint"]["size"] == len(
+        files.stored[(1, 1, ".rc/checkpoint")])
+
+
+def test_a_cancelled_task_sends_its_checkpoint_before_its_result(start, files):
+    worker, link = start()
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    link.send("task_cancel", {"task_id": 1, "attempt": 1})
+    result = link.results(1)[1]
+    assert result["status"] == "cancelled"
+    assert files.stored[(1, 1, ".rc/checkpoint")] and ".rc/checkpoint" in stored_files(result)
+
+
+def test_a_stopping_worker_sends_running_tasks_checkpoints(start, files):
+    worker, link = start()
+    link.assign(1, "python_exec", {"code": HOLDING}, timeout=60)
+    assert link.expect("task_accept")["task_id"] == 1
+    assert link.expect("task_progress")["message"] == "written"
+    assert worker.stop() == 0
+    assert (1, 1, ".rc/checkpoint") in files.stored
+    assert worker.events("checkpoint_sent")
+
+
+# -- memory: a 256 MiB file in and out ------------------------------------------------
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_the_worker_moves_256_mib_in_bounded_memory(tmp_path, secure):
+    """The bench's bar (issue 18: RSS <= 32 MiB throughout), on 256 MiB in and out."""
+    psutil = pytest.importorskip("psutil")
+    from test_worker import FakeMain
+    from test_worker_identity import TlsMain
+    server = TlsMain(tmp_path / "home") if secure else FakeMain()
+    fake = FakeFiles(context=server.context if secure else None)
+    worker = WorkerProcess(sys.executable, server.port, str(tmp_path / "w.log"),
+                           *(("--fingerprint", server.fingerprint) if secure else ()))
+    try:
+        link = server.accept()
+        handshake(link, fake.port)
+        ref = fake.add(os.urandom(1024 * 1024) * 256)
+        process = psutil.Process(worker.proc.pid)
+        peak = [process.memory_info().rss]
+        done = []
+
+        def sample():
+            while not done:
+                try:
+                    peak[0] = max(peak[0], process.memory_info().rss)
+                except psutil.Error:
+                    return
+                time.sleep(0.02)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = run(link, 1, "shell", {"command": "cp big.bin out.bin",
+                                            "inputs": [dict(ref, path="big.bin")],
+                                            "outputs": ["out.bin"]}, timeout=120)
+        finally:
+            done.append(True)
+            sampler.join()
+        assert result["status"] == "completed", result
+        assert stored_files(result)["out.bin"]["sha256"] == ref["sha256"]
+        print("worker peak RSS (%s) while moving 256 MiB in and 256 MiB out: %.1f MiB"
+              % ("TLS" if secure else "plain", peak[0] / 1048576.0))
+        assert peak[0] <= 32 * 1048576
+    finally:
+        worker.stop()
+        fake.close()
+        server.close()
+
+
+# -- the cache: least recently used out first, and what --self-test says ----------
+
+def test_the_cache_keeps_its_cap_least_recently_used_out_first(start, files):
+    worker, link = start("--cache-mb", "1")
+    first, second = (files.add(os.urandom(600 * 1024)) for _ in range(2))
+    for number, ref in enumerate((first, second, second, first), 1):
+        result = run(link, number, "shell", {"command": "true", "inputs": [dict(ref, path="f")]})
+        assert result["status"] == "completed", result
+    # the second evicted the first (1 MiB holds one), the third found the second,
+    # the fourth fetched the first again
+    assert [sha256 for sha256, _ in files.gets] == [first["sha256"], second["sha256"],
+                                                     first["sha256"]]
+    cached = os.listdir(os.path.join(state_dir(worker), "cache"))
+    assert first["sha256"] in cached and second["sha256"] not in cached
+
+
+def test_self_test_says_where_the_cache_is_and_what_it_holds(tmp_path):
+    import subprocess
+    from test_worker import WORKER
+    cache = tmp_path / "state" / "cache"
+    cache.mkdir(parents=True)
+    (cache / ("ab" * 32)).write_bytes(b"x" * 300000)
+    done = subprocess.run([sys.executable, "-I", WORKER, "--self-test", "--state-dir",
+                           str(tmp_path / "state"), "--cache-mb", "64"],
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
+    report = json.loads(done.stdout[:done.stdout.rindex("}") + 1])["cache"]
+    assert report == {"dir": str(cache), "cap_mb": 64, "used_mb": 0.3, "files": 1}
+
+
+# -- a transfer holds up nothing else ---------------------------------------------
+
+def test_other_tasks_and_controls_go_on_while_a_file_moves(start, files):
+    worker, link = start()
+    files.pause = 0.05                 # 2 MiB in about 1.6 s
+    ref = files.add(os.urandom(2 * 1024 * 1024))
+    link.assign(1, "shell", {"command": "true", "inputs": [dict(ref, path="slow.bin")]})
+    link.assign(2, "echo", {"message": "meanwhile"})
+    link.assign(3, "shell", {"command": "echo also"})
+    link.send("control", {"control_id": 7, "command": "reload"})
+    order = []
+    while len(order) < 4:
+        envelope = link.next()
+        kind, data = envelope["message_type"], envelope["data"]
+        if kind == "task_result":
+            order.append(data["task_id"])
+        elif kind == "control_ack":
+            order.append("control")
+    assert order[-1] == 1, order      # the others did not wait for the file
+    assert files.gets[0][0] == ref["sha256"]
+
+
+def test_a_worker_stopped_mid_upload_claims_nothing(start, files):
+    worker, link = start()
+    files.pause = 0.05
+    link.assign(1, "shell", {"command": "head -c 3000000 /dev/urandom > r.bin",
+                             "outputs": ["r.bin"]})
+    assert link.expect("task_accept")["task_id"] == 1
+    assert wait_until(lambda: files.partial, 15)          # the upload is under way
+    assert worker.stop() == 0
+    assert files.stored == {}
+    frames = []
+    while True:
+        envelope = link.try_recv(1)
+        if envelope in (None, "timeout"):
+            break
+        frames.append(envelope["message_type"])
+    assert "task_result" not in frames
+
+
+def test_a_task_cancelled_while_its_inputs_come_is_cancelled_and_the_fetch_resumes_later(
+        start, files):
+    worker, link = start()
+    files.pause = 0.05
+    data = os.urandom(2 * 1024 * 1024)
+    ref = files.add(data)
+    link.assign(1, "shell", {"command": "true", "inputs": [dict(ref, path="in.bin")]})
+    assert link.expect("task_accept")["task_id"] == 1
+    assert wait_until(lambda: files.gets, 10)
+    time.sleep(0.3)
+    link.send("task_cancel", {"task_id": 1, "attempt": 1})
+    assert link.results(1)[1]["status"] == "cancelled"
+    files.pause = 0.0
+    result = run(link, 2, "shell", {"command": "sha256sum in.bin",
+                                    "inputs": [dict(ref, path="in.bin")]})
+    assert result["result"]["output"].split()[0] == sha(data)
+    assert files.gets[-1][1] > 0, "the second task resumed what the first had fetched"
