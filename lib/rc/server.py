@@ -106,7 +106,8 @@ class Server:
         self.next_sweep = 0.0
         # (address, None) for the join token, (address, device id) for a
         # device's own secret -> monotonic times of recent wrong proofs
-        self.auth_failures = {}
+        self.wrong_proofs = throttle.WrongProofs(config.auth_failures_per_minute,
+                                                 SHUT_OUT_SECONDS)
         self.unauthenticated_by_host = collections.Counter()
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
@@ -303,18 +304,6 @@ class Server:
         else:
             self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
                                     "cluster_id": self.cluster_id})
-
-    def shut_out(self, key):
-        """Whether `key`, (address, None) for proofs of the join token or
-        (address, device id) for a device's own secret, proved wrong too
-        often in the last SHUT_OUT_SECONDS."""
-        recent = [t for t in self.auth_failures.get(key, ())
-                  if t > time.monotonic() - SHUT_OUT_SECONDS]
-        if recent:
-            self.auth_failures[key] = recent
-        else:
-            self.auth_failures.pop(key, None)
-        return len(recent) >= self.config.auth_failures_per_minute
 
     def read(self, peer):
         ended = False                  # whether an end of line came this time
@@ -615,14 +604,16 @@ class Server:
         # own secret, against that device from that address: a stranger
         # guessing the token behind a NAT shuts out no joined device there.
         failures = (peer.host, None if by_token else device_id)
-        if self.shut_out(failures):
+        # (address, None) for proofs of the join token, (address, device id)
+        # for a device's own secret.
+        if self.wrong_proofs.shut_out(failures):
             self.refuse(peer, "shut_out", "too many wrong proofs from %s; wait a minute"
                         % peer.host)
             return
         if not protocol.proofs_match(expected, data.get("proof")):
             self.log_limited("warning", "auth_failed", peer.host, address=peer.address,
                              device_id=device_id)
-            self.auth_failures.setdefault(failures, []).append(time.monotonic())
+            self.wrong_proofs.add(failures)
             self.refuse(peer, "auth_failed", "wrong join token" if by_token
                         else "wrong device secret")
             return

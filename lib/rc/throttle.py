@@ -64,3 +64,25 @@ class LimitedLog:
         held = self.throttle.allow((event, key))
         if held is not None:
             self.log.log(level, event, suppressed=held, **fields)
+
+
+class WrongProofs:
+    """Wrong proofs per key (an address, or an address and a device id) in
+    the last `window` seconds; a key with `limit` of them is shut out until
+    they age. rc-server and rc-files both keep one."""
+
+    def __init__(self, limit, window=60.0, clock=time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self.times = {}      # key -> monotonic times of recent wrong proofs
+
+    def add(self, key):
+        self.times.setdefault(key, []).append(self.clock())
+
+    def shut_out(self, key):
+        since = self.clock() - self.window
+        recent = [t for t in self.times.get(key, ()) if t > since]
+        if recent:
+            self.times[key] = recent
+        else:
+            self.times.pop(key, None)     # the table holds only the last minute's keys
+        return len(recent) >= self.limit

@@ -60,7 +60,7 @@ class FilesServer:
         self.log_limited = throttle.LimitedLog(log)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.failures = {}          # (host, device_id) -> times of wrong proofs
+        self.wrong_proofs = throttle.WrongProofs(config.auth_failures_per_minute)
         self.authenticating = {}    # host -> connections still proving who they are
         self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
@@ -181,15 +181,11 @@ class FilesServer:
 
     def shut_out(self, key):
         with self.lock:
-            recent = [t for t in self.failures.get(key, ()) if t > time.monotonic() - 60]
-            self.failures[key] = recent
-            if not recent:
-                del self.failures[key]
-            return len(recent) >= self.config.auth_failures_per_minute
+            return self.wrong_proofs.shut_out(key)
 
     def failed(self, key):
         with self.lock:
-            self.failures.setdefault(key, []).append(time.monotonic())
+            self.wrong_proofs.add(key)
 
     def claim_partial(self, name):
         with self.lock:
