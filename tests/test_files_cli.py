@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import subprocess
 import sys
 import time
 import urllib.error
@@ -172,6 +174,22 @@ def test_rc_files_and_rc_get(cluster_home, tmp_path):
     status, out, err = rc("get", str(task_id), "nope.txt", "-o", str(target))
     assert status == 1 and "task %d has no file 'nope.txt'" % task_id in err
     assert rc("get", "999")[0] == 1
+
+
+def test_rc_get_writes_the_users_files_with_the_users_umask(cluster_home, tmp_path):
+    """rc keeps what it writes into the state directory owner-only; what it
+    writes for the user under -o DIR follows the user's umask."""
+    config, connection = cluster_home
+    task_id = finished_with_output(connection, config, "out/a.gz", b"zipped")
+    target = tmp_path / "shared"
+    rc_command = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "bin", "rc")
+    done = subprocess.run(["sh", "-c", 'umask 022; exec "$0" get %d -o "$1"' % task_id,
+                           rc_command, str(target)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((target / "out" / "a.gz").stat().st_mode) == 0o644
+    assert stat.S_IMODE((target / "out").stat().st_mode) == 0o755
 
 
 def test_the_web_terminal_refuses_local_files(cluster_home):

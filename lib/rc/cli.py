@@ -5,6 +5,7 @@ and show how a device joins.
 run_command() does the work without exiting and writes only to the streams
 it is given, so the dashboard's web terminal can run the same grammar."""
 import argparse
+import contextlib
 import glob
 import io
 import os
@@ -480,12 +481,26 @@ def cmd_get(arguments, context):
         if not chosen:
             raise CommandError("task %d has no output files (yet); `rc files %d` lists what"
                                " it has" % (arguments.task_id, arguments.task_id))
-        for entry in chosen:
-            path = files_cli.write_out(context.connection, context.config, entry,
-                                       arguments.output_dir)
-            context.out.write("%s\n" % path)
+        with users_umask():
+            for entry in chosen:
+                path = files_cli.write_out(context.connection, context.config, entry,
+                                           arguments.output_dir)
+                context.out.write("%s\n" % path)
     except (files_cli.FileOptionError, files.FileStoreError) as e:
         raise CommandError(str(e))
+
+
+@contextlib.contextmanager
+def users_umask():
+    """The user's own umask while writing the user's files (see USER_UMASK)."""
+    if USER_UMASK is None:
+        yield
+        return
+    previous = os.umask(USER_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def submit_each(arguments, context):
@@ -1406,8 +1421,14 @@ def fail(err, error, status):
     return status
 
 
+# The umask `rc` was started with: files it writes for the user outside the
+# state directory (`rc get -o DIR`) follow it, not the state directory's 077.
+USER_UMASK = None
+
+
 def main(argv=None):
-    state_dir.keep_files_private()      # rc-cli.log, the audit log, backups
+    global USER_UMASK
+    USER_UMASK = state_dir.keep_files_private()      # rc-cli.log, the audit log, backups
     try:
         return run_command(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stderr)
     except KeyboardInterrupt:

@@ -20,8 +20,9 @@ PRIVATE_UMASK = 0o077        # no group or other bits on anything we create
 
 
 def keep_files_private():
-    """From now on this process creates files and directories owner-only."""
-    os.umask(PRIVATE_UMASK)
+    """From now on this process creates files and directories owner-only;
+    returns the umask it had (the user's, for files made outside var/)."""
+    return os.umask(PRIVATE_UMASK)
 
 
 def init(config):
