@@ -1,9 +1,16 @@
 # The Retire-Cluster main node: supervisord with rc-server, rc-scheduler,
-# rc-reaper, rc-web and a local worker, as an unprivileged user, with the
-# state directory (database, tokens, logs) on a volume.
+# rc-reaper, rc-files and rc-web, as an unprivileged user, with the state
+# directory (database, tokens, keys, logs) on a volume. It runs no local
+# worker by default: tasks do not run next to the tokens and the TLS key
+# (docs/operations.md, Docker, says how to add a worker container).
 #   docker compose up -d --build      (see docs/operations.md)
-FROM python:3.12-slim
+# BASE: any Debian-like image with python3 (>= 3.8) and its venv module;
+# tests/test_container.py builds on one made from Debian's packages.
+ARG BASE=python:3.12-slim
+FROM ${BASE}
 
+# No secret is ever put in the image or its environment: the tokens and
+# keys are made by `rc init` at the first start, on the volume.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RC_HOME=/var/lib/retire-cluster
@@ -14,13 +21,19 @@ RUN useradd --system --create-home --home-dir /home/rc --uid 1000 rc \
 WORKDIR /opt/retire-cluster
 
 # The main node's pins, without the test-only ones (pytest, a browser...).
+# PIP_INDEX_URL and PIP_CERT: for a build behind a package mirror or a
+# TLS-inspecting proxy (`--build-arg PIP_CERT=/path --volume /path:/path:ro`);
+# build arguments, so nothing of them stays in the image's environment.
+ARG PIP_INDEX_URL
+ARG PIP_CERT
 COPY --chown=rc:rc requirements.txt setup.py ./
 USER rc
-RUN python -m venv .venv \
-    && grep -vE '^(pytest|pytest-timeout|playwright|prometheus_client)==' requirements.txt \
+RUN python3 -m venv .venv \
+    && grep -vE '^(pytest|pytest-timeout|playwright|prometheus_client|podman-compose)==' requirements.txt \
        > /tmp/requirements-main.txt \
     && .venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-       -r /tmp/requirements-main.txt
+       -r /tmp/requirements-main.txt \
+    && rm /tmp/requirements-main.txt
 
 COPY --chown=rc:rc bin ./bin
 COPY --chown=rc:rc lib ./lib
@@ -28,15 +41,26 @@ COPY --chown=rc:rc etc ./etc
 COPY --chown=rc:rc share ./share
 COPY --chown=rc:rc docs ./docs
 COPY --chown=rc:rc README.md Makefile ./
+# The local worker is not started in a container (autostart=false): the
+# programs' health counts it as stopped on purpose, and
+# `rc ctl start rc-worker` (or supervisorctl) still starts it by hand.
 RUN .venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -e . \
+    && sed -i '/^\[program:rc-worker\]/a autostart=false' etc/supervisord.conf \
     && touch .venv/.installed
+# The code is root's to change, not the rc user's (nor a task's).
+USER root
+RUN chown -R root:root bin lib etc share docs README.md Makefile setup.py \
+    && chmod -R go-w /opt/retire-cluster
+USER rc
 
 VOLUME ["/var/lib/retire-cluster"]
 EXPOSE 8080 5000 8081
 
-# 200 for OK and WARNING, 503 for CRITICAL: exactly `rc health` (docs/operations.md).
+# Healthy while `rc health` says OK or WARNING (exit 0 or 1), unhealthy at
+# CRITICAL (2), as rc-web's /health answers 200 or 503 (docs/operations.md).
+# It reads the settings the main node reads, so no port is written here.
 HEALTHCHECK --interval=60s --timeout=10s --start-period=30s --retries=3 \
-    CMD .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=8)"
+    CMD .venv/bin/python -m rc.cli health >/dev/null; [ $? -lt 2 ]
 
 # init makes the database, tokens and certificate on first start (and
 # upgrades the schema on later ones); supervisord stays in the foreground,

@@ -1046,6 +1046,11 @@ def cmd_restore(arguments, context):
 
 def cmd_token(arguments, context):
     config = context.config
+    if arguments.fingerprint:
+        if not config.tls:
+            raise CommandError("the worker port does not use TLS (tls is false): no fingerprint")
+        context.out.write(tls.fingerprint(config) + "\n")
+        return
     if arguments.rotate:
         if arguments.admin:
             raise UsageError("--rotate makes a new join token; the admin token stays")
@@ -1268,6 +1273,9 @@ def build_parser(out):
                      help="print the admin token (HTTP: Authorization: Bearer) instead")
     sub.add_argument("--rotate", action="store_true",
                      help="issue a new join token; devices that have joined keep working")
+    sub.add_argument("--fingerprint", action="store_true",
+                     help="print the SHA-256 fingerprint of the worker port's TLS"
+                          " certificate (a worker's --fingerprint) instead")
     sub = command("monitor", cmd_monitor, "a live view: utilisation, devices, active tasks")
     sub.add_argument("--once", action="store_true", help="draw it once and exit")
     command("join", cmd_join, "print the command that joins a device to this cluster")

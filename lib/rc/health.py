@@ -113,10 +113,15 @@ def supervisor_socket(config):
 
 
 def program_states(config):
-    """{program: state name} from supervisord's XML-RPC interface."""
+    """{program: state name} from supervisord's XML-RPC interface. A program
+    configured not to start (autostart=false: the container's local worker)
+    and not started is left out: it is stopped on purpose."""
     proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2",
                                       transport=UnixTransport(supervisor_socket(config)))
-    return {info["name"]: info["statename"] for info in proxy.supervisor.getAllProcessInfo()}
+    by_hand = {info["name"] for info in proxy.supervisor.getAllConfigInfo()
+               if not info.get("autostart", True)}
+    return {info["name"]: info["statename"] for info in proxy.supervisor.getAllProcessInfo()
+            if not (info["name"] in by_hand and info["statename"] == "STOPPED")}
 
 
 def programs(config, without_supervisor=CRITICAL):
