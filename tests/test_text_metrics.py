@@ -57,6 +57,47 @@ def test_metrics_parse_as_prometheus_and_counters_survive_a_restart(client, clus
     assert 'rc_tasks_finished_total{state="cancelled"} 1' in again
 
 
+def test_the_design_documents_system_metrics_and_a_duration_histogram(client, cluster_home,
+                                                                      add_device):
+    """Disk, network, temperature per device and a task-duration histogram
+    (issue 21), at /metrics too, where Prometheus looks by default; the
+    histogram counts each finished task once, however often the reaper runs."""
+    from test_upkeep import finish
+    from rc import stats
+    config, connection = cluster_home
+    add_device("pi", metrics={"disk_percent": 40.0, "temperature_c": 51.5,
+                              "load_avg": [0.5, 0.4, 0.3], "net_bytes_recv": 1000,
+                              "net_bytes_sent": 2000, "disk_read_bytes": 3000,
+                              "disk_write_bytes": 4000}, now=time.time())
+    add_device("junk", metrics={"temperature_c": "hot", "load_avg": "x",
+                                "net_bytes_recv": [1]}, now=time.time())
+    now = time.time()
+    ids = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(3)]
+    for task_id, seconds in zip(ids, (0.003, 0.2, 7200.0)):
+        finish(connection, task_id, "completed", now - 1 - seconds, now - 1)
+    stats.record(connection, config, now + 120)
+    stats.record(connection, config, now + 121)        # the same minutes: nothing more
+    status, headers, text = client.request("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    pi = (("device", "pi"),)
+    assert samples[("rc_device_disk_usage_ratio", pi)] == 0.4
+    assert samples[("rc_device_temperature_celsius", pi)] == 51.5
+    assert samples[("rc_device_load1", pi)] == 0.5
+    assert samples[("rc_device_network_receive_bytes_total", pi)] == 1000
+    assert samples[("rc_device_network_transmit_bytes_total", pi)] == 2000
+    assert samples[("rc_device_disk_written_bytes_total", pi)] == 4000
+    assert ("rc_device_temperature_celsius", (("device", "junk"),)) not in samples
+    assert families["rc_task_duration_seconds"].type == "histogram"
+    bucket = lambda le: samples[("rc_task_duration_seconds_bucket", (("le", le),))]  # noqa: E731
+    assert bucket("0.005") == 1 and bucket("0.25") == 2 and bucket("3600") == 2
+    assert bucket("+Inf") == 3 and samples[("rc_task_duration_seconds_count", ())] == 3
+    assert 7200 < samples[("rc_task_duration_seconds_sum", ())] < 7201
+    assert client.request("/api/v1/cluster/status")[0] == 200
+
+
 def test_devices_work_with_cut_awk_and_csv(client, cluster_home, add_device):
     config, connection = cluster_home
     add_device("pi", metrics={"cpu_percent": 12.5})

@@ -22,6 +22,15 @@ COLUMNS = ["minute", "submitted", "completed", "failed", "cancelled", "duration_
            "devices_total", "slots", "slots_busy"]
 OUTCOME_COLUMN = {COMPLETED: "completed", FAILED: "failed", TIMED_OUT: "failed",
                   CANCELLED: "cancelled"}
+# The task-duration histogram of /text/metrics: upper bounds in seconds, as
+# Prometheus's own defaults stretched to the hour a task may run. Each
+# closed minute adds its tasks to counters rows (not cumulative, one per
+# bucket), so the histogram survives pruning and restarts and lags by a minute.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 900.0, 3600.0)
+DURATION_COUNTER = "task_duration_le_"       # + the bound ("%g"), or "inf"
+INFINITY = float("inf")
+DURATION_COUNT, DURATION_SUM_MS = "task_duration_count", "task_duration_sum_ms"
 
 
 def minute_of(moment):
@@ -58,7 +67,9 @@ def record(connection, config, now):
             row["duration_max"] = max(durations[minute])
             row["wait_mean"] = sum(waits[minute]) / len(waits[minute])
     rows[current - MINUTE].update(gauges(connection))
+    finished = [d for minute in sorted(durations) for d in durations[minute]]
     with db.write(connection):
+        add_durations(connection, finished)
         for row in rows.values():
             names = sorted(row)
             connection.execute(
@@ -67,6 +78,42 @@ def record(connection, config, now):
         connection.execute("DELETE FROM stats_minutes WHERE minute < ?",
                            (current - config.stats_history * MINUTE,))
     return len(rows)
+
+
+def bucket_name(bound):
+    return DURATION_COUNTER + ("inf" if bound == INFINITY else "%g" % bound)
+
+
+def duration_bucket(seconds):
+    return bucket_name(next(b for b in DURATION_BUCKETS + (INFINITY,) if seconds <= b))
+
+
+def add_durations(connection, seconds):
+    """Count finished tasks' durations into the histogram's counters rows
+    (inside record()'s transaction: each minute is counted once)."""
+    increments = {}
+    for value in seconds:
+        bucket = duration_bucket(value)
+        increments[bucket] = increments.get(bucket, 0) + 1
+    if seconds:
+        increments[DURATION_COUNT] = len(seconds)
+        increments[DURATION_SUM_MS] = int(round(sum(seconds) * 1000))
+    connection.executemany(
+        "INSERT INTO counters(name, value) VALUES (?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+        sorted(increments.items()))
+
+
+def duration_histogram(connection):
+    """[(upper bound or inf, cumulative count)], the count and the sum in
+    seconds, as Prometheus's histogram wants them."""
+    counts = {row[0]: row[1] for row in connection.execute(
+        "SELECT name, value FROM counters WHERE name LIKE 'task_duration_%'")}
+    buckets, running = [], 0
+    for bound in DURATION_BUCKETS + (INFINITY,):
+        running += counts.get(bucket_name(bound), 0)
+        buckets.append((bound, running))
+    return buckets, counts.get(DURATION_COUNT, 0), counts.get(DURATION_SUM_MS, 0) / 1000.0
 
 
 def events_between(connection, start, end):

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import math
 import os
 import re
 import shlex
@@ -945,12 +946,52 @@ def metrics_text(connection, now, started):
         ("rc_device_slots", "Tasks the device runs at once.", lambda d, m: d["slots"]),
         ("rc_device_active_tasks", "Tasks assigned to or running on the device.",
          lambda d, m: d["active_tasks"]),
+        ("rc_device_disk_usage_ratio", "Disk in use on the worker's file system, 0 to 1.",
+         lambda d, m: cli.fraction(m.get("disk_percent"))),
+        ("rc_device_temperature_celsius", "The device's temperature (CPU or battery).",
+         lambda d, m: finite_number(m.get("temperature_c"))),
+        ("rc_device_load1", "Load average over one minute.",
+         lambda d, m: finite_number((m.get("load_avg") or [None])[0]
+                                    if isinstance(m.get("load_avg"), list) else None)),
     ]
     for name, help_text, value in per_device:
         family(name, "gauge", help_text,
                [((("device", d["device_id"]),), value(d, cli.device_metrics(d)))
                 for d in listed])
+    # Since the device booted: a reboot resets them, which Prometheus's
+    # rate() takes as a counter reset.
+    for name, key, help_text in (
+            ("rc_device_network_receive_bytes_total", "net_bytes_recv",
+             "Bytes received on every interface but loopback."),
+            ("rc_device_network_transmit_bytes_total", "net_bytes_sent",
+             "Bytes sent on every interface but loopback."),
+            ("rc_device_disk_read_bytes_total", "disk_read_bytes", "Bytes read from the disks."),
+            ("rc_device_disk_written_bytes_total", "disk_write_bytes",
+             "Bytes written to the disks.")):
+        family(name, "counter", help_text,
+               [((("device", d["device_id"]),), finite_number(cli.device_metrics(d).get(key)))
+                for d in listed])
+    duration_histogram(out, connection)
     return "".join(out)
+
+
+def finite_number(value):
+    """A device's report is the device's word: only a real, finite number
+    becomes a sample."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def duration_histogram(out, connection):
+    buckets, count, total = stats.duration_histogram(connection)
+    name = "rc_task_duration_seconds"
+    out.append("# HELP %s Seconds from start to result of finished tasks (counted when"
+               " their minute closes).\n# TYPE %s histogram\n" % (name, name))
+    for bound, cumulative in buckets:
+        out.append('%s_bucket{le="%s"} %d\n'
+                   % (name, "+Inf" if bound == stats.INFINITY else "%g" % bound, cumulative))
+    out.append("%s_sum %s\n%s_count %d\n" % (name, sample_value(float(total)), name, count))
 
 
 # The history's windows: the last whole minute and the last quarter hour.
@@ -1284,6 +1325,9 @@ def make_app(config, logger=None):
     routes = [
         ("GET", "/health", web.health, "open"), ("GET", "/api/v1/health", web.health, "open"),
         ("GET", "/api/v1/status", web.status, "read"),
+        # The design document's names for the same (docs/http.md, Aliases).
+        ("GET", "/api/v1/cluster/status", web.status, "read"),
+        ("GET", "/metrics", web.text_metrics, "read"),
         ("GET", "/api/v1/stats", web.stats, "read"),
         ("GET", "/api/v1/devices", web.devices, "read"),
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
