@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from rc import bounded, cli, db, devices, state_dir, web, web_server
+from rc import bounded, cli, db, devices, state_dir, throttle, web, web_server
 from test_text_metrics import Stream
 from test_web import Client, admin, call, client, serve, stop  # noqa: F401 (fixture)
 
@@ -307,12 +307,22 @@ def test_one_ipv6_client_is_its_whole_64():
 
 def test_the_rate_limited_log_counts_what_it_left_out():
     logged = io.BytesIO()
-    log = web_server.RateLimitedLog(web.Logger("rc-web", "info", logged), interval=60)
+    clock = [0.0]
+    log = throttle.LimitedLog(web.Logger("rc-web", "info", logged), per_minute=1)
+    log.throttle.clock = lambda: clock[0]
     for _ in range(5):
         log("warning", "web_connection_refused", "10.0.0.9", address="10.0.0.9")
     log("warning", "web_connection_refused", "10.0.0.8", address="10.0.0.8")
     lines = [json.loads(line) for line in logged.getvalue().splitlines()]
     assert [line["address"] for line in lines] == ["10.0.0.9", "10.0.0.8"]
-    log.seen[("web_connection_refused", "10.0.0.9")] = (-1e9, 4)    # a minute has passed
+    clock[0] += 60                                   # a minute has passed
     log("warning", "web_connection_refused", "10.0.0.9", address="10.0.0.9")
-    assert json.loads(logged.getvalue().splitlines()[-1])["left_out"] == 4
+    assert json.loads(logged.getvalue().splitlines()[-1])["suppressed"] == 4
+
+
+def test_the_rate_limited_log_forgets_quiet_keys_at_its_cap(monkeypatch):
+    monkeypatch.setattr(throttle, "MAX_KEYS", 100)
+    log = throttle.LimitedLog(web.Logger("rc-web", "info", io.BytesIO()), per_minute=1)
+    for n in range(1000):          # an attacker cycling through addresses
+        log("warning", "web_connection_refused", "10.0.%d.%d" % (n // 256, n % 256))
+    assert len(log.throttle.keys) <= 100

@@ -4,7 +4,10 @@ connections. Each key (an address and a code, say) gets a burst, then
 `per_minute`; what is held back is counted, and the count goes with the
 next line that is let through (or with held_back(), once the key may speak
 again), so nothing is hidden, only summed."""
+import threading
 import time
+
+MAX_KEYS = 10000      # keys a throttle tracks before it forgets the quiet ones
 
 
 class Throttle:
@@ -17,6 +20,8 @@ class Throttle:
     def allow(self, key):
         """How many lines of this key were held back since the last one let
         through (0 or more) when this one may go; None when it is held back."""
+        if key not in self.keys and len(self.keys) >= MAX_KEYS:
+            self.forget_quiet()
         entry = self.refill(key)
         if entry[0] >= 1.0:
             entry[0] -= 1.0
@@ -41,6 +46,16 @@ class Throttle:
                 del self.keys[key]
         return told
 
+    def forget_quiet(self):
+        """Drop the keys with nothing held back, so an attacker cycling
+        through addresses cannot grow the table without end; if all of them
+        hold something back, start afresh (their counts are lost, not the
+        program)."""
+        for key in [k for k, entry in self.keys.items() if not entry[2]]:
+            del self.keys[key]
+        if len(self.keys) >= MAX_KEYS:
+            self.keys.clear()
+
     def refill(self, key):
         now = self.clock()
         entry = self.keys.get(key)
@@ -54,16 +69,20 @@ class Throttle:
 class LimitedLog:
     """A program's log for lines a hostile peer or row could repeat at will:
     a few a minute per event and key, the next one saying how many were
-    held back (`suppressed`)."""
+    held back (`suppressed`). Safe to call from several threads (rc-web's)."""
 
-    def __init__(self, log, per_minute=6):
+    def __init__(self, log, per_minute=6, burst=None):
         self.log = log
-        self.throttle = Throttle(per_minute)
+        self.throttle = Throttle(per_minute, burst)
+        self.lock = threading.Lock()
 
     def __call__(self, level, event, key, /, **fields):
-        held = self.throttle.allow((event, key))
+        with self.lock:
+            held = self.throttle.allow((event, key))
         if held is not None:
-            self.log.log(level, event, suppressed=held, **fields)
+            if held:
+                fields["suppressed"] = held
+            self.log.log(level, event, **fields)
 
 
 class WrongProofs:

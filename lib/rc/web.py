@@ -31,7 +31,7 @@ import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
 from rc import state_dir, web_server
-from rc import stats, tasks
+from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
 from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
@@ -52,6 +52,7 @@ LOG_POLL_INTERVAL = 0.5           # seconds between looks at the log files
 STREAM_PING_INTERVAL = 15.0       # seconds between comment pings on a quiet stream
 STREAM_BATCH = 500                # task events one look sends at most
 STREAM_RETRY_MS = 2000            # the browser reconnects after this
+WEB_LOG_LINES_PER_MINUTE = 1      # lines a minute per event and address a stranger can cause
 DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
 MAX_TERMINAL_WIDTH = 500
 READ_ACCESS = ("open", "local", "token")
@@ -114,7 +115,8 @@ class Web:
         self.stream_slots = threading.BoundedSemaphore(config.max_streams)
         self.closing = threading.Event()
         self.host_names = own_host_names(config.allowed_hosts)
-        self.log = web_server.RateLimitedLog(logger)
+        # Lines a stranger can cause: one a minute per event and address.
+        self.log = throttle.LimitedLog(logger, per_minute=WEB_LOG_LINES_PER_MINUTE)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.

@@ -31,36 +31,11 @@ from waitress.utilities import RequestEntityTooLarge
 
 from rc import tls
 
-LOG_INTERVAL = 60.0         # seconds between two lines of the same event and key
-LOG_KEYS = 10000            # keys remembered for rate limiting before starting afresh
 IPV6_PREFIX = 64            # one IPv6 client usually holds a whole /64
 REFUSAL_TEXT = b"too many connections from your address\n"
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
            b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
            % (len(REFUSAL_TEXT), REFUSAL_TEXT))
-
-
-class RateLimitedLog:
-    """At most one line per event and key (an address) every LOG_INTERVAL
-    seconds; the next line says how many were left out."""
-
-    def __init__(self, logger, interval=LOG_INTERVAL):
-        self.logger, self.interval = logger, interval
-        self.seen, self.lock = {}, threading.Lock()
-
-    def __call__(self, level, event, key="", **fields):
-        now = time.monotonic()
-        with self.lock:
-            if len(self.seen) > LOG_KEYS:
-                self.seen.clear()
-            last, left_out = self.seen.get((event, key), (None, 0))
-            if last is not None and now - last < self.interval:
-                self.seen[(event, key)] = (last, left_out + 1)
-                return
-            self.seen[(event, key)] = (now, 0)
-        if left_out:
-            fields["left_out"] = left_out
-        self.logger.log(level, event, **fields)
 
 
 class WaitressLog(logging.Handler):
