@@ -65,35 +65,54 @@ class Allowance:
     """What rc-server keeps of each device's lines: a token bucket per
     device id (not per connection, so reconnecting refills nothing) of
     `rate` lines a second and BURST_SECONDS of them at once. Lines over it
-    are counted; the count is kept as one line when the bucket allows."""
+    are counted, and the count kept as one line once the device's lines fit
+    again (or after BURST_SECONDS of a flood that does not stop)."""
 
     def __init__(self, rate):
         self.rate = rate
         self.burst = max(1.0, rate * BURST_SECONDS)
-        self.buckets = {}      # device id -> [tokens, filled at, dropped, kept since trim]
+        self.buckets = {}      # device id -> Bucket
 
     def admit(self, device_id, lines, now=None):
         """(the lines to keep, whether the device's ring is due a trim)."""
         now = time.monotonic() if now is None else now
-        bucket = self.buckets.setdefault(device_id, [self.burst, now, 0, 0])
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
+        bucket = self.buckets.get(device_id)
+        if bucket is None:
+            bucket = self.buckets[device_id] = Bucket(self.burst, now)
+        bucket.fill(now, self.rate, self.burst)
         kept = []
-        if bucket[2] and bucket[0] >= 1:
-            bucket[0] -= 1
+        if bucket.dropped and bucket.tokens >= 1 and (
+                bucket.tokens >= len(lines) + 1 or now - bucket.noted_at >= BURST_SECONDS):
+            bucket.tokens -= 1
+            bucket.noted_at = now
             kept.append((time.time(), "warning", DROPPED_EVENT, "%d lines from this device"
                          " over the main node's limit (device_log_rate %g a second) were"
-                         " not kept" % (bucket[2], self.rate), None))
-            bucket[2] = 0
-        allowed = min(len(lines), int(bucket[0]))
-        bucket[0] -= allowed
-        bucket[2] += len(lines) - allowed
+                         " not kept" % (bucket.dropped, self.rate), None))
+            bucket.dropped = 0
+        allowed = min(len(lines), int(bucket.tokens))
+        bucket.tokens -= allowed
+        bucket.dropped += len(lines) - allowed
         kept.extend(lines[:allowed])
-        bucket[3] += len(kept)
-        trim = bucket[3] >= TRIM_EVERY
+        bucket.since_trim += len(kept)
+        trim = bucket.since_trim >= TRIM_EVERY
         if trim:
-            bucket[3] = 0
+            bucket.since_trim = 0
         return kept, trim
+
+
+class Bucket:
+    """One device's allowance."""
+
+    def __init__(self, tokens, now):
+        self.tokens = tokens       # lines it may add now
+        self.filled_at = now
+        self.dropped = 0           # lines refused since the last count was kept
+        self.noted_at = now        # when that count was last kept
+        self.since_trim = 0        # lines kept since its ring was last trimmed
+
+    def fill(self, now, rate, burst):
+        self.tokens = min(burst, self.tokens + (now - self.filled_at) * rate)
+        self.filled_at = now
 
 
 # -- the database ------------------------------------------------------------------

@@ -777,8 +777,10 @@ class Server:
             if peer is None or self.watches_told.get(device_id) == (peer, until):
                 continue
             self.watches_told[device_id] = (peer, until)
-            self.send(peer, WATCH, {"interval": self.config.watch_report_interval,
-                                    "seconds": round(until - now, 3)})
+            # No sooner than a heartbeat can be written (min_heartbeat_interval).
+            interval = max(self.config.watch_report_interval,
+                           self.config.min_heartbeat_interval)
+            self.send(peer, WATCH, {"interval": interval, "seconds": round(until - now, 3)})
 
     HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
                 TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
