@@ -18,7 +18,7 @@ from cluster_harness import Cluster, online, wait_for
 from hostile_harness import unharmed
 from rc import device_logs, protocol
 from test_bad_input import connect, http, read_frame, register_frame
-from test_worker import FakeMain, WorkerProcess
+from test_worker import WorkerProcess, main  # noqa: F401 (main: the stand-in main node)
 
 FLOOD_MESSAGES = 300          # device_log messages of 50 lines the hostile device sends
 LOG_RATE = 5.0                # device_log_rate in the cluster: a burst of 300 lines
@@ -26,13 +26,6 @@ LOG_LINES = 40                # device_log_lines in the cluster
 
 
 # -- the worker against a stand-in main node ---------------------------------------
-
-@pytest.fixture
-def main():
-    fake = FakeMain()
-    yield fake
-    fake.close()
-
 
 @pytest.fixture
 def worker(main, tmp_path):
