@@ -235,7 +235,10 @@ def log(level, event, **fields):
     warnings, errors and task events also go to the main node (LogForwarder),
     whatever the local log level."""
     if log_forwarder is not None:
-        log_forwarder.offer(level, event, fields)
+        try:
+            log_forwarder.offer(level, event, fields)
+        except Exception:
+            pass     # a line the main node cannot have is still logged here
     if LOG_LEVELS[level] < log_threshold:
         return
     record = {"time": round(time.time(), 6), "program": "worker", "level": level,
