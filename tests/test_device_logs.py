@@ -16,13 +16,68 @@ import pytest
 
 from cluster_harness import Cluster, online, wait_for
 from hostile_harness import unharmed
-from rc import device_logs, protocol
+from rc import db, device_logs, protocol
 from test_bad_input import connect, http, read_frame, register_frame
 from test_worker import WorkerProcess, main  # noqa: F401 (main: the stand-in main node)
 
 FLOOD_MESSAGES = 300          # device_log messages of 50 lines the hostile device sends
 LOG_RATE = 5.0                # device_log_rate in the cluster: a burst of 300 lines
 LOG_LINES = 40                # device_log_lines in the cluster
+
+
+# -- the ring and the allowance, on a real database ---------------------------------
+
+def line(n, **fields):
+    values = {"time": 1.7e9 + n, "level": "warning", "event": "line_%d" % n,
+              "message": "m%d" % n, "task_id": n or None}
+    values.update(fields)
+    return values
+
+
+def test_the_ring_keeps_the_latest_lines_of_each_device(cluster_home):
+    _, connection = cluster_home
+    for n in range(1, 251):
+        with db.write(connection):
+            device_logs.store(connection, "pi", device_logs.checked_lines({"lines": [line(n)]}),
+                              2e9, keep=40 if n % device_logs.TRIM_EVERY == 0 else None)
+            device_logs.store(connection, "nas", device_logs.checked_lines({"lines": [line(n)]}),
+                              2e9)
+    kept = device_logs.recent(connection, "pi", 1000)
+    assert len(kept) == 40 + 50            # trimmed to 40 at line 200, 50 since
+    assert [l["event"] for l in kept[-2:]] == ["line_249", "line_250"]      # newest last
+    assert kept[-1] == {"id": kept[-1]["id"], "ts": 1.7e9 + 250, "level": "warning",
+                        "event": "line_250", "message": "m250", "task_id": 250}
+    assert len(device_logs.recent(connection, "nas", 1000)) == 250     # another device's ring
+    assert [l["event"] for l in device_logs.recent(connection, "pi", 3)] == [
+        "line_248", "line_249", "line_250"]
+
+
+def test_the_allowance_counts_what_it_refuses_and_says_so_once_the_flood_pauses():
+    allowance = device_logs.Allowance(rate=1.0)           # a burst of 60 lines
+    fifty = device_logs.checked_lines({"lines": [line(n) for n in range(50)]})
+    assert len(allowance.admit("pi", fifty, now=0.0)[0]) == 50
+    assert len(allowance.admit("pi", fifty, now=0.0)[0]) == 10
+    assert allowance.admit("pi", fifty, now=1.0)[0] == fifty[:1]    # no word of drops yet
+    assert len(allowance.admit("other", fifty, now=1.0)[0]) == 50   # its own bucket
+    kept, _ = allowance.admit("pi", fifty[:1], now=10.0)
+    assert [l[2] for l in kept] == [device_logs.DROPPED_EVENT, "line_0"]
+    assert kept[0][3].startswith("89 lines from this device")
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("51 lines", {"lines": [line(1)] * 51}), ("not a list", {"lines": {"a": 1}}),
+    ("no lines", {}), ("a line that is text", {"lines": ["warning: x"]}),
+    ("a long message", {"lines": [line(1, message="x" * 501)]}),
+    ("a level of its own", {"lines": [line(1, level="fatal")]}),
+    ("an event with a space", {"lines": [line(1, event="a b")]}),
+    ("a long event", {"lines": [line(1, event="a" * 65)]}),
+    ("a task id of 0", {"lines": [line(1, task_id=0)]}),
+    ("a task id true", {"lines": [line(1, task_id=True)]}),
+    ("a time of NaN", {"lines": [line(1, time=float("nan"))]}),
+    ("no time", {"lines": [{"level": "info", "event": "x"}]})])
+def test_malformed_lines_refuse_the_message(name, bad):
+    with pytest.raises(protocol.ProtocolError):
+        device_logs.checked_lines(bad)
 
 
 # -- the worker against a stand-in main node ---------------------------------------
