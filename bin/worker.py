@@ -53,10 +53,12 @@ PING = "ping"
 PONG = "pong"
 LEASE_CHECK = "lease_check"
 LEASE_CHECK_ACK = "lease_check_ack"
+DEVICE_LOG = "device_log"
+WATCH = "watch"
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
-                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK)
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
 INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot
@@ -135,6 +137,18 @@ IPC_RMID = 0                    # the command that removes a SysV IPC object
 LEFTOVERS_SETTLED = 1.0         # seconds; a directory changed more recently is read again
 KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
 TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
+# What the main node sees of this worker beyond heartbeats (see LogForwarder, on_watch).
+LOG_FORWARD_RATE = 0.5          # lines a second forwarded (device_log), on average, of each
+                                # kind: task events, and warnings or errors; the main node
+                                # keeps 1 a second (device_log_rate), so both kinds fit
+LOG_FORWARD_BURST = 30          # lines of each kind that may go at once after a quiet spell
+LOG_FORWARD_QUEUE = 100         # lines held while not connected; the oldest make way
+LOG_FORWARD_BATCH = 50          # lines per device_log message (the main node takes 50)
+LOG_MESSAGE_MAX = 500           # characters of a forwarded line's message (the main node's cap)
+FORWARDED_EVENTS = ("task_started", "task_finished", "task_fenced", "task_not_allowed",
+                    "registered", "availability_changed")   # info lines also forwarded
+WATCH_MIN_INTERVAL = 1.0        # seconds; the most frequent heartbeats a watch may ask for
+WATCH_MAX_SECONDS = 300.0       # seconds a watch may last before the main node renews it
 
 # States of the connection to the main node, in the order they happen.
 DISCONNECTED = "disconnected"
@@ -213,10 +227,18 @@ def json_module():
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 log_threshold = LOG_LEVELS["info"]
+log_forwarder = None          # a LogForwarder, once defined below
 
 
 def log(level, event, **fields):
-    """One JSON object per line on stdout, like every program of the cluster."""
+    """One JSON object per line on stdout, like every program of the cluster;
+    warnings, errors and task events also go to the main node (LogForwarder),
+    whatever the local log level."""
+    if log_forwarder is not None:
+        try:
+            log_forwarder.offer(level, event, fields)
+        except Exception:
+            pass     # a line the main node cannot have is still logged here
     if LOG_LEVELS[level] < log_threshold:
         return
     record = {"time": round(time.time(), 6), "program": "worker", "level": level,
@@ -227,6 +249,69 @@ def log(level, event, **fields):
         sys.stdout.buffer.flush()
     except (AttributeError, OSError, ValueError):
         pass     # nowhere to log is no reason to stop working
+
+
+class LogForwarder(object):
+    """Lines of this worker's log worth reading on the main node, held
+    until a registered connection takes them (device_log). Few and slow:
+    each kind (task events; warnings and errors) at LOG_FORWARD_RATE lines a
+    second with bursts of LOG_FORWARD_BURST, so a worker in trouble cannot
+    flood the main node; lines over it are counted, and the count sent."""
+
+    def __init__(self):
+        self.pending = deque(maxlen=LOG_FORWARD_QUEUE)
+        self.allowance = {}      # kind -> (lines it may send now, when that was reckoned)
+        self.dropped = 0
+
+    def offer(self, level, event, fields):
+        problem = LOG_LEVELS[level] >= LOG_LEVELS["warning"]
+        if not (problem or (level == "info" and event in FORWARDED_EVENTS)):
+            return
+        if not self.allowed(problem):
+            self.dropped += 1
+            return
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1      # the oldest makes way
+        self.pending.append(forwarded_line(level, event, fields))
+
+    def allowed(self, kind):
+        now = time.monotonic()
+        lines, reckoned = self.allowance.get(kind, (LOG_FORWARD_BURST, now))
+        lines = min(LOG_FORWARD_BURST, lines + (now - reckoned) * LOG_FORWARD_RATE)
+        self.allowance[kind] = (lines - 1 if lines >= 1 else lines, now)
+        return lines >= 1
+
+    def take(self):
+        """The lines for one device_log, oldest first ([] when none)."""
+        count = min(len(self.pending), LOG_FORWARD_BATCH - 1)
+        lines = [self.pending.popleft() for _ in range(count)]
+        if self.dropped and self.allowed(True):
+            lines.append(forwarded_line("warning", "log_lines_dropped", {
+                "message": "%d lines of this worker's log were not sent: over its limit of"
+                " %g a second" % (self.dropped, LOG_FORWARD_RATE)}))
+            self.dropped = 0
+        return lines
+
+
+def forwarded_line(level, event, fields):
+    """A log line as device_log carries it: the fields but the task id in
+    one message of "name=value" pairs, cut to LOG_MESSAGE_MAX characters."""
+    task_id = fields.get("task_id")
+    parts = []
+    for name, value in fields.items():
+        if name in ("task_id", "device_id"):
+            continue
+        text = value if isinstance(value, str) else dumps(value, default=repr).decode("utf-8")
+        text = text[:LOG_MESSAGE_MAX]
+        parts.append(text if name == "message" else "%s=%s" % (name, text))
+    message = " ".join(parts)[:LOG_MESSAGE_MAX]
+    return {"time": round(time.time(), 6), "level": level, "event": event[:64],
+            # A lone surrogate (a file name's undecodable bytes) would make the frame invalid.
+            "message": message.encode("utf-8", "replace").decode("utf-8"),
+            "task_id": task_id if is_int(task_id) and 0 < task_id <= 2 ** 62 else None}
+
+
+log_forwarder = LogForwarder()
 
 
 def new_nonce():
@@ -4890,6 +4975,10 @@ class Worker(object):
         self.cluster_id = None
         self.auth, self.key = "token", None    # what the last register proved
         self.restart_pending = False   # an upgrade is in place: run it once idle
+        # What the main node sees beyond heartbeats (see forward_logs, on_watch).
+        self.logs_accepted = False     # register_ack said it takes device_log
+        self.watch_interval = None     # seconds between heartbeats while watched
+        self.watched_until = None      # time.monotonic() when the watch ends
         self.exit_status = None        # set when the main node refused us for good
 
     # -- the loop ---------------------------------------------------------------
@@ -4921,6 +5010,7 @@ class Worker(object):
             task.poll(self)
         self.check_timers(time.monotonic())
         self.start_queued()
+        self.forward_logs()
         self.flush()
         if self.restart_pending and not (self.running or self.queued or self.unacked):
             self.restart()
@@ -5461,6 +5551,7 @@ class Worker(object):
         self.disconnect_fence = positive_or_none(data.get("disconnect_fence"))
         self.queue_wait = positive_or_none(data.get("queue_wait"))
         self.assignment_lease = positive_or_none(data.get("assignment_lease"))
+        self.logs_accepted = data.get("device_logs") is True    # older main nodes: False
         self.last_contact = self.last_renewal = contact_clock()
         self.lost_at = None
         self.fenced_known()
@@ -5681,9 +5772,41 @@ class Worker(object):
             log("error", "restart_failed", error=str(e))
             sys.exit(1)
 
+    # -- what the main node sees beyond heartbeats ------------------------------------
+
+    def forward_logs(self):
+        """Our warnings, errors and task events, to a main node that takes them."""
+        if self.state == READY and self.logs_accepted and (log_forwarder.pending
+                                                            or log_forwarder.dropped):
+            lines = log_forwarder.take()
+            if lines:
+                self.send(DEVICE_LOG, {"lines": lines})
+
+    def on_watch(self, data):
+        """Someone watches this device: heartbeats (with the figures) every
+        `interval` seconds for `seconds`, then every heartbeat_interval again,
+        whether or not the main node says more."""
+        interval, seconds = data.get("interval"), data.get("seconds")
+        if not (is_number(interval) and is_number(seconds)):
+            self.send(ERROR, {"code": "bad_request",
+                              "message": "watch needs numbers interval and seconds"})
+            return
+        now = time.monotonic()
+        self.watch_interval = max(WATCH_MIN_INTERVAL, float(interval))
+        self.watched_until = now + min(max(0.0, float(seconds)), WATCH_MAX_SECONDS)
+        self.next_heartbeat = min(self.next_heartbeat, now + self.report_interval())
+        log("debug", "watched", interval=self.watch_interval, seconds=seconds)
+
+    def report_interval(self):
+        """Seconds to the next heartbeat: sooner while someone watches."""
+        if self.watched_until is not None and time.monotonic() < self.watched_until:
+            return min(self.watch_interval, self.heartbeat_interval)
+        return self.heartbeat_interval
+
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
-                CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack}
+                CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack,
+                WATCH: on_watch}
 
     # -- tasks ---------------------------------------------------------------------
 
@@ -5735,6 +5858,8 @@ class Worker(object):
             status=status, error=error, execution_time=data["result"]["execution_time"])
 
     def task_log_level(self, task, status=OUTCOME_COMPLETED):
+        if status in (OUTCOME_FAILED, OUTCOME_TIMED_OUT):
+            return "warning"      # also what the main node shows of this device (device_log)
         quiet = task.quiet and status == OUTCOME_COMPLETED and not self.options.log_tasks
         return "debug" if quiet else "info"
 
@@ -5751,7 +5876,7 @@ class Worker(object):
         return [{"task_id": key[0], "attempt": key[1]} for key in keys]
 
     def send_heartbeat(self):
-        self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        self.next_heartbeat = time.monotonic() + self.report_interval()
         busy = self.running or self.queued
         self.send(HEARTBEAT, {"system_metrics": self.metrics.sample(),
                               "status": "busy" if busy else "idle",

@@ -21,7 +21,8 @@ import orjson
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet, health
+from rc import audit, bell, bounded, db, device_logs, device_secrets, devices, explain, fleet
+from rc import health
 from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
@@ -232,9 +233,27 @@ def device_row(device, now):
             "ROLE": device["role"], "PLATFORM": device["platform"],
             "ARCH": device["architecture"], "CPUS": device["cpu_cores"],
             "MEM_GB": device["memory_gb"], "SLOTS": device["slots"],
-            "ACTIVE": device.get("active_tasks"), "CPU%": metrics.get("cpu_percent"),
-            "MEM%": metrics.get("memory_percent"),
+            "ACTIVE": device.get("active_tasks"),
+            "CPU%": figure(metrics.get("cpu_percent"), device, now),
+            "MEM%": figure(metrics.get("memory_percent"), device, now),
             "LAST_SEEN": ago(device["last_seen"], now), "LABELS": labels_text(device["labels"])}
+
+
+def figure(value, device, now):
+    """A device's figure as a table shows it: with its age when the device
+    is not there to renew it (offline, disconnected, suspect)."""
+    if value is None or not device.get("stale") or device.get("figures_at") is None:
+        return value
+    return "%s (%s old)" % (render.cell(value), render.age(now - device["figures_at"]))
+
+
+def figures_text(device, now):
+    """`rc device`: whether its figures are live, and how old."""
+    if device.get("figures_at") is None:
+        return "none yet"
+    return "%s, taken %s" % ("stale: the device is %s" % device_status(device)
+                             if device.get("stale") else "live",
+                             ago(device["figures_at"], now))
 
 
 def task_row(task, now):
@@ -364,17 +383,20 @@ def cmd_device(arguments, context):
     device = devices.get(context.connection, arguments.device_id)
     if device is None:
         raise CommandError("no device %r" % arguments.device_id)
+    now = time.time()
     if arguments.format == "json":
-        context.out.write(render.json_text(device))
+        context.out.write(render.json_text(devices.with_age(device, now)))
         return
     shown = {}
     for key, value in device.items():
         if key == "labels":
             value = labels_text(value)
         shown[key] = value
+        if key == "figures_at":
+            shown["figures"] = figures_text(device, now)
         if key == "role" and "reported_role" in device:
             shown["reported_role"] = device["reported_role"]
-    context.out.write(render.key_values(detail_pairs(shown, time.time()), align=True))
+    context.out.write(render.key_values(detail_pairs(shown, now), align=True))
 
 
 def cmd_tasks(arguments, context):
@@ -845,10 +867,34 @@ def cmd_logs(arguments, context):
             tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
             parsed = parse_log_lines(tail, program_of(path))
         lines.extend(parsed[-arguments.lines:] if arguments.lines else [])
+    device_lines = DeviceLines(context, arguments.device, wanted) \
+        if arguments.device is not None and arguments.program is None else None
+    if device_lines:
+        lines.extend(device_lines.new())
     lines.sort(key=lambda line: line[0])
     write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
     if arguments.follow:
-        follow_logs(context, arguments.program, offsets, wanted)
+        follow_logs(context, arguments.program, offsets, wanted, device_lines)
+
+
+class DeviceLines:
+    """`rc logs --device ID`: the device's own lines (warnings, errors and
+    task events its worker forwarded, kept in the database), merged with
+    what the main node's programs logged about it."""
+
+    def __init__(self, context, device_id, wanted):
+        self.context, self.device_id, self.wanted = context, device_id, wanted
+        self.after = 0        # the id of the last line read
+
+    def new(self):
+        """(time, record) of the lines kept since the last look."""
+        found = device_logs.recent(self.context.connection, self.device_id,
+                                   self.context.config.device_log_lines
+                                   + device_logs.TRIM_EVERY, self.after)
+        if found:
+            self.after = found[-1]["id"]
+        records = (device_logs.as_log_line(self.device_id, line) for line in found)
+        return [(record["time"], record) for record in records if self.wanted(record)]
 
 
 class LogFilter:
@@ -963,13 +1009,13 @@ def write_log_lines(context, lines):
     context.out.flush()
 
 
-def follow_logs(context, program, offsets, wanted=None):
+def follow_logs(context, program, offsets, wanted=None, device_lines=None):
     """Print lines as they are appended, until interrupted; a file that
     shrank was rotated, so it is read again from the start."""
     wanted = wanted or LogFilter()
     while True:
         time.sleep(FOLLOW_POLL_INTERVAL)
-        lines = []
+        lines = device_lines.new() if device_lines else []
         for path in log_paths(context.config.log_dir, program):
             offset = offsets.get(path, 0)
             offset = 0 if os.path.getsize(path) < offset else offset
@@ -1252,7 +1298,8 @@ def build_parser(out):
     sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N")
     sub.add_argument("--task", type=whole_number, metavar="ID",
                      help="only lines about this task: submit, assignment, start, result")
-    sub.add_argument("--device", metavar="ID", help="only lines about this device")
+    sub.add_argument("--device", metavar="ID", help="only lines about this device, and its"
+                     " worker's own warnings, errors and task events")
     sub.add_argument("--level", choices=list(LEVELS), help="only this level and above")
     sub = command("health", cmd_health, "one line for cron and monitoring; exit 0 OK,"
                   " 1 WARNING, 2 CRITICAL", [as_json])

@@ -295,6 +295,27 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS files_by_last_use ON files(last_used_at);
     ALTER TABLE devices ADD COLUMN cached_files TEXT NOT NULL DEFAULT '[]';
     """,
+    # 9: workers' own logs kept on the main node, a ring of the latest lines
+    # per device (lib/rc/device_logs.py); when a device's figures were taken,
+    # and until when someone watches it (it then reports every
+    # watch_report_interval; lib/rc/server.py).
+    """
+    CREATE TABLE IF NOT EXISTS device_logs (
+        id           INTEGER PRIMARY KEY,
+        device_id    TEXT NOT NULL,
+        time         REAL NOT NULL,     -- when the device logged it, by its clock
+        received_at  REAL NOT NULL,     -- when rc-server stored it
+        level        TEXT NOT NULL,     -- debug, info, warning or error
+        event        TEXT NOT NULL,     -- snake_case, as in every log line
+        message      TEXT NOT NULL DEFAULT '',
+        task_id      INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS device_logs_by_device ON device_logs(device_id, id);
+    ALTER TABLE devices ADD COLUMN figures_at REAL;
+    ALTER TABLE devices ADD COLUMN watched_until REAL;
+    CREATE INDEX IF NOT EXISTS devices_watched ON devices(watched_until)
+        WHERE watched_until IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -43,6 +43,12 @@ MAX_DEVICES_PER_TOKEN = 100     # devices that may first join with the current j
 MAX_PROFILE_BYTES = 65536       # bytes of a register message's data (the device profile)
 MIN_HEARTBEAT_INTERVAL = 1.0    # seconds; heartbeats from one device closer than this
                                 # are folded into one write
+WATCH_REPORT_INTERVAL = 3.0     # seconds between heartbeats of a device someone watches
+                                # (POST /api/v1/devices/ID/watch), while the watch lasts
+DEVICE_LOG_LINES = 1000         # lines of each worker's own log (warnings, errors, task
+                                # events) kept on the main node for `rc logs --device`
+DEVICE_LOG_RATE = 1.0           # lines a second one device may add to them (bursts of a
+                                # minute's worth); more are counted, not kept
 MAX_DEVICE_SLOTS = 16           # slots a device may claim; it gets no more tasks at once
 AUDIT_REFUSALS_PER_MINUTE = 10  # audit lines for refused connections, per address and
                                 # reason (the rest are counted, not written)

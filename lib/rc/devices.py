@@ -13,9 +13,14 @@ DEVICE_COLUMNS = ("device_id, hostname, platform, architecture, role, cpu_cores,
                   " slots, capabilities, tags, task_types, profile, metrics, status,"
                   " connected, available, unavailable_reason, drained, forgotten, labels,"
                   " role_override, address, protocol, registered_at, connected_at,"
-                  " disconnected_at, last_seen, revoked, suspect_since")
+                  " disconnected_at, last_seen, revoked, suspect_since, figures_at, watched_until")
 LIST_COLUMNS = ("capabilities", "tags", "task_types")
 MAX_SLOTS = 1024
+# A watch (POST /api/v1/devices/ID/watch) lasts this long, in seconds; asked
+# again while more than WATCH_SECONDS - WATCH_REFRESH is left, it is not
+# written again, so watchers cost one write per device every WATCH_REFRESH.
+WATCH_SECONDS = 60.0
+WATCH_REFRESH = 15.0
 OBJECT_COLUMNS = ("profile", "metrics", "labels")
 # Heartbeat metrics a worker sends (bin/worker.py Metrics.sample), by what they must be.
 NUMERIC_METRICS = ("cpu_percent", "memory_percent", "disk_percent", "battery_percent",
@@ -99,9 +104,9 @@ def heartbeat(connection, device_id, metrics, now, availability=None):
     available, reason = availability_of(availability)
     metrics = clean_metrics(metrics)
     connection.execute(
-        "UPDATE devices SET metrics = ?, last_seen = ?, status = ?, available = ?,"
-        " unavailable_reason = ? WHERE device_id = ?",
-        (db.dumps(metrics), now, ONLINE, available, reason, device_id))
+        "UPDATE devices SET metrics = ?, last_seen = ?, figures_at = ?, status = ?,"
+        " available = ?, unavailable_reason = ? WHERE device_id = ?",
+        (db.dumps(metrics), now, now, ONLINE, available, reason, device_id))
     connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
                        (device_id, now, db.dumps(metrics)))
 
@@ -132,6 +137,27 @@ def set_cached_files(connection, device_id, text):
     """What the device's file cache holds, written only when it changed."""
     connection.execute("UPDATE devices SET cached_files = ? WHERE device_id = ?"
                        " AND cached_files IS NOT ?", (text, device_id, text))
+
+
+def watch(connection, device_id, now):
+    """Someone watches the device: until WATCH_SECONDS from now it reports
+    every watch_report_interval (rc-server reads this column). Written only
+    when less than WATCH_SECONDS - WATCH_REFRESH was left. The watch's end,
+    or None when there is no such device (or it was forgotten)."""
+    until = now + WATCH_SECONDS
+    connection.execute("UPDATE devices SET watched_until = ? WHERE device_id = ?"
+                       " AND forgotten = 0 AND coalesce(watched_until, 0) < ?",
+                       (until, device_id, until - WATCH_REFRESH))
+    row = connection.execute("SELECT watched_until FROM devices WHERE device_id = ?"
+                             " AND forgotten = 0", (device_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def watched(connection, now):
+    """(device id, watched until) of every device watched now (an index
+    holds only devices ever watched; the range finds the current ones)."""
+    return connection.execute("SELECT device_id, watched_until FROM devices"
+                              " WHERE watched_until > ?", (now,)).fetchall()
 
 
 def disconnected(connection, device_id, now):
@@ -212,6 +238,10 @@ def device_dict(row):
             device[key] = bool(device[key])
     if "suspect_since" in device:
         device["suspect"] = device["suspect_since"] is not None
+    if "figures_at" in device:
+        # Figures go on being shown after the device goes away: as its last, not as live.
+        device["stale"] = not (device.get("status") == ONLINE and device.get("connected")
+                               and not device.get("suspect"))
     # The role set on the main node wins over the one the device reports.
     if device.get("role_override"):
         device["reported_role"], device["role"] = device["role"], device["role_override"]
@@ -223,7 +253,8 @@ def device_dict(row):
 NUMBER_COLUMNS = (("cpu_cores", int, 100000), ("memory_gb", float, 1e7),
                   ("slots", int, MAX_SLOTS), ("registered_at", float, 1e11),
                   ("connected_at", float, 1e11), ("disconnected_at", float, 1e11),
-                  ("last_seen", float, 1e11), ("protocol", int, 1e6))
+                  ("last_seen", float, 1e11), ("protocol", int, 1e6),
+                  ("figures_at", float, 1e11), ("watched_until", float, 1e11))
 TEXT_COLUMNS = ("hostname", "platform", "architecture", "role", "role_override",
                 "unavailable_reason", "address")
 PERCENT_METRICS = ("cpu_percent", "memory_percent", "battery_percent", "disk_percent")
@@ -318,6 +349,14 @@ def list_devices_where(connection, clause, parameters):
         " AND t.%s) AS active_tasks FROM devices d WHERE %s ORDER BY d.device_id"
         % (prefixed(DEVICE_COLUMNS, "d."), db.ACTIVE_SQL, clause), tuple(parameters))
     return [device_dict(row) for row in rows]
+
+
+def with_age(device, now):
+    """The record with `figures_age`: seconds since its figures were taken
+    (None when it never sent any), for a viewer to show how old they are."""
+    taken = device.get("figures_at")
+    device["figures_age"] = None if taken is None else round(max(0.0, now - taken), 3)
+    return device
 
 
 def total_slots(devices):

@@ -25,11 +25,13 @@ import ssl
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, device_secrets, devices, fleet, protocol, tasks, throttle, tls
+from rc import audit, bell, db, device_logs, device_secrets, devices, fleet, protocol, tasks
+from rc import throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
-from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, ERROR, FAILED, HEARTBEAT,
+from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEVICE_LOG, ERROR,
+                       FAILED, HEARTBEAT, WATCH,
                        HEARTBEAT_ACK, HELLO, LEASE_CHECK, LEASE_CHECK_ACK, OUTCOME_CANCELLED,
                        OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
@@ -123,6 +125,8 @@ class Server:
         self.seen_version = None
         self.last_scan = 0.0
         self.stopping = False
+        self.log_allowance = device_logs.Allowance(config.device_log_rate)
+        self.watches_told = {}         # device id -> (peer, watched until) sent as watch
 
     # -- the loop ---------------------------------------------------------------
 
@@ -492,6 +496,7 @@ class Server:
             self.refuse(peer, "frame_timeout", "a frame took over %gs to arrive"
                         % self.config.frame_deadline)
         self.check_liveness(now)
+        self.tell_watches()
 
     # -- liveness: a device frozen with its connection open ------------------------
     # A worker stopped by SIGSTOP, a closed laptop lid or Android's freezer
@@ -744,9 +749,43 @@ class Server:
         detail = field(data, "detail", (str, type(None)), required=False)
         self.batch.append((Server.apply_control_ack, peer, (control_id, ok, (detail or "")[:500])))
 
+    # -- the device's own log, and watches -------------------------------------------
+
+    def on_device_log(self, peer, data):
+        """Lines of the worker's own log: the message refused whole when
+        one is malformed; those over the device's allowance counted, not kept."""
+        lines, trim = self.log_allowance.admit(peer.device_id, device_logs.checked_lines(data))
+        if lines:
+            self.batch.append((Server.apply_device_log, peer, (lines, trim)))
+
+    def apply_device_log(self, peer, data, now):
+        lines, trim = data
+        device_logs.store(self.database, peer.device_id, lines, now,
+                          self.config.device_log_lines if trim else None)
+
+    def tell_watches(self):
+        """Devices someone watches (POST /api/v1/devices/ID/watch writes the
+        column) report every watch_report_interval until the watch ends; a
+        new or longer watch, or a new connection, is told once. One indexed
+        read a sweep (about a second)."""
+        now = time.time()
+        watched = dict(devices.watched(self.database, now))
+        for device_id in [d for d in self.watches_told if d not in watched]:
+            del self.watches_told[device_id]
+        for device_id, until in watched.items():
+            peer = self.peers_by_device.get(device_id)
+            if peer is None or self.watches_told.get(device_id) == (peer, until):
+                continue
+            self.watches_told[device_id] = (peer, until)
+            # No sooner than a heartbeat can be written (min_heartbeat_interval).
+            interval = max(self.config.watch_report_interval,
+                           self.config.min_heartbeat_interval)
+            self.send(peer, WATCH, {"interval": interval, "seconds": round(until - now, 3)})
+
     HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
                 TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
-                CONTROL_ACK: on_control_ack, PONG: on_pong, LEASE_CHECK: on_lease_check}
+                CONTROL_ACK: on_control_ack, PONG: on_pong, LEASE_CHECK: on_lease_check,
+                DEVICE_LOG: on_device_log}
 
     # -- applying a turn's messages: one transaction (or one statement) ------------
 
@@ -836,7 +875,9 @@ class Server:
                          self.config.max_device_slots)
         if is_new:
             fleet.tasks_for_new_device(self.database, self.config, peer.device_id)
+        # device_logs: this main node takes device_log messages (older ones do not).
         ack = dict(fence_settings(self.config), files_port=self.config.files_port,
+                   device_logs=True,
                    proof=protocol.server_proof(key, peer.nonce, worker_nonce, peer.device_id))
         first_join = key == self.join_token.value()
         if first_join:

@@ -30,7 +30,7 @@ import bottle
 import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import state_dir, web_server
+from rc import device_routes, state_dir, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
@@ -346,13 +346,15 @@ class Web:
         return summary
 
     def devices(self):
-        return json_response({"devices": self.listed_devices()})
+        now = time.time()
+        return json_response({"devices": [devices.with_age(device, now)
+                                          for device in self.listed_devices()]})
 
     def device(self, device_id):
         device = devices.get(self.connection(), device_id)
         if device is None:
             raise ApiError(404, "no device %r" % device_id)
-        return json_response(device)
+        return json_response(devices.with_age(device, time.time()))
 
     def tasks(self):
         query = bottle.request.query
@@ -1361,7 +1363,8 @@ def make_app(config, logger=None):
         ("GET", "/stream/<kind:re:devices|tasks|logs>", web.stream, "read"),
         ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
         ("GET", "/worker.py", web.worker_file, "open"),
-    ] + file_routes(FileRoutes(web))
+    ] + file_routes(FileRoutes(web)) \
+        + device_routes.DeviceRoutes(web, query_int, separated).routes()
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
