@@ -243,3 +243,36 @@ def test_health_warns_of_a_task_no_device_can_ever_run(cluster_home):
     late = health.unfit_tasks(connection, config, now + config.health_unfit_task + 1)
     assert late.status == health.WARNING and late.values["unfit"] == 1
     assert "task %d " % unfit in late.message and "rc why %d" % unfit in late.message
+
+
+# -- device ids that differ only by case ----------------------------------------------
+
+def test_a_device_id_differing_only_by_case_is_refused(tmp_path):
+    from test_server import Client, server, token_of     # noqa: F401 (the fixture's parts)
+    import io as io_module
+    import threading
+    from rc import state_dir
+    from rc.log import Logger
+    from rc.server import Server
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    config.tcp_host, config.tcp_port, config.auth_timeout = "127.0.0.1", 0, 1.0
+    config.tls, config.device_secrets = False, False
+    state_dir.init(config)
+    instance = Server(config, Logger("rc-server", "debug", io_module.BytesIO()))
+    port = instance.listen()
+    thread = threading.Thread(target=lambda: [instance.turn(0.002)
+                                              for _ in iter(lambda: instance.stopping, True)])
+    thread.start()
+    try:
+        token = token_of(instance)
+        assert Client(port).register(token, "pi")["message_type"] == "register_ack"
+        reply = Client(port).register(token, "PI")
+        assert reply["data"]["code"] == "device_id_clash" and "pi" in reply["data"]["message"]
+        # The same id again is the same device, as before.
+        assert Client(port).register(token, "pi")["message_type"] == "register_ack"
+        ids = [row[0] for row in instance.database.execute("SELECT device_id FROM devices")]
+        assert ids == ["pi"]
+    finally:
+        instance.stopping = True
+        thread.join()
+        instance.database.close()

@@ -1,0 +1,191 @@
+"""The first hour of a new user (issue 21) against a real main node:
+`make run` returns healthy, `rc ctl` from anywhere, what the cluster was
+started with kept for a new shell, a stopped main node shows no device
+online, and a worker started wrongly (no fingerprint, the dashboard port,
+Python 2.7) says what is wrong; on a terminal it speaks in sentences."""
+import glob
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster_harness import RC, REPO, WORKER, Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+NEW_SHELL_DROPS = ("RC_CONFIG", "RC_TCP_PORT", "RC_WEB_PORT", "RC_FILES_PORT")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("first-hour") / "var",
+                      health_queue_stuck=321.0)
+    started = cluster.make("run")
+    assert started.returncode == 0, started.stdout
+    cluster.started_output = started.stdout
+    # `make run && bin/rc health`: healthy the moment make returns.
+    cluster.health_right_after = cluster.rc("health", check=False)
+    from rc import db
+    cluster.db = db.connect(cluster.config.db_path)
+    yield cluster
+    cluster.stop_workers()
+    cluster.make("stop")
+    cluster.db.close()
+
+
+def new_shell(cluster):
+    """The environment of a new shell that names only RC_HOME."""
+    env = {key: value for key, value in os.environ.items() if key not in NEW_SHELL_DROPS}
+    env["RC_HOME"] = cluster.home
+    return env
+
+
+def test_make_run_returns_healthy_and_says_so(cluster):
+    assert "cluster healthy: RC OK" in cluster.started_output
+    assert cluster.health_right_after.returncode == 0, cluster.health_right_after.stdout
+    assert cluster.health_right_after.stdout.startswith("RC OK")
+    assert "STARTING" not in cluster.started_output
+
+
+def test_a_new_shell_gets_the_ports_and_settings_it_was_started_with(cluster, tmp_path):
+    env = new_shell(cluster)
+    joined = subprocess.run([RC, "join"], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            universal_newlines=True, timeout=60).stdout
+    assert ":%d " % cluster.config.tcp_port in joined
+    assert ":%d/" % cluster.config.web_port in joined
+    setting = subprocess.run(
+        [os.path.join(REPO, ".venv", "bin", "python"), "-c",
+         "from rc import config; print(config.load().health_queue_stuck)"],
+        env=env, stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout
+    assert setting.strip() == "321.0"
+    health = subprocess.run([RC, "health"], env=env, stdout=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert health.returncode == 0, health.stdout
+
+
+def test_rc_ctl_from_any_directory(cluster, tmp_path):
+    env = new_shell(cluster)
+    status = subprocess.run([RC, "ctl", "status"], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=60)
+    assert status.returncode == 0, status.stdout
+    assert "rc-scheduler" in status.stdout and "RUNNING" in status.stdout
+    assert "ENV_" not in status.stdout
+    before = cluster.program_pid("rc-scheduler")
+    restarted = subprocess.run([RC, "ctl", "restart", "rc-scheduler"], env=env,
+                               cwd=str(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert restarted.returncode == 0, restarted.stdout
+    assert cluster.program_pid("rc-scheduler") not in (0, before)
+    tail = subprocess.run([RC, "ctl", "tail", "rc-server"], env=env, cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert tail.returncode == 0 and '"program":"rc-server"' in tail.stdout.replace(" ", "")
+    made = cluster.make("status")
+    assert made.returncode == 0 and "RUNNING" in made.stdout
+
+
+def worker_output(process, timeout):
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return process.returncode, out
+
+
+def test_a_worker_without_fingerprint_on_tls_says_what_is_missing(cluster, tmp_path):
+    assert cluster.config.tls
+    process = subprocess.Popen(
+        [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % cluster.config.tcp_port,
+         "--token-file", cluster.config.token_path, "--device-id", "nofp",
+         "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    status, out = worker_output(process, 30)
+    assert status == 3, out
+    assert "fingerprint_missing" in out and "--fingerprint" in out and "rc join" in out
+    assert out.count('"no_hello"') == 0
+
+
+def test_a_worker_pointed_at_the_dashboard_port_gets_a_hint(cluster, tmp_path):
+    for pin in ([], ["--fingerprint", "ab" * 32]):
+        process = subprocess.Popen(
+            [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % cluster.config.web_port,
+             "--token-file", cluster.config.token_path, "--device-id", "webport",
+             "--state-dir", str(tmp_path / "state")] + pin,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        status, out = worker_output(process, 30)
+        assert status == 3, out
+        assert "this looks like the dashboard port (HTTP); the worker port is 8080" in out
+
+
+PYTHON27 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python")))
+
+
+@pytest.mark.skipif(not PYTHON27, reason="no Python 2.7 under ~/.pyenv/versions")
+def test_python_2_7_is_told_what_the_worker_needs():
+    done = subprocess.run([PYTHON27[-1], WORKER, "--join", "127.0.0.1:1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=30)
+    assert done.returncode == 1
+    assert "needs Python 3.6 or newer" in done.stderr and "SyntaxError" not in done.stderr
+
+
+def test_the_worker_speaks_sentences_on_a_terminal_and_json_otherwise(cluster):
+    parent, child = pty.openpty()
+    arguments = cluster.worker_arguments("tty-worker") + ["--slots", "2"]
+    process = subprocess.Popen([sys.executable, "-I", WORKER] + arguments, stdin=child,
+                               stdout=child, stderr=child, start_new_session=True)
+    os.close(child)
+    seen = b""
+    try:
+        deadline = time.time() + 30
+        while b"waiting for tasks" not in seen and time.time() < deadline:
+            if select.select([parent], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(parent, 65536)
+                except OSError:
+                    break
+        text = seen.decode("utf-8", "replace")
+        assert "connected to 127.0.0.1:%d, 2 slots, waiting for tasks" \
+            % cluster.config.tcp_port in text, text
+        assert '{"time"' not in text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        os.close(parent)
+    # Not a terminal: JSON lines, as every program of the cluster writes.
+    piped = cluster.start_worker("piped-worker")
+    wait_for(lambda: b'"registered"' in open(cluster.worker_log("piped-worker"), "rb").read(),
+             30, "the piped worker to register")
+    for line in open(cluster.worker_log("piped-worker"), "rb").read().splitlines():
+        assert isinstance(json.loads(line), dict)
+    piped.terminate()
+    piped.wait(timeout=30)
+
+
+def test_with_the_main_node_stopped_no_device_is_online(cluster):
+    online = cluster.rc("devices", "--tsv", "--no-header").stdout
+    assert "\tonline\t" in online
+    stopped = cluster.make("stop")
+    assert stopped.returncode == 0, stopped.stdout
+    try:
+        devices = cluster.rc("devices", "--tsv", "--no-header")
+        assert devices.stdout and "\tonline" not in devices.stdout
+        assert "main node not running" in devices.stderr
+        status = cluster.rc("status").stdout
+        assert status.startswith("main_node: not running") and "devices_online: 0" in status
+        health = cluster.rc("health", check=False)
+        assert health.returncode == 2 and "devices_online=0 " in health.stdout
+        ctl = cluster.rc("ctl", "status", check=False)
+        assert ctl.returncode == 3 and ctl.stdout.startswith("not running")
+        made = cluster.make("status")
+        assert made.returncode == 0 and "not running" in made.stdout
+        assert "Error" not in made.stdout
+    finally:
+        restarted = cluster.make("run")
+        assert restarted.returncode == 0, restarted.stdout
