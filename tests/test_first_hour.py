@@ -276,3 +276,67 @@ def test_a_device_id_differing_only_by_case_is_refused(tmp_path):
         instance.stopping = True
         thread.join()
         instance.database.close()
+
+
+# -- the README's fleet examples, and the docs' worker lines -----------------------------
+
+def finished_group(config, connection, outputs):
+    """A --each group whose tasks ended with these outputs, one per device."""
+    for device_id in outputs:
+        add(connection, device_id)
+    status, out, err = rc("submit", "--each", "shell", "df -h /")
+    group_id = int(out)
+    now = time.time()
+    with db.write(connection):
+        for member in fleet.group(connection, group_id)["tasks"]:
+            connection.execute(
+                "UPDATE tasks SET state = 'completed', finished_at = ?, result = ?"
+                " WHERE task_id = ?", (now, db.dumps({"output": outputs[member["device_id"]]}),
+                                       member["task_id"]))
+    return group_id
+
+
+def test_a_group_shows_each_devices_whole_output(cluster_home):
+    config, connection = cluster_home
+    df = ("Filesystem      Size  Used Avail Use% Mounted on\n"
+          "/dev/root        29G  5.1G   23G  19% /\n")
+    group_id = finished_group(config, connection, {"pi-kitchen": df, "pi-attic": df})
+    status, out, _ = rc("group", str(group_id))
+    assert out.count("/dev/root        29G") == 2
+    assert "== pi-attic (task " in out and "== pi-kitchen (task " in out
+    assert out.rstrip().endswith("2 tasks: 2 completed, 0 failed, 0 running")
+
+
+def test_the_readmes_offline_filter_finds_a_drained_offline_device(cluster_home):
+    config, connection = cluster_home
+    add(connection, "laptop")
+    fleet.drain(connection, config, "laptop")
+    with db.write(connection):
+        connection.execute("UPDATE devices SET status = 'offline', connected = 0")
+    readme = open(os.path.join(REPO, "README.md")).read()
+    line = [line for line in readme.splitlines()
+            if line.startswith("bin/rc devices --tsv --no-header | awk")][0]
+    done = subprocess.run(line.replace("bin/rc", RC, 1), shell=True, env=os.environ,
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.stdout.split() == ["laptop"]
+
+
+def worker_command_lines():
+    """Every `worker.py --join ...` command in README.md and docs/, whole
+    (a command may go on over the next lines, inside backticks or after \\)."""
+    paths = [os.path.join(REPO, "README.md")] + sorted(
+        os.path.join(REPO, "docs", name) for name in os.listdir(os.path.join(REPO, "docs")))
+    for path in paths:
+        text = open(path).read().replace("\\\n", " ")
+        for start in [i for i in range(len(text)) if text.startswith("worker.py --join", i)]:
+            end = min([i for i in (text.find("`", start), text.find("\n\n", start),
+                                   text.find("\n```", start)) if i != -1] + [len(text)])
+            yield os.path.basename(path), " ".join(text[start:end].split())
+
+
+def test_every_worker_command_in_the_docs_pins_the_certificate():
+    lines = list(worker_command_lines())
+    assert len(lines) >= 4
+    for name, line in lines:
+        if "--token" in line:
+            assert "--fingerprint" in line, "%s: %s" % (name, line)

@@ -670,10 +670,26 @@ def summary_line(summary):
 
 
 def write_group(context, summary):
-    rows = [group_row(member) for member in summary["tasks"]]
-    context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
-                                   colourize=context.colourize))
+    """A table, one line per device; when an output has more lines than
+    one (`df -h /`), each device's whole output under a heading instead."""
+    if any(len((m["output"] or "").strip().splitlines()) > 1 for m in summary["tasks"]):
+        for member in summary["tasks"]:
+            context.out.write(group_block(member))
+    else:
+        rows = [group_row(member) for member in summary["tasks"]]
+        context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
+                                       colourize=context.colourize))
     context.out.write(summary_line(summary["summary"]) + "\n")
+
+
+def group_block(member):
+    """== DEVICE (task N, STATE), then its output as it printed it (control
+    characters shown as "?": a device chose them), then its error's last line."""
+    error = group_row(member)["ERROR"]
+    text = "== %s (task %d, %s)\n" % (render.cell(member["device_id"]), member["task_id"],
+                                      member["state"])
+    text += with_newline(render.printable((member["output"] or "").rstrip("\n")))
+    return text + ("error: %s\n" % render.cell(error) if error else "")
 
 
 def cmd_group(arguments, context):
