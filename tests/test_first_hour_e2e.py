@@ -189,3 +189,95 @@ def test_with_the_main_node_stopped_no_device_is_online(cluster):
     finally:
         restarted = cluster.make("run")
         assert restarted.returncode == 0, restarted.stdout
+
+
+# -- a new user, following README.md on a fresh clone ---------------------------------
+
+def readme_command(readme, command, **substitutions):
+    """`command` as README.md writes it, checked to be there, with test
+    values put in (free ports for 8080/5000/8081, a temporary RC_HOME, the
+    local worker for the README's example device)."""
+    assert command in readme, "README.md no longer says: %s" % command
+    for old, new in substitutions.items():
+        command = command.replace(old, new)
+    return command
+
+
+def run(command, cwd, env, timeout=240):
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
+
+
+def free_ports(count):
+    from cluster_harness import free_port
+    ports = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return [str(port) for port in ports]
+
+
+def test_a_new_user_follows_the_readme_on_a_fresh_clone(tmp_path):
+    """The README's first-hour commands, as written, in a fresh `git clone`
+    (its own virtualenv and var/); only the ports are free ones instead of
+    8080/5000/8081, which other clusters on this machine may hold."""
+    clone = str(tmp_path / "retire-cluster")
+    subprocess.run(["git", "clone", "-q", REPO, clone], check=True, timeout=120)
+    readme = open(os.path.join(clone, "README.md")).read()
+    tcp, web, files, tcp2, web2, files2 = free_ports(6)
+    shell = {key: value for key, value in os.environ.items()
+             if not key.startswith("RC_") and key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    first = dict(shell, RC_TCP_PORT=tcp, RC_WEB_PORT=web, RC_FILES_PORT=files)
+    rc2 = str(tmp_path / "rc2")
+    second = {"/tmp/rc2": rc2, "8090": tcp2, "5010": web2, "8091": files2}
+    try:
+        started = run("make run && bin/rc health", clone, first, timeout=300)
+        assert started.returncode == 0, started.stdout
+        assert "cluster healthy: RC OK" in started.stdout and "\nRC OK" in started.stdout
+        # A new shell: no ports in the environment; what make run was given is recorded.
+        assert run(readme_command(readme, "bin/rc health"), clone, shell).returncode == 0
+        result = run(readme_command(
+            readme, "bin/rc submit python_eval 'sum(range(100000))' --wait"), clone, shell)
+        assert result.stdout.strip() == "4999950000", result.stdout
+        devices = run(readme_command(readme, "bin/rc devices"), clone, shell).stdout
+        local = [line.split()[0] for line in devices.splitlines()[1:] if " online " in line]
+        assert len(local) == 1, devices
+        joined = run("bin/rc join", clone, shell).stdout
+        assert ":%s " % tcp in joined and ":%s/" % web in joined
+        ctl = run("cd / && %s/bin/rc ctl status" % clone, clone, shell)
+        assert ctl.returncode == 0 and "rc-worker" in ctl.stdout, ctl.stdout
+        status = run(readme_command(readme, "make status"), clone, shell)
+        assert status.returncode == 0 and "RUNNING" in status.stdout
+        # The fleet at work, on the one device there is.
+        labelled = run(readme_command(readme, "bin/rc label pi-kitchen kind=pi",
+                                      **{"pi-kitchen": local[0]}), clone, shell)
+        assert labelled.returncode == 0, labelled.stdout
+        fleet = run(readme_command(
+            readme, "bin/rc submit --each --require label.kind=pi shell 'df -h /' --wait"),
+            clone, shell)
+        assert fleet.returncode == 0, fleet.stdout
+        assert "== %s (task " % local[0] in fleet.stdout and "Filesystem" in fleet.stdout
+        assert len([line for line in fleet.stdout.splitlines() if line.endswith("/")]) >= 1
+        # A second cluster beside the first, then read from a new shell.
+        for command in ("RC_HOME=/tmp/rc2 RC_TCP_PORT=8090 RC_WEB_PORT=5010"
+                        " RC_FILES_PORT=8091 make run",):
+            done = run(readme_command(readme, command, **second), clone, shell, timeout=300)
+            assert done.returncode == 0 and "cluster healthy" in done.stdout, done.stdout
+        status2 = run(readme_command(readme, "RC_HOME=/tmp/rc2 bin/rc status", **second),
+                      clone, shell)
+        assert "devices_online: 1" in status2.stdout, status2.stdout
+        joined2 = run(readme_command(readme, "RC_HOME=/tmp/rc2 bin/rc join", **second),
+                      clone, shell).stdout
+        assert ":%s " % tcp2 in joined2 and ":%s/" % web2 in joined2
+        stopped2 = run(readme_command(readme, "RC_HOME=/tmp/rc2 make stop", **second),
+                       clone, shell)
+        assert stopped2.returncode == 0 and "stopped" in stopped2.stdout
+        # The first is untouched by the second's stop.
+        assert run("bin/rc health", clone, shell).returncode == 0
+        stopped = run(readme_command(readme, "make stop"), clone, shell)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        after = run("bin/rc status", clone, shell).stdout
+        assert after.startswith("main_node: not running") and "devices_online: 0" in after
+        assert run("make status", clone, shell).returncode == 0
+    finally:
+        run("RC_HOME=%s make stop" % rc2, clone, shell)
+        run("make stop", clone, shell)
