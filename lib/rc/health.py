@@ -279,7 +279,7 @@ def unfit_tasks(connection, config, now):
         if verdicts[kind]:
             unfit.append(row)
     if not unfit:
-        return Finding("unfit", OK, "no task unfit for every device", unfit=0)
+        return Finding("unfit", OK, "unfit tasks 0", unfit=0)
     first = unfit[0]
     return Finding("unfit", WARNING, "task %d has waited %s and no known device fits it"
                    " (%d such tasks); `rc why %d` says what it needs"
