@@ -168,6 +168,24 @@ def test_the_worker_speaks_sentences_on_a_terminal_and_json_otherwise(cluster):
     piped.wait(timeout=30)
 
 
+def test_a_task_nothing_can_run_warns_and_make_run_still_returns(cluster):
+    task_id = int(cluster.rc("submit", "echo", "x", "--require", "cores=512").stdout)
+    from rc import db
+    with db.write(cluster.db):     # as if submitted long ago
+        cluster.db.execute("UPDATE tasks SET created_at = created_at - ? WHERE task_id = ?",
+                           (cluster.config.health_unfit_task + 60, task_id))
+    try:
+        health = cluster.rc("health", check=False)
+        assert health.returncode == 1 and "task %d has waited" % task_id in health.stdout
+        why = cluster.rc("why", str(task_id)).stdout
+        assert "needs 512 CPU cores" in why
+        again = cluster.make("run")
+        assert again.returncode == 0 and "cluster up, with a warning" in again.stdout
+    finally:
+        cluster.rc("cancel", str(task_id))
+    assert cluster.rc("health", check=False).returncode == 0
+
+
 def test_with_the_main_node_stopped_no_device_is_online(cluster):
     online = cluster.rc("devices", "--tsv", "--no-header").stdout
     assert "\tonline\t" in online
