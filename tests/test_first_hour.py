@@ -1,13 +1,13 @@
 """The first hour of a new user (issue 21): what `rc` says when something is
 off, the settings a cluster was started with, the main node stopped, `rc
 why` for drained and paused devices, and tasks no device can ever run."""
+import glob
 import io
 import json
 import os
 import pty
 import select
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,6 +17,7 @@ from rc import config as config_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RC = os.path.join(REPO, "bin", "rc")
+WORKER_PATH = os.path.join(REPO, "bin", "worker.py")
 
 
 def rc(*argv):
@@ -105,6 +106,18 @@ def test_monitor_leaves_on_q_and_says_so(cluster_home):
             process.kill()
             process.wait()
         os.close(parent)
+
+
+PYTHON27 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python")))
+
+
+@pytest.mark.skipif(not PYTHON27, reason="no Python 2.7 under ~/.pyenv/versions")
+def test_python_2_7_is_told_what_the_worker_needs():
+    done = subprocess.run([PYTHON27[-1], WORKER_PATH, "--join", "127.0.0.1:1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=30)
+    assert done.returncode == 1
+    assert "needs Python 3.6 or newer" in done.stderr and "SyntaxError" not in done.stderr
 
 
 # -- what the main node was started with ----------------------------------------------
@@ -248,7 +261,7 @@ def test_health_warns_of_a_task_no_device_can_ever_run(cluster_home):
 # -- device ids that differ only by case ----------------------------------------------
 
 def test_a_device_id_differing_only_by_case_is_refused(tmp_path):
-    from test_server import Client, server, token_of     # noqa: F401 (the fixture's parts)
+    from test_server import Client, token_of
     import io as io_module
     import threading
     from rc import state_dir

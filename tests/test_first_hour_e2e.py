@@ -3,7 +3,6 @@
 started with kept for a new shell, a stopped main node shows no device
 online, and a worker started wrongly (no fingerprint, the dashboard port,
 Python 2.7) says what is wrong; on a terminal it speaks in sentences."""
-import glob
 import json
 import os
 import pty
@@ -121,18 +120,6 @@ def test_a_worker_pointed_at_the_dashboard_port_gets_a_hint(cluster, tmp_path):
         status, out = worker_output(process, 30)
         assert status == 3, out
         assert "this looks like the dashboard port (HTTP); the worker port is 8080" in out
-
-
-PYTHON27 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python")))
-
-
-@pytest.mark.skipif(not PYTHON27, reason="no Python 2.7 under ~/.pyenv/versions")
-def test_python_2_7_is_told_what_the_worker_needs():
-    done = subprocess.run([PYTHON27[-1], WORKER, "--join", "127.0.0.1:1"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=30)
-    assert done.returncode == 1
-    assert "needs Python 3.6 or newer" in done.stderr and "SyntaxError" not in done.stderr
 
 
 def test_the_worker_speaks_sentences_on_a_terminal_and_json_otherwise(cluster):

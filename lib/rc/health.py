@@ -265,7 +265,7 @@ def unfit_tasks(connection, config, now):
         "SELECT task_id, task_type, requirements, created_at FROM tasks"
         " WHERE %s AND created_at < ? ORDER BY task_id LIMIT ?" % db.QUEUED_SQL,
         (limit, STUCK_LOOKED_AT)).fetchall()
-    known = devices.list_devices(connection)
+    known = devices.list_devices(connection) if rows else []    # a long list: only if needed
     unfit, verdicts = [], {}
     for row in rows:
         kind = (row["task_type"], row["requirements"])
