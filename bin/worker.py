@@ -4975,6 +4975,7 @@ class Worker(object):
         self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
         self.files = Files(options)    # files: the cache, rc-files, transfers under way
         # Self-fencing (see check_fence). Times are on contact_clock().
+        self.silence_looked_at = False  # no_hello has looked at what answers there
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -5336,10 +5337,14 @@ class Worker(object):
         self.watch_socket(writing=False)
 
     def no_hello(self):
-        diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
-        if diagnosis is not None:
-            self.give_up(*diagnosis)
-            return
+        # Looked at once until the next registration: the look blocks this
+        # loop for up to a few seconds, and a busy main node stays busy.
+        if not self.silence_looked_at:
+            self.silence_looked_at = True
+            diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
+            if diagnosis is not None:
+                self.give_up(*diagnosis)
+                return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
         log("error", "no_hello", main_node="%s:%d" % self.options.join,
@@ -5594,6 +5599,7 @@ class Worker(object):
         self.fenced_known()
         self.state = READY
         self.auth_deadline = None
+        self.silence_looked_at = False
         self.backoff = BACKOFF_START
         log("info", "registered", device_id=self.device_id, main_node="%s:%d" % self.options.join,
             slots=self.options.slots, resending=len(self.unacked),
