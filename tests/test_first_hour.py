@@ -169,6 +169,9 @@ def test_with_the_main_node_stopped_no_device_is_online(cluster_home):
     status, out, _ = rc("device", "pi")
     assert "status:" in out and "offline" in [line.split()[-1] for line in out.splitlines()
                                               if line.startswith("status:")]
+    status, out, _ = rc("monitor")            # one frame, and back: nothing moves
+    assert status == 0 and out.startswith("main node not running (stopped ")
+    assert "devices 0/1 online" in out
     report = health.check(config)
     devices_finding = [f for f in report.findings if f.name == "devices"][0]
     assert devices_finding.values["devices_online"] == 0
@@ -353,3 +356,29 @@ def test_every_worker_command_in_the_docs_pins_the_certificate():
     for name, line in lines:
         if "--token" in line:
             assert "--fingerprint" in line, "%s: %s" % (name, line)
+
+
+def test_the_capabilities_rc_names_are_those_the_worker_looks_for():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rc_worker_capabilities", WORKER_PATH)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    assert cli.KNOWN_CAPABILITIES == worker.CAPABILITY_TOOLS
+
+
+def test_the_worker_reads_as_sentences_on_a_terminal():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rc_worker_console", WORKER_PATH)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    record = {"time": 0.0, "program": "worker", "level": "info", "event": "registered",
+              "device_id": "nas", "main_node": "nas:8080", "slots": 2}
+    assert worker.readable_line(record).endswith(
+        " connected to nas:8080, 2 slots, waiting for tasks")
+    failed = dict(record, event="task_finished", level="warning", task_id=7, attempt=1,
+                  task_type="shell", status="failed", execution_time=0.25,
+                  error="Traceback\nValueError: \x1b]0;owned\x07")
+    assert worker.readable_line(failed).endswith(
+        " WARNING task 7 (shell) failed after 0.2s: ValueError: ?]0;owned?")
+    odd = dict(record, event="bad_frame", level="error", message="line 3 \x1b[2J")
+    assert worker.readable_line(odd).endswith(" ERROR bad frame: line 3 ?[2J")

@@ -886,6 +886,11 @@ def cmd_control(arguments, context):
 def cmd_monitor(arguments, context):
     """Draw the frame; without --once, draw it again whenever the database
     changes, until interrupted."""
+    if context.main_node_stopped is not None:
+        # Nothing moves with the main node stopped: one frame, devices as last seen.
+        context.out.write(monitor_frame(context.connection, context.width or 80,
+                                        context.colour, context.main_node_stopped))
+        return
     if arguments.once:
         context.out.write(monitor_frame(context.connection, context.width or 80,
                                         context.colour))
@@ -939,10 +944,13 @@ def keys_one_at_a_time(stream):
         termios.tcsetattr(descriptor, termios.TCSADRAIN, saved)
 
 
-def monitor_frame(connection, width, colour=False):
+def monitor_frame(connection, width, colour=False, stopped_at=None):
     """Cluster utilisation, the device grid and the active tasks with their
-    progress, in `width` columns."""
+    progress, in `width` columns; with the main node stopped (`stopped_at`),
+    it says so first and shows every device offline, as last seen."""
     records = devices.list_devices(connection)
+    if stopped_at is not None:
+        records = [dict(device, status=OFFLINE, connected=False) for device in records]
     online = [d for d in records if d["status"] == ONLINE]
     slots = devices.total_slots(online)
     busy = devices.busy_slots(online)
@@ -957,6 +965,8 @@ def monitor_frame(connection, width, colour=False):
                                   busy / slots if slots else None, width, colour),
              render.progress_line("cpu (mean)", sum(cpus) / len(cpus) if cpus else None,
                                   width, colour), ""]
+    if stopped_at is not None:
+        lines.insert(0, "main node %s" % stopped_text(stopped_at))
     text = "\n".join(lines) + "\n"
     text += render.device_grid([grid_cell(d) for d in records], width, colour) or \
         "no devices yet; `rc join` shows how to add one\n"
