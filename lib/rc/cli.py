@@ -309,7 +309,10 @@ def detail_pairs(record, now):
     for key, value in simple:
         is_time = key.endswith(("_at", "_expires")) or key in ("last_seen", "not_before",
                                                                 "suspect_since")
-        yield key, when(value, now) if is_time and value else value
+        if is_time:       # 0 (not_before of a task never held back) is no time at all
+            yield key, when(value, now) if value else None
+        else:
+            yield key, value
     for key, value in nested:
         yield from flatten(value, key)
 
