@@ -31,6 +31,8 @@ $(VENV)/.installed: requirements.txt setup.py
 
 # umask 077: supervisord opens its own log before it applies the umask in
 # etc/supervisord.conf, and everything under $(RC_HOME) is the owner's alone.
+# `make run` returns once `rc health` is OK (every program RUNNING, the local
+# worker online) and says so, or fails saying what is not.
 run: install
 	@if $(CTL) pid >/dev/null 2>&1; then \
 		$(CTL) start all >/dev/null; \
@@ -38,7 +40,7 @@ run: install
 		umask 077; $(SUPERVISORD); \
 	fi
 	@$(PY) -m rc.cli wait-ready
-	@$(CTL) status
+	@$(PY) -m rc.cli ctl status
 	@$(PY) -m rc.cli join
 
 stop:
@@ -50,8 +52,10 @@ stop:
 		echo "not running"; \
 	fi
 
+# The programs' states, or "not running"; exits 0 either way (it answered).
+# Scripts use `bin/rc ctl status`: exit 3 when something is not running.
 status:
-	@$(CTL) status
+	@$(PY) -m rc.cli ctl status || [ $$? -eq 3 ]
 
 test: install
 	$(PY) -m pytest

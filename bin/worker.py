@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# -*- coding: utf-8 -*-
 """Retire-Cluster worker: makes this device part of the cluster.
 
 Copy this one file onto a device and run it:
@@ -11,10 +12,20 @@ the tasks it is given. Standard library only, CPython 3.6 to 3.13; psutil is
 used when it happens to be installed. docs/protocol.md is the contract this
 file implements.
 """
+# Checked before anything else, in syntax Python 2.7 parses, so an old
+# interpreter says what it needs instead of a SyntaxError: this whole file
+# must stay parseable by 2.7 (tests/test_first_hour.py runs it so).
+import sys
+if sys.version_info < (3, 6):
+    sys.stderr.write("worker.py needs Python 3.6 or newer; this is Python %d.%d (%s).\n"
+                     "On Termux: pkg install python; elsewhere install python3 and run"
+                     " python3 worker.py ...\n" % (sys.version_info[0], sys.version_info[1],
+                                                   sys.executable))
+    sys.exit(1)
+
 import errno
 import os
 import selectors
-import sys
 import time
 from collections import OrderedDict, deque
 
@@ -232,7 +243,8 @@ log_forwarder = None          # a LogForwarder, once defined below
 
 def log(level, event, **fields):
     """One JSON object per line on stdout, like every program of the cluster;
-    warnings, errors and task events also go to the main node (LogForwarder),
+    on a terminal, one readable line instead (a person is watching).
+    Warnings, errors and task events also go to the main node (LogForwarder),
     whatever the local log level."""
     if log_forwarder is not None:
         try:
@@ -245,7 +257,11 @@ def log(level, event, **fields):
               "event": event}
     record.update(fields)
     try:
-        sys.stdout.buffer.write(dumps(record, default=repr) + b"\n")
+        if console_is_terminal():
+            line = readable_line(record).encode("utf-8", "replace")
+        else:
+            line = dumps(record, default=repr)
+        sys.stdout.buffer.write(line + b"\n")
         sys.stdout.buffer.flush()
     except (AttributeError, OSError, ValueError):
         pass     # nowhere to log is no reason to stop working
@@ -312,6 +328,53 @@ def forwarded_line(level, event, fields):
 
 
 log_forwarder = LogForwarder()
+
+
+console_terminal = None     # whether stdout is a terminal, looked at on the first line
+
+
+def console_is_terminal():
+    global console_terminal
+    if console_terminal is None:
+        try:
+            console_terminal = sys.stdout.isatty()
+        except (AttributeError, ValueError):
+            console_terminal = False
+    return console_terminal
+
+
+# What a person reads on the terminal for the events worth a sentence; any
+# other event is shown as its name, its message or its fields.
+READABLE_EVENTS = {
+    "worker_started": "worker %(device_id)s starting: %(slots)s slots, joining %(main_node)s",
+    "connected": "reached %(main_node)s, proving the join token to each other",
+    "registered": "connected to %(main_node)s, %(slots)s slots, waiting for tasks",
+    "disconnected": "disconnected: %(reason)s; trying again in %(retry_in)gs",
+    "task_started": "task %(task_id)s (%(task_type)s) started",
+    "task_finished": "task %(task_id)s (%(task_type)s) %(status)s after %(execution_time).1fs",
+    "worker_stopped": "worker stopped",
+}
+
+
+def readable_line(record):
+    """HH:MM:SS, WARNING/ERROR when it is one, then the event in words."""
+    fields = dict((k, v) for k, v in record.items()
+                  if k not in ("time", "program", "level", "event"))
+    try:
+        text = READABLE_EVENTS[record["event"]] % fields
+    except (KeyError, TypeError, ValueError):
+        text = record["event"].replace("_", " ")
+        if fields.get("message"):
+            text += ": %s" % fields["message"]
+        elif fields:
+            text += ": " + ", ".join("%s=%s" % item for item in sorted(fields.items()))
+    if record["event"] == "task_finished" and fields.get("error"):
+        text += ": %s" % str(fields["error"]).strip().splitlines()[-1]
+    level = record["level"]
+    # A task's error or a device name could hold escape sequences: shown as "?".
+    text = "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+    return "%s %s%s" % (time.strftime("%H:%M:%S", time.localtime(record["time"])),
+                        level.upper() + " " if level in ("warning", "error") else "", text)
 
 
 def new_nonce():
@@ -595,6 +658,58 @@ def tls_socket(sock):
     return client_context(ssl.SSLContext).wrap_socket(sock, do_handshake_on_connect=False)
 
 
+# -- why a main node says nothing: a wrong port or a missing fingerprint ----------------
+
+SILENCE_PROBE_TIMEOUT = 3.0     # seconds each look at a silent main node's port may take
+DASHBOARD_PORT = ("wrong_port", "%s:%d answers HTTP: this looks like the dashboard port"
+                  " (HTTP); the worker port is " + str(DEFAULT_PORT) + " by default (`rc join`"
+                  " on the main node prints the command with its ports)")
+FINGERPRINT_MISSING = ("fingerprint_missing", "%s:%d speaks TLS and this worker was started"
+                       " without --fingerprint, so it cannot know the main node is the real"
+                       " one: add the --fingerprint=... that `rc join` prints on the main node"
+                       " (or --fingerprint-file FILE)")
+
+
+def diagnose_silence(address, pinned):
+    """(event, message) saying why the main node at `address` sent no hello,
+    when a look tells: an HTTP server there (the dashboard port), or TLS
+    spoken to a worker that has no fingerprint to pin. None otherwise (a
+    main node too busy to answer: trying again may mend that)."""
+    if answers_http(address):
+        return DASHBOARD_PORT[0], DASHBOARD_PORT[1] % address
+    if not pinned and speaks_tls(address):
+        return FINGERPRINT_MISSING[0], FINGERPRINT_MISSING[1] % address
+    return None
+
+
+def probe_connection(address):
+    import socket as socket_module     # only here: create_connection, on a path that exits
+    return socket_module.create_connection(address, timeout=SILENCE_PROBE_TIMEOUT)
+
+
+def answers_http(address):
+    """Does an HTTP server answer at `address`? (rc-server never says HTTP/.)"""
+    try:
+        with probe_connection(address) as sock:
+            sock.sendall(b"HEAD / HTTP/1.0\r\nHost: rc\r\n\r\n")
+            return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def speaks_tls(address):
+    """Does a TLS handshake succeed at `address` (any certificate)? Only
+    asked of a main node that sent no hello, so nothing is sent after it."""
+    try:
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with context.wrap_socket(probe_connection(address)):
+            return True
+    except (OSError, ImportError):
+        return False
+
+
 def client_context(new_context):
     """No certificate authority and no host name: the one certificate whose
     fingerprint was pinned is trusted, nothing else (see Worker.handshake)."""
@@ -679,6 +794,9 @@ REFUSED_FOR_GOOD = {
                        " secret, and this worker holds none for it (%(path)s): give this"
                        " device another --device-id, or, if it is that device, put its secret"
                        " file back",
+    "device_id_clash": "the main node knows a device whose id differs from %(id)s only by"
+                       " case; ids are compared without case: start this worker with"
+                       " another --device-id",
     "revoked": "the main node revoked %(id)s (`rc revoke`) and will not let it in again;"
                " to join as a new device, start this worker with another --device-id",
     "forgotten": "%(id)s was retired on the main node (`rc forget`) and cannot connect"
@@ -4942,6 +5060,7 @@ class Worker(object):
         self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
         self.files = Files(options)    # files: the cache, rc-files, transfers under way
         # Self-fencing (see check_fence). Times are on contact_clock().
+        self.silence_looked_at = False  # no_hello has looked at what answers there
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -5308,6 +5427,14 @@ class Worker(object):
         self.watch_socket(writing=False)
 
     def no_hello(self):
+        # Looked at once until the next registration: the look blocks this
+        # loop for up to a few seconds, and a busy main node stays busy.
+        if not self.silence_looked_at:
+            self.silence_looked_at = True
+            diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
+            if diagnosis is not None:
+                self.give_up(*diagnosis)
+                return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
         log("error", "no_hello", main_node="%s:%d" % self.options.join,
@@ -5318,6 +5445,9 @@ class Worker(object):
     # -- TLS ---------------------------------------------------------------------
 
     def start_tls(self):
+        # A handshake that stalls (an HTTP server waiting for a request line)
+        # is a silence like no hello: no_hello looks at what answers there.
+        self.hello_deadline = time.monotonic() + HELLO_TIMEOUT
         self.selector.unregister(self.sock)
         self.sock = tls_socket(self.sock)
         self.selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
@@ -5341,6 +5471,9 @@ class Worker(object):
             self.disconnect("TLS handshake cut short: %s" % e)
             return
         except _ssl.SSLError as e:
+            if answers_http(self.options.join):
+                self.give_up(*DASHBOARD_PORT % self.options.join)
+                return
             self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
                          " does not use TLS (tls is false in its etc/rc.json), start this worker"
                          " without --fingerprint" % (self.options.join + (e,)))
@@ -5557,8 +5690,10 @@ class Worker(object):
         self.fenced_known()
         self.state = READY
         self.auth_deadline = None
+        self.silence_looked_at = False
         self.backoff = BACKOFF_START
-        log("info", "registered", device_id=self.device_id, resending=len(self.unacked),
+        log("info", "registered", device_id=self.device_id, main_node="%s:%d" % self.options.join,
+            slots=self.options.slots, resending=len(self.unacked),
             active_tasks=len(self.running) + len(self.queued),
             heartbeat_interval=self.heartbeat_interval, fence_interval=self.fence_interval,
             disconnect_fence=self.disconnect_fence)
@@ -5878,12 +6013,13 @@ class Worker(object):
     def send_heartbeat(self):
         self.next_heartbeat = time.monotonic() + self.report_interval()
         busy = self.running or self.queued
-        self.send(HEARTBEAT, {"system_metrics": self.metrics.sample(),
-                              "status": "busy" if busy else "idle",
-                              "active_tasks": self.active_tasks(),
-                              "fenced_tasks": self.tell_fenced(),
-                              "availability": self.availability.report(),
-                              **self.files.heartbeat()})     # files: cached_files
+        # dict(..., **files) rather than {**files}: this file parses under 2.7 (see the top).
+        self.send(HEARTBEAT, dict({"system_metrics": self.metrics.sample(),
+                                   "status": "busy" if busy else "idle",
+                                   "active_tasks": self.active_tasks(),
+                                   "fenced_tasks": self.tell_fenced(),
+                                   "availability": self.availability.report()},
+                                  **self.files.heartbeat()))     # files: cached_files
 
     def profile(self):
         """What register says about this device (and system_info reports)."""

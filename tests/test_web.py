@@ -76,7 +76,7 @@ def test_health_says_what_rc_health_says(client, add_device):
     assert body["line"].startswith("RC WARNING - devices 0/0 online")
     checks = {check["check"]: check["status"] for check in body["checks"]}
     assert checks == {"database": "ok", "integrity": "ok", "queue": "ok", "devices": "warning",
-                      "disk": "ok", "wal": "ok"}
+                      "unfit": "ok", "disk": "ok", "wal": "ok"}
     add_device("pi", metrics={"cpu_percent": 5}, now=__import__("time").time())
     status, body = client.json("/api/v1/health")
     assert (status, body["status"]) == (200, "ok") and "devices 1/1 online" in body["line"]

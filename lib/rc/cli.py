@@ -14,6 +14,7 @@ import shlex
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 
@@ -61,6 +62,7 @@ MONITOR_POLL_INTERVAL = 0.25  # seconds between looks for changes in `rc monitor
 MONITOR_TASKS = 8             # active tasks the monitor lists
 # Commands the web terminal may not run, and why.
 WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
+               "ctl": "it drives supervisord; run `bin/rc ctl` on the main node",
                "wait-ready": "it is for scripts on the main node",
                "local-worker": "it would start a worker inside rc-web",
                "monitor": "the web terminal has its own `monitor`; `monitor --once` works",
@@ -135,6 +137,14 @@ class Context:
         if self._config is None:
             self._config = rc_config.load()
         return self._config
+
+    @property
+    def main_node_stopped(self):
+        """When the main node here stopped, or None while it runs (or before
+        its first start); looked at once per command."""
+        if not hasattr(self, "_stopped_at"):
+            self._stopped_at = health.main_node_stopped(self.config)
+        return self._stopped_at
 
     @property
     def connection(self):
@@ -316,8 +326,12 @@ def detail_pairs(record, now):
     simple = [(k, v) for k, v in record.items() if not isinstance(v, dict)]
     nested = [(k, v) for k, v in record.items() if isinstance(v, dict) and v]
     for key, value in simple:
-        is_time = key.endswith("_at") or key in ("last_seen", "not_before", "suspect_since")
-        yield key, when(value, now) if is_time and value else value
+        is_time = key.endswith(("_at", "_expires")) or key in ("last_seen", "not_before",
+                                                                "suspect_since")
+        if is_time:       # 0 (not_before of a task never held back) is no time at all
+            yield key, when(value, now) if value else None
+        else:
+            yield key, value
     for key, value in nested:
         yield from flatten(value, key)
 
@@ -353,11 +367,25 @@ def cmd_init(arguments, context):
                           % len(done["made_private"]))
     for path, error in done["not_private"]:
         context.err.write("rc: warning: cannot make %s owner-only: %s\n" % (path, error))
+    record_started_with(context)
     context.out.write("cluster state in %s\n" % context.config.home)
+
+
+def record_started_with(context):
+    """RC_CONFIG and the ports given now, kept for every later command with
+    this RC_HOME (lib/rc/config.py); said when they differ from the defaults."""
+    recorded = rc_config.record_environment(context.config.home)
+    if recorded:
+        context.out.write("started with %s (recorded in %s)\n" % (
+            " ".join("%s=%s" % item for item in sorted(recorded.items())),
+            rc_config.started_with_path(context.config.home)))
 
 
 def cmd_status(arguments, context):
     summary = status_summary(context.connection)
+    stopped_at = context.main_node_stopped
+    if stopped_at is not None:
+        summary = as_when_stopped(summary, stopped_at)
     if arguments.format == "json":
         context.out.write(render.json_text(summary))
         return
@@ -370,6 +398,7 @@ def cmd_status(arguments, context):
 
 def cmd_devices(arguments, context):
     records = devices.list_devices(context.connection, include_forgotten=arguments.all)
+    records = devices_as_last_seen(context, records)
     if arguments.grid and arguments.format is None:
         context.out.write(render.device_grid([grid_cell(device) for device in records],
                                              context.width or 80, context.colour))
@@ -384,6 +413,7 @@ def cmd_device(arguments, context):
     if device is None:
         raise CommandError("no device %r" % arguments.device_id)
     now = time.time()
+    device = devices_as_last_seen(context, [device])[0]
     if arguments.format == "json":
         context.out.write(render.json_text(devices.with_age(device, now)))
         return
@@ -397,6 +427,37 @@ def cmd_device(arguments, context):
         if key == "role" and "reported_role" in device:
             shown["reported_role"] = device["reported_role"]
     context.out.write(render.key_values(detail_pairs(shown, now), align=True))
+
+
+# -- with the main node stopped ----------------------------------------------------
+
+def stopped_text(stopped_at):
+    return "not running (stopped %s)" % when(stopped_at, time.time())
+
+
+def as_when_stopped(summary, stopped_at):
+    """`rc status` with the main node stopped: it says so first, and no
+    device counts as online (what the table holds is from before the stop)."""
+    shown = {"main_node": stopped_text(stopped_at)}
+    shown.update(summary)
+    if "devices_online" in shown:
+        shown["devices_offline"] = shown.get("devices_offline", 0) + shown["devices_online"]
+        shown["devices_online"] = 0
+    if "devices_connected" in shown:
+        shown["devices_connected"] = 0
+    return shown
+
+
+def devices_as_last_seen(context, records):
+    """With the main node stopped, every device is offline (nothing is there
+    to be connected to), LAST_SEEN as it was; a note on stderr says why."""
+    stopped_at = context.main_node_stopped
+    if stopped_at is None:
+        return records
+    context.err.write("rc: main node %s; devices are shown as last seen, none online\n"
+                      % stopped_text(stopped_at))
+    return [dict(device, status=OFFLINE, connected=False, suspect=False)
+            for device in records]
 
 
 def cmd_tasks(arguments, context):
@@ -440,7 +501,7 @@ def cmd_submit(arguments, context):
         raise UsageError("--include-new goes with --each")
     try:
         payload = submitted_payload(arguments, context)
-        requirements = tasks.parse_requirements(arguments.require)
+        requirements = checked_capabilities(tasks.parse_requirements(arguments.require))
         task_id = tasks.submit(context.connection, context.config, arguments.task_type,
                                payload, arguments.priority, arguments.timeout,
                                arguments.retries, requirements, arguments.key,
@@ -457,6 +518,29 @@ def cmd_submit(arguments, context):
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
                                             arguments.wait_timeout))
+
+
+# The design document's capability names are kinds of service, not programs a
+# device has; they name no capability a worker reports (bin/worker.py's
+# CAPABILITY_TOOLS), so a task requiring one would wait for ever.
+DESIGN_CAPABILITIES = {"computational": "every device computes: leave it out, or use"
+                                        " role=compute",
+                       "network_services": "use role=storage, or a label (rc label DEVICE"
+                                           " services=yes, then label.services=yes)"}
+# The programs a worker looks for and reports as its capabilities.
+KNOWN_CAPABILITIES = ("python3", "gcc", "g++", "make", "git", "curl", "docker", "podman",
+                      "ffmpeg", "nvidia-smi", "node", "go", "rustc", "java")
+
+
+def checked_capabilities(requirements):
+    """Requirements, refused when a capability is one of the design
+    document's service names (the message says what to require instead)."""
+    for name in requirements.get("capabilities", ()):
+        if name in DESIGN_CAPABILITIES:
+            raise UsageError("capability %r is a kind of service, not a program a device"
+                             " has: %s. Capabilities are the programs a worker finds: %s"
+                             % (name, DESIGN_CAPABILITIES[name], ", ".join(KNOWN_CAPABILITIES)))
+    return requirements
 
 
 def submitted_payload(arguments, context):
@@ -532,12 +616,13 @@ def submit_each(arguments, context):
         raise UsageError("--key does not go with --each (each device gets its own task)")
     try:
         payload = submitted_payload(arguments, context)
-        requirements = tasks.parse_requirements(arguments.require)
+        requirements = checked_capabilities(tasks.parse_requirements(arguments.require))
         options = each_options(arguments)
     except tasks.TaskError as e:
         raise UsageError(str(e))
     group_id = fleet.submit_each(context.connection, context.config, arguments.task_type,
                                  payload, requirements, arguments.include_new, **options)
+    left_out_paused(context, arguments.task_type, requirements)
     members = fleet.group(context.connection, group_id)["tasks"]
     context.logger.info("group_submitted", group_id=group_id, task_type=arguments.task_type,
                         tasks=len(members), user=user_name())
@@ -555,6 +640,15 @@ def submit_each(arguments, context):
     if summary["summary"].get(COMPLETED, 0) < len(summary["tasks"]):
         raise CommandError("group %d: not every task completed" % group_id)
     return 0
+
+
+def left_out_paused(context, task_type, requirements):
+    """Say which fitting devices --each passed over because they take
+    nothing new now, so the group is not mistaken for the whole fleet."""
+    paused = fleet.paused_matching(context.connection, task_type,
+                                   tasks.check_requirements(requirements))
+    for device_id, reason in sorted(paused.items()):
+        context.err.write("rc: left out %s: paused (%s)\n" % (device_id, reason))
 
 
 def each_options(arguments):
@@ -601,10 +695,26 @@ def summary_line(summary):
 
 
 def write_group(context, summary):
-    rows = [group_row(member) for member in summary["tasks"]]
-    context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
-                                   colourize=context.colourize))
+    """A table, one line per device; when an output has more lines than
+    one (`df -h /`), each device's whole output under a heading instead."""
+    if any(len((m["output"] or "").strip().splitlines()) > 1 for m in summary["tasks"]):
+        for member in summary["tasks"]:
+            context.out.write(group_block(member))
+    else:
+        rows = [group_row(member) for member in summary["tasks"]]
+        context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
+                                       colourize=context.colourize))
     context.out.write(summary_line(summary["summary"]) + "\n")
+
+
+def group_block(member):
+    """== DEVICE (task N, STATE), then its output as it printed it (control
+    characters shown as "?": a device chose them), then its error's last line."""
+    error = group_row(member)["ERROR"]
+    text = "== %s (task %d, %s)\n" % (render.cell(member["device_id"]), member["task_id"],
+                                      member["state"])
+    text += with_newline(render.printable((member["output"] or "").rstrip("\n")))
+    return text + ("error: %s\n" % render.cell(error) if error else "")
 
 
 def cmd_group(arguments, context):
@@ -801,26 +911,71 @@ def cmd_control(arguments, context):
 def cmd_monitor(arguments, context):
     """Draw the frame; without --once, draw it again whenever the database
     changes, until interrupted."""
+    if context.main_node_stopped is not None:
+        # Nothing moves with the main node stopped: one frame, devices as last seen.
+        context.out.write(monitor_frame(context.connection, context.width or 80,
+                                        context.colour, context.main_node_stopped))
+        return
     if arguments.once:
         context.out.write(monitor_frame(context.connection, context.width or 80,
                                         context.colour))
         return
     seen = None
-    while True:
-        version = db.data_version(context.connection)
-        if version != seen:
-            seen = version
-            width = shutil.get_terminal_size().columns
-            context.out.write("\x1b[H\x1b[2J" + monitor_frame(context.connection, width,
-                                                              context.colour))
-            context.out.flush()
-        time.sleep(MONITOR_POLL_INTERVAL)
+    with keys_one_at_a_time(sys.stdin) as keys:
+        while True:
+            version = db.data_version(context.connection)
+            if version != seen:
+                seen = version
+                width = shutil.get_terminal_size().columns
+                context.out.write("\x1b[H\x1b[2J" + monitor_frame(
+                    context.connection, width, context.colour) + MONITOR_LEAVE_HINT)
+                context.out.flush()
+            if QUIT_KEY in keys(MONITOR_POLL_INTERVAL):
+                return 0
 
 
-def monitor_frame(connection, width, colour=False):
+MONITOR_LEAVE_HINT = "\nq or Ctrl-C to leave\n"
+QUIT_KEY = "q"
+
+
+@contextlib.contextmanager
+def keys_one_at_a_time(stream):
+    """Yields keys(timeout): the keys pressed within `timeout` seconds,
+    read without waiting for Enter while the terminal is in cbreak mode
+    (restored on the way out). Without a terminal: sleeps, returns none."""
+    def no_keys(timeout):
+        time.sleep(timeout)
+        return ""
+    try:
+        import select
+        import termios
+        import tty
+        descriptor = stream.fileno()
+        saved = termios.tcgetattr(descriptor) if os.isatty(descriptor) else None
+    except (ImportError, AttributeError, OSError, ValueError):
+        saved = None
+    if saved is None:
+        yield no_keys
+        return
+
+    def keys(timeout):
+        if select.select([descriptor], [], [], timeout)[0]:
+            return os.read(descriptor, 64).decode("utf-8", "replace")
+        return ""
+    tty.setcbreak(descriptor)
+    try:
+        yield keys
+    finally:
+        termios.tcsetattr(descriptor, termios.TCSADRAIN, saved)
+
+
+def monitor_frame(connection, width, colour=False, stopped_at=None):
     """Cluster utilisation, the device grid and the active tasks with their
-    progress, in `width` columns."""
+    progress, in `width` columns; with the main node stopped (`stopped_at`),
+    it says so first and shows every device offline, as last seen."""
     records = devices.list_devices(connection)
+    if stopped_at is not None:
+        records = [dict(device, status=OFFLINE, connected=False) for device in records]
     online = [d for d in records if d["status"] == ONLINE]
     slots = devices.total_slots(online)
     busy = devices.busy_slots(online)
@@ -835,6 +990,8 @@ def monitor_frame(connection, width, colour=False):
                                   busy / slots if slots else None, width, colour),
              render.progress_line("cpu (mean)", sum(cpus) / len(cpus) if cpus else None,
                                   width, colour), ""]
+    if stopped_at is not None:
+        lines.insert(0, "main node %s" % stopped_text(stopped_at))
     text = "\n".join(lines) + "\n"
     text += render.device_grid([grid_cell(d) for d in records], width, colour) or \
         "no devices yet; `rc join` shows how to add one\n"
@@ -872,6 +1029,8 @@ def cmd_logs(arguments, context):
     if device_lines:
         lines.extend(device_lines.new())
     lines.sort(key=lambda line: line[0])
+    if not lines and arguments.task is not None:
+        no_such_task(context, arguments.task)
     write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
     if arguments.follow:
         follow_logs(context, arguments.program, offsets, wanted, device_lines)
@@ -895,6 +1054,15 @@ class DeviceLines:
             self.after = found[-1]["id"]
         records = (device_logs.as_log_line(self.device_id, line) for line in found)
         return [(record["time"], record) for record in records if self.wanted(record)]
+
+
+def no_such_task(context, task_id):
+    """`rc logs --task N` found nothing: an error when there is no task N
+    (a task past its retention may still have lines, so those are shown)."""
+    try:
+        tasks.get(context.connection, task_id)
+    except tasks.TaskError:
+        raise CommandError("no task %d (and no log line names it)" % task_id)
 
 
 class LogFilter:
@@ -1166,6 +1334,76 @@ def cmd_wait_ready(arguments, context):
                                % (waiting[0][0], arguments.timeout))
         else:
             time.sleep(READY_POLL_INTERVAL)
+    report = wait_healthy(config, deadline)
+    if report.status == health.OK:
+        context.out.write("cluster healthy: %s\n" % report.line())
+    elif settled(report) and report.status == health.WARNING:
+        # Up, with something a person should look at (an old task nothing
+        # fits, a filling disk) that waiting longer would not change.
+        context.out.write("cluster up, with a warning: %s\n" % report.line())
+    else:
+        raise CommandError("the main node started but is not healthy: %s; `rc health -v`"
+                           " and `rc logs` say more" % report.line())
+
+
+# Health findings that settle by themselves in the first seconds after a
+# start: supervisord's STARTING turns RUNNING after startsecs, the local
+# worker comes online. The others (disk, database) would not by waiting.
+SETTLING_CHECKS = ("programs", "devices")
+
+
+def wait_healthy(config, deadline):
+    """`rc health`'s report once the settling checks pass, or at the deadline."""
+    while True:
+        report = health.check(config)
+        if settled(report) or time.monotonic() >= deadline:
+            return report
+        time.sleep(READY_POLL_INTERVAL)
+
+
+def settled(report):
+    return all(f.status == health.OK for f in report.findings if f.name in SETTLING_CHECKS)
+
+
+# -- supervisorctl, with the right config and RC_HOME from anywhere ----------------
+
+SUPERVISOR_CONF = os.path.join(rc_config.CHECKOUT, "etc", "supervisord.conf")
+CTL_ACTIONS = ("status", "start", "stop", "restart", "tail")
+MAIN_PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-files", "rc-web", "rc-worker")
+NOT_RUNNING = 3     # LSB's "program is not running", as supervisorctl status uses it
+
+
+def cmd_ctl(arguments, context):
+    """supervisorctl ACTION [PROGRAM...] for this cluster (its RC_HOME and
+    etc/supervisord.conf) from any directory; exit 3 when the main node
+    (or, for status, one of its programs) is not running."""
+    config = context.config
+    for name in arguments.programs:
+        if name not in MAIN_PROGRAMS + ("all",):
+            raise UsageError("no program %r (programs: %s, or all)"
+                             % (name, ", ".join(MAIN_PROGRAMS)))
+    if arguments.action in ("start", "stop", "restart", "tail") and not arguments.programs:
+        raise UsageError("ctl %s needs a program (%s, or all)"
+                         % (arguments.action, ", ".join(MAIN_PROGRAMS)))
+    if arguments.action == "tail" and len(arguments.programs) != 1:
+        raise UsageError("ctl tail takes one program")
+    if not health.supervisor_answers(config):
+        context.out.write("not running: no main node for RC_HOME=%s; `make run` starts it\n"
+                          % config.home)
+        return NOT_RUNNING
+    argv = [sys.executable, "-m", "supervisor.supervisorctl", "-c", SUPERVISOR_CONF,
+            arguments.action] + (["-f"] if arguments.follow else []) + arguments.programs
+    context.out.flush()
+    return subprocess.call(argv, env=dict(os.environ, RC_HOME=config.home),
+                           stdout=context.out.fileno() if has_fileno(context.out) else None)
+
+
+def has_fileno(stream):
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def local_host(listen_host):
@@ -1307,7 +1545,7 @@ def build_parser(out):
     # Also `rc stats`; named history so that "stat" + Tab still means status.
     sub = command("history", cmd_stats, "cluster history per minute: throughput, failures,"
                   " durations, queue, devices", [formats], aliases=["stats"])
-    sub.add_argument("--minutes", type=whole_number, default=60, metavar="N",
+    sub.add_argument("--minutes", type=at_least_one, default=60, metavar="N",
                      help="how far back (default 60)")
     sub = command("backup", cmd_backup, "a consistent copy of the live database")
     sub.add_argument("file", metavar="FILE")
@@ -1326,7 +1564,16 @@ def build_parser(out):
     sub = command("monitor", cmd_monitor, "a live view: utilisation, devices, active tasks")
     sub.add_argument("--once", action="store_true", help="draw it once and exit")
     command("join", cmd_join, "print the command that joins a device to this cluster")
-    sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer")
+    sub = command("ctl", cmd_ctl, "the main node's programs under supervisord, from any"
+                  " directory: status, start|stop|restart PROGRAM, tail [-f] PROGRAM;"
+                  " exit 3 when not running")
+    sub.add_argument("action", choices=CTL_ACTIONS, metavar="ACTION",
+                     help=", ".join(CTL_ACTIONS))
+    sub.add_argument("programs", nargs="*", metavar="PROGRAM",
+                     help="%s, or all" % ", ".join(MAIN_PROGRAMS))
+    sub.add_argument("-f", "--follow", action="store_true", help="with tail: keep printing")
+    sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer,"
+                  " a worker is connected and `rc health` is OK")
     sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS")
     sub = command("local-worker", cmd_local_worker,
                   "run bin/worker.py here; other arguments go to the worker")
@@ -1339,9 +1586,14 @@ def add_submit_arguments(sub):
                      " python_eval, python_exec or shell")
     sub.add_argument("argument", nargs="?", metavar="ARG",
                      help="the message, seconds, expression, code or command")
-    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES))
-    sub.add_argument("--timeout", metavar="SECONDS")
-    sub.add_argument("--retries", type=whole_number, metavar="N")
+    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES),
+                     help="urgent before high before normal before low (default normal)")
+    sub.add_argument("--timeout", metavar="SECONDS",
+                     help="how long the task may run on its device (default task_timeout,"
+                     " 300)")
+    sub.add_argument("--retries", type=whole_number, metavar="N",
+                     help="re-runs after a device is lost while running it (default"
+                     " task_retries, 3)")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
                      help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu,"
                      " label.disk=big")
@@ -1357,7 +1609,9 @@ def add_submit_arguments(sub):
                      help="with --each: devices that join later get one too")
     sub.add_argument("--wait", action="store_true",
                      help="wait until it ends and print its output (--each: the group)")
-    sub.add_argument("--wait-timeout", type=float, metavar="SECONDS")
+    sub.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                     help="with --wait: give up waiting after this long (exit 1; the task"
+                     " goes on)")
     sub.add_argument("--input", action="append", metavar="PATH",
                      help="a file, or a directory as a tree (dir/: its contents), placed in"
                      " the task's directory before it starts; repeatable")
@@ -1381,12 +1635,29 @@ def whole_number(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
+NO_COMMAND_HINT = ("usage: rc COMMAND [options]   (`rc --help` lists every command,"
+                   " `rc COMMAND --help` its options)\n"
+                   "to begin: rc status, rc devices, rc submit echo hello --wait, rc join\n")
+
+
+def at_least_one(text):
+    """argparse's type for a count that must be 1 or more (`--minutes 0`
+    would ask for nothing and get "no history yet")."""
+    try:
+        return bounded.whole(text, "the value", low=1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def run_command(argv, out, err, config=None, width=None, colour=None, logger=None,
                 actor=("cli", "local")):
     """Run one `rc` command line; returns the exit status, never exits.
     `width` and `colour` are for a terminal that is not this process's;
     `logger` is where task_submitted lines go (default var/log/rc-cli.log);
     `actor` is who and from where, for the audit log."""
+    if not argv:
+        err.write(NO_COMMAND_HINT)
+        return UsageError.status
     context = Context(out, err, config, width, colour, logger, actor)
     try:
         arguments = parse(build_parser(out), argv)

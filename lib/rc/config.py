@@ -3,6 +3,11 @@
 RC_CONFIG names another config file, RC_HOME the state directory (var/ in the
 checkout by default), RC_TCP_PORT, RC_WEB_PORT and RC_FILES_PORT the three ports, so that two
 clusters can run side by side on one box.
+
+`make run` (through `rc init`) records those variables in the state directory
+(STARTED_WITH), and every later command with the same RC_HOME reads them back
+for the ones its own environment does not set: `bin/rc join` in a new shell
+prints the ports the cluster listens on, `rc health` uses its thresholds.
 """
 import json
 import os
@@ -11,6 +16,10 @@ from rc.defaults import DEFAULTS
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG_PATH = os.path.join(CHECKOUT, "etc", "rc.json")
+DEFAULT_HOME = os.path.join(CHECKOUT, "var")
+# The variables a cluster is started with that every command must agree on.
+RECORDED_VARIABLES = ("RC_CONFIG", "RC_TCP_PORT", "RC_WEB_PORT", "RC_FILES_PORT")
+STARTED_WITH = "started_with.json"    # in the state directory: those variables, as given
 WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
 
 
@@ -40,6 +49,9 @@ class Config:
 
 def load(path=None, environ=None):
     environ = os.environ if environ is None else environ
+    home = os.path.abspath(environ.get("RC_HOME") or DEFAULT_HOME)
+    environ = dict(recorded_environment(home), **{key: value for key, value in environ.items()
+                                                  if value})
     path = path or environ.get("RC_CONFIG") or DEFAULT_CONFIG_PATH
     settings = dict(DEFAULTS)
     settings.update(read_file(path))
@@ -48,8 +60,45 @@ def load(path=None, environ=None):
         if environ.get(variable):
             settings[key] = check(key, parse_int(variable, environ[variable]))
     check_together(settings, path)
-    home = environ.get("RC_HOME") or os.path.join(CHECKOUT, "var")
-    return Config(settings, os.path.abspath(home))
+    return Config(settings, home)
+
+
+def started_with_path(home):
+    return os.path.join(home, STARTED_WITH)
+
+
+def recorded_environment(home):
+    """The RC_CONFIG and ports the cluster in `home` was last started with
+    ({} before its first start, or when the record cannot be read)."""
+    try:
+        with open(started_with_path(home), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {key: value for key, value in recorded.items()
+            if key in RECORDED_VARIABLES and isinstance(value, str) and value}
+
+
+def record_environment(home, environ=None):
+    """Keep the RC_CONFIG and ports given now (RC_CONFIG as an absolute
+    path) on top of those recorded before; returns what is recorded.
+    Written whole or not at all, owner-only like everything in `home`."""
+    environ = os.environ if environ is None else environ
+    recorded = recorded_environment(home)
+    for key in RECORDED_VARIABLES:
+        if environ.get(key):
+            recorded[key] = environ[key]
+    if "RC_CONFIG" in recorded:
+        recorded["RC_CONFIG"] = os.path.abspath(recorded["RC_CONFIG"])
+    temporary = started_with_path(home) + ".new"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        json.dump(recorded, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(temporary, started_with_path(home))
+    return recorded
 
 
 def read_file(path):

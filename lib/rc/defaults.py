@@ -95,6 +95,8 @@ HEALTH_SUPERVISOR = True        # `rc health` checks that every supervisord prog
                                 # false when something else supervises them
 HEALTH_QUEUE_STUCK = 600.0      # seconds a ready task may wait while a device that fits
                                 # it has a free slot before the queue counts as stuck
+HEALTH_UNFIT_TASK = 900.0       # seconds a queued task may wait while no known device
+                                # (online or not) could run it before a WARNING
 HEALTH_MIN_DEVICES_ONLINE = 1   # fewer devices online than this is a WARNING
 HEALTH_DISK_FREE_WARNING = 10.0     # percent free on the state directory's disk: WARNING
 HEALTH_DISK_FREE_CRITICAL = 5.0     # below: CRITICAL

@@ -50,10 +50,10 @@ def why_queued(connection, task, now):
     online = [d for d in devices.list_devices(connection, ONLINE) if d["connected"]]
     if not online:
         return "no device is online; it will run when one joins."
-    paused = [d for d in online if not d["available"] or d["suspect"]]
-    online = [d for d in online if d["available"] and not d["suspect"]]
+    paused = [d for d in online if takes_nothing_new(d)]
+    online = [d for d in online if not takes_nothing_new(d)]
     if not online:
-        return "every online device is unavailable: %s." % "; ".join(
+        return "every online device takes nothing new now: %s." % "; ".join(
             "%s (%s)" % (d["device_id"], unavailable_reason(d, now)) for d in paused)
     fitting, refusals = [], {}
     for device in online:
@@ -111,7 +111,18 @@ def cache_note(connection, task_id, device_ids):
     return " Devices holding its inputs are preferred: %s." % "; ".join(holding[:5])
 
 
+def takes_nothing_new(device):
+    """Connected, but given nothing new: drained by a person, paused by its
+    worker's own rule (battery, temperature, owner, quiet hours), or suspect."""
+    return device["drained"] or not device["available"] or device["suspect"]
+
+
 def unavailable_reason(device, now):
+    if device["drained"]:
+        return "drained; `rc resume %s` lets it take tasks again" % device["device_id"]
+    if not device["available"] and not device["suspect"]:
+        return "paused by its worker's own rule: %s; it takes tasks again once that" \
+            " rule passes" % (device["unavailable_reason"] or "unavailable")
     if device["suspect"]:
         return ("suspect for %s: its connection is open but it answered no ping and"
                 " accepted no task in time; no new tasks until it speaks again"

@@ -114,8 +114,11 @@ def submit_each(connection, config, task_type, payload, requirements=None,
     with db.write(connection):
         targets = matching_devices(connection, task_type, task["requirements"])
         if not targets and not include_new:
-            raise FleetError("no online device accepts %s tasks%s" % (
-                task_type, " with those requirements" if task["requirements"] else ""))
+            paused = paused_matching(connection, task_type, task["requirements"])
+            raise FleetError("no online device accepts %s tasks%s%s" % (
+                task_type, " with those requirements" if task["requirements"] else "",
+                " now (paused: %s)" % "; ".join("%s, %s" % item for item in sorted(
+                    paused.items())) if paused else ""))
         tasks.refuse_unusable_dependencies(connection, task["depends_on"])
         group_id = connection.execute(
             "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
@@ -129,8 +132,24 @@ def submit_each(connection, config, task_type, payload, requirements=None,
 
 
 def matching_devices(connection, task_type, requirements):
-    return [d["device_id"] for d in devices.list_devices(connection, ONLINE)
-            if d["connected"] and not d["drained"] and task_type in d["task_types"]
+    """The connected devices that take new tasks now and fit: a drained,
+    paused (its worker's battery or availability rule) or suspect device
+    is left out, and its task would only sit queued."""
+    return [d["device_id"] for d in fitting_devices(connection, task_type, requirements)
+            if not (d["drained"] or d["suspect"] or not d["available"])]
+
+
+def paused_matching(connection, task_type, requirements):
+    """{device id: why} for the devices --each leaves out though they fit:
+    paused by their worker's rule, or suspect."""
+    return {d["device_id"]: d["unavailable_reason"] if not d["suspect"] else "suspect"
+            for d in fitting_devices(connection, task_type, requirements)
+            if not d["drained"] and (d["suspect"] or not d["available"])}
+
+
+def fitting_devices(connection, task_type, requirements):
+    return [d for d in devices.list_devices(connection, ONLINE)
+            if d["connected"] and task_type in d["task_types"]
             and not tasks.unmet_requirements(requirements, d)]
 
 

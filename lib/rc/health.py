@@ -14,6 +14,7 @@ import time
 import xmlrpc.client
 
 from rc import db, devices, tasks
+from rc.render import age
 from rc.states import ONLINE
 
 OK, WARNING, CRITICAL = 0, 1, 2
@@ -54,6 +55,33 @@ class Report:
                 "line": self.line(), "checks": [f.as_dict() for f in self.findings]}
 
 
+def main_node_stopped(config):
+    """When the main node in this state directory has run under supervisord
+    before and does not run now: the time it stopped (its supervisord log's
+    last write); None while it runs, before its first start, or when
+    something else supervises it. Devices are then shown as last seen, and
+    none of them as online: nothing is there for them to be connected to."""
+    if not config.health_supervisor:
+        return None
+    try:
+        stopped_at = os.path.getmtime(os.path.join(config.log_dir, "supervisord.log"))
+    except OSError:
+        return None
+    return None if supervisor_answers(config) else stopped_at
+
+
+def supervisor_answers(config):
+    """Does a supervisord listen on this state directory's socket? (One left
+    behind by a supervisord that was killed refuses the connection.)"""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(SUPERVISOR_TIMEOUT)
+            probe.connect(supervisor_socket(config))
+        return True
+    except OSError:
+        return False
+
+
 def check(config, now=None, without_supervisor=CRITICAL):
     """The report. `without_supervisor` is how bad it is that supervisord
     is not running at all: CRITICAL for `rc health` (the cluster is down);
@@ -68,7 +96,8 @@ def check(config, now=None, without_supervisor=CRITICAL):
         findings.append(writable(connection, now))
         findings.append(integrity(connection))
         findings.append(queue(connection, config, now))
-        findings.append(devices_online(connection, config))
+        findings.append(devices_online(connection, config, main_node_stopped(config)))
+        findings.append(unfit_tasks(connection, config, now))
     except (sqlite3.Error, OSError, RuntimeError) as e:
         findings.append(Finding("database", CRITICAL, "database: %s" % one_line(e)))
     finally:
@@ -229,9 +258,48 @@ def queue(connection, config, now):
     return Finding("queue", OK, "queue %d" % queued, queued=queued, stuck=0)
 
 
-def devices_online(connection, config):
+UNFIT_KINDS_LOOKED_AT = 20   # distinct (type, requirements) the unfit check matches
+
+
+def unfit_tasks(connection, config, now):
+    """Queued tasks older than health_unfit_task that no device this cluster
+    knows, online or not, could ever run (a requirement or a task type
+    none of them has): they would wait for ever without a word."""
+    limit = now - config.health_unfit_task
+    rows = connection.execute(
+        "SELECT task_id, task_type, requirements, created_at FROM tasks"
+        " WHERE %s AND created_at < ? ORDER BY task_id LIMIT ?" % db.QUEUED_SQL,
+        (limit, STUCK_LOOKED_AT)).fetchall()
+    known = devices.list_devices(connection) if rows else []    # a long list: only if needed
+    unfit, verdicts = [], {}
+    for row in rows:
+        kind = (row["task_type"], row["requirements"])
+        if kind not in verdicts:
+            if len(verdicts) >= UNFIT_KINDS_LOOKED_AT:
+                break
+            requirements = db.loads(row["requirements"], {})
+            verdicts[kind] = not any(
+                row["task_type"] in d["task_types"]
+                and not tasks.unmet_requirements(requirements, d) for d in known)
+        if verdicts[kind]:
+            unfit.append(row)
+    if not unfit:
+        return Finding("unfit", OK, "unfit tasks 0", unfit=0)
+    first = unfit[0]
+    return Finding("unfit", WARNING, "task %d has waited %s and no known device fits it"
+                   " (%d such tasks); `rc why %d` says what it needs"
+                   % (first["task_id"], age(now - first["created_at"]), len(unfit),
+                      first["task_id"]), unfit=len(unfit))
+
+
+def devices_online(connection, config, stopped_at=None):
     counts = devices.counts(connection)
+    if stopped_at is not None:     # what the table says is from before the stop
+        counts = dict(counts, online=0)
     message = "devices %d/%d online" % (counts["online"], counts["total"])
+    if stopped_at is not None:
+        message += " (main node not running since %s)" % time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(stopped_at))
     values = {"devices_online": counts["online"], "devices_total": counts["total"]}
     if counts["online"] < config.health_min_devices_online:
         return Finding("devices", WARNING, message + " (fewer than %d)"

@@ -695,7 +695,22 @@ class Server:
             self.refuse(peer, "device_id_taken", "%s has joined already and must prove its"
                         " own secret; a new device needs another --device-id" % device_id)
             return None, False
+        if row is None and self.case_clash(peer, device_id):
+            return None, False
         return self.join_token.value(), row is None
+
+    def case_clash(self, peer, device_id):
+        """A new id that differs only by case from a known device's ("Pi" and
+        "pi") is refused: people, shells and rc commands would mix them up."""
+        other = self.database.execute(
+            "SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE"
+            " AND forgotten = 0 LIMIT 1", (device_id,)).fetchone()
+        if other is None:
+            return False
+        self.refuse(peer, "device_id_clash", "%s differs only by case from %s, which has"
+                    " joined already; device ids are compared without case: start this"
+                    " worker with another --device-id" % (device_id, other[0]))
+        return True
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})
