@@ -1139,7 +1139,8 @@ def which(program):
 
 
 def capabilities():
-    return [tool for tool in CAPABILITY_TOOLS if which(tool)]
+    found = [tool for tool in CAPABILITY_TOOLS if which(tool)]
+    return found + [VENV_CAPABILITY] * venv_capable()     # tasks with pip packages
 
 
 def guess_role(platform, disk):
@@ -1524,14 +1525,19 @@ class BadPayload(Exception):
 
 
 def result_data(key, status, error=None, output="", stderr="", exit_code=None,
-                execution_time=0.0, cpu_time=0.0, peak_memory_kb=None, truncated=False):
-    """The data of a task_result."""
+                execution_time=0.0, cpu_time=0.0, peak_memory_kb=None, truncated=False,
+                environment_failed=False):
+    """The data of a task_result. `environment_failed`: its pip packages
+    would not install here, so the main node sends the next attempt elsewhere."""
     if error is not None and len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS]
+    result = {"output": output, "stderr": stderr, "exit_code": exit_code,
+              "execution_time": execution_time, "cpu_time": cpu_time,
+              "peak_memory_kb": peak_memory_kb, "truncated": truncated}
+    if environment_failed:
+        result["environment_failed"] = True
     return {"task_id": key[0], "attempt": key[1], "status": status, "error": error,
-            "result": {"output": output, "stderr": stderr, "exit_code": exit_code,
-                       "execution_time": execution_time, "cpu_time": cpu_time,
-                       "peak_memory_kb": peak_memory_kb, "truncated": truncated}}
+            "result": result}
 
 
 def fit_result(data, sender_id):
@@ -1722,6 +1728,7 @@ class ProcessTask(Task):
     ending = None            # timed_out or cancelled, once decided from outside
     exit_code = None
     reaped = False
+    environment_failed = False   # its pip packages would not install here
     drain_until = None
     truncated = False
     cpu_time = 0.0
@@ -1772,6 +1779,8 @@ class ProcessTask(Task):
             extra = worker.files.launch(self, worker)       # files: env, stdin, script file
             request = extra.pop("request", None)
             self.env = extra["env"]
+            if self.payload.get(PIP_FIELD) is not None:     # its environment first
+                request = worker.environments.request(self, request, value)
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
@@ -1960,10 +1969,12 @@ class ProcessTask(Task):
         stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
                           for fd in self.stream_fds]
         status, error = self.outcome(stderr)
+        extra = {"environment_failed": True} if self.environment_failed else {}
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
-                      peak_memory_kb=self.peak_memory_kb, truncated=self.truncated)
+                      peak_memory_kb=self.peak_memory_kb, truncated=self.truncated, **extra)
         self.remove_workdir(worker)     # after finish: files may take it for the upload
+        worker.environments.after(self)
 
     def outcome(self, stderr):
         if self.ending == OUTCOME_TIMED_OUT:
@@ -1972,6 +1983,10 @@ class ProcessTask(Task):
             return OUTCOME_CANCELLED, "cancelled"
         if self.exit_code == 0:
             return OUTCOME_COMPLETED, None
+        if self.exit_code == VENV_FAILED_EXIT and VENV_FAILED_MARK in stderr \
+                and self.payload.get(PIP_FIELD) is not None:
+            self.environment_failed = True      # the device's fault: another may try
+            return OUTCOME_FAILED, environment_error(stderr)
         return OUTCOME_FAILED, self.failure(stderr)
 
     def failure(self, stderr):
@@ -3700,6 +3715,225 @@ def close_all_but(keep):
 
 
 ###############################################################################
+# -- Python environments: the packages a task asks for (payload "pip") --------
+###############################################################################
+# A task may name pip requirement specifiers (rc submit --requirements FILE,
+# --pip PKG==VER). Its process first runs VENV_DRIVER, which takes the
+# environment for that set from the cache (a virtual environment per set of
+# specifiers, Python version and architecture), building it the first time
+# with `python -m venv` and pip, then execs the task's own command with it.
+# The build runs as the task, in its sandbox and within its timeout: pip runs
+# the packages' own build code, which is task code. Neither the worker nor
+# its loop waits for it. docs/environments.md.
+
+VENV_CAPABILITY = "python_venv"       # lib/rc/environments.py: the profile's word
+PIP_FIELD = "pip"                     # the payload's list of specifiers
+VENV_MB = 2048                        # default --venv-mb: MiB of environments kept
+VENV_TRIM_INTERVAL = 60.0             # seconds between two looks at the cache's size
+VENV_FAILED_EXIT = 97                 # the driver's exit status when the build failed
+VENV_FAILED_MARK = "rc: could not build the Python environment"
+VENV_READY = ".rc-ready"              # written last: the environment is whole
+
+VENV_DRIVER = (
+    "import fcntl, os, shutil, subprocess, sys\n"
+    "cache, key, wanted = sys.argv[1:4]\n"
+    "argv = sys.argv[5:]\n"
+    "target = os.path.join(cache, key)\n"
+    "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
+    "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    "ready = os.path.join(target, '" + VENV_READY + "')\n"
+    "if not os.path.exists(ready):\n"
+    "    shutil.rmtree(target, ignore_errors=True)\n"
+    "    python = os.path.join(target, 'bin', 'python')\n"
+    "    for step in ([sys.executable, '-m', 'venv', target],\n"
+    "                 [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
+    "                  '--no-input', '--quiet', '-r', wanted]):\n"
+    "        done = subprocess.run(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
+    "        if done.returncode != 0:\n"
+    "            shutil.rmtree(target, ignore_errors=True)\n"
+    "            said = done.stdout.decode('utf-8', 'replace').strip().splitlines()[-30:]\n"
+    "            sys.stderr.write('" + VENV_FAILED_MARK + " (%s exited %d):\\n%s\\n'\n"
+    "                             % (' '.join(step[1:4]), done.returncode, '\\n'.join(said)))\n"
+    "            sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
+    "    open(ready, 'w').close()\n"
+    "    os.chmod(target, 0o755)\n"
+    "try:\n"
+    "    os.utime(ready)\n"          # when another task user built it, the worker does it
+    "except OSError:\n"
+    "    pass\n"
+    # Shared while the task runs: the worker evicts only environments no task holds.
+    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
+    "os.set_inheritable(lock, True)\n"
+    "bin_dir = os.path.join(target, 'bin')\n"
+    "os.environ['VIRTUAL_ENV'] = target\n"
+    "os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')\n"
+    "if argv[0] == sys.executable:\n"
+    "    argv[0] = os.path.join(bin_dir, 'python')\n"
+    "os.execv(argv[0], argv)\n")
+
+
+def venv_capable():
+    """Whether this Python can build a virtual environment with pip in it
+    (some Debian and Termux installs leave venv or ensurepip out)."""
+    try:
+        import importlib.util
+        return all(importlib.util.find_spec(name) is not None for name in ("venv", "ensurepip"))
+    except (ImportError, ValueError):
+        return False
+
+
+def default_venv_dir():
+    """As root, where task users (--task-user) can build and read them;
+    otherwise the user's cache."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/cache/rc-worker/venvs"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "rc-worker", "venvs")
+
+
+def environment_key(packages):
+    """One environment per set of specifiers, Python version and machine."""
+    import hashlib
+    import platform
+    text = "\n".join(sorted(packages)) + "\n%s\n%s\n%s" % (
+        sys.version.split()[0], platform.machine(), sys.implementation.cache_tag)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def environment_error(stderr):
+    """The task's error for a failed build: what pip said last."""
+    said = stderr[stderr.find(VENV_FAILED_MARK):].strip().splitlines()
+    detail = [line.strip() for line in said[1:] if line.strip()]
+    return "%s: %s" % (said[0].rstrip(":"), detail[-1] if detail else "no output")[:2000]
+
+
+class Environments(object):
+    """The cache of virtual environments, and the requests that use it."""
+
+    def __init__(self, options):
+        self.directory = os.path.abspath(os.path.expanduser(
+            getattr(options, "venv_dir", None) or default_venv_dir()))
+        self.cap = getattr(options, "venv_mb", VENV_MB) * 1024 * 1024
+        self.next_trim = 0.0
+
+    def request(self, task, request, value):
+        """The spawner's request that builds or finds the task's environment
+        and then runs what `request` (or the task's command) would."""
+        packages = task.payload.get(PIP_FIELD)
+        if not isinstance(packages, list) or not packages or not all(
+                isinstance(p, str) and p and not p.startswith("-") for p in packages):
+            raise BadPayload("payload field %r must be a list of requirement specifiers"
+                             % PIP_FIELD)
+        self.make_directory(task.jail or {})
+        wanted = task.write("requirements.txt", "\n".join(packages) + "\n")
+        jail = task.jail or {}
+        if jail.get("uid") is not None:
+            os.chown(os.path.join(task.workdir, wanted), jail["uid"], jail["gid"])
+        argv = request["argv"] if request else task.command(value)
+        task.environment = environment_key(packages)
+        return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
+                         task.environment, wanted, "--"] + list(argv)}
+
+    def make_directory(self, jail):
+        """Task users build there too, so as root it is sticky and open to
+        all, like /tmp; the worker then makes each environment its own."""
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, 0o700)
+        if jail.get("uid") is not None and os.stat(self.directory).st_mode & 0o7777 != 0o1777:
+            os.chmod(self.directory, 0o1777)
+
+    def after(self, task):
+        """Once a task that used one has ended: environments a task user
+        built become the worker's (no later task can change them), and the
+        least recently used go while the cache is over --venv-mb."""
+        if getattr(task, "environment", None) is None or not os.path.isdir(self.directory):
+            return
+        try:
+            ready = os.path.join(self.directory, task.environment, VENV_READY)
+            if os.path.exists(ready):
+                os.utime(ready)         # just used: the last to be evicted
+            self.adopt()
+            if time.monotonic() >= self.next_trim:
+                self.next_trim = time.monotonic() + VENV_TRIM_INTERVAL
+                self.trim()
+        except OSError as e:
+            log("warning", "venv_cache_failed", directory=self.directory, error=str(e))
+
+    def entries(self):
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if not name.endswith(".lock") and os.path.isdir(path) \
+                    and not os.path.islink(path):
+                yield name, path
+
+    def adopt(self):
+        me = os.geteuid()
+        for name, path in self.entries():
+            if os.lstat(path).st_uid == me:
+                continue
+            with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
+                if not held or not os.path.exists(os.path.join(path, VENV_READY)):
+                    continue          # being built: adopted after its build
+                for top, dirs, files in os.walk(path):
+                    for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
+                        os.lchown(entry, me, os.getegid())
+                        if not os.path.islink(entry):
+                            os.chmod(entry, os.lstat(entry).st_mode & ~0o022)
+
+    def trim(self):
+        found = []
+        for name, path in self.entries():
+            ready = os.path.join(path, VENV_READY)
+            used = os.path.getmtime(ready) if os.path.exists(ready) else 0.0
+            found.append((used, tree_size(path), path))
+        total = sum(size for _, size, _ in found)
+        for used, size, path in sorted(found):
+            if total <= self.cap:
+                break
+            with VenvLock(path, fcntl_flags("LOCK_EX")) as held:
+                if held:             # no task is using it, none building it
+                    remove_tree(path)
+                    total -= size
+                    log("info", "venv_evicted", path=path, bytes=size)
+
+
+def fcntl_flags(name):
+    import fcntl
+    return getattr(fcntl, name) | fcntl.LOCK_NB
+
+
+class VenvLock(object):
+    """An environment's lock file, taken without waiting: True when held."""
+
+    def __init__(self, path, flags):
+        self.path, self.flags, self.fd = path + ".lock", flags, None
+
+    def __enter__(self):
+        import fcntl
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, self.flags)
+            return True
+        except OSError:
+            return False
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def tree_size(path):
+    total = 0
+    for top, dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+###############################################################################
 # -- files: cache, transfer, inputs and outputs --------------------------------
 ###############################################################################
 # A task may name input files, a stdin, a script file, environment variables,
@@ -5059,6 +5293,7 @@ class Worker(object):
         self.spawner = Spawner()       # started with the first task that needs a process
         self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
         self.files = Files(options)    # files: the cache, rc-files, transfers under way
+        self.environments = Environments(options)   # tasks' pip packages
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
         self.fence_interval = None     # from register_ack; None: never
@@ -6325,6 +6560,13 @@ def parse_args(argv=None, reloading=False, read_token=True):
     files.add_argument("--cache-mb", type=not_negative(int), default=CACHE_MB, metavar="MB",
                        help="MiB of task input files kept in the state dir, least recently"
                        " used out first (default: %(default)d)")
+    files.add_argument("--venv-dir", metavar="DIR",
+                       help="where the Python environments of tasks with pip packages are"
+                       " kept (default: /var/cache/rc-worker/venvs as root, else"
+                       " ~/.cache/rc-worker/venvs)")
+    files.add_argument("--venv-mb", type=not_negative(int), default=VENV_MB, metavar="MB",
+                       help="MiB of those environments kept, least recently used out first"
+                       " (default: %(default)d)")
     files.add_argument("--checkpoint-every", type=positive(float), default=CHECKPOINT_EVERY,
                        metavar="SECONDS", help="how often a running task's $RC_CHECKPOINT_DIR"
                        " is sent to the main node when it changed (default: %(default)g)")

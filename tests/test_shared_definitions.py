@@ -56,3 +56,9 @@ def test_worker_proofs_match_the_main_node(worker, token):
                                protocol.server_proof(*arguments))
     assert not worker.proofs_match(protocol.server_proof(*arguments), "x" * 64)
     assert not worker.proofs_match(protocol.server_proof(*arguments), None)
+
+
+def test_worker_agrees_with_the_python_environments_module(worker):
+    from rc import environments
+    assert worker.VENV_CAPABILITY == environments.VENV_CAPABILITY
+    assert worker.PIP_FIELD == environments.PAYLOAD_FIELD

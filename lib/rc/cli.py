@@ -72,7 +72,7 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "get": "it writes files on the main node; use"
                       " GET /api/v1/tasks/ID/files/NAME"}
 # submit options that read files on the main node: not from the web terminal.
-WEB_REFUSED_SUBMIT_OPTIONS = ("input", "stdin", "file")
+WEB_REFUSED_SUBMIT_OPTIONS = ("input", "stdin", "file", "requirements")
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
                       "label", "role", "slots", "revoke", "broadcast"}
@@ -1620,6 +1620,11 @@ def add_submit_arguments(sub):
                      help="python_exec/shell: run this script file instead of inline code")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for the task; repeatable")
+    sub.add_argument("--requirements", metavar="FILE",
+                     help="python_eval/python_exec/shell: pip requirements the device installs"
+                     " into a cached virtual environment the task runs in")
+    sub.add_argument("--pip", action="append", metavar="PKG==VER",
+                     help="one pip requirement for that environment; repeatable")
     sub.add_argument("--output", action="append", metavar="GLOB",
                      help="files the task leaves to bring back (rc get); repeatable")
 
@@ -1702,8 +1707,9 @@ def web_access(argv):
                            " or /stream/logs")
     if name == "submit" and any(getattr(arguments, option) for option in
                                 WEB_REFUSED_SUBMIT_OPTIONS):
-        raise CommandError("--input, --stdin and --file read files on the main node and do"
-                           " not run in the web terminal; upload with POST /api/v1/files")
+        raise CommandError("--input, --stdin, --file and --requirements read files on the main"
+                           " node and do not run in the web terminal; upload with"
+                           " POST /api/v1/files (and give packages with --pip)")
     if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
                                                 arguments.wait_timeout > WEB_WAIT_LIMIT):
         argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])

@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 
-from rc import files, tasks
+from rc import environments, files, tasks
 from rc.states import PAYLOAD_FIELD
 
 EXECUTABLE_MODE, PLAIN_MODE = 0o755, 0o644
@@ -104,6 +104,10 @@ def file_payload(connection, config, task_type, argument, options, stdin=None):
     fields = {}
     if options.env:
         fields["env"] = tasks.parse_env(options.env)
+    packages = python_packages(getattr(options, "requirements", None),
+                               getattr(options, "pip", None))
+    if packages:
+        fields[environments.PAYLOAD_FIELD] = tasks.check_packages(task_type, packages)
     if options.output:
         fields["outputs"] = tasks.check_outputs(options.output)
     planned = planned_inputs(options.input or [])
@@ -126,6 +130,20 @@ def file_payload(connection, config, task_type, argument, options, stdin=None):
     if options.stdin:
         fields["stdin"] = store_stdin(connection, config, options.stdin, stdin)
     return fields
+
+
+def python_packages(requirements_file, pip):
+    """--requirements FILE and --pip SPEC...: the specifiers, checked."""
+    packages = []
+    if requirements_file:
+        readable(requirements_file, "--requirements")
+        with open(requirements_file, encoding="utf-8", errors="replace") as f:
+            text = f.read(64 * 1024 + 1)
+        try:
+            packages = environments.read_requirements_file(text, requirements_file)
+        except environments.PackagesError as e:
+            raise FileOptionError(str(e))
+    return packages + list(pip or [])
 
 
 def store_input(connection, config, name, local, mode):

@@ -1022,6 +1022,10 @@ class Server:
             why = "%s by %s%s" % (status.replace("_", " "), peer.device_id,
                                   ": " + error if error else "")
             tasks.take_back(self.database, row, why, now, self.config, charged=False)
+        elif status == FAILED and (result or {}).get("environment_failed") is True \
+                and tasks.environment_failed(self.database, row, peer.device_id, error, now,
+                                             self.config):
+            pass
         elif status in (FAILED, TIMED_OUT) and tasks.retry_failed(
                 self.database, row, status, result, error, now, self.config):
             pass

@@ -10,7 +10,7 @@ import random
 import re
 import time
 
-from rc import bell, bounded, db, files
+from rc import bell, bounded, db, environments, files
 from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
                        TERMINAL_STATES)
@@ -29,6 +29,11 @@ REQUIREMENT_KINDS = {
 REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
                        "arch": "architecture", "device": "device_id",
                        "capability": "capabilities", "tag": "tags"}
+
+
+# Set by rc-server, not by users: devices where the task's Python
+# environment failed to build, which its next attempts skip.
+AVOID_DEVICES = "avoid_devices"
 
 
 class TaskError(ValueError):
@@ -107,7 +112,8 @@ MAX_ENV_VALUE = 32 * 1024      # bytes of one variable's value
 MAX_PAYLOAD_BYTES = 768 * 1024
 ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 FILE_TASK_TYPES = ("python_exec", "shell")      # may run a script from an input file
-FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file")
+FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file", environments.PAYLOAD_FIELD)
+PIP_TASK_TYPES = ("python_eval", "python_exec", "shell")   # may ask for packages
 
 
 def check_file_fields(task_type, payload):
@@ -124,7 +130,20 @@ def check_file_fields(task_type, payload):
     if "file" in payload:
         checked["file"] = check_script_file(task_type, payload["file"],
                                             checked.get("inputs", []))
+    if environments.PAYLOAD_FIELD in payload:
+        checked[environments.PAYLOAD_FIELD] = check_packages(task_type,
+                                                             payload[environments.PAYLOAD_FIELD])
     return checked
+
+
+def check_packages(task_type, packages):
+    if task_type not in PIP_TASK_TYPES:
+        raise TaskError("%s tasks take no Python packages (pip); %s do"
+                        % (task_type, ", ".join(PIP_TASK_TYPES)))
+    try:
+        return environments.check_packages(packages)
+    except environments.PackagesError as e:
+        raise TaskError(str(e))
 
 
 def check_blob_reference(what, value):
@@ -332,6 +351,8 @@ def unmet_requirements(requirements, device):
             reasons.extend("needs label %s=%s" % (name, value)
                            for name, value in sorted(wanted.items())
                            if device["labels"].get(name) != value)
+        elif key == AVOID_DEVICES and device["device_id"] in wanted:
+            reasons.append("its Python environment (pip) failed to build there")
     return reasons
 
 
@@ -417,8 +438,14 @@ def check_task(config, task_type, payload, requirements=None, priority="normal",
         raise TaskError("retries must be a whole number from 0 to %d" % MAX_RETRIES)
     if not isinstance(retry_on_failure, bool):
         raise TaskError("retry_on_failure must be true or false")
+    requirements = check_requirements(requirements or {})
+    if environments.PAYLOAD_FIELD in payload:
+        # Only a device that can build a virtual environment can run it.
+        wanted = requirements.setdefault("capabilities", [])
+        if environments.VENV_CAPABILITY not in wanted:
+            wanted.append(environments.VENV_CAPABILITY)
     return {"task_type": task_type, "payload": payload, "priority": priority_number,
-            "requirements": check_requirements(requirements or {}), "timeout": timeout,
+            "requirements": requirements, "timeout": timeout,
             "max_retries": retries, "retry_on_failure": retry_on_failure,
             "depends_on": check_dependencies(depends_on)}
 
@@ -641,6 +668,26 @@ def hand_back_unaccepted(connection, task, reason, now):
                     task["device_losses"])
     return _requeue(connection, task, reason, now, None, False, task["device_losses"],
                     not_before=now)
+
+
+def environment_failed(connection, task, device_id, error, now, config):
+    """The device could not build the task's Python environment (pip failed,
+    no index reachable...): not the task's code failing. The attempt is
+    charged and the task queued again for another device (AVOID_DEVICES);
+    False when it is not (retries spent: it fails with pip's error)."""
+    if task["cancel_requested"] or task["retries_used"] >= task["max_retries"]:
+        return False
+    row = connection.execute("SELECT requirements FROM tasks WHERE task_id = ?",
+                             (task["task_id"],)).fetchone()
+    requirements = db.loads(row[0], {}) if row else {}
+    avoided = requirements.setdefault(AVOID_DEVICES, [])
+    if device_id not in avoided:
+        avoided.append(device_id)
+    connection.execute("UPDATE tasks SET requirements = ? WHERE task_id = ? AND attempt = ?",
+                       (db.dumps(requirements), task["task_id"], task["attempt"]))
+    return _requeue(connection, task, "attempt %d: %s on %s" % (task["attempt"], error,
+                                                                device_id),
+                    now, config, True, task["device_losses"])
 
 
 def retry_failed(connection, task, state, result, error, now, config):
