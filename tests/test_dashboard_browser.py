@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -140,7 +141,7 @@ def page(browser, node, request):
     page = context.new_page()
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-    page.goto(node.base + "/")
+    page.goto(node.base + "/#/terminal")
     page.wait_for_function("window.rcTerm !== undefined")
     yield page
     os.makedirs(ARTIFACTS, exist_ok=True)
@@ -191,7 +192,7 @@ def test_submit_from_the_terminal_asks_for_the_token_and_shows_the_result(page, 
     type_line(page, "submit echo hello-from-the-browser --wait")
     wait_screen(page, "admin token")
     type_line(page, node.admin_token)
-    wait_for(lambda: "hello-from-the-browser" in screen(page).split("admin token:")[-1], 20,
+    wait_for(lambda: "hello-from-the-browser" in screen(page).split("(Esc cancels):")[-1], 20,
              "the task's output")
     assert node.admin_token not in screen(page)        # typed as stars
     wait_prompt(page)
@@ -258,6 +259,13 @@ def test_a_hostile_device_name_is_text_everywhere(page, node):
     type_line(page, "monitor")
     wait_screen(page, "rc monitor")
     page.keyboard.press("q")
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    page.goto(node.base + "/#/")                      # the overview's device grid
+    wait_for(lambda: HOSTILE in page.locator(".device-grid").inner_text(), 15,
+             "the device's name in the grid")
+    page.goto(node.base + "/#/device/" + urllib.parse.quote(HOSTILE, safe=""))
+    page.wait_for_selector("#view-object h1")
+    assert HOSTILE in page.locator("#view-object h1").inner_text()
     assert page.evaluate("document.querySelectorAll('img').length") == 0
     for path in ("/text/devices", "/api/v1/devices", "/text/metrics"):
         response = page.goto(node.base + path)

@@ -55,6 +55,9 @@ def table(rows, columns, width=None, header=True, colourize=None):
     widths = [max([len(column) if header else 0] + [len(line[i]) for line in texts])
               for i, column in enumerate(columns)]
     if width:
+        kept = columns_that_fit(widths, columns, width)
+        columns, widths = columns[:kept], widths[:kept]
+        texts = [line[:kept] for line in texts]
         fit(widths, width - len(COLUMN_GAP) * (len(columns) - 1))
     lines = [columns] if header else []
     lines += texts
@@ -68,6 +71,17 @@ def table(rows, columns, width=None, header=True, colourize=None):
             cells.append(padded)
         out.append(COLUMN_GAP.join(cells).rstrip())
     return "\n".join(out) + "\n" if out else ""
+
+
+def columns_that_fit(widths, columns, width):
+    """How many columns, from the left, fit in `width` with none cut below
+    its header: on a phone a table drops its last columns rather than
+    show "DE… ST… RO…". The first column (an id) always stays."""
+    least = [min(w, max(len(c), MIN_COLUMN_WIDTH)) for w, c in zip(widths, columns)]
+    count = len(columns)
+    while count > 1 and sum(least[:count]) + len(COLUMN_GAP) * (count - 1) > width:
+        count -= 1
+    return count
 
 
 def fit(widths, room):
