@@ -363,3 +363,14 @@ def rgba(line):
     for i in range(0, len(line), 3):
         out += line[i:i + 3] + b"\xff"
     return out
+
+
+def test_typing_on_the_overview_goes_to_the_terminal(browser, node):
+    page = open_page(browser, node, "desktop")
+    page.wait_for_selector('[data-device="browser-pi"]')
+    page.keyboard.type("status")
+    page.wait_for_function("location.hash === '#/terminal'")
+    wait_for(lambda: current_line(page) == "rc> status", 5, "the keys in the terminal")
+    page.keyboard.press("Enter")
+    wait_screen(page, "devices_online")
+    close(page)

@@ -332,17 +332,22 @@ function charts(history) {
     const finished = r.completed + r.failed + r.cancelled;
     return finished ? 100 * r.completed / finished : null;
   };
+  // The gauges end at the present (the summary's figures), so a chart's
+  // last value agrees with the tiles above it.
+  const s = picture.summary;
   return el("div", {class: "charts"},
-    chart("done per minute", history, r => r.completed, ""),
-    chart("queue length", history, r => r.queue_length, ""),
-    chart("devices online", history, r => r.devices_online, ""),
-    chart("success rate", history, rate, "%", 100));
+    chart("done per minute", history, r => r.completed, "", null, s.throughput_1m),
+    chart("queue length", history, r => r.queue_length, "", null, s.queue_length),
+    chart("devices online", history, r => r.devices_online, "", null, s.devices_online),
+    chart("success rate", history, rate, "%", 100, null));
 }
 
-function chart(title, history, value, unit, fixedTop) {
+function chart(title, history, value, unit, fixedTop, present) {
   const width = 320, height = 120, left = 34, right = 8, top = 8, bottom = 20;
-  const end = Math.floor(picture.now / 60) * 60, start = end - CHART_MINUTES * 60;
-  const points = history.filter(r => r.minute >= start).map(r => [r.minute, value(r)]);
+  const end = picture.now, start = end - CHART_MINUTES * 60;
+  // A minute's row is drawn at its middle; the present, at the right edge.
+  const points = history.filter(r => r.minute >= start).map(r => [r.minute + 30, value(r)]);
+  if (typeof present === "number") points.push([end, present]);
   const known = points.filter(p => typeof p[1] === "number");
   const highest = fixedTop || Math.max(1, ...known.map(p => p[1]));
   const x = t => left + (t - start) / (end - start) * (width - left - right);
@@ -365,8 +370,10 @@ function chart(title, history, value, unit, fixedTop) {
     pen = true;
   }
   if (path) box.append(svg("path", {d: path, class: "line"}));
-  for (const [t, v] of known.length === 1 ? known : [])
-    box.append(svg("circle", {cx: x(t), cy: y(v), r: 2.5, class: "dot"}));
+  if (known.length) {       // the latest value, also where a gap leaves it alone
+    const [t, v] = known[known.length - 1];
+    box.append(svg("circle", {cx: x(t), cy: y(v), r: 3, class: "dot"}));
+  }
   const last = known.length ? round(known[known.length - 1][1]) + unit : "–";
   return el("figure", {class: "chart"},
     el("figcaption", {}, el("span", {text: title}), el("b", {text: last})),
@@ -425,8 +432,8 @@ function openObjectView(where) {
   again();
   state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
   if (where.kind === "device") {
-    watchDevice(where.id);
-    state.timers.push(setInterval(() => watchDevice(where.id), WATCH_MS));
+    watchDevice(state);
+    state.timers.push(setInterval(() => watchDevice(state), WATCH_MS));
   }
 }
 
@@ -545,13 +552,14 @@ function sizeText(bytes) {
 
 // -- a device -------------------------------------------------------------------------------
 
-async function watchDevice(id) {
+async function watchDevice(state) {
   // Asks the device to report every few seconds while this view is open;
   // a main node without the route (404) or a reader without the token is fine.
   try {
-    await fetch("/api/v1/devices/" + encodeURIComponent(id) + "/watch",
-                {method: "POST", headers: window.rcToken.headers(), body: "{}"});
-  } catch (e) { /* the figures' age says how live they are */ }
+    const response = await fetch("/api/v1/devices/" + encodeURIComponent(state.id) + "/watch",
+                                 {method: "POST", headers: window.rcToken.headers(), body: "{}"});
+    state.watching = response.ok;
+  } catch (e) { state.watching = false; /* the figures' age says how live they are */ }
 }
 
 async function drawDevice(state, view) {
@@ -561,12 +569,13 @@ async function drawDevice(state, view) {
   const [[, listed], [logsStatus, logs]] = await Promise.all([
     getJSON("/api/v1/tasks?limit=" + DEVICE_TASKS + "&device=" + encodeURIComponent(state.id)),
     getJSON(path + "/logs")]);
-  const key = JSON.stringify([device, listed, logsStatus, logs]);
+  const key = JSON.stringify([device, listed, logsStatus, logs, state.watching]);
   update(view, state, key, () => deviceParts(device, (listed && listed.tasks) || [],
-                                             logsStatus === 200 ? logs.logs || [] : null));
+                                             logsStatus === 200 ? logs.logs || [] : null,
+                                             state.watching));
 }
 
-function deviceParts(d, recent, logs) {
+function deviceParts(d, recent, logs, watching) {
   const metrics = d.metrics && d.metrics.system_metrics ? d.metrics.system_metrics : (d.metrics || {});
   const summary = Object.assign({}, d, {
     cpu_percent: metrics.cpu_percent, memory_percent: metrics.memory_percent,
@@ -588,7 +597,7 @@ function deviceParts(d, recent, logs) {
         panel("Figures",
           el("p", {class: stale ? "stale-age" : "dim"},
              stale ? "stale: last heard " : "reported ", since(figuresMoment(d)),
-             stale ? "" : " (live while this page is open)"),
+             stale || !watching ? "" : " (every few seconds while this page is open)"),
           el("div", {class: "figures" + (stale ? " stale" : "")},
             Object.entries(metrics).filter(([, v]) => v !== null && typeof v !== "object" || Array.isArray(v))
               .map(([name, value]) => el("div", {class: "figure"},
@@ -816,7 +825,16 @@ function start() {
 document.getElementById("modal-form").addEventListener("submit", submitModal);
 document.getElementById("modal-cancel").addEventListener("click", () => closeModal(false));
 document.addEventListener("keydown", event => {
-  if (event.key === "Escape" && !document.getElementById("modal").hidden) closeModal(false);
+  const modalOpen = !document.getElementById("modal").hidden;
+  if (event.key === "Escape" && modalOpen) return closeModal(false);
+  // Typing on the overview goes to the terminal, as the page did before it had one.
+  if (currentRoute().kind === "overview" && !modalOpen && event.key.length === 1 &&
+      !event.ctrlKey && !event.metaKey && !event.altKey && !/^(INPUT|BUTTON|A)$/.test(event.target.tagName)) {
+    event.preventDefault();
+    location.hash = "#/terminal";
+    window.rcTerminal.show();
+    window.rcTerminal.key(event.key);
+  }
 });
 window.addEventListener("hashchange", route);
 setUpExtraKeys();
