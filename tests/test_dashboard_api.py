@@ -124,3 +124,13 @@ def test_overview_stream_counts_against_max_streams(cluster_home):
         second.close()
     finally:
         stop(server, thread)
+
+
+def test_overview_shows_a_bounded_number_of_devices(client, cluster_home, add_device,
+                                                    monkeypatch):
+    for name in ("a", "b", "c"):
+        add_device(name, now=time.time())
+    monkeypatch.setattr(web, "OVERVIEW_DEVICES", 2)
+    body = client.json("/api/v1/overview")[1]
+    assert [d["device_id"] for d in body["devices"]] == ["a", "b"]
+    assert body["summary"]["devices_total"] == 3

@@ -370,7 +370,7 @@ def test_typing_on_the_overview_goes_to_the_terminal(browser, node):
     page.wait_for_selector('[data-device="browser-pi"]')
     page.keyboard.type("status")
     page.wait_for_function("location.hash === '#/terminal'")
-    wait_for(lambda: current_line(page) == "rc> status", 5, "the keys in the terminal")
+    wait_for(lambda: current_line(page) == "rc> status", 5, "every key in the terminal")
     page.keyboard.press("Enter")
     wait_screen(page, "devices_online")
     close(page)

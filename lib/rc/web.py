@@ -1274,6 +1274,7 @@ def read_range(blob, start, end):
 
 # -- the dashboard's overview (issue 20): one compact picture of the cluster ----------
 
+OVERVIEW_DEVICES = 500            # devices the overview's grid shows (the rest: /api/v1/devices)
 OVERVIEW_TASKS = 50               # running tasks the overview lists
 OVERVIEW_FAILURES = 8             # recent failures the overview lists
 FAILURE_LOOKBACK_EVENTS = 5000    # task events, newest first, searched for failures
@@ -1304,7 +1305,8 @@ class DashboardRoutes:
         summary = self.web.status_summary(connection)
         history = stats.history(connection, OVERVIEW_HISTORY_MINUTES, now)
         return {"now": now, "summary": summary,
-                "devices": [overview_device(d) for d in devices.list_devices(connection)],
+                "devices": [overview_device(d) for d in
+                            devices.list_devices(connection)[:OVERVIEW_DEVICES]],
                 "running": running_tasks(connection), "failures": recent_failures(connection),
                 "history": history, "history_summary": stats.summary(history[-15:])}
 

@@ -160,8 +160,9 @@ async function openStream() {
   stream.onopen = () => { setConnection("live"); stopPolling(); };
   stream.onerror = () => {
     if (stream.readyState === EventSource.CLOSED) {      // refused: poll, try again later
+      if (connection === "token") return;                 // until a token is given
       startPolling();
-      setTimeout(openStream, STREAM_RETRY_MS);
+      setTimeout(() => { if (connection !== "token") openStream(); }, STREAM_RETRY_MS);
     } else {
       setConnection("connecting");
     }
@@ -169,7 +170,7 @@ async function openStream() {
 }
 
 function startPolling() {
-  if (pollTimer) return;
+  if (pollTimer || connection === "token") return;
   setConnection("polling");
   pollTimer = setInterval(fetchOverview, POLL_MS);
 }
@@ -182,7 +183,11 @@ function stopPolling() {
 async function fetchOverview() {
   try {
     const [status, body] = await getJSON(OVERVIEW_PATH);
-    if (status === 401) return setConnection("token"), renderNeedsToken(body.error);
+    if (status === 401) {
+      stopPolling();
+      setConnection("token");
+      return renderNeedsToken(body.error);
+    }
     if (status !== 200) return setConnection("lost");
     take(body);
     if (connection !== "live") setConnection(pollTimer ? "polling" : connection);
@@ -219,7 +224,11 @@ function renderOverview() {
     summaryTiles(picture),
     el("div", {class: "overview-columns"},
       el("div", {class: "column"},
-        panel("Devices", deviceGrid(picture.devices)),
+        panel("Devices", deviceGrid(picture.devices),
+              picture.devices.length < picture.summary.devices_total
+                ? el("p", {class: "dim", text: (picture.summary.devices_total - picture.devices.length)
+                                               + " more: `devices` in the terminal lists them all"})
+                : null),
         panel("Running tasks", runningTable(picture.running))),
       el("div", {class: "column"},
         panel("Last hour", charts(picture.history)),
@@ -828,11 +837,12 @@ document.addEventListener("keydown", event => {
   const modalOpen = !document.getElementById("modal").hidden;
   if (event.key === "Escape" && modalOpen) return closeModal(false);
   // Typing on the overview goes to the terminal, as the page did before it had one.
-  if (currentRoute().kind === "overview" && !modalOpen && event.key.length === 1 &&
-      !event.ctrlKey && !event.metaKey && !event.altKey && !/^(INPUT|BUTTON|A)$/.test(event.target.tagName)) {
+  if (!document.getElementById("view-overview").hidden && !modalOpen && event.key.length === 1 &&
+      !event.ctrlKey && !event.metaKey && !event.altKey &&
+      !/^(INPUT|TEXTAREA|BUTTON|A)$/.test(event.target.tagName)) {
     event.preventDefault();
     location.hash = "#/terminal";
-    window.rcTerminal.show();
+    route();                  // now, not at hashchange: the next key is the terminal's
     window.rcTerminal.key(event.key);
   }
 });
