@@ -115,16 +115,24 @@ class MainNode:
         self.db.close()
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    node = MainNode(tmp_path_factory.mktemp("dashboard"))
+def joined_node(home):
+    """A main node with one worker, browser-pi, online; the caller stops it."""
+    node = MainNode(home)
     try:
         node.start()
         node.start_worker("browser-pi")
         wait_for(lambda: node.online("browser-pi"), 20, "the worker to join")
-        yield node
-    finally:
+    except BaseException:
         node.stop()
+        raise
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    node = joined_node(tmp_path_factory.mktemp("dashboard"))
+    yield node
+    node.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import zlib
 import pytest
 
 from rc import db, devices
-from test_dashboard_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, MainNode, current_line,
-                                    screen, type_line, wait_for, wait_prompt, wait_screen)
+from test_dashboard_browser import (ARTIFACTS, CHROMIUM, browser, joined_node,  # noqa: F401
+                                    current_line, screen, type_line, wait_for, wait_prompt,
+                                    wait_screen)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"),
@@ -70,11 +71,8 @@ def add_offline_phone(node):
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    node = MainNode(tmp_path_factory.mktemp("views"))
+    node = joined_node(tmp_path_factory.mktemp("views"))
     try:
-        node.start()
-        node.start_worker("browser-pi")
-        wait_for(lambda: node.online("browser-pi"), 20, "the worker to join")
         add_offline_phone(node)
         record_history(node)
         node.long_task = api(node, "POST", "/api/v1/tasks", {
@@ -88,14 +86,6 @@ def node(tmp_path_factory):
         yield node
     finally:
         node.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def open_page(browser, node, size, path="/"):
@@ -373,4 +363,29 @@ def test_typing_on_the_overview_goes_to_the_terminal(browser, node):
     wait_for(lambda: current_line(page) == "rc> status", 5, "every key in the terminal")
     page.keyboard.press("Enter")
     wait_screen(page, "devices_online")
+    close(page)
+
+
+def test_device_view_asks_for_live_figures_and_shows_the_devices_logs(browser, node):
+    """devlogs20 adds POST .../watch and GET .../logs; until then the browser
+    answers them here, in the shape that branch serves."""
+    page = open_page(browser, node, "desktop")
+    watched, hostile = [], "<img src=x onerror=alert(1)>"
+    page.route("**/api/v1/devices/browser-pi/watch",
+               lambda route: (watched.append(route.request.method),
+                              route.fulfill(status=200, json={"watching": True})))
+    page.route("**/api/v1/devices/browser-pi/logs", lambda route: route.fulfill(json={"logs": [
+        {"ts": time.time() - 5, "level": "warning", "event": "availability_changed",
+         "message": "battery low: " + hostile, "task_id": None},
+        {"ts": time.time() - 2, "level": "error", "event": "task_failed",
+         "message": "exit status 3", "task_id": node.failed_task}]}))
+    page.goto(node.base + "/#/device/browser-pi")
+    page.wait_for_selector("#view-object td:has-text('availability_changed')")
+    assert watched == ["POST"]
+    assert hostile in page.locator("#view-object").inner_text()
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    page.wait_for_selector("#view-object :text('every few seconds while this page is open')")
+    logs = page.locator("#view-object tr", has=page.locator("td:has-text('task_failed')"))
+    assert logs.locator('a[href="#/task/%d"]' % node.failed_task).count() == 1
+    shoot(page, "device-logs", "desktop")
     close(page)

@@ -84,7 +84,9 @@ function tickAges() {
 function clock(moment) {
   if (!moment) return "";
   const date = new Date((moment - skew) * 1000);
-  return date.toLocaleString(undefined, {hour12: false});
+  const today = date.toDateString() === new Date().toDateString();   // then the time says enough
+  return today ? date.toLocaleTimeString(undefined, {hour12: false})
+               : date.toLocaleString(undefined, {hour12: false});
 }
 
 function percent(value) {
