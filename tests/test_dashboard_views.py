@@ -6,8 +6,10 @@ that show (a pixel check); the token prompt that Esc leaves; no console
 errors. Screenshots of every view at both sizes go to test-artifacts/."""
 import json
 import os
+import signal
 import re
 import struct
+import sys
 import time
 import urllib.request
 import zlib
@@ -389,3 +391,22 @@ def test_device_view_asks_for_live_figures_and_shows_the_devices_logs(browser, n
     assert logs.locator('a[href="#/task/%d"]' % node.failed_task).count() == 1
     shoot(page, "device-logs", "desktop")
     close(page)
+
+
+def test_the_dot_turns_red_when_rc_web_is_gone_and_green_when_it_is_back(browser, node):
+    page = open_page(browser, node, "desktop")
+    page.wait_for_selector("#connection.live")
+    page.wait_for_selector('[data-device="browser-pi"]')
+    web = node.processes["rc-web"]
+    os.killpg(web.pid, signal.SIGTERM)
+    web.wait(10)
+    page.wait_for_selector("#connection.lost", timeout=30000)
+    assert "no link to the main node" in page.locator("#connection").inner_text()
+    shoot(page, "connection-lost", "desktop")
+    node.spawn("rc-web", [sys.executable, "-m", "rc.web"])
+    wait_for(node.web_answers, 20, "rc-web again")
+    page.wait_for_selector("#connection.live", timeout=30000)
+    page.wait_for_selector('[data-device="browser-pi"]')
+    page.context.close()
+    # While rc-web was away, each attempt to reconnect was logged: nothing else.
+    assert [p for p in page.problems if not p.startswith("Failed to load resource: net::")] == []

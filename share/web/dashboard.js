@@ -13,6 +13,7 @@ const OVERVIEW_PATH = "/api/v1/overview";
 const POLL_MS = 5000;               // overview by polling while the stream is down
 const STREAM_RETRY_MS = 30000;      // a closed stream (e.g. 503: too many) is tried again after
 const TICK_MS = 1000;               // ages on the page move this often
+const LOST_AFTER_S = 10;            // seconds without the stream before the dot turns red
 const OBJECT_REFRESH_MS = 2000;     // an open task/device/group view reads again this often
 const WATCH_MS = 20000;             // an open device view asks for live figures this often
 const CHART_MINUTES = 60;           // the charts' time axis
@@ -138,20 +139,23 @@ async function getJSON(path) {
 
 // -- the live link -----------------------------------------------------------------
 
-let connection = "connecting";
+let connection = "connecting", connectionSince = Date.now() / 1000;
 
 function setConnection(state) {
+  if (state !== connection) connectionSince = Date.now() / 1000;
   connection = state;
   showConnection();
 }
 
 function showConnection() {
   const node = document.getElementById("connection");
-  const age = lastPictureAt ? " · " + ageText(Date.now() / 1000 - lastPictureAt) + " ago" : "";
+  const now = Date.now() / 1000;
+  const shown = connection === "connecting" && now - connectionSince > LOST_AFTER_S ? "lost" : connection;
+  const age = lastPictureAt ? " · figures " + ageText(now - lastPictureAt) + " old" : "";
   const words = {live: "live", polling: "polling", connecting: "connecting",
                  lost: "no link to the main node", token: "needs the admin token"};
-  node.textContent = (words[connection] || connection) + (connection === "live" ? "" : age);
-  node.className = "connection " + connection;
+  node.textContent = words[shown] + (shown === "live" ? "" : age);
+  node.className = "connection " + shown;
 }
 
 async function openStream() {
@@ -190,11 +194,11 @@ async function fetchOverview() {
       setConnection("token");
       return renderNeedsToken(body.error);
     }
-    if (status !== 200) return setConnection("lost");
+    if (status !== 200) return setConnection(pollTimer ? "polling" : "connecting");
     take(body);
     if (connection !== "live") setConnection(pollTimer ? "polling" : connection);
   } catch (e) {
-    setConnection("lost");
+    setConnection("connecting");      // red once it has lasted LOST_AFTER_S
   }
 }
 
