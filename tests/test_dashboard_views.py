@@ -286,6 +286,7 @@ def test_help_lists_what_the_browser_refuses_and_submit_wait_can_be_stopped(brow
     type_line(page, "help")
     wait_screen(page, "Not in the browser")
     assert "local-worker" in screen(page).split("Not in the browser")[1]
+    assert screen(page).index("positional arguments") < screen(page).index("Not in the browser")
     wait_prompt(page)
     type_line(page, "submit sleep 30 --wait")
     wait_screen(page, "waiting for task")

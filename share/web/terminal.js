@@ -234,14 +234,30 @@ async function help() {
   for (const [command, what] of Object.entries(LOCAL_COMMANDS))
     term.writeln("  " + command.padEnd(9) + what);
   term.writeln("");
+  const waiting = startBusy("");
   await learnCommands();
+  let answer = null;
+  try { answer = await command("--help", waiting.controller.signal); }
+  catch (e) { /* said below */ }
+  if (!endBusy(waiting)) return;
+  if (!answer || answer[0] !== 200) show("rc: cannot read the commands' help\n", 31);
+  else show(dimRefused(answer[1].output));
   if (refusedCommands) {
-    term.writeln("Not in the browser (run them with `rc` on the main node):");
-    for (const [command, why] of Object.entries(refusedCommands))
-      term.writeln("  \x1b[2m" + command.padEnd(13) + why + "\x1b[0m");
-    term.writeln("");
+    term.writeln("\r\nNot in the browser (dimmed above; run them with `rc` on the main node):");
+    for (const [name, why] of Object.entries(refusedCommands))
+      if (!(name in LOCAL_COMMANDS)) term.writeln("  " + name.padEnd(13) + why);
   }
-  runRemote("--help");
+  prompt();
+}
+
+// The help's lines of the commands the browser refuses, dimmed.
+function dimRefused(text) {
+  if (!refusedCommands) return text;
+  return text.split("\n").map(row => {
+    const name = (row.match(/^ {4}(\S+)/) || [])[1];
+    return name && name in refusedCommands && !(name in LOCAL_COMMANDS)
+      ? "\x1b[2m" + row + "\x1b[0m" : row;
+  }).join("\n");
 }
 
 // Which commands the browser may not run, and which need the admin token.
