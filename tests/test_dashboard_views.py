@@ -411,3 +411,26 @@ def test_the_dot_turns_red_when_rc_web_is_gone_and_green_when_it_is_back(browser
     page.context.close()
     # While rc-web was away, each attempt to reconnect was logged: nothing else.
     assert [p for p in page.problems if not p.startswith("Failed to load resource: net::")] == []
+
+
+def test_cancel_and_retry_by_click(browser, node):
+    sleeper = api(node, "POST", "/api/v1/tasks", {"task_type": "sleep", "payload": 60})["task_id"]
+    page = open_page(browser, node, "desktop", "/#/task/%d" % sleeper)
+    page.evaluate("localStorage.setItem('rc.adminToken', %s)" % json.dumps(node.admin_token))
+    page.wait_for_selector("#view-object button:has-text('Cancel')").click()
+    page.wait_for_selector("#modal:not([hidden]) h2:has-text('Cancel task %d?')" % sleeper)
+    assert api(node, "GET", "/api/v1/tasks/%d" % sleeper)["state"] != "cancelled"   # asks first
+    page.click("#modal-confirm")
+    wait_for(lambda: api(node, "GET", "/api/v1/tasks/%d" % sleeper)["state"] == "cancelled", 15,
+             "the task cancelled")
+    page.wait_for_selector("#view-object h1 .chip:has-text('cancelled')")
+    page.goto(node.base + "/#/task/%d" % node.failed_task)
+    page.wait_for_selector("#view-object button:has-text('Retry')").click()
+    page.click("#modal-confirm")
+    page.wait_for_function("location.hash !== '#/task/%d'" % node.failed_task)
+    copy = int(page.evaluate("location.hash").rsplit("/", 1)[1])
+    page.wait_for_selector("#view-object h1:has-text('Task %d')" % copy)
+    original = api(node, "GET", "/api/v1/tasks/%d" % node.failed_task)
+    assert api(node, "GET", "/api/v1/tasks/%d" % copy)["payload"] == original["payload"]
+    assert original["state"] == "failed"                    # the old one stays as it was
+    close(page)
