@@ -53,12 +53,12 @@ def wait_for(predicate, timeout, what):
 class MainNode:
     """The four programs as processes, without supervisord, and workers."""
 
-    def __init__(self, home):
+    def __init__(self, home, **settings):
         self.home = str(home)
         settings_path = os.path.join(self.home, "rc.json")
         os.makedirs(os.path.join(self.home, "log"), exist_ok=True)
         with open(settings_path, "w") as f:
-            json.dump(SETTINGS, f)
+            json.dump(dict(SETTINGS, **settings), f)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
                         RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()),
                         PYTHONPATH=os.path.join(REPO, "lib"))

@@ -6,8 +6,8 @@ that show (a pixel check); the token prompt that Esc leaves; no console
 errors. Screenshots of every view at both sizes go to test-artifacts/."""
 import json
 import os
-import signal
 import re
+import signal
 import struct
 import sys
 import time
@@ -17,9 +17,9 @@ import zlib
 import pytest
 
 from rc import db, devices
-from test_dashboard_browser import (ARTIFACTS, CHROMIUM, browser, joined_node,  # noqa: F401
-                                    current_line, screen, type_line, wait_for, wait_prompt,
-                                    wait_screen)
+from test_dashboard_browser import (ARTIFACTS, CHROMIUM, MainNode, browser,  # noqa: F401
+                                    current_line, joined_node, screen, type_line, wait_for,
+                                    wait_prompt, wait_screen)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"),
@@ -434,3 +434,24 @@ def test_cancel_and_retry_by_click(browser, node):
     assert api(node, "GET", "/api/v1/tasks/%d" % copy)["payload"] == original["payload"]
     assert original["state"] == "failed"                    # the old one stays as it was
     close(page)
+
+
+def test_where_reading_needs_the_token_the_overview_asks_for_it_then_goes_live(browser,
+                                                                               tmp_path):
+    strict = MainNode(tmp_path, read_access="token")
+    try:
+        strict.start()
+        page = open_page(browser, strict, "phone")
+        page.wait_for_selector("#connection.token")
+        page.click("text=Give the admin token")
+        page.fill("#modal input[name=token]", strict.admin_token)
+        page.click("#modal-confirm")
+        page.wait_for_selector("#connection.live", timeout=15000)
+        page.wait_for_selector(".tiles")
+        # Before the token: the overview and the terminal's command list, refused once each.
+        refused = [p for p in page.problems if "status of 401" in p]
+        assert len(refused) == len(page.problems) <= 2, page.problems
+        page.problems.clear()
+        close(page)
+    finally:
+        strict.stop()

@@ -196,7 +196,7 @@ async function fetchOverview() {
     }
     if (status !== 200) return setConnection(pollTimer ? "polling" : "connecting");
     take(body);
-    if (connection !== "live") setConnection(pollTimer ? "polling" : connection);
+    if (connection !== "live") setConnection(pollTimer ? "polling" : "connecting");
   } catch (e) {
     setConnection("connecting");      // red once it has lasted LOST_AFTER_S
   }
@@ -219,7 +219,7 @@ function renderNeedsToken(error) {
   view.replaceChildren(panel("This main node needs the admin token to be read",
     el("p", {text: error || ""}),
     el("button", {type: "button", class: "primary", text: "Give the admin token",
-                  onclick: () => askToken().then(given => given && start())})));
+                  onclick: () => askToken()})));
 }
 
 function renderOverview() {
@@ -832,9 +832,11 @@ function setUpExtraKeys() {
 
 // -- start -------------------------------------------------------------------------------------
 
-function start() {
-  fetchOverview();
-  openStream();
+// The stream opens once the overview could be read: a main node that wants
+// the token first gets one request, not a stream that is refused again.
+async function start() {
+  await fetchOverview();
+  if (connection !== "token") openStream();
 }
 
 document.getElementById("modal-form").addEventListener("submit", submitModal);
@@ -853,6 +855,7 @@ document.addEventListener("keydown", event => {
   }
 });
 window.addEventListener("hashchange", route);
+window.addEventListener("rc-token", () => { if (connection === "token") start(); });
 setUpExtraKeys();
 setInterval(tickAges, TICK_MS);
 route();

@@ -84,7 +84,7 @@ window.rcTerminal = {
     for (const id of deviceIds) knownDevices.add(String(id));
   },
 };
-window.rcToken = {get: token, set: value => store(TOKEN_KEY, value || null), headers: headers};
+window.rcToken = {get: token, set: keepToken, headers: headers};
 
 // -- storage ----------------------------------------------------------------------
 
@@ -108,6 +108,12 @@ function savedTheme() {
 }
 
 function token() { return load(TOKEN_KEY); }
+
+// The page's other half (the overview) starts reading when a token arrives.
+function keepToken(value) {
+  store(TOKEN_KEY, value || null);
+  if (value) window.dispatchEvent(new Event("rc-token"));
+}
 
 // -- the line editor --------------------------------------------------------------
 
@@ -204,7 +210,7 @@ function tokenGiven(text) {
   const retry = pending;
   pending = null;
   if (!text) { term.writeln("no token given"); return prompt(); }
-  store(TOKEN_KEY, text);
+  keepToken(text);
   if (retry) return run(retry, true);
   term.writeln("token kept in this browser");
   prompt();
