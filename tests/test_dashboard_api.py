@@ -134,3 +134,20 @@ def test_overview_shows_a_bounded_number_of_devices(client, cluster_home, add_de
     body = client.json("/api/v1/overview")[1]
     assert [d["device_id"] for d in body["devices"]] == ["a", "b"]
     assert body["summary"]["devices_total"] == 3
+
+
+def test_monitor_fits_a_phone_and_shows_progress_messages(cluster_home, add_device):
+    """`monitor` in the web terminal at a phone's 45 columns: no line wraps,
+    the task's own message shows, and full slots are blue, not red."""
+    config, connection = cluster_home
+    add_device("pi", metrics={"cpu_percent": 50.0}, now=time.time())
+    for _ in range(2):
+        running_task(connection, config, "pi", 100, "frame 40 of 40: writing the video file")
+    frame = cli.monitor_frame(connection, 45, colour=True)
+    plain = frame.replace("\x1b[0m", "")
+    for code in ("\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[34m", "\x1b[36m", "\x1b[90m"):
+        plain = plain.replace(code, "")
+    assert all(len(line) <= 45 for line in plain.splitlines()), plain
+    assert "slots 2/2" in plain and "frame 40 of 40" in plain
+    slots_line = next(line for line in frame.splitlines() if line.startswith("slots"))
+    assert "\x1b[34m" in slots_line and "\x1b[31m" not in slots_line
