@@ -455,3 +455,21 @@ def test_where_reading_needs_the_token_the_overview_asks_for_it_then_goes_live(b
         close(page)
     finally:
         strict.stop()
+
+
+def test_label_by_click(browser, node):
+    page = open_page(browser, node, "phone", "/#/device/browser-pi")
+    page.evaluate("localStorage.setItem('rc.adminToken', %s)" % json.dumps(node.admin_token))
+    page.wait_for_selector("#view-object button:has-text('Label')").click()
+    page.fill("#modal input[name=labels]", "room=attic disk=")
+    page.click("#modal-confirm")
+    wait_for(lambda: api(node, "GET", "/api/v1/devices/browser-pi")["labels"] == {"room": "attic"},
+             10, "the label set")
+    page.wait_for_selector("#view-object dd:has-text('room=attic')")
+    page.click("#view-object button:has-text('Label')")
+    page.fill("#modal input[name=labels]", "not-a-pair")
+    page.click("#modal-confirm")
+    page.wait_for_selector("#modal-error:has-text('not KEY=VALUE: not-a-pair')")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#modal", state="hidden")
+    close(page)
