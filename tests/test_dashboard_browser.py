@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -52,12 +53,12 @@ def wait_for(predicate, timeout, what):
 class MainNode:
     """The four programs as processes, without supervisord, and workers."""
 
-    def __init__(self, home):
+    def __init__(self, home, **settings):
         self.home = str(home)
         settings_path = os.path.join(self.home, "rc.json")
         os.makedirs(os.path.join(self.home, "log"), exist_ok=True)
         with open(settings_path, "w") as f:
-            json.dump(SETTINGS, f)
+            json.dump(dict(SETTINGS, **settings), f)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
                         RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()),
                         PYTHONPATH=os.path.join(REPO, "lib"))
@@ -114,16 +115,24 @@ class MainNode:
         self.db.close()
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    node = MainNode(tmp_path_factory.mktemp("dashboard"))
+def joined_node(home):
+    """A main node with one worker, browser-pi, online; the caller stops it."""
+    node = MainNode(home)
     try:
         node.start()
         node.start_worker("browser-pi")
         wait_for(lambda: node.online("browser-pi"), 20, "the worker to join")
-        yield node
-    finally:
+    except BaseException:
         node.stop()
+        raise
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    node = joined_node(tmp_path_factory.mktemp("dashboard"))
+    yield node
+    node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +149,7 @@ def page(browser, node, request):
     page = context.new_page()
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-    page.goto(node.base + "/")
+    page.goto(node.base + "/#/terminal")
     page.wait_for_function("window.rcTerm !== undefined")
     yield page
     os.makedirs(ARTIFACTS, exist_ok=True)
@@ -191,7 +200,7 @@ def test_submit_from_the_terminal_asks_for_the_token_and_shows_the_result(page, 
     type_line(page, "submit echo hello-from-the-browser --wait")
     wait_screen(page, "admin token")
     type_line(page, node.admin_token)
-    wait_for(lambda: "hello-from-the-browser" in screen(page).split("admin token:")[-1], 20,
+    wait_for(lambda: "hello-from-the-browser" in screen(page).split("(Esc cancels):")[-1], 20,
              "the task's output")
     assert node.admin_token not in screen(page)        # typed as stars
     wait_prompt(page)
@@ -258,6 +267,13 @@ def test_a_hostile_device_name_is_text_everywhere(page, node):
     type_line(page, "monitor")
     wait_screen(page, "rc monitor")
     page.keyboard.press("q")
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    page.goto(node.base + "/#/")                      # the overview's device grid
+    wait_for(lambda: HOSTILE in page.locator(".device-grid").inner_text(), 15,
+             "the device's name in the grid")
+    page.goto(node.base + "/#/device/" + urllib.parse.quote(HOSTILE, safe=""))
+    page.wait_for_selector("#view-object h1")
+    assert HOSTILE in page.locator("#view-object h1").inner_text()
     assert page.evaluate("document.querySelectorAll('img').length") == 0
     for path in ("/text/devices", "/api/v1/devices", "/text/metrics"):
         response = page.goto(node.base + path)

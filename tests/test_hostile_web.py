@@ -334,8 +334,8 @@ def test_the_dashboard_never_puts_the_token_in_a_url(cluster):
             urls, streams = [], []
             page.on("request", lambda r: urls.append(r.url))
             page.on("response", lambda r: streams.append((r.url, r.status))
-                    if "/stream/" in r.url else None)
-            page.goto("http://127.0.0.1:%d/" % cluster.config.web_port)
+                    if "/stream/devices" in r.url or "/stream/tasks" in r.url else None)
+            page.goto("http://127.0.0.1:%d/#/terminal" % cluster.config.web_port)
             page.wait_for_function("window.rcTerm !== undefined")
             page.keyboard.type("login")
             page.keyboard.press("Enter")

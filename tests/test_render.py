@@ -99,3 +99,11 @@ def test_log_lines_are_coloured_by_level_only_on_a_terminal():
     assert plain.endswith('rc-web ERROR bad why="two words"')
     assert "\x1b[31mERROR\x1b[0m" in render.log_line(record, True)
     assert render.log_line("plain \x1b[2J text") == "plain ?[2J text"
+
+
+def test_a_narrow_table_drops_its_last_columns_rather_than_cut_headers():
+    rows = [{"DEVICE": "kitchen-pi_4", "STATUS": "online", "PLATFORM": "linux",
+             "LAST_SEEN": "3s"}]
+    lines = render.table(rows, ["DEVICE", "STATUS", "PLATFORM", "LAST_SEEN"], width=30)
+    assert lines.splitlines() == ["DEVICE        STATUS  PLATFORM", "kitchen-pi_4  online  linux"]
+    assert render.table(rows, ["DEVICE", "STATUS"], width=5).splitlines()[1] == "kitc…"

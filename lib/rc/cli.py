@@ -982,14 +982,16 @@ def monitor_frame(connection, width, colour=False, stopped_at=None):
     cpus = [fraction(device_metrics(d).get("cpu_percent")) for d in online]
     cpus = [value for value in cpus if value is not None]
     counts = tasks.counts_by_state(connection)
-    lines = ["rc monitor  %s  devices %d/%d online  queued %d  running %d  completed %d"
-             "  failed %d" % (time.strftime("%H:%M:%S"), len(online), len(records),
-                              counts[QUEUED], counts[RUNNING] + counts[ASSIGNED],
-                              counts[COMPLETED], counts[FAILED] + counts[TIMED_OUT]),
-             render.progress_line("slots %d/%d" % (busy, slots),
-                                  busy / slots if slots else None, width, colour),
-             render.progress_line("cpu (mean)", sum(cpus) / len(cpus) if cpus else None,
-                                  width, colour), ""]
+    words = ["rc monitor", time.strftime("%H:%M:%S"),
+             "devices %d/%d online" % (len(online), len(records)), "queued %d" % counts[QUEUED],
+             "running %d" % (counts[RUNNING] + counts[ASSIGNED]),
+             "completed %d" % counts[COMPLETED],
+             "failed %d" % (counts[FAILED] + counts[TIMED_OUT])]
+    lines = fitted_words(words, width) + [
+        render.progress_line("slots %d/%d" % (busy, slots),
+                             busy / slots if slots else None, width, colour, calm=True),
+        render.progress_line("cpu (mean)", sum(cpus) / len(cpus) if cpus else None,
+                             width, colour), ""]
     if stopped_at is not None:
         lines.insert(0, "main node %s" % stopped_text(stopped_at))
     text = "\n".join(lines) + "\n"
@@ -1000,10 +1002,33 @@ def monitor_frame(connection, width, colour=False, stopped_at=None):
     if active:
         text += "\nactive tasks:\n"
         for task in active[:MONITOR_TASKS]:
-            label = "%5d %-11s %-9s %s" % (task["task_id"], task["task_type"][:11],
-                                          task["state"], render.cell(task["device_id"])[:16])
-            progress = task["progress"] / 100.0 if task["progress"] is not None else None
-            text += render.progress_line(label, progress, width, colour) + "\n"
+            text += monitor_task_lines(task, width, colour)
+    return text
+
+
+def fitted_words(words, width):
+    """Words joined by two spaces, in as many lines as `width` needs."""
+    lines = [words[0]]
+    for word in words[1:]:
+        if width and len(lines[-1]) + 2 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] += "  " + word
+    return lines
+
+
+def monitor_task_lines(task, width, colour):
+    """A task's progress bar in `width` (a narrow screen leaves out its type
+    and device), then its own progress message, if it sent one."""
+    device = render.cell(task["device_id"])[:16]
+    label = ("%5d %-9s" % (task["task_id"], task["state"]) if width and width < 60 else
+             "%5d %-11s %-9s %-16s" % (task["task_id"], task["task_type"][:11],
+                                       task["state"], device))
+    progress = task["progress"] / 100.0 if task["progress"] is not None else None
+    text = render.progress_line(label, progress, width, colour, calm=True) + "\n"
+    if task.get("progress_message"):
+        text += "      " + render.shorten(render.printable(task["progress_message"]),
+                                          max((width or 80) - 6, 10)) + "\n"
     return text
 
 

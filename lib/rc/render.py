@@ -55,6 +55,9 @@ def table(rows, columns, width=None, header=True, colourize=None):
     widths = [max([len(column) if header else 0] + [len(line[i]) for line in texts])
               for i, column in enumerate(columns)]
     if width:
+        kept = columns_that_fit(widths, columns, width)
+        columns, widths = columns[:kept], widths[:kept]
+        texts = [line[:kept] for line in texts]
         fit(widths, width - len(COLUMN_GAP) * (len(columns) - 1))
     lines = [columns] if header else []
     lines += texts
@@ -68,6 +71,17 @@ def table(rows, columns, width=None, header=True, colourize=None):
             cells.append(padded)
         out.append(COLUMN_GAP.join(cells).rstrip())
     return "\n".join(out) + "\n" if out else ""
+
+
+def columns_that_fit(widths, columns, width):
+    """How many columns, from the left, fit in `width` with none cut below
+    its header: on a phone a table drops its last columns rather than
+    show "DE… ST… RO…". The first column (an id) always stays."""
+    least = [min(w, max(len(c), MIN_COLUMN_WIDTH)) for w, c in zip(widths, columns)]
+    count = len(columns)
+    while count > 1 and sum(least[:count]) + len(COLUMN_GAP) * (count - 1) > width:
+        count -= 1
+    return count
 
 
 def fit(widths, room):
@@ -134,14 +148,16 @@ def key_values(pairs, align=False):
 
 # -- bars, the device grid and log lines ------------------------------------------
 
-def bar(fraction, width=BAR_WIDTH, colour_enabled=False):
+def bar(fraction, width=BAR_WIDTH, colour_enabled=False, calm=False):
     """[#####.....] for a fraction from 0 to 1; an unknown value is blank.
-    Past three quarters it is yellow, past nine tenths red."""
+    Past three quarters it is yellow, past nine tenths red; a `calm` bar
+    (busy slots, a task's progress: full is work, not trouble) stays blue."""
     if fraction is None:
         return "[" + " " * width + "]"
     fraction = min(max(float(fraction), 0.0), 1.0)
     filled = int(round(fraction * width))
-    name = "red" if fraction > 0.9 else "yellow" if fraction > 0.75 else "green"
+    name = "blue" if calm else "red" if fraction > 0.9 else "yellow" if fraction > 0.75 \
+        else "green"
     return "[" + colour("#" * filled, name, colour_enabled) + "." * (width - filled) + "]"
 
 
@@ -149,10 +165,10 @@ def percent(fraction):
     return "  n/a" if fraction is None else "%4d%%" % round(min(max(fraction, 0), 1) * 100)
 
 
-def progress_line(label, fraction, width, colour_enabled=False):
+def progress_line(label, fraction, width, colour_enabled=False, calm=False):
     """label [#####.....]  50% in `width` characters: the bar takes the room left."""
     room = max(width - len(label) - 1 - 2 - 5 - 1, 4)
-    return "%s %s %s" % (label, bar(fraction, room, colour_enabled), percent(fraction))
+    return "%s %s %s" % (label, bar(fraction, room, colour_enabled, calm), percent(fraction))
 
 
 def device_grid(cells, width=80, colour_enabled=False):

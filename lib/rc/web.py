@@ -34,7 +34,7 @@ from rc import device_routes, state_dir, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
-from rc.states import COMPLETED, PRIORITIES, TASK_STATES, TERMINAL_STATES
+from rc.states import COMPLETED, FAILED, PRIORITIES, TASK_STATES, TERMINAL_STATES, TIMED_OUT
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
@@ -333,8 +333,8 @@ class Web:
     def status(self):
         return json_response(self.status_summary())
 
-    def status_summary(self):
-        connection = self.connection()
+    def status_summary(self, connection=None):
+        connection = connection or self.connection()
         summary = cli.status_summary(connection)
         now = time.time()
         for window, count in zip(THROUGHPUT_WINDOWS, completed_since(connection, now)):
@@ -1317,6 +1317,130 @@ def read_range(blob, start, end):
             yield chunk
 
 
+# -- the dashboard's overview (issue 20): one compact picture of the cluster ----------
+
+OVERVIEW_DEVICES = 500            # devices the overview's grid shows (the rest: /api/v1/devices)
+OVERVIEW_TASKS = 50               # running tasks the overview lists
+OVERVIEW_FAILURES = 8             # recent failures the overview lists
+FAILURE_LOOKBACK_EVENTS = 5000    # task events, newest first, searched for failures
+OVERVIEW_HISTORY_MINUTES = 60     # minutes of history the overview's charts draw
+OVERVIEW_MIN_INTERVAL = 1.0       # seconds between two overviews on /stream/overview
+OVERVIEW_TEXT = 160               # characters of an error or message the overview shows
+# The figures of a device the overview's grid shows (the whole record is at /api/v1/devices/ID).
+OVERVIEW_DEVICE_FIELDS = ("device_id", "hostname", "status", "connected", "available",
+                          "unavailable_reason", "drained", "suspect_since", "slots",
+                          "active_tasks", "platform", "architecture", "role", "labels",
+                          "last_seen", "figures_at", "revoked")
+
+
+class DashboardRoutes:
+    """GET /api/v1/overview and /stream/overview: what the dashboard shows
+    on arrival (summary, devices, running tasks, recent failures, the
+    minute history), as one object; GET /api/v1/terminal: what the web
+    terminal must know of the commands it may not run."""
+
+    def __init__(self, web):
+        self.web = web
+
+    def overview(self):
+        return json_response(self.picture(self.web.connection()))
+
+    def picture(self, connection):
+        now = time.time()
+        summary = self.web.status_summary(connection)
+        history = stats.history(connection, OVERVIEW_HISTORY_MINUTES, now)
+        return {"now": now, "summary": summary,
+                "devices": [overview_device(d) for d in
+                            devices.list_devices(connection)[:OVERVIEW_DEVICES]],
+                "running": running_tasks(connection), "failures": recent_failures(connection),
+                "history": history, "history_summary": stats.summary(history[-15:])}
+
+    def stream(self):
+        """The overview again whenever the database changed, at most once per
+        OVERVIEW_MIN_INTERVAL: one stream serves the whole page."""
+        web = self.web
+        if not web.stream_slots.acquire(blocking=False):
+            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
+                                " try again later" % web.config.max_streams)
+        try:
+            disconnected = bottle.request.environ.get("waitress.client_disconnected")
+            body = StreamBody(web.paced(self.pictures(), disconnected), web.stream_slots.release)
+        except BaseException:
+            web.stream_slots.release()
+            raise
+        bottle.response.content_type = "text/event-stream; charset=utf-8"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        return body
+
+    def pictures(self):
+        connection = cli.connect(self.web.config)
+        try:
+            last_sent = 0.0
+            waiting = False
+            for changed in self.web.watch(connection):
+                waiting = waiting or bool(changed)
+                if waiting and time.monotonic() - last_sent >= OVERVIEW_MIN_INTERVAL:
+                    picture = self.picture(connection)
+                    last_sent, waiting = time.monotonic(), False
+                    yield sse("overview", picture, "%.3f" % picture["now"])
+                else:
+                    yield ""
+        finally:
+            connection.close()
+
+    def terminal(self):
+        return json_response({"refused": dict(cli.WEB_REFUSED),
+                              "admin": sorted(cli.WEB_ADMIN_COMMANDS)})
+
+
+def overview_device(device):
+    shown = {key: device.get(key) for key in OVERVIEW_DEVICE_FIELDS}
+    metrics = cli.device_metrics(device)
+    shown.update(cpu_percent=number(metrics.get("cpu_percent")),
+                 memory_percent=number(metrics.get("memory_percent")),
+                 battery_percent=number(cli.battery_percent(metrics)),
+                 charging=metrics.get("charging") if isinstance(metrics.get("charging"), bool)
+                 else None, temperature_c=number(metrics.get("temperature_c")),
+                 suspect=bool(device.get("suspect_since")))
+    return shown
+
+
+def running_tasks(connection):
+    rows = connection.execute(
+        "SELECT task_id, task_type, payload, state, attempt, device_id, created_at,"
+        " started_at, progress, progress_message, group_id FROM tasks WHERE %s"
+        " ORDER BY task_id LIMIT ?" % db.ACTIVE_SQL, (OVERVIEW_TASKS,))
+    return [overview_task(tasks.task_dict(row)) for row in rows]
+
+
+def recent_failures(connection):
+    """The newest failed or timed-out tasks among the last task events."""
+    rows = connection.execute(
+        "SELECT t.task_id, t.task_type, t.payload, t.state, t.attempt, t.device_id,"
+        " t.finished_at, t.error, t.reason, t.group_id FROM task_events e"
+        " JOIN tasks t ON t.task_id = e.task_id"
+        " WHERE e.id > (SELECT coalesce(max(id), 0) FROM task_events) - ?"
+        " AND e.state IN (?, ?) AND t.state = e.state ORDER BY e.id DESC LIMIT ?",
+        (FAILURE_LOOKBACK_EVENTS, FAILED, TIMED_OUT, OVERVIEW_FAILURES))
+    return [overview_task(tasks.task_dict(row)) for row in rows]
+
+
+def overview_task(task):
+    task["summary"] = render.shorten(cli.payload_summary(task), cli.SUMMARY_WIDTH)
+    del task["payload"]
+    for key in ("error", "progress_message", "reason"):
+        if isinstance(task.get(key), str):
+            task[key] = render.shorten(task[key], OVERVIEW_TEXT)
+    return task
+
+
+def dashboard_routes(routes):
+    return [("GET", "/api/v1/overview", routes.overview, "read"),
+            ("GET", "/stream/overview", routes.stream, "read"),
+            ("GET", "/api/v1/terminal", routes.terminal, "read")]
+
+
 # -- the app -------------------------------------------------------------------------
 
 def make_app(config, logger=None):
@@ -1363,7 +1487,7 @@ def make_app(config, logger=None):
         ("GET", "/stream/<kind:re:devices|tasks|logs>", web.stream, "read"),
         ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
         ("GET", "/worker.py", web.worker_file, "open"),
-    ] + file_routes(FileRoutes(web)) \
+    ] + file_routes(FileRoutes(web)) + dashboard_routes(DashboardRoutes(web)) \
         + device_routes.DeviceRoutes(web, query_int, separated).routes()
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))

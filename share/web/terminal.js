@@ -1,11 +1,15 @@
-// The dashboard: an xterm.js terminal that runs `rc` commands on the main node
-// through POST /api/v1/command (the CLI's own implementation), plus a few
-// commands of its own: help, clear, theme, monitor, login, logout.
+// The dashboard's terminal: an xterm.js terminal that runs `rc` commands on
+// the main node through POST /api/v1/command (the CLI's own implementation),
+// plus a few commands of its own: help, clear, theme, monitor, login, logout.
 // Everything from the cluster reaches the screen through term.write(), which
-// draws text, never HTML.
+// draws text, never HTML. dashboard.js shows it (window.rcTerminal) and
+// shares the admin token it keeps (rcToken).
 "use strict";
 
+(() => {   // its own scope: the page's other script (the dashboard) has names of its own
+
 const PROMPT = "rc> ";
+const TOKEN_PROMPT = "admin token (Esc cancels): ";
 const HISTORY_KEY = "rc.history";
 const THEME_KEY = "rc.theme";
 const TOKEN_KEY = "rc.adminToken";
@@ -13,6 +17,15 @@ const HISTORY_LIMIT = 500;
 const COMPLETION_TTL_MS = 3000;        // how long Tab reuses the ids it fetched
 const MONITOR_DEBOUNCE_MS = 150;       // redraw at most this often on a burst of events
 const MONITOR_REFRESH_MS = 5000;       // redraw anyway, so ages and bars move
+const WAIT_POLL_MS = 500;              // how often `submit --wait` asks for the result
+const SPINNER_MS = 120;                // one frame of the spinner
+const SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏";
+const TERMINAL_STATES = ["completed", "failed", "timed_out", "cancelled"];
+// A font whose underscore stays inside its cell, and a line a little taller
+// than the glyphs: with the default `monospace` at line height 1, xterm.js's
+// DOM renderer clips `_` (x86_64 read "x86 64", python_eval "python eval").
+const FONT_FAMILY = '"DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, "Courier New", monospace';
+const LINE_HEIGHT = 1.2;
 const THEMES = {
   matrix: {background: "#000000", foreground: "#33ff66", cursor: "#33ff66",
            selectionBackground: "#1a7f33", green: "#33ff66", brightGreen: "#99ffbb"},
@@ -29,26 +42,49 @@ const LOCAL_COMMANDS = {
   login: "give the admin token (needed to submit and cancel)",
   logout: "forget the admin token",
 };
+// Words in the output that become links to the dashboard's views.
+const TASK_WORD = /\b(?:task[ _]?(?:id)?[ =:#]*|tasks\/)(\d+)\b/gi;
+const GROUP_WORD = /\b(?:group|map)[ _]?(?:id)?[ =:#]*(\d+)\b/gi;
+const TABLE_ROW_ID = /^\s*(\d+)\s+\S+\s+(?:queued|assigned|running|completed|failed|timed_out|cancelled)\b/;
+const ID_CHARACTER = /[A-Za-z0-9._-]/;
 
 const term = new Terminal({cursorBlink: true, convertEol: false, scrollback: 5000,
-                           fontFamily: "monospace", fontSize: 14,
+                           fontFamily: FONT_FAMILY, fontSize: 14, lineHeight: LINE_HEIGHT,
                            theme: THEMES[savedTheme()]});
 const fit = new FitAddon.FitAddon();
 term.loadAddon(fit);
-term.open(document.getElementById("terminal"));
-fit.fit();
-window.addEventListener("resize", () => fit.fit());
 window.rcTerm = term;   // for the browser tests and the curious
 
-let line = "", cursor = 0, mode = "prompt", pending = null;
+let line = "", cursor = 0, mode = "prompt", pending = null, opened = false;
 let history = loadHistory(), historyIndex = history.length, lastTab = "";
-let completionCache = null, completionTime = 0, monitorState = null;
+let completionCache = null, completionTime = 0, monitorState = null, busy = null;
+let refusedCommands = null, adminCommands = [];
+const knownTasks = new Set(), knownDevices = new Set();
 
-applyTheme(savedTheme());
 term.writeln("Retire-Cluster. Type `help`; Tab completes, arrows recall.");
 prompt();
-term.focus();
 term.onData(onData);
+learnCommands();
+term.registerLinkProvider({provideLinks: provideLinks});
+
+window.rcTerminal = {
+  show() {
+    if (!opened) {
+      opened = true;
+      term.open(document.getElementById("terminal"));
+      applyTheme(savedTheme());
+      window.addEventListener("resize", () => fit.fit());
+    }
+    fit.fit();
+    term.focus();
+  },
+  key(data) { onData(data); },
+  know(taskIds, deviceIds) {
+    for (const id of taskIds) knownTasks.add(String(id));
+    for (const id of deviceIds) knownDevices.add(String(id));
+  },
+};
+window.rcToken = {get: token, set: keepToken, headers: headers};
 
 // -- storage ----------------------------------------------------------------------
 
@@ -73,6 +109,12 @@ function savedTheme() {
 
 function token() { return load(TOKEN_KEY); }
 
+// The page's other half (the overview) starts reading when a token arrives.
+function keepToken(value) {
+  store(TOKEN_KEY, value || null);
+  if (value) window.dispatchEvent(new Event("rc-token"));
+}
+
 // -- the line editor --------------------------------------------------------------
 
 function prompt() {
@@ -83,7 +125,7 @@ function prompt() {
 
 function redraw() {
   const shown = mode === "token" ? "*".repeat(line.length) : line;
-  const label = mode === "token" ? "admin token: " : PROMPT;
+  const label = mode === "token" ? TOKEN_PROMPT : PROMPT;
   term.write("\r\x1b[K" + label + shown);
   if (cursor < line.length) term.write("\x1b[" + (line.length - cursor) + "D");
 }
@@ -97,7 +139,8 @@ function insert(text) {
 
 function onData(data) {
   if (mode === "monitor") return stopMonitor();
-  if (mode === "busy") return;
+  if (mode === "busy") return data === "\x03" ? stopWaiting() : undefined;
+  if (mode === "token" && (data === "\x1b" || data === "\x03")) return leaveTokenPrompt();
   if (data !== "\t") lastTab = "";
   switch (data) {
     case "\r": return enter();
@@ -115,10 +158,7 @@ function onData(data) {
     case "\x1b[F": case "\x1bOF": case "\x05": cursor = line.length; redraw(); return;
     case "\x15": line = line.slice(cursor); cursor = 0; redraw(); return;
     case "\x0c": term.clear(); redraw(); return;
-    case "\x03":
-      term.write("^C\r\n");
-      if (mode === "token") { pending = null; term.writeln("no token given"); }
-      return prompt();
+    case "\x03": term.write("^C\r\n"); return prompt();
   }
   if (data.startsWith("\x1b")) return;   // other keys: nothing to do
   insert(data);
@@ -142,46 +182,100 @@ function remember(text) {
 function enter() {
   const text = line;
   term.write("\r\n");
-  if (mode === "token") {
-    store(TOKEN_KEY, text.trim() || null);
-    const retry = pending;
-    pending = null;
-    if (retry) return runRemote(retry);
-    term.writeln(text.trim() ? "token kept in this browser" : "no token given");
-    return prompt();
-  }
+  if (mode === "token") return tokenGiven(text.trim());
   if (!text.trim()) return prompt();
   remember(text);
   run(text.trim());
 }
 
+// -- the token prompt: Esc, Ctrl-C or an empty line leave it ----------------------
+
 function askToken(retry) {
   pending = retry;
   mode = "token";
   line = ""; cursor = 0;
-  term.writeln("This needs the admin token (`rc token --admin` on the main node).");
+  term.writeln("This needs the admin token (`rc token --admin` on the main node);"
+               + " Esc or Ctrl-C goes back.");
   redraw();
+}
+
+function leaveTokenPrompt() {
+  term.write("\r\n");
+  pending = null;
+  term.writeln("no token given");
+  prompt();
+}
+
+function tokenGiven(text) {
+  const retry = pending;
+  pending = null;
+  if (!text) { term.writeln("no token given"); return prompt(); }
+  keepToken(text);
+  if (retry) return run(retry, true);
+  term.writeln("token kept in this browser");
+  prompt();
 }
 
 // -- commands ---------------------------------------------------------------------
 
-function run(text) {
+function run(text, justGiven) {
   const words = text.split(/\s+/);
   const name = words[0];
-  if (name === "help" && words.length === 1) {
-    term.writeln("In this terminal:");
-    for (const [command, what] of Object.entries(LOCAL_COMMANDS))
-      term.writeln("  " + command.padEnd(9) + what);
-    term.writeln("");
-    return runRemote("--help");
-  }
+  if (name === "help" && words.length === 1) return help();
   if (name === "help") return runRemote(words.slice(1).join(" ") + " --help");
   if (name === "clear") { term.clear(); term.write("\x1b[2K\r"); return prompt(); }
   if (name === "theme") return theme(words[1]);
   if (name === "monitor" && words.length === 1) return startMonitor();
   if (name === "login") return askToken(null);
   if (name === "logout") return logout();
-  runRemote(text);
+  if (!token() && adminCommands.includes(name) && !words.includes("--help"))
+    return askToken(text);      // no request that is sure to be refused
+  if (name === "submit" && words.includes("--wait") && !words.includes("--each"))
+    return submitAndWait(words, justGiven);
+  runRemote(text, justGiven);
+}
+
+async function help() {
+  term.writeln("In this terminal:");
+  for (const [command, what] of Object.entries(LOCAL_COMMANDS))
+    term.writeln("  " + command.padEnd(9) + what);
+  term.writeln("");
+  const waiting = startBusy("");
+  await learnCommands();
+  let answer = null;
+  try { answer = await command("--help", waiting.controller.signal); }
+  catch (e) { /* said below */ }
+  if (!endBusy(waiting)) return;
+  if (!answer || answer[0] !== 200) show("rc: cannot read the commands' help\n", 31);
+  else show(dimRefused(answer[1].output));
+  if (refusedCommands) {
+    term.writeln("\r\nNot in the browser (dimmed above; run them with `rc` on the main node):");
+    for (const [name, why] of Object.entries(refusedCommands))
+      if (!(name in LOCAL_COMMANDS)) term.writeln("  " + name.padEnd(13) + why);
+  }
+  prompt();
+}
+
+// The help's lines of the commands the browser refuses, dimmed.
+function dimRefused(text) {
+  if (!refusedCommands) return text;
+  return text.split("\n").map(row => {
+    const name = (row.match(/^ {4}(\S+)/) || [])[1];
+    return name && name in refusedCommands && !(name in LOCAL_COMMANDS)
+      ? "\x1b[2m" + row + "\x1b[0m" : row;
+  }).join("\n");
+}
+
+// Which commands the browser may not run, and which need the admin token.
+async function learnCommands() {
+  if (refusedCommands) return;
+  try {
+    const response = await fetch("/api/v1/terminal", {headers: headers()});
+    if (!response.ok) return;
+    const body = await response.json();
+    refusedCommands = body.refused;
+    adminCommands = body.admin;
+  } catch (e) { /* the server says so when it refuses */ }
 }
 
 async function logout() {
@@ -204,7 +298,8 @@ function theme(name) {
 
 function applyTheme(name) {
   term.options.theme = THEMES[name];
-  document.body.className = "theme-" + name;
+  document.body.classList.remove(...Object.keys(THEMES).map(n => "theme-" + n));
+  document.body.classList.add("theme-" + name);
 }
 
 function headers() {
@@ -213,9 +308,9 @@ function headers() {
   return result;
 }
 
-async function command(text) {
+async function command(text, signal) {
   const response = await fetch("/api/v1/command", {
-    method: "POST", headers: headers(),
+    method: "POST", headers: headers(), signal: signal,
     body: JSON.stringify({command: text, width: term.cols, colour: true})});
   let body = {};
   try { body = await response.json(); } catch (e) { body = {error: response.statusText}; }
@@ -228,20 +323,174 @@ function show(text, colour) {
   term.write(colour ? "\x1b[" + colour + "m" + text + "\x1b[0m" : text);
 }
 
-async function runRemote(text) {
-  mode = "busy";
+// A command the server refused for the token: a stored token that no longer
+// works is forgotten and a new one asked for, once; a token just given and
+// refused is forgotten too, and the next line is a command again.
+function refusedToken(text, justGiven) {
+  if (token()) {
+    store(TOKEN_KEY, null);
+    term.writeln("\x1b[31mthe admin token was not accepted (forgotten)"
+                 + (justGiven ? "; `login` to give another" : "") + "\x1b[0m");
+  }
+  if (justGiven) return prompt();
+  askToken(text);
+}
+
+async function runRemote(text, justGiven) {
+  const waiting = startBusy("");
   try {
-    const [status, body] = await command(text);
-    if (status === 401) {
-      if (token()) term.writeln("\x1b[31mthe admin token was not accepted\x1b[0m");
-      return askToken(text);
-    }
+    const [status, body] = await command(text, waiting.controller.signal);
+    if (!endBusy(waiting)) return;
+    if (status === 401) return refusedToken(text, justGiven);
     if (status !== 200) show("rc: " + (body.error || "HTTP " + status) + "\n", 31);
     else { show(body.output); show(body.error, 31); }
+    noteSubmitted(text, status === 200 ? body.output : "");
   } catch (e) {
+    if (!endBusy(waiting)) return;
     show("rc: cannot reach the main node: " + e + "\n", 31);
   }
   prompt();
+}
+
+function noteSubmitted(text, output) {
+  const id = /^submit\b/.test(text) && (output || "").trim();
+  if (id && /^\d+$/.test(id)) knownTasks.add(id);
+}
+
+// -- waiting: a spinner, and Ctrl-C stops waiting ----------------------------------
+
+function startBusy(label) {
+  const waiting = {controller: new AbortController(), frame: 0, label: label, timer: null,
+                   stopped: false, drawn: false};
+  busy = waiting;
+  mode = "busy";
+  waiting.timer = setInterval(() => spin(waiting), SPINNER_MS);
+  return waiting;
+}
+
+function spin(waiting) {
+  waiting.frame = (waiting.frame + 1) % SPINNER.length;
+  waiting.drawn = true;
+  term.write("\r\x1b[K\x1b[2m" + SPINNER[waiting.frame] + " " + (waiting.label || "working")
+             + " (Ctrl-C stops waiting)\x1b[0m");
+}
+
+// False when the user stopped waiting (Ctrl-C already said so).
+function endBusy(waiting) {
+  clearInterval(waiting.timer);
+  if (waiting.stopped) return false;
+  if (waiting.drawn) term.write("\r\x1b[K");
+  busy = null;
+  return true;
+}
+
+function stopWaiting() {
+  const waiting = busy;
+  busy = null;
+  if (!waiting) return;
+  waiting.stopped = true;
+  clearInterval(waiting.timer);
+  waiting.controller.abort();
+  term.write("\r\x1b[K^C stopped waiting" + (waiting.taskId
+    ? "; task " + waiting.taskId + " goes on (`task " + waiting.taskId + "` shows it)"
+    : "; what was asked may still happen on the main node") + "\r\n");
+  prompt();
+}
+
+// `submit ... --wait` submits, then waits here (not in the request), so the
+// terminal keeps a spinner and Ctrl-C, and a long task is no timeout.
+async function submitAndWait(words, justGiven) {
+  const timeoutAt = words.indexOf("--wait-timeout");
+  const limit = timeoutAt > 0 ? parseFloat(words[timeoutAt + 1]) : NaN;
+  const submit = words.filter((w, i) => w !== "--wait" &&
+                              !(timeoutAt > 0 && (i === timeoutAt || i === timeoutAt + 1)));
+  const waiting = startBusy("submitting");
+  try {
+    const [status, body] = await command(submit.map(quoteWord).join(" "),
+                                         waiting.controller.signal);
+    if (waiting.stopped) return;
+    const taskId = status === 200 && (body.output || "").trim();
+    if (status === 401) { endBusy(waiting); return refusedToken(words.join(" "), justGiven); }
+    if (!taskId || !/^\d+$/.test(taskId)) {
+      endBusy(waiting);
+      if (status !== 200) show("rc: " + (body.error || "HTTP " + status) + "\n", 31);
+      else { show(body.output); show(body.error, 31); }
+      return prompt();
+    }
+    knownTasks.add(taskId);
+    waiting.taskId = taskId;
+    waiting.label = "waiting for task " + taskId;
+    const task = await resultOf(taskId, waiting, limit);
+    if (!endBusy(waiting)) return;
+    reportOutcome(taskId, task);
+  } catch (e) {
+    if (!endBusy(waiting)) return;
+    show("rc: cannot reach the main node: " + e + "\n", 31);
+  }
+  prompt();
+}
+
+function quoteWord(word) {
+  return /^[A-Za-z0-9_.,:=\/@%+-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+}
+
+// The task's record, polled until it ends (GET .../result would answer 409
+// until then, an error in the browser's console each time).
+async function resultOf(taskId, waiting, limitSeconds) {
+  const started = Date.now();
+  for (;;) {
+    const response = await fetch("/api/v1/tasks/" + taskId,
+                                 {headers: headers(), signal: waiting.controller.signal});
+    const task = await response.json();
+    if (response.status !== 200 || TERMINAL_STATES.includes(task.state)) return [response.status, task];
+    if (limitSeconds >= 0 && Date.now() - started > limitSeconds * 1000) return [409, task];
+    await new Promise(resolve => setTimeout(resolve, WAIT_POLL_MS));
+    if (waiting.stopped) throw new Error("stopped");
+  }
+}
+
+function reportOutcome(taskId, [status, task]) {
+  if (status !== 200) {
+    return show(status === 409 ? "rc: error: task " + taskId + " is still " + task.state
+                + "; gave up waiting\n" : "rc: " + (task.error || "HTTP " + status) + "\n", 31);
+  }
+  const output = (task.result && task.result.output) || "";
+  show(output && !output.endsWith("\n") ? output + "\n" : output);
+  if (task.state !== "completed") {
+    const text = task.error || (task.result && task.result.stderr) || task.reason || "";
+    const lines = text.split("\n").map(l => l.trim()).filter(Boolean);
+    show("rc: error: task " + taskId + " " + task.state
+         + (lines.length ? ": " + lines[lines.length - 1] : "") + "\n", 31);
+  }
+}
+
+// -- links in the output ---------------------------------------------------------
+
+function provideLinks(y, callback) {
+  const row = term.buffer.active.getLine(y - 1);
+  const text = row ? row.translateToString(true) : "";
+  const links = [];
+  const add = (start, word, hash) => links.push({
+    range: {start: {x: start + 1, y: y}, end: {x: start + word.length, y: y}}, text: word,
+    decorations: {underline: true, pointerCursor: true},
+    activate: () => { location.hash = hash; }});
+  for (const match of text.matchAll(TASK_WORD))
+    add(match.index + match[0].length - match[1].length, match[1], "#/task/" + match[1]);
+  for (const match of text.matchAll(GROUP_WORD))
+    add(match.index + match[0].length - match[1].length, match[1], "#/group/" + match[1]);
+  const tableRow = text.match(TABLE_ROW_ID), bare = text.match(/^\s*(\d+)\s*$/);
+  const id = tableRow ? tableRow[1] : (bare && knownTasks.has(bare[1]) ? bare[1] : null);
+  if (id) add(text.indexOf(id), id, "#/task/" + id);
+  for (const device of knownDevices) {
+    let at = text.indexOf(device);
+    while (at >= 0) {
+      const before = text[at - 1], after = text[at + device.length];
+      if (!(before && ID_CHARACTER.test(before)) && !(after && ID_CHARACTER.test(after)))
+        add(at, device, "#/device/" + encodeURIComponent(device));
+      at = text.indexOf(device, at + device.length);
+    }
+  }
+  callback(links.length ? links : undefined);
 }
 
 // -- completion -------------------------------------------------------------------
@@ -252,6 +501,7 @@ async function completionWords() {
   if (!response.ok) throw new Error("completion: HTTP " + response.status);
   completionCache = await response.json();
   completionTime = Date.now();
+  window.rcTerminal.know(completionCache.tasks, completionCache.devices);
   return completionCache;
 }
 
@@ -300,6 +550,7 @@ async function streamSession() {
   try { await fetch("/api/v1/stream-session", {method: "POST", headers: headers()}); }
   catch (e) { /* the streams say what is wrong */ }
 }
+window.rcStreamSession = streamSession;
 
 async function startMonitor() {
   mode = "monitor";
@@ -349,3 +600,4 @@ function stopMonitor() {
   term.write("\r\n");
   prompt();
 }
+})();

@@ -1,0 +1,863 @@
+// The dashboard around the terminal: an overview on arrival (summary, device
+// grid, running tasks, recent failures, charts of the last hour), live over
+// /stream/overview; a view with its own URL for every device (#/device/ID),
+// task (#/task/ID), group (#/group/ID) and map (#/map/ID); the actions the
+// admin token allows, each after a confirmation. Text from the cluster only
+// ever goes into the page as text nodes (textContent), never as HTML.
+"use strict";
+
+(() => {   // its own scope: the page's other script (the terminal) has names of its own
+
+const STREAM_PATH = "/stream/overview";
+const OVERVIEW_PATH = "/api/v1/overview";
+const POLL_MS = 5000;               // overview by polling while the stream is down
+const STREAM_RETRY_MS = 30000;      // a closed stream (e.g. 503: too many) is tried again after
+const TICK_MS = 1000;               // ages on the page move this often
+const LOST_AFTER_S = 10;            // seconds without the stream before the dot turns red
+const OBJECT_REFRESH_MS = 2000;     // an open task/device/group view reads again this often
+const WATCH_MS = 20000;             // an open device view asks for live figures this often
+const CHART_MINUTES = 60;           // the charts' time axis
+const CHART_TICK_MINUTES = 15;      // a labelled tick on the time axis this often
+const DEVICE_TASKS = 20;            // tasks listed in a device's view
+const SVG = "http://www.w3.org/2000/svg";
+const TERMINAL_STATES = ["completed", "failed", "timed_out", "cancelled"];
+// How a device's figures are named in its view (others: their own name).
+const FIGURE_NAMES = {cpu_percent: "CPU", memory_percent: "memory", disk_percent: "disk",
+                      battery_percent: "battery", temperature_c: "temperature",
+                      load_avg: "load 1/5/15 min", uptime_s: "up for",
+                      disk_read_bytes: "disk read", disk_write_bytes: "disk written",
+                      net_bytes_recv: "net received", net_bytes_sent: "net sent"};
+
+let picture = null;                 // the last overview from the main node
+let skew = 0;                       // the main node's clock minus ours, in seconds
+let stream = null, pollTimer = null, lastPictureAt = 0;
+let objectView = null;              // {kind, id, timers}
+
+// -- small helpers -------------------------------------------------------------------
+
+function el(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name === "text") node.textContent = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function svg(tag, attributes, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+
+function nowOnServer() { return Date.now() / 1000 + skew; }
+
+function ageText(seconds) {
+  seconds = Math.max(0, seconds);
+  if (seconds < 90) return Math.round(seconds) + " s";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min";
+  if (seconds < 172800) return Math.round(seconds / 3600) + " h";
+  return Math.round(seconds / 86400) + " d";
+}
+
+// An age that moves by itself: "12 s ago".
+function since(moment, suffix) {
+  if (!moment) return el("span", {class: "dim", text: "never"});
+  if (suffix === undefined) suffix = " ago";
+  return el("span", {class: "age", "data-since": String(moment), "data-suffix": suffix,
+                     text: ageText(nowOnServer() - moment) + suffix});
+}
+
+function tickAges() {
+  for (const node of document.querySelectorAll("[data-since]"))
+    node.textContent = ageText(nowOnServer() - parseFloat(node.dataset.since)) + node.dataset.suffix;
+  showConnection();
+}
+
+function clock(moment) {
+  if (!moment) return "";
+  const date = new Date((moment - skew) * 1000);
+  const today = date.toDateString() === new Date().toDateString();   // then the time says enough
+  return today ? date.toLocaleTimeString(undefined, {hour12: false})
+               : date.toLocaleString(undefined, {hour12: false});
+}
+
+function percent(value) {
+  return typeof value === "number" ? Math.round(value) + "%" : "–";
+}
+
+function bar(fraction, kind, label) {
+  const shown = typeof fraction === "number" ? Math.min(Math.max(fraction, 0), 1) : null;
+  const fill = el("span", {class: "fill"});
+  fill.style.width = shown === null ? "0" : (shown * 100).toFixed(1) + "%";
+  return el("span", {class: "bar " + (kind || "") + (shown === null ? " empty" : ""),
+                     role: "img", "aria-label": label || ""}, fill);
+}
+
+function taskLink(id) { return el("a", {href: "#/task/" + id, class: "id", text: String(id)}); }
+
+function deviceLink(id) {
+  if (!id) return el("span", {class: "dim", text: "–"});
+  return el("a", {href: "#/device/" + encodeURIComponent(id), class: "id", text: id});
+}
+
+function groupLink(id, kind) {
+  return el("a", {href: "#/" + (kind || "group") + "/" + id, class: "id", text: String(id)});
+}
+
+function stateChip(state) {
+  return el("span", {class: "chip state-" + state.replace(/[^a-z_]/g, ""), text: state.replace("_", " ")});
+}
+
+function table(columns, rows, emptyText) {
+  // columns: [{title, cell(row), class}] where class "opt" or "opt2" drops it on narrow screens
+  if (!rows.length) return el("p", {class: "empty", text: emptyText});
+  return el("table", {},
+    el("thead", {}, el("tr", {}, columns.map(c => el("th", {class: c.class, text: c.title})))),
+    el("tbody", {}, rows.map(row => el("tr", {class: row.rowClass || null},
+      columns.map(c => el("td", {class: c.class}, c.cell(row)))))));
+}
+
+function panel(title, ...children) {
+  return el("section", {class: "panel"}, el("h2", {text: title}), ...children);
+}
+
+async function getJSON(path) {
+  const response = await fetch(path, {headers: window.rcToken.headers()});
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = {error: response.statusText}; }
+  return [response.status, body];
+}
+
+// -- the live link -----------------------------------------------------------------
+
+let connection = "connecting", connectionSince = Date.now() / 1000;
+
+function setConnection(state) {
+  if (state !== connection) connectionSince = Date.now() / 1000;
+  connection = state;
+  showConnection();
+}
+
+function showConnection() {
+  const node = document.getElementById("connection");
+  const now = Date.now() / 1000;
+  const shown = connection === "connecting" && now - connectionSince > LOST_AFTER_S ? "lost" : connection;
+  const age = lastPictureAt ? " · figures " + ageText(now - lastPictureAt) + " old" : "";
+  const words = {live: "live", polling: "polling", connecting: "connecting",
+                 lost: "no link to the main node", token: "needs the admin token"};
+  node.textContent = words[shown] + (shown === "live" ? "" : age);
+  node.className = "connection " + shown;
+}
+
+async function openStream() {
+  if (stream) stream.close();
+  await window.rcStreamSession();
+  stream = new EventSource(STREAM_PATH);
+  stream.addEventListener("overview", event => { setConnection("live"); take(JSON.parse(event.data)); });
+  stream.onopen = () => { setConnection("live"); stopPolling(); };
+  stream.onerror = () => {
+    if (stream.readyState === EventSource.CLOSED) {      // refused: poll, try again later
+      if (connection === "token") return;                 // until a token is given
+      startPolling();
+      setTimeout(() => { if (connection !== "token") openStream(); }, STREAM_RETRY_MS);
+    } else {
+      setConnection("connecting");
+    }
+  };
+}
+
+function startPolling() {
+  if (pollTimer || connection === "token") return;
+  setConnection("polling");
+  pollTimer = setInterval(fetchOverview, POLL_MS);
+}
+
+function stopPolling() {
+  clearInterval(pollTimer);
+  pollTimer = null;
+}
+
+async function fetchOverview() {
+  try {
+    const [status, body] = await getJSON(OVERVIEW_PATH);
+    if (status === 401) {
+      stopPolling();
+      setConnection("token");
+      return renderNeedsToken(body.error);
+    }
+    if (status !== 200) return setConnection(pollTimer ? "polling" : "connecting");
+    take(body);
+    if (connection !== "live") setConnection(pollTimer ? "polling" : "connecting");
+  } catch (e) {
+    setConnection("connecting");      // red once it has lasted LOST_AFTER_S
+  }
+}
+
+function take(next) {
+  picture = next;
+  skew = next.now - Date.now() / 1000;
+  lastPictureAt = Date.now() / 1000;
+  window.rcTerminal.know(next.running.map(t => t.task_id).concat(next.failures.map(t => t.task_id)),
+                         next.devices.map(d => d.device_id));
+  if (currentRoute().kind === "overview") renderOverview();
+  showConnection();
+}
+
+// -- the overview --------------------------------------------------------------------
+
+function renderNeedsToken(error) {
+  const view = document.getElementById("view-overview");
+  view.replaceChildren(panel("This main node needs the admin token to be read",
+    el("p", {text: error || ""}),
+    el("button", {type: "button", class: "primary", text: "Give the admin token",
+                  onclick: () => askToken()})));
+}
+
+function renderOverview() {
+  const view = document.getElementById("view-overview");
+  if (!picture) { view.replaceChildren(el("p", {class: "empty", text: "Waiting for the main node…"})); return; }
+  const scroll = view.scrollTop;
+  view.replaceChildren(
+    summaryTiles(picture),
+    el("div", {class: "overview-columns"},
+      el("div", {class: "column"},
+        panel("Devices", deviceGrid(picture.devices),
+              picture.devices.length < picture.summary.devices_total
+                ? el("p", {class: "dim", text: (picture.summary.devices_total - picture.devices.length)
+                                               + " more: `devices` in the terminal lists them all"})
+                : null),
+        panel("Running tasks", runningTable(picture.running))),
+      el("div", {class: "column"},
+        panel("Last hour", charts(picture.history)),
+        panel("Recent failures", failureTable(picture.failures)))));
+  view.scrollTop = scroll;
+}
+
+function summaryTiles(p) {
+  const s = p.summary, h = p.history_summary || {};
+  const recentFailures = (p.history || []).slice(-15).reduce((n, r) => n + (r.failed || 0), 0);
+  const tile = (label, value, extra, trouble) =>
+    el("div", {class: "tile" + (trouble ? " trouble" : "")},
+       el("div", {class: "tile-value", text: value}), el("div", {class: "tile-label", text: label}),
+       extra || null);
+  return el("div", {class: "tiles"},
+    tile("devices online", s.devices_online + " / " + s.devices_total, null,
+         s.devices_total > 0 && s.devices_online === 0),
+    tile("slots busy", s.slots_busy + " / " + s.slots_total,
+         bar(s.slots_total ? s.slots_busy / s.slots_total : 0, "slots", "slots busy")),
+    tile("running", String(s.tasks_running + s.tasks_assigned)),
+    tile("queued", String(s.queue_length)),
+    tile("done / min (5 min)", String(s.throughput_5m)),
+    tile("success (15 min)", h.success_rate === null || h.success_rate === undefined
+         ? "–" : Math.round(h.success_rate * 100) + "%"),
+    tile("failed (15 min)", String(recentFailures), null, recentFailures > 0));
+}
+
+function deviceState(d) {
+  if (d.revoked) return "revoked";
+  if (d.status !== "online") return "offline";
+  if (d.suspect) return "suspect";
+  if (d.drained) return "drained";
+  if (d.available === false) return "paused";
+  return "online";
+}
+
+function availabilityText(d) {
+  if (d.revoked) return "revoked: cannot connect";
+  if (d.drained) return "drained: no new tasks";
+  if (d.available === false) return "paused: " + (d.unavailable_reason || "unavailable");
+  if (d.status !== "online") return "offline";
+  return "takes tasks";
+}
+
+function figuresMoment(d) { return d.figures_at || d.last_seen; }
+
+function deviceGrid(list) {
+  if (!list.length) return el("p", {class: "empty", text: "No device has joined yet (`rc join` says how)."});
+  return el("div", {class: "device-grid"}, list.map(deviceCard));
+}
+
+function deviceCard(d) {
+  const state = deviceState(d);
+  const stale = state === "offline" || state === "revoked" || !d.connected;
+  const figure = (label, value, barNode) =>
+    el("div", {class: "figure"}, el("span", {class: "figure-label", text: label}), barNode || null,
+       el("span", {class: "figure-value", text: value}));
+  const battery = typeof d.battery_percent === "number"
+    ? Math.round(d.battery_percent) + "%" + (d.charging ? " ⚡" : "") : "–";
+  return el("article", {class: "card device state-" + state + (stale ? " stale" : ""),
+                        "data-device": d.device_id},
+    el("header", {}, deviceLink(d.device_id), stateChip(state)),
+    figure("slots", d.active_tasks + "/" + d.slots,
+           bar(Math.min(d.active_tasks, d.slots) / d.slots, "slots", "slots busy")),
+    figure("CPU", percent(d.cpu_percent), bar(d.cpu_percent / 100, "cpu", "CPU")),
+    figure("memory", percent(d.memory_percent), bar(d.memory_percent / 100, "memory", "memory")),
+    el("div", {class: "figure-row"},
+       el("span", {}, "battery ", el("b", {text: battery})),
+       el("span", {}, "temp ", el("b", {text: typeof d.temperature_c === "number"
+                                           ? Math.round(d.temperature_c) + " °C" : "–"}))),
+    el("footer", {},
+       el("span", {class: "availability", text: availabilityText(d)}),
+       el("span", {class: stale ? "stale-age" : "dim"}, stale ? "stale · " : "",
+          since(figuresMoment(d)))));
+}
+
+function progressCell(task) {
+  if (typeof task.progress !== "number")
+    return el("span", {class: "dim", text: task.state === "assigned" ? "starting" : "–"});
+  return el("span", {class: "progress"}, bar(task.progress / 100, "progress", "progress"),
+            el("span", {class: "progress-value", text: Math.round(task.progress) + "%"}));
+}
+
+function runningTable(list) {
+  return table([
+    {title: "task", cell: t => taskLink(t.task_id)},
+    {title: "type", class: "opt", cell: t => t.task_type},
+    {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
+    {title: "progress", cell: progressCell},
+    {title: "message", class: "message", cell: t => t.progress_message || t.summary || ""},
+    {title: "for", class: "opt", cell: t => since(t.started_at || t.created_at, "")},
+  ], list, "Nothing is running.");
+}
+
+function failureTable(list) {
+  return table([
+    {title: "task", cell: t => taskLink(t.task_id)},
+    {title: "type", class: "opt", cell: t => t.task_type},
+    {title: "state", class: "opt2", cell: t => stateChip(t.state)},
+    {title: "device", class: "opt", cell: t => deviceLink(t.device_id)},
+    {title: "when", class: "opt2", cell: t => since(t.finished_at)},
+    {title: "error", class: "message", cell: t => t.error || t.reason || ""},
+  ], list, "No failures lately.");
+}
+
+// -- charts: plain SVG with a time axis -------------------------------------------------
+
+function charts(history) {
+  const rate = r => {
+    const finished = r.completed + r.failed + r.cancelled;
+    return finished ? 100 * r.completed / finished : null;
+  };
+  // The gauges end at the present (the summary's figures), so a chart's
+  // last value agrees with the tiles above it.
+  const s = picture.summary;
+  return el("div", {class: "charts"},
+    chart("done per minute", history, r => r.completed, "", null, s.throughput_1m),
+    chart("queue length", history, r => r.queue_length, "", null, s.queue_length),
+    chart("devices online", history, r => r.devices_online, "", null, s.devices_online),
+    chart("success rate", history, rate, "%", 100, null));
+}
+
+function chart(title, history, value, unit, fixedTop, present) {
+  const width = 320, height = 120, left = 34, right = 8, top = 8, bottom = 20;
+  const end = picture.now, start = end - CHART_MINUTES * 60;
+  // A minute's row is drawn at its middle; the present, at the right edge.
+  const points = history.filter(r => r.minute >= start).map(r => [r.minute + 30, value(r)]);
+  if (typeof present === "number") points.push([end, present]);
+  const known = points.filter(p => typeof p[1] === "number");
+  const highest = fixedTop || Math.max(1, ...known.map(p => p[1]));
+  const x = t => left + (t - start) / (end - start) * (width - left - right);
+  const y = v => top + (1 - v / highest) * (height - top - bottom);
+  const box = svg("svg", {viewBox: "0 0 " + width + " " + height, class: "chart-svg",
+                          role: "img", "aria-label": title + " over the last hour"});
+  box.append(svg("line", {x1: left, y1: y(0), x2: width - right, y2: y(0), class: "axis"}),
+             svg("line", {x1: left, y1: y(highest), x2: width - right, y2: y(highest), class: "grid"}),
+             svg("text", {x: left - 4, y: y(highest) + 4, class: "label end"}, round(highest) + unit),
+             svg("text", {x: left - 4, y: y(0) + 4, class: "label end"}, "0"));
+  for (let t = Math.ceil(start / (CHART_TICK_MINUTES * 60)) * CHART_TICK_MINUTES * 60; t <= end;
+       t += CHART_TICK_MINUTES * 60) {
+    box.append(svg("line", {x1: x(t), y1: y(0), x2: x(t), y2: y(0) + 4, class: "axis"}),
+               svg("text", {x: x(t), y: height - 4, class: "label middle"}, hourMinute(t)));
+  }
+  let path = "", pen = false;
+  for (const [t, v] of points) {
+    if (typeof v !== "number") { pen = false; continue; }
+    path += (pen ? "L" : "M") + x(t).toFixed(1) + " " + y(v).toFixed(1);
+    pen = true;
+  }
+  if (path) box.append(svg("path", {d: path, class: "line"}));
+  if (known.length) {       // the latest value, also where a gap leaves it alone
+    const [t, v] = known[known.length - 1];
+    box.append(svg("circle", {cx: x(t), cy: y(v), r: 3, class: "dot"}));
+  }
+  const last = known.length ? round(known[known.length - 1][1]) + unit : "–";
+  return el("figure", {class: "chart"},
+    el("figcaption", {}, el("span", {text: title}), el("b", {text: last})),
+    known.length ? box : el("p", {class: "empty chart-empty", text: "no figures yet this hour"}));
+}
+
+function round(value) { return Math.abs(value) >= 10 ? Math.round(value) : Math.round(value * 10) / 10; }
+
+function hourMinute(moment) {
+  return new Date((moment - skew) * 1000).toLocaleTimeString(undefined,
+    {hour: "2-digit", minute: "2-digit", hour12: false});
+}
+
+// -- routes ----------------------------------------------------------------------------
+
+function currentRoute() {
+  const parts = location.hash.replace(/^#\/?/, "").split("/");
+  const kind = parts[0] || "overview";
+  const id = parts.slice(1).join("/");
+  if (["task", "group", "map"].includes(kind) && /^\d+$/.test(id)) return {kind, id};
+  if (kind === "device" && id) {
+    try { return {kind, id: decodeURIComponent(id)}; } catch (e) { return {kind: "overview"}; }
+  }
+  if (kind === "terminal") return {kind};
+  return {kind: "overview"};
+}
+
+function route() {
+  const where = currentRoute();
+  closeObjectView();
+  for (const name of ["overview", "object", "terminal"])
+    document.getElementById("view-" + name).hidden =
+      name !== (["overview", "terminal"].includes(where.kind) ? where.kind : "object");
+  for (const link of document.querySelectorAll("[data-nav]"))
+    link.classList.toggle("current", link.dataset.nav === where.kind);
+  document.body.dataset.view = where.kind;
+  if (where.kind === "terminal") return window.rcTerminal.show();
+  if (where.kind === "overview") return renderOverview();
+  openObjectView(where);
+}
+
+function closeObjectView() {
+  if (!objectView) return;
+  for (const timer of objectView.timers) clearInterval(timer);
+  objectView = null;
+}
+
+function openObjectView(where) {
+  const view = document.getElementById("view-object");
+  view.replaceChildren(el("p", {class: "empty", text: "Loading…"}));
+  view.scrollTop = 0;
+  const state = {kind: where.kind, id: where.id, timers: []};
+  objectView = state;
+  const draw = {task: drawTask, device: drawDevice, group: drawGroup, map: drawGroup}[where.kind];
+  const again = () => { if (objectView === state) draw(state, view); };
+  again();
+  state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
+  if (where.kind === "device") {
+    watchDevice(state);
+    state.timers.push(setInterval(() => watchDevice(state), WATCH_MS));
+  }
+}
+
+function objectHeader(title, chip, actions) {
+  return el("header", {class: "object-header"},
+    el("a", {href: "#/", class: "back", text: "← overview"}),
+    el("h1", {}, title, chip || null),
+    el("div", {class: "actions"}, actions || []));
+}
+
+function keyValues(pairs) {
+  return el("dl", {class: "key-values"}, pairs.filter(p => p[1] !== null && p[1] !== undefined && p[1] !== "")
+    .map(([key, value]) => [el("dt", {text: key}), el("dd", {}, value)]));
+}
+
+function pre(text, trouble) {
+  return el("pre", {class: "output" + (trouble ? " trouble" : ""), text: text});
+}
+
+function json(value) { return JSON.stringify(value, null, 2); }
+
+// Replace the view's contents only when what it shows changed, so a
+// selection or a scrolled <pre> survives the refresh.
+function update(view, state, key, build) {
+  if (objectView !== state) return;
+  if (view.dataset.shown === key) return;
+  view.dataset.shown = key;
+  const scroll = view.scrollTop;
+  view.replaceChildren(...build());
+  view.scrollTop = scroll;
+}
+
+function notFound(view, state, what, error) {
+  update(view, state, "missing " + error, () => [objectHeader(what),
+    el("p", {class: "empty", text: error || "not found"})]);
+}
+
+// -- a task ---------------------------------------------------------------------------------
+
+async function drawTask(state, view) {
+  const id = state.id;
+  const [status, task] = await getJSON("/api/v1/tasks/" + id);
+  if (status !== 200) return notFound(view, state, "Task " + id, task.error);
+  const terminal = TERMINAL_STATES.includes(task.state);
+  if (terminal && state.loaded) return;       // it never changes again
+  const [[, why], [filesStatus, files]] = await Promise.all([
+    getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files")]);
+  state.loaded = terminal;
+  const key = JSON.stringify([task, why, files]);
+  update(view, state, key, () => taskParts(task, why, filesStatus === 200 ? files : null));
+}
+
+function taskParts(task, why, files) {
+  const id = task.task_id, terminal = TERMINAL_STATES.includes(task.state);
+  const actions = [];
+  if (!terminal) actions.push(el("button", {type: "button", class: "danger", text: "Cancel",
+                                            onclick: () => cancelTask(id)}));
+  if (terminal) actions.push(el("button", {type: "button", text: "Retry",
+                                           title: "submit a copy of this task as a new task",
+                                           onclick: () => retryTask(task)}));
+  const result = task.result || {};
+  const duration = task.started_at && task.finished_at ? ageText(task.finished_at - task.started_at) : null;
+  return [
+    objectHeader("Task " + id + " · " + task.task_type, stateChip(task.state), actions),
+    el("div", {class: "object-columns"},
+      el("div", {class: "column"},
+        panel("Details", keyValues([
+          ["state", task.state + (task.reason ? " (" + task.reason + ")" : "")],
+          ["device", task.device_id ? deviceLink(task.device_id) : null],
+          ["group", task.group_id ? groupLink(task.group_id) : null],
+          ["progress", typeof task.progress === "number" ? progressCell(task) : null],
+          ["message", task.progress_message],
+          ["priority", task.priority], ["attempt", String(task.attempt)],
+          ["retries used", task.retries_used + " of " + task.max_retries],
+          ["created", clock(task.created_at)], ["started", clock(task.started_at)],
+          ["finished", clock(task.finished_at)], ["ran for", duration],
+          ["depends on", task.depends_on && task.depends_on.length
+            ? task.depends_on.map((d, i) => [i ? ", " : "", taskLink(d)]) : null],
+          ["requirements", Object.keys(task.requirements || {}).length ? json(task.requirements) : null],
+        ])),
+        panel("Why", el("p", {text: (why && why.why) || ""})),
+        panel("Payload", pre(json(task.payload)))),
+      el("div", {class: "column"},
+        panel("Output",
+          result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
+          result.stderr ? [el("h3", {text: "stderr"}), pre(result.stderr, true)] : null,
+          task.error ? [el("h3", {text: "error"}), pre(task.error, true)] : null,
+          result.return_value !== undefined ? [el("h3", {text: "value"}), pre(json(result.return_value))] : null),
+        panel("Files", filesTable(id, files)),
+        panel("Events", table([
+          {title: "time", cell: e => clock(e.time)},
+          {title: "state", cell: e => stateChip(e.state)},
+          {title: "try", class: "opt", cell: e => String(e.attempt)},
+          {title: "device", class: "opt2", cell: e => deviceLink(e.device_id)},
+          {title: "reason", class: "message", cell: e => e.reason || ""},
+        ], task.events || [], "no events"))))];
+}
+
+function filesTable(id, files) {
+  if (!files) return el("p", {class: "empty", text: "files cannot be listed"});
+  return table([
+    {title: "name", cell: f => el("a", {href: "/api/v1/tasks/" + id + "/files/" +
+                                        f.name.split("/").map(encodeURIComponent).join("/"),
+                                        download: f.name.split("/").pop(), text: f.name})},
+    {title: "kind", class: "opt2", cell: f => f.kind || ""},
+    {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
+  ], files.files || [], "no files");
+}
+
+function sizeText(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+  return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+}
+
+// -- a device -------------------------------------------------------------------------------
+
+async function watchDevice(state) {
+  // Asks the device to report every few seconds while this view is open;
+  // a main node without the route (404) or a reader without the token is fine.
+  try {
+    const response = await fetch("/api/v1/devices/" + encodeURIComponent(state.id) + "/watch",
+                                 {method: "POST", headers: window.rcToken.headers(), body: "{}"});
+    state.watching = response.ok;
+  } catch (e) { state.watching = false; /* the figures' age says how live they are */ }
+}
+
+async function drawDevice(state, view) {
+  const path = "/api/v1/devices/" + encodeURIComponent(state.id);
+  const [status, device] = await getJSON(path);
+  if (status !== 200) return notFound(view, state, "Device " + state.id, device.error);
+  const [[, listed], [logsStatus, logs]] = await Promise.all([
+    getJSON("/api/v1/tasks?limit=" + DEVICE_TASKS + "&device=" + encodeURIComponent(state.id)),
+    getJSON(path + "/logs")]);
+  const key = JSON.stringify([device, listed, logsStatus, logs, state.watching]);
+  update(view, state, key, () => deviceParts(device, (listed && listed.tasks) || [],
+                                             logsStatus === 200 ? logs.logs || [] : null,
+                                             state.watching));
+}
+
+function deviceParts(d, recent, logs, watching) {
+  const metrics = d.metrics && d.metrics.system_metrics ? d.metrics.system_metrics : (d.metrics || {});
+  const summary = Object.assign({}, d, {
+    cpu_percent: metrics.cpu_percent, memory_percent: metrics.memory_percent,
+    battery_percent: metrics.battery && typeof metrics.battery === "object"
+      ? metrics.battery.percent : (metrics.battery_percent !== undefined ? metrics.battery_percent : metrics.battery),
+    suspect: Boolean(d.suspect_since)});
+  const state = deviceState(summary);
+  const stale = state === "offline" || state === "revoked" || !d.connected;
+  const id = d.device_id;
+  const actions = [
+    d.drained ? el("button", {type: "button", text: "Resume", onclick: () => resumeDevice(id)})
+              : el("button", {type: "button", text: "Drain", onclick: () => drainDevice(id)}),
+    el("button", {type: "button", text: "Label", onclick: () => labelDevice(id, d.labels)})];
+  const specs = (d.profile && d.profile.hardware_specs) || {};
+  return [
+    objectHeader("Device " + id, stateChip(state), actions),
+    el("div", {class: "object-columns"},
+      el("div", {class: "column"},
+        panel("Figures",
+          el("p", {class: stale ? "stale-age" : "dim"},
+             stale ? "stale: last heard " : "reported ", since(figuresMoment(d)),
+             stale || !watching ? "" : " (every few seconds while this page is open)"),
+          el("div", {class: "figures" + (stale ? " stale" : "")},
+            Object.entries(metrics).filter(([, v]) => v !== null && typeof v !== "object" || Array.isArray(v))
+              .map(([name, value]) => el("div", {class: "figure"},
+                el("span", {class: "figure-label", text: FIGURE_NAMES[name] || name.replace(/_/g, " ")}),
+                /_percent$/.test(name) && typeof value === "number" ? bar(value / 100, name, name)
+                                                                     : el("span"),
+                el("span", {class: "figure-value", text: figureText(name, value)}))))),
+        panel("Details", keyValues([
+          ["availability", availabilityText(summary)],
+          ["hostname", d.hostname], ["platform", d.platform], ["architecture", d.architecture],
+          ["role", d.role], ["CPU cores", d.cpu_cores !== null ? String(d.cpu_cores) : null],
+          ["memory", d.memory_gb !== null ? d.memory_gb + " GB" : null],
+          ["slots", (d.active_tasks || 0) + " busy of " + d.slots],
+          ["labels", Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(", ")],
+          ["tags", (d.tags || []).join(", ")], ["task types", (d.task_types || []).join(", ")],
+          ["capabilities", (d.capabilities || []).join(", ")],
+          ["CPU speed", specs.cpu_speed !== undefined ? String(specs.cpu_speed) : null],
+          ["address", d.address], ["joined", clock(d.registered_at)],
+          ["connected since", d.connected ? clock(d.connected_at) : null],
+          ["last heard", clock(d.last_seen)],
+        ]))),
+      el("div", {class: "column"},
+        panel("Tasks", table([
+          {title: "task", cell: t => taskLink(t.task_id)},
+          {title: "type", class: "opt", cell: t => t.task_type},
+          {title: "state", cell: t => stateChip(t.state)},
+          {title: "created", class: "opt2", cell: t => since(t.created_at)},
+        ], recent, "no tasks on this device")),
+        panel("Logs", logs === null ? el("p", {class: "empty", text: "no logs yet"}) : table([
+          {title: "time", class: "opt2", cell: l => clock(l.ts)},
+          {title: "level", cell: l => el("span", {class: "level-" + String(l.level).replace(/[^a-z]/g, ""), text: l.level})},
+          {title: "event", cell: l => l.event},
+          {title: "task", class: "opt", cell: l => l.task_id ? taskLink(l.task_id) : ""},
+          {title: "message", class: "message", cell: l => l.message || ""},
+        ], logs.slice(-200).reverse(), "no logs yet"))))];
+}
+
+function figureText(name, value) {
+  if (typeof value === "number") {
+    if (/_percent$/.test(name)) return Math.round(value) + "%";
+    if (/_bytes/.test(name)) return sizeText(value);
+    if (name === "temperature_c") return value.toFixed(1) + " °C";
+    if (name === "uptime_s") return ageText(value);
+    return String(round(value));
+  }
+  if (Array.isArray(value)) return value.map(v => typeof v === "number" ? v.toFixed(2) : v).join(" ");
+  return String(value);
+}
+
+// -- a group (a map is a group too) ------------------------------------------------------------
+
+async function drawGroup(state, view) {
+  const [status, group] = await getJSON("/api/v1/groups/" + state.id);
+  const what = (state.kind === "map" ? "Map " : "Group ") + state.id;
+  if (status !== 200) return notFound(view, state, what, group.error);
+  update(view, state, JSON.stringify(group), () => [
+    objectHeader(what + " · " + group.task_type),
+    panel("Summary", keyValues(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
+    panel("Tasks", table([
+      {title: "task", cell: t => taskLink(t.task_id)},
+      {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
+      {title: "state", cell: t => stateChip(t.state)},
+      {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
+      {title: "error", class: "message opt", cell: t => (t.error || "").slice(0, 300)},
+    ], group.tasks, "no tasks")),
+    panel("Payload", pre(json(group.payload)))]);
+}
+
+// -- actions: a confirmation, and the admin token when there is none ------------------------
+
+const modal = {resolve: null, run: null};
+
+function askToken() {
+  return confirmAction({title: "Admin token", text: "`rc token --admin` on the main node prints it.",
+                        fields: [], run: async () => ({ok: true})}).then(done => done && Boolean(window.rcToken.get()));
+}
+
+// Shows the dialog; resolves true when `run(values)` succeeded, false when left.
+function confirmAction({title, text, fields, run}) {
+  const form = document.getElementById("modal-form");
+  document.getElementById("modal-title").textContent = title;
+  document.getElementById("modal-text").textContent = text;
+  const holder = document.getElementById("modal-fields");
+  holder.replaceChildren(...fields.map(field => el("label", {},
+    el("span", {text: field.label}),
+    el("input", {name: field.name, type: field.type || "text", placeholder: field.placeholder || null,
+                 value: field.value || null, checked: field.checked || null, autocomplete: "off"}))));
+  tokenField(holder, !window.rcToken.get());
+  showError(null);
+  document.getElementById("modal").hidden = false;
+  (holder.querySelector("input") || document.getElementById("modal-confirm")).focus();
+  modal.run = run;
+  return new Promise(resolve => { modal.resolve = resolve; });
+}
+
+function tokenField(holder, wanted) {
+  const present = holder.querySelector("input[name=token]");
+  if (!wanted || present) return;
+  holder.append(el("label", {class: "token-field"}, el("span", {text: "admin token"}),
+    el("input", {name: "token", type: "password", autocomplete: "off",
+                 placeholder: "from `rc token --admin`"})));
+}
+
+function showError(text) {
+  const node = document.getElementById("modal-error");
+  node.hidden = !text;
+  node.textContent = text || "";
+}
+
+function closeModal(done) {
+  document.getElementById("modal").hidden = true;
+  const resolve = modal.resolve;
+  modal.resolve = modal.run = null;
+  if (resolve) resolve(done);
+}
+
+async function submitModal(event) {
+  event.preventDefault();
+  const values = {};
+  for (const input of document.querySelectorAll("#modal-fields input"))
+    values[input.name] = input.type === "checkbox" ? input.checked : input.value;
+  if (values.token !== undefined) {
+    if (!values.token.trim()) return showError("the admin token is needed for this");
+    window.rcToken.set(values.token.trim());
+  }
+  try {
+    const outcome = await modal.run(values);
+    if (outcome.status === 401) {
+      window.rcToken.set(null);
+      tokenField(document.getElementById("modal-fields"), true);
+      return showError("the admin token was not accepted; give it again");
+    }
+    if (!outcome.ok) return showError(outcome.error || "refused");
+    closeModal(true);
+    if (outcome.after) outcome.after();
+    refreshSoon();
+  } catch (e) {
+    showError("cannot reach the main node: " + e);
+  }
+}
+
+async function post(path, body) {
+  const response = await fetch(path, {method: "POST", headers: window.rcToken.headers(),
+                                      body: JSON.stringify(body || {})});
+  let answer = {};
+  try { answer = await response.json(); } catch (e) { /* the status says enough */ }
+  return {ok: response.ok, status: response.status, error: answer.error, body: answer};
+}
+
+function refreshSoon() {
+  if (objectView) { delete document.getElementById("view-object").dataset.shown; objectView.loaded = false; }
+  fetchOverview();
+}
+
+function cancelTask(id) {
+  confirmAction({title: "Cancel task " + id + "?", text: "A running task is stopped on its device.",
+                 fields: [], run: () => post("/api/v1/tasks/" + id + "/cancel")});
+}
+
+function retryTask(task) {
+  const spec = {task_type: task.task_type, payload: task.payload, priority: task.priority,
+                requirements: task.requirements || {}, retry_on_failure: Boolean(task.retry_on_failure)};
+  if (task.timeout !== null && task.timeout !== undefined) spec.timeout = task.timeout;
+  if (task.max_retries !== null && task.max_retries !== undefined) spec.retries = task.max_retries;
+  confirmAction({title: "Retry task " + task.task_id + "?",
+                 text: "A copy is submitted as a new task; this one stays as it is.", fields: [],
+                 run: async () => {
+                   const outcome = await post("/api/v1/tasks", spec);
+                   if (outcome.ok) outcome.after = () => { location.hash = "#/task/" + outcome.body.task_id; };
+                   return outcome;
+                 }});
+}
+
+function drainDevice(id) {
+  confirmAction({title: "Drain " + id + "?", text: "It takes no new tasks; its running ones finish.",
+                 fields: [{name: "now", type: "checkbox", label: "now: hand its tasks back to the queue"}],
+                 run: values => post("/api/v1/devices/" + encodeURIComponent(id) + "/drain",
+                                     {now: Boolean(values.now)})});
+}
+
+function resumeDevice(id) {
+  confirmAction({title: "Resume " + id + "?", text: "It takes new tasks again.", fields: [],
+                 run: () => post("/api/v1/devices/" + encodeURIComponent(id) + "/resume")});
+}
+
+function labelDevice(id, labels) {
+  const now = Object.entries(labels || {}).map(([k, v]) => k + "=" + v).join(" ");
+  confirmAction({title: "Labels of " + id, text: "KEY=VALUE separated by spaces; KEY= removes one."
+                 + (now ? " Now: " + now : ""),
+                 fields: [{name: "labels", label: "labels", placeholder: "disk=big room=attic"}],
+                 run: values => {
+                   const changes = {};
+                   for (const word of values.labels.split(/\s+/).filter(Boolean)) {
+                     const at = word.indexOf("=");
+                     if (at <= 0) return Promise.resolve({ok: false, error: "not KEY=VALUE: " + word});
+                     changes[word.slice(0, at)] = word.slice(at + 1);
+                   }
+                   return post("/api/v1/devices/" + encodeURIComponent(id) + "/labels", {labels: changes});
+                 }});
+}
+
+// -- the extra keys under the terminal (phones have no Tab, arrows or Ctrl) ------------------
+
+const EXTRA_KEYS = {tab: "\t", up: "\x1b[A", down: "\x1b[B", left: "\x1b[D", right: "\x1b[C",
+                    "ctrl-c": "\x03", esc: "\x1b"};
+
+function setUpExtraKeys() {
+  for (const button of document.querySelectorAll("#extra-keys button")) {
+    // pointerdown without focus: the terminal keeps the keyboard open
+    button.addEventListener("pointerdown", event => event.preventDefault());
+    button.addEventListener("click", () => {
+      window.rcTerminal.key(EXTRA_KEYS[button.dataset.key]);
+      window.rcTerm.focus();
+    });
+  }
+}
+
+// -- start -------------------------------------------------------------------------------------
+
+// The stream opens once the overview could be read: a main node that wants
+// the token first gets one request, not a stream that is refused again.
+async function start() {
+  await fetchOverview();
+  if (connection !== "token") openStream();
+}
+
+document.getElementById("modal-form").addEventListener("submit", submitModal);
+document.getElementById("modal-cancel").addEventListener("click", () => closeModal(false));
+document.addEventListener("keydown", event => {
+  const modalOpen = !document.getElementById("modal").hidden;
+  if (event.key === "Escape" && modalOpen) return closeModal(false);
+  // Typing on the overview goes to the terminal, as the page did before it had one.
+  if (!document.getElementById("view-overview").hidden && !modalOpen && event.key.length === 1 &&
+      !event.ctrlKey && !event.metaKey && !event.altKey &&
+      !/^(INPUT|TEXTAREA|BUTTON|A)$/.test(event.target.tagName)) {
+    event.preventDefault();
+    location.hash = "#/terminal";
+    route();                  // now, not at hashchange: the next key is the terminal's
+    window.rcTerminal.key(event.key);
+  }
+});
+window.addEventListener("hashchange", route);
+window.addEventListener("rc-token", () => { if (connection === "token") start(); });
+setUpExtraKeys();
+setInterval(tickAges, TICK_MS);
+route();
+start();
+})();
