@@ -5021,6 +5021,7 @@ class Files(object):
             if jail.get("uid") is not None:      # the task writes it as its own uid
                 os.chown(directory, jail["uid"], jail["gid"])
         env.update(RC_TASK_ID=str(task.key[0]), RC_ATTEMPT=str(task.key[1]),
+                   RC_DEVICE_ID=worker.device_id,
                    RC_CHECKPOINT_DIR=directory)
         stdin = os.path.join(task.workdir, STDIN_FILE) if task.payload.get("stdin") else None
         extra = {"env": env, "stdin": stdin}
