@@ -243,11 +243,16 @@ def ended_because(task):
     """One line: how the run ended and its most telling line."""
     result = db.loads(task["result"], {}) if task["result"] else {}
     result = result if isinstance(result, dict) else {}
-    text = task["error"] or result.get("stderr") or task["reason"] or ""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    # The program's own last words first: "exit status 3" is already in the head.
+    lines = non_empty_lines(result.get("stderr")) or non_empty_lines(
+        task["error"] or task["reason"])
     exit_code = result.get("exit_code")
     head = task["state"] + (" (exit %s)" % exit_code if exit_code is not None else "")
     return "%s: %s" % (head, lines[-1][:300]) if lines else head
+
+
+def non_empty_lines(text):
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
 
 
 def start_run(connection, config, log, service, place, run, now):
