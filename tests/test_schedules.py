@@ -298,6 +298,39 @@ def test_schedules_over_http_read_openly_and_change_only_with_the_admin_token(cl
     assert status == 404
 
 
+def test_services_over_http(client):
+    body = {"name": "svc", "task_type": "shell", "payload": "sleep 100", "each": True,
+            "requirements": ["platform=linux"]}
+    status, answer = client.json("/api/v1/services", body=body)
+    assert status == 401
+    status, answer = client.json("/api/v1/services", body=body, token=client.token)
+    assert status == 201 and answer["url"] == "/api/v1/services/svc", answer
+    status, answer = client.json("/api/v1/services", body=dict(body, task_type="nope"),
+                                 token=client.token)
+    assert status == 400 and "unknown task type 'nope'" in answer["error"]
+    status, answer = client.json("/api/v1/services", body=dict(body, each="yes",
+                                 name="other"), token=client.token)
+    assert status == 400 and "each must be true or false" in answer["error"]
+    status, answer = client.json("/api/v1/services")
+    [record] = answer["services"]
+    assert record["name"] == "svc" and record["each"] and record["state"] == "starting"
+    assert record["task"]["requirements"] == {"platform": "linux"}
+    status, answer = client.json("/api/v1/services/svc/stop", body={})
+    assert status == 401
+    status, answer = client.json("/api/v1/services/svc/stop", body={}, token=client.token)
+    assert status == 200 and answer["stopped"]
+    status, _, text = client.request("/text/services?format=csv")
+    assert text.splitlines()[1] == "svc,shell,,stopped,,,,,"
+    status, answer = client.json("/api/v1/services/svc/start", body={}, token=client.token)
+    assert status == 200 and not answer["stopped"]
+    status, answer = client.json("/api/v1/services/svc", method="DELETE", token=client.token)
+    assert status == 200 and answer["removed"]
+    status, answer = client.json("/api/v1/services/svc")
+    assert status == 404
+    status, answer = client.json("/api/v1/completion")
+    assert answer["positional"]["service"][:2] == ["add", "list"]
+
+
 def test_the_web_terminal_runs_schedule_commands(client, clock):
     status, answer = client.json("/api/v1/command", body={"command": "schedule add t @daily"
                                                           " echo x"})

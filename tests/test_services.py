@@ -181,3 +181,28 @@ def test_bad_input_is_refused_and_writes_nothing(cluster):
     done = cluster.rc("service", "stop", "nobody", check=False)
     assert done.returncode == 1 and "no service 'nobody'" in done.stderr
     cluster.rc("service", "remove", "dup")
+
+
+def test_a_service_moves_when_its_device_dies(cluster):
+    """The reaper's path: the device stops answering, its run is taken back
+    after disconnect_grace and runs on another device that fits."""
+    cluster.start_worker("s4", "--slots", "2")
+    wait_for(lambda: "s4" in online(cluster), 30, "s4")
+    cluster.rc("label", "s4", "pool=die")
+    cluster.rc("label", "s1", "pool=die")
+    cluster.rc("service", "add", "survivor", "shell", "exec sleep 6014",
+               "--require", "label.pool=die")
+    first = wait_for(lambda: running(cluster, "survivor"), 30, "the service to run")
+    dead = first["device_id"]
+    other = ({"s1", "s4"} - {dead}).pop()
+    os.killpg(cluster.workers[dead].pid, signal.SIGKILL)
+    cluster.workers[dead].wait()
+    try:
+        moved = wait_for(lambda: (running(cluster, "survivor") or {}).get("device_id") == other
+                         and running(cluster, "survivor"), 60, "the move to %s" % other)
+        assert moved["task_id"] == first["task_id"]
+    finally:
+        cluster.rc("service", "remove", "survivor")
+        for process in psutil.process_iter(["cmdline"]):
+            if process.info["cmdline"] == ["sleep", "6014"]:
+                process.kill()          # the dead worker's orphan, if it left one

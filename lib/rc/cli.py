@@ -1419,7 +1419,8 @@ def completion_words(web=True):
                            "drain": "device", "resume": "device", "forget": "device",
                            "revoke": "device", "label": "device", "role": "device",
                            "slots": "device",
-                           "broadcast": list(fleet.CONTROL_COMMANDS)}}
+                           "broadcast": list(fleet.CONTROL_COMMANDS),
+                           **schedule_cli.ACTIONS}}
 
 
 def fail(err, error, status):

@@ -9,7 +9,10 @@ from rc import bell, render, schedules, services, tasks
 from rc.states import PAYLOAD_FIELD, PRIORITIES, TASK_TYPES
 
 COMMANDS = ("schedule", "service")
-READ_ACTIONS = ("list", "show", "logs")     # what a reader may run in the web terminal
+READ_ACTIONS = ("list", "logs")     # what a reader may run in the web terminal
+# What Tab offers after `schedule` and `service` in the web terminal.
+ACTIONS = {"schedule": ["add", "list", "pause", "resume", "remove", "run-now"],
+           "service": ["add", "list", "stop", "start", "remove", "logs"]}
 SCHEDULE_COLUMNS = ["NAME", "WHEN", "TZ", "TASK", "STATE", "NEXT", "LAST", "OUTCOME"]
 SERVICE_COLUMNS = ["NAME", "TASK", "PLACE", "STATE", "TASK_ID", "RUNS", "LAST_ERROR"]
 SUMMARY_WIDTH = 30
