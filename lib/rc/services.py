@@ -214,11 +214,10 @@ def account(connection, config, log, service, run, task, now):
     paused = (run["note"] or "").startswith("paused")
     began = task["started_at"] or task["finished_at"] or now
     lasted = (task["finished_at"] or now) - began
-    if paused:
-        quick, delay = run["quick_exits"], 0.0
-    else:
-        quick = run["quick_exits"] + 1 if lasted < config.service_quick_exit else 0
-        delay = restart_delay(config, quick)
+    quick = run["quick_exits"] + 1 if lasted < config.service_quick_exit else 0
+    # A pause after a long run restarts at once (on a device that is
+    # available); pauses in quick succession (a device flapping) back off too.
+    delay = 0.0 if paused and not quick else restart_delay(config, quick)
     why = ended_because(task)
     connection.execute(
         "UPDATE service_runs SET ended_task_id = ?, quick_exits = ?, restart_at = ?,"
@@ -331,6 +330,8 @@ def run_state(config, service, run, task, now, connection):
         if pinned:
             return "paused: %s unavailable: %s" % (run["place"], pinned[0] or "its own policy")
         return STARTING
+    if run["note"]:                # paused, between one run's end and the next's start
+        return run["note"]
     wait = max(0.0, run["restart_at"] - now)
     if run["quick_exits"] >= config.service_failing_after:
         return "failing (%d quick exits; next try in %.0fs)" % (run["quick_exits"], wait)
