@@ -211,6 +211,20 @@ def test_pause_resume_run_now_and_remove(cluster_home, clock):
     assert len(schedule_tasks(connection)) == 1             # the run-now task stays
 
 
+def test_a_stored_task_no_program_would_write_costs_its_schedule_only(cluster_home, clock):
+    config, connection = cluster_home
+    rc(config, "schedule", "add", "a-broken", "@hourly", "echo", "x")
+    rc(config, "schedule", "add", "b-fine", "@hourly", "echo", "y")
+    with db.write(connection):
+        connection.execute("UPDATE schedules SET task = '{not json' WHERE name = 'a-broken'")
+    clock(schedules.get(connection, "b-fine")["next_fire"])
+    assert schedules.fire_due(connection, config, Log()) == 1
+    outcome = connection.execute("SELECT last_outcome FROM schedules WHERE name = 'a-broken'"
+                                 ).fetchone()[0]
+    assert outcome.startswith("not submitted: ")
+    assert len(schedule_tasks(connection)) == 1
+
+
 @pytest.mark.parametrize("argv, words", [
     (["bad", "* * * *", "echo", "x"], "has 4 fields"),
     (["bad", "0 25 * * *", "echo", "x"], "field 2 (hour) '25'"),

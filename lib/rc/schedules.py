@@ -35,6 +35,8 @@ DAYS_AHEAD = 8 * 366           # days searched for the next firing (leap days in
 TEST_CLOCK_VARIABLE = "RC_TEST_CLOCK"
 # What a schedule may carry to the task it submits (tasks.check_task's names).
 TASK_OPTIONS = ("priority", "timeout", "retries", "retry_on_failure")
+# What a stored task that cannot be submitted raises (refused, or not readable).
+UNUSABLE_TASK = (tasks.TaskError, ValueError, TypeError, KeyError, AttributeError)
 # SQL: a task that has not ended yet.
 UNFINISHED = "state IN (%s)" % db.sql_list((QUEUED,) + ACTIVE_STATES)
 
@@ -351,14 +353,20 @@ def fire_due(connection, config, log, clock=None):
     """Fire every schedule whose time has come, each in its own fenced
     transaction; returns how many submitted something."""
     clock = now() if clock is None else clock
-    fired = 0
+    fired, failed = 0, []
     for row in connection.execute("SELECT name, next_fire FROM schedules"
                                   " WHERE paused = 0 AND next_fire <= ?", (clock,)).fetchall():
-        outcome = fire_one(connection, config, row["name"], row["next_fire"], clock)
+        try:
+            outcome = fire_one(connection, config, row["name"], row["next_fire"], clock)
+        except Exception as e:     # a row no program would write: the others go on
+            failed.append(e)
+            continue
         if outcome is not None:
             fired += outcome.startswith("task") or outcome.startswith("group")
             log.info("schedule_fired", schedule=row["name"], due=row["next_fire"],
                      late=round(clock - row["next_fire"], 3), outcome=outcome)
+    if failed:
+        raise failed[0]            # rc-scheduler logs it (rate-limited) and looks again
     return fired
 
 
@@ -390,12 +398,13 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
         connection.execute("UPDATE schedules SET last_outcome = ? WHERE name = ?",
                            (outcome, row["name"]))
         return outcome
-    spec = db.loads(row["task"])
     task_id = group_id = None
-    # A task refused at firing time (settings changed since) writes nothing
-    # of itself; the schedule still moves on and says why.
+    # A task refused at firing time (settings changed since, or a stored
+    # task no program would write) writes nothing of itself; the schedule
+    # still moves on and says why.
     connection.execute("SAVEPOINT firing")
     try:
+        spec = db.loads(row["task"])
         task = checked_task(config, spec)
         if row["each"]:
             group_id, count = insert_for_each(connection, config, task, spec["options"],
@@ -405,7 +414,7 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
         else:
             task_id = tasks.insert_once(connection, task, "schedule:" + key, None)
             outcome = "task %d" % task_id
-    except tasks.TaskError as e:
+    except UNUSABLE_TASK as e:
         connection.execute("ROLLBACK TO firing")
         task_id = group_id = None
         outcome = "not submitted: %s" % e

@@ -23,7 +23,7 @@ that reaches the timeout ends and the next one starts at once.
 import time
 
 from rc import bell, db, devices, files, tasks
-from rc.schedules import ScheduleError, check_name, checked_task
+from rc.schedules import UNUSABLE_TASK, ScheduleError, check_name, checked_task
 from rc.states import ACTIVE_STATES, CANCELLED, QUEUED, RUNNING, TERMINAL_STATES
 
 # Whole lines of a run's output `rc service logs` shows by default.
@@ -115,17 +115,28 @@ def tend(connection, config, log, now=None):
     A service with nothing to do costs reads only; one with something to
     do gets one short write transaction. Returns how many runs started."""
     now = time.time() if now is None else now
-    started = 0
+    started, failed = 0, []
     for service in connection.execute("SELECT * FROM services WHERE stopped = 0"
                                       " ORDER BY name").fetchall():
-        if not chores(connection, config, service, now):
-            continue
-        with db.write(connection):
-            service = connection.execute("SELECT * FROM services WHERE name = ?"
-                                         " AND stopped = 0", (service["name"],)).fetchone()
-            if service is not None:
-                for chore in chores(connection, config, service, now):
-                    started += do(connection, config, log, service, chore, now)
+        try:
+            started += tend_one(connection, config, log, service, now)
+        except Exception as e:     # a row no program would write: the others go on
+            failed.append(e)
+    if failed:
+        raise failed[0]            # rc-scheduler logs it (rate-limited) and looks again
+    return started
+
+
+def tend_one(connection, config, log, service, now):
+    if not chores(connection, config, service, now):
+        return 0
+    started = 0
+    with db.write(connection):
+        service = connection.execute("SELECT * FROM services WHERE name = ?"
+                                     " AND stopped = 0", (service["name"],)).fetchone()
+        if service is not None:
+            for chore in chores(connection, config, service, now):
+                started += do(connection, config, log, service, chore, now)
     return started
 
 
@@ -257,17 +268,16 @@ def non_empty_lines(text):
 def start_run(connection, config, log, service, place, run, now):
     name = service["name"]
     number = (run["runs"] if run else 0) + 1
-    spec = db.loads(service["task"])
     key = "service:%s:%s:%d" % (name, place or "-", number)
     if run is None:
         connection.execute("INSERT INTO service_runs(name, place) VALUES (?, ?)", (name, place))
     connection.execute("SAVEPOINT service_start")
     try:
-        task = checked_task(config, spec, timeout=tasks.MAX_TIMEOUT)
+        task = checked_task(config, db.loads(service["task"]), timeout=tasks.MAX_TIMEOUT)
         if place:
             task["requirements"] = dict(task["requirements"], device_id=place)
         task_id = tasks.insert_once(connection, task, key, None)
-    except tasks.TaskError as e:
+    except UNUSABLE_TASK as e:
         connection.execute("ROLLBACK TO service_start")
         connection.execute("RELEASE service_start")
         quick = (run["quick_exits"] if run else 0) + 1
