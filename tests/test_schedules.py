@@ -345,6 +345,26 @@ def test_services_over_http(client):
     assert answer["positional"]["service"][:2] == ["add", "list"]
 
 
+@pytest.mark.parametrize("body", [
+    [], "text", {"name": 7}, {"name": "x", "cron": ["* * * * *"]},
+    {"name": "x", "cron": "@daily", "time_zone": {"a": 1}, "task_type": "echo", "payload": "m"},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": ["m"]},
+    {"name": "x", "cron": "@daily", "task_type": None},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": "m", "priority": 3},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": "m", "timeout": "soon"},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": "m", "retries": "3"},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": "m", "each": 1},
+    {"name": "x", "cron": "@daily", "task_type": "echo", "payload": "m",
+     "requirements": {"cores": -1}},
+    {"name": "x" * 65, "cron": "@daily", "task_type": "echo", "payload": "m"},
+])
+def test_a_malformed_schedule_body_is_a_400_naming_it(client, clock, body):
+    status, answer = client.json("/api/v1/schedules", body=body, token=client.token)
+    assert status == 400 and answer["error"], answer
+    status, answer = client.json("/api/v1/schedules")
+    assert answer["schedules"] == []
+
+
 def test_the_web_terminal_runs_schedule_commands(client, clock):
     status, answer = client.json("/api/v1/command", body={"command": "schedule add t @daily"
                                                           " echo x"})

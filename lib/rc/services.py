@@ -376,9 +376,10 @@ def logs(connection, config, name, lines=DEFAULT_LOG_LINES):
     for run in connection.execute("SELECT * FROM service_runs WHERE name = ? ORDER BY place",
                                   (name,)).fetchall():
         task_id = run["ended_task_id"] or run["task_id"]
-        if task_id is None:
+        try:
+            task = tasks.get(connection, task_id)
+        except tasks.TaskError:        # none yet, or pruned after task_retention
             continue
-        task = tasks.get(connection, task_id)
         result = task.get("result") if isinstance(task.get("result"), dict) else {}
         found.append({"place": run["place"] or None, "task_id": task_id,
                       "state": task["state"], "device_id": task["device_id"],
