@@ -6,15 +6,21 @@ import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
 
 from cluster_harness import Cluster, online, wait_for
+from hostile_harness import unharmed
+from rc import db, state_dir
 
 pytestmark = pytest.mark.e2e
 WORKERS = ("s1", "s2", "s3")
 # Short timings, so backoff and failing fit in a test; the defaults are longer.
+GOOD_TASK = '{"task_type": "echo", "payload": {"message": "m"}, "requirements": {},' \
+    ' "options": {}}'
 SETTINGS = {"service_restart_backoff": 0.2, "service_restart_backoff_max": 1.6,
             "service_quick_exit": 2.0, "service_failing_after": 3}
 
@@ -133,6 +139,58 @@ def test_a_command_that_exits_at_once_backs_off_then_shows_failing(cluster):
     cluster.rc("service", "stop", "crasher")
     assert state_of(cluster, "crasher")["state"] == "stopped"
     cluster.rc("service", "remove", "crasher")
+
+
+def test_rows_no_program_would_write_and_junk_requests_harm_nothing_else(cluster):
+    """rc-scheduler keeps its pid and fires a good schedule and keeps a good
+    service running while broken schedule and service rows sit next to
+    them; rc-web answers junk bodies with 400s."""
+    token = state_dir.read_secret(cluster.config.admin_token_path)
+    with unharmed(cluster, "s1"):
+        with db.write(cluster.db):
+            for name, cron, zone, task in (("x-json", "@every 1s", None, "{not json"),
+                                           ("x-cron", "every day", None, GOOD_TASK),
+                                           ("x-zone", "@daily", "Nowhere/Else", GOOD_TASK),
+                                           ("x-null", "@every 1s", None, "null")):
+                cluster.db.execute("INSERT INTO schedules(name, cron, time_zone, task,"
+                                   " created_at, next_fire) VALUES (?, ?, ?, ?, 0, 1)",
+                                   (name, cron, zone, task))
+            for name, task in (("x-svc-json", "{not json"), ("x-svc-null", "null"),
+                               ("x-svc-type", '{"task_type": "nope", "payload": {}}')):
+                cluster.db.execute("INSERT INTO services(name, task, each, created_at)"
+                                   " VALUES (?, ?, ?, 0)", (name, task, int("null" in task)))
+        cluster.rc("schedule", "add", "good-tick", "@every 1s", "echo", "tick")
+        cluster.rc("service", "add", "good-svc", "shell", "exec sleep 6015",
+                   "--require", "device=s1")
+        for body in (b"[", b"[]", b'{"name": "a", "cron": 5}', b"\xff" * 100,
+                     b'{"name": "a", "task_type": {"x": 1}}'):
+            for path in ("/api/v1/schedules", "/api/v1/services"):
+                request = urllib.request.Request(
+                    "http://127.0.0.1:%d%s" % (cluster.config.web_port, path), data=body,
+                    headers={"Authorization": "Bearer " + token,
+                             "Content-Type": "application/json"})
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.code == 400
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE idempotency_key LIKE 'schedule:good-tick:%'"
+        ).fetchone()[0] >= 2, 15, "the good schedule to fire twice")
+        wait_for(lambda: running(cluster, "good-svc"), 30, "the good service")
+        outcomes = {row[0]: row[1] for row in cluster.db.execute(
+            "SELECT name, last_outcome FROM schedules WHERE name LIKE 'x-%'")}
+        assert outcomes["x-json"].startswith("not submitted")
+        assert "paused" in outcomes["x-cron"] and "paused" in outcomes["x-zone"]
+        assert "Nowhere/Else" in outcomes["x-zone"]
+        listed = {s["name"]: s for s in json.loads(cluster.rc("service", "list",
+                                                              "--json").stdout)}
+        assert listed["x-svc-json"]["task"]["task_type"] == "unreadable"
+        assert "not started" in listed["x-svc-type"]["runs"][0]["last_error"]
+        assert "x-json" in cluster.rc("schedule", "list").stdout
+    with db.write(cluster.db):
+        cluster.db.execute("DELETE FROM schedules WHERE name LIKE 'x-%'")
+        cluster.db.execute("DELETE FROM services WHERE name LIKE 'x-%'")
+    cluster.rc("schedule", "remove", "good-tick")
+    cluster.rc("service", "remove", "good-svc")
 
 
 def test_a_service_on_a_phone_pauses_on_battery_and_says_why(cluster, tmp_path, monkeypatch):

@@ -260,6 +260,20 @@ def task_spec(config, task_type, payload, requirements=None, **options):
             "requirements": task["requirements"], "options": options}
 
 
+def stored_task(text):
+    """A schedule's or service's task as stored; one no program would write
+    reads as type "unreadable" (it matches no device and submits nothing),
+    so listing and the other rows go on."""
+    try:
+        spec = db.loads(text)
+    except ValueError:
+        spec = None
+    if not isinstance(spec, dict) or not isinstance(spec.get("task_type"), str) \
+            or not isinstance(spec.get("payload"), dict):
+        return {"task_type": "unreadable", "payload": {}, "requirements": {}, "options": {}}
+    return spec
+
+
 def checked_task(config, spec, **overrides):
     """A stored spec as tasks.insert() takes it (checked again: the settings
     may have changed since it was stored)."""
@@ -384,8 +398,8 @@ def fire_one(connection, config, name, due, clock):
             following, outcome = None, "%s; paused: %s" % (outcome, e)
         connection.execute(
             "UPDATE schedules SET next_fire = coalesce(?, next_fire), paused = ?,"
-            " last_fired = ? WHERE name = ?",
-            (following, int(following is None), due, name))
+            " last_fired = ?, last_outcome = ? WHERE name = ?",
+            (following, int(following is None), due, outcome, name))
         return outcome
 
 
@@ -404,7 +418,7 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
     # still moves on and says why.
     connection.execute("SAVEPOINT firing")
     try:
-        spec = db.loads(row["task"])
+        spec = db.loads(row["task"])       # raw: an unreadable one is refused here
         task = checked_task(config, spec)
         if row["each"]:
             group_id, count = insert_for_each(connection, config, task, spec["options"],
@@ -452,7 +466,7 @@ def get(connection, name):
 
 def schedule_dict(row):
     schedule = dict(row)
-    schedule["task"] = db.loads(row["task"])
+    schedule["task"] = stored_task(row["task"])
     for key in ("each", "allow_overlap", "paused"):
         schedule[key] = bool(schedule[key])
     schedule["state"] = "paused" if schedule["paused"] else "active"

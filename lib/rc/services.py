@@ -23,7 +23,7 @@ that reaches the timeout ends and the next one starts at once.
 import time
 
 from rc import bell, db, devices, files, tasks
-from rc.schedules import UNUSABLE_TASK, ScheduleError, check_name, checked_task
+from rc.schedules import UNUSABLE_TASK, ScheduleError, check_name, checked_task, stored_task
 from rc.states import ACTIVE_STATES, CANCELLED, QUEUED, RUNNING, TERMINAL_STATES
 
 # Whole lines of a run's output `rc service logs` shows by default.
@@ -178,7 +178,7 @@ def places(connection, service):
     waits for it)."""
     if not service["each"]:
         return {PLAIN}
-    spec = db.loads(service["task"])
+    spec = stored_task(service["task"])
     return {device["device_id"] for device in devices.list_devices(connection)
             if spec["task_type"] in device["task_types"]
             and not tasks.unmet_requirements(spec["requirements"], device)}
@@ -308,7 +308,7 @@ def get(connection, config, name, now=None):
 
 
 def service_dict(connection, config, row, now):
-    service = {"name": row["name"], "task": db.loads(row["task"]), "each": bool(row["each"]),
+    service = {"name": row["name"], "task": stored_task(row["task"]), "each": bool(row["each"]),
                "stopped": bool(row["stopped"]), "created_at": row["created_at"], "runs": []}
     for run in connection.execute("SELECT * FROM service_runs WHERE name = ? ORDER BY place",
                                   (row["name"],)).fetchall():
