@@ -409,3 +409,66 @@ def test_rc_scheduler_fires_on_time_and_a_missed_firing_once_after_a_restart(tmp
         assert record["last_fired"] == local(2030, 1, 1, 0, 2)
     finally:
         cluster.stop()
+
+
+# -- services' bookkeeping in a real database (their e2e tests: tests/test_services.py) ---
+
+def end_run(connection, task_id, state, started, finished, result=None, error=None):
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'running', device_id = 'pi',"
+                           " started_at = ? WHERE task_id = ?", (started, task_id))
+        tasks.finish(connection, task_id, 1, "pi", state, result, error, state, finished)
+
+
+def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_home,
+                                                                      add_device):
+    from rc import services
+    config, connection = cluster_home
+    add_device("pi")
+    config.service_restart_backoff, config.service_restart_backoff_max = 1.0, 8.0
+    config.service_quick_exit, config.service_failing_after = 30.0, 3
+    services.add(connection, config, "svc", schedules.task_spec(config, "shell",
+                                                                {"command": "false"}))
+    now, delays = 1000.0, []
+    for number in range(6):
+        assert services.tend(connection, config, Log(), now) == 1
+        task_id = services.get(connection, config, "svc", now)["runs"][0]["task_id"]
+        assert services.tend(connection, config, Log(), now) == 0    # running: nothing to do
+        lasted = 100.0 if number == 4 else 1.0                       # run 5 lasts
+        end_run(connection, task_id, "failed", now, now + lasted, {"exit_code": 1,
+                "stderr": "no luck\n"}, "exit status 1")
+        now += lasted
+        services.tend(connection, config, Log(), now)                # takes the end in
+        run = services.get(connection, config, "svc", now)["runs"][0]
+        delays.append(run["state"])
+        assert run["last_error"] == "failed (exit 1): no luck"
+        assert services.tend(connection, config, Log(), now + 0.01) == 0  # waits its backoff
+        now += 8.0
+    assert delays == ["restarting in 1s", "restarting in 2s", "failing (3 quick exits;"
+                      " next try in 4s)", "failing (4 quick exits; next try in 8s)",
+                      "restarting in 1s", "restarting in 1s"]
+    starts = [row[0] for row in connection.execute(
+        "SELECT idempotency_key FROM tasks ORDER BY task_id")]
+    assert starts == ["service:svc:-:%d" % n for n in range(1, 7)]
+
+
+def test_service_logs_read_a_stdout_stored_past_the_inline_cap(cluster_home, add_device):
+    from rc import files, services
+    config, connection = cluster_home
+    add_device("pi")
+    services.add(connection, config, "chatty", schedules.task_spec(
+        config, "shell", {"command": "yes"}))
+    services.tend(connection, config, Log(), 1000.0)
+    task_id = services.get(connection, config, "chatty")["runs"][0]["task_id"]
+    end_run(connection, task_id, "completed", 1000.0, 1100.0,
+            {"output": "the first MiB only", "exit_code": 0, "stderr": "warned\n"})
+    text = "".join("line %d\n" % n for n in range(5000)).encode()
+    sha256, size = files.store_stream(connection, config, io.BytesIO(text), len(text))
+    with db.write(connection):
+        files.add_task_file(connection, task_id, 1, ".rc/stdout", sha256, size, 1100.0)
+    services.tend(connection, config, Log(), 1100.0)
+    [run] = services.logs(connection, config, "chatty", 3)
+    assert run["stdout"] == "line 4997\nline 4998\nline 4999"
+    assert run["stderr"] == "warned" and run["state"] == "completed"
+    status, out, _ = rc(config, "service", "logs", "chatty", "-n", "2")
+    assert status == 0 and "stdout:\nline 4998\nline 4999\n" in out
