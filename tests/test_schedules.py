@@ -472,3 +472,27 @@ def test_service_logs_read_a_stdout_stored_past_the_inline_cap(cluster_home, add
     assert run["stderr"] == "warned" and run["state"] == "completed"
     status, out, _ = rc(config, "service", "logs", "chatty", "-n", "2")
     assert status == 0 and "stdout:\nline 4998\nline 4999\n" in out
+
+
+def test_an_each_service_gains_devices_that_join_and_loses_forgotten_ones(cluster_home,
+                                                                           add_device):
+    from rc import fleet, services
+    config, connection = cluster_home
+    add_device("pi1")
+    services.add(connection, config, "agent", schedules.task_spec(
+        config, "python_eval", {"expression": "1"}, {"tags": ["kitchen"]}), each=True)
+    services.tend(connection, config, Log(), 1000.0)
+    places = [run["place"] for run in services.get(connection, config, "agent")["runs"]]
+    assert places == ["pi1"]
+    add_device("pi2")
+    services.tend(connection, config, Log(), 1001.0)
+    runs = services.get(connection, config, "agent")["runs"]
+    assert [run["place"] for run in runs] == ["pi1", "pi2"]
+    pinned = {json.loads(row[0])["device_id"] for row in connection.execute(
+        "SELECT requirements FROM tasks WHERE state = 'queued'")}
+    assert pinned == {"pi1", "pi2"}
+    fleet.forget(connection, config, "pi1")
+    services.tend(connection, config, Log(), 1002.0)
+    assert [run["place"] for run in services.get(connection, config, "agent")["runs"]] == \
+        ["pi2"]
+    assert tasks.get(connection, runs[0]["task_id"])["state"] == "cancelled"
