@@ -24,7 +24,7 @@ import time
 
 from rc import bell, db, devices, files, tasks
 from rc.schedules import UNUSABLE_TASK, ScheduleError, check_name, checked_task, stored_task
-from rc.states import ACTIVE_STATES, CANCELLED, QUEUED, RUNNING, TERMINAL_STATES
+from rc.states import ACTIVE_STATES, CANCELLED, ONLINE, QUEUED, RUNNING, TERMINAL_STATES
 
 # Whole lines of a run's output `rc service logs` shows by default.
 DEFAULT_LOG_LINES = 40
@@ -334,12 +334,7 @@ def run_state(config, service, run, task, now, connection):
             return "%s on %s" % (RUNNING_STATE, task["device_id"])
         if run["note"]:
             return run["note"]
-        pinned = run["place"] and connection.execute(
-            "SELECT unavailable_reason FROM devices WHERE device_id = ? AND available = 0",
-            (run["place"],)).fetchone()
-        if pinned:
-            return "paused: %s unavailable: %s" % (run["place"], pinned[0] or "its own policy")
-        return STARTING
+        return waiting_for_device(connection, run["place"]) or STARTING
     if run["note"]:                # paused, between one run's end and the next's start
         return run["note"]
     wait = max(0.0, run["restart_at"] - now)
@@ -348,12 +343,27 @@ def run_state(config, service, run, task, now, connection):
     return "restarting in %.0fs" % wait if task is not None or run["last_error"] else STARTING
 
 
+def waiting_for_device(connection, place):
+    """Why an --each run waits for its device, when it does."""
+    device = place and connection.execute(
+        "SELECT status, connected, available, unavailable_reason FROM devices"
+        " WHERE device_id = ?", (place,)).fetchone()
+    if not device:
+        return None
+    if device["status"] != ONLINE or not device["connected"]:
+        return "waiting: %s is offline" % place
+    if not device["available"]:
+        return "paused: %s unavailable: %s" % (place, device["unavailable_reason"]
+                                                or "its own policy")
+    return None
+
+
 def overall_state(service):
     """The service's one word: stopped, failing, paused, starting, running."""
     if service["stopped"]:
         return STOPPED
     states = [run["state"] for run in service["runs"]]
-    for word in ("failing", "paused", "restarting", STARTING):
+    for word in ("failing", "paused", "waiting", "restarting", STARTING):
         if any(state.startswith(word) for state in states):
             return word
     return RUNNING_STATE if states else STARTING
@@ -361,8 +371,8 @@ def overall_state(service):
 
 def status_counts(connection, config):
     """services_running, services_failing ... for `rc status`."""
-    counts = dict.fromkeys(("running", "starting", "restarting", "paused", "failing",
-                            "stopped"), 0)
+    counts = dict.fromkeys(("running", "starting", "restarting", "waiting", "paused",
+                            "failing", "stopped"), 0)
     for service in list_services(connection, config):
         counts[service["state"]] = counts.get(service["state"], 0) + 1
     return {"services_%s" % state: count for state, count in counts.items()}
