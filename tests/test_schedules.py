@@ -449,7 +449,25 @@ def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_h
                       "restarting in 1s", "restarting in 1s"]
     starts = [row[0] for row in connection.execute(
         "SELECT idempotency_key FROM tasks ORDER BY task_id")]
-    assert starts == ["service:svc:-:%d" % n for n in range(1, 7)]
+    added = int(connection.execute("SELECT created_at FROM services").fetchone()[0] * 1000)
+    assert starts == ["service:svc:%d:-:%d" % (added, n) for n in range(1, 7)]
+
+
+def test_a_service_added_again_under_its_name_starts_a_new_run(cluster_home, add_device):
+    from rc import services
+    config, connection = cluster_home
+    add_device("pi")
+    spec = schedules.task_spec(config, "shell", {"command": "sleep 100"})
+    services.add(connection, config, "again", spec)
+    services.tend(connection, config, Log(), 1000.0)
+    first = services.get(connection, config, "again")["runs"][0]["task_id"]
+    services.remove(connection, config, "again")
+    time.sleep(0.002)
+    services.add(connection, config, "again", spec)
+    services.tend(connection, config, Log(), 1001.0)
+    second = services.get(connection, config, "again")["runs"][0]
+    assert second["task_id"] != first and second["task_state"] == "queued"
+    assert tasks.get(connection, first)["state"] == "cancelled"
 
 
 def test_service_logs_read_a_stdout_stored_past_the_inline_cap(cluster_home, add_device):

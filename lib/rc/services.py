@@ -4,7 +4,9 @@ A service is a row in `services` and, per place it runs, a row in
 `service_runs`: one place ("") for a plain service, one per matching device
 for `--each`. Each run is an ordinary task (fenced, leased, moved by the
 reaper when its device is lost, counted against its device's slots) with
-the idempotency key service:NAME:PLACE:RUN, so a crash between deciding to
+the idempotency key service:NAME:ADDED:PLACE:RUN (ADDED: when the service
+was added, in milliseconds, so a service removed and added again under its
+name never meets its predecessor's keys), so a crash between deciding to
 start a run and recording it cannot start two.
 
 rc-scheduler calls tend() from its loop. When a run's task ends, the next
@@ -268,7 +270,7 @@ def non_empty_lines(text):
 def start_run(connection, config, log, service, place, run, now):
     name = service["name"]
     number = (run["runs"] if run else 0) + 1
-    key = "service:%s:%s:%d" % (name, place or "-", number)
+    key = "service:%s:%d:%s:%d" % (name, service["created_at"] * 1000, place or "-", number)
     if run is None:
         connection.execute("INSERT INTO service_runs(name, place) VALUES (?, ?)", (name, place))
     connection.execute("SAVEPOINT service_start")
