@@ -5,7 +5,6 @@ down, which runs once on its start."""
 import datetime
 import io
 import json
-import os
 import time
 
 import pytest

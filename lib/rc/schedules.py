@@ -282,7 +282,7 @@ def checked_task(config, spec, **overrides):
                             spec.get("requirements") or {}, **options)
 
 
-def insert_for_each(connection, config, task, options, key_prefix):
+def insert_for_each(connection, task, options, key_prefix):
     """One task per matching online device, as `submit --each` makes them,
     inside the caller's transaction: (group id, task count); (None, 0) when
     no device matches."""
@@ -421,8 +421,7 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
         spec = db.loads(row["task"])       # raw: an unreadable one is refused here
         task = checked_task(config, spec)
         if row["each"]:
-            group_id, count = insert_for_each(connection, config, task, spec["options"],
-                                              "schedule:" + key)
+            group_id, count = insert_for_each(connection, task, spec["options"], "schedule:" + key)
             outcome = ("group %d (%d tasks)" % (group_id, count) if group_id
                        else "skipped: no online device matches")
         else:
