@@ -25,6 +25,7 @@ from rc import config as rc_config
 from rc import audit, bell, bounded, db, device_logs, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
+from rc import schedule_cli, services
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -204,12 +205,14 @@ def connect(config):
 
 # -- what the commands show (the web uses these too) ------------------------------
 
-def status_summary(connection):
+def status_summary(connection, config=None):
     device_counts = devices.counts(connection)
     task_counts = tasks.counts_by_state(connection)
     summary = {"devices_%s" % key: value for key, value in device_counts.items()}
     summary.update(("tasks_%s" % state, count) for state, count in task_counts.items())
     summary["queue_length"] = task_counts[QUEUED]
+    if config is not None:
+        summary.update(services.status_counts(connection, config))
     return summary
 
 
@@ -382,7 +385,7 @@ def record_started_with(context):
 
 
 def cmd_status(arguments, context):
-    summary = status_summary(context.connection)
+    summary = status_summary(context.connection, context.config)
     stopped_at = context.main_node_stopped
     if stopped_at is not None:
         summary = as_when_stopped(summary, stopped_at)
@@ -1603,6 +1606,7 @@ def build_parser(out):
     sub = command("local-worker", cmd_local_worker,
                   "run bin/worker.py here; other arguments go to the worker")
     sub.set_defaults(worker_args=[])
+    schedule_cli.add_commands(commands, out, formats, whole_number)
     return parser
 
 
@@ -1738,6 +1742,8 @@ def web_access(argv):
     if name == "submit" and arguments.wait and (arguments.wait_timeout is None or
                                                 arguments.wait_timeout > WEB_WAIT_LIMIT):
         argv.extend(["--wait-timeout", str(WEB_WAIT_LIMIT)])
+    if name in schedule_cli.COMMANDS:
+        return schedule_cli.web_access(arguments)
     if name == "logs" and arguments.program == AUDIT_PROGRAM:
         return "admin"           # who did what from where: not for every reader
     return "admin" if name in WEB_ADMIN_COMMANDS else "read"
@@ -1770,7 +1776,8 @@ def completion_words(web=True):
                            "drain": "device", "resume": "device", "forget": "device",
                            "revoke": "device", "label": "device", "role": "device",
                            "slots": "device",
-                           "broadcast": list(fleet.CONTROL_COMMANDS)}}
+                           "broadcast": list(fleet.CONTROL_COMMANDS),
+                           **schedule_cli.ACTIONS}}
 
 
 def fail(err, error, status):

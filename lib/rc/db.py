@@ -316,6 +316,49 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS devices_watched ON devices(watched_until)
         WHERE watched_until IS NOT NULL;
     """,
+    # 10: recurring tasks and services (lib/rc/schedules.py, lib/rc/services.py),
+    # fired and kept alive by rc-scheduler.
+    """
+    CREATE TABLE IF NOT EXISTS schedules (
+        name           TEXT PRIMARY KEY,
+        cron           TEXT NOT NULL,      -- five fields, @daily and the like, or @every 10m
+        time_zone      TEXT,               -- an IANA name; NULL: the main node's local time
+        task           TEXT NOT NULL,      -- JSON: task_type, payload, requirements, options
+        each           INTEGER NOT NULL DEFAULT 0,   -- one task on every matching device
+        allow_overlap  INTEGER NOT NULL DEFAULT 0,
+        paused         INTEGER NOT NULL DEFAULT 0,
+        created_at     REAL NOT NULL,
+        next_fire      REAL NOT NULL,      -- seconds since the epoch
+        last_fired     REAL,               -- the firing time last handled (not when)
+        last_run_at    REAL,               -- when it last submitted or skipped
+        last_task_id   INTEGER,
+        last_group_id  INTEGER,
+        last_outcome   TEXT                -- task N, group N, skipped: why, not submitted: why
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS services (
+        name        TEXT PRIMARY KEY,
+        task        TEXT NOT NULL,         -- JSON, as schedules.task
+        each        INTEGER NOT NULL DEFAULT 0,
+        stopped     INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL
+    ) WITHOUT ROWID;
+    -- Where a service runs: place '' for a plain service, a device id for --each.
+    CREATE TABLE IF NOT EXISTS service_runs (
+        name           TEXT NOT NULL,
+        place          TEXT NOT NULL,
+        task_id        INTEGER,            -- the current (or last) run's task
+        ended_task_id  INTEGER,            -- the last run whose end was taken into account
+        runs           INTEGER NOT NULL DEFAULT 0,
+        quick_exits    INTEGER NOT NULL DEFAULT 0,   -- runs in a row shorter than
+                                                     -- service_quick_exit
+        restart_at     REAL NOT NULL DEFAULT 0,      -- the next run starts no sooner
+        last_error     TEXT,
+        last_exit_at   REAL,
+        note           TEXT,               -- paused: why (the device became unavailable)
+        PRIMARY KEY (name, place)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_fire) WHERE paused = 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -84,6 +84,13 @@ TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node 
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt
 RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries
 
+# -- services (lib/rc/services.py) ---------------------------------------------
+SERVICE_RESTART_BACKOFF = 1.0   # seconds before a service whose run ended starts again;
+                                # doubles with each quick exit in a row
+SERVICE_RESTART_BACKOFF_MAX = 300.0     # seconds, the longest wait between a service's runs
+SERVICE_QUICK_EXIT = 30.0       # seconds; a run that ends sooner is a quick exit
+SERVICE_FAILING_AFTER = 5       # quick exits in a row before a service shows as failing
+
 # -- processes ---------------------------------------------------------------
 POLL_INTERVAL = 0.05            # seconds between looks for changes in the database when
                                 # no doorbell rings (see lib/rc/bell.py)

@@ -24,7 +24,7 @@ on it.
 import heapq
 import time
 
-from rc import bell, db, files, program, tasks, throttle
+from rc import bell, db, files, program, schedules, services, tasks, throttle
 from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED, TASK_TYPES
 
 BATCH = 2000          # queued tasks looked at per pass
@@ -32,6 +32,7 @@ PASS_BUDGET = 0.1     # seconds a pass may spend choosing; the rest waits a pass
 IDLE_CHECK = 1.0      # seconds; look again even without a change (backoffs end)
 FAILED_PASS_PAUSE = 1.0   # seconds before a pass that raised is tried again
 PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is quick
+RECURRING_INTERVAL = 0.5   # seconds between looks at schedules and services
 # SQL: every task this one depends on has completed.
 DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
                     " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
@@ -375,6 +376,8 @@ def run(config, log, should_stop):
     log_limited = throttle.LimitedLog(log)
     state = {"seen": None, "wake_at": 0.0, "turnover": Turnover()}
     while not should_stop():
+        if look_after_recurring(connection, config, log, log_limited, state):
+            state["wake_at"] = 0.0         # what it queued is assigned at once
         try:
             if one_look(connection, config, log, log_limited, state):
                 continue       # go on at once with what the pass left
@@ -406,6 +409,26 @@ def one_look(connection, config, log, log_limited, state):
         later = next_backoff_end(connection, now)      # what is left waits
     state["wake_at"] = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
     return False
+
+
+def look_after_recurring(connection, config, log, log_limited, state):
+    """Fire the schedules that are due and keep services running
+    (lib/rc/schedules.py, services.py), at most every RECURRING_INTERVAL;
+    a failure is logged and tried at the next look. True when it queued
+    something."""
+    now = time.time()
+    if now < state.get("recurring_at", 0.0):
+        return False
+    state["recurring_at"] = now + RECURRING_INTERVAL
+    queued = 0
+    for name, chore in (("schedules", schedules.fire_due), ("services", services.tend)):
+        try:
+            queued += chore(connection, config, log)
+        except Exception as e:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            log_limited("error", "recurring_failed", name, chore=name, error=repr(e)[:500])
+    return queued > 0
 
 
 def main():

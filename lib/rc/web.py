@@ -30,7 +30,7 @@ import bottle
 import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import device_routes, state_dir, web_server
+from rc import device_routes, state_dir, web_schedules, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
@@ -335,7 +335,7 @@ class Web:
 
     def status_summary(self, connection=None):
         connection = connection or self.connection()
-        summary = cli.status_summary(connection)
+        summary = cli.status_summary(connection, self.config)
         now = time.time()
         for window, count in zip(THROUGHPUT_WINDOWS, completed_since(connection, now)):
             summary["throughput_%dm" % (window // 60)] = round(count * 60.0 / window, 3)
@@ -1488,7 +1488,8 @@ def make_app(config, logger=None):
         ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
         ("GET", "/worker.py", web.worker_file, "open"),
     ] + file_routes(FileRoutes(web)) + dashboard_routes(DashboardRoutes(web)) \
-        + device_routes.DeviceRoutes(web, query_int, separated).routes()
+        + device_routes.DeviceRoutes(web, query_int, separated).routes() \
+        + web_schedules.routes(web, sys.modules[__name__])
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
