@@ -5,7 +5,7 @@ The web terminal runs them too: list and logs read, the rest need the
 admin token (web_access)."""
 import time
 
-from rc import bell, render, schedules, services, tasks
+from rc import bell, environments, files_cli, render, schedules, services, tasks
 from rc.states import PAYLOAD_FIELD, PRIORITIES, TASK_TYPES
 
 COMMANDS = ("schedule", "service")
@@ -99,12 +99,24 @@ def add_task_arguments(sub):
                      help="as in submit: cores=4, platform=linux, tags=gpu, label.k=v")
     sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="an environment variable for the task; repeatable")
+    sub.add_argument("--requirements", metavar="FILE",
+                     help="pip requirements each run's device installs into a cached"
+                     " virtual environment (docs/environments.md)")
+    sub.add_argument("--pip", action="append", metavar="PKG==VER",
+                     help="one pip requirement for that environment; repeatable")
 
 
 def task_spec(arguments, context, **options):
     payload = tasks.payload_from_argument(arguments.task_type, arguments.argument)
     if arguments.env:
         payload["env"] = tasks.parse_env(arguments.env)
+    try:
+        packages = files_cli.python_packages(arguments.requirements, arguments.pip)
+    except files_cli.FileOptionError as e:
+        raise tasks.TaskError(str(e))
+    if packages:
+        payload[environments.PAYLOAD_FIELD] = tasks.check_packages(arguments.task_type,
+                                                                   packages)
     return schedules.task_spec(context.config, arguments.task_type, payload,
                                tasks.parse_requirements(arguments.require),
                                priority=arguments.priority, retries=arguments.retries,
