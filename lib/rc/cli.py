@@ -22,7 +22,7 @@ import orjson
 from rc import backup as rc_backup
 from rc import config as rc_config
 from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet, health
-from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
+from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -66,6 +66,8 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "backup": "it writes a file on the main node; run it there",
                "restore": "it replaces the database; run it on the main node",
                "wait": "it holds the request open; use GET /api/v1/tasks/ID/result",
+               "map": "it reads files and stdin on the main node and holds the request"
+                      " open; use POST /api/v1/tasks with a list",
                "get": "it writes files on the main node; use"
                       " GET /api/v1/tasks/ID/files/NAME"}
 # submit options that read files on the main node: not from the web terminal.
@@ -583,6 +585,16 @@ def write_group(context, summary):
     context.out.write(render.table(rows, GROUP_COLUMNS, context.width,
                                    colourize=context.colourize))
     context.out.write(summary_line(summary["summary"]) + "\n")
+
+
+def cmd_map(arguments, context):
+    """`rc map` lives in lib/rc/map_cli.py; its errors are this command's."""
+    try:
+        return map_cli.run(arguments, context, users_umask)
+    except map_cli.MapUsageError as e:
+        raise UsageError(str(e))
+    except map_cli.MapError as e:
+        raise CommandError(str(e))
 
 
 def cmd_group(arguments, context):
@@ -1206,6 +1218,8 @@ def build_parser(out):
     sub.add_argument("names", nargs="*", metavar="NAME")
     sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                      help="where to write them (default: here)")
+    map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
+                                  " stdin lines or --files), as GNU Parallel"), whole_number)
     sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
                   [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
@@ -1350,6 +1364,8 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     arguments, extra = parser.parse_known_args(argv)
+    if extra and arguments.command == "map":
+        extra = map_cli.more_inputs(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:
