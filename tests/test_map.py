@@ -3,10 +3,15 @@ slots, `bin/rc map` run as a user types it (arguments, stdin, files).
 Replacement strings and their quoting, order with -k, files in and out,
 --results, resume after failures and cancels, Ctrl-C, exit status, errors.
 The replacement-string grammar itself is checked first without a cluster."""
+import fcntl
 import io
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
+import termios
 import time
 
 import pytest
@@ -109,6 +114,13 @@ def test_replacements_quoting_and_order(cluster, drop_dir):
 def test_input_is_appended_without_replacement_strings(cluster):
     done = rc_map(cluster, "printf '[%s]\\n'", "-k", "one two", "three")
     assert (done.returncode, done.stdout) == (0, "[one two]\n[three]\n"), done.stderr
+
+
+def test_inputs_after_options_and_after_a_double_dash(cluster):
+    done = rc_map(cluster, "echo {}", "a", "-k", "-5", "--", "-x", "--y")
+    assert (done.returncode, done.stdout) == (0, "a\n-5\n-x\n--y\n"), done.stderr
+    refused = rc_map(cluster, "echo {}", "a", "--bogus")
+    assert refused.returncode == 2 and "--bogus" in refused.stderr
 
 
 def test_stdin_lines_are_the_inputs_and_keep_order_keeps_it(cluster):
@@ -235,6 +247,51 @@ def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
     states = [row[0] for row in cluster.db.execute(
         "SELECT state FROM tasks WHERE group_id = ? ORDER BY task_id", (group_id,))]
     assert states == ["cancelled"] * 3 + ["completed"] * 3
+
+
+def read_until(fd, pattern, timeout=30):
+    """What a terminal shows until `pattern` appears in it."""
+    seen, deadline = b"", time.time() + timeout
+    while not re.search(pattern, seen):
+        assert time.time() < deadline, "no %r on the terminal: %r" % (pattern, seen)
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:            # the other side closed: it has said all
+                raise AssertionError("no %r on the terminal: %r" % (pattern, seen))
+    return seen
+
+
+def test_ctrl_c_on_a_terminal_asks_and_cancels_the_queued_tasks(cluster):
+    """stderr on a terminal: the progress bar, then on Ctrl-C the question,
+    asked on the terminal (stdin is the inputs' pipe); y cancels."""
+    terminal, device = pty.openpty()
+    cluster.rc("drain", DEVICE)
+    try:
+        process = subprocess.Popen(
+            [RC, "map", "echo {}"], env=cluster.env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=device, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(2, termios.TIOCSCTTY, 0))
+        os.close(device)
+        process.stdin.write(b"a\nb\n")
+        process.stdin.close()
+        shown = read_until(terminal, rb"map (\d+): 2 inputs")
+        group_id = int(re.search(rb"map (\d+): 2 inputs", shown).group(1))
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ? AND state = 'queued'",
+            (group_id,)).fetchone()[0] == 2, 30, "the map's tasks queued")
+        assert b"0/2" in read_until(terminal, rb"ETA")          # the progress bar
+        process.send_signal(signal.SIGINT)
+        read_until(terminal, rb"cancel the 2 queued tasks of map %d\? \[y/N\]" % group_id)
+        os.write(terminal, b"y\n")
+        assert process.wait(timeout=30) == 130
+        assert b"2 queued tasks cancelled" in read_until(terminal, rb"cancelled;")
+    finally:
+        cluster.rc("resume", DEVICE)
+        os.close(terminal)
+    states = {row[0] for row in cluster.db.execute(
+        "SELECT state FROM tasks WHERE group_id = ?", (group_id,))}
+    assert states == {"cancelled"}
 
 
 def test_resume_waits_for_tasks_still_queued(cluster):

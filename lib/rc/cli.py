@@ -590,7 +590,7 @@ def write_group(context, summary):
 def cmd_map(arguments, context):
     """`rc map` lives in lib/rc/map_cli.py; its errors are this command's."""
     try:
-        return map_cli.run(arguments, context, users_umask)
+        return map_cli.run(arguments, context, users_umask, each_options)
     except map_cli.MapUsageError as e:
         raise UsageError(str(e))
     except map_cli.MapError as e:

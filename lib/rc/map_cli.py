@@ -31,7 +31,8 @@ POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended
 PROGRESS_INTERVAL = 0.1       # seconds between redraws of the progress bar
 MAX_EXIT_STATUS = 101         # GNU Parallel's: "more than 100 inputs failed"
 INTERRUPTED_STATUS = 130      # a shell's status for a command stopped by Ctrl-C
-MAX_INPUTS = 1000000          # inputs of one map
+MAX_INPUTS = 100000           # inputs of one map: each job's task is checked and held
+                              # before the first is queued (~1 KiB each)
 SHOWN_VALUE = 60              # characters of an input named in a message
 MAP_TYPES = ("shell", "python_exec", "python_eval", "echo", "sleep")
 # How an input is written into each type's code so that it stays one value:
@@ -56,6 +57,8 @@ JOB_NUMBER = "#"
 # letters or spaces inside ({print $1}, ${HOME}, {a,b}) are the command's own.
 REPLACEMENT_TOKEN = re.compile(r"\{(=.*?=|[/.#%+0-9]*)\}")
 KNOWN_TOKENS = "{} {/} {.} {/.} {//} {#}"
+# argparse's rule: a word like -5 or -.5 is a value, not an option.
+NEGATIVE_NUMBER = re.compile(r"\A-(\d+|\d*\.\d+)\Z")
 TERMINAL_SQL = db.sql_list(TERMINAL_STATES)
 ERASE_LINE = "\r\x1b[K"
 
@@ -116,15 +119,20 @@ def more_inputs(arguments, extra):
     """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
     over since it takes positionals in one run: added to the inputs; what
     is left (an unknown option) goes back to be refused."""
-    words = [word for word in extra if not word.startswith("-") or word == "-"]
-    arguments.values = list(arguments.values) + words
+    after = []
+    if "--" in extra:                  # everything after it is an input
+        after, extra = extra[extra.index("--") + 1:], extra[:extra.index("--")]
+    words = [word for word in extra if not word.startswith("-") or word == "-"
+             or NEGATIVE_NUMBER.match(word)]
+    arguments.values = list(arguments.values) + words + after
     return [word for word in extra if word not in words]
 
 
-def run(arguments, context, user_files):
+def run(arguments, context, user_files, task_options):
     """The map the arguments ask for, to its end; returns the exit status.
-    `user_files` is a context manager under which files for the user
-    (--results, --into) are written."""
+    From cli.py: `user_files`, a context manager under which files for the
+    user (--results, --into) are written, and `task_options`, submit's
+    per-task options (priority, timeout, ...) checked, from the arguments."""
     if arguments.cancel is not None:
         refuse_with(arguments, "--cancel")
         return cancel_map(context, arguments.cancel)
@@ -132,7 +140,7 @@ def run(arguments, context, user_files):
         refuse_with(arguments, "--resume")
         plan = resumed_map(context, arguments)
     else:
-        plan = new_map(context, arguments)
+        plan = new_map(context, arguments, task_options)
     return Runner(plan, arguments, context, user_files).run()
 
 
@@ -238,7 +246,7 @@ def shown(value):
     return repr(render.shorten(value, SHOWN_VALUE))
 
 
-def new_map(context, arguments):
+def new_map(context, arguments, task_options):
     if not arguments.template:
         raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
                             " or --files FILE…")
@@ -264,18 +272,6 @@ def new_map(context, arguments):
     plan.checked = [plan.checked_task(config, job) for job in jobs]
     plan.group_id = create_group(connection, plan, arguments)
     return plan
-
-
-def task_options(arguments):
-    """submit's per-task options, checked (as each_options in cli.py)."""
-    tasks.parse_priority(arguments.priority)
-    options = {"priority": arguments.priority, "retry_on_failure": arguments.retry_on_failure,
-               "depends_on": tasks.parse_task_ids(arguments.after)}
-    if arguments.timeout is not None:
-        options["timeout"] = tasks.parse_number("timeout", arguments.timeout)
-    if arguments.retries is not None:
-        options["retries"] = arguments.retries
-    return options
 
 
 def shared_fields(connection, config, task_type, arguments):
@@ -468,6 +464,7 @@ class Runner:
         self.plan, self.context, self.user_files = plan, context, user_files
         self.connection, self.config = context.connection, context.config
         self.out, self.err = context.out, context.err
+        self.out_tty, self.err_tty = self.out.isatty(), self.err.isatty()
         self.keep_order, self.results = arguments.keep_order, arguments.results
         self.unsubmitted = list(zip(plan.to_run, plan.checked))
         plan.checked = None
@@ -613,7 +610,7 @@ class Runner:
 
     def show(self, outcome):
         self.progress.clear()
-        outcome.show(self.out, self.err, self.plan.group_id)
+        outcome.show(self)
 
     def interrupted(self):
         """Ctrl-C: on a terminal, offer to cancel what is still queued;
@@ -672,17 +669,18 @@ class Outcome:
             self.notes.append("%s%s" % (job.state, ": " + last_line(error) if
                                         last_line(error) else ""))
 
-    def show(self, out, err, group_id):
+    def show(self, runner):
         """stdout as the task wrote it (on a terminal, escape sequences from
         a device shown as "?"), its stderr on ours, then any note."""
         if self.stdout:
-            out.write(render.printable(self.stdout) if out.isatty() else self.stdout)
+            runner.out.write(render.printable(self.stdout) if runner.out_tty else self.stdout)
+        if self.stderr or self.notes:
+            runner.out.flush()
         if self.stderr:
-            out.flush()
-            err.write(render.printable(self.stderr) if err.isatty() else self.stderr)
+            runner.err.write(render.printable(self.stderr) if runner.err_tty else self.stderr)
         for note in self.notes:
-            err.write("map %d: input %d (%s) %s\n" % (group_id, self.job.number,
-                                                     shown(self.job.value), note))
+            runner.err.write("map %d: input %d (%s) %s\n" % (
+                runner.plan.group_id, self.job.number, shown(self.job.value), note))
 
     def write_results(self, directory):
         here = os.path.join(directory, str(self.job.number))
@@ -725,10 +723,11 @@ def ask(err, question):
     if not err.isatty():
         return False
     try:
-        with open("/dev/tty", "r+") as terminal:
-            terminal.write(question)
-            terminal.flush()
-            return terminal.readline().strip().lower() in ("y", "yes")
+        # Unbuffered bytes: a terminal opened "r+" as text cannot seek, which
+        # Python's text layer requires.
+        with open("/dev/tty", "rb+", buffering=0) as terminal:
+            terminal.write(question.encode())
+            return terminal.readline().strip().lower() in (b"y", b"yes")
     except (OSError, KeyboardInterrupt):
         return False
 
