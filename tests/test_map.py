@@ -21,6 +21,7 @@ from rc import cli, map_cli
 
 DEVICE = "map-worker"
 TIMEOUT = 120       # seconds any one `rc map` may take here
+OUTPUT_CAP = 4096   # bytes of stdout the worker sends inline
 
 
 # -- the grammar, no cluster --------------------------------------------------------
@@ -72,7 +73,8 @@ def cluster(tmp_path_factory):
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")     # one worker: this test's
-        cluster.start_worker(DEVICE, "--slots", "4")
+        # A small inline cap: a longer stdout comes back as a stored stream.
+        cluster.start_worker(DEVICE, "--slots", "4", "--output-cap", str(OUTPUT_CAP))
         wait_for(lambda: DEVICE in online(cluster), 30, "the map worker online")
         yield cluster
     finally:
@@ -168,6 +170,25 @@ def test_results_dir_holds_each_inputs_streams(cluster, tmp_path):
     assert (second / "state").read_text() == "failed\n"
     assert (second / "exit_code").read_text() == "3\n"
     assert "err 3" in done.stderr          # the tasks' stderr reaches ours too
+
+
+def test_stdout_past_the_inline_cap_comes_out_whole(cluster, tmp_path):
+    size = OUTPUT_CAP * 3 + 5
+    done = rc_map(cluster, "head -c %d /dev/zero | tr '\\0' {}" % size, "--results",
+                  str(tmp_path), "-k", "a", "b")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "a" * size + "b" * size
+    assert (tmp_path / "2" / "stdout").read_text() == "b" * size
+
+
+def test_long_or_undecodable_stdin_lines_are_refused(cluster):
+    done = subprocess.run([RC, "map", "echo"], env=cluster.env, input=b"ok\n\xff\xfe\n",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT)
+    assert done.returncode == 2 and b"stdin line 2 is not UTF-8" in done.stderr
+    done = subprocess.run([RC, "map", "echo"], env=cluster.env,
+                          input=b"x" * (300 * 1024) + b"\n", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=TIMEOUT)
+    assert done.returncode == 2 and b"stdin line 1 is over" in done.stderr
 
 
 def test_files_go_in_and_outputs_come_back_into(cluster, tmp_path):

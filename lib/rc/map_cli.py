@@ -15,6 +15,8 @@ not complete, at most 101, as GNU Parallel's.
 The `rc` command runs it on the main node; never in the web terminal (it
 reads this machine's stdin and files, and holds on until the map ends).
 """
+import codecs
+import getpass
 import os
 import re
 import shlex
@@ -307,26 +309,29 @@ def read_inputs(arguments):
 
 
 def stdin_lines():
+    """The lines of stdin, read one at a time so that neither a line longer
+    than any command takes nor more than MAX_INPUTS lines is held."""
     if sys.stdin is None or sys.stdin.isatty():
         raise MapUsageError("no inputs: give ARG…, --files FILE…, or pipe lines on stdin"
                             " (seq 10 | rc map 'echo {}')")
-    data = sys.stdin.buffer.read()
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()                    # the newline that ends the last line
-    try:
-        return [line.decode("utf-8") for line in lines]
-    except UnicodeDecodeError:
-        bad = next(n for n, line in enumerate(lines, 1) if not is_utf8(line))
-        raise MapUsageError("stdin line %d is not UTF-8 text" % bad)
-
-
-def is_utf8(data):
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+    lines = []
+    for number in range(1, MAX_INPUTS + 2):
+        line = sys.stdin.buffer.readline(tasks.MAX_PAYLOAD_TEXT + 1)
+        if not line:
+            return lines
+        if number > MAX_INPUTS:
+            raise MapUsageError("a map takes at most %d inputs; stdin has more (split it:"
+                                " split -l %d)" % (MAX_INPUTS, MAX_INPUTS))
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        elif len(line) > tasks.MAX_PAYLOAD_TEXT:
+            raise MapUsageError("stdin line %d is over %d bytes" % (number,
+                                                                  tasks.MAX_PAYLOAD_TEXT))
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MapUsageError("stdin line %d is not UTF-8 text" % number)
+    return lines
 
 
 def file_input(path):
@@ -434,7 +439,8 @@ def cancel_map(context, group_id):
     connection = context.connection
     recorded_map(connection, group_id)
     queued, stopping = cancel_group(connection, group_id, active_too=True)
-    context.audit("map_cancelled", group_id=group_id, queued=queued, running=stopping)
+    context.audit("map_cancelled", group_id=group_id, queued=queued, running=stopping,
+                  user=user_name())
     context.out.write("map %d: %d queued tasks cancelled, %d running ones asked to stop;"
                       " `rc map --resume %d` runs them again\n"
                       % (group_id, queued, stopping, group_id))
@@ -486,7 +492,7 @@ class Runner:
                                  resumed=self.resumed)
         self.context.audit("map_resumed" if self.resumed else "map_submitted",
                            group_id=plan.group_id, inputs=plan.total, to_run=len(plan.to_run),
-                           task_type=plan.task_type)
+                           task_type=plan.task_type, user=user_name())
         if not plan.to_run and not plan.to_wait:
             self.err.write("map %d: every input completed; nothing to run\n" % plan.group_id)
             return 0
@@ -590,7 +596,7 @@ class Runner:
             return
         with self.user_files():
             if self.results:
-                outcome.write_results(self.results)
+                outcome.write_results(self, self.results)
             if self.plan.outputs:
                 for entry in files.task_files(self.connection, job.task_id):
                     if entry["kind"] == files.OUTPUT:
@@ -622,7 +628,8 @@ class Runner:
         if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
                           % (queued, group_id)):
             queued, _ = cancel_group(self.connection, group_id)
-            self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0)
+            self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
+                               user=user_name())
             self.err.write("map %d: %d queued tasks cancelled; %d running ones finish;"
                            " `rc map --resume %d` runs the rest again\n"
                            % (group_id, queued, active, group_id))
@@ -654,13 +661,15 @@ class Runner:
 
 
 class Outcome:
-    """What one job left: its streams in full, and a line when it failed."""
+    """What one job left: its stdout and stderr (text, or a stored stream
+    read in chunks when shown, so that a long one is never held whole), and
+    a line when it did not complete."""
 
     def __init__(self, runner, job, result, error):
         self.job = job
         self.stdout = stream(runner, job, result, "output", 0)
-        if runner.plan.task_type in VALUE_TYPES and self.stdout and \
-                not self.stdout.endswith("\n"):
+        if runner.plan.task_type in VALUE_TYPES and isinstance(self.stdout, str) \
+                and self.stdout and not self.stdout.endswith("\n"):
             self.stdout += "\n"           # a value, not a stream: one per line
         self.stderr = stream(runner, job, result, "stderr", 1)
         self.exit_code = result.get("exit_code")
@@ -672,44 +681,63 @@ class Outcome:
     def show(self, runner):
         """stdout as the task wrote it (on a terminal, escape sequences from
         a device shown as "?"), its stderr on ours, then any note."""
-        if self.stdout:
-            runner.out.write(render.printable(self.stdout) if runner.out_tty else self.stdout)
+        copy(runner, self.stdout, runner.out, runner.out_tty, self.notes)
         if self.stderr or self.notes:
             runner.out.flush()
-        if self.stderr:
-            runner.err.write(render.printable(self.stderr) if runner.err_tty else self.stderr)
+        copy(runner, self.stderr, runner.err, runner.err_tty, self.notes)
         for note in self.notes:
             runner.err.write("map %d: input %d (%s) %s\n" % (
                 runner.plan.group_id, self.job.number, shown(self.job.value), note))
 
-    def write_results(self, directory):
+    def write_results(self, runner, directory):
         here = os.path.join(directory, str(self.job.number))
         os.makedirs(here, exist_ok=True)
-        for name, text in (("input", self.job.value + "\n"), ("stdout", self.stdout),
-                           ("stderr", self.stderr), ("state", self.job.state + "\n")):
-            with open(os.path.join(here, name), "w", encoding="utf-8",
-                      errors="surrogateescape") as f:
-                f.write(text)
+        texts = [("input", self.job.value + "\n"), ("stdout", self.stdout),
+                 ("stderr", self.stderr), ("state", self.job.state + "\n")]
         if self.exit_code is not None:
-            with open(os.path.join(here, "exit_code"), "w") as f:
-                f.write("%s\n" % self.exit_code)
+            texts.append(("exit_code", "%s\n" % self.exit_code))
+        for name, text in texts:
+            with open(os.path.join(here, name), "w", encoding="utf-8",
+                      errors="replace") as f:
+                copy(runner, text, f, False, self.notes)
 
 
 def stream(runner, job, result, field, index):
-    """A task's stdout or stderr in full: inline, or past the inline cap
-    from the copy the worker stored (.rc/stdout, .rc/stderr)."""
+    """A task's stdout or stderr in full: the inline text, or past the
+    inline cap the stored copy's entry (.rc/stdout, .rc/stderr)."""
     text = result.get(field) or ""
     if not result.get("truncated"):
         return text
     entry = files.task_file(runner.connection, job.task_id, files.STREAM_NAMES[index])
-    if entry is None:
-        return text
+    return text if entry is None else entry
+
+
+def copy(runner, source, target, terminal, notes):
+    """Text, or a stored stream chunk by chunk, to `target`; on a terminal
+    with escape sequences shown as "?"."""
+    def put(text):
+        target.write(render.printable(text) if terminal else text)
+    if isinstance(source, str):
+        if source:
+            put(source)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
-        blob, _ = files.open_blob(runner.connection, runner.config, entry["sha256"])
+        blob, _ = files.open_blob(runner.connection, runner.config, source["sha256"])
         with blob:
-            return blob.read().decode("utf-8", "replace")
-    except (files.FileStoreError, OSError):
-        return text
+            for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
+                put(decoder.decode(chunk))
+        put(decoder.decode(b"", True))
+    except (files.FileStoreError, OSError) as e:
+        notes.append("%s cannot be read from the file store: %s" % (source["name"], e))
+
+
+def user_name():
+    """Who ran it, for the audit log (as rc submit records it)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 def last_line(text):
