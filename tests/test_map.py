@@ -367,6 +367,23 @@ def test_resume_of_a_group_that_is_not_a_map(cluster):
     assert "group %s is not a map" % group_id in done.stderr
 
 
+def test_a_map_ends_even_when_the_end_of_its_tasks_left_no_event(cluster):
+    """The events are how rc map learns quickly; the periodic read of the
+    group is how it learns surely."""
+    with cluster.db:
+        cluster.db.execute(
+            "CREATE TRIGGER map_test_hides_ends AFTER INSERT ON task_events"
+            " WHEN NEW.state = 'completed' BEGIN"
+            " DELETE FROM task_events WHERE id = NEW.id; END")
+    try:
+        started = time.monotonic()
+        done = rc_map(cluster, "echo {}", "-k", "p", "q")
+    finally:
+        cluster.db.execute("DROP TRIGGER map_test_hides_ends")
+    assert (done.returncode, done.stdout) == (0, "p\nq\n"), done.stderr
+    assert time.monotonic() - started < map_cli.RECHECK_INTERVAL * 4
+
+
 def test_a_map_is_one_audit_line_not_one_per_task(cluster):
     path = os.path.join(cluster.home, "log", "audit.log")
     before = open(path).read().count("map_submitted") if os.path.exists(path) else 0

@@ -31,6 +31,7 @@ from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUE
 BATCH_SIZE = 500              # tasks queued in one transaction
 POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended
 PROGRESS_INTERVAL = 0.1       # seconds between redraws of the progress bar
+RECHECK_INTERVAL = 5.0        # seconds between reads of every ended task of the map
 MAX_EXIT_STATUS = 101         # GNU Parallel's: "more than 100 inputs failed"
 INTERRUPTED_STATUS = 130      # a shell's status for a command stopped by Ctrl-C
 MAX_INPUTS = 100000           # inputs of one map: each job's task is checked and held
@@ -478,7 +479,7 @@ class Runner:
         self.waiting_numbers = sorted(job.number for job in plan.to_run + plan.to_wait)
         self.next_to_print, self.held = 0, {}       # --keep-order: index, finished jobs
         self.failed = 0
-        self.last_event = 0
+        self.last_event, self.rechecked_at = 0, 0.0
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
                                  arguments.progress)
         self.resumed = arguments.resume is not None
@@ -499,10 +500,12 @@ class Runner:
         # Every task that ends from here on has a task_events row past this one.
         self.last_event = self.newest_event()
         try:
-            self.take_back_ended()
+            self.recheck()
             while self.unsubmitted or self.pending:
                 if self.unsubmitted:
                     self.submit_batch()
+                if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
+                    self.recheck()
                 if not self.collect() and not self.unsubmitted:
                     time.sleep(POLL_INTERVAL)
                 self.progress.draw(self.failed)
@@ -519,15 +522,19 @@ class Runner:
     def newest_event(self):
         return self.connection.execute("SELECT max(id) FROM task_events").fetchone()[0] or 0
 
-    def take_back_ended(self):
-        """Tasks a --resume found running that ended before the first look."""
+    def recheck(self):
+        """Every task of the group that has ended, whatever the events said:
+        at the start (a --resume's tasks may have ended before the first
+        look) and every RECHECK_INTERVAL after, so that a missed event
+        costs seconds, never a map that waits for ever."""
+        self.rechecked_at = time.monotonic()
         if not self.pending:
-            return
-        marks = ",".join("?" * len(self.pending))
+            return False
         rows = self.connection.execute(
-            "SELECT task_id, state, result, error, reason FROM tasks WHERE task_id IN (%s)"
-            " AND state IN (%s)" % (marks, TERMINAL_SQL), list(self.pending)).fetchall()
-        self.ended(rows)
+            "SELECT task_id, state, result, error, reason FROM tasks WHERE group_id = ?"
+            " AND task_id >= ? AND state IN (%s)" % TERMINAL_SQL,
+            (self.plan.group_id, min(self.pending))).fetchall()
+        return self.ended(rows)
 
     def submit_batch(self):
         batch, self.unsubmitted = self.unsubmitted[:BATCH_SIZE], self.unsubmitted[BATCH_SIZE:]
