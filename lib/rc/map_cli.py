@@ -29,7 +29,8 @@ from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUE
                        TERMINAL_STATES)
 
 BATCH_SIZE = 500              # tasks queued in one transaction
-POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended
+POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended, while they do
+MAX_POLL_INTERVAL = 0.02      # ... and at most, while none does
 PROGRESS_INTERVAL = 0.1       # seconds between redraws of the progress bar
 RECHECK_INTERVAL = 5.0        # seconds between reads of every ended task of the map
 MAX_EXIT_STATUS = 101         # GNU Parallel's: "more than 100 inputs failed"
@@ -442,6 +443,9 @@ def cancel_map(context, group_id):
     queued, stopping = cancel_group(connection, group_id, active_too=True)
     context.audit("map_cancelled", group_id=group_id, queued=queued, running=stopping,
                   user=user_name())
+    if not queued and not stopping:
+        context.out.write("map %d: nothing left to cancel\n" % group_id)
+        return 0
     context.out.write("map %d: %d queued tasks cancelled, %d running ones asked to stop;"
                       " `rc map --resume %d` runs them again\n"
                       % (group_id, queued, stopping, group_id))
@@ -501,13 +505,19 @@ class Runner:
         self.last_event = self.newest_event()
         try:
             self.recheck()
+            pause = POLL_INTERVAL
             while self.unsubmitted or self.pending:
                 if self.unsubmitted:
                     self.submit_batch()
                 if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
                     self.recheck()
-                if not self.collect() and not self.unsubmitted:
-                    time.sleep(POLL_INTERVAL)
+                if self.collect() or self.unsubmitted:
+                    pause = POLL_INTERVAL
+                else:
+                    # Nothing new: look less often, so that a slow map costs
+                    # little CPU; a busy one is looked at every POLL_INTERVAL.
+                    time.sleep(pause)
+                    pause = min(pause * 2, MAX_POLL_INTERVAL)
                 self.progress.draw(self.failed)
         except KeyboardInterrupt:
             return self.interrupted()
