@@ -59,10 +59,16 @@ def test_the_web_terminal_refuses_map():
     assert "POST /api/v1/tasks" in str(raised.value)
 
 
-def test_map_is_in_the_help():
+def test_map_is_in_the_help(cluster_home):
     out = io.StringIO()
-    assert cli.run_command(["--help"], out, io.StringIO()) == 0
+    assert cli.run_command(["help"], out, io.StringIO()) == 0
     assert "map" in out.getvalue() and "GNU Parallel" in out.getvalue()
+    out = io.StringIO()
+    assert cli.run_command(["help", "map"], out, io.StringIO()) == 0
+    assert "--keep-order" in out.getvalue() and "{/.}" in out.getvalue()
+    err = io.StringIO()
+    assert cli.run_command(["help", "mapp"], io.StringIO(), err) == 2
+    assert "no command 'mapp'" in err.getvalue()
 
 
 # -- on a real cluster ----------------------------------------------------------------

@@ -657,6 +657,18 @@ def last_line(task):
     return lines[-1] if lines else ""
 
 
+def cmd_help(arguments, context):
+    """`rc help [COMMAND]`: what `rc --help` and `rc COMMAND --help` print."""
+    parser = build_parser(context.out)
+    if arguments.name is None:
+        parser.print_help()
+        return
+    parsers = command_parsers(parser)
+    if arguments.name not in parsers:
+        raise UsageError("no command %r; `rc help` lists them" % arguments.name)
+    parsers[arguments.name].print_help()
+
+
 def cmd_why(arguments, context):
     context.out.write(explain.why(context.connection, arguments.task_id) + "\n")
 
@@ -1190,6 +1202,8 @@ def build_parser(out):
         sub.set_defaults(handler=handler)
         return sub
 
+    sub = command("help", cmd_help, "list the commands, or one command's options")
+    sub.add_argument("name", nargs="?", metavar="COMMAND")
     command("init", cmd_init, "create the state directory, database and tokens")
     command("status", cmd_status, "devices online and tasks by state", [formats])
     sub = command("devices", cmd_devices, "list the devices", [formats])

@@ -23,6 +23,7 @@ import shlex
 import shutil
 import sys
 import time
+import types
 
 from rc import bell, db, files, files_cli, render, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
@@ -150,12 +151,14 @@ def run(arguments, context, user_files, task_options):
 
 def refuse_with(arguments, option):
     """--resume and --cancel take the map as it was recorded."""
-    given = [name for name, value in (("the command", arguments.template),
-                                      ("the inputs", arguments.values),
-                                      ("--files", arguments.files),
-                                      ("--output", arguments.output),
-                                      ("--input", arguments.input), ("--env", arguments.env))
-             if value]
+    given = [name for name, value in (
+        ("the command", arguments.template), ("the inputs", arguments.values),
+        ("--files", arguments.files), ("--output", arguments.output),
+        ("--input", arguments.input), ("--env", arguments.env),
+        ("--type", arguments.type != "shell"), ("--timeout", arguments.timeout),
+        ("--retries", arguments.retries is not None), ("--require", arguments.require),
+        ("--after", arguments.after), ("--retry-on-failure", arguments.retry_on_failure))
+        if value]
     if given:
         raise MapUsageError("%s takes the command and inputs recorded with the map; leave"
                             " out %s" % (option, given[0]))
@@ -274,17 +277,16 @@ def new_map(context, arguments, task_options):
         store_files(connection, config, jobs)
     plan.to_run = jobs
     plan.checked = [plan.checked_task(config, job) for job in jobs]
-    plan.group_id = create_group(connection, plan, arguments)
+    plan.group_id = create_group(connection, plan)
     return plan
 
 
 def shared_fields(connection, config, task_type, arguments):
     """--input and --env: the same for every task, stored once."""
-    class Options:
-        input, env = arguments.input, arguments.env
-        output = file = stdin = None
+    options = types.SimpleNamespace(input=arguments.input, env=arguments.env, output=None,
+                                    file=None, stdin=None)
     try:
-        return files_cli.file_payload(connection, config, task_type, None, Options)
+        return files_cli.file_payload(connection, config, task_type, None, options)
     except (files_cli.FileOptionError, tasks.TaskError) as e:
         raise MapUsageError(str(e))
 
@@ -369,7 +371,7 @@ def store_files(connection, config, jobs):
         job.blob = entry
 
 
-def create_group(connection, plan, arguments):
+def create_group(connection, plan):
     """The group, its map row and every job, in one transaction: from here
     on `rc map --resume` knows every input, queued or not."""
     main_field = PAYLOAD_FIELD[plan.task_type]
