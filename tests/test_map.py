@@ -321,6 +321,22 @@ def test_ctrl_c_on_a_terminal_asks_and_cancels_the_queued_tasks(cluster):
     assert states == {"cancelled"}
 
 
+def test_a_terminal_never_gets_a_devices_escape_sequences(cluster):
+    terminal, device = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [RC, "map", "printf '\\033]0;owned\\007\\033[31m{}\\n' >&2; exit 1", "x"],
+            env=cluster.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=device,
+            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(2, termios.TIOCSCTTY, 0))
+        os.close(device)
+        shown = read_until(terminal, rb"did not complete")
+        assert process.wait(timeout=TIMEOUT) == 1
+    finally:
+        os.close(terminal)
+    assert b"?]0;owned??[31mx" in shown
+    assert b"\x1b]" not in shown and b"\x07" not in shown and b"\x1b[31m" not in shown
+
+
 def test_resume_waits_for_tasks_still_queued(cluster):
     cluster.rc("drain", DEVICE)
     try:

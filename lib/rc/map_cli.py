@@ -704,9 +704,10 @@ class Outcome:
         if self.stderr or self.notes:
             runner.out.flush()
         copy(runner, self.stderr, runner.err, runner.err_tty, self.notes)
-        for note in self.notes:
+        for note in self.notes:          # a device's error text: never escape sequences
             runner.err.write("map %d: input %d (%s) %s\n" % (
-                runner.plan.group_id, self.job.number, shown(self.job.value), note))
+                runner.plan.group_id, self.job.number, shown(self.job.value),
+                render.printable(note)))
 
     def write_results(self, runner, directory):
         here = os.path.join(directory, str(self.job.number))
