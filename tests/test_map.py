@@ -209,6 +209,13 @@ def test_files_go_in_and_outputs_come_back_into(cluster, tmp_path):
     assert (tmp_path / "out" / "sub" / "b.up").read_text() == "BETA\n"
 
 
+def test_every_task_gets_the_shared_input_and_env(cluster, tmp_path):
+    (tmp_path / "sim.sh").write_text('echo "$GREETING $1"\n')
+    done = rc_map(cluster, "sh sim.sh {}", "--input", "sim.sh", "--env", "GREETING=hello",
+                  "-k", "ann", "bob", cwd=str(tmp_path))
+    assert (done.returncode, done.stdout) == (0, "hello ann\nhello bob\n"), done.stderr
+
+
 def test_python_types_get_each_input_as_a_string_literal(cluster):
     done = rc_map(cluster, "--type", "python_eval", "int({}) * 2", "-k", "1", "2", "21")
     assert (done.returncode, done.stdout) == (0, "2\n4\n42\n"), done.stderr
