@@ -379,6 +379,7 @@ def test_resume_waits_for_tasks_still_queued(cluster):
     (["echo", "--resume", "1"], "", "leave out the command"),
     (["echo {}", "--timeout", "-3", "1"], "", "timeout"),
     (["echo {}", "--require", "nonsense", "1"], "", "nonsense"),
+    (["echo {}", "--results", "/proc/no/such", "1"], "", "cannot make directory"),
 ])
 def test_bad_input_is_a_usage_error_and_leaves_nothing(cluster, arguments, stdin, says, tmp_path):
     before = groups(cluster)

@@ -141,12 +141,27 @@ def run(arguments, context, user_files, task_options):
     if arguments.cancel is not None:
         refuse_with(arguments, "--cancel")
         return cancel_map(context, arguments.cancel)
+    with user_files():
+        make_directory(arguments.results)
+        if arguments.output or arguments.resume is not None:
+            make_directory(arguments.into)
     if arguments.resume is not None:
         refuse_with(arguments, "--resume")
         plan = resumed_map(context, arguments)
     else:
         plan = new_map(context, arguments, task_options)
     return Runner(plan, arguments, context, user_files).run()
+
+
+def make_directory(path):
+    """--results and --into, made before the map starts: a directory that
+    cannot be is a usage error now, not a note per input later."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise MapUsageError("cannot make directory %r: %s" % (path, e.strerror or e))
 
 
 def refuse_with(arguments, option):
@@ -615,7 +630,10 @@ class Runner:
             return
         with self.user_files():
             if self.results:
-                outcome.write_results(self, self.results)
+                try:
+                    outcome.write_results(self, self.results)
+                except OSError as e:
+                    outcome.notes.append("results not written: %s" % e)
             if self.plan.outputs:
                 for entry in files.task_files(self.connection, job.task_id):
                     if entry["kind"] == files.OUTPUT:
