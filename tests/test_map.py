@@ -252,6 +252,25 @@ def test_resume_runs_again_only_what_did_not_complete(cluster, drop_dir):
     assert "nothing to run" in again.stderr
 
 
+def test_resume_of_files_gives_the_stored_file_again(cluster, drop_dir, tmp_path):
+    marker = os.path.join(str(drop_dir), "files-ok")
+    (tmp_path / "a.txt").write_text("keep a\n")
+    (tmp_path / "b.txt").write_text("drop b\n")
+    done = rc_map(cluster, "{ [ -e %s ] || grep -q keep {}; } && cat {}" % marker,
+                  "--files", "a.txt", "b.txt", cwd=str(tmp_path))
+    assert (done.returncode, done.stdout) == (1, "keep a\n"), done.stderr
+    (tmp_path / "b.txt").unlink()             # the stored copy is what runs again
+    open(marker, "w").close()
+    resumed = rc_map(cluster, "--resume", str(map_id(done.stderr)), cwd=str(tmp_path))
+    assert (resumed.returncode, resumed.stdout) == (0, "drop b\n"), resumed.stderr
+
+
+def test_a_task_that_times_out_counts_as_failed(cluster):
+    done = rc_map(cluster, "sleep {}", "--timeout", "1", "0", "30")
+    assert done.returncode == 1, done.stderr
+    assert "input 2 ('30') timed_out" in done.stderr
+
+
 def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
     """Ctrl-C (no terminal here) leaves the queued tasks and says how to
     cancel or resume; --resume waits for them rather than running them
