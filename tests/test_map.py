@@ -284,6 +284,13 @@ def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
         wait_for(lambda: cluster.db.execute(
             "SELECT count(*) FROM tasks WHERE group_id = ? AND state = 'queued'",
             (group_id,)).fetchone()[0] == 3, 30, "the map's tasks queued")
+        first = cluster.db.execute("SELECT min(task_id) FROM tasks WHERE group_id = ?",
+                                   (group_id,)).fetchone()[0]
+        # Nothing can run: after a while it says why, as `rc why` would.
+        notice = process.stderr.readline()
+        assert notice.startswith("map %d: no input has ended after " % group_id), notice
+        assert "Task %d is queued:" % first in notice
+        assert "%s (drained; `rc resume %s`" % (DEVICE, DEVICE) in notice
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
         assert process.returncode == 130, err

@@ -50,8 +50,9 @@ def why_queued(connection, task, now):
     online = [d for d in devices.list_devices(connection, ONLINE) if d["connected"]]
     if not online:
         return "no device is online; it will run when one joins."
-    paused = [d for d in online if not d["available"] or d["suspect"]]
-    online = [d for d in online if d["available"] and not d["suspect"]]
+    # What the scheduler passes over (scheduler.py): paused, suspect, drained.
+    paused = [d for d in online if not d["available"] or d["suspect"] or d["drained"]]
+    online = [d for d in online if d["available"] and not d["suspect"] and not d["drained"]]
     if not online:
         return "every online device is unavailable: %s." % "; ".join(
             "%s (%s)" % (d["device_id"], unavailable_reason(d, now)) for d in paused)
@@ -112,6 +113,8 @@ def cache_note(connection, task_id, device_ids):
 
 
 def unavailable_reason(device, now):
+    if device["drained"]:
+        return "drained; `rc resume %s` gives it tasks again" % device["device_id"]
     if device["suspect"]:
         return ("suspect for %s: its connection is open but it answered no ping and"
                 " accepted no task in time; no new tasks until it speaks again"

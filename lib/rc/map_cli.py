@@ -25,7 +25,7 @@ import sys
 import time
 import types
 
-from rc import bell, db, files, files_cli, render, tasks
+from rc import bell, db, explain, files, files_cli, render, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
                        TERMINAL_STATES)
 
@@ -501,6 +501,7 @@ class Runner:
         self.next_to_print, self.held = 0, {}       # --keep-order: index, finished jobs
         self.failed = 0
         self.last_event, self.rechecked_at = 0, 0.0
+        self.started, self.told_why = None, False
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
                                  arguments.progress)
         self.resumed = arguments.resume is not None
@@ -520,6 +521,7 @@ class Runner:
             return 0
         # Every task that ends from here on has a task_events row past this one.
         self.last_event = self.newest_event()
+        self.started = time.monotonic()
         try:
             self.recheck()
             pause = POLL_INTERVAL
@@ -557,11 +559,29 @@ class Runner:
         self.rechecked_at = time.monotonic()
         if not self.pending:
             return False
+        first = min(self.pending)
         rows = self.connection.execute(
             "SELECT task_id, state, result, error, reason FROM tasks WHERE group_id = ?"
             " AND task_id >= ? AND state IN (%s)" % TERMINAL_SQL,
-            (self.plan.group_id, min(self.pending))).fetchall()
-        return self.ended(rows)
+            (self.plan.group_id, first)).fetchall()
+        ended = self.ended(rows)
+        if not ended and self.progress.done == self.progress.done_before and self.started:
+            self.tell_why_nothing_ends(first)
+        return ended
+
+    def tell_why_nothing_ends(self, task_id):
+        """Once, when no input has ended a while after the start (no device
+        takes shell tasks, every device is drained…): `rc why` of the first,
+        so that a map that cannot run does not just sit there."""
+        waited = time.monotonic() - self.started
+        if self.told_why or waited < RECHECK_INTERVAL or task_id not in self.pending:
+            return
+        self.told_why = True
+        self.progress.clear()
+        self.err.write("map %d: no input has ended after %d s. %s\n" % (
+            self.plan.group_id, waited, render.printable(explain.why(self.connection,
+                                                                     task_id))))
+        self.err.flush()
 
     def submit_batch(self):
         batch, self.unsubmitted = self.unsubmitted[:BATCH_SIZE], self.unsubmitted[BATCH_SIZE:]
