@@ -24,7 +24,7 @@ from rc import backup as rc_backup
 from rc import config as rc_config
 from rc import audit, bell, bounded, db, device_logs, device_secrets, devices, explain, fleet
 from rc import health
-from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
+from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
 from rc import schedule_cli, services
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
@@ -70,6 +70,8 @@ WEB_REFUSED = {"init": "run `rc init` (or make install) on the main node",
                "backup": "it writes a file on the main node; run it there",
                "restore": "it replaces the database; run it on the main node",
                "wait": "it holds the request open; use GET /api/v1/tasks/ID/result",
+               "map": "it reads files and stdin on the main node and holds the request"
+                      " open; use POST /api/v1/tasks with a list",
                "get": "it writes files on the main node; use"
                       " GET /api/v1/tasks/ID/files/NAME"}
 # submit options that read files on the main node: not from the web terminal.
@@ -720,6 +722,16 @@ def group_block(member):
     return text + ("error: %s\n" % render.cell(error) if error else "")
 
 
+def cmd_map(arguments, context):
+    """`rc map` lives in lib/rc/map_cli.py; its errors are this command's."""
+    try:
+        return map_cli.run(arguments, context, users_umask, each_options)
+    except map_cli.MapUsageError as e:
+        raise UsageError(str(e))
+    except map_cli.MapError as e:
+        raise CommandError(str(e))
+
+
 def cmd_group(arguments, context):
     summary = fleet.group(context.connection, arguments.group_id)
     if arguments.format == "json":
@@ -778,6 +790,18 @@ def last_line(task):
     text = task.get("error") or (task.get("result") or {}).get("stderr") or task["reason"]
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def cmd_help(arguments, context):
+    """`rc help [COMMAND]`: what `rc --help` and `rc COMMAND --help` print."""
+    parser = build_parser(context.out)
+    if arguments.name is None:
+        parser.print_help()
+        return
+    parsers = command_parsers(parser)
+    if arguments.name not in parsers:
+        raise UsageError("no command %r; `rc help` lists them" % arguments.name)
+    parsers[arguments.name].print_help()
 
 
 def cmd_why(arguments, context):
@@ -1495,6 +1519,8 @@ def build_parser(out):
         sub.set_defaults(handler=handler)
         return sub
 
+    sub = command("help", cmd_help, "list the commands, or one command's options")
+    sub.add_argument("name", nargs="?", metavar="COMMAND")
     command("init", cmd_init, "create the state directory, database and tokens")
     command("status", cmd_status, "devices online and tasks by state", [formats])
     sub = command("devices", cmd_devices, "list the devices", [formats])
@@ -1523,6 +1549,8 @@ def build_parser(out):
     sub.add_argument("names", nargs="*", metavar="NAME")
     sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                      help="where to write them (default: here)")
+    map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
+                                  " stdin lines or --files), as GNU Parallel"), whole_number)
     sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
                   [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
@@ -1710,6 +1738,8 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     arguments, extra = parser.parse_known_args(argv)
+    if extra and arguments.command == "map":
+        extra = map_cli.more_inputs(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:

@@ -359,6 +359,25 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_fire) WHERE paused = 0;
     """,
+    # 11: `rc map` (lib/rc/map_cli.py): a map is a task group with a row in
+    # maps, and one job per input with the task that last ran it, so
+    # `rc map --resume` re-runs only the jobs whose task did not complete.
+    # No foreign key to tasks: pruning old tasks must not trip over a job.
+    """
+    CREATE TABLE IF NOT EXISTS maps (
+        group_id    INTEGER PRIMARY KEY REFERENCES task_groups(group_id),
+        inputs      INTEGER NOT NULL,      -- how many jobs
+        into_dir    TEXT                   -- where --output files go (absolute), if any
+    );
+    CREATE TABLE IF NOT EXISTS map_jobs (
+        group_id    INTEGER NOT NULL,
+        job         INTEGER NOT NULL,      -- 1-based, in input order: {#}
+        input       TEXT NOT NULL,         -- the value, or the local path with --files
+        blob        TEXT,                  -- --files: the input as the task gets it (JSON)
+        task_id     INTEGER,               -- the task that last ran it; NULL before submit
+        PRIMARY KEY (group_id, job)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

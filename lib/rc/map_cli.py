@@ -1,0 +1,860 @@
+"""`rc map`: one command over many inputs, as GNU Parallel runs it, on the
+cluster. The inputs are the arguments, the lines of stdin, or files
+(--files: each goes into its task's directory); the command's replacement
+strings ({} {/} {.} {/.} {//} {#}) take each input shell-quoted.
+
+A map is a task group with a row in `maps` and one row per input in
+`map_jobs` (the task that last ran it), so `rc map --resume GROUP` re-runs
+only the inputs that did not complete. Tasks are queued in batches, one
+transaction each; the command then waits, reading only the tasks of the
+group that ended since it last looked (the task_events rows past the last
+one it saw), and prints each task's stdout as it finishes, or in input
+order with --keep-order. Its exit status is the number of inputs that did
+not complete, at most 101, as GNU Parallel's.
+
+The `rc` command runs it on the main node; never in the web terminal (it
+reads this machine's stdin and files, and holds on until the map ends).
+"""
+import codecs
+import getpass
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+import types
+
+from rc import bell, db, explain, files, files_cli, render, tasks
+from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
+                       TERMINAL_STATES)
+
+BATCH_SIZE = 500              # tasks queued in one transaction
+POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended, while they do
+MAX_POLL_INTERVAL = 0.02      # ... and at most, while none does
+PROGRESS_INTERVAL = 0.1       # seconds between redraws of the progress bar
+RECHECK_INTERVAL = 5.0        # seconds between reads of every ended task of the map
+MAX_EXIT_STATUS = 101         # GNU Parallel's: "more than 100 inputs failed"
+INTERRUPTED_STATUS = 130      # a shell's status for a command stopped by Ctrl-C
+MAX_INPUTS = 100000           # inputs of one map: each job's task is checked and held
+                              # before the first is queued (~1 KiB each)
+SHOWN_VALUE = 60              # characters of an input named in a message
+MAP_TYPES = ("shell", "python_exec", "python_eval", "echo", "sleep")
+# How an input is written into each type's code so that it stays one value:
+# `a; rm -rf ~` must reach the command as one argument, never as two commands.
+# Types whose output is a value (python_eval's repr, echo's message), not a
+# stream: each is printed on a line of its own.
+VALUE_TYPES = ("python_eval", "echo", "sleep")
+QUOTERS = {"shell": shlex.quote, "python_exec": repr, "python_eval": repr}
+# GNU Parallel's replacement strings that rc map knows, and what each makes
+# of the input (GNU Parallel's own rules: {.} drops the last extension of
+# the last path component only, {//} is dirname with "." for a bare name).
+REPLACEMENTS = {
+    "": lambda value: value,
+    "/": lambda value: value.rsplit("/", 1)[-1],
+    "//": lambda value: (value.rsplit("/", 1)[0] or "/") if "/" in value else ".",
+    ".": lambda value: re.sub(r"\.[^/.]+\Z", "", value),
+    "/.": lambda value: re.sub(r"\.[^/.]+\Z", "", value.rsplit("/", 1)[-1]),
+}
+JOB_NUMBER = "#"
+# What looks like a replacement string: {}, {/.}, {#}, and GNU Parallel's
+# others ({%} {1} {..} {= perl =}), which are refused by name. Braces with
+# letters or spaces inside ({print $1}, ${HOME}, {a,b}) are the command's own.
+REPLACEMENT_TOKEN = re.compile(r"\{(=.*?=|[/.#%+0-9]*)\}")
+KNOWN_TOKENS = "{} {/} {.} {/.} {//} {#}"
+# argparse's rule: a word like -5 or -.5 is a value, not an option.
+NEGATIVE_NUMBER = re.compile(r"\A-(\d+|\d*\.\d+)\Z")
+TERMINAL_SQL = db.sql_list(TERMINAL_STATES)
+ERASE_LINE = "\r\x1b[K"
+
+
+class MapError(Exception):
+    """The map cannot go on; the message, one line, says why."""
+
+
+class MapUsageError(MapError):
+    """The command line is wrong (exit status 2, as rc's other usage errors)."""
+
+
+# -- the command line ---------------------------------------------------------------
+
+def add_arguments(sub, whole_number):
+    sub.add_argument("template", nargs="?", metavar="COMMAND",
+                     help="run once per input: {} is the input (quoted), {/} its base name,"
+                     " {.} without extension, {/.} both, {//} its directory, {#} the job"
+                     " number; with none of them the input is appended")
+    sub.add_argument("values", nargs="*", metavar="ARG",
+                     help="the inputs (without them: the lines of stdin)")
+    sub.add_argument("--files", nargs="+", metavar="FILE",
+                     help="inputs that are files here: each goes into its task's directory"
+                     " and {} is its name there")
+    sub.add_argument("--type", default="shell", choices=MAP_TYPES,
+                     help="the task type (default shell)")
+    sub.add_argument("-k", "--keep-order", action="store_true",
+                     help="print outputs in input order (default: as they finish)")
+    sub.add_argument("--results", metavar="DIR",
+                     help="write each input's stdout, stderr, input and state to DIR/N/")
+    sub.add_argument("--output", action="append", metavar="GLOB",
+                     help="files each task leaves (replacement strings work); repeatable")
+    sub.add_argument("--into", metavar="DIR",
+                     help="where the --output files go (default: here)")
+    sub.add_argument("--progress", action="store_true", default=None,
+                     help="a progress bar on stderr (default: when stderr is a terminal)")
+    sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_argument("--resume", type=whole_number, metavar="MAP",
+                     help="run again the inputs of map MAP that did not complete")
+    sub.add_argument("--cancel", type=whole_number, metavar="MAP",
+                     help="cancel map MAP's queued tasks and stop its running ones")
+    sub.add_argument("--input", action="append", metavar="PATH",
+                     help="a file or directory every task gets (as submit --input)")
+    sub.add_argument("--env", action="append", metavar="KEY=VALUE",
+                     help="an environment variable for every task; repeatable")
+    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent")
+    sub.add_argument("--timeout", metavar="SECONDS", help="each task's")
+    sub.add_argument("--retries", type=whole_number, metavar="N")
+    sub.add_argument("--retry-on-failure", action="store_true",
+                     help="also retry a task that fails (non-zero exit)")
+    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
+                     help="as in submit: cores=4, platform=linux, label.disk=big")
+    sub.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
+                     help="start only when these tasks have completed")
+
+
+def more_inputs(arguments, extra):
+    """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
+    over since it takes positionals in one run: added to the inputs; what
+    is left (an unknown option) goes back to be refused."""
+    after = []
+    if "--" in extra:                  # everything after it is an input
+        after, extra = extra[extra.index("--") + 1:], extra[:extra.index("--")]
+    words = [word for word in extra if not word.startswith("-") or word == "-"
+             or NEGATIVE_NUMBER.match(word)]
+    arguments.values = list(arguments.values) + words + after
+    return [word for word in extra if word not in words]
+
+
+def run(arguments, context, user_files, task_options):
+    """The map the arguments ask for, to its end; returns the exit status.
+    From cli.py: `user_files`, a context manager under which files for the
+    user (--results, --into) are written, and `task_options`, submit's
+    per-task options (priority, timeout, ...) checked, from the arguments."""
+    if arguments.cancel is not None:
+        refuse_with(arguments, "--cancel")
+        return cancel_map(context, arguments.cancel)
+    with user_files():
+        make_directory(arguments.results)
+        if arguments.output or arguments.resume is not None:
+            make_directory(arguments.into)
+    if arguments.resume is not None:
+        refuse_with(arguments, "--resume")
+        plan = resumed_map(context, arguments)
+    else:
+        plan = new_map(context, arguments, task_options)
+    return Runner(plan, arguments, context, user_files).run()
+
+
+def make_directory(path):
+    """--results and --into, made before the map starts: a directory that
+    cannot be is a usage error now, not a note per input later."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise MapUsageError("cannot make directory %r: %s" % (path, e.strerror or e))
+
+
+def refuse_with(arguments, option):
+    """--resume and --cancel take the map as it was recorded."""
+    given = [name for name, value in (
+        ("the command", arguments.template), ("the inputs", arguments.values),
+        ("--files", arguments.files), ("--output", arguments.output),
+        ("--input", arguments.input), ("--env", arguments.env),
+        ("--type", arguments.type != "shell"), ("--timeout", arguments.timeout),
+        ("--retries", arguments.retries is not None), ("--require", arguments.require),
+        ("--after", arguments.after), ("--retry-on-failure", arguments.retry_on_failure))
+        if value]
+    if given:
+        raise MapUsageError("%s takes the command and inputs recorded with the map; leave"
+                            " out %s" % (option, given[0]))
+
+
+# -- replacement strings ------------------------------------------------------------
+
+class Template:
+    """A command (or an output glob) cut at its replacement strings, so that
+    each job's text is one join."""
+
+    def __init__(self, text, what, append_input=False):
+        self.literals, self.keys = [], []
+        start = 0
+        for match in REPLACEMENT_TOKEN.finditer(text):
+            key = match.group(1)
+            if key not in REPLACEMENTS and key != JOB_NUMBER:
+                raise MapUsageError("unknown replacement string %s in %s %r (rc map knows"
+                                    " %s)" % (match.group(0), what, text, KNOWN_TOKENS))
+            self.literals.append(text[start:match.start()])
+            self.keys.append(key)
+            start = match.end()
+        self.literals.append(text[start:])
+        if append_input and not self.keys:
+            # GNU Parallel's rule: a command without any gets the input at its end.
+            self.literals = [text + " ", ""]
+            self.keys = [""]
+        self.text = text
+
+    def fill(self, value, number, quote=None):
+        pieces = [self.literals[0]]
+        for key, literal in zip(self.keys, self.literals[1:]):
+            if key == JOB_NUMBER:
+                pieces.append(str(number))
+            else:
+                replaced = REPLACEMENTS[key](value)
+                pieces.append(quote(replaced) if quote else replaced)
+            pieces.append(literal)
+        return "".join(pieces)
+
+
+# -- a map's plan: what it runs -----------------------------------------------------
+
+class Job:
+    __slots__ = ("number", "value", "blob", "task_id", "state")
+
+    def __init__(self, number, value, blob=None, task_id=None, state=None):
+        self.number, self.value, self.blob = number, value, blob
+        self.task_id, self.state = task_id, state
+
+    @property
+    def name(self):
+        """What the replacement strings read: the value, or with --files the
+        file's path in the task's directory."""
+        return self.blob["path"] if self.blob else self.value
+
+
+class Plan:
+    """One map: its group, how each job's task is made, and which jobs run now."""
+
+    def __init__(self, group_id, task_type, template, shared, outputs, requirements, options,
+                 into, total):
+        self.group_id, self.task_type, self.template = group_id, task_type, template
+        self.shared, self.outputs = shared, outputs          # payload fields of every task
+        self.requirements, self.options, self.into = requirements, options, into
+        self.total = total               # inputs of the map
+        self.to_run, self.to_wait = [], []   # jobs to queue now; jobs whose task is still on
+        self.done_before = 0             # completed before a --resume
+        self.quote = QUOTERS.get(task_type)
+        self.checked = []                # to_run's tasks, checked before any is queued
+
+    def payload(self, job):
+        text = self.template.fill(job.name, job.number, self.quote)
+        payload = tasks.payload_from_argument(self.task_type, text)
+        payload.update(self.shared)
+        if job.blob:
+            payload["inputs"] = self.shared.get("inputs", []) + [job.blob]
+        if self.outputs:
+            payload["outputs"] = [glob.fill(job.name, job.number) for glob in self.outputs]
+        return payload
+
+    def checked_task(self, config, job):
+        """The job's task as tasks.insert takes it; MapUsageError names the input."""
+        try:
+            return tasks.check_task(config, self.task_type, self.payload(job),
+                                    self.requirements, **self.options)
+        except tasks.TaskError as e:
+            raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
+
+
+def shown(value):
+    return repr(render.shorten(value, SHOWN_VALUE))
+
+
+def new_map(context, arguments, task_options):
+    if not arguments.template:
+        raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
+                            " or --files FILE…")
+    task_type = arguments.type
+    template = Template(arguments.template, "the command", append_input=True)
+    outputs = [Template(glob, "--output") for glob in arguments.output or []]
+    if arguments.into and not outputs:
+        raise MapUsageError("--into says where --output files go; give --output GLOB too")
+    jobs = read_inputs(arguments)
+    try:
+        requirements = tasks.parse_requirements(arguments.require)
+        options = task_options(arguments)
+    except tasks.TaskError as e:
+        raise MapUsageError(str(e))
+    connection, config = context.connection, context.config
+    shared = shared_fields(connection, config, task_type, arguments)
+    into = os.path.abspath(arguments.into or ".") if outputs else None
+    plan = Plan(None, task_type, template, shared, outputs, requirements, options, into,
+                len(jobs))
+    if arguments.files:
+        store_files(connection, config, jobs)
+    plan.to_run = jobs
+    plan.checked = [plan.checked_task(config, job) for job in jobs]
+    plan.group_id = create_group(connection, plan)
+    return plan
+
+
+def shared_fields(connection, config, task_type, arguments):
+    """--input and --env: the same for every task, stored once."""
+    options = types.SimpleNamespace(input=arguments.input, env=arguments.env, output=None,
+                                    file=None, stdin=None)
+    try:
+        return files_cli.file_payload(connection, config, task_type, None, options)
+    except (files_cli.FileOptionError, tasks.TaskError) as e:
+        raise MapUsageError(str(e))
+
+
+def read_inputs(arguments):
+    """The jobs, numbered from 1: the arguments, --files, or the lines of stdin."""
+    values = list(arguments.values)
+    if values[:1] == [":::"]:
+        values = values[1:]            # GNU Parallel's separator, by habit
+    if values and arguments.files:
+        raise MapUsageError("give the inputs as ARG… or as --files FILE…, not both")
+    if arguments.files:
+        jobs = [Job(number, path, blob=file_input(path))
+                for number, path in enumerate(arguments.files, 1)]
+    elif values:
+        jobs = [Job(number, value) for number, value in enumerate(values, 1)]
+    else:
+        jobs = [Job(number, value) for number, value in enumerate(stdin_lines(), 1)]
+    if not jobs:
+        raise MapUsageError("no inputs: stdin gave no lines (give ARG… or --files FILE…)")
+    if len(jobs) > MAX_INPUTS:
+        raise MapUsageError("a map takes at most %d inputs, not %d" % (MAX_INPUTS, len(jobs)))
+    return jobs
+
+
+def stdin_lines():
+    """The lines of stdin, read one at a time so that neither a line longer
+    than any command takes nor more than MAX_INPUTS lines is held."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise MapUsageError("no inputs: give ARG…, --files FILE…, or pipe lines on stdin"
+                            " (seq 10 | rc map 'echo {}')")
+    lines = []
+    for number in range(1, MAX_INPUTS + 2):
+        line = sys.stdin.buffer.readline(tasks.MAX_PAYLOAD_TEXT + 1)
+        if not line:
+            return lines
+        if number > MAX_INPUTS:
+            raise MapUsageError("a map takes at most %d inputs; stdin has more (split it:"
+                                " split -l %d)" % (MAX_INPUTS, MAX_INPUTS))
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        elif len(line) > tasks.MAX_PAYLOAD_TEXT:
+            raise MapUsageError("stdin line %d is over %d bytes" % (number,
+                                                                  tasks.MAX_PAYLOAD_TEXT))
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MapUsageError("stdin line %d is not UTF-8 text" % number)
+    return lines
+
+
+def file_input(path):
+    """--files: the file as its task will get it (stored later). A relative
+    path keeps its directories in the task's directory (so out/a.wav and
+    b/a.wav do not meet in --into); an absolute one, or one that climbs
+    out with "..", goes by its base name."""
+    if not os.path.exists(path):
+        raise MapUsageError("--files %r: no such file" % path)
+    try:
+        files_cli.readable(path, "--files")
+    except files_cli.FileOptionError as e:
+        raise MapUsageError(str(e))
+    name = os.path.normpath(path).replace(os.sep, "/")
+    if os.path.isabs(path) or name.split("/")[0] == "..":
+        name = os.path.basename(name)
+    problem = files.path_problem(name)
+    if problem:
+        raise MapUsageError("--files %r would be %r in the task's directory, which %s"
+                            % (path, name, problem))
+    return {"path": name, "local": path}
+
+
+def store_files(connection, config, jobs):
+    """Each --files file into the store, once checked that all exist."""
+    for job in jobs:
+        local = job.blob.pop("local")
+        try:
+            entry = files_cli.store_input(connection, config, job.blob["path"], local,
+                                          files_cli.mode_of(local))
+        except files_cli.FileOptionError as e:
+            raise MapError(str(e))
+        job.blob = entry
+
+
+def create_group(connection, plan):
+    """The group, its map row and every job, in one transaction: from here
+    on `rc map --resume` knows every input, queued or not."""
+    main_field = PAYLOAD_FIELD[plan.task_type]
+    recorded = dict(plan.shared, **{main_field: plan.template.text})
+    if plan.outputs:
+        recorded["outputs"] = [glob.text for glob in plan.outputs]
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, ?, ?, ?, ?, 0)",
+            (time.time(), plan.task_type, db.dumps(recorded), db.dumps(plan.requirements),
+             db.dumps(plan.options))).lastrowid
+        connection.execute("INSERT INTO maps(group_id, inputs, into_dir) VALUES (?, ?, ?)",
+                           (group_id, plan.total, plan.into))
+        connection.executemany(
+            "INSERT INTO map_jobs(group_id, job, input, blob) VALUES (?, ?, ?, ?)",
+            [(group_id, job.number, job.value, db.dumps(job.blob) if job.blob else None)
+             for job in plan.to_run])
+    return group_id
+
+
+# -- --resume and --cancel: a map recorded earlier ----------------------------------
+
+def recorded_map(connection, group_id):
+    """The map's group and map rows; MapUsageError when it is not a map."""
+    group = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
+                               (group_id,)).fetchone()
+    if group is None:
+        raise MapUsageError("no map %d (`rc map` printed its number at the start)" % group_id)
+    row = connection.execute("SELECT * FROM maps WHERE group_id = ?", (group_id,)).fetchone()
+    if row is None:
+        raise MapUsageError("group %d is not a map (it is a `submit --each` group; see"
+                            " `rc group %d`)" % (group_id, group_id))
+    return group, row
+
+
+def resumed_map(context, arguments):
+    connection = context.connection
+    group, row = recorded_map(connection, arguments.resume)
+    recorded = db.loads(group["payload"])
+    task_type = group["task_type"]
+    template = Template(str(recorded.pop(PAYLOAD_FIELD[task_type])), "the command",
+                        append_input=True)
+    outputs = [Template(glob, "--output") for glob in recorded.pop("outputs", [])]
+    into = os.path.abspath(arguments.into) if arguments.into else row["into_dir"]
+    plan = Plan(group["group_id"], task_type, template, recorded, outputs,
+                db.loads(group["requirements"]), db.loads(group["options"]), into,
+                row["inputs"])
+    for job in jobs_of(connection, plan.group_id):
+        if job.state == COMPLETED:
+            plan.done_before += 1
+        elif job.state == QUEUED or job.state in ACTIVE_STATES:
+            plan.to_wait.append(job)
+        else:
+            plan.to_run.append(job)       # failed, cancelled, timed out, or never queued
+    plan.checked = [plan.checked_task(context.config, job) for job in plan.to_run]
+    return plan
+
+
+def jobs_of(connection, group_id):
+    rows = connection.execute(
+        "SELECT j.job, j.input, j.blob, j.task_id, t.state FROM map_jobs j"
+        " LEFT JOIN tasks t ON t.task_id = j.task_id WHERE j.group_id = ? ORDER BY j.job",
+        (group_id,))
+    return [Job(row[0], row[1], db.loads(row[2]), row[3], row[4]) for row in rows]
+
+
+def cancel_map(context, group_id):
+    connection = context.connection
+    recorded_map(connection, group_id)
+    queued, stopping = cancel_group(connection, group_id, active_too=True)
+    context.audit("map_cancelled", group_id=group_id, queued=queued, running=stopping,
+                  user=user_name())
+    if not queued and not stopping:
+        context.out.write("map %d: nothing left to cancel\n" % group_id)
+        return 0
+    context.out.write("map %d: %d queued tasks cancelled, %d running ones asked to stop;"
+                      " `rc map --resume %d` runs them again\n"
+                      % (group_id, queued, stopping, group_id))
+    return 0
+
+
+def cancel_group(connection, group_id, active_too=False):
+    """Cancel the group's queued tasks (and ask its devices to stop the
+    active ones); returns how many of each."""
+    with db.write(connection):
+        queued = connection.execute(
+            "UPDATE tasks SET state = ?, finished_at = ?, reason = 'cancelled by user'"
+            " WHERE group_id = ? AND state = ?",
+            (CANCELLED, time.time(), group_id, QUEUED)).rowcount
+        stopping = 0
+        if active_too:
+            stopping = connection.execute(
+                "UPDATE tasks SET cancel_requested = 1 WHERE group_id = ? AND %s"
+                % db.ACTIVE_SQL, (group_id,)).rowcount
+    return queued, stopping
+
+
+# -- running it: queue in batches, collect what ended, print ------------------------
+
+class Runner:
+    def __init__(self, plan, arguments, context, user_files):
+        self.plan, self.context, self.user_files = plan, context, user_files
+        self.connection, self.config = context.connection, context.config
+        self.out, self.err = context.out, context.err
+        self.out_tty, self.err_tty = self.out.isatty(), self.err.isatty()
+        self.keep_order, self.results = arguments.keep_order, arguments.results
+        self.unsubmitted = list(zip(plan.to_run, plan.checked))
+        plan.checked = None
+        self.pending = {job.task_id: job for job in plan.to_wait}     # task id -> job
+        self.waiting_numbers = sorted(job.number for job in plan.to_run + plan.to_wait)
+        self.next_to_print, self.held = 0, {}       # --keep-order: index, finished jobs
+        self.failed = 0
+        self.last_event, self.rechecked_at = 0, 0.0
+        self.started, self.told_why = None, False
+        self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
+                                 arguments.progress)
+        self.resumed = arguments.resume is not None
+
+    def run(self):
+        plan = self.plan
+        self.err.write("map %d: %d inputs%s\n" % (plan.group_id, plan.total, self.resume_note()))
+        self.err.flush()
+        self.context.logger.info("map_started", group_id=plan.group_id, inputs=plan.total,
+                                 to_run=len(plan.to_run), task_type=plan.task_type,
+                                 resumed=self.resumed)
+        self.context.audit("map_resumed" if self.resumed else "map_submitted",
+                           group_id=plan.group_id, inputs=plan.total, to_run=len(plan.to_run),
+                           task_type=plan.task_type, user=user_name())
+        if not plan.to_run and not plan.to_wait:
+            self.err.write("map %d: every input completed; nothing to run\n" % plan.group_id)
+            return 0
+        # Every task that ends from here on has a task_events row past this one.
+        self.last_event = self.newest_event()
+        self.started = time.monotonic()
+        try:
+            self.recheck()
+            pause = POLL_INTERVAL
+            while self.unsubmitted or self.pending:
+                if self.unsubmitted:
+                    self.submit_batch()
+                if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
+                    self.recheck()
+                if self.collect() or self.unsubmitted:
+                    pause = POLL_INTERVAL
+                else:
+                    # Nothing new: look less often, so that a slow map costs
+                    # little CPU; a busy one is looked at every POLL_INTERVAL.
+                    time.sleep(pause)
+                    pause = min(pause * 2, MAX_POLL_INTERVAL)
+                self.progress.draw(self.failed)
+        except KeyboardInterrupt:
+            return self.interrupted()
+        return self.finish()
+
+    def resume_note(self):
+        if not self.resumed:
+            return ""
+        return " (%d completed before; %d to run again, %d still queued or running)" % (
+            self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait))
+
+    def newest_event(self):
+        return self.connection.execute("SELECT max(id) FROM task_events").fetchone()[0] or 0
+
+    def recheck(self):
+        """Every task of the group that has ended, whatever the events said:
+        at the start (a --resume's tasks may have ended before the first
+        look) and every RECHECK_INTERVAL after, so that a missed event
+        costs seconds, never a map that waits for ever."""
+        self.rechecked_at = time.monotonic()
+        if not self.pending:
+            return False
+        first = min(self.pending)
+        rows = self.connection.execute(
+            "SELECT task_id, state, result, error, reason FROM tasks WHERE group_id = ?"
+            " AND task_id >= ? AND state IN (%s)" % TERMINAL_SQL,
+            (self.plan.group_id, first)).fetchall()
+        ended = self.ended(rows)
+        if not ended and self.progress.done == self.progress.done_before and self.started:
+            self.tell_why_nothing_ends(first)
+        return ended
+
+    def tell_why_nothing_ends(self, task_id):
+        """Once, when no input has ended a while after the start (no device
+        takes shell tasks, every device is drained…): `rc why` of the first,
+        so that a map that cannot run does not just sit there."""
+        waited = time.monotonic() - self.started
+        if self.told_why or waited < RECHECK_INTERVAL or task_id not in self.pending:
+            return
+        self.told_why = True
+        self.progress.clear()
+        self.err.write("map %d: no input has ended after %d s. %s\n" % (
+            self.plan.group_id, waited, render.printable(explain.why(self.connection,
+                                                                     task_id))))
+        self.err.flush()
+
+    def submit_batch(self):
+        batch, self.unsubmitted = self.unsubmitted[:BATCH_SIZE], self.unsubmitted[BATCH_SIZE:]
+        group_id, connection = self.plan.group_id, self.connection
+        try:
+            with db.write(connection):
+                for job, task in batch:
+                    job.task_id = tasks.insert(connection, task, group_id=group_id)
+                connection.executemany(
+                    "UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
+                    [(job.task_id, group_id, job.number) for job, _ in batch])
+        except tasks.TaskError as e:
+            raise MapError("map %d: %s; `rc map --resume %d` tries again"
+                           % (group_id, e, group_id))
+        bell.ring(self.config.run_dir, bell.SCHEDULER)
+        for job, _ in batch:
+            self.pending[job.task_id] = job
+        self.context.logger.info("map_batch_submitted", group_id=group_id, tasks=len(batch),
+                                 first_task_id=batch[0][0].task_id,
+                                 last_task_id=batch[-1][0].task_id)
+
+    def collect(self):
+        """The group's tasks that ended since the last look, handled; whether
+        there were any. A terminal state comes with a task_events row in the
+        same transaction, and rows are numbered in commit order, so the rows
+        past the last one seen are exactly what is new."""
+        newest = self.newest_event()
+        if newest == self.last_event:
+            return False
+        # CROSS JOIN keeps the events outside: otherwise SQLite walks every
+        # task of the group on each look (its index on group_id), O(n) a look.
+        rows = self.connection.execute(
+            "SELECT t.task_id, t.state, t.result, t.error, t.reason FROM task_events e"
+            " CROSS JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
+            " AND e.state IN (%s) AND t.group_id = ?" % TERMINAL_SQL,
+            (self.last_event, newest, self.plan.group_id)).fetchall()
+        self.last_event = newest
+        return self.ended(rows)
+
+    def ended(self, rows):
+        any_ended = False
+        for task_id, state, result, error, reason in rows:
+            job = self.pending.pop(task_id, None)
+            if job is None:
+                continue               # seen already, or not one this run waits for
+            any_ended = True
+            job.state = state
+            self.progress.done += 1
+            outcome = Outcome(self, job, db.loads(result) or {}, error or reason)
+            if state != COMPLETED:
+                self.failed += 1
+            self.keep(job, outcome)
+            if self.keep_order:
+                self.held[job.number] = outcome
+            else:
+                self.show(outcome)
+        if any_ended:
+            if self.keep_order:
+                self.show_in_order()
+            self.out.flush()
+        return any_ended
+
+    def keep(self, job, outcome):
+        """--results and --into: the job's streams and files, on disk here."""
+        if not self.results and not self.plan.outputs:
+            return
+        with self.user_files():
+            if self.results:
+                try:
+                    outcome.write_results(self, self.results)
+                except OSError as e:
+                    outcome.notes.append("results not written: %s" % e)
+            if self.plan.outputs:
+                for entry in files.task_files(self.connection, job.task_id):
+                    if entry["kind"] == files.OUTPUT:
+                        try:
+                            files_cli.write_out(self.connection, self.config, entry,
+                                                self.plan.into)
+                        except (files_cli.FileOptionError, files.FileStoreError,
+                                OSError) as e:
+                            outcome.notes.append("output %s not written: %s"
+                                                 % (entry["name"], e))
+
+    def show_in_order(self):
+        numbers = self.waiting_numbers
+        while self.next_to_print < len(numbers) and numbers[self.next_to_print] in self.held:
+            self.show(self.held.pop(numbers[self.next_to_print]))
+            self.next_to_print += 1
+
+    def show(self, outcome):
+        self.progress.clear()
+        outcome.show(self)
+
+    def interrupted(self):
+        """Ctrl-C: on a terminal, offer to cancel what is still queued;
+        otherwise leave it and say how to cancel or resume."""
+        self.progress.clear()
+        group_id = self.plan.group_id
+        queued, active = self.counts()
+        unsubmitted = len(self.unsubmitted)
+        if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
+                          % (queued, group_id)):
+            queued, _ = cancel_group(self.connection, group_id)
+            self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
+                               user=user_name())
+            self.err.write("map %d: %d queued tasks cancelled; %d running ones finish;"
+                           " `rc map --resume %d` runs the rest again\n"
+                           % (group_id, queued, active, group_id))
+        else:
+            self.err.write("map %d interrupted: %d tasks queued and %d running go on%s;"
+                           " `rc map --resume %d` waits for them and runs again what did not"
+                           " complete, `rc map --cancel %d` cancels them\n"
+                           % (group_id, queued, active,
+                              ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
+                              group_id, group_id))
+        self.err.flush()
+        return INTERRUPTED_STATUS
+
+    def counts(self):
+        row = self.connection.execute(
+            "SELECT sum(state = ?), sum(%s) FROM tasks WHERE group_id = ?" % db.ACTIVE_SQL,
+            (QUEUED, self.plan.group_id)).fetchone()
+        return row[0] or 0, row[1] or 0
+
+    def finish(self):
+        self.progress.draw(self.failed, final=True)
+        group_id = self.plan.group_id
+        if self.failed:
+            self.err.write("map %d: %d of %d inputs did not complete; `rc map --resume %d`"
+                           " runs them again\n" % (group_id, self.failed, self.plan.total,
+                                                   group_id))
+        self.context.logger.info("map_finished", group_id=group_id, failed=self.failed)
+        return min(self.failed, MAX_EXIT_STATUS)
+
+
+class Outcome:
+    """What one job left: its stdout and stderr (text, or a stored stream
+    read in chunks when shown, so that a long one is never held whole), and
+    a line when it did not complete."""
+
+    def __init__(self, runner, job, result, error):
+        self.job = job
+        self.stdout = stream(runner, job, result, "output", 0)
+        if runner.plan.task_type in VALUE_TYPES and isinstance(self.stdout, str) \
+                and self.stdout and not self.stdout.endswith("\n"):
+            self.stdout += "\n"           # a value, not a stream: one per line
+        self.stderr = stream(runner, job, result, "stderr", 1)
+        self.exit_code = result.get("exit_code")
+        self.notes = []
+        if job.state != COMPLETED:
+            self.notes.append("%s%s" % (job.state, ": " + last_line(error) if
+                                        last_line(error) else ""))
+
+    def show(self, runner):
+        """stdout as the task wrote it (on a terminal, escape sequences from
+        a device shown as "?"), its stderr on ours, then any note."""
+        copy(runner, self.stdout, runner.out, runner.out_tty, self.notes)
+        if self.stderr or self.notes:
+            runner.out.flush()
+        copy(runner, self.stderr, runner.err, runner.err_tty, self.notes)
+        for note in self.notes:          # a device's error text: never escape sequences
+            runner.err.write("map %d: input %d (%s) %s\n" % (
+                runner.plan.group_id, self.job.number, shown(self.job.value),
+                render.printable(note)))
+
+    def write_results(self, runner, directory):
+        here = os.path.join(directory, str(self.job.number))
+        os.makedirs(here, exist_ok=True)
+        texts = [("input", self.job.value + "\n"), ("stdout", self.stdout),
+                 ("stderr", self.stderr), ("state", self.job.state + "\n")]
+        if self.exit_code is not None:
+            texts.append(("exit_code", "%s\n" % self.exit_code))
+        for name, text in texts:
+            with open(os.path.join(here, name), "w", encoding="utf-8",
+                      errors="replace") as f:
+                copy(runner, text, f, False, self.notes)
+
+
+def stream(runner, job, result, field, index):
+    """A task's stdout or stderr in full: the inline text, or past the
+    inline cap the stored copy's entry (.rc/stdout, .rc/stderr)."""
+    text = result.get(field) or ""
+    if not result.get("truncated"):
+        return text
+    entry = files.task_file(runner.connection, job.task_id, files.STREAM_NAMES[index])
+    return text if entry is None else entry
+
+
+def copy(runner, source, target, terminal, notes):
+    """Text, or a stored stream chunk by chunk, to `target`; on a terminal
+    with escape sequences shown as "?"."""
+    def put(text):
+        target.write(render.printable(text) if terminal else text)
+    if isinstance(source, str):
+        if source:
+            put(source)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    try:
+        blob, _ = files.open_blob(runner.connection, runner.config, source["sha256"])
+        with blob:
+            for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
+                put(decoder.decode(chunk))
+        put(decoder.decode(b"", True))
+    except (files.FileStoreError, OSError) as e:
+        notes.append("%s cannot be read from the file store: %s" % (source["name"], e))
+
+
+def user_name():
+    """Who ran it, for the audit log (as rc submit records it)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def last_line(text):
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def ask(err, question):
+    """A yes from the terminal (not stdin, which may be the inputs' pipe);
+    no terminal, or anything but y/yes, is a no."""
+    if not err.isatty():
+        return False
+    try:
+        # Unbuffered bytes: a terminal opened "r+" as text cannot seek, which
+        # Python's text layer requires.
+        with open("/dev/tty", "rb+", buffering=0) as terminal:
+            terminal.write(question.encode())
+            return terminal.readline().strip().lower() in (b"y", b"yes")
+    except (OSError, KeyboardInterrupt):
+        return False
+
+
+class Progress:
+    """map 12 [#####.....] 1234/2000  62%  830/s  ETA 0:01, redrawn in place
+    on stderr at most every PROGRESS_INTERVAL; only on a terminal unless
+    forced (--progress) or suppressed (--no-progress)."""
+
+    def __init__(self, err, group_id, total, done_before, wanted):
+        self.err, self.group_id, self.total = err, group_id, total
+        self.enabled = err.isatty() if wanted is None else wanted
+        self.done_before, self.done = done_before, done_before
+        self.started = time.monotonic()
+        self.drawn_at, self.shown = 0.0, False
+
+    def draw(self, failed, final=False):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.drawn_at < PROGRESS_INTERVAL:
+            return
+        self.drawn_at = now
+        self.err.write(ERASE_LINE + self.line(failed, now) + ("\n" if final else ""))
+        self.err.flush()
+        self.shown = not final
+
+    def line(self, failed, now):
+        elapsed = max(now - self.started, 1e-6)
+        rate = (self.done - self.done_before) / elapsed
+        left = self.total - self.done
+        eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 else "-:--"
+        width = shutil.get_terminal_size().columns
+        tail = " %d/%d %s %.0f/s ETA %s%s" % (self.done, self.total,
+                                             render.percent(self.done / self.total), rate,
+                                             eta, " failed %d" % failed if failed else "")
+        head = "map %d " % self.group_id
+        room = max(width - len(head) - len(tail) - 3, 4)
+        return head + render.bar(self.done / self.total, room) + tail
+
+    def clear(self):
+        if self.shown:
+            self.err.write(ERASE_LINE)
+            self.shown = False
