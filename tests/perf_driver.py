@@ -1,0 +1,212 @@
+"""Where the time of a task goes: CPU per task of every process of a real
+cluster, and wall rates and latency, through HTTP (issue 19).
+
+Starts a cluster as `make bench` does (one worker, 4 slots), submits through
+`POST /api/v1/tasks` with a JSON list, reads every result through `GET
+/api/v1/tasks/ID/result`, and prints for each scenario the CPU milliseconds
+per task of rc-web, rc-server, rc-scheduler, rc-reaper, rc-files,
+supervisord, the worker with its spawner and task processes, and this
+driver. CPU time, unlike wall time, hardly moves when other work shares the
+machine, so two runs minutes apart compare. Not a test; run by hand:
+
+    .venv/bin/python tests/perf_driver.py [echo shell python_exec latency] \
+        [--count 5000] [--batch 500]
+
+RC_PERF_PROFILE=DIR makes the main node's programs write cProfile files there
+(see rc.program).
+"""
+import argparse
+import base64
+import http.client
+import json
+import os
+import pickle
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster_harness import Cluster, online, wait_for  # noqa: E402
+
+PROGRAMS = ("rc-web", "rc-server", "rc-scheduler", "rc-reaper", "rc-files")
+SETTINGS = {"tcp_host": "127.0.0.1", "web_host": "127.0.0.1", "tls": False}
+
+
+def noop(x):
+    return x
+
+
+def python_exec_code(value):
+    """A function call as a client ships one: the function's source and its
+    arguments pickled; the result pickled on stdout."""
+    args = base64.b64encode(pickle.dumps((value,))).decode()
+    return ("import base64, pickle, sys\n"
+            "def noop(x):\n    return x\n"
+            "args = pickle.loads(base64.b64decode(%r))\n"
+            "sys.stdout.write(base64.b64encode(pickle.dumps(noop(*args))).decode())\n" % args)
+
+
+def spec(kind, number):
+    if kind == "echo":
+        return {"task_type": "echo", "payload": {"message": "x"}}
+    if kind == "shell":
+        return {"task_type": "shell", "payload": {"command": "true"}}
+    if kind == "python_exec":
+        return {"task_type": "python_exec", "payload": {"code": python_exec_code(number)}}
+    raise ValueError(kind)
+
+
+class Http:
+    def __init__(self, cluster):
+        self.connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port)
+        with open(cluster.config.admin_token_path) as f:
+            self.headers = {"Authorization": "Bearer " + f.read().strip(),
+                            "Content-Type": "application/json"}
+
+    def request(self, method, path, body=None):
+        self.connection.request(method, path, body=body, headers=self.headers)
+        response = self.connection.getresponse()
+        return response.status, response.read()
+
+    def submit(self, specs):
+        status, data = self.request("POST", "/api/v1/tasks", json.dumps(specs))
+        assert status == 201, data
+        body = json.loads(data)
+        return [t["task_id"] for t in body["tasks"]] if isinstance(specs, list) \
+            else [body["task_id"]]
+
+    def result(self, task_id):
+        """The result, asking again until the task has ended."""
+        while True:
+            status, data = self.request("GET", "/api/v1/tasks/%d/result" % task_id)
+            if status == 200:
+                return json.loads(data)
+            assert status == 409, data
+            time.sleep(0.0005)
+
+
+class CpuMeter:
+    """CPU seconds of each process of the cluster: a process's own time and
+    that of its children it has reaped, summed over every live process of a
+    tree, so task processes count once, whoever reaps them."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.pids = {name: cluster.program_pid(name) for name in PROGRAMS}
+        self.pids["supervisord"] = int(open(os.path.join(cluster.home, "run",
+                                                         "supervisord.pid")).read())
+
+    def sample(self):
+        figures = {name: tree_cpu(pid, recursive=False) for name, pid in self.pids.items()}
+        figures["worker"] = sum(tree_cpu(p.pid, recursive=True)
+                                for p in self.cluster.workers.values())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        figures["driver"] = usage.ru_utime + usage.ru_stime
+        return figures
+
+
+def tree_cpu(pid, recursive):
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + (root.children(recursive=True) if recursive else [])
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            t = process.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def per_task(before, after, count):
+    figures = {name: (after[name] - before[name]) * 1000.0 / count for name in after}
+    figures["total"] = sum(figures.values())
+    return figures
+
+
+def show(title, figures, extra):
+    print("%-34s %s" % (title, extra))
+    print("   ms/task: " + "  ".join("%s %.3f" % (name, value) for name, value in
+                                     sorted(figures.items(), key=lambda kv: -kv[1])))
+    sys.stdout.flush()
+
+
+def throughput(cluster, meter, http, kind, count, batch):
+    before = meter.sample()
+    started = time.perf_counter()
+    ids = []
+    for first in range(0, count, batch):
+        ids += http.submit([spec(kind, n) for n in range(first, min(count, first + batch))])
+    submitted = time.perf_counter()
+    wait_for(lambda: cluster.db.execute(
+        "SELECT count(*) FROM tasks WHERE task_id BETWEEN ? AND ? AND finished_at IS NOT NULL",
+        (ids[0], ids[-1])).fetchone()[0] == len(ids), 600, "the tasks")
+    stored = time.perf_counter()
+    middle = meter.sample()
+    failed = [r for r in (http.result(i) for i in ids) if not r["completed"]]
+    done = time.perf_counter()
+    after = meter.sample()
+    assert not failed, failed[:3]
+    show("%s x%d (batches of %d)" % (kind, count, batch), per_task(before, middle, count),
+         "submit %.0f/s, stored %.0f/s, with results read %.0f/s"
+         % (count / (submitted - started), count / (stored - started), count / (done - started)))
+    show("   reading the results", per_task(middle, after, count),
+         "%.0f results/s" % (count / (done - stored)))
+
+
+def latency(cluster, meter, http, count):
+    samples = []
+    before = meter.sample()
+    for _ in range(count):
+        time.sleep(0.005)            # an idle cluster between tasks
+        started = time.perf_counter()
+        task_id = http.submit(spec("echo", 0))[0]
+        http.result(task_id)
+        samples.append((time.perf_counter() - started) * 1000)
+    after = meter.sample()
+    samples.sort()
+    show("echo round trip x%d" % count, per_task(before, after, count),
+         "p50 %.2f ms, p90 %.2f ms, p99 %.2f ms" % (
+             statistics.median(samples), samples[int(len(samples) * 0.9)],
+             samples[int(len(samples) * 0.99)]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*",
+                        default=["echo", "shell", "python_exec", "latency"])
+    parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--latency-count", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=1)
+    options = parser.parse_args()
+    home = tempfile.mkdtemp(prefix="rc-perf-")
+    cluster = Cluster(home, base=SETTINGS)
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker("perf", "--slots", "4")
+        wait_for(lambda: "perf" in online(cluster), 30, "the worker")
+        meter, http = CpuMeter(cluster), Http(cluster)
+        print("pids: %s" % json.dumps(dict(meter.pids, worker=cluster.workers["perf"].pid)))
+        http.submit(spec("python_exec", 0))     # the spawner starts before we measure
+        time.sleep(1)
+        for _ in range(options.repeat):
+            for scenario in options.scenarios:
+                if scenario == "latency":
+                    latency(cluster, meter, http, options.latency_count)
+                else:
+                    throughput(cluster, meter, http, scenario, options.count, options.batch)
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
