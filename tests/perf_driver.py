@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +56,8 @@ def spec(kind, number):
         return {"task_type": "echo", "payload": {"message": "x"}}
     if kind == "shell":
         return {"task_type": "shell", "payload": {"command": "true"}}
+    if kind == "python_eval":
+        return {"task_type": "python_eval", "payload": {"expression": "1"}}
     if kind == "python_exec":
         return {"task_type": "python_exec", "payload": {"code": python_exec_code(number)}}
     raise ValueError(kind)
@@ -205,7 +208,14 @@ def main():
                 else:
                     throughput(cluster, meter, http, scenario, options.count, options.batch)
     finally:
+        for worker in cluster.workers.values():     # a worker that profiles writes it out
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except Exception:
+                pass
         cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":
