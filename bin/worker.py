@@ -1491,16 +1491,23 @@ class WorkDirs(object):
         else:
             remove_dir(path)
 
-    @staticmethod
-    def as_made(path, uid=None):
-        import stat
+    @classmethod
+    def as_made(cls, path, uid=None):
+        """Empty but for an empty checkpoint directory (files: Files.launch
+        makes one for each task), each a directory of the uid, 0700."""
         try:
-            info = os.lstat(path)
-            return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
-                    and info.st_uid == (os.getuid() if uid is None else uid)
-                    and not os.listdir(path))
+            return cls.plain_dir(path, uid) and all(
+                name == CHECKPOINT_DIR and cls.plain_dir(os.path.join(path, name), uid)
+                and not os.listdir(os.path.join(path, name)) for name in os.listdir(path))
         except (OSError, AttributeError):       # gone, or no getuid (not Unix)
             return False
+
+    @staticmethod
+    def plain_dir(path, uid):
+        import stat
+        info = os.lstat(path)
+        return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+                and info.st_uid == (os.getuid() if uid is None else uid))
 
     def clear(self):
         for path, _ in self.spare:
@@ -1510,6 +1517,10 @@ class WorkDirs(object):
 
 def remove_dir(path):
     try:
+        try:
+            os.rmdir(os.path.join(path, CHECKPOINT_DIR))     # empty, as most are
+        except OSError:
+            pass
         os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
     except OSError:
         import shutil
@@ -1878,10 +1889,20 @@ ULIMIT_OPTIONS = {"RLIMIT_CORE": ("c", 512), "RLIMIT_CPU": ("t", 1), "RLIMIT_AS"
                   "RLIMIT_NPROC": ("u", 1)}
 
 
-def shell_limits(limits):
+def shell_limits(limits, made={}):
     """task_rlimits as the `ulimit` commands a POSIX shell runs on itself
     first, on the command's first line (so its line numbers stay); each as
-    apply_rlimits would set it, and as there, one that fails is skipped."""
+    apply_rlimits would set it, and as there, one that fails is skipped.
+    Made once for each set of limits (tasks of one worker share theirs)."""
+    key = tuple(tuple(limit) for limit in limits)
+    if key not in made:
+        if len(made) > 64:
+            made.clear()
+        made[key] = ulimit_commands(limits)
+    return made[key]
+
+
+def ulimit_commands(limits):
     try:
         import resource
     except ImportError:
@@ -2452,11 +2473,17 @@ def remove_ipc_of(uid):
     removed = 0
     for kind, remover in SYSV_IPC:
         try:
-            with open("/proc/sysvipc/" + kind) as f:
-                header = f.readline().split()
-                rows = [line.split() for line in f]
+            lines = read_small_file("/proc/sysvipc/" + kind).decode("ascii", "replace")
+        except OSError:       # no SysV IPC here (not Linux, or not built in)
+            continue
+        header, _, rest = lines.partition("\n")
+        if not rest.strip():
+            continue          # none at all, as nearly always: no parsing per task
+        try:
+            header = header.split()
+            rows = [line.split() for line in rest.splitlines()]
             owners = (header.index("uid"), header.index("cuid"))
-        except (OSError, ValueError):       # no SysV IPC here (not Linux, or not built in)
+        except ValueError:
             continue
         for row in rows:
             if len(row) > max(owners) and str(uid) in (row[owners[0]], row[owners[1]]):
@@ -2469,6 +2496,20 @@ def remove_ipc_of(uid):
                 except (OSError, ValueError):
                     pass
     return removed
+
+
+def read_small_file(path):
+    """A file of /proc, whole, in a few system calls (no text layer)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(descriptor, READ_SIZE)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(descriptor)
 
 
 def remove_entries_of(directory, uid):
@@ -4661,10 +4702,8 @@ class Files(object):
             result["stderr"] = ("rc-worker: outputs not uploaded: the main node offers no"
                                 " file service\n" + result.get("stderr", ""))
         if self.service is None or not (globs or spilled or checkpoint):
-            try:
-                os.rmdir(directory)     # an empty one, so that the directory is reused
-            except OSError:
-                pass
+            # An empty checkpoint directory stays: the next task of the uid
+            # takes the task directory as it is (WorkDirs.as_made).
             if state and state[3]:      # one went up while it ran
                 task.files_stored, task.files_elapsed = [state[3]], task.elapsed()
             return False
