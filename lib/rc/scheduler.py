@@ -2,7 +2,8 @@
 
 Order: priority (urgent first), then age. A task that fits no device is
 passed over, so it never holds up the tasks behind it. The scheduler wakes
-when another program commits (PRAGMA data_version), not on a fixed beat.
+when its doorbell rings (a submit, a result, a device), and looks at other
+commits (PRAGMA data_version) once per poll_interval, not on a fixed beat.
 
 A device that turns short tasks over fast is given a few more than its free
 slots (`prefetch_per_slot`), which wait in the worker's own queue: a slot
