@@ -171,16 +171,21 @@ except (ImportError, AttributeError):
     _json = None
 
 
-def json_text(obj, ensure_ascii, default):
+def json_text(obj, ensure_ascii, default, encoders={}):
     if _json is None:
         return json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
                                    separators=(",", ":"))
-    # The arguments json.JSONEncoder gives it: a fresh dict of markers (for
-    # circular references), no indent, compact separators, NaN allowed.
-    encode = _json.make_encoder(
-        {}, default or not_serializable,
-        _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
-        None, ":", ",", False, False, True)
+    # The arguments json.JSONEncoder gives it (no indent, compact separators,
+    # NaN allowed) but no markers: what the worker encodes is never circular,
+    # so one encoder per kind serves every frame and log line (making one
+    # took half the time of a frame).
+    key = (ensure_ascii, default)
+    encode = encoders.get(key)
+    if encode is None:
+        encode = encoders[key] = _json.make_encoder(
+            None, default or not_serializable,
+            _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
+            None, ":", ",", False, False, True)
     return "".join(encode(obj, 0))
 
 
