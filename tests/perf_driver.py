@@ -5,15 +5,18 @@ Starts a cluster as `make bench` does (one worker, 4 slots), submits through
 `POST /api/v1/tasks` with a JSON list, reads every result through `GET
 /api/v1/tasks/ID/result`, and prints for each scenario the CPU milliseconds
 per task of rc-web, rc-server, rc-scheduler, rc-reaper, rc-files,
-supervisord, the worker with its spawner and task processes, and this
-driver. CPU time, unlike wall time, hardly moves when other work shares the
-machine, so two runs minutes apart compare. Not a test; run by hand:
+supervisord, the worker (with, in brackets, what of it its spawner and the
+task processes took) and this driver; for `latency`, where a lone echo
+task's time goes, from the times the programs stored. CPU time moves far
+less than wall time when other work shares the machine, but it still moves
+(caches): compare two versions by running them in turn, A B A B. Not a
+test; run by hand:
 
-    .venv/bin/python tests/perf_driver.py [echo shell python_exec latency] \
-        [--count 5000] [--batch 500]
+    .venv/bin/python tests/perf_driver.py [echo shell python_exec python_eval latency] \
+        [--count 5000] [--batch 500] [--private-tmp]
 
-RC_PERF_PROFILE=DIR makes the main node's programs write cProfile files there
-(see rc.program).
+To see inside a program, `py-spy record -p PID` (the pids are printed first),
+or `strace -c -f -p PID` for its system calls.
 """
 import argparse
 import base64
@@ -107,9 +110,27 @@ class CpuMeter:
         figures = {name: tree_cpu(pid, recursive=False) for name, pid in self.pids.items()}
         figures["worker"] = sum(tree_cpu(p.pid, recursive=True)
                                 for p in self.cluster.workers.values())
+        # Of which the task processes (reaped by the spawner) and the spawner.
+        figures["(tasks)"], figures["(spawner)"] = spawner_cpu(self.cluster)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         figures["driver"] = usage.ru_utime + usage.ru_stime
         return figures
+
+
+def spawner_cpu(cluster):
+    """CPU seconds of the spawners' reaped children (the task processes) and
+    of the spawners themselves."""
+    children = own = 0.0
+    for worker in cluster.workers.values():
+        try:
+            for process in psutil.Process(worker.pid).children(recursive=True):
+                if "serve_spawner" in " ".join(process.cmdline()):
+                    t = process.cpu_times()
+                    children += t.children_user + t.children_system
+                    own += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return children, own
 
 
 def tree_cpu(pid, recursive):
@@ -130,7 +151,7 @@ def tree_cpu(pid, recursive):
 
 def per_task(before, after, count):
     figures = {name: (after[name] - before[name]) * 1000.0 / count for name in after}
-    figures["total"] = sum(figures.values())
+    figures["total"] = sum(v for name, v in figures.items() if not name.startswith("("))
     return figures
 
 
