@@ -120,6 +120,11 @@ PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never p
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
 WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
 SPAWNER_IDLE = 120.0            # seconds the spawner stays with no task before it exits
+# Modules the spawner imports once so that the Python tasks it forks find them
+# loaded (as multiprocessing's forkserver preloads): what a function shipped by
+# rc.client, or a script, imports for its arguments and results. `import base64`
+# alone costs a fresh process ~9 ms (it imports re).
+SPAWNER_PRELOAD = ("_pickle", "binascii", "pickle", "base64", "json", "traceback")
 CAPABILITY_TOOLS = ("python3", "gcc", "g++", "make", "git", "curl", "docker", "podman",
                     "ffmpeg", "nvidia-smi", "node", "go", "rustc", "java")
 SPEED_TEST_SECONDS = 0.1        # seconds the start-up CPU benchmark runs (cpu_speed)
@@ -191,16 +196,21 @@ except (ImportError, AttributeError):
     _json = None
 
 
-def json_text(obj, ensure_ascii, default):
+def json_text(obj, ensure_ascii, default, encoders={}):
     if _json is None:
         return json_module().dumps(obj, default=default, ensure_ascii=ensure_ascii,
                                    separators=(",", ":"))
-    # The arguments json.JSONEncoder gives it: a fresh dict of markers (for
-    # circular references), no indent, compact separators, NaN allowed.
-    encode = _json.make_encoder(
-        {}, default or not_serializable,
-        _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
-        None, ":", ",", False, False, True)
+    # The arguments json.JSONEncoder gives it (no indent, compact separators,
+    # NaN allowed) but no markers: what the worker encodes is never circular,
+    # so one encoder per kind serves every frame and log line (making one
+    # took half the time of a frame).
+    key = (ensure_ascii, default)
+    encode = encoders.get(key)
+    if encode is None:
+        encode = encoders[key] = _json.make_encoder(
+            None, default or not_serializable,
+            _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring,
+            None, ":", ",", False, False, True)
     return "".join(encode(obj, 0))
 
 
@@ -1695,16 +1705,23 @@ class WorkDirs(object):
         else:
             remove_dir(path)
 
-    @staticmethod
-    def as_made(path, uid=None):
-        import stat
+    @classmethod
+    def as_made(cls, path, uid=None):
+        """Empty but for an empty checkpoint directory (files: Files.launch
+        makes one for each task), each a directory of the uid, 0700."""
         try:
-            info = os.lstat(path)
-            return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
-                    and info.st_uid == (os.getuid() if uid is None else uid)
-                    and not os.listdir(path))
+            return cls.plain_dir(path, uid) and all(
+                name == CHECKPOINT_DIR and cls.plain_dir(os.path.join(path, name), uid)
+                and not os.listdir(os.path.join(path, name)) for name in os.listdir(path))
         except (OSError, AttributeError):       # gone, or no getuid (not Unix)
             return False
+
+    @staticmethod
+    def plain_dir(path, uid):
+        import stat
+        info = os.lstat(path)
+        return (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+                and info.st_uid == (os.getuid() if uid is None else uid))
 
     def clear(self):
         for path, _ in self.spare:
@@ -1714,6 +1731,10 @@ class WorkDirs(object):
 
 def remove_dir(path):
     try:
+        try:
+            os.rmdir(os.path.join(path, CHECKPOINT_DIR))     # empty, as most are
+        except OSError:
+            pass
         os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
     except OSError:
         import shutil
@@ -2091,10 +2112,20 @@ ULIMIT_OPTIONS = {"RLIMIT_CORE": ("c", 512), "RLIMIT_CPU": ("t", 1), "RLIMIT_AS"
                   "RLIMIT_NPROC": ("u", 1)}
 
 
-def shell_limits(limits):
+def shell_limits(limits, made={}):
     """task_rlimits as the `ulimit` commands a POSIX shell runs on itself
     first, on the command's first line (so its line numbers stay); each as
-    apply_rlimits would set it, and as there, one that fails is skipped."""
+    apply_rlimits would set it, and as there, one that fails is skipped.
+    Made once for each set of limits (tasks of one worker share theirs)."""
+    key = tuple(tuple(limit) for limit in limits)
+    if key not in made:
+        if len(made) > 64:
+            made.clear()
+        made[key] = ulimit_commands(limits)
+    return made[key]
+
+
+def ulimit_commands(limits):
     try:
         import resource
     except ImportError:
@@ -2665,11 +2696,17 @@ def remove_ipc_of(uid):
     removed = 0
     for kind, remover in SYSV_IPC:
         try:
-            with open("/proc/sysvipc/" + kind) as f:
-                header = f.readline().split()
-                rows = [line.split() for line in f]
+            lines = read_small_file("/proc/sysvipc/" + kind).decode("ascii", "replace")
+        except OSError:       # no SysV IPC here (not Linux, or not built in)
+            continue
+        header, _, rest = lines.partition("\n")
+        if not rest.strip():
+            continue          # none at all, as nearly always: no parsing per task
+        try:
+            header = header.split()
+            rows = [line.split() for line in rest.splitlines()]
             owners = (header.index("uid"), header.index("cuid"))
-        except (OSError, ValueError):       # no SysV IPC here (not Linux, or not built in)
+        except ValueError:
             continue
         for row in rows:
             if len(row) > max(owners) and str(uid) in (row[owners[0]], row[owners[1]]):
@@ -2682,6 +2719,20 @@ def remove_ipc_of(uid):
                 except (OSError, ValueError):
                     pass
     return removed
+
+
+def read_small_file(path):
+    """A file of /proc, whole, in a few system calls (no text layer)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(descriptor, READ_SIZE)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(descriptor)
 
 
 def remove_entries_of(directory, uid):
@@ -3160,6 +3211,11 @@ def serve_spawner(fd):
     """The spawner's life: fork a child per request, report each child's end."""
     import select
     import atexit, gc, resource, types     # noqa: F401 -- once here, not in every child
+    for name in SPAWNER_PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:        # a trimmed Python: its tasks import what they need
+            pass
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)     # the worker ends us, by closing the socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
@@ -5089,10 +5145,8 @@ class Files(object):
             result["stderr"] = ("rc-worker: outputs not uploaded: the main node offers no"
                                 " file service\n" + result.get("stderr", ""))
         if self.service is None or not (globs or spilled or checkpoint):
-            try:
-                os.rmdir(directory)     # an empty one, so that the directory is reused
-            except OSError:
-                pass
+            # An empty checkpoint directory stays: the next task of the uid
+            # takes the task directory as it is (WorkDirs.as_made).
             if state and state[3]:      # one went up while it ran
                 task.files_stored, task.files_elapsed = [state[3]], task.elapsed()
             return False

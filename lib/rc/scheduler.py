@@ -2,7 +2,8 @@
 
 Order: priority (urgent first), then age. A task that fits no device is
 passed over, so it never holds up the tasks behind it. The scheduler wakes
-when another program commits (PRAGMA data_version), not on a fixed beat.
+when its doorbell rings (a submit, a result, a device), and looks at other
+commits (PRAGMA data_version) once per poll_interval, not on a fixed beat.
 
 A device that turns short tasks over fast is given a few more than its free
 slots (`prefetch_per_slot`), which wait in the worker's own queue: a slot
@@ -374,7 +375,8 @@ def run(config, log, should_stop):
     doorbell = bell.Bell(config.run_dir, bell.SCHEDULER)
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
     log_limited = throttle.LimitedLog(log)
-    state = {"seen": None, "wake_at": 0.0, "turnover": Turnover()}
+    state = {"seen": None, "wake_at": 0.0, "turnover": Turnover(), "rung": True,
+             "passed_at": 0.0}
     while not should_stop():
         if look_after_recurring(connection, config, log, log_limited, state):
             state["wake_at"] = 0.0         # what it queued is assigned at once
@@ -386,18 +388,28 @@ def run(config, log, should_stop):
                 connection.execute("ROLLBACK")
             log_limited("error", "pass_failed", "pass", error=repr(e)[:500])
             state["wake_at"] = time.time() + FAILED_PASS_PAUSE
-        doorbell.wait(min(config.poll_interval, max(0.0, state["wake_at"] - time.time())))
+        state["rung"] = doorbell.wait(min(config.poll_interval,
+                                          max(0.0, state["wake_at"] - time.time())))
     doorbell.close()
 
 
 def one_look(connection, config, log, log_limited, state):
     """Assign what is ready if anything changed or a backoff ended; True
-    when the pass was cut short and should go on at once."""
+    when the pass was cut short and should go on at once.
+
+    A commit that may make room or work rings the bell (a submit, a
+    result, a device joining): then the pass is now. Other commits (an
+    acceptance, progress, a heartbeat: one or two for every task) are
+    looked at once per poll_interval, so that a busy cluster is not walked
+    again after each of them."""
     version, earliest = db.data_version_and(connection, "(%s)" % EARLIEST_QUEUED)
     now = time.time()
     if version == state["seen"] and now < state["wake_at"]:
         return False
-    state["seen"] = version
+    if not state["rung"] and now < state["wake_at"] \
+            and now - state["passed_at"] < config.poll_interval:
+        return False      # looked at again when the wait below ends
+    state["seen"], state["rung"], state["passed_at"] = version, True, now
     # Our own commit does not change data_version for us; nothing to undo.
     later = earliest
     if earliest is not None and earliest <= now:

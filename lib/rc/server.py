@@ -834,7 +834,7 @@ class Server:
         replies to send once it has committed."""
         alone = self.complete_alone(batch, now)
         if alone:
-            return [alone]
+            return [alone] if alone[1] else []
         replies = []
         with db.write(self.database):
             for apply, peer, data in batch:
@@ -975,10 +975,15 @@ class Server:
         (peer, reply) then; None when the batch needs apply_batch's
         transaction, and nothing was written (a lone completed result that
         is stale then meets that UPDATE twice, the second time inside
-        apply_result: rare, and cheaper than a second way through it)."""
+        apply_result: rare, and cheaper than a second way through it). A
+        lone acceptance is one UPDATE whatever it finds, so it too commits
+        on its own."""
         if len(batch) != 1:
             return None
         apply, peer, data = batch[0]
+        if apply is Server.apply_accept:
+            with db.write_statements(self.database, 1):
+                return peer, apply(self, peer, data, now)
         if apply is Server.apply_result:
             with db.write_statements(self.database, 1):
                 reply = self.complete(peer, data, now)

@@ -117,6 +117,7 @@ class Web:
         self.host_names = own_host_names(config.allowed_hosts)
         # Lines a stranger can cause: one a minute per event and address.
         self.log = throttle.LimitedLog(logger, per_minute=WEB_LOG_LINES_PER_MINUTE)
+        self.token_cache = None      # (the token file's stamp, the token) (see admin_token)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.
@@ -179,14 +180,23 @@ class Web:
         return None
 
     def admin_token(self):
+        """The admin token, read again only when its file changes (`rc
+        token --admin --rotate` replaces it): a stat per request, not an
+        open, read and close."""
+        path = self.config.admin_token_path
         try:
-            return state_dir.read_secret(self.config.admin_token_path)
+            info = os.stat(path)
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
+            cached = self.token_cache
+            if cached is None or cached[0] != stamp:
+                cached = self.token_cache = (stamp, state_dir.read_secret(path).encode())
+            return cached[1]
         except (OSError, ValueError):
             raise ApiError(503, "no admin token; run `make install`")
 
     def token_matches(self, given):
         token = self.admin_token()
-        return given is not None and hmac.compare_digest(given.encode(), token.encode())
+        return given is not None and hmac.compare_digest(given.encode(), token)
 
     def require_admin(self):
         if not self.token_matches(self.given_token()):
@@ -197,15 +207,24 @@ class Web:
         if self.reads_audit_log():
             return self.require_admin()
         mode = self.config.read_access
-        if mode == "open" or (mode == "local" and is_local_peer(bottle.request.environ)):
+        if mode == "open" or self.has_read_token():
             return
-        if self.token_matches(self.given_token()) or self.has_stream_cookie():
+        # After the token: is_local_peer reads /proc/net/tcp, ~1 ms and more
+        # with many connections on the machine, on every request.
+        if (mode == "local" and is_local_peer(bottle.request.environ)) \
+                or self.has_stream_cookie():
             return
         raise ApiError(401, "reading needs the admin token from %s (read_access=%s);"
                             " send Authorization: Bearer TOKEN%s"
                        % (bottle.request.environ.get("REMOTE_ADDR"), mode,
                           " (a token in the URL is refused)"
                           if "token" in bottle.request.query else ""))
+
+    def has_read_token(self):
+        """Whether the request carries the admin token (503 when a token
+        came and there is no token file to check it against)."""
+        given = self.given_token()
+        return given is not None and self.token_matches(given)
 
     def reads_audit_log(self):
         """The audit log says who did what from where: the admin token
@@ -240,7 +259,7 @@ class Web:
     def stream_proof(self, expires):
         """An HMAC of the expiry under the admin token: nothing to store, and
         a new admin token (`rc token --admin --rotate`) ends every session."""
-        return hmac.new(self.admin_token().encode(), b"rc-stream:%d" % expires,
+        return hmac.new(self.admin_token(), b"rc-stream:%d" % expires,
                         hashlib.sha256).hexdigest()
 
     def has_stream_cookie(self):
@@ -369,30 +388,42 @@ class Web:
         return json_response(self.existing_task(task_id))
 
     def result(self, task_id):
-        task = self.existing_task(task_id)
-        if task["state"] not in TERMINAL_STATES:
-            return json_response({"error": "task %d is still %s" % (task_id, task["state"]),
-                                  "task_id": task_id, "state": task["state"]}, 409)
-        return json_response({"task_id": task_id, "state": task["state"],
-                              "completed": task["state"] == COMPLETED,
-                              "result": task["result"], "error": task["error"]})
+        # One row, three columns: a client polls this (tasks.get also reads
+        # the task's events and dependencies).
+        row = self.connection().execute("SELECT state, result, error FROM tasks"
+                                        " WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, "no task %s" % task_id)
+        state = row["state"]
+        if state not in TERMINAL_STATES:
+            return json_response({"error": "task %d is still %s" % (task_id, state),
+                                  "task_id": task_id, "state": state}, 409)
+        return json_response({"task_id": task_id, "state": state,
+                              "completed": state == COMPLETED,
+                              "result": db.loads(row["result"]), "error": row["error"]})
 
     def submit(self):
-        """One task, or a list of them queued all or none in one transaction."""
+        """One task, or a list of them queued all or none in one transaction;
+        a list is one audit line, whatever its length."""
         body = self.json_body(batch=True)
         batch = body if isinstance(body, list) else [body]
         specs = [submitted_spec(item) for item in batch]
-        task_ids = tasks.submit_many(self.connection(), self.config, specs)
+        connection = self.connection()
+        task_ids = tasks.submit_many(connection, self.config, specs)
+        address = bottle.request.environ.get("REMOTE_ADDR")
         for task_id, spec in zip(task_ids, specs):
             self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
-                             priority=spec["priority"],
-                             address=bottle.request.environ.get("REMOTE_ADDR"))
-            self.audit("task_submitted", task_id=task_id, task_type=spec["task_type"])
+                             priority=spec["priority"], address=address)
         submitted = [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
                      for task_id in task_ids]
         if isinstance(body, list):
+            self.audit("tasks_submitted", task_ids=task_ids,
+                       task_types=sorted({spec["task_type"] for spec in specs}))
             return json_response({"tasks": submitted}, 201)
-        state = self.existing_task(task_ids[0])["state"]
+        self.audit("task_submitted", task_id=task_ids[0], task_type=specs[0]["task_type"])
+        # Queued unless the idempotency key named an earlier task.
+        state = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                   (task_ids[0],)).fetchone()["state"]
         return json_response(dict(submitted[0], state=state), 201)
 
     def why(self, task_id):
