@@ -3796,8 +3796,12 @@ VENV_DRIVER = (
     "argv = sys.argv[5:]\n"
     "target = os.path.join(cache, key)\n"
     "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
-    "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    # Shared while it is used (a service holds it for days); exclusive only
+    # to build it, which waits for the other builders and evictions alone.
+    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
+    "if not os.path.exists(ready):\n"
+    "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
     "if not os.path.exists(ready):\n"
     "    shutil.rmtree(target, ignore_errors=True)\n"
     "    python = os.path.join(target, 'bin', 'python')\n"

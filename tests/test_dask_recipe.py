@@ -66,8 +66,8 @@ def test_dask_runs_on_the_fleet_as_rc_services(fleet):
         pids = client.run(os.getpid)
         address, pid = sorted(pids.items())[0]
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: address not in client.scheduler_info()["workers"]
-                 or client.run(os.getpid).get(address) != pid, 60, "the killed worker gone")
+        wait_for(lambda: address not in client.scheduler_info()["workers"], 60,
+                 "the scheduler to see the killed Dask worker gone")
         client.wait_for_workers(len(DEVICES), timeout=120)
         assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
     finally:

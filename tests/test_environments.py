@@ -132,6 +132,20 @@ def test_a_task_imports_a_package_the_workers_python_lacks_and_the_next_reuses_i
 
 
 @pytest.mark.e2e
+def test_a_long_running_task_does_not_hold_others_off_its_environment(cluster):
+    """A service keeps its environment for days: another task with the same
+    packages starts beside it, it does not wait for it to end."""
+    pin = "%s==%s" % (PACKAGE, VERSION)
+    long = int(cluster.rc("submit", "shell", "sleep 120", "--pip", pin).stdout.split()[-1])
+    wait_for(lambda: task_json(cluster, long)["state"] == "running", 240, "the long task")
+    quick = submit(cluster, "python_eval", "__import__(%r).__version__" % PACKAGE,
+                   "--pip", pin, "--wait-timeout", "60")
+    assert quick.returncode == 0 and VERSION in quick.stdout, quick.stdout + quick.stderr
+    assert task_json(cluster, long)["state"] == "running"
+    cluster.rc("cancel", str(long))
+
+
+@pytest.mark.e2e
 def test_a_set_pip_cannot_install_fails_with_pips_error_then_avoids_the_device(cluster):
     broken = "rc-no-such-package-anywhere==0.0.1"
     done = submit(cluster, "shell", "true", "--pip", broken, "--retries", "0")
