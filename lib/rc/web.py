@@ -29,7 +29,7 @@ import bottle
 import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import state_dir, web_server
+from rc import state_dir, web_results, web_server
 from rc import stats, tasks
 from rc import config as rc_config
 from rc.log import Logger
@@ -376,7 +376,9 @@ class Web:
         """One task, or a list of them queued all or none in one transaction."""
         body = self.json_body(batch=True)
         batch = body if isinstance(body, list) else [body]
-        specs = [submitted_spec(item) for item in batch]
+        specs = [numbered_spec(len(batch), number, item) for number, item in enumerate(batch, 1)]
+        if isinstance(body, list) or bottle.request.query.get("group"):    # web_results
+            return self.results.submit_batch(specs, isinstance(body, list))
         task_ids = tasks.submit_many(self.connection(), self.config, specs)
         for task_id, spec in zip(task_ids, specs):
             self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
@@ -1030,6 +1032,17 @@ def submitted_spec(body):
             "depends_on": body.get("depends_on", [])}
 
 
+def numbered_spec(count, number, body):
+    """submitted_spec(); in a batch its error names the task ("task 3 of 7:
+    ..."), so a client can send the others again without it."""
+    try:
+        return submitted_spec(body)
+    except (ApiError, tasks.TaskError) as e:
+        if count == 1:
+            raise
+        raise ApiError(getattr(e, "status", 400), "task %d of %d: %s" % (number, count, e))
+
+
 def check_shapes(body):
     """The fields of a submit whose wrong shape tasks.submit would not name
     (it would fail on them): 400 naming the field."""
@@ -1279,6 +1292,7 @@ def make_app(config, logger=None):
         raise rc_config.ConfigError("read_access must be one of %s, not %r"
                                     % (", ".join(READ_ACCESS), config.read_access))
     web = Web(config, logger or Logger("rc-web", config.log_level))
+    web.results = web_results.ResultRoutes(web)   # long polls, bulk reads, /client.py
     app = bottle.Bottle()
     app.router.add_filter("id", lambda conf: (r"[0-9]+", path_id, str))
     routes = [
@@ -1289,7 +1303,6 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
         ("GET", "/api/v1/tasks", web.tasks, "read"),
         ("GET", "/api/v1/tasks/<task_id:id>", web.task, "read"),
-        ("GET", "/api/v1/tasks/<task_id:id>/result", web.result, "read"),
         ("GET", "/api/v1/tasks/<task_id:id>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
         ("POST", "/api/v1/tasks/<task_id:id>/cancel", web.cancel, "admin"),
@@ -1315,7 +1328,7 @@ def make_app(config, logger=None):
         ("GET", "/stream/<kind:re:devices|tasks|logs>", web.stream, "read"),
         ("GET", "/", web.index, "open"), ("GET", "/static/<path:path>", web.static, "open"),
         ("GET", "/worker.py", web.worker_file, "open"),
-    ] + file_routes(FileRoutes(web))
+    ] + file_routes(FileRoutes(web)) + web.results.routes()
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
@@ -1358,7 +1371,8 @@ def create_server(app, host, port, config):
               "long_body": lambda request: upload_allowance(web, request, quota),
               "min_body_rate": MIN_UPLOAD_RATE},
         web.log, web_server.tls_context(config) if config.web_tls else None,
-        host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
+        host=host, port=port, ident="rc-web",
+        threads=config.max_streams + SPARE_THREADS + web_results.MAX_WAITERS,
         # The most any request may send: an upload of the whole quota (see upload_allowance).
         max_request_body_size=max(SERVER_BODY_LIMIT, quota) + 1, channel_request_lookahead=1,
         connection_limit=config.web_connection_limit,
