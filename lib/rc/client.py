@@ -221,6 +221,7 @@ class TaskFuture(concurrent.futures.Future):
         self.task_id = None
         self.record = None
         self.submitted = threading.Event()
+        self.cancel_lock = threading.Lock()
         self.submit_error = None
 
     def wait_submitted(self, timeout=None):
@@ -239,10 +240,13 @@ class TaskFuture(concurrent.futures.Future):
     def local_cancel(self):
         """Cancelled here, and said so to wait() and as_completed(), which
         count a cancelled future as done only once it is "notified"."""
-        if not concurrent.futures.Future.cancel(self):
-            return False
-        self.set_running_or_notify_cancel()
-        return True
+        with self.cancel_lock:       # a cancel() and the task's end may both get here
+            if self.cancelled():
+                return True
+            if not concurrent.futures.Future.cancel(self):
+                return False
+            self.set_running_or_notify_cancel()
+            return True
 
     def __repr__(self):
         return "<TaskFuture task_id=%s %s>" % (self.task_id, self._state.lower())
@@ -819,64 +823,91 @@ def remote_exception(outcome, home=None):
 # from its module) compiled under its own file name and line numbers, so a
 # traceback names the lines of the user's file, then its calls.
 
-RUNNER = r'''
+# Compiling the script costs the device more than running it: the path
+# every task takes is short, and what only a failure, an unpicklable value
+# or a module other than __main__ needs is a string, compiled when needed.
+RUNNER = r'''import sys, binascii
+try:
+    import _pickle as pickle        # pickle.py imports re: a millisecond a task
+except ImportError:
+    import pickle
+
+
 def _rc_run(name, pieces, calls, mark, limit, home):
-    import sys, binascii, io
-    try:
-        import _pickle as pickle        # pickle.py imports re: a millisecond a task
-    except ImportError:
-        import pickle
     out, sys.stdout = sys.stdout, sys.stderr    # the function's prints: the task's stderr
     space = globals()
-
-    class Loader(pickle.Unpickler):
-        # The client's module `home` is this script's __main__ here.
-        def find_class(self, module, name):
-            return pickle.Unpickler.find_class(self, "__main__" if module == home
-                                               else module, name)
-
-    def failure(e):
-        import traceback
-        text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
-        try:
-            data = pickle.dumps(e, 4)
-            pickle.loads(data)
-        except BaseException:
-            data = None
-        return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
-
     try:
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
         function = space[name]
-        calls = Loader(io.BytesIO(binascii.a2b_base64(calls))).load()
-    except BaseException as e:
-        outcomes = [failure(e)]
-    else:
+        calls = binascii.a2b_base64(calls)
+        calls = pickle.loads(calls) if home in (None, "__main__") else \
+            _rc_slow("load")(calls, home)
         outcomes = []
         for args, kwargs in calls:
             try:
                 outcomes.append((0, function(*args, **kwargs)))
             except BaseException as e:
-                outcomes.append(failure(e))
+                outcomes.append(_rc_slow("failure")(e))
+    except BaseException as e:
+        outcomes = [_rc_slow("failure")(e)]
     try:
         data = pickle.dumps(outcomes, 4)
     except BaseException:
-        kept = []
-        for outcome in outcomes:
-            try:
-                pickle.dumps(outcome, 4)
-                kept.append(outcome)
-            except BaseException as e:
-                kept.append(failure(e))
-        data = pickle.dumps(kept, 4)
+        data = _rc_slow("dumps_each")(outcomes)
     text = binascii.b2a_base64(data, newline=False).decode()
     if len(text) > limit:
-        message = "the results are %d bytes pickled, over %d" % (len(data), limit * 3 // 4)
-        text = binascii.b2a_base64(pickle.dumps(
-            [(1, None, "ValueError", message, message + "\n")], 4), newline=False).decode()
+        text = _rc_slow("too_large")(data, limit)
     out.write(mark + text + "\n")
     out.flush()
+
+
+def _rc_slow(name):
+    if "_rc_failure" not in globals():
+        exec(_RC_SLOW, globals())
+    return globals()["_rc_" + name]
+
+
+_RC_SLOW = """
+import io
+
+
+def _rc_failure(e):
+    import traceback
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    try:
+        data = pickle.dumps(e, 4)
+        pickle.loads(data)
+    except BaseException:
+        data = None
+    return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
+
+
+def _rc_load(data, home):
+    class Loader(pickle.Unpickler):
+        # The client's module `home` is this script's __main__ here.
+        def find_class(self, module, name):
+            return pickle.Unpickler.find_class(self, "__main__" if module == home
+                                               else module, name)
+    return Loader(io.BytesIO(data)).load()
+
+
+def _rc_dumps_each(outcomes):
+    kept = []
+    for outcome in outcomes:
+        try:
+            pickle.dumps(outcome, 4)
+            kept.append(outcome)
+        except BaseException as e:
+            kept.append(_rc_failure(e))
+    return pickle.dumps(kept, 4)
+
+
+def _rc_too_large(data, limit):
+    message = "the results are %d bytes pickled, over %d" % (len(data), limit * 3 // 4)
+    return binascii.b2a_base64(pickle.dumps(
+        [(1, None, "ValueError", message, message + "\\n")], 4), newline=False).decode()
+"""
 
 
 '''
@@ -891,9 +922,12 @@ def call_code(fn, calls):
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
     except Exception as e:
         raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+    # Arguments that name nothing of fn's module unpickle as they are there;
+    # others need that module read as the script's __main__ (a slower path).
+    renamed = home if home not in (None, "__main__") and home.encode() in data else None
     return "%s_rc_run(%r, %r, %r, %r, %d, %r)\n" % (
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, RESULT_LIMIT,
-        home), home
+        renamed), home
 
 
 def unwrap_partial(fn, calls):

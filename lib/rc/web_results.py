@@ -29,7 +29,8 @@ MAX_WAITERS_PER_ADDRESS = 4     # ... of those, from one address (an IPv6 /64)
 MAX_RESULT_IDS = 10000          # task ids one bulk read names
 MAX_RESULTS_BYTES = 8 * 1024 * 1024     # bytes of results one answer carries at most;
                                 # the rest are listed in `not_sent`, to be asked again
-WATCH_INTERVAL = 0.002          # seconds between looks at data_version with no doorbell
+WATCH_INTERVAL = 0.05           # seconds between looks at data_version when no doorbell
+                                # rings (rc-server rings it for results)
 WAKE_EVERY = 1.0                # seconds a waiter sleeps at most (to see its client leave)
 STREAM_PING = 15.0              # seconds between keep-alive blank lines on a quiet stream
 ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 parameters
