@@ -292,6 +292,7 @@ class Cluster:
         self.waiting = {}                    # task id -> future, sent and not finished
         self.early = {}                      # task id -> record that came before its id
         self.group_id = None
+        self.highest = 0                     # the largest task id sent so far
         self.closed = False
         self.sender = self.receiver = None
         self.last_pending = time.monotonic()
@@ -301,10 +302,15 @@ class Cluster:
         return self
 
     def __exit__(self, *exc_info):
-        self.close()
+        self.close(wait=exc_info[0] is None)
 
-    def close(self):
-        """Stop the background threads; tasks already submitted go on."""
+    def close(self, wait=True):
+        """Stop the background threads, once the tasks submitted have ended
+        when `wait`; tasks already submitted go on regardless."""
+        if wait:
+            with self.lock:
+                unfinished = list(self.queue) + list(self.waiting.values())
+            concurrent.futures.wait(unfinished)
         with self.lock:
             self.closed = True
             self.lock.notify_all()
@@ -353,7 +359,11 @@ class Cluster:
                     return
                 batch = self.take_batch()
             if batch:
-                self.send(batch)
+                try:
+                    self.send(batch)
+                except Exception as e:       # never leave a future without an end
+                    self.fail([future for future, _ in batch], ClusterError(
+                        "submitting failed: %s: %s" % (type(e).__name__, e)))
 
     def take_batch(self):
         """Up to BATCH_MAX_TASKS futures and BATCH_MAX_BYTES from the queue;
@@ -367,7 +377,13 @@ class Cluster:
             depends = future.spec.get("depends_on") or ()
             if any(isinstance(d, TaskFuture) and d.task_id is None for d in depends) and batch:
                 break
-            data = json.dumps(wire_spec(future.spec)).encode()
+            try:
+                data = json.dumps(wire_spec(future.spec)).encode()
+            except Exception as e:      # a dependency that was refused, a value not JSON
+                self.queue.popleft()
+                self.fail([future], e if isinstance(e, ClusterError) else TypeError(
+                    "task cannot be sent: %s" % e))
+                continue
             if batch and size + len(data) + 1 > BATCH_MAX_BYTES:
                 break
             self.queue.popleft()
@@ -403,6 +419,7 @@ class Cluster:
             self.group_id = answer.get("group_id", self.group_id)
             for future, entry in zip(futures, answer["tasks"]):
                 future.task_id = entry["task_id"]
+                self.highest = max(self.highest, future.task_id)
                 record = self.early.pop(future.task_id, None)
                 if record is not None:
                     self.finish(future, record)
@@ -425,7 +442,7 @@ class Cluster:
                     self.lock.wait()
                 if self.closed:
                     return
-                after = min(self.waiting) - 1 if self.waiting else 0
+                after = min(self.waiting) - 1 if self.waiting else self.highest
             try:
                 self.read_stream(after)
             except (ClusterError, OSError, http.client.HTTPException, ValueError):
@@ -457,9 +474,10 @@ class Cluster:
     def take_result(self, record):
         with self.lock:
             future = self.waiting.pop(record["task_id"], None)
-            if future is None:      # its batch's answer is still on its way
-                self.early[record["task_id"]] = record
-                return
+            if future is None:
+                if record["task_id"] > self.highest:    # its batch's answer is on its way
+                    self.early[record["task_id"]] = record
+                return              # one that ended already (a stream opened again)
             if self.waiting:
                 self.last_pending = time.monotonic()
         self.finish(future, record)
