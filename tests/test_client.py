@@ -7,6 +7,7 @@ under the oldest and newest Python."""
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import urllib.request
 import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
+from hostile_harness import unharmed
 from rc import audit, client
 
 pytestmark = pytest.mark.e2e
@@ -397,3 +399,39 @@ def test_client_file_served_runs_on_old_and_new_python(cluster, tmp_path, python
     lines = done.stdout.splitlines()
     assert lines[0] == "from " + version
     assert lines[1].startswith("([3, 6]," if OLDEST else "([3, ") and lines[1].endswith(", 8)")
+
+
+# -- clients that leave ----------------------------------------------------------------------
+
+def raw_get(cluster, path):
+    """A GET sent on a raw socket, left without reading its answer."""
+    sock = socket.create_connection(("127.0.0.1", cluster.config.web_port), timeout=10)
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n\r\n"
+                  % (path, cluster.token)).encode())
+    return sock
+
+
+def test_clients_that_leave_give_back_their_waits_and_streams(cluster):
+    queued = held(cluster)
+    _, answer = submit(cluster, {"task_type": "echo", "payload": "x"}, query="?group=new")
+    stream = "/api/v1/groups/%d/results?stream=1&follow=1" % answer["group_id"]
+    with unharmed(cluster, "main"):
+        for _ in range(2):
+            sockets = [raw_get(cluster, "/api/v1/tasks/%d/result?wait=60" % queued)
+                       for _ in range(4)]
+            sockets += [raw_get(cluster, stream) for _ in range(cluster.config.max_streams)]
+            time.sleep(1)
+            refused = http(cluster, "GET", "/api/v1/tasks/%d/result?wait=1" % queued)[1]
+            assert "wait_refused" in refused          # the four hold this address's share
+            for sock in sockets:
+                sock.close()
+
+            def freed():
+                status, answer = http(cluster, "GET",
+                                      "/api/v1/tasks/%d/result?wait=0.2" % queued)
+                return "wait_refused" not in answer
+            wait_for(freed, 15, "the waits to be given back")
+            request = urllib.request.Request(cluster.url + stream.replace("follow=1", "follow=0"))
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert json.loads(response.readline())["task_id"]    # a stream slot is free
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % queued, {})
