@@ -55,6 +55,7 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
+SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
 MAX_ARGUMENT_BYTES = 192 * 1024     # pickled arguments of one task (a task's code is
                                 # at most 256 KiB on the main node)
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
@@ -297,6 +298,7 @@ class Cluster:
         self.sender = self.receiver = None
         self.last_pending = time.monotonic()
         self.stream_connection = None
+        self.slots_seen = (-SLOTS_SECONDS, 1)    # (when, how many)
 
     def __enter__(self):
         return self
@@ -601,11 +603,17 @@ class Cluster:
         return self.http.json("GET", "/api/v1/tasks/%d/files" % int(task_id))["files"]
 
     def slots(self):
-        """Task slots of the online devices (1 when that cannot be read)."""
+        """Task slots of the online devices (1 when that cannot be read),
+        asked at most once every SLOTS_SECONDS."""
+        asked_at, slots = self.slots_seen
+        if time.monotonic() - asked_at < SLOTS_SECONDS:
+            return slots
         try:
-            return max(1, int(self.http.json("GET", "/api/v1/status").get("slots_total") or 1))
+            slots = max(1, int(self.http.json("GET", "/api/v1/status").get("slots_total") or 1))
         except (ClusterError, ValueError, TypeError):
-            return 1
+            slots = 1
+        self.slots_seen = (time.monotonic(), slots)
+        return slots
 
 
 def refused_task(error, count):
