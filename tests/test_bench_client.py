@@ -29,10 +29,11 @@ sys.path.insert(0, os.path.join(REPO, "tests", "data"))
 from client_functions import noop  # noqa: E402
 
 
-def record(figure, target, measured, unit, passed, cpu_ms=None):
+def record(figure, target, measured, unit, passed, cpu_ms=None, by_process=None):
     RESULTS.append({"figure": figure, "target": target, "measured": round(measured, 3),
                     "unit": unit, "pass": bool(passed),
-                    "cpu_ms_per_task": None if cpu_ms is None else round(cpu_ms, 3)})
+                    "cpu_ms_per_task": None if cpu_ms is None else round(cpu_ms, 3),
+                    "cpu_ms_per_task_by_process": by_process})
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +53,25 @@ def bench_cluster(tmp_path_factory):
 # -- what is measured: shared with tests/test_bench.py -------------------------------------
 
 def cpu_seconds(cluster):
-    """CPU seconds so far of the main node's programs, the workers with
-    everything they started (tasks reaped count with their parent), and
-    this process (the client)."""
-    processes = [psutil.Process(pid) for pid in
-                 [cluster.program_pid(name) for name in PROGRAMS] if pid]
-    for worker in cluster.workers.values():
+    """CPU seconds so far, by process: the main node's programs, the workers
+    with everything they started (tasks reaped count with their parent),
+    and this process (the client)."""
+    seconds = {}
+    for name in PROGRAMS:
+        seconds[name] = process_seconds([psutil.Process(cluster.program_pid(name))])
+    for device_id, worker in cluster.workers.items():
         try:
             top = psutil.Process(worker.pid)
-            processes += [top] + top.children(recursive=True)
+            seconds["worker " + device_id] = process_seconds(
+                [top] + top.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
+    own = os.times()
+    seconds["client"] = own.user + own.system
+    return seconds
+
+
+def process_seconds(processes):
     total = 0.0
     for process in processes:
         try:
@@ -70,21 +79,28 @@ def cpu_seconds(cluster):
         except psutil.NoSuchProcess:
             continue
         total += times.user + times.system + times.children_user + times.children_system
-    own = os.times()
-    return total + own.user + own.system
+    return total
 
 
 def measured(cluster, count, run):
-    """(tasks per second, CPU milliseconds per task) of run(), which
-    submits `count` tasks and has every result in hand when it returns."""
+    """(tasks per second, CPU milliseconds per task, those by process) of
+    run(), which submits `count` tasks and has every result in hand when it
+    returns."""
     cpu_before, started = cpu_seconds(cluster), time.perf_counter()
     run()
     elapsed = time.perf_counter() - started
-    return count / elapsed, (cpu_seconds(cluster) - cpu_before) * 1000 / count
+    cpu_after = cpu_seconds(cluster)
+    by_process = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / count
+                  for name in cpu_after}
+    return count / elapsed, sum(by_process.values()), by_process
 
 
-def medians(pairs):
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+def medians(runs):
+    """The medians of measured()'s figures over repetitions."""
+    by_process = {name: round(statistics.median(run[2].get(name, 0.0) for run in runs), 3)
+                  for name in runs[0][2]}
+    return (statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs),
+            by_process)
 
 
 def submit_each(cluster, task_type, argument, count):
@@ -98,18 +114,20 @@ def submit_each(cluster, task_type, argument, count):
 
 
 def round_trips(cluster, rounds=200, pause=0.005):
-    """(p50, p99) milliseconds of one echo submit and its result in hand,
-    on an otherwise idle cluster."""
+    """(p50, p99, CPU ms of all processes per round) of one echo submit and
+    its result in hand, on an otherwise idle cluster."""
     samples = []
     with client.Cluster(cluster.url, cluster.token) as connection:
         connection.submit("echo", "warm").result(60)
+        cpu_before = sum(cpu_seconds(cluster).values())
         for _ in range(rounds):
             time.sleep(pause)
             started = time.perf_counter()
             connection.submit("echo", "x").result(60)
             samples.append(time.perf_counter() - started)
+        cpu = (sum(cpu_seconds(cluster).values()) - cpu_before) * 1000 / rounds
     samples.sort()
-    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000, cpu
 
 
 # -- the figures -----------------------------------------------------------------------------
@@ -121,9 +139,9 @@ def test_executor_submit_each(bench_cluster):
                 futures = [executor.submit(noop, i) for i in range(5000)]
                 assert [f.result(600) for f in futures][-1] == 4999
             return measured(bench_cluster, 5000, run)
-    rate, cpu = medians([once() for _ in range(REPEAT)])
+    rate, cpu, by_process = medians([once() for _ in range(REPEAT)])
     record("executor.submit(noop, i) x5,000, then .result()", ">= 1000", rate, "tasks/s",
-           rate >= 1000, cpu)
+           rate >= 1000, cpu, by_process)
 
 
 def test_executor_map(bench_cluster):
@@ -132,23 +150,24 @@ def test_executor_map(bench_cluster):
             def run():
                 assert sum(executor.map(noop, range(20000))) == 20000 * 19999 // 2
             return measured(bench_cluster, 20000, run)
-    rate, cpu = medians([once() for _ in range(REPEAT)])
+    rate, cpu, by_process = medians([once() for _ in range(REPEAT)])
     record("executor.map(noop, range(20000)), default chunks", ">= 6000", rate, "results/s",
-           rate >= 6000, cpu)
+           rate >= 6000, cpu, by_process)
 
 
 def test_echo_submitted_one_call_at_a_time(bench_cluster):
-    rate, cpu = medians([submit_each(bench_cluster, "echo", "x", 5000)
-                         for _ in range(REPEAT)])
+    rate, cpu, by_process = medians([submit_each(bench_cluster, "echo", "x", 5000)
+                                     for _ in range(REPEAT)])
     record("echo x5,000, one submit() each, then results", ">= 3000", rate, "tasks/s",
-           rate >= 3000, cpu)
+           rate >= 3000, cpu, by_process)
 
 
 def test_echo_round_trip(bench_cluster):
     rounds = [round_trips(bench_cluster) for _ in range(REPEAT)]
     p50 = statistics.median(r[0] for r in rounds)
     p99 = statistics.median(r[1] for r in rounds)
-    record("echo submit + result, idle cluster, p50", "<= 1.5 ms", p50, "ms", p50 <= 1.5)
+    cpu = statistics.median(r[2] for r in rounds)
+    record("echo submit + result, idle cluster, p50", "<= 1.5 ms", p50, "ms", p50 <= 1.5, cpu)
     record("echo submit + result, idle cluster, p99", "<= 5 ms", p99, "ms", p99 <= 5)
 
 
@@ -166,4 +185,9 @@ def test_zz_print_the_table():
             width, r["figure"], r["target"], r["measured"], r["unit"][:2],
             "pass" if r["pass"] else "FAIL",
             "" if r["cpu_ms_per_task"] is None else "%.3f" % r["cpu_ms_per_task"]))
+    print("CPU ms per task by process (medians):")
+    for r in RESULTS:
+        if r["cpu_ms_per_task_by_process"]:
+            print("  %s: %s" % (r["figure"], ", ".join(
+                "%s %.3f" % item for item in sorted(r["cpu_ms_per_task_by_process"].items()))))
     print("written to %s" % os.path.join(ARTIFACTS, "bench_client.json"))

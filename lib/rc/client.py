@@ -56,6 +56,8 @@ RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
 SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
+IDLE_GAP = 0.001                # seconds without a submit() after which the next one is
+                                # sent at once from the caller's thread
 MAX_ARGUMENT_BYTES = 192 * 1024     # pickled arguments of one task (a task's code is
                                 # at most 256 KiB on the main node)
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
@@ -294,6 +296,8 @@ class Cluster:
         self.early = {}                      # task id -> record that came before its id
         self.group_id = None
         self.highest = 0                     # the largest task id sent so far
+        self.sending = False                 # a submit request is on its way
+        self.last_submit = 0.0               # time.monotonic() a submit() last returned
         self.closed = False
         self.sender = self.receiver = None
         self.last_pending = time.monotonic()
@@ -335,14 +339,28 @@ class Cluster:
         return self.submit_spec(task_spec(task_type, arg, options), output_of)
 
     def submit_spec(self, spec, decode):
+        """Queue the task for the sender thread; or, when the client has been
+        idle for IDLE_GAP (one submit, its result awaited, then another),
+        send it from this thread at once: a hand-over to the sender would
+        cost the lone task its latency, and there is nothing to batch."""
         future = TaskFuture(self, spec, decode)
         with self.lock:
             if self.closed:
                 raise RuntimeError("cannot submit to a closed Cluster")
-            self.queue.append(future)
-            if self.sender is None:
-                self.sender = start_thread(self.send_batches, "rc-client-submit")
-            self.lock.notify_all()
+            alone = self.group_id is not None and not self.queue and not self.sending \
+                and time.monotonic() - self.last_submit > IDLE_GAP
+            if alone:
+                self.sending = True
+                self.queue.append(future)
+                batch = self.take_batch()
+            else:
+                self.queue.append(future)
+                if self.sender is None:
+                    self.sender = start_thread(self.send_batches, "rc-client-submit")
+                self.lock.notify_all()
+        if alone:
+            self.send_safely(batch)
+        self.last_submit = time.monotonic()
         return future
 
     def map(self, task_type, args, **options):
@@ -355,17 +373,25 @@ class Cluster:
         on its way goes out as the next batch."""
         while True:
             with self.lock:
-                while not self.queue and not self.closed:
+                while (not self.queue or self.sending) and not self.closed:
                     self.lock.wait()
                 if not self.queue:
                     return
+                self.sending = True          # one request at a time: batches stay in order
                 batch = self.take_batch()
+            self.send_safely(batch)
+
+    def send_safely(self, batch):
+        try:
             if batch:
-                try:
-                    self.send(batch)
-                except Exception as e:       # never leave a future without an end
-                    self.fail([future for future, _ in batch], ClusterError(
-                        "submitting failed: %s: %s" % (type(e).__name__, e)))
+                self.send(batch)
+        except Exception as e:       # never leave a future without an end
+            self.fail([future for future, _ in batch], ClusterError(
+                "submitting failed: %s: %s" % (type(e).__name__, e)))
+        finally:
+            with self.lock:
+                self.sending = False
+                self.lock.notify_all()
 
     def take_batch(self):
         """Up to BATCH_MAX_TASKS futures and BATCH_MAX_BYTES from the queue;
@@ -672,7 +698,9 @@ def wire_spec(spec):
     depends = spec.get("depends_on")
     if not depends:
         return spec
-    return dict(spec, depends_on=[d.wait_submitted() if isinstance(d, TaskFuture) else d
+    # Batches go in order, so a future it depends on has been sent by now
+    # (or is another Cluster's: refused rather than waited for).
+    return dict(spec, depends_on=[d.wait_submitted(0) if isinstance(d, TaskFuture) else d
                                   for d in depends])
 
 

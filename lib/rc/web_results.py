@@ -37,6 +37,11 @@ ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 
 UNTIL = ("any", "all")
 CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
 TERMINAL_SQL = "state IN (%s)" % db.sql_list(TERMINAL_STATES)
+# A group's tasks that ended in events (?, ?], past a task id.
+GROUP_ENDED_SQL = ("SELECT t.task_id, t.state, t.result, t.error FROM task_events e"
+                   " JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
+                   " AND e." + TERMINAL_SQL + " AND t.group_id = ? AND t.task_id > ?"
+                   " ORDER BY e.id")
 
 
 class ApiError(Exception):
@@ -192,14 +197,8 @@ class Progress:
 
     def look(self, connection):
         self.cursor = last_event(connection)     # first: a change after it is seen later
-        self.add(connection, self.wanted, listed=True)
-
-    def add(self, connection, task_ids, listed=False):
-        """Look at these tasks in full (after the cursor was read)."""
-        if not listed:
-            self.wanted.extend(task_ids)
-        rows = task_rows(connection, task_ids)
-        for task_id in task_ids:
+        rows = task_rows(connection, self.wanted)
+        for task_id in self.wanted:
             row = rows.get(task_id)
             if row is None:
                 self.unknown.append(task_id)
@@ -385,23 +384,28 @@ class ResultRoutes:
         return body
 
     def group_lines(self, group_id, connection, after, follow):
+        """The stream's lines. The group's tasks are read once; after that
+        each wake reads only the terminal events since its last look, with
+        their tasks (one query), whoever joined the group meanwhile."""
         disconnected = bottle.request.environ.get("waitress.client_disconnected")
         follow = follow or include_new(connection, group_id)
         seen = self.watch.generation
-        progress = Progress(members(connection, group_id, after))
-        progress.look(connection)
-        known = max(progress.wanted, default=after)
+        cursor = last_event(connection)      # first: what ends after it is seen below
+        ended, pending = [], set()
+        for row in connection.execute(
+                "SELECT task_id, state, result, error FROM tasks WHERE group_id = ?"
+                " AND task_id > ? ORDER BY task_id", (group_id, after)):
+            (ended.append(row) if row[1] in TERMINAL_STATES else pending.add(row[0]))
         sent, quiet_since = set(), time.monotonic()
         while True:
-            fresh = sorted(set(progress.finished) - sent)
+            fresh = [row for row in ended if row[0] not in sent]
             if fresh:
-                sent.update(fresh)
+                sent.update(row[0] for row in fresh)
+                pending.difference_update(sent)
                 quiet_since = time.monotonic()
-                yield b"".join(orjson.dumps(result_entry(n, progress.finished[n]),
-                                            option=orjson.OPT_APPEND_NEWLINE) for n in fresh)
-                for task_id in fresh:
-                    del progress.finished[task_id]      # sent: no need to keep its result
-            if not progress.pending and not follow:
+                yield b"".join(orjson.dumps(result_entry(row[0], row[1:]),
+                                            option=orjson.OPT_APPEND_NEWLINE) for row in fresh)
+            if not pending and not follow:
                 yield orjson.dumps({"end": True, "group_id": group_id, "tasks": len(sent)},
                                    option=orjson.OPT_APPEND_NEWLINE)
                 return
@@ -411,12 +415,10 @@ class ResultRoutes:
                 quiet_since = time.monotonic()
                 yield b"\n"
             seen = self.watch.wait(seen, WAKE_EVERY)
-            progress.look_again(connection)
-            if follow:      # tasks added since (later ids), each looked at in full
-                added = members(connection, group_id, known)
-                if added:
-                    known = added[-1]
-                    progress.add(connection, added)
+            newest = last_event(connection)
+            ended = connection.execute(GROUP_ENDED_SQL, (cursor, newest, group_id, after)
+                                       ).fetchall() if newest != cursor else []
+            cursor = newest
 
     # POST /api/v1/tasks with a list (?group=new|ID): called by Web.submit
     def batch(self, specs, is_list=True):
