@@ -368,6 +368,7 @@ class ResultRoutes:
         follow=1 it stays open for tasks added to the group later (a
         client's session), until the client leaves. It holds one of rc-web's
         max_streams."""
+        from rc.web import StreamBody        # rc.web imports this module: not at the top
         slots = self.web.stream_slots
         if not slots.acquire(blocking=False):
             raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
@@ -488,23 +489,6 @@ def include_new(connection, group_id):
     row = connection.execute("SELECT include_new FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     return bool(row and row[0])
-
-
-class StreamBody:
-    """A stream's body: `release` runs once when waitress closes it."""
-
-    def __init__(self, chunks, release):
-        self.chunks, self.release_slot = chunks, release
-        self.released = False
-
-    def __iter__(self):
-        return self.chunks
-
-    def close(self):
-        self.chunks.close()
-        if not self.released:
-            self.released = True
-            self.release_slot()
 
 
 def id_ranges(task_ids):
