@@ -362,6 +362,12 @@ def test_a_batch_submit_writes_one_audit_line(cluster):
     status, answer = http(cluster, "POST", "/api/v1/tasks?group=new",
                           [{"task_type": "echo", "payload": "x"}, {"task_type": "nope"}])
     assert status == 400 and "task 2 of 2" in answer["error"]
+    status, each = http(cluster, "POST", "/api/v1/groups", {"task_type": "echo", "payload": "x"})
+    assert status == 201
+    status, answer = http(cluster, "POST", "/api/v1/tasks?group=%d" % each["group_id"],
+                          [{"task_type": "echo", "payload": "x"}])
+    assert status == 400 and "one task per device" in answer["error"]
+    assert http(cluster, "POST", "/api/v1/tasks?group=x", [{"task_type": "echo"}])[0] == 400
 
 
 # -- /client.py on the oldest and newest Python ----------------------------------------------

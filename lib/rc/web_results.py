@@ -432,7 +432,7 @@ class ResultRoutes:
         connection, config = self.web.connection(), self.web.config
         group = bottle.request.query.get("group")
         group_id = None if not group else new_group(connection, specs) if group == "new" \
-            else existing_group(connection, request_number(group, "group", 1))
+            else client_group(connection, request_number(group, "group", 1))
         try:
             task_ids = tasks.submit_many(connection, config, specs, group_id=group_id)
         except tasks.TaskError:
@@ -483,6 +483,19 @@ def members(connection, group_id, after=0):
     return [row[0] for row in connection.execute(
         "SELECT task_id FROM tasks WHERE group_id = ? AND task_id > ? ORDER BY task_id",
         (group_id, after))]
+
+
+def client_group(connection, group_id):
+    """A group made by ?group=new: the only kind tasks may be added to (an
+    `rc submit --each` group holds one task per device, and says so)."""
+    row = connection.execute("SELECT options FROM task_groups WHERE group_id = ?",
+                             (group_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "no group %d" % group_id)
+    if not db.loads(row[0], {}).get("client"):
+        raise ApiError(400, "group %d is one task per device (rc submit --each); tasks"
+                            " are added only to a group made with ?group=new" % group_id)
+    return group_id
 
 
 def include_new(connection, group_id):
