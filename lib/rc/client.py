@@ -396,7 +396,7 @@ class Cluster:
     def take_batch(self):
         """Up to BATCH_MAX_TASKS futures and BATCH_MAX_BYTES from the queue;
         a task that depends on one in the same batch waits for the next."""
-        batch, encoded, size, ids_pending = [], [], 2, set()
+        batch, encoded, size = [], [], 2
         while self.queue and len(batch) < BATCH_MAX_TASKS:
             future = self.queue[0]
             if future.done():                # cancelled before it was sent
