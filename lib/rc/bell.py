@@ -12,6 +12,7 @@ import socket
 
 SCHEDULER = "rc-scheduler"
 SERVER = "rc-server"
+WEB = "rc-web"          # results committed: a request waiting for them looks now
 
 _sender = None      # one unbound socket per process is enough to ring any bell
 

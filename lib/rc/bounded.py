@@ -8,6 +8,7 @@ LARGEST = 2 ** 63 - 1           # SQLite's largest INTEGER
 SMALLEST = -2 ** 63
 # ASCII digits only: str.isdigit() and int() also take "²" and "١٢".
 DIGITS = re.compile(r"[+-]?[0-9]{1,30}")
+SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{1,9})?")
 JSON_DEPTH = 64                 # nesting a checked JSON value may have
 
 
@@ -17,6 +18,19 @@ def whole(text, name, low=0, high=LARGEST):
     if not isinstance(text, str) or not DIGITS.fullmatch(text):
         raise ValueError("%s must be a whole number, not %r" % (name, shown(text)))
     return in_range(int(text), name, low, high)
+
+
+def seconds(value, name, low=0.0, high=3600.0):
+    """A duration from outside (a number, or its text as in ?wait=1.5) as a
+    float from `low` to `high`, or a ValueError naming `name`: no NaN, no
+    infinity, no "1e999"."""
+    if isinstance(value, str) and SECONDS.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not low <= value <= high:
+        raise ValueError("%s must be a number of seconds from %g to %g, not %r"
+                         % (name, low, high, shown(value)))
+    return float(value)
 
 
 def in_range(value, name, low=0, high=LARGEST):

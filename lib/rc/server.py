@@ -821,6 +821,7 @@ class Server:
             replies = self.apply_one_by_one(batch, now)
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
             bell.ring(self.config.run_dir, bell.SCHEDULER)
+            bell.ring(self.config.run_dir, bell.WEB)    # a client may wait for a result
         # Only now is everything above durable; acknowledge it.
         for peer, reply in replies:
             for message_type, data in reply:

@@ -30,7 +30,7 @@ import bottle
 import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import device_routes, state_dir, web_schedules, web_server
+from rc import device_routes, state_dir, web_results, web_schedules, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
@@ -403,11 +403,13 @@ class Web:
                               "result": db.loads(row["result"]), "error": row["error"]})
 
     def submit(self):
-        """One task, or a list of them queued all or none in one transaction;
-        a list is one audit line, whatever its length."""
+        """One task, or a list of them queued all or none in one transaction
+        (web_results.submit_batch: one audit line, whatever its length)."""
         body = self.json_body(batch=True)
         batch = body if isinstance(body, list) else [body]
-        specs = [submitted_spec(item) for item in batch]
+        specs = [numbered_spec(len(batch), number, item) for number, item in enumerate(batch, 1)]
+        if isinstance(body, list) or bottle.request.query.get("group"):    # web_results
+            return self.results.submit_batch(specs, isinstance(body, list))
         connection = self.connection()
         task_ids = tasks.submit_many(connection, self.config, specs)
         address = bottle.request.environ.get("REMOTE_ADDR")
@@ -416,10 +418,6 @@ class Web:
                              priority=spec["priority"], address=address)
         submitted = [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
                      for task_id in task_ids]
-        if isinstance(body, list):
-            self.audit("tasks_submitted", task_ids=task_ids,
-                       task_types=sorted({spec["task_type"] for spec in specs}))
-            return json_response({"tasks": submitted}, 201)
         self.audit("task_submitted", task_id=task_ids[0], task_type=specs[0]["task_type"])
         # Queued unless the idempotency key named an earlier task.
         state = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
@@ -1106,6 +1104,17 @@ def submitted_spec(body):
             "depends_on": body.get("depends_on", [])}
 
 
+def numbered_spec(count, number, body):
+    """submitted_spec(); in a batch its error names the task ("task 3 of 7:
+    ..."), so a client can send the others again without it."""
+    try:
+        return submitted_spec(body)
+    except (ApiError, tasks.TaskError) as e:
+        if count == 1:
+            raise
+        raise ApiError(getattr(e, "status", 400), "task %d of %d: %s" % (number, count, e))
+
+
 def check_shapes(body):
     """The fields of a submit whose wrong shape tasks.submit would not name
     (it would fail on them): 400 naming the field."""
@@ -1479,6 +1488,7 @@ def make_app(config, logger=None):
         raise rc_config.ConfigError("read_access must be one of %s, not %r"
                                     % (", ".join(READ_ACCESS), config.read_access))
     web = Web(config, logger or Logger("rc-web", config.log_level))
+    web.results = web_results.ResultRoutes(web)   # long polls, bulk reads, /client.py
     app = bottle.Bottle()
     app.router.add_filter("id", lambda conf: (r"[0-9]+", path_id, str))
     routes = [
@@ -1492,7 +1502,6 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/devices/<device_id>", web.device, "read"),
         ("GET", "/api/v1/tasks", web.tasks, "read"),
         ("GET", "/api/v1/tasks/<task_id:id>", web.task, "read"),
-        ("GET", "/api/v1/tasks/<task_id:id>/result", web.result, "read"),
         ("GET", "/api/v1/tasks/<task_id:id>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
         ("POST", "/api/v1/tasks/<task_id:id>/cancel", web.cancel, "admin"),
@@ -1520,7 +1529,8 @@ def make_app(config, logger=None):
         ("GET", "/worker.py", web.worker_file, "open"),
     ] + file_routes(FileRoutes(web)) + dashboard_routes(DashboardRoutes(web)) \
         + device_routes.DeviceRoutes(web, query_int, separated).routes() \
-        + web_schedules.routes(web, sys.modules[__name__])
+        + web_schedules.routes(web, sys.modules[__name__]) \
+        + web.results.routes()
     for method, path, handler, access in routes:
         app.route(path, method, web.route(handler, access))
     app.default_error_handler = web.error
@@ -1563,7 +1573,8 @@ def create_server(app, host, port, config):
               "long_body": lambda request: upload_allowance(web, request, quota),
               "min_body_rate": MIN_UPLOAD_RATE},
         web.log, web_server.tls_context(config) if config.web_tls else None,
-        host=host, port=port, threads=config.max_streams + SPARE_THREADS, ident="rc-web",
+        host=host, port=port, ident="rc-web",
+        threads=config.max_streams + SPARE_THREADS + web_results.MAX_WAITERS,
         # The most any request may send: an upload of the whole quota (see upload_allowance).
         max_request_body_size=max(SERVER_BODY_LIMIT, quota) + 1, channel_request_lookahead=1,
         connection_limit=config.web_connection_limit,

@@ -1,0 +1,1231 @@
+"""rc.client: submit work to a Retire-Cluster from Python and collect the results.
+
+One file, standard library only, CPython 3.6 to 3.13. The main node serves
+it as /client.py, so a laptop needs no installation:
+
+    curl -O http://NAS:5000/client.py
+    export RC_URL=http://NAS:5000 RC_TOKEN=...        # `rc token --admin`
+
+    from client import Cluster, Executor
+    with Cluster() as cluster:
+        print(cluster.submit("shell", "uname -a").result())
+    with Executor() as executor:                     # was ProcessPoolExecutor()
+        print(list(executor.map(simulate, range(100))))
+
+Tasks go out in batches: submits that arrive while a request is on its way
+are sent together in the next one, in one transaction on the main node.
+Results come back on one stream per Cluster (the results of its group of
+tasks as they finish), never by polling each task. docs/client.md says what
+an Executor can ship to a device: module-level functions (with the imports,
+helpers and constants they use), not lambdas or closures.
+"""
+import ast
+import base64
+import binascii
+import collections
+import concurrent.futures
+import dis
+import functools
+import hashlib
+import http.client
+import inspect
+import io
+import json
+import os
+import pickle
+import ssl
+import sys
+import sysconfig
+import textwrap
+import threading
+import time
+import types
+import urllib.parse
+
+__all__ = ["Cluster", "Executor", "TaskFuture", "ClusterError", "TaskFailed", "RemoteError",
+           "RemoteTraceback"]
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+REQUEST_TIMEOUT = 60.0          # seconds an ordinary request may take
+BATCH_MAX_TASKS = 2000          # tasks in one submit request
+BATCH_MAX_BYTES = 900 * 1024    # bytes of one submit request (rc-web takes 1 MiB)
+STREAM_IDLE = 5.0               # seconds the result stream stays open with nothing pending
+STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15) before
+                                # the stream is opened again
+RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
+MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
+CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
+SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
+IDLE_GAP = 0.001                # seconds without a submit() after which the next one is
+                                # sent at once from the caller's thread
+MAX_ARGUMENT_BYTES = 192 * 1024     # pickled arguments of one task (a task's code is
+                                # at most 256 KiB on the main node)
+RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
+RESULT_LIMIT = 900 * 1024       # characters of that line; more would be cut at the
+                                # worker's output cap
+PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
+PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file")
+TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
+                "retry_on_failure", "depends_on")
+
+
+class ClusterError(Exception):
+    """The main node refused a request or could not be reached; `status` is
+    the HTTP status (0 when there was no answer)."""
+
+    def __init__(self, message, status=0):
+        super().__init__(message)
+        self.status = status
+
+
+class TaskFailed(Exception):
+    """A task ended other than completed: `state` (failed, timed_out,
+    cancelled), `error`, and the task's `result` (stderr, exit_code...)."""
+
+    def __init__(self, task_id, state, error, result=None):
+        super().__init__("task %s %s: %s" % (task_id, state, error or "no error given"))
+        self.task_id, self.state, self.error, self.result = task_id, state, error, result or {}
+
+    @property
+    def stderr(self):
+        return self.result.get("stderr") or ""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a device; set as the
+    re-raised exception's __cause__, as ProcessPoolExecutor does."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self):
+        return '\n"""\n%s"""' % self.text
+
+
+class RemoteError(Exception):
+    """An exception from a device that cannot be rebuilt here (its class
+    does not unpickle on this side); its type name, message and traceback."""
+
+    def __init__(self, type_name, message, traceback_text):
+        super().__init__("%s: %s" % (type_name, message))
+        self.type_name, self.message, self.traceback = type_name, message, traceback_text
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+class Http:
+    """Requests to rc-web over kept-alive HTTP/1.1 connections, one per thread."""
+
+    def __init__(self, url, token, ssl_context=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must look like http://HOST:PORT, not %r" % url)
+        self.scheme, self.host = parts.scheme, parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+        self.ssl_context = ssl_context
+        self.local = threading.local()
+
+    def connect(self, timeout):
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self.ssl_context
+                                               or ssl.create_default_context())
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def headers(self, extra=None):
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT):
+        """(status, body bytes). A kept-alive connection the server closed
+        meanwhile is opened again once (waitress closes idle ones)."""
+        for attempt in (1, 2):
+            connection = getattr(self.local, "connection", None)
+            reused = connection is not None
+            if connection is None:
+                connection = self.local.connection = self.connect(timeout)
+            try:
+                if connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+                connection.request(method, self.prefix + path, body, self.headers(headers))
+                response = connection.getresponse()
+                data = response.read()
+                if response.getheader("Connection", "").lower() == "close":
+                    self.drop()
+                return response.status, data
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest, http.client.BadStatusLine) as e:
+                self.drop()
+                if not reused or attempt == 2:
+                    raise ClusterError("no answer from %s://%s:%d: %s"
+                                       % (self.scheme, self.host, self.port, e))
+            except OSError as e:
+                self.drop()
+                raise ClusterError("cannot reach %s://%s:%d: %s"
+                                   % (self.scheme, self.host, self.port, e))
+
+    def drop(self):
+        connection = getattr(self.local, "connection", None)
+        self.local.connection = None
+        if connection is not None:
+            connection.close()
+
+    def json(self, method, path, value=None, ok=(200, 201), timeout=REQUEST_TIMEOUT,
+             raw_body=None):
+        body = raw_body if raw_body is not None else (
+            None if value is None else json.dumps(value).encode())
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        status, data = self.request(method, path, body, headers, timeout)
+        try:
+            answer = json.loads(data.decode("utf-8")) if data else {}
+        except ValueError:
+            answer = {"error": data[:200].decode("utf-8", "replace")}
+        if status not in ok:
+            raise ClusterError("%s %s: %s (HTTP %d)" % (method, path.split("?")[0],
+                               answer.get("error", answer) if isinstance(answer, dict)
+                               else answer, status), status)
+        return answer
+
+    def stream(self, path, timeout):
+        """A connection of its own and the response, to read line by line."""
+        connection = self.connect(timeout)
+        try:
+            connection.request("GET", self.prefix + path, None, self.headers())
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            connection.close()
+            raise ClusterError("cannot open %s: %s" % (path, e))
+        if response.status != 200:
+            data = response.read()
+            connection.close()
+            raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], data[:300].decode(
+                "utf-8", "replace"), response.status), response.status)
+        return connection, response
+
+
+# -- futures ---------------------------------------------------------------------------
+
+class TaskFuture(concurrent.futures.Future):
+    """A task on the cluster, as a concurrent.futures.Future: result(),
+    exception(), add_done_callback(), cancel() (which cancels the task),
+    and concurrent.futures.wait()/as_completed() work on it. `task_id` is
+    known once its batch has been sent (wait_submitted() waits for it);
+    `record` is the task's whole result once it has finished."""
+
+    def __init__(self, cluster, spec, decode):
+        super().__init__()
+        self.cluster, self.spec, self.decode = cluster, spec, decode
+        self.task_id = None
+        self.record = None
+        self.submitted = threading.Event()
+        self.cancel_lock = threading.Lock()
+        self.submit_error = None
+
+    def wait_submitted(self, timeout=None):
+        """The task id, once the main node has queued the task."""
+        if not self.submitted.wait(timeout):
+            raise concurrent.futures.TimeoutError("task not submitted yet")
+        if self.submit_error is not None:
+            raise self.submit_error
+        return self.task_id
+
+    def cancel(self):
+        """Cancel the task: one still queued never runs, one running is
+        stopped on its device. False when it has already finished."""
+        return self.cluster.cancel_future(self)
+
+    def local_cancel(self):
+        """Cancelled here, and said so to wait() and as_completed(), which
+        count a cancelled future as done only once it is "notified"."""
+        with self.cancel_lock:       # a cancel() and the task's end may both get here
+            if self.cancelled():
+                return True
+            if not concurrent.futures.Future.cancel(self):
+                return False
+            self.set_running_or_notify_cancel()
+            return True
+
+    def __repr__(self):
+        return "<TaskFuture task_id=%s %s>" % (self.task_id, self._state.lower())
+
+
+def settle(future, value=None, error=None):
+    """Give a future its outcome unless it already has one (a cancelled task
+    whose result still came)."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError if hasattr(
+            concurrent.futures, "InvalidStateError") else RuntimeError:
+        pass
+
+
+def output_of(record):
+    """What a task future gives: a completed task's output (stdout)."""
+    return (record.get("result") or {}).get("output")
+
+
+# -- the cluster -----------------------------------------------------------------------
+
+class Cluster:
+    """A connection to the main node's HTTP API (rc-web).
+
+    url defaults to $RC_URL or http://127.0.0.1:5000, token to $RC_TOKEN
+    (or the file named by $RC_TOKEN_FILE): the admin token, which submitting
+    needs (`rc token --admin` on the main node)."""
+
+    def __init__(self, url=None, token=None, ssl_context=None):
+        self.url = url or os.environ.get("RC_URL") or DEFAULT_URL
+        if token is None:
+            token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
+                "RC_TOKEN_FILE"))
+        self.http = Http(self.url, token, ssl_context)
+        self.lock = threading.Condition()
+        self.queue = collections.deque()     # futures waiting to be sent
+        self.waiting = {}                    # task id -> future, sent and not finished
+        self.early = {}                      # task id -> record that came before its id
+        self.group_id = None
+        self.highest = 0                     # the largest task id sent so far
+        self.sending = False                 # a submit request is on its way
+        self.last_submit = 0.0               # time.monotonic() a submit() last returned
+        self.closed = False
+        self.sender = self.receiver = None
+        self.last_pending = time.monotonic()
+        self.stream_connection = None
+        self.slots_seen = (-SLOTS_SECONDS, 1)    # (when, how many)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close(wait=exc_info[0] is None)
+
+    def close(self, wait=True):
+        """Stop the background threads, once the tasks submitted have ended
+        when `wait`; tasks already submitted go on regardless."""
+        if wait:
+            with self.lock:
+                unfinished = list(self.queue) + list(self.waiting.values())
+            concurrent.futures.wait(unfinished)
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        connection = self.stream_connection
+        if connection is not None:
+            connection.close()
+        for thread in (self.sender, self.receiver):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5)
+        self.http.drop()
+
+    # -- submitting --------------------------------------------------------------------
+
+    def submit(self, task_type, arg=None, **options):
+        """Queue one task; a TaskFuture whose result() is the task's output.
+        `arg` is the type's argument (`shell`: the command); options: priority,
+        timeout, retries, requirements, idempotency_key, retry_on_failure,
+        depends_on (ids or futures), payload (instead of arg), and the
+        payload's inputs, stdin, env, outputs, file."""
+        return self.submit_spec(task_spec(task_type, arg, options), output_of)
+
+    def submit_spec(self, spec, decode):
+        """Queue the task for the sender thread; or, when the client has been
+        idle for IDLE_GAP (one submit, its result awaited, then another),
+        send it from this thread at once: a hand-over to the sender would
+        cost the lone task its latency, and there is nothing to batch."""
+        future = TaskFuture(self, spec, decode)
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("cannot submit to a closed Cluster")
+            alone = self.group_id is not None and not self.queue and not self.sending \
+                and time.monotonic() - self.last_submit > IDLE_GAP
+            if alone:
+                self.sending = True
+                self.queue.append(future)
+                batch = self.take_batch()
+            else:
+                self.queue.append(future)
+                if self.sender is None:
+                    self.sender = start_thread(self.send_batches, "rc-client-submit")
+                self.lock.notify_all()
+        if alone:
+            self.send_safely(batch)
+        self.last_submit = time.monotonic()
+        return future
+
+    def map(self, task_type, args, **options):
+        """One task per argument; their outputs in order, as they come."""
+        futures = [self.submit(task_type, arg, **options) for arg in args]
+        return results_in_order(futures, None)
+
+    def send_batches(self):
+        """The sender thread: whatever was queued while the last request was
+        on its way goes out as the next batch."""
+        while True:
+            with self.lock:
+                while (not self.queue or self.sending) and not self.closed:
+                    self.lock.wait()
+                if not self.queue:
+                    return
+                self.sending = True          # one request at a time: batches stay in order
+                batch = self.take_batch()
+            self.send_safely(batch)
+
+    def send_safely(self, batch):
+        try:
+            if batch:
+                self.send(batch)
+        except Exception as e:       # never leave a future without an end
+            self.fail([future for future, _ in batch], ClusterError(
+                "submitting failed: %s: %s" % (type(e).__name__, e)))
+        finally:
+            with self.lock:
+                self.sending = False
+                self.lock.notify_all()
+
+    def take_batch(self):
+        """Up to BATCH_MAX_TASKS futures and BATCH_MAX_BYTES from the queue;
+        a task that depends on one in the same batch waits for the next."""
+        batch, encoded, size = [], [], 2
+        while self.queue and len(batch) < BATCH_MAX_TASKS:
+            future = self.queue[0]
+            if future.done():                # cancelled before it was sent
+                self.queue.popleft()
+                continue
+            depends = future.spec.get("depends_on") or ()
+            if any(isinstance(d, TaskFuture) and d.task_id is None for d in depends) and batch:
+                break
+            try:
+                data = json.dumps(wire_spec(future.spec)).encode()
+            except Exception as e:      # a dependency that was refused, a value not JSON
+                self.queue.popleft()
+                self.fail([future], e if isinstance(e, ClusterError) else TypeError(
+                    "task cannot be sent: %s" % e))
+                continue
+            if batch and size + len(data) + 1 > BATCH_MAX_BYTES:
+                break
+            self.queue.popleft()
+            batch.append(future)
+            encoded.append(data)
+            size += len(data) + 1
+        return list(zip(batch, encoded))
+
+    def send(self, batch):
+        while batch:
+            futures = [future for future, _ in batch]
+            body = b"[" + b",".join(data for _, data in batch) + b"]"
+            query = "?group=%s" % (self.group_id or "new")
+            try:
+                answer = self.http.json("POST", "/api/v1/tasks" + query, raw_body=body)
+            except ClusterError as e:
+                refused = refused_task(e, len(batch))
+                if refused is None:
+                    return self.fail(futures, e)
+                self.fail([futures[refused]], e)    # that one alone; the rest go again
+                batch = batch[:refused] + batch[refused + 1:]
+                continue
+            return self.accept(futures, answer)
+
+    def fail(self, futures, e):
+        for future in futures:
+            future.submit_error = e
+            future.submitted.set()
+            settle(future, error=e)
+
+    def accept(self, futures, answer):
+        with self.lock:
+            self.group_id = answer.get("group_id", self.group_id)
+            for future, entry in zip(futures, answer["tasks"]):
+                future.task_id = entry["task_id"]
+                self.highest = max(self.highest, future.task_id)
+                record = self.early.pop(future.task_id, None)
+                if record is not None:
+                    self.finish(future, record)
+                elif not future.done():
+                    self.waiting[future.task_id] = future
+                future.submitted.set()
+            if self.receiver is None and self.group_id is not None:
+                self.receiver = start_thread(self.receive_results, "rc-client-results")
+            self.lock.notify_all()
+
+    # -- results -----------------------------------------------------------------------
+
+    def receive_results(self):
+        """The receiver thread: the group's results as they finish, on one
+        stream, closed when nothing has been pending for STREAM_IDLE seconds."""
+        while True:
+            with self.lock:
+                while not self.closed and not self.waiting and (
+                        time.monotonic() - self.last_pending > STREAM_IDLE):
+                    self.lock.wait()
+                if self.closed:
+                    return
+                after = min(self.waiting) - 1 if self.waiting else self.highest
+            try:
+                self.read_stream(after)
+            except (ClusterError, OSError, http.client.HTTPException, ValueError):
+                if not self.closed:
+                    time.sleep(RECONNECT_DELAY)
+
+    def read_stream(self, after):
+        path = "/api/v1/groups/%d/results?stream=1&follow=1&after=%d" % (self.group_id, after)
+        connection, response = self.http.stream(path, STREAM_READ_TIMEOUT)
+        self.stream_connection = connection
+        try:
+            while not self.closed:
+                line = response.readline()
+                if not line:
+                    return
+                if line.strip():
+                    record = json.loads(line.decode("utf-8"))
+                    if "task_id" in record:
+                        self.take_result(record)
+                with self.lock:
+                    if self.waiting:
+                        self.last_pending = time.monotonic()
+                    elif time.monotonic() - self.last_pending > STREAM_IDLE:
+                        return
+        finally:
+            self.stream_connection = None
+            connection.close()
+
+    def take_result(self, record):
+        with self.lock:
+            future = self.waiting.pop(record["task_id"], None)
+            if future is None:
+                if record["task_id"] > self.highest:    # its batch's answer is on its way
+                    self.early[record["task_id"]] = record
+                return              # one that ended already (a stream opened again)
+            if self.waiting:
+                self.last_pending = time.monotonic()
+        self.finish(future, record)
+
+    def finish(self, future, record):
+        future.record = record
+        state = record.get("state")
+        if state == "cancelled":
+            future.local_cancel()
+            return
+        if state != "completed":
+            result = record.get("result") or {}
+            settle(future, error=TaskFailed(record["task_id"], state, record.get("error"),
+                                            result))
+            return
+        try:
+            value = future.decode(record)
+        except BaseException as e:
+            settle(future, error=e)
+        else:
+            settle(future, value)
+
+    # -- one task by id ---------------------------------------------------------------
+
+    def get_result(self, task_id, wait=None):
+        """A task's result record ({"task_id", "state", "completed",
+        "result", "error"}); with `wait`, waits up to that many seconds
+        (at most 60) for it to finish. A task still running gives its state."""
+        path = "/api/v1/tasks/%d/result" % int(task_id)
+        if wait is not None:
+            path += "?wait=%g" % wait
+        return self.http.json("GET", path, ok=(200, 409), timeout=REQUEST_TIMEOUT + (wait or 0))
+
+    def results(self, task_ids, wait=None, until="all"):
+        """Many result records in one request (at most 10,000 ids):
+        {"results": [...], "pending": [...], "unknown": [...]}."""
+        body = {"task_ids": [int(n) for n in task_ids], "until": until}
+        if wait is not None:
+            body["wait"] = wait
+        return self.http.json("POST", "/api/v1/results", body,
+                              timeout=REQUEST_TIMEOUT + (wait or 0))
+
+    def cancel(self, task):
+        """Cancel a task: a TaskFuture (True when cancelled, as
+        Future.cancel), or a task id (its state after, as POST .../cancel)."""
+        if isinstance(task, TaskFuture):
+            return task.cancel()
+        return self.http.json("POST", "/api/v1/tasks/%d/cancel" % int(task), {})["state"]
+
+    def cancel_future(self, future):
+        with self.lock:
+            if future.done():
+                return False
+            if future in self.queue:
+                self.queue.remove(future)
+                future.submit_error = concurrent.futures.CancelledError()
+                future.submitted.set()
+                return future.local_cancel()
+        try:
+            task_id = future.wait_submitted(REQUEST_TIMEOUT)
+        except BaseException:
+            return future.cancelled()
+        state = self.http.json("POST", "/api/v1/tasks/%d/cancel" % task_id, {})["state"]
+        if state in ("completed", "failed", "timed_out"):
+            return False
+        with self.lock:
+            self.waiting.pop(task_id, None)
+        return future.local_cancel()
+
+    @staticmethod
+    def wait(futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+        """concurrent.futures.wait: (done, not_done)."""
+        return concurrent.futures.wait(futures, timeout, return_when)
+
+    @staticmethod
+    def as_completed(futures, timeout=None):
+        """concurrent.futures.as_completed: each future as it finishes."""
+        return concurrent.futures.as_completed(futures, timeout)
+
+    # -- files -------------------------------------------------------------------------
+
+    def put(self, source):
+        """Store a file (a path, bytes, or a binary file object) on the main
+        node; {"sha256", "size"}, to give a task as stdin or an input."""
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        elif hasattr(source, "read"):
+            data = source.read()
+        else:
+            with open(source, "rb") as f:
+                data = f.read()
+        headers = {"Content-Type": "application/octet-stream",
+                   "X-Content-SHA256": hashlib.sha256(data).hexdigest()}
+        status, body = self.http.request("POST", "/api/v1/files", data, headers,
+                                         REQUEST_TIMEOUT + len(data) / 1e6)
+        answer = json.loads(body.decode("utf-8") or "{}")
+        if status != 201:
+            raise ClusterError("POST /api/v1/files: %s (HTTP %d)" % (answer.get("error"),
+                                                                     status), status)
+        return answer
+
+    def get(self, ref, path=None):
+        """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
+        a {"sha256"} dict), or (task_id, name) for a task's output file."""
+        if isinstance(ref, tuple):
+            where = "/api/v1/tasks/%d/files/%s" % (int(ref[0]), urllib.parse.quote(ref[1]))
+        else:
+            where = "/api/v1/files/%s" % (ref["sha256"] if isinstance(ref, dict) else ref)
+        status, data = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10)
+        if status != 200:
+            raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
+                "utf-8", "replace"), status), status)
+        if path is None:
+            return data
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def files(self, task_id):
+        """The files a task has (its outputs): [{"name", "sha256", "size"...}]."""
+        return self.http.json("GET", "/api/v1/tasks/%d/files" % int(task_id))["files"]
+
+    def slots(self):
+        """Task slots of the online devices (1 when that cannot be read),
+        asked at most once every SLOTS_SECONDS."""
+        asked_at, slots = self.slots_seen
+        if time.monotonic() - asked_at < SLOTS_SECONDS:
+            return slots
+        try:
+            slots = max(1, int(self.http.json("GET", "/api/v1/status").get("slots_total") or 1))
+        except (ClusterError, ValueError, TypeError):
+            slots = 1
+        self.slots_seen = (time.monotonic(), slots)
+        return slots
+
+
+def refused_task(error, count):
+    """Which task of a batch of `count` rc-web refused ("task 3 of 7: ..."),
+    0-based; None when it refused the batch as a whole."""
+    text = str(error)
+    if error.status != 400 or count < 2 or "task " not in text:
+        return None
+    try:
+        number, total = text.split("task ", 1)[1].split(":", 1)[0].split(" of ")
+        number, total = int(number), int(total)
+    except ValueError:
+        return None
+    return number - 1 if total == count and 0 < number <= count else None
+
+
+def start_thread(target, name):
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def read_token_file(path):
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def task_spec(task_type, arg, options):
+    """A task as POST /api/v1/tasks takes it, from submit()'s arguments."""
+    unknown = sorted(set(options) - set(PAYLOAD_OPTIONS) - set(TASK_OPTIONS) - {"payload"})
+    if unknown:
+        raise TypeError("unknown task option %s (known: %s)" % (", ".join(unknown), ", ".join(
+            sorted(PAYLOAD_OPTIONS + TASK_OPTIONS + ("payload",)))))
+    spec = {"task_type": task_type}
+    payload = options.get("payload")
+    if payload is None:
+        payload = arg
+    extra = {key: options[key] for key in PAYLOAD_OPTIONS if options.get(key) is not None}
+    if extra:
+        if not isinstance(payload, dict):
+            raise TypeError("with %s, give the payload as a dict (payload={...})"
+                            % ", ".join(sorted(extra)))
+        payload = dict(payload, **extra)
+    if payload is not None:
+        spec["payload"] = payload
+    for key in TASK_OPTIONS:
+        if options.get(key) is not None:
+            spec[key] = list(options[key]) if key == "depends_on" else options[key]
+    return spec
+
+
+def wire_spec(spec):
+    """The spec as JSON: futures it depends on replaced by their ids."""
+    depends = spec.get("depends_on")
+    if not depends:
+        return spec
+    # Batches go in order, so a future it depends on has been sent by now
+    # (or is another Cluster's: refused rather than waited for).
+    return dict(spec, depends_on=[d.wait_submitted(0) if isinstance(d, TaskFuture) else d
+                                  for d in depends])
+
+
+def results_in_order(futures, timeout):
+    """Each future's result in order (as Executor.map gives them); closing
+    the generator early cancels those not yet done."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        futures.reverse()
+        while futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            yield futures.pop().result(left)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+# -- Executor: Python functions on the fleet ---------------------------------------------
+
+class Executor(concurrent.futures.Executor):
+    """A concurrent.futures.Executor whose calls run on the cluster's
+    devices, each in its own process (a python_exec task): code written for
+    ProcessPoolExecutor runs on the fleet by changing the line that makes
+    the executor. Task options (priority, timeout, retries, requirements,
+    env...) apply to every task; max_workers is accepted and ignored (the
+    fleet's slots decide)."""
+
+    def __init__(self, url=None, token=None, max_workers=None, cluster=None, **task_options):
+        self.cluster = cluster or Cluster(url, token)
+        self.own_cluster = cluster is None
+        task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
+        self.task_options = task_options
+        self.outstanding = set()
+        self.lock = threading.Lock()
+        self.shut = False
+
+    def submit(self, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) on a device; a TaskFuture of its value.
+        fn must be shippable (docs/client.md): TypeError at once if not."""
+        return self.submit_calls(fn, [(args, kwargs)], first_outcome)
+
+    def submit_calls(self, fn, calls, decode):
+        with self.lock:
+            if self.shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        code, home = call_code(fn, calls)
+        spec = task_spec("python_exec", {"code": code}, self.task_options)
+        future = self.cluster.submit_spec(spec, functools.partial(decode, home=home))
+        with self.lock:
+            self.outstanding.add(future)
+        future.add_done_callback(self.forget)
+        return future
+
+    def forget(self, future):
+        with self.lock:
+            self.outstanding.discard(future)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=None):
+        """fn over the iterables' items, results in order. Calls go to the
+        devices `chunksize` per task; by default about CHUNKS_PER_SLOT tasks
+        per slot of the fleet (at most MAX_CHUNKSIZE calls each), fewer
+        when their arguments are large."""
+        items = list(zip(*iterables))
+        if chunksize is None:
+            chunksize = default_chunksize(len(items), self.cluster.slots())
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        futures = [self.submit_calls(fn, chunk, all_outcomes)
+                   for chunk in argument_chunks(items, chunksize)]
+        return flatten(results_in_order(futures, timeout))
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        with self.lock:
+            self.shut = True
+            outstanding = list(self.outstanding)
+        if cancel_futures:
+            for future in outstanding:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(outstanding)
+            if self.own_cluster:
+                self.cluster.close()
+
+
+def default_chunksize(count, slots):
+    if count == 0:
+        return 1
+    return max(1, min(MAX_CHUNKSIZE, -(-count // (slots * CHUNKS_PER_SLOT))))
+
+
+def argument_chunks(items, chunksize):
+    """Lists of (args, {}) of at most `chunksize` calls and, past the first
+    call, MAX_ARGUMENT_BYTES of pickled arguments."""
+    chunk, size = [], 0
+    for args in items:
+        weight = len(pickle.dumps(args, PICKLE_PROTOCOL)) if chunksize > 1 else 0
+        if chunk and (len(chunk) >= chunksize or size + weight > MAX_ARGUMENT_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((args, {}))
+        size += weight
+    if chunk:
+        yield chunk
+
+
+def flatten(chunk_results):
+    for values in chunk_results:
+        for value in values:
+            yield value
+
+
+def first_outcome(record, home=None):
+    return all_outcomes(record, home)[0]
+
+
+def all_outcomes(record, home=None):
+    """The values of a python_exec task made by call_code(), in order; the
+    first call that raised raises here, its remote traceback attached."""
+    values = []
+    for outcome in decode_outcomes(record, home):
+        if outcome[0] == 0:
+            values.append(outcome[1])
+        else:
+            raise remote_exception(outcome, home)
+    return values
+
+
+class Loader(pickle.Unpickler):
+    """Unpickles what a device sent: its __main__ is the module `home` here."""
+
+    def __init__(self, data, home):
+        super().__init__(io.BytesIO(data))
+        self.home = home
+
+    def find_class(self, module, name):
+        if module == "__main__" and self.home:
+            module = self.home
+        return super().find_class(module, name)
+
+
+def decode_outcomes(record, home=None):
+    output = (record.get("result") or {}).get("output") or ""
+    position = output.rfind(RESULT_MARK)
+    if position < 0:
+        result = record.get("result") or {}
+        raise TaskFailed(record["task_id"], "completed", "no result line in its output%s" % (
+            " (cut at the worker's output cap)" if result.get("truncated") else ""), result)
+    text = output[position + len(RESULT_MARK):].split("\n", 1)[0]
+    try:
+        return Loader(binascii.a2b_base64(text), home).load()
+    except Exception as e:
+        raise TaskFailed(record["task_id"], "completed",
+                         "its result cannot be read here: %s: %s" % (type(e).__name__, e),
+                         record.get("result"))
+
+
+def remote_exception(outcome, home=None):
+    """(1, pickled exception or None, type name, message, traceback text)."""
+    _, data, type_name, message, traceback_text = outcome
+    error = None
+    if data is not None:
+        try:
+            error = Loader(data, home).load()
+        except Exception:
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(type_name, message, traceback_text)
+    error.__cause__ = RemoteTraceback(traceback_text)
+    return error
+
+
+# -- what goes to the device -------------------------------------------------------------
+# The task is a python_exec script: the function's source (and what it uses
+# from its module) compiled under its own file name and line numbers, so a
+# traceback names the lines of the user's file, then its calls.
+
+# Compiling the script costs the device more than running it: the path
+# every task takes is short, and what only a failure, an unpicklable value
+# or a module other than __main__ needs is a string, compiled when needed.
+RUNNER = r'''import sys, binascii
+try:
+    import _pickle as pickle        # pickle.py imports re: a millisecond a task
+except ImportError:
+    import pickle
+
+
+def _rc_run(name, pieces, calls, mark, limit, home):
+    out, sys.stdout = sys.stdout, sys.stderr    # the function's prints: the task's stderr
+    space = globals()
+    try:
+        for filename, line, source in pieces:
+            exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+        function = space[name]
+        calls = binascii.a2b_base64(calls)
+        calls = pickle.loads(calls) if home in (None, "__main__") else \
+            _rc_slow("load")(calls, home)
+        outcomes = []
+        for args, kwargs in calls:
+            try:
+                outcomes.append((0, function(*args, **kwargs)))
+            except BaseException as e:
+                outcomes.append(_rc_slow("failure")(e))
+    except BaseException as e:
+        outcomes = [_rc_slow("failure")(e)]
+    try:
+        data = pickle.dumps(outcomes, 4)
+    except BaseException:
+        data = _rc_slow("dumps_each")(outcomes)
+    text = binascii.b2a_base64(data, newline=False).decode()
+    if len(text) > limit:
+        text = _rc_slow("too_large")(data, limit)
+    out.write(mark + text + "\n")
+    out.flush()
+
+
+def _rc_slow(name):
+    if "_rc_failure" not in globals():
+        exec(_RC_SLOW, globals())
+    return globals()["_rc_" + name]
+
+
+_RC_SLOW = """
+import io
+
+
+def _rc_failure(e):
+    import traceback
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    try:
+        data = pickle.dumps(e, 4)
+        pickle.loads(data)
+    except BaseException:
+        data = None
+    return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
+
+
+def _rc_load(data, home):
+    class Loader(pickle.Unpickler):
+        # The client's module `home` is this script's __main__ here.
+        def find_class(self, module, name):
+            return pickle.Unpickler.find_class(self, "__main__" if module == home
+                                               else module, name)
+    return Loader(io.BytesIO(data)).load()
+
+
+def _rc_dumps_each(outcomes):
+    kept = []
+    for outcome in outcomes:
+        try:
+            pickle.dumps(outcome, 4)
+            kept.append(outcome)
+        except BaseException as e:
+            kept.append(_rc_failure(e))
+    return pickle.dumps(kept, 4)
+
+
+def _rc_too_large(data, limit):
+    message = "the results are %d bytes pickled, over %d" % (len(data), limit * 3 // 4)
+    return binascii.b2a_base64(pickle.dumps(
+        [(1, None, "ValueError", message, message + "\\n")], 4), newline=False).decode()
+"""
+
+
+'''
+
+
+def call_code(fn, calls):
+    """(the python_exec script that makes `calls` ([(args, kwargs)]) of fn,
+    the module whose definitions it carries, which is __main__ there)."""
+    fn, calls = unwrap_partial(fn, calls)
+    name, pieces, home = shipped(fn)
+    try:
+        data = pickle.dumps(calls, PICKLE_PROTOCOL)
+    except Exception as e:
+        raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+    # Arguments that name nothing of fn's module unpickle as they are there;
+    # others need that module read as the script's __main__ (a slower path).
+    renamed = home if home not in (None, "__main__") and home.encode() in data else None
+    return "%s_rc_run(%r, %r, %r, %r, %d, %r)\n" % (
+        RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, RESULT_LIMIT,
+        renamed), home
+
+
+def unwrap_partial(fn, calls):
+    while isinstance(fn, functools.partial):
+        calls = [(fn.args + tuple(args), dict(fn.keywords or {}, **kwargs))
+                 for args, kwargs in calls]
+        fn = fn.func
+    return fn, calls
+
+
+_shipped = {}
+_shipped_lock = threading.Lock()
+
+
+def shipped(fn):
+    """(name to call, [(filename, first line, source)]) for fn, made once per function."""
+    key = id(fn)
+    with _shipped_lock:
+        found = _shipped.get(key)
+        if found is not None and found[0] is fn:
+            return found[1]
+    made = Shipment(fn).pieces()
+    with _shipped_lock:
+        _shipped[key] = (fn, made)
+    return made
+
+
+def describe(fn):
+    return "%s.%s" % (getattr(fn, "__module__", "?"), getattr(fn, "__qualname__", repr(fn)))
+
+
+LIBRARY_PATHS = tuple(os.path.realpath(p) + os.sep for p in {
+    sysconfig.get_paths().get(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if p)
+
+
+def is_library_module(name):
+    """A module every device is expected to have (the standard library) or
+    to install itself (site-packages): referred to by import, never copied."""
+    if name in sys.builtin_module_names or name == "builtins":
+        return True
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    return bool(path) and os.path.realpath(path).startswith(LIBRARY_PATHS)
+
+
+class Shipment:
+    """The source of a function and of what it uses from its module:
+    imports, helper functions and classes, constants (pickled)."""
+
+    MAX_PIECES = 200
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.imports, self.definitions, self.constants = {}, {}, {}
+        self.seen = set()
+
+    def pieces(self):
+        fn = self.fn
+        if not isinstance(fn, types.FunctionType):
+            return self.by_reference(fn)
+        refuse_unshippable(fn)
+        if is_library_module(fn.__module__) and fn.__module__ != "__main__":
+            return self.by_reference(fn)
+        self.add_definition(fn.__name__, fn)
+        ordered = sorted(self.definitions.values(), key=lambda piece: (piece[0], piece[1]))
+        pieces = [("<imports of %s>" % fn.__module__, 1, "\n".join(
+            statement for statement in self.imports.values()))] if self.imports else []
+        pieces += [("<constants of %s>" % fn.__module__, 1, "".join(self.constants.values()))] \
+            if self.constants else []
+        return fn.__name__, pieces + ordered, fn.__module__
+
+    def by_reference(self, fn):
+        module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+        if not module or not qualname or "<" in qualname or module == "__main__" \
+                or not is_library_module(module.split(".")[0]) and not is_library_module(module):
+            raise TypeError("cannot ship %r to a device: pass a function defined with def at"
+                            " the top level of a module (docs/client.md)" % (fn,))
+        head, _, rest = qualname.partition(".")
+        source = "from %s import %s as _rc_function\n" % (module, head)
+        if rest:
+            source += "_rc_function = _rc_function.%s\n" % rest
+        return "_rc_function", [("<%s>" % describe(fn), 1, source)], None
+
+    def add_definition(self, name, value):
+        if id(value) in self.seen:
+            return
+        self.seen.add(id(value))
+        if len(self.seen) > self.MAX_PIECES:
+            raise TypeError("%s uses more than %d functions and classes of its module; put"
+                            " them in a package installed on the devices"
+                            % (describe(self.fn), self.MAX_PIECES))
+        try:
+            lines, first = inspect.getsourcelines(value)
+            filename = inspect.getsourcefile(value) or "<%s>" % describe(value)
+        except (OSError, TypeError):
+            raise TypeError("cannot ship %s to a device: its source cannot be read (defined"
+                            " in an interactive session or with python -c?); put it in a"
+                            " .py file" % describe(value))
+        source = textwrap.dedent("".join(lines))
+        if value.__name__ != name:
+            source += "%s = %s\n" % (name, value.__name__)
+        self.definitions[name] = (filename, first, source)
+        module = sys.modules.get(value.__module__)
+        for used in sorted(self.names_used(value, source)):
+            self.add_global(used, module, value)
+
+    def names_used(self, value, source):
+        """Global names the definition reads: from the bytecode of a function
+        (and of a class's methods), from the syntax outside function bodies
+        (decorators, base classes, class attributes)."""
+        functions = [value] if isinstance(value, types.FunctionType) else [
+            getattr(member, "__func__", member) for member in vars(value).values()]
+        names = set()
+        for function in functions:
+            if isinstance(function, property):
+                function = function.fget
+            if isinstance(function, types.FunctionType):
+                names |= code_globals(function.__code__)
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            return names
+        return names | outside_functions(tree)
+
+    def add_global(self, name, module, user):
+        space = getattr(module, "__dict__", {})
+        if name not in space or name in self.definitions or name in self.imports \
+                or name in self.constants:
+            return          # a builtin, or a name the code never finds (an error there too)
+        value = space[name]
+        if isinstance(value, types.ModuleType):
+            self.imports[name] = import_statement(module, name) or (
+                "import %s as %s" % (value.__name__, name))
+        elif isinstance(value, (types.FunctionType, type)) and not is_library_module(
+                value.__module__):
+            if isinstance(value, types.FunctionType):
+                refuse_unshippable(value)
+            self.add_definition(name, value)
+        elif is_library_object(value):
+            self.imports[name] = import_statement(module, name) or reference_import(name, value)
+        else:
+            try:
+                data = base64.b64encode(pickle.dumps(value, PICKLE_PROTOCOL)).decode()
+            except Exception as e:
+                raise TypeError("%s uses the global %s (%s), which cannot be pickled to ship"
+                                " it: %s" % (describe(user), name, type(value).__name__, e))
+            self.constants[name] = ("%s = __import__('_pickle').loads(__import__('binascii')"
+                                    ".a2b_base64(%r))\n" % (name, data))
+
+
+def is_library_object(value):
+    """A function or class of a library module (math.sqrt, collections.Counter)."""
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    return isinstance(module, str) and isinstance(qualname, str) and is_library_module(module)
+
+
+def refuse_unshippable(fn):
+    what = describe(fn)
+    if fn.__name__ == "<lambda>":
+        raise TypeError("cannot ship the lambda %s to a device: define the function with def"
+                        " at the top level of a module (docs/client.md)" % what)
+    if "<locals>" in fn.__qualname__ or fn.__closure__:
+        raise TypeError("cannot ship %s to a device: it is a nested function or closure;"
+                        " define it at the top level of its module and pass what it"
+                        " captures as arguments (docs/client.md)" % what)
+    if "." in fn.__qualname__:
+        raise TypeError("cannot ship the method %s to a device: wrap it in a module-level"
+                        " function (docs/client.md)" % what)
+    if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
+        raise TypeError("cannot ship %s: a coroutine or generator function gives no value"
+                        " a process can return; return a list instead" % what)
+
+
+def code_globals(code):
+    """Names a code object (and those nested in it) loads as globals."""
+    names = set()
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            names.add(instruction.argval)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= code_globals(constant)
+    return names
+
+
+def outside_functions(tree):
+    """Names loaded in a definition's syntax outside any function body."""
+    names, nodes = set(), [tree]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            nodes.extend(getattr(node, "decorator_list", []))
+            nodes.extend(node.args.defaults + node.args.kw_defaults)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        nodes.extend(ast.iter_child_nodes(node))
+    return names
+
+
+_module_imports = {}
+
+
+def import_statement(module, name):
+    """The module's own top-level import that binds `name`, as a statement
+    of that binding alone ("import numpy as np"), or None."""
+    key = getattr(module, "__name__", None)
+    if key not in _module_imports:
+        _module_imports[key] = module_imports(module)
+    return _module_imports[key].get(name)
+
+
+def module_imports(module):
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    found = {}
+    statements = list(tree.body)
+    while statements:
+        node = statements.pop(0)
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                found.setdefault(bound, "import %s%s" % (
+                    alias.name, " as %s" % alias.asname if alias.asname else ""))
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module != "__future__":
+            for alias in node.names:
+                if alias.name != "*":
+                    found.setdefault(alias.asname or alias.name, "from %s import %s%s" % (
+                        node.module, alias.name, " as %s" % alias.asname if alias.asname else ""))
+        elif isinstance(node, (ast.If, ast.Try)):
+            # `try: import json except ImportError: ...`: the first binding wins
+            for block in [node.body] + [h.body for h in getattr(node, "handlers", [])]:
+                statements[0:0] = [n for n in block if isinstance(n, (ast.Import,
+                                                                      ast.ImportFrom))]
+    return found
+
+
+def reference_import(name, value):
+    module, qualname = value.__module__, value.__qualname__
+    if "." in qualname or "<" in qualname:
+        raise TypeError("cannot ship the global %s (%r): import it in the function instead"
+                        % (name, value))
+    return "from %s import %s%s" % (module, qualname, "" if qualname == name
+                                    else " as %s" % name)

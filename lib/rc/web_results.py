@@ -1,0 +1,543 @@
+"""rc-web's routes for programs that submit and collect many tasks (issue 19):
+a result that can be waited for, many results in one request, a group's
+results as they finish, a batch submit that costs one audit line, and the
+Python client itself (/client.py).
+
+Waiting never polls the tasks a request waits for: one thread (ChangeWatch)
+looks at `PRAGMA data_version` while anybody waits, woken at once by rc-web's
+doorbell (rc-server rings it when results are committed) or every
+WATCH_INTERVAL without one, and a waiter then reads only the task events
+committed since its last look. Each waiting request holds a waitress
+thread, so there are at most MAX_WAITERS of them (MAX_WAITERS_PER_ADDRESS
+from one address); past that a request is answered at once, as if it had
+not asked to wait, and says so (`wait_refused`).
+"""
+import os
+import threading
+import time
+
+import bottle
+import orjson
+
+from rc import bell, bounded, db, tasks, web_server
+from rc import config as rc_config
+from rc.states import COMPLETED, TERMINAL_STATES
+
+MAX_WAIT = 60.0                 # seconds one request may wait for results
+MAX_WAITERS = 16                # requests waiting at once (each holds a waitress thread)
+MAX_WAITERS_PER_ADDRESS = 4     # ... of those, from one address (an IPv6 /64)
+MAX_RESULT_IDS = 10000          # task ids one bulk read names
+MAX_RESULTS_BYTES = 8 * 1024 * 1024     # bytes of results one answer carries at most;
+                                # the rest are listed in `not_sent`, to be asked again
+WATCH_INTERVAL = 0.05           # seconds between looks at data_version when no doorbell
+                                # rings (rc-server rings it for results)
+WAKE_EVERY = 1.0                # seconds a waiter sleeps at most (to see its client leave)
+STREAM_PING = 15.0              # seconds between keep-alive blank lines on a quiet stream
+ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 parameters
+UNTIL = ("any", "all")
+CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
+TERMINAL_SQL = "state IN (%s)" % db.sql_list(TERMINAL_STATES)
+# A group's tasks that ended in events (?, ?], past a task id.
+GROUP_ENDED_SQL = ("SELECT t.task_id, t.state, t.result, t.error FROM task_events e"
+                   " JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
+                   " AND e." + TERMINAL_SQL + " AND t.group_id = ? AND t.task_id > ?"
+                   " ORDER BY e.id")
+
+
+class ApiError(Exception):
+    """As rc.web.ApiError (that module imports this one): {"error"} with `status`."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def contained(handler):
+    """The handler, with its ApiError answered as {"error"}."""
+    def answer(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except ApiError as e:
+            return json_response({"error": str(e)}, e.status)
+    return answer
+
+
+def json_response(value, status=200, headers=None):
+    return bottle.HTTPResponse(orjson.dumps(value, default=repr), status,
+                               dict({"Content-Type": "application/json"}, **(headers or {})))
+
+
+# -- waking up waiters -----------------------------------------------------------------
+
+class ChangeWatch:
+    """Tells waiting requests that the database changed. `generation` grows
+    by one for each change seen; a waiter remembers the generation before it
+    looks at the database and sleeps until it moves on."""
+
+    def __init__(self, config):
+        self.config = config
+        self.condition = threading.Condition()
+        self.generation = 0
+        self.waiting = 0
+        self.thread = None
+
+    def wait(self, seen, timeout):
+        """Sleep until the generation is past `seen` or `timeout` passes;
+        returns the generation now."""
+        with self.condition:
+            self.waiting += 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="rc-web-watch",
+                                               daemon=True)
+                self.thread.start()
+            self.condition.notify_all()         # the watch, when it is parked
+            try:
+                self.condition.wait_for(lambda: self.generation != seen, timeout)
+            finally:
+                self.waiting -= 1
+            return self.generation
+
+    def run(self):
+        connection = db.connect(self.config.db_path)
+        try:
+            doorbell = bell.Bell(self.config.run_dir, bell.WEB)
+        except OSError:
+            doorbell = None           # no run directory to bind in: looking is enough
+        version = db.data_version(connection)
+        while True:
+            with self.condition:
+                while not self.waiting:
+                    self.condition.wait()
+            if doorbell is not None:
+                doorbell.wait(WATCH_INTERVAL)
+            else:
+                time.sleep(WATCH_INTERVAL)
+            now = db.data_version(connection)
+            if now != version:
+                version = now
+                with self.condition:
+                    self.generation += 1
+                    self.condition.notify_all()
+
+
+class WaitSlots:
+    """How many requests wait at once, in all and per address."""
+
+    def __init__(self, total=MAX_WAITERS, per_address=MAX_WAITERS_PER_ADDRESS):
+        self.total, self.per_address = total, per_address
+        self.lock = threading.Lock()
+        self.by_address = {}
+
+    def take(self, address):
+        """A message saying why not, or None when the slot is taken."""
+        key = web_server.address_key(address or "")
+        with self.lock:
+            if sum(self.by_address.values()) >= self.total:
+                return ("%d requests are waiting already, the most rc-web allows;"
+                        " answered without waiting" % self.total)
+            if self.by_address.get(key, 0) >= self.per_address:
+                return ("%d requests from %s are waiting already, the most one address may"
+                        " hold; answered without waiting" % (self.per_address, key))
+            self.by_address[key] = self.by_address.get(key, 0) + 1
+        return None
+
+    def give(self, address):
+        key = web_server.address_key(address or "")
+        with self.lock:
+            left = self.by_address.get(key, 1) - 1
+            if left:
+                self.by_address[key] = left
+            else:
+                self.by_address.pop(key, None)
+
+
+# -- reading results -------------------------------------------------------------------
+
+def last_event(connection):
+    return connection.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
+
+
+def finished_since(connection, after, until_id):
+    """Ids of tasks that reached a terminal state in events (after, until_id]."""
+    return {row[0] for row in connection.execute(
+        "SELECT task_id FROM task_events WHERE id > ? AND id <= ? AND " + TERMINAL_SQL,
+        (after, until_id))}
+
+
+def task_rows(connection, task_ids):
+    """{task id: (state, result JSON text, error)} of those that exist."""
+    found, ids = {}, list(task_ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start:start + ID_CHUNK]
+        for row in connection.execute(
+                "SELECT task_id, state, result, error FROM tasks WHERE task_id IN (%s)"
+                % ",".join("?" * len(chunk)), chunk):
+            found[row[0]] = (row[1], row[2], row[3])
+    return found
+
+
+def result_entry(task_id, row):
+    """One task's result, in the shape of GET /api/v1/tasks/ID/result; the
+    result is passed on as the JSON it is stored as, never decoded."""
+    state, result, error = row
+    return {"task_id": task_id, "state": state, "completed": state == COMPLETED,
+            "result": orjson.Fragment(result) if result is not None else None,
+            "error": error}
+
+
+class Progress:
+    """What one waiting request knows of its tasks: which are finished, which
+    pending; `look` reads the database the first time, `look_again` only
+    the events since."""
+
+    def __init__(self, task_ids):
+        self.wanted = list(dict.fromkeys(task_ids))
+        self.finished, self.pending, self.unknown = {}, set(), []
+        self.cursor = 0
+
+    def look(self, connection):
+        self.cursor = last_event(connection)     # first: a change after it is seen later
+        rows = task_rows(connection, self.wanted)
+        for task_id in self.wanted:
+            row = rows.get(task_id)
+            if row is None:
+                self.unknown.append(task_id)
+            elif row[0] in TERMINAL_STATES:
+                self.finished[task_id] = row
+            else:
+                self.pending.add(task_id)
+
+    def look_again(self, connection):
+        newest = last_event(connection)
+        if newest == self.cursor:
+            return
+        ended = finished_since(connection, self.cursor, newest) & self.pending
+        self.cursor = newest
+        if ended:
+            for task_id, row in task_rows(connection, ended).items():
+                self.finished[task_id] = row
+                self.pending.discard(task_id)
+
+    def satisfied(self, until):
+        return not self.pending or (until == "any" and self.finished)
+
+
+# -- the routes ------------------------------------------------------------------------
+
+class ResultRoutes:
+    def __init__(self, web):
+        self.web = web
+        self.watch = ChangeWatch(web.config)
+        self.slots = WaitSlots()
+        self.submit_batch = contained(self.batch)      # for Web.submit
+
+    def routes(self):
+        """(method, path, handler, access) for rc.web's route table."""
+        return [("GET", "/api/v1/tasks/<task_id:id>/result", contained(self.result), "read"),
+                ("POST", "/api/v1/results", contained(self.results), "read"),
+                ("GET", "/api/v1/results", contained(self.results), "read"),
+                ("GET", "/api/v1/groups/<group_id:id>/results", contained(self.group_results),
+                 "read"),
+                ("GET", "/client.py", self.client_file, "open")]
+
+    def address(self):
+        return bottle.request.environ.get("REMOTE_ADDR")
+
+    def disconnected(self):
+        gone = bottle.request.environ.get("waitress.client_disconnected")
+        return bool(gone and gone())
+
+    def wait_for(self, progress, seconds, until):
+        """Wait up to `seconds` until `progress` is satisfied. Returns (seconds
+        waited, why waiting was refused or None)."""
+        connection = self.web.connection()
+        seen = self.watch.generation
+        progress.look(connection)
+        if seconds <= 0 or progress.satisfied(until):
+            return 0.0, None
+        refused = self.slots.take(self.address())
+        if refused:
+            return 0.0, refused
+        started = time.monotonic()
+        deadline = started + seconds
+        try:
+            while not progress.satisfied(until) and not self.disconnected():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                seen = self.watch.wait(seen, min(left, WAKE_EVERY))
+                progress.look_again(connection)
+        finally:
+            self.slots.give(self.address())
+        return round(time.monotonic() - started, 6), None
+
+    # GET /api/v1/tasks/ID/result?wait=S
+    def result(self, task_id):
+        seconds = wait_seconds(bottle.request.query.get("wait"))
+        if seconds is None:
+            return self.web.result(task_id)
+        progress = Progress([task_id])
+        waited, refused = self.wait_for(progress, seconds, "all")
+        if progress.unknown:
+            raise ApiError(404, "no task %d" % task_id)
+        if task_id in progress.finished:
+            return self.web.result(task_id)
+        state = self.web.connection().execute("SELECT state FROM tasks WHERE task_id = ?",
+                                              (task_id,)).fetchone()[0]
+        answer = {"error": "task %d is still %s" % (task_id, state), "task_id": task_id,
+                  "state": state, "waited": waited}
+        if refused:
+            answer["wait_refused"] = refused
+        return json_response(answer, 409, {"Retry-After": "1"} if refused else None)
+
+    # POST /api/v1/results {"task_ids": [...], "wait": S, "until": "any"|"all"}
+    # GET /api/v1/results?ids=1,2,3&wait=S&until=any
+    def results(self):
+        task_ids, seconds, until = self.bulk_request()
+        progress = Progress(task_ids)
+        waited, refused = self.wait_for(progress, seconds or 0.0, until)
+        answer = {"results": [], "pending": sorted(progress.pending),
+                  "unknown": progress.unknown, "waited": waited}
+        size, not_sent = 0, []
+        for task_id in progress.wanted:
+            row = progress.finished.get(task_id)
+            if row is None:
+                continue
+            size += len(row[1] or "") + len(row[2] or "") + 100
+            if size > MAX_RESULTS_BYTES and answer["results"]:
+                not_sent.append(task_id)
+            else:
+                answer["results"].append(result_entry(task_id, row))
+        if not_sent:
+            answer["not_sent"] = not_sent
+        if refused:
+            answer["wait_refused"] = refused
+        return json_response(answer, 200, {"Retry-After": "1"} if refused else None)
+
+    def bulk_request(self):
+        if bottle.request.method == "POST":
+            body = self.web.json_body()
+            unknown = sorted(set(body) - {"task_ids", "wait", "until"})
+            if unknown:
+                raise ApiError(400, "unknown field %s (known: task_ids, until, wait)"
+                               % ", ".join(unknown))
+            task_ids, wait, until = body.get("task_ids"), body.get("wait"), body.get("until")
+            if not isinstance(task_ids, list) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) for n in task_ids):
+                raise ApiError(400, "task_ids must be a list of task ids")
+        else:
+            query = bottle.request.query
+            text, wait, until = query.get("ids") or "", query.get("wait"), query.get("until")
+            if len(text) > MAX_RESULT_IDS * 21:
+                raise ApiError(400, "ids is too long: at most %d task ids" % MAX_RESULT_IDS)
+            task_ids = [request_number(item, "task id", 1) for item in text.split(",")
+                        if item.strip()]
+        if not 0 < len(task_ids) <= MAX_RESULT_IDS:
+            raise ApiError(400, "name 1 to %d task ids, not %d" % (MAX_RESULT_IDS,
+                                                                   len(task_ids)))
+        for task_id in task_ids:
+            if not 0 < task_id <= bounded.LARGEST:
+                raise ApiError(400, "task id must be from 1 to %d, not %s"
+                               % (bounded.LARGEST, bounded.shown(task_id)))
+        until = until if until is not None else "all"
+        if until not in UNTIL:
+            raise ApiError(400, "until must be any or all, not %r" % bounded.shown(until))
+        return task_ids, wait_seconds(wait), until
+
+    # GET /api/v1/groups/ID/results[?stream=1&follow=1&after=TASK_ID]
+    def group_results(self, group_id):
+        connection = self.web.connection()
+        existing_group(connection, group_id)
+        query = bottle.request.query
+        stream, follow = yes_or_no(query.get("stream"), "stream"), \
+            yes_or_no(query.get("follow"), "follow")
+        after = request_number(query.get("after") or "0", "after")
+        if not stream:
+            progress = Progress(members(connection, group_id, after))
+            progress.look(connection)
+            return json_response({"group_id": group_id, "results": [
+                result_entry(task_id, progress.finished[task_id])
+                for task_id in progress.wanted if task_id in progress.finished],
+                "pending": sorted(progress.pending)})
+        return self.stream_group(group_id, after, follow)
+
+    def stream_group(self, group_id, after, follow):
+        """NDJSON, one line per member task as it finishes (those finished
+        already first), a blank line now and then on a quiet stream, and a
+        last line {"end": true, ...} once every member has finished. With
+        follow=1 it stays open for tasks added to the group later (a
+        client's session), until the client leaves. It holds one of rc-web's
+        max_streams."""
+        from rc.web import StreamBody        # rc.web imports this module: not at the top
+        slots = self.web.stream_slots
+        if not slots.acquire(blocking=False):
+            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
+                                " try again later" % self.web.config.max_streams)
+        try:
+            lines = self.group_lines(group_id, self.web.connection(), after, follow)
+            body = StreamBody(lines, slots.release)
+        except BaseException:
+            slots.release()
+            raise
+        bottle.response.content_type = "application/x-ndjson"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        return body
+
+    def group_lines(self, group_id, connection, after, follow):
+        """The stream's lines. The group's tasks are read once; after that
+        each wake reads only the terminal events since its last look, with
+        their tasks (one query), whoever joined the group meanwhile."""
+        disconnected = bottle.request.environ.get("waitress.client_disconnected")
+        follow = follow or include_new(connection, group_id)
+        seen = self.watch.generation
+        cursor = last_event(connection)      # first: what ends after it is seen below
+        ended, pending = [], set()
+        for row in connection.execute(
+                "SELECT task_id, state, result, error FROM tasks WHERE group_id = ?"
+                " AND task_id > ? ORDER BY task_id", (group_id, after)):
+            (ended.append(row) if row[1] in TERMINAL_STATES else pending.add(row[0]))
+        sent, quiet_since = set(), time.monotonic()
+        while True:
+            fresh = [row for row in ended if row[0] not in sent]
+            if fresh:
+                sent.update(row[0] for row in fresh)
+                pending.difference_update(sent)
+                quiet_since = time.monotonic()
+                yield b"".join(orjson.dumps(result_entry(row[0], row[1:]),
+                                            option=orjson.OPT_APPEND_NEWLINE) for row in fresh)
+            if not pending and not follow:
+                yield orjson.dumps({"end": True, "group_id": group_id, "tasks": len(sent)},
+                                   option=orjson.OPT_APPEND_NEWLINE)
+                return
+            if self.web.closing.is_set() or (disconnected and disconnected()):
+                return
+            if time.monotonic() - quiet_since >= STREAM_PING:
+                quiet_since = time.monotonic()
+                yield b"\n"
+            seen = self.watch.wait(seen, WAKE_EVERY)
+            newest = last_event(connection)
+            ended = connection.execute(GROUP_ENDED_SQL, (cursor, newest, group_id, after)
+                                       ).fetchall() if newest != cursor else []
+            cursor = newest
+
+    # POST /api/v1/tasks with a list (?group=new|ID): called by Web.submit
+    def batch(self, specs, is_list=True):
+        """A list of tasks in one transaction, with one log line and one audit
+        line for the whole batch (a line per task cost more than the insert).
+        ?group=new puts them in a new group (a client's session: its results
+        stream from /api/v1/groups/ID/results), ?group=ID in that group."""
+        if not is_list:
+            raise ApiError(400, "group= goes with a list of tasks")
+        connection, config = self.web.connection(), self.web.config
+        group = bottle.request.query.get("group")
+        group_id = None if not group else new_group(connection, specs) if group == "new" \
+            else client_group(connection, request_number(group, "group", 1))
+        try:
+            task_ids = tasks.submit_many(connection, config, specs, group_id=group_id)
+        except tasks.TaskError:
+            if group == "new":
+                with db.write(connection):
+                    connection.execute("DELETE FROM task_groups WHERE group_id = ?",
+                                       (group_id,))
+            raise
+        types = sorted({spec["task_type"] for spec in specs})
+        fields = dict(count=len(task_ids), first_task_id=task_ids[0],
+                      last_task_id=task_ids[-1], task_types=types, group_id=group_id)
+        self.web.logger.info("tasks_submitted", address=self.address(), **fields)
+        self.web.audit("tasks_submitted", task_ids=task_ids if len(task_ids) <= 10
+                       else id_ranges(task_ids), **fields)
+        answer = {"tasks": [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
+                            for task_id in task_ids]}
+        if group_id is not None:
+            answer["group_id"] = group_id
+        return json_response(answer, 201)
+
+    # GET /client.py
+    def client_file(self):
+        """The Python client, one file, for `curl -O http://NAS:5000/client.py`."""
+        return bottle.static_file(os.path.basename(CLIENT_PATH),
+                                  root=os.path.dirname(CLIENT_PATH),
+                                  mimetype="text/x-python", download=True)
+
+
+def new_group(connection, specs):
+    """A group for a client's tasks: a row like `rc submit --each`'s, with
+    the first task's type, that no new device is ever added to."""
+    with db.write(connection):
+        return connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, options)"
+            " VALUES (?, ?, '{}', '{\"client\": true}')",
+            (time.time(), str(specs[0]["task_type"]))).lastrowid
+
+
+def existing_group(connection, group_id):
+    if connection.execute("SELECT 1 FROM task_groups WHERE group_id = ?",
+                          (group_id,)).fetchone() is None:
+        raise ApiError(404, "no group %d" % group_id)
+    return group_id
+
+
+def members(connection, group_id, after=0):
+    """The group's task ids past `after`, in order."""
+    return [row[0] for row in connection.execute(
+        "SELECT task_id FROM tasks WHERE group_id = ? AND task_id > ? ORDER BY task_id",
+        (group_id, after))]
+
+
+def client_group(connection, group_id):
+    """A group made by ?group=new: the only kind tasks may be added to (an
+    `rc submit --each` group holds one task per device, and says so)."""
+    row = connection.execute("SELECT options FROM task_groups WHERE group_id = ?",
+                             (group_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "no group %d" % group_id)
+    if not db.loads(row[0], {}).get("client"):
+        raise ApiError(400, "group %d is one task per device (rc submit --each); tasks"
+                            " are added only to a group made with ?group=new" % group_id)
+    return group_id
+
+
+def include_new(connection, group_id):
+    row = connection.execute("SELECT include_new FROM task_groups WHERE group_id = ?",
+                             (group_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def id_ranges(task_ids):
+    """[3, 4, 5, 9] -> "3-5,9": a batch's ids in an audit line stay short."""
+    ranges, first, last = [], task_ids[0], task_ids[0]
+    for task_id in task_ids[1:]:
+        if task_id == last + 1:
+            last = task_id
+            continue
+        ranges.append((first, last))
+        first = last = task_id
+    ranges.append((first, last))
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in ranges)
+
+
+def yes_or_no(value, name):
+    if value in (None, "", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ApiError(400, "%s must be 0 or 1, not %r" % (name, bounded.shown(value)))
+
+
+def wait_seconds(value):
+    """?wait= or "wait": seconds from 0 to MAX_WAIT (a number or its text);
+    None when not given."""
+    if value is None or value == "":
+        return None
+    try:
+        return bounded.seconds(value, "wait", 0.0, MAX_WAIT)
+    except ValueError as e:
+        raise ApiError(400, str(e))
+
+
+def request_number(text, name, low=0):
+    try:
+        return bounded.whole(text, name, low)
+    except ValueError as e:
+        raise ApiError(400, str(e))

@@ -1,0 +1,40 @@
+"""Functions tests/test_client.py ships to devices through rc.client.Executor."""
+import os
+import sys
+import time
+
+OFFSET = 10
+
+
+class Unlucky(Exception):
+    pass
+
+
+def add_offset(number):
+    return number + OFFSET
+
+
+def where(number):
+    """Which Python ran it, and in which process."""
+    return list(sys.version_info[:2]), os.getpid(), number * 2
+
+
+def unlucky(number):
+    if number == 13:
+        raise Unlucky("13 is unlucky")
+    return number
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def noop(number):
+    return number
+
+
+def make_adder(amount):
+    def adder(number):
+        return number + amount
+    return adder

@@ -1,0 +1,443 @@
+"""The Python client (lib/rc/client.py) and the HTTP it uses (lib/rc/web_results.py),
+against a real cluster: an Executor that runs a ProcessPoolExecutor program
+unchanged but for the executor, functions from this Python on a CPython 3.6
+worker, remote exceptions, cancel, what cannot be shipped; long polls, bulk
+result reads, a group's result stream, batch submits, and /client.py itself
+under the oldest and newest Python."""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
+from hostile_harness import unharmed
+from rc import audit, client
+
+pytestmark = pytest.mark.e2e
+
+DATA = os.path.join(REPO, "tests", "data")
+sys.path.insert(0, DATA)
+import client_functions as functions  # noqa: E402
+
+PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")),
+                 key=lambda p: [int(n) for n in p.split("/versions/")[1].split("/")[0]
+                                .split(".")[:2]])
+OLDEST = PYTHONS[0] if PYTHONS and "/3.6." in PYTHONS[0] else None
+NEWEST = PYTHONS[-1] if PYTHONS else None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("client"))
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    cluster.start_worker("main", "--slots", "4")
+    devices = {"main"}
+    if OLDEST:
+        start_worker_on(cluster, "py36", OLDEST)
+        devices.add("py36")
+    wait_for(lambda: devices <= online(cluster), 30, "the workers")
+    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+    with open(cluster.config.admin_token_path) as f:
+        cluster.token = f.read().strip()
+    yield cluster
+    cluster.stop()
+
+
+def start_worker_on(cluster, device_id, python):
+    """A worker on another interpreter. As root its tasks would run as uids
+    of their own, which cannot read a python under /root/.pyenv (the worker
+    would run them with the system's python3 instead): here they run as root."""
+    own_user = ["--task-user", "root"] if os.geteuid() == 0 else []
+    with open(cluster.worker_log(device_id), "ab", opener=private) as log:
+        cluster.workers[device_id] = subprocess.Popen(
+            [python, "-I", WORKER] + cluster.worker_arguments(device_id) + ["--slots", "2"]
+            + own_user,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture
+def executor(cluster):
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "main"}) as executor:
+        yield executor
+
+
+@pytest.fixture
+def rc_cluster(cluster):
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        yield connection
+
+
+def http(cluster, method, path, body=None, token=True):
+    """(status, decoded JSON) of one request."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(cluster.url + path, data, method=method)
+    if token:
+        request.add_header("Authorization", "Bearer " + cluster.token)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read().decode())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def submit(cluster, *specs, query=""):
+    status, answer = http(cluster, "POST", "/api/v1/tasks" + query, list(specs))
+    assert status == 201, answer
+    return [entry["task_id"] for entry in answer["tasks"]], answer
+
+
+def held(cluster):
+    """A task that stays queued: it needs a device nobody has."""
+    return submit(cluster, {"task_type": "echo", "payload": "x",
+                            "requirements": {"device_id": "nobody"}})[0][0]
+
+
+# -- the Executor ------------------------------------------------------------------------
+
+def test_a_process_pool_program_runs_unchanged_but_for_the_executor(cluster):
+    with open(os.path.join(DATA, "pool_program.py")) as f:
+        program = f.read()
+    line = "    with Executor(max_workers=4) as executor:\n"
+    assert program.count(line) == 1
+    original = program.replace(line, line.replace("Executor", "ProcessPoolExecutor"))
+    env = dict(os.environ, RC_URL=cluster.url, RC_TOKEN=cluster.token)
+    outputs = []
+    for name, text in (("on_the_fleet.py", program), ("on_this_machine.py", original)):
+        path = os.path.join(cluster.home, name)
+        with open(path, "w") as f:
+            f.write(text)
+        done = subprocess.run([sys.executable, path, os.path.join(REPO, "lib")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    assert "ValueError: no real root of -1" in outputs[0]
+    assert "Summary(5, " in outputs[0]
+    ran = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_type = 'python_exec'"
+                             " AND payload LIKE '%summarise%'").fetchone()[0]
+    assert ran >= 6         # the calls went to the cluster, each a task
+
+
+def test_each_call_runs_in_its_own_process(executor):
+    results = [f.result(60) for f in [executor.submit(functions.where, n) for n in range(6)]]
+    assert [r[2] for r in results] == [0, 2, 4, 6, 8, 10]
+    assert len({r[1] for r in results}) == 6
+    assert executor.submit(functions.add_offset, 5).result(60) == 15   # its module's constant
+
+
+def test_map_keeps_order_and_chunks(cluster, executor):
+    before = cluster.db.execute("SELECT max(task_id) FROM tasks").fetchone()[0]
+    assert list(executor.map(functions.add_offset, range(200), chunksize=50)) == \
+        [n + 10 for n in range(200)]
+    tasks = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ?",
+                               (before,)).fetchone()[0]
+    assert tasks == 4
+    assert list(executor.map(functions.noop, [])) == []
+    assert list(executor.map(pow, [2, 3], [5, 2])) == [32, 9]     # a builtin, by reference
+
+
+@pytest.mark.skipif(not OLDEST, reason="no CPython 3.6 under ~/.pyenv/versions")
+def test_a_function_from_this_python_runs_on_a_3_6_worker(cluster):
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "py36"}) as executor:
+        version, _, doubled = executor.submit(functions.where, 21).result(60)
+        assert version == [3, 6] and doubled == 42
+        with pytest.raises(functions.Unlucky) as raised:
+            executor.submit(functions.unlucky, 13).result(60)
+        assert "13 is unlucky" in str(raised.value.__cause__)
+        assert list(executor.map(functions.add_offset, range(5))) == [10, 11, 12, 13, 14]
+
+
+def test_an_exception_comes_back_with_its_remote_traceback(executor):
+    future = executor.submit(functions.unlucky, 13)
+    with pytest.raises(functions.Unlucky) as raised:
+        future.result(60)
+    cause = raised.value.__cause__
+    assert isinstance(cause, client.RemoteTraceback)
+    assert "client_functions.py" in cause.text and "in unlucky" in cause.text
+    assert 'raise Unlucky("13 is unlucky")' in cause.text
+    assert isinstance(future.exception(), functions.Unlucky)
+    with pytest.raises(functions.Unlucky):
+        list(executor.map(functions.unlucky, [1, 13, 2]))
+
+
+def test_what_cannot_be_shipped_is_refused_at_submit(executor):
+    with pytest.raises(TypeError, match="lambda"):
+        executor.submit(lambda x: x, 1)
+    with pytest.raises(TypeError, match="nested function or closure"):
+        executor.submit(functions.make_adder(3), 1)
+
+    def nested(x):
+        return x
+    with pytest.raises(TypeError, match="nested function or closure"):
+        executor.submit(nested, 1)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        executor.submit(functions.noop, threading.Lock())
+
+
+def test_cancel_a_queued_and_a_running_call(cluster):
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "nobody"}) as nowhere:
+        queued = nowhere.submit(functions.noop, 1)
+        queued.wait_submitted(30)
+        assert queued.cancel() and queued.cancelled()
+        assert state_of(cluster, queued.task_id) == "cancelled"
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "main"}) as executor:
+        running = executor.submit(functions.nap, 60)
+        task_id = running.wait_submitted(30)
+        wait_for(lambda: state_of(cluster, task_id) == "running", 30, "the nap to start")
+        assert running.cancel() and running.cancelled()
+        wait_for(lambda: state_of(cluster, task_id) == "cancelled", 30, "the task to stop")
+        finished = executor.submit(functions.noop, 2)
+        assert finished.result(60) == 2 and not finished.cancel()
+
+
+def state_of(cluster, task_id):
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]
+
+
+def test_shutdown_cancel_futures(cluster):
+    executor = client.Executor(cluster.url, cluster.token,
+                               requirements={"device_id": "nobody"})
+    futures = [executor.submit(functions.noop, n) for n in range(3)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    with pytest.raises(RuntimeError):
+        executor.submit(functions.noop, 1)
+
+
+# -- the Cluster -------------------------------------------------------------------------
+
+def test_cluster_submit_map_and_failures(cluster, rc_cluster):
+    assert rc_cluster.submit("echo", "hello").result(60) == "hello"
+    assert list(rc_cluster.map("shell", ["echo a", "echo b"])) == ["a\n", "b\n"]
+    failing = rc_cluster.submit("shell", "echo oops >&2; exit 3")
+    with pytest.raises(client.TaskFailed) as raised:
+        failing.result(60)
+    assert raised.value.state == "failed" and "oops" in raised.value.stderr
+    first = rc_cluster.submit("echo", "first")
+    second = rc_cluster.submit("echo", "second", depends_on=[first])
+    assert second.result(60) == "second"
+    record = rc_cluster.get_result(second.task_id)
+    assert record["state"] == "completed" and record["result"]["output"] == "second"
+    done, not_done = rc_cluster.wait([first, second], timeout=60)
+    assert len(done) == 2 and not not_done
+    with pytest.raises(client.ClusterError, match="unknown task type"):
+        rc_cluster.submit("nonsense").result(60)
+
+
+def test_put_and_get_files(rc_cluster):
+    stored = rc_cluster.put(b"one\ntwo\n")
+    assert stored["size"] == 8
+    assert rc_cluster.get(stored) == b"one\ntwo\n"
+    counted = rc_cluster.submit("shell", payload={"command": "wc -l < data.txt"},
+                                inputs=[dict(stored, path="data.txt")])
+    assert counted.result(60).strip() == "2"
+
+
+def test_a_wrong_token_is_a_clear_error(cluster):
+    with client.Cluster(cluster.url, "wrong") as wrong:
+        with pytest.raises(client.ClusterError, match="admin token"):
+            wrong.submit("echo", "x").result(30)
+
+
+# -- HTTP: long polls, bulk reads, the group stream, batches --------------------------------
+
+def test_long_poll_returns_when_the_task_finishes(cluster):
+    (task_id,), _ = submit(cluster, {"task_type": "shell", "payload": "sleep 1"})
+    started = time.monotonic()
+    status, answer = http(cluster, "GET", "/api/v1/tasks/%d/result?wait=20" % task_id)
+    elapsed = time.monotonic() - started
+    assert status == 200 and answer["state"] == "completed", answer
+    assert 0.5 < elapsed < 10
+    queued = held(cluster)
+    started = time.monotonic()
+    status, answer = http(cluster, "GET", "/api/v1/tasks/%d/result?wait=0.5" % queued)
+    assert status == 409 and answer["state"] == "queued"
+    assert 0.4 < time.monotonic() - started < 5 and answer["waited"] >= 0.4
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % queued, {})
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "61", "1e9", "nan", "inf"])
+def test_bad_waits_are_400(cluster, wait):
+    status, answer = http(cluster, "GET", "/api/v1/tasks/1/result?wait=" + wait)
+    assert status == 400 and "wait must be" in answer["error"]
+
+
+def test_waiters_are_capped_per_address(cluster):
+    queued = held(cluster)
+    answers = []
+
+    def poll():
+        answers.append(http(cluster, "GET", "/api/v1/tasks/%d/result?wait=3" % queued))
+    threads = [threading.Thread(target=poll) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    refused = [a for s, a in answers if "wait_refused" in a]
+    assert len(answers) == 6 and len(refused) == 2, answers
+    assert all(s == 409 for s, _ in answers)
+    assert "the most one address may hold" in refused[0]["wait_refused"]
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % queued, {})
+
+
+def test_bulk_read_of_many_results(cluster, rc_cluster):
+    ids, _ = submit(cluster, *[{"task_type": "echo", "payload": "n%d" % n} for n in range(50)])
+    answer = rc_cluster.results(ids + [10 ** 12], wait=30)
+    assert sorted(r["task_id"] for r in answer["results"]) == ids
+    assert {r["result"]["output"] for r in answer["results"]} == {"n%d" % n for n in range(50)}
+    assert answer["pending"] == [] and answer["unknown"] == [10 ** 12]
+    status, got = http(cluster, "GET", "/api/v1/results?ids=%s" % ",".join(map(str, ids[:3])))
+    assert status == 200 and [r["task_id"] for r in got["results"]] == ids[:3]
+    queued = held(cluster)
+    answer = rc_cluster.results([queued, ids[0]], wait=20, until="any")
+    assert [r["task_id"] for r in answer["results"]] == [ids[0]]
+    assert answer["pending"] == [queued] and answer["waited"] == 0
+    for body, message in (({"task_ids": list(range(1, 10002))}, "1 to 10000 task ids"),
+                          ({"task_ids": []}, "1 to 10000 task ids"),
+                          ({"task_ids": ["1"]}, "list of task ids"),
+                          ({"task_ids": [1], "until": "some"}, "until must be"),
+                          ({"task_ids": [1], "wait": 100}, "wait must be"),
+                          ({"task_ids": [1], "bogus": 1}, "unknown field bogus")):
+        status, answer = http(cluster, "POST", "/api/v1/results", body)
+        assert status == 400 and message in answer["error"], (body, answer)
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % queued, {})
+
+
+def test_group_results_stream_as_they_finish(cluster):
+    ids, answer = submit(cluster, {"task_type": "shell", "payload": "sleep 0.5; echo slow"},
+                         {"task_type": "echo", "payload": "quick"},
+                         {"task_type": "shell", "payload": "exit 4"}, query="?group=new")
+    group_id = answer["group_id"]
+    request = urllib.request.Request("%s/api/v1/groups/%d/results?stream=1"
+                                     % (cluster.url, group_id))
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in response if line.strip()]
+    assert lines[-1] == {"end": True, "group_id": group_id, "tasks": 3}
+    by_id = {line["task_id"]: line for line in lines[:-1]}
+    assert sorted(by_id) == ids
+    assert by_id[ids[0]]["result"]["output"] == "slow\n"
+    assert by_id[ids[2]]["state"] == "failed"
+    assert [line["task_id"] for line in lines[:-1]].index(ids[0]) == 2   # it finished last
+    status, whole = http(cluster, "GET", "/api/v1/groups/%d/results" % group_id)
+    assert status == 200 and [r["task_id"] for r in whole["results"]] == ids
+    assert http(cluster, "GET", "/api/v1/groups/999999/results")[0] == 404
+    assert http(cluster, "GET", "/api/v1/groups/%d/results?stream=2" % group_id)[0] == 400
+
+
+def test_a_batch_submit_writes_one_audit_line(cluster):
+    def lines():
+        return [line for line in audit.read(cluster.config)
+                if line["event"] in ("tasks_submitted", "task_submitted")]
+    before = len(lines())
+    ids, _ = submit(cluster, *[{"task_type": "echo", "payload": "b%d" % n}
+                               for n in range(100)])
+    new = lines()[before:]
+    assert len(new) == 1 and new[0]["event"] == "tasks_submitted"
+    assert new[0]["count"] == 100 and new[0]["task_ids"] == "%d-%d" % (ids[0], ids[-1])
+    assert new[0]["actor"] == "admin" and new[0]["source"] == "127.0.0.1"
+    status, answer = http(cluster, "POST", "/api/v1/tasks?group=new",
+                          [{"task_type": "echo", "payload": "x"}], token=False)
+    assert status == 401
+    status, answer = http(cluster, "POST", "/api/v1/tasks?group=999999",
+                          [{"task_type": "echo", "payload": "x"}])
+    assert status == 404 and "no group 999999" in answer["error"]
+    status, answer = http(cluster, "POST", "/api/v1/tasks?group=new",
+                          [{"task_type": "echo", "payload": "x"}, {"task_type": "nope"}])
+    assert status == 400 and "task 2 of 2" in answer["error"]
+    status, each = http(cluster, "POST", "/api/v1/groups", {"task_type": "echo", "payload": "x"})
+    assert status == 201
+    status, answer = http(cluster, "POST", "/api/v1/tasks?group=%d" % each["group_id"],
+                          [{"task_type": "echo", "payload": "x"}])
+    assert status == 400 and "one task per device" in answer["error"]
+    assert http(cluster, "POST", "/api/v1/tasks?group=x", [{"task_type": "echo"}])[0] == 400
+
+
+# -- /client.py on the oldest and newest Python ----------------------------------------------
+
+SMOKE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import client
+sys.path.insert(0, sys.argv[2])
+import client_functions
+with client.Cluster() as cluster:
+    print(cluster.submit("echo", "from %d.%d" % sys.version_info[:2]).result(60))
+with client.Executor(requirements={"device_id": sys.argv[3]}) as executor:
+    print(executor.submit(client_functions.where, 4).result(60))
+"""
+
+
+@pytest.mark.parametrize("python", [p for p in (OLDEST, NEWEST) if p] or ["none"])
+def test_client_file_served_runs_on_old_and_new_python(cluster, tmp_path, python):
+    if python == "none":
+        pytest.skip("no CPython under ~/.pyenv/versions")
+    with urllib.request.urlopen(cluster.url + "/client.py", timeout=30) as response:
+        served = response.read()
+    with open(os.path.join(REPO, "lib", "rc", "client.py"), "rb") as f:
+        assert served == f.read()
+    (tmp_path / "client.py").write_bytes(served)
+    device = "py36" if OLDEST else "main"
+    done = subprocess.run([python, "-c", SMOKE, str(tmp_path), DATA, device],
+                          env=dict(os.environ, RC_URL=cluster.url, RC_TOKEN=cluster.token),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+    lines = done.stdout.splitlines()
+    assert lines[0] == "from " + version
+    assert lines[1].startswith("([3, 6]," if OLDEST else "([3, ") and lines[1].endswith(", 8)")
+
+
+# -- clients that leave ----------------------------------------------------------------------
+
+def raw_get(cluster, path):
+    """A GET sent on a raw socket, left without reading its answer."""
+    sock = socket.create_connection(("127.0.0.1", cluster.config.web_port), timeout=10)
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n\r\n"
+                  % (path, cluster.token)).encode())
+    return sock
+
+
+def test_clients_that_leave_give_back_their_waits_and_streams(cluster):
+    queued = held(cluster)
+    _, answer = submit(cluster, {"task_type": "echo", "payload": "x"}, query="?group=new")
+    stream = "/api/v1/groups/%d/results?stream=1&follow=1" % answer["group_id"]
+    with unharmed(cluster, "main"):
+        for _ in range(2):
+            sockets = [raw_get(cluster, "/api/v1/tasks/%d/result?wait=60" % queued)
+                       for _ in range(4)]
+            sockets += [raw_get(cluster, stream) for _ in range(cluster.config.max_streams)]
+            time.sleep(1)
+            refused = http(cluster, "GET", "/api/v1/tasks/%d/result?wait=1" % queued)[1]
+            assert "wait_refused" in refused          # the four hold this address's share
+            for sock in sockets:
+                sock.close()
+
+            def freed():
+                status, answer = http(cluster, "GET",
+                                      "/api/v1/tasks/%d/result?wait=0.2" % queued)
+                return "wait_refused" not in answer
+            wait_for(freed, 15, "the waits to be given back")
+            request = urllib.request.Request(cluster.url + stream.replace("follow=1", "follow=0"))
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert json.loads(response.readline())["task_id"]    # a stream slot is free
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % queued, {})
