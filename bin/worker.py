@@ -567,6 +567,12 @@ class TlsSocket(object):
         except load_ssl().SSLEOFError:     # closed without a TLS goodbye: an end, as ssl's
             return b""
 
+    def recv_into(self, view):
+        try:
+            return self.tls.read(len(view), view)
+        except load_ssl().SSLEOFError:
+            return 0
+
     def send(self, data):
         return self.tls.write(data)
 
@@ -3509,11 +3515,14 @@ def close_all_but(keep):
 # here yet waits as a Staging in the running slots; a task whose outputs are
 # going up waits as an Uploading, and its result is sent once they are stored.
 
-FILES_CHUNK = 256 * 1024        # bytes per read and write of a transfer (bounded memory)
+FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
+FILES_BUFFERS = 2               # FILES_CHUNK buffers of one fetch: one received while one is written
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
+FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
@@ -3642,6 +3651,19 @@ def needs_staging(task):
         payload.get(name) for name in ("inputs", "stdin", "checkpoint", "file"))
 
 
+def file_sha256():
+    """A new SHA-256 for file contents: OpenSSL's (hashlib's own), six times
+    the built-in one's speed where the CPU has SHA instructions, and it lets
+    go of the GIL, so a transfer hashes while it receives. Loaded only once
+    files move (2 MiB more when TLS has loaded OpenSSL already); the
+    built-in one where this Python has no OpenSSL."""
+    try:
+        import _hashlib
+        return _hashlib.openssl_sha256()
+    except (ImportError, AttributeError, ValueError):
+        return sha256_function()()
+
+
 def mebibytes(size):
     return "%.1f MiB" % (size / 1048576.0)
 
@@ -3660,7 +3682,7 @@ class FileCache(object):
         self.dir = os.path.join(os.path.expanduser(state_dir), "cache")
         self.cap = cap_mb * 1048576
         self.lock = _thread.allocate_lock()
-        self.index = None          # sha256 -> [size, last used, mtime_ns], once read
+        self.index = None          # sha256 -> [size, last used, mtime_ns, (dev, inode)], once read
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
@@ -3679,7 +3701,8 @@ class FileCache(object):
                         info = os.lstat(self.path(name))
                     except OSError:
                         continue
-                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns]
+                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns,
+                                        (info.st_dev, info.st_ino)]
         return self.index
 
     def used(self):
@@ -3729,7 +3752,8 @@ class FileCache(object):
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
-            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns]
+            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns,
+                               (info.st_dev, info.st_ino)]
         self.touch(sha)
 
     def drop(self, sha):
@@ -3759,9 +3783,10 @@ class FileCache(object):
         FilesError when the disk cannot hold them even so."""
         index = self.load()
         with self.lock:
-            order = sorted((entry[1], sha) for sha, entry in index.items()
-                           if sha not in self.pinned)
-        total = sum(entry[0] for entry in index.values())
+            total = sum(entry[0] for entry in index.values())
+            # Sorted only when something must go: most fetches fit as it is.
+            order = [] if total + needed <= self.cap else sorted(
+                (entry[1], sha) for sha, entry in index.items() if sha not in self.pinned)
         for _, sha in order:
             if total + needed <= self.cap and self.free() >= needed:
                 break
@@ -3805,8 +3830,10 @@ class FilesConnection(object):
 
     def __init__(self, service, job):
         self.service, self.job = service, job
-        self.sock = None
+        self.sock = self.raw = None     # raw: the TCP socket under the TLS one
         self.inbox = bytearray()
+        self.reused = False             # taken from the pool (see FilesPool)
+        self.cut = None                 # the FilesError that cut a fill()
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -3819,6 +3846,7 @@ class FilesConnection(object):
             self.job.sockets.append(sock)
             sock.connect(address)
             sock.settimeout(FILES_TIMEOUT)
+            self.raw = sock
             if self.service.fingerprint:
                 sock = self.secure(sock)
         except (OSError, ValueError) as e:
@@ -3900,6 +3928,24 @@ class FilesConnection(object):
             return chunk
         return self.recv_socket(size)
 
+    def recv_into(self, view):
+        """Body bytes into `view` (what came with the last control line
+        first); how many, at least one."""
+        if self.inbox:
+            count = min(len(view), len(self.inbox))
+            view[:count] = self.inbox[:count]
+            del self.inbox[:count]
+            return count
+        if self.job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+        try:
+            count = self.sock.recv_into(view)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
+        if not count:
+            raise FilesError("rc-files closed the connection", retry=True)
+        return count
+
     def recv_socket(self, size):
         if self.job.cancelled:
             raise FilesError("cancelled", code="cancelled")
@@ -3919,11 +3965,42 @@ class FilesConnection(object):
         if total != size or length != size - offset:
             raise FilesError("rc-files offers %r bytes of %s from byte %d, not the %d"
                              " expected" % (total, sha, offset, size))
-        while length:
-            chunk = self.recv(min(FILES_CHUNK, length))
-            sink.write(chunk)
-            digest.update(chunk)
-            length -= len(chunk)
+        if length <= FILES_CHUNK:        # one buffer: no thread to hand it to
+            buffer = bytearray(length)
+            count = self.fill(memoryview(buffer))
+            sink.write(memoryview(buffer)[:count])
+            digest.update(memoryview(buffer)[:count])
+            self.raise_cut()
+            return
+        writer = BlobWriter(sink, digest)
+        try:
+            while length:
+                buffer = writer.free_buffer()
+                count = self.fill(memoryview(buffer)[:min(len(buffer), length)])
+                writer.write(buffer, count)
+                self.raise_cut()
+                length -= count
+        finally:
+            writer.close()
+
+    def fill(self, view):
+        """`view` filled with body bytes; how many came. Whole buffers are
+        written and hashed: a TLS record holds 16 KiB, and a write and an
+        update per record would cost more than the TLS itself. When the
+        connection is cut, what came before is counted all the same (and
+        the cut kept for raise_cut), so that a resume starts after it."""
+        filled = 0
+        try:
+            while filled < len(view):
+                filled += self.recv_into(view[filled:])
+        except FilesError as e:
+            self.cut = e
+        return filled
+
+    def raise_cut(self):
+        if self.cut is not None:
+            cut, self.cut = self.cut, None
+            raise cut
 
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
@@ -3946,6 +4023,56 @@ class FilesConnection(object):
                 raise FilesError("rc-files connection cut: %s" % e, retry=True)
             left -= len(chunk)
         return self.answer().get("stored") is True
+
+
+class BlobWriter(object):
+    """Writes and hashes what a fetch receives, in a thread of its own:
+    SHA-256 costs as much as TLS, and both let go of the GIL, so the next
+    buffer comes in while the last is hashed. FILES_BUFFERS buffers go round
+    between the two threads; close() waits for the last and raises what
+    went wrong in the thread (a full disk)."""
+
+    def __init__(self, sink, digest):
+        import queue
+        import threading
+        self.sink, self.digest = sink, digest
+        self.free, self.full = queue.Queue(), queue.Queue()
+        for _ in range(FILES_BUFFERS):
+            self.free.put(bytearray(FILES_CHUNK))
+        self.error = None
+        self.thread = threading.Thread(target=self.run, name="rc-files-writer")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        while True:
+            item = self.full.get()
+            if item is None:
+                return
+            buffer, count = item
+            if self.error is None:
+                try:
+                    view = memoryview(buffer)[:count]
+                    self.sink.write(view)
+                    self.digest.update(view)
+                except BaseException as e:
+                    self.error = e
+            self.free.put(buffer)
+
+    def free_buffer(self):
+        buffer = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def write(self, buffer, count):
+        self.full.put((buffer, count))
+
+    def close(self):
+        self.full.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class FileService(object):
@@ -4014,26 +4141,82 @@ class Job(object):
         if files.service is None:
             raise FilesError("the main node offers no file service (no files_port in its"
                              " register_ack)", code="no_service")
-        return FilesConnection(files.service, self).open()
+        return files.pool.take(files.service, self) or \
+            FilesConnection(files.service, self).open()
 
     def tries(self, action):
-        """Run action(connection) again on a new connection after a cut, up to FILES_TRIES."""
+        """Run action(connection) again on a new connection after a cut, up
+        to FILES_TRIES; a connection that rc-files closed while it was in the
+        pool is replaced at once, uncounted. A connection that served the
+        action goes back to the pool."""
         files = self.worker.files
-        wait = FILES_RETRY_WAIT
-        for attempt in range(FILES_TRIES):
-            connection = None
+        wait, attempt = FILES_RETRY_WAIT, 0
+        while True:
+            connection, stale = None, False
             try:
                 connection = self.connection(files)
-                return action(connection)
+                result = action(connection)
+                files.pool.give_back(connection)
+                connection = None
+                return result
             except FilesError as e:
-                if not e.retry or attempt == FILES_TRIES - 1 or self.cancelled:
+                stale = connection is not None and connection.reused
+                if not e.retry or self.cancelled or (not stale and attempt == FILES_TRIES - 1):
                     raise
-                log("warning", "transfer_cut", error=str(e), retry_in=wait)
+                if not stale:
+                    log("warning", "transfer_cut", error=str(e), retry_in=wait)
             finally:
                 if connection is not None:
                     connection.close()
-            time.sleep(wait)
-            wait *= 2
+            if not stale:
+                time.sleep(wait)
+                wait *= 2
+                attempt += 1
+
+
+class FilesPool(object):
+    """Authenticated rc-files connections kept open between transfers: a
+    TLS handshake and a proof cost rc-files and the worker more than moving
+    a 100 KiB file, and a task with small files would pay two. At most
+    FILES_IDLE_MAX wait, each at most FILES_IDLE_SECONDS; one job at a time
+    uses one."""
+
+    def __init__(self):
+        import _thread
+        self.lock = _thread.allocate_lock()
+        self.idle = []          # (connection, monotonic time it came back)
+
+    def take(self, service, job):
+        """A kept connection to `service`, now `job`'s, or None."""
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                connection, since = self.idle.pop()
+            if connection.service is service and time.monotonic() - since < FILES_IDLE_SECONDS:
+                connection.job, connection.reused = job, True
+                job.sockets.append(connection.raw)
+                return connection
+            connection.close()
+
+    def give_back(self, connection):
+        job = connection.job
+        if connection.raw in job.sockets:      # its job's cancel() must not cut it now
+            job.sockets.remove(connection.raw)
+        with self.lock:
+            if len(self.idle) < FILES_IDLE_MAX and not job.cancelled and not connection.inbox:
+                self.idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def prune(self, everything=False):
+        """Close the connections kept too long (all of them with `everything`)."""
+        now = time.monotonic()
+        with self.lock:
+            old = [c for c, since in self.idle if everything or now - since >= FILES_IDLE_SECONDS]
+            self.idle = [(c, since) for c, since in self.idle if c not in old]
+        for connection in old:
+            connection.close()
 
 
 def fetch_blob(job, cache, sha, size):
@@ -4078,7 +4261,7 @@ def download(job, cache, sha, size):
         os.unlink(partial)
         have = 0
     cache.make_room(size - have)
-    digest = sha256_function()()
+    digest = file_sha256()
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     with os.fdopen(os.open(partial, flags, 0o600), "r+b") as sink:
         while True:
@@ -4255,7 +4438,7 @@ def add_checkpoint_entry(archive, relative, descriptor):
 
 
 def file_digest(path):
-    digest = sha256_function()()
+    digest = file_sha256()
     size = 0
     with open(path, "rb") as f:
         while True:
@@ -4390,7 +4573,7 @@ def open_output(path):
 
 def put_file(job, source, request):
     """Upload file object `source` (hashed first); the stored entry, or a FilesError."""
-    digest = sha256_function()()
+    digest = file_sha256()
     source.seek(0)
     size = 0
     while True:
@@ -4486,6 +4669,7 @@ class Files(object):
         self.cache = FileCache(options.state_dir, getattr(options, "cache_mb", CACHE_MB))
         self.service = None
         self.secret = None          # the device's own secret, for rc-files proofs
+        self.pool = FilesPool()
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
 
@@ -4496,6 +4680,7 @@ class Files(object):
 
     def on_register(self, worker, data):
         port = data.get("files_port")
+        self.pool.prune(everything=True)     # of the connection before
         if worker.auth == "device":
             self.secret = worker.key
         if not (is_int(port) and 0 < port < 65536) or self.secret is None:
@@ -4506,6 +4691,7 @@ class Files(object):
 
     def heartbeat(self):
         """What a heartbeat says of the cache, once rc-files is there to fill it."""
+        self.pool.prune()
         if self.service is None:
             return {}
         if self.cache.index is None and not os.path.isdir(self.cache.dir):
@@ -4702,10 +4888,9 @@ class Files(object):
     def protected(self):
         """Files of the worker's state that no output may be, link or not."""
         found = set()
-        for root, _, files in os.walk(os.path.expanduser(self.options.state_dir)):
-            if os.path.basename(root) in ("cache", "partial", "tmp") and root.startswith(
-                    self.cache.dir):
-                continue
+        for root, dirs, files in os.walk(os.path.expanduser(self.options.state_dir)):
+            # Not into the cache: its blobs are what inputs link to (cached_inodes).
+            dirs[:] = [d for d in dirs if os.path.join(root, d) != self.cache.dir]
             for name in files:
                 try:
                     info = os.stat(os.path.join(root, name))
@@ -4715,14 +4900,11 @@ class Files(object):
         return found
 
     def cached_inodes(self):
-        found = set()
-        for sha in list(self.cache.load()):
-            try:
-                info = os.lstat(self.cache.path(sha))
-            except OSError:
-                continue
-            found.add((info.st_dev, info.st_ino))
-        return found
+        """The cache's blobs as (device, inode), from its index: a stat of
+        each, for each task, would cost more than the task's files."""
+        index = self.cache.load()
+        with self.cache.lock:
+            return {entry[3] for entry in index.values()}
 
     def annotate(self, task, data):
         """The result's "files": what rc-files confirmed as stored."""

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.bench
 BIG_MIB = int(os.environ.get("RC_BENCH_FILE_MIB", "1024"))
 SMALL_TASKS = int(os.environ.get("RC_BENCH_FILE_TASKS", "1000"))
 SMALL_BYTES = 100 * 1024
+UPLOADERS = 4       # HTTP connections uploading the small inputs at once
+BATCH = 50          # small tasks per POST /api/v1/tasks
 DEVICE = "files-bench"
 SLOTS = 4
 HEARTBEAT_DEVICES = 4
@@ -245,19 +247,21 @@ def shell_true_rate(cluster, api, count):
 
 def small_files_rate(cluster, api, count):
     """Tasks per second from the first upload to the last task ended with its
-    output stored; every output checked against the expected hash."""
+    output stored, every output checked against the expected hash. As a
+    script of a user would: UPLOADERS connections upload the inputs, and
+    each BATCH of tasks is submitted as soon as its inputs are stored."""
     inputs = [os.urandom(SMALL_BYTES) for _ in range(count)]
     pids = main_node_and_worker(cluster)
     cpu, started = cpu_seconds(pids), time.time()
-    specs = []
-    for data in inputs:
-        stored = api.upload(data)
-        specs.append({"task_type": "shell", "requirements": {"device_id": DEVICE},
-                      "payload": {"command": "tr a-m n-z < in.bin > out.bin",
-                                  "inputs": [{"path": "in.bin", "sha256": stored["sha256"],
-                                              "size": stored["size"]}],
-                                  "outputs": ["out.bin"]}})
-    task_ids = api.submit(specs)
+    stored = uploaded(cluster, inputs)
+    task_ids, submitted = [], 0
+    while submitted < count:
+        ready = min(count, submitted + BATCH)
+        while not all(n in stored for n in range(submitted, ready)):
+            assert "failed" not in stored, stored.get("failed")
+            time.sleep(0.001)
+        task_ids += api.submit([small_task(stored[n]) for n in range(submitted, ready)])
+        submitted = ready
     ended = finished_at(cluster, task_ids)
     elapsed, cpu = ended - started, cpu_seconds(pids) - cpu
     table = bytes.maketrans(b"abcdefghijklm", b"nopqrstuvwxyz")
@@ -268,6 +272,34 @@ def small_files_rate(cluster, api, count):
         assert row is not None, "task %d stored no output" % task_id
         assert row[0] == hashlib.sha256(data.translate(table)).hexdigest()
     return count / elapsed, cpu / count
+
+
+def uploaded(cluster, inputs):
+    """A dict that fills, from threads, with n -> the stored file of inputs[n]
+    (POST /api/v1/files); "failed" -> the error if an upload failed."""
+    stored = {}
+
+    def upload(numbers):
+        api = Api(cluster)
+        try:
+            for n in numbers:
+                stored[n] = api.upload(inputs[n])
+        except Exception as e:
+            stored["failed"] = repr(e)
+        finally:
+            api.close()
+    for first in range(UPLOADERS):
+        numbers = range(first, len(inputs), UPLOADERS)
+        threading.Thread(target=upload, args=(numbers,), daemon=True).start()
+    return stored
+
+
+def small_task(stored):
+    return {"task_type": "shell", "requirements": {"device_id": DEVICE},
+            "payload": {"command": "tr a-m n-z < in.bin > out.bin",
+                        "inputs": [{"path": "in.bin", "sha256": stored["sha256"],
+                                    "size": stored["size"]}],
+                        "outputs": ["out.bin"]}}
 
 
 @pytest.mark.timeout(1800)

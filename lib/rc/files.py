@@ -182,6 +182,13 @@ class Writer:
     def commit(self, connection, expected=None):
         """Verify, rename into place, record; returns (sha256, size). On a
         mismatch or error the partial file is removed."""
+        sha256, size = self.place(expected)
+        record(connection, sha256, size)
+        return sha256, size
+
+    def place(self, expected=None):
+        """commit() but the row, which the caller writes (record()) in a
+        transaction of its own, after this."""
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -197,7 +204,6 @@ class Writer:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         os.replace(self.path, target)
         fsync_directory(os.path.dirname(target))
-        record(connection, sha256, self.size)
         return sha256, self.size
 
     def abort(self):
