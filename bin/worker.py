@@ -5123,7 +5123,7 @@ class Worker(object):
         # the loop wakes often enough to measure a freeze (see notice_freeze).
         longest = 60.0 if self.sock is None else self.freeze_threshold() / 2
         longest = min(longest, 1.0) if self.running else longest
-        if self.startable() and len(self.running) < self.options.slots:
+        if self.startable() and self.slots_taken() < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
 
@@ -5881,7 +5881,7 @@ class Worker(object):
         for key in self.startable():
             if (self.queued[key].task_type in INSTANT_TASK_TYPES) != instant:
                 continue
-            if not instant and len(self.running) >= self.options.slots:
+            if not instant and self.slots_taken() >= self.options.slots:
                 break
             # Before every start, not only once a turn: a freeze or a silence
             # may have put what we hold in doubt (see enter_doubt).
@@ -5889,6 +5889,12 @@ class Worker(object):
             self.check_silence()
             if key not in self.unconfirmed:
                 self.start_task(key, self.queued.pop(key))
+
+    def slots_taken(self):
+        """Running tasks that hold a slot. An Uploading does not: its process
+        has ended, and the next task runs while rc-files stores its files
+        (the main node still counts it: slots and prefetch bound them)."""
+        return sum(not isinstance(task, Uploading) for task in self.running.values())
 
     def start_task(self, key, task):
         self.running[key] = task
