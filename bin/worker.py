@@ -13,18 +13,117 @@ file implements.
 """
 import errno
 import os
-import selectors
 import sys
 import time
-from collections import OrderedDict, deque
 
 # The C modules under socket.py and signal.py, which add little the worker
 # uses but enums, and with the enum module over 1 MiB an idle worker would
 # hold for good. Their functions and constants are the same; numbers stay ints.
+# Neither selectors nor collections: see PollSelector; dicts keep their order.
 import _signal as signal
 import _socket as socket
 
 __version__ = "0.1.0"
+
+###############################################################################
+# The loop's selector #########################################################
+###############################################################################
+
+class SelectorKey(object):
+    __slots__ = ("fileobj", "fd", "events", "data")
+
+    def __init__(self, fileobj, fd, events, data):
+        self.fileobj, self.fd, self.events, self.data = fileobj, fd, events, data
+
+
+class PollSelector(object):
+    """What the worker uses of the standard library's selectors (register,
+    modify, unregister, get_key, select), on select.poll: the selectors
+    module imports collections and math, ~0.6 MiB an idle worker would hold
+    for good, for the few descriptors a worker watches."""
+
+    def __init__(self, select):
+        self.select_module = select
+        self.poller = select.poll()
+        self.keys = {}          # fd -> SelectorKey
+
+    def mask(self, events):
+        return ((self.select_module.POLLIN if events & selectors.EVENT_READ else 0)
+                | (self.select_module.POLLOUT if events & selectors.EVENT_WRITE else 0))
+
+    def lookup(self, fileobj):
+        """The descriptor of a registered file object; one closed since is
+        found by identity, as selectors finds it."""
+        try:
+            fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+            if fd >= 0:
+                return fd
+        except (AttributeError, TypeError, ValueError, OSError):
+            pass
+        for fd, key in self.keys.items():
+            if key.fileobj is fileobj:
+                return fd
+        raise KeyError("%r is not registered" % (fileobj,))
+
+    def register(self, fileobj, events, data=None):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd < 0 or fd in self.keys:
+            raise KeyError("%r is closed or already registered" % (fileobj,))
+        self.poller.register(fd, self.mask(events))
+        self.keys[fd] = key = SelectorKey(fileobj, fd, events, data)
+        return key
+
+    def unregister(self, fileobj):
+        key = self.keys.pop(self.lookup(fileobj))
+        try:
+            self.poller.unregister(key.fd)
+        except (KeyError, OSError, ValueError):    # closed already
+            pass
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        key = self.keys[self.lookup(fileobj)]
+        if events != key.events:
+            self.poller.modify(key.fd, self.mask(events))
+        key.events, key.data = events, data
+        return key
+
+    def get_key(self, fileobj):
+        return self.keys[self.lookup(fileobj)]
+
+    def select(self, timeout=None):
+        """[(key, events ready)], as selectors answers: an error or hang-up
+        counts as both readable and writable."""
+        if timeout is not None:
+            timeout = 0 if timeout <= 0 else -(-timeout * 1000 // 1)    # ms, rounded up
+        ready = []
+        read, write = self.select_module.POLLIN, self.select_module.POLLOUT
+        for fd, event in self.poller.poll(timeout):
+            key = self.keys.get(fd)
+            if key is None:
+                continue
+            events = ((selectors.EVENT_WRITE if event & ~read else 0)
+                      | (selectors.EVENT_READ if event & ~write else 0)) & key.events
+            if events:
+                ready.append((key, events))
+        return ready
+
+    def close(self):
+        self.keys.clear()
+
+
+class selectors(object):     # noqa: N801 -- it stands in for the module's names
+    """The names the worker used from selectors, kept."""
+    EVENT_READ, EVENT_WRITE = 1, 2
+
+    @staticmethod
+    def DefaultSelector():      # noqa: N802
+        import select
+        if hasattr(select, "poll"):
+            return PollSelector(select)
+        import selectors as module      # no poll() here: what the standard library has
+        return module.DefaultSelector()
+
 
 ###############################################################################
 # Wire names: a copy of lib/rc/states.py ######################################
@@ -1513,8 +1612,7 @@ def remove_dir(path):
     try:
         os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
     except OSError:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 class ProcessTask(Task):
@@ -2411,8 +2509,35 @@ def reachable(path, other_uid, hidden):
 
 
 def remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    """rm -rf PATH, errors ignored, never through a link: on os.fwalk's
+    directory descriptors, as shutil.rmtree where it avoids symlink attacks.
+    shutil itself imports re, enum, zlib, bz2 and lzma, 1.3 MiB that a
+    worker removing one stale task directory would hold for good."""
+    if not path:
+        return
+    if not hasattr(os, "fwalk"):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        for _, dirs, files, fd in os.fwalk(path, topdown=False):
+            for name in files:
+                remove_entry(name, fd, os.unlink)
+            for name in dirs:      # a link to a directory is listed here too
+                remove_entry(name, fd, os.rmdir) or remove_entry(name, fd, os.unlink)
+        os.rmdir(path)
+    except OSError:
+        if os.path.islink(path):
+            remove_entry(path, None, os.unlink)
+
+
+def remove_entry(name, dir_fd, remove):
+    """remove(name) relative to dir_fd; whether it went."""
+    try:
+        remove(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
 
 
 class Leftovers(object):
@@ -2475,7 +2600,6 @@ def remove_ipc_of(uid):
 def remove_entries_of(directory, uid):
     """Remove the entries of `directory` that `uid` owns (none of its
     processes is left: the end of its task killed them); how many."""
-    import shutil
     removed = 0
     try:
         entries = list(os.scandir(directory))
@@ -2487,7 +2611,7 @@ def remove_entries_of(directory, uid):
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 os.unlink(entry.path)
-            elif shutil.rmtree.avoids_symlink_attacks:
+            elif hasattr(os, "fwalk"):        # remove_tree never follows a link there
                 remove_tree(entry.path)
             removed += 1
         except OSError:
@@ -2798,7 +2922,7 @@ class Spawner(object):
     broken = False       # it failed once: tasks start through subprocess from now on
 
     def __init__(self):
-        self.starting = deque()   # SpawnedChild sent and not yet answered, in order
+        self.starting = []        # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
         self.idle_since = time.monotonic()
@@ -2870,9 +2994,9 @@ class Spawner(object):
         if "exit" in message:
             self.ended(message["exit"], message["status"], Usage(*message["usage"]))
         elif "pid" in message:
-            self.started(worker, self.starting.popleft(), message["pid"])
+            self.started(worker, self.starting.pop(0), message["pid"])
         else:
-            self.starting.popleft().error = message["error"]
+            self.starting.pop(0).error = message["error"]
         return True
 
     def started(self, worker, child, pid):
@@ -4727,7 +4851,7 @@ class Files(object):
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
         try:
             self.cache.prepare()
-            unique = OrderedDict()
+            unique = {}
             for _, sha, size, _ in inputs:
                 unique[sha] = size
             for ref in (stdin, checkpoint):
@@ -5006,10 +5130,6 @@ def spill_stream(task, fd, buffer, chunk):
         task.spill = None
 
 
-def remove_tree(path):
-    if path:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
 
 
 ###############################################################################
@@ -5027,9 +5147,9 @@ class Worker(object):
         self.speed = cpu_speed()
         self.availability = Availability(options, self.power)
         self.next_policy_check = time.monotonic()
-        self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
+        self.queued = {}               # (task_id, attempt) -> Task waiting for a slot, in order
         self.running = {}              # (task_id, attempt) -> Task
-        self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
+        self.unacked = {}              # (task_id, attempt) -> task_result data, until acked
         self.fenced = set()            # (task_id, attempt) we gave up, until the main node knows
         self.fenced_told = set()       # ... of those, the ones in the message awaiting its ack
         self.heartbeat_interval = options.heartbeat
