@@ -3646,6 +3646,8 @@ FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before 
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
 FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
+FILES_CONNECTIONS = 8           # transfers at once: with the kept ones, within rc-files' 16 a device
+FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
 FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
@@ -4224,6 +4226,9 @@ class Job(object):
 
     def start(self):
         import threading
+        files = self.worker.files
+        if files.gate is None:
+            files.gate = threading.BoundedSemaphore(FILES_CONNECTIONS)
         self.thread = threading.Thread(target=self.run, name="rc-files")
         self.thread.daemon = True
         self.thread.start()
@@ -4269,11 +4274,23 @@ class Job(object):
             FilesConnection(files.service, self).open()
 
     def tries(self, action):
+        """action(connection), once one of the FILES_CONNECTIONS transfers
+        at once is free: rc-files refuses a device more than 16 connections,
+        and uploads do not hold task slots."""
+        files = self.worker.files
+        while not files.gate.acquire(timeout=FILES_GATE_POLL):
+            if self.cancelled:
+                raise FilesError("cancelled", code="cancelled")
+        try:
+            return self.try_on_connections(files, action)
+        finally:
+            files.gate.release()
+
+    def try_on_connections(self, files, action):
         """Run action(connection) again on a new connection after a cut, up
         to FILES_TRIES; a connection that rc-files closed while it was in the
         pool is replaced at once, uncounted. A connection that served the
         action goes back to the pool."""
-        files = self.worker.files
         wait, attempt = FILES_RETRY_WAIT, 0
         while True:
             connection, stale = None, False
@@ -4794,6 +4811,7 @@ class Files(object):
         self.service = None
         self.secret = None          # the device's own secret, for rc-files proofs
         self.pool = FilesPool()
+        self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
 

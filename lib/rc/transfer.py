@@ -365,10 +365,6 @@ class Session:
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
-        try:
-            files.check_room(self.connection, self.config, size, sha256)
-        except files.FileStoreError as e:
-            raise Refusal(e.code, str(e))
         stored = files.stored_size(self.connection, sha256)
         if stored is not None:
             if stored != size:
@@ -376,6 +372,10 @@ class Session:
             # Held already (another task stored the same bytes): nothing to send.
             self.send({"ok": True, "have": size})
         else:
+            try:
+                files.check_room(self.connection, self.config, size)
+            except files.FileStoreError as e:
+                raise Refusal(e.code, str(e))
             self.receive(task_id, attempt, name, size, sha256)
         self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})
