@@ -4218,20 +4218,23 @@ class Job(object):
         self.done = False
         self.error = None
         self.sockets = []
-        self.thread = None
+        self.ended = None         # a lock held until run() ends
         self.blobs = []           # staging: the sha256 of what it fetches
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
 
     def start(self):
+        import _thread
         import threading
         files = self.worker.files
         if files.gate is None:
             files.gate = threading.BoundedSemaphore(FILES_CONNECTIONS)
-        self.thread = threading.Thread(target=self.run, name="rc-files")
-        self.thread.daemon = True
-        self.thread.start()
+        self.ended = _thread.allocate_lock()
+        self.ended.acquire()
+        # Not threading.Thread: its start() waits until the thread runs, a
+        # switch between threads that the loop would wait out twice a task.
+        _thread.start_new_thread(self.run, ())
         return self
 
     def run(self):
@@ -4243,6 +4246,7 @@ class Job(object):
             self.error = "%s: %s" % (type(e).__name__, e)
         finally:
             self.done = True
+            self.ended.release()
             self.wake()
 
     def wake(self):
@@ -4262,8 +4266,8 @@ class Job(object):
                 pass
 
     def wait(self, seconds):
-        if self.thread is not None:
-            self.thread.join(seconds)
+        if self.ended is not None and self.ended.acquire(True, seconds):
+            self.ended.release()
         return self.done
 
     def connection(self, files):
