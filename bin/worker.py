@@ -102,6 +102,11 @@ class PollSelector(object):
             key = self.keys.get(fd)
             if key is None:
                 continue
+            if event & self.select_module.POLLNVAL:
+                # Closed but not unregistered: epoll (selectors' choice on
+                # Linux) forgets such a descriptor; poll would report it forever.
+                self.poller.unregister(fd)
+                continue
             events = ((selectors.EVENT_WRITE if event & ~read else 0)
                       | (selectors.EVENT_READ if event & ~write else 0)) & key.events
             if events:
