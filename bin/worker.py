@@ -25,17 +25,122 @@ if sys.version_info < (3, 6):
 
 import errno
 import os
-import selectors
+import sys
 import time
-from collections import OrderedDict, deque
 
 # The C modules under socket.py and signal.py, which add little the worker
 # uses but enums, and with the enum module over 1 MiB an idle worker would
 # hold for good. Their functions and constants are the same; numbers stay ints.
+# Neither selectors nor collections: see PollSelector; dicts keep their order.
 import _signal as signal
 import _socket as socket
 
 __version__ = "0.1.0"
+
+###############################################################################
+# The loop's selector #########################################################
+###############################################################################
+
+class SelectorKey(object):
+    __slots__ = ("fileobj", "fd", "events", "data")
+
+    def __init__(self, fileobj, fd, events, data):
+        self.fileobj, self.fd, self.events, self.data = fileobj, fd, events, data
+
+
+class PollSelector(object):
+    """What the worker uses of the standard library's selectors (register,
+    modify, unregister, get_key, select), on select.poll: the selectors
+    module imports collections and math, ~0.6 MiB an idle worker would hold
+    for good, for the few descriptors a worker watches."""
+
+    def __init__(self, select):
+        self.select_module = select
+        self.poller = select.poll()
+        self.keys = {}          # fd -> SelectorKey
+
+    def mask(self, events):
+        return ((self.select_module.POLLIN if events & selectors.EVENT_READ else 0)
+                | (self.select_module.POLLOUT if events & selectors.EVENT_WRITE else 0))
+
+    def lookup(self, fileobj):
+        """The descriptor of a registered file object; one closed since is
+        found by identity, as selectors finds it."""
+        try:
+            fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+            if fd >= 0:
+                return fd
+        except (AttributeError, TypeError, ValueError, OSError):
+            pass
+        for fd, key in self.keys.items():
+            if key.fileobj is fileobj:
+                return fd
+        raise KeyError("%r is not registered" % (fileobj,))
+
+    def register(self, fileobj, events, data=None):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd < 0 or fd in self.keys:
+            raise KeyError("%r is closed or already registered" % (fileobj,))
+        self.poller.register(fd, self.mask(events))
+        self.keys[fd] = key = SelectorKey(fileobj, fd, events, data)
+        return key
+
+    def unregister(self, fileobj):
+        key = self.keys.pop(self.lookup(fileobj))
+        try:
+            self.poller.unregister(key.fd)
+        except (KeyError, OSError, ValueError):    # closed already
+            pass
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        key = self.keys[self.lookup(fileobj)]
+        if events != key.events:
+            self.poller.modify(key.fd, self.mask(events))
+        key.events, key.data = events, data
+        return key
+
+    def get_key(self, fileobj):
+        return self.keys[self.lookup(fileobj)]
+
+    def select(self, timeout=None):
+        """[(key, events ready)], as selectors answers: an error or hang-up
+        counts as both readable and writable."""
+        if timeout is not None:
+            timeout = 0 if timeout <= 0 else -(-timeout * 1000 // 1)    # ms, rounded up
+        ready = []
+        read, write = self.select_module.POLLIN, self.select_module.POLLOUT
+        for fd, event in self.poller.poll(timeout):
+            key = self.keys.get(fd)
+            if key is None:
+                continue
+            if event & self.select_module.POLLNVAL:
+                # Closed but not unregistered: epoll (selectors' choice on
+                # Linux) forgets such a descriptor; poll would report it forever.
+                self.poller.unregister(fd)
+                continue
+            events = ((selectors.EVENT_WRITE if event & ~read else 0)
+                      | (selectors.EVENT_READ if event & ~write else 0)) & key.events
+            if events:
+                ready.append((key, events))
+        return ready
+
+    def close(self):
+        self.keys.clear()
+
+
+class selectors(object):     # noqa: N801 -- it stands in for the module's names
+    """The names the worker used from selectors, kept."""
+    EVENT_READ, EVENT_WRITE = 1, 2
+
+    @staticmethod
+    def DefaultSelector():      # noqa: N802
+        import select
+        if hasattr(select, "poll"):
+            return PollSelector(select)
+        import selectors as module      # no poll() here: what the standard library has
+        return module.DefaultSelector()
+
 
 ###############################################################################
 # Wire names: a copy of lib/rc/states.py ######################################
@@ -285,7 +390,7 @@ class LogForwarder(object):
     flood the main node; lines over it are counted, and the count sent."""
 
     def __init__(self):
-        self.pending = deque(maxlen=LOG_FORWARD_QUEUE)
+        self.pending = []        # at most LOG_FORWARD_QUEUE (no deque: collections stays out)
         self.allowance = {}      # kind -> (lines it may send now, when that was reckoned)
         self.dropped = 0
 
@@ -296,7 +401,8 @@ class LogForwarder(object):
         if not self.allowed(problem):
             self.dropped += 1
             return
-        if len(self.pending) == self.pending.maxlen:
+        if len(self.pending) >= LOG_FORWARD_QUEUE:
+            del self.pending[0]
             self.dropped += 1      # the oldest makes way
         self.pending.append(forwarded_line(level, event, fields))
 
@@ -310,7 +416,8 @@ class LogForwarder(object):
     def take(self):
         """The lines for one device_log, oldest first ([] when none)."""
         count = min(len(self.pending), LOG_FORWARD_BATCH - 1)
-        lines = [self.pending.popleft() for _ in range(count)]
+        lines = self.pending[:count]
+        del self.pending[:count]
         if self.dropped and self.allowed(True):
             lines.append(forwarded_line("warning", "log_lines_dropped", {
                 "message": "%d lines of this worker's log were not sent: over its limit of"
@@ -776,6 +883,12 @@ class TlsSocket(object):
             return self.tls.read(size)
         except load_ssl().SSLEOFError:     # closed without a TLS goodbye: an end, as ssl's
             return b""
+
+    def recv_into(self, view):
+        try:
+            return self.tls.read(len(view), view)
+        except load_ssl().SSLEOFError:
+            return 0
 
     def send(self, data):
         return self.tls.write(data)
@@ -1737,8 +1850,7 @@ def remove_dir(path):
             pass
         os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
     except OSError:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 class ProcessTask(Task):
@@ -2654,8 +2766,35 @@ def reachable(path, other_uid, hidden):
 
 
 def remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    """rm -rf PATH, errors ignored, never through a link: on os.fwalk's
+    directory descriptors, as shutil.rmtree where it avoids symlink attacks.
+    shutil itself imports re, enum, zlib, bz2 and lzma, 1.3 MiB that a
+    worker removing one stale task directory would hold for good."""
+    if not path:
+        return
+    if not hasattr(os, "fwalk"):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        for _, dirs, files, fd in os.fwalk(path, topdown=False):
+            for name in files:
+                remove_entry(name, fd, os.unlink)
+            for name in dirs:      # a link to a directory is listed here too
+                remove_entry(name, fd, os.rmdir) or remove_entry(name, fd, os.unlink)
+        os.rmdir(path)
+    except OSError:
+        if os.path.islink(path):
+            remove_entry(path, None, os.unlink)
+
+
+def remove_entry(name, dir_fd, remove):
+    """remove(name) relative to dir_fd; whether it went."""
+    try:
+        remove(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
 
 
 class Leftovers(object):
@@ -2738,7 +2877,6 @@ def read_small_file(path):
 def remove_entries_of(directory, uid):
     """Remove the entries of `directory` that `uid` owns (none of its
     processes is left: the end of its task killed them); how many."""
-    import shutil
     removed = 0
     try:
         entries = list(os.scandir(directory))
@@ -2750,7 +2888,7 @@ def remove_entries_of(directory, uid):
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 os.unlink(entry.path)
-            elif shutil.rmtree.avoids_symlink_attacks:
+            elif hasattr(os, "fwalk"):        # remove_tree never follows a link there
                 remove_tree(entry.path)
             removed += 1
         except OSError:
@@ -3061,7 +3199,7 @@ class Spawner(object):
     broken = False       # it failed once: tasks start through subprocess from now on
 
     def __init__(self):
-        self.starting = deque()   # SpawnedChild sent and not yet answered, in order
+        self.starting = []        # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
         self.idle_since = time.monotonic()
@@ -3133,9 +3271,9 @@ class Spawner(object):
         if "exit" in message:
             self.ended(message["exit"], message["status"], Usage(*message["usage"]))
         elif "pid" in message:
-            self.started(worker, self.starting.popleft(), message["pid"])
+            self.started(worker, self.starting.pop(0), message["pid"])
         else:
-            self.starting.popleft().error = message["error"]
+            self.starting.pop(0).error = message["error"]
         return True
 
     def started(self, worker, child, pid):
@@ -4006,11 +4144,16 @@ def tree_size(path):
 # here yet waits as a Staging in the running slots; a task whose outputs are
 # going up waits as an Uploading, and its result is sent once they are stored.
 
-FILES_CHUNK = 256 * 1024        # bytes per read and write of a transfer (bounded memory)
+FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
+FILES_BUFFERS = 2               # FILES_CHUNK buffers of one fetch: one received while one is written
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
+FILES_CONNECTIONS = 8           # transfers at once: with the kept ones, within rc-files' 16 a device
+FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
+FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
@@ -4139,6 +4282,19 @@ def needs_staging(task):
         payload.get(name) for name in ("inputs", "stdin", "checkpoint", "file"))
 
 
+def file_sha256():
+    """A new SHA-256 for file contents: OpenSSL's (hashlib's own), six times
+    the built-in one's speed where the CPU has SHA instructions, and it lets
+    go of the GIL, so a transfer hashes while it receives. Loaded only once
+    files move (2 MiB more when TLS has loaded OpenSSL already); the
+    built-in one where this Python has no OpenSSL."""
+    try:
+        import _hashlib
+        return _hashlib.openssl_sha256()
+    except (ImportError, AttributeError, ValueError):
+        return sha256_function()()
+
+
 def mebibytes(size):
     return "%.1f MiB" % (size / 1048576.0)
 
@@ -4157,7 +4313,7 @@ class FileCache(object):
         self.dir = os.path.join(os.path.expanduser(state_dir), "cache")
         self.cap = cap_mb * 1048576
         self.lock = _thread.allocate_lock()
-        self.index = None          # sha256 -> [size, last used, mtime_ns], once read
+        self.index = None          # sha256 -> [size, last used, mtime_ns, (dev, inode)], once read
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
@@ -4176,7 +4332,8 @@ class FileCache(object):
                         info = os.lstat(self.path(name))
                     except OSError:
                         continue
-                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns]
+                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns,
+                                        (info.st_dev, info.st_ino)]
         return self.index
 
     def used(self):
@@ -4226,7 +4383,8 @@ class FileCache(object):
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
-            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns]
+            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns,
+                               (info.st_dev, info.st_ino)]
         self.touch(sha)
 
     def drop(self, sha):
@@ -4256,9 +4414,10 @@ class FileCache(object):
         FilesError when the disk cannot hold them even so."""
         index = self.load()
         with self.lock:
-            order = sorted((entry[1], sha) for sha, entry in index.items()
-                           if sha not in self.pinned)
-        total = sum(entry[0] for entry in index.values())
+            total = sum(entry[0] for entry in index.values())
+            # Sorted only when something must go: most fetches fit as it is.
+            order = [] if total + needed <= self.cap else sorted(
+                (entry[1], sha) for sha, entry in index.items() if sha not in self.pinned)
         for _, sha in order:
             if total + needed <= self.cap and self.free() >= needed:
                 break
@@ -4302,8 +4461,10 @@ class FilesConnection(object):
 
     def __init__(self, service, job):
         self.service, self.job = service, job
-        self.sock = None
+        self.sock = self.raw = None     # raw: the TCP socket under the TLS one
         self.inbox = bytearray()
+        self.reused = False             # taken from the pool (see FilesPool)
+        self.cut = None                 # the FilesError that cut a fill()
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -4316,6 +4477,7 @@ class FilesConnection(object):
             self.job.sockets.append(sock)
             sock.connect(address)
             sock.settimeout(FILES_TIMEOUT)
+            self.raw = sock
             if self.service.fingerprint:
                 sock = self.secure(sock)
         except (OSError, ValueError) as e:
@@ -4397,6 +4559,24 @@ class FilesConnection(object):
             return chunk
         return self.recv_socket(size)
 
+    def recv_into(self, view):
+        """Body bytes into `view` (what came with the last control line
+        first); how many, at least one."""
+        if self.inbox:
+            count = min(len(view), len(self.inbox))
+            view[:count] = self.inbox[:count]
+            del self.inbox[:count]
+            return count
+        if self.job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+        try:
+            count = self.sock.recv_into(view)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
+        if not count:
+            raise FilesError("rc-files closed the connection", retry=True)
+        return count
+
     def recv_socket(self, size):
         if self.job.cancelled:
             raise FilesError("cancelled", code="cancelled")
@@ -4416,11 +4596,42 @@ class FilesConnection(object):
         if total != size or length != size - offset:
             raise FilesError("rc-files offers %r bytes of %s from byte %d, not the %d"
                              " expected" % (total, sha, offset, size))
-        while length:
-            chunk = self.recv(min(FILES_CHUNK, length))
-            sink.write(chunk)
-            digest.update(chunk)
-            length -= len(chunk)
+        if length <= FILES_CHUNK:        # one buffer: no thread to hand it to
+            buffer = bytearray(length)
+            count = self.fill(memoryview(buffer))
+            sink.write(memoryview(buffer)[:count])
+            digest.update(memoryview(buffer)[:count])
+            self.raise_cut()
+            return
+        writer = BlobWriter(sink, digest)
+        try:
+            while length:
+                buffer = writer.free_buffer()
+                count = self.fill(memoryview(buffer)[:min(len(buffer), length)])
+                writer.write(buffer, count)
+                self.raise_cut()
+                length -= count
+        finally:
+            writer.close()
+
+    def fill(self, view):
+        """`view` filled with body bytes; how many came. Whole buffers are
+        written and hashed: a TLS record holds 16 KiB, and a write and an
+        update per record would cost more than the TLS itself. When the
+        connection is cut, what came before is counted all the same (and
+        the cut kept for raise_cut), so that a resume starts after it."""
+        filled = 0
+        try:
+            while filled < len(view):
+                filled += self.recv_into(view[filled:])
+        except FilesError as e:
+            self.cut = e
+        return filled
+
+    def raise_cut(self):
+        if self.cut is not None:
+            cut, self.cut = self.cut, None
+            raise cut
 
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
@@ -4445,6 +4656,56 @@ class FilesConnection(object):
         return self.answer().get("stored") is True
 
 
+class BlobWriter(object):
+    """Writes and hashes what a fetch receives, in a thread of its own:
+    SHA-256 costs as much as TLS, and both let go of the GIL, so the next
+    buffer comes in while the last is hashed. FILES_BUFFERS buffers go round
+    between the two threads; close() waits for the last and raises what
+    went wrong in the thread (a full disk)."""
+
+    def __init__(self, sink, digest):
+        import queue
+        import threading
+        self.sink, self.digest = sink, digest
+        self.free, self.full = queue.Queue(), queue.Queue()
+        for _ in range(FILES_BUFFERS):
+            self.free.put(bytearray(FILES_CHUNK))
+        self.error = None
+        self.thread = threading.Thread(target=self.run, name="rc-files-writer")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        while True:
+            item = self.full.get()
+            if item is None:
+                return
+            buffer, count = item
+            if self.error is None:
+                try:
+                    view = memoryview(buffer)[:count]
+                    self.sink.write(view)
+                    self.digest.update(view)
+                except BaseException as e:
+                    self.error = e
+            self.free.put(buffer)
+
+    def free_buffer(self):
+        buffer = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def write(self, buffer, count):
+        self.full.put((buffer, count))
+
+    def close(self):
+        self.full.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class FileService(object):
     """Where rc-files is and how to prove ourselves to it."""
 
@@ -4462,17 +4723,23 @@ class Job(object):
         self.done = False
         self.error = None
         self.sockets = []
-        self.thread = None
+        self.ended = None         # a lock held until run() ends
         self.blobs = []           # staging: the sha256 of what it fetches
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
 
     def start(self):
+        import _thread
         import threading
-        self.thread = threading.Thread(target=self.run, name="rc-files")
-        self.thread.daemon = True
-        self.thread.start()
+        files = self.worker.files
+        if files.gate is None:
+            files.gate = threading.BoundedSemaphore(FILES_CONNECTIONS)
+        self.ended = _thread.allocate_lock()
+        self.ended.acquire()
+        # Not threading.Thread: its start() waits until the thread runs, a
+        # switch between threads that the loop would wait out twice a task.
+        _thread.start_new_thread(self.run, ())
         return self
 
     def run(self):
@@ -4484,6 +4751,7 @@ class Job(object):
             self.error = "%s: %s" % (type(e).__name__, e)
         finally:
             self.done = True
+            self.ended.release()
             self.wake()
 
     def wake(self):
@@ -4503,34 +4771,102 @@ class Job(object):
                 pass
 
     def wait(self, seconds):
-        if self.thread is not None:
-            self.thread.join(seconds)
+        if self.ended is not None and self.ended.acquire(True, seconds):
+            self.ended.release()
         return self.done
 
     def connection(self, files):
         if files.service is None:
             raise FilesError("the main node offers no file service (no files_port in its"
                              " register_ack)", code="no_service")
-        return FilesConnection(files.service, self).open()
+        return files.pool.take(files.service, self) or \
+            FilesConnection(files.service, self).open()
 
     def tries(self, action):
-        """Run action(connection) again on a new connection after a cut, up to FILES_TRIES."""
+        """action(connection), once one of the FILES_CONNECTIONS transfers
+        at once is free: rc-files refuses a device more than 16 connections,
+        and uploads do not hold task slots."""
         files = self.worker.files
-        wait = FILES_RETRY_WAIT
-        for attempt in range(FILES_TRIES):
-            connection = None
+        while not files.gate.acquire(timeout=FILES_GATE_POLL):
+            if self.cancelled:
+                raise FilesError("cancelled", code="cancelled")
+        try:
+            return self.try_on_connections(files, action)
+        finally:
+            files.gate.release()
+
+    def try_on_connections(self, files, action):
+        """Run action(connection) again on a new connection after a cut, up
+        to FILES_TRIES; a connection that rc-files closed while it was in the
+        pool is replaced at once, uncounted. A connection that served the
+        action goes back to the pool."""
+        wait, attempt = FILES_RETRY_WAIT, 0
+        while True:
+            connection, stale = None, False
             try:
                 connection = self.connection(files)
-                return action(connection)
+                result = action(connection)
+                files.pool.give_back(connection)
+                connection = None
+                return result
             except FilesError as e:
-                if not e.retry or attempt == FILES_TRIES - 1 or self.cancelled:
+                stale = connection is not None and connection.reused
+                if not e.retry or self.cancelled or (not stale and attempt == FILES_TRIES - 1):
                     raise
-                log("warning", "transfer_cut", error=str(e), retry_in=wait)
+                if not stale:
+                    log("warning", "transfer_cut", error=str(e), retry_in=wait)
             finally:
                 if connection is not None:
                     connection.close()
-            time.sleep(wait)
-            wait *= 2
+            if not stale:
+                time.sleep(wait)
+                wait *= 2
+                attempt += 1
+
+
+class FilesPool(object):
+    """Authenticated rc-files connections kept open between transfers: a
+    TLS handshake and a proof cost rc-files and the worker more than moving
+    a 100 KiB file, and a task with small files would pay two. At most
+    FILES_IDLE_MAX wait, each at most FILES_IDLE_SECONDS; one job at a time
+    uses one."""
+
+    def __init__(self):
+        import _thread
+        self.lock = _thread.allocate_lock()
+        self.idle = []          # (connection, monotonic time it came back)
+
+    def take(self, service, job):
+        """A kept connection to `service`, now `job`'s, or None."""
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                connection, since = self.idle.pop()
+            if connection.service is service and time.monotonic() - since < FILES_IDLE_SECONDS:
+                connection.job, connection.reused = job, True
+                job.sockets.append(connection.raw)
+                return connection
+            connection.close()
+
+    def give_back(self, connection):
+        job = connection.job
+        if connection.raw in job.sockets:      # its job's cancel() must not cut it now
+            job.sockets.remove(connection.raw)
+        with self.lock:
+            if len(self.idle) < FILES_IDLE_MAX and not job.cancelled and not connection.inbox:
+                self.idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def prune(self, everything=False):
+        """Close the connections kept too long (all of them with `everything`)."""
+        now = time.monotonic()
+        with self.lock:
+            old = [c for c, since in self.idle if everything or now - since >= FILES_IDLE_SECONDS]
+            self.idle = [(c, since) for c, since in self.idle if c not in old]
+        for connection in old:
+            connection.close()
 
 
 def fetch_blob(job, cache, sha, size):
@@ -4575,7 +4911,7 @@ def download(job, cache, sha, size):
         os.unlink(partial)
         have = 0
     cache.make_room(size - have)
-    digest = sha256_function()()
+    digest = file_sha256()
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     with os.fdopen(os.open(partial, flags, 0o600), "r+b") as sink:
         while True:
@@ -4752,7 +5088,7 @@ def add_checkpoint_entry(archive, relative, descriptor):
 
 
 def file_digest(path):
-    digest = sha256_function()()
+    digest = file_sha256()
     size = 0
     with open(path, "rb") as f:
         while True:
@@ -4887,7 +5223,7 @@ def open_output(path):
 
 def put_file(job, source, request):
     """Upload file object `source` (hashed first); the stored entry, or a FilesError."""
-    digest = sha256_function()()
+    digest = file_sha256()
     source.seek(0)
     size = 0
     while True:
@@ -4983,6 +5319,8 @@ class Files(object):
         self.cache = FileCache(options.state_dir, getattr(options, "cache_mb", CACHE_MB))
         self.service = None
         self.secret = None          # the device's own secret, for rc-files proofs
+        self.pool = FilesPool()
+        self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
 
@@ -4993,6 +5331,7 @@ class Files(object):
 
     def on_register(self, worker, data):
         port = data.get("files_port")
+        self.pool.prune(everything=True)     # of the connection before
         if worker.auth == "device":
             self.secret = worker.key
         if not (is_int(port) and 0 < port < 65536) or self.secret is None:
@@ -5003,6 +5342,7 @@ class Files(object):
 
     def heartbeat(self):
         """What a heartbeat says of the cache, once rc-files is there to fill it."""
+        self.pool.prune()
         if self.service is None:
             return {}
         if self.cache.index is None and not os.path.isdir(self.cache.dir):
@@ -5038,7 +5378,7 @@ class Files(object):
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
         try:
             self.cache.prepare()
-            unique = OrderedDict()
+            unique = {}
             for _, sha, size, _ in inputs:
                 unique[sha] = size
             for ref in (stdin, checkpoint):
@@ -5198,10 +5538,9 @@ class Files(object):
     def protected(self):
         """Files of the worker's state that no output may be, link or not."""
         found = set()
-        for root, _, files in os.walk(os.path.expanduser(self.options.state_dir)):
-            if os.path.basename(root) in ("cache", "partial", "tmp") and root.startswith(
-                    self.cache.dir):
-                continue
+        for root, dirs, files in os.walk(os.path.expanduser(self.options.state_dir)):
+            # Not into the cache: its blobs are what inputs link to (cached_inodes).
+            dirs[:] = [d for d in dirs if os.path.join(root, d) != self.cache.dir]
             for name in files:
                 try:
                     info = os.stat(os.path.join(root, name))
@@ -5211,14 +5550,11 @@ class Files(object):
         return found
 
     def cached_inodes(self):
-        found = set()
-        for sha in list(self.cache.load()):
-            try:
-                info = os.lstat(self.cache.path(sha))
-            except OSError:
-                continue
-            found.add((info.st_dev, info.st_ino))
-        return found
+        """The cache's blobs as (device, inode), from its index: a stat of
+        each, for each task, would cost more than the task's files."""
+        index = self.cache.load()
+        with self.cache.lock:
+            return {entry[3] for entry in index.values()}
 
     def annotate(self, task, data):
         """The result's "files": what rc-files confirmed as stored."""
@@ -5320,10 +5656,6 @@ def spill_stream(task, fd, buffer, chunk):
         task.spill = None
 
 
-def remove_tree(path):
-    if path:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
 
 
 ###############################################################################
@@ -5341,9 +5673,9 @@ class Worker(object):
         self.speed = cpu_speed()
         self.availability = Availability(options, self.power)
         self.next_policy_check = time.monotonic()
-        self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
+        self.queued = {}               # (task_id, attempt) -> Task waiting for a slot, in order
         self.running = {}              # (task_id, attempt) -> Task
-        self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
+        self.unacked = {}              # (task_id, attempt) -> task_result data, until acked
         self.fenced = set()            # (task_id, attempt) we gave up, until the main node knows
         self.fenced_told = set()       # ... of those, the ones in the message awaiting its ack
         self.heartbeat_interval = options.heartbeat
@@ -5444,7 +5776,7 @@ class Worker(object):
         # the loop wakes often enough to measure a freeze (see notice_freeze).
         longest = 60.0 if self.sock is None else self.freeze_threshold() / 2
         longest = min(longest, 1.0) if self.running else longest
-        if self.startable() and len(self.running) < self.options.slots:
+        if self.startable() and self.slots_taken() < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
 
@@ -6251,7 +6583,7 @@ class Worker(object):
         for key in self.startable():
             if (self.queued[key].task_type in INSTANT_TASK_TYPES) != instant:
                 continue
-            if not instant and len(self.running) >= self.options.slots:
+            if not instant and self.slots_taken() >= self.options.slots:
                 break
             # Before every start, not only once a turn: a freeze or a silence
             # may have put what we hold in doubt (see enter_doubt).
@@ -6259,6 +6591,12 @@ class Worker(object):
             self.check_silence()
             if key not in self.unconfirmed:
                 self.start_task(key, self.queued.pop(key))
+
+    def slots_taken(self):
+        """Running tasks that hold a slot. An Uploading does not: its process
+        has ended, and the next task runs while rc-files stores its files
+        (the main node still counts it: slots and prefetch bound them)."""
+        return sum(not isinstance(task, Uploading) for task in self.running.values())
 
     def start_task(self, key, task):
         self.running[key] = task
