@@ -630,6 +630,11 @@ class Identity(object):
         except (TypeError, OSError):
             pass
 
+    def joined_before(self):
+        """Whether this device holds a secret from any main node."""
+        return any(os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
+                   for cluster in list_dir(self.state_dir))
+
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
 
@@ -3820,8 +3825,10 @@ class Environments(object):
         """The spawner's request that builds or finds the task's environment
         and then runs what `request` (or the task's command) would."""
         packages = task.payload.get(PIP_FIELD)
+        # One line each, not an option: the list becomes a requirements file.
         if not isinstance(packages, list) or not packages or not all(
-                isinstance(p, str) and p and not p.startswith("-") for p in packages):
+                isinstance(p, str) and p.splitlines() == [p] and not p.startswith("-")
+                for p in packages):
             raise BadPayload("payload field %r must be a list of requirement specifiers"
                              % PIP_FIELD)
         self.make_directory(task.jail or {})
@@ -5296,6 +5303,7 @@ class Worker(object):
         self.environments = Environments(options)   # tasks' pip packages
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
+        self.registered_once = False   # this process has been registered (see misdialled)
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -5668,7 +5676,7 @@ class Worker(object):
             self.silence_looked_at = True
             diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
             if diagnosis is not None:
-                self.give_up(*diagnosis)
+                self.misdialled(*diagnosis)
                 return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
@@ -5707,9 +5715,9 @@ class Worker(object):
             return
         except _ssl.SSLError as e:
             if answers_http(self.options.join):
-                self.give_up(*DASHBOARD_PORT % self.options.join)
+                self.misdialled(DASHBOARD_PORT[0], DASHBOARD_PORT[1] % self.options.join)
                 return
-            self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
+            self.misdialled("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
                          " does not use TLS (tls is false in its etc/rc.json), start this worker"
                          " without --fingerprint" % (self.options.join + (e,)))
             return
@@ -5718,7 +5726,7 @@ class Worker(object):
             return
         found = certificate_fingerprint(self.sock.getpeercert(binary_form=True) or b"")
         if not proofs_match(found, self.options.fingerprint):
-            self.give_up("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
+            self.misdialled("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
                          " with SHA-256 fingerprint %s, not the pinned %s: nothing was sent to it."
                          " If its certificate was made again, start this worker with the"
                          " --fingerprint `rc join` prints now; otherwise something else answers"
@@ -5926,6 +5934,7 @@ class Worker(object):
         self.state = READY
         self.auth_deadline = None
         self.silence_looked_at = False
+        self.registered_once = True
         self.backoff = BACKOFF_START
         log("info", "registered", device_id=self.device_id, main_node="%s:%d" % self.options.join,
             slots=self.options.slots, resending=len(self.unacked),
@@ -5959,6 +5968,20 @@ class Worker(object):
                 " cluster_id in its hello; the secret cannot be filed")
         else:
             log("info", "device_secret_stored", path=path)
+
+    def misdialled(self, event, message):
+        """What answers at the main node's address is not the main node
+        (HTTP, TLS without a pin, another certificate). On a first join that
+        is this worker's settings: exit, saying which. A device that has
+        joined before had them right, so the address changed hands (a
+        stranger on the LAN, a rebooting box): it keeps trying, or whoever
+        answers there once would stop every worker for good."""
+        if not (self.registered_once or self.identity.joined_before()):
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; this device has"
+            " joined this cluster before, so it keeps trying")
+        self.disconnect(event, level="info")
 
     def give_up(self, event, message):
         """A refusal that trying again cannot mend: say what to do, and exit."""

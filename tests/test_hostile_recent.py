@@ -1,0 +1,146 @@
+"""Attacks on what landed with issues 20-22 (device logs and watches, the
+design document's aliases and per-device metrics, Python environments on
+devices, the first hour's worker diagnoses), each against a real cluster on
+127.0.0.1: a stranger on the LAN, a submitter, a task on a worker."""
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from cluster_harness import WORKER, Cluster, free_port, private, wait_for
+from hostile_harness import readable_by_others, unharmed
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("hostile-recent"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker("good")
+        wait_for(lambda: "online" in cluster.rc("device", "good", check=False).stdout, 30,
+                 "the good worker")
+        yield cluster
+    finally:
+        cluster.stop()
+    assert readable_by_others(cluster.home) == []
+
+
+# -- a submitter: pip options through a line break --------------------------------
+
+def test_a_line_break_cannot_smuggle_a_pip_option_into_the_requirements_file(cluster):
+    # "x ;" is a requirement line pip takes; the next line would be read as
+    # an option: here, a file of the task directory read as requirements.
+    for specifier in ("six ;\n-r foo", "six ;\r--index-url=..", "six==1 ,\x1c-f."):
+        done = cluster.rc("submit", "shell", "true", "--pip", specifier, check=False)
+        assert done.returncode == 2, (specifier, done.stdout)
+        assert "pip options, paths and URLs are not sent" in done.stderr
+
+
+# -- a stranger at the main node's address ------------------------------------------
+
+class Relay:
+    """A port that forwards to rc-server, as the main node's address would,
+    until a stranger takes it over (stop(), then serve HTTP there)."""
+
+    def __init__(self, port, target):
+        self.port, self.target = port, target
+        self.listener = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.sockets = [self.listener]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def worker_through(cluster, device_id, port):
+    arguments = cluster.worker_arguments(device_id)
+    arguments[arguments.index("--join") + 1] = "127.0.0.1:%d" % port
+    log = open(cluster.worker_log(device_id), "ab", opener=private)
+    process = subprocess.Popen([sys.executable, "-I", WORKER] + arguments, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    cluster.workers[device_id] = process
+    return process
+
+
+def registrations(cluster, device_id):
+    with open(cluster.worker_log(device_id), encoding="utf-8", errors="replace") as f:
+        return sum('"registered"' in line for line in f)
+
+
+def test_a_stranger_answering_http_at_the_main_nodes_address_stops_no_worker(cluster):
+    """A device that has joined had its settings right: an HTTP server (or
+    another certificate) at the address later is the address changing
+    hands, not a misconfiguration. Before: the worker exited (wrong_port,
+    exit 3, which its systemd unit does not restart) -- every device of
+    the cluster, until someone visits each."""
+    port = free_port()
+    relay = Relay(port, cluster.config.tcp_port)
+    with unharmed(cluster, "good"):
+        worker = worker_through(cluster, "moved", port)
+        wait_for(lambda: registrations(cluster, "moved") == 1, 30, "the worker to register")
+        relay.stop()
+        stranger = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                                   http.server.SimpleHTTPRequestHandler)
+        stranger.daemon_threads = True
+        threading.Thread(target=stranger.serve_forever, daemon=True).start()
+        try:
+            log_size = os.path.getsize(cluster.worker_log("moved"))
+            wait_for(lambda: worker.poll() is not None or b"wrong_port" in open(
+                cluster.worker_log("moved"), "rb").read()[log_size:], 30,
+                "the worker to find the stranger")
+            time.sleep(0.5)
+            assert worker.poll() is None, "the worker exited with %s" % worker.returncode
+        finally:
+            stranger.shutdown()
+            stranger.server_close()
+        relay = Relay(port, cluster.config.tcp_port)
+        try:
+            wait_for(lambda: registrations(cluster, "moved") == 2, 60,
+                     "the worker to register again once the main node is back")
+        finally:
+            relay.stop()
+            worker.kill()
+            worker.wait()
