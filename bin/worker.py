@@ -5304,6 +5304,7 @@ class Worker(object):
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
         self.registered_once = False   # this process has been registered (see misdialled)
+        self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -5867,13 +5868,14 @@ class Worker(object):
                 " this worker's proof; check --token", detail=message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
-            self.identity.forget(self.cluster_id)
+            # The secret stays until that join gives a new one: whoever answers
+            # at the main node's address can say this, with TLS off.
+            self.join_with_token = True
             self.backoff = BACKOFF_START
             log("warning", "device_secret_unknown", detail=message, message="the main node"
-                " holds no secret for %s: the stored one is deleted; joining again with the"
-                " join token" % self.device_id)
+                " holds no secret for %s: joining again with the join token" % self.device_id)
         elif code in REFUSED_FOR_GOOD:
-            self.give_up(code, REFUSED_FOR_GOOD[code] % {
+            self.refused_for_good(code, REFUSED_FOR_GOOD[code] % {
                 "id": self.device_id, "path": self.identity.path(self.cluster_id)
                 or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
         elif code == "unknown_message" and self.checking and LEASE_CHECK in str(message):
@@ -5897,7 +5899,8 @@ class Worker(object):
         self.nonces = (server_nonce, new_nonce())
         # Our own secret for this cluster once we have one; the join token until then.
         self.cluster_id = data.get("cluster_id")
-        secret = self.identity.secret(self.cluster_id)
+        secret = None if self.join_with_token else self.identity.secret(self.cluster_id)
+        self.join_with_token = False
         self.auth, self.key = ("device", secret) if secret else ("token", self.options.token)
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
@@ -5969,6 +5972,21 @@ class Worker(object):
         else:
             log("info", "device_secret_stored", path=path)
 
+    def refused_for_good(self, event, message):
+        """Believed (exit 3) over pinned TLS, or on a first join; without TLS
+        nothing proves who said it, so a device that has joined keeps trying:
+        else anyone answering at the main node's address could stop them all."""
+        if self.options.fingerprint or not self.joined():
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; unproven without"
+            " TLS (no --fingerprint), so this device keeps trying")
+        self.disconnect(event, level="info")
+
+    def joined(self):
+        """Whether this device's settings have worked: registered now or before."""
+        return self.registered_once or self.identity.joined_before()
+
     def misdialled(self, event, message):
         """What answers at the main node's address is not the main node
         (HTTP, TLS without a pin, another certificate). On a first join that
@@ -5976,7 +5994,7 @@ class Worker(object):
         joined before had them right, so the address changed hands (a
         stranger on the LAN, a rebooting box): it keeps trying, or whoever
         answers there once would stop every worker for good."""
-        if not (self.registered_once or self.identity.joined_before()):
+        if not self.joined():
             self.give_up(event, message)
             return
         log("error", event, device_id=self.device_id, message=message + "; this device has"

@@ -144,3 +144,47 @@ def test_a_stranger_answering_http_at_the_main_nodes_address_stops_no_worker(clu
             relay.stop()
             worker.kill()
             worker.wait()
+
+
+def stranger_says(port, code):
+    """A stranger at the main node's address, with TLS off: a hello, then
+    the worker's register answered with a refusal."""
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(30)
+    link, _ = listener.accept()
+    with listener, link:
+        envelope = {"sender_id": "main", "timestamp": time.time(), "message_id": "1"}
+        link.sendall(json.dumps(dict(envelope, message_type="hello", data={
+            "nonce": "00" * 16, "protocol": 1, "cluster_id": "stranger"})).encode() + b"\n")
+        link.settimeout(10)
+        assert b"register" in link.recv(65536)
+        link.sendall(json.dumps(dict(envelope, message_type="error", data={
+            "code": code, "message": "no"})).encode() + b"\n")
+        time.sleep(0.5)
+
+
+def test_an_unproven_refusal_neither_ends_a_joined_worker_nor_deletes_its_secret(tmp_path):
+    """Without TLS nothing proves who refuses. Before: "revoked" ended a
+    joined worker for good (exit 3), and "unknown_device" deleted its
+    secret, after which the real main node refused its token join
+    (device_id_taken) -- a stranger on the LAN retired every device."""
+    state = tmp_path / "state"
+    secret = state / "stranger" / "joined.secret"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("ab" * 32 + "\n")
+    token = tmp_path / "token"
+    token.write_text("cd" * 32 + "\n")
+    port = free_port()
+    with open(str(tmp_path / "worker.log"), "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % port, "--token-file",
+             str(token), "--device-id", "joined", "--state-dir", str(state)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for code in ("unknown_device", "revoked"):
+            stranger_says(port, code)
+            assert secret.read_text().strip() == "ab" * 32, code
+            assert worker.poll() is None, "%s ended the worker: %s" % (code, worker.returncode)
+    finally:
+        worker.kill()
+        worker.wait()
