@@ -29,6 +29,8 @@ def cluster(tmp_path_factory):
         cluster.start_worker("good")
         wait_for(lambda: "online" in cluster.rc("device", "good", check=False).stdout, 30,
                  "the good worker")
+        with open(cluster.config.token_path) as f:
+            cluster.token = f.read().strip()      # for test_device_logs.hostile
         yield cluster
     finally:
         cluster.stop()
@@ -225,3 +227,36 @@ def test_a_task_cannot_poison_the_environment_the_next_task_uses(cluster):
         cluster.workers.pop("builder").kill()
         import shutil
         shutil.rmtree(venvs, ignore_errors=True)
+
+
+# -- a device that holds the join token: its own log lines ------------------------
+
+def test_a_device_cannot_date_its_lines_after_what_the_main_node_logs_about_it(cluster):
+    """rc logs --device merges the device's lines with the main node's by
+    time. Before: lines dated years ahead stayed the "latest" for ever, so
+    the main node's later lines about the device (its disconnection, a
+    refusal) fell out of the tail and printed above lines sent before them."""
+    from test_device_logs import hostile, log_frame
+    with unharmed(cluster, "good"):
+        sock = hostile(cluster, "forger")
+        sock.sendall(log_frame("forger", 5, time=time.time() + 10 * 365 * 86400,
+                               event="from_the_future"))
+        wait_for(lambda: "from_the_future" in cluster.rc("logs", "--device", "forger").stdout,
+                 10, "the forged lines")
+        sock.close()
+        wait_for(lambda: "device_disconnected" in cluster.rc("logs", "--device", "forger")
+                 .stdout, 10, "rc-server's line about the disconnection")
+        latest = cluster.rc("logs", "--device", "forger", "--lines", "1").stdout
+        assert "device_disconnected" in latest, latest
+        listed = json.loads(urllib_get(cluster, "/api/v1/devices/forger/logs"))["logs"]
+        assert all(line["ts"] <= time.time() for line in listed), listed
+
+
+def urllib_get(cluster, path):
+    import urllib.request
+    with open(cluster.config.admin_token_path) as f:
+        token = f.read().strip()
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (cluster.config.web_port, path),
+                                     headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.read()
