@@ -1978,8 +1978,8 @@ class ProcessTask(Task):
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
                       peak_memory_kb=self.peak_memory_kb, truncated=self.truncated, **extra)
+        worker.environments.after(self)     # while the task's uid is still known
         self.remove_workdir(worker)     # after finish: files may take it for the upload
-        worker.environments.after(self)
 
     def outcome(self, stderr):
         if self.ending == OUTCOME_TIMED_OUT:
@@ -3738,14 +3738,33 @@ VENV_TRIM_INTERVAL = 60.0             # seconds between two looks at the cache's
 VENV_FAILED_EXIT = 97                 # the driver's exit status when the build failed
 VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
+VENV_ADOPT_WAIT = 10.0                # seconds a task waits for the worker to adopt one just built
 
 VENV_DRIVER = (
-    "import fcntl, os, shutil, subprocess, sys\n"
-    "cache, key, wanted = sys.argv[1:4]\n"
-    "argv = sys.argv[5:]\n"
+    "import fcntl, os, shutil, stat, subprocess, sys, time\n"
+    "cache, key, wanted, worker_uid = sys.argv[1:5]\n"
+    "argv = sys.argv[6:]\n"
     "target = os.path.join(cache, key)\n"
     "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
     "fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    # Every task user may write in the cache, and task uids are reused: only an
+    # environment the worker owns is used (one a task built is the worker's once
+    # that task ends), or one this run builds.
+    "def owner():\n"
+    "    try:\n"
+    "        info = os.lstat(target)\n"
+    "    except FileNotFoundError:\n"
+    "        return None\n"
+    "    return info.st_uid if stat.S_ISDIR(info.st_mode) else -1\n"
+    "trusted = (None, int(worker_uid))\n"
+    "deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
+    "while owner() not in trusted and time.monotonic() < deadline:\n"
+    "    time.sleep(0.2)\n"
+    "if owner() not in trusted:\n"
+    "    sys.stderr.write('" + VENV_FAILED_MARK + " (%s belongs to uid %d, not to this"
+    " task nor to the worker):\\nnot used: another task may have made it\\n'"
+    " % (target, owner()))\n"
+    "    sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
     "if not os.path.exists(ready):\n"
     "    shutil.rmtree(target, ignore_errors=True)\n"
@@ -3839,7 +3858,7 @@ class Environments(object):
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
-                         task.environment, wanted, "--"] + list(argv)}
+                         task.environment, wanted, str(os.geteuid()), "--"] + list(argv)}
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
@@ -3856,10 +3875,11 @@ class Environments(object):
         if getattr(task, "environment", None) is None or not os.path.isdir(self.directory):
             return
         try:
-            ready = os.path.join(self.directory, task.environment, VENV_READY)
+            path = os.path.join(self.directory, task.environment)
+            ready = os.path.join(path, VENV_READY)
             if os.path.exists(ready):
                 os.utime(ready)         # just used: the last to be evicted
-            self.adopt()
+            self.adopt(path, (task.jail or {}).get("uid"))
             if time.monotonic() >= self.next_trim:
                 self.next_trim = time.monotonic() + VENV_TRIM_INTERVAL
                 self.trim()
@@ -3873,14 +3893,24 @@ class Environments(object):
                     and not os.path.islink(path):
                 yield name, path
 
-    def adopt(self):
+    def adopt(self, path, builder):
+        """Only the environment of the task that just ended, and only while
+        that task's uid owns it: any other could be a task's plant, or be
+        changed by a live task while it is walked (a file swapped for a link
+        between the look and the chmod)."""
+        import stat
         me = os.geteuid()
-        for name, path in self.entries():
-            if os.lstat(path).st_uid == me:
-                continue
-            with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
-                if not held or not os.path.exists(os.path.join(path, VENV_READY)):
-                    continue          # being built: adopted after its build
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if builder is None or builder == me or info.st_uid != builder \
+                or not stat.S_ISDIR(info.st_mode):
+            return
+        with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
+            if held and not os.path.exists(os.path.join(path, VENV_READY)):
+                remove_tree(path)     # a build cut short: no later task could use it
+            elif held:
                 for top, dirs, files in os.walk(path):
                     for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
                         os.lchown(entry, me, os.getegid())
@@ -3888,8 +3918,14 @@ class Environments(object):
                             os.chmod(entry, os.lstat(entry).st_mode & ~0o022)
 
     def trim(self):
+        me = os.geteuid()
         found = []
         for name, path in self.entries():
+            if os.lstat(path).st_uid != me:      # never adopted: a plant or a cut build
+                with VenvLock(path, fcntl_flags("LOCK_EX")) as held:
+                    if held:                     # nobody builds or uses it
+                        remove_tree(path)
+                continue
             ready = os.path.join(path, VENV_READY)
             used = os.path.getmtime(ready) if os.path.exists(ready) else 0.0
             found.append((used, tree_size(path), path))

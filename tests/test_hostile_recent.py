@@ -198,35 +198,73 @@ POISON = ("import os, tabulate; open(os.path.join(os.path.dirname(tabulate.__fil
           " '__init__.py'), 'a').write('\\nPOISONED = True\\n')")
 
 
-@pytest.mark.xfail(strict=True, reason="an environment is built by the task's own uid and"
-                   " adopted by the worker only after the task's code has run in it; fix:"
-                   " build in a spawn of its own, adopt, then start the task")
-def test_a_task_cannot_poison_the_environment_the_next_task_uses(cluster):
-    """A root worker gives each task a uid of its own, so one task cannot
-    touch another's files; the environment its pip packages were built in
-    is the one exception: the task may change it, and the worker then keeps
-    it for every later task with the same set."""
+@pytest.fixture(scope="module")
+def builder(cluster):
+    """A worker with an environment cache task users can reach (pytest's
+    temporary directories are not theirs), and that cache made."""
     if os.geteuid() != 0:
         pytest.skip("task users need a worker run as root")
     venvs = tempfile.mkdtemp(prefix="rc-test-venvs-")
     os.chmod(venvs, 0o755)
+    cache = os.path.join(venvs, "cache")
+    cluster.start_worker("builder", "--venv-dir", cache)
     try:
-        cluster.start_worker("builder", "--venv-dir", os.path.join(venvs, "cache"))
         wait_for(lambda: "online" in cluster.rc("device", "builder", check=False).stdout, 30,
                  "the builder worker")
-        pin = ["--pip", "tabulate==0.9.0", "--require", "device_id=builder", "--wait",
-               "--wait-timeout", "240"]
-        first = cluster.rc("submit", "python_exec", POISON, *pin, check=False)
-        assert first.returncode == 0, first.stdout + first.stderr
-        second = cluster.rc("submit", "python_eval",
-                            "getattr(__import__('tabulate'), 'POISONED', 'clean')", *pin,
-                            check=False)
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert "clean" in second.stdout
+        yield cache
     finally:
         cluster.workers.pop("builder").kill()
         import shutil
         shutil.rmtree(venvs, ignore_errors=True)
+
+
+ON_BUILDER = ["--require", "device_id=builder", "--wait", "--wait-timeout", "240"]
+TABULATE = ["--pip", "tabulate==0.9.0"]
+
+
+@pytest.mark.xfail(strict=True, reason="an environment is built by the task's own uid and"
+                   " adopted by the worker only after the task's code has run in it; fix:"
+                   " build in a spawn of its own, adopt, then start the task")
+def test_a_task_cannot_poison_the_environment_the_next_task_uses(cluster, builder):
+    """A root worker gives each task a uid of its own, so one task cannot
+    touch another's files; the environment its pip packages were built in
+    is the one exception: the task may change it, and the worker then keeps
+    it for every later task with the same set."""
+    first = cluster.rc("submit", "python_exec", POISON, *TABULATE, *ON_BUILDER, check=False)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = cluster.rc("submit", "python_eval",
+                        "getattr(__import__('tabulate'), 'POISONED', 'clean')", *TABULATE,
+                        *ON_BUILDER, check=False)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "clean" in second.stdout
+
+
+def test_a_task_cannot_plant_an_environment_for_another_tasks_packages(cluster, builder):
+    """The cache is open to every task user (sticky, like /tmp) and an
+    environment's name follows from its packages: a task without packages
+    could make one, marked ready, whose bin/python a later task with those
+    packages ran as its own interpreter."""
+    sys.path.insert(0, os.path.dirname(WORKER))
+    try:
+        import worker as worker_module
+    finally:
+        sys.path.pop(0)
+    made = cluster.rc("submit", "python_eval", "1", *TABULATE, *ON_BUILDER, check=False)
+    assert made.returncode == 0, made.stdout + made.stderr     # the cache is there
+    wanted = ["six==1.17.0"]
+    target = os.path.join(builder, worker_module.environment_key(wanted))
+    plant = ("mkdir -p {0}/bin && printf '#!/bin/sh\\necho PLANTED\\n' > {0}/bin/python"
+             " && chmod 755 {0}/bin/python {0} && touch {0}/.rc-ready".format(target))
+    planted = cluster.rc("submit", "shell", plant, *ON_BUILDER, check=False)
+    assert planted.returncode == 0, planted.stdout + planted.stderr
+    assert os.path.exists(os.path.join(target, ".rc-ready"))
+    victim = cluster.rc("submit", "python_eval", "'genuine'", "--pip", wanted[0],
+                        "--retries", "0", *ON_BUILDER, check=False)
+    assert "PLANTED" not in victim.stdout + victim.stderr
+    listed = json.loads(cluster.rc("tasks", "--json").stdout)
+    task = [t for t in listed if t["payload"].get("pip") == wanted][-1]
+    task = json.loads(cluster.rc("task", str(task["task_id"]), "--json").stdout)
+    assert task["state"] == "failed" and "belongs to uid" in task["error"], task
 
 
 # -- a device that holds the join token: its own log lines ------------------------
