@@ -298,3 +298,20 @@ def urllib_get(cluster, path):
                                      headers={"Authorization": "Bearer " + token})
     with urllib.request.urlopen(request, timeout=10) as answer:
         return answer.read()
+
+
+# -- a stranger without the token: what rc-server says of device ids ---------------
+
+def test_a_stranger_without_the_token_learns_nothing_of_the_device_ids(cluster):
+    """Before: a register with any proof was told device_id_taken for a
+    joined id (auth_failed for the rest), and device_id_clash named the
+    joined id's own spelling -- the devices of a LAN, listed to anyone."""
+    from test_bad_input import connect, read_frame, register_frame
+    with unharmed(cluster, "good"):
+        for device_id in ("good", "GOOD"):
+            sock, nonce = connect(cluster)
+            with sock:
+                sock.sendall(register_frame(cluster, nonce, device_id, proof="00" * 32))
+                reply = read_frame(sock, timeout=5)
+            assert reply["data"]["code"] == "auth_failed", (device_id, reply)
+            assert "good" not in reply["data"]["message"].lower(), reply
