@@ -747,6 +747,11 @@ class Identity(object):
         except (TypeError, OSError):
             pass
 
+    def joined_before(self):
+        """Whether this device holds a secret from any main node."""
+        return any(os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
+                   for cluster in list_dir(self.state_dir))
+
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
 
@@ -1862,6 +1867,7 @@ class ProcessTask(Task):
     exit_code = None
     reaped = False
     environment_failed = False   # its pip packages would not install here
+    environment_building = False  # its own uid builds them: the worker adopts them
     drain_until = None
     truncated = False
     cpu_time = 0.0
@@ -2026,6 +2032,8 @@ class ProcessTask(Task):
     def poll(self, worker):
         if self.proc is None or self.reaped:
             return
+        if self.environment_building and self.proc.pid is not None:
+            worker.environments.adopt_built(self)    # its pip packages: see Environments
         pid = self.proc.pid
         if isinstance(self.proc, SpawnedChild):
             if self.proc.error is not None:
@@ -2106,8 +2114,8 @@ class ProcessTask(Task):
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
                       peak_memory_kb=self.peak_memory_kb, truncated=self.truncated, **extra)
+        worker.environments.after(self)     # while the task's uid is still known
         self.remove_workdir(worker)     # after finish: files may take it for the upload
-        worker.environments.after(self)
 
     def outcome(self, stderr):
         if self.ending == OUTCOME_TIMED_OUT:
@@ -2567,6 +2575,23 @@ def kill_uid(uid):
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+def kill_uid_except(uid, keep):
+    """SIGKILL every process of `uid` but `keep`, round after round until
+    none is left (one may fork while we look)."""
+    for _ in range(KILL_ROUNDS):
+        found = False
+        for name in os.listdir(PROC_ROOT):
+            if name.isdigit() and int(name) != keep:
+                try:
+                    if os.stat(os.path.join(PROC_ROOT, name)).st_uid == uid:
+                        os.kill(int(name), signal.SIGKILL)
+                        found = True
+                except OSError:
+                    pass
+        if not found:
+            return
 
 
 def user_processes(uid, cache={}):
@@ -3927,41 +3952,61 @@ VENV_TRIM_INTERVAL = 60.0             # seconds between two looks at the cache's
 VENV_FAILED_EXIT = 97                 # the driver's exit status when the build failed
 VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
+VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to adopt it
 
 VENV_DRIVER = (
-    "import fcntl, os, shutil, subprocess, sys\n"
-    "cache, key, wanted = sys.argv[1:4]\n"
-    "argv = sys.argv[5:]\n"
+    "import fcntl, os, shutil, stat, subprocess, sys, time\n"
+    "cache, key, wanted, worker_uid = sys.argv[1:5]\n"
+    "argv = sys.argv[6:]\n"
     "target = os.path.join(cache, key)\n"
-    "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
-    # Shared while it is used (a service holds it for days); exclusive only
-    # to build it, which waits for the other builders and evictions alone.
-    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
-    "if not os.path.exists(ready):\n"
+    "trusted = int(worker_uid)\n"
+    "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
+    # Every task user may write in the cache, and task uids are reused: only an
+    # environment the worker owns is used. A service holds one for days, so it
+    # is held shared; exclusive only to build one, which then waits for the
+    # worker to make it its own (it kills what the build left running first).
+    "def owner():\n"
+    "    try:\n"
+    "        info = os.lstat(target)\n"
+    "    except FileNotFoundError:\n"
+    "        return None\n"
+    "    return info.st_uid if stat.S_ISDIR(info.st_mode) else -1\n"
+    "def fail(why, said=''):\n"
+    "    sys.stderr.write('" + VENV_FAILED_MARK + " (%s):\\n%s\\n' % (why, said))\n"
+    "    sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
+    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
+    "if not (os.path.exists(ready) and owner() == trusted):\n"
     "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
-    "if not os.path.exists(ready):\n"
-    "    shutil.rmtree(target, ignore_errors=True)\n"
-    "    python = os.path.join(target, 'bin', 'python')\n"
-    "    for step in ([sys.executable, '-m', 'venv', target],\n"
-    "                 [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
-    "                  '--no-input', '--quiet', '-r', wanted]):\n"
-    "        done = subprocess.run(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
-    "        if done.returncode != 0:\n"
-    "            shutil.rmtree(target, ignore_errors=True)\n"
-    "            said = done.stdout.decode('utf-8', 'replace').strip().splitlines()[-30:]\n"
-    "            sys.stderr.write('" + VENV_FAILED_MARK + " (%s exited %d):\\n%s\\n'\n"
-    "                             % (' '.join(step[1:4]), done.returncode, '\\n'.join(said)))\n"
-    "            sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
-    "    open(ready, 'w').close()\n"
-    "    os.chmod(target, 0o755)\n"
+    "    if not (os.path.exists(ready) and owner() == trusted):\n"
+    "        if owner() not in (None, trusted, os.geteuid()):\n"
+    "            fail('%s belongs to uid %d' % (target, owner()),\n"
+    "                 'not used: another task may have made it')\n"
+    "        shutil.rmtree(target, ignore_errors=True)\n"
+    "        python = os.path.join(target, 'bin', 'python')\n"
+    "        for step in ([sys.executable, '-m', 'venv', target],\n"
+    "                     [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
+    "                      '--no-input', '--quiet', '-r', wanted]):\n"
+    "            done = subprocess.run(step, stdout=subprocess.PIPE,\n"
+    "                                  stderr=subprocess.STDOUT)\n"
+    "            if done.returncode != 0:\n"
+    "                shutil.rmtree(target, ignore_errors=True)\n"
+    "                said = done.stdout.decode('utf-8', 'replace').strip().splitlines()\n"
+    "                fail('%s exited %d' % (' '.join(step[1:4]), done.returncode),\n"
+    "                     '\\n'.join(said[-30:]))\n"
+    "        os.chmod(target, 0o755)\n"
+    "        open(ready, 'w').close()\n"
+    "        deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
+    "        while owner() != trusted and time.monotonic() < deadline:\n"
+    "            time.sleep(0.05)\n"
+    "        if owner() != trusted:\n"
+    "            fail('the worker did not take the environment over', target)\n"
+    "    fcntl.flock(lock, fcntl.LOCK_SH)\n"
     "try:\n"
-    "    os.utime(ready)\n"          # when another task user built it, the worker does it
+    "    os.utime(ready)\n"          # the worker does it where this task user may not
     "except OSError:\n"
     "    pass\n"
-    # Shared while the task runs: the worker evicts only environments no task holds.
-    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
-    "os.set_inheritable(lock, True)\n"
+    "os.set_inheritable(lock, True)\n"       # held shared while the task runs
     "bin_dir = os.path.join(target, 'bin')\n"
     "os.environ['VIRTUAL_ENV'] = target\n"
     "os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')\n"
@@ -4018,8 +4063,10 @@ class Environments(object):
         """The spawner's request that builds or finds the task's environment
         and then runs what `request` (or the task's command) would."""
         packages = task.payload.get(PIP_FIELD)
+        # One line each, not an option: the list becomes a requirements file.
         if not isinstance(packages, list) or not packages or not all(
-                isinstance(p, str) and p and not p.startswith("-") for p in packages):
+                isinstance(p, str) and p.splitlines() == [p] and not p.startswith("-")
+                for p in packages):
             raise BadPayload("payload field %r must be a list of requirement specifiers"
                              % PIP_FIELD)
         self.make_directory(task.jail or {})
@@ -4029,8 +4076,10 @@ class Environments(object):
             os.chown(os.path.join(task.workdir, wanted), jail["uid"], jail["gid"])
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
+        # As root the task's own uid may build it: the worker adopts it then.
+        task.environment_building = jail.get("uid") not in (None, os.geteuid())
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
-                         task.environment, wanted, "--"] + list(argv)}
+                         task.environment, wanted, str(os.geteuid()), "--"] + list(argv)}
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
@@ -4047,15 +4096,36 @@ class Environments(object):
         if getattr(task, "environment", None) is None or not os.path.isdir(self.directory):
             return
         try:
-            ready = os.path.join(self.directory, task.environment, VENV_READY)
+            path = os.path.join(self.directory, task.environment)
+            ready = os.path.join(path, VENV_READY)
             if os.path.exists(ready):
                 os.utime(ready)         # just used: the last to be evicted
-            self.adopt()
+            self.adopt(path, (task.jail or {}).get("uid"))
             if time.monotonic() >= self.next_trim:
                 self.next_trim = time.monotonic() + VENV_TRIM_INTERVAL
                 self.trim()
         except OSError as e:
             log("warning", "venv_cache_failed", directory=self.directory, error=str(e))
+
+    def adopt_built(self, task):
+        """While the task's first process (this driver) waits, once its
+        build is whole: kill whatever else its uid runs (what a package's
+        build code left behind), then make the environment the worker's, so
+        neither the task's own code nor anything of that build can change it."""
+        uid = task.jail["uid"]
+        path = os.path.join(self.directory, task.environment)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if info.st_uid == os.geteuid():
+            task.environment_building = False     # it was there already
+            return
+        if info.st_uid != uid or not os.path.exists(os.path.join(path, VENV_READY)):
+            return
+        kill_uid_except(uid, task.proc.pid)
+        self.adopt(path, uid, held_by_builder=True)
+        task.environment_building = False
 
     def entries(self):
         for name in os.listdir(self.directory):
@@ -4064,14 +4134,25 @@ class Environments(object):
                     and not os.path.islink(path):
                 yield name, path
 
-    def adopt(self):
+    def adopt(self, path, builder, held_by_builder=False):
+        """Only the environment of the task that just ended, and only while
+        that task's uid owns it: any other could be a task's plant, or be
+        changed by a live task while it is walked (a file swapped for a link
+        between the look and the chmod)."""
+        import stat
         me = os.geteuid()
-        for name, path in self.entries():
-            if os.lstat(path).st_uid == me:
-                continue
-            with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
-                if not held or not os.path.exists(os.path.join(path, VENV_READY)):
-                    continue          # being built: adopted after its build
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if builder is None or builder == me or info.st_uid != builder \
+                or not stat.S_ISDIR(info.st_mode):
+            return
+        with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
+            held = held or held_by_builder       # its builder waits, holding it
+            if held and not os.path.exists(os.path.join(path, VENV_READY)):
+                remove_tree(path)     # a build cut short: no later task could use it
+            elif held:
                 for top, dirs, files in os.walk(path):
                     for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
                         os.lchown(entry, me, os.getegid())
@@ -4079,8 +4160,14 @@ class Environments(object):
                             os.chmod(entry, os.lstat(entry).st_mode & ~0o022)
 
     def trim(self):
+        me = os.geteuid()
         found = []
         for name, path in self.entries():
+            if os.lstat(path).st_uid != me:      # never adopted: a plant or a cut build
+                with VenvLock(path, fcntl_flags("LOCK_EX")) as held:
+                    if held:                     # nobody builds or uses it
+                        remove_tree(path)
+                continue
             ready = os.path.join(path, VENV_READY)
             used = os.path.getmtime(ready) if os.path.exists(ready) else 0.0
             found.append((used, tree_size(path), path))
@@ -5687,6 +5774,8 @@ class Worker(object):
         self.environments = Environments(options)   # tasks' pip packages
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
+        self.registered_once = False   # this process has been registered (see misdialled)
+        self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -6059,7 +6148,7 @@ class Worker(object):
             self.silence_looked_at = True
             diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
             if diagnosis is not None:
-                self.give_up(*diagnosis)
+                self.misdialled(*diagnosis)
                 return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
@@ -6098,9 +6187,9 @@ class Worker(object):
             return
         except _ssl.SSLError as e:
             if answers_http(self.options.join):
-                self.give_up(*DASHBOARD_PORT % self.options.join)
+                self.misdialled(DASHBOARD_PORT[0], DASHBOARD_PORT[1] % self.options.join)
                 return
-            self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
+            self.misdialled("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
                          " does not use TLS (tls is false in its etc/rc.json), start this worker"
                          " without --fingerprint" % (self.options.join + (e,)))
             return
@@ -6109,7 +6198,7 @@ class Worker(object):
             return
         found = certificate_fingerprint(self.sock.getpeercert(binary_form=True) or b"")
         if not proofs_match(found, self.options.fingerprint):
-            self.give_up("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
+            self.misdialled("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
                          " with SHA-256 fingerprint %s, not the pinned %s: nothing was sent to it."
                          " If its certificate was made again, start this worker with the"
                          " --fingerprint `rc join` prints now; otherwise something else answers"
@@ -6250,13 +6339,14 @@ class Worker(object):
                 " this worker's proof; check --token", detail=message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
-            self.identity.forget(self.cluster_id)
+            # The secret stays until that join gives a new one: whoever answers
+            # at the main node's address can say this, with TLS off.
+            self.join_with_token = True
             self.backoff = BACKOFF_START
             log("warning", "device_secret_unknown", detail=message, message="the main node"
-                " holds no secret for %s: the stored one is deleted; joining again with the"
-                " join token" % self.device_id)
+                " holds no secret for %s: joining again with the join token" % self.device_id)
         elif code in REFUSED_FOR_GOOD:
-            self.give_up(code, REFUSED_FOR_GOOD[code] % {
+            self.refused_for_good(code, REFUSED_FOR_GOOD[code] % {
                 "id": self.device_id, "path": self.identity.path(self.cluster_id)
                 or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
         elif code == "unknown_message" and self.checking and LEASE_CHECK in str(message):
@@ -6280,7 +6370,8 @@ class Worker(object):
         self.nonces = (server_nonce, new_nonce())
         # Our own secret for this cluster once we have one; the join token until then.
         self.cluster_id = data.get("cluster_id")
-        secret = self.identity.secret(self.cluster_id)
+        secret = None if self.join_with_token else self.identity.secret(self.cluster_id)
+        self.join_with_token = False
         self.auth, self.key = ("device", secret) if secret else ("token", self.options.token)
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
@@ -6317,6 +6408,7 @@ class Worker(object):
         self.state = READY
         self.auth_deadline = None
         self.silence_looked_at = False
+        self.registered_once = True
         self.backoff = BACKOFF_START
         log("info", "registered", device_id=self.device_id, main_node="%s:%d" % self.options.join,
             slots=self.options.slots, resending=len(self.unacked),
@@ -6350,6 +6442,35 @@ class Worker(object):
                 " cluster_id in its hello; the secret cannot be filed")
         else:
             log("info", "device_secret_stored", path=path)
+
+    def refused_for_good(self, event, message):
+        """Believed (exit 3) over pinned TLS, or on a first join; without TLS
+        nothing proves who said it, so a device that has joined keeps trying:
+        else anyone answering at the main node's address could stop them all."""
+        if self.options.fingerprint or not self.joined():
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; unproven without"
+            " TLS (no --fingerprint), so this device keeps trying")
+        self.disconnect(event, level="info")
+
+    def joined(self):
+        """Whether this device's settings have worked: registered now or before."""
+        return self.registered_once or self.identity.joined_before()
+
+    def misdialled(self, event, message):
+        """What answers at the main node's address is not the main node
+        (HTTP, TLS without a pin, another certificate). On a first join that
+        is this worker's settings: exit, saying which. A device that has
+        joined before had them right, so the address changed hands (a
+        stranger on the LAN, a rebooting box): it keeps trying, or whoever
+        answers there once would stop every worker for good."""
+        if not self.joined():
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; this device has"
+            " joined this cluster before, so it keeps trying")
+        self.disconnect(event, level="info")
 
     def give_up(self, event, message):
         """A refusal that trying again cannot mend: say what to do, and exit."""
