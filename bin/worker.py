@@ -25,17 +25,122 @@ if sys.version_info < (3, 6):
 
 import errno
 import os
-import selectors
+import sys
 import time
-from collections import OrderedDict, deque
 
 # The C modules under socket.py and signal.py, which add little the worker
 # uses but enums, and with the enum module over 1 MiB an idle worker would
 # hold for good. Their functions and constants are the same; numbers stay ints.
+# Neither selectors nor collections: see PollSelector; dicts keep their order.
 import _signal as signal
 import _socket as socket
 
 __version__ = "0.1.0"
+
+###############################################################################
+# The loop's selector #########################################################
+###############################################################################
+
+class SelectorKey(object):
+    __slots__ = ("fileobj", "fd", "events", "data")
+
+    def __init__(self, fileobj, fd, events, data):
+        self.fileobj, self.fd, self.events, self.data = fileobj, fd, events, data
+
+
+class PollSelector(object):
+    """What the worker uses of the standard library's selectors (register,
+    modify, unregister, get_key, select), on select.poll: the selectors
+    module imports collections and math, ~0.6 MiB an idle worker would hold
+    for good, for the few descriptors a worker watches."""
+
+    def __init__(self, select):
+        self.select_module = select
+        self.poller = select.poll()
+        self.keys = {}          # fd -> SelectorKey
+
+    def mask(self, events):
+        return ((self.select_module.POLLIN if events & selectors.EVENT_READ else 0)
+                | (self.select_module.POLLOUT if events & selectors.EVENT_WRITE else 0))
+
+    def lookup(self, fileobj):
+        """The descriptor of a registered file object; one closed since is
+        found by identity, as selectors finds it."""
+        try:
+            fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+            if fd >= 0:
+                return fd
+        except (AttributeError, TypeError, ValueError, OSError):
+            pass
+        for fd, key in self.keys.items():
+            if key.fileobj is fileobj:
+                return fd
+        raise KeyError("%r is not registered" % (fileobj,))
+
+    def register(self, fileobj, events, data=None):
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd < 0 or fd in self.keys:
+            raise KeyError("%r is closed or already registered" % (fileobj,))
+        self.poller.register(fd, self.mask(events))
+        self.keys[fd] = key = SelectorKey(fileobj, fd, events, data)
+        return key
+
+    def unregister(self, fileobj):
+        key = self.keys.pop(self.lookup(fileobj))
+        try:
+            self.poller.unregister(key.fd)
+        except (KeyError, OSError, ValueError):    # closed already
+            pass
+        return key
+
+    def modify(self, fileobj, events, data=None):
+        key = self.keys[self.lookup(fileobj)]
+        if events != key.events:
+            self.poller.modify(key.fd, self.mask(events))
+        key.events, key.data = events, data
+        return key
+
+    def get_key(self, fileobj):
+        return self.keys[self.lookup(fileobj)]
+
+    def select(self, timeout=None):
+        """[(key, events ready)], as selectors answers: an error or hang-up
+        counts as both readable and writable."""
+        if timeout is not None:
+            timeout = 0 if timeout <= 0 else -(-timeout * 1000 // 1)    # ms, rounded up
+        ready = []
+        read, write = self.select_module.POLLIN, self.select_module.POLLOUT
+        for fd, event in self.poller.poll(timeout):
+            key = self.keys.get(fd)
+            if key is None:
+                continue
+            if event & self.select_module.POLLNVAL:
+                # Closed but not unregistered: epoll (selectors' choice on
+                # Linux) forgets such a descriptor; poll would report it forever.
+                self.poller.unregister(fd)
+                continue
+            events = ((selectors.EVENT_WRITE if event & ~read else 0)
+                      | (selectors.EVENT_READ if event & ~write else 0)) & key.events
+            if events:
+                ready.append((key, events))
+        return ready
+
+    def close(self):
+        self.keys.clear()
+
+
+class selectors(object):     # noqa: N801 -- it stands in for the module's names
+    """The names the worker used from selectors, kept."""
+    EVENT_READ, EVENT_WRITE = 1, 2
+
+    @staticmethod
+    def DefaultSelector():      # noqa: N802
+        import select
+        if hasattr(select, "poll"):
+            return PollSelector(select)
+        import selectors as module      # no poll() here: what the standard library has
+        return module.DefaultSelector()
+
 
 ###############################################################################
 # Wire names: a copy of lib/rc/states.py ######################################
@@ -285,7 +390,7 @@ class LogForwarder(object):
     flood the main node; lines over it are counted, and the count sent."""
 
     def __init__(self):
-        self.pending = deque(maxlen=LOG_FORWARD_QUEUE)
+        self.pending = []        # at most LOG_FORWARD_QUEUE (no deque: collections stays out)
         self.allowance = {}      # kind -> (lines it may send now, when that was reckoned)
         self.dropped = 0
 
@@ -296,7 +401,8 @@ class LogForwarder(object):
         if not self.allowed(problem):
             self.dropped += 1
             return
-        if len(self.pending) == self.pending.maxlen:
+        if len(self.pending) >= LOG_FORWARD_QUEUE:
+            del self.pending[0]
             self.dropped += 1      # the oldest makes way
         self.pending.append(forwarded_line(level, event, fields))
 
@@ -310,7 +416,8 @@ class LogForwarder(object):
     def take(self):
         """The lines for one device_log, oldest first ([] when none)."""
         count = min(len(self.pending), LOG_FORWARD_BATCH - 1)
-        lines = [self.pending.popleft() for _ in range(count)]
+        lines = self.pending[:count]
+        del self.pending[:count]
         if self.dropped and self.allowed(True):
             lines.append(forwarded_line("warning", "log_lines_dropped", {
                 "message": "%d lines of this worker's log were not sent: over its limit of"
@@ -640,6 +747,11 @@ class Identity(object):
         except (TypeError, OSError):
             pass
 
+    def joined_before(self):
+        """Whether this device holds a secret from any main node."""
+        return any(os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
+                   for cluster in list_dir(self.state_dir))
+
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
 
@@ -776,6 +888,12 @@ class TlsSocket(object):
             return self.tls.read(size)
         except load_ssl().SSLEOFError:     # closed without a TLS goodbye: an end, as ssl's
             return b""
+
+    def recv_into(self, view):
+        try:
+            return self.tls.read(len(view), view)
+        except load_ssl().SSLEOFError:
+            return 0
 
     def send(self, data):
         return self.tls.write(data)
@@ -1737,8 +1855,7 @@ def remove_dir(path):
             pass
         os.rmdir(path)      # most tasks leave nothing: half the time of rmtree
     except OSError:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 class ProcessTask(Task):
@@ -1750,6 +1867,7 @@ class ProcessTask(Task):
     exit_code = None
     reaped = False
     environment_failed = False   # its pip packages would not install here
+    environment_building = False  # its own uid builds them: the worker adopts them
     drain_until = None
     truncated = False
     cpu_time = 0.0
@@ -1914,6 +2032,8 @@ class ProcessTask(Task):
     def poll(self, worker):
         if self.proc is None or self.reaped:
             return
+        if self.environment_building and self.proc.pid is not None:
+            worker.environments.adopt_built(self)    # its pip packages: see Environments
         pid = self.proc.pid
         if isinstance(self.proc, SpawnedChild):
             if self.proc.error is not None:
@@ -1994,8 +2114,8 @@ class ProcessTask(Task):
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
                       peak_memory_kb=self.peak_memory_kb, truncated=self.truncated, **extra)
+        worker.environments.after(self)     # while the task's uid is still known
         self.remove_workdir(worker)     # after finish: files may take it for the upload
-        worker.environments.after(self)
 
     def outcome(self, stderr):
         if self.ending == OUTCOME_TIMED_OUT:
@@ -2457,6 +2577,23 @@ def kill_uid(uid):
     os.waitpid(pid, 0)
 
 
+def kill_uid_except(uid, keep):
+    """SIGKILL every process of `uid` but `keep`, round after round until
+    none is left (one may fork while we look)."""
+    for _ in range(KILL_ROUNDS):
+        found = False
+        for name in os.listdir(PROC_ROOT):
+            if name.isdigit() and int(name) != keep:
+                try:
+                    if os.stat(os.path.join(PROC_ROOT, name)).st_uid == uid:
+                        os.kill(int(name), signal.SIGKILL)
+                        found = True
+                except OSError:
+                    pass
+        if not found:
+            return
+
+
 def user_processes(uid, cache={}):
     """How many processes (threads included, as RLIMIT_NPROC counts) `uid`
     has, read from /proc at most once a second; None where there is no /proc."""
@@ -2654,8 +2791,35 @@ def reachable(path, other_uid, hidden):
 
 
 def remove_tree(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    """rm -rf PATH, errors ignored, never through a link: on os.fwalk's
+    directory descriptors, as shutil.rmtree where it avoids symlink attacks.
+    shutil itself imports re, enum, zlib, bz2 and lzma, 1.3 MiB that a
+    worker removing one stale task directory would hold for good."""
+    if not path:
+        return
+    if not hasattr(os, "fwalk"):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        for _, dirs, files, fd in os.fwalk(path, topdown=False):
+            for name in files:
+                remove_entry(name, fd, os.unlink)
+            for name in dirs:      # a link to a directory is listed here too
+                remove_entry(name, fd, os.rmdir) or remove_entry(name, fd, os.unlink)
+        os.rmdir(path)
+    except OSError:
+        if os.path.islink(path):
+            remove_entry(path, None, os.unlink)
+
+
+def remove_entry(name, dir_fd, remove):
+    """remove(name) relative to dir_fd; whether it went."""
+    try:
+        remove(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
 
 
 class Leftovers(object):
@@ -2738,7 +2902,6 @@ def read_small_file(path):
 def remove_entries_of(directory, uid):
     """Remove the entries of `directory` that `uid` owns (none of its
     processes is left: the end of its task killed them); how many."""
-    import shutil
     removed = 0
     try:
         entries = list(os.scandir(directory))
@@ -2750,7 +2913,7 @@ def remove_entries_of(directory, uid):
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 os.unlink(entry.path)
-            elif shutil.rmtree.avoids_symlink_attacks:
+            elif hasattr(os, "fwalk"):        # remove_tree never follows a link there
                 remove_tree(entry.path)
             removed += 1
         except OSError:
@@ -3061,7 +3224,7 @@ class Spawner(object):
     broken = False       # it failed once: tasks start through subprocess from now on
 
     def __init__(self):
-        self.starting = deque()   # SpawnedChild sent and not yet answered, in order
+        self.starting = []        # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
         self.idle_since = time.monotonic()
@@ -3133,9 +3296,9 @@ class Spawner(object):
         if "exit" in message:
             self.ended(message["exit"], message["status"], Usage(*message["usage"]))
         elif "pid" in message:
-            self.started(worker, self.starting.popleft(), message["pid"])
+            self.started(worker, self.starting.pop(0), message["pid"])
         else:
-            self.starting.popleft().error = message["error"]
+            self.starting.pop(0).error = message["error"]
         return True
 
     def started(self, worker, child, pid):
@@ -3789,41 +3952,61 @@ VENV_TRIM_INTERVAL = 60.0             # seconds between two looks at the cache's
 VENV_FAILED_EXIT = 97                 # the driver's exit status when the build failed
 VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
+VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to adopt it
 
 VENV_DRIVER = (
-    "import fcntl, os, shutil, subprocess, sys\n"
-    "cache, key, wanted = sys.argv[1:4]\n"
-    "argv = sys.argv[5:]\n"
+    "import fcntl, os, shutil, stat, subprocess, sys, time\n"
+    "cache, key, wanted, worker_uid = sys.argv[1:5]\n"
+    "argv = sys.argv[6:]\n"
     "target = os.path.join(cache, key)\n"
-    "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
-    # Shared while it is used (a service holds it for days); exclusive only
-    # to build it, which waits for the other builders and evictions alone.
-    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
-    "if not os.path.exists(ready):\n"
+    "trusted = int(worker_uid)\n"
+    "lock = os.open(target + '.lock', os.O_RDONLY | os.O_CREAT, 0o644)\n"
+    # Every task user may write in the cache, and task uids are reused: only an
+    # environment the worker owns is used. A service holds one for days, so it
+    # is held shared; exclusive only to build one, which then waits for the
+    # worker to make it its own (it kills what the build left running first).
+    "def owner():\n"
+    "    try:\n"
+    "        info = os.lstat(target)\n"
+    "    except FileNotFoundError:\n"
+    "        return None\n"
+    "    return info.st_uid if stat.S_ISDIR(info.st_mode) else -1\n"
+    "def fail(why, said=''):\n"
+    "    sys.stderr.write('" + VENV_FAILED_MARK + " (%s):\\n%s\\n' % (why, said))\n"
+    "    sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
+    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
+    "if not (os.path.exists(ready) and owner() == trusted):\n"
     "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
-    "if not os.path.exists(ready):\n"
-    "    shutil.rmtree(target, ignore_errors=True)\n"
-    "    python = os.path.join(target, 'bin', 'python')\n"
-    "    for step in ([sys.executable, '-m', 'venv', target],\n"
-    "                 [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
-    "                  '--no-input', '--quiet', '-r', wanted]):\n"
-    "        done = subprocess.run(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
-    "        if done.returncode != 0:\n"
-    "            shutil.rmtree(target, ignore_errors=True)\n"
-    "            said = done.stdout.decode('utf-8', 'replace').strip().splitlines()[-30:]\n"
-    "            sys.stderr.write('" + VENV_FAILED_MARK + " (%s exited %d):\\n%s\\n'\n"
-    "                             % (' '.join(step[1:4]), done.returncode, '\\n'.join(said)))\n"
-    "            sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
-    "    open(ready, 'w').close()\n"
-    "    os.chmod(target, 0o755)\n"
+    "    if not (os.path.exists(ready) and owner() == trusted):\n"
+    "        if owner() not in (None, trusted, os.geteuid()):\n"
+    "            fail('%s belongs to uid %d' % (target, owner()),\n"
+    "                 'not used: another task may have made it')\n"
+    "        shutil.rmtree(target, ignore_errors=True)\n"
+    "        python = os.path.join(target, 'bin', 'python')\n"
+    "        for step in ([sys.executable, '-m', 'venv', target],\n"
+    "                     [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
+    "                      '--no-input', '--quiet', '-r', wanted]):\n"
+    "            done = subprocess.run(step, stdout=subprocess.PIPE,\n"
+    "                                  stderr=subprocess.STDOUT)\n"
+    "            if done.returncode != 0:\n"
+    "                shutil.rmtree(target, ignore_errors=True)\n"
+    "                said = done.stdout.decode('utf-8', 'replace').strip().splitlines()\n"
+    "                fail('%s exited %d' % (' '.join(step[1:4]), done.returncode),\n"
+    "                     '\\n'.join(said[-30:]))\n"
+    "        os.chmod(target, 0o755)\n"
+    "        open(ready, 'w').close()\n"
+    "        deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
+    "        while owner() != trusted and time.monotonic() < deadline:\n"
+    "            time.sleep(0.05)\n"
+    "        if owner() != trusted:\n"
+    "            fail('the worker did not take the environment over', target)\n"
+    "    fcntl.flock(lock, fcntl.LOCK_SH)\n"
     "try:\n"
-    "    os.utime(ready)\n"          # when another task user built it, the worker does it
+    "    os.utime(ready)\n"          # the worker does it where this task user may not
     "except OSError:\n"
     "    pass\n"
-    # Shared while the task runs: the worker evicts only environments no task holds.
-    "fcntl.flock(lock, fcntl.LOCK_SH)\n"
-    "os.set_inheritable(lock, True)\n"
+    "os.set_inheritable(lock, True)\n"       # held shared while the task runs
     "bin_dir = os.path.join(target, 'bin')\n"
     "os.environ['VIRTUAL_ENV'] = target\n"
     "os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')\n"
@@ -3880,8 +4063,10 @@ class Environments(object):
         """The spawner's request that builds or finds the task's environment
         and then runs what `request` (or the task's command) would."""
         packages = task.payload.get(PIP_FIELD)
+        # One line each, not an option: the list becomes a requirements file.
         if not isinstance(packages, list) or not packages or not all(
-                isinstance(p, str) and p and not p.startswith("-") for p in packages):
+                isinstance(p, str) and p.splitlines() == [p] and not p.startswith("-")
+                for p in packages):
             raise BadPayload("payload field %r must be a list of requirement specifiers"
                              % PIP_FIELD)
         self.make_directory(task.jail or {})
@@ -3891,8 +4076,10 @@ class Environments(object):
             os.chown(os.path.join(task.workdir, wanted), jail["uid"], jail["gid"])
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
+        # As root the task's own uid may build it: the worker adopts it then.
+        task.environment_building = jail.get("uid") not in (None, os.geteuid())
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
-                         task.environment, wanted, "--"] + list(argv)}
+                         task.environment, wanted, str(os.geteuid()), "--"] + list(argv)}
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
@@ -3909,15 +4096,36 @@ class Environments(object):
         if getattr(task, "environment", None) is None or not os.path.isdir(self.directory):
             return
         try:
-            ready = os.path.join(self.directory, task.environment, VENV_READY)
+            path = os.path.join(self.directory, task.environment)
+            ready = os.path.join(path, VENV_READY)
             if os.path.exists(ready):
                 os.utime(ready)         # just used: the last to be evicted
-            self.adopt()
+            self.adopt(path, (task.jail or {}).get("uid"))
             if time.monotonic() >= self.next_trim:
                 self.next_trim = time.monotonic() + VENV_TRIM_INTERVAL
                 self.trim()
         except OSError as e:
             log("warning", "venv_cache_failed", directory=self.directory, error=str(e))
+
+    def adopt_built(self, task):
+        """While the task's first process (this driver) waits, once its
+        build is whole: kill whatever else its uid runs (what a package's
+        build code left behind), then make the environment the worker's, so
+        neither the task's own code nor anything of that build can change it."""
+        uid = task.jail["uid"]
+        path = os.path.join(self.directory, task.environment)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if info.st_uid == os.geteuid():
+            task.environment_building = False     # it was there already
+            return
+        if info.st_uid != uid or not os.path.exists(os.path.join(path, VENV_READY)):
+            return
+        kill_uid_except(uid, task.proc.pid)
+        self.adopt(path, uid, held_by_builder=True)
+        task.environment_building = False
 
     def entries(self):
         for name in os.listdir(self.directory):
@@ -3926,14 +4134,25 @@ class Environments(object):
                     and not os.path.islink(path):
                 yield name, path
 
-    def adopt(self):
+    def adopt(self, path, builder, held_by_builder=False):
+        """Only the environment of the task that just ended, and only while
+        that task's uid owns it: any other could be a task's plant, or be
+        changed by a live task while it is walked (a file swapped for a link
+        between the look and the chmod)."""
+        import stat
         me = os.geteuid()
-        for name, path in self.entries():
-            if os.lstat(path).st_uid == me:
-                continue
-            with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
-                if not held or not os.path.exists(os.path.join(path, VENV_READY)):
-                    continue          # being built: adopted after its build
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if builder is None or builder == me or info.st_uid != builder \
+                or not stat.S_ISDIR(info.st_mode):
+            return
+        with VenvLock(path, fcntl_flags("LOCK_SH")) as held:
+            held = held or held_by_builder       # its builder waits, holding it
+            if held and not os.path.exists(os.path.join(path, VENV_READY)):
+                remove_tree(path)     # a build cut short: no later task could use it
+            elif held:
                 for top, dirs, files in os.walk(path):
                     for entry in [top] + [os.path.join(top, n) for n in dirs + files]:
                         os.lchown(entry, me, os.getegid())
@@ -3941,8 +4160,14 @@ class Environments(object):
                             os.chmod(entry, os.lstat(entry).st_mode & ~0o022)
 
     def trim(self):
+        me = os.geteuid()
         found = []
         for name, path in self.entries():
+            if os.lstat(path).st_uid != me:      # never adopted: a plant or a cut build
+                with VenvLock(path, fcntl_flags("LOCK_EX")) as held:
+                    if held:                     # nobody builds or uses it
+                        remove_tree(path)
+                continue
             ready = os.path.join(path, VENV_READY)
             used = os.path.getmtime(ready) if os.path.exists(ready) else 0.0
             found.append((used, tree_size(path), path))
@@ -4006,11 +4231,16 @@ def tree_size(path):
 # here yet waits as a Staging in the running slots; a task whose outputs are
 # going up waits as an Uploading, and its result is sent once they are stored.
 
-FILES_CHUNK = 256 * 1024        # bytes per read and write of a transfer (bounded memory)
+FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
+FILES_BUFFERS = 2               # FILES_CHUNK buffers of one fetch: one received while one is written
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
+FILES_CONNECTIONS = 8           # transfers at once: with the kept ones, within rc-files' 16 a device
+FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
+FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
@@ -4139,6 +4369,19 @@ def needs_staging(task):
         payload.get(name) for name in ("inputs", "stdin", "checkpoint", "file"))
 
 
+def file_sha256():
+    """A new SHA-256 for file contents: OpenSSL's (hashlib's own), six times
+    the built-in one's speed where the CPU has SHA instructions, and it lets
+    go of the GIL, so a transfer hashes while it receives. Loaded only once
+    files move (2 MiB more when TLS has loaded OpenSSL already); the
+    built-in one where this Python has no OpenSSL."""
+    try:
+        import _hashlib
+        return _hashlib.openssl_sha256()
+    except (ImportError, AttributeError, ValueError):
+        return sha256_function()()
+
+
 def mebibytes(size):
     return "%.1f MiB" % (size / 1048576.0)
 
@@ -4157,7 +4400,7 @@ class FileCache(object):
         self.dir = os.path.join(os.path.expanduser(state_dir), "cache")
         self.cap = cap_mb * 1048576
         self.lock = _thread.allocate_lock()
-        self.index = None          # sha256 -> [size, last used, mtime_ns], once read
+        self.index = None          # sha256 -> [size, last used, mtime_ns, (dev, inode)], once read
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
@@ -4176,7 +4419,8 @@ class FileCache(object):
                         info = os.lstat(self.path(name))
                     except OSError:
                         continue
-                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns]
+                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns,
+                                        (info.st_dev, info.st_ino)]
         return self.index
 
     def used(self):
@@ -4226,7 +4470,8 @@ class FileCache(object):
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
-            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns]
+            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns,
+                               (info.st_dev, info.st_ino)]
         self.touch(sha)
 
     def drop(self, sha):
@@ -4256,9 +4501,10 @@ class FileCache(object):
         FilesError when the disk cannot hold them even so."""
         index = self.load()
         with self.lock:
-            order = sorted((entry[1], sha) for sha, entry in index.items()
-                           if sha not in self.pinned)
-        total = sum(entry[0] for entry in index.values())
+            total = sum(entry[0] for entry in index.values())
+            # Sorted only when something must go: most fetches fit as it is.
+            order = [] if total + needed <= self.cap else sorted(
+                (entry[1], sha) for sha, entry in index.items() if sha not in self.pinned)
         for _, sha in order:
             if total + needed <= self.cap and self.free() >= needed:
                 break
@@ -4302,8 +4548,10 @@ class FilesConnection(object):
 
     def __init__(self, service, job):
         self.service, self.job = service, job
-        self.sock = None
+        self.sock = self.raw = None     # raw: the TCP socket under the TLS one
         self.inbox = bytearray()
+        self.reused = False             # taken from the pool (see FilesPool)
+        self.cut = None                 # the FilesError that cut a fill()
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -4316,6 +4564,7 @@ class FilesConnection(object):
             self.job.sockets.append(sock)
             sock.connect(address)
             sock.settimeout(FILES_TIMEOUT)
+            self.raw = sock
             if self.service.fingerprint:
                 sock = self.secure(sock)
         except (OSError, ValueError) as e:
@@ -4397,6 +4646,24 @@ class FilesConnection(object):
             return chunk
         return self.recv_socket(size)
 
+    def recv_into(self, view):
+        """Body bytes into `view` (what came with the last control line
+        first); how many, at least one."""
+        if self.inbox:
+            count = min(len(view), len(self.inbox))
+            view[:count] = self.inbox[:count]
+            del self.inbox[:count]
+            return count
+        if self.job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+        try:
+            count = self.sock.recv_into(view)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
+        if not count:
+            raise FilesError("rc-files closed the connection", retry=True)
+        return count
+
     def recv_socket(self, size):
         if self.job.cancelled:
             raise FilesError("cancelled", code="cancelled")
@@ -4416,11 +4683,42 @@ class FilesConnection(object):
         if total != size or length != size - offset:
             raise FilesError("rc-files offers %r bytes of %s from byte %d, not the %d"
                              " expected" % (total, sha, offset, size))
-        while length:
-            chunk = self.recv(min(FILES_CHUNK, length))
-            sink.write(chunk)
-            digest.update(chunk)
-            length -= len(chunk)
+        if length <= FILES_CHUNK:        # one buffer: no thread to hand it to
+            buffer = bytearray(length)
+            count = self.fill(memoryview(buffer))
+            sink.write(memoryview(buffer)[:count])
+            digest.update(memoryview(buffer)[:count])
+            self.raise_cut()
+            return
+        writer = BlobWriter(sink, digest)
+        try:
+            while length:
+                buffer = writer.free_buffer()
+                count = self.fill(memoryview(buffer)[:min(len(buffer), length)])
+                writer.write(buffer, count)
+                self.raise_cut()
+                length -= count
+        finally:
+            writer.close()
+
+    def fill(self, view):
+        """`view` filled with body bytes; how many came. Whole buffers are
+        written and hashed: a TLS record holds 16 KiB, and a write and an
+        update per record would cost more than the TLS itself. When the
+        connection is cut, what came before is counted all the same (and
+        the cut kept for raise_cut), so that a resume starts after it."""
+        filled = 0
+        try:
+            while filled < len(view):
+                filled += self.recv_into(view[filled:])
+        except FilesError as e:
+            self.cut = e
+        return filled
+
+    def raise_cut(self):
+        if self.cut is not None:
+            cut, self.cut = self.cut, None
+            raise cut
 
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
@@ -4445,6 +4743,56 @@ class FilesConnection(object):
         return self.answer().get("stored") is True
 
 
+class BlobWriter(object):
+    """Writes and hashes what a fetch receives, in a thread of its own:
+    SHA-256 costs as much as TLS, and both let go of the GIL, so the next
+    buffer comes in while the last is hashed. FILES_BUFFERS buffers go round
+    between the two threads; close() waits for the last and raises what
+    went wrong in the thread (a full disk)."""
+
+    def __init__(self, sink, digest):
+        import queue
+        import threading
+        self.sink, self.digest = sink, digest
+        self.free, self.full = queue.Queue(), queue.Queue()
+        for _ in range(FILES_BUFFERS):
+            self.free.put(bytearray(FILES_CHUNK))
+        self.error = None
+        self.thread = threading.Thread(target=self.run, name="rc-files-writer")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        while True:
+            item = self.full.get()
+            if item is None:
+                return
+            buffer, count = item
+            if self.error is None:
+                try:
+                    view = memoryview(buffer)[:count]
+                    self.sink.write(view)
+                    self.digest.update(view)
+                except BaseException as e:
+                    self.error = e
+            self.free.put(buffer)
+
+    def free_buffer(self):
+        buffer = self.free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def write(self, buffer, count):
+        self.full.put((buffer, count))
+
+    def close(self):
+        self.full.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class FileService(object):
     """Where rc-files is and how to prove ourselves to it."""
 
@@ -4462,17 +4810,23 @@ class Job(object):
         self.done = False
         self.error = None
         self.sockets = []
-        self.thread = None
+        self.ended = None         # a lock held until run() ends
         self.blobs = []           # staging: the sha256 of what it fetches
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
 
     def start(self):
+        import _thread
         import threading
-        self.thread = threading.Thread(target=self.run, name="rc-files")
-        self.thread.daemon = True
-        self.thread.start()
+        files = self.worker.files
+        if files.gate is None:
+            files.gate = threading.BoundedSemaphore(FILES_CONNECTIONS)
+        self.ended = _thread.allocate_lock()
+        self.ended.acquire()
+        # Not threading.Thread: its start() waits until the thread runs, a
+        # switch between threads that the loop would wait out twice a task.
+        _thread.start_new_thread(self.run, ())
         return self
 
     def run(self):
@@ -4484,6 +4838,7 @@ class Job(object):
             self.error = "%s: %s" % (type(e).__name__, e)
         finally:
             self.done = True
+            self.ended.release()
             self.wake()
 
     def wake(self):
@@ -4503,34 +4858,102 @@ class Job(object):
                 pass
 
     def wait(self, seconds):
-        if self.thread is not None:
-            self.thread.join(seconds)
+        if self.ended is not None and self.ended.acquire(True, seconds):
+            self.ended.release()
         return self.done
 
     def connection(self, files):
         if files.service is None:
             raise FilesError("the main node offers no file service (no files_port in its"
                              " register_ack)", code="no_service")
-        return FilesConnection(files.service, self).open()
+        return files.pool.take(files.service, self) or \
+            FilesConnection(files.service, self).open()
 
     def tries(self, action):
-        """Run action(connection) again on a new connection after a cut, up to FILES_TRIES."""
+        """action(connection), once one of the FILES_CONNECTIONS transfers
+        at once is free: rc-files refuses a device more than 16 connections,
+        and uploads do not hold task slots."""
         files = self.worker.files
-        wait = FILES_RETRY_WAIT
-        for attempt in range(FILES_TRIES):
-            connection = None
+        while not files.gate.acquire(timeout=FILES_GATE_POLL):
+            if self.cancelled:
+                raise FilesError("cancelled", code="cancelled")
+        try:
+            return self.try_on_connections(files, action)
+        finally:
+            files.gate.release()
+
+    def try_on_connections(self, files, action):
+        """Run action(connection) again on a new connection after a cut, up
+        to FILES_TRIES; a connection that rc-files closed while it was in the
+        pool is replaced at once, uncounted. A connection that served the
+        action goes back to the pool."""
+        wait, attempt = FILES_RETRY_WAIT, 0
+        while True:
+            connection, stale = None, False
             try:
                 connection = self.connection(files)
-                return action(connection)
+                result = action(connection)
+                files.pool.give_back(connection)
+                connection = None
+                return result
             except FilesError as e:
-                if not e.retry or attempt == FILES_TRIES - 1 or self.cancelled:
+                stale = connection is not None and connection.reused
+                if not e.retry or self.cancelled or (not stale and attempt == FILES_TRIES - 1):
                     raise
-                log("warning", "transfer_cut", error=str(e), retry_in=wait)
+                if not stale:
+                    log("warning", "transfer_cut", error=str(e), retry_in=wait)
             finally:
                 if connection is not None:
                     connection.close()
-            time.sleep(wait)
-            wait *= 2
+            if not stale:
+                time.sleep(wait)
+                wait *= 2
+                attempt += 1
+
+
+class FilesPool(object):
+    """Authenticated rc-files connections kept open between transfers: a
+    TLS handshake and a proof cost rc-files and the worker more than moving
+    a 100 KiB file, and a task with small files would pay two. At most
+    FILES_IDLE_MAX wait, each at most FILES_IDLE_SECONDS; one job at a time
+    uses one."""
+
+    def __init__(self):
+        import _thread
+        self.lock = _thread.allocate_lock()
+        self.idle = []          # (connection, monotonic time it came back)
+
+    def take(self, service, job):
+        """A kept connection to `service`, now `job`'s, or None."""
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                connection, since = self.idle.pop()
+            if connection.service is service and time.monotonic() - since < FILES_IDLE_SECONDS:
+                connection.job, connection.reused = job, True
+                job.sockets.append(connection.raw)
+                return connection
+            connection.close()
+
+    def give_back(self, connection):
+        job = connection.job
+        if connection.raw in job.sockets:      # its job's cancel() must not cut it now
+            job.sockets.remove(connection.raw)
+        with self.lock:
+            if len(self.idle) < FILES_IDLE_MAX and not job.cancelled and not connection.inbox:
+                self.idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def prune(self, everything=False):
+        """Close the connections kept too long (all of them with `everything`)."""
+        now = time.monotonic()
+        with self.lock:
+            old = [c for c, since in self.idle if everything or now - since >= FILES_IDLE_SECONDS]
+            self.idle = [(c, since) for c, since in self.idle if c not in old]
+        for connection in old:
+            connection.close()
 
 
 def fetch_blob(job, cache, sha, size):
@@ -4575,7 +4998,7 @@ def download(job, cache, sha, size):
         os.unlink(partial)
         have = 0
     cache.make_room(size - have)
-    digest = sha256_function()()
+    digest = file_sha256()
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     with os.fdopen(os.open(partial, flags, 0o600), "r+b") as sink:
         while True:
@@ -4752,7 +5175,7 @@ def add_checkpoint_entry(archive, relative, descriptor):
 
 
 def file_digest(path):
-    digest = sha256_function()()
+    digest = file_sha256()
     size = 0
     with open(path, "rb") as f:
         while True:
@@ -4887,7 +5310,7 @@ def open_output(path):
 
 def put_file(job, source, request):
     """Upload file object `source` (hashed first); the stored entry, or a FilesError."""
-    digest = sha256_function()()
+    digest = file_sha256()
     source.seek(0)
     size = 0
     while True:
@@ -4983,6 +5406,8 @@ class Files(object):
         self.cache = FileCache(options.state_dir, getattr(options, "cache_mb", CACHE_MB))
         self.service = None
         self.secret = None          # the device's own secret, for rc-files proofs
+        self.pool = FilesPool()
+        self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
 
@@ -4993,6 +5418,7 @@ class Files(object):
 
     def on_register(self, worker, data):
         port = data.get("files_port")
+        self.pool.prune(everything=True)     # of the connection before
         if worker.auth == "device":
             self.secret = worker.key
         if not (is_int(port) and 0 < port < 65536) or self.secret is None:
@@ -5003,6 +5429,7 @@ class Files(object):
 
     def heartbeat(self):
         """What a heartbeat says of the cache, once rc-files is there to fill it."""
+        self.pool.prune()
         if self.service is None:
             return {}
         if self.cache.index is None and not os.path.isdir(self.cache.dir):
@@ -5038,7 +5465,7 @@ class Files(object):
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
         try:
             self.cache.prepare()
-            unique = OrderedDict()
+            unique = {}
             for _, sha, size, _ in inputs:
                 unique[sha] = size
             for ref in (stdin, checkpoint):
@@ -5198,10 +5625,9 @@ class Files(object):
     def protected(self):
         """Files of the worker's state that no output may be, link or not."""
         found = set()
-        for root, _, files in os.walk(os.path.expanduser(self.options.state_dir)):
-            if os.path.basename(root) in ("cache", "partial", "tmp") and root.startswith(
-                    self.cache.dir):
-                continue
+        for root, dirs, files in os.walk(os.path.expanduser(self.options.state_dir)):
+            # Not into the cache: its blobs are what inputs link to (cached_inodes).
+            dirs[:] = [d for d in dirs if os.path.join(root, d) != self.cache.dir]
             for name in files:
                 try:
                     info = os.stat(os.path.join(root, name))
@@ -5211,14 +5637,11 @@ class Files(object):
         return found
 
     def cached_inodes(self):
-        found = set()
-        for sha in list(self.cache.load()):
-            try:
-                info = os.lstat(self.cache.path(sha))
-            except OSError:
-                continue
-            found.add((info.st_dev, info.st_ino))
-        return found
+        """The cache's blobs as (device, inode), from its index: a stat of
+        each, for each task, would cost more than the task's files."""
+        index = self.cache.load()
+        with self.cache.lock:
+            return {entry[3] for entry in index.values()}
 
     def annotate(self, task, data):
         """The result's "files": what rc-files confirmed as stored."""
@@ -5320,10 +5743,6 @@ def spill_stream(task, fd, buffer, chunk):
         task.spill = None
 
 
-def remove_tree(path):
-    if path:
-        import shutil
-        shutil.rmtree(path, ignore_errors=True)
 
 
 ###############################################################################
@@ -5341,9 +5760,9 @@ class Worker(object):
         self.speed = cpu_speed()
         self.availability = Availability(options, self.power)
         self.next_policy_check = time.monotonic()
-        self.queued = OrderedDict()    # (task_id, attempt) -> Task waiting for a slot
+        self.queued = {}               # (task_id, attempt) -> Task waiting for a slot, in order
         self.running = {}              # (task_id, attempt) -> Task
-        self.unacked = OrderedDict()   # (task_id, attempt) -> task_result data, until acked
+        self.unacked = {}              # (task_id, attempt) -> task_result data, until acked
         self.fenced = set()            # (task_id, attempt) we gave up, until the main node knows
         self.fenced_told = set()       # ... of those, the ones in the message awaiting its ack
         self.heartbeat_interval = options.heartbeat
@@ -5355,6 +5774,8 @@ class Worker(object):
         self.environments = Environments(options)   # tasks' pip packages
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
+        self.registered_once = False   # this process has been registered (see misdialled)
+        self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
         self.queue_wait = None         # from register_ack: longest wait in self.queued
@@ -5444,7 +5865,7 @@ class Worker(object):
         # the loop wakes often enough to measure a freeze (see notice_freeze).
         longest = 60.0 if self.sock is None else self.freeze_threshold() / 2
         longest = min(longest, 1.0) if self.running else longest
-        if self.startable() and len(self.running) < self.options.slots:
+        if self.startable() and self.slots_taken() < self.options.slots:
             longest = 0.0
         return max(0.0, min([longest] + [t - now for t in times]))
 
@@ -5727,7 +6148,7 @@ class Worker(object):
             self.silence_looked_at = True
             diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
             if diagnosis is not None:
-                self.give_up(*diagnosis)
+                self.misdialled(*diagnosis)
                 return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
@@ -5766,9 +6187,9 @@ class Worker(object):
             return
         except _ssl.SSLError as e:
             if answers_http(self.options.join):
-                self.give_up(*DASHBOARD_PORT % self.options.join)
+                self.misdialled(DASHBOARD_PORT[0], DASHBOARD_PORT[1] % self.options.join)
                 return
-            self.give_up("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
+            self.misdialled("tls_failed", "TLS handshake with %s:%d failed (%s): if the main node"
                          " does not use TLS (tls is false in its etc/rc.json), start this worker"
                          " without --fingerprint" % (self.options.join + (e,)))
             return
@@ -5777,7 +6198,7 @@ class Worker(object):
             return
         found = certificate_fingerprint(self.sock.getpeercert(binary_form=True) or b"")
         if not proofs_match(found, self.options.fingerprint):
-            self.give_up("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
+            self.misdialled("fingerprint_mismatch", "the main node at %s:%d showed a certificate"
                          " with SHA-256 fingerprint %s, not the pinned %s: nothing was sent to it."
                          " If its certificate was made again, start this worker with the"
                          " --fingerprint `rc join` prints now; otherwise something else answers"
@@ -5918,13 +6339,14 @@ class Worker(object):
                 " this worker's proof; check --token", detail=message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
-            self.identity.forget(self.cluster_id)
+            # The secret stays until that join gives a new one: whoever answers
+            # at the main node's address can say this, with TLS off.
+            self.join_with_token = True
             self.backoff = BACKOFF_START
             log("warning", "device_secret_unknown", detail=message, message="the main node"
-                " holds no secret for %s: the stored one is deleted; joining again with the"
-                " join token" % self.device_id)
+                " holds no secret for %s: joining again with the join token" % self.device_id)
         elif code in REFUSED_FOR_GOOD:
-            self.give_up(code, REFUSED_FOR_GOOD[code] % {
+            self.refused_for_good(code, REFUSED_FOR_GOOD[code] % {
                 "id": self.device_id, "path": self.identity.path(self.cluster_id)
                 or os.path.join(self.identity.state_dir, "CLUSTER", self.device_id + ".secret")})
         elif code == "unknown_message" and self.checking and LEASE_CHECK in str(message):
@@ -5948,7 +6370,8 @@ class Worker(object):
         self.nonces = (server_nonce, new_nonce())
         # Our own secret for this cluster once we have one; the join token until then.
         self.cluster_id = data.get("cluster_id")
-        secret = self.identity.secret(self.cluster_id)
+        secret = None if self.join_with_token else self.identity.secret(self.cluster_id)
+        self.join_with_token = False
         self.auth, self.key = ("device", secret) if secret else ("token", self.options.token)
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
@@ -5985,6 +6408,7 @@ class Worker(object):
         self.state = READY
         self.auth_deadline = None
         self.silence_looked_at = False
+        self.registered_once = True
         self.backoff = BACKOFF_START
         log("info", "registered", device_id=self.device_id, main_node="%s:%d" % self.options.join,
             slots=self.options.slots, resending=len(self.unacked),
@@ -6018,6 +6442,35 @@ class Worker(object):
                 " cluster_id in its hello; the secret cannot be filed")
         else:
             log("info", "device_secret_stored", path=path)
+
+    def refused_for_good(self, event, message):
+        """Believed (exit 3) over pinned TLS, or on a first join; without TLS
+        nothing proves who said it, so a device that has joined keeps trying:
+        else anyone answering at the main node's address could stop them all."""
+        if self.options.fingerprint or not self.joined():
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; unproven without"
+            " TLS (no --fingerprint), so this device keeps trying")
+        self.disconnect(event, level="info")
+
+    def joined(self):
+        """Whether this device's settings have worked: registered now or before."""
+        return self.registered_once or self.identity.joined_before()
+
+    def misdialled(self, event, message):
+        """What answers at the main node's address is not the main node
+        (HTTP, TLS without a pin, another certificate). On a first join that
+        is this worker's settings: exit, saying which. A device that has
+        joined before had them right, so the address changed hands (a
+        stranger on the LAN, a rebooting box): it keeps trying, or whoever
+        answers there once would stop every worker for good."""
+        if not self.joined():
+            self.give_up(event, message)
+            return
+        log("error", event, device_id=self.device_id, message=message + "; this device has"
+            " joined this cluster before, so it keeps trying")
+        self.disconnect(event, level="info")
 
     def give_up(self, event, message):
         """A refusal that trying again cannot mend: say what to do, and exit."""
@@ -6251,7 +6704,7 @@ class Worker(object):
         for key in self.startable():
             if (self.queued[key].task_type in INSTANT_TASK_TYPES) != instant:
                 continue
-            if not instant and len(self.running) >= self.options.slots:
+            if not instant and self.slots_taken() >= self.options.slots:
                 break
             # Before every start, not only once a turn: a freeze or a silence
             # may have put what we hold in doubt (see enter_doubt).
@@ -6259,6 +6712,12 @@ class Worker(object):
             self.check_silence()
             if key not in self.unconfirmed:
                 self.start_task(key, self.queued.pop(key))
+
+    def slots_taken(self):
+        """Running tasks that hold a slot. An Uploading does not: its process
+        has ended, and the next task runs while rc-files stores its files
+        (the main node still counts it: slots and prefetch bound them)."""
+        return sum(not isinstance(task, Uploading) for task in self.running.values())
 
     def start_task(self, key, task):
         self.running[key] = task

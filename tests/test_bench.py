@@ -21,6 +21,7 @@ import urllib.request
 import psutil
 import pytest
 
+from bench_common import Table, percentile, rss_mib
 from cluster_harness import REPO, Cluster, online, wait_for
 from rc import db, tasks
 from test_bench_client import round_trips, submit_each
@@ -31,8 +32,7 @@ REPEAT = int(os.environ.get("RC_BENCH_REPEAT", "3"))
 SIM_DEVICES = int(os.environ.get("RC_BENCH_DEVICES", "10000"))
 # Seconds of load for the memory figure: the issue's 10 minutes unless told.
 SOAK = float(os.environ.get("RC_BENCH_SOAK", "600"))
-ARTIFACTS = os.path.join(REPO, "test-artifacts")
-RESULTS = []      # (figure, target, measured, unit, passed)
+TABLE = Table()
 # The defaults, only kept on the loopback interface, but without TLS:
 # tests/device_simulator.py drives 10,000 connections from one process with
 # plain non-blocking sockets, and 10,000 TLS handshakes in Python would
@@ -43,12 +43,7 @@ BENCH_SETTINGS = {"tcp_host": "127.0.0.1", "web_host": "127.0.0.1", "tls": False
                   "max_unauthenticated_per_address": 1000}
 
 
-def record(figure, target, measured, unit, passed, library=None):
-    """`measured` is through the client; `library`, where given, the same
-    work through rc.tasks and SQLite."""
-    RESULTS.append({"figure": figure, "target": target, "measured": round(measured, 3),
-                    "unit": unit, "pass": bool(passed),
-                    "library": None if library is None else round(library, 3)})
+record = TABLE.record
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +131,6 @@ def test_round_trip_latency(cluster):
         measured = statistics.median(r[index] for r in rounds)
         record("echo round trip %s" % name, target, measured, "ms", measured <= limit,
                statistics.median(r[index] for r in library))
-
-
-def rss_mib(pids):
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 1024 / 1024
 
 
 def main_node_pids(cluster):
@@ -337,29 +322,9 @@ def test_scale_10000_devices(cluster, tmp_path):
             simulator.kill()
 
 
-def percentile(values, p=99):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else 0.0
-
-
 def connected(cluster):
     return cluster.db.execute("SELECT count(*) FROM devices WHERE connected = 1").fetchone()[0]
 
 
 def test_zz_print_the_table():
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with open(os.path.join(ARTIFACTS, "bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=2)
-    width = max(len(r["figure"]) for r in RESULTS)
-    print("\nmain node and workers on Python %s (%s)"
-          % (sys.version.split()[0], os.path.realpath(sys.executable)))
-    print("throughput and latency: `measured` through rc.client over HTTP (the target's);"
-          " `library`: rc.tasks and SQLite directly")
-    print("%-*s  %-12s  %12s  %s  %12s" % (width, "figure", "target", "measured", "result",
-                                           "library"))
-    for r in RESULTS:
-        print("%-*s  %-12s  %9.2f %-2s  %-6s  %s" % (
-            width, r["figure"], r["target"], r["measured"], r["unit"][:2],
-            "pass" if r["pass"] else "FAIL",
-            "" if r.get("library") is None else "%9.2f %-2s" % (r["library"], r["unit"][:2])))
-    print("written to %s" % os.path.join(ARTIFACTS, "bench.json"))
+    TABLE.report("bench.json")

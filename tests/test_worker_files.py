@@ -61,6 +61,7 @@ class FakeFiles:
         self.pause = 0.0             # seconds between two 64 KiB pieces of a get or put
         self.corrupt = set()
         self.closing = False
+        self.sessions = []           # sockets that proved the device, in order
         threading.Thread(target=self.serve, daemon=True).start()
 
     def add(self, data):
@@ -99,6 +100,7 @@ class FakeFiles:
             self.send(sock, {"error": {"code": "auth_failed", "message": "bad proof"}})
             return
         self.send(sock, {"ok": True})
+        self.sessions.append(sock)
         while True:
             line = reader.readline(65536)
             if not line:
@@ -157,6 +159,14 @@ class FakeFiles:
         self.stored[(task_id, attempt, name)] = have
         self.blobs[sha256] = have
         self.send(sock, {"ok": True, "stored": True})
+
+    def hang_up(self):
+        """Close every connection, as rc-files does to one idle too long."""
+        for sock in self.sessions:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self):
         self.closing = True
@@ -323,6 +333,22 @@ def test_a_cut_transfer_resumes_from_the_last_byte(start, files):
     assert result["result"]["output"].split()[0] == sha(data)
     assert [offset for _, offset in files.gets] == [0, 1024 * 1024 + 5]
     assert worker.events("transfer_cut")
+
+
+def test_connections_are_kept_between_transfers_and_replaced_once_closed(start, files):
+    worker, link = start()
+    ref = files.add(b"small input\n")
+    result = run(link, 1, "shell", {"command": "cat in.txt > out.txt", "outputs": ["out.txt"],
+                                    "inputs": [dict(ref, path="in.txt")]})
+    assert result["status"] == "completed", result
+    assert files.stored[(1, 1, "out.txt")] == b"small input\n"
+    assert len(files.sessions) == 1, "the get and the put shared one connection"
+    files.hang_up()
+    ref2 = files.add(b"another\n")
+    result = run(link, 2, "shell", {"command": "cat in.txt", "inputs": [dict(ref2, path="in.txt")]})
+    assert result["status"] == "completed" and result["result"]["output"] == "another\n", result
+    assert len(files.sessions) == 2, "a closed kept connection was replaced once"
+    assert not worker.events("transfer_cut"), "a kept connection closed by rc-files is no cut"
 
 
 def test_a_hash_mismatch_is_fetched_once_more_then_fails_naming_both(start, files):

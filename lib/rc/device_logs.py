@@ -119,11 +119,14 @@ class Bucket:
 
 def store(connection, device_id, lines, now, keep=None):
     """Add lines (inside the caller's transaction); with `keep`, delete all
-    but the device's latest `keep`."""
+    but the device's latest `keep`. A line's time is the device's word, but
+    never later than its arrival: `rc logs --device` merges by time, and a
+    line dated ahead would stay after the main node's later lines for ever."""
     connection.executemany(
         "INSERT INTO device_logs(device_id, time, received_at, level, event, message,"
         " task_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(device_id, line[0], now, line[1], line[2], line[3], line[4]) for line in lines])
+        [(device_id, min(line[0], now), now, line[1], line[2], line[3], line[4])
+         for line in lines])
     if keep is not None:
         trim(connection, device_id, keep)
 

@@ -19,13 +19,17 @@ PAYLOAD_FIELD = "pip"          # the payload's list of specifiers
 MAX_PACKAGES = 64              # specifiers in one task
 MAX_SPECIFIER = 200            # characters in one
 # name[extras] then version clauses, optionally `; marker`: PEP 508 without
-# URLs (name @ url) or anything pip would read as an option or a path.
+# URLs (name @ url) or anything pip would read as an option or a path. Only
+# spaces and tabs between the parts: a line break would start a line of its
+# own in the requirements file the worker hands pip ("x ;\n-r FILE").
+SPACE = r"[ \t]*"
+OPERATOR = SPACE + r"(?:===|==|!=|~=|<=|>=|<|>)" + SPACE
 SPECIFIER = re.compile(
-    r"\A[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"        # the project's name
-    r"(?:\[[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\])?"  # [extras]
-    r"(?:\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version clauses
-    r"(?:\s*,\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?"
-    r"(?:\s*;\s*[A-Za-z0-9_.'\"<>=!~ ()-]+)?\Z")            # ; environment marker
+    r"\A[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"                    # the project's name
+    r"(?:\[[A-Za-z0-9._-]+(?:" + SPACE + "," + SPACE + r"[A-Za-z0-9._-]+)*\])?"   # [extras]
+    r"(?:" + OPERATOR + r"[A-Za-z0-9.*+!_-]+"                          # version clauses
+    r"(?:" + SPACE + "," + OPERATOR + r"[A-Za-z0-9.*+!_-]+)*)?"
+    r"(?:" + SPACE + ";" + SPACE + r"[A-Za-z0-9_.'\"<>=!~ ()-]+)?\Z")   # ; environment marker
 
 
 class PackagesError(ValueError):

@@ -63,8 +63,15 @@ def blob_path(config, sha256):
 
 def partial_dir(config):
     path = os.path.join(root(config), PARTIAL_DIR)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    make_dir(path)
     return path
+
+
+def make_dir(path):
+    """os.makedirs(path, 0o700) unless it is there: the usual case, where a
+    stat costs less than a mkdir that fails (every blob goes through here)."""
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 # -- names inside a task directory -------------------------------------------------------
@@ -130,7 +137,7 @@ def check_room(connection, config, size, sha256=None):
         raise FileStoreError("quota", "a file of %d bytes does not fit: the store holds %d"
                              " of %d bytes (files_quota_mb=%d)"
                              % (size, used, quota, config.files_quota_mb))
-    os.makedirs(root(config), mode=0o700, exist_ok=True)
+    make_dir(root(config))
     free = shutil.disk_usage(root(config)).free
     if free < size + DISK_RESERVE_BYTES:
         raise FileStoreError("disk_full", "a file of %d bytes does not fit: %d bytes free on"
@@ -182,6 +189,13 @@ class Writer:
     def commit(self, connection, expected=None):
         """Verify, rename into place, record; returns (sha256, size). On a
         mismatch or error the partial file is removed."""
+        sha256, size = self.place(expected)
+        record(connection, sha256, size)
+        return sha256, size
+
+    def place(self, expected=None):
+        """commit() but the row, which the caller writes (record()) in a
+        transaction of its own, after this."""
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -194,10 +208,9 @@ class Writer:
             self.abort()
             raise FileStoreError("hash_mismatch", "expected %s got %s" % (expected, sha256))
         target = blob_path(self.config, sha256)
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        make_dir(os.path.dirname(target))
         os.replace(self.path, target)
         fsync_directory(os.path.dirname(target))
-        record(connection, sha256, self.size)
         return sha256, self.size
 
     def abort(self):

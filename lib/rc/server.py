@@ -599,7 +599,7 @@ class Server:
                         " copy the current bin/worker.py" % (PROTOCOL_VERSION, version))
             return
         worker_nonce = field(data, "nonce", str)
-        key, is_new = self.identity_key(peer, device_id, field(
+        key, is_new, refusal = self.identity_key(peer, device_id, field(
             data, "auth", str, required=False, default="token"))
         if key is None:
             return
@@ -621,6 +621,9 @@ class Server:
             self.wrong_proofs.add(failures)
             self.refuse(peer, "auth_failed", "wrong join token" if by_token
                         else "wrong device secret")
+            return
+        if refusal is not None:
+            self.refuse(peer, *refusal)
             return
         if is_new and self.token_used_up():
             self.refuse(peer, "too_many_devices", "%d devices have joined with this join"
@@ -669,48 +672,52 @@ class Server:
     def identity_key(self, peer, device_id, auth):
         """The key this device must prove: its own secret once it has one
         (so its id cannot be taken over with the join token), the join token
-        for a first join; and whether the device is new here. (None, _),
-        having refused the peer, when neither fits."""
+        for a first join; whether the device is new here; and the refusal
+        (code, message) it gets once that key is proved, or None: what is
+        known of an id (revoked, taken, another case) is said only to a
+        device that proved the token or its secret, never to a stranger.
+        (None, _, _), having refused the peer, when no key fits."""
         row = self.database.execute("SELECT sealed_secret, revoked, forgotten FROM devices"
                                     " WHERE device_id = ?", (device_id,)).fetchone()
+        refusal = None
         if row and (row["revoked"] or row["forgotten"]):
             code = "forgotten" if row["forgotten"] else "revoked"
-            self.refuse(peer, code, "device %s was %s on the main node" % (device_id, code))
-            return None, False
+            refusal = (code, "device %s was %s on the main node" % (device_id, code))
         # Stored sealed (lib/rc/device_secrets.py); one this node cannot
         # open (sealed with another node's var/device_key) counts as none.
         secret = row and device_secrets.unseal(self.device_key, device_id, row["sealed_secret"])
         if auth == "device":
+            if not secret and refusal is not None:
+                self.refuse(peer, *refusal)      # its secret went with it: nothing to prove
+                return None, False, None
             if not secret:
                 self.refuse(peer, "unknown_device", "this main node has no secret for %s%s;"
                             " join with the token" % (device_id, " it can open (restored from"
                             " another main node's backup?)" if row and row["sealed_secret"]
                             else ""))
-                return None, False
-            return secret, False
+                return None, False, None
+            return secret, False, refusal
         if auth != "token":
             self.refuse(peer, "bad_request", "auth must be token or device")
-            return None, False
-        if secret and self.config.device_secrets:
-            self.refuse(peer, "device_id_taken", "%s has joined already and must prove its"
-                        " own secret; a new device needs another --device-id" % device_id)
-            return None, False
-        if row is None and self.case_clash(peer, device_id):
-            return None, False
-        return self.join_token.value(), row is None
+            return None, False, None
+        if refusal is None and secret and self.config.device_secrets:
+            refusal = ("device_id_taken", "%s has joined already and must prove its own"
+                       " secret; a new device needs another --device-id" % device_id)
+        if refusal is None and row is None:
+            refusal = self.case_clash(device_id)
+        return self.join_token.value(), row is None, refusal
 
-    def case_clash(self, peer, device_id):
+    def case_clash(self, device_id):
         """A new id that differs only by case from a known device's ("Pi" and
         "pi") is refused: people, shells and rc commands would mix them up."""
         other = self.database.execute(
             "SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE"
             " AND forgotten = 0 LIMIT 1", (device_id,)).fetchone()
         if other is None:
-            return False
-        self.refuse(peer, "device_id_clash", "%s differs only by case from %s, which has"
-                    " joined already; device ids are compared without case: start this"
-                    " worker with another --device-id" % (device_id, other[0]))
-        return True
+            return None
+        return ("device_id_clash", "%s differs only by case from %s, which has joined"
+                " already; device ids are compared without case: start this worker with"
+                " another --device-id" % (device_id, other[0]))
 
     def on_heartbeat(self, peer, data):
         metrics = field(data, "system_metrics", dict, required=False, default={})

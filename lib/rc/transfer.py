@@ -365,10 +365,6 @@ class Session:
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
-        try:
-            files.check_room(self.connection, self.config, size, sha256)
-        except files.FileStoreError as e:
-            raise Refusal(e.code, str(e))
         stored = files.stored_size(self.connection, sha256)
         if stored is not None:
             if stored != size:
@@ -376,8 +372,12 @@ class Session:
             # Held already (another task stored the same bytes): nothing to send.
             self.send({"ok": True, "have": size})
         else:
+            try:
+                files.check_room(self.connection, self.config, size)
+            except files.FileStoreError as e:
+                raise Refusal(e.code, str(e))
             self.receive(task_id, attempt, name, size, sha256)
-        self.record(task_id, attempt, name, size, sha256)
+        self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})
 
     def put_fields(self, arguments):
@@ -418,7 +418,7 @@ class Session:
                 writer.file.close()      # kept: the next try resumes from here
                 raise
             try:
-                writer.commit(self.connection, sha256)
+                writer.place(sha256)      # its row comes with the task's (record())
             except files.FileStoreError as e:
                 raise Refusal(e.code, str(e))
         finally:
@@ -433,13 +433,21 @@ class Session:
             writer.write(view[:n])
             count -= n
 
-    def record(self, task_id, attempt, name, size, sha256):
+    def record(self, task_id, attempt, name, size, sha256, received):
+        """The rows of a put, in one transaction: the blob's if it was just
+        received (kept even when the attempt turns out stale: the blob is in
+        place, and retention removes both), then the task's."""
+        now = time.time()
         with db.write(self.connection):
-            if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
-                raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
-                              % (self.device_id, task_id, attempt))
-            kind = files.add_task_file(self.connection, task_id, attempt, name, sha256, size,
-                                       time.time())
+            if received:
+                files.record(self.connection, sha256, size, now)
+            holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
+            if holds:
+                kind = files.add_task_file(self.connection, task_id, attempt, name, sha256,
+                                           size, now)
+        if not holds:
+            raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
+                          % (self.device_id, task_id, attempt))
         self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
                       attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
 

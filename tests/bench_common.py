@@ -1,0 +1,213 @@
+"""What the `make bench` modules share: the table of figures they print and
+write under test-artifacts/, memory and CPU readings of processes, and a few
+devices that heartbeat over TLS and time each acknowledgement.
+
+The heartbeating devices run as a process of their own, so that what they
+measure is rc-server's answer, not the bench's own threads:
+
+    python tests/bench_common.py --join 127.0.0.1:8080 --token-file var/token \\
+        --count 4 --interval 0.25 --duration 30 --report acks.json
+
+It writes the report at the end of --duration or on SIGTERM.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+sys.path.insert(0, os.path.join(REPO, "lib"))
+from rc import protocol  # noqa: E402
+
+
+class Table:
+    """Figures, each with its target, what was measured and whether it passed."""
+
+    def __init__(self):
+        self.rows = []      # {"figure", "target", "measured", "unit", "pass", "library"?}
+
+    def record(self, figure, target, measured, unit, passed, library=None):
+        """`measured` is what a user gets (through the client, HTTP or rc);
+        `library`, where given, the same work through rc.tasks and SQLite."""
+        row = {"figure": figure, "target": target, "measured": round(measured, 3),
+               "unit": unit, "pass": bool(passed)}
+        if library is not None:
+            row["library"] = round(library, 3)
+        self.rows.append(row)
+
+    def report(self, name):
+        """Written to test-artifacts/NAME and printed as a table."""
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        path = os.path.join(ARTIFACTS, name)
+        with open(path, "w") as f:
+            json.dump(self.rows, f, indent=2)
+        width = max([len(r["figure"]) for r in self.rows] + [6])
+        library = any("library" in r for r in self.rows)
+        print("\nmain node and workers on Python %s (%s)"
+              % (sys.version.split()[0], os.path.realpath(sys.executable)))
+        if library:
+            print("`measured`: as a user gets it (the target's); `library`: rc.tasks and"
+                  " SQLite directly")
+        print("%-*s  %-12s  %12s  %s%s" % (width, "figure", "target", "measured", "result",
+                                          "  library" if library else ""))
+        for r in self.rows:
+            print("%-*s  %-12s  %9.2f %-2s  %-6s%s" % (
+                width, r["figure"], r["target"], r["measured"], r["unit"][:2],
+                "pass" if r["pass"] else "FAIL",
+                "  %9.2f %-2s" % (r["library"], r["unit"][:2]) if "library" in r else ""))
+        print("written to %s" % path)
+
+
+def percentile(values, p=99):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else 0.0
+
+
+def rss_mib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 1024 / 1024
+
+
+def cpu_seconds(pids):
+    """User and system CPU seconds the processes, and the children they
+    have waited for, have used so far, summed."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+class RssSampler:
+    """The largest RSS a process reached while sampled every `interval`
+    seconds, in a thread, from start() to stop()."""
+
+    def __init__(self, pid, interval=0.05):
+        self.process, self.interval = psutil.Process(pid), interval
+        self.peak_mib = 0.0
+        self.samples = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                rss = self.process.memory_info().rss / 1024 / 1024
+            except psutil.NoSuchProcess:
+                return
+            self.peak_mib = max(self.peak_mib, rss)
+            self.samples += 1
+            self.stopping.wait(self.interval)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return self.peak_mib
+
+
+# -- devices that heartbeat over TLS and time the acknowledgements ---------------------
+
+class HeartbeatingDevice(threading.Thread):
+    """One device on a TLS connection of its own, blocking: joins with the
+    token, then sends a heartbeat every `interval` seconds and waits for its
+    acknowledgement. It takes echo tasks only, which the bench never sends."""
+
+    def __init__(self, options, number, stop):
+        super().__init__(daemon=True)
+        self.options, self.stop = options, stop
+        self.device_id = "hb-%02d" % number
+        self.token = open(options.token_file).read().strip()
+        self.acks = []          # (wall-clock time of the ack, seconds it took)
+        self.inbox = bytearray()
+
+    def run(self):
+        host, port = self.options.join.rsplit(":", 1)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with context.wrap_socket(socket.create_connection((host, int(port)), timeout=30)) \
+                as self.sock:
+            self.register()
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                self.send("heartbeat", {"system_metrics": {"cpu_percent": 1.0},
+                                        "status": "idle", "active_tasks": []})
+                self.wait_for("heartbeat_ack")
+                self.acks.append((time.time(), time.monotonic() - sent))
+                self.stop.wait(self.options.interval)
+
+    def register(self):
+        hello = self.wait_for("hello")
+        nonce = protocol.new_nonce()
+        self.send("register", {
+            "device_id": self.device_id, "protocol": 1, "nonce": nonce,
+            "proof": protocol.worker_proof(self.token, hello["nonce"], nonce, self.device_id),
+            "device_info": {"hostname": self.device_id, "platform": "linux",
+                            "architecture": "x86_64"},
+            "hardware_specs": {"cpu_cores": 1, "memory_gb": 1.0},
+            "task_types": ["echo"], "slots": 1, "role": "compute"})
+        self.wait_for("register_ack")
+
+    def send(self, kind, data):
+        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
+
+    def wait_for(self, kind):
+        """The data of the next frame of that kind; other frames are passed over."""
+        while True:
+            for line in protocol.split_frames(self.inbox):
+                envelope = json.loads(line)
+                if envelope["message_type"] == kind:
+                    return envelope["data"]
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("rc-server closed the connection of %s" % self.device_id)
+            self.inbox += chunk
+
+
+def heartbeat_main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--join", required=True)
+    parser.add_argument("--token-file", required=True)
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--interval", type=float, default=0.25)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--report", required=True)
+    options = parser.parse_args()
+    stop = threading.Event()
+    # SIGTERM, or the end of --duration, ends the heartbeats; the report is written then.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    timer = threading.Timer(options.duration, stop.set)
+    timer.daemon = True
+    timer.start()
+    devices = [HeartbeatingDevice(options, n, stop) for n in range(options.count)]
+    for device in devices:
+        device.start()
+    for device in devices:
+        device.join()
+    acks = [ack for device in devices for ack in device.acks]
+    with open(options.report, "w") as f:
+        json.dump({"acks": sorted(acks)}, f)
+
+
+if __name__ == "__main__":
+    heartbeat_main()
