@@ -3995,7 +3995,8 @@ VENV_DRIVER = (
     "                fail('%s exited %d' % (' '.join(step[1:4]), done.returncode),\n"
     "                     '\\n'.join(said[-30:]))\n"
     "        os.chmod(target, 0o755)\n"
-    "        open(ready, 'w').close()\n"
+    "        with open(ready, 'w') as f:\n"
+    "            f.write(str(os.getpid()))\n"        # the worker adopts what this one built
     "        deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
     "        while owner() != trusted and time.monotonic() < deadline:\n"
     "            time.sleep(0.05)\n"
@@ -4078,6 +4079,7 @@ class Environments(object):
         task.environment = environment_key(packages)
         # As root the task's own uid may build it: the worker adopts it then.
         task.environment_building = jail.get("uid") not in (None, os.geteuid())
+        task.environment_since = time.time()
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
                          task.environment, wanted, str(os.geteuid()), "--"] + list(argv)}
 
@@ -4121,11 +4123,24 @@ class Environments(object):
         if info.st_uid == os.geteuid():
             task.environment_building = False     # it was there already
             return
-        if info.st_uid != uid or not os.path.exists(os.path.join(path, VENV_READY)):
+        if info.st_uid != uid or not self.built_by(task, os.path.join(path, VENV_READY)):
             return
         kill_uid_except(uid, task.proc.pid)
         self.adopt(path, uid, held_by_builder=True)
         task.environment_building = False
+
+    @staticmethod
+    def built_by(task, ready):
+        """Whether this task's driver wrote the ready mark, since it started:
+        not one left by another task of the same (reused) uid, a plant."""
+        try:
+            info = os.lstat(ready)
+            if info.st_uid != task.jail["uid"] or info.st_mtime < task.environment_since - 1:
+                return False
+            with open(ready) as f:
+                return f.read(32).strip() == str(task.proc.pid)
+        except (OSError, ValueError):
+            return False
 
     def entries(self):
         for name in os.listdir(self.directory):

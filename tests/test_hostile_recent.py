@@ -222,16 +222,14 @@ ON_BUILDER = ["--require", "device_id=builder", "--wait", "--wait-timeout", "240
 TABULATE = ["--pip", "tabulate==0.9.0"]
 
 
-@pytest.mark.xfail(strict=True, reason="an environment is built by the task's own uid and"
-                   " adopted by the worker only after the task's code has run in it; fix:"
-                   " build in a spawn of its own, adopt, then start the task")
 def test_a_task_cannot_poison_the_environment_the_next_task_uses(cluster, builder):
     """A root worker gives each task a uid of its own, so one task cannot
     touch another's files; the environment its pip packages were built in
-    is the one exception: the task may change it, and the worker then keeps
-    it for every later task with the same set."""
+    is the one exception unless the worker takes it over (and kills what
+    the build left running) before the task's own code runs in it."""
     first = cluster.rc("submit", "python_exec", POISON, *TABULATE, *ON_BUILDER, check=False)
-    assert first.returncode == 0, first.stdout + first.stderr
+    # It built the environment, yet may not write in it: the worker's now.
+    assert first.returncode != 0 and "Permission denied" in first.stderr, first.stderr
     second = cluster.rc("submit", "python_eval",
                         "getattr(__import__('tabulate'), 'POISONED', 'clean')", *TABULATE,
                         *ON_BUILDER, check=False)
@@ -264,7 +262,10 @@ def test_a_task_cannot_plant_an_environment_for_another_tasks_packages(cluster, 
     listed = json.loads(cluster.rc("tasks", "--json").stdout)
     task = [t for t in listed if t["payload"].get("pip") == wanted][-1]
     task = json.loads(cluster.rc("task", str(task["task_id"]), "--json").stdout)
-    assert task["state"] == "failed" and "belongs to uid" in task["error"], task
+    # Another uid's plant is refused; its own uid's (uids are reused) is removed
+    # and built again: either way the plant never runs.
+    assert (task["state"] == "failed" and "belongs to uid" in task["error"]) or (
+        task["state"] == "completed" and task["result"]["output"] == "'genuine'"), task
 
 
 # -- a device that holds the join token: its own log lines ------------------------
