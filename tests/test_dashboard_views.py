@@ -427,7 +427,9 @@ def test_cancel_and_retry_by_click(browser, node):
     page.goto(node.base + "/#/task/%d" % node.failed_task)
     page.wait_for_selector("#view-object button:has-text('Retry')").click()
     page.click("#modal-confirm")
-    page.wait_for_function("location.hash !== '#/task/%d'" % node.failed_task)
+    # (wait_for_function polls with eval, which the page's CSP refuses)
+    wait_for(lambda: page.evaluate("location.hash") != "#/task/%d" % node.failed_task, 15,
+             "the copy's view")
     copy = int(page.evaluate("location.hash").rsplit("/", 1)[1])
     page.wait_for_selector("#view-object h1:has-text('Task %d')" % copy)
     original = api(node, "GET", "/api/v1/tasks/%d" % node.failed_task)

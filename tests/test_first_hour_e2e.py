@@ -5,10 +5,13 @@ online, and a worker started wrongly (no fingerprint, the dashboard port,
 Python 2.7) says what is wrong; on a terminal it speaks in sentences."""
 import json
 import os
+import pathlib
 import pty
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -221,10 +224,20 @@ def free_ports(count):
     return [str(port) for port in ports]
 
 
-def test_a_new_user_follows_the_readme_on_a_fresh_clone(tmp_path):
+@pytest.fixture
+def short_path():
+    """A short directory: supervisord's socket path must fit in AF_UNIX's
+    108 bytes, which pytest's own (longer under xdist) may not leave."""
+    path = tempfile.mkdtemp(prefix="rcw-")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_new_user_follows_the_readme_on_a_fresh_clone(short_path):
     """The README's first-hour commands, as written, in a fresh `git clone`
     (its own virtualenv and var/); only the ports are free ones instead of
     8080/5000/8081, which other clusters on this machine may hold."""
+    tmp_path = short_path
     clone = str(tmp_path / "retire-cluster")
     subprocess.run(["git", "clone", "-q", REPO, clone], check=True, timeout=120)
     readme = open(os.path.join(clone, "README.md")).read()

@@ -78,6 +78,9 @@ def undo_migrations_after(connection, version):
     later = "\n".join(db.MIGRATIONS[version:])
     for trigger in re.findall(r"CREATE TRIGGER (\w+)", later):
         connection.execute("DROP TRIGGER %s" % trigger)
+    # An index on a later column would stop its DROP COLUMN.
+    for index in re.findall(r"CREATE INDEX (?:IF NOT EXISTS )?(\w+) ON devices", later):
+        connection.execute("DROP INDEX IF EXISTS %s" % index)
     for column in re.findall(r"ALTER TABLE devices ADD COLUMN (\w+)", later):
         connection.execute("ALTER TABLE devices DROP COLUMN %s" % column)
 
