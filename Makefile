@@ -57,8 +57,12 @@ stop:
 status:
 	@$(PY) -m rc.cli ctl status || [ $$? -eq 3 ]
 
+# Test files run three at a time (--dist loadfile keeps a file's tests, and
+# the cluster they share, in one process): most of their time is spent
+# waiting on real processes, so 2 cores take three at once.
+TEST_JOBS ?= 3
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 bench: install
 	$(PY) -m pytest -m bench -s -p no:cacheprovider tests
