@@ -1,5 +1,6 @@
 """The rc command, run in-process through run_command and once as a real
 process, against a real SQLite file in a temporary RC_HOME."""
+import csv
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from rc import audit, cli, db, devices, fleet, state_dir, tasks, tls
+from rc import audit, cli, db, devices, fleet, records, state_dir, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -104,14 +105,19 @@ def test_devices_in_every_format(cluster_home, add_device):
     add_device("pi", metrics={"cpu_percent": 12.5, "memory_percent": 40.0}, now=time.time())
     status, out, err = rc("devices")
     header, row = out.splitlines()
-    assert header.split() == cli.DEVICE_COLUMNS
+    assert header.split() == [name.upper() for name in records.DEVICE_TABLE]
     assert row.split() == ["pi", "online", "compute", "linux", "aarch64", "4", "3.8", "2",
                            "0", "12.5", "40", "0s", "ago"]
     csv_lines = rc("devices", "--csv")[1].splitlines()
-    assert csv_lines[0] == ",".join(cli.DEVICE_COLUMNS) and csv_lines[1].startswith("pi,online,")
+    assert csv_lines[0] == ",".join(records.DEVICE_COLUMNS) and csv_lines[1].startswith("pi,online,")
+    row = dict(zip(records.DEVICE_COLUMNS, next(csv.reader(csv_lines[1:]))))
+    # Seconds and flags for scripts, not "0s ago".
+    assert 0 <= float(row["heartbeat_age_seconds"]) < 60 and row["drained"] == "0"
+    assert abs(float(row["last_seen"]) - time.time()) < 60 and row["cpu_percent"] == "12.5"
     assert rc("devices", "--tsv", "--no-header")[1].split("\t")[:2] == ["pi", "online"]
-    records = orjson.loads(rc("devices", "--json")[1])
-    assert records[0]["device_id"] == "pi" and records[0]["metrics"]["cpu_percent"] == 12.5
+    found = orjson.loads(rc("devices", "--json")[1])
+    assert found[0]["device_id"] == "pi" and found[0]["metrics"]["cpu_percent"] == 12.5
+    assert found[0]["cpu_percent"] == 12.5 and set(records.DEVICE_COLUMNS) <= set(found[0])
 
 
 def test_one_device_and_an_unknown_one(cluster_home, add_device):
@@ -213,7 +219,7 @@ def test_tasks_list_filters_and_shortens(cluster_home):
     long_id = tasks.submit(connection, config, "shell", {"command": "echo " + "x" * 100})
     tasks.cancel(connection, long_id)
     lines = rc("tasks")[1].splitlines()
-    assert lines[0].split() == cli.TASK_COLUMNS
+    assert lines[0].split() == [name.upper() for name in records.TASK_TABLE]
     assert lines[1].split()[:5] == [str(long_id), "shell", "cancelled", "normal", "1"]
     assert lines[1].endswith("…") and len(lines) == 3
     only = rc("tasks", "--state", "queued", "--csv", "--no-header")[1]
@@ -412,7 +418,11 @@ def test_drain_and_resume_show_in_devices(cluster_home, add_device):
     add_device("pi")
     status, out, err = rc("drain", "pi")
     assert status == 0 and "pi drained" in out and err == ""
-    assert rc("devices", "--tsv")[1].splitlines()[1].startswith("pi\tonline,drained\t")
+    # For scripts, status is one word and drained a column of its own (awk '$2 == "online"');
+    # the table on a terminal says both in STATUS.
+    header, row = [line.split("\t") for line in rc("devices", "--tsv")[1].splitlines()]
+    assert row[1] == "online" and row[header.index("drained")] == "1"
+    assert rc("devices")[1].splitlines()[1].split()[:2] == ["pi", "online,drained"]
     assert "drained:" in rc("device", "pi")[1] and devices.get(connection, "pi")["drained"]
     assert rc("resume", "pi")[0] == 0 and not devices.get(connection, "pi")["drained"]
     assert audit_events(config) == [("device_drained", "cli", "local"),
@@ -439,8 +449,11 @@ def test_a_paused_device_and_labels_in_the_listing(cluster_home, add_device):
     assert rc("label", "pi", "kind=pi", "disk=big") == (0, "pi labels: disk=big,kind=pi\n", "")
     assert rc("label", "pi", "disk=")[1] == "pi labels: kind=pi\n"
     header, row = rc("devices", "--csv")[1].splitlines()
-    assert header.endswith(",LABELS") and row.startswith("pi,\"online,paused\",")
-    assert row.endswith(",kind=pi")
+    row = dict(zip(header.split(","), row.split(",")))
+    assert row["status"] == "online" and row["available"] == "0" and row["labels"] == "kind=pi"
+    table = rc("devices")[1].splitlines()
+    assert table[0].split()[-1] == "LABELS" and table[1].split()[1] == "online,paused"
+    assert table[1].endswith(" kind=pi")
     out = rc("device", "pi")[1]
     assert "labels:" in out and "kind=pi" in out and "unavailable_reason: battery" in " ".join(
         out.split())
@@ -483,7 +496,9 @@ def test_forget_hides_the_device_but_keeps_its_history(cluster_home, add_device)
     assert status == 0 and "can no longer connect" in out
     assert [line.split(",")[0] for line in rc("devices", "--csv")[1].splitlines()[1:]] == ["pi"]
     rows = rc("devices", "--csv", "--all")[1].splitlines()[1:]
-    assert rows[0].startswith("nas,\"online,forgotten\"")
+    assert rows[0].startswith("nas,online,")
+    assert rows[0].split(",")[records.DEVICE_COLUMNS.index("forgotten")] == "1"
+    assert rc("devices", "--all")[1].splitlines()[1].split()[1] == "online,forgotten"
     assert "forgotten:" in rc("device", "nas")[1]
     assert audit_events(config) == [("device_forgotten", "cli", "local")]
 

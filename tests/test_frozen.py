@@ -290,7 +290,7 @@ def test_a_frozen_worker_gets_nothing_new_and_runs_nothing_given_away(cluster, e
         ids = [submit_shell(cluster, appending(effects, name)) for name in names]
         wait_for(lambda: device_row(cluster, "ice")["suspect_since"], 15, "ice to be suspect")
         suspect_at = time.time()
-        assert "online,suspect" in cluster.rc("devices", "--csv").stdout
+        assert "online,suspect" in cluster.rc("devices").stdout
         shown = cluster.rc("device", "ice").stdout
         assert "suspect" in shown and "suspect_since" in shown and " ago" in shown, shown
         # Handed back at once, uncharged: long before the 20 s accept_timeout.

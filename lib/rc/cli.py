@@ -25,9 +25,14 @@ from rc import config as rc_config
 from rc import audit, bell, bounded, db, device_logs, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
+from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, ago,
+                        battery_percent, device_metrics, device_record, device_row,
+                        device_status, device_table_row, fraction, labels_text,
+                        status_summary, table_columns, task_record, task_row,
+                        task_table_row, when)
 from rc.log import LEVELS, Logger
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
-                       PAYLOAD_FIELD, PRIORITIES, QUEUED, RUNNING, TASK_STATES,
+                       PRIORITIES, QUEUED, RUNNING, TASK_STATES,
                        TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
 
 WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
@@ -38,7 +43,6 @@ DEFAULT_LOG_LINES = 20        # lines `rc logs` shows before following
 LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
 READY_POLL_INTERVAL = 0.1   # seconds between tries in wait-ready
 DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
-SUMMARY_WIDTH = 40            # characters of payload in the SUMMARY column
 # connect() on a UDP socket sends nothing; it only asks the kernel which local
 # address would route there, which is the address other devices can reach.
 LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
@@ -46,9 +50,6 @@ LOG_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[,.](\d+))?")
 DEVICE_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 MAX_DEVICE_ID = 64
 
-DEVICE_COLUMNS = ["DEVICE", "STATUS", "ROLE", "PLATFORM", "ARCH", "CPUS", "MEM_GB",
-                  "SLOTS", "ACTIVE", "CPU%", "MEM%", "LAST_SEEN", "LABELS"]
-TASK_COLUMNS = ["ID", "TYPE", "STATE", "PRIORITY", "ATTEMPT", "DEVICE", "AGE", "SUMMARY"]
 EVENT_COLUMNS = ["TIME", "STATE", "ATTEMPT", "DEVICE", "REASON"]
 GROUP_COLUMNS = ["DEVICE", "TASK", "STATE", "OUTPUT", "ERROR"]
 ACK_COLUMNS = ["DEVICE", "TIME", "OK", "DETAIL"]
@@ -202,60 +203,7 @@ def connect(config):
     return connection
 
 
-# -- what the commands show (the web uses these too) ------------------------------
-
-def status_summary(connection):
-    device_counts = devices.counts(connection)
-    task_counts = tasks.counts_by_state(connection)
-    summary = {"devices_%s" % key: value for key, value in device_counts.items()}
-    summary.update(("tasks_%s" % state, count) for state, count in task_counts.items())
-    summary["queue_length"] = task_counts[QUEUED]
-    return summary
-
-
-def device_metrics(device):
-    # Servers may store the heartbeat's data or just its system_metrics.
-    metrics = device.get("metrics") or {}
-    return metrics.get("system_metrics", metrics)
-
-
-def device_status(device):
-    """online, offline, and why it takes nothing new: online,drained,paused,suspect."""
-    words = [device["status"]]
-    if device.get("forgotten"):
-        words.append("forgotten")
-    elif device.get("drained"):
-        words.append("drained")
-    if device.get("available") is False and not device.get("forgotten"):
-        words.append("paused")
-    if device.get("suspect"):
-        words.append("suspect")       # connected, but answers nothing: gets no new work
-    return ",".join(words)
-
-
-def labels_text(labels):
-    return ",".join("%s=%s" % item for item in sorted((labels or {}).items()))
-
-
-def device_row(device, now):
-    metrics = device_metrics(device)
-    return {"DEVICE": device["device_id"], "STATUS": device_status(device),
-            "ROLE": device["role"], "PLATFORM": device["platform"],
-            "ARCH": device["architecture"], "CPUS": device["cpu_cores"],
-            "MEM_GB": device["memory_gb"], "SLOTS": device["slots"],
-            "ACTIVE": device.get("active_tasks"),
-            "CPU%": figure(metrics.get("cpu_percent"), device, now),
-            "MEM%": figure(metrics.get("memory_percent"), device, now),
-            "LAST_SEEN": ago(device["last_seen"], now), "LABELS": labels_text(device["labels"])}
-
-
-def figure(value, device, now):
-    """A device's figure as a table shows it: with its age when the device
-    is not there to renew it (offline, disconnected, suspect)."""
-    if value is None or not device.get("stale") or device.get("figures_at") is None:
-        return value
-    return "%s (%s old)" % (render.cell(value), render.age(now - device["figures_at"]))
-
+# -- what the commands show (the records are lib/rc/records.py) -------------------
 
 def figures_text(device, now):
     """`rc device`: whether its figures are live, and how old."""
@@ -266,32 +214,6 @@ def figures_text(device, now):
                              ago(device["figures_at"], now))
 
 
-def task_row(task, now):
-    return {"ID": task["task_id"], "TYPE": task["task_type"], "STATE": task["state"],
-            "PRIORITY": task["priority"], "ATTEMPT": task["attempt"],
-            "DEVICE": task["device_id"], "AGE": render.age(now - task["created_at"]),
-            "SUMMARY": render.shorten(payload_summary(task), SUMMARY_WIDTH)}
-
-
-def payload_summary(task):
-    name = PAYLOAD_FIELD.get(task["task_type"])
-    return render.cell((task["payload"] or {}).get(name)) if name else ""
-
-
-def fraction(value):
-    """A percentage from a device as a fraction, None when it sent none."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return min(max(value / 100.0, 0.0), 1.0)
-
-
-def battery_percent(metrics):
-    battery = metrics.get("battery")
-    if isinstance(battery, dict):
-        return battery.get("percent")
-    return metrics.get("battery_percent", battery)
-
-
 def grid_cell(device):
     metrics = device_metrics(device)
     return {"device": device["device_id"], "status": device["status"],
@@ -299,17 +221,6 @@ def grid_cell(device):
             "memory": fraction(metrics.get("memory_percent")),
             "battery": fraction(battery_percent(metrics)),
             "active": device.get("active_tasks"), "slots": device["slots"]}
-
-
-def ago(timestamp, now):
-    return "" if timestamp is None else render.age(now - timestamp) + " ago"
-
-
-def when(timestamp, now):
-    if timestamp is None:
-        return None
-    local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-    return "%s (%s)" % (local, ago(timestamp, now))
 
 
 def flatten(value, prefix=""):
@@ -338,9 +249,12 @@ def detail_pairs(record, now):
 
 # -- output -------------------------------------------------------------------------
 
-def write_rows(context, arguments, rows, columns, records):
-    """The rows in the chosen format; --json gives the full records instead."""
+def write_rows(context, arguments, rows, columns, records, table=None):
+    """The rows in the chosen format; --json gives the full records instead,
+    and a terminal `table` (rows, columns) when it has one of its own."""
     header = not arguments.no_header
+    if arguments.format is None and table is not None:
+        rows, columns = table
     if arguments.format == "json":
         text = render.json_text(records)
     elif arguments.format == "csv":
@@ -404,8 +318,10 @@ def cmd_devices(arguments, context):
                                              context.width or 80, context.colour))
         return
     now = time.time()
-    rows = [device_row(device, now) for device in records]
-    write_rows(context, arguments, rows, DEVICE_COLUMNS, records)
+    records = [device_record(device, now) for device in records]
+    write_rows(context, arguments, [device_row(device) for device in records], DEVICE_COLUMNS,
+               records, ([device_table_row(device, now) for device in records],
+                         table_columns(DEVICE_TABLE)))
 
 
 def cmd_device(arguments, context):
@@ -415,7 +331,7 @@ def cmd_device(arguments, context):
     now = time.time()
     device = devices_as_last_seen(context, [device])[0]
     if arguments.format == "json":
-        context.out.write(render.json_text(devices.with_age(device, now)))
+        context.out.write(render.json_text(device_record(device, now)))
         return
     shown = {}
     for key, value in device.items():
@@ -464,8 +380,10 @@ def cmd_tasks(arguments, context):
     records = tasks.list_tasks(context.connection, arguments.state, arguments.device,
                                arguments.limit)
     now = time.time()
-    rows = [task_row(task, now) for task in records]
-    write_rows(context, arguments, rows, TASK_COLUMNS, records)
+    records = [task_record(task, now) for task in records]
+    write_rows(context, arguments, [task_row(task) for task in records], TASK_COLUMNS,
+               records, ([task_table_row(task, now) for task in records],
+                         table_columns(TASK_TABLE)))
 
 
 def cmd_task(arguments, context):
