@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from rc import audit, cli, db, devices, fleet, records, state_dir, tasks, tls
+from rc import audit, cli, db, devices, fleet, logs, records, state_dir, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -291,9 +291,9 @@ def test_logs_follow_reads_only_whole_new_lines(cluster_home):
     path = os.path.join(config.log_dir, "rc-web.log")
     with open(path, "w") as f:
         f.write('{"time": 1, "event": "old"}\n{"time": 2, "ev')
-    lines, offset = cli.read_complete_lines(path, 0)
+    lines, offset = logs.read_complete_lines(path, 0)
     assert lines == ['{"time": 1, "event": "old"}'] and offset == 28
-    assert cli.tail_lines(path, 5)[1] == os.path.getsize(path)
+    assert logs.tail_lines(path, 5)[1] == os.path.getsize(path)
 
 
 # -- tokens, join, local worker ------------------------------------------------------

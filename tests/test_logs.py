@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_for
-from rc import cli, housekeeping, protocol
+from rc import cli, housekeeping, logs, protocol
 from rc.log import Logger
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def cluster(tmp_path_factory):
 def records(cluster):
     """Every JSON record in the cluster's log files."""
     found = []
-    for path in cli.log_paths(cluster.config.log_dir):
+    for path in logs.log_paths(cluster.config.log_dir):
         with open(path, "rb") as f:
             for line in f:
                 try:

@@ -6,7 +6,6 @@ run_command() does the work without exiting and writes only to the streams
 it is given, so the dashboard's web terminal can run the same grammar."""
 import argparse
 import contextlib
-import glob
 import io
 import os
 import re
@@ -18,11 +17,9 @@ import subprocess
 import sys
 import time
 
-import orjson
-
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, bounded, db, device_logs, device_secrets, devices, explain, fleet
+from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, render, state_dir, stats, tasks, tls
 from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, ago,
@@ -31,22 +28,22 @@ from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, 
                         status_summary, table_columns, task_record, task_row,
                         task_table_row, when)
 from rc.log import LEVELS, Logger
+from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, DeviceLines, LogFilter, NoSuchLog,
+                     log_paths, new_lines, parse_log_lines, program_of, rotated_paths,
+                     tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
                        TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
 
 WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
 FOLLOW_POLL_INTERVAL = 0.2    # seconds between looks at the log files in logs -f
-TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
 DEFAULT_TASK_LIMIT = 50       # rows `rc tasks` shows
 DEFAULT_LOG_LINES = 20        # lines `rc logs` shows before following
-LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
 READY_POLL_INTERVAL = 0.1   # seconds between tries in wait-ready
 DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
 # connect() on a UDP socket sends nothing; it only asks the kernel which local
 # address would route there, which is the address other devices can reach.
 LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
-LOG_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[,.](\d+))?")
 DEVICE_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 MAX_DEVICE_ID = 64
 
@@ -77,8 +74,6 @@ WEB_REFUSED_SUBMIT_OPTIONS = ("input", "stdin", "file", "requirements")
 # Commands that change the cluster or show a secret: the admin token only.
 WEB_ADMIN_COMMANDS = {"submit", "cancel", "token", "join", "drain", "resume", "forget",
                       "label", "role", "slots", "revoke", "broadcast"}
-# `logs --program audit`: who did what from where, for the admin only on the web.
-AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
 WEB_WAIT_LIMIT = 30.0         # seconds `submit --wait` may hold a web request
 
 
@@ -942,7 +937,7 @@ def cmd_logs(arguments, context):
             tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
             parsed = parse_log_lines(tail, program_of(path))
         lines.extend(parsed[-arguments.lines:] if arguments.lines else [])
-    device_lines = DeviceLines(context, arguments.device, wanted) \
+    device_lines = DeviceLines(context.connection, context.config, arguments.device, wanted) \
         if arguments.device is not None and arguments.program is None else None
     if device_lines:
         lines.extend(device_lines.new())
@@ -954,26 +949,6 @@ def cmd_logs(arguments, context):
         follow_logs(context, arguments.program, offsets, wanted, device_lines)
 
 
-class DeviceLines:
-    """`rc logs --device ID`: the device's own lines (warnings, errors and
-    task events its worker forwarded, kept in the database), merged with
-    what the main node's programs logged about it."""
-
-    def __init__(self, context, device_id, wanted):
-        self.context, self.device_id, self.wanted = context, device_id, wanted
-        self.after = 0        # the id of the last line read
-
-    def new(self):
-        """(time, record) of the lines kept since the last look."""
-        found = device_logs.recent(self.context.connection, self.device_id,
-                                   self.context.config.device_log_lines
-                                   + device_logs.TRIM_EVERY, self.after)
-        if found:
-            self.after = found[-1]["id"]
-        records = (device_logs.as_log_line(self.device_id, line) for line in found)
-        return [(record["time"], record) for record in records if self.wanted(record)]
-
-
 def no_such_task(context, task_id):
     """`rc logs --task N` found nothing: an error when there is no task N
     (a task past its retention may still have lines, so those are shown)."""
@@ -981,108 +956,6 @@ def no_such_task(context, task_id):
         tasks.get(context.connection, task_id)
     except tasks.TaskError:
         raise CommandError("no task %d (and no log line names it)" % task_id)
-
-
-class LogFilter:
-    """--task, --device, --level: which records `rc logs` shows. The task is
-    the correlation id: every program logs it as `task_id`."""
-
-    def __init__(self, task_id=None, device_id=None, level=None):
-        self.task_id, self.device_id = task_id, device_id
-        self.threshold = LEVELS[level] if level else None
-        self.active = task_id is not None or device_id is not None or level is not None
-        # Lines are orjson (or json with the same separators): a byte search
-        # skips most of them before any parsing.
-        self.needles = []
-        if task_id is not None:
-            self.needles.append(re.compile(rb'"task_id":%d[,}]' % task_id))
-        if device_id is not None:
-            self.needles.append(re.compile(re.escape(b'"device_id":' + orjson.dumps(device_id))))
-
-    def __call__(self, record):
-        if not self.active:
-            return True
-        if not isinstance(record, dict):
-            return False
-        if self.task_id is not None and record.get("task_id") != self.task_id:
-            return False
-        if self.device_id is not None and record.get("device_id") != self.device_id:
-            return False
-        return self.threshold is None or LEVELS.get(record.get("level"), 0) >= self.threshold
-
-    def scan(self, path):
-        """The lines of a whole file that may match."""
-        with open(path, "rb") as f:
-            return [line.decode("utf-8", "replace") for line in f
-                    if all(needle.search(line) for needle in self.needles)]
-
-
-def rotated_paths(path):
-    """supervisord's backups of a log: path.1 (newest) … path.N."""
-    found = []
-    number = 1
-    while os.path.exists("%s.%d" % (path, number)):
-        found.append("%s.%d" % (path, number))
-        number += 1
-    return found
-
-
-def log_paths(log_dir, program=None):
-    """The programs' logs; the audit log only when asked for by name
-    (`--program audit`): it says who did what, not what a program did."""
-    paths = sorted(glob.glob(os.path.join(log_dir, "*.log")))
-    if program is None:
-        return [path for path in paths if os.path.basename(path) != audit.FILE_NAME]
-    chosen = [path for path in paths if program_of(path) == program]
-    if not chosen:
-        have = ", ".join(program_of(path) for path in paths) or "none yet"
-        raise CommandError("no log for program %r in %s (have: %s)" % (program, log_dir, have))
-    return chosen
-
-
-def program_of(path):
-    return os.path.splitext(os.path.basename(path))[0]
-
-
-def tail_lines(path, count):
-    """The last `count` lines of a file, and its size, reading from the end."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        start, data = size, b""
-        while start > 0 and data.count(b"\n") <= count:
-            start = max(0, start - TAIL_BLOCK)
-            f.seek(start)
-            data = f.read(min(TAIL_BLOCK, size - start)) + data
-    lines = data.decode("utf-8", "replace").splitlines()
-    return (lines[-count:] if count else []), size
-
-
-def parse_log_lines(lines, program):
-    """(time, record or text) pairs; a line that is not JSON keeps the time of
-    the line before it, so it stays next to it when files are merged."""
-    parsed, last_time = [], 0.0
-    for line in lines:
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("time"), (int, float)):
-            last_time = record["time"]
-            record.setdefault("program", program)
-            parsed.append((last_time, record))
-        elif line.strip():
-            last_time = stamped_time(line) or last_time
-            parsed.append((last_time, line))
-    return parsed
-
-
-def stamped_time(line):
-    """The time at the start of a plain log line (supervisord's own log)."""
-    match = LOG_TIMESTAMP.match(line)
-    if not match:
-        return None
-    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) \
-        + float("0." + (match.group(2) or "0"))
 
 
 def format_log_line(record, colour=False):
@@ -1102,24 +975,9 @@ def follow_logs(context, program, offsets, wanted=None, device_lines=None):
     while True:
         time.sleep(FOLLOW_POLL_INTERVAL)
         lines = device_lines.new() if device_lines else []
-        for path in log_paths(context.config.log_dir, program):
-            offset = offsets.get(path, 0)
-            offset = 0 if os.path.getsize(path) < offset else offset
-            text, offsets[path] = read_complete_lines(path, offset)
-            lines.extend(line for line in parse_log_lines(text, program_of(path))
-                         if wanted(line[1]))
+        lines.extend(new_lines(context.config.log_dir, program, offsets, wanted))
         lines.sort(key=lambda line: line[0])
         write_log_lines(context, lines)
-
-
-def read_complete_lines(path, offset):
-    """Whole lines after `offset`, and the offset after the last of them
-    (a line still being written is left for the next look)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8", "replace").splitlines(), offset + end
 
 
 def cmd_health(arguments, context):
@@ -1589,7 +1447,8 @@ def run_command(argv, out, err, config=None, width=None, colour=None, logger=Non
         return e.status
     except CommandError as e:
         return fail(err, e, e.status)
-    except (tasks.TaskError, fleet.FleetError, rc_config.ConfigError, sqlite3.Error) as e:
+    except (tasks.TaskError, fleet.FleetError, rc_config.ConfigError, NoSuchLog,
+            sqlite3.Error) as e:
         return fail(err, e, 1)
     finally:
         context.close()

@@ -12,9 +12,8 @@ ago") for times and a device's STATUS saying why it takes nothing new.
 Columns are only ever added at the end."""
 import time
 
-from rc import devices, render
-from rc.states import ONLINE, PAYLOAD_FIELD, QUEUED
-from rc import tasks
+from rc import devices, render, tasks
+from rc.states import PAYLOAD_FIELD, QUEUED
 
 SUMMARY_WIDTH = 40            # characters of payload in the summary column
 

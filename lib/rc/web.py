@@ -30,7 +30,7 @@ import bottle
 import orjson
 
 from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import device_routes, records, state_dir, web_server
+from rc import device_routes, logs, records, state_dir, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
@@ -202,7 +202,7 @@ class Web:
         always, from this machine too."""
         path = bottle.request.path
         return path in ("/text/logs", "/stream/logs") and \
-            bottle.request.query.get("program") == cli.AUDIT_PROGRAM
+            bottle.request.query.get("program") == logs.AUDIT_PROGRAM
 
     # -- the stream cookie: EventSource cannot send a header -----------------------
 
@@ -580,9 +580,9 @@ class Web:
         query = bottle.request.query
         lines = min(query_int("lines", DEFAULT_LOG_LINES), 10000)
         try:
-            found = recent_log_records(self.config.log_dir, query.get("program") or None,
-                                       lines)
-        except cli.CommandError as e:
+            found = logs.recent_log_records(self.config.log_dir, query.get("program") or None,
+                                            lines)
+        except logs.NoSuchLog as e:
             raise ApiError(404, str(e))
         return separated([records.log_row(record) for _, record in found], records.LOG_COLUMNS)
 
@@ -714,24 +714,20 @@ class Web:
         after = event_time(last_id)
         offsets = {}
         try:
-            backlog = recent_log_records(self.config.log_dir, program,
-                                         DEFAULT_LOG_LINES if after is None else 10000,
-                                         offsets)
-        except cli.CommandError:
+            backlog = logs.recent_log_records(self.config.log_dir, program,
+                                              DEFAULT_LOG_LINES if after is None else 10000,
+                                              offsets)
+        except logs.NoSuchLog:
             backlog = []
         first = [sse("log", records.log_event(record, moment), "%.6f" % moment)
                  for moment, record in backlog if after is None or moment > after]
         yield "".join(first)
         while True:
             time.sleep(LOG_POLL_INTERVAL)
-            lines = []
-            for path in cli.log_paths(self.config.log_dir):
-                if program and cli.program_of(path) != program:
-                    continue
-                offset = offsets.get(path, 0)
-                offset = 0 if os.path.getsize(path) < offset else offset
-                text, offsets[path] = cli.read_complete_lines(path, offset)
-                lines.extend(cli.parse_log_lines(text, cli.program_of(path)))
+            try:
+                lines = logs.new_lines(self.config.log_dir, program, offsets)
+            except logs.NoSuchLog:
+                lines = []      # its first line makes the file
             lines.sort(key=lambda line: line[0])
             yield "".join(sse("log", records.log_event(record, moment), "%.6f" % moment)
                           for moment, record in lines)
@@ -811,18 +807,6 @@ def event_time(text):
         return float(text) if text else None
     except ValueError:
         return None
-
-
-def recent_log_records(log_dir, program, count, offsets=None):
-    """The last `count` log lines of the programs, merged by time, as
-    (time, record or text); `offsets` gets each file's size."""
-    offsets = {} if offsets is None else offsets
-    found = []
-    for path in cli.log_paths(log_dir, program):
-        tail, offsets[path] = cli.tail_lines(path, count + cli.LOG_CONTEXT_LINES)
-        found.extend(cli.parse_log_lines(tail, cli.program_of(path))[-count:] if count else [])
-    found.sort(key=lambda line: line[0])
-    return found[-count:] if count else []
 
 
 def completed_since(connection, now):
