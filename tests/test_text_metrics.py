@@ -222,6 +222,22 @@ def test_log_stream_follows_the_files(client, cluster_home):
     stream.close()
 
 
+def test_the_audit_stream_follows_the_audit_log(client, cluster_home):
+    """?program=audit (admin) sends the lines written after it began, too:
+    the files it follows are the ones it was asked for."""
+    config, _ = cluster_home
+    path = os.path.join(config.log_dir, "audit.log")
+    with open(path, "w") as f:
+        f.write(json.dumps({"time": 5.0, "event": "task_submitted", "actor": "admin"}) + "\n")
+    stream = Stream(port(client), "/stream/logs?program=audit",
+                    {"Authorization": "Bearer " + client.token})
+    assert stream.event()["data"]["event"] == "task_submitted"
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": 6.0, "event": "device_drained", "actor": "admin"}) + "\n")
+    assert stream.event()["data"]["event"] == "device_drained"
+    stream.close()
+
+
 def test_a_quiet_stream_pings(client, monkeypatch):
     monkeypatch.setattr(web, "STREAM_PING_INTERVAL", 0.3)
     stream = Stream(port(client), "/stream/tasks")
