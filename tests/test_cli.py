@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from rc import audit, cli, db, devices, fleet, logs, records, state_dir, tasks, tls
+from rc import audit, commands, db, devices, fleet, logs, records, state_dir, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def rc(*argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err)
+    status = commands.run_command(list(argv), out, err)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -185,7 +185,7 @@ def test_submit_wait_shows_a_terminal_no_escape_sequence(cluster_home, add_devic
     evil = "ok\x1b]52;c;ZWNobyBwd25lZA==\x07\n"
     worker = finish_later(config, 1, "pi", COMPLETED, evil)
     out = Terminal()
-    status = cli.run_command(["submit", "echo", "x", "--wait"], out, io.StringIO())
+    status = commands.run_command(["submit", "echo", "x", "--wait"], out, io.StringIO())
     worker.join()
     assert status == 0 and "\x1b" not in out.getvalue() and out.getvalue().startswith("ok?]52")
     worker = finish_later(config, 2, "pi", COMPLETED, evil)
@@ -325,12 +325,12 @@ def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeyp
     assert path == sys.executable and argv[1] == config_module.WORKER_PATH
     assert argv[2:8] == ["--join", "127.0.0.1:%d" % config.tcp_port,
                          "--token-file", config.token_path, "--device-id",
-                         cli.local_device_id()]
+                         commands.local_device_id()]
     assert argv[8:14] == ["--state-dir", os.path.join(config.home, "worker"), "--web-port",
                           str(config.web_port), "--fingerprint", tls.fingerprint(config)]
     # Its tasks must not reach var/ nor write the checkout (see docs/worker.md).
     assert argv[14:18] == ["--hide", config.home, "--read-only", config_module.CHECKOUT]
-    assert argv[18:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
+    assert argv[18:] == ["--slots", "2"] and commands.local_device_id().endswith("-local")
 
 
 def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):
@@ -361,19 +361,19 @@ def test_the_command_as_a_process(cluster_home):
 def test_submit_after_and_why(cluster_home):
     config, connection = cluster_home
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(["submit", "echo", "first"], out, err, config) == 0
+    assert commands.run_command(["submit", "echo", "first"], out, err, config) == 0
     first = int(out.getvalue())
     out = io.StringIO()
-    assert cli.run_command(["submit", "echo", "second", "--after", str(first),
+    assert commands.run_command(["submit", "echo", "second", "--after", str(first),
                             "--retry-on-failure"], out, err, config) == 0
     second = int(out.getvalue())
     task = tasks.get(connection, second)
     assert task["depends_on"] == [first] and task["retry_on_failure"]
     out = io.StringIO()
-    assert cli.run_command(["why", str(second)], out, err, config) == 0
+    assert commands.run_command(["why", str(second)], out, err, config) == 0
     assert "waits for task %d" % first in out.getvalue()
     err = io.StringIO()
-    assert cli.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
+    assert commands.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
     assert "task id must be a whole number" in err.getvalue()
 
 
@@ -547,12 +547,12 @@ def test_join_prints_the_fingerprint_with_tls(cluster_home):
     config, _ = cluster_home
     config.tls = True
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(["join"], out, err, config) == 0
+    assert commands.run_command(["join"], out, err, config) == 0
     for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
         assert line.endswith(" --fingerprint=" + tls.fingerprint(config))
     config.tls = False
     out = io.StringIO()
-    cli.run_command(["join"], out, err, config)
+    commands.run_command(["join"], out, err, config)
     assert "--fingerprint" not in out.getvalue()
     assert out.getvalue().splitlines()[-1].startswith("curl -fsSO http://")
 
@@ -666,10 +666,10 @@ def test_web_access_of_the_fleet_commands():
     for line in ("drain pi", "drain pi --now", "resume pi", "forget pi", "revoke pi",
                  "label pi a=b", "role pi x", "broadcast reload", "submit --each echo x",
                  "token --rotate"):
-        assert cli.web_access(line.split()) == "admin", line
+        assert commands.web_access(line.split()) == "admin", line
     for line in ("group 1", "control 1", "devices --all", "device pi"):
-        assert cli.web_access(line.split()) == "read", line
-    words = cli.completion_words()
+        assert commands.web_access(line.split()) == "read", line
+    words = commands.completion_words()
     assert "--now" in words["commands"]["drain"] and "--each" in words["commands"]["submit"]
     assert words["positional"]["label"] == "device"
     assert words["positional"]["broadcast"] == list(fleet.CONTROL_COMMANDS)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_all_finished, wait_for
-from rc import cli, db, devices, explain, reaper, scheduler, tasks
+from rc import db, devices, explain, reaper, records, scheduler, tasks
 from test_scheduler_reaper import LOG, add_device, store  # noqa: F401 (store is a fixture)
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
 from test_worker import detailed, main, registered, spawn  # noqa: F401 (fixtures)
@@ -117,7 +117,7 @@ def test_a_suspect_device_gets_nothing_and_says_why(store):
     assert {tasks.get(connection, i)["device_id"] for i in ids} == {"pi"}
     assert tasks.get(connection, pinned)["state"] == "queued"
     assert "ice (suspect for " in explain.why(connection, pinned, now=1010.0)
-    assert cli.device_status(devices.get(connection, "ice")) == "online,suspect"
+    assert records.device_status(devices.get(connection, "ice")) == "online,suspect"
     with db.write(connection):
         assert devices.clear_suspect(connection, "ice")
     assert scheduler.schedule(connection, 2000.0, LOG, config) == 1

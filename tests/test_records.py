@@ -5,19 +5,21 @@ import csv
 import io
 import os
 import re
+import subprocess
+import sys
 import time
 
 import orjson
 import pytest
 
-from rc import cli, records, render, tasks, web
+from rc import commands, records, render, tasks, web
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rc(config, *argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err, config)
+    status = commands.run_command(list(argv), out, err, config)
     assert status == 0, err.getvalue()
     return out.getvalue()
 
@@ -110,3 +112,16 @@ def test_docs_list_the_fields_in_order():
     assert documented_fields("Device") == records.DEVICE_COLUMNS
     assert documented_fields("Task") == records.TASK_COLUMNS
     assert documented_fields("Log line") == records.LOG_COLUMNS
+
+
+def test_rc_web_does_not_import_the_rc_program():
+    """rc-web runs the command grammar (lib/rc/commands.py), never the `rc`
+    program's own module: imported in a fresh interpreter, rc.web and every
+    module it imports leave rc.cli unloaded."""
+    code = ("import sys, rc.web; print(' '.join(sorted(name for name in sys.modules"
+            " if name.startswith('rc.'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "lib")),
+                            universal_newlines=True, check=True).stdout.split()
+    assert "rc.commands" in loaded and "rc.records" in loaded and "rc.logs" in loaded
+    assert "rc.cli" not in loaded

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from rc import audit, cli, db, devices, fleet, records, state_dir, tasks, web
+from rc import audit, commands, db, devices, fleet, records, state_dir, tasks, web
 from rc import config as config_module
 from rc.states import CANCELLED
 
@@ -385,9 +385,9 @@ def test_commands_that_make_no_sense_on_the_web_are_refused(client, line, word):
 
 def test_submit_wait_on_the_web_is_bounded():
     argv = ["submit", "echo", "x", "--wait"]
-    assert cli.web_access(argv) == "admin"
-    assert argv[-2:] == ["--wait-timeout", str(cli.WEB_WAIT_LIMIT)]
-    assert cli.web_access(["monitor", "--once"]) == "read"
+    assert commands.web_access(argv) == "admin"
+    assert argv[-2:] == ["--wait-timeout", str(commands.WEB_WAIT_LIMIT)]
+    assert commands.web_access(["monitor", "--once"]) == "read"
 
 
 def test_completion_lists_commands_options_and_ids(client, cluster_home, add_device):

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import bottle
 import orjson
 
-from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
+from rc import audit, bell, bounded, commands, db, devices, explain, fleet, files, health, render
 from rc import device_routes, logs, records, state_dir, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
@@ -112,8 +112,8 @@ class Web:
         # sqlite3 connections are cheap to keep and not for sharing between threads.
         if getattr(self.local, "connection", None) is None:
             try:
-                self.local.connection = cli.connect(self.config)
-            except cli.CommandError as e:
+                self.local.connection = commands.connect(self.config)
+            except commands.CommandError as e:
                 raise ApiError(503, str(e))
         return self.local.connection
 
@@ -528,8 +528,8 @@ class Web:
         if not argv:
             raise ApiError(400, "no command given; try `help`")
         try:
-            access = cli.web_access(argv)
-        except cli.CommandError as e:
+            access = commands.web_access(argv)
+        except commands.CommandError as e:
             raise ApiError(403, str(e))
         actor = "admin" if access == "admin" else "reader"
         shown_argv = [render.shorten(a, 200) for a in argv[:50]]   # a script can be long
@@ -542,9 +542,9 @@ class Web:
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
-        status = cli.run_command(argv, out, err, self.config, width,
-                                 bool(body.get("colour", False)), self.logger,
-                                 (actor, bottle.request.environ.get("REMOTE_ADDR")))
+        status = commands.run_command(argv, out, err, self.config, width,
+                                      bool(body.get("colour", False)), self.logger,
+                                      (actor, bottle.request.environ.get("REMOTE_ADDR")))
         self.logger.info("command", argv=argv[:1], status=status)
         self.audit("web_command", actor, argv=shown_argv, status=status)
         return json_response({"status": status, "output": out.getvalue(),
@@ -553,7 +553,7 @@ class Web:
     def completion(self):
         """What Tab completes in the web terminal: commands, options, option
         values, device ids and recent task ids."""
-        words = cli.completion_words()
+        words = commands.completion_words()
         connection = self.connection()
         words["devices"] = [row[0] for row in connection.execute(
             "SELECT device_id FROM devices ORDER BY device_id LIMIT 1000")]
@@ -653,7 +653,7 @@ class Web:
     def device_events(self, last_id):
         """`device` events: a device's whole record when anything about it
         changed; every device first (the current state is the resume point)."""
-        connection = cli.connect(self.config)
+        connection = commands.connect(self.config)
         try:
             shown = {}
             for changed in self.watch(connection):
@@ -675,7 +675,7 @@ class Web:
         stream starts is read now, before the response begins: read as the
         stream's first event is, a change committed just after the client
         saw the headers would be missed."""
-        connection = cli.connect(self.config)
+        connection = commands.connect(self.config)
         try:
             after = event_number(last_id)
             if after is None:
