@@ -36,6 +36,10 @@ def finish_later(config, task_id, device_id, state, output, error=None):
     def run():
         connection = db.connect(config.db_path)
         time.sleep(0.05)
+        deadline = time.monotonic() + 10      # a busy machine may take longer to submit it
+        while time.monotonic() < deadline and connection.execute(
+                "SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is None:
+            time.sleep(0.01)
         now = time.time()
         with db.write(connection):
             connection.execute("UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?"
