@@ -12,7 +12,7 @@ import time
 import orjson
 import pytest
 
-from rc import commands, records, render, tasks, web
+from rc import commands, db, device_logs, records, render, tasks, web
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +101,20 @@ def test_log_lines_have_the_documented_columns(filled):
     assert get(app, "/text/logs").splitlines()[0].split("|") == records.LOG_COLUMNS
 
 
+def test_a_device_s_own_lines_have_the_documented_columns(filled):
+    config, app = filled
+    connection = db.connect(config.db_path)
+    with db.write(connection):
+        device_logs.store(connection, "pi", [(1.7e9, "warning", "disk_low", "90%", None)],
+                          time.time())
+    connection.close()
+    text = get(app, "/text/devices/pi/logs").splitlines()
+    assert text[0].split("|") == records.DEVICE_LOG_COLUMNS
+    assert text[1] == "1700000000.000000|warning|disk_low||90%"
+    line = orjson.loads(get(app, "/api/v1/devices/pi/logs"))["logs"][0]
+    assert set(records.DEVICE_LOG_COLUMNS) <= set(line) and line["ts"] == line["time"]
+
+
 def documented_fields(heading):
     """The field names of the table under `## heading` in docs/records.md."""
     text = open(os.path.join(REPO, "docs", "records.md")).read()
@@ -112,6 +126,7 @@ def test_docs_list_the_fields_in_order():
     assert documented_fields("Device") == records.DEVICE_COLUMNS
     assert documented_fields("Task") == records.TASK_COLUMNS
     assert documented_fields("Log line") == records.LOG_COLUMNS
+    assert documented_fields("A device's own log line") == records.DEVICE_LOG_COLUMNS
 
 
 def test_rc_web_does_not_import_the_rc_program():

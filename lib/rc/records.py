@@ -74,6 +74,16 @@ LOG_FIELDS = (
 )
 LOG_COLUMNS = [name for name, _ in LOG_FIELDS]
 
+# A line a device's worker forwarded (lib/rc/device_logs.py).
+DEVICE_LOG_FIELDS = (
+    ("time", "when the device logged it, seconds since the epoch by its clock"),
+    ("level", "`debug`, `info`, `warning`, `error`"),
+    ("event", "what happened, snake_case"),
+    ("task_id", "the task it is about; empty when none"),
+    ("message", "its words, at most 500 characters"),
+)
+DEVICE_LOG_COLUMNS = [name for name, _ in DEVICE_LOG_FIELDS]
+
 # Flags: true/false in a record, 1/0 in a row.
 DEVICE_FLAGS = ("connected", "drained", "available", "revoked", "suspect", "forgotten")
 # Times a table shows as an age ("14s ago").
@@ -200,6 +210,11 @@ def log_row(record):
                       if key not in ("time", "program", "level", "event"))
     return {"time": "%.6f" % record["time"], "program": record.get("program"),
             "level": record.get("level"), "event": record.get("event"), "fields": fields}
+
+
+def device_log_row(line):
+    """A device's line (device_logs.recent) as /text/devices/ID/logs gives it."""
+    return dict(line, time="%.6f" % line["time"])
 
 
 def log_event(record, moment):
