@@ -64,7 +64,7 @@ def test_the_cli_text_and_api_name_the_same_fields(filled, kind, columns):
     text_csv = list(csv.reader(io.StringIO(get(app, "/text/%s?format=csv" % kind))))
     text_pipe = [line.split("|") for line in get(app, "/text/%s" % kind).splitlines()]
     assert cli_csv[0] == cli_tsv[0] == text_csv[0] == text_pipe[0] == columns
-    assert len(cli_csv) == len(text_csv) == 3 if kind == "devices" else 2
+    assert len(cli_csv) == len(text_csv) == (3 if kind == "devices" else 2)
     cli_json = orjson.loads(rc(config, kind, "--json"))
     api_json = orjson.loads(get(app, "/api/v1/%s" % kind))[kind]
     for record in cli_json + api_json:
