@@ -1,5 +1,6 @@
 """The rc command, run in-process through run_command and once as a real
 process, against a real SQLite file in a temporary RC_HOME."""
+import csv
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from rc import audit, cli, db, devices, fleet, state_dir, tasks, tls
+from rc import audit, commands, db, devices, fleet, logs, records, state_dir, tasks, tls
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -22,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def rc(*argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err)
+    status = commands.run_command(list(argv), out, err)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -107,14 +108,19 @@ def test_devices_in_every_format(cluster_home, add_device):
     add_device("pi", metrics={"cpu_percent": 12.5, "memory_percent": 40.0}, now=time.time())
     status, out, err = rc("devices")
     header, row = out.splitlines()
-    assert header.split() == cli.DEVICE_COLUMNS
+    assert header.split() == [name.upper() for name in records.DEVICE_TABLE]
     assert row.split() == ["pi", "online", "compute", "linux", "aarch64", "4", "3.8", "2",
                            "0", "12.5", "40", "0s", "ago"]
     csv_lines = rc("devices", "--csv")[1].splitlines()
-    assert csv_lines[0] == ",".join(cli.DEVICE_COLUMNS) and csv_lines[1].startswith("pi,online,")
+    assert csv_lines[0] == ",".join(records.DEVICE_COLUMNS) and csv_lines[1].startswith("pi,online,")
+    row = dict(zip(records.DEVICE_COLUMNS, next(csv.reader(csv_lines[1:]))))
+    # Seconds and flags for scripts, not "0s ago".
+    assert 0 <= float(row["heartbeat_age_seconds"]) < 60 and row["drained"] == "0"
+    assert abs(float(row["last_seen"]) - time.time()) < 60 and row["cpu_percent"] == "12.5"
     assert rc("devices", "--tsv", "--no-header")[1].split("\t")[:2] == ["pi", "online"]
-    records = orjson.loads(rc("devices", "--json")[1])
-    assert records[0]["device_id"] == "pi" and records[0]["metrics"]["cpu_percent"] == 12.5
+    found = orjson.loads(rc("devices", "--json")[1])
+    assert found[0]["device_id"] == "pi" and found[0]["metrics"]["cpu_percent"] == 12.5
+    assert found[0]["cpu_percent"] == 12.5 and set(records.DEVICE_COLUMNS) <= set(found[0])
 
 
 def test_one_device_and_an_unknown_one(cluster_home, add_device):
@@ -182,7 +188,7 @@ def test_submit_wait_shows_a_terminal_no_escape_sequence(cluster_home, add_devic
     evil = "ok\x1b]52;c;ZWNobyBwd25lZA==\x07\n"
     worker = finish_later(config, 1, "pi", COMPLETED, evil)
     out = Terminal()
-    status = cli.run_command(["submit", "echo", "x", "--wait"], out, io.StringIO())
+    status = commands.run_command(["submit", "echo", "x", "--wait"], out, io.StringIO())
     worker.join()
     assert status == 0 and "\x1b" not in out.getvalue() and out.getvalue().startswith("ok?]52")
     worker = finish_later(config, 2, "pi", COMPLETED, evil)
@@ -216,7 +222,7 @@ def test_tasks_list_filters_and_shortens(cluster_home):
     long_id = tasks.submit(connection, config, "shell", {"command": "echo " + "x" * 100})
     tasks.cancel(connection, long_id)
     lines = rc("tasks")[1].splitlines()
-    assert lines[0].split() == cli.TASK_COLUMNS
+    assert lines[0].split() == [name.upper() for name in records.TASK_TABLE]
     assert lines[1].split()[:5] == [str(long_id), "shell", "cancelled", "normal", "1"]
     assert lines[1].endswith("…") and len(lines) == 3
     only = rc("tasks", "--state", "queued", "--csv", "--no-header")[1]
@@ -288,9 +294,9 @@ def test_logs_follow_reads_only_whole_new_lines(cluster_home):
     path = os.path.join(config.log_dir, "rc-web.log")
     with open(path, "w") as f:
         f.write('{"time": 1, "event": "old"}\n{"time": 2, "ev')
-    lines, offset = cli.read_complete_lines(path, 0)
+    lines, offset = logs.read_complete_lines(path, 0)
     assert lines == ['{"time": 1, "event": "old"}'] and offset == 28
-    assert cli.tail_lines(path, 5)[1] == os.path.getsize(path)
+    assert logs.tail_lines(path, 5)[1] == os.path.getsize(path)
 
 
 # -- tokens, join, local worker ------------------------------------------------------
@@ -322,12 +328,12 @@ def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeyp
     assert path == sys.executable and argv[1] == config_module.WORKER_PATH
     assert argv[2:8] == ["--join", "127.0.0.1:%d" % config.tcp_port,
                          "--token-file", config.token_path, "--device-id",
-                         cli.local_device_id()]
+                         commands.local_device_id()]
     assert argv[8:14] == ["--state-dir", os.path.join(config.home, "worker"), "--web-port",
                           str(config.web_port), "--fingerprint", tls.fingerprint(config)]
     # Its tasks must not reach var/ nor write the checkout (see docs/worker.md).
     assert argv[14:18] == ["--hide", config.home, "--read-only", config_module.CHECKOUT]
-    assert argv[18:] == ["--slots", "2"] and cli.local_device_id().endswith("-local")
+    assert argv[18:] == ["--slots", "2"] and commands.local_device_id().endswith("-local")
 
 
 def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):
@@ -358,19 +364,19 @@ def test_the_command_as_a_process(cluster_home):
 def test_submit_after_and_why(cluster_home):
     config, connection = cluster_home
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(["submit", "echo", "first"], out, err, config) == 0
+    assert commands.run_command(["submit", "echo", "first"], out, err, config) == 0
     first = int(out.getvalue())
     out = io.StringIO()
-    assert cli.run_command(["submit", "echo", "second", "--after", str(first),
+    assert commands.run_command(["submit", "echo", "second", "--after", str(first),
                             "--retry-on-failure"], out, err, config) == 0
     second = int(out.getvalue())
     task = tasks.get(connection, second)
     assert task["depends_on"] == [first] and task["retry_on_failure"]
     out = io.StringIO()
-    assert cli.run_command(["why", str(second)], out, err, config) == 0
+    assert commands.run_command(["why", str(second)], out, err, config) == 0
     assert "waits for task %d" % first in out.getvalue()
     err = io.StringIO()
-    assert cli.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
+    assert commands.run_command(["submit", "echo", "x", "--after", "nope"], out, err, config) == 2
     assert "task id must be a whole number" in err.getvalue()
 
 
@@ -415,7 +421,11 @@ def test_drain_and_resume_show_in_devices(cluster_home, add_device):
     add_device("pi")
     status, out, err = rc("drain", "pi")
     assert status == 0 and "pi drained" in out and err == ""
-    assert rc("devices", "--tsv")[1].splitlines()[1].startswith("pi\tonline,drained\t")
+    # For scripts, status is one word and drained a column of its own (awk '$2 == "online"');
+    # the table on a terminal says both in STATUS.
+    header, row = [line.split("\t") for line in rc("devices", "--tsv")[1].splitlines()]
+    assert row[1] == "online" and row[header.index("drained")] == "1"
+    assert rc("devices")[1].splitlines()[1].split()[:2] == ["pi", "online,drained"]
     assert "drained:" in rc("device", "pi")[1] and devices.get(connection, "pi")["drained"]
     assert rc("resume", "pi")[0] == 0 and not devices.get(connection, "pi")["drained"]
     assert audit_events(config) == [("device_drained", "cli", "local"),
@@ -442,8 +452,11 @@ def test_a_paused_device_and_labels_in_the_listing(cluster_home, add_device):
     assert rc("label", "pi", "kind=pi", "disk=big") == (0, "pi labels: disk=big,kind=pi\n", "")
     assert rc("label", "pi", "disk=")[1] == "pi labels: kind=pi\n"
     header, row = rc("devices", "--csv")[1].splitlines()
-    assert header.endswith(",LABELS") and row.startswith("pi,\"online,paused\",")
-    assert row.endswith(",kind=pi")
+    row = dict(zip(header.split(","), row.split(",")))
+    assert row["status"] == "online" and row["available"] == "0" and row["labels"] == "kind=pi"
+    table = rc("devices")[1].splitlines()
+    assert table[0].split()[-1] == "LABELS" and table[1].split()[1] == "online,paused"
+    assert table[1].endswith(" kind=pi")
     out = rc("device", "pi")[1]
     assert "labels:" in out and "kind=pi" in out and "unavailable_reason: battery" in " ".join(
         out.split())
@@ -486,7 +499,9 @@ def test_forget_hides_the_device_but_keeps_its_history(cluster_home, add_device)
     assert status == 0 and "can no longer connect" in out
     assert [line.split(",")[0] for line in rc("devices", "--csv")[1].splitlines()[1:]] == ["pi"]
     rows = rc("devices", "--csv", "--all")[1].splitlines()[1:]
-    assert rows[0].startswith("nas,\"online,forgotten\"")
+    assert rows[0].startswith("nas,online,")
+    assert rows[0].split(",")[records.DEVICE_COLUMNS.index("forgotten")] == "1"
+    assert rc("devices", "--all")[1].splitlines()[1].split()[1] == "online,forgotten"
     assert "forgotten:" in rc("device", "nas")[1]
     assert audit_events(config) == [("device_forgotten", "cli", "local")]
 
@@ -535,12 +550,12 @@ def test_join_prints_the_fingerprint_with_tls(cluster_home):
     config, _ = cluster_home
     config.tls = True
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(["join"], out, err, config) == 0
+    assert commands.run_command(["join"], out, err, config) == 0
     for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
         assert line.endswith(" --fingerprint=" + tls.fingerprint(config))
     config.tls = False
     out = io.StringIO()
-    cli.run_command(["join"], out, err, config)
+    commands.run_command(["join"], out, err, config)
     assert "--fingerprint" not in out.getvalue()
     assert out.getvalue().splitlines()[-1].startswith("curl -fsSO http://")
 
@@ -654,10 +669,10 @@ def test_web_access_of_the_fleet_commands():
     for line in ("drain pi", "drain pi --now", "resume pi", "forget pi", "revoke pi",
                  "label pi a=b", "role pi x", "broadcast reload", "submit --each echo x",
                  "token --rotate"):
-        assert cli.web_access(line.split()) == "admin", line
+        assert commands.web_access(line.split()) == "admin", line
     for line in ("group 1", "control 1", "devices --all", "device pi"):
-        assert cli.web_access(line.split()) == "read", line
-    words = cli.completion_words()
+        assert commands.web_access(line.split()) == "read", line
+    words = commands.completion_words()
     assert "--now" in words["commands"]["drain"] and "--each" in words["commands"]["submit"]
     assert words["positional"]["label"] == "device"
     assert words["positional"]["broadcast"] == list(fleet.CONTROL_COMMANDS)

@@ -3,7 +3,7 @@
 /stream/overview, GET /api/v1/terminal, and who may read them."""
 import time
 
-from rc import cli, db, scheduler, tasks, web
+from rc import commands, db, scheduler, tasks, web
 from rc.states import FAILED
 from test_text_metrics import Stream, port
 from test_web import admin, call, client, serve, stop  # noqa: F401 (client is a fixture)
@@ -107,7 +107,7 @@ def test_dashboard_routes_need_what_other_reads_need(cluster_home):
 def test_terminal_says_which_commands_the_browser_refuses(client):
     status, body = client.json("/api/v1/terminal")
     assert status == 200
-    assert body["refused"] == cli.WEB_REFUSED
+    assert body["refused"] == commands.WEB_REFUSED
     assert "cancel" in body["admin"] and "status" not in body["admin"]
 
 
@@ -143,7 +143,7 @@ def test_monitor_fits_a_phone_and_shows_progress_messages(cluster_home, add_devi
     add_device("pi", metrics={"cpu_percent": 50.0}, now=time.time())
     for _ in range(2):
         running_task(connection, config, "pi", 100, "frame 40 of 40: writing the video file")
-    frame = cli.monitor_frame(connection, 45, colour=True)
+    frame = commands.monitor_frame(connection, 45, colour=True)
     plain = frame.replace("\x1b[0m", "")
     for code in ("\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[34m", "\x1b[36m", "\x1b[90m"):
         plain = plain.replace(code, "")

@@ -45,7 +45,8 @@ def test_the_ring_keeps_the_latest_lines_of_each_device(cluster_home):
     kept = device_logs.recent(connection, "pi", 1000)
     assert len(kept) == 40 + 50            # trimmed to 40 at line 200, 50 since
     assert [l["event"] for l in kept[-2:]] == ["line_249", "line_250"]      # newest last
-    assert kept[-1] == {"id": kept[-1]["id"], "ts": 1.7e9 + 250, "level": "warning",
+    assert kept[-1] == {"id": kept[-1]["id"], "time": 1.7e9 + 250, "ts": 1.7e9 + 250,
+                        "level": "warning",
                         "event": "line_250", "message": "m250", "task_id": 250}
     assert len(device_logs.recent(connection, "nas", 1000)) == 250     # another device's ring
     assert [l["event"] for l in device_logs.recent(connection, "pi", 3)] == [

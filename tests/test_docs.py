@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rc import cli
+from rc import commands
 from rc.defaults import DEFAULTS
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -23,11 +23,11 @@ def test_every_setting_is_in_configuration_md(key):
         "docs/configuration.md has no table row for %s" % key
 
 
-def commands():
-    return sorted(cli.command_parsers(cli.build_parser(io.StringIO())))
+def command_names():
+    return sorted(commands.command_parsers(commands.build_parser(io.StringIO())))
 
 
-@pytest.mark.parametrize("name", commands())
+@pytest.mark.parametrize("name", command_names())
 def test_every_command_is_in_cli_md(name):
     assert re.search(r"^\| `rc %s[ `]" % re.escape(name), read("cli.md"), re.M), \
         "docs/cli.md has no table row for `rc %s`" % name
@@ -40,7 +40,8 @@ def test_every_option_of_logs_and_health_is_documented():
 
 
 @pytest.mark.parametrize("name", ["architecture.md", "protocol.md", "configuration.md",
-                                  "http.md", "cli.md", "operations.md", "troubleshooting.md"])
+                                  "http.md", "cli.md", "operations.md", "troubleshooting.md",
+                                  "records.md"])
 def test_the_docs_exist_and_are_linked_from_somewhere(name):
     assert read(name).startswith("# ")
     linked = read("architecture.md") + open(os.path.join(os.path.dirname(DOCS),

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from cluster_harness import Cluster, wait_for
-from rc import cli, environments, tasks
+from rc import commands, environments, tasks
 
 # A small pure-Python package that neither the test environment nor the
 # system's Python has: only the task's environment can import it.
@@ -58,7 +58,7 @@ def test_a_task_with_packages_needs_a_device_that_can_build_them(cluster_home, a
     task_id = tasks.submit(connection, config, "python_eval", {"expression": "1",
                                                                "pip": ["numpy"]})
     out = io.StringIO()
-    cli.run_command(["why", str(task_id)], out, io.StringIO(), config)
+    commands.run_command(["why", str(task_id)], out, io.StringIO(), config)
     assert "python_venv" in out.getvalue()
 
 
@@ -67,12 +67,12 @@ def test_rc_submit_reads_a_requirements_file_and_pip_options(cluster_home, tmp_p
     wanted = tmp_path / "requirements.txt"
     wanted.write_text("tabulate==0.9.0\n")
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(["submit", "python_exec", "import tabulate", "--requirements",
+    assert commands.run_command(["submit", "python_exec", "import tabulate", "--requirements",
                             str(wanted), "--pip", "six==1.16.0"], out, err, config) == 0
     task = tasks.get(connection, int(out.getvalue().split()[-1]))
     assert task["payload"]["pip"] == ["tabulate==0.9.0", "six==1.16.0"]
     wanted.write_text("--index-url http://evil/\n")
-    assert cli.run_command(["submit", "shell", "true", "--requirements", str(wanted)],
+    assert commands.run_command(["submit", "shell", "true", "--requirements", str(wanted)],
                            io.StringIO(), err, config) == 2
     assert "pip option" in err.getvalue()
 

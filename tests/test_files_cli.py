@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from rc import cli, db, files, state_dir, tasks
+from rc import commands, db, files, state_dir, tasks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_web import serve, stop  # noqa: E402
@@ -23,7 +23,7 @@ from test_web import serve, stop  # noqa: E402
 
 def rc(*argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err)
+    status = commands.run_command(list(argv), out, err)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -193,11 +193,11 @@ def test_rc_get_writes_the_users_files_with_the_users_umask(cluster_home, tmp_pa
 
 
 def test_the_web_terminal_refuses_local_files(cluster_home):
-    with pytest.raises(cli.CommandError, match="do not run in the web terminal"):
-        cli.web_access(["submit", "shell", "ls", "--input", "/etc"])
-    with pytest.raises(cli.CommandError, match="writes files on the main node"):
-        cli.web_access(["get", "1"])
-    assert cli.web_access(["files", "1"]) == "read"
+    with pytest.raises(commands.CommandError, match="do not run in the web terminal"):
+        commands.web_access(["submit", "shell", "ls", "--input", "/etc"])
+    with pytest.raises(commands.CommandError, match="writes files on the main node"):
+        commands.web_access(["get", "1"])
+    assert commands.web_access(["files", "1"]) == "read"
 
 
 # -- HTTP ---------------------------------------------------------------------------------

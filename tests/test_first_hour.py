@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rc import cli, db, devices, fleet, health, tasks
+from rc import commands, db, devices, fleet, health, tasks
 from rc import config as config_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ WORKER_PATH = os.path.join(REPO, "bin", "worker.py")
 
 def rc(*argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err)
+    status = commands.run_command(list(argv), out, err)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -73,7 +73,7 @@ def test_lease_expires_reads_as_a_time(cluster_home):
 
 
 def test_every_submit_option_has_help(cluster_home):
-    parser = cli.command_parsers(cli.build_parser(io.StringIO()))["submit"]
+    parser = commands.command_parsers(commands.build_parser(io.StringIO()))["submit"]
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, "%s has no help text" % action.option_strings[0]
@@ -363,7 +363,7 @@ def test_the_capabilities_rc_names_are_those_the_worker_looks_for():
     spec = importlib.util.spec_from_file_location("rc_worker_capabilities", WORKER_PATH)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    assert cli.KNOWN_CAPABILITIES == worker.CAPABILITY_TOOLS
+    assert commands.KNOWN_CAPABILITIES == worker.CAPABILITY_TOOLS
 
 
 def test_the_worker_reads_as_sentences_on_a_terminal():

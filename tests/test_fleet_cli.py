@@ -42,10 +42,13 @@ def test_a_label_picks_the_device(cluster):
 
 def test_drain_shows_in_devices_until_resumed(cluster):
     def status_of(device_id):
-        for line in cluster.rc("devices", "--tsv", "--no-header").stdout.splitlines():
+        """status, then `,drained` when the drained column says 1 (as the table shows it)."""
+        lines = cluster.rc("devices", "--tsv").stdout.splitlines()
+        drained = lines[0].split("\t").index("drained")
+        for line in lines[1:]:
             fields = line.split("\t")
             if fields[0] == device_id:
-                return fields[1]
+                return fields[1] + (",drained" if fields[drained] == "1" else "")
     cluster.rc("drain", "w1")
     assert status_of("w1") == "online,drained" and status_of("w2") == "online"
     group_id = cluster.rc("submit", "--each", "echo", "hi").stdout.strip()

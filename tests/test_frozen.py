@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_all_finished, wait_for
-from rc import cli, db, devices, explain, reaper, scheduler, tasks
+from rc import db, devices, explain, reaper, records, scheduler, tasks
 from test_scheduler_reaper import LOG, add_device, store  # noqa: F401 (store is a fixture)
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
 from test_worker import detailed, main, registered, spawn  # noqa: F401 (fixtures)
@@ -117,7 +117,7 @@ def test_a_suspect_device_gets_nothing_and_says_why(store):
     assert {tasks.get(connection, i)["device_id"] for i in ids} == {"pi"}
     assert tasks.get(connection, pinned)["state"] == "queued"
     assert "ice (suspect for " in explain.why(connection, pinned, now=1010.0)
-    assert cli.device_status(devices.get(connection, "ice")) == "online,suspect"
+    assert records.device_status(devices.get(connection, "ice")) == "online,suspect"
     with db.write(connection):
         assert devices.clear_suspect(connection, "ice")
     assert scheduler.schedule(connection, 2000.0, LOG, config) == 1
@@ -290,7 +290,7 @@ def test_a_frozen_worker_gets_nothing_new_and_runs_nothing_given_away(cluster, e
         ids = [submit_shell(cluster, appending(effects, name)) for name in names]
         wait_for(lambda: device_row(cluster, "ice")["suspect_since"], 15, "ice to be suspect")
         suspect_at = time.time()
-        assert "online,suspect" in cluster.rc("devices", "--csv").stdout
+        assert "online,suspect" in cluster.rc("devices").stdout
         shown = cluster.rc("device", "ice").stdout
         assert "suspect" in shown and "suspect_since" in shown and " ago" in shown, shown
         # Handed back at once, uncharged: long before the 20 s accept_timeout.

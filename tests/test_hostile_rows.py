@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from rc import config as config_module
-from rc import audit, cli, db, devices, protocol, reaper, scheduler, state_dir, tasks
+from rc import audit, commands, db, devices, protocol, reaper, scheduler, state_dir, tasks
 from rc.log import Logger
 from rc.protocol import ProtocolError
 from rc.server import Server
@@ -274,7 +274,7 @@ def test_the_reaper_rolls_back_a_hostile_row_alone(store):
 
 def rc(*argv):
     out, err = io.StringIO(), io.StringIO()
-    return cli.run_command(list(argv), out, err), out.getvalue(), err.getvalue()
+    return commands.run_command(list(argv), out, err), out.getvalue(), err.getvalue()
 
 
 def test_the_operator_sets_a_devices_slots_whatever_it_claims(cluster_home):

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_for
-from rc import cli, housekeeping, protocol
+from rc import commands, housekeeping, logs, protocol
 from rc.log import Logger
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def cluster(tmp_path_factory):
 def records(cluster):
     """Every JSON record in the cluster's log files."""
     found = []
-    for path in cli.log_paths(cluster.config.log_dir):
+    for path in logs.log_paths(cluster.config.log_dir):
         with open(path, "rb") as f:
             for line in f:
                 try:
@@ -171,5 +171,5 @@ def test_logs_task_reads_rotated_files_too(cluster_home):
         f.write(orjson.dumps({"time": 2.0, "program": "rc-server", "level": "info",
                               "event": "task_finished", "task_id": 77}) + b"\n")
     out = io.StringIO()
-    assert cli.run_command(["logs", "--task", "7"], out, io.StringIO()) == 0
+    assert commands.run_command(["logs", "--task", "7"], out, io.StringIO()) == 0
     assert "task_id=7" in out.getvalue() and "task_id=77" not in out.getvalue()

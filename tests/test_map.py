@@ -17,7 +17,7 @@ import time
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
-from rc import cli, map_cli
+from rc import commands, map_cli
 
 DEVICE = "map-worker"
 TIMEOUT = 120       # seconds any one `rc map` may take here
@@ -54,20 +54,20 @@ def test_unknown_replacement_strings_are_named(token):
 
 
 def test_the_web_terminal_refuses_map():
-    with pytest.raises(cli.CommandError) as raised:
-        cli.web_access(["map", "echo", "1"])
+    with pytest.raises(commands.CommandError) as raised:
+        commands.web_access(["map", "echo", "1"])
     assert "POST /api/v1/tasks" in str(raised.value)
 
 
 def test_map_is_in_the_help(cluster_home):
     out = io.StringIO()
-    assert cli.run_command(["help"], out, io.StringIO()) == 0
+    assert commands.run_command(["help"], out, io.StringIO()) == 0
     assert "map" in out.getvalue() and "GNU Parallel" in out.getvalue()
     out = io.StringIO()
-    assert cli.run_command(["help", "map"], out, io.StringIO()) == 0
+    assert commands.run_command(["help", "map"], out, io.StringIO()) == 0
     assert "--keep-order" in out.getvalue() and "{/.}" in out.getvalue()
     err = io.StringIO()
-    assert cli.run_command(["help", "mapp"], io.StringIO(), err) == 2
+    assert commands.run_command(["help", "mapp"], io.StringIO(), err) == 2
     assert "no command 'mapp'" in err.getvalue()
 
 

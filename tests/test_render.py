@@ -24,6 +24,15 @@ def test_table_fits_the_width_by_shortening_the_widest_column():
     assert render.table(rows, ["ID", "SUMMARY"]).splitlines()[1].endswith("x" * 200)
 
 
+def test_a_long_header_gives_way_before_the_values():
+    rows = [{"DEVICE_ID": "browser-pi", "MEMORY_PERCENT": 4.5, "ACTIVE_TASKS": 0}]
+    lines = render.table(rows, ["DEVICE_ID", "MEMORY_PERCENT", "ACTIVE_TASKS"],
+                         width=30).splitlines()
+    assert all(len(line) <= 30 for line in lines)
+    assert lines[0].startswith("DEVICE_ID ") and lines[1].split() == ["browser-pi", "4.5", "0"]
+    assert lines[0].split() == ["DEVICE_ID", "MEMORY_…", "ACTIVE_…"]
+
+
 def test_table_without_header_and_empty():
     assert render.table(ROWS, COLUMNS, header=False).splitlines()[0].startswith("pi-kitchen")
     assert render.table([], COLUMNS).splitlines() == ["NAME  CPU%  TAGS  NOTE"]

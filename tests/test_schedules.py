@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cluster_harness import Cluster, wait_for
-from rc import cli, db, schedules, tasks
+from rc import commands, db, schedules, tasks
 
 PARIS = "Europe/Paris"
 
@@ -123,7 +123,7 @@ class Log:
 
 def rc(config, *argv):
     out, err = io.StringIO(), io.StringIO()
-    status = cli.run_command(list(argv), out, err, config)
+    status = commands.run_command(list(argv), out, err, config)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -261,11 +261,11 @@ def test_each_fires_one_task_per_matching_device(cluster_home, clock, add_device
 
 
 def test_the_web_terminal_reads_schedules_and_needs_the_admin_token_to_change_them():
-    assert cli.web_access(["schedule", "list"]) == "read"
-    assert cli.web_access(["service", "logs", "x"]) == "read"
-    assert cli.web_access(["schedule", "add", "n", "@daily", "echo", "x"]) == "admin"
-    assert cli.web_access(["schedule", "run-now", "n"]) == "admin"
-    assert cli.web_access(["service", "stop", "n"]) == "admin"
+    assert commands.web_access(["schedule", "list"]) == "read"
+    assert commands.web_access(["service", "logs", "x"]) == "read"
+    assert commands.web_access(["schedule", "add", "n", "@daily", "echo", "x"]) == "admin"
+    assert commands.web_access(["schedule", "run-now", "n"]) == "admin"
+    assert commands.web_access(["service", "stop", "n"]) == "admin"
 
 
 # -- over HTTP -------------------------------------------------------------------------------

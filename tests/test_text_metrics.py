@@ -10,7 +10,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rc import db, devices, tasks, web
+from rc import db, devices, records, tasks, web
 from test_web import Client, client, serve, stop  # noqa: F401 (client is a fixture)
 
 HOSTILE = "<img src=x onerror=alert(1)>|a\"b\\c"
@@ -109,13 +109,13 @@ def test_devices_work_with_cut_awk_and_csv(client, cluster_home, add_device):
     awk = subprocess.run(["awk", "-F|", '$2 == "online" && $11 > 10 {print $1}'], input=text,
                          stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
     assert awk == "pi\n"
-    assert all(line.count("|") == len(web.TEXT_DEVICE_COLUMNS) - 1
+    assert all(line.count("|") == len(records.DEVICE_COLUMNS) - 1
                for line in text.splitlines())      # the "|" in the hostname became a space
     rows = list(csv.DictReader(io.StringIO(client.request("/text/devices?format=csv")[2])))
-    assert list(rows[0]) == web.TEXT_DEVICE_COLUMNS
+    assert list(rows[0]) == records.DEVICE_COLUMNS
     assert rows[0]["hostname"] == HOSTILE and rows[1]["cpu_percent"] == "12.5"
     tsv = client.request("/text/devices?format=tsv&status=offline")[2]
-    assert tsv == "\t".join(web.TEXT_DEVICE_COLUMNS) + "\n"
+    assert tsv == "\t".join(records.DEVICE_COLUMNS) + "\n"
 
 
 def test_status_is_key_value_lines(client, cluster_home, add_device):
@@ -135,7 +135,7 @@ def test_logs_as_text(client, cluster_home):
         f.write(json.dumps({"time": 100.5, "program": "rc-server", "level": "error",
                             "event": "bad|frame", "peer": "x"}) + "\nnot json\n")
     lines = client.request("/text/logs")[2].splitlines()
-    assert lines[0] == "|".join(web.TEXT_LOG_COLUMNS)
+    assert lines[0] == "|".join(records.LOG_COLUMNS)
     assert lines[1] == "100.500000|rc-server|error|bad frame|peer=x"
     assert lines[2] == "||||not json"
     assert client.json("/text/logs?program=nothing")[0] == 404
@@ -219,6 +219,22 @@ def test_log_stream_follows_the_files(client, cluster_home):
                             "event": "swept", "n": 2}) + "\n")
     event = stream.event()
     assert event["id"] == "6.000000" and "WARNING swept n=2" in event["data"]["line"]
+    stream.close()
+
+
+def test_the_audit_stream_follows_the_audit_log(client, cluster_home):
+    """?program=audit (admin) sends the lines written after it began, too:
+    the files it follows are the ones it was asked for."""
+    config, _ = cluster_home
+    path = os.path.join(config.log_dir, "audit.log")
+    with open(path, "w") as f:
+        f.write(json.dumps({"time": 5.0, "event": "task_submitted", "actor": "admin"}) + "\n")
+    stream = Stream(port(client), "/stream/logs?program=audit",
+                    {"Authorization": "Bearer " + client.token})
+    assert stream.event()["data"]["event"] == "task_submitted"
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": 6.0, "event": "device_drained", "actor": "admin"}) + "\n")
+    assert stream.event()["data"]["event"] == "device_drained"
     stream.close()
 
 

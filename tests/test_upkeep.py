@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rc import alerts, cli, db, housekeeping, stats, tasks
+from rc import alerts, commands, db, housekeeping, stats, tasks
 from rc.log import Logger
 
 
@@ -49,13 +49,13 @@ def test_history_counts_each_minute_and_stays_bounded(cluster_home, add_device):
     assert connection.execute("SELECT count(*) FROM stats_minutes").fetchone()[0] <= 31
 
     out = io.StringIO()
-    assert cli.run_command(["stats", "--minutes", "90"], out, io.StringIO(), config,
+    assert commands.run_command(["stats", "--minutes", "90"], out, io.StringIO(), config,
                            width=100) == 0
     text = out.getvalue()
     assert "completed/min" in text and "queue" in text and "success 75.0%" in text
     assert any(mark in text for mark in stats.SPARKS[1:])
     out = io.StringIO()
-    cli.run_command(["history", "--csv"], out, io.StringIO(), config)
+    commands.run_command(["history", "--csv"], out, io.StringIO(), config)
     assert out.getvalue().splitlines()[0] == ",".join(stats.COLUMNS)
 
 

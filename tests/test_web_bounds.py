@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from rc import bounded, cli, db, devices, state_dir, throttle, web, web_server
+from rc import bounded, commands, db, devices, state_dir, throttle, web, web_server
 from test_text_metrics import Stream
 from test_web import Client, admin, call, client, serve, stop  # noqa: F401 (fixture)
 
@@ -130,7 +130,7 @@ def test_hostile_headers_are_refused_not_500s(cluster_home, headers):
 def test_cli_numbers_are_usage_errors(cluster_home, line):
     config, connection = cluster_home
     out, err = io.StringIO(), io.StringIO()
-    assert cli.run_command(line.split(), out, err, config) == 2, err.getvalue()
+    assert commands.run_command(line.split(), out, err, config) == 2, err.getvalue()
     assert "the value must be" in err.getvalue()
 
 
@@ -233,7 +233,7 @@ def test_every_view_shows_junk_devices(junk_devices, client):
     for line in ("devices", "devices --grid", "devices --csv", "devices --json",
                  "device junk08", "device columns", "monitor --once", "status"):
         out, err = io.StringIO(), io.StringIO()
-        assert cli.run_command(line.split(), out, err, config, 120) == 0, (line, err.getvalue())
+        assert commands.run_command(line.split(), out, err, config, 120) == 0, (line, err.getvalue())
         assert out.getvalue()
 
 
@@ -242,7 +242,7 @@ def test_every_view_shows_junk_devices(junk_devices, client):
 def test_the_audit_log_needs_the_token_even_from_this_machine(cluster_home):
     config, connection = cluster_home
     app = web.make_app(config)
-    cli.run_command(["status"], io.StringIO(), io.StringIO(), config)     # makes the log dir
+    commands.run_command(["status"], io.StringIO(), io.StringIO(), config)     # makes the log dir
     with open(os.path.join(config.log_dir, "audit.log"), "ab") as f:
         f.write(b'{"time": 1.0, "event": "secret_event", "actor": "admin"}\n')
     for path in ("/text/logs?program=audit", "/stream/logs?program=audit"):

@@ -140,7 +140,8 @@ def trim(connection, device_id, keep):
 
 def recent(connection, device_id, limit, after_id=0):
     """The device's latest `limit` lines after `after_id`, oldest first, as
-    records: {"id", "ts", "level", "event", "message", "task_id"}."""
+    records (lib/rc/records.py): {"id", "time", "level", "event", "message",
+    "task_id"}, and "ts", the name "time" had before."""
     rows = connection.execute(
         "SELECT %s FROM device_logs WHERE device_id = ? AND id > ? ORDER BY id DESC LIMIT ?"
         % COLUMNS, (device_id, after_id, limit)).fetchall()
@@ -148,13 +149,13 @@ def recent(connection, device_id, limit, after_id=0):
 
 
 def record(row):
-    return {"id": row["id"], "ts": row["time"], "level": row["level"], "event": row["event"],
-            "message": row["message"], "task_id": row["task_id"]}
+    return {"id": row["id"], "time": row["time"], "ts": row["time"], "level": row["level"],
+            "event": row["event"], "message": row["message"], "task_id": row["task_id"]}
 
 
 def as_log_line(device_id, line):
     """A device's line as `rc logs` merges it with the main node's programs'."""
-    fields = {"time": line["ts"], "program": "worker", "level": line["level"],
+    fields = {"time": line["time"], "program": "worker", "level": line["level"],
               "event": line["event"], "device_id": device_id}
     if line["task_id"] is not None:
         fields["task_id"] = line["task_id"]

@@ -6,10 +6,9 @@ import time
 import bottle
 import orjson
 
-from rc import db, device_logs, devices
+from rc import db, device_logs, devices, records
 
 DEFAULT_LOG_LIMIT = 100       # lines GET .../logs gives without ?limit=
-TEXT_LOG_COLUMNS = ["time", "level", "event", "task_id", "message"]
 
 
 class DeviceRoutes:
@@ -38,8 +37,9 @@ class DeviceRoutes:
         return json_response({"device_id": device_id, "logs": self.recent_lines(device_id)})
 
     def text_logs(self, device_id):
-        rows = [dict(line, time="%.6f" % line["ts"]) for line in self.recent_lines(device_id)]
-        return self.separated(rows, TEXT_LOG_COLUMNS)
+        return self.separated([records.device_log_row(line)
+                               for line in self.recent_lines(device_id)],
+                              records.DEVICE_LOG_COLUMNS)
 
     def watch(self, device_id):
         """Someone looks at the device: it reports every watch_report_interval

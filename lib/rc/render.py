@@ -52,13 +52,15 @@ def table(rows, columns, width=None, header=True, colourize=None):
     fits. `colourize(column, value)` may name a colour for a cell; colour is
     added after padding so escape codes never upset the alignment."""
     texts = [[cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max([len(column) if header else 0] + [len(line[i]) for line in texts])
-              for i, column in enumerate(columns)]
+    values = [max([0] + [len(line[i]) for line in texts]) for i in range(len(columns))]
+    widths = [max(len(column) if header else 0, value) for column, value in zip(columns, values)]
     if width:
-        kept = columns_that_fit(widths, columns, width)
-        columns, widths = columns[:kept], widths[:kept]
+        kept = columns_that_fit(widths, values, width)
+        columns, widths, values = columns[:kept], widths[:kept], values[:kept]
         texts = [line[:kept] for line in texts]
-        fit(widths, width - len(COLUMN_GAP) * (len(columns) - 1))
+        room = width - len(COLUMN_GAP) * (len(columns) - 1)
+        fit(widths, room, [max(value, MIN_COLUMN_WIDTH) for value in values])
+        fit(widths, room)
     lines = [columns] if header else []
     lines += texts
     out = []
@@ -73,22 +75,25 @@ def table(rows, columns, width=None, header=True, colourize=None):
     return "\n".join(out) + "\n" if out else ""
 
 
-def columns_that_fit(widths, columns, width):
-    """How many columns, from the left, fit in `width` with none cut below
-    its header: on a phone a table drops its last columns rather than
+def columns_that_fit(widths, values, width):
+    """How many columns, from the left, fit in `width` with no value cut (a
+    header may be): on a phone a table drops its last columns rather than
     show "DE… ST… RO…". The first column (an id) always stays."""
-    least = [min(w, max(len(c), MIN_COLUMN_WIDTH)) for w, c in zip(widths, columns)]
-    count = len(columns)
+    least = [min(w, max(v, MIN_COLUMN_WIDTH)) for w, v in zip(widths, values)]
+    count = len(widths)
     while count > 1 and sum(least[:count]) + len(COLUMN_GAP) * (count - 1) > width:
         count -= 1
     return count
 
 
-def fit(widths, room):
-    """Narrow the widest column, one character at a time, until all fit."""
+def fit(widths, room, least=None):
+    """Narrow the widest column, one character at a time, until all fit;
+    none below `least` (table() first cuts only headers wider than their
+    values, so a long column name gives way before a device's id does)."""
+    least = least or [MIN_COLUMN_WIDTH] * len(widths)
     while sum(widths) > room:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= MIN_COLUMN_WIDTH:
+        widest = max(range(len(widths)), key=lambda i: (widths[i] > least[i], widths[i]))
+        if widths[widest] <= least[widest]:
             return
         widths[widest] -= 1
 

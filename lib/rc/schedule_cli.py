@@ -137,10 +137,10 @@ def cmd_schedule_add(arguments, context):
 
 
 def cmd_schedule_list(arguments, context):
-    from rc import cli
+    from rc import commands
     records = schedules.list_schedules(context.connection)
     rows = [schedule_row(record) for record in records]
-    cli.write_rows(context, arguments, rows, SCHEDULE_COLUMNS, records)
+    commands.write_rows(context, arguments, rows, SCHEDULE_COLUMNS, records)
 
 
 def schedule_row(record):
@@ -192,10 +192,10 @@ def cmd_service_add(arguments, context):
 
 
 def cmd_service_list(arguments, context):
-    from rc import cli
+    from rc import commands
     records = services.list_services(context.connection, context.config)
     rows = [row for record in records for row in service_rows(record)]
-    cli.write_rows(context, arguments, rows, SERVICE_COLUMNS, records)
+    commands.write_rows(context, arguments, rows, SERVICE_COLUMNS, records)
 
 
 def service_rows(record):

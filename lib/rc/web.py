@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import bottle
 import orjson
 
-from rc import audit, bell, bounded, cli, db, devices, explain, fleet, files, health, render
-from rc import device_routes, state_dir, web_results, web_schedules, web_server
+from rc import audit, bell, bounded, commands, db, devices, explain, fleet, files, health, render
+from rc import device_routes, logs, records, state_dir, web_results, web_schedules, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import Logger
@@ -65,16 +65,6 @@ SUBMIT_FIELDS = {"task_type", "payload", "priority", "timeout", "retries",
 # A group is a submit without the idempotency key (each device gets its own task).
 GROUP_FIELDS = (SUBMIT_FIELDS - {"idempotency_key"}) | {"include_new"}
 TEXT_FORMATS = {"pipe": "text/plain", "csv": "text/csv", "tsv": "text/tab-separated-values"}
-
-# The stable columns of /text/devices, /text/tasks and /text/logs (docs/http.md).
-# New columns are only ever added at the end.
-TEXT_DEVICE_COLUMNS = ["device", "status", "connected", "role", "platform", "arch", "cpus",
-                       "memory_gb", "slots", "active", "cpu_percent", "memory_percent",
-                       "battery_percent", "heartbeat_age_seconds", "hostname", "drained",
-                       "available", "labels", "revoked"]
-TEXT_TASK_COLUMNS = ["id", "type", "state", "priority", "attempt", "device", "age_seconds",
-                     "summary"]
-TEXT_LOG_COLUMNS = ["time", "program", "level", "event", "fields"]
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -123,8 +113,8 @@ class Web:
         # sqlite3 connections are cheap to keep and not for sharing between threads.
         if getattr(self.local, "connection", None) is None:
             try:
-                self.local.connection = cli.connect(self.config)
-            except cli.CommandError as e:
+                self.local.connection = commands.connect(self.config)
+            except commands.CommandError as e:
                 raise ApiError(503, str(e))
         return self.local.connection
 
@@ -231,7 +221,7 @@ class Web:
         always, from this machine too."""
         path = bottle.request.path
         return path in ("/text/logs", "/stream/logs") and \
-            bottle.request.query.get("program") == cli.AUDIT_PROGRAM
+            bottle.request.query.get("program") == logs.AUDIT_PROGRAM
 
     # -- the stream cookie: EventSource cannot send a header -----------------------
 
@@ -354,7 +344,7 @@ class Web:
 
     def status_summary(self, connection=None):
         connection = connection or self.connection()
-        summary = cli.status_summary(connection, self.config)
+        summary = records.status_summary(connection, self.config)
         now = time.time()
         for window, count in zip(THROUGHPUT_WINDOWS, completed_since(connection, now)):
             summary["throughput_%dm" % (window // 60)] = round(count * 60.0 / window, 3)
@@ -366,18 +356,19 @@ class Web:
 
     def devices(self):
         now = time.time()
-        return json_response({"devices": [devices.with_age(device, now)
+        return json_response({"devices": [records.device_record(device, now)
                                           for device in self.listed_devices()]})
 
     def device(self, device_id):
         device = devices.get(self.connection(), device_id)
         if device is None:
             raise ApiError(404, "no device %r" % device_id)
-        return json_response(devices.with_age(device, time.time()))
+        return json_response(records.device_record(device, time.time()))
 
     def tasks(self):
         query = bottle.request.query
-        found = self.listed_tasks()
+        now = time.time()
+        found = [records.task_record(task, now) for task in self.listed_tasks()]
         limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
         offset = query_int("offset", 0)
         return json_response({"tasks": found, "limit": limit, "offset": offset,
@@ -385,7 +376,7 @@ class Web:
                               "state": query.get("state") or None})
 
     def task(self, task_id):
-        return json_response(self.existing_task(task_id))
+        return json_response(records.task_record(self.existing_task(task_id), time.time()))
 
     def result(self, task_id):
         # One row, three columns: a client polls this (tasks.get also reads
@@ -566,8 +557,8 @@ class Web:
         if not argv:
             raise ApiError(400, "no command given; try `help`")
         try:
-            access = cli.web_access(argv)
-        except cli.CommandError as e:
+            access = commands.web_access(argv)
+        except commands.CommandError as e:
             raise ApiError(403, str(e))
         actor = "admin" if access == "admin" else "reader"
         shown_argv = [render.shorten(a, 200) for a in argv[:50]]   # a script can be long
@@ -580,9 +571,9 @@ class Web:
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
-        status = cli.run_command(argv, out, err, self.config, width,
-                                 bool(body.get("colour", False)), self.logger,
-                                 (actor, bottle.request.environ.get("REMOTE_ADDR")))
+        status = commands.run_command(argv, out, err, self.config, width,
+                                      bool(body.get("colour", False)), self.logger,
+                                      (actor, bottle.request.environ.get("REMOTE_ADDR")))
         self.logger.info("command", argv=argv[:1], status=status)
         self.audit("web_command", actor, argv=shown_argv, status=status)
         return json_response({"status": status, "output": out.getvalue(),
@@ -591,7 +582,7 @@ class Web:
     def completion(self):
         """What Tab completes in the web terminal: commands, options, option
         values, device ids and recent task ids."""
-        words = cli.completion_words()
+        words = commands.completion_words()
         connection = self.connection()
         words["devices"] = [row[0] for row in connection.execute(
             "SELECT device_id FROM devices ORDER BY device_id LIMIT 1000")]
@@ -606,23 +597,23 @@ class Web:
 
     def text_devices(self):
         now = time.time()
-        return separated([text_device_row(d, now) for d in self.listed_devices()],
-                         TEXT_DEVICE_COLUMNS)
+        return separated([records.device_row(records.device_record(d, now))
+                          for d in self.listed_devices()], records.DEVICE_COLUMNS)
 
     def text_tasks(self):
         now = time.time()
-        return separated([text_task_row(task, now) for task in self.listed_tasks()],
-                         TEXT_TASK_COLUMNS)
+        return separated([records.task_row(records.task_record(task, now))
+                          for task in self.listed_tasks()], records.TASK_COLUMNS)
 
     def text_logs(self):
         query = bottle.request.query
         lines = min(query_int("lines", DEFAULT_LOG_LINES), 10000)
         try:
-            records = recent_log_records(self.config.log_dir, query.get("program") or None,
-                                         lines)
-        except cli.CommandError as e:
+            found = logs.recent_log_records(self.config.log_dir, query.get("program") or None,
+                                            lines)
+        except logs.NoSuchLog as e:
             raise ApiError(404, str(e))
-        return separated([text_log_row(record) for _, record in records], TEXT_LOG_COLUMNS)
+        return separated([records.log_row(record) for _, record in found], records.LOG_COLUMNS)
 
     def text_metrics(self):
         return text_response(metrics_text(self.connection(), time.time(), self.started),
@@ -691,7 +682,7 @@ class Web:
     def device_events(self, last_id):
         """`device` events: a device's whole record when anything about it
         changed; every device first (the current state is the resume point)."""
-        connection = cli.connect(self.config)
+        connection = commands.connect(self.config)
         try:
             shown = {}
             for changed in self.watch(connection):
@@ -700,7 +691,9 @@ class Web:
                     for device in devices.list_devices(connection):
                         if shown.get(device["device_id"]) != device:
                             shown[device["device_id"]] = device
-                            chunks.append(sse("device", device, device_event_id(device)))
+                            chunks.append(sse("device", records.device_record(dict(device),
+                                                                              time.time()),
+                                              device_event_id(device)))
                 yield "".join(chunks)
         finally:
             connection.close()
@@ -711,7 +704,7 @@ class Web:
         stream starts is read now, before the response begins: read as the
         stream's first event is, a change committed just after the client
         saw the headers would be missed."""
-        connection = cli.connect(self.config)
+        connection = commands.connect(self.config)
         try:
             after = event_number(last_id)
             if after is None:
@@ -750,26 +743,22 @@ class Web:
         after = event_time(last_id)
         offsets = {}
         try:
-            backlog = recent_log_records(self.config.log_dir, program,
-                                         DEFAULT_LOG_LINES if after is None else 10000,
-                                         offsets)
-        except cli.CommandError:
+            backlog = logs.recent_log_records(self.config.log_dir, program,
+                                              DEFAULT_LOG_LINES if after is None else 10000,
+                                              offsets)
+        except logs.NoSuchLog:
             backlog = []
-        first = [sse("log", log_event(record, moment), "%.6f" % moment)
+        first = [sse("log", records.log_event(record, moment), "%.6f" % moment)
                  for moment, record in backlog if after is None or moment > after]
         yield "".join(first)
         while True:
             time.sleep(LOG_POLL_INTERVAL)
-            lines = []
-            for path in cli.log_paths(self.config.log_dir):
-                if program and cli.program_of(path) != program:
-                    continue
-                offset = offsets.get(path, 0)
-                offset = 0 if os.path.getsize(path) < offset else offset
-                text, offsets[path] = cli.read_complete_lines(path, offset)
-                lines.extend(cli.parse_log_lines(text, cli.program_of(path)))
+            try:
+                lines = logs.new_lines(self.config.log_dir, program, offsets)
+            except logs.NoSuchLog:
+                lines = []      # its first line makes the file
             lines.sort(key=lambda line: line[0])
-            yield "".join(sse("log", log_event(record, moment), "%.6f" % moment)
+            yield "".join(sse("log", records.log_event(record, moment), "%.6f" % moment)
                           for moment, record in lines)
 
     # -- pages and errors ------------------------------------------------------------
@@ -849,24 +838,6 @@ def event_time(text):
         return None
 
 
-def log_event(record, moment):
-    if isinstance(record, dict):
-        return dict(record, line=render.log_line(record))
-    return {"time": moment, "line": render.printable(record)}
-
-
-def recent_log_records(log_dir, program, count, offsets=None):
-    """The last `count` log lines of the programs, merged by time, as
-    (time, record or text); `offsets` gets each file's size."""
-    offsets = {} if offsets is None else offsets
-    found = []
-    for path in cli.log_paths(log_dir, program):
-        tail, offsets[path] = cli.tail_lines(path, count + cli.LOG_CONTEXT_LINES)
-        found.extend(cli.parse_log_lines(tail, cli.program_of(path))[-count:] if count else [])
-    found.sort(key=lambda line: line[0])
-    return found[-count:] if count else []
-
-
 def completed_since(connection, now):
     """Completed tasks in each THROUGHPUT_WINDOWS, read from the newest event
     back (event ids grow with time), so the cost is the recent events only."""
@@ -879,44 +850,6 @@ def completed_since(connection, now):
             for i, window in enumerate(THROUGHPUT_WINDOWS):
                 counts[i] += row[0] >= now - window
     return counts
-
-
-def text_device_row(device, now):
-    metrics = cli.device_metrics(device)
-    return {"device": device["device_id"], "status": device["status"],
-            "connected": int(device["connected"]), "role": device["role"],
-            "platform": device["platform"], "arch": device["architecture"],
-            "cpus": device["cpu_cores"], "memory_gb": device["memory_gb"],
-            "slots": device["slots"], "active": device["active_tasks"],
-            "cpu_percent": number(metrics.get("cpu_percent")),
-            "memory_percent": number(metrics.get("memory_percent")),
-            "battery_percent": number(cli.battery_percent(metrics)),
-            "heartbeat_age_seconds": "%.1f" % max(0.0, now - device["last_seen"]),
-            "hostname": device["hostname"], "drained": int(device["drained"]),
-            "available": int(device["available"]), "labels": cli.labels_text(device["labels"]),
-            "revoked": int(device["revoked"])}
-
-
-def text_task_row(task, now):
-    return {"id": task["task_id"], "type": task["task_type"], "state": task["state"],
-            "priority": task["priority"], "attempt": task["attempt"],
-            "device": task["device_id"], "age_seconds": "%.1f" % max(0.0, now - task["created_at"]),
-            "summary": render.shorten(cli.payload_summary(task), cli.SUMMARY_WIDTH)}
-
-
-def text_log_row(record):
-    if not isinstance(record, dict):
-        return {"fields": record}
-    fields = " ".join("%s=%s" % (key, render.log_value(value)) for key, value in record.items()
-                      if key not in ("time", "program", "level", "event"))
-    return {"time": "%.6f" % record["time"], "program": record.get("program"),
-            "level": record.get("level"), "event": record.get("event"), "fields": fields}
-
-
-def number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
 
 
 # -- /text/metrics: Prometheus exposition format ------------------------------------
@@ -968,11 +901,11 @@ def metrics_text(connection, now, started):
         ("rc_device_heartbeat_age_seconds", "Seconds since the device was last heard.",
          lambda d, m: max(0.0, now - d["last_seen"])),
         ("rc_device_cpu_usage_ratio", "CPU in use, 0 to 1.",
-         lambda d, m: cli.fraction(m.get("cpu_percent"))),
+         lambda d, m: records.fraction(m.get("cpu_percent"))),
         ("rc_device_memory_usage_ratio", "Memory in use, 0 to 1.",
-         lambda d, m: cli.fraction(m.get("memory_percent"))),
+         lambda d, m: records.fraction(m.get("memory_percent"))),
         ("rc_device_battery_ratio", "Battery charge, 0 to 1.",
-         lambda d, m: cli.fraction(cli.battery_percent(m))),
+         lambda d, m: records.fraction(records.battery_percent(m))),
         ("rc_device_cpu_cores", "CPU cores.", lambda d, m: d["cpu_cores"]),
         ("rc_device_memory_bytes", "Memory size in bytes.",
          lambda d, m: None if d["memory_gb"] is None else d["memory_gb"] * 1024 ** 3),
@@ -980,7 +913,7 @@ def metrics_text(connection, now, started):
         ("rc_device_active_tasks", "Tasks assigned to or running on the device.",
          lambda d, m: d["active_tasks"]),
         ("rc_device_disk_usage_ratio", "Disk in use on the worker's file system, 0 to 1.",
-         lambda d, m: cli.fraction(m.get("disk_percent"))),
+         lambda d, m: records.fraction(m.get("disk_percent"))),
         ("rc_device_temperature_celsius", "The device's temperature (CPU or battery).",
          lambda d, m: finite_number(m.get("temperature_c"))),
         ("rc_device_load1", "Load average over one minute.",
@@ -989,7 +922,7 @@ def metrics_text(connection, now, started):
     ]
     for name, help_text, value in per_device:
         family(name, "gauge", help_text,
-               [((("device", d["device_id"]),), value(d, cli.device_metrics(d)))
+               [((("device", d["device_id"]),), value(d, records.device_metrics(d)))
                 for d in listed])
     # Since the device booted: a reboot resets them, which Prometheus's
     # rate() takes as a counter reset.
@@ -1002,8 +935,8 @@ def metrics_text(connection, now, started):
             ("rc_device_disk_written_bytes_total", "disk_write_bytes",
              "Bytes written to the disks.")):
         family(name, "counter", help_text,
-               [((("device", d["device_id"]),), finite_number(cli.device_metrics(d).get(key)))
-                for d in listed])
+               [((("device", d["device_id"]),),
+                 finite_number(records.device_metrics(d).get(key))) for d in listed])
     duration_histogram(out, connection)
     return "".join(out)
 
@@ -1414,7 +1347,7 @@ class DashboardRoutes:
         return body
 
     def pictures(self):
-        connection = cli.connect(self.web.config)
+        connection = commands.connect(self.web.config)
         try:
             last_sent = 0.0
             waiting = False
@@ -1430,18 +1363,18 @@ class DashboardRoutes:
             connection.close()
 
     def terminal(self):
-        return json_response({"refused": dict(cli.WEB_REFUSED),
-                              "admin": sorted(cli.WEB_ADMIN_COMMANDS)})
+        return json_response({"refused": dict(commands.WEB_REFUSED),
+                              "admin": sorted(commands.WEB_ADMIN_COMMANDS)})
 
 
 def overview_device(device):
     shown = {key: device.get(key) for key in OVERVIEW_DEVICE_FIELDS}
-    metrics = cli.device_metrics(device)
-    shown.update(cpu_percent=number(metrics.get("cpu_percent")),
-                 memory_percent=number(metrics.get("memory_percent")),
-                 battery_percent=number(cli.battery_percent(metrics)),
+    metrics = records.device_metrics(device)
+    shown.update(cpu_percent=records.number(metrics.get("cpu_percent")),
+                 memory_percent=records.number(metrics.get("memory_percent")),
+                 battery_percent=records.number(records.battery_percent(metrics)),
                  charging=metrics.get("charging") if isinstance(metrics.get("charging"), bool)
-                 else None, temperature_c=number(metrics.get("temperature_c")),
+                 else None, temperature_c=records.number(metrics.get("temperature_c")),
                  suspect=bool(device.get("suspect_since")))
     return shown
 
@@ -1467,7 +1400,7 @@ def recent_failures(connection):
 
 
 def overview_task(task):
-    task["summary"] = render.shorten(cli.payload_summary(task), cli.SUMMARY_WIDTH)
+    task["summary"] = render.shorten(records.payload_summary(task), records.SUMMARY_WIDTH)
     del task["payload"]
     for key in ("error", "progress_message", "reason"):
         if isinstance(task.get(key), str):

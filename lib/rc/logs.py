@@ -1,0 +1,184 @@
+"""Reading the programs' logs (var/log/*.log, JSON lines, rotated by
+supervisord as path.1 … path.N) and a device's own lines from the database:
+which files, their last lines, the lines appended since a look, a line as a
+record, and which records a filter keeps. `rc logs` and rc-web (/text/logs,
+/stream/logs) both read them through here; how a line is shown is
+lib/rc/records.py (log_row, log_event) and lib/rc/render.py (log_line)."""
+import glob
+import os
+import re
+import time
+
+import orjson
+
+from rc import audit, device_logs
+from rc.log import LEVELS
+
+TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
+LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
+# `logs --program audit`: who did what from where, for the admin only on the web.
+AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
+LOG_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[,.](\d+))?")
+
+
+class NoSuchLog(Exception):
+    """A program named that has no log file; the message says which there are."""
+
+
+class LogFilter:
+    """--task, --device, --level: which records `rc logs` shows. The task is
+    the correlation id: every program logs it as `task_id`."""
+
+    def __init__(self, task_id=None, device_id=None, level=None):
+        self.task_id, self.device_id = task_id, device_id
+        self.threshold = LEVELS[level] if level else None
+        self.active = task_id is not None or device_id is not None or level is not None
+        # Lines are orjson (or json with the same separators): a byte search
+        # skips most of them before any parsing.
+        self.needles = []
+        if task_id is not None:
+            self.needles.append(re.compile(rb'"task_id":%d[,}]' % task_id))
+        if device_id is not None:
+            self.needles.append(re.compile(re.escape(b'"device_id":' + orjson.dumps(device_id))))
+
+    def __call__(self, record):
+        if not self.active:
+            return True
+        if not isinstance(record, dict):
+            return False
+        if self.task_id is not None and record.get("task_id") != self.task_id:
+            return False
+        if self.device_id is not None and record.get("device_id") != self.device_id:
+            return False
+        return self.threshold is None or LEVELS.get(record.get("level"), 0) >= self.threshold
+
+    def scan(self, path):
+        """The lines of a whole file that may match."""
+        with open(path, "rb") as f:
+            return [line.decode("utf-8", "replace") for line in f
+                    if all(needle.search(line) for needle in self.needles)]
+
+
+def rotated_paths(path):
+    """supervisord's backups of a log: path.1 (newest) … path.N."""
+    found = []
+    number = 1
+    while os.path.exists("%s.%d" % (path, number)):
+        found.append("%s.%d" % (path, number))
+        number += 1
+    return found
+
+
+def log_paths(log_dir, program=None):
+    """The programs' logs; the audit log only when asked for by name
+    (`--program audit`): it says who did what, not what a program did."""
+    paths = sorted(glob.glob(os.path.join(log_dir, "*.log")))
+    if program is None:
+        return [path for path in paths if os.path.basename(path) != audit.FILE_NAME]
+    chosen = [path for path in paths if program_of(path) == program]
+    if not chosen:
+        have = ", ".join(program_of(path) for path in paths) or "none yet"
+        raise NoSuchLog("no log for program %r in %s (have: %s)" % (program, log_dir, have))
+    return chosen
+
+
+def program_of(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def tail_lines(path, count):
+    """The last `count` lines of a file, and its size, reading from the end."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start, data = size, b""
+        while start > 0 and data.count(b"\n") <= count:
+            start = max(0, start - TAIL_BLOCK)
+            f.seek(start)
+            data = f.read(min(TAIL_BLOCK, size - start)) + data
+    lines = data.decode("utf-8", "replace").splitlines()
+    return (lines[-count:] if count else []), size
+
+
+def parse_log_lines(lines, program):
+    """(time, record or text) pairs; a line that is not JSON keeps the time of
+    the line before it, so it stays next to it when files are merged."""
+    parsed, last_time = [], 0.0
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("time"), (int, float)):
+            last_time = record["time"]
+            record.setdefault("program", program)
+            parsed.append((last_time, record))
+        elif line.strip():
+            last_time = stamped_time(line) or last_time
+            parsed.append((last_time, line))
+    return parsed
+
+
+def stamped_time(line):
+    """The time at the start of a plain log line (supervisord's own log)."""
+    match = LOG_TIMESTAMP.match(line)
+    if not match:
+        return None
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) \
+        + float("0." + (match.group(2) or "0"))
+
+
+def read_complete_lines(path, offset):
+    """Whole lines after `offset`, and the offset after the last of them
+    (a line still being written is left for the next look)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", "replace").splitlines(), offset + end
+
+
+class DeviceLines:
+    """`rc logs --device ID`: the device's own lines (warnings, errors and
+    task events its worker forwarded, kept in the database), merged with
+    what the main node's programs logged about it."""
+
+    def __init__(self, connection, config, device_id, wanted):
+        self.connection, self.config = connection, config
+        self.device_id, self.wanted = device_id, wanted
+        self.after = 0        # the id of the last line read
+
+    def new(self):
+        """(time, record) of the lines kept since the last look."""
+        found = device_logs.recent(self.connection, self.device_id,
+                                   self.config.device_log_lines
+                                   + device_logs.TRIM_EVERY, self.after)
+        if found:
+            self.after = found[-1]["id"]
+        records = (device_logs.as_log_line(self.device_id, line) for line in found)
+        return [(record["time"], record) for record in records if self.wanted(record)]
+
+
+def new_lines(log_dir, program, offsets, wanted=None):
+    """(time, record) of the whole lines appended to the programs' logs since
+    `offsets` (updated); a file that shrank was rotated, so it is read again
+    from the start."""
+    lines = []
+    for path in log_paths(log_dir, program):
+        offset = offsets.get(path, 0)
+        offset = 0 if os.path.getsize(path) < offset else offset
+        text, offsets[path] = read_complete_lines(path, offset)
+        lines.extend(line for line in parse_log_lines(text, program_of(path))
+                     if wanted is None or wanted(line[1]))
+    return lines
+
+
+def recent_log_records(log_dir, program, count, offsets=None):
+    """The last `count` log lines of the programs, merged by time, as
+    (time, record or text); `offsets` gets each file's size."""
+    offsets = {} if offsets is None else offsets
+    found = []
+    for path in log_paths(log_dir, program):
+        tail, offsets[path] = tail_lines(path, count + LOG_CONTEXT_LINES)
+        found.extend(parse_log_lines(tail, program_of(path))[-count:] if count else [])
+    found.sort(key=lambda line: line[0])
+    return found[-count:] if count else []
