@@ -17,7 +17,6 @@ the (task, attempt) it holds now. docs/protocol.md describes the framing.
 It never assigns, finishes or retries a task.
 """
 import hmac
-import os
 import socket
 import ssl
 import threading
