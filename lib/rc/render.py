@@ -13,6 +13,8 @@ import orjson
 
 ELLIPSIS = "…"
 MIN_COLUMN_WIDTH = 3      # a truncated column still shows two characters and "…"
+KEPT_VALUE = 16           # values (ids) up to this many characters a narrow table keeps whole
+KEPT_HEADER = 8           # a header a narrow table cuts keeps 7 characters and "…"
 COLUMN_GAP = "  "
 
 BAR_WIDTH = 10            # characters inside a progress bar's brackets
@@ -55,7 +57,7 @@ def table(rows, columns, width=None, header=True, colourize=None):
     values = [max([0] + [len(line[i]) for line in texts]) for i in range(len(columns))]
     widths = [max(len(column) if header else 0, value) for column, value in zip(columns, values)]
     if width:
-        kept = columns_that_fit(widths, values, width)
+        kept = columns_that_fit(widths, columns, values, width)
         columns, widths, values = columns[:kept], widths[:kept], values[:kept]
         texts = [line[:kept] for line in texts]
         room = width - len(COLUMN_GAP) * (len(columns) - 1)
@@ -75,12 +77,14 @@ def table(rows, columns, width=None, header=True, colourize=None):
     return "\n".join(out) + "\n" if out else ""
 
 
-def columns_that_fit(widths, values, width):
-    """How many columns, from the left, fit in `width` with no value cut (a
-    header may be): on a phone a table drops its last columns rather than
-    show "DE… ST… RO…". The first column (an id) always stays."""
-    least = [min(w, max(v, MIN_COLUMN_WIDTH)) for w, v in zip(widths, values)]
-    count = len(widths)
+def columns_that_fit(widths, columns, values, width):
+    """How many columns, from the left, fit in `width`, each keeping its
+    values up to KEPT_VALUE characters whole and its header up to
+    KEPT_HEADER: on a phone a table drops its last columns rather than show
+    "DE… ST… RO…" or cut ids. The first column always stays."""
+    least = [min(w, max(min(v, KEPT_VALUE), min(len(c), KEPT_HEADER), MIN_COLUMN_WIDTH))
+             for w, c, v in zip(widths, columns, values)]
+    count = len(columns)
     while count > 1 and sum(least[:count]) + len(COLUMN_GAP) * (count - 1) > width:
         count -= 1
     return count
