@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -209,6 +210,92 @@ def test_cancel_a_queued_and_a_running_call(cluster):
 def state_of(cluster, task_id):
     return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                               (task_id,)).fetchone()[0]
+
+
+def tasks_after(cluster, task_id):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ?",
+                              (task_id,)).fetchone()[0]
+
+
+def last_task(cluster):
+    return cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+
+
+def test_calls_close_together_go_packed_each_in_its_own_process(cluster, executor):
+    before = last_task(cluster)
+    futures = [executor.submit(functions.where, n) for n in range(200)]
+    results = [f.result(120) for f in futures]
+    assert [r[2] for r in results] == [2 * n for n in range(200)]
+    assert len({r[1] for r in results}) == 200
+    assert tasks_after(cluster, before) <= 100      # packed (one task each with pack=1)
+    assert len({f.task_id for f in futures}) == tasks_after(cluster, before)
+
+
+def test_pack_1_is_one_task_per_call(cluster):
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token, pack=1,
+                         requirements={"device_id": "main"}) as executor:
+        assert [f.result(60) for f in [executor.submit(functions.noop, n)
+                                       for n in range(30)]] == list(range(30))
+    assert tasks_after(cluster, before) == 30
+    with pytest.raises(ValueError, match="pack"):
+        client.Executor(cluster.url, cluster.token, pack=0)
+
+
+def test_a_call_that_crashes_or_raises_fails_alone(cluster, executor):
+    before = last_task(cluster)
+    futures = [executor.submit(functions.leave, n % 100) for n in range(200)]
+    for n, future in enumerate(futures):
+        if n % 100 == 3:
+            with pytest.raises(BrokenProcessPool, match="exited with status 3"):
+                future.result(120)
+        elif n % 100 == 4:
+            with pytest.raises(BrokenProcessPool, match="killed by SIGSEGV"):
+                future.result(120)
+        elif n % 100 == 5:
+            with pytest.raises(functions.Unlucky, match="5 is unlucky"):
+                future.result(120)
+        else:
+            assert future.result(120)[0] == n % 100
+    assert tasks_after(cluster, before) < 200
+
+
+def test_cancel_a_pending_call_leaves_its_pack_to_the_others(cluster, rc_cluster):
+    gate = rc_cluster.submit("sleep", 3, requirements={"device_id": "main"})
+    gate_id = gate.wait_submitted(30)
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token, depends_on=[gate_id],
+                         requirements={"device_id": "main"}) as executor:
+        futures = [executor.submit(functions.noop, n) for n in range(200)]
+        victims = {0, 150, 199}         # sent alone, in a pack sent, the last one
+        futures[150].wait_submitted(30)
+        pack_task = futures[150].task_id
+        assert sum(f.task_id == pack_task for f in futures) > 1
+        for n in victims:
+            assert futures[n].cancel() and futures[n].cancelled()
+        assert state_of(cluster, pack_task) == "cancelled"      # the others went again
+        for n, future in enumerate(futures):
+            if n not in victims:
+                assert future.result(120) == n
+        assert not futures[1].cancel()
+    assert gate.result(60) is not None
+    assert tasks_after(cluster, before) < 150
+
+
+@pytest.mark.skipif(not OLDEST, reason="no CPython 3.6 under ~/.pyenv/versions")
+def test_packed_calls_run_on_a_3_6_worker(cluster):
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "py36"}) as executor:
+        futures = [executor.submit(functions.leave, n) for n in range(150)]
+        with pytest.raises(BrokenProcessPool, match="exited with status 3"):
+            futures[3].result(120)
+        with pytest.raises(functions.Unlucky):
+            futures[5].result(120)
+        results = [f.result(120) for n, f in enumerate(futures) if n not in (3, 4, 5)]
+    assert [r[0] for r in results] == [n for n in range(150) if n not in (3, 4, 5)]
+    assert len({r[1] for r in results}) == len(results)
+    assert tasks_after(cluster, before) < 150
 
 
 def test_shutdown_cancel_futures(cluster):
