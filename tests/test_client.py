@@ -229,6 +229,11 @@ def test_calls_close_together_go_packed_each_in_its_own_process(cluster, executo
     assert len({r[1] for r in results}) == 200
     assert tasks_after(cluster, before) <= 100      # packed (one task each with pack=1)
     assert len({f.task_id for f in futures}) == tasks_after(cluster, before)
+    time.sleep(0.05)
+    lone = executor.submit(functions.noop, 7)
+    assert lone.task_id is not None             # a call after a pause is sent at once
+    assert lone.result(60) == 7 and tasks_after(cluster, before) == len(
+        {f.task_id for f in futures}) + 1
 
 
 def test_pack_1_is_one_task_per_call(cluster):
