@@ -886,7 +886,7 @@ class Executor(concurrent.futures.Executor):
                     pack.remove(call)
                     call.local_cancel()
                     if not pack.calls:
-                        self.cluster.cancel_future(pack)    # queued: no request
+                        pack.drop()
                     return True
             with pack.repack_lock:
                 if call.pack is not pack:   # another cancel moved it meanwhile
@@ -943,6 +943,15 @@ class PackFuture(TaskFuture):
     def remove(self, call):
         self.calls.remove(call)
         self.weight -= call.weight
+
+    def drop(self):
+        """Cancelled before it was sent, its calls all gone (the cluster's
+        lock is held): the sender skips it."""
+        if self in self.cluster.queue:
+            self.cluster.queue.remove(self)
+        self.submit_error = concurrent.futures.CancelledError()
+        self.submitted.set()
+        self.local_cancel()
 
     def seal(self):
         """Its task, from the calls it has now (the cluster's lock is held)."""
@@ -1185,7 +1194,12 @@ def _rc_in_child(function, args, kwargs):
     # or leaves with os._exit fails alone.
     sys.stderr.flush()          # or the child would print this process's buffer again
     read, write = _rc_os.pipe()
-    pid = _rc_os.fork()
+    try:
+        pid = _rc_os.fork()
+    except OSError as e:        # out of processes (RLIMIT_NPROC) or memory: this call fails
+        _rc_os.close(read)
+        _rc_os.close(write)
+        return _rc_failure(e)
     if pid == 0:
         _rc_os.close(read)
         code = 0
