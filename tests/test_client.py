@@ -303,6 +303,31 @@ def test_packed_calls_run_on_a_3_6_worker(cluster):
     assert tasks_after(cluster, before) < 150
 
 
+WITHOUT_FORK = ("import os, sys; del os.fork; sys.argv = sys.argv[1:];"
+                " exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'),"
+                " {'__name__': '__main__'})")
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["fork", "no-fork"])
+def test_a_pack_script_runs_each_call_in_a_process_of_its_own(tmp_path, fork):
+    """The script of a pack, run as python_exec runs it, on the oldest and
+    newest Python; without os.fork (Windows) it runs itself once per call."""
+    code, home = client.call_code(functions.leave, [((n,), {}) for n in range(7)], each=True)
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    for python in {OLDEST or sys.executable, NEWEST or sys.executable}:
+        command = [python, "-I", str(script)] if fork else [python, "-I", "-c", WITHOUT_FORK,
+                                                             str(script)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, timeout=60)
+        outcomes = client.decode_outcomes({"task_id": 1, "result": {
+            "output": done.stdout.decode()}}, home)
+        assert [o[0] for o in outcomes] == [0, 0, 0, 1, 1, 1, 0]
+        assert len({o[1][1] for o in outcomes if o[0] == 0}) == 4
+        assert "exited with status 3" in outcomes[3][3]
+        assert "killed by SIGSEGV" in outcomes[4][3]
+        assert outcomes[5][2] == "Unlucky"
+
+
 def test_shutdown_cancel_futures(cluster):
     executor = client.Executor(cluster.url, cluster.token,
                                requirements={"device_id": "nobody"})

@@ -1125,8 +1125,13 @@ def _rc_run(name, pieces, calls, mark, limit, home, each=False):
         calls = binascii.a2b_base64(calls)
         calls = pickle.loads(calls) if home in (None, "__main__") else \
             _rc_slow("load")(calls, home)
-        call = _rc_slow("in_child") if each and hasattr(_rc_os, "fork") else _rc_call
-        outcomes = [call(function, args, kwargs) for args, kwargs in calls]
+        if each and sys.argv[1:2] == ["--rc-call"]:     # one call, in a process of its own
+            calls, each = [calls[int(sys.argv[2])]], False
+        if each and not hasattr(_rc_os, "fork"):
+            outcomes = _rc_slow("in_subprocesses")(calls, mark)
+        else:
+            call = _rc_slow("in_child") if each else _rc_call
+            outcomes = [call(function, args, kwargs) for args, kwargs in calls]
     except BaseException as e:
         outcomes = [_rc_slow("failure")(e)]
     try:
@@ -1227,19 +1232,42 @@ def _rc_in_child(function, args, kwargs):
             return pickle.loads(data)
         except BaseException as e:
             return _rc_failure(e)
-    return _rc_died(status)
+    return _rc_died(_rc_os.WTERMSIG(status) if _rc_os.WIFSIGNALED(status) else 0,
+                    _rc_os.WEXITSTATUS(status))
 
 
-def _rc_died(status):
-    if _rc_os.WIFSIGNALED(status):
-        import signal
-        number = _rc_os.WTERMSIG(status)
+def _rc_in_subprocesses(calls, mark):
+    # Packed calls where there is no fork (Windows): this script again, for
+    # one call at a time.
+    import subprocess
+    outcomes = []
+    for number in range(len(calls)):
+        sys.stderr.flush()
+        done = subprocess.run([sys.executable, "-I", _rc_os.path.abspath(sys.argv[0]),
+                               "--rc-call", str(number)], stdout=subprocess.PIPE)
+        text = done.stdout.decode("utf-8", "replace")
+        position = text.rfind(mark)
         try:
-            how = "was killed by %s" % signal.Signals(number).name
+            outcome = pickle.loads(binascii.a2b_base64(
+                text[position + len(mark):].split("\\n", 1)[0]))[0]
+        except BaseException:
+            outcome = None
+        if position < 0 or outcome is None:
+            code = done.returncode
+            outcome = _rc_died(-code if code < 0 else 0, code)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _rc_died(signal_number, code):
+    if signal_number:
+        import signal
+        try:
+            how = "was killed by %s" % signal.Signals(signal_number).name
         except ValueError:
-            how = "was killed by signal %d" % number
+            how = "was killed by signal %d" % signal_number
     else:
-        how = "exited with status %d" % _rc_os.WEXITSTATUS(status)
+        how = "exited with status %d" % code
     message = "the call's process %s before it returned" % how
     return (1, None, "BrokenProcessPool", message, message + "\\n")
 
