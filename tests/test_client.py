@@ -328,6 +328,27 @@ def test_a_pack_script_runs_each_call_in_a_process_of_its_own(tmp_path, fork):
         assert outcomes[5][2] == "Unlucky"
 
 
+@pytest.mark.parametrize("outcomes", [[(0, 1)], [(0,), (0, 2)], 7, [], [(1, None)] * 2])
+def test_outcomes_of_another_shape_fail_the_calls_with_a_clear_error(outcomes):
+    """What a lying device might print as a pack's result: each call ends,
+    with an error that says so."""
+    import base64
+    import pickle
+    executor = client.Executor("http://127.0.0.1:9", "token")     # never asked anything
+    pack = client.PackFuture(executor, functions.noop)
+    calls = [client.CallFuture(executor, ((n,), {}), 10) for n in range(2)]
+    for call in calls:
+        pack.add(call)
+    pack.add_done_callback(executor.pack_done)
+    pack.decode, pack.task_id = client.outcomes_and_home, 5
+    output = client.RESULT_MARK + base64.b64encode(pickle.dumps(outcomes)).decode() + "\n"
+    executor.cluster.finish(pack, {"task_id": 5, "state": "completed",
+                                   "result": {"output": output}})
+    for call in calls:
+        with pytest.raises(client.TaskFailed, match="task 5 completed"):
+            call.result(0)
+
+
 def test_shutdown_cancel_futures(cluster):
     executor = client.Executor(cluster.url, cluster.token,
                                requirements={"device_id": "nobody"})

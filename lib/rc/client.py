@@ -859,19 +859,31 @@ class Executor(concurrent.futures.Executor):
             return
         error = pack.exception()
         if error is None:
-            outcomes, home = pack.result()
-            if len(outcomes) == len(pack.calls):
-                for call, outcome in zip(pack.calls, outcomes):
-                    if outcome[0] == 0:
-                        settle(call, outcome[1])
-                    else:
-                        settle(call, error=remote_exception(outcome, home))
-                return
-            error = remote_exception(outcomes[0], home) if len(outcomes) == 1 and \
+            try:
+                error = self.hand_out(pack)
+            except Exception as e:      # outcomes of another shape than the script makes
+                error = TaskFailed(pack.task_id, "completed", "its result cannot be read"
+                                   " here: %s: %s" % (type(e).__name__, e), pack.record.get(
+                                       "result"))
+        if error is not None:
+            for call in pack.calls:
+                settle(call, error=error)   # the calls without an outcome of their own
+
+    @staticmethod
+    def hand_out(pack):
+        """Each call its outcome; or the error of them all (the script
+        failed before the calls, or its outcomes do not match them)."""
+        outcomes, home = pack.result()
+        if len(outcomes) != len(pack.calls):
+            return remote_exception(outcomes[0], home) if len(outcomes) == 1 and \
                 outcomes[0][0] else TaskFailed(pack.task_id, "completed", "%d outcomes for"
                                                " %d calls" % (len(outcomes), len(pack.calls)))
-        for call in pack.calls:
-            settle(call, error=error)
+        for call, outcome in zip(pack.calls, outcomes):
+            if outcome[0] == 0:
+                settle(call, outcome[1])
+            else:
+                settle(call, error=remote_exception(outcome, home))
+        return None
 
     def cancel_call(self, call):
         """A call not yet sent leaves its pack. One sent cancels its pack's
