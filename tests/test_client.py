@@ -272,10 +272,12 @@ def test_cancel_a_pending_call_leaves_its_pack_to_the_others(cluster, rc_cluster
     with client.Executor(cluster.url, cluster.token, depends_on=[gate_id],
                          requirements={"device_id": "main"}) as executor:
         futures = [executor.submit(functions.noop, n) for n in range(200)]
-        victims = {0, 150, 199}         # sent alone, in a pack sent, the last one
-        futures[150].wait_submitted(30)
-        pack_task = futures[150].task_id
-        assert sum(f.task_id == pack_task for f in futures) > 1
+        for future in futures:
+            future.wait_submitted(30)   # all queued behind the gate
+        packed = [n for n in range(1, 199)
+                  if sum(f.task_id == futures[n].task_id for f in futures) > 1]
+        victims = {0, packed[len(packed) // 2], 199}    # alone, in a pack, the last one
+        pack_task = futures[packed[len(packed) // 2]].task_id
         for n in victims:
             assert futures[n].cancel() and futures[n].cancelled()
         assert state_of(cluster, pack_task) == "cancelled"      # the others went again
