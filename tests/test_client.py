@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -209,6 +210,145 @@ def test_cancel_a_queued_and_a_running_call(cluster):
 def state_of(cluster, task_id):
     return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                               (task_id,)).fetchone()[0]
+
+
+def tasks_after(cluster, task_id):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ?",
+                              (task_id,)).fetchone()[0]
+
+
+def last_task(cluster):
+    return cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+
+
+def test_calls_close_together_go_packed_each_in_its_own_process(cluster, executor):
+    before = last_task(cluster)
+    futures = [executor.submit(functions.where, n) for n in range(200)]
+    results = [f.result(120) for f in futures]
+    assert [r[2] for r in results] == [2 * n for n in range(200)]
+    assert len({r[1] for r in results}) == 200
+    assert tasks_after(cluster, before) <= 100      # packed (one task each with pack=1)
+    assert len({f.task_id for f in futures}) == tasks_after(cluster, before)
+    time.sleep(0.05)
+    lone = executor.submit(functions.noop, 7)
+    assert lone.task_id is not None             # a call after a pause is sent at once
+    assert lone.result(60) == 7 and tasks_after(cluster, before) == len(
+        {f.task_id for f in futures}) + 1
+
+
+def test_pack_1_is_one_task_per_call(cluster):
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token, pack=1,
+                         requirements={"device_id": "main"}) as executor:
+        assert [f.result(60) for f in [executor.submit(functions.noop, n)
+                                       for n in range(30)]] == list(range(30))
+    assert tasks_after(cluster, before) == 30
+    with pytest.raises(ValueError, match="pack"):
+        client.Executor(cluster.url, cluster.token, pack=0)
+
+
+def test_a_call_that_crashes_or_raises_fails_alone(cluster, executor):
+    before = last_task(cluster)
+    futures = [executor.submit(functions.leave, n % 100) for n in range(200)]
+    for n, future in enumerate(futures):
+        if n % 100 == 3:
+            with pytest.raises(BrokenProcessPool, match="exited with status 3"):
+                future.result(120)
+        elif n % 100 == 4:
+            with pytest.raises(BrokenProcessPool, match="killed by SIGSEGV"):
+                future.result(120)
+        elif n % 100 == 5:
+            with pytest.raises(functions.Unlucky, match="5 is unlucky"):
+                future.result(120)
+        else:
+            assert future.result(120)[0] == n % 100
+    assert tasks_after(cluster, before) < 200
+
+
+def test_cancel_a_pending_call_leaves_its_pack_to_the_others(cluster, rc_cluster):
+    gate = rc_cluster.submit("sleep", 3, requirements={"device_id": "main"})
+    gate_id = gate.wait_submitted(30)
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token, depends_on=[gate_id],
+                         requirements={"device_id": "main"}) as executor:
+        futures = [executor.submit(functions.noop, n) for n in range(200)]
+        for future in futures:
+            future.wait_submitted(30)   # all queued behind the gate
+        packed = [n for n in range(1, 199)
+                  if sum(f.task_id == futures[n].task_id for f in futures) > 1]
+        victims = {0, packed[len(packed) // 2], 199}    # alone, in a pack, the last one
+        pack_task = futures[packed[len(packed) // 2]].task_id
+        for n in victims:
+            assert futures[n].cancel() and futures[n].cancelled()
+        assert state_of(cluster, pack_task) == "cancelled"      # the others went again
+        for n, future in enumerate(futures):
+            if n not in victims:
+                assert future.result(120) == n
+        assert not futures[1].cancel()
+    assert gate.result(60) is not None
+    assert tasks_after(cluster, before) < 150
+
+
+@pytest.mark.skipif(not OLDEST, reason="no CPython 3.6 under ~/.pyenv/versions")
+def test_packed_calls_run_on_a_3_6_worker(cluster):
+    before = last_task(cluster)
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "py36"}) as executor:
+        futures = [executor.submit(functions.leave, n) for n in range(150)]
+        with pytest.raises(BrokenProcessPool, match="exited with status 3"):
+            futures[3].result(120)
+        with pytest.raises(functions.Unlucky):
+            futures[5].result(120)
+        results = [f.result(120) for n, f in enumerate(futures) if n not in (3, 4, 5)]
+    assert [r[0] for r in results] == [n for n in range(150) if n not in (3, 4, 5)]
+    assert len({r[1] for r in results}) == len(results)
+    assert tasks_after(cluster, before) < 150
+
+
+WITHOUT_FORK = ("import os, sys; del os.fork; sys.argv = sys.argv[1:];"
+                " exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'),"
+                " {'__name__': '__main__'})")
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["fork", "no-fork"])
+def test_a_pack_script_runs_each_call_in_a_process_of_its_own(tmp_path, fork):
+    """The script of a pack, run as python_exec runs it, on the oldest and
+    newest Python; without os.fork (Windows) it runs itself once per call."""
+    code, home = client.call_code(functions.leave, [((n,), {}) for n in range(7)], each=True)
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    for python in {OLDEST or sys.executable, NEWEST or sys.executable}:
+        command = [python, "-I", str(script)] if fork else [python, "-I", "-c", WITHOUT_FORK,
+                                                             str(script)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, timeout=60)
+        outcomes = client.decode_outcomes({"task_id": 1, "result": {
+            "output": done.stdout.decode()}}, home)
+        assert [o[0] for o in outcomes] == [0, 0, 0, 1, 1, 1, 0]
+        assert len({o[1][1] for o in outcomes if o[0] == 0}) == 4
+        assert "exited with status 3" in outcomes[3][3]
+        assert "killed by SIGSEGV" in outcomes[4][3]
+        assert outcomes[5][2] == "Unlucky"
+
+
+@pytest.mark.parametrize("outcomes", [[(0, 1)], [(0,), (0, 2)], 7, [], [(1, None)] * 2])
+def test_outcomes_of_another_shape_fail_the_calls_with_a_clear_error(outcomes):
+    """What a lying device might print as a pack's result: each call ends,
+    with an error that says so."""
+    import base64
+    import pickle
+    executor = client.Executor("http://127.0.0.1:9", "token")     # never asked anything
+    pack = client.PackFuture(executor, functions.noop)
+    calls = [client.CallFuture(executor, ((n,), {}), 10) for n in range(2)]
+    for call in calls:
+        pack.add(call)
+    pack.add_done_callback(executor.pack_done)
+    pack.decode, pack.task_id = client.outcomes_and_home, 5
+    output = client.RESULT_MARK + base64.b64encode(pickle.dumps(outcomes)).decode() + "\n"
+    executor.cluster.finish(pack, {"task_id": 5, "state": "completed",
+                                   "result": {"output": output}})
+    for call in calls:
+        with pytest.raises(client.TaskFailed, match="task 5 completed"):
+            call.result(0)
 
 
 def test_shutdown_cancel_futures(cluster):

@@ -55,6 +55,8 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
+                                # (and submit()'s packs, when calls wait for slots)
+DEFAULT_PACK = 64               # Executor.submit() calls one python_exec task runs at most
 SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
 IDLE_GAP = 0.001                # seconds without a submit() after which the next one is
                                 # sent at once from the caller's thread
@@ -343,7 +345,9 @@ class Cluster:
         idle for IDLE_GAP (one submit, its result awaited, then another),
         send it from this thread at once: a hand-over to the sender would
         cost the lone task its latency, and there is nothing to batch."""
-        future = TaskFuture(self, spec, decode)
+        return self.enqueue(TaskFuture(self, spec, decode))
+
+    def enqueue(self, future):
         with self.lock:
             if self.closed:
                 raise RuntimeError("cannot submit to a closed Cluster")
@@ -402,10 +406,12 @@ class Cluster:
             if future.done():                # cancelled before it was sent
                 self.queue.popleft()
                 continue
-            depends = future.spec.get("depends_on") or ()
+            depends = (future.spec or {}).get("depends_on") or ()
             if any(isinstance(d, TaskFuture) and d.task_id is None for d in depends) and batch:
                 break
             try:
+                if isinstance(future, PackFuture):
+                    future.seal()           # the calls that came so far: its task
                 data = json.dumps(wire_spec(future.spec)).encode()
             except Exception as e:      # a dependency that was refused, a value not JSON
                 self.queue.popleft()
@@ -722,30 +728,58 @@ def results_in_order(futures, timeout):
 
 class Executor(concurrent.futures.Executor):
     """A concurrent.futures.Executor whose calls run on the cluster's
-    devices, each in its own process (a python_exec task): code written for
-    ProcessPoolExecutor runs on the fleet by changing the line that makes
-    the executor. Task options (priority, timeout, retries, requirements,
-    env...) apply to every task; max_workers is accepted and ignored (the
-    fleet's slots decide)."""
+    devices, each in its own process: code written for ProcessPoolExecutor
+    runs on the fleet by changing the line that makes the executor. Task
+    options (priority, timeout, retries, requirements, env...) apply to
+    every task; max_workers is accepted and ignored (the fleet's slots
+    decide).
 
-    def __init__(self, url=None, token=None, max_workers=None, cluster=None, **task_options):
+    submit() calls that come close together (while a request is on its
+    way) go to the fleet packed, up to `pack` calls in one python_exec task
+    whose process forks one child per call; pack=1 makes every call a task
+    of its own. map() sends its chunks as tasks (one process a chunk)."""
+
+    def __init__(self, url=None, token=None, max_workers=None, cluster=None, pack=DEFAULT_PACK,
+                 **task_options):
+        if not isinstance(pack, int) or pack < 1:
+            raise ValueError("pack must be a whole number >= 1, not %r" % (pack,))
         self.cluster = cluster or Cluster(url, token)
         self.own_cluster = cluster is None
         task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
         self.task_options = task_options
-        self.outstanding = set()
+        self.pack = pack
+        self.outstanding = set()        # futures not done: calls (and map's tasks)
+        self.packs = set()              # pack tasks not done
+        self.open_pack = None           # the pack new calls join until it is sent
+        self.asking_slots = False
         self.lock = threading.Lock()
         self.shut = False
 
     def submit(self, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs) on a device; a TaskFuture of its value.
+        """Run fn(*args, **kwargs) on a device; a future of its value.
         fn must be shippable (docs/client.md): TypeError at once if not."""
-        return self.submit_calls(fn, [(args, kwargs)], first_outcome)
+        if self.pack == 1:
+            return self.submit_calls(fn, [(args, kwargs)], first_outcome)
+        self.refuse_after_shutdown()
+        shipped(unwrap_partial(fn, [])[0])          # TypeError now, not when it is sent
+        try:
+            weight = len(pickle.dumps((args, kwargs), PICKLE_PROTOCOL))
+        except Exception as e:
+            raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+        call = CallFuture(self, (args, kwargs), weight)
+        with self.lock:
+            self.outstanding.add(call)
+        call.add_done_callback(self.forget)
+        self.place([call], fn)
+        return call
 
-    def submit_calls(self, fn, calls, decode):
+    def refuse_after_shutdown(self):
         with self.lock:
             if self.shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit_calls(self, fn, calls, decode):
+        self.refuse_after_shutdown()
         code, home = call_code(fn, calls)
         spec = task_spec("python_exec", {"code": code}, self.task_options)
         future = self.cluster.submit_spec(spec, functools.partial(decode, home=home))
@@ -760,9 +794,9 @@ class Executor(concurrent.futures.Executor):
 
     def map(self, fn, *iterables, timeout=None, chunksize=None):
         """fn over the iterables' items, results in order. Calls go to the
-        devices `chunksize` per task; by default about CHUNKS_PER_SLOT tasks
-        per slot of the fleet (at most MAX_CHUNKSIZE calls each), fewer
-        when their arguments are large."""
+        devices `chunksize` per task (one process a task); by default about
+        CHUNKS_PER_SLOT tasks per slot of the fleet (at most MAX_CHUNKSIZE
+        calls each), fewer when their arguments are large."""
         items = list(zip(*iterables))
         if chunksize is None:
             chunksize = default_chunksize(len(items), self.cluster.slots())
@@ -772,17 +806,220 @@ class Executor(concurrent.futures.Executor):
                    for chunk in argument_chunks(items, chunksize)]
         return flatten(results_in_order(futures, timeout))
 
+    # -- packs -------------------------------------------------------------------------
+
+    def place(self, calls, fn):
+        """Each call into the pack still waiting to be sent, or a new one: a
+        call that finds none (the first after a pause) goes at once."""
+        bound = None
+        for call in calls:
+            with self.cluster.lock:
+                pack = self.open_pack
+                if pack is not None and pack.fn is fn and not pack.sealed and not pack.done():
+                    if bound is None:
+                        bound = self.pack_bound()
+                    if len(pack.calls) < bound and pack.weight + call.weight <= MAX_ARGUMENT_BYTES:
+                        pack.add(call)
+                        continue
+                pack = self.open_pack = PackFuture(self, fn)
+                pack.add(call)
+            with self.lock:
+                self.packs.add(pack)
+            pack.add_done_callback(self.pack_done)
+            self.cluster.enqueue(pack)
+
+    def pack_bound(self):
+        """Calls in one pack: up to `pack`, but no more than the calls not
+        done spread over CHUNKS_PER_SLOT packs per slot of the fleet, so
+        that a few slow calls are not all queued behind each other in one
+        task while other slots idle. (The fleet's slots are read at most
+        once every SLOTS_SECONDS; the cluster's lock is held here.)"""
+        asked_at, slots = self.cluster.slots_seen
+        if time.monotonic() - asked_at >= SLOTS_SECONDS and not self.asking_slots:
+            self.asking_slots = True        # asked aside, for the next packs
+            start_thread(self.ask_slots, "rc-client-slots")
+        with self.lock:
+            waiting = len(self.outstanding)
+        return max(1, min(self.pack, waiting // (slots * CHUNKS_PER_SLOT)))
+
+    def ask_slots(self):
+        try:
+            self.cluster.slots()
+        finally:
+            self.asking_slots = False
+
+    def pack_done(self, pack):
+        """Each call of the pack gets its own outcome."""
+        with self.lock:
+            self.packs.discard(pack)
+        if pack.cancelled():
+            if not pack.repacked:               # cancelled on the cluster (rc cancel)
+                for call in pack.calls:
+                    call.local_cancel()
+            return
+        error = pack.exception()
+        if error is None:
+            try:
+                error = self.hand_out(pack)
+            except Exception as e:      # outcomes of another shape than the script makes
+                error = TaskFailed(pack.task_id, "completed", "its result cannot be read"
+                                   " here: %s: %s" % (type(e).__name__, e), pack.record.get(
+                                       "result"))
+        if error is not None:
+            for call in pack.calls:
+                settle(call, error=error)   # the calls without an outcome of their own
+
+    @staticmethod
+    def hand_out(pack):
+        """Each call its outcome; or the error of them all (the script
+        failed before the calls, or its outcomes do not match them)."""
+        outcomes, home = pack.result()
+        if len(outcomes) != len(pack.calls):
+            return remote_exception(outcomes[0], home) if len(outcomes) == 1 and \
+                outcomes[0][0] else TaskFailed(pack.task_id, "completed", "%d outcomes for"
+                                               " %d calls" % (len(outcomes), len(pack.calls)))
+        for call, outcome in zip(pack.calls, outcomes):
+            if outcome[0] == 0:
+                settle(call, outcome[1])
+            else:
+                settle(call, error=remote_exception(outcome, home))
+        return None
+
+    def cancel_call(self, call):
+        """A call not yet sent leaves its pack. One sent cancels its pack's
+        task (queued, or running: stopped on its device) and, when that
+        worked, its other calls go again in a new pack."""
+        while True:
+            with self.cluster.lock:
+                if call.done():
+                    return call.cancelled()
+                pack = call.pack
+                if not pack.sealed:
+                    pack.remove(call)
+                    call.local_cancel()
+                    if not pack.calls:
+                        pack.drop()
+                    return True
+            with pack.repack_lock:
+                if call.pack is not pack:   # another cancel moved it meanwhile
+                    continue
+                if call.done():
+                    return call.cancelled()
+                pack.repacked = True
+                try:
+                    cancelled = pack.cancel()
+                except BaseException:
+                    pack.repacked = False
+                    raise
+                if not cancelled:
+                    pack.repacked = False
+                    concurrent.futures.wait([call])     # its outcome is being handed out
+                    return call.cancelled()
+                others = [other for other in pack.calls if other is not call
+                          and not other.done()]
+                call.local_cancel()
+                self.place(others, pack.fn)
+                return True
+
     def shutdown(self, wait=True, cancel_futures=False):
         with self.lock:
             self.shut = True
-            outstanding = list(self.outstanding)
+            outstanding, packs = list(self.outstanding), list(self.packs)
         if cancel_futures:
-            for future in outstanding:
+            for future in packs + outstanding:
                 future.cancel()
         if wait:
             concurrent.futures.wait(outstanding)
             if self.own_cluster:
                 self.cluster.close()
+
+
+class PackFuture(TaskFuture):
+    """One python_exec task running some calls of an Executor, each in a
+    process of its own (forked by the task's process); its result is
+    (outcomes, home). The calls join it until the sender takes it."""
+
+    def __init__(self, executor, fn):
+        super().__init__(executor.cluster, None, None)
+        self.executor, self.fn = executor, fn
+        self.calls, self.weight = [], 0
+        self.sealed = False
+        self.repacked = False           # cancelled to send its other calls again
+        self.repack_lock = threading.Lock()
+
+    def add(self, call):
+        call.pack = self
+        self.calls.append(call)
+        self.weight += call.weight
+
+    def remove(self, call):
+        self.calls.remove(call)
+        self.weight -= call.weight
+
+    def drop(self):
+        """Cancelled before it was sent, its calls all gone (the cluster's
+        lock is held): the sender skips it."""
+        if self in self.cluster.queue:
+            self.cluster.queue.remove(self)
+        self.submit_error = concurrent.futures.CancelledError()
+        self.submitted.set()
+        self.local_cancel()
+
+    def seal(self):
+        """Its task, from the calls it has now (the cluster's lock is held)."""
+        if self.sealed:
+            return
+        self.sealed = True
+        if not self.calls:
+            raise ValueError("a pack with no calls left")
+        code, home = call_code(self.fn, [call.arguments for call in self.calls], each=True)
+        self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
+        self.decode = functools.partial(outcomes_and_home, home=home)
+
+
+def outcomes_and_home(record, home=None):
+    return decode_outcomes(record, home), home
+
+
+class CallFuture(concurrent.futures.Future):
+    """One Executor.submit() call: resolved when its pack's task ends, with
+    its own value or exception. `task_id` (once sent), `wait_submitted()`
+    and `record` are its pack's; cancel() is Executor.cancel_call."""
+
+    def __init__(self, executor, arguments, weight):
+        super().__init__()
+        self.executor, self.arguments, self.weight = executor, arguments, weight
+        self.pack = None
+        self.cancel_lock = threading.Lock()
+
+    @property
+    def task_id(self):
+        return self.pack.task_id if self.pack is not None else None
+
+    @property
+    def record(self):
+        return self.pack.record if self.pack is not None else None
+
+    def wait_submitted(self, timeout=None):
+        """The id of the task the call is in, once the main node has it."""
+        while True:
+            pack = self.pack
+            try:
+                task_id = pack.wait_submitted(timeout)
+            except concurrent.futures.CancelledError:
+                if self.pack is pack:
+                    raise
+                continue
+            if self.pack is pack:
+                return task_id
+
+    def cancel(self):
+        return self.executor.cancel_call(self)
+
+    local_cancel = TaskFuture.local_cancel
+
+    def __repr__(self):
+        return "<CallFuture task_id=%s %s>" % (self.task_id, self._state.lower())
 
 
 def default_chunksize(count, slots):
@@ -866,6 +1103,9 @@ def remote_exception(outcome, home=None):
             error = Loader(data, home).load()
         except Exception:
             error = None
+    if error is None and type_name == "BrokenProcessPool":    # the call's process died
+        from concurrent.futures.process import BrokenProcessPool
+        error = BrokenProcessPool(message)
     if not isinstance(error, BaseException):
         error = RemoteError(type_name, message, traceback_text)
     error.__cause__ = RemoteTraceback(traceback_text)
@@ -880,14 +1120,14 @@ def remote_exception(outcome, home=None):
 # Compiling the script costs the device more than running it: the path
 # every task takes is short, and what only a failure, an unpicklable value
 # or a module other than __main__ needs is a string, compiled when needed.
-RUNNER = r'''import sys, binascii
+RUNNER = r'''import sys, binascii, os as _rc_os
 try:
     import _pickle as pickle        # pickle.py imports re: a millisecond a task
 except ImportError:
     import pickle
 
 
-def _rc_run(name, pieces, calls, mark, limit, home):
+def _rc_run(name, pieces, calls, mark, limit, home, each=False):
     out, sys.stdout = sys.stdout, sys.stderr    # the function's prints: the task's stderr
     space = globals()
     try:
@@ -897,12 +1137,13 @@ def _rc_run(name, pieces, calls, mark, limit, home):
         calls = binascii.a2b_base64(calls)
         calls = pickle.loads(calls) if home in (None, "__main__") else \
             _rc_slow("load")(calls, home)
-        outcomes = []
-        for args, kwargs in calls:
-            try:
-                outcomes.append((0, function(*args, **kwargs)))
-            except BaseException as e:
-                outcomes.append(_rc_slow("failure")(e))
+        if each and sys.argv[1:2] == ["--rc-call"]:     # one call, in a process of its own
+            calls, each = [calls[int(sys.argv[2])]], False
+        if each and not hasattr(_rc_os, "fork"):
+            outcomes = _rc_slow("in_subprocesses")(calls, mark)
+        else:
+            call = _rc_slow("in_child") if each else _rc_call
+            outcomes = [call(function, args, kwargs) for args, kwargs in calls]
     except BaseException as e:
         outcomes = [_rc_slow("failure")(e)]
     try:
@@ -914,6 +1155,13 @@ def _rc_run(name, pieces, calls, mark, limit, home):
         text = _rc_slow("too_large")(data, limit)
     out.write(mark + text + "\n")
     out.flush()
+
+
+def _rc_call(function, args, kwargs):
+    try:
+        return (0, function(*args, **kwargs))
+    except BaseException as e:
+        return _rc_slow("failure")(e)
 
 
 def _rc_slow(name):
@@ -957,6 +1205,85 @@ def _rc_dumps_each(outcomes):
     return pickle.dumps(kept, 4)
 
 
+def _rc_in_child(function, args, kwargs):
+    # A packed call (Executor(pack=...)): in a process of its own, forked
+    # from this one, its outcome sent back over a pipe; a call that crashes
+    # or leaves with os._exit fails alone.
+    sys.stderr.flush()          # or the child would print this process's buffer again
+    read, write = _rc_os.pipe()
+    try:
+        pid = _rc_os.fork()
+    except OSError as e:        # out of processes (RLIMIT_NPROC) or memory: this call fails
+        _rc_os.close(read)
+        _rc_os.close(write)
+        return _rc_failure(e)
+    if pid == 0:
+        _rc_os.close(read)
+        code = 0
+        try:
+            outcome = _rc_call(function, args, kwargs)
+            try:
+                data = pickle.dumps(outcome, 4)
+            except BaseException as e:
+                data = pickle.dumps(_rc_failure(e), 4)
+            with _rc_os.fdopen(write, "wb") as f:
+                f.write(data)
+        except BaseException:
+            code = 70
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                _rc_os._exit(code)
+    _rc_os.close(write)
+    with _rc_os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = _rc_os.waitpid(pid, 0)
+    if data:
+        try:
+            return pickle.loads(data)
+        except BaseException as e:
+            return _rc_failure(e)
+    return _rc_died(_rc_os.WTERMSIG(status) if _rc_os.WIFSIGNALED(status) else 0,
+                    _rc_os.WEXITSTATUS(status))
+
+
+def _rc_in_subprocesses(calls, mark):
+    # Packed calls where there is no fork (Windows): this script again, for
+    # one call at a time.
+    import subprocess
+    outcomes = []
+    for number in range(len(calls)):
+        sys.stderr.flush()
+        done = subprocess.run([sys.executable, "-I", _rc_os.path.abspath(sys.argv[0]),
+                               "--rc-call", str(number)], stdout=subprocess.PIPE)
+        text = done.stdout.decode("utf-8", "replace")
+        position = text.rfind(mark)
+        try:
+            outcome = pickle.loads(binascii.a2b_base64(
+                text[position + len(mark):].split("\\n", 1)[0]))[0]
+        except BaseException:
+            outcome = None
+        if position < 0 or outcome is None:
+            code = done.returncode
+            outcome = _rc_died(-code if code < 0 else 0, code)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _rc_died(signal_number, code):
+    if signal_number:
+        import signal
+        try:
+            how = "was killed by %s" % signal.Signals(signal_number).name
+        except ValueError:
+            how = "was killed by signal %d" % signal_number
+    else:
+        how = "exited with status %d" % code
+    message = "the call's process %s before it returned" % how
+    return (1, None, "BrokenProcessPool", message, message + "\\n")
+
+
 def _rc_too_large(data, limit):
     message = "the results are %d bytes pickled, over %d" % (len(data), limit * 3 // 4)
     return binascii.b2a_base64(pickle.dumps(
@@ -967,9 +1294,10 @@ def _rc_too_large(data, limit):
 '''
 
 
-def call_code(fn, calls):
+def call_code(fn, calls, each=False):
     """(the python_exec script that makes `calls` ([(args, kwargs)]) of fn,
-    the module whose definitions it carries, which is __main__ there)."""
+    each in a process of its own when `each`, the module whose definitions
+    it carries, which is __main__ there)."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
     try:
@@ -979,9 +1307,9 @@ def call_code(fn, calls):
     # Arguments that name nothing of fn's module unpickle as they are there;
     # others need that module read as the script's __main__ (a slower path).
     renamed = home if home not in (None, "__main__") and home.encode() in data else None
-    return "%s_rc_run(%r, %r, %r, %r, %d, %r)\n" % (
+    return "%s_rc_run(%r, %r, %r, %r, %d, %r%s)\n" % (
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, RESULT_LIMIT,
-        renamed), home
+        renamed, ", True" if each else ""), home
 
 
 def unwrap_partial(fn, calls):

@@ -38,3 +38,16 @@ def make_adder(amount):
     def adder(number):
         return number + amount
     return adder
+
+
+def leave(number):
+    """Leaves its process without returning when number is 3 (os._exit),
+    dies of SIGSEGV when 4, raises when 5."""
+    if number == 3:
+        os._exit(3)
+    if number == 4:
+        import signal
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if number == 5:
+        raise Unlucky("%d is unlucky" % number)
+    return number, os.getpid()
