@@ -168,3 +168,24 @@ def test_a_set_pip_cannot_install_fails_with_pips_error_then_avoids_the_device(c
     why = cluster.rc("why", str(queued_id)).stdout
     assert "failed to build there" in why
     cluster.rc("cancel", str(queued_id))
+
+
+def test_rc_map_and_the_client_carry_the_packages_too(cluster_home, tmp_path):
+    """--pip/--requirements on `rc map`, pip= on the client's submit and
+    Executor: the same payload field, checked the same way."""
+    import types
+    from rc import client, map_cli
+    config, connection = cluster_home
+    wanted = tmp_path / "requirements.txt"
+    wanted.write_text("tabulate==0.9.0\n")
+    arguments = types.SimpleNamespace(input=None, env=None, pip=["six==1.16.0"],
+                                      requirements=str(wanted))
+    fields = map_cli.shared_fields(connection, config, "shell", arguments)
+    assert fields["pip"] == ["tabulate==0.9.0", "six==1.16.0"]
+    arguments.pip = ["--index-url=http://evil/"]
+    with pytest.raises(map_cli.MapUsageError, match="not a plain requirement"):
+        map_cli.shared_fields(connection, config, "shell", arguments)
+    spec = client.task_spec("python_exec", None, {"payload": {"code": "1"},
+                                                   "pip": ["tabulate==0.9.0"]})
+    assert spec["payload"] == {"code": "1", "pip": ["tabulate==0.9.0"]}
+    client.Executor("http://127.0.0.1:9", "t", pip=["tabulate==0.9.0"]).shutdown(wait=False)

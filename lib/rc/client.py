@@ -66,7 +66,7 @@ RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its o
 RESULT_LIMIT = 900 * 1024       # characters of that line; more would be cut at the
                                 # worker's output cap
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
-PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file")
+PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
                 "retry_on_failure", "depends_on")
 

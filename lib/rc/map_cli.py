@@ -109,6 +109,11 @@ def add_arguments(sub, whole_number):
                      help="a file or directory every task gets (as submit --input)")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for every task; repeatable")
+    sub.add_argument("--requirements", metavar="FILE",
+                     help="pip requirements every task's device installs into a cached"
+                     " virtual environment (docs/environments.md)")
+    sub.add_argument("--pip", action="append", metavar="PKG==VER",
+                     help="one pip requirement for that environment; repeatable")
     sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent")
     sub.add_argument("--timeout", metavar="SECONDS", help="each task's")
     sub.add_argument("--retries", type=whole_number, metavar="N")
@@ -297,9 +302,10 @@ def new_map(context, arguments, task_options):
 
 
 def shared_fields(connection, config, task_type, arguments):
-    """--input and --env: the same for every task, stored once."""
+    """--input, --env and the pip packages: the same for every task, stored once."""
     options = types.SimpleNamespace(input=arguments.input, env=arguments.env, output=None,
-                                    file=None, stdin=None)
+                                    file=None, stdin=None, pip=arguments.pip,
+                                    requirements=arguments.requirements)
     try:
         return files_cli.file_payload(connection, config, task_type, None, options)
     except (files_cli.FileOptionError, tasks.TaskError) as e:
