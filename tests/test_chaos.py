@@ -283,12 +283,15 @@ def test_urgent_tasks_overtake_a_queue_of_low_ones(cluster):
     low = [tasks.submit(cluster.db, cluster.config, "sleep", {"seconds": 0.02}, "low")
            for _ in range(1000)]
     wait_for(lambda: started_count(cluster, low) >= 40, 60, "low tasks to get going")
-    urgent = [tasks.submit(cluster.db, cluster.config, "sleep", {"seconds": 0.02}, "urgent")
-              for _ in range(100)]
-    urgent_in = time.time()
+    # All at once, so that every scheduling pass that sees one sees them all;
+    # a pass under way when they came may still assign low ones, before the
+    # first urgent one. From the first urgent assignment on, none of the low.
+    urgent = tasks.submit_many(cluster.db, cluster.config, [
+        {"task_type": "sleep", "payload": {"seconds": 0.02}, "priority": "urgent"}] * 100)
     wait_all_finished(cluster, low + urgent, 180)
-    last_urgent = max(assigned_times(cluster, urgent))
-    later_low = [t for t in assigned_times(cluster, low) if t > urgent_in]
+    first_urgent, last_urgent = min(assigned_times(cluster, urgent)), max(
+        assigned_times(cluster, urgent))
+    later_low = [t for t in assigned_times(cluster, low) if t > first_urgent]
     assert later_low and min(later_low) >= last_urgent
     Executions(cluster).check(low + urgent)
 
