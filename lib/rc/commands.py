@@ -1453,11 +1453,7 @@ def add_submit_arguments(sub):
                      help="python_exec/shell: run this script file instead of inline code")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for the task; repeatable")
-    sub.add_argument("--requirements", metavar="FILE",
-                     help="python_eval/python_exec/shell: pip requirements the device installs"
-                     " into a cached virtual environment the task runs in")
-    sub.add_argument("--pip", action="append", metavar="PKG==VER",
-                     help="one pip requirement for that environment; repeatable")
+    files_cli.add_package_arguments(sub)
     sub.add_argument("--output", action="append", metavar="GLOB",
                      help="files the task leaves to bring back (rc get); repeatable")
 

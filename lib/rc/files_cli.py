@@ -132,6 +132,15 @@ def file_payload(connection, config, task_type, argument, options, stdin=None):
     return fields
 
 
+def add_package_arguments(parser, whose="the task's"):
+    """--requirements and --pip, as submit, map, service and schedule take them."""
+    parser.add_argument("--requirements", metavar="FILE",
+                        help="pip requirements %s device installs into a cached virtual"
+                        " environment first (docs/environments.md)" % whose)
+    parser.add_argument("--pip", action="append", metavar="PKG==VER",
+                        help="one pip requirement for that environment; repeatable")
+
+
 def python_packages(requirements_file, pip):
     """--requirements FILE and --pip SPEC...: the specifiers, checked."""
     packages = []

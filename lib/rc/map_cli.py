@@ -109,11 +109,7 @@ def add_arguments(sub, whole_number):
                      help="a file or directory every task gets (as submit --input)")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for every task; repeatable")
-    sub.add_argument("--requirements", metavar="FILE",
-                     help="pip requirements every task's device installs into a cached"
-                     " virtual environment (docs/environments.md)")
-    sub.add_argument("--pip", action="append", metavar="PKG==VER",
-                     help="one pip requirement for that environment; repeatable")
+    files_cli.add_package_arguments(sub, "every task's")
     sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent")
     sub.add_argument("--timeout", metavar="SECONDS", help="each task's")
     sub.add_argument("--retries", type=whole_number, metavar="N")

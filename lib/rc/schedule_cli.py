@@ -99,11 +99,7 @@ def add_task_arguments(sub):
                      help="as in submit: cores=4, platform=linux, tags=gpu, label.k=v")
     sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="an environment variable for the task; repeatable")
-    sub.add_argument("--requirements", metavar="FILE",
-                     help="pip requirements each run's device installs into a cached"
-                     " virtual environment (docs/environments.md)")
-    sub.add_argument("--pip", action="append", metavar="PKG==VER",
-                     help="one pip requirement for that environment; repeatable")
+    files_cli.add_package_arguments(sub, "each run's")
 
 
 def task_spec(arguments, context, **options):

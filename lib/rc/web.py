@@ -622,18 +622,24 @@ class Web:
     # -- streams ---------------------------------------------------------------------
 
     def stream(self, kind):
-        """Server-Sent Events. Each stream holds a waitress thread, so there
-        are at most max_streams at once; past that, 503."""
+        """Server-Sent Events of devices, tasks or log lines, from the event
+        after Last-Event-ID."""
+        def events():
+            last_id = raw_header("Last-Event-ID") or \
+                bottle.request.query.get("last_event_id") or None
+            return {"devices": self.device_events, "tasks": self.task_events,
+                    "logs": self.log_events}[kind](last_id)
+        return self.event_stream(events)
+
+    def event_stream(self, make_events):
+        """A Server-Sent Events response. Each stream holds a waitress
+        thread, so there are at most max_streams at once; past that, 503."""
         if not self.stream_slots.acquire(blocking=False):
             raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
                                 " try again later" % self.config.max_streams)
         try:
-            last_id = raw_header("Last-Event-ID") or \
-                bottle.request.query.get("last_event_id") or None
-            events = {"devices": self.device_events, "tasks": self.task_events,
-                      "logs": self.log_events}[kind](last_id)
             disconnected = bottle.request.environ.get("waitress.client_disconnected")
-            body = StreamBody(self.paced(events, disconnected), self.stream_slots.release)
+            body = StreamBody(self.paced(make_events(), disconnected), self.stream_slots.release)
         except BaseException:
             self.stream_slots.release()
             raise
@@ -1331,20 +1337,7 @@ class DashboardRoutes:
     def stream(self):
         """The overview again whenever the database changed, at most once per
         OVERVIEW_MIN_INTERVAL: one stream serves the whole page."""
-        web = self.web
-        if not web.stream_slots.acquire(blocking=False):
-            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
-                                " try again later" % web.config.max_streams)
-        try:
-            disconnected = bottle.request.environ.get("waitress.client_disconnected")
-            body = StreamBody(web.paced(self.pictures(), disconnected), web.stream_slots.release)
-        except BaseException:
-            web.stream_slots.release()
-            raise
-        bottle.response.content_type = "text/event-stream; charset=utf-8"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        bottle.response.set_header("X-Accel-Buffering", "no")
-        return body
+        return self.web.event_stream(self.pictures)
 
     def pictures(self):
         connection = commands.connect(self.web.config)
