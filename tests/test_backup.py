@@ -52,12 +52,14 @@ def test_backup_under_load_holds_every_committed_task(tmp_path):
             committed = {row[0]: row[1] for row in cluster.db.execute(
                 "SELECT task_id, state FROM tasks")}
             target = str(tmp_path / "copy.db")
+            before = len(later)
             done = cluster.rc("backup", target)
-            running = tasks.counts_by_state(cluster.db)
+            during = len(later) - before
         finally:
             stop.set()
             submitter.join()
-        assert running["completed"] < len(ids) + len(later), "the load was over before"
+        # Tasks kept coming while it was taken (whether the workers kept up or not).
+        assert during > 0, "the load was over before"
         assert "integrity ok" in done.stdout
         copy = sqlite3.connect(target)
         assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

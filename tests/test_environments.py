@@ -165,8 +165,9 @@ def test_a_set_pip_cannot_install_fails_with_pips_error_then_avoids_the_device(c
         t = task_json(cluster, queued_id)
         return t["state"] == "queued" and t["attempt"] == 2
     wait_for(requeued, 240, "the task queued again after its environment failed")
-    why = cluster.rc("why", str(queued_id)).stdout
-    assert "failed to build there" in why
+    # Once its backoff has passed, `rc why` names the device's failed build.
+    wait_for(lambda: "failed to build there" in cluster.rc("why", str(queued_id)).stdout, 60,
+             "rc why to name the failed build")
     cluster.rc("cancel", str(queued_id))
 
 
