@@ -205,11 +205,14 @@ def service_rows(record):
             for run in record["runs"]]
 
 
+def runs_cancelled(count):
+    return "%d run%s cancelled" % (count, "" if count == 1 else "s")
+
+
 def cmd_service_stop(arguments, context):
     cancelled = services.stop(context.connection, context.config, arguments.name)
     context.audit("service_stopped", service=arguments.name, cancelled=cancelled)
-    context.out.write("%s stopped: %d run%s cancelled\n"
-                      % (arguments.name, cancelled, "" if cancelled == 1 else "s"))
+    context.out.write("%s stopped: %s\n" % (arguments.name, runs_cancelled(cancelled)))
 
 
 def cmd_service_start(arguments, context):
@@ -221,8 +224,7 @@ def cmd_service_start(arguments, context):
 def cmd_service_remove(arguments, context):
     cancelled = services.remove(context.connection, context.config, arguments.name)
     context.audit("service_removed", service=arguments.name, cancelled=cancelled)
-    context.out.write("%s removed: %d run%s cancelled\n"
-                      % (arguments.name, cancelled, "" if cancelled == 1 else "s"))
+    context.out.write("%s removed: %s\n" % (arguments.name, runs_cancelled(cancelled)))
 
 
 def cmd_service_logs(arguments, context):
