@@ -409,6 +409,33 @@ def test_protected_paths_that_cannot_be_hidden_leave_only_harmless_task_types(
         module.parse_args(["--self-test", "--isolate"])
 
 
+def test_a_token_file_the_task_uids_could_read_is_refused(module, monkeypatch, capsys):
+    """As root, tasks run as uids of their own: a token file every user may
+    read would be theirs to read (the compose file's worker: docs/operations.md)."""
+    monkeypatch.setattr(module.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(module, "isolation_works", lambda *a: "namespaces are off (test)")
+    open_dir = tempfile.mkdtemp(dir="/tmp")       # /tmp: every user may pass through
+    try:
+        os.chmod(open_dir, 0o755)
+        token = os.path.join(open_dir, "rc-join-token")
+        with open(token, "w") as f:
+            f.write("a-join-token\n")
+        os.chmod(token, 0o644)
+        with pytest.raises(SystemExit):
+            module.parse_args(["--join", "h", "--token-file", token])
+        assert "chmod 600" in capsys.readouterr().err
+        os.chmod(token, 0o600)
+        assert module.parse_args(["--join", "h", "--token-file", token]).token == "a-join-token"
+        os.chmod(token, 0o644)
+        os.chmod(open_dir, 0o700)                 # readable, but not reachable by others
+        assert module.parse_args(["--join", "h", "--token-file", token]).token == "a-join-token"
+        monkeypatch.setattr(module.os, "geteuid", lambda: 1000)   # tasks as our own user
+        os.chmod(open_dir, 0o755)
+        assert module.parse_args(["--join", "h", "--token-file", token]).token == "a-join-token"
+    finally:
+        shutil.rmtree(open_dir)
+
+
 def test_task_user_options(module, monkeypatch):
     monkeypatch.setattr(module.os, "geteuid", lambda: 1000)
     with pytest.raises(SystemExit):        # only root can change uid
