@@ -109,6 +109,19 @@ def closed_by_server(sock, within):
     return time.monotonic() - started
 
 
+def whole_response(sock, within):
+    """(status, body) of the one HTTP response on `sock`, read to its end:
+    one recv() may hold only the headers, the body following in a later
+    segment."""
+    sock.settimeout(within)
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        return response.status, response.read()
+    finally:
+        response.close()
+
+
 def the_basics_answer(cluster, context=None, timeout=5):
     """The page, /health and /worker.py, as a second address sees them."""
     for path in ("/", "/health", "/worker.py"):
@@ -182,11 +195,9 @@ def test_a_refused_connection_is_told_why(cluster):
     held = [attacker_socket(cluster) for _ in range(PER_ADDRESS)]
     try:
         time.sleep(0.3)
-        extra = attacker_socket(cluster)
-        extra.settimeout(5)
-        answer = extra.recv(4096)
-        extra.close()
-        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+        held.append(attacker_socket(cluster))
+        status, answer = whole_response(held[-1], 5)
+        assert status == 503 and b"too many connections" in answer
     finally:
         for s in held:
             s.close()
@@ -232,34 +243,37 @@ def test_an_upload_may_outlast_the_read_timeout_while_it_keeps_coming(cluster):
     past web_read_timeout at a steady rate; a stranger's large body is
     refused on its headers, and an upload that drips is still cut off."""
     body = os.urandom(6 * 1024 * 1024)
-    with unharmed(cluster, "good"):
-        steady = upload_socket(cluster, len(body), cluster.admin_token, source="127.0.0.1")
-        started, step = time.monotonic(), 64 * 1024
-        for offset in range(0, len(body), step):      # ~1.3 MiB/s, for ~5 s
-            steady.sendall(body[offset:offset + step])
-            time.sleep(0.05)
-        assert time.monotonic() - started > READ_TIMEOUT * 2
-        steady.settimeout(30)
-        answer = steady.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
-        assert hashlib.sha256(body).hexdigest().encode() in answer
-        steady.close()
-        stranger = upload_socket(cluster, len(body), None)
-        stranger.settimeout(10)
-        assert stranger.recv(65536).startswith(b"HTTP/1.1 413")
-        stranger.close()
-        drip = upload_socket(cluster, len(body), cluster.admin_token)
-        started, closed = time.monotonic(), None
-        while closed is None and time.monotonic() - started < READ_TIMEOUT * 4:
-            try:
-                drip.sendall(b"x" * 1024)       # 2 KiB/s: far under the minimum rate
-            except OSError:
-                closed = time.monotonic() - started
-                break
-            closed = closed_by_server(drip, 0.5)
-        assert closed is not None and closed < READ_TIMEOUT * 4
-        drip.close()
-        the_basics_answer(cluster)
+    opened = []
+    try:
+        with unharmed(cluster, "good"):
+            steady = upload_socket(cluster, len(body), cluster.admin_token, source="127.0.0.1")
+            opened.append(steady)
+            started, step = time.monotonic(), 64 * 1024
+            for offset in range(0, len(body), step):      # ~1.3 MiB/s, for ~5 s
+                steady.sendall(body[offset:offset + step])
+                time.sleep(0.05)
+            assert time.monotonic() - started > READ_TIMEOUT * 2
+            status, answer = whole_response(steady, 30)
+            assert status == 201, answer[:300]
+            assert hashlib.sha256(body).hexdigest().encode() in answer
+            stranger = upload_socket(cluster, len(body), None)
+            opened.append(stranger)
+            assert whole_response(stranger, 10)[0] == 413
+            drip = upload_socket(cluster, len(body), cluster.admin_token)
+            opened.append(drip)
+            started, closed = time.monotonic(), None
+            while closed is None and time.monotonic() - started < READ_TIMEOUT * 4:
+                try:
+                    drip.sendall(b"x" * 1024)       # 2 KiB/s: far under the minimum rate
+                except OSError:
+                    closed = time.monotonic() - started
+                    break
+                closed = closed_by_server(drip, 0.5)
+            assert closed is not None and closed < READ_TIMEOUT * 4
+            the_basics_answer(cluster)
+    finally:
+        for sock in opened:
+            sock.close()
 
 
 # -- item 5: junk in stored device reports ----------------------------------------------
