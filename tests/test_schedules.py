@@ -422,8 +422,10 @@ def end_run(connection, task_id, state, started, finished, result=None, error=No
         tasks.finish(connection, task_id, 1, "pi", state, result, error, state, finished)
 
 
-def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_home,
-                                                                      add_device):
+@pytest.fixture
+def crash_loop(cluster_home, add_device):
+    """Service `svc`, whose command exits at once: backoff 1 s doubling up
+    to 8 s, a quick exit under 30 s, failing after 3 of them."""
     from rc import services
     config, connection = cluster_home
     add_device("pi")
@@ -431,6 +433,12 @@ def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_h
     config.service_quick_exit, config.service_failing_after = 30.0, 3
     services.add(connection, config, "svc", schedules.task_spec(config, "shell",
                                                                 {"command": "false"}))
+    return config, connection
+
+
+def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(crash_loop):
+    from rc import services
+    config, connection = crash_loop
     now, delays = 1000.0, []
     for number in range(6):
         assert services.tend(connection, config, Log(), now) == 1
@@ -455,16 +463,11 @@ def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_h
     assert starts == ["service:svc:%d:-:%d" % (added, n) for n in range(1, 7)]
 
 
-def test_a_failing_service_stays_failing_while_it_tries_again(cluster_home, add_device):
+def test_a_failing_service_stays_failing_while_it_tries_again(crash_loop):
     """Until a new run outlasts service_quick_exit, a crash loop is not
     `running` (rc status would count it so at each try)."""
     from rc import services
-    config, connection = cluster_home
-    add_device("pi")
-    config.service_restart_backoff, config.service_restart_backoff_max = 1.0, 8.0
-    config.service_quick_exit, config.service_failing_after = 30.0, 3
-    services.add(connection, config, "svc", schedules.task_spec(config, "shell",
-                                                                {"command": "false"}))
+    config, connection = crash_loop
     now = 1000.0
     for _ in range(3):
         services.tend(connection, config, Log(), now)
