@@ -285,37 +285,39 @@ JUNK = ['"not an object"', "[1, 2]", '{"system_metrics": 7}', "not json",
 
 
 def test_junk_reports_in_the_database_break_no_view(cluster):
-    with unharmed(cluster, "good"):
-        with cluster.db:
-            for number, metrics in enumerate(JUNK):
-                cluster.db.execute(
-                    "INSERT INTO devices(device_id, hostname, slots, profile, metrics, status,"
-                    " connected, registered_at, last_seen) VALUES (?, 'junk', 1, ?, ?,"
-                    " 'offline', 0, 1.0, 1.0)",
-                    ("junk%d" % number, '{"device_info": ' + metrics + "}", metrics))
-        for path in ("/text/devices", "/text/metrics", "/api/v1/devices",
-                     "/api/v1/devices/junk4", "/text/status"):
-            status, _, text = request(cluster, path)
-            assert status == 200, (path, status, text[:300])
-        status, _, text = request(cluster, "/text/devices?format=csv")
-        row = next(line for line in text.splitlines() if line.startswith("junk4,"))
-        assert row.split(",")[10] == "" and row.split(",")[11] == ""   # cpu, memory absent
-        connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
-                                                timeout=10)
-        connection.request("GET", "/stream/devices",
-                           headers={"Authorization": "Bearer " + cluster.admin_token})
-        response = connection.getresponse()
-        assert response.status == 200
-        seen = b""
-        deadline = time.monotonic() + 10
-        while b"junk5" not in seen and time.monotonic() < deadline:
-            seen += response.fp.readline()
-        connection.close()
-        assert b"junk5" in seen
-        for argv in (["devices"], ["devices", "--grid"], ["device", "junk4"],
-                     ["monitor", "--once"], ["status"]):
-            done = cluster.rc(*argv)
-            assert "Traceback" not in done.stderr
+    try:
+        with unharmed(cluster, "good"):
+            with cluster.db:
+                for number, metrics in enumerate(JUNK):
+                    cluster.db.execute(
+                        "INSERT INTO devices(device_id, hostname, slots, profile, metrics, status,"
+                        " connected, registered_at, last_seen) VALUES (?, 'junk', 1, ?, ?,"
+                        " 'offline', 0, 1.0, 1.0)",
+                        ("junk%d" % number, '{"device_info": ' + metrics + "}", metrics))
+            for path in ("/text/devices", "/text/metrics", "/api/v1/devices",
+                         "/api/v1/devices/junk4", "/text/status"):
+                status, _, text = request(cluster, path)
+                assert status == 200, (path, status, text[:300])
+            status, _, text = request(cluster, "/text/devices?format=csv")
+            row = next(line for line in text.splitlines() if line.startswith("junk4,"))
+            assert row.split(",")[10] == "" and row.split(",")[11] == ""   # cpu, memory absent
+            connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
+                                                    timeout=10)
+            connection.request("GET", "/stream/devices",
+                               headers={"Authorization": "Bearer " + cluster.admin_token})
+            response = connection.getresponse()
+            assert response.status == 200
+            seen = b""
+            deadline = time.monotonic() + 10
+            while b"junk5" not in seen and time.monotonic() < deadline:
+                seen += response.fp.readline()
+            connection.close()
+            assert b"junk5" in seen
+            for argv in (["devices"], ["devices", "--grid"], ["device", "junk4"],
+                         ["monitor", "--once"], ["status"]):
+                done = cluster.rc(*argv)
+                assert "Traceback" not in done.stderr
+    finally:
         with cluster.db:
             cluster.db.execute("DELETE FROM devices WHERE device_id LIKE 'junk%'")
 
@@ -402,8 +404,10 @@ def test_https_serves_the_dashboard_and_survives_bad_clients(tls_cluster):
         reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         reset.close()
         held = [attacker_socket(tls_cluster) for _ in range(50)]
-        the_basics_answer(tls_cluster, context)
-        for s in held:
-            s.close()
+        try:
+            the_basics_answer(tls_cluster, context)
+        finally:
+            for s in held + [plain, silent]:
+                s.close()
         with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
             request(tls_cluster, "/health", token=False, context=None, timeout=5)
