@@ -109,6 +109,19 @@ def closed_by_server(sock, within):
     return time.monotonic() - started
 
 
+def whole_response(sock, within):
+    """(status, body) of the one HTTP response on `sock`, read to its end:
+    one recv() may hold only the headers, the body following in a later
+    segment."""
+    sock.settimeout(within)
+    response = http.client.HTTPResponse(sock)
+    try:
+        response.begin()
+        return response.status, response.read()
+    finally:
+        response.close()
+
+
 def the_basics_answer(cluster, context=None, timeout=5):
     """The page, /health and /worker.py, as a second address sees them."""
     for path in ("/", "/health", "/worker.py"):
@@ -182,11 +195,9 @@ def test_a_refused_connection_is_told_why(cluster):
     held = [attacker_socket(cluster) for _ in range(PER_ADDRESS)]
     try:
         time.sleep(0.3)
-        extra = attacker_socket(cluster)
-        extra.settimeout(5)
-        answer = extra.recv(4096)
-        extra.close()
-        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+        held.append(attacker_socket(cluster))
+        status, answer = whole_response(held[-1], 5)
+        assert status == 503 and b"too many connections" in answer
     finally:
         for s in held:
             s.close()
@@ -232,34 +243,37 @@ def test_an_upload_may_outlast_the_read_timeout_while_it_keeps_coming(cluster):
     past web_read_timeout at a steady rate; a stranger's large body is
     refused on its headers, and an upload that drips is still cut off."""
     body = os.urandom(6 * 1024 * 1024)
-    with unharmed(cluster, "good"):
-        steady = upload_socket(cluster, len(body), cluster.admin_token, source="127.0.0.1")
-        started, step = time.monotonic(), 64 * 1024
-        for offset in range(0, len(body), step):      # ~1.3 MiB/s, for ~5 s
-            steady.sendall(body[offset:offset + step])
-            time.sleep(0.05)
-        assert time.monotonic() - started > READ_TIMEOUT * 2
-        steady.settimeout(30)
-        answer = steady.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
-        assert hashlib.sha256(body).hexdigest().encode() in answer
-        steady.close()
-        stranger = upload_socket(cluster, len(body), None)
-        stranger.settimeout(10)
-        assert stranger.recv(65536).startswith(b"HTTP/1.1 413")
-        stranger.close()
-        drip = upload_socket(cluster, len(body), cluster.admin_token)
-        started, closed = time.monotonic(), None
-        while closed is None and time.monotonic() - started < READ_TIMEOUT * 4:
-            try:
-                drip.sendall(b"x" * 1024)       # 2 KiB/s: far under the minimum rate
-            except OSError:
-                closed = time.monotonic() - started
-                break
-            closed = closed_by_server(drip, 0.5)
-        assert closed is not None and closed < READ_TIMEOUT * 4
-        drip.close()
-        the_basics_answer(cluster)
+    opened = []
+    try:
+        with unharmed(cluster, "good"):
+            steady = upload_socket(cluster, len(body), cluster.admin_token, source="127.0.0.1")
+            opened.append(steady)
+            started, step = time.monotonic(), 64 * 1024
+            for offset in range(0, len(body), step):      # ~1.3 MiB/s, for ~5 s
+                steady.sendall(body[offset:offset + step])
+                time.sleep(0.05)
+            assert time.monotonic() - started > READ_TIMEOUT * 2
+            status, answer = whole_response(steady, 30)
+            assert status == 201, answer[:300]
+            assert hashlib.sha256(body).hexdigest().encode() in answer
+            stranger = upload_socket(cluster, len(body), None)
+            opened.append(stranger)
+            assert whole_response(stranger, 10)[0] == 413
+            drip = upload_socket(cluster, len(body), cluster.admin_token)
+            opened.append(drip)
+            started, closed = time.monotonic(), None
+            while closed is None and time.monotonic() - started < READ_TIMEOUT * 4:
+                try:
+                    drip.sendall(b"x" * 1024)       # 2 KiB/s: far under the minimum rate
+                except OSError:
+                    closed = time.monotonic() - started
+                    break
+                closed = closed_by_server(drip, 0.5)
+            assert closed is not None and closed < READ_TIMEOUT * 4
+            the_basics_answer(cluster)
+    finally:
+        for sock in opened:
+            sock.close()
 
 
 # -- item 5: junk in stored device reports ----------------------------------------------
@@ -271,37 +285,39 @@ JUNK = ['"not an object"', "[1, 2]", '{"system_metrics": 7}', "not json",
 
 
 def test_junk_reports_in_the_database_break_no_view(cluster):
-    with unharmed(cluster, "good"):
-        with cluster.db:
-            for number, metrics in enumerate(JUNK):
-                cluster.db.execute(
-                    "INSERT INTO devices(device_id, hostname, slots, profile, metrics, status,"
-                    " connected, registered_at, last_seen) VALUES (?, 'junk', 1, ?, ?,"
-                    " 'offline', 0, 1.0, 1.0)",
-                    ("junk%d" % number, '{"device_info": ' + metrics + "}", metrics))
-        for path in ("/text/devices", "/text/metrics", "/api/v1/devices",
-                     "/api/v1/devices/junk4", "/text/status"):
-            status, _, text = request(cluster, path)
-            assert status == 200, (path, status, text[:300])
-        status, _, text = request(cluster, "/text/devices?format=csv")
-        row = next(line for line in text.splitlines() if line.startswith("junk4,"))
-        assert row.split(",")[10] == "" and row.split(",")[11] == ""   # cpu, memory absent
-        connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
-                                                timeout=10)
-        connection.request("GET", "/stream/devices",
-                           headers={"Authorization": "Bearer " + cluster.admin_token})
-        response = connection.getresponse()
-        assert response.status == 200
-        seen = b""
-        deadline = time.monotonic() + 10
-        while b"junk5" not in seen and time.monotonic() < deadline:
-            seen += response.fp.readline()
-        connection.close()
-        assert b"junk5" in seen
-        for argv in (["devices"], ["devices", "--grid"], ["device", "junk4"],
-                     ["monitor", "--once"], ["status"]):
-            done = cluster.rc(*argv)
-            assert "Traceback" not in done.stderr
+    try:
+        with unharmed(cluster, "good"):
+            with cluster.db:
+                for number, metrics in enumerate(JUNK):
+                    cluster.db.execute(
+                        "INSERT INTO devices(device_id, hostname, slots, profile, metrics, status,"
+                        " connected, registered_at, last_seen) VALUES (?, 'junk', 1, ?, ?,"
+                        " 'offline', 0, 1.0, 1.0)",
+                        ("junk%d" % number, '{"device_info": ' + metrics + "}", metrics))
+            for path in ("/text/devices", "/text/metrics", "/api/v1/devices",
+                         "/api/v1/devices/junk4", "/text/status"):
+                status, _, text = request(cluster, path)
+                assert status == 200, (path, status, text[:300])
+            status, _, text = request(cluster, "/text/devices?format=csv")
+            row = next(line for line in text.splitlines() if line.startswith("junk4,"))
+            assert row.split(",")[10] == "" and row.split(",")[11] == ""   # cpu, memory absent
+            connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
+                                                    timeout=10)
+            connection.request("GET", "/stream/devices",
+                               headers={"Authorization": "Bearer " + cluster.admin_token})
+            response = connection.getresponse()
+            assert response.status == 200
+            seen = b""
+            deadline = time.monotonic() + 10
+            while b"junk5" not in seen and time.monotonic() < deadline:
+                seen += response.fp.readline()
+            connection.close()
+            assert b"junk5" in seen
+            for argv in (["devices"], ["devices", "--grid"], ["device", "junk4"],
+                         ["monitor", "--once"], ["status"]):
+                done = cluster.rc(*argv)
+                assert "Traceback" not in done.stderr
+    finally:
         with cluster.db:
             cluster.db.execute("DELETE FROM devices WHERE device_id LIKE 'junk%'")
 
@@ -388,8 +404,10 @@ def test_https_serves_the_dashboard_and_survives_bad_clients(tls_cluster):
         reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         reset.close()
         held = [attacker_socket(tls_cluster) for _ in range(50)]
-        the_basics_answer(tls_cluster, context)
-        for s in held:
-            s.close()
+        try:
+            the_basics_answer(tls_cluster, context)
+        finally:
+            for s in held + [plain, silent]:
+                s.close()
         with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
             request(tls_cluster, "/health", token=False, context=None, timeout=5)

@@ -422,8 +422,10 @@ def end_run(connection, task_id, state, started, finished, result=None, error=No
         tasks.finish(connection, task_id, 1, "pi", state, result, error, state, finished)
 
 
-def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_home,
-                                                                      add_device):
+@pytest.fixture
+def crash_loop(cluster_home, add_device):
+    """Service `svc`, whose command exits at once: backoff 1 s doubling up
+    to 8 s, a quick exit under 30 s, failing after 3 of them."""
     from rc import services
     config, connection = cluster_home
     add_device("pi")
@@ -431,6 +433,12 @@ def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_h
     config.service_quick_exit, config.service_failing_after = 30.0, 3
     services.add(connection, config, "svc", schedules.task_spec(config, "shell",
                                                                 {"command": "false"}))
+    return config, connection
+
+
+def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(crash_loop):
+    from rc import services
+    config, connection = crash_loop
     now, delays = 1000.0, []
     for number in range(6):
         assert services.tend(connection, config, Log(), now) == 1
@@ -453,6 +461,33 @@ def test_service_backoff_doubles_with_quick_exits_is_capped_and_resets(cluster_h
         "SELECT idempotency_key FROM tasks ORDER BY task_id")]
     added = int(connection.execute("SELECT created_at FROM services").fetchone()[0] * 1000)
     assert starts == ["service:svc:%d:-:%d" % (added, n) for n in range(1, 7)]
+
+
+def test_a_failing_service_stays_failing_while_it_tries_again(crash_loop):
+    """Until a new run outlasts service_quick_exit, a crash loop is not
+    `running` (rc status would count it so at each try)."""
+    from rc import services
+    config, connection = crash_loop
+    now = 1000.0
+    for _ in range(3):
+        services.tend(connection, config, Log(), now)
+        task_id = services.get(connection, config, "svc", now)["runs"][0]["task_id"]
+        end_run(connection, task_id, "failed", now, now + 1.0, {"exit_code": 1}, "exit 1")
+        services.tend(connection, config, Log(), now + 1.0)          # takes the end in
+        now += 9.0
+    assert services.tend(connection, config, Log(), now) == 1
+    record = services.get(connection, config, "svc", now)
+    assert record["runs"][0]["state"] == "failing (3 quick exits; starting again)"
+    assert record["state"] == "failing"
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'running', device_id = 'pi',"
+                           " started_at = ? WHERE task_id = ?",
+                           (now, record["runs"][0]["task_id"]))
+    record = services.get(connection, config, "svc", now + 29.0)
+    assert record["runs"][0]["state"] == "failing (3 quick exits; trying again on pi)"
+    assert record["state"] == "failing"
+    record = services.get(connection, config, "svc", now + 31.0)
+    assert record["runs"][0]["state"] == "running on pi" and record["state"] == "running"
 
 
 def test_a_service_added_again_under_its_name_starts_a_new_run(cluster_home, add_device):

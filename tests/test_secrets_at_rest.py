@@ -72,6 +72,19 @@ def run_tasks_on_both(cluster):
                          "hello")
 
 
+def actors_since(cluster, lines_before, event):
+    """Who the audit log names for `event` past its first `lines_before` lines."""
+    return {line["actor"] for line in audit.read(cluster.config)[lines_before:]
+            if line["event"] == event}
+
+
+def wait_for_actors(cluster, lines_before, event, devices):
+    """rc-server writes a register's audit line once its transaction has
+    committed: a moment after online() sees the device."""
+    wait_for(lambda: actors_since(cluster, lines_before, event) >= set(devices), 10,
+             "%s audit lines for %s" % (event, ", ".join(sorted(devices))))
+
+
 def undo_migrations_after(connection, version):
     """Take the devices table back to schema `version`: drop what the later
     migrations added to it (columns and triggers)."""
@@ -263,9 +276,8 @@ def test_devices_that_joined_before_the_upgrade_keep_connecting(cluster):
     output = restart(cluster, as_an_older_version_left_it)
     assert "2 device secrets were in the database in clear; now sealed" in output
     assert device_secrets_held(cluster) == held        # no device had to join again
-    since = audit.read(cluster.config)[joined_before:]
-    assert {line["actor"] for line in since if line["event"] == "device_connected"} >= set(held)
-    assert not [line for line in since if line["event"] == "device_joined"]
+    wait_for_actors(cluster, joined_before, "device_connected", held)
+    assert not actors_since(cluster, joined_before, "device_joined")
     for device_id, secret in held.items():
         assert files_holding(database_files(cluster), secret) == [], device_id
     run_tasks_on_both(cluster)
@@ -275,23 +287,28 @@ def test_devices_that_joined_before_the_upgrade_keep_connecting(cluster):
 def test_restored_onto_a_node_with_another_device_key_devices_join_again(cluster):
     held = device_secrets_held(cluster)
     backup = str(cluster.outside / "before-the-move.db")
-    assert cluster.rc("backup", backup).returncode == 0
     said = {}
 
     def restore_with_a_new_key():
         os.remove(os.path.join(cluster.home, "device_key"))
         said["restore"] = cluster.rc("restore", backup).stdout
 
-    joined_before = len(audit.read(cluster.config))
-    restart(cluster, restore_with_a_new_key)
-    assert "2 devices in the backup were sealed with another main node's device key" \
-        in said["restore"]
-    since = audit.read(cluster.config)[joined_before:]
-    assert {line["actor"] for line in since if line["event"] == "device_joined"} >= set(held)
-    # A worker writes its new secret just after the main node records its
-    # join (which is all online() sees): wait for the files too.
-    now = wait_for(lambda: (lambda found: found if set(found) == set(held) else None)(
-        device_secrets_held(cluster)), 10, "both workers' new secrets")
-    assert all(now[d] != held[d] for d in held)
-    run_tasks_on_both(cluster)
-    shutil.rmtree(str(cluster.outside))
+    def all_renewed():
+        # A worker writes its new secret just after the main node records its
+        # join (which is all online() sees), over the old one: until then
+        # the file holds the secret the moved database can no longer open.
+        found = device_secrets_held(cluster)
+        return found if set(found) == set(held) and all(
+            found[d] != held[d] for d in held) else None
+
+    try:
+        assert cluster.rc("backup", backup).returncode == 0
+        joined_before = len(audit.read(cluster.config))
+        restart(cluster, restore_with_a_new_key)
+        assert "2 devices in the backup were sealed with another main node's device key" \
+            in said["restore"]
+        wait_for_actors(cluster, joined_before, "device_joined", held)
+        wait_for(all_renewed, 10, "both workers' new secrets")
+        run_tasks_on_both(cluster)
+    finally:
+        shutil.rmtree(str(cluster.outside))

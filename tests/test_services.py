@@ -80,20 +80,22 @@ def test_a_killed_service_process_is_restarted(cluster):
 
 
 def test_stop_cancels_the_run_and_nothing_restarts_it_until_start(cluster):
-    wait_for(lambda: running(cluster, "sleeper"), 30, "the service to run")
-    task_id = run_of(cluster, "sleeper")["task_id"]
-    stopped = cluster.rc("service", "stop", "sleeper").stdout
-    assert stopped == "sleeper stopped: 1 run cancelled\n"
-    wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
-                                        (task_id,)).fetchone()[0] == "cancelled", 30,
-             "the run to be cancelled")
-    wait_for(lambda: process_with(["sleep", "6011"]) is None, 10, "its process to end")
-    time.sleep(1.5)
-    record = state_of(cluster, "sleeper")
-    assert record["state"] == "stopped" and record["runs"][0]["task_id"] == task_id
-    cluster.rc("service", "start", "sleeper")
-    wait_for(lambda: running(cluster, "sleeper"), 30, "the service to run again")
-    cluster.rc("service", "remove", "sleeper")
+    try:
+        wait_for(lambda: running(cluster, "sleeper"), 30, "the service to run")
+        task_id = run_of(cluster, "sleeper")["task_id"]
+        stopped = cluster.rc("service", "stop", "sleeper").stdout
+        assert stopped == "sleeper stopped: 1 run cancelled\n"
+        wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                            (task_id,)).fetchone()[0] == "cancelled", 30,
+                 "the run to be cancelled")
+        wait_for(lambda: process_with(["sleep", "6011"]) is None, 10, "its process to end")
+        time.sleep(1.5)
+        record = state_of(cluster, "sleeper")
+        assert record["state"] == "stopped" and record["runs"][0]["task_id"] == task_id
+        cluster.rc("service", "start", "sleeper")
+        wait_for(lambda: running(cluster, "sleeper"), 30, "the service to run again")
+    finally:
+        cluster.rc("service", "remove", "sleeper", check=False)
     wait_for(lambda: process_with(["sleep", "6011"]) is None, 10, "its process to end")
 
 
@@ -102,43 +104,57 @@ def test_a_service_moves_when_its_device_is_forgotten(cluster):
     cluster.rc("label", "s3", "pool=move")
     cluster.rc("service", "add", "mover", "shell", "exec sleep 6012",
                "--require", "label.pool=move")
-    first = wait_for(lambda: running(cluster, "mover"), 30, "the service to run")
-    gone = first["device_id"]
-    other = ({"s2", "s3"} - {gone}).pop()
-    cluster.rc("forget", gone)
-    moved = wait_for(lambda: (running(cluster, "mover") or {}).get("device_id") == other
-                     and running(cluster, "mover"), 30, "the move to %s" % other)
-    assert moved["task_id"] == first["task_id"]     # the same run, its next attempt
-    cluster.rc("service", "remove", "mover")
+    try:
+        first = wait_for(lambda: running(cluster, "mover"), 30, "the service to run")
+        gone = first["device_id"]
+        other = ({"s2", "s3"} - {gone}).pop()
+        cluster.rc("forget", gone)
+        moved = wait_for(lambda: (running(cluster, "mover") or {}).get("device_id") == other
+                         and running(cluster, "mover"), 30, "the move to %s" % other)
+        assert moved["task_id"] == first["task_id"]     # the same run, its next attempt
+    finally:
+        cluster.rc("service", "remove", "mover", check=False)
+
+
+def service_starts(cluster, name):
+    """When each of a service's runs was made, oldest first."""
+    return [row[0] for row in cluster.db.execute(
+        "SELECT created_at FROM tasks WHERE idempotency_key LIKE ? ORDER BY task_id",
+        ("service:%s:%%" % name,))]
 
 
 def test_a_command_that_exits_at_once_backs_off_then_shows_failing(cluster):
     cluster.rc("service", "add", "crasher", "shell", "echo boom >&2; exit 3",
                "--require", "device=s1")
-    def failing_run():
-        run = run_of(cluster, "crasher")
-        return run if run and run["state"].startswith("failing") else None
-    failing = wait_for(failing_run, 30, "the failing state")
-    assert failing["quick_exits"] >= 3
-    assert failing["last_error"] == "failed (exit 3): boom", failing
-    assert state_of(cluster, "crasher")["state"] == "failing"
-    time.sleep(3.0)
-    starts = [row[0] for row in cluster.db.execute(
-        "SELECT created_at FROM tasks WHERE idempotency_key LIKE 'service:crasher:%'"
-        " ORDER BY task_id")]
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
-    assert len(starts) < 12, "restarted %d times: a tight loop" % len(starts)
-    assert all(gap >= 0.15 for gap in gaps), gaps
-    assert gaps[-1] >= 1.5, gaps                    # the cap, once failing
-    logs = cluster.rc("service", "logs", "crasher").stdout
-    assert "stderr:\nboom" in logs and "failed on s1" in logs
-    status = cluster.rc("status").stdout
-    assert "services_failing: 1" in status
-    text = cluster.rc("service", "list", "--tsv").stdout
-    assert "crasher\tshell echo boom" in text
-    cluster.rc("service", "stop", "crasher")
-    assert state_of(cluster, "crasher")["state"] == "stopped"
-    cluster.rc("service", "remove", "crasher")
+    try:
+        def failing_run():
+            run = run_of(cluster, "crasher")
+            return run if run and run["state"].startswith("failing") else None
+        failing = wait_for(failing_run, 30, "the failing state")
+        assert failing["quick_exits"] >= 3
+        assert failing["last_error"] == "failed (exit 3): boom", failing
+        # Two more tries: the second waited the capped backoff. Failing the
+        # whole time, while a try runs as well as between tries.
+        tries = len(service_starts(cluster, "crasher")) + 2
+        def tried_twice_more():
+            assert state_of(cluster, "crasher")["state"] == "failing"
+            return len(service_starts(cluster, "crasher")) >= tries
+        wait_for(tried_twice_more, 30, "two more tries")
+        starts = service_starts(cluster, "crasher")
+        gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+        assert len(starts) < 12, "restarted %d times: a tight loop" % len(starts)
+        assert all(gap >= 0.15 for gap in gaps), gaps
+        assert gaps[-1] >= 1.5, gaps                    # the cap, once failing
+        logs = cluster.rc("service", "logs", "crasher").stdout
+        assert "stderr:\nboom" in logs and "failed on s1" in logs
+        status = cluster.rc("status").stdout
+        assert "services_failing: 1" in status
+        text = cluster.rc("service", "list", "--tsv").stdout
+        assert "crasher\tshell echo boom" in text
+        cluster.rc("service", "stop", "crasher")
+        assert state_of(cluster, "crasher")["state"] == "stopped"
+    finally:
+        cluster.rc("service", "remove", "crasher", check=False)
 
 
 def test_rows_no_program_would_write_and_junk_requests_harm_nothing_else(cluster):
@@ -146,51 +162,53 @@ def test_rows_no_program_would_write_and_junk_requests_harm_nothing_else(cluster
     service running while broken schedule and service rows sit next to
     them; rc-web answers junk bodies with 400s."""
     token = state_dir.read_secret(cluster.config.admin_token_path)
-    with unharmed(cluster, "s1"):
+    try:
+        with unharmed(cluster, "s1"):
+            with db.write(cluster.db):
+                for name, cron, zone, task in (("x-json", "@every 1s", None, "{not json"),
+                                               ("x-cron", "every day", None, GOOD_TASK),
+                                               ("x-zone", "@daily", "Nowhere/Else", GOOD_TASK),
+                                               ("x-null", "@every 1s", None, "null")):
+                    cluster.db.execute("INSERT INTO schedules(name, cron, time_zone, task,"
+                                       " created_at, next_fire) VALUES (?, ?, ?, ?, 0, 1)",
+                                       (name, cron, zone, task))
+                for name, task in (("x-svc-json", "{not json"), ("x-svc-null", "null"),
+                                   ("x-svc-type", '{"task_type": "nope", "payload": {}}')):
+                    cluster.db.execute("INSERT INTO services(name, task, each, created_at)"
+                                       " VALUES (?, ?, ?, 0)", (name, task, int("null" in task)))
+            cluster.rc("schedule", "add", "good-tick", "@every 1s", "echo", "tick")
+            cluster.rc("service", "add", "good-svc", "shell", "exec sleep 6015",
+                       "--require", "device=s1")
+            for body in (b"[", b"[]", b'{"name": "a", "cron": 5}', b"\xff" * 100,
+                         b'{"name": "a", "task_type": {"x": 1}}'):
+                for path in ("/api/v1/schedules", "/api/v1/services"):
+                    request = urllib.request.Request(
+                        "http://127.0.0.1:%d%s" % (cluster.config.web_port, path), data=body,
+                        headers={"Authorization": "Bearer " + token,
+                                 "Content-Type": "application/json"})
+                    with pytest.raises(urllib.error.HTTPError) as refused:
+                        urllib.request.urlopen(request, timeout=10)
+                    assert refused.value.code == 400
+            wait_for(lambda: cluster.db.execute(
+                "SELECT count(*) FROM tasks WHERE idempotency_key LIKE 'schedule:good-tick:%'"
+            ).fetchone()[0] >= 2, 15, "the good schedule to fire twice")
+            wait_for(lambda: running(cluster, "good-svc"), 30, "the good service")
+            outcomes = {row[0]: row[1] for row in cluster.db.execute(
+                "SELECT name, last_outcome FROM schedules WHERE name LIKE 'x-%'")}
+            assert outcomes["x-json"].startswith("not submitted")
+            assert "paused" in outcomes["x-cron"] and "paused" in outcomes["x-zone"]
+            assert "Nowhere/Else" in outcomes["x-zone"]
+            listed = {s["name"]: s for s in json.loads(cluster.rc("service", "list",
+                                                                  "--json").stdout)}
+            assert listed["x-svc-json"]["task"]["task_type"] == "unreadable"
+            assert "not started" in listed["x-svc-type"]["runs"][0]["last_error"]
+            assert "x-json" in cluster.rc("schedule", "list").stdout
+    finally:
         with db.write(cluster.db):
-            for name, cron, zone, task in (("x-json", "@every 1s", None, "{not json"),
-                                           ("x-cron", "every day", None, GOOD_TASK),
-                                           ("x-zone", "@daily", "Nowhere/Else", GOOD_TASK),
-                                           ("x-null", "@every 1s", None, "null")):
-                cluster.db.execute("INSERT INTO schedules(name, cron, time_zone, task,"
-                                   " created_at, next_fire) VALUES (?, ?, ?, ?, 0, 1)",
-                                   (name, cron, zone, task))
-            for name, task in (("x-svc-json", "{not json"), ("x-svc-null", "null"),
-                               ("x-svc-type", '{"task_type": "nope", "payload": {}}')):
-                cluster.db.execute("INSERT INTO services(name, task, each, created_at)"
-                                   " VALUES (?, ?, ?, 0)", (name, task, int("null" in task)))
-        cluster.rc("schedule", "add", "good-tick", "@every 1s", "echo", "tick")
-        cluster.rc("service", "add", "good-svc", "shell", "exec sleep 6015",
-                   "--require", "device=s1")
-        for body in (b"[", b"[]", b'{"name": "a", "cron": 5}', b"\xff" * 100,
-                     b'{"name": "a", "task_type": {"x": 1}}'):
-            for path in ("/api/v1/schedules", "/api/v1/services"):
-                request = urllib.request.Request(
-                    "http://127.0.0.1:%d%s" % (cluster.config.web_port, path), data=body,
-                    headers={"Authorization": "Bearer " + token,
-                             "Content-Type": "application/json"})
-                with pytest.raises(urllib.error.HTTPError) as refused:
-                    urllib.request.urlopen(request, timeout=10)
-                assert refused.value.code == 400
-        wait_for(lambda: cluster.db.execute(
-            "SELECT count(*) FROM tasks WHERE idempotency_key LIKE 'schedule:good-tick:%'"
-        ).fetchone()[0] >= 2, 15, "the good schedule to fire twice")
-        wait_for(lambda: running(cluster, "good-svc"), 30, "the good service")
-        outcomes = {row[0]: row[1] for row in cluster.db.execute(
-            "SELECT name, last_outcome FROM schedules WHERE name LIKE 'x-%'")}
-        assert outcomes["x-json"].startswith("not submitted")
-        assert "paused" in outcomes["x-cron"] and "paused" in outcomes["x-zone"]
-        assert "Nowhere/Else" in outcomes["x-zone"]
-        listed = {s["name"]: s for s in json.loads(cluster.rc("service", "list",
-                                                              "--json").stdout)}
-        assert listed["x-svc-json"]["task"]["task_type"] == "unreadable"
-        assert "not started" in listed["x-svc-type"]["runs"][0]["last_error"]
-        assert "x-json" in cluster.rc("schedule", "list").stdout
-    with db.write(cluster.db):
-        cluster.db.execute("DELETE FROM schedules WHERE name LIKE 'x-%'")
-        cluster.db.execute("DELETE FROM services WHERE name LIKE 'x-%'")
-    cluster.rc("schedule", "remove", "good-tick")
-    cluster.rc("service", "remove", "good-svc")
+            cluster.db.execute("DELETE FROM schedules WHERE name LIKE 'x-%'")
+            cluster.db.execute("DELETE FROM services WHERE name LIKE 'x-%'")
+        cluster.rc("schedule", "remove", "good-tick", check=False)
+        cluster.rc("service", "remove", "good-svc", check=False)
 
 
 def test_a_service_on_a_phone_pauses_on_battery_and_says_why(cluster, tmp_path, monkeypatch):
@@ -206,19 +224,21 @@ def test_a_service_on_a_phone_pauses_on_battery_and_says_why(cluster, tmp_path, 
     wait_for(lambda: "phone" in online(cluster), 30, "the phone")
     cluster.rc("service", "add", "pocket", "shell", "exec sleep 6013", "--each",
                "--require", "device=phone")
-    first = wait_for(lambda: running(cluster, "pocket"), 30, "the service on the phone")
-    assert first["place"] == "phone"
-    (battery / "capacity").write_text("20\n")
-    def paused_run():
-        run = run_of(cluster, "pocket")
-        return run if run["state"].startswith("paused") else None
-    paused = wait_for(paused_run, 30, "the pause")
-    assert paused["state"].startswith("paused: phone unavailable: battery 20%"), paused
-    assert state_of(cluster, "pocket")["state"] == "paused"
-    wait_for(lambda: process_with(["sleep", "6013"]) is None, 10, "its process to end")
-    (battery / "capacity").write_text("90\n")
-    wait_for(lambda: running(cluster, "pocket"), 30, "the service back on the phone")
-    cluster.rc("service", "remove", "pocket")
+    try:
+        first = wait_for(lambda: running(cluster, "pocket"), 30, "the service on the phone")
+        assert first["place"] == "phone"
+        (battery / "capacity").write_text("20\n")
+        def paused_run():
+            run = run_of(cluster, "pocket")
+            return run if run["state"].startswith("paused") else None
+        paused = wait_for(paused_run, 30, "the pause")
+        assert paused["state"].startswith("paused: phone unavailable: battery 20%"), paused
+        assert state_of(cluster, "pocket")["state"] == "paused"
+        wait_for(lambda: process_with(["sleep", "6013"]) is None, 10, "its process to end")
+        (battery / "capacity").write_text("90\n")
+        wait_for(lambda: running(cluster, "pocket"), 30, "the service back on the phone")
+    finally:
+        cluster.rc("service", "remove", "pocket", check=False)
 
 
 def test_bad_input_is_refused_and_writes_nothing(cluster):
@@ -226,19 +246,21 @@ def test_bad_input_is_refused_and_writes_nothing(cluster):
 
     def names():
         return [s["name"] for s in json.loads(cluster.rc("service", "list", "--json").stdout)]
-    before = names()
-    for argv, words in (
-            (["dup", "echo", "y"], "a service named 'dup' exists"),
-            (["new", "nonsense", "y"], "unknown task type 'nonsense'"),
-            (["new", "sleep", "forever"], "sleep seconds must be a number"),
-            (["new", "echo", "y", "--require", "wings=2"], "unknown requirement"),
-            (["no/slash", "echo", "y"], "service name 'no/slash'")):
-        done = cluster.rc("service", "add", *argv, check=False)
-        assert done.returncode != 0 and words in done.stderr, done.stderr
-    assert names() == before == ["dup"]
-    done = cluster.rc("service", "stop", "nobody", check=False)
-    assert done.returncode == 1 and "no service 'nobody'" in done.stderr
-    cluster.rc("service", "remove", "dup")
+    try:
+        before = names()
+        for argv, words in (
+                (["dup", "echo", "y"], "a service named 'dup' exists"),
+                (["new", "nonsense", "y"], "unknown task type 'nonsense'"),
+                (["new", "sleep", "forever"], "sleep seconds must be a number"),
+                (["new", "echo", "y", "--require", "wings=2"], "unknown requirement"),
+                (["no/slash", "echo", "y"], "service name 'no/slash'")):
+            done = cluster.rc("service", "add", *argv, check=False)
+            assert done.returncode != 0 and words in done.stderr, done.stderr
+        assert names() == before == ["dup"]
+        done = cluster.rc("service", "stop", "nobody", check=False)
+        assert done.returncode == 1 and "no service 'nobody'" in done.stderr
+    finally:
+        cluster.rc("service", "remove", "dup", check=False)
 
 
 def test_a_service_moves_when_its_device_dies(cluster):

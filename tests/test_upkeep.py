@@ -4,10 +4,11 @@ tasks, temporary files and the WAL; and `rc stats`."""
 import io
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from rc import alerts, commands, db, housekeeping, stats, tasks
+from rc import alerts, commands, db, fleet, housekeeping, map_cli, stats, tasks
 from rc.log import Logger
 
 
@@ -134,6 +135,58 @@ def test_finished_tasks_past_retention_are_pruned_with_their_events(cluster_home
                               % ",".join(map(str, old))).fetchone()[0] == 0
     assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
     assert housekeeping.prune_tasks(connection, 0, now + 10 ** 9) == 0    # 0: keep for ever
+
+
+def a_map(connection, config, inputs, queued=True):
+    """A map as `rc map` records it (map_cli.create_group), with an echo
+    task per input unless it stopped before queueing any."""
+    jobs = [SimpleNamespace(number=n, value=v, blob=None) for n, v in enumerate(inputs, 1)]
+    group_id = map_cli.create_group(connection, SimpleNamespace(
+        task_type="echo", shared={}, template=SimpleNamespace(text="{}"), outputs=[],
+        requirements={}, options={}, total=len(inputs), into=None, to_run=jobs))
+    for job in jobs if queued else ():
+        task_id = tasks.submit(connection, config, "echo", {"message": job.value},
+                               group_id=group_id)
+        with db.write(connection):
+            connection.execute("UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
+                               (task_id, group_id, job.number))
+    return group_id
+
+
+def group_tasks(connection, group_id):
+    return [row[0] for row in connection.execute(
+        "SELECT task_id FROM tasks WHERE group_id = ? ORDER BY task_id", (group_id,))]
+
+
+def test_groups_and_maps_left_without_a_task_are_pruned_after_them(cluster_home, add_device):
+    config, connection = cluster_home
+    add_device("pi")
+    config.task_retention, now = 60, time.time()
+    gone = a_map(connection, config, ["a", "b"])            # every task past retention
+    kept = a_map(connection, config, ["c", "d"])            # one task ended just now
+    stopped = a_map(connection, config, ["e"], queued=False)     # Ctrl-C before any task
+    each = fleet.submit_each(connection, config, "echo", {"message": "f"})
+    joining = fleet.submit_each(connection, config, "echo", {"message": "g"}, include_new=True)
+    old = [gone, kept, stopped, each, joining]
+    with db.write(connection):
+        connection.execute("UPDATE task_groups SET created_at = ? WHERE group_id IN (%s)"
+                           % ",".join(map(str, old)), (now - 100,))
+    fresh = a_map(connection, config, ["h"], queued=False)  # rc map writing it now
+    recent = group_tasks(connection, kept)[1]
+    for group_id in (gone, kept, each, joining):
+        for task_id in group_tasks(connection, group_id):
+            ended = now - 1 if task_id == recent else now - 90
+            finish(connection, task_id, "completed", ended - 1, ended)
+    done = housekeeping.sweep(connection, config, Logger("t", "info", Lines()), now)
+    assert (done["tasks_pruned"], done["groups_pruned"]) == (5, 3)
+    groups = {row[0] for row in connection.execute("SELECT group_id FROM task_groups")}
+    assert groups == {kept, joining, fresh}         # joining: devices that join get one
+    assert {row[0] for row in connection.execute("SELECT group_id FROM maps")} == {kept, fresh}
+    assert {row[0] for row in connection.execute("SELECT group_id FROM map_jobs")} == \
+        {kept, fresh}
+    assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert housekeeping.prune_groups(connection, 0, now + 10 ** 9) == 0   # 0: keep for ever
+    assert housekeeping.prune_groups(connection, 60, now + 10 ** 9) == 1  # fresh, in time
 
 
 def test_the_wal_is_truncated_past_its_limit(cluster_home):

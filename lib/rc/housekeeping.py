@@ -1,5 +1,6 @@
 """Housekeeping the reaper does once a minute: finished tasks past
-`task_retention` are deleted with their events, leftover temporary files are
+`task_retention` are deleted with their events, then the groups and maps
+left without a task, leftover temporary files are
 removed, stored files past `files_retention_days` are deleted
 (lib/rc/files.py), rc-cli.log is rotated, and the write-ahead log is truncated when it
 has grown past `wal_checkpoint_bytes` (the dashboard's readers keep SQLite
@@ -22,12 +23,13 @@ TEMPORARY_PATTERNS = ("tmp/*", "*.partial", "*.new", "db/*.partial")
 def sweep(connection, config, log, now):
     """Everything below, once; returns what it did (for the log and tests)."""
     done = {"tasks_pruned": prune_tasks(connection, config.task_retention, now),
+            "groups_pruned": prune_groups(connection, config.task_retention, now),
             "temp_files_removed": clean_temp(config.home, config.temp_file_age, now),
             "cli_log_rotated": rotate_cli_log(config.log_dir),
             "files_removed": files.sweep(connection, config, now)}
     done.update(checkpoint(connection, config.wal_checkpoint_bytes))
-    if done["tasks_pruned"] or done["temp_files_removed"] or done["wal_checkpointed"] \
-            or done["files_removed"]:
+    if done["tasks_pruned"] or done["groups_pruned"] or done["temp_files_removed"] \
+            or done["wal_checkpointed"] or done["files_removed"]:
         log.info("housekeeping", **done)
     return done
 
@@ -37,19 +39,44 @@ def prune_tasks(connection, retention, now):
     their events and dependency links; 0 keeps them for ever."""
     if not retention:
         return 0
+
+    def delete(ids, marks):
+        connection.execute("DELETE FROM task_dependencies WHERE task_id IN (%s)"
+                           " OR depends_on IN (%s)" % (marks, marks), ids + ids)
+        connection.execute("DELETE FROM task_events WHERE task_id IN (%s)" % marks, ids)
+        connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
+    return delete_in_chunks(
+        connection, "SELECT task_id FROM tasks WHERE finished_at < ? AND state IN (%s)"
+        " ORDER BY task_id" % db.sql_list(TERMINAL_STATES), now - retention, delete)
+
+
+def prune_groups(connection, retention, now):
+    """Delete task groups made more than `retention` seconds ago that no
+    task is left in (pruned above, or a map stopped before it queued any),
+    with a map's rows. A group devices that join later still get a task
+    from (include_new) stays, tasks or not; 0 keeps them for ever."""
+    if not retention:
+        return 0
+
+    def delete(ids, marks):
+        for table in ("map_jobs", "maps", "task_groups"):
+            connection.execute("DELETE FROM %s WHERE group_id IN (%s)" % (table, marks), ids)
+    return delete_in_chunks(
+        connection, "SELECT group_id FROM task_groups g WHERE created_at < ? AND include_new = 0"
+        " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.group_id = g.group_id)"
+        " ORDER BY group_id", now - retention, delete)
+
+
+def delete_in_chunks(connection, select, before, delete):
+    """delete(ids, marks) the ids `select` finds (made or ended `before`),
+    PRUNE_CHUNK per transaction; how many in all."""
     total = 0
-    terminal = db.sql_list(TERMINAL_STATES)
     while True:
         with db.write(connection):
-            ids = [row[0] for row in connection.execute(
-                "SELECT task_id FROM tasks WHERE finished_at < ? AND state IN (%s)"
-                " ORDER BY task_id LIMIT ?" % terminal, (now - retention, PRUNE_CHUNK))]
+            ids = [row[0] for row in connection.execute(select + " LIMIT ?",
+                                                        (before, PRUNE_CHUNK))]
             if ids:
-                marks = ",".join("?" * len(ids))
-                connection.execute("DELETE FROM task_dependencies WHERE task_id IN (%s)"
-                                   " OR depends_on IN (%s)" % (marks, marks), ids + ids)
-                connection.execute("DELETE FROM task_events WHERE task_id IN (%s)" % marks, ids)
-                connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
+                delete(ids, ",".join("?" * len(ids)))
         total += len(ids)
         if len(ids) < PRUNE_CHUNK:
             return total

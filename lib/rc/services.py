@@ -328,21 +328,37 @@ def service_dict(connection, config, row, now):
 
 def run_state(config, service, run, task, now, connection):
     """What a run is doing, in words: running on pi4, starting, paused: why,
-    restarting in 4s, failing (6 quick exits; next try in 60s), stopped."""
+    restarting in 4s, failing (6 quick exits; next try in 60s), failing (6
+    quick exits; trying again on pi4), stopped."""
     if service["stopped"]:
         return STOPPED
     if task is not None and task["state"] not in TERMINAL_STATES:
+        trying_again = still_failing(config, run, task, now)
         if task["state"] == RUNNING and not task["cancel_requested"]:
-            return "%s on %s" % (RUNNING_STATE, task["device_id"])
+            where = "on %s" % task["device_id"]
+            return ("failing (%d quick exits; trying again %s)" % (run["quick_exits"], where)
+                    if trying_again else "%s %s" % (RUNNING_STATE, where))
         if run["note"]:
             return run["note"]
-        return waiting_for_device(connection, run["place"]) or STARTING
+        return waiting_for_device(connection, run["place"]) or (
+            "failing (%d quick exits; starting again)" % run["quick_exits"]
+            if trying_again else STARTING)
     if run["note"]:                # paused, between one run's end and the next's start
         return run["note"]
     wait = max(0.0, run["restart_at"] - now)
     if run["quick_exits"] >= config.service_failing_after:
         return "failing (%d quick exits; next try in %.0fs)" % (run["quick_exits"], wait)
     return "restarting in %.0fs" % wait if task is not None or run["last_error"] else STARTING
+
+
+def still_failing(config, run, task, now):
+    """Whether a failing service's new run has yet to outlast
+    service_quick_exit: until it does, the service is still `failing`, so
+    `rc status` does not count a crash loop as running at each try."""
+    if run["quick_exits"] < config.service_failing_after:
+        return False
+    return task["state"] != RUNNING or now - (task["started_at"] or now) < \
+        config.service_quick_exit
 
 
 def waiting_for_device(connection, place):
