@@ -381,6 +381,14 @@ def test_cluster_submit_map_and_failures(cluster, rc_cluster):
         rc_cluster.submit("nonsense").result(60)
 
 
+def test_a_session_whose_group_was_pruned_goes_on_in_a_new_one(rc_cluster):
+    assert rc_cluster.submit("echo", "before").result(60) == "before"
+    old = rc_cluster.group_id
+    rc_cluster.group_id = 10 ** 9        # as if housekeeping had pruned it (idle 30 days)
+    assert rc_cluster.submit("echo", "after").result(60) == "after"
+    assert rc_cluster.group_id not in (None, old, 10 ** 9)
+
+
 def test_put_and_get_files(rc_cluster):
     stored = rc_cluster.put(b"one\ntwo\n")
     assert stored["size"] == 8

@@ -434,6 +434,11 @@ class Cluster:
             try:
                 answer = self.http.json("POST", "/api/v1/tasks" + query, raw_body=body)
             except ClusterError as e:
+                if e.status == 404 and self.group_id is not None:
+                    # Our session's group was pruned (idle past task_retention):
+                    # nothing of it is pending, so a new one does.
+                    self.group_id = None
+                    continue
                 refused = refused_task(e, len(batch))
                 if refused is None:
                     return self.fail(futures, e)
