@@ -364,6 +364,9 @@ class Session:
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
+        if not files.asked_for(self.connection, task_id, name):
+            raise Refusal("bad_name", "output name %r matches none of task %d's --output"
+                          " globs" % (name[:200], task_id))
         stored = files.stored_size(self.connection, sha256)
         if stored is not None:
             if stored != size:
@@ -371,11 +374,12 @@ class Session:
             # Held already (another task stored the same bytes): nothing to send.
             self.send({"ok": True, "have": size})
         else:
+            partial = files.put_partial_name(task_id, attempt, name, sha256)
             try:
-                files.check_room(self.connection, self.config, size)
+                room = files.check_room(self.connection, self.config, size, partial=partial)
             except files.FileStoreError as e:
                 raise Refusal(e.code, str(e))
-            self.receive(task_id, attempt, name, size, sha256)
+            self.receive(partial, name, size, sha256, room)
         self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})
 
@@ -399,12 +403,11 @@ class Session:
                 raise Refusal("bad_name", "output name %r %s" % (str(name)[:200], problem))
         return task_id, attempt, name, size, sha256
 
-    def receive(self, task_id, attempt, name, size, sha256):
-        partial = files.put_partial_name(task_id, attempt, name, sha256)
+    def receive(self, partial, name, size, sha256, room):
         if not self.server.claim_partial(partial):
             raise Refusal("busy", "%s is being stored by another connection" % name)
         try:
-            writer = files.Writer(self.config, partial)
+            writer = files.Writer(self.config, partial, room)
             if writer.have > size:
                 writer.truncate()
             self.send({"ok": True, "have": writer.have})

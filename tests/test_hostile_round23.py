@@ -1,0 +1,263 @@
+"""Round 23's attacks on what issues 18, 19 and 22 built, against a real
+cluster on 127.0.0.1: a hostile device (it holds the join token and its own
+secret, and the tasks the scheduler gives it) against rc-files and
+rc-server, and a submitter's worst cron lines against rc-web. After each
+attack the programs keep their pids and a good worker's tasks complete
+(hostile_harness.unharmed)."""
+import hashlib
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from hostile_harness import readable_by_others, unharmed
+from rc import files, protocol, tasks
+from test_bad_input import answered_or_closed, connect, error_code, read_frame, register_frame
+from test_files_hostile import ask, authenticated, closed
+from test_hostile_web import request
+
+pytestmark = pytest.mark.e2e
+
+QUOTA_MB = 8
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("hostile-round23"), auth_timeout=2.0,
+                      files_quota_mb=QUOTA_MB)
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker("good", "--slots", "2")
+        wait_for(lambda: "good" in online(cluster), 30, "the good worker")
+        cluster.token = open(cluster.config.token_path).read().strip()
+        cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
+        yield cluster
+    finally:
+        cluster.stop()
+    assert readable_by_others(cluster.home) == []
+
+
+class HostileDevice:
+    """A device that joined with the token and speaks rc-server's protocol
+    by hand: it accepts what it is given and answers what it likes."""
+
+    def __init__(self, cluster, device_id):
+        self.cluster, self.device_id = cluster, device_id
+        sock, nonce = connect(cluster)
+        mine = protocol.new_nonce()
+        sock.sendall(register_frame(cluster, nonce, device_id, mine=mine, task_types=["shell"],
+                                    slots=4))
+        ack = read_frame(sock, timeout=10)
+        assert ack["message_type"] == "register_ack", ack
+        cluster.secrets = {device_id: protocol.unseal(cluster.token, nonce, mine, device_id,
+                                                      ack["data"]["device_secret"])}
+        self.sock = sock
+
+    def take(self, command, *options):
+        """A shell task for this device, submitted as a user would, accepted:
+        (task_id, attempt), which it now holds."""
+        done = self.cluster.rc("submit", "shell", command, "--require",
+                               "device_id=%s" % self.device_id, *options)
+        task_id = int(done.stdout.strip())
+        while True:
+            frame = read_frame(self.sock, timeout=20)
+            assert frame is not None, "rc-server closed the hostile device's connection"
+            if frame["message_type"] == "task_assign" and frame["data"]["task_id"] == task_id:
+                break
+        attempt = frame["data"]["attempt"]
+        self.send("task_accept", {"task_id": task_id, "attempt": attempt})
+        wait_for(lambda: tasks.get(self.cluster.db, task_id)["state"] == "running", 20,
+                 "task %d to run on %s" % (task_id, self.device_id))
+        return task_id, attempt
+
+    def send(self, kind, data):
+        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
+
+    def answer(self, kind, data):
+        """Send a frame; the first frame back that is not an assignment or a ping."""
+        self.send(kind, data)
+        while True:
+            frame = answered_or_closed(self.sock)
+            if frame is None or frame["message_type"] not in ("task_assign", "ping"):
+                return frame
+
+
+@pytest.fixture(scope="module")
+def mallory(cluster):
+    device = HostileDevice(cluster, "mallory")
+    wait_for(lambda: "mallory" in online(cluster), 20, "mallory to be online")
+    yield device
+    device.sock.close()
+
+
+def files_on_disk(cluster):
+    """Bytes under the file store: blobs and partial files alike."""
+    total = 0
+    for directory, _, names in os.walk(files.root(cluster.config)):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(directory, name))
+            except OSError:
+                pass
+    return total
+
+
+def start_put(cluster, task_id, attempt, name, size):
+    """An rc-files put as mallory of `size` bytes of a made-up hash: the
+    connection and rc-files' first answer."""
+    sock, reader, welcome = authenticated(cluster)
+    assert welcome == {"ok": True}
+    answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt, "name": name,
+                                        "size": size, "sha256": os.urandom(32).hex()}})
+    return sock, reader, answer
+
+
+def send_until_refused(sock, count):
+    """Send up to `count` bytes; how many went before rc-files hung up."""
+    sent, block = 0, b"\0" * (256 * 1024)
+    try:
+        while sent < count:
+            sock.sendall(block[:min(len(block), count - sent)])
+            sent += min(len(block), count - sent)
+    except OSError:
+        pass
+    return sent
+
+
+def ended(cluster, device, task_id, attempt):
+    """Cancel the task (the device says it stopped) and sweep what its
+    attempt left, as rc-reaper's upkeep does a minute later."""
+    cluster.rc("cancel", str(task_id))
+    device.send("task_result", {"task_id": task_id, "attempt": attempt, "status": "cancelled"})
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "cancelled", 20,
+             "task %d to be cancelled" % task_id)
+    files.clean_partials(cluster.db, cluster.config, time.time() + 120)
+    assert files.partial_bytes(cluster.config) == 0
+
+
+# -- a device fills the main node's disk past files_quota_mb -------------------------
+
+def test_cut_uploads_of_one_device_count_against_the_quota(cluster, mallory):
+    """A put cut in the middle keeps its partial file (the next try resumes
+    it); a device that starts put after put and cuts each one must not
+    hold more of the disk than files_quota_mb allows."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "*")
+    with unharmed(cluster, "good"):
+        refused = None
+        for number in range(4):                     # 4 x 6 MiB against a quota of 8
+            sock, reader, answer = start_put(cluster, task_id, attempt, "part%d" % number,
+                                             6 * MIB)
+            if "error" in answer:
+                refused = answer["error"]
+                sock.close()
+                break
+            assert answer == {"ok": True, "have": 0}
+            send_until_refused(sock, 6 * MIB - 1)    # all but the last byte, then gone
+            sock.close()
+        assert refused is not None and refused["code"] == "quota", refused
+        assert files_on_disk(cluster) <= QUOTA_MB * MIB
+    ended(cluster, mallory, task_id, attempt)
+
+
+def test_uploads_at_once_cannot_pass_the_quota_together(cluster, mallory):
+    """Each put is checked against the room left when it starts: two that
+    start together both fit in the same room, and must not both be kept."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "*")
+    with unharmed(cluster, "good"):
+        first, second = (os.urandom(6 * MIB) for _ in range(2))   # 2 x 6 MiB, a quota of 8
+        puts = []
+        for number, data in enumerate((first, second)):
+            sock, reader, welcome = authenticated(cluster)
+            answer = ask(sock, reader, {"put": {
+                "task_id": task_id, "attempt": attempt, "name": "together%d" % number,
+                "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
+            assert answer == {"ok": True, "have": 0}, answer    # both fit when they start
+            puts.append((sock, reader, data))
+        (sock, reader, data), (other, other_reader, other_data) = puts
+        sock.sendall(data[:5 * MIB])
+        wait_for(lambda: files.partial_bytes(cluster.config) >= 5 * MIB - 512 * 1024, 20,
+                 "the first put to be on disk")
+        send_until_refused(other, len(other_data))
+        assert json.loads(other_reader.readline())["error"]["code"] == "quota"
+        sock.sendall(data[5 * MIB:])
+        assert json.loads(reader.readline()) == {"ok": True, "stored": True}
+        for sock, _, _ in puts:
+            sock.close()
+        assert files_on_disk(cluster) <= QUOTA_MB * MIB
+    ended(cluster, mallory, task_id, attempt)
+
+
+# -- a device names outputs nobody asked for --------------------------------------------
+
+def test_a_device_stores_only_outputs_its_task_asked_for(cluster, mallory, tmp_path):
+    """`rc get` and `rc map --into` (the current directory by default) write
+    a task's outputs under their stored names: a device that could store
+    any name would write ~/.bashrc or ~/.ssh/authorized_keys for a user
+    who maps from their home directory."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "*.mp3")
+    with unharmed(cluster, "good"):
+        for name in (".bashrc", ".ssh/authorized_keys", "song.mp3/../../x", "a.mp3.sh"):
+            sock, reader, answer = start_put(cluster, task_id, attempt, name, 3)
+            assert answer["error"]["code"] == "bad_name", (name, answer)
+            assert name[:40] in answer["error"]["message"]
+            sock.close()
+        data = b"ID3"
+        sock, reader, welcome = authenticated(cluster)
+        answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                            "name": "song.mp3", "size": len(data),
+                                            "sha256": hashlib.sha256(data).hexdigest()}})
+        assert answer == {"ok": True, "have": 0}
+        sock.sendall(data)
+        assert json.loads(reader.readline()) == {"ok": True, "stored": True}
+        sock.close()
+    names = [entry["name"] for entry in files.task_files(cluster.db, task_id)]
+    assert names == ["song.mp3"]
+    ended(cluster, mallory, task_id, attempt)
+
+
+# -- a device's result that is not text ------------------------------------------------
+
+@pytest.mark.parametrize("result", [{"output": ["not", "text"]},
+                                    {"output": "fine", "stderr": {"sha256": "0" * 64}},
+                                    {"output": 7}])
+def test_a_result_whose_output_is_not_text_is_refused(cluster, mallory, result):
+    """rc map, rc submit --wait and rc group read output and stderr as
+    text (a dict is even taken for a stored stream's entry): a device that
+    sends anything else is refused, and the task is not completed with it."""
+    task_id, attempt = mallory.take("echo hi")
+    with unharmed(cluster, "good"):
+        frame = mallory.answer("task_result", {"task_id": task_id, "attempt": attempt,
+                                               "status": "completed", "result": result})
+        assert error_code(frame) == "bad_request", frame
+        assert "text" in frame["data"]["message"]
+        assert tasks.get(cluster.db, task_id)["state"] == "running"
+        frame = mallory.answer("task_result", {"task_id": task_id, "attempt": attempt,
+                                               "status": "completed",
+                                               "result": {"output": "hi\n"}})
+        assert frame["message_type"] == "task_result_ack", frame
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "completed", 20,
+             "the task to complete")
+    done = cluster.rc("submit", "--wait", "echo", "x")       # the views still read
+    assert done.returncode == 0
+    assert "hi" in cluster.rc("task", str(task_id)).stdout
+
+
+# -- a submitter's cron line ------------------------------------------------------------
+
+@pytest.mark.parametrize("cron", ["\u00b2 * * * *", "*/\u00b2 * * * *", "1-\u00b9 * * * *"])
+def test_a_cron_field_of_unicode_digits_is_a_400_not_a_500(cluster, cron):
+    """str.isdigit() is true of '²', which int() refuses."""
+    with unharmed(cluster, "good"):
+        status, _, text = request(cluster, "/api/v1/schedules", "POST",
+                                  {"name": "odd", "cron": cron, "task_type": "echo",
+                                   "payload": "x"})
+        assert status == 400, (status, text)
+        assert "cron field" in text
+        done = cluster.rc("schedule", "add", "odd", cron, "echo", "x", check=False)
+        assert done.returncode != 0 and "cron field" in done.stderr, done.stderr
+    assert cluster.db.execute("SELECT count(*) FROM schedules").fetchone()[0] == 0
