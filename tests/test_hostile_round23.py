@@ -5,6 +5,7 @@ rc-server, and a submitter's worst cron lines against rc-web. After each
 attack the programs keep their pids and a good worker's tasks complete
 (hostile_harness.unharmed)."""
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import WORKER, Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
 from rc import files, protocol, tasks
 from test_bad_input import answered_or_closed, connect, error_code, read_frame, register_frame
@@ -218,6 +219,18 @@ def test_a_device_stores_only_outputs_its_task_asked_for(cluster, mallory, tmp_p
     names = [entry["name"] for entry in files.task_files(cluster.db, task_id)]
     assert names == ["song.mp3"]
     ended(cluster, mallory, task_id, attempt)
+
+
+@pytest.mark.parametrize("glob,name", [("*.mp3", "a.mp3"), ("*.mp3", "d/a.mp3"),
+                                       ("**/*.mp3", "d/e/a.mp3"), ("**", "x/y"),
+                                       ("out/*", "out/.bashrc"), ("*", ".bashrc"),
+                                       ("a[!b]c", "abc"), ("/out/", "out")])
+def test_rc_files_matches_output_globs_as_the_worker_does(glob, name):
+    spec = importlib.util.spec_from_file_location("rc_worker_copy", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    parts = glob.strip("/").split("/")
+    assert files.glob_match(parts, name.split("/")) == worker.glob_match(parts, name.split("/"))
 
 
 # -- a device's result that is not text ------------------------------------------------
