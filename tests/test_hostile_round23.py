@@ -15,8 +15,9 @@ import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
-from rc import files, protocol, tasks
-from test_bad_input import answered_or_closed, connect, error_code, read_frame, register_frame
+from rc import files, protocol, tasks, transfer
+from test_bad_input import (answered_or_closed, connect, error_code, read_frame, register_frame,
+                            registered)
 from test_files_hostile import ask, authenticated, closed
 from test_hostile_web import request
 
@@ -37,6 +38,7 @@ def cluster(tmp_path_factory):
         wait_for(lambda: "good" in online(cluster), 30, "the good worker")
         cluster.token = open(cluster.config.token_path).read().strip()
         cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
+        cluster.secrets = {}
         yield cluster
     finally:
         cluster.stop()
@@ -55,8 +57,8 @@ class HostileDevice:
                                     slots=4))
         ack = read_frame(sock, timeout=10)
         assert ack["message_type"] == "register_ack", ack
-        cluster.secrets = {device_id: protocol.unseal(cluster.token, nonce, mine, device_id,
-                                                      ack["data"]["device_secret"])}
+        cluster.secrets[device_id] = protocol.unseal(cluster.token, nonce, mine, device_id,
+                                                     ack["data"]["device_secret"])
         self.sock = sock
 
     def take(self, command, *options):
@@ -191,6 +193,30 @@ def test_uploads_at_once_cannot_pass_the_quota_together(cluster, mallory):
             sock.close()
         assert files_on_disk(cluster) <= QUOTA_MB * MIB
     ended(cluster, mallory, task_id, attempt)
+
+
+def test_idle_connections_of_many_device_ids_lock_no_worker_out(cluster, tmp_path):
+    """One join token makes up to 100 device ids, each allowed 16 connections
+    to rc-files: 8 of them, idle, held all 128 and every worker's input
+    fetch was refused ("cannot reach rc-files")."""
+    held = []
+    try:
+        for number in range(transfer.MAX_CONNECTIONS // transfer.MAX_PER_DEVICE):
+            device_id = "sybil%d" % number
+            registered(cluster, device_id).close()
+            for _ in range(transfer.MAX_PER_DEVICE):
+                sock, _, welcome = authenticated(cluster, device_id)
+                assert welcome == {"ok": True}
+                held.append(sock)
+        source = tmp_path / "in.txt"
+        source.write_text("through rc-files\n")
+        with unharmed(cluster, "good"):
+            done = cluster.rc("submit", "--wait", "shell", "cat in.txt", "--input",
+                              str(source), "--require", "device_id=good", check=False)
+            assert done.returncode == 0 and done.stdout == "through rc-files\n", done.stderr
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # -- a device names outputs nobody asked for --------------------------------------------

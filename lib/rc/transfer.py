@@ -63,6 +63,7 @@ class FilesServer:
         self.authenticating = {}    # host -> connections still proving who they are
         self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
+        self.idle_sessions = {}     # Session -> when it began waiting for its next request
         database = db.open_database(config.db_path)
         self.device_key, _ = device_secrets.prepare(config, database)
         database.close()
@@ -88,7 +89,7 @@ class FilesServer:
                 self.log_limited("error", "accept_failed", "accept", error=str(e))
                 time.sleep(ACCEPT_POLL)
                 continue
-            if not self.slots.acquire(blocking=False):
+            if not self.slots.acquire(blocking=False) and not self.make_room():
                 self.log_limited("warning", "too_many_connections", address[0],
                                  address=address[0])
                 sock.close()
@@ -133,6 +134,29 @@ class FilesServer:
             except OSError:
                 pass
             self.slots.release()
+
+    def make_room(self):
+        """At MAX_CONNECTIONS, the session idle the longest is hung up and
+        its slot goes to the new connection: connections held idle (100
+        device ids one join token may make, 16 each) never lock workers out
+        of their transfers. True when a slot was taken."""
+        with self.lock:
+            if not self.idle_sessions:
+                return False
+            oldest = min(self.idle_sessions, key=self.idle_sessions.get)
+            del self.idle_sessions[oldest]
+        self.log_limited("warning", "files_idle_connection_closed", oldest.device_id,
+                         device_id=oldest.device_id, reason="%d connections are open, the"
+                         " most rc-files serves" % MAX_CONNECTIONS)
+        oldest.hang_up()
+        return self.slots.acquire(timeout=ACCEPT_POLL)
+
+    def idle(self, session, waiting):
+        with self.lock:
+            if waiting:
+                self.idle_sessions[session] = time.monotonic()
+            else:
+                self.idle_sessions.pop(session, None)
 
     @staticmethod
     def cut_unproven(sock, session):
@@ -222,7 +246,11 @@ class Session:
         """Read and answer one request; False when the connection is done."""
         try:
             self.sock.settimeout(IDLE_TIMEOUT)
-            request = self.read_line()
+            self.server.idle(self, True)
+            try:
+                request = self.read_line()
+            finally:
+                self.server.idle(self, False)
             if request is None:
                 return False
             self.sock.settimeout(DATA_TIMEOUT)
@@ -230,6 +258,13 @@ class Session:
         except Refusal as e:
             self.send({"error": {"code": e.code, "message": str(e)}})
             return not e.close
+
+    def hang_up(self):
+        """End the connection from another thread (make_room)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- framing ----------------------------------------------------------------------
 
