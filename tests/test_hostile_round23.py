@@ -23,14 +23,17 @@ from test_hostile_web import request
 
 pytestmark = pytest.mark.e2e
 
-QUOTA_MB = 8
+QUOTA_MB = 64
 MIB = 1024 * 1024
+MAX_STREAMS = 2                         # fewer waitress threads to tie up (26)
+CHANNEL_TIMEOUT = 3.0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("hostile-round23"), auth_timeout=2.0,
-                      files_quota_mb=QUOTA_MB)
+                      files_quota_mb=QUOTA_MB, max_streams=MAX_STREAMS,
+                      web_channel_timeout=CHANNEL_TIMEOUT)
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
@@ -132,6 +135,46 @@ def send_until_refused(sock, count):
     return sent
 
 
+# -- readers that never read -----------------------------------------------------------
+
+def test_readers_that_never_read_a_large_file_leave_rc_web_serving(cluster):
+    """waitress holds a request's thread while more than 16 MiB of its answer
+    wait for the client; a channel with a request in progress was never
+    closed for silence. Requests for a stored file, never read, held every
+    thread: the dashboard, submits and /health waited for ever."""
+    data = os.urandom(24 * MIB)
+    status, _, text = request(cluster, "/api/v1/files", "POST", data,
+                              {"Content-Type": "application/octet-stream"}, timeout=60)
+    assert status == 201, text
+    path = "/api/v1/files/" + json.loads(text)["sha256"]
+    threads = MAX_STREAMS + 8 + 16                     # rc.web.create_server's
+    held = []
+    try:
+        with unharmed(cluster, "good"):
+            for _ in range(threads + 2):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", cluster.config.web_port))
+                sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s"
+                              "\r\n\r\n" % (path, cluster.admin_token)).encode())
+                held.append(sock)
+            time.sleep(CHANNEL_TIMEOUT)
+            started = time.monotonic()
+            status, _, text = request(cluster, "/api/v1/status", timeout=30)
+            assert status == 200, text
+            assert time.monotonic() - started < CHANNEL_TIMEOUT * 4
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def part_size(cluster):
+    """One upload of 3/4 of the room the store has left: two do not fit."""
+    part = (QUOTA_MB * MIB - files.used_bytes(cluster.db)) * 3 // 4
+    assert part > 8 * MIB
+    return part
+
+
 def ended(cluster, device, task_id, attempt):
     """Cancel the task (the device says it stopped) and sweep what its
     attempt left, as rc-reaper's upkeep does a minute later."""
@@ -150,17 +193,18 @@ def test_cut_uploads_of_one_device_count_against_the_quota(cluster, mallory):
     it); a device that starts put after put and cuts each one must not
     hold more of the disk than files_quota_mb allows."""
     task_id, attempt = mallory.take("sleep 60", "--output", "*")
+    part = part_size(cluster)
     with unharmed(cluster, "good"):
         refused = None
-        for number in range(4):                     # 4 x 6 MiB against a quota of 8
+        for number in range(4):                     # 4 x 3/4 of the quota
             sock, reader, answer = start_put(cluster, task_id, attempt, "part%d" % number,
-                                             6 * MIB)
+                                             part)
             if "error" in answer:
                 refused = answer["error"]
                 sock.close()
                 break
             assert answer == {"ok": True, "have": 0}
-            send_until_refused(sock, 6 * MIB - 1)    # all but the last byte, then gone
+            send_until_refused(sock, part - 1)       # all but the last byte, then gone
             sock.close()
         assert refused is not None and refused["code"] == "quota", refused
         assert files_on_disk(cluster) <= QUOTA_MB * MIB
@@ -172,7 +216,8 @@ def test_uploads_at_once_cannot_pass_the_quota_together(cluster, mallory):
     start together both fit in the same room, and must not both be kept."""
     task_id, attempt = mallory.take("sleep 60", "--output", "*")
     with unharmed(cluster, "good"):
-        first, second = (os.urandom(6 * MIB) for _ in range(2))   # 2 x 6 MiB, a quota of 8
+        part = part_size(cluster)
+        first, second = (os.urandom(part) for _ in range(2))
         puts = []
         for number, data in enumerate((first, second)):
             sock, reader, welcome = authenticated(cluster)
@@ -182,12 +227,12 @@ def test_uploads_at_once_cannot_pass_the_quota_together(cluster, mallory):
             assert answer == {"ok": True, "have": 0}, answer    # both fit when they start
             puts.append((sock, reader, data))
         (sock, reader, data), (other, other_reader, other_data) = puts
-        sock.sendall(data[:5 * MIB])
-        wait_for(lambda: files.partial_bytes(cluster.config) >= 5 * MIB - 512 * 1024, 20,
+        sock.sendall(data[:part - MIB])
+        wait_for(lambda: files.partial_bytes(cluster.config) >= part - 2 * MIB, 20,
                  "the first put to be on disk")
         send_until_refused(other, len(other_data))
         assert json.loads(other_reader.readline())["error"]["code"] == "quota"
-        sock.sendall(data[5 * MIB:])
+        sock.sendall(data[part - MIB:])
         assert json.loads(reader.readline()) == {"ok": True, "stored": True}
         for sock, _, _ in puts:
             sock.close()

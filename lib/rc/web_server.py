@@ -144,6 +144,16 @@ class Channel(HTTPChannel):
         return now - self.request_started > allowed
 
 
+    def stalled(self, cutoff):
+        """A request in progress whose answer has waited for the client since
+        before `cutoff`: past 16 MiB waiting, waitress holds the request's
+        thread until the client reads, and it never closes a channel with a
+        request in progress for silence (a client that never reads a large
+        file would hold a thread for good)."""
+        return bool(self.requests) and self.total_outbufs_len > 0 \
+            and self.last_activity < cutoff
+
+
 class TLSChannel(Channel):
     """A channel over TLS: the handshake and every read and write are
     non-blocking steps of waitress's loop. OpenSSL objects are not for two
@@ -318,6 +328,12 @@ class Server(TcpWSGIServer):
                          address=channel.address_key,
                          seconds=round(now - channel.request_started, 3))
                 channel.will_close = True
+            elif channel.stalled(now - self.adj.channel_timeout):
+                self.log("info", "web_client_not_reading", channel.address_key,
+                         address=channel.address_key, waiting_bytes=channel.total_outbufs_len)
+                # Closed now: will_close waits for the socket to take a write,
+                # which a client that reads nothing never allows.
+                channel.handle_close()
 
     def run(self):
         """waitress's loop, restarted if anything escapes it: one bad
