@@ -280,15 +280,21 @@ def test_a_device_stores_only_outputs_its_task_asked_for(cluster, mallory, tmp_p
             sock.close()
         data = b"ID3"
         sock, reader, welcome = authenticated(cluster)
-        answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
-                                            "name": "song.mp3", "size": len(data),
-                                            "sha256": hashlib.sha256(data).hexdigest()}})
-        assert answer == {"ok": True, "have": 0}
-        sock.sendall(data)
-        assert json.loads(reader.readline()) == {"ok": True, "stored": True}
+        for name in ("song.mp3", "\x1b]2;owned\x07\x1b[2J.mp3"):   # a glob's, escapes and all
+            answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                                "name": name, "size": len(data),
+                                                "sha256": hashlib.sha256(data).hexdigest()}})
+            assert answer in ({"ok": True, "have": 0}, {"ok": True, "have": 3}), answer
+            if answer["have"] == 0:
+                sock.sendall(data)
+            assert json.loads(reader.readline()) == {"ok": True, "stored": True}
         sock.close()
-    names = [entry["name"] for entry in files.task_files(cluster.db, task_id)]
-    assert names == ["song.mp3"]
+    names = sorted(entry["name"] for entry in files.task_files(cluster.db, task_id))
+    assert names == ["\x1b]2;owned\x07\x1b[2J.mp3", "song.mp3"]
+    # rc get says what it wrote; a name's escape sequences never reach the terminal.
+    got = cluster.rc("get", str(task_id), "-o", str(tmp_path / "got"))
+    assert "\x1b" not in got.stdout and "\x07" not in got.stdout
+    assert sorted(os.listdir(tmp_path / "got")) == names
     ended(cluster, mallory, task_id, attempt)
 
 
