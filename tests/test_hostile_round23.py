@@ -8,7 +8,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 
 import pytest
@@ -64,11 +66,12 @@ class HostileDevice:
                                                      ack["data"]["device_secret"])
         self.sock = sock
 
-    def take(self, command, *options):
-        """A shell task for this device, submitted as a user would, accepted:
+    def take(self, command, *options, pinned=True):
+        """A shell task for this device (`pinned` to it, else `options` say
+        how it goes there), submitted as a user would, accepted:
         (task_id, attempt), which it now holds."""
-        done = self.cluster.rc("submit", "shell", command, "--require",
-                               "device_id=%s" % self.device_id, *options)
+        pin = ["--require", "device_id=%s" % self.device_id] if pinned else []
+        done = self.cluster.rc("submit", "shell", command, *(pin + list(options)))
         task_id = int(done.stdout.strip())
         while True:
             frame = read_frame(self.sock, timeout=20)
@@ -296,6 +299,58 @@ def test_a_device_stores_only_outputs_its_task_asked_for(cluster, mallory, tmp_p
     assert "\x1b" not in got.stdout and "\x07" not in got.stdout
     assert sorted(os.listdir(tmp_path / "got")) == names
     ended(cluster, mallory, task_id, attempt)
+
+
+# -- a device's checkpoint, for the next attempt on another device ----------------------
+
+def sparse_checkpoint(directory, apparent_bytes):
+    """A checkpoint tar of a few KiB holding a sparse file `apparent_bytes`
+    long (GNU tar's 'S' member): unpacked naively, every byte is written."""
+    tar = shutil.which("tar")
+    if tar is None:
+        pytest.skip("no tar here to make a sparse member")
+    with open(os.path.join(directory, "big"), "wb") as f:
+        f.truncate(apparent_bytes)
+    with open(os.path.join(directory, "note.txt"), "w") as f:
+        f.write("kept\n")
+    subprocess.run([tar, "--sparse", "-cf", "checkpoint.tar", "big", "note.txt"],
+                   cwd=directory, check=True)
+    with open(os.path.join(directory, "checkpoint.tar"), "rb") as f:
+        return f.read()
+
+
+def test_a_checkpoint_cannot_blow_up_on_the_next_device(cluster, mallory, tmp_path):
+    """A device hands a task back with a checkpoint of a few KiB whose sparse
+    member says gigabytes: the next device, unpacking it into the task's
+    $RC_CHECKPOINT_DIR, wrote every byte (a disk filled on each device the
+    task moved to). Sparse members are left out like links."""
+    apparent = 64 * MIB            # enough to see; the attack would say terabytes
+    archive = sparse_checkpoint(str(tmp_path), apparent)
+    assert len(archive) < 64 * 1024
+    cluster.rc("label", "mallory", "pool=bomb")
+    command = 'cd "$RC_CHECKPOINT_DIR" && ls -l && cat note.txt'
+    task_id, attempt = mallory.take(command, "--require", "label.pool=bomb", pinned=False)
+    with unharmed(cluster, "good"):
+        sock, reader, _ = authenticated(cluster)
+        answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                            "name": files.CHECKPOINT_NAME, "size": len(archive),
+                                            "sha256": hashlib.sha256(archive).hexdigest()}})
+        assert answer == {"ok": True, "have": 0}, answer
+        sock.sendall(archive)
+        assert json.loads(reader.readline()) == {"ok": True, "stored": True}
+        sock.close()
+        cluster.rc("label", "mallory", "pool=")
+        cluster.rc("label", "good", "pool=bomb")
+        frame = mallory.answer("task_result", {"task_id": task_id, "attempt": attempt,
+                                               "status": "handed_back"})
+        assert frame["message_type"] == "task_result_ack", frame
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in ("completed", "failed"),
+                 60, "the next attempt on the good device")
+    cluster.rc("label", "good", "pool=")
+    task = tasks.get(cluster.db, task_id)
+    assert task["device_id"] == "good" and task["state"] == "completed", task
+    output = task["result"]["output"]
+    assert "kept" in output and " big" not in output, output
 
 
 @pytest.mark.parametrize("glob,name", [("*.mp3", "a.mp3"), ("*.mp3", "d/a.mp3"),
