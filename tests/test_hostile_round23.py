@@ -17,7 +17,7 @@ import pytest
 
 from cluster_harness import WORKER, Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
-from rc import files, protocol, tasks, transfer
+from rc import files, protocol, tasks, transfer, web_results
 from test_bad_input import (answered_or_closed, connect, error_code, read_frame, register_frame,
                             registered)
 from test_files_hostile import ask, authenticated, closed
@@ -169,6 +169,38 @@ def test_readers_that_never_read_a_large_file_leave_rc_web_serving(cluster):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_groups_results_come_in_answers_of_bounded_size(cluster):
+    """GET /api/v1/groups/ID/results read every ended task's result into one
+    answer (a map of 100,000 inputs: gigabytes, for any reader, as often as
+    it asks): it now stops at 8 MiB like /api/v1/results and lists the rest
+    in not_sent; the stream reads them a page at a time."""
+    command = "head -c 120000 /dev/zero | tr '\\0' x"        # inline: under 128 KiB
+    specs = [{"task_type": "shell", "payload": command,
+              "requirements": {"device_id": "good"}} for _ in range(80)]
+    status, _, text = request(cluster, "/api/v1/tasks?group=new", "POST", specs)
+    assert status == 201, text
+    group_id, ids = json.loads(text)["group_id"], [t["task_id"] for t in json.loads(text)["tasks"]]
+    with unharmed(cluster, "good"):
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ? AND state = 'completed'",
+            (group_id,)).fetchone()[0] == len(ids), 120, "the group's tasks")
+        status, _, text = request(cluster, "/api/v1/groups/%d/results" % group_id, timeout=60)
+        assert status == 200
+        answer = json.loads(text)
+        assert len(text) <= web_results.MAX_RESULTS_BYTES + 200 * 1024
+        sent = [entry["task_id"] for entry in answer["results"]]
+        assert sent and answer["not_sent"] and sent + answer["not_sent"] == ids
+        status, _, text = request(cluster, "/api/v1/groups/%d/results?after=%d"
+                                  % (group_id, sent[-1]), timeout=60)
+        assert json.loads(text)["results"][0]["task_id"] == answer["not_sent"][0]
+        status, _, text = request(cluster, "/api/v1/groups/%d/results?stream=1" % group_id,
+                                  timeout=60)
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        assert [line["task_id"] for line in lines[:-1]] == ids
+        assert lines[-1] == {"end": True, "group_id": group_id, "tasks": len(ids)}
+        assert all(len(line["result"]["output"]) == 120000 for line in lines[:-1])
 
 
 def part_size(cluster):
