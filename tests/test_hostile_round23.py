@@ -29,13 +29,14 @@ QUOTA_MB = 64
 MIB = 1024 * 1024
 MAX_STREAMS = 2                         # fewer waitress threads to tie up (26)
 CHANNEL_TIMEOUT = 3.0
+CONNECTION_LIMIT = 40
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("hostile-round23"), auth_timeout=2.0,
                       files_quota_mb=QUOTA_MB, max_streams=MAX_STREAMS,
-                      web_channel_timeout=CHANNEL_TIMEOUT)
+                      web_channel_timeout=CHANNEL_TIMEOUT, web_connection_limit=CONNECTION_LIMIT)
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
@@ -166,6 +167,35 @@ def test_readers_that_never_read_a_large_file_leave_rc_web_serving(cluster):
             status, _, text = request(cluster, "/api/v1/status", timeout=30)
             assert status == 200, text
             assert time.monotonic() - started < CHANNEL_TIMEOUT * 4
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_answers_never_read_do_not_fill_rc_webs_connections(cluster):
+    """An answer under 16 MiB frees its thread, but waitress closes a
+    channel only once its socket takes a write: connections whose client
+    never read their file stayed open for good, and at web_connection_limit
+    the one rc-web closed to make way never went, so it accepted nothing."""
+    status, _, text = request(cluster, "/api/v1/files", "POST", os.urandom(10 * MIB),
+                              {"Content-Type": "application/octet-stream"}, timeout=60)
+    assert status == 201, text
+    path = "/api/v1/files/" + json.loads(text)["sha256"]
+    held = []
+    try:
+        with unharmed(cluster, "good"):
+            for address in ("127.0.0.2", "127.0.0.3"):
+                for _ in range(CONNECTION_LIMIT // 2):
+                    sock = socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    sock.bind((address, 0))
+                    sock.connect(("127.0.0.1", cluster.config.web_port))
+                    sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                                  "Bearer %s\r\n\r\n" % (path, cluster.admin_token)).encode())
+                    held.append(sock)
+            time.sleep(CHANNEL_TIMEOUT * 2)
+            status, _, text = request(cluster, "/api/v1/status", timeout=CHANNEL_TIMEOUT * 5)
+            assert status == 200, text
     finally:
         for sock in held:
             sock.close()

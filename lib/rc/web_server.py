@@ -145,13 +145,17 @@ class Channel(HTTPChannel):
 
 
     def stalled(self, cutoff):
-        """A request in progress whose answer has waited for the client since
-        before `cutoff`: past 16 MiB waiting, waitress holds the request's
-        thread until the client reads, and it never closes a channel with a
-        request in progress for silence (a client that never reads a large
-        file would hold a thread for good)."""
-        return bool(self.requests) and self.total_outbufs_len > 0 \
-            and self.last_activity < cutoff
+        """An answer that has waited for its client since before `cutoff`
+        and that waitress would keep for good: one of a request in progress
+        past 16 MiB holds the request's thread until the client reads (and
+        waitress never closes a channel with a request in progress for
+        silence), and one whose request ended keeps the channel open, since
+        waitress closes a channel only once its socket takes a write. Either
+        way a client that never reads would hold a thread or a connection
+        (at web_connection_limit, all of them) for good."""
+        waiting = self.total_outbufs_len
+        return waiting > 0 and self.last_activity < cutoff and (
+            not self.requests or waiting >= self.adj.outbuf_high_watermark)
 
 
 class TLSChannel(Channel):
