@@ -468,3 +468,11 @@ def test_a_cron_field_of_unicode_digits_is_a_400_not_a_500(cluster, cron):
         done = cluster.rc("schedule", "add", "odd", cron, "echo", "x", check=False)
         assert done.returncode != 0 and "cron field" in done.stderr, done.stderr
     assert cluster.db.execute("SELECT count(*) FROM schedules").fetchone()[0] == 0
+
+
+def test_an_empty_batch_for_a_new_group_is_a_400_not_a_500(cluster):
+    groups = cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0]
+    with unharmed(cluster, "good"):
+        status, _, text = request(cluster, "/api/v1/tasks?group=new", "POST", [])
+        assert status == 400 and "a batch holds 1 to" in text, (status, text)
+    assert cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0] == groups

@@ -494,7 +494,7 @@ def new_group(connection, specs):
         return connection.execute(
             "INSERT INTO task_groups(created_at, task_type, payload, options)"
             " VALUES (?, ?, '{}', '{\"client\": true}')",
-            (time.time(), str(specs[0]["task_type"]))).lastrowid
+            (time.time(), str(specs[0]["task_type"]) if specs else "")).lastrowid
 
 
 def existing_group(connection, group_id):
