@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -327,6 +328,50 @@ def test_idle_connections_of_many_device_ids_lock_no_worker_out(cluster, tmp_pat
     finally:
         for sock in held:
             sock.close()
+
+
+def test_strangers_on_many_addresses_lock_no_worker_out(cluster, tmp_path):
+    """Connections that prove nothing are cut at auth_timeout and held at
+    most 8 from one address; from 17 addresses, opened again as soon as
+    they were cut, they kept all 128 of rc-files' connections."""
+    per_address = cluster.config.max_unauthenticated_per_address
+    addresses = ["127.0.0.%d" % (20 + n)
+                 for n in range(transfer.MAX_CONNECTIONS // per_address + 1)]
+    stop = threading.Event()
+
+    def hold(address):
+        while not stop.is_set():
+            try:
+                sock = socket.socket()
+                sock.bind((address, 0))
+                sock.connect(("127.0.0.1", cluster.config.files_port))
+                sock.settimeout(0.5)
+                while not stop.is_set():
+                    try:
+                        if not sock.recv(4096):
+                            break            # cut: open another at once
+                    except socket.timeout:
+                        pass
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    holders = [threading.Thread(target=hold, args=(address,), daemon=True)
+               for address in addresses for _ in range(per_address)]
+    for holder in holders:
+        holder.start()
+    try:
+        source = tmp_path / "in.txt"
+        source.write_text("past the strangers\n")
+        time.sleep(1)
+        with unharmed(cluster, "good"):
+            done = cluster.rc("submit", "--wait", "shell", "cat in.txt", "--input",
+                              str(source), "--require", "device_id=good", check=False)
+            assert done.returncode == 0 and done.stdout == "past the strangers\n", done.stderr
+    finally:
+        stop.set()
+        for holder in holders:
+            holder.join(5)
 
 
 # -- a device names outputs nobody asked for --------------------------------------------

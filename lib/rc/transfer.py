@@ -63,7 +63,9 @@ class FilesServer:
         self.authenticating = {}    # host -> connections still proving who they are
         self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
-        self.idle_sessions = {}     # Session -> when it began waiting for its next request
+        # Connections make_room may hang up -> since when: sessions waiting for
+        # their next request, and connections that have proved nothing yet.
+        self.idle_sessions = {}
         database = db.open_database(config.db_path)
         self.device_key, _ = device_secrets.prepare(config, database)
         database.close()
@@ -98,7 +100,7 @@ class FilesServer:
         self.listener.close()
 
     def handle(self, sock, address):
-        connection, session, admitted = None, None, False
+        connection, session, admitted, unproven = None, None, False, None
         # However slowly a stranger sends, the handshake ends at auth_timeout.
         # (wrap_socket moves the descriptor to a new object: the timer asks for the current one)
         deadline = threading.Timer(self.config.auth_timeout, self.cut_unproven,
@@ -110,11 +112,14 @@ class FilesServer:
                 self.log_limited("warning", "too_many_authenticating", address[0],
                                  address=address[0])
                 return
+            unproven = Unproven(lambda: sock, address[0])
+            self.idle(unproven, True)
             sock.settimeout(self.config.auth_timeout)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_side=True)
             connection = db.connect(self.config.db_path)
             session = Session(self, sock, address, connection)
+            session.unproven = unproven
             session.run()
         except (OSError, ssl.SSLError, EOFError) as e:
             self.log.debug("files_connection_lost", address=address[0], error=str(e)[:200])
@@ -124,6 +129,7 @@ class FilesServer:
         finally:
             deadline.cancel()
             if admitted:
+                self.idle(unproven, False)
                 self.leave(address[0], session)
             if connection is not None:
                 if connection.in_transaction:
@@ -136,18 +142,21 @@ class FilesServer:
             self.slots.release()
 
     def make_room(self):
-        """At MAX_CONNECTIONS, the session idle the longest is hung up and
+        """At MAX_CONNECTIONS, the connection idle the longest (a session
+        between requests, or one that has proved nothing yet) is hung up and
         its slot goes to the new connection: connections held idle (100
-        device ids one join token may make, 16 each) never lock workers out
-        of their transfers. True when a slot was taken."""
+        device ids one join token may make, 16 each; strangers on 16
+        addresses, 8 each, again at each auth_timeout) never lock workers
+        out of their transfers. True when a slot was taken."""
         with self.lock:
             if not self.idle_sessions:
                 return False
             oldest = min(self.idle_sessions, key=self.idle_sessions.get)
             del self.idle_sessions[oldest]
-        self.log_limited("warning", "files_idle_connection_closed", oldest.device_id,
-                         device_id=oldest.device_id, reason="%d connections are open, the"
-                         " most rc-files serves" % MAX_CONNECTIONS)
+        self.log_limited("warning", "files_idle_connection_closed", oldest.host,
+                         device_id=oldest.device_id, address=oldest.host,
+                         reason="%d connections are open, the most rc-files serves"
+                         % MAX_CONNECTIONS)
         oldest.hang_up()
         return self.slots.acquire(timeout=ACCEPT_POLL)
 
@@ -222,8 +231,25 @@ class FilesServer:
             self.busy_partials.discard(name)
 
 
+class Unproven:
+    """A connection that has proved nothing yet, for make_room to hang up."""
+
+    device_id = None
+
+    def __init__(self, sock, host):
+        self.sock, self.host = sock, host     # sock(): wrap_socket makes a new object
+
+    def hang_up(self):
+        try:
+            self.sock().shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Session:
     """One connection: the handshake, then requests one at a time."""
+
+    unproven = None       # its Unproven until it proves a device's secret
 
     def __init__(self, server, sock, address, connection):
         self.server, self.config, self.log = server, server.config, server.log
@@ -307,6 +333,7 @@ class Session:
         except Refusal as e:
             self.send({"error": {"code": e.code, "message": str(e)}})
             return False
+        self.server.idle(self.unproven, False)
         self.send({"ok": True})
         return True
 
