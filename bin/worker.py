@@ -5227,13 +5227,15 @@ def file_digest(path):
 
 def read_checkpoint(archive_path, directory):
     """Unpack a checkpoint tar into `directory`: regular files and
-    directories with relative names only; anything else is skipped."""
+    directories with relative names only; anything else is skipped. So are
+    sparse files (never in a worker's checkpoint): a few KiB of one would
+    have us write terabytes of zeros, on each device the task moved to."""
     import tarfile
     skipped = []
     with tarfile.open(archive_path, "r:") as archive:
         for member in archive:
             parts = relative_path(member.name.rstrip("/")) if member.name else None
-            if parts is None or not (member.isfile() or member.isdir()):
+            if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
                 skipped.append(member.name[:100])
                 continue
             if member.isdir():

@@ -509,7 +509,7 @@ def cmd_get(arguments, context):
             for entry in chosen:
                 path = files_cli.write_out(context.connection, context.config, entry,
                                            arguments.output_dir)
-                context.out.write("%s\n" % path)
+                context.out.write("%s\n" % render.cell(path))   # a device chose the name
     except (files_cli.FileOptionError, files.FileStoreError) as e:
         raise CommandError(str(e))
 

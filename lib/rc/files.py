@@ -13,6 +13,7 @@ ended; rc-reaper's upkeep deletes it after that (sweep()).
 Used by rc-files (lib/rc/transfer.py), rc-web and the `rc` command; it
 never talks to the network itself.
 """
+import fnmatch
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ from rc.states import TERMINAL_STATES
 
 CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
 DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
+ROOM_CHECK_BYTES = 1024 * 1024          # bytes an upload writes between looks at the room
 MIB = 1024 * 1024
 DAY = 86400.0
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -126,23 +128,45 @@ def exists(connection, sha256):
     return stored_size(connection, sha256) is not None
 
 
-def check_room(connection, config, size, sha256=None):
-    """FileStoreError (quota or disk_full) when `size` more bytes do not fit;
-    a blob the store already holds always fits."""
+def partial_bytes(config, leave_out=None):
+    """Bytes in partial files: uploads on their way in, and cut puts kept
+    for their resume (the one named `leave_out` aside). They take the disk
+    as blobs do, so they count against the quota too."""
+    total = 0
+    try:
+        entries = list(os.scandir(os.path.join(root(config), PARTIAL_DIR)))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name != leave_out:
+            try:
+                total += entry.stat().st_size
+            except OSError:
+                pass        # finished or removed meanwhile
+    return total
+
+
+def check_room(connection, config, size, sha256=None, partial=None):
+    """FileStoreError (quota or disk_full) when `size` more bytes do not fit
+    beside the blobs and the partial files (`partial`, the caller's own,
+    aside); a blob the store already holds always fits. Returns the bytes
+    the partial files may hold together (a Writer's `room`), or None."""
     if sha256 is not None and exists(connection, sha256):
-        return
+        return None
     quota = config.files_quota_mb * MIB
     used = used_bytes(connection)
-    if used + size > quota:
+    held = used + partial_bytes(config, partial)
+    if held + size > quota:
         raise FileStoreError("quota", "a file of %d bytes does not fit: the store holds %d"
-                             " of %d bytes (files_quota_mb=%d)"
-                             % (size, used, quota, config.files_quota_mb))
+                             " of %d bytes, uploads under way included (files_quota_mb=%d)"
+                             % (size, held, quota, config.files_quota_mb))
     make_dir(root(config))
     free = shutil.disk_usage(root(config)).free
     if free < size + DISK_RESERVE_BYTES:
         raise FileStoreError("disk_full", "a file of %d bytes does not fit: %d bytes free on"
                              " the main node's disk (%d kept in reserve)"
                              % (size, free, DISK_RESERVE_BYTES))
+    return quota - used
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -152,12 +176,15 @@ class Writer:
     be resumed: `have` bytes are there already), then commit() checks the
     hash and puts blob and row in place."""
 
-    def __init__(self, config, partial_name=None):
+    def __init__(self, config, partial_name=None, room=None):
         self.config = config
         name = partial_name or "upload-%s" % secrets.token_hex(16)
         self.path = os.path.join(partial_dir(config), name)
         self.hash = hashlib.sha256()
         self.size = 0
+        # Each upload was checked against the room when it began; uploads
+        # under way together are held to it as they write (check_room()).
+        self.room, self.unchecked = room, 0
         if partial_name and os.path.exists(self.path):
             self._rehash()
         self.file = open(self.path, "ab")
@@ -185,6 +212,22 @@ class Writer:
             raise disk_error(e)
         self.hash.update(data)
         self.size += len(data)
+        self.unchecked += len(data)
+        if self.unchecked >= ROOM_CHECK_BYTES:
+            self.unchecked = 0
+            self.check_room()
+
+    def check_room(self):
+        """FileStoreError when the partial files together passed the room
+        (the quota) or the disk's reserve is reached, whoever wrote them."""
+        free = shutil.disk_usage(os.path.dirname(self.path)).free
+        if free < DISK_RESERVE_BYTES:
+            raise FileStoreError("disk_full", "the main node's disk is full: %d bytes free"
+                                 " (%d kept in reserve)" % (free, DISK_RESERVE_BYTES))
+        if self.room is not None and partial_bytes(self.config) > self.room:
+            raise FileStoreError("quota", "uploads under way together are over the %d bytes"
+                                 " left in the store (files_quota_mb=%d)"
+                                 % (self.room, self.config.files_quota_mb))
 
     def commit(self, connection, expected=None):
         """Verify, rename into place, record; returns (sha256, size). On a
@@ -254,9 +297,8 @@ def store_stream(connection, config, stream, size=None, expected=None, limit=Non
     With `size`, the stream must hold exactly that many bytes (fewer: a cut
     upload, FileStoreError "short", nothing kept); with `limit`, at most
     that many."""
-    if size is not None:
-        check_room(connection, config, size, expected)
-    writer = Writer(config)
+    room = check_room(connection, config, size, expected) if size is not None else None
+    writer = Writer(config, room=room)
     try:
         while size is None or writer.size < size:
             want = CHUNK_BYTES if size is None else min(CHUNK_BYTES, size - writer.size)
@@ -271,7 +313,8 @@ def store_stream(connection, config, stream, size=None, expected=None, limit=Non
             raise FileStoreError("short", "the upload ended after %d of %d bytes"
                                  % (writer.size, size))
         if size is None:
-            check_room(connection, config, writer.size)
+            check_room(connection, config, writer.size,
+                       partial=os.path.basename(writer.path))
         return writer.commit(connection, expected)
     except BaseException:
         writer.abort()
@@ -383,6 +426,35 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
         (task_id, attempt, kind, name, sha256, size, now))
     connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
     return kind
+
+
+def glob_match(pattern_parts, parts):
+    """fnmatch per path component; "**" matches any number of directories
+    (bin/worker.py's glob_match, which picks a task's outputs)."""
+    if not pattern_parts:
+        return not parts
+    head = pattern_parts[0]
+    if head == "**":
+        return any(glob_match(pattern_parts[1:], parts[skip:])
+                   for skip in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and glob_match(
+        pattern_parts[1:], parts[1:])
+
+
+def asked_for(connection, task_id, name):
+    """Whether a device may store `name` for the task: its stdout, stderr or
+    checkpoint, or an output one of the task's --output globs matches (as
+    the worker matches them). `rc get` and `rc map --into` write outputs
+    under their names: a name nobody asked for (.bashrc) is never stored."""
+    if name in STREAM_NAMES or name == CHECKPOINT_NAME:
+        return True
+    row = connection.execute("SELECT json_extract(payload, '$.outputs') FROM tasks"
+                             " WHERE task_id = ? AND json_type(payload, '$.outputs') = 'array'",
+                             (task_id,)).fetchone()
+    globs = db.loads(row[0]) if row is not None else []
+    parts = name.split("/")
+    return any(glob_match(glob.strip("/").split("/"), parts) for glob in globs
+               if isinstance(glob, str) and glob and "\0" not in glob)
 
 
 def device_may_read(connection, device_id, sha256):

@@ -146,7 +146,7 @@ def parse_field(text, number, name, lowest, highest, names):
         spread, _, step_text = item.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not is_number(step_text) or int(step_text) == 0:
                 raise ScheduleError("%s: the step %r must be a whole number above 0"
                                     % (where, step_text))
             step = int(step_text)
@@ -167,13 +167,18 @@ def field_value(text, where, lowest, highest, names):
     word = text.lower()
     if word in names:
         return lowest + names.index(word)
-    if not text.isdigit():
+    if not is_number(text):
         raise ScheduleError("%s: %r is not a number%s" % (
             where, text, " or a name (%s-%s)" % (names[0], names[-1]) if names else ""))
     value = int(text)
     if not lowest <= value <= highest:
         raise ScheduleError("%s: %d is outside %d-%d" % (where, value, lowest, highest))
     return value
+
+
+def is_number(text):
+    """0-9 only: str.isdigit() is true of "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_when(text):

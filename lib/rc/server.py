@@ -761,6 +761,11 @@ class Server:
         if status not in OUTCOMES:
             raise ProtocolError("status must be one of %s" % ", ".join(OUTCOMES))
         result = field(data, "result", dict, required=False, default={})
+        for name in ("output", "stderr"):
+            # Every reader takes them for text (rc map takes a dict for a stored stream's entry).
+            if not isinstance(result.get(name, ""), (str, type(None))):
+                raise ProtocolError("result.%s must be text, not %s"
+                                    % (name, type(result[name]).__name__))
         protocol.storable(result, "result")
         error = field(data, "error", (str, type(None)), required=False)
         self.batch.append((Server.apply_result, peer, (key, status, result, error)))

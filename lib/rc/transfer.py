@@ -63,6 +63,9 @@ class FilesServer:
         self.authenticating = {}    # host -> connections still proving who they are
         self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
+        # Connections make_room may hang up -> since when: sessions waiting for
+        # their next request, and connections that have proved nothing yet.
+        self.idle_sessions = {}
         database = db.open_database(config.db_path)
         self.device_key, _ = device_secrets.prepare(config, database)
         database.close()
@@ -88,7 +91,7 @@ class FilesServer:
                 self.log_limited("error", "accept_failed", "accept", error=str(e))
                 time.sleep(ACCEPT_POLL)
                 continue
-            if not self.slots.acquire(blocking=False):
+            if not self.slots.acquire(blocking=False) and not self.make_room():
                 self.log_limited("warning", "too_many_connections", address[0],
                                  address=address[0])
                 sock.close()
@@ -97,7 +100,7 @@ class FilesServer:
         self.listener.close()
 
     def handle(self, sock, address):
-        connection, session, admitted = None, None, False
+        connection, session, admitted, unproven = None, None, False, None
         # However slowly a stranger sends, the handshake ends at auth_timeout.
         # (wrap_socket moves the descriptor to a new object: the timer asks for the current one)
         deadline = threading.Timer(self.config.auth_timeout, self.cut_unproven,
@@ -109,11 +112,14 @@ class FilesServer:
                 self.log_limited("warning", "too_many_authenticating", address[0],
                                  address=address[0])
                 return
+            unproven = Unproven(lambda: sock, address[0])
+            self.idle(unproven, True)
             sock.settimeout(self.config.auth_timeout)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_side=True)
             connection = db.connect(self.config.db_path)
             session = Session(self, sock, address, connection)
+            session.unproven = unproven
             session.run()
         except (OSError, ssl.SSLError, EOFError) as e:
             self.log.debug("files_connection_lost", address=address[0], error=str(e)[:200])
@@ -123,6 +129,7 @@ class FilesServer:
         finally:
             deadline.cancel()
             if admitted:
+                self.idle(unproven, False)
                 self.leave(address[0], session)
             if connection is not None:
                 if connection.in_transaction:
@@ -133,6 +140,32 @@ class FilesServer:
             except OSError:
                 pass
             self.slots.release()
+
+    def make_room(self):
+        """At MAX_CONNECTIONS, the connection idle the longest (a session
+        between requests, or one that has proved nothing yet) is hung up and
+        its slot goes to the new connection: connections held idle (100
+        device ids one join token may make, 16 each; strangers on 16
+        addresses, 8 each, again at each auth_timeout) never lock workers
+        out of their transfers. True when a slot was taken."""
+        with self.lock:
+            if not self.idle_sessions:
+                return False
+            oldest = min(self.idle_sessions, key=self.idle_sessions.get)
+            del self.idle_sessions[oldest]
+        self.log_limited("warning", "files_idle_connection_closed", oldest.host,
+                         device_id=oldest.device_id, address=oldest.host,
+                         reason="%d connections are open, the most rc-files serves"
+                         % MAX_CONNECTIONS)
+        oldest.hang_up()
+        return self.slots.acquire(timeout=ACCEPT_POLL)
+
+    def idle(self, session, waiting):
+        with self.lock:
+            if waiting:
+                self.idle_sessions[session] = time.monotonic()
+            else:
+                self.idle_sessions.pop(session, None)
 
     @staticmethod
     def cut_unproven(sock, session):
@@ -198,8 +231,25 @@ class FilesServer:
             self.busy_partials.discard(name)
 
 
+class Unproven:
+    """A connection that has proved nothing yet, for make_room to hang up."""
+
+    device_id = None
+
+    def __init__(self, sock, host):
+        self.sock, self.host = sock, host     # sock(): wrap_socket makes a new object
+
+    def hang_up(self):
+        try:
+            self.sock().shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Session:
     """One connection: the handshake, then requests one at a time."""
+
+    unproven = None       # its Unproven until it proves a device's secret
 
     def __init__(self, server, sock, address, connection):
         self.server, self.config, self.log = server, server.config, server.log
@@ -222,7 +272,11 @@ class Session:
         """Read and answer one request; False when the connection is done."""
         try:
             self.sock.settimeout(IDLE_TIMEOUT)
-            request = self.read_line()
+            self.server.idle(self, True)
+            try:
+                request = self.read_line()
+            finally:
+                self.server.idle(self, False)
             if request is None:
                 return False
             self.sock.settimeout(DATA_TIMEOUT)
@@ -230,6 +284,13 @@ class Session:
         except Refusal as e:
             self.send({"error": {"code": e.code, "message": str(e)}})
             return not e.close
+
+    def hang_up(self):
+        """End the connection from another thread (make_room)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- framing ----------------------------------------------------------------------
 
@@ -272,6 +333,7 @@ class Session:
         except Refusal as e:
             self.send({"error": {"code": e.code, "message": str(e)}})
             return False
+        self.server.idle(self.unproven, False)
         self.send({"ok": True})
         return True
 
@@ -364,6 +426,9 @@ class Session:
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
+        if not files.asked_for(self.connection, task_id, name):
+            raise Refusal("bad_name", "output name %r matches none of task %d's --output"
+                          " globs" % (name[:200], task_id))
         stored = files.stored_size(self.connection, sha256)
         if stored is not None:
             if stored != size:
@@ -371,11 +436,12 @@ class Session:
             # Held already (another task stored the same bytes): nothing to send.
             self.send({"ok": True, "have": size})
         else:
+            partial = files.put_partial_name(task_id, attempt, name, sha256)
             try:
-                files.check_room(self.connection, self.config, size)
+                room = files.check_room(self.connection, self.config, size, partial=partial)
             except files.FileStoreError as e:
                 raise Refusal(e.code, str(e))
-            self.receive(task_id, attempt, name, size, sha256)
+            self.receive(partial, name, size, sha256, room)
         self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})
 
@@ -399,12 +465,11 @@ class Session:
                 raise Refusal("bad_name", "output name %r %s" % (str(name)[:200], problem))
         return task_id, attempt, name, size, sha256
 
-    def receive(self, task_id, attempt, name, size, sha256):
-        partial = files.put_partial_name(task_id, attempt, name, sha256)
+    def receive(self, partial, name, size, sha256, room):
         if not self.server.claim_partial(partial):
             raise Refusal("busy", "%s is being stored by another connection" % name)
         try:
-            writer = files.Writer(self.config, partial)
+            writer = files.Writer(self.config, partial, room)
             if writer.have > size:
                 writer.truncate()
             self.send({"ok": True, "have": writer.have})

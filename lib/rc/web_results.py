@@ -33,6 +33,7 @@ WATCH_INTERVAL = 0.05           # seconds between looks at data_version when no 
                                 # rings (rc-server rings it for results)
 WAKE_EVERY = 1.0                # seconds a waiter sleeps at most (to see its client leave)
 STREAM_PING = 15.0              # seconds between keep-alive blank lines on a quiet stream
+STREAM_PAGE = 64                # ended tasks a group's stream reads and sends at once
 ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 parameters
 UNTIL = ("any", "all")
 CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
@@ -353,12 +354,7 @@ class ResultRoutes:
             yes_or_no(query.get("follow"), "follow")
         after = request_number(query.get("after") or "0", "after")
         if not stream:
-            progress = Progress(members(connection, group_id, after))
-            progress.look(connection)
-            return json_response({"group_id": group_id, "results": [
-                result_entry(task_id, progress.finished[task_id])
-                for task_id in progress.wanted if task_id in progress.finished],
-                "pending": sorted(progress.pending)})
+            return json_response(group_answer(connection, group_id, after))
         return self.stream_group(group_id, after, follow)
 
     def stream_group(self, group_id, after, follow):
@@ -393,11 +389,19 @@ class ResultRoutes:
         seen = self.watch.generation
         cursor = last_event(connection)      # first: what ends after it is seen below
         ended, pending = [], set()
-        for row in connection.execute(
-                "SELECT task_id, state, result, error FROM tasks WHERE group_id = ?"
-                " AND task_id > ? ORDER BY task_id", (group_id, after)):
-            (ended.append(row) if row[1] in TERMINAL_STATES else pending.add(row[0]))
-        sent, quiet_since = set(), time.monotonic()
+        for task_id, state in connection.execute(
+                "SELECT task_id, state FROM tasks WHERE group_id = ? AND task_id > ?"
+                " ORDER BY task_id", (group_id, after)):
+            (ended.append(task_id) if state in TERMINAL_STATES else pending.add(task_id))
+        sent = set(ended)
+        # Those ended already, a page at a time: their results together may be
+        # gigabytes, and a request is not to hold them all at once.
+        for start in range(0, len(ended), STREAM_PAGE):
+            rows = task_rows(connection, ended[start:start + STREAM_PAGE])
+            yield b"".join(orjson.dumps(result_entry(task_id, row),
+                                        option=orjson.OPT_APPEND_NEWLINE)
+                           for task_id, row in sorted(rows.items()))
+        ended, quiet_since = [], time.monotonic()
         while True:
             fresh = [row for row in ended if row[0] not in sent]
             if fresh:
@@ -461,6 +465,28 @@ class ResultRoutes:
                                   mimetype="text/x-python", download=True)
 
 
+def group_answer(connection, group_id, after):
+    """GET /api/v1/groups/ID/results: the group's ended tasks' results past
+    `after`, at most MAX_RESULTS_BYTES of them (the rest in `not_sent`, as
+    /api/v1/results does), read a row at a time, never all at once."""
+    answer = {"group_id": group_id, "results": [], "pending": []}
+    not_sent, size = [], 0
+    for task_id, state, result, error in connection.execute(
+            "SELECT task_id, state, result, error FROM tasks WHERE group_id = ?"
+            " AND task_id > ? ORDER BY task_id", (group_id, after)):
+        if state not in TERMINAL_STATES:
+            answer["pending"].append(task_id)
+            continue
+        size += len(result or "") + len(error or "") + 100
+        if not_sent or (size > MAX_RESULTS_BYTES and answer["results"]):
+            not_sent.append(task_id)
+        else:
+            answer["results"].append(result_entry(task_id, (state, result, error)))
+    if not_sent:
+        answer["not_sent"] = not_sent
+    return answer
+
+
 def new_group(connection, specs):
     """A group for a client's tasks: a row like `rc submit --each`'s, with
     the first task's type, that no new device is ever added to."""
@@ -468,7 +494,7 @@ def new_group(connection, specs):
         return connection.execute(
             "INSERT INTO task_groups(created_at, task_type, payload, options)"
             " VALUES (?, ?, '{}', '{\"client\": true}')",
-            (time.time(), str(specs[0]["task_type"]))).lastrowid
+            (time.time(), str(specs[0]["task_type"]) if specs else "")).lastrowid
 
 
 def existing_group(connection, group_id):

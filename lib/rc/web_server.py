@@ -144,6 +144,20 @@ class Channel(HTTPChannel):
         return now - self.request_started > allowed
 
 
+    def stalled(self, cutoff):
+        """An answer that has waited for its client since before `cutoff`
+        and that waitress would keep for good: one of a request in progress
+        past 16 MiB holds the request's thread until the client reads (and
+        waitress never closes a channel with a request in progress for
+        silence), and one whose request ended keeps the channel open, since
+        waitress closes a channel only once its socket takes a write. Either
+        way a client that never reads would hold a thread or a connection
+        (at web_connection_limit, all of them) for good."""
+        waiting = self.total_outbufs_len
+        return waiting > 0 and self.last_activity < cutoff and (
+            not self.requests or waiting >= self.adj.outbuf_high_watermark)
+
+
 class TLSChannel(Channel):
     """A channel over TLS: the handshake and every read and write are
     non-blocking steps of waitress's loop. OpenSSL objects are not for two
@@ -318,6 +332,12 @@ class Server(TcpWSGIServer):
                          address=channel.address_key,
                          seconds=round(now - channel.request_started, 3))
                 channel.will_close = True
+            elif channel.stalled(now - self.adj.channel_timeout):
+                self.log("info", "web_client_not_reading", channel.address_key,
+                         address=channel.address_key, waiting_bytes=channel.total_outbufs_len)
+                # Closed now: will_close waits for the socket to take a write,
+                # which a client that reads nothing never allows.
+                channel.handle_close()
 
     def run(self):
         """waitress's loop, restarted if anything escapes it: one bad
