@@ -4252,8 +4252,11 @@ FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
-FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
-FILES_CONNECTIONS = 8           # transfers at once: with the kept ones, within rc-files' 16 a device
+FILES_CONNECTIONS = 8           # transfers at once (a new connection opens only when none is kept)
+FILES_IDLE_MAX = FILES_CONNECTIONS   # connections to rc-files kept open between transfers
+FILES_PREFETCH = 4              # fetches at once of the inputs of tasks waiting for a slot
+FILES_PREFETCH_MAX = 64 * 1048576   # bytes of inputs a waiting task may have fetched ahead
+FILES_COPY_IN_LOOP = 1048576    # bytes of inputs the loop may copy when it places cached ones
 FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
 FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
@@ -4567,6 +4570,7 @@ class FilesConnection(object):
         self.inbox = bytearray()
         self.reused = False             # taken from the pool (see FilesPool)
         self.cut = None                 # the FilesError that cut a fill()
+        self.whole_put = 0              # bytes of a put sent with its request (see put_whole)
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -4609,6 +4613,8 @@ class FilesConnection(object):
                             "proof": sign(self.service.secret, "rc-files",
                                           hello["nonce"][:64], nonce, device_id)}})
         self.answer()
+        whole = hello.get("whole_put")      # an rc-files that takes a small put in one go
+        self.whole_put = min(whole, FILES_CHUNK) if is_int(whole) and whole > 0 else 0
 
     def close(self):
         if self.sock is not None:
@@ -4738,6 +4744,8 @@ class FilesConnection(object):
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
         True once rc-files said it is stored."""
+        if request["size"] <= self.whole_put:
+            return self.put_whole(request, source)
         self.send({"put": request})
         have = self.answer().get("have", 0)
         if not is_int(have) or not 0 <= have <= request["size"]:
@@ -4755,6 +4763,19 @@ class FilesConnection(object):
             except OSError as e:
                 raise FilesError("rc-files connection cut: %s" % e, retry=True)
             left -= len(chunk)
+        return self.answer().get("stored") is True
+
+    def put_whole(self, request, source):
+        """A small file sent with its request, one answer back: no
+        round trip to learn what rc-files holds of it (a cut resends it all)."""
+        source.seek(0)
+        body = source.read(request["size"] + 1)
+        if len(body) != request["size"]:
+            raise FilesError("%s changed size while it was sent" % request["name"])
+        try:
+            self.sock.sendall(dumps({"put": dict(request, whole=True)}) + b"\n" + body)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
         return self.answer().get("stored") is True
 
 
@@ -5115,6 +5136,37 @@ def make_parents(workdir, parts):
     return os.path.join(path, parts[-1])
 
 
+def unique_blobs(inputs, stdin, checkpoint):
+    """sha256 -> size of every blob a task reads, each once."""
+    unique = {}
+    for _, sha, size, _ in inputs:
+        unique[sha] = size
+    for ref in (stdin, checkpoint):
+        if ref:
+            unique[ref[0]] = ref[1]
+    return unique
+
+
+def place_inputs(cache, workdir, inputs, stdin, link):
+    """The task's inputs and stdin, from the cache, in its directory."""
+    for parts, sha, _, mode in inputs:
+        target = make_parents(workdir, parts)
+        if os.path.lexists(target):
+            raise FilesError("input path %s is given twice" % "/".join(parts))
+        place(cache, sha, target, mode, link)
+    if stdin:
+        place(cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
+
+
+def input_error(error):
+    """What went wrong placing inputs, for the task's error."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the device's disk is full: %s" % error
+    if isinstance(error, OSError):
+        return "cannot place inputs: %s" % error
+    return str(error)
+
+
 # -- checkpoints: tar files in and out -----------------------------------------
 
 def checkpoint_signature(directory):
@@ -5425,6 +5477,7 @@ class Files(object):
         self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
+        self.prefetching = {}       # task key -> the Job fetching a waiting task's inputs, or None
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5460,40 +5513,102 @@ class Files(object):
     # -- before a task starts
 
     def stage(self, worker, task):
-        """True if the task waits for its inputs (a Staging takes its place)."""
+        """True if the task waits for its inputs (a Staging takes its place);
+        False if it needs none, or all were in the cache and are in place."""
         if not needs_staging(task):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
         task.workdir = workdir = worker.sandbox.workdirs.take()
-        blobs = [(sha, size) for _, sha, size, _ in inputs]
-        blobs += [ref for ref in (stdin, checkpoint) if ref]
+        unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
+        self.cache.pin(unique, task.key)
+        if self.place_cached(task, inputs, stdin, checkpoint, unique, link):
+            return False
         job = Job(worker, lambda job: self.fetch_inputs(job, workdir, inputs, stdin, checkpoint,
                                                         link))
-        job.blobs = [sha for sha, _ in blobs]
-        self.cache.pin(job.blobs, task.key)
+        job.blobs = list(unique)
         worker.running[task.key] = Staging(task, job)
         job.start()
         return True
 
+    def place_cached(self, task, inputs, stdin, checkpoint, unique, link):
+        """Place the task's inputs here, in the loop, when the cache holds
+        them all (fetched for an earlier task, or ahead: see prefetch) and
+        placing is links, or copies of at most FILES_COPY_IN_LOOP bytes: a
+        thread and a wake-up would cost more. False when a thread must
+        fetch or copy; BadPayload when placing failed."""
+        if checkpoint or not self.cache.prepared:
+            return False
+        copied = sum(size for _, _, size, mode in inputs if not link or mode & 0o111)
+        if stdin and not link:
+            copied += stdin[1]
+        if copied > FILES_COPY_IN_LOOP:
+            return False
+        with self.cache.lock:
+            if any(sha in self.cache.fetching for sha in unique):
+                return False
+        if not all(self.cache.has(sha, size) for sha, size in unique.items()):
+            return False
+        try:
+            for sha in unique:
+                self.cache.touch(sha)
+            place_inputs(self.cache, task.workdir, inputs, stdin, link)
+        except (OSError, FilesError) as e:
+            self.cache.unpin(task.key)
+            remove_tree(task.workdir)
+            task.workdir = None
+            raise BadPayload("inputs: %s" % (input_error(e),))
+        log("info", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
+        task.staged, task.restored = True, ()
+        return True
+
+    def prefetch(self, worker):
+        """Fetch into the cache the inputs of tasks waiting for a slot (the
+        main node gives a quick device a few more than its slots), so that a
+        slot that frees starts its next task at once (place_cached). At most
+        FILES_PREFETCH at once, each of at most FILES_PREFETCH_MAX bytes;
+        what fails here is fetched again, and reported, as the task starts."""
+        for key in [key for key in self.prefetching if key not in worker.queued]:
+            del self.prefetching[key]
+            if key not in worker.running:
+                self.cache.unpin(key)       # it left the queue some other way than a start
+        if self.service is None or not worker.queued:
+            return
+        busy = sum(job is not None and not job.done for job in self.prefetching.values())
+        starting = worker.options.slots - worker.slots_taken()   # these start this turn
+        for key, task in list(worker.queued.items()):
+            if busy >= FILES_PREFETCH:
+                break
+            if task.task_type in INSTANT_TASK_TYPES:
+                continue
+            starting -= 1
+            if starting >= 0 or key in self.prefetching or not needs_staging(task):
+                continue
+            try:
+                inputs, stdin, checkpoint = task_inputs(task.payload)
+            except BadPayload:
+                continue            # said when it starts
+            unique = unique_blobs(inputs, stdin, checkpoint)
+            if sum(unique.values()) > FILES_PREFETCH_MAX:
+                self.prefetching[key] = None       # fetched as it starts
+                continue
+            self.cache.pin(unique, key)
+            self.prefetching[key] = Job(worker, lambda job, unique=unique: self.fetch_ahead(
+                job, unique)).start()
+            busy += 1
+
+    def fetch_ahead(self, job, unique):
+        self.cache.prepare()
+        for sha, size in unique.items():
+            fetch_blob(job, self.cache, sha, size)
+
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
         try:
             self.cache.prepare()
-            unique = {}
-            for _, sha, size, _ in inputs:
-                unique[sha] = size
-            for ref in (stdin, checkpoint):
-                if ref:
-                    unique[ref[0]] = ref[1]
+            unique = unique_blobs(inputs, stdin, checkpoint)
             fetched = sum(fetch_blob(job, self.cache, sha, size) for sha, size in unique.items())
-            for parts, sha, _, mode in inputs:
-                target = make_parents(workdir, parts)
-                if os.path.lexists(target):
-                    raise FilesError("input path %s is given twice" % "/".join(parts))
-                place(self.cache, sha, target, mode, link)
-            if stdin:
-                place(self.cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
+            place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
                 os.mkdir(directory, 0o700)
@@ -5502,9 +5617,8 @@ class Files(object):
             log("info", "inputs_ready", files=len(inputs), fetched=fetched,
                 cached=len(unique) - fetched)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FilesError("the device's disk is full: %s" % e, code="disk_full")
-            raise FilesError("cannot place inputs: %s" % e)
+            raise FilesError(input_error(e), code="disk_full" if e.errno == errno.ENOSPC
+                             else None)
         finally:
             if job.cancelled and job.remove_after:
                 remove_tree(job.remove_after)
@@ -5673,6 +5787,8 @@ class Files(object):
         return min(times) if times and self.service is not None else None
 
     def on_time(self, worker, now):
+        if self.prefetching or worker.queued:
+            self.prefetch(worker)
         if self.service is None:
             return
         for key, state in list(self.checkpoints.items()):

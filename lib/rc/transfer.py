@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 128         # connections served at once; more are closed at o
 MAX_PER_DEVICE = 16           # of those, one device's (a worker uses one per task at most)
 MAX_LINE_BYTES = 64 * 1024    # a control line, newline included
 CHUNK_BYTES = 256 * 1024      # bytes one connection holds in memory while moving a file
+WHOLE_PUT_BYTES = CHUNK_BYTES  # a put this small may come with its request (put "whole")
 IDLE_TIMEOUT = 300.0          # seconds a connection may sit between requests
 DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
 ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
@@ -260,7 +261,8 @@ class Session:
 
     def authenticate(self):
         nonce = protocol.new_nonce()
-        self.send({"hello": {"nonce": nonce, "cluster_id": self.server.cluster_id}})
+        self.send({"hello": {"nonce": nonce, "cluster_id": self.server.cluster_id,
+                             "whole_put": WHOLE_PUT_BYTES}})
         try:
             message = self.read_line()
             if message is None:
@@ -360,7 +362,39 @@ class Session:
             count -= n
 
     def put(self, arguments):
-        task_id, attempt, name, size, sha256 = self.put_fields(arguments)
+        """Store a file of a device's task. A "whole" put (at most
+        WHOLE_PUT_BYTES) sends all its bytes right after the request, with
+        no "have" answer between: a small output costs one round trip. Its
+        bytes are read even when it is refused, so the connection stays in step."""
+        whole = arguments.get("whole") is True
+        try:
+            task_id, attempt, name, size, sha256 = self.put_fields(arguments)
+        except Refusal as e:
+            e.close = e.close or whole
+            raise
+        if whole and size > WHOLE_PUT_BYTES:
+            raise Refusal("bad_request", "a whole put is at most %d bytes, not %d"
+                          % (WHOLE_PUT_BYTES, size), close=True)
+        try:
+            stored = self.admit(task_id, attempt, name, size, sha256)
+        except Refusal:
+            if whole:
+                self.skip(size)
+            raise
+        if stored is not None:
+            # Held already (another task stored the same bytes): nothing to send.
+            if whole:
+                self.skip(size)
+            else:
+                self.send({"ok": True, "have": size})
+        else:
+            self.receive(task_id, attempt, name, size, sha256, whole)
+        self.record(task_id, attempt, name, size, sha256, received=stored is None)
+        self.send({"ok": True, "stored": True})
+
+    def admit(self, task_id, attempt, name, size, sha256):
+        """The size of the blob if the store holds it, else None once it
+        fits; a Refusal if the device may not store it now."""
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
@@ -368,16 +402,21 @@ class Session:
         if stored is not None:
             if stored != size:
                 raise Refusal("bad_request", "%s is %d bytes, not %d" % (sha256, stored, size))
-            # Held already (another task stored the same bytes): nothing to send.
-            self.send({"ok": True, "have": size})
-        else:
-            try:
-                files.check_room(self.connection, self.config, size)
-            except files.FileStoreError as e:
-                raise Refusal(e.code, str(e))
-            self.receive(task_id, attempt, name, size, sha256)
-        self.record(task_id, attempt, name, size, sha256, received=stored is None)
-        self.send({"ok": True, "stored": True})
+            return stored
+        try:
+            files.check_room(self.connection, self.config, size)
+        except files.FileStoreError as e:
+            raise Refusal(e.code, str(e))
+        return None
+
+    def skip(self, count):
+        """Read and drop the `count` bytes of a refused whole put."""
+        view = memoryview(self.buffer)
+        while count > 0:
+            n = self.reader.readinto(view[:min(count, CHUNK_BYTES)])
+            if not n:
+                raise EOFError("the upload was cut with %d bytes to go" % count)
+            count -= n
 
     def put_fields(self, arguments):
         values = []
@@ -399,15 +438,18 @@ class Session:
                 raise Refusal("bad_name", "output name %r %s" % (str(name)[:200], problem))
         return task_id, attempt, name, size, sha256
 
-    def receive(self, task_id, attempt, name, size, sha256):
+    def receive(self, task_id, attempt, name, size, sha256, whole=False):
         partial = files.put_partial_name(task_id, attempt, name, sha256)
         if not self.server.claim_partial(partial):
+            if whole:
+                self.skip(size)
             raise Refusal("busy", "%s is being stored by another connection" % name)
         try:
             writer = files.Writer(self.config, partial)
-            if writer.have > size:
+            if writer.have > size or (whole and writer.have):
                 writer.truncate()
-            self.send({"ok": True, "have": writer.have})
+            if not whole:
+                self.send({"ok": True, "have": writer.have})
             try:
                 self.read_into(writer, size - writer.have)
             except files.FileStoreError as e:     # the disk filled up under us
