@@ -4419,6 +4419,8 @@ class FileCache(object):
         self.cap = cap_mb * 1048576
         self.lock = _thread.allocate_lock()
         self.index = None          # sha256 -> [size, last used, mtime_ns, (dev, inode)], once read
+        self.total = 0             # bytes of the index's blobs
+        self.inodes = set()        # (dev, inode) of the index's blobs (see find_outputs)
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
@@ -4437,12 +4439,27 @@ class FileCache(object):
                         info = os.lstat(self.path(name))
                     except OSError:
                         continue
-                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns,
-                                        (info.st_dev, info.st_ino)]
+                    self.enter(name, [info.st_size, info.st_atime, info.st_mtime_ns,
+                                      (info.st_dev, info.st_ino)])
         return self.index
 
+    def enter(self, sha, entry):
+        """Index a blob, with the lock held; totals follow, so that no fetch
+        sums a cache of thousands of blobs."""
+        self.leave(sha)
+        self.index[sha] = entry
+        self.total += entry[0]
+        self.inodes.add(entry[3])
+
+    def leave(self, sha):
+        entry = self.index.pop(sha, None)
+        if entry is not None:
+            self.total -= entry[0]
+            self.inodes.discard(entry[3])
+
     def used(self):
-        return sum(entry[0] for entry in self.load().values())
+        self.load()
+        return self.total
 
     def recent(self, limit=CACHED_FILES_MAX):
         index = self.load()
@@ -4488,14 +4505,14 @@ class FileCache(object):
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
-            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns,
-                               (info.st_dev, info.st_ino)]
+            self.enter(sha, [info.st_size, time.time(), info.st_mtime_ns,
+                             (info.st_dev, info.st_ino)])
         self.touch(sha)
 
     def drop(self, sha):
         with self.lock:
             if self.index is not None:
-                self.index.pop(sha, None)
+                self.leave(sha)
         try:
             os.unlink(self.path(sha))
         except OSError:
@@ -4519,7 +4536,7 @@ class FileCache(object):
         FilesError when the disk cannot hold them even so."""
         index = self.load()
         with self.lock:
-            total = sum(entry[0] for entry in index.values())
+            total = self.total
             # Sorted only when something must go: most fetches fit as it is.
             order = [] if total + needed <= self.cap else sorted(
                 (entry[1], sha) for sha, entry in index.items() if sha not in self.pinned)
@@ -5767,10 +5784,10 @@ class Files(object):
 
     def cached_inodes(self):
         """The cache's blobs as (device, inode), from its index: a stat of
-        each, for each task, would cost more than the task's files."""
-        index = self.cache.load()
-        with self.cache.lock:
-            return {entry[3] for entry in index.values()}
+        each, for each task, would cost more than the task's files. The
+        index's own set, which only `in` reads (atomic), not a copy."""
+        self.cache.load()
+        return self.cache.inodes
 
     def annotate(self, task, data):
         """The result's "files": what rc-files confirmed as stored."""
