@@ -4857,8 +4857,9 @@ class FileService(object):
 class Job(object):
     """A transfer thread's handle: cancelled from the loop, done when it ends."""
 
-    def __init__(self, worker, work):
+    def __init__(self, worker, work, wake=True):
         self.worker, self.work = worker, work
+        self.wakes = wake         # the loop acts on its end (a fetch ahead needs no turn)
         self.cancelled = False
         self.done = False
         self.error = None
@@ -4892,7 +4893,8 @@ class Job(object):
         finally:
             self.done = True
             self.ended.release()
-            self.wake()
+            if self.wakes:
+                self.wake()
 
     def wake(self):
         writer = getattr(self.worker, "wakeup_writer", None)
@@ -5576,7 +5578,7 @@ class Files(object):
             remove_tree(task.workdir)
             task.workdir = None
             raise BadPayload("inputs: %s" % (input_error(e),))
-        log("info", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
+        log("debug", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
         task.staged, task.restored = True, ()
         return True
 
@@ -5612,7 +5614,7 @@ class Files(object):
                 continue
             self.cache.pin(unique, key)
             self.prefetching[key] = Job(worker, lambda job, unique=unique: self.fetch_ahead(
-                job, unique)).start()
+                job, unique), wake=False).start()
             busy += 1
 
     def fetch_ahead(self, job, unique):
@@ -5631,8 +5633,8 @@ class Files(object):
                 os.mkdir(directory, 0o700)
                 read_checkpoint(self.cache.path(checkpoint[0]), directory)
                 job.restored = checkpoint_signature(directory)
-            log("info", "inputs_ready", files=len(inputs), fetched=fetched,
-                cached=len(unique) - fetched)
+            log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
+                fetched=fetched, cached=len(unique) - fetched)
         except OSError as e:
             raise FilesError(input_error(e), code="disk_full" if e.errno == errno.ENOSPC
                              else None)
