@@ -4869,6 +4869,7 @@ class Job(object):
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
+        self.then = None          # what the thread does once the loop knows it is done
 
     def start(self):
         import _thread
@@ -4892,9 +4893,13 @@ class Job(object):
             self.error = "%s: %s" % (type(e).__name__, e)
         finally:
             self.done = True
-            self.ended.release()
             if self.wakes:
                 self.wake()
+            try:
+                if self.then is not None:
+                    self.then()     # off the loop's path: its result need not wait for it
+            finally:
+                self.ended.release()
 
     def wake(self):
         writer = getattr(self.worker, "wakeup_writer", None)
@@ -5768,7 +5773,7 @@ class Files(object):
         finally:
             for stream in spilled.values():
                 stream.close()
-            remove_tree(workdir)
+            job.then = lambda: remove_tree(workdir)     # after the result is on its way
 
     def protected(self):
         """Files of the worker's state that no output may be, link or not."""

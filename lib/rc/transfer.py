@@ -343,8 +343,16 @@ class Session:
             if offset > size:
                 raise Refusal("bad_request", "offset %d is past the end (%d bytes)"
                               % (offset, size))
-            self.send({"ok": True, "size": size, "length": size - offset})
-            self.send_bytes(blob, offset, size - offset)
+            header = {"ok": True, "size": size, "length": size - offset}
+            if size - offset <= CHUNK_BYTES:      # a small file: one write, header and bytes
+                blob.seek(offset)
+                body = blob.read(size - offset)
+                if len(body) != size - offset:
+                    raise EOFError("blob ended %d bytes early" % (size - offset - len(body)))
+                self.sock.sendall(orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + body)
+            else:
+                self.send(header)
+                self.send_bytes(blob, offset, size - offset)
         self.log.info("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
                       size=size)
 
@@ -389,8 +397,10 @@ class Session:
                 self.send({"ok": True, "have": size})
         else:
             self.receive(task_id, attempt, name, size, sha256, whole)
-        self.record(task_id, attempt, name, size, sha256, received=stored is None)
-        self.send({"ok": True, "stored": True})
+        kind = self.record(task_id, attempt, name, size, sha256, received=stored is None)
+        self.send({"ok": True, "stored": True})     # then the log line: the worker waits
+        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
+                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
 
     def admit(self, task_id, attempt, name, size, sha256):
         """The size of the blob if the store holds it, else None once it
@@ -477,7 +487,7 @@ class Session:
     def record(self, task_id, attempt, name, size, sha256, received):
         """The rows of a put, in one transaction: the blob's if it was just
         received (kept even when the attempt turns out stale: the blob is in
-        place, and retention removes both), then the task's."""
+        place, and retention removes both), then the task's; the file's kind."""
         now = time.time()
         with db.write(self.connection):
             if received:
@@ -489,8 +499,7 @@ class Session:
         if not holds:
             raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
                           % (self.device_id, task_id, attempt))
-        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
-                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
+        return kind
 
 
 def run(config, log, should_stop):
