@@ -236,13 +236,24 @@ def finished_at(cluster, task_ids, timeout=900):
                               % marks).fetchone()[0]
 
 
+PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
+
+
 def main_node_and_worker(cluster):
     """The main node's programs, the worker and its spawner (whose waited-for
     children are the tasks)."""
-    programs = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
     worker = psutil.Process(cluster.workers[DEVICE].pid)
-    return [cluster.program_pid(p) for p in programs] + [worker.pid] + [
+    return [cluster.program_pid(p) for p in PROGRAMS] + [worker.pid] + [
         child.pid for child in worker.children()]
+
+
+def cpu_by_program(cluster):
+    """CPU seconds so far of each main node program and of the worker with
+    its spawner and tasks, by name."""
+    pids = main_node_and_worker(cluster)
+    found = {name: cpu_seconds([pid]) for name, pid in zip(PROGRAMS, pids)}
+    found["worker"] = cpu_seconds(pids[len(PROGRAMS):])
+    return found
 
 
 def shell_true_rate(cluster, api, count):
@@ -318,8 +329,12 @@ def test_small_files_tasks(cluster):
         shell_true_rate(cluster, api, 10)       # the worker's spawner started
         # Before and after, so that a machine busy with other work part of the time
         # weighs on both figures alike.
+        programs = cpu_by_program(cluster)
         before, plain_cpu = shell_true_rate(cluster, api, SMALL_TASKS)
+        plain_programs, programs = difference(cpu_by_program(cluster), programs), \
+            cpu_by_program(cluster)
         with_files, files_cpu = small_files_rate(cluster, api, SMALL_TASKS)
+        files_programs = difference(cpu_by_program(cluster), programs)
         after, _ = shell_true_rate(cluster, api, SMALL_TASKS)
     finally:
         api.close()
@@ -332,6 +347,15 @@ def test_small_files_tasks(cluster):
     TABLE.record("... as a share of shell true", ">= 40 %", 100 * with_files / plain, "%",
                  with_files >= 0.4 * plain)
     TABLE.record("... CPU ms per task (main node + worker)", "-", files_cpu * 1000, "ms", True)
+    for name in ("worker", "rc-files", "rc-web", "rc-server", "rc-scheduler"):
+        TABLE.record("... of which %s (shell true: %.2f)" % (
+            "the worker, its spawner and tasks" if name == "worker" else name,
+            plain_programs[name] * 1000 / SMALL_TASKS), "-",
+            files_programs[name] * 1000 / SMALL_TASKS, "ms", True)
+
+
+def difference(after, before):
+    return {name: after[name] - before[name] for name in after}
 
 
 def test_zz_print_the_table():
