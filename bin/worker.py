@@ -4258,6 +4258,7 @@ FILES_PREFETCH = 4              # fetches at once of the inputs of tasks waiting
 FILES_PREFETCH_MAX = 64 * 1048576   # bytes of inputs a waiting task may have fetched ahead
 FILES_COPY_IN_LOOP = 1048576    # bytes of inputs the loop may copy when it places cached ones
 FILES_IDLE_THREADS = FILES_CONNECTIONS + FILES_PREFETCH   # transfer threads kept for the next job
+FILES_PROTECTED_SECONDS = 10.0  # seconds the list of the worker's own state files is reused
 FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
 FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
@@ -5551,6 +5552,7 @@ class Files(object):
         self.pool = FilesPool()
         self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         self.threads = None         # TransferThreads (made by Job.start)
+        self.protected_files = None     # (when, inodes) of the state's files (see protected)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
         self.prefetching = {}       # task key -> the Job fetching a waiting task's inputs, or None
@@ -5828,7 +5830,18 @@ class Files(object):
             job.then = lambda: remove_tree(workdir)     # after the result is on its way
 
     def protected(self):
-        """Files of the worker's state that no output may be, link or not."""
+        """Files of the worker's state that no output may be, link or not;
+        looked for again after FILES_PROTECTED_SECONDS, not for every upload
+        (a state file made meanwhile still has its link outside the task
+        directory, which find_outputs refuses, and a link to it resolves
+        outside)."""
+        now = time.monotonic()
+        if self.protected_files is None or now - self.protected_files[0] > \
+                FILES_PROTECTED_SECONDS:
+            self.protected_files = (now, self.state_files())
+        return self.protected_files[1]
+
+    def state_files(self):
         found = set()
         for root, dirs, files in os.walk(os.path.expanduser(self.options.state_dir)):
             # Not into the cache: its blobs are what inputs link to (cached_inodes).
