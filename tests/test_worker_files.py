@@ -363,9 +363,10 @@ def test_connections_are_kept_between_transfers_and_replaced_once_closed(start, 
     assert not worker.events("transfer_cut"), "a kept connection closed by rc-files is no cut"
 
 
-def test_a_small_output_goes_up_with_its_request_when_rc_files_offers_it(start, files):
+@also_36
+def test_a_small_output_goes_up_with_its_request_when_rc_files_offers_it(start, files, python):
     files.whole_put = 256 * 1024
-    worker, link = start()
+    worker, link = start(python=python)
     result = run(link, 1, "shell", {"command": "head -c 100000 /dev/urandom > small.bin;"
                                     " head -c 300000 /dev/urandom > large.bin",
                                     "outputs": ["*.bin"]})
@@ -382,8 +383,9 @@ def test_a_small_output_goes_up_with_its_request_when_rc_files_offers_it(start, 
     assert files.stored[(3, 1, "y.txt")] == b"y\n" and files.wholes[-1] == "y.txt"
 
 
-def test_inputs_of_a_task_waiting_for_a_slot_come_while_the_slot_is_busy(start, files):
-    worker, link = start("--slots", "1")
+@also_36
+def test_inputs_of_a_task_waiting_for_a_slot_come_while_the_slot_is_busy(start, files, python):
+    worker, link = start("--slots", "1", python=python)
     first, second = files.add(b"first input\n"), files.add(b"second input\n")
     link.assign(1, "shell", {"command": "sleep 1.5; cat in.txt",
                              "inputs": [dict(first, path="in.txt")]})
