@@ -4275,8 +4275,13 @@ FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
-FILES_IDLE_MAX = 4              # connections to rc-files kept open between transfers
-FILES_CONNECTIONS = 8           # transfers at once: with the kept ones, within rc-files' 16 a device
+FILES_CONNECTIONS = 8           # transfers at once (a new connection opens only when none is kept)
+FILES_IDLE_MAX = FILES_CONNECTIONS   # connections to rc-files kept open between transfers
+FILES_PREFETCH = 4              # fetches at once of the inputs of tasks waiting for a slot
+FILES_PREFETCH_MAX = 64 * 1048576   # bytes of inputs a waiting task may have fetched ahead
+FILES_COPY_IN_LOOP = 1048576    # bytes of inputs the loop may copy when it places cached ones
+FILES_IDLE_THREADS = FILES_CONNECTIONS + FILES_PREFETCH   # transfer threads kept for the next job
+FILES_PROTECTED_SECONDS = 10.0  # seconds the list of the worker's own state files is reused
 FILES_GATE_POLL = 0.5           # seconds between looks at a cancel while waiting for one
 FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them after 300)
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
@@ -4439,6 +4444,8 @@ class FileCache(object):
         self.cap = cap_mb * 1048576
         self.lock = _thread.allocate_lock()
         self.index = None          # sha256 -> [size, last used, mtime_ns, (dev, inode)], once read
+        self.total = 0             # bytes of the index's blobs
+        self.inodes = set()        # (dev, inode) of the index's blobs (see find_outputs)
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
@@ -4457,12 +4464,27 @@ class FileCache(object):
                         info = os.lstat(self.path(name))
                     except OSError:
                         continue
-                    self.index[name] = [info.st_size, info.st_atime, info.st_mtime_ns,
-                                        (info.st_dev, info.st_ino)]
+                    self.enter(name, [info.st_size, info.st_atime, info.st_mtime_ns,
+                                      (info.st_dev, info.st_ino)])
         return self.index
 
+    def enter(self, sha, entry):
+        """Index a blob, with the lock held; totals follow, so that no fetch
+        sums a cache of thousands of blobs."""
+        self.leave(sha)
+        self.index[sha] = entry
+        self.total += entry[0]
+        self.inodes.add(entry[3])
+
+    def leave(self, sha):
+        entry = self.index.pop(sha, None)
+        if entry is not None:
+            self.total -= entry[0]
+            self.inodes.discard(entry[3])
+
     def used(self):
-        return sum(entry[0] for entry in self.load().values())
+        self.load()
+        return self.total
 
     def recent(self, limit=CACHED_FILES_MAX):
         index = self.load()
@@ -4508,14 +4530,14 @@ class FileCache(object):
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
-            self.index[sha] = [info.st_size, time.time(), info.st_mtime_ns,
-                               (info.st_dev, info.st_ino)]
+            self.enter(sha, [info.st_size, time.time(), info.st_mtime_ns,
+                             (info.st_dev, info.st_ino)])
         self.touch(sha)
 
     def drop(self, sha):
         with self.lock:
             if self.index is not None:
-                self.index.pop(sha, None)
+                self.leave(sha)
         try:
             os.unlink(self.path(sha))
         except OSError:
@@ -4539,7 +4561,7 @@ class FileCache(object):
         FilesError when the disk cannot hold them even so."""
         index = self.load()
         with self.lock:
-            total = sum(entry[0] for entry in index.values())
+            total = self.total
             # Sorted only when something must go: most fetches fit as it is.
             order = [] if total + needed <= self.cap else sorted(
                 (entry[1], sha) for sha, entry in index.items() if sha not in self.pinned)
@@ -4590,6 +4612,7 @@ class FilesConnection(object):
         self.inbox = bytearray()
         self.reused = False             # taken from the pool (see FilesPool)
         self.cut = None                 # the FilesError that cut a fill()
+        self.whole_put = 0              # bytes of a put sent with its request (see put_whole)
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -4632,6 +4655,8 @@ class FilesConnection(object):
                             "proof": sign(self.service.secret, "rc-files",
                                           hello["nonce"][:64], nonce, device_id)}})
         self.answer()
+        whole = hello.get("whole_put")      # an rc-files that takes a small put in one go
+        self.whole_put = min(whole, FILES_CHUNK) if is_int(whole) and whole > 0 else 0
 
     def close(self):
         if self.sock is not None:
@@ -4761,6 +4786,8 @@ class FilesConnection(object):
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
         True once rc-files said it is stored."""
+        if request["size"] <= self.whole_put:
+            return self.put_whole(request, source)
         self.send({"put": request})
         have = self.answer().get("have", 0)
         if not is_int(have) or not 0 <= have <= request["size"]:
@@ -4778,6 +4805,19 @@ class FilesConnection(object):
             except OSError as e:
                 raise FilesError("rc-files connection cut: %s" % e, retry=True)
             left -= len(chunk)
+        return self.answer().get("stored") is True
+
+    def put_whole(self, request, source):
+        """A small file sent with its request, one answer back: no
+        round trip to learn what rc-files holds of it (a cut resends it all)."""
+        source.seek(0)
+        body = source.read(request["size"] + 1)
+        if len(body) != request["size"]:
+            raise FilesError("%s changed size while it was sent" % request["name"])
+        try:
+            self.sock.sendall(dumps({"put": dict(request, whole=True)}) + b"\n" + body)
+        except OSError as e:
+            raise FilesError("rc-files connection cut: %s" % e, retry=True)
         return self.answer().get("stored") is True
 
 
@@ -4842,8 +4882,9 @@ class FileService(object):
 class Job(object):
     """A transfer thread's handle: cancelled from the loop, done when it ends."""
 
-    def __init__(self, worker, work):
+    def __init__(self, worker, work, wake=True):
         self.worker, self.work = worker, work
+        self.wakes = wake         # the loop acts on its end (a fetch ahead needs no turn)
         self.cancelled = False
         self.done = False
         self.error = None
@@ -4853,6 +4894,7 @@ class Job(object):
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
+        self.then = None          # what the thread does once the loop knows it is done
 
     def start(self):
         import _thread
@@ -4862,9 +4904,9 @@ class Job(object):
             files.gate = threading.BoundedSemaphore(FILES_CONNECTIONS)
         self.ended = _thread.allocate_lock()
         self.ended.acquire()
-        # Not threading.Thread: its start() waits until the thread runs, a
-        # switch between threads that the loop would wait out twice a task.
-        _thread.start_new_thread(self.run, ())
+        if files.threads is None:
+            files.threads = TransferThreads()
+        files.threads.run(self.run)
         return self
 
     def run(self):
@@ -4876,8 +4918,13 @@ class Job(object):
             self.error = "%s: %s" % (type(e).__name__, e)
         finally:
             self.done = True
-            self.ended.release()
-            self.wake()
+            if self.wakes:
+                self.wake()
+            try:
+                if self.then is not None:
+                    self.then()     # off the loop's path: its result need not wait for it
+            finally:
+                self.ended.release()
 
     def wake(self):
         writer = getattr(self.worker, "wakeup_writer", None)
@@ -4947,6 +4994,54 @@ class Job(object):
                 time.sleep(wait)
                 wait *= 2
                 attempt += 1
+
+
+class TransferThreads(object):
+    """The threads that run Jobs, kept between them: starting one cost the
+    loop 0.1-0.4 ms, twice a task with files. A job is handed to a thread
+    that waits for one, else to a new thread (never queued: a job may wait
+    for another, as a fetch waits for the same blob's), so there are as many
+    threads as jobs at once, of which FILES_IDLE_THREADS stay for a minute.
+    Not threading.Thread: its start() waits until the thread runs, a switch
+    between threads that the loop would wait out."""
+
+    def __init__(self):
+        import _thread
+        self.lock = _thread.allocate_lock()
+        self.idle = []          # [wake-up lock, work] of each thread waiting for work
+
+    def run(self, work):
+        import _thread
+        with self.lock:
+            if self.idle:
+                waiting = self.idle.pop()
+                waiting[1] = work
+                waiting[0].release()
+                return
+        _thread.start_new_thread(self.serve, (work,))
+
+    def serve(self, work):
+        import _thread
+        waiting = [_thread.allocate_lock(), None]
+        waiting[0].acquire()
+        while work is not None:
+            work()
+            work = self.next_work(waiting)
+
+    def next_work(self, waiting):
+        """The next work handed to this thread, or None when it should end."""
+        with self.lock:
+            if len(self.idle) >= FILES_IDLE_THREADS:
+                return None
+            self.idle.append(waiting)
+        if not waiting[0].acquire(True, FILES_IDLE_SECONDS):
+            with self.lock:
+                if waiting in self.idle:        # nothing came: end
+                    self.idle.remove(waiting)
+                    return None
+            waiting[0].acquire()        # work came just as the wait ran out
+        work, waiting[1] = waiting[1], None
+        return work
 
 
 class FilesPool(object):
@@ -5138,6 +5233,37 @@ def make_parents(workdir, parts):
     return os.path.join(path, parts[-1])
 
 
+def unique_blobs(inputs, stdin, checkpoint):
+    """sha256 -> size of every blob a task reads, each once."""
+    unique = {}
+    for _, sha, size, _ in inputs:
+        unique[sha] = size
+    for ref in (stdin, checkpoint):
+        if ref:
+            unique[ref[0]] = ref[1]
+    return unique
+
+
+def place_inputs(cache, workdir, inputs, stdin, link):
+    """The task's inputs and stdin, from the cache, in its directory."""
+    for parts, sha, _, mode in inputs:
+        target = make_parents(workdir, parts)
+        if os.path.lexists(target):
+            raise FilesError("input path %s is given twice" % "/".join(parts))
+        place(cache, sha, target, mode, link)
+    if stdin:
+        place(cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
+
+
+def input_error(error):
+    """What went wrong placing inputs, for the task's error."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the device's disk is full: %s" % error
+    if isinstance(error, OSError):
+        return "cannot place inputs: %s" % error
+    return str(error)
+
+
 # -- checkpoints: tar files in and out -----------------------------------------
 
 def checkpoint_signature(directory):
@@ -5305,17 +5431,20 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
             if name in dirs and not stat.S_ISLNK(info.st_mode):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
-                matches.append(("/".join(parts), path))
+                # A walk from the resolved root never enters a linked directory:
+                # only a link itself needs resolving (each step an lstat).
+                real = os.path.realpath(path) if stat.S_ISLNK(info.st_mode) else path
+                matches.append(("/".join(parts), real))
     kept, names = [], 0
-    for name, path in matches:
-        reason = refusal(root, path, seen, protected, cached)
+    for name, real in matches:
+        reason = refusal(root, real, seen, protected, cached)
         if reason is None and (len(kept) >= FILES_MAX_OUTPUTS or names > FILES_MAX_NAMES):
             reason = "over %d outputs or %d bytes of names in one task" % (
                 FILES_MAX_OUTPUTS, FILES_MAX_NAMES)
         if reason:
             notes.append("rc-worker: output %r refused: %s; not uploaded" % (name, reason))
         else:
-            kept.append((name, os.path.realpath(path)))
+            kept.append((name, real))
             names += len(name)
     if len(notes) > FILES_MAX_NOTES:
         notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
@@ -5323,9 +5452,8 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
     return kept, notes
 
 
-def refusal(root, path, seen, protected, cached):
+def refusal(root, real, seen, protected, cached):
     import stat
-    real = os.path.realpath(path)
     if real != root and not real.startswith(root + os.sep):
         return "it resolves outside the task directory (%s)" % real
     try:
@@ -5448,8 +5576,11 @@ class Files(object):
         self.secret = None          # the device's own secret, for rc-files proofs
         self.pool = FilesPool()
         self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
+        self.threads = None         # TransferThreads (made by Job.start)
+        self.protected_files = None     # (when, inodes) of the state's files (see protected)
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
+        self.prefetching = {}       # task key -> the Job fetching a waiting task's inputs, or None
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5485,51 +5616,112 @@ class Files(object):
     # -- before a task starts
 
     def stage(self, worker, task):
-        """True if the task waits for its inputs (a Staging takes its place)."""
+        """True if the task waits for its inputs (a Staging takes its place);
+        False if it needs none, or all were in the cache and are in place."""
         if not needs_staging(task):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
         task.workdir = workdir = worker.sandbox.workdirs.take()
-        blobs = [(sha, size) for _, sha, size, _ in inputs]
-        blobs += [ref for ref in (stdin, checkpoint) if ref]
+        unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
+        self.cache.pin(unique, task.key)
+        if self.place_cached(task, inputs, stdin, checkpoint, unique, link):
+            return False
         job = Job(worker, lambda job: self.fetch_inputs(job, workdir, inputs, stdin, checkpoint,
                                                         link))
-        job.blobs = [sha for sha, _ in blobs]
-        self.cache.pin(job.blobs, task.key)
+        job.blobs = list(unique)
         worker.running[task.key] = Staging(task, job)
         job.start()
         return True
 
+    def place_cached(self, task, inputs, stdin, checkpoint, unique, link):
+        """Place the task's inputs here, in the loop, when the cache holds
+        them all (fetched for an earlier task, or ahead: see prefetch) and
+        placing is links, or copies of at most FILES_COPY_IN_LOOP bytes: a
+        thread and a wake-up would cost more. False when a thread must
+        fetch or copy; BadPayload when placing failed."""
+        if checkpoint or not self.cache.prepared:
+            return False
+        copied = sum(size for _, _, size, mode in inputs if not link or mode & 0o111)
+        if stdin and not link:
+            copied += stdin[1]
+        if copied > FILES_COPY_IN_LOOP:
+            return False
+        with self.cache.lock:
+            if any(sha in self.cache.fetching for sha in unique):
+                return False
+        if not all(self.cache.has(sha, size) for sha, size in unique.items()):
+            return False
+        try:
+            for sha in unique:
+                self.cache.touch(sha)
+            place_inputs(self.cache, task.workdir, inputs, stdin, link)
+        except (OSError, FilesError) as e:
+            self.cache.unpin(task.key)
+            remove_tree(task.workdir)
+            task.workdir = None
+            raise BadPayload("inputs: %s" % (input_error(e),))
+        log("debug", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
+        task.staged, task.restored = True, ()
+        return True
+
+    def prefetch(self, worker):
+        """Fetch into the cache the inputs of tasks waiting for a slot (the
+        main node gives a quick device a few more than its slots), so that a
+        slot that frees starts its next task at once (place_cached). At most
+        FILES_PREFETCH at once, each of at most FILES_PREFETCH_MAX bytes;
+        what fails here is fetched again, and reported, as the task starts."""
+        for key in [key for key in self.prefetching if key not in worker.queued]:
+            del self.prefetching[key]
+            if key not in worker.running:
+                self.cache.unpin(key)       # it left the queue some other way than a start
+        if self.service is None or not worker.queued:
+            return
+        busy = sum(job is not None and not job.done for job in self.prefetching.values())
+        starting = worker.options.slots - worker.slots_taken()   # these start this turn
+        for key, task in list(worker.queued.items()):
+            if busy >= FILES_PREFETCH:
+                break
+            if task.task_type in INSTANT_TASK_TYPES:
+                continue
+            starting -= 1
+            if starting >= 0 or key in self.prefetching or not needs_staging(task):
+                continue
+            try:
+                inputs, stdin, checkpoint = task_inputs(task.payload)
+            except BadPayload:
+                continue            # said when it starts
+            unique = unique_blobs(inputs, stdin, checkpoint)
+            if sum(unique.values()) > FILES_PREFETCH_MAX:
+                self.prefetching[key] = None       # fetched as it starts
+                continue
+            self.cache.pin(unique, key)
+            self.prefetching[key] = Job(worker, lambda job, unique=unique: self.fetch_ahead(
+                job, unique), wake=False).start()
+            busy += 1
+
+    def fetch_ahead(self, job, unique):
+        self.cache.prepare()
+        for sha, size in unique.items():
+            fetch_blob(job, self.cache, sha, size)
+
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
         try:
             self.cache.prepare()
-            unique = {}
-            for _, sha, size, _ in inputs:
-                unique[sha] = size
-            for ref in (stdin, checkpoint):
-                if ref:
-                    unique[ref[0]] = ref[1]
+            unique = unique_blobs(inputs, stdin, checkpoint)
             fetched = sum(fetch_blob(job, self.cache, sha, size) for sha, size in unique.items())
-            for parts, sha, _, mode in inputs:
-                target = make_parents(workdir, parts)
-                if os.path.lexists(target):
-                    raise FilesError("input path %s is given twice" % "/".join(parts))
-                place(self.cache, sha, target, mode, link)
-            if stdin:
-                place(self.cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
+            place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
                 os.mkdir(directory, 0o700)
                 read_checkpoint(self.cache.path(checkpoint[0]), directory)
                 job.restored = checkpoint_signature(directory)
-            log("info", "inputs_ready", files=len(inputs), fetched=fetched,
-                cached=len(unique) - fetched)
+            log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
+                fetched=fetched, cached=len(unique) - fetched)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FilesError("the device's disk is full: %s" % e, code="disk_full")
-            raise FilesError("cannot place inputs: %s" % e)
+            raise FilesError(input_error(e), code="disk_full" if e.errno == errno.ENOSPC
+                             else None)
         finally:
             if job.cancelled and job.remove_after:
                 remove_tree(job.remove_after)
@@ -5660,10 +5852,21 @@ class Files(object):
         finally:
             for stream in spilled.values():
                 stream.close()
-            remove_tree(workdir)
+            job.then = lambda: remove_tree(workdir)     # after the result is on its way
 
     def protected(self):
-        """Files of the worker's state that no output may be, link or not."""
+        """Files of the worker's state that no output may be, link or not;
+        looked for again after FILES_PROTECTED_SECONDS, not for every upload
+        (a state file made meanwhile still has its link outside the task
+        directory, which find_outputs refuses, and a link to it resolves
+        outside)."""
+        now = time.monotonic()
+        if self.protected_files is None or now - self.protected_files[0] > \
+                FILES_PROTECTED_SECONDS:
+            self.protected_files = (now, self.state_files())
+        return self.protected_files[1]
+
+    def state_files(self):
         found = set()
         for root, dirs, files in os.walk(os.path.expanduser(self.options.state_dir)):
             # Not into the cache: its blobs are what inputs link to (cached_inodes).
@@ -5678,10 +5881,10 @@ class Files(object):
 
     def cached_inodes(self):
         """The cache's blobs as (device, inode), from its index: a stat of
-        each, for each task, would cost more than the task's files."""
-        index = self.cache.load()
-        with self.cache.lock:
-            return {entry[3] for entry in index.values()}
+        each, for each task, would cost more than the task's files. The
+        index's own set, which only `in` reads (atomic), not a copy."""
+        self.cache.load()
+        return self.cache.inodes
 
     def annotate(self, task, data):
         """The result's "files": what rc-files confirmed as stored."""
@@ -5698,6 +5901,8 @@ class Files(object):
         return min(times) if times and self.service is not None else None
 
     def on_time(self, worker, now):
+        if self.prefetching or worker.queued:
+            self.prefetch(worker)
         if self.service is None:
             return
         for key, state in list(self.checkpoints.items()):

@@ -120,19 +120,19 @@ def start_heartbeats(cluster, report, duration):
 
 
 def watch_fetch(cluster, sha256, pids, timeout=600):
-    """(start, end, CPU seconds of `pids` between them): from the partial
-    file's appearance in the worker's cache to the blob's."""
+    """(start, end, [CPU seconds of each of `pids` between them]): from the
+    partial file's appearance in the worker's cache to the blob's."""
     cache = os.path.join(cluster.home, "worker-state", "cache")
     partial, blob = os.path.join(cache, "partial", sha256), os.path.join(cache, sha256)
     deadline = time.time() + timeout
     while not (os.path.exists(partial) or os.path.exists(blob)):
         assert time.time() < deadline, "the worker never started to fetch the input"
         time.sleep(0.002)
-    started, cpu = time.time(), cpu_seconds(pids)
+    started, cpu = time.time(), [cpu_seconds([pid]) for pid in pids]
     while not os.path.exists(blob):
         assert time.time() < deadline, "the worker never finished fetching the input"
         time.sleep(0.005)
-    return started, time.time(), cpu_seconds(pids) - cpu
+    return started, time.time(), [cpu_seconds([pid]) - before for pid, before in zip(pids, cpu)]
 
 
 @pytest.mark.timeout(1800)
@@ -152,7 +152,8 @@ def test_big_input_over_tls(cluster, tmp_path):
         try:
             task_id = int(cluster.rc("submit", "shell", "wc -c < big.bin", "--input", big,
                                      "--require", "device_id=%s" % DEVICE).stdout)
-            started, ended, cpu = watch_fetch(cluster, sha256, pids)
+            started, ended, cpus = watch_fetch(cluster, sha256, pids)
+            cpu = sum(cpus)
             done = cluster.rc("wait", str(task_id), "--timeout", "600", check=False)
         finally:
             peak = sampler.stop()
@@ -175,6 +176,9 @@ def test_big_input_over_tls(cluster, tmp_path):
     TABLE.record("... as a share of the ceiling", ">= 70 %", 100 * rate / ceiling, "%",
                  rate >= 0.7 * ceiling)
     TABLE.record("... CPU seconds per GiB (rc-files + worker)", "-", cpu / gib, "s", True)
+    TABLE.record("... of which the worker's (receives, hashes, writes)", "-", cpus[0] / gib, "s",
+                 True)
+    TABLE.record("... of which rc-files' (reads, sends)", "-", cpus[1] / gib, "s", True)
     TABLE.record("worker RSS peak during it (%d samples)" % sampler.samples, "<= 32 MiB",
                  peak, "MiB", peak <= 32)
     with open(report) as f:
@@ -232,13 +236,24 @@ def finished_at(cluster, task_ids, timeout=900):
                               % marks).fetchone()[0]
 
 
+PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
+
+
 def main_node_and_worker(cluster):
     """The main node's programs, the worker and its spawner (whose waited-for
     children are the tasks)."""
-    programs = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
     worker = psutil.Process(cluster.workers[DEVICE].pid)
-    return [cluster.program_pid(p) for p in programs] + [worker.pid] + [
+    return [cluster.program_pid(p) for p in PROGRAMS] + [worker.pid] + [
         child.pid for child in worker.children()]
+
+
+def cpu_by_program(cluster):
+    """CPU seconds so far of each main node program and of the worker with
+    its spawner and tasks, by name."""
+    pids = main_node_and_worker(cluster)
+    found = {name: cpu_seconds([pid]) for name, pid in zip(PROGRAMS, pids)}
+    found["worker"] = cpu_seconds(pids[len(PROGRAMS):])
+    return found
 
 
 def shell_true_rate(cluster, api, count):
@@ -314,8 +329,12 @@ def test_small_files_tasks(cluster):
         shell_true_rate(cluster, api, 10)       # the worker's spawner started
         # Before and after, so that a machine busy with other work part of the time
         # weighs on both figures alike.
+        programs = cpu_by_program(cluster)
         before, plain_cpu = shell_true_rate(cluster, api, SMALL_TASKS)
+        plain_programs, programs = difference(cpu_by_program(cluster), programs), \
+            cpu_by_program(cluster)
         with_files, files_cpu = small_files_rate(cluster, api, SMALL_TASKS)
+        files_programs = difference(cpu_by_program(cluster), programs)
         after, _ = shell_true_rate(cluster, api, SMALL_TASKS)
     finally:
         api.close()
@@ -328,6 +347,15 @@ def test_small_files_tasks(cluster):
     TABLE.record("... as a share of shell true", ">= 40 %", 100 * with_files / plain, "%",
                  with_files >= 0.4 * plain)
     TABLE.record("... CPU ms per task (main node + worker)", "-", files_cpu * 1000, "ms", True)
+    for name in ("worker", "rc-files", "rc-web", "rc-server", "rc-scheduler"):
+        TABLE.record("... of which %s (shell true: %.2f)" % (
+            "the worker, its spawner and tasks" if name == "worker" else name,
+            plain_programs[name] * 1000 / SMALL_TASKS), "-",
+            files_programs[name] * 1000 / SMALL_TASKS, "ms", True)
+
+
+def difference(after, before):
+    return {name: after[name] - before[name] for name in after}
 
 
 def test_zz_print_the_table():

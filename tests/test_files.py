@@ -121,6 +121,25 @@ def test_the_quota_refuses_before_any_byte_is_stored(cluster_home):
     files.check_room(connection, config, len(small), sha(small))
 
 
+def test_the_bytes_held_follow_every_store_and_sweep_without_a_sum(cluster_home):
+    config, connection = cluster_home
+
+    def held():
+        counted = connection.execute("SELECT coalesce(sum(size), 0) FROM files").fetchone()[0]
+        assert files.used_bytes(connection) == counted
+        return counted
+    assert held() == 0
+    first, _ = files.store_stream(connection, config, io.BytesIO(b"a" * 1000), 1000)
+    files.store_stream(connection, config, io.BytesIO(b"b" * 300), 300)
+    files.store_stream(connection, config, io.BytesIO(b"a" * 1000), 1000)   # held already
+    assert held() == 1300
+    files.record(connection, first, 1000)          # used again: counted once
+    assert held() == 1300
+    connection.execute("UPDATE files SET last_used_at = 0")
+    assert files.sweep(connection, config, time.time()) == 2
+    assert held() == 0
+
+
 def test_a_full_disk_is_refused_before_storing(cluster_home, monkeypatch):
     config, connection = cluster_home
     monkeypatch.setattr(files.shutil, "disk_usage",

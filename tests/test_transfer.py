@@ -108,7 +108,7 @@ class Client:
         assert hashlib.sha256(self.sock.getpeercert(True)).hexdigest() == \
             tls.fingerprint(node.config)
         self.reader = self.sock.makefile("rb")
-        hello = self.line()["hello"]
+        hello = self.hello = self.line()["hello"]
         nonce = protocol.new_nonce()
         secret = node.secrets[device_id] if secret is None else secret
         self.send({"auth": {"device_id": device_id, "nonce": nonce,
@@ -145,6 +145,13 @@ class Client:
         if cut is not None:
             return answer, None
         return answer, self.line()
+
+    def put_whole(self, task_id, attempt, name, data, digest=None, size=None):
+        """A put with its bytes right behind the request; the one answer."""
+        request = {"task_id": task_id, "attempt": attempt, "name": name, "whole": True,
+                   "size": len(data) if size is None else size, "sha256": digest or sha(data)}
+        self.sock.sendall(json.dumps({"put": request}).encode() + b"\n" + data)
+        return self.line()
 
     def close(self):
         self.reader.close()
@@ -388,4 +395,54 @@ def test_a_checkpoint_arriving_just_after_a_take_back_still_counts(node):
     assert answer["error"]["code"] == "stale_attempt"
     assert tasks.get(node.db, task_id)["payload"]["checkpoint"]["sha256"] == \
         sha(b"late but in time")
+    client.close()
+
+
+def test_a_small_put_comes_with_its_request_and_gets_one_answer(node):
+    node.add_device("watch")
+    task_id = node.running_task("watch")
+    data = os.urandom(100 * 1024)
+    client = Client(node, "watch")
+    assert client.hello["whole_put"] == transfer.WHOLE_PUT_BYTES
+    assert client.put_whole(task_id, 1, "out.bin", data) == {"ok": True, "stored": True}
+    entry = files.task_file(node.db, task_id, "out.bin")
+    assert (entry["sha256"], entry["size"]) == (sha(data), len(data))
+    # The same bytes again, for another name: held already, its bytes read and dropped.
+    assert client.put_whole(task_id, 1, "copy.bin", data) == {"ok": True, "stored": True}
+    assert files.task_file(node.db, task_id, "copy.bin")["sha256"] == sha(data)
+    client.close()
+
+
+def test_a_refused_small_put_leaves_the_connection_in_step(node):
+    node.add_device("clock")
+    node.add_device("thief")
+    task_id = node.running_task("clock")
+    data = os.urandom(50 * 1024)
+    client = Client(node, "thief")
+    assert client.put_whole(task_id, 1, "out.bin", data)["error"]["code"] == "stale_attempt"
+    wrong = client.put_whole(task_id, 1, "out.bin", data, digest=sha(b"other"))
+    assert wrong["error"]["code"] == "stale_attempt"
+    client.close()
+    client = Client(node, "clock")
+    wrong = client.put_whole(task_id, 1, "out.bin", data, digest=sha(b"other"))
+    assert wrong["error"]["code"] == "hash_mismatch" and sha(data) in wrong["error"]["message"]
+    # Each refusal read the bytes that came with it: the next request is understood.
+    assert client.put_whole(task_id, 1, "out.bin", data) == {"ok": True, "stored": True}
+    assert not files.exists(node.db, sha(b"other"))
+    client.close()
+
+
+def test_a_whole_put_over_the_limit_or_with_a_bad_name_closes_the_connection(node):
+    node.add_device("lamp")
+    task_id = node.running_task("lamp")
+    client = Client(node, "lamp")
+    answer = client.put_whole(task_id, 1, "big.bin", b"", digest="0" * 64,
+                              size=transfer.WHOLE_PUT_BYTES + 1)
+    assert answer["error"]["code"] == "bad_request" and "whole put" in answer["error"]["message"]
+    assert client.reader.readline() == b""       # its bytes cannot be told from a request
+    client.close()
+    client = Client(node, "lamp")
+    answer = client.put_whole(task_id, 1, "../escape", b"12345")
+    assert answer["error"]["code"] == "bad_name"
+    assert client.reader.readline() == b""
     client.close()

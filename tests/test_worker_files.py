@@ -58,6 +58,8 @@ class FakeFiles:
         self.cut_put_after = None
         self.refuse_puts = None      # an error code every put gets before any byte
         self.haves = []              # "have" answered to each put
+        self.whole_put = None        # bytes a put may bring with its request (offered in hello)
+        self.wholes = []             # names put whole
         self.pause = 0.0             # seconds between two 64 KiB pieces of a get or put
         self.corrupt = set()
         self.closing = False
@@ -92,7 +94,10 @@ class FakeFiles:
 
     def session(self, sock, reader):
         nonce = os.urandom(16).hex()
-        self.send(sock, {"hello": {"nonce": nonce, "cluster_id": CLUSTER}})
+        hello = {"nonce": nonce, "cluster_id": CLUSTER}
+        if self.whole_put:
+            hello["whole_put"] = self.whole_put
+        self.send(sock, {"hello": hello})
         auth = json.loads(reader.readline(65536))["auth"]
         if auth["proof"] != _sign(self.secret, "rc-files", nonce, auth["nonce"],
                                   auth["device_id"]):
@@ -133,14 +138,21 @@ class FakeFiles:
         if not self.pause:
             sock.sendall(body)
 
-    def put(self, sock, reader, task_id, attempt, name, size, sha256):
+    def put(self, sock, reader, task_id, attempt, name, size, sha256, whole=False):
+        if whole:
+            assert size <= self.whole_put, "a whole put over what rc-files offered"
+            self.wholes.append(name)
+            body = reader.read(size)
         if self.refuse_puts:
             self.send(sock, {"error": {"code": self.refuse_puts, "message": "no room"}})
             return
         key = (task_id, attempt, name, sha256)
         have = self.partial.setdefault(key, bytearray())
-        self.haves.append(len(have))
-        self.send(sock, {"ok": True, "have": len(have)})
+        if whole:
+            have[:] = body
+        else:
+            self.haves.append(len(have))
+            self.send(sock, {"ok": True, "have": len(have)})
         while len(have) < size:
             chunk = reader.read(min(65536, size - len(have)))
             if not chunk:
@@ -349,6 +361,45 @@ def test_connections_are_kept_between_transfers_and_replaced_once_closed(start, 
     assert result["status"] == "completed" and result["result"]["output"] == "another\n", result
     assert len(files.sessions) == 2, "a closed kept connection was replaced once"
     assert not worker.events("transfer_cut"), "a kept connection closed by rc-files is no cut"
+
+
+@also_36
+def test_a_small_output_goes_up_with_its_request_when_rc_files_offers_it(start, files, python):
+    files.whole_put = 256 * 1024
+    worker, link = start(python=python)
+    result = run(link, 1, "shell", {"command": "head -c 100000 /dev/urandom > small.bin;"
+                                    " head -c 300000 /dev/urandom > large.bin",
+                                    "outputs": ["*.bin"]})
+    assert result["status"] == "completed", result
+    assert files.wholes == ["small.bin"] and files.haves == [0]      # large.bin: have first
+    for name, size in (("small.bin", 100000), ("large.bin", 300000)):
+        data = files.stored[(1, 1, name)]
+        assert len(data) == size and stored_files(result)[name]["sha256"] == sha(data)
+    files.refuse_puts = "stale_attempt"
+    result = run(link, 2, "shell", {"command": "echo x > x.txt", "outputs": ["x.txt"]})
+    assert result["files"] == [] and "rc-files: stale_attempt" in result["result"]["stderr"]
+    files.refuse_puts = None
+    result = run(link, 3, "shell", {"command": "echo y > y.txt", "outputs": ["y.txt"]})
+    assert files.stored[(3, 1, "y.txt")] == b"y\n" and files.wholes[-1] == "y.txt"
+
+
+@also_36
+def test_inputs_of_a_task_waiting_for_a_slot_come_while_the_slot_is_busy(start, files, python):
+    worker, link = start("--slots", "1", python=python)
+    first, second = files.add(b"first input\n"), files.add(b"second input\n")
+    link.assign(1, "shell", {"command": "sleep 1.5; cat in.txt",
+                             "inputs": [dict(first, path="in.txt")]})
+    link.assign(2, "shell", {"command": "cat in.txt", "inputs": [dict(second, path="in.txt")]})
+    assert wait_until(lambda: (second["sha256"], 0) in files.gets, 1.2), \
+        "the waiting task's input was not fetched while the first task ran"
+    results = link.results(2)
+    assert results[1]["result"]["output"] == "first input\n"
+    assert results[2]["status"] == "completed", results[2]
+    assert results[2]["result"]["output"] == "second input\n"
+    assert [sha256 for sha256, _ in files.gets].count(second["sha256"]) == 1
+    # Cached and placed as it started; a third task with it fetches nothing either.
+    result = run(link, 3, "shell", {"command": "cat in.txt", "inputs": [dict(second, path="in.txt")]})
+    assert result["result"]["output"] == "second input\n" and len(files.gets) == 2
 
 
 def test_a_hash_mismatch_is_fetched_once_more_then_fails_naming_both(start, files):

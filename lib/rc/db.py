@@ -378,6 +378,24 @@ MIGRATIONS = [
         PRIMARY KEY (group_id, job)
     ) WITHOUT ROWID;
     """,
+    # 12: the file store's bytes in one row, kept by triggers, so that every
+    # upload checks the quota without summing every blob (lib/rc/files.py).
+    """
+    CREATE TABLE IF NOT EXISTS files_usage (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        bytes  INTEGER NOT NULL            -- sum(files.size)
+    );
+    INSERT OR REPLACE INTO files_usage(id, bytes) SELECT 1, coalesce(sum(size), 0) FROM files;
+    CREATE TRIGGER IF NOT EXISTS files_usage_added AFTER INSERT ON files BEGIN
+        UPDATE files_usage SET bytes = bytes + new.size WHERE id = 1;
+    END;
+    CREATE TRIGGER IF NOT EXISTS files_usage_removed AFTER DELETE ON files BEGIN
+        UPDATE files_usage SET bytes = bytes - old.size WHERE id = 1;
+    END;
+    CREATE TRIGGER IF NOT EXISTS files_usage_resized AFTER UPDATE OF size ON files BEGIN
+        UPDATE files_usage SET bytes = bytes + new.size - old.size WHERE id = 1;
+    END;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 128         # connections served at once; more are closed at o
 MAX_PER_DEVICE = 16           # of those, one device's (a worker uses one per task at most)
 MAX_LINE_BYTES = 64 * 1024    # a control line, newline included
 CHUNK_BYTES = 256 * 1024      # bytes one connection holds in memory while moving a file
+WHOLE_PUT_BYTES = CHUNK_BYTES  # a put this small may come with its request (put "whole")
 IDLE_TIMEOUT = 300.0          # seconds a connection may sit between requests
 DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
 ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
@@ -321,7 +322,8 @@ class Session:
 
     def authenticate(self):
         nonce = protocol.new_nonce()
-        self.send({"hello": {"nonce": nonce, "cluster_id": self.server.cluster_id}})
+        self.send({"hello": {"nonce": nonce, "cluster_id": self.server.cluster_id,
+                             "whole_put": WHOLE_PUT_BYTES}})
         try:
             message = self.read_line()
             if message is None:
@@ -403,8 +405,16 @@ class Session:
             if offset > size:
                 raise Refusal("bad_request", "offset %d is past the end (%d bytes)"
                               % (offset, size))
-            self.send({"ok": True, "size": size, "length": size - offset})
-            self.send_bytes(blob, offset, size - offset)
+            header = {"ok": True, "size": size, "length": size - offset}
+            if size - offset <= CHUNK_BYTES:      # a small file: one write, header and bytes
+                blob.seek(offset)
+                body = blob.read(size - offset)
+                if len(body) != size - offset:
+                    raise EOFError("blob ended %d bytes early" % (size - offset - len(body)))
+                self.sock.sendall(orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + body)
+            else:
+                self.send(header)
+                self.send_bytes(blob, offset, size - offset)
         self.log.info("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
                       size=size)
 
@@ -422,7 +432,42 @@ class Session:
             count -= n
 
     def put(self, arguments):
-        task_id, attempt, name, size, sha256 = self.put_fields(arguments)
+        """Store a file of a device's task. A "whole" put (at most
+        WHOLE_PUT_BYTES) sends all its bytes right after the request, with
+        no "have" answer between: a small output costs one round trip. Its
+        bytes are read even when it is refused, so the connection stays in step."""
+        whole = arguments.get("whole") is True
+        try:
+            task_id, attempt, name, size, sha256 = self.put_fields(arguments)
+        except Refusal as e:
+            e.close = e.close or whole
+            raise
+        if whole and size > WHOLE_PUT_BYTES:
+            raise Refusal("bad_request", "a whole put is at most %d bytes, not %d"
+                          % (WHOLE_PUT_BYTES, size), close=True)
+        try:
+            stored, room = self.admit(task_id, attempt, name, size, sha256)
+        except Refusal:
+            if whole:
+                self.skip(size)
+            raise
+        if stored is not None:
+            # Held already (another task stored the same bytes): nothing to send.
+            if whole:
+                self.skip(size)
+            else:
+                self.send({"ok": True, "have": size})
+        else:
+            self.receive(task_id, attempt, name, size, sha256, room, whole)
+        kind = self.record(task_id, attempt, name, size, sha256, received=stored is None)
+        self.send({"ok": True, "stored": True})     # then the log line: the worker waits
+        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
+                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
+
+    def admit(self, task_id, attempt, name, size, sha256):
+        """(the size of the blob, None) if the store holds it, else (None,
+        the room left) once it fits; a Refusal if the device may not store
+        it now."""
         if not files.may_store(self.connection, self.device_id, task_id, attempt, name):
             raise Refusal("stale_attempt", "%s does not hold task %s attempt %s now"
                           % (self.device_id, task_id, attempt))
@@ -433,17 +478,22 @@ class Session:
         if stored is not None:
             if stored != size:
                 raise Refusal("bad_request", "%s is %d bytes, not %d" % (sha256, stored, size))
-            # Held already (another task stored the same bytes): nothing to send.
-            self.send({"ok": True, "have": size})
-        else:
-            partial = files.put_partial_name(task_id, attempt, name, sha256)
-            try:
-                room = files.check_room(self.connection, self.config, size, partial=partial)
-            except files.FileStoreError as e:
-                raise Refusal(e.code, str(e))
-            self.receive(partial, name, size, sha256, room)
-        self.record(task_id, attempt, name, size, sha256, received=stored is None)
-        self.send({"ok": True, "stored": True})
+            return stored, None
+        partial = files.put_partial_name(task_id, attempt, name, sha256)
+        try:
+            room = files.check_room(self.connection, self.config, size, partial=partial)
+        except files.FileStoreError as e:
+            raise Refusal(e.code, str(e))
+        return None, room
+
+    def skip(self, count):
+        """Read and drop the `count` bytes of a refused whole put."""
+        view = memoryview(self.buffer)
+        while count > 0:
+            n = self.reader.readinto(view[:min(count, CHUNK_BYTES)])
+            if not n:
+                raise EOFError("the upload was cut with %d bytes to go" % count)
+            count -= n
 
     def put_fields(self, arguments):
         values = []
@@ -465,14 +515,18 @@ class Session:
                 raise Refusal("bad_name", "output name %r %s" % (str(name)[:200], problem))
         return task_id, attempt, name, size, sha256
 
-    def receive(self, partial, name, size, sha256, room):
+    def receive(self, task_id, attempt, name, size, sha256, room, whole=False):
+        partial = files.put_partial_name(task_id, attempt, name, sha256)
         if not self.server.claim_partial(partial):
+            if whole:
+                self.skip(size)
             raise Refusal("busy", "%s is being stored by another connection" % name)
         try:
             writer = files.Writer(self.config, partial, room)
-            if writer.have > size:
+            if writer.have > size or (whole and writer.have):
                 writer.truncate()
-            self.send({"ok": True, "have": writer.have})
+            if not whole:
+                self.send({"ok": True, "have": writer.have})
             try:
                 self.read_into(writer, size - writer.have)
             except files.FileStoreError as e:     # the disk filled up under us
@@ -500,7 +554,7 @@ class Session:
     def record(self, task_id, attempt, name, size, sha256, received):
         """The rows of a put, in one transaction: the blob's if it was just
         received (kept even when the attempt turns out stale: the blob is in
-        place, and retention removes both), then the task's."""
+        place, and retention removes both), then the task's; the file's kind."""
         now = time.time()
         with db.write(self.connection):
             if received:
@@ -512,8 +566,7 @@ class Session:
         if not holds:
             raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
                           % (self.device_id, task_id, attempt))
-        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
-                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
+        return kind
 
 
 def run(config, log, should_stop):
