@@ -20,7 +20,7 @@ import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
 from hostile_harness import unharmed
-from rc import audit, client
+from rc import audit, client, web_results
 
 pytestmark = pytest.mark.e2e
 
@@ -508,6 +508,22 @@ def test_a_batch_submit_writes_one_audit_line(cluster):
                           [{"task_type": "echo", "payload": "x"}])
     assert status == 400 and "one task per device" in answer["error"]
     assert http(cluster, "POST", "/api/v1/tasks?group=x", [{"task_type": "echo"}])[0] == 400
+
+
+def test_close_ends_the_result_stream_at_once(cluster):
+    connection = client.Cluster(cluster.url, cluster.token)
+    assert connection.submit("echo", "x").result(60) == "x"
+    assert connection.receiver.is_alive()       # the stream stays open a while
+    started = time.monotonic()
+    connection.close()
+    assert time.monotonic() - started < 2       # not until rc-web's next ping
+    assert not connection.receiver.is_alive()
+
+
+def test_a_stream_wake_reads_the_new_events_not_the_whole_group(cluster):
+    plan = [row[3] for row in cluster.db.execute(
+        "EXPLAIN QUERY PLAN " + web_results.GROUP_ENDED_SQL, (1, 2, 3, 0))]
+    assert plan[0].startswith("SEARCH e USING INTEGER PRIMARY KEY"), plan
 
 
 # -- /client.py on the oldest and newest Python ----------------------------------------------

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import pickle
+import socket
 import ssl
 import sys
 import sysconfig
@@ -195,10 +196,13 @@ class Http:
         return answer
 
     def stream(self, path, timeout):
-        """A connection of its own and the response, to read line by line."""
+        """A connection of its own and the response, to read line by line.
+        The connection keeps its socket as `stream_socket` (http.client lets
+        go of it when the response says Connection: close): see stop_reading."""
         connection = self.connect(timeout)
         try:
             connection.request("GET", self.prefix + path, None, self.headers())
+            connection.stream_socket = connection.sock
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as e:
             connection.close()
@@ -209,6 +213,21 @@ class Http:
             raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], data[:300].decode(
                 "utf-8", "replace"), response.status), response.status)
         return connection, response
+
+
+def stop_reading(connection):
+    """Wake a thread blocked reading a stream's connection, at once: closing
+    it is not enough (the response's file holds the socket open, and the
+    reader would sleep until the next line or ping, up to 15 s, while
+    rc-web kept serving the stream)."""
+    sock = getattr(connection, "stream_socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass                # closed already
+    if connection is not None:
+        connection.close()
 
 
 # -- futures ---------------------------------------------------------------------------
@@ -322,9 +341,7 @@ class Cluster:
         with self.lock:
             self.closed = True
             self.lock.notify_all()
-        connection = self.stream_connection
-        if connection is not None:
-            connection.close()
+        stop_reading(self.stream_connection)
         for thread in (self.sender, self.receiver):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5)

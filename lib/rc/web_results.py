@@ -37,9 +37,11 @@ ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 
 UNTIL = ("any", "all")
 CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
 TERMINAL_SQL = "state IN (%s)" % db.sql_list(TERMINAL_STATES)
-# A group's tasks that ended in events (?, ?], past a task id.
+# A group's tasks that ended in events (?, ?], past a task id. CROSS JOIN keeps
+# the events outside: otherwise SQLite walks every task of the group on each
+# look (its index on group_id), ~3 ms a wake for a session of 5,000 tasks.
 GROUP_ENDED_SQL = ("SELECT t.task_id, t.state, t.result, t.error FROM task_events e"
-                   " JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
+                   " CROSS JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
                    " AND e." + TERMINAL_SQL + " AND t.group_id = ? AND t.task_id > ?"
                    " ORDER BY e.id")
 
