@@ -56,10 +56,15 @@ def test_a_ring_wakes_the_waiter_and_a_quiet_wait_times_out(tmp_path):
 
 def test_the_watch_is_handed_on_when_the_watcher_leaves(tmp_path):
     config, watch = make_watch(tmp_path)
-    short, short_outcome = waiting(watch, 0, 0.2)      # watches first, leaves first
+    short, short_outcome = waiting(watch, 0, 0.3)      # watches first, leaves first
+    time.sleep(0.05)
+    # Another whose wait ends about when the watcher leaves: if the watch is
+    # handed to it, it passes it on as it goes.
+    other, _ = waiting(watch, 0, 0.25)
     time.sleep(0.05)
     long, long_outcome = waiting(watch, 0, 10)
     short.join(5)
+    other.join(5)
     assert short_outcome["generation"] == 0
     time.sleep(0.3)                         # the short waiter has gone: the long one watches
     commit_and_ring(config)

@@ -95,15 +95,21 @@ class ChangeWatch:
         returns the generation now."""
         deadline = time.monotonic() + timeout
         with self.condition:
-            while self.generation == seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if self.watching:
-                    self.condition.wait(left)
-                else:
-                    self.watch(seen, deadline)
-            return self.generation
+            try:
+                while self.generation == seen:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if self.watching:
+                        self.condition.wait(left)
+                    else:
+                        self.watch(seen, deadline)
+                return self.generation
+            finally:
+                if not self.watching:
+                    # It watched and leaves, or was handed the watch as its own
+                    # wait ended: a waiter still waiting takes it on.
+                    self.condition.notify()
 
     def watch(self, seen, deadline):
         """Watch for everyone until a change or the deadline; the condition's
@@ -121,7 +127,6 @@ class ChangeWatch:
                     self.condition.notify_all()
         finally:
             self.watching = False
-            self.condition.notify()         # a waiter still waiting watches from here
 
     def look(self, seconds):
         """Sleep on the doorbell for up to `seconds`, then whether the
