@@ -520,6 +520,19 @@ def test_close_ends_the_result_stream_at_once(cluster):
     assert not connection.receiver.is_alive()
 
 
+def test_lone_submits_past_the_stream_idle_time_share_one_stream(cluster, monkeypatch):
+    monkeypatch.setattr(client, "STREAM_IDLE", 0.3)
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        opened = []
+        stream = connection.http.stream
+        connection.http.stream = lambda *args: opened.append(args) or stream(*args)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:         # five times STREAM_IDLE
+            assert connection.submit("echo", "x").result(60) == "x"
+            time.sleep(0.02)
+    assert len(opened) == 1, "a stream opened again %d times" % (len(opened) - 1)
+
+
 def test_a_stream_wake_reads_the_new_events_not_the_whole_group(cluster):
     plan = [row[3] for row in cluster.db.execute(
         "EXPLAIN QUERY PLAN " + web_results.GROUP_ENDED_SQL, (1, 2, 3, 0))]

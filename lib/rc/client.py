@@ -529,8 +529,10 @@ class Cluster:
                 if record["task_id"] > self.highest:    # its batch's answer is on its way
                     self.early[record["task_id"]] = record
                 return              # one that ended already (a stream opened again)
-            if self.waiting:
-                self.last_pending = time.monotonic()
+            # It was pending until now: the stream stays open STREAM_IDLE from
+            # here, for the next lone submit (else a session past its first
+            # STREAM_IDLE seconds opened a stream for each of them).
+            self.last_pending = time.monotonic()
         self.finish(future, record)
 
     def finish(self, future, record):
