@@ -112,3 +112,13 @@ def test_nothing_listening_is_a_clear_error():
         port = probe.getsockname()[1]
     with pytest.raises(client.ClusterError, match="cannot reach http://127.0.0.1:%d" % port):
         client.Http("http://127.0.0.1:%d" % port, None).request("GET", "/x", timeout=5)
+
+
+def test_a_large_body_arrives_whole():
+    server = Canned([b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}"])
+    data = bytes(range(256)) * 1000            # past SMALL_BODY: head and body sent apart
+    assert len(data) > client.SMALL_BODY
+    assert client.Http("http://127.0.0.1:%d" % server.port, "t").request(
+        "POST", "/api/v1/files", data, {"Content-Type": "application/octet-stream"}) == (201, b"{}")
+    head, body = server.requests[0]
+    assert body == data and b"\r\nContent-Length: 256000" in head

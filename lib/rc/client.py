@@ -53,6 +53,10 @@ BATCH_MAX_BYTES = 900 * 1024    # bytes of one submit request (rc-web takes 1 Mi
 STREAM_IDLE = 5.0               # seconds the result stream stays open with nothing pending
 STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15) before
                                 # the stream is opened again
+MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
+MAX_HEAD_FIELDS = 100           # header fields of one answer
+READ_PIECE = 1 << 20            # bytes read at once of a long body
+SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
@@ -174,7 +178,9 @@ class Http:
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT):
         """(status, body bytes). A kept-alive connection the server closed
         meanwhile is opened again once (waitress closes idle ones)."""
-        message = self.message(method, path, body, headers)
+        head = self.head(method, path, body, headers)
+        # One write for a small request; a large body (a file put) is not copied.
+        message = [head + (body or b"")] if len(body or b"") <= SMALL_BODY else [head, body]
         for attempt in (1, 2):
             link = getattr(self.local, "link", None)
             reused = link is not None
@@ -182,7 +188,8 @@ class Http:
                 if link is None:
                     link = self.local.link = self.open_link(timeout)
                 link[0].settimeout(timeout)
-                link[0].sendall(message)
+                for data in message:
+                    link[0].sendall(data)
                 status, data, keep = read_answer(link[1], method)
                 if not keep:
                     self.drop()
@@ -198,15 +205,15 @@ class Http:
                 raise ClusterError("cannot reach %s://%s:%d: %s"
                                    % (self.scheme, self.host, self.port, e))
 
-    def message(self, method, path, body, headers):
-        """The request's bytes: its line, our fields, the caller's, the body."""
+    def head(self, method, path, body, headers):
+        """The request's line and fields: ours, the caller's, the body's length."""
         head = "%s %s%s HTTP/1.1\r\n%s" % (method, self.prefix, path, self.head_fields)
         for name, value in (headers or {}).items():
             head += "%s: %s\r\n" % (name, value)
         if body is not None or method in ("POST", "PUT"):
             head += "Content-Length: %d\r\n" % len(body or b"")
         try:
-            return (head + "\r\n").encode("ascii") + (body or b"")
+            return (head + "\r\n").encode("ascii")
         except UnicodeEncodeError:
             raise ValueError("a request must be ASCII, not %r" % head[:200])
 
@@ -260,11 +267,6 @@ class NoAnswer(Exception):
 
 class BadAnswer(Exception):
     """An answer that is not HTTP/1.x as we read it."""
-
-
-MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
-MAX_HEAD_FIELDS = 100           # header fields of one answer
-READ_PIECE = 1 << 20            # bytes read at once of a long body
 
 
 def read_answer(reader, method):
