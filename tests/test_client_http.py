@@ -91,7 +91,7 @@ def test_a_kept_alive_connection_closed_meanwhile_is_opened_again_once():
 
 
 @pytest.mark.parametrize("answer, message", [
-    (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.x status line"),
+    (b"SSH-2.0-OpenSSH\r\n", "bad answer from .*: not an HTTP/1.x status line"),
     (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
     (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 header fields"),
     (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "header line over"),
@@ -122,3 +122,12 @@ def test_a_large_body_arrives_whole():
         "POST", "/api/v1/files", data, {"Content-Type": "application/octet-stream"}) == (201, b"{}")
     head, body = server.requests[0]
     assert body == data and b"\r\nContent-Length: 256000" in head
+
+
+@pytest.mark.parametrize("path", ["/x y", "/x\r\nX-Injected: 1", "/é"])
+def test_a_path_that_would_break_the_request_line_is_refused(path):
+    server = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"])
+    with pytest.raises(ValueError, match="a request path must be printable ASCII"):
+        http_to(server).request("GET", path)
+    with pytest.raises(ValueError, match="the token must be printable ASCII"):
+        client.Http("http://127.0.0.1:%d" % server.port, "tok\r\nX-Injected: 1")

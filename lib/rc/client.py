@@ -139,6 +139,8 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.local = threading.local()
+        if token is not None:
+            header_text(token, "the token", " ")
         host = "[%s]" % self.host if ":" in self.host else self.host
         default_port = self.port == (443 if self.scheme == "https" else 80)
         self.head_fields = "Host: %s\r\nAccept: application/json\r\n%s" % (
@@ -200,22 +202,24 @@ class Http:
                 if not reused or attempt == 2:
                     raise ClusterError("no answer from %s://%s:%d: %s"
                                        % (self.scheme, self.host, self.port, e))
-            except (OSError, BadAnswer) as e:
+            except BadAnswer as e:
+                self.drop()
+                raise ClusterError("bad answer from %s://%s:%d: %s"
+                                   % (self.scheme, self.host, self.port, e))
+            except OSError as e:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
                                    % (self.scheme, self.host, self.port, e))
 
     def head(self, method, path, body, headers):
         """The request's line and fields: ours, the caller's, the body's length."""
-        head = "%s %s%s HTTP/1.1\r\n%s" % (method, self.prefix, path, self.head_fields)
+        fields = self.head_fields
         for name, value in (headers or {}).items():
-            head += "%s: %s\r\n" % (name, value)
+            fields += "%s: %s\r\n" % (name, header_text(value, name))
         if body is not None or method in ("POST", "PUT"):
-            head += "Content-Length: %d\r\n" % len(body or b"")
-        try:
-            return (head + "\r\n").encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError("a request must be ASCII, not %r" % head[:200])
+            fields += "Content-Length: %d\r\n" % len(body or b"")
+        return ("%s %s%s HTTP/1.1\r\n%s\r\n" % (method, self.prefix, header_text(
+            path, "a request path", " "), fields)).encode("ascii")
 
     def drop(self):
         link = getattr(self.local, "link", None)
@@ -258,6 +262,16 @@ class Http:
             raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], data[:300].decode(
                 "utf-8", "replace"), response.status), response.status)
         return connection, response
+
+
+def header_text(text, what, also_refused=""):
+    """`text` when it is printable ASCII (nothing that could end a line of
+    the request and start another), else ValueError naming `what`."""
+    if not text.isprintable() or max(map(ord, text), default=0) > 127 \
+            or any(c in text for c in also_refused):
+        raise ValueError("%s must be printable ASCII%s, not %r" % (
+            what, " without spaces" if also_refused else "", text[:200]))
+    return text
 
 
 class NoAnswer(Exception):
