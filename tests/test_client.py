@@ -518,6 +518,13 @@ def test_close_ends_the_result_stream_at_once(cluster):
     connection.close()
     assert time.monotonic() - started < 2       # not until rc-web's next ping
     assert not connection.receiver.is_alive()
+    with client.Cluster(cluster.url, cluster.token) as closed_early:
+        held_future = closed_early.submit("echo", "x", requirements={"device_id": "nobody"})
+        held_future.wait_submitted(60)
+        closed_early.close(wait=False)
+    # leaving the block closed it again, at once: no wait for a result nobody reads
+    assert not held_future.done()
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % held_future.task_id, {})
 
 
 def test_lone_submits_past_the_stream_idle_time_share_one_stream(cluster, monkeypatch):

@@ -480,7 +480,10 @@ class Cluster:
 
     def close(self, wait=True):
         """Stop the background threads, once the tasks submitted have ended
-        when `wait`; tasks already submitted go on regardless."""
+        when `wait`; tasks already submitted go on regardless. Once closed,
+        closing again does nothing (it would wait for results nobody reads)."""
+        if self.closed:
+            return
         if wait:
             with self.lock:
                 unfinished = list(self.queue) + list(self.waiting.values())
