@@ -20,7 +20,7 @@ import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
 from hostile_harness import unharmed
-from rc import audit, client
+from rc import audit, client, web_results
 
 pytestmark = pytest.mark.e2e
 
@@ -516,6 +516,42 @@ def test_a_batch_submit_writes_one_audit_line(cluster):
                           [{"task_type": "echo", "payload": "x"}])
     assert status == 400 and "one task per device" in answer["error"]
     assert http(cluster, "POST", "/api/v1/tasks?group=x", [{"task_type": "echo"}])[0] == 400
+
+
+def test_close_ends_the_result_stream_at_once(cluster):
+    connection = client.Cluster(cluster.url, cluster.token)
+    assert connection.submit("echo", "x").result(60) == "x"
+    assert connection.receiver.is_alive()       # the stream stays open a while
+    started = time.monotonic()
+    connection.close()
+    assert time.monotonic() - started < 2       # not until rc-web's next ping
+    assert not connection.receiver.is_alive()
+    with client.Cluster(cluster.url, cluster.token) as closed_early:
+        held_future = closed_early.submit("echo", "x", requirements={"device_id": "nobody"})
+        held_future.wait_submitted(60)
+        closed_early.close(wait=False)
+    # leaving the block closed it again, at once: no wait for a result nobody reads
+    assert not held_future.done()
+    http(cluster, "POST", "/api/v1/tasks/%d/cancel" % held_future.task_id, {})
+
+
+def test_lone_submits_past_the_stream_idle_time_share_one_stream(cluster, monkeypatch):
+    monkeypatch.setattr(client, "STREAM_IDLE", 0.3)
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        opened = []
+        stream = connection.http.stream
+        connection.http.stream = lambda *args: opened.append(args) or stream(*args)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:         # five times STREAM_IDLE
+            assert connection.submit("echo", "x").result(60) == "x"
+            time.sleep(0.02)
+    assert len(opened) == 1, "a stream opened again %d times" % (len(opened) - 1)
+
+
+def test_a_stream_wake_reads_the_new_events_not_the_whole_group(cluster):
+    plan = [row[3] for row in cluster.db.execute(
+        "EXPLAIN QUERY PLAN " + web_results.GROUP_ENDED_SQL, (1, 2, 3, 0))]
+    assert plan[0].startswith("SEARCH e USING INTEGER PRIMARY KEY"), plan
 
 
 # -- /client.py on the oldest and newest Python ----------------------------------------------

@@ -27,6 +27,7 @@ import time
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 from waitress.utilities import RequestEntityTooLarge
 
 from rc import tls
@@ -242,6 +243,48 @@ class TLSChannel(Channel):
             return 0
 
 
+class LastInFirstOut:
+    """A condition variable over `lock` whose notify() wakes the thread that
+    began waiting last (threading.Condition wakes the one waiting longest)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.waiters = []
+
+    def wait(self, timeout=None):
+        waiter = threading.Lock()
+        waiter.acquire()
+        self.waiters.append(waiter)
+        self.lock.release()
+        try:
+            woken = waiter.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            self.lock.acquire()
+        if not woken and waiter in self.waiters:
+            self.waiters.remove(waiter)
+        return woken
+
+    def notify(self, n=1):
+        while self.waiters and n > 0:
+            self.waiters.pop().release()
+            n -= 1
+
+    def notify_all(self):
+        self.notify(len(self.waiters))
+
+
+class WarmThreads(ThreadedTaskDispatcher):
+    """waitress's threads, the one idle last taking the next request:
+    waitress wakes the one idle longest, so with rc-web's ~50 threads
+    every request ran on a cold thread (its stack, its SQLite connection),
+    ~20% more CPU a request."""
+
+    def __init__(self, threads):
+        super().__init__()
+        self.queue_cv = LastInFirstOut(self.lock)
+        self.set_thread_count(threads)
+
+
 class Server(TcpWSGIServer):
     """waitress's TCP server with the per-address cap, the read deadline
     and TLS. `limits` holds connections_per_address, read_timeout
@@ -255,7 +298,8 @@ class Server(TcpWSGIServer):
                                                           1073741824)}, **limits)
         self.log, self.tls_context = log, tls_context
         self.channel_class = TLSChannel if tls_context else Channel
-        super().__init__(application, **adjustments)
+        super().__init__(application, dispatcher=WarmThreads(adjustments.get("threads", 4)),
+                         **adjustments)
 
     def handle_accept(self):
         """Never raises: an error here would close the listening socket."""

@@ -1,0 +1,75 @@
+"""rc-web's ChangeWatch (lib/rc/web_results.py) on a real SQLite file and a
+real doorbell: the waiter that watches for the others hands the watch on
+when its own wait ends, and a ring wakes whoever waits."""
+import json
+import os
+import threading
+import time
+
+from rc import bell, db, web_results
+from rc import config as config_module
+
+
+def make_watch(tmp_path):
+    settings = tmp_path / "rc.json"
+    settings.write_text(json.dumps({}))
+    config = config_module.load(environ={"RC_HOME": str(tmp_path),
+                                         "RC_CONFIG": str(settings)})
+    os.makedirs(os.path.dirname(config.db_path), exist_ok=True)
+    db.open_database(config.db_path).close()
+    return config, web_results.ChangeWatch(config)
+
+
+def commit_and_ring(config):
+    connection = db.connect(config.db_path)
+    with db.write(connection):
+        connection.execute("INSERT INTO counters(name, value) VALUES ('test', 1)"
+                           " ON CONFLICT(name) DO UPDATE SET value = value + 1")
+    connection.close()
+    bell.ring(config.run_dir, bell.WEB)
+
+
+def waiting(watch, seen, timeout):
+    """A thread waiting on the watch; its (generation, seconds waited) when done."""
+    outcome = {}
+
+    def run():
+        started = time.monotonic()
+        outcome["generation"] = watch.wait(seen, timeout)
+        outcome["seconds"] = time.monotonic() - started
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_ring_wakes_the_waiter_and_a_quiet_wait_times_out(tmp_path):
+    config, watch = make_watch(tmp_path)
+    started = time.monotonic()
+    assert watch.wait(0, 0.2) == 0
+    assert 0.15 < time.monotonic() - started < 2
+    thread, outcome = waiting(watch, 0, 10)
+    time.sleep(0.3)
+    commit_and_ring(config)
+    thread.join(10)
+    assert outcome["generation"] == 1 and outcome["seconds"] < 5
+
+
+def test_the_watch_is_handed_on_when_the_watcher_leaves(tmp_path):
+    config, watch = make_watch(tmp_path)
+    short, short_outcome = waiting(watch, 0, 0.3)      # watches first, leaves first
+    time.sleep(0.05)
+    # Another whose wait ends about when the watcher leaves: if the watch is
+    # handed to it, it passes it on as it goes.
+    other, _ = waiting(watch, 0, 0.25)
+    time.sleep(0.05)
+    long, long_outcome = waiting(watch, 0, 10)
+    short.join(5)
+    other.join(5)
+    assert short_outcome["generation"] == 0
+    time.sleep(0.3)                         # the short waiter has gone: the long one watches
+    commit_and_ring(config)
+    rung = time.monotonic()
+    long.join(10)
+    assert long_outcome["generation"] == 1
+    assert time.monotonic() - rung < 3, "woken by the ring, not by its own timeout"
+    assert not watch.watching

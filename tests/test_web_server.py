@@ -1,0 +1,72 @@
+"""rc-web's thread pool (lib/rc/web_server.py): the thread idle last takes
+the next request, so a quiet server keeps serving from a warm thread or two
+instead of cycling through all of them."""
+import http.client
+import threading
+import time
+
+from rc import web_server
+
+
+def test_notify_wakes_the_thread_that_began_waiting_last():
+    lock = threading.Lock()
+    condition = web_server.LastInFirstOut(lock)
+    woken = []
+
+    def wait(name):
+        with lock:
+            condition.wait()
+            woken.append(name)
+    threads = []
+    for name in ("first", "second", "third"):
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        while len(condition.waiters) < len(threads):
+            time.sleep(0.01)
+    with lock:
+        condition.notify()
+    threads[2].join(5)
+    assert woken == ["third"]
+    with lock:
+        condition.notify_all()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(woken) == ["first", "second", "third"] and not condition.waiters
+
+
+def test_a_wait_that_times_out_leaves_no_waiter_behind():
+    lock = threading.Lock()
+    condition = web_server.LastInFirstOut(lock)
+    with lock:
+        assert condition.wait(0.05) is False
+    assert condition.waiters == []
+    with lock:
+        condition.notify()          # nobody to wake: no error
+
+
+def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
+    served_by = []
+
+    def app(environ, start_response):
+        served_by.append(threading.get_ident())
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
+                               port=0, threads=8)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(20):
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            assert response.read() == b"ok"
+        connection.close()
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+    # waitress's own pool hands the 20 requests to its 8 threads in turn; here
+    # the one that served the last takes the next, or, while it is still
+    # finishing that one, the one idle before it
+    assert len(served_by) == 20 and len(set(served_by)) <= 3, [
+        served_by.index(thread) for thread in served_by]
