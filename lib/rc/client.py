@@ -622,7 +622,10 @@ class Cluster:
 
     def accept(self, futures, answer):
         with self.lock:
-            self.group_id = answer.get("group_id", self.group_id)
+            group_id = answer.get("group_id", self.group_id)
+            if group_id != self.group_id and self.stream_connection is not None:
+                stop_reading(self.stream_connection)    # the new group's stream, then
+            self.group_id = group_id
             for future, entry in zip(futures, answer["tasks"]):
                 future.task_id = entry["task_id"]
                 self.highest = max(self.highest, future.task_id)
