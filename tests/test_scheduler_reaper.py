@@ -283,14 +283,46 @@ def test_no_prefetch_without_a_setting_or_while_a_slot_elsewhere_is_idle(store):
     assert held_by(connection, "quick") == 3
 
 
-def test_a_pass_that_stops_short_of_the_queue_says_so(store, monkeypatch):
-    """The scheduler passes again at once only after a pass that stopped
-    short (BATCH rows, or its time); otherwise it waits for the next change."""
+def test_a_pass_reads_the_queue_batch_after_batch(store, monkeypatch):
     config, connection = store
     monkeypatch.setattr(scheduler, "BATCH", 3)
     add_device(connection, "big", slots=10)
     for n in range(5):
         tasks.submit(connection, config, "shell", {"command": str(n)})
-    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None) == (3, True)
-    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None) == (2, False)
+    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None) == (5, False)
     assert held_by(connection, "big") == 5
+
+
+def test_a_pass_that_runs_out_of_time_says_so_and_the_next_goes_on(store, monkeypatch):
+    """The scheduler passes again at once only after a pass that stopped
+    short of the queue (its time ran out); that pass reads the head, then
+    goes on where the last one stopped."""
+    config, connection = store
+    monkeypatch.setattr(scheduler, "BATCH", 2)
+    add_device(connection, "big", slots=10)
+    nowhere = [tasks.submit(connection, config, "shell", {"command": str(n)},
+                            requirements={"device_id": "nobody"}) for n in range(6)]
+    fits = tasks.submit(connection, config, "shell", {"command": "fits"})
+    clock = iter(range(1000))        # each look at the time 0.03 s later
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: next(clock) * 0.03)
+    cursor = scheduler.QueueCursor()
+    # 0.1 s a pass: 3 looks, so a pass reads 2 rows and is cut at the third.
+    assert scheduler.assign_ready(connection, 2000.0, LOG, config, None, cursor=cursor) \
+        == (0, True)
+    assert cursor.after is not None and cursor.after[1] in nowhere[:3]
+    passes = 1
+    while placement(connection)[fits][0] != ASSIGNED:
+        scheduler.assign_ready(connection, 2000.0, LOG, config, None, cursor=cursor)
+        passes += 1
+        assert passes < 10, "the task behind those that fit nowhere was never reached"
+
+
+def test_thousands_that_fit_nowhere_do_not_hide_the_task_behind_them(store):
+    config, connection = store
+    add_device(connection, "one", slots=1)
+    specs = [{"task_type": "echo", "payload": {"message": "x"},
+              "requirements": {"device_id": "nobody"}}] * (scheduler.BATCH + 100)
+    tasks.submit_many(connection, config, [dict(spec) for spec in specs])
+    behind = tasks.submit(connection, config, "echo", {"message": "behind"})
+    scheduler.schedule(connection, 2000.0, LOG, config)
+    assert placement(connection)[behind] == (ASSIGNED, "one")

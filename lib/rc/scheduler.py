@@ -44,8 +44,9 @@ HAS_INPUTS = ("EXISTS (SELECT 1 FROM task_files f WHERE f.task_id = tasks.task_i
 EARLIEST_QUEUED = "SELECT min(not_before) FROM tasks WHERE %s" % db.QUEUED_SQL
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
-# How a walk of the queue ended.
-ROOM_FULL, QUEUE_ENDED, CUT_SHORT = "room full", "queue ended", "cut short"
+# How a walk of the queue ended (BATCH_READ: it read BATCH rows; the next reads on).
+ROOM_FULL, QUEUE_ENDED, CUT_SHORT, BATCH_READ = ("room full", "queue ended", "cut short",
+                                                 "batch read")
 
 
 # What the scheduler reads of each device: only what matching and ranking need,
@@ -264,9 +265,10 @@ def earliest_queued(connection):
     return connection.execute(EARLIEST_QUEUED).fetchone()[0]
 
 
-def assign_ready(connection, now, log, config, turnover, log_limited=None):
+def assign_ready(connection, now, log, config, turnover, log_limited=None, cursor=None):
     """schedule() once some queued task is ready: how many tasks it assigned,
-    and whether it stopped short of the queue's end (its time or BATCH ran out)."""
+    and whether it stopped short of the queue's end (its time ran out; then
+    `cursor`, a QueueCursor, says where the next pass goes on)."""
     # Choose outside any transaction, then write the choices in one short
     # one: reading is most of a pass, and rc-server's results must not wait
     # behind it (SQLite's busy wait sleeps a millisecond or more). Only this
@@ -274,7 +276,7 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None):
     # cancelled meanwhile is no longer queued and is left alone.
     log_limited = log_limited or throttle.LimitedLog(log)
     slots = Slots(connection, config, now, turnover, log_limited)
-    chosen, cut_short = choose(connection, slots, now, log_limited)
+    chosen, cut_short = choose(connection, slots, now, log_limited, cursor)
     given = []
     if chosen:
         with db.write_statements(connection, len(chosen)):
@@ -289,16 +291,39 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None):
     return len(given), cut_short
 
 
-def choose(connection, slots, now, log_limited):
+class QueueCursor:
+    """Where a pass that ran out of time stopped reading the queue. The next
+    pass reads the head of the queue (new urgent tasks) and then goes on from
+    there, not from the head again: thousands of tasks that fit no device at
+    the head must not hide the ones behind them for ever."""
+
+    def __init__(self):
+        self.after = None       # (priority, task_id) of the last task read
+
+
+def queue_order(key):
+    return (-key[0], key[1])        # ORDER BY priority DESC, task_id
+
+
+def choose(connection, slots, now, log_limited, cursor=None):
     """(task_id, attempt, device_id) for the tasks that fit now, in queue
     order; and whether a walk was cut short."""
     deadline = time.monotonic() + PASS_BUDGET
-    chosen = []
+    chosen, after = [], None
     # A room (slots, or instant room) that fills up ends a walk of the queue;
     # the next walk asks only for the types that still have room, if any wait.
     while slots.free > 0 and any_queued(connection, slots.type_filter()):
-        ended = walk_queue(connection, slots, now, deadline, chosen, log_limited)
-        if ended != ROOM_FULL:
+        ended, last = walk_queue(connection, slots, now, deadline, chosen, log_limited, after)
+        if ended == ROOM_FULL:
+            after = None
+        elif ended == BATCH_READ:
+            after = last
+            if cursor is not None and cursor.after is not None:
+                after = max(last, cursor.after, key=queue_order)   # read that far already
+                cursor.after = None
+        else:
+            if cursor is not None:
+                cursor.after = last if ended == CUT_SHORT else None
             return chosen, ended == CUT_SHORT
     return chosen, False
 
@@ -310,23 +335,30 @@ def any_queued(connection, type_filter):
         "SELECT 1 FROM tasks WHERE %s AND %s LIMIT 1" % (db.QUEUED_SQL, type_filter)).fetchone()
 
 
-def walk_queue(connection, slots, now, deadline, chosen, log_limited):
-    """Walk the queue in order, giving each task the best device for it,
-    until a room fills up, the queue ends, or the pass's time or BATCH rows
-    run out (cut short)."""
+def walk_queue(connection, slots, now, deadline, chosen, log_limited, after=None):
+    """Walk the queue in order (past `after`, a (priority, task_id)), giving
+    each task the best device for it, until a room fills up, the queue ends,
+    BATCH rows were read, or the pass's time runs out (cut short); and the
+    (priority, task_id) of the last task read."""
     # Read lazily: with thousands queued and a few free slots, a pass
     # should touch a few rows, not the whole queue.
+    past, parameters = "", (now,)
+    if after is not None:
+        past = " AND (priority < ? OR (priority = ? AND task_id > ?))"
+        parameters += (after[0], after[0], after[1])
     queued = connection.execute(
-        "SELECT task_id, attempt, task_type, requirements, %s AS has_inputs"
+        "SELECT task_id, attempt, task_type, priority, requirements, %s AS has_inputs"
         " FROM tasks INDEXED BY tasks_queue"
-        " WHERE %s AND not_before <= ? AND %s AND %s"
+        " WHERE %s AND not_before <= ?%s AND %s AND %s"
         " ORDER BY priority DESC, task_id LIMIT ?"
-        % (HAS_INPUTS, db.QUEUED_SQL, slots.type_filter(), DEPENDENCIES_MET), (now, BATCH))
-    seen = 0
+        % (HAS_INPUTS, db.QUEUED_SQL, past, slots.type_filter(), DEPENDENCIES_MET),
+        parameters + (BATCH,))
+    seen, last = 0, after
     for task in queued:
         seen += 1
         if time.monotonic() > deadline:
-            return CUT_SHORT      # assign what we have; the next pass goes on
+            return CUT_SHORT, last      # assign what we have; the next pass goes on
+        last = (task["priority"], task["task_id"])
         try:
             if task["has_inputs"]:
                 device = slots.best_holding(task["task_type"], requirements_of(task),
@@ -342,8 +374,8 @@ def walk_queue(connection, slots, now, deadline, chosen, log_limited):
         slots.take(device, task["task_type"])
         chosen.append((task["task_id"], task["attempt"], device["device_id"]))
         if slots.room_free[room_for(task["task_type"])] == 0:
-            return ROOM_FULL
-    return CUT_SHORT if seen == BATCH else QUEUE_ENDED
+            return ROOM_FULL, last
+    return (BATCH_READ if seen == BATCH else QUEUE_ENDED), last
 
 
 def requirements_of(task):
@@ -376,7 +408,7 @@ def run(config, log, should_stop):
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
     log_limited = throttle.LimitedLog(log)
     state = {"seen": None, "wake_at": 0.0, "turnover": Turnover(), "rung": True,
-             "passed_at": 0.0}
+             "passed_at": 0.0, "cursor": QueueCursor()}
     while not should_stop():
         if look_after_recurring(connection, config, log, log_limited, state):
             state["wake_at"] = 0.0         # what it queued is assigned at once
@@ -414,7 +446,7 @@ def one_look(connection, config, log, log_limited, state):
     later = earliest
     if earliest is not None and earliest <= now:
         assigned, cut_short = assign_ready(connection, now, log, config, state["turnover"],
-                                           log_limited)
+                                           log_limited, state["cursor"])
         if assigned and cut_short:
             state["wake_at"] = now
             return True
