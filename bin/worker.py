@@ -7447,24 +7447,6 @@ def pinned_fingerprint(parser, options):
     return fingerprint
 
 
-def readable_by_others(path):
-    """Whether a user who is neither the file's owner nor in its group (a
-    task's uid) may read it: readable by others, and every directory above
-    it searchable by them."""
-    import stat
-    try:
-        path = os.path.realpath(os.path.expanduser(path))
-        if not os.stat(path).st_mode & stat.S_IROTH:
-            return False
-        while path != os.path.dirname(path):
-            path = os.path.dirname(path)
-            if not os.stat(path).st_mode & stat.S_IXOTH:
-                return False
-        return True
-    except OSError:
-        return False       # read_option_file says what is wrong with it
-
-
 def read_option_file(parser, option, path):
     try:
         with open(os.path.expanduser(path)) as f:
@@ -7491,7 +7473,7 @@ def join_token(parser, options):
     token = os.environ.pop("RC_TOKEN", None)
     if options.token_file:
         if options.task_users is not None and not options.isolated \
-                and readable_by_others(options.token_file):
+                and reachable(os.path.expanduser(options.token_file), True, ()):
             parser.error("--token-file %s may be read by every user, the uids tasks run as"
                          " included: chmod 600 it" % options.token_file)
         token = read_option_file(parser, "--token-file", options.token_file)
