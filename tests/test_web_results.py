@@ -73,3 +73,20 @@ def test_the_watch_is_handed_on_when_the_watcher_leaves(tmp_path):
     assert long_outcome["generation"] == 1
     assert time.monotonic() - rung < 3, "woken by the ring, not by its own timeout"
     assert not watch.watching
+
+
+def test_one_address_but_loopback_holds_a_third_of_the_streams():
+    slots = web_results.StreamSlots(6)        # 2 from one address
+    lan = [slots.take("192.168.1.50") for _ in range(3)]
+    assert [refused is None for _, refused in lan] == [True, True, False]
+    assert "the most one address may hold" in lan[2][1]
+    assert slots.take("192.168.1.51")[1] is None          # another address has room
+    local = [slots.take("127.0.0.1") for _ in range(3)]     # the main node's own: no share
+    assert all(refused is None for _, refused in local)
+    assert "max_streams" in slots.take("10.0.0.9")[1]      # all 6 are open
+    give_back = lan[0][0]
+    give_back()
+    give_back()                                             # once, however often called
+    assert slots.open == 5
+    assert slots.take("192.168.1.50")[1] is None
+    assert slots.take("fe80::1")[1] is not None and slots.open == 6

@@ -102,7 +102,7 @@ class Web:
         self.config, self.logger = config, logger
         self.local = threading.local()
         self.started = time.time()
-        self.stream_slots = threading.BoundedSemaphore(config.max_streams)
+        self.stream_slots = web_results.StreamSlots(config.max_streams)
         self.closing = threading.Event()
         self.host_names = own_host_names(config.allowed_hosts)
         # Lines a stranger can cause: one a minute per event and address.
@@ -634,14 +634,14 @@ class Web:
     def event_stream(self, make_events):
         """A Server-Sent Events response. Each stream holds a waitress
         thread, so there are at most max_streams at once; past that, 503."""
-        if not self.stream_slots.acquire(blocking=False):
-            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
-                                " try again later" % self.config.max_streams)
+        give_back, refused = self.stream_slots.take(bottle.request.environ.get("REMOTE_ADDR"))
+        if refused:
+            raise ApiError(503, refused)
         try:
             disconnected = bottle.request.environ.get("waitress.client_disconnected")
-            body = StreamBody(self.paced(make_events(), disconnected), self.stream_slots.release)
+            body = StreamBody(self.paced(make_events(), disconnected), give_back)
         except BaseException:
-            self.stream_slots.release()
+            give_back()
             raise
         bottle.response.content_type = "text/event-stream; charset=utf-8"
         bottle.response.set_header("Cache-Control", "no-cache")
@@ -1131,12 +1131,6 @@ def is_ip_address(host):
         return False
 
 
-def is_loopback(address):
-    try:
-        return ipaddress.ip_address(address or "").is_loopback
-    except ValueError:
-        return False
-
 
 def is_local_peer(environ):
     """read_access=local: a client on this machine *and* of rc-web's own
@@ -1144,7 +1138,7 @@ def is_local_peer(environ):
     connects from loopback too, but as another uid: to them the main node
     is as remote as from the LAN. Where the kernel does not say who owns a
     socket (no /proc/net/tcp), loopback is enough, as before."""
-    if not is_loopback(environ.get("REMOTE_ADDR")):
+    if not web_results.is_loopback(environ.get("REMOTE_ADDR")):
         return False
     owner = loopback_socket_owner(environ.get("REMOTE_PORT"))
     return owner is None or owner == os.getuid()

@@ -12,6 +12,7 @@ thread, so there are at most MAX_WAITERS of them (MAX_WAITERS_PER_ADDRESS
 from one address); past that a request is answered at once, as if it had
 not asked to wait, and says so (`wait_refused`).
 """
+import ipaddress
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from rc.states import COMPLETED, TERMINAL_STATES
 MAX_WAIT = 60.0                 # seconds one request may wait for results
 MAX_WAITERS = 16                # requests waiting at once (each holds a waitress thread)
 MAX_WAITERS_PER_ADDRESS = 4     # ... of those, from one address (an IPv6 /64)
+STREAM_SHARE = 3                # one address but loopback holds at most 1/3 of max_streams
 MAX_RESULT_IDS = 10000          # task ids one bulk read names
 MAX_RESULTS_BYTES = 8 * 1024 * 1024     # bytes of results one answer carries at most;
                                 # the rest are listed in `not_sent`, to be asked again
@@ -177,6 +179,56 @@ class WaitSlots:
                 self.by_address[key] = left
             else:
                 self.by_address.pop(key, None)
+
+
+class StreamSlots:
+    """Streams open at once (each holds a waitress thread): max_streams in
+    all, and at most a third of them from one address other than the main
+    node's own, so that one reader on the LAN cannot take every stream and
+    leave the others' dashboards and clients with 503s."""
+
+    def __init__(self, total):
+        self.total = total
+        self.per_address = max(1, total // STREAM_SHARE)
+        self.lock = threading.Lock()
+        self.open = 0
+        self.by_address = {}
+
+    def take(self, address):
+        """(a function that gives the slot back, once however often it is
+        called; None) or (None, why the stream is refused)."""
+        key = web_server.address_key(address or "")
+        with self.lock:
+            if self.open >= self.total:
+                return None, ("%d streams are open, the most rc-web allows (max_streams);"
+                              " try again later" % self.total)
+            if self.by_address.get(key, 0) >= self.per_address and not is_loopback(address):
+                return None, ("%d streams from %s are open, the most one address may hold"
+                              " (a third of max_streams); try again later"
+                              % (self.per_address, key))
+            self.open += 1
+            self.by_address[key] = self.by_address.get(key, 0) + 1
+        given_back = []
+
+        def give_back():
+            with self.lock:
+                if given_back:
+                    return
+                given_back.append(True)
+                self.open -= 1
+                left = self.by_address.get(key, 1) - 1
+                if left:
+                    self.by_address[key] = left
+                else:
+                    self.by_address.pop(key, None)
+        return give_back, None
+
+
+def is_loopback(address):
+    try:
+        return ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        return False
 
 
 # -- reading results -------------------------------------------------------------------
@@ -392,15 +444,14 @@ class ResultRoutes:
         client's session), until the client leaves. It holds one of rc-web's
         max_streams."""
         from rc.web import StreamBody        # rc.web imports this module: not at the top
-        slots = self.web.stream_slots
-        if not slots.acquire(blocking=False):
-            raise ApiError(503, "%d streams are open, the most rc-web allows (max_streams);"
-                                " try again later" % self.web.config.max_streams)
+        give_back, refused = self.web.stream_slots.take(self.address())
+        if refused:
+            raise ApiError(503, refused)
         try:
             lines = self.group_lines(group_id, self.web.connection(), after, follow)
-            body = StreamBody(lines, slots.release)
+            body = StreamBody(lines, give_back)
         except BaseException:
-            slots.release()
+            give_back()
             raise
         bottle.response.content_type = "application/x-ndjson"
         bottle.response.set_header("Cache-Control", "no-cache")
