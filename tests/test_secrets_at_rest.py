@@ -89,8 +89,8 @@ def undo_migrations_after(connection, version):
     """Take the devices table back to schema `version`: drop what the later
     migrations added to it (columns and triggers)."""
     later = "\n".join(db.MIGRATIONS[version:])
-    for trigger in re.findall(r"CREATE TRIGGER (\w+)", later):
-        connection.execute("DROP TRIGGER %s" % trigger)
+    for trigger in re.findall(r"CREATE TRIGGER (?:IF NOT EXISTS )?(\w+)", later):
+        connection.execute("DROP TRIGGER IF EXISTS %s" % trigger)
     # An index on a later column would stop its DROP COLUMN.
     for index in re.findall(r"CREATE INDEX (?:IF NOT EXISTS )?(\w+) ON devices", later):
         connection.execute("DROP INDEX IF EXISTS %s" % index)
