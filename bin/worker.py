@@ -3829,9 +3829,9 @@ def kill_pid(pid):
 class Watchdog(object):
     """What it must kill from now on ("+" lines) is told at once; what has
     ended ("-" lines) waits for the next "+" line or the end of the turn
-    (release), so a short task costs one write and one wake of the watchdog,
-    not four (they were a fifth of the worker's CPU per `shell true`). Told
-    late, an ended group or idle uid is only killed in vain."""
+    (release), so a short task costs two writes and wakes of the watchdog,
+    not four (they were a fifth of the worker loop's CPU per `shell true`).
+    Told late, an ended group or idle uid is only killed in vain."""
     pid = None
     fd = None       # the pipe's write end, while the watchdog is there
     ended = b""     # "-" lines not written yet
