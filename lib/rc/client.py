@@ -623,7 +623,7 @@ class Cluster:
     def accept(self, futures, answer):
         with self.lock:
             group_id = answer.get("group_id", self.group_id)
-            if group_id != self.group_id and self.stream_connection is not None:
+            if group_id != self.group_id:
                 stop_reading(self.stream_connection)    # the new group's stream, then
             self.group_id = group_id
             for future, entry in zip(futures, answer["tasks"]):

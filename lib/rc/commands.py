@@ -249,12 +249,9 @@ def detail_pairs(record, now):
 
 # -- output -------------------------------------------------------------------------
 
-def write_rows(context, arguments, rows, columns, records, table=None):
-    """The rows in the chosen format; --json gives the full records instead,
-    and a terminal `table` (rows, columns) when it has one of its own."""
+def write_rows(context, arguments, rows, columns, records):
+    """The rows in the chosen format; --json gives the full records instead."""
     header = not arguments.no_header
-    if arguments.format is None and table is not None:
-        rows, columns = table
     if arguments.format == "json":
         text = render.json_text(records)
     elif arguments.format == "csv":
@@ -264,6 +261,20 @@ def write_rows(context, arguments, rows, columns, records, table=None):
     else:
         text = render.table(rows, columns, context.width, header, context.colourize)
     context.out.write(text)
+
+
+def write_records(context, arguments, records, now, rows, table):
+    """Records (devices, tasks) in the chosen format: --json as they are,
+    --csv/--tsv as `rows` (a row function and its columns), a terminal as
+    `table` (a row function given `now`, and its columns); only the rows that
+    format needs are made."""
+    if arguments.format is None:
+        row, columns = table
+        write_rows(context, arguments, [row(record, now) for record in records],
+                   table_columns(columns), records)
+    else:
+        row, columns = rows
+        write_rows(context, arguments, [row(record) for record in records], columns, records)
 
 
 # -- commands -----------------------------------------------------------------------
@@ -318,10 +329,8 @@ def cmd_devices(arguments, context):
                                              context.width or 80, context.colour))
         return
     now = time.time()
-    records = [device_record(device, now) for device in records]
-    write_rows(context, arguments, [device_row(device) for device in records], DEVICE_COLUMNS,
-               records, ([device_table_row(device, now) for device in records],
-                         table_columns(DEVICE_TABLE)))
+    write_records(context, arguments, [device_record(device, now) for device in records], now,
+                  (device_row, DEVICE_COLUMNS), (device_table_row, DEVICE_TABLE))
 
 
 def cmd_device(arguments, context):
@@ -380,10 +389,8 @@ def cmd_tasks(arguments, context):
     records = tasks.list_tasks(context.connection, arguments.state, arguments.device,
                                arguments.limit)
     now = time.time()
-    records = [task_record(task, now) for task in records]
-    write_rows(context, arguments, [task_row(task) for task in records], TASK_COLUMNS,
-               records, ([task_table_row(task, now) for task in records],
-                         table_columns(TASK_TABLE)))
+    write_records(context, arguments, [task_record(task, now) for task in records], now,
+                  (task_row, TASK_COLUMNS), (task_table_row, TASK_TABLE))
 
 
 def cmd_task(arguments, context):

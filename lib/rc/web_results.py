@@ -151,23 +151,33 @@ class ChangeWatch:
 
 
 class WaitSlots:
-    """How many requests wait at once, in all and per address."""
+    """How many requests wait at once, in all and per address (an IPv6
+    /64; an `unlimited` address has no share of its own)."""
+    REFUSED_IN_ALL = ("%(total)d requests are waiting already, the most rc-web allows;"
+                      " answered without waiting")
+    REFUSED_FOR_ADDRESS = ("%(per_address)d requests from %(key)s are waiting already, the"
+                           " most one address may hold; answered without waiting")
 
     def __init__(self, total=MAX_WAITERS, per_address=MAX_WAITERS_PER_ADDRESS):
         self.total, self.per_address = total, per_address
         self.lock = threading.Lock()
         self.by_address = {}
 
+    @property
+    def open(self):
+        return sum(self.by_address.values())
+
+    def unlimited(self, address):
+        return False
+
     def take(self, address):
         """A message saying why not, or None when the slot is taken."""
         key = web_server.address_key(address or "")
         with self.lock:
-            if sum(self.by_address.values()) >= self.total:
-                return ("%d requests are waiting already, the most rc-web allows;"
-                        " answered without waiting" % self.total)
-            if self.by_address.get(key, 0) >= self.per_address:
-                return ("%d requests from %s are waiting already, the most one address may"
-                        " hold; answered without waiting" % (self.per_address, key))
+            if self.open >= self.total:
+                return self.REFUSED_IN_ALL % {"total": self.total}
+            if self.by_address.get(key, 0) >= self.per_address and not self.unlimited(address):
+                return self.REFUSED_FOR_ADDRESS % {"per_address": self.per_address, "key": key}
             self.by_address[key] = self.by_address.get(key, 0) + 1
         return None
 
@@ -181,46 +191,36 @@ class WaitSlots:
                 self.by_address.pop(key, None)
 
 
-class StreamSlots:
+class StreamSlots(WaitSlots):
     """Streams open at once (each holds a waitress thread): max_streams in
     all, and at most a third of them from one address other than the main
     node's own, so that one reader on the LAN cannot take every stream and
     leave the others' dashboards and clients with 503s."""
+    REFUSED_IN_ALL = ("%(total)d streams are open, the most rc-web allows (max_streams);"
+                      " try again later")
+    REFUSED_FOR_ADDRESS = ("%(per_address)d streams from %(key)s are open, the most one"
+                           " address may hold (a third of max_streams); try again later")
 
     def __init__(self, total):
-        self.total = total
-        self.per_address = max(1, total // STREAM_SHARE)
-        self.lock = threading.Lock()
-        self.open = 0
-        self.by_address = {}
+        super().__init__(total, max(1, total // STREAM_SHARE))
+
+    def unlimited(self, address):
+        return is_loopback(address)
 
     def take(self, address):
         """(a function that gives the slot back, once however often it is
         called; None) or (None, why the stream is refused)."""
-        key = web_server.address_key(address or "")
-        with self.lock:
-            if self.open >= self.total:
-                return None, ("%d streams are open, the most rc-web allows (max_streams);"
-                              " try again later" % self.total)
-            if self.by_address.get(key, 0) >= self.per_address and not is_loopback(address):
-                return None, ("%d streams from %s are open, the most one address may hold"
-                              " (a third of max_streams); try again later"
-                              % (self.per_address, key))
-            self.open += 1
-            self.by_address[key] = self.by_address.get(key, 0) + 1
-        given_back = []
+        refused = super().take(address)
+        if refused:
+            return None, refused
+        held = [True]
 
         def give_back():
-            with self.lock:
-                if given_back:
-                    return
-                given_back.append(True)
-                self.open -= 1
-                left = self.by_address.get(key, 1) - 1
-                if left:
-                    self.by_address[key] = left
-                else:
-                    self.by_address.pop(key, None)
+            try:
+                held.pop()          # atomic: only the first call gets here
+            except IndexError:
+                return
+            self.give(address)
         return give_back, None
 
 
