@@ -4270,7 +4270,7 @@ def tree_size(path):
 # going up waits as an Uploading, and its result is sent once they are stored.
 
 FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
-FILES_BUFFERS = 2               # FILES_CHUNK buffers of one fetch: one received while one is written
+FILES_BUFFERS = 4               # FILES_CHUNK buffers of one fetch: received, written, hashed, one spare
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
@@ -4822,37 +4822,53 @@ class FilesConnection(object):
 
 
 class BlobWriter(object):
-    """Writes and hashes what a fetch receives, in a thread of its own:
-    SHA-256 costs as much as TLS, and both let go of the GIL, so the next
-    buffer comes in while the last is hashed. FILES_BUFFERS buffers go round
-    between the two threads; close() waits for the last and raises what
-    went wrong in the thread (a full disk)."""
+    """Writes and hashes what a fetch receives, each in a thread of its own:
+    receiving (TLS), writing and SHA-256 all let go of the GIL, and hashing
+    alone costs more than the TLS, so on a device with two cores or more the
+    three go on at once, each on a buffer of its own. FILES_BUFFERS buffers
+    go round: received, written, hashed, free again. close() waits for the
+    last and raises what went wrong in a thread (a full disk)."""
 
     def __init__(self, sink, digest):
         import queue
         import threading
+        simple = getattr(queue, "SimpleQueue", queue.Queue)     # 3.7+: in C
         self.sink, self.digest = sink, digest
-        self.free, self.full = queue.Queue(), queue.Queue()
+        self.free, self.to_write, self.to_hash = simple(), simple(), simple()
         for _ in range(FILES_BUFFERS):
             self.free.put(bytearray(FILES_CHUNK))
         self.error = None
-        self.thread = threading.Thread(target=self.run, name="rc-files-writer")
-        self.thread.daemon = True
-        self.thread.start()
+        self.threads = []
+        for name, run in (("rc-files-writer", self.write_all), ("rc-files-hasher", self.hash_all)):
+            thread = threading.Thread(target=run, name=name)
+            thread.daemon = True
+            thread.start()
+            self.threads.append(thread)
 
-    def run(self):
+    def write_all(self):
         while True:
-            item = self.full.get()
+            item = self.to_write.get()
+            if item is None:
+                self.to_hash.put(None)
+                return
+            buffer, count = item
+            try:
+                if self.error is None:
+                    self.sink.write(memoryview(buffer)[:count])
+                else:
+                    count = 0
+            except BaseException as e:
+                self.error, count = e, 0
+            self.to_hash.put((buffer, count))   # in order: the hash covers what was written
+
+    def hash_all(self):
+        while True:
+            item = self.to_hash.get()
             if item is None:
                 return
             buffer, count = item
-            if self.error is None:
-                try:
-                    view = memoryview(buffer)[:count]
-                    self.sink.write(view)
-                    self.digest.update(view)
-                except BaseException as e:
-                    self.error = e
+            if count:
+                self.digest.update(memoryview(buffer)[:count])
             self.free.put(buffer)
 
     def free_buffer(self):
@@ -4862,11 +4878,12 @@ class BlobWriter(object):
         return buffer
 
     def write(self, buffer, count):
-        self.full.put((buffer, count))
+        self.to_write.put((buffer, count))
 
     def close(self):
-        self.full.put(None)
-        self.thread.join()
+        self.to_write.put(None)
+        for thread in self.threads:
+            thread.join()
         if self.error is not None:
             raise self.error
 

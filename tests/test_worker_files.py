@@ -705,6 +705,48 @@ def test_the_worker_moves_256_mib_in_bounded_memory(tmp_path, secure):
         server.close()
 
 
+def test_a_fetch_writes_and_hashes_in_order_and_a_full_disk_stops_both():
+    """BlobWriter: the bytes received go to the file and the hash in their
+    order, from threads of their own; a write that fails (a full disk)
+    stops writing and hashing and comes back to the fetch."""
+    import errno
+    import io
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    chunks = [os.urandom(worker.FILES_CHUNK - n) for n in range(10)]
+    sink, digest = io.BytesIO(), hashlib.sha256()
+    writer = worker.BlobWriter(sink, digest)
+    for chunk in chunks:
+        buffer = writer.free_buffer()
+        buffer[:len(chunk)] = chunk
+        writer.write(buffer, len(chunk))
+    writer.close()
+    assert sink.getvalue() == b"".join(chunks)
+    assert digest.hexdigest() == sha(b"".join(chunks))
+
+    class FillsUp:
+        written = []
+
+        def write(self, view):
+            if len(self.written) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written.append(bytes(view))
+    digest = hashlib.sha256()
+    writer = worker.BlobWriter(FillsUp(), digest)
+    with pytest.raises(OSError) as raised:
+        try:            # as FilesConnection.get does
+            for chunk in chunks:
+                buffer = writer.free_buffer()
+                buffer[:len(chunk)] = chunk
+                writer.write(buffer, len(chunk))
+        finally:
+            writer.close()
+    assert raised.value.errno == errno.ENOSPC
+    assert FillsUp.written == chunks[:3]
+    assert digest.hexdigest() == sha(b"".join(chunks[:3])), "the hash covers what was written"
+    assert not any(thread.is_alive() for thread in writer.threads)
+
+
 # -- the cache: least recently used out first, and what --self-test says ----------
 
 def test_the_cache_keeps_its_cap_least_recently_used_out_first(start, files):
