@@ -4041,11 +4041,13 @@ VENV_DRIVER = (
 
 def venv_capable():
     """Whether this Python can build a virtual environment with pip in it
-    (some Debian and Termux installs leave venv or ensurepip out)."""
+    (some Debian and Termux installs leave venv or ensurepip out). Asked of
+    the import system's own path finder: importlib.util, with the modules it
+    loads, would cost an idle worker 0.7 MiB for good."""
     try:
-        import importlib.util
-        return all(importlib.util.find_spec(name) is not None for name in ("venv", "ensurepip"))
-    except (ImportError, ValueError):
+        find_spec = sys.modules["_frozen_importlib_external"].PathFinder.find_spec
+        return all(find_spec(name) is not None for name in ("venv", "ensurepip"))
+    except (KeyError, AttributeError, ImportError, ValueError):
         return False
 
 
