@@ -4272,7 +4272,8 @@ def tree_size(path):
 # going up waits as an Uploading, and its result is sent once they are stored.
 
 FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
-FILES_BUFFERS = 4               # FILES_CHUNK buffers of one fetch: received, written, hashed, one spare
+FILES_BUFFER = 256 * 1024      # bytes of one buffer of a fetch (received, then written, then hashed)
+FILES_BUFFERS = 8               # FILES_BUFFER buffers one fetch holds: 2 MiB, slack for 3 stages
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
@@ -4838,7 +4839,7 @@ class BlobWriter(object):
         self.sink, self.digest = sink, digest
         self.free, self.to_write, self.to_hash = simple(), simple(), simple()
         for _ in range(FILES_BUFFERS):
-            self.free.put(bytearray(FILES_CHUNK))
+            self.free.put(bytearray(FILES_BUFFER))
         self.error = None
         self.threads = []
         for name, run in (("rc-files-writer", self.write_all), ("rc-files-hasher", self.hash_all)):

@@ -713,7 +713,7 @@ def test_a_fetch_writes_and_hashes_in_order_and_a_full_disk_stops_both():
     import io
     from test_worker_identity import load_worker_module
     worker = load_worker_module()
-    chunks = [os.urandom(worker.FILES_CHUNK - n) for n in range(10)]
+    chunks = [os.urandom(worker.FILES_BUFFER - n) for n in range(20)]
     sink, digest = io.BytesIO(), hashlib.sha256()
     writer = worker.BlobWriter(sink, digest)
     for chunk in chunks:
