@@ -4043,7 +4043,7 @@ def venv_capable():
     """Whether this Python can build a virtual environment with pip in it
     (some Debian and Termux installs leave venv or ensurepip out). Asked of
     the import system's own path finder: importlib.util, with the modules it
-    loads, would cost an idle worker 0.7 MiB for good."""
+    loads, would cost an idle worker 0.6 MiB for good."""
     try:
         find_spec = sys.modules["_frozen_importlib_external"].PathFinder.find_spec
         return all(find_spec(name) is not None for name in ("venv", "ensurepip"))
@@ -4272,7 +4272,7 @@ def tree_size(path):
 # going up waits as an Uploading, and its result is sent once they are stored.
 
 FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
-FILES_BUFFER = 256 * 1024      # bytes of one buffer of a fetch (received, then written, then hashed)
+FILES_BUFFER = 256 * 1024       # bytes of one buffer of a fetch (received, then written, then hashed)
 FILES_BUFFERS = 8               # FILES_BUFFER buffers one fetch holds: 2 MiB, slack for 3 stages
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
@@ -4870,8 +4870,11 @@ class BlobWriter(object):
             if item is None:
                 return
             buffer, count = item
-            if count:
-                self.digest.update(memoryview(buffer)[:count])
+            try:
+                if count:
+                    self.digest.update(memoryview(buffer)[:count])
+            except BaseException as e:      # the buffer still goes round: nothing waits for ever
+                self.error = e
             self.free.put(buffer)
 
     def free_buffer(self):
