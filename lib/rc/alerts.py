@@ -107,8 +107,11 @@ def evaluate(connection, config, log, now):
         log.error("alert_rules_invalid", error=str(e))
         return []
     fired = []
+    # The rules read outside the write transaction: they may read many rows,
+    # and rc-server's heartbeats and results would wait behind them.
+    found = list(find(connection, config, rules, now))
     with db.write(connection):
-        for alert in find(connection, config, rules, now):
+        for alert in found:
             row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",
                                      (alert.key,)).fetchone()
             if row is not None and now - row[0] < config.alert_cooldown:
