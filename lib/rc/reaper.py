@@ -5,7 +5,9 @@ come back, goes offline and its tasks go back to the queue (or fail when
 their retries are spent). An assignment not accepted in time is taken back;
 one on a device rc-server found suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
-so. Heartbeat history is kept bounded.
+so. Heartbeat history is kept bounded. Between sweeps it keeps the
+write-ahead log short (db.checkpoint), so that the programs on a task's
+way never wait for the disk themselves.
 
 A row it cannot handle (a value no program would write) costs that row
 only: its changes are rolled back to a savepoint, it is logged (rate-
@@ -19,6 +21,7 @@ from rc import db, devices, housekeeping, program, tasks, throttle
 from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
+CHECKPOINT_INTERVAL = 0.2   # seconds between looks at the write-ahead log
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
 
 
@@ -131,11 +134,44 @@ def prune(connection, config, now):
                              now - config.heartbeat_history * config.heartbeat_interval)
 
 
+class WalKeeper:
+    """Checkpoints the write-ahead log when another program has committed
+    since the last look: the programs on a task's way leave that to us
+    (db.WAL_BACKSTOP_PAGES)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.seen = None
+
+    def look(self):
+        """(frames in the log, frames copied), or None when nothing changed."""
+        version = db.data_version(self.connection)
+        if version == self.seen:
+            return None
+        self.seen = version
+        return db.checkpoint(self.connection)
+
+
+def rest(config, should_stop, keeper, log_limited):
+    """Until the next sweep is due, keep the write-ahead log short."""
+    until = time.monotonic() + config.reaper_interval
+    while not should_stop():
+        try:
+            keeper.look()
+        except Exception as e:     # a full or failing disk: the next look tries again
+            log_limited("error", "checkpoint_failed", "checkpoint", error=repr(e)[:500])
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, CHECKPOINT_INTERVAL))
+
+
 def run(config, log, should_stop):
     connection = db.open_database(config.db_path)
     log.info("reaper_started", offline_timeout=config.offline_timeout,
              disconnect_grace=config.disconnect_grace)
     log_limited = throttle.LimitedLog(log)
+    keeper = WalKeeper(connection)
     next_prune = 0.0
     while not should_stop():
         now = time.time()
@@ -149,7 +185,7 @@ def run(config, log, should_stop):
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             log_limited("error", "sweep_failed", "sweep", error=repr(e)[:500])
-        time.sleep(config.reaper_interval)
+        rest(config, should_stop, keeper, log_limited)
 
 
 def main():
