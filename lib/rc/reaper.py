@@ -5,9 +5,9 @@ come back, goes offline and its tasks go back to the queue (or fail when
 their retries are spent). An assignment not accepted in time is taken back;
 one on a device rc-server found suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
-so. Heartbeat history is kept bounded. Between sweeps it keeps the
-write-ahead log short (db.checkpoint), so that the programs on a task's
-way never wait for the disk themselves.
+so. Heartbeat history is kept bounded. After each sweep it checkpoints
+the write-ahead log (db.checkpoint), so that the programs on a task's way
+do not wait for the disk themselves.
 
 A row it cannot handle (a value no program would write) costs that row
 only: its changes are rolled back to a savepoint, it is logged (rate-
@@ -21,7 +21,6 @@ from rc import db, devices, housekeeping, program, tasks, throttle
 from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
-CHECKPOINT_INTERVAL = 0.2   # seconds between looks at the write-ahead log
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
 
 
@@ -137,7 +136,10 @@ def prune(connection, config, now):
 class WalKeeper:
     """Checkpoints the write-ahead log when another program has committed
     since the last look: the programs on a task's way leave that to us
-    (db.WAL_BACKSTOP_PAGES)."""
+    (db.WAL_BACKSTOP_PAGES). Once a sweep, not more often: the write that
+    starts the log over holds the write lock while the disk syncs (~1-3 ms),
+    and a program that wants to commit meanwhile sleeps a millisecond or
+    more, so each look costs some task that much with some likelihood."""
 
     def __init__(self, connection):
         self.connection = connection
@@ -150,20 +152,6 @@ class WalKeeper:
             return None
         self.seen = version
         return db.checkpoint(self.connection)
-
-
-def rest(config, should_stop, keeper, log_limited):
-    """Until the next sweep is due, keep the write-ahead log short."""
-    until = time.monotonic() + config.reaper_interval
-    while not should_stop():
-        try:
-            keeper.look()
-        except Exception as e:     # a full or failing disk: the next look tries again
-            log_limited("error", "checkpoint_failed", "checkpoint", error=repr(e)[:500])
-        left = until - time.monotonic()
-        if left <= 0:
-            return
-        time.sleep(min(left, CHECKPOINT_INTERVAL))
 
 
 def run(config, log, should_stop):
@@ -185,7 +173,11 @@ def run(config, log, should_stop):
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             log_limited("error", "sweep_failed", "sweep", error=repr(e)[:500])
-        rest(config, should_stop, keeper, log_limited)
+        try:
+            keeper.look()
+        except Exception as e:     # a full or failing disk: the next look tries again
+            log_limited("error", "checkpoint_failed", "checkpoint", error=repr(e)[:500])
+        time.sleep(config.reaper_interval)
 
 
 def main():
