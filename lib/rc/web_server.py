@@ -27,7 +27,7 @@ import time
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
-from waitress.task import ThreadedTaskDispatcher
+from waitress.task import ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import RequestEntityTooLarge
 
 from rc import tls
@@ -116,9 +116,52 @@ class Request(HTTPRequestParser):
             return None
 
 
+class OneSendTask(WSGITask):
+    """waitress sends an answer's head, then its body, each on its own
+    (it sends as soon as it is given anything), and the client may wake
+    for each: for a submit's answer, ~0.1 ms more on a busy machine. Here
+    the head goes out with the body's first piece."""
+
+    def write(self, data):
+        if self.wrote_header or not data:
+            return super().write(data)
+        channel = self.channel
+        self.channel = held = HeadHolder(channel)
+        try:
+            super().write(data)
+        finally:
+            self.channel = channel
+            held.release()
+
+
+class HeadHolder:
+    """The channel, to a task's first write: the head it is given is held
+    and sent with what comes next."""
+
+    def __init__(self, channel):
+        self.channel, self.head = channel, None
+
+    def __getattr__(self, name):
+        return getattr(self.channel, name)
+
+    def write_soon(self, data):
+        if self.head is None:
+            self.head = data
+            return len(data)
+        head, self.head = self.head, b""
+        return self.channel.write_soon(head + data)
+
+    def release(self):
+        """A head that no body followed (a HEAD request's) goes alone."""
+        head, self.head = self.head, b""
+        if head:
+            self.channel.write_soon(head)
+
+
 class Channel(HTTPChannel):
     """A connection that knows whose it is and when its request began."""
 
+    task_class = OneSendTask
     request_started = None
 
     def __init__(self, server, sock, addr, adj, map=None):
