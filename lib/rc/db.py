@@ -16,10 +16,10 @@ from rc.states import ACTIVE_STATES, COMPLETED, QUEUED, TERMINAL_STATES
 BUSY_TIMEOUT_MS = 10000   # how long a writer waits for another to finish
 # Pages of write-ahead log past which a committing program copies it into
 # the database itself (SQLite's own default is 1000). rc-reaper does that
-# every fraction of a second instead (checkpoint() below): a checkpoint
-# waits for the disk twice (1-7 ms, more on a busy disk), and in rc-web,
-# rc-scheduler or rc-server that wait fell on some task's way, one task in
-# fifty. This is the backstop for when rc-reaper is not running (64 MiB).
+# after each sweep instead (checkpoint() below): a checkpoint waits for the
+# disk twice (1-7 ms, more on a busy disk), and in rc-web, rc-scheduler or
+# rc-server that wait fell on the way of about one echo round trip in
+# thirty. This is the backstop for when rc-reaper is not running (64 MiB).
 WAL_BACKSTOP_PAGES = 16384
 # The write that starts the log over after a checkpoint (see checkpoint()):
 # one statement, so it commits on its own; it counts the checkpoints.
