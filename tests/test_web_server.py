@@ -2,6 +2,7 @@
 the next request, so a quiet server keeps serving from a warm thread or two
 instead of cycling through all of them."""
 import http.client
+import socket
 import threading
 import time
 
@@ -106,6 +107,47 @@ def test_an_answer_goes_out_in_one_send_head_and_body(monkeypatch):
         connection.request("GET", "/stream")
         assert connection.getresponse().read() == b"one\ntwo\n"
         connection.close()
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+
+
+def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
+    """waitress woke its loop after every request; here only when the
+    connection needs it: after two requests sent at once (the loop stops
+    reading a connection while it holds one waiting) the next is read and
+    answered at once."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
+                               port=0, threads=2)
+    pulls = []
+    real_pull = server.trigger.pull_trigger
+    server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(20):
+            connection.request("GET", "/")
+            assert connection.getresponse().read() == b"ok"
+        connection.close()
+        assert len(pulls) < 5, "the loop was woken %d times for 20 answers" % len(pulls)
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            started, answers = time.monotonic(), b""
+            while answers.count(b"\r\n\r\nok") < 2:
+                data = sock.recv(4096)
+                assert data, "closed after %r" % answers
+                answers += data
+            sock.sendall(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+            while answers.count(b"\r\n\r\nok") < 3:
+                data = sock.recv(4096)
+                assert data, "closed after %r" % answers
+                answers += data
+            # the loop's own timeout is 1 s: a missed wake-up would show as that
+            assert time.monotonic() - started < 0.5
     finally:
         server.close()
         server.task_dispatcher.shutdown()

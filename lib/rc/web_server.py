@@ -175,6 +175,22 @@ class Channel(HTTPChannel):
             self.request_started = time.time()
         return super().received(data)
 
+    def service(self):
+        """waitress's, but the loop is woken at the end only when it has
+        something to do for this connection (see Server.pull_trigger)."""
+        self.server.serving.channel = self
+        try:
+            super().service()
+        finally:
+            self.server.serving.channel = None
+
+    def needs_loop(self):
+        """Whether waitress's loop must look at this connection again: output
+        it must send, a close, or a request that came while another was being
+        served (the loop stopped reading the connection then)."""
+        return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed
+                    or self.requests)
+
     def overdue(self, now, read_timeout):
         """A request that began arriving too long ago and is still not whole;
         a long one (an upload) has read_timeout more for each min_body_rate
@@ -341,8 +357,18 @@ class Server(TcpWSGIServer):
                                                           1073741824)}, **limits)
         self.log, self.tls_context = log, tls_context
         self.channel_class = TLSChannel if tls_context else Channel
+        self.serving = threading.local()       # .channel: the one this thread serves
         super().__init__(application, dispatcher=WarmThreads(adjustments.get("threads", 4)),
                          **adjustments)
+
+    def pull_trigger(self):
+        """Wake waitress's loop, unless a request thread asks it after an
+        answer that left the loop nothing to do (all sent, the connection
+        staying open): waitress wakes it after every request, one more
+        thread running at the moment the scheduler takes the new task."""
+        channel = getattr(self.serving, "channel", None)
+        if channel is None or channel.needs_loop():
+            super().pull_trigger()
 
     def handle_accept(self):
         """Never raises: an error here would close the listening socket."""
