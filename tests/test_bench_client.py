@@ -53,12 +53,14 @@ def bench_cluster(tmp_path_factory):
 # -- what is measured: shared with tests/test_bench.py -------------------------------------
 
 def cpu_seconds(cluster):
-    """CPU seconds so far, by process: the main node's programs, the workers
-    with everything they started (tasks reaped count with their parent),
-    and this process (the client)."""
+    """CPU seconds so far, by process: the main node's programs, supervisord
+    (it files every line they log), the workers with everything they started
+    (tasks reaped count with their parent), and this process (the client)."""
     seconds = {}
     for name in PROGRAMS:
         seconds[name] = process_seconds([psutil.Process(cluster.program_pid(name))])
+    with open(os.path.join(cluster.home, "run", "supervisord.pid")) as f:
+        seconds["supervisord"] = process_seconds([psutil.Process(int(f.read()))])
     for device_id, worker in cluster.workers.items():
         try:
             top = psutil.Process(worker.pid)

@@ -1,5 +1,6 @@
 """rc-scheduler's choices and rc-reaper's sweeps, one pass at a time."""
 import io
+import os
 
 import pytest
 
@@ -169,6 +170,30 @@ def test_an_expired_lease_is_taken_back_and_charged(store):
     reaper.sweep(connection, config, LOG, 1060.0)
     task = tasks.get(connection, task_id)
     assert (task["state"], task["attempt"], task["retries_used"]) == (QUEUED, 2, 1)
+
+
+def test_the_reaper_checkpoints_and_the_programs_on_a_tasks_way_do_not(store):
+    """A program's commits leave the write-ahead log to rc-reaper (past
+    SQLite's own 1000 pages, the database file is untouched); the reaper's
+    look copies it and starts the log over itself (the log then holds its
+    one write, not thousands of frames), so the program's next commit does
+    not have to; a look with no commit since does nothing."""
+    config, connection = store
+    program, reaper_connection = db.connect(config.db_path), db.connect(config.db_path)
+    keeper = reaper.WalKeeper(reaper_connection)
+    keeper.look()
+    program.execute("CREATE TABLE filler (data BLOB)")
+    size = os.path.getsize(config.db_path)
+    for _ in range(1200):
+        program.execute("INSERT INTO filler VALUES (zeroblob(3000))")
+    assert os.path.getsize(config.db_path) == size
+    frames, copied = keeper.look()
+    assert frames == copied > 1200 and os.path.getsize(config.db_path) > size + 1200 * 3000
+    _, frames, _ = program.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames <= 2, "the log was not started over"
+    assert keeper.look() is None
+    program.close()
+    reaper_connection.close()
 
 
 def test_dependencies_hold_a_task_until_they_complete(store):

@@ -2,6 +2,7 @@
 the next request, so a quiet server keeps serving from a warm thread or two
 instead of cycling through all of them."""
 import http.client
+import socket
 import threading
 import time
 
@@ -70,3 +71,83 @@ def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
     # finishing that one, the one idle before it
     assert len(served_by) == 20 and len(set(served_by)) <= 3, [
         served_by.index(thread) for thread in served_by]
+
+
+def test_an_answer_goes_out_in_one_send_head_and_body(monkeypatch):
+    """waitress sent the head and the body apart (the client could wake for
+    each); an answer without a body, and one streamed in chunks, still go
+    out whole."""
+    sent = []
+    real_send = web_server.Channel.send
+
+    def send(channel, data, do_close=True):
+        sent.append(bytes(data))
+        return real_send(channel, data, do_close)
+    monkeypatch.setattr(web_server.Channel, "send", send)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/stream":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return iter([b"one\n", b"two\n"])
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
+                               port=0, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        connection.request("GET", "/")
+        assert connection.getresponse().read() == b"ok"
+        assert len(sent) == 1 and sent[0].startswith(b"HTTP/1.1 200") and sent[0].endswith(
+            b"\r\n\r\nok")
+        connection.request("HEAD", "/")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b""
+        connection.request("GET", "/stream")
+        assert connection.getresponse().read() == b"one\ntwo\n"
+        connection.close()
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+
+
+def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
+    """waitress woke its loop after every request; here only when the
+    connection needs it: after two requests sent at once (the loop stops
+    reading a connection while it holds one waiting) the next is read and
+    answered at once."""
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
+                               port=0, threads=2)
+    pulls = []
+    real_pull = server.trigger.pull_trigger
+    server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(20):
+            connection.request("GET", "/")
+            assert connection.getresponse().read() == b"ok"
+        connection.close()
+        assert len(pulls) < 5, "the loop was woken %d times for 20 answers" % len(pulls)
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            started, answers = time.monotonic(), b""
+            while answers.count(b"\r\n\r\nok") < 2:
+                data = sock.recv(4096)
+                assert data, "closed after %r" % answers
+                answers += data
+            sock.sendall(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+            while answers.count(b"\r\n\r\nok") < 3:
+                data = sock.recv(4096)
+                assert data, "closed after %r" % answers
+                answers += data
+            # the loop's own timeout is 1 s: a missed wake-up would show as that
+            assert time.monotonic() - started < 0.5
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()

@@ -5,7 +5,9 @@ come back, goes offline and its tasks go back to the queue (or fail when
 their retries are spent). An assignment not accepted in time is taken back;
 one on a device rc-server found suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
-so. Heartbeat history is kept bounded.
+so. Heartbeat history is kept bounded. After each sweep it checkpoints
+the write-ahead log (db.checkpoint), so that the programs on a task's way
+do not wait for the disk themselves.
 
 A row it cannot handle (a value no program would write) costs that row
 only: its changes are rolled back to a savepoint, it is logged (rate-
@@ -131,11 +133,33 @@ def prune(connection, config, now):
                              now - config.heartbeat_history * config.heartbeat_interval)
 
 
+class WalKeeper:
+    """Checkpoints the write-ahead log when another program has committed
+    since the last look: the programs on a task's way leave that to us
+    (db.WAL_BACKSTOP_PAGES). Once a sweep, not more often: the write that
+    starts the log over holds the write lock while the disk syncs (~1-3 ms),
+    and a program that wants to commit meanwhile sleeps a millisecond or
+    more, so each look costs some task that much with some likelihood."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.seen = None
+
+    def look(self):
+        """(frames in the log, frames copied), or None when nothing changed."""
+        version = db.data_version(self.connection)
+        if version == self.seen:
+            return None
+        self.seen = version
+        return db.checkpoint(self.connection)
+
+
 def run(config, log, should_stop):
     connection = db.open_database(config.db_path)
     log.info("reaper_started", offline_timeout=config.offline_timeout,
              disconnect_grace=config.disconnect_grace)
     log_limited = throttle.LimitedLog(log)
+    keeper = WalKeeper(connection)
     next_prune = 0.0
     while not should_stop():
         now = time.time()
@@ -149,6 +173,10 @@ def run(config, log, should_stop):
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             log_limited("error", "sweep_failed", "sweep", error=repr(e)[:500])
+        try:
+            keeper.look()
+        except Exception as e:     # a full or failing disk: the next look tries again
+            log_limited("error", "checkpoint_failed", "checkpoint", error=repr(e)[:500])
         time.sleep(config.reaper_interval)
 
 

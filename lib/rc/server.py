@@ -832,8 +832,10 @@ class Server:
                              error=repr(e)[:500])
             replies = self.apply_one_by_one(batch, now)
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
+            # rc-web first: a client waiting for this result is on a task's way;
+            # the scheduler, looking for more to assign, is not.
+            bell.ring(self.config.run_dir, bell.WEB)
             bell.ring(self.config.run_dir, bell.SCHEDULER)
-            bell.ring(self.config.run_dir, bell.WEB)    # a client may wait for a result
         # Only now is everything above durable; acknowledge it.
         for peer, reply in replies:
             for message_type, data in reply:
