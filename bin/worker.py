@@ -191,6 +191,10 @@ OUTCOME_HANDED_BACK = "handed_back"
 OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
             OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK)
 
+INLINE_FILE_BYTES = 256 * 1024      # a file this small may ride in task_assign / task_result
+INLINE_TOTAL_BYTES = 512 * 1024     # ... and one message carries at most this much of them
+INLINE_FRAME_MARGIN = 64 * 1024     # bytes of a frame kept for all but its inline files
+
 ###############################################################################
 # Tunables ####################################################################
 ###############################################################################
@@ -543,6 +547,10 @@ def proofs_match(expected, given):
 def encode_frame(message_type, data, sender_id):
     envelope = {"message_type": message_type, "sender_id": sender_id,
                 "timestamp": time.time(), "message_id": os.urandom(8).hex(), "data": data}
+    if "files_inline" in data:
+        # Escaped to ASCII: _json's encoder for UTF-8 output takes ten times
+        # as long over long text (3 ms for a 100 KiB file's base64 on 3.11).
+        return json_text(envelope, True, None).encode("ascii") + b"\n"
     return dumps(envelope) + b"\n"
 
 
@@ -4894,6 +4902,7 @@ class Job(object):
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
+        self.inline = []          # uploading: small outputs that ride in the task_result
         self.then = None          # what the thread does once the loop knows it is done
 
     def start(self):
@@ -5556,6 +5565,7 @@ class Uploading(Task):
         if notes:
             result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
         self.task.files_stored = self.job.stored
+        self.task.files_inline = self.job.inline
         worker.running[self.key] = self.task
         worker.finish(self.task, status, error=error, **result)
 
@@ -5581,6 +5591,9 @@ class Files(object):
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
         self.prefetching = {}       # task key -> the Job fetching a waiting task's inputs, or None
+        # (file bytes, total bytes) of small files the main node takes in a
+        # task_result (its register_ack's inline_files), or None: all to rc-files.
+        self.inline = None
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5589,6 +5602,12 @@ class Files(object):
 
     def on_register(self, worker, data):
         port = data.get("files_port")
+        offer = data.get("inline_files")
+        self.inline = None
+        if isinstance(offer, dict) and is_int(offer.get("file_bytes")) \
+                and is_int(offer.get("total_bytes")):
+            self.inline = (max(0, min(offer["file_bytes"], INLINE_FILE_BYTES)),
+                           max(0, min(offer["total_bytes"], INLINE_TOTAL_BYTES)))
         self.pool.prune(everything=True)     # of the connection before
         if worker.auth == "device":
             self.secret = worker.key
@@ -5612,6 +5631,59 @@ class Files(object):
         return {"dir": self.cache.dir, "cap_mb": self.cache.cap // 1048576,
                 "used_mb": round(self.cache.used() / 1048576.0, 1),
                 "files": len(self.cache.load())}
+
+    def take_inline(self, entries):
+        """Small inputs that came inside a task_assign, into the cache as if
+        fetched, so the task starts from the cache (place_cached) and a later
+        task with the same input finds it there. Each is checked against its
+        sha256 and size; one that fails is left out, and the task fetches it
+        from rc-files, which is checked again."""
+        import binascii
+        if not isinstance(entries, list):
+            return
+        for entry in entries[:FILES_MAX_OUTPUTS]:
+            ref = blob_ref(entry)
+            text = entry.get("data") if ref is not None else None
+            if not isinstance(text, str) or ref[1] > INLINE_FILE_BYTES or \
+                    len(text) > 4 * (ref[1] // 3 + 1):
+                log("warning", "inline_file_refused", sha256=str(ref and ref[0])[:64],
+                    message="a malformed inline input; it is fetched from rc-files instead")
+                continue
+            try:
+                blob = binascii.a2b_base64(text)
+            except (binascii.Error, ValueError):
+                blob = None
+            digest = file_sha256()
+            digest.update(blob or b"")
+            if blob is None or len(blob) != ref[1] or digest.hexdigest() != ref[0]:
+                log("warning", "inline_file_refused", sha256=ref[0], message="an inline input"
+                    " does not match its size or sha256; it is fetched from rc-files instead")
+                continue
+            self.cache_bytes(ref[0], blob)
+
+    def cache_bytes(self, sha, blob):
+        """Verified bytes into the cache (unless it holds them already)."""
+        if self.cache.has(sha, len(blob)):
+            self.cache.touch(sha)
+            return
+        temporary = None
+        try:
+            self.cache.prepare()
+            self.cache.make_room(len(blob))
+            temporary = os.path.join(self.cache.dir, "tmp", "inline-%s-%s" % (sha[:16],
+                                                                              new_nonce()[:8]))
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(descriptor, "wb") as sink:
+                sink.write(blob)
+            self.cache.add(sha, temporary)
+            temporary = None
+        except (OSError, FilesError) as e:
+            log("warning", "inline_file_not_cached", sha256=sha, error=str(e),
+                message="it is fetched from rc-files instead")
+        finally:
+            if temporary is not None and os.path.lexists(temporary):
+                os.unlink(temporary)
 
     # -- before a task starts
 
@@ -5816,23 +5888,68 @@ class Files(object):
         worker.sandbox.keep_for_upload(workdir)
         task.workdir = None           # ours now: removed when the upload ends
         task.files_elapsed = task.elapsed()
+        result_bytes = self.result_bytes(result, error)
         job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
-                                                  checkpoint))
+                                                  checkpoint, result_bytes))
         worker.running[task.key] = Uploading(task, job, (status, error, result))
         job.start()
         return True
 
-    def upload(self, job, task, workdir, globs, spilled, checkpoint):
+    @staticmethod
+    def result_bytes(result, error):
+        """At least what the task_result takes on the wire but for its files:
+        six bytes a character (an escape) while that is little, else encoded
+        as encode_frame encodes a frame with files (escaped to ASCII)."""
+        text = len(result.get("output") or "") + len(result.get("stderr") or "") + \
+            len(error or "")
+        return 6 * text + 4096 if text < 8192 else len(json_text(result, True, None)) + \
+            6 * len(error or "") + 4096
+
+    def inline_room(self, result_bytes, names):
+        """Bytes of outputs (before base64) the task_result may carry: at most
+        what the main node takes (None: nothing), and few enough that the
+        frame, with the rest of the result and every output's name and hash,
+        stays under MAX_FRAME_BYTES."""
+        if self.inline is None:
+            return [0]
+        rest = result_bytes + sum(6 * len(name.encode("utf-8", "surrogateescape")) + 160
+                                  for name in names)
+        return [max(0, min(self.inline[1], (MAX_FRAME_BYTES - INLINE_FRAME_MARGIN - rest)
+                           * 3 // 4))]
+
+    def send_or_inline(self, job, source, request, room):
+        """An output into job.inline when it is small and room (a list of one,
+        the bytes left) allows, else put to rc-files; the choice is the size's."""
+        import binascii
+        size = os.fstat(source.fileno()).st_size
+        limit = min(room[0], self.inline[0]) if self.inline else 0
+        if size <= limit:
+            source.seek(0)
+            data = source.read(limit + 1)
+            if len(data) <= limit:        # (not grown meanwhile)
+                digest = file_sha256()
+                digest.update(data)
+                room[0] -= len(data)
+                job.inline.append({"name": request["name"], "size": len(data),
+                                   "sha256": digest.hexdigest(),
+                                   "data": binascii.b2a_base64(data, newline=False)
+                                   .decode("ascii")})
+                return
+        job.stored.append(put_file(job, source, request))
+
+    def upload(self, job, task, workdir, globs, spilled, checkpoint, result_bytes=0):
         try:
             request = {"task_id": task.key[0], "attempt": task.key[1]}
+            found, notes = find_outputs(workdir, globs, self.protected(),
+                                        self.cached_inodes()) if globs else ([], [])
+            job.notes.extend(notes)
+            room = self.inline_room(result_bytes, [name for name, _ in found] +
+                                    [STREAM_NAMES[fd] for fd in spilled])
             if globs:
-                found, notes = find_outputs(workdir, globs, self.protected(),
-                                            self.cached_inodes())
-                job.notes.extend(notes)
                 for name, path in found:
                     try:
                         with open_output(path) as source:
-                            job.stored.append(put_file(job, source, dict(request, name=name)))
+                            self.send_or_inline(job, source, dict(request, name=name), room)
                     except OSError as e:
                         job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
                     except FilesError as e:
@@ -5840,7 +5957,7 @@ class Files(object):
                             raise
                         job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
             for fd, stream in sorted(spilled.items()):
-                job.stored.append(put_file(job, stream, dict(request, name=STREAM_NAMES[fd])))
+                self.send_or_inline(job, stream, dict(request, name=STREAM_NAMES[fd]), room)
                 stream.close()
             if checkpoint:
                 if checkpoint[2] is not None:
@@ -5891,6 +6008,8 @@ class Files(object):
         stored = getattr(task, "files_stored", None)
         if stored is not None:
             data["files"] = stored
+        if getattr(task, "files_inline", None):
+            data["files_inline"] = task.files_inline     # the main node stores them (on_result)
             data["result"]["execution_time"] = round(task.files_elapsed, 6)
         self.cache.unpin(task.key)
 
@@ -6495,9 +6614,12 @@ class Worker(object):
                 self.disconnect("closed by the main node")
                 return
             self.inbox += chunk
-            # TLS may hold decrypted bytes that select() cannot see: take them now.
+            # TLS may hold decrypted bytes that select() cannot see: take them
+            # now; and read on while a frame is not ended (a task_assign with
+            # small files comes in 16 KiB TLS records), not a record a turn.
             pending = getattr(self.sock, "pending", None)
-            if not (pending and pending()):
+            if not (pending and pending()) and (chunk.endswith(b"\n")
+                                                or len(self.inbox) > MAX_FRAME_BYTES):
                 break
         # Frames that waited out a freeze that began after turn() looked at
         # the clock must not count as contact before the fence is checked.
@@ -6515,6 +6637,8 @@ class Worker(object):
 
     def take_frames(self):
         """Complete lines off the front of the inbox; an over-long one ends the link."""
+        if b"\n" not in self.inbox and len(self.inbox) <= MAX_FRAME_BYTES:
+            return []       # a frame on its way: nothing to split yet
         lines = self.inbox.split(b"\n")
         self.inbox = bytearray(lines.pop())
         if len(self.inbox) > MAX_FRAME_BYTES or any(len(l) > MAX_FRAME_BYTES for l in lines):
@@ -6622,7 +6746,7 @@ class Worker(object):
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
                         nonce=self.nonces[1], active_tasks=self.active_tasks(),
-                        fenced_tasks=self.tell_fenced(), auth=self.auth,
+                        fenced_tasks=self.tell_fenced(), auth=self.auth, inline_files=True,
                         proof=sign(self.key, "rc-worker", self.nonces[0], self.nonces[1],
                                    self.device_id))
         self.send(REGISTER, register)
@@ -6742,6 +6866,8 @@ class Worker(object):
             self.report(result_data(key, OUTCOME_NOT_ALLOWED,
                                     error="this worker does not accept %r tasks" % task_type))
             return
+        if "files_inline" in data:
+            self.files.take_inline(data["files_inline"])   # files: small inputs, into the cache
         timeout = data.get("timeout")
         timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
         task = TASK_CLASSES[task_type](key, data.get("payload"), timeout)

@@ -10,9 +10,12 @@ rename; deletion removes the row first). A blob is kept while a task that
 is not finished refers to it, then `files_retention_days` after the last one
 ended; rc-reaper's upkeep deletes it after that (sweep()).
 
-Used by rc-files (lib/rc/transfer.py), rc-web and the `rc` command; it
-never talks to the network itself.
+Used by rc-files (lib/rc/transfer.py), rc-server (small files that ride
+the worker connection: inline_inputs(), store_inline_outputs()), rc-web and
+the `rc` command; it never talks to the network itself.
 """
+import base64
+import binascii
 import fnmatch
 import hashlib
 import os
@@ -22,7 +25,7 @@ import shutil
 import time
 
 from rc import db
-from rc.states import TERMINAL_STATES
+from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES, TERMINAL_STATES
 
 CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
 DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
@@ -564,6 +567,152 @@ def clean_partials(connection, config, now):
             remove(path)
             removed += 1
     return removed
+
+
+# -- small files on the worker connection (rc-server) -----------------------------------
+# A task's small inputs go out inside its task_assign and its small outputs
+# come back inside its task_result (docs/protocol.md, "Small files"): no
+# round trip to rc-files. The bytes are checked and stored as rc-files
+# checks and stores them; rc-server records the rows with the result.
+
+MAX_INLINE_ENTRIES = 1000        # inline files one task_result may carry
+
+
+def read_small(connection, config, sha256, size):
+    """The bytes of a blob the store holds at exactly `size` bytes, or None
+    (then the worker asks rc-files, which says what is wrong)."""
+    try:
+        blob, stored = open_blob(connection, config, sha256)
+    except FileStoreError:
+        return None
+    with blob:
+        if stored != size:
+            return None
+        data = blob.read(size + 1)
+    return data if len(data) == size else None
+
+
+def input_refs(payload):
+    """(sha256, size) of every blob a task reads: inputs, stdin, checkpoint."""
+    refs = [(item.get("sha256"), item.get("size")) for item in payload.get("inputs") or ()
+            if isinstance(item, dict)]
+    refs += [(ref.get("sha256"), ref.get("size")) for ref in
+             (payload.get("stdin"), payload.get("checkpoint")) if isinstance(ref, dict)]
+    return refs
+
+
+def inline_inputs(connection, config, payload, known, budget):
+    """The task_assign "files_inline" of a task: each distinct blob it reads
+    of at most INLINE_FILE_BYTES that the device is not known to hold
+    (`known`, sha256s), [{"sha256", "size", "data": base64}] while their
+    bytes sum to at most `budget`. What is left out the worker fetches from
+    rc-files as before."""
+    entries, taken = [], set()
+    for sha256, size in input_refs(payload):
+        if sha256 in taken or sha256 in known or not is_sha256(sha256) \
+                or not isinstance(size, int) or not 0 <= size <= min(INLINE_FILE_BYTES, budget):
+            continue
+        data = read_small(connection, config, sha256, size)
+        if data is None:
+            continue
+        taken.add(sha256)
+        budget -= size
+        entries.append({"sha256": sha256, "size": size,
+                        "data": base64.b64encode(data).decode("ascii")})
+    return entries
+
+
+def store_inline_outputs(connection, config, task_id, entries, reserve=None):
+    """The task_result "files_inline" of (a task's attempt the device holds):
+    each file checked as rc-files checks a put (a name the task's --output
+    globs match, or its stdout/stderr; a size within INLINE_FILE_BYTES; the
+    bytes' own SHA-256 and length equal to those claimed; room in the quota
+    and on the disk: check_room, or `reserve(size)`, which also counts the
+    bytes placed but not recorded yet) and placed in the store (partial
+    file, fsync, rename). Returns (stored
+    [(name, sha256, size)] whose rows the caller writes with the result,
+    notes [why each refused file was refused])."""
+    if not isinstance(entries, list):
+        return [], ["rc-server: files_inline must be a list; no inline file stored"]
+    sizes = [entry.get("size") for entry in entries if isinstance(entry, dict)]
+    claimed = sum(size for size in sizes if isinstance(size, int) and size > 0)
+    if len(entries) > MAX_INLINE_ENTRIES or claimed > INLINE_TOTAL_BYTES:
+        return [], ["rc-server: %d inline files of %d bytes in one result, over the %d files"
+                    " or %d bytes allowed; none stored" % (len(entries), claimed,
+                                                           MAX_INLINE_ENTRIES,
+                                                           INLINE_TOTAL_BYTES)]
+    stored, notes, names = [], [], set()
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        try:
+            if name in names:
+                raise FileStoreError("bad_name", "given twice")
+            sha256, size = store_inline_output(connection, config, task_id, entry, reserve)
+        except FileStoreError as e:
+            notes.append("rc-server: output %r not stored: %s" % (str(name)[:200], e))
+            continue
+        names.add(name)
+        stored.append((name, sha256, size))
+    return stored, notes
+
+
+def store_inline_output(connection, config, task_id, entry, reserve=None):
+    """One inline output into the store: (sha256, size); FileStoreError
+    says why not, nothing of it kept."""
+    if not isinstance(entry, dict):
+        raise FileStoreError("bad_request", "an inline file must be an object")
+    name, size, sha256, text = (entry.get(field) for field in ("name", "size", "sha256",
+                                                               "data"))
+    if name not in STREAM_NAMES:
+        problem = path_problem(name) if name != CHECKPOINT_NAME else \
+            "is a checkpoint, which goes to rc-files"
+        if problem:
+            raise FileStoreError("bad_name", "the name %s" % problem)
+        if not asked_for(connection, task_id, name):
+            raise FileStoreError("bad_name", "no --output glob of task %d matches it"
+                                 % task_id)
+    if isinstance(size, bool) or not isinstance(size, int) \
+            or not 0 <= size <= INLINE_FILE_BYTES:
+        raise FileStoreError("bad_request", "size %r is not a whole number from 0 to %d"
+                             % (str(size)[:40], INLINE_FILE_BYTES))
+    if not is_sha256(sha256):
+        raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
+                             % (str(sha256)[:80],))
+    if not isinstance(text, str) or len(text) > 4 * (size // 3 + 1):
+        raise FileStoreError("bad_request", "data must be the base64 of %d bytes" % size)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise FileStoreError("bad_request", "data is not base64: %s" % e)
+    if len(data) != size:
+        raise FileStoreError("short", "it claims %d bytes and holds %d" % (size, len(data)))
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
+    if exists(connection, sha256):
+        return sha256, size
+    if reserve is None:
+        check_room(connection, config, size)
+    else:
+        reserve(size)
+    writer = Writer(config)
+    try:
+        writer.write(data)
+        writer.place(sha256)
+    except BaseException:
+        writer.abort()
+        raise
+    return sha256, size
+
+
+def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
+    """The rows of a result's inline files, in the result's transaction: each
+    blob's (it is in place), and the task's when the device still holds the
+    attempt (`holds`)."""
+    for name, sha256, size in stored:
+        record(connection, sha256, size, now)
+        if holds:
+            add_task_file(connection, task_id, attempt, name, sha256, size, now)
 
 
 # -- what devices hold ------------------------------------------------------------------
