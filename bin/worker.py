@@ -4270,8 +4270,11 @@ def tree_size(path):
 # A task may name input files, a stdin, a script file, environment variables,
 # output globs and a checkpoint (docs/protocol.md, "Files"). Their bytes move
 # through rc-files, a program of the main node on a port of its own
-# (register_ack's files_port), never through the worker connection: a 4 GB
-# transfer must not hold up heartbeats and results. Each transfer runs in a
+# (register_ack's files_port), not through the worker connection: a 4 GB
+# transfer must not hold up heartbeats and results. Files of at most
+# INLINE_FILE_BYTES are the exception where the main node offers it: they
+# come inside task_assign and go back inside task_result (take_inline,
+# send_or_inline), which costs no round trip at all. Each transfer runs in a
 # thread of its own with blocking sockets; the loop only sees it end (the
 # thread writes to the signal wakeup socket). A task whose inputs are not
 # here yet waits as a Staging in the running slots; a task whose outputs are
