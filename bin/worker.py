@@ -547,11 +547,24 @@ def proofs_match(expected, given):
 def encode_frame(message_type, data, sender_id):
     envelope = {"message_type": message_type, "sender_id": sender_id,
                 "timestamp": time.time(), "message_id": os.urandom(8).hex(), "data": data}
-    if "files_inline" in data:
-        # Escaped to ASCII: _json's encoder for UTF-8 output takes ten times
-        # as long over long text (3 ms for a 100 KiB file's base64 on 3.11).
-        return json_text(envelope, True, None).encode("ascii") + b"\n"
+    if data.get("files_inline"):
+        return encode_with_files(envelope, data)
     return dumps(envelope) + b"\n"
+
+
+def encode_with_files(envelope, data):
+    """A frame with small files: encoded with a marker in place of each
+    file's base64, which is then spliced in as it is (base64 needs no
+    escaping). _json's encoder took 3 ms over a 100 KiB file's base64 (UTF-8
+    output; 0.3 escaped to ASCII): more than all the rest of the task_result."""
+    mark = "rc-inline-%s" % new_nonce()
+    inline = data["files_inline"]
+    envelope["data"] = dict(data, files_inline=[dict(entry, data=mark) for entry in inline])
+    parts = dumps(envelope).split(('"%s"' % mark).encode("ascii"))
+    frame = [parts[0]]
+    for entry, part in zip(inline, parts[1:]):
+        frame += [b'"', entry["data"].encode("ascii"), b'"', part]
+    return b"".join(frame) + b"\n"
 
 
 def is_int(value):
@@ -5901,12 +5914,11 @@ class Files(object):
     @staticmethod
     def result_bytes(result, error):
         """At least what the task_result takes on the wire but for its files:
-        six bytes a character (an escape) while that is little, else encoded
-        as encode_frame encodes a frame with files (escaped to ASCII)."""
+        six bytes a character (an escape) while that is little, else encoded."""
         text = len(result.get("output") or "") + len(result.get("stderr") or "") + \
             len(error or "")
-        return 6 * text + 4096 if text < 8192 else len(json_text(result, True, None)) + \
-            6 * len(error or "") + 4096
+        return 6 * text + 4096 if text < 8192 else len(dumps(result)) + 6 * len(error or "") \
+            + 4096
 
     def inline_room(self, result_bytes, names):
         """Bytes of outputs (before base64) the task_result may carry: at most
