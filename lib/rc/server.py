@@ -68,6 +68,9 @@ RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OU
 INLINE_OUTBOX_BYTES = 2 * 1024 * 1024
 KNOWN_BLOBS_MAX = 4096        # sha256s remembered per connection as held by the device
 OUTPUT_STORE_THREADS = 4      # task_results whose small files are written at once (fsyncs)
+# A peer with this many task_results waiting for OutputStore is not read
+# from until fewer wait: what waits is bounded, its files included.
+MAX_STORING_PER_PEER = 16
 
 
 class Peer:
@@ -454,9 +457,15 @@ class Server:
             self.close(peer, "write failed: %s" % e)
             return
         del peer.outbox[:sent]
-        # A peer that does not read what we send gets nothing more read from
-        # it until it does: its messages would only make more replies.
-        reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES else 0
+        self.watch(peer)
+
+    def watch(self, peer):
+        """What the selector waits for on the peer's socket. A peer that does
+        not read what we send gets nothing more read from it until it does:
+        its messages would only make more replies; nor does one with
+        MAX_STORING_PER_PEER results waiting for their files to be stored."""
+        reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
+            and len(peer.storing) < MAX_STORING_PER_PEER else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
         if self.selector.get_key(peer.sock).events != wanted:
             self.selector.modify(peer.sock, wanted, peer)
@@ -800,11 +809,14 @@ class Server:
                                     % (name, type(result[name]).__name__))
         error = field(data, "error", (str, type(None)), required=False)
         protocol.storable(result, "result")
-        if data.get("files_inline"):
+        if data.get("files_inline") and files.holds_attempt(self.database, peer.device_id,
+                                                            key[0], key[1]):
             # Its small files are written off the loop (OutputStore); the
-            # result waits for them.
+            # result waits for them. (A stale result stores none.)
             peer.storing.add(key)
             self.outputs.put((peer, (key, status, result, error), data["files_inline"]))
+            if len(peer.storing) >= MAX_STORING_PER_PEER:
+                self.watch(peer)        # read no more from it for now
             return
         self.batch.append((Server.apply_result, peer, (key, status, result, error, ())))
 
@@ -814,6 +826,8 @@ class Server:
         for (peer, (key, status, result, error), _), stored, notes, reserved in \
                 self.outputs.take():
             peer.storing.discard(key)
+            if len(peer.storing) == MAX_STORING_PER_PEER - 1 and not peer.closed:
+                self.watch(peer)        # read from it again
             if notes:
                 result["stderr"] = "\n".join(notes) + "\n" + (result.get("stderr") or "")
                 self.log_limited("warning", "inline_files_refused", peer.host,
