@@ -193,7 +193,6 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 
 INLINE_FILE_BYTES = 256 * 1024      # a file this small may ride in task_assign / task_result
 INLINE_TOTAL_BYTES = 512 * 1024     # ... and one message carries at most this much of them
-INLINE_FRAME_MARGIN = 64 * 1024     # bytes of a frame kept for all but its inline files
 
 ###############################################################################
 # Tunables ####################################################################
@@ -544,27 +543,33 @@ def proofs_match(expected, given):
     return compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
-def encode_frame(message_type, data, sender_id):
+def encode_frame(message_type, data, sender_id, with_bytes=True):
     envelope = {"message_type": message_type, "sender_id": sender_id,
                 "timestamp": time.time(), "message_id": os.urandom(8).hex(), "data": data}
-    if data.get("files_inline"):
-        return encode_with_files(envelope, data)
-    return dumps(envelope) + b"\n"
+    inline = data.get("files_inline")
+    if not inline:
+        return dumps(envelope) + b"\n"
+    # Small files: each entry's "data" (bytes) goes raw right behind the
+    # frame, which says how many bytes follow (docs/protocol.md, "Small files").
+    blobs = [entry["data"] for entry in inline]
+    envelope["data"] = dict(data, inline_bytes=sum(len(blob) for blob in blobs),
+                            files_inline=[{name: value for name, value in entry.items()
+                                           if name != "data"} for entry in inline])
+    return b"".join([dumps(envelope), b"\n"] + (blobs if with_bytes else []))
 
 
-def encode_with_files(envelope, data):
-    """A frame with small files: encoded with a marker in place of each
-    file's base64, which is then spliced in as it is (base64 needs no
-    escaping). _json's encoder took 3 ms over a 100 KiB file's base64 (UTF-8
-    output; 0.3 escaped to ASCII): more than all the rest of the task_result."""
-    mark = "rc-inline-%s" % new_nonce()
-    inline = data["files_inline"]
-    envelope["data"] = dict(data, files_inline=[dict(entry, data=mark) for entry in inline])
-    parts = dumps(envelope).split(('"%s"' % mark).encode("ascii"))
-    frame = [parts[0]]
-    for entry, part in zip(inline, parts[1:]):
-        frame += [b'"', entry["data"].encode("ascii"), b'"', part]
-    return b"".join(frame) + b"\n"
+def announced_bytes(line):
+    """How many raw bytes follow this frame (a task_assign's small files:
+    its data's "inline_bytes"), 0 for none. Read only from a line that
+    holds the name, the rare one."""
+    if b'"inline_bytes":' not in line:
+        return 0
+    try:
+        data = loads(line).get("data")
+    except (ValueError, AttributeError):
+        return 0
+    size = data.get("inline_bytes") if isinstance(data, dict) else None
+    return size if is_int(size) and 0 < size <= MAX_FRAME_BYTES else 0
 
 
 def is_int(value):
@@ -1695,7 +1700,7 @@ def fit_result(data, sender_id):
     if len(result["output"]) + len(result["stderr"]) < MAX_FRAME_BYTES // 8:
         return data     # cannot be too long even if every character were escaped
     while True:
-        excess = len(encode_frame(TASK_RESULT, data, sender_id)) - MAX_FRAME_BYTES
+        excess = len(encode_frame(TASK_RESULT, data, sender_id, False)) - MAX_FRAME_BYTES
         if excess <= 0:
             return data
         result["truncated"] = True
@@ -5648,34 +5653,27 @@ class Files(object):
                 "used_mb": round(self.cache.used() / 1048576.0, 1),
                 "files": len(self.cache.load())}
 
-    def take_inline(self, entries):
-        """Small inputs that came inside a task_assign, into the cache as if
-        fetched, so the task starts from the cache (place_cached) and a later
-        task with the same input finds it there. Each is checked against its
-        sha256 and size; one that fails is left out, and the task fetches it
-        from rc-files, which is checked again."""
-        import binascii
-        if not isinstance(entries, list):
+    def take_inline(self, entries, raw):
+        """Small inputs that came right behind a task_assign, into the cache
+        as if fetched, so the task starts from the cache (place_cached) and a
+        later task with the same input finds it there. Each is checked against
+        its sha256; one that fails is left out, and the task fetches it from
+        rc-files, which is checked again."""
+        refs = [blob_ref(entry) for entry in entries] if isinstance(entries, list) else [None]
+        if None in refs or sum(ref[1] for ref in refs) != len(raw):
+            log("warning", "inline_file_refused", message="the small files of a task_assign"
+                " do not match its files_inline; they are fetched from rc-files instead")
             return
-        for entry in entries[:FILES_MAX_OUTPUTS]:
-            ref = blob_ref(entry)
-            text = entry.get("data") if ref is not None else None
-            if not isinstance(text, str) or ref[1] > INLINE_FILE_BYTES or \
-                    len(text) > 4 * (ref[1] // 3 + 1):
-                log("warning", "inline_file_refused", sha256=str(ref and ref[0])[:64],
-                    message="a malformed inline input; it is fetched from rc-files instead")
-                continue
-            try:
-                blob = binascii.a2b_base64(text)
-            except (binascii.Error, ValueError):
-                blob = None
+        offset = 0
+        for sha, size in refs:
+            blob, offset = raw[offset:offset + size], offset + size
             digest = file_sha256()
-            digest.update(blob or b"")
-            if blob is None or len(blob) != ref[1] or digest.hexdigest() != ref[0]:
-                log("warning", "inline_file_refused", sha256=ref[0], message="an inline input"
-                    " does not match its size or sha256; it is fetched from rc-files instead")
+            digest.update(blob)
+            if digest.hexdigest() != sha:
+                log("warning", "inline_file_refused", sha256=sha, message="an inline input"
+                    " does not match its sha256; it is fetched from rc-files instead")
                 continue
-            self.cache_bytes(ref[0], blob)
+            self.cache_bytes(sha, blob)
 
     def cache_bytes(self, sha, blob):
         """Verified bytes into the cache (unless it holds them already)."""
@@ -5904,38 +5902,15 @@ class Files(object):
         worker.sandbox.keep_for_upload(workdir)
         task.workdir = None           # ours now: removed when the upload ends
         task.files_elapsed = task.elapsed()
-        result_bytes = self.result_bytes(result, error)
         job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
-                                                  checkpoint, result_bytes))
+                                                  checkpoint))
         worker.running[task.key] = Uploading(task, job, (status, error, result))
         job.start()
         return True
 
-    @staticmethod
-    def result_bytes(result, error):
-        """At least what the task_result takes on the wire but for its files:
-        six bytes a character (an escape) while that is little, else encoded."""
-        text = len(result.get("output") or "") + len(result.get("stderr") or "") + \
-            len(error or "")
-        return 6 * text + 4096 if text < 8192 else len(dumps(result)) + 6 * len(error or "") \
-            + 4096
-
-    def inline_room(self, result_bytes, names):
-        """Bytes of outputs (before base64) the task_result may carry: at most
-        what the main node takes (None: nothing), and few enough that the
-        frame, with the rest of the result and every output's name and hash,
-        stays under MAX_FRAME_BYTES."""
-        if self.inline is None:
-            return [0]
-        rest = result_bytes + sum(6 * len(name.encode("utf-8", "surrogateescape")) + 160
-                                  for name in names)
-        return [max(0, min(self.inline[1], (MAX_FRAME_BYTES - INLINE_FRAME_MARGIN - rest)
-                           * 3 // 4))]
-
     def send_or_inline(self, job, source, request, room):
         """An output into job.inline when it is small and room (a list of one,
         the bytes left) allows, else put to rc-files; the choice is the size's."""
-        import binascii
         size = os.fstat(source.fileno()).st_size
         limit = min(room[0], self.inline[0]) if self.inline else 0
         if size <= limit:
@@ -5946,20 +5921,17 @@ class Files(object):
                 digest.update(data)
                 room[0] -= len(data)
                 job.inline.append({"name": request["name"], "size": len(data),
-                                   "sha256": digest.hexdigest(),
-                                   "data": binascii.b2a_base64(data, newline=False)
-                                   .decode("ascii")})
+                                   "sha256": digest.hexdigest(), "data": data})
                 return
         job.stored.append(put_file(job, source, request))
 
-    def upload(self, job, task, workdir, globs, spilled, checkpoint, result_bytes=0):
+    def upload(self, job, task, workdir, globs, spilled, checkpoint):
         try:
             request = {"task_id": task.key[0], "attempt": task.key[1]}
             found, notes = find_outputs(workdir, globs, self.protected(),
                                         self.cached_inodes()) if globs else ([], [])
             job.notes.extend(notes)
-            room = self.inline_room(result_bytes, [name for name, _ in found] +
-                                    [STREAM_NAMES[fd] for fd in spilled])
+            room = [self.inline[1] if self.inline else 0]    # bytes the result may carry
             if globs:
                 for name, path in found:
                     try:
@@ -6024,7 +5996,7 @@ class Files(object):
         if stored is not None:
             data["files"] = stored
         if getattr(task, "files_inline", None):
-            data["files_inline"] = task.files_inline     # the main node stores them (on_result)
+            data["files_inline"] = task.files_inline     # sent raw behind it (encode_frame)
             data["result"]["execution_time"] = round(task.files_elapsed, 6)
         self.cache.unpin(task.key)
 
@@ -6175,6 +6147,8 @@ class Worker(object):
         self.sock = None
         self.state = DISCONNECTED
         self.inbox = bytearray()
+        self.raw_wanted = None         # (line, bytes) of a frame whose raw bytes are due
+        self.inline_raw = None         # those bytes, while its handler runs
         self.outbox = bytearray()
         self.backoff = BACKOFF_START
         self.connect_at = time.monotonic() if options.join else None
@@ -6603,6 +6577,7 @@ class Worker(object):
             self.sock = None
         self.state = DISCONNECTED
         self.inbox = bytearray()
+        self.raw_wanted = None
         self.outbox = bytearray()
         self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
         self.checking = self.check_again = False   # a doubt is asked again once registered
@@ -6643,26 +6618,45 @@ class Worker(object):
         self.last_heard = time.monotonic()
         contact = contact_clock()
         sock = self.sock
-        for line in self.take_frames():
+        for line, raw in self.take_frames():
             if self.state == READY:     # only a main node that proved the token counts
                 self.last_contact = contact
-            self.on_frame(line)
+            self.on_frame(line, raw)
             if self.sock is not sock:     # that frame ended the connection
                 return
 
     def take_frames(self):
-        """Complete lines off the front of the inbox; an over-long one ends the link."""
-        if b"\n" not in self.inbox and len(self.inbox) <= MAX_FRAME_BYTES:
-            return []       # a frame on its way: nothing to split yet
-        lines = self.inbox.split(b"\n")
-        self.inbox = bytearray(lines.pop())
-        if len(self.inbox) > MAX_FRAME_BYTES or any(len(l) > MAX_FRAME_BYTES for l in lines):
-            self.send(ERROR, {"code": "frame_too_large",
-                              "message": "frame over the %d byte limit" % MAX_FRAME_BYTES})
-            self.flush()
-            self.disconnect("the main node sent a frame over %d bytes" % MAX_FRAME_BYTES)
-            return []
-        return lines
+        """Complete frames off the front of the inbox as (line, raw bytes or
+        None): a task_assign with small files is followed by their bytes
+        (its "inline_bytes"), and waits for them. An over-long line ends the link."""
+        frames = []
+        while True:
+            if self.raw_wanted is not None:
+                line, size = self.raw_wanted
+                if len(self.inbox) < size:
+                    break
+                frames.append((line, bytes(self.inbox[:size])))
+                del self.inbox[:size]
+                self.raw_wanted = None
+                continue
+            end = self.inbox.find(b"\n")
+            if end < 0 or end > MAX_FRAME_BYTES:
+                if end > MAX_FRAME_BYTES or len(self.inbox) > MAX_FRAME_BYTES:
+                    self.send(ERROR, {"code": "frame_too_large", "message":
+                                      "frame over the %d byte limit" % MAX_FRAME_BYTES})
+                    self.flush()
+                    self.disconnect("the main node sent a frame over %d bytes"
+                                    % MAX_FRAME_BYTES)
+                    return []
+                break
+            line = bytes(self.inbox[:end])
+            del self.inbox[:end + 1]
+            size = announced_bytes(line)
+            if size:
+                self.raw_wanted = (line, size)
+            else:
+                frames.append((line, None))
+        return frames
 
     def send(self, message_type, data):
         if self.sock is not None:
@@ -6688,7 +6682,8 @@ class Worker(object):
 
     # -- frames --------------------------------------------------------------------
 
-    def on_frame(self, line):
+    def on_frame(self, line, raw=None):
+        self.inline_raw = raw        # the small files behind a task_assign (on_task_assign)
         try:
             envelope = loads(line)
         except ValueError:
@@ -6881,8 +6876,8 @@ class Worker(object):
             self.report(result_data(key, OUTCOME_NOT_ALLOWED,
                                     error="this worker does not accept %r tasks" % task_type))
             return
-        if "files_inline" in data:
-            self.files.take_inline(data["files_inline"])   # files: small inputs, into the cache
+        if self.inline_raw is not None:      # files: small inputs, into the cache
+            self.files.take_inline(data.get("files_inline"), self.inline_raw)
         timeout = data.get("timeout")
         timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
         task = TASK_CLASSES[task_type](key, data.get("payload"), timeout)

@@ -6,7 +6,6 @@ Against a running main node: the real bin/worker.py, and devices that
 speak rc-server's protocol by hand to see exactly what is sent, and to send
 what a hostile device would (hostile_harness.unharmed around each attack).
 """
-import base64
 import hashlib
 import json
 import os
@@ -95,18 +94,21 @@ class Device:
         wait_for(lambda: device_id in online(cluster), 20, "%s online" % device_id)
 
     def next(self, kind):
-        """The data of the next frame of that kind (pings answered on the way)."""
+        """The data of the next frame of that kind (pings answered on the
+        way); the raw bytes a frame announces are its data's "raw"."""
         while True:
             line = self.reader.readline()
             assert line, "rc-server closed %s's connection" % self.device_id
             frame = json.loads(line)
+            if "inline_bytes" in frame["data"]:
+                frame["data"]["raw"] = self.reader.read(frame["data"]["inline_bytes"])
             if frame["message_type"] == "ping":
                 self.send("pong", {})
             elif frame["message_type"] == kind:
                 return frame["data"]
 
-    def send(self, kind, data):
-        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
+    def send(self, kind, data, raw=b""):
+        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id) + raw)
 
     def take(self, command, *options):
         """A task submitted for this device, its task_assign read and accepted."""
@@ -120,10 +122,18 @@ class Device:
                  "task %d running on %s" % (task_id, self.device_id))
         return assign
 
-    def finish(self, assign, files_inline, output="done\n"):
+    def finish(self, assign, entries, raw=None, inline_bytes=None):
+        """A completed task_result with these small files (entry() each, or
+        `raw` and `inline_bytes` as given); the task's row once acknowledged."""
         key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
-        self.send("task_result", dict(key, status="completed", error=None, files_inline=files_inline,
-                                      result={"output": output, "stderr": "", "exit_code": 0}))
+        if raw is None:
+            raw = b"".join(blob for _, blob in entries)
+        data = dict(key, status="completed", error=None,
+                    result={"output": "done\n", "stderr": "", "exit_code": 0})
+        if entries or raw:
+            data.update(files_inline=[meta for meta, _ in entries],
+                        inline_bytes=len(raw) if inline_bytes is None else inline_bytes)
+        self.send("task_result", data, raw)
         assert self.next("task_result_ack") == key
         return tasks.get(self.cluster.db, assign["task_id"])
 
@@ -133,8 +143,9 @@ class Device:
 
 
 def entry(name, data, size=None, digest=None):
+    """(what files_inline says of a file, its bytes)."""
     return {"name": name, "size": len(data) if size is None else size,
-            "sha256": digest or sha(data), "data": base64.b64encode(data).decode()}
+            "sha256": digest or sha(data)}, data
 
 
 def outputs_of(cluster, task_id):
@@ -229,8 +240,8 @@ def test_a_device_gets_a_small_input_once_and_none_it_holds_or_cannot_take(clust
         assert device.ack["inline_files"] == {"file_bytes": INLINE_FILE_BYTES,
                                               "total_bytes": INLINE_TOTAL_BYTES}
         first = device.take("true", "--input", small_path, "--input", big_path)
-        assert [(e["sha256"], base64.b64decode(e["data"])) for e in first["files_inline"]] \
-            == [(sha(small), small)]          # the big one: fetched from rc-files
+        assert first["files_inline"] == [{"sha256": sha(small), "size": len(small)}]
+        assert first["raw"] == small           # the big one: fetched from rc-files
         device.finish(first, [])
         second = device.take("true", "--input", small_path)
         assert "files_inline" not in second    # sent on this connection already
@@ -268,35 +279,52 @@ def test_a_result_with_small_outputs_is_stored_with_the_result(cluster):
 
 # -- hostile devices --------------------------------------------------------------------
 
-HOSTILE = {
-    "lying size": (lambda d: entry("out.bin", d, size=len(d) + 1), "claims 1001 bytes and holds 1000"),
-    "lying hash": (lambda d: entry("out.bin", d, digest=sha(b"other")), "expected %s got " % sha(b"other")),
-    "outside the globs": (lambda d: entry("notes.txt", d), "no --output glob"),
-    "dot dot": (lambda d: entry("../out.bin", d), "must not contain '..'"),
-    "absolute": (lambda d: entry("/etc/passwd", d), "must be relative"),
-    "not base64": (lambda d: dict(entry("out.bin", d), data="@@ not base64 @@"), "not base64"),
-    "over the file cap": (lambda d: entry("out.bin", d, size=INLINE_FILE_BYTES + 1),
-                          "is not a whole number from 0 to"),
-    "a checkpoint": (lambda d: entry(".rc/checkpoint", d), "goes to rc-files"),
+HOSTILE = {      # name -> (files_inline and the bytes sent, what the task's stderr says)
+    "lying hash": (lambda d: [entry("out.bin", d, digest=sha(b"other"))],
+                   "expected %s got " % sha(b"other")),
+    "outside the globs": (lambda d: [entry("notes.txt", d)], "no --output glob"),
+    "dot dot": (lambda d: [entry("../out.bin", d)], "must not contain '..'"),
+    "absolute": (lambda d: [entry("/etc/passwd", d)], "must be relative"),
+    "a checkpoint": (lambda d: [entry(".rc/checkpoint", d)], "goes to rc-files"),
+    "given twice": (lambda d: [entry("out.bin", b"first"), entry("out.bin", d)], "given twice"),
+}
+UNREADABLE = {   # files_inline that says nothing usable of the bytes: none stored
+    "lying size": (lambda d: [entry("out.bin", d, size=len(d) + 1), entry("fine.txt", b"kept")],
+                   "their sizes add up to 1005 bytes, not the 1004 sent"),
+    "over the file cap": (lambda d: [entry("out.bin", d, size=INLINE_FILE_BYTES + 1)],
+                          "each size must be a whole number from 0 to %d" % INLINE_FILE_BYTES),
+    "size not a number": (lambda d: [entry("out.bin", d, size="1000")],
+                          "each size must be a whole number"),
 }
 
 
-@pytest.mark.parametrize("attack", sorted(HOSTILE))
+@pytest.mark.parametrize("attack", sorted(HOSTILE) + sorted(UNREADABLE))
 def test_a_hostile_inline_output_is_refused_alone(cluster, attack):
-    make, reason = HOSTILE[attack]
-    device = Device(cluster, "inline-bad-%d" % sorted(HOSTILE).index(attack))
+    make, reason = HOSTILE.get(attack) or UNREADABLE[attack]
+    device = Device(cluster, "inline-bad-%d" % (sorted(HOSTILE) + sorted(UNREADABLE))
+                    .index(attack))
     try:
         with unharmed(cluster, GOOD):
             data = os.urandom(1000)
             assign = device.take("true", "--output", "out.bin", "--output", "fine.txt")
             bad = make(data)
-            row = device.finish(assign, [bad, entry("fine.txt", b"kept")])
-            assert row["state"] == "completed"
+            if attack in HOSTILE:
+                bad.append(entry("fine.txt", b"kept"))
+            row = device.finish(assign, bad)
+            assert row["state"] == "completed" and row["result"]["output"] == "done\n"
             assert reason in row["result"]["stderr"], row["result"]["stderr"]
-            assert "rc-server: output %r not stored" % bad["name"] in row["result"]["stderr"]
-            assert row["result"]["output"] == "done\n"
-            assert list(outputs_of(cluster, assign["task_id"])) == ["fine.txt"]
-            assert not in_store(cluster, bad["sha256"]) and not in_store(cluster, sha(data))
+            if attack in HOSTILE:
+                name = bad[-2][0]["name"]
+                assert "rc-server: output %r not stored" % name in row["result"]["stderr"]
+                kept = {"fine.txt": sha(b"kept")}
+                if attack == "given twice":
+                    kept["out.bin"] = sha(b"first")       # the first one given
+                assert {name: row["sha256"] for name, row in
+                        outputs_of(cluster, assign["task_id"]).items()} == kept
+            else:
+                assert "rc-server: no inline file stored" in row["result"]["stderr"]
+                assert outputs_of(cluster, assign["task_id"]) == {}
+            assert not in_store(cluster, sha(b"other")) and not in_store(cluster, sha(data))
             assert partial_files(cluster) == []
     finally:
         device.close()
@@ -307,16 +335,35 @@ def test_inline_outputs_over_the_total_are_all_refused(cluster):
     try:
         with unharmed(cluster, GOOD):
             assign = device.take("true", "--output", "*.bin")
-            parts = [os.urandom(200 * 1024) for _ in range(3)]     # 600 KiB, base64 800 KiB
+            parts = [os.urandom(200 * 1024) for _ in range(3)]     # 600 KiB
             row = device.finish(assign, [entry("%d.bin" % n, part)
                                          for n, part in enumerate(parts)])
             assert row["state"] == "completed"
-            assert "over the 1000 files or %d bytes allowed; none stored" % INLINE_TOTAL_BYTES \
+            assert "over the 1000 files or %d bytes allowed" % INLINE_TOTAL_BYTES \
                 in row["result"]["stderr"]
             assert outputs_of(cluster, assign["task_id"]) == {}
             assert not any(in_store(cluster, sha(part)) for part in parts)
     finally:
         device.close()
+
+
+def test_inline_bytes_that_cannot_be_followed_close_that_connection_alone(cluster):
+    device = Device(cluster, "inline-lost")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.bin")
+            key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+            data = os.urandom(1000)
+            meta, _ = entry("out.bin", data)
+            device.send("task_result", dict(key, status="completed", error=None, result={},
+                                            files_inline=[meta], inline_bytes="1000"), data)
+            error = device.next("error")
+            assert error["code"] == "bad_frame" and "inline_bytes must be" in error["message"]
+            assert device.reader.readline() == b""
+            assert not in_store(cluster, sha(data))
+    finally:
+        device.close()
+        cluster.rc("cancel", str(assign["task_id"]))
 
 
 def test_a_result_for_an_attempt_the_device_does_not_hold_stores_nothing(cluster):

@@ -14,8 +14,6 @@ Used by rc-files (lib/rc/transfer.py), rc-server (small files that ride
 the worker connection: inline_inputs(), store_inline_outputs()), rc-web and
 the `rc` command; it never talks to the network itself.
 """
-import base64
-import binascii
 import fnmatch
 import hashlib
 import os
@@ -602,52 +600,49 @@ def input_refs(payload):
 
 
 def inline_inputs(connection, config, payload, known, budget):
-    """The task_assign "files_inline" of a task: each distinct blob it reads
-    of at most INLINE_FILE_BYTES that the device is not known to hold
-    (`known`, sha256s), [{"sha256", "size", "data": base64}] while their
-    bytes sum to at most `budget`. What is left out the worker fetches from
-    rc-files as before."""
-    entries, taken = [], set()
+    """The task_assign "files_inline" of a task and the bytes that follow
+    it: each distinct blob it reads of at most INLINE_FILE_BYTES that the
+    device is not known to hold (`known`, sha256s), ([{"sha256", "size"}],
+    their bytes one after the other) while those sum to at most `budget`.
+    What is left out the worker fetches from rc-files as before."""
+    entries, blobs, taken = [], [], set()
     for sha256, size in input_refs(payload):
         if sha256 in taken or sha256 in known or not is_sha256(sha256) \
-                or not isinstance(size, int) or not 0 <= size <= min(INLINE_FILE_BYTES, budget):
+                or not isinstance(size, int) or not 0 < size <= min(INLINE_FILE_BYTES, budget):
             continue
         data = read_small(connection, config, sha256, size)
         if data is None:
             continue
         taken.add(sha256)
         budget -= size
-        entries.append({"sha256": sha256, "size": size,
-                        "data": base64.b64encode(data).decode("ascii")})
-    return entries
+        entries.append({"sha256": sha256, "size": size})
+        blobs.append(data)
+    return entries, b"".join(blobs)
 
 
-def store_inline_outputs(connection, config, task_id, entries, reserve=None):
-    """The task_result "files_inline" of (a task's attempt the device holds):
+def store_inline_outputs(connection, config, task_id, entries, raw, reserve=None):
+    """The task_result "files_inline" of (a task's attempt the device holds)
+    and the raw bytes that followed it, each entry's `size` of them in turn:
     each file checked as rc-files checks a put (a name the task's --output
     globs match, or its stdout/stderr; a size within INLINE_FILE_BYTES; the
-    bytes' own SHA-256 and length equal to those claimed; room in the quota
+    bytes' own SHA-256 equal to the one claimed; room in the quota
     and on the disk: check_room, or `reserve(size)`, which also counts the
     bytes placed but not recorded yet) and placed in the store (partial
     file, fsync, rename). Returns (stored
     [(name, sha256, size)] whose rows the caller writes with the result,
     notes [why each refused file was refused])."""
-    if not isinstance(entries, list):
-        return [], ["rc-server: files_inline must be a list; no inline file stored"]
-    sizes = [entry.get("size") for entry in entries if isinstance(entry, dict)]
-    claimed = sum(size for size in sizes if isinstance(size, int) and size > 0)
-    if len(entries) > MAX_INLINE_ENTRIES or claimed > INLINE_TOTAL_BYTES:
-        return [], ["rc-server: %d inline files of %d bytes in one result, over the %d files"
-                    " or %d bytes allowed; none stored" % (len(entries), claimed,
-                                                           MAX_INLINE_ENTRIES,
-                                                           INLINE_TOTAL_BYTES)]
-    stored, notes, names = [], [], set()
+    problem = inline_problem(entries, raw)
+    if problem:
+        return [], ["rc-server: no inline file stored: %s" % problem]
+    stored, notes, names, offset = [], [], set(), 0
     for entry in entries:
-        name = entry.get("name") if isinstance(entry, dict) else None
+        name, data = entry.get("name"), raw[offset:offset + entry["size"]]
+        offset += entry["size"]
         try:
             if name in names:
                 raise FileStoreError("bad_name", "given twice")
-            sha256, size = store_inline_output(connection, config, task_id, entry, reserve)
+            sha256, size = store_inline_output(connection, config, task_id, entry, data,
+                                               reserve)
         except FileStoreError as e:
             notes.append("rc-server: output %r not stored: %s" % (str(name)[:200], e))
             continue
@@ -656,13 +651,27 @@ def store_inline_outputs(connection, config, task_id, entries, reserve=None):
     return stored, notes
 
 
-def store_inline_output(connection, config, task_id, entry, reserve=None):
-    """One inline output into the store: (sha256, size); FileStoreError
-    says why not, nothing of it kept."""
-    if not isinstance(entry, dict):
-        raise FileStoreError("bad_request", "an inline file must be an object")
-    name, size, sha256, text = (entry.get(field) for field in ("name", "size", "sha256",
-                                                               "data"))
+def inline_problem(entries, raw):
+    """Why a task_result's files_inline cannot be read at all, or None: the
+    entries must say where each file's bytes are, and hold them all."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return "files_inline must be a list of objects"
+    sizes = [entry.get("size") for entry in entries]
+    if not all(isinstance(size, int) and not isinstance(size, bool)
+               and 0 <= size <= INLINE_FILE_BYTES for size in sizes):
+        return "each size must be a whole number from 0 to %d" % INLINE_FILE_BYTES
+    if len(entries) > MAX_INLINE_ENTRIES or len(raw) > INLINE_TOTAL_BYTES:
+        return "%d files of %d bytes in one result, over the %d files or %d bytes allowed" \
+            % (len(entries), len(raw), MAX_INLINE_ENTRIES, INLINE_TOTAL_BYTES)
+    if sum(sizes) != len(raw):
+        return "their sizes add up to %d bytes, not the %d sent" % (sum(sizes), len(raw))
+    return None
+
+
+def store_inline_output(connection, config, task_id, entry, data, reserve=None):
+    """One inline output (its entry, its bytes) into the store: (sha256,
+    size); FileStoreError says why not, nothing of it kept."""
+    name, sha256 = entry.get("name"), entry.get("sha256")
     if name not in STREAM_NAMES:
         problem = path_problem(name) if name != CHECKPOINT_NAME else \
             "is a checkpoint, which goes to rc-files"
@@ -671,21 +680,10 @@ def store_inline_output(connection, config, task_id, entry, reserve=None):
         if not asked_for(connection, task_id, name):
             raise FileStoreError("bad_name", "no --output glob of task %d matches it"
                                  % task_id)
-    if isinstance(size, bool) or not isinstance(size, int) \
-            or not 0 <= size <= INLINE_FILE_BYTES:
-        raise FileStoreError("bad_request", "size %r is not a whole number from 0 to %d"
-                             % (str(size)[:40], INLINE_FILE_BYTES))
     if not is_sha256(sha256):
         raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
                              % (str(sha256)[:80],))
-    if not isinstance(text, str) or len(text) > 4 * (size // 3 + 1):
-        raise FileStoreError("bad_request", "data must be the base64 of %d bytes" % size)
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise FileStoreError("bad_request", "data is not base64: %s" % e)
-    if len(data) != size:
-        raise FileStoreError("short", "it claims %d bytes and holds %d" % (size, len(data)))
+    size = len(data)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))

@@ -77,7 +77,8 @@ def proofs_match(expected, given):
 
 
 def encode(message_type, data, sender_id=MAIN_NODE_ID, target_id=None):
-    """One frame: the envelope as a JSON line."""
+    """One frame: the envelope as a JSON line (raw bytes that follow it, if
+    its data says "inline_bytes", are the caller's to send)."""
     envelope = {"message_type": message_type, "sender_id": sender_id,
                 "timestamp": time.time(), "message_id": secrets.token_hex(8),
                 "data": data}
@@ -98,9 +99,7 @@ def decode(line):
     duplicate keys, which orjson would silently resolve to the last one."""
     try:
         envelope = orjson.loads(line)
-        # What a small file's base64 holds is neither a key nor a number.
-        scanned = without_inline_data(line, envelope)
-        _find_duplicate_keys(scanned.decode("utf-8").lstrip(JSON_SPACE), 0)
+        _find_duplicate_keys(line.decode("utf-8").lstrip(JSON_SPACE), 0)
     except (orjson.JSONDecodeError, ValueError) as e:
         raise ProtocolError("frame is not valid JSON: %s" % str(e)[:200])
     except RecursionError:
@@ -111,46 +110,16 @@ def decode(line):
         raise ProtocolError("frame has no message_type")
     if not isinstance(envelope.get("data", {}), dict):
         raise ProtocolError("data must be an object")
-    if has_long_digit_run(scanned):
+    if has_long_digit_run(line):
         check_numbers(envelope, "frame")
     envelope.setdefault("data", {})
     return envelope
 
 
-BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
-INLINE_CUT_BYTES = 1024       # base64 values shorter than this are scanned as they are
-
-
-def without_inline_data(line, envelope):
-    """The line with the base64 of each of its files_inline left out (its
-    "data" strings become ""), for the scans for duplicate keys and long
-    numbers, which took longer over a 100 KiB file's base64 than everything
-    else of the frame.
-    Only a value orjson read as pure base64 is cut, and only where the line
-    holds it whole right after `"data":"` and before a quote: there it can
-    only be one whole string value (a quote before it that a string held
-    would have to be escaped, and JSON allows none of its characters right
-    after a string ends), so the keys the scan sees are the frame's own."""
-    data = envelope.get("data") if isinstance(envelope, dict) else None
-    entries = data.get("files_inline") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        return line
-    pieces, start = [], 0
-    for entry in entries:
-        value = entry.get("data") if isinstance(entry, dict) else None
-        if not isinstance(value, str) or len(value) < INLINE_CUT_BYTES or not value.isascii():
-            continue
-        raw = value.encode("ascii")
-        if raw.translate(None, BASE64_ALPHABET):
-            continue
-        found = line.find(b'"data":"' + raw[:64], start)
-        at = found + 8
-        if found < 0 or line[at + len(raw):at + len(raw) + 1] != b'"' \
-                or line[at:at + len(raw)] != raw:
-            continue
-        pieces.append(line[start:at])
-        start = at + len(raw)
-    return b"".join(pieces) + line[start:] if pieces else line
+# A frame whose data holds "inline_bytes": N is followed on the wire by N
+# raw bytes, its small files (docs/protocol.md, "Small files"); a line that
+# holds this may be one, so no line after it is split off before it is read.
+INLINE_MARK = b'"inline_bytes":'
 
 
 def check_numbers(value, where):
@@ -208,8 +177,10 @@ def storable(value, what):
         raise ProtocolError("%s cannot be stored: %s" % (what, e))
 
 
-def split_frames(buffer):
-    """Complete lines taken off the front of a bytearray, which keeps the rest.
+def split_frames(buffer, until=None):
+    """Complete lines taken off the front of a bytearray, which keeps the rest;
+    with `until`, none after the first line that holds it (raw bytes may
+    follow that one: see INLINE_MARK).
 
     Raises ProtocolError when a line, complete or not, is over the limit."""
     lines = []
@@ -222,6 +193,9 @@ def split_frames(buffer):
             raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
         lines.append(bytes(buffer[start:end]))
         start = end + 1
+        if until is not None and until in lines[-1]:
+            del buffer[:start]
+            return lines
     del buffer[:start]
     if len(buffer) > MAX_FRAME_BYTES:
         raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)

@@ -39,7 +39,7 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEV
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES)
-from rc.states import INLINE_FILE_BYTES, INLINE_FRAME_MARGIN, INLINE_TOTAL_BYTES
+from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES
 
 READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
@@ -106,6 +106,8 @@ class Peer:
         # (task_id, attempt) of its task_results whose files OutputStore
         # writes: still the worker's as far as its heartbeats go meanwhile.
         self.storing = set()
+        self.raw_wanted = None           # (envelope, bytes) of a frame whose raw bytes are due
+        self.raw = None                  # those bytes, while its handler runs
 
 
 class Server:
@@ -360,25 +362,43 @@ class Server:
                 break
         if not peer.inbox:
             return
-        if not ended and len(peer.inbox) <= MAX_FRAME_BYTES:
+        if not ended and peer.raw_wanted is None and len(peer.inbox) <= MAX_FRAME_BYTES:
             # Nothing to split: a frame sent a byte (or a TLS record) at a
             # time must not cost a scan of all it sent so far, each time.
             self.note_partial(peer)
             return
-        try:
-            lines = protocol.split_frames(peer.inbox)
-        except ProtocolError as e:
-            self.refuse(peer, "frame_too_large", str(e))
-            return
-        self.note_partial(peer)
-        if not self.within_rate(peer, len(lines)):
-            self.refuse(peer, "rate_limited", "more than %d messages a second"
-                        % self.config.max_message_rate)
-            return
-        for line in lines:
-            if peer.closed:
+        self.take_frames(peer)
+        if not peer.closed:
+            self.note_partial(peer)
+
+    def take_frames(self, peer):
+        """Serve the frames the inbox holds, in order; a task_result that
+        announces raw bytes (its small files) waits until they are all in."""
+        while not peer.closed:
+            if peer.raw_wanted is not None:
+                envelope, size = peer.raw_wanted
+                if len(peer.inbox) < size:
+                    return
+                raw = bytes(peer.inbox[:size])
+                del peer.inbox[:size]
+                peer.raw_wanted = None
+                self.dispatch(peer, envelope, raw)
+                continue
+            try:
+                lines = protocol.split_frames(peer.inbox, until=protocol.INLINE_MARK)
+            except ProtocolError as e:
+                self.refuse(peer, "frame_too_large", str(e))
                 return
-            self.receive(peer, line)
+            if not lines:
+                return
+            if not self.within_rate(peer, len(lines)):
+                self.refuse(peer, "rate_limited", "more than %d messages a second"
+                            % self.config.max_message_rate)
+                return
+            for line in lines:
+                if peer.closed:
+                    return
+                self.receive(peer, line)
 
     def note_partial(self, peer):
         """Remember when a frame started to trickle in (see sweep)."""
@@ -407,6 +427,20 @@ class Server:
         except ProtocolError as e:
             self.send_error(peer, "bad_frame", str(e))
             return
+        data = envelope["data"]
+        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
+            size = data["inline_bytes"]
+            if isinstance(size, bool) or not isinstance(size, int) \
+                    or not 0 < size <= MAX_FRAME_BYTES:
+                # Where the next frame begins is not known: nothing more can be read.
+                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 1"
+                            " to %d, not %r" % (MAX_FRAME_BYTES, str(size)[:40]))
+                return
+            peer.raw_wanted = (envelope, size)
+            return
+        self.dispatch(peer, envelope)
+
+    def dispatch(self, peer, envelope, raw=None):
         kind, data = envelope["message_type"], envelope["data"]
         if peer.device_id is None and kind != REGISTER:
             self.refuse(peer, "not_registered", "register first, then send %s" % kind)
@@ -415,17 +449,23 @@ class Server:
         if handler is None:
             self.send_error(peer, "unknown_message", "unknown message type %r" % kind[:50])
             return
+        peer.raw = raw
         try:
             handler(self, peer, data)
         except ProtocolError as e:
             self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
+        finally:
+            peer.raw = None
 
-    def send(self, peer, message_type, data, later=False):
+    def send(self, peer, message_type, data, later=False, raw=None):
         """Queue a frame and send it now, or with `later` at the end of the
-        turn, together with the rest of the turn's frames to that peer."""
+        turn, together with the rest of the turn's frames to that peer; `raw`
+        bytes go right behind it (its data says how many: "inline_bytes")."""
         if peer.closed:
             return
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
+        if raw:
+            peer.outbox += raw
         if len(peer.outbox) > MAX_OUTBOX_BYTES:
             self.close(peer, "not reading its messages")
         elif later:
@@ -809,12 +849,13 @@ class Server:
                                     % (name, type(result[name]).__name__))
         error = field(data, "error", (str, type(None)), required=False)
         protocol.storable(result, "result")
-        if data.get("files_inline") and files.holds_attempt(self.database, peer.device_id,
-                                                            key[0], key[1]):
+        if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
+                                                        key[0], key[1]):
             # Its small files are written off the loop (OutputStore); the
             # result waits for them. (A stale result stores none.)
             peer.storing.add(key)
-            self.outputs.put((peer, (key, status, result, error), data["files_inline"]))
+            self.outputs.put((peer, (key, status, result, error),
+                              (data.get("files_inline"), peer.raw)))
             if len(peer.storing) >= MAX_STORING_PER_PEER:
                 self.watch(peer)        # read no more from it for now
             return
@@ -1230,27 +1271,25 @@ class Server:
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
                     "priority": PRIORITY_NAMES.get(row["priority"], "normal")}
-                if peer.inline_files:
-                    self.add_inline_inputs(peer, assign, len(row["payload"]))
-                self.send(peer, TASK_ASSIGN, assign, later=True)
+                raw = self.add_inline_inputs(peer, assign) if peer.inline_files else None
+                self.send(peer, TASK_ASSIGN, assign, later=True, raw=raw)
 
-    def add_inline_inputs(self, peer, assign, payload_bytes):
-        """The task's small inputs, in its task_assign (docs/protocol.md),
-        within what keeps the frame under MAX_FRAME_BYTES and the outbox
-        short; sent once per connection, and not at all if its heartbeat
-        said the device holds them."""
+    def add_inline_inputs(self, peer, assign):
+        """The task's small inputs for its task_assign (docs/protocol.md):
+        their entries go in it, and their bytes, returned, right behind it.
+        Sent once per connection, not at all if its heartbeat said the
+        device holds them, nor while the outbox is long."""
         payload = assign["payload"]
         if not isinstance(payload, dict) or len(peer.outbox) >= INLINE_OUTBOX_BYTES or not (
                 payload.get("inputs") or payload.get("stdin") or payload.get("checkpoint")):
-            return
-        # base64 takes 4 bytes for 3; the payload, as stored, about what it takes on the wire.
-        budget = min(INLINE_TOTAL_BYTES,
-                     (MAX_FRAME_BYTES - INLINE_FRAME_MARGIN - payload_bytes) * 3 // 4)
-        entries = files.inline_inputs(self.database, self.config, payload, peer.known_blobs,
-                                      budget)
-        if entries:
-            assign["files_inline"] = entries
-            self.know_blobs(peer, [entry["sha256"] for entry in entries])
+            return None
+        entries, raw = files.inline_inputs(self.database, self.config, payload,
+                                           peer.known_blobs, INLINE_TOTAL_BYTES)
+        if not entries:
+            return None
+        assign["files_inline"], assign["inline_bytes"] = entries, len(raw)
+        self.know_blobs(peer, [entry["sha256"] for entry in entries])
+        return raw
 
     @staticmethod
     def know_blobs(peer, hashes):
@@ -1288,7 +1327,7 @@ class OutputStore:
         self.threads = []
 
     def put(self, job):
-        """job: (peer, result fields, the task_result's files_inline)."""
+        """job: (peer, result fields, (the task_result's files_inline, its raw bytes))."""
         if not self.threads:
             for number in range(OUTPUT_STORE_THREADS):
                 thread = threading.Thread(target=self.run, name="output-store-%d" % number,
@@ -1332,10 +1371,10 @@ class OutputStore:
                 pass           # the loop has a wake-up waiting already
 
     def store(self, connection, job, reserved):
-        peer, (key, _, _, _), entries = job
+        peer, (key, _, _, _), (entries, raw) = job
         if not files.holds_attempt(connection, peer.device_id, key[0], key[1]):
             return [], []     # a stale or repeated result: it changes nothing, stores nothing
-        return files.store_inline_outputs(connection, self.config, key[0], entries,
+        return files.store_inline_outputs(connection, self.config, key[0], entries, raw,
                                           lambda size: self.reserve(connection, size, reserved))
 
     def reserve(self, connection, size, reserved):

@@ -82,11 +82,9 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
             OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK)
 
 # -- small files on the worker connection (docs/protocol.md, "Small files") ------
-# A task's input or output this small or smaller may ride in its task_assign
-# or task_result, base64-encoded, instead of a round trip to rc-files; one
-# message carries at most INLINE_TOTAL_BYTES of them (before base64), and
-# never so many that its frame could pass MAX_FRAME_BYTES: the rest of the
-# frame is held to MAX_FRAME_BYTES - INLINE_FRAME_MARGIN first.
+# A task's input or output this small or smaller may ride right behind its
+# task_assign or task_result, as raw bytes the frame announces, instead of
+# a round trip to rc-files; one message carries at most INLINE_TOTAL_BYTES
+# of them.
 INLINE_FILE_BYTES = 256 * 1024
 INLINE_TOTAL_BYTES = 512 * 1024
-INLINE_FRAME_MARGIN = 64 * 1024
