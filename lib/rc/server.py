@@ -1371,9 +1371,10 @@ class OutputStore:
                 pass           # the loop has a wake-up waiting already
 
     def store(self, connection, job, reserved):
-        peer, (key, _, _, _), (entries, raw) = job
-        if not files.holds_attempt(connection, peer.device_id, key[0], key[1]):
-            return [], []     # a stale or repeated result: it changes nothing, stores nothing
+        """The loop queued the job while the device held the attempt; if it
+        lost it since, the blobs stay without the task's rows (apply_result)
+        and the upkeep's sweep removes them."""
+        _, (key, _, _, _), (entries, raw) = job
         return files.store_inline_outputs(connection, self.config, key[0], entries, raw,
                                           lambda size: self.reserve(connection, size, reserved))
 
