@@ -4291,7 +4291,7 @@ def tree_size(path):
 # (register_ack's files_port), not through the worker connection: a 4 GB
 # transfer must not hold up heartbeats and results. Files of at most
 # INLINE_FILE_BYTES are the exception where the main node offers it: they
-# come inside task_assign and go back inside task_result (take_inline,
+# come right behind task_assign and go back right behind task_result (take_inline,
 # send_or_inline), which costs no round trip at all. Each transfer runs in a
 # thread of its own with blocking sockets; the loop only sees it end (the
 # thread writes to the signal wakeup socket). A task whose inputs are not
