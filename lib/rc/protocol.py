@@ -177,10 +177,9 @@ def storable(value, what):
         raise ProtocolError("%s cannot be stored: %s" % (what, e))
 
 
-def split_frames(buffer, until=None):
-    """Complete lines taken off the front of a bytearray, which keeps the rest;
-    with `until`, none after the first line that holds it (raw bytes may
-    follow that one: see INLINE_MARK).
+def split_frames(buffer):
+    """Complete lines taken off the front of a bytearray, which keeps the
+    rest; none after a line that holds INLINE_MARK (raw bytes may follow it).
 
     Raises ProtocolError when a line, complete or not, is over the limit."""
     lines = []
@@ -193,7 +192,7 @@ def split_frames(buffer, until=None):
             raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
         lines.append(bytes(buffer[start:end]))
         start = end + 1
-        if until is not None and until in lines[-1]:
+        if INLINE_MARK in lines[-1]:
             del buffer[:start]
             return lines
     del buffer[:start]

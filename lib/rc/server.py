@@ -385,7 +385,7 @@ class Server:
                 self.dispatch(peer, envelope, raw)
                 continue
             try:
-                lines = protocol.split_frames(peer.inbox, until=protocol.INLINE_MARK)
+                lines = protocol.split_frames(peer.inbox)     # up to one with raw bytes
             except ProtocolError as e:
                 self.refuse(peer, "frame_too_large", str(e))
                 return
