@@ -22,11 +22,13 @@ pytestmark = pytest.mark.e2e
 
 GOOD = "inline-good"
 QUOTA_MB = 6
+FRAME_DEADLINE = 3.0      # seconds a frame, its raw bytes included, may take to arrive
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("inline-files"), files_quota_mb=QUOTA_MB)
+    cluster = Cluster(tmp_path_factory.mktemp("inline-files"), files_quota_mb=QUOTA_MB,
+                      frame_deadline=FRAME_DEADLINE)
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
@@ -360,6 +362,28 @@ def test_inline_bytes_that_cannot_be_followed_close_that_connection_alone(cluste
             error = device.next("error")
             assert error["code"] == "bad_frame" and "inline_bytes must be" in error["message"]
             assert device.reader.readline() == b""
+            assert not in_store(cluster, sha(data))
+    finally:
+        device.close()
+        cluster.rc("cancel", str(assign["task_id"]))
+
+
+def test_raw_bytes_that_never_come_cost_that_connection_alone(cluster):
+    """A task_result that announces more bytes than it sends is a frame
+    that never ends: frame_deadline hangs up on it, as on any other."""
+    device = Device(cluster, "inline-short")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.bin")
+            key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+            data = os.urandom(1000)
+            meta, _ = entry("out.bin", data)
+            device.send("task_result", dict(key, status="completed", error=None, result={},
+                                            files_inline=[meta], inline_bytes=1000), data[:10])
+            error = device.next("error")
+            assert error["code"] == "frame_timeout", error
+            assert device.reader.readline() == b""
+            assert tasks.get(cluster.db, assign["task_id"])["state"] == "running"
             assert not in_store(cluster, sha(data))
     finally:
         device.close()
