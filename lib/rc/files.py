@@ -424,12 +424,16 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
         connection.execute(
             "UPDATE tasks SET payload = json_set(payload, '$.checkpoint', json(?))"
             " WHERE task_id = ?", (db.dumps({"sha256": sha256, "size": size}), task_id))
+    insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now)
+    connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
+    return kind
+
+
+def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now):
     connection.execute(
         "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (task_id, attempt, kind, name, sha256, size, now))
-    connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
-    return kind
 
 
 def glob_match(pattern_parts, parts):
@@ -706,11 +710,13 @@ def store_inline_output(connection, config, task_id, entry, data, reserve=None):
 def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
     """The rows of a result's inline files, in the result's transaction: each
     blob's (it is in place), and the task's when the device still holds the
-    attempt (`holds`)."""
+    attempt (`holds`): an output or a stream, never a checkpoint (those go
+    to rc-files), so add_task_file's other work is not needed."""
     for name, sha256, size in stored:
-        record(connection, sha256, size, now)
+        record(connection, sha256, size, now)       # its last_used_at is now: nothing more
         if holds:
-            add_task_file(connection, task_id, attempt, name, sha256, size, now)
+            insert_task_file(connection, task_id, attempt,
+                             STREAM if name in STREAM_NAMES else OUTPUT, name, sha256, size, now)
 
 
 # -- what devices hold ------------------------------------------------------------------
