@@ -5675,6 +5675,17 @@ class Files(object):
                 continue
             self.cache_bytes(sha, blob)
 
+    @staticmethod
+    def drop_inline(result):
+        """A result's small files, kept for a main node that took them, left
+        out for one that does not (an older one, after a reconnect): its
+        stderr says which were lost."""
+        names = [entry.get("name") for entry in result.pop("files_inline")]
+        note = "rc-worker: outputs not stored (the main node takes no inline files): %s\n" \
+            % ", ".join(map(str, names))[:2000]
+        result["result"]["stderr"] = note + (result["result"].get("stderr") or "")
+        log("warning", "inline_files_dropped", task_id=result.get("task_id"), files=len(names))
+
     def cache_bytes(self, sha, blob):
         """Verified bytes into the cache (unless it holds them already)."""
         if self.cache.has(sha, len(blob)):
@@ -6796,6 +6807,8 @@ class Worker(object):
             heartbeat_interval=self.heartbeat_interval, fence_interval=self.fence_interval,
             disconnect_fence=self.disconnect_fence)
         for result in self.unacked.values():
+            if self.files.inline is None and result.get("files_inline"):
+                self.files.drop_inline(result)    # this main node would read them as frames
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
         if self.doubt is not None:

@@ -424,3 +424,24 @@ def test_a_full_store_refuses_the_inline_output_and_the_task_still_ends(cluster,
     finally:
         device.close()
         cluster.rc("cancel", str(holder))
+
+
+def test_a_result_kept_for_a_main_node_without_inline_files_goes_without_them():
+    """Results are kept until acknowledged and sent again after a reconnect;
+    if the main node now takes no inline files (an older one), their bytes
+    must not follow the frame (it would read them as frames): they are left
+    out, and the result's stderr says so."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rc_worker_inline", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    result = {"task_id": 7, "attempt": 1, "status": "completed", "error": None,
+              "result": {"output": "", "stderr": "its own\n"},
+              "files_inline": [{"name": "out.bin", "size": 3, "sha256": sha(b"abc"),
+                                "data": b"abc"}]}
+    assert worker.encode_frame("task_result", result, "d").endswith(b"\nabc")
+    worker.Files.drop_inline(result)
+    frame = worker.encode_frame("task_result", result, "d")
+    assert frame.endswith(b"}\n") and b"inline_bytes" not in frame
+    assert result["result"]["stderr"] == ("rc-worker: outputs not stored (the main node takes"
+                                          " no inline files): out.bin\nits own\n")
