@@ -191,6 +191,9 @@ OUTCOME_HANDED_BACK = "handed_back"
 OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
             OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK)
 
+INLINE_FILE_BYTES = 256 * 1024      # a file this small may ride in task_assign / task_result
+INLINE_TOTAL_BYTES = 512 * 1024     # ... and one message carries at most this much of them
+
 ###############################################################################
 # Tunables ####################################################################
 ###############################################################################
@@ -540,10 +543,33 @@ def proofs_match(expected, given):
     return compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
-def encode_frame(message_type, data, sender_id):
+def encode_frame(message_type, data, sender_id, with_bytes=True):
     envelope = {"message_type": message_type, "sender_id": sender_id,
                 "timestamp": time.time(), "message_id": os.urandom(8).hex(), "data": data}
-    return dumps(envelope) + b"\n"
+    inline = data.get("files_inline")
+    if not inline:
+        return dumps(envelope) + b"\n"
+    # Small files: each entry's "data" (bytes) goes raw right behind the
+    # frame, which says how many bytes follow (docs/protocol.md, "Small files").
+    blobs = [entry["data"] for entry in inline]
+    envelope["data"] = dict(data, inline_bytes=sum(len(blob) for blob in blobs),
+                            files_inline=[{name: value for name, value in entry.items()
+                                           if name != "data"} for entry in inline])
+    return b"".join([dumps(envelope), b"\n"] + (blobs if with_bytes else []))
+
+
+def announced_bytes(line):
+    """How many raw bytes follow this frame (a task_assign's small files:
+    its data's "inline_bytes"), 0 for none. Read only from a line that
+    holds the name, the rare one."""
+    if b'"inline_bytes":' not in line:
+        return 0
+    try:
+        data = loads(line).get("data")
+    except (ValueError, AttributeError):
+        return 0
+    size = data.get("inline_bytes") if isinstance(data, dict) else None
+    return size if is_int(size) and 0 < size <= MAX_FRAME_BYTES else 0
 
 
 def is_int(value):
@@ -1674,7 +1700,7 @@ def fit_result(data, sender_id):
     if len(result["output"]) + len(result["stderr"]) < MAX_FRAME_BYTES // 8:
         return data     # cannot be too long even if every character were escaped
     while True:
-        excess = len(encode_frame(TASK_RESULT, data, sender_id)) - MAX_FRAME_BYTES
+        excess = len(encode_frame(TASK_RESULT, data, sender_id, False)) - MAX_FRAME_BYTES
         if excess <= 0:
             return data
         result["truncated"] = True
@@ -4264,8 +4290,11 @@ def tree_size(path):
 # A task may name input files, a stdin, a script file, environment variables,
 # output globs and a checkpoint (docs/protocol.md, "Files"). Their bytes move
 # through rc-files, a program of the main node on a port of its own
-# (register_ack's files_port), never through the worker connection: a 4 GB
-# transfer must not hold up heartbeats and results. Each transfer runs in a
+# (register_ack's files_port), not through the worker connection: a 4 GB
+# transfer must not hold up heartbeats and results. Files of at most
+# INLINE_FILE_BYTES are the exception where the main node offers it: they
+# come right behind task_assign and go back right behind task_result (take_inline,
+# send_or_inline), which costs no round trip at all. Each transfer runs in a
 # thread of its own with blocking sockets; the loop only sees it end (the
 # thread writes to the signal wakeup socket). A task whose inputs are not
 # here yet waits as a Staging in the running slots; a task whose outputs are
@@ -4917,6 +4946,7 @@ class Job(object):
         self.restored = ()        # staging: checkpoint_signature of the checkpoint unpacked
         self.remove_after = None  # staging: the task dir to remove if it is cancelled
         self.notes, self.stored = [], []   # uploading: refusal lines, what rc-files stored
+        self.inline = []          # uploading: small outputs that ride in the task_result
         self.then = None          # what the thread does once the loop knows it is done
 
     def start(self):
@@ -5579,6 +5609,7 @@ class Uploading(Task):
         if notes:
             result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
         self.task.files_stored = self.job.stored
+        self.task.files_inline = self.job.inline
         worker.running[self.key] = self.task
         worker.finish(self.task, status, error=error, **result)
 
@@ -5604,6 +5635,9 @@ class Files(object):
         # task key -> [next due, signature sent, job or None, stored entry or None]
         self.checkpoints = {}
         self.prefetching = {}       # task key -> the Job fetching a waiting task's inputs, or None
+        # (file bytes, total bytes) of small files the main node takes in a
+        # task_result (its register_ack's inline_files), or None: all to rc-files.
+        self.inline = None
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5612,6 +5646,12 @@ class Files(object):
 
     def on_register(self, worker, data):
         port = data.get("files_port")
+        offer = data.get("inline_files")
+        self.inline = None
+        if isinstance(offer, dict) and is_int(offer.get("file_bytes")) \
+                and is_int(offer.get("total_bytes")):
+            self.inline = (max(0, min(offer["file_bytes"], INLINE_FILE_BYTES)),
+                           max(0, min(offer["total_bytes"], INLINE_TOTAL_BYTES)))
         self.pool.prune(everything=True)     # of the connection before
         if worker.auth == "device":
             self.secret = worker.key
@@ -5635,6 +5675,63 @@ class Files(object):
         return {"dir": self.cache.dir, "cap_mb": self.cache.cap // 1048576,
                 "used_mb": round(self.cache.used() / 1048576.0, 1),
                 "files": len(self.cache.load())}
+
+    def take_inline(self, entries, raw):
+        """Small inputs that came right behind a task_assign, into the cache
+        as if fetched, so the task starts from the cache (place_cached) and a
+        later task with the same input finds it there. Each is checked against
+        its sha256; one that fails is left out, and the task fetches it from
+        rc-files, which is checked again."""
+        refs = [blob_ref(entry) for entry in entries] if isinstance(entries, list) else [None]
+        if None in refs or sum(ref[1] for ref in refs) != len(raw):
+            log("warning", "inline_file_refused", message="the small files of a task_assign"
+                " do not match its files_inline; they are fetched from rc-files instead")
+            return
+        offset = 0
+        for sha, size in refs:
+            blob, offset = raw[offset:offset + size], offset + size
+            digest = file_sha256()
+            digest.update(blob)
+            if digest.hexdigest() != sha:
+                log("warning", "inline_file_refused", sha256=sha, message="an inline input"
+                    " does not match its sha256; it is fetched from rc-files instead")
+                continue
+            self.cache_bytes(sha, blob)
+
+    @staticmethod
+    def drop_inline(result):
+        """A result's small files, kept for a main node that took them, left
+        out for one that does not (an older one, after a reconnect): its
+        stderr says which were lost."""
+        names = [entry.get("name") for entry in result.pop("files_inline")]
+        note = "rc-worker: outputs not stored (the main node takes no inline files): %s\n" \
+            % ", ".join(map(str, names))[:2000]
+        result["result"]["stderr"] = note + (result["result"].get("stderr") or "")
+        log("warning", "inline_files_dropped", task_id=result.get("task_id"), files=len(names))
+
+    def cache_bytes(self, sha, blob):
+        """Verified bytes into the cache (unless it holds them already)."""
+        if self.cache.has(sha, len(blob)):
+            self.cache.touch(sha)
+            return
+        temporary = None
+        try:
+            self.cache.prepare()
+            self.cache.make_room(len(blob))
+            temporary = os.path.join(self.cache.dir, "tmp", "inline-%s-%s" % (sha[:16],
+                                                                              new_nonce()[:8]))
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(descriptor, "wb") as sink:
+                sink.write(blob)
+            self.cache.add(sha, temporary)
+            temporary = None
+        except (OSError, FilesError) as e:
+            log("warning", "inline_file_not_cached", sha256=sha, error=str(e),
+                message="it is fetched from rc-files instead")
+        finally:
+            if temporary is not None and os.path.lexists(temporary):
+                os.unlink(temporary)
 
     # -- before a task starts
 
@@ -5845,17 +5942,35 @@ class Files(object):
         job.start()
         return True
 
+    def send_or_inline(self, job, source, request, room):
+        """An output into job.inline when it is small and room (a list of one,
+        the bytes left) allows, else put to rc-files; the choice is the size's."""
+        size = os.fstat(source.fileno()).st_size
+        limit = min(room[0], self.inline[0]) if self.inline else 0
+        if size <= limit:
+            source.seek(0)
+            data = source.read(limit + 1)
+            if len(data) <= limit:        # (not grown meanwhile)
+                digest = file_sha256()
+                digest.update(data)
+                room[0] -= len(data)
+                job.inline.append({"name": request["name"], "size": len(data),
+                                   "sha256": digest.hexdigest(), "data": data})
+                return
+        job.stored.append(put_file(job, source, request))
+
     def upload(self, job, task, workdir, globs, spilled, checkpoint):
         try:
             request = {"task_id": task.key[0], "attempt": task.key[1]}
+            found, notes = find_outputs(workdir, globs, self.protected(),
+                                        self.cached_inodes()) if globs else ([], [])
+            job.notes.extend(notes)
+            room = [self.inline[1] if self.inline else 0]    # bytes the result may carry
             if globs:
-                found, notes = find_outputs(workdir, globs, self.protected(),
-                                            self.cached_inodes())
-                job.notes.extend(notes)
                 for name, path in found:
                     try:
                         with open_output(path) as source:
-                            job.stored.append(put_file(job, source, dict(request, name=name)))
+                            self.send_or_inline(job, source, dict(request, name=name), room)
                     except OSError as e:
                         job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
                     except FilesError as e:
@@ -5863,7 +5978,7 @@ class Files(object):
                             raise
                         job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
             for fd, stream in sorted(spilled.items()):
-                job.stored.append(put_file(job, stream, dict(request, name=STREAM_NAMES[fd])))
+                self.send_or_inline(job, stream, dict(request, name=STREAM_NAMES[fd]), room)
                 stream.close()
             if checkpoint:
                 if checkpoint[2] is not None:
@@ -5914,6 +6029,8 @@ class Files(object):
         stored = getattr(task, "files_stored", None)
         if stored is not None:
             data["files"] = stored
+        if getattr(task, "files_inline", None):
+            data["files_inline"] = task.files_inline     # sent raw behind it (encode_frame)
             data["result"]["execution_time"] = round(task.files_elapsed, 6)
         self.cache.unpin(task.key)
 
@@ -6064,6 +6181,8 @@ class Worker(object):
         self.sock = None
         self.state = DISCONNECTED
         self.inbox = bytearray()
+        self.raw_wanted = None         # (line, bytes) of a frame whose raw bytes are due
+        self.inline_raw = None         # those bytes, while its handler runs
         self.outbox = bytearray()
         self.backoff = BACKOFF_START
         self.connect_at = time.monotonic() if options.join else None
@@ -6492,6 +6611,7 @@ class Worker(object):
             self.sock = None
         self.state = DISCONNECTED
         self.inbox = bytearray()
+        self.raw_wanted = None
         self.outbox = bytearray()
         self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
         self.checking = self.check_again = False   # a doubt is asked again once registered
@@ -6518,9 +6638,12 @@ class Worker(object):
                 self.disconnect("closed by the main node")
                 return
             self.inbox += chunk
-            # TLS may hold decrypted bytes that select() cannot see: take them now.
+            # TLS may hold decrypted bytes that select() cannot see: take them
+            # now; and read on while a frame is not ended (a task_assign with
+            # small files comes in 16 KiB TLS records), not a record a turn.
             pending = getattr(self.sock, "pending", None)
-            if not (pending and pending()):
+            if not (pending and pending()) and (chunk.endswith(b"\n")
+                                                or len(self.inbox) > MAX_FRAME_BYTES):
                 break
         # Frames that waited out a freeze that began after turn() looked at
         # the clock must not count as contact before the fence is checked.
@@ -6529,24 +6652,45 @@ class Worker(object):
         self.last_heard = time.monotonic()
         contact = contact_clock()
         sock = self.sock
-        for line in self.take_frames():
+        for line, raw in self.take_frames():
             if self.state == READY:     # only a main node that proved the token counts
                 self.last_contact = contact
-            self.on_frame(line)
+            self.on_frame(line, raw)
             if self.sock is not sock:     # that frame ended the connection
                 return
 
     def take_frames(self):
-        """Complete lines off the front of the inbox; an over-long one ends the link."""
-        lines = self.inbox.split(b"\n")
-        self.inbox = bytearray(lines.pop())
-        if len(self.inbox) > MAX_FRAME_BYTES or any(len(l) > MAX_FRAME_BYTES for l in lines):
-            self.send(ERROR, {"code": "frame_too_large",
-                              "message": "frame over the %d byte limit" % MAX_FRAME_BYTES})
-            self.flush()
-            self.disconnect("the main node sent a frame over %d bytes" % MAX_FRAME_BYTES)
-            return []
-        return lines
+        """Complete frames off the front of the inbox as (line, raw bytes or
+        None): a task_assign with small files is followed by their bytes
+        (its "inline_bytes"), and waits for them. An over-long line ends the link."""
+        frames = []
+        while True:
+            if self.raw_wanted is not None:
+                line, size = self.raw_wanted
+                if len(self.inbox) < size:
+                    break
+                frames.append((line, bytes(self.inbox[:size])))
+                del self.inbox[:size]
+                self.raw_wanted = None
+                continue
+            end = self.inbox.find(b"\n")
+            if end < 0 or end > MAX_FRAME_BYTES:
+                if end > MAX_FRAME_BYTES or len(self.inbox) > MAX_FRAME_BYTES:
+                    self.send(ERROR, {"code": "frame_too_large", "message":
+                                      "frame over the %d byte limit" % MAX_FRAME_BYTES})
+                    self.flush()
+                    self.disconnect("the main node sent a frame over %d bytes"
+                                    % MAX_FRAME_BYTES)
+                    return []
+                break
+            line = bytes(self.inbox[:end])
+            del self.inbox[:end + 1]
+            size = announced_bytes(line)
+            if size:
+                self.raw_wanted = (line, size)
+            else:
+                frames.append((line, None))
+        return frames
 
     def send(self, message_type, data):
         if self.sock is not None:
@@ -6572,7 +6716,8 @@ class Worker(object):
 
     # -- frames --------------------------------------------------------------------
 
-    def on_frame(self, line):
+    def on_frame(self, line, raw=None):
+        self.inline_raw = raw        # the small files behind a task_assign (on_task_assign)
         try:
             envelope = loads(line)
         except ValueError:
@@ -6645,7 +6790,7 @@ class Worker(object):
         register = self.profile()
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
                         nonce=self.nonces[1], active_tasks=self.active_tasks(),
-                        fenced_tasks=self.tell_fenced(), auth=self.auth,
+                        fenced_tasks=self.tell_fenced(), auth=self.auth, inline_files=True,
                         proof=sign(self.key, "rc-worker", self.nonces[0], self.nonces[1],
                                    self.device_id))
         self.send(REGISTER, register)
@@ -6685,6 +6830,8 @@ class Worker(object):
             heartbeat_interval=self.heartbeat_interval, fence_interval=self.fence_interval,
             disconnect_fence=self.disconnect_fence)
         for result in self.unacked.values():
+            if self.files.inline is None and result.get("files_inline"):
+                self.files.drop_inline(result)    # this main node would read them as frames
             self.send(TASK_RESULT, result)
         self.send_heartbeat()     # metrics for the dashboard now, not in a minute
         if self.doubt is not None:
@@ -6765,6 +6912,8 @@ class Worker(object):
             self.report(result_data(key, OUTCOME_NOT_ALLOWED,
                                     error="this worker does not accept %r tasks" % task_type))
             return
+        if self.inline_raw is not None:      # files: small inputs, into the cache
+            self.files.take_inline(data.get("files_inline"), self.inline_raw)
         timeout = data.get("timeout")
         timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
         task = TASK_CLASSES[task_type](key, data.get("payload"), timeout)

@@ -10,8 +10,9 @@ rename; deletion removes the row first). A blob is kept while a task that
 is not finished refers to it, then `files_retention_days` after the last one
 ended; rc-reaper's upkeep deletes it after that (sweep()).
 
-Used by rc-files (lib/rc/transfer.py), rc-web and the `rc` command; it
-never talks to the network itself.
+Used by rc-files (lib/rc/transfer.py), rc-server (small files that ride
+the worker connection: inline_inputs(), store_inline_outputs()), rc-web and
+the `rc` command; it never talks to the network itself.
 """
 import fnmatch
 import hashlib
@@ -22,7 +23,7 @@ import shutil
 import time
 
 from rc import db
-from rc.states import TERMINAL_STATES
+from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES, TERMINAL_STATES
 
 CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
 DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
@@ -423,12 +424,16 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
         connection.execute(
             "UPDATE tasks SET payload = json_set(payload, '$.checkpoint', json(?))"
             " WHERE task_id = ?", (db.dumps({"sha256": sha256, "size": size}), task_id))
+    insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now)
+    connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
+    return kind
+
+
+def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now):
     connection.execute(
         "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (task_id, attempt, kind, name, sha256, size, now))
-    connection.execute("UPDATE files SET last_used_at = ? WHERE sha256 = ?", (now, sha256))
-    return kind
 
 
 def glob_match(pattern_parts, parts):
@@ -564,6 +569,154 @@ def clean_partials(connection, config, now):
             remove(path)
             removed += 1
     return removed
+
+
+# -- small files on the worker connection (rc-server) -----------------------------------
+# A task's small inputs go out inside its task_assign and its small outputs
+# come back inside its task_result (docs/protocol.md, "Small files"): no
+# round trip to rc-files. The bytes are checked and stored as rc-files
+# checks and stores them; rc-server records the rows with the result.
+
+MAX_INLINE_ENTRIES = 1000        # inline files one task_result may carry
+
+
+def read_small(connection, config, sha256, size):
+    """The bytes of a blob the store holds at exactly `size` bytes, or None
+    (then the worker asks rc-files, which says what is wrong)."""
+    try:
+        blob, stored = open_blob(connection, config, sha256)
+    except FileStoreError:
+        return None
+    with blob:
+        if stored != size:
+            return None
+        data = blob.read(size + 1)
+    return data if len(data) == size else None
+
+
+def input_refs(payload):
+    """(sha256, size) of every blob a task reads: inputs, stdin, checkpoint."""
+    refs = [(item.get("sha256"), item.get("size")) for item in payload.get("inputs") or ()
+            if isinstance(item, dict)]
+    refs += [(ref.get("sha256"), ref.get("size")) for ref in
+             (payload.get("stdin"), payload.get("checkpoint")) if isinstance(ref, dict)]
+    return refs
+
+
+def inline_inputs(connection, config, payload, known, budget):
+    """The task_assign "files_inline" of a task and the bytes that follow
+    it: each distinct blob it reads of at most INLINE_FILE_BYTES that the
+    device is not known to hold (`known`, sha256s), ([{"sha256", "size"}],
+    their bytes one after the other) while those sum to at most `budget`.
+    What is left out the worker fetches from rc-files as before."""
+    entries, blobs, taken = [], [], set()
+    for sha256, size in input_refs(payload):
+        if sha256 in taken or sha256 in known or not is_sha256(sha256) \
+                or not isinstance(size, int) or not 0 < size <= min(INLINE_FILE_BYTES, budget):
+            continue
+        data = read_small(connection, config, sha256, size)
+        if data is None:
+            continue
+        taken.add(sha256)
+        budget -= size
+        entries.append({"sha256": sha256, "size": size})
+        blobs.append(data)
+    return entries, b"".join(blobs)
+
+
+def store_inline_outputs(connection, config, task_id, entries, raw, reserve=None):
+    """The task_result "files_inline" of (a task's attempt the device holds)
+    and the raw bytes that followed it, each entry's `size` of them in turn:
+    each file checked as rc-files checks a put (a name the task's --output
+    globs match, or its stdout/stderr; a size within INLINE_FILE_BYTES; the
+    bytes' own SHA-256 equal to the one claimed; room in the quota
+    and on the disk: check_room, or `reserve(size)`, which also counts the
+    bytes placed but not recorded yet) and placed in the store (partial
+    file, fsync, rename). Returns (stored
+    [(name, sha256, size)] whose rows the caller writes with the result,
+    notes [why each refused file was refused])."""
+    problem = inline_problem(entries, raw)
+    if problem:
+        return [], ["rc-server: no inline file stored: %s" % problem]
+    stored, notes, names, offset = [], [], set(), 0
+    for entry in entries:
+        name, data = entry.get("name"), raw[offset:offset + entry["size"]]
+        offset += entry["size"]
+        try:
+            if name in names:
+                raise FileStoreError("bad_name", "given twice")
+            sha256, size = store_inline_output(connection, config, task_id, entry, data,
+                                               reserve)
+        except FileStoreError as e:
+            notes.append("rc-server: output %r not stored: %s" % (str(name)[:200], e))
+            continue
+        names.add(name)
+        stored.append((name, sha256, size))
+    return stored, notes
+
+
+def inline_problem(entries, raw):
+    """Why a task_result's files_inline cannot be read at all, or None: the
+    entries must say where each file's bytes are, and hold them all."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return "files_inline must be a list of objects"
+    sizes = [entry.get("size") for entry in entries]
+    if not all(isinstance(size, int) and not isinstance(size, bool)
+               and 0 <= size <= INLINE_FILE_BYTES for size in sizes):
+        return "each size must be a whole number from 0 to %d" % INLINE_FILE_BYTES
+    if len(entries) > MAX_INLINE_ENTRIES or len(raw) > INLINE_TOTAL_BYTES:
+        return "%d files of %d bytes in one result, over the %d files or %d bytes allowed" \
+            % (len(entries), len(raw), MAX_INLINE_ENTRIES, INLINE_TOTAL_BYTES)
+    if sum(sizes) != len(raw):
+        return "their sizes add up to %d bytes, not the %d sent" % (sum(sizes), len(raw))
+    return None
+
+
+def store_inline_output(connection, config, task_id, entry, data, reserve=None):
+    """One inline output (its entry, its bytes) into the store: (sha256,
+    size); FileStoreError says why not, nothing of it kept."""
+    name, sha256 = entry.get("name"), entry.get("sha256")
+    if name not in STREAM_NAMES:
+        problem = path_problem(name) if name != CHECKPOINT_NAME else \
+            "is a checkpoint, which goes to rc-files"
+        if problem:
+            raise FileStoreError("bad_name", "the name %s" % problem)
+        if not asked_for(connection, task_id, name):
+            raise FileStoreError("bad_name", "no --output glob of task %d matches it"
+                                 % task_id)
+    if not is_sha256(sha256):
+        raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
+                             % (str(sha256)[:80],))
+    size = len(data)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
+    if exists(connection, sha256):
+        return sha256, size
+    if reserve is None:
+        check_room(connection, config, size)
+    else:
+        reserve(size)
+    writer = Writer(config)
+    try:
+        writer.write(data)
+        writer.place(sha256)
+    except BaseException:
+        writer.abort()
+        raise
+    return sha256, size
+
+
+def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
+    """The rows of a result's inline files, in the result's transaction: each
+    blob's (it is in place), and the task's when the device still holds the
+    attempt (`holds`): an output or a stream, never a checkpoint (those go
+    to rc-files), so add_task_file's other work is not needed."""
+    for name, sha256, size in stored:
+        record(connection, sha256, size, now)       # its last_used_at is now: nothing more
+        if holds:
+            insert_task_file(connection, task_id, attempt,
+                             STREAM if name in STREAM_NAMES else OUTPUT, name, sha256, size, now)
 
 
 # -- what devices hold ------------------------------------------------------------------

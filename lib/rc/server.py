@@ -22,10 +22,12 @@ import selectors
 import signal
 import socket
 import ssl
+import threading
 import time
 
 from rc import config as config_module
-from rc import audit, bell, db, device_logs, device_secrets, devices, fleet, protocol, tasks
+from rc import audit, bell, db, device_logs, device_secrets, devices, files, fleet, protocol
+from rc import tasks
 from rc import throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
@@ -37,6 +39,7 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEV
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
                        TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES)
+from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES
 
 READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
@@ -59,6 +62,15 @@ HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
                  "cancelled": CANCELLED}
+# Small files ride task_assign only while the peer's outbox is under this:
+# a device handed many tasks at once fetches the rest from rc-files, and
+# the outbox stays far below MAX_OUTBOX_BYTES.
+INLINE_OUTBOX_BYTES = 2 * 1024 * 1024
+KNOWN_BLOBS_MAX = 4096        # sha256s remembered per connection as held by the device
+OUTPUT_STORE_THREADS = 4      # task_results whose small files are written at once (fsyncs)
+# A peer with this many task_results waiting for OutputStore is not read
+# from until fewer wait: what waits is bounded, its files included.
+MAX_STORING_PER_PEER = 16
 
 
 class Peer:
@@ -86,6 +98,16 @@ class Peer:
         self.pushed_at = None            # the first task_assign sent since heard_at
         self.answers_pings = False       # a worker older than ping never answers one
         self.suspect = None              # None: whether the device is, not known yet
+        # Small files (docs/protocol.md): whether the worker takes inputs in
+        # task_assign, and the sha256s its cache holds as far as we know (its
+        # heartbeat's cached_files, and what we sent it inline).
+        self.inline_files = False
+        self.known_blobs = set()
+        # (task_id, attempt) of its task_results whose files OutputStore
+        # writes: still the worker's as far as its heartbeats go meanwhile.
+        self.storing = set()
+        self.raw_wanted = None           # (envelope, bytes) of a frame whose raw bytes are due
+        self.raw = None                  # those bytes, while its handler runs
 
 
 class Server:
@@ -127,6 +149,8 @@ class Server:
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
+        self.outputs = OutputStore(config)
+        self.stored_bytes = 0          # OutputStore's bytes whose rows this turn commits
 
     # -- the loop ---------------------------------------------------------------
 
@@ -140,6 +164,7 @@ class Server:
         self.listener = listener
         self.doorbell = bell.Bell(self.config.run_dir, bell.SERVER)
         self.selector.register(self.doorbell, selectors.EVENT_READ, self.doorbell)
+        self.selector.register(self.outputs.done_reader, selectors.EVENT_READ, self.outputs)
         return listener.getsockname()[1]
 
     def run(self):
@@ -166,6 +191,9 @@ class Server:
                 continue
             if key.data is self.doorbell:
                 self.doorbell.drain()      # push_changes below looks at the database
+                continue
+            if key.data is self.outputs:
+                self.take_stored_outputs()
                 continue
             try:
                 self.serve(key.data, events)
@@ -325,30 +353,52 @@ class Server:
                 return
             peer.inbox += chunk
             ended = ended or b"\n" in chunk
-            # TLS may hold decrypted bytes the selector cannot see: take them too.
-            if not (self.tls and peer.sock.pending()):
+            # TLS may hold decrypted bytes the selector cannot see: take them
+            # too; and a frame not ended yet (a task_result with its small
+            # files, 16 KiB a TLS record) is read on while it is there,
+            # rather than one record a turn of the loop.
+            if not (self.tls and peer.sock.pending()) and (
+                    chunk.endswith(b"\n") or len(peer.inbox) > MAX_FRAME_BYTES):
                 break
         if not peer.inbox:
             return
-        if not ended and len(peer.inbox) <= MAX_FRAME_BYTES:
+        if not ended and peer.raw_wanted is None and len(peer.inbox) <= MAX_FRAME_BYTES:
             # Nothing to split: a frame sent a byte (or a TLS record) at a
             # time must not cost a scan of all it sent so far, each time.
             self.note_partial(peer)
             return
-        try:
-            lines = protocol.split_frames(peer.inbox)
-        except ProtocolError as e:
-            self.refuse(peer, "frame_too_large", str(e))
-            return
-        self.note_partial(peer)
-        if not self.within_rate(peer, len(lines)):
-            self.refuse(peer, "rate_limited", "more than %d messages a second"
-                        % self.config.max_message_rate)
-            return
-        for line in lines:
-            if peer.closed:
+        self.take_frames(peer)
+        if not peer.closed:
+            self.note_partial(peer)
+
+    def take_frames(self, peer):
+        """Serve the frames the inbox holds, in order; a task_result that
+        announces raw bytes (its small files) waits until they are all in."""
+        while not peer.closed:
+            if peer.raw_wanted is not None:
+                envelope, size = peer.raw_wanted
+                if len(peer.inbox) < size:
+                    return
+                raw = bytes(peer.inbox[:size])
+                del peer.inbox[:size]
+                peer.raw_wanted = None
+                self.dispatch(peer, envelope, raw)
+                continue
+            try:
+                lines = protocol.split_frames(peer.inbox)     # up to one with raw bytes
+            except ProtocolError as e:
+                self.refuse(peer, "frame_too_large", str(e))
                 return
-            self.receive(peer, line)
+            if not lines:
+                return
+            if not self.within_rate(peer, len(lines)):
+                self.refuse(peer, "rate_limited", "more than %d messages a second"
+                            % self.config.max_message_rate)
+                return
+            for line in lines:
+                if peer.closed:
+                    return
+                self.receive(peer, line)
 
     def note_partial(self, peer):
         """Remember when a frame started to trickle in (see sweep)."""
@@ -377,6 +427,20 @@ class Server:
         except ProtocolError as e:
             self.send_error(peer, "bad_frame", str(e))
             return
+        data = envelope["data"]
+        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
+            size = data["inline_bytes"]
+            if isinstance(size, bool) or not isinstance(size, int) \
+                    or not 0 < size <= MAX_FRAME_BYTES:
+                # Where the next frame begins is not known: nothing more can be read.
+                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 1"
+                            " to %d, not %r" % (MAX_FRAME_BYTES, str(size)[:40]))
+                return
+            peer.raw_wanted = (envelope, size)
+            return
+        self.dispatch(peer, envelope)
+
+    def dispatch(self, peer, envelope, raw=None):
         kind, data = envelope["message_type"], envelope["data"]
         if peer.device_id is None and kind != REGISTER:
             self.refuse(peer, "not_registered", "register first, then send %s" % kind)
@@ -385,17 +449,23 @@ class Server:
         if handler is None:
             self.send_error(peer, "unknown_message", "unknown message type %r" % kind[:50])
             return
+        peer.raw = raw
         try:
             handler(self, peer, data)
         except ProtocolError as e:
             self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
+        finally:
+            peer.raw = None
 
-    def send(self, peer, message_type, data, later=False):
+    def send(self, peer, message_type, data, later=False, raw=None):
         """Queue a frame and send it now, or with `later` at the end of the
-        turn, together with the rest of the turn's frames to that peer."""
+        turn, together with the rest of the turn's frames to that peer; `raw`
+        bytes go right behind it (its data says how many: "inline_bytes")."""
         if peer.closed:
             return
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
+        if raw:
+            peer.outbox += raw
         if len(peer.outbox) > MAX_OUTBOX_BYTES:
             self.close(peer, "not reading its messages")
         elif later:
@@ -427,9 +497,15 @@ class Server:
             self.close(peer, "write failed: %s" % e)
             return
         del peer.outbox[:sent]
-        # A peer that does not read what we send gets nothing more read from
-        # it until it does: its messages would only make more replies.
-        reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES else 0
+        self.watch(peer)
+
+    def watch(self, peer):
+        """What the selector waits for on the peer's socket. A peer that does
+        not read what we send gets nothing more read from it until it does:
+        its messages would only make more replies; nor does one with
+        MAX_STORING_PER_PEER results waiting for their files to be stored."""
+        reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
+            and len(peer.storing) < MAX_STORING_PER_PEER else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
         if self.selector.get_key(peer.sock).events != wanted:
             self.selector.modify(peer.sock, wanted, peer)
@@ -646,6 +722,7 @@ class Server:
         self.peers_by_device[device_id] = peer
         self.leave_unauthenticated(peer)
         peer.pushed.update(active)
+        peer.inline_files = data.get("inline_files") is True
         self.batch.append((Server.apply_register, peer,
                            (data, worker_nonce, fenced, key, is_new)))
 
@@ -723,11 +800,15 @@ class Server:
         metrics = field(data, "system_metrics", dict, required=False, default={})
         protocol.storable(metrics, "system_metrics")
         availability = field(data, "availability", dict, required=False)
-        active = active_tasks(data)
+        # A task whose result's files are being stored has ended there, and
+        # is not lost: its result follows (OutputStore).
+        active = active_tasks(data) | peer.storing
         fenced = active_tasks(data, "fenced_tasks")
         # What the worker's file cache holds, for data-aware scheduling (issue 18).
         cached = devices.cached_files_text(data["cached_files"]) if "cached_files" in data \
             else None
+        if cached is not None and peer.inline_files:
+            self.know_blobs(peer, db.loads(cached))
         self.batch.append((Server.apply_heartbeat, peer,
                            (metrics, availability, active, fenced, self.heartbeat_due(peer),
                             cached)))
@@ -766,9 +847,36 @@ class Server:
             if not isinstance(result.get(name, ""), (str, type(None))):
                 raise ProtocolError("result.%s must be text, not %s"
                                     % (name, type(result[name]).__name__))
-        protocol.storable(result, "result")
         error = field(data, "error", (str, type(None)), required=False)
-        self.batch.append((Server.apply_result, peer, (key, status, result, error)))
+        protocol.storable(result, "result")
+        if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
+                                                        key[0], key[1]):
+            # Its small files are written off the loop (OutputStore); the
+            # result waits for them. (A stale result stores none.)
+            peer.storing.add(key)
+            self.outputs.put((peer, (key, status, result, error),
+                              (data.get("files_inline"), peer.raw)))
+            if len(peer.storing) >= MAX_STORING_PER_PEER:
+                self.watch(peer)        # read no more from it for now
+            return
+        self.batch.append((Server.apply_result, peer, (key, status, result, error, ())))
+
+    def take_stored_outputs(self):
+        """Results whose small files OutputStore has stored (or refused:
+        said in the result's stderr and the log) join the turn's batch."""
+        for (peer, (key, status, result, error), _), stored, notes, reserved in \
+                self.outputs.take():
+            peer.storing.discard(key)
+            if len(peer.storing) == MAX_STORING_PER_PEER - 1 and not peer.closed:
+                self.watch(peer)        # read from it again
+            if notes:
+                result["stderr"] = "\n".join(notes) + "\n" + (result.get("stderr") or "")
+                self.log_limited("warning", "inline_files_refused", peer.host,
+                                 device_id=peer.device_id, task_id=key[0], attempt=key[1],
+                                 refused=notes[:5])
+            self.stored_bytes += reserved
+            self.batch.append((Server.apply_result, peer, (key, status, result, error,
+                                                           stored)))
 
     def on_control_ack(self, peer, data):
         control_id = field(data, "control_id", int, low=1)
@@ -831,6 +939,10 @@ class Server:
             self.log_limited("error", "batch_failed", "batch", messages=len(batch),
                              error=repr(e)[:500])
             replies = self.apply_one_by_one(batch, now)
+        # Committed (or refused, and their blobs left to the upkeep's sweep):
+        # the quota counts them by their rows now.
+        self.outputs.recorded(self.stored_bytes)
+        self.stored_bytes = 0
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
             # rc-web first: a client waiting for this result is on a task's way;
             # the scheduler, looking for more to assign, is not.
@@ -908,6 +1020,9 @@ class Server:
         # device_logs: this main node takes device_log messages (older ones do not).
         ack = dict(fence_settings(self.config), files_port=self.config.files_port,
                    device_logs=True,
+                   # Small files may ride task_result (older main nodes: absent).
+                   inline_files={"file_bytes": INLINE_FILE_BYTES,
+                                 "total_bytes": INLINE_TOTAL_BYTES},
                    proof=protocol.server_proof(key, peer.nonce, worker_nonce, peer.device_id))
         first_join = key == self.join_token.value()
         if first_join:
@@ -999,7 +1114,7 @@ class Server:
         if apply is Server.apply_accept:
             with db.write_statements(self.database, 1):
                 return peer, apply(self, peer, data, now)
-        if apply is Server.apply_result:
+        if apply is Server.apply_result and not data[4]:      # inline files: more rows
             with db.write_statements(self.database, 1):
                 reply = self.complete(peer, data, now)
             if reply:
@@ -1009,7 +1124,7 @@ class Server:
     def complete(self, peer, data, now):
         """The common case of apply_result in one statement (finish() checks
         what the row must be): the reply, or None when that is not the case."""
-        key, status, result, error = data
+        key, status, result, error = data[:4]
         if status == COMPLETED and tasks.finish(self.database, key[0], key[1], peer.device_id,
                                                 COMPLETED, result, error, status, now):
             peer.pushed.discard(key)
@@ -1019,16 +1134,22 @@ class Server:
         return None
 
     def apply_result(self, peer, data, now):
+        key, status, result, error, stored = data
         reply = self.complete(peer, data, now)
         if reply:
+            # finish() found the attempt this device's: its files are the task's.
+            files.record_inline_outputs(self.database, key[0], key[1], stored, True, now)
             return reply
-        key, status, result, error = data
         peer.pushed.discard(key)
         ack = (TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})
         row = self.database.execute(
             "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
             " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
             (key[0], key[1], peer.device_id, ASSIGNED, RUNNING)).fetchone()
+        # Rows for its blobs in any case (the upkeep's sweep then removes
+        # them), and the task's own when the attempt is this device's.
+        files.record_inline_outputs(self.database, key[0], key[1], stored, row is not None,
+                                    now)
         if row is None:
             self.note("warning", "stale_result", task_id=key[0], attempt=key[1],
                       device_id=peer.device_id, status=status)
@@ -1148,15 +1269,124 @@ class Server:
             elif row["state"] == ASSIGNED and key not in peer.pushed:
                 peer.pushed.add(key)
                 self.expect_answer(peer)
-                self.send(peer, TASK_ASSIGN, {
+                assign = {
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],
                     "payload": db.loads(row["payload"]), "timeout": row["timeout"],
-                    "priority": PRIORITY_NAMES.get(row["priority"], "normal")}, later=True)
+                    "priority": PRIORITY_NAMES.get(row["priority"], "normal")}
+                raw = self.add_inline_inputs(peer, assign) if peer.inline_files else None
+                self.send(peer, TASK_ASSIGN, assign, later=True, raw=raw)
+
+    def add_inline_inputs(self, peer, assign):
+        """The task's small inputs for its task_assign (docs/protocol.md):
+        their entries go in it, and their bytes, returned, right behind it.
+        Sent once per connection, not at all if its heartbeat said the
+        device holds them, nor while the outbox is long."""
+        payload = assign["payload"]
+        if not isinstance(payload, dict) or len(peer.outbox) >= INLINE_OUTBOX_BYTES or not (
+                payload.get("inputs") or payload.get("stdin") or payload.get("checkpoint")):
+            return None
+        entries, raw = files.inline_inputs(self.database, self.config, payload,
+                                           peer.known_blobs, INLINE_TOTAL_BYTES)
+        if not entries:
+            return None
+        assign["files_inline"], assign["inline_bytes"] = entries, len(raw)
+        self.know_blobs(peer, [entry["sha256"] for entry in entries])
+        return raw
+
+    @staticmethod
+    def know_blobs(peer, hashes):
+        if len(peer.known_blobs) + len(hashes) > KNOWN_BLOBS_MAX:
+            peer.known_blobs.clear()       # forgetting costs a resend, never a wrong file
+        peer.known_blobs.update(hashes)
 
 
 # After these, the scheduler may have work to give out.
 FREES_SLOTS = (Server.apply_register, Server.apply_result, Server.apply_disconnect,
                Server.apply_heartbeat, Server.apply_heard_again)
+
+
+class OutputStore:
+    """Writes the small files of task_results into the store off rc-server's
+    loop: each is fsynced, then renamed and its directory fsynced (2-3 ms
+    on this machine's disk), which the loop must not wait for: every other
+    device's heartbeat would. OUTPUT_STORE_THREADS threads, each with a
+    database connection of its own (they only read: fence, globs, quota);
+    a finished job comes back through a socket pair the loop's selector
+    watches, and its rows are written with its result, in the loop's
+    transaction. Room in the quota is taken under a lock, so threads
+    writing at once never pass it together."""
+
+    def __init__(self, config):
+        import queue
+        self.config = config
+        self.jobs = queue.SimpleQueue()
+        self.finished = collections.deque()
+        self.done_reader, self.done_writer = socket.socketpair()
+        self.done_reader.setblocking(False)
+        self.done_writer.setblocking(False)
+        self.lock = threading.Lock()
+        self.unrecorded = 0       # bytes placed whose rows are not committed yet (the quota)
+        self.threads = []
+
+    def put(self, job):
+        """job: (peer, result fields, (the task_result's files_inline, its raw bytes))."""
+        if not self.threads:
+            for number in range(OUTPUT_STORE_THREADS):
+                thread = threading.Thread(target=self.run, name="output-store-%d" % number,
+                                          daemon=True)
+                thread.start()
+                self.threads.append(thread)
+        self.jobs.put(job)
+
+    def take(self):
+        """[(job, stored [(name, sha256, size)], notes, bytes reserved)] finished
+        since the last take; recorded(those bytes) once their rows commit."""
+        try:
+            while self.done_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        taken = []
+        while self.finished:
+            taken.append(self.finished.popleft())
+        return taken
+
+    def recorded(self, size):
+        with self.lock:
+            self.unrecorded -= size
+
+    def run(self):
+        connection = db.connect(self.config.db_path)
+        while True:
+            job, reserved = self.jobs.get(), [0]
+            try:
+                stored, notes = self.store(connection, job, reserved)
+            except Exception as e:       # contained to this result's files
+                stored, notes = [], ["rc-server: no inline file stored: %r" % (e,)]
+            finally:
+                if connection.in_transaction:
+                    connection.rollback()
+            self.finished.append((job, stored, notes, reserved[0]))
+            try:
+                self.done_writer.send(b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass           # the loop has a wake-up waiting already
+
+    def store(self, connection, job, reserved):
+        """The loop queued the job while the device held the attempt; if it
+        lost it since, the blobs stay without the task's rows (apply_result)
+        and the upkeep's sweep removes them."""
+        _, (key, _, _, _), (entries, raw) = job
+        return files.store_inline_outputs(connection, self.config, key[0], entries, raw,
+                                          lambda size: self.reserve(connection, size, reserved))
+
+    def reserve(self, connection, size, reserved):
+        """Room for `size` more bytes beside those placed and not recorded
+        yet (FileStoreError quota or disk_full), held until recorded()."""
+        with self.lock:
+            files.check_room(connection, self.config, self.unrecorded + size)
+            self.unrecorded += size
+        reserved[0] += size
 
 
 class JoinToken:

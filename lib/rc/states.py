@@ -80,3 +80,11 @@ OUTCOME_NOT_ALLOWED = "not_allowed"
 OUTCOME_HANDED_BACK = "handed_back"   # the device became unavailable and gave it back
 OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
             OUTCOME_CANCELLED, OUTCOME_NOT_ALLOWED, OUTCOME_HANDED_BACK)
+
+# -- small files on the worker connection (docs/protocol.md, "Small files") ------
+# A task's input or output this small or smaller may ride right behind its
+# task_assign or task_result, as raw bytes the frame announces, instead of
+# a round trip to rc-files; one message carries at most INLINE_TOTAL_BYTES
+# of them.
+INLINE_FILE_BYTES = 256 * 1024
+INLINE_TOTAL_BYTES = 512 * 1024
