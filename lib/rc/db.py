@@ -404,6 +404,18 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at)
         WHERE finished_at IS NOT NULL;
     """,
+    # 14: the rest of the reaper's minute at the cost of its answer, however
+    # many tasks a busy day leaves (issue 7). Finished tasks by outcome and
+    # when: the failure_rate alert counts the failures in its window, then
+    # the completed ones only as far as the rate could still be over its
+    # threshold (lib/rc/alerts.py). Groups that may go by age, so that
+    # prune_groups reads no group that is still young (lib/rc/housekeeping.py).
+    """
+    CREATE INDEX IF NOT EXISTS tasks_outcomes ON tasks(state, finished_at)
+        WHERE finished_at IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS task_groups_by_age ON task_groups(created_at)
+        WHERE include_new = 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
