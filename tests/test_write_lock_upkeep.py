@@ -81,6 +81,12 @@ def test_the_reapers_minute_reads_no_whole_table_with_the_write_lock_held(busy):
     assert held < FINISHED, "%d SQLite instructions with the write lock held" % held
 
 
+def test_the_reapers_minute_reads_no_whole_table_at_all(busy):
+    config, connection, now = busy
+    _, spent = instructions(connection, lambda: reaper_minute(config, connection, now), False)
+    assert spent < FINISHED, "%d SQLite instructions in the reaper's minute" % spent
+
+
 def test_the_failure_rate_alert_reads_only_its_window(busy):
     config, connection, now = busy
     rule = dict(alerts.RULE_DEFAULTS["failure_rate"], rule="failure_rate", min_tasks=RECENT)
