@@ -16,7 +16,7 @@ import os
 import subprocess
 
 from rc import db, devices, health
-from rc.states import COMPLETED, FAILED, OFFLINE, TIMED_OUT
+from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
@@ -88,11 +88,13 @@ def failure_rate(connection, config, rule, now):
     bring it to `above` or under, more cannot raise it again."""
     since = now - rule["window"]
     failed = connection.execute(
-        "SELECT count(*) FROM tasks WHERE state IN (?, ?) AND finished_at >= ?",
-        (FAILED, TIMED_OUT, since)).fetchone()[0]
+        "SELECT count(*) FROM tasks WHERE %s AND finished_at >= ?" % db.FAILURES_SQL,
+        (since,)).fetchone()[0]
     if not failed:
         return      # a rate of 0 is never over `above`, which is not negative
     enough = completed_enough(failed, rule["above"])
+    # Through tasks_finished, from the window's start: the walk passes the
+    # window's failures and cancelled tasks on its way to `enough`.
     completed = connection.execute(
         "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = ? AND finished_at >= ?"
         " LIMIT ?)", (COMPLETED, since, -1 if enough is None else enough)).fetchone()[0]
