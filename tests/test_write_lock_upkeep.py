@@ -178,6 +178,8 @@ def test_the_failure_rate_alert_fires_on_exactly_the_windows_it_did(tmp_path):
         state = generator.choice(outcomes)
         add_tasks(connection, 1, state, now - generator.uniform(0, 1200))
     add_tasks(connection, 5, QUEUED, now - 10)
+    add_tasks(connection, 2, FAILED, now - 300)         # on a window's first instant
+    add_tasks(connection, 2, COMPLETED, now - 900)
     checked = fired = 0
     for window in (0, 30, 60, 61.5, 300, 900, 1200, 5000):
         for above in (0, 0.1, 0.25, 1 / 3.0, 0.4, 0.5, 0.6, 0.99, 1, 2):
