@@ -16,7 +16,7 @@ import os
 import subprocess
 
 from rc import db, devices, health
-from rc.states import FAILED, OFFLINE, TIMED_OUT
+from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
@@ -81,16 +81,39 @@ def queue_stuck(connection, config, rule, now):
 
 
 def failure_rate(connection, config, rule, now):
-    rows = connection.execute(
-        "SELECT state, count(*) FROM tasks WHERE finished_at >= ? AND state IN"
-        " ('completed', ?, ?) GROUP BY state", (now - rule["window"], FAILED, TIMED_OUT))
-    counts = dict(rows.fetchall())
-    finished = sum(counts.values())
-    failed = counts.get(FAILED, 0) + counts.get(TIMED_OUT, 0)
+    """The same alert, on the same counts, as counting every task finished
+    in the window; but the completed ones are counted only as far as the
+    rate could still be over `above` (a busy window holds millions of them).
+    The rate only falls as completed tasks add up, so once `enough` of them
+    bring it to `above` or under, more cannot raise it again."""
+    since = now - rule["window"]
+    failed = connection.execute(
+        "SELECT count(*) FROM tasks WHERE %s AND finished_at >= ?" % db.FAILURES_SQL,
+        (since,)).fetchone()[0]
+    if not failed:
+        return      # a rate of 0 is never over `above`, which is not negative
+    enough = completed_enough(failed, rule["above"])
+    # Through tasks_finished, from the window's start: the walk passes the
+    # window's failures and cancelled tasks on its way to `enough`.
+    completed = connection.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = ? AND finished_at >= ?"
+        " LIMIT ?)", (COMPLETED, since, -1 if enough is None else enough)).fetchone()[0]
+    finished = failed + completed
     if finished >= max(1, rule["min_tasks"]) and failed / finished > rule["above"]:
         yield Alert("failure_rate", "tasks", "%d of %d tasks failed in the last %ds"
                     % (failed, finished, rule["window"]), failed=failed, finished=finished,
                     rate=round(failed / finished, 3))
+
+
+def completed_enough(failed, above):
+    """How many completed tasks bring `failed` failures to a rate of `above`
+    or under (None: no number does, with `above` 0)."""
+    if not above:
+        return None
+    enough = int(failed / above) + 1
+    while failed / (failed + enough) > above:      # float rounding, should it ever matter
+        enough += 1
+    return enough
 
 
 RULES = {"device_offline": device_offline, "queue_stuck": queue_stuck,

@@ -529,9 +529,29 @@ def sweep(connection, config, now):
         removed += len(gone)
         if len(gone) < SWEEP_CHUNK:
             break
-    connection.execute("DELETE FROM task_files WHERE task_id NOT IN (SELECT task_id FROM tasks)")
+    drop_orphan_rows(connection)
     clean_partials(connection, config, now)
     return removed
+
+
+ORPHAN_CHECK_TASKS = 1000     # tasks whose task_files rows one sweep checks for a pruned task
+_orphans_checked_to = [0]     # the task id the last sweep stopped after
+
+
+def drop_orphan_rows(connection):
+    """Rows whose task is gone. prune_tasks deletes a task's rows with it,
+    so these are only what an older version left: each sweep checks the
+    next ORPHAN_CHECK_TASKS tasks' rows, by key, going round the table over
+    successive sweeps, rather than reading every row once a minute."""
+    ids = [row[0] for row in connection.execute(
+        "SELECT DISTINCT task_id FROM task_files WHERE task_id > ? ORDER BY task_id LIMIT ?",
+        (_orphans_checked_to[0], ORPHAN_CHECK_TASKS))]
+    _orphans_checked_to[0] = ids[-1] if len(ids) == ORPHAN_CHECK_TASKS else 0
+    if ids:
+        connection.execute(
+            "DELETE FROM task_files WHERE task_id IN (%s) AND NOT EXISTS"
+            " (SELECT 1 FROM tasks t WHERE t.task_id = task_files.task_id)"
+            % ",".join("?" * len(ids)), ids)
 
 
 def put_partial_name(task_id, attempt, name, sha256):

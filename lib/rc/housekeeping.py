@@ -43,6 +43,9 @@ def prune_tasks(connection, retention, now):
     def delete(ids, marks):
         connection.execute("DELETE FROM task_dependencies WHERE task_id IN (%s)"
                            " OR depends_on IN (%s)" % (marks, marks), ids + ids)
+        # Their files' rows too, by their key: the file store's sweep no
+        # longer reads every row to find those of pruned tasks.
+        connection.execute("DELETE FROM task_files WHERE task_id IN (%s)" % marks, ids)
         connection.execute("DELETE FROM task_events WHERE task_id IN (%s)" % marks, ids)
         connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
     # Oldest first, in the order of the tasks_finished index: ordered by
@@ -63,10 +66,12 @@ def prune_groups(connection, retention, now):
     def delete(ids, marks):
         for table in ("map_jobs", "maps", "task_groups"):
             connection.execute("DELETE FROM %s WHERE group_id IN (%s)" % (table, marks), ids)
+    # Oldest first, in the order of the task_groups_by_age index: ordered by
+    # group_id, SQLite read every group (inside the write transaction).
     return delete_in_chunks(
         connection, "SELECT group_id FROM task_groups g WHERE created_at < ? AND include_new = 0"
         " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.group_id = g.group_id)"
-        " ORDER BY group_id", now - retention, delete)
+        " ORDER BY created_at", now - retention, delete)
 
 
 def delete_in_chunks(connection, select, before, delete):

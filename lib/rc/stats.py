@@ -10,9 +10,8 @@ their counts and leave the gauges empty.
 """
 import time
 
-from rc import db, devices, tasks
-from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, ONLINE, QUEUED, RUNNING,
-                       TIMED_OUT)
+from rc import db, devices
+from rc.states import CANCELLED, COMPLETED, FAILED, ONLINE, QUEUED, TIMED_OUT
 
 MINUTE = 60
 CATCH_UP_MINUTES = 60        # minutes record() fills in after the reaper was away
@@ -132,9 +131,13 @@ def events_between(connection, start, end):
 
 
 def gauges(connection):
-    counts = tasks.counts_by_state(connection)
+    # Counted through the partial indexes of queued and of active tasks:
+    # counting every state would read every finished task, millions of them.
+    queued, active = connection.execute(
+        "SELECT (SELECT count(*) FROM tasks WHERE %s), (SELECT count(*) FROM tasks WHERE %s)"
+        % (db.QUEUED_SQL, db.ACTIVE_SQL)).fetchone()
     online = devices.list_devices(connection, ONLINE)
-    return {"queue_length": counts[QUEUED], "running": counts[RUNNING] + counts[ASSIGNED],
+    return {"queue_length": queued, "running": active,
             "devices_online": len(online),
             "devices_total": devices.counts(connection)["total"],
             "slots": devices.total_slots(online),
