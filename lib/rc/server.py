@@ -1325,6 +1325,7 @@ class OutputStore:
         self.done_reader.setblocking(False)
         self.done_writer.setblocking(False)
         self.lock = threading.Lock()
+        self.handing = threading.Lock()     # finished, and whether the loop is woken
         self.unrecorded = 0       # bytes placed whose rows are not committed yet (the quota)
         self.threads = []
 
@@ -1346,9 +1347,9 @@ class OutputStore:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        taken = []
-        while self.finished:
-            taken.append(self.finished.popleft())
+        with self.handing:
+            taken = list(self.finished)
+            self.finished.clear()
         return taken
 
     def recorded(self, size):
@@ -1366,11 +1367,20 @@ class OutputStore:
             finally:
                 if connection.in_transaction:
                     connection.rollback()
-            self.finished.append((job, stored, notes, reserved[0]))
-            try:
-                self.done_writer.send(b"\0")
-            except (BlockingIOError, InterruptedError):
-                pass           # the loop has a wake-up waiting already
+            self.hand_back((job, stored, notes, reserved[0]))
+
+    def hand_back(self, finished):
+        """To the loop; woken only by the first of those it has not taken
+        yet (take() takes them all): one turn, one transaction, for the
+        results stored meanwhile."""
+        with self.handing:
+            self.finished.append(finished)
+            if len(self.finished) > 1:
+                return
+        try:
+            self.done_writer.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass           # the loop has a wake-up waiting already
 
     def store(self, connection, job, reserved):
         """The loop queued the job while the device held the attempt; if it
