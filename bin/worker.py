@@ -5949,8 +5949,10 @@ class Files(object):
         limit = min(room[0], self.inline[0]) if self.inline else 0
         if size <= limit:
             source.seek(0)
-            data = source.read(limit + 1)
-            if len(data) <= limit:        # (not grown meanwhile)
+            # One byte past its size shows a file that grew meanwhile; no
+            # more (a read of `limit` bytes allocates them all first).
+            data = source.read(size + 1)
+            if len(data) <= size:
                 digest = file_sha256()
                 digest.update(data)
                 room[0] -= len(data)
