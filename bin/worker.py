@@ -2929,6 +2929,13 @@ def remove_ipc_of(uid):
     return removed
 
 
+def write_all(descriptor, data):
+    """os.write until all of `data` is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+
+
 def read_small_file(path):
     """A file of /proc, whole, in a few system calls (no text layer)."""
     descriptor = os.open(path, os.O_RDONLY)
@@ -5740,8 +5747,10 @@ class Files(object):
                                                                               new_nonce()[:8]))
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                  | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(descriptor, "wb") as sink:
-                sink.write(blob)
+            try:
+                write_all(descriptor, blob)     # no file object: the bytes are all here
+            finally:
+                os.close(descriptor)
             self.cache.add(sha, temporary)
             temporary = None
         except (OSError, FilesError) as e:
