@@ -431,9 +431,10 @@ class Server:
         if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
             size = data["inline_bytes"]
             if isinstance(size, bool) or not isinstance(size, int) \
-                    or not 0 < size <= MAX_FRAME_BYTES:
+                    or not 0 <= size <= MAX_FRAME_BYTES:
                 # Where the next frame begins is not known: nothing more can be read.
-                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 1"
+                # (0: empty outputs only, as a worker sends for `touch out.txt`.)
+                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 0"
                             " to %d, not %r" % (MAX_FRAME_BYTES, str(size)[:40]))
                 return
             peer.raw_wanted = (envelope, size)

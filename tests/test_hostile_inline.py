@@ -1,0 +1,63 @@
+"""Attacks on small files that ride the worker connection (issue 18,
+docs/protocol.md "Small files"), against a real cluster on 127.0.0.1: a
+device that joined with the token and speaks rc-server's protocol by hand
+(test_inline_files.Device), and the real bin/worker.py where a plain task
+was enough to break it. After each attack the programs keep their pids and
+a good worker's tasks complete (hostile_harness.unharmed)."""
+import os
+import time
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from hostile_harness import readable_by_others, unharmed
+from rc import protocol, tasks
+from test_inline_files import Device, entry, in_store, outputs_of, sha, submit
+
+pytestmark = pytest.mark.e2e
+
+GOOD = "inline-good"
+FRAME_DEADLINE = 2.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("hostile-inline"), files_quota_mb=64,
+                      frame_deadline=FRAME_DEADLINE)
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker(GOOD, "--slots", "2")
+        wait_for(lambda: GOOD in online(cluster), 30, "the good worker")
+        cluster.token = open(cluster.config.token_path).read().strip()
+        cluster.secrets = {}
+        yield cluster
+    finally:
+        cluster.stop()
+    assert readable_by_others(cluster.home) == []
+
+
+def ended(cluster, task_id, timeout=20):
+    """The task's row once it is terminal (an assertion error naming what
+    `rc why` says if it is not within `timeout`)."""
+    def terminal():
+        return tasks.get(cluster.db, task_id)["state"] in ("completed", "failed", "timed_out",
+                                                           "cancelled")
+    try:
+        wait_for(terminal, timeout, "task %d to end" % task_id)
+    except AssertionError:
+        raise AssertionError(cluster.rc("why", str(task_id), check=False).stdout)
+    return tasks.get(cluster.db, task_id)
+
+
+# -- the real worker -------------------------------------------------------------------
+
+def test_an_empty_output_file_comes_back_and_the_task_ends(cluster):
+    """An empty output is a small file of 0 bytes: the worker announced
+    "inline_bytes": 0, which rc-server took for a frame it cannot follow and
+    closed the connection; the worker reconnected and resent the result, for
+    ever, and the task never ended."""
+    task_id = submit(cluster, GOOD, "touch empty.txt; echo fine", "--output", "empty.txt")
+    row = ended(cluster, task_id)
+    assert row["state"] == "completed" and row["result"]["output"] == "fine\n", row
+    assert outputs_of(cluster, task_id)["empty.txt"]["sha256"] == sha(b"")
