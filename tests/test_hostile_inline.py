@@ -61,3 +61,28 @@ def test_an_empty_output_file_comes_back_and_the_task_ends(cluster):
     row = ended(cluster, task_id)
     assert row["state"] == "completed" and row["result"]["output"] == "fine\n", row
     assert outputs_of(cluster, task_id)["empty.txt"]["sha256"] == sha(b"")
+
+
+# -- framing ---------------------------------------------------------------------------
+
+def test_a_result_whose_bytes_never_come_is_dropped_at_the_frame_deadline(cluster):
+    """A task_result announcing bytes, then silence: the connection held its
+    frame for good (its inbox was empty, so it was not a frame in progress
+    to the slow-loris sweep), as many as the device had connections."""
+    device = Device(cluster, "inline-loris")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.bin")
+            key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+            meta, _ = entry("out.bin", b"x" * 1000)
+            device.send("task_result", dict(key, status="completed", error=None,
+                                            result={"output": "", "stderr": ""},
+                                            files_inline=[meta], inline_bytes=1000))
+            started = time.monotonic()
+            error = device.next("error")
+            assert error["code"] == "frame_timeout", error
+            assert time.monotonic() - started < FRAME_DEADLINE + 5
+            assert device.reader.readline() == b""
+    finally:
+        device.close()
+        cluster.rc("cancel", str(assign["task_id"]))

@@ -401,8 +401,9 @@ class Server:
                 self.receive(peer, line)
 
     def note_partial(self, peer):
-        """Remember when a frame started to trickle in (see sweep)."""
-        if not peer.inbox:
+        """Remember when a frame started to trickle in (see sweep); a frame
+        whose raw bytes are still due is one too, even with none of them in."""
+        if not peer.inbox and peer.raw_wanted is None:
             peer.partial_since = None
             self.partial.discard(peer)
         elif peer.partial_since is None:
