@@ -86,3 +86,35 @@ def test_a_result_whose_bytes_never_come_is_dropped_at_the_frame_deadline(cluste
     finally:
         device.close()
         cluster.rc("cancel", str(assign["task_id"]))
+
+
+# -- the store -------------------------------------------------------------------------
+
+def test_a_result_sent_again_while_its_files_are_stored_stores_nothing_more(cluster):
+    """rc-server reads no more from a device with 16 results waiting for
+    their files, counted by (task, attempt): the same result sent again and
+    again counted once, so one held attempt queued as many files as the
+    device cared to send (each result 512 KiB, 10,000 a second), all kept."""
+    device = Device(cluster, "inline-again")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out/*")
+            first = os.urandom(1024)
+            again = [os.urandom(1024) for _ in range(40)]
+            key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+            frames = b""
+            for data in [first] + again:
+                meta, _ = entry("out/a.bin", data)
+                frames += protocol.encode("task_result", dict(
+                    key, status="completed", error=None, result={"output": "", "stderr": ""},
+                    files_inline=[meta], inline_bytes=len(data)), sender_id=device.device_id)
+                frames += data
+            device.sock.sendall(frames)
+            assert device.next("task_result_ack") == key
+            row = ended(cluster, assign["task_id"])
+            assert row["state"] == "completed"
+            assert outputs_of(cluster, assign["task_id"])["out/a.bin"]["sha256"] == sha(first)
+            time.sleep(2)                  # what else was queued is stored by now
+            assert [n for n, data in enumerate(again) if in_store(cluster, sha(data))] == []
+    finally:
+        device.close()

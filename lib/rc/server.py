@@ -851,6 +851,13 @@ class Server:
                                     % (name, type(result[name]).__name__))
         error = field(data, "error", (str, type(None)), required=False)
         protocol.storable(result, "result")
+        if key in peer.storing:
+            # The same result again while the first one's files are stored:
+            # that one is answered. (Queued again, it would pass the bound on
+            # what waits for OutputStore, which counts (task, attempt) pairs.)
+            self.log_limited("warning", "duplicate_result", peer.host, device_id=peer.device_id,
+                             task_id=key[0], attempt=key[1])
+            return
         if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
                                                         key[0], key[1]):
             # Its small files are written off the loop (OutputStore); the
