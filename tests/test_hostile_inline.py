@@ -63,6 +63,30 @@ def test_an_empty_output_file_comes_back_and_the_task_ends(cluster):
     assert outputs_of(cluster, task_id)["empty.txt"]["sha256"] == sha(b"")
 
 
+def test_a_thousand_outputs_and_a_long_stdout_are_all_stored(cluster, tmp_path):
+    """The worker keeps at most 1,000 outputs, and its stdout past the cap
+    is one more file: it put all 1,001 inside the task_result, over the
+    1,000 files rc-server takes in one, and rc-server stored none of them."""
+    device_id = "inline-many"
+    process = cluster.start_worker(device_id, "--slots", "1", "--output-cap", "1000",
+                                   "--state-dir", str(tmp_path / "state"))
+    try:
+        wait_for(lambda: device_id in online(cluster), 30, device_id)
+        task_id = submit(cluster, device_id, "mkdir out && for n in $(seq 1000); do echo $n >"
+                         " out/$n.txt; done; head -c 5000 /dev/zero | tr '\\0' x",
+                         "--output", "out/*.txt")
+        row = ended(cluster, task_id, timeout=60)
+        assert row["state"] == "completed", row
+        stored = outputs_of(cluster, task_id)
+        assert len([name for name in stored if name.startswith("out/")]) == 1000, \
+            row["result"]["stderr"][:500]
+        assert stored["out/7.txt"]["sha256"] == sha(b"7\n")
+        assert stored[".rc/stdout"]["sha256"] == sha(b"x" * 5000)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 # -- framing ---------------------------------------------------------------------------
 
 def test_a_result_whose_bytes_never_come_is_dropped_at_the_frame_deadline(cluster):
