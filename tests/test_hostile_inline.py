@@ -142,3 +142,27 @@ def test_a_result_sent_again_while_its_files_are_stored_stores_nothing_more(clus
             assert [n for n, data in enumerate(again) if in_store(cluster, sha(data))] == []
     finally:
         device.close()
+
+
+# -- entries ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [["out.bin"], {"out.bin": 1}])
+def test_a_name_that_is_not_text_is_refused_alone(cluster, name):
+    """A name that is a list or an object raised TypeError where rc-server
+    looked for it among the names given so far: every file of the result
+    was dropped, a good one with it, for a message naming no value."""
+    device = Device(cluster, "inline-name-%s" % type(name).__name__)
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.bin", "--output", "fine.txt")
+            data = os.urandom(100)
+            bad = ({"name": name, "size": len(data), "sha256": sha(data)}, data)
+            row = device.finish(assign, [bad, entry("fine.txt", b"kept")])
+            assert row["state"] == "completed"
+            assert "not stored: the name must be a non-empty text" in row["result"]["stderr"], \
+                row["result"]["stderr"]
+            assert {n: r["sha256"] for n, r in outputs_of(cluster, assign["task_id"]).items()} \
+                == {"fine.txt": sha(b"kept")}
+            assert not in_store(cluster, sha(data))
+    finally:
+        device.close()

@@ -639,7 +639,7 @@ def store_inline_outputs(connection, config, task_id, entries, raw, reserve=None
         name, data = entry.get("name"), raw[offset:offset + entry["size"]]
         offset += entry["size"]
         try:
-            if name in names:
+            if isinstance(name, str) and name in names:    # (a list cannot be in a set)
                 raise FileStoreError("bad_name", "given twice")
             sha256, size = store_inline_output(connection, config, task_id, entry, data,
                                                reserve)
