@@ -193,6 +193,7 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 
 INLINE_FILE_BYTES = 256 * 1024      # a file this small may ride in task_assign / task_result
 INLINE_TOTAL_BYTES = 512 * 1024     # ... and one message carries at most this much of them
+INLINE_MAX_FILES = 1000             # ... and at most this many of them (the rest: rc-files)
 
 ###############################################################################
 # Tunables ####################################################################
@@ -5973,7 +5974,8 @@ class Files(object):
         """An output into job.inline when it is small and room (a list of one,
         the bytes left) allows, else put to rc-files; the choice is the size's."""
         size = os.fstat(source.fileno()).st_size
-        limit = min(room[0], self.inline[0]) if self.inline else 0
+        limit = min(room[0], self.inline[0]) \
+            if self.inline and len(job.inline) < INLINE_MAX_FILES else 0
         if size <= limit:
             source.seek(0)
             # One byte past its size shows a file that grew meanwhile; no

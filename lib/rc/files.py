@@ -23,7 +23,7 @@ import shutil
 import time
 
 from rc import db
-from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES, TERMINAL_STATES
+from rc.states import INLINE_FILE_BYTES, INLINE_MAX_FILES, INLINE_TOTAL_BYTES, TERMINAL_STATES
 
 CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
 DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
@@ -618,7 +618,7 @@ def clean_partials(connection, config, now):
 # round trip to rc-files. The bytes are checked and stored as rc-files
 # checks and stores them; rc-server records the rows with the result.
 
-MAX_INLINE_ENTRIES = 1000        # inline files one task_result may carry
+MAX_INLINE_ENTRIES = INLINE_MAX_FILES      # inline files one task_result may carry
 
 
 def read_small(connection, config, sha256, size):
@@ -684,7 +684,7 @@ def store_inline_outputs(connection, config, task_id, entries, raw, reserve=None
         name, data = entry.get("name"), raw[offset:offset + entry["size"]]
         offset += entry["size"]
         try:
-            if name in names:
+            if isinstance(name, str) and name in names:    # (a list cannot be in a set)
                 raise FileStoreError("bad_name", "given twice")
             sha256, size = store_inline_output(connection, config, task_id, entry, data,
                                                reserve)

@@ -401,8 +401,9 @@ class Server:
                 self.receive(peer, line)
 
     def note_partial(self, peer):
-        """Remember when a frame started to trickle in (see sweep)."""
-        if not peer.inbox:
+        """Remember when a frame started to trickle in (see sweep); a frame
+        whose raw bytes are still due is one too, even with none of them in."""
+        if not peer.inbox and peer.raw_wanted is None:
             peer.partial_since = None
             self.partial.discard(peer)
         elif peer.partial_since is None:
@@ -431,9 +432,10 @@ class Server:
         if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
             size = data["inline_bytes"]
             if isinstance(size, bool) or not isinstance(size, int) \
-                    or not 0 < size <= MAX_FRAME_BYTES:
+                    or not 0 <= size <= MAX_FRAME_BYTES:
                 # Where the next frame begins is not known: nothing more can be read.
-                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 1"
+                # (0: empty outputs only, as a worker sends for `touch out.txt`.)
+                self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 0"
                             " to %d, not %r" % (MAX_FRAME_BYTES, str(size)[:40]))
                 return
             peer.raw_wanted = (envelope, size)
@@ -849,6 +851,13 @@ class Server:
                                     % (name, type(result[name]).__name__))
         error = field(data, "error", (str, type(None)), required=False)
         protocol.storable(result, "result")
+        if key in peer.storing:
+            # The same result again while the first one's files are stored:
+            # that one is answered. (Queued again, it would pass the bound on
+            # what waits for OutputStore, which counts (task, attempt) pairs.)
+            self.log_limited("warning", "duplicate_result", peer.host, device_id=peer.device_id,
+                             task_id=key[0], attempt=key[1])
+            return
         if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
                                                         key[0], key[1]):
             # Its small files are written off the loop (OutputStore); the

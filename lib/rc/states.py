@@ -88,3 +88,4 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 # of them.
 INLINE_FILE_BYTES = 256 * 1024
 INLINE_TOTAL_BYTES = 512 * 1024
+INLINE_MAX_FILES = 1000       # files one task_result carries at most (the rest: rc-files)
