@@ -166,3 +166,63 @@ def test_a_name_that_is_not_text_is_refused_alone(cluster, name):
             assert not in_store(cluster, sha(data))
     finally:
         device.close()
+
+
+# -- framing, spelled otherwise ----------------------------------------------------------
+
+def result_line(device, assign, data, separators, escaped):
+    """A task_result with one small output, as JSON another encoder writes."""
+    import json
+    meta, _ = entry("out.txt", data)
+    envelope = {"message_type": "task_result", "sender_id": device.device_id,
+                "timestamp": time.time(), "message_id": "m1",
+                "data": {"task_id": assign["task_id"], "attempt": assign["attempt"],
+                         "status": "completed", "error": None,
+                         "result": {"output": "done\n", "stderr": ""},
+                         "files_inline": [meta], "inline_bytes": len(data)}}
+    line = json.dumps(envelope, separators=separators).encode()
+    return line.replace(b'"inline_bytes"', b'"inline\\u005fbytes"') if escaped else line
+
+
+def test_raw_bytes_behind_a_frame_in_json_spaced_as_python_writes_it_are_its_bytes(cluster):
+    """json.dumps writes "inline_bytes": 5 (a space after the colon): its bytes,
+    which hold newlines, are read as its bytes, and the frames after them as frames."""
+    device = Device(cluster, "inline-spaced")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.txt")
+            data = b"line one\nline two\n" + b"x" * 100 + b"\n"
+            heartbeat = protocol.encode("heartbeat", {"active_tasks": []},
+                                        sender_id=device.device_id)
+            device.sock.sendall(result_line(device, assign, data, (", ", ": "), False) + b"\n"
+                                + data + heartbeat)
+            assert device.next("task_result_ack") == {"task_id": assign["task_id"],
+                                                      "attempt": assign["attempt"]}
+            assert outputs_of(cluster, assign["task_id"])["out.txt"]["sha256"] == sha(data)
+            # The heartbeat behind the bytes was read as a frame: still in step.
+            assert device.finish(device.take("true"), [])["state"] == "completed"
+    finally:
+        device.close()
+
+
+def test_raw_bytes_behind_a_frame_whose_name_is_escaped_close_that_connection(cluster):
+    """"inline\\u005fbytes" decodes to inline_bytes but is not the text rc-server
+    splits frames at: the lines of the file's bytes were served as frames and
+    the frames after them taken as its bytes. Such a frame is refused and the
+    connection closed; nothing of it is stored."""
+    device = Device(cluster, "inline-escaped")
+    try:
+        with unharmed(cluster, GOOD):
+            assign = device.take("true", "--output", "out.txt")
+            data = b"line one\nline two\n"
+            heartbeat = protocol.encode("heartbeat", {"active_tasks": []},
+                                        sender_id=device.device_id)
+            device.sock.sendall(result_line(device, assign, data, (",", ":"), True) + b"\n"
+                                + data + heartbeat)
+            error = device.next("error")
+            assert error["code"] == "bad_frame" and "must spell" in error["message"], error
+            assert device.reader.readline() == b""
+            assert not in_store(cluster, sha(data))
+    finally:
+        device.close()
+        cluster.rc("cancel", str(assign["task_id"]))

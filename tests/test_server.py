@@ -480,3 +480,41 @@ def test_the_files_port_is_told_and_cached_files_are_stored_checked(server):
     assert client.receive()["message_type"] == "heartbeat_ack"
     assert instance.database.execute(
         "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0] == "[]"
+
+
+def test_results_waiting_for_their_files_past_the_byte_bound_stop_reading_that_device(
+        server, monkeypatch):
+    """Past MAX_STORING_BYTES waiting for OutputStore from all devices, a
+    device with a result waiting is not read from until it is stored: its
+    next result stays in the socket, unread, and both end once the disk is back."""
+    instance, port = server
+    monkeypatch.setattr(server_module, "MAX_STORING_BYTES", 10)
+    disk = threading.Event()
+
+    def slow_store(self, connection, job, reserved):
+        disk.wait(20)
+        return [], []
+    monkeypatch.setattr(server_module.OutputStore, "store", slow_store)
+    client = Client(port)
+    client.register(token_of(instance), inline_files=True)
+    connection = db.connect(instance.config.db_path)
+    ids = [tasks.submit(connection, instance.config, "echo", {"message": str(n)})
+           for n in range(2)]
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    raw = b"0123456789abcdef"
+    entry = {"name": "out.bin", "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    for task_id in ids:
+        client.send_raw(protocol.encode("task_result", {
+            "task_id": task_id, "attempt": 1, "status": "completed", "result": {},
+            "files_inline": [entry], "inline_bytes": len(raw)}, sender_id="t") + raw)
+    peer = instance.peers_by_device["dev1"]
+    wait_for(lambda: peer.storing, 5, "the first result handed to OutputStore")
+    time.sleep(0.5)
+    assert len(peer.storing) == 1 and instance.outputs.waiting_bytes == len(raw)
+    assert [tasks.get(connection, i)["state"] for i in ids] == ["running", "running"]
+    disk.set()
+    wait_for(lambda: all(tasks.get(connection, i)["state"] == "completed" for i in ids), 10,
+             "both results")
+    wait_for(lambda: instance.outputs.waiting_bytes == 0, 5, "nothing waiting")
+    connection.close()

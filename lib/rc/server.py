@@ -71,6 +71,10 @@ OUTPUT_STORE_THREADS = 4      # task_results whose small files are written at on
 # A peer with this many task_results waiting for OutputStore is not read
 # from until fewer wait: what waits is bounded, its files included.
 MAX_STORING_PER_PEER = 16
+# Past this many bytes waiting for OutputStore from all devices together, a
+# device with one result waiting is not read from until it is stored: what
+# waits stays under this plus one result's files per connection.
+MAX_STORING_BYTES = 64 * 1024 * 1024
 
 
 class Peer:
@@ -438,6 +442,13 @@ class Server:
                 self.refuse(peer, "bad_frame", "inline_bytes must be a whole number from 0"
                             " to %d, not %r" % (MAX_FRAME_BYTES, str(size)[:40]))
                 return
+            if protocol.INLINE_MARK not in line:
+                # split_frames stops at that text, not at what JSON decodes
+                # to ("inline\u005fbytes", "inline_bytes" :): the frames after
+                # this one may have been split from its bytes.
+                self.refuse(peer, "bad_frame", "a task_result with raw bytes must spell %s"
+                            " as such" % protocol.INLINE_MARK.decode())
+                return
             peer.raw_wanted = (envelope, size)
             return
         self.dispatch(peer, envelope)
@@ -504,13 +515,17 @@ class Server:
     def watch(self, peer):
         """What the selector waits for on the peer's socket. A peer that does
         not read what we send gets nothing more read from it until it does:
-        its messages would only make more replies; nor does one with
-        MAX_STORING_PER_PEER results waiting for their files to be stored."""
+        its messages would only make more replies; nor does one with as
+        many results waiting for their files to be stored as storing_limit()."""
         reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
-            and len(peer.storing) < MAX_STORING_PER_PEER else 0
+            and len(peer.storing) < self.storing_limit() else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
         if self.selector.get_key(peer.sock).events != wanted:
             self.selector.modify(peer.sock, wanted, peer)
+
+    def storing_limit(self):
+        """Results of one device that may wait for OutputStore at once."""
+        return MAX_STORING_PER_PEER if self.outputs.waiting_bytes < MAX_STORING_BYTES else 1
 
     def send_error(self, peer, code, message):
         self.log_limited("warning", "peer_error", (peer.host, code), address=peer.address,
@@ -865,7 +880,7 @@ class Server:
             peer.storing.add(key)
             self.outputs.put((peer, (key, status, result, error),
                               (data.get("files_inline"), peer.raw)))
-            if len(peer.storing) >= MAX_STORING_PER_PEER:
+            if len(peer.storing) >= self.storing_limit():
                 self.watch(peer)        # read no more from it for now
             return
         self.batch.append((Server.apply_result, peer, (key, status, result, error, ())))
@@ -876,8 +891,8 @@ class Server:
         for (peer, (key, status, result, error), _), stored, notes, reserved in \
                 self.outputs.take():
             peer.storing.discard(key)
-            if len(peer.storing) == MAX_STORING_PER_PEER - 1 and not peer.closed:
-                self.watch(peer)        # read from it again
+            if not peer.closed:
+                self.watch(peer)        # read from it again, if it was not
             if notes:
                 result["stderr"] = "\n".join(notes) + "\n" + (result.get("stderr") or "")
                 self.log_limited("warning", "inline_files_refused", peer.host,
@@ -1336,10 +1351,12 @@ class OutputStore:
         self.lock = threading.Lock()
         self.handing = threading.Lock()     # finished, and whether the loop is woken
         self.unrecorded = 0       # bytes placed whose rows are not committed yet (the quota)
+        self.waiting_bytes = 0    # raw bytes put and not taken back (the loop's own count)
         self.threads = []
 
     def put(self, job):
         """job: (peer, result fields, (the task_result's files_inline, its raw bytes))."""
+        self.waiting_bytes += len(job[2][1])
         if not self.threads:
             for number in range(OUTPUT_STORE_THREADS):
                 thread = threading.Thread(target=self.run, name="output-store-%d" % number,
@@ -1359,6 +1376,7 @@ class OutputStore:
         with self.handing:
             taken = list(self.finished)
             self.finished.clear()
+        self.waiting_bytes -= sum(len(job[2][1]) for job, _, _, _ in taken)
         return taken
 
     def recorded(self, size):
