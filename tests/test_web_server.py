@@ -121,8 +121,10 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
     limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    # As rc-web: with no lookahead the loop stops reading a connection while
+    # its request is served, and must be woken after every answer.
     server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
-                               port=0, threads=2)
+                               port=0, threads=2, channel_request_lookahead=1)
     pulls = []
     real_pull = server.trigger.pull_trigger
     server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
