@@ -121,8 +121,10 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
     limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    # As rc-web: with no lookahead the loop stops reading a connection while
+    # its request is served, and must be woken after every answer.
     server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
-                               port=0, threads=2)
+                               port=0, threads=2, channel_request_lookahead=1)
     pulls = []
     real_pull = server.trigger.pull_trigger
     server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
@@ -149,5 +151,46 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
             # the loop's own timeout is 1 s: a missed wake-up would show as that
             assert time.monotonic() - started < 0.5
     finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+
+
+def test_the_loop_leaves_an_answer_to_the_thread_sending_it():
+    """While a request is served its thread sends its answer itself
+    (send_bytes=1): the loop polls that connection for writing only when
+    the socket took less than it was given, past the high watermark, or
+    once the request has ended; waitress polled it whenever bytes waited,
+    and the loop spun (~55 times an upload) on a socket always ready."""
+    server = web_server.Server(lambda environ, start_response: [], {
+        "connections_per_address": 10, "read_timeout": 10}, lambda *args, **fields: None,
+        host="127.0.0.1", port=0, threads=1)
+    ours, theirs = socket.socketpair()
+    try:
+        channel = web_server.Channel(server, ours, ("127.0.0.1", 1), server.adj, map={})
+        channel.requests, channel.total_outbufs_len = ["a request being served"], 100
+        assert not channel.writable()
+        assert channel.send(b"x" * 100) == 100 and not channel.send_blocked
+        while channel.send(b"x" * 65536) == 65536:      # until the socket is full
+            pass
+        assert channel.send_blocked and channel.writable()
+        channel.send_blocked = False
+        channel.total_outbufs_len = server.adj.outbuf_high_watermark
+        assert channel.writable()
+        channel.requests, channel.total_outbufs_len = [], 100
+        assert channel.writable()
+        channel.total_outbufs_len = 0
+        assert not channel.writable()
+        # A look that left the socket out of the loop's reads (a request in
+        # progress, no lookahead) means the request's end must wake the loop.
+        channel.requests = ["a request being served"]
+        assert not channel.readable() and channel.read_skipped
+        channel.requests = []
+        assert channel.needs_loop()
+        assert channel.readable() and not channel.read_skipped and not channel.needs_loop()
+        channel.will_close = True
+        assert channel.writable()
+    finally:
+        ours.close()
+        theirs.close()
         server.close()
         server.task_dispatcher.shutdown()

@@ -163,6 +163,8 @@ class Channel(HTTPChannel):
 
     task_class = OneSendTask
     request_started = None
+    send_blocked = False        # the socket took less than the last send gave it
+    read_skipped = False        # the loop's last look left this socket out of its reads
 
     def __init__(self, server, sock, addr, adj, map=None):
         self.address_key = address_key(addr[0] if isinstance(addr, tuple) else addr)
@@ -184,12 +186,46 @@ class Channel(HTTPChannel):
         finally:
             self.server.serving.channel = None
 
+    def writable(self):
+        """waitress's, less an answer its request's thread is sending: with
+        send_bytes=1 that thread sends what it writes itself, and while it
+        held the buffer's lock the loop, polling a socket always ready for
+        writing, spun (~55 polls an upload) and kept the GIL from it. The
+        loop sends for a request in progress only what its socket did not
+        take (send_blocked: the thread has pulled the trigger) or past the
+        high watermark (the thread waits for it then); an answer whose
+        request ended is the loop's to send, as in waitress."""
+        if self.will_close or self.close_when_flushed:
+            return True
+        waiting = self.total_outbufs_len
+        return bool(waiting) and (not self.requests or self.send_blocked
+                                  or waiting >= self.adj.outbuf_high_watermark)
+
+    def readable(self):
+        """waitress's, noting when the loop leaves the socket out (an answer
+        being written, a request waiting): the request's end must wake it
+        then (needs_loop), or a request sent meanwhile waits for the loop's
+        1 s timeout. Set before the look, so a request ending during it
+        still sees it."""
+        self.read_skipped = True
+        readable = super().readable()
+        self.read_skipped = not readable
+        return readable
+
+    def send(self, data, do_close=True):
+        sent = self.send_now(data, do_close)
+        self.send_blocked = sent < len(data)
+        return sent
+
+    def send_now(self, data, do_close):
+        return super().send(data, do_close)
+
     def needs_loop(self):
         """Whether waitress's loop must look at this connection again: output
         it must send, a close, or a request that came while another was being
         served (the loop stopped reading the connection then)."""
         return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed
-                    or self.requests)
+                    or self.requests or self.read_skipped)
 
     def overdue(self, now, read_timeout):
         """A request that began arriving too long ago and is still not whole;
@@ -290,7 +326,7 @@ class TLSChannel(Channel):
                 data += self.socket.recv(self.socket.pending())
         return data
 
-    def send(self, data, do_close=True):
+    def send_now(self, data, do_close):
         try:
             with self.tls_lock:
                 return self.socket.send(data)
