@@ -32,7 +32,8 @@ IDLE_CPU = 0.25         # rc-web CPU seconds allowed over STALL seconds with a r
 STALL = 2.5             # seconds a client sits on its answer without reading
 SPOOL = 512 * 1024      # waitress's inbuf_overflow: larger bodies go to a file
 BIG = 8 * 1024 * 1024   # a file download far larger than any socket buffer
-SETTINGS = {"web_channel_timeout": 20, "web_read_timeout": 10}
+STREAMS = 2             # max_streams: a stream whose client left must give its slot back
+SETTINGS = {"web_channel_timeout": 20, "web_read_timeout": 10, "max_streams": STREAMS}
 
 
 def start(home, **settings):
@@ -234,6 +235,58 @@ def test_clients_that_never_read_cost_no_cpu_and_hold_no_one_up(cluster):
     assert answers[1][0] == 206 and answers[1][2] == cluster.big[ranged[0]:ranged[1] + 1]
     assert answers[2][0] == 200
     assert answers[3][2] == answers[0][2]
+
+
+def test_a_half_closed_connection_gets_its_whole_answer(cluster):
+    """shutdown(SHUT_WR) right after the request (a client saying it will
+    send nothing more) still gets the answer, small or large."""
+    if cluster.context:
+        pytest.skip("a TLS client closes its writing half with close_notify, not shutdown")
+    with unharmed(cluster, "good"):
+        for path, check in (("/health", lambda body: b"status" in body),
+                            ("/api/v1/files/" + cluster.big_sha,
+                             lambda body: hashlib.sha256(body).hexdigest() == cluster.big_sha)):
+            for _ in range(5):
+                sock = connect(cluster)
+                sock.sendall(head(cluster, "GET", path))
+                sock.shutdown(socket.SHUT_WR)
+                try:
+                    status, _, body = Responses(sock).next()
+                finally:
+                    sock.close()
+                assert status == 200 and check(body), path
+
+
+def test_a_stream_whose_client_leaves_gives_its_slot_back(cluster):
+    """A client that hangs up on a stream (or half-closes it) ends it: its
+    thread and its stream slot are free again within a stream's poll, not
+    at the next ping, 15 s on."""
+    def open_stream():
+        sock = connect(cluster)
+        sock.sendall(head(cluster, "GET", "/stream/tasks"))
+        return sock, sock.recv(4096)
+
+    with unharmed(cluster, "good"):
+        for leave in (socket.SHUT_RDWR, socket.SHUT_WR):
+            streams = []            # every slot taken (another client may hold some)
+            while len(streams) < STREAMS + 3 and not (
+                    streams and streams[-1][1].startswith(b"HTTP/1.1 503")):
+                streams.append(open_stream())
+            assert len(streams) > 1 and streams[-1][1].startswith(b"HTTP/1.1 503"), \
+                [first[:12] for _, first in streams]
+            for sock, _ in streams:
+                if cluster.context or leave == socket.SHUT_RDWR:
+                    sock.close()
+                else:
+                    sock.shutdown(leave)
+            started, answer = time.monotonic(), b""
+            while time.monotonic() - started < 3 and not answer.startswith(b"HTTP/1.1 200"):
+                time.sleep(0.1)
+                sock, answer = open_stream()
+                sock.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            for sock, _ in streams:
+                sock.close()
 
 
 def test_a_body_trickled_byte_by_byte_is_answered_at_its_last_byte(cluster):

@@ -165,6 +165,7 @@ class Channel(HTTPChannel):
     request_started = None
     send_blocked = False        # the socket took less than the last send gave it
     read_skipped = False        # the loop's last look left this socket out of its reads
+    input_ended = False         # the client sent its end (a read of nothing)
 
     def __init__(self, server, sock, addr, adj, map=None):
         self.address_key = address_key(addr[0] if isinstance(addr, tuple) else addr)
@@ -195,6 +196,8 @@ class Channel(HTTPChannel):
         take (send_blocked: the thread has pulled the trigger) or past the
         high watermark (the thread waits for it then); an answer whose
         request ended is the loop's to send, as in waitress."""
+        if self.input_ended and not self.requests:
+            self.close_when_flushed = True      # every answer owed is written
         if self.will_close or self.close_when_flushed:
             return True
         waiting = self.total_outbufs_len
@@ -208,9 +211,33 @@ class Channel(HTTPChannel):
         1 s timeout. Set before the look, so a request ending during it
         still sees it."""
         self.read_skipped = True
-        readable = super().readable()
+        readable = not self.input_ended and super().readable()
         self.read_skipped = not readable
         return readable
+
+    def handle_read(self):
+        """waitress's, but a client that ends its sending after a request
+        (shutdown(SHUT_WR), `nc -N`) still gets the answer: waitress closed
+        at once and dropped it. The socket is read no more (it would poll
+        readable for good) and closes once the answers owed are sent (see
+        writable)."""
+        try:
+            data = self.socket.recv(self.adj.recv_bytes)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.handle_close()
+        if data:
+            self.last_activity = time.time()
+            self.received(data)
+        else:
+            self.input_ended = True
+
+    def check_client_disconnected(self):
+        """For a stream or a long wait (waitress.client_disconnected): its
+        client's end of sending ends it, as when waitress closed then; an
+        ordinary answer is still sent (handle_read)."""
+        return not self.connected or self.input_ended
 
     def send(self, data, do_close=True):
         sent = self.send_now(data, do_close)
@@ -225,7 +252,7 @@ class Channel(HTTPChannel):
         it must send, a close, or a request that came while another was being
         served (the loop stopped reading the connection then)."""
         return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed
-                    or self.requests or self.read_skipped)
+                    or self.requests or self.read_skipped or self.input_ended)
 
     def overdue(self, now, read_timeout):
         """A request that began arriving too long ago and is still not whole;
