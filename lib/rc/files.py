@@ -212,12 +212,7 @@ class Writer:
         self.hash, self.size = hashlib.sha256(), 0
 
     def write(self, data):
-        try:
-            written = self.file.write(data)
-            while written < len(data):      # a raw file may take part of it
-                written += self.file.write(memoryview(data)[written:])
-        except OSError as e:
-            raise disk_error(e)
+        self._write_all(data)
         self.hash.update(data)
         self.size += len(data)
         self.unchecked += len(data)
@@ -229,12 +224,17 @@ class Writer:
         """All of a blob's bytes at once, their SHA-256 already computed and
         checked by the caller: not hashed a second time (place() compares
         `sha256` with itself)."""
-        try:
-            self.file.write(data)
-        except OSError as e:
-            raise disk_error(e)
+        self._write_all(data)
         self.hash = KnownHash(sha256)
         self.size += len(data)
+
+    def _write_all(self, data):
+        try:
+            written = self.file.write(data)
+            while written < len(data):      # a raw file may take part of it
+                written += self.file.write(memoryview(data)[written:])
+        except OSError as e:
+            raise disk_error(e)
 
     def check_room(self):
         """FileStoreError when the partial files together passed the room
@@ -622,9 +622,6 @@ def clean_partials(connection, config, now):
 # round trip to rc-files. The bytes are checked and stored as rc-files
 # checks and stores them; rc-server records the rows with the result.
 
-MAX_INLINE_ENTRIES = INLINE_MAX_FILES      # inline files one task_result may carry
-
-
 def read_small(connection, config, sha256, size):
     """The bytes of a blob the store holds at exactly `size` bytes, or None
     (then the worker asks rc-files, which says what is wrong)."""
@@ -648,14 +645,15 @@ def input_refs(payload):
     return refs
 
 
-def inline_inputs(connection, config, payload, known, budget):
+def inline_inputs(connection, config, refs, known, budget):
     """The task_assign "files_inline" of a task and the bytes that follow
-    it: each distinct blob it reads of at most INLINE_FILE_BYTES that the
-    device is not known to hold (`known`, sha256s), ([{"sha256", "size"}],
-    their bytes one after the other) while those sum to at most `budget`.
-    What is left out the worker fetches from rc-files as before."""
+    it: of `refs` (input_refs of its payload), each distinct blob of at
+    most INLINE_FILE_BYTES that the device is not known to hold (`known`,
+    sha256s), ([{"sha256", "size"}], their bytes one after the other) while
+    those sum to at most `budget`. What is left out the worker fetches from
+    rc-files as before."""
     entries, blobs, taken = [], [], set()
-    for sha256, size in input_refs(payload):
+    for sha256, size in refs:
         if sha256 in taken or sha256 in known or not is_sha256(sha256) \
                 or not isinstance(size, int) or not 0 < size <= min(INLINE_FILE_BYTES, budget):
             continue
@@ -709,9 +707,9 @@ def inline_problem(entries, raw):
     if not all(isinstance(size, int) and not isinstance(size, bool)
                and 0 <= size <= INLINE_FILE_BYTES for size in sizes):
         return "each size must be a whole number from 0 to %d" % INLINE_FILE_BYTES
-    if len(entries) > MAX_INLINE_ENTRIES or len(raw) > INLINE_TOTAL_BYTES:
+    if len(entries) > INLINE_MAX_FILES or len(raw) > INLINE_TOTAL_BYTES:
         return "%d files of %d bytes in one result, over the %d files or %d bytes allowed" \
-            % (len(entries), len(raw), MAX_INLINE_ENTRIES, INLINE_TOTAL_BYTES)
+            % (len(entries), len(raw), INLINE_MAX_FILES, INLINE_TOTAL_BYTES)
     if sum(sizes) != len(raw):
         return "their sizes add up to %d bytes, not the %d sent" % (sum(sizes), len(raw))
     return None

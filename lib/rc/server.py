@@ -1306,10 +1306,12 @@ class Server:
         Sent once per connection, not at all if its heartbeat said the
         device holds them, nor while the outbox is long."""
         payload = assign["payload"]
-        if not isinstance(payload, dict) or len(peer.outbox) >= INLINE_OUTBOX_BYTES or not (
-                payload.get("inputs") or payload.get("stdin") or payload.get("checkpoint")):
+        if not isinstance(payload, dict) or len(peer.outbox) >= INLINE_OUTBOX_BYTES:
             return None
-        entries, raw = files.inline_inputs(self.database, self.config, payload,
+        refs = files.input_refs(payload)
+        if not refs:
+            return None
+        entries, raw = files.inline_inputs(self.database, self.config, refs,
                                            peer.known_blobs, INLINE_TOTAL_BYTES)
         if not entries:
             return None
