@@ -42,6 +42,9 @@ DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
 HAS_INPUTS = ("EXISTS (SELECT 1 FROM task_files f WHERE f.task_id = tasks.task_id"
               " AND f.kind = 'input')")
 EARLIEST_QUEUED = "SELECT min(not_before) FROM tasks WHERE %s" % db.QUEUED_SQL
+# When the next queued task in a backoff may start (a parameter: now).
+NEXT_BACKOFF_END = ("SELECT min(not_before) FROM tasks WHERE %s AND not_before > ?"
+                    % db.QUEUED_SQL)
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
 # How a walk of the queue ended (BATCH_READ: it read BATCH rows; the next reads on).
@@ -397,9 +400,7 @@ def assign(connection, choice, now, accept_timeout):
 
 
 def next_backoff_end(connection, now):
-    row = connection.execute("SELECT min(not_before) AS t FROM tasks WHERE %s"
-                             " AND not_before > ?" % db.QUEUED_SQL, (now,)).fetchone()
-    return row["t"]
+    return connection.execute(NEXT_BACKOFF_END, (now,)).fetchone()[0]
 
 
 def run(config, log, should_stop):
@@ -434,8 +435,11 @@ def one_look(connection, config, log, log_limited, state):
     acceptance, progress, a heartbeat: one or two for every task) are
     looked at once per poll_interval, so that a busy cluster is not walked
     again after each of them."""
-    version, earliest = db.data_version_and(connection, "(%s)" % EARLIEST_QUEUED)
     now = time.time()
+    # And when a backoff ends, in the same statement: a pass only takes
+    # tasks out of the queue, so what it leaves waits no less than that.
+    version, earliest, backoff_end = db.data_version_and(
+        connection, "(%s), (%s)" % (EARLIEST_QUEUED, NEXT_BACKOFF_END), (now,))
     if version == state["seen"] and now < state["wake_at"]:
         return False
     if not state["rung"] and now < state["wake_at"] \
@@ -450,7 +454,7 @@ def one_look(connection, config, log, log_limited, state):
         if assigned and cut_short:
             state["wake_at"] = now
             return True
-        later = next_backoff_end(connection, now)      # what is left waits
+        later = backoff_end       # what is left waits
     state["wake_at"] = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
     return False
 

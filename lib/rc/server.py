@@ -45,6 +45,11 @@ READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on ever
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
 SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
+# Seconds a lone task_result_ack may wait to ride with the next frame to its
+# device (the worker keeps the result until the ack comes, and waits for
+# nothing else): a worker given one task after another then wakes once per
+# task, not twice, and rc-server sends once.
+RESULT_ACK_DELAY = 0.05
 SHUT_OUT_SECONDS = 60.0               # how long an address with too many wrong proofs waits
 # Seconds between reads of every active attempt: for those taken back from
 # their device, and for work a reconnected device missed. Each change reads
@@ -148,7 +153,10 @@ class Server:
         self.batch = []                # (handler, peer, data) applied in one transaction
         self.notes = []                # log lines of that transaction (see note)
         self.unsent = set()            # peers with frames queued by send(later=True)
+        self.acks_due = {}             # peer -> when its send(soon=True) frames must go, in order
         self.seen_version = None
+        self.rung = True               # the doorbell rang since push_changes last looked
+        self.looked_at = 0.0           # monotonic time push_changes last asked data_version
         self.last_scan = 0.0
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
@@ -179,11 +187,13 @@ class Server:
                       protocol=PROTOCOL_VERSION)
         while not self.stopping:
             try:
-                self.turn(self.config.poll_interval)
+                self.turn(self.wait_time())
             except Exception as e:     # the last line of defence: never a dead server
                 self.rollback()
                 self.log_limited("error", "turn_failed", "turn", error=repr(e)[:500])
         self.log.info("server_stopping", connections=len(self.peers))
+        for peer in list(self.acks_due):
+            self.flush(peer)
         for peer in list(self.peers):
             self.close(peer, "server stopping", record=False)
         self.doorbell.close()
@@ -195,6 +205,7 @@ class Server:
                 continue
             if key.data is self.doorbell:
                 self.doorbell.drain()      # push_changes below looks at the database
+                self.rung = True
                 continue
             if key.data is self.outputs:
                 self.take_stored_outputs()
@@ -208,6 +219,14 @@ class Server:
         self.send_queued()
         self.sweep()
         self.tell_held_back()
+
+    def wait_time(self):
+        """Seconds the loop may sleep: until push_changes looks again (see
+        there), or a delayed ack is due (the first one is due first)."""
+        due = self.looked_at + self.config.poll_interval
+        if self.acks_due:
+            due = min(due, next(iter(self.acks_due.values())))
+        return max(0.0, due - time.monotonic())
 
     def serve(self, peer, events):
         if peer.closed:
@@ -470,10 +489,12 @@ class Server:
         finally:
             peer.raw = None
 
-    def send(self, peer, message_type, data, later=False, raw=None):
+    def send(self, peer, message_type, data, later=False, raw=None, soon=False):
         """Queue a frame and send it now, or with `later` at the end of the
-        turn, together with the rest of the turn's frames to that peer; `raw`
-        bytes go right behind it (its data says how many: "inline_bytes")."""
+        turn, together with the rest of the turn's frames to that peer, or
+        with `soon` along with the next frame sent to that peer, and at the
+        latest RESULT_ACK_DELAY from now; `raw` bytes go right behind it (its
+        data says how many: "inline_bytes")."""
         if peer.closed:
             return
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
@@ -481,6 +502,8 @@ class Server:
             peer.outbox += raw
         if len(peer.outbox) > MAX_OUTBOX_BYTES:
             self.close(peer, "not reading its messages")
+        elif soon:
+            self.acks_due.setdefault(peer, time.monotonic() + RESULT_ACK_DELAY)
         elif later:
             self.unsent.add(peer)
         else:
@@ -491,6 +514,13 @@ class Server:
             if not peer.closed:
                 self.flush(peer)
         self.unsent.clear()
+        now = time.monotonic()
+        while self.acks_due:
+            peer, due = next(iter(self.acks_due.items()))
+            if due > now:
+                break
+            self.flush(peer)        # takes it off acks_due, whatever happens
+            self.acks_due.pop(peer, None)
 
     def flush(self, peer):
         """Send what the peer's outbox holds; any error closes that peer alone
@@ -501,6 +531,7 @@ class Server:
             self.contain(peer, "flush", e)
 
     def write_out(self, peer):
+        self.acks_due.pop(peer, None)   # what it waited for goes now (or when writable)
         try:
             sent = peer.sock.send(peer.outbox)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
@@ -556,6 +587,7 @@ class Server:
         if peer.closed:
             return
         peer.closed = True
+        self.acks_due.pop(peer, None)
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError, OSError):
@@ -972,10 +1004,13 @@ class Server:
             # the scheduler, looking for more to assign, is not.
             bell.ring(self.config.run_dir, bell.WEB)
             bell.ring(self.config.run_dir, bell.SCHEDULER)
-        # Only now is everything above durable; acknowledge it.
+        # Only now is everything above durable; acknowledge it. A lone ack
+        # of a result waits for the next frame to that device (send's soon);
+        # any other reply goes this turn, with the acks queued before it.
         for peer, reply in replies:
+            lone_ack = len(reply) == 1 and reply[0][0] == TASK_RESULT_ACK
             for message_type, data in reply:
-                self.send(peer, message_type, data, later=True)
+                self.send(peer, message_type, data, later=True, soon=lone_ack)
         notes, self.notes = self.notes, []
         for note in notes:
             self.tell(note)
@@ -1241,18 +1276,27 @@ class Server:
             (peer.device_id, now, int(ok), detail, control_id))
 
     def push_changes(self):
-        """Send assignments and cancellations committed by other programs."""
+        """Send assignments and cancellations committed by other programs.
+
+        Looked for when the doorbell rang (the scheduler rings it after it
+        assigns), else once per poll_interval, as an idle loop does anyway:
+        not after every turn, so that a turn that only brought a result (and
+        committed it) costs no second statement."""
+        now = time.monotonic()
+        full_scan = now - self.last_scan >= FULL_SCAN_INTERVAL
+        if not (self.rung or full_scan or now - self.looked_at >= self.config.poll_interval):
+            return
+        self.rung, self.looked_at = False, now
         version, revoked, last_control = db.data_version_and(
             self.database, "EXISTS (SELECT 1 FROM devices WHERE %s),"
             " (SELECT coalesce(max(control_id), 0) FROM controls)" % SHUT_OUT_BUT_CONNECTED)
-        full_scan = time.monotonic() - self.last_scan >= FULL_SCAN_INTERVAL
         if version == self.seen_version and not full_scan:
             return
         self.seen_version = version
         if revoked:
             self.refuse_revoked()
         if full_scan:
-            self.last_scan = time.monotonic()
+            self.last_scan = now
             rows = self.database.execute("SELECT %s FROM tasks WHERE %s"
                                          % (PUSH_COLUMNS, db.ACTIVE_SQL)).fetchall()
             self.cancel_taken_back(rows)
