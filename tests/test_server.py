@@ -15,7 +15,7 @@ import pytest
 from cluster_harness import wait_for
 from rc import config as config_module
 from rc import server as server_module
-from rc import audit, db, device_secrets, devices, fleet, protocol, scheduler, state_dir, tasks
+from rc import audit, bell, db, device_secrets, devices, fleet, protocol, scheduler, state_dir, tasks
 from rc import tls
 from rc.log import Logger
 from rc.server import Server
@@ -170,6 +170,89 @@ def test_assignment_is_pushed_and_result_committed_before_ack(server):
     assert ack["message_type"] == "task_result_ack"
     # The ack came after the commit: the result is there to read now.
     assert tasks.get(connection, task_id)["state"] == "completed"
+    connection.close()
+
+
+def assign_next(connection, config, task_id, ring=True):
+    """Play rc-scheduler: give the task to dev1 and ring rc-server's bell."""
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='assigned', device_id='dev1'"
+                           " WHERE task_id = ?", (task_id,))
+    if ring:
+        bell.ring(config.run_dir, bell.SERVER)
+
+
+def test_a_lone_result_ack_rides_with_the_next_assignment(server, monkeypatch):
+    """The worker keeps a result until its ack comes and waits for nothing
+    else: the ack goes with the next frame to that device (here the next
+    task), so a worker given one task after another wakes once per task."""
+    monkeypatch.setattr(server_module, "RESULT_ACK_DELAY", 30.0)
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    config = instance.config
+    connection = db.connect(config.db_path)
+    first, second = (tasks.submit(connection, config, "echo", {"message": m})
+                     for m in ("one", "two"))
+    assign_next(connection, config, first)
+    assert client.receive()["data"]["task_id"] == first
+    client.send("task_result", {"task_id": first, "attempt": 1, "status": "completed",
+                                "result": {"output": "one"}})
+    wait_for(lambda: tasks.get(connection, first)["state"] == "completed", 5, "stored")
+    client.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        client.receive()                 # the ack waits ...
+    client.sock.settimeout(5)
+    assign_next(connection, config, second)
+    ack, assign = client.receive(), client.receive()     # ... for the next task
+    assert (ack["message_type"], ack["data"]) == ("task_result_ack",
+                                                  {"task_id": first, "attempt": 1})
+    assert (assign["message_type"], assign["data"]["task_id"]) == ("task_assign", second)
+    connection.close()
+
+
+def test_a_lone_result_ack_goes_within_its_delay_when_nothing_follows(server, monkeypatch):
+    monkeypatch.setattr(server_module, "RESULT_ACK_DELAY", 0.2)
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
+    assign_next(connection, instance.config, task_id)
+    assert client.receive()["message_type"] == "task_assign"
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
+                                "result": {"output": "hi"}})
+    ack = client.receive()          # the socket gives up after 5 s
+    assert (ack["message_type"], ack["data"]) == ("task_result_ack",
+                                                  {"task_id": task_id, "attempt": 1})
+    connection.close()
+
+
+def test_a_lone_completed_result_costs_rc_server_one_statement(server, monkeypatch):
+    """A turn that brought only a completed result runs its UPDATE and no
+    look for other programs' changes: those are looked for when the
+    doorbell rings, or once per poll_interval (here pushed out of the way)."""
+    monkeypatch.setattr(server_module, "FULL_SCAN_INTERVAL", 3600.0)
+    instance, port = server
+    client = Client(port)
+    client.register(token_of(instance))
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
+    instance.config.poll_interval = 3600.0
+    assign_next(connection, instance.config, task_id)
+    assert client.receive()["message_type"] == "task_assign"
+    client.send("heartbeat", {"active_tasks": [{"task_id": task_id, "attempt": 1}]})
+    assert client.receive()["message_type"] == "heartbeat_ack"    # its first frame: answering
+    statements = []
+    instance.database.set_trace_callback(statements.append)
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
+                                "result": {"output": "hi"}})
+    wait_for(lambda: tasks.get(connection, task_id)["state"] == "completed", 5, "stored")
+    time.sleep(0.1)
+    instance.database.set_trace_callback(None)
+    # (The trace repeats a statement for each trigger it fires.)
+    assert statements and set(statements) == {statements[0]}, statements
+    assert statements[0].startswith("UPDATE tasks SET state = 'completed'")
     connection.close()
 
 
