@@ -10,7 +10,11 @@ import os
 import select
 import socket
 
-SCHEDULER = "rc-scheduler"
+SCHEDULER = "rc-scheduler"    # work to give out: a submit, a retry, a device to fill
+# Room freed (a result, a device joining or heard from): the scheduler
+# listens to this one only while tasks wait for room, so that on a cluster
+# with nothing queued a result wakes nobody but who waits for it.
+SCHEDULER_ROOM = "rc-scheduler-room"
 SERVER = "rc-server"
 WEB = "rc-web"          # results committed: a request waiting for them looks now
 
@@ -52,8 +56,7 @@ class Bell:
 
     def wait(self, timeout):
         """Sleep until rung or `timeout` seconds pass; True when rung."""
-        readable, _, _ = select.select([self.socket], [], [], max(0.0, timeout))
-        return bool(readable) and self.drain()
+        return wait_any([self], timeout)
 
     def drain(self):
         """Swallow every ring so far: one look at the database answers all."""
@@ -71,3 +74,10 @@ class Bell:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def wait_any(bells, timeout):
+    """Sleep until one of these bells rings or `timeout` seconds pass; True
+    when rung (every ring so far swallowed)."""
+    readable, _, _ = select.select(bells, [], [], max(0.0, timeout))
+    return any([doorbell.drain() for doorbell in readable])

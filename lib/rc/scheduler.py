@@ -45,6 +45,11 @@ EARLIEST_QUEUED = "SELECT min(not_before) FROM tasks WHERE %s" % db.QUEUED_SQL
 # When the next queued task in a backoff may start (a parameter: now).
 NEXT_BACKOFF_END = ("SELECT min(not_before) FROM tasks WHERE %s AND not_before > ?"
                     % db.QUEUED_SQL)
+# Queued tasks, counted up to QUEUED_COUNT_CAP (an index walk that stops
+# there): a pass that assigned every one of fewer left nothing waiting.
+QUEUED_COUNT_CAP = 64
+QUEUED_COUNT = ("SELECT count(*) FROM (SELECT 1 FROM tasks WHERE %s LIMIT %d)"
+                % (db.QUEUED_SQL, QUEUED_COUNT_CAP))
 # The types that need a slot (the others are instant).
 SLOT_TASK_TYPES = tuple(t for t in TASK_TYPES if t not in INSTANT_TASK_TYPES)
 # How a walk of the queue ended (BATCH_READ: it read BATCH rows; the next reads on).
@@ -409,7 +414,7 @@ def run(config, log, should_stop):
     log.info("scheduler_started", active_states=list(ACTIVE_STATES))
     log_limited = throttle.LimitedLog(log)
     state = {"seen": None, "wake_at": 0.0, "turnover": Turnover(), "rung": True,
-             "passed_at": 0.0, "cursor": QueueCursor()}
+             "passed_at": 0.0, "cursor": QueueCursor(), "waiting": False, "room_bell": None}
     while not should_stop():
         if look_after_recurring(connection, config, log, log_limited, state):
             state["wake_at"] = 0.0         # what it queued is assigned at once
@@ -421,9 +426,30 @@ def run(config, log, should_stop):
                 connection.execute("ROLLBACK")
             log_limited("error", "pass_failed", "pass", error=repr(e)[:500])
             state["wake_at"] = time.time() + FAILED_PASS_PAUSE
-        state["rung"] = doorbell.wait(min(config.poll_interval,
-                                          max(0.0, state["wake_at"] - time.time())))
-    doorbell.close()
+        if listen_for_room(config, state):
+            continue
+        bells = [doorbell] + ([state["room_bell"]] if state["room_bell"] else [])
+        state["rung"] = bell.wait_any(bells, min(config.poll_interval,
+                                                 max(0.0, state["wake_at"] - time.time())))
+    for listening in (doorbell, state["room_bell"]):
+        if listening is not None:
+            listening.close()
+
+
+def listen_for_room(config, state):
+    """Listen to the room bell (bell.SCHEDULER_ROOM) while the last pass
+    left tasks waiting, and not otherwise: then a result wakes us only when
+    it may let one go. True when it was only now bound: a result committed
+    since the pass read the devices rang nobody, so look again at once (its
+    commit shows in data_version)."""
+    if state["waiting"] and state["room_bell"] is None:
+        state["room_bell"] = bell.Bell(config.run_dir, bell.SCHEDULER_ROOM)
+        state["rung"] = True
+        return True
+    if not state["waiting"] and state["room_bell"] is not None:
+        state["room_bell"].close()
+        state["room_bell"] = None
+    return False
 
 
 def one_look(connection, config, log, log_limited, state):
@@ -438,8 +464,9 @@ def one_look(connection, config, log, log_limited, state):
     now = time.time()
     # And when a backoff ends, in the same statement: a pass only takes
     # tasks out of the queue, so what it leaves waits no less than that.
-    version, earliest, backoff_end = db.data_version_and(
-        connection, "(%s), (%s)" % (EARLIEST_QUEUED, NEXT_BACKOFF_END), (now,))
+    version, earliest, backoff_end, queued = db.data_version_and(
+        connection, "(%s), (%s), (%s)" % (EARLIEST_QUEUED, NEXT_BACKOFF_END, QUEUED_COUNT),
+        (now,))
     if version == state["seen"] and now < state["wake_at"]:
         return False
     if not state["rung"] and now < state["wake_at"] \
@@ -448,9 +475,14 @@ def one_look(connection, config, log, log_limited, state):
     state["seen"], state["rung"], state["passed_at"] = version, True, now
     # Our own commit does not change data_version for us; nothing to undo.
     later = earliest
-    if earliest is not None and earliest <= now:
+    if earliest is None:
+        state["waiting"] = False
+    elif earliest <= now:
         assigned, cut_short = assign_ready(connection, now, log, config, state["turnover"],
                                            log_limited, state["cursor"])
+        # What the pass left (no room, dependencies, a backoff) waits for a
+        # result or a device: listen for them (see listen_for_room).
+        state["waiting"] = cut_short or not assigned == queued < QUEUED_COUNT_CAP
         if assigned and cut_short:
             state["wake_at"] = now
             return True

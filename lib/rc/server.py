@@ -1001,9 +1001,10 @@ class Server:
         self.stored_bytes = 0
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
             # rc-web first: a client waiting for this result is on a task's way;
-            # the scheduler, looking for more to assign, is not.
+            # the scheduler, looking for more to assign, is not (and listens
+            # only while tasks wait for room).
             bell.ring(self.config.run_dir, bell.WEB)
-            bell.ring(self.config.run_dir, bell.SCHEDULER)
+            bell.ring(self.config.run_dir, bell.SCHEDULER_ROOM)
         # Only now is everything above durable; acknowledge it. A lone ack
         # of a result waits for the next frame to that device (send's soon);
         # any other reply goes this turn, with the acks queued before it.
