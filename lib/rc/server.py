@@ -4,9 +4,11 @@ A single `selectors` loop reads frames from every connection, applies what
 they say to the database in one short transaction per turn of the loop (a
 turn that brought one completed result: one statement), and only then
 answers (acks go out after the commit, so an acknowledged result is never
-lost). It learns about new assignments and cancellations from the
-database alone: when `PRAGMA data_version` says another program committed,
-it looks for assigned tasks it has not pushed yet.
+lost; a lone result's ack rides with the next frame to that worker). It
+learns about new assignments and cancellations from the database alone:
+when its doorbell rings (the scheduler assigned), or once per
+poll_interval, it asks `PRAGMA data_version` whether another program
+committed, and if so looks for assigned tasks it has not pushed yet.
 
 Nothing a peer sends ends the process: an error while serving one
 connection closes that connection; a turn's transaction that fails is
