@@ -182,22 +182,33 @@ def assign_next(connection, config, task_id, ring=True):
         bell.ring(config.run_dir, bell.SERVER)
 
 
+def echo_sent_to_dev1(instance, port):
+    """A client registered as dev1, sent an echo task: the client, a
+    database connection and the task's id."""
+    client = Client(port)
+    client.register(token_of(instance))
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
+    assign_next(connection, instance.config, task_id)
+    assert client.receive()["data"]["task_id"] == task_id
+    return client, connection, task_id
+
+
+def send_completed(client, task_id):
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
+                                "result": {"output": "hi"}})
+
+
 def test_a_lone_result_ack_rides_with_the_next_assignment(server, monkeypatch):
     """The worker keeps a result until its ack comes and waits for nothing
     else: the ack goes with the next frame to that device (here the next
     task), so a worker given one task after another wakes once per task."""
     monkeypatch.setattr(server_module, "RESULT_ACK_DELAY", 30.0)
     instance, port = server
-    client = Client(port)
-    client.register(token_of(instance))
     config = instance.config
-    connection = db.connect(config.db_path)
-    first, second = (tasks.submit(connection, config, "echo", {"message": m})
-                     for m in ("one", "two"))
-    assign_next(connection, config, first)
-    assert client.receive()["data"]["task_id"] == first
-    client.send("task_result", {"task_id": first, "attempt": 1, "status": "completed",
-                                "result": {"output": "one"}})
+    client, connection, first = echo_sent_to_dev1(instance, port)
+    second = tasks.submit(connection, config, "echo", {"message": "two"})
+    send_completed(client, first)
     wait_for(lambda: tasks.get(connection, first)["state"] == "completed", 5, "stored")
     client.sock.settimeout(0.3)
     with pytest.raises(socket.timeout):
@@ -213,15 +224,8 @@ def test_a_lone_result_ack_rides_with_the_next_assignment(server, monkeypatch):
 
 def test_a_lone_result_ack_goes_within_its_delay_when_nothing_follows(server, monkeypatch):
     monkeypatch.setattr(server_module, "RESULT_ACK_DELAY", 0.2)
-    instance, port = server
-    client = Client(port)
-    client.register(token_of(instance))
-    connection = db.connect(instance.config.db_path)
-    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
-    assign_next(connection, instance.config, task_id)
-    assert client.receive()["message_type"] == "task_assign"
-    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
-                                "result": {"output": "hi"}})
+    client, connection, task_id = echo_sent_to_dev1(*server)
+    send_completed(client, task_id)
     ack = client.receive()          # the socket gives up after 5 s
     assert (ack["message_type"], ack["data"]) == ("task_result_ack",
                                                   {"task_id": task_id, "attempt": 1})
@@ -234,19 +238,13 @@ def test_a_lone_completed_result_costs_rc_server_one_statement(server, monkeypat
     doorbell rings, or once per poll_interval (here pushed out of the way)."""
     monkeypatch.setattr(server_module, "FULL_SCAN_INTERVAL", 3600.0)
     instance, port = server
-    client = Client(port)
-    client.register(token_of(instance))
-    connection = db.connect(instance.config.db_path)
-    task_id = tasks.submit(connection, instance.config, "echo", {"message": "hi"})
+    client, connection, task_id = echo_sent_to_dev1(instance, port)
     instance.config.poll_interval = 3600.0
-    assign_next(connection, instance.config, task_id)
-    assert client.receive()["message_type"] == "task_assign"
     client.send("heartbeat", {"active_tasks": [{"task_id": task_id, "attempt": 1}]})
     assert client.receive()["message_type"] == "heartbeat_ack"    # its first frame: answering
     statements = []
     instance.database.set_trace_callback(statements.append)
-    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
-                                "result": {"output": "hi"}})
+    send_completed(client, task_id)
     wait_for(lambda: tasks.get(connection, task_id)["state"] == "completed", 5, "stored")
     time.sleep(0.1)
     instance.database.set_trace_callback(None)
