@@ -148,6 +148,33 @@ def test_the_cli_log_is_appended_by_many_processes_without_mixing(tmp_path):
     assert sorted(r["task_id"] for r in lines) == list(range(200))
 
 
+class Writes(list):
+    """A stream that keeps each write apart."""
+
+    def write(self, data):
+        self.append(bytes(data))
+
+    def flush(self):
+        pass
+
+
+def test_one_step_s_lines_go_out_in_one_write():
+    """A scheduler pass's or a server turn's lines: one wake-up of
+    supervisord, not one a line; lines under the level are left out."""
+    writes = Writes()
+    logger = Logger("rc-scheduler", "info", writes)
+    logger.log_many([("info", "task_assigned", {"task_id": 1}),
+                     ("debug", "task_assigned", {"task_id": 2}),
+                     ("warning", "pass_failed", {"task_id": 3})])
+    assert len(writes) == 1
+    lines = [orjson.loads(line) for line in writes[0].splitlines()]
+    assert [(r["program"], r["level"], r["task_id"]) for r in lines] == [
+        ("rc-scheduler", "info", 1), ("rc-scheduler", "warning", 3)]
+    logger.log_many([("debug", "task_assigned", {"task_id": 4})])
+    logger.log_many([])
+    assert len(writes) == 1          # nothing to say: no write at all
+
+
 def test_the_cli_log_is_rotated_like_supervisord_s(tmp_path):
     path = tmp_path / "rc-cli.log"
     path.write_bytes(b"x" * 100)

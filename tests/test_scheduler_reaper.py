@@ -59,6 +59,20 @@ def test_an_echo_is_assigned_with_a_debug_line_a_shell_task_with_an_info_one(sto
             if line["event"] == "task_assigned"} == {echo: "debug", shell: "info"}
 
 
+def test_a_pass_writes_its_lines_in_one_write(store):
+    config, connection = store
+    add_device(connection, "a", slots=3)
+    for n in range(3):
+        tasks.submit(connection, config, "shell", {"command": str(n)})
+
+    class Writes(list):
+        write, flush = list.append, lambda self: None
+    writes = Writes()
+    assert scheduler.schedule(connection, 2000.0, Logger("rc-scheduler", "info", writes),
+                              config) == 3
+    assert len(writes) == 1 and writes[0].count(b"task_assigned") == 3
+
+
 def test_a_task_that_fits_nowhere_does_not_hold_up_others(store):
     config, connection = store
     add_device(connection, "small", slots=4, cores=2)

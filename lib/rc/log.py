@@ -21,7 +21,7 @@ class Logger:
             raise ValueError("log level must be one of %s" % ", ".join(LEVELS))
         self.program = program
         self.threshold = LEVELS[level]
-        self.stream = stream or sys.stdout.buffer
+        self.stream = sys.stdout.buffer if stream is None else stream
         self.owns_stream = False
 
     @classmethod
@@ -38,14 +38,23 @@ class Logger:
             self.stream.close()
 
     def log(self, level, event, **fields):
-        if LEVELS[level] < self.threshold:
-            return
-        record = {"time": round(time.time(), 6), "program": self.program,
-                  "level": level, "event": event}
+        self.log_many([(level, event, fields)])
+
+    def log_many(self, lines):
+        """(level, event, fields) lines in one write: what one step of a
+        program did (a scheduler pass, a turn of rc-server) reaches the log
+        with one wake-up of supervisord, not one a line."""
+        now = round(time.time(), 6)
+        written = b"".join(self.line(now, level, event, fields) for level, event, fields in lines
+                           if LEVELS[level] >= self.threshold)
+        if written:
+            self.stream.write(written)
+            self.stream.flush()
+
+    def line(self, now, level, event, fields):
+        record = {"time": now, "program": self.program, "level": level, "event": event}
         record.update(fields)
-        line = orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
-        self.stream.write(line)
-        self.stream.flush()
+        return orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
 
     def debug(self, event, **fields):
         self.log("debug", event, **fields)

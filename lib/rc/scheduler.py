@@ -295,9 +295,10 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None, curso
         bell.ring(config.run_dir, bell.SERVER)     # first: rc-server sends them on
     if turnover is not None:
         turnover.remember(slots.devices)
-    for task_id, attempt, device_id, task_type in given:   # after the commit: never log a rollback
-        log.log("debug" if task_type in QUIET_TASK_TYPES else "info", "task_assigned",
-                task_id=task_id, attempt=attempt, device_id=device_id)
+    # After the commit (never log a rollback), in one write.
+    log.log_many([("debug" if task_type in QUIET_TASK_TYPES else "info", "task_assigned",
+                   {"task_id": task_id, "attempt": attempt, "device_id": device_id})
+                  for task_id, attempt, device_id, task_type in given])
     return len(given), cut_short
 
 

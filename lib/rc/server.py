@@ -1017,8 +1017,7 @@ class Server:
             for message_type, data in reply:
                 self.send(peer, message_type, data, later=True, soon=lone_ack)
         notes, self.notes = self.notes, []
-        for note in notes:
-            self.tell(note)
+        self.tell(notes)
 
     def apply_together(self, batch, now):
         """The turn's messages in one transaction (or one statement): the
@@ -1068,12 +1067,13 @@ class Server:
         """An audit line, written once the turn's transaction has committed."""
         self.notes.append((None, event, {"actor": actor, "source": source}))
 
-    def tell(self, note):
-        level, event, fields = note
-        if level is not None:
-            self.log.log(level, event, **fields)
-            return
-        self.audit_line(event, fields["actor"], fields["source"])
+    def tell(self, notes):
+        """The turn's log lines, in one write (see Logger.log_many), and its
+        audit lines."""
+        self.log.log_many([note for note in notes if note[0] is not None])
+        for level, event, fields in notes:
+            if level is None:
+                self.audit_line(event, fields["actor"], fields["source"])
 
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced, key, is_new = data
