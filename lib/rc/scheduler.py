@@ -486,7 +486,7 @@ def one_look(connection, config, log, log_limited, state):
                                            log_limited, state["cursor"])
         # What the pass left (no room, dependencies, a backoff) waits for a
         # result or a device: listen for them (see listen_for_room).
-        state["waiting"] = cut_short or not assigned == queued < QUEUED_COUNT_CAP
+        state["waiting"] = cut_short or not (assigned == queued < QUEUED_COUNT_CAP)
         if assigned and cut_short:
             state["wake_at"] = now
             return True
