@@ -48,10 +48,10 @@ def state_of(connection, task_id):
     return tasks.get(connection, task_id)["state"]
 
 
-def finish(connection, task_id):
+def finish(connection, task_id, device_id="one-slot"):
     """Play rc-server taking the task's result."""
     with db.write(connection):
-        assert tasks.finish(connection, task_id, 1, "one-slot", COMPLETED, {}, None,
+        assert tasks.finish(connection, task_id, 1, device_id, COMPLETED, {}, None,
                             "completed", time.time())
 
 
@@ -90,6 +90,25 @@ def test_a_slot_freed_between_the_pass_and_the_room_bell_is_not_missed(loop, mon
         return outcome
     monkeypatch.setattr(scheduler, "assign_ready", pass_then_result)
     second = submitted(config, connection)
+    wait_for(lambda: state_of(connection, second) == ASSIGNED, 5, "the second task assigned")
+
+
+def test_a_task_waiting_for_another_goes_when_that_one_s_result_rings(loop):
+    """Room to spare, but the second task depends on the first: what frees
+    it is the first one's result, which rings the room bell only."""
+    config, connection = loop
+    data = {"device_info": {"platform": "linux"}, "hardware_specs": {"cpu_cores": 2},
+            "task_types": ["shell"], "slots": 1}
+    with db.write(connection):
+        devices.register(connection, "another", data, "127.0.0.1:2", time.time())
+    first = tasks.submit(connection, config, "shell", {"command": "true"})
+    second = tasks.submit(connection, config, "shell", {"command": "true"},
+                          depends_on=[first])
+    wait_for(lambda: state_of(connection, first) == ASSIGNED, 5, "the first task assigned")
+    wait_for(lambda: os.path.exists(bell.path(config.run_dir, bell.SCHEDULER_ROOM)), 5,
+             "the room bell, with the second task waiting")
+    finish(connection, first, tasks.get(connection, first)["device_id"])
+    bell.ring(config.run_dir, bell.SCHEDULER_ROOM)
     wait_for(lambda: state_of(connection, second) == ASSIGNED, 5, "the second task assigned")
 
 
