@@ -5549,6 +5549,60 @@ def refusal(root, real, seen, protected, cached):
     return None
 
 
+def read_inline(source, name, limit):
+    """An output's entry for a task_result's files_inline ("data": its
+    bytes), or None when it is over `limit` bytes."""
+    size = os.fstat(source.fileno()).st_size
+    if size > limit:
+        return None
+    source.seek(0)
+    # One byte past its size shows a file that grew meanwhile; no more (a
+    # read of `limit` bytes allocates them all first).
+    data = source.read(size + 1)
+    if len(data) > size:
+        return None
+    digest = file_sha256()
+    digest.update(data)
+    return {"name": name, "size": len(data), "sha256": digest.hexdigest(), "data": data}
+
+
+FEW_ENTRIES = 64        # entries of a task directory that the loop may look through for outputs
+
+
+def few_entries(workdir):
+    """Whether the task directory holds at most FEW_ENTRIES entries and no
+    folder but the worker's own (.rc-*): looking for its outputs then costs
+    the loop a directory read, not a walk of a tree."""
+    try:
+        entries = list(os.scandir(workdir))
+    except OSError:
+        return False
+    return len(entries) <= FEW_ENTRIES and not any(
+        entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".rc-")
+        for entry in entries)
+
+
+def empty_for_reuse(workdir):
+    """Empty a task directory the worker took back (Sandbox.keep_for_upload),
+    all its task's processes gone, but for its checkpoint directory, made
+    the worker's again: whether WorkDirs may hand it to the next task (the
+    checkpoint directory then needs no mkdir). False on anything more than
+    files and that directory: it is removed whole."""
+    import stat
+    try:
+        for entry in list(os.scandir(workdir)):
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode):
+                os.unlink(entry.path)
+            elif entry.name != CHECKPOINT_DIR:
+                return False
+            elif info.st_uid != os.geteuid():
+                os.chown(entry.path, os.geteuid(), os.getegid(), follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
 def open_output(path):
     """An output opened without following a link at its last step."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -5664,6 +5718,10 @@ class Files(object):
         # (file bytes, total bytes) of small files the main node takes in a
         # task_result (its register_ack's inline_files), or None: all to rc-files.
         self.inline = None
+        # Task directories emptied after their outputs were read (upload_here),
+        # each the worker's and 0700 with an empty checkpoint directory, for
+        # the next tasks with files: WorkDirs keeps those of plain tasks by uid.
+        self.spare_dirs = []
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5770,7 +5828,8 @@ class Files(object):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
-        task.workdir = workdir = worker.sandbox.workdirs.take()
+        task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
+            else worker.sandbox.workdirs.take()
         unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
         self.cache.pin(unique, task.key)
@@ -5964,30 +6023,59 @@ class Files(object):
         worker.sandbox.keep_for_upload(workdir)
         task.workdir = None           # ours now: removed when the upload ends
         task.files_elapsed = task.elapsed()
+        if not (spilled or checkpoint) and self.upload_here(worker, task, workdir, globs,
+                                                            result):
+            return False
         job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
                                                   checkpoint))
         worker.running[task.key] = Uploading(task, job, (status, error, result))
         job.start()
         return True
 
+    def upload_here(self, worker, task, workdir, globs, result):
+        """The outputs read here, in the loop, and the task directory kept
+        for the next task with files (WorkDirs), when the directory holds a
+        few entries and no folder, and every output rides in the task_result:
+        a transfer thread, its wake-up and a new directory cost the worker
+        more than reading 100 KiB. False (nothing done) when one does not
+        fit: a thread uploads them all (upload), never the loop."""
+        if not self.inline or not few_entries(workdir):
+            return False
+        found, notes = find_outputs(workdir, globs, self.protected(), self.cached_inodes())
+        if len(found) > INLINE_MAX_FILES:
+            return False
+        inline, room = [], self.inline[1]
+        for name, path in found:
+            try:
+                with open_output(path) as source:
+                    entry = read_inline(source, name, min(room, self.inline[0]))
+            except OSError as e:
+                notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
+                continue
+            if entry is None:
+                return False
+            room -= entry["size"]
+            inline.append(entry)
+        if notes:
+            result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
+        task.files_stored, task.files_inline = [], inline
+        if len(self.spare_dirs) < worker.options.slots and empty_for_reuse(workdir) \
+                and WorkDirs.as_made(workdir):
+            self.spare_dirs.append(workdir)
+        else:
+            remove_task_dir(workdir)
+        return True
+
     def send_or_inline(self, job, source, request, room):
         """An output into job.inline when it is small and room (a list of one,
         the bytes left) allows, else put to rc-files; the choice is the size's."""
-        size = os.fstat(source.fileno()).st_size
         limit = min(room[0], self.inline[0]) \
             if self.inline and len(job.inline) < INLINE_MAX_FILES else 0
-        if size <= limit:
-            source.seek(0)
-            # One byte past its size shows a file that grew meanwhile; no
-            # more (a read of `limit` bytes allocates them all first).
-            data = source.read(size + 1)
-            if len(data) <= size:
-                digest = file_sha256()
-                digest.update(data)
-                room[0] -= len(data)
-                job.inline.append({"name": request["name"], "size": len(data),
-                                   "sha256": digest.hexdigest(), "data": data})
-                return
+        entry = read_inline(source, request["name"], limit)
+        if entry is not None:
+            room[0] -= entry["size"]
+            job.inline.append(entry)
+            return
         job.stored.append(put_file(job, source, request))
 
     def upload(self, job, task, workdir, globs, spilled, checkpoint):
