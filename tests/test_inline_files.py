@@ -205,6 +205,44 @@ def test_big_files_still_go_through_rc_files(cluster, tmp_path):
     assert rc_files_events(cluster, "file_stored", sha(data + data)) == 1
 
 
+def test_small_outputs_read_by_the_workers_loop_still_refuse_what_leads_outside(cluster):
+    """A task directory of a few files is looked through in the worker's
+    loop (no transfer thread): a link out of it is refused there as a
+    thread refuses it, and the file beside it still comes back."""
+    task_id = submit(cluster, GOOD, "ln -s /etc/passwd passwd; ln -s ../ up;"
+                     " echo fine > good.txt; ln -s good.txt inside.lnk", "--output", "*",
+                     "--output", "up/*")
+    wait(cluster, task_id)
+    assert sorted(outputs_of(cluster, task_id)) == ["good.txt", "inside.lnk"]
+    stderr = tasks.get(cluster.db, task_id)["result"]["stderr"]
+    for name in ("passwd", "up"):
+        assert "output %r refused" % name in stderr, stderr
+    assert rc_files_events(cluster, "file_stored", sha(b"fine\n")) == 0
+
+
+def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_path):
+    """The worker keeps the directory of a task whose outputs it read in
+    its loop for the next task with files: that task finds its own input
+    and an empty checkpoint directory there, nothing of the task before.
+    A directory with a folder in it is removed instead."""
+    first = submit(cluster, GOOD, "cp in.bin copy.bin; echo left > junk.txt; pwd > where.txt",
+                   "--input", write(tmp_path / "in.bin", b"first"), "--output", "where.txt")
+    wait(cluster, first)
+    where = tmp_path / "where"
+    cluster.rc("get", str(first), "-o", str(where))
+    second = submit(cluster, GOOD, "pwd; ls -A; ls -A .rc-checkpoint; cat in2.bin",
+                    "--input", write(tmp_path / "in2.bin", b"second"))
+    lines = wait(cluster, second).splitlines()
+    assert lines == [(where / "where.txt").read_text().strip(), ".rc-checkpoint", "in2.bin",
+                     "second"]
+    third = submit(cluster, GOOD, "mkdir sub; echo x > sub/x; pwd > where.txt",
+                   "--input", write(tmp_path / "in3.bin", b"third"), "--output", "where.txt")
+    wait(cluster, third)
+    cluster.rc("get", str(third), "-o", str(where))
+    kept = (where / "where.txt").read_text().strip()
+    wait_for(lambda: not os.path.exists(kept), 10, "the directory with a folder removed")
+
+
 def test_an_old_worker_moves_small_files_through_rc_files(cluster, tmp_path):
     """A worker from before inline files neither announces them nor reads
     the main node's offer: everything goes by rc-files, as before."""
