@@ -5571,15 +5571,23 @@ FEW_ENTRIES = 64        # entries of a task directory that the loop may look thr
 
 def few_entries(workdir):
     """Whether the task directory holds at most FEW_ENTRIES entries and no
-    folder but the worker's own (.rc-*): looking for its outputs then costs
-    the loop a directory read, not a walk of a tree."""
+    folder but an empty checkpoint directory: looking for its outputs, and
+    emptying or removing it, then cost the loop a directory read and a few
+    unlinks, never a walk of a tree (a task may leave millions of files)."""
     try:
-        entries = list(os.scandir(workdir))
+        with os.scandir(workdir) as listing:
+            entries = [entry for _, entry in zip(range(FEW_ENTRIES + 1), listing)]
+        return len(entries) <= FEW_ENTRIES and all(
+            not entry.is_dir(follow_symlinks=False)
+            or (entry.name == CHECKPOINT_DIR and is_empty_dir(entry.path))
+            for entry in entries)
     except OSError:
         return False
-    return len(entries) <= FEW_ENTRIES and not any(
-        entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".rc-")
-        for entry in entries)
+
+
+def is_empty_dir(path):
+    with os.scandir(path) as listing:
+        return next(listing, None) is None
 
 
 def empty_for_reuse(workdir):

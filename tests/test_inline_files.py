@@ -224,7 +224,7 @@ def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_pa
     """The worker keeps the directory of a task whose outputs it read in
     its loop for the next task with files: that task finds its own input
     and an empty checkpoint directory there, nothing of the task before.
-    A directory with a folder in it is removed instead."""
+    A directory with a folder in it, or a checkpoint, is removed instead."""
     first = submit(cluster, GOOD, "cp in.bin copy.bin; echo left > junk.txt; pwd > where.txt",
                    "--input", write(tmp_path / "in.bin", b"first"), "--output", "where.txt")
     wait(cluster, first)
@@ -235,12 +235,15 @@ def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_pa
     lines = wait(cluster, second).splitlines()
     assert lines == [(where / "where.txt").read_text().strip(), ".rc-checkpoint", "in2.bin",
                      "second"]
-    third = submit(cluster, GOOD, "mkdir sub; echo x > sub/x; pwd > where.txt",
-                   "--input", write(tmp_path / "in3.bin", b"third"), "--output", "where.txt")
-    wait(cluster, third)
-    cluster.rc("get", str(third), "-o", str(where))
-    kept = (where / "where.txt").read_text().strip()
-    wait_for(lambda: not os.path.exists(kept), 10, "the directory with a folder removed")
+    for number, command in enumerate(["mkdir sub; echo x > sub/x",
+                                      "echo x > \"$RC_CHECKPOINT_DIR/x\""], 3):
+        task_id = submit(cluster, GOOD, command + "; pwd > where.txt", "--input",
+                         write(tmp_path / ("in%d.bin" % number), b"%d" % number),
+                         "--output", "where.txt")
+        wait(cluster, task_id)
+        cluster.rc("get", str(task_id), "-o", str(where))
+        kept = (where / "where.txt").read_text().strip()
+        wait_for(lambda: not os.path.exists(kept), 10, "the directory with a folder removed")
 
 
 def test_an_old_worker_moves_small_files_through_rc_files(cluster, tmp_path):
