@@ -5334,6 +5334,17 @@ def place_inputs(cache, workdir, inputs, stdin, link):
         place(cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
 
 
+def make_checkpoint_dir(directory):
+    """The task directory's checkpoint directory, to unpack one into: a kept
+    task directory has it already, empty (WorkDirs.as_made); never a link."""
+    import stat
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise
+
+
 def input_error(error):
     """What went wrong placing inputs, for the task's error."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -5929,7 +5940,7 @@ class Files(object):
             place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
-                os.mkdir(directory, 0o700)
+                make_checkpoint_dir(directory)
                 read_checkpoint(self.cache.path(checkpoint[0]), directory)
                 job.restored = checkpoint_signature(directory)
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),

@@ -246,6 +246,23 @@ def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_pa
         wait_for(lambda: not os.path.exists(kept), 10, "the directory with a folder removed")
 
 
+def test_a_checkpoint_is_restored_into_a_kept_task_directory(cluster, tmp_path):
+    """The next attempt of a task that failed with a checkpoint starts from
+    it, also in a task directory kept from an earlier task (which has its
+    empty checkpoint directory already)."""
+    together = [submit(cluster, GOOD, "sleep 1; echo %d > out.txt" % number, "--input",
+                       write(tmp_path / ("in%d" % number), b"%d" % number),
+                       "--output", "out.txt") for number in range(2)]
+    for kept in together:         # both slots' directories kept, one for each attempt
+        wait(cluster, kept)
+    task_id = submit(cluster, GOOD, 'if [ -f "$RC_CHECKPOINT_DIR/state" ]; then'
+                     ' cat "$RC_CHECKPOINT_DIR/state"; else echo half > "$RC_CHECKPOINT_DIR/state";'
+                     " exit 1; fi", "--input", write(tmp_path / "in", b"x"),
+                     "--retry-on-failure")
+    assert wait(cluster, task_id) == "half\n"
+    assert tasks.get(cluster.db, task_id)["attempt"] == 2
+
+
 def test_an_old_worker_moves_small_files_through_rc_files(cluster, tmp_path):
     """A worker from before inline files neither announces them nor reads
     the main node's offer: everything goes by rc-files, as before."""
