@@ -6807,7 +6807,8 @@ class Worker(object):
                 line, size = self.raw_wanted
                 if len(self.inbox) < size:
                     break
-                frames.append((line, bytes(self.inbox[:size])))
+                with memoryview(self.inbox) as inbox:   # one copy, not a slice's and its bytes'
+                    frames.append((line, inbox[:size].tobytes()))
                 del self.inbox[:size]
                 self.raw_wanted = None
                 continue

@@ -383,7 +383,8 @@ class Server:
                 envelope, size = peer.raw_wanted
                 if len(peer.inbox) < size:
                     return
-                raw = bytes(peer.inbox[:size])
+                with memoryview(peer.inbox) as inbox:     # one copy, not a slice's and its bytes'
+                    raw = inbox[:size].tobytes()
                 del peer.inbox[:size]
                 peer.raw_wanted = None
                 self.dispatch(peer, envelope, raw)
