@@ -5581,19 +5581,22 @@ FEW_ENTRIES = 64        # entries of a task directory that the loop may look thr
 
 
 def few_entries(workdir):
-    """Whether the task directory holds at most FEW_ENTRIES entries and no
-    folder but an empty checkpoint directory: looking for its outputs, and
-    emptying or removing it, then cost the loop a directory read and a few
-    unlinks, never a walk of a tree (a task may leave millions of files)."""
+    """The task directory's entries when it holds at most FEW_ENTRIES and no
+    folder but an empty checkpoint directory, else None: looking for its
+    outputs, and emptying or removing it, then cost the loop a directory
+    read and a few unlinks, never a walk of a tree (a task may leave
+    millions of files)."""
     try:
         with os.scandir(workdir) as listing:
             entries = [entry for _, entry in zip(range(FEW_ENTRIES + 1), listing)]
-        return len(entries) <= FEW_ENTRIES and all(
-            not entry.is_dir(follow_symlinks=False)
-            or (entry.name == CHECKPOINT_DIR and is_empty_dir(entry.path))
-            for entry in entries)
+        if len(entries) <= FEW_ENTRIES and all(
+                not entry.is_dir(follow_symlinks=False)
+                or (entry.name == CHECKPOINT_DIR and is_empty_dir(entry.path))
+                for entry in entries):
+            return entries
     except OSError:
-        return False
+        pass
+    return None
 
 
 def is_empty_dir(path):
@@ -5601,23 +5604,25 @@ def is_empty_dir(path):
         return next(listing, None) is None
 
 
-def empty_for_reuse(workdir):
+def empty_for_reuse(workdir, entries):
     """Empty a task directory the worker took back (Sandbox.keep_for_upload),
-    all its task's processes gone, but for its checkpoint directory, made
-    the worker's again: whether WorkDirs may hand it to the next task (the
-    checkpoint directory then needs no mkdir). False on anything more than
-    files and that directory: it is removed whole."""
+    all its task's processes gone, of its `entries` (few_entries) but its
+    checkpoint directory, made the worker's again: whether it is then as
+    WorkDirs hands a directory out (the worker's, 0700, and so is that
+    one, empty), for the next task with files (no mkdir of either). False
+    on anything else: it is removed whole."""
     import stat
     try:
-        for entry in list(os.scandir(workdir)):
+        for entry in entries:
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISDIR(info.st_mode):
                 os.unlink(entry.path)
-            elif entry.name != CHECKPOINT_DIR:
+                continue
+            if entry.name != CHECKPOINT_DIR or stat.S_IMODE(info.st_mode) != 0o700:
                 return False
-            elif info.st_uid != os.geteuid():
+            if info.st_uid != os.geteuid():
                 os.chown(entry.path, os.geteuid(), os.getegid(), follow_symlinks=False)
-        return True
+        return WorkDirs.plain_dir(workdir, None)
     except OSError:
         return False
 
@@ -6058,7 +6063,8 @@ class Files(object):
         a transfer thread, its wake-up and a new directory cost the worker
         more than reading 100 KiB. False (nothing done) when one does not
         fit: a thread uploads them all (upload), never the loop."""
-        if not self.inline or not few_entries(workdir):
+        entries = few_entries(workdir) if self.inline else None
+        if entries is None:
             return False
         found, notes = find_outputs(workdir, globs, self.protected(), self.cached_inodes())
         if len(found) > INLINE_MAX_FILES:
@@ -6078,8 +6084,7 @@ class Files(object):
         if notes:
             result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
         task.files_stored, task.files_inline = [], inline
-        if len(self.spare_dirs) < worker.options.slots and empty_for_reuse(workdir) \
-                and WorkDirs.as_made(workdir):
+        if len(self.spare_dirs) < worker.options.slots and empty_for_reuse(workdir, entries):
             self.spare_dirs.append(workdir)
         else:
             remove_task_dir(workdir)

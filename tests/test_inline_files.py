@@ -224,7 +224,8 @@ def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_pa
     """The worker keeps the directory of a task whose outputs it read in
     its loop for the next task with files: that task finds its own input
     and an empty checkpoint directory there, nothing of the task before.
-    A directory with a folder in it, or a checkpoint, is removed instead."""
+    A directory with a folder in it, a checkpoint, or a checkpoint directory
+    its task opened to others, is removed instead."""
     first = submit(cluster, GOOD, "cp in.bin copy.bin; echo left > junk.txt; pwd > where.txt",
                    "--input", write(tmp_path / "in.bin", b"first"), "--output", "where.txt")
     wait(cluster, first)
@@ -236,7 +237,8 @@ def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_pa
     assert lines == [(where / "where.txt").read_text().strip(), ".rc-checkpoint", "in2.bin",
                      "second"]
     for number, command in enumerate(["mkdir sub; echo x > sub/x",
-                                      "echo x > \"$RC_CHECKPOINT_DIR/x\""], 3):
+                                      "echo x > \"$RC_CHECKPOINT_DIR/x\"",
+                                      "chmod 777 \"$RC_CHECKPOINT_DIR\""], 3):
         task_id = submit(cluster, GOOD, command + "; pwd > where.txt", "--input",
                          write(tmp_path / ("in%d.bin" % number), b"%d" % number),
                          "--output", "where.txt")
