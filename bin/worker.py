@@ -5334,6 +5334,17 @@ def place_inputs(cache, workdir, inputs, stdin, link):
         place(cache, stdin[0], os.path.join(workdir, STDIN_FILE), 0o444, link)
 
 
+def make_checkpoint_dir(directory):
+    """The task directory's checkpoint directory, to unpack one into: a kept
+    task directory has it already, empty (WorkDirs.as_made); never a link."""
+    import stat
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise
+
+
 def input_error(error):
     """What went wrong placing inputs, for the task's error."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -5549,6 +5560,73 @@ def refusal(root, real, seen, protected, cached):
     return None
 
 
+def read_inline(source, name, limit):
+    """An output's entry for a task_result's files_inline ("data": its
+    bytes), or None when it is over `limit` bytes."""
+    size = os.fstat(source.fileno()).st_size
+    if size > limit:
+        return None
+    source.seek(0)
+    # One byte past its size shows a file that grew meanwhile; no more (a
+    # read of `limit` bytes allocates them all first).
+    data = source.read(size + 1)
+    if len(data) > size:
+        return None
+    digest = file_sha256()
+    digest.update(data)
+    return {"name": name, "size": len(data), "sha256": digest.hexdigest(), "data": data}
+
+
+FEW_ENTRIES = 64        # entries of a task directory that the loop may look through for outputs
+
+
+def few_entries(workdir):
+    """The task directory's entries when it holds at most FEW_ENTRIES and no
+    folder but an empty checkpoint directory, else None: looking for its
+    outputs, and emptying or removing it, then cost the loop a directory
+    read and a few unlinks, never a walk of a tree (a task may leave
+    millions of files)."""
+    try:
+        with os.scandir(workdir) as listing:
+            entries = [entry for _, entry in zip(range(FEW_ENTRIES + 1), listing)]
+        if len(entries) <= FEW_ENTRIES and all(
+                not entry.is_dir(follow_symlinks=False)
+                or (entry.name == CHECKPOINT_DIR and is_empty_dir(entry.path))
+                for entry in entries):
+            return entries
+    except OSError:
+        pass
+    return None
+
+
+def is_empty_dir(path):
+    with os.scandir(path) as listing:
+        return next(listing, None) is None
+
+
+def empty_for_reuse(workdir, entries):
+    """Empty a task directory the worker took back (Sandbox.keep_for_upload),
+    all its task's processes gone, of its `entries` (few_entries) but its
+    checkpoint directory, made the worker's again: whether it is then as
+    WorkDirs hands a directory out (the worker's, 0700, and so is that
+    one, empty), for the next task with files (no mkdir of either). False
+    on anything else: it is removed whole."""
+    import stat
+    try:
+        for entry in entries:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode):
+                os.unlink(entry.path)
+                continue
+            if entry.name != CHECKPOINT_DIR or stat.S_IMODE(info.st_mode) != 0o700:
+                return False
+            if info.st_uid != os.geteuid():
+                os.chown(entry.path, os.geteuid(), os.getegid(), follow_symlinks=False)
+        return WorkDirs.plain_dir(workdir, None)
+    except OSError:
+        return False
+
+
 def open_output(path):
     """An output opened without following a link at its last step."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -5664,6 +5742,10 @@ class Files(object):
         # (file bytes, total bytes) of small files the main node takes in a
         # task_result (its register_ack's inline_files), or None: all to rc-files.
         self.inline = None
+        # Task directories emptied after their outputs were read (upload_here),
+        # each the worker's and 0700 with an empty checkpoint directory, for
+        # the next tasks with files: WorkDirs keeps those of plain tasks by uid.
+        self.spare_dirs = []
 
     def every(self):
         return getattr(self.options, "checkpoint_every", CHECKPOINT_EVERY)
@@ -5770,7 +5852,8 @@ class Files(object):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
-        task.workdir = workdir = worker.sandbox.workdirs.take()
+        task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
+            else worker.sandbox.workdirs.take()
         unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
         self.cache.pin(unique, task.key)
@@ -5862,7 +5945,7 @@ class Files(object):
             place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
-                os.mkdir(directory, 0o700)
+                make_checkpoint_dir(directory)
                 read_checkpoint(self.cache.path(checkpoint[0]), directory)
                 job.restored = checkpoint_signature(directory)
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
@@ -5964,30 +6047,59 @@ class Files(object):
         worker.sandbox.keep_for_upload(workdir)
         task.workdir = None           # ours now: removed when the upload ends
         task.files_elapsed = task.elapsed()
+        if not (spilled or checkpoint) and self.upload_here(worker, task, workdir, globs,
+                                                            result):
+            return False
         job = Job(worker, lambda job: self.upload(job, task, workdir, globs, spilled,
                                                   checkpoint))
         worker.running[task.key] = Uploading(task, job, (status, error, result))
         job.start()
         return True
 
+    def upload_here(self, worker, task, workdir, globs, result):
+        """The outputs read here, in the loop, and the task directory kept
+        for the next task with files (WorkDirs), when the directory holds a
+        few entries and no folder, and every output rides in the task_result:
+        a transfer thread, its wake-up and a new directory cost the worker
+        more than reading 100 KiB. False (nothing done) when one does not
+        fit: a thread uploads them all (upload), never the loop."""
+        entries = few_entries(workdir) if self.inline else None
+        if entries is None:
+            return False
+        found, notes = find_outputs(workdir, globs, self.protected(), self.cached_inodes())
+        if len(found) > INLINE_MAX_FILES:
+            return False
+        inline, room = [], self.inline[1]
+        for name, path in found:
+            try:
+                with open_output(path) as source:
+                    entry = read_inline(source, name, min(room, self.inline[0]))
+            except OSError as e:
+                notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
+                continue
+            if entry is None:
+                return False
+            room -= entry["size"]
+            inline.append(entry)
+        if notes:
+            result["stderr"] = "\n".join(notes) + "\n" + result.get("stderr", "")
+        task.files_stored, task.files_inline = [], inline
+        if len(self.spare_dirs) < worker.options.slots and empty_for_reuse(workdir, entries):
+            self.spare_dirs.append(workdir)
+        else:
+            remove_task_dir(workdir)
+        return True
+
     def send_or_inline(self, job, source, request, room):
         """An output into job.inline when it is small and room (a list of one,
         the bytes left) allows, else put to rc-files; the choice is the size's."""
-        size = os.fstat(source.fileno()).st_size
         limit = min(room[0], self.inline[0]) \
             if self.inline and len(job.inline) < INLINE_MAX_FILES else 0
-        if size <= limit:
-            source.seek(0)
-            # One byte past its size shows a file that grew meanwhile; no
-            # more (a read of `limit` bytes allocates them all first).
-            data = source.read(size + 1)
-            if len(data) <= size:
-                digest = file_sha256()
-                digest.update(data)
-                room[0] -= len(data)
-                job.inline.append({"name": request["name"], "size": len(data),
-                                   "sha256": digest.hexdigest(), "data": data})
-                return
+        entry = read_inline(source, request["name"], limit)
+        if entry is not None:
+            room[0] -= entry["size"]
+            job.inline.append(entry)
+            return
         job.stored.append(put_file(job, source, request))
 
     def upload(self, job, task, workdir, globs, spilled, checkpoint):
@@ -6700,7 +6812,8 @@ class Worker(object):
                 line, size = self.raw_wanted
                 if len(self.inbox) < size:
                     break
-                frames.append((line, bytes(self.inbox[:size])))
+                with memoryview(self.inbox) as inbox:   # one copy, not a slice's and its bytes'
+                    frames.append((line, inbox[:size].tobytes()))
                 del self.inbox[:size]
                 self.raw_wanted = None
                 continue

@@ -205,6 +205,66 @@ def test_big_files_still_go_through_rc_files(cluster, tmp_path):
     assert rc_files_events(cluster, "file_stored", sha(data + data)) == 1
 
 
+def test_small_outputs_read_by_the_workers_loop_still_refuse_what_leads_outside(cluster):
+    """A task directory of a few files is looked through in the worker's
+    loop (no transfer thread): a link out of it is refused there as a
+    thread refuses it, and the file beside it still comes back."""
+    task_id = submit(cluster, GOOD, "ln -s /etc/passwd passwd; ln -s ../ up;"
+                     " echo fine > good.txt; ln -s good.txt inside.lnk", "--output", "*",
+                     "--output", "up/*")
+    wait(cluster, task_id)
+    assert sorted(outputs_of(cluster, task_id)) == ["good.txt", "inside.lnk"]
+    stderr = tasks.get(cluster.db, task_id)["result"]["stderr"]
+    for name in ("passwd", "up"):
+        assert "output %r refused" % name in stderr, stderr
+    assert rc_files_events(cluster, "file_stored", sha(b"fine\n")) == 0
+
+
+def test_a_task_directory_goes_to_the_next_task_with_files_empty(cluster, tmp_path):
+    """The worker keeps the directory of a task whose outputs it read in
+    its loop for the next task with files: that task finds its own input
+    and an empty checkpoint directory there, nothing of the task before.
+    A directory with a folder in it, a checkpoint, or a checkpoint directory
+    its task opened to others, is removed instead."""
+    first = submit(cluster, GOOD, "cp in.bin copy.bin; echo left > junk.txt; pwd > where.txt",
+                   "--input", write(tmp_path / "in.bin", b"first"), "--output", "where.txt")
+    wait(cluster, first)
+    where = tmp_path / "where"
+    cluster.rc("get", str(first), "-o", str(where))
+    second = submit(cluster, GOOD, "pwd; ls -A; ls -A .rc-checkpoint; cat in2.bin",
+                    "--input", write(tmp_path / "in2.bin", b"second"))
+    lines = wait(cluster, second).splitlines()
+    assert lines == [(where / "where.txt").read_text().strip(), ".rc-checkpoint", "in2.bin",
+                     "second"]
+    for number, command in enumerate(["mkdir sub; echo x > sub/x",
+                                      "echo x > \"$RC_CHECKPOINT_DIR/x\"",
+                                      "chmod 777 \"$RC_CHECKPOINT_DIR\""], 3):
+        task_id = submit(cluster, GOOD, command + "; pwd > where.txt", "--input",
+                         write(tmp_path / ("in%d.bin" % number), b"%d" % number),
+                         "--output", "where.txt")
+        wait(cluster, task_id)
+        cluster.rc("get", str(task_id), "-o", str(where))
+        kept = (where / "where.txt").read_text().strip()
+        wait_for(lambda: not os.path.exists(kept), 10, "the directory with a folder removed")
+
+
+def test_a_checkpoint_is_restored_into_a_kept_task_directory(cluster, tmp_path):
+    """The next attempt of a task that failed with a checkpoint starts from
+    it, also in a task directory kept from an earlier task (which has its
+    empty checkpoint directory already)."""
+    together = [submit(cluster, GOOD, "sleep 1; echo %d > out.txt" % number, "--input",
+                       write(tmp_path / ("in%d" % number), b"%d" % number),
+                       "--output", "out.txt") for number in range(2)]
+    for kept in together:         # both slots' directories kept, one for each attempt
+        wait(cluster, kept)
+    task_id = submit(cluster, GOOD, 'if [ -f "$RC_CHECKPOINT_DIR/state" ]; then'
+                     ' cat "$RC_CHECKPOINT_DIR/state"; else echo half > "$RC_CHECKPOINT_DIR/state";'
+                     " exit 1; fi", "--input", write(tmp_path / "in", b"x"),
+                     "--retry-on-failure")
+    assert wait(cluster, task_id) == "half\n"
+    assert tasks.get(cluster.db, task_id)["attempt"] == 2
+
+
 def test_an_old_worker_moves_small_files_through_rc_files(cluster, tmp_path):
     """A worker from before inline files neither announces them nor reads
     the main node's offer: everything goes by rc-files, as before."""

@@ -11,7 +11,7 @@ is not finished refers to it, then `files_retention_days` after the last one
 ended; rc-reaper's upkeep deletes it after that (sweep()).
 
 Used by rc-files (lib/rc/transfer.py), rc-server (small files that ride
-the worker connection: inline_inputs(), store_inline_outputs()), rc-web and
+the worker connection: inline_inputs(), check_inline_outputs()), rc-web and
 the `rc` command; it never talks to the network itself.
 """
 import fnmatch
@@ -667,35 +667,67 @@ def inline_inputs(connection, config, refs, known, budget):
     return entries, b"".join(blobs)
 
 
-def store_inline_outputs(connection, config, task_id, entries, raw, reserve=None):
-    """The task_result "files_inline" of (a task's attempt the device holds)
-    and the raw bytes that followed it, each entry's `size` of them in turn:
-    each file checked as rc-files checks a put (a name the task's --output
-    globs match, or its stdout/stderr; a size within INLINE_FILE_BYTES; the
-    bytes' own SHA-256 equal to the one claimed; room in the quota
-    and on the disk: check_room, or `reserve(size)`, which also counts the
-    bytes placed but not recorded yet) and placed in the store (partial
-    file, fsync, rename). Returns (stored
-    [(name, sha256, size)] whose rows the caller writes with the result,
-    notes [why each refused file was refused])."""
+def check_inline_outputs(connection, task_id, entries, raw, reserve):
+    """rc-server's loop's part of storing the task_result "files_inline" of
+    (a task's attempt the device holds) and the raw bytes that followed it,
+    each entry's `size` of them in turn: what needs the database, read on
+    the loop's own connection, whose pages are warm (a thread's connection
+    reads them anew after each of the loop's writes). Each file is checked
+    as rc-files checks a put: a name the task's --output globs match, or its
+    stdout/stderr; a size within INLINE_FILE_BYTES; a sha256 of the right
+    form; and, unless the store holds the blob, room in the quota and on the
+    disk (`reserve(size)`, which also counts the bytes placed but not
+    recorded yet). Returns (plan [(index, entry, its bytes, held)] for
+    place_inline_outputs, notes {index: why that file was refused})."""
     problem = inline_problem(entries, raw)
     if problem:
-        return [], ["rc-server: no inline file stored: %s" % problem]
-    stored, notes, names, offset = [], [], set(), 0
-    for entry in entries:
-        name, data = entry.get("name"), raw[offset:offset + entry["size"]]
-        offset += entry["size"]
+        return [], {-1: "rc-server: no inline file stored: %s" % problem}
+    plan, notes, offset, view = [], {}, 0, memoryview(raw)
+    for index, entry in enumerate(entries):
+        data, offset = view[offset:offset + entry["size"]], offset + entry["size"]
         try:
-            if isinstance(name, str) and name in names:    # (a list cannot be in a set)
-                raise FileStoreError("bad_name", "given twice")
-            sha256, size = store_inline_output(connection, config, task_id, entry, data,
-                                               reserve)
+            check_inline_name(connection, task_id, entry.get("name"))
+            if not is_sha256(entry.get("sha256")):
+                raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
+                                     % (str(entry.get("sha256"))[:80],))
+            held = exists(connection, entry["sha256"])
+            if not held:
+                reserve(len(data))
         except FileStoreError as e:
-            notes.append("rc-server: output %r not stored: %s" % (str(name)[:200], e))
+            notes[index] = refused_note(entry, e)
+            continue
+        plan.append((index, entry, data, held))
+    return plan, notes
+
+
+def place_inline_outputs(config, plan, notes):
+    """The rest, off the loop (rc-server's OutputStore): each planned file's
+    bytes hashed and compared with the sha256 claimed (also for a blob the
+    store holds: the device must have its bytes), and, unless held, placed
+    in the store (partial file, fsync, rename). Returns (stored [(name,
+    sha256, size)] whose rows the caller writes with the result, notes
+    [why each refused file was refused, in the entries' order])."""
+    stored, names = [], set()
+    for index, entry, data, held in plan:
+        name, sha256 = entry["name"], entry["sha256"]
+        try:
+            if name in names:
+                raise FileStoreError("bad_name", "given twice")
+            got = hashlib.sha256(data).hexdigest()
+            if got != sha256:
+                raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
+            if not held:
+                place_bytes(config, data, sha256)
+        except FileStoreError as e:
+            notes[index] = refused_note(entry, e)
             continue
         names.add(name)
-        stored.append((name, sha256, size))
-    return stored, notes
+        stored.append((name, sha256, len(data)))
+    return stored, [notes[index] for index in sorted(notes)]
+
+
+def refused_note(entry, error):
+    return "rc-server: output %r not stored: %s" % (str(entry.get("name"))[:200], error)
 
 
 def inline_problem(entries, raw):
@@ -715,39 +747,30 @@ def inline_problem(entries, raw):
     return None
 
 
-def store_inline_output(connection, config, task_id, entry, data, reserve=None):
-    """One inline output (its entry, its bytes) into the store: (sha256,
-    size); FileStoreError says why not, nothing of it kept."""
-    name, sha256 = entry.get("name"), entry.get("sha256")
-    if name not in STREAM_NAMES:
-        problem = path_problem(name) if name != CHECKPOINT_NAME else \
-            "is a checkpoint, which goes to rc-files"
-        if problem:
-            raise FileStoreError("bad_name", "the name %s" % problem)
-        if not asked_for(connection, task_id, name):
-            raise FileStoreError("bad_name", "no --output glob of task %d matches it"
-                                 % task_id)
-    if not is_sha256(sha256):
-        raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
-                             % (str(sha256)[:80],))
-    size = len(data)
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
-    if exists(connection, sha256):
-        return sha256, size
-    if reserve is None:
-        check_room(connection, config, size)
-    else:
-        reserve(size)
+def check_inline_name(connection, task_id, name):
+    """FileStoreError unless a device may store an inline file of this name
+    for the task: its stdout or stderr, or a path one of its --output globs
+    matches (a checkpoint goes to rc-files)."""
+    if name in STREAM_NAMES:
+        return
+    problem = path_problem(name) if name != CHECKPOINT_NAME else \
+        "is a checkpoint, which goes to rc-files"
+    if problem:
+        raise FileStoreError("bad_name", "the name %s" % problem)
+    if not asked_for(connection, task_id, name):
+        raise FileStoreError("bad_name", "no --output glob of task %d matches it" % task_id)
+
+
+def place_bytes(config, data, sha256):
+    """Bytes whose SHA-256 the caller computed into the store (partial file,
+    fsync, rename): not hashed a second time."""
     writer = Writer(config)
     try:
-        writer.write_hashed(data, sha256)      # hashed once, above
+        writer.write_hashed(data, sha256)
         writer.place(sha256)
     except BaseException:
         writer.abort()
         raise
-    return sha256, size
 
 
 def record_inline_outputs(connection, task_id, attempt, stored, holds, now):

@@ -406,7 +406,8 @@ class Server:
                 envelope, size = peer.raw_wanted
                 if len(peer.inbox) < size:
                     return
-                raw = bytes(peer.inbox[:size])
+                with memoryview(peer.inbox) as inbox:     # one copy, not a slice's and its bytes'
+                    raw = inbox[:size].tobytes()
                 del peer.inbox[:size]
                 peer.raw_wanted = None
                 self.dispatch(peer, envelope, raw)
@@ -911,15 +912,30 @@ class Server:
             return
         if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
                                                         key[0], key[1]):
-            # Its small files are written off the loop (OutputStore); the
-            # result waits for them. (A stale result stores none.)
+            # Its small files are checked here and written off the loop
+            # (OutputStore); the result waits for them. (A stale result stores none.)
             peer.storing.add(key)
             self.outputs.put((peer, (key, status, result, error),
-                              (data.get("files_inline"), peer.raw)))
+                              (self.check_outputs(key, data.get("files_inline"), peer.raw),
+                               peer.raw)))
             if len(peer.storing) >= self.storing_limit():
                 self.watch(peer)        # read no more from it for now
             return
         self.batch.append((Server.apply_result, peer, (key, status, result, error, ())))
+
+    def check_outputs(self, key, entries, raw):
+        """(plan, notes, bytes reserved) of a result's small files for
+        OutputStore (files.check_inline_outputs); an error is contained to
+        them, their room given back."""
+        reserved = [0]
+        try:
+            plan, notes = files.check_inline_outputs(
+                self.database, key[0], entries, raw,
+                lambda size: self.outputs.reserve(self.database, size, reserved))
+        except Exception as e:
+            self.outputs.recorded(reserved[0])
+            return [], {-1: "rc-server: no inline file stored: %r" % (e,)}, 0
+        return plan, notes, reserved[0]
 
     def take_stored_outputs(self):
         """Results whose small files OutputStore has stored (or refused:
@@ -1388,14 +1404,15 @@ FREES_SLOTS = (Server.apply_register, Server.apply_result, Server.apply_disconne
 
 class OutputStore:
     """Writes the small files of task_results into the store off rc-server's
-    loop: each is fsynced, then renamed and its directory fsynced (2-3 ms
-    on this machine's disk), which the loop must not wait for: every other
-    device's heartbeat would. OUTPUT_STORE_THREADS threads, each with a
-    database connection of its own (they only read: fence, globs, quota);
-    a finished job comes back through a socket pair the loop's selector
+    loop: each is hashed, fsynced, then renamed and its directory fsynced
+    (2-3 ms on this machine's disk), which the loop must not wait for: every
+    other device's heartbeat would. The loop checks what needs the database
+    first (files.check_inline_outputs, on its own connection) and takes room
+    in the quota for what is to be written; OUTPUT_STORE_THREADS threads,
+    with no database connection, do the rest (files.place_inline_outputs).
+    A finished job comes back through a socket pair the loop's selector
     watches, and its rows are written with its result, in the loop's
-    transaction. Room in the quota is taken under a lock, so threads
-    writing at once never pass it together."""
+    transaction; its room is given back once they are (recorded)."""
 
     def __init__(self, config):
         import queue
@@ -1405,14 +1422,14 @@ class OutputStore:
         self.done_reader, self.done_writer = socket.socketpair()
         self.done_reader.setblocking(False)
         self.done_writer.setblocking(False)
-        self.lock = threading.Lock()
         self.handing = threading.Lock()     # finished, and whether the loop is woken
         self.unrecorded = 0       # bytes placed whose rows are not committed yet (the quota)
         self.waiting_bytes = 0    # raw bytes put and not taken back (the loop's own count)
         self.threads = []
 
     def put(self, job):
-        """job: (peer, result fields, (the task_result's files_inline, its raw bytes))."""
+        """job: (peer, result fields, ((plan, notes, bytes reserved) of
+        files.check_inline_outputs, the task_result's raw bytes))."""
         self.waiting_bytes += len(job[2][1])
         if not self.threads:
             for number in range(OUTPUT_STORE_THREADS):
@@ -1436,22 +1453,25 @@ class OutputStore:
         self.waiting_bytes -= sum(len(job[2][1]) for job, _, _, _ in taken)
         return taken
 
+    def reserve(self, connection, size, reserved):
+        """Room for `size` more bytes beside those placed and not recorded
+        yet (FileStoreError quota or disk_full), held until recorded(); the
+        loop's alone, as recorded() is."""
+        files.check_room(connection, self.config, self.unrecorded + size)
+        self.unrecorded += size
+        reserved[0] += size
+
     def recorded(self, size):
-        with self.lock:
-            self.unrecorded -= size
+        self.unrecorded -= size
 
     def run(self):
-        connection = db.connect(self.config.db_path)
         while True:
-            job, reserved = self.jobs.get(), [0]
+            job = self.jobs.get()
             try:
-                stored, notes = self.store(connection, job, reserved)
+                stored, notes = self.store(None, job, None)
             except Exception as e:       # contained to this result's files
                 stored, notes = [], ["rc-server: no inline file stored: %r" % (e,)]
-            finally:
-                if connection.in_transaction:
-                    connection.rollback()
-            self.hand_back((job, stored, notes, reserved[0]))
+            self.hand_back((job, stored, notes, job[2][0][2]))
 
     def hand_back(self, finished):
         """To the loop; woken only by the first of those it has not taken
@@ -1469,18 +1489,10 @@ class OutputStore:
     def store(self, connection, job, reserved):
         """The loop queued the job while the device held the attempt; if it
         lost it since, the blobs stay without the task's rows (apply_result)
-        and the upkeep's sweep removes them."""
-        _, (key, _, _, _), (entries, raw) = job
-        return files.store_inline_outputs(connection, self.config, key[0], entries, raw,
-                                          lambda size: self.reserve(connection, size, reserved))
-
-    def reserve(self, connection, size, reserved):
-        """Room for `size` more bytes beside those placed and not recorded
-        yet (FileStoreError quota or disk_full), held until recorded()."""
-        with self.lock:
-            files.check_room(connection, self.config, self.unrecorded + size)
-            self.unrecorded += size
-        reserved[0] += size
+        and the upkeep's sweep removes them. (No database here: `connection`
+        and `reserved` are None.)"""
+        (plan, notes, _), _ = job[2]
+        return files.place_inline_outputs(self.config, plan, dict(notes))
 
 
 class JoinToken:
