@@ -4577,7 +4577,9 @@ class FileCache(object):
         return order[:limit]
 
     def has(self, sha, size):
-        """True if the blob is here as it was stored; a changed one is dropped."""
+        """True if the blob is here as it was stored, of `size` bytes; a
+        changed one is dropped. One asked for with another size is kept: its
+        sha256 was checked, so the size is the asker's mistake (a payload's)."""
         self.load()
         with self.lock:
             entry = self.index.get(sha)
@@ -4587,12 +4589,12 @@ class FileCache(object):
             info = os.lstat(self.path(sha))
         except OSError:
             info = None
-        if info is None or info.st_size != size or info.st_mtime_ns != entry[2]:
+        if info is None or info.st_size != entry[0] or info.st_mtime_ns != entry[2]:
             log("warning", "cache_blob_changed", sha256=sha, message="a cached file changed"
                 " or went missing; it is fetched again")
             self.drop(sha)
             return False
-        return True
+        return size == entry[0]
 
     def touch(self, sha):
         now = time.time()
@@ -5222,6 +5224,23 @@ def fetch_blob(job, cache, sha, size):
     finally:
         with cache.lock:
             cache.fetching.pop(sha).set()
+
+
+def fetch_named_blob(job, cache, sha, size, inputs, stdin, checkpoint):
+    """fetch_blob, whose error names what the task calls the blob: a main
+    node may name one that rc-files does not hold (or send bytes for it
+    that fail their sha256, and are refused)."""
+    try:
+        return fetch_blob(job, cache, sha, size)
+    except FilesError as e:
+        if e.code == "cancelled":
+            raise
+        names = ["/".join(parts) for parts, blob, _, _ in inputs if blob == sha] + [
+            name for name, ref in (("stdin", stdin), ("checkpoint", checkpoint))
+            if ref and ref[0] == sha]
+        raise FilesError("%s (sha256 %s, %d bytes): %s" % (", ".join(names)[:500], sha, size, e)
+                         if sha not in str(e) else "%s: %s" % (", ".join(names)[:500], e),
+                         code=e.code, retry=e.retry)
 
 
 def download(job, cache, sha, size):
@@ -5884,7 +5903,8 @@ class Files(object):
         try:
             self.cache.prepare()
             unique = unique_blobs(inputs, stdin, checkpoint)
-            fetched = sum(fetch_blob(job, self.cache, sha, size) for sha, size in unique.items())
+            fetched = sum(fetch_named_blob(job, self.cache, sha, size, inputs, stdin, checkpoint)
+                          for sha, size in unique.items())
             place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
