@@ -344,3 +344,47 @@ def test_a_size_in_the_payload_that_is_not_the_blobs_fails_the_attempt(start, fi
     assert not worker.events("cache_blob_changed")
     assert cache_holds_only_true_blobs(worker) == {sha(GOOD)}
     honest_task_runs(link, 2, files)
+
+
+def checkpoint_with_tricks(outside):
+    """A checkpoint tar whose members try to leave the directory it is
+    unpacked in: by name, through a link, as a link or a device."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        def add(name, data=b"x\n", **kinds):
+            info = tarfile.TarInfo(name)
+            info.size = len(data) if not kinds else 0
+            for key, value in kinds.items():
+                setattr(info, key, value)
+            archive.addfile(info, io.BytesIO(data) if not kinds else None)
+        add("kept.txt", b"kept\n")
+        add("../escaped-by-name")
+        add(os.path.join(outside, "escaped-absolute"))
+        add("link", type=tarfile.SYMTYPE, linkname=outside)
+        add("link/through-the-link")
+        add("hard", type=tarfile.LNKTYPE, linkname="/etc/passwd")
+        add("device", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("sub/../../escaped-by-dots")
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_whose_members_try_to_leave_unpacks_only_what_stays(start, files,
+                                                                        tmp_path):
+    worker, link = start()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = checkpoint_with_tricks(str(outside))
+    payload = {"command": 'cd "$RC_CHECKPOINT_DIR" && find . | sort && find . -type l -o -type c'
+                          ' -o -type b | sed s/^/SPECIAL:/', "checkpoint": ref(archive)}
+    assign_with_bytes(link, 1, payload, [ref(archive)], archive)
+    result = result_of(link, 1)
+    assert result["status"] == "completed", result
+    listing = result["result"]["output"].split()
+    assert listing == [".", "./kept.txt", "./link", "./link/through-the-link"], listing
+    assert os.listdir(str(outside)) == []
+    assert not [name for _, _, names in os.walk(str(tmp_path)) for name in names
+                if name.startswith("escaped")]
+    assert worker.events("checkpoint_members_skipped")
+    honest_task_runs(link, 2, files)
