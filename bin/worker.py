@@ -294,11 +294,14 @@ READY = "ready"
 
 JSON_SPACE = " \t\n\r"
 JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+# types.SimpleNamespace, without the types module: its only .py module from
+# the standard library's directory an idle worker would load (with struct:
+# see ipv4_address), and the import system's listing of that directory.
+SimpleNamespace = type(sys.implementation)
 
 try:
     import _json
-    import types
-    json_scanner = _json.make_scanner(types.SimpleNamespace(
+    json_scanner = _json.make_scanner(SimpleNamespace(
         strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
         parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
 except (ImportError, AttributeError):
@@ -1288,10 +1291,9 @@ def network_interfaces():
 
 def ipv4_address(name):
     import fcntl
-    import struct
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        request = struct.pack("256s", name.encode()[:15])
+        request = name.encode()[:15].ljust(256, b"\0")     # struct ifreq, the name first
         reply = fcntl.ioctl(probe.fileno(), 0x8915, request)    # SIOCGIFADDR
         return [socket.inet_ntoa(reply[20:24])]
     except OSError:       # no IPv4 address on it
@@ -7795,9 +7797,8 @@ def received_options(fd):
     """The options start() handed over; the token is read here, so that it
     never passes through a pipe or the command line."""
     import marshal
-    import types
     with os.fdopen(fd, "rb") as pipe:
-        options = types.SimpleNamespace(**marshal.loads(pipe.read()))
+        options = SimpleNamespace(**marshal.loads(pipe.read()))
     if getattr(options, "site_dropped", False):
         site_dropped.append(True)
     if not options.self_test:

@@ -251,7 +251,7 @@ def test_bad_fingerprints_are_refused_at_start(tmp_path):
 
 # The long-lived worker process: what start() leaves out of it. Each of these
 # Python modules would weigh on an idle worker for good (issue 7: <= 16 MiB).
-HEAVY_MODULES = ("argparse", "ssl", "json", "enum", "re", "socket", "signal")
+HEAVY_MODULES = ("argparse", "ssl", "json", "enum", "re", "socket", "signal", "types", "struct")
 
 RECEIVING_WORKER = """
 import os, sys
