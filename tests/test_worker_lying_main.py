@@ -163,7 +163,7 @@ def test_fewer_bytes_than_announced_cost_the_connection_not_the_worker(start, fi
     link.close()
     again = main.accept()
     register = handshake(again, files.port)
-    assert {"task_id": 3, "attempt": 1} not in register["active_tasks"]
+    assert register["active_tasks"] == []
     honest_task_runs(again, 4, files)
     assert cache_holds_only_true_blobs(worker) == {sha(b"honest 2\n"), sha(b"honest 4\n")}
 
