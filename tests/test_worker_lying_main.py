@@ -20,7 +20,7 @@ import time
 import pytest
 
 from test_worker import WAIT, main  # noqa: F401 (fixture)
-from test_worker_files import files, handshake, start, state_dir  # noqa: F401 (fixtures)
+from test_worker_files import also_36, files, handshake, start, state_dir  # noqa: F401
 
 GOOD = b"the true input\n" * 100
 BAD = b"THE TRUE INPUT\n" * 100          # same size, other bytes
@@ -91,8 +91,10 @@ def refused(worker):
 
 # -- bytes that are not what they claim -------------------------------------------
 
-def test_bytes_that_fail_their_sha256_are_refused_and_fetched_from_rc_files(start, files):
-    worker, link = start()
+@also_36
+def test_bytes_that_fail_their_sha256_are_refused_and_fetched_from_rc_files(start, files,
+                                                                            python):
+    worker, link = start(python=python)
     files.add(GOOD)
     assign_with_bytes(link, 1, cat_payload(GOOD), [ref(GOOD)], BAD)
     result = result_of(link, 1)
@@ -145,8 +147,10 @@ def test_an_entry_whose_size_lies_is_refused(start, files):
 
 # -- counts that are not what follows ---------------------------------------------
 
-def test_fewer_bytes_than_announced_cost_the_connection_not_the_worker(start, files, main):
-    worker, link = start()
+@also_36
+def test_fewer_bytes_than_announced_cost_the_connection_not_the_worker(start, files, main,
+                                                                       python):
+    worker, link = start(python=python)
     # The next frame's first bytes make up the count: whatever then reaches the
     # worker is out of step, and it must neither crash nor hold a lie.
     assign_with_bytes(link, 1, cat_payload(GOOD), [ref(GOOD)], GOOD[:-10],
@@ -168,8 +172,9 @@ def test_fewer_bytes_than_announced_cost_the_connection_not_the_worker(start, fi
     assert cache_holds_only_true_blobs(worker) == {sha(b"honest 2\n"), sha(b"honest 4\n")}
 
 
-def test_more_bytes_than_announced_are_a_bad_frame_not_a_task(start, files):
-    worker, link = start()
+@also_36
+def test_more_bytes_than_announced_are_a_bad_frame_not_a_task(start, files, python):
+    worker, link = start(python=python)
     files.add(GOOD)
     extra = b'{"message_type": "task_assign", "data": {"task_id": 9}} and more\n'
     assign_with_bytes(link, 1, cat_payload(GOOD), [ref(GOOD)], GOOD, after=extra)
