@@ -90,3 +90,32 @@ def test_a_blob_placed_again_while_it_is_removed_is_put_back(cluster_home, monke
     with open(path, "rb") as f:
         assert f.read() == b"uploaded again"
     assert os.listdir(files.partial_dir(config)) == []
+
+
+def same_directory(count, prefix="ab"):
+    """`count` distinct bytes whose SHA-256 begins with `prefix`: blobs of one directory."""
+    found, number = [], 0
+    while len(found) < count:
+        data = b"blob %d" % number
+        if hashlib.sha256(data).hexdigest().startswith(prefix):
+            found.append(data)
+        number += 1
+    return found
+
+
+def test_a_directory_of_many_old_blobs_is_looked_through_in_chunks(cluster_home, monkeypatch):
+    """More old blobs in one directory than one query names (SWEEP_CHUNK):
+    the ones with rows stay, the ones without go."""
+    config, connection = cluster_home
+    monkeypatch.setattr(files, "SWEEP_CHUNK", 3)
+    datas = same_directory(10)
+    kept = [files.store_stream(connection, config, io.BytesIO(data), None)[0]
+            for data in datas[:7]]
+    orphans = [stored_without_row(config, connection, data, monkeypatch)[1]
+               for data in datas[7:]]
+    directory = os.path.dirname(orphans[0])
+    for name in os.listdir(directory):
+        age(os.path.join(directory, name), files.ORPHAN_BLOB_AGE + 60)
+    monkeypatch.setattr(files, "_orphan_blobs_checked_to", [0xab])
+    assert files.drop_orphan_blobs(connection, config, time.time()) == 3
+    assert sorted(os.listdir(directory)) == sorted(kept)

@@ -599,11 +599,13 @@ def drop_orphan_blobs(connection, config, now):
     for number in range(start, start + ORPHAN_BLOB_DIRS):
         directory = os.path.join(root(config), "%02x" % (number % 256))
         old = old_blob_files(directory, now - ORPHAN_BLOB_AGE)
-        if not old:
-            continue
-        held = {row[0] for row in connection.execute(
-            "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(old)),
-            list(old))}
+        names = list(old)
+        held = set()
+        for first in range(0, len(names), SWEEP_CHUNK):     # within SQLite's bound parameters
+            chunk = names[first:first + SWEEP_CHUNK]
+            held.update(row[0] for row in connection.execute(
+                "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),
+                chunk))
         removed += sum(remove_orphan(config, directory, sha256, inode)
                        for sha256, inode in old.items() if sha256 not in held)
     return removed
