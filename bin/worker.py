@@ -294,11 +294,14 @@ READY = "ready"
 
 JSON_SPACE = " \t\n\r"
 JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+# types.SimpleNamespace, without the types module: its only .py module from
+# the standard library's directory an idle worker would load (with struct:
+# see ipv4_address), and the import system's listing of that directory.
+SimpleNamespace = type(sys.implementation)
 
 try:
     import _json
-    import types
-    json_scanner = _json.make_scanner(types.SimpleNamespace(
+    json_scanner = _json.make_scanner(SimpleNamespace(
         strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
         parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
 except (ImportError, AttributeError):
@@ -785,6 +788,13 @@ class Identity(object):
 WOULD_BLOCK = (BlockingIOError, InterruptedError)   # and, once TLS is used, its two
 
 
+# _ssl's tables of OpenSSL's error names, 1,700 entries each on Python 3.8 to
+# 3.11 (3.12 keeps none): they only put a reason's name in an SSLError's
+# message, which keeps OpenSSL's own words without it ("[SSL] wrong version
+# number"). Emptied, they leave ~0.2 MiB to what the worker allocates next.
+SSL_ERROR_NAME_TABLES = ("err_codes_to_names", "err_names_to_codes")
+
+
 def load_ssl():
     """_ssl, the C half of ssl, only when TLS is used: it loads OpenSSL,
     megabytes an idle worker without TLS need not hold. Its exceptions are
@@ -793,7 +803,15 @@ def load_ssl():
     import _ssl
     if _ssl.SSLWantReadError not in WOULD_BLOCK:
         WOULD_BLOCK = WOULD_BLOCK + (_ssl.SSLWantReadError, _ssl.SSLWantWriteError)
+        forget_ssl_error_names(_ssl)
     return _ssl
+
+
+def forget_ssl_error_names(_ssl):
+    for name in SSL_ERROR_NAME_TABLES:
+        table = getattr(_ssl, name, None)
+        if isinstance(table, dict):
+            table.clear()
 
 
 def tls_socket(sock):
@@ -1023,13 +1041,16 @@ def restart_argv():
     return interpreter_argv() + [WORKER_FILE] + sys.argv[1:]
 
 
-def bytecode_argv(call, interpreter=None):
+def bytecode_argv(call, interpreter=None, tls=False):
     """A command that imports this file from its compiled bytecode and runs
     `call` (such as "main()") of it; None where that cannot be done.
 
     Run as a script, the file's 3,000 lines are compiled in memory, which
     leaves ~5 MiB in the process for good: too much for an idle worker on a
-    phone. Imported, it is compiled once into __pycache__ and loaded from there."""
+    phone. Imported, it is compiled once into __pycache__ and loaded from there.
+    With `tls`, _ssl is loaded first and its error names dropped (see
+    load_ssl): the memory they held then holds this file's code, where it
+    would otherwise lie unused beside it (~0.15 MiB more of an idle worker)."""
     directory, name = os.path.split(WORKER_FILE)
     module, extension = os.path.splitext(name)
     if (os.name != "posix" or extension != ".py" or not module.isidentifier()
@@ -1044,7 +1065,15 @@ def bytecode_argv(call, interpreter=None):
     code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
             " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)"
             % (directory, module, call))
+    if tls:
+        code = TLS_FIRST % (SSL_ERROR_NAME_TABLES,) + code
     return (interpreter or interpreter_argv()) + ["-c", code]
+
+
+# The start of a bytecode_argv command with tls: forget_ssl_error_names, before
+# this file is there to call. Without _ssl, the worker says so once it needs it.
+TLS_FIRST = ("try:\n import _ssl\n for name in %r: (getattr(_ssl, name, None) or {}).clear()\n"
+             "except ImportError:\n pass\n")
 
 
 def compiled_fresh(source):
@@ -1262,10 +1291,9 @@ def network_interfaces():
 
 def ipv4_address(name):
     import fcntl
-    import struct
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        request = struct.pack("256s", name.encode()[:15])
+        request = name.encode()[:15].ljust(256, b"\0")     # struct ifreq, the name first
         reply = fcntl.ioctl(probe.fileno(), 0x8915, request)    # SIOCGIFADDR
         return [socket.inet_ntoa(reply[20:24])]
     except OSError:       # no IPv4 address on it
@@ -4551,7 +4579,9 @@ class FileCache(object):
         return order[:limit]
 
     def has(self, sha, size):
-        """True if the blob is here as it was stored; a changed one is dropped."""
+        """True if the blob is here as it was stored, of `size` bytes; a
+        changed one is dropped. One asked for with another size is kept: its
+        sha256 was checked, so the size is the asker's mistake (a payload's)."""
         self.load()
         with self.lock:
             entry = self.index.get(sha)
@@ -4561,12 +4591,12 @@ class FileCache(object):
             info = os.lstat(self.path(sha))
         except OSError:
             info = None
-        if info is None or info.st_size != size or info.st_mtime_ns != entry[2]:
+        if info is None or info.st_size != entry[0] or info.st_mtime_ns != entry[2]:
             log("warning", "cache_blob_changed", sha256=sha, message="a cached file changed"
                 " or went missing; it is fetched again")
             self.drop(sha)
             return False
-        return True
+        return size == entry[0]
 
     def touch(self, sha):
         now = time.time()
@@ -5196,6 +5226,23 @@ def fetch_blob(job, cache, sha, size):
     finally:
         with cache.lock:
             cache.fetching.pop(sha).set()
+
+
+def fetch_named_blob(job, cache, sha, size, inputs, stdin, checkpoint):
+    """fetch_blob, whose error names what the task calls the blob: a main
+    node may name one that rc-files does not hold (or send bytes for it
+    that fail their sha256, and are refused)."""
+    try:
+        return fetch_blob(job, cache, sha, size)
+    except FilesError as e:
+        if e.code == "cancelled":
+            raise
+        names = ["/".join(parts) for parts, blob, _, _ in inputs if blob == sha] + [
+            name for name, ref in (("stdin", stdin), ("checkpoint", checkpoint))
+            if ref and ref[0] == sha]
+        raise FilesError("%s (sha256 %s, %d bytes): %s" % (", ".join(names)[:500], sha, size, e)
+                         if sha not in str(e) else "%s: %s" % (", ".join(names)[:500], e),
+                         code=e.code, retry=e.retry)
 
 
 def download(job, cache, sha, size):
@@ -5941,7 +5988,8 @@ class Files(object):
         try:
             self.cache.prepare()
             unique = unique_blobs(inputs, stdin, checkpoint)
-            fetched = sum(fetch_blob(job, self.cache, sha, size) for sha, size in unique.items())
+            fetched = sum(fetch_named_blob(job, self.cache, sha, size, inputs, stdin, checkpoint)
+                          for sha, size in unique.items())
             place_inputs(self.cache, workdir, inputs, stdin, link)
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
@@ -7836,7 +7884,8 @@ def start():
     data = handed_options(options)
     reader, writer = os.pipe()
     command = bytecode_argv("main(options_fd=%d)" % reader,
-                            interpreter_argv() + ["-S"] * options.site_dropped)
+                            interpreter_argv() + ["-S"] * options.site_dropped,
+                            tls=bool(options.fingerprint))
     if command is None or data is None:
         os.close(reader)
         os.close(writer)
@@ -7861,9 +7910,8 @@ def received_options(fd):
     """The options start() handed over; the token is read here, so that it
     never passes through a pipe or the command line."""
     import marshal
-    import types
     with os.fdopen(fd, "rb") as pipe:
-        options = types.SimpleNamespace(**marshal.loads(pipe.read()))
+        options = SimpleNamespace(**marshal.loads(pipe.read()))
     if getattr(options, "site_dropped", False):
         site_dropped.append(True)
     if not options.self_test:

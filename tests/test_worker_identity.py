@@ -251,7 +251,7 @@ def test_bad_fingerprints_are_refused_at_start(tmp_path):
 
 # The long-lived worker process: what start() leaves out of it. Each of these
 # Python modules would weigh on an idle worker for good (issue 7: <= 16 MiB).
-HEAVY_MODULES = ("argparse", "ssl", "json", "enum", "re", "socket", "signal")
+HEAVY_MODULES = ("argparse", "ssl", "json", "enum", "re", "socket", "signal", "types", "struct")
 
 RECEIVING_WORKER = """
 import os, sys
@@ -300,6 +300,44 @@ def test_the_long_lived_worker_holds_no_heavy_module():
     assert token == "t0k" and join == "('nas.local', 8080)"   # read there; tuples stay
     assert plain == "False" and tls == "True"                  # _ssl only once TLS is used
     assert heavy.strip() == ""
+
+
+# What a TLS worker's interpreter runs before it loads the worker's code.
+SSL_PROBE = """
+import socket, ssl, sys
+names = sum(len(getattr(sys.modules["_ssl"], name, None) or ()) for name in %r)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+ours, theirs = socket.socketpair()
+theirs.sendall(b"HTTP/1.0 400 Bad Request\\r\\n\\r\\n" * 20)
+try:
+    context.wrap_socket(ours).do_handshake()
+except ssl.SSLError as e:
+    print(names, "worker" in sys.modules, e, sep="|")
+"""
+
+
+@every_python
+def test_a_tls_worker_loads_ssl_first_without_its_error_names(python, monkeypatch):
+    """With --fingerprint, start() has _ssl loaded before the worker's code
+    and its tables of error names emptied: the memory they held then holds
+    that code (issue 7: an idle TLS worker <= 16 MiB). An SSLError still
+    says what went wrong, in OpenSSL's words."""
+    module = load_worker_module()
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)     # PYTHONDONTWRITEBYTECODE
+    interpreter = [python, "-I", "-S"]
+    plain = module.bytecode_argv("main()", interpreter)[-1]
+    code = module.bytecode_argv("main()", interpreter, tls=True)[-1]
+    assert "_ssl" not in plain and code.endswith(plain)
+    import subprocess
+    done = subprocess.run(interpreter + ["-c", code[:-len(plain)] + SSL_PROBE
+                                         % (module.SSL_ERROR_NAME_TABLES,)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    names, loaded, message = done.stdout.strip().split("|")
+    assert names == "0" and loaded == "False"
+    assert "wrong version number" in message or "record layer failure" in message, message
 
 
 def test_a_missing_token_is_a_usage_error_after_the_hand_over(tmp_path):

@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 
 from rc import db
@@ -37,6 +38,8 @@ STDIN_NAME = ".rc/stdin"         # how a task's stdin is named among its inputs
 CHECKPOINT_NAME = ".rc/checkpoint"
 STREAM_NAMES = (".rc/stdout", ".rc/stderr")
 SWEEP_CHUNK = 500                # blobs deleted per transaction
+ORPHAN_BLOB_AGE = 3600.0         # seconds a blob file with no row is left alone before it goes
+ORPHAN_BLOB_DIRS = 16            # of the 256 var/files/<aa>/ directories, looked through per sweep
 
 
 class FileStoreError(Exception):
@@ -555,6 +558,7 @@ def sweep(connection, config, now):
         if len(gone) < SWEEP_CHUNK:
             break
     drop_orphan_rows(connection)
+    removed += drop_orphan_blobs(connection, config, now)
     clean_partials(connection, config, now)
     return removed
 
@@ -577,6 +581,68 @@ def drop_orphan_rows(connection):
             "DELETE FROM task_files WHERE task_id IN (%s) AND NOT EXISTS"
             " (SELECT 1 FROM tasks t WHERE t.task_id = task_files.task_id)"
             % ",".join("?" * len(ids)), ids)
+
+
+_orphan_blobs_checked_to = [0]     # the var/files/<aa>/ directory the next sweep starts at
+
+
+def drop_orphan_blobs(connection, config, now):
+    """Blob files with no row, older than ORPHAN_BLOB_AGE: what a crash
+    between placing a blob and committing its row leaves (rc-files, rc-server's
+    inline outputs), or between deleting a row and its blob (sweep). Nothing
+    else removes them. Each sweep looks through the next ORPHAN_BLOB_DIRS of
+    the 256 directories, going round over successive sweeps. Returns how
+    many went."""
+    start = _orphan_blobs_checked_to[0]
+    _orphan_blobs_checked_to[0] = (start + ORPHAN_BLOB_DIRS) % 256
+    removed = 0
+    for number in range(start, start + ORPHAN_BLOB_DIRS):
+        directory = os.path.join(root(config), "%02x" % (number % 256))
+        old = old_blob_files(directory, now - ORPHAN_BLOB_AGE)
+        names = list(old)
+        held = set()
+        for first in range(0, len(names), SWEEP_CHUNK):     # within SQLite's bound parameters
+            chunk = names[first:first + SWEEP_CHUNK]
+            held.update(row[0] for row in connection.execute(
+                "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),
+                chunk))
+        removed += sum(remove_orphan(config, directory, sha256, inode)
+                       for sha256, inode in old.items() if sha256 not in held)
+    return removed
+
+
+def old_blob_files(directory, before):
+    """{sha256: inode} of the regular files named as blobs in `directory`
+    last written before `before`."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return {}
+    old = {}
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_sha256(entry.name) and stat.S_ISREG(info.st_mode) and info.st_mtime < before:
+            old[entry.name] = info.st_ino
+    return old
+
+
+def remove_orphan(config, directory, sha256, inode):
+    """Remove the blob file if it is still the one found (`inode`): moved
+    aside first, so that a blob placed again meanwhile, which a row is about
+    to name, is never the one removed; such a one is put back."""
+    aside = os.path.join(partial_dir(config), "orphan-%s-%s" % (sha256, secrets.token_hex(4)))
+    try:
+        os.rename(os.path.join(directory, sha256), aside)
+    except FileNotFoundError:
+        return 0
+    if os.lstat(aside).st_ino != inode:
+        os.replace(aside, os.path.join(directory, sha256))   # the same bytes: its name says so
+        return 0
+    remove(aside)
+    return 1
 
 
 def put_partial_name(task_id, attempt, name, sha256):
