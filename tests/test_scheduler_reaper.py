@@ -1,6 +1,5 @@
 """rc-scheduler's choices and rc-reaper's sweeps, one pass at a time."""
 import io
-import json
 import os
 
 import pytest
@@ -45,18 +44,6 @@ def test_priority_then_age_decides_who_runs_first(store):
     state = placement(connection)
     assert state[urgent][0] == state[normal][0] == ASSIGNED
     assert state[low][0] == state[later_normal][0] == QUEUED
-
-
-def test_an_echo_is_assigned_with_a_debug_line_a_shell_task_with_an_info_one(store):
-    config, connection = store
-    add_device(connection, "a", slots=2)
-    echo = tasks.submit(connection, config, "echo", {"message": "x"})
-    shell = tasks.submit(connection, config, "shell", {"command": "true"})
-    log = Logger("rc-scheduler", "debug", io.BytesIO())
-    assert scheduler.schedule(connection, 2000.0, log, config) == 2
-    lines = [json.loads(line) for line in log.stream.getvalue().splitlines()]
-    assert {line["task_id"]: line["level"] for line in lines
-            if line["event"] == "task_assigned"} == {echo: "debug", shell: "info"}
 
 
 def test_a_pass_writes_its_lines_in_one_write(store):

@@ -254,33 +254,6 @@ def test_a_lone_completed_result_costs_rc_server_one_statement(server, monkeypat
     connection.close()
 
 
-def test_a_completed_echo_is_logged_at_debug_level_a_shell_task_at_info(server):
-    instance, port = server
-    client = Client(port)
-    client.register(token_of(instance), task_types=["echo", "shell"])
-    connection = db.connect(instance.config.db_path)
-    ids = [tasks.submit(connection, instance.config, "echo", {"message": "hi"}),
-           tasks.submit(connection, instance.config, "shell", {"command": "true"})]
-    for task_id in ids:
-        assign_next(connection, instance.config, task_id)
-        frame = client.receive()
-        if frame["message_type"] == "task_result_ack":      # the echo's, riding along
-            frame = client.receive()
-        assert frame["data"]["task_id"] == task_id
-        client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
-                                    "result": {"output": ""}})
-        wait_for(lambda: tasks.get(connection, task_id)["state"] == "completed", 5, "stored")
-
-    def levels():
-        lines = [json.loads(line) for line in instance.log.stream.getvalue().splitlines()]
-        found = {line["task_id"]: line["level"] for line in lines
-                 if line["event"] == "task_finished"}
-        return found if len(found) == 2 else None
-    wait_for(levels, 5, "both lines")
-    assert levels() == {ids[0]: "debug", ids[1]: "info"}
-    connection.close()
-
-
 def running_on_dev1(instance, port):
     """A client registered as dev1, running a task it was sent; the connection
     and task id, and a database connection to play the other programs."""

@@ -46,11 +46,6 @@ def test_worker_runs_every_task_type(worker):
     assert set(worker.TASK_CLASSES) == set(states.TASK_TYPES)
 
 
-def test_the_worker_logs_quietly_the_types_the_main_node_does(worker):
-    quiet = {name for name, task_class in worker.TASK_CLASSES.items() if task_class.quiet}
-    assert quiet == set(states.QUIET_TASK_TYPES)
-
-
 @pytest.mark.parametrize("token", ["t", "0123456789abcdef-join-token", "k" * 100, "jöin"])
 def test_worker_proofs_match_the_main_node(worker, token):
     # The worker computes HMAC on the built-in SHA-256 to stay off OpenSSL.

@@ -26,8 +26,7 @@ import heapq
 import time
 
 from rc import bell, db, files, program, schedules, services, tasks, throttle
-from rc.states import (ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED,
-                       QUIET_TASK_TYPES, TASK_TYPES)
+from rc.states import ACTIVE_STATES, ASSIGNED, INSTANT_TASK_TYPES, ONLINE, QUEUED, TASK_TYPES
 
 BATCH = 2000          # queued tasks looked at per pass
 PASS_BUDGET = 0.1     # seconds a pass may spend choosing; the rest waits a pass
@@ -296,9 +295,9 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None, curso
     if turnover is not None:
         turnover.remember(slots.devices)
     # After the commit (never log a rollback), in one write.
-    log.log_many([("debug" if task_type in QUIET_TASK_TYPES else "info", "task_assigned",
+    log.log_many([("info", "task_assigned",
                    {"task_id": task_id, "attempt": attempt, "device_id": device_id})
-                  for task_id, attempt, device_id, task_type in given])
+                  for task_id, attempt, device_id, _ in given])
     return len(given), cut_short
 
 
@@ -317,8 +316,8 @@ def queue_order(key):
 
 
 def choose(connection, slots, now, log_limited, cursor=None):
-    """(task_id, attempt, device_id, task_type) for the tasks that fit now,
-    in queue order; and whether a walk was cut short."""
+    """(task_id, attempt, device_id) for the tasks that fit now, in queue
+    order; and whether a walk was cut short."""
     deadline = time.monotonic() + PASS_BUDGET
     chosen, after = [], None
     # A room (slots, or instant room) that fills up ends a walk of the queue;
@@ -383,8 +382,7 @@ def walk_queue(connection, slots, now, deadline, chosen, log_limited, after=None
         if device is None:
             continue
         slots.take(device, task["task_type"])
-        chosen.append((task["task_id"], task["attempt"], device["device_id"],
-                       task["task_type"]))
+        chosen.append((task["task_id"], task["attempt"], device["device_id"]))
         if slots.room_free[room_for(task["task_type"])] == 0:
             return ROOM_FULL, last
     return (BATCH_READ if seen == BATCH else QUEUE_ENDED), last
@@ -399,7 +397,7 @@ def requirements_of(task):
 
 def assign(connection, choice, now, accept_timeout):
     """False when the task is no longer queued (cancelled since it was chosen)."""
-    task_id, attempt, device_id = choice[:3]
+    task_id, attempt, device_id = choice
     # The first lease is short: the device must accept it promptly.
     return connection.execute(
         "UPDATE tasks SET state = ?, device_id = ?, assigned_at = ?,"

@@ -40,8 +40,7 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEV
                        OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
-                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES,
-                       QUIET_TASK_TYPES)
+                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES)
 from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES
 
 READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
@@ -102,7 +101,6 @@ class Peer:
         self.allowance = None          # messages it may still send now (a token bucket)
         self.allowance_at = self.opened_at
         self.pushed = set()            # (task_id, attempt) sent as task_assign
-        self.quiet = set()             # those of them of a QUIET_TASK_TYPES type
         self.cancels_sent = set()
         self.closed = False
         # Liveness (see Server.check_liveness); times on time.monotonic().
@@ -1208,9 +1206,7 @@ class Server:
         if status == COMPLETED and tasks.finish(self.database, key[0], key[1], peer.device_id,
                                                 COMPLETED, result, error, status, now):
             peer.pushed.discard(key)
-            level = "debug" if key in peer.quiet else "info"
-            peer.quiet.discard(key)
-            self.note(level, "task_finished", task_id=key[0], attempt=key[1],
+            self.note("info", "task_finished", task_id=key[0], attempt=key[1],
                       device_id=peer.device_id, status=status)
             return [(TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})]
         return None
@@ -1223,7 +1219,6 @@ class Server:
             files.record_inline_outputs(self.database, key[0], key[1], stored, True, now)
             return reply
         peer.pushed.discard(key)
-        peer.quiet.discard(key)
         ack = (TASK_RESULT_ACK, {"task_id": key[0], "attempt": key[1]})
         row = self.database.execute(
             "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
@@ -1271,7 +1266,6 @@ class Server:
         for peer in list(self.peers_by_device.values()):
             for key in peer.pushed - held.get(peer.device_id, set()):
                 peer.pushed.discard(key)
-                peer.quiet.discard(key)
                 self.send(peer, TASK_CANCEL, {"task_id": key[0], "attempt": key[1]},
                           later=True)
 
@@ -1361,8 +1355,6 @@ class Server:
                               later=True)
             elif row["state"] == ASSIGNED and key not in peer.pushed:
                 peer.pushed.add(key)
-                if row["task_type"] in QUIET_TASK_TYPES:
-                    peer.quiet.add(key)
                 self.expect_answer(peer)
                 assign = {
                     "task_id": key[0], "attempt": key[1], "task_type": row["task_type"],

@@ -33,11 +33,6 @@ TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "she
 # Types the worker runs inside itself in microseconds: they take no slot, so
 # a device busy with long tasks still answers them at once.
 INSTANT_TASK_TYPES = ("echo", "system_info")
-# Types whose every step, when it goes well, is logged at debug level by
-# every program (the worker, rc-scheduler, rc-server): a line per step would
-# cost more than the task itself. Their steps are in the task's events all
-# the same; a failure is logged as for any other type.
-QUIET_TASK_TYPES = ("echo",)
 # The one payload field each type takes from the command line (None: no argument).
 PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
                  "python_eval": "expression", "python_exec": "code",
