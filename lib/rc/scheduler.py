@@ -297,7 +297,7 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None, curso
     # After the commit (never log a rollback), in one write.
     log.log_many([("info", "task_assigned",
                    {"task_id": task_id, "attempt": attempt, "device_id": device_id})
-                  for task_id, attempt, device_id, _ in given])
+                  for task_id, attempt, device_id in given])
     return len(given), cut_short
 
 
