@@ -14,6 +14,7 @@ not asked to wait, and says so (`wait_refused`).
 """
 import ipaddress
 import os
+import sqlite3
 import threading
 import time
 
@@ -36,6 +37,7 @@ WATCH_INTERVAL = 0.05           # seconds between looks at data_version when no 
 WAKE_EVERY = 1.0                # seconds a waiter sleeps at most (to see its client leave)
 STREAM_PING = 15.0              # seconds between keep-alive blank lines on a quiet stream
 STREAM_PAGE = 64                # ended tasks a group's stream reads and sends at once
+MAX_KNOWN_GROUPS = 10000        # client groups rc-web remembers as checked (ClientGroups)
 ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 parameters
 UNTIL = ("any", "all")
 CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
@@ -324,6 +326,7 @@ class ResultRoutes:
         self.web = web
         self.watch = ChangeWatch(web.config)
         self.slots = WaitSlots()
+        self.client_groups = ClientGroups()
         self.submit_batch = contained(self.batch)      # for Web.submit
 
     def routes(self):
@@ -525,15 +528,22 @@ class ResultRoutes:
             raise ApiError(400, "group= goes with a list of tasks")
         connection, config = self.web.connection(), self.web.config
         group = bottle.request.query.get("group")
-        group_id = None if not group else new_group(connection, specs) if group == "new" \
-            else client_group(connection, request_number(group, "group", 1))
+        group_id = None if not group else self.client_groups.add(new_group(
+            connection, specs)) if group == "new" else self.client_groups.checked(
+            connection, request_number(group, "group", 1))
         try:
             task_ids = tasks.submit_many(connection, config, specs, group_id=group_id)
         except tasks.TaskError:
             if group == "new":
+                self.client_groups.forget(group_id)
                 with db.write(connection):
                     connection.execute("DELETE FROM task_groups WHERE group_id = ?",
                                        (group_id,))
+            raise
+        except sqlite3.IntegrityError:
+            if group_id is None or not self.client_groups.forget(group_id):
+                raise
+            client_group(connection, group_id)      # 404 if it was pruned since we saw it
             raise
         types = sorted({spec["task_type"] for spec in specs})
         fields = dict(count=len(task_ids), first_task_id=task_ids[0],
@@ -612,6 +622,38 @@ def client_group(connection, group_id):
         raise ApiError(400, "group %d is one task per device (rc submit --each); tasks"
                             " are added only to a group made with ?group=new" % group_id)
     return group_id
+
+
+class ClientGroups:
+    """The client groups (?group=new) this rc-web has seen: a client's
+    session submits into its group again and again, and its row need not
+    be read each time. A group pruned since (housekeeping, idle past
+    task_retention) is caught by the tasks' foreign key: the submit fails
+    whole, and batch() asks again."""
+
+    def __init__(self, most=MAX_KNOWN_GROUPS):
+        self.most = most
+        self.known = set()
+
+    def add(self, group_id):
+        if len(self.known) >= self.most:
+            self.known.clear()          # the next submit of each reads its row again
+        self.known.add(group_id)
+        return group_id
+
+    def checked(self, connection, group_id):
+        """`group_id`, if it is a client group (else ApiError)."""
+        if group_id in self.known:
+            return group_id
+        return self.add(client_group(connection, group_id))
+
+    def forget(self, group_id):
+        """Whether it was known."""
+        try:
+            self.known.remove(group_id)
+            return True
+        except KeyError:
+            return False
 
 
 def include_new(connection, group_id):
