@@ -27,12 +27,12 @@ import concurrent.futures
 import dis
 import functools
 import hashlib
-import http.client
 import inspect
 import io
 import json
 import os
 import pickle
+import select
 import socket
 import ssl
 import sys
@@ -56,6 +56,7 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
 MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
 MAX_HEAD_FIELDS = 100           # header fields of one answer
 READ_PIECE = 1 << 20            # bytes read at once of a long body
+STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
@@ -127,7 +128,7 @@ class Http:
     An ordinary request is written and its answer read here, not by
     http.client, which spends ~0.1 ms of CPU a request on building and
     parsing headers (email.parser): more than a submit takes rc-web. The
-    result stream is read with http.client."""
+    result stream is a ResultStream."""
 
     def __init__(self, url, token, ssl_context=None):
         parts = urllib.parse.urlsplit(url)
@@ -152,21 +153,7 @@ class Http:
             self.ssl_context = ssl.create_default_context()
         return self.ssl_context
 
-    def connect(self, timeout):
-        if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                               context=self.tls())
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-    def headers(self, extra=None):
-        headers = {"Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
-        headers.update(extra or {})
-        return headers
-
-    def open_link(self, timeout):
-        """A socket to rc-web and a buffered reader of it."""
+    def open_socket(self, timeout):
         sock = socket.create_connection((self.host, self.port), timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -175,6 +162,11 @@ class Http:
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    def open_link(self, timeout):
+        """A socket to rc-web and a buffered reader of it."""
+        sock = self.open_socket(timeout)
         return sock, sock.makefile("rb")
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT):
@@ -245,23 +237,26 @@ class Http:
         return answer
 
     def stream(self, path, timeout):
-        """A connection of its own and the response, to read line by line.
-        The connection keeps its socket as `stream_socket` (http.client lets
-        go of it when the response says Connection: close): see stop_reading."""
-        connection = self.connect(timeout)
+        """A ResultStream of GET `path`, on a connection of its own."""
         try:
-            connection.request("GET", self.prefix + path, None, self.headers())
-            connection.stream_socket = connection.sock
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as e:
-            connection.close()
+            sock = self.open_socket(timeout)
+        except OSError as e:
             raise ClusterError("cannot open %s: %s" % (path, e))
-        if response.status != 200:
-            data = response.read()
-            connection.close()
-            raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], data[:300].decode(
-                "utf-8", "replace"), response.status), response.status)
-        return connection, response
+        try:
+            sock.sendall(self.head("GET", path, None, None))
+            head, rest = read_head(sock)
+            reader = io.BytesIO(head)
+            _, status = status_line(reader.readline(MAX_HEAD_LINE + 1))
+            fields = head_fields(reader)
+            if status != 200:
+                raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], rest[:300].decode(
+                    "utf-8", "replace"), status), status)
+            return ResultStream(sock, rest, "chunked" in fields.get("transfer-encoding", "").lower())
+        except BaseException as e:
+            sock.close()
+            if isinstance(e, (OSError, BadAnswer)):
+                raise ClusterError("cannot open %s: %s" % (path, e))
+            raise
 
 
 def header_text(text, what, also_refused=""):
@@ -348,13 +343,7 @@ def read_exactly(reader, length):
 def read_chunked(reader):
     pieces = []
     while True:
-        line = reader.readline(MAX_HEAD_LINE + 1)
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            size = -1
-        if size < 0 or len(line) > MAX_HEAD_LINE:
-            raise BadAnswer("a bad chunk size line: %r" % line[:50])
+        size = chunk_size(reader.readline(MAX_HEAD_LINE + 1))
         if size == 0:
             head_fields(reader)                 # trailer fields, if any
             return b"".join(pieces)
@@ -362,19 +351,139 @@ def read_chunked(reader):
         read_exactly(reader, 2)                 # the chunk's CRLF
 
 
-def stop_reading(connection):
-    """Wake a thread blocked reading a stream's connection, at once: closing
-    it is not enough (the response's file holds the socket open, and the
-    reader would sleep until the next line or ping, up to 15 s, while
-    rc-web kept serving the stream)."""
-    sock = getattr(connection, "stream_socket", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass                # closed already
-    if connection is not None:
-        connection.close()
+def read_head(sock):
+    """(an answer's head, the bytes of its body that came with it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD_LINE:
+            raise BadAnswer("an answer's head over %d bytes" % MAX_HEAD_LINE)
+        piece = sock.recv(STREAM_PIECE)
+        if not piece:
+            raise BadAnswer("the connection closed in the answer's head")
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+class ResultStream:
+    """A stream of lines (NDJSON) in an HTTP answer, chunked or not, read
+    straight off its socket. http.client's readline took ~0.1 ms of CPU a
+    line (its chunk bookkeeping, through io's peek and read1), and a read
+    that timed out lost its place in a chunk: here a wait for lines can
+    time out, and a thread waiting for its own result can read them."""
+
+    def __init__(self, sock, rest, chunked):
+        self.sock = sock
+        sock.setblocking(False)
+        self.raw = bytearray(rest)          # received, not yet taken out of its chunks
+        self.body = bytearray()             # the body's bytes, not yet a whole line
+        self.chunked = chunked
+        self.state, self.chunk_left = "size", 0     # chunked: what comes next
+        self.ended = False
+
+    def lines(self, timeout):
+        """The whole lines that have come, at least one unless `timeout`
+        seconds pass first ([] then); EOFError once the answer has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.whole_lines()
+            if found:
+                return found
+            if self.ended:
+                raise EOFError("the stream ended")
+            data = self.receive(deadline)
+            if data is None:
+                return []
+            if not data:
+                self.ended = True
+            self.raw += data
+            self.decode()
+
+    def receive(self, deadline):
+        """What the socket has, once it has anything; None at `deadline`.
+        The socket does not block: a timeout on it would cost a system call
+        each time it is set, and a recv of READ_PIECE a fresh mapping of
+        memory each time (STREAM_PIECE comes from the allocator's pools)."""
+        while True:
+            # OpenSSL may hold decrypted bytes that select() cannot see.
+            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    return None
+            try:
+                return self.sock.recv(STREAM_PIECE)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue        # readable, but not a whole TLS record yet
+
+    def whole_lines(self):
+        end = self.body.rfind(b"\n")
+        if end < 0:
+            return []
+        lines = bytes(self.body[:end]).split(b"\n")
+        del self.body[:end + 1]
+        return lines
+
+    def decode(self):
+        """Move what has come out of its chunks into the body."""
+        raw = self.raw
+        if not self.chunked:
+            self.body += raw
+            del raw[:]
+            return
+        while raw:
+            if self.state == "data":
+                taken = min(self.chunk_left, len(raw))
+                self.body += raw[:taken]
+                del raw[:taken]
+                self.chunk_left -= taken
+                if not self.chunk_left:
+                    self.state = "end"
+            elif self.state == "end":           # the CRLF after a chunk's data
+                if len(raw) < 2:
+                    return
+                if raw[:2] != b"\r\n":
+                    raise BadAnswer("a chunk not ended by CRLF")
+                del raw[:2]
+                self.state = "size"
+            else:
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    if len(raw) > MAX_HEAD_LINE:
+                        raise BadAnswer("a chunk size line over %d bytes" % MAX_HEAD_LINE)
+                    return
+                size = chunk_size(bytes(raw[:end]))
+                del raw[:end + 2]
+                if not size:
+                    self.ended = True           # the last chunk (trailers not read)
+                    del raw[:]
+                    return
+                self.state, self.chunk_left = "data", size
+
+    def close(self):
+        self.sock.close()
+
+
+def chunk_size(line):
+    try:
+        size = int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        size = -1
+    if size < 0 or len(line) > MAX_HEAD_LINE:
+        raise BadAnswer("a bad chunk size line: %r" % line[:50])
+    return size
+
+
+def stop_reading(stream):
+    """Wake a thread blocked reading a stream, at once (else it would sleep
+    until the next line or ping, up to 15 s, while rc-web kept serving the
+    stream), and close it."""
+    if stream is None:
+        return
+    try:
+        stream.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass                # closed already
+    stream.close()
 
 
 # -- futures ---------------------------------------------------------------------------
@@ -654,23 +763,19 @@ class Cluster:
                 after = min(self.waiting) - 1 if self.waiting else self.highest
             try:
                 self.read_stream(after)
-            except (ClusterError, OSError, http.client.HTTPException, ValueError):
+            except (ClusterError, OSError, EOFError, BadAnswer, ValueError):
                 if not self.closed:
                     time.sleep(RECONNECT_DELAY)
 
     def read_stream(self, after):
         path = "/api/v1/groups/%d/results?stream=1&follow=1&after=%d" % (self.group_id, after)
-        connection, response = self.http.stream(path, STREAM_READ_TIMEOUT)
-        self.stream_connection = connection
+        stream = self.stream_connection = self.http.stream(path, STREAM_READ_TIMEOUT)
         try:
             while not self.closed:
-                line = response.readline()
-                if not line:
-                    return
-                if line.strip():
-                    record = json.loads(line.decode("utf-8"))
-                    if "task_id" in record:
-                        self.take_result(record)
+                lines = stream.lines(STREAM_READ_TIMEOUT)
+                if not lines:
+                    return          # not even rc-web's ping: open it again
+                self.take_lines(lines)
                 with self.lock:
                     if self.waiting:
                         self.last_pending = time.monotonic()
@@ -678,7 +783,14 @@ class Cluster:
                         return
         finally:
             self.stream_connection = None
-            connection.close()
+            stream.close()
+
+    def take_lines(self, lines):
+        for line in lines:
+            if line.strip():
+                record = json.loads(line.decode("utf-8"))
+                if "task_id" in record:
+                    self.take_result(record)
 
     def take_result(self, record):
         with self.lock:
