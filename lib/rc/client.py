@@ -63,6 +63,8 @@ MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by defaul
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
                                 # (and submit()'s packs, when calls wait for slots)
 DEFAULT_PACK = 64               # Executor.submit() calls one python_exec task runs at most
+LONE_READ_WAIT = 0.02          # seconds a pending result waits for its caller to read it
+                                # (result()) before the receiver thread reads it
 SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
 IDLE_GAP = 0.001                # seconds without a submit() after which the next one is
                                 # sent at once from the caller's thread
@@ -503,6 +505,27 @@ class TaskFuture(concurrent.futures.Future):
         self.submitted = threading.Event()
         self.cancel_lock = threading.Lock()
         self.submit_error = None
+        self.watched = False        # a callback or a wait() waits for it (want_results)
+        self._waiters = Watchers(self)      # concurrent.futures.wait() adds its waiter here
+
+    def result(self, timeout=None):
+        return super().result(self.cluster.read_for(self, timeout))
+
+    def exception(self, timeout=None):
+        return super().exception(self.cluster.read_for(self, timeout))
+
+    def done(self):
+        """Whether it is done; when it is not, someone polling it wants its
+        result read (Cluster.want_results)."""
+        done = super().done()
+        if not done:
+            self.cluster.want_results(self)
+        return done
+
+    def add_done_callback(self, fn):
+        self.watched = True
+        super().add_done_callback(fn)
+        self.cluster.want_results(self)
 
     def wait_submitted(self, timeout=None):
         """The task id, once the main node has queued the task."""
@@ -530,6 +553,21 @@ class TaskFuture(concurrent.futures.Future):
 
     def __repr__(self):
         return "<TaskFuture task_id=%s %s>" % (self.task_id, self._state.lower())
+
+
+class Watchers(list):
+    """A TaskFuture's list of waiters, where concurrent.futures.wait() and
+    as_completed() put theirs: one that comes wants the result read by the
+    receiver thread, since no result() call will read it."""
+
+    def __init__(self, future):
+        super().__init__()
+        self.future = future
+
+    def append(self, waiter):
+        super().append(waiter)
+        self.future.watched = True
+        self.future.cluster.want_results(self.future)
 
 
 def settle(future, value=None, error=None):
@@ -578,7 +616,14 @@ class Cluster:
         self.closed = False
         self.sender = self.receiver = None
         self.last_pending = time.monotonic()
-        self.stream_connection = None
+        self.stream = None                   # the group's ResultStream, while open
+        self.reader = None                   # the thread reading it now (see read_for)
+        self.wanted = False                  # results are awaited by no reader: the
+                                             # receiver thread reads them
+        # The receiver sleeps on an Event, not on self.lock: a future that
+        # wants it woken may hold its own lock (concurrent.futures.wait), and
+        # self.lock is taken before a future's, never after.
+        self.receiver_wake = threading.Event()
         self.slots_seen = (-SLOTS_SECONDS, 1)    # (when, how many)
 
     def __enter__(self):
@@ -600,7 +645,9 @@ class Cluster:
         with self.lock:
             self.closed = True
             self.lock.notify_all()
-        stop_reading(self.stream_connection)
+            stream = self.stream
+        self.receiver_wake.set()
+        stop_reading(stream)
         for thread in (self.sender, self.receiver):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5)
@@ -671,7 +718,8 @@ class Cluster:
         finally:
             with self.lock:
                 self.sending = False
-                self.lock.notify_all()
+                if self.queue:          # the sender's next batch (the lock wakes only it)
+                    self.lock.notify_all()
 
     def take_batch(self):
         """Up to BATCH_MAX_TASKS futures and BATCH_MAX_BYTES from the queue;
@@ -733,7 +781,7 @@ class Cluster:
         with self.lock:
             group_id = answer.get("group_id", self.group_id)
             if group_id != self.group_id:
-                stop_reading(self.stream_connection)    # the new group's stream, then
+                stop_reading(self.stream)       # the new group's stream, then
             self.group_id = group_id
             for future, entry in zip(futures, answer["tasks"]):
                 future.task_id = entry["task_id"]
@@ -746,32 +794,80 @@ class Cluster:
                 future.submitted.set()
             if self.receiver is None and self.group_id is not None:
                 self.receiver = start_thread(self.receive_results, "rc-client-results")
-            self.lock.notify_all()
+            # A lone submit's caller reads its own result (read_for) once the
+            # stream is open: the receiver is not woken for it.
+            lone = threading.current_thread() is not self.sender and \
+                not any(future.watched for future in futures)
+            if not lone:
+                self.wanted = True
+            if not lone or self.stream is None:
+                self.receiver_wake.set()
 
     # -- results -----------------------------------------------------------------------
 
     def receive_results(self):
-        """The receiver thread: the group's results as they finish, on one
-        stream, closed when nothing has been pending for STREAM_IDLE seconds."""
+        """The receiver thread: opens the group's result stream while tasks
+        are pending (and STREAM_IDLE after), reads it while results are
+        wanted and no caller reads it (read_for), and closes it once nothing
+        has been pending for STREAM_IDLE seconds."""
         while True:
             with self.lock:
-                while not self.closed and not self.waiting and (
-                        time.monotonic() - self.last_pending > STREAM_IDLE):
-                    self.lock.wait()
+                self.receiver_wake.clear()      # before looking: a later set() wakes it
                 if self.closed:
                     return
-                after = min(self.waiting) - 1 if self.waiting else self.highest
+                action, seconds = self.receiver_action()
             try:
-                self.read_stream(after)
+                if action == "open":
+                    self.open_stream()
+                elif action == "read":
+                    self.read_stream()
+                elif action == "close":
+                    self.drop_stream(self.stream)
+                elif not self.receiver_wake.wait(seconds) and action == "unread":
+                    with self.lock:
+                        self.wanted = True      # nobody came to read: this thread does
             except (ClusterError, OSError, EOFError, BadAnswer, ValueError):
                 if not self.closed:
                     time.sleep(RECONNECT_DELAY)
 
-    def read_stream(self, after):
-        path = "/api/v1/groups/%d/results?stream=1&follow=1&after=%d" % (self.group_id, after)
-        stream = self.stream_connection = self.http.stream(path, STREAM_READ_TIMEOUT)
+    def receiver_action(self):
+        """What the receiver does next (the lock is held): open, read or
+        close the stream, or sleep (None, or "unread": a result pending that
+        no one has come to read yet) for how many seconds (None: until woken)."""
+        idle = time.monotonic() - self.last_pending
+        if self.stream is None:
+            return ("open", 0) if self.waiting or idle <= STREAM_IDLE else (None, None)
+        if self.reader is not None:
+            return None, STREAM_IDLE            # it wakes us if it leaves results pending
+        if self.waiting:
+            if self.wanted:
+                self.reader = threading.current_thread()
+                return "read", 0
+            return "unread", LONE_READ_WAIT
+        if idle > STREAM_IDLE:
+            return "close", 0
+        return None, STREAM_IDLE - idle
+
+    def open_stream(self):
+        with self.lock:
+            group_id = self.group_id
+            after = min(self.waiting) - 1 if self.waiting else self.highest
+        stream = self.http.stream("/api/v1/groups/%d/results?stream=1&follow=1&after=%d"
+                                  % (group_id, after), STREAM_READ_TIMEOUT)
+        with self.lock:
+            if self.closed or group_id != self.group_id:
+                stream.close()
+                return
+            self.stream = stream
+            if self.waiting:
+                self.last_pending = time.monotonic()
+
+    def read_stream(self):
+        """Read (this thread holds the reader's role) while results are
+        pending; the role is given up once none is."""
+        stream, broken = self.stream, True
         try:
-            while not self.closed:
+            while True:
                 lines = stream.lines(STREAM_READ_TIMEOUT)
                 if not lines:
                     return          # not even rc-web's ping: open it again
@@ -779,11 +875,74 @@ class Cluster:
                 with self.lock:
                     if self.waiting:
                         self.last_pending = time.monotonic()
-                    elif time.monotonic() - self.last_pending > STREAM_IDLE:
+                    if self.closed or not self.waiting:
+                        self.wanted = False
+                        broken = False
                         return
         finally:
-            self.stream_connection = None
-            stream.close()
+            self.leave_reading(stream, broken)
+
+    def read_for(self, future, timeout):
+        """Read the stream in this thread, the one waiting for `future`,
+        until it is done, if no other thread is reading it: its result then
+        needs no hand-over from the receiver thread (a wake-up of each, and
+        of the interpreter's lock; ~0.1 ms on a small machine). Otherwise,
+        the receiver reads. Returns what is left of `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            stream = self.stream
+            if concurrent.futures.Future.done(future) or self.closed:
+                return timeout
+            if self.reader is not None or stream is None or \
+                    self.waiting.get(future.task_id) is not future:
+                self.want_results(future)
+                return timeout
+            self.reader = threading.current_thread()
+        broken = True
+        try:
+            while not concurrent.futures.Future.done(future):
+                left = STREAM_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    break
+                lines = stream.lines(min(left, STREAM_READ_TIMEOUT))
+                if not lines and deadline is None:
+                    return None     # not even rc-web's ping: the receiver opens it again
+                self.take_lines(lines)
+            broken = False
+        except (OSError, EOFError, BadAnswer, ValueError):
+            pass                    # the receiver opens it again
+        finally:
+            self.leave_reading(stream, broken)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def leave_reading(self, stream, broken):
+        """Give up the reader's role; results still pending are the receiver's."""
+        with self.lock:
+            self.reader = None
+            if broken:
+                self.drop_stream(stream)
+            pending = bool(self.waiting)
+            if pending:
+                self.wanted = True
+                self.last_pending = time.monotonic()
+        if pending or broken:
+            self.receiver_wake.set()
+
+    def drop_stream(self, stream):
+        with self.lock:
+            if stream is self.stream:
+                self.stream = None
+        stop_reading(stream)
+
+    def want_results(self, future):
+        """Someone waits for `future`'s result and does not read the stream
+        (a callback, wait(), done() polled): the receiver reads, unless a
+        thread reading already will hand over to it (leave_reading). Never
+        blocks: a future's own lock may be held (see receiver_wake)."""
+        if not self.wanted and self.reader is None \
+                and self.waiting.get(future.task_id) is future:
+            self.wanted = True
+            self.receiver_wake.set()
 
     def take_lines(self, lines):
         for line in lines:
@@ -803,6 +962,8 @@ class Cluster:
             # here, for the next lone submit (else a session past its first
             # STREAM_IDLE seconds opened a stream for each of them).
             self.last_pending = time.monotonic()
+            if not self.waiting:
+                self.wanted = False     # the next lone submit's caller reads its own
         self.finish(future, record)
 
     def finish(self, future, record):
