@@ -571,6 +571,9 @@ def test_a_lone_result_is_read_by_the_thread_that_waits_for_it(cluster):
         with pytest.raises(concurrent.futures.TimeoutError):
             future.result(0.1)               # a timeout leaves the stream readable
         assert future.result(60) is not None and connection.reader is None
+        future = lone_submit(connection, "echo", "later")
+        time.sleep(1)                       # its line waits on the socket, unread
+        assert future.result(0) == "later"      # a look without a wait reads it
 
 
 @pytest.mark.parametrize("how", ["callback", "wait", "as_completed", "done", "other_thread"])

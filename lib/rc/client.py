@@ -409,8 +409,8 @@ class ResultStream:
         while True:
             # OpenSSL may hold decrypted bytes that select() cannot see.
             if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                left = max(0.0, deadline - time.monotonic())     # 0: a look, no wait
+                if not select.select([self.sock], [], [], left)[0]:
                     return None
             try:
                 return self.sock.recv(STREAM_PIECE)
@@ -901,13 +901,14 @@ class Cluster:
         broken = True
         try:
             while not concurrent.futures.Future.done(future):
+                # result(0) too reads what has come (nobody else may have).
                 left = STREAM_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    break
-                lines = stream.lines(min(left, STREAM_READ_TIMEOUT))
+                lines = stream.lines(max(0.0, min(left, STREAM_READ_TIMEOUT)))
                 if not lines and deadline is None:
                     return None     # not even rc-web's ping: the receiver opens it again
                 self.take_lines(lines)
+                if left <= 0:
+                    break
             broken = False
         except (OSError, EOFError, BadAnswer, ValueError):
             pass                    # the receiver opens it again
