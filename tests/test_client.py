@@ -4,6 +4,7 @@ unchanged but for the executor, functions from this Python on a CPython 3.6
 worker, remote exceptions, cancel, what cannot be shipped; long polls, bulk
 result reads, a group's result stream, batch submits, and /client.py itself
 under the oldest and newest Python."""
+import concurrent.futures
 import glob
 import json
 import os
@@ -548,10 +549,72 @@ def test_lone_submits_past_the_stream_idle_time_share_one_stream(cluster, monkey
     assert len(opened) == 1, "a stream opened again %d times" % (len(opened) - 1)
 
 
+def lone_submit(connection, *args, **options):
+    """A submit after the client has been idle: sent from this thread."""
+    time.sleep(client.IDLE_GAP * 3)
+    return connection.submit(*args, **options)
+
+
+def test_a_lone_result_is_read_by_the_thread_that_waits_for_it(cluster):
+    """No hand-over from the receiver thread: the caller of result() reads
+    the stream itself while no other thread does."""
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        assert connection.submit("echo", "first").result(60) == "first"     # opens the stream
+        readers = []
+        take = connection.take_result
+        connection.take_result = lambda record: readers.append(
+            threading.current_thread().name) or take(record)
+        for n in range(5):
+            assert lone_submit(connection, "echo", "x%d" % n).result(60) == "x%d" % n
+        assert readers == [threading.current_thread().name] * 5
+        future = lone_submit(connection, "sleep", {"seconds": 0.5})
+        with pytest.raises(concurrent.futures.TimeoutError):
+            future.result(0.1)               # a timeout leaves the stream readable
+        assert future.result(60) is not None and connection.reader is None
+        future = lone_submit(connection, "echo", "later")
+        time.sleep(1)                       # its line waits on the socket, unread
+        assert future.result(0) == "later"      # a look without a wait reads it
+
+
+@pytest.mark.parametrize("how", ["callback", "wait", "as_completed", "done", "other_thread"])
+def test_a_lone_result_awaited_without_result_comes_promptly(cluster, monkeypatch, how):
+    """A callback, wait(), as_completed(), polling done() or a result()
+    in another thread: the receiver thread reads it, at once, not after
+    its idle timer."""
+    monkeypatch.setattr(client, "STREAM_IDLE", 60.0)
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        assert connection.submit("echo", "first").result(60) == "first"
+        for n in range(3):
+            future = lone_submit(connection, "echo", "x")
+            started = time.monotonic()
+            if how == "callback":
+                finished = threading.Event()
+                future.add_done_callback(lambda _: finished.set())
+                assert finished.wait(10)
+            elif how == "wait":
+                assert concurrent.futures.wait([future], 10).done == {future}
+            elif how == "as_completed":
+                assert list(concurrent.futures.as_completed([future], 10)) == [future]
+            elif how == "done":
+                while not future.done():
+                    time.sleep(0.01)
+            else:
+                outcome = []
+                thread = threading.Thread(target=lambda: outcome.append(future.result(10)))
+                thread.start()
+                thread.join(10)
+                assert outcome == ["x"]
+            assert time.monotonic() - started < 3, "%s waited for the idle timer" % how
+            assert future.result(0) == "x"
+
+
 def test_a_stream_wake_reads_the_new_events_not_the_whole_group(cluster):
     plan = [row[3] for row in cluster.db.execute(
-        "EXPLAIN QUERY PLAN " + web_results.GROUP_ENDED_SQL, (1, 2, 3, 0))]
-    assert plan[0].startswith("SEARCH e USING INTEGER PRIMARY KEY"), plan
+        "EXPLAIN QUERY PLAN " + web_results.GROUP_ENDED_SQL, (1, 2, 0))]
+    searches = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
+    assert searches[-2].startswith("SEARCH e USING INTEGER PRIMARY KEY (rowid>?)"), plan
+    assert searches[-1].startswith("SEARCH t USING INTEGER PRIMARY KEY (rowid=?)"), plan
+    assert not any(step.startswith("SCAN") for step in plan), plan
 
 
 # -- /client.py on the oldest and newest Python ----------------------------------------------

@@ -3,11 +3,14 @@ on 127.0.0.1 that answers with canned bytes: every framing rc-web or a proxy
 may use, a kept-alive connection closed meanwhile, and hostile answers,
 each refused with a clear ClusterError instead of a hang or a crash."""
 import socket
+import ssl
 import threading
+import time
+import types
 
 import pytest
 
-from rc import client
+from rc import client, tls
 
 
 class Canned:
@@ -15,12 +18,14 @@ class Canned:
     next of `answers` (bytes; a 1-tuple of bytes: then it closes), None
     closing the connection without an answer; it records the requests."""
 
-    def __init__(self, answers):
+    def __init__(self, answers, tls_context=None):
         self.answers = list(answers)
         self.requests = []
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(4)
+        if tls_context is not None:
+            self.listener = tls_context.wrap_socket(self.listener, server_side=True)
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self.serve, daemon=True).start()
 
@@ -131,3 +136,111 @@ def test_a_path_that_would_break_the_request_line_is_refused(path):
         http_to(server).request("GET", path)
     with pytest.raises(ValueError, match="the token must be printable ASCII"):
         client.Http("http://127.0.0.1:%d" % server.port, "tok\r\nX-Injected: 1")
+
+
+class Trickled(Canned):
+    """Canned, but each answer goes out a few bytes at a time, so that a
+    chunk's size, data and CRLF arrive split anywhere."""
+
+    def serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            self.requests.append(self.read_request(connection))
+            data = self.answers.pop(0)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(data), 3):
+                connection.sendall(data[start:start + 3])
+                time.sleep(0.001)
+
+
+def read_all(stream):
+    lines = []
+    while True:
+        try:
+            lines += stream.lines(5)
+        except EOFError:
+            return lines
+
+
+def test_a_result_stream_is_read_line_by_line_however_its_chunks_are_cut():
+    body = b'{"task_id": 1}\n\n{"task_id": 2, "x": "' + b"y" * 300 + b'"}\n{"end": true}\n'
+    chunks = [body[:7], body[7:20], body[20:21], body[21:]]
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
+    server = Trickled([answer])
+    stream = http_to(server).stream("/api/v1/groups/1/results?stream=1", 5)
+    assert read_all(stream) == body.rstrip(b"\n").split(b"\n")
+    assert server.requests[0][0].startswith(b"GET /api/v1/groups/1/results?stream=1 HTTP/1.1")
+    assert b"Authorization: Bearer secret" in server.requests[0][0]
+    # A body without chunks, to the end of the connection (HTTP/1.0 style).
+    server = Trickled([b"HTTP/1.0 200 OK\r\n\r\n" + body])
+    assert read_all(http_to(server).stream("/s", 5)) == body.rstrip(b"\n").split(b"\n")
+
+
+def test_a_quiet_stream_times_out_without_losing_its_place():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    http = client.Http("http://127.0.0.1:%d" % listener.getsockname()[1], None)
+    opened = {}
+    thread = threading.Thread(target=lambda: opened.update(stream=http.stream("/s", 5)))
+    thread.start()
+    connection, _ = listener.accept()
+    Canned.read_request(connection)
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{\"a\":")
+    thread.join(5)
+    stream = opened["stream"]
+    started = time.monotonic()
+    assert stream.lines(0.2) == []                  # half a chunk: no whole line yet
+    assert 0.15 < time.monotonic() - started < 2
+    connection.sendall(b" 1}\n\r\n")
+    assert stream.lines(5) == [b'{"a": 1}']
+    connection.close()
+    with pytest.raises(EOFError):
+        stream.lines(5)
+    stream.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("answer, error", [
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\n\r\n{\"error\": \"no group\"}",
+     "no group"),
+    (b"SMTP ready\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X: " + b"y" * 70000 + b"\r\n\r\n", "over 65536 bytes"),
+])
+def test_a_stream_that_cannot_open_is_a_clear_error(answer, error):
+    server = Canned([(answer,)])
+    with pytest.raises(client.ClusterError, match=error):
+        http_to(server).stream("/s", 5)
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"zz\r\nabc\r\n", "bad chunk size"),
+    (b"3\r\nabcXY", "not ended by CRLF"),
+    (b"1" * 70000, "chunk size line over"),
+])
+def test_a_stream_with_broken_chunks_is_refused(body, error):
+    server = Canned([(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body,)])
+    stream = http_to(server).stream("/s", 5)
+    with pytest.raises(client.BadAnswer, match=error):
+        read_all(stream)
+
+
+def test_a_result_stream_over_tls_is_read_however_its_records_are_cut(tmp_path):
+    """Over TLS, bytes OpenSSL has already decrypted are invisible to
+    select(): a line that came with the answer's head, or in one record
+    with the next, must still be read at once."""
+    home = types.SimpleNamespace(home=str(tmp_path))
+    tls.ensure_certificate(home)
+    body = b"".join(b'{"task_id": %d}\n' % n for n in range(1, 40))
+    chunks = [body[:5], body[5:400], body[400:]]
+    answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
+    server = Trickled([answer], tls.server_context(home))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    http = client.Http("https://127.0.0.1:%d" % server.port, "secret", context)
+    started = time.monotonic()
+    assert read_all(http.stream("/s", 5)) == body.rstrip(b"\n").split(b"\n")
+    assert time.monotonic() - started < 4

@@ -341,6 +341,11 @@ def test_every_answer_carries_the_security_headers(client):
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert client.request("/text/devices")[1]["X-Content-Type-Options"] == "nosniff"
+    for answer in (client.request("/api/v1/tasks", body={"task_type": "echo"}),
+                   client.request("/api/v1/tasks", body={"task_type": "echo", "payload": "x"},
+                                  token=client.token), client.request("/nowhere")):
+        assert {name: answer[1][name] for name in web.SECURITY_HEADERS} \
+            == web.SECURITY_HEADERS, answer
 
 
 # -- /api/v1/command: the CLI's commands for the web terminal ------------------------
@@ -584,3 +589,30 @@ def test_fleet_commands_in_the_web_terminal(cluster_home, fleet_app):
     assert {"drain", "resume", "forget", "revoke", "label", "role", "group", "broadcast",
             "control"} <= set(words["commands"])
     assert "--each" in words["commands"]["submit"] and "--rotate" in words["commands"]["token"]
+
+
+def test_a_client_group_pruned_after_rc_web_saw_it_is_404_not_a_failure(cluster_home):
+    """rc-web remembers the client groups it has checked (a session submits
+    into its own again and again); one pruned since is still refused whole."""
+    config, connection = cluster_home
+    app = web.make_app(config)
+    body = b'[{"task_type": "echo", "payload": "x"}]'
+    status, _, text = call(app, "/api/v1/tasks?group=new", "POST", headers=admin(config), body=body)
+    group_id = json.loads(text)["group_id"]
+    assert status == 201
+    status, _, _ = call(app, "/api/v1/tasks?group=%d" % group_id, "POST",
+                        headers=admin(config), body=body)
+    assert status == 201
+    with db.write(connection):          # as housekeeping prunes an idle session's group
+        ids = [row[0] for row in connection.execute(
+            "SELECT task_id FROM tasks WHERE group_id = ?", (group_id,))]
+        connection.execute("DELETE FROM task_events WHERE task_id IN (%s)"
+                           % ",".join("?" * len(ids)), ids)
+        connection.execute("DELETE FROM tasks WHERE group_id = ?", (group_id,))
+        connection.execute("DELETE FROM task_groups WHERE group_id = ?", (group_id,))
+    status, _, text = call(app, "/api/v1/tasks?group=%d" % group_id, "POST",
+                           headers=admin(config), body=body)
+    assert (status, json.loads(text)) == (404, {"error": "no group %d" % group_id})
+    assert connection.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+    status, _, _ = call(app, "/api/v1/tasks?group=new", "POST", headers=admin(config), body=body)
+    assert status == 201

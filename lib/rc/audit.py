@@ -30,8 +30,12 @@ def record(config, event, actor, source, **fields):
     line = {"time": round(time.time(), 6), "event": event, "actor": actor, "source": source}
     line.update(fields)
     data = orjson.dumps(line, default=repr, option=orjson.OPT_APPEND_NEWLINE)
-    os.makedirs(config.log_dir, exist_ok=True)
-    descriptor = os.open(path(config), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        descriptor = os.open(path(config), flags, 0o600)
+    except FileNotFoundError:       # no log directory yet (three system calls a line, else)
+        os.makedirs(config.log_dir, exist_ok=True)
+        descriptor = os.open(path(config), flags, 0o600)
     try:
         os.write(descriptor, data)
         if os.fstat(descriptor).st_size > config.audit_log_max_bytes:

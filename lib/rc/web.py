@@ -11,6 +11,7 @@ needs `Authorization: Bearer <admin token>` (var/admin_token, `rc token
 --admin`), a same-origin request, and a Host header that names this machine
 (against DNS rebinding). The join token the workers hold is never enough.
 """
+import functools
 import hashlib
 import hmac
 import io
@@ -33,7 +34,7 @@ from rc import audit, bell, bounded, commands, db, devices, explain, fleet, file
 from rc import device_routes, logs, records, state_dir, web_results, web_schedules, web_server
 from rc import stats, tasks, throttle
 from rc import config as rc_config
-from rc.log import Logger
+from rc.log import LEVELS, Logger
 from rc.states import COMPLETED, FAILED, PRIORITIES, TASK_STATES, TERMINAL_STATES, TIMED_OUT
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
@@ -798,10 +799,13 @@ class Web:
         return orjson.dumps({"error": error.body or error.status_line})
 
     def after_request(self):
-        for name, value in SECURITY_HEADERS.items():
-            bottle.response.set_header(name, value)
-        self.logger.debug("request", method=bottle.request.method, path=bottle.request.path,
-                          status=bottle.response.status_code)
+        # Straight into bottle's header table (set_header checks each name and
+        # value on every request): the names are in its form already, Title-Case.
+        bottle.response.headers.dict.update(
+            (name, [value]) for name, value in SECURITY_HEADERS.items())
+        if self.logger.threshold <= LEVELS["debug"]:      # its fields cost more than the check
+            self.logger.debug("request", method=bottle.request.method,
+                              path=bottle.request.path, status=bottle.response.status_code)
 
 
 class StreamBody:
@@ -1126,6 +1130,7 @@ def host_name(header):
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+@functools.lru_cache(maxsize=256)      # every request asks it of its Host header
 def is_ip_address(host):
     try:
         ipaddress.ip_address(host)

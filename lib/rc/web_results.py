@@ -14,6 +14,7 @@ not asked to wait, and says so (`wait_refused`).
 """
 import ipaddress
 import os
+import sqlite3
 import threading
 import time
 
@@ -36,17 +37,21 @@ WATCH_INTERVAL = 0.05           # seconds between looks at data_version when no 
 WAKE_EVERY = 1.0                # seconds a waiter sleeps at most (to see its client leave)
 STREAM_PING = 15.0              # seconds between keep-alive blank lines on a quiet stream
 STREAM_PAGE = 64                # ended tasks a group's stream reads and sends at once
+MAX_KNOWN_GROUPS = 10000        # client groups rc-web remembers as checked (ClientGroups)
 ID_CHUNK = 500                  # ids per IN (...) query: old SQLite allows 999 parameters
 UNTIL = ("any", "all")
 CLIENT_PATH = os.path.join(rc_config.CHECKOUT, "lib", "rc", "client.py")
 TERMINAL_SQL = "state IN (%s)" % db.sql_list(TERMINAL_STATES)
-# A group's tasks that ended in events (?, ?], past a task id. CROSS JOIN keeps
-# the events outside: otherwise SQLite walks every task of the group on each
-# look (its index on group_id), ~3 ms a wake for a session of 5,000 tasks.
-GROUP_ENDED_SQL = ("SELECT t.task_id, t.state, t.result, t.error FROM task_events e"
-                   " CROSS JOIN tasks t ON t.task_id = e.task_id WHERE e.id > ? AND e.id <= ?"
-                   " AND e." + TERMINAL_SQL + " AND t.group_id = ? AND t.task_id > ?"
-                   " ORDER BY e.id")
+# The newest event's id (the first row, ordered by -1), then a group's tasks
+# that ended in events past a cursor, past a task id: one statement, so one
+# snapshot and one trip through SQLite a wake. CROSS JOIN keeps the events
+# outside: otherwise SQLite walks every task of the group on each look (its
+# index on group_id), ~3 ms a wake for a session of 5,000 tasks.
+GROUP_ENDED_SQL = ("SELECT -1, coalesce(max(id), 0), NULL, NULL, NULL FROM task_events"
+                   " UNION ALL SELECT e.id, t.task_id, t.state, t.result, t.error"
+                   " FROM task_events e CROSS JOIN tasks t ON t.task_id = e.task_id"
+                   " WHERE e.id > ? AND e." + TERMINAL_SQL + " AND t.group_id = ?"
+                   " AND t.task_id > ? ORDER BY 1")
 
 
 class ApiError(Exception):
@@ -142,7 +147,12 @@ class ChangeWatch:
             except OSError:
                 pass            # no run directory to bind in: looking is enough
         if self.doorbell is not None:
-            self.doorbell.wait(seconds)
+            if self.doorbell.wait(seconds):
+                # Rung: rc-server committed results. Asking data_version too
+                # would cost the waiters a statement before they look; the next
+                # quiet look reads it afresh (and says "changed" once, to be safe).
+                self.version = None
+                return True
         else:
             time.sleep(max(0.0, seconds))
         now = db.data_version(self.connection)
@@ -237,6 +247,13 @@ def last_event(connection):
     return connection.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchone()[0]
 
 
+def group_ended(connection, cursor, group_id, after):
+    """(the newest event's id, [(task id, state, result, error)] of the
+    group's tasks past `after` that ended in events past `cursor`)."""
+    rows = connection.execute(GROUP_ENDED_SQL, (cursor, group_id, after)).fetchall()
+    return rows[0][1], [tuple(row)[1:] for row in rows[1:]]
+
+
 def finished_since(connection, after, until_id):
     """Ids of tasks that reached a terminal state in events (after, until_id]."""
     return {row[0] for row in connection.execute(
@@ -309,6 +326,7 @@ class ResultRoutes:
         self.web = web
         self.watch = ChangeWatch(web.config)
         self.slots = WaitSlots()
+        self.client_groups = ClientGroups()
         self.submit_batch = contained(self.batch)      # for Web.submit
 
     def routes(self):
@@ -498,10 +516,7 @@ class ResultRoutes:
                 quiet_since = time.monotonic()
                 yield b"\n"
             seen = self.watch.wait(seen, WAKE_EVERY)
-            newest = last_event(connection)
-            ended = connection.execute(GROUP_ENDED_SQL, (cursor, newest, group_id, after)
-                                       ).fetchall() if newest != cursor else []
-            cursor = newest
+            cursor, ended = group_ended(connection, cursor, group_id, after)
 
     # POST /api/v1/tasks with a list (?group=new|ID): called by Web.submit
     def batch(self, specs, is_list=True):
@@ -513,15 +528,22 @@ class ResultRoutes:
             raise ApiError(400, "group= goes with a list of tasks")
         connection, config = self.web.connection(), self.web.config
         group = bottle.request.query.get("group")
-        group_id = None if not group else new_group(connection, specs) if group == "new" \
-            else client_group(connection, request_number(group, "group", 1))
+        group_id = None if not group else self.client_groups.add(new_group(
+            connection, specs)) if group == "new" else self.client_groups.checked(
+            connection, request_number(group, "group", 1))
         try:
             task_ids = tasks.submit_many(connection, config, specs, group_id=group_id)
         except tasks.TaskError:
             if group == "new":
+                self.client_groups.forget(group_id)
                 with db.write(connection):
                     connection.execute("DELETE FROM task_groups WHERE group_id = ?",
                                        (group_id,))
+            raise
+        except sqlite3.IntegrityError:
+            if group_id is None or not self.client_groups.forget(group_id):
+                raise
+            client_group(connection, group_id)      # 404 if it was pruned since we saw it
             raise
         types = sorted({spec["task_type"] for spec in specs})
         fields = dict(count=len(task_ids), first_task_id=task_ids[0],
@@ -600,6 +622,38 @@ def client_group(connection, group_id):
         raise ApiError(400, "group %d is one task per device (rc submit --each); tasks"
                             " are added only to a group made with ?group=new" % group_id)
     return group_id
+
+
+class ClientGroups:
+    """The client groups (?group=new) this rc-web has seen: a client's
+    session submits into its group again and again, and its row need not
+    be read each time. A group pruned since (housekeeping, idle past
+    task_retention) is caught by the tasks' foreign key: the submit fails
+    whole, and batch() asks again."""
+
+    def __init__(self, most=MAX_KNOWN_GROUPS):
+        self.most = most
+        self.known = set()
+
+    def add(self, group_id):
+        if len(self.known) >= self.most:
+            self.known.clear()          # the next submit of each reads its row again
+        self.known.add(group_id)
+        return group_id
+
+    def checked(self, connection, group_id):
+        """`group_id`, if it is a client group (else ApiError)."""
+        if group_id in self.known:
+            return group_id
+        return self.add(client_group(connection, group_id))
+
+    def forget(self, group_id):
+        """Whether it was known."""
+        try:
+            self.known.remove(group_id)
+            return True
+        except KeyError:
+            return False
 
 
 def include_new(connection, group_id):
