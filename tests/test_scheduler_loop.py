@@ -122,3 +122,29 @@ def test_wait_any_wakes_on_either_bell_and_swallows_its_rings(tmp_path):
     assert bell.wait_any([work, room], 5.0)
     work.close()
     room.close()
+
+
+def test_every_bell_binds_in_a_run_directory_as_deep_as_the_scheduler_s_allows(tmp_path):
+    """A socket's path holds at most 107 bytes. The room bell's first name
+    was longer than rc-scheduler's own, and in such a run directory it
+    crashed rc-scheduler at its first wait for room (tasks then went out
+    once per restart)."""
+    run_dir = str(tmp_path / "r")
+    run_dir += "x" * (106 - len(bell.path("", bell.SCHEDULER)) - len(run_dir))
+    assert len(bell.path(run_dir, bell.SCHEDULER)) == 107
+    for name in (bell.SCHEDULER, bell.SCHEDULER_ROOM, bell.SERVER, bell.WEB):
+        bell.Bell(run_dir, name).close()
+
+
+def test_a_room_bell_that_cannot_bind_leaves_the_scheduler_polling(tmp_path, monkeypatch):
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+
+    def refused(run_dir, name):
+        raise OSError("AF_UNIX path too long")
+    monkeypatch.setattr(bell, "Bell", refused)
+    said = []
+    state = {"waiting": True, "room_bell": None, "rung": False}
+    assert scheduler.listen_for_room(config, state, lambda *line, **fields: said.append(
+        (line, fields))) is False
+    assert state["room_bell"] is None and not state["rung"]
+    assert said[0][0][:2] == ("error", "room_bell_failed") and "too long" in said[0][1]["error"]

@@ -13,8 +13,10 @@ import socket
 SCHEDULER = "rc-scheduler"    # work to give out: a submit, a retry, a device to fill
 # Room freed (a result, a device joining or heard from): the scheduler
 # listens to this one only while tasks wait for room, so that on a cluster
-# with nothing queued a result wakes nobody but who waits for it.
-SCHEDULER_ROOM = "rc-scheduler-room"
+# with nothing queued a result wakes nobody but who waits for it. Its name
+# is no longer than the others': a socket's path has at most 107 bytes, and
+# a run directory deep enough for theirs must hold it too.
+SCHEDULER_ROOM = "rc-room"
 SERVER = "rc-server"
 WEB = "rc-web"          # results committed: a request waiting for them looks now
 

@@ -428,7 +428,7 @@ def run(config, log, should_stop):
                 connection.execute("ROLLBACK")
             log_limited("error", "pass_failed", "pass", error=repr(e)[:500])
             state["wake_at"] = time.time() + FAILED_PASS_PAUSE
-        if listen_for_room(config, state):
+        if listen_for_room(config, state, log_limited):
             continue
         bells = [doorbell] + ([state["room_bell"]] if state["room_bell"] else [])
         state["rung"] = bell.wait_any(bells, min(config.poll_interval,
@@ -438,14 +438,20 @@ def run(config, log, should_stop):
             listening.close()
 
 
-def listen_for_room(config, state):
+def listen_for_room(config, state, log_limited):
     """Listen to the room bell (bell.SCHEDULER_ROOM) while the last pass
     left tasks waiting, and not otherwise: then a result wakes us only when
     it may let one go. True when it was only now bound: a result committed
     since the pass read the devices rang nobody, so look again at once (its
     commit shows in data_version)."""
     if state["waiting"] and state["room_bell"] is None:
-        state["room_bell"] = bell.Bell(config.run_dir, bell.SCHEDULER_ROOM)
+        try:
+            state["room_bell"] = bell.Bell(config.run_dir, bell.SCHEDULER_ROOM)
+        except OSError as e:
+            # Looking once per poll_interval still finds the room; binding
+            # is tried again at the next wait.
+            log_limited("error", "room_bell_failed", "room_bell", error=repr(e)[:300])
+            return False
         state["rung"] = True
         return True
     if not state["waiting"] and state["room_bell"] is not None:
