@@ -142,6 +142,19 @@ def online(cluster):
         "SELECT device_id FROM devices WHERE status = 'online' AND connected = 1")}
 
 
+def rc_files_events(cluster, event, digest):
+    """How many lines of rc-files' log are `event` (file_sent, file_stored) for a blob."""
+    count = 0
+    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            count += record.get("event") == event and record.get("sha256") == digest
+    return count
+
+
 def wait_all_finished(cluster, task_ids, timeout):
     def finished():
         rows = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id IN (%s)"

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, online, wait_for
+from cluster_harness import WORKER, Cluster, online, rc_files_events, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,19 +62,6 @@ def wait(cluster, task_id):
     return done.stdout
 
 
-def sent_of(cluster, digest):
-    """How many times rc-files sent this blob (its log: one file_sent each)."""
-    count = 0
-    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            count += record.get("event") == "file_sent" and record.get("sha256") == digest
-    return count
-
-
 def test_files_in_transformed_outputs_back_byte_identical(cluster, tmp_path):
     folder = tmp_path / "texts"
     (folder / "deep").mkdir(parents=True)
@@ -105,7 +92,7 @@ def test_the_same_input_to_two_tasks_on_one_device_is_fetched_once(cluster, tmp_
     for _ in range(2):
         task_id = submit(cluster, "shell", "sha256sum model.bin", "--input", str(model))
         assert wait(cluster, task_id).split()[0] == digest
-    assert sent_of(cluster, digest) == 1
+    assert rc_files_events(cluster, "file_sent", digest) == 1
 
 
 def test_stdin_env_and_a_script_file_reach_the_task(cluster, tmp_path):

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
-from hostile_harness import readable_by_others, unharmed
+from cluster_harness import online, wait_for
+from hostile_harness import unharmed
 from rc import protocol, tasks
-from test_inline_files import Device, entry, in_store, outputs_of, sha, submit
+from test_inline_files import (Device, entry, in_store, outputs_of, sha, submit,
+                               with_the_good_worker)
 
 pytestmark = pytest.mark.e2e
 
@@ -22,19 +23,8 @@ FRAME_DEADLINE = 2.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("hostile-inline"), files_quota_mb=64,
-                      frame_deadline=FRAME_DEADLINE)
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker(GOOD, "--slots", "2")
-        wait_for(lambda: GOOD in online(cluster), 30, "the good worker")
-        cluster.token = open(cluster.config.token_path).read().strip()
-        cluster.secrets = {}
-        yield cluster
-    finally:
-        cluster.stop()
-    assert readable_by_others(cluster.home) == []
+    yield from with_the_good_worker(tmp_path_factory.mktemp("hostile-inline"),
+                                    files_quota_mb=64, frame_deadline=FRAME_DEADLINE)
 
 
 def ended(cluster, task_id, timeout=20):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, online, wait_for
+from cluster_harness import WORKER, Cluster, online, rc_files_events, wait_for
 from hostile_harness import readable_by_others, unharmed
 from rc import files, protocol, tasks
 from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES
@@ -27,8 +27,14 @@ FRAME_DEADLINE = 3.0      # seconds a frame, its raw bytes included, may take to
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("inline-files"), files_quota_mb=QUOTA_MB,
-                      frame_deadline=FRAME_DEADLINE)
+    yield from with_the_good_worker(tmp_path_factory.mktemp("inline-files"),
+                                    files_quota_mb=QUOTA_MB, frame_deadline=FRAME_DEADLINE)
+
+
+def with_the_good_worker(home, **settings):
+    """A module's cluster: the good worker alone (2 slots) and what Device
+    needs to play another device; afterwards, nothing readable by others."""
+    cluster = Cluster(home, **settings)
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
@@ -56,19 +62,6 @@ def wait(cluster, task_id):
     done = cluster.rc("wait", str(task_id), "--timeout", "60", check=False)
     assert done.returncode == 0, (done.stdout, done.stderr, cluster.rc("why", str(task_id)).stdout)
     return done.stdout
-
-
-def rc_files_events(cluster, event, digest):
-    """How many lines of rc-files' log are `event` (file_sent, file_stored) for a blob."""
-    count = 0
-    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            count += record.get("event") == event and record.get("sha256") == digest
-    return count
 
 
 def write(path, data):
