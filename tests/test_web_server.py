@@ -45,6 +45,18 @@ def test_a_wait_that_times_out_leaves_no_waiter_behind():
         condition.notify()          # nobody to wake: no error
 
 
+def local_server(app, threads, **options):
+    """A web_server.Server on 127.0.0.1, a free port, not yet running."""
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    return web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
+                             port=0, threads=threads, **options)
+
+
+def stopped(server):
+    server.close()
+    server.task_dispatcher.shutdown()
+
+
 def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
     served_by = []
 
@@ -52,9 +64,7 @@ def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
         served_by.append(threading.get_ident())
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
-    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
-    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
-                               port=0, threads=8)
+    server = local_server(app, threads=8)
     threading.Thread(target=server.run, daemon=True).start()
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
@@ -64,8 +74,7 @@ def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
             assert response.read() == b"ok"
         connection.close()
     finally:
-        server.close()
-        server.task_dispatcher.shutdown()
+        stopped(server)
     # waitress's own pool hands the 20 requests to its 8 threads in turn; here
     # the one that served the last takes the next, or, while it is still
     # finishing that one, the one idle before it
@@ -91,9 +100,7 @@ def test_an_answer_goes_out_in_one_send_head_and_body(monkeypatch):
             return iter([b"one\n", b"two\n"])
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
-    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
-    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
-                               port=0, threads=2)
+    server = local_server(app, threads=2)
     threading.Thread(target=server.run, daemon=True).start()
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
@@ -108,8 +115,7 @@ def test_an_answer_goes_out_in_one_send_head_and_body(monkeypatch):
         assert connection.getresponse().read() == b"one\ntwo\n"
         connection.close()
     finally:
-        server.close()
-        server.task_dispatcher.shutdown()
+        stopped(server)
 
 
 def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
@@ -120,11 +126,9 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
-    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
     # As rc-web: with no lookahead the loop stops reading a connection while
     # its request is served, and must be woken after every answer.
-    server = web_server.Server(app, limits, lambda *args, **fields: None, host="127.0.0.1",
-                               port=0, threads=2, channel_request_lookahead=1)
+    server = local_server(app, threads=2, channel_request_lookahead=1)
     pulls = []
     real_pull = server.trigger.pull_trigger
     server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
@@ -151,8 +155,7 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
             # the loop's own timeout is 1 s: a missed wake-up would show as that
             assert time.monotonic() - started < 0.5
     finally:
-        server.close()
-        server.task_dispatcher.shutdown()
+        stopped(server)
 
 
 def test_the_loop_leaves_an_answer_to_the_thread_sending_it():
@@ -192,5 +195,4 @@ def test_the_loop_leaves_an_answer_to_the_thread_sending_it():
     finally:
         ours.close()
         theirs.close()
-        server.close()
-        server.task_dispatcher.shutdown()
+        stopped(server)
