@@ -134,12 +134,21 @@ def test_the_loop_is_woken_after_an_answer_only_when_it_has_work():
     server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
     threading.Thread(target=server.run, daemon=True).start()
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
-        for _ in range(20):
-            connection.request("GET", "/")
-            assert connection.getresponse().read() == b"ok"
-        connection.close()
-        assert len(pulls) < 5, "the loop was woken %d times for 20 answers" % len(pulls)
+        # The loop needs a wake-up after an answer only when it looked at the
+        # connection while the request was served, which a loaded machine
+        # makes likelier: the fewest of three rounds counts (waking after
+        # every answer gives 20 in each).
+        woken = []
+        for _ in range(3):
+            del pulls[:]
+            connection = http.client.HTTPConnection("127.0.0.1", server.effective_port,
+                                                    timeout=10)
+            for _ in range(20):
+                connection.request("GET", "/")
+                assert connection.getresponse().read() == b"ok"
+            connection.close()
+            woken.append(len(pulls))
+        assert min(woken) < 5, "the loop was woken %s times for 20 answers" % woken
         with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as sock:
             sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
             started, answers = time.monotonic(), b""
