@@ -1193,7 +1193,7 @@ def own_host_names(extra):
 # -- task files (issue 18): uploads, downloads with Range, a task's list ----------------
 
 FILE_STATUS = {"quota": 413, "disk_full": 507, "hash_mismatch": 400, "short": 400,
-               "not_found": 404, "bad_request": 400}
+               "not_found": 404, "bad_request": 400, "busy": 503}
 RANGE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
 
 
