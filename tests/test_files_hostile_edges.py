@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import wait_for
 from hostile_harness import unharmed
 from rc import files
 from test_bad_input import registered
 from test_files_hostile import ask, authenticated, closed
+from test_inline_files import GOOD, with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -25,22 +26,15 @@ BLOB_BYTES = 3 * 1024 * 1024 + 17     # over rc-files' and rc-web's chunks, odd 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("files-edges"), auth_timeout=2.0,
-                      files_quota_mb=16)
-    cluster.start()
-    cluster.supervisorctl("stop", "rc-worker")
-    cluster.start_worker("good", "--slots", "2")
-    wait_for(lambda: "good" in online(cluster), 30, "the good worker")
-    cluster.token = open(cluster.config.token_path).read().strip()
-    cluster.admin = open(cluster.config.admin_token_path).read().strip()
-    cluster.secrets = {}
-    registered(cluster, "mallory").close()       # a joined device with its own secret
-    cluster.blob = os.urandom(BLOB_BYTES)
-    cluster.digest = hashlib.sha256(cluster.blob).hexdigest()
-    status, body = request(cluster, "POST", "/api/v1/files", cluster.blob)
-    assert status == 201, body
-    yield cluster
-    cluster.stop()
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("files-edges"),
+                                        auth_timeout=2.0, files_quota_mb=16):
+        cluster.admin = open(cluster.config.admin_token_path).read().strip()
+        registered(cluster, "mallory").close()       # a joined device with its own secret
+        cluster.blob = os.urandom(BLOB_BYTES)
+        cluster.digest = hashlib.sha256(cluster.blob).hexdigest()
+        status, body = request(cluster, "POST", "/api/v1/files", cluster.blob)
+        assert status == 201, body
+        yield cluster
 
 
 def request(cluster, method, path, body=None, headers=(), read=True):
@@ -82,7 +76,7 @@ def number(digits):
 
 
 def test_every_range_header_gets_its_bytes_or_a_416(cluster):
-    with unharmed(cluster, "good"):
+    with unharmed(cluster, GOOD):
         for header in RANGES:
             status, body = request(cluster, "GET", "/api/v1/files/" + cluster.digest,
                                    headers=["Range: " + header])
@@ -102,7 +96,7 @@ CONTENT_LENGTHS = ["-1", "abc", "1e3", "0x10", " 5", "5 ", "+5", "05", str(2 ** 
 
 def test_uploads_with_the_worst_headers_store_nothing_and_never_fail_the_server(cluster):
     before = rows(cluster)
-    with unharmed(cluster, "good"):
+    with unharmed(cluster, GOOD):
         answers = [(length[:20],) + request(cluster, "POST", "/api/v1/files", b"abcde",
                                             headers=["Content-Length: " + length])
                    for length in CONTENT_LENGTHS]
@@ -132,7 +126,7 @@ def test_uploads_with_the_worst_headers_store_nothing_and_never_fail_the_server(
 def test_a_cut_upload_leaves_no_row_and_no_blob(cluster):
     before = rows(cluster)
     data = os.urandom(2 * 1024 * 1024)
-    with unharmed(cluster, "good"):
+    with unharmed(cluster, GOOD):
         sock = request(cluster, "POST", "/api/v1/files", data[:1024 * 1024],
                        headers=["Content-Length: %d" % len(data)], read=False)
         sock.close()          # half of it sent, then gone
@@ -141,7 +135,7 @@ def test_a_cut_upload_leaves_no_row_and_no_blob(cluster):
 
 
 def test_rc_files_fields_in_their_worst_form_are_refused_by_name(cluster):
-    with unharmed(cluster, "good"):
+    with unharmed(cluster, GOOD):
         sock, reader, welcome = authenticated(cluster, "mallory")
         assert welcome == {"ok": True}
         base = {"task_id": 1, "attempt": 1, "name": "out.txt", "size": 3, "sha256": "0" * 64}
@@ -171,7 +165,7 @@ def test_peers_that_stop_reading_or_writing_mid_transfer_hold_nobody_up(cluster)
     """Downloads that are never read (more than rc-web serves at once) and
     uploads that stop half way: the good worker's tasks, other downloads,
     and the API go on."""
-    with unharmed(cluster, "good"):
+    with unharmed(cluster, GOOD):
         stalled = [request(cluster, "GET", "/api/v1/files/" + cluster.digest, read=False)
                    for _ in range(12)]
         halfway = [request(cluster, "POST", "/api/v1/files", b"x" * 1000,

@@ -18,22 +18,15 @@ import ssl
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
 from rc import protocol, transfer
+from test_inline_files import with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("halfclose"), tls=True)
-    cluster.start()
-    cluster.supervisorctl("stop", "rc-worker")
-    cluster.start_worker("good")
-    wait_for(lambda: "good" in online(cluster), 30, "the good worker")
-    cluster.token = open(cluster.config.token_path).read().strip()
-    yield cluster
-    cluster.stop()
+    yield from with_the_good_worker(tmp_path_factory.mktemp("halfclose"), tls=True)
 
 
 class HalfClosingClient:
