@@ -14,7 +14,7 @@ import pytest
 
 from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import files
+from rc import db, files
 from test_bad_input import registered
 from test_files_hostile import ask, authenticated, closed
 from test_inline_files import GOOD, with_the_good_worker
@@ -180,3 +180,36 @@ def test_peers_that_stop_reading_or_writing_mid_transfer_hold_nobody_up(cluster)
     partial = os.path.join(files.root(cluster.config), files.PARTIAL_DIR)
     wait_for(lambda: not os.path.isdir(partial) or os.listdir(partial) == [], 10,
              "no partial file left of the cut uploads")
+
+
+def test_a_device_that_stops_reading_its_downloads_holds_up_only_those(cluster, tmp_path):
+    """mallory (a joined device) starts downloads of a task's 3 MiB input
+    over rc-files and never reads them: each holds its own connection until
+    rc-files' data timeout, and a download on another connection, the good
+    worker's tasks and the programs go on."""
+    local = tmp_path / "input.bin"
+    local.write_bytes(cluster.blob)
+    online_meanwhile = registered(cluster, "mallory")    # its running task is not taken back
+    task_id = int(cluster.rc("submit", "shell", "true", "--input", str(local),
+                             "--require", "device_id=mallory").stdout)
+    with db.write(cluster.db):       # as if assigned to mallory: its input is its to read
+        cluster.db.execute("UPDATE tasks SET state = 'running', device_id = 'mallory',"
+                           " attempt = 1 WHERE task_id = ?", (task_id,))
+    with unharmed(cluster, GOOD):
+        stalled = []
+        for _ in range(4):
+            sock, reader, welcome = authenticated(cluster, "mallory")
+            assert welcome == {"ok": True}
+            sock.sendall(json.dumps({"get": {"sha256": cluster.digest}}).encode() + b"\n")
+            assert json.loads(reader.readline())["length"] == BLOB_BYTES
+            stalled.append(sock)             # and never read again
+        started = time.monotonic()
+        sock, reader, _ = authenticated(cluster, "mallory")
+        sock.sendall(json.dumps({"get": {"sha256": cluster.digest}}).encode() + b"\n")
+        assert json.loads(reader.readline())["length"] == BLOB_BYTES
+        assert reader.read(BLOB_BYTES) == cluster.blob and time.monotonic() - started < 10
+        sock.close()
+        for sock in stalled:
+            sock.close()
+    cluster.rc("cancel", str(task_id))
+    online_meanwhile.close()
