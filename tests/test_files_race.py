@@ -7,6 +7,7 @@ The interleavings are forced, not waited for: a statement trace on one
 connection runs the other side at the moment that connection is about to
 write, outside any transaction (where a second connection can run).
 """
+import hashlib
 import io
 import json
 import os
@@ -236,3 +237,30 @@ def test_a_put_of_held_bytes_swept_before_its_row_is_sent_again(tmp_path, monkey
     finally:
         node.close()
 
+
+
+def test_an_inline_output_that_cannot_be_placed_again_gets_no_row_and_spares_the_others(
+        cluster_home, second, monkeypatch):
+    """As above, but the disk refuses the bytes placed again: that file gets
+    no row (the result's stderr names the files the device sent; the store
+    holds what it could keep), and the result's other files their rows."""
+    config, connection = cluster_home
+    swept_data, kept_data = b"swept before its row" * 50, b"placed just now" * 50
+    swept, _ = files.store_stream(connection, config, io.BytesIO(swept_data), len(swept_data))
+    stale(connection, swept)
+    kept = hashlib.sha256(kept_data).hexdigest()
+    plan = [(0, {"name": "swept.txt", "sha256": swept, "size": len(swept_data)},
+             memoryview(swept_data), True),
+            (1, {"name": "kept.txt", "sha256": kept, "size": len(kept_data)},
+             memoryview(kept_data), False)]
+    stored, _ = files.place_inline_outputs(config, plan, {})
+    assert files.sweep(second, config, time.time()) == 1
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(files, "place_bytes", full_disk)
+    with db.write(connection):
+        files.record_inline_outputs(connection, 1, 1, stored, False, time.time())
+    assert not files.exists(connection, swept)
+    assert files.exists(connection, kept) and readable(connection, config, kept) == kept_data
+    assert rows_without_bytes(connection, config) == []

@@ -928,7 +928,7 @@ def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
     for name, sha256, size, blob in stored:
         try:
             blob.record(connection, size, now)    # its last_used_at is now: nothing more
-        except FileStoreError:
+        except (FileStoreError, OSError):         # not the result's other rows' fault
             continue
         if holds:
             insert_task_file(connection, task_id, attempt,
