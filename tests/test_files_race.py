@@ -242,8 +242,8 @@ def test_a_put_of_held_bytes_swept_before_its_row_is_sent_again(tmp_path, monkey
 def test_an_inline_output_that_cannot_be_placed_again_gets_no_row_and_spares_the_others(
         cluster_home, second, monkeypatch):
     """As above, but the disk refuses the bytes placed again: that file gets
-    no row (the result's stderr names the files the device sent; the store
-    holds what it could keep), and the result's other files their rows."""
+    no row (the task lists no such output, rather than one that is gone),
+    and the result's other files their rows."""
     config, connection = cluster_home
     swept_data, kept_data = b"swept before its row" * 50, b"placed just now" * 50
     swept, _ = files.store_stream(connection, config, io.BytesIO(swept_data), len(swept_data))
