@@ -32,8 +32,14 @@ $(VENV)/.installed: requirements.txt setup.py
 # umask 077: supervisord opens its own log before it applies the umask in
 # etc/supervisord.conf, and everything under $(RC_HOME) is the owner's alone.
 # `make run` returns once `rc health` is OK (every program RUNNING, the local
-# worker online) and says so, or fails saying what is not.
+# worker online) and says so, or fails saying what is not. It first checks
+# that every socket of the run directory fits a Unix socket's 107 bytes: in
+# a clone under a deep directory, supervisord or a program's bell could not
+# bind, so it stops at once and says to choose a shorter RC_HOME.
 run: install
+	@$(PY) -c 'import sys; from rc import bell, config; \
+		problem = bell.run_dir_problem(config.load().run_dir); \
+		sys.exit(problem and "make run: " + problem)'
 	@if $(CTL) pid >/dev/null 2>&1; then \
 		$(CTL) start all >/dev/null; \
 	else \

@@ -22,6 +22,39 @@ WEB = "rc-web"          # results committed: a request waiting for them looks no
 
 _sender = None      # one unbound socket per process is enough to ring any bell
 
+SOCKET_PATH_BYTES = 107     # bytes a Unix socket's path may hold here (sun_path, its NUL aside)
+SUPERVISOR_SOCKET = "supervisor.sock"   # etc/supervisord.conf's, in the same run directory
+PID_MAX_PATH = "/proc/sys/kernel/pid_max"
+PID_MAX = 2 ** 22           # the most Linux allows pid_max to be, where it cannot be read
+
+
+def socket_names():
+    """The names of every socket the main node binds in its run directory.
+    supervisord binds "<its socket>.<its pid>" first, then links it into
+    place: with the longest pid this system gives, the longest of them."""
+    try:
+        with open(PID_MAX_PATH) as f:
+            pid_max = int(f.read())
+    except (OSError, ValueError):
+        pid_max = PID_MAX
+    return ["%s.%d" % (SUPERVISOR_SOCKET, pid_max - 1)] + [
+        os.path.basename(path("", name)) for name in (SCHEDULER, SCHEDULER_ROOM, SERVER, WEB)]
+
+
+def run_dir_problem(run_dir):
+    """Why the run directory cannot hold the main node's sockets (a clone
+    under a deep directory), saying what to do; None when every one fits."""
+    names = socket_names()
+    longest = max((os.path.join(run_dir, name) for name in names),
+                  key=lambda socket_path: len(os.fsencode(socket_path)))
+    if len(os.fsencode(longest)) <= SOCKET_PATH_BYTES:
+        return None
+    return ("the socket %s is %d bytes long, over the %d a Unix socket's path may have:"
+            " RC_HOME (%s) is too deep. Keep the cluster's state in a shorter directory,"
+            " e.g. `make run RC_HOME=$HOME/rc-var` (or move the clone), then run again"
+            % (longest, len(os.fsencode(longest)), SOCKET_PATH_BYTES,
+               os.path.dirname(os.path.abspath(run_dir))))
+
 
 def path(run_dir, name):
     return os.path.join(run_dir, name + ".bell")

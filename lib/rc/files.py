@@ -6,7 +6,12 @@ which. A blob is written to var/files/partial/ first, fsynced, its hash
 checked, and only then renamed into place (os.replace) and its row
 committed: a cut upload or a full disk leaves at most a partial file, never
 a half blob, and never a row pointing at nothing (the row comes after the
-rename; deletion removes the row first). A blob is kept while a task that
+rename; deletion removes the row first). A row is written only inside a
+write transaction that has seen the blob file in place (record_present()),
+and the sweep removes a file only inside one that has seen no row for it
+(remove_unrecorded()): whoever stores a blob the store holds already,
+while the sweep removes it, either keeps it or stores it again, never
+records it without its bytes. A blob is kept while a task that
 is not finished refers to it, then `files_retention_days` after the last one
 ended; rc-reaper's upkeep deletes it after that (sweep()).
 
@@ -38,6 +43,9 @@ STDIN_NAME = ".rc/stdin"         # how a task's stdin is named among its inputs
 CHECKPOINT_NAME = ".rc/checkpoint"
 STREAM_NAMES = (".rc/stdout", ".rc/stderr")
 SWEEP_CHUNK = 500                # blobs deleted per transaction
+# Blob files removed per write transaction (remove_unrecorded): every other
+# program's writes wait meanwhile; 100 took ~7 ms here, 500 ~35 ms.
+REMOVE_CHUNK = 100
 ORPHAN_BLOB_AGE = 3600.0         # seconds a blob file with no row is left alone before it goes
 ORPHAN_BLOB_DIRS = 16            # of the 256 var/files/<aa>/ directories, looked through per sweep
 
@@ -255,7 +263,8 @@ class Writer:
         """Verify, rename into place, record; returns (sha256, size). On a
         mismatch or error the partial file is removed."""
         sha256, size = self.place(expected)
-        record(connection, sha256, size)
+        with db.write(connection):
+            record_present(connection, self.config, sha256, size)
         return sha256, size
 
     def place(self, expected=None):
@@ -301,12 +310,37 @@ def disk_error(error):
 
 
 def record(connection, sha256, size, now=None):
-    """The blob's row, once the blob is in place (after, never before)."""
+    """The blob's row, once the blob is in place (after, never before);
+    record_present() checks that it still is."""
     now = time.time() if now is None else now
     connection.execute(
         "INSERT INTO files(sha256, size, created_at, last_used_at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(sha256) DO UPDATE SET last_used_at = excluded.last_used_at",
         (sha256, size, now, now))
+
+
+def record_present(connection, config, sha256, size, now=None):
+    """The blob's row (its last use now), inside the caller's write
+    transaction, if the blob file is in place; FileStoreError "busy" if the
+    sweep has just removed it (the caller stores the bytes again). Under the
+    write lock the sweep cannot remove the file between this look and the
+    commit (remove_unrecorded())."""
+    if not os.path.isfile(blob_path(config, sha256)):
+        raise FileStoreError("busy", "file %s was removed from the store (retention) as it"
+                             " was stored; send it again" % sha256)
+    record(connection, sha256, size, now)
+
+
+def hold(connection, config, sha256, size, now=None):
+    """Whether the store holds the blob, in a write transaction of its own
+    that records its use (record_present()): True, and it stays until the
+    retention after now; False, and the caller stores its bytes."""
+    try:
+        with db.write(connection):
+            record_present(connection, config, sha256, size, now)
+    except FileStoreError:
+        return False
+    return True
 
 
 def fsync_directory(path):
@@ -366,8 +400,7 @@ def store_path(connection, config, path):
     """A local file into the store (the `rc` command on the main node):
     hashed first, so a file the store holds already is not copied again."""
     sha256, size = hash_file(path)
-    if exists(connection, sha256):
-        record(connection, sha256, size)
+    if hold(connection, config, sha256, size):
         return sha256, size
     with open(path, "rb") as f:
         return store_stream(connection, config, f, size, sha256)
@@ -552,8 +585,10 @@ def sweep(connection, config, now):
                                    [(sha,) for sha in gone])
             connection.executemany("DELETE FROM files WHERE sha256 = ?",
                                    [(sha,) for sha in gone])
-        for sha256 in gone:
-            remove(blob_path(config, sha256))
+            # The files these rows named: a blob placed again from now on is
+            # another file, which remove_unrecorded leaves.
+            found = blob_inodes(config, gone)
+        remove_unrecorded(connection, config, found)
         removed += len(gone)
         if len(gone) < SWEEP_CHUNK:
             break
@@ -606,8 +641,38 @@ def drop_orphan_blobs(connection, config, now):
             held.update(row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),
                 chunk))
-        removed += sum(remove_orphan(config, directory, sha256, inode)
-                       for sha256, inode in old.items() if sha256 not in held)
+        removed += remove_unrecorded(connection, config, {
+            sha256: inode for sha256, inode in old.items() if sha256 not in held})
+    return removed
+
+
+def blob_inodes(config, hashes):
+    """{sha256: inode} of those blobs whose file is there."""
+    found = {}
+    for sha256 in hashes:
+        try:
+            found[sha256] = os.lstat(blob_path(config, sha256)).st_ino
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def remove_unrecorded(connection, config, found):
+    """Remove the blob files `found` ({sha256: inode}) that no row names,
+    each if it is still the file found (remove_orphan()), inside a write
+    transaction: a row written meanwhile (record_present(), which looks for
+    the file under the same lock) keeps its file. Returns how many went."""
+    removed = 0
+    hashes = list(found)
+    for first in range(0, len(hashes), REMOVE_CHUNK):
+        chunk = hashes[first:first + REMOVE_CHUNK]
+        with db.write(connection):
+            recorded = {row[0] for row in connection.execute(
+                "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),
+                chunk)}
+            removed += sum(remove_orphan(config, os.path.dirname(blob_path(config, sha256)),
+                                         sha256, found[sha256])
+                           for sha256 in chunk if sha256 not in recorded)
     return removed
 
 
@@ -771,7 +836,7 @@ def place_inline_outputs(config, plan, notes):
     bytes hashed and compared with the sha256 claimed (also for a blob the
     store holds: the device must have its bytes), and, unless held, placed
     in the store (partial file, fsync, rename). Returns (stored [(name,
-    sha256, size)] whose rows the caller writes with the result, notes
+    sha256, size, its InlineBlob)] whose rows the caller writes with the result, notes
     [why each refused file was refused, in the entries' order])."""
     stored, names = [], set()
     for index, entry, data, held in plan:
@@ -788,8 +853,25 @@ def place_inline_outputs(config, plan, notes):
             notes[index] = refused_note(entry, e)
             continue
         names.add(name)
-        stored.append((name, sha256, len(data)))
+        stored.append((name, sha256, len(data), InlineBlob(config, data, sha256)))
     return stored, [notes[index] for index in sorted(notes)]
+
+
+class InlineBlob:
+    """The bytes of an inline output, kept until its row is written: the
+    sweep may remove a blob the store held when it was checked (or one
+    just placed) before that, and then they are placed again."""
+
+    def __init__(self, config, data, sha256):
+        self.config, self.data, self.sha256 = config, data, sha256
+
+    def record(self, connection, size, now):
+        """Its row, inside the caller's write transaction (record_present())."""
+        try:
+            record_present(connection, self.config, self.sha256, size, now)
+        except FileStoreError:
+            place_bytes(self.config, self.data, self.sha256)
+            record_present(connection, self.config, self.sha256, size, now)
 
 
 def refused_note(entry, error):
@@ -841,11 +923,16 @@ def place_bytes(config, data, sha256):
 
 def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
     """The rows of a result's inline files, in the result's transaction: each
-    blob's (it is in place), and the task's when the device still holds the
-    attempt (`holds`): an output or a stream, never a checkpoint (those go
-    to rc-files), so add_task_file's other work is not needed."""
-    for name, sha256, size in stored:
-        record(connection, sha256, size, now)       # its last_used_at is now: nothing more
+    blob's (placed again if the sweep removed it meanwhile), and the task's
+    when the device still holds the attempt (`holds`): an output or a
+    stream, never a checkpoint (those go to rc-files), so add_task_file's
+    other work is not needed. A file that cannot be placed again (a full
+    disk) gets no rows: the result says nothing of a file it lacks."""
+    for name, sha256, size, blob in stored:
+        try:
+            blob.record(connection, size, now)    # its last_used_at is now: nothing more
+        except (FileStoreError, OSError):         # not the result's other rows' fault
+            continue
         if holds:
             insert_task_file(connection, task_id, attempt,
                              STREAM if name in STREAM_NAMES else OUTPUT, name, sha256, size, now)

@@ -47,6 +47,9 @@ READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on ever
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
 SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
+# Seconds a peer that ended its sending (a half-close) has to take the
+# answers owed it before it is closed anyway.
+HALF_CLOSED_GRACE = 30.0
 # Seconds a lone task_result_ack may wait to ride with the next frame to its
 # device (the worker keeps the result until the ack comes, and waits for
 # nothing else): a worker given one task after another then wakes once per
@@ -119,6 +122,7 @@ class Peer:
         self.storing = set()
         self.raw_wanted = None           # (envelope, bytes) of a frame whose raw bytes are due
         self.raw = None                  # those bytes, while its handler runs
+        self.input_ended = None          # when it ended its sending (time.monotonic())
 
 
 class Server:
@@ -138,6 +142,7 @@ class Server:
         self.peers = set()
         self.unauthenticated = set()   # checked for auth_timeout apart from the many others
         self.partial = set()           # peers in the middle of a frame
+        self.ending = set()            # peers that ended their sending, owed answers still
         self.next_sweep = 0.0
         # (address, None) for the join token, (address, device id) for a
         # device's own secret -> monotonic times of recent wrong proofs
@@ -219,6 +224,7 @@ class Server:
         self.apply_batch()
         self.push_changes()
         self.send_queued()
+        self.close_ended()
         self.sweep()
         self.tell_held_back()
 
@@ -374,8 +380,10 @@ class Server:
                 self.close(peer, "read failed: %s" % e)
                 return
             if not chunk:
-                self.close(peer, "closed by peer")
-                return
+                # It ended its sending (a half-close): what it sent before
+                # is still served and answered, then the connection closes.
+                self.end_input(peer)
+                break
             peer.inbox += chunk
             ended = ended or b"\n" in chunk
             # TLS may hold decrypted bytes the selector cannot see: take them
@@ -395,6 +403,23 @@ class Server:
         self.take_frames(peer)
         if not peer.closed:
             self.note_partial(peer)
+
+    def end_input(self, peer):
+        peer.input_ended = time.monotonic()
+        self.ending.add(peer)
+        self.watch(peer)            # read no more: it would be readable for ever
+
+    def close_ended(self):
+        """Close the peers that ended their sending once the answers owed them
+        are sent (their results' files stored, the replies written), or
+        HALF_CLOSED_GRACE after it ended if they do not take them."""
+        now = time.monotonic()
+        for peer in list(self.ending):
+            if not peer.outbox and not peer.storing:
+                self.close(peer, "closed by peer")
+            elif now - peer.input_ended > HALF_CLOSED_GRACE:
+                self.close(peer, "closed by peer; %d bytes of answers not taken"
+                           % len(peer.outbox))
 
     def take_frames(self, peer):
         """Serve the frames the inbox holds, in order; a task_result that
@@ -552,9 +577,15 @@ class Server:
         its messages would only make more replies; nor does one with as
         many results waiting for their files to be stored as storing_limit()."""
         reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
-            and len(peer.storing) < self.storing_limit() else 0
+            and len(peer.storing) < self.storing_limit() and not peer.input_ended else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
-        if self.selector.get_key(peer.sock).events != wanted:
+        key = self.selector.get_map().get(peer.sock)
+        if not wanted:          # nothing to wait for (a selector takes no empty set)
+            if key is not None:
+                self.selector.unregister(peer.sock)
+        elif key is None:
+            self.selector.register(peer.sock, wanted, peer)
+        elif key.events != wanted:
             self.selector.modify(peer.sock, wanted, peer)
 
     def storing_limit(self):
@@ -591,6 +622,7 @@ class Server:
             return
         peer.closed = True
         self.acks_due.pop(peer, None)
+        self.ending.discard(peer)
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError, OSError):

@@ -459,7 +459,7 @@ class Session:
                 self.send({"ok": True, "have": size})
         else:
             self.receive(task_id, attempt, name, size, sha256, room, whole)
-        kind = self.record(task_id, attempt, name, size, sha256, received=stored is None)
+        kind = self.record(task_id, attempt, name, size, sha256)
         self.send({"ok": True, "stored": True})     # then the log line: the worker waits
         self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
                       attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
@@ -551,14 +551,19 @@ class Session:
             writer.write(view[:n])
             count -= n
 
-    def record(self, task_id, attempt, name, size, sha256, received):
-        """The rows of a put, in one transaction: the blob's if it was just
-        received (kept even when the attempt turns out stale: the blob is in
-        place, and retention removes both), then the task's; the file's kind."""
+    def record(self, task_id, attempt, name, size, sha256):
+        """The rows of a put, in one transaction: the blob's, whether it was
+        just received (kept even when the attempt turns out stale: the blob
+        is in place, and retention removes both) or held already, then the
+        task's; the file's kind. A blob the sweep removed since admit() or
+        since it was placed is refused as busy: the worker puts it again,
+        and this time sends its bytes."""
         now = time.time()
         with db.write(self.connection):
-            if received:
-                files.record(self.connection, sha256, size, now)
+            try:
+                files.record_present(self.connection, self.config, sha256, size, now)
+            except files.FileStoreError as e:
+                raise Refusal(e.code, str(e))
             holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
             if holds:
                 kind = files.add_task_file(self.connection, task_id, attempt, name, sha256,

@@ -304,6 +304,8 @@ class Web:
         return device
 
     def existing_task(self, task_id):
+        if not 0 < task_id <= bounded.LARGEST:       # past what SQLite binds: none such
+            raise ApiError(404, "no task %s" % str(task_id)[:40])
         try:
             return tasks.get(self.connection(), task_id)
         except tasks.TaskError as e:
@@ -1193,7 +1195,7 @@ def own_host_names(extra):
 # -- task files (issue 18): uploads, downloads with Range, a task's list ----------------
 
 FILE_STATUS = {"quota": 413, "disk_full": 507, "hash_mismatch": 400, "short": 400,
-               "not_found": 404, "bad_request": 400}
+               "not_found": 404, "bad_request": 400, "busy": 503}
 RANGE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
 
 
@@ -1215,7 +1217,7 @@ class FileRoutes:
         if length > quota:
             raise ApiError(413, "the file is %d bytes, over the store's quota of %d"
                                 " (files_quota_mb)" % (length, quota))
-        expected = bottle.request.get_header("X-Content-SHA256")
+        expected = raw_header("X-Content-SHA256") or None
         if expected is not None and not files.is_sha256(expected.strip().lower()):
             raise ApiError(400, "X-Content-SHA256 must be 64 hex digits, not %r"
                                 % expected[:80])
@@ -1257,7 +1259,7 @@ class FileRoutes:
                    "X-Content-SHA256": sha256, "Content-Disposition":
                    "attachment; filename=\"%s\"" % re.sub(r'[^A-Za-z0-9._-]', "_", filename)}
         try:
-            start, end, status = byte_range(bottle.request.get_header("Range"), size)
+            start, end, status = byte_range(raw_header("Range"), size)
         except ApiError:
             blob.close()
             return bottle.HTTPResponse(orjson.dumps({"error": "range not satisfiable"}), 416,
@@ -1277,15 +1279,24 @@ def byte_range(header, size):
     match = RANGE.match(header.strip())
     if not match or match.groups() == ("", ""):
         raise ApiError(416, "only one range of bytes=START-END is served")
-    first, last = match.groups()
-    if first == "":
-        start, end = max(0, size - int(last)), size
+    first, last = (range_position(text) for text in match.groups())
+    if first is None:
+        start, end = max(0, size - last), size
     else:
-        start = int(first)
-        end = size if last == "" else min(size, int(last) + 1)
+        start = first
+        end = size if last is None else min(size, last + 1)
     if start >= size or start >= end:
         raise ApiError(416, "range %s is outside %d bytes" % (header[:80], size))
     return start, end, 206
+
+
+def range_position(digits):
+    """A Range header's number, None when left out. However many digits it
+    has (int() refuses over 4300): past 19 it is past every file's end."""
+    if digits == "":
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else 10 ** 19
 
 
 def read_range(blob, start, end):
