@@ -4598,6 +4598,15 @@ class FileCache(object):
             return False
         return size == entry[0]
 
+    def indexed(self, blobs):
+        """Whether the index holds every one of `blobs` ({sha256: size}) at
+        its size, none of them being fetched: no look at the disk (has()
+        looks as the task starts)."""
+        with self.lock:
+            return self.index is not None and all(
+                self.index.get(sha, (None,))[0] == size and sha not in self.fetching
+                for sha, size in blobs.items())
+
     def touch(self, sha):
         now = time.time()
         with self.lock:
@@ -5975,6 +5984,11 @@ class Files(object):
                 self.prefetching[key] = None       # fetched as it starts
                 continue
             self.cache.pin(unique, key)
+            if self.cache.indexed(unique):
+                # Here already (its small inputs came with its task_assign): a
+                # thread would only find them, at the cost of two switches.
+                self.prefetching[key] = None
+                continue
             self.prefetching[key] = Job(worker, lambda job, unique=unique: self.fetch_ahead(
                 job, unique), wake=False).start()
             busy += 1

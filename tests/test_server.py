@@ -572,14 +572,17 @@ def test_results_waiting_for_their_files_past_the_byte_bound_stop_reading_that_d
     monkeypatch.setattr(server_module, "MAX_STORING_BYTES", 10)
     disk = threading.Event()
 
-    def slow_store(self, connection, job, reserved):
+    sync = server_module.OutputStore.sync
+
+    def slow_sync(placed_by_job):
         disk.wait(20)
-        return [], []
-    monkeypatch.setattr(server_module.OutputStore, "store", slow_store)
+        return sync(placed_by_job)
+    monkeypatch.setattr(server_module.OutputStore, "sync", staticmethod(slow_sync))
     client = Client(port)
     client.register(token_of(instance), inline_files=True)
     connection = db.connect(instance.config.db_path)
-    ids = [tasks.submit(connection, instance.config, "echo", {"message": str(n)})
+    ids = [tasks.submit(connection, instance.config, "shell", {"command": str(n),
+                                                               "outputs": ["out.bin"]})
            for n in range(2)]
     with db.write(connection):
         connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
