@@ -4598,6 +4598,15 @@ class FileCache(object):
             return False
         return size == entry[0]
 
+    def indexed(self, blobs):
+        """Whether the index holds every one of `blobs` ({sha256: size}) at
+        its size, none of them being fetched: no look at the disk (has()
+        looks as the task starts)."""
+        with self.lock:
+            return self.index is not None and all(
+                self.index.get(sha, (None,))[0] == size and sha not in self.fetching
+                for sha, size in blobs.items())
+
     def touch(self, sha):
         now = time.time()
         with self.lock:
@@ -4610,17 +4619,20 @@ class FileCache(object):
         except OSError:
             pass
 
-    def add(self, sha, temporary):
+    def add(self, sha, temporary, made_here=False):
         """Move a verified file into the cache, read-only and owner-only (a
-        task of another uid gets a copy: see Sandbox.may_link_inputs)."""
-        os.chmod(temporary, 0o400)
+        task of another uid gets a copy: see Sandbox.may_link_inputs); one
+        `made_here` is 0400 already, and last used (its atime) as it was made."""
+        if not made_here:
+            os.chmod(temporary, 0o400)
         os.replace(temporary, self.path(sha))
         info = os.lstat(self.path(sha))
         self.load()
         with self.lock:
             self.enter(sha, [info.st_size, time.time(), info.st_mtime_ns,
                              (info.st_dev, info.st_ino)])
-        self.touch(sha)
+        if not made_here:
+            self.touch(sha)
 
     def drop(self, sha):
         with self.lock:
@@ -5315,33 +5327,41 @@ def place(cache, sha, target, mode, link=True):
             return
         except OSError:
             pass        # another file system, or no hard links here: copy
-    with open(source, "rb") as reader:
-        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                             | getattr(os, "O_NOFOLLOW", 0), mode)
-        with os.fdopen(descriptor, "wb") as writer:
+    # Descriptors, not file objects: each of those costs three more system
+    # calls (a tty check, two seeks), a third of a small input's copy.
+    reader = os.open(source, os.O_RDONLY)
+    try:
+        writer = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), mode)
+        try:
             copy_file(reader, writer)
+        finally:
+            os.close(writer)
+    finally:
+        os.close(reader)
     os.chmod(target, mode)
 
 
 def copy_file(reader, writer):
-    """All of `reader` into `writer`: in the kernel (sendfile) where it can,
-    which copies a 1 GiB input about twice as fast as reads and writes."""
+    """All of descriptor `reader` into descriptor `writer`: in the kernel
+    (sendfile) where it can, which copies a 1 GiB input about twice as fast
+    as reads and writes."""
     offset = 0
     if hasattr(os, "sendfile"):
         try:
             while True:
-                sent = os.sendfile(writer.fileno(), reader.fileno(), offset, 16 * FILES_CHUNK)
+                sent = os.sendfile(writer, reader, offset, 16 * FILES_CHUNK)
                 if not sent:
                     return
                 offset += sent
         except OSError:         # not between two files here (macOS): by hand
-            reader.seek(offset)
-            writer.seek(offset)
+            os.lseek(reader, offset, os.SEEK_SET)
+            os.lseek(writer, offset, os.SEEK_SET)
     while True:
-        chunk = reader.read(FILES_CHUNK)
+        chunk = os.read(reader, FILES_CHUNK)
         if not chunk:
             break
-        writer.write(chunk)
+        write_all(writer, chunk)
 
 
 def make_parents(workdir, parts):
@@ -5675,9 +5695,11 @@ def empty_for_reuse(workdir, entries):
 
 
 def open_output(path):
-    """An output opened without following a link at its last step."""
+    """An output opened without following a link at its last step;
+    unbuffered: it is read in a few large pieces, and a buffered reader
+    costs a tty check and two seeks more."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    return os.fdopen(descriptor, "rb")
+    return os.fdopen(descriptor, "rb", 0)
 
 
 def put_file(job, source, request):
@@ -5875,13 +5897,15 @@ class Files(object):
             self.cache.make_room(len(blob))
             temporary = os.path.join(self.cache.dir, "tmp", "inline-%s-%s" % (sha[:16],
                                                                               new_nonce()[:8]))
+            # Read-only from the start (the descriptor writes all the same):
+            # add() need not chmod it, nor touch what was just made.
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o400)
             try:
                 write_all(descriptor, blob)     # no file object: the bytes are all here
             finally:
                 os.close(descriptor)
-            self.cache.add(sha, temporary)
+            self.cache.add(sha, temporary, made_here=True)
             temporary = None
         except (OSError, FilesError) as e:
             log("warning", "inline_file_not_cached", sha256=sha, error=str(e),
@@ -5975,6 +5999,11 @@ class Files(object):
                 self.prefetching[key] = None       # fetched as it starts
                 continue
             self.cache.pin(unique, key)
+            if self.cache.indexed(unique):
+                # Here already (its small inputs came with its task_assign): a
+                # thread would only find them, at the cost of two switches.
+                self.prefetching[key] = None
+                continue
             self.prefetching[key] = Job(worker, lambda job, unique=unique: self.fetch_ahead(
                 job, unique), wake=False).start()
             busy += 1

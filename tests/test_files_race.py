@@ -128,6 +128,14 @@ def test_a_file_stored_while_the_sweep_removes_it_keeps_its_bytes(cluster_home, 
     assert readable(connection, config, digest) == data
 
 
+def written_and_synced(config, plan):
+    """(stored, notes) of a result's inline outputs as rc-server has them
+    before their rows: written on its loop, synced by OutputStore."""
+    stored, notes, unsynced = files.write_inline_outputs(config, plan, {})
+    assert files.sync_placed([placed for placed, _, _ in unsynced]) == [None] * len(unsynced)
+    return stored, notes
+
+
 def test_an_inline_output_held_when_checked_and_swept_before_its_row_is_placed_again(
         cluster_home, second):
     """rc-server checks a result's inline output on its loop (held: not
@@ -141,8 +149,8 @@ def test_an_inline_output_held_when_checked_and_swept_before_its_row_is_placed_a
     entry = {"name": "out.txt", "sha256": digest, "size": len(data)}
     held = files.exists(connection, digest)
     assert held
-    stored, notes = files.place_inline_outputs(config, [(0, entry, memoryview(data), held)], {})
-    assert notes == []
+    stored, notes = written_and_synced(config, [(0, entry, memoryview(data), held)])
+    assert notes == {}
     assert files.sweep(second, config, time.time()) == 1        # row and blob gone
     with db.write(connection):
         files.record_inline_outputs(connection, 1, 1, stored, False, time.time())
@@ -253,7 +261,7 @@ def test_an_inline_output_that_cannot_be_placed_again_gets_no_row_and_spares_the
              memoryview(swept_data), True),
             (1, {"name": "kept.txt", "sha256": kept, "size": len(kept_data)},
              memoryview(kept_data), False)]
-    stored, _ = files.place_inline_outputs(config, plan, {})
+    stored, _ = written_and_synced(config, plan)
     assert files.sweep(second, config, time.time()) == 1
 
     def full_disk(*args):

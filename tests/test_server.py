@@ -5,6 +5,7 @@ hand so that it can also say what a real worker never would."""
 import hashlib
 import io
 import json
+import os
 import socket
 import ssl
 import threading
@@ -15,7 +16,8 @@ import pytest
 from cluster_harness import wait_for
 from rc import config as config_module
 from rc import server as server_module
-from rc import audit, bell, db, device_secrets, devices, fleet, protocol, scheduler, state_dir, tasks
+from rc import audit, bell, db, device_secrets, devices, files, fleet, protocol, scheduler
+from rc import state_dir, tasks
 from rc import tls
 from rc.log import Logger
 from rc.server import Server
@@ -563,6 +565,74 @@ def test_the_files_port_is_told_and_cached_files_are_stored_checked(server):
         "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0] == "[]"
 
 
+def send_inline_results(client, ids, raw, name="out.bin"):
+    """A completed task_result for each task, with `raw` as its one small output."""
+    entry = {"name": name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    for task_id in ids:
+        client.send_raw(protocol.encode("task_result", {
+            "task_id": task_id, "attempt": 1, "status": "completed", "result": {},
+            "files_inline": [entry], "inline_bytes": len(raw)}, sender_id="t") + raw)
+
+
+def running_with_an_output(instance, connection, count):
+    ids = [tasks.submit(connection, instance.config, "shell", {"command": str(n),
+                                                               "outputs": ["out.bin"]})
+           for n in range(count)]
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    return ids
+
+
+def test_an_output_the_disk_cannot_make_durable_is_left_out_and_said(server, monkeypatch):
+    """Written into place on the loop, an output whose fsync fails gets no
+    row (its blob is the sweep's), and the task's stderr says why."""
+    instance, port = server
+
+    def failing_sync(placed):
+        for descriptor, _ in placed:
+            os.close(descriptor)
+        return [files.disk_error(OSError(5, "Input/output error"))] * len(placed)
+    monkeypatch.setattr(files, "sync_placed", failing_sync)
+    client = Client(port)
+    client.register(token_of(instance), inline_files=True)
+    connection = db.connect(instance.config.db_path)
+    [task_id] = running_with_an_output(instance, connection, 1)
+    raw = os.urandom(5000)
+    send_inline_results(client, [task_id], raw)
+    wait_for(lambda: tasks.get(connection, task_id)["state"] == "completed", 10, "the result")
+    stderr = tasks.get(connection, task_id)["result"]["stderr"]
+    assert "output 'out.bin' not stored: cannot write to the main node's disk" in stderr, stderr
+    assert files.task_files(connection, task_id) == []
+    assert not files.exists(connection, hashlib.sha256(raw).hexdigest())
+    connection.close()
+
+
+def test_a_result_whose_outputs_the_store_holds_waits_for_no_disk(server, monkeypatch):
+    """The second result with the same bytes has nothing new to make
+    durable: it is recorded without OutputStore, its row naming the blob."""
+    instance, port = server
+    puts = []
+    put = server_module.OutputStore.put
+    monkeypatch.setattr(server_module.OutputStore, "put",
+                        lambda self, job: puts.append(job[1][0]) or put(self, job))
+    client = Client(port)
+    client.register(token_of(instance), inline_files=True)
+    connection = db.connect(instance.config.db_path)
+    first, second = running_with_an_output(instance, connection, 2)
+    raw = os.urandom(5000)
+    send_inline_results(client, [first], raw)
+    wait_for(lambda: tasks.get(connection, first)["state"] == "completed", 10, "the first")
+    send_inline_results(client, [second], raw)
+    wait_for(lambda: tasks.get(connection, second)["state"] == "completed", 10, "the second")
+    assert puts == [(first, 1)]
+    for task_id in (first, second):
+        assert [(row["name"], row["sha256"]) for row in files.task_files(connection, task_id)] \
+            == [("out.bin", hashlib.sha256(raw).hexdigest())]
+    assert open(files.blob_path(instance.config, hashlib.sha256(raw).hexdigest()),
+                "rb").read() == raw
+    connection.close()
+
+
 def test_results_waiting_for_their_files_past_the_byte_bound_stop_reading_that_device(
         server, monkeypatch):
     """Past MAX_STORING_BYTES waiting for OutputStore from all devices, a
@@ -572,23 +642,18 @@ def test_results_waiting_for_their_files_past_the_byte_bound_stop_reading_that_d
     monkeypatch.setattr(server_module, "MAX_STORING_BYTES", 10)
     disk = threading.Event()
 
-    def slow_store(self, connection, job, reserved):
+    sync = server_module.OutputStore.sync
+
+    def slow_sync(placed_by_job):
         disk.wait(20)
-        return [], []
-    monkeypatch.setattr(server_module.OutputStore, "store", slow_store)
+        return sync(placed_by_job)
+    monkeypatch.setattr(server_module.OutputStore, "sync", staticmethod(slow_sync))
     client = Client(port)
     client.register(token_of(instance), inline_files=True)
     connection = db.connect(instance.config.db_path)
-    ids = [tasks.submit(connection, instance.config, "echo", {"message": str(n)})
-           for n in range(2)]
-    with db.write(connection):
-        connection.execute("UPDATE tasks SET state='running', device_id='dev1'")
+    ids = running_with_an_output(instance, connection, 2)
     raw = b"0123456789abcdef"
-    entry = {"name": "out.bin", "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-    for task_id in ids:
-        client.send_raw(protocol.encode("task_result", {
-            "task_id": task_id, "attempt": 1, "status": "completed", "result": {},
-            "files_inline": [entry], "inline_bytes": len(raw)}, sender_id="t") + raw)
+    send_inline_results(client, ids, raw)
     peer = instance.peers_by_device["dev1"]
     wait_for(lambda: peer.storing, 5, "the first result handed to OutputStore")
     time.sleep(0.5)

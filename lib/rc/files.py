@@ -231,14 +231,6 @@ class Writer:
             self.unchecked = 0
             self.check_room()
 
-    def write_hashed(self, data, sha256):
-        """All of a blob's bytes at once, their SHA-256 already computed and
-        checked by the caller: not hashed a second time (place() compares
-        `sha256` with itself)."""
-        self._write_all(data)
-        self.hash = KnownHash(sha256)
-        self.size += len(data)
-
     def _write_all(self, data):
         try:
             written = self.file.write(data)
@@ -292,16 +284,6 @@ class Writer:
             self.file.close()
         finally:
             remove(self.path)
-
-
-class KnownHash:
-    """A digest computed already, where Writer wants a hash object."""
-
-    def __init__(self, hexdigest):
-        self.value = hexdigest
-
-    def hexdigest(self):
-        return self.value
 
 
 def disk_error(error):
@@ -809,7 +791,7 @@ def check_inline_outputs(connection, task_id, entries, raw, reserve):
     form; and, unless the store holds the blob, room in the quota and on the
     disk (`reserve(size)`, which also counts the bytes placed but not
     recorded yet). Returns (plan [(index, entry, its bytes, held)] for
-    place_inline_outputs, notes {index: why that file was refused})."""
+    write_inline_outputs, notes {index: why that file was refused})."""
     problem = inline_problem(entries, raw)
     if problem:
         return [], {-1: "rc-server: no inline file stored: %s" % problem}
@@ -831,30 +813,92 @@ def check_inline_outputs(connection, task_id, entries, raw, reserve):
     return plan, notes
 
 
-def place_inline_outputs(config, plan, notes):
-    """The rest, off the loop (rc-server's OutputStore): each planned file's
-    bytes hashed and compared with the sha256 claimed (also for a blob the
-    store holds: the device must have its bytes), and, unless held, placed
-    in the store (partial file, fsync, rename). Returns (stored [(name,
-    sha256, size, its InlineBlob)] whose rows the caller writes with the result, notes
-    [why each refused file was refused, in the entries' order])."""
-    stored, names = [], set()
-    for index, entry, data, held in plan:
-        name, sha256 = entry["name"], entry["sha256"]
+def write_inline_outputs(config, plan, notes):
+    """rc-server's loop's second part: each planned file's bytes hashed and
+    compared with the sha256 claimed (also for a blob the store holds: the
+    device must have its bytes), and, unless held, written to a partial
+    file and renamed into place, not synced yet (rc-server's OutputStore
+    syncs them off the loop, sync_placed, before any row names them: a
+    crash between leaves a blob with no row, which the sweep removes; a
+    row never names a blob that is not on the disk). Returns (stored
+    [(name, sha256, size, its InlineBlob)] whose rows the caller writes
+    with the result once synced, notes {index: why that file was refused}, unsynced
+    [((descriptor, directory) for sync_placed, index, name)])."""
+    stored, names, unsynced = [], set(), []
+    try:
+        for index, entry, data, held in plan:
+            name, sha256 = entry["name"], entry["sha256"]
+            try:
+                if name in names:
+                    raise FileStoreError("bad_name", "given twice")
+                got = hashlib.sha256(data).hexdigest()
+                if got != sha256:
+                    raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
+                if not held:
+                    unsynced.append((write_unsynced(config, data, sha256), index, name))
+            except FileStoreError as e:
+                notes[index] = refused_note(entry, e)
+                continue
+            names.add(name)
+            stored.append((name, sha256, len(data), InlineBlob(config, data, sha256)))
+    except BaseException:
+        for (descriptor, _), _, _ in unsynced:
+            os.close(descriptor)
+        raise
+    return stored, notes, unsynced
+
+
+def write_unsynced(config, data, sha256):
+    """Bytes whose SHA-256 the caller checked, into place as the blob:
+    (its open descriptor, its directory) for sync_placed."""
+    path = os.path.join(partial_dir(config), "inline-%s" % secrets.token_hex(16))
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise disk_error(e)
+    try:
+        view, written = memoryview(data), 0
+        while written < len(data):
+            written += os.write(descriptor, view[written:])
+        target = blob_path(config, sha256)
+        make_dir(os.path.dirname(target))
+        os.replace(path, target)
+    except OSError as e:
+        os.close(descriptor)
+        remove(path)
+        raise disk_error(e)
+    return descriptor, os.path.dirname(target)
+
+
+def sync_placed(placed):
+    """What write_inline_outputs placed, made durable: each file fsynced
+    and closed, then each directory they went into (once). Returns, for
+    each of `placed` [(descriptor, directory)], None or why it is not."""
+    errors, directories = [], {}
+    for number, (descriptor, directory) in enumerate(placed):
         try:
-            if name in names:
-                raise FileStoreError("bad_name", "given twice")
-            got = hashlib.sha256(data).hexdigest()
-            if got != sha256:
-                raise FileStoreError("hash_mismatch", "expected %s got %s" % (sha256, got))
-            if not held:
-                place_bytes(config, data, sha256)
-        except FileStoreError as e:
-            notes[index] = refused_note(entry, e)
-            continue
-        names.add(name)
-        stored.append((name, sha256, len(data), InlineBlob(config, data, sha256)))
-    return stored, [notes[index] for index in sorted(notes)]
+            os.fsync(descriptor)
+            errors.append(None)
+        except OSError as e:
+            errors.append(disk_error(e))
+        finally:
+            os.close(descriptor)
+        directories.setdefault(directory, []).append(number)
+    for directory, numbers in directories.items():
+        try:
+            fsync_directory(directory)
+        except OSError as e:
+            for number in numbers:
+                errors[number] = errors[number] or disk_error(e)
+    return errors
+
+
+def place_bytes(config, data, sha256):
+    """Bytes whose SHA-256 the caller checked into the store, durable
+    (written, fsynced, renamed): not hashed a second time."""
+    error = sync_placed([write_unsynced(config, data, sha256)])[0]
+    if error is not None:
+        raise error
 
 
 class InlineBlob:
@@ -907,18 +951,6 @@ def check_inline_name(connection, task_id, name):
         raise FileStoreError("bad_name", "the name %s" % problem)
     if not asked_for(connection, task_id, name):
         raise FileStoreError("bad_name", "no --output glob of task %d matches it" % task_id)
-
-
-def place_bytes(config, data, sha256):
-    """Bytes whose SHA-256 the caller computed into the store (partial file,
-    fsync, rename): not hashed a second time."""
-    writer = Writer(config)
-    try:
-        writer.write_hashed(data, sha256)
-        writer.place(sha256)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def record_inline_outputs(connection, task_id, attempt, stored, holds, now):
