@@ -475,6 +475,12 @@ class Session:
             raise Refusal("bad_name", "output name %r matches none of task %d's --output"
                           " globs" % (name[:200], task_id))
         stored = files.stored_size(self.connection, sha256)
+        # Held, but not the device's to read: it sends the bytes, hashed on
+        # arrival. "have" at once would let a device that knows a hash make
+        # any blob its task's checkpoint and then fetch it (and learn sizes).
+        if stored is not None and not files.device_may_read(self.connection, self.device_id,
+                                                             sha256):
+            stored = None
         if stored is not None:
             if stored != size:
                 raise Refusal("bad_request", "%s is %d bytes, not %d" % (sha256, stored, size))
