@@ -6,16 +6,21 @@ tasks complete (hostile_harness.unharmed)."""
 import hashlib
 import json
 import os
+import threading
+import time
 
 import pytest
 
 from cluster_harness import Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
-from rc import files
+from rc import files, tasks, transfer
+from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
 from test_hostile_round23 import HostileDevice, ended
 
 pytestmark = pytest.mark.e2e
+
+MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +101,74 @@ def test_a_device_cannot_claim_a_blob_it_has_no_bytes_of_to_read_it(cluster, mal
         "SELECT kind FROM task_files WHERE task_id = ?", (task_id,))]
     assert kinds == [], kinds
     ended(cluster, mallory, task_id, attempt)
+
+
+# -- transfers that barely move hold every rc-files connection ----------------------------
+
+def slow_put(cluster, device_id, task_id, attempt):
+    """A put of a checkpoint of 1 MiB, one byte of it sent: rc-files waits
+    DATA_TIMEOUT for each next byte."""
+    sock, reader, welcome = authenticated(cluster, device_id)
+    assert welcome == {"ok": True}, welcome
+    answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                        "name": files.CHECKPOINT_NAME, "size": MIB,
+                                        "sha256": os.urandom(32).hex()}})
+    assert answer == {"ok": True, "have": 0}, answer
+    sock.sendall(b"x")
+    return sock
+
+
+def drip(socks, stop):
+    """A byte on each connection every second: never idle, never moving."""
+    while not stop.wait(1.0):
+        for sock in list(socks):
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                socks.remove(sock)
+
+
+def test_transfers_that_barely_move_lock_no_worker_out_of_rc_files(cluster, tmp_path):
+    """rc-files serves MAX_CONNECTIONS at once and, when full, hangs up only
+    idle connections. A device that joined under eight ids (the join token
+    makes as many as it likes), each holding a task, opened MAX_PER_DEVICE
+    puts under each and sent a byte a second: no connection was idle, none
+    timed out, and every worker's fetch was closed at once until its tries
+    ran out, so a task with a large input failed. A transfer below
+    MIN_TRANSFER_RATE past SLOW_GRACE now gives its slot up as an idle one."""
+    ids = ["drip%d" % n for n in range(transfer.MAX_CONNECTIONS // transfer.MAX_PER_DEVICE)]
+    devices = [HostileDevice(cluster, device_id) for device_id in ids]
+    held = [(device, device.take("sleep 600")) for device in devices]
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(files.INLINE_FILE_BYTES + 64 * 1024))   # through rc-files
+    socks, stop = [], threading.Event()
+    dripper = threading.Thread(target=drip, args=(socks, stop), daemon=True)
+    try:
+        with unharmed(cluster, "good"):
+            for device, (task_id, attempt) in held:
+                socks.extend(slow_put(cluster, device.device_id, task_id, attempt)
+                             for _ in range(transfer.MAX_PER_DEVICE))
+            dripper.start()
+            time.sleep(transfer.SLOW_GRACE + 1)
+            done = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(big),
+                              "--require", "device_id=good")
+            task_id = int(done.stdout.strip())
+            wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 60,
+                     "the good device's task with a large input")
+            task = tasks.get(cluster.db, task_id)
+            assert task["state"] == "completed", task
+            assert task["result"]["output"].strip() == str(big.stat().st_size), task
+    finally:
+        stop.set()
+        for sock in list(socks):
+            sock.close()
+        for device, (task_id, attempt) in held:
+            cluster.rc("cancel", str(task_id))
+            device.send("task_result", {"task_id": task_id, "attempt": attempt,
+                                        "status": "cancelled"})
+        for device, (task_id, attempt) in held:
+            wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "cancelled", 20,
+                     "task %d to be cancelled" % task_id)
+            device.sock.close()
+        files.clean_partials(cluster.db, cluster.config, time.time() + 120)
+        assert files.partial_bytes(cluster.config) == 0
