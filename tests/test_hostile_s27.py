@@ -17,6 +17,7 @@ from rc import files, tasks, transfer
 from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
 from test_hostile_round23 import HostileDevice, ended
+from test_hostile_web import request
 
 pytestmark = pytest.mark.e2e
 
@@ -172,3 +173,25 @@ def test_transfers_that_barely_move_lock_no_worker_out_of_rc_files(cluster, tmp_
             device.sock.close()
         files.clean_partials(cluster.db, cluster.config, time.time() + 120)
         assert files.partial_bytes(cluster.config) == 0
+
+
+# -- Range at the limits -----------------------------------------------------------------
+
+def test_a_range_of_thousands_of_digits_is_answered_as_any_other(cluster):
+    """Python will not read an int of more than 4,300 digits: a Range
+    header with one made GET /api/v1/tasks/ID/files/NAME a 500 (a
+    ValueError out of byte_range, its blob left open). A start past any
+    file is a 416; an end or a suffix past it means the whole file."""
+    done = cluster.rc("submit", "shell", "printf 0123456789 > out.txt", "--output", "out.txt",
+                      "--require", "device_id=good")
+    task_id = int(done.stdout.strip())
+    wait_for(lambda: files.task_file(cluster.db, task_id, "out.txt"), 30, "the output")
+    path = "/api/v1/tasks/%d/files/out.txt" % task_id
+    many = "9" * 5000
+    with unharmed(cluster, "good"):
+        status, _, text = request(cluster, path, headers={"Range": "bytes=%s-" % many})
+        assert status == 416, (status, text)
+        for header in ("bytes=0-%s" % many, "bytes=-%s" % many):
+            status, headers, text = request(cluster, path, headers={"Range": header})
+            assert (status, text) == (206, "0123456789"), (status, text)
+            assert headers["Content-Range"] == "bytes 0-9/10"

@@ -1194,7 +1194,8 @@ def own_host_names(extra):
 
 FILE_STATUS = {"quota": 413, "disk_full": 507, "hash_mismatch": 400, "short": 400,
                "not_found": 404, "bad_request": 400}
-RANGE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
+RANGE = re.compile(r"\Abytes=([0-9]*)-([0-9]*)\Z")
+RANGE_DIGITS = 19     # digits of a Range number past which it is past any file
 
 
 class FileRoutes:
@@ -1277,15 +1278,24 @@ def byte_range(header, size):
     match = RANGE.match(header.strip())
     if not match or match.groups() == ("", ""):
         raise ApiError(416, "only one range of bytes=START-END is served")
-    first, last = match.groups()
-    if first == "":
-        start, end = max(0, size - int(last)), size
+    first, last = (range_number(text) for text in match.groups())
+    if first is None:
+        start, end = max(0, size - last), size
     else:
-        start = int(first)
-        end = size if last == "" else min(size, int(last) + 1)
+        start = first
+        end = size if last is None else min(size, last + 1)
     if start >= size or start >= end:
         raise ApiError(416, "range %s is outside %d bytes" % (header[:80], size))
     return start, end, 206
+
+
+def range_number(digits):
+    """A Range header's number, or None for none; past any file's size
+    (RANGE_DIGITS digits) it stays at 10 ** RANGE_DIGITS, as Python reads
+    no int of more than 4,300 digits."""
+    if digits == "":
+        return None
+    return int(digits) if len(digits) < RANGE_DIGITS else 10 ** RANGE_DIGITS
 
 
 def read_range(blob, start, end):
