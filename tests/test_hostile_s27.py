@@ -195,3 +195,14 @@ def test_a_range_of_thousands_of_digits_is_answered_as_any_other(cluster):
             status, headers, text = request(cluster, path, headers={"Range": header})
             assert (status, text) == (206, "0123456789"), (status, text)
             assert headers["Content-Range"] == "bytes 0-9/10"
+
+
+def test_a_task_id_past_what_sqlite_holds_names_no_files(cluster):
+    """The file routes read their task id with bottle's int filter, not
+    rc-web's id filter: an id past 2**63 reached SQLite, which cannot hold
+    it (OverflowError, a 500), and a negative one was looked up."""
+    with unharmed(cluster, "good"):
+        for task_id in ("9" * 30, "-1"):
+            for path in ("/api/v1/tasks/%s/files", "/api/v1/tasks/%s/files/out.txt"):
+                status, _, text = request(cluster, path % task_id)
+                assert status == 404, (path % task_id, status, text)

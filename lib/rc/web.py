@@ -1483,8 +1483,8 @@ def make_app(config, logger=None):
 def file_routes(routes):
     return [("POST", UPLOAD_PATH, routes.upload, "admin"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
-            ("GET", "/api/v1/tasks/<task_id:int>/files", routes.task_list, "read"),
-            ("GET", "/api/v1/tasks/<task_id:int>/files/<name:path>", routes.task_file, "read")]
+            ("GET", "/api/v1/tasks/<task_id:id>/files", routes.task_list, "read"),
+            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:path>", routes.task_file, "read")]
 
 
 def upload_allowance(web, request, quota):
