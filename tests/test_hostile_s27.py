@@ -3,9 +3,11 @@ that joined with the token (it holds its own secret and the tasks it is
 given), and what it can reach through rc-files, rc-web's streams and the
 client. After each attack the programs keep their pids and a good worker's
 tasks complete (hostile_harness.unharmed)."""
+import base64
 import hashlib
 import json
 import os
+import pickle
 import threading
 import time
 
@@ -13,7 +15,7 @@ import pytest
 
 from cluster_harness import Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
-from rc import files, tasks, transfer
+from rc import client, files, tasks, transfer
 from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
 from test_hostile_round23 import HostileDevice, ended
@@ -206,3 +208,48 @@ def test_a_task_id_past_what_sqlite_holds_names_no_files(cluster):
             for path in ("/api/v1/tasks/%s/files", "/api/v1/tasks/%s/files/out.txt"):
                 status, _, text = request(cluster, path % task_id)
                 assert status == 404, (path % task_id, status, text)
+
+
+# -- the client: what a task's data can make it do -------------------------------------------
+
+def checksum_with_a_tool(data):
+    """A user's function for the Executor: a tool run on data from elsewhere
+    (a web page, a file a stranger sent), its report on stdout as tools do."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", "import sys; sys.stdout.write(sys.argv[1] + '.' * 2"
+                    "000000)", data], check=True)
+    return len(data)
+
+
+class Planted:
+    """What the stranger's data unpickles to: a directory made in the client."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_tools_output_cannot_pose_as_the_result_the_client_unpickles(cluster, tmp_path):
+    """Executor results come back as a line of the task's stdout that the
+    client unpickles; the function's prints go to stderr, but a tool it runs
+    writes to the task's stdout itself. Data holding that line, then more
+    than the output cap, had the real line cut off and the forged one
+    unpickled in the user's program (a directory made here; any code could
+    have run). The runner now points descriptor 1 at stderr for the
+    function, keeping stdout for its own line."""
+    planted = str(tmp_path / "planted-by-the-data")
+    forged = "\n%s%s\n" % (client.RESULT_MARK, base64.b64encode(
+        pickle.dumps([(0, Planted(planted))], 4)).decode())
+    url = "http://127.0.0.1:%d" % cluster.config.web_port
+    with unharmed(cluster, "good"):
+        with client.Executor(url, cluster.admin_token, requirements={"device_id": "good"}) as ex:
+            future = ex.submit(checksum_with_a_tool, forged)
+            try:
+                value = future.result(timeout=60)
+            except Exception as e:
+                value = e
+        assert not os.path.exists(planted), "the data's pickle ran in the client"
+        assert value == len(forged), value
