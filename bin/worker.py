@@ -5521,16 +5521,19 @@ def read_checkpoint(archive_path, directory):
 # -- outputs: globs matched in the task directory, nothing outside it ---------
 
 def glob_match(pattern_parts, parts):
-    """fnmatch per path component; "**" matches any number of directories."""
+    """fnmatch per path component; "**" matches any number of directories.
+    As in a shell, a leading "." is matched only by a part that starts
+    with one (rc-files' glob_match, which takes the same outputs)."""
     from fnmatch import fnmatchcase
     if not pattern_parts:
         return not parts
     head = pattern_parts[0]
     if head == "**":
         return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:],
-                                                                       parts[1:])
+                   for skip in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:skip]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
 
 
 def output_globs(payload):

@@ -253,3 +253,47 @@ def test_a_tools_output_cannot_pose_as_the_result_the_client_unpickles(cluster, 
                 value = e
         assert not os.path.exists(planted), "the data's pickle ran in the client"
         assert value == len(forged), value
+
+
+# -- output globs and dotfiles ------------------------------------------------------------
+
+def put_small(cluster, task_id, attempt, name, data):
+    """mallory's put of `data` as `name`: rc-files' last answer."""
+    sock, reader, welcome = authenticated(cluster)
+    try:
+        answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                            "name": name, "size": len(data),
+                                            "sha256": hashlib.sha256(data).hexdigest()}})
+        if answer.get("have") == 0:
+            sock.sendall(data)
+            answer = json.loads(reader.readline())
+        return answer
+    finally:
+        sock.close()
+
+
+def test_a_glob_of_everything_does_not_bring_back_dotfiles(cluster, mallory, tmp_path):
+    """`rc map ... --output '*'` (or '**/*.txt') and `rc get` write outputs
+    where the user runs them. `*` matched `.bashrc` and `**` went into
+    `.ssh/`, unlike a shell's glob: a device holding such a task wrote the
+    user's shell start-up file or SSH keys. As in a shell, a wildcard
+    matches a leading "." only when the pattern's part starts with one."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "*", "--output", "**/*.txt",
+                                    "--output", ".keep/*")
+    with unharmed(cluster, "good"):
+        for name in (".bashrc", ".ssh/authorized_keys.txt", "a/.config/x.txt", ".keep/.x"):
+            answer = put_small(cluster, task_id, attempt, name, b"echo owned\n")
+            assert answer.get("error", {}).get("code") == "bad_name", (name, answer)
+        for name in ("notes.txt", "a/b/notes.txt", ".keep/x", "x.bashrc"):
+            assert put_small(cluster, task_id, attempt, name, name.encode()) == \
+                {"ok": True, "stored": True}, name
+    ended(cluster, mallory, task_id, attempt)
+    # The worker brings back what rc-files takes: no dotfile for '*'.
+    done = cluster.rc("submit", "shell", "echo a > .profile; echo b > seen; echo c > .kept",
+                      "--output", "*", "--output", ".kept", "--require", "device_id=good")
+    good_task = int(done.stdout.strip())
+    wait_for(lambda: tasks.get(cluster.db, good_task)["state"] in TERMINAL_STATES, 30,
+             "the good device's task")
+    names = sorted(entry["name"] for entry in files.task_files(cluster.db, good_task)
+                   if entry["kind"] == files.OUTPUT)
+    assert names == [".kept", "seen"], names

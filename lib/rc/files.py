@@ -466,15 +466,18 @@ def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now
 
 def glob_match(pattern_parts, parts):
     """fnmatch per path component; "**" matches any number of directories
-    (bin/worker.py's glob_match, which picks a task's outputs)."""
+    (bin/worker.py's glob_match, which picks a task's outputs). As in a
+    shell, a leading "." is matched only by a part that starts with one:
+    `*` and `**` never bring back .bashrc or .ssh/ to where `rc get` writes."""
     if not pattern_parts:
         return not parts
     head = pattern_parts[0]
     if head == "**":
         return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and glob_match(
-        pattern_parts[1:], parts[1:])
+                   for skip in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:skip]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatch.fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
 
 
 def asked_for(connection, task_id, name):
