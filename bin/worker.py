@@ -5488,6 +5488,21 @@ def file_digest(path):
     return size, digest.hexdigest()
 
 
+def restore_checkpoint(archive_path, directory, sha):
+    """read_checkpoint; a checkpoint that cannot be unpacked (not a tar, a
+    name twice, a file where a directory goes: what a hostile device may
+    hand back) is set aside and the attempt starts afresh, as a first one
+    does, rather than failing on every device the task goes to next."""
+    import tarfile
+    try:
+        read_checkpoint(archive_path, directory)
+    except (tarfile.TarError, FilesError, FileExistsError, EOFError) as e:
+        log("warning", "checkpoint_set_aside", sha256=sha,
+            error=("%s: %s" % (type(e).__name__, e))[:300])
+        remove_tree(directory)
+        make_checkpoint_dir(directory)
+
+
 def read_checkpoint(archive_path, directory):
     """Unpack a checkpoint tar into `directory`: regular files and
     directories with relative names only; anything else is skipped. So are
@@ -5997,7 +6012,7 @@ class Files(object):
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
                 make_checkpoint_dir(directory)
-                read_checkpoint(self.cache.path(checkpoint[0]), directory)
+                restore_checkpoint(self.cache.path(checkpoint[0]), directory, checkpoint[0])
                 job.restored = checkpoint_signature(directory)
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
                 fetched=fetched, cached=len(unique) - fetched)

@@ -297,3 +297,57 @@ def test_a_glob_of_everything_does_not_bring_back_dotfiles(cluster, mallory, tmp
     names = sorted(entry["name"] for entry in files.task_files(cluster.db, good_task)
                    if entry["kind"] == files.OUTPUT)
     assert names == [".kept", "seen"], names
+
+
+# -- a checkpoint that cannot be unpacked ----------------------------------------------------
+
+def duplicate_member_tar():
+    """A tar holding the same file name twice (tar itself takes the last)."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for text in (b"first\n", b"second\n"):
+            member = tarfile.TarInfo("state.txt")
+            member.size = len(text)
+            archive.addfile(member, io.BytesIO(text))
+    return buffer.getvalue()
+
+
+def archive_digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("archive", [b"not a tar at all\n" * 10, duplicate_member_tar()],
+                         ids=["not-a-tar", "a-name-twice"])
+def test_a_checkpoint_that_cannot_be_unpacked_fails_no_later_attempt(cluster, mallory,
+                                                                     archive):
+    """A device hands a task back with a checkpoint that is not a tar, or
+    names a file twice: each next attempt, on every good device, failed
+    while unpacking it, so one device made the task fail everywhere (a
+    failure it reported itself would have been retried). Such a
+    checkpoint is set aside (the worker logs checkpoint_set_aside) and the
+    attempt starts afresh, as a first one does."""
+    cluster.rc("label", "mallory", "pool=ckpt")
+    command = 'ls "$RC_CHECKPOINT_DIR"; cat "$RC_CHECKPOINT_DIR"/state.txt; echo ran'
+    task_id, attempt = mallory.take(command, "--require", "label.pool=ckpt", pinned=False)
+    try:
+        with unharmed(cluster, "good"):
+            answer = put_small(cluster, task_id, attempt, files.CHECKPOINT_NAME, archive)
+            assert answer == {"ok": True, "stored": True}, answer
+            cluster.rc("label", "mallory", "pool=")
+            cluster.rc("label", "good", "pool=ckpt")
+            frame = mallory.answer("task_result", {"task_id": task_id, "attempt": attempt,
+                                                   "status": "handed_back"})
+            assert frame["message_type"] == "task_result_ack", frame
+            wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 60,
+                     "the next attempt on the good device")
+    finally:
+        cluster.rc("label", "good", "pool=")
+        cluster.rc("label", "mallory", "pool=")
+    task = tasks.get(cluster.db, task_id)
+    assert task["device_id"] == "good" and task["state"] == "completed", task
+    assert "ran" in task["result"]["output"], task
+    with open(cluster.worker_log("good"), encoding="utf-8", errors="replace") as log:
+        assert archive_digest(archive) in [json.loads(line).get("sha256") for line in log
+                                           if "checkpoint_set_aside" in line]
