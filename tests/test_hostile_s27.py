@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -351,3 +353,37 @@ def test_a_checkpoint_that_cannot_be_unpacked_fails_no_later_attempt(cluster, ma
     with open(cluster.worker_log("good"), encoding="utf-8", errors="replace") as log:
         assert archive_digest(archive) in [json.loads(line).get("sha256") for line in log
                                            if "checkpoint_set_aside" in line]
+
+
+# -- a task's directory deeper than Python's recursion limit ------------------------------
+
+DEEP_TREE = ("python3 -c \"import os\nfor _ in range(%d): os.mkdir('d'); os.chdir('d')\n"
+             "open('f', 'w').close()\"; echo made")
+
+
+@pytest.mark.parametrize("where", [".", "$RC_CHECKPOINT_DIR"], ids=["task-dir", "checkpoint"])
+def test_a_task_directory_deeper_than_the_recursion_limit_harms_no_worker(cluster, where):
+    """A task leaves directories nested past Python's recursion limit in its
+    own directory (or its checkpoint directory): the worker walks them with
+    os.fwalk, which recurses, to remove (or tar) them."""
+    depth = sys.getrecursionlimit() * 3
+    pid = cluster.workers["good"].pid
+    with unharmed(cluster, "good"):
+        done = cluster.rc("submit", "shell", "cd %s && %s" % (where, DEEP_TREE % depth),
+                          "--require", "device_id=good")
+        task_id = int(done.stdout.strip())
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 60,
+                 "the deep task")
+        assert "made" in tasks.get(cluster.db, task_id)["result"]["output"]
+    assert cluster.workers["good"].poll() is None and cluster.workers["good"].pid == pid
+    # ... and removed it all (the deepest file too), within a few seconds.
+    root = task_root(cluster, "good")
+    wait_for(lambda: not subprocess.run(["find", root, "-name", "f"], stdout=subprocess.PIPE,
+                                        universal_newlines=True).stdout, 10, "the tree to go")
+
+
+def task_root(cluster, device_id):
+    """Where the worker makes its tasks' directories (its task_sandbox log line)."""
+    with open(cluster.worker_log(device_id), encoding="utf-8", errors="replace") as log:
+        return [json.loads(line)["task_dirs"] for line in log
+                if '"task_sandbox"' in line][-1]
