@@ -320,8 +320,21 @@ def archive_digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("archive", [b"not a tar at all\n" * 10, duplicate_member_tar()],
-                         ids=["not-a-tar", "a-name-twice"])
+def long_path_tar():
+    """A tar whose one file lies deeper than a path may be long (PATH_MAX)."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        member = tarfile.TarInfo("d/" * 2500 + "state.txt")
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"ok\n"))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("archive", [b"not a tar at all\n" * 10, duplicate_member_tar(),
+                                     long_path_tar()],
+                         ids=["not-a-tar", "a-name-twice", "a-path-too-long"])
 def test_a_checkpoint_that_cannot_be_unpacked_fails_no_later_attempt(cluster, mallory,
                                                                      archive):
     """A device hands a task back with a checkpoint that is not a tar, or
