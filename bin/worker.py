@@ -5649,6 +5649,10 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
             if name in dirs and not stat.S_ISLNK(info.st_mode):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
+                if not utf8(parts):     # a frame cannot carry it (a lone surrogate)
+                    notes.append("rc-worker: output %r refused: its name is not UTF-8;"
+                                 " not uploaded" % "/".join(parts))
+                    continue
                 # A walk from the resolved root never enters a linked directory:
                 # only a link itself needs resolving (each step an lstat).
                 real = os.path.realpath(path) if stat.S_ISLNK(info.st_mode) else path
@@ -5669,6 +5673,17 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
         notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
                                    % (len(notes) - FILES_MAX_NOTES)]
     return kept, notes
+
+
+def utf8(parts):
+    """Whether every part of a name found on disk is UTF-8 (os.walk gives
+    other bytes as lone surrogates, which no JSON frame may hold)."""
+    try:
+        for part in parts:
+            part.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refusal(root, real, seen, protected, cached):

@@ -17,9 +17,10 @@ import pytest
 
 from cluster_harness import Cluster, online, wait_for
 from hostile_harness import readable_by_others, unharmed
-from rc import client, files, tasks, transfer
+from rc import client, files, protocol, tasks, transfer
 from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
+from test_bad_input import answered_or_closed
 from test_hostile_round23 import HostileDevice, ended
 from test_hostile_web import request
 
@@ -400,3 +401,81 @@ def task_root(cluster, device_id):
     with open(cluster.worker_log(device_id), encoding="utf-8", errors="replace") as log:
         return [json.loads(line)["task_dirs"] for line in log
                 if '"task_sandbox"' in line][-1]
+
+
+FORGE = r"""
+import json, os, sys, time
+victim = int(sys.argv[1])
+frame = {"message_type": "task_result", "sender_id": "good", "timestamp": time.time(),
+         "message_id": "f" * 16, "data": {"task_id": victim, "attempt": 1,
+         "status": "completed", "error": None, "result": {"output": "forged by another task",
+         "stderr": "", "exit_code": 0, "execution_time": 0.1, "cpu_time": 0.0,
+         "peak_memory_kb": None, "truncated": False}}}
+open(b"\xff.txt", "wb").write(b"x")
+open("ok.txt", "wb").write(b"\n" + json.dumps(frame).encode() + b"\n")
+print("made")
+"""
+
+
+def test_an_output_name_that_is_not_utf8_smuggles_no_frame(cluster, tmp_path):
+    """A task leaves a file whose name is not UTF-8 (any bytes but / and NUL
+    make a Linux name) where its --output glob looks: the worker sent the
+    name as a lone surrogate, rc-server refused the task_result frame as
+    not JSON, and went on to read the raw bytes of its small files as
+    frames of the device. A file of the task holding a task_result line
+    then finished another task running on the same device, with output of
+    the attacker's choosing (and the attacker's own result never came).
+    The worker now refuses such a name, and rc-server hangs up on a frame
+    it cannot read that has raw bytes behind it."""
+    script = tmp_path / "forge.py"
+    script.write_text(FORGE)
+    pid = cluster.workers["good"].pid
+    with unharmed(cluster, "good"):
+        victim = int(cluster.rc("submit", "shell", "sleep 4; echo genuine", "--require",
+                                "device_id=good").stdout.strip())
+        wait_for(lambda: tasks.get(cluster.db, victim)["state"] == "running", 20, "the victim")
+        done = cluster.rc("submit", "shell", "python3 forge.py %d" % victim, "--input",
+                          str(script), "--output", "*.txt", "--require", "device_id=good")
+        task_id = int(done.stdout.strip())
+        wait_for(lambda: tasks.get(cluster.db, victim)["state"] in TERMINAL_STATES, 30,
+                 "the victim")
+        assert "genuine" in tasks.get(cluster.db, victim)["result"]["output"], \
+            tasks.get(cluster.db, victim)
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 30,
+                 "the forging task")
+        task = tasks.get(cluster.db, task_id)
+        assert task["state"] == "completed" and "made" in task["result"]["output"], task
+        assert "not UTF-8" in task["result"]["stderr"], task
+    assert cluster.workers["good"].poll() is None and cluster.workers["good"].pid == pid
+    names = [entry["name"] for entry in files.task_files(cluster.db, task_id)
+             if entry["kind"] == files.OUTPUT]
+    assert names == ["ok.txt"], names
+
+
+def test_rc_server_reads_no_frame_from_the_raw_bytes_of_a_frame_it_cannot_read(cluster):
+    """What the test above showed, for a worker of an older copy (devices
+    keep theirs): a task_result that is not JSON but says "inline_bytes"
+    has raw bytes behind it whose end is unknown; rc-server read them as
+    the device's frames. Now it hangs up."""
+    device = HostileDevice(cluster, "old-copy")
+    wait_for(lambda: "old-copy" in online(cluster), 20, "the old copy to be online")
+    task_id, attempt = device.take("sleep 60")
+    forged = protocol.encode("task_result", {
+        "task_id": task_id, "attempt": attempt, "status": "completed", "error": None,
+        "result": {"output": "smuggled", "stderr": "", "exit_code": 0}},
+        sender_id="old-copy")
+    unreadable = b'{"message_type": "task_result", "data": {"inline_bytes": %d, "files_inline":' \
+                 b' [{"name": "\xff.txt", "size": %d}]}}\n' % (len(forged) + 1, len(forged) + 1)
+    with unharmed(cluster, "good"):
+        device.sock.sendall(unreadable + b"\n" + forged)
+        frames = []
+        while True:
+            frame = answered_or_closed(device.sock)
+            if frame is None:
+                break
+            frames.append(frame["message_type"])
+            assert frame["message_type"] != "task_result_ack", frames
+        time.sleep(0.5)
+        assert tasks.get(cluster.db, task_id)["state"] != "completed"
+    device.sock.close()
+    cluster.rc("cancel", str(task_id))
