@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -479,3 +480,45 @@ def test_rc_server_reads_no_frame_from_the_raw_bytes_of_a_frame_it_cannot_read(c
         assert tasks.get(cluster.db, task_id)["state"] != "completed"
     device.sock.close()
     cluster.rc("cancel", str(task_id))
+
+
+# -- connections reset at every step of rc-files' handshake ---------------------------------
+
+def reset(sock):
+    """Close with a TCP reset (SO_LINGER 0), as a peer that vanished mid-step."""
+    import struct
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_connections_reset_mid_handshake_lock_no_worker_out(cluster, tmp_path):
+    """Each connection counts against its address until it proves a device
+    (max_unauthenticated_per_address): connections reset before TLS, in
+    the middle of it, after it, and in the middle of the auth line must
+    each give their count back, or the address (here the good worker's)
+    is locked out of rc-files."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    rounds = cluster.config.max_unauthenticated_per_address * 3
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(files.INLINE_FILE_BYTES + 1024))
+    with unharmed(cluster, "good"):
+        for n in range(rounds):
+            sock = socket.create_connection(("127.0.0.1", cluster.config.files_port), timeout=5)
+            step = n % 4
+            if step == 1:         # half a ClientHello
+                sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(20))
+            elif step >= 2:
+                sock = context.wrap_socket(sock)
+                sock.makefile("rb").readline()          # the hello
+                if step == 3:
+                    sock.sendall(b'{"auth": {"device_id": "good", "non')
+            reset(sock)
+        done = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(big),
+                          "--require", "device_id=good")
+        task_id = int(done.stdout.strip())
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 30,
+                 "the task with a large input")
+        task = tasks.get(cluster.db, task_id)
+        assert task["state"] == "completed", task
