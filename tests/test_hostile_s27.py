@@ -522,3 +522,28 @@ def test_connections_reset_mid_handshake_lock_no_worker_out(cluster, tmp_path):
                  "the task with a large input")
         task = tasks.get(cluster.db, task_id)
         assert task["state"] == "completed", task
+
+
+# -- checkpoints replaced, kept for the whole retention --------------------------------------
+
+def test_a_replaced_checkpoint_does_not_hold_the_quota_for_the_retention(cluster, mallory):
+    """A task's checkpoint replaces its last one, which no attempt will read
+    again; but its blob stayed, counted against files_quota_mb, until
+    files_retention_days (30) after it was stored. A device holding one
+    task put checkpoint after checkpoint of fresh bytes and filled the
+    quota for a month: every upload and output of every user refused. (A
+    long task checkpointing 100 MB every 5 minutes did the same in a
+    day.) A replaced checkpoint now goes at the next sweep."""
+    task_id, attempt = mallory.take("sleep 60")
+    digests = []
+    with unharmed(cluster, "good"):
+        for _ in range(4):
+            data = os.urandom(512 * 1024)
+            answer = put_small(cluster, task_id, attempt, files.CHECKPOINT_NAME, data)
+            assert answer == {"ok": True, "stored": True}, answer
+            digests.append(hashlib.sha256(data).hexdigest())
+        files.sweep(cluster.db, cluster.config, time.time())      # rc-reaper's, each minute
+        assert [files.exists(cluster.db, digest) for digest in digests] == \
+            [False, False, False, True]
+        assert tasks.get(cluster.db, task_id)["payload"]["checkpoint"]["sha256"] == digests[-1]
+    ended(cluster, mallory, task_id, attempt)

@@ -447,8 +447,16 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
     kind = (CHECKPOINT if name == CHECKPOINT_NAME else STREAM if name in STREAM_NAMES
             else OUTPUT)
     if kind == CHECKPOINT:
+        replaced = [row[0] for row in connection.execute(
+            "SELECT sha256 FROM task_files WHERE task_id = ? AND kind = 'checkpoint'"
+            " AND sha256 != ?", (task_id, sha256))]
         connection.execute("DELETE FROM task_files WHERE task_id = ? AND kind = 'checkpoint'",
                            (task_id,))
+        # No attempt reads a replaced checkpoint again: the next sweep takes it
+        # (unless another task refers to it), or it would count against the
+        # quota for files_retention_days.
+        connection.executemany("UPDATE files SET last_used_at = 0 WHERE sha256 = ?",
+                               [(digest,) for digest in replaced])
         connection.execute(
             "UPDATE tasks SET payload = json_set(payload, '$.checkpoint', json(?))"
             " WHERE task_id = ?", (db.dumps({"sha256": sha256, "size": size}), task_id))
