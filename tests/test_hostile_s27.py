@@ -547,3 +547,20 @@ def test_a_replaced_checkpoint_does_not_hold_the_quota_for_the_retention(cluster
             [False, False, False, True]
         assert tasks.get(cluster.db, task_id)["payload"]["checkpoint"]["sha256"] == digests[-1]
     ended(cluster, mallory, task_id, attempt)
+
+
+def test_an_output_put_again_does_not_hold_the_quota_for_the_retention(cluster, mallory):
+    """The same for an output: put again under its name (any task with one
+    --output), the bytes it replaced stayed for files_retention_days."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "result.txt")
+    digests = []
+    with unharmed(cluster, "good"):
+        for _ in range(3):
+            data = os.urandom(512 * 1024)
+            answer = put_small(cluster, task_id, attempt, "result.txt", data)
+            assert answer == {"ok": True, "stored": True}, answer
+            digests.append(hashlib.sha256(data).hexdigest())
+        files.sweep(cluster.db, cluster.config, time.time())
+        assert [files.exists(cluster.db, digest) for digest in digests] == [False, False, True]
+        assert files.task_file(cluster.db, task_id, "result.txt")["sha256"] == digests[-1]
+    ended(cluster, mallory, task_id, attempt)

@@ -466,6 +466,13 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
 
 
 def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now):
+    # A file put again under its name replaces the row: the blob it held
+    # goes at the next sweep (as a replaced checkpoint), not a month later.
+    replaced = connection.execute(
+        "SELECT sha256 FROM task_files WHERE task_id = ? AND kind = ? AND name = ?"
+        " AND attempt = ? AND sha256 != ?", (task_id, kind, name, attempt, sha256)).fetchone()
+    if replaced is not None:
+        connection.execute("UPDATE files SET last_used_at = 0 WHERE sha256 = ?", replaced)
     connection.execute(
         "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
