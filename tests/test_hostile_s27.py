@@ -564,3 +564,34 @@ def test_an_output_put_again_does_not_hold_the_quota_for_the_retention(cluster, 
         assert [files.exists(cluster.db, digest) for digest in digests] == [False, False, True]
         assert files.task_file(cluster.db, task_id, "result.txt")["sha256"] == digests[-1]
     ended(cluster, mallory, task_id, attempt)
+
+
+def test_an_upload_that_ends_after_its_attempt_does_not_hold_the_quota(cluster, mallory):
+    """A put admitted while the device held its attempt, whose last byte
+    comes after the attempt ended (the device finished the task on its
+    rc-server connection meanwhile): the blob is placed and refused as
+    stale, with no task's row; its own row said it was used just now, so
+    it counted against files_quota_mb for files_retention_days. A device
+    could leave up to the room left behind each task it held. Now the
+    next sweep takes it."""
+    task_id, attempt = mallory.take("sleep 60", "--output", "late.bin")
+    data = os.urandom(512 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    with unharmed(cluster, "good"):
+        sock, reader, welcome = authenticated(cluster)
+        answer = ask(sock, reader, {"put": {"task_id": task_id, "attempt": attempt,
+                                            "name": "late.bin", "size": len(data),
+                                            "sha256": digest}})
+        assert answer == {"ok": True, "have": 0}, answer
+        sock.sendall(data[:-1])
+        cluster.rc("cancel", str(task_id))
+        mallory.send("task_result", {"task_id": task_id, "attempt": attempt,
+                                     "status": "cancelled"})
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "cancelled", 20,
+                 "task %d to be cancelled" % task_id)
+        sock.sendall(data[-1:])
+        answer = json.loads(reader.readline())
+        assert answer["error"]["code"] == "stale_attempt", answer
+        sock.close()
+        files.sweep(cluster.db, cluster.config, time.time())
+        assert not files.exists(cluster.db, digest)

@@ -599,12 +599,16 @@ class Session:
     def record(self, task_id, attempt, name, size, sha256, received):
         """The rows of a put, in one transaction: the blob's if it was just
         received (kept even when the attempt turns out stale: the blob is in
-        place, and retention removes both), then the task's; the file's kind."""
+        place, and the next sweep removes both), then the task's; the file's kind."""
         now = time.time()
         with db.write(self.connection):
-            if received:
-                files.record(self.connection, sha256, size, now)
             holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
+            if received:
+                # A blob new to the store whose attempt ended meanwhile is no
+                # task's: the next sweep takes it, or it would hold the quota
+                # for files_retention_days.
+                used = now if holds or files.exists(self.connection, sha256) else 0
+                files.record(self.connection, sha256, size, used)
             if holds:
                 kind = files.add_task_file(self.connection, task_id, attempt, name, sha256,
                                            size, now)
