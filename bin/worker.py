@@ -1151,6 +1151,17 @@ def read_number(path):
         return None
 
 
+def too_deep(top, directory, dirs):
+    """In a top-down os.walk or os.fwalk of a task's tree: go no further
+    down than TREE_DEPTH levels below `top` (both recurse, and a task's
+    directories nested past the recursion limit raised RecursionError out
+    of the worker's loop); what lies deeper is left out, as a link is."""
+    if directory.count(os.sep) - top.count(os.sep) >= TREE_DEPTH:
+        dirs[:] = []
+        return True
+    return False
+
+
 def list_dir(path):
     try:
         return sorted(os.listdir(path))
@@ -1863,6 +1874,7 @@ class WorkDirs(object):
             return path
         gid = uid if gid is None else gid
         for directory, dirs, files in os.walk(path):      # links are not followed
+            too_deep(path, directory, dirs)
             for name in dirs + files:
                 entry = os.path.join(directory, name)
                 info = os.lstat(entry)
@@ -2846,10 +2858,12 @@ def reachable(path, other_uid, hidden):
 
 
 def remove_tree(path):
-    """rm -rf PATH, errors ignored, never through a link: on os.fwalk's
-    directory descriptors, as shutil.rmtree where it avoids symlink attacks.
-    shutil itself imports re, enum, zlib, bz2 and lzma, 1.3 MiB that a
-    worker removing one stale task directory would hold for good."""
+    """rm -rf PATH, errors ignored, never through a link: on directory
+    descriptors, as shutil.rmtree where it avoids symlink attacks. shutil
+    itself imports re, enum, zlib, bz2 and lzma, 1.3 MiB that a worker
+    removing one stale task directory would hold for good. Not os.fwalk:
+    it recurses, and a task's directories nested past the recursion limit
+    raised RecursionError out of the worker's loop."""
     if not path:
         return
     if not hasattr(os, "fwalk"):
@@ -2857,15 +2871,58 @@ def remove_tree(path):
         shutil.rmtree(path, ignore_errors=True)
         return
     try:
-        for _, dirs, files, fd in os.fwalk(path, topdown=False):
-            for name in files:
-                remove_entry(name, fd, os.unlink)
-            for name in dirs:      # a link to a directory is listed here too
-                remove_entry(name, fd, os.rmdir) or remove_entry(name, fd, os.unlink)
-        os.rmdir(path)
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         if os.path.islink(path):
             remove_entry(path, None, os.unlink)
+        return
+    try:
+        empty_tree(top)
+    finally:
+        os.close(top)
+    remove_entry(path, None, os.rmdir)
+
+
+def empty_tree(top):
+    """Remove what the directory open as `top` holds, in a loop: at most
+    TREE_DEPTH descriptors open, a directory deeper than that moved up
+    into `top` (a rename, on the same file system) to be emptied from
+    there; each directory entered once, so it ends whatever fails."""
+    import stat
+    stack, entered, lifted = [top], set(), 0
+    while stack:
+        fd, child = stack[-1], None
+        for name in list_dir(fd):
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                remove_entry(name, fd, os.unlink)
+            elif remove_entry(name, fd, os.rmdir) or (info.st_dev, info.st_ino) in entered:
+                continue
+            elif len(stack) >= TREE_DEPTH:
+                lifted += 1
+                try:
+                    os.rename(name, ".rc-lifted-%d-%d" % (info.st_ino, lifted),
+                              src_dir_fd=fd, dst_dir_fd=top)
+                except OSError:
+                    entered.add((info.st_dev, info.st_ino))
+            else:
+                try:
+                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY
+                                    | getattr(os, "O_NOFOLLOW", 0), dir_fd=fd)
+                except OSError:
+                    entered.add((info.st_dev, info.st_ino))
+                    continue
+                entered.add((info.st_dev, info.st_ino))
+                break
+        if child is not None:
+            stack.append(child)
+        else:
+            stack.pop()
+            if fd != top:
+                os.close(fd)     # its parent looks again: now it is empty, rmdir takes it
 
 
 def remove_task_dir(path):
@@ -4375,6 +4432,7 @@ CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least 
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
+TREE_DEPTH = 64                 # directory levels of a task's tree the worker looks into
 FILES_MAX_OUTPUTS = 1000        # outputs one attempt uploads at most (its result must fit a frame)
 FILES_MAX_NAMES = 256 * 1024    # bytes of output names one result lists at most
 FILES_MAX_NOTES = 50            # refusal lines one result's stderr carries at most
@@ -5428,6 +5486,7 @@ def checkpoint_signature(directory):
     import stat
     found = []
     for root, dirs, files in os.walk(directory):
+        too_deep(directory, root, dirs)
         for name in files:
             path = os.path.join(root, name)
             try:
@@ -5462,6 +5521,7 @@ def checkpoint_entries(directory):
     nofollow = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     if not hasattr(os, "fwalk"):       # no descriptor walk here: names, never through a link
         for root, dirs, files in os.walk(directory):
+            too_deep(directory, root, dirs)
             dirs.sort()
             for name in sorted(dirs) + sorted(files):
                 try:
@@ -5471,6 +5531,7 @@ def checkpoint_entries(directory):
                     continue
         return
     for root, dirs, files, root_fd in os.fwalk(directory):
+        too_deep(directory, root, dirs)
         dirs.sort()
         base = os.path.relpath(root, directory)
         for name in sorted(dirs) + sorted(files):
@@ -5508,6 +5569,23 @@ def file_digest(path):
     return size, digest.hexdigest()
 
 
+def restore_checkpoint(archive_path, directory, sha):
+    """read_checkpoint; a checkpoint that cannot be unpacked (not a tar, a
+    name twice, a file where a directory goes, a path too long: what a
+    hostile device may hand back) is set aside and the attempt starts afresh, as a first one
+    does, rather than failing on every device the task goes to next."""
+    import tarfile
+    try:
+        read_checkpoint(archive_path, directory)
+    except (tarfile.TarError, FilesError, EOFError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", 0)):
+            raise       # the device's disk is full: the attempt fails and runs elsewhere
+        log("warning", "checkpoint_set_aside", sha256=sha,
+            error=("%s: %s" % (type(e).__name__, e))[:300])
+        remove_tree(directory)
+        make_checkpoint_dir(directory)
+
+
 def read_checkpoint(archive_path, directory):
     """Unpack a checkpoint tar into `directory`: regular files and
     directories with relative names only; anything else is skipped. So are
@@ -5541,16 +5619,19 @@ def read_checkpoint(archive_path, directory):
 # -- outputs: globs matched in the task directory, nothing outside it ---------
 
 def glob_match(pattern_parts, parts):
-    """fnmatch per path component; "**" matches any number of directories."""
+    """fnmatch per path component; "**" matches any number of directories.
+    As in a shell, a leading "." is matched only by a part that starts
+    with one (rc-files' glob_match, which takes the same outputs)."""
     from fnmatch import fnmatchcase
     if not pattern_parts:
         return not parts
     head = pattern_parts[0]
     if head == "**":
         return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:],
-                                                                       parts[1:])
+                   for skip in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:skip]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
 
 
 def output_globs(payload):
@@ -5588,10 +5669,15 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
             if name in dirs and not stat.S_ISLNK(info.st_mode):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
+                if not utf8(parts):     # a frame cannot carry it (a lone surrogate)
+                    notes.append("rc-worker: output %r refused: its name is not UTF-8;"
+                                 " not uploaded" % "/".join(parts))
+                    continue
                 # A walk from the resolved root never enters a linked directory:
                 # only a link itself needs resolving (each step an lstat).
                 real = os.path.realpath(path) if stat.S_ISLNK(info.st_mode) else path
                 matches.append(("/".join(parts), real))
+        too_deep(root, directory, dirs)      # after the names: a deep directory is no file
     kept, names = [], 0
     for name, real in matches:
         reason = refusal(root, real, seen, protected, cached)
@@ -5607,6 +5693,17 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
         notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
                                    % (len(notes) - FILES_MAX_NOTES)]
     return kept, notes
+
+
+def utf8(parts):
+    """Whether every part of a name found on disk is UTF-8 (os.walk gives
+    other bytes as lone surrogates, which no JSON frame may hold)."""
+    try:
+        for part in parts:
+            part.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refusal(root, real, seen, protected, cached):
@@ -6023,7 +6120,7 @@ class Files(object):
             if checkpoint:
                 directory = os.path.join(workdir, CHECKPOINT_DIR)
                 make_checkpoint_dir(directory)
-                read_checkpoint(self.cache.path(checkpoint[0]), directory)
+                restore_checkpoint(self.cache.path(checkpoint[0]), directory, checkpoint[0])
                 job.restored = checkpoint_signature(directory)
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
                 fetched=fetched, cached=len(unique) - fetched)

@@ -1579,7 +1579,13 @@ except ImportError:
 
 
 def _rc_run(name, pieces, calls, mark, limit, home, each=False):
-    out, sys.stdout = sys.stdout, sys.stderr    # the function's prints: the task's stderr
+    # The function's prints, and what the tools it runs write on descriptor
+    # 1, go to the task's stderr: stdout holds only the result line, which
+    # data passing through a tool could otherwise forge for the client.
+    sys.stdout.flush()
+    out = _rc_os.fdopen(_rc_os.dup(1), "w")
+    _rc_os.dup2(2, 1)
+    sys.stdout = sys.stderr
     space = globals()
     try:
         for filename, line, source in pieces:

@@ -462,8 +462,16 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
     kind = (CHECKPOINT if name == CHECKPOINT_NAME else STREAM if name in STREAM_NAMES
             else OUTPUT)
     if kind == CHECKPOINT:
+        replaced = [row[0] for row in connection.execute(
+            "SELECT sha256 FROM task_files WHERE task_id = ? AND kind = 'checkpoint'"
+            " AND sha256 != ?", (task_id, sha256))]
         connection.execute("DELETE FROM task_files WHERE task_id = ? AND kind = 'checkpoint'",
                            (task_id,))
+        # No attempt reads a replaced checkpoint again: the next sweep takes it
+        # (unless another task refers to it), or it would count against the
+        # quota for files_retention_days.
+        connection.executemany("UPDATE files SET last_used_at = 0 WHERE sha256 = ?",
+                               [(digest,) for digest in replaced])
         connection.execute(
             "UPDATE tasks SET payload = json_set(payload, '$.checkpoint', json(?))"
             " WHERE task_id = ?", (db.dumps({"sha256": sha256, "size": size}), task_id))
@@ -473,6 +481,13 @@ def add_task_file(connection, task_id, attempt, name, sha256, size, now):
 
 
 def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now):
+    # A file put again under its name replaces the row: the blob it held
+    # goes at the next sweep (as a replaced checkpoint), not a month later.
+    replaced = connection.execute(
+        "SELECT sha256 FROM task_files WHERE task_id = ? AND kind = ? AND name = ?"
+        " AND attempt = ? AND sha256 != ?", (task_id, kind, name, attempt, sha256)).fetchone()
+    if replaced is not None:
+        connection.execute("UPDATE files SET last_used_at = 0 WHERE sha256 = ?", replaced)
     connection.execute(
         "INSERT OR REPLACE INTO task_files(task_id, attempt, kind, name, sha256, size,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -481,15 +496,18 @@ def insert_task_file(connection, task_id, attempt, kind, name, sha256, size, now
 
 def glob_match(pattern_parts, parts):
     """fnmatch per path component; "**" matches any number of directories
-    (bin/worker.py's glob_match, which picks a task's outputs)."""
+    (bin/worker.py's glob_match, which picks a task's outputs). As in a
+    shell, a leading "." is matched only by a part that starts with one:
+    `*` and `**` never bring back .bashrc or .ssh/ to where `rc get` writes."""
     if not pattern_parts:
         return not parts
     head = pattern_parts[0]
     if head == "**":
         return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and glob_match(
-        pattern_parts[1:], parts[1:])
+                   for skip in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:skip]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatch.fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
 
 
 def asked_for(connection, task_id, name):

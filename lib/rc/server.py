@@ -478,6 +478,12 @@ class Server:
         try:
             envelope = protocol.decode(line)
         except ProtocolError as e:
+            if protocol.INLINE_MARK in line:
+                # Raw bytes may follow, as many as it says: where the next frame
+                # begins is not known, and a task's file read as frames would
+                # speak for its device.
+                self.refuse(peer, "bad_frame", str(e))
+                return
             self.send_error(peer, "bad_frame", str(e))
             return
         data = envelope["data"]

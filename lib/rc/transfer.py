@@ -31,9 +31,12 @@ MAX_CONNECTIONS = 128         # connections served at once; more are closed at o
 MAX_PER_DEVICE = 16           # of those, one device's (a worker uses one per task at most)
 MAX_LINE_BYTES = 64 * 1024    # a control line, newline included
 CHUNK_BYTES = 256 * 1024      # bytes one connection holds in memory while moving a file
+SENDFILE_BYTES = 4 * 1024 * 1024  # bytes one sendfile call moves (progress is counted between)
 WHOLE_PUT_BYTES = CHUNK_BYTES  # a put this small may come with its request (put "whole")
 IDLE_TIMEOUT = 300.0          # seconds a connection may sit between requests
 DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
+MIN_TRANSFER_RATE = 16 * 1024  # bytes/s below which a transfer counts as idle when rc-files is full
+SLOW_GRACE = 5.0              # seconds a transfer may take to reach that rate
 ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 NONCE_HEX = 32
@@ -67,6 +70,7 @@ class FilesServer:
         # Connections make_room may hang up -> since when: sessions waiting for
         # their next request, and connections that have proved nothing yet.
         self.idle_sessions = {}
+        self.transfers = set()      # sessions answering a request (Session.began, .moved)
         database = db.open_database(config.db_path)
         self.device_key, _ = device_secrets.prepare(config, database)
         database.close()
@@ -148,18 +152,40 @@ class FilesServer:
         its slot goes to the new connection: connections held idle (100
         device ids one join token may make, 16 each; strangers on 16
         addresses, 8 each, again at each auth_timeout) never lock workers
-        out of their transfers. True when a slot was taken."""
+        out of their transfers. With none idle, the slowest transfer below
+        MIN_TRANSFER_RATE goes: a byte a second is never idle, and never
+        cut by DATA_TIMEOUT. True when a slot was taken."""
         with self.lock:
-            if not self.idle_sessions:
-                return False
-            oldest = min(self.idle_sessions, key=self.idle_sessions.get)
-            del self.idle_sessions[oldest]
+            if self.idle_sessions:
+                oldest = min(self.idle_sessions, key=self.idle_sessions.get)
+                del self.idle_sessions[oldest]
+            else:
+                oldest = self.slowest_transfer()
+                if oldest is None:
+                    return False
+                self.transfers.discard(oldest)
         self.log_limited("warning", "files_idle_connection_closed", oldest.host,
                          device_id=oldest.device_id, address=oldest.host,
                          reason="%d connections are open, the most rc-files serves"
                          % MAX_CONNECTIONS)
         oldest.hang_up()
         return self.slots.acquire(timeout=ACCEPT_POLL)
+
+    def slowest_transfer(self):
+        """The transfer (past SLOW_GRACE) furthest below MIN_TRANSFER_RATE, or None."""
+        now = time.monotonic()
+        slow = [(session.moved / (now - session.began), session) for session in self.transfers
+                if now - session.began >= SLOW_GRACE
+                and session.moved < MIN_TRANSFER_RATE * (now - session.began)]
+        return min(slow, key=lambda pair: pair[0])[1] if slow else None
+
+    def transferring(self, session, busy):
+        with self.lock:
+            if busy:
+                session.began, session.moved = time.monotonic(), 0
+                self.transfers.add(session)
+            else:
+                self.transfers.discard(session)
 
     def idle(self, session, waiting):
         with self.lock:
@@ -259,6 +285,7 @@ class Session:
         self.buffer = bytearray(CHUNK_BYTES)
         self.device_id = None
         self.counted = False      # counted against its device's MAX_PER_DEVICE
+        self.began, self.moved = 0.0, 0   # the request being answered: since when, bytes moved
 
     def run(self):
         try:
@@ -281,7 +308,11 @@ class Session:
             if request is None:
                 return False
             self.sock.settimeout(DATA_TIMEOUT)
-            return self.answer(request)
+            self.server.transferring(self, True)
+            try:
+                return self.answer(request)
+            finally:
+                self.server.transferring(self, False)
         except Refusal as e:
             self.send({"error": {"code": e.code, "message": str(e)}})
             return not e.close
@@ -412,6 +443,7 @@ class Session:
                 if len(body) != size - offset:
                     raise EOFError("blob ended %d bytes early" % (size - offset - len(body)))
                 self.sock.sendall(orjson.dumps(header, option=orjson.OPT_APPEND_NEWLINE) + body)
+                self.moved += len(body)
             else:
                 self.send(header)
                 self.send_bytes(blob, offset, size - offset)
@@ -420,7 +452,11 @@ class Session:
 
     def send_bytes(self, blob, offset, count):
         if not isinstance(self.sock, ssl.SSLSocket):
-            self.sock.sendfile(blob, offset, count)     # the kernel copies; no buffer here
+            while count > 0:      # the kernel copies; no buffer here. In pieces: progress
+                n = self.sock.sendfile(blob, offset, min(count, SENDFILE_BYTES))
+                if not n:
+                    raise EOFError("blob ended %d bytes early" % count)
+                offset, count, self.moved = offset + n, count - n, self.moved + n
             return
         blob.seek(offset)
         view = memoryview(self.buffer)
@@ -430,6 +466,7 @@ class Session:
                 raise EOFError("blob ended %d bytes early" % count)
             self.sock.sendall(view[:n])
             count -= n
+            self.moved += n
 
     def put(self, arguments):
         """Store a file of a device's task. A "whole" put (at most
@@ -475,6 +512,12 @@ class Session:
             raise Refusal("bad_name", "output name %r matches none of task %d's --output"
                           " globs" % (name[:200], task_id))
         stored = files.stored_size(self.connection, sha256)
+        # Held, but not the device's to read: it sends the bytes, hashed on
+        # arrival. "have" at once would let a device that knows a hash make
+        # any blob its task's checkpoint and then fetch it (and learn sizes).
+        if stored is not None and not files.device_may_read(self.connection, self.device_id,
+                                                             sha256):
+            stored = None
         if stored is not None:
             if stored != size:
                 raise Refusal("bad_request", "%s is %d bytes, not %d" % (sha256, stored, size))
@@ -494,6 +537,7 @@ class Session:
             if not n:
                 raise EOFError("the upload was cut with %d bytes to go" % count)
             count -= n
+            self.moved += n
 
     def put_fields(self, arguments):
         values = []
@@ -550,21 +594,27 @@ class Session:
                 raise EOFError("the upload was cut with %d bytes to go" % count)
             writer.write(view[:n])
             count -= n
+            self.moved += n
 
-    def record(self, task_id, attempt, name, size, sha256):
+    def record(self, task_id, attempt, name, size, sha256, received):
         """The rows of a put, in one transaction: the blob's, whether it was
         just received (kept even when the attempt turns out stale: the blob
-        is in place, and retention removes both) or held already, then the
-        task's; the file's kind. A blob the sweep removed since admit() or
-        since it was placed is refused as busy: the worker puts it again,
+        is in place, and the next sweep removes both) or held already, then
+        the task's; the file's kind. A blob the sweep removed since admit()
+        or since it was placed is refused as busy: the worker puts it again,
         and this time sends its bytes."""
         now = time.time()
         with db.write(self.connection):
+            holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
+            # A blob new to the store whose attempt ended meanwhile is no
+            # task's: the next sweep takes it, or it would hold the quota
+            # for files_retention_days.
+            fresh = received and not holds and not files.exists(self.connection, sha256)
             try:
-                files.record_present(self.connection, self.config, sha256, size, now)
+                files.record_present(self.connection, self.config, sha256, size,
+                                     0 if fresh else now)
             except files.FileStoreError as e:
                 raise Refusal(e.code, str(e))
-            holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
             if holds:
                 kind = files.add_task_file(self.connection, task_id, attempt, name, sha256,
                                            size, now)

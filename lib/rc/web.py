@@ -1196,7 +1196,8 @@ def own_host_names(extra):
 
 FILE_STATUS = {"quota": 413, "disk_full": 507, "hash_mismatch": 400, "short": 400,
                "not_found": 404, "bad_request": 400, "busy": 503}
-RANGE = re.compile(r"\Abytes=(\d*)-(\d*)\Z")
+RANGE = re.compile(r"\Abytes=([0-9]*)-([0-9]*)\Z")
+RANGE_DIGITS = 19     # digits of a Range number past which it is past any file
 
 
 class FileRoutes:
@@ -1292,11 +1293,12 @@ def byte_range(header, size):
 
 def range_position(digits):
     """A Range header's number, None when left out. However many digits it
-    has (int() refuses over 4300): past 19 it is past every file's end."""
+    has (Python reads no int of more than 4,300): past RANGE_DIGITS it is
+    past every file's end."""
     if digits == "":
         return None
     digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 19 else 10 ** 19
+    return int(digits) if len(digits) <= RANGE_DIGITS else 10 ** RANGE_DIGITS
 
 
 def read_range(blob, start, end):
@@ -1484,8 +1486,8 @@ def make_app(config, logger=None):
 def file_routes(routes):
     return [("POST", UPLOAD_PATH, routes.upload, "admin"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
-            ("GET", "/api/v1/tasks/<task_id:int>/files", routes.task_list, "read"),
-            ("GET", "/api/v1/tasks/<task_id:int>/files/<name:path>", routes.task_file, "read")]
+            ("GET", "/api/v1/tasks/<task_id:id>/files", routes.task_list, "read"),
+            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:path>", routes.task_file, "read")]
 
 
 def upload_allowance(web, request, quota):
