@@ -211,12 +211,13 @@ class InProcessFiles:
 
 
 def test_a_put_of_held_bytes_swept_before_its_row_is_sent_again(tmp_path, monkeypatch):
-    """A worker puts an output whose bytes the store holds: rc-files's
-    admit() answers "have" all of it, and records the task's row after. The
-    sweep ran in between: before the fix the task's output row named a blob
-    that was gone (its download answered not_found) and the put was
-    answered stored. Now the put is refused as busy, and the worker's retry
-    (as bin/worker.py retries busy) sends the bytes."""
+    """A worker puts an output whose bytes the store holds, from a stale
+    task's past: rc-files asks for its bytes all the same (no task of this
+    device reads that blob, so "have" would hand it over), places them and
+    records the rows after. The sweep ran in between and removed the blob
+    it found, the one just placed: before the fix the task's output row
+    named a blob that was gone. Now the put is refused as busy, and the
+    worker's retry (as bin/worker.py retries busy) sends the bytes again."""
     node = InProcessFiles(tmp_path, monkeypatch)
     try:
         node.add_device("pi")
@@ -232,8 +233,7 @@ def test_a_put_of_held_bytes_swept_before_its_row_is_sent_again(tmp_path, monkey
             files.sweep(sweeper, node.config, time.time())), after="SELECT size FROM files")
         answer, done = client.put(task_id, 1, "out.bin", data)
         assert fired and swept == [1]
-        assert answer == {"ok": True, "have": len(data)}      # held when admitted
-        assert done["error"]["code"] == "busy"
+        assert answer == {"ok": True, "have": 0} and done["error"]["code"] == "busy"
         answer, done = client.put(task_id, 1, "out.bin", data)
         assert answer == {"ok": True, "have": 0} and done == {"ok": True, "stored": True}
         entry = files.task_file(node.db, task_id, "out.bin")

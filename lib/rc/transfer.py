@@ -496,7 +496,7 @@ class Session:
                 self.send({"ok": True, "have": size})
         else:
             self.receive(task_id, attempt, name, size, sha256, room, whole)
-        kind = self.record(task_id, attempt, name, size, sha256)
+        kind = self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})     # then the log line: the worker waits
         self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
                       attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
