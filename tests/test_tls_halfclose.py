@@ -9,6 +9,7 @@ same bytes a worker in any language, or `openssl s_client` closing stdin,
 puts on the wire.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -75,7 +76,13 @@ class HalfClosingClient:
             except ssl.SSLWantReadError:
                 pass      # sent; the server's own close_notify comes later
             self.push()
-        self.sock.shutdown(socket.SHUT_WR)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            # The server answered and ended the connection first (a refused
+            # stranger): its answer waits to be read all the same.
+            if e.errno != errno.ENOTCONN:
+                raise
 
     def line(self):
         """The next line, or None when the server ended the connection."""
