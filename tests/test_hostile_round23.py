@@ -16,13 +16,14 @@ import time
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, online, wait_for
-from hostile_harness import readable_by_others, unharmed
+from cluster_harness import WORKER, online, wait_for
+from hostile_harness import unharmed
 from rc import files, protocol, tasks, transfer, web_results
 from test_bad_input import (answered_or_closed, connect, error_code, read_frame, register_frame,
                             registered)
 from test_files_hostile import ask, authenticated, closed
 from test_hostile_web import request
+from test_inline_files import with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -35,21 +36,13 @@ CONNECTION_LIMIT = 40
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("hostile-round23"), auth_timeout=2.0,
-                      files_quota_mb=QUOTA_MB, max_streams=MAX_STREAMS,
-                      web_channel_timeout=CHANNEL_TIMEOUT, web_connection_limit=CONNECTION_LIMIT)
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker("good", "--slots", "2")
-        wait_for(lambda: "good" in online(cluster), 30, "the good worker")
-        cluster.token = open(cluster.config.token_path).read().strip()
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-round23"), "good",
+                                        auth_timeout=2.0, files_quota_mb=QUOTA_MB,
+                                        max_streams=MAX_STREAMS,
+                                        web_channel_timeout=CHANNEL_TIMEOUT,
+                                        web_connection_limit=CONNECTION_LIMIT):
         cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
-        cluster.secrets = {}
         yield cluster
-    finally:
-        cluster.stop()
-    assert readable_by_others(cluster.home) == []
 
 
 class HostileDevice:

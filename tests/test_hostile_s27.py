@@ -16,14 +16,15 @@ import time
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
-from hostile_harness import readable_by_others, unharmed
+from cluster_harness import online, wait_for
+from hostile_harness import unharmed
 from rc import client, files, protocol, tasks, transfer
 from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
 from test_bad_input import answered_or_closed
 from test_hostile_round23 import HostileDevice, ended
 from test_hostile_web import request
+from test_inline_files import with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -32,19 +33,10 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("hostile-s27"), auth_timeout=2.0)
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker("good", "--slots", "2")
-        wait_for(lambda: "good" in online(cluster), 30, "the good worker")
-        cluster.token = open(cluster.config.token_path).read().strip()
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s27"), "good",
+                                        auth_timeout=2.0):
         cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
-        cluster.secrets = {}
         yield cluster
-    finally:
-        cluster.stop()
-    assert readable_by_others(cluster.home) == []
 
 
 @pytest.fixture(scope="module")
