@@ -109,7 +109,7 @@ def record(cluster, url, token, trips, pause):
     for event in SCHED_EVENTS + SYSCALL_EVENTS:
         put("events/%s/enable" % event, "0")
     put("trace", "")
-    put("buffer_size_kb", "7")
+    os.rmdir(INSTANCE)          # its buffers go with it
     return text, labels, seconds
 
 
