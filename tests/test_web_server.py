@@ -319,3 +319,58 @@ def test_a_client_that_leaves_while_a_thread_lingers_is_let_go():
         assert not server.active_channels and server.task_dispatcher.active_count == 0
     finally:
         stopped(server)
+
+
+def test_one_connection_is_never_served_by_two_threads_at_once():
+    """Clients pipelining requests, some pausing between them: whoever reads
+    a request (the loop, or a thread lingering on the connection), one
+    thread at a time serves a connection, and its answers come in order."""
+    in_flight, overlaps = {}, []
+    lock = threading.Lock()
+
+    def app(environ, start_response):
+        port = environ["REMOTE_PORT"]
+        with lock:
+            in_flight[port] = in_flight.get(port, 0) + 1
+            if in_flight[port] > 1:
+                overlaps.append(port)
+        time.sleep(0.0005)
+        with lock:
+            in_flight[port] -= 1
+        # the second of each pair large: the loop sends what its socket did not take
+        body = environ["PATH_INFO"].encode() * (20000 if environ["PATH_INFO"][-1] == "b" else 1)
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    server, _, _ = counting_server(threads=32, app=app)
+    failures = []
+
+    def client(number):
+        try:
+            with socket.create_connection(("127.0.0.1", server.effective_port),
+                                          timeout=10) as sock:
+                reader = sock.makefile("rb")
+                for round_number in range(12):
+                    paths = ["/%d-%d-%s" % (number, round_number, part) for part in "ab"]
+                    sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode()
+                                          for p in paths))
+                    for path in paths:
+                        length = None
+                        for line in iter(reader.readline, b"\r\n"):
+                            if line.lower().startswith(b"content-length:"):
+                                length = int(line.split(b":")[1])
+                        expected = path.encode() * (20000 if path[-1] == "b" else 1)
+                        assert reader.read(length) == expected, path
+                    time.sleep(0.02 * (number % 3))
+        except Exception as e:
+            failures.append(repr(e))
+    try:
+        # 8: local_server lets one address hold 10 connections
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        stopped(server)
+    assert failures == [] and overlaps == [], (failures[:3], overlaps[:3])

@@ -210,7 +210,10 @@ class Channel(HTTPChannel):
         if not self.server.may_linger():
             return False
         with self.requests_lock:
-            if self.requests or self.request is not None or not self.connected \
+            # Not while another thread serves a request of this connection, nor
+            # lingers on it: two would serve its requests at once, out of order.
+            if self.lingering is not None or self.requests or self.request is not None \
+                    or not self.connected \
                     or self.will_close or self.close_when_flushed or self.input_ended \
                     or self.total_outbufs_len:
                 return False
