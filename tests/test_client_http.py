@@ -101,8 +101,9 @@ def test_a_kept_alive_connection_closed_meanwhile_is_opened_again_once():
     (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 header fields"),
     (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", "header line over"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "Content-Length"),
+    ((b"HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\nshort",), "cut short"),
     ((b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nshort",),
-     "cut short"),
+     "over the client's limit"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
 ])
 def test_hostile_answers_are_clear_errors(answer, message):
@@ -244,3 +245,80 @@ def test_a_result_stream_over_tls_is_read_however_its_records_are_cut(tmp_path):
     started = time.monotonic()
     assert read_all(http.stream("/s", 5)) == body.rstrip(b"\n").split(b"\n")
     assert time.monotonic() - started < 4
+
+
+class Endless:
+    """A main node gone wrong: it answers the first request with `head` and
+    then `piece` again and again, until the client hangs up or `most`
+    bytes have gone (then it closes), and counts what it sent."""
+
+    def __init__(self, head, piece, most=64 * 1024 * 1024):
+        self.head, self.piece, self.most = head, piece, most
+        self.sent = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            Canned.read_request(connection)
+            try:
+                connection.sendall(self.head)
+                while self.sent < self.most:
+                    connection.sendall(self.piece)
+                    self.sent += len(self.piece)
+            except OSError:
+                pass                # the client hung up: what we want
+
+
+@pytest.mark.parametrize("head, piece", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n", b"x" * 65536),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"10000\r\n" + b"x" * 65536 + b"\r\n"),
+    (b"HTTP/1.0 200 OK\r\n\r\n", b"x" * 65536),
+])
+def test_an_answer_past_the_clients_limit_is_refused_not_held(monkeypatch, head, piece):
+    """However its body is framed, an answer larger than MAX_ANSWER_BYTES
+    is an error naming the limit; the client stops reading it (the server
+    could not send it all) instead of holding it in memory."""
+    monkeypatch.setattr(client, "MAX_ANSWER_BYTES", 1 << 20)
+    server = Endless(head, piece)
+    with pytest.raises(client.ClusterError, match="over the client's limit of 1048576 bytes"
+                                                  r" \(MAX_ANSWER_BYTES\)"):
+        http_to(server).request("GET", "/api/v1/results?ids=1", timeout=10)
+    time.sleep(0.2)
+    assert server.sent < server.most
+
+
+def test_an_answer_at_the_limit_is_read_whole(monkeypatch):
+    monkeypatch.setattr(client, "MAX_ANSWER_BYTES", 1000)
+    body = b"y" * 1000
+    server = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + body,
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3e8\r\n" + body + b"\r\n0\r\n\r\n"])
+    http = http_to(server)
+    assert http.request("GET", "/a") == (200, body)
+    assert http.request("GET", "/b") == (200, body)
+
+
+def test_a_result_stream_line_past_the_limit_is_refused(monkeypatch):
+    """A stream line that never ends (or ends past MAX_STREAM_LINE) is an
+    error naming the limit, not a line the client keeps growing."""
+    monkeypatch.setattr(client, "MAX_STREAM_LINE", 256 * 1024)
+    server = Endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"1000\r\n" + b"z" * 4096 + b"\r\n")
+    stream = http_to(server).stream("/api/v1/groups/1/results?stream=1", 5)
+    with pytest.raises(client.BadAnswer, match=r"result stream line over the client's limit"
+                                               r" of 262144 bytes \(MAX_STREAM_LINE\)"):
+        read_all(stream)
+    stream.close()
+    time.sleep(0.2)
+    assert server.sent < server.most
+    # One that ends, but past the limit, in the same piece as its end.
+    long_line = b'{"task_id": 1, "x": "' + b"y" * 300000 + b'"}\n'
+    server = Canned([(b"HTTP/1.0 200 OK\r\n\r\n" + long_line,)])
+    with pytest.raises(client.BadAnswer, match="MAX_STREAM_LINE"):
+        read_all(http_to(server).stream("/s", 5))

@@ -205,3 +205,172 @@ def test_the_loop_leaves_an_answer_to_the_thread_sending_it():
         ours.close()
         theirs.close()
         stopped(server)
+
+
+def counting_server(threads, app=None):
+    """A running local_server (lookahead 1, as rc-web) that counts the
+    requests handed to its pool by the loop, and the threads serving them."""
+    served_by = []
+
+    def ok(environ, start_response):
+        served_by.append(threading.get_ident())
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    server = local_server(app or ok, threads=threads, channel_request_lookahead=1)
+    handed = []
+    real_add = server.task_dispatcher.add_task
+    server.task_dispatcher.add_task = lambda task: handed.append(1) or real_add(task)
+    threading.Thread(target=server.run, daemon=True).start()
+    return server, handed, served_by
+
+
+def ask(connection, path="/"):
+    connection.request("GET", path)
+    return connection.getresponse().read()
+
+
+def test_the_next_request_within_linger_is_served_by_the_thread_that_answered():
+    """A client's requests one after the other on one connection: each is
+    read and served by the thread that answered the one before, not handed
+    from waitress's loop to a thread again (the loop is not even asked)."""
+    server, handed, served_by = counting_server(threads=8)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(20):
+            assert ask(connection) == b"ok"
+            time.sleep(web_server.LINGER / 10)
+        connection.close()
+    finally:
+        stopped(server)
+    assert len(served_by) == 20 and len(handed) <= 3, (len(handed), len(set(served_by)))
+
+
+def test_a_request_after_the_linger_goes_through_the_loop_again(monkeypatch):
+    monkeypatch.setattr(web_server, "LINGER", 0.05)
+    server, handed, served_by = counting_server(threads=8)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(3):
+            started = time.monotonic()
+            assert ask(connection) == b"ok"
+            # the loop's own poll times out after 1 s: a socket it was not
+            # given back would show as that
+            assert time.monotonic() - started < 0.5
+            time.sleep(0.2)
+        connection.close()
+    finally:
+        stopped(server)
+    assert len(handed) == 3
+
+
+def test_a_thread_lingers_only_while_most_threads_are_idle():
+    """With half the pool busy (here: requests that block), an answered
+    request's thread goes back to the pool at once, so that lingering never
+    keeps a request waiting for a thread."""
+    release = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/block":
+            release.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    server, handed, _ = counting_server(threads=4, app=app)
+    blockers = []
+    try:
+        for _ in range(2):
+            blocker = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+            blocker.request("GET", "/block")
+            blockers.append(blocker)
+        deadline = time.monotonic() + 5
+        while server.task_dispatcher.active_count < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.may_linger()
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        before = len(handed)
+        for _ in range(5):
+            assert ask(connection) == b"ok"
+        assert len(handed) - before == 5        # each through the loop: nobody lingered
+        connection.close()
+    finally:
+        release.set()
+        for blocker in blockers:
+            assert blocker.getresponse().read() == b"ok"
+            blocker.close()
+        stopped(server)
+
+
+def test_a_client_that_leaves_while_a_thread_lingers_is_let_go():
+    server, handed, _ = counting_server(threads=8)
+    try:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.effective_port),
+                                          timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(4096).endswith(b"ok")
+            # and one that sends half a request and goes
+            with socket.create_connection(("127.0.0.1", server.effective_port),
+                                          timeout=10) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HT")
+                assert sock.recv(4096).endswith(b"ok")
+        deadline = time.monotonic() + 5
+        while (server.active_channels or server.task_dispatcher.active_count) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.active_channels and server.task_dispatcher.active_count == 0
+    finally:
+        stopped(server)
+
+
+def test_one_connection_is_never_served_by_two_threads_at_once():
+    """Clients pipelining requests, some pausing between them: whoever reads
+    a request (the loop, or a thread lingering on the connection), one
+    thread at a time serves a connection, and its answers come in order."""
+    in_flight, overlaps = {}, []
+    lock = threading.Lock()
+
+    def app(environ, start_response):
+        port = environ["REMOTE_PORT"]
+        with lock:
+            in_flight[port] = in_flight.get(port, 0) + 1
+            if in_flight[port] > 1:
+                overlaps.append(port)
+        time.sleep(0.0005)
+        with lock:
+            in_flight[port] -= 1
+        # the second of each pair large: the loop sends what its socket did not take
+        body = environ["PATH_INFO"].encode() * (20000 if environ["PATH_INFO"][-1] == "b" else 1)
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    server, _, _ = counting_server(threads=32, app=app)
+    failures = []
+
+    def client(number):
+        try:
+            with socket.create_connection(("127.0.0.1", server.effective_port),
+                                          timeout=10) as sock:
+                reader = sock.makefile("rb")
+                for round_number in range(12):
+                    paths = ["/%d-%d-%s" % (number, round_number, part) for part in "ab"]
+                    sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode()
+                                          for p in paths))
+                    for path in paths:
+                        length = None
+                        for line in iter(reader.readline, b"\r\n"):
+                            if line.lower().startswith(b"content-length:"):
+                                length = int(line.split(b":")[1])
+                        expected = path.encode() * (20000 if path[-1] == "b" else 1)
+                        assert reader.read(length) == expected, path
+                    time.sleep(0.02 * (number % 3))
+        except Exception as e:
+            failures.append(repr(e))
+    try:
+        # 8: local_server lets one address hold 10 connections
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        stopped(server)
+    assert failures == [] and overlaps == [], (failures[:3], overlaps[:3])

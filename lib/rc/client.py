@@ -56,6 +56,11 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
 MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
 MAX_HEAD_FIELDS = 100           # header fields of one answer
 READ_PIECE = 1 << 20            # bytes read at once of a long body
+MAX_ANSWER_BYTES = 64 * 1024 * 1024     # bytes of one answer's body the client holds
+                                # (rc-web's largest, a bulk result read, carries 8 MiB
+                                # of results); a main node sending more is refused
+MAX_STREAM_LINE = 8 * 1024 * 1024       # bytes of one result stream line (one task's
+                                # result: a worker's whole frame is at most 1 MiB)
 STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
@@ -171,10 +176,14 @@ class Http:
         sock = self.open_socket(timeout)
         return sock, sock.makefile("rb")
 
-    def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT):
+    def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
+                bounded=True):
         """(status, body bytes). A kept-alive connection the server closed
-        meanwhile is opened again once (waitress closes idle ones)."""
+        meanwhile is opened again once (waitress closes idle ones). A body
+        over MAX_ANSWER_BYTES is refused unless not `bounded` (a file the
+        caller asked for, whatever its size)."""
         head = self.head(method, path, body, headers)
+        limit = MAX_ANSWER_BYTES if bounded else None
         # One write for a small request; a large body (a file put) is not copied.
         message = [head + (body or b"")] if len(body or b"") <= SMALL_BODY else [head, body]
         for attempt in (1, 2):
@@ -186,7 +195,7 @@ class Http:
                 link[0].settimeout(timeout)
                 for data in message:
                     link[0].sendall(data)
-                status, data, keep = read_answer(link[1], method)
+                status, data, keep = read_answer(link[1], method, limit)
                 if not keep:
                     self.drop()
                 return status, data
@@ -280,8 +289,9 @@ class BadAnswer(Exception):
     """An answer that is not HTTP/1.x as we read it."""
 
 
-def read_answer(reader, method):
-    """(status, body, whether the connection stays open) of one answer."""
+def read_answer(reader, method, limit=None):
+    """(status, body, whether the connection stays open) of one answer; a
+    body over `limit` bytes (None: no limit) is a BadAnswer."""
     while True:
         line = reader.readline(MAX_HEAD_LINE + 1)
         if not line:
@@ -294,7 +304,7 @@ def read_answer(reader, method):
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep
     if "chunked" in fields.get("transfer-encoding", "").lower():
-        return status, read_chunked(reader), keep
+        return status, read_chunked(reader, limit), keep
     if "content-length" in fields:
         try:
             length = int(fields["content-length"])
@@ -302,8 +312,28 @@ def read_answer(reader, method):
             length = -1
         if length < 0:
             raise BadAnswer("Content-Length %r" % fields["content-length"][:50])
+        refuse_past(limit, length)
         return status, read_exactly(reader, length), keep
-    return status, reader.read(), False         # to the end of the connection
+    return status, read_to_end(reader, limit), False
+
+
+def read_to_end(reader, limit):
+    pieces, total = [], 0
+    while True:
+        piece = reader.read(READ_PIECE)
+        if not piece:
+            return b"".join(pieces)
+        total += len(piece)
+        refuse_past(limit, total)
+        pieces.append(piece)
+
+
+def refuse_past(limit, size):
+    """A main node that sends more than the client holds is not trusted:
+    BadAnswer before the body is read (or read further)."""
+    if limit is not None and size > limit:
+        raise BadAnswer("an answer's body over the client's limit of %d bytes"
+                        " (MAX_ANSWER_BYTES)" % limit)
 
 
 def status_line(line):
@@ -342,13 +372,15 @@ def read_exactly(reader, length):
     return b"".join(pieces)
 
 
-def read_chunked(reader):
-    pieces = []
+def read_chunked(reader, limit=None):
+    pieces, total = [], 0
     while True:
         size = chunk_size(reader.readline(MAX_HEAD_LINE + 1))
         if size == 0:
             head_fields(reader)                 # trailer fields, if any
             return b"".join(pieces)
+        total += size
+        refuse_past(limit, total)
         pieces.append(read_exactly(reader, size))
         read_exactly(reader, 2)                 # the chunk's CRLF
 
@@ -391,6 +423,7 @@ class ResultStream:
             found = self.whole_lines()
             if found:
                 return found
+            too_long(len(self.body))
             if self.ended:
                 raise EOFError("the stream ended")
             data = self.receive(deadline)
@@ -423,6 +456,8 @@ class ResultStream:
             return []
         lines = bytes(self.body[:end]).split(b"\n")
         del self.body[:end + 1]
+        if end > MAX_STREAM_LINE:
+            too_long(max(map(len, lines)))
         return lines
 
     def decode(self):
@@ -463,6 +498,14 @@ class ResultStream:
 
     def close(self):
         self.sock.close()
+
+
+def too_long(line_bytes):
+    """A stream line longer than any task's result: BadAnswer, before the
+    client holds more of it."""
+    if line_bytes > MAX_STREAM_LINE:
+        raise BadAnswer("a result stream line over the client's limit of %d bytes"
+                        " (MAX_STREAM_LINE)" % MAX_STREAM_LINE)
 
 
 def chunk_size(line):
@@ -1071,7 +1114,8 @@ class Cluster:
             where = "/api/v1/tasks/%d/files/%s" % (int(ref[0]), urllib.parse.quote(ref[1]))
         else:
             where = "/api/v1/files/%s" % (ref["sha256"] if isinstance(ref, dict) else ref)
-        status, data = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10)
+        status, data = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10,
+                                         bounded=False)
         if status != 200:
             raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
                 "utf-8", "replace"), status), status)
