@@ -4436,6 +4436,9 @@ TREE_DEPTH = 64                 # directory levels of a task's tree the worker l
 FILES_MAX_OUTPUTS = 1000        # outputs one attempt uploads at most (its result must fit a frame)
 FILES_MAX_NAMES = 256 * 1024    # bytes of output names one result lists at most
 FILES_MAX_NOTES = 50            # refusal lines one result's stderr carries at most
+# Glob matches one attempt's outputs are chosen from, at most: a task that
+# leaves a million files costs the worker a walk, not a million entries.
+FILES_MAX_MATCHES = 4 * FILES_MAX_OUTPUTS
 PARTIAL_MAX_AGE = 7 * 86400     # seconds a cut fetch is kept for a resume that never came
 CHECKPOINT_DIR = ".rc-checkpoint"   # $RC_CHECKPOINT_DIR, inside the task directory
 STDIN_FILE = ".rc-stdin"        # the task's stdin, linked from the cache
@@ -5650,7 +5653,7 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
     `cached` are the cache's blobs, which an input links to."""
     import stat
     root = os.path.realpath(workdir)
-    matches, notes, seen = [], [], {}
+    matches, notes, seen, ignored = [], [], {}, 0
     for directory, dirs, files in os.walk(root):
         relative = os.path.relpath(directory, root)
         base = [] if relative == "." else relative.split(os.sep)
@@ -5664,11 +5667,14 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
                 info = os.lstat(path)
             except OSError:
                 continue
-            if stat.S_ISREG(info.st_mode):
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:   # a lone link needs no count
                 seen[(info.st_dev, info.st_ino)] = seen.get((info.st_dev, info.st_ino), 0) + 1
             if name in dirs and not stat.S_ISLNK(info.st_mode):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
+                if len(matches) + len(notes) >= FILES_MAX_MATCHES:
+                    ignored += 1
+                    continue
                 if not utf8(parts):     # a frame cannot carry it (a lone surrogate)
                     notes.append("rc-worker: output %r refused: its name is not UTF-8;"
                                  " not uploaded" % "/".join(parts))
@@ -5692,6 +5698,9 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
     if len(notes) > FILES_MAX_NOTES:
         notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
                                    % (len(notes) - FILES_MAX_NOTES)]
+    if ignored:
+        notes.append("rc-worker: %d more files matched the outputs' globs past the first %d;"
+                     " not uploaded" % (ignored, FILES_MAX_MATCHES))
     return kept, notes
 
 
@@ -5719,7 +5728,7 @@ def refusal(root, real, seen, protected, cached):
     if (info.st_dev, info.st_ino) in protected:
         return "it is a file of the worker's own state"
     inode = (info.st_dev, info.st_ino)
-    if inode not in cached and info.st_nlink > seen.get(inode, 0):   # an input's link is fine
+    if inode not in cached and info.st_nlink > max(1, seen.get(inode, 0)):   # an input's link is fine
         return "it has hard links outside the task directory"
     return None
 

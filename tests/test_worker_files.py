@@ -833,3 +833,26 @@ def test_a_task_cancelled_while_its_inputs_come_is_cancelled_and_the_fetch_resum
                                     "inputs": [dict(ref, path="in.bin")]})
     assert result["result"]["output"].split()[0] == sha(data)
     assert files.gets[-1][1] > 0, "the second task resumed what the first had fetched"
+
+
+def test_a_task_leaving_more_files_than_it_may_send_costs_the_worker_a_walk_not_a_list(
+        tmp_path, monkeypatch):
+    """find_outputs keeps at most FILES_MAX_MATCHES of a glob's matches
+    (and checks only those): a task leaving a million files under
+    --output '*' grew the worker's lists by a million entries, and its
+    notes by one a file, before the 1,000-output cap applied. Past the
+    matches kept, one note says how many more there were."""
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    monkeypatch.setattr(worker, "FILES_MAX_OUTPUTS", 10)
+    monkeypatch.setattr(worker, "FILES_MAX_MATCHES", 40)
+    for n in range(500):
+        (tmp_path / ("f%03d.txt" % n)).write_bytes(b"x")
+    checked, real_refusal = [], worker.refusal
+    monkeypatch.setattr(worker, "refusal", lambda *a: checked.append(a[1]) or real_refusal(*a))
+    found, notes = worker.find_outputs(str(tmp_path), worker.output_globs({"outputs": ["*"]}),
+                                       frozenset())
+    assert len(found) == 10 and len(checked) == 40
+    assert notes[-1] == ("rc-worker: 460 more files matched the outputs' globs past the first"
+                         " 40; not uploaded"), notes
+    assert len(notes) <= worker.FILES_MAX_NOTES + 1
