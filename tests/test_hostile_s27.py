@@ -22,7 +22,7 @@ from rc import client, files, protocol, tasks, transfer
 from rc.states import TERMINAL_STATES
 from test_files_hostile import ask, authenticated
 from test_bad_input import answered_or_closed
-from test_hostile_round23 import HostileDevice, ended
+from test_hostile_round23 import HostileDevice, ended, mallory  # noqa: F401 (a fixture)
 from test_hostile_web import request
 from test_inline_files import with_the_good_worker
 
@@ -37,14 +37,6 @@ def cluster(tmp_path_factory):
                                         auth_timeout=2.0):
         cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
         yield cluster
-
-
-@pytest.fixture(scope="module")
-def mallory(cluster):
-    device = HostileDevice(cluster, "mallory")
-    wait_for(lambda: "mallory" in online(cluster), 20, "mallory to be online")
-    yield device
-    device.sock.close()
 
 
 def get_blob(cluster, sha256):
