@@ -39,6 +39,18 @@ def cluster(tmp_path_factory):
         yield cluster
 
 
+def good_counts(cluster, big, timeout):
+    """The good worker's task counting the bytes of the input `big`, ended
+    completed within `timeout` seconds; the task."""
+    done = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(big),
+                      "--require", "device_id=good")
+    task_id = int(done.stdout.strip())
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, timeout,
+             "the good worker's task with a large input")
+    task = tasks.get(cluster.db, task_id)
+    assert task["state"] == "completed", task
+    return task
+
 def get_blob(cluster, sha256):
     """rc-files' first answer to mallory's get of a blob (and the connection)."""
     sock, reader, welcome = authenticated(cluster)
@@ -141,13 +153,7 @@ def test_transfers_that_barely_move_lock_no_worker_out_of_rc_files(cluster, tmp_
                              for _ in range(transfer.MAX_PER_DEVICE))
             dripper.start()
             time.sleep(transfer.SLOW_GRACE + 1)
-            done = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(big),
-                              "--require", "device_id=good")
-            task_id = int(done.stdout.strip())
-            wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 60,
-                     "the good device's task with a large input")
-            task = tasks.get(cluster.db, task_id)
-            assert task["state"] == "completed", task
+            task = good_counts(cluster, big, 60)
             assert task["result"]["output"].strip() == str(big.stat().st_size), task
     finally:
         stop.set()
@@ -499,13 +505,7 @@ def test_connections_reset_mid_handshake_lock_no_worker_out(cluster, tmp_path):
                 if step == 3:
                     sock.sendall(b'{"auth": {"device_id": "good", "non')
             reset(sock)
-        done = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(big),
-                          "--require", "device_id=good")
-        task_id = int(done.stdout.strip())
-        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 30,
-                 "the task with a large input")
-        task = tasks.get(cluster.db, task_id)
-        assert task["state"] == "completed", task
+        good_counts(cluster, big, 30)
 
 
 # -- checkpoints replaced, kept for the whole retention --------------------------------------

@@ -1475,7 +1475,8 @@ class OutputStore:
 
     def put(self, job):
         """job: (peer, result fields, (stored, notes, bytes reserved,
-        unsynced) of Server.write_outputs, the task_result's raw bytes)."""
+        unsynced) of Server.write_outputs, how many raw bytes the
+        task_result holds: its InlineBlobs keep them until the rows)."""
         self.waiting_bytes += job[3]
         if not self.threads:
             for number in range(OUTPUT_STORE_THREADS):
