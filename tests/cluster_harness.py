@@ -4,6 +4,7 @@ that read the database the programs share."""
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -30,10 +31,25 @@ def private(path, flags):
     return os.open(path, flags, 0o600)
 
 
+# Ports a test's programs listen on, below Linux's ephemeral range (32768
+# up): a port found by binding port 0 is one the next outgoing connection
+# of any test may take before the program binds it ("Address already in
+# use", and a worker that joined another test's cluster).
+FREE_PORTS = (20000, 32768)
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 nothing holds now, out of FREE_PORTS."""
+    chooser = random.SystemRandom()     # not the seed pytest workers may share
+    for _ in range(1000):
+        port = chooser.randrange(*FREE_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in %d-%d" % FREE_PORTS)
 
 
 class Cluster:

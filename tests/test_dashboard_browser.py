@@ -5,7 +5,6 @@ kept in test-artifacts/."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from cluster_harness import free_port
 from rc import config as config_module
 from rc import db, devices, tls
 
@@ -32,12 +32,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"
                                  " (.ci/run installs it with apt-get)"),
               pytest.mark.timeout(120)]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout, what):
