@@ -4432,6 +4432,9 @@ CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least 
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
+# Seconds within which a cached blob's last use is not written to its atime
+# again: a blob that task after task takes costs no inode write each time.
+CACHE_TOUCH_SLACK = 60.0
 TREE_DEPTH = 64                 # directory levels of a task's tree the worker looks into
 FILES_MAX_OUTPUTS = 1000        # outputs one attempt uploads at most (its result must fit a frame)
 FILES_MAX_NAMES = 256 * 1024    # bytes of output names one result lists at most
@@ -4669,10 +4672,13 @@ class FileCache(object):
                 for sha, size in blobs.items())
 
     def touch(self, sha):
+        """Its last use is now, in the index and as its atime (which outlives
+        the worker), unless that was set less than CACHE_TOUCH_SLACK ago: the
+        order of blobs used within a minute matters to no eviction."""
         now = time.time()
         with self.lock:
             entry = self.index.get(sha)
-            if entry is None:
+            if entry is None or now - CACHE_TOUCH_SLACK < entry[1] <= now:
                 return
             entry[1] = now
         try:
@@ -4689,9 +4695,9 @@ class FileCache(object):
         os.replace(temporary, self.path(sha))
         info = os.lstat(self.path(sha))
         self.load()
-        with self.lock:
-            self.enter(sha, [info.st_size, time.time(), info.st_mtime_ns,
-                             (info.st_dev, info.st_ino)])
+        with self.lock:     # a fetched file's last use is its atime until touched
+            self.enter(sha, [info.st_size, time.time() if made_here else info.st_atime,
+                             info.st_mtime_ns, (info.st_dev, info.st_ino)])
         if not made_here:
             self.touch(sha)
 
@@ -5395,7 +5401,7 @@ def place(cache, sha, target, mode, link=True):
         writer = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                          | getattr(os, "O_NOFOLLOW", 0), mode)
         try:
-            copy_file(reader, writer)
+            copy_file(reader, writer, cache.index.get(sha, (None,))[0])
         finally:
             os.close(writer)
     finally:
@@ -5403,18 +5409,19 @@ def place(cache, sha, target, mode, link=True):
     os.chmod(target, mode)
 
 
-def copy_file(reader, writer):
+def copy_file(reader, writer, size=None):
     """All of descriptor `reader` into descriptor `writer`: in the kernel
     (sendfile) where it can, which copies a 1 GiB input about twice as fast
-    as reads and writes."""
+    as reads and writes. With its `size` known, no call is made to find the end."""
     offset = 0
     if hasattr(os, "sendfile"):
         try:
-            while True:
+            while size is None or offset < size:
                 sent = os.sendfile(writer, reader, offset, 16 * FILES_CHUNK)
                 if not sent:
                     return
                 offset += sent
+            return
         except OSError:         # not between two files here (macOS): by hand
             os.lseek(reader, offset, os.SEEK_SET)
             os.lseek(writer, offset, os.SEEK_SET)

@@ -517,13 +517,35 @@ def asked_for(connection, task_id, name):
     under their names: a name nobody asked for (.bashrc) is never stored."""
     if name in STREAM_NAMES or name == CHECKPOINT_NAME:
         return True
-    row = connection.execute("SELECT json_extract(payload, '$.outputs') FROM tasks"
-                             " WHERE task_id = ? AND json_type(payload, '$.outputs') = 'array'",
+    row = connection.execute("SELECT %s FROM tasks WHERE task_id = ?" % OUTPUT_GLOBS_SQL,
                              (task_id,)).fetchone()
-    globs = db.loads(row[0]) if row is not None else []
+    return globs_match(output_globs(row), name)
+
+
+# A task's --output globs (JSON text), or NULL when its payload has no list of them.
+OUTPUT_GLOBS_SQL = ("CASE WHEN json_type(payload, '$.outputs') = 'array'"
+                    " THEN json_extract(payload, '$.outputs') END")
+
+
+def output_globs(row):
+    """The globs of a row whose first column is OUTPUT_GLOBS_SQL (or no row)."""
+    return db.loads(row[0]) if row is not None and row[0] is not None else []
+
+
+def globs_match(globs, name):
     parts = name.split("/")
     return any(glob_match(glob.strip("/").split("/"), parts) for glob in globs
                if isinstance(glob, str) and glob and "\0" not in glob)
+
+
+def held_output_globs(connection, device_id, task_id, attempt):
+    """The --output globs of an attempt the device holds now, or None when it
+    does not: holds_attempt's fence and asked_for's look in one query (a
+    task_result's inline outputs, on rc-server's loop)."""
+    row = connection.execute(
+        "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ? AND %s"
+        % (OUTPUT_GLOBS_SQL, db.ACTIVE_SQL), (task_id, attempt, device_id)).fetchone()
+    return None if row is None else output_globs(row)
 
 
 def device_may_read(connection, device_id, sha256):
@@ -753,17 +775,24 @@ def clean_partials(connection, config, now):
 # round trip to rc-files. The bytes are checked and stored as rc-files
 # checks and stores them; rc-server records the rows with the result.
 
-def read_small(connection, config, sha256, size):
+def read_small(config, sha256, size):
     """The bytes of a blob the store holds at exactly `size` bytes, or None
-    (then the worker asks rc-files, which says what is wrong)."""
+    (then the worker asks rc-files, which says what is wrong). Read by its
+    path, no row looked up: the task's inputs were checked against the
+    store at submit (attach_inputs), the worker checks the bytes against
+    their sha256, and a blob swept since is simply not there."""
     try:
-        blob, stored = open_blob(connection, config, sha256)
-    except FileStoreError:
+        descriptor = os.open(blob_path(config, sha256), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return None
-    with blob:
-        if stored != size:
+    try:
+        if os.fstat(descriptor).st_size != size:
             return None
-        data = blob.read(size + 1)
+        data = os.read(descriptor, size + 1)    # one past: a file that grew meanwhile
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
     return data if len(data) == size else None
 
 
@@ -776,7 +805,7 @@ def input_refs(payload):
     return refs
 
 
-def inline_inputs(connection, config, refs, known, budget):
+def inline_inputs(config, refs, known, budget):
     """The task_assign "files_inline" of a task and the bytes that follow
     it: of `refs` (input_refs of its payload), each distinct blob of at
     most INLINE_FILE_BYTES that the device is not known to hold (`known`,
@@ -788,7 +817,7 @@ def inline_inputs(connection, config, refs, known, budget):
         if sha256 in taken or sha256 in known or not is_sha256(sha256) \
                 or not isinstance(size, int) or not 0 < size <= min(INLINE_FILE_BYTES, budget):
             continue
-        data = read_small(connection, config, sha256, size)
+        data = read_small(config, sha256, size)
         if data is None:
             continue
         taken.add(sha256)
@@ -798,7 +827,7 @@ def inline_inputs(connection, config, refs, known, budget):
     return entries, b"".join(blobs)
 
 
-def check_inline_outputs(connection, task_id, entries, raw, reserve):
+def check_inline_outputs(connection, globs, entries, raw, reserve):
     """rc-server's loop's part of storing the task_result "files_inline" of
     (a task's attempt the device holds) and the raw bytes that followed it,
     each entry's `size` of them in turn: what needs the database, read on
@@ -817,7 +846,7 @@ def check_inline_outputs(connection, task_id, entries, raw, reserve):
     for index, entry in enumerate(entries):
         data, offset = view[offset:offset + entry["size"]], offset + entry["size"]
         try:
-            check_inline_name(connection, task_id, entry.get("name"))
+            check_inline_name(globs, entry.get("name"))
             if not is_sha256(entry.get("sha256")):
                 raise FileStoreError("bad_request", "sha256 %r is not 64 lower-case hex digits"
                                      % (str(entry.get("sha256"))[:80],))
@@ -957,18 +986,18 @@ def inline_problem(entries, raw):
     return None
 
 
-def check_inline_name(connection, task_id, name):
+def check_inline_name(globs, name):
     """FileStoreError unless a device may store an inline file of this name
-    for the task: its stdout or stderr, or a path one of its --output globs
-    matches (a checkpoint goes to rc-files)."""
+    for a task with these --output globs (held_output_globs): its stdout or
+    stderr, or a path one of the globs matches (a checkpoint goes to rc-files)."""
     if name in STREAM_NAMES:
         return
     problem = path_problem(name) if name != CHECKPOINT_NAME else \
         "is a checkpoint, which goes to rc-files"
     if problem:
         raise FileStoreError("bad_name", "the name %s" % problem)
-    if not asked_for(connection, task_id, name):
-        raise FileStoreError("bad_name", "no --output glob of task %d matches it" % task_id)
+    if not globs_match(globs, name):
+        raise FileStoreError("bad_name", "no --output glob of the task matches it")
 
 
 def record_inline_outputs(connection, task_id, attempt, stored, holds, now):

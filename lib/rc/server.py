@@ -947,14 +947,17 @@ class Server:
             self.log_limited("warning", "duplicate_result", peer.host, device_id=peer.device_id,
                              task_id=key[0], attempt=key[1])
             return
-        if peer.raw is not None and files.holds_attempt(self.database, peer.device_id,
-                                                        key[0], key[1]):
+        # The fence (the device holds the attempt) and the globs its outputs
+        # must match, in one look.
+        globs = None if peer.raw is None else files.held_output_globs(
+            self.database, peer.device_id, key[0], key[1])
+        if globs is not None:
             # Its small files are checked and written here, and synced off the
             # loop (OutputStore); the result waits for them. (A stale result
             # stores none.)
             fields = (key, status, result, error)
             stored, notes, reserved, unsynced = self.write_outputs(
-                key, data.get("files_inline"), peer.raw)
+                globs, data.get("files_inline"), peer.raw)
             if not unsynced:        # nothing new to the store: nothing to wait for
                 self.stored_outputs(peer, fields, stored, notes, reserved)
                 return
@@ -966,7 +969,7 @@ class Server:
             return
         self.batch.append((Server.apply_result, peer, (key, status, result, error, ())))
 
-    def write_outputs(self, key, entries, raw):
+    def write_outputs(self, globs, entries, raw):
         """(stored, notes {index: why}, bytes reserved, unsynced) of a
         result's small files (files.check_inline_outputs, then
         write_inline_outputs); an error is contained to them, their room
@@ -974,7 +977,7 @@ class Server:
         reserved = [0]
         try:
             plan, notes = files.check_inline_outputs(
-                self.database, key[0], entries, raw,
+                self.database, globs, entries, raw,
                 lambda size: self.outputs.reserve(self.database, size, reserved))
             stored, notes, unsynced = files.write_inline_outputs(self.config, plan, notes)
         except Exception as e:
@@ -1425,8 +1428,8 @@ class Server:
         refs = files.input_refs(payload)
         if not refs:
             return None
-        entries, raw = files.inline_inputs(self.database, self.config, refs,
-                                           peer.known_blobs, INLINE_TOTAL_BYTES)
+        entries, raw = files.inline_inputs(self.config, refs, peer.known_blobs,
+                                           INLINE_TOTAL_BYTES)
         if not entries:
             return None
         assign["files_inline"], assign["inline_bytes"] = entries, len(raw)
