@@ -5652,31 +5652,24 @@ def output_globs(payload):
             if isinstance(glob, str) and glob and "\0" not in glob]
 
 
-def find_outputs(workdir, globs, protected, cached=frozenset()):
+def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
     """(matches, notes): the files to upload as (name, path) and a note for
     each match refused. A name or link leading outside the task directory,
     or a file with links elsewhere (a hard link to a file of the worker's
     state), is refused; `protected` are files never sent whatever the link;
-    `cached` are the cache's blobs, which an input links to."""
+    `cached` are the cache's blobs, which an input links to. `entries`, the
+    directory's listing by few_entries, spare it a second read (and the
+    DirEntry keeps each lstat for empty_for_reuse)."""
     import stat
     root = os.path.realpath(workdir)
     matches, notes, seen, ignored = [], [], {}, 0
-    for directory, dirs, files in os.walk(root):
-        relative = os.path.relpath(directory, root)
-        base = [] if relative == "." else relative.split(os.sep)
-        if not base:
-            dirs[:] = [d for d in dirs if not d.startswith(".rc-")]
-            files = [f for f in files if not f.startswith(".rc-")]
-        for name in sorted(dirs + files):
+    listing = walk_listing(root) if entries is None else flat_listing(root, entries)
+    for base, names in listing:
+        for name, path, info, is_dir in names:
             parts = base + [name]
-            path = os.path.join(directory, name)
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue
             if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:   # a lone link needs no count
                 seen[(info.st_dev, info.st_ino)] = seen.get((info.st_dev, info.st_ino), 0) + 1
-            if name in dirs and not stat.S_ISLNK(info.st_mode):
+            if is_dir and not stat.S_ISLNK(info.st_mode):
                 continue
             if any(glob_match(glob, parts) for glob in globs):
                 if len(matches) + len(notes) >= FILES_MAX_MATCHES:
@@ -5690,7 +5683,6 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
                 # only a link itself needs resolving (each step an lstat).
                 real = os.path.realpath(path) if stat.S_ISLNK(info.st_mode) else path
                 matches.append(("/".join(parts), real))
-        too_deep(root, directory, dirs)      # after the names: a deep directory is no file
     kept, names = [], 0
     for name, real in matches:
         reason = refusal(root, real, seen, protected, cached)
@@ -5709,6 +5701,46 @@ def find_outputs(workdir, globs, protected, cached=frozenset()):
         notes.append("rc-worker: %d more files matched the outputs' globs past the first %d;"
                      " not uploaded" % (ignored, FILES_MAX_MATCHES))
     return kept, notes
+
+
+def walk_listing(root):
+    """For find_outputs: each directory of the task's tree, top down, as
+    (its path parts, (name, path, lstat, listed as a directory) of each of
+    its names in order, one at a time: a million of them are no list), the
+    worker's own .rc-* names at the top left out."""
+    for directory, dirs, files in os.walk(root):
+        relative = os.path.relpath(directory, root)
+        base = [] if relative == "." else relative.split(os.sep)
+        if not base:
+            dirs[:] = [d for d in dirs if not d.startswith(".rc-")]
+            files = [f for f in files if not f.startswith(".rc-")]
+        yield base, looked_at(directory, sorted(dirs + files), set(dirs))
+        too_deep(root, directory, dirs)      # after the names: a deep directory is no file
+
+
+def looked_at(directory, names, dirs):
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            yield name, path, os.lstat(path), name in dirs
+        except OSError:
+            continue
+
+
+def flat_listing(root, entries):
+    """walk_listing of a directory few_entries listed (no folder in it but an
+    empty checkpoint directory): its entries, not read again."""
+    names = []
+    for entry in sorted(entries, key=lambda entry: entry.name):
+        if entry.name.startswith(".rc-"):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        names.append((entry.name, os.path.join(root, entry.name), info,
+                      entry.is_dir(follow_symlinks=True)))
+    yield [], names
 
 
 def utf8(parts):
@@ -6256,7 +6288,8 @@ class Files(object):
         entries = few_entries(workdir) if self.inline else None
         if entries is None:
             return False
-        found, notes = find_outputs(workdir, globs, self.protected(), self.cached_inodes())
+        found, notes = find_outputs(workdir, globs, self.protected(), self.cached_inodes(),
+                                    entries)
         if len(found) > INLINE_MAX_FILES:
             return False
         inline, room = [], self.inline[1]
