@@ -5735,11 +5735,11 @@ def flat_listing(root, entries):
         if entry.name.startswith(".rc-"):
             continue
         try:
-            info = entry.stat(follow_symlinks=False)
+            # As os.walk lists it: a link to a directory is one.
+            info, is_dir = entry.stat(follow_symlinks=False), entry.is_dir()
         except OSError:
             continue
-        names.append((entry.name, os.path.join(root, entry.name), info,
-                      entry.is_dir(follow_symlinks=True)))
+        names.append((entry.name, os.path.join(root, entry.name), info, is_dir))
     yield [], names
 
 

@@ -856,3 +856,33 @@ def test_a_task_leaving_more_files_than_it_may_send_costs_the_worker_a_walk_not_
     assert notes[-1] == ("rc-worker: 460 more files matched the outputs' globs past the first"
                          " 40; not uploaded"), notes
     assert len(notes) <= worker.FILES_MAX_NOTES + 1
+
+
+def test_outputs_found_in_a_listing_are_those_a_walk_finds(tmp_path):
+    """upload_here looks for outputs in the listing few_entries made (no
+    second read of the directory): the same files, the same refusals, as a
+    walk of it finds -- a hard link to a file outside, links leading out,
+    a link to a directory, dot files and the worker's own .rc- names."""
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    task, outside = tmp_path / "task", tmp_path / "state"
+    task.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    (task / "out.bin").write_bytes(b"o")
+    (task / ".hidden").write_bytes(b"h")
+    (task / ".rc-stdout").write_bytes(b"x")
+    (task / worker.CHECKPOINT_DIR).mkdir()
+    os.link(str(outside / "secret"), str(task / "linked"))
+    os.symlink(str(outside / "secret"), str(task / "escape"))
+    os.symlink(str(outside), str(task / "elsewhere"))
+    os.symlink("out.bin", str(task / "inside"))
+    entries = worker.few_entries(str(task))
+    assert entries is not None
+    globs = worker.output_globs({"outputs": ["*", ".*"]})
+    walked = worker.find_outputs(str(task), globs, frozenset())
+    listed = worker.find_outputs(str(task), globs, frozenset(), entries=entries)
+    assert listed == walked
+    found, notes = listed
+    assert sorted(name for name, _ in found) == [".hidden", "inside", "out.bin"]
+    assert len(notes) == 3 and all("refused" in note for note in notes), notes
