@@ -5556,7 +5556,31 @@ def add_checkpoint_entry(archive, relative, descriptor):
         archive.addfile(member)
     elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
         with os.fdopen(os.dup(descriptor), "rb") as f:
-            archive.addfile(archive.gettarinfo(arcname=relative, fileobj=f), f)
+            member = archive.gettarinfo(arcname=relative, fileobj=f)
+            if has_holes(descriptor, member.size, info):
+                # A sparse file: a task's truncate makes a terabyte of it for
+                # nothing, which the tar, the main node's quota and the link
+                # would pay for in zeros (read_checkpoint skips one too).
+                log("warning", "checkpoint_file_left_out", name=relative[:200],
+                    size=member.size, reason="sparse")
+                return
+            archive.addfile(member, f)     # member.size bytes, however it grows
+
+
+def has_holes(descriptor, size, info):
+    """Whether the first `size` bytes of the file have a hole: SEEK_HOLE
+    finds one before `size`; without SEEK_HOLE, it takes a MiB less of the
+    disk than its size (the descriptor is left at its start)."""
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    try:
+        if seek_hole is not None and size:
+            return os.lseek(descriptor, 0, seek_hole) < size
+    except OSError:         # a file system that cannot say
+        pass
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+    blocks = getattr(info, "st_blocks", None)
+    return blocks is not None and blocks * 512 + FILES_CHUNK < size
 
 
 def file_digest(path):
