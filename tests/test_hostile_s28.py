@@ -4,6 +4,8 @@ and reads nothing, a main node whose result stream a client refuses.
 After each attack the programs keep their pids and a good worker's tasks
 complete (hostile_harness.unharmed)."""
 import json
+import os
+import socket
 import tarfile
 import time
 
@@ -11,8 +13,9 @@ import pytest
 
 from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import files, tasks
+from rc import files, protocol, tasks
 from rc.states import TERMINAL_STATES
+from test_bad_input import read_frame, register_frame
 from test_inline_files import with_the_good_worker
 
 pytestmark = pytest.mark.e2e
@@ -59,3 +62,63 @@ def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size
         names = archive.getnames()
         assert "real.txt" in names and "holes.bin" not in names, names
         assert archive.extractfile("real.txt").read() == b"kept\n"
+
+
+# -- a device that half-closes and reads nothing ----------------------------------------------
+
+def device_that_reads_little(cluster, device_id):
+    """A device joined with the token, its receive buffer then made as
+    small as the kernel allows: rc-server's answers back up at once."""
+    sock = cluster.connect(timeout=10)
+    nonce = read_frame(sock, timeout=10)["data"]["nonce"]
+    sock.sendall(register_frame(cluster, nonce, device_id, task_types=["shell"], slots=1))
+    assert read_frame(sock, timeout=10)["message_type"] == "register_ack"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+def send_until_backed_up(sock, line, seconds=10.0):
+    """Send `line` 2,000 at a time, within rc-server's message rate, until
+    it stops reading (its answers backed up: see Server.watch), or for
+    `seconds`; whether it stopped."""
+    sock.settimeout(1.0)
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        try:
+            sock.sendall(line * 2000)
+        except socket.timeout:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def connected(cluster, device_id):
+    return cluster.db.execute("SELECT connected FROM devices WHERE device_id = ?",
+                              (device_id,)).fetchone()[0] == 1
+
+
+def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
+    """A device sends frames that each earn an error answer until
+    rc-server stops reading it (its answers backed up), ends its sending
+    (shutdown SHUT_WR) and never reads a byte: rc-server, reading it no
+    more, never saw the half-close, and kept the connection, and MiBs of
+    answers for it, for as long as the device liked (HALF_CLOSED_GRACE,
+    30 s, when it saw one). A peer that takes no byte of what it is owed
+    for STALLED_READER_SECONDS (10 s) is closed then."""
+    with unharmed(cluster, "good"):
+        sock = device_that_reads_little(cluster, "eve")
+        try:
+            wait_for(lambda: connected(cluster, "eve"), 10, "eve online")
+            backed_up = send_until_backed_up(sock, b"not a frame, %s\n" % (b"x" * 200))
+            assert backed_up, "rc-server kept reading: its answers did not back up"
+            sock.shutdown(socket.SHUT_WR)
+            ended_at = time.monotonic()
+            wait_for(lambda: not connected(cluster, "eve"), 25, "eve let go")
+            held = time.monotonic() - ended_at
+        finally:
+            sock.close()
+    assert held < 18, "a half-closed device that read nothing was kept %.1f s" % held
+    with open(os.path.join(cluster.home, "log", "rc-server.log"), encoding="utf-8", errors="replace") as log:
+        reasons = [json.loads(line).get("reason", "") for line in log
+                   if '"device_disconnected"' in line and '"eve"' in line]
+    assert reasons and "took no byte" in reasons[-1], reasons

@@ -50,6 +50,13 @@ SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connec
 # Seconds a peer that ended its sending (a half-close) has to take the
 # answers owed it before it is closed anyway.
 HALF_CLOSED_GRACE = 30.0
+# Seconds a peer may take no byte of the answers waiting for it (its socket
+# buffers full) before it is closed: a worker reads what it is sent at once;
+# one that stops reading (a half-close it then ignores, or a peer that only
+# sends) would hold its connection and up to MAX_OUTBOX_BYTES of ours, and,
+# once BACKPRESSURE_BYTES behind, is no longer read, so not even its
+# half-close would be seen. Its work is sent again when it reconnects.
+STALLED_READER_SECONDS = 10.0
 # Seconds a lone task_result_ack may wait to ride with the next frame to its
 # device (the worker keeps the result until the ack comes, and waits for
 # nothing else): a worker given one task after another then wakes once per
@@ -124,6 +131,8 @@ class Peer:
         self.raw_wanted = None           # (envelope, bytes) of a frame whose raw bytes are due
         self.raw = None                  # those bytes, while its handler runs
         self.input_ended = None          # when it ended its sending (time.monotonic())
+        self.taken_at = None             # when it last took a byte of its outbox, or
+                                         # the outbox, empty till then, was filled
 
 
 class Server:
@@ -144,6 +153,7 @@ class Server:
         self.unauthenticated = set()   # checked for auth_timeout apart from the many others
         self.partial = set()           # peers in the middle of a frame
         self.ending = set()            # peers that ended their sending, owed answers still
+        self.owing = set()             # peers with answers their socket did not take yet
         self.next_sweep = 0.0
         # (address, None) for the join token, (address, device id) for a
         # device's own secret -> monotonic times of recent wrong proofs
@@ -532,6 +542,8 @@ class Server:
         data says how many: "inline_bytes")."""
         if peer.closed:
             return
+        if not peer.outbox:
+            peer.taken_at = time.monotonic()
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
         if raw:
             peer.outbox += raw
@@ -576,6 +588,8 @@ class Server:
             self.close(peer, "write failed: %s" % e)
             return
         del peer.outbox[:sent]
+        if sent:
+            peer.taken_at = time.monotonic()
         self.watch(peer)
 
     def watch(self, peer):
@@ -586,6 +600,10 @@ class Server:
         reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
             and len(peer.storing) < self.storing_limit() and not peer.input_ended else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
+        if peer.outbox:
+            self.owing.add(peer)
+        else:
+            self.owing.discard(peer)
         key = self.selector.get_map().get(peer.sock)
         if not wanted:          # nothing to wait for (a selector takes no empty set)
             if key is not None:
@@ -630,6 +648,7 @@ class Server:
         peer.closed = True
         self.acks_due.pop(peer, None)
         self.ending.discard(peer)
+        self.owing.discard(peer)
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError, OSError):
@@ -662,8 +681,15 @@ class Server:
         for peer in [p for p in self.partial if p.partial_since < deadline]:
             self.refuse(peer, "frame_timeout", "a frame took over %gs to arrive"
                         % self.config.frame_deadline)
+        self.close_stalled_readers(now)
         self.check_liveness(now)
         self.tell_watches()
+
+    def close_stalled_readers(self, now):
+        deadline = now - STALLED_READER_SECONDS
+        for peer in [p for p in self.owing if p.taken_at < deadline]:
+            self.close(peer, "took no byte of its %d bytes of answers for %gs"
+                       % (len(peer.outbox), STALLED_READER_SECONDS))
 
     # -- liveness: a device frozen with its connection open ------------------------
     # A worker stopped by SIGSTOP, a closed laptop lid or Android's freezer
