@@ -7,13 +7,14 @@ import json
 import os
 import socket
 import tarfile
+import threading
 import time
 
 import pytest
 
 from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import files, protocol, tasks
+from rc import client, files, tasks
 from rc.states import TERMINAL_STATES
 from test_bad_input import read_frame, register_frame
 from test_inline_files import with_the_good_worker
@@ -122,3 +123,113 @@ def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
         reasons = [json.loads(line).get("reason", "") for line in log
                    if '"device_disconnected"' in line and '"eve"' in line]
     assert reasons and "took no byte" in reasons[-1], reasons
+
+
+# -- a main node whose result stream the client refuses -----------------------------------
+
+class StreamProxy:
+    """A proxy in front of rc-web (127.0.0.1, a port of its own) that
+    passes every request on, but hands a group's result stream to
+    answer_stream; it counts the streams opened."""
+
+    def __init__(self, web_port):
+        self.web_port, self.opened = web_port, 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(sock)
+            threading.Thread(target=self.serve, args=(sock,), daemon=True).start()
+
+    def serve(self, sock):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        upstream = socket.create_connection(("127.0.0.1", self.web_port))
+        self.connections.append(upstream)
+        if head.startswith(b"GET /api/v1/groups/") and b"stream=1" in head.split(b"\r\n")[0]:
+            self.opened += 1
+            self.answer_stream(sock, head, upstream)
+            return
+        upstream.sendall(head)
+        threading.Thread(target=self.pipe, args=(upstream, sock), daemon=True).start()
+        self.pipe(sock, upstream)
+
+    def answer_stream(self, sock, head, upstream):
+        raise NotImplementedError
+
+    @staticmethod
+    def pipe(source, target):
+        try:
+            while True:
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                target.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.connections:
+            sock.close()
+
+
+class RefusingStreams(StreamProxy):
+    """Answers a result stream itself, with a line no client takes."""
+
+    REFUSED_LINE = b"{this is not JSON}\n"
+
+    def answer_stream(self, sock, head, upstream):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+                     % (len(self.REFUSED_LINE), self.REFUSED_LINE))
+        # left open, as a stream is
+
+
+class CoalescingStreams(StreamProxy):
+    """Passes a result stream on, its head in the same packet as its first
+    task's record (as TCP, a proxy or a busy server may well send them)."""
+
+    def answer_stream(self, sock, head, upstream):
+        upstream.sendall(head)
+        answer = b""
+        while b'"task_id"' not in answer:
+            chunk = upstream.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        sock.sendall(answer)
+        self.pipe(upstream, sock)
+
+
+def test_a_result_that_comes_in_the_packet_of_its_streams_head_is_taken_at_once(cluster):
+    """The client's ResultStream took the bytes that came with the
+    answer's head for a body not yet decoded, and so waited for the next
+    bytes (rc-web's ping, every 15 s) before it saw the result already in
+    hand."""
+    proxy = CoalescingStreams(cluster.config.web_port)
+    try:
+        with client.Cluster(proxy.url, cluster.admin_token) as remote:
+            future = remote.submit("shell", "echo in-hand", requirements={"device_id": "good"})
+            assert future.result(timeout=10) == "in-hand\n"
+    finally:
+        proxy.close()
+    assert proxy.opened >= 1

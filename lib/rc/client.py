@@ -419,6 +419,8 @@ class ResultStream:
         """The whole lines that have come, at least one unless `timeout`
         seconds pass first ([] then); EOFError once the answer has ended."""
         deadline = time.monotonic() + timeout
+        if self.raw:
+            self.decode()       # what came with the head (or was left of a chunk)
         while True:
             found = self.whole_lines()
             if found:
