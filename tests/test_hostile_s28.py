@@ -195,12 +195,14 @@ class StreamProxy:
 class RefusingStreams(StreamProxy):
     """Answers a result stream itself, with a line no client takes."""
 
-    REFUSED_LINE = b"{this is not JSON}\n"
+    def __init__(self, web_port, line):
+        StreamProxy.__init__(self, web_port)
+        self.line = line
 
     def answer_stream(self, sock, head, upstream):
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
-                     % (len(self.REFUSED_LINE), self.REFUSED_LINE))
+                     % (len(self.line), self.line))
         # left open, as a stream is
 
 
@@ -218,6 +220,36 @@ class CoalescingStreams(StreamProxy):
             answer += chunk
         sock.sendall(answer)
         self.pipe(upstream, sock)
+
+
+@pytest.mark.parametrize("line", [b"{this is not JSON}\n", b"[\"task_id\"]\n"],
+                         ids=["not-json", "not-a-record"])
+def test_a_refused_result_stream_is_given_up_with_a_clear_error_not_reopened_for_ever(cluster,
+                                                                                      line):
+    """The main node (or what stands between) answers a group's result
+    stream with a line the client refuses: the client opened the stream
+    again every RECONNECT_DELAY (0.5 s), for as long as the task was
+    pending, and the caller waited for ever. It backs off (doubling the
+    wait), and after STREAM_REFUSALS_MAX refusals in a row the futures
+    still waiting fail with a ClusterError naming the refusal. (A line of
+    JSON that is not a record, a list naming task_id, raised TypeError in
+    whichever thread read it: the caller waited for ever.)"""
+    proxy = RefusingStreams(cluster.config.web_port, line)
+    try:
+        with client.Cluster(proxy.url, cluster.admin_token) as remote:
+            future = remote.submit("shell", "echo never", requirements={"device_id": "nobody"})
+            started = time.monotonic()
+            with pytest.raises(client.ClusterError) as refused:
+                future.result(timeout=30)
+            took = time.monotonic() - started
+            remote.cancel(future.task_id)
+    finally:
+        proxy.close()
+    assert "refused %d times" % client.STREAM_REFUSALS_MAX in str(refused.value), refused.value
+    assert repr(line.rstrip(b"\n")) in str(refused.value), refused.value
+    assert proxy.opened <= client.STREAM_REFUSALS_MAX, proxy.opened
+    assert took < 20, took
+    assert tasks.get(cluster.db, future.task_id)["state"] == "cancelled"
 
 
 def test_a_result_that_comes_in_the_packet_of_its_streams_head_is_taken_at_once(cluster):
