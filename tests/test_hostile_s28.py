@@ -14,7 +14,7 @@ import pytest
 
 from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import client, files, tasks
+from rc import client, files, server, tasks
 from rc.states import TERMINAL_STATES
 from test_bad_input import read_frame, register_frame
 from test_inline_files import with_the_good_worker
@@ -67,18 +67,17 @@ def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size
 
 # -- a device that half-closes and reads nothing ----------------------------------------------
 
-def device_that_reads_little(cluster, device_id):
-    """A device joined with the token, its receive buffer then made as
-    small as the kernel allows: rc-server's answers back up at once."""
+def device_that_reads_nothing(cluster, device_id):
+    """A device joined with the token (its receive buffer left as it is:
+    one made smaller on an open connection still takes bytes now and then)."""
     sock = cluster.connect(timeout=10)
     nonce = read_frame(sock, timeout=10)["data"]["nonce"]
     sock.sendall(register_frame(cluster, nonce, device_id, task_types=["shell"], slots=1))
     assert read_frame(sock, timeout=10)["message_type"] == "register_ack"
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     return sock
 
 
-def send_until_backed_up(sock, line, seconds=10.0):
+def send_until_backed_up(sock, line, seconds=20.0):
     """Send `line` 2,000 at a time, within rc-server's message rate, until
     it stops reading (its answers backed up: see Server.watch), or for
     `seconds`; whether it stopped."""
@@ -107,7 +106,7 @@ def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
     30 s, when it saw one). A peer that takes no byte of what it is owed
     for STALLED_READER_SECONDS (10 s) is closed then."""
     with unharmed(cluster, "good"):
-        sock = device_that_reads_little(cluster, "eve")
+        sock = device_that_reads_nothing(cluster, "eve")
         try:
             wait_for(lambda: connected(cluster, "eve"), 10, "eve online")
             backed_up = send_until_backed_up(sock, b"not a frame, %s\n" % (b"x" * 200))
@@ -124,6 +123,28 @@ def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
                    if '"device_disconnected"' in line and '"eve"' in line]
     assert reasons and "took no byte" in reasons[-1], reasons
 
+
+
+def test_a_device_that_reads_its_answers_slowly_over_tls_keeps_its_connection(cluster):
+    """The other side of the rule above: a device on a slow link, MiBs
+    behind, that takes its answers at ~250 KB/s is not a stalled reader.
+    Over TLS a send returns nothing until all it was handed is written,
+    so rc-server hands it WRITE_SLICE bytes at a time and sees each go."""
+    assert cluster.config.tls
+    sock = device_that_reads_nothing(cluster, "slow")
+    try:
+        assert send_until_backed_up(sock, b"not a frame, %s\n" % (b"x" * 200))
+        sock.settimeout(5)
+        taken, until = 0, time.monotonic() + 2.5 * server.STALLED_READER_SECONDS
+        while time.monotonic() < until:
+            for _ in range(16):         # 16 KiB, as rc-server's small TLS records come
+                piece = sock.recv(1024)
+                assert piece, "rc-server closed a device that was reading (%d bytes)" % taken
+                taken += len(piece)
+            time.sleep(0.05)
+        assert connected(cluster, "slow")
+    finally:
+        sock.close()
 
 # -- a main node whose result stream the client refuses -----------------------------------
 
