@@ -4430,6 +4430,10 @@ FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them afte
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
+# Files and directories one checkpoint holds at most; one with more is not
+# sent (nor unpacked): each costs the worker a list entry and a tar member
+# held in memory, and the tar 512 bytes, however empty the file.
+CHECKPOINT_MAX_ENTRIES = 10000
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
 TREE_DEPTH = 64                 # directory levels of a task's tree the worker looks into
@@ -5485,11 +5489,15 @@ def input_error(error):
 # -- checkpoints: tar files in and out -----------------------------------------
 
 def checkpoint_signature(directory):
-    """What a changed checkpoint changes: every regular file's path, size and mtime."""
+    """What a changed checkpoint changes: every regular file's path, size
+    and mtime; None past CHECKPOINT_MAX_ENTRIES entries."""
     import stat
-    found = []
+    found, entries = [], 0
     for root, dirs, files in os.walk(directory):
         too_deep(directory, root, dirs)
+        entries += len(dirs) + len(files)
+        if entries > CHECKPOINT_MAX_ENTRIES:
+            return None
         for name in files:
             path = os.path.join(root, name)
             try:
@@ -5511,12 +5519,19 @@ def write_checkpoint(directory, target):
     outside the directory ends up in the checkpoint."""
     import tarfile
     with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
-        for relative, descriptor in checkpoint_entries(directory):
+        for number, (relative, descriptor) in enumerate(checkpoint_entries(directory), 1):
             try:
+                if number > CHECKPOINT_MAX_ENTRIES:      # made since it was counted
+                    raise too_many_entries()
                 add_checkpoint_entry(archive, relative, descriptor)
             finally:
                 os.close(descriptor)
     return file_digest(target)
+
+
+def too_many_entries():
+    return FilesError("the checkpoint holds more than %d files and directories"
+                      " (CHECKPOINT_MAX_ENTRIES)" % CHECKPOINT_MAX_ENTRIES)
 
 
 def checkpoint_entries(directory):
@@ -5621,7 +5636,9 @@ def read_checkpoint(archive_path, directory):
     import tarfile
     skipped = []
     with tarfile.open(archive_path, "r:") as archive:
-        for member in archive:
+        for number, member in enumerate(archive, 1):
+            if number > CHECKPOINT_MAX_ENTRIES:
+                raise too_many_entries()
             parts = relative_path(member.name.rstrip("/")) if member.name else None
             if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
                 skipped.append(member.name[:100])
@@ -6410,6 +6427,10 @@ class Files(object):
     def send_checkpoint(self, job, key, directory, state):
         """Tar the checkpoint directory and put it, if it changed since the last."""
         signature = checkpoint_signature(directory)
+        if signature is None:
+            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1],
+                error=str(too_many_entries()))
+            return
         if not signature or signature == state[1]:
             return
         self.cache.prepare()

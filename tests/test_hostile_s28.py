@@ -65,6 +65,46 @@ def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size
         assert archive.extractfile("real.txt").read() == b"kept\n"
 
 
+
+def test_a_checkpoint_of_a_myriad_empty_files_is_not_sent(cluster):
+    """A task leaves 30,000 empty files in $RC_CHECKPOINT_DIR: inodes, no
+    data. The worker listed each in the checkpoint's signature, held a
+    tar member for each, and sent a tar of 512 bytes a file (15 MB here,
+    half a GB for a million) to the main node's quota and disk. Past
+    CHECKPOINT_MAX_ENTRIES (10,000) the checkpoint is not sent, and says
+    why in the worker's log."""
+    command = ('cd "$RC_CHECKPOINT_DIR" && python3 -c "'
+               'import os\nfor n in range(30000): os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY))'
+               '" && exit 3')
+    with unharmed(cluster, "good"):
+        done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
+                          "--retries", "0")
+        task_id = int(done.stdout.strip())
+        assert ended(cluster, task_id)["state"] == "failed"
+    row = cluster.db.execute("SELECT size FROM task_files WHERE task_id = ?"
+                             " AND kind = 'checkpoint'", (task_id,)).fetchone()
+    assert row is None, "a checkpoint of %d bytes for 30,000 empty files" % row[0]
+    with open(cluster.worker_log("good"), encoding="utf-8", errors="replace") as log:
+        refusals = [json.loads(line) for line in log if '"checkpoint_not_sent"' in line]
+    assert any(line.get("task_id") == task_id and "more than 10000" in line.get("error", "")
+               for line in refusals), refusals
+
+
+def test_a_checkpoint_tar_of_a_myriad_members_is_set_aside_not_unpacked(tmp_path):
+    """The other way: a device hands back a checkpoint tar of 10,001 empty
+    members (the next device's tarfile held each, and made each file).
+    It is set aside, and the attempt starts afresh."""
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    archive_path = tmp_path / "checkpoint.tar"
+    with tarfile.open(str(archive_path), "w") as archive:
+        for number in range(worker.CHECKPOINT_MAX_ENTRIES + 1):
+            archive.addfile(tarfile.TarInfo(str(number)))
+    directory = tmp_path / "restored"
+    directory.mkdir()
+    worker.restore_checkpoint(str(archive_path), str(directory), "0" * 64)
+    assert list(directory.iterdir()) == []
+
 # -- a device that half-closes and reads nothing ----------------------------------------------
 
 def device_that_reads_nothing(cluster, device_id):
