@@ -5492,21 +5492,29 @@ def checkpoint_signature(directory):
     """What a changed checkpoint changes: every regular file's path, size
     and mtime; None past CHECKPOINT_MAX_ENTRIES entries."""
     import stat
-    found, entries = [], 0
-    for root, dirs, files in os.walk(directory):
-        too_deep(directory, root, dirs)
-        entries += len(dirs) + len(files)
-        if entries > CHECKPOINT_MAX_ENTRIES:
-            return None
-        for name in files:
-            path = os.path.join(root, name)
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                found.append((os.path.relpath(path, directory), info.st_size,
-                              info.st_mtime_ns))
+    found, entries, pending = [], 0, [(directory, 0)]
+    # Entry by entry (os.scandir), not os.walk's list of a whole directory:
+    # a task's million files cost a count, not a million names per look.
+    while pending:
+        root, depth = pending.pop()
+        try:
+            listing = os.scandir(root)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                entries += 1
+                if entries > CHECKPOINT_MAX_ENTRIES:
+                    return None
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(info.st_mode) and depth < TREE_DEPTH:
+                    pending.append((entry.path, depth + 1))
+                elif stat.S_ISREG(info.st_mode):
+                    found.append((os.path.relpath(entry.path, directory), info.st_size,
+                                  info.st_mtime_ns))
     return tuple(sorted(found))
 
 

@@ -105,6 +105,26 @@ def test_a_checkpoint_tar_of_a_myriad_members_is_set_aside_not_unpacked(tmp_path
     worker.restore_checkpoint(str(archive_path), str(directory), "0" * 64)
     assert list(directory.iterdir()) == []
 
+
+def test_looking_at_a_checkpoint_of_a_myriad_files_costs_the_worker_no_list_of_them(tmp_path):
+    """Whether the checkpoint changed is looked at every --checkpoint-every:
+    os.walk listed all 200,000 names of the directory at once (~15 MB in
+    the worker, per look, for a task's `touch`), to find them past the cap."""
+    import tracemalloc
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    for number in range(200000):
+        os.close(os.open(str(directory / str(number)), os.O_CREAT | os.O_WRONLY, 0o600))
+    tracemalloc.start()
+    try:
+        assert worker.checkpoint_signature(str(directory)) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MIB, "%.1f MiB to find a checkpoint too large" % (peak / MIB)
+
 # -- a device that half-closes and reads nothing ----------------------------------------------
 
 def device_that_reads_nothing(cluster, device_id):
