@@ -32,6 +32,18 @@ def cluster(tmp_path_factory):
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def plain_cluster(tmp_path_factory):
+    """The same with TLS off: rc-server's plain sends."""
+    yield from with_the_good_worker(tmp_path_factory.mktemp("hostile-s28-plain"), "good",
+                                    auth_timeout=2.0, tls=False)
+
+
+@pytest.fixture(params=["tls", "plain"])
+def either_cluster(request):
+    return request.getfixturevalue("cluster" if request.param == "tls" else "plain_cluster")
+
+
 def ended(cluster, task_id, timeout=60):
     wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, timeout,
              "task %d to end" % task_id)
@@ -73,9 +85,8 @@ def test_a_checkpoint_of_a_myriad_empty_files_is_not_sent(cluster):
     half a GB for a million) to the main node's quota and disk. Past
     CHECKPOINT_MAX_ENTRIES (10,000) the checkpoint is not sent, and says
     why in the worker's log."""
-    command = ('cd "$RC_CHECKPOINT_DIR" && python3 -c "'
-               'import os\nfor n in range(30000): os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY))'
-               '" && exit 3')
+    command = ('cd "$RC_CHECKPOINT_DIR" && python3 -c "import os\nfor n in range(30000):'
+               ' os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY))" && exit 3')
     with unharmed(cluster, "good"):
         done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
                           "--retries", "0")
@@ -157,7 +168,7 @@ def connected(cluster, device_id):
                               (device_id,)).fetchone()[0] == 1
 
 
-def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
+def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(either_cluster):
     """A device sends frames that each earn an error answer until
     rc-server stops reading it (its answers backed up), ends its sending
     (shutdown SHUT_WR) and never reads a byte: rc-server, reading it no
@@ -165,6 +176,7 @@ def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
     answers for it, for as long as the device liked (HALF_CLOSED_GRACE,
     30 s, when it saw one). A peer that takes no byte of what it is owed
     for STALLED_READER_SECONDS (10 s) is closed then."""
+    cluster = either_cluster
     with unharmed(cluster, "good"):
         sock = device_that_reads_nothing(cluster, "eve")
         try:
@@ -178,7 +190,8 @@ def test_a_device_that_half_closes_and_reads_nothing_is_let_go_soon(cluster):
         finally:
             sock.close()
     assert held < 18, "a half-closed device that read nothing was kept %.1f s" % held
-    with open(os.path.join(cluster.home, "log", "rc-server.log"), encoding="utf-8", errors="replace") as log:
+    server_log = os.path.join(cluster.home, "log", "rc-server.log")
+    with open(server_log, encoding="utf-8", errors="replace") as log:
         reasons = [json.loads(line).get("reason", "") for line in log
                    if '"device_disconnected"' in line and '"eve"' in line]
     assert reasons and "took no byte" in reasons[-1], reasons
