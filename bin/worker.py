@@ -4430,6 +4430,10 @@ FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them afte
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
+# Files and directories one checkpoint holds at most; one with more is not
+# sent (nor unpacked): each costs the worker a list entry and a tar member
+# held in memory, and the tar 512 bytes, however empty the file.
+CHECKPOINT_MAX_ENTRIES = 10000
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
 # Seconds within which a cached blob's last use is not written to its atime
@@ -5492,20 +5496,32 @@ def input_error(error):
 # -- checkpoints: tar files in and out -----------------------------------------
 
 def checkpoint_signature(directory):
-    """What a changed checkpoint changes: every regular file's path, size and mtime."""
+    """What a changed checkpoint changes: every regular file's path, size
+    and mtime; None past CHECKPOINT_MAX_ENTRIES entries."""
     import stat
-    found = []
-    for root, dirs, files in os.walk(directory):
-        too_deep(directory, root, dirs)
-        for name in files:
-            path = os.path.join(root, name)
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                found.append((os.path.relpath(path, directory), info.st_size,
-                              info.st_mtime_ns))
+    found, entries, pending = [], 0, [(directory, 0)]
+    # Entry by entry (os.scandir), not os.walk's list of a whole directory:
+    # a task's million files cost a count, not a million names per look.
+    while pending:
+        root, depth = pending.pop()
+        try:
+            listing = os.scandir(root)
+        except OSError:
+            continue
+        with listing:
+            for entry in listing:
+                entries += 1
+                if entries > CHECKPOINT_MAX_ENTRIES:
+                    return None
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(info.st_mode) and depth < TREE_DEPTH:
+                    pending.append((entry.path, depth + 1))
+                elif stat.S_ISREG(info.st_mode):
+                    found.append((os.path.relpath(entry.path, directory), info.st_size,
+                                  info.st_mtime_ns))
     return tuple(sorted(found))
 
 
@@ -5518,12 +5534,19 @@ def write_checkpoint(directory, target):
     outside the directory ends up in the checkpoint."""
     import tarfile
     with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
-        for relative, descriptor in checkpoint_entries(directory):
+        for number, (relative, descriptor) in enumerate(checkpoint_entries(directory), 1):
             try:
+                if number > CHECKPOINT_MAX_ENTRIES:      # made since it was counted
+                    raise too_many_entries()
                 add_checkpoint_entry(archive, relative, descriptor)
             finally:
                 os.close(descriptor)
     return file_digest(target)
+
+
+def too_many_entries():
+    return FilesError("the checkpoint holds more than %d files and directories"
+                      " (CHECKPOINT_MAX_ENTRIES)" % CHECKPOINT_MAX_ENTRIES)
 
 
 def checkpoint_entries(directory):
@@ -5563,7 +5586,31 @@ def add_checkpoint_entry(archive, relative, descriptor):
         archive.addfile(member)
     elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
         with os.fdopen(os.dup(descriptor), "rb") as f:
-            archive.addfile(archive.gettarinfo(arcname=relative, fileobj=f), f)
+            member = archive.gettarinfo(arcname=relative, fileobj=f)
+            if has_holes(descriptor, member.size, info):
+                # A sparse file: a task's truncate makes a terabyte of it for
+                # nothing, which the tar, the main node's quota and the link
+                # would pay for in zeros (read_checkpoint skips one too).
+                log("warning", "checkpoint_file_left_out", name=relative[:200],
+                    size=member.size, reason="sparse")
+                return
+            archive.addfile(member, f)     # member.size bytes, however it grows
+
+
+def has_holes(descriptor, size, info):
+    """Whether the first `size` bytes of the file have a hole: SEEK_HOLE
+    finds one before `size`; without SEEK_HOLE, it takes a MiB less of the
+    disk than its size (the descriptor is left at its start)."""
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    try:
+        if seek_hole is not None and size:
+            return os.lseek(descriptor, 0, seek_hole) < size
+    except OSError:         # a file system that cannot say
+        pass
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+    blocks = getattr(info, "st_blocks", None)
+    return blocks is not None and blocks * 512 + FILES_CHUNK < size
 
 
 def file_digest(path):
@@ -5604,7 +5651,9 @@ def read_checkpoint(archive_path, directory):
     import tarfile
     skipped = []
     with tarfile.open(archive_path, "r:") as archive:
-        for member in archive:
+        for number, member in enumerate(archive, 1):
+            if number > CHECKPOINT_MAX_ENTRIES:
+                raise too_many_entries()
             parts = relative_path(member.name.rstrip("/")) if member.name else None
             if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
                 skipped.append(member.name[:100])
@@ -6426,6 +6475,10 @@ class Files(object):
     def send_checkpoint(self, job, key, directory, state):
         """Tar the checkpoint directory and put it, if it changed since the last."""
         signature = checkpoint_signature(directory)
+        if signature is None:
+            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1],
+                error=str(too_many_entries()))
+            return
         if not signature or signature == state[1]:
             return
         self.cache.prepare()

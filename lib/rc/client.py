@@ -63,7 +63,10 @@ MAX_STREAM_LINE = 8 * 1024 * 1024       # bytes of one result stream line (one t
                                 # result: a worker's whole frame is at most 1 MiB)
 STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
-RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again
+RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again; doubles
+RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
+STREAM_REFUSALS_MAX = 5         # refusals in a row of a result stream (a line the client
+                                # cannot take, an HTTP 4xx) before the futures waiting fail
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
 CHUNKS_PER_SLOT = 4             # map() by default: about this many tasks per slot
                                 # (and submit()'s packs, when calls wait for slots)
@@ -419,6 +422,8 @@ class ResultStream:
         """The whole lines that have come, at least one unless `timeout`
         seconds pass first ([] then); EOFError once the answer has ended."""
         deadline = time.monotonic() + timeout
+        if self.raw:
+            self.decode()       # what came with the head (or was left of a chunk)
         while True:
             found = self.whole_lines()
             if found:
@@ -498,6 +503,19 @@ class ResultStream:
 
     def close(self):
         self.sock.close()
+
+
+def stream_record(line):
+    """A result stream line's record: a JSON object whose task_id, if it
+    has one, is a whole number; else BadAnswer naming the line."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "task_id" in record and (
+            isinstance(record["task_id"], bool) or not isinstance(record["task_id"], int)):
+        raise BadAnswer("a result stream line that is not a task's record: %r" % line[:100])
+    return record
 
 
 def too_long(line_bytes):
@@ -660,6 +678,9 @@ class Cluster:
         self.sender = self.receiver = None
         self.last_pending = time.monotonic()
         self.stream = None                   # the group's ResultStream, while open
+        self.stream_failures = 0             # ... broken in a row (no result taken since)
+        self.stream_refusals = 0             # ... of them refused by us or by rc-web
+        self.reopen_at = 0.0                 # time.monotonic() before which it is not opened
         self.reader = None                   # the thread reading it now (see read_for)
         self.wanted = False                  # results are awaited by no reader: the
                                              # receiver thread reads them
@@ -869,17 +890,45 @@ class Cluster:
                 elif not self.receiver_wake.wait(seconds) and action == "unread":
                     with self.lock:
                         self.wanted = True      # nobody came to read: this thread does
-            except (ClusterError, OSError, EOFError, BadAnswer, ValueError):
-                if not self.closed:
-                    time.sleep(RECONNECT_DELAY)
+            except (ClusterError, OSError, EOFError, BadAnswer, ValueError) as e:
+                self.stream_broke(e)
+
+    def stream_broke(self, error):
+        """The result stream could not be opened or read: it is opened again
+        after RECONNECT_DELAY, doubled each time in a row. A refusal (an
+        answer we cannot take, an HTTP 4xx) would come again each time: after
+        STREAM_REFUSALS_MAX in a row, the futures waiting fail with it."""
+        refused = isinstance(error, (BadAnswer, ValueError)) or (
+            isinstance(error, ClusterError) and 400 <= error.status < 500
+            and error.status not in (408, 429))     # busy is not a refusal
+        with self.lock:
+            self.stream_failures += 1
+            self.stream_refusals += 1 if refused else 0
+            self.reopen_at = time.monotonic() + min(
+                RECONNECT_DELAY * 2 ** min(self.stream_failures - 1, 16), RECONNECT_MAX_DELAY)
+            given_up = []
+            if self.stream_refusals >= STREAM_REFUSALS_MAX:
+                given_up = list(self.waiting.values())
+                self.waiting.clear()
+                self.wanted = False
+                self.stream_failures = self.stream_refusals = 0
+                self.last_pending = time.monotonic() - STREAM_IDLE   # kept open for nobody
+        failure = ClusterError("the result stream of group %s was refused %d times in a row;"
+                               " the last time: %s (the tasks go on: get_result(task_id)"
+                               " reads each)" % (self.group_id, STREAM_REFUSALS_MAX, error))
+        for future in given_up:
+            settle(future, error=failure)
 
     def receiver_action(self):
         """What the receiver does next (the lock is held): open, read or
         close the stream, or sleep (None, or "unread": a result pending that
         no one has come to read yet) for how many seconds (None: until woken)."""
-        idle = time.monotonic() - self.last_pending
+        now = time.monotonic()
+        idle = now - self.last_pending
         if self.stream is None:
-            return ("open", 0) if self.waiting or idle <= STREAM_IDLE else (None, None)
+            if not self.waiting and idle > STREAM_IDLE:
+                return None, None
+            return ("open", 0) if now >= self.reopen_at else (None, self.reopen_at - now)
         if self.reader is not None:
             return None, STREAM_IDLE            # it wakes us if it leaves results pending
         if self.waiting:
@@ -953,8 +1002,8 @@ class Cluster:
                 if left <= 0:
                     break
             broken = False
-        except (OSError, EOFError, BadAnswer, ValueError):
-            pass                    # the receiver opens it again
+        except (OSError, EOFError, BadAnswer, ValueError) as e:
+            self.stream_broke(e)    # the receiver opens it again
         finally:
             self.leave_reading(stream, broken)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -991,9 +1040,11 @@ class Cluster:
     def take_lines(self, lines):
         for line in lines:
             if line.strip():
-                record = json.loads(line.decode("utf-8"))
+                record = stream_record(line)
                 if "task_id" in record:
                     self.take_result(record)
+        if lines:
+            self.stream_failures = 0    # it works (a refusal in it is still counted)
 
     def take_result(self, record):
         with self.lock:
@@ -1002,6 +1053,7 @@ class Cluster:
                 if record["task_id"] > self.highest:    # its batch's answer is on its way
                     self.early[record["task_id"]] = record
                 return              # one that ended already (a stream opened again)
+            self.stream_refusals = 0
             # It was pending until now: the stream stays open STREAM_IDLE from
             # here, for the next lone submit (else a session past its first
             # STREAM_IDLE seconds opened a stream for each of them).

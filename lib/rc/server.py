@@ -18,12 +18,15 @@ Log lines about bad peers are rate-limited, as are the audit lines of
 refused connections (rc.throttle).
 """
 import collections
+import fcntl
 import hashlib
 import os
 import selectors
 import signal
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 
@@ -50,6 +53,17 @@ SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connec
 # Seconds a peer that ended its sending (a half-close) has to take the
 # answers owed it before it is closed anyway.
 HALF_CLOSED_GRACE = 30.0
+# Seconds a peer may take no byte of the answers waiting for it (its socket
+# buffers full) before it is closed: a worker reads what it is sent at once;
+# one that stops reading (a half-close it then ignores, or a peer that only
+# sends) would hold its connection and up to MAX_OUTBOX_BYTES of ours, and,
+# once BACKPRESSURE_BYTES behind, is no longer read, so not even its
+# half-close would be seen. Its work is sent again when it reconnects.
+STALLED_READER_SECONDS = 10.0
+# Bytes of the outbox handed to one send: over TLS a send returns nothing
+# until all it was given is written, so a slow reader's progress would not
+# show for a whole 16 MiB outbox (it shows per slice: ~2.6 s at 100 KB/s).
+WRITE_SLICE = 256 * 1024
 # Seconds a lone task_result_ack may wait to ride with the next frame to its
 # device (the worker keeps the result until the ack comes, and waits for
 # nothing else): a worker given one task after another then wakes once per
@@ -124,6 +138,19 @@ class Peer:
         self.raw_wanted = None           # (envelope, bytes) of a frame whose raw bytes are due
         self.raw = None                  # those bytes, while its handler runs
         self.input_ended = None          # when it ended its sending (time.monotonic())
+        self.taken_at = None             # when it last took a byte of its outbox, or
+                                         # the outbox, empty till then, was filled
+        self.kernel_queued = None        # bytes its socket held for it at the last look
+
+
+def kernel_queued(sock):
+    """Bytes the socket holds for its peer, sent or not, not acknowledged
+    yet (SIOCOUTQ); None where the system cannot say."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                              b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 class Server:
@@ -144,6 +171,7 @@ class Server:
         self.unauthenticated = set()   # checked for auth_timeout apart from the many others
         self.partial = set()           # peers in the middle of a frame
         self.ending = set()            # peers that ended their sending, owed answers still
+        self.owing = set()             # peers with answers their socket did not take yet
         self.next_sweep = 0.0
         # (address, None) for the join token, (address, device id) for a
         # device's own secret -> monotonic times of recent wrong proofs
@@ -532,6 +560,8 @@ class Server:
         data says how many: "inline_bytes")."""
         if peer.closed:
             return
+        if not peer.outbox:
+            peer.taken_at = time.monotonic()
         peer.outbox += protocol.encode(message_type, data, target_id=peer.device_id)
         if raw:
             peer.outbox += raw
@@ -567,8 +597,10 @@ class Server:
 
     def write_out(self, peer):
         self.acks_due.pop(peer, None)   # what it waited for goes now (or when writable)
+        outbox = peer.outbox
         try:
-            sent = peer.sock.send(peer.outbox)
+            # Never shorter than the last try's (TLS): the outbox only grows at its end.
+            sent = peer.sock.send(outbox if len(outbox) <= WRITE_SLICE else outbox[:WRITE_SLICE])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError):
             sent = 0
@@ -576,6 +608,8 @@ class Server:
             self.close(peer, "write failed: %s" % e)
             return
         del peer.outbox[:sent]
+        if sent:
+            peer.taken_at = time.monotonic()
         self.watch(peer)
 
     def watch(self, peer):
@@ -586,6 +620,11 @@ class Server:
         reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
             and len(peer.storing) < self.storing_limit() and not peer.input_ended else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
+        if peer.outbox:
+            self.owing.add(peer)
+        elif peer in self.owing:
+            self.owing.discard(peer)
+            peer.kernel_queued = None
         key = self.selector.get_map().get(peer.sock)
         if not wanted:          # nothing to wait for (a selector takes no empty set)
             if key is not None:
@@ -630,6 +669,7 @@ class Server:
         peer.closed = True
         self.acks_due.pop(peer, None)
         self.ending.discard(peer)
+        self.owing.discard(peer)
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError, OSError):
@@ -662,8 +702,23 @@ class Server:
         for peer in [p for p in self.partial if p.partial_since < deadline]:
             self.refuse(peer, "frame_timeout", "a frame took over %gs to arrive"
                         % self.config.frame_deadline)
+        self.close_stalled_readers(now)
         self.check_liveness(now)
         self.tell_watches()
+
+    def close_stalled_readers(self, now):
+        deadline = now - STALLED_READER_SECONDS
+        for peer in list(self.owing):
+            # What its socket holds going down is a reader taking bytes, slowly:
+            # our socket takes more only once a third of its buffer is free.
+            queued = kernel_queued(peer.sock)
+            if queued is not None and peer.kernel_queued is not None \
+                    and queued < peer.kernel_queued:
+                peer.taken_at = now
+            peer.kernel_queued = queued
+            if peer.taken_at < deadline:
+                self.close(peer, "took no byte of its %d bytes of answers for %gs"
+                           % (len(peer.outbox), STALLED_READER_SECONDS))
 
     # -- liveness: a device frozen with its connection open ------------------------
     # A worker stopped by SIGSTOP, a closed laptop lid or Android's freezer
