@@ -4434,6 +4434,11 @@ CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task 
 # sent (nor unpacked): each costs the worker a list entry and a tar member
 # held in memory, and the tar 512 bytes, however empty the file.
 CHECKPOINT_MAX_ENTRIES = 10000
+# Bytes of holes past which a sparse file is left out of a checkpoint: a
+# task's truncate makes a terabyte of them for nothing, which the tar, the
+# main node's quota and the link would pay for in zeros; a memory-mapped
+# array half written (a few MiB of holes) still goes up whole.
+CHECKPOINT_HOLES_MAX = 64 * 1024 * 1024
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
 # Seconds within which a cached blob's last use is not written to its atime
@@ -5587,30 +5592,29 @@ def add_checkpoint_entry(archive, relative, descriptor):
     elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
         with os.fdopen(os.dup(descriptor), "rb") as f:
             member = archive.gettarinfo(arcname=relative, fileobj=f)
-            if has_holes(descriptor, member.size, info):
-                # A sparse file: a task's truncate makes a terabyte of it for
-                # nothing, which the tar, the main node's quota and the link
-                # would pay for in zeros (read_checkpoint skips one too).
+            if hole_bytes(descriptor, member.size, info) > CHECKPOINT_HOLES_MAX:
                 log("warning", "checkpoint_file_left_out", name=relative[:200],
                     size=member.size, reason="sparse")
                 return
             archive.addfile(member, f)     # member.size bytes, however it grows
 
 
-def has_holes(descriptor, size, info):
-    """Whether the first `size` bytes of the file have a hole: SEEK_HOLE
-    finds one before `size`; without SEEK_HOLE, it takes a MiB less of the
-    disk than its size (the descriptor is left at its start)."""
+def hole_bytes(descriptor, size, info):
+    """About how many of the file's first `size` bytes are holes: its size
+    less what the disk holds of it, once SEEK_HOLE finds a hole before
+    `size` (a compressing file system holds less of a file without any);
+    without SEEK_HOLE, the difference alone. The descriptor is left at
+    its start."""
     seek_hole = getattr(os, "SEEK_HOLE", None)
     try:
-        if seek_hole is not None and size:
-            return os.lseek(descriptor, 0, seek_hole) < size
+        if seek_hole is not None and size and os.lseek(descriptor, 0, seek_hole) >= size:
+            return 0
     except OSError:         # a file system that cannot say
         pass
     finally:
         os.lseek(descriptor, 0, os.SEEK_SET)
     blocks = getattr(info, "st_blocks", None)
-    return blocks is not None and blocks * 512 + FILES_CHUNK < size
+    return 0 if blocks is None else max(0, size - blocks * 512)
 
 
 def file_digest(path):

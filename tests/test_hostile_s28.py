@@ -53,15 +53,16 @@ def ended(cluster, task_id, timeout=60):
 # -- a sparse file in the checkpoint directory ----------------------------------------------
 
 def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size(cluster):
-    """A task truncates a file in $RC_CHECKPOINT_DIR to 64 MiB (a terabyte
+    """A task truncates a file in $RC_CHECKPOINT_DIR to 1 GiB (a terabyte
     costs the task no more): a few blocks on the device's disk. The worker
     tarred it at its apparent size, zeros and all, into its cache, hashed
     it and sent it to rc-files: the main node's quota and disk, and the
-    link, paid for bytes the task never wrote. A file with holes is left
-    out of the checkpoint (rc-worker's reader skips sparse members too);
-    the task's real files go up as before."""
-    command = ('cd "$RC_CHECKPOINT_DIR" && echo kept > real.txt && truncate -s 64M holes.bin'
-               ' && exit 3')
+    link, paid for bytes the task never wrote. A file with more than
+    CHECKPOINT_HOLES_MAX (64 MiB) of holes is left out of the checkpoint;
+    the task's real files go up as before, and so does one with a few
+    holes (an array mapped from a file, half written)."""
+    command = ('cd "$RC_CHECKPOINT_DIR" && echo kept > real.txt && truncate -s 1G holes.bin'
+               ' && echo start > few.bin && truncate -s 1M few.bin && exit 3')
     with unharmed(cluster, "good"):
         done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
                           "--retries", "0")
@@ -70,11 +71,13 @@ def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size
     row = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
                              " AND kind = 'checkpoint'", (task_id,)).fetchone()
     assert row is not None, "the checkpoint of the failed attempt was not stored"
-    assert row[1] < MIB, "a checkpoint of %d bytes for 5 bytes written" % row[1]
+    assert row[1] < 2 * MIB, "a checkpoint of %d bytes for 11 bytes written" % row[1]
     with tarfile.open(files.blob_path(cluster.config, row[0])) as archive:
         names = archive.getnames()
         assert "real.txt" in names and "holes.bin" not in names, names
         assert archive.extractfile("real.txt").read() == b"kept\n"
+        few = archive.extractfile("few.bin").read()
+        assert len(few) == MIB and few.startswith(b"start\n") and not few[6:].strip(b"\0")
 
 
 
