@@ -2554,6 +2554,13 @@ def isolate(jail):
                   b"size=64k,mode=0711")
         path = os.path.join(top, own)
         os.makedirs(path, 0o711)
+        # makedirs makes the directories between with the worker's umask
+        # (0700): a task of another uid could not pass through them to its
+        # own directory by its absolute path ($PWD, $RC_CHECKPOINT_DIR).
+        between = os.path.dirname(path)
+        while len(between) > len(top):
+            os.chmod(between, 0o711)
+            between = os.path.dirname(between)
         libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
         os.chdir(path)
 

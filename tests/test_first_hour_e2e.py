@@ -3,6 +3,7 @@
 started with kept for a new shell, a stopped main node shows no device
 online, and a worker started wrongly (no fingerprint, the dashboard port,
 Python 2.7) says what is wrong; on a terminal it speaks in sentences."""
+import gzip
 import json
 import os
 import pathlib
@@ -197,6 +198,35 @@ def test_with_the_main_node_stopped_no_device_is_online(cluster):
     finally:
         restarted = cluster.make("run")
         assert restarted.returncode == 0, restarted.stdout
+
+
+def test_make_runs_worker_gives_a_task_its_own_files_by_absolute_path_too(cluster, tmp_path):
+    """`make run`'s local worker (as root: a uid per task, in a mount
+    namespace of its own) runs README's files example, a script by --file,
+    and a task that writes $RC_CHECKPOINT_DIR and reads $PWD/FILE: the
+    directories above the task's own were 0700 there, so every absolute path
+    into it (python_exec --file's, the checkpoint directory's) was refused."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.txt").write_text("one\n")
+    (tmp_path / "job.py").write_text("print(open('photos/a.txt').read().upper(), end='')\n")
+    env = new_shell(cluster)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    submitted = run(readme_command(
+        readme, "bin/rc submit shell 'gzip -kf *.txt' --input photos/ --output '*.gz'",
+        **{"bin/rc": RC}), str(tmp_path), env)
+    task_id = submitted.stdout.strip()
+    assert task_id.isdigit(), submitted.stdout
+    assert run("%s wait %s" % (RC, task_id), str(tmp_path), env).returncode == 0
+    got = run("%s get %s -o out/" % (RC, task_id), str(tmp_path), env)
+    assert got.returncode == 0, got.stdout
+    assert gzip.decompress((tmp_path / "out" / "a.txt.gz").read_bytes()) == b"one\n"
+    script = run("%s submit python_exec --file job.py --input photos --wait" % RC,
+                 str(tmp_path), env)
+    assert script.stdout == "ONE\n", script.stdout
+    absolute = run("%s submit shell 'echo 7 > \"$RC_CHECKPOINT_DIR/step\" && cat \"$PWD/job.py\"'"
+                   " --input job.py --wait" % RC, str(tmp_path), env)
+    assert absolute.returncode == 0 and absolute.stdout.startswith("print("), absolute.stdout
 
 
 # -- a new user, following README.md on a fresh clone ---------------------------------
