@@ -31,7 +31,7 @@ def task_count(connection):
     return connection.execute("SELECT count(*) FROM tasks").fetchone()[0]
 
 
-def finish_later(config, task_id, device_id, state, output, error=None):
+def finish_later(config, task_id, device_id, state, output, error=None, stderr=""):
     """What rc-server would do when a worker reports: assign, accept, finish."""
     def run():
         connection = db.connect(config.db_path)
@@ -46,7 +46,8 @@ def finish_later(config, task_id, device_id, state, output, error=None):
             assert tasks.accept(connection, task_id, 1, device_id, now, 180.0)
         with db.write(connection):
             assert tasks.finish(connection, task_id, 1, device_id, state,
-                                {"output": output, "exit_code": 0}, error, state, now)
+                                {"output": output, "stderr": stderr, "exit_code": 0}, error,
+                                state, now)
         connection.close()
     thread = threading.Thread(target=run)
     thread.start()
@@ -205,6 +206,24 @@ def test_submit_wait_on_a_failure_exits_1_with_the_reason(cluster_home, add_devi
     worker.join()
     assert status == 1 and out == ""
     assert err == "rc: error: task 1 failed: ZeroDivisionError: division by zero\n"
+
+
+def test_a_failed_command_says_why_in_its_stderrs_last_line(cluster_home, add_device):
+    """A shell task's error is only "exit status 1"; what the command said
+    goes with it, one line, escape sequences from the device shown as "?"."""
+    config, connection = cluster_home
+    add_device("pi")
+    stderr = "warming up\ngzip: a.log: No such file or directory\x1b[2J\n"
+    worker = finish_later(config, 1, "pi", FAILED, "", "exit status 1", stderr)
+    status, out, err = rc("submit", "shell", "gzip a.log", "--wait")
+    worker.join()
+    assert status == 1 and out == ""
+    assert err == ("rc: error: task 1 failed: exit status 1 (stderr: gzip: a.log: No such"
+                   " file or directory?[2J)\n")
+    worker = finish_later(config, 2, "pi", FAILED, "", "exit status 4")
+    rc("submit", "shell", "exit 4")
+    worker.join()
+    assert rc("wait", "2")[2] == "rc: error: task 2 failed: exit status 4\n"
 
 
 def test_submit_wait_gives_up_after_its_timeout(cluster_home):

@@ -44,6 +44,7 @@ DEFAULT_TASK_LIMIT = 50       # rows `rc tasks` shows
 DEFAULT_LOG_LINES = 20        # lines `rc logs` shows before following
 READY_POLL_INTERVAL = 0.1   # seconds between tries in wait-ready
 DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
+STDERR_NOTE_MAX = 200       # characters of a failed command's stderr line rc wait quotes
 # connect() on a UDP socket sends nothing; it only asks the kernel which local
 # address would route there, which is the address other devices can reach.
 LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
@@ -706,10 +707,14 @@ def report_outcome(context, task):
 
 
 def last_line(task):
-    """The most telling line of why a task failed (a traceback ends with it)."""
-    text = task.get("error") or (task.get("result") or {}).get("stderr") or task["reason"]
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    """The most telling line of why a task failed (a traceback ends with it).
+    A command's error is only its exit status: its stderr's last line, which
+    says why ("gzip: a.log: No such file or directory"), goes with it."""
+    error = map_cli.last_line(task.get("error"))
+    stderr = map_cli.last_line((task.get("result") or {}).get("stderr"))
+    if error.startswith("exit status ") and stderr:
+        return "%s (stderr: %s)" % (error, render.cell(render.shorten(stderr, STDERR_NOTE_MAX)))
+    return error or stderr or map_cli.last_line(task["reason"])
 
 
 def cmd_help(arguments, context):
