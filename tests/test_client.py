@@ -371,6 +371,7 @@ def test_cluster_submit_map_and_failures(cluster, rc_cluster):
     with pytest.raises(client.TaskFailed) as raised:
         failing.result(60)
     assert raised.value.state == "failed" and "oops" in raised.value.stderr
+    assert str(raised.value).endswith("failed: exit status 3 (stderr: oops)")
     first = rc_cluster.submit("echo", "first")
     second = rc_cluster.submit("echo", "second", depends_on=[first])
     assert second.result(60) == "second"

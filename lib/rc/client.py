@@ -81,6 +81,7 @@ MAX_ARGUMENT_BYTES = 192 * 1024     # pickled arguments of one task (a task's co
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
 RESULT_LIMIT = 900 * 1024       # characters of that line; more would be cut at the
                                 # worker's output cap
+STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
@@ -101,12 +102,24 @@ class TaskFailed(Exception):
     cancelled), `error`, and the task's `result` (stderr, exit_code...)."""
 
     def __init__(self, task_id, state, error, result=None):
-        super().__init__("task %s %s: %s" % (task_id, state, error or "no error given"))
+        super().__init__("task %s %s: %s" % (task_id, state, told_why(error, result or {})))
         self.task_id, self.state, self.error, self.result = task_id, state, error, result or {}
 
     @property
     def stderr(self):
         return self.result.get("stderr") or ""
+
+
+def told_why(error, result):
+    """A command's error is only its exit status: the last line of its
+    stderr, which says why, goes with it (a device chose it: one line,
+    shortened, control characters as "?")."""
+    lines = [line.strip() for line in str(result.get("stderr") or "").splitlines()
+             if line.strip()]
+    if not (error or "").startswith("exit status ") or not lines:
+        return error or "no error given"
+    told = "".join(c if c.isprintable() else "?" for c in lines[-1][:STDERR_NOTE_MAX])
+    return "%s (stderr: %s)" % (error, told)
 
 
 class RemoteTraceback(Exception):
