@@ -96,7 +96,7 @@ def rc_map(cluster, *arguments, stdin="", cwd=None):
 def map_id(stderr):
     """The map's number from its first line, `map 12: 3 inputs`."""
     first = stderr.splitlines()[0]
-    assert first.startswith("map ") and " inputs" in first, stderr
+    assert first.startswith("map ") and " input" in first, stderr
     return int(first.split()[1].rstrip(":"))
 
 
@@ -154,6 +154,9 @@ def test_exit_status_is_the_number_of_failed_inputs(cluster):
     for number in (1, 3, 5):
         assert "input %d ('%d') failed" % (number, number) in done.stderr
     assert "3 of 5 inputs did not complete" in done.stderr
+    one = rc_map(cluster, "exit 1", "x")
+    assert one.returncode == 1 and one.stderr.startswith("map %d: 1 input\n" % map_id(one.stderr))
+    assert "1 of 1 input did not complete" in one.stderr
 
 
 def test_exit_status_is_capped_at_101(cluster):
