@@ -229,6 +229,21 @@ def test_make_runs_worker_gives_a_task_its_own_files_by_absolute_path_too(cluste
     assert absolute.returncode == 0 and absolute.stdout.startswith("print("), absolute.stdout
 
 
+def test_the_files_over_http_example_of_the_docs_runs_as_written(cluster, tmp_path):
+    """docs/http.md's curl block for files in and out, copied whole; only
+    the dashboard's address and bin/rc's path are this cluster's."""
+    text = open(os.path.join(REPO, "docs", "http.md")).read()
+    start = text.index("```sh\n", text.index("Files in and out over HTTP")) + len("```sh\n")
+    block = text[start:text.index("```", start)]
+    block = block.replace("http://localhost:5000", "http://127.0.0.1:%d"
+                          % cluster.config.web_port).replace("bin/rc", RC)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.txt").write_text("one\n")
+    done = run(block, str(tmp_path), new_shell(cluster), timeout=120)
+    assert done.returncode == 0 and done.stdout.endswith("}one\n"), done.stdout
+    assert '"state":"completed"' in done.stdout and '"name":"a.txt.gz"' in done.stdout
+
+
 # -- a new user, following README.md on a fresh clone ---------------------------------
 
 def readme_command(readme, command, **substitutions):
