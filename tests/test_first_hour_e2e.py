@@ -244,6 +244,19 @@ def test_the_files_over_http_example_of_the_docs_runs_as_written(cluster, tmp_pa
     assert '"state":"completed"' in done.stdout and '"name":"a.txt.gz"' in done.stdout
 
 
+def test_the_readmes_checkpoint_example_resumes_where_it_was(cluster, tmp_path):
+    """README's $RC_CHECKPOINT_DIR example, copied whole (bin/rc's path is
+    this checkout's): handed back by `rc drain --now`, the task's next
+    attempt starts from the checkpoint, not from 0."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    start = readme.index("id=$(bin/rc submit shell 'n=$(cat \"$RC_CHECKPOINT_DIR/n\"")
+    block = readme[start:readme.index("```", start)].replace("bin/rc", RC)
+    done = run(block, str(tmp_path), new_shell(cluster), timeout=120)
+    assert done.returncode == 0 and done.stdout.endswith("done at 15\n"), done.stdout
+    resumed_from = int(done.stdout.split("from ")[1].split()[0])
+    assert resumed_from >= 1, done.stdout
+
+
 # -- a new user, following README.md on a fresh clone ---------------------------------
 
 def readme_command(readme, command, **substitutions):
