@@ -459,7 +459,7 @@ def test_drain_now_hands_tasks_back(cluster_home, add_device):
         connection.execute("UPDATE tasks SET state = ?, device_id = 'pi', assigned_at = 1"
                            " WHERE task_id = ?", (ASSIGNED, task_id))
     status, out, err = rc("drain", "pi", "--now")
-    assert status == 0 and "1 tasks handed back" in out
+    assert status == 0 and "pi drained: 1 task handed back to the queue\n" == out
     assert tasks.get(connection, task_id)["state"] == "queued"
 
 

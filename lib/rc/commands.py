@@ -750,11 +750,16 @@ def cmd_drain(arguments, context):
     context.audit("device_drained", device_id=arguments.device_id, now=arguments.now,
                   handed_back=handed_back, user=user_name())
     if arguments.now:
-        context.out.write("%s drained: %d tasks handed back to the queue\n"
-                          % (arguments.device_id, handed_back))
+        context.out.write("%s drained: %s handed back to the queue\n"
+                          % (arguments.device_id, counted(handed_back, "task")))
     else:
         context.out.write("%s drained: no new tasks; its running tasks finish there\n"
                           % arguments.device_id)
+
+
+def counted(number, noun):
+    """"1 task", "2 tasks"."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def cmd_resume(arguments, context):
@@ -767,9 +772,9 @@ def cmd_forget(arguments, context):
     handed_back = fleet.forget(context.connection, context.config, arguments.device_id)
     context.audit("device_forgotten", device_id=arguments.device_id,
                   handed_back=handed_back, user=user_name())
-    context.out.write("%s forgotten: it can no longer connect; %d tasks handed back to the"
+    context.out.write("%s forgotten: it can no longer connect; %s handed back to the"
                       " queue; its history stays (`rc devices --all`)\n"
-                      % (arguments.device_id, handed_back))
+                      % (arguments.device_id, counted(handed_back, "task")))
 
 
 def cmd_revoke(arguments, context):
