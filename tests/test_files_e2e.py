@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -125,3 +126,39 @@ def test_the_next_attempt_starts_from_the_last_checkpoint(cluster):
     assert wait(cluster, task_id) == "resumed at 7\n"
     task = json.loads(cluster.rc("task", str(task_id), "--json").stdout)
     assert task["attempt"] >= 2 and task["device_id"] == "ckpt-2"
+
+
+def test_a_task_drained_away_now_starts_elsewhere_from_the_checkpoint_it_was_stopped_with(
+        cluster):
+    """`rc drain --now` takes a running task from its device: the worker stops
+    it, sends its checkpoint, then answers for the attempt. Another device
+    used to take the task within the retry backoff (under a second), before
+    that checkpoint came, and started over (no periodic checkpoint here:
+    --checkpoint-every is 300 s). Now the next attempt waits for the stopped
+    one's checkpoint, and starts as soon as its worker has answered. rc-files
+    is held (SIGSTOP) for 3 s over the drain, a slow phone's upload, so that
+    without the wait the other device surely goes first."""
+    cluster.start_worker("drain-1", "--slots", "1", "--tag", "drain",
+                                 worker=E2E_WORKER)
+    wait_for(lambda: "drain-1" in online(cluster), 30, "drain-1 online")
+    script = ('n=$(cat "$RC_CHECKPOINT_DIR/n" 2>/dev/null || echo 0); start=$n;'
+              ' while [ "$n" -lt 120 ]; do n=$((n + 1)); echo $n > "$RC_CHECKPOINT_DIR/n";'
+              ' sleep 0.1; done; echo "from $start"')
+    task_id = int(cluster.rc("submit", "shell", script, "--require", "tags=drain",
+                             "--retries", "0").stdout)
+    wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                        (task_id,)).fetchone()[0] == "running", 30,
+             "the task running on drain-1")
+    cluster.start_worker("drain-2", "--slots", "1", "--tag", "drain", worker=E2E_WORKER)
+    wait_for(lambda: "drain-2" in online(cluster), 30, "drain-2 online")
+    rc_files = cluster.program_pid("rc-files")
+    os.kill(rc_files, signal.SIGSTOP)
+    try:
+        cluster.rc("drain", "drain-1", "--now")
+        time.sleep(3)
+    finally:
+        os.kill(rc_files, signal.SIGCONT)
+    started_from = int(wait(cluster, task_id).split()[-1])
+    task = json.loads(cluster.rc("task", str(task_id), "--json").stdout)
+    assert task["device_id"] == "drain-2" and task["attempt"] == 2, task
+    assert started_from >= 10, "the next attempt started from %d" % started_from

@@ -30,7 +30,8 @@ def drain(connection, config, device_id, now=False):
     with db.write(connection):
         known_device(connection, device_id)
         connection.execute("UPDATE devices SET drained = 1 WHERE device_id = ?", (device_id,))
-        handed_back = take_back_all(connection, config, device_id, "drained") if now else 0
+        handed_back = take_back_all(connection, config, device_id, "drained",
+                                    await_checkpoints=True) if now else 0
     bell.ring(config.run_dir, bell.SERVER)       # tell the worker to stop them
     return handed_back
 
@@ -54,13 +55,21 @@ def forget(connection, config, device_id):
     return handed_back
 
 
-def take_back_all(connection, config, device_id, reason):
-    count = 0
+def take_back_all(connection, config, device_id, reason, await_checkpoints=False):
+    """Queue the device's tasks again. With await_checkpoints, the next
+    attempt of a task running on it, while it is online, waits for the
+    checkpoint its worker sends once it has stopped the task."""
+    count, now = 0, time.time()
+    online = await_checkpoints and connection.execute(
+        "SELECT 1 FROM devices WHERE device_id = ? AND status = ?",
+        (device_id, ONLINE)).fetchone() is not None
     for row in connection.execute("SELECT %s FROM tasks WHERE device_id = ? AND %s"
                                   % (tasks.LEASE_COLUMNS, db.ACTIVE_SQL),
                                   (device_id,)).fetchall():
-        count += tasks.take_back(connection, row, "%s: %s" % (reason, device_id),
-                                 time.time(), config, charged=False)
+        not_before = now + tasks.HAND_BACK_CHECKPOINT_WAIT \
+            if online and row["state"] == RUNNING else None
+        count += tasks.take_back(connection, row, "%s: %s" % (reason, device_id), now,
+                                 config, charged=False, not_before=not_before)
     return count
 
 

@@ -199,6 +199,7 @@ class Server:
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
         self.outputs = OutputStore(config)
         self.stored_bytes = 0          # OutputStore's bytes whose rows this turn commits
+        self.released = False          # a taken-back task's next attempt may go: ring rc-scheduler
 
     # -- the loop ---------------------------------------------------------------
 
@@ -1126,6 +1127,9 @@ class Server:
         # the quota counts them by their rows now.
         self.outputs.recorded(self.stored_bytes)
         self.stored_bytes = 0
+        if self.released:
+            self.released = False
+            bell.ring(self.config.run_dir, bell.SCHEDULER)
         if any(apply in FREES_SLOTS for apply, _, _ in batch):
             # rc-web first: a client waiting for this result is on a task's way;
             # the scheduler, looking for more to assign, is not (and listens
@@ -1340,6 +1344,10 @@ class Server:
         if row is None:
             self.note("warning", "stale_result", task_id=key[0], attempt=key[1],
                       device_id=peer.device_id, status=status)
+            if status in (OUTCOME_CANCELLED, OUTCOME_HANDED_BACK) and \
+                    tasks.release_after_take_back(self.database, peer.device_id, key[0],
+                                                  key[1], now):
+                self.released = True     # its checkpoint is in: the next attempt may go
             return [ack, (ERROR, {"code": "stale_result", "task_id": key[0],
                                   "attempt": key[1],
                                   "message": "task %s attempt %s is not assigned to %s;"

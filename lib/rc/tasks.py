@@ -19,6 +19,12 @@ MAX_PAYLOAD_TEXT = 256 * 1024   # bytes of code, command or message in one task
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a week is plenty for an old laptop
 MAX_RETRIES = 100
 MAX_BATCH = 10000               # tasks in one submit_many (POST /api/v1/tasks with a list)
+# Seconds the next attempt of a running task taken from its online device
+# (`rc drain --now`) waits at most for that device's last checkpoint: its
+# worker stops the task, sends the checkpoint, then its answer, which ends
+# the wait at once (release_after_take_back). Without the wait, another
+# device took the task within the retry backoff, from an older checkpoint.
+HAND_BACK_CHECKPOINT_WAIT = 30.0
 
 # --require KEY=VALUE: which keys exist and how their value is read.
 REQUIREMENT_KINDS = {
@@ -636,13 +642,14 @@ def finish(connection, task_id, attempt, device_id, state, result, error, reason
     return cursor.rowcount == 1
 
 
-def take_back(connection, task, reason, now, config, charged=None):
+def take_back(connection, task, reason, now, config, charged=None, not_before=None):
     """The system lost this attempt (device gone, worker restarted, lease
     expired, refused): queue the next attempt after a backoff.
 
     Unless told otherwise, only an attempt that was running is charged to the
     task's retry budget and counted as a lost device; one merely assigned was
-    never the task's doing. A task that has lost `poison_limit` devices is
+    never the task's doing. `not_before`: when the next attempt may start,
+    if not after the retry backoff. A task that has lost `poison_limit` devices is
     failed rather than sent to take down another. `task` holds LEASE_COLUMNS.
     False when the task has moved on."""
     if charged is None:
@@ -655,7 +662,19 @@ def take_back(connection, task, reason, now, config, charged=None):
                     "the task lost %d devices; last: %s" % (losses, reason), now, losses)
     if charged and task["retries_used"] >= task["max_retries"]:
         return _end(connection, task, FAILED, "retries spent: " + reason, reason, now, losses)
-    return _requeue(connection, task, reason, now, config, charged, losses)
+    return _requeue(connection, task, reason, now, config, charged, losses, not_before)
+
+
+def release_after_take_back(connection, device_id, task_id, attempt, now):
+    """The device whose `attempt` of a task was taken back from it has
+    answered for it (cancelled, handed back), its last checkpoint sent
+    first: the next attempt, waiting for that checkpoint
+    (HAND_BACK_CHECKPOINT_WAIT), may start now. True if it was waiting."""
+    return connection.execute(
+        "UPDATE tasks SET not_before = ? WHERE task_id = ? AND attempt = ? AND state = ?"
+        " AND not_before > ? AND EXISTS (SELECT 1 FROM task_events e"
+        " WHERE e.task_id = tasks.task_id AND e.attempt = ? AND e.device_id = ?)",
+        (now, task_id, attempt + 1, QUEUED, now, attempt, device_id)).rowcount == 1
 
 
 def hand_back_unaccepted(connection, task, reason, now):
