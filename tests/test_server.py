@@ -256,6 +256,35 @@ def test_a_lone_completed_result_costs_rc_server_one_statement(server, monkeypat
     connection.close()
 
 
+def test_the_schedulers_ring_costs_rc_server_one_statement(server, monkeypatch):
+    """rc-scheduler rings rc-server's assignment bell after it commits: the
+    assignment goes out after one statement that reads it (no data_version
+    look on the task's way); the next look, at poll_interval, sees the change
+    and sends nothing twice."""
+    monkeypatch.setattr(server_module, "FULL_SCAN_INTERVAL", 3600.0)
+    instance, port = server
+    config = instance.config
+    client, connection, first = echo_sent_to_dev1(instance, port)
+    config.poll_interval = 3600.0
+    time.sleep(0.1)             # the turns after the first assignment are over
+    second = tasks.submit(connection, config, "echo", {"message": "two"})
+    statements = []
+    instance.database.set_trace_callback(statements.append)
+    assign_next(connection, config, second, ring=False)
+    bell.ring(config.run_dir, bell.SERVER_ASSIGNED)
+    assert client.receive()["data"]["task_id"] == second
+    time.sleep(0.1)
+    instance.database.set_trace_callback(None)
+    assert len(statements) == 1 and statements[0].startswith(
+        "SELECT task_id, attempt, device_id, state"), statements
+    config.poll_interval = 0.05              # the next look: data_version moved
+    time.sleep(0.3)
+    client.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        client.receive()                      # nothing sent twice
+    connection.close()
+
+
 def running_on_dev1(instance, port):
     """A client registered as dev1, running a task it was sent; the connection
     and task id, and a database connection to play the other programs."""

@@ -18,6 +18,10 @@ SCHEDULER = "rc-scheduler"    # work to give out: a submit, a retry, a device to
 # a run directory deep enough for theirs must hold it too.
 SCHEDULER_ROOM = "rc-room"
 SERVER = "rc-server"
+# Assignments committed (rc-scheduler's ring): rc-server reads and sends
+# them at once, in one statement, and leaves every other change to its
+# usual look (SERVER above, or poll_interval). No longer than the others' names.
+SERVER_ASSIGNED = "rc-assigned"
 WEB = "rc-web"          # results committed: a request waiting for them looks now
 
 _sender = None      # one unbound socket per process is enough to ring any bell
@@ -38,7 +42,7 @@ def socket_names():
     except (OSError, ValueError):
         pid_max = PID_MAX
     return ["%s.%d" % (SUPERVISOR_SOCKET, pid_max - 1)] + [
-        os.path.basename(path("", name)) for name in (SCHEDULER, SCHEDULER_ROOM, SERVER, WEB)]
+        os.path.basename(path("", name)) for name in (SCHEDULER, SCHEDULER_ROOM, SERVER, SERVER_ASSIGNED, WEB)]
 
 
 def run_dir_problem(run_dir):

@@ -291,7 +291,7 @@ def assign_ready(connection, now, log, config, turnover, log_limited=None, curso
             given = [choice for choice in chosen
                      if assign(connection, choice, now, config.accept_timeout)]
     if given:
-        bell.ring(config.run_dir, bell.SERVER)     # first: rc-server sends them on
+        bell.ring(config.run_dir, bell.SERVER_ASSIGNED)     # first: rc-server sends them on
     if turnover is not None:
         turnover.remember(slots.devices)
     # After the commit (never log a rollback), in one write.

@@ -6,9 +6,11 @@ turn that brought one completed result: one statement), and only then
 answers (acks go out after the commit, so an acknowledged result is never
 lost; a lone result's ack rides with the next frame to that worker). It
 learns about new assignments and cancellations from the database alone:
-when its doorbell rings (the scheduler assigned), or once per
-poll_interval, it asks `PRAGMA data_version` whether another program
-committed, and if so looks for assigned tasks it has not pushed yet.
+when rc-scheduler rings its own bell (it assigned), it reads the
+assignments not sent yet, in one statement; when its doorbell rings (a
+cancel, a revocation...), or once per poll_interval, it asks `PRAGMA
+data_version` whether another program committed, and if so looks for
+assigned tasks it has not pushed yet, and for the rest.
 
 Nothing a peer sends ends the process: an error while serving one
 connection closes that connection; a turn's transaction that fails is
@@ -81,6 +83,9 @@ SHUT_OUT_BUT_CONNECTED = "revoked = 1 AND connected = 1"
 # The columns push_tasks() needs.
 PUSH_COLUMNS = ("task_id, attempt, device_id, state, task_type, payload, timeout, priority,"
                 " cancel_requested")
+# Assignments not sent yet and cancellations asked for, among the active attempts.
+PUSHABLE_SQL = ("SELECT %s FROM tasks WHERE %s AND (state = ? OR cancel_requested = 1)"
+                % (PUSH_COLUMNS, db.ACTIVE_SQL))
 LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors; the rest counted
 HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -192,6 +197,7 @@ class Server:
         self.acks_due = {}             # peer -> when its send(soon=True) frames must go, in order
         self.seen_version = None
         self.rung = True               # the doorbell rang since push_changes last looked
+        self.assigned = False          # the scheduler's bell rang since (see push_changes)
         self.looked_at = 0.0           # monotonic time push_changes last asked data_version
         self.last_scan = 0.0
         self.stopping = False
@@ -213,6 +219,8 @@ class Server:
         self.listener = listener
         self.doorbell = bell.Bell(self.config.run_dir, bell.SERVER)
         self.selector.register(self.doorbell, selectors.EVENT_READ, self.doorbell)
+        self.assigned_bell = bell.Bell(self.config.run_dir, bell.SERVER_ASSIGNED)
+        self.selector.register(self.assigned_bell, selectors.EVENT_READ, self.assigned_bell)
         self.selector.register(self.outputs.done_reader, selectors.EVENT_READ, self.outputs)
         return listener.getsockname()[1]
 
@@ -234,6 +242,7 @@ class Server:
         for peer in list(self.peers):
             self.close(peer, "server stopping", record=False)
         self.doorbell.close()
+        self.assigned_bell.close()
 
     def turn(self, timeout):
         for key, events in self.selector.select(timeout):
@@ -243,6 +252,10 @@ class Server:
             if key.data is self.doorbell:
                 self.doorbell.drain()      # push_changes below looks at the database
                 self.rung = True
+                continue
+            if key.data is self.assigned_bell:
+                self.assigned_bell.drain()
+                self.assigned = True
                 continue
             if key.data is self.outputs:
                 self.take_stored_outputs()
@@ -1414,13 +1427,21 @@ class Server:
     def push_changes(self):
         """Send assignments and cancellations committed by other programs.
 
-        Looked for when the doorbell rang (the scheduler rings it after it
-        assigns), else once per poll_interval, as an idle loop does anyway:
-        not after every turn, so that a turn that only brought a result (and
-        committed it) costs no second statement."""
+        Looked for when the doorbell rang, else once per poll_interval, as
+        an idle loop does anyway: not after every turn, so that a turn that
+        only brought a result (and committed it) costs no second statement.
+        After the scheduler's own ring (bell.SERVER_ASSIGNED), only the
+        attempts to send are read."""
         now = time.monotonic()
         full_scan = now - self.last_scan >= FULL_SCAN_INTERVAL
+        assigned, self.assigned = self.assigned, False
         if not (self.rung or full_scan or now - self.looked_at >= self.config.poll_interval):
+            if assigned:
+                # rc-scheduler's ring: what it assigned goes out now, read in
+                # one statement on the task's way. data_version is left for
+                # the next look, which then reads these rows again (pushed
+                # already: nothing is sent twice), and sees any other change.
+                self.push_tasks(self.database.execute(PUSHABLE_SQL, (ASSIGNED,)).fetchall())
             return
         self.rung, self.looked_at = False, now
         version, revoked, last_control = db.data_version_and(
@@ -1437,9 +1458,7 @@ class Server:
                                          % (PUSH_COLUMNS, db.ACTIVE_SQL)).fetchall()
             self.cancel_taken_back(rows)
         else:
-            rows = self.database.execute(
-                "SELECT %s FROM tasks WHERE %s AND (state = ? OR cancel_requested = 1)"
-                % (PUSH_COLUMNS, db.ACTIVE_SQL), (ASSIGNED,)).fetchall()
+            rows = self.database.execute(PUSHABLE_SQL, (ASSIGNED,)).fetchall()
         self.push_tasks(rows)
         if last_control > self.last_control:
             self.push_controls()
