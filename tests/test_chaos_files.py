@@ -1,0 +1,229 @@
+"""kill -9 in the middle of the file paths, on a real cluster (TLS on, the
+default): rc-web during a large POST /api/v1/files, rc-files during a
+worker's fetch and during its output put, the worker during its output
+upload. supervisord restarts the program; afterwards every task ends in
+exactly one terminal state, every row names a blob of the right size and
+SHA-256, and var/files/partial/ holds nothing that nobody owns once the
+store's sweep (rc-reaper's, run here at once) has been round.
+
+Moments are found by polling (a partial file appearing and growing), so
+each scenario takes a few seconds."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from rc import db, files, state_dir
+from rc.states import TERMINAL_STATES
+
+pytestmark = pytest.mark.e2e
+
+DEVICE = "chaos-files"
+BIG = 96 * 1024 * 1024      # bytes: large enough that a transfer is caught half way
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("chaos-files"), files_quota_mb=1024)
+    cluster.start()
+    try:
+        cluster.start_worker(DEVICE, "--slots", "2")
+        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def partial_dir(cluster):
+    return files.partial_dir(cluster.config)
+
+
+def partials(cluster, prefix):
+    try:
+        return [name for name in os.listdir(partial_dir(cluster)) if name.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def partial_size(cluster, prefix):
+    total = 0
+    for name in partials(cluster, prefix):
+        try:
+            total += os.path.getsize(os.path.join(partial_dir(cluster), name))
+        except OSError:
+            pass
+    return total
+
+
+def kill_program(cluster, name):
+    """kill -9, then wait until supervisord has it running again."""
+    pid = cluster.program_pid(name)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: cluster.program_pid(name) not in (0, pid), 30, "%s restarted" % name)
+    return pid
+
+
+def listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def age(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def sweep(cluster):
+    """The store's sweep as rc-reaper runs it once a minute."""
+    connection = db.connect(cluster.config.db_path)
+    try:
+        files.sweep(connection, cluster.config, time.time())
+    finally:
+        connection.close()
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_store_whole(cluster):
+    """Every row names a blob of its size and SHA-256; the usage row is the
+    sum of the rows; each task_files row names a stored blob."""
+    rows = cluster.db.execute("SELECT sha256, size FROM files").fetchall()
+    for digest, size in rows:
+        path = files.blob_path(cluster.config, digest)
+        assert os.path.getsize(path) == size, digest
+        assert files.hash_file(path)[0] == digest
+    assert files.used_bytes(cluster.db) == sum(size for _, size in rows)
+    assert cluster.db.execute("SELECT count(*) FROM task_files WHERE sha256 NOT IN"
+                              " (SELECT sha256 FROM files)").fetchone()[0] == 0
+
+
+def terminal_once(cluster, task_id, timeout=60):
+    wait_for(lambda: cluster.db.execute(
+        "SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()[0]
+        in TERMINAL_STATES, timeout, "task %d terminal" % task_id)
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]
+
+
+def submit(cluster, *arguments):
+    done = cluster.rc("submit", *arguments, "--require", "device_id=%s" % DEVICE)
+    return int(done.stdout)
+
+
+def start_upload(cluster, size):
+    """A POST /api/v1/files of `size` zero bytes, sent whole from a thread
+    (waitress holds a body until it is all in, then rc-web copies it into
+    a partial file): the socket, held open."""
+    token = state_dir.read_secret(cluster.config.admin_token_path)
+    sock = socket.create_connection(("127.0.0.1", cluster.config.web_port), timeout=30)
+    sock.sendall(("POST /api/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Authorization: Bearer %s\r\nContent-Type: application/octet-stream\r\n"
+                  "Content-Length: %d\r\n\r\n" % (token, size)).encode())
+
+    def send():
+        chunk = b"\0" * (1024 * 1024)
+        try:
+            for _ in range(size // len(chunk)):
+                sock.sendall(chunk)
+        except OSError:
+            pass        # rc-web was killed
+    threading.Thread(target=send, daemon=True).start()
+    return sock
+
+
+def caught(predicate, timeout):
+    """Polled without a pause: the moment may last a few milliseconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+    raise AssertionError("the moment never came in %ss" % timeout)
+
+
+def test_rc_web_killed_mid_upload_leaves_no_partial_nobody_owns(cluster):
+    before = set(partials(cluster, "upload-"))
+    sock = start_upload(cluster, BIG)
+    try:
+        caught(lambda: partial_size(cluster, "upload-") > 0, 30)
+        kill_program(cluster, "rc-web")
+    finally:
+        sock.close()
+    cut = set(partials(cluster, "upload-")) - before
+    assert cut, "the cut upload's partial file"
+    for name in cut:     # past the moment between its creation and its lock
+        age(os.path.join(partial_dir(cluster), name), files.UNOWNED_UPLOAD_AGE + 1)
+    sweep(cluster)
+    assert partials(cluster, "upload-") == [], \
+        "a cut upload's partial file outlived its rc-web: it holds quota for an hour"
+    # The store takes the next upload whole.
+    wait_for(lambda: listening(cluster.config.web_port), 30, "rc-web listening again")
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    sock = socket.create_connection(("127.0.0.1", cluster.config.web_port), timeout=10)
+    token = state_dir.read_secret(cluster.config.admin_token_path)
+    sock.sendall(("POST /api/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                  "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n"
+                  % (token, len(data))).encode() + data)
+    answer = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        answer += piece
+    sock.close()
+    assert b" 201 " in answer.split(b"\r\n")[0], answer[:300]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["sha256"] == sha(data)
+    assert_store_whole(cluster)
+
+
+def test_rc_files_killed_during_an_output_put_the_task_ends_once_with_its_output(cluster):
+    task_id = submit(cluster, "shell", "head -c %d /dev/urandom > out.bin && sha256sum out.bin"
+                     % BIG, "--output", "out.bin")
+    wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
+             "the output put under way")
+    kill_program(cluster, "rc-files")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    row = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
+                             " AND name = 'out.bin'", (task_id,)).fetchone()
+    assert row is not None and row[1] == BIG
+    stdout = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                (task_id,)).fetchone()[0]
+    assert row[0] in stdout
+    assert_store_whole(cluster)
+
+
+def test_rc_files_killed_during_a_worker_fetch_the_task_still_runs_once(cluster, tmp_path):
+    data = os.urandom(BIG)
+    path = tmp_path / "big.in"
+    path.write_bytes(data)
+    task_id = submit(cluster, "shell", "sha256sum big.in", "--input", str(path))
+    cache = os.path.join(cluster.home, "worker-state")
+
+    def fetching():
+        for directory, _, names in os.walk(cache):
+            for name in names:
+                full = os.path.join(directory, name)
+                try:
+                    if os.path.basename(directory) == "partial" and 0 < os.path.getsize(full) < BIG:
+                        return True
+                except OSError:
+                    pass
+        return False
+    wait_for(fetching, 30, "the worker fetching")
+    kill_program(cluster, "rc-files")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                (task_id,)).fetchone()[0]
+    assert sha(data) in result
+    assert_store_whole(cluster)
