@@ -227,3 +227,63 @@ def test_rc_files_killed_during_a_worker_fetch_the_task_still_runs_once(cluster,
                                 (task_id,)).fetchone()[0]
     assert sha(data) in result
     assert_store_whole(cluster)
+
+
+def test_the_worker_killed_during_its_output_put_the_task_runs_again_and_ends_once(cluster):
+    task_id = submit(cluster, "shell", "head -c %d /dev/urandom > out.bin && sha256sum out.bin"
+                     % BIG, "--output", "out.bin")
+    wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
+             "the output put under way")
+    os.killpg(cluster.workers[DEVICE].pid, signal.SIGKILL)
+    cluster.workers[DEVICE].wait()
+    cluster.start_worker(DEVICE, "--slots", "2")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    rows = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
+                              " AND name = 'out.bin'", (task_id,)).fetchall()
+    assert len(rows) == 1 and rows[0][1] == BIG, rows
+    result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                (task_id,)).fetchone()[0]
+    assert rows[0][0] in result
+    # The cut put of the first attempt goes with the next sweep once it is a minute old.
+    for name in partials(cluster, "put-%d-" % task_id):
+        age(os.path.join(partial_dir(cluster), name), 61)
+    sweep(cluster)
+    assert partials(cluster, "put-%d-" % task_id) == []
+    assert_store_whole(cluster)
+
+
+def test_rc_server_killed_while_inline_outputs_are_stored_each_task_ends_once(cluster):
+    task_ids = [submit(cluster, "shell", "printf 'task-%d-%%s' $$ | tee o.txt" % number,
+                       "--output", "o.txt") for number in range(40)]
+    wait_for(lambda: cluster.db.execute(
+        "SELECT count(*) FROM task_files WHERE name = 'o.txt' AND task_id >= ?",
+        (task_ids[0],)).fetchone()[0] >= 3, 30, "the first outputs stored")
+    kill_program(cluster, "rc-server")
+    time.sleep(0.5)
+    kill_program(cluster, "rc-server")
+    for task_id in task_ids:
+        assert terminal_once(cluster, task_id) == "completed", \
+            cluster.rc("why", str(task_id)).stdout
+        rows = cluster.db.execute("SELECT sha256 FROM task_files WHERE task_id = ?"
+                                  " AND name = 'o.txt'", (task_id,)).fetchall()
+        result = json.loads(cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                               (task_id,)).fetchone()[0] or "null")
+        assert len(rows) == 1, (task_id, rows)
+        with open(files.blob_path(cluster.config, rows[0][0]), "rb") as f:
+            content = f.read().decode()
+        assert content.startswith("task-") and content in json.dumps(result), (content, result)
+    assert_store_whole(cluster)
+
+
+@pytest.mark.parametrize("left", ["orphan-%s-0a1b2c3d" % ("e" * 64), "inline-%s" % ("0f" * 16)])
+def test_what_a_kill_mid_move_leaves_in_partial_goes_at_the_next_sweep(cluster, left):
+    """rc-reaper killed between moving an orphan blob aside and removing it
+    (remove_orphan), or rc-server between writing an inline output and
+    renaming it into place (write_unsynced): both hold a file for moments
+    only, and what a kill leaves there holds its size of quota meanwhile."""
+    path = os.path.join(partial_dir(cluster), left)
+    with open(path, "wb") as f:
+        f.write(b"\0" * (4 * 1024 * 1024))
+    age(path, 120)
+    sweep(cluster)
+    assert not os.path.exists(path), "%s outlived its writer" % left

@@ -52,6 +52,9 @@ ORPHAN_BLOB_DIRS = 16            # of the 256 var/files/<aa>/ directories, looke
 # Seconds an upload's partial file is left to its writer before the sweep
 # asks whether anyone holds it (the moment between creating it and locking it).
 UNOWNED_UPLOAD_AGE = 5.0
+# Seconds after which an orphan-* or inline-* partial file is a kill's
+# leftover: its writer (remove_orphan, write_unsynced) holds it for moments.
+MOMENT_FILE_AGE = 60.0
 
 
 class FileStoreError(Exception):
@@ -773,6 +776,8 @@ def clean_partials(connection, config, now):
             # one whose writer was killed is nobody's, and holds quota.
             stale = stale or os.path.getmtime(path) < now - 3600 or (
                 os.path.getmtime(path) < now - UNOWNED_UPLOAD_AGE and unowned(path))
+        elif name.startswith(("orphan-", "inline-")):
+            stale = stale or os.path.getmtime(path) < now - MOMENT_FILE_AGE
         if stale:
             remove(path)
             removed += 1
