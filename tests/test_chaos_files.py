@@ -287,3 +287,54 @@ def test_what_a_kill_mid_move_leaves_in_partial_goes_at_the_next_sweep(cluster, 
     age(path, 120)
     sweep(cluster)
     assert not os.path.exists(path), "%s outlived its writer" % left
+
+
+CHECKPOINTING = "chaos-checkpoints"
+# A task that starts from its checkpoint's count, writes a large checkpoint,
+# and stops a moment later: each attempt says where it started.
+COUNTING = ("n=$(cat \"$RC_CHECKPOINT_DIR/n\" 2>/dev/null || echo 0); echo start-$n;"
+            " head -c %d /dev/urandom > \"$RC_CHECKPOINT_DIR/big\";"
+            " echo $((n + 1)) > \"$RC_CHECKPOINT_DIR/n\"; sleep 4; echo done-$n" % BIG)
+
+
+@pytest.fixture(scope="module")
+def checkpointing(cluster):
+    cluster.start_worker(CHECKPOINTING, "--checkpoint-every", "1")
+    wait_for(lambda: CHECKPOINTING in online(cluster), 30, "the checkpointing worker online")
+    return cluster
+
+
+def submit_counting(cluster):
+    done = cluster.rc("submit", "shell", COUNTING, "--require",
+                      "device_id=%s" % CHECKPOINTING)
+    return int(done.stdout)
+
+
+def worker_temporaries(cluster):
+    return os.listdir(os.path.join(cluster.home, "worker-state", "cache", "tmp"))
+
+
+def test_rc_files_killed_during_a_checkpoint_put_the_task_ends_once(checkpointing):
+    cluster = checkpointing
+    task_id = submit_counting(cluster)
+    wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
+             "the checkpoint put under way")
+    kill_program(cluster, "rc-files")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    assert_store_whole(cluster)
+
+
+def test_the_worker_killed_during_a_checkpoint_put_leaves_no_temporary_behind(checkpointing):
+    cluster = checkpointing
+    task_id = submit_counting(cluster)
+    wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
+             "the checkpoint put under way")
+    process = cluster.workers[CHECKPOINTING]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert any(name.startswith(("checkpoint-", "p")) for name in worker_temporaries(cluster))
+    cluster.start_worker(CHECKPOINTING, "--checkpoint-every", "1")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    assert worker_temporaries(cluster) == [], \
+        "the killed worker's checkpoint tar stays a day on the device"
+    assert_store_whole(cluster)
