@@ -15,11 +15,12 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from cluster_harness import Cluster, online, wait_for
-from rc import db, files, state_dir
+from rc import db, files, state_dir, tasks
 from rc.states import TERMINAL_STATES
 
 pytestmark = pytest.mark.e2e
@@ -337,4 +338,74 @@ def test_the_worker_killed_during_a_checkpoint_put_leaves_no_temporary_behind(ch
     assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
     assert worker_temporaries(cluster) == [], \
         "the killed worker's checkpoint tar stays a day on the device"
+    assert_store_whole(cluster)
+
+
+def test_the_worker_killed_during_a_fetch_resumes_and_the_task_ends_once(cluster, tmp_path):
+    data = os.urandom(BIG)
+    path = tmp_path / "again.in"
+    path.write_bytes(data)
+    task_id = submit(cluster, "shell", "sha256sum again.in", "--input", str(path))
+    cached = os.path.join(cluster.home, "worker-state", "cache", "partial", sha(data))
+    wait_for(lambda: os.path.exists(cached) and os.path.getsize(cached) >= 4 * 1024 * 1024,
+             30, "the worker fetching")
+    process = cluster.workers[DEVICE]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    cluster.start_worker(DEVICE, "--slots", "2")
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                (task_id,)).fetchone()[0]
+    assert sha(data) in result
+    assert not os.path.exists(cached)
+    assert_store_whole(cluster)
+
+
+def http(cluster, method, path, body, timeout=30):
+    token = state_dir.read_secret(cluster.config.admin_token_path)
+    request = urllib.request.Request(
+        "http://127.0.0.1:%d%s" % (cluster.config.web_port, path), data=body, method=method,
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def quietly(function, *arguments):
+    """For a thread whose request rc-web may be killed under."""
+    try:
+        function(*arguments)
+    except Exception:
+        pass
+
+
+def test_rc_web_killed_during_a_batch_submit_with_inputs_queues_all_or_none(cluster):
+    data = os.urandom(1000)
+    stored = http(cluster, "POST", "/api/v1/files", data)
+    assert stored["sha256"] == sha(data)
+    count = 2000
+    batch = json.dumps([{"task_type": "shell", "payload": {
+        "command": "true", "inputs": [{"path": "in-%d" % number, "sha256": sha(data),
+                                       "size": len(data)}]},
+        "requirements": {"device_id": "nobody-%d" % number}}
+        for number in range(count)]).encode()
+    first = cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+    for delay in (0.0, 0.05, 0.15):
+        last = cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+        sender = threading.Thread(target=quietly, args=(
+            http, cluster, "POST", "/api/v1/tasks", batch), daemon=True)
+        sender.start()
+        time.sleep(delay)
+        kill_program(cluster, "rc-web")
+        sender.join(30)
+        queued = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ?",
+                                    (last,)).fetchone()[0]
+        assert queued in (0, count), (delay, queued)
+        assert cluster.db.execute(
+            "SELECT count(*) FROM tasks t WHERE t.task_id > ? AND NOT EXISTS (SELECT 1 FROM"
+            " task_files f WHERE f.task_id = t.task_id AND f.sha256 = ?)",
+            (last, sha(data))).fetchone()[0] == 0
+        wait_for(lambda: listening(cluster.config.web_port), 30, "rc-web listening again")
+    for (task_id,) in cluster.db.execute("SELECT task_id FROM tasks WHERE state = 'queued'"
+                                         " AND task_id > ?", (first,)).fetchall():
+        tasks.cancel(cluster.db, task_id)       # none of them can run: out of the queue
     assert_store_whole(cluster)
