@@ -114,6 +114,10 @@ def terminal_once(cluster, task_id, timeout=60):
     wait_for(lambda: cluster.db.execute(
         "SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()[0]
         in TERMINAL_STATES, timeout, "task %d terminal" % task_id)
+    ends = cluster.db.execute("SELECT count(*) FROM task_events WHERE task_id = ? AND state IN"
+                              " (%s)" % ",".join("?" * len(TERMINAL_STATES)),
+                              (task_id,) + tuple(TERMINAL_STATES)).fetchone()[0]
+    assert ends == 1, "task %d ended %d times" % (task_id, ends)
     return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                               (task_id,)).fetchone()[0]
 
@@ -408,4 +412,20 @@ def test_rc_web_killed_during_a_batch_submit_with_inputs_queues_all_or_none(clus
     for (task_id,) in cluster.db.execute("SELECT task_id FROM tasks WHERE state = 'queued'"
                                          " AND task_id > ?", (first,)).fetchall():
         tasks.cancel(cluster.db, task_id)       # none of them can run: out of the queue
+    assert_store_whole(cluster)
+
+
+def test_after_it_all_the_sweep_leaves_partial_empty_and_no_blob_without_its_row(cluster):
+    """Last: every task above has ended, so nothing owns a partial file
+    once it is past the ages the sweep allows a live writer."""
+    for name in os.listdir(partial_dir(cluster)):
+        age(os.path.join(partial_dir(cluster), name), 3601)
+    sweep(cluster)
+    assert os.listdir(partial_dir(cluster)) == []
+    recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
+    on_disk = {name for directory in os.listdir(files.root(cluster.config))
+               if len(directory) == 2
+               for name in os.listdir(os.path.join(files.root(cluster.config), directory))}
+    print("blob files without a row (left for the orphan sweep):", len(on_disk - recorded))
+    assert recorded <= on_disk
     assert_store_whole(cluster)
