@@ -79,6 +79,20 @@ def listening(port):
         return False
 
 
+def sent_offsets(cluster, digest):
+    """The offsets rc-files sent a blob from (its file_sent lines)."""
+    offsets = []
+    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "file_sent" and record.get("sha256") == digest:
+                offsets.append(record.get("offset"))
+    return offsets
+
+
 def age(path, seconds):
     then = time.time() - seconds
     os.utime(path, (then, then))
@@ -231,6 +245,8 @@ def test_rc_files_killed_during_a_worker_fetch_the_task_still_runs_once(cluster,
     result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
                                 (task_id,)).fetchone()[0]
     assert sha(data) in result
+    # The fetch went on from the bytes the worker had, not from the start.
+    assert any(offset > 0 for offset in sent_offsets(cluster, sha(data)))
     assert_store_whole(cluster)
 
 
@@ -361,6 +377,7 @@ def test_the_worker_killed_during_a_fetch_resumes_and_the_task_ends_once(cluster
     result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
                                 (task_id,)).fetchone()[0]
     assert sha(data) in result
+    assert any(offset > 0 for offset in sent_offsets(cluster, sha(data)))
     assert not os.path.exists(cached)
     assert_store_whole(cluster)
 
