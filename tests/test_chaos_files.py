@@ -162,6 +162,21 @@ def start_upload(cluster, size):
     return sock
 
 
+def catch(predicate, timeout):
+    """Whether the moment came within `timeout` (polled without a pause)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+    return False
+
+
+def blob_files(cluster):
+    store = files.root(cluster.config)
+    return {name for directory in os.listdir(store) if len(directory) == 2
+            for name in os.listdir(os.path.join(store, directory))}
+
+
 def caught(predicate, timeout):
     """Polled without a pause: the moment may last a few milliseconds."""
     deadline = time.time() + timeout
@@ -274,12 +289,28 @@ def test_the_worker_killed_during_its_output_put_the_task_runs_again_and_ends_on
 
 
 def test_rc_server_killed_while_inline_outputs_are_stored_each_task_ends_once(cluster):
-    task_ids = [submit(cluster, "shell", "printf 'task-%d-%%s' $$ | tee o.txt" % number,
-                       "--output", "o.txt") for number in range(40)]
-    wait_for(lambda: cluster.db.execute(
-        "SELECT count(*) FROM task_files WHERE name = 'o.txt' AND task_id >= ?",
-        (task_ids[0],)).fetchone()[0] >= 3, 30, "the first outputs stored")
-    kill_program(cluster, "rc-server")
+    recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
+    answer = http(cluster, "POST", "/api/v1/tasks", json.dumps([{
+        "task_type": "shell", "requirements": {"device_id": DEVICE}, "payload": {
+            "command": "printf 'task-%d-%%s' $$ | tee o.txt" % number, "outputs": ["o.txt"]}}
+        for number in range(60)]).encode())
+    task_ids = [task["task_id"] for task in answer["tasks"]]
+    # Between an output's blob placed and its row (about a millisecond):
+    # rc-server let run a moment at a time, and looked at while stopped,
+    # until a blob file shows that no row names; then killed.
+    server = cluster.program_pid("rc-server")
+    unrecorded, deadline = set(), time.time() + 20
+    os.kill(server, signal.SIGSTOP)
+    try:
+        while not unrecorded and time.time() < deadline:
+            os.kill(server, signal.SIGCONT)
+            time.sleep(0.0005)
+            os.kill(server, signal.SIGSTOP)
+            unrecorded = blob_files(cluster) - recorded - {
+                row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
+    finally:
+        kill_program(cluster, "rc-server")
+    assert unrecorded, "rc-server never caught between an output's blob and its row"
     time.sleep(0.5)
     kill_program(cluster, "rc-server")
     for task_id in task_ids:
@@ -440,9 +471,7 @@ def test_after_it_all_the_sweep_leaves_partial_empty_and_no_blob_without_its_row
     sweep(cluster)
     assert os.listdir(partial_dir(cluster)) == []
     recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
-    on_disk = {name for directory in os.listdir(files.root(cluster.config))
-               if len(directory) == 2
-               for name in os.listdir(os.path.join(files.root(cluster.config), directory))}
+    on_disk = blob_files(cluster)
     print("blob files without a row (left for the orphan sweep):", len(on_disk - recorded))
     assert recorded <= on_disk
     assert_store_whole(cluster)
