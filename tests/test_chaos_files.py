@@ -173,8 +173,27 @@ def catch(predicate, timeout):
 
 def blob_files(cluster):
     store = files.root(cluster.config)
+    if not os.path.isdir(store):
+        return set()
     return {name for directory in os.listdir(store) if len(directory) == 2
             for name in os.listdir(os.path.join(store, directory))}
+
+
+def halt(pid):
+    """SIGSTOP, and back once every thread of `pid` is stopped: the signal
+    arrives a moment later on another core."""
+    os.kill(pid, signal.SIGSTOP)
+    directory = "/proc/%d/task" % pid
+    while True:
+        states = []
+        for thread in os.listdir(directory):
+            try:
+                with open(os.path.join(directory, thread, "stat")) as f:
+                    states.append(f.read().rpartition(")")[2].split()[0])
+            except OSError:
+                pass
+        if all(state in "tT" for state in states):
+            return
 
 
 def caught(predicate, timeout):
@@ -290,6 +309,7 @@ def test_the_worker_killed_during_its_output_put_the_task_runs_again_and_ends_on
 
 def test_rc_server_killed_while_inline_outputs_are_stored_each_task_ends_once(cluster):
     recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
+    server = cluster.program_pid("rc-server")
     answer = http(cluster, "POST", "/api/v1/tasks", json.dumps([{
         "task_type": "shell", "requirements": {"device_id": DEVICE}, "payload": {
             "command": "printf 'task-%d-%%s' $$ | tee o.txt" % number, "outputs": ["o.txt"]}}
@@ -298,14 +318,13 @@ def test_rc_server_killed_while_inline_outputs_are_stored_each_task_ends_once(cl
     # Between an output's blob placed and its row (about a millisecond):
     # rc-server let run a moment at a time, and looked at while stopped,
     # until a blob file shows that no row names; then killed.
-    server = cluster.program_pid("rc-server")
     unrecorded, deadline = set(), time.time() + 20
     os.kill(server, signal.SIGSTOP)
     try:
         while not unrecorded and time.time() < deadline:
             os.kill(server, signal.SIGCONT)
             time.sleep(0.0005)
-            os.kill(server, signal.SIGSTOP)
+            halt(server)
             unrecorded = blob_files(cluster) - recorded - {
                 row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
     finally:
@@ -474,4 +493,38 @@ def test_after_it_all_the_sweep_leaves_partial_empty_and_no_blob_without_its_row
     on_disk = blob_files(cluster)
     print("blob files without a row (left for the orphan sweep):", len(on_disk - recorded))
     assert recorded <= on_disk
+    assert_store_whole(cluster)
+
+
+def test_rc_files_killed_between_a_put_s_blob_and_its_row_the_task_ends_once(cluster):
+    line = "chaos-%s\n" % os.urandom(6).hex()
+    size = 32 * 1024 * 1024
+    data = (line * (size // len(line) + 1)).encode()[:size]
+    digest = sha(data)
+    server = cluster.program_pid("rc-files")
+    task_id = submit(cluster, "shell", "yes %s | head -c %d > out.bin" % (line.strip(), size),
+                     "--output", "out.bin")
+    caught(lambda: partials(cluster, "put-%d-" % task_id), 30)
+    # rc-files let run a moment at a time until the blob is in place with no
+    # row: the moments shortest once the bytes are nearly all in.
+    placed, deadline = False, time.time() + 20
+    os.kill(server, signal.SIGSTOP)
+    try:
+        while not placed and time.time() < deadline:
+            nearly_in = partial_size(cluster, "put-%d-" % task_id) > size - 2 * 1024 * 1024
+            os.kill(server, signal.SIGCONT)
+            if not nearly_in:
+                time.sleep(0.0005)
+            halt(server)
+            placed = os.path.exists(files.blob_path(cluster.config, digest)) and \
+                not files.exists(cluster.db, digest)
+    finally:
+        kill_program(cluster, "rc-files")
+    assert placed, ("rc-files never caught between the blob and its row",
+                    os.path.exists(files.blob_path(cluster.config, digest)),
+                    files.exists(cluster.db, digest), partials(cluster, "put-%d-" % task_id))
+    assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
+    rows = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
+                              " AND name = 'out.bin'", (task_id,)).fetchall()
+    assert [tuple(row) for row in rows] == [(digest, size)]
     assert_store_whole(cluster)
