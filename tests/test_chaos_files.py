@@ -9,6 +9,7 @@ store's sweep (rc-reaper's, run here at once) has been round.
 Moments are found by polling (a partial file appearing and growing), so
 each scenario takes a few seconds."""
 import hashlib
+import io
 import json
 import os
 import signal
@@ -482,20 +483,6 @@ def test_rc_web_killed_during_a_batch_submit_with_inputs_queues_all_or_none(clus
     assert_store_whole(cluster)
 
 
-def test_after_it_all_the_sweep_leaves_partial_empty_and_no_blob_without_its_row(cluster):
-    """Last: every task above has ended, so nothing owns a partial file
-    once it is past the ages the sweep allows a live writer."""
-    for name in os.listdir(partial_dir(cluster)):
-        age(os.path.join(partial_dir(cluster), name), 3601)
-    sweep(cluster)
-    assert os.listdir(partial_dir(cluster)) == []
-    recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
-    on_disk = blob_files(cluster)
-    print("blob files without a row (left for the orphan sweep):", len(on_disk - recorded))
-    assert recorded <= on_disk
-    assert_store_whole(cluster)
-
-
 def test_rc_files_killed_between_a_put_s_blob_and_its_row_the_task_ends_once(cluster):
     line = "chaos-%s\n" % os.urandom(6).hex()
     size = 32 * 1024 * 1024
@@ -527,4 +514,69 @@ def test_rc_files_killed_between_a_put_s_blob_and_its_row_the_task_ends_once(clu
     rows = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
                               " AND name = 'out.bin'", (task_id,)).fetchall()
     assert [tuple(row) for row in rows] == [(digest, size)]
+    assert_store_whole(cluster)
+
+
+def test_rc_reaper_killed_during_its_file_sweep_leaves_no_row_without_its_blob(cluster):
+    """rc-reaper runs the store's sweep as it starts: blobs past their
+    retention, killed while it deletes them (rows first, then files)."""
+    connection = db.connect(cluster.config.db_path)
+    try:
+        expired = [files.store_stream(connection, cluster.config,
+                                      io.BytesIO(os.urandom(4096)))[0] for _ in range(1200)]
+        with db.write(connection):
+            connection.executemany("UPDATE files SET last_used_at = 0 WHERE sha256 = ?",
+                                   [(digest,) for digest in expired])
+    finally:
+        connection.close()
+    for digest in expired:      # placed long ago, as a blob past its retention was
+        age(files.blob_path(cluster.config, digest), files.ORPHAN_BLOB_AGE + 60)
+    reaper = kill_program(cluster, "rc-reaper")
+    assert reaper
+    reaper = cluster.program_pid("rc-reaper")
+    marks = ",".join("?" * len(expired))
+
+    def mid_sweep():
+        rows = cluster.db.execute("SELECT count(*) FROM files WHERE sha256 IN (%s)" % marks,
+                                  expired).fetchone()[0]
+        on_disk = sum(os.path.exists(files.blob_path(cluster.config, d)) for d in expired)
+        return rows < on_disk
+    stopped = False
+    try:
+        halt(reaper)
+        deadline = time.time() + 20
+        while not stopped and time.time() < deadline:
+            os.kill(reaper, signal.SIGCONT)
+            time.sleep(0.002)
+            halt(reaper)
+            stopped = mid_sweep()
+    finally:
+        kill_program(cluster, "rc-reaper")
+    assert stopped, "rc-reaper never caught mid sweep"
+    # The restarted reaper sweeps again at once: every expired row goes.
+    wait_for(lambda: cluster.db.execute("SELECT count(*) FROM files WHERE sha256 IN (%s)"
+                                        % marks, expired).fetchone()[0] == 0, 30,
+             "the expired rows gone")
+    left = sum(os.path.exists(files.blob_path(cluster.config, d)) for d in expired)
+    print("expired blob files left without a row by the kill:", left)
+    # The files the kill left go with the orphan sweep's round of the store
+    # (ORPHAN_BLOB_DIRS directories a minute), the quota meanwhile short of
+    # the disk by their bytes.
+    for _ in range(256 // files.ORPHAN_BLOB_DIRS):
+        sweep(cluster)
+    assert not any(os.path.exists(files.blob_path(cluster.config, d)) for d in expired)
+    assert_store_whole(cluster)
+
+
+def test_after_it_all_the_sweep_leaves_partial_empty_and_no_blob_without_its_row(cluster):
+    """Last: every task above has ended, so nothing owns a partial file
+    once it is past the ages the sweep allows a live writer."""
+    for name in os.listdir(partial_dir(cluster)):
+        age(os.path.join(partial_dir(cluster), name), 3601)
+    sweep(cluster)
+    assert os.listdir(partial_dir(cluster)) == []
+    recorded = {row[0] for row in cluster.db.execute("SELECT sha256 FROM files")}
+    on_disk = blob_files(cluster)
+    print("blob files without a row (left for the orphan sweep):", len(on_disk - recorded))
+    assert recorded <= on_disk
     assert_store_whole(cluster)
