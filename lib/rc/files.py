@@ -214,8 +214,12 @@ class Writer:
         self.file = open(self.path, "ab", buffering=0)
         if not partial_name:
             # Held while it is written: the lock goes with a killed writer,
-            # and the sweep then removes the file (unowned()) at once.
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # and the sweep then removes the file (unowned()) at once. Where
+            # the file system has no locks, the sweep's hour rule is left.
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
 
     def _rehash(self):
         with open(self.path, "rb") as f:
@@ -794,7 +798,7 @@ def unowned(path):
                 return False
             return True
     except OSError:
-        return False        # gone meanwhile
+        return False        # gone meanwhile, or no locks here: left to the hour rule
 
 
 # -- small files on the worker connection (rc-server) -----------------------------------
