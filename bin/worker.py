@@ -4772,16 +4772,26 @@ class FileCache(object):
         for path in (self.dir, os.path.join(self.dir, "partial"), os.path.join(self.dir, "tmp")):
             os.makedirs(path, mode=0o700, exist_ok=True)
         self.prepared = True
-        # A fetch cut long ago whose task never came back, and temporaries of a killed worker.
+        # A fetch cut long ago whose task never came back, and temporaries of
+        # a killed worker: at once when its process is gone (their name says
+        # which, see temporary(); workers may share a state directory), else
+        # after a day.
         for folder, oldest in (("partial", time.time() - PARTIAL_MAX_AGE),
                                ("tmp", time.time() - 86400)):
             for name in list_dir(os.path.join(self.dir, folder)):
                 path = os.path.join(self.dir, folder, name)
+                owner = name[1:].partition("-")[0] if folder == "tmp" and name[:1] == "p" else ""
                 try:
-                    if os.lstat(path).st_mtime < oldest:
+                    if (owner.isdigit() and not pid_alive(owner)) or \
+                            os.lstat(path).st_mtime < oldest:
                         os.unlink(path)
                 except OSError:
                     pass
+
+    def temporary(self, name):
+        """A path under tmp/ named after this process, so that a worker
+        started after this one was killed removes it (prepare())."""
+        return os.path.join(self.dir, "tmp", "p%d-%s" % (os.getpid(), name))
 
 
 # -- the rc-files client -------------------------------------------------------
@@ -6100,8 +6110,7 @@ class Files(object):
         try:
             self.cache.prepare()
             self.cache.make_room(len(blob))
-            temporary = os.path.join(self.cache.dir, "tmp", "inline-%s-%s" % (sha[:16],
-                                                                              new_nonce()[:8]))
+            temporary = self.cache.temporary("inline-%s-%s" % (sha[:16], new_nonce()[:8]))
             # Read-only from the start (the descriptor writes all the same):
             # add() need not chmod it, nor touch what was just made.
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -6493,8 +6502,8 @@ class Files(object):
         if not signature or signature == state[1]:
             return
         self.cache.prepare()
-        temporary = os.path.join(self.cache.dir, "tmp", "checkpoint-%d-%d-%s.tar"
-                                 % (key[0], key[1], new_nonce()[:8]))
+        temporary = self.cache.temporary("checkpoint-%d-%d-%s.tar"
+                                         % (key[0], key[1], new_nonce()[:8]))
         try:
             size, sha = write_checkpoint(directory, temporary)
             with open(temporary, "rb") as source:

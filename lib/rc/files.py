@@ -19,6 +19,7 @@ Used by rc-files (lib/rc/transfer.py), rc-server (small files that ride
 the worker connection: inline_inputs(), check_inline_outputs()), rc-web and
 the `rc` command; it never talks to the network itself.
 """
+import fcntl
 import fnmatch
 import hashlib
 import os
@@ -48,6 +49,12 @@ SWEEP_CHUNK = 500                # blobs deleted per transaction
 REMOVE_CHUNK = 100
 ORPHAN_BLOB_AGE = 3600.0         # seconds a blob file with no row is left alone before it goes
 ORPHAN_BLOB_DIRS = 16            # of the 256 var/files/<aa>/ directories, looked through per sweep
+# Seconds an upload's partial file is left to its writer before the sweep
+# asks whether anyone holds it (the moment between creating it and locking it).
+UNOWNED_UPLOAD_AGE = 5.0
+# Seconds after which an orphan-* or inline-* partial file is a kill's
+# leftover: its writer (remove_orphan, write_unsynced) holds it for moments.
+MOMENT_FILE_AGE = 60.0
 
 
 class FileStoreError(Exception):
@@ -205,6 +212,14 @@ class Writer:
         # Unbuffered: bytes come in large pieces, and the buffered layer cost
         # a copy, a tty check and an 8 KiB buffer per file.
         self.file = open(self.path, "ab", buffering=0)
+        if not partial_name:
+            # Held while it is written: the lock goes with a killed writer,
+            # and the sweep then removes the file (unowned()) at once. Where
+            # the file system has no locks, the sweep's hour rule is left.
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
 
     def _rehash(self):
         with open(self.path, "rb") as f:
@@ -761,12 +776,29 @@ def clean_partials(connection, config, now):
             stale = stale or ((int(parts[1]), int(parts[2])) not in active
                               and os.path.getmtime(path) < now - 60)
         elif name.startswith("upload-"):
-            # An HTTP upload in progress writes at least every few seconds.
-            stale = stale or os.path.getmtime(path) < now - 3600
+            # An HTTP upload in progress writes at least every few seconds;
+            # one whose writer was killed is nobody's, and holds quota.
+            stale = stale or os.path.getmtime(path) < now - 3600 or (
+                os.path.getmtime(path) < now - UNOWNED_UPLOAD_AGE and unowned(path))
+        elif name.startswith(("orphan-", "inline-")):
+            stale = stale or os.path.getmtime(path) < now - MOMENT_FILE_AGE
         if stale:
             remove(path)
             removed += 1
     return removed
+
+
+def unowned(path):
+    """Whether no process holds the lock a Writer takes on its upload."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+    except OSError:
+        return False        # gone meanwhile, or no locks here: left to the hour rule
 
 
 # -- small files on the worker connection (rc-server) -----------------------------------
