@@ -158,17 +158,37 @@ def online(cluster):
         "SELECT device_id FROM devices WHERE status = 'online' AND connected = 1")}
 
 
-def rc_files_events(cluster, event, digest):
-    """How many lines of rc-files' log are `event` (file_sent, file_stored) for a blob."""
-    count = 0
+def rc_files_records(cluster, event, digest):
+    """The lines of rc-files' log that are `event` (file_sent, file_stored)
+    for a blob, as dicts."""
+    found = []
     with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            count += record.get("event") == event and record.get("sha256") == digest
-    return count
+            if record.get("event") == event and record.get("sha256") == digest:
+                found.append(record)
+    return found
+
+
+def rc_files_events(cluster, event, digest):
+    """How many lines of rc-files' log are `event` (file_sent, file_stored) for a blob."""
+    return len(rc_files_records(cluster, event, digest))
+
+
+def bench_ready(cluster):
+    """The benches' cluster, started: one worker "bench" with 4 slots in
+    place of the local one, and the client's url and token on `cluster`."""
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    cluster.start_worker("bench", "--slots", "4")
+    wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
+    with open(cluster.config.admin_token_path) as f:
+        cluster.token = f.read().strip()
+    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+    return cluster
 
 
 def wait_all_finished(cluster, task_ids, timeout):

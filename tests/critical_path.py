@@ -39,7 +39,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cluster_harness import Cluster, online, wait_for  # noqa: E402
+from cluster_harness import Cluster, bench_ready  # noqa: E402
 
 from rc import client  # noqa: E402
 
@@ -296,13 +296,9 @@ def main():
         sys.exit("needs ftrace at %s (and root)" % TRACING)
     with tempfile.TemporaryDirectory(prefix="rc-critical-path-") as home:
         cluster = Cluster(home, base=SETTINGS)
-        cluster.start()
         try:
-            cluster.supervisorctl("stop", "rc-worker")
-            cluster.start_worker("bench", "--slots", "4")
-            wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
-            with open(cluster.config.admin_token_path) as f:
-                token = f.read().strip()
+            bench_ready(cluster)
+            token = cluster.token
             text, labels, seconds = record(cluster, "http://127.0.0.1:%d"
                                            % cluster.config.web_port, token,
                                            options.trips, options.pause)

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cluster_harness import REPO, Cluster, online, wait_for  # noqa: E402
+from cluster_harness import REPO, Cluster, bench_ready, wait_for  # noqa: E402
 
 from rc import client  # noqa: E402
 
@@ -148,14 +148,8 @@ def main():
         parser.error("--programs: one of %s, not %s" % (", ".join(MODULES), ", ".join(unknown)))
     scratch = tempfile.mkdtemp(prefix="rc-statements-")
     cluster = Cluster(os.path.join(scratch, "cluster"), base=SETTINGS)
-    cluster.start()
     try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker("bench", "--slots", "4")
-        wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
-        with open(cluster.config.admin_token_path) as f:
-            cluster.token = f.read().strip()
-        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+        bench_ready(cluster)
         for name in names:
             report(name, *timed(cluster, name, options.trips, options.pause, scratch),
                    trips=options.trips)

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from cluster_harness import REPO, Cluster, online, wait_for
+from cluster_harness import REPO, Cluster, bench_ready
 from rc import client
 
 pytestmark = pytest.mark.bench
@@ -38,14 +38,7 @@ def record(figure, target, measured, unit, passed, cpu_ms=None, by_process=None)
 
 @pytest.fixture(scope="module")
 def bench_cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("bench-client"), base=SETTINGS)
-    cluster.start()
-    cluster.supervisorctl("stop", "rc-worker")
-    cluster.start_worker("bench", "--slots", "4")
-    wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
-    with open(cluster.config.admin_token_path) as f:
-        cluster.token = f.read().strip()
-    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+    cluster = bench_ready(Cluster(tmp_path_factory.mktemp("bench-client"), base=SETTINGS))
     yield cluster
     cluster.stop()
 

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import Cluster, online, rc_files_records, wait_for
 from rc import db, files, state_dir, tasks
 from rc.states import TERMINAL_STATES
 
@@ -82,16 +82,7 @@ def listening(port):
 
 def sent_offsets(cluster, digest):
     """The offsets rc-files sent a blob from (its file_sent lines)."""
-    offsets = []
-    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == "file_sent" and record.get("sha256") == digest:
-                offsets.append(record.get("offset"))
-    return offsets
+    return [record.get("offset") for record in rc_files_records(cluster, "file_sent", digest)]
 
 
 def age(path, seconds):
