@@ -205,13 +205,19 @@ def caught(predicate, timeout):
 
 def test_rc_web_killed_mid_upload_leaves_no_partial_nobody_owns(cluster):
     before = set(partials(cluster, "upload-"))
-    sock = start_upload(cluster, BIG)
-    try:
-        caught(lambda: partial_size(cluster, "upload-") > 0, 30)
-        kill_program(cluster, "rc-web")
-    finally:
-        sock.close()
-    cut = set(partials(cluster, "upload-")) - before
+    for _ in range(3):      # an upload done before rc-web was halted is tried again
+        web = cluster.program_pid("rc-web")
+        sock = start_upload(cluster, BIG)
+        try:
+            caught(lambda: partial_size(cluster, "upload-") > 0, 30)
+            halt(web)
+            cut = set(partials(cluster, "upload-")) - before
+            kill_program(cluster, "rc-web")
+        finally:
+            sock.close()
+        if cut:
+            break
+        wait_for(lambda: listening(cluster.config.web_port), 30, "rc-web listening again")
     assert cut, "the cut upload's partial file"
     for name in cut:     # past the moment between its creation and its lock
         age(os.path.join(partial_dir(cluster), name), files.UNOWNED_UPLOAD_AGE + 1)
