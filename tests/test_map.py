@@ -274,6 +274,13 @@ def test_a_task_that_times_out_counts_as_failed(cluster):
     assert "input 2 ('30') timed_out" in done.stderr
 
 
+def hears_ctrl_c():
+    """For a child that is sent SIGINT: a shell's background job (`make
+    test &`, `nohup`) passes SIGINT on ignored, and Python then raises no
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
     """Ctrl-C (no terminal here) leaves the queued tasks and says how to
     cancel or resume; --resume waits for them rather than running them
@@ -282,7 +289,7 @@ def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
     try:
         process = subprocess.Popen([RC, "map", "echo {}", "a", "b", "c"], env=cluster.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   universal_newlines=True)
+                                   universal_newlines=True, preexec_fn=hears_ctrl_c)
         group_id = map_id(process.stderr.readline())
         wait_for(lambda: cluster.db.execute(
             "SELECT count(*) FROM tasks WHERE group_id = ? AND state = 'queued'",
@@ -334,7 +341,7 @@ def test_ctrl_c_on_a_terminal_asks_and_cancels_the_queued_tasks(cluster):
         process = subprocess.Popen(
             [RC, "map", "echo {}"], env=cluster.env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=device, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(2, termios.TIOCSCTTY, 0))
+            preexec_fn=lambda: (hears_ctrl_c(), fcntl.ioctl(2, termios.TIOCSCTTY, 0)))
         os.close(device)
         process.stdin.write(b"a\nb\n")
         process.stdin.close()
@@ -378,7 +385,7 @@ def test_resume_waits_for_tasks_still_queued(cluster):
     try:
         process = subprocess.Popen([RC, "map", "echo {}", "x", "y"], env=cluster.env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   universal_newlines=True)
+                                   universal_newlines=True, preexec_fn=hears_ctrl_c)
         group_id = map_id(process.stderr.readline())
         wait_for(lambda: cluster.db.execute(
             "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0] == 2,
