@@ -33,7 +33,7 @@ def test_history_counts_each_minute_and_stays_bounded(cluster_home, add_device):
     ids = [tasks.submit(connection, config, "echo", {"message": str(n)}) for n in range(6)]
     for n, task_id in enumerate(ids[:4]):
         finish(connection, task_id, "completed" if n < 3 else "failed", now - 2, now - 1 + n * 0.1)
-    later = now + 120
+    later = now + 120 - (now + 120) % 60 + 30      # mid-minute: later + 1 closes no minute
     written = stats.record(connection, config, later)
     assert written == stats.CATCH_UP_MINUTES
     rows = stats.history(connection, 60, later)
