@@ -4255,8 +4255,8 @@ class Environments(object):
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
         all, like /tmp; the worker then makes each environment its own."""
-        if not os.path.isdir(self.directory):
-            os.makedirs(self.directory, 0o700)
+        # exist_ok: workers sharing one --venv-dir start their first tasks at once.
+        os.makedirs(self.directory, 0o700, exist_ok=True)
         if jail.get("uid") is not None and os.stat(self.directory).st_mode & 0o7777 != 0o1777:
             os.chmod(self.directory, 0o1777)
 
