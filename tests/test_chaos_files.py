@@ -244,11 +244,17 @@ def test_rc_web_killed_mid_upload_leaves_no_partial_nobody_owns(cluster):
     assert_store_whole(cluster)
 
 
-def test_rc_files_killed_during_an_output_put_the_task_ends_once_with_its_output(cluster):
+def output_put_under_way(cluster):
+    """A task whose BIG output is being put (a MiB of it in rc-files' partial file)."""
     task_id = submit(cluster, "shell", "head -c %d /dev/urandom > out.bin && sha256sum out.bin"
                      % BIG, "--output", "out.bin")
     wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
              "the output put under way")
+    return task_id
+
+
+def test_rc_files_killed_during_an_output_put_the_task_ends_once_with_its_output(cluster):
+    task_id = output_put_under_way(cluster)
     kill_program(cluster, "rc-files")
     assert terminal_once(cluster, task_id) == "completed", cluster.rc("why", str(task_id)).stdout
     row = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
@@ -286,10 +292,7 @@ def test_rc_files_killed_during_a_worker_fetch_the_task_still_runs_once(cluster,
 
 
 def test_the_worker_killed_during_its_output_put_the_task_runs_again_and_ends_once(cluster):
-    task_id = submit(cluster, "shell", "head -c %d /dev/urandom > out.bin && sha256sum out.bin"
-                     % BIG, "--output", "out.bin")
-    wait_for(lambda: partial_size(cluster, "put-%d-" % task_id) >= 1024 * 1024, 30,
-             "the output put under way")
+    task_id = output_put_under_way(cluster)
     os.killpg(cluster.workers[DEVICE].pid, signal.SIGKILL)
     cluster.workers[DEVICE].wait()
     cluster.start_worker(DEVICE, "--slots", "2")

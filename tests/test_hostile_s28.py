@@ -52,6 +52,17 @@ def ended(cluster, task_id, timeout=60):
 
 # -- a sparse file in the checkpoint directory ----------------------------------------------
 
+def failed_on_the_good_worker(cluster, command):
+    """The id of a shell task run once on the good worker, failed (so its
+    checkpoint goes up), the cluster unharmed meanwhile."""
+    with unharmed(cluster, "good"):
+        done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
+                          "--retries", "0")
+        task_id = int(done.stdout.strip())
+        assert ended(cluster, task_id)["state"] == "failed"
+    return task_id
+
+
 def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size(cluster):
     """A task truncates a file in $RC_CHECKPOINT_DIR to 1 GiB (a terabyte
     costs the task no more): a few blocks on the device's disk. The worker
@@ -63,11 +74,7 @@ def test_a_sparse_file_in_a_checkpoint_costs_what_it_holds_not_its_apparent_size
     holes (an array mapped from a file, half written)."""
     command = ('cd "$RC_CHECKPOINT_DIR" && echo kept > real.txt && truncate -s 1G holes.bin'
                ' && echo start > few.bin && truncate -s 1M few.bin && exit 3')
-    with unharmed(cluster, "good"):
-        done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
-                          "--retries", "0")
-        task_id = int(done.stdout.strip())
-        assert ended(cluster, task_id)["state"] == "failed"
+    task_id = failed_on_the_good_worker(cluster, command)
     row = cluster.db.execute("SELECT sha256, size FROM task_files WHERE task_id = ?"
                              " AND kind = 'checkpoint'", (task_id,)).fetchone()
     assert row is not None, "the checkpoint of the failed attempt was not stored"
@@ -90,11 +97,7 @@ def test_a_checkpoint_of_a_myriad_empty_files_is_not_sent(cluster):
     why in the worker's log."""
     command = ('cd "$RC_CHECKPOINT_DIR" && python3 -c "import os\nfor n in range(30000):'
                ' os.close(os.open(str(n), os.O_CREAT | os.O_WRONLY))" && exit 3')
-    with unharmed(cluster, "good"):
-        done = cluster.rc("submit", "shell", command, "--require", "device_id=good",
-                          "--retries", "0")
-        task_id = int(done.stdout.strip())
-        assert ended(cluster, task_id)["state"] == "failed"
+    task_id = failed_on_the_good_worker(cluster, command)
     row = cluster.db.execute("SELECT size FROM task_files WHERE task_id = ?"
                              " AND kind = 'checkpoint'", (task_id,)).fetchone()
     assert row is None, "a checkpoint of %d bytes for 30,000 empty files" % row[0]

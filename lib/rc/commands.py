@@ -44,7 +44,9 @@ DEFAULT_TASK_LIMIT = 50       # rows `rc tasks` shows
 DEFAULT_LOG_LINES = 20        # lines `rc logs` shows before following
 READY_POLL_INTERVAL = 0.1   # seconds between tries in wait-ready
 DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
-STDERR_NOTE_MAX = 200       # characters of a failed command's stderr line rc wait quotes
+# Characters of a failed command's stderr line rc wait quotes: client.py's
+# STDERR_NOTE_MAX (that file stands alone, and importing it costs every rc 14 ms).
+STDERR_NOTE_MAX = 200
 # connect() on a UDP socket sends nothing; it only asks the kernel which local
 # address would route there, which is the address other devices can reach.
 LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
@@ -751,15 +753,10 @@ def cmd_drain(arguments, context):
                   handed_back=handed_back, user=user_name())
     if arguments.now:
         context.out.write("%s drained: %s handed back to the queue\n"
-                          % (arguments.device_id, counted(handed_back, "task")))
+                          % (arguments.device_id, render.counted(handed_back, "task")))
     else:
         context.out.write("%s drained: no new tasks; its running tasks finish there\n"
                           % arguments.device_id)
-
-
-def counted(number, noun):
-    """"1 task", "2 tasks"."""
-    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def cmd_resume(arguments, context):
@@ -774,7 +771,7 @@ def cmd_forget(arguments, context):
                   handed_back=handed_back, user=user_name())
     context.out.write("%s forgotten: it can no longer connect; %s handed back to the"
                       " queue; its history stays (`rc devices --all`)\n"
-                      % (arguments.device_id, counted(handed_back, "task")))
+                      % (arguments.device_id, render.counted(handed_back, "task")))
 
 
 def cmd_revoke(arguments, context):

@@ -7,7 +7,7 @@ slots, and the tasks ahead in the queue (like HTCondor's
 import time
 
 from rc import db, devices, files, tasks
-from rc.render import age
+from rc.render import age, counted
 from rc.states import ASSIGNED, INSTANT_TASK_TYPES, ONLINE, RUNNING, TERMINAL_STATES
 
 
@@ -149,8 +149,7 @@ def db_priority(task):
 
 
 def count_of(items, noun):
-    n = len(items)
-    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
+    return counted(len(items), noun)
 
 
 def on_device(task):

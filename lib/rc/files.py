@@ -579,6 +579,15 @@ def holds_attempt(connection, device_id, task_id, attempt):
         % db.ACTIVE_SQL, (task_id, attempt, device_id)).fetchone() is not None
 
 
+# A task waiting, queued, for the attempt after one the device held
+# (parameter: the device id): its worker's last checkpoint, sent once it
+# stopped the task, still counts (may_store), and its answer for that
+# attempt ends the next one's wait for it (tasks.release_after_take_back).
+QUEUED_AFTER_DEVICES_ATTEMPT = (
+    "tasks.state = 'queued' AND EXISTS (SELECT 1 FROM task_events e"
+    " WHERE e.task_id = tasks.task_id AND e.attempt = tasks.attempt - 1 AND e.device_id = ?)")
+
+
 def may_store(connection, device_id, task_id, attempt, name):
     """The fence of a put: the device holds this attempt now; or, for a
     checkpoint only, the attempt was this device's and the task waits,
@@ -590,10 +599,8 @@ def may_store(connection, device_id, task_id, attempt, name):
     if name != CHECKPOINT_NAME:
         return False
     return connection.execute(
-        "SELECT 1 FROM tasks t WHERE t.task_id = ? AND t.attempt = ? AND t.state = 'queued'"
-        " AND EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = t.task_id"
-        " AND e.attempt = ? AND e.device_id = ?)",
-        (task_id, attempt + 1, attempt, device_id)).fetchone() is not None
+        "SELECT 1 FROM tasks WHERE task_id = ? AND attempt = ? AND "
+        + QUEUED_AFTER_DEVICES_ATTEMPT, (task_id, attempt + 1, device_id)).fetchone() is not None
 
 
 # -- retention (rc-reaper's upkeep, lib/rc/housekeeping.py) -----------------------------

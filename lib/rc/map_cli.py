@@ -510,9 +510,8 @@ class Runner:
 
     def run(self):
         plan = self.plan
-        self.err.write("map %d: %d input%s%s\n" % (plan.group_id, plan.total,
-                                                   "" if plan.total == 1 else "s",
-                                                   self.resume_note()))
+        self.err.write("map %d: %s%s\n" % (plan.group_id, render.counted(plan.total, "input"),
+                                           self.resume_note()))
         self.err.flush()
         self.context.logger.info("map_started", group_id=plan.group_id, inputs=plan.total,
                                  to_run=len(plan.to_run), task_type=plan.task_type,
@@ -714,10 +713,9 @@ class Runner:
         self.progress.draw(self.failed, final=True)
         group_id = self.plan.group_id
         if self.failed:
-            self.err.write("map %d: %d of %d input%s did not complete; `rc map --resume %d`"
-                           " runs them again\n" % (group_id, self.failed, self.plan.total,
-                                                   "" if self.plan.total == 1 else "s",
-                                                   group_id))
+            self.err.write("map %d: %d of %s did not complete; `rc map --resume %d` runs"
+                           " them again\n" % (group_id, self.failed,
+                                              render.counted(self.plan.total, "input"), group_id))
         self.context.logger.info("map_finished", group_id=group_id, failed=self.failed)
         return min(self.failed, MAX_EXIT_STATUS)
 

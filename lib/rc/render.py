@@ -45,6 +45,11 @@ def printable(text):
     return CONTROL_BUT_LINES.sub("?", text)
 
 
+def counted(number, noun):
+    """"1 task", "2 tasks"."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
+
+
 def shorten(text, width):
     return text if len(text) <= width else text[:max(width - 1, 0)] + ELLIPSIS
 

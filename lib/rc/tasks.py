@@ -671,10 +671,9 @@ def release_after_take_back(connection, device_id, task_id, attempt, now):
     first: the next attempt, waiting for that checkpoint
     (HAND_BACK_CHECKPOINT_WAIT), may start now. True if it was waiting."""
     return connection.execute(
-        "UPDATE tasks SET not_before = ? WHERE task_id = ? AND attempt = ? AND state = ?"
-        " AND not_before > ? AND EXISTS (SELECT 1 FROM task_events e"
-        " WHERE e.task_id = tasks.task_id AND e.attempt = ? AND e.device_id = ?)",
-        (now, task_id, attempt + 1, QUEUED, now, attempt, device_id)).rowcount == 1
+        "UPDATE tasks SET not_before = ? WHERE task_id = ? AND attempt = ? AND not_before > ?"
+        " AND " + files.QUEUED_AFTER_DEVICES_ATTEMPT,
+        (now, task_id, attempt + 1, now, device_id)).rowcount == 1
 
 
 def hand_back_unaccepted(connection, task, reason, now):
