@@ -21,7 +21,7 @@ import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
 from hostile_harness import unharmed
-from rc import audit, client, web_results
+from rc import audit, client, files, web_results
 
 pytestmark = pytest.mark.e2e
 
@@ -400,6 +400,22 @@ def test_put_and_get_files(rc_cluster):
     counted = rc_cluster.submit("shell", payload={"command": "wc -l < data.txt"},
                                 inputs=[dict(stored, path="data.txt")])
     assert counted.result(60).strip() == "2"
+
+
+def test_a_file_damaged_on_the_main_nodes_disk_is_an_error_not_bytes(cluster, rc_cluster,
+                                                                    tmp_path):
+    stored = rc_cluster.put(b"the right bytes\n")
+    made = rc_cluster.submit("shell", payload={"command": "cat data.txt > copy.txt"},
+                             inputs=[dict(stored, path="data.txt")], outputs=["copy.txt"])
+    made.result(60)
+    assert rc_cluster.get((made.task_id, "copy.txt")) == b"the right bytes\n"
+    with open(files.blob_path(cluster.config, stored["sha256"]), "r+b") as blob:
+        blob.write(b"THE")           # same size: only the hash can tell
+    for ref in (stored, stored["sha256"], (made.task_id, "copy.txt")):
+        with pytest.raises(client.ClusterError, match="SHA-256 [0-9a-f]{64}, not %s"
+                           % stored["sha256"]):
+            rc_cluster.get(ref, str(tmp_path / "out.txt"))
+    assert not os.path.exists(str(tmp_path / "out.txt"))
 
 
 def test_a_wrong_token_is_a_clear_error(cluster):

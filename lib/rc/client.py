@@ -193,8 +193,9 @@ class Http:
         return sock, sock.makefile("rb")
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
-                bounded=True):
-        """(status, body bytes). A kept-alive connection the server closed
+                bounded=True, with_fields=False):
+        """(status, body bytes), and the answer's header fields (names in
+        lower case) `with_fields`. A kept-alive connection the server closed
         meanwhile is opened again once (waitress closes idle ones). A body
         over MAX_ANSWER_BYTES is refused unless not `bounded` (a file the
         caller asked for, whatever its size)."""
@@ -211,10 +212,10 @@ class Http:
                 link[0].settimeout(timeout)
                 for data in message:
                     link[0].sendall(data)
-                status, data, keep = read_answer(link[1], method, limit)
+                status, data, keep, fields = read_answer(link[1], method, limit)
                 if not keep:
                     self.drop()
-                return status, data
+                return (status, data, fields) if with_fields else (status, data)
             except (NoAnswer, ConnectionResetError, ConnectionAbortedError,
                     BrokenPipeError) as e:
                 self.drop()
@@ -306,8 +307,8 @@ class BadAnswer(Exception):
 
 
 def read_answer(reader, method, limit=None):
-    """(status, body, whether the connection stays open) of one answer; a
-    body over `limit` bytes (None: no limit) is a BadAnswer."""
+    """(status, body, whether the connection stays open, header fields) of
+    one answer; a body over `limit` bytes (None: no limit) is a BadAnswer."""
     while True:
         line = reader.readline(MAX_HEAD_LINE + 1)
         if not line:
@@ -318,9 +319,9 @@ def read_answer(reader, method, limit=None):
             break                   # 1xx (never asked for): the answer follows
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
-        return status, b"", keep
+        return status, b"", keep, fields
     if "chunked" in fields.get("transfer-encoding", "").lower():
-        return status, read_chunked(reader, limit), keep
+        return status, read_chunked(reader, limit), keep, fields
     if "content-length" in fields:
         try:
             length = int(fields["content-length"])
@@ -329,8 +330,8 @@ def read_answer(reader, method, limit=None):
         if length < 0:
             raise BadAnswer("Content-Length %r" % fields["content-length"][:50])
         refuse_past(limit, length)
-        return status, read_exactly(reader, length), keep
-    return status, read_to_end(reader, limit), False
+        return status, read_exactly(reader, length), keep, fields
+    return status, read_to_end(reader, limit), False, fields
 
 
 def read_to_end(reader, limit):
@@ -1174,16 +1175,27 @@ class Cluster:
 
     def get(self, ref, path=None):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
-        a {"sha256"} dict), or (task_id, name) for a task's output file."""
+        a {"sha256"} dict), or (task_id, name) for a task's output file. The
+        bytes are checked against the SHA-256 asked for or, for a task's
+        file, the one the main node names (X-Content-SHA256): a file
+        damaged on the way or on the main node's disk is a ClusterError,
+        never returned or written."""
+        expected = None
         if isinstance(ref, tuple):
             where = "/api/v1/tasks/%d/files/%s" % (int(ref[0]), urllib.parse.quote(ref[1]))
         else:
-            where = "/api/v1/files/%s" % (ref["sha256"] if isinstance(ref, dict) else ref)
-        status, data = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10,
-                                         bounded=False)
+            expected = ref["sha256"] if isinstance(ref, dict) else ref
+            where = "/api/v1/files/%s" % expected
+        status, data, fields = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10,
+                                                 bounded=False, with_fields=True)
         if status != 200:
             raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
                 "utf-8", "replace"), status), status)
+        expected = (expected or fields.get("x-content-sha256", "")).strip().lower()
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected:
+            raise ClusterError("GET %s: the %d bytes received have SHA-256 %s, not %s"
+                               % (where, len(data), got, expected or "(none named)"))
         if path is None:
             return data
         with open(path, "wb") as f:
