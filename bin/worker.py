@@ -5649,13 +5649,16 @@ def file_digest(path):
 
 def restore_checkpoint(archive_path, directory, sha):
     """read_checkpoint; a checkpoint that cannot be unpacked (not a tar, a
-    name twice, a file where a directory goes, a path too long: what a
-    hostile device may hand back) is set aside and the attempt starts afresh, as a first one
-    does, rather than failing on every device the task goes to next."""
+    name twice, a file where a directory goes, a path too long, a name this
+    device cannot encode: what a hostile device may hand back) is set aside
+    and the attempt starts afresh, as a first one does, rather than failing
+    on every device the task goes to next. (CPython 3.6 in the C locale, a
+    service without LANG, encodes file names as ASCII: any other name is a
+    UnicodeEncodeError, a ValueError.)"""
     import tarfile
     try:
         read_checkpoint(archive_path, directory)
-    except (tarfile.TarError, FilesError, EOFError, OSError) as e:
+    except (tarfile.TarError, FilesError, EOFError, OSError, ValueError) as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", 0)):
             raise       # the device's disk is full: the attempt fails and runs elsewhere
         log("warning", "checkpoint_set_aside", sha256=sha,
