@@ -5,12 +5,18 @@ node the programs keep their pids and a good worker's tasks complete
 (hostile_harness.unharmed)."""
 import glob
 import io
+import json
 import os
 import subprocess
 import tarfile
 
 import pytest
 
+from hostile_harness import unharmed
+from rc import protocol
+from test_bad_input import read_frame
+from test_hostile_round23 import mallory  # noqa: F401 (a fixture)
+from test_inline_files import with_the_good_worker
 from test_worker import WORKER, interpreter_version
 
 PYTHON36 = [path for path in sorted(glob.glob(os.path.expanduser(
@@ -55,3 +61,64 @@ def test_a_checkpoint_name_the_next_device_cannot_encode_is_set_aside_not_failed
     assert encoding == "ascii", "this check needs the C locale's ASCII file names"
     assert listing == "[]"
     assert '"checkpoint_set_aside"' in done.stdout + done.stderr
+
+
+# -- a device floods rc-server's log with results and acceptances of no task ---------
+
+def rc_server_events(cluster, event, device_id):
+    """rc-server's log lines that are `event` about `device_id`, as dicts."""
+    found = []
+    with open(os.path.join(cluster.home, "log", "rc-server.log"), "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event and record.get("device_id") == device_id:
+                found.append(record)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s29"), "good",
+                                        auth_timeout=2.0):
+        cluster.admin_token = open(cluster.config.admin_token_path).read().strip()
+        yield cluster
+
+
+FLOOD = 3000
+
+
+# (message, its data but the task, the event it logs, the answer to each)
+FLOODS = [("task_result", {"status": "cancelled"}, "stale_result", "error"),
+          ("task_accept", {}, "stale_accept", "task_cancel"),
+          ("lease_check", None, "lease_check", "lease_check_ack")]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind, data, event, answer", FLOODS)
+def test_answers_for_tasks_a_device_never_held_cost_a_few_log_lines_not_one_each(
+        cluster, mallory, kind, data, event, answer):
+    """A joined device may send 10,000 messages a second (max_message_rate).
+    Each task_result or task_accept for a (task, attempt) it does not hold,
+    and each lease_check, wrote one line to rc-server's log, which
+    supervisord keeps at 6 x 10 MB: a minute of them rotated away every
+    line the main node had logged about every device. Such lines are
+    throttled per device (LimitedLog), the number held back told with the
+    next one (`suppressed`)."""
+    before = len(rc_server_events(cluster, event, "mallory"))
+    with unharmed(cluster, "good"):
+        frames = []
+        for n in range(FLOOD):
+            task = {"task_id": 10 ** 9 + n, "attempt": 1}
+            frames.append(protocol.encode(kind, {"tasks": [task]} if data is None
+                                          else dict(data, **task), sender_id="mallory"))
+        mallory.sock.sendall(b"".join(frames))
+        answered = 0
+        while answered < FLOOD:      # every one read and answered
+            frame = read_frame(mallory.sock, timeout=60)
+            assert frame is not None, "rc-server closed mallory's connection"
+            answered += frame["message_type"] == answer
+    lines = rc_server_events(cluster, event, "mallory")[before:]
+    assert 0 < len(lines) <= 20, len(lines)

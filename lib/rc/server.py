@@ -815,8 +815,8 @@ class Server:
         held = {(row["task_id"], row["attempt"]) for row in self.database.execute(
             "SELECT task_id, attempt FROM tasks WHERE device_id = ? AND %s" % db.ACTIVE_SQL,
             (peer.device_id,))}
-        self.note("info", "lease_check", device_id=peer.device_id, asked=len(asked),
-                  given_away=len(asked - held))
+        self.note_limited("info", "lease_check", peer.device_id, device_id=peer.device_id,
+                          asked=len(asked), given_away=len(asked - held))
         return [(LEASE_CHECK_ACK, {"active_tasks": [
             {"task_id": key[0], "attempt": key[1]} for key in sorted(held)]})]
 
@@ -1203,6 +1203,14 @@ class Server:
         a rollback, and the commit does not wait on the log."""
         self.notes.append((level, event, fields))
 
+    def note_limited(self, level, event, key, **fields):
+        """note() for a line a device can make us repeat at will (an answer
+        for an attempt it does not hold, a lease check): a few a minute per
+        event and key, the rest counted (log_limited). Else 10,000 messages
+        a second would rotate every other line out of the log in a minute."""
+        if self.log_limited.admit(event, key, fields):
+            self.note(level, event, **fields)
+
     def note_audit(self, event, actor, source):
         """An audit line, written once the turn's transaction has committed."""
         self.notes.append((None, event, {"actor": actor, "source": source}))
@@ -1294,8 +1302,8 @@ class Server:
             self.note("debug", "task_started", task_id=key[0], attempt=key[1],
                       device_id=peer.device_id)
             return None
-        self.note("warning", "stale_accept", task_id=key[0], attempt=key[1],
-                  device_id=peer.device_id)
+        self.note_limited("warning", "stale_accept", peer.device_id, task_id=key[0],
+                          attempt=key[1], device_id=peer.device_id)
         return [(TASK_CANCEL, {"task_id": key[0], "attempt": key[1]})]
 
     def apply_progress(self, peer, data, now):
@@ -1355,8 +1363,8 @@ class Server:
         files.record_inline_outputs(self.database, key[0], key[1], stored, row is not None,
                                     now)
         if row is None:
-            self.note("warning", "stale_result", task_id=key[0], attempt=key[1],
-                      device_id=peer.device_id, status=status)
+            self.note_limited("warning", "stale_result", peer.device_id, task_id=key[0],
+                              attempt=key[1], device_id=peer.device_id, status=status)
             if status in (OUTCOME_CANCELLED, OUTCOME_HANDED_BACK) and \
                     tasks.release_after_take_back(self.database, peer.device_id, key[0],
                                                   key[1], now):

@@ -77,12 +77,18 @@ class LimitedLog:
         self.lock = threading.Lock()
 
     def __call__(self, level, event, key, /, **fields):
+        if self.admit(event, key, fields):
+            self.log.log(level, event, **fields)
+
+    def admit(self, event, key, fields):
+        """Whether the line may be written now (`fields` then hold the count
+        of those held back before it, as `suppressed`), for a caller that
+        writes it later (rc-server's notes, once its turn has committed)."""
         with self.lock:
             held = self.throttle.allow((event, key))
-        if held is not None:
-            if held:
-                fields["suppressed"] = held
-            self.log.log(level, event, **fields)
+        if held:
+            fields["suppressed"] = held
+        return held is not None
 
 
 class WrongProofs:
