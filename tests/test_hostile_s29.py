@@ -12,9 +12,10 @@ import tarfile
 
 import pytest
 
+from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import protocol
-from test_bad_input import read_frame
+from rc import audit, protocol
+from test_bad_input import read_frame, registered
 from test_hostile_round23 import mallory  # noqa: F401 (a fixture)
 from test_inline_files import with_the_good_worker
 from test_worker import WORKER, interpreter_version
@@ -122,3 +123,39 @@ def test_answers_for_tasks_a_device_never_held_cost_a_few_log_lines_not_one_each
             answered += frame["message_type"] == answer
     lines = rc_server_events(cluster, event, "mallory")[before:]
     assert 0 < len(lines) <= 20, len(lines)
+
+
+# -- a device reconnects in a loop -------------------------------------------------------
+
+RECONNECTS = 300
+
+
+@pytest.mark.e2e
+def test_a_device_reconnecting_in_a_loop_does_not_rotate_the_audit_log_away(cluster):
+    """Each connection of a joined device was a device_connected line in
+    the audit log (and a device_registered line in rc-server's): one
+    client here made 340 a second, so a compromised device rotated the
+    whole audit log (6 x audit_log_max_bytes: every submit, cancel and
+    refusal) away in half an hour. A few a minute per device and address
+    are written; the rest are counted, in the next line's `suppressed` or
+    a device_connections_held_back line, so the number is never lost."""
+    registered(cluster, "rejoiner").close()      # its first join: device_joined
+    before = len(audit.read(cluster.config))
+    logged_before = len(rc_server_events(cluster, "device_registered", "rejoiner"))
+    with unharmed(cluster, "good"):
+        for _ in range(RECONNECTS):
+            registered(cluster, "rejoiner").close()
+
+    def lines():
+        return [line for line in audit.read(cluster.config)[before:]
+                if line["actor"] == "rejoiner"]
+
+    def counted():
+        return sum(1 + line.get("suppressed", 0) if line["event"] == "device_connected"
+                   else line["count"] for line in lines())
+    wait_for(lambda: counted() == RECONNECTS, 60, "every connection counted in the audit log")
+    assert {line["event"] for line in lines()} <= {"device_connected",
+                                                   "device_connections_held_back"}
+    assert len(lines()) <= 30, len(lines())
+    logged = rc_server_events(cluster, "device_registered", "rejoiner")[logged_before:]
+    assert 0 < len(logged) <= 20, len(logged)

@@ -88,6 +88,11 @@ PUSHABLE_SQL = ("SELECT %s FROM tasks WHERE %s AND (state = ? OR cancel_requeste
                 % (PUSH_COLUMNS, db.ACTIVE_SQL))
 LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors; the rest counted
 HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
+# device_connected audit lines per device and address a minute (bursts of as
+# many); the rest are counted. A worker connects again after a lost link,
+# with backoff; a compromised device reconnecting 300 times a second rotated
+# the whole audit log (6 x audit_log_max_bytes) away in half an hour.
+CONNECTED_LINES_PER_MINUTE = 10
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
                  "cancelled": CANCELLED}
@@ -185,6 +190,7 @@ class Server:
         self.unauthenticated_by_host = collections.Counter()
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
+        self.connected_lines = throttle.Throttle(CONNECTED_LINES_PER_MINUTE)
         self.log_limited = throttle.LimitedLog(log, LOG_LINES_PER_MINUTE)
         self.next_held_back = 0.0
         # Controls from before this start are history, not news.
@@ -312,6 +318,8 @@ class Server:
         for (host, code), count in self.refusal_lines.held_back():
             self.audit_line("connection_refusals_held_back", "unknown", host, code=code,
                             count=count)
+        for (device_id, host), count in self.connected_lines.held_back():
+            self.audit_line("device_connections_held_back", device_id, host, count=count)
 
     def rollback(self):
         if self.database.in_transaction:
@@ -1211,9 +1219,9 @@ class Server:
         if self.log_limited.admit(event, key, fields):
             self.note(level, event, **fields)
 
-    def note_audit(self, event, actor, source):
+    def note_audit(self, event, actor, source, **fields):
         """An audit line, written once the turn's transaction has committed."""
-        self.notes.append((None, event, {"actor": actor, "source": source}))
+        self.notes.append((None, event, dict(fields, actor=actor, source=source)))
 
     def tell(self, notes):
         """The turn's log lines, in one write (see Logger.log_many), and its
@@ -1221,7 +1229,8 @@ class Server:
         self.log.log_many([note for note in notes if note[0] is not None])
         for level, event, fields in notes:
             if level is None:
-                self.audit_line(event, fields["actor"], fields["source"])
+                fields = dict(fields)
+                self.audit_line(event, fields.pop("actor"), fields.pop("source"), **fields)
 
     def apply_register(self, peer, data, now):
         data, worker_nonce, fenced, key, is_new = data
@@ -1245,12 +1254,18 @@ class Server:
                                device_secrets.seal(self.device_key, peer.device_id, secret))
             ack["device_secret"] = protocol.seal(key, peer.nonce, worker_nonce,
                                                  peer.device_id, secret)
-        self.note_audit("device_joined" if first_join else "device_connected", peer.device_id,
-                        peer.address)
+        if first_join:
+            self.note_audit("device_joined", peer.device_id, peer.address)
+        else:      # as often as the device likes: a few a minute, the rest counted
+            held = self.connected_lines.allow((peer.device_id, peer.host))
+            if held is not None:
+                self.note_audit("device_connected", peer.device_id, peer.address,
+                                **({"suppressed": held} if held else {}))
         self.take_back_fenced(peer.device_id, fenced, now)
-        self.note("info", "device_registered", device_id=peer.device_id, address=peer.address,
-                  slots=data.get("slots"), active_tasks=len(peer.pushed),
-                  first_join=first_join)
+        self.note_limited("info", "device_registered", peer.device_id,
+                          device_id=peer.device_id, address=peer.address,
+                          slots=data.get("slots"), active_tasks=len(peer.pushed),
+                          first_join=first_join)
         return [(REGISTER_ACK, ack)]
 
     def take_back_fenced(self, device_id, keys, now):
