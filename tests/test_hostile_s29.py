@@ -4,6 +4,7 @@ handed from one device to the next). After each attack on a running main
 node the programs keep their pids and a good worker's tasks complete
 (hostile_harness.unharmed)."""
 import glob
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from cluster_harness import wait_for
 from hostile_harness import unharmed
 from rc import audit, protocol
 from test_bad_input import read_frame, registered
+from test_files_hostile import authenticated
 from test_hostile_round23 import mallory  # noqa: F401 (a fixture)
 from test_inline_files import with_the_good_worker
 from test_worker import WORKER, interpreter_version
@@ -159,3 +161,56 @@ def test_a_device_reconnecting_in_a_loop_does_not_rotate_the_audit_log_away(clus
     assert len(lines()) <= 30, len(lines())
     logged = rc_server_events(cluster, "device_registered", "rejoiner")[logged_before:]
     assert 0 < len(logged) <= 20, len(logged)
+
+
+# -- a device gets its task's input again and again -----------------------------------
+
+def rc_files_lines(cluster, event):
+    found = []
+    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+GETS = 2000
+
+
+@pytest.mark.e2e
+def test_a_device_getting_its_input_again_and_again_costs_a_few_log_lines(cluster, mallory,
+                                                                          tmp_path):
+    """Each get was a file_sent line in rc-files' log (6 x 10 MB, rotated by
+    supervisord): a device asking for its task's small input thousands of
+    times a second rotated every other transfer's line away within
+    minutes. A few a minute per device and blob are written, the rest
+    counted (`suppressed`, or a lines_suppressed line)."""
+    data = b"a small input\n"
+    digest = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "small.txt"
+    path.write_bytes(data)
+    task_id, attempt = mallory.take("sleep 120", "--input", str(path))
+    with unharmed(cluster, "good"):
+        sock, reader, welcome = authenticated(cluster)
+        assert welcome == {"ok": True}
+        sock.sendall((json.dumps({"get": {"sha256": digest}}) + "\n").encode() * GETS)
+        for _ in range(GETS):
+            header = json.loads(reader.readline())
+            assert header.get("length") == len(data), header
+            assert reader.read(len(data)) == data
+        sock.close()
+
+    def mine():
+        return [line for line in rc_files_lines(cluster, "file_sent")
+                if line.get("device_id") == "mallory" and line.get("sha256") == digest]
+
+    def counted():
+        held = sum(line["count"] for line in rc_files_lines(cluster, "lines_suppressed")
+                   if line.get("key") == ["mallory", digest])
+        return sum(1 + line.get("suppressed", 0) for line in mine()) + held
+    wait_for(lambda: counted() == GETS, 60, "every get counted in rc-files' log")
+    assert len(mine()) <= 20, len(mine())

@@ -38,6 +38,7 @@ DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
 MIN_TRANSFER_RATE = 16 * 1024  # bytes/s below which a transfer counts as idle when rc-files is full
 SLOW_GRACE = 5.0              # seconds a transfer may take to reach that rate
 ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
+HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 NONCE_HEX = 32
 MAX_NAME_BYTES = 4096
@@ -60,7 +61,11 @@ def proof(secret, server_nonce, worker_nonce, device_id):
 class FilesServer:
     def __init__(self, config, log):
         self.config, self.log = config, log
+        # Lines a peer can make us repeat at will, file_sent and file_stored
+        # among them (a device may get its task's input again and again): a
+        # few a minute per event and key, the rest counted.
         self.log_limited = throttle.LimitedLog(log)
+        self.next_held_back = 0.0
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.wrong_proofs = throttle.WrongProofs(config.auth_failures_per_minute)
@@ -88,6 +93,7 @@ class FilesServer:
         self.log.info("files_started", host=self.config.tcp_host, port=self.port,
                       tls=bool(self.context))
         while not should_stop():
+            self.tell_held_back()
             try:
                 sock, address = self.listener.accept()
             except socket.timeout:
@@ -145,6 +151,18 @@ class FilesServer:
             except OSError:
                 pass
             self.slots.release()
+
+    def tell_held_back(self):
+        """Now and then, the count of lines held back by log_limited, so an
+        attack that stops still leaves its size in the log."""
+        now = time.monotonic()
+        if now < self.next_held_back:
+            return
+        self.next_held_back = now + HELD_BACK_INTERVAL
+        with self.log_limited.lock:
+            held = self.log_limited.throttle.held_back()
+        for (event, key), count in held:
+            self.log.warning("lines_suppressed", suppressed_event=event, key=key, count=count)
 
     def make_room(self):
         """At MAX_CONNECTIONS, the connection idle the longest (a session
@@ -447,8 +465,9 @@ class Session:
             else:
                 self.send(header)
                 self.send_bytes(blob, offset, size - offset)
-        self.log.info("file_sent", device_id=self.device_id, sha256=sha256, offset=offset,
-                      size=size)
+        self.server.log_limited("info", "file_sent", (self.device_id, sha256),
+                                device_id=self.device_id, sha256=sha256, offset=offset,
+                                size=size)
 
     def send_bytes(self, blob, offset, count):
         if not isinstance(self.sock, ssl.SSLSocket):
@@ -498,8 +517,9 @@ class Session:
             self.receive(task_id, attempt, name, size, sha256, room, whole)
         kind = self.record(task_id, attempt, name, size, sha256, received=stored is None)
         self.send({"ok": True, "stored": True})     # then the log line: the worker waits
-        self.log.info("file_stored", device_id=self.device_id, task_id=task_id,
-                      attempt=attempt, name=name, kind=kind, size=size, sha256=sha256)
+        self.server.log_limited("info", "file_stored", (self.device_id, sha256),
+                                device_id=self.device_id, task_id=task_id, attempt=attempt,
+                                name=name, kind=kind, size=size, sha256=sha256)
 
     def admit(self, task_id, attempt, name, size, sha256):
         """(the size of the blob, None) if the store holds it, else (None,
