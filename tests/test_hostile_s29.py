@@ -15,7 +15,7 @@ import pytest
 
 from cluster_harness import wait_for
 from hostile_harness import unharmed
-from rc import audit, protocol
+from rc import audit, db, protocol, web_results
 from test_bad_input import read_frame, registered
 from test_files_hostile import authenticated
 from test_hostile_round23 import mallory  # noqa: F401 (a fixture)
@@ -214,3 +214,39 @@ def test_a_device_getting_its_input_again_and_again_costs_a_few_log_lines(cluste
         return sum(1 + line.get("suppressed", 0) for line in mine()) + held
     wait_for(lambda: counted() == GETS, 60, "every get counted in rc-files' log")
     assert len(mine()) <= 20, len(mine())
+
+
+# -- a group's stream that fell behind ----------------------------------------------------
+
+def test_a_group_stream_that_fell_behind_reads_what_ended_meanwhile_a_page_at_a_time(
+        tmp_path):
+    """A stream's wake read every task of its group that had ended since
+    its last look, results and all, in one fetch. Its thread waits while
+    waitress's buffer is full, so a client that stopped reading for up to
+    web_channel_timeout (or read a little now and then) had rc-web fetch,
+    and join into one write, every result that came meanwhile: up to 1 MiB
+    each, hundreds of MiB for one stream. Now a page (STREAM_PAGE) at a
+    time, the cursor going on from the page's last event."""
+    connection = db.open_database(str(tmp_path / "rc.db"))
+    group_id = web_results.new_group(connection, [{"task_type": "echo"}])
+    cursor = web_results.last_event(connection)
+    count = 3 * web_results.STREAM_PAGE + 5
+    with db.write(connection):
+        for n in range(count):
+            connection.execute(
+                "INSERT INTO tasks(task_type, timeout, max_retries, created_at, group_id)"
+                " VALUES ('echo', 10, 0, 0, ?)", (group_id,))
+        connection.execute("UPDATE tasks SET state = 'completed', result = '{}'"
+                           " WHERE group_id = ?", (group_id,))
+    seen, looks = [], 0
+    while True:
+        cursor, ended = web_results.group_ended(connection, cursor, group_id, 0)
+        assert len(ended) <= web_results.STREAM_PAGE
+        looks += 1
+        if not ended:
+            break
+        seen += [row[0] for row in ended]
+    assert looks == 5
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == count
+    assert cursor == web_results.last_event(connection)
+    connection.close()
