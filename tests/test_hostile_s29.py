@@ -18,6 +18,7 @@ from hostile_harness import unharmed
 from rc import audit, db, protocol, web_results
 from test_bad_input import read_frame, registered
 from test_files_hostile import authenticated
+from test_hostile_web import request
 from test_hostile_round23 import mallory  # noqa: F401 (a fixture)
 from test_inline_files import with_the_good_worker
 from test_worker import WORKER, interpreter_version
@@ -250,3 +251,52 @@ def test_a_group_stream_that_fell_behind_reads_what_ended_meanwhile_a_page_at_a_
     assert sorted(seen) == sorted(set(seen)) and len(seen) == count
     assert cursor == web_results.last_event(connection)
     connection.close()
+
+
+# -- one bulk read of many large results ----------------------------------------------------
+
+def peak_rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+def reset_peak_rss(pid):
+    with open("/proc/%d/clear_refs" % pid, "w") as f:
+        f.write("5")
+
+
+LARGE_RESULTS = 300
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")
+def test_a_bulk_read_of_many_large_results_holds_what_it_sends_not_all_of_them(cluster):
+    """POST /api/v1/results sends at most MAX_RESULTS_BYTES of results and
+    lists the rest in not_sent, yet it read every named task's result into
+    rc-web first: 10,000 ids of tasks with ~1 MiB outputs (what a device
+    may return, and OUTPUT_CAP lets a task print) held 10 GiB for one
+    request. Here 300 of them must cost rc-web far less than their 300 MiB."""
+    output = "x" * (1024 * 1024 - 100)
+    result = json.dumps({"output": output, "exit_code": 0})
+    with db.write(cluster.db):
+        ids = [cluster.db.execute(
+            "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
+            " finished_at) VALUES ('echo', 10, 0, 0, 'completed', ?, 0)", (result,)).lastrowid
+            for _ in range(LARGE_RESULTS)]
+    pid = cluster.program_pid("rc-web")
+    with unharmed(cluster, "good"):
+        reset_peak_rss(pid)
+        before = peak_rss_mib(pid)
+        status, _, text = request(cluster, "/api/v1/results", "POST", {"task_ids": ids},
+                                  timeout=120)
+        grown = peak_rss_mib(pid) - before
+    assert status == 200, text[:300]
+    answer = json.loads(text)
+    sent = [entry["task_id"] for entry in answer["results"]]
+    assert sent == ids[:len(sent)] and 0 < len(sent) < LARGE_RESULTS
+    assert answer["not_sent"] == ids[len(sent):]
+    assert answer["results"][0]["result"]["output"] == output
+    assert grown < 100, "rc-web grew by %d MiB for one request" % grown

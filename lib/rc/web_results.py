@@ -280,6 +280,29 @@ def task_rows(connection, task_ids):
     return found
 
 
+def result_sizes(connection, task_ids):
+    """{task id: characters of its result and error}, counted by SQLite:
+    the texts themselves stay in the database."""
+    found, ids = {}, list(task_ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start:start + ID_CHUNK]
+        found.update(connection.execute(
+            "SELECT task_id, coalesce(length(result), 0) + coalesce(length(error), 0)"
+            " FROM tasks WHERE task_id IN (%s)" % ",".join("?" * len(chunk)), chunk))
+    return found
+
+
+def task_states(connection, task_ids):
+    """{task id: state} of those that exist."""
+    found, ids = {}, list(task_ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start:start + ID_CHUNK]
+        found.update(connection.execute(
+            "SELECT task_id, state FROM tasks WHERE task_id IN (%s)"
+            % ",".join("?" * len(chunk)), chunk))
+    return found
+
+
 def result_entry(task_id, row):
     """One task's result, in the shape of GET /api/v1/tasks/ID/result; the
     result is passed on as the JSON it is stored as, never decoded."""
@@ -290,9 +313,10 @@ def result_entry(task_id, row):
 
 
 class Progress:
-    """What one waiting request knows of its tasks: which are finished, which
-    pending; `look` reads the database the first time, `look_again` only
-    the events since."""
+    """What one waiting request knows of its tasks: which are finished (and
+    in which state), which pending; `look` reads the database the first
+    time, `look_again` only the events since. Never their results: 10,000
+    of up to 1 MiB each are read only as far as one answer takes them."""
 
     def __init__(self, task_ids):
         self.wanted = list(dict.fromkeys(task_ids))
@@ -301,13 +325,13 @@ class Progress:
 
     def look(self, connection):
         self.cursor = last_event(connection)     # first: a change after it is seen later
-        rows = task_rows(connection, self.wanted)
+        states = task_states(connection, self.wanted)
         for task_id in self.wanted:
-            row = rows.get(task_id)
-            if row is None:
+            state = states.get(task_id)
+            if state is None:
                 self.unknown.append(task_id)
-            elif row[0] in TERMINAL_STATES:
-                self.finished[task_id] = row
+            elif state in TERMINAL_STATES:
+                self.finished[task_id] = state
             else:
                 self.pending.add(task_id)
 
@@ -318,8 +342,8 @@ class Progress:
         ended = finished_since(connection, self.cursor, newest) & self.pending
         self.cursor = newest
         if ended:
-            for task_id, row in task_rows(connection, ended).items():
-                self.finished[task_id] = row
+            for task_id, state in task_states(connection, ended).items():
+                self.finished[task_id] = state
                 self.pending.discard(task_id)
 
     def satisfied(self, until):
@@ -403,21 +427,30 @@ class ResultRoutes:
         waited, refused = self.wait_for(progress, seconds or 0.0, until)
         answer = {"results": [], "pending": sorted(progress.pending),
                   "unknown": progress.unknown, "waited": waited}
-        size, not_sent = 0, []
-        for task_id in progress.wanted:
-            row = progress.finished.get(task_id)
-            if row is None:
-                continue
-            size += len(row[1] or "") + len(row[2] or "") + 100
-            if size > MAX_RESULTS_BYTES and answer["results"]:
-                not_sent.append(task_id)
-            else:
-                answer["results"].append(result_entry(task_id, row))
+        sent, not_sent = self.within_answer(
+            [task_id for task_id in progress.wanted if task_id in progress.finished])
+        rows = task_rows(self.web.connection(), sent)
+        answer["results"] = [result_entry(task_id, rows[task_id]) for task_id in sent
+                             if task_id in rows]
         if not_sent:
             answer["not_sent"] = not_sent
         if refused:
             answer["wait_refused"] = refused
         return json_response(answer, 200, {"Retry-After": "1"} if refused else None)
+
+    def within_answer(self, task_ids):
+        """(those whose results one answer carries, in order, the first
+        always; the rest, not_sent): MAX_RESULTS_BYTES of them, their sizes
+        read a chunk at a time until it is reached."""
+        size, connection = 0, self.web.connection()
+        for start in range(0, len(task_ids), ID_CHUNK):
+            chunk = task_ids[start:start + ID_CHUNK]
+            sizes = result_sizes(connection, chunk)
+            for n, task_id in enumerate(chunk):
+                size += sizes.get(task_id, 0) + 100
+                if size > MAX_RESULTS_BYTES and start + n:
+                    return task_ids[:start + n], task_ids[start + n:]
+        return task_ids, []
 
     def bulk_request(self):
         if bottle.request.method == "POST":
