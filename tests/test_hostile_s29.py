@@ -269,23 +269,30 @@ def reset_peak_rss(pid):
 
 
 LARGE_RESULTS = 300
+LARGE_OUTPUT = "x" * (1024 * 1024 - 100)
+
+
+@pytest.fixture(scope="module")
+def large_results(cluster):
+    """The ids of LARGE_RESULTS completed tasks whose results are ~1 MiB each."""
+    result = json.dumps({"output": LARGE_OUTPUT, "exit_code": 0})
+    with db.write(cluster.db):
+        return [cluster.db.execute(
+            "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
+            " finished_at) VALUES ('echo', 10, 0, 0, 'completed', ?, 0)", (result,)).lastrowid
+            for _ in range(LARGE_RESULTS)]
 
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")
-def test_a_bulk_read_of_many_large_results_holds_what_it_sends_not_all_of_them(cluster):
+def test_a_bulk_read_of_many_large_results_holds_what_it_sends_not_all_of_them(
+        cluster, large_results):
     """POST /api/v1/results sends at most MAX_RESULTS_BYTES of results and
     lists the rest in not_sent, yet it read every named task's result into
     rc-web first: 10,000 ids of tasks with ~1 MiB outputs (what a device
     may return, and OUTPUT_CAP lets a task print) held 10 GiB for one
     request. Here 300 of them must cost rc-web far less than their 300 MiB."""
-    output = "x" * (1024 * 1024 - 100)
-    result = json.dumps({"output": output, "exit_code": 0})
-    with db.write(cluster.db):
-        ids = [cluster.db.execute(
-            "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
-            " finished_at) VALUES ('echo', 10, 0, 0, 'completed', ?, 0)", (result,)).lastrowid
-            for _ in range(LARGE_RESULTS)]
+    ids = large_results
     pid = cluster.program_pid("rc-web")
     with unharmed(cluster, "good"):
         reset_peak_rss(pid)
@@ -298,5 +305,39 @@ def test_a_bulk_read_of_many_large_results_holds_what_it_sends_not_all_of_them(c
     sent = [entry["task_id"] for entry in answer["results"]]
     assert sent == ids[:len(sent)] and 0 < len(sent) < LARGE_RESULTS
     assert answer["not_sent"] == ids[len(sent):]
-    assert answer["results"][0]["result"]["output"] == output
+    assert answer["results"][0]["result"]["output"] == LARGE_OUTPUT
     assert grown < 100, "rc-web grew by %d MiB for one request" % grown
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")
+def test_a_page_of_the_task_list_holds_megabytes_not_gigabytes(cluster, large_results):
+    """GET /api/v1/tasks?limit=1000 (and /text/tasks) read, decoded and
+    encoded up to 1,000 whole task records: with results of ~1 MiB each
+    (what a device may return, and OUTPUT_CAP lets a task print), 300 of
+    them grew rc-web by 1.9 GiB for one reader's request. A page ends once
+    its payloads and results pass MAX_LIST_BYTES; next_offset goes on, and
+    the pages together still list every task once."""
+    pid = cluster.program_pid("rc-web")
+    with unharmed(cluster, "good"):
+        reset_peak_rss(pid)
+        before = peak_rss_mib(pid)
+        status, _, text = request(cluster, "/api/v1/tasks?limit=1000", timeout=120)
+        grown = peak_rss_mib(pid) - before
+        assert status == 200, text[:300]
+        page = json.loads(text)
+        assert 0 < len(page["tasks"]) < LARGE_RESULTS
+        assert page["next_offset"] == len(page["tasks"])
+        assert grown < 100, "rc-web grew by %d MiB for one request" % grown
+        listed = [task["task_id"] for task in page["tasks"]]
+        while page["next_offset"] is not None:
+            status, _, text = request(cluster, "/api/v1/tasks?limit=1000&offset=%d"
+                                      % page["next_offset"], timeout=120)
+            page = json.loads(text)
+            listed += [task["task_id"] for task in page["tasks"]]
+    everything = [row[0] for row in cluster.db.execute(
+        "SELECT task_id FROM tasks WHERE task_id <= ? ORDER BY task_id DESC", (listed[0],))]
+    assert listed == everything
+    assert set(large_results) <= set(listed)
+    status, _, text = request(cluster, "/text/tasks?limit=1000", timeout=120)
+    assert status == 200 and 0 < len(text.splitlines()) < LARGE_RESULTS

@@ -577,6 +577,14 @@ def get(connection, task_id):
 
 
 def list_tasks(connection, state=None, device_id=None, limit=100, offset=0):
+    return task_page(connection, state, device_id, limit, offset)[0]
+
+
+def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_bytes=None):
+    """(the tasks, newest first, whether more follow). With `max_bytes` the
+    page ends early once its tasks' payloads and results pass it, the first
+    always in: rc-web's page of 1,000 tasks whose results were ~1 MiB each
+    (what OUTPUT_CAP lets a task print) held gigabytes for one request."""
     clauses, parameters = [], []
     if state is not None:
         if state not in (QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES:
@@ -589,8 +597,14 @@ def list_tasks(connection, state=None, device_id=None, limit=100, offset=0):
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     rows = connection.execute(
         "SELECT %s FROM tasks %s ORDER BY task_id DESC LIMIT ? OFFSET ?"
-        % (TASK_COLUMNS, where), parameters + [limit, offset])
-    return [task_dict(row) for row in rows]
+        % (TASK_COLUMNS, where), parameters + [limit + 1, offset])
+    found, size = [], 0
+    for row in rows:         # a row at a time: those past the page are never read
+        size += len(row["payload"] or "") + len(row["result"] or "")
+        if len(found) == limit or (max_bytes is not None and found and size > max_bytes):
+            return found, True
+        found.append(task_dict(row))
+    return found, False
 
 
 def counts_by_state(connection):

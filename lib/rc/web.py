@@ -45,6 +45,8 @@ UPLOAD_PATH = "/api/v1/files"     # the one route whose body may be large and sl
 # (a phone on poor Wi-Fi moves more; a slow-loris drip moves far less)
 MIN_UPLOAD_RATE = 32 * 1024
 MAX_LIST_LIMIT = 1000             # most rows one list request returns
+MAX_LIST_BYTES = 8 * 1024 * 1024  # of tasks' payloads and results one list page holds
+                                  # at most (the first task always); next_offset goes on
 DEFAULT_LIST_LIMIT = 100
 # Threads beyond max_streams: ordinary requests always find one free.
 SPARE_THREADS = 8
@@ -312,10 +314,12 @@ class Web:
             raise ApiError(404, str(e))
 
     def listed_tasks(self):
+        """(a page of tasks, whether more follow)."""
         query = bottle.request.query
         limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
-        return tasks.list_tasks(self.connection(), query.get("state") or None,
-                                query.get("device") or None, limit, query_int("offset", 0))
+        return tasks.task_page(self.connection(), query.get("state") or None,
+                               query.get("device") or None, limit, query_int("offset", 0),
+                               MAX_LIST_BYTES)
 
     def listed_devices(self):
         """Devices, filtered by ?status= ?role= ?platform= ?arch= ?connected=0|1 ?tag=."""
@@ -374,11 +378,12 @@ class Web:
     def tasks(self):
         query = bottle.request.query
         now = time.time()
-        found = [records.task_record(task, now) for task in self.listed_tasks()]
+        page, more = self.listed_tasks()
+        found = [records.task_record(task, now) for task in page]
         limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
         offset = query_int("offset", 0)
         return json_response({"tasks": found, "limit": limit, "offset": offset,
-                              "next_offset": offset + limit if len(found) == limit else None,
+                              "next_offset": offset + len(found) if more else None,
                               "state": query.get("state") or None})
 
     def task(self, task_id):
@@ -609,7 +614,7 @@ class Web:
     def text_tasks(self):
         now = time.time()
         return separated([records.task_row(records.task_record(task, now))
-                          for task in self.listed_tasks()], records.TASK_COLUMNS)
+                          for task in self.listed_tasks()[0]], records.TASK_COLUMNS)
 
     def text_logs(self):
         query = bottle.request.query
