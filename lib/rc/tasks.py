@@ -580,11 +580,14 @@ def list_tasks(connection, state=None, device_id=None, limit=100, offset=0):
     return task_page(connection, state, device_id, limit, offset)[0]
 
 
-def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_bytes=None):
+def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_bytes=None,
+              results=True):
     """(the tasks, newest first, whether more follow). With `max_bytes` the
     page ends early once its tasks' payloads and results pass it, the first
     always in: rc-web's page of 1,000 tasks whose results were ~1 MiB each
-    (what OUTPUT_CAP lets a task print) held gigabytes for one request."""
+    (what OUTPUT_CAP lets a task print) held gigabytes for one request.
+    Without `results`, each task's "result" is None, never read."""
+    columns = TASK_COLUMNS if results else TASK_COLUMNS.replace(" result,", " NULL AS result,")
     clauses, parameters = [], []
     if state is not None:
         if state not in (QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES:
@@ -597,7 +600,7 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     rows = connection.execute(
         "SELECT %s FROM tasks %s ORDER BY task_id DESC LIMIT ? OFFSET ?"
-        % (TASK_COLUMNS, where), parameters + [limit + 1, offset])
+        % (columns, where), parameters + [limit + 1, offset])
     found, size = [], 0
     for row in rows:         # a row at a time: those past the page are never read
         size += len(row["payload"] or "") + len(row["result"] or "")

@@ -313,13 +313,13 @@ class Web:
         except tasks.TaskError as e:
             raise ApiError(404, str(e))
 
-    def listed_tasks(self):
+    def listed_tasks(self, results=True):
         """(a page of tasks, whether more follow)."""
         query = bottle.request.query
         limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
         return tasks.task_page(self.connection(), query.get("state") or None,
                                query.get("device") or None, limit, query_int("offset", 0),
-                               MAX_LIST_BYTES)
+                               MAX_LIST_BYTES, results)
 
     def listed_devices(self):
         """Devices, filtered by ?status= ?role= ?platform= ?arch= ?connected=0|1 ?tag=."""
@@ -614,7 +614,8 @@ class Web:
     def text_tasks(self):
         now = time.time()
         return separated([records.task_row(records.task_record(task, now))
-                          for task in self.listed_tasks()[0]], records.TASK_COLUMNS)
+                          for task in self.listed_tasks(results=False)[0]],
+                         records.TASK_COLUMNS)
 
     def text_logs(self):
         query = bottle.request.query
