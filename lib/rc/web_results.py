@@ -292,6 +292,21 @@ def result_sizes(connection, task_ids):
     return found
 
 
+def within_answer(connection, task_ids):
+    """(those of `task_ids` whose results one answer carries, in order, the
+    first always; the rest, not_sent): MAX_RESULTS_BYTES of them, their
+    sizes read a chunk at a time until it is reached."""
+    size = 0
+    for start in range(0, len(task_ids), ID_CHUNK):
+        chunk = task_ids[start:start + ID_CHUNK]
+        sizes = result_sizes(connection, chunk)
+        for n, task_id in enumerate(chunk):
+            size += sizes.get(task_id, 0) + 100
+            if size > MAX_RESULTS_BYTES and start + n:
+                return task_ids[:start + n], task_ids[start + n:]
+    return task_ids, []
+
+
 def task_states(connection, task_ids):
     """{task id: state} of those that exist."""
     found, ids = {}, list(task_ids)
@@ -427,9 +442,10 @@ class ResultRoutes:
         waited, refused = self.wait_for(progress, seconds or 0.0, until)
         answer = {"results": [], "pending": sorted(progress.pending),
                   "unknown": progress.unknown, "waited": waited}
-        sent, not_sent = self.within_answer(
-            [task_id for task_id in progress.wanted if task_id in progress.finished])
-        rows = task_rows(self.web.connection(), sent)
+        connection = self.web.connection()
+        sent, not_sent = within_answer(
+            connection, [task_id for task_id in progress.wanted if task_id in progress.finished])
+        rows = task_rows(connection, sent)
         answer["results"] = [result_entry(task_id, rows[task_id]) for task_id in sent
                              if task_id in rows]
         if not_sent:
@@ -437,20 +453,6 @@ class ResultRoutes:
         if refused:
             answer["wait_refused"] = refused
         return json_response(answer, 200, {"Retry-After": "1"} if refused else None)
-
-    def within_answer(self, task_ids):
-        """(those whose results one answer carries, in order, the first
-        always; the rest, not_sent): MAX_RESULTS_BYTES of them, their sizes
-        read a chunk at a time until it is reached."""
-        size, connection = 0, self.web.connection()
-        for start in range(0, len(task_ids), ID_CHUNK):
-            chunk = task_ids[start:start + ID_CHUNK]
-            sizes = result_sizes(connection, chunk)
-            for n, task_id in enumerate(chunk):
-                size += sizes.get(task_id, 0) + 100
-                if size > MAX_RESULTS_BYTES and start + n:
-                    return task_ids[:start + n], task_ids[start + n:]
-        return task_ids, []
 
     def bulk_request(self):
         if bottle.request.method == "POST":
