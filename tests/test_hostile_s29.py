@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -276,11 +277,12 @@ LARGE_OUTPUT = "x" * (1024 * 1024 - 100)
 def large_results(cluster):
     """The ids of LARGE_RESULTS completed tasks whose results are ~1 MiB each."""
     result = json.dumps({"output": LARGE_OUTPUT, "exit_code": 0})
+    now = time.time()       # (not 0: the upkeep would prune them as long ended)
     with db.write(cluster.db):
         return [cluster.db.execute(
             "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
-            " finished_at) VALUES ('echo', 10, 0, 0, 'completed', ?, 0)", (result,)).lastrowid
-            for _ in range(LARGE_RESULTS)]
+            " finished_at) VALUES ('echo', 10, 0, ?, 'completed', ?, ?)",
+            (now, result, now)).lastrowid for _ in range(LARGE_RESULTS)]
 
 
 @pytest.mark.e2e
