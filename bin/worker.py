@@ -2417,8 +2417,9 @@ class ShellTask(ProcessTask):
         return [ShellTask.shell, "-c", shell_limits(self.limits) + command]
 
     def spawn_request(self, command):
-        # The spawner may exec it straight away (posix_spawn): it limits itself.
-        return {"argv": self.command(command), "self_limiting": True}
+        # The spawner may exec it straight away (posix_spawn): it limits itself;
+        # a simple command it may start without the shell (simple_command).
+        return {"argv": self.command(command), "self_limiting": True, "command": command}
 
     def preexec(self):
         if needs_child_setup(self.jail):
@@ -3620,7 +3621,8 @@ def fork_child(request, stdout_fd, stderr_fd):
 
 def spawn_command(request, stdout_fd, stderr_fd):
     """Start a command that sets its own limits (a shell task) with
-    posix_spawn: vfork's speed, and no Python in the child at all."""
+    posix_spawn: vfork's speed, and no Python in the child at all. A simple
+    command (simple_command) starts as its program alone, without a shell."""
     argv = request["argv"]
     # What Python ignores for itself, and what we ignore, a command gets back.
     default = [getattr(signal, name) for name in (
@@ -3635,13 +3637,183 @@ def spawn_command(request, stdout_fd, stderr_fd):
         borrow_task_identity(jail, environment)
         environment.update(request.get("env") or {})     # files: the task's env, last
         # The child opens its stdin as the task's uid (resetids): a file it may read.
-        return os.posix_spawnp(argv[0], argv, environment, file_actions=[
+        actions = [
             (os.POSIX_SPAWN_OPEN, 0, request.get("stdin") or os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)],
-            setsid=True, setsigdef=default, resetids=jail.get("uid") is not None)
+            (os.POSIX_SPAWN_DUP2, stdout_fd, 1), (os.POSIX_SPAWN_DUP2, stderr_fd, 2)]
+        options = dict(setsid=True, setsigdef=default, resetids=jail.get("uid") is not None)
+        pid = spawn_simple(request, environment, actions, options)
+        if pid is not None:
+            return pid
+        return os.posix_spawnp(argv[0], argv, environment, file_actions=actions, **options)
     finally:
         give_back_identity(jail, saved)
         os.chdir("/")
+
+
+# A simple command's words: what no POSIX shell expands, splits or treats as
+# an operator. Anything else (quotes, $, globs, ~, ;, |, &, 2>, a newline...)
+# goes to the shell as ever.
+PLAIN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                             "0123456789_./,:+@%=-")
+# First words a shell runs itself (builtins, reserved words, in dash or bash):
+# such a command goes to the shell, whatever PATH holds.
+SHELL_WORDS = frozenset((
+    ".", ":", "[", "alias", "bg", "break", "builtin", "caller", "case", "cd", "chdir",
+    "command", "compgen", "complete", "continue", "declare", "dirs", "disown", "do", "done",
+    "echo", "elif", "else", "enable", "esac", "eval", "exec", "exit", "export", "false",
+    "fc", "fg", "fi", "for", "function", "getopts", "hash", "help", "history", "if", "in",
+    "jobs", "kill", "let", "local", "logout", "mapfile", "popd", "printf", "pushd", "pwd",
+    "read", "readarray", "readonly", "return", "select", "set", "shift", "shopt",
+    "source", "suspend", "test", "then", "time", "times", "trap", "true", "type",
+    "typeset", "ulimit", "umask", "unalias", "unset", "until", "wait", "while"))
+REDIRECTIONS = (">>", ">", "<")      # longest first
+
+
+def plain_word(word):
+    return bool(word) and set(word) <= PLAIN_CHARACTERS
+
+
+def simple_command(command):
+    """(argv, stdin path or None, stdout path or None, append) when the
+    command is one program with plain words and at most one `<` and one
+    `>` or `>>`: what the shell would run as that program alone, in a
+    child it forks (dash does not exec the last command). None otherwise.
+    As GNU make's fast path: one process a task where the shell made two
+    (on 2026-12-06's VM, starting a process cost ~0.9 ms)."""
+    if not command or len(command) > SIMPLE_COMMAND_MAX:
+        return None
+    argv, into = [], {}
+    words = iter(command.replace("\t", " ").split(" "))
+    for word in words:
+        if not word:
+            continue
+        operator = next((op for op in REDIRECTIONS if word.startswith(op)), None)
+        if operator is None:
+            if not plain_word(word):
+                return None
+            argv.append(word)
+            continue
+        target = word[len(operator):] or next(words, "")
+        key = "<" if operator == "<" else ">"
+        if key in into or not plain_word(target):
+            return None
+        into[key] = (target, operator == ">>")
+    if not argv or "=" in argv[0] or argv[0] in SHELL_WORDS:
+        return None
+    stdout = into.get(">", (None, False))
+    return argv, into.get("<", (None,))[0], stdout[0], stdout[1]
+
+
+SIMPLE_COMMAND_MAX = 4096     # characters: a longer command goes to the shell
+
+
+def spawn_simple(request, environment, actions, options):
+    """A shell task's simple command started as its program alone, with
+    the limits the shell would have set, or None: not a simple command,
+    its program not found, set-user-ID, or not started (the shell then
+    runs it and says why, as it always did, with its exit status)."""
+    simple = simple_command(request.get("command"))
+    program = simple and program_path(simple[0][0], environment.get("PATH"))
+    if not program:
+        return None
+    argv, stdin, stdout, append = simple
+    actions = list(actions)
+    if stdin is not None:
+        actions.append((os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0))
+    if stdout is not None:
+        actions.append((os.POSIX_SPAWN_OPEN, 1, stdout, os.O_WRONLY | os.O_CREAT | (
+            os.O_APPEND if append else os.O_TRUNC), 0o666))
+    environment = dict(environment, PWD=request["cwd"])     # as the shell exports it
+    try:
+        import resource
+    except ImportError:
+        return None
+    limits = spawned_limits(resource, request.get("limits") or ())
+    inherited = [limit for limit in limits if limit[0] in born_with(resource)]
+    saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
+    try:
+        for which, soft, _ in inherited:
+            resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+        try:
+            pid = os.posix_spawn(program, argv, environment, file_actions=actions, **options)
+        except OSError:
+            return None     # a redirection, ENOEXEC (a script without #!): the shell's
+    finally:
+        for which, limit in saved:
+            resource.setrlimit(which, limit)
+    try:
+        set_limits_of(resource, pid, limits)
+    except ProcessLookupError:
+        pass                # over already
+    except OSError:
+        kill_group(pid)     # never run without its limits
+        raise
+    return pid
+
+
+def set_limits_of(resource, pid, limits):
+    """prlimit, still as the task's uid (borrow_task_identity): a root
+    spawner without CAP_SYS_RESOURCE (a container's) may set no other
+    uid's. Until the child's exec has taken on its new ids (the kernel
+    lets posix_spawn return a moment before), they are not the task's
+    alone: EPERM, asked again."""
+    deadline = time.monotonic() + PRLIMIT_WAIT
+    for which, soft, hard in limits:
+        while True:
+            try:
+                resource.prlimit(pid, which, (soft, hard))
+                break
+            except PermissionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.0001)
+
+
+PRLIMIT_WAIT = 1.0        # seconds a child's exec may take to take on its ids
+
+
+def born_with(resource):
+    """The limits a simple command is born with, soft: set on the spawner
+    for the moment of posix_spawn, so the child inherits them (only soft:
+    a spawner may not raise a hard limit again). The hard ones, and the
+    rest, are set on the child (prlimit) as posix_spawn returns, as its
+    loader starts: CPU time (the spawner has used its own), processes
+    (counted for the spawner's uid) and address space (the spawner may be
+    past the task's)."""
+    return (resource.RLIMIT_CORE, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE)
+
+
+def spawned_limits(resource, limits):
+    """task_rlimits as (resource, soft, hard), each as ulimit_commands would
+    set it: no higher than the hard limit now, CPU's hard a second past."""
+    found = []
+    for name, value in limits:
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        found.append((which, value, value + 1 if name == "RLIMIT_CPU" and (
+            hard == resource.RLIM_INFINITY or hard > value + 1) else value))
+    return found
+
+
+def program_path(name, path):
+    """Where the shell would find `name` on `path`: an executable regular
+    file, not set-user-ID or set-group-ID (its limits could not be set
+    after its start); None when there is none."""
+    import stat
+    candidates = [name] if "/" in name else [
+        os.path.join(directory or ".", name) for directory in (path or "").split(":")]
+    for candidate in candidates:
+        try:
+            status = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(status.st_mode) and os.access(candidate, os.X_OK):
+            return None if status.st_mode & (stat.S_ISUID | stat.S_ISGID) else candidate
+    return None
 
 
 def borrow_task_identity(jail, environment):
