@@ -3728,6 +3728,8 @@ def spawn_simple(request, environment, actions, options):
         import resource
     except ImportError:
         return None
+    if not hasattr(resource, "prlimit"):      # a libc without it (an old Android's)
+        return None
     limits = spawned_limits(resource, request.get("limits") or ())
     inherited = [limit for limit in limits if limit[0] in born_with(resource)]
     saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
