@@ -2276,24 +2276,33 @@ def apply_rlimits(limits):
         import resource
     except ImportError:
         return
-    for name, value in limits:
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
+    for _, which, soft, hard in rlimit_values(resource, limits):
         try:
-            hard = resource.getrlimit(which)[1]
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL a second later.
-            extra = 1 if which == resource.RLIMIT_CPU else 0
-            if hard == resource.RLIM_INFINITY or hard > value + extra:
-                hard = value + extra
-            resource.setrlimit(which, (value, hard))
+            resource.setrlimit(which, (soft, hard))
         except (ValueError, OSError):
             pass      # not on this OS (macOS refuses RLIMIT_AS): run without it
 
 
-# task_rlimits names as `ulimit` options and the unit each counts in (bytes).
+def rlimit_values(resource, limits):
+    """task_rlimits as (name, resource, soft, hard), however they are set
+    (apply_rlimits, ulimit_commands, spawn_simple): none higher than the
+    hard limit now; CPU time's hard a second past its soft (SIGXCPU at the
+    soft limit, SIGKILL a second later)."""
+    found = []
+    for name, value in limits:
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        extra = 1 if name == "RLIMIT_CPU" else 0
+        if hard == resource.RLIM_INFINITY or hard > value + extra:
+            hard = value + extra
+        found.append((name, which, value, hard))
+    return found
+
+
 ULIMIT_OPTIONS = {"RLIMIT_CORE": ("c", 512), "RLIMIT_CPU": ("t", 1), "RLIMIT_AS": ("v", 1024),
                   "RLIMIT_NOFILE": ("n", 1), "RLIMIT_FSIZE": ("f", 512),
                   "RLIMIT_NPROC": ("u", 1)}
@@ -2318,16 +2327,12 @@ def ulimit_commands(limits):
     except ImportError:
         return ""
     commands = []
-    for name, value in limits:
+    for name, _, value, hard in rlimit_values(resource, limits):
         option, unit = ULIMIT_OPTIONS[name]
-        hard = resource.getrlimit(getattr(resource, name))[1]
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        if name == "RLIMIT_CPU" and (hard == resource.RLIM_INFINITY or hard > value + 1):
-            # SIGXCPU at the soft limit, SIGKILL a second later; soft first, as
-            # the hard limit may not go below it.
+        if name == "RLIMIT_CPU" and hard > value:
+            # Soft first, as the hard limit may not go below it.
             commands.append("ulimit -S -t %d 2>/dev/null; ulimit -H -t %d 2>/dev/null; "
-                            % (value, value + 1))
+                            % (value, hard))
         elif name == "RLIMIT_NPROC":      # bash says -u, dash -p
             commands.append("ulimit -u %d 2>/dev/null || ulimit -p %d 2>/dev/null; "
                             % (value, value))
@@ -3730,7 +3735,7 @@ def spawn_simple(request, environment, actions, options):
         return None
     if not hasattr(resource, "prlimit"):      # a libc without it (an old Android's)
         return None
-    limits = spawned_limits(resource, request.get("limits") or ())
+    limits = [value[1:] for value in rlimit_values(resource, request.get("limits") or ())]
     inherited = [limit for limit in limits if limit[0] in born_with(resource)]
     saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
     try:
@@ -3783,22 +3788,6 @@ def born_with(resource):
     (counted for the spawner's uid) and address space (the spawner may be
     past the task's)."""
     return (resource.RLIMIT_CORE, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE)
-
-
-def spawned_limits(resource, limits):
-    """task_rlimits as (resource, soft, hard), each as ulimit_commands would
-    set it: no higher than the hard limit now, CPU's hard a second past."""
-    found = []
-    for name, value in limits:
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        hard = resource.getrlimit(which)[1]
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        found.append((which, value, value + 1 if name == "RLIMIT_CPU" and (
-            hard == resource.RLIM_INFINITY or hard > value + 1) else value))
-    return found
 
 
 def program_path(name, path):
