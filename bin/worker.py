@@ -3716,7 +3716,10 @@ def spawn_simple(request, environment, actions, options):
     """A shell task's simple command started as its program alone, with
     the limits the shell would have set, or None: not a simple command,
     its program not found, set-user-ID, or not started (the shell then
-    runs it and says why, as it always did, with its exit status)."""
+    runs it and says why, as it always did, with its exit status). It is
+    born with the soft limits, which the spawner takes on for that moment
+    (only soft: it may not raise a hard one again); as posix_spawn
+    returns, prlimit sets the hard ones and its CPU time."""
     simple = simple_command(request.get("command"))
     program = simple and program_path(simple[0][0], environment.get("PATH"))
     if not program:
@@ -3736,15 +3739,19 @@ def spawn_simple(request, environment, actions, options):
     if not hasattr(resource, "prlimit"):      # a libc without it (an old Android's)
         return None
     limits = [value[1:] for value in rlimit_values(resource, request.get("limits") or ())]
-    inherited = [limit for limit in limits if limit[0] in born_with(resource)]
+    inherited = [limit for limit in limits if limit[0] != resource.RLIMIT_CPU]
+    if not room_for(resource, inherited):
+        return None
     saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
     try:
         for which, soft, _ in inherited:
             resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
         try:
             pid = os.posix_spawn(program, argv, environment, file_actions=actions, **options)
-        except OSError:
-            return None     # a redirection, ENOEXEC (a script without #!): the shell's
+        except (OSError, MemoryError):
+            # A redirection, ENOEXEC (a script without #!), too many processes
+            # of its uid already: the shell's to run and explain.
+            return None
     finally:
         for which, limit in saved:
             resource.setrlimit(which, limit)
@@ -3779,15 +3786,23 @@ def set_limits_of(resource, pid, limits):
 PRLIMIT_WAIT = 1.0        # seconds a child's exec may take to take on its ids
 
 
-def born_with(resource):
-    """The limits a simple command is born with, soft: set on the spawner
-    for the moment of posix_spawn, so the child inherits them (only soft:
-    a spawner may not raise a hard limit again). The hard ones, and the
-    rest, are set on the child (prlimit) as posix_spawn returns, as its
-    loader starts: CPU time (the spawner has used its own), processes
-    (counted for the spawner's uid) and address space (the spawner may be
-    past the task's)."""
-    return (resource.RLIMIT_CORE, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE)
+def room_for(resource, inherited):
+    """Whether the spawner can take the task's address space limit on itself
+    for the moment of posix_spawn (so that the child is born with it, and
+    with every other soft limit but CPU time, which the spawner has used
+    up its own of): its own size now, and some to spare for the spawn."""
+    limit = [soft for which, soft, _ in inherited if which == resource.RLIMIT_AS]
+    if not limit:
+        return True
+    try:
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return False
+    return size + SPAWN_ROOM_BYTES < limit[0]
+
+
+SPAWN_ROOM_BYTES = 32 * 1048576    # address space posix_spawn may take in the spawner
 
 
 def program_path(name, path):

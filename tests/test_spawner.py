@@ -111,6 +111,11 @@ def test_shell_tasks_set_their_own_limits(main, spawn):
     assert " 1: no-such-command: not found" in result["result"]["stderr"]
 
 
+def limits_of(text):
+    """/proc/PID/limits as {"Max open files": [soft, hard]...}."""
+    return {line[:26].strip(): line[26:].split()[:2] for line in text.splitlines()[1:]}
+
+
 def shell_output(link, task_id, command, **options):
     link.assign(task_id, "shell", {"command": command}, timeout=10, **options)
     return link.results(1)[task_id]["result"]
@@ -124,14 +129,29 @@ def test_a_simple_command_starts_without_a_shell_under_the_same_limits(main, spa
         int(stat_fields[5])
     assert comm == "(cat)" and [parent] == spawner_pids(worker), "no shell between"
     assert session == pid, "a session (and process group) of its own"
-    limits = {line[:26].strip(): line[26:].split()[:2] for line in shell_output(
-        link, 2, "cat /proc/self/limits")["output"].splitlines()[1:]}
+    # Born with the soft limits (a task that reads them at once sees them)...
+    limits = limits_of(shell_output(link, 2, "cat /proc/self/limits")["output"])
+    assert limits["Max open files"][0] == "1024" and limits["Max core file size"][0] == "0"
+    assert limits["Max file size"][0] == str(3 * 1048576)
+    assert limits["Max address space"][0] == str(512 * 1048576)
+    # ... the hard ones and CPU time's (20 s timeout + 1 + a 5 s margin) set as it
+    # starts (read here from outside).
+    link.assign(6, "shell", {"command": "sleep 60"}, timeout=20)
+    assert wait_until(lambda: children(spawner_pids(worker)[0]), WAIT)
+    sleeper = int(children(spawner_pids(worker)[0])[0])
+
+    def read_limits():
+        with open("/proc/%d/limits" % sleeper) as f:
+            return limits_of(f.read())
+    # Seen from here the moment it is a child: the spawner may not have set them yet.
+    assert wait_until(lambda: read_limits()["Max cpu time"] == ["26", "27"], WAIT)
+    limits = read_limits()
     assert limits["Max open files"] == ["1024", "1024"]
     assert limits["Max core file size"] == ["0", "0"]
     assert limits["Max file size"] == [str(3 * 1048576)] * 2
     assert limits["Max address space"] == [str(512 * 1048576)] * 2
-    cpu_soft, cpu_hard = map(int, limits["Max cpu time"])
-    assert cpu_soft > 10 and cpu_hard == cpu_soft + 1
+    link.send("task_cancel", {"task_id": 6, "attempt": 1})
+    assert link.results(1)[6]["status"] == "cancelled"
     # Set on each as posix_spawn returns, while its exec may not yet have taken
     # on the task's uid (which once failed a task in two: EPERM).
     for task_id in range(100, 130):
