@@ -7689,6 +7689,7 @@ SELF_TEST = (("echo", {"message": "hello"}, "hello"),
 
 def self_test(worker):
     import json as pretty
+    worker.connect_at = None    # a --join given (or in --config) is not dialled: no main node
     worker.install_signals()
     worker.check_availability()
     found = worker.profile()
