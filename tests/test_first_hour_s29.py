@@ -1,11 +1,14 @@
 """A new user's first hour, session 29, commands copied from the README and
 docs/: a worker started as a user without a home (`nobody`), `--self-test`
 added to the join command, and what they do."""
+import os
 import socket
 import subprocess
 import sys
 
-from cluster_harness import WORKER
+import pytest
+
+from cluster_harness import WORKER, Cluster, online, wait_for
 
 
 def listener():
@@ -43,3 +46,54 @@ def test_self_test_with_the_join_command_runs_here_alone(tmp_path):
         assert "Traceback" not in done.stderr, done.stderr
         assert "python_eval  completed    ok" in done.stdout
         assert not dialled(main_node)
+
+
+def test_a_worker_that_cannot_keep_its_state_dir_says_so_before_it_joins(tmp_path):
+    """As `nobody` (HOME=/nonexistent) the worker joined, could not keep the
+    secret it was given, and at its next connection was refused for good as
+    an impostor of itself (device_id_taken); tasks with inputs failed too.
+    Now it names the directory and the option, and exits 3 (as systemd's
+    RestartPreventExitStatus expects) without dialling."""
+    (tmp_path / "a-file").write_text("")
+    state_dir = str(tmp_path / "a-file" / "state")     # unmakeable, even as root
+    main_node = listener()
+    with main_node:
+        done = worker("--join", "127.0.0.1:%d" % main_node.getsockname()[1],
+                      "--token=rc1_00", "--state-dir", state_dir)
+        assert done.returncode == 3, done.stdout + done.stderr
+        said = done.stdout + done.stderr
+        assert "state_dir_unusable" in said and state_dir in said and "--state-dir" in said
+        assert not dialled(main_node)
+    test = worker("--state-dir", state_dir, "--self-test")
+    assert test.returncode == 1, test.stdout + test.stderr
+    assert "state dir:      %s UNUSABLE" % state_dir in test.stdout
+    assert "shell        completed    ok" in test.stdout
+
+
+@pytest.mark.e2e
+def test_a_secret_that_cannot_be_written_still_lets_the_worker_reconnect(tmp_path):
+    """A secret the worker could not write (here: its cluster's directory is
+    a file) was forgotten at once, so the first reconnect (rc-server
+    restarted, a Wi-Fi drop) ended the worker with device_id_taken."""
+    cluster = Cluster(tmp_path / "var")
+    cluster.start()
+    try:
+        state_dir = os.path.join(cluster.home, "worker-state")
+        os.makedirs(state_dir, mode=0o700)
+        with open(cluster.config.cluster_id_path) as f:
+            cluster_id = f.read().strip()
+        open(os.path.join(state_dir, cluster_id), "w").close()
+        process = cluster.start_worker("unfiled")
+
+        def logged(text, times=1):
+            with open(cluster.worker_log("unfiled")) as f:
+                return f.read().count(text) >= times
+        wait_for(lambda: logged('"event":"device_secret_not_kept"'), 60, "the secret not kept")
+        wait_for(lambda: "unfiled" in online(cluster), 60, "the worker online")
+        cluster.supervisorctl("restart", "rc-server")
+        wait_for(lambda: logged('"event":"registered"', 2) and "unfiled" in online(cluster)
+                 or process.poll() is not None, 90, "the worker registered again, or ended")
+        assert process.poll() is None
+        assert not logged('"event":"device_id_taken"')
+    finally:
+        cluster.stop()
