@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, online, wait_for
+from cluster_harness import WORKER, Cluster, free_port, online, wait_for
+from rc import config as config_module
 
 
 def listener():
@@ -97,3 +98,39 @@ def test_a_secret_that_cannot_be_written_still_lets_the_worker_reconnect(tmp_pat
         assert not logged('"event":"device_id_taken"')
     finally:
         cluster.stop()
+
+
+# -- a second cluster beside the first ------------------------------------------------
+
+def test_make_run_names_a_port_another_cluster_holds(tmp_path):
+    """The Makefile's header said RC_HOME, RC_TCP_PORT and RC_WEB_PORT run a
+    second cluster beside the first; its rc-files then could not bind the
+    first's files port, and `make run` failed after its wait saying only
+    `RC CRITICAL - rc-files BACKOFF`, the cause in a traceback in a log."""
+    cluster = Cluster(tmp_path / "var")
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", cluster.config.files_port))
+        first.listen(1)
+        try:
+            started = cluster.make("run")
+            assert started.returncode != 0, started.stdout
+            assert "holds port %d (files_port, RC_FILES_PORT)" % cluster.config.files_port \
+                in started.stdout
+            assert "RC_WEB_PORT=%d" % (cluster.config.web_port + 10) in started.stdout
+            assert "not running" in cluster.rc("ctl", "status", check=False).stdout
+        finally:
+            cluster.make("stop")
+
+
+def test_ports_taken_names_only_ports_in_use(cluster_home):
+    config, _ = cluster_home
+    config.tcp_host = config.web_host = "127.0.0.1"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        config.web_port = held.getsockname()[1]
+        config.tcp_port, config.files_port = free_port(), free_port()
+        problem = config_module.ports_taken(config)
+        assert "port %d (web_port, RC_WEB_PORT)" % config.web_port in problem
+        assert "tcp_port" not in problem and "files_port" not in problem
+    assert config_module.ports_taken(config) is None
