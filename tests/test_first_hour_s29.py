@@ -1,14 +1,18 @@
 """A new user's first hour, session 29, commands copied from the README and
 docs/: a worker started as a user without a home (`nobody`), `--self-test`
 added to the join command, and what they do."""
+import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from cluster_harness import WORKER, Cluster, free_port, online, wait_for
+from rc import commands, db, files, tasks
 from rc import config as config_module
 
 
@@ -134,3 +138,33 @@ def test_ports_taken_names_only_ports_in_use(cluster_home):
         assert "port %d (web_port, RC_WEB_PORT)" % config.web_port in problem
         assert "tcp_port" not in problem and "files_port" not in problem
     assert config_module.ports_taken(config) is None
+
+
+# -- output past the inline cap ------------------------------------------------------
+
+def run_command(*argv, actor=("cli", "local")):
+    out, err = io.StringIO(), io.StringIO()
+    status = commands.run_command(list(argv), out, err, actor=actor)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_rc_wait_prints_all_of_a_long_output(cluster_home):
+    """`rc submit shell 'seq 1 300000' --wait` (or `rc wait`) printed the
+    inline part, 891,764 of 1,988,895 bytes, ending mid-way at 143267, with
+    exit status 0 and no word of the rest; rc map printed all of it."""
+    config, connection = cluster_home
+    whole = "".join("%d\n" % n for n in range(1, 300001)).encode()
+    digest, size = files.store_stream(connection, config, io.BytesIO(whole), len(whole))
+    task_id = tasks.submit(connection, config, "shell", {"command": "seq 1 300000"})
+    with db.write(connection):
+        files.add_task_file(connection, task_id, 1, ".rc/stdout", digest, size, time.time())
+        connection.execute("UPDATE tasks SET state = 'completed', finished_at = 1, result = ?",
+                           (json.dumps({"output": whole[:891764].decode(), "exit_code": 0,
+                                        "truncated": True}),))
+    status, out, err = run_command("wait", str(task_id), "--timeout", "1")
+    assert status == 0 and err == "" and out.encode() == whole
+    # The web terminal shows the inline part and says where the rest is.
+    status, out, err = run_command("wait", str(task_id), "--timeout", "1",
+                                   actor=("admin", "127.0.0.1"))
+    assert status == 0 and out.encode() == whole[:891764]
+    assert "GET /api/v1/tasks/%d/files/.rc/stdout" % task_id in err

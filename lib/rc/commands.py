@@ -693,12 +693,24 @@ def wait_for(connection, task_id, timeout=None):
 
 def report_outcome(context, task):
     """Exactly the task's output on stdout (a pipe gets it byte for byte; a
-    terminal gets escape sequences shown as "?", since a device chose them);
-    a one-line reason when it did not complete."""
-    output = (task.get("result") or {}).get("output") or ""
-    if hasattr(context.out, "isatty") and context.out.isatty():
-        output = render.printable(output)
-    context.out.write(with_newline(output))
+    terminal gets escape sequences shown as "?", since a device chose them),
+    in full past the inline cap, as rc map prints it (the web terminal shows
+    what is inline and says where the rest is); a one-line reason when it
+    did not complete."""
+    result = task.get("result") or {}
+    terminal = hasattr(context.out, "isatty") and context.out.isatty()
+    output = map_cli.stream(context.connection, task["task_id"], result, "output", 0)
+    if isinstance(output, str):
+        context.out.write(with_newline(render.printable(output) if terminal else output))
+    elif context.actor != "cli":
+        context.out.write(with_newline(result.get("output") or ""))
+        context.err.write("task %d's output goes on past the inline cap: GET /api/v1/tasks/%d"
+                          "/files/%s\n" % (task["task_id"], task["task_id"], output["name"]))
+    else:
+        notes = []
+        map_cli.copy(context.connection, context.config, output, context.out, terminal, notes)
+        for note in notes:
+            context.err.write("rc: task %d: %s\n" % (task["task_id"], note))
     if task["state"] == COMPLETED:
         return 0
     if task["state"] not in TERMINAL_STATES:
