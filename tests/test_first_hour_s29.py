@@ -168,3 +168,23 @@ def test_rc_wait_prints_all_of_a_long_output(cluster_home):
                                    actor=("admin", "127.0.0.1"))
     assert status == 0 and out.encode() == whole[:891764]
     assert "GET /api/v1/tasks/%d/files/.rc/stdout" % task_id in err
+
+
+# -- the Python client's tasks in `rc tasks` --------------------------------------------
+
+def test_an_executor_task_says_which_function_it_calls(cluster_home):
+    """Every Executor task showed as `import sys, binascii, os as _rc_os
+    try:…` in `rc tasks`, /text/tasks and the dashboard: which was which?"""
+    from rc import client
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import client_functions
+    config, connection = cluster_home
+    for calls, shown in ((1, "# add_offset, 1 call (rc.client)"),
+                         (64, "# add_offset, 64 calls (rc.client)")):
+        code, _ = client.call_code(client_functions.add_offset, [((n,), {})
+                                                                  for n in range(calls)])
+        task_id = tasks.submit(connection, config, "python_exec", {"code": code})
+        status, out, err = run_command("tasks", "--json")
+        assert status == 0, err
+        summary = {task["task_id"]: task["summary"] for task in json.loads(out)}[task_id]
+        assert summary.startswith(shown), summary
