@@ -188,3 +188,21 @@ def test_an_executor_task_says_which_function_it_calls(cluster_home):
         assert status == 0, err
         summary = {task["task_id"]: task["summary"] for task in json.loads(out)}[task_id]
         assert summary.startswith(shown), summary
+
+
+def test_rc_get_says_why_a_finished_task_has_no_outputs(cluster_home):
+    """`--output '*.gz'` on a task that left a.txt: it completed, and `rc get`
+    said 'has no output files (yet)', as if they might still come."""
+    config, connection = cluster_home
+    globbed = tasks.submit(connection, config, "shell", {"command": "echo x > a.txt",
+                                                         "outputs": ["*.gz"]})
+    bare = tasks.submit(connection, config, "shell", {"command": "true"})
+    status, _, err = run_command("get", str(globbed))
+    assert status == 1 and "no output files yet (it is queued)" in err
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'completed', finished_at = 1")
+    status, _, err = run_command("get", str(globbed))
+    assert status == 1 and "(yet)" not in err
+    assert "it completed, and *.gz matched no file it left" in err
+    status, _, err = run_command("get", str(bare))
+    assert status == 1 and "submitted without --output" in err

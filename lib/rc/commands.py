@@ -509,12 +509,11 @@ def cmd_files(arguments, context):
 
 def cmd_get(arguments, context):
     """Write a task's output files (or those named) under -o DIR."""
-    tasks.get(context.connection, arguments.task_id)
+    task = tasks.get(context.connection, arguments.task_id)
     try:
         chosen = files_cli.wanted(context.connection, arguments.task_id, arguments.names)
         if not chosen:
-            raise CommandError("task %d has no output files (yet); `rc files %d` lists what"
-                               " it has" % (arguments.task_id, arguments.task_id))
+            raise CommandError(no_outputs(task))
         with users_umask():
             for entry in chosen:
                 path = files_cli.write_out(context.connection, context.config, entry,
@@ -522,6 +521,21 @@ def cmd_get(arguments, context):
                 context.out.write("%s\n" % render.cell(path))   # a device chose the name
     except (files_cli.FileOptionError, files.FileStoreError) as e:
         raise CommandError(str(e))
+
+
+def no_outputs(task):
+    """Why `rc get` has nothing to write: not yet, no --output, or globs
+    that matched nothing."""
+    globs = (task["payload"] or {}).get("outputs") or []
+    if task["state"] not in TERMINAL_STATES:
+        why = "no output files yet (it is %s)" % task["state"]
+    elif not globs:
+        why = "no output files: it was submitted without --output"
+    else:
+        why = "no output files: it %s, and %s matched no file it left" % (
+            task["state"], ", ".join(render.cell(glob) for glob in globs))
+    return "task %d has %s; `rc files %d` lists what it has" % (task["task_id"], why,
+                                                                 task["task_id"])
 
 
 @contextlib.contextmanager
