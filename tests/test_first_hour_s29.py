@@ -206,3 +206,19 @@ def test_rc_get_says_why_a_finished_task_has_no_outputs(cluster_home):
     assert "it completed, and *.gz matched no file it left" in err
     status, _, err = run_command("get", str(bare))
     assert status == 1 and "submitted without --output" in err
+
+
+def test_rc_why_of_a_finished_task_does_not_say_its_state_twice(cluster_home):
+    """`rc why` of a completed task: 'Task 21 completed (attempt 1 on
+    phone3): completed.'"""
+    config, connection = cluster_home
+    done = tasks.submit(connection, config, "echo", {"message": "hi"})
+    failed = tasks.submit(connection, config, "shell", {"command": "false"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'completed', reason = 'completed',"
+                           " finished_at = 1 WHERE task_id = ?", (done,))
+        connection.execute("UPDATE tasks SET state = 'failed', error = 'exit status 1',"
+                           " finished_at = 1 WHERE task_id = ?", (failed,))
+    assert run_command("why", str(done))[1] == "Task %d completed (attempt 1).\n" % done
+    assert run_command("why", str(failed))[1] == \
+        "Task %d failed (attempt 1): exit status 1.\n" % failed
