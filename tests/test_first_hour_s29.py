@@ -12,6 +12,7 @@ import time
 import pytest
 
 from cluster_harness import WORKER, Cluster, free_port, online, wait_for
+from test_server import running_on_dev1, server  # noqa: F401 (a fixture)
 from rc import commands, db, files, tasks
 from rc import config as config_module
 
@@ -222,3 +223,28 @@ def test_rc_why_of_a_finished_task_does_not_say_its_state_twice(cluster_home):
     assert run_command("why", str(done))[1] == "Task %d completed (attempt 1).\n" % done
     assert run_command("why", str(failed))[1] == \
         "Task %d failed (attempt 1): exit status 1.\n" % failed
+
+
+# -- rc logs --level warning after a routine drain ------------------------------------
+
+def test_a_devices_answer_for_an_attempt_taken_back_is_no_warning(server):
+    """`rc drain laptop --now`, then `rc logs --level warning`: rc-server's
+    'WARNING stale_result … status=cancelled' for the attempt it had just
+    taken back itself; a result for an attempt not the device's still is."""
+    instance, port = server
+    client, task_id, connection = running_on_dev1(instance, port)
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state='queued', device_id=NULL, attempt=2"
+                           " WHERE task_id = ?", (task_id,))
+    assert client.receive()["message_type"] == "task_cancel"
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "cancelled",
+                                "result": {}})
+    client.send("task_result", {"task_id": task_id, "attempt": 1, "status": "completed",
+                                "result": {"output": "late"}})
+
+    def stale_levels():
+        lines = [json.loads(line) for line in instance.log.stream.getvalue().splitlines()]
+        return [line["level"] for line in lines if line["event"] == "stale_result"]
+    wait_for(lambda: len(stale_levels()) == 2, 10, "both results logged")
+    assert stale_levels() == ["info", "warning"]
+    connection.close()
