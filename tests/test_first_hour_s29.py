@@ -248,3 +248,17 @@ def test_a_devices_answer_for_an_attempt_taken_back_is_no_warning(server):
     wait_for(lambda: len(stale_levels()) == 2, 10, "both results logged")
     assert stale_levels() == ["info", "warning"]
     connection.close()
+
+
+def test_a_forgotten_device_is_not_counted_offline(cluster_home, add_device):
+    """`rc forget phone1` retires it for good, yet `rc status`, `rc health`
+    and /text/metrics went on counting it: 'devices 3/5 online' with four
+    devices in `rc devices`."""
+    add_device("phone1")
+    add_device("phone2")
+    assert run_command("forget", "phone1")[0] == 0
+    status, out, err = run_command("status")
+    assert status == 0, err
+    assert "devices_offline: 0\n" in out and "devices_total: 1\n" in out
+    status, out, _ = run_command("health")
+    assert "devices_total=1 " in out
