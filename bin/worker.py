@@ -7925,8 +7925,9 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
-                        help="where this device's secret is kept, one per cluster and"
-                        " device id (default: %(default)s)")
+                        help="where this device's secret (one per cluster and device"
+                        " id) and its cache of task files are kept; this user must be"
+                        " able to write it (default: %(default)s)")
     parser.add_argument("--fingerprint", metavar="HEX", help="the main node uses TLS: the"
                         " SHA-256 fingerprint of its certificate (64 hex digits, colons"
                         " allowed; `rc join` prints it)")
