@@ -6659,7 +6659,8 @@ class Worker(object):
         problem = self.identity.prepare()
         if problem is not None:
             log("error", "state_dir_unusable", path=self.identity.state_dir, error=problem,
-                message=STATE_DIR_UNUSABLE)
+                message="cannot use %s (%s): %s" % (self.identity.state_dir, problem,
+                                                     STATE_DIR_UNUSABLE))
             return EXIT_REFUSED
         self.sandbox.prepare(self)
         self.watchdog.start()
