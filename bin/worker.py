@@ -791,8 +791,9 @@ class Identity(object):
 
     def joined_before(self):
         """Whether this device holds a secret from any main node."""
-        return any(os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
-                   for cluster in list_dir(self.state_dir))
+        return bool(self.unfiled) or any(
+            os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
+            for cluster in list_dir(self.state_dir))
 
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
