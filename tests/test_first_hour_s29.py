@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, free_port, online, wait_for
+from cluster_harness import WORKER, Cluster, free_port, free_ports, online, wait_for
 from test_server import running_on_dev1, server  # noqa: F401 (a fixture)
 from rc import commands, db, files, tasks
 from rc import config as config_module
@@ -262,3 +262,15 @@ def test_a_forgotten_device_is_not_counted_offline(cluster_home, add_device):
     assert "devices_offline: 0\n" in out and "devices_total: 1\n" in out
     status, out, _ = run_command("health")
     assert "devices_total=1 " in out
+
+
+def test_ports_taken_names_a_port_given_twice(cluster_home):
+    """A make test run gave one cluster's rc-server and rc-files port 28313
+    both (free_port() twice); rc-files could only restart, and make run said
+    'rc-files BACKOFF'. The harness now picks three different ports."""
+    config, _ = cluster_home
+    config.tcp_port = config.files_port = free_port()
+    problem = config_module.ports_taken(config)
+    assert problem.startswith("RC_TCP_PORT and RC_FILES_PORT are the same port, %d"
+                              % config.tcp_port)
+    assert len(set(free_ports(3))) == 3

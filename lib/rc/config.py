@@ -69,11 +69,18 @@ def load(path=None, environ=None):
 
 
 def ports_taken(config):
-    """Before a start: which of the cluster's ports something on this box
-    already holds (another cluster, started with only RC_TCP_PORT and
-    RC_WEB_PORT moved?), saying which variable moves each; None when every
-    one is free. Only a port in use is named: the program itself reports
-    any other reason it cannot listen."""
+    """Before a start: why the cluster's programs could not all listen, if
+    one port is given twice or something on this box already holds one
+    (another cluster, started with only RC_TCP_PORT and RC_WEB_PORT moved?),
+    saying which variable moves each; None when every one is free. Only a
+    port in use is named: the program itself reports any other reason."""
+    given = {}
+    for key, _, variable in PORTS:
+        given.setdefault(getattr(config, key), []).append(variable)
+    for port, variables in given.items():
+        if len(variables) > 1:
+            return ("%s are the same port, %d: the three ports must differ (README,"
+                    " Configuration)" % (" and ".join(variables), port))
     taken = []
     for key, host_key, variable in PORTS:
         port = getattr(config, key)
