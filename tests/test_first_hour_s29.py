@@ -134,7 +134,7 @@ def test_ports_taken_names_only_ports_in_use(cluster_home):
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         config.web_port = held.getsockname()[1]
-        config.tcp_port, config.files_port = free_port(), free_port()
+        config.tcp_port, config.files_port = free_ports(2)
         problem = config_module.ports_taken(config)
         assert "port %d (web_port, RC_WEB_PORT)" % config.web_port in problem
         assert "tcp_port" not in problem and "files_port" not in problem
