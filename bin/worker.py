@@ -700,19 +700,31 @@ def owner_only(path, mode):
         os.chmod(path, mode)
 
 
+STATE_DIR_UNUSABLE = ("this device's secret and its cache of task files live there; start"
+                      " the worker with --state-dir a directory this user can write")
+
+
 class Identity(object):
     """The device secrets in --state-dir: STATE_DIR/CLUSTER_ID/DEVICE_ID.secret."""
 
     def __init__(self, state_dir, device_id):
         self.state_dir = os.path.expanduser(state_dir)
         self.device_id = device_id
+        self.unfiled = {}       # cluster id: a secret that could not be written
 
     def prepare(self):
         """Make the state directory, and make the secrets in it (and it, if it
         holds nothing else: --state-dir may name any directory) the owner's
-        only, whatever made them."""
+        only, whatever made them. None, or why the directory cannot be used:
+        a worker without it would join once, lose the secret it was given,
+        and be refused as an impostor at its next connection."""
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            return str(e)
+        if not os.access(self.state_dir, os.W_OK | os.X_OK):
+            return "not writable by uid %d" % os.getuid()
+        try:
             ours = True
             for cluster in list_dir(self.state_dir):
                 directory = os.path.join(self.state_dir, cluster)
@@ -726,9 +738,9 @@ class Identity(object):
             if ours:
                 owner_only(self.state_dir, 0o700)
         except OSError as e:
-            log("warning", "state_dir_unusable", path=self.state_dir, error=str(e),
-                message="device secrets cannot be kept: this worker joins with the token"
-                " each time, which a main node with device_secrets on refuses")
+            log("warning", "state_dir_not_private", path=self.state_dir, error=str(e),
+                message="the device secrets in it may be readable by others")
+        return None
 
     def path(self, cluster_id):
         if not safe_name(cluster_id):      # an old main node, or a name unfit for a path
@@ -741,7 +753,7 @@ class Identity(object):
             with open(path) as f:
                 secret = f.read().strip()
         except (TypeError, OSError):      # no path, or no secret yet
-            return None
+            return self.unfiled.get(cluster_id)
         if not is_hex(secret, 64):
             log("warning", "device_secret_unreadable", path=path)
             return None
@@ -779,8 +791,9 @@ class Identity(object):
 
     def joined_before(self):
         """Whether this device holds a secret from any main node."""
-        return any(os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
-                   for cluster in list_dir(self.state_dir))
+        return bool(self.unfiled) or any(
+            os.path.exists(os.path.join(self.state_dir, cluster, self.device_id + ".secret"))
+            for cluster in list_dir(self.state_dir))
 
 
 # -- TLS: the main node's certificate pinned by its SHA-256 fingerprint -----------
@@ -6822,7 +6835,12 @@ class Worker(object):
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        self.identity.prepare()
+        problem = self.identity.prepare()
+        if problem is not None:
+            log("error", "state_dir_unusable", path=self.identity.state_dir, error=problem,
+                message="cannot use %s (%s): %s" % (self.identity.state_dir, problem,
+                                                     STATE_DIR_UNUSABLE))
+            return EXIT_REFUSED
         self.sandbox.prepare(self)
         self.watchdog.start()
         self.install_signals()
@@ -7467,9 +7485,12 @@ class Worker(object):
         try:
             path = self.identity.keep(self.cluster_id, secret)
         except OSError as e:
+            self.identity.unfiled[self.cluster_id] = secret    # reconnecting still works
             log("error", "device_secret_not_kept", error=str(e), message="cannot store this"
-                " device's secret under %s; the next connection joins with the token again"
-                % self.identity.state_dir)
+                " device's secret under %s: it is kept in memory, and once this worker stops"
+                " the main node refuses %s (device_id_taken); make room there, or restart"
+                " with --state-dir a directory this user can write"
+                % (self.identity.state_dir, self.device_id))
             return
         if path is None:
             log("warning", "device_secret_not_kept", message="the main node named no usable"
@@ -7867,6 +7888,7 @@ SELF_TEST = (("echo", {"message": "hello"}, "hello"),
 
 def self_test(worker):
     import json as pretty
+    worker.connect_at = None    # a --join given (or in --config) is not dialled: no main node
     worker.install_signals()
     worker.check_availability()
     found = worker.profile()
@@ -7878,6 +7900,9 @@ def self_test(worker):
     print(pretty.dumps(found, indent=2, sort_keys=True))
     worker.sandbox.prepare(worker)
     print_sandbox(worker.sandbox)
+    problem = worker.identity.prepare()
+    print("state dir:      %s" % worker.identity.state_dir
+          + (" UNUSABLE (%s): %s" % (problem, STATE_DIR_UNUSABLE) if problem else ""))
     # Whatever the owner's rules say now, the point is whether tasks can run here.
     worker.availability.available, worker.next_policy_check = True, float("inf")
     for number, (task_type, payload, _) in enumerate(SELF_TEST, 1):
@@ -7897,7 +7922,7 @@ def self_test(worker):
         print("%-12s %-12s %s" % (task_type, data["status"], "ok" if ok else
                                   "FAILED: %r" % (data.get("error") or data["result"],)))
     worker.shutdown()
-    return 1 if failures else 0
+    return 1 if failures or problem else 0
 
 
 def print_sandbox(sandbox):
@@ -8080,8 +8105,9 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
                         help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
-                        help="where this device's secret is kept, one per cluster and"
-                        " device id (default: %(default)s)")
+                        help="where this device's secret (one per cluster and device"
+                        " id) and its cache of task files are kept; this user must be"
+                        " able to write it (default: %(default)s)")
     parser.add_argument("--fingerprint", metavar="HEX", help="the main node uses TLS: the"
                         " SHA-256 fingerprint of its certificate (64 hex digits, colons"
                         " allowed; `rc join` prints it)")
