@@ -1,6 +1,6 @@
 # Retire-Cluster main node. `make run` to start, `make test` to check.
-# State lives in $(RC_HOME) (var/ here); set RC_HOME, RC_TCP_PORT and
-# RC_WEB_PORT to run a second cluster beside the first.
+# State lives in $(RC_HOME) (var/ here); set RC_HOME, RC_TCP_PORT, RC_WEB_PORT
+# and RC_FILES_PORT to run a second cluster beside the first.
 
 # The virtualenv's interpreter: the system's own python3 when it can make one
 # (distributions build it optimized; a default pyenv or source build is not,
@@ -35,7 +35,9 @@ $(VENV)/.installed: requirements.txt setup.py
 # worker online) and says so, or fails saying what is not. It first checks
 # that every socket of the run directory fits a Unix socket's 107 bytes: in
 # a clone under a deep directory, supervisord or a program's bell could not
-# bind, so it stops at once and says to choose a shorter RC_HOME.
+# bind, so it stops at once and says to choose a shorter RC_HOME. Starting
+# supervisord, it stops as soon if another cluster or program holds one of
+# the three ports, naming it and its variable (rc-files would only restart).
 run: install
 	@$(PY) -c 'import sys; from rc import bell, config; \
 		problem = bell.run_dir_problem(config.load().run_dir); \
@@ -43,6 +45,9 @@ run: install
 	@if $(CTL) pid >/dev/null 2>&1; then \
 		$(CTL) start all >/dev/null; \
 	else \
+		$(PY) -c 'import sys; from rc import config; \
+			problem = config.ports_taken(config.load()); \
+			sys.exit(problem and "make run: " + problem)' || exit 1; \
 		umask 077; $(SUPERVISORD); \
 	fi
 	@$(PY) -m rc.cli wait-ready

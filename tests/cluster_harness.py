@@ -52,6 +52,17 @@ def free_port():
     raise RuntimeError("no free port in %d-%d" % FREE_PORTS)
 
 
+def free_ports(count):
+    """`count` different free ports: free_port() twice may give one port
+    twice (a make test run once gave rc-server and rc-files 28313 both)."""
+    ports = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 class Cluster:
     def __init__(self, home, base=None, **settings):
         """`base` replaces the short test timings (e.g. to measure defaults)."""
@@ -60,9 +71,10 @@ class Cluster:
         os.makedirs(self.home, exist_ok=True)
         with open(settings_path, "w", opener=private) as f:
             json.dump(dict(TEST_SETTINGS if base is None else base, **settings), f)
+        tcp_port, web_port, files_port = free_ports(3)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
-                        RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()),
-                        RC_FILES_PORT=str(free_port()))
+                        RC_TCP_PORT=str(tcp_port), RC_WEB_PORT=str(web_port),
+                        RC_FILES_PORT=str(files_port))
         self.config = config_module.load(environ=self.env)
         self.workers = {}
 

@@ -21,7 +21,7 @@ import urllib.request
 import psutil
 import pytest
 
-from bench_common import Table, percentile, rss_mib
+from bench_common import Table, percentile, process_start_ms, rss_mib
 from cluster_harness import REPO, Cluster, online, wait_for
 from rc import db, tasks
 from test_bench_client import round_trips, submit_each
@@ -102,6 +102,8 @@ def test_echo_throughput(cluster):
 def test_shell_throughput(cluster):
     rate, library = through_both(cluster, "shell", "true", {"command": "true"}, 2000)
     record("shell true tasks/s (2,000)", ">= 600", rate, "tasks/s", rate >= 600, library)
+    record("... this machine: one process started and reaped (sh -c true, median)", "-",
+           process_start_ms(), "ms", True)
 
 
 def test_python_eval_throughput(cluster):

@@ -32,7 +32,7 @@ import time
 import psutil
 import pytest
 
-from bench_common import RssSampler, Table, cpu_seconds, percentile
+from bench_common import RssSampler, Table, cpu_seconds, percentile, process_start_ms
 from cluster_harness import REPO, Cluster, online, wait_for
 from rc import tls
 
@@ -395,6 +395,9 @@ def test_small_files_tasks(cluster):
     TABLE.record("... CPU ms per task (main node + worker)", "-", files_cpu * 1000, "ms", True)
     TABLE.record("... whole machine busy ms per task (%s)" % MACHINE_BUSY, "-",
                  files_busy * 1000 / SMALL_TASKS, "ms", True)
+    TABLE.record("... this machine: one process started and reaped (sh -c true, median);"
+                 " a task here starts two (sh, tr), shell true one", "-", process_start_ms(),
+                 "ms", True)
     for name in ("worker", "rc-files", "rc-web", "rc-server", "rc-scheduler"):
         TABLE.record("... of which %s (shell true: %.2f)" % (
             "the worker, its spawner and tasks" if name == "worker" else name,

@@ -694,16 +694,27 @@ def test_clients_that_leave_give_back_their_waits_and_streams(cluster):
             sockets += [raw_get(cluster, stream) for _ in range(cluster.config.max_streams)]
             # The four hold this address's share once rc-web has taken them in.
             wait_for(lambda: "wait_refused" in http(
-                cluster, "GET", "/api/v1/tasks/%d/result?wait=1" % queued)[1], 15,
+                cluster, "GET", "/api/v1/tasks/%d/result?wait=1" % queued)[1], 30,
                 "a fifth wait to be refused")
             for sock in sockets:
                 sock.close()
 
             def freed():
-                status, answer = http(cluster, "GET",
-                                      "/api/v1/tasks/%d/result?wait=0.2" % queued)
-                return "wait_refused" not in answer
-            wait_for(freed, 15, "the waits to be given back")
+                """All four given back: four waits at once, none refused (one
+                left held would make the next round's fourth refused, and its
+                fifth not)."""
+                answers = []
+
+                def probe():
+                    answers.append(http(cluster, "GET",
+                                        "/api/v1/tasks/%d/result?wait=2" % queued)[1])
+                probes = [threading.Thread(target=probe) for _ in range(4)]
+                for thread in probes:
+                    thread.start()
+                for thread in probes:
+                    thread.join()
+                return not any("wait_refused" in answer for answer in answers)
+            wait_for(freed, 30, "the waits to be given back")
             request = urllib.request.Request(cluster.url + stream.replace("follow=1", "follow=0"))
             with urllib.request.urlopen(request, timeout=30) as response:
                 assert json.loads(response.readline())["task_id"]    # a stream slot is free

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from cluster_harness import REPO, free_port, wait_for
+from cluster_harness import REPO, free_ports, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.container]
 
@@ -93,8 +93,7 @@ class Project:
         self.directory = str(directory)
         self.name = "rctest%s" % uuid.uuid4().hex[:8]
         shutil.copy(os.path.join(REPO, "docker-compose.yml"), self.directory)
-        self.ports = {"RC_TCP_PORT": free_port(), "RC_WEB_PORT": free_port(),
-                      "RC_FILES_PORT": free_port()}
+        self.ports = dict(zip(("RC_TCP_PORT", "RC_WEB_PORT", "RC_FILES_PORT"), free_ports(3)))
         self.env = dict(os.environ, RC_IMAGE=IMAGE, RC_PUBLISH="127.0.0.1",
                         RC_HOSTNAME=HOSTNAME, RC_WORKER_ID="box-worker",
                         RC_NOFILE="1024", RC_NPROC="1024",

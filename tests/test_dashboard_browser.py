@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import free_port
+from cluster_harness import free_ports
 from rc import config as config_module
 from rc import db, devices, tls
 
@@ -53,8 +53,9 @@ class MainNode:
         os.makedirs(os.path.join(self.home, "log"), exist_ok=True)
         with open(settings_path, "w") as f:
             json.dump(dict(SETTINGS, **settings), f)
+        tcp_port, web_port = free_ports(2)
         self.env = dict(os.environ, RC_HOME=self.home, RC_CONFIG=settings_path,
-                        RC_TCP_PORT=str(free_port()), RC_WEB_PORT=str(free_port()),
+                        RC_TCP_PORT=str(tcp_port), RC_WEB_PORT=str(web_port),
                         PYTHONPATH=os.path.join(REPO, "lib"))
         self.config = config_module.load(environ=self.env)
         self.processes = {}

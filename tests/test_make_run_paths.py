@@ -15,7 +15,7 @@ from rc import bell
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from cluster_harness import free_port  # noqa: E402
+from cluster_harness import free_ports  # noqa: E402
 
 SOCKET_NAMES = bell.socket_names()
 
@@ -67,8 +67,9 @@ def test_every_socket_binds_where_the_run_directory_is_said_to_fit(tmp_path):
 
 
 def make_run(home):
-    environ = dict(os.environ, RC_HOME=home, RC_TCP_PORT=str(free_port()),
-                   RC_WEB_PORT=str(free_port()), RC_FILES_PORT=str(free_port()))
+    tcp_port, web_port, files_port = free_ports(3)
+    environ = dict(os.environ, RC_HOME=home, RC_TCP_PORT=str(tcp_port),
+                   RC_WEB_PORT=str(web_port), RC_FILES_PORT=str(files_port))
     environ.pop("MAKEFLAGS", None)
     try:
         return subprocess.run(["make", "-s", "run"], cwd=ROOT, env=environ,

@@ -7,9 +7,11 @@ SOCK_SEQPACKET). Each runs against the fake main node of test_worker.py.
 import ast
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 
 from test_worker import (WAIT, WORKER, main, process_gone, registered,  # noqa: F401
                          spawn, wait_until)
@@ -107,6 +109,87 @@ def test_shell_tasks_set_their_own_limits(main, spawn):
     assert [int(parent)] == spawner_pids(worker), "started by the spawner"
     # The limits come first on the command's own line: its line numbers stay.
     assert " 1: no-such-command: not found" in result["result"]["stderr"]
+
+
+def limits_of(text):
+    """/proc/PID/limits as {"Max open files": [soft, hard]...}."""
+    return {line[:26].strip(): line[26:].split()[:2] for line in text.splitlines()[1:]}
+
+
+def shell_output(link, task_id, command, **options):
+    link.assign(task_id, "shell", {"command": command}, timeout=10, **options)
+    return link.results(1)[task_id]["result"]
+
+
+def test_a_simple_command_starts_without_a_shell_under_the_same_limits(main, spawn):
+    worker, link = registered(main, spawn, sys.executable, "--max-file-size", "3",
+                              "--max-memory", "512")
+    stat_fields = shell_output(link, 1, "cat /proc/self/stat")["output"].split()
+    pid, comm, parent, session = int(stat_fields[0]), stat_fields[1], int(stat_fields[3]), \
+        int(stat_fields[5])
+    assert comm == "(cat)" and [parent] == spawner_pids(worker), "no shell between"
+    assert session == pid, "a session (and process group) of its own"
+    # Born with the soft limits (a task that reads them at once sees them)...
+    limits = limits_of(shell_output(link, 2, "cat /proc/self/limits")["output"])
+    assert limits["Max open files"][0] == "1024" and limits["Max core file size"][0] == "0"
+    assert limits["Max file size"][0] == str(3 * 1048576)
+    assert limits["Max address space"][0] == str(512 * 1048576)
+    # ... the hard ones and CPU time's (20 s timeout + 1 + a 5 s margin) set as it
+    # starts (read here from outside).
+    link.assign(6, "shell", {"command": "sleep 60"}, timeout=20)
+    assert wait_until(lambda: children(spawner_pids(worker)[0]), WAIT)
+    sleeper = int(children(spawner_pids(worker)[0])[0])
+
+    def read_limits():
+        with open("/proc/%d/limits" % sleeper) as f:
+            return limits_of(f.read())
+    # Seen from here the moment it is a child: the spawner may not have set them yet.
+    assert wait_until(lambda: read_limits()["Max cpu time"] == ["26", "27"], WAIT)
+    limits = read_limits()
+    assert limits["Max open files"] == ["1024", "1024"]
+    assert limits["Max core file size"] == ["0", "0"]
+    assert limits["Max file size"] == [str(3 * 1048576)] * 2
+    assert limits["Max address space"] == [str(512 * 1048576)] * 2
+    link.send("task_cancel", {"task_id": 6, "attempt": 1})
+    assert link.results(1)[6]["status"] == "cancelled"
+    # Set on each as posix_spawn returns, while its exec may not yet have taken
+    # on the task's uid (which once failed a task in two: EPERM).
+    for task_id in range(100, 130):
+        assert shell_output(link, task_id, "/bin/true")["exit_code"] == 0, task_id
+    environment = shell_output(link, 3, "env")["output"].splitlines()
+    cwd = [line[4:] for line in environment if line.startswith("PWD=")]
+    assert len(cwd) == 1 and os.path.basename(cwd[0]).startswith("rc-task-")
+    with open("/etc/os-release") as f:
+        expected = f.read().translate(str.maketrans("abcdefghijklm", "nopqrstuvwxyz"))
+    into = tempfile.mkdtemp()
+    try:
+        os.chmod(into, 0o777)            # the task may run as a uid of its own
+        out = os.path.join(into, "out.txt")
+        for task_id, command in ((4, "tr a-m n-z </etc/os-release > " + out),
+                                 (5, "tr a-m n-z < /etc/os-release >>" + out)):
+            assert shell_output(link, task_id, command)["exit_code"] == 0
+        with open(out) as f:
+            assert f.read() == expected * 2
+    finally:
+        shutil.rmtree(into)
+
+
+def test_what_a_simple_command_cannot_start_the_shell_runs_and_explains(main, spawn):
+    worker, link = registered(main, spawn, sys.executable)
+    missing = shell_output(link, 1, "no-such-command --flag")
+    assert missing["exit_code"] == 127 and "no-such-command: not found" in missing["stderr"]
+    unreadable = shell_output(link, 2, "cat < /no/such/file")
+    assert unreadable["exit_code"] == 2 and "cannot open /no/such/file" in unreadable["stderr"]
+    # Not simple: quotes, $, a pipe, a builtin, 2>, an assignment; the shell runs each.
+    for task_id, command, output in ((3, "echo 'a  b'", "a  b"), (4, "echo $((1 + 2))", "3"),
+                                     (5, "printf x | tr x y", "y"), (6, "true", ""),
+                                     (7, "ls /no/such 2>/dev/null || echo gone", "gone"),
+                                     (8, "X=1 env", None)):
+        result = shell_output(link, task_id, command)
+        assert result["exit_code"] == 0, (command, result)
+        if output is not None:
+            assert result["output"].strip() == output, (command, result)
+    assert "X=1" in shell_output(link, 9, "X=1 env")["output"].splitlines()
 
 
 def test_a_killed_spawner_restarts_the_worker(main, spawn):

@@ -271,7 +271,7 @@ def test_a_thread_lingers_only_while_most_threads_are_idle():
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/block":
-            release.wait(10)
+            release.wait(60)
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
         return [b"ok"]
     server, handed, _ = counting_server(threads=4, app=app)
@@ -281,9 +281,13 @@ def test_a_thread_lingers_only_while_most_threads_are_idle():
             blocker = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
             blocker.request("GET", "/block")
             blockers.append(blocker)
-        deadline = time.monotonic() + 5
-        while server.task_dispatcher.active_count < 2 and time.monotonic() < deadline:
+        # Both blocked in a thread (on a busy machine the pool's threads and the
+        # loop may take seconds to get there; before, may_linger is no test).
+        deadline = time.monotonic() + 60
+        while (server.task_dispatcher.active_count < 2 or len(handed) < 2) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert server.task_dispatcher.active_count == 2 and len(handed) == 2
         assert not server.may_linger()
         connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
         before = len(handed)

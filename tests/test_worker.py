@@ -585,8 +585,9 @@ def test_fencing_after_disconnect(main, spawn, python, drop_dir):
 def test_fencing_checked_first_after_a_freeze(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=1)
     link.assign(1, "shell", background_task(drop_dir / "pids"))
-    link.assign(2, "shell", {"command": "sleep 0.5"})     # ends while the worker is frozen
     pids = task_pids(drop_dir / "pids")
+    # Ends while the worker is frozen, however long the first took to start.
+    link.assign(2, "shell", {"command": "sleep 1"})
     frames = link.pump(0.3)
     assert [f["message_type"] for f in frames].count("task_accept") == 2
     worker.proc.send_signal(signal.SIGSTOP)

@@ -25,7 +25,7 @@ from rc import config as config_module  # noqa: E402
 from rc import db, tasks, tls  # noqa: E402
 from rc.states import TERMINAL_STATES  # noqa: E402
 
-from cluster_harness import free_port  # noqa: E402
+from cluster_harness import free_ports  # noqa: E402
 from test_worker import (INTERPRETERS, short_name, process_gone,  # noqa: E402,F401
                          wait_until)
 
@@ -43,9 +43,10 @@ class MainNode:
         settings = os.path.join(self.home, "rc.json")
         with open(settings, "w") as f:
             json.dump(SETTINGS, f)
+        tcp_port, web_port = free_ports(2)
         self.env = dict(os.environ, RC_HOME=os.path.join(self.home, "var"),
-                        RC_CONFIG=settings, RC_TCP_PORT=str(free_port()),
-                        RC_WEB_PORT=str(free_port()))
+                        RC_CONFIG=settings, RC_TCP_PORT=str(tcp_port),
+                        RC_WEB_PORT=str(web_port))
         self.config = config_module.load(environ=self.env)
         subprocess.run([VENV_PYTHON, "-m", "rc.cli", "init"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL, timeout=60)

@@ -1885,7 +1885,9 @@ def call_code(fn, calls, each=False):
     # Arguments that name nothing of fn's module unpickle as they are there;
     # others need that module read as the script's __main__ (a slower path).
     renamed = home if home not in (None, "__main__") and home.encode() in data else None
-    return "%s_rc_run(%r, %r, %r, %r, %d, %r%s)\n" % (
+    # The first line is what `rc tasks` and the dashboard show of the task.
+    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %d, %r%s)\n" % (
+        getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, RESULT_LIMIT,
         renamed, ", True" if each else ""), home
 

@@ -509,12 +509,11 @@ def cmd_files(arguments, context):
 
 def cmd_get(arguments, context):
     """Write a task's output files (or those named) under -o DIR."""
-    tasks.get(context.connection, arguments.task_id)
+    task = tasks.get(context.connection, arguments.task_id)
     try:
         chosen = files_cli.wanted(context.connection, arguments.task_id, arguments.names)
         if not chosen:
-            raise CommandError("task %d has no output files (yet); `rc files %d` lists what"
-                               " it has" % (arguments.task_id, arguments.task_id))
+            raise CommandError(no_outputs(task))
         with users_umask():
             for entry in chosen:
                 path = files_cli.write_out(context.connection, context.config, entry,
@@ -522,6 +521,21 @@ def cmd_get(arguments, context):
                 context.out.write("%s\n" % render.cell(path))   # a device chose the name
     except (files_cli.FileOptionError, files.FileStoreError) as e:
         raise CommandError(str(e))
+
+
+def no_outputs(task):
+    """Why `rc get` has nothing to write: not yet, no --output, or globs
+    that matched nothing."""
+    globs = (task["payload"] or {}).get("outputs") or []
+    if task["state"] not in TERMINAL_STATES:
+        why = "no output files yet (it is %s)" % task["state"]
+    elif not globs:
+        why = "no output files: it was submitted without --output"
+    else:
+        why = "no output files: it %s, and %s matched no file it left" % (
+            task["state"], ", ".join(render.cell(glob) for glob in globs))
+    return "task %d has %s; `rc files %d` lists what it has" % (task["task_id"], why,
+                                                                 task["task_id"])
 
 
 @contextlib.contextmanager
@@ -693,12 +707,24 @@ def wait_for(connection, task_id, timeout=None):
 
 def report_outcome(context, task):
     """Exactly the task's output on stdout (a pipe gets it byte for byte; a
-    terminal gets escape sequences shown as "?", since a device chose them);
-    a one-line reason when it did not complete."""
-    output = (task.get("result") or {}).get("output") or ""
-    if hasattr(context.out, "isatty") and context.out.isatty():
-        output = render.printable(output)
-    context.out.write(with_newline(output))
+    terminal gets escape sequences shown as "?", since a device chose them),
+    in full past the inline cap, as rc map prints it (the web terminal shows
+    what is inline and says where the rest is); a one-line reason when it
+    did not complete."""
+    result = task.get("result") or {}
+    terminal = hasattr(context.out, "isatty") and context.out.isatty()
+    output = map_cli.stream(context.connection, task["task_id"], result, "output", 0)
+    if isinstance(output, str):
+        context.out.write(with_newline(render.printable(output) if terminal else output))
+    elif context.actor != "cli":
+        context.out.write(with_newline(result.get("output") or ""))
+        context.err.write("task %d's output goes on past the inline cap: GET /api/v1/tasks/%d"
+                          "/files/%s\n" % (task["task_id"], task["task_id"], output["name"]))
+    else:
+        notes = []
+        map_cli.copy(context.connection, context.config, output, context.out, terminal, notes)
+        for note in notes:
+            context.err.write("rc: task %d: %s\n" % (task["task_id"], note))
     if task["state"] == COMPLETED:
         return 0
     if task["state"] not in TERMINAL_STATES:

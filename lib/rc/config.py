@@ -9,8 +9,10 @@ clusters can run side by side on one box.
 for the ones its own environment does not set: `bin/rc join` in a new shell
 prints the ports the cluster listens on, `rc health` uses its thresholds.
 """
+import errno
 import json
 import os
+import socket
 
 from rc.defaults import DEFAULTS
 
@@ -20,6 +22,10 @@ DEFAULT_HOME = os.path.join(CHECKOUT, "var")
 # The variables a cluster is started with that every command must agree on.
 RECORDED_VARIABLES = ("RC_CONFIG", "RC_TCP_PORT", "RC_WEB_PORT", "RC_FILES_PORT")
 STARTED_WITH = "started_with.json"    # in the state directory: those variables, as given
+# Each port the main node listens on: its setting, the host setting it binds
+# with, and the variable that moves it.
+PORTS = (("tcp_port", "tcp_host", "RC_TCP_PORT"), ("web_port", "web_host", "RC_WEB_PORT"),
+         ("files_port", "tcp_host", "RC_FILES_PORT"))
 WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
 
 
@@ -55,12 +61,46 @@ def load(path=None, environ=None):
     path = path or environ.get("RC_CONFIG") or DEFAULT_CONFIG_PATH
     settings = dict(DEFAULTS)
     settings.update(read_file(path))
-    for key, variable in (("tcp_port", "RC_TCP_PORT"), ("web_port", "RC_WEB_PORT"),
-                          ("files_port", "RC_FILES_PORT")):
+    for key, _, variable in PORTS:
         if environ.get(variable):
             settings[key] = check(key, parse_int(variable, environ[variable]))
     check_together(settings, path)
     return Config(settings, home)
+
+
+def ports_taken(config):
+    """Before a start: why the cluster's programs could not all listen, if
+    one port is given twice or something on this box already holds one
+    (another cluster, started with only RC_TCP_PORT and RC_WEB_PORT moved?),
+    saying which variable moves each; None when every one is free. Only a
+    port in use is named: the program itself reports any other reason."""
+    given = {}
+    for key, _, variable in PORTS:
+        given.setdefault(getattr(config, key), []).append(variable)
+    for port, variables in given.items():
+        if len(variables) > 1:
+            return ("%s are the same port, %d: the three ports must differ (README,"
+                    " Configuration)" % (" and ".join(variables), port))
+    taken = []
+    for key, host_key, variable in PORTS:
+        port = getattr(config, key)
+        try:
+            family, kind, _, _, address = socket.getaddrinfo(
+                getattr(config, host_key) or None, port, type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                taken.append("%d (%s, %s)" % (port, key, variable))
+    if not taken:
+        return None
+    return ("another cluster or program on this box holds port %s: start this cluster on"
+            " free ports, e.g. `RC_HOME=%s %s make run` (README, Configuration)"
+            % (" and ".join(taken), config.home,
+               " ".join("%s=%d" % (variable, getattr(config, key) + 10)
+                        for key, _, variable in PORTS)))
 
 
 def started_with_path(home):

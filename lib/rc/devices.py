@@ -370,9 +370,12 @@ def busy_slots(devices):
 
 
 def counts(connection):
+    """Devices online, offline, connected and in all; a forgotten one is
+    retired, in none of them (its history stays: `rc devices --all`)."""
     row = connection.execute(
         "SELECT count(*) AS total, coalesce(sum(status = ?), 0) AS online,"
-        " coalesce(sum(connected), 0) AS connected FROM devices", (ONLINE,)).fetchone()
+        " coalesce(sum(connected), 0) AS connected FROM devices WHERE forgotten = 0",
+        (ONLINE,)).fetchone()
     return {"online": row["online"], "offline": row["total"] - row["online"],
             "connected": row["connected"], "total": row["total"]}
 

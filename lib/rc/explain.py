@@ -15,9 +15,10 @@ def why(connection, task_id, now=None):
     now = time.time() if now is None else now
     task = tasks.get(connection, task_id)
     if task["state"] in TERMINAL_STATES:
-        return "Task %d %s (attempt %d%s): %s." % (
+        reason = task["error"] or task["reason"] or "no reason recorded"
+        return "Task %d %s (attempt %d%s)%s." % (
             task_id, task["state"], task["attempt"], on_device(task),
-            task["error"] or task["reason"] or "no reason recorded")
+            "" if reason == task["state"] else ": " + reason)    # not "completed: completed"
     if task["state"] == ASSIGNED:
         device = devices.get(connection, task["device_id"]) or {}
         if device.get("suspect"):

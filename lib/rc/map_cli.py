@@ -727,11 +727,11 @@ class Outcome:
 
     def __init__(self, runner, job, result, error):
         self.job = job
-        self.stdout = stream(runner, job, result, "output", 0)
+        self.stdout = stream(runner.connection, job.task_id, result, "output", 0)
         if runner.plan.task_type in VALUE_TYPES and isinstance(self.stdout, str) \
                 and self.stdout and not self.stdout.endswith("\n"):
             self.stdout += "\n"           # a value, not a stream: one per line
-        self.stderr = stream(runner, job, result, "stderr", 1)
+        self.stderr = stream(runner.connection, job.task_id, result, "stderr", 1)
         self.exit_code = result.get("exit_code")
         self.notes = []
         if job.state != COMPLETED:
@@ -741,10 +741,12 @@ class Outcome:
     def show(self, runner):
         """stdout as the task wrote it (on a terminal, escape sequences from
         a device shown as "?"), its stderr on ours, then any note."""
-        copy(runner, self.stdout, runner.out, runner.out_tty, self.notes)
+        copy(runner.connection, runner.config, self.stdout, runner.out, runner.out_tty,
+             self.notes)
         if self.stderr or self.notes:
             runner.out.flush()
-        copy(runner, self.stderr, runner.err, runner.err_tty, self.notes)
+        copy(runner.connection, runner.config, self.stderr, runner.err, runner.err_tty,
+             self.notes)
         for note in self.notes:          # a device's error text: never escape sequences
             runner.err.write("map %d: input %d (%s) %s\n" % (
                 runner.plan.group_id, self.job.number, shown(self.job.value),
@@ -760,20 +762,20 @@ class Outcome:
         for name, text in texts:
             with open(os.path.join(here, name), "w", encoding="utf-8",
                       errors="replace") as f:
-                copy(runner, text, f, False, self.notes)
+                copy(runner.connection, runner.config, text, f, False, self.notes)
 
 
-def stream(runner, job, result, field, index):
+def stream(connection, task_id, result, field, index):
     """A task's stdout or stderr in full: the inline text, or past the
     inline cap the stored copy's entry (.rc/stdout, .rc/stderr)."""
     text = result.get(field) or ""
     if not result.get("truncated"):
         return text
-    entry = files.task_file(runner.connection, job.task_id, files.STREAM_NAMES[index])
+    entry = files.task_file(connection, task_id, files.STREAM_NAMES[index])
     return text if entry is None else entry
 
 
-def copy(runner, source, target, terminal, notes):
+def copy(connection, config, source, target, terminal, notes):
     """Text, or a stored stream chunk by chunk, to `target`; on a terminal
     with escape sequences shown as "?"."""
     def put(text):
@@ -784,7 +786,7 @@ def copy(runner, source, target, terminal, notes):
         return
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
-        blob, _ = files.open_blob(runner.connection, runner.config, source["sha256"])
+        blob, _ = files.open_blob(connection, config, source["sha256"])
         with blob:
             for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
                 put(decoder.decode(chunk))

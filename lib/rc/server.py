@@ -1378,11 +1378,14 @@ class Server:
         files.record_inline_outputs(self.database, key[0], key[1], stored, row is not None,
                                     now)
         if row is None:
-            self.note_limited("warning", "stale_result", peer.device_id, task_id=key[0],
-                              attempt=key[1], device_id=peer.device_id, status=status)
-            if status in (OUTCOME_CANCELLED, OUTCOME_HANDED_BACK) and \
-                    tasks.release_after_take_back(self.database, peer.device_id, key[0],
-                                                  key[1], now):
+            # A device answering for an attempt taken back from it (rc drain
+            # --now, a lease run out) says it stopped: expected, not a warning.
+            taken_back = status in (OUTCOME_CANCELLED, OUTCOME_HANDED_BACK)
+            self.note_limited("info" if taken_back else "warning", "stale_result",
+                              peer.device_id, task_id=key[0], attempt=key[1],
+                              device_id=peer.device_id, status=status)
+            if taken_back and tasks.release_after_take_back(self.database, peer.device_id,
+                                                            key[0], key[1], now):
                 self.released = True     # its checkpoint is in: the next attempt may go
             return [ack, (ERROR, {"code": "stale_result", "task_id": key[0],
                                   "attempt": key[1],
