@@ -170,19 +170,25 @@ def online(cluster):
         "SELECT device_id FROM devices WHERE status = 'online' AND connected = 1")}
 
 
-def rc_files_records(cluster, event, digest):
-    """The lines of rc-files' log that are `event` (file_sent, file_stored)
-    for a blob, as dicts."""
+def log_records(cluster, program, **fields):
+    """The lines of a program's log (log/PROGRAM.log) whose fields have
+    these values (event="file_sent", device_id=...), as dicts."""
     found = []
-    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
+    with open(os.path.join(cluster.home, "log", program + ".log"), "rb") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("event") == event and record.get("sha256") == digest:
+            if all(record.get(name) == value for name, value in fields.items()):
                 found.append(record)
     return found
+
+
+def rc_files_records(cluster, event, digest):
+    """The lines of rc-files' log that are `event` (file_sent, file_stored)
+    for a blob, as dicts."""
+    return log_records(cluster, "rc-files", event=event, sha256=digest)
 
 
 def rc_files_events(cluster, event, digest):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cluster_harness import wait_for
+from cluster_harness import log_records, wait_for
 from hostile_harness import unharmed
 from rc import audit, db, protocol, web_results
 from test_bad_input import read_frame, registered
@@ -72,16 +72,7 @@ def test_a_checkpoint_name_the_next_device_cannot_encode_is_set_aside_not_failed
 
 def rc_server_events(cluster, event, device_id):
     """rc-server's log lines that are `event` about `device_id`, as dicts."""
-    found = []
-    with open(os.path.join(cluster.home, "log", "rc-server.log"), "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == event and record.get("device_id") == device_id:
-                found.append(record)
-    return found
+    return log_records(cluster, "rc-server", event=event, device_id=device_id)
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +159,7 @@ def test_a_device_reconnecting_in_a_loop_does_not_rotate_the_audit_log_away(clus
 # -- a device gets its task's input again and again -----------------------------------
 
 def rc_files_lines(cluster, event):
-    found = []
-    with open(os.path.join(cluster.home, "log", "rc-files.log"), "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == event:
-                found.append(record)
-    return found
+    return log_records(cluster, "rc-files", event=event)
 
 
 GETS = 2000

@@ -28,7 +28,7 @@ from rc import tls
 pytestmark = pytest.mark.e2e
 
 PROMPT = 0.6            # seconds: far above a normal answer, well under the loop's 1 s
-IDLE_CPU = 0.25         # rc-web CPU seconds allowed over STALL seconds with a reader stalled
+IDLE_CPU = 0.25         # rc-web CPU seconds a reader stalled may add over STALL seconds
 STALL = 2.5             # seconds a client sits on its answer without reading
 SPOOL = 512 * 1024      # waitress's inbuf_overflow: larger bodies go to a file
 BIG = 8 * 1024 * 1024   # a file download far larger than any socket buffer
@@ -203,6 +203,19 @@ def test_a_request_sent_while_an_answer_streams_is_answered_next(cluster):
             sock.close()
 
 
+def others_served(cluster):
+    """Another client's GET /health four times a second for STALL seconds:
+    (rc-web's CPU seconds meanwhile, the slowest answer's seconds)."""
+    cpu_before, slowest = rc_web_cpu(cluster), 0.0
+    ended = time.monotonic() + STALL
+    while time.monotonic() < ended:
+        seconds, status, _ = timed_get(cluster, "/health")
+        assert status == 200
+        slowest = max(slowest, seconds)
+        time.sleep(0.25)
+    return rc_web_cpu(cluster) - cpu_before, slowest
+
+
 def test_clients_that_never_read_cost_no_cpu_and_hold_no_one_up(cluster):
     """Large answers (a whole file, a Range of it, the task table) to
     clients with a 4 KiB receive window that read nothing: rc-web's CPU
@@ -214,18 +227,15 @@ def test_clients_that_never_read_cost_no_cpu_and_hold_no_one_up(cluster):
              ("/text/tasks?limit=1000", b""),
              ("/api/v1/files/" + cluster.big_sha, b"")]
     with unharmed(cluster, "good"):
+        # What the others' requests cost rc-web by themselves, on this machine
+        # as fast as it is today (a slow VM once made them 0.38 CPU s).
+        alone, _ = others_served(cluster)
         socks = stalled_readers(cluster, paths)
         try:
             time.sleep(0.5)                 # the answers fill every buffer they can
-            cpu_before, slowest = rc_web_cpu(cluster), 0.0
-            ended = time.monotonic() + STALL
-            while time.monotonic() < ended:
-                seconds, status, _ = timed_get(cluster, "/health")
-                assert status == 200
-                slowest = max(slowest, seconds)
-                time.sleep(0.25)
-            spent = rc_web_cpu(cluster) - cpu_before
-            assert spent < IDLE_CPU, "rc-web spent %.2f CPU s with readers stalled" % spent
+            spent, slowest = others_served(cluster)
+            assert spent < alone + IDLE_CPU, \
+                "rc-web spent %.2f CPU s with readers stalled, %.2f without" % (spent, alone)
             assert slowest < PROMPT, "another client waited %.3f s" % slowest
             answers = [Responses(sock).next() for sock in socks]
         finally:
@@ -268,10 +278,19 @@ def test_a_stream_whose_client_leaves_gives_its_slot_back(cluster):
 
     with unharmed(cluster, "good"):
         for leave in (socket.SHUT_RDWR, socket.SHUT_WR):
-            streams = []            # every slot taken (another client may hold some)
-            while len(streams) < STREAMS + 3 and not (
-                    streams and streams[-1][1].startswith(b"HTTP/1.1 503")):
-                streams.append(open_stream())
+            deadline = time.monotonic() + 15
+            while True:
+                streams = []        # every slot taken (another client may hold some)
+                while len(streams) < STREAMS + 3 and not (
+                        streams and streams[-1][1].startswith(b"HTTP/1.1 503")):
+                    streams.append(open_stream())
+                if len(streams) > 1 or time.monotonic() > deadline:
+                    break
+                # All still held: the last round's probe, or one of its streams,
+                # until rc-web's next poll of it (make test once met that).
+                for sock, _ in streams:
+                    sock.close()
+                time.sleep(0.2)
             assert len(streams) > 1 and streams[-1][1].startswith(b"HTTP/1.1 503"), \
                 [first[:12] for _, first in streams]
             for sock, _ in streams:
