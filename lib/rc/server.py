@@ -87,7 +87,6 @@ PUSH_COLUMNS = ("task_id, attempt, device_id, state, task_type, payload, timeout
 PUSHABLE_SQL = ("SELECT %s FROM tasks WHERE %s AND (state = ? OR cancel_requested = 1)"
                 % (PUSH_COLUMNS, db.ACTIVE_SQL))
 LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors; the rest counted
-HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 # device_connected audit lines per device and address a minute (bursts of as
 # many); the rest are counted. A worker connects again after a lost link,
 # with backoff; a compromised device reconnecting 300 times a second rotated
@@ -312,7 +311,7 @@ class Server:
         now = time.monotonic()
         if now < self.next_held_back:
             return
-        self.next_held_back = now + HELD_BACK_INTERVAL
+        self.next_held_back = now + throttle.HELD_BACK_INTERVAL
         for (event, key), count in self.log_limited.throttle.held_back():
             self.log.warning("lines_suppressed", suppressed_event=event, key=key, count=count)
         for (host, code), count in self.refusal_lines.held_back():

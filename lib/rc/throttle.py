@@ -8,6 +8,7 @@ import threading
 import time
 
 MAX_KEYS = 10000      # keys a throttle tracks before it forgets the quiet ones
+HELD_BACK_INTERVAL = 2.0   # seconds between a program's looks for held-back lines to sum up
 
 
 class Throttle:

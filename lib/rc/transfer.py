@@ -38,7 +38,6 @@ DATA_TIMEOUT = 60.0           # seconds a transfer may stall before it is cut
 MIN_TRANSFER_RATE = 16 * 1024  # bytes/s below which a transfer counts as idle when rc-files is full
 SLOW_GRACE = 5.0              # seconds a transfer may take to reach that rate
 ACCEPT_POLL = 0.5             # seconds between looks at the stop flag
-HELD_BACK_INTERVAL = 2.0      # seconds between looks for held-back lines to sum up
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 NONCE_HEX = 32
 MAX_NAME_BYTES = 4096
@@ -158,7 +157,7 @@ class FilesServer:
         now = time.monotonic()
         if now < self.next_held_back:
             return
-        self.next_held_back = now + HELD_BACK_INTERVAL
+        self.next_held_back = now + throttle.HELD_BACK_INTERVAL
         with self.log_limited.lock:
             held = self.log_limited.throttle.held_back()
         for (event, key), count in held:
