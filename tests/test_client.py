@@ -317,7 +317,7 @@ WITHOUT_FORK = ("import os, sys; del os.fork; sys.argv = sys.argv[1:];"
 def test_a_pack_script_runs_each_call_in_a_process_of_its_own(tmp_path, fork):
     """The script of a pack, run as python_exec runs it, on the oldest and
     newest Python; without os.fork (Windows) it runs itself once per call."""
-    code, home = client.call_code(functions.leave, [((n,), {}) for n in range(7)], each=True)
+    code, home, _ = client.call_code(functions.leave, [((n,), {}) for n in range(7)], each=True)
     script = tmp_path / "script.py"
     script.write_text(code)
     for python in {OLDEST or sys.executable, NEWEST or sys.executable}:
@@ -331,6 +331,47 @@ def test_a_pack_script_runs_each_call_in_a_process_of_its_own(tmp_path, fork):
         assert "exited with status 3" in outcomes[3][3]
         assert "killed by SIGSEGV" in outcomes[4][3]
         assert outcomes[5][2] == "Unlucky"
+
+
+def test_results_past_the_workers_output_cap_come_back_whole(executor, rc_cluster):
+    """A result line longer than the worker's output cap (960 KiB) is read
+    from the task's whole stdout, which the main node keeps: one call's
+    3 MB result, and a map chunk of 400 calls whose results together pass
+    the cap (before: "the results are ... bytes pickled, over 691200")."""
+    assert executor.submit(functions.sized, 3000000).result(120) == "x" * 3000000
+    values = list(executor.map(functions.sized, [4000] * 400, chunksize=400))
+    assert values == ["x" * 4000] * 400
+    future = executor.submit(functions.sized, 1500000, "y")
+    assert future.result(120) == "y" * 1500000
+    assert client.KEPT_STDOUT in [entry["name"] for entry in rc_cluster.files(future.task_id)]
+
+
+def test_arguments_too_large_for_a_tasks_code_go_as_an_input_file(executor, rc_cluster):
+    """Arguments over MAX_ARGUMENT_BYTES pickled go to the file store and
+    reach the device as the task's input CALLS_FILE (before: "python_exec
+    code is over 262144 bytes"); calls close together with small arguments
+    still share a pack, its arguments in its code."""
+    big = "z" * (2 * 1024 * 1024)
+    future = executor.submit(functions.length_of, big)
+    assert future.result(120) == len(big)
+    inputs = [entry for entry in rc_cluster.files(future.task_id) if entry["kind"] == "input"]
+    assert [entry["name"] for entry in inputs] == [client.CALLS_FILE]
+    assert list(executor.map(functions.length_of, [big, "ab", big[:300000]])) == \
+        [len(big), 2, 300000]
+    small = [executor.submit(functions.length_of, "q" * n) for n in range(40)]
+    assert [f.result(120) for f in small] == list(range(40))
+
+
+def test_a_cut_result_line_without_its_kept_stdout_is_a_clear_error():
+    """A worker that could not keep the stream (no file store on its main
+    node, a full disk): the call fails saying why, not with a base64 error."""
+    class NothingKept:
+        def get(self, ref):
+            raise client.ClusterError("GET ...: not found (HTTP 404)", 404)
+    record = {"task_id": 9, "state": "completed", "result": {
+        "output": client.RESULT_MARK + "QUJD" * 1000, "truncated": True}}
+    with pytest.raises(client.TaskFailed, match="whole stdout not kept"):
+        client.decode_outcomes(record, None, NothingKept())
 
 
 @pytest.mark.parametrize("outcomes", [[(0, 1)], [(0,), (0, 2)], 7, [], [(1, None)] * 2])

@@ -182,8 +182,8 @@ def test_an_executor_task_says_which_function_it_calls(cluster_home):
     config, connection = cluster_home
     for calls, shown in ((1, "# add_offset, 1 call (rc.client)"),
                          (64, "# add_offset, 64 calls (rc.client)")):
-        code, _ = client.call_code(client_functions.add_offset, [((n,), {})
-                                                                  for n in range(calls)])
+        code, _, _ = client.call_code(client_functions.add_offset, [((n,), {})
+                                                                   for n in range(calls)])
         task_id = tasks.submit(connection, config, "python_exec", {"code": code})
         status, out, err = run_command("tasks", "--json")
         assert status == 0, err

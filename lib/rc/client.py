@@ -76,11 +76,13 @@ LONE_READ_WAIT = 0.02          # seconds a pending result waits for its caller t
 SLOTS_SECONDS = 60.0            # seconds map() trusts the fleet's slot count it read
 IDLE_GAP = 0.001                # seconds without a submit() after which the next one is
                                 # sent at once from the caller's thread
-MAX_ARGUMENT_BYTES = 192 * 1024     # pickled arguments of one task (a task's code is
-                                # at most 256 KiB on the main node)
+MAX_ARGUMENT_BYTES = 128 * 1024     # pickled arguments a task's code carries (base64 in
+                                # it: the main node takes 256 KiB of code); a task's
+                                # calls over it go as an input file, CALLS_FILE
+CALLS_FILE = "rc-client-calls.pickle"   # that input, in the task's directory
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
-RESULT_LIMIT = 900 * 1024       # characters of that line; more would be cut at the
-                                # worker's output cap
+KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node when it
+                                # passed the worker's output cap (a long result line)
 STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
@@ -1333,11 +1335,14 @@ class Executor(concurrent.futures.Executor):
         if self.pack == 1:
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         self.refuse_after_shutdown()
-        shipped(unwrap_partial(fn, [])[0])          # TypeError now, not when it is sent
+        function, calls = unwrap_partial(fn, [(args, kwargs)])
+        shipped(function)                           # TypeError now, not when it is sent
         try:
-            weight = len(pickle.dumps((args, kwargs), PICKLE_PROTOCOL))
+            weight = len(pickle.dumps(calls[0], PICKLE_PROTOCOL))
         except Exception as e:
             raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+        if weight > MAX_ARGUMENT_BYTES:     # a task of its own, its arguments a file
+            return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         call = CallFuture(self, (args, kwargs), weight)
         with self.lock:
             self.outstanding.add(call)
@@ -1352,9 +1357,13 @@ class Executor(concurrent.futures.Executor):
 
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
-        code, home = call_code(fn, calls)
-        spec = task_spec("python_exec", {"code": code}, self.task_options)
-        future = self.cluster.submit_spec(spec, functools.partial(decode, home=home))
+        code, home, inputs = call_code(fn, calls, store=self.cluster.put)
+        options = self.task_options
+        if inputs:
+            options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
+        spec = task_spec("python_exec", {"code": code}, options)
+        future = self.cluster.submit_spec(spec, functools.partial(
+            decode, home=home, cluster=self.cluster))
         with self.lock:
             self.outstanding.add(future)
         future.add_done_callback(self.forget)
@@ -1544,13 +1553,15 @@ class PackFuture(TaskFuture):
         self.sealed = True
         if not self.calls:
             raise ValueError("a pack with no calls left")
-        code, home = call_code(self.fn, [call.arguments for call in self.calls], each=True)
+        # A pack's arguments are at most MAX_ARGUMENT_BYTES (Executor.place):
+        # they go in its code, with no file to store under the lock.
+        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True)
         self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
-        self.decode = functools.partial(outcomes_and_home, home=home)
+        self.decode = functools.partial(outcomes_and_home, home=home, cluster=self.cluster)
 
 
-def outcomes_and_home(record, home=None):
-    return decode_outcomes(record, home), home
+def outcomes_and_home(record, home=None, cluster=None):
+    return decode_outcomes(record, home, cluster), home
 
 
 class CallFuture(concurrent.futures.Future):
@@ -1621,15 +1632,15 @@ def flatten(chunk_results):
             yield value
 
 
-def first_outcome(record, home=None):
-    return all_outcomes(record, home)[0]
+def first_outcome(record, home=None, cluster=None):
+    return all_outcomes(record, home, cluster)[0]
 
 
-def all_outcomes(record, home=None):
+def all_outcomes(record, home=None, cluster=None):
     """The values of a python_exec task made by call_code(), in order; the
     first call that raised raises here, its remote traceback attached."""
     values = []
-    for outcome in decode_outcomes(record, home):
+    for outcome in decode_outcomes(record, home, cluster):
         if outcome[0] == 0:
             values.append(outcome[1])
         else:
@@ -1650,20 +1661,42 @@ class Loader(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def decode_outcomes(record, home=None):
-    output = (record.get("result") or {}).get("output") or ""
-    position = output.rfind(RESULT_MARK)
-    if position < 0:
-        result = record.get("result") or {}
+def decode_outcomes(record, home=None, cluster=None):
+    """The outcomes a call_code() script printed: from the record's output
+    or, when the line was longer than the worker's output cap, from the
+    task's whole stdout that the main node kept (fetched with `cluster`)."""
+    result = record.get("result") or {}
+    text = result_line(result.get("output") or "")
+    if text is None and result.get("truncated") and cluster is not None:
+        text = result_line(kept_stdout(cluster, record["task_id"]))
+    if text is None:
         raise TaskFailed(record["task_id"], "completed", "no result line in its output%s" % (
-            " (cut at the worker's output cap)" if result.get("truncated") else ""), result)
-    text = output[position + len(RESULT_MARK):].split("\n", 1)[0]
+            " (cut at the worker's output cap, and its whole stdout not kept: a worker"
+            " without the file store?)" if result.get("truncated") else ""), result)
     try:
         return Loader(binascii.a2b_base64(text), home).load()
     except Exception as e:
         raise TaskFailed(record["task_id"], "completed",
                          "its result cannot be read here: %s: %s" % (type(e).__name__, e),
                          record.get("result"))
+
+
+def result_line(output):
+    """The text of the last whole result line of `output`; None if none."""
+    position = output.rfind(RESULT_MARK)
+    if position < 0:
+        return None
+    text, newline, _ = output[position + len(RESULT_MARK):].partition("\n")
+    return text if newline else None
+
+
+def kept_stdout(cluster, task_id):
+    try:
+        return cluster.get((task_id, KEPT_STDOUT)).decode("latin-1")
+    except ClusterError as e:
+        if e.status == 404:
+            return ""
+        raise
 
 
 def remote_exception(outcome, home=None):
@@ -1699,7 +1732,7 @@ except ImportError:
     import pickle
 
 
-def _rc_run(name, pieces, calls, mark, limit, home, each=False):
+def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
     # The function's prints, and what the tools it runs write on descriptor
     # 1, go to the task's stderr: stdout holds only the result line, which
     # data passing through a tool could otherwise forge for the client.
@@ -1712,7 +1745,11 @@ def _rc_run(name, pieces, calls, mark, limit, home, each=False):
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
         function = space[name]
-        calls = binascii.a2b_base64(calls)
+        if calls_file is None:
+            calls = binascii.a2b_base64(calls)
+        else:                   # arguments too large for the code: an input file
+            with open(calls_file, "rb") as f:
+                calls = f.read()
         calls = pickle.loads(calls) if home in (None, "__main__") else \
             _rc_slow("load")(calls, home)
         if each and sys.argv[1:2] == ["--rc-call"]:     # one call, in a process of its own
@@ -1728,10 +1765,9 @@ def _rc_run(name, pieces, calls, mark, limit, home, each=False):
         data = pickle.dumps(outcomes, 4)
     except BaseException:
         data = _rc_slow("dumps_each")(outcomes)
-    text = binascii.b2a_base64(data, newline=False).decode()
-    if len(text) > limit:
-        text = _rc_slow("too_large")(data, limit)
-    out.write(mark + text + "\n")
+    # However long: past the worker's output cap, the main node keeps the
+    # whole stdout as a file, where the client reads the line.
+    out.write(mark + binascii.b2a_base64(data, newline=False).decode() + "\n")
     out.flush()
 
 
@@ -1861,21 +1897,19 @@ def _rc_died(signal_number, code):
     message = "the call's process %s before it returned" % how
     return (1, None, "BrokenProcessPool", message, message + "\\n")
 
-
-def _rc_too_large(data, limit):
-    message = "the results are %d bytes pickled, over %d" % (len(data), limit * 3 // 4)
-    return binascii.b2a_base64(pickle.dumps(
-        [(1, None, "ValueError", message, message + "\\n")], 4), newline=False).decode()
 """
 
 
 '''
 
 
-def call_code(fn, calls, each=False):
+def call_code(fn, calls, each=False, store=None):
     """(the python_exec script that makes `calls` ([(args, kwargs)]) of fn,
     each in a process of its own when `each`, the module whose definitions
-    it carries, which is __main__ there)."""
+    it carries, which is __main__ there, the inputs it needs). Pickled
+    arguments over MAX_ARGUMENT_BYTES go as the input CALLS_FILE, stored
+    with `store` (Cluster.put), as ProcessPoolExecutor takes arguments of
+    any size."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
     try:
@@ -1885,11 +1919,16 @@ def call_code(fn, calls, each=False):
     # Arguments that name nothing of fn's module unpickle as they are there;
     # others need that module read as the script's __main__ (a slower path).
     renamed = home if home not in (None, "__main__") and home.encode() in data else None
+    inputs, calls_file = [], ""
+    if len(data) > MAX_ARGUMENT_BYTES and store is not None:
+        stored = store(data)
+        inputs = [{"path": CALLS_FILE, "sha256": stored["sha256"], "size": stored["size"]}]
+        calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
     # The first line is what `rc tasks` and the dashboard show of the task.
-    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %d, %r%s)\n" % (
+    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s)\n" % (
         getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
-        RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, RESULT_LIMIT,
-        renamed, ", True" if each else ""), home
+        RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
+        ", each=True" if each else "", calls_file), home, inputs
 
 
 def unwrap_partial(fn, calls):

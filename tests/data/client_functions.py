@@ -51,3 +51,12 @@ def leave(number):
     if number == 5:
         raise Unlucky("%d is unlucky" % number)
     return number, os.getpid()
+
+
+def sized(length, seed="x"):
+    """A string of `length` characters: a result as large as asked."""
+    return seed * length
+
+
+def length_of(value):
+    return len(value)
