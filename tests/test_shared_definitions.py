@@ -63,3 +63,10 @@ def test_worker_agrees_with_the_python_environments_module(worker):
     from rc import environments
     assert worker.VENV_CAPABILITY == environments.VENV_CAPABILITY
     assert worker.PIP_FIELD == environments.PAYLOAD_FIELD
+
+
+def test_the_clients_copies_agree():
+    """lib/rc/client.py is served as one file (/client.py) and imports
+    nothing of rc: its copies of the main node's names are checked here."""
+    from rc import client, files
+    assert client.KEPT_STDOUT == files.STREAM_NAMES[0]
