@@ -161,6 +161,9 @@ def test_a_function_from_this_python_runs_on_a_3_6_worker(cluster):
             executor.submit(functions.unlucky, 13).result(60)
         assert "13 is unlucky" in str(raised.value.__cause__)
         assert list(executor.map(functions.add_offset, range(5))) == [10, 11, 12, 13, 14]
+        # Arguments as an input file, a result past the output cap: on 3.6 too.
+        assert executor.submit(functions.length_of, "z" * 300000).result(60) == 300000
+        assert executor.submit(functions.sized, 1200000).result(60) == "x" * 1200000
 
 
 def test_an_exception_comes_back_with_its_remote_traceback(executor):
