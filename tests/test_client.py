@@ -365,6 +365,16 @@ def test_arguments_too_large_for_a_tasks_code_go_as_an_input_file(executor, rc_c
     assert [f.result(120) for f in small] == list(range(40))
 
 
+def test_a_tasks_output_past_the_cap_comes_back_whole(rc_cluster):
+    """submit().result() is the whole stdout, not the first 960 KiB of it
+    (before: cut, the record's truncated the only sign)."""
+    future = rc_cluster.submit("shell", "seq 1 400000")
+    output = future.result(120)
+    assert future.record["result"]["truncated"]
+    assert output == "".join("%d\n" % n for n in range(1, 400001))
+    assert rc_cluster.submit("shell", "echo short").result(60) == "short\n"
+
+
 def test_a_cut_result_line_without_its_kept_stdout_is_a_clear_error():
     """A worker that could not keep the stream (no file store on its main
     node, a full disk): the call fails saying why, not with a base64 error."""

@@ -662,9 +662,16 @@ def settle(future, value=None, error=None):
         pass
 
 
-def output_of(record):
-    """What a task future gives: a completed task's output (stdout)."""
-    return (record.get("result") or {}).get("output")
+def output_of(record, cluster=None):
+    """What a task future gives: a completed task's output (stdout), whole:
+    past the worker's output cap, the copy the main node kept (fetched with
+    `cluster`), as the record's is cut there."""
+    result = record.get("result") or {}
+    if result.get("truncated") and cluster is not None:
+        kept = kept_stdout(cluster, record["task_id"], "utf-8")
+        if kept:
+            return kept
+    return result.get("output")
 
 
 # -- the cluster -----------------------------------------------------------------------
@@ -741,7 +748,8 @@ class Cluster:
         timeout, retries, requirements, idempotency_key, retry_on_failure,
         depends_on (ids or futures), payload (instead of arg), and the
         payload's inputs, stdin, env, outputs, file."""
-        return self.submit_spec(task_spec(task_type, arg, options), output_of)
+        return self.submit_spec(task_spec(task_type, arg, options),
+                                functools.partial(output_of, cluster=self))
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1668,7 +1676,7 @@ def decode_outcomes(record, home=None, cluster=None):
     result = record.get("result") or {}
     text = result_line(result.get("output") or "")
     if text is None and result.get("truncated") and cluster is not None:
-        text = result_line(kept_stdout(cluster, record["task_id"]))
+        text = result_line(kept_stdout(cluster, record["task_id"]))   # base64: ASCII
     if text is None:
         raise TaskFailed(record["task_id"], "completed", "no result line in its output%s" % (
             " (cut at the worker's output cap, and its whole stdout not kept: a worker"
@@ -1690,9 +1698,11 @@ def result_line(output):
     return text if newline else None
 
 
-def kept_stdout(cluster, task_id):
+def kept_stdout(cluster, task_id, encoding="latin-1"):
+    """The task's whole stdout as the main node kept it; "" if it kept none
+    (the stream was within the cap, or the worker could not keep it)."""
     try:
-        return cluster.get((task_id, KEPT_STDOUT)).decode("latin-1")
+        return cluster.get((task_id, KEPT_STDOUT)).decode(encoding, "replace")
     except ClusterError as e:
         if e.status == 404:
             return ""
