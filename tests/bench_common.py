@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -109,6 +110,48 @@ def process_start_ms(times=500):
         samples.append(time.perf_counter() - started)
     samples.sort()
     return samples[len(samples) // 2] * 1000
+
+
+HELLO_WSGI = """
+import sys, waitress
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    return [b"{}"]
+waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=4, _quiet=True)
+"""
+
+
+def waitress_request_ms(times=300, pause=0.003):
+    """Milliseconds of one request, through rc.client's own HTTP, to a
+    hello-world WSGI app under waitress in another process (the median of
+    `times`): the least any request to rc-web costs on this machine, which
+    an echo round trip pays at least once, printed beside it."""
+    from cluster_harness import free_port, wait_for
+    from rc import client
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", HELLO_WSGI, str(port)])
+    try:
+        wait_for(lambda: accepting(port), 30, "the hello-world app")
+        http = client.Http("http://127.0.0.1:%d" % port, None)
+        samples = []
+        for _ in range(times):
+            time.sleep(pause)
+            started = time.perf_counter()
+            http.request("GET", "/")
+            samples.append(time.perf_counter() - started)
+    finally:
+        server.kill()
+        server.wait()
+    samples.sort()
+    return samples[len(samples) // 2] * 1000
+
+
+def accepting(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 class RssSampler:

@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from cluster_harness import REPO, Cluster, bench_ready
+from bench_common import waitress_request_ms
+from cluster_harness import REPO, Cluster, bench_ready, log_records
 from rc import client
 
 pytestmark = pytest.mark.bench
@@ -109,23 +110,53 @@ def submit_each(cluster, task_type, argument, count):
 
 
 def round_trips(cluster, rounds=200, pause=0.005):
-    """(p50, p99, CPU ms of all processes per round, those by process) of one
-    echo submit and its result in hand, on an otherwise idle cluster."""
-    samples = []
+    """(p50, p99, CPU ms of all processes per round, those by process, the
+    median ms of each hop) of one echo submit and its result in hand, on an
+    otherwise idle cluster."""
+    samples, clock = [], {}
     with client.Cluster(cluster.url, cluster.token) as connection:
         connection.submit("echo", "warm").result(60)
         cpu_before = cpu_seconds(cluster)
         for _ in range(rounds):
             time.sleep(pause)
-            started = time.perf_counter()
-            connection.submit("echo", "x").result(60)
+            started, wall = time.perf_counter(), time.time()
+            future = connection.submit("echo", "x")
+            future.result(60)
             samples.append(time.perf_counter() - started)
+            clock[future.task_id] = (wall, wall + samples[-1])
         cpu_after = cpu_seconds(cluster)
     by_process = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / rounds
                   for name in cpu_after}
     samples.sort()
     return (samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000,
-            sum(by_process.values()), by_process)
+            sum(by_process.values()), by_process, hops(cluster, clock))
+
+
+# Where a round's time goes, read from the times of the lines each program
+# logs as its step ends: rc-web's tasks_submitted (the POST answered next),
+# rc-scheduler's task_assigned, rc-server's task_finished (the result
+# committed and rc-web's stream woken).
+HOPS = ("client's POST until rc-web logged the submit",
+        "... until rc-scheduler logged the assignment",
+        "... until rc-server logged the result",
+        "... until the result was in the client's hands")
+
+
+def hops(cluster, clock):
+    """The median milliseconds of each of HOPS over the rounds in `clock`
+    (task id -> (submitted, result in hand), wall clock)."""
+    marks = {task_id: [started] for task_id, (started, _) in clock.items()}
+    for program, event in (("rc-web", "tasks_submitted"), ("rc-scheduler", "task_assigned"),
+                           ("rc-server", "task_finished")):
+        for line in log_records(cluster, program, event=event):
+            task_id = line.get("task_id", line.get("first_task_id"))
+            if task_id in marks:
+                marks[task_id].append(line["time"])
+    spans = [[b - a for a, b in zip(times, times[1:])]
+             for task_id, times in ((n, m + [clock[n][1]]) for n, m in marks.items())
+             if len(times) == 5]
+    return [statistics.median(span[i] for span in spans) * 1000 for i in range(len(HOPS))] \
+        if spans else []
 
 
 # -- the figures -----------------------------------------------------------------------------
@@ -184,6 +215,11 @@ def test_echo_round_trip(bench_cluster):
     record("echo submit + result, idle cluster, p50", "<= 1.5 ms", p50, "ms", p50 <= 1.5, cpu,
            by_process)
     record("echo submit + result, idle cluster, p99", "<= 5 ms", p99, "ms", p99 <= 5)
+    spans = [r[4] for r in rounds if r[4]]
+    for i, hop in enumerate(HOPS if spans else ()):
+        record("  " + hop + " (p50)", "-", statistics.median(s[i] for s in spans), "ms", True)
+    record("  this machine: one request to a hello-world WSGI app under waitress in another"
+           " process (p50)", "-", waitress_request_ms(), "ms", True)
 
 
 def test_zz_print_the_table():
