@@ -459,3 +459,25 @@ def test_a_map_is_one_audit_line_not_one_per_task(cluster):
         time.sleep(0.05)
     text = open(path).read()
     assert text.count("map_submitted") == before + 1
+
+
+def test_dry_run_prints_each_command_and_queues_nothing(cluster, tmp_path):
+    """As GNU Parallel's --dry-run: the commands the tasks would run, in
+    input order, quoted as they would be; no group, no task, no file
+    stored; a bad input or --resume is refused with nothing printed."""
+    before = (groups(cluster), cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0],
+              cluster.db.execute("SELECT count(*) FROM files").fetchone()[0])
+    done = rc_map(cluster, "--dry-run", "gzip -k {} > {/.}.{#}", "a b.log", "it's.log")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0, "gzip -k 'a b.log' > 'a b'.1\ngzip -k 'it'\"'\"'s.log' > 'it'\"'\"'s'.2\n", "")
+    song = tmp_path / "song.wav"
+    song.write_bytes(b"RIFF")
+    done = rc_map(cluster, "--dry-run", "ffmpeg -i {} {/.}.mp3", "--files", str(song),
+                  "--output", "{/.}.mp3")
+    assert (done.returncode, done.stdout) == (0, "ffmpeg -i song.wav song.mp3\n"), done.stderr
+    done = rc_map(cluster, "--dry-run", "--type", "sleep", "{}", "1", "x")
+    assert done.returncode == 2 and done.stdout == "" and "input 2 ('x')" in done.stderr
+    done = rc_map(cluster, "--dry-run", "--resume", "1")
+    assert done.returncode == 2 and "--resume" in done.stderr
+    assert (groups(cluster), cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0],
+            cluster.db.execute("SELECT count(*) FROM files").fetchone()[0]) == before

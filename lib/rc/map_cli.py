@@ -101,6 +101,9 @@ def add_arguments(sub, whole_number):
     sub.add_argument("--progress", action="store_true", default=None,
                      help="a progress bar on stderr (default: when stderr is a terminal)")
     sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="print the command each input would run, one a line, and"
+                          " queue nothing (as GNU Parallel's --dry-run)")
     sub.add_argument("--resume", type=whole_number, metavar="MAP",
                      help="run again the inputs of map MAP that did not complete")
     sub.add_argument("--cancel", type=whole_number, metavar="MAP",
@@ -146,12 +149,33 @@ def run(arguments, context, user_files, task_options):
         make_directory(arguments.results)
         if arguments.output or arguments.resume is not None:
             make_directory(arguments.into)
+    if arguments.dry_run:
+        if arguments.resume is not None:
+            raise MapUsageError("--dry-run shows a new map's commands; leave out --resume")
+        return dry_run(context, arguments, task_options)
     if arguments.resume is not None:
         refuse_with(arguments, "--resume")
         plan = resumed_map(context, arguments)
     else:
         plan = new_map(context, arguments, task_options)
     return Runner(plan, arguments, context, user_files).run()
+
+
+def dry_run(context, arguments, task_options):
+    """Each input's command, checked as a task of the map would be (its
+    length, the options), printed one a line; nothing stored or queued."""
+    template, outputs, jobs, requirements, options = map_parts(arguments, task_options)
+    plan = Plan(None, arguments.type, template, {}, outputs, requirements, options, None,
+                len(jobs))
+    field = PAYLOAD_FIELD[arguments.type]
+    commands = []
+    for job in jobs:
+        job = Job(job.number, job.name)     # a --files file by its name there, not stored
+        plan.checked_task(context.config, job)
+        commands.append(plan.payload(job)[field])
+    for command in commands:            # all checked first: a bad input prints nothing
+        print(command)
+    return 0
 
 
 def make_directory(path):
@@ -270,20 +294,8 @@ def shown(value):
 
 
 def new_map(context, arguments, task_options):
-    if not arguments.template:
-        raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
-                            " or --files FILE…")
     task_type = arguments.type
-    template = Template(arguments.template, "the command", append_input=True)
-    outputs = [Template(glob, "--output") for glob in arguments.output or []]
-    if arguments.into and not outputs:
-        raise MapUsageError("--into says where --output files go; give --output GLOB too")
-    jobs = read_inputs(arguments)
-    try:
-        requirements = tasks.parse_requirements(arguments.require)
-        options = task_options(arguments)
-    except tasks.TaskError as e:
-        raise MapUsageError(str(e))
+    template, outputs, jobs, requirements, options = map_parts(arguments, task_options)
     connection, config = context.connection, context.config
     shared = shared_fields(connection, config, task_type, arguments)
     into = os.path.abspath(arguments.into or ".") if outputs else None
@@ -295,6 +307,25 @@ def new_map(context, arguments, task_options):
     plan.checked = [plan.checked_task(config, job) for job in jobs]
     plan.group_id = create_group(connection, plan)
     return plan
+
+
+def map_parts(arguments, task_options):
+    """(the command's template, the --output templates, the jobs, the
+    requirements, the task options) of a new map, each checked."""
+    if not arguments.template:
+        raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
+                            " or --files FILE…")
+    template = Template(arguments.template, "the command", append_input=True)
+    outputs = [Template(glob, "--output") for glob in arguments.output or []]
+    if arguments.into and not outputs:
+        raise MapUsageError("--into says where --output files go; give --output GLOB too")
+    jobs = read_inputs(arguments)
+    try:
+        requirements = tasks.parse_requirements(arguments.require)
+        options = task_options(arguments)
+    except tasks.TaskError as e:
+        raise MapUsageError(str(e))
+    return template, outputs, jobs, requirements, options
 
 
 def shared_fields(connection, config, task_type, arguments):
