@@ -375,11 +375,29 @@ def test_a_tasks_output_past_the_cap_comes_back_whole(rc_cluster):
     assert rc_cluster.submit("shell", "echo short").result(60) == "short\n"
 
 
+def test_a_kept_output_over_the_clients_limit_stays_cut(rc_cluster, monkeypatch):
+    """A device that lies may leave gigabytes of stdout: result() holds at
+    most MAX_ANSWER_BYTES of it, else the record's cut copy; the whole is
+    still there for get() to write to a file."""
+    # Over the 2.7 MB stdout, under its record (the cut 960 KiB as JSON, its
+    # newlines escaped: ~1.1 MB), which may come by a bounded request too.
+    monkeypatch.setattr(client, "MAX_ANSWER_BYTES", 2 * 1024 * 1024)
+    future = rc_cluster.submit("shell", "seq 1 400000")
+    output = future.result(120)
+    assert future.record["result"]["truncated"]
+    assert output == future.record["result"]["output"] and len(output) < 1024 * 1024
+    assert output.startswith("1\n2\n3\n")
+    whole = rc_cluster.get((future.task_id, client.KEPT_STDOUT))
+    assert whole.endswith(b"\n400000\n")
+    with pytest.raises(client.AnswerTooLarge):
+        rc_cluster.get((future.task_id, client.KEPT_STDOUT), bounded=True)
+
+
 def test_a_cut_result_line_without_its_kept_stdout_is_a_clear_error():
     """A worker that could not keep the stream (no file store on its main
     node, a full disk): the call fails saying why, not with a base64 error."""
     class NothingKept:
-        def get(self, ref):
+        def get(self, ref, path=None, bounded=False):
             raise client.ClusterError("GET ...: not found (HTTP 404)", 404)
     record = {"task_id": 9, "state": "completed", "result": {
         "output": client.RESULT_MARK + "QUJD" * 1000, "truncated": True}}

@@ -43,8 +43,8 @@ import time
 import types
 import urllib.parse
 
-__all__ = ["Cluster", "Executor", "TaskFuture", "ClusterError", "TaskFailed", "RemoteError",
-           "RemoteTraceback"]
+__all__ = ["Cluster", "Executor", "TaskFuture", "ClusterError", "AnswerTooLarge", "TaskFailed",
+           "RemoteError", "RemoteTraceback"]
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 REQUEST_TIMEOUT = 60.0          # seconds an ordinary request may take
@@ -97,6 +97,10 @@ class ClusterError(Exception):
     def __init__(self, message, status=0):
         super().__init__(message)
         self.status = status
+
+
+class AnswerTooLarge(ClusterError):
+    """An answer's body over MAX_ANSWER_BYTES, refused before it was held."""
 
 
 class TaskFailed(Exception):
@@ -226,8 +230,8 @@ class Http:
                                        % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
-                raise ClusterError("bad answer from %s://%s:%d: %s"
-                                   % (self.scheme, self.host, self.port, e))
+                raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
+                    "bad answer from %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except OSError as e:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
@@ -308,6 +312,10 @@ class BadAnswer(Exception):
     """An answer that is not HTTP/1.x as we read it."""
 
 
+class TooLarge(BadAnswer):
+    """An answer's body over the limit the caller gave (MAX_ANSWER_BYTES)."""
+
+
 def read_answer(reader, method, limit=None):
     """(status, body, whether the connection stays open, header fields) of
     one answer; a body over `limit` bytes (None: no limit) is a BadAnswer."""
@@ -351,7 +359,7 @@ def refuse_past(limit, size):
     """A main node that sends more than the client holds is not trusted:
     BadAnswer before the body is read (or read further)."""
     if limit is not None and size > limit:
-        raise BadAnswer("an answer's body over the client's limit of %d bytes"
+        raise TooLarge("an answer's body over the client's limit of %d bytes"
                         " (MAX_ANSWER_BYTES)" % limit)
 
 
@@ -668,7 +676,7 @@ def output_of(record, cluster=None):
     `cluster`), as the record's is cut there."""
     result = record.get("result") or {}
     if result.get("truncated") and cluster is not None:
-        kept = kept_stdout(cluster, record["task_id"], "utf-8")
+        kept = kept_stdout(cluster, record["task_id"], "utf-8", bounded=True)
         if kept:
             return kept
     return result.get("output")
@@ -1183,13 +1191,14 @@ class Cluster:
                                                                      status), status)
         return answer
 
-    def get(self, ref, path=None):
+    def get(self, ref, path=None, bounded=False):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
         a {"sha256"} dict), or (task_id, name) for a task's output file. The
         bytes are checked against the SHA-256 asked for or, for a task's
         file, the one the main node names (X-Content-SHA256): a file
         damaged on the way or on the main node's disk is a ClusterError,
-        never returned or written."""
+        never returned or written. `bounded`: a file over MAX_ANSWER_BYTES
+        is AnswerTooLarge, refused before it is held."""
         expected = None
         if isinstance(ref, tuple):
             where = "/api/v1/tasks/%d/files/%s" % (int(ref[0]), urllib.parse.quote(ref[1]))
@@ -1197,7 +1206,7 @@ class Cluster:
             expected = ref["sha256"] if isinstance(ref, dict) else ref
             where = "/api/v1/files/%s" % expected
         status, data, fields = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10,
-                                                 bounded=False, with_fields=True)
+                                                 bounded=bounded, with_fields=True)
         if status != 200:
             raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
                 "utf-8", "replace"), status), status)
@@ -1698,11 +1707,16 @@ def result_line(output):
     return text if newline else None
 
 
-def kept_stdout(cluster, task_id, encoding="latin-1"):
+def kept_stdout(cluster, task_id, encoding="latin-1", bounded=False):
     """The task's whole stdout as the main node kept it; "" if it kept none
-    (the stream was within the cap, or the worker could not keep it)."""
+    (the stream was within the cap, or the worker could not keep it) or,
+    `bounded`, if it is over MAX_ANSWER_BYTES: a task's output, unlike an
+    Executor's results (pickles, trusted as the code that made them), may
+    come from a device that lies, and is not held whatever its size."""
     try:
-        return cluster.get((task_id, KEPT_STDOUT)).decode(encoding, "replace")
+        return cluster.get((task_id, KEPT_STDOUT), bounded=bounded).decode(encoding, "replace")
+    except AnswerTooLarge:
+        return ""
     except ClusterError as e:
         if e.status == 404:
             return ""
