@@ -481,3 +481,54 @@ def test_dry_run_prints_each_command_and_queues_nothing(cluster, tmp_path):
     assert done.returncode == 2 and "--resume" in done.stderr
     assert (groups(cluster), cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0],
             cluster.db.execute("SELECT count(*) FROM files").fetchone()[0]) == before
+
+
+def group_states(cluster, group_id):
+    return dict(cluster.db.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                                   " GROUP BY state", (group_id,)).fetchall())
+
+
+def test_halt_soon_cancels_what_is_queued_and_resume_runs_it(cluster, drop_dir):
+    """GNU Parallel's --halt soon,fail=1: the first input that fails stops
+    the map from starting more; the running ones finish and print (in order
+    with -k), the rest count as not completed, and --resume runs them."""
+    marker = os.path.join(str(drop_dir), "halt-ok")
+    command = "sleep 0.3; [ {} != 1 ] || [ -e %s ] && echo {}" % marker
+    done = rc_map(cluster, "--halt", "soon,fail=1", "-k", command,
+                  stdin="".join("%d\n" % n for n in range(1, 41)))
+    group_id = map_id(done.stderr)
+    assert "halted (--halt soon,fail=1)" in done.stderr, done.stderr
+    states = group_states(cluster, group_id)
+    assert states.get("queued", 0) == states.get("running", 0) == 0
+    completed = states.get("completed", 0)
+    assert states.get("failed") == 1 and 0 < completed < 39, states
+    assert done.returncode == min(40 - completed, 101)
+    printed = [int(line) for line in done.stdout.split()]
+    assert printed == sorted(printed) and len(printed) == completed
+    assert "cancelled" not in done.stdout and done.stderr.count("cancelled") == 1, done.stderr
+    open(marker, "w").close()
+    resumed = subprocess.run([RC, "map", "--resume", str(group_id)], env=cluster.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(printed + [int(line) for line in resumed.stdout.split()]) == \
+        list(range(1, 41))
+
+
+def test_halt_now_stops_the_running_tasks_too(cluster):
+    started = time.monotonic()
+    done = rc_map(cluster, "--halt", "now,fail=1",
+                  "if [ {} = 1 ]; then exit 3; fi; sleep 30", "1", "2", "3", "4", "5", "6")
+    assert time.monotonic() - started < 25, "the running tasks were not stopped"
+    states = group_states(cluster, map_id(done.stderr))
+    assert states == {"failed": 1, "cancelled": 5}, states
+    assert done.returncode == 6 and "running ones asked to stop" in done.stderr
+
+
+def test_halt_by_share_and_bad_rules(cluster):
+    done = rc_map(cluster, "--halt", "soon,fail=50%", "[ {} != 2 ]", "1", "2", "3", "4")
+    assert done.returncode == 1 and "halted" not in done.stderr    # 1 of 4 is 25 %
+    assert group_states(cluster, map_id(done.stderr)) == {"completed": 3, "failed": 1}
+    for rule in ("later,fail=1", "soon,fail=0", "now,fail=101%", "soon", "3"):
+        refused = rc_map(cluster, "--halt", rule, "true", "1")
+        assert refused.returncode == 2 and "is not a --halt rule" in refused.stderr, rule

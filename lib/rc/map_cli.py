@@ -15,7 +15,9 @@ not complete, at most 101, as GNU Parallel's.
 The `rc` command runs it on the main node; never in the web terminal (it
 reads this machine's stdin and files, and holds on until the map ends).
 """
+import argparse
 import codecs
+import collections
 import getpass
 import os
 import re
@@ -78,6 +80,24 @@ class MapUsageError(MapError):
 
 # -- the command line ---------------------------------------------------------------
 
+HaltRule = collections.namedtuple("HaltRule", "when failures percent text")
+
+
+def halt_rule(text):
+    """GNU Parallel's --halt, for failures: soon,fail=N or now,fail=N (N a
+    count, or a share of the inputs with %), and its old 1 (soon,fail=1)
+    and 2 (now,fail=1)."""
+    text = text.strip()
+    when, _, rule = {"1": "soon,fail=1", "2": "now,fail=1"}.get(text, text).partition(",")
+    match = re.fullmatch(r"fail=([0-9]{1,9})(%?)", rule)
+    if when not in ("soon", "now") or not match or not 0 < int(match.group(1)) <= (
+            100 if match.group(2) else 10 ** 9):
+        raise argparse.ArgumentTypeError(
+            "%r is not a --halt rule: give soon,fail=N or now,fail=N (N a count of"
+            " failed inputs, or a share of them such as 10%%)" % text[:80])
+    return HaltRule(when, int(match.group(1)), bool(match.group(2)), text)
+
+
 def add_arguments(sub, whole_number):
     sub.add_argument("template", nargs="?", metavar="COMMAND",
                      help="run once per input: {} is the input (quoted), {/} its base name,"
@@ -101,6 +121,10 @@ def add_arguments(sub, whole_number):
     sub.add_argument("--progress", action="store_true", default=None,
                      help="a progress bar on stderr (default: when stderr is a terminal)")
     sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_argument("--halt", type=halt_rule, metavar="soon|now,fail=N[%]",
+                     help="once N inputs (or N%% of them) did not complete, cancel the"
+                          " queued ones (soon) or the running ones too (now), as GNU"
+                          " Parallel's --halt; --resume runs the rest later")
     sub.add_argument("--dry-run", action="store_true",
                      help="print the command each input would run, one a line, and"
                           " queue nothing (as GNU Parallel's --dry-run)")
@@ -538,6 +562,7 @@ class Runner:
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
                                  arguments.progress)
         self.resumed = arguments.resume is not None
+        self.halt, self.halted = arguments.halt, False
 
     def run(self):
         plan = self.plan
@@ -676,7 +701,37 @@ class Runner:
             if self.keep_order:
                 self.show_in_order()
             self.out.flush()
+        if self.halt and not self.halted and self.failed and self.failed >= (
+                self.halt.failures if not self.halt.percent else
+                self.halt.failures * self.plan.total / 100.0):
+            self.halt_map()
         return any_ended
+
+    def halt_map(self):
+        """--halt: enough inputs did not complete. What is not queued yet never
+        is, the queued tasks are cancelled (and with `now` the running ones
+        stopped); the map waits for its running tasks, and the inputs left
+        count as not completed, for --resume to run later."""
+        self.halted = True
+        group_id, now = self.plan.group_id, self.halt.when == "now"
+        never = {job.number for job, _ in self.unsubmitted}
+        unqueued, self.unsubmitted = len(never), []
+        self.failed += unqueued
+        # --keep-order prints nothing of them (none was printed: none ended).
+        self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
+        _, running = self.counts()
+        queued, stopping = cancel_group(self.connection, group_id, active_too=now)
+        self.context.audit("map_halted", group_id=group_id, rule=self.halt.text, queued=queued,
+                           running=stopping, unqueued=unqueued, user=user_name())
+        self.progress.clear()
+        self.err.write("map %d: halted (--halt %s): %d queued tasks cancelled%s, %s\n" % (
+            group_id, self.halt.text, queued,
+            " and %d inputs never queued" % unqueued if unqueued else "",
+            "%d running ones asked to stop" % stopping if now else
+            "%d running ones finish" % running))
+        self.err.flush()
+        if self.keep_order:
+            self.show_in_order()
 
     def keep(self, job, outcome):
         """--results and --into: the job's streams and files, on disk here."""
@@ -706,6 +761,8 @@ class Runner:
             self.next_to_print += 1
 
     def show(self, outcome):
+        if self.halted and outcome.job.state == CANCELLED:
+            return      # cancelled by --halt: counted, not said one by one
         self.progress.clear()
         outcome.show(self)
 
