@@ -3738,12 +3738,16 @@ def spawn_simple(request, environment, actions, options):
     if not program:
         return None
     argv, stdin, stdout, append = simple
+    if not all(opens_at_once(path) for path in (stdin, stdout) if path is not None):
+        return None
+    # The child opens them while the spawner, and every task start after
+    # this one, waits: never for a FIFO made there since opens_at_once.
     actions = list(actions)
     if stdin is not None:
-        actions.append((os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0))
+        actions.append((os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY | os.O_NONBLOCK, 0))
     if stdout is not None:
         actions.append((os.POSIX_SPAWN_OPEN, 1, stdout, os.O_WRONLY | os.O_CREAT | (
-            os.O_APPEND if append else os.O_TRUNC), 0o666))
+            os.O_APPEND if append else os.O_TRUNC) | os.O_NONBLOCK, 0o666))
     environment = dict(environment, PWD=request["cwd"])     # as the shell exports it
     try:
         import resource
@@ -3776,6 +3780,19 @@ def spawn_simple(request, environment, actions, options):
         kill_group(pid)     # never run without its limits
         raise
     return pid
+
+
+def opens_at_once(path):
+    """Whether opening `path` for a redirection cannot wait (for a FIFO's
+    other end, a modem's carrier...): a regular file, /dev/null, or nothing
+    there yet. Anything else is the shell's, which opens it in the task's
+    own process."""
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True           # the open fails, or makes a file: at once
+    return stat.S_ISREG(mode) or path == os.devnull
 
 
 def set_limits_of(resource, pid, limits):
