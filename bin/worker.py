@@ -3730,9 +3730,10 @@ def spawn_simple(request, environment, actions, options):
     the limits the shell would have set, or None: not a simple command,
     its program not found, set-user-ID, or not started (the shell then
     runs it and says why, as it always did, with its exit status). It is
-    born with the soft limits, which the spawner takes on for that moment
-    (only soft: it may not raise a hard one again); as posix_spawn
-    returns, prlimit sets the hard ones and its CPU time."""
+    born with its limits, which the spawner takes on for that moment (a
+    process it forks at once has them too: set after its start, as they
+    were, they missed it, which could then raise them all); as
+    posix_spawn returns, prlimit sets its CPU time."""
     simple = simple_command(request.get("command"))
     program = simple and program_path(simple[0][0], environment.get("PATH"))
     if not program:
@@ -3761,8 +3762,8 @@ def spawn_simple(request, environment, actions, options):
         return None
     saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
     try:
-        for which, soft, _ in inherited:
-            resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+        for which, soft, hard in inherited:
+            resource.setrlimit(which, (soft, hard))
         try:
             pid = os.posix_spawn(program, argv, environment, file_actions=actions, **options)
         except (OSError, MemoryError):
@@ -3771,7 +3772,7 @@ def spawn_simple(request, environment, actions, options):
             return None
     finally:
         for which, limit in saved:
-            resource.setrlimit(which, limit)
+            give_back_limit(resource, which, limit)
     try:
         set_limits_of(resource, pid, limits)
     except ProcessLookupError:
@@ -3780,6 +3781,17 @@ def spawn_simple(request, environment, actions, options):
         kill_group(pid)     # never run without its limits
         raise
     return pid
+
+
+def give_back_limit(resource, which, limit):
+    """The spawner's own limit again after a spawn. Without CAP_SYS_RESOURCE
+    it may not raise a hard one: it keeps the task's (every task of the
+    worker has the same), its soft one as high as that lets it."""
+    try:
+        resource.setrlimit(which, limit)
+    except (ValueError, OSError):
+        hard = resource.getrlimit(which)[1]
+        resource.setrlimit(which, (hard, hard))
 
 
 def opens_at_once(path):

@@ -3,6 +3,7 @@ doing what it should not. Each test failed on the code before its fix."""
 import errno
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -61,3 +62,47 @@ def test_a_simple_command_reading_a_fifo_holds_up_no_other_task(main, spawn, sha
         os.close(reader)
     link.assign(4, "shell", {"command": "cat /etc/hostname > /dev/null"}, timeout=60)
     assert link.results(1)[4]["status"] == "completed"
+
+
+# Forks before anything else (static: no loader to wait for), and the
+# process it forked, a moment later, prints its address space limit and
+# whether it could raise it to the hard one.
+FORKS_AT_ONCE = r"""
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+int main(void) {
+    if (fork() == 0) {
+        struct rlimit r;
+        usleep(200000);
+        getrlimit(RLIMIT_AS, &r);
+        r.rlim_cur = r.rlim_max;
+        printf("%d %lld\n", setrlimit(RLIMIT_AS, &r), (long long)r.rlim_max);
+        return 0;
+    }
+    wait(NULL);
+    return 0;
+}
+"""
+
+
+def test_a_simple_command_forking_at_once_keeps_its_limits(main, spawn, shared_dir):
+    """Its hard limits were set (prlimit) only as posix_spawn returned: a
+    process it forked at once had none, and could lift its soft ones (one
+    run in three on a 2-core VM)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source, program = os.path.join(shared_dir, "f.c"), os.path.join(shared_dir, "forks")
+    with open(source, "w") as f:
+        f.write(FORKS_AT_ONCE)
+    if subprocess.call([compiler, "-static", "-O2", "-o", program, source]) != 0:
+        pytest.skip("no static C library")
+    os.chmod(program, 0o755)
+    worker, link = registered(main, spawn, sys.executable, "--max-memory", "512")
+    seen = []
+    for task_id in range(1, 31):
+        link.assign(task_id, "shell", {"command": program}, timeout=60)
+        seen.append(link.results(1)[task_id]["result"]["output"])
+    assert seen == ["0 %d\n" % (512 * 1048576)] * 30
