@@ -64,7 +64,7 @@ def test_a_simple_command_reading_a_fifo_holds_up_no_other_task(main, spawn, sha
     assert link.results(1)[4]["status"] == "completed"
 
 
-# Forks before anything else (static: no loader to wait for), and the
+# Forks before anything else, and the
 # process it forked, a moment later, prints its address space limit and
 # whether it could raise it to the hard one.
 FORKS_AT_ONCE = r"""
@@ -87,22 +87,64 @@ int main(void) {
 """
 
 
+def compiled(source, directory, name):
+    """A static program made from C `source` (static: no loader to wait
+    for, it runs at once), or the test is skipped."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source_path, program = os.path.join(directory, name + ".c"), os.path.join(directory, name)
+    with open(source_path, "w") as f:
+        f.write(source)
+    if subprocess.call([compiler, "-static", "-O2", "-o", program, source_path]) != 0:
+        pytest.skip("no static C library")
+    os.chmod(program, 0o755)
+    return program
+
+
 def test_a_simple_command_forking_at_once_keeps_its_limits(main, spawn, shared_dir):
     """Its hard limits were set (prlimit) only as posix_spawn returned: a
     process it forked at once had none, and could lift its soft ones (one
     run in three on a 2-core VM)."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler")
-    source, program = os.path.join(shared_dir, "f.c"), os.path.join(shared_dir, "forks")
-    with open(source, "w") as f:
-        f.write(FORKS_AT_ONCE)
-    if subprocess.call([compiler, "-static", "-O2", "-o", program, source]) != 0:
-        pytest.skip("no static C library")
-    os.chmod(program, 0o755)
+    program = compiled(FORKS_AT_ONCE, shared_dir, "forks")
     worker, link = registered(main, spawn, sys.executable, "--max-memory", "512")
     seen = []
     for task_id in range(1, 31):
         link.assign(task_id, "shell", {"command": program}, timeout=60)
         seen.append(link.results(1)[task_id]["result"]["output"])
     assert seen == ["0 %d\n" % (512 * 1048576)] * 30
+
+
+# Sends its parent the signal named by its argument, as soon as it may (for
+# a moment the spawner has the task's uid as its real one).
+SIGNALS_ITS_PARENT = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int signum = strcmp(argv[1], "STOP") == 0 ? SIGSTOP : SIGUSR1, tries = 0;
+    while (kill(getppid(), signum) != 0 && ++tries < 1000000)
+        ;
+    printf("%s\n", tries < 1000000 ? "sent" : "refused");
+    return 0;
+}
+"""
+
+
+def test_a_task_that_signals_the_spawner_stops_no_other_task(main, spawn, shared_dir):
+    """A simple command started while the spawner had its uid as the real
+    one could stop it (every later task of the device timed out, for ever)
+    or end it (the worker restarted, taking every task down)."""
+    program = compiled(SIGNALS_ITS_PARENT, shared_dir, "signals")
+    worker, link = registered(main, spawn, sys.executable)
+    sent = []
+    for task_id, argument in ((1, "STOP"), (2, "USR1"), (3, "STOP")):
+        link.assign(task_id, "shell", {"command": "%s %s" % (program, argument)}, timeout=60)
+        result = link.results(1)[task_id]
+        assert result["status"] == "completed", result
+        sent.append(result["result"]["output"])
+        link.assign(task_id + 10, "shell", {"command": "cat /etc/hostname"}, timeout=60)
+        assert link.results(1)[task_id + 10]["status"] == "completed"
+    assert worker.events("worker_restarting") == []
+    assert "sent\n" in sent, "the spawner could be signalled (else this tests nothing)"
