@@ -64,9 +64,8 @@ def test_a_simple_command_reading_a_fifo_holds_up_no_other_task(main, spawn, sha
     assert link.results(1)[4]["status"] == "completed"
 
 
-# Forks before anything else, and the
-# process it forked, a moment later, prints its address space limit and
-# whether it could raise it to the hard one.
+# Forks before anything else; the process it forked, a moment later, prints
+# whether it could raise its address space limit to the hard one, and that.
 FORKS_AT_ONCE = r"""
 #include <stdio.h>
 #include <unistd.h>
