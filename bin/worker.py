@@ -229,6 +229,16 @@ PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never p
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
 WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
 SPAWNER_IDLE = 120.0            # seconds the spawner stays with no task before it exits
+SPAWNER_CONTINUE_EVERY = 1.0    # seconds between SIGCONTs to a spawner with tasks (keep_going)
+# Signals whose default action ends or stops a process that the spawner
+# ignores (its children get them back): for the moment of a posix_spawn it
+# has the task's uid as its real one (borrow_task_identity), and the task
+# it starts may then signal it; killed by a SIGUSR1, it took every task of
+# the device down with it. SIGSTOP cannot be ignored: see keep_going.
+SPAWNER_IGNORES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                   "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT",
+                   "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGTRAP", "SIGSYS", "SIGXCPU",
+                   "SIGABRT", "SIGBUS", "SIGFPE", "SIGILL", "SIGSEGV")
 # Modules the spawner imports once so that the Python tasks it forks find them
 # loaded (as multiprocessing's forkserver preloads): what a function shipped by
 # rc.client, or a script, imports for its arguments and results. `import base64`
@@ -3391,6 +3401,7 @@ class Spawner(object):
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
         self.idle_since = time.monotonic()
+        self.continue_at = 0.0
 
     def usable(self):
         return (not self.broken and hasattr(os, "fork")
@@ -3514,6 +3525,19 @@ class Spawner(object):
         except (OSError, AttributeError):     # gone: lost() ends its children
             pass
 
+    def keep_going(self, now):
+        """A SIGCONT now and then to a spawner with tasks: one of them may
+        have stopped it (SIGSTOP, which it cannot ignore; see
+        SPAWNER_IGNORES), and a stopped spawner started no task again."""
+        if self.process is None or not (self.children or self.starting) \
+                or now < self.continue_at:
+            return
+        self.continue_at = now + SPAWNER_CONTINUE_EVERY
+        try:
+            os.kill(self.process.pid, signal.SIGCONT)
+        except OSError:
+            pass
+
     def stop_when_idle(self, worker, now):
         if self.sock is not None and not self.children and not self.starting and \
                 now - self.idle_since >= SPAWNER_IDLE:
@@ -3542,7 +3566,7 @@ def serve_spawner(fd):
             __import__(name)
         except ImportError:        # a trimmed Python: its tasks import what they need
             pass
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in spawner_ignores():
         signal.signal(signum, signal.SIG_IGN)     # the worker ends us, by closing the socket
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd)
     # Handed over inheritable; a task that kept it (posix_spawn keeps what is
@@ -3626,6 +3650,17 @@ def serve_request(sock, children, trees):
     return True
 
 
+def spawner_ignores():
+    """SPAWNER_IGNORES here, and the real-time signals (they end a process
+    too) but those the C library keeps for itself."""
+    found = [getattr(signal, name) for name in SPAWNER_IGNORES if hasattr(signal, name)]
+    if hasattr(signal, "SIGRTMIN") and hasattr(signal, "valid_signals"):
+        valid = signal.valid_signals()
+        found.extend(signum for signum in range(signal.SIGRTMIN, signal.SIGRTMAX + 1)
+                     if signum in valid)
+    return found
+
+
 def fork_child(request, stdout_fd, stderr_fd):
     code = python_code(request)
     pid = os.fork()
@@ -3643,8 +3678,8 @@ def spawn_command(request, stdout_fd, stderr_fd):
     command (simple_command) starts as its program alone, without a shell."""
     argv = request["argv"]
     # What Python ignores for itself, and what we ignore, a command gets back.
-    default = [getattr(signal, name) for name in (
-        "SIGPIPE", "SIGXFSZ", "SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    default = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ")
+               if hasattr(signal, name)] + spawner_ignores()
     jail = request["jail"]
     os.chdir(request["cwd"])      # inherited: posix_spawn has no chdir of its own
     environment = dict(os.environ)
@@ -3730,20 +3765,25 @@ def spawn_simple(request, environment, actions, options):
     the limits the shell would have set, or None: not a simple command,
     its program not found, set-user-ID, or not started (the shell then
     runs it and says why, as it always did, with its exit status). It is
-    born with the soft limits, which the spawner takes on for that moment
-    (only soft: it may not raise a hard one again); as posix_spawn
-    returns, prlimit sets the hard ones and its CPU time."""
+    born with its limits, which the spawner takes on for that moment (a
+    process it forks at once has them too: set after its start, as they
+    were, they missed it, which could then raise them all); as
+    posix_spawn returns, prlimit sets its CPU time."""
     simple = simple_command(request.get("command"))
     program = simple and program_path(simple[0][0], environment.get("PATH"))
     if not program:
         return None
     argv, stdin, stdout, append = simple
+    if not all(opens_at_once(path) for path in (stdin, stdout) if path is not None):
+        return None
+    # The child opens them while the spawner, and every task start after
+    # this one, waits: never for a FIFO made there since opens_at_once.
     actions = list(actions)
     if stdin is not None:
-        actions.append((os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY, 0))
+        actions.append((os.POSIX_SPAWN_OPEN, 0, stdin, os.O_RDONLY | os.O_NONBLOCK, 0))
     if stdout is not None:
         actions.append((os.POSIX_SPAWN_OPEN, 1, stdout, os.O_WRONLY | os.O_CREAT | (
-            os.O_APPEND if append else os.O_TRUNC), 0o666))
+            os.O_APPEND if append else os.O_TRUNC) | os.O_NONBLOCK, 0o666))
     environment = dict(environment, PWD=request["cwd"])     # as the shell exports it
     try:
         import resource
@@ -3757,8 +3797,8 @@ def spawn_simple(request, environment, actions, options):
         return None
     saved = [(which, resource.getrlimit(which)) for which, _, _ in inherited]
     try:
-        for which, soft, _ in inherited:
-            resource.setrlimit(which, (soft, resource.getrlimit(which)[1]))
+        for which, soft, hard in inherited:
+            resource.setrlimit(which, (soft, hard))
         try:
             pid = os.posix_spawn(program, argv, environment, file_actions=actions, **options)
         except (OSError, MemoryError):
@@ -3767,7 +3807,7 @@ def spawn_simple(request, environment, actions, options):
             return None
     finally:
         for which, limit in saved:
-            resource.setrlimit(which, limit)
+            give_back_limit(resource, which, limit)
     try:
         set_limits_of(resource, pid, limits)
     except ProcessLookupError:
@@ -3776,6 +3816,30 @@ def spawn_simple(request, environment, actions, options):
         kill_group(pid)     # never run without its limits
         raise
     return pid
+
+
+def give_back_limit(resource, which, limit):
+    """The spawner's own limit again after a spawn. Without CAP_SYS_RESOURCE
+    it may not raise a hard one: it keeps the task's (every task of the
+    worker has the same), its soft one as high as that lets it."""
+    try:
+        resource.setrlimit(which, limit)
+    except (ValueError, OSError):
+        hard = resource.getrlimit(which)[1]
+        resource.setrlimit(which, (hard, hard))
+
+
+def opens_at_once(path):
+    """Whether opening `path` for a redirection cannot wait (for a FIFO's
+    other end, a modem's carrier...): a regular file, /dev/null, or nothing
+    there yet. Anything else is the shell's, which opens it in the task's
+    own process."""
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True           # the open fails, or makes a file: at once
+    return stat.S_ISREG(mode) or path == os.devnull
 
 
 def set_limits_of(resource, pid, limits):
@@ -3938,7 +4002,7 @@ def run_spawned(request, code, stdout_fd, stderr_fd):
     """In the forked child: become the task. Never returns."""
     os.setsid()
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in [signal.SIGCHLD] + spawner_ignores():
         signal.signal(signum, signal.SIG_DFL)
     os.chdir(request["cwd"])
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -6898,6 +6962,7 @@ class Worker(object):
     def check_timers(self, now):
         if now >= self.next_policy_check:
             self.check_availability()
+        self.spawner.keep_going(now)
         self.spawner.stop_when_idle(self, now)
         if self.connect_at is not None and now >= self.connect_at:
             self.connect()
