@@ -488,6 +488,41 @@ def test_a_file_damaged_on_the_main_nodes_disk_is_an_error_not_bytes(cluster, rc
                            % stored["sha256"]):
             rc_cluster.get(ref, str(tmp_path / "out.txt"))
     assert not os.path.exists(str(tmp_path / "out.txt"))
+    assert os.listdir(str(tmp_path)) == [], "a partial file was left"
+
+
+def test_put_and_get_of_a_file_never_hold_it_whole(rc_cluster, tmp_path):
+    """A 48 MiB file put from its path and got into a path: the client's
+    Python allocations stay far below the file's size (before: the whole
+    file, twice on the way back), and the bytes are the same."""
+    import tracemalloc
+    source, target = tmp_path / "big.bin", tmp_path / "back" / "big.bin"
+    target.parent.mkdir()
+    with open(str(source), "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(1024 * 1024))
+    tracemalloc.start()
+    try:
+        stored = rc_cluster.put(str(source))
+        _, put_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()          # and started again: its peak from here
+        tracemalloc.start()
+        assert rc_cluster.get(stored, str(target)) == str(target)
+        _, get_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stored["size"] == 48 * 1024 * 1024
+    assert put_peak < 8 * 1024 * 1024 and get_peak < 8 * 1024 * 1024, (put_peak, get_peak)
+    assert files_equal(str(source), str(target))
+    assert sorted(os.listdir(str(target.parent))) == ["big.bin"]
+    with open(str(source), "rb") as f:          # a file object, from where it stands
+        f.seek(1024)
+        assert rc_cluster.put(f)["size"] == 48 * 1024 * 1024 - 1024
+
+
+def files_equal(first, second):
+    import filecmp
+    return filecmp.cmp(first, second, shallow=False)
 
 
 def test_a_wrong_token_is_a_clear_error(cluster):

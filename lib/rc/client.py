@@ -35,6 +35,7 @@ import pickle
 import select
 import socket
 import ssl
+import stat
 import sys
 import sysconfig
 import textwrap
@@ -199,16 +200,26 @@ class Http:
         return sock, sock.makefile("rb")
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
-                bounded=True, with_fields=False):
+                bounded=True, with_fields=False, sink=None):
         """(status, body bytes), and the answer's header fields (names in
         lower case) `with_fields`. A kept-alive connection the server closed
         meanwhile is opened again once (waitress closes idle ones). A body
         over MAX_ANSWER_BYTES is refused unless not `bounded` (a file the
-        caller asked for, whatever its size)."""
-        head = self.head(method, path, body, headers)
+        caller asked for, whatever its size). `body` may be a file opened
+        for reading at its start (a put: sent from it, never held whole);
+        `sink` takes a 200 answer's body as it comes (read_answer)."""
+        if hasattr(body, "read"):
+            sending, start = body, body.tell()
+            length = os.fstat(body.fileno()).st_size - start
+            message = [self.head(method, path, None, headers, length=length)]
+        else:
+            sending, head = None, self.head(method, path, body, headers)
+            # One write for a small request; a large body is not copied.
+            message = [head + (body or b"")] if len(body or b"") <= SMALL_BODY else [head, body]
         limit = MAX_ANSWER_BYTES if bounded else None
-        # One write for a small request; a large body (a file put) is not copied.
-        message = [head + (body or b"")] if len(body or b"") <= SMALL_BODY else [head, body]
+        delivered = []          # sink was given part of a body: no second attempt
+        if sink is not None:
+            sink = functools.partial(deliver, sink, delivered)
         for attempt in (1, 2):
             link = getattr(self.local, "link", None)
             reused = link is not None
@@ -218,14 +229,16 @@ class Http:
                 link[0].settimeout(timeout)
                 for data in message:
                     link[0].sendall(data)
-                status, data, keep, fields = read_answer(link[1], method, limit)
+                if sending is not None:      # what it held when asked, from where it stood
+                    link[0].sendfile(sending, start, length)
+                status, data, keep, fields = read_answer(link[1], method, limit, sink)
                 if not keep:
                     self.drop()
                 return (status, data, fields) if with_fields else (status, data)
             except (NoAnswer, ConnectionResetError, ConnectionAbortedError,
                     BrokenPipeError) as e:
                 self.drop()
-                if not reused or attempt == 2:
+                if not reused or attempt == 2 or delivered:
                     raise ClusterError("no answer from %s://%s:%d: %s"
                                        % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
@@ -237,13 +250,15 @@ class Http:
                 raise ClusterError("cannot reach %s://%s:%d: %s"
                                    % (self.scheme, self.host, self.port, e))
 
-    def head(self, method, path, body, headers):
-        """The request's line and fields: ours, the caller's, the body's length."""
+    def head(self, method, path, body, headers, length=None):
+        """The request's line and fields: ours, the caller's, the body's
+        length (`length`, for a body sent from a file)."""
         fields = self.head_fields
         for name, value in (headers or {}).items():
             fields += "%s: %s\r\n" % (name, header_text(value, name))
-        if body is not None or method in ("POST", "PUT"):
-            fields += "Content-Length: %d\r\n" % len(body or b"")
+        if length is not None or body is not None or method in ("POST", "PUT"):
+            fields += "Content-Length: %d\r\n" % (len(body or b"") if length is None
+                                                   else length)
         return ("%s %s%s HTTP/1.1\r\n%s\r\n" % (method, self.prefix, header_text(
             path, "a request path", " "), fields)).encode("ascii")
 
@@ -303,6 +318,11 @@ def header_text(text, what, also_refused=""):
     return text
 
 
+def deliver(sink, delivered, piece):
+    delivered.append(len(piece))
+    sink(piece)
+
+
 class NoAnswer(Exception):
     """The connection closed before an answer began: a kept-alive one that
     the server had closed."""
@@ -316,9 +336,11 @@ class TooLarge(BadAnswer):
     """An answer's body over the limit the caller gave (MAX_ANSWER_BYTES)."""
 
 
-def read_answer(reader, method, limit=None):
+def read_answer(reader, method, limit=None, sink=None):
     """(status, body, whether the connection stays open, header fields) of
-    one answer; a body over `limit` bytes (None: no limit) is a BadAnswer."""
+    one answer; a body over `limit` bytes (None: no limit) is a BadAnswer.
+    With `sink`, a 200 answer's body goes to sink(piece) as it comes, never
+    held whole (the body returned is then b"")."""
     while True:
         line = reader.readline(MAX_HEAD_LINE + 1)
         if not line:
@@ -330,8 +352,9 @@ def read_answer(reader, method, limit=None):
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
+    sink = sink if status == 200 else None      # an error's text is read, not written
     if "chunked" in fields.get("transfer-encoding", "").lower():
-        return status, read_chunked(reader, limit), keep, fields
+        return status, read_chunked(reader, limit, sink), keep, fields
     if "content-length" in fields:
         try:
             length = int(fields["content-length"])
@@ -340,11 +363,11 @@ def read_answer(reader, method, limit=None):
         if length < 0:
             raise BadAnswer("Content-Length %r" % fields["content-length"][:50])
         refuse_past(limit, length)
-        return status, read_exactly(reader, length), keep, fields
-    return status, read_to_end(reader, limit), False, fields
+        return status, read_exactly(reader, length, sink), keep, fields
+    return status, read_to_end(reader, limit, sink), False, fields
 
 
-def read_to_end(reader, limit):
+def read_to_end(reader, limit, sink=None):
     pieces, total = [], 0
     while True:
         piece = reader.read(READ_PIECE)
@@ -352,7 +375,7 @@ def read_to_end(reader, limit):
             return b"".join(pieces)
         total += len(piece)
         refuse_past(limit, total)
-        pieces.append(piece)
+        (sink or pieces.append)(piece)
 
 
 def refuse_past(limit, size):
@@ -388,18 +411,18 @@ def head_fields(reader):
     raise BadAnswer("more than %d header fields" % MAX_HEAD_FIELDS)
 
 
-def read_exactly(reader, length):
+def read_exactly(reader, length, sink=None):
     pieces = []
     while length > 0:
         piece = reader.read(min(length, READ_PIECE))
         if not piece:
             raise BadAnswer("the answer was cut short")
-        pieces.append(piece)
+        (sink or pieces.append)(piece)
         length -= len(piece)
     return b"".join(pieces)
 
 
-def read_chunked(reader, limit=None):
+def read_chunked(reader, limit=None, sink=None):
     pieces, total = [], 0
     while True:
         size = chunk_size(reader.readline(MAX_HEAD_LINE + 1))
@@ -408,7 +431,7 @@ def read_chunked(reader, limit=None):
             return b"".join(pieces)
         total += size
         refuse_past(limit, total)
-        pieces.append(read_exactly(reader, size))
+        read_exactly(reader, size, sink or pieces.append)
         read_exactly(reader, 2)                 # the chunk's CRLF
 
 
@@ -1173,18 +1196,32 @@ class Cluster:
 
     def put(self, source):
         """Store a file (a path, bytes, or a binary file object) on the main
-        node; {"sha256", "size"}, to give a task as stdin or an input."""
+        node; {"sha256", "size"}, to give a task as stdin or an input. A
+        path, or a file of the disk, is read twice (its hash, then sent from
+        it), never held whole: a 4 GB video from a laptop with less memory."""
         if isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        elif hasattr(source, "read"):
-            data = source.read()
-        else:
+            return self.put_body(bytes(source), hashlib.sha256(source).hexdigest(), len(source))
+        if not hasattr(source, "read"):
             with open(source, "rb") as f:
-                data = f.read()
-        headers = {"Content-Type": "application/octet-stream",
-                   "X-Content-SHA256": hashlib.sha256(data).hexdigest()}
-        status, body = self.http.request("POST", "/api/v1/files", data, headers,
-                                         REQUEST_TIMEOUT + len(data) / 1e6)
+                return self.put(f)
+        try:
+            start, size = source.tell(), os.fstat(source.fileno()).st_size
+            seekable = stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            seekable = False
+        if not seekable:            # a pipe, a BytesIO: what it gives, held
+            data = source.read()
+            return self.put_body(data, hashlib.sha256(data).hexdigest(), len(data))
+        digest = hashlib.sha256()
+        for piece in iter(lambda: source.read(READ_PIECE), b""):
+            digest.update(piece)
+        source.seek(start)
+        return self.put_body(source, digest.hexdigest(), size - start)
+
+    def put_body(self, body, sha256, size):
+        headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}
+        status, body = self.http.request("POST", "/api/v1/files", body, headers,
+                                         REQUEST_TIMEOUT + size / 1e6)
         answer = json.loads(body.decode("utf-8") or "{}")
         if status != 201:
             raise ClusterError("POST /api/v1/files: %s (HTTP %d)" % (answer.get("error"),
@@ -1205,20 +1242,40 @@ class Cluster:
         else:
             expected = ref["sha256"] if isinstance(ref, dict) else ref
             where = "/api/v1/files/%s" % expected
+        if path is not None:
+            return self.download(where, expected, path)
         status, data, fields = self.http.request("GET", where, timeout=REQUEST_TIMEOUT * 10,
                                                  bounded=bounded, with_fields=True)
-        if status != 200:
-            raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
-                "utf-8", "replace"), status), status)
-        expected = (expected or fields.get("x-content-sha256", "")).strip().lower()
-        got = hashlib.sha256(data).hexdigest()
-        if got != expected:
-            raise ClusterError("GET %s: the %d bytes received have SHA-256 %s, not %s"
-                               % (where, len(data), got, expected or "(none named)"))
-        if path is None:
-            return data
-        with open(path, "wb") as f:
-            f.write(data)
+        checked(where, status, data, fields, expected, hashlib.sha256(data), len(data))
+        return data
+
+    def download(self, where, expected, path):
+        """get() into a file: written, hashed as it comes, to a new file
+        beside `path`, renamed onto it once its hash is right (else removed):
+        never held whole, and `path` never holds a damaged file."""
+        directory, name = os.path.split(os.path.abspath(path))
+        partial = os.path.join(directory, ".%s.%s.part" % (name[:100], os.urandom(4).hex()))
+        # Made as open(path, "wb") would make it (the umask applies), never followed.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            digest, size = hashlib.sha256(), [0]
+            with os.fdopen(descriptor, "wb") as f:
+                def write(piece):
+                    digest.update(piece)
+                    size[0] += len(piece)
+                    f.write(piece)
+                status, data, fields = self.http.request(
+                    "GET", where, timeout=REQUEST_TIMEOUT * 10, bounded=False,
+                    with_fields=True, sink=write)
+            checked(where, status, data, fields, expected, digest, size[0])
+            os.replace(partial, path)
+        except BaseException:
+            try:
+                os.remove(partial)
+            except OSError:
+                pass
+            raise
         return path
 
     def files(self, task_id):
@@ -1696,6 +1753,19 @@ def decode_outcomes(record, home=None, cluster=None):
         raise TaskFailed(record["task_id"], "completed",
                          "its result cannot be read here: %s: %s" % (type(e).__name__, e),
                          record.get("result"))
+
+
+def checked(where, status, data, fields, expected, digest, size):
+    """A file's answer, a ClusterError unless it is the file asked for: 200,
+    its bytes' SHA-256 the one asked for or the one the main node names."""
+    if status != 200:
+        raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
+            "utf-8", "replace"), status), status)
+    expected = (expected or fields.get("x-content-sha256", "")).strip().lower()
+    got = digest.hexdigest()
+    if got != expected:
+        raise ClusterError("GET %s: the %d bytes received have SHA-256 %s, not %s"
+                           % (where, size, got, expected or "(none named)"))
 
 
 def result_line(output):
