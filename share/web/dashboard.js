@@ -685,13 +685,19 @@ async function drawGroup(state, view) {
 
 const modal = {resolve: null, run: null};
 
+// The token is tried on the overview before the dialog closes: a wrong one
+// is said so, and the field stays for the next try.
 function askToken() {
   return confirmAction({title: "Admin token", text: "`rc token --admin` on the main node prints it.",
-                        fields: [], run: async () => ({ok: true})}).then(done => done && Boolean(window.rcToken.get()));
+                        fields: [], token: true, run: async () => {
+                          const [status, body] = await getJSON(OVERVIEW_PATH);
+                          return {ok: status === 200, status: status, error: body.error};
+                        }}).then(done => done && Boolean(window.rcToken.get()));
 }
 
 // Shows the dialog; resolves true when `run(values)` succeeded, false when left.
-function confirmAction({title, text, fields, run}) {
+// `token`: ask for the admin token even when one is kept (it may be wrong).
+function confirmAction({title, text, fields, run, token}) {
   const form = document.getElementById("modal-form");
   document.getElementById("modal-title").textContent = title;
   document.getElementById("modal-text").textContent = text;
@@ -700,7 +706,7 @@ function confirmAction({title, text, fields, run}) {
     el("span", {text: field.label}),
     el("input", {name: field.name, type: field.type || "text", placeholder: field.placeholder || null,
                  value: field.value || null, checked: field.checked || null, autocomplete: "off"}))));
-  tokenField(holder, !window.rcToken.get());
+  tokenField(holder, token || !window.rcToken.get());
   showError(null);
   document.getElementById("modal").hidden = false;
   (holder.querySelector("input") || document.getElementById("modal-confirm")).focus();

@@ -1,0 +1,105 @@
+"""The dashboard as a user on a phone (390x844, touch, scale 3) and a laptop
+(1366x768) meets it, in Debian's Chromium driven by Playwright, against a
+main node that wants the admin token to be read (read_access=token: the
+phone on the Wi-Fi is not 127.0.0.1). Each test is a fault found in session
+30 and fails without its fix; screenshots go to test-artifacts/s30_*.png."""
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, MainNode, wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"
+                                 " (.ci/run installs it with apt-get)"),
+              pytest.mark.timeout(120)]
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 3,
+         "is_mobile": True, "has_touch": True}
+LAPTOP = {"viewport": {"width": 1366, "height": 768}}
+INPUT_BYTES = os.urandom(3 * 1024 * 1024)        # a photo's worth
+
+
+def api(node, path, body=None, raw=None):
+    request = urllib.request.Request(
+        node.base + path, data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Authorization": "Bearer " + node.admin_token,
+                 "Content-Type": "application/octet-stream" if raw else "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError("%s: %s" % (path, e.read()))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    node = MainNode(tmp_path_factory.mktemp("dashboard_s30"), read_access="token")
+    try:
+        node.start()
+        node.start_worker("s30-pi")
+        wait_for(lambda: node.online("s30-pi"), 30, "the worker to join")
+        blob = api(node, "/api/v1/files", raw=INPUT_BYTES)
+        # Queued for good (no device has 512 GB): its input stays listed.
+        node.files_task = api(node, "/api/v1/tasks", {
+            "task_type": "shell", "requirements": {"min_memory_gb": 512},
+            "payload": {"command": "wc -c photo.jpg",
+                        "inputs": [{"sha256": blob["sha256"], "size": blob["size"],
+                                    "path": "photo.jpg", "mode": 0o644}]}})["task_id"]
+        node.echo_task = api(node, "/api/v1/tasks", {"task_type": "echo",
+                                                     "payload": "hello"})["task_id"]
+        wait_for(lambda: node.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                         (node.echo_task,)).fetchone()[0] == "completed",
+                 30, "the echo task to complete")
+    except BaseException:
+        node.stop()
+        raise
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, request, device, token=None):
+    context = browser.new_context(accept_downloads=True, **device)
+    if token:
+        context.add_init_script("localStorage.setItem('rc.adminToken', %s)" % json.dumps(token))
+    page = context.new_page()
+    request.addfinalizer(lambda: shot_and_close(page, context, request.node.name))
+    return page
+
+
+def shot_and_close(page, context, name):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "s30_" + name + ".png"))
+    context.close()
+
+
+def test_a_wrong_token_given_on_the_overview_is_said_and_asked_again(browser, node, request):
+    """It was kept without a word: the dialog closed, and the next one had
+    no field for the token at all (one was kept), so no right one could
+    be given without the terminal's `logout`."""
+    page = open_page(browser, request, PHONE)
+    page.goto(node.base + "/")
+    page.get_by_role("button", name="Give the admin token").click()
+    page.fill("input[name=token]", "not-the-token")
+    page.click("#modal-confirm")
+    wait_for(lambda: "not accepted" in page.inner_text("#modal-error"), 15, "the refusal")
+    assert page.is_visible("#modal")
+    page.fill("input[name=token]", node.admin_token)
+    page.click("#modal-confirm")
+    page.wait_for_selector("#modal", state="hidden")
+    page.wait_for_selector(".device-grid [data-device=s30-pi]")
+    wait_for(lambda: page.inner_text("#connection") == "live", 20, "the live link")
