@@ -103,3 +103,15 @@ def test_a_wrong_token_given_on_the_overview_is_said_and_asked_again(browser, no
     page.wait_for_selector("#modal", state="hidden")
     page.wait_for_selector(".device-grid [data-device=s30-pi]")
     wait_for(lambda: page.inner_text("#connection") == "live", 20, "the live link")
+
+
+def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, request):
+    """The file's link cannot carry the token: the phone got a 401, no file."""
+    page = open_page(browser, request, PHONE, token=node.admin_token)
+    page.goto(node.base + "/#/task/%d" % node.files_task)
+    link = page.get_by_role("link", name="photo.jpg")
+    with page.expect_download(timeout=30000) as download:
+        link.click()
+    assert download.value.suggested_filename == "photo.jpg"
+    with open(download.value.path(), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(INPUT_BYTES).digest()

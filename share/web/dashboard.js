@@ -552,10 +552,39 @@ function filesTable(id, files) {
   return table([
     {title: "name", cell: f => el("a", {href: "/api/v1/tasks/" + id + "/files/" +
                                         f.name.split("/").map(encodeURIComponent).join("/"),
-                                        download: f.name.split("/").pop(), text: f.name})},
+                                        download: f.name.split("/").pop(), text: f.name,
+                                        onclick: downloadWithToken})},
     {title: "kind", class: "opt2", cell: f => f.kind || ""},
     {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
   ], files.files || [], "no files");
+}
+
+// A link cannot send the admin token, and a browser that needs it to read
+// (another machine, read_access) got a 401 instead of the file: with a token
+// kept, the file comes through fetch() with the header, then is saved.
+async function downloadWithToken(event) {
+  if (!window.rcToken.get()) return;          // reading is open: the link saves it
+  event.preventDefault();
+  const link = event.currentTarget, note = link.parentNode.querySelector(".download-note") ||
+    link.parentNode.appendChild(el("span", {class: "download-note dim", role: "status"}));
+  note.textContent = " downloading…";
+  try {
+    const response = await fetch(link.href, {headers: window.rcToken.headers()});
+    if (!response.ok) {
+      let body = {};
+      try { body = await response.json(); } catch (e) { /* the status says enough */ }
+      note.className = "download-note trouble";
+      note.textContent = " " + (body.error || "HTTP " + response.status);
+      return;
+    }
+    const saved = URL.createObjectURL(await response.blob());
+    el("a", {href: saved, download: link.getAttribute("download")}).click();
+    setTimeout(() => URL.revokeObjectURL(saved), 60000);
+    note.remove();
+  } catch (e) {
+    note.className = "download-note trouble";
+    note.textContent = " cannot reach the main node: " + e;
+  }
 }
 
 function sizeText(bytes) {
