@@ -115,3 +115,27 @@ def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, req
     assert download.value.suggested_filename == "photo.jpg"
     with open(download.value.path(), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(INPUT_BYTES).digest()
+
+
+def test_phone_taps_and_reading_order(browser, node, request):
+    """Ids and names were links 9 to 50 px wide and 16 px high; a task's
+    output and files came after its payload (a screen of JSON with inputs);
+    a completed task's state read "completed (completed)"."""
+    page = open_page(browser, request, PHONE, token=node.admin_token)
+    page.goto(node.base + "/#/task/%d" % node.files_task)
+    targets = [page.get_by_role("link", name="photo.jpg"), page.locator("a.back")]
+    page.goto(node.base + "/#/task/%d" % node.echo_task)
+    page.wait_for_selector(".panel h2:text-is('Payload')")
+    for target in [page.locator("a.back"), page.get_by_role("link", name="s30-pi").first]:
+        box = target.bounding_box()
+        assert box["width"] >= 44 and box["height"] >= 44, (target, box)
+    tops = {name: page.locator(".panel", has=page.locator("h2", has_text=name)).bounding_box()["y"]
+            for name in ("Output", "Files", "Payload")}
+    assert tops["Output"] < tops["Files"] < tops["Payload"], tops
+    state = page.locator(".key-values dt:text-is('state') + dd").inner_text()
+    assert state == "completed", state
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.goto(node.base + "/#/task/%d" % node.files_task)
+    for target in targets:
+        box = target.bounding_box()
+        assert box["width"] >= 44 and box["height"] >= 44, (target, box)

@@ -130,6 +130,13 @@ function panel(title, ...children) {
   return el("section", {class: "panel"}, el("h2", {text: title}), ...children);
 }
 
+// A panel that comes last when the view is one column (a phone).
+function laterPanel(title, ...children) {
+  const node = panel(title, ...children);
+  node.classList.add("later");
+  return node;
+}
+
 async function getJSON(path) {
   const response = await fetch(path, {headers: window.rcToken.headers()});
   let body = null;
@@ -516,7 +523,8 @@ function taskParts(task, why, files) {
     el("div", {class: "object-columns"},
       el("div", {class: "column"},
         panel("Details", keyValues([
-          ["state", task.state + (task.reason ? " (" + task.reason + ")" : "")],
+          ["state", task.state + (task.reason && task.reason !== task.state
+                                   ? " (" + task.reason + ")" : "")],
           ["device", task.device_id ? deviceLink(task.device_id) : null],
           ["group", task.group_id ? groupLink(task.group_id) : null],
           ["progress", typeof task.progress === "number" ? progressCell(task) : null],
@@ -530,7 +538,7 @@ function taskParts(task, why, files) {
           ["requirements", Object.keys(task.requirements || {}).length ? json(task.requirements) : null],
         ])),
         panel("Why", el("p", {text: (why && why.why) || ""})),
-        panel("Payload", pre(json(task.payload)))),
+        laterPanel("Payload", pre(json(task.payload)))),
       el("div", {class: "column"},
         panel("Output",
           result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
