@@ -139,3 +139,28 @@ def test_phone_taps_and_reading_order(browser, node, request):
     for target in targets:
         box = target.bounding_box()
         assert box["width"] >= 44 and box["height"] >= 44, (target, box)
+
+
+def test_an_open_task_view_asks_one_read_at_a_time_on_a_slow_link(browser, node, request):
+    """Every 2 s the view read the task again, whether or not the last read
+    had come back: on a link with 2.5 s of latency they piled up."""
+    page = open_page(browser, request, LAPTOP, token=node.admin_token)
+    path = "/api/v1/tasks/%d" % node.files_task       # queued: read again and again
+    flying, most = set(), [0]
+
+    def started(req):
+        if path in req.url:
+            flying.add(req)
+            most[0] = max(most[0], len(flying))
+    page.on("request", started)
+    page.on("requestfinished", lambda req: flying.discard(req))
+    page.on("requestfailed", lambda req: flying.discard(req))
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 2500,
+                                                  "downloadThroughput": -1,
+                                                  "uploadThroughput": -1})
+    page.goto(node.base + "/#/task/%d" % node.files_task)
+    page.wait_for_selector("#view-object h1", timeout=60000)
+    time.sleep(10)
+    assert most[0] <= 2, most[0]            # the task, then its why and files together

@@ -450,7 +450,15 @@ function openObjectView(where) {
   const state = {kind: where.kind, id: where.id, timers: []};
   objectView = state;
   const draw = {task: drawTask, device: drawDevice, group: drawGroup, map: drawGroup}[where.kind];
-  const again = () => { if (objectView === state) draw(state, view); };
+  // One read at a time: on a slow link, reads started every OBJECT_REFRESH_MS
+  // piled up behind each other (and an old answer could replace a newer one).
+  const again = async () => {
+    if (objectView !== state || state.drawing) return;
+    state.drawing = true;
+    try { await draw(state, view); }
+    catch (e) { /* the connection dot says when the main node is out of reach */ }
+    finally { state.drawing = false; }
+  };
   again();
   state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
   if (where.kind === "device") {
