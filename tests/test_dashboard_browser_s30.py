@@ -105,6 +105,20 @@ def test_a_wrong_token_given_on_the_overview_is_said_and_asked_again(browser, no
     wait_for(lambda: page.inner_text("#connection") == "live", 20, "the live link")
 
 
+def test_the_overview_lists_the_newest_tasks(browser, node, request):
+    """It listed running tasks and failures only: a task just completed, or
+    queued for want of a device, could not be found without a command."""
+    page = open_page(browser, request, LAPTOP, token=node.admin_token)
+    page.goto(node.base + "/")
+    newest = page.locator(".panel", has=page.locator("h2", has_text="Newest tasks"))
+    wait_for(lambda: newest.count() and ["completed", "queued"] == [
+        newest.locator("tr", has=page.get_by_role("link", name=str(task_id), exact=True))
+        .locator(".chip").inner_text() for task_id in (node.echo_task, node.files_task)],
+        15, "both tasks among the newest")
+    assert "wc -c photo.jpg" in newest.inner_text()
+    assert newest.bounding_box()["y"] < 768                 # on arrival, without scrolling
+
+
 def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, request):
     """The file's link cannot carry the token: the phone got a 401, no file."""
     page = open_page(browser, request, PHONE, token=node.admin_token)

@@ -1,9 +1,10 @@
 // The dashboard around the terminal: an overview on arrival (summary, device
-// grid, running tasks, recent failures, charts of the last hour), live over
-// /stream/overview; a view with its own URL for every device (#/device/ID),
-// task (#/task/ID), group (#/group/ID) and map (#/map/ID); the actions the
-// admin token allows, each after a confirmation. Text from the cluster only
-// ever goes into the page as text nodes (textContent), never as HTML.
+// grid, running tasks, the newest tasks, charts of the last hour, recent
+// failures), live over /stream/overview; a view with its own URL for every
+// device (#/device/ID), task (#/task/ID), group (#/group/ID) and map
+// (#/map/ID); the actions the admin token allows, each after a confirmation.
+// Text from the cluster only ever goes into the page as text nodes
+// (textContent), never as HTML.
 "use strict";
 
 (() => {   // its own scope: the page's other script (the terminal) has names of its own
@@ -244,6 +245,7 @@ function renderOverview() {
                 : null),
         panel("Running tasks", runningTable(picture.running))),
       el("div", {class: "column"},
+        panel("Newest tasks", recentTable(picture.recent || [])),
         panel("Last hour", charts(picture.history)),
         panel("Recent failures", failureTable(picture.failures)))));
   view.scrollTop = scroll;
@@ -334,6 +336,16 @@ function runningTable(list) {
     {title: "message", class: "message", cell: t => t.progress_message || t.summary || ""},
     {title: "for", class: "opt", cell: t => since(t.started_at || t.created_at, "")},
   ], list, "Nothing is running.");
+}
+
+function recentTable(list) {
+  return table([
+    {title: "task", cell: t => taskLink(t.task_id)},
+    {title: "type", class: "opt", cell: t => t.task_type},
+    {title: "state", cell: t => stateChip(t.state)},
+    {title: "what", class: "message", cell: t => t.summary || ""},
+    {title: "when", class: "opt2", cell: t => since(t.finished_at || t.created_at)},
+  ], list, "No task yet: `submit` in the terminal queues one.");
 }
 
 function failureTable(list) {
