@@ -178,3 +178,39 @@ def test_an_open_task_view_asks_one_read_at_a_time_on_a_slow_link(browser, node,
     page.wait_for_selector("#view-object h1", timeout=60000)
     time.sleep(10)
     assert most[0] <= 2, most[0]            # the task, then its why and files together
+
+
+def tab_to(page, selector, most=40):
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        if page.evaluate("s => document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError("Tab never reached " + selector)
+
+
+def test_keyboard_only(browser, node, request):
+    """The live overview, drawn anew on every picture, sent the keyboard's
+    focus back to the page's top within a second or two; PageDown and the
+    arrows scrolled no view; a dialog left with Esc left the focus nowhere."""
+    page = open_page(browser, request, {"viewport": {"width": 390, "height": 700}},
+                     token=node.admin_token)
+    page.goto(node.base + "/")
+    link = 'a[href="#/device/s30-pi"]'
+    page.wait_for_selector(link)
+    tab_to(page, link)
+    page.evaluate("document.querySelector('.device-grid').dataset.old = 'yes'")
+    wait_for(lambda: page.locator(".device-grid:not([data-old])").count(), 20,
+             "the overview drawn anew")            # the worker's heartbeats change it
+    assert page.evaluate("s => document.activeElement.matches(s)", link)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#view-object h1:has-text('s30-pi')")
+    page.wait_for_selector("#view-object .panel h2:text-is('Logs')")
+    page.keyboard.press("PageDown")
+    wait_for(lambda: page.evaluate("document.getElementById('view-object').scrollTop") > 0, 5,
+             "PageDown to scroll the device's view")
+    tab_to(page, "#view-object .actions button:first-child")            # Drain
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#modal:not([hidden])")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#modal", state="hidden")
+    assert page.evaluate("document.activeElement.textContent") == "Drain"

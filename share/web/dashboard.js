@@ -233,8 +233,7 @@ function renderNeedsToken(error) {
 function renderOverview() {
   const view = document.getElementById("view-overview");
   if (!picture) { view.replaceChildren(el("p", {class: "empty", text: "Waiting for the main node…"})); return; }
-  const scroll = view.scrollTop;
-  view.replaceChildren(
+  redrawView(view, [
     summaryTiles(picture),
     el("div", {class: "overview-columns"},
       el("div", {class: "column"},
@@ -247,8 +246,7 @@ function renderOverview() {
       el("div", {class: "column"},
         panel("Newest tasks", recentTable(picture.recent || [])),
         panel("Last hour", charts(picture.history)),
-        panel("Recent failures", failureTable(picture.failures)))));
-  view.scrollTop = scroll;
+        panel("Recent failures", failureTable(picture.failures))))]);
 }
 
 function summaryTiles(p) {
@@ -445,8 +443,13 @@ function route() {
     link.classList.toggle("current", link.dataset.nav === where.kind);
   document.body.dataset.view = where.kind;
   if (where.kind === "terminal") return window.rcTerminal.show();
+  currentView().focus({preventScroll: true});    // so PageDown and arrows scroll it
   if (where.kind === "overview") return renderOverview();
   openObjectView(where);
+}
+
+function currentView() {
+  return document.getElementById(currentRoute().kind === "overview" ? "view-overview" : "view-object");
 }
 
 function closeObjectView() {
@@ -503,9 +506,34 @@ function update(view, state, key, build) {
   if (objectView !== state) return;
   if (view.dataset.shown === key) return;
   view.dataset.shown = key;
-  const scroll = view.scrollTop;
-  view.replaceChildren(...build());
+  redrawView(view, build());
+}
+
+// Draw a live view anew and keep the reader's place: its scroll, and the
+// keyboard's focus (a live overview redrawn every second or so had sent it
+// back to the top of the page after each Tab).
+function redrawView(view, children) {
+  const scroll = view.scrollTop, focused = focusedIn(view);
+  view.replaceChildren(...children);
   view.scrollTop = scroll;
+  if (focused) refocus(view, focused);
+}
+
+// The focused link or button in the view, to be found again by its
+// address and words (and which of its twins it was).
+function focusedIn(view) {
+  const node = document.activeElement;
+  if (!node || node === view || !view.contains(node)) return null;
+  return {node, index: twins(view, node).indexOf(node)};
+}
+
+function twins(view, node) {
+  return [...view.querySelectorAll(node.tagName)].filter(other =>
+    other.getAttribute("href") === node.getAttribute("href") && other.textContent === node.textContent);
+}
+
+function refocus(view, {node, index}) {
+  (twins(view, node)[index] || view).focus({preventScroll: true});
 }
 
 function notFound(view, state, what, error) {
@@ -740,7 +768,7 @@ async function drawGroup(state, view) {
 
 // -- actions: a confirmation, and the admin token when there is none ------------------------
 
-const modal = {resolve: null, run: null};
+const modal = {resolve: null, run: null, opener: null};
 
 // The token is tried on the overview before the dialog closes: a wrong one
 // is said so, and the field stays for the next try.
@@ -765,6 +793,7 @@ function confirmAction({title, text, fields, run, token}) {
                  value: field.value || null, checked: field.checked || null, autocomplete: "off"}))));
   tokenField(holder, token || !window.rcToken.get());
   showError(null);
+  modal.opener = currentRoute().kind === "terminal" ? null : focusedIn(currentView());
   document.getElementById("modal").hidden = false;
   (holder.querySelector("input") || document.getElementById("modal-confirm")).focus();
   modal.run = run;
@@ -787,8 +816,14 @@ function showError(text) {
 
 function closeModal(done) {
   document.getElementById("modal").hidden = true;
-  const resolve = modal.resolve;
-  modal.resolve = modal.run = null;
+  const resolve = modal.resolve, opener = modal.opener;
+  modal.resolve = modal.run = modal.opener = null;
+  // The keyboard goes back to the button that opened the dialog (found
+  // again if the view was redrawn meanwhile), or to the view.
+  if (currentRoute().kind !== "terminal") {
+    if (opener) refocus(currentView(), opener);
+    else currentView().focus({preventScroll: true});
+  }
   if (resolve) resolve(done);
 }
 
