@@ -6,6 +6,7 @@ phone on the Wi-Fi is not 127.0.0.1). Each test is a fault found in session
 import hashlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -153,6 +154,19 @@ def test_phone_taps_and_reading_order(browser, node, request):
     for target in targets:
         box = target.bounding_box()
         assert box["width"] >= 44 and box["height"] >= 44, (target, box)
+
+
+def test_a_devices_log_lines_keep_their_time_on_a_phone(browser, node, request):
+    """The time column was the first a phone dropped: lines without a time."""
+    page = open_page(browser, request, PHONE, token=node.admin_token)
+    page.goto(node.base + "/#/device/s30-pi")
+    logs = page.locator(".panel", has=page.locator("h2", has_text="Logs"))
+    logs.locator("tbody tr").first.wait_for(timeout=30000)    # the worker's lines come
+    first = logs.locator("tbody tr").first.locator("td").first     # with its heartbeats
+    assert first.is_visible()
+    assert re.match(r"\d\d:\d\d:\d\d$", first.inner_text()), first.inner_text()
+    assert logs.locator("th:text-is('time')").is_visible()
+    assert logs.locator("tbody tr").first.locator("td").nth(2).inner_text()   # the event
 
 
 def test_an_open_task_view_asks_one_read_at_a_time_on_a_slow_link(browser, node, request):

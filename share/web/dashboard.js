@@ -727,13 +727,16 @@ function deviceParts(d, recent, logs, watching) {
           {title: "created", class: "opt2", cell: t => since(t.created_at)},
         ], recent, "no tasks on this device")),
         panel("Logs", logs === null ? el("p", {class: "empty", text: "no logs yet"}) : table([
-          {title: "time", class: "opt2", cell: l => clock(l.ts)},
-          {title: "level", cell: l => el("span", {class: "level-" + String(l.level).replace(/[^a-z]/g, ""), text: l.level})},
-          {title: "event", cell: l => l.event},
+          // On a phone a line keeps its time; its level shows as the event's colour.
+          {title: "time", cell: l => clock(l.ts)},
+          {title: "level", class: "opt2", cell: l => el("span", {class: levelClass(l), text: l.level})},
+          {title: "event", cell: l => el("span", {class: levelClass(l), text: l.event})},
           {title: "task", class: "opt", cell: l => l.task_id ? taskLink(l.task_id) : ""},
           {title: "message", class: "message", cell: l => l.message || ""},
         ], logs.slice(-200).reverse(), "no logs yet"))))];
 }
+
+function levelClass(line) { return "level-" + String(line.level).replace(/[^a-z]/g, ""); }
 
 function figureText(name, value) {
   if (typeof value === "number") {
