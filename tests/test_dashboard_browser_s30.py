@@ -133,7 +133,8 @@ def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, req
 
 
 def test_phone_taps_and_reading_order(browser, node, request):
-    """Ids and names were links 9 to 50 px wide and 16 px high; a task's
+    """Ids and names were links 9 to 50 px wide and 16 px high, the
+    navigation 26 px high, buttons 31 px; a task's
     output and files came after its payload (a screen of JSON with inputs);
     a completed task's state read "completed (completed)"."""
     page = open_page(browser, request, PHONE, token=node.admin_token)
@@ -141,7 +142,8 @@ def test_phone_taps_and_reading_order(browser, node, request):
     targets = [page.get_by_role("link", name="photo.jpg"), page.locator("a.back")]
     page.goto(node.base + "/#/task/%d" % node.echo_task)
     page.wait_for_selector(".panel h2:text-is('Payload')")
-    for target in [page.locator("a.back"), page.get_by_role("link", name="s30-pi").first]:
+    for target in [page.locator("a.back"), page.get_by_role("link", name="s30-pi").first,
+                   page.locator("#bar nav a").first, page.get_by_role("button", name="Retry")]:
         box = target.bounding_box()
         assert box["width"] >= 44 and box["height"] >= 44, (target, box)
     tops = {name: page.locator(".panel", has=page.locator("h2", has_text=name)).bounding_box()["y"]
