@@ -120,6 +120,19 @@ def test_the_overview_lists_the_newest_tasks(browser, node, request):
     assert newest.bounding_box()["y"] < 768                 # on arrival, without scrolling
 
 
+def test_a_failure_just_now_counts_in_the_failed_tile(browser, node, request):
+    """The tile counted the minute history only, which holds minutes that
+    have ended: it said 0 failed over a failure listed just below it."""
+    page = open_page(browser, request, LAPTOP, token=node.admin_token)
+    page.goto(node.base + "/")
+    page.wait_for_selector(".tiles")
+    failed = api(node, "/api/v1/tasks", {"task_type": "shell", "payload": "exit 3"})["task_id"]
+    failures = page.locator(".panel", has=page.locator("h2", has_text="Recent failures"))
+    failures.locator('a[href="#/task/%d"]' % failed).wait_for(timeout=30000)
+    tile = page.locator(".tile", has=page.locator(".tile-label", has_text="failed (15 min)"))
+    assert int(tile.locator(".tile-value").inner_text()) >= 1
+
+
 def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, request):
     """The file's link cannot carry the token: the phone got a 401, no file."""
     page = open_page(browser, request, PHONE, token=node.admin_token)

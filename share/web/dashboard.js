@@ -251,7 +251,12 @@ function renderOverview() {
 
 function summaryTiles(p) {
   const s = p.summary, h = p.history_summary || {};
-  const recentFailures = (p.history || []).slice(-15).reduce((n, r) => n + (r.failed || 0), 0);
+  // The history holds minutes that have ended; the failures of the present
+  // minute, listed below, count too (the tile said 0 over a failure just listed).
+  const recorded = (p.history || []).slice(-15);
+  const recordedUntil = recorded.length ? recorded[recorded.length - 1].minute + 60 : p.now - 900;
+  const recentFailures = recorded.reduce((n, r) => n + (r.failed || 0), 0)
+    + (p.failures || []).filter(t => t.finished_at >= recordedUntil).length;
   const tile = (label, value, extra, trouble) =>
     el("div", {class: "tile" + (trouble ? " trouble" : "")},
        el("div", {class: "tile-value", text: value}), el("div", {class: "tile-label", text: label}),
