@@ -56,6 +56,10 @@ def test_overview_is_the_cluster_in_one_answer(client, cluster_home, add_device)
     assert [t["task_id"] for t in body["failures"]] == [failed]
     assert len(body["failures"][0]["error"]) == web.OVERVIEW_TEXT   # cut, not the 5 kB
     assert queued not in [t["task_id"] for t in body["running"]]
+    assert [(t["task_id"], t["state"], t["summary"]) for t in body["recent"]][:1] == \
+        [(queued, "queued", "later")]                            # newest first, any state
+    assert {running, failed} <= {t["task_id"] for t in body["recent"]}
+    assert "payload" not in body["recent"][0]
     assert isinstance(body["history"], list) and "success_rate" in body["history_summary"]
 
 

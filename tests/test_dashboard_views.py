@@ -141,8 +141,9 @@ def test_overview_shows_devices_and_progress_without_a_key_and_stays_live(browse
     assert page.locator(".chart-svg path.line").count() >= 3     # the recorded hour
     labels = page.locator(".chart-svg text").all_text_contents()
     assert "0" in labels and any(re.match(r"\d\d:\d\d$", label) for label in labels)
-    failure = page.locator('#view-overview a[href="#/task/%d"]' % node.failed_task)
-    assert failure.count() == 1                                  # among recent failures
+    failures = page.locator(".panel", has=page.locator("h2", has_text="Recent failures"))
+    failure = failures.locator('a[href="#/task/%d"]' % node.failed_task)
+    assert failure.count() == 1                  # (and among the newest tasks, s30)
     shoot(page, "overview", size)
     close(page)
 

@@ -1325,6 +1325,7 @@ def read_range(blob, start, end):
 OVERVIEW_DEVICES = 500            # devices the overview's grid shows (the rest: /api/v1/devices)
 OVERVIEW_TASKS = 50               # running tasks the overview lists
 OVERVIEW_FAILURES = 8             # recent failures the overview lists
+OVERVIEW_RECENT = 8               # newest tasks, any state, the overview lists
 FAILURE_LOOKBACK_EVENTS = 5000    # task events, newest first, searched for failures
 OVERVIEW_HISTORY_MINUTES = 60     # minutes of history the overview's charts draw
 OVERVIEW_MIN_INTERVAL = 1.0       # seconds between two overviews on /stream/overview
@@ -1338,8 +1339,8 @@ OVERVIEW_DEVICE_FIELDS = ("device_id", "hostname", "status", "connected", "avail
 
 class DashboardRoutes:
     """GET /api/v1/overview and /stream/overview: what the dashboard shows
-    on arrival (summary, devices, running tasks, recent failures, the
-    minute history), as one object; GET /api/v1/terminal: what the web
+    on arrival (summary, devices, running tasks, the newest tasks, recent
+    failures, the minute history), as one object; GET /api/v1/terminal: what the web
     terminal must know of the commands it may not run."""
 
     def __init__(self, web):
@@ -1356,6 +1357,7 @@ class DashboardRoutes:
                 "devices": [overview_device(d) for d in
                             devices.list_devices(connection)[:OVERVIEW_DEVICES]],
                 "running": running_tasks(connection), "failures": recent_failures(connection),
+                "recent": recent_tasks(connection),
                 "history": history, "history_summary": stats.summary(history[-15:])}
 
     def stream(self):
@@ -1401,6 +1403,16 @@ def running_tasks(connection):
         "SELECT task_id, task_type, payload, state, attempt, device_id, created_at,"
         " started_at, progress, progress_message, group_id FROM tasks WHERE %s"
         " ORDER BY task_id LIMIT ?" % db.ACTIVE_SQL, (OVERVIEW_TASKS,))
+    return [overview_task(tasks.task_dict(row)) for row in rows]
+
+
+def recent_tasks(connection):
+    """The newest tasks whatever their state: the one just submitted, still
+    queued, or just completed is on the overview without a command."""
+    rows = connection.execute(
+        "SELECT task_id, task_type, payload, state, attempt, device_id, created_at,"
+        " finished_at, reason, group_id FROM tasks ORDER BY task_id DESC LIMIT ?",
+        (OVERVIEW_RECENT,))
     return [overview_task(tasks.task_dict(row)) for row in rows]
 
 

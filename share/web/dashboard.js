@@ -1,9 +1,10 @@
 // The dashboard around the terminal: an overview on arrival (summary, device
-// grid, running tasks, recent failures, charts of the last hour), live over
-// /stream/overview; a view with its own URL for every device (#/device/ID),
-// task (#/task/ID), group (#/group/ID) and map (#/map/ID); the actions the
-// admin token allows, each after a confirmation. Text from the cluster only
-// ever goes into the page as text nodes (textContent), never as HTML.
+// grid, running tasks, the newest tasks, charts of the last hour, recent
+// failures), live over /stream/overview; a view with its own URL for every
+// device (#/device/ID), task (#/task/ID), group (#/group/ID) and map
+// (#/map/ID); the actions the admin token allows, each after a confirmation.
+// Text from the cluster only ever goes into the page as text nodes
+// (textContent), never as HTML.
 "use strict";
 
 (() => {   // its own scope: the page's other script (the terminal) has names of its own
@@ -130,6 +131,13 @@ function panel(title, ...children) {
   return el("section", {class: "panel"}, el("h2", {text: title}), ...children);
 }
 
+// A panel that comes last when the view is one column (a phone).
+function laterPanel(title, ...children) {
+  const node = panel(title, ...children);
+  node.classList.add("later");
+  return node;
+}
+
 async function getJSON(path) {
   const response = await fetch(path, {headers: window.rcToken.headers()});
   let body = null;
@@ -225,8 +233,7 @@ function renderNeedsToken(error) {
 function renderOverview() {
   const view = document.getElementById("view-overview");
   if (!picture) { view.replaceChildren(el("p", {class: "empty", text: "Waiting for the main node…"})); return; }
-  const scroll = view.scrollTop;
-  view.replaceChildren(
+  redrawView(view, [
     summaryTiles(picture),
     el("div", {class: "overview-columns"},
       el("div", {class: "column"},
@@ -237,14 +244,19 @@ function renderOverview() {
                 : null),
         panel("Running tasks", runningTable(picture.running))),
       el("div", {class: "column"},
+        panel("Newest tasks", recentTable(picture.recent || [])),
         panel("Last hour", charts(picture.history)),
-        panel("Recent failures", failureTable(picture.failures)))));
-  view.scrollTop = scroll;
+        panel("Recent failures", failureTable(picture.failures))))]);
 }
 
 function summaryTiles(p) {
   const s = p.summary, h = p.history_summary || {};
-  const recentFailures = (p.history || []).slice(-15).reduce((n, r) => n + (r.failed || 0), 0);
+  // The history holds minutes that have ended; the failures of the present
+  // minute, listed below, count too (the tile said 0 over a failure just listed).
+  const recorded = (p.history || []).slice(-15);
+  const recordedUntil = recorded.length ? recorded[recorded.length - 1].minute + 60 : p.now - 900;
+  const recentFailures = recorded.reduce((n, r) => n + (r.failed || 0), 0)
+    + (p.failures || []).filter(t => t.finished_at >= recordedUntil).length;
   const tile = (label, value, extra, trouble) =>
     el("div", {class: "tile" + (trouble ? " trouble" : "")},
        el("div", {class: "tile-value", text: value}), el("div", {class: "tile-label", text: label}),
@@ -327,6 +339,16 @@ function runningTable(list) {
     {title: "message", class: "message", cell: t => t.progress_message || t.summary || ""},
     {title: "for", class: "opt", cell: t => since(t.started_at || t.created_at, "")},
   ], list, "Nothing is running.");
+}
+
+function recentTable(list) {
+  return table([
+    {title: "task", cell: t => taskLink(t.task_id)},
+    {title: "type", class: "opt", cell: t => t.task_type},
+    {title: "state", cell: t => stateChip(t.state)},
+    {title: "what", class: "message", cell: t => t.summary || ""},
+    {title: "when", class: "opt2", cell: t => since(t.finished_at || t.created_at)},
+  ], list, "No task yet: `submit` in the terminal queues one.");
 }
 
 function failureTable(list) {
@@ -426,8 +448,13 @@ function route() {
     link.classList.toggle("current", link.dataset.nav === where.kind);
   document.body.dataset.view = where.kind;
   if (where.kind === "terminal") return window.rcTerminal.show();
+  currentView().focus({preventScroll: true});    // so PageDown and arrows scroll it
   if (where.kind === "overview") return renderOverview();
   openObjectView(where);
+}
+
+function currentView() {
+  return document.getElementById(currentRoute().kind === "overview" ? "view-overview" : "view-object");
 }
 
 function closeObjectView() {
@@ -443,7 +470,15 @@ function openObjectView(where) {
   const state = {kind: where.kind, id: where.id, timers: []};
   objectView = state;
   const draw = {task: drawTask, device: drawDevice, group: drawGroup, map: drawGroup}[where.kind];
-  const again = () => { if (objectView === state) draw(state, view); };
+  // One read at a time: on a slow link, reads started every OBJECT_REFRESH_MS
+  // piled up behind each other (and an old answer could replace a newer one).
+  const again = async () => {
+    if (objectView !== state || state.drawing) return;
+    state.drawing = true;
+    try { await draw(state, view); }
+    catch (e) { /* the connection dot says when the main node is out of reach */ }
+    finally { state.drawing = false; }
+  };
   again();
   state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
   if (where.kind === "device") {
@@ -476,9 +511,34 @@ function update(view, state, key, build) {
   if (objectView !== state) return;
   if (view.dataset.shown === key) return;
   view.dataset.shown = key;
-  const scroll = view.scrollTop;
-  view.replaceChildren(...build());
+  redrawView(view, build());
+}
+
+// Draw a live view anew and keep the reader's place: its scroll, and the
+// keyboard's focus (a live overview redrawn every second or so had sent it
+// back to the top of the page after each Tab).
+function redrawView(view, children) {
+  const scroll = view.scrollTop, focused = focusedIn(view);
+  view.replaceChildren(...children);
   view.scrollTop = scroll;
+  if (focused) refocus(view, focused);
+}
+
+// The focused link or button in the view, to be found again by its
+// address and words (and which of its twins it was).
+function focusedIn(view) {
+  const node = document.activeElement;
+  if (!node || node === view || !view.contains(node)) return null;
+  return {node, index: twins(view, node).indexOf(node)};
+}
+
+function twins(view, node) {
+  return [...view.querySelectorAll(node.tagName)].filter(other =>
+    other.getAttribute("href") === node.getAttribute("href") && other.textContent === node.textContent);
+}
+
+function refocus(view, {node, index}) {
+  (twins(view, node)[index] || view).focus({preventScroll: true});
 }
 
 function notFound(view, state, what, error) {
@@ -516,7 +576,8 @@ function taskParts(task, why, files) {
     el("div", {class: "object-columns"},
       el("div", {class: "column"},
         panel("Details", keyValues([
-          ["state", task.state + (task.reason ? " (" + task.reason + ")" : "")],
+          ["state", task.state + (task.reason && task.reason !== task.state
+                                   ? " (" + task.reason + ")" : "")],
           ["device", task.device_id ? deviceLink(task.device_id) : null],
           ["group", task.group_id ? groupLink(task.group_id) : null],
           ["progress", typeof task.progress === "number" ? progressCell(task) : null],
@@ -530,7 +591,7 @@ function taskParts(task, why, files) {
           ["requirements", Object.keys(task.requirements || {}).length ? json(task.requirements) : null],
         ])),
         panel("Why", el("p", {text: (why && why.why) || ""})),
-        panel("Payload", pre(json(task.payload)))),
+        laterPanel("Payload", pre(json(task.payload)))),
       el("div", {class: "column"},
         panel("Output",
           result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
@@ -552,10 +613,39 @@ function filesTable(id, files) {
   return table([
     {title: "name", cell: f => el("a", {href: "/api/v1/tasks/" + id + "/files/" +
                                         f.name.split("/").map(encodeURIComponent).join("/"),
-                                        download: f.name.split("/").pop(), text: f.name})},
+                                        download: f.name.split("/").pop(), text: f.name,
+                                        onclick: downloadWithToken})},
     {title: "kind", class: "opt2", cell: f => f.kind || ""},
     {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
   ], files.files || [], "no files");
+}
+
+// A link cannot send the admin token, and a browser that needs it to read
+// (another machine, read_access) got a 401 instead of the file: with a token
+// kept, the file comes through fetch() with the header, then is saved.
+async function downloadWithToken(event) {
+  if (!window.rcToken.get()) return;          // reading is open: the link saves it
+  event.preventDefault();
+  const link = event.currentTarget, note = link.parentNode.querySelector(".download-note") ||
+    link.parentNode.appendChild(el("span", {class: "download-note dim", role: "status"}));
+  note.textContent = " downloading…";
+  try {
+    const response = await fetch(link.href, {headers: window.rcToken.headers()});
+    if (!response.ok) {
+      let body = {};
+      try { body = await response.json(); } catch (e) { /* the status says enough */ }
+      note.className = "download-note trouble";
+      note.textContent = " " + (body.error || "HTTP " + response.status);
+      return;
+    }
+    const saved = URL.createObjectURL(await response.blob());
+    el("a", {href: saved, download: link.getAttribute("download")}).click();
+    setTimeout(() => URL.revokeObjectURL(saved), 60000);
+    note.remove();
+  } catch (e) {
+    note.className = "download-note trouble";
+    note.textContent = " cannot reach the main node: " + e;
+  }
 }
 
 function sizeText(bytes) {
@@ -642,13 +732,16 @@ function deviceParts(d, recent, logs, watching) {
           {title: "created", class: "opt2", cell: t => since(t.created_at)},
         ], recent, "no tasks on this device")),
         panel("Logs", logs === null ? el("p", {class: "empty", text: "no logs yet"}) : table([
-          {title: "time", class: "opt2", cell: l => clock(l.ts)},
-          {title: "level", cell: l => el("span", {class: "level-" + String(l.level).replace(/[^a-z]/g, ""), text: l.level})},
-          {title: "event", cell: l => l.event},
+          // On a phone a line keeps its time; its level shows as the event's colour.
+          {title: "time", cell: l => clock(l.ts)},
+          {title: "level", class: "opt2", cell: l => el("span", {class: levelClass(l), text: l.level})},
+          {title: "event", cell: l => el("span", {class: levelClass(l), text: l.event})},
           {title: "task", class: "opt", cell: l => l.task_id ? taskLink(l.task_id) : ""},
           {title: "message", class: "message", cell: l => l.message || ""},
         ], logs.slice(-200).reverse(), "no logs yet"))))];
 }
+
+function levelClass(line) { return "level-" + String(line.level).replace(/[^a-z]/g, ""); }
 
 function figureText(name, value) {
   if (typeof value === "number") {
@@ -683,15 +776,21 @@ async function drawGroup(state, view) {
 
 // -- actions: a confirmation, and the admin token when there is none ------------------------
 
-const modal = {resolve: null, run: null};
+const modal = {resolve: null, run: null, opener: null};
 
+// The token is tried on the overview before the dialog closes: a wrong one
+// is said so, and the field stays for the next try.
 function askToken() {
   return confirmAction({title: "Admin token", text: "`rc token --admin` on the main node prints it.",
-                        fields: [], run: async () => ({ok: true})}).then(done => done && Boolean(window.rcToken.get()));
+                        fields: [], token: true, run: async () => {
+                          const [status, body] = await getJSON(OVERVIEW_PATH);
+                          return {ok: status === 200, status: status, error: body.error};
+                        }}).then(done => done && Boolean(window.rcToken.get()));
 }
 
 // Shows the dialog; resolves true when `run(values)` succeeded, false when left.
-function confirmAction({title, text, fields, run}) {
+// `token`: ask for the admin token even when one is kept (it may be wrong).
+function confirmAction({title, text, fields, run, token}) {
   const form = document.getElementById("modal-form");
   document.getElementById("modal-title").textContent = title;
   document.getElementById("modal-text").textContent = text;
@@ -700,8 +799,9 @@ function confirmAction({title, text, fields, run}) {
     el("span", {text: field.label}),
     el("input", {name: field.name, type: field.type || "text", placeholder: field.placeholder || null,
                  value: field.value || null, checked: field.checked || null, autocomplete: "off"}))));
-  tokenField(holder, !window.rcToken.get());
+  tokenField(holder, token || !window.rcToken.get());
   showError(null);
+  modal.opener = currentRoute().kind === "terminal" ? null : focusedIn(currentView());
   document.getElementById("modal").hidden = false;
   (holder.querySelector("input") || document.getElementById("modal-confirm")).focus();
   modal.run = run;
@@ -724,8 +824,14 @@ function showError(text) {
 
 function closeModal(done) {
   document.getElementById("modal").hidden = true;
-  const resolve = modal.resolve;
-  modal.resolve = modal.run = null;
+  const resolve = modal.resolve, opener = modal.opener;
+  modal.resolve = modal.run = modal.opener = null;
+  // The keyboard goes back to the button that opened the dialog (found
+  // again if the view was redrawn meanwhile), or to the view.
+  if (currentRoute().kind !== "terminal") {
+    if (opener) refocus(currentView(), opener);
+    else currentView().focus({preventScroll: true});
+  }
   if (resolve) resolve(done);
 }
 
