@@ -226,7 +226,7 @@ def test_a_device_claiming_1024_slots_gets_the_operators_cap(cluster):
         def assigned():
             return count(cluster, "SELECT count(*) FROM tasks WHERE device_id = 'greedy'"
                          " AND state = 'assigned'")
-        wait_for(lambda: assigned() == cap, 10, "the greedy device's slots to fill")
+        wait_for(lambda: assigned() == cap, 30, "the greedy device's slots to fill")
         time.sleep(0.5)
         assert assigned() == cap
         for task_id in ids:
