@@ -1367,8 +1367,8 @@ def build_parser(out):
                      help="where to write them (default: here)")
     map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
                                   " stdin lines or --files), as GNU Parallel"), whole_number)
-    sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
-                  [formats])
+    sub = command("group", cmd_group, "each device's task of a `submit --each` (or a map's"
+                  " tasks, with where each ran), side by side", [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
     sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
@@ -1553,11 +1553,22 @@ def parse(parser, argv):
     arguments, extra = parser.parse_known_args(argv)
     if extra and arguments.command == "map":
         extra = map_cli.more_inputs(arguments, extra)
+    if extra and arguments.command == "ctl":
+        extra = more_programs(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def more_programs(arguments, extra):
+    """Programs after an option (`rc ctl tail -f rc-server`), which argparse
+    leaves over: it matches a positional of nargs="*", empty, before the
+    option. What is left (an unknown option) goes back to be refused."""
+    words = [word for word in extra if not word.startswith("-")]
+    arguments.programs = list(arguments.programs) + words
+    return [word for word in extra if word not in words]
 
 
 def web_access(argv):
