@@ -1,0 +1,84 @@
+"""A new user's first hour, session 30, commands copied from the README and
+docs/: `rc ctl tail -f`, docs/operations.md's backup and restore, `rc group`
+of a map, and what they did."""
+import io
+import time
+
+from rc import commands, db, tasks
+
+
+def run_command(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    status = commands.run_command(list(argv), out, err, actor=("cli", "local"))
+    return status, out.getvalue(), err.getvalue()
+
+
+# -- rc ctl ---------------------------------------------------------------------------
+
+def test_rc_ctl_tail_follow_takes_the_program_after_the_option(cluster_home):
+    """The README's `bin/rc ctl tail -f rc-server` said `rc: error:
+    unrecognized arguments: rc-server` (exit 2): argparse had matched the
+    programs, empty, before -f. Now the program is taken; with no main node
+    running for this RC_HOME it says so (exit 3)."""
+    status, out, err = run_command("ctl", "tail", "-f", "rc-server")
+    assert status == commands.NOT_RUNNING, err
+    assert "not running" in out and err == ""
+    arguments = commands.parse(commands.build_parser(io.StringIO()),
+                               ["ctl", "tail", "-f", "rc-server"])
+    assert arguments.programs == ["rc-server"] and arguments.follow
+    # An unknown option after the action is still refused, naming it.
+    status, _, err = run_command("ctl", "stop", "-x", "rc-web")
+    assert status == 2 and "unrecognized arguments: -x" in err
+
+
+# -- docs/operations.md: backups ------------------------------------------------------
+
+def test_a_backup_into_a_missing_directory_says_so(cluster_home, tmp_path):
+    """`bin/rc backup /mnt/usb/rc-$(date +%F).db` with the disk not mounted
+    (and the nightly cron line's `var/backup-….db` with another RC_HOME)
+    ended in a FileNotFoundError traceback."""
+    target = tmp_path / "not-mounted" / "rc.db"
+    status, out, err = run_command("backup", str(target))
+    assert status == 1 and out == ""
+    assert "Traceback" not in err
+    assert err == "rc: error: cannot write %s: No such file or directory\n" % target
+    status, out, err = run_command("backup", str(tmp_path / "rc.db"))
+    assert status == 0 and "integrity ok" in out, err
+
+
+def test_restoring_a_file_that_is_no_database_names_it(cluster_home, tmp_path):
+    """`rc restore notes.txt` said only `rc: error: file is not a database`:
+    which file, the backup or the cluster's own?"""
+    config, _ = cluster_home
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, " * 100)
+    status, out, err = run_command("restore", str(notes))
+    assert status == 1 and out == ""
+    assert err.startswith("rc: error: %s is not a backup: " % notes), err
+    assert "file is not a database" in err
+
+
+# -- rc group of a map ----------------------------------------------------------------
+
+def test_rc_group_of_a_map_says_where_each_input_ran(cluster_home, add_device):
+    """docs/map.md: `rc group 12` shows a map's tasks. Its DEVICE column was
+    empty, and a multi-line output's heading read `==  (task 25,
+    completed)`: only `submit --each` tasks are pinned to a device."""
+    config, connection = cluster_home
+    add_device("phone")
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, 'shell', '{}', '{}', '{}', 0)", (time.time(),)).lastrowid
+    ran, waiting = [tasks.submit(connection, config, "shell", {"command": "printf 'a\\nb\\n'"},
+                                 group_id=group_id) for _ in range(2)]
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'completed', device_id = 'phone',"
+                           " finished_at = ?, result = ? WHERE task_id = ?",
+                           (time.time(), '{"output": "a\\nb\\n", "exit_code": 0}', ran))
+    status, out, err = run_command("group", str(group_id))
+    assert status == 0, err
+    assert "== phone (task %d, completed)\na\nb\n" % ran in out
+    assert "==  (task %d, queued)" % waiting in out      # given to no device yet
+    status, out, err = run_command("group", str(group_id), "--csv")
+    assert "phone,%d,completed,a," % ran in out
