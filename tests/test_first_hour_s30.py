@@ -4,7 +4,7 @@ of a map, and what they did."""
 import io
 import time
 
-from rc import commands, db, tasks
+from rc import commands, db, files, tasks
 
 
 def run_command(*argv):
@@ -82,3 +82,30 @@ def test_rc_group_of_a_map_says_where_each_input_ran(cluster_home, add_device):
     assert "==  (task %d, queued)" % waiting in out      # given to no device yet
     status, out, err = run_command("group", str(group_id), "--csv")
     assert "phone,%d,completed,a," % ran in out
+
+
+# -- rc why: the device's cache, when every slot is busy ------------------------------
+
+def test_rc_why_names_the_device_holding_the_inputs_while_every_slot_is_busy(cluster_home):
+    """The same 300 kB input sent twice to a phone started with --cache-mb:
+    while the phone ran another task, `rc why` of the second said only '1
+    device fits (phone) but all their slots are busy', not that the phone
+    held its input (which it said once a slot was free)."""
+    from rc import explain
+    from test_files import add_worker, sha, submit_with_input
+    config, connection = cluster_home
+    blob = b"x" * 300000
+    digest, size = files.store_stream(connection, config, io.BytesIO(blob), len(blob))
+    add_worker(connection, "laptop", slots=1)
+    add_worker(connection, "phone", cached=[digest, sha(b"other")], slots=1)
+    for device_id in ("laptop", "phone"):
+        busy = tasks.submit(connection, config, "shell", {"command": "sleep 60"})
+        with db.write(connection):
+            connection.execute("UPDATE tasks SET state = 'running', device_id = ?,"
+                               " started_at = ? WHERE task_id = ?",
+                               (device_id, time.time(), busy))
+    task_id = submit_with_input(connection, config, digest, size)
+    why = explain.why(connection, task_id)
+    assert "2 devices fit (laptop, phone) but all their slots are busy" in why
+    assert why.endswith(" Devices holding its inputs are preferred:"
+                        " phone holds 300000 of its 300000 input bytes."), why
