@@ -2,6 +2,7 @@
 docs/: `rc ctl tail -f`, docs/operations.md's backup and restore, `rc group`
 of a map, and what they did."""
 import io
+import shlex
 import time
 
 from rc import commands, db, files, tasks
@@ -109,3 +110,21 @@ def test_rc_why_names_the_device_holding_the_inputs_while_every_slot_is_busy(clu
     assert "2 devices fit (laptop, phone) but all their slots are busy" in why
     assert why.endswith(" Devices holding its inputs are preferred:"
                         " phone holds 300000 of its 300000 input bytes."), why
+
+
+# -- rc join on another RC_WEB_PORT ---------------------------------------------------
+
+def test_the_join_command_of_a_cluster_on_another_web_port_names_it(cluster_home):
+    """A cluster started with RC_WEB_PORT=18631: the device joined with the
+    command `rc join` printed, with --allow-upgrade added, answered `rc
+    broadcast upgrade` with 'cannot download
+    http://127.0.0.1:5000/worker.py: Connection refused' (--web-port's
+    default). The command now carries the port when it is not 5000."""
+    config, _ = cluster_home
+    for web_port, option in ((18631, ["--web-port=18631"]), (5000, [])):
+        config.web_port = web_port
+        out, err = io.StringIO(), io.StringIO()
+        assert commands.run_command(["join"], out, err, config) == 0, err.getvalue()
+        for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
+            words = shlex.split(line.split(" && ")[-1])
+            assert [w for w in words if w.startswith("--web-port")] == option, line

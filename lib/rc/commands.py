@@ -21,7 +21,7 @@ import time
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet
+from rc import audit, bell, bounded, db, defaults, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
 from rc import schedule_cli
@@ -1160,11 +1160,15 @@ def cmd_join(arguments, context):
     address = lan_address()
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
-    pin = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    options = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    # The worker fetches worker.py from the dashboard's port for `rc broadcast
+    # upgrade`, 5000 unless told: a cluster on another RC_WEB_PORT tells it.
+    if config.web_port != defaults.WEB_PORT:
+        options += " --web-port=%d" % config.web_port
     # --token=VALUE: a token from before may begin with "-", which a parser
     # would take for an option after a bare --token.
     start = "python3 worker.py --join %s:%d %s%s" % (
-        address, config.tcp_port, shlex.quote("--token=" + token), pin)
+        address, config.tcp_port, shlex.quote("--token=" + token), options)
     context.out.write(start + "\n")
     context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
     context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"
