@@ -128,3 +128,32 @@ def test_the_join_command_of_a_cluster_on_another_web_port_names_it(cluster_home
         for line in out.getvalue().splitlines()[2], out.getvalue().splitlines()[-1]:
             words = shlex.split(line.split(" && ")[-1])
             assert [w for w in words if w.startswith("--web-port")] == option, line
+
+
+# -- rc map --resume after Ctrl-C ---------------------------------------------------------
+
+def test_resume_of_a_map_whose_tasks_ended_after_ctrl_c_says_where_their_outputs_are(
+        cluster_home):
+    """Ctrl-C with 4 tasks running, then `rc map --resume 9` once they had
+    ended: 'every input completed; nothing to run', and their outputs, never
+    printed by the interrupted run, were nowhere it said."""
+    config, connection = cluster_home
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, 'shell', ?, '{}', '{}', 0)",
+            (time.time(), db.dumps({"command": "echo {}"}))).lastrowid
+        connection.execute("INSERT INTO maps(group_id, inputs) VALUES (?, 2)", (group_id,))
+    for job, value in enumerate(("a", "b"), 1):
+        task_id = tasks.submit(connection, config, "shell", {"command": "echo " + value},
+                               group_id=group_id)
+        with db.write(connection):
+            connection.execute("INSERT INTO map_jobs(group_id, job, input, task_id)"
+                               " VALUES (?, ?, ?, ?)", (group_id, job, value, task_id))
+            connection.execute("UPDATE tasks SET state = 'completed', finished_at = ?"
+                               " WHERE task_id = ?", (time.time(), task_id))
+    status, out, err = run_command("map", "--resume", str(group_id))
+    assert (status, out) == (0, ""), err
+    assert ("map %d: 2 inputs (2 completed before; 0 to run again, 0 still queued or running;"
+            " their outputs: `rc group %d`)\n" % (group_id, group_id)) in err
+    assert "every input completed; nothing to run" in err

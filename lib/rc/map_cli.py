@@ -548,8 +548,12 @@ class Runner:
     def resume_note(self):
         if not self.resumed:
             return ""
-        return " (%d completed before; %d to run again, %d still queued or running)" % (
-            self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait))
+        # Those completed are not printed again, and one that ended after an
+        # interrupted run had stopped watching was never printed: say where.
+        shown = "; their outputs: `rc group %d`" % self.plan.group_id \
+            if self.plan.done_before else ""
+        return " (%d completed before; %d to run again, %d still queued or running%s)" % (
+            self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait), shown)
 
     def newest_event(self):
         return self.connection.execute("SELECT max(id) FROM task_events").fetchone()[0] or 0
