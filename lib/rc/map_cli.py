@@ -93,7 +93,8 @@ def add_arguments(sub, whole_number):
     sub.add_argument("-k", "--keep-order", action="store_true",
                      help="print outputs in input order (default: as they finish)")
     sub.add_argument("--results", metavar="DIR",
-                     help="write each input's stdout, stderr, input and state to DIR/N/")
+                     help="write each input's stdout, stderr, input, state and exit_code"
+                          " to DIR/N/ (N: its job number)")
     sub.add_argument("--output", action="append", metavar="GLOB",
                      help="files each task leaves (replacement strings work); repeatable")
     sub.add_argument("--into", metavar="DIR",
