@@ -5,7 +5,10 @@ import io
 import shlex
 import time
 
-from rc import commands, db, files, tasks
+from rc import commands, db, tasks
+from rc import files as file_store
+from test_worker import main  # noqa: F401 (a fixture)
+from test_worker_files import also_36, files, run, start  # noqa: F401 (fixtures)
 
 
 def run_command(*argv):
@@ -96,7 +99,7 @@ def test_rc_why_names_the_device_holding_the_inputs_while_every_slot_is_busy(clu
     from test_files import add_worker, sha, submit_with_input
     config, connection = cluster_home
     blob = b"x" * 300000
-    digest, size = files.store_stream(connection, config, io.BytesIO(blob), len(blob))
+    digest, size = file_store.store_stream(connection, config, io.BytesIO(blob), len(blob))
     add_worker(connection, "laptop", slots=1)
     add_worker(connection, "phone", cached=[digest, sha(b"other")], slots=1)
     for device_id in ("laptop", "phone"):
@@ -157,3 +160,34 @@ def test_resume_of_a_map_whose_tasks_ended_after_ctrl_c_says_where_their_outputs
     assert ("map %d: 2 inputs (2 completed before; 0 to run again, 0 still queued or running;"
             " their outputs: `rc group %d`)\n" % (group_id, group_id)) in err
     assert "every input completed; nothing to run" in err
+
+
+# -- rc submit shell --file: a script's #! line ---------------------------------------------
+
+BASH_SCRIPT = b"""#!/bin/bash
+words=(one two three)
+echo "${words[1]} $GREETING $(cat a.txt)"
+"""
+ENV_SCRIPT = b"#!/usr/bin/env python3\nimport sys\nprint('python', sys.argv[0].endswith('go.py'))\n"
+MISSING_SCRIPT = b"#!/no/such/dir/no-such-shell\necho plain sh\n"
+
+
+@also_36
+def test_a_shell_script_from_a_file_runs_with_its_own_interpreter(start, files, python):
+    """`rc submit shell --file count.sh --input photos/` with count.sh
+    beginning `#!/bin/bash`: the worker ran `sh count.sh`, and dash said
+    `Syntax error: "(" unexpected` at its first array. The #! line's
+    interpreter runs it now (found on PATH by name when its path is not
+    there, as on Termux); one with no such interpreter still runs with sh."""
+    worker, link = start(python=python)
+    text = files.add(b"photos\n")
+    results = {}
+    for task_id, script in enumerate((BASH_SCRIPT, ENV_SCRIPT, MISSING_SCRIPT), 1):
+        results[task_id] = run(link, task_id, "shell", {
+            "file": "go.py" if script is ENV_SCRIPT else "go.sh", "env": {"GREETING": "hi"},
+            "inputs": [dict(files.add(script), path="go.py" if script is ENV_SCRIPT else "go.sh"),
+                       dict(text, path="a.txt")]})
+    assert [r["status"] for r in results.values()] == ["completed"] * 3, results
+    assert results[1]["result"]["output"] == "two hi photos\n"
+    assert results[2]["result"]["output"] == "python True\n"
+    assert results[3]["result"]["output"] == "plain sh\n"
