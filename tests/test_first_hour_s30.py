@@ -191,3 +191,45 @@ def test_a_shell_script_from_a_file_runs_with_its_own_interpreter(start, files, 
     assert results[1]["result"]["output"] == "two hi photos\n"
     assert results[2]["result"]["output"] == "python True\n"
     assert results[3]["result"]["output"] == "plain sh\n"
+
+
+def test_ctrl_c_says_how_many_tasks_run_on_once_it_has_been_answered(cluster_home, add_device,
+                                                                        monkeypatch):
+    """Ctrl-C on a terminal with 4 tasks running and 2 queued, answered y a
+    few seconds later: 'map 10: 0 queued tasks cancelled; 4 running ones
+    finish', though those 4 had ended and the 2 run meanwhile; the count
+    was the one from before the question."""
+    import types
+    from rc import map_cli
+    config, connection = cluster_home
+    add_device("phone")
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, 'shell', '{}', '{}', '{}', 0)", (time.time(),)).lastrowid
+    ids = [tasks.submit(connection, config, "shell", {"command": "sleep 3"}, group_id=group_id)
+           for _ in range(3)]
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = 'running', device_id = 'phone',"
+                           " started_at = ? WHERE task_id IN (?, ?)",
+                           (time.time(),) + tuple(ids[:2]))
+
+    def answered_late(err, question):
+        assert question == "cancel the 1 queued tasks of map %d? [y/N] " % group_id
+        with db.write(connection):        # meanwhile the two end, the third starts
+            connection.execute("UPDATE tasks SET state = 'completed', finished_at = ?"
+                               " WHERE task_id IN (?, ?)", (time.time(),) + tuple(ids[:2]))
+            connection.execute("UPDATE tasks SET state = 'running', device_id = 'phone',"
+                               " started_at = ? WHERE task_id = ?", (time.time(), ids[2]))
+        return True
+    monkeypatch.setattr(map_cli, "ask", answered_late)
+    plan = map_cli.Plan(group_id, "shell", map_cli.Template("sleep 3", "the command"), {}, [],
+                        {}, {}, None, 3)
+    err = io.StringIO()
+    context = types.SimpleNamespace(connection=connection, config=config, out=io.StringIO(),
+                                    err=err, audit=lambda *args, **fields: None)
+    arguments = types.SimpleNamespace(keep_order=False, results=None, progress=False,
+                                      resume=None)
+    assert map_cli.Runner(plan, arguments, context, None).interrupted() == 130
+    assert "map %d: 0 queued tasks cancelled; 1 running ones finish;" % group_id \
+        in err.getvalue()

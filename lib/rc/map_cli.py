@@ -693,6 +693,7 @@ class Runner:
         if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
                           % (queued, group_id)):
             queued, _ = cancel_group(self.connection, group_id)
+            active = self.counts()[1]   # tasks ended and started while the question waited
             self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                                user=user_name())
             self.err.write("map %d: %d queued tasks cancelled; %d running ones finish;"
