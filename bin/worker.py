@@ -227,6 +227,7 @@ MAX_ERROR_CHARS = 2000          # a result's error message is cut to this length
 PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of one task
 PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
+SHEBANG_MAX = 256               # bytes of a script's #! line read, as Linux reads them
 WATCHDOG_EXIT_WAIT = 2.0        # seconds a clean exit waits for the watchdog to end
 SPAWNER_IDLE = 120.0            # seconds the spawner stays with no task before it exits
 SPAWNER_CONTINUE_EVERY = 1.0    # seconds between SIGCONTs to a spawner with tasks (keep_going)
@@ -4809,6 +4810,28 @@ def runs_file(task):
     return task.task_type in ("python_exec", "shell") and task.payload.get("file") is not None
 
 
+def shebang(path):
+    """A script's #! line as the kernel reads it: the interpreter, and the
+    rest of the line as one argument; [] without one. An interpreter that is
+    not there is looked for on PATH by its name (Termux has bash, but no
+    /bin/bash), and [] if it is not there either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            head = os.read(fd, SHEBANG_MAX)
+        finally:
+            os.close(fd)
+        words = head[2:].split(b"\n", 1)[0].decode().split(None, 1) \
+            if head.startswith(b"#!") else []
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not words:
+        return []
+    if not (os.path.isfile(words[0]) and os.access(words[0], os.X_OK)):
+        words[0] = which(os.path.basename(words[0]))
+    return words if words[0] else []
+
+
 class TaskStdin(object):
     """The stdin of a task process of the worker's own: its file, or /dev/null."""
 
@@ -6556,9 +6579,12 @@ class Files(object):
             return {"argv": [python_executable(), "-I", path]}
         if ShellTask.shell is None:
             ShellTask.shell = which("sh") or "/bin/sh"
-        # The shell limits itself first, as for a command (see ShellTask).
-        return {"argv": [ShellTask.shell, "-c", shell_limits(task.limits) + 'exec "$0" "$1"',
-                         ShellTask.shell, path], "self_limiting": True}
+        # The shell limits itself first, as for a command (see ShellTask), then
+        # runs the script with the interpreter its #! line names (a bash
+        # script's arrays are a syntax error to sh), or itself.
+        return {"argv": [ShellTask.shell, "-c", shell_limits(task.limits) + 'exec "$@"',
+                         ShellTask.shell] + (shebang(path) or [ShellTask.shell]) + [path],
+                "self_limiting": True}
 
     # -- after a task ends
 

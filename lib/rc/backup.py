@@ -45,9 +45,12 @@ def backup(source_path, target_path, overwrite=False):
     if not os.path.exists(source_path):
         raise BackupError("no database at %s" % source_path)
     partial = target_path + ".partial"
-    if os.path.exists(partial):
-        os.remove(partial)
-    create_private(partial)
+    try:
+        if os.path.exists(partial):
+            os.remove(partial)
+        create_private(partial)
+    except OSError as e:            # no such directory (a USB disk not mounted), no access
+        raise BackupError("cannot write %s: %s" % (target_path, e.strerror))
     source = db.connect(source_path)
     try:
         target = sqlite3.connect(partial, isolation_level=None)   # autocommit: VACUUM below
@@ -100,6 +103,8 @@ def restore(backup_path, db_path, device_key=None):
     check = sqlite3.connect("file:%s?mode=ro" % backup_path, uri=True)
     try:
         summary = describe(check)
+    except sqlite3.DatabaseError as e:      # "file is not a database": which file?
+        raise BackupError("%s is not a backup: %s" % (backup_path, e))
     finally:
         check.close()
     if summary["integrity"] != "ok":

@@ -21,7 +21,7 @@ import time
 
 from rc import backup as rc_backup
 from rc import config as rc_config
-from rc import audit, bell, bounded, db, device_secrets, devices, explain, fleet
+from rc import audit, bell, bounded, db, defaults, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
 from rc import schedule_cli
@@ -1160,11 +1160,15 @@ def cmd_join(arguments, context):
     address = lan_address()
     context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
-    pin = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    options = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
+    # The worker fetches worker.py from the dashboard's port for `rc broadcast
+    # upgrade`, 5000 unless told: a cluster on another RC_WEB_PORT tells it.
+    if config.web_port != defaults.WEB_PORT:
+        options += " --web-port=%d" % config.web_port
     # --token=VALUE: a token from before may begin with "-", which a parser
     # would take for an option after a bare --token.
     start = "python3 worker.py --join %s:%d %s%s" % (
-        address, config.tcp_port, shlex.quote("--token=" + token), pin)
+        address, config.tcp_port, shlex.quote("--token=" + token), options)
     context.out.write(start + "\n")
     context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
     context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"
@@ -1367,8 +1371,8 @@ def build_parser(out):
                      help="where to write them (default: here)")
     map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
                                   " stdin lines or --files), as GNU Parallel"), whole_number)
-    sub = command("group", cmd_group, "each device's task of a `submit --each`, side by side",
-                  [formats])
+    sub = command("group", cmd_group, "each device's task of a `submit --each` (or a map's"
+                  " tasks, with where each ran), side by side", [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
     sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
@@ -1553,11 +1557,22 @@ def parse(parser, argv):
     arguments, extra = parser.parse_known_args(argv)
     if extra and arguments.command == "map":
         extra = map_cli.more_inputs(arguments, extra)
+    if extra and arguments.command == "ctl":
+        extra = more_programs(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def more_programs(arguments, extra):
+    """Programs after an option (`rc ctl tail -f rc-server`), which argparse
+    leaves over: it matches a positional of nargs="*", empty, before the
+    option. What is left (an unknown option) goes back to be refused."""
+    words = [word for word in extra if not word.startswith("-")]
+    arguments.programs = list(arguments.programs) + words
+    return [word for word in extra if word not in words]
 
 
 def web_access(argv):

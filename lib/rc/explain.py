@@ -77,9 +77,10 @@ def why_queued(connection, task, now):
     ahead = tasks_ahead(connection, task)
     names = ", ".join(d["device_id"] for d in fitting[:5])
     if not free:
-        return ("%s fit%s (%s) but all their slots are busy; %s ahead of it in the queue."
+        return ("%s fit%s (%s) but all their slots are busy; %s ahead of it in the queue.%s"
                 % (count_of(fitting, "device"), "" if len(fitting) > 1 else "s", names,
-                   count_of(range(ahead), "task")))
+                   count_of(range(ahead), "task"),
+                   cache_note(connection, task["task_id"], [d["device_id"] for d in fitting])))
     return ("%s with free slots fit%s (%s); it should be assigned in a moment"
             " (%s ahead of it).%s" % (count_of(free, "device"), "" if len(free) > 1 else "s",
                                        ", ".join(d["device_id"] for d in free[:5]),

@@ -191,7 +191,10 @@ def tasks_for_new_device(connection, config, device_id):
 
 
 def group(connection, group_id):
-    """Each device's task side by side, and a summary."""
+    """Each device's task side by side, and a summary. A member's device is
+    the one it is pinned to (`submit --each`), else the one it was given
+    (a map's tasks are pinned to none), so `rc group` of a map says where
+    each input ran."""
     row = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     if row is None:
@@ -207,7 +210,8 @@ def group(connection, group_id):
     return {"group_id": group_id, "task_type": row["task_type"],
             "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
             "summary": summary,
-            "tasks": [{"device_id": m["requirements"].get("device_id"), "task_id": m["task_id"],
+            "tasks": [{"device_id": m["requirements"].get("device_id") or m["device_id"],
+                       "task_id": m["task_id"],
                        "state": m["state"], "output": (m["result"] or {}).get("output"),
                        "error": m["error"]} for m in members]}
 

@@ -113,7 +113,8 @@ def add_arguments(sub, whole_number):
     sub.add_argument("-k", "--keep-order", action="store_true",
                      help="print outputs in input order (default: as they finish)")
     sub.add_argument("--results", metavar="DIR",
-                     help="write each input's stdout, stderr, input and state to DIR/N/")
+                     help="write each input's stdout, stderr, input, state and exit_code"
+                          " to DIR/N/ (N: its job number)")
     sub.add_argument("--output", action="append", metavar="GLOB",
                      help="files each task leaves (replacement strings work); repeatable")
     sub.add_argument("--into", metavar="DIR",
@@ -604,8 +605,12 @@ class Runner:
     def resume_note(self):
         if not self.resumed:
             return ""
-        return " (%d completed before; %d to run again, %d still queued or running)" % (
-            self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait))
+        # Those completed are not printed again, and one that ended after an
+        # interrupted run had stopped watching was never printed: say where.
+        shown = "; their outputs: `rc group %d`" % self.plan.group_id \
+            if self.plan.done_before else ""
+        return " (%d completed before; %d to run again, %d still queued or running%s)" % (
+            self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait), shown)
 
     def newest_event(self):
         return self.connection.execute("SELECT max(id) FROM task_events").fetchone()[0] or 0
@@ -776,6 +781,7 @@ class Runner:
         if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
                           % (queued, group_id)):
             queued, _ = cancel_group(self.connection, group_id)
+            active = self.counts()[1]   # tasks ended and started while the question waited
             self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                                user=user_name())
             self.err.write("map %d: %d queued tasks cancelled; %d running ones finish;"
