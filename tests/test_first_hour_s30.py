@@ -229,7 +229,7 @@ def test_ctrl_c_says_how_many_tasks_run_on_once_it_has_been_answered(cluster_hom
     context = types.SimpleNamespace(connection=connection, config=config, out=io.StringIO(),
                                     err=err, audit=lambda *args, **fields: None)
     arguments = types.SimpleNamespace(keep_order=False, results=None, progress=False,
-                                      resume=None)
+                                      resume=None, halt=None)
     assert map_cli.Runner(plan, arguments, context, None).interrupted() == 130
     assert "map %d: 0 queued tasks cancelled; 1 running ones finish;" % group_id \
         in err.getvalue()
