@@ -15,7 +15,8 @@ import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, MainNode, wait_for  # noqa: E402
+from test_dashboard_browser import ARTIFACTS, CHROMIUM, MainNode, wait_for  # noqa: E402
+from test_dashboard_browser import browser  # noqa: E402,F401  (its fixture: one Chromium a module)
 
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"
                                  " (.ci/run installs it with apt-get)"),
@@ -63,14 +64,6 @@ def node(tmp_path_factory):
         raise
     yield node
     node.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def open_page(browser, request, device, token=None):

@@ -64,16 +64,21 @@ def test_restoring_a_file_that_is_no_database_names_it(cluster_home, tmp_path):
 
 # -- rc group of a map ----------------------------------------------------------------
 
+def shell_group(connection):
+    """A group of shell tasks, as a map makes one (no device added to it later)."""
+    with db.write(connection):
+        return connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+            " include_new) VALUES (?, 'shell', '{}', '{}', '{}', 0)", (time.time(),)).lastrowid
+
+
 def test_rc_group_of_a_map_says_where_each_input_ran(cluster_home, add_device):
     """docs/map.md: `rc group 12` shows a map's tasks. Its DEVICE column was
     empty, and a multi-line output's heading read `==  (task 25,
     completed)`: only `submit --each` tasks are pinned to a device."""
     config, connection = cluster_home
     add_device("phone")
-    with db.write(connection):
-        group_id = connection.execute(
-            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
-            " include_new) VALUES (?, 'shell', '{}', '{}', '{}', 0)", (time.time(),)).lastrowid
+    group_id = shell_group(connection)
     ran, waiting = [tasks.submit(connection, config, "shell", {"command": "printf 'a\\nb\\n'"},
                                  group_id=group_id) for _ in range(2)]
     with db.write(connection):
@@ -203,10 +208,7 @@ def test_ctrl_c_says_how_many_tasks_run_on_once_it_has_been_answered(cluster_hom
     from rc import map_cli
     config, connection = cluster_home
     add_device("phone")
-    with db.write(connection):
-        group_id = connection.execute(
-            "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
-            " include_new) VALUES (?, 'shell', '{}', '{}', '{}', 0)", (time.time(),)).lastrowid
+    group_id = shell_group(connection)
     ids = [tasks.submit(connection, config, "shell", {"command": "sleep 3"}, group_id=group_id)
            for _ in range(3)]
     with db.write(connection):
