@@ -1205,8 +1205,8 @@ class Cluster:
             with open(source, "rb") as f:
                 return self.put(f)
         try:
-            start, size = source.tell(), os.fstat(source.fileno()).st_size
-            seekable = stat.S_ISREG(os.fstat(source.fileno()).st_mode)
+            start, info = source.tell(), os.fstat(source.fileno())
+            seekable = stat.S_ISREG(info.st_mode)
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             seekable = False
         if not seekable:            # a pipe, a BytesIO: what it gives, held
@@ -1216,7 +1216,7 @@ class Cluster:
         for piece in iter(lambda: source.read(READ_PIECE), b""):
             digest.update(piece)
         source.seek(start)
-        return self.put_body(source, digest.hexdigest(), size - start)
+        return self.put_body(source, digest.hexdigest(), info.st_size - start)
 
     def put_body(self, body, sha256, size):
         headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}

@@ -80,7 +80,12 @@ class MapUsageError(MapError):
 
 # -- the command line ---------------------------------------------------------------
 
-HaltRule = collections.namedtuple("HaltRule", "when failures percent text")
+class HaltRule(collections.namedtuple("HaltRule", "when failures percent text")):
+    __slots__ = ()
+
+    def reached(self, failed, total):
+        """Whether `failed` of `total` inputs not completed stops the map."""
+        return failed >= (self.failures * total / 100.0 if self.percent else self.failures)
 
 
 def halt_rule(text):
@@ -90,12 +95,12 @@ def halt_rule(text):
     text = text.strip()
     when, _, rule = {"1": "soon,fail=1", "2": "now,fail=1"}.get(text, text).partition(",")
     match = re.fullmatch(r"fail=([0-9]{1,9})(%?)", rule)
-    if when not in ("soon", "now") or not match or not 0 < int(match.group(1)) <= (
-            100 if match.group(2) else 10 ** 9):
+    number = int(match.group(1)) if match else 0
+    if when not in ("soon", "now") or number < 1 or (match.group(2) and number > 100):
         raise argparse.ArgumentTypeError(
             "%r is not a --halt rule: give soon,fail=N or now,fail=N (N a count of"
             " failed inputs, or a share of them such as 10%%)" % text[:80])
-    return HaltRule(when, int(match.group(1)), bool(match.group(2)), text)
+    return HaltRule(when, number, bool(match.group(2)), text)
 
 
 def add_arguments(sub, whole_number):
@@ -706,9 +711,7 @@ class Runner:
             if self.keep_order:
                 self.show_in_order()
             self.out.flush()
-        if self.halt and not self.halted and self.failed and self.failed >= (
-                self.halt.failures if not self.halt.percent else
-                self.halt.failures * self.plan.total / 100.0):
+        if self.halt and not self.halted and self.halt.reached(self.failed, self.plan.total):
             self.halt_map()
         return any_ended
 
