@@ -1065,13 +1065,15 @@ def restart_argv():
     return interpreter_argv() + [WORKER_FILE] + sys.argv[1:]
 
 
-def bytecode_argv(call, interpreter=None, tls=False):
+def bytecode_argv(call, interpreter=None, tls=False, whole=True):
     """A command that imports this file from its compiled bytecode and runs
     `call` (such as "main()") of it; None where that cannot be done.
 
     Run as a script, the file's 3,000 lines are compiled in memory, which
     leaves ~5 MiB in the process for good: too much for an idle worker on a
     phone. Imported, it is compiled once into __pycache__ and loaded from there.
+    Not `whole`, it is loaded without the spawner's own code (see
+    compile_without_spawner): the long-lived worker process never runs it.
     With `tls`, _ssl is loaded first and its error names dropped (see
     load_ssl): the memory they held then holds this file's code, where it
     would otherwise lie unused beside it (~0.15 MiB more of an idle worker)."""
@@ -1081,17 +1083,67 @@ def bytecode_argv(call, interpreter=None, tls=False):
             or sys.dont_write_bytecode or not sys.executable):
         return None
     try:
-        if not compiled_fresh(WORKER_FILE):   # compiling costs a worker 12 MiB for good
+        # Both, here: the spawner the worker starts loads the whole file, and
+        # compiling costs a process 12 MiB for good.
+        if not compiled_fresh(WORKER_FILE):
             import py_compile
             py_compile.compile(WORKER_FILE, doraise=True)
+        if whole:
+            code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
+                    % (directory, module))
+        else:
+            code = LOAD_WITHOUT_SPAWNER % (module, module, WORKER_FILE, compile_without_spawner(
+                WORKER_FILE), bytecode_header_size())
     except Exception:       # a directory we cannot write to, among others
         return None
-    code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
-            " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)"
-            % (directory, module, call))
+    code += " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)" % call
     if tls:
         code = TLS_FIRST % (SSL_ERROR_NAME_TABLES,) + code
     return (interpreter or interpreter_argv()) + ["-c", code]
+
+
+# The start of a bytecode_argv command without the spawner's code: its
+# bytecode, from compile_without_spawner's file, run as the module.
+LOAD_WITHOUT_SPAWNER = (
+    "import sys, marshal; worker = sys.modules[%r] = type(sys)(%r); worker.__file__ = %r;"
+    " f = open(%r, 'rb'); f.seek(%d); exec(marshal.loads(f.read()), vars(worker)); f.close();")
+
+# The lines between these two hold what only the spawner runs (serve_spawner
+# and what it calls): ~600 lines, ~0.6 MiB of an idle worker's bytecode.
+SPAWNER_CODE_BEGINS = "# >>> The spawner's own code: the worker process loads this file without it."
+SPAWNER_CODE_ENDS = "# <<< The end of the spawner's own code."
+
+
+def compile_without_spawner(source):
+    """The path of this file's bytecode without the spawner's own code
+    (blank lines in its place, so that every other line keeps its number in
+    a traceback), compiled beside the whole file's when it is not up to date."""
+    bootstrap = sys.modules["_frozen_importlib_external"]
+    optimization = "nospawner%s" % (sys.flags.optimize or "")
+    cached = bootstrap.cache_from_source(source, optimization=optimization)
+    if compiled_fresh(source, cached):
+        return cached
+    import marshal
+    info = os.stat(source)
+    with open(source, "rb") as f:
+        lines = f.read().split(b"\n")
+    begin = lines.index(SPAWNER_CODE_BEGINS.encode())
+    end = lines.index(SPAWNER_CODE_ENDS.encode(), begin)
+    lines[begin:end] = [b""] * (end - begin)
+    code = compile(b"\n".join(lines), source, "exec", dont_inherit=True)
+    header = bootstrap.MAGIC_NUMBER + b"\0\0\0\0" * (sys.version_info >= (3, 7)) + b"".join(
+        (value & 0xFFFFFFFF).to_bytes(4, "little") for value in (int(info.st_mtime), info.st_size))
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    temporary = "%s.%d.tmp" % (cached, os.getpid())
+    with open(temporary, "wb") as f:
+        f.write(header + marshal.dumps(code))
+    os.replace(temporary, cached)
+    return cached
+
+
+def bytecode_header_size():
+    """Bytes before the code in a .pyc: magic, flags (from 3.7), mtime, size."""
+    return 16 if sys.version_info >= (3, 7) else 12
 
 
 # The start of a bytecode_argv command with tls: forget_ssl_error_names, before
@@ -1100,16 +1152,17 @@ TLS_FIRST = ("try:\n import _ssl\n for name in %r: (getattr(_ssl, name, None) or
              "except ImportError:\n pass\n")
 
 
-def compiled_fresh(source):
-    """Whether __pycache__ holds this interpreter's bytecode of `source` up
-    to date, as the import system judges it: the header py_compile writes
-    records the source's mtime and size (after 4 bytes of flags from 3.7)."""
+def compiled_fresh(source, cached=None):
+    """Whether `cached` (by default, where the import system keeps this
+    interpreter's bytecode of `source`) is up to date, as the import system
+    judges it: the header records the source's mtime and size (after 4
+    bytes of flags from 3.7)."""
     bootstrap = sys.modules.get("_frozen_importlib_external")
     try:
-        cached = bootstrap.cache_from_source(source)
+        cached = cached or bootstrap.cache_from_source(source)
         info = os.stat(source)
         with open(cached, "rb") as f:
-            header = f.read(16)
+            header = f.read(bytecode_header_size())
     except (AttributeError, NotImplementedError, OSError, ValueError):
         return False
     if sys.version_info >= (3, 7):
@@ -3558,6 +3611,10 @@ class Spawner(object):
         self.idle_since = time.monotonic()
 
 
+# >>> The spawner's own code: the worker process loads this file without it.
+# (compile_without_spawner; tests/test_worker_identity.py checks that nothing
+# outside these lines that the worker runs names anything defined in them.)
+
 def serve_spawner(fd):
     """The spawner's life: fork a child per request, report each child's end."""
     import select
@@ -4216,6 +4273,9 @@ def kill_pid(pid):
         os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
+
+
+# <<< The end of the spawner's own code.
 
 
 ###############################################################################
@@ -8431,7 +8491,7 @@ def start():
     reader, writer = os.pipe()
     command = bytecode_argv("main(options_fd=%d)" % reader,
                             interpreter_argv() + ["-S"] * options.site_dropped,
-                            tls=bool(options.fingerprint))
+                            tls=bool(options.fingerprint), whole=False)
     if command is None or data is None:
         os.close(reader)
         os.close(writer)
