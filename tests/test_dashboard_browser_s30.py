@@ -127,13 +127,17 @@ def test_a_failure_just_now_counts_in_the_failed_tile(browser, node, request):
 
 
 def test_a_tasks_file_downloads_where_reading_needs_the_token(browser, node, request):
-    """The file's link cannot carry the token: the phone got a 401, no file."""
+    """The file's link cannot carry the token: the phone got a 401, no file.
+    Then it came through fetch() into the page's memory (a blob: URL): now
+    the browser saves it from the link itself, with the stream cookie."""
     page = open_page(browser, request, PHONE, token=node.admin_token)
     page.goto(node.base + "/#/task/%d" % node.files_task)
     link = page.get_by_role("link", name="photo.jpg")
     with page.expect_download(timeout=30000) as download:
         link.click()
     assert download.value.suggested_filename == "photo.jpg"
+    assert download.value.url == "%s/api/v1/tasks/%d/files/photo.jpg" % (node.base,
+                                                                        node.files_task)
     with open(download.value.path(), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(INPUT_BYTES).digest()
 

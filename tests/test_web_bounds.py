@@ -262,10 +262,10 @@ def test_streams_take_a_cookie_never_a_token_in_the_url(cluster_home):
     remote = "192.168.1.20"
     assert call(app, "/stream/tasks?token=" + token, remote=remote)[0] == 401
     assert call(app, "/api/v1/stream-session", "POST", remote=remote)[0] == 401
-    status, headers, _ = call(app, "/api/v1/stream-session", "POST", remote=remote,
-                              headers=admin(config))
-    assert status == 200
-    cookie = headers["Set-Cookie"]
+    cookies = set_cookies(app, "POST", admin(config))
+    assert [cookie.split("; Path=")[1].split(";")[0] for cookie in cookies] == \
+        ["/stream", "/api/v1/tasks"]
+    cookie = cookies[0]
     for attribute in ("HttpOnly", "SameSite=Strict", "Path=/stream"):
         assert attribute in cookie
     assert token not in cookie and "Secure" not in cookie       # plain HTTP here
@@ -283,6 +283,41 @@ def test_streams_take_a_cookie_never_a_token_in_the_url(cluster_home):
     status, _, _ = call(app, "/api/v1/stream-session", "POST", remote=remote,
                         headers=dict(admin(config), Origin="http://evil.example"))
     assert status == 403
+
+
+def set_cookies(app, method, headers):
+    """Every Set-Cookie of a call of /api/v1/stream-session (call() keeps one)."""
+    answer = []
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": "/api/v1/stream-session",
+               "QUERY_STRING": "", "REMOTE_ADDR": "192.168.1.20", "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "5000", "HTTP_HOST": "127.0.0.1:5000", "wsgi.input": io.BytesIO(),
+               "CONTENT_LENGTH": "0", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}
+    environ.update(("HTTP_" + k.upper().replace("-", "_"), v) for k, v in headers.items())
+    b"".join(app(environ, lambda status, response_headers, exc_info=None: answer.extend(
+        value for name, value in response_headers if name == "Set-Cookie")))
+    return answer
+
+
+def test_the_stream_cookie_lets_a_link_save_a_tasks_file_and_read_nothing_else(cluster_home):
+    """A dashboard that keeps the token saved a task's file by fetching it
+    whole into the page (a link cannot send a header): a file of gigabytes
+    would not fit a phone's tab. The cookie now opens GET of a task's file
+    too, so the link saves it as it comes; every other read still needs
+    the header."""
+    config, connection = cluster_home
+    app = web.make_app(config)
+    remote = "192.168.1.20"
+    value = set_cookies(app, "POST", admin(config))[1].split(";")[0]
+    file_path = "/api/v1/tasks/999999/files/out.txt"
+    assert call(app, file_path, remote=remote)[0] == 401
+    status, _, text = call(app, file_path, remote=remote, headers={"Cookie": value})
+    assert status == 404, text                       # past the access check: no such task
+    for path in ("/api/v1/tasks/999999/files", "/api/v1/tasks", "/api/v1/tasks/999999",
+                 "/api/v1/files/" + "0" * 64, "/text/status"):
+        assert call(app, path, remote=remote, headers={"Cookie": value})[0] == 401, path
+    assert call(app, file_path, "DELETE", remote=remote, headers={"Cookie": value})[0] in (401, 405)
+    cleared = set_cookies(app, "DELETE", {})
+    assert len(cleared) == 2 and all("Max-Age=0" in cookie for cookie in cleared)
 
 
 def test_the_dashboard_puts_no_token_in_a_url():

@@ -63,6 +63,10 @@ DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs st
 MAX_TERMINAL_WIDTH = 500
 READ_ACCESS = ("open", "local", "token")
 STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
+# ...and a link save a task's file (GET .../files/NAME): a browser that kept
+# the token otherwise had to fetch the whole file into memory to send it.
+STREAM_COOKIE_PATHS = ("/stream", "/api/v1/tasks")
+COOKIE_DOWNLOAD = re.compile(r"/api/v1/tasks/[0-9]+/files/.")
 STREAM_SESSION_SECONDS = 12 * 3600    # how long one stream cookie lasts
 THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
@@ -233,23 +237,27 @@ class Web:
 
     def stream_session(self):
         """POST /api/v1/stream-session with the admin token: a cookie that
-        lets this browser open /stream/* for STREAM_SESSION_SECONDS, so the
-        token never goes into a stream's URL. HttpOnly (no script reads it),
-        SameSite=Strict (no other site's page sends it), Secure under HTTPS."""
+        lets this browser open /stream/* and save a task's files for
+        STREAM_SESSION_SECONDS, so the token never goes into a URL. HttpOnly
+        (no script reads it), SameSite=Strict (no other site's page sends
+        it), Secure under HTTPS."""
         expires = int(time.time() + STREAM_SESSION_SECONDS)
-        cookie = "%s=%d.%s; Path=/stream; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
-            STREAM_COOKIE, expires, self.stream_proof(expires), STREAM_SESSION_SECONDS,
-            "; Secure" if self.config.web_tls else "")
+        value = "%d.%s" % (expires, self.stream_proof(expires))
         self.audit("stream_session_started", expires=expires)
-        response = json_response({"expires": expires})
-        response.set_header("Set-Cookie", cookie)
-        return response
+        return self.with_stream_cookie(json_response({"expires": expires}), value,
+                                       STREAM_SESSION_SECONDS)
 
     def end_stream_session(self):
         """DELETE /api/v1/stream-session (the terminal's `logout`)."""
-        response = json_response({"expires": 0})
-        response.set_header("Set-Cookie", "%s=; Path=/stream; Max-Age=0; HttpOnly;"
-                                          " SameSite=Strict" % STREAM_COOKIE)
+        return self.with_stream_cookie(json_response({"expires": 0}), "", 0)
+
+    def with_stream_cookie(self, response, value, seconds):
+        """One Set-Cookie per path of STREAM_COOKIE_PATHS (a cookie has one)."""
+        for path in STREAM_COOKIE_PATHS:
+            response.add_header("Set-Cookie", "%s=%s; Path=%s; Max-Age=%d; HttpOnly;"
+                                " SameSite=Strict%s" % (
+                                    STREAM_COOKIE, value, path, seconds,
+                                    "; Secure" if self.config.web_tls else ""))
         return response
 
     def stream_proof(self, expires):
@@ -259,7 +267,10 @@ class Web:
                         hashlib.sha256).hexdigest()
 
     def has_stream_cookie(self):
-        if not bottle.request.path.startswith("/stream/"):
+        """For /stream/* and a GET of a task's file (COOKIE_DOWNLOAD) only."""
+        path = bottle.request.path
+        if not (path.startswith("/stream/") or (bottle.request.method in ("GET", "HEAD")
+                                                and COOKIE_DOWNLOAD.match(path))):
             return False
         expires, _, proof = (bottle.request.get_cookie(STREAM_COOKIE) or "").partition(".")
         try:

@@ -621,8 +621,11 @@ function filesTable(id, files) {
 }
 
 // A link cannot send the admin token, and a browser that needs it to read
-// (another machine, read_access) got a 401 instead of the file: with a token
-// kept, the file comes through fetch() with the header, then is saved.
+// (another machine, read_access) got a 401 instead of the file. With a token
+// kept, the page first asks for the HttpOnly cookie that opens a task's files
+// as it opens /stream (rcStreamSession), asks whether the file answers, then
+// lets the browser save it from its link: to disk as it comes, never whole in
+// the page's memory (a phone's tab could not hold a file of gigabytes).
 async function downloadWithToken(event) {
   if (!window.rcToken.get()) return;          // reading is open: the link saves it
   event.preventDefault();
@@ -630,17 +633,16 @@ async function downloadWithToken(event) {
     link.parentNode.appendChild(el("span", {class: "download-note dim", role: "status"}));
   note.textContent = " downloading…";
   try {
-    const response = await fetch(link.href, {headers: window.rcToken.headers()});
-    if (!response.ok) {
+    await window.rcStreamSession();
+    const answer = await fetch(link.href, {method: "HEAD"});
+    if (!answer.ok) {
       let body = {};
-      try { body = await response.json(); } catch (e) { /* the status says enough */ }
+      try { body = await (await fetch(link.href)).json(); } catch (e) { /* the status says enough */ }
       note.className = "download-note trouble";
-      note.textContent = " " + (body.error || "HTTP " + response.status);
+      note.textContent = " " + (body.error || "HTTP " + answer.status);
       return;
     }
-    const saved = URL.createObjectURL(await response.blob());
-    el("a", {href: saved, download: link.getAttribute("download")}).click();
-    setTimeout(() => URL.revokeObjectURL(saved), 60000);
+    el("a", {href: link.href, download: link.getAttribute("download")}).click();
     note.remove();
   } catch (e) {
     note.className = "download-note trouble";
