@@ -1,0 +1,153 @@
+"""Faults noticed in session 9 and left alone, fixed in session 10 (loose31):
+each test here failed before its fix."""
+import collections
+import io
+import json
+import time
+import tracemalloc
+
+from rc import db, web
+from test_web import admin
+
+
+# -- a group's result stream remembers what is pending, not what it sent --------------
+
+def stream(app, path, config):
+    """The app's answer to GET `path` as waitress would take it: the body's
+    chunks, read one at a time (a caller may change the database between)."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path.split("?")[0],
+               "QUERY_STRING": path.partition("?")[2], "REMOTE_ADDR": "127.0.0.1",
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000",
+               "HTTP_HOST": "127.0.0.1:5000", "wsgi.input": io.BytesIO(b""),
+               "CONTENT_LENGTH": "0", "wsgi.url_scheme": "http",
+               "SERVER_PROTOCOL": "HTTP/1.1"}
+    environ.update(("HTTP_" + k.upper().replace("-", "_"), v)
+                   for k, v in admin(config).items())
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"] = int(status.split()[0])
+    body = app(environ, start_response)
+    assert answer["status"] == 200
+    return body
+
+
+def client_group(connection):
+    with db.write(connection):
+        return connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, options)"
+            " VALUES (?, 'echo', '{}', '{\"client\": true}')", (time.time(),)).lastrowid
+
+
+def add_tasks(connection, group_id, states):
+    """A task in the group for each state given (completed ones with a
+    result), in one transaction, as fast as SQLite takes them; their ids."""
+    now = time.time()
+    with db.write(connection):
+        first = connection.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+        connection.executemany(
+            "INSERT INTO tasks(task_type, payload, timeout, max_retries, state, created_at,"
+            " finished_at, result, group_id) VALUES ('echo', '{}', 60, 0, ?, ?, ?, ?, ?)",
+            ((state, now, now if state == "completed" else None,
+              '{"output": "x"}' if state == "completed" else None, group_id)
+             for state in states))
+    return list(range(first + 1, first + 1 + len(states)))
+
+
+def complete(connection, task_ids):
+    with db.write(connection):
+        connection.executemany(
+            "UPDATE tasks SET state = 'completed', finished_at = ?, result = '{\"output\": \"y\"}'"
+            " WHERE task_id = ?", ((time.time(), task_id) for task_id in task_ids))
+
+
+def lines_of(chunk):
+    return [json.loads(line) for line in chunk.splitlines() if line.strip()]
+
+
+def test_a_group_stream_holds_no_id_of_what_it_sent(cluster_home):
+    """A stream kept a set of every task id it had sent (and a list of those
+    ended at its start): ~90 MB for a group of a million. Now what it holds
+    is bounded by the tasks still pending: for 100,000 ended ones, the
+    peak is a page's worth, ~0.3 MB, where the set and list took 10.3 MB
+    before."""
+    config, connection = cluster_home
+    group_id = client_group(connection)
+    ids = add_tasks(connection, group_id, ["completed"] * 100000)
+    app = web.make_app(config)
+    body = None
+    tracemalloc.start()         # before the call: bottle reads the first chunk in it
+    try:
+        baseline, _ = tracemalloc.get_traced_memory()
+        body = stream(app, "/api/v1/groups/%d/results?stream=1" % group_id, config)
+        count, last = 0, None
+        for chunk in body:
+            for line in lines_of(chunk):
+                if "end" in line:
+                    last = line
+                else:
+                    assert line["task_id"] == ids[count]
+                    count += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        if body is not None:
+            body.close()
+    assert count == len(ids) and last == {"end": True, "group_id": group_id,
+                                          "tasks": len(ids)}
+    assert peak - baseline < 2 * 1024 * 1024, peak - baseline
+
+
+def test_a_group_stream_sends_each_task_once_as_tasks_end_while_it_reads(cluster_home):
+    """Tasks pending when the stream began end while it sends those ended
+    already (below and above the page it is on), and tasks join the group
+    (follow=1) and end: every one is sent exactly once."""
+    config, connection = cluster_home
+    group_id = client_group(connection)
+    states = ["completed" if n % 3 else "queued" for n in range(600)]
+    ids = add_tasks(connection, group_id, states)
+    pending = [task_id for task_id, state in zip(ids, states) if state == "queued"]
+    app = web.make_app(config)
+    body = stream(app, "/api/v1/groups/%d/results?stream=1&follow=1" % group_id, config)
+    chunks = iter(body)
+    got = lines_of(next(chunks))                # the first page of those ended already
+    assert got and all(line["state"] == "completed" for line in got)
+    complete(connection, pending[::2])          # some behind the page, most ahead of it
+    joined = add_tasks(connection, group_id, ["queued"] * 30)
+    complete(connection, joined[:10])
+    try:
+        for number, chunk in enumerate(chunks):
+            got.extend(lines_of(chunk))
+            if number == 3:
+                complete(connection, pending[1::2] + joined[10:])
+            if len({line["task_id"] for line in got}) == len(ids) + len(joined):
+                break
+        app.config["rc.web"].closing.set()      # then whatever it would still send
+        for chunk in chunks:
+            got.extend(lines_of(chunk))
+    finally:
+        body.close()
+    counts = collections.Counter(line["task_id"] for line in got)
+    assert set(counts) == set(ids + joined)
+    assert set(counts.values()) == {1}, [n for n, c in counts.items() if c > 1]
+    by_id = {line["task_id"]: line for line in got}
+    assert all(by_id[n]["result"]["output"] == "y" for n in pending + joined)
+
+
+def test_a_group_stream_ends_with_the_count_it_sent(cluster_home):
+    config, connection = cluster_home
+    group_id = client_group(connection)
+    ids = add_tasks(connection, group_id, ["completed", "queued"] * 100)
+    app = web.make_app(config)
+    body = stream(app, "/api/v1/groups/%d/results?stream=1" % group_id, config)
+    chunks, got = iter(body), []
+    try:
+        got.extend(lines_of(next(chunks)))
+        complete(connection, ids[1::2])
+        for chunk in chunks:
+            got.extend(lines_of(chunk))
+    finally:
+        body.close()
+    assert [line["task_id"] for line in got[:-1]] != []
+    assert sorted(line["task_id"] for line in got[:-1]) == ids
+    assert got[-1] == {"end": True, "group_id": group_id, "tasks": len(ids)}
