@@ -7,6 +7,8 @@ import time
 import tracemalloc
 
 from rc import db, web
+from rc.states import COMPLETED, FAILED
+from test_cli import finish_later, rc
 from test_web import admin
 
 
@@ -151,3 +153,25 @@ def test_a_group_stream_ends_with_the_count_it_sent(cluster_home):
     assert [line["task_id"] for line in got[:-1]] != []
     assert sorted(line["task_id"] for line in got[:-1]) == ids
     assert got[-1] == {"end": True, "group_id": group_id, "tasks": len(ids)}
+
+
+# -- rc wait shows the task's stderr ---------------------------------------------------
+
+def test_rc_wait_shows_the_stderr_of_a_task_that_failed_or_completed(cluster_home, add_device):
+    """`rc wait` said only the failure's last stderr line, and nothing of a
+    completed task's stderr: the user ran `rc task` to see what the command
+    said. Now its stderr is on ours, as a command run here shows it, before
+    the one-line reason with the exit status."""
+    config, connection = cluster_home
+    add_device("pi")
+    stderr = "".join("make: step %d\n" % n for n in range(30)) + "make: *** [all] Error 2\n"
+    worker = finish_later(config, 1, "pi", FAILED, "built half\n", "exit status 2", stderr)
+    assert rc("submit", "shell", "make") == (0, "1\n", "")
+    worker.join()
+    status, out, err = rc("wait", "1")
+    assert (status, out) == (1, "built half\n")
+    assert err == stderr + ("rc: error: task 1 failed: exit status 2 (stderr: make: *** [all]"
+                            " Error 2)\n")
+    worker = finish_later(config, 2, "pi", COMPLETED, "done\n", None, "warning: slow disk")
+    assert rc("submit", "shell", "make", "--wait") == (0, "done\n", "warning: slow disk\n")
+    worker.join()
