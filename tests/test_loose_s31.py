@@ -3,12 +3,15 @@ each test here failed before its fix."""
 import collections
 import io
 import json
+import os
 import time
 import tracemalloc
 
+from cluster_harness import wait_for
 from rc import db, web
 from rc.states import COMPLETED, FAILED
 from test_cli import finish_later, rc
+from test_transfer import Client, Node
 from test_web import admin
 
 
@@ -175,3 +178,41 @@ def test_rc_wait_shows_the_stderr_of_a_task_that_failed_or_completed(cluster_hom
     worker = finish_later(config, 2, "pi", COMPLETED, "done\n", None, "warning: slow disk")
     assert rc("submit", "shell", "make", "--wait") == (0, "done\n", "warning: slow disk\n")
     worker.join()
+
+
+# -- rc logs --task shows the task's files fetched and stored --------------------------
+
+def test_rc_logs_for_a_task_names_its_inputs_fetched(tmp_path, monkeypatch):
+    """rc-files' file_sent named no task, so `rc logs --task N` showed the
+    outputs a task stored (file_stored) but never the inputs its device
+    fetched. It names them now: the first reader as task_id, and every
+    task of the device that reads the blob as task_ids."""
+    node = Node(tmp_path)
+    try:
+        os.symlink(os.path.join(str(tmp_path), "rc-files.log"),
+                   os.path.join(node.config.log_dir, "rc-files.log"))
+        monkeypatch.setenv("RC_HOME", node.env["RC_HOME"])
+        monkeypatch.setenv("RC_CONFIG", node.env["RC_CONFIG"])
+        node.add_device("pi")
+        shared, alone = b"shared input\n" * 1000, b"its own input\n"
+        shared_digest, alone_digest = node.store(shared), node.store(alone)
+        first = node.running_task("pi", [(shared_digest, len(shared))])
+        second = node.running_task("pi", [(shared_digest, len(shared))])
+        third = node.running_task("pi", [(alone_digest, len(alone))])
+        client = Client(node, "pi")
+        assert client.get(shared_digest)[1] == shared
+        assert client.put_whole(first, 1, "out.txt", b"result\n")["ok"]
+        client.close()
+
+        def lines(task_id):
+            status, out, err = rc("logs", "--task", str(task_id), "--program", "rc-files")
+            return out.splitlines()
+        wait_for(lambda: any("file_stored" in line for line in lines(first)), 20,
+                 "rc-files' lines for task %d" % first)
+        assert [line.split()[3] for line in lines(first)] == ["file_sent", "file_stored"]
+        sent = next(line for line in lines(second) if "file_sent" in line)
+        assert "sha256=%s" % shared_digest in sent
+        assert "task_ids=[%d,%d]" % (first, second) in sent
+        assert lines(third) == []
+    finally:
+        node.close()
