@@ -8,11 +8,11 @@ import time
 import tracemalloc
 
 from cluster_harness import wait_for
-from rc import db, web
+from rc import db, stats, web
 from rc.states import COMPLETED, FAILED
 from test_cli import finish_later, rc
 from test_transfer import Client, Node
-from test_web import admin
+from test_web import admin, call
 
 
 # -- a group's result stream remembers what is pending, not what it sent --------------
@@ -216,3 +216,28 @@ def test_rc_logs_for_a_task_names_its_inputs_fetched(tmp_path, monkeypatch):
         assert lines(third) == []
     finally:
         node.close()
+
+
+# -- the success rate leaves cancelled tasks out ---------------------------------------
+
+def test_cancelling_tasks_does_not_lower_the_success_rate(cluster_home):
+    """The overview's success tile (history_summary.success_rate, also
+    /api/v1/stats and rc_history_success_ratio) counted cancelled tasks as
+    failures: 3 completed, 1 failed and 6 a user cancelled showed 30%.
+    Cancelled is neither: 75%, and a window of only cancelled ones has no
+    rate."""
+    config, connection = cluster_home
+    minute = stats.minute_of(time.time()) - 120
+    with db.write(connection):
+        for start, counts in ((minute, (3, 1, 0)), (minute + 60, (0, 0, 6))):
+            connection.execute("INSERT INTO stats_minutes(minute, submitted, completed, failed,"
+                               " cancelled) VALUES (?, 10, ?, ?, ?)", (start,) + counts)
+    app = web.make_app(config)
+    status, _, text = call(app, "/api/v1/overview")
+    assert status == 200 and json.loads(text)["history_summary"]["success_rate"] == 0.75
+    status, _, text = call(app, "/api/v1/stats?minutes=15")
+    assert json.loads(text)["summary"]["success_rate"] == 0.75
+    status, _, text = call(app, "/text/metrics")
+    assert 'rc_history_success_ratio{window="15m"} 0.75' in text
+    assert stats.summary(stats.history(connection, 1))["success_rate"] is None
+    assert "success 75.0%" in rc("history")[1]
