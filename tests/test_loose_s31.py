@@ -8,7 +8,7 @@ import time
 import tracemalloc
 
 from cluster_harness import wait_for
-from rc import db, stats, web
+from rc import db, map_cli, stats, web
 from rc.states import COMPLETED, FAILED
 from test_cli import finish_later, rc
 from test_transfer import Client, Node
@@ -241,3 +241,55 @@ def test_cancelling_tasks_does_not_lower_the_success_rate(cluster_home):
     assert 'rc_history_success_ratio{window="15m"} 0.75' in text
     assert stats.summary(stats.history(connection, 1))["success_rate"] is None
     assert "success 75.0%" in rc("history")[1]
+
+
+# -- rc map --halt with inputs never queued ----------------------------------------------
+
+def test_halt_with_inputs_never_queued_counts_them_and_resume_runs_them(cluster_home,
+                                                                         monkeypatch):
+    """A map of more than one batch (500) whose first batch has a failure
+    before the next is queued: --halt's branch for inputs never queued, which
+    no test reached. The first task queued fails as soon as its batch is in
+    (as a device failing it at once would); the rest of the batch is
+    cancelled, the 700 inputs after it never queued, all counted, and
+    --resume has them to run."""
+    config, connection = cluster_home
+    submit_batch = map_cli.Runner.submit_batch
+    batches = []
+
+    def submit_then_fail_the_first(runner):
+        submit_batch(runner)
+        batches.append(runner.plan.group_id)
+        if len(batches) == 1:
+            first = min(runner.pending)
+            with db.write(connection):
+                connection.execute("UPDATE tasks SET state = 'failed', finished_at = ?,"
+                                   " error = 'exit status 1' WHERE task_id = ?",
+                                   (time.time(), first))
+    monkeypatch.setattr(map_cli.Runner, "submit_batch", submit_then_fail_the_first)
+    values = [str(n) for n in range(1, 1201)]
+    status, out, err = rc("map", "--halt", "soon,fail=1", "-k", "echo {}", *values)
+    group_id = int(err.split()[1].rstrip(":"))
+    assert len(batches) == 1
+    assert "halted (--halt soon,fail=1): 499 queued tasks cancelled and 700 inputs never" \
+        " queued, 0 running ones finish" in err, err
+    assert "1200 of 1200 inputs did not complete" in err, err
+    assert (status, out) == (map_cli.MAX_EXIT_STATUS, "")
+    states = dict(connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                                     " GROUP BY state", (group_id,)).fetchall())
+    assert states == {"failed": 1, "cancelled": 499}
+    jobs = map_cli.jobs_of(connection, group_id)
+    assert [job.number for job in jobs if job.task_id is None] == list(range(501, 1201))
+
+    def submit_then_complete(runner):      # the devices, quick this time
+        submit_batch(runner)
+        with db.write(connection):
+            connection.executemany(
+                "UPDATE tasks SET state = 'completed', finished_at = ?, result = ?"
+                " WHERE task_id = ?", [(time.time(), json.dumps({"output": "%d\n" % job.number}),
+                                        task_id) for task_id, job in runner.pending.items()])
+    monkeypatch.setattr(map_cli.Runner, "submit_batch", submit_then_complete)
+    status, out, err = rc("map", "--resume", str(group_id), "-k")
+    assert status == 0, err
+    assert out.split() == values
+
