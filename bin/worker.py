@@ -5075,6 +5075,11 @@ class FileCache(object):
                 self.pinned[sha].discard(by)
                 if not self.pinned[sha]:
                     del self.pinned[sha]
+            over = self.index is not None and self.total > self.cap
+        if over:
+            # A blob larger than the cap, or more pinned at once than it holds,
+            # was kept for its task; once free, the cap holds again.
+            self.make_room(0)
 
     def make_room(self, needed):
         """Evict least recently used blobs no task holds until the cache fits

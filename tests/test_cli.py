@@ -210,7 +210,8 @@ def test_submit_wait_on_a_failure_exits_1_with_the_reason(cluster_home, add_devi
 
 def test_a_failed_command_says_why_in_its_stderrs_last_line(cluster_home, add_device):
     """A shell task's error is only "exit status 1"; what the command said
-    goes with it, one line, escape sequences from the device shown as "?"."""
+    goes with it, one line, escape sequences from the device shown as "?"
+    (after the task's stderr itself, as a command run here writes it)."""
     config, connection = cluster_home
     add_device("pi")
     stderr = "warming up\ngzip: a.log: No such file or directory\x1b[2J\n"
@@ -218,8 +219,8 @@ def test_a_failed_command_says_why_in_its_stderrs_last_line(cluster_home, add_de
     status, out, err = rc("submit", "shell", "gzip a.log", "--wait")
     worker.join()
     assert status == 1 and out == ""
-    assert err == ("rc: error: task 1 failed: exit status 1 (stderr: gzip: a.log: No such"
-                   " file or directory?[2J)\n")
+    assert err == stderr + ("rc: error: task 1 failed: exit status 1 (stderr: gzip: a.log: No"
+                            " such file or directory?[2J)\n")
     worker = finish_later(config, 2, "pi", FAILED, "", "exit status 4")
     rc("submit", "shell", "exit 4")
     worker.join()

@@ -763,6 +763,27 @@ def test_the_cache_keeps_its_cap_least_recently_used_out_first(start, files):
     assert first["sha256"] in cached and second["sha256"] not in cached
 
 
+@also_36
+def test_a_blob_larger_than_the_cache_is_used_then_evicted(start, files, python):
+    """A blob over --cache-mb was fetched, used and kept: the cache stayed
+    over its cap until the next fetch made room. Now it goes once its task
+    ends; one that fits stays."""
+    worker, link = start("--cache-mb", "1", python=python)
+    big, small = files.add(os.urandom(1536 * 1024)), files.add(os.urandom(300 * 1024))
+    cache = os.path.join(state_dir(worker), "cache")
+    for number, ref in enumerate((big, small), 1):
+        result = run(link, number, "shell", {"command": "wc -c < f",
+                                             "inputs": [dict(ref, path="f")]})
+        assert result["result"]["output"].strip() == str(ref["size"]), result
+        if ref is big:
+            assert wait_until(lambda: big["sha256"] not in os.listdir(cache), WAIT), \
+                "the blob over the cap is still cached"
+    assert os.listdir(cache).count(small["sha256"]) == 1
+    assert sum(os.path.getsize(os.path.join(cache, name)) for name in os.listdir(cache)
+               if len(name) == 64) <= 1024 * 1024
+    assert worker.events("cache_evicted")[0]["sha256"] == big["sha256"]
+
+
 def test_self_test_says_where_the_cache_is_and_what_it_holds(tmp_path):
     import subprocess
     from test_worker import WORKER

@@ -47,6 +47,9 @@ DEFAULT_READY_TIMEOUT = 30.0  # seconds wait-ready waits for the programs
 # Characters of a failed command's stderr line rc wait quotes: client.py's
 # STDERR_NOTE_MAX (that file stands alone, and importing it costs every rc 14 ms).
 STDERR_NOTE_MAX = 200
+# A result's stdout and stderr fields, in the order of their stored copies
+# past the inline cap (files.STREAM_NAMES).
+STREAM_FIELDS = ("output", "stderr")
 # connect() on a UDP socket sends nothing; it only asks the kernel which local
 # address would route there, which is the address other devices can reach.
 LAN_PROBE_ADDRESS = ("10.255.255.255", 1)
@@ -709,22 +712,14 @@ def report_outcome(context, task):
     """Exactly the task's output on stdout (a pipe gets it byte for byte; a
     terminal gets escape sequences shown as "?", since a device chose them),
     in full past the inline cap, as rc map prints it (the web terminal shows
-    what is inline and says where the rest is); a one-line reason when it
-    did not complete."""
+    what is inline and says where the rest is); its stderr so on ours, as a
+    command run here would show it; a one-line reason when it did not
+    complete."""
     result = task.get("result") or {}
-    terminal = hasattr(context.out, "isatty") and context.out.isatty()
-    output = map_cli.stream(context.connection, task["task_id"], result, "output", 0)
-    if isinstance(output, str):
-        context.out.write(with_newline(render.printable(output) if terminal else output))
-    elif context.actor != "cli":
-        context.out.write(with_newline(result.get("output") or ""))
-        context.err.write("task %d's output goes on past the inline cap: GET /api/v1/tasks/%d"
-                          "/files/%s\n" % (task["task_id"], task["task_id"], output["name"]))
-    else:
-        notes = []
-        map_cli.copy(context.connection, context.config, output, context.out, terminal, notes)
-        for note in notes:
-            context.err.write("rc: task %d: %s\n" % (task["task_id"], note))
+    write_stream(context, task, result, "output", context.out)
+    if result.get("stderr"):
+        context.out.flush()             # a terminal shows the two in the order written
+        write_stream(context, task, result, "stderr", context.err)
     if task["state"] == COMPLETED:
         return 0
     if task["state"] not in TERMINAL_STATES:
@@ -732,6 +727,25 @@ def report_outcome(context, task):
                            % (task["task_id"], task["state"]))
     raise CommandError("task %d %s%s" % (task["task_id"], task["state"],
                                          ": " + last_line(task) if last_line(task) else ""))
+
+
+def write_stream(context, task, result, field, target):
+    """The task's stdout ("output") or stderr on `target`, as report_outcome says."""
+    terminal = hasattr(target, "isatty") and target.isatty()
+    text = map_cli.stream(context.connection, task["task_id"], result, field,
+                          STREAM_FIELDS.index(field))
+    if isinstance(text, str):
+        target.write(with_newline(render.printable(text) if terminal else text))
+    elif context.actor != "cli":
+        target.write(with_newline(result.get(field) or ""))
+        context.err.write("task %d's %s goes on past the inline cap: GET /api/v1/tasks/%d"
+                          "/files/%s\n" % (task["task_id"], field,
+                                           task["task_id"], text["name"]))
+    else:
+        notes = []
+        map_cli.copy(context.connection, context.config, text, target, terminal, notes)
+        for note in notes:
+            context.err.write("rc: task %d: %s\n" % (task["task_id"], note))
 
 
 def last_line(task):
@@ -1356,7 +1370,7 @@ def build_parser(out):
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
-    sub = command("wait", cmd_wait, "wait until a task ends; print its output, exit 1"
+    sub = command("wait", cmd_wait, "wait until a task ends; print its output and stderr, exit 1"
                   " unless it completed (as submit --wait)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     sub.add_argument("--timeout", type=float, metavar="SECONDS")

@@ -55,6 +55,9 @@ UNOWNED_UPLOAD_AGE = 5.0
 # Seconds after which an orphan-* or inline-* partial file is a kill's
 # leftover: its writer (remove_orphan, write_unsynced) holds it for moments.
 MOMENT_FILE_AGE = 60.0
+# Task ids rc-files' file_sent line names (tasks_reading): a device's tasks
+# that read one blob, for `rc logs --task`; more are not worth a line's length.
+MAX_READERS_NAMED = 10
 
 
 class FileStoreError(Exception):
@@ -566,10 +569,19 @@ def held_output_globs(connection, device_id, task_id, attempt):
 def device_may_read(connection, device_id, sha256):
     """Whether a task assigned to or running on this device reads the blob
     (an input, its stdin, its checkpoint)."""
-    return connection.execute(
-        "SELECT 1 FROM task_files f JOIN tasks t ON t.task_id = f.task_id"
-        " WHERE f.sha256 = ? AND f.kind IN ('input', 'checkpoint') AND t.device_id = ?"
-        " AND t.%s LIMIT 1" % db.ACTIVE_SQL, (sha256, device_id)).fetchone() is not None
+    return bool(tasks_reading(connection, device_id, sha256, 1))
+
+
+def tasks_reading(connection, device_id, sha256, most=MAX_READERS_NAMED):
+    """The ids of the tasks assigned to or running on this device that read
+    the blob, lowest first, at most `most` of them: those a get serves."""
+    # From the device's few active tasks: a blob a map's million tasks all
+    # read has a million task_files rows.
+    return [row[0] for row in connection.execute(
+        "SELECT t.task_id FROM tasks t WHERE t.device_id = ? AND t.%s AND EXISTS"
+        " (SELECT 1 FROM task_files f WHERE f.task_id = t.task_id AND f.sha256 = ?"
+        " AND f.kind IN ('input', 'checkpoint')) ORDER BY t.task_id LIMIT ?"
+        % db.ACTIVE_SQL, (device_id, sha256, most))]
 
 
 def holds_attempt(connection, device_id, task_id, attempt):

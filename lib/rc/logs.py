@@ -37,7 +37,10 @@ class LogFilter:
         # skips most of them before any parsing.
         self.needles = []
         if task_id is not None:
-            self.needles.append(re.compile(rb'"task_id":%d[,}]' % task_id))
+            # A line names its task as task_id, and a line for several tasks
+            # (rc-files' file_sent) all of them as task_ids too.
+            self.needles.append(re.compile(rb'"task_id":%d[,}]|"task_ids":\[(?:\d+,)*%d[,\]]'
+                                           % (task_id, task_id)))
         if device_id is not None:
             self.needles.append(re.compile(re.escape(b'"device_id":' + orjson.dumps(device_id))))
 
@@ -46,7 +49,8 @@ class LogFilter:
             return True
         if not isinstance(record, dict):
             return False
-        if self.task_id is not None and record.get("task_id") != self.task_id:
+        if self.task_id is not None and record.get("task_id") != self.task_id \
+                and self.task_id not in listed(record.get("task_ids")):
             return False
         if self.device_id is not None and record.get("device_id") != self.device_id:
             return False
@@ -57,6 +61,10 @@ class LogFilter:
         with open(path, "rb") as f:
             return [line.decode("utf-8", "replace") for line in f
                     if all(needle.search(line) for needle in self.needles)]
+
+
+def listed(value):
+    return value if isinstance(value, list) else ()
 
 
 def rotated_paths(path):

@@ -154,9 +154,13 @@ def history(connection, minutes, now=None):
 
 
 def summary(rows):
-    """Totals over the rows: throughput per minute, success rate, mean duration."""
+    """Totals over the rows: throughput per minute, success rate, mean duration.
+    The success rate is completed among completed and failed (timed out
+    counts as failed): a cancelled task is neither, so a user cancelling
+    their own map does not see the cluster's success fall."""
     finished = sum(r["completed"] + r["failed"] + r["cancelled"] for r in rows)
     completed = sum(r["completed"] for r in rows)
+    judged = completed + sum(r["failed"] for r in rows)
     timed = [(r["duration_mean"], r["completed"] + r["failed"] + r["cancelled"])
              for r in rows if r["duration_mean"] is not None]
     weight = sum(n for _, n in timed)
@@ -164,7 +168,7 @@ def summary(rows):
             "finished": finished, "completed": completed,
             "failed": sum(r["failed"] for r in rows),
             "throughput_per_minute": round(completed / len(rows), 3) if rows else None,
-            "success_rate": round(completed / finished, 4) if finished else None,
+            "success_rate": round(completed / judged, 4) if judged else None,
             "duration_mean": round(sum(d * n for d, n in timed) / weight, 3) if weight else None,
             "duration_max": max([r["duration_max"] for r in rows
                                  if r["duration_max"] is not None] or [None]),

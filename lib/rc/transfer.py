@@ -443,7 +443,8 @@ class Session:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise Refusal("bad_request", "offset must be a whole number >= 0, not %r"
                           % (offset,))
-        if not files.device_may_read(self.connection, self.device_id, sha256):
+        readers = files.tasks_reading(self.connection, self.device_id, sha256)
+        if not readers:
             raise Refusal("not_yours", "no task of %s reads %s" % (self.device_id, sha256))
         try:
             blob, size = files.open_blob(self.connection, self.config, sha256)
@@ -464,9 +465,12 @@ class Session:
             else:
                 self.send(header)
                 self.send_bytes(blob, offset, size - offset)
+        # Named by the tasks it is for, that `rc logs --task` finds it: the first
+        # as task_id, as every line names one, and all of them when several.
+        several = {"task_ids": readers} if len(readers) > 1 else {}
         self.server.log_limited("info", "file_sent", (self.device_id, sha256),
-                                device_id=self.device_id, sha256=sha256, offset=offset,
-                                size=size)
+                                device_id=self.device_id, task_id=readers[0], sha256=sha256,
+                                offset=offset, size=size, **several)
 
     def send_bytes(self, blob, offset, count):
         if not isinstance(self.sock, ssl.SSLSocket):

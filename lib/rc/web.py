@@ -1004,7 +1004,8 @@ def history_families(family, connection, now):
             ("rc_history_throughput_per_minute", "throughput_per_minute",
              "Tasks completed per minute over the window."),
             ("rc_history_success_ratio", "success_rate",
-             "Completed among the tasks that finished in the window, 0 to 1."),
+             "Completed among the tasks that completed, failed or timed out in the window"
+             " (cancelled is neither), 0 to 1."),
             ("rc_history_task_duration_seconds_mean", "duration_mean",
              "Mean seconds from start to result of the tasks that finished in the window."),
             ("rc_history_task_duration_seconds_max", "duration_max",

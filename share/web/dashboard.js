@@ -365,9 +365,10 @@ function failureTable(list) {
 // -- charts: plain SVG with a time axis -------------------------------------------------
 
 function charts(history) {
+  // As the success tile (stats.summary): cancelled is neither success nor failure.
   const rate = r => {
-    const finished = r.completed + r.failed + r.cancelled;
-    return finished ? 100 * r.completed / finished : null;
+    const judged = r.completed + r.failed;
+    return judged ? 100 * r.completed / judged : null;
   };
   // The gauges end at the present (the summary's figures), so a chart's
   // last value agrees with the tiles above it.
