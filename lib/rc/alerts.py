@@ -13,7 +13,6 @@ Rules:
   {"rule": "failure_rate", "above": 0.5, "window": 900, "min_tasks": 10}
 """
 import os
-import subprocess
 
 from rc import db, devices, health
 from rc.states import COMPLETED, OFFLINE
@@ -151,6 +150,7 @@ def evaluate(connection, config, log, now):
 
 def run_command(command, alert, log, now):
     """Start the user's command without waiting: the reaper must keep sweeping."""
+    import subprocess       # here only: alerts are imported by every `rc` command
     env = dict(os.environ, RC_ALERT_RULE=alert.rule, RC_ALERT_SUBJECT=str(alert.subject),
                RC_ALERT_MESSAGE=alert.message, RC_ALERT_TIME="%.3f" % now)
     env.update(("RC_ALERT_%s" % key.upper(), str(value)) for key, value in alert.details.items())

@@ -7,7 +7,6 @@ certificate whose SHA-256 fingerprint it was given, nothing else.
 import datetime
 import hashlib
 import os
-import ssl
 
 VALID_DAYS = 3650     # a home cluster outlives most certificates; pinning, not expiry, protects it
 
@@ -52,12 +51,14 @@ def write_private(path, data):
 
 def fingerprint(config):
     """SHA-256 of the certificate (DER), as 64 hex digits."""
+    import ssl      # in these two only: most `rc` commands never need it (~3 ms)
     with open(paths(config)[0]) as f:
         der = ssl.PEM_cert_to_DER_cert(f.read())
     return hashlib.sha256(der).hexdigest()
 
 
 def server_context(config):
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(*paths(config))
