@@ -3,8 +3,10 @@ bin/rc map true` on a real cluster with one 4-slot worker, from the shell
 starting the pipeline to `rc map` exiting with every result in hand; the
 median of RC_BENCH_REPEAT runs. A second column, rc map's own CPU per task
 (the shell, seq and rc map, from getrusage of the children), says how much
-of that is the command rather than the cluster. Prints the figures and
-writes them to test-artifacts/bench_map.json. Not part of `make test`."""
+of that is the command rather than the cluster. Then what a shell user
+waits for at every command: `rc status`, `rc tasks` and `rc submit`, each
+from its start to its exit, and its CPU. Prints the figures and writes them
+to test-artifacts/bench_map.json. Not part of `make test`."""
 import json
 import os
 import resource
@@ -55,6 +57,21 @@ def one_map(cluster):
     return INPUTS / elapsed, cpu / INPUTS
 
 
+def one_command(cluster, words):
+    """(ms from the start of `rc WORDS` to its exit, its CPU ms)."""
+    cpu_before, started = children_cpu(), time.perf_counter()
+    done = subprocess.run([RC] + words, env=cluster.env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    elapsed, cpu = time.perf_counter() - started, children_cpu() - cpu_before
+    assert done.returncode == 0, done.stderr
+    return elapsed * 1000, cpu * 1000
+
+
+# What a shell user (and cron's health check) waits for at every command.
+COMMANDS = (["status"], ["tasks"], ["submit", "echo", "hi"])
+COMMAND_RUNS = 15
+
+
 def test_rc_map_true_over_2000_inputs(cluster):
     runs = [one_map(cluster) for _ in range(REPEAT)]
     rate = statistics.median(run[0] for run in runs)
@@ -64,6 +81,14 @@ def test_rc_map_true_over_2000_inputs(cluster):
                 "unit": "tasks/s", "pass": rate >= TARGET},
                {"figure": "  rc map's own CPU (shell, seq, rc map) per task",
                 "target": "", "measured": round(cpu_ms, 3), "unit": "ms", "pass": True}]
+    for words in COMMANDS:
+        runs = [one_command(cluster, words) for _ in range(COMMAND_RUNS)]
+        figures.append({"figure": "rc %s, start to exit, median of %d" % (" ".join(words),
+                                                                        COMMAND_RUNS),
+                        "target": "", "measured": round(statistics.median(
+                            run[0] for run in runs), 1), "unit": "ms", "pass": True})
+        figures.append({"figure": "  its CPU", "target": "", "measured": round(
+            statistics.median(run[1] for run in runs), 1), "unit": "ms", "pass": True})
     os.makedirs(ARTIFACTS, exist_ok=True)
     with open(os.path.join(ARTIFACTS, "bench_map.json"), "w") as f:
         json.dump(figures, f, indent=2)
