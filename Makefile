@@ -23,9 +23,12 @@ SUPERVISORD := $(VENV)/bin/supervisord -c etc/supervisord.conf
 # compiles what it installs: compileall does, for each file that changed
 # since (a git pull). Without it every `rc` compiled ~60 modules from
 # source again where PYTHONDONTWRITEBYTECODE is set (or lib/ is read-only):
-# 170 ms of CPU a command instead of 115 on this VM.
+# 170 ms of CPU a command instead of 115 on this VM. The local worker's two
+# bytecode copies likewise: without them it runs from source, 38 MiB
+# instead of 16 (docs/worker.md, memory).
 install: $(VENV)/.installed
 	@$(PY) -m compileall -q lib
+	@$(PY) -c 'import sys; sys.path.insert(0, "bin"); import worker; worker.compile_bytecode()'
 	@$(PY) -m rc.cli init
 
 # Reinstall when the pins change; the stamp keeps `make run` quick otherwise.

@@ -1079,27 +1079,43 @@ def bytecode_argv(call, interpreter=None, tls=False, whole=True):
     would otherwise lie unused beside it (~0.15 MiB more of an idle worker)."""
     directory, name = os.path.split(WORKER_FILE)
     module, extension = os.path.splitext(name)
-    if (os.name != "posix" or extension != ".py" or not module.isidentifier()
-            or sys.dont_write_bytecode or not sys.executable):
+    if os.name != "posix" or extension != ".py" or not module.isidentifier() \
+            or not sys.executable:
         return None
     try:
         # Both, here: the spawner the worker starts loads the whole file, and
-        # compiling costs a process 12 MiB for good.
-        if not compiled_fresh(WORKER_FILE):
-            import py_compile
-            py_compile.compile(WORKER_FILE, doraise=True)
-        if whole:
-            code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
-                    % (directory, module))
-        else:
-            code = LOAD_WITHOUT_SPAWNER % (module, module, WORKER_FILE, compile_without_spawner(
-                WORKER_FILE), bytecode_header_size())
+        # compiling costs a process 12 MiB for good. With PYTHONDONTWRITEBYTECODE
+        # (or -B) nothing is written, but copies made before (`make install`,
+        # or compile_bytecode by hand) are used while they are up to date.
+        if not sys.dont_write_bytecode:
+            compile_bytecode()
+        without_spawner = path_without_spawner(WORKER_FILE)
+        if not (compiled_fresh(WORKER_FILE) and compiled_fresh(WORKER_FILE, without_spawner)):
+            return None
     except Exception:       # a directory we cannot write to, among others
         return None
+    if whole:
+        code = ("import sys; sys.path.insert(0, %r); import %s as worker; del sys.path[0];"
+                % (directory, module))
+    else:
+        code = LOAD_WITHOUT_SPAWNER % (module, module, WORKER_FILE, without_spawner,
+                                       bytecode_header_size())
     code += " sys.argv[0] = worker.WORKER_FILE; sys.exit(worker.%s)" % call
     if tls:
         code = TLS_FIRST % (SSL_ERROR_NAME_TABLES,) + code
     return (interpreter or interpreter_argv()) + ["-c", code]
+
+
+def compile_bytecode():
+    """This file's two bytecode copies (whole, and without the spawner's
+    code), each compiled when it is not up to date. `make install` calls it
+    for the local worker, where PYTHONDONTWRITEBYTECODE may be set."""
+    if not compiled_fresh(WORKER_FILE):
+        import py_compile
+        py_compile.compile(WORKER_FILE, doraise=True)
+    without_spawner = path_without_spawner(WORKER_FILE)
+    if not compiled_fresh(WORKER_FILE, without_spawner):
+        compile_without_spawner(WORKER_FILE, without_spawner)
 
 
 # The start of a bytecode_argv command without the spawner's code: its
@@ -1114,15 +1130,17 @@ SPAWNER_CODE_BEGINS = "# >>> The spawner's own code: the worker process loads th
 SPAWNER_CODE_ENDS = "# <<< The end of the spawner's own code."
 
 
-def compile_without_spawner(source):
-    """The path of this file's bytecode without the spawner's own code
-    (blank lines in its place, so that every other line keeps its number in
-    a traceback), compiled beside the whole file's when it is not up to date."""
-    bootstrap = sys.modules["_frozen_importlib_external"]
-    optimization = "nospawner%s" % (sys.flags.optimize or "")
-    cached = bootstrap.cache_from_source(source, optimization=optimization)
-    if compiled_fresh(source, cached):
-        return cached
+def path_without_spawner(source):
+    """Where the bytecode of `source` without the spawner's code is kept:
+    beside the whole file's in __pycache__, as an "optimization" of its own."""
+    return sys.modules["_frozen_importlib_external"].cache_from_source(
+        source, optimization="nospawner%s" % (sys.flags.optimize or ""))
+
+
+def compile_without_spawner(source, cached):
+    """`source` compiled into `cached` without the spawner's own code (blank
+    lines in its place, so that every other line keeps its number in a
+    traceback)."""
     import marshal
     info = os.stat(source)
     with open(source, "rb") as f:
@@ -1131,14 +1149,14 @@ def compile_without_spawner(source):
     end = lines.index(SPAWNER_CODE_ENDS.encode(), begin)
     lines[begin:end] = [b""] * (end - begin)
     code = compile(b"\n".join(lines), source, "exec", dont_inherit=True)
-    header = bootstrap.MAGIC_NUMBER + b"\0\0\0\0" * (sys.version_info >= (3, 7)) + b"".join(
+    magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
+    header = magic + b"\0\0\0\0" * (sys.version_info >= (3, 7)) + b"".join(
         (value & 0xFFFFFFFF).to_bytes(4, "little") for value in (int(info.st_mtime), info.st_size))
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     temporary = "%s.%d.tmp" % (cached, os.getpid())
     with open(temporary, "wb") as f:
         f.write(header + marshal.dumps(code))
     os.replace(temporary, cached)
-    return cached
 
 
 def bytecode_header_size():

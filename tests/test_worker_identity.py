@@ -388,6 +388,37 @@ def test_the_worker_process_loads_the_file_without_the_spawners_code(python, tmp
     assert any(name.endswith(".pyc") and ".opt-" not in name for name in cached)  # the spawner's
 
 
+def test_without_writing_bytecode_the_copies_made_beforehand_are_used(tmp_path):
+    """PYTHONDONTWRITEBYTECODE (our Dockerfile sets it; this machine too):
+    the worker writes nothing and ran from source, 38 MiB where it is 16.
+    Copies compile_bytecode made beforehand (`make install` does, for the
+    local worker) are used while they are up to date."""
+    import shutil
+    import subprocess
+    from test_worker import WORKER
+    copy = str(tmp_path / "worker.py")
+    shutil.copy(WORKER, copy)
+    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location("
+            "'rc_worker_copy', %r); module = importlib.util.module_from_spec(spec);"
+            " spec.loader.exec_module(module); " % copy)
+
+    def run(code):
+        done = subprocess.run([sys.executable, "-B", "-I", "-c", load + code],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+    argv = "print(module.bytecode_argv('main()', whole=False) is not None)"
+    assert run(argv) == "False"
+    assert not (tmp_path / "__pycache__").exists()
+    run("module.compile_bytecode()")
+    assert len(os.listdir(str(tmp_path / "__pycache__"))) == 2
+    assert run(argv) == "True"
+    with open(copy, "a") as f:
+        f.write("# changed\n")
+    assert run(argv) == "False"         # stale: from source, as before
+
+
 def test_nothing_the_worker_process_runs_names_the_spawners_code():
     """What compile_without_spawner leaves out must be out of the worker
     process's reach: from main() and every statement at module level,
