@@ -1,0 +1,150 @@
+"""Round 31 of attacks: a stranger on the LAN, an enrolled device, or a
+main node gone wrong (for rc.client) doing what it should not. Each test
+failed on the code before its fix."""
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from rc import client
+from test_client_http import Canned, Endless
+
+
+class Listener:
+    """A main node gone wrong, on 127.0.0.1: each connection is given to
+    `answer(connection)` in a thread of its own."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self.answer_and_close, args=(connection,),
+                             daemon=True).start()
+
+    def answer_and_close(self, connection):
+        with connection:
+            try:
+                self.answer(connection)
+            except OSError:
+                pass
+
+
+def test_an_endless_error_answer_to_a_download_is_not_held(monkeypatch, tmp_path):
+    """get(ref, path) with a 500 whose body never ends: the client held the
+    whole error body in memory however long (no limit: a file's answer is
+    unbounded, and an error's text is not written to the file); it now
+    stops at MAX_ANSWER_BYTES, and leaves no partial file."""
+    monkeypatch.setattr(client, "MAX_ANSWER_BYTES", 1 << 20)
+    server = Endless(b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"10000\r\n" + b"e" * 65536 + b"\r\n", most=32 * 1024 * 1024)
+    target = tmp_path / "out.bin"
+    with client.Cluster("http://127.0.0.1:%d" % server.port, "secret") as cluster:
+        with pytest.raises(client.ClusterError, match="MAX_ANSWER_BYTES"):
+            cluster.get("a" * 64, str(target))
+    time.sleep(0.2)
+    assert server.sent < server.most
+    assert os.listdir(str(tmp_path)) == []
+
+
+FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"files\": 1}"
+
+
+def test_an_answer_cut_by_ctrl_c_is_not_read_as_the_next_one(tmp_path):
+    """Ctrl-C in the middle of get(): the kept-alive connection stayed in
+    the thread with the rest of that file's bytes on it, and the next
+    request read them as its answer (a 'bad answer', or whatever answer
+    a task's output file spelled). It is now dropped."""
+    body = b"y" * 1000 + b"\r\n" + FORGED
+    rest = threading.Event()
+    requests = []
+
+    def answer(connection):
+        while Canned.read_request(connection) is not None:
+            requests.append(1)
+            if len(requests) == 1:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                   % len(body) + body[:500])
+                rest.wait(30)
+                connection.sendall(body[500:])
+            else:
+                real = b'{"files": [{"name": "real.txt"}]}'
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                   % len(real) + real)
+
+    server = Listener(answer)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with client.Cluster(server.url, "secret") as cluster:
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            with pytest.raises(KeyboardInterrupt):
+                cluster.get((1, "out.txt"), str(tmp_path / "out.txt"))
+            rest.set()
+            time.sleep(0.5)             # the rest of the file is there to be read
+            assert cluster.files(1) == [{"name": "real.txt"}]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        rest.set()
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_file_that_shrinks_while_it_is_put_is_a_clear_error_at_once(tmp_path):
+    """put() sends a file of the disk with sendfile, as long as it was when
+    asked; one truncated meanwhile (a log rotated) left the request short,
+    the client waiting for an answer until rc-web's read timeout closed it
+    (20 s, twice on a kept-alive connection), then 'no answer'."""
+    source = tmp_path / "growing.log"
+    with open(str(source), "wb") as f:
+        f.truncate(64 * 1024 * 1024)        # sparse: cheap to make and to hash
+
+    def answer(connection):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536)
+        time.sleep(1)               # the client's sendfile fills the socket's buffers
+        os.truncate(str(source), 1024 * 1024)
+        connection.settimeout(10)   # rc-web's web_read_timeout, shorter: then it closes
+        try:
+            while connection.recv(1 << 20):
+                pass
+        except socket.timeout:
+            pass
+
+    server = Listener(answer)
+    with client.Cluster(server.url, "secret") as cluster:
+        started = time.monotonic()
+        with pytest.raises(client.ClusterError, match="shrank while it was sent"):
+            cluster.put(str(source))
+        waited = time.monotonic() - started
+    assert waited < 8, waited
+
+
+@pytest.mark.parametrize("page, status", [
+    (b"<html><head><title>413 Request Entity Too Large</title></head></html>", 413),
+    (b"<html>502 Bad Gateway</html>", 502),
+    (b'["not", "an", "object"]', 500),
+])
+def test_a_proxys_page_answering_a_put_is_a_cluster_error(page, status):
+    """rc-web behind a reverse proxy that refuses a large upload with its
+    own HTML page: put() raised json.JSONDecodeError (or AttributeError on
+    a JSON list) instead of a ClusterError naming the status."""
+    server = Canned([(b"HTTP/1.1 %d No\r\nContent-Length: %d\r\n\r\n" % (status, len(page))
+                      + page,)])
+    with client.Cluster("http://127.0.0.1:%d" % server.port, "secret") as cluster:
+        with pytest.raises(client.ClusterError, match=r"POST /api/v1/files: .* \(HTTP %d\)"
+                           % status) as caught:
+            cluster.put(b"some bytes")
+    assert caught.value.status == status
