@@ -1,6 +1,7 @@
 """Round 31 of attacks: a stranger on the LAN, an enrolled device, or a
 main node gone wrong (for rc.client) doing what it should not. Each test
 failed on the code before its fix."""
+import hashlib
 import os
 import signal
 import socket
@@ -148,3 +149,30 @@ def test_a_proxys_page_answering_a_put_is_a_cluster_error(page, status):
                            % status) as caught:
             cluster.put(b"some bytes")
     assert caught.value.status == status
+
+
+def test_a_download_into_a_directory_is_refused_before_it_is_fetched(tmp_path):
+    """get(ref, DIRECTORY) fetched the whole file (gigabytes, perhaps) and
+    only then failed to rename it onto the directory; open(path, "wb")
+    would have said so at once, and so does get now."""
+    server = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"] * 2)
+    (tmp_path / "sub").mkdir()
+    with client.Cluster("http://127.0.0.1:%d" % server.port, "secret") as cluster:
+        for path in (str(tmp_path / "sub"), str(tmp_path / "sub") + "/"):
+            with pytest.raises(IsADirectoryError):
+                cluster.get(hashlib.sha256(b"hello").hexdigest(), path)
+    assert server.requests == []
+    assert sorted(os.listdir(str(tmp_path))) == ["sub"] and os.listdir(str(tmp_path / "sub")) == []
+
+
+def test_a_long_name_in_another_script_downloads_as_open_would_write_it(tmp_path):
+    """A name of 84 CJK characters (252 bytes, within the 255 a name may
+    have): its hidden .NAME.XXXX.part kept 100 characters of it, over 255
+    bytes, and get() failed with 'File name too long'."""
+    server = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+    target = str(tmp_path / ("\u65e5" * 84))
+    with client.Cluster("http://127.0.0.1:%d" % server.port, "secret") as cluster:
+        assert cluster.get(hashlib.sha256(b"hello").hexdigest(), target) == target
+    with open(target, "rb") as f:
+        assert f.read() == b"hello"
+    assert os.listdir(str(tmp_path)) == [os.path.basename(target)]

@@ -25,6 +25,7 @@ import binascii
 import collections
 import concurrent.futures
 import dis
+import errno
 import functools
 import hashlib
 import inspect
@@ -1262,8 +1263,11 @@ class Cluster:
         """get() into a file: written, hashed as it comes, to a new file
         beside `path`, renamed onto it once its hash is right (else removed):
         never held whole, and `path` never holds a damaged file."""
+        if os.path.isdir(path):     # as open(path, "wb") says, before the download
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         directory, name = os.path.split(os.path.abspath(path))
-        partial = os.path.join(directory, ".%s.%s.part" % (name[:100], os.urandom(4).hex()))
+        # 40 characters of its name: 160 bytes in UTF-8 at most, room for the rest in 255.
+        partial = os.path.join(directory, ".%s.%s.part" % (name[:40], os.urandom(4).hex()))
         # Made as open(path, "wb") would make it (the umask applies), never followed.
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                              | getattr(os, "O_NOFOLLOW", 0), 0o666)
