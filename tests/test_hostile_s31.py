@@ -2,6 +2,7 @@
 main node gone wrong (for rc.client) doing what it should not. Each test
 failed on the code before its fix."""
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -12,6 +13,12 @@ import pytest
 
 from rc import client
 from test_client_http import Canned, Endless
+
+try:        # the dashboard's terminal in Chromium: its fixtures (a main node, a worker)
+    from test_dashboard_browser import CHROMIUM, browser, node, page  # noqa: F401
+    from test_dashboard_browser import screen, type_line, wait_for, wait_prompt, wait_screen
+except pytest.skip.Exception:           # no Playwright here
+    CHROMIUM = None
 
 
 class Listener:
@@ -176,3 +183,43 @@ def test_a_long_name_in_another_script_downloads_as_open_would_write_it(tmp_path
     with open(target, "rb") as f:
         assert f.read() == b"hello"
     assert os.listdir(str(tmp_path)) == [os.path.basename(target)]
+
+
+# -- the web terminal: what a device printed -------------------------------------------
+
+EVIL_OUTPUT = "ok\x1b]8;;http://127.0.0.1:9/token\x07click\x1b]8;;\x07\x1b[2J\x1b[H\n"
+
+
+def test_submit_wait_through_the_web_terminals_command_shows_no_escape(cluster_home,
+                                                                       add_device):
+    """POST /api/v1/command runs `submit ... --wait` for the web terminal
+    (an xterm.js, which obeys escape sequences: a link, a cleared screen,
+    a prompt of the device's own): the output went raw, as to a pipe, since
+    the command's stdout there is no tty."""
+    from test_cli import finish_later
+    from rc import commands
+    config, _ = cluster_home
+    add_device("pi")
+    worker = finish_later(config, 1, "pi", "completed", EVIL_OUTPUT)
+    out, err = io.StringIO(), io.StringIO()
+    status = commands.run_command(["submit", "echo", "x", "--wait"], out, err, config,
+                                  actor=("admin", "127.0.0.1"))
+    worker.join()
+    assert status == 0, err.getvalue()
+    assert out.getvalue() == "ok?]8;;http://127.0.0.1:9/token?click?]8;;??[2J?[H\n"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium or no Playwright")
+@pytest.mark.timeout(120)
+def test_the_web_terminal_shows_a_tasks_escape_sequences_as_text(page, node):
+    """`submit ... --wait` in the dashboard's terminal: the task's output
+    went to xterm.js raw, so a device could clear the screen and draw on
+    it (a prompt of its own asking for the admin token), or put a link
+    there (OSC 8). Now each control character shows as "?"."""
+    wait_prompt(page)
+    type_line(page, "submit python_exec print('ok'+chr(27)+'[2J'+chr(27)+'[Hgone') --wait")
+    wait_screen(page, "admin token")
+    type_line(page, node.admin_token)
+    wait_for(lambda: "gone" in screen(page), 30, "the task's output")
+    wait_prompt(page)
+    assert "ok?[2J?[Hgone" in screen(page)

@@ -712,12 +712,13 @@ def report_outcome(context, task):
     what is inline and says where the rest is); a one-line reason when it
     did not complete."""
     result = task.get("result") or {}
-    terminal = hasattr(context.out, "isatty") and context.out.isatty()
+    # The web terminal (an actor other than the CLI) is a terminal too.
+    terminal = context.actor != "cli" or hasattr(context.out, "isatty") and context.out.isatty()
     output = map_cli.stream(context.connection, task["task_id"], result, "output", 0)
     if isinstance(output, str):
         context.out.write(with_newline(render.printable(output) if terminal else output))
     elif context.actor != "cli":
-        context.out.write(with_newline(result.get("output") or ""))
+        context.out.write(with_newline(render.printable(result.get("output") or "")))
         context.err.write("task %d's output goes on past the inline cap: GET /api/v1/tasks/%d"
                           "/files/%s\n" % (task["task_id"], task["task_id"], output["name"]))
     else:

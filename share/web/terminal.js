@@ -449,15 +449,23 @@ async function resultOf(taskId, waiting, limitSeconds) {
   }
 }
 
+// What a device chose (a task's output, its error), every control character
+// but line ends and tabs shown as "?", as `rc` shows it on a terminal
+// (render.printable): an escape sequence could clear the screen, draw a
+// prompt of its own, or put a link on the screen.
+function printable(text) {
+  return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, "?");
+}
+
 function reportOutcome(taskId, [status, task]) {
   if (status !== 200) {
     return show(status === 409 ? "rc: error: task " + taskId + " is still " + task.state
                 + "; gave up waiting\n" : "rc: " + (task.error || "HTTP " + status) + "\n", 31);
   }
-  const output = (task.result && task.result.output) || "";
+  const output = printable((task.result && task.result.output) || "");
   show(output && !output.endsWith("\n") ? output + "\n" : output);
   if (task.state !== "completed") {
-    const text = task.error || (task.result && task.result.stderr) || task.reason || "";
+    const text = printable(task.error || (task.result && task.result.stderr) || task.reason || "");
     const lines = text.split("\n").map(l => l.trim()).filter(Boolean);
     show("rc: error: task " + taskId + " " + task.state
          + (lines.length ? ": " + lines[lines.length - 1] : "") + "\n", 31);
