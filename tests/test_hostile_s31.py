@@ -217,9 +217,28 @@ def test_the_web_terminal_shows_a_tasks_escape_sequences_as_text(page, node):
     it (a prompt of its own asking for the admin token), or put a link
     there (OSC 8). Now each control character shows as "?"."""
     wait_prompt(page)
-    type_line(page, "submit python_exec print('ok'+chr(27)+'[2J'+chr(27)+'[Hgone') --wait")
+    type_line(page, "submit python_exec \"print('ok'+chr(27)+'[2J'+chr(27)+'[Hgone')\" --wait")
     wait_screen(page, "admin token")
     type_line(page, node.admin_token)
     wait_for(lambda: "gone" in screen(page), 30, "the task's output")
     wait_prompt(page)
     assert "ok?[2J?[Hgone" in screen(page)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium or no Playwright")
+@pytest.mark.timeout(120)
+def test_submit_wait_in_the_web_terminal_keeps_a_quoted_command_whole(page, node):
+    """The terminal split `submit shell "echo 'one  two' ..." --wait` at
+    every space and quoted each piece, so rc got the words '"echo', "'one",
+    "two'"...: 'unrecognized arguments'. Without --wait the line went as
+    typed and ran; now with it too, less the words --wait takes."""
+    wait_prompt(page)
+    type_line(page, "login")
+    wait_screen(page, "admin token")
+    type_line(page, node.admin_token)
+    wait_prompt(page)
+    type_line(page, """submit shell "echo 'one  two' \\"three\\"" --wait""")
+    wait_for(lambda: "one  two three" in screen(page) or "rc:" in screen(page), 30,
+             "the task's output or an error")
+    wait_prompt(page)
+    assert "one  two three" in screen(page) and "rc:" not in screen(page), screen(page)

@@ -219,7 +219,7 @@ function tokenGiven(text) {
 // -- commands ---------------------------------------------------------------------
 
 function run(text, justGiven) {
-  const words = text.split(/\s+/);
+  const words = typedWords(text);
   const name = words[0];
   if (name === "help" && words.length === 1) return help();
   if (name === "help") return runRemote(words.slice(1).join(" ") + " --help");
@@ -406,7 +406,7 @@ async function submitAndWait(words, justGiven) {
                               !(timeoutAt > 0 && (i === timeoutAt || i === timeoutAt + 1)));
   const waiting = startBusy("submitting");
   try {
-    const [status, body] = await command(submit.map(quoteWord).join(" "),
+    const [status, body] = await command(submit.join(" "),
                                          waiting.controller.signal);
     if (waiting.stopped) return;
     const taskId = status === 200 && (body.output || "").trim();
@@ -430,8 +430,28 @@ async function submitAndWait(words, justGiven) {
   prompt();
 }
 
-function quoteWord(word) {
-  return /^[A-Za-z0-9_.,:=\/@%+-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+// The words of a command line as typed, quotes and all: split where the
+// main node's shlex will split it (whitespace outside quotes, not after a
+// backslash), so that words taken out of it leave the rest as it was.
+function typedWords(text) {
+  const words = [];
+  let word = "", quote = null;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === "\\" && quote !== "'" && i + 1 < text.length) {
+      word += c + text[++i];
+    } else if (quote) {
+      if (c === quote) quote = null;
+      word += c;
+    } else if (/\s/.test(c)) {
+      if (word) words.push(word);
+      word = "";
+    } else {
+      if (c === "'" || c === '"') quote = c;
+      word += c;
+    }
+  }
+  return word ? words.concat([word]) : words;
 }
 
 // The task's record, polled until it ends (GET .../result would answer 409
