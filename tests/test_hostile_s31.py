@@ -13,6 +13,8 @@ import pytest
 
 from rc import client
 from test_client_http import Canned, Endless
+from test_worker_files import files, run, start  # noqa: F401 (fixtures)
+from test_worker import main  # noqa: F401 (a fixture)
 
 try:        # the dashboard's terminal in Chromium: its fixtures (a main node, a worker)
     from test_dashboard_browser import CHROMIUM, browser, node, page  # noqa: F401
@@ -242,3 +244,17 @@ def test_submit_wait_in_the_web_terminal_keeps_a_quoted_command_whole(page, node
              "the task's output or an error")
     wait_prompt(page)
     assert "one  two three" in screen(page) and "rc:" not in screen(page), screen(page)
+
+
+# -- the worker: what a task may make it write ------------------------------------------
+
+def test_a_tasks_stdout_kept_by_the_worker_stops_at_the_largest_file_it_may_write(start, files):
+    """Stdout past the output cap is written in full to a file by the
+    worker, whose own writes RLIMIT_FSIZE does not limit: a task could
+    fill the device's disk (an SD card) with `yes` until its timeout
+    however small --max-file-size. The kept copy now stops there."""
+    worker, link = start("--output-cap", "1000", "--max-file-size", "1")
+    result = run(link, 1, "shell", {"command": "head -c 5000000 /dev/zero; echo done >&2"})
+    assert result["status"] == "completed", result
+    assert result["result"]["truncated"] is True and result["result"]["stderr"] == "done\n"
+    assert files.stored[(1, 1, ".rc/stdout")] == b"\0" * 1048576
