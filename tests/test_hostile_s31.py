@@ -258,3 +258,42 @@ def test_a_tasks_stdout_kept_by_the_worker_stops_at_the_largest_file_it_may_writ
     assert result["status"] == "completed", result
     assert result["result"]["truncated"] is True and result["result"]["stderr"] == "done\n"
     assert files.stored[(1, 1, ".rc/stdout")] == b"\0" * 1048576
+
+
+# -- rc logs -f --------------------------------------------------------------------------
+
+def test_logs_follow_of_the_audit_log_outlives_its_rotation(cluster_home, tmp_path):
+    """`rc logs -f --program audit`: the audit log rotates by moving the
+    full file to audit.log.1, and the next line makes a new one; meanwhile
+    there is no audit.log, and the follower stopped at its next look with
+    'no log for program audit'. It now waits for the new file."""
+    import json
+    import subprocess
+    import sys
+    from rc import audit
+    from rc import config as config_module
+    settings = str(tmp_path / "rc.json")
+    with open(settings, "w") as f:
+        json.dump({"audit_log_max_bytes": 2000}, f)
+    env = dict(os.environ, RC_CONFIG=settings, PYTHONPATH=os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+    config = config_module.load(environ=env)      # cluster_home's RC_HOME, this rc.json
+    audit.record(config, "before_following", "cli", "local")
+    follower = subprocess.Popen([sys.executable, "-m", "rc.cli", "logs", "-f", "--program",
+                                 "audit"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    try:
+        time.sleep(1)
+        for number in range(40):        # past 2000 bytes: rotated, no audit.log for now
+            audit.record(config, "filler", "cli", "local", number=number)
+            if not os.path.exists(audit.path(config)):
+                break
+        assert not os.path.exists(audit.path(config))
+        time.sleep(2)                   # ten looks of the follower at no audit.log
+        audit.record(config, "after_rotation", "cli", "local")
+        time.sleep(2)
+        assert follower.poll() is None, follower.communicate()
+    finally:
+        follower.terminate()
+    out, err = follower.communicate(timeout=30)
+    assert b"after_rotation" in out, (out[-500:], err[-500:])
