@@ -187,6 +187,41 @@ def test_a_long_name_in_another_script_downloads_as_open_would_write_it(tmp_path
     assert os.listdir(str(tmp_path)) == [os.path.basename(target)]
 
 
+
+def test_a_submit_answer_naming_fewer_tasks_than_sent_leaves_no_future_without_an_end():
+    """A main node gone wrong answers a batch of submits with fewer task
+    ids than it was sent: the futures past the last id were never given
+    one, nor an error, and result() waited for them for ever."""
+    next_id = [0]
+
+    def answer(connection):
+        while True:
+            request = Canned.read_request(connection)
+            if request is None:
+                return
+            if request[0].startswith(b"POST /api/v1/tasks"):
+                next_id[0] += 1
+                body = b'{"group_id": 1, "tasks": [{"task_id": %d}]}' % next_id[0]
+                connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n"
+                                   % len(body) + body)
+            else:               # the result stream: open, with nothing in it
+                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                time.sleep(60)
+
+    server = Listener(answer)
+    cluster = client.Cluster(server.url, "secret")
+    try:
+        futures = [cluster.submit("echo", str(n)) for n in range(200)]
+        deadline = time.monotonic() + 30
+        assert all(f.submitted.wait(max(0.0, deadline - time.monotonic())) for f in futures)
+        refused = [f for f in futures if f.task_id is None]
+        assert refused, "every batch was of one task: nothing tried"
+        for future in refused:
+            with pytest.raises(client.ClusterError, match=r"1 task id for \d+ tasks"):
+                future.result(10)
+    finally:
+        cluster.close(wait=False)
+
 # -- the web terminal: what a device printed -------------------------------------------
 
 EVIL_OUTPUT = "ok\x1b]8;;http://127.0.0.1:9/token\x07click\x1b]8;;\x07\x1b[2J\x1b[H\n"

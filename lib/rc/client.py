@@ -911,6 +911,11 @@ class Cluster:
             settle(future, error=e)
 
     def accept(self, futures, answer):
+        named = answer.get("tasks")
+        if not isinstance(named, list) or len(named) != len(futures):
+            raise BadAnswer("%s task id%s for %d tasks" % (
+                len(named) if isinstance(named, list) else "no", "" if isinstance(
+                    named, list) and len(named) == 1 else "s", len(futures)))
         with self.lock:
             group_id = answer.get("group_id", self.group_id)
             if group_id != self.group_id:
