@@ -217,7 +217,7 @@ def test_a_submit_answer_naming_fewer_tasks_than_sent_leaves_no_future_without_a
         refused = [f for f in futures if f.task_id is None]
         assert refused, "every batch was of one task: nothing tried"
         for future in refused:
-            with pytest.raises(client.ClusterError, match=r"1 task id for \d+ tasks"):
+            with pytest.raises(client.ClusterError, match=r"named 1 task id for a batch of \d+"):
                 future.result(10)
     finally:
         cluster.close(wait=False)

@@ -912,10 +912,10 @@ class Cluster:
 
     def accept(self, futures, answer):
         named = answer.get("tasks")
-        if not isinstance(named, list) or len(named) != len(futures):
-            raise BadAnswer("%s task id%s for %d tasks" % (
-                len(named) if isinstance(named, list) else "no", "" if isinstance(
-                    named, list) and len(named) == 1 else "s", len(futures)))
+        count = len(named) if isinstance(named, list) else 0
+        if count != len(futures):       # else the futures past the last id would never end
+            raise BadAnswer("the main node named %d task id%s for a batch of %d"
+                            % (count, "" if count == 1 else "s", len(futures)))
         with self.lock:
             group_id = answer.get("group_id", self.group_id)
             if group_id != self.group_id:
