@@ -6914,8 +6914,10 @@ class Files(object):
 
 
 def spill_stream(task, fd, buffer, chunk):
-    """A stream past the inline cap goes on, in full, to a file of the task
-    dir, opened once (never by name again: the upload reads this handle)."""
+    """A stream past the inline cap goes on, in full up to --max-file-size,
+    to a file of the task dir, opened once (never by name again: the upload
+    reads this handle). The worker writes it, so the task's RLIMIT_FSIZE
+    would not stop it: `yes` would fill the device's disk."""
     spill = getattr(task, "spill", None)
     if spill is None or task.workdir is None:
         return
@@ -6928,6 +6930,13 @@ def spill_stream(task, fd, buffer, chunk):
                                        | getattr(os, "O_NOFOLLOW", 0), 0o600), "w+b", 0)
             spill[index] = stream
             stream.write(bytes(buffer))
+        if task.file_limit:
+            left = task.file_limit * 1048576 - stream.tell()
+            if len(chunk) > left:
+                if left > 0:
+                    log("warning", "stream_cut", task_id=task.key[0], stream=STREAM_NAMES[index],
+                        limit_mb=task.file_limit)
+                chunk = chunk[:max(left, 0)]
         stream.write(chunk)
     except OSError as e:
         log("warning", "stream_not_kept", task_id=task.key[0], error=str(e))

@@ -25,6 +25,7 @@ import binascii
 import collections
 import concurrent.futures
 import dis
+import errno
 import functools
 import hashlib
 import inspect
@@ -230,7 +231,10 @@ class Http:
                 for data in message:
                     link[0].sendall(data)
                 if sending is not None:      # what it held when asked, from where it stood
-                    link[0].sendfile(sending, start, length)
+                    sent = link[0].sendfile(sending, start, length)
+                    if sent != length:      # else rc-web waits for the rest, then closes
+                        raise ClusterError("the file shrank while it was sent: %d of its %d"
+                                           " bytes" % (sent, length))
                 status, data, keep, fields = read_answer(link[1], method, limit, sink)
                 if not keep:
                     self.drop()
@@ -249,6 +253,9 @@ class Http:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
                                    % (self.scheme, self.host, self.port, e))
+            except BaseException:
+                self.drop()     # Ctrl-C mid-answer: its rest is not the next answer
+                raise
 
     def head(self, method, path, body, headers, length=None):
         """The request's line and fields: ours, the caller's, the body's
@@ -275,15 +282,7 @@ class Http:
             None if value is None else json.dumps(value).encode())
         headers = {"Content-Type": "application/json"} if body is not None else None
         status, data = self.request(method, path, body, headers, timeout)
-        try:
-            answer = json.loads(data.decode("utf-8")) if data else {}
-        except ValueError:
-            answer = {"error": data[:200].decode("utf-8", "replace")}
-        if status not in ok:
-            raise ClusterError("%s %s: %s (HTTP %d)" % (method, path.split("?")[0],
-                               answer.get("error", answer) if isinstance(answer, dict)
-                               else answer, status), status)
-        return answer
+        return json_answer(method, path, status, data, ok)
 
     def stream(self, path, timeout):
         """A ResultStream of GET `path`, on a connection of its own."""
@@ -306,6 +305,20 @@ class Http:
             if isinstance(e, (OSError, BadAnswer)):
                 raise ClusterError("cannot open %s: %s" % (path, e))
             raise
+
+
+def json_answer(method, path, status, data, ok):
+    """An answer's JSON; a ClusterError naming its error unless its status
+    is in `ok` (a proxy's HTML page of a 413 or a 502 included)."""
+    try:
+        answer = json.loads(data.decode("utf-8")) if data else {}
+    except ValueError:
+        answer = {"error": data[:200].decode("utf-8", "replace")}
+    if status not in ok:
+        raise ClusterError("%s %s: %s (HTTP %d)" % (method, path.split("?")[0],
+                           answer.get("error", answer) if isinstance(answer, dict)
+                           else answer, status), status)
+    return answer
 
 
 def header_text(text, what, also_refused=""):
@@ -352,7 +365,8 @@ def read_answer(reader, method, limit=None, sink=None):
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
-    sink = sink if status == 200 else None      # an error's text is read, not written
+    if status != 200:       # an error's text is read, not written, and held bounded
+        sink, limit = None, MAX_ANSWER_BYTES if limit is None else limit
     if "chunked" in fields.get("transfer-encoding", "").lower():
         return status, read_chunked(reader, limit, sink), keep, fields
     if "content-length" in fields:
@@ -897,6 +911,11 @@ class Cluster:
             settle(future, error=e)
 
     def accept(self, futures, answer):
+        named = answer.get("tasks")
+        count = len(named) if isinstance(named, list) else 0
+        if count != len(futures):       # else the futures past the last id would never end
+            raise BadAnswer("the main node named %d task id%s for a batch of %d"
+                            % (count, "" if count == 1 else "s", len(futures)))
         with self.lock:
             group_id = answer.get("group_id", self.group_id)
             if group_id != self.group_id:
@@ -1222,11 +1241,7 @@ class Cluster:
         headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}
         status, body = self.http.request("POST", "/api/v1/files", body, headers,
                                          REQUEST_TIMEOUT + size / 1e6)
-        answer = json.loads(body.decode("utf-8") or "{}")
-        if status != 201:
-            raise ClusterError("POST /api/v1/files: %s (HTTP %d)" % (answer.get("error"),
-                                                                     status), status)
-        return answer
+        return json_answer("POST", "/api/v1/files", status, body, (201,))
 
     def get(self, ref, path=None, bounded=False):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
@@ -1253,8 +1268,11 @@ class Cluster:
         """get() into a file: written, hashed as it comes, to a new file
         beside `path`, renamed onto it once its hash is right (else removed):
         never held whole, and `path` never holds a damaged file."""
+        if os.path.isdir(path):     # as open(path, "wb") says, before the download
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         directory, name = os.path.split(os.path.abspath(path))
-        partial = os.path.join(directory, ".%s.%s.part" % (name[:100], os.urandom(4).hex()))
+        # 40 characters of its name: 160 bytes in UTF-8 at most, room for the rest in 255.
+        partial = os.path.join(directory, ".%s.%s.part" % (name[:40], os.urandom(4).hex()))
         # Made as open(path, "wb") would make it (the umask applies), never followed.
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                              | getattr(os, "O_NOFOLLOW", 0), 0o666)

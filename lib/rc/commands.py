@@ -738,13 +738,14 @@ def report_outcome(context, task):
 
 def write_stream(context, task, result, field, target):
     """The task's stdout ("output") or stderr on `target`, as report_outcome says."""
-    terminal = hasattr(target, "isatty") and target.isatty()
+    # The web terminal (an actor other than the CLI) is a terminal too.
+    terminal = context.actor != "cli" or hasattr(target, "isatty") and target.isatty()
     text = map_cli.stream(context.connection, task["task_id"], result, field,
                           STREAM_FIELDS.index(field))
     if isinstance(text, str):
         target.write(with_newline(render.printable(text) if terminal else text))
     elif context.actor != "cli":
-        target.write(with_newline(result.get(field) or ""))
+        target.write(with_newline(render.printable(result.get(field) or "")))
         context.err.write("task %d's %s goes on past the inline cap: GET /api/v1/tasks/%d"
                           "/files/%s\n" % (task["task_id"], field,
                                            task["task_id"], text["name"]))

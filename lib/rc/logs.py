@@ -171,10 +171,17 @@ def new_lines(log_dir, program, offsets, wanted=None):
     `offsets` (updated); a file that shrank was rotated, so it is read again
     from the start."""
     lines = []
-    for path in log_paths(log_dir, program):
+    try:
+        paths = log_paths(log_dir, program)
+    except NoSuchLog:       # moved away as it rotated (the audit log until its next line)
+        paths = []
+    for path in paths:
         offset = offsets.get(path, 0)
-        offset = 0 if os.path.getsize(path) < offset else offset
-        text, offsets[path] = read_complete_lines(path, offset)
+        try:
+            offset = 0 if os.path.getsize(path) < offset else offset
+            text, offsets[path] = read_complete_lines(path, offset)
+        except FileNotFoundError:       # the same, between the listing and now
+            continue
         lines.extend(line for line in parse_log_lines(text, program_of(path))
                      if wanted is None or wanted(line[1]))
     return lines

@@ -782,10 +782,7 @@ class Web:
         yield "".join(first)
         while True:
             time.sleep(LOG_POLL_INTERVAL)
-            try:
-                lines = logs.new_lines(self.config.log_dir, program, offsets)
-            except logs.NoSuchLog:
-                lines = []      # its first line makes the file
+            lines = logs.new_lines(self.config.log_dir, program, offsets)     # none yet: []
             lines.sort(key=lambda line: line[0])
             yield "".join(sse("log", records.log_event(record, moment), "%.6f" % moment)
                           for moment, record in lines)

@@ -219,7 +219,7 @@ function tokenGiven(text) {
 // -- commands ---------------------------------------------------------------------
 
 function run(text, justGiven) {
-  const words = text.split(/\s+/);
+  const words = typedWords(text);
   const name = words[0];
   if (name === "help" && words.length === 1) return help();
   if (name === "help") return runRemote(words.slice(1).join(" ") + " --help");
@@ -406,7 +406,7 @@ async function submitAndWait(words, justGiven) {
                               !(timeoutAt > 0 && (i === timeoutAt || i === timeoutAt + 1)));
   const waiting = startBusy("submitting");
   try {
-    const [status, body] = await command(submit.map(quoteWord).join(" "),
+    const [status, body] = await command(submit.join(" "),
                                          waiting.controller.signal);
     if (waiting.stopped) return;
     const taskId = status === 200 && (body.output || "").trim();
@@ -430,8 +430,28 @@ async function submitAndWait(words, justGiven) {
   prompt();
 }
 
-function quoteWord(word) {
-  return /^[A-Za-z0-9_.,:=\/@%+-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+// The words of a command line as typed, quotes and all: split where the
+// main node's shlex will split it (whitespace outside quotes, not after a
+// backslash), so that words taken out of it leave the rest as it was.
+function typedWords(text) {
+  const words = [];
+  let word = "", quote = null;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === "\\" && quote !== "'" && i + 1 < text.length) {
+      word += c + text[++i];
+    } else if (quote) {
+      if (c === quote) quote = null;
+      word += c;
+    } else if (/\s/.test(c)) {
+      if (word) words.push(word);
+      word = "";
+    } else {
+      if (c === "'" || c === '"') quote = c;
+      word += c;
+    }
+  }
+  return word ? words.concat([word]) : words;
 }
 
 // The task's record, polled until it ends (GET .../result would answer 409
@@ -449,15 +469,23 @@ async function resultOf(taskId, waiting, limitSeconds) {
   }
 }
 
+// What a device chose (a task's output, its error), every control character
+// but line ends and tabs shown as "?", as `rc` shows it on a terminal
+// (render.printable): an escape sequence could clear the screen, draw a
+// prompt of its own, or put a link on the screen.
+function printable(text) {
+  return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, "?");
+}
+
 function reportOutcome(taskId, [status, task]) {
   if (status !== 200) {
     return show(status === 409 ? "rc: error: task " + taskId + " is still " + task.state
                 + "; gave up waiting\n" : "rc: " + (task.error || "HTTP " + status) + "\n", 31);
   }
-  const output = (task.result && task.result.output) || "";
+  const output = printable((task.result && task.result.output) || "");
   show(output && !output.endsWith("\n") ? output + "\n" : output);
   if (task.state !== "completed") {
-    const text = task.error || (task.result && task.result.stderr) || task.reason || "";
+    const text = printable(task.error || (task.result && task.result.stderr) || task.reason || "");
     const lines = text.split("\n").map(l => l.trim()).filter(Boolean);
     show("rc: error: task " + taskId + " " + task.state
          + (lines.length ? ": " + lines[lines.length - 1] : "") + "\n", 31);
