@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import pickle
 import select
@@ -66,6 +67,9 @@ STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again; doubles
 RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
+UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
+                                # reached before that now refuses to connect (a restart,
+                                # `make stop` / `make run`): nothing of it was sent
 STREAM_REFUSALS_MAX = 5         # refusals in a row of a result stream (a line the client
                                 # cannot take, an HTTP 4xx) before the futures waiting fail
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
@@ -87,6 +91,7 @@ KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node w
 STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
+LOG = logging.getLogger("rc.client")    # its warnings reach stderr with no set-up
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
                 "retry_on_failure", "depends_on")
 
@@ -170,6 +175,8 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.local = threading.local()
+        self.reached = False            # rc-web has answered this client once
+        self.lost_since = None          # time.monotonic() it stopped answering, while it does
         if token is not None:
             header_text(token, "the token", " ")
         host = "[%s]" % self.host if ":" in self.host else self.host
@@ -184,7 +191,11 @@ class Http:
         return self.ssl_context
 
     def open_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout)
+        except OSError as e:
+            raise Unreachable("cannot reach %s://%s:%d: %s" % (self.scheme, self.host,
+                                                               self.port, e))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
@@ -201,6 +212,47 @@ class Http:
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
                 bounded=True, with_fields=False, sink=None):
+        """send(), tried again while an rc-web that answered this client
+        before refuses to connect (restarting, or the main node stopped and
+        started again), for up to UNREACHABLE_WAIT, the wait doubling up to
+        RECONNECT_MAX_DELAY: nothing was sent, so nothing is done twice.
+        An rc-web never reached (a wrong RC_URL) is an error at once."""
+        delay = RECONNECT_DELAY
+        while True:
+            try:
+                answer = self.send(method, path, body, headers, timeout, bounded,
+                                   with_fields, sink)
+            except Unreachable as e:
+                lost_for = self.unreachable(e)
+                if lost_for is None or lost_for >= UNREACHABLE_WAIT:
+                    raise
+                time.sleep(min(delay, UNREACHABLE_WAIT - lost_for))
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            self.answered()
+            return answer
+
+    def unreachable(self, error):
+        """Seconds rc-web has not answered, said once on stderr (the logging
+        module's last resort) so that a program that waits says why; None
+        when it never answered this client."""
+        if not self.reached:
+            return None
+        now = time.monotonic()
+        if self.lost_since is None:
+            self.lost_since = now
+            LOG.warning("rc.client: %s; waiting for it to answer again (a restart?), up to"
+                        " %d s", error, UNREACHABLE_WAIT)
+        return now - self.lost_since
+
+    def answered(self):
+        self.reached = True
+        lost_since, self.lost_since = self.lost_since, None
+        if lost_since is not None:
+            LOG.warning("rc.client: %s://%s:%d answers again, after %.0f s", self.scheme,
+                        self.host, self.port, time.monotonic() - lost_since)
+
+    def send(self, method, path, body, headers, timeout, bounded, with_fields, sink):
         """(status, body bytes), and the answer's header fields (names in
         lower case) `with_fields`. A kept-alive connection the server closed
         meanwhile is opened again once (waitress closes idle ones). A body
@@ -235,6 +287,9 @@ class Http:
                 if not keep:
                     self.drop()
                 return (status, data, fields) if with_fields else (status, data)
+            except Unreachable:
+                self.drop()
+                raise
             except (NoAnswer, ConnectionResetError, ConnectionAbortedError,
                     BrokenPipeError) as e:
                 self.drop()
@@ -289,6 +344,9 @@ class Http:
         """A ResultStream of GET `path`, on a connection of its own."""
         try:
             sock = self.open_socket(timeout)
+        except Unreachable as e:
+            self.unreachable(e)         # the receiver opens it again, and again
+            raise
         except OSError as e:
             raise ClusterError("cannot open %s: %s" % (path, e))
         try:
@@ -300,6 +358,7 @@ class Http:
             if status != 200:
                 raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], rest[:300].decode(
                     "utf-8", "replace"), status), status)
+            self.answered()
             return ResultStream(sock, rest, "chunked" in fields.get("transfer-encoding", "").lower())
         except BaseException as e:
             sock.close()
@@ -321,6 +380,10 @@ def header_text(text, what, also_refused=""):
 def deliver(sink, delivered, piece):
     delivered.append(len(piece))
     sink(piece)
+
+
+class Unreachable(ClusterError):
+    """No connection to rc-web could be opened: nothing of the request was sent."""
 
 
 class NoAnswer(Exception):

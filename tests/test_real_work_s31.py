@@ -1,0 +1,120 @@
+"""A user at work, session 31, and the main node restarting under them: a
+Python program's submits while rc-web restarts, `rc map` and `rc wait`
+through `make stop` ... `make run`. Each test restarts programs of a real
+cluster (supervisorctl, make) the way the README says."""
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from cluster_harness import RC, Cluster, online, wait_for
+from rc import client
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = Cluster(tmp_path / "home")
+    cluster.start()
+    wait_for(lambda: online(cluster), 60, "the local worker")
+    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+    with open(cluster.config.admin_token_path) as f:
+        cluster.token = f.read().strip()
+    yield cluster
+    cluster.stop()
+
+
+def tasks_with_command(cluster, command):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE json_extract(payload,"
+                              " '$.command') = ?", (command,)).fetchone()[0]
+
+
+def test_a_submit_while_rc_web_restarts_waits_for_it_and_goes_on(cluster, caplog):
+    """A program submitting as it reads its data (one submit every few ms)
+    while rc-web restarted: the futures sent in that second failed with
+    `cannot reach http://...: Connection refused`, and a program over 1,500
+    of them lost 17. Now a request that could not connect to an rc-web
+    that answered before (nothing was sent) waits for it, saying so once on
+    stderr, and goes on: the task is queued once and its result comes."""
+    caplog.set_level(logging.WARNING, logger="rc.client")
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        assert connection.submit("shell", "echo before").result(timeout=120) == "before\n"
+        cluster.supervisorctl("stop", "rc-web")
+        outcome = {}
+
+        def submit():
+            try:
+                outcome["value"] = connection.submit("shell", "echo through").result(
+                    timeout=180)
+            except Exception as e:       # what the user's program saw
+                outcome["error"] = e
+        thread = threading.Thread(target=submit)
+        thread.start()
+        wait_for(lambda: "error" in outcome or "waiting for it to answer again" in caplog.text,
+                 30, "the client to say it waits")
+        time.sleep(1.5)                  # it tries again while rc-web is down
+        assert outcome == {}
+        assert "start" in cluster.supervisorctl("start", "rc-web")
+        thread.join(180)
+        assert outcome == {"value": "through\n"}
+    assert "answers again" in caplog.text
+    assert tasks_with_command(cluster, "echo through") == 1
+
+
+def test_a_client_that_never_reached_rc_web_fails_at_once(tmp_path):
+    """The wait is for an rc-web that went away, not a wrong RC_URL: one
+    that never answered is an error at once, as before."""
+    with client.Cluster("http://127.0.0.1:%d" % free_listening_port(), "t") as connection:
+        started = time.monotonic()
+        with pytest.raises(client.ClusterError, match="cannot reach"):
+            connection.submit("shell", "true").result(timeout=60)
+        assert time.monotonic() - started < 10
+
+
+def free_listening_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_rc_map_and_rc_wait_say_when_the_main_node_stops_under_them(cluster, tmp_path):
+    """`make stop` while `rc map` and `rc wait` waited: both sat silent for
+    as long as the main node was down (a user could not tell a stopped
+    cluster from slow tasks). Now each says once that the main node is not
+    running and that it waits, once that it runs again, and ends as it
+    would have: every input's output once. (The tasks need a device that
+    joins only after `make run`, so that none can end while it is down.)"""
+    env = cluster.env
+    lone = cluster.rc("submit", "shell", "echo lone", "--require", "tag=later").stdout.strip()
+    map_err, wait_err = tmp_path / "map.err", tmp_path / "wait.err"
+    with open(str(map_err), "w") as m_err, open(str(wait_err), "w") as w_err:
+        mapping = subprocess.Popen([RC, "map", "echo {}", "-k", "--require", "tag=later",
+                                    "a", "b", "c"], env=env, stdout=subprocess.PIPE,
+                                   stderr=m_err, universal_newlines=True)
+        waiting = subprocess.Popen([RC, "wait", lone], env=env, stdout=subprocess.PIPE,
+                                   stderr=w_err, universal_newlines=True)
+        wait_for(lambda: "inputs" in map_err.read_text(), 60, "the map to start")
+        stopped = cluster.make("stop")
+        assert stopped.returncode == 0, stopped.stdout
+        for err in (map_err, wait_err):
+            wait_for(lambda: "the main node is not running" in err.read_text(), 60,
+                     "%s to say the main node stopped" % err.name)
+        assert mapping.poll() is None and waiting.poll() is None
+        started = cluster.make("run")
+        assert started.returncode == 0, started.stdout
+        cluster.start_worker("later", "--tag", "later")
+        map_out, _ = mapping.communicate(timeout=180)
+        wait_out, _ = waiting.communicate(timeout=180)
+    assert mapping.returncode == 0 and map_out == "a\nb\nc\n", map_err.read_text()
+    assert waiting.returncode == 0 and wait_out == "lone\n", wait_err.read_text()
+    for err in (map_err, wait_err):
+        text = err.read_text()
+        assert text.count("the main node is not running") == 1, text
+        assert text.count("the main node is running again") == 1, text
+        assert "Traceback" not in text
+    assert "(`make run`)" in map_err.read_text()
