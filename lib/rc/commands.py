@@ -445,7 +445,7 @@ def cmd_submit(arguments, context):
         context.out.write("%d\n" % task_id)
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
-                                            arguments.wait_timeout))
+                                            arguments.wait_timeout, stopped_watch(context)))
 
 
 # The design document's capability names are kinds of service, not programs a
@@ -496,7 +496,14 @@ def submitted_payload(arguments, context):
 def cmd_wait(arguments, context):
     """Wait for a task submitted earlier; as `submit --wait` from there on."""
     return report_outcome(context, wait_for(context.connection, arguments.task_id,
-                                            arguments.timeout))
+                                            arguments.timeout, stopped_watch(context)))
+
+
+def stopped_watch(context):
+    """What says so when the main node stops under `rc wait` (on this
+    machine's command line: the web terminal runs only while it runs)."""
+    return health.StoppedWatch(context.config, context.err, "rc") \
+        if context.actor == "cli" else None
 
 
 def cmd_files(arguments, context):
@@ -688,13 +695,16 @@ def user_name():
         return None
 
 
-def wait_for(connection, task_id, timeout=None):
+def wait_for(connection, task_id, timeout=None, watch=None):
     """The task once it is terminal, or as it is when `timeout` runs out.
     PRAGMA data_version changes only when another connection commits, so the
-    loop reads the task again only when something may have moved."""
+    loop reads the task again only when something may have moved. `watch`
+    (a health.StoppedWatch) says when the main node stops under the wait."""
     deadline = None if timeout is None else time.monotonic() + timeout
     seen_version, task = None, None
     while True:
+        if watch is not None:
+            watch.look()
         version = db.data_version(connection)
         if version != seen_version:
             seen_version, task = version, tasks.get(connection, task_id)

@@ -27,7 +27,7 @@ import sys
 import time
 import types
 
-from rc import bell, db, explain, files, files_cli, render, tasks
+from rc import bell, db, explain, files, files_cli, health, render, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
                        TERMINAL_STATES)
 
@@ -569,6 +569,8 @@ class Runner:
                                  arguments.progress)
         self.resumed = arguments.resume is not None
         self.halt, self.halted = arguments.halt, False
+        self.stopped_watch = health.StoppedWatch(self.config, self.err, "map %d"
+                                                 % plan.group_id, self.progress.clear)
 
     def run(self):
         plan = self.plan
@@ -595,6 +597,7 @@ class Runner:
                     self.submit_batch()
                 if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
                     self.recheck()
+                self.stopped_watch.look()
                 if self.collect() or self.unsubmitted:
                     pause = POLL_INTERVAL
                 else:
