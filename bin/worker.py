@@ -5015,6 +5015,9 @@ class FileCache(object):
                 self.pinned[sha].discard(by)
                 if not self.pinned[sha]:
                     del self.pinned[sha]
+            over = self.total > self.cap
+        if over:        # an input larger than the cap goes once no task holds it
+            self.make_room(0)
 
     def make_room(self, needed):
         """Evict least recently used blobs no task holds until the cache fits

@@ -118,3 +118,24 @@ def test_rc_map_and_rc_wait_say_when_the_main_node_stops_under_them(cluster, tmp
         assert text.count("the main node is running again") == 1, text
         assert "Traceback" not in text
     assert "(`make run`)" in map_err.read_text()
+
+
+def test_an_input_larger_than_a_phones_cache_goes_once_its_task_ends(cluster, tmp_path):
+    """A phone joined with `--cache-mb 50` ran a task on a 200 MB file and
+    kept it: 191 MB in its cache until the next task fetched something,
+    four times what its owner allowed. The cap is now kept once the task
+    that needed the input has ended (here: 1 MiB, an input of 3 MiB)."""
+    cluster.supervisorctl("stop", "rc-worker")
+    cluster.start_worker("phone", "--cache-mb", "1")
+    wait_for(lambda: "phone" in online(cluster), 60, "the phone")
+    data = tmp_path / "big.bin"
+    data.write_bytes(os.urandom(3 * 1024 * 1024))
+    task_id = cluster.rc("submit", "shell", "wc -c < big.bin", "--input", str(data)).stdout
+    done = cluster.rc("wait", task_id.strip())
+    assert done.stdout.strip() == str(3 * 1024 * 1024)
+    cache = os.path.join(cluster.home, "worker-state", "cache")
+
+    def cached_bytes():
+        return sum(os.path.getsize(os.path.join(cache, name)) for name in os.listdir(cache)
+                   if len(name) == 64)
+    wait_for(lambda: cached_bytes() <= 1024 * 1024, 30, "the cache back under its cap")
