@@ -139,3 +139,49 @@ def test_an_input_larger_than_a_phones_cache_goes_once_its_task_ends(cluster, tm
         return sum(os.path.getsize(os.path.join(cache, name)) for name in os.listdir(cache)
                    if len(name) == 64)
     wait_for(lambda: cached_bytes() <= 1024 * 1024, 30, "the cache back under its cap")
+
+
+def test_a_big_file_got_while_rc_web_restarts_is_taken_up_where_it_was_cut(
+        cluster, tmp_path, monkeypatch, caplog):
+    """`Cluster.get(sha, path)` of a big file while rc-web restarted ended
+    in `bad answer ...: the answer was cut short` and the download was lost.
+    Now the client asks for the rest (Range: bytes=N-), once rc-web answers
+    again, and the file written is whole and checked."""
+    caplog.set_level(logging.WARNING, logger="rc.client")
+    data = os.urandom(48 * 1024 * 1024)
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        stored = connection.put(data)
+        first_piece, restarted = threading.Event(), threading.Event()
+        real_sha256 = client.hashlib.sha256
+
+        class HeldDigest:
+            """The download's hash: it holds the first piece until rc-web restarted."""
+            def __init__(self, *data):
+                self.inner = real_sha256(*data)
+
+            def update(self, piece):
+                first_piece.set()
+                restarted.wait(120)
+                self.inner.update(piece)
+
+            def hexdigest(self):
+                return self.inner.hexdigest()
+        monkeypatch.setattr(client.hashlib, "sha256", HeldDigest)
+        outcome = {}
+
+        def get():
+            try:
+                outcome["path"] = connection.get(stored, str(tmp_path / "got.bin"))
+            except Exception as e:
+                outcome["error"] = e
+        thread = threading.Thread(target=get)
+        thread.start()
+        assert first_piece.wait(60)
+        cluster.supervisorctl("restart", "rc-web")
+        restarted.set()
+        thread.join(180)
+        monkeypatch.undo()
+    assert outcome == {"path": str(tmp_path / "got.bin")}
+    assert (tmp_path / "got.bin").read_bytes() == data
+    assert "taking it up there" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []

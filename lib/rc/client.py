@@ -415,7 +415,7 @@ def read_answer(reader, method, limit=None, sink=None):
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
-    sink = sink if status == 200 else None      # an error's text is read, not written
+    sink = sink if status in (200, 206) else None   # an error's text is read, not written
     if "chunked" in fields.get("transfer-encoding", "").lower():
         return status, read_chunked(reader, limit, sink), keep, fields
     if "content-length" in fields:
@@ -1328,9 +1328,7 @@ class Cluster:
                     digest.update(piece)
                     size[0] += len(piece)
                     f.write(piece)
-                status, data, fields = self.http.request(
-                    "GET", where, timeout=REQUEST_TIMEOUT * 10, bounded=False,
-                    with_fields=True, sink=write)
+                status, data, fields = self.fetch_into(where, write, size)
             checked(where, status, data, fields, expected, digest, size[0])
             os.replace(partial, path)
         except BaseException:
@@ -1340,6 +1338,32 @@ class Cluster:
                 pass
             raise
         return path
+
+    def fetch_into(self, where, write, size):
+        """GET `where` into write(), `size[0]` the bytes written; an answer
+        cut short (rc-web restarting) is taken up where it stopped, with a
+        Range, as long as each try brings more bytes. (status, body,
+        fields) of the last answer, a 206 given as the 200 it continues."""
+        while True:
+            had = size[0]
+            try:
+                status, data, fields = self.http.request(
+                    "GET", where, headers={"Range": "bytes=%d-" % had} if had else None,
+                    timeout=REQUEST_TIMEOUT * 10, bounded=False, with_fields=True, sink=write)
+            except ClusterError as e:
+                if isinstance(e, Unreachable) or size[0] == had:
+                    raise
+                LOG.warning("rc.client: GET %s was cut short after %d bytes (%s); taking it"
+                            " up there", where, size[0], e)
+                continue
+            if not had:
+                return status, data, fields
+            if status != 206 or not fields.get("content-range", "").startswith(
+                    "bytes %d-" % had):
+                raise ClusterError("GET %s: asked for the bytes from %d on, got HTTP %d %s"
+                                   % (where, had, status, fields.get("content-range", "")),
+                                   status)
+            return 200, data, fields
 
     def files(self, task_id):
         """The files a task has (its outputs): [{"name", "sha256", "size"...}]."""
