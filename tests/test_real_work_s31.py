@@ -11,7 +11,8 @@ import time
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
-from rc import client
+from test_server import running_on_dev1, server  # noqa: F401 (a fixture)
+from rc import client, tasks
 
 pytestmark = pytest.mark.e2e
 
@@ -185,3 +186,30 @@ def test_a_big_file_got_while_rc_web_restarts_is_taken_up_where_it_was_cut(
     assert (tmp_path / "got.bin").read_bytes() == data
     assert "taking it up there" in caplog.text
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+
+
+def test_a_result_sent_again_after_its_ack_was_lost_is_acked_quietly(server):
+    """rc-server restarted while results came in: each worker sent again
+    the results whose ack it had not had, as it should, and rc-server
+    logged each as a WARNING `stale_result` and answered an error, `task N
+    attempt 1 is not assigned to phone31; result ignored` (the worker logs
+    that too): a user reading the warnings thought results were lost. A
+    result the task already holds, from the same device and attempt, is
+    now acked alone, and logged at info as `result_again`."""
+    instance, port = server
+    client, task_id, connection = running_on_dev1(instance, port)
+    result = {"task_id": task_id, "attempt": 1, "status": "completed",
+              "result": {"output": "hi", "exit_code": 0}}
+    client.send("task_result", result)
+    assert client.receive()["message_type"] == "task_result_ack"
+    wait_for(lambda: tasks.get(connection, task_id)["state"] == "completed", 5, "completed")
+    client.send("task_result", result)          # its ack lost: sent again
+    assert client.receive()["message_type"] == "task_result_ack"
+    client.send("task_result", dict(result, task_id=task_id + 1000))   # a stale one still is
+    replies = [client.receive(), client.receive()]
+    assert [r["message_type"] for r in replies] == ["task_result_ack", "error"]
+    assert replies[1]["data"]["task_id"] == task_id + 1000
+    logged = wait_for(lambda: instance.log.stream.getvalue().decode().count('"stale_result"'),
+                      5, "the stale one logged") and instance.log.stream.getvalue().decode()
+    assert logged.count('"stale_result"') == 1 and '"result_again"' in logged
+    connection.close()
