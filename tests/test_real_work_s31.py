@@ -213,3 +213,26 @@ def test_a_result_sent_again_after_its_ack_was_lost_is_acked_quietly(server):
                       5, "the stale one logged") and instance.log.stream.getvalue().decode()
     assert logged.count('"stale_result"') == 1 and '"result_again"' in logged
     connection.close()
+
+
+def test_rc_why_and_a_waiting_map_name_a_stopped_scheduler(cluster, tmp_path):
+    """With rc-scheduler stopped (`rc ctl stop rc-scheduler`, or one that
+    keeps crashing), `rc why` of a queued task said "it should be assigned
+    in a moment", and so did `rc map` after 5 s without an end: a moment
+    that never came. Both now name the program and how to start it."""
+    cluster.supervisorctl("stop", "rc-scheduler")
+    task_id = cluster.rc("submit", "echo", "hi").stdout.strip()
+    why = cluster.rc("why", task_id).stdout
+    assert "queued" in why and "But rc-scheduler is STOPPED: `rc ctl start rc-scheduler`." \
+        in why, why
+    map_err = tmp_path / "map.err"
+    with open(str(map_err), "w") as err:
+        mapping = subprocess.Popen([RC, "map", "echo {}", "a"], env=cluster.env,
+                                   stdout=subprocess.PIPE, stderr=err, universal_newlines=True)
+        wait_for(lambda: "no input has ended" in map_err.read_text(), 60, "the map to say why")
+        assert "But rc-scheduler is STOPPED" in map_err.read_text()
+        cluster.supervisorctl("start", "rc-scheduler")
+        assert mapping.communicate(timeout=120)[0] == "a\n"
+    wait_for(lambda: "Task %s completed" % task_id in cluster.rc("why", task_id).stdout, 60,
+             "the echo task to complete")
+    assert "STOPPED" not in cluster.rc("why", task_id).stdout

@@ -768,7 +768,11 @@ def cmd_help(arguments, context):
 
 
 def cmd_why(arguments, context):
-    context.out.write(explain.why(context.connection, arguments.task_id) + "\n")
+    """explain.why, and which main-node program it waits for, if one is not running."""
+    answer = explain.why(context.connection, arguments.task_id)
+    if tasks.get(context.connection, arguments.task_id)["state"] not in TERMINAL_STATES:
+        answer += health.programs_note(context.config)
+    context.out.write(answer + "\n")
 
 
 def cmd_cancel(arguments, context):

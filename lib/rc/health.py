@@ -189,6 +189,25 @@ def program_states(config):
             if not (info["name"] in by_hand and info["statename"] == "STOPPED")}
 
 
+def programs_note(config):
+    """For an answer about a task that waits (rc why): a sentence naming
+    the main-node programs that are not running, without which it may wait
+    for ever; "" when every one runs, or when that cannot be read."""
+    stopped_at = main_node_stopped(config)
+    if stopped_at is not None:
+        return " But the main node was stopped %s ago: `make run`." % age(
+            time.time() - stopped_at)
+    if not config.health_supervisor or not os.path.exists(supervisor_socket(config)):
+        return ""
+    try:
+        states = program_states(config)
+    except (OSError, xmlrpc.client.Error):
+        return ""
+    down = sorted(name for name, state in states.items() if state != "RUNNING")
+    return "".join(" But %s is %s: `rc ctl start %s`." % (name, states[name], name)
+                   for name in down)
+
+
 def programs(config, without_supervisor=CRITICAL):
     if not os.path.exists(supervisor_socket(config)):
         return Finding("programs", without_supervisor, "supervisord is not running (no %s)"

@@ -650,9 +650,10 @@ class Runner:
             return
         self.told_why = True
         self.progress.clear()
-        self.err.write("map %d: no input has ended after %d s. %s\n" % (
+        self.err.write("map %d: no input has ended after %d s. %s%s\n" % (
             self.plan.group_id, waited, render.printable(explain.why(self.connection,
-                                                                     task_id))))
+                                                                     task_id)),
+            "" if self.stopped_watch.stopped else health.programs_note(self.config)))
         self.err.flush()
 
     def submit_batch(self):
