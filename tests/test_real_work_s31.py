@@ -236,3 +236,21 @@ def test_rc_why_and_a_waiting_map_name_a_stopped_scheduler(cluster, tmp_path):
     wait_for(lambda: "Task %s completed" % task_id in cluster.rc("why", task_id).stdout, 60,
              "the echo task to complete")
     assert "STOPPED" not in cluster.rc("why", task_id).stdout
+
+
+def test_results_that_ended_while_rc_web_was_down_come_soon_after_it_is_back(cluster):
+    """A task ended while rc-web was stopped for a while: its result()
+    came up to 30 s after rc-web was back, the stream's reopening having
+    doubled its wait to 16 s, then 30 s, while each try was refused. A
+    refused connection costs nothing: it is tried every 2 s at most."""
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        future = connection.submit("shell", "sleep 3; echo late")
+        wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                            (future.wait_submitted(60),)).fetchone()[0]
+                 == "running", 60, "the task to run")
+        cluster.supervisorctl("stop", "rc-web")
+        time.sleep(17)      # refused at 0.5, 1.5, 3.5, 7.5, 15.5 s: the next try was at 31.5
+        assert "start" in cluster.supervisorctl("start", "rc-web")
+        back = time.monotonic()
+        assert future.result(timeout=120) == "late\n"
+        assert time.monotonic() - back < 9

@@ -70,6 +70,9 @@ RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
 UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
                                 # reached before that now refuses to connect (a restart,
                                 # `make stop` / `make run`): nothing of it was sent
+UNREACHABLE_MAX_DELAY = 2.0     # seconds between tries at most while it refuses: a refused
+                                # connection costs neither side anything, and the main
+                                # node back is used within this, not RECONNECT_MAX_DELAY
 STREAM_REFUSALS_MAX = 5         # refusals in a row of a result stream (a line the client
                                 # cannot take, an HTTP 4xx) before the futures waiting fail
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
@@ -227,7 +230,7 @@ class Http:
                 if lost_for is None or lost_for >= UNREACHABLE_WAIT:
                     raise
                 time.sleep(min(delay, UNREACHABLE_WAIT - lost_for))
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                delay = min(delay * 2, UNREACHABLE_MAX_DELAY)
                 continue
             self.answered()
             return answer
@@ -1023,7 +1026,8 @@ class Cluster:
             self.stream_failures += 1
             self.stream_refusals += 1 if refused else 0
             self.reopen_at = time.monotonic() + min(
-                RECONNECT_DELAY * 2 ** min(self.stream_failures - 1, 16), RECONNECT_MAX_DELAY)
+                RECONNECT_DELAY * 2 ** min(self.stream_failures - 1, 16),
+                UNREACHABLE_MAX_DELAY if isinstance(error, Unreachable) else RECONNECT_MAX_DELAY)
             given_up = []
             if self.stream_refusals >= STREAM_REFUSALS_MAX:
                 given_up = list(self.waiting.values())
