@@ -88,7 +88,8 @@ def test_rc_map_and_rc_wait_say_when_the_main_node_stops_under_them(cluster, tmp
     as long as the main node was down (a user could not tell a stopped
     cluster from slow tasks). Now each says once that the main node is not
     running and that it waits, once that it runs again, and ends as it
-    would have: every input's output once. (The tasks need a device that
+    would have: every input's output once. `rc submit` says the task waits
+    for the main node too. (The tasks need a device that
     joins only after `make run`, so that none can end while it is down.)"""
     env = cluster.env
     lone = cluster.rc("submit", "shell", "echo lone", "--require", "tag=later").stdout.strip()
@@ -106,6 +107,9 @@ def test_rc_map_and_rc_wait_say_when_the_main_node_stops_under_them(cluster, tmp
             wait_for(lambda: "the main node is not running" in err.read_text(), 60,
                      "%s to say the main node stopped" % err.name)
         assert mapping.poll() is None and waiting.poll() is None
+        queued = cluster.rc("submit", "echo", "queued while stopped")   # said so, too
+        assert queued.stdout.strip().isdigit()
+        assert "is queued; the main node is not running" in queued.stderr, queued.stderr
         started = cluster.make("run")
         assert started.returncode == 0, started.stdout
         cluster.start_worker("later", "--tag", "later")

@@ -443,6 +443,10 @@ def cmd_submit(arguments, context):
                   user=user_name())
     if not arguments.wait:
         context.out.write("%d\n" % task_id)
+        if context.actor == "cli" and context.main_node_stopped is not None:
+            context.err.write("rc: task %d is queued; the main node is not running (stopped %s"
+                              " ago): it runs after `make run`\n"
+                              % (task_id, render.age(time.time() - context.main_node_stopped)))
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
                                             arguments.wait_timeout, stopped_watch(context)))
