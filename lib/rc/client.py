@@ -218,7 +218,7 @@ class Http:
         """send(), tried again while an rc-web that answered this client
         before refuses to connect (restarting, or the main node stopped and
         started again), for up to UNREACHABLE_WAIT, the wait doubling up to
-        RECONNECT_MAX_DELAY: nothing was sent, so nothing is done twice.
+        UNREACHABLE_MAX_DELAY: nothing was sent, so nothing is done twice.
         An rc-web never reached (a wrong RC_URL) is an error at once."""
         delay = RECONNECT_DELAY
         while True:

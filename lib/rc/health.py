@@ -203,7 +203,9 @@ def programs_note(config):
         states = program_states(config)
     except (OSError, xmlrpc.client.Error):
         return ""
-    down = sorted(name for name, state in states.items() if state != "RUNNING")
+    # The local worker is a device like any other: explain.why names devices.
+    down = sorted(name for name, state in states.items()
+                  if state != "RUNNING" and name != "rc-worker")
     return "".join(" But %s is %s: `rc ctl start %s`." % (name, states[name], name)
                    for name in down)
 
