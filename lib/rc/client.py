@@ -31,6 +31,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import pickle
 import select
@@ -67,6 +68,12 @@ STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again; doubles
 RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
+UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
+                                # reached before that now refuses to connect (a restart,
+                                # `make stop` / `make run`): nothing of it was sent
+UNREACHABLE_MAX_DELAY = 2.0     # seconds between tries at most while it refuses: a refused
+                                # connection costs neither side anything, and the main
+                                # node back is used within this, not RECONNECT_MAX_DELAY
 STREAM_REFUSALS_MAX = 5         # refusals in a row of a result stream (a line the client
                                 # cannot take, an HTTP 4xx) before the futures waiting fail
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
@@ -88,6 +95,7 @@ KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node w
 STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
+LOG = logging.getLogger("rc.client")    # its warnings reach stderr with no set-up
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
                 "retry_on_failure", "depends_on")
 
@@ -171,6 +179,8 @@ class Http:
         self.token = token
         self.ssl_context = ssl_context
         self.local = threading.local()
+        self.reached = False            # rc-web has answered this client once
+        self.lost_since = None          # time.monotonic() it stopped answering, while it does
         if token is not None:
             header_text(token, "the token", " ")
         host = "[%s]" % self.host if ":" in self.host else self.host
@@ -185,7 +195,11 @@ class Http:
         return self.ssl_context
 
     def open_socket(self, timeout):
-        sock = socket.create_connection((self.host, self.port), timeout)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout)
+        except OSError as e:
+            raise Unreachable("cannot reach %s://%s:%d: %s" % (self.scheme, self.host,
+                                                               self.port, e))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
@@ -202,6 +216,47 @@ class Http:
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
                 bounded=True, with_fields=False, sink=None):
+        """send(), tried again while an rc-web that answered this client
+        before refuses to connect (restarting, or the main node stopped and
+        started again), for up to UNREACHABLE_WAIT, the wait doubling up to
+        UNREACHABLE_MAX_DELAY: nothing was sent, so nothing is done twice.
+        An rc-web never reached (a wrong RC_URL) is an error at once."""
+        delay = RECONNECT_DELAY
+        while True:
+            try:
+                answer = self.send(method, path, body, headers, timeout, bounded,
+                                   with_fields, sink)
+            except Unreachable as e:
+                lost_for = self.unreachable(e)
+                if lost_for is None or lost_for >= UNREACHABLE_WAIT:
+                    raise
+                time.sleep(min(delay, UNREACHABLE_WAIT - lost_for))
+                delay = min(delay * 2, UNREACHABLE_MAX_DELAY)
+                continue
+            self.answered()
+            return answer
+
+    def unreachable(self, error):
+        """Seconds rc-web has not answered, said once on stderr (the logging
+        module's last resort) so that a program that waits says why; None
+        when it never answered this client."""
+        if not self.reached:
+            return None
+        now = time.monotonic()
+        if self.lost_since is None:
+            self.lost_since = now
+            LOG.warning("rc.client: %s; waiting for it to answer again (a restart?), up to"
+                        " %d s", error, UNREACHABLE_WAIT)
+        return now - self.lost_since
+
+    def answered(self):
+        self.reached = True
+        lost_since, self.lost_since = self.lost_since, None
+        if lost_since is not None:
+            LOG.warning("rc.client: %s://%s:%d answers again, after %.0f s", self.scheme,
+                        self.host, self.port, time.monotonic() - lost_since)
+
+    def send(self, method, path, body, headers, timeout, bounded, with_fields, sink):
         """(status, body bytes), and the answer's header fields (names in
         lower case) `with_fields`. A kept-alive connection the server closed
         meanwhile is opened again once (waitress closes idle ones). A body
@@ -239,6 +294,9 @@ class Http:
                 if not keep:
                     self.drop()
                 return (status, data, fields) if with_fields else (status, data)
+            except Unreachable:
+                self.drop()
+                raise
             except (NoAnswer, ConnectionResetError, ConnectionAbortedError,
                     BrokenPipeError) as e:
                 self.drop()
@@ -288,6 +346,9 @@ class Http:
         """A ResultStream of GET `path`, on a connection of its own."""
         try:
             sock = self.open_socket(timeout)
+        except Unreachable as e:
+            self.unreachable(e)         # the receiver opens it again, and again
+            raise
         except OSError as e:
             raise ClusterError("cannot open %s: %s" % (path, e))
         try:
@@ -299,6 +360,7 @@ class Http:
             if status != 200:
                 raise ClusterError("GET %s: %s (HTTP %d)" % (path.split("?")[0], rest[:300].decode(
                     "utf-8", "replace"), status), status)
+            self.answered()
             return ResultStream(sock, rest, "chunked" in fields.get("transfer-encoding", "").lower())
         except BaseException as e:
             sock.close()
@@ -336,6 +398,10 @@ def deliver(sink, delivered, piece):
     sink(piece)
 
 
+class Unreachable(ClusterError):
+    """No connection to rc-web could be opened: nothing of the request was sent."""
+
+
 class NoAnswer(Exception):
     """The connection closed before an answer began: a kept-alive one that
     the server had closed."""
@@ -365,7 +431,7 @@ def read_answer(reader, method, limit=None, sink=None):
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
-    if status != 200:       # an error's text is read, not written, and held bounded
+    if status not in (200, 206):    # an error's text is read, not written, and held bounded
         sink, limit = None, MAX_ANSWER_BYTES if limit is None else limit
     if "chunked" in fields.get("transfer-encoding", "").lower():
         return status, read_chunked(reader, limit, sink), keep, fields
@@ -979,7 +1045,8 @@ class Cluster:
             self.stream_failures += 1
             self.stream_refusals += 1 if refused else 0
             self.reopen_at = time.monotonic() + min(
-                RECONNECT_DELAY * 2 ** min(self.stream_failures - 1, 16), RECONNECT_MAX_DELAY)
+                RECONNECT_DELAY * 2 ** min(self.stream_failures - 1, 16),
+                UNREACHABLE_MAX_DELAY if isinstance(error, Unreachable) else RECONNECT_MAX_DELAY)
             given_up = []
             if self.stream_refusals >= STREAM_REFUSALS_MAX:
                 given_up = list(self.waiting.values())
@@ -1283,9 +1350,7 @@ class Cluster:
                     digest.update(piece)
                     size[0] += len(piece)
                     f.write(piece)
-                status, data, fields = self.http.request(
-                    "GET", where, timeout=REQUEST_TIMEOUT * 10, bounded=False,
-                    with_fields=True, sink=write)
+                status, data, fields = self.fetch_into(where, write, size)
             checked(where, status, data, fields, expected, digest, size[0])
             os.replace(partial, path)
         except BaseException:
@@ -1295,6 +1360,32 @@ class Cluster:
                 pass
             raise
         return path
+
+    def fetch_into(self, where, write, size):
+        """GET `where` into write(), `size[0]` the bytes written; an answer
+        cut short (rc-web restarting) is taken up where it stopped, with a
+        Range, as long as each try brings more bytes. (status, body,
+        fields) of the last answer, a 206 given as the 200 it continues."""
+        while True:
+            had = size[0]
+            try:
+                status, data, fields = self.http.request(
+                    "GET", where, headers={"Range": "bytes=%d-" % had} if had else None,
+                    timeout=REQUEST_TIMEOUT * 10, bounded=False, with_fields=True, sink=write)
+            except ClusterError as e:
+                if isinstance(e, Unreachable) or size[0] == had:
+                    raise
+                LOG.warning("rc.client: GET %s was cut short after %d bytes (%s); taking it"
+                            " up there", where, size[0], e)
+                continue
+            if not had:
+                return status, data, fields
+            if status != 206 or not fields.get("content-range", "").startswith(
+                    "bytes %d-" % had):
+                raise ClusterError("GET %s: asked for the bytes from %d on, got HTTP %d %s"
+                                   % (where, had, status, fields.get("content-range", "")),
+                                   status)
+            return 200, data, fields
 
     def files(self, task_id):
         """The files a task has (its outputs): [{"name", "sha256", "size"...}]."""

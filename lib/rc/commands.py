@@ -453,9 +453,13 @@ def cmd_submit(arguments, context):
                   user=user_name())
     if not arguments.wait:
         context.out.write("%d\n" % task_id)
+        if context.actor == "cli" and context.main_node_stopped is not None:
+            context.err.write("rc: task %d is queued; the main node is not running (stopped %s"
+                              " ago): it runs after `make run`\n"
+                              % (task_id, render.age(time.time() - context.main_node_stopped)))
         return 0
     return report_outcome(context, wait_for(context.connection, task_id,
-                                            arguments.wait_timeout))
+                                            arguments.wait_timeout, stopped_watch(context)))
 
 
 # The design document's capability names are kinds of service, not programs a
@@ -506,7 +510,14 @@ def submitted_payload(arguments, context):
 def cmd_wait(arguments, context):
     """Wait for a task submitted earlier; as `submit --wait` from there on."""
     return report_outcome(context, wait_for(context.connection, arguments.task_id,
-                                            arguments.timeout))
+                                            arguments.timeout, stopped_watch(context)))
+
+
+def stopped_watch(context):
+    """What says so when the main node stops under `rc wait` (on this
+    machine's command line: the web terminal runs only while it runs)."""
+    return health.StoppedWatch(context.config, context.err, "rc") \
+        if context.actor == "cli" else None
 
 
 def cmd_files(arguments, context):
@@ -698,13 +709,16 @@ def user_name():
         return None
 
 
-def wait_for(connection, task_id, timeout=None):
+def wait_for(connection, task_id, timeout=None, watch=None):
     """The task once it is terminal, or as it is when `timeout` runs out.
     PRAGMA data_version changes only when another connection commits, so the
-    loop reads the task again only when something may have moved."""
+    loop reads the task again only when something may have moved. `watch`
+    (a health.StoppedWatch) says when the main node stops under the wait."""
     deadline = None if timeout is None else time.monotonic() + timeout
     seen_version, task = None, None
     while True:
+        if watch is not None:
+            watch.look()
         version = db.data_version(connection)
         if version != seen_version:
             seen_version, task = version, tasks.get(connection, task_id)
@@ -780,7 +794,11 @@ def cmd_help(arguments, context):
 
 
 def cmd_why(arguments, context):
-    context.out.write(explain.why(context.connection, arguments.task_id) + "\n")
+    """explain.why, and which main-node program it waits for, if one is not running."""
+    answer = explain.why(context.connection, arguments.task_id)
+    if tasks.get(context.connection, arguments.task_id)["state"] not in TERMINAL_STATES:
+        answer += health.programs_note(context.config)
+    context.out.write(answer + "\n")
 
 
 def cmd_cancel(arguments, context):

@@ -19,6 +19,8 @@ from rc.states import ONLINE
 OK, WARNING, CRITICAL = 0, 1, 2
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
 SUPERVISOR_TIMEOUT = 5.0      # seconds to wait for supervisord's answer
+STOPPED_LOOK_INTERVAL = 1.0   # seconds between looks, by a command that waits for tasks,
+                              # at whether the main node still runs
 STUCK_LOOKED_AT = 200         # oldest ready tasks the queue check looks at
 # supervisord's states: a program restarting after a crash is only a warning.
 PASSING_STATES = {"RUNNING": OK, "STARTING": WARNING}
@@ -67,6 +69,40 @@ def main_node_stopped(config):
     except OSError:
         return None
     return None if supervisor_answers(config) else stopped_at
+
+
+class StoppedWatch:
+    """For a command that waits for tasks (rc map, rc wait): it says once on
+    `err` when the main node is not running (its tasks wait with it, and
+    the command waits on), and once when it runs again, so that a wait
+    through `make stop` ... `make run` is not a silence. look() is cheap
+    between its looks, every STOPPED_LOOK_INTERVAL seconds."""
+
+    def __init__(self, config, err, who, before_saying=None):
+        self.config, self.err, self.who = config, err, who
+        self.before_saying = before_saying      # e.g. clear a progress bar
+        self.looked_at, self.stopped = None, False
+
+    def look(self):
+        """Whether it said something now."""
+        now = time.monotonic()
+        if self.looked_at is not None and now - self.looked_at < STOPPED_LOOK_INTERVAL:
+            return False
+        self.looked_at = now
+        stopped_at = main_node_stopped(self.config)
+        if (stopped_at is not None) == self.stopped:
+            return False
+        self.stopped = stopped_at is not None
+        if self.before_saying is not None:
+            self.before_saying()
+        if self.stopped:
+            self.err.write("%s: the main node is not running (stopped %s ago); waiting for"
+                           " it to start again (`make run`)\n"
+                           % (self.who, age(time.time() - stopped_at)))
+        else:
+            self.err.write("%s: the main node is running again\n" % self.who)
+        self.err.flush()
+        return True
 
 
 def supervisor_answers(config):
@@ -157,6 +193,27 @@ def program_states(config):
                 if not (info["name"] in by_hand and info["statename"] == "STOPPED")}
     except xmlrpc.client.Error as e:
         raise SupervisorError(str(e))
+
+
+def programs_note(config):
+    """For an answer about a task that waits (rc why): a sentence naming
+    the main-node programs that are not running, without which it may wait
+    for ever; "" when every one runs, or when that cannot be read."""
+    stopped_at = main_node_stopped(config)
+    if stopped_at is not None:
+        return " But the main node was stopped %s ago: `make run`." % age(
+            time.time() - stopped_at)
+    if not config.health_supervisor or not os.path.exists(supervisor_socket(config)):
+        return ""
+    try:
+        states = program_states(config)
+    except (OSError, xmlrpc.client.Error):
+        return ""
+    # The local worker is a device like any other: explain.why names devices.
+    down = sorted(name for name, state in states.items()
+                  if state != "RUNNING" and name != "rc-worker")
+    return "".join(" But %s is %s: `rc ctl start %s`." % (name, states[name], name)
+                   for name in down)
 
 
 def programs(config, without_supervisor=CRITICAL):

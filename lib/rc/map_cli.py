@@ -27,7 +27,7 @@ import sys
 import time
 import types
 
-from rc import bell, db, explain, files, files_cli, render, tasks
+from rc import bell, db, explain, files, files_cli, health, render, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
                        TERMINAL_STATES)
 
@@ -569,6 +569,8 @@ class Runner:
                                  arguments.progress)
         self.resumed = arguments.resume is not None
         self.halt, self.halted = arguments.halt, False
+        self.stopped_watch = health.StoppedWatch(self.config, self.err, "map %d"
+                                                 % plan.group_id, self.progress.clear)
 
     def run(self):
         plan = self.plan
@@ -595,6 +597,7 @@ class Runner:
                     self.submit_batch()
                 if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
                     self.recheck()
+                self.stopped_watch.look()
                 if self.collect() or self.unsubmitted:
                     pause = POLL_INTERVAL
                 else:
@@ -647,9 +650,10 @@ class Runner:
             return
         self.told_why = True
         self.progress.clear()
-        self.err.write("map %d: no input has ended after %d s. %s\n" % (
+        self.err.write("map %d: no input has ended after %d s. %s%s\n" % (
             self.plan.group_id, waited, render.printable(explain.why(self.connection,
-                                                                     task_id))))
+                                                                     task_id)),
+            "" if self.stopped_watch.stopped else health.programs_note(self.config)))
         self.err.flush()
 
     def submit_batch(self):

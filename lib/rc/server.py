@@ -1376,6 +1376,14 @@ class Server:
         # them), and the task's own when the attempt is this device's.
         files.record_inline_outputs(self.database, key[0], key[1], stored, row is not None,
                                     now)
+        if row is None and self.database.execute(
+                "SELECT 1 FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
+                " AND state = ?", (key[0], key[1], peer.device_id, status)).fetchone():
+            # Recorded already: its ack was lost (rc-server restarted before
+            # it went), and the worker sends it again, as it should.
+            self.note("info", "result_again", task_id=key[0], attempt=key[1],
+                      device_id=peer.device_id, status=status)
+            return [ack]
         if row is None:
             # A device answering for an attempt taken back from it (rc drain
             # --now, a lease run out) says it stopped: expected, not a warning.
