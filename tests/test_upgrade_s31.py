@@ -1,11 +1,18 @@
 """A user updating under a running fleet (session 31's upgrade round): what
 the upgrade from yesterday's releases showed, each fixed and checked here."""
 import hashlib
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
-from rc import web
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from rc import tasks, web
+from rc.states import COMPLETED, TERMINAL_STATES
 from test_web import Client, admin, call, client, serve, stop  # noqa: F401 (fixtures)
 from test_worker import main, spawn  # noqa: F401 (fixtures)
 from test_worker_identity import edges, register, start, state  # noqa: F401 (fixture)
@@ -78,3 +85,78 @@ def control_acks(link, count):
         if envelope["message_type"] == "control_ack":
             acks[envelope["data"]["control_id"]] = envelope["data"]
     return [acks[n] for n in range(1, count + 1)]
+
+
+# -- workers of earlier releases under this main node -----------------------------------
+
+# 2026-12-05 05:51 (before task files and the client) and 2026-12-06 03:53.
+OLD_RELEASES = ("2f398d9", "e0e5055")
+PYTHON36 = os.path.expanduser("~/.pyenv/versions/3.6.15/bin/python")
+
+
+def old_worker_source(release):
+    """bin/worker.py as that release had it; the test skips in a clone
+    without that history (a shallow one)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = subprocess.run(["git", "-C", repo, "show", "%s:bin/worker.py" % release],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if found.returncode != 0:
+        pytest.skip("no git history of %s here" % release)
+    return found.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("upgrade"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def worker_starts(cluster, device_id):
+    with open(cluster.worker_log(device_id)) as f:
+        return sum('"worker_started"' in line for line in f)
+
+
+def run_on(cluster, device_id, command):
+    task_id = tasks.submit(cluster.db, cluster.config, "shell", {"command": command},
+                           requirements={"device_id": device_id})
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 60,
+             "task %d on %s" % (task_id, device_id))
+    return tasks.get(cluster.db, task_id)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("release", OLD_RELEASES)
+def test_an_old_releases_worker_runs_tasks_then_upgrades_to_this_one(cluster, release,
+                                                                     tmp_path):
+    """As a phone left on an old worker.py (Python 3.6 where there is one):
+    it joins this main node, runs a task, takes `rc broadcast upgrade` and
+    runs tasks as this release's worker, same process."""
+    device_id = "old-" + release
+    path = str(tmp_path / "worker.py")
+    with open(path, "wb") as f:
+        f.write(old_worker_source(release))
+    python = PYTHON36 if os.path.exists(PYTHON36) else sys.executable
+    with open(cluster.worker_log(device_id), "ab") as log:
+        process = subprocess.Popen([python, path, "--allow-upgrade", "--slots", "1"]
+                                   + cluster.worker_arguments(device_id),
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster.workers[device_id] = process
+    wait_for(lambda: device_id in online(cluster), 60, "the old worker online")
+    before = run_on(cluster, device_id, "echo old")
+    assert (before["state"], before["result"]["output"]) == (COMPLETED, "old\n")
+
+    control_id = int(cluster.rc("broadcast", "upgrade", "--require",
+                                "device_id=" + device_id).stdout)
+    ack = wait_for(lambda: json.loads(cluster.rc("control", str(control_id), "--json").stdout)
+                   ["acks"], 30, "the old worker's answer")[0]
+    assert ack["ok"] and "replaced" in ack["detail"], ack
+    wait_for(lambda: worker_starts(cluster, device_id) == 2, 60, "the worker run again")
+    with open(path, "rb") as replaced, open(WORKER, "rb") as served:
+        assert replaced.read() == served.read()
+    assert process.poll() is None                     # the same process, exec'd in place
+    wait_for(lambda: device_id in online(cluster), 60, "the upgraded worker online")
+    after = run_on(cluster, device_id, "echo new")
+    assert (after["state"], after["result"]["output"]) == (COMPLETED, "new\n")
+    assert after["device_id"] == device_id and after["attempt"] == 1
