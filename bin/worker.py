@@ -1028,6 +1028,15 @@ def fetch_worker(host, port, expected_sha256=None):
     return source
 
 
+def is_own_file(expected_sha256):
+    """True when this worker.py is the file of that SHA-256 (hex)."""
+    try:
+        with open(os.path.realpath(WORKER_FILE), "rb") as f:
+            return proofs_match(certificate_fingerprint(f.read()), expected_sha256.lower())
+    except OSError:
+        return False
+
+
 def replace_worker_file(source):
     """Atomically put `source` in place of this file; False when it is the same."""
     path = os.path.realpath(WORKER_FILE)
@@ -7839,12 +7848,15 @@ class Worker(object):
         return True, "draining: no new tasks; %d running will finish" % len(self.running), None
 
     def control_upgrade(self, data):
+        announced = data.get("sha256") if isinstance(data.get("sha256"), str) else None
+        # Up to date, allowed or not: the main node's own worker (no --allow-upgrade)
+        # and a device given the new file by hand are not failures in `rc control`.
+        if announced and is_own_file(announced):
+            return True, "already the served worker.py; nothing to do", None
         if not self.options.allow_upgrade:
             return False, "upgrade not allowed on this device (start with --allow-upgrade)", None
         try:
-            source = fetch_worker(self.options.join[0], self.options.web_port,
-                                  data.get("sha256") if isinstance(data.get("sha256"), str)
-                                  else None)
+            source = fetch_worker(self.options.join[0], self.options.web_port, announced)
             replaced = replace_worker_file(source)
         except UpgradeError as e:
             return False, str(e), None

@@ -105,6 +105,27 @@ def text_response(text, content_type="text/plain"):
     return bottle.HTTPResponse(text, 200, {"Content-Type": content_type + "; charset=utf-8"})
 
 
+STATIC_LINK = re.compile(r'((?:src|href)="/static/)([^"?#]+)"')
+
+
+def versioned_page(root):
+    """index.html with each /static/ link naming its file's digest (?v=...).
+    Served before without Cache-Control, the page and its scripts were kept
+    by browsers for a tenth of the files' age: after an upgrade the new page
+    ran the old dashboard.js, and a reload did not fetch it again. A link
+    that changes with its file is fetched anew; what a browser kept from a
+    release before this one is never asked for again."""
+    def versioned(match):
+        try:
+            with open(os.path.join(root, match.group(2)), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        except OSError:
+            return match.group(0)     # the browser's 404 says which file
+        return '%s%s?v=%s"' % (match.group(1), match.group(2), digest)
+    with open(os.path.join(root, "index.html"), encoding="utf-8") as f:
+        return STATIC_LINK.sub(versioned, f.read())
+
+
 class Web:
     """The routes, with the config, the log and one connection per thread."""
 
@@ -118,6 +139,7 @@ class Web:
         # Lines a stranger can cause: one a minute per event and address.
         self.log = throttle.LimitedLog(logger, per_minute=WEB_LOG_LINES_PER_MINUTE)
         self.token_cache = None      # (the token file's stamp, the token) (see admin_token)
+        self.page = None             # index.html with versioned links (see versioned_page)
 
     def connection(self):
         # sqlite3 connections are cheap to keep and not for sharing between threads.
@@ -790,10 +812,16 @@ class Web:
     # -- pages and errors ------------------------------------------------------------
 
     def index(self):
-        return bottle.static_file("index.html", root=WEB_ROOT)
+        if self.page is None:
+            self.page = versioned_page(WEB_ROOT)
+        bottle.response.content_type = "text/html; charset=utf-8"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return self.page
 
     def static(self, path):
-        return bottle.static_file(path, root=WEB_ROOT)
+        response = bottle.static_file(path, root=WEB_ROOT)
+        response.set_header("Cache-Control", "no-cache")   # asked again, 304 when unchanged
+        return response
 
     def worker_file(self):
         """The worker, for `curl -O http://NAS:5000/worker.py` on a device."""
