@@ -127,3 +127,20 @@ def test_warning_when_no_device_is_online(cluster):
     finally:
         cluster.supervisorctl("start", "rc-worker")
     wait_for(lambda: healthy(cluster), 60, "OK again")
+
+
+@pytest.mark.parametrize("error", [OSError("refused"), health.SupervisorError("bad answer")])
+def test_a_supervisord_that_cannot_be_read_leaves_no_note(tmp_path, monkeypatch, error):
+    """rc why's note on stopped programs is left out when supervisord does
+    not answer as it should; its errors are OSError and SupervisorError
+    (xmlrpc.client is imported only where it is used)."""
+    import types
+    config = types.SimpleNamespace(health_supervisor=True, run_dir=str(tmp_path),
+                                   log_dir=str(tmp_path))
+    (tmp_path / "supervisor.sock").write_text("")
+    monkeypatch.setattr(health, "main_node_stopped", lambda config: None)
+
+    def unreadable(config):
+        raise error
+    monkeypatch.setattr(health, "program_states", unreadable)
+    assert health.programs_note(config) == ""

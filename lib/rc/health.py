@@ -207,7 +207,7 @@ def programs_note(config):
         return ""
     try:
         states = program_states(config)
-    except (OSError, xmlrpc.client.Error):
+    except (OSError, SupervisorError):
         return ""
     # The local worker is a device like any other: explain.why names devices.
     down = sorted(name for name, state in states.items()
