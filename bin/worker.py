@@ -7036,6 +7036,8 @@ class Worker(object):
                                                      STATE_DIR_UNUSABLE))
             return EXIT_REFUSED
         self.sandbox.prepare(self)
+        # A cache over its cap: --cache-mb made smaller since the last run.
+        self.files.cache.make_room(0)
         self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,

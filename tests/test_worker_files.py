@@ -907,3 +907,23 @@ def test_outputs_found_in_a_listing_are_those_a_walk_finds(tmp_path):
     found, notes = listed
     assert sorted(name for name, _ in found) == [".hidden", "inside", "out.bin"]
     assert len(notes) == 3 and all("refused" in note for note in notes), notes
+
+
+@also_36
+def test_a_cache_over_a_cap_made_smaller_is_trimmed_at_start(start, files, tmp_path, python):
+    """A worker started again with a smaller --cache-mb kept the cache it
+    had until the first task with inputs ended. It trims it as it starts,
+    least recently used first."""
+    cache = tmp_path / "worker0.log.state" / "cache"
+    cache.mkdir(parents=True)
+    blobs = []
+    for age in (300, 200, 100):             # seconds since each was last used
+        name = hashlib.sha256(os.urandom(16)).hexdigest()
+        (cache / name).write_bytes(os.urandom(600 * 1024))
+        used = time.time() - age
+        os.utime(str(cache / name), (used, used))
+        blobs.append(name)
+    worker, link = start("--cache-mb", "1", python=python)
+    assert wait_until(lambda: sorted(os.listdir(str(cache))) == [blobs[-1]], WAIT), \
+        os.listdir(str(cache))
+    assert [event["sha256"] for event in worker.events("cache_evicted")] == blobs[:2]
