@@ -319,6 +319,29 @@ def test_logs_follow_reads_only_whole_new_lines(cluster_home):
     assert logs.tail_lines(path, 5)[1] == os.path.getsize(path)
 
 
+def test_logs_follow_reads_a_rotated_log_to_its_end_then_the_new_one(tmp_path):
+    """A line written after the follower's last look and before the log
+    rotated (supervisord moves rc-web.log to rc-web.log.1 and opens a new
+    one) was never shown: the new, shorter file was read from its start."""
+    path = str(tmp_path / "rc-web.log")
+    with open(path, "w") as f:
+        f.write('{"time": 1, "event": "first"}\n')
+    offsets = logs.Offsets()
+    seen = [record["event"] for _, record in logs.new_lines(str(tmp_path), "rc-web", offsets)]
+    assert seen == ["first"]
+    with open(path, "a") as f:
+        f.write('{"time": 2, "event": "just before the rotation"}\n')
+    os.rename(path, path + ".1")
+    with open(path, "w") as f:
+        f.write('{"time": 3, "event": "after"}\n')
+    seen = [record["event"] for _, record in logs.new_lines(str(tmp_path), "rc-web", offsets)]
+    assert seen == ["just before the rotation", "after"]
+    with open(path, "a") as f:
+        f.write('{"time": 4, "event": "later"}\n')
+    seen = [record["event"] for _, record in logs.new_lines(str(tmp_path), "rc-web", offsets)]
+    assert seen == ["later"]
+
+
 # -- tokens, join, local worker ------------------------------------------------------
 
 def test_tokens_and_join(cluster_home):

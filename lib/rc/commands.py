@@ -31,8 +31,8 @@ from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, 
                         task_table_row, when)
 from rc.log import LEVELS, Logger
 from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, DeviceLines, LogFilter, NoSuchLog,
-                     log_paths, new_lines, parse_log_lines, program_of, rotated_paths,
-                     tail_lines)
+                     Offsets, log_paths, new_lines, parse_log_lines, program_of,
+                     rotated_paths, tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
                        TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
@@ -1055,7 +1055,7 @@ def monitor_task_lines(task, width, colour):
 def cmd_logs(arguments, context):
     wanted = LogFilter(arguments.task, arguments.device, arguments.level)
     paths = log_paths(context.config.log_dir, arguments.program)
-    offsets, lines = {}, []
+    offsets, lines = Offsets(), []
     for path in paths:
         if wanted.active:
             # A task's lines may be anywhere in the files, rotated ones too.

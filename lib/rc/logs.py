@@ -166,10 +166,22 @@ class DeviceLines:
         return [(record["time"], record) for record in records if self.wanted(record)]
 
 
+class Offsets(dict):
+    """What a follower of the logs has read: path -> the offset it read to,
+    and in `files` path -> the file that was (device, inode), so that a log
+    rotated between two looks is read to its end under its new name (path.1)
+    before the new file is read from its start."""
+
+    def __init__(self):
+        super().__init__()
+        self.files = {}
+
+
 def new_lines(log_dir, program, offsets, wanted=None):
     """(time, record) of the whole lines appended to the programs' logs since
-    `offsets` (updated); a file that shrank was rotated, so it is read again
-    from the start."""
+    `offsets` (an Offsets, updated). A log rotated since the last look is
+    read to its end where it went, then the new one from its start; a file
+    that shrank (copied and truncated) from its start too."""
     lines = []
     try:
         paths = log_paths(log_dir, program)
@@ -178,7 +190,13 @@ def new_lines(log_dir, program, offsets, wanted=None):
     for path in paths:
         offset = offsets.get(path, 0)
         try:
-            offset = 0 if os.path.getsize(path) < offset else offset
+            info = os.stat(path)
+            known = offsets.files.setdefault(path, (info.st_dev, info.st_ino))
+            if known != (info.st_dev, info.st_ino):
+                lines.extend(rest_of_rotated(path, known, offset, wanted))
+                offsets.files[path], offset = (info.st_dev, info.st_ino), 0
+            elif info.st_size < offset:
+                offset = 0
             text, offsets[path] = read_complete_lines(path, offset)
         except FileNotFoundError:       # the same, between the listing and now
             continue
@@ -187,10 +205,25 @@ def new_lines(log_dir, program, offsets, wanted=None):
     return lines
 
 
+def rest_of_rotated(path, known, offset, wanted):
+    """The lines after `offset` of the file that was `path` (`known`: its
+    device and inode), found among its backups; none if it is gone."""
+    for older in rotated_paths(path)[:2]:
+        try:
+            info = os.stat(older)
+            if (info.st_dev, info.st_ino) == known:
+                text, _ = read_complete_lines(older, offset)
+                return [line for line in parse_log_lines(text, program_of(path))
+                        if wanted is None or wanted(line[1])]
+        except FileNotFoundError:
+            continue
+    return []
+
+
 def recent_log_records(log_dir, program, count, offsets=None):
     """The last `count` log lines of the programs, merged by time, as
-    (time, record or text); `offsets` gets each file's size."""
-    offsets = {} if offsets is None else offsets
+    (time, record or text); `offsets` (an Offsets) gets each file's size."""
+    offsets = Offsets() if offsets is None else offsets
     found = []
     for path in log_paths(log_dir, program):
         tail, offsets[path] = tail_lines(path, count + LOG_CONTEXT_LINES)

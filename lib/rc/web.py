@@ -792,7 +792,7 @@ class Web:
         is the line's time, so Last-Event-ID resumes after it."""
         program = bottle.request.query.get("program") or None
         after = event_time(last_id)
-        offsets = {}
+        offsets = logs.Offsets()
         try:
             backlog = logs.recent_log_records(self.config.log_dir, program,
                                               DEFAULT_LOG_LINES if after is None else 10000,
