@@ -200,9 +200,14 @@ def new_lines(log_dir, program, offsets, wanted=None):
             text, offsets[path] = read_complete_lines(path, offset)
         except FileNotFoundError:       # the same, between the listing and now
             continue
-        lines.extend(line for line in parse_log_lines(text, program_of(path))
-                     if wanted is None or wanted(line[1]))
+        lines.extend(wanted_lines(text, path, wanted))
     return lines
+
+
+def wanted_lines(text, path, wanted):
+    """(time, record) of the lines read from `path` that `wanted` keeps."""
+    return [line for line in parse_log_lines(text, program_of(path))
+            if wanted is None or wanted(line[1])]
 
 
 def rest_of_rotated(path, known, offset, wanted):
@@ -212,9 +217,7 @@ def rest_of_rotated(path, known, offset, wanted):
         try:
             info = os.stat(older)
             if (info.st_dev, info.st_ino) == known:
-                text, _ = read_complete_lines(older, offset)
-                return [line for line in parse_log_lines(text, program_of(path))
-                        if wanted is None or wanted(line[1])]
+                return wanted_lines(read_complete_lines(older, offset)[0], path, wanted)
         except FileNotFoundError:
             continue
     return []
