@@ -74,6 +74,7 @@ UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an 
 UNREACHABLE_MAX_DELAY = 2.0     # seconds between tries at most while it refuses: a refused
                                 # connection costs neither side anything, and the main
                                 # node back is used within this, not RECONNECT_MAX_DELAY
+CUT_RETRIES = 3                 # times a request safe to send again is, its answer cut
 STREAM_REFUSALS_MAX = 5         # refusals in a row of a result stream (a line the client
                                 # cannot take, an HTTP 4xx) before the futures waiting fail
 MAX_CHUNKSIZE = 1000            # calls map() puts in one task at most by default
@@ -220,15 +221,21 @@ class Http:
         before refuses to connect (restarting, or the main node stopped and
         started again), for up to UNREACHABLE_WAIT, the wait doubling up to
         UNREACHABLE_MAX_DELAY: nothing was sent, so nothing is done twice.
-        An rc-web never reached (a wrong RC_URL) is an error at once."""
-        delay = RECONNECT_DELAY
+        An rc-web never reached (a wrong RC_URL) is an error at once. A
+        request whose answer was cut (rc-web stopped while it worked on it)
+        is sent again the same way, CUT_RETRIES times at most, if it is safe
+        to: a GET, or a submit with its Idempotency-Key (rc-web answers a
+        key it has seen with what it queued then)."""
+        delay, cuts = RECONNECT_DELAY, 0
         while True:
             try:
                 answer = self.send(method, path, body, headers, timeout, bounded,
                                    with_fields, sink)
-            except Unreachable as e:
+            except (Unreachable, Cut) as e:
+                if isinstance(e, Cut):          # it took the connection: not a wrong RC_URL
+                    self.reached, cuts = True, cuts + 1
                 lost_for = self.unreachable(e)
-                if lost_for is None or lost_for >= UNREACHABLE_WAIT:
+                if lost_for is None or lost_for >= UNREACHABLE_WAIT or cuts > CUT_RETRIES:
                     raise
                 time.sleep(min(delay, UNREACHABLE_WAIT - lost_for))
                 delay = min(delay * 2, UNREACHABLE_MAX_DELAY)
@@ -301,8 +308,9 @@ class Http:
                     BrokenPipeError) as e:
                 self.drop()
                 if not reused or attempt == 2 or delivered:
-                    raise ClusterError("no answer from %s://%s:%d: %s"
-                                       % (self.scheme, self.host, self.port, e))
+                    cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                    raise cut("no answer from %s://%s:%d: %s"
+                              % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
                 raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
@@ -335,10 +343,11 @@ class Http:
             link[0].close()
 
     def json(self, method, path, value=None, ok=(200, 201), timeout=REQUEST_TIMEOUT,
-             raw_body=None):
+             raw_body=None, headers=None):
         body = raw_body if raw_body is not None else (
             None if value is None else json.dumps(value).encode())
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        if body is not None:
+            headers = dict(headers or {}, **{"Content-Type": "application/json"})
         status, data = self.request(method, path, body, headers, timeout)
         return json_answer(method, path, status, data, ok)
 
@@ -400,6 +409,17 @@ def deliver(sink, delivered, piece):
 
 class Unreachable(ClusterError):
     """No connection to rc-web could be opened: nothing of the request was sent."""
+
+
+class Cut(ClusterError):
+    """The answer to a request safe to send again was cut (Http.request
+    sends it again)."""
+
+
+def repeatable(method, headers):
+    """Whether a request may be sent again when its answer was lost: rc-web
+    may have done it already."""
+    return method in ("GET", "HEAD") or "Idempotency-Key" in (headers or {})
 
 
 class NoAnswer(Exception):
@@ -954,8 +974,13 @@ class Cluster:
             futures = [future for future, _ in batch]
             body = b"[" + b",".join(data for _, data in batch) + b"]"
             query = "?group=%s" % (self.group_id or "new")
+            # Its answer lost (rc-web stopped meanwhile), the batch goes again
+            # with this key, and rc-web answers with what it queued the first
+            # time, if it did: a batch is never queued twice, nor lost.
+            key = {"Idempotency-Key": binascii.hexlify(os.urandom(16)).decode()}
             try:
-                answer = self.http.json("POST", "/api/v1/tasks" + query, raw_body=body)
+                answer = self.http.json("POST", "/api/v1/tasks" + query, raw_body=body,
+                                        headers=key)
             except ClusterError as e:
                 if e.status == 404 and self.group_id is not None:
                     # Our session's group was pruned (idle past task_retention):

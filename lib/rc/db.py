@@ -430,6 +430,20 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS task_groups_by_age ON task_groups(created_at)
         WHERE include_new = 0;
     """,
+    # 15: what a submit with an Idempotency-Key header queued (POST
+    # /api/v1/tasks), so that the same request sent again (its answer lost
+    # to a restart of rc-web or a dropped connection) is answered with the
+    # same tasks instead of queueing them twice; kept REQUEST_KEY_RETENTION
+    # (lib/rc/tasks.py).
+    """
+    CREATE TABLE IF NOT EXISTS request_keys (
+        key         TEXT PRIMARY KEY,
+        task_ids    TEXT NOT NULL,
+        group_id    INTEGER,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS request_keys_by_age ON request_keys(created_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,6 +1,7 @@
 """Housekeeping the reaper does once a minute: finished tasks past
 `task_retention` are deleted with their events, then the groups and maps
-left without a task, leftover temporary files are
+left without a task and the request keys of submits past an hour
+(lib/rc/tasks.py), leftover temporary files are
 removed, stored files past `files_retention_days` are deleted
 (lib/rc/files.py), rc-cli.log is rotated, and the write-ahead log is truncated when it
 has grown past `wal_checkpoint_bytes` (the dashboard's readers keep SQLite
@@ -9,7 +10,7 @@ from recycling it on its own under steady load).
 import glob
 import os
 
-from rc import alerts, db, files, stats
+from rc import alerts, db, files, stats, tasks
 from rc.log import shift_backups
 from rc.states import TERMINAL_STATES
 
@@ -24,6 +25,7 @@ def sweep(connection, config, log, now):
     """Everything below, once; returns what it did (for the log and tests)."""
     done = {"tasks_pruned": prune_tasks(connection, config.task_retention, now),
             "groups_pruned": prune_groups(connection, config.task_retention, now),
+            "request_keys_forgotten": tasks.forget_request_keys(connection, now),
             "temp_files_removed": clean_temp(config.home, config.temp_file_age, now),
             "cli_log_rotated": rotate_cli_log(config.log_dir),
             "files_removed": files.sweep(connection, config, now)}

@@ -5,6 +5,7 @@ assigned, the device it expects, so a stale message or a second process can
 never move a task that has moved on. The database refuses to change a
 terminal state at all (see db.py).
 """
+import json
 import math
 import random
 import re
@@ -19,6 +20,11 @@ MAX_PAYLOAD_TEXT = 256 * 1024   # bytes of code, command or message in one task
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a week is plenty for an old laptop
 MAX_RETRIES = 100
 MAX_BATCH = 10000               # tasks in one submit_many (POST /api/v1/tasks with a list)
+# Seconds what a submit with a request key queued is remembered: a client
+# sends a request again within minutes (rc.client waits UNREACHABLE_WAIT at
+# most for an rc-web that stopped answering), so an hour is ample.
+REQUEST_KEY_RETENTION = 3600.0
+MAX_REQUEST_KEY = 200           # characters of a request key
 # Seconds the next attempt of a running task taken from its online device
 # (`rc drain --now`) waits at most for that device's last checkpoint: its
 # worker stops the task, sends the checkpoint, then its answer, which ends
@@ -376,24 +382,54 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
         retry_on_failure=retry_on_failure, depends_on=depends_on)], group_id=group_id)[0]
 
 
-def submit_many(connection, config, specs, group_id=None):
+def submit_many(connection, config, specs, group_id=None, request_key=None):
     """Queue a batch of tasks, each a dict of submit()'s arguments, in one
     transaction: all of them or, when one is refused, none (TaskError says
     which). Returns their ids in order. Thousands of tasks cost one commit
-    and one ring of the scheduler's doorbell instead of one each."""
+    and one ring of the scheduler's doorbell instead of one each. With a
+    `request_key`, the ids are remembered under it in the same transaction
+    (queued_for_key); a key already used is sqlite3.IntegrityError, and
+    nothing is queued."""
     if not 0 < len(specs) <= MAX_BATCH:
         raise TaskError("a batch holds 1 to %d tasks" % MAX_BATCH)
     checked = [numbered(len(specs), number, check_spec, config, spec)
                for number, spec in enumerate(specs, 1)]
     # Each task is an INSERT, with reads before it when it has a key or
     # dependencies: one plain task is one statement, which commits on its own.
-    statements = len(checked) + sum(key is not None or bool(task["depends_on"])
-                                    or has_files(task["payload"]) for task, key in checked)
+    statements = len(checked) + (request_key is not None) + sum(
+        key is not None or bool(task["depends_on"]) or has_files(task["payload"])
+        for task, key in checked)
     with db.write_statements(connection, statements):
         ids = [numbered(len(specs), number, insert_once, connection, task, key, group_id)
                for number, (task, key) in enumerate(checked, 1)]
+        if request_key is not None:
+            connection.execute(
+                "INSERT INTO request_keys(key, task_ids, group_id, created_at)"
+                " VALUES (?, ?, ?, ?)", (request_key, json.dumps(ids), group_id, time.time()))
     bell.ring(config.run_dir, bell.SCHEDULER)
     return ids
+
+
+def check_request_key(key):
+    """A request key as sent (an Idempotency-Key header): printable ASCII,
+    1 to MAX_REQUEST_KEY characters (a UUID is 36)."""
+    if not 0 < len(key) <= MAX_REQUEST_KEY or not all(" " < c <= "~" for c in key):
+        raise TaskError("an Idempotency-Key is 1 to %d printable characters without spaces"
+                        % MAX_REQUEST_KEY)
+    return key
+
+
+def queued_for_key(connection, key):
+    """(task ids, group id) a submit with this request key queued, or None."""
+    row = connection.execute("SELECT task_ids, group_id FROM request_keys WHERE key = ?",
+                             (key,)).fetchone()
+    return None if row is None else (json.loads(row[0]), row[1])
+
+
+def forget_request_keys(connection, now):
+    """Delete request keys past REQUEST_KEY_RETENTION; how many."""
+    return connection.execute("DELETE FROM request_keys WHERE created_at < ?",
+                              (now - REQUEST_KEY_RETENTION,)).rowcount
 
 
 def has_files(payload):

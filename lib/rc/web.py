@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -441,23 +442,35 @@ class Web:
         """One task, or a list of them queued all or none in one transaction
         (web_results.submit_batch: one audit line, whatever its length)."""
         body = self.json_body(batch=True)
+        key = web_results.request_key()
         batch = body if isinstance(body, list) else [body]
         specs = [numbered_spec(len(batch), number, item) for number, item in enumerate(batch, 1)]
         if isinstance(body, list) or bottle.request.query.get("group"):    # web_results
-            return self.results.submit_batch(specs, isinstance(body, list))
+            return self.results.submit_batch(specs, isinstance(body, list), key)
         connection = self.connection()
-        task_ids = tasks.submit_many(connection, self.config, specs)
-        address = bottle.request.environ.get("REMOTE_ADDR")
-        for task_id, spec in zip(task_ids, specs):
-            self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
-                             priority=spec["priority"], address=address)
+        queued = self.results.queued_before(connection, key)
+        if queued is None:
+            try:
+                queued = tasks.submit_many(connection, self.config, specs, request_key=key), None
+            except sqlite3.IntegrityError:      # the same request sent twice at once
+                queued = self.results.queued_before(connection, key)
+                if queued is None:
+                    raise
+            else:
+                self.logged_submit(queued[0][0], specs[0])
+        task_ids = queued[0]
         submitted = [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
                      for task_id in task_ids]
-        self.audit("task_submitted", task_id=task_ids[0], task_type=specs[0]["task_type"])
         # Queued unless the idempotency key named an earlier task.
         state = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
                                    (task_ids[0],)).fetchone()["state"]
         return json_response(dict(submitted[0], state=state), 201)
+
+    def logged_submit(self, task_id, spec):
+        self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
+                         priority=spec["priority"],
+                         address=bottle.request.environ.get("REMOTE_ADDR"))
+        self.audit("task_submitted", task_id=task_id, task_type=spec["task_type"])
 
     def why(self, task_id):
         self.existing_task(task_id)

@@ -582,31 +582,39 @@ class ResultRoutes:
             cursor, ended = group_ended(connection, cursor, group_id, after)
 
     # POST /api/v1/tasks with a list (?group=new|ID): called by Web.submit
-    def batch(self, specs, is_list=True):
+    def batch(self, specs, is_list=True, key=None):
         """A list of tasks in one transaction, with one log line and one audit
         line for the whole batch (a line per task cost more than the insert).
         ?group=new puts them in a new group (a client's session: its results
-        stream from /api/v1/groups/ID/results), ?group=ID in that group."""
+        stream from /api/v1/groups/ID/results), ?group=ID in that group.
+        With a request `key` (Idempotency-Key) already used, the answer is
+        the first request's and nothing is queued, not even a new group."""
         if not is_list:
             raise ApiError(400, "group= goes with a list of tasks")
         connection, config = self.web.connection(), self.web.config
+        queued = self.queued_before(connection, key)
+        if queued is not None:
+            return batch_answer(*queued)
         group = bottle.request.query.get("group")
         group_id = None if not group else self.client_groups.add(new_group(
             connection, specs)) if group == "new" else self.client_groups.checked(
             connection, request_number(group, "group", 1))
         try:
-            task_ids = tasks.submit_many(connection, config, specs, group_id=group_id)
-        except tasks.TaskError:
-            if group == "new":
+            task_ids = tasks.submit_many(connection, config, specs, group_id=group_id,
+                                         request_key=key)
+        except (tasks.TaskError, sqlite3.IntegrityError) as e:
+            # The same request sent twice at once: the other one queued it.
+            queued = self.queued_before(connection, key)
+            if group == "new" and (queued is not None or isinstance(e, tasks.TaskError)):
                 self.client_groups.forget(group_id)
                 with db.write(connection):
                     connection.execute("DELETE FROM task_groups WHERE group_id = ?",
                                        (group_id,))
-            raise
-        except sqlite3.IntegrityError:
-            if group_id is None or not self.client_groups.forget(group_id):
-                raise
-            client_group(connection, group_id)      # 404 if it was pruned since we saw it
+            if queued is not None:
+                return batch_answer(*queued)
+            if isinstance(e, sqlite3.IntegrityError) and group_id is not None \
+                    and self.client_groups.forget(group_id):
+                client_group(connection, group_id)      # 404 if it was pruned since we saw it
             raise
         types = sorted({spec["task_type"] for spec in specs})
         fields = dict(count=len(task_ids), first_task_id=task_ids[0],
@@ -614,11 +622,16 @@ class ResultRoutes:
         self.web.logger.info("tasks_submitted", address=self.address(), **fields)
         self.web.audit("tasks_submitted", task_ids=task_ids if len(task_ids) <= 10
                        else id_ranges(task_ids), **fields)
-        answer = {"tasks": [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
-                            for task_id in task_ids]}
-        if group_id is not None:
-            answer["group_id"] = group_id
-        return json_response(answer, 201)
+        return batch_answer(task_ids, group_id)
+
+    def queued_before(self, connection, key):
+        """(task ids, group id) an earlier request with this key queued (logged:
+        a client sent a request again, its answer lost), or None."""
+        queued = None if key is None else tasks.queued_for_key(connection, key)
+        if queued is not None:
+            self.web.logger.info("submit_repeated", address=self.address(), count=len(queued[0]),
+                                 first_task_id=queued[0][0], group_id=queued[1])
+        return queued
 
     # GET /client.py
     def client_file(self):
@@ -648,6 +661,20 @@ def group_answer(connection, group_id, after):
     if not_sent:
         answer["not_sent"] = not_sent
     return answer
+
+
+def batch_answer(task_ids, group_id):
+    answer = {"tasks": [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
+                        for task_id in task_ids]}
+    if group_id is not None:
+        answer["group_id"] = group_id
+    return json_response(answer, 201)
+
+
+def request_key():
+    """The request's Idempotency-Key header (checked), or None."""
+    key = bottle.request.headers.get("Idempotency-Key")
+    return None if key is None else tasks.check_request_key(key)
 
 
 def new_group(connection, specs):
