@@ -100,8 +100,9 @@ def process_start_ms(times=500):
     worker starts a shell task), the median of `times`. A condition of the
     machine, printed beside the figures it weighs on: every shell task
     starts at least one process, and on a VM where the loader's CPUID
-    instructions trap to the host (7.5 us each on 2026-12-06's, ~80 of them
-    per exec) it costs 2-3 times what it does on the metal."""
+    instructions trap to the host (cpuid_us(): 7.5 to 13 us each on
+    2026-12-06's; ~50 of them as a C program starts) it costs 2-3 times
+    what it does on the metal."""
     samples = []
     for _ in range(times):
         started = time.perf_counter()
@@ -110,6 +111,32 @@ def process_start_ms(times=500):
         samples.append(time.perf_counter() - started)
     samples.sort()
     return samples[len(samples) // 2] * 1000
+
+
+# push rbx; mov eax, 4; xor ecx, ecx; cpuid; pop rbx; ret (x86-64): CPUID leaf
+# 4, the cache description the C library's start-up asks for again and again.
+CPUID_CODE = bytes.fromhex("53b80400000031c90fa25bc3")
+
+
+def cpuid_us(times=20000):
+    """Microseconds of one CPUID instruction (x86-64 Linux; None elsewhere).
+    On the metal it is ~0.1 us; on a VM it traps to the hypervisor, and
+    every program started pays it some 50 times in glibc's start-up
+    (init_cpu_features, the cache sizes): the part of a process start, and
+    so of every shell task, that depends on the host, not on us."""
+    import ctypes
+    import mmap
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64") or not hasattr(mmap, "PROT_EXEC"):
+        return None
+    code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    code.write(CPUID_CODE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(code))
+    cpuid = ctypes.CFUNCTYPE(None)(address)
+    started = time.perf_counter()
+    for _ in range(times):
+        cpuid()
+    return (time.perf_counter() - started) * 1e6 / times
 
 
 HELLO_WSGI = """

@@ -21,7 +21,7 @@ import urllib.request
 import psutil
 import pytest
 
-from bench_common import Table, percentile, process_start_ms, rss_mib
+from bench_common import Table, cpuid_us, percentile, process_start_ms, rss_mib
 from cluster_harness import REPO, Cluster, online, wait_for
 from rc import db, tasks
 from test_bench_client import round_trips, submit_each
@@ -104,6 +104,10 @@ def test_shell_throughput(cluster):
     record("shell true tasks/s (2,000)", ">= 600", rate, "tasks/s", rate >= 600, library)
     record("... this machine: one process started and reaped (sh -c true, median)", "-",
            process_start_ms(), "ms", True)
+    cpuid = cpuid_us()
+    if cpuid is not None:
+        record("... this machine: one CPUID instruction (a C program's start runs ~50)", "-",
+               cpuid, "us", True)
 
 
 def test_python_eval_throughput(cluster):
