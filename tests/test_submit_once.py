@@ -164,12 +164,14 @@ class Quiet:
 # -- the client, its answer lost ---------------------------------------------------------
 
 class AnswerCutter:
-    """A TCP proxy to rc-web that, while `armed`, forwards the next submit
-    (POST /api/v1/tasks) and closes the client's connection when rc-web's
-    answer to it begins: rc-web queued the tasks, the client never hears."""
+    """A TCP proxy to rc-web that, while `armed`, forwards the next request
+    that starts so (a submit: POST /api/v1/tasks) and closes the client's
+    connection when rc-web's answer to it begins: rc-web did it, the client
+    never hears."""
 
-    def __init__(self, port):
+    def __init__(self, port, request=b"POST /api/v1/tasks"):
         self.port = port
+        self.request = request
         self.armed = False
         self.cut = 0
         self.listener = socket.socket()
@@ -197,7 +199,7 @@ class AnswerCutter:
                 data = source.recv(65536)
                 if not data:
                     break
-                if request and self.armed and data.startswith(b"POST /api/v1/tasks"):
+                if request and self.armed and data.startswith(self.request):
                     self.armed = False
                     marked.append(True)
                 elif not request and marked:
@@ -235,3 +237,19 @@ def test_a_submit_whose_answer_was_lost_is_queued_once_and_its_result_comes(clus
         proxy.close()
     assert proxy.cut == 1
     assert with_command(cluster, command) == 1
+
+
+def test_a_put_whose_answer_was_lost_is_sent_again(cluster, tmp_path):
+    """The same bytes stored under the same hash: safe to send again, and
+    sent from the file again (not held)."""
+    proxy = AnswerCutter(cluster.config.web_port, request=b"POST /api/v1/files")
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"put through a cut answer\n" * 50000)
+    try:
+        with client.Cluster(proxy.url, cluster.token) as connection:
+            proxy.armed = True
+            stored = connection.put(str(path))
+            assert proxy.cut == 1
+            assert connection.get(stored) == path.read_bytes()
+    finally:
+        proxy.close()

@@ -224,10 +224,13 @@ class Http:
         An rc-web never reached (a wrong RC_URL) is an error at once. A
         request whose answer was cut (rc-web stopped while it worked on it)
         is sent again the same way, CUT_RETRIES times at most, if it is safe
-        to: a GET, or a submit with its Idempotency-Key (rc-web answers a
-        key it has seen with what it queued then)."""
+        to: a GET, a put, or a submit with its Idempotency-Key (rc-web
+        answers a key it has seen with what it queued then)."""
         delay, cuts = RECONNECT_DELAY, 0
+        start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
+            if start is not None:
+                body.seek(start)
             try:
                 answer = self.send(method, path, body, headers, timeout, bounded,
                                    with_fields, sink)
@@ -418,8 +421,10 @@ class Cut(ClusterError):
 
 def repeatable(method, headers):
     """Whether a request may be sent again when its answer was lost: rc-web
-    may have done it already."""
-    return method in ("GET", "HEAD") or "Idempotency-Key" in (headers or {})
+    may have done it already. A put (X-Content-SHA256) stores the same bytes
+    under the same name however often it is sent."""
+    return method in ("GET", "HEAD") or any(
+        name in (headers or {}) for name in ("Idempotency-Key", "X-Content-SHA256"))
 
 
 class NoAnswer(Exception):
