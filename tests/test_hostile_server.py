@@ -28,9 +28,12 @@ DEVICE_CAP = 12          # max_devices_per_token here, so a flood is quick
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    # The raw devices here answer no ping and accept nothing: with the default
+    # 10 s (suspect_after) a busy machine's slow submits let rc-server take
+    # the greedy device's tasks back before the test had counted them.
     cluster = Cluster(tmp_path_factory.mktemp("hostile"), auth_timeout=3.0,
                       max_devices_per_token=DEVICE_CAP, audit_log_max_bytes=4096,
-                      audit_refusals_per_minute=30)
+                      audit_refusals_per_minute=30, suspect_after=120.0, accept_timeout=120.0)
     cluster.start()
     cluster.supervisorctl("stop", "rc-worker")
     cluster.start_worker("good", "--slots", "2")
