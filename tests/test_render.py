@@ -73,6 +73,21 @@ def test_key_values_plain_for_scripts_and_aligned_for_people():
     assert render.key_values(pairs, align=True) == "a:        1\nlong_key:\n"
 
 
+def test_text_that_reorders_or_hides_itself_is_shown_in_a_table_cell():
+    """A device named "\u202egood" read as "doog" in `rc devices`, and one
+    with a zero-width space looked like another: the bidi controls and
+    invisible characters show as "?", Hebrew and Arabic letters and the
+    joiners Persian needs as they are."""
+    assert render.cell("\u202egood") == "?good"
+    assert render.cell("a\u2067b\u2069c\u200ed\u200bz\ufeff") == "a?b?c?d?z?"
+    assert render.cell("\u05e9\u05dc\u05d5\u05dd \u0633\u0644\u0627\u0645") == \
+        "\u05e9\u05dc\u05d5\u05dd \u0633\u0644\u0627\u0645"
+    assert render.cell("\u0645\u06cc\u200c\u062e\u0648\u0627\u0645") == \
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"
+    text = render.table([{"DEVICE": "\u202epi-kitchen"}, {"DEVICE": "laptop"}], ["DEVICE"])
+    assert "\u202e" not in text and "?pi-kitchen" in text
+
+
 def test_control_characters_from_devices_never_reach_a_terminal():
     assert render.cell("evil\x1b[2Jname\x07") == "evil?[2Jname?"
     assert render.printable("line\n\ttab\x1b]0;title\x07") == "line\n\ttab?]0;title?"

@@ -20,8 +20,14 @@ COLUMN_GAP = "  "
 BAR_WIDTH = 10            # characters inside a progress bar's brackets
 GRID_CELL_WIDTH = 24      # characters of one device's cell in the grid, borders included
 # Control characters from devices (hostnames, outputs) could move the cursor or
-# retitle a terminal; they are shown as "?" instead.
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# retitle a terminal; they are shown as "?" instead. In a table's cell so are
+# the invisible ones that reorder or hide text: the bidirectional embeddings,
+# overrides, isolates and marks (a device named "\u202egood" reads as
+# "doog" and can pass for another in `rc devices`), the zero-width space and
+# the BOM. Hebrew and Arabic letters are left alone, and so are the joiners
+# (U+200C, U+200D) that Persian and emoji sequences need.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e"
+                     "\u2066-\u2069\ufeff]")
 CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 COLOURS = {"red": 31, "green": 32, "yellow": 33, "blue": 34, "magenta": 35,
