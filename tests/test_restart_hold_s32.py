@@ -5,22 +5,30 @@ tells each worker that declared `restart_hold` at register that it holds
 their tasks for `restart_hold` seconds, after writing the promise
 (devices.held_until) for rc-reaper. Before, every worker stopped its tasks
 after `disconnect_fence` and each ran again from the start as attempt 2.
-All on a real supervisord cluster (tests/cluster_harness.py)."""
+Each piece alone (rc-reaper's sweep, rc-server's stop, the worker against
+a fake main node), then all of them on a real supervisord cluster
+(tests/cluster_harness.py)."""
 import io
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 
 from cluster_harness import Cluster, log_records, online, wait_for
 from rc import config as config_module
-from rc import db, devices, reaper, scheduler, tasks
+from rc import db, devices, reaper, scheduler, state_dir, tasks
 from rc.log import Logger
+from rc.server import Server
 from rc.states import COMPLETED, QUEUED, RUNNING
+from test_server import Client, token_of
+from test_worker import DETAILED, main, registered, short_name, spawn  # noqa: F401 (fixtures)
 
 PYTHON36 = os.path.expanduser("~/.pyenv/versions/3.6.15/bin/python")
 # The release before the restart hold: its worker must keep today's rule.
@@ -66,6 +74,115 @@ def test_the_reaper_leaves_a_held_device_alone_until_its_hold_and_the_grace(tmp_
     assert (task["state"], task["attempt"]) == (QUEUED, 2)
     assert devices.get(connection, "held")["status"] == "offline"
     connection.close()
+
+
+# -- rc-server's graceful stop, in a thread --------------------------------------------
+
+def frames_until_closed(client):
+    frames = []
+    try:
+        while True:
+            frames.append(client.receive())
+    except (EOFError, ConnectionResetError):
+        return frames
+
+
+def test_a_graceful_stop_holds_the_connected_workers_that_can_hold_and_tells_them(tmp_path):
+    """run() ending (SIGTERM): the device whose worker said restart_hold is
+    held in the database, then sent main_stopping as its last frame; one
+    whose worker did not say so, and one already disconnected, are neither;
+    the port refuses connections from then on."""
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    config.tcp_host, config.tcp_port, config.tls = "127.0.0.1", 0, False
+    config.device_secrets, config.restart_hold = False, 120.0
+    state_dir.init(config)
+    instance = Server(config, Logger("rc-server", "debug", io.BytesIO()))
+    thread = threading.Thread(target=instance.run)
+    thread.start()
+    try:
+        port = wait_for(lambda: getattr(instance, "listener", None)
+                        and instance.listener.getsockname()[1], 10, "rc-server listening")
+        token = token_of(instance)
+        holder, old, gone = Client(port), Client(port), Client(port)
+        assert holder.register(token, "holder", restart_hold=True)["message_type"] \
+            == "register_ack"
+        assert old.register(token, "old")["message_type"] == "register_ack"
+        assert gone.register(token, "gone", restart_hold=True)["message_type"] \
+            == "register_ack"
+        gone.sock.close()
+        reader = db.connect(config.db_path)
+        wait_for(lambda: reader.execute("SELECT connected FROM devices WHERE device_id"
+                                        " = 'gone'").fetchone()[0] == 0, 10, "gone gone")
+        before = time.time()
+    finally:
+        instance.stop()
+        thread.join(30)
+    after = time.time()
+    told = frames_until_closed(holder)
+    assert [f["message_type"] for f in told][-1:] == ["main_stopping"], told
+    assert told[-1]["data"] == {"hold": 120.0}
+    assert "main_stopping" not in [f["message_type"] for f in frames_until_closed(old)]
+    held = dict(reader.execute("SELECT device_id, held_until FROM devices").fetchall())
+    assert before + 120.0 <= held["holder"] <= after + 120.0
+    assert held["old"] is None and held["gone"] is None
+    assert reader.execute("SELECT connected FROM devices WHERE device_id = 'holder'"
+                          ).fetchone()[0] == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    reader.close()
+    instance.database.close()
+
+
+# -- the worker against a fake main node (tests/test_worker.py) ------------------------
+
+def worker_event(worker, name, timeout=15.0):
+    return wait_for(lambda: worker.events(name), timeout, "the worker's %s" % name)[0]
+
+
+@pytest.mark.parametrize("python", DETAILED, ids=short_name)
+def test_told_of_a_hold_the_worker_keeps_its_task_and_calls_back_each_second(
+        main, spawn, python):
+    """After main_stopping {hold: 10}: the task runs on past disconnect_fence
+    (0.5 s), six reconnects come within 9 s (the doubling backoff needs over
+    15 s for six), and the task is killed once the hold has run out, then
+    reported fenced. Before: killed after 0.5 s."""
+    worker, link = registered(main, spawn, python, disconnect_fence=0.5, fence_interval=60.0)
+    link.assign(1, "shell", {"command": "sleep 60"})
+    assert link.expect("task_accept")["task_id"] == 1
+    told = time.monotonic()
+    link.send("main_stopping", {"hold": 10.0})
+    link.pump(5, keep_alive=False)           # until the worker hangs up
+    for _ in range(6):
+        main.accept().close()                # rc-server not back yet
+    assert time.monotonic() - told < 9.0
+    assert not worker.events("task_fenced")
+    fenced = worker_event(worker, "task_fenced")
+    assert time.monotonic() - told >= 9.5
+    assert "restart hold of 10 s" in fenced["reason"], fenced
+    link = main.accept()
+    register = link.handshake(disconnect_fence=0.5)
+    assert register["restart_hold"] is True
+    assert register["fenced_tasks"] == [{"task_id": 1, "attempt": 1}]
+
+
+@pytest.mark.parametrize("python", DETAILED, ids=short_name)
+def test_a_notice_read_after_a_freeze_is_not_believed(main, spawn, python):
+    """A worker frozen (SIGSTOP) past FREEZE_THRESHOLD when main_stopping
+    came may read it long after the hold began: it keeps the usual rule."""
+    worker, link = registered(main, spawn, python, disconnect_fence=1.0, fence_interval=60.0)
+    link.assign(1, "shell", {"command": "sleep 60"})
+    assert link.expect("task_accept")["task_id"] == 1
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        link.send("main_stopping", {"hold": 60.0})
+        link.close()
+        time.sleep(3.0)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+    fenced = worker_event(worker, "task_fenced")
+    assert "disconnected" in fenced["reason"], fenced
+    notice = worker.events("main_node_stopping")[0]
+    assert notice["hold"] == 0 and notice["reason"] == "leases in doubt", notice
 
 
 # -- a real cluster --------------------------------------------------------------------

@@ -251,6 +251,10 @@ class Server:
                 self.rollback()
                 self.log_limited("error", "turn_failed", "turn", error=repr(e)[:500])
         self.log.info("server_stopping", connections=len(self.peers))
+        # Refused from now on, not left waiting for a hello: a worker told
+        # to come back tries again a second later, at the next rc-server.
+        self.selector.unregister(self.listener)
+        self.listener.close()
         held = self.hold_devices()
         for peer in list(self.acks_due):
             self.flush(peer)
