@@ -178,7 +178,9 @@ def hold(connection, device_ids, until, now):
                                                for device_id in device_ids])
 
 
-# Devices no graceful stop holds (see hold), given now - disconnect_grace.
+# Devices a graceful stop holds (see hold), and those it does not, given
+# now - disconnect_grace (the first finds them through devices_held).
+HELD_SQL = "held_until >= ?"
 NOT_HELD_SQL = "(held_until IS NULL OR held_until < ?)"
 
 

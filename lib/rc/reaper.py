@@ -42,7 +42,7 @@ def sweep(connection, config, log, now, log_limited=None):
                   contained)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND lease_expires < ? AND device_id NOT IN (SELECT device_id"
-                  " FROM devices WHERE NOT %s)" % (db.ACTIVE_SQL, devices.NOT_HELD_SQL),
+                  " FROM devices WHERE %s)" % (db.ACTIVE_SQL, devices.HELD_SQL),
                   (now, now - config.disconnect_grace), "lease on {device_id} expired",
                   contained)
         take_back(connection, config, log, now, TASK_ROW +
