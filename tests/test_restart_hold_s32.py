@@ -251,8 +251,10 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
 
         stopped = cluster.make("stop")
         assert stopped.returncode == 0, stopped.stdout
-        notice = worker_records(cluster, device_id, event="main_node_stopping")
-        assert notice and notice[0]["running"] == 2, "the worker was not told of the stop"
+        notice = wait_for(lambda: worker_records(cluster, device_id,
+                                                 event="main_node_stopping"),
+                          30, "the worker told of the stop")
+        assert notice[0]["running"] == 2, notice
         open(flag, "w").close()      # the short task ends while the main node is down
         wait_for(lambda: worker_records(cluster, device_id, event="task_finished",
                                         task_id=short), 30, "the short task ended")
@@ -288,11 +290,13 @@ def test_a_short_hold_runs_out_the_worker_stops_first_and_the_task_goes_back(tmp
     """restart_hold 3 s and rc-server kept down: the worker kills its task
     once the hold runs out, and only then (hold + disconnect_grace after the
     stop) does rc-reaper, still running, queue it again; it runs once
-    rc-server is back, as attempt 2. Before: fenced after 1 s, requeued only
-    when its lease ran out."""
+    rc-server is back, as attempt 2. Before: no notice, fenced after
+    disconnect_fence (2.5 s), requeued only when its lease ran out."""
     if python == "3.6" and not os.path.exists(PYTHON36):
         pytest.skip("no Python 3.6 here")
-    cluster = Cluster(tmp_path / "rc", restart_hold=3.0)
+    # A grace longer than the tests' 2 s: the margin between the worker's
+    # deadline and the reaper's, on a busy machine.
+    cluster = Cluster(tmp_path / "rc", restart_hold=3.0, disconnect_grace=5.0)
     cluster.start()
     try:
         device_id = "short-hold"
