@@ -274,6 +274,8 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
                                task_id=task_id)) == 1
     assert not worker_records(cluster, device_id, event="task_fenced")
     assert worker.poll() is None
+    # Back and heard on its new connection: the hold is over.
+    wait_for(lambda: devices.held_until(cluster.db, device_id) is None, 30, "the hold ended")
     # Back within a second or two of rc-server: a retry every second, not the
     # backoff (which would be at 16 s or more by then), with the kept result.
     registered = worker_records(cluster, device_id, event="registered")
