@@ -171,10 +171,12 @@ LEASE_CHECK = "lease_check"
 LEASE_CHECK_ACK = "lease_check_ack"
 DEVICE_LOG = "device_log"
 WATCH = "watch"
+MAIN_STOPPING = "main_stopping"
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
-                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH)
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH,
+                 MAIN_STOPPING)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
 INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot
@@ -211,6 +213,8 @@ EXIT_REFUSED = 3                # exit status when the main node refuses this de
 HEARTBEAT_INTERVAL = 60.0       # seconds between heartbeats, until register_ack says otherwise
 BACKOFF_START = 0.5             # seconds before the first reconnect; doubles per failure
 BACKOFF_MAX = 30.0              # seconds, the longest wait between reconnects
+HOLD_RETRY = 1.0                # seconds between reconnects while a stopping main node
+                                # holds our tasks (main_stopping): back soon after it is
 CONNECT_TIMEOUT = 10.0          # seconds a TCP connect may take
 AUTH_TIMEOUT = 15.0             # seconds from connected to register_ack (the server allows 10)
 SILENT_HEARTBEATS = 3           # heartbeat intervals without a frame: the link is presumed dead
@@ -6987,6 +6991,10 @@ class Worker(object):
         self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
         self.disconnect_fence = None   # from register_ack; None: never
+        # A graceful stop of the main node holds our tasks (on_main_stopping):
+        # for how long, and until when (contact_clock), until registered again.
+        self.hold_seconds = None
+        self.hold_until = None
         self.queue_wait = None         # from register_ack: longest wait in self.queued
         self.last_contact = None       # the last frame on a registered connection
         # The last answer that renewed our running leases (register_ack,
@@ -7134,6 +7142,10 @@ class Worker(object):
         """Seconds until our tasks must be killed unheard, or None."""
         if not (self.running or self.queued):
             return None
+        if self.hold_until is not None:
+            # A stopping main node holds them, in place of both rules below:
+            # rc-reaper leaves them alone for the hold and disconnect_grace more.
+            return self.hold_until - contact_clock()
         limits = []
         if self.fence_interval and self.last_renewal is not None:
             limits.append(self.last_renewal + self.fence_interval)
@@ -7143,10 +7155,16 @@ class Worker(object):
 
     def check_fence(self):
         fence_in = self.fence_in()
+        hold_over = self.hold_until is not None and contact_clock() >= self.hold_until
+        if hold_over:                 # the main node is not back: the usual rules again
+            self.hold_until = None
         if fence_in is None or fence_in > 0:
             return
         now = contact_clock()
-        if self.disconnect_fence and self.lost_at is not None \
+        if hold_over:
+            reason = "the main node was not back within its restart hold of %g s" \
+                % self.hold_seconds
+        elif self.disconnect_fence and self.lost_at is not None \
                 and now - self.lost_at >= self.disconnect_fence:
             reason = "disconnected for %.1f s" % (now - self.lost_at)
         else:
@@ -7246,7 +7264,29 @@ class Worker(object):
         self.doubt = None
 
     def startable(self):
+        if self.hold_until is not None:     # held through a restart: only what runs goes on
+            return []
         return [key for key in self.queued if key not in self.unconfirmed]
+
+    def on_main_stopping(self, data):
+        """A graceful stop of the main node: it holds our tasks for `hold`
+        seconds (restart_hold), so they run on through its restart instead of
+        stopping after disconnect_fence, and we try to reconnect each second.
+        The hold counts from now, later than the main node's (which adds
+        disconnect_grace). Not while our leases are in doubt: after a freeze
+        or a silence this notice may have waited in the socket for longer
+        than the hold."""
+        hold = data.get("hold")
+        if not is_number(hold) or hold <= 0 or self.doubt is not None:
+            log("warning", "main_node_stopping", device_id=self.device_id, hold=0,
+                reason="leases in doubt" if self.doubt is not None else "no hold")
+            return
+        self.hold_seconds = float(hold)
+        self.hold_until = contact_clock() + self.hold_seconds
+        log("info", "main_node_stopping", device_id=self.device_id, hold=self.hold_seconds,
+            running=len(self.running), queued=len(self.queued))
+        self.disconnect("the main node is stopping; it holds our tasks for %g s" % hold,
+                        level="info")
 
     def on_ping(self, data):
         self.send(PONG, {})
@@ -7449,8 +7489,13 @@ class Worker(object):
         self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
             self.lost_at = contact_clock()
-        delay = self.backoff * jitter()
-        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        if self.hold_until is not None:
+            # Back within a second of the main node; a refusal a second is no news.
+            delay, self.backoff = HOLD_RETRY * jitter(), BACKOFF_START
+            level = "debug" if level == "warning" else level
+        else:
+            delay = self.backoff * jitter()
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
         self.connect_at = time.monotonic() + delay
         log(level, "disconnected", reason=reason, retry_in=round(delay, 3))
 
@@ -7624,6 +7669,7 @@ class Worker(object):
         register.update(device_id=self.device_id, protocol=PROTOCOL_VERSION,
                         nonce=self.nonces[1], active_tasks=self.active_tasks(),
                         fenced_tasks=self.tell_fenced(), auth=self.auth, inline_files=True,
+                        restart_hold=True,
                         proof=sign(self.key, "rc-worker", self.nonces[0], self.nonces[1],
                                    self.device_id))
         self.send(REGISTER, register)
@@ -7650,7 +7696,7 @@ class Worker(object):
         self.assignment_lease = positive_or_none(data.get("assignment_lease"))
         self.logs_accepted = data.get("device_logs") is True    # older main nodes: False
         self.last_contact = self.last_renewal = contact_clock()
-        self.lost_at = None
+        self.lost_at = self.hold_until = None
         self.fenced_known()
         self.state = READY
         self.auth_deadline = None
@@ -7945,7 +7991,7 @@ class Worker(object):
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
                 CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack,
-                WATCH: on_watch}
+                WATCH: on_watch, MAIN_STOPPING: on_main_stopping}
 
     # -- tasks ---------------------------------------------------------------------
 

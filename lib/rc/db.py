@@ -430,7 +430,16 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS task_groups_by_age ON task_groups(created_at)
         WHERE include_new = 0;
     """,
-    # 15: what a submit with an Idempotency-Key header queued (POST
+    # 15: a graceful stop of rc-server promised a device's worker to hold its
+    # tasks until this time (restart_hold); rc-reaper leaves the device, its
+    # leases and its tasks alone until held_until + disconnect_grace
+    # (lib/rc/server.py, Server.hold_devices; lib/rc/reaper.py). NULL: no hold.
+    """
+    ALTER TABLE devices ADD COLUMN held_until REAL;
+    CREATE INDEX IF NOT EXISTS devices_held ON devices(held_until)
+        WHERE held_until IS NOT NULL;
+    """,
+    # 16: what a submit with an Idempotency-Key header queued (POST
     # /api/v1/tasks), so that the same request sent again (its answer lost
     # to a restart of rc-web or a dropped connection) is answered with the
     # same tasks instead of queueing them twice; kept REQUEST_KEY_RETENTION

@@ -62,6 +62,9 @@ SUSPECT_AFTER = 10.0            # seconds a device has to answer a ping, or say 
                                 # and what it has not accepted goes elsewhere uncharged
 DISCONNECT_GRACE = 10.0         # seconds a dropped device has to reconnect before
                                 # its tasks go elsewhere
+RESTART_HOLD = 300.0            # seconds a graceful stop of rc-server holds the tasks of
+                                # the workers it tells so (they keep them running and
+                                # reconnect each second); 0: no hold, disconnect_grace
 
 # -- files (lib/rc/files.py, rc-files) ----------------------------------------
 FILES_PORT = 8081               # port of rc-files, which moves task files to and from

@@ -167,6 +167,36 @@ def disconnected(connection, device_id, now):
         " WHERE device_id = ?", (now, device_id))
 
 
+def hold(connection, device_ids, until, now):
+    """A graceful stop of rc-server told these devices' workers to keep their
+    tasks running until `until` (restart_hold): their connections end now,
+    and rc-reaper leaves them and their tasks alone until `until` plus
+    disconnect_grace (NOT_HELD_SQL)."""
+    connection.executemany(
+        "UPDATE devices SET connected = 0, disconnected_at = ?, suspect_since = NULL,"
+        " held_until = ? WHERE device_id = ?", [(now, until, device_id)
+                                               for device_id in device_ids])
+
+
+# Devices a graceful stop holds (see hold), and those it does not, given
+# now - disconnect_grace (the first finds them through devices_held).
+HELD_SQL = "held_until >= ?"
+NOT_HELD_SQL = "(held_until IS NULL OR held_until < ?)"
+
+
+def held_until(connection, device_id):
+    row = connection.execute("SELECT held_until FROM devices WHERE device_id = ?",
+                             (device_id,)).fetchone()
+    return row and row[0]
+
+
+def end_hold(connection, device_id):
+    """Its worker is back and has answered on its new connection (so it has
+    its register_ack, and holds nothing any more): the usual rules again."""
+    connection.execute("UPDATE devices SET held_until = NULL WHERE device_id = ?",
+                       (device_id,))
+
+
 def disconnect_all(connection, now):
     """At server start: no connection survives a restart of rc-server."""
     connection.execute(

@@ -2,7 +2,9 @@
 
 A device that stopped heartbeating, or dropped its connection and did not
 come back, goes offline and its tasks go back to the queue (or fail when
-their retries are spent). An assignment not accepted in time is taken back;
+their retries are spent); one whose worker a graceful stop of rc-server
+told to hold its tasks (restart_hold) is left alone until that hold and
+disconnect_grace have passed, whichever program runs meanwhile. An assignment not accepted in time is taken back;
 one on a device rc-server found suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
 so. Heartbeat history is kept bounded. After each sweep it checkpoints
@@ -39,8 +41,10 @@ def sweep(connection, config, log, now, log_limited=None):
                   " WHERE status = ?)" % db.ACTIVE_SQL, (OFFLINE,), "device {device_id} offline",
                   contained)
         take_back(connection, config, log, now, TASK_ROW +
-                  " WHERE %s AND lease_expires < ?" % db.ACTIVE_SQL,
-                  (now,), "lease on {device_id} expired", contained)
+                  " WHERE %s AND lease_expires < ? AND device_id NOT IN (SELECT device_id"
+                  " FROM devices WHERE %s)" % (db.ACTIVE_SQL, devices.HELD_SQL),
+                  (now, now - config.disconnect_grace), "lease on {device_id} expired",
+                  contained)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND cancel_requested = 1 AND device_id IN"
                   " (SELECT device_id FROM devices WHERE connected = 0)" % db.ACTIVE_SQL,
@@ -85,14 +89,20 @@ def hand_back_from_suspects(connection, log, now, contained):
 
 
 def overdue_devices(connection, config, now):
-    """Online devices that have gone quiet or dropped off for too long."""
+    """Online devices that have gone quiet or dropped off for too long; a
+    device held through a restart of rc-server (devices.hold) is neither
+    until its hold and disconnect_grace have passed."""
     return connection.execute(
-        "SELECT device_id, connected, last_seen, disconnected_at FROM devices"
-        " WHERE status = ? AND (last_seen < ? OR (connected = 0 AND disconnected_at < ?))",
-        (ONLINE, now - config.offline_timeout, now - config.disconnect_grace)).fetchall()
+        "SELECT device_id, connected, last_seen, disconnected_at, held_until FROM devices"
+        " WHERE status = ? AND (last_seen < ? OR (connected = 0 AND disconnected_at < ?))"
+        " AND %s" % devices.NOT_HELD_SQL,
+        (ONLINE, now - config.offline_timeout, now - config.disconnect_grace,
+         now - config.disconnect_grace)).fetchall()
 
 
 def offline_reason(row, config, now):
+    if row["held_until"] is not None and not row["connected"]:
+        return "not back %gs after its restart hold ended" % config.disconnect_grace
     if row["last_seen"] < now - config.offline_timeout:
         return "no heartbeat for %gs" % config.offline_timeout
     return "disconnected for %gs" % config.disconnect_grace

@@ -41,7 +41,8 @@ from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEVICE_LOG, ERROR,
                        FAILED, HEARTBEAT, WATCH,
-                       HEARTBEAT_ACK, HELLO, LEASE_CHECK, LEASE_CHECK_ACK, OUTCOME_CANCELLED,
+                       HEARTBEAT_ACK, HELLO, LEASE_CHECK, LEASE_CHECK_ACK, MAIN_STOPPING,
+                       OUTCOME_CANCELLED,
                        OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
@@ -109,6 +110,9 @@ MAX_STORING_PER_PEER = 16
 # device with one result waiting is not read from until it is stored: what
 # waits stays under this plus one result's files per connection.
 MAX_STORING_BYTES = 64 * 1024 * 1024
+# Seconds a stopping rc-server spends sending what it owes the workers it
+# told to hold their tasks (their main_stopping at the end) before it hangs up.
+STOP_DRAIN_SECONDS = 2.0
 
 
 class Peer:
@@ -150,6 +154,11 @@ class Peer:
         self.taken_at = None             # when it last took a byte of its outbox, or
                                          # the outbox, empty till then, was filled
         self.kernel_queued = None        # bytes its socket held for it at the last look
+        # A graceful stop (Server.hold_devices): whether its worker can hold its
+        # tasks through one (register's restart_hold), and whether the device
+        # was held by the last stop, until its first heartbeat on this connection.
+        self.restart_hold = False
+        self.held = False
 
 
 def kernel_queued(sock):
@@ -242,12 +251,59 @@ class Server:
                 self.rollback()
                 self.log_limited("error", "turn_failed", "turn", error=repr(e)[:500])
         self.log.info("server_stopping", connections=len(self.peers))
+        # Refused from now on, not left waiting for a hello: a worker told
+        # to come back tries again a second later, at the next rc-server.
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        held = self.hold_devices()
         for peer in list(self.acks_due):
             self.flush(peer)
+        self.drain(held, STOP_DRAIN_SECONDS)
         for peer in list(self.peers):
             self.close(peer, "server stopping", record=False)
         self.doorbell.close()
         self.assigned_bell.close()
+
+    def hold_devices(self):
+        """A graceful stop (SIGTERM: make stop, supervisorctl stop or restart):
+        each connected device whose worker can hold its tasks (it said so at
+        register; one suspect may not be reading) is promised restart_hold
+        seconds, in the database first (rc-reaper leaves it alone until then
+        plus disconnect_grace), then told: its worker keeps its tasks running
+        for that long, from when it reads this, instead of disconnect_fence,
+        and reconnects each second. Should the write fail, nobody is told
+        and the usual rules stand. The peers told."""
+        hold = self.config.restart_hold
+        peers = [peer for peer in self.peers_by_device.values()
+                 if peer.restart_hold and not peer.suspect and not peer.closed]
+        if not hold or not peers:
+            return []
+        now = time.time()
+        try:
+            with db.write(self.database):
+                devices.hold(self.database, [peer.device_id for peer in peers], now + hold, now)
+        except Exception as e:
+            self.rollback()
+            self.log.error("hold_failed", devices=len(peers), error=repr(e)[:500])
+            return []
+        for peer in peers:
+            self.send(peer, MAIN_STOPPING, {"hold": hold})
+        self.log.info("devices_held", devices=len(peers), hold=hold)
+        return peers
+
+    def drain(self, peers, seconds):
+        """Send what the peers' outboxes hold, for up to `seconds`: the
+        stopping notice must not be left behind in a full outbox."""
+        deadline = time.monotonic() + seconds
+        with selectors.DefaultSelector() as selector:
+            for peer in peers:
+                if peer.outbox and not peer.closed:
+                    selector.register(peer.sock, selectors.EVENT_WRITE, peer)
+            while selector.get_map() and time.monotonic() < deadline:
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    self.flush(key.data)
+                    if key.data.closed or not key.data.outbox:
+                        selector.unregister(key.fileobj)
 
     def turn(self, timeout):
         for key, events in self.selector.select(timeout):
@@ -890,8 +946,9 @@ class Server:
         self.leave_unauthenticated(peer)
         peer.pushed.update(active)
         peer.inline_files = data.get("inline_files") is True
+        peer.restart_hold = data.get("restart_hold") is True
         self.batch.append((Server.apply_register, peer,
-                           (data, worker_nonce, fenced, key, is_new)))
+                           (data, worker_nonce, fenced, key, is_new, active)))
 
     @staticmethod
     def check_profile(data):
@@ -1232,7 +1289,13 @@ class Server:
                 self.audit_line(event, fields.pop("actor"), fields.pop("source"), **fields)
 
     def apply_register(self, peer, data, now):
-        data, worker_nonce, fenced, key, is_new = data
+        data, worker_nonce, fenced, key, is_new, active = data
+        if devices.held_until(self.database, peer.device_id) is not None:
+            # Back from a hold: what it still runs is its own again, however
+            # long the hold was (rc-reaper left the leases alone meanwhile).
+            peer.held = True
+            tasks.renew_leases(self.database, peer.device_id, active,
+                               now + self.config.lease_duration)
         devices.register(self.database, peer.device_id, data, peer.address, now,
                          self.config.max_device_slots)
         if is_new:
@@ -1282,6 +1345,9 @@ class Server:
 
     def apply_heartbeat(self, peer, data, now):
         metrics, availability, active, fenced, due, cached = data
+        if peer.held:       # it has its register_ack, so holds nothing any more
+            devices.end_hold(self.database, peer.device_id)
+            peer.held = False
         if due:
             if cached is not None:     # like metrics: at most once per min_heartbeat_interval
                 devices.set_cached_files(self.database, peer.device_id, cached)

@@ -64,11 +64,13 @@ LEASE_CHECK = "lease_check"        # worker -> server: which of these attempts a
 LEASE_CHECK_ACK = "lease_check_ack"  # server -> worker: those that are, and those that are not
 DEVICE_LOG = "device_log"          # worker -> server: its warnings, errors and task events
 WATCH = "watch"                    # server -> worker: someone watches; heartbeat more often
+MAIN_STOPPING = "main_stopping"    # server -> worker: a graceful stop; your tasks are held
 
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
-                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH)
+                 PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH,
+                 MAIN_STOPPING)
 
 # -- why a task attempt ended, as the worker reports it -----------------------
 # These are the outcomes a worker puts in task_result's "status".
