@@ -177,7 +177,9 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.peers_by_device = {}
         self.peers = set()
-        self.unauthenticated = set()   # checked for auth_timeout apart from the many others
+        # Peers not authenticated yet, oldest first (a dict keeps its order):
+        # checked for auth_timeout apart from the many others.
+        self.unauthenticated = {}
         self.partial = set()           # peers in the middle of a frame
         self.ending = set()            # peers that ended their sending, owed answers still
         self.owing = set()             # peers with answers their socket did not take yet
@@ -372,23 +374,47 @@ class Server:
             self.contain(peer, "accept", e)
 
     def add_unauthenticated(self, peer):
-        self.unauthenticated.add(peer)
+        self.unauthenticated[peer] = None
         self.unauthenticated_by_host[peer.host] += 1
 
     def leave_unauthenticated(self, peer):
         if peer in self.unauthenticated:
-            self.unauthenticated.discard(peer)
+            del self.unauthenticated[peer]
             self.unauthenticated_by_host[peer.host] -= 1
             if self.unauthenticated_by_host[peer.host] <= 0:
                 del self.unauthenticated_by_host[peer.host]
 
+    def make_way(self, newcomer):
+        """At max_unauthenticated, the connection authenticating the longest
+        from the address that holds the most makes way for the newcomer:
+        refusing newcomers let strangers on 126 addresses, 8 connections
+        each opened again at every auth_timeout, lock out every worker that
+        reconnected. A worker proves itself in milliseconds; what it would
+        have to outlast is a stranger's connections, oldest first."""
+        counts = self.unauthenticated_by_host
+        host = max(counts, key=counts.get)
+        oldest = next((peer for peer in self.unauthenticated
+                       if peer.host == host and peer is not newcomer), None)
+        if oldest is None:
+            return
+        why = "%d connections are authenticating (max_unauthenticated)" \
+            % len(self.unauthenticated)
+        if oldest.handshaking:      # no TLS yet to say so
+            self.log_limited("warning", "authenticating_connection_closed", host,
+                             address=oldest.address, reason=why)
+            self.close(oldest, why)
+        else:
+            self.refuse(oldest, "too_many_connections", why + "; try again later")
+
     def too_many_authenticating(self, peer):
         """Why this connection must wait (None: it need not): too many still
-        authenticating, in all or from its address."""
-        if len(self.unauthenticated) > self.config.max_unauthenticated:
-            return "too many connections are authenticating"
+        authenticating from its address, or in all once none made way."""
         if self.unauthenticated_by_host[peer.host] > self.config.max_unauthenticated_per_address:
             return "too many connections from %s are authenticating" % peer.host
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            self.make_way(peer)
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            return "too many connections are authenticating"
         return None
 
     def handshake(self, peer):
