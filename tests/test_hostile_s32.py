@@ -4,6 +4,10 @@ else's work on a running TLS cluster, or to grow its memory, disk or
 database without bound. Each test failed on the code before its fix; after
 each attack the programs keep their pids and a good worker's tasks
 complete (hostile_harness.unharmed)."""
+import fnmatch
+import importlib.util
+import json
+import random
 import selectors
 import socket
 import threading
@@ -11,10 +15,11 @@ import time
 
 import pytest
 
+from cluster_harness import WORKER
 from hostile_harness import unharmed
-from rc import protocol
+from rc import files, protocol, tasks
 from test_bad_input import read_frame, register_frame
-from test_inline_files import with_the_good_worker
+from test_inline_files import Device, entry, with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +121,90 @@ def test_strangers_on_many_addresses_lock_no_worker_out_of_rc_server(cluster):
             assert strangers.opened > strangers.wanted     # they were made to wait
         finally:
             strangers.close()
+
+
+class Heartbeats:
+    """A device that heartbeats back to back in a thread of its own and
+    keeps the longest wait for an ack (pings answered on the way)."""
+
+    def __init__(self, cluster, device_id):
+        _, self.sock = joined(cluster, device_id)
+        self.device_id, self.longest, self.acks = device_id, 0.0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        reader = self.sock.makefile("rb")
+        self.sock.settimeout(300)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self.sock.sendall(protocol.encode("heartbeat", {"active_tasks": []},
+                                              sender_id=self.device_id))
+            while True:
+                frame = json.loads(reader.readline())
+                if frame["message_type"] == "heartbeat_ack":
+                    break
+                if frame["message_type"] == "ping":
+                    self.sock.sendall(protocol.encode("pong", {}, sender_id=self.device_id))
+            self.longest = max(self.longest, time.monotonic() - started)
+            self.acks += 1
+            time.sleep(0.05)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(300)
+        self.sock.close()
+
+
+def test_deep_output_names_against_a_double_star_glob_stall_no_one(cluster):
+    """A device holding a task with --output '**/*.txt' sent a result with
+    a hundred empty inline files named 2,040 directories deep: rc-server's
+    loop tried every split of each name among the "**"s (0.1 s a name; over
+    a minute a name for '**/a/**/*.txt'), and no other device's heartbeat
+    was answered meanwhile. Now a name costs one pass per part of the glob."""
+    device = Device(cluster, "deep-names")
+    probe = Heartbeats(cluster, "probe")
+    deep = "/".join(["d"] * 2040)      # the name within 4096 bytes
+    try:
+        with unharmed(cluster, "good"):
+            assign = device.take("true", "--output", "**/*.txt", "--output", "**/d/**/*.txt")
+            entries = [entry("%s/%d.bin" % (deep, n), b"") for n in range(100)]
+            row = device.finish(assign, entries)
+            assert row["state"] == "completed"
+            assert "no --output glob of the task matches it" in row["result"]["stderr"]
+            time.sleep(0.5)
+    finally:
+        probe.close()
+        device.close()
+    assert probe.acks > 5
+    assert probe.longest < 5.0, "a heartbeat waited %.1fs for its ack" % probe.longest
+
+
+def every_split(pattern_parts, parts):
+    """The glob matching of round 31 and before, which tried every split of
+    the name among the "**"s: the meaning glob_match must keep."""
+    if not pattern_parts:
+        return not parts
+    head = pattern_parts[0]
+    if head == "**":
+        return any(every_split(pattern_parts[1:], parts[skip:])
+                   for skip in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:skip]))
+    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
+        and fnmatch.fnmatchcase(parts[0], head) and every_split(pattern_parts[1:], parts[1:])
+
+
+def test_one_pass_globs_match_what_every_split_matched():
+    spec = importlib.util.spec_from_file_location("rc_worker_copy", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    chooser = random.Random(32)
+    heads, names = ["**", "*", "a", ".*", "*.txt", "b?", ".a", "[ab]"], \
+        ["a", "b", ".a", "x.txt", ".x.txt", "ab", "bb"]
+    for _ in range(3000):
+        pattern = [chooser.choice(heads) for _ in range(chooser.randint(0, 4))]
+        name = [chooser.choice(names) for _ in range(chooser.randint(0, 5))]
+        expected = every_split(pattern, name)
+        assert files.glob_match(pattern, name) == expected, (pattern, name)
+        assert worker.glob_match(pattern, name) == expected, (pattern, name)

@@ -516,16 +516,23 @@ def glob_match(pattern_parts, parts):
     """fnmatch per path component; "**" matches any number of directories
     (bin/worker.py's glob_match, which picks a task's outputs). As in a
     shell, a leading "." is matched only by a part that starts with one:
-    `*` and `**` never bring back .bashrc or .ssh/ to where `rc get` writes."""
-    if not pattern_parts:
-        return not parts
-    head = pattern_parts[0]
-    if head == "**":
-        return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1)
-                   if not any(part.startswith(".") for part in parts[:skip]))
-    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
-        and fnmatch.fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
+    `*` and `**` never bring back .bashrc or .ssh/ to where `rc get` writes.
+
+    One pass over the name per part of the pattern: trying every way to
+    split the name among the "**"s cost a device's name of 2,048 parts
+    0.1 s on rc-server's loop with "**/*.txt", over a minute with
+    "**/a/**/*.txt", each."""
+    reached = [True] + [False] * len(parts)    # reached[j]: parts[:j] are matched so far
+    for head in pattern_parts:
+        if head == "**":
+            for j, part in enumerate(parts):
+                reached[j + 1] = reached[j + 1] or (reached[j] and not part.startswith("."))
+            continue
+        dot_too = head.startswith(".")
+        reached = [False] + [reached[j] and (dot_too or not part.startswith("."))
+                             and fnmatch.fnmatchcase(part, head)
+                             for j, part in enumerate(parts)]
+    return reached[-1]
 
 
 def asked_for(connection, task_id, name):
