@@ -18,8 +18,10 @@ import pytest
 from cluster_harness import WORKER
 from hostile_harness import unharmed
 from rc import files, protocol, tasks
+from rc.states import FILES_MAX_OUTPUTS
 from test_bad_input import read_frame, register_frame
-from test_inline_files import Device, entry, with_the_good_worker
+from test_files_hostile import authenticated
+from test_inline_files import Device, entry, sha, with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -208,3 +210,40 @@ def test_one_pass_globs_match_what_every_split_matched():
         expected = every_split(pattern, name)
         assert files.glob_match(pattern, name) == expected, (pattern, name)
         assert worker.glob_match(pattern, name) == expected, (pattern, name)
+
+
+def test_a_device_cannot_grow_the_database_by_a_row_per_empty_output(cluster):
+    """rc-files stored every output a device put for a task it held whose
+    --output glob matched, however many: empty files cost the quota
+    nothing, so a device holding one task with --output '*' added a
+    task_files row (its name up to 4 KiB) per put, as long as it held it.
+    An attempt now stores at most FILES_MAX_OUTPUTS outputs, as many as a
+    worker uploads; a name it stored already may be put again."""
+    most = FILES_MAX_OUTPUTS
+    device = Device(cluster, "many-outputs")
+    sock = None
+    try:
+        with unharmed(cluster, "good"):
+            assign = device.take("true", "--output", "*")
+            key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+            sock, reader, welcome = authenticated(cluster, "many-outputs")
+            assert welcome == {"ok": True}
+            sock.settimeout(60)
+            names = ["out-%05d-%s" % (n, "x" * 200) for n in range(most + 20)]
+            names.append(names[0])
+            sock.sendall(b"".join(json.dumps({"put": dict(key, name=name, size=0, whole=True,
+                                                          sha256=sha(b""))}).encode() + b"\n"
+                                  for name in names))
+            answers = [json.loads(reader.readline()) for _ in names]
+            assert all(answer == {"ok": True, "stored": True} for answer in answers[:most])
+            assert all(answer["error"]["code"] == "too_many_outputs"
+                       for answer in answers[most:-1]), answers[most:-1]
+            assert answers[-1] == {"ok": True, "stored": True}      # put again: replaced
+            rows = cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?"
+                                      " AND kind = 'output'", (key["task_id"],)).fetchone()[0]
+            assert rows == most
+            assert device.finish(assign, [])["state"] == "completed"
+    finally:
+        if sock is not None:
+            sock.close()
+        device.close()

@@ -30,7 +30,8 @@ import stat
 import time
 
 from rc import db
-from rc.states import INLINE_FILE_BYTES, INLINE_MAX_FILES, INLINE_TOTAL_BYTES, TERMINAL_STATES
+from rc.states import (FILES_MAX_OUTPUTS, INLINE_FILE_BYTES, INLINE_MAX_FILES, INLINE_TOTAL_BYTES,
+                       TERMINAL_STATES)
 
 CHUNK_BYTES = 1024 * 1024       # bytes read or written at once: memory stays bounded
 DISK_RESERVE_BYTES = 64 * 1024 * 1024   # free bytes an upload must leave on the disk
@@ -545,6 +546,21 @@ def asked_for(connection, task_id, name):
     row = connection.execute("SELECT %s FROM tasks WHERE task_id = ?" % OUTPUT_GLOBS_SQL,
                              (task_id,)).fetchone()
     return globs_match(output_globs(row), name)
+
+
+def outputs_full(connection, task_id, attempt, name):
+    """Whether storing `name` would make one output too many for the
+    attempt: it holds FILES_MAX_OUTPUTS already, none of them `name` (put
+    again, it replaces its row). A worker uploads no more; without the cap
+    a device holding a task with --output '*' added a row of task_files
+    (a name up to 4 KiB) per empty file it put, which the quota never saw."""
+    if name in STREAM_NAMES or name == CHECKPOINT_NAME:
+        return False
+    stored, this_one = connection.execute(
+        "SELECT count(*), count(CASE WHEN name = ? THEN 1 END) FROM task_files"
+        " WHERE task_id = ? AND kind = ? AND attempt = ?",
+        (name, task_id, OUTPUT, attempt)).fetchone()
+    return stored >= FILES_MAX_OUTPUTS and not this_one
 
 
 # A task's --output globs (JSON text), or NULL when its payload has no list of them.
