@@ -10,9 +10,11 @@ import json
 import random
 import selectors
 import socket
+import ssl
 import threading
 import time
 
+import psutil
 import pytest
 
 from cluster_harness import WORKER
@@ -56,6 +58,15 @@ def joined(cluster, device_id):
         cluster.secrets[device_id] = protocol.unseal(cluster.token, nonce, mine, device_id,
                                                      ack["data"]["device_secret"])
     return ack, sock
+
+
+def tls_client(sock):
+    """A TCP connection to rc-server wrapped in TLS as a worker wraps it
+    (the pinned certificate aside: cluster.connect checks that)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    return context.wrap_socket(sock)
 
 
 class Strangers:
@@ -247,3 +258,51 @@ def test_a_device_cannot_grow_the_database_by_a_row_per_empty_output(cluster):
         if sock is not None:
             sock.close()
         device.close()
+
+
+def test_strangers_in_the_middle_of_a_frame_cost_rc_server_no_gigabyte(cluster):
+    """Before it registers a connection could send a 1 MiB frame, and hold
+    it unfinished until auth_timeout: strangers at max_unauthenticated
+    (1,000 by default) made rc-server hold ~1 GB (measured: 325 MB for
+    320 connections). Before registering a frame may now be a register's
+    size: max_profile_bytes plus room for its task lists; a larger one is
+    refused at once, and a register of that size still gets in."""
+    server = psutil.Process(cluster.program_pid("rc-server"))
+    before = server.memory_info().rss
+    unfinished = b'{"message_type": "register", "data": {"x": "' + b"x" * (1024 * 1024 - 100)
+    held, refused = [], 0
+    try:
+        for address in ["127.0.0.%d" % (80 + n) for n in range(MAX_UNAUTHENTICATED
+                                                                // PER_ADDRESS - 1)]:
+            for _ in range(PER_ADDRESS):
+                sock = socket.create_connection(("127.0.0.1", cluster.config.tcp_port),
+                                                timeout=20, source_address=(address, 0))
+                sock = tls_client(sock)
+                held.append(sock)
+                assert read_frame(sock, timeout=20)["message_type"] == "hello"
+                try:
+                    sock.sendall(unfinished)
+                except OSError:
+                    pass            # refused before all of it went
+        grown = server.memory_info().rss - before
+        for sock in held:
+            frame = read_frame(sock, timeout=20)
+            refused += bool(frame and frame["data"]["code"] == "frame_too_large")
+    finally:
+        for sock in held:
+            sock.close()
+    assert grown < 32 * 1024 * 1024, "rc-server grew by %d MB" % (grown >> 20)
+    assert refused == len(held)
+    # A register as large as a device may send still gets in.
+    profile = {"hostname": "big", "notes": "n" * (cluster.config.max_profile_bytes - 2000)}
+    active = [{"task_id": 10 ** 6 + n, "attempt": 1} for n in range(1500)]
+    sock = cluster.connect(timeout=20)
+    hello = read_frame(sock, timeout=20)
+    mine = protocol.new_nonce()
+    frame = register_frame(cluster, hello["data"]["nonce"], "big-register", mine=mine,
+                           device_info=profile, active_tasks=active)
+    assert len(frame) > 100 * 1024
+    sock.sendall(frame)
+    ack = read_frame(sock, timeout=20)
+    sock.close()
+    assert ack["message_type"] == "register_ack", ack

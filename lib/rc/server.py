@@ -100,6 +100,12 @@ RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OU
 # the outbox stays far below MAX_OUTBOX_BYTES.
 INLINE_OUTBOX_BYTES = 2 * 1024 * 1024
 KNOWN_BLOBS_MAX = 4096        # sha256s remembered per connection as held by the device
+# Bytes a connection may send in one frame before it has registered, past
+# max_profile_bytes: room for a register's active_tasks and fenced_tasks
+# (~1,600 of them; a worker holds a few hundred at most). With the full
+# MAX_FRAME_BYTES, strangers holding max_unauthenticated connections, each
+# in the middle of a frame, made rc-server hold a gigabyte.
+REGISTER_LISTS_BYTES = 64 * 1024
 OUTPUT_STORE_THREADS = 4      # threads syncing task_results' small files at once (fsyncs)
 SYNC_BATCH = 64               # task_results one of them syncs at once, at most
 # A peer with this many task_results waiting for OutputStore is not read
@@ -444,8 +450,16 @@ class Server:
             self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
                                     "cluster_id": self.cluster_id})
 
+    def frame_limit(self, peer):
+        """Bytes one frame of this peer may hold: MAX_FRAME_BYTES once it
+        has registered; a register's worth before."""
+        if peer.device_id is not None:
+            return MAX_FRAME_BYTES
+        return min(MAX_FRAME_BYTES, self.config.max_profile_bytes + REGISTER_LISTS_BYTES)
+
     def read(self, peer):
         ended = False                  # whether an end of line came this time
+        limit = self.frame_limit(peer)
         while True:
             try:
                 chunk = peer.sock.recv(READ_SIZE)
@@ -467,11 +481,11 @@ class Server:
             # files, 16 KiB a TLS record) is read on while it is there,
             # rather than one record a turn of the loop.
             if not (self.tls and peer.sock.pending()) and (
-                    chunk.endswith(b"\n") or len(peer.inbox) > MAX_FRAME_BYTES):
+                    chunk.endswith(b"\n") or len(peer.inbox) > limit):
                 break
         if not peer.inbox:
             return
-        if not ended and peer.raw_wanted is None and len(peer.inbox) <= MAX_FRAME_BYTES:
+        if not ended and peer.raw_wanted is None and len(peer.inbox) <= limit:
             # Nothing to split: a frame sent a byte (or a TLS record) at a
             # time must not cost a scan of all it sent so far, each time.
             self.note_partial(peer)
@@ -512,7 +526,8 @@ class Server:
                 self.dispatch(peer, envelope, raw)
                 continue
             try:
-                lines = protocol.split_frames(peer.inbox)     # up to one with raw bytes
+                # Up to one with raw bytes.
+                lines = protocol.split_frames(peer.inbox, self.frame_limit(peer))
             except ProtocolError as e:
                 self.refuse(peer, "frame_too_large", str(e))
                 return
