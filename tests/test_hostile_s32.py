@@ -9,6 +9,7 @@ import importlib.util
 import json
 import random
 import selectors
+import sqlite3
 import socket
 import ssl
 import threading
@@ -19,7 +20,7 @@ import pytest
 
 from cluster_harness import WORKER
 from hostile_harness import unharmed
-from rc import files, protocol, tasks
+from rc import db, files, protocol, tasks
 from rc.states import FILES_MAX_OUTPUTS
 from test_bad_input import read_frame, register_frame
 from test_files_hostile import authenticated
@@ -35,7 +36,8 @@ PER_ADDRESS = 8
 def cluster(tmp_path_factory):
     for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s32"), "good",
                                         max_unauthenticated=MAX_UNAUTHENTICATED,
-                                        max_unauthenticated_per_address=PER_ADDRESS):
+                                        max_unauthenticated_per_address=PER_ADDRESS,
+                                        read_access="token"):
         assert cluster.config.tls
         yield cluster
 
@@ -306,3 +308,87 @@ def test_strangers_in_the_middle_of_a_frame_cost_rc_server_no_gigabyte(cluster):
     ack = read_frame(sock, timeout=20)
     sock.close()
     assert ack["message_type"] == "register_ack", ack
+
+
+def grow_the_database(cluster, tasks_added):
+    """Copies of a finished task: a database of a cluster some weeks old."""
+    done = cluster.rc("submit", "--wait", "echo", "seed")
+    assert done.stdout == "seed\n"
+    seed = cluster.db.execute("SELECT max(task_id) FROM tasks").fetchone()[0]
+    columns = [row[1] for row in cluster.db.execute("PRAGMA table_info(tasks)")
+               if row[1] != "task_id"]
+    copied = ["json_object('command', hex(randomblob(300)))" if name == "payload" else name
+              for name in columns]
+    for _ in range(tasks_added // 10000):
+        with db.write(cluster.db):
+            cluster.db.execute(
+                "INSERT INTO tasks(%s) SELECT %s FROM tasks, (WITH RECURSIVE n(x) AS"
+                " (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 10000) SELECT x FROM n)"
+                " WHERE task_id = ?" % (", ".join(columns), ", ".join(copied)), (seed,))
+
+
+def http_get(address, port, path, token=None):
+    """(status, seconds, JSON body) of a GET from `address`."""
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(address, 0))
+    with sock, sock.makefile("rb") as reader:
+        sock.sendall(request_head(path, token))
+        return read_answer(reader) + (time.monotonic() - started,)
+
+
+def request_head(path, token=None):
+    return ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % (
+        path, "Authorization: Bearer %s\r\n" % token if token else "")).encode()
+
+
+def read_answer(reader):
+    status = int(reader.readline().split()[1])
+    length = 0
+    while True:
+        line = reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, reader.read(length)
+
+
+def test_strangers_asking_for_health_cost_one_check_every_few_seconds(cluster):
+    """/health is open to anyone, and each answer ran a check that writes the
+    database and reads all of it (PRAGMA quick_check): with ~100 MB of task
+    history, 8 strangers asking back to back kept both cores busy, got a
+    few dozen answers in 4 s, and made a reader's /text/status wait
+    seconds. A client that may not read the cluster now gets the last
+    report while it is under HEALTH_REUSE_SECONDS old; a reader a new one."""
+    grow_the_database(cluster, 100000)
+    port = cluster.config.web_port
+    admin = open(cluster.config.admin_token_path).read().strip()
+    stop, answers, seen = threading.Event(), [], set()
+
+    def ask(address):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60,
+                                        source_address=(address, 0))
+        with sock, sock.makefile("rb") as reader:
+            while not stop.is_set():
+                sock.sendall(request_head("/health"))
+                status, body = read_answer(reader)
+                answers.append(status)
+                seen.add(json.loads(body).get("checked_at"))
+    askers = [threading.Thread(target=ask, args=("127.0.0.%d" % (100 + n % 2),), daemon=True)
+              for n in range(8)]
+    started = time.time()
+    for asker in askers:
+        asker.start()
+    time.sleep(1)
+    status, body, seconds = http_get("127.0.0.1", port, "/text/status", admin)
+    time.sleep(3)
+    stop.set()
+    for asker in askers:
+        asker.join(60)
+    assert status == 200 and b"devices_online" in body
+    assert seconds < 3.0, "a reader waited %.1fs for /text/status" % seconds
+    # 503: the programs check is CRITICAL, rc-worker is stopped here.
+    assert len(answers) > 200 and set(answers) <= {200, 503}
+    assert None not in seen and len(seen) <= 3, sorted(seen)
+    _, body, _ = http_get("127.0.0.1", port, "/health", admin)     # a reader's: new
+    assert json.loads(body)["checked_at"] > started + 4
