@@ -24,7 +24,9 @@ from rc import db, files, protocol, tasks
 from rc.states import FILES_MAX_OUTPUTS
 from test_bad_input import read_frame, register_frame
 from test_files_hostile import authenticated
+from test_hostile_rows import server  # noqa: F401 (a fixture: rc-server in a thread, tcp and tls)
 from test_inline_files import Device, entry, sha, with_the_good_worker
+from test_server import Client, token_of
 
 pytestmark = pytest.mark.e2e
 
@@ -392,3 +394,48 @@ def test_strangers_asking_for_health_cost_one_check_every_few_seconds(cluster):
     assert None not in seen and len(seen) <= 3, sorted(seen)
     _, body, _ = http_get("127.0.0.1", port, "/health", admin)     # a reader's: new
     assert json.loads(body)["checked_at"] > started + 4
+
+
+def test_at_the_cap_the_busiest_address_makes_way_with_or_without_tls(server):
+    """make_way in both modes: the oldest connection of the address holding
+    the most is closed (told why once past TLS), the newcomer is greeted."""
+    instance, port = server
+    instance.config.max_unauthenticated = 4
+    busiest = []
+    for _ in range(3):
+        busiest.append(socket.create_connection(("127.0.0.1", port), timeout=20,
+                                                source_address=("127.0.0.51", 0)))
+        time.sleep(0.2)          # accepted in this order
+    other = socket.create_connection(("127.0.0.1", port), timeout=20,
+                                     source_address=("127.0.0.52", 0))
+    time.sleep(0.2)
+    newcomer = Client(port, tls=instance.config.tls)       # the fifth, from 127.0.0.1
+    assert newcomer.register(token_of(instance), "newcomer")["message_type"] == "register_ack"
+    received = read_until_closed(busiest[0], 20)
+    assert received is not None, "the oldest of the busiest address is still open"
+    if not instance.config.tls:
+        frames = [json.loads(line) for line in received.splitlines()]
+        assert [frame["message_type"] for frame in frames] == ["hello", "error"]
+        assert frames[1]["data"]["code"] == "too_many_connections"
+    for sock in busiest[1:] + [other]:
+        assert read_until_closed(sock, 0.5) is None
+    assert instance.failed_turns == []
+    for sock in busiest + [other]:
+        sock.close()
+
+
+def read_until_closed(sock, seconds):
+    """What the server sent before it closed the socket; None when it was
+    still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except socket.timeout:
+        return None
+    except ConnectionResetError:
+        return received
