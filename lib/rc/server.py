@@ -577,7 +577,10 @@ class Server:
             self.send_error(peer, "bad_frame", str(e))
             return
         data = envelope["data"]
-        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
+        # Not before it registered: a stranger would have its raw bytes (up
+        # to MAX_FRAME_BYTES, past frame_limit) held until auth_timeout.
+        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data \
+                and peer.device_id is not None:
             size = data["inline_bytes"]
             if isinstance(size, bool) or not isinstance(size, int) \
                     or not 0 <= size <= MAX_FRAME_BYTES:
