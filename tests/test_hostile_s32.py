@@ -9,7 +9,6 @@ import importlib.util
 import json
 import random
 import selectors
-import sqlite3
 import socket
 import ssl
 import threading
@@ -20,7 +19,7 @@ import pytest
 
 from cluster_harness import WORKER
 from hostile_harness import unharmed
-from rc import db, files, protocol, tasks
+from rc import db, files, protocol
 from rc.states import FILES_MAX_OUTPUTS
 from test_bad_input import read_frame, register_frame
 from test_files_hostile import authenticated
