@@ -6078,17 +6078,21 @@ def read_checkpoint(archive_path, directory):
 def glob_match(pattern_parts, parts):
     """fnmatch per path component; "**" matches any number of directories.
     As in a shell, a leading "." is matched only by a part that starts
-    with one (rc-files' glob_match, which takes the same outputs)."""
+    with one (rc-files' glob_match, which takes the same outputs). One
+    pass over the name per part of the pattern: trying every split among
+    the "**"s took minutes for a deep path and two "**"."""
     from fnmatch import fnmatchcase
-    if not pattern_parts:
-        return not parts
-    head = pattern_parts[0]
-    if head == "**":
-        return any(glob_match(pattern_parts[1:], parts[skip:])
-                   for skip in range(len(parts) + 1)
-                   if not any(part.startswith(".") for part in parts[:skip]))
-    return bool(parts) and (head.startswith(".") or not parts[0].startswith(".")) \
-        and fnmatchcase(parts[0], head) and glob_match(pattern_parts[1:], parts[1:])
+    reached = [True] + [False] * len(parts)    # reached[j]: parts[:j] are matched so far
+    for head in pattern_parts:
+        if head == "**":
+            for j, part in enumerate(parts):
+                reached[j + 1] = reached[j + 1] or (reached[j] and not part.startswith("."))
+            continue
+        dot_too = head.startswith(".")
+        reached = [False] + [reached[j] and (dot_too or not part.startswith("."))
+                             and fnmatchcase(part, head)
+                             for j, part in enumerate(parts)]
+    return reached[-1]
 
 
 def output_globs(payload):

@@ -305,7 +305,8 @@ def test_a_frame_sent_a_byte_at_a_time_is_split_once(server, monkeypatch):
     splits = []
     real_split = protocol.split_frames
     monkeypatch.setattr(protocol, "split_frames",
-                        lambda buffer: splits.append(len(buffer)) or real_split(buffer))
+                        lambda buffer, *limit: splits.append(len(buffer))
+                        or real_split(buffer, *limit))
     frame = protocol.encode("heartbeat", {"active_tasks": [], "pad": "x" * 200}, sender_id="t")
     for n in range(len(frame)):
         client.send_raw(frame[n:n + 1])

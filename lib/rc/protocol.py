@@ -177,27 +177,27 @@ def storable(value, what):
         raise ProtocolError("%s cannot be stored: %s" % (what, e))
 
 
-def split_frames(buffer):
+def split_frames(buffer, limit=MAX_FRAME_BYTES):
     """Complete lines taken off the front of a bytearray, which keeps the
     rest; none after a line that holds INLINE_MARK (raw bytes may follow it).
 
-    Raises ProtocolError when a line, complete or not, is over the limit."""
+    Raises ProtocolError when a line, complete or not, is over `limit` bytes."""
     lines = []
     start = 0
     while True:
         end = buffer.find(b"\n", start)
         if end < 0:
             break
-        if end - start > MAX_FRAME_BYTES:
-            raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
+        if end - start > limit:
+            raise ProtocolError("frame over the %d byte limit" % limit)
         lines.append(bytes(buffer[start:end]))
         start = end + 1
         if INLINE_MARK in lines[-1]:
             del buffer[:start]
             return lines
     del buffer[:start]
-    if len(buffer) > MAX_FRAME_BYTES:
-        raise ProtocolError("frame over the %d byte limit" % MAX_FRAME_BYTES)
+    if len(buffer) > limit:
+        raise ProtocolError("frame over the %d byte limit" % limit)
     return lines
 
 

@@ -101,6 +101,12 @@ RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OU
 # the outbox stays far below MAX_OUTBOX_BYTES.
 INLINE_OUTBOX_BYTES = 2 * 1024 * 1024
 KNOWN_BLOBS_MAX = 4096        # sha256s remembered per connection as held by the device
+# Bytes a connection may send in one frame before it has registered, past
+# max_profile_bytes: room for a register's active_tasks and fenced_tasks
+# (~1,600 of them; a worker holds a few hundred at most). With the full
+# MAX_FRAME_BYTES, strangers holding max_unauthenticated connections, each
+# in the middle of a frame, made rc-server hold a gigabyte.
+REGISTER_LISTS_BYTES = 64 * 1024
 OUTPUT_STORE_THREADS = 4      # threads syncing task_results' small files at once (fsyncs)
 SYNC_BATCH = 64               # task_results one of them syncs at once, at most
 # A peer with this many task_results waiting for OutputStore is not read
@@ -186,7 +192,9 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.peers_by_device = {}
         self.peers = set()
-        self.unauthenticated = set()   # checked for auth_timeout apart from the many others
+        # Peers not authenticated yet, oldest first (a dict keeps its order):
+        # checked for auth_timeout apart from the many others.
+        self.unauthenticated = {}
         self.partial = set()           # peers in the middle of a frame
         self.ending = set()            # peers that ended their sending, owed answers still
         self.owing = set()             # peers with answers their socket did not take yet
@@ -428,23 +436,47 @@ class Server:
             self.contain(peer, "accept", e)
 
     def add_unauthenticated(self, peer):
-        self.unauthenticated.add(peer)
+        self.unauthenticated[peer] = None
         self.unauthenticated_by_host[peer.host] += 1
 
     def leave_unauthenticated(self, peer):
         if peer in self.unauthenticated:
-            self.unauthenticated.discard(peer)
+            del self.unauthenticated[peer]
             self.unauthenticated_by_host[peer.host] -= 1
             if self.unauthenticated_by_host[peer.host] <= 0:
                 del self.unauthenticated_by_host[peer.host]
 
+    def make_way(self, newcomer):
+        """At max_unauthenticated, the connection authenticating the longest
+        from the address that holds the most makes way for the newcomer:
+        refusing newcomers let strangers on 126 addresses, 8 connections
+        each opened again at every auth_timeout, lock out every worker that
+        reconnected. A worker proves itself in milliseconds; what it would
+        have to outlast is a stranger's connections, oldest first."""
+        counts = self.unauthenticated_by_host
+        host = max(counts, key=counts.get)
+        oldest = next((peer for peer in self.unauthenticated
+                       if peer.host == host and peer is not newcomer), None)
+        if oldest is None:
+            return
+        why = "%d connections are authenticating (max_unauthenticated)" \
+            % len(self.unauthenticated)
+        if oldest.handshaking:      # no TLS yet to say so
+            self.log_limited("warning", "authenticating_connection_closed", host,
+                             address=oldest.address, reason=why)
+            self.close(oldest, why)
+        else:
+            self.refuse(oldest, "too_many_connections", why + "; try again later")
+
     def too_many_authenticating(self, peer):
         """Why this connection must wait (None: it need not): too many still
-        authenticating, in all or from its address."""
-        if len(self.unauthenticated) > self.config.max_unauthenticated:
-            return "too many connections are authenticating"
+        authenticating from its address, or in all once none made way."""
         if self.unauthenticated_by_host[peer.host] > self.config.max_unauthenticated_per_address:
             return "too many connections from %s are authenticating" % peer.host
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            self.make_way(peer)
+        if len(self.unauthenticated) > self.config.max_unauthenticated:
+            return "too many connections are authenticating"
         return None
 
     def handshake(self, peer):
@@ -474,8 +506,16 @@ class Server:
             self.send(peer, HELLO, {"nonce": peer.nonce, "protocol": PROTOCOL_VERSION,
                                     "cluster_id": self.cluster_id})
 
+    def frame_limit(self, peer):
+        """Bytes one frame of this peer may hold: MAX_FRAME_BYTES once it
+        has registered; a register's worth before."""
+        if peer.device_id is not None:
+            return MAX_FRAME_BYTES
+        return min(MAX_FRAME_BYTES, self.config.max_profile_bytes + REGISTER_LISTS_BYTES)
+
     def read(self, peer):
         ended = False                  # whether an end of line came this time
+        limit = self.frame_limit(peer)
         while True:
             try:
                 chunk = peer.sock.recv(READ_SIZE)
@@ -497,11 +537,11 @@ class Server:
             # files, 16 KiB a TLS record) is read on while it is there,
             # rather than one record a turn of the loop.
             if not (self.tls and peer.sock.pending()) and (
-                    chunk.endswith(b"\n") or len(peer.inbox) > MAX_FRAME_BYTES):
+                    chunk.endswith(b"\n") or len(peer.inbox) > limit):
                 break
         if not peer.inbox:
             return
-        if not ended and peer.raw_wanted is None and len(peer.inbox) <= MAX_FRAME_BYTES:
+        if not ended and peer.raw_wanted is None and len(peer.inbox) <= limit:
             # Nothing to split: a frame sent a byte (or a TLS record) at a
             # time must not cost a scan of all it sent so far, each time.
             self.note_partial(peer)
@@ -542,7 +582,8 @@ class Server:
                 self.dispatch(peer, envelope, raw)
                 continue
             try:
-                lines = protocol.split_frames(peer.inbox)     # up to one with raw bytes
+                # Up to one with raw bytes.
+                lines = protocol.split_frames(peer.inbox, self.frame_limit(peer))
             except ProtocolError as e:
                 self.refuse(peer, "frame_too_large", str(e))
                 return
@@ -592,7 +633,10 @@ class Server:
             self.send_error(peer, "bad_frame", str(e))
             return
         data = envelope["data"]
-        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data:
+        # Not before it registered: a stranger would have its raw bytes (up
+        # to MAX_FRAME_BYTES, past frame_limit) held until auth_timeout.
+        if envelope["message_type"] == TASK_RESULT and "inline_bytes" in data \
+                and peer.device_id is not None:
             size = data["inline_bytes"]
             if isinstance(size, bool) or not isinstance(size, int) \
                     or not 0 <= size <= MAX_FRAME_BYTES:

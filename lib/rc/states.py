@@ -91,3 +91,6 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 INLINE_FILE_BYTES = 256 * 1024
 INLINE_TOTAL_BYTES = 512 * 1024
 INLINE_MAX_FILES = 1000       # files one task_result carries at most (the rest: rc-files)
+# Outputs one attempt uploads (the worker), or stores (rc-files), at most:
+# empty files cost the quota nothing, yet each is a row of task_files.
+FILES_MAX_OUTPUTS = 1000

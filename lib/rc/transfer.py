@@ -534,6 +534,9 @@ class Session:
         if not files.asked_for(self.connection, task_id, name):
             raise Refusal("bad_name", "output name %r matches none of task %d's --output"
                           " globs" % (name[:200], task_id))
+        if files.outputs_full(self.connection, task_id, attempt, name):
+            raise Refusal("too_many_outputs", "task %d attempt %d has %d outputs stored, the"
+                          " most one attempt may" % (task_id, attempt, files.FILES_MAX_OUTPUTS))
         stored = files.stored_size(self.connection, sha256)
         # Held, but not the device's to read: it sends the bytes, hashed on
         # arrival. "have" at once would let a device that knows a hash make
