@@ -453,6 +453,32 @@ MIGRATIONS = [
     );
     CREATE INDEX IF NOT EXISTS request_keys_by_age ON request_keys(created_at);
     """,
+    # 17: finished tasks by state without reading them (rc status, /api/v1/status,
+    # /text/status, /text/metrics and each look of the dashboard's overview):
+    # counting every task the retention keeps, 500,000 after a month at
+    # 17,000 a day, took 140-340 ms each time. Counter rows kept_<state> hold
+    # how many tasks in that final state the table keeps, moved by the
+    # trigger that already counts finishes (one row more on the same page:
+    # a finish costs no page written more) and by the prune's deletes.
+    # Unfinished tasks are counted through their partial indexes
+    # (lib/rc/tasks.py, counts_by_state).
+    """
+    INSERT OR REPLACE INTO counters(name, value)
+        SELECT 'kept_' || state, count(*) FROM tasks WHERE state IN (%(terminal)s)
+        GROUP BY state;
+    DROP TRIGGER IF EXISTS task_finished_count;
+    CREATE TRIGGER task_finished_count AFTER UPDATE OF state ON tasks
+    WHEN NEW.state IN (%(terminal)s) AND OLD.state NOT IN (%(terminal)s) BEGIN
+        INSERT INTO counters(name, value) VALUES ('tasks_' || NEW.state, 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+        INSERT INTO counters(name, value) VALUES ('kept_' || NEW.state, 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+    END;
+    CREATE TRIGGER IF NOT EXISTS task_pruned_count AFTER DELETE ON tasks
+    WHEN OLD.state IN (%(terminal)s) BEGIN
+        UPDATE counters SET value = value - 1 WHERE name = 'kept_' || OLD.state;
+    END;
+    """ % {"terminal": sql_list(TERMINAL_STATES)},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1449,10 +1449,13 @@ def overview_device(device):
 
 
 def running_tasks(connection):
+    """The first OVERVIEW_TASKS tasks on devices, found through tasks_active
+    (ordered by task_id itself, SQLite walked every task the retention
+    keeps to find the few that are running: the unary plus stops that)."""
     rows = connection.execute(
         "SELECT task_id, task_type, payload, state, attempt, device_id, created_at,"
         " started_at, progress, progress_message, group_id FROM tasks WHERE %s"
-        " ORDER BY task_id LIMIT ?" % db.ACTIVE_SQL, (OVERVIEW_TASKS,))
+        " ORDER BY +task_id LIMIT ?" % db.ACTIVE_SQL, (OVERVIEW_TASKS,))
     return [overview_task(tasks.task_dict(row)) for row in rows]
 
 

@@ -1,0 +1,153 @@
+"""A cluster that has run for months: what a user asks costs what its answer
+needs, however many finished tasks, files and devices the database keeps.
+
+The database is built once for the module (tests/long_lived_db.py): finished
+tasks of every state over the retention and some past it, maps, files,
+devices long gone, their logs, a week of history minutes. The work is
+counted in SQLite virtual-machine instructions on every connection the
+code opens, as tests/test_write_lock_upkeep.py counts it: reading every
+task costs several per task, whatever the machine's speed. Wall-clock
+figures are in the session's report (tests/long_lived_measure.py).
+"""
+import io
+import json
+import os
+import random
+import sqlite3
+import sys
+import time
+
+import pytest
+
+from rc import config as config_module
+from rc import db, housekeeping, records, tasks, web
+from rc.states import ACTIVE_STATES, QUEUED, TASK_STATES, TERMINAL_STATES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import long_lived_db  # noqa: E402
+
+TASKS = 100000         # in the database: ~10% past the retention, 1% unfinished
+DEVICES = 100
+FILES = 3000
+COUNT_EVERY = 10       # instructions between two calls of the progress handler
+
+
+class Counted:
+    """SQLite instructions run on every connection opened through
+    db.connect while installed (rc-web's own, commands.connect's)."""
+
+    def __init__(self, monkeypatch):
+        self.spent = 0
+        connect = db.connect
+
+        def counted_connect(path):
+            connection = connect(path)
+            connection.set_progress_handler(self.count, COUNT_EVERY)
+            return connection
+        monkeypatch.setattr(db, "connect", counted_connect)
+
+    def count(self):
+        self.spent += COUNT_EVERY
+        return 0
+
+    def __call__(self, work):
+        self.spent = 0
+        value = work()
+        return value, self.spent
+
+
+@pytest.fixture(scope="module")
+def year(tmp_path_factory):
+    """(config, its RC_HOME) of a state directory holding the year's database."""
+    home = tmp_path_factory.mktemp("year")
+    settings = home / "settings.json"
+    settings.write_text(json.dumps({"read_access": "open", "web_host": "127.0.0.1"}))
+    config = config_module.load(environ={"RC_HOME": str(home), "RC_CONFIG": str(settings)})
+    long_lived_db.build(config.db_path, TASKS, DEVICES, FILES)
+    return config
+
+
+@pytest.fixture
+def copy_of_year(year, tmp_path):
+    """A copy of the year's database this test may change: (config, connection)."""
+    config = config_module.load(environ={"RC_HOME": str(tmp_path),
+                                         "RC_CONFIG": str(tmp_path / "none.json")})
+    os.makedirs(os.path.dirname(config.db_path))
+    source, target = sqlite3.connect(year.db_path), sqlite3.connect(config.db_path)
+    source.backup(target)
+    source.close()
+    target.close()
+    connection = db.open_database(config.db_path)
+    yield config, connection
+    connection.close()
+
+
+def wsgi_get(app, path):
+    """(status, body) of GET `path` through the app, as waitress would call it."""
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query,
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000", "HTTP_HOST": "127.0.0.1:5000",
+               "REMOTE_ADDR": "127.0.0.1", "SERVER_PROTOCOL": "HTTP/1.1",
+               "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO()}
+    statuses = []
+    body = b"".join(app(environ, lambda status, headers, *_: statuses.append(status)))
+    return int(statuses[0].split()[0]), body
+
+
+# -- what a user reads: rc-web's routes, which rc's commands share --------------------
+
+READS = ["/api/v1/status", "/text/status", "/api/v1/overview", "/text/metrics",
+         "/api/v1/tasks", "/api/v1/tasks?state=queued", "/api/v1/tasks?state=running",
+         "/api/v1/tasks?state=assigned", "/api/v1/tasks?state=failed", "/text/tasks",
+         "/api/v1/stats", "/api/v1/devices", "/text/devices", "/api/v1/completion"]
+
+
+@pytest.mark.parametrize("path", READS)
+def test_a_read_costs_its_answer_not_the_history(year, monkeypatch, path):
+    counted = Counted(monkeypatch)
+    app = web.make_app(year)
+    (status, body), spent = counted(lambda: wsgi_get(app, path))
+    assert status == 200, body[:300]
+    # Reading every kept task would cost several instructions per task.
+    assert spent < TASKS, "%s: %d SQLite instructions" % (path, spent)
+
+
+def test_the_status_counts_are_the_tasks_the_database_holds(year, monkeypatch):
+    counted = Counted(monkeypatch)
+    connection = db.connect(year.db_path)
+    summary, spent = counted(lambda: records.status_summary(connection))
+    truth = dict(connection.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
+    connection.close()
+    assert {state: summary["tasks_" + state] for state in TASK_STATES} == \
+        {state: truth.get(state, 0) for state in TASK_STATES}
+    assert summary["queue_length"] == truth[QUEUED] > 0
+    assert spent < TASKS, "%d SQLite instructions for rc status" % spent
+
+
+def test_the_counts_stay_true_as_tasks_come_finish_and_are_pruned(copy_of_year):
+    """The kept_<state> counter rows follow every way a task enters, leaves
+    or ends: submit, a finish (also by a failed dependency), the prune."""
+    config, connection = copy_of_year
+    generator = random.Random(32)
+    now = time.time()
+
+    def truth():
+        found = dict.fromkeys(TASK_STATES, 0)
+        found.update(connection.execute("SELECT state, count(*) FROM tasks GROUP BY state"))
+        return found
+    assert tasks.counts_by_state(connection) == truth()
+    submitted = [tasks.submit(connection, config, "echo", {"message": "m%d" % n})
+                 for n in range(40)]
+    dependent = tasks.submit(connection, config, "echo", {"message": "after"},
+                             depends_on=[submitted[0]])
+    with db.write(connection):
+        for task_id in submitted:
+            state = generator.choice(TERMINAL_STATES + ACTIVE_STATES)
+            connection.execute("UPDATE tasks SET state = ?, device_id = 'old-0001',"
+                               " finished_at = ? WHERE task_id = ?",
+                               (state, now if state in TERMINAL_STATES else None, task_id))
+    assert tasks.counts_by_state(connection) == truth()
+    assert connection.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (dependent,)).fetchone()[0] in (QUEUED, "failed")
+    assert housekeeping.prune_tasks(connection, config.task_retention, now) > 0
+    assert tasks.counts_by_state(connection) == truth()
