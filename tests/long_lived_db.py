@@ -27,7 +27,7 @@ DAY = 86400.0
 STATES = ["completed"] * 85 + ["failed"] * 8 + ["timed_out"] * 3 + ["cancelled"] * 4
 GROUP_SIZE = 100          # tasks per map
 IN_GROUPS = 0.2           # of the tasks
-WITH_FILES = 0.1          # tasks with an input and an output
+WITH_FILES = 0.1          # tasks with a file (an input or an output), or more for `files`
 LOG_LINES = 200           # per device
 
 
@@ -103,7 +103,8 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
         connection.executemany("INSERT INTO map_jobs(group_id, job, input, task_id)"
                                " VALUES (?, ?, ?, ?)", jobs)
         # Files: `files` blobs, each the input or output of a task with files.
-        with_files = [n for n in range(tasks) if n % int(1 / WITH_FILES) == 3][:files]
+        step = max(1, min(int(1 / WITH_FILES), tasks // max(files, 1)))
+        with_files = [n for n in range(tasks) if n % step == step - 1][:files]
         connection.executemany(
             "INSERT INTO files(sha256, size, created_at, last_used_at) VALUES (?, ?, ?, ?)",
             [(sha(k), 1000 + k % 5000, rows[n][6], rows[n][6])

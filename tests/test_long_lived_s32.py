@@ -21,6 +21,7 @@ import pytest
 
 from rc import config as config_module
 from rc import db, housekeeping, records, tasks, web
+from rc import files as files_module
 from rc.states import ACTIVE_STATES, QUEUED, TASK_STATES, TERMINAL_STATES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +152,29 @@ def test_the_counts_stay_true_as_tasks_come_finish_and_are_pruned(copy_of_year):
                               (dependent,)).fetchone()[0] in (QUEUED, "failed")
     assert housekeeping.prune_tasks(connection, config.task_retention, now) > 0
     assert tasks.counts_by_state(connection) == truth()
+
+
+# -- the upkeep on a backlog: the write-ahead log stays small --------------------------
+
+def test_pruning_a_backlog_keeps_the_write_ahead_log_small(tmp_path):
+    """Half of 60,000 tasks, and of 20,000 files, past their retention at
+    once (a retention just lowered, a reaper stopped for days): the prune and
+    the file sweep copy the log into the database as they go, so it stays
+    near db.BATCH_WAL_BYTES and the minute's TRUNCATE has nothing to do,
+    rather than growing by every transaction's pages (~1 KB a task)."""
+    config = config_module.load(environ={"RC_HOME": str(tmp_path),
+                                         "RC_CONFIG": str(tmp_path / "none.json")})
+    long_lived_db.build(config.db_path, 60000, DEVICES, 20000, past_retention=0.5)
+    connection = db.open_database(config.db_path)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    now = time.time()
+    assert housekeeping.prune_tasks(connection, config.task_retention, now) > 25000
+    after_tasks = db.wal_bytes(connection)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert files_module.sweep(connection, config, now) > 9000
+    after_files = db.wal_bytes(connection)
+    done = housekeeping.checkpoint(connection, config.wal_checkpoint_bytes)
+    connection.close()
+    most = db.BATCH_WAL_BYTES + 4 * 1024 * 1024      # the limit, and a transaction past it
+    assert after_tasks < most and after_files < most, (after_tasks, after_files)
+    assert not done["wal_checkpointed"], done

@@ -644,6 +644,7 @@ def sweep(connection, config, now):
             # The files these rows named: a blob placed again from now on is
             # another file, which remove_unrecorded leaves.
             found = blob_inodes(config, gone)
+        db.checkpoint_past(connection)
         remove_unrecorded(connection, config, found)
         removed += len(gone)
         if len(gone) < SWEEP_CHUNK:

@@ -86,29 +86,19 @@ def delete_in_chunks(connection, select, before, delete):
                                                         (before, PRUNE_CHUNK))]
             if ids:
                 delete(ids, ",".join("?" * len(ids)))
+        db.checkpoint_past(connection)
         total += len(ids)
         if len(ids) < PRUNE_CHUNK:
             return total
 
 
-def wal_path(connection):
-    path = connection.execute("PRAGMA database_list").fetchone()[2]
-    return path + "-wal"
-
-
 def checkpoint(connection, limit):
     """Copy the WAL into the database and truncate it, when it is over `limit`."""
-    try:
-        size = os.path.getsize(wal_path(connection))
-    except OSError:
-        size = 0
+    size = db.wal_bytes(connection)
     if size <= limit:
         return {"wal_checkpointed": False, "wal_bytes": size}
     busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    try:
-        after = os.path.getsize(wal_path(connection))
-    except OSError:
-        after = 0
+    after = db.wal_bytes(connection)
     return {"wal_checkpointed": not busy, "wal_bytes": after, "wal_bytes_before": size}
 
 
