@@ -29,6 +29,7 @@ GROUP_SIZE = 100          # tasks per map
 IN_GROUPS = 0.2           # of the tasks
 WITH_FILES = 0.1          # tasks with a file (an input or an output), or more for `files`
 LOG_LINES = 200           # per device
+HEARTBEATS = 100          # per device, from when it was last seen
 
 
 def sha(n):
@@ -59,7 +60,7 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
         old_groups = int(groups * past_retention)
         connection.executemany(
             "INSERT INTO task_groups(group_id, created_at, task_type, payload, options)"
-            " VALUES (?, ?, 'shell', '{\"command\": \"sim {}\"}', '{\"map\": true}')",
+            " VALUES (?, ?, 'shell', '{\"command\": \"sim {}\"}', '{}')",
             [(g + 1, group_time(g, groups, old_groups, now, span)) for g in range(groups)])
         connection.executemany("INSERT INTO maps(group_id, inputs) VALUES (?, ?)",
                                [(g + 1, GROUP_SIZE) for g in range(groups)])
@@ -122,6 +123,10 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
               "line %d of %s" % (k, device_ids[d]))
              for d in range(devices) for k in range(LOG_LINES)])
         connection.executemany(
+            "INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, '{}')",
+            [(device_ids[d], now - 300 * DAY + d * 3600 + k * 60, )
+             for d in range(devices) for k in range(HEARTBEATS)])
+        connection.executemany(
             "INSERT INTO stats_minutes(minute, submitted, completed, failed, cancelled,"
             " queue_length, running, devices_online, devices_total, slots, slots_busy)"
             " VALUES (?, 20, 18, 1, 1, 3, 4, 12, ?, 40, 30)",
@@ -135,7 +140,7 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
              for c in range(100) for d in range(0, devices, 10)])
     connection.execute("PRAGMA synchronous=NORMAL")
     summary = {table: connection.execute("SELECT count(*) FROM %s" % table).fetchone()[0]
-               for table in ("tasks", "task_events", "task_groups", "map_jobs", "files",
+               for table in ("heartbeats", "tasks", "task_events", "task_groups", "map_jobs", "files",
                              "task_files", "devices", "device_logs", "stats_minutes")}
     connection.close()
     return summary

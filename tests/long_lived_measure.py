@@ -12,7 +12,6 @@ statements to see which statement a slow one waits for.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,15 +24,14 @@ from cluster_harness import RC, Cluster, wait_for  # noqa: E402
 
 def rc_timed(cluster, *args):
     """(seconds, peak RSS in KiB, exit status, first line of output)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-f", "%M", RC] + list(args), env=cluster.env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300,
                           universal_newlines=True)
     seconds = time.perf_counter() - started
-    del before
     rss = int(done.stderr.strip().splitlines()[-1]) if done.stderr.strip() else 0
-    first = (done.stdout.strip().splitlines() or [""])[0][:70]
+    shown = done.stdout if done.returncode == 0 else done.stderr.rsplit("\n", 2)[0]
+    first = (shown.strip().splitlines() or [""])[0][:70]
     return seconds, rss, done.returncode, first
 
 

@@ -9,6 +9,7 @@ code opens, as tests/test_write_lock_upkeep.py counts it: reading every
 task costs several per task, whatever the machine's speed. Wall-clock
 figures are in the session's report (tests/long_lived_measure.py).
 """
+import contextlib
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import time
 import pytest
 
 from rc import config as config_module
-from rc import db, health, housekeeping, records, tasks, web
+from rc import db, devices, health, housekeeping, records, tasks, web
 from rc import files as files_module
 from rc.states import ACTIVE_STATES, QUEUED, TASK_STATES, TERMINAL_STATES
 
@@ -205,3 +206,43 @@ def test_health_reads_the_whole_database_at_most_every_ten_minutes(copy_of_year,
     assert len(checks) == 1
     health.check(config, now=now + 601)
     assert len(checks) == 2
+
+
+def test_the_prunes_leave_the_write_lock_free_between_their_transactions(copy_of_year,
+                                                                          monkeypatch):
+    """rc-server, rc-scheduler and rc-files wait for the write lock in
+    SQLite's busy handler, which looks again after sleeping up to 100 ms:
+    a prune that took the lock again at once left it almost never free when
+    they looked (rc-server's writes waited 0.9 s behind a backlog's 101
+    transactions). Each transaction of a prune is followed by a pause at
+    least as long as it held the lock (db.give_way)."""
+    config, connection = copy_of_year
+    held = []
+    write = db.write
+
+    @contextlib.contextmanager
+    def timed_write(conn):
+        started = time.monotonic()
+        with write(conn):
+            yield conn
+        held.append((started, time.monotonic()))
+    monkeypatch.setattr(db, "write", timed_write)
+    now = time.time()
+
+    def prune_heartbeats():
+        before = connection.execute("SELECT count(*) FROM heartbeats").fetchone()[0]
+        devices.prune_heartbeats(connection, now)
+        return before - connection.execute("SELECT count(*) FROM heartbeats").fetchone()[0]
+    for prune, least in ((lambda: housekeeping.prune_tasks(connection, config.task_retention,
+                                                           now), 5000),
+                         (lambda: files_module.sweep(connection, config, now), 500),
+                         (prune_heartbeats, 8000)):
+        del held[:]
+        assert prune() > least
+        pauses = [(b_start - a_end, a_end - a_start)
+                  for (a_start, a_end), (b_start, _) in zip(held, held[1:])]
+        assert len(pauses) >= 2
+        short = [(pause, took) for pause, took in pauses
+                 if pause < min(max(took, db.GIVE_WAY_MIN), db.GIVE_WAY_MAX)]
+        assert not short, "%d of %d pauses shorter than the transaction before" \
+            % (len(short), len(pauses))

@@ -8,6 +8,7 @@ or is one statement, which SQLite commits on its own (see write_statements).
 import contextlib
 import os
 import sqlite3
+import time
 
 import orjson
 
@@ -25,6 +26,9 @@ WAL_BACKSTOP_PAGES = 16384
 # into the database before going on (checkpoint_past); half the upkeep's
 # wal_checkpoint_bytes default, so a prune leaves nothing for it to truncate.
 BATCH_WAL_BYTES = 8 * 1024 * 1024
+# Seconds a long run of write transactions sleeps between two (give_way).
+GIVE_WAY_MIN = 0.005
+GIVE_WAY_MAX = 0.1
 # The write that starts the log over after a checkpoint (see checkpoint()):
 # one statement, so it commits on its own; it counts the checkpoints.
 COUNT_CHECKPOINT = ("INSERT INTO counters(name, value) VALUES ('wal_checkpoints', 1)"
@@ -548,9 +552,22 @@ def checkpoint_past(connection, limit=BATCH_WAL_BYTES):
     it, pruning a backlog (a month of tasks past a retention just lowered,
     or a reaper stopped for days) grew the log by every transaction's pages
     (72 MB for 50,000 tasks), and the minute's TRUNCATE that followed held
-    every writer for 0.6 s while it copied them."""
+    every writer for 0.6 s while it copied them. The log starts over only
+    when no other program commits meanwhile; the copying is done anyway, so
+    the TRUNCATE has little left to copy (40-60 ms on a busy cluster)."""
     if wal_bytes(connection) > limit:
         checkpoint(connection)
+
+
+def give_way(held):
+    """Between two write transactions of a long run (the upkeep's prunes):
+    sleep as long as the last one held the write lock (`held` seconds),
+    GIVE_WAY_MIN at least, GIVE_WAY_MAX at most. A program that found the
+    lock taken sleeps in SQLite's busy handler (up to 100 ms at a time) and
+    looks again: a run that takes the lock again at once leaves it almost
+    never free when it looks, and rc-server's writes waited 0.9 s behind
+    the prune of a backlog, 101 transactions of a few milliseconds each."""
+    time.sleep(min(max(held, GIVE_WAY_MIN), GIVE_WAY_MAX))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ What a device reports is cleaned before it is stored: every reader (the
 scheduler, `rc devices`, /text, the dashboard) then finds numbers where
 numbers belong, whatever a hostile device sent."""
 import math
+import time
 
 from rc import db
 from rc.states import ONLINE
@@ -225,12 +226,14 @@ def prune_heartbeats(connection, older_than):
     transaction: with 10,000 devices one big delete would hold up every
     heartbeat acknowledgement behind it."""
     while True:
+        started = time.monotonic()
         with db.write(connection):
             deleted = connection.execute(
                 "DELETE FROM heartbeats WHERE id IN (SELECT id FROM heartbeats"
                 " WHERE time < ? LIMIT ?)", (older_than, PRUNE_CHUNK)).rowcount
         if deleted < PRUNE_CHUNK:
             return
+        db.give_way(time.monotonic() - started)
 
 
 # -- reading -------------------------------------------------------------------

@@ -633,6 +633,7 @@ def sweep(connection, config, now):
     cutoff = now - config.files_retention_days * DAY
     removed = 0
     while True:
+        started = time.monotonic()
         with db.write(connection):
             gone = [row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE last_used_at < :cutoff AND NOT %s LIMIT :n"
@@ -644,11 +645,12 @@ def sweep(connection, config, now):
             # The files these rows named: a blob placed again from now on is
             # another file, which remove_unrecorded leaves.
             found = blob_inodes(config, gone)
-        db.checkpoint_past(connection)
         remove_unrecorded(connection, config, found)
         removed += len(gone)
         if len(gone) < SWEEP_CHUNK:
             break
+        db.give_way(time.monotonic() - started)
+        db.checkpoint_past(connection)
     drop_orphan_rows(connection)
     removed += drop_orphan_blobs(connection, config, now)
     clean_partials(connection, config, now)
@@ -723,6 +725,9 @@ def remove_unrecorded(connection, config, found):
     hashes = list(found)
     for first in range(0, len(hashes), REMOVE_CHUNK):
         chunk = hashes[first:first + REMOVE_CHUNK]
+        if first:
+            db.give_way(time.monotonic() - started)
+        started = time.monotonic()
         with db.write(connection):
             recorded = {row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),

@@ -9,6 +9,7 @@ from recycling it on its own under steady load).
 """
 import glob
 import os
+import time
 
 from rc import alerts, db, files, stats, tasks
 from rc.log import shift_backups
@@ -81,15 +82,17 @@ def delete_in_chunks(connection, select, before, delete):
     PRUNE_CHUNK per transaction; how many in all."""
     total = 0
     while True:
+        started = time.monotonic()
         with db.write(connection):
             ids = [row[0] for row in connection.execute(select + " LIMIT ?",
                                                         (before, PRUNE_CHUNK))]
             if ids:
                 delete(ids, ",".join("?" * len(ids)))
-        db.checkpoint_past(connection)
         total += len(ids)
         if len(ids) < PRUNE_CHUNK:
             return total
+        db.give_way(time.monotonic() - started)
+        db.checkpoint_past(connection)
 
 
 def checkpoint(connection, limit):
