@@ -246,3 +246,27 @@ def test_the_prunes_leave_the_write_lock_free_between_their_transactions(copy_of
                  if pause < min(max(took, db.GIVE_WAY_MIN), db.GIVE_WAY_MAX)]
         assert not short, "%d of %d pauses shorter than the transaction before" \
             % (len(short), len(pauses))
+
+
+# -- the dashboard's device grid ----------------------------------------------------
+
+def test_the_dashboards_grid_shows_the_devices_at_work_among_many_long_gone(copy_of_year,
+                                                                             monkeypatch):
+    """A cluster that has seen more devices than the grid holds: it showed
+    the first OVERVIEW_DEVICES by id, all long gone, and not the one online
+    (the year's database: 1,334 devices not forgotten, 'vm-local' last)."""
+    config, connection = copy_of_year
+    now = time.time()
+    with db.write(connection):
+        connection.execute("INSERT INTO devices(device_id, status, connected, registered_at,"
+                           " last_seen) VALUES ('zz-pi', 'online', 1, ?, ?)", (now, now))
+    monkeypatch.setattr(web, "OVERVIEW_DEVICES", 10)
+    routes = web.DashboardRoutes(web.make_app(config).config["rc.web"])
+    shown = [device["device_id"] for device in routes.picture(connection)["devices"]]
+    assert len(shown) == 10 and "zz-pi" in shown
+    assert shown == sorted(shown)
+    # After the online one, those heard from last.
+    latest = [row[0] for row in connection.execute(
+        "SELECT device_id FROM devices WHERE forgotten = 0 AND status != 'online'"
+        " ORDER BY last_seen DESC LIMIT 9")]
+    assert set(shown) == set(latest) | {"zz-pi"}

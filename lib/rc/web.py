@@ -36,7 +36,8 @@ from rc import device_routes, logs, records, state_dir, web_results, web_schedul
 from rc import stats, tasks, throttle
 from rc import config as rc_config
 from rc.log import LEVELS, Logger
-from rc.states import COMPLETED, FAILED, PRIORITIES, TASK_STATES, TERMINAL_STATES, TIMED_OUT
+from rc.states import (COMPLETED, FAILED, ONLINE, PRIORITIES, TASK_STATES, TERMINAL_STATES,
+                       TIMED_OUT)
 
 MAX_BODY_BYTES = 1024 * 1024      # largest request body accepted
 # waitress refuses bodies past this itself; below it the app answers 413 in JSON.
@@ -1404,8 +1405,7 @@ class DashboardRoutes:
         summary = self.web.status_summary(connection)
         history = stats.history(connection, OVERVIEW_HISTORY_MINUTES, now)
         return {"now": now, "summary": summary,
-                "devices": [overview_device(d) for d in
-                            devices.list_devices(connection)[:OVERVIEW_DEVICES]],
+                "devices": [overview_device(d) for d in overview_devices(connection)],
                 "running": running_tasks(connection), "failures": recent_failures(connection),
                 "recent": recent_tasks(connection),
                 "history": history, "history_summary": stats.summary(history[-15:])}
@@ -1434,6 +1434,16 @@ class DashboardRoutes:
     def terminal(self):
         return json_response({"refused": dict(commands.WEB_REFUSED),
                               "admin": sorted(commands.WEB_ADMIN_COMMANDS)})
+
+
+def overview_devices(connection):
+    """The grid's devices, by id: OVERVIEW_DEVICES of them, the online ones
+    first, then those heard from last. By id alone, a cluster that had seen
+    600 devices showed 500 long gone and not the one at work whose id
+    sorted after theirs."""
+    return devices.list_devices_where(
+        connection, "d.device_id IN (SELECT device_id FROM devices WHERE forgotten = 0"
+        " ORDER BY status = ? DESC, last_seen DESC LIMIT ?)", (ONLINE, OVERVIEW_DEVICES))
 
 
 def overview_device(device):
