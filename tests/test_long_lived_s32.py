@@ -15,13 +15,14 @@ import json
 import os
 import random
 import sqlite3
+import tracemalloc
 import sys
 import time
 
 import pytest
 
 from rc import config as config_module
-from rc import db, devices, health, housekeeping, records, tasks, web
+from rc import commands, db, devices, health, housekeeping, logs, records, tasks, web
 from rc import files as files_module
 from rc.states import ACTIVE_STATES, QUEUED, TASK_STATES, TERMINAL_STATES
 
@@ -270,3 +271,61 @@ def test_the_dashboards_grid_shows_the_devices_at_work_among_many_long_gone(copy
         "SELECT device_id FROM devices WHERE forgotten = 0 AND status != 'online'"
         " ORDER BY last_seen DESC LIMIT 9")]
     assert set(shown) == set(latest) | {"zz-pi"}
+
+
+# -- rc logs over logs rotated to their limit ---------------------------------------
+
+def write_logs(log_dir, now):
+    """rc-server.log and its backup .1, 4 MB each (supervisord keeps six of
+    10 MB per program): info lines, task 7's lines and three errors in both,
+    the current file's last line not ended yet."""
+    os.makedirs(log_dir, exist_ok=True)
+    written = []
+    for suffix, start in ((".1", now - 7200), ("", now - 3600)):
+        lines, size, moment = [], 0, start
+        while size < 4 * 1024 * 1024:
+            moment += 0.01
+            number = len(lines)
+            record = {"time": round(moment, 6), "program": "rc-server", "level": "info",
+                      "event": "task_finished", "task_id": 1000 + number % 5000,
+                      "device_id": "old-%04d" % (number % 100), "status": "completed"}
+            if number % 20000 == 3:
+                record.update(level="error", event="frame_refused")
+            if number % 9000 == 5:
+                record.update(task_id=7)
+            line = json.dumps(record, separators=(",", ":"))
+            lines.append(line)
+            size += len(line) + 1
+        with open(os.path.join(log_dir, "rc-server.log" + suffix), "w") as f:
+            f.write("\n".join(lines) + ("\n" if suffix else ""))
+        written.extend(lines)
+    return [json.loads(line) for line in written]
+
+
+@pytest.mark.parametrize("arguments", [["--level", "error"], ["--task", "7"],
+                                       ["--level", "info", "-n", "30"],
+                                       ["--device", "old-0042", "-n", "20"]])
+def test_rc_logs_with_a_filter_holds_its_answer_not_the_logs(copy_of_year, arguments):
+    """A filter read every line of every file into memory (325 MB of Python
+    for 360 MB of logs, 9.8 s, for `--level error`) before keeping the last
+    -n; now the files are read from their end back, a block at a time, and
+    only the lines kept are held. The answer is the same."""
+    config, _ = copy_of_year
+    written = write_logs(config.log_dir, time.time())
+    out, err = io.StringIO(), io.StringIO()
+    tracemalloc.start()
+    try:
+        status = commands.run_command(["logs"] + arguments, out, err, config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 0, err.getvalue()
+    count = int(arguments[3]) if len(arguments) > 2 else 50
+    wanted = logs.LogFilter(**{arguments[0][2:].replace("task", "task_id").replace(
+        "device", "device_id"): int(arguments[1]) if arguments[0] == "--task" else arguments[1]})
+    expected = [record for record in written if wanted(record)][-count:]
+    shown = out.getvalue().splitlines()
+    assert shown == [commands.format_log_line(record) for record in expected]
+    assert 0 < len(shown) <= count
+    # The logs are 8 MB: a block of them at a time, and what is shown.
+    assert peak < 6 * 1024 * 1024, "%d bytes held to show %d lines" % (peak, len(shown))
