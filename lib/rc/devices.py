@@ -377,11 +377,16 @@ def get(connection, device_id):
 
 
 def list_devices_where(connection, clause, parameters):
-    rows = connection.execute(
+    return [device_dict(row) for row in device_rows(connection, clause, parameters)]
+
+
+def device_rows(connection, clause="d.forgotten = 0", parameters=()):
+    """The rows list_devices_where makes records of, for a reader that
+    looks often and makes records only of the rows that changed."""
+    return connection.execute(
         "SELECT %s, (SELECT count(*) FROM tasks t WHERE t.device_id = d.device_id"
         " AND t.%s) AS active_tasks FROM devices d WHERE %s ORDER BY d.device_id"
         % (prefixed(DEVICE_COLUMNS, "d."), db.ACTIVE_SQL, clause), tuple(parameters))
-    return [device_dict(row) for row in rows]
 
 
 def with_age(device, now):

@@ -746,18 +746,23 @@ class Web:
 
     def device_events(self, last_id):
         """`device` events: a device's whole record when anything about it
-        changed; every device first (the current state is the resume point)."""
+        changed; every device first (the current state is the resume point).
+        Rows are compared as read, and only a changed one made a record:
+        making every device's record at each change of the database took
+        15-40 ms for the 1,334 devices a year had left, up to five times a
+        second on a busy cluster, for each open stream."""
         connection = commands.connect(self.config)
         try:
             shown = {}
             for changed in self.watch(connection):
                 chunks = []
                 if changed:
-                    for device in devices.list_devices(connection):
-                        if shown.get(device["device_id"]) != device:
-                            shown[device["device_id"]] = device
-                            chunks.append(sse("device", records.device_record(dict(device),
-                                                                              time.time()),
+                    for row in devices.device_rows(connection):
+                        values = tuple(row)
+                        if shown.get(row["device_id"]) != values:
+                            shown[row["device_id"]] = values
+                            device = devices.device_dict(row)
+                            chunks.append(sse("device", records.device_record(device, time.time()),
                                               device_event_id(device)))
                 yield "".join(chunks)
         finally:
