@@ -22,7 +22,8 @@ import time
 import pytest
 
 from rc import config as config_module
-from rc import commands, db, devices, health, housekeeping, logs, records, tasks, web
+from rc import alerts, commands, db, devices, health, housekeeping, logs, records, tasks, web
+from rc.log import Logger
 from rc import files as files_module
 from rc.states import ACTIVE_STATES, QUEUED, TASK_STATES, TERMINAL_STATES
 
@@ -357,3 +358,27 @@ def test_the_device_stream_makes_records_of_the_devices_that_changed(copy_of_yea
         assert len(made) == 1
     finally:
         events.close()
+
+
+# -- alerts --------------------------------------------------------------------------
+
+def test_a_device_gone_for_good_alerts_once_not_every_hour(copy_of_year):
+    """The year's database keeps devices that left months ago and were never
+    forgotten: device_offline fired for each of them at every
+    alert_cooldown, for ever (1,333 alerts, and as many alert commands, in
+    the reaper's first minute and every hour after)."""
+    config, connection = copy_of_year
+    log = Logger("rc-reaper", "error", io.BytesIO())
+    config.alerts = [{"rule": "device_offline", "after": 900}]
+    gone = connection.execute("SELECT count(*) FROM devices WHERE forgotten = 0"
+                              " AND status = 'offline'").fetchone()[0]
+    now = time.time()
+    assert len(alerts.evaluate(connection, config, log, now)) == gone > 50
+    for hours in (2, 5, 24 * 7):
+        assert alerts.evaluate(connection, config, log, now + hours * 3600) == []
+    # One comes back for a while, then goes again: that is a new time away.
+    with db.write(connection):
+        connection.execute("UPDATE devices SET last_seen = ? WHERE device_id = 'old-0001'",
+                           (now + 24 * 7 * 3600,))
+    fired = alerts.evaluate(connection, config, log, now + 24 * 8 * 3600)
+    assert [alert.subject for alert in fired] == ["old-0001"]

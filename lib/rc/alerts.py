@@ -26,8 +26,11 @@ _children = []              # alert commands still running: (process, deadline)
 
 
 class Alert:
-    def __init__(self, rule, subject, message, **details):
+    def __init__(self, rule, subject, message, since=None, **details):
+        """`since`: when what it reports began (a device last heard from),
+        if the alert is to fire once for it, not again after each cooldown."""
         self.rule, self.subject, self.message, self.details = rule, subject, message, details
+        self.since = since
 
     @property
     def key(self):
@@ -64,9 +67,13 @@ def device_offline(connection, config, rule, now):
             continue
         quiet = now - device["last_seen"]
         if quiet >= rule["after"]:
+            # Once for each time it goes away: a device gone for good and
+            # never forgotten fired every alert_cooldown for ever (the
+            # year's 1,333 such devices: 1,333 alert commands each hour).
             yield Alert("device_offline", device["device_id"],
                         "device %s offline for %ds" % (device["device_id"], quiet),
-                        device_id=device["device_id"], seconds=int(quiet))
+                        since=device["last_seen"], device_id=device["device_id"],
+                        seconds=int(quiet))
 
 
 def queue_stuck(connection, config, rule, now):
@@ -136,7 +143,8 @@ def evaluate(connection, config, log, now):
         for alert in found:
             row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",
                                      (alert.key,)).fetchone()
-            if row is not None and now - row[0] < config.alert_cooldown:
+            if row is not None and (now - row[0] < config.alert_cooldown
+                                    or alert.since is not None and row[0] >= alert.since):
                 continue
             connection.execute("INSERT OR REPLACE INTO alert_state(key, fired_at, message)"
                                " VALUES (?, ?, ?)", (alert.key, now, alert.message))
