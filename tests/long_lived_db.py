@@ -84,8 +84,11 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
             terminal = state not in ("queued", "running")
             result = ('{"output": "result of task %d\\n", "exit_code": %d, "execution_time":'
                       ' 1.5}' % (n, 0 if state == "completed" else 1)) if terminal else None
+            if not terminal:       # submitted a moment ago, as the newest are
+                finished = now - 30
             rows.append((n + 1, "shell", '{"command": "sim %d"}' % n, state, device,
-                         finished - 60, finished - 50, finished if terminal else None, result,
+                         finished - 60, finished - 50 if state != "queued" else None,
+                         finished if terminal else None, result,
                          None if state == "completed" else state + " here",
                          "done" if terminal else None, group, 3))
             events.append((n + 1, finished - 50, 1, "running", device, "accepted"))
@@ -108,13 +111,13 @@ def build(path, tasks=500000, devices=2000, files=50000, past_retention=0.1,
         with_files = [n for n in range(tasks) if n % step == step - 1][:files]
         connection.executemany(
             "INSERT INTO files(sha256, size, created_at, last_used_at) VALUES (?, ?, ?, ?)",
-            [(sha(k), 1000 + k % 5000, rows[n][6], rows[n][6])
+            [(sha(k), 1000 + k % 5000, rows[n][5], rows[n][5])
              for k, n in enumerate(with_files)])
         connection.executemany(
             "INSERT INTO task_files(task_id, attempt, kind, name, sha256, size, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(n + 1, 0 if k % 2 else 1, "input" if k % 2 else "output",
-              "data-%d.csv" % k, sha(k), 1000 + k % 5000, rows[n][6])
+              "data-%d.csv" % k, sha(k), 1000 + k % 5000, rows[n][5])
              for k, n in enumerate(with_files)])
         connection.executemany(
             "INSERT INTO device_logs(device_id, time, received_at, level, event, message,"

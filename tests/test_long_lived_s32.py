@@ -362,18 +362,31 @@ def test_the_device_stream_makes_records_of_the_devices_that_changed(copy_of_yea
 
 # -- alerts --------------------------------------------------------------------------
 
-def test_a_device_gone_for_good_alerts_once_not_every_hour(copy_of_year):
+def test_a_device_gone_for_good_alerts_once_not_every_hour(copy_of_year, tmp_path):
     """The year's database keeps devices that left months ago and were never
     forgotten: device_offline fired for each of them at every
-    alert_cooldown, for ever (1,333 alerts, and as many alert commands, in
-    the reaper's first minute and every hour after)."""
+    alert_cooldown, for ever (1,333 alerts, and as many alert commands at
+    once, in the reaper's first minute and every hour after). Now each
+    fires once, and the minute's alert commands are at most COMMANDS_AT_ONCE,
+    the last one for the rest."""
     config, connection = copy_of_year
     log = Logger("rc-reaper", "error", io.BytesIO())
     config.alerts = [{"rule": "device_offline", "after": 900}]
+    marker = tmp_path / "alerts.txt"
+    config.alert_command = 'echo "$RC_ALERT_RULE $RC_ALERT_SUBJECT $RC_ALERT_COUNT" >> %s' % marker
     gone = connection.execute("SELECT count(*) FROM devices WHERE forgotten = 0"
                               " AND status = 'offline'").fetchone()[0]
     now = time.time()
     assert len(alerts.evaluate(connection, config, log, now)) == gone > 50
+    deadline = time.time() + 60
+    while alerts._children and time.time() < deadline:
+        alerts.reap_children(time.time())
+        time.sleep(0.05)
+    ran = sorted(marker.read_text().splitlines())
+    assert len(ran) == alerts.COMMANDS_AT_ONCE
+    assert ran[0] == "alerts more %d" % (gone - alerts.COMMANDS_AT_ONCE + 1)
+    assert all(line.startswith("device_offline old-") for line in ran[1:])
+    config.alert_command = ""
     for hours in (2, 5, 24 * 7):
         assert alerts.evaluate(connection, config, log, now + hours * 3600) == []
     # One comes back for a while, then goes again: that is a new time away.

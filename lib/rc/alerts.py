@@ -18,6 +18,7 @@ from rc import db, devices, health
 from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
+COMMANDS_AT_ONCE = 10       # alert commands started in one minute, the last for the rest
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
                  "queue_stuck": {},
                  "failure_rate": {"above": 0.5, "window": 900.0, "min_tasks": 10}}
@@ -151,9 +152,24 @@ def evaluate(connection, config, log, now):
             fired.append(alert)
     for alert in fired:
         log.warning("alert", rule=alert.rule, message=alert.message, **alert.details)
-        if config.alert_command:
+    if config.alert_command:
+        for alert in commanded(fired):
             run_command(config.alert_command, alert, log, now)
     return fired
+
+
+def commanded(fired):
+    """The alerts the command runs for: all of them up to COMMANDS_AT_ONCE,
+    else the first ones and one that counts the rest (rule `alerts`): a
+    fleet that drops off at once (a power cut, a router), or the first
+    minute after an upgrade that finds devices gone for months, started
+    one shell and its curl per device at once (1,333 on the year's database)."""
+    if len(fired) <= COMMANDS_AT_ONCE:
+        return fired
+    rest = len(fired) - COMMANDS_AT_ONCE + 1
+    return fired[:COMMANDS_AT_ONCE - 1] + [Alert(
+        "alerts", "more", "%d more alerts this minute (rc logs --program rc-reaper)" % rest,
+        count=rest)]
 
 
 def run_command(command, alert, log, now):
