@@ -88,7 +88,7 @@ def wait_for_actors(cluster, lines_before, event, devices):
 def undo_migrations_after(connection, version):
     """Take the devices table back to schema `version`: drop what the later
     migrations added to it (columns and triggers), and their columns of
-    other tables (health_probe's, migration 16)."""
+    other tables (health_probe's, migration 18)."""
     later = "\n".join(db.MIGRATIONS[version:])
     for trigger in re.findall(r"CREATE TRIGGER (?:IF NOT EXISTS )?(\w+)", later):
         connection.execute("DROP TRIGGER IF EXISTS %s" % trigger)

@@ -487,7 +487,7 @@ MIGRATIONS = [
         UPDATE counters SET value = value - 1 WHERE name = 'kept_' || OLD.state;
     END;
     """ % {"terminal": sql_list(TERMINAL_STATES)},
-    # 16: when `PRAGMA quick_check` last passed (lib/rc/health.py): it reads
+    # 18: when `PRAGMA quick_check` last passed (lib/rc/health.py): it reads
     # the whole database, 0.4-0.9 s for a year's 250 MB, and `rc health`
     # (Docker's HEALTHCHECK each minute, cron) and the open /health ran it
     # at every look.
