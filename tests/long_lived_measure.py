@@ -19,7 +19,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cluster_harness import RC, Cluster, wait_for  # noqa: E402
+from cluster_harness import RC, Cluster  # noqa: E402
 
 
 def rc_timed(cluster, *args):
