@@ -6,8 +6,10 @@ on a database tests/long_lived_db.py built. Not a test; run by hand:
     .venv/bin/python tests/long_lived_db.py /tmp/rc-year
     .venv/bin/python tests/long_lived_measure.py /tmp/rc-year [--keep-running]
 
-Set RC_SQL_TRACE=DIR and PYTHONPATH to a sitecustomize that logs slow
-statements to see which statement a slow one waits for.
+RC_SQL_TRACE and PYTHONPATH are passed on to the cluster's programs: a
+sitecustomize.py of your own on that path (one that wraps sqlite3.connect
+and writes slow statements under $RC_SQL_TRACE) shows what a slow command
+waits for.
 """
 import argparse
 import json
