@@ -87,15 +87,16 @@ def wait_for_actors(cluster, lines_before, event, devices):
 
 def undo_migrations_after(connection, version):
     """Take the devices table back to schema `version`: drop what the later
-    migrations added to it (columns and triggers)."""
+    migrations added to it (columns and triggers), and their columns of
+    other tables (health_probe's, migration 18)."""
     later = "\n".join(db.MIGRATIONS[version:])
     for trigger in re.findall(r"CREATE TRIGGER (?:IF NOT EXISTS )?(\w+)", later):
         connection.execute("DROP TRIGGER IF EXISTS %s" % trigger)
     # An index on a later column would stop its DROP COLUMN.
     for index in re.findall(r"CREATE INDEX (?:IF NOT EXISTS )?(\w+) ON devices", later):
         connection.execute("DROP INDEX IF EXISTS %s" % index)
-    for column in re.findall(r"ALTER TABLE devices ADD COLUMN (\w+)", later):
-        connection.execute("ALTER TABLE devices DROP COLUMN %s" % column)
+    for table, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", later):
+        connection.execute("ALTER TABLE %s DROP COLUMN %s" % (table, column))
 
 
 def restart(cluster, while_stopped=lambda: None):

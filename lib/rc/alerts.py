@@ -18,6 +18,7 @@ from rc import db, devices, health
 from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
+COMMANDS_AT_ONCE = 10       # alert commands started in one minute, the last for the rest
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
                  "queue_stuck": {},
                  "failure_rate": {"above": 0.5, "window": 900.0, "min_tasks": 10}}
@@ -26,8 +27,11 @@ _children = []              # alert commands still running: (process, deadline)
 
 
 class Alert:
-    def __init__(self, rule, subject, message, **details):
+    def __init__(self, rule, subject, message, since=None, **details):
+        """`since`: when what it reports began (a device last heard from),
+        if the alert is to fire once for it, not again after each cooldown."""
         self.rule, self.subject, self.message, self.details = rule, subject, message, details
+        self.since = since
 
     @property
     def key(self):
@@ -64,9 +68,13 @@ def device_offline(connection, config, rule, now):
             continue
         quiet = now - device["last_seen"]
         if quiet >= rule["after"]:
+            # Once for each time it goes away: a device gone for good and
+            # never forgotten fired every alert_cooldown for ever (the
+            # year's 1,333 such devices: 1,333 alert commands each hour).
             yield Alert("device_offline", device["device_id"],
                         "device %s offline for %ds" % (device["device_id"], quiet),
-                        device_id=device["device_id"], seconds=int(quiet))
+                        since=device["last_seen"], device_id=device["device_id"],
+                        seconds=int(quiet))
 
 
 def queue_stuck(connection, config, rule, now):
@@ -136,16 +144,32 @@ def evaluate(connection, config, log, now):
         for alert in found:
             row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",
                                      (alert.key,)).fetchone()
-            if row is not None and now - row[0] < config.alert_cooldown:
+            if row is not None and (now - row[0] < config.alert_cooldown
+                                    or alert.since is not None and row[0] >= alert.since):
                 continue
             connection.execute("INSERT OR REPLACE INTO alert_state(key, fired_at, message)"
                                " VALUES (?, ?, ?)", (alert.key, now, alert.message))
             fired.append(alert)
     for alert in fired:
         log.warning("alert", rule=alert.rule, message=alert.message, **alert.details)
-        if config.alert_command:
+    if config.alert_command:
+        for alert in commanded(fired):
             run_command(config.alert_command, alert, log, now)
     return fired
+
+
+def commanded(fired):
+    """The alerts the command runs for: all of them up to COMMANDS_AT_ONCE,
+    else the first ones and one that counts the rest (rule `alerts`): a
+    fleet that drops off at once (a power cut, a router), or the first
+    minute after an upgrade that finds devices gone for months, started
+    one shell and its curl per device at once (1,333 on the year's database)."""
+    if len(fired) <= COMMANDS_AT_ONCE:
+        return fired
+    rest = len(fired) - COMMANDS_AT_ONCE + 1
+    return fired[:COMMANDS_AT_ONCE - 1] + [Alert(
+        "alerts", "more", "%d more alerts this minute (rc logs --program rc-reaper)" % rest,
+        count=rest)]
 
 
 def run_command(command, alert, log, now):

@@ -1058,13 +1058,11 @@ def cmd_logs(arguments, context):
     offsets, lines = Offsets(), []
     for path in paths:
         if wanted.active:
-            # A task's lines may be anywhere in the files, rotated ones too.
-            found = []
-            for older in reversed(rotated_paths(path)):
-                found.extend(parse_log_lines(wanted.scan(older), program_of(path)))
-            text, offsets[path] = wanted.scan(path), os.path.getsize(path)
-            found.extend(parse_log_lines(text, program_of(path)))
-            parsed = [line for line in found if wanted(line[1])]
+            # A task's lines may be anywhere in the files, rotated ones too;
+            # only the last `lines` found are kept (360 MB of logs at most).
+            offsets[path] = os.path.getsize(path)
+            parsed = wanted.last_records([(path, offsets[path])] + [
+                (older, None) for older in rotated_paths(path)], arguments.lines)
         else:
             tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
             parsed = parse_log_lines(tail, program_of(path))

@@ -5,6 +5,7 @@ What a device reports is cleaned before it is stored: every reader (the
 scheduler, `rc devices`, /text, the dashboard) then finds numbers where
 numbers belong, whatever a hostile device sent."""
 import math
+import time
 
 from rc import db
 from rc.states import ONLINE
@@ -225,12 +226,14 @@ def prune_heartbeats(connection, older_than):
     transaction: with 10,000 devices one big delete would hold up every
     heartbeat acknowledgement behind it."""
     while True:
+        started = time.monotonic()
         with db.write(connection):
             deleted = connection.execute(
                 "DELETE FROM heartbeats WHERE id IN (SELECT id FROM heartbeats"
                 " WHERE time < ? LIMIT ?)", (older_than, PRUNE_CHUNK)).rowcount
         if deleted < PRUNE_CHUNK:
             return
+        db.give_way(time.monotonic() - started)
 
 
 # -- reading -------------------------------------------------------------------
@@ -374,11 +377,16 @@ def get(connection, device_id):
 
 
 def list_devices_where(connection, clause, parameters):
-    rows = connection.execute(
+    return [device_dict(row) for row in device_rows(connection, clause, parameters)]
+
+
+def device_rows(connection, clause="d.forgotten = 0", parameters=()):
+    """The rows list_devices_where makes records of, for a reader that
+    looks often and makes records only of the rows that changed."""
+    return connection.execute(
         "SELECT %s, (SELECT count(*) FROM tasks t WHERE t.device_id = d.device_id"
         " AND t.%s) AS active_tasks FROM devices d WHERE %s ORDER BY d.device_id"
         % (prefixed(DEVICE_COLUMNS, "d."), db.ACTIVE_SQL, clause), tuple(parameters))
-    return [device_dict(row) for row in rows]
 
 
 def with_age(device, now):

@@ -656,6 +656,7 @@ def sweep(connection, config, now):
     cutoff = now - config.files_retention_days * DAY
     removed = 0
     while True:
+        started = time.monotonic()
         with db.write(connection):
             gone = [row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE last_used_at < :cutoff AND NOT %s LIMIT :n"
@@ -671,6 +672,8 @@ def sweep(connection, config, now):
         removed += len(gone)
         if len(gone) < SWEEP_CHUNK:
             break
+        db.give_way(time.monotonic() - started)
+        db.checkpoint_past(connection)
     drop_orphan_rows(connection)
     removed += drop_orphan_blobs(connection, config, now)
     clean_partials(connection, config, now)
@@ -745,6 +748,9 @@ def remove_unrecorded(connection, config, found):
     hashes = list(found)
     for first in range(0, len(hashes), REMOVE_CHUNK):
         chunk = hashes[first:first + REMOVE_CHUNK]
+        if first:
+            db.give_way(time.monotonic() - started)
+        started = time.monotonic()
         with db.write(connection):
             recorded = {row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),

@@ -9,6 +9,7 @@ from recycling it on its own under steady load).
 """
 import glob
 import os
+import time
 
 from rc import alerts, db, files, stats, tasks
 from rc.log import shift_backups
@@ -81,6 +82,7 @@ def delete_in_chunks(connection, select, before, delete):
     PRUNE_CHUNK per transaction; how many in all."""
     total = 0
     while True:
+        started = time.monotonic()
         with db.write(connection):
             ids = [row[0] for row in connection.execute(select + " LIMIT ?",
                                                         (before, PRUNE_CHUNK))]
@@ -89,26 +91,17 @@ def delete_in_chunks(connection, select, before, delete):
         total += len(ids)
         if len(ids) < PRUNE_CHUNK:
             return total
-
-
-def wal_path(connection):
-    path = connection.execute("PRAGMA database_list").fetchone()[2]
-    return path + "-wal"
+        db.give_way(time.monotonic() - started)
+        db.checkpoint_past(connection)
 
 
 def checkpoint(connection, limit):
     """Copy the WAL into the database and truncate it, when it is over `limit`."""
-    try:
-        size = os.path.getsize(wal_path(connection))
-    except OSError:
-        size = 0
+    size = db.wal_bytes(connection)
     if size <= limit:
         return {"wal_checkpointed": False, "wal_bytes": size}
     busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    try:
-        after = os.path.getsize(wal_path(connection))
-    except OSError:
-        after = 0
+    after = db.wal_bytes(connection)
     return {"wal_checkpointed": not busy, "wal_bytes": after, "wal_bytes_before": size}
 
 

@@ -4,6 +4,7 @@ which files, their last lines, the lines appended since a look, a line as a
 record, and which records a filter keeps. `rc logs` and rc-web (/text/logs,
 /stream/logs) both read them through here; how a line is shown is
 lib/rc/records.py (log_row, log_event) and lib/rc/render.py (log_line)."""
+import collections
 import glob
 import os
 import re
@@ -15,6 +16,7 @@ from rc import audit, device_logs
 from rc.log import LEVELS
 
 TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
+SCAN_BLOCK = 1024 * 1024      # bytes a filtered read looks through at a time
 LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
 # `logs --program audit`: who did what from where, for the admin only on the web.
 AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
@@ -43,6 +45,9 @@ class LogFilter:
                                            % (task_id, task_id)))
         if device_id is not None:
             self.needles.append(re.compile(re.escape(b'"device_id":' + orjson.dumps(device_id))))
+        if level:
+            self.needles.append(re.compile(b'"level":"(?:%s)"' % b"|".join(
+                name.encode() for name, value in LEVELS.items() if value >= self.threshold)))
 
     def __call__(self, record):
         if not self.active:
@@ -56,11 +61,64 @@ class LogFilter:
             return False
         return self.threshold is None or LEVELS.get(record.get("level"), 0) >= self.threshold
 
-    def scan(self, path):
-        """The lines of a whole file that may match."""
-        with open(path, "rb") as f:
-            return [line.decode("utf-8", "replace") for line in f
-                    if all(needle.search(line) for needle in self.needles)]
+    def last_records(self, paths, count):
+        """(time, record) of the last `count` lines this filter keeps in
+        these files (`paths`: [(path, bytes of it to read, or None)], newest
+        first), in order: each file is read from its end back, a block at a
+        time, until `count` are found; never more than those are held."""
+        found, held = [], 0        # lists of a block's records, newest block first
+        for path, end in paths:
+            for block in blocks_backward(path, end):
+                records = []         # the block's, from its last line back
+                for text in reversed(list(self.lines_found(block))):
+                    if held + len(records) >= count:
+                        break
+                    records.extend(line for line in parse_log_lines([text], program_of(path))
+                                   if self(line[1]))
+                records.reverse()
+                found.append(records)
+                held += len(records)
+                if held >= count:
+                    return [line for records in reversed(found) for line in records][-count:] \
+                        if count else []
+        return [line for records in reversed(found) for line in records]
+
+    def lines_found(self, text):
+        """The lines of `text` (whole lines) that every needle finds: those
+        the first one finds are cut out, no other line is looked at."""
+        if not self.needles:
+            yield from (line.decode("utf-8", "replace") for line in text.splitlines())
+            return
+        first, others = self.needles[0], self.needles[1:]
+        done = 0         # where the last line found ended
+        for match in first.finditer(text):
+            if match.start() < done:
+                continue            # found again on a line already taken
+            start = text.rfind(b"\n", 0, match.start()) + 1
+            done = text.find(b"\n", match.end())
+            done = len(text) if done < 0 else done
+            line = text[start:done]
+            if all(needle.search(line) for needle in others):
+                yield line.decode("utf-8", "replace")
+
+
+def blocks_backward(path, end=None):
+    """The whole lines of a file (its first `end` bytes), about SCAN_BLOCK
+    bytes of them at a time, from its end back."""
+    with open(path, "rb") as f:
+        position = f.seek(0, os.SEEK_END) if end is None else end
+        rest = b""        # the start of a line whose end was in the block after
+        while position > 0:
+            start = max(0, position - SCAN_BLOCK)
+            f.seek(start)
+            block = f.read(position - start) + rest
+            position = start
+            cut = block.find(b"\n") + 1 if start else 0
+            if start and not cut:
+                rest = block          # a line longer than a block
+                continue
+            rest = block[:cut]
+            yield block[cut:]
 
 
 def listed(value):

@@ -630,13 +630,21 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
             raise TaskError("unknown state %r" % state)
         clauses.append("state = ?")
         parameters.append(state)
+        # An unfinished state through its partial index (which SQLite uses
+        # only when the query names its condition literally), not a walk of
+        # every finished task back from the newest: the queue may be empty.
+        if state == QUEUED:
+            clauses.append(db.QUEUED_SQL)
+        elif state in ACTIVE_STATES:
+            clauses.append(db.ACTIVE_SQL)
     if device_id is not None:
         clauses.append("device_id = ?")
         parameters.append(device_id)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    order = "+task_id" if len(clauses) > len(parameters) else "task_id"
     rows = connection.execute(
-        "SELECT %s FROM tasks %s ORDER BY task_id DESC LIMIT ? OFFSET ?"
-        % (columns, where), parameters + [limit + 1, offset])
+        "SELECT %s FROM tasks %s ORDER BY %s DESC LIMIT ? OFFSET ?"
+        % (columns, where, order), parameters + [limit + 1, offset])
     found, size = [], 0
     for row in rows:         # a row at a time: those past the page are never read
         size += len(row["payload"] or "") + len(row["result"] or "")
@@ -647,9 +655,18 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
 
 
 def counts_by_state(connection):
+    """Tasks the database holds, by state, at the cost of the unfinished
+    ones: those are counted through their partial indexes, the finished
+    ones read from the counter rows kept_<state> (db.py, migration 17)."""
     counts = dict.fromkeys((QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES, 0)
-    for row in connection.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state"):
-        counts[row["state"]] = row["n"]
+    counts[QUEUED] = connection.execute(
+        "SELECT count(*) FROM tasks WHERE %s" % db.QUEUED_SQL).fetchone()[0]
+    counts.update(connection.execute(
+        "SELECT state, count(*) FROM tasks WHERE %s GROUP BY state" % db.ACTIVE_SQL))
+    for name, value in connection.execute(
+            "SELECT name, value FROM counters WHERE name IN (%s)"
+            % db.sql_list("kept_" + state for state in TERMINAL_STATES)):
+        counts[name[len("kept_"):]] = value
     return counts
 
 
