@@ -121,6 +121,9 @@ def test_the_same_request_twice_at_once_is_queued_once(cluster):
     assert count(cluster, "SELECT count(*) FROM tasks WHERE json_extract(payload,"
                  " '$.command') LIKE 'echo race-once %'") == 2000
     assert count(cluster, "SELECT count(*) FROM task_groups") == groups + 1
+    # The 2,000 ids are kept as their range, not as a list.
+    assert len(cluster.db.execute("SELECT task_ids FROM request_keys WHERE key = 'k-race'")
+               .fetchone()[0]) < 40
 
 
 def test_a_used_key_queues_nothing_in_the_library(cluster):
@@ -147,11 +150,12 @@ def test_keys_are_forgotten_after_an_hour(cluster):
         with db.write(connection):
             for key, age in (("k-old", tasks.REQUEST_KEY_RETENTION + 60), ("k-young", 60)):
                 connection.execute("INSERT INTO request_keys(key, task_ids, created_at)"
-                                   " VALUES (?, '[1]', ?)", (key, now - age))
+                                   " VALUES (?, '1', ?)", (key, now - age))
         done = housekeeping.sweep(connection, cluster.config, Quiet(), now)
         assert done["request_keys_forgotten"] >= 1
         assert tasks.queued_for_key(connection, "k-old") is None
         assert tasks.queued_for_key(connection, "k-young") == ([1], None)
+        assert tasks.ids_in_ranges(tasks.id_ranges([3, 4, 5, 9, 11, 12])) == [3, 4, 5, 9, 11, 12]
     finally:
         connection.close()
 

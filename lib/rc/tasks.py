@@ -5,7 +5,6 @@ assigned, the device it expects, so a stale message or a second process can
 never move a task that has moved on. The database refuses to change a
 terminal state at all (see db.py).
 """
-import json
 import math
 import random
 import re
@@ -405,7 +404,7 @@ def submit_many(connection, config, specs, group_id=None, request_key=None):
         if request_key is not None:
             connection.execute(
                 "INSERT INTO request_keys(key, task_ids, group_id, created_at)"
-                " VALUES (?, ?, ?, ?)", (request_key, json.dumps(ids), group_id, time.time()))
+                " VALUES (?, ?, ?, ?)", (request_key, id_ranges(ids), group_id, time.time()))
     bell.ring(config.run_dir, bell.SCHEDULER)
     return ids
 
@@ -423,7 +422,30 @@ def queued_for_key(connection, key):
     """(task ids, group id) a submit with this request key queued, or None."""
     row = connection.execute("SELECT task_ids, group_id FROM request_keys WHERE key = ?",
                              (key,)).fetchone()
-    return None if row is None else (json.loads(row[0]), row[1])
+    return None if row is None else (ids_in_ranges(row[0]), row[1])
+
+
+def id_ranges(task_ids):
+    """[3, 4, 5, 9] -> "3-5,9": a batch's ids (consecutive, as one transaction
+    numbers them) stay short in an audit line or a request key's row."""
+    ranges, first, last = [], task_ids[0], task_ids[0]
+    for task_id in task_ids[1:]:
+        if task_id == last + 1:
+            last = task_id
+            continue
+        ranges.append((first, last))
+        first = last = task_id
+    ranges.append((first, last))
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in ranges)
+
+
+def ids_in_ranges(text):
+    """id_ranges() undone: "3-5,9" -> [3, 4, 5, 9]."""
+    ids = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids
 
 
 def forget_request_keys(connection, now):

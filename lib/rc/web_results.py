@@ -621,7 +621,7 @@ class ResultRoutes:
                       last_task_id=task_ids[-1], task_types=types, group_id=group_id)
         self.web.logger.info("tasks_submitted", address=self.address(), **fields)
         self.web.audit("tasks_submitted", task_ids=task_ids if len(task_ids) <= 10
-                       else id_ranges(task_ids), **fields)
+                       else tasks.id_ranges(task_ids), **fields)
         return batch_answer(task_ids, group_id)
 
     def queued_before(self, connection, key):
@@ -750,19 +750,6 @@ def include_new(connection, group_id):
     row = connection.execute("SELECT include_new FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     return bool(row and row[0])
-
-
-def id_ranges(task_ids):
-    """[3, 4, 5, 9] -> "3-5,9": a batch's ids in an audit line stay short."""
-    ranges, first, last = [], task_ids[0], task_ids[0]
-    for task_id in task_ids[1:]:
-        if task_id == last + 1:
-            last = task_id
-            continue
-        ranges.append((first, last))
-        first = last = task_id
-    ranges.append((first, last))
-    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in ranges)
 
 
 def yes_or_no(value, name):
