@@ -55,6 +55,27 @@ def test_every_default_configuration_md_gives_is_the_codes():
     assert not wrong, "docs/configuration.md gives other defaults: " + "; ".join(wrong)
 
 
+UNIT = {None: 1, "s": 1, "%": 1, "KiB": 1024, "MiB": 1024 * 1024, "GiB": 1024 ** 3,
+        "day": 86400, "days": 86400, "h": 3600, "min": 60}
+
+
+def test_a_default_the_prose_gives_in_passing_is_the_codes():
+    """`accept_timeout` (15 s), `lease_duration`, 180 s: wherever a doc gives a
+    setting's default beside its name."""
+    wrong, seen = [], 0
+    for name in sorted(os.listdir(DOCS)) + ["../README.md"]:
+        text = read(os.path.join("docs", name))
+        for key, number, unit in re.findall(
+                r"`([a-z_]+)`(?: \(|, )([0-9][0-9,]*(?:\.[0-9]+)?)(?: ?(s|%|KiB|MiB|GiB|days?|h|min))?(?=[),;])",
+                text):
+            seen += key in DEFAULTS
+            if key in DEFAULTS and float(number.replace(",", "")) * UNIT[unit or None] != DEFAULTS[key]:
+                wrong.append("%s: %s %s%s, code %r" % (name, key, number, unit and " " + unit or "",
+                                                       DEFAULTS[key]))
+    assert seen >= 40, "the docs' defaults in passing are no longer found (%d)" % seen
+    assert not wrong, "a default in the docs is not the code's: " + "; ".join(wrong)
+
+
 # -- routes -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
