@@ -244,3 +244,17 @@ def test_architecture_md_says_what_every_module_is_for():
     missing = sorted(n for n in os.listdir(os.path.join(ROOT, "lib", "rc"))
                      if n.endswith(".py") and n != "__init__.py" and "`%s`" % n not in text)
     assert not missing, "docs/architecture.md does not name " + ", ".join(missing)
+
+
+# -- the web terminal's admin commands ---------------------------------------------------
+
+def test_http_md_names_every_command_the_web_terminal_runs_only_with_the_admin_token():
+    row = re.search(r"^\| changing: (.*)\| the admin token, always \|$", read("docs/http.md"), re.M)
+    assert row, "docs/http.md lost its row of what needs the admin token"
+    named = set(re.findall(r"`([a-z-]+)`", row.group(1)))
+    admin = set(commands.WEB_ADMIN_COMMANDS)
+    admin |= {name for name in parsers() if name in ("schedule", "service")
+              and commands.web_access([name, "remove", "x"]) == "admin"}
+    assert admin - named == set(), "docs/http.md does not say these need the admin token"
+    named.discard("logs")                   # `logs --program audit` alone
+    assert named & set(parsers()) <= admin, "docs/http.md asks the token for a reader's command"
