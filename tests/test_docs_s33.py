@@ -258,3 +258,15 @@ def test_http_md_names_every_command_the_web_terminal_runs_only_with_the_admin_t
     assert admin - named == set(), "docs/http.md does not say these need the admin token"
     named.discard("logs")                   # `logs --program audit` alone
     assert named & set(parsers()) <= admin, "docs/http.md asks the token for a reader's command"
+
+
+def test_cli_md_says_which_commands_do_not_run_in_the_web_terminal():
+    rows = cli_rows()
+    unsaid = [name for name in commands.WEB_REFUSED
+              if not re.search(r"[Mm]ain node only|[Nn]ot in the web terminal|web terminal's `%s` is its own"
+                               % name, rows.get(name, ("", ""))[1])]
+    assert not unsaid, "docs/cli.md does not say these do not run in the web terminal: %s" % unsaid
+    runs = [name for name, (_, what) in rows.items()
+            if re.search(r"Main node only|Not in the web terminal", what)   # `-f` is *main node only*
+            and name not in commands.WEB_REFUSED]
+    assert not runs, "docs/cli.md says these do not run in the web terminal, but they do: %s" % runs
