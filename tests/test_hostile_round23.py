@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from cluster_harness import WORKER, online, wait_for
+from cluster_harness import WORKER, log_records, online, wait_for
 from hostile_harness import unharmed
 from rc import files, protocol, tasks, transfer, web_results
+from rc.states import INLINE_FILE_BYTES
 from test_bad_input import (answered_or_closed, connect, error_code, read_frame, register_frame,
                             registered)
 from test_files_hostile import ask, authenticated, closed
@@ -354,13 +355,17 @@ def test_strangers_on_many_addresses_lock_no_worker_out(cluster, tmp_path):
     for holder in holders:
         holder.start()
     try:
+        # Over INLINE_FILE_BYTES: it goes through rc-files, not with the task.
         source = tmp_path / "in.txt"
-        source.write_text("past the strangers\n")
+        source.write_bytes(b"past the strangers\n" * (2 * INLINE_FILE_BYTES // 19))
         time.sleep(1)
         with unharmed(cluster, "good"):
-            done = cluster.rc("submit", "--wait", "shell", "cat in.txt", "--input",
+            done = cluster.rc("submit", "--wait", "shell", "wc -c < in.txt", "--input",
                               str(source), "--require", "device_id=good", check=False)
-            assert done.returncode == 0 and done.stdout == "past the strangers\n", done.stderr
+            assert done.returncode == 0, done.stderr
+            assert int(done.stdout) == source.stat().st_size
+            assert log_records(cluster, "rc-files", event="file_sent", device_id="good",
+                               sha256=hashlib.sha256(source.read_bytes()).hexdigest())
     finally:
         stop.set()
         for holder in holders:
