@@ -23,7 +23,7 @@ import pytest
 
 from cluster_harness import Cluster, log_records, online, wait_for
 from rc import config as config_module
-from rc import db, devices, reaper, scheduler, state_dir, tasks
+from rc import db, devices, explain, reaper, scheduler, state_dir, tasks
 from rc.log import Logger
 from rc.server import Server
 from rc.states import COMPLETED, QUEUED, RUNNING
@@ -62,8 +62,14 @@ def test_the_reaper_leaves_a_held_device_alone_until_its_hold_and_the_grace(tmp_
         devices.disconnected(connection, "plain", 1100.0)
     assert devices.held_until(connection, "held") == 1400.0
     grace = config.disconnect_grace
+    assert "goes back to the queue if it does not call back" in explain.why(
+        connection, ids["plain"], now=1105.0)
     reaper.sweep(connection, config, log, 1100.0 + grace + 1)
     assert tasks.get(connection, ids["plain"])["state"] == QUEUED
+    # rc why says what the hold means for the task.
+    why = explain.why(connection, ids["held"], now=1110.0)
+    assert "held has been disconnected for 10s" in why, why
+    assert "holds its tasks for it until %s (restart_hold)" % explain.clock(1400.0) in why
     for now in (1100.0 + grace + 1, 1000.0 + config.offline_timeout + 1, 1400.0 + grace - 1):
         reaper.sweep(connection, config, log, now)
         task = tasks.get(connection, ids["held"])

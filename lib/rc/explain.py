@@ -30,9 +30,9 @@ def why(connection, task_id, now=None):
                    cache_note(connection, task_id, [task["device_id"]])))
     if task["state"] == RUNNING:
         progress = "" if task["progress"] is None else ", %g%% done" % task["progress"]
-        return "Task %d is running on %s since %s ago (attempt %d%s)." % (
+        return "Task %d is running on %s since %s ago (attempt %d%s).%s" % (
             task_id, task["device_id"], age(now - task["started_at"]), task["attempt"],
-            progress)
+            progress, away_note(connection, task["device_id"], now))
     return "Task %d is queued: %s" % (task_id, why_queued(connection, task, now))
 
 
@@ -156,6 +156,24 @@ def count_of(items, noun):
 
 def on_device(task):
     return " on %s" % task["device_id"] if task["device_id"] else ""
+
+
+def away_note(connection, device_id, now):
+    """What a running task's device being away means for it: held through a
+    restart of the main node (restart_hold), or taken back unless it calls
+    back in time."""
+    row = connection.execute("SELECT connected, disconnected_at, held_until FROM devices"
+                             " WHERE device_id = ?", (device_id,)).fetchone()
+    if row is None or row["connected"]:
+        return ""
+    away = " %s has been disconnected for %s:" % (
+        device_id, age(now - row["disconnected_at"]) if row["disconnected_at"] else "a while")
+    if row["held_until"] and row["held_until"] > now:
+        return away + (" the main node restarted and holds its tasks for it until %s"
+                       " (restart_hold); it goes on running there meanwhile."
+                       % clock(row["held_until"]))
+    return away + (" the task goes back to the queue if it does not call back within"
+                   " disconnect_grace.")
 
 
 def clock(timestamp):
