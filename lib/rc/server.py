@@ -289,11 +289,14 @@ class Server:
         now = time.time()
         try:
             with db.write(self.database):
-                devices.hold(self.database, [peer.device_id for peer in peers], now + hold, now)
+                held = set(devices.hold(self.database, [peer.device_id for peer in peers],
+                                        now + hold, now))
         except Exception as e:
             self.rollback()
             self.log.error("hold_failed", devices=len(peers), error=repr(e)[:500])
             return []
+        # One revoked, forgotten or found suspect since the last look is not.
+        peers = [peer for peer in peers if peer.device_id in held]
         for peer in peers:
             self.send(peer, MAIN_STOPPING, {"hold": hold})
         self.log.info("devices_held", devices=len(peers), hold=hold)
