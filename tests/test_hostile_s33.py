@@ -2,8 +2,12 @@
 POST /api/v1/tasks), attacked by a device gone bad and a client that
 reuses its keys. Each test failed before the fix its docstring names."""
 import io
+import json
 import threading
-import time
+import urllib.error
+import urllib.request
+
+import pytest
 
 from cluster_harness import wait_for
 from rc import config as config_module
@@ -12,6 +16,7 @@ from rc.log import Logger
 from rc.server import Server
 from test_restart_hold_s32 import frames_until_closed
 from test_server import Client, token_of
+from test_web import serve, stop
 
 
 # -- the restart hold: only for a device the main node still trusts ---------------------
@@ -57,3 +62,66 @@ def test_a_graceful_stop_holds_no_device_revoked_or_forgotten_meanwhile(tmp_path
     assert held["forgotten"] is None and held["revoked"] is None, held
     writer.close()
     instance.database.close()
+
+
+# -- Idempotency-Key: the same key with another request ----------------------------------
+
+@pytest.fixture
+def web_port(cluster_home):
+    config, _ = cluster_home
+    config.health_supervisor = False
+    server, thread = serve(config)
+    yield int(server.effective_port), state_dir.read_secret(config.admin_token_path)
+    stop(server, thread)
+
+
+def post(web_port, path, body, key):
+    port, token = web_port
+    request = urllib.request.Request(
+        "http://127.0.0.1:%d%s" % (port, path), data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer " + token,
+                 "Idempotency-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def shell(command):
+    return {"task_type": "shell", "payload": {"command": command}}
+
+
+def commands_queued(connection):
+    return sorted(row[0] for row in connection.execute(
+        "SELECT json_extract(payload, '$.command') FROM tasks"))
+
+
+def test_a_key_sent_again_with_another_request_is_refused_not_answered_as_queued(
+        web_port, cluster_home):
+    """A client that reuses a key (a counter started again, a key chosen
+    by hand, two scripts choosing the same one) within the hour: its new
+    tasks were never queued, yet it was answered 201 with the first
+    request's ids, as though they were. Now 422, nothing queued, and the
+    first request sent again is still answered as before. Before: 201 with
+    the first ids, for one task, a list, and a list in another group."""
+    _, connection = cluster_home
+    status, first = post(web_port, "/api/v1/tasks", shell("echo one"), "k-one")
+    assert status == 201
+    status, answer = post(web_port, "/api/v1/tasks", shell("rm -rf ~/old"), "k-one")
+    assert status == 422 and "Idempotency-Key" in answer["error"], answer
+    batch = [shell("echo a"), shell("echo b")]
+    status, listed = post(web_port, "/api/v1/tasks?group=new", batch, "k-list")
+    assert status == 201
+    for path, body in (("/api/v1/tasks?group=new", [shell("echo c"), shell("echo d")]),
+                       ("/api/v1/tasks", batch),
+                       ("/api/v1/tasks?group=%d" % listed["group_id"], batch)):
+        status, answer = post(web_port, path, body, "k-list")
+        assert status == 422, (path, body, answer)
+    groups = connection.execute("SELECT count(*) FROM task_groups").fetchone()[0]
+    assert groups == 1
+    assert commands_queued(connection) == ["echo a", "echo b", "echo one"]
+    # The first requests, sent again: their own answers, still.
+    assert post(web_port, "/api/v1/tasks", shell("echo one"), "k-one") == (201, first)
+    assert post(web_port, "/api/v1/tasks?group=new", batch, "k-list") == (201, listed)
+    assert commands_queued(connection) == ["echo a", "echo b", "echo one"]
