@@ -3,7 +3,9 @@ POST /api/v1/tasks), attacked by a device gone bad and a client that
 reuses its keys. Each test failed before the fix its docstring names."""
 import io
 import json
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -13,7 +15,10 @@ from cluster_harness import wait_for
 from rc import config as config_module
 from rc import db, fleet, state_dir
 from rc.log import Logger
+from rc import server as server_module
 from rc.server import Server
+from test_hostile_rows import server  # noqa: F401 (a fixture: rc-server in a thread, tcp and tls)
+from test_hostile_s32 import read_until_closed
 from test_restart_hold_s32 import frames_until_closed
 from test_server import Client, token_of
 from test_web import serve, stop
@@ -125,3 +130,36 @@ def test_a_key_sent_again_with_another_request_is_refused_not_answered_as_queued
     assert post(web_port, "/api/v1/tasks", shell("echo one"), "k-one") == (201, first)
     assert post(web_port, "/api/v1/tasks?group=new", batch, "k-list") == (201, listed)
     assert commands_queued(connection) == ["echo a", "echo b", "echo one"]
+
+
+# -- max_unauthenticated: a fleet behind one address among strangers on many -------------
+
+def test_at_the_cap_a_fleet_behind_one_address_gets_in_beside_strangers_on_many(server):
+    """Strangers on as many addresses as max_unauthenticated, one idle
+    connection each, hold the cap; then workers behind one address (a
+    NAT'd fleet, all back at once after a restart hold) connect, and each
+    registers after all have their hello. Each newcomer made the oldest
+    connection of the busiest address make way: from the second on, that
+    was the fleet's own, mid handshake, so only the last got in (4 runs of
+    4: 1 of 4 registered, with and without TLS). Now the oldest connection,
+    authenticating for longer than a worker needs, makes way: a stranger's;
+    all four get in."""
+    instance, port = server
+    instance.config.max_unauthenticated, instance.config.auth_timeout = 8, 120.0
+    strangers = [socket.create_connection(("127.0.0.1", port), timeout=20,
+                                          source_address=("127.0.0.%d" % (60 + n), 0))
+                 for n in range(8)]
+    wait_for(lambda: len(instance.unauthenticated) == 8, 20, "the strangers accepted")
+    time.sleep(server_module.AUTH_QUICK + 1)     # older than any worker takes
+    fleet = []
+    for _ in range(4):
+        fleet.append(Client(port, tls=instance.config.tls))
+        wait_for(lambda: len(instance.unauthenticated) == 8, 20, "the newcomer accepted")
+    answers = [client.register(token_of(instance), "nat-%d" % n)["message_type"]
+               for n, client in enumerate(fleet)]
+    assert answers == ["register_ack"] * 4
+    closed = [sock for sock in strangers if read_until_closed(sock, 0.5) is not None]
+    assert len(closed) == 4 and closed == strangers[:4]     # the oldest made way
+    assert instance.failed_turns == []
+    for sock in strangers:
+        sock.close()
