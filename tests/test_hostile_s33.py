@@ -13,10 +13,11 @@ import pytest
 
 from cluster_harness import wait_for
 from rc import config as config_module
-from rc import db, fleet, state_dir
+from rc import client, db, fleet, state_dir
 from rc.log import Logger
 from rc import server as server_module
 from rc.server import Server
+from test_client_http import Canned
 from test_hostile_rows import server  # noqa: F401 (a fixture: rc-server in a thread, tcp and tls)
 from test_hostile_s32 import read_until_closed
 from test_restart_hold_s32 import frames_until_closed
@@ -163,3 +164,40 @@ def test_at_the_cap_a_fleet_behind_one_address_gets_in_beside_strangers_on_many(
     assert instance.failed_turns == []
     for sock in strangers:
         sock.close()
+
+
+# -- rc.client: an answer cut in the middle ---------------------------------------------
+
+ANSWER = b'{"tasks": [{"task_id": 7, "url": "/api/v1/tasks/7"}]}'
+WHOLE = b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+
+
+@pytest.mark.parametrize("cut", [WHOLE[:WHOLE.index(b"\r\n\r\n") + 4 + 12],      # mid-body
+                                 WHOLE[:30]],                                       # mid-head
+                         ids=["mid-body", "mid-head"])
+def test_a_keyed_submit_whose_answer_is_cut_midway_is_sent_again(cut):
+    """rc-web (or a proxy) closes the connection in the middle of the
+    answer to a submit that carries its Idempotency-Key: sending it again
+    is safe (the second answer names the tasks the first queued), as it
+    was already when the connection closed (or was reset) before the
+    answer. Before: ClusterError 'the answer was cut short' / 'closed in
+    the answer's head', though the tasks were queued: the caller's futures
+    failed while their tasks ran. A request that is not safe to send again
+    is still not sent again; a GET cut so is."""
+    server = Canned([(cut,), WHOLE])
+    http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
+    answer = http.json("POST", "/api/v1/tasks", [{"task_type": "echo"}],
+                       headers={"Idempotency-Key": "k-cut"})
+    assert answer["tasks"][0]["task_id"] == 7
+    assert len(server.requests) == 2
+    assert all(b"\r\nIdempotency-Key: k-cut\r\n" in head for head, _ in server.requests)
+    assert server.requests[0][1] == server.requests[1][1]
+    server = Canned([(cut,), WHOLE])
+    http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
+    with pytest.raises(client.ClusterError, match="cut short|closed in the answer"):
+        http.json("POST", "/api/v1/tasks/7/cancel", {})
+    assert len(server.requests) == 1
+    server = Canned([(cut,), WHOLE])
+    http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
+    assert http.json("GET", "/api/v1/tasks/7")["tasks"][0]["task_id"] == 7
+    assert len(server.requests) == 2

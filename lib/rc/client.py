@@ -314,6 +314,11 @@ class Http:
                     cut = Cut if repeatable(method, headers) and not delivered else ClusterError
                     raise cut("no answer from %s://%s:%d: %s"
                               % (self.scheme, self.host, self.port, e))
+            except CutShort as e:
+                # Answered, then cut: never the kept-alive connection's second try.
+                self.drop()
+                cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                raise cut("answer cut by %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
                 raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
@@ -436,6 +441,11 @@ class BadAnswer(Exception):
     """An answer that is not HTTP/1.x as we read it."""
 
 
+class CutShort(BadAnswer):
+    """The connection closed in the middle of an answer: the request was
+    done, or not; sent again when that is safe, as for NoAnswer."""
+
+
 class TooLarge(BadAnswer):
     """An answer's body over the limit the caller gave (MAX_ANSWER_BYTES)."""
 
@@ -510,7 +520,7 @@ def head_fields(reader):
         if line in (b"\r\n", b"\n"):
             return fields
         if not line:
-            raise BadAnswer("the connection closed in the answer's head")
+            raise CutShort("the connection closed in the answer's head")
         name, _, value = line.decode("latin-1").partition(":")
         fields[name.strip().lower()] = value.strip()
     raise BadAnswer("more than %d header fields" % MAX_HEAD_FIELDS)
@@ -521,7 +531,7 @@ def read_exactly(reader, length, sink=None):
     while length > 0:
         piece = reader.read(min(length, READ_PIECE))
         if not piece:
-            raise BadAnswer("the answer was cut short")
+            raise CutShort("the answer was cut short")
         (sink or pieces.append)(piece)
         length -= len(piece)
     return b"".join(pieces)
