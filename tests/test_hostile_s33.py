@@ -201,3 +201,41 @@ def test_a_keyed_submit_whose_answer_is_cut_midway_is_sent_again(cut):
     http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
     assert http.json("GET", "/api/v1/tasks/7")["tasks"][0]["task_id"] == 7
     assert len(server.requests) == 2
+
+
+def test_an_endless_run_of_interim_answers_is_refused_not_read_for_ever():
+    """A hostile rc-web (or proxy) answers a request with '100 Continue'
+    after '100 Continue', for ever: the client read one after another
+    without end (each a few bytes, never its timeout), hung and spinning.
+    Now past client.MAX_INTERIM_ANSWERS it is a bad answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def answer_for_ever():
+        connection, _ = listener.accept()
+        with connection:
+            try:
+                while not stop.is_set():
+                    connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
+            except OSError:
+                pass           # the client hung up
+
+    threading.Thread(target=answer_for_ever, daemon=True).start()
+    http = client.Http("http://127.0.0.1:%d" % listener.getsockname()[1], "secret")
+    errors = []
+
+    def ask():
+        try:
+            http.request("POST", "/api/v1/tasks/7/cancel", b"{}", timeout=10)
+        except client.ClusterError as e:
+            errors.append(e)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(60)
+    stop.set()
+    listener.close()
+    assert not asker.is_alive(), "still reading interim answers after 60 s"
+    assert len(errors) == 1 and "interim" in str(errors[0]), errors

@@ -58,6 +58,7 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
                                 # the stream is opened again
 MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
 MAX_HEAD_FIELDS = 100           # header fields of one answer
+MAX_INTERIM_ANSWERS = 10        # 1xx answers before the answer (rc-web sends none)
 READ_PIECE = 1 << 20            # bytes read at once of a long body
 MAX_ANSWER_BYTES = 64 * 1024 * 1024     # bytes of one answer's body the client holds
                                 # (rc-web's largest, a bulk result read, carries 8 MiB
@@ -455,7 +456,7 @@ def read_answer(reader, method, limit=None, sink=None):
     one answer; a body over `limit` bytes (None: no limit) is a BadAnswer.
     With `sink`, a 200 answer's body goes to sink(piece) as it comes, never
     held whole (the body returned is then b"")."""
-    while True:
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
         line = reader.readline(MAX_HEAD_LINE + 1)
         if not line:
             raise NoAnswer("the connection closed")
@@ -463,6 +464,8 @@ def read_answer(reader, method, limit=None, sink=None):
         fields = head_fields(reader)
         if not 100 <= status < 200:
             break                   # 1xx (never asked for): the answer follows
+    else:       # else read for as long as a hostile server sends them
+        raise BadAnswer("more than %d interim (1xx) answers" % MAX_INTERIM_ANSWERS)
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
