@@ -1,6 +1,9 @@
 """attack33: what session 32 added (the restart hold, Idempotency-Key on
-POST /api/v1/tasks), attacked by a device gone bad and a client that
-reuses its keys. Each test failed before the fix its docstring names."""
+POST /api/v1/tasks, make-way at max_unauthenticated, rc.client's re-sends),
+attacked by a device gone bad, strangers on many addresses beside a fleet
+behind one, a client that reuses its keys, and an rc-web (or proxy) that
+cuts or stretches its answers. Each test failed before the fix its
+docstring names."""
 import io
 import json
 import socket
@@ -12,10 +15,10 @@ import urllib.request
 import pytest
 
 from cluster_harness import wait_for
-from rc import config as config_module
 from rc import client, db, fleet, state_dir
-from rc.log import Logger
+from rc import config as config_module
 from rc import server as server_module
+from rc.log import Logger
 from rc.server import Server
 from test_client_http import Canned
 from test_hostile_rows import server  # noqa: F401 (a fixture: rc-server in a thread, tcp and tls)
