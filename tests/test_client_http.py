@@ -107,9 +107,12 @@ def test_a_kept_alive_connection_closed_meanwhile_is_opened_again_once():
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
 ])
 def test_hostile_answers_are_clear_errors(answer, message):
+    # A POST without a key is never sent again: a GET cut short would be
+    # (tests/test_hostile_s33.py).
     server = Canned([answer, None])
     with pytest.raises(client.ClusterError, match=message):
-        http_to(server).request("GET", "/x", timeout=10)
+        http_to(server).request("POST", "/x", timeout=10)
+    assert len(server.requests) == 1
 
 
 def test_nothing_listening_is_a_clear_error():

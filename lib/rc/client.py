@@ -58,6 +58,7 @@ STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15)
                                 # the stream is opened again
 MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
 MAX_HEAD_FIELDS = 100           # header fields of one answer
+MAX_INTERIM_ANSWERS = 10        # 1xx answers before the answer (rc-web sends none)
 READ_PIECE = 1 << 20            # bytes read at once of a long body
 MAX_ANSWER_BYTES = 64 * 1024 * 1024     # bytes of one answer's body the client holds
                                 # (rc-web's largest, a bulk result read, carries 8 MiB
@@ -314,6 +315,11 @@ class Http:
                     cut = Cut if repeatable(method, headers) and not delivered else ClusterError
                     raise cut("no answer from %s://%s:%d: %s"
                               % (self.scheme, self.host, self.port, e))
+            except CutShort as e:
+                # Answered, then cut: never the kept-alive connection's second try.
+                self.drop()
+                cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                raise cut("answer cut by %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
                 raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
@@ -436,6 +442,11 @@ class BadAnswer(Exception):
     """An answer that is not HTTP/1.x as we read it."""
 
 
+class CutShort(BadAnswer):
+    """The connection closed in the middle of an answer: the request was
+    done, or not; sent again when that is safe, as for NoAnswer."""
+
+
 class TooLarge(BadAnswer):
     """An answer's body over the limit the caller gave (MAX_ANSWER_BYTES)."""
 
@@ -445,7 +456,7 @@ def read_answer(reader, method, limit=None, sink=None):
     one answer; a body over `limit` bytes (None: no limit) is a BadAnswer.
     With `sink`, a 200 answer's body goes to sink(piece) as it comes, never
     held whole (the body returned is then b"")."""
-    while True:
+    for _ in range(MAX_INTERIM_ANSWERS + 1):
         line = reader.readline(MAX_HEAD_LINE + 1)
         if not line:
             raise NoAnswer("the connection closed")
@@ -453,6 +464,8 @@ def read_answer(reader, method, limit=None, sink=None):
         fields = head_fields(reader)
         if not 100 <= status < 200:
             break                   # 1xx (never asked for): the answer follows
+    else:       # else read for as long as a hostile server sends them
+        raise BadAnswer("more than %d interim (1xx) answers" % MAX_INTERIM_ANSWERS)
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields
@@ -510,7 +523,7 @@ def head_fields(reader):
         if line in (b"\r\n", b"\n"):
             return fields
         if not line:
-            raise BadAnswer("the connection closed in the answer's head")
+            raise CutShort("the connection closed in the answer's head")
         name, _, value = line.decode("latin-1").partition(":")
         fields[name.strip().lower()] = value.strip()
     raise BadAnswer("more than %d header fields" % MAX_HEAD_FIELDS)
@@ -521,7 +534,7 @@ def read_exactly(reader, length, sink=None):
     while length > 0:
         piece = reader.read(min(length, READ_PIECE))
         if not piece:
-            raise BadAnswer("the answer was cut short")
+            raise CutShort("the answer was cut short")
         (sink or pieces.append)(piece)
         length -= len(piece)
     return b"".join(pieces)

@@ -494,6 +494,14 @@ MIGRATIONS = [
     """
     ALTER TABLE health_probe ADD COLUMN integrity_ok_at REAL;
     """,
+    # 19: the SHA-256 of the request an Idempotency-Key came with (its body
+    # and ?group=), so that the key sent again with another request is
+    # refused (422) rather than answered with the first one's tasks while
+    # the new ones are never queued (a client reusing a key by mistake, two
+    # clients choosing the same one). NULL (keys from before): not checked.
+    """
+    ALTER TABLE request_keys ADD COLUMN request_sha256 TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

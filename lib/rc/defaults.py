@@ -34,7 +34,8 @@ TLS = True                      # TLS on the worker port (certificate in var/tls
 DEVICE_SECRETS = True           # true: a joined device must prove its own secret, and its
                                 # id can no longer be claimed with the join token
 MAX_UNAUTHENTICATED = 1000      # connections still authenticating at once; past it the
-                                # oldest of the busiest address makes way for a new one
+                                # oldest (over 2 s; else the busiest address's oldest)
+                                # makes way for a new one
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8     # ... of those, from one address
 AUTH_FAILURES_PER_MINUTE = 10   # wrong join-token proofs from one address before it is
                                 # shut out for a minute (a device proving its own secret

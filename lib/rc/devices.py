@@ -169,14 +169,20 @@ def disconnected(connection, device_id, now):
 
 
 def hold(connection, device_ids, until, now):
-    """A graceful stop of rc-server told these devices' workers to keep their
-    tasks running until `until` (restart_hold): their connections end now,
-    and rc-reaper leaves them and their tasks alone until `until` plus
-    disconnect_grace (NOT_HELD_SQL)."""
-    connection.executemany(
-        "UPDATE devices SET connected = 0, disconnected_at = ?, suspect_since = NULL,"
-        " held_until = ? WHERE device_id = ?", [(now, until, device_id)
-                                               for device_id in device_ids])
+    """A graceful stop of rc-server is to tell these devices' workers to keep
+    their tasks running until `until` (restart_hold): their connections end
+    now, and rc-reaper leaves them and their tasks alone until `until` plus
+    disconnect_grace (NOT_HELD_SQL). Not one revoked or forgotten (its tasks
+    went elsewhere) or suspect since rc-server last looked: those it must
+    not tell. The ids held, in order."""
+    held = []
+    for device_id in device_ids:
+        if connection.execute(
+                "UPDATE devices SET connected = 0, disconnected_at = ?, held_until = ?"
+                " WHERE device_id = ? AND revoked = 0 AND suspect_since IS NULL",
+                (now, until, device_id)).rowcount:
+            held.append(device_id)
+    return held
 
 
 # Devices a graceful stop holds (see hold), and those it does not, given

@@ -93,6 +93,10 @@ LOG_LINES_PER_MINUTE = 6      # lines per event and address about peers' errors;
 # with backoff; a compromised device reconnecting 300 times a second rotated
 # the whole audit log (6 x audit_log_max_bytes) away in half an hour.
 CONNECTED_LINES_PER_MINUTE = 10
+# Seconds a worker takes at most to authenticate (a phone over TLS on poor
+# Wi-Fi: under a second): at max_unauthenticated, a connection still at it
+# after this long makes way first (Server.make_way).
+AUTH_QUICK = 2.0
 DEVICE_ID_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 RESULT_STATES = {"completed": COMPLETED, "failed": FAILED, "timed_out": TIMED_OUT,
                  "cancelled": CANCELLED}
@@ -289,11 +293,14 @@ class Server:
         now = time.time()
         try:
             with db.write(self.database):
-                devices.hold(self.database, [peer.device_id for peer in peers], now + hold, now)
+                held = set(devices.hold(self.database, [peer.device_id for peer in peers],
+                                        now + hold, now))
         except Exception as e:
             self.rollback()
             self.log.error("hold_failed", devices=len(peers), error=repr(e)[:500])
             return []
+        # One revoked, forgotten or found suspect since the last look is not.
+        peers = [peer for peer in peers if peer.device_id in held]
         for peer in peers:
             self.send(peer, MAIN_STOPPING, {"hold": hold})
         self.log.info("devices_held", devices=len(peers), hold=hold)
@@ -447,18 +454,23 @@ class Server:
                 del self.unauthenticated_by_host[peer.host]
 
     def make_way(self, newcomer):
-        """At max_unauthenticated, the connection authenticating the longest
-        from the address that holds the most makes way for the newcomer:
-        refusing newcomers let strangers on 126 addresses, 8 connections
-        each opened again at every auth_timeout, lock out every worker that
-        reconnected. A worker proves itself in milliseconds; what it would
-        have to outlast is a stranger's connections, oldest first."""
-        counts = self.unauthenticated_by_host
-        host = max(counts, key=counts.get)
-        oldest = next((peer for peer in self.unauthenticated
-                       if peer.host == host and peer is not newcomer), None)
-        if oldest is None:
+        """At max_unauthenticated, a connection still authenticating makes
+        way for the newcomer: the oldest, once it has taken longer than a
+        worker needs (AUTH_QUICK), else the oldest of the address holding
+        the most. Refusing newcomers let strangers on 126 addresses, 8
+        connections each opened again at every auth_timeout, lock out every
+        worker that reconnected; the busiest address alone made a fleet
+        behind one NAT, back at once after a restart, close its own
+        connections mid handshake while strangers on many kept theirs."""
+        oldest = next(iter(self.unauthenticated))     # a dict keeps its order
+        if time.monotonic() - oldest.opened_at < AUTH_QUICK:
+            counts = self.unauthenticated_by_host
+            host = max(counts, key=counts.get)
+            oldest = next((peer for peer in self.unauthenticated
+                           if peer.host == host and peer is not newcomer), None)
+        if oldest is None or oldest is newcomer:
             return
+        host = oldest.host
         why = "%d connections are authenticating (max_unauthenticated)" \
             % len(self.unauthenticated)
         if oldest.handshaking:      # no TLS yet to say so

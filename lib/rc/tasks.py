@@ -51,6 +51,10 @@ class TaskError(ValueError):
     """A task or a request about one is not valid; the message says why."""
 
 
+class RequestKeyReused(TaskError):
+    """An Idempotency-Key sent again with another request (rc-web: 422)."""
+
+
 # -- what a valid task is ------------------------------------------------------
 
 def payload_from_argument(task_type, argument):
@@ -381,14 +385,15 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
         retry_on_failure=retry_on_failure, depends_on=depends_on)], group_id=group_id)[0]
 
 
-def submit_many(connection, config, specs, group_id=None, request_key=None):
+def submit_many(connection, config, specs, group_id=None, request_key=None,
+                request_sha256=None):
     """Queue a batch of tasks, each a dict of submit()'s arguments, in one
     transaction: all of them or, when one is refused, none (TaskError says
     which). Returns their ids in order. Thousands of tasks cost one commit
     and one ring of the scheduler's doorbell instead of one each. With a
     `request_key`, the ids are remembered under it in the same transaction
-    (queued_for_key); a key already used is sqlite3.IntegrityError, and
-    nothing is queued."""
+    with `request_sha256`, the request it came with (queued_for_key); a key
+    already used is sqlite3.IntegrityError, and nothing is queued."""
     if not 0 < len(specs) <= MAX_BATCH:
         raise TaskError("a batch holds 1 to %d tasks" % MAX_BATCH)
     checked = [numbered(len(specs), number, check_spec, config, spec)
@@ -403,8 +408,9 @@ def submit_many(connection, config, specs, group_id=None, request_key=None):
                for number, (task, key) in enumerate(checked, 1)]
         if request_key is not None:
             connection.execute(
-                "INSERT INTO request_keys(key, task_ids, group_id, created_at)"
-                " VALUES (?, ?, ?, ?)", (request_key, id_ranges(ids), group_id, time.time()))
+                "INSERT INTO request_keys(key, task_ids, group_id, created_at, request_sha256)"
+                " VALUES (?, ?, ?, ?, ?)", (request_key, id_ranges(ids), group_id, time.time(),
+                                            request_sha256))
     bell.ring(config.run_dir, bell.SCHEDULER)
     return ids
 
@@ -418,11 +424,20 @@ def check_request_key(key):
     return key
 
 
-def queued_for_key(connection, key):
-    """(task ids, group id) a submit with this request key queued, or None."""
-    row = connection.execute("SELECT task_ids, group_id FROM request_keys WHERE key = ?",
-                             (key,)).fetchone()
-    return None if row is None else (ids_in_ranges(row[0]), row[1])
+def queued_for_key(connection, key, request_sha256=None):
+    """(task ids, group id) a submit with this request key queued, or None;
+    RequestKeyReused when it came with another request than this one's
+    `request_sha256` (never queued: the caller would think it was)."""
+    row = connection.execute("SELECT task_ids, group_id, request_sha256 FROM request_keys"
+                             " WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    if None not in (row[2], request_sha256) and row[2] != request_sha256:
+        raise RequestKeyReused(
+            "Idempotency-Key %r came with another request within the last %d s (its body"
+            " or ?group= differ); send a new request with a key of its own"
+            % (key, REQUEST_KEY_RETENTION))
+    return ids_in_ranges(row[0]), row[1]
 
 
 def id_ranges(task_ids):

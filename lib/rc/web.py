@@ -175,6 +175,8 @@ class Web:
                 return handler(*args, **kwargs)
             except ApiError as e:
                 return json_response({"error": str(e)}, e.status)
+            except tasks.RequestKeyReused as e:
+                return json_response({"error": str(e)}, 422)
             except (tasks.TaskError, fleet.FleetError) as e:
                 return json_response({"error": str(e)}, 400)
         return wrapper
@@ -474,7 +476,8 @@ class Web:
         queued = self.results.queued_before(connection, key)
         if queued is None:
             try:
-                queued = tasks.submit_many(connection, self.config, specs, request_key=key), None
+                queued = tasks.submit_many(connection, self.config, specs, request_key=key[0],
+                                           request_sha256=key[1]), None
             except sqlite3.IntegrityError:      # the same request sent twice at once
                 queued = self.results.queued_before(connection, key)
                 if queued is None:

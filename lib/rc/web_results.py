@@ -12,6 +12,7 @@ thread, so there are at most MAX_WAITERS of them (MAX_WAITERS_PER_ADDRESS
 from one address); past that a request is answered at once, as if it had
 not asked to wait, and says so (`wait_refused`).
 """
+import hashlib
 import ipaddress
 import os
 import sqlite3
@@ -582,13 +583,14 @@ class ResultRoutes:
             cursor, ended = group_ended(connection, cursor, group_id, after)
 
     # POST /api/v1/tasks with a list (?group=new|ID): called by Web.submit
-    def batch(self, specs, is_list=True, key=None):
+    def batch(self, specs, is_list=True, key=(None, None)):
         """A list of tasks in one transaction, with one log line and one audit
         line for the whole batch (a line per task cost more than the insert).
         ?group=new puts them in a new group (a client's session: its results
         stream from /api/v1/groups/ID/results), ?group=ID in that group.
-        With a request `key` (Idempotency-Key) already used, the answer is
-        the first request's and nothing is queued, not even a new group."""
+        With a request `key` (Idempotency-Key, request_key()) already used,
+        the answer is the first request's and nothing is queued, not even a
+        new group."""
         if not is_list:
             raise ApiError(400, "group= goes with a list of tasks")
         connection, config = self.web.connection(), self.web.config
@@ -601,17 +603,24 @@ class ResultRoutes:
             connection, request_number(group, "group", 1))
         try:
             task_ids = tasks.submit_many(connection, config, specs, group_id=group_id,
-                                         request_key=key)
+                                         request_key=key[0], request_sha256=key[1])
         except (tasks.TaskError, sqlite3.IntegrityError) as e:
             # The same request sent twice at once: the other one queued it.
-            queued = self.queued_before(connection, key)
-            if group == "new" and (queued is not None or isinstance(e, tasks.TaskError)):
+            reused = None
+            try:
+                queued = self.queued_before(connection, key)
+            except tasks.RequestKeyReused as error:     # another request took the key
+                queued, reused = None, error
+            if group == "new" and (queued is not None or reused is not None
+                                   or isinstance(e, tasks.TaskError)):
                 self.client_groups.forget(group_id)
                 with db.write(connection):
                     connection.execute("DELETE FROM task_groups WHERE group_id = ?",
                                        (group_id,))
             if queued is not None:
                 return batch_answer(*queued)
+            if reused is not None:
+                raise reused
             if isinstance(e, sqlite3.IntegrityError) and group_id is not None \
                     and self.client_groups.forget(group_id):
                 client_group(connection, group_id)      # 404 if it was pruned since we saw it
@@ -625,9 +634,10 @@ class ResultRoutes:
         return batch_answer(task_ids, group_id)
 
     def queued_before(self, connection, key):
-        """(task ids, group id) an earlier request with this key queued (logged:
-        a client sent a request again, its answer lost), or None."""
-        queued = None if key is None else tasks.queued_for_key(connection, key)
+        """(task ids, group id) an earlier request with this key (request_key())
+        queued (logged: a client sent a request again, its answer lost), or
+        None; RequestKeyReused when that request was another."""
+        queued = None if key[0] is None else tasks.queued_for_key(connection, *key)
         if queued is not None:
             self.web.logger.info("submit_repeated", address=self.address(), count=len(queued[0]),
                                  first_task_id=queued[0][0], group_id=queued[1])
@@ -672,9 +682,14 @@ def batch_answer(task_ids, group_id):
 
 
 def request_key():
-    """The request's Idempotency-Key header (checked), or None."""
+    """(the request's Idempotency-Key header, checked, and the SHA-256 of
+    the request it comes with: its ?group= and body), or (None, None)."""
     key = bottle.request.headers.get("Idempotency-Key")
-    return None if key is None else tasks.check_request_key(key)
+    if key is None:
+        return None, None
+    digest = hashlib.sha256(bottle.request.query.get("group", "").encode() + b"\n")
+    digest.update(bottle.request.body.read())
+    return tasks.check_request_key(key), digest.hexdigest()
 
 
 def new_group(connection, specs):
