@@ -297,6 +297,36 @@ def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
     assert scheduler.schedule(connection, 2000.3, LOG, config, turnover) == 0
 
 
+def test_a_result_waits_for_the_next_ones_only_while_every_quick_device_has_one_queued(
+        store):
+    """The room bell alone, with every quick device holding a task beyond its
+    slots: its freed slot has one to start, so the pass may wait ROOM_GATHER
+    and refill several results' room at once. Not for a submit, nor when a
+    quick device has nothing queued, nor with nothing waiting."""
+    config, connection = store
+    turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
+    assert not turnover.buffered        # not known to be quick yet: nothing prefetched
+    start_and_finish(connection, "quick", 2000.0, 2000.1)
+    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 3
+    assert turnover.buffered            # 2 running, 2 queued on the device
+    room, doorbell = object(), object()
+    state = {"room_bell": room, "waiting": True, "turnover": turnover}
+    assert scheduler.gathers([room], state)
+    assert not scheduler.gathers([doorbell], state) and not scheduler.gathers(
+        [doorbell, room], state) and not scheduler.gathers([], state)
+    assert not scheduler.gathers([room], dict(state, waiting=False))
+    # A quick device with nothing beyond its slots: a freed slot would idle.
+    def device(held, prefetch, device_id="d"):
+        return {"device_id": device_id, "held": held, "slots": 2, "prefetch": prefetch}
+    for devices_after_a_pass, buffered in (
+            ([device(3, 2)], True), ([device(2, 2)], False),
+            ([device(3, 2), device(1, 0, "long")], True),      # long tasks: no matter
+            ([device(3, 2), device(2, 2, "other")], False),
+            ([device(1, 0)], False)):                           # none quick: no gain
+        turnover.remember(devices_after_a_pass)
+        assert turnover.buffered == buffered, devices_after_a_pass
+
+
 def test_a_device_busy_with_long_tasks_gets_nothing_beyond_its_slots(store):
     config, connection = store
     turnover = first_pass_on_a_two_slot_device(connection, config, "slow")

@@ -118,5 +118,10 @@ class Bell:
 def wait_any(bells, timeout):
     """Sleep until one of these bells rings or `timeout` seconds pass; True
     when rung (every ring so far swallowed)."""
+    return bool(rung(bells, timeout))
+
+
+def rung(bells, timeout):
+    """wait_any(), saying which of the bells rang."""
     readable, _, _ = select.select(bells, [], [], max(0.0, timeout))
-    return any([doorbell.drain() for doorbell in readable])
+    return [doorbell for doorbell in readable if doorbell.drain()]
