@@ -26,6 +26,7 @@ import pytest
 from cluster_harness import (RC, REPO, Cluster, assert_one_terminal_state_each, log_records, online,
                              wait_all_finished, wait_for)
 from rc import client as rc_client
+from rc import config as config_module
 from rc import db, tasks
 from rc.states import TASK_STATES, TERMINAL_STATES
 
@@ -384,3 +385,56 @@ def test_make_stop_with_rc_server_killed_in_its_hold_then_a_restore(cluster, tmp
     assert_counts_true(cluster.db)
     assert_no_hold_left(cluster)
     assert_reads_agree(cluster)
+
+
+# -- one read, one snapshot ------------------------------------------------------------
+
+class Rows(list):
+    def fetchone(self):
+        return self[0] if self else None
+
+
+class CommitsBetween:
+    """A connection on which another program commits just after the first
+    SELECT has been answered: what a busy cluster does, now and then,
+    between two statements of a read."""
+
+    def __init__(self, connection, commit):
+        self.connection, self.commit, self.done = connection, commit, False
+
+    def __getattr__(self, name):
+        return getattr(self.connection, name)
+
+    def execute(self, sql, *parameters):
+        cursor = self.connection.execute(sql, *parameters)
+        if self.done or not sql.lstrip().upper().startswith("SELECT"):
+            return cursor
+        self.done = True
+        rows = Rows(cursor.fetchall())
+        self.commit()
+        return rows
+
+
+def test_the_status_counts_are_read_from_one_snapshot(tmp_path):
+    """A task that finishes while rc status reads the counts is counted
+    once: queued or completed, never both. Before, counts_by_state read
+    the queue, the active tasks and the kept_ counters in three statements,
+    and a finish between them showed six tasks of five."""
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    other = db.connect(config.db_path)
+    try:
+        ids = [tasks.submit(connection, config, "echo", {"message": "m%d" % n})
+               for n in range(5)]
+
+        def finish_one():
+            with db.write(other):
+                other.execute("UPDATE tasks SET state = 'completed', finished_at = ?"
+                              " WHERE task_id = ?", (time.time(), ids[0]))
+        counts = tasks.counts_by_state(CommitsBetween(connection, finish_one))
+        assert sum(counts.values()) == 5, counts
+        assert tasks.counts_by_state(connection) == recount(connection)
+        assert recount(connection)["completed"] == 1
+    finally:
+        other.close()
+        connection.close()
