@@ -23,6 +23,9 @@ import urllib.request
 
 import pytest
 
+import schema_fixture
+import test_migrations
+
 from cluster_harness import (RC, REPO, Cluster, assert_one_terminal_state_each, log_records, online,
                              wait_all_finished, wait_for)
 from rc import client as rc_client
@@ -104,11 +107,17 @@ def kept(connection):
 
 
 def assert_counts_true(connection):
-    truth = recount(connection)
-    counters = kept(connection)
+    """The counters against a recount, in one snapshot (the programs run on)."""
+    connection.execute("BEGIN")
+    try:
+        truth = recount(connection)
+        counters = kept(connection)
+        counted = tasks.counts_by_state(connection)
+    finally:
+        connection.execute("COMMIT")
     assert {s: counters.get(s, 0) for s in TERMINAL_STATES} == \
         {s: truth[s] for s in TERMINAL_STATES}, (counters, truth)
-    assert tasks.counts_by_state(connection) == truth
+    assert counted == truth
 
 
 def assert_reads_agree(cluster):
@@ -372,7 +381,7 @@ def test_make_stop_with_rc_server_killed_in_its_hold_then_a_restore(cluster, tmp
     ids = run_tasks(cluster, 12, 4)
     copy = str(tmp_path / "copy.db")
     cluster.rc("backup", copy)
-    backup_db = sqlite3.connect("file:%s?mode=ro" % copy, uri=True)
+    backup_db = sqlite3.connect("file:%s?mode=ro" % copy, uri=True, isolation_level=None)
     try:
         assert_counts_true(backup_db)
     finally:
@@ -438,3 +447,29 @@ def test_the_status_counts_are_read_from_one_snapshot(tmp_path):
     finally:
         other.close()
         connection.close()
+
+
+def test_a_restored_backup_of_the_first_schema_counts_true_as_it_runs(cluster, tmp_path):
+    """A backup made by the first release, restored: migration 17 counts
+    its finished tasks, the programs (killed as they start on it) run the
+    rest, and the counters follow."""
+    old_path = str(tmp_path / "v1.db")
+    old = schema_fixture.load(old_path)
+    test_migrations.fill(old)
+    old.execute("PRAGMA journal_mode=DELETE")
+    old.close()
+    assert cluster.make("stop").returncode == 0
+    cluster.db.close()
+    cluster.rc("restore", old_path)
+    started = cluster.make("run")
+    assert started.returncode == 0, started.stdout
+    cluster.db = db.connect(cluster.config.db_path)
+    assert_counts_true(cluster.db)
+    for name in ("rc-server", "rc-scheduler", "rc-reaper"):
+        cluster.kill(name)
+    wait_for(lambda: set(WORKERS) <= online(cluster), 60, "the workers back")
+    every = [row[0] for row in cluster.db.execute("SELECT task_id FROM tasks")]
+    wait_all_finished(cluster, every, 120)
+    assert_counts_true(cluster.db)
+    assert_no_hold_left(cluster)
+    assert_reads_agree(cluster)
