@@ -691,19 +691,22 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
     return found, False
 
 
+KEPT = "kept_"      # counter rows kept_<state>: finished tasks the table keeps
+
+
 def counts_by_state(connection):
     """Tasks the database holds, by state, at the cost of the unfinished
     ones: those are counted through their partial indexes, the finished
-    ones read from the counter rows kept_<state> (db.py, migration 17)."""
+    ones read from the counter rows kept_<state> (db.py, migration 17).
+    One statement, so one snapshot: read in three, a task that finished
+    between them was counted both queued and completed."""
     counts = dict.fromkeys((QUEUED, ASSIGNED, RUNNING) + TERMINAL_STATES, 0)
-    counts[QUEUED] = connection.execute(
-        "SELECT count(*) FROM tasks WHERE %s" % db.QUEUED_SQL).fetchone()[0]
     counts.update(connection.execute(
-        "SELECT state, count(*) FROM tasks WHERE %s GROUP BY state" % db.ACTIVE_SQL))
-    for name, value in connection.execute(
-            "SELECT name, value FROM counters WHERE name IN (%s)"
-            % db.sql_list("kept_" + state for state in TERMINAL_STATES)):
-        counts[name[len("kept_"):]] = value
+        "SELECT '%s', count(*) FROM tasks WHERE %s"
+        " UNION ALL SELECT state, count(*) FROM tasks WHERE %s GROUP BY state"
+        " UNION ALL SELECT substr(name, %d), value FROM counters WHERE name IN (%s)"
+        % (QUEUED, db.QUEUED_SQL, db.ACTIVE_SQL, len(KEPT) + 1,
+           db.sql_list(KEPT + state for state in TERMINAL_STATES))))
     return counts
 
 
