@@ -81,6 +81,18 @@ def test_one_task_sent_again_with_its_key_is_the_same_task(cluster):
     status, again = post(cluster, "/api/v1/tasks", shell("echo single-once"), key="k-single")
     assert status == 201 and again["task_id"] == first["task_id"]
     assert with_command(cluster, "echo single-once") == 1
+    # Pruned since (a task_retention under the key's hour): its state is null.
+    connection = db.connect(cluster.config.db_path)
+    try:
+        tasks.cancel(connection, first["task_id"])
+        with db.write(connection):
+            for table in ("task_events", "task_files", "tasks"):
+                connection.execute("DELETE FROM %s WHERE task_id = ?" % table,
+                                   (first["task_id"],))
+    finally:
+        connection.close()
+    status, pruned = post(cluster, "/api/v1/tasks", shell("echo single-once"), key="k-single")
+    assert (status, pruned["task_id"], pruned["state"]) == (201, first["task_id"], None)
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 201, "caf\u00e9"])

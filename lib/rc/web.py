@@ -487,10 +487,11 @@ class Web:
         task_ids = queued[0]
         submitted = [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
                      for task_id in task_ids]
-        # Queued unless the idempotency key named an earlier task.
-        state = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
-                                   (task_ids[0],)).fetchone()["state"]
-        return json_response(dict(submitted[0], state=state), 201)
+        # Queued unless the idempotency key named an earlier task; null if that
+        # one has been pruned since (a task_retention under the key's hour).
+        row = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                 (task_ids[0],)).fetchone()
+        return json_response(dict(submitted[0], state=row and row["state"]), 201)
 
     def logged_submit(self, task_id, spec):
         self.logger.info("task_submitted", task_id=task_id, task_type=spec["task_type"],
