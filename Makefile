@@ -63,10 +63,13 @@ run: install
 	@$(PY) -m rc.cli ctl status
 	@$(PY) -m rc.cli join
 
+# supervisord removes its pid file last as it exits; the loop ends then, not
+# when its parent reaps it (a container's first process may take seconds).
 stop:
-	@if $(CTL) pid >/dev/null 2>&1; then \
-		pid=$$($(CTL) pid); $(CTL) shutdown; \
-		while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; \
+	@if pid=$$($(CTL) pid 2>/dev/null); then \
+		$(CTL) shutdown; \
+		while kill -0 $$pid 2>/dev/null && [ -e "$(RC_HOME)/run/supervisord.pid" ]; do \
+			sleep 0.05; done; \
 		echo "stopped"; \
 	else \
 		echo "not running"; \

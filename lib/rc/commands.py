@@ -1230,6 +1230,9 @@ def cmd_wait_ready(arguments, context):
     connected (for `make run`, so the next command can run a task)."""
     config = context.config
     deadline = time.monotonic() + arguments.timeout
+    # A supervisord just started spawns its programs when its first poll
+    # ends, a second later, unless something wakes it: a connection does.
+    health.supervisor_answers(config)
     waiting = [("rc-server on %s:%d" % (local_host(config.tcp_host), config.tcp_port),
                 lambda: accepts(local_host(config.tcp_host), config.tcp_port)),
                ("rc-web on %s:%d" % (local_host(config.web_host), config.web_port),

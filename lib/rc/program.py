@@ -1,6 +1,8 @@
 """The shape every main-node program shares: files it creates owner-only,
 settings, a logger, signal handlers that only set a flag (the loop notices it
 between steps), the loop."""
+import os
+import select
 import signal
 
 from rc import config as config_module
@@ -13,8 +15,36 @@ def serve(name, run):
     state_dir.keep_files_private()
     config = config_module.load()
     log = Logger(name, config.log_level)
-    stop = []
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.append(True))
-    run(config, log, lambda: bool(stop))
+    run(config, log, StopFlag())
     log.info("stopped")
+
+
+class StopFlag:
+    """Raised by SIGTERM or SIGINT; calling it says whether it is. pause()
+    sleeps between steps but ends at the signal: time.sleep would sleep its
+    whole interval out (Python resumes a sleep a signal interrupted, PEP 475),
+    and `make stop` waited for it (rc-reaper: half a second on average).
+    Python writes each signal to the wake-up fd, which ends the select."""
+
+    def __init__(self):
+        self.raised = False
+        self.wake_read, wake_write = os.pipe()
+        for end in (self.wake_read, wake_write):
+            os.set_blocking(end, False)
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self.raise_flag)
+
+    def raise_flag(self, *_):
+        self.raised = True
+
+    def __call__(self):
+        return self.raised
+
+    def pause(self, seconds):
+        if not self.raised:
+            select.select([self.wake_read], [], [], seconds)
+        try:
+            os.read(self.wake_read, 4096)
+        except OSError:     # nothing came (EAGAIN)
+            pass

@@ -187,7 +187,7 @@ def run(config, log, should_stop):
             keeper.look()
         except Exception as e:     # a full or failing disk: the next look tries again
             log_limited("error", "checkpoint_failed", "checkpoint", error=repr(e)[:500])
-        time.sleep(config.reaper_interval)
+        should_stop.pause(config.reaper_interval)
 
 
 def main():
