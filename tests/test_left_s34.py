@@ -63,3 +63,91 @@ def test_a_devices_tasks_are_read_through_an_index(cluster_home, state):
     if state is not None:
         assert {task["state"] for task in found} == {state}
     assert tasks.list_tasks(connection, state, "no-such-device") == []
+
+
+# -- a ?group=new batch that never committed leaves no group ----------------------------
+
+class Killed(BaseException):
+    """rc-web stopped (kill -9, a restart) in the middle of a request."""
+
+
+def call(app, path, body, headers):
+    """POST `path` through the app, as waitress would call it: (status, answer)."""
+    data = json.dumps(body).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path.split("?")[0],
+               "QUERY_STRING": path.partition("?")[2], "REMOTE_ADDR": "127.0.0.1",
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000", "HTTP_HOST": "127.0.0.1:5000",
+               "CONTENT_TYPE": "application/json", "wsgi.input": io.BytesIO(data),
+               "CONTENT_LENGTH": str(len(data)), "wsgi.url_scheme": "http",
+               "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1"}
+    environ.update(("HTTP_" + k.upper().replace("-", "_"), v) for k, v in headers.items())
+    statuses = []
+    answer = b"".join(app(environ, lambda status, *_: statuses.append(status)))
+    return int(statuses[0].split()[0]), json.loads(answer)
+
+
+@pytest.fixture
+def submitting(cluster_home):
+    """(post(path, body, key), connection) through rc-web's app, in this process."""
+    config, connection = cluster_home
+    app = web.make_app(config)
+    token = state_dir.read_secret(config.admin_token_path)
+
+    def post(path, body, key=None):
+        headers = {"Authorization": "Bearer " + token}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return call(app, path, body, headers)
+    yield post, connection
+    app.config["rc.web"].closing.set()
+
+
+def groups(connection):
+    return connection.execute("SELECT count(*) FROM task_groups").fetchone()[0]
+
+
+def shell(command):
+    return {"task_type": "shell", "payload": {"command": command}}
+
+
+def test_a_batch_rc_web_never_committed_leaves_no_group_and_is_sent_again(submitting,
+                                                                          monkeypatch):
+    """rc-web stopped after it made the batch's group and before the tasks
+    were committed: the group stayed, empty, in `rc groups` and the
+    dashboard until the upkeep pruned it, and the client's second sending
+    (the same Idempotency-Key) made another."""
+    post, connection = submitting
+    insert_once = tasks.insert_once
+
+    def dies_on_the_second(connection, task, key, group_id):
+        if task["payload"]["command"] == "echo two":
+            raise Killed()
+        return insert_once(connection, task, key, group_id)
+    monkeypatch.setattr(tasks, "insert_once", dies_on_the_second)
+    batch = [shell("echo one"), shell("echo two")]
+    with pytest.raises(Killed):
+        post("/api/v1/tasks?group=new", batch, key="k-lost")
+    assert groups(connection) == 0
+    assert connection.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+    monkeypatch.setattr(tasks, "insert_once", insert_once)
+    status, answer = post("/api/v1/tasks?group=new", batch, key="k-lost")
+    assert status == 201 and groups(connection) == 1
+    assert [row[0] for row in connection.execute(
+        "SELECT task_id FROM tasks WHERE group_id = ? ORDER BY task_id",
+        (answer["group_id"],))] == [task["task_id"] for task in answer["tasks"]]
+    assert post("/api/v1/tasks?group=new", batch, key="k-lost") == (201, answer)
+    assert groups(connection) == 1
+
+
+@pytest.mark.parametrize("batch, error", [
+    ([shell("echo fine"), {"task_type": "shell", "payload": {"command": "x"},
+                           "depends_on": [999999]}], "task 2 of 2"),
+    ([shell("echo fine"), {"task_type": "shell", "payload": {"command": "x"},
+                           "timeout": -5}], "task 2 of 2")])
+def test_a_refused_batch_leaves_no_group(submitting, batch, error):
+    post, connection = submitting
+    status, answer = post("/api/v1/tasks?group=new", batch, key="k-refused")
+    assert status in (400, 404, 422) and error in answer["error"], answer
+    assert groups(connection) == 0
+    status, answer = post("/api/v1/tasks?group=new", batch[:1], key="k-fine")
+    assert status == 201 and groups(connection) == 1
