@@ -151,3 +151,64 @@ def test_a_refused_batch_leaves_no_group(submitting, batch, error):
     assert groups(connection) == 0
     status, answer = post("/api/v1/tasks?group=new", batch[:1], key="k-fine")
     assert status == 201 and groups(connection) == 1
+
+
+# -- the dashboard shows a device's bidi controls and invisible characters as "?" ------
+
+def hidden_in_the_dashboard():
+    with open(os.path.join(ROOT, "share", "web", "dashboard.js"), encoding="utf-8") as f:
+        source = re.search(r"^const HIDDEN_CHARACTERS = /(\[.*\])/g;$", f.read(), re.M).group(1)
+    return re.compile(source)       # \xNN and \uNNNN mean the same in both
+
+
+def test_the_dashboard_hides_the_characters_rcs_tables_hide():
+    every = "".join(map(chr, range(0x110000)))
+    assert set(hidden_in_the_dashboard().findall(every)) == set(render.CONTROL.findall(every))
+
+
+HOSTNAME = "\u202egood\u200b-host"
+LABELS = {"room": "\u2067attic\u2069", "owner": "\u0627\u0644\u0639\u0631\u0628\u064a\u0629"}
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A main node (no worker) that knows a device whose hostname and labels
+    hold bidi controls and zero-width characters, and a Chromium."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, MainNode
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium (.ci/run installs it with apt-get)")
+    node = MainNode(tmp_path_factory.mktemp("left34"))
+    try:
+        node.start()
+        with db.write(node.db):
+            node.db.execute(
+                "INSERT INTO devices(device_id, hostname, platform, labels, tags, registered_at,"
+                " last_seen) VALUES ('odd-pi', ?, 'linux', ?, ?, 0, 0)",
+                (HOSTNAME, json.dumps(LABELS), json.dumps(["fast\u200ftag"])))
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield node, browser
+            browser.close()
+    finally:
+        node.stop()
+
+
+def test_a_devices_hostname_and_labels_show_their_hidden_characters_as_marks(dashboard):
+    """A device named "\\u202egood" read "doog" in its view, as it had in
+    `rc devices` before render.cell; the Arabic letters stay as they are."""
+    node, browser = dashboard
+    context = browser.new_context(viewport={"width": 1100, "height": 700})
+    try:
+        page = context.new_page()
+        page.goto(node.base + "/#/device/odd-pi")
+        page.wait_for_selector(".key-values dt", timeout=30000)
+        details = dict(zip(page.locator(".key-values dt").all_text_contents(),
+                           page.locator(".key-values dd").all_text_contents()))
+        assert details["hostname"] == "?good?-host"
+        assert details["labels"] == "room=?attic?, owner=\u0627\u0644\u0639\u0631\u0628\u064a\u0629"
+        assert details["tags"] == "fast?tag"
+        view = page.locator("#view-object").inner_text()
+        assert not render.CONTROL.search(view.replace("\n", ""))
+    finally:
+        context.close()
