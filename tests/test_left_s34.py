@@ -212,3 +212,101 @@ def test_a_devices_hostname_and_labels_show_their_hidden_characters_as_marks(das
         assert not render.CONTROL.search(view.replace("\n", ""))
     finally:
         context.close()
+
+
+# -- rc.client: a whole-request deadline, a minimum rate for what moves ----------------
+
+class Trickler:
+    """An HTTP server on 127.0.0.1 that answers a request with `answer`:
+    its first `at_once` bytes at once, then `piece` bytes every `every` s."""
+
+    def __init__(self, answer, at_once, piece, every):
+        self.answer, self.at_once, self.piece, self.every = answer, at_once, piece, every
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        connection, _ = self.listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(4096)
+            try:
+                connection.sendall(self.answer[:self.at_once])
+                for start in range(self.at_once, len(self.answer), self.piece):
+                    if self.stopped.wait(self.every):
+                        return
+                    connection.sendall(self.answer[start:start + self.piece])
+            except OSError:
+                return          # the client gave up
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+
+
+def timed_request(url, timeout, hold=20):
+    """(seconds, the answer or the error) of a GET with `timeout`, from
+    another thread: one held past `hold` fails the test, not hangs it."""
+    outcome = []
+
+    def run():
+        began = time.monotonic()
+        try:
+            answer = client.Http(url, None).request("GET", "/api/v1/tasks/1/result",
+                                                    timeout=timeout)
+        except Exception as e:
+            answer = e
+        outcome.append((time.monotonic() - began, answer))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(hold)
+    assert outcome, "the request was still held after %d s (its timeout: %g s)" % (hold, timeout)
+    return outcome[0]
+
+
+def answer_of(body):
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" \
+        % (len(body), body)
+
+
+@pytest.mark.parametrize("trickled", ["head", "body"])
+def test_an_answer_trickled_a_byte_at_a_time_ends_at_its_deadline(trickled):
+    """One byte each 0.3 s, inside the socket's timeout of 1 s each time:
+    the request waited for as long as rc-web (or a proxy) went on."""
+    answer = answer_of(b'{"state": "completed"}' + b" " * 100000)
+    server = Trickler(answer, 0 if trickled == "head" else answer.index(b"{") + 1, 1, 0.3)
+    try:
+        seconds, error = timed_request(server.url, 1.0)
+    finally:
+        server.close()
+    assert isinstance(error, client.TooSlow) and "MIN_TRANSFER_RATE" in str(error), error
+    assert "GET /api/v1/tasks/1/result: http://127.0.0.1:" in str(error)
+    assert 1.0 <= seconds < 6, seconds
+
+
+def test_an_answer_that_moves_goes_on_past_its_timeout():
+    """A download (or a long answer on a slow link) that keeps moving at
+    more than MIN_TRANSFER_RATE is not cut at the request's timeout."""
+    body = b'{"state": "completed", "pad": "' + b"x" * 200000 + b'"}'
+    server = Trickler(answer_of(body), 0, 16384, 0.15)     # ~110 KB/s, for ~2 s
+    try:
+        seconds, answer = timed_request(server.url, 1.0)
+    finally:
+        server.close()
+    assert answer == (200, body) and seconds > 1.0, (seconds, answer)
+
+
+def test_a_result_streams_head_trickled_ends_at_its_deadline():
+    """The receiver thread opening a result stream was held the same way."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: %s\r\n\r\n" % (b"p" * 200)
+    server = Trickler(answer, 0, 1, 0.3)
+    try:
+        began = time.monotonic()
+        with pytest.raises(client.ClusterError):
+            client.Http(server.url, None).stream("/api/v1/groups/1/results?stream=1", 1.0)
+        assert time.monotonic() - began < 6
+    finally:
+        server.close()
