@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import sqlite3
 import threading
 import time
 
