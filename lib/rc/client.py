@@ -46,11 +46,15 @@ import time
 import types
 import urllib.parse
 
-__all__ = ["Cluster", "Executor", "TaskFuture", "ClusterError", "AnswerTooLarge", "TaskFailed",
-           "RemoteError", "RemoteTraceback"]
+__all__ = ["Cluster", "Executor", "TaskFuture", "ClusterError", "AnswerTooLarge", "TooSlow",
+           "TaskFailed", "RemoteError", "RemoteTraceback"]
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 REQUEST_TIMEOUT = 60.0          # seconds an ordinary request may take
+MIN_TRANSFER_RATE = 4096        # bytes a second: a request may take its timeout and as
+                                # long again as its bytes (sent and answered) take at
+                                # this rate, however slowly they trickle; a download
+                                # or a put that moves goes on for as long as it moves
 BATCH_MAX_TASKS = 2000          # tasks in one submit request
 BATCH_MAX_BYTES = 900 * 1024    # bytes of one submit request (rc-web takes 1 MiB)
 STREAM_IDLE = 5.0               # seconds the result stream stays open with nothing pending
@@ -212,9 +216,10 @@ class Http:
         return sock
 
     def open_link(self, timeout):
-        """A socket to rc-web and a buffered reader of it."""
+        """A socket to rc-web, a buffered reader of it, and its Paced reads."""
         sock = self.open_socket(timeout)
-        return sock, sock.makefile("rb")
+        paced = Paced(sock)
+        return sock, io.BufferedReader(paced), paced
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
                 bounded=True, with_fields=False, sink=None):
@@ -293,6 +298,8 @@ class Http:
             try:
                 if link is None:
                     link = self.local.link = self.open_link(timeout)
+                link[2].start(timeout, sum(map(len, message)) + (
+                    0 if sending is None else length))
                 link[0].settimeout(timeout)
                 for data in message:
                     link[0].sendall(data)
@@ -328,6 +335,10 @@ class Http:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
                                    % (self.scheme, self.host, self.port, e))
+            except TooSlow as e:
+                self.drop()
+                raise TooSlow("%s %s: %s://%s:%d sent %s" % (method, path.split("?")[0],
+                              self.scheme, self.host, self.port, e))
             except BaseException:
                 self.drop()     # Ctrl-C mid-answer: its rest is not the next answer
                 raise
@@ -371,7 +382,7 @@ class Http:
             raise ClusterError("cannot open %s: %s" % (path, e))
         try:
             sock.sendall(self.head("GET", path, None, None))
-            head, rest = read_head(sock)
+            head, rest = read_head(sock, time.monotonic() + timeout)
             reader = io.BytesIO(head)
             _, status = status_line(reader.readline(MAX_HEAD_LINE + 1))
             fields = head_fields(reader)
@@ -414,6 +425,48 @@ def header_text(text, what, also_refused=""):
 def deliver(sink, delivered, piece):
     delivered.append(len(piece))
     sink(piece)
+
+
+class Paced(io.RawIOBase):
+    """A kept-alive connection's reads, against its request's deadline. The
+    socket's timeout bounds one wait: an rc-web (or a proxy) that sent a
+    byte just inside each held a request with a bounded wait for ever. A
+    request has its timeout, and 1/MIN_TRANSFER_RATE s more for each byte
+    sent or come, so a long download that moves goes on."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.start(REQUEST_TIMEOUT, 0)
+
+    def start(self, timeout, sending):
+        """A request begins: `timeout` seconds, and `sending` bytes to send."""
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+        self.moved(sending)
+
+    def moved(self, size):
+        self.deadline += size / MIN_TRANSFER_RATE
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.sock.settimeout(min(self.timeout, left))
+            try:
+                size = self.sock.recv_into(buffer)
+                self.moved(size)
+                return size
+            except socket.timeout:
+                if time.monotonic() < self.deadline:
+                    raise           # quiet for `timeout`: as before
+        raise TooSlow("no whole answer within its %g s and %d bytes a second"
+                      " (MIN_TRANSFER_RATE)" % (self.timeout, MIN_TRANSFER_RATE))
+
+
+class TooSlow(ClusterError):
+    """An answer slower than its request's timeout and MIN_TRANSFER_RATE
+    allow (Paced): never sent again, as the next would be as slow."""
 
 
 class Unreachable(ClusterError):
@@ -553,12 +606,17 @@ def read_chunked(reader, limit=None, sink=None):
         read_exactly(reader, 2)                 # the chunk's CRLF
 
 
-def read_head(sock):
-    """(an answer's head, the bytes of its body that came with it)."""
+def read_head(sock, deadline):
+    """(an answer's head, the bytes of its body that came with it), whole
+    by `deadline` (time.monotonic()), however slowly it trickles."""
     data = b""
     while b"\r\n\r\n" not in data:
         if len(data) > MAX_HEAD_LINE:
             raise BadAnswer("an answer's head over %d bytes" % MAX_HEAD_LINE)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TooSlow("no whole head of the answer in time")
+        sock.settimeout(left)
         piece = sock.recv(STREAM_PIECE)
         if not piece:
             raise BadAnswer("the connection closed in the answer's head")

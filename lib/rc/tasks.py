@@ -386,24 +386,30 @@ def submit(connection, config, task_type, payload, priority="normal", timeout=No
 
 
 def submit_many(connection, config, specs, group_id=None, request_key=None,
-                request_sha256=None):
+                request_sha256=None, new_group=None):
     """Queue a batch of tasks, each a dict of submit()'s arguments, in one
     transaction: all of them or, when one is refused, none (TaskError says
     which). Returns their ids in order. Thousands of tasks cost one commit
     and one ring of the scheduler's doorbell instead of one each. With a
     `request_key`, the ids are remembered under it in the same transaction
     with `request_sha256`, the request it came with (queued_for_key); a key
-    already used is sqlite3.IntegrityError, and nothing is queued."""
+    already used is sqlite3.IntegrityError, and nothing is queued.
+    `new_group(connection)` makes the batch's group and returns its id
+    (rc-web's ?group=new) in the same transaction: a batch refused, or
+    never committed (rc-web stopped before its answer), leaves no empty
+    group behind."""
     if not 0 < len(specs) <= MAX_BATCH:
         raise TaskError("a batch holds 1 to %d tasks" % MAX_BATCH)
     checked = [numbered(len(specs), number, check_spec, config, spec)
                for number, spec in enumerate(specs, 1)]
     # Each task is an INSERT, with reads before it when it has a key or
     # dependencies: one plain task is one statement, which commits on its own.
-    statements = len(checked) + (request_key is not None) + sum(
+    statements = len(checked) + (request_key is not None) + (new_group is not None) + sum(
         key is not None or bool(task["depends_on"]) or has_files(task["payload"])
         for task, key in checked)
     with db.write_statements(connection, statements):
+        if new_group is not None:
+            group_id = new_group(connection)
         ids = [numbered(len(specs), number, insert_once, connection, task, key, group_id)
                for number, (task, key) in enumerate(checked, 1)]
         if request_key is not None:

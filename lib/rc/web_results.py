@@ -598,33 +598,29 @@ class ResultRoutes:
         if queued is not None:
             return batch_answer(*queued)
         group = bottle.request.query.get("group")
-        group_id = None if not group else self.client_groups.add(new_group(
-            connection, specs)) if group == "new" else self.client_groups.checked(
+        group_id = None if group in (None, "", "new") else self.client_groups.checked(
             connection, request_number(group, "group", 1))
+        made = []           # ?group=new: its group, made in the batch's own transaction
+
+        def make_group(connection):
+            made.append(new_group(connection, specs))
+            return made[0]
         try:
-            task_ids = tasks.submit_many(connection, config, specs, group_id=group_id,
-                                         request_key=key[0], request_sha256=key[1])
+            task_ids = tasks.submit_many(
+                connection, config, specs, group_id=group_id, request_key=key[0],
+                request_sha256=key[1], new_group=make_group if group == "new" else None)
         except (tasks.TaskError, sqlite3.IntegrityError) as e:
-            # The same request sent twice at once: the other one queued it.
-            reused = None
-            try:
-                queued = self.queued_before(connection, key)
-            except tasks.RequestKeyReused as error:     # another request took the key
-                queued, reused = None, error
-            if group == "new" and (queued is not None or reused is not None
-                                   or isinstance(e, tasks.TaskError)):
-                self.client_groups.forget(group_id)
-                with db.write(connection):
-                    connection.execute("DELETE FROM task_groups WHERE group_id = ?",
-                                       (group_id,))
+            # The same request sent twice at once: the other one queued it
+            # (RequestKeyReused: another request took the key).
+            queued = self.queued_before(connection, key)
             if queued is not None:
                 return batch_answer(*queued)
-            if reused is not None:
-                raise reused
             if isinstance(e, sqlite3.IntegrityError) and group_id is not None \
                     and self.client_groups.forget(group_id):
                 client_group(connection, group_id)      # 404 if it was pruned since we saw it
             raise
+        if made:
+            group_id = self.client_groups.add(made[0])
         types = sorted({spec["task_type"] for spec in specs})
         fields = dict(count=len(task_ids), first_task_id=task_ids[0],
                       last_task_id=task_ids[-1], task_types=types, group_id=group_id)
@@ -694,12 +690,12 @@ def request_key():
 
 def new_group(connection, specs):
     """A group for a client's tasks: a row like `rc submit --each`'s, with
-    the first task's type, that no new device is ever added to."""
-    with db.write(connection):
-        return connection.execute(
-            "INSERT INTO task_groups(created_at, task_type, payload, options)"
-            " VALUES (?, ?, '{}', '{\"client\": true}')",
-            (time.time(), str(specs[0]["task_type"]) if specs else "")).lastrowid
+    the first task's type, that no new device is ever added to. Made inside
+    the transaction that queues its first tasks (tasks.submit_many)."""
+    return connection.execute(
+        "INSERT INTO task_groups(created_at, task_type, payload, options)"
+        " VALUES (?, ?, '{}', '{\"client\": true}')",
+        (time.time(), str(specs[0]["task_type"]) if specs else "")).lastrowid
 
 
 def existing_group(connection, group_id):

@@ -29,6 +29,14 @@ const FIGURE_NAMES = {cpu_percent: "CPU", memory_percent: "memory", disk_percent
                       disk_read_bytes: "disk read", disk_write_bytes: "disk written",
                       net_bytes_recv: "net received", net_bytes_sent: "net sent"};
 
+// What a device says of itself (hostname, labels, tags…) is shown with these
+// characters as "?", as rc's tables show it (lib/rc/render.py, CONTROL; a test
+// checks the two sets agree): control characters, and the invisible ones that
+// reorder or hide text — the bidirectional embeddings, overrides, isolates and
+// marks (a device named "\u202egood" reads "doog"), the zero-width space and
+// the BOM. The joiners that Persian and emoji sequences need are left alone.
+const HIDDEN_CHARACTERS = /[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]/g;
+
 let picture = null;                 // the last overview from the main node
 let skew = 0;                       // the main node's clock minus ours, in seconds
 let stream = null, pollTimer = null, lastPictureAt = 0;
@@ -50,6 +58,12 @@ function el(tag, attributes, ...children) {
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return node;
+}
+
+// A device's own words as one line of plain text (render.cell).
+function shown(value) {
+  if (value === null || value === undefined) return value;
+  return String(value).replace(/\r\n|[\n\r\t]/g, " ").replace(HIDDEN_CHARACTERS, "?");
 }
 
 function svg(tag, attributes, ...children) {
@@ -286,7 +300,7 @@ function deviceState(d) {
 function availabilityText(d) {
   if (d.revoked) return "revoked: cannot connect";
   if (d.drained) return "drained: no new tasks";
-  if (d.available === false) return "paused: " + (d.unavailable_reason || "unavailable");
+  if (d.available === false) return "paused: " + (shown(d.unavailable_reason) || "unavailable");
   if (d.status !== "online") return "offline";
   return "takes tasks";
 }
@@ -715,15 +729,17 @@ function deviceParts(d, recent, logs, watching) {
                 el("span", {class: "figure-value", text: figureText(name, value)}))))),
         panel("Details", keyValues([
           ["availability", availabilityText(summary)],
-          ["hostname", d.hostname], ["platform", d.platform], ["architecture", d.architecture],
-          ["role", d.role], ["CPU cores", d.cpu_cores !== null ? String(d.cpu_cores) : null],
+          ["hostname", shown(d.hostname)], ["platform", shown(d.platform)],
+          ["architecture", shown(d.architecture)],
+          ["role", shown(d.role)], ["CPU cores", d.cpu_cores !== null ? String(d.cpu_cores) : null],
           ["memory", d.memory_gb !== null ? d.memory_gb + " GB" : null],
           ["slots", (d.active_tasks || 0) + " busy of " + d.slots],
-          ["labels", Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(", ")],
-          ["tags", (d.tags || []).join(", ")], ["task types", (d.task_types || []).join(", ")],
-          ["capabilities", (d.capabilities || []).join(", ")],
-          ["CPU speed", specs.cpu_speed !== undefined ? String(specs.cpu_speed) : null],
-          ["address", d.address], ["joined", clock(d.registered_at)],
+          ["labels", shown(Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(", "))],
+          ["tags", shown((d.tags || []).join(", "))],
+          ["task types", shown((d.task_types || []).join(", "))],
+          ["capabilities", shown((d.capabilities || []).join(", "))],
+          ["CPU speed", specs.cpu_speed !== undefined ? shown(specs.cpu_speed) : null],
+          ["address", shown(d.address)], ["joined", clock(d.registered_at)],
           ["connected since", d.connected ? clock(d.connected_at) : null],
           ["last heard", clock(d.last_seen)],
         ]))),
