@@ -268,7 +268,7 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
     try:
         short = submit(cluster, device_id, "while [ ! -e %s ]; do sleep 0.1; done; echo short"
                        % flag)
-        long = submit(cluster, device_id, "sleep 35; echo long")
+        long = submit(cluster, device_id, "sleep 25; echo long")
         wait_for(lambda: running(cluster, short, long), 60, "both tasks running")
 
         stopped = cluster.make("stop")
@@ -280,7 +280,7 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
         open(flag, "w").close()      # the short task ends while the main node is down
         wait_for(lambda: worker_records(cluster, device_id, event="task_finished",
                                         task_id=short), 30, "the short task ended")
-        time.sleep(10)
+        time.sleep(5)       # away five times disconnect_fence
         started = cluster.make("run")
         assert started.returncode == 0, started.stdout
     finally:
