@@ -1,0 +1,83 @@
+"""A new user's first hour, session 34, commands copied from the README and
+docs/ on a cluster of the main node's worker and a phone's: `rc map` with
+--into and --results, Ctrl-C and `--resume`, and what they did."""
+import os
+import signal
+import subprocess
+
+import pytest
+
+from cluster_harness import RC, Cluster, online, wait_for
+
+TIMEOUT = 120       # seconds any one command may take here
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("first-hour-s34"))
+    cluster.start()
+    try:
+        wait_for(lambda: online(cluster), 30, "the local worker online")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def local_device(cluster):
+    return sorted(online(cluster))[0]
+
+
+def group_states(cluster, group_id):
+    return [row[0] for row in cluster.db.execute(
+        "SELECT state FROM tasks WHERE group_id = ?", (group_id,))]
+
+
+def test_resume_writes_the_files_of_inputs_that_ended_after_a_ctrl_c(cluster, tmp_path):
+    """docs/map.md's `rc map … --files … --output '{}.gz' --into out/
+    --results res/`, interrupted, the tasks left to run, then `rc map
+    --resume N --into out/ --results res/` as the interrupt's line says:
+    the inputs that completed between the two had no --results entry and
+    no --into file, ever (the resume said `every input completed`, exit 0).
+    Now the resume writes what no run wrote, and leaves what is there."""
+    device = local_device(cluster)
+    for number in range(1, 4):
+        (tmp_path / ("f%d.log" % number)).write_text("line %d\n" % number)
+    cluster.rc("drain", device)          # the tasks stay queued until the interrupt
+    try:
+        running = subprocess.Popen(
+            [RC, "map", "gzip -kf {}", "--files", "f1.log", "f2.log", "f3.log", "--output",
+             "{}.gz", "--into", "out/", "--results", "res/"], cwd=str(tmp_path),
+            env=cluster.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, start_new_session=True)
+        first = running.stderr.readline()
+        assert first.startswith("map ") and first.endswith(": 3 inputs\n"), first
+        group_id = int(first.split()[1].rstrip(":"))
+        wait_for(lambda: group_states(cluster, group_id) == ["queued"] * 3, 60,
+                 "the map's tasks queued")
+        running.send_signal(signal.SIGINT)
+        _, err = running.communicate(timeout=TIMEOUT)
+        assert running.returncode == 130, err
+        assert "rc map --resume %d" % group_id in err
+    finally:
+        cluster.rc("resume", device)
+    wait_for(lambda: group_states(cluster, group_id) == ["completed"] * 3, 60,
+             "the map's tasks completed unwatched")
+    assert not os.listdir(str(tmp_path / "out")) and not os.listdir(str(tmp_path / "res"))
+    # One file already there is the user's: it stays as it is.
+    (tmp_path / "res" / "2").mkdir()
+    (tmp_path / "res" / "2" / "state").write_text("mine\n")
+    resumed = subprocess.run(
+        [RC, "map", "--resume", str(group_id), "--into", "out/", "--results", "res/"],
+        cwd=str(tmp_path), env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == ""                 # completed before: not printed again
+    assert "3 completed before" in resumed.stderr
+    assert sorted(os.listdir(str(tmp_path / "out"))) == ["f1.log.gz", "f2.log.gz",
+                                                          "f3.log.gz"]
+    for number in (1, 3):
+        here = tmp_path / "res" / str(number)
+        assert (here / "state").read_text() == "completed\n"
+        assert (here / "input").read_text() == "f%d.log\n" % number
+        assert (here / "exit_code").read_text() == "0\n"
+    assert (tmp_path / "res" / "2" / "state").read_text() == "mine\n"
