@@ -81,3 +81,30 @@ def test_resume_writes_the_files_of_inputs_that_ended_after_a_ctrl_c(cluster, tm
         assert (here / "input").read_text() == "f%d.log\n" % number
         assert (here / "exit_code").read_text() == "0\n"
     assert (tmp_path / "res" / "2" / "state").read_text() == "mine\n"
+
+
+# -- a Python task's traceback -------------------------------------------------------
+
+@pytest.mark.parametrize("task_type, code, frames", [
+    ("python_eval", "1/0", ['File "<expression>", line 1']),
+    ("python_exec", "def f():\n    return 1/0\nf()",
+     ['File "script.py", line 3, in <module>', 'File "script.py", line 2, in f']),
+])
+def test_a_python_tasks_traceback_starts_at_its_own_code(cluster, task_type, code, frames):
+    """`rc submit python_eval '1/0' --wait` printed a traceback whose first
+    frame was the worker's own (`File "…/worker.py", line 4137, in
+    run_python`, `value = eval(code, main.__dict__)`), which `python -I`
+    never shows. Now it starts at the task's code."""
+    done = cluster.rc("submit", task_type, code, "--wait", check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("Traceback (most recent call last):\n"), done.stderr
+    assert "worker.py" not in done.stderr and "run_python" not in done.stderr, done.stderr
+    for frame in frames:
+        assert frame in done.stderr
+    assert "ZeroDivisionError: division by zero\n" in done.stderr
+
+
+def test_a_syntax_error_is_shown_as_python_shows_it(cluster):
+    done = cluster.rc("submit", "python_exec", "def (:", "--wait", check=False)
+    assert done.returncode == 1, done.stderr
+    assert "SyntaxError" in done.stderr and "worker.py" not in done.stderr, done.stderr
