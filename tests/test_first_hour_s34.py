@@ -4,10 +4,13 @@ docs/ on a cluster of the main node's worker and a phone's: `rc map` with
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
+from rc import db
+from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
 TIMEOUT = 120       # seconds any one command may take here
 
@@ -108,3 +111,36 @@ def test_a_syntax_error_is_shown_as_python_shows_it(cluster):
     done = cluster.rc("submit", "python_exec", "def (:", "--wait", check=False)
     assert done.returncode == 1, done.stderr
     assert "SyntaxError" in done.stderr and "worker.py" not in done.stderr, done.stderr
+
+
+# -- the dashboard on a phone -----------------------------------------------------------
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
+         "is_mobile": True, "has_touch": True}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium")
+def test_the_success_tile_is_not_100_percent_beside_a_failure(cluster):
+    """On the phone's first screen the overview said `100%` success (15
+    min) beside `1 failed (15 min)`: 999 of 1,000 rounded up. Below 100 %
+    it now shows a tenth (99.9%)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    minute = int(time.time() // 60) * 60 - 5 * 60       # ended: the reaper leaves it be
+    with db.write(cluster.db):
+        cluster.db.execute(
+            "INSERT OR REPLACE INTO stats_minutes(minute, submitted, completed, failed,"
+            " cancelled, queue_length, running, devices_online, devices_total, slots,"
+            " slots_busy) VALUES (?, 1000, 999, 1, 0, 0, 0, 1, 1, 2, 0)", (minute,))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(**PHONE).new_page()
+            page.goto("http://127.0.0.1:%d/" % cluster.config.web_port)
+            tile = page.locator(".tile:has(.tile-label:text-is('success (15 min)')) .tile-value")
+            page.wait_for_function("document.querySelector('.tile-value')")
+            shown = tile.inner_text()
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.screenshot(path=os.path.join(ARTIFACTS, "s34_success_tile.png"))
+        finally:
+            browser.close()
+    assert shown != "100%" and shown.startswith("99.") and shown.endswith("%"), shown
