@@ -1,6 +1,7 @@
 """A new user's first hour, session 34, commands copied from the README and
 docs/ on a cluster of the main node's worker and a phone's: `rc map` with
 --into and --results, Ctrl-C and `--resume`, and what they did."""
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -144,3 +145,25 @@ def test_the_success_tile_is_not_100_percent_beside_a_failure(cluster):
         finally:
             browser.close()
     assert shown != "100%" and shown.startswith("99.") and shown.endswith("%"), shown
+
+
+# -- the Python client ------------------------------------------------------------------
+
+def test_a_running_tasks_future_is_not_running_but_can_be_cancelled(cluster):
+    """docs/client.md: `running()` stays False while the task runs on a
+    device (the client hears of ends only), and cancel() still stops it."""
+    from rc import client
+    with open(cluster.config.admin_token_path) as f:
+        token = f.read().strip()
+    with client.Cluster("http://127.0.0.1:%d" % cluster.config.web_port, token) as rc_cluster:
+        future = rc_cluster.submit("sleep", "60")
+        task_id = future.wait_submitted(30)
+        wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                            (task_id,)).fetchone()[0] == "running",
+                 30, "the sleep task running")
+        assert not future.running() and not future.done()
+        assert future.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(10)
+        wait_for(lambda: rc_cluster.get_result(task_id)["state"] == "cancelled", 30,
+                 "the task cancelled on its device")
