@@ -2,6 +2,7 @@
 docs/ on a cluster of the main node's worker and a phone's: `rc map` with
 --into and --results, Ctrl-C and `--resume`, and what they did."""
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -120,31 +121,67 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
          "is_mobile": True, "has_touch": True}
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium")
-def test_the_success_tile_is_not_100_percent_beside_a_failure(cluster):
+@pytest.fixture(scope="module")
+def phone(cluster):
+    """Open a page of the dashboard as a phone does; one Chromium for the module."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            def open_page(path):
+                page = browser.new_context(**PHONE).new_page()
+                page.goto("http://127.0.0.1:%d/%s" % (cluster.config.web_port, path))
+                return page
+            yield open_page
+        finally:
+            browser.close()
+
+
+def screenshot(page, name):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "s34_%s.png" % name))
+
+
+def test_the_success_tile_is_not_100_percent_beside_a_failure(cluster, phone):
     """On the phone's first screen the overview said `100%` success (15
     min) beside `1 failed (15 min)`: 999 of 1,000 rounded up. Below 100 %
     it now shows a tenth (99.9%)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    minute = int(time.time() // 60) * 60 - 5 * 60       # ended: the reaper leaves it be
+    minute = int(time.time() // 60) * 60 - 5 * 60
+    # Once the reaper has caught up on the last hour, it leaves a past minute be.
+    wait_for(lambda: cluster.db.execute("SELECT max(minute) FROM stats_minutes").fetchone()[0],
+             60, "the reaper's first minutes")
     with db.write(cluster.db):
         cluster.db.execute(
             "INSERT OR REPLACE INTO stats_minutes(minute, submitted, completed, failed,"
             " cancelled, queue_length, running, devices_online, devices_total, slots,"
             " slots_busy) VALUES (?, 1000, 999, 1, 0, 0, 0, 1, 1, 2, 0)", (minute,))
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(**PHONE).new_page()
-            page.goto("http://127.0.0.1:%d/" % cluster.config.web_port)
-            tile = page.locator(".tile:has(.tile-label:text-is('success (15 min)')) .tile-value")
-            page.wait_for_function("document.querySelector('.tile-value')")
-            shown = tile.inner_text()
-            os.makedirs(ARTIFACTS, exist_ok=True)
-            page.screenshot(path=os.path.join(ARTIFACTS, "s34_success_tile.png"))
-        finally:
-            browser.close()
+    page = phone("")
+    page.wait_for_function("document.querySelector('.tile-value')")
+    shown = page.locator(".tile:has(.tile-label:text-is('success (15 min)')) .tile-value"
+                         ).inner_text()
+    screenshot(page, "overview")
     assert shown != "100%" and shown.startswith("99.") and shown.endswith("%"), shown
+
+
+def test_a_maps_view_says_which_input_each_task_ran(cluster, phone):
+    """`/#/map/2` on a phone: twelve rows of a task id and `completed`,
+    and nothing to tell which file each was without opening every one.
+    Now /api/v1/groups/ID gives each map task's input and the view shows it."""
+    done = subprocess.run([RC, "map", "echo {}", "-k", "alpha", "beta"], env=cluster.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    group_id = int(done.stderr.split()[1].rstrip(":"))
+    members = json.loads(cluster.rc("group", str(group_id), "--json").stdout)["tasks"]
+    assert [m["input"] for m in members] == ["alpha", "beta"]
+    page = phone("#/map/%d" % group_id)
+    rows = page.locator("section:has(h2:text-is('Tasks')) tbody tr")
+    wait_for(lambda: rows.count() == 2, 30, "the map's two rows")
+    assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(2)] == [
+        "alpha", "beta"]
+    screenshot(page, "map")
 
 
 # -- the Python client ------------------------------------------------------------------

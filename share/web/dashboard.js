@@ -777,11 +777,13 @@ async function drawGroup(state, view) {
     panel("Summary", keyValues(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
     panel("Tasks", table([
       {title: "task", cell: t => taskLink(t.task_id)},
+      // A map's input says which task is which (12 files, 12 rows of `completed`).
+      state.kind === "map" ? {title: "input", class: "message", cell: t => t.input || ""} : null,
       {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
       {title: "state", cell: t => stateChip(t.state)},
       {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
       {title: "error", class: "message opt", cell: t => (t.error || "").slice(0, 300)},
-    ], group.tasks, "no tasks")),
+    ].filter(Boolean), group.tasks, "no tasks")),
     panel("Payload", pre(json(group.payload)))]);
 }
 
