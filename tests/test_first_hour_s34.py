@@ -204,3 +204,20 @@ def test_a_running_tasks_future_is_not_running_but_can_be_cancelled(cluster):
             future.result(10)
         wait_for(lambda: rc_cluster.get_result(task_id)["state"] == "cancelled", 30,
                  "the task cancelled on its device")
+
+
+# -- rc device ----------------------------------------------------------------------------
+
+def test_rc_device_and_rc_task_show_times_ahead_as_ahead():
+    """`rc device phone` after the dashboard had shown the phone: every
+    time a date and an age but `watched_until: 1796561651`, seconds since
+    1970; and `rc task ID` of a running task said `lease_expires:
+    2026-12-06 13:08:16 (0s ago)`, three minutes ahead. Now both read
+    `(in 3m)`."""
+    from rc import commands
+    now = time.time()
+    shown = dict(commands.detail_pairs({"watched_until": now + 42.0, "figures_at": now - 5,
+                                        "lease_expires": now + 180.0}, now))
+    assert shown["watched_until"].endswith(" (in 42s)"), shown
+    assert shown["lease_expires"].endswith(" (in 3m)"), shown
+    assert shown["figures_at"].endswith(" (5s ago)"), shown
