@@ -221,3 +221,20 @@ def test_rc_device_and_rc_task_show_times_ahead_as_ahead():
     assert shown["watched_until"].endswith(" (in 42s)"), shown
     assert shown["lease_expires"].endswith(" (in 3m)"), shown
     assert shown["figures_at"].endswith(" (5s ago)"), shown
+
+
+# -- rc service logs ----------------------------------------------------------------------
+
+def test_service_logs_of_a_first_run_still_running_says_why_it_shows_nothing(cluster):
+    """The README's `bin/rc service logs web` right after `service add`
+    printed `== task 1135, running on phone ==` and nothing under it: a
+    run's output comes when it ends (docs/schedules.md), which it did not say."""
+    cluster.rc("service", "add", "ticker", "shell", "while true; do echo tick; sleep 5; done")
+    try:
+        wait_for(lambda: "running on" in cluster.rc("service", "list").stdout, 60,
+                 "the service running")
+        shown = cluster.rc("service", "logs", "ticker").stdout
+        assert shown.startswith("== task ") and ", running on " in shown, shown
+        assert "no run has ended yet: a run's output comes when it ends" in shown, shown
+    finally:
+        cluster.rc("service", "remove", "ticker")
