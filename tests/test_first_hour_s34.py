@@ -184,6 +184,30 @@ def test_a_maps_view_says_which_input_each_task_ran(cluster, phone):
     screenshot(page, "map")
 
 
+def test_a_task_views_device_link_is_on_the_line_of_its_name(cluster, phone):
+    """The task view on a phone drew `device` on one line and the link
+    `phone` half a line below it: the link is 44 px tall for a finger, and
+    its name stayed at the top of the row."""
+    task_id = cluster.rc("submit", "echo", "hello").stdout.strip()
+    wait_for(lambda: cluster.db.execute("SELECT device_id FROM tasks WHERE task_id = ?",
+                                        (task_id,)).fetchone()[0], 30, "the task given")
+    page = phone("#/task/%s" % task_id)
+    page.wait_for_selector(".key-values dd a")
+    middles = page.evaluate("""() => {
+        const name = [...document.querySelectorAll('.key-values dt')]
+            .find(dt => dt.textContent === 'device');
+        const middle = node => {
+            const range = document.createRange();
+            range.selectNodeContents(node);
+            const box = range.getBoundingClientRect();
+            return box.top + box.height / 2;
+        };
+        return [middle(name), middle(name.nextElementSibling.querySelector('a'))];
+    }""")
+    screenshot(page, "task")
+    assert abs(middles[0] - middles[1]) < 3, middles
+
+
 # -- the Python client ------------------------------------------------------------------
 
 def test_a_running_tasks_future_is_not_running_but_can_be_cancelled(cluster):
