@@ -624,9 +624,9 @@ class Runner:
             self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait), shown)
 
     def write_unwatched(self):
-        """--resume: the --results and --into files of inputs that completed
-        while no `rc map` watched (after a Ctrl-C), which no run wrote; what
-        is there already is left as it is. Their stdout is not printed."""
+        """--resume: the missing --results and --into files of inputs that
+        completed before (one that ended after a Ctrl-C was never written);
+        what is there already is left as it is. Their stdout is not printed."""
         if not self.results and not self.plan.outputs:
             return
         for job in self.plan.completed:
