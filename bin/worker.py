@@ -4140,9 +4140,10 @@ def run_python(request, code):
             exec(code, main.__dict__)
     except SystemExit as e:
         status = system_exit_status(e.code)
-    except BaseException:
+    except BaseException as e:
         import traceback
-        traceback.print_exc()
+        # From the task's own code on, as `python -I` shows it: not this frame.
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         status = 1
     return finish_python(status)
 

@@ -270,3 +270,18 @@ def test_cli_md_says_which_commands_do_not_run_in_the_web_terminal():
             if re.search(r"Main node only|Not in the web terminal", what)   # `-f` is *main node only*
             and name not in commands.WEB_REFUSED]
     assert not runs, "docs/cli.md says these do not run in the web terminal, but they do: %s" % runs
+
+
+def test_the_fields_a_text_pipeline_in_the_docs_cuts_are_the_ones_it_names():
+    """`cut -d'|' -f1,11` on /text/devices (docs/http.md, README): which
+    columns those are was left to the reader to count (first hour, session
+    34); the comment beside each names them, and here they are checked."""
+    from rc.records import DEVICE_COLUMNS
+    found = 0
+    for path in ("README.md", "docs/http.md"):
+        for fields, names in re.findall(r"/text/devices\?header=0' \| cut -d'\|' -f([\d,]+)"
+                                        r"\s+# (\S+)", read(path)):
+            found += 1
+            assert names.split("|") == [DEVICE_COLUMNS[int(f) - 1] for f in fields.split(",")], (
+                path, fields, names)
+    assert found >= 2

@@ -250,8 +250,8 @@ def detail_pairs(record, now):
     simple = [(k, v) for k, v in record.items() if not isinstance(v, dict)]
     nested = [(k, v) for k, v in record.items() if isinstance(v, dict) and v]
     for key, value in simple:
-        is_time = key.endswith(("_at", "_expires")) or key in ("last_seen", "not_before",
-                                                                "suspect_since")
+        is_time = key.endswith(("_at", "_expires", "_until")) or key in (
+            "last_seen", "not_before", "suspect_since")
         if is_time:       # 0 (not_before of a task never held back) is no time at all
             yield key, when(value, now) if value else None
         else:

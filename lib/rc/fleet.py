@@ -194,7 +194,7 @@ def group(connection, group_id):
     """Each device's task side by side, and a summary. A member's device is
     the one it is pinned to (`submit --each`), else the one it was given
     (a map's tasks are pinned to none), so `rc group` of a map says where
-    each input ran."""
+    each input ran; `input` is a map's input (None in a `submit --each` group)."""
     row = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     if row is None:
@@ -202,6 +202,9 @@ def group(connection, group_id):
     members = [tasks.task_dict(r) for r in connection.execute(
         "SELECT %s FROM tasks WHERE group_id = ? ORDER BY task_id" % tasks.TASK_COLUMNS,
         (group_id,))]
+    # A map's task: the input it ran (the value, or the path with --files).
+    inputs = dict(connection.execute("SELECT task_id, input FROM map_jobs WHERE group_id = ?"
+                                     " AND task_id IS NOT NULL", (group_id,)).fetchall())
     summary = {"tasks": len(members)}
     for member in members:
         outcome = member["state"] if member["state"] in ("completed", "failed") else (
@@ -211,7 +214,7 @@ def group(connection, group_id):
             "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
             "summary": summary,
             "tasks": [{"device_id": m["requirements"].get("device_id") or m["device_id"],
-                       "task_id": m["task_id"],
+                       "task_id": m["task_id"], "input": inputs.get(m["task_id"]),
                        "state": m["state"], "output": (m["result"] or {}).get("output"),
                        "error": m["error"]} for m in members]}
 

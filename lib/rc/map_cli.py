@@ -297,6 +297,7 @@ class Plan:
         self.total = total               # inputs of the map
         self.to_run, self.to_wait = [], []   # jobs to queue now; jobs whose task is still on
         self.done_before = 0             # completed before a --resume
+        self.completed = []              # those jobs, for what no run wrote of them
         self.quote = QUOTERS.get(task_type)
         self.checked = []                # to_run's tasks, checked before any is queued
 
@@ -501,6 +502,7 @@ def resumed_map(context, arguments):
     for job in jobs_of(connection, plan.group_id):
         if job.state == COMPLETED:
             plan.done_before += 1
+            plan.completed.append(job)
         elif job.state == QUEUED or job.state in ACTIVE_STATES:
             plan.to_wait.append(job)
         else:
@@ -583,6 +585,7 @@ class Runner:
         self.context.audit("map_resumed" if self.resumed else "map_submitted",
                            group_id=plan.group_id, inputs=plan.total, to_run=len(plan.to_run),
                            task_type=plan.task_type, user=user_name())
+        self.write_unwatched()
         if not plan.to_run and not plan.to_wait:
             self.err.write("map %d: every input completed; nothing to run\n" % plan.group_id)
             return 0
@@ -619,6 +622,23 @@ class Runner:
             if self.plan.done_before else ""
         return " (%d completed before; %d to run again, %d still queued or running%s)" % (
             self.plan.done_before, len(self.plan.to_run), len(self.plan.to_wait), shown)
+
+    def write_unwatched(self):
+        """--resume: the missing --results and --into files of inputs that
+        completed before (one that ended after a Ctrl-C was never written);
+        what is there already is left as it is. Their stdout is not printed."""
+        if not self.results and not self.plan.outputs:
+            return
+        for job in self.plan.completed:
+            row = self.connection.execute("SELECT result, error, reason FROM tasks"
+                                          " WHERE task_id = ?", (job.task_id,)).fetchone()
+            if row is None:
+                continue                  # pruned meanwhile
+            outcome = Outcome(self, job, db.loads(row[0]) or {}, row[1] or row[2])
+            self.keep(job, outcome, missing_only=True)
+            for note in outcome.notes:
+                self.err.write("map %d: input %d (%s) %s\n" % (
+                    self.plan.group_id, job.number, shown(job.value), render.printable(note)))
 
     def newest_event(self):
         return self.connection.execute("SELECT max(id) FROM task_events").fetchone()[0] or 0
@@ -745,19 +765,22 @@ class Runner:
         if self.keep_order:
             self.show_in_order()
 
-    def keep(self, job, outcome):
-        """--results and --into: the job's streams and files, on disk here."""
+    def keep(self, job, outcome, missing_only=False):
+        """--results and --into: the job's streams and files, on disk here
+        (`missing_only`: only those not there yet)."""
         if not self.results and not self.plan.outputs:
             return
         with self.user_files():
-            if self.results:
+            if self.results and not (missing_only and os.path.exists(
+                    os.path.join(self.results, str(job.number), "state"))):
                 try:
                     outcome.write_results(self, self.results)
                 except OSError as e:
                     outcome.notes.append("results not written: %s" % e)
             if self.plan.outputs:
                 for entry in files.task_files(self.connection, job.task_id):
-                    if entry["kind"] == files.OUTPUT:
+                    if entry["kind"] == files.OUTPUT and not (missing_only and os.path.lexists(
+                            os.path.join(self.plan.into, *entry["name"].split("/")))):
                         try:
                             files_cli.write_out(self.connection, self.config, entry,
                                                 self.plan.into)

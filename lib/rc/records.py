@@ -258,4 +258,6 @@ def when(timestamp, now):
     if timestamp is None:
         return None
     local = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    if timestamp - now >= 1:        # a lease's end, a retry's not_before: ahead, not ago
+        return "%s (in %s)" % (local, render.age(timestamp - now))
     return "%s (%s)" % (local, ago(timestamp, now))

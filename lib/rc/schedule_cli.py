@@ -6,7 +6,7 @@ admin token (web_access)."""
 import time
 
 from rc import bell, environments, files_cli, render, schedules, services, tasks
-from rc.states import PAYLOAD_FIELD, PRIORITIES, TASK_TYPES
+from rc.states import PAYLOAD_FIELD, PRIORITIES, TASK_TYPES, TERMINAL_STATES
 
 COMMANDS = ("schedule", "service")
 READ_ACTIONS = ("list", "logs")     # what a reader may run in the web terminal
@@ -244,6 +244,9 @@ def cmd_service_logs(arguments, context):
                 context.out.write("%s:\n%s\n" % (stream, render.printable(run[stream])))
         if run["error"] and not run["stderr"]:
             context.out.write("error: %s\n" % render.printable(run["error"]))
+        if run["state"] not in TERMINAL_STATES and not (run["stdout"] or run["stderr"]):
+            context.out.write("(no run has ended yet: a run's output comes when it"
+                              " ends)\n")
 
 
 # -- shown -----------------------------------------------------------------------------

@@ -284,7 +284,7 @@ function summaryTiles(p) {
     tile("queued", String(s.queue_length)),
     tile("done / min (5 min)", String(s.throughput_5m)),
     tile("success (15 min)", h.success_rate === null || h.success_rate === undefined
-         ? "–" : Math.round(h.success_rate * 100) + "%"),
+         ? "–" : percentText(h.success_rate * 100)),
     tile("failed (15 min)", String(recentFailures), null, recentFailures > 0));
 }
 
@@ -391,10 +391,17 @@ function charts(history) {
     chart("done per minute", history, r => r.completed, "", null, s.throughput_1m),
     chart("queue length", history, r => r.queue_length, "", null, s.queue_length),
     chart("devices online", history, r => r.devices_online, "", null, s.devices_online),
-    chart("success rate", history, rate, "%", 100, null));
+    chart("success rate", history, rate, "%", 100, null, percentText));
 }
 
-function chart(title, history, value, unit, fixedTop, present) {
+// 99.9 % shown as 100 % beside a failure reads as none failed: below 100,
+// never rounded up to it.
+function percentText(value) {
+  return (value < 100 && Math.round(value) === 100 ? Math.floor(value * 10) / 10
+          : Math.round(value)) + "%";
+}
+
+function chart(title, history, value, unit, fixedTop, present, format) {
   const width = 320, height = 120, left = 34, right = 8, top = 8, bottom = 20;
   const end = picture.now, start = end - CHART_MINUTES * 60;
   // A minute's row is drawn at its middle; the present, at the right edge.
@@ -426,7 +433,8 @@ function chart(title, history, value, unit, fixedTop, present) {
     const [t, v] = known[known.length - 1];
     box.append(svg("circle", {cx: x(t), cy: y(v), r: 3, class: "dot"}));
   }
-  const last = known.length ? round(known[known.length - 1][1]) + unit : "–";
+  const shown = format || (v => round(v) + unit);
+  const last = known.length ? shown(known[known.length - 1][1]) : "–";
   return el("figure", {class: "chart"},
     el("figcaption", {}, el("span", {text: title}), el("b", {text: last})),
     known.length ? box : el("p", {class: "empty chart-empty", text: "no figures yet this hour"}));
@@ -785,11 +793,13 @@ async function drawGroup(state, view) {
     panel("Summary", keyValues(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
     panel("Tasks", table([
       {title: "task", cell: t => taskLink(t.task_id)},
+      // A map's input says which task is which (12 files, 12 rows of `completed`).
+      state.kind === "map" ? {title: "input", class: "message", cell: t => t.input || ""} : null,
       {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
       {title: "state", cell: t => stateChip(t.state)},
       {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
       {title: "error", class: "message opt", cell: t => (t.error || "").slice(0, 300)},
-    ], group.tasks, "no tasks")),
+    ].filter(Boolean), group.tasks, "no tasks")),
     panel("Payload", pre(json(group.payload)))]);
 }
 
