@@ -746,7 +746,8 @@ function deviceParts(d, recent, logs, watching) {
           ["tags", shown((d.tags || []).join(", "))],
           ["task types", shown((d.task_types || []).join(", "))],
           ["capabilities", shown((d.capabilities || []).join(", "))],
-          ["CPU speed", specs.cpu_speed !== undefined ? shown(specs.cpu_speed) : null],
+          ["CPU speed", specs.cpu_speed !== undefined
+            ? shown(String(specs.cpu_speed)) + " million loop turns/s, one core" : null],
           ["address", shown(d.address)], ["joined", clock(d.registered_at)],
           ["connected since", d.connected ? clock(d.connected_at) : null],
           ["last heard", clock(d.last_seen)],
