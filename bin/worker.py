@@ -2481,11 +2481,17 @@ EVAL_DRIVER = (
     "sys.stdout.write(repr(value) + '\\n')\n")
 
 
+# What Python prints of a task's code it could not compile has no traceback.
+SYNTAX_ERRORS = ("SyntaxError:", "IndentationError:", "TabError:")
+
+
 class PythonTask(ProcessTask):
     def failure(self, stderr):
         # An uncaught exception: its last line ("ZeroDivisionError: ...") says it best.
-        if "Traceback (most recent call last)" in stderr:
-            last = [line for line in stderr.splitlines() if line.strip()][-1]
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        if lines and ("Traceback (most recent call last)" in stderr
+                      or lines[-1].startswith(SYNTAX_ERRORS)):
+            last = lines[-1]
             if last.startswith("MemoryError") and self.memory_limit:
                 return "MemoryError: out of memory (limit %d MiB)" % self.memory_limit
             return last
