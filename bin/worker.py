@@ -2573,6 +2573,7 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_CHILD_SUBREAPER = 36
+LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
                     (1024, 1024), (2048, 2048), (4096, 1 << 21))
@@ -2677,6 +2678,19 @@ def isolate(jail):
             between = os.path.dirname(between)
         libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
         os.chdir(path)
+    if uid != 0:
+        drop_capabilities()
+
+
+def drop_capabilities():
+    """Give up every capability the new user namespace gave. An exec of
+    another uid than 0 drops them, but a Python task runs without one: with
+    CAP_SYS_ADMIN there it could unmount the tmpfs over the state directory
+    and remount a --read-only path writable. Without them it cannot, nor
+    from a namespace of its own: the mounts it takes along are locked."""
+    import ctypes
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)   # this process
+    libc_call("capset", header, (ctypes.c_uint32 * 6)())    # effective, permitted, inheritable
 
 
 def isolation_works(hide_network=False):
