@@ -5109,6 +5109,13 @@ class FileCache(object):
         except OSError:
             pass
 
+    def discard(self, sha):
+        """Drop a blob no task holds (a superseded checkpoint)."""
+        with self.lock:
+            if sha in self.pinned:
+                return
+        self.drop(sha)
+
     def pin(self, shas, by):
         with self.lock:
             for sha in shas:
@@ -6904,13 +6911,14 @@ class Files(object):
                                          % (key[0], key[1], new_nonce()[:8]))
         try:
             size, sha = write_checkpoint(directory, temporary)
+            previous = state[3]
             with open(temporary, "rb") as source:
                 state[3] = put_file(job, source, {"task_id": key[0], "attempt": key[1],
                                                   "name": CHECKPOINT_NAME})
             state[1] = signature
             log("info", "checkpoint_sent", task_id=key[0], attempt=key[1], size=size,
                 sha256=sha)
-            self.cache.add(sha, temporary)      # the next attempt here fetches nothing
+            self.cache_checkpoint(sha, size, temporary, previous)
         except FilesError as e:       # stale_attempt: a user's cancel, say; nothing lost
             log("info" if e.code == "stale_attempt" else "warning", "checkpoint_not_sent",
                 task_id=key[0], attempt=key[1], error=str(e))
@@ -6919,6 +6927,21 @@ class Files(object):
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def cache_checkpoint(self, sha, size, temporary, previous):
+        """The next attempt here fetches nothing: the checkpoint goes into
+        the cache in place of this attempt's previous one, within
+        --cache-mb. (Each was added as it stood, none evicted while the task
+        ran: a large checkpoint changing every few minutes filled the disk.)"""
+        if previous and previous["sha256"] != sha:
+            self.cache.discard(previous["sha256"])
+        if size > self.cache.cap:
+            return
+        try:
+            self.cache.make_room(size)
+        except FilesError:        # no disk for it: the next attempt fetches it
+            return
+        self.cache.add(sha, temporary)
 
     def keep_for_hand_back(self, task):
         """The task dir outlives abandon() when its checkpoint must go up first."""

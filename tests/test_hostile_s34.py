@@ -1,6 +1,7 @@
 """attack34: a task, its outputs and its artifacts as the attacker, against
 the worker's sandbox of today (the spawner, the per-device cache, uploads).
 Each test failed before the fix its docstring names."""
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,9 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster_harness import Cluster, online, wait_for  # noqa: E402
+from hostile_harness import assert_completes, submit_to  # noqa: E402
+from rc import tasks  # noqa: E402
 from test_sandbox import NOBODY, NOBODY_CAN_RUN, SETPRIV, nobody_python  # noqa: E402
 from test_worker import FakeMain, WorkerProcess  # noqa: E402
 
@@ -111,3 +115,73 @@ def test_an_isolated_python_task_cannot_unhide_nor_write_what_is_read_only(isola
     # A shell task (an exec) never had them; it still runs.
     result = link.run("shell", {"command": "grep CapEff /proc/self/status"}, task_id=102)
     assert result["result"]["output"].split() == ["CapEff:", "0000000000000000"], result
+
+
+# -- the device's cache: checkpoints of a running task -----------------------------------
+
+CACHE_MB = 1
+CHECKPOINT_BYTES = 700000       # each checkpoint's file: three of them pass the cap
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real cluster and one worker whose cache holds CACHE_MB, taking a
+    checkpoint of each running task every half second."""
+    cluster = Cluster(tmp_path_factory.mktemp("s34"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker("w34", "--slots", "2", "--cache-mb", str(CACHE_MB),
+                             "--checkpoint-every", "0.5")
+        wait_for(lambda: "w34" in online(cluster), 30, "the worker w34")
+        cluster.cache = os.path.join(cluster.home, "worker-state", "cache")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def cached_bytes(cluster):
+    return sum(os.lstat(os.path.join(cluster.cache, name)).st_size
+               for name in os.listdir(cluster.cache) if len(name) == 64)
+
+
+def worker_events(cluster, event, **fields):
+    found = []
+    with open(cluster.worker_log("w34")) as log:
+        for line in log:
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == event and all(
+                        record.get(name) == value for name, value in fields.items()):
+                    found.append(record)
+    return found
+
+
+@pytest.fixture
+def drop_dir():
+    """A directory every uid can reach (pytest's tmp_path is root's own)."""
+    path = tempfile.mkdtemp(prefix="rc-test-s34-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_checkpoints_of_a_running_task_keep_the_cache_within_its_cap(cluster, drop_dir):
+    """Each checkpoint a running task sent went into the cache as it
+    stood (so that its next attempt here fetches nothing), and nothing was
+    evicted until the task ended: a task changing a 1 GiB checkpoint every
+    five minutes filled the device's disk, whatever --cache-mb said. Now a
+    checkpoint replaces the attempt's previous one in the cache, within the
+    cap. Before: 3 checkpoints of 700 kB in a cache of 1 MiB, all kept."""
+    stop = os.path.join(drop_dir, "stop")      # the task's uid looks for it
+    command = ('while [ ! -e %s ]; do head -c %d /dev/urandom > "$RC_CHECKPOINT_DIR/state";'
+               ' sleep 0.3; done; echo stopped' % (stop, CHECKPOINT_BYTES))
+    task_id = submit_to(cluster, "w34", command)
+    try:
+        wait_for(lambda: len(worker_events(cluster, "checkpoint_sent", task_id=task_id)) >= 3,
+                 60, "three checkpoints of task %d" % task_id)
+        assert tasks.get(cluster.db, task_id)["state"] == "running"
+        assert cached_bytes(cluster) <= CACHE_MB * 1048576, os.listdir(cluster.cache)
+    finally:
+        open(stop, "w").close()
+    assert_completes(cluster, task_id, "stopped")
