@@ -1823,14 +1823,29 @@ def own_cpu_seconds(task_sessions):
 ###############################################################################
 
 class BadPayload(Exception):
-    """The payload lacks the field this task type needs."""
+    """The payload lacks the field this task type needs (or, `device_fault`,
+    its inputs found no room on this device)."""
+
+    def __init__(self, message, device_fault=False):
+        Exception.__init__(self, message)
+        self.device_fault = device_fault
+
+
+def disk_full(error):
+    """Whether an error is the device's disk (or quota) being full: not the
+    task's fault, so that another device may run it."""
+    if isinstance(error, FilesError):
+        return error.code == "disk_full"
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                         getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def result_data(key, status, error=None, output="", stderr="", exit_code=None,
                 execution_time=0.0, cpu_time=0.0, peak_memory_kb=None, truncated=False,
-                environment_failed=False):
+                environment_failed=False, device_fault=False):
     """The data of a task_result. `environment_failed`: its pip packages
-    would not install here, so the main node sends the next attempt elsewhere."""
+    would not install here; `device_fault`: it could not start for want of
+    disk here. Either way the main node sends the next attempt elsewhere."""
     if error is not None and len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS]
     result = {"output": output, "stderr": stderr, "exit_code": exit_code,
@@ -1838,6 +1853,8 @@ def result_data(key, status, error=None, output="", stderr="", exit_code=None,
               "peak_memory_kb": peak_memory_kb, "truncated": truncated}
     if environment_failed:
         result["environment_failed"] = True
+    if device_fault:
+        result["device_fault"] = True
     return {"task_id": key[0], "attempt": key[1], "status": status, "error": error,
             "result": result}
 
@@ -2109,7 +2126,8 @@ class ProcessTask(Task):
                         preexec_fn=preexec)
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
             self.remove_workdir(worker)
-            worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
+            worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
+                          device_fault=disk_full(e))
             return
         if self.proc.pid is not None:     # a spawned one: told when the spawner answers
             worker.watchdog.group_started(self.proc.pid)
@@ -5496,6 +5514,7 @@ class Job(object):
         self.cancelled = False
         self.done = False
         self.error = None
+        self.error_code = None    # FilesError's code: "disk_full" is the device's fault
         self.sockets = []
         self.ended = None         # a lock held until run() ends
         self.blobs = []           # staging: the sha256 of what it fetches
@@ -5522,9 +5541,10 @@ class Job(object):
         try:
             self.work(self)
         except FilesError as e:
-            self.error = str(e)
+            self.error, self.error_code = str(e), e.code
         except Exception as e:      # a bug or an OS error: contained to this task
             self.error = "%s: %s" % (type(e).__name__, e)
+            self.error_code = "disk_full" if disk_full(e) else None
         finally:
             self.done = True
             if self.wakes:
@@ -6355,7 +6375,8 @@ class Staging(Task):
             worker.files.cache.unpin(self.key)
             remove_tree(task.workdir)
             task.workdir = None
-            worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error)
+            worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error,
+                          device_fault=self.job.error_code == "disk_full")
             return
         task.staged = True        # its inputs stay pinned in the cache until it ends
         task.restored = self.job.restored
@@ -6539,8 +6560,11 @@ class Files(object):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
-        task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
-            else worker.sandbox.workdirs.take()
+        try:
+            task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
+                else worker.sandbox.workdirs.take()
+        except OSError as e:        # a disk another task filled: not the worker's end
+            raise BadPayload("cannot start: %s" % e, device_fault=disk_full(e))
         unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
         self.cache.pin(unique, task.key)
@@ -6579,7 +6603,7 @@ class Files(object):
             self.cache.unpin(task.key)
             remove_tree(task.workdir)
             task.workdir = None
-            raise BadPayload("inputs: %s" % (input_error(e),))
+            raise BadPayload("inputs: %s" % (input_error(e),), device_fault=disk_full(e))
         log("debug", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
         task.staged, task.restored = True, ()
         return True
@@ -8076,7 +8100,7 @@ class Worker(object):
             if not self.files.stage(self, task):   # files: inputs first (see Staging)
                 task.start(self)
         except BadPayload as e:
-            self.finish(task, OUTCOME_FAILED, error=str(e))
+            self.finish(task, OUTCOME_FAILED, error=str(e), device_fault=e.device_fault)
 
     def finish(self, task, status, error=None, **result):
         if self.files.upload_first(self, task, status, error, result):   # files: see Uploading

@@ -15,7 +15,8 @@ from cluster_harness import Cluster, online, wait_for  # noqa: E402
 from hostile_harness import assert_completes, submit_to  # noqa: E402
 from rc import tasks  # noqa: E402
 from test_sandbox import NOBODY, NOBODY_CAN_RUN, SETPRIV, nobody_python  # noqa: E402
-from test_worker import FakeMain, WorkerProcess  # noqa: E402
+from test_worker import FakeMain, WorkerProcess, main  # noqa: E402,F401 (main: a fixture)
+from test_worker_files import files, run, start  # noqa: E402,F401 (fixtures)
 
 
 def nobody_has_user_namespaces():
@@ -185,3 +186,70 @@ def test_checkpoints_of_a_running_task_keep_the_cache_within_its_cap(cluster, dr
     finally:
         open(stop, "w").close()
     assert_completes(cluster, task_id, "stopped")
+
+
+# -- a device whose disk a task filled -------------------------------------------------------
+
+@pytest.fixture
+def small_disk(drop_dir):
+    """A tmpfs of 64 inodes, for a worker's task directories ($TMPDIR)."""
+    path = os.path.join(drop_dir, "small")
+    os.mkdir(path)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64", "tmpfs", path],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    os.chmod(path, 0o1777)
+    yield path
+    subprocess.run(["umount", "-l", path])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_a_task_that_fills_the_disk_neither_ends_the_worker_nor_fails_tasks_for_good(
+        cluster, drop_dir, small_disk, monkeypatch):
+    """A task used up the inodes of the device's disk; the next task with an
+    input file could not have its directory made, and the OSError ended the
+    worker's loop (a traceback, the worker gone, every task of the device
+    queued again). Now an attempt that finds no room to start fails as the
+    device's fault (`device_fault`): the main node queues it again while
+    its retries last, and it runs once the disk has room. Before: the
+    worker died, the task never ran."""
+    monkeypatch.setenv("TMPDIR", small_disk)
+    # Uids of its own: its uid locks live under this $TMPDIR, out of other workers' sight.
+    worker = cluster.start_worker("full34", "--slots", "2", "--task-user", "61340:4")
+    monkeypatch.delenv("TMPDIR")
+    wait_for(lambda: "full34" in online(cluster), 30, "the worker full34")
+    stop = os.path.join(drop_dir, "stop")
+    filler = submit_to(cluster, "full34", "i=0; while mkdir d$i 2>/dev/null; do i=$((i+1));"
+                       " done; while [ ! -e %s ]; do sleep 0.1; done; echo filled" % stop)
+    try:
+        wait_for(lambda: os.statvfs(small_disk).f_ffree == 0, 30, "the disk's inodes used up")
+        data = os.path.join(drop_dir, "input.txt")
+        with open(data, "w") as f:
+            f.write("an input\n")
+        victim = int(cluster.rc("submit", "shell", "cat input.txt", "--input", data,
+                                "--require", "device_id=full34", "--retries", "8").stdout)
+        wait_for(lambda: tasks.get(cluster.db, victim)["attempt"] >= 2, 30,
+                 "the attempt that found no room queued again")
+        assert worker.poll() is None, "the worker ended"
+        row = tasks.get(cluster.db, victim)
+        assert row["state"] in ("queued", "assigned", "running"), row
+        assert "No space left on device" in row["reason"], row
+    finally:
+        open(stop, "w").close()
+    assert_completes(cluster, filler, "filled")
+    assert_completes(cluster, victim, "an input", timeout=90)
+    assert worker.poll() is None
+
+
+def test_inputs_that_find_no_room_are_the_devices_fault(start, files):
+    """The same for an input larger than the device's free disk: the
+    attempt fails before a byte moves, and says it was the device's fault,
+    so that the main node queues it again. Before: no device_fault."""
+    worker, link = start()
+    ref = {"sha256": "ab" * 32, "size": 1 << 60}
+    result = run(link, 1, "shell", {"command": "true", "inputs": [dict(ref, path="huge")]})
+    assert result["status"] == "failed", result
+    assert "not enough disk space on this device" in result["error"], result
+    assert result["result"]["device_fault"] is True, result
+    result = run(link, 2, "shell", {"command": "exit 3"})
+    assert result["status"] == "failed" and "device_fault" not in result["result"], result
