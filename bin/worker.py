@@ -268,6 +268,10 @@ TASK_PROCESSES = 256            # processes (threads count) a task may have: RLI
                                 # what a uid it shares with others (the worker's) already has
 TASK_UID_BASE = 59000           # as root, tasks run as uids from here (none with an account),
 TASK_UID_COUNT = 256            # ... this many: one per running task (--task-user changes them)
+# Where root workers lock the task uids they use: one place for all of a
+# machine's, whatever each one's $TMPDIR (systemd's PrivateTmp gives each
+# service a /tmp of its own, and two workers of one uid kill each other's tasks).
+UID_LOCK_DIR = "/run/rc-worker"
 # Where any uid may leave files, and the kinds of SysV IPC object (the
 # /proc/sysvipc file, the call that removes one): a task's uid's are removed
 # before its next task (see Leftovers).
@@ -2959,6 +2963,21 @@ def pid_alive(text):
 
 # -- the task directories -------------------------------------------------------
 
+def uid_lock_dir(fallback):
+    """UID_LOCK_DIR, made root's own, where it can be (Linux); else
+    `fallback`, this worker's task root's parent under $TMPDIR."""
+    import stat
+    try:
+        os.mkdir(UID_LOCK_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:           # no /run (macOS), or not root
+        return fallback
+    info = os.lstat(UID_LOCK_DIR)
+    return UID_LOCK_DIR if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() == 0 \
+        else fallback
+
+
 def task_root(device_id):
     """$TMPDIR/rc-worker-EUID/DEVICE_ID.PID: this worker's directory of task
     directories. The first part is made once and must be ours; at start each
@@ -3405,7 +3424,7 @@ class Sandbox(object):
         worker and a device's) must never share one: the end of a task kills
         every process of its uid."""
         import fcntl
-        top = os.path.dirname(self.workdirs.root)
+        top = uid_lock_dir(os.path.dirname(self.workdirs.root))
         while self.free_uids:
             uid = self.free_uids.pop(0)
             fd = os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT, 0o600)

@@ -132,8 +132,9 @@ def cluster(tmp_path_factory):
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
+        # Each worker here has task uids (61330-61359) no other test's worker uses.
         cluster.start_worker("w34", "--slots", "2", "--cache-mb", str(CACHE_MB),
-                             "--checkpoint-every", "0.5")
+                             "--checkpoint-every", "0.5", "--task-user", "61330:4")
         wait_for(lambda: "w34" in online(cluster), 30, "the worker w34")
         cluster.cache = os.path.join(cluster.home, "worker-state", "cache")
         yield cluster
@@ -214,7 +215,6 @@ def test_a_task_that_fills_the_disk_neither_ends_the_worker_nor_fails_tasks_for_
     its retries last, and it runs once the disk has room. Before: the
     worker died, the task never ran."""
     monkeypatch.setenv("TMPDIR", small_disk)
-    # Uids of its own: its uid locks live under this $TMPDIR, out of other workers' sight.
     worker = cluster.start_worker("full34", "--slots", "2", "--task-user", "61340:4")
     monkeypatch.delenv("TMPDIR")
     wait_for(lambda: "full34" in online(cluster), 30, "the worker full34")
@@ -253,3 +253,33 @@ def test_inputs_that_find_no_room_are_the_devices_fault(start, files):
     assert result["result"]["device_fault"] is True, result
     result = run(link, 2, "shell", {"command": "exit 3"})
     assert result["status"] == "failed" and "device_fault" not in result["result"], result
+
+
+# -- two root workers of one machine, each with a /tmp of its own ----------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="task uids of their own need root")
+def test_workers_with_their_own_tmpdir_never_share_a_task_uid(cluster, drop_dir, monkeypatch):
+    """Root workers lock the task uids they use so that no two of a machine
+    share one (a task's end kills every process of its uid), but the locks
+    were under $TMPDIR: two workers each with a /tmp of its own (systemd's
+    PrivateTmp, in both units we ship) took the same uid, and one task's
+    end killed the other's. Now the locks live in /run/rc-worker. Before:
+    both tasks ran as 61350."""
+    uids = ("--task-user", "61350:2", "--slots", "1")
+    cluster.start_worker("tmp-a", *uids)
+    monkeypatch.setenv("TMPDIR", drop_dir)
+    cluster.start_worker("tmp-b", *uids)
+    monkeypatch.delenv("TMPDIR")
+    wait_for(lambda: {"tmp-a", "tmp-b"} <= set(online(cluster)), 30, "both workers")
+    stop = os.path.join(drop_dir, "stop")
+    first = submit_to(cluster, "tmp-a", "while [ ! -e %s ]; do sleep 0.1; done; id -u" % stop)
+    try:
+        wait_for(lambda: tasks.get(cluster.db, first)["state"] == "running", 30, "the first task")
+        second = submit_to(cluster, "tmp-b", "id -u")
+        assert_completes(cluster, second, "613")
+    finally:
+        open(stop, "w").close()
+    assert_completes(cluster, first, "613")
+    outputs = [tasks.get(cluster.db, task_id)["result"]["output"].strip()
+               for task_id in (first, second)]
+    assert outputs[0] != outputs[1], outputs
