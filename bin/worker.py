@@ -3721,6 +3721,8 @@ def serve_spawner(fd):
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children = {}     # pid of a task's first process -> the task's jail
     trees = TaskTrees.started()
+    if trees is not None:      # its tasks come back to us (subreaper): see Template
+        trees.template = Template.start(sock)
     while True:
         busy = trees is not None and trees.owner
         readable = select.select([sock, wakeup], [], [], TRACK_INTERVAL if busy else None)[0]
@@ -3773,9 +3775,13 @@ def serve_request(sock, children, trees):
         tracked = trees is not None and jail.get("track")
         if tracked:
             jail["mark"] = trees.new_mark()
+        template = trees.template if trees is not None else None
         if (request.get("self_limiting") and hasattr(os, "posix_spawn")
                 and not jail.get("isolate")):
             pid = spawn_command(request, fds[0], fds[1])
+        elif ("argv" not in request and jail.get("own_uid") and template is not None
+              and template.alive()):      # tasks of one uid could read each other anyway
+            pid = template.fork(request, fds[0], fds[1])
         else:
             pid = fork_child(request, fds[0], fds[1])
         children[pid] = jail
@@ -3788,6 +3794,101 @@ def serve_request(sock, children, trees):
         os.close(fd)
     sock.send(dumps(reply))
     return True
+
+
+class Template(object):
+    """The spawner's image as it started, before any task's payload came:
+    Python tasks of a uid of their own (a root worker's), which run without
+    an exec, are forked from it, never from the spawner, whose memory holds what earlier tasks were sent (their
+    code, commands and env: freed, not wiped), which a task reading its own
+    memory would find, another uid's too. For each task the template forks
+    a child that forks the task and exits: the task comes back to the
+    spawner (a subreaper), which reaps it as any other. The task reads its
+    request from a pipe the spawner writes: the template never sees one."""
+
+    def __init__(self, pid, sock):
+        self.pid, self.sock = pid, sock
+
+    @classmethod
+    def start(cls, spawner_sock):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                spawner_sock.close()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # its children reap themselves
+                serve_template(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        return cls(pid, ours)
+
+    def alive(self):
+        return self.pid is not None
+
+    def fork(self, request, stdout_fd, stderr_fd):
+        import array
+        reader, writer = os.pipe()
+        try:
+            try:
+                self.sock.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", (stdout_fd, stderr_fd, reader)))])
+                pid = loads(self.sock.recv(4096))["pid"]
+            except (OSError, ValueError, KeyError):
+                self.pid = None       # gone: Python tasks are forked as before
+                raise OSError(errno.ECHILD, "the spawner's template is gone")
+            finally:
+                os.close(reader)
+            try:
+                write_all(writer, dumps(request))
+            except OSError:
+                pass              # it died before it read: its end is reported
+            return pid
+        finally:
+            os.close(writer)
+
+
+def serve_template(sock):
+    """The template's life: a task process for each pair of output
+    descriptors and request pipe, until the spawner goes."""
+    import array
+    while True:
+        fds = array.array("i")
+        try:
+            data, ancillary, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
+        except OSError:
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not data or len(fds) != 3:
+            return
+        if os.fork() == 0:
+            # Between the template and the task: it exits at once, and the
+            # task (even one ended already: a zombie, never reaped here, as
+            # SIG_IGN would) is the spawner's child then.
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                pid = os.fork()
+                if pid == 0:
+                    run_template_child(fds)
+                sock.send(dumps({"pid": pid}))
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+
+def run_template_child(fds):
+    """In a task forked from the template: read the request, become the task."""
+    try:
+        with os.fdopen(fds[2], "rb") as pipe:
+            request = loads(pipe.read())
+        run_spawned(request, None, fds[0], fds[1])
+    finally:
+        os._exit(127)
 
 
 def spawner_ignores():
@@ -4084,13 +4185,16 @@ def end_task(pid, jail, trees, everything):
         trees.end(pid)
 
 
-def strays(children):
-    """Whether the spawner has a child that is not a task's first process: an
-    orphan of some task (a subreaper gets every process a task left behind,
-    the topmost of each one it left). True where /proc does not say."""
+def strays(children, template=None):
+    """Whether the spawner has a child that is not a task's first process
+    (nor its Template): an orphan of some task (a subreaper gets every
+    process a task left behind, the topmost of each one it left). True
+    where /proc does not say."""
+    kept = template.pid if template is not None else None
     try:
         with open("/proc/self/task/%d/children" % os.getpid()) as f:
-            return any(int(pid) not in children for pid in f.read().split())
+            return any(int(pid) not in children and int(pid) != kept
+                       for pid in f.read().split())
     except (OSError, ValueError):
         return True
 
@@ -4239,6 +4343,7 @@ class TaskTrees(object):
         self.marks = {}       # TASK_MARK value -> the first pid of its task
         self.ended = set()    # first pids of tasks that ended: their processes die
         self.count = 0
+        self.template = None  # a Template, whose processes are no task's
 
     @classmethod
     def started(cls):
@@ -4277,6 +4382,9 @@ class TaskTrees(object):
         """Find the task of `pid` through its ancestors."""
         chain = []
         while pid not in self.owner and pid not in outside and pid in parents:
+            if parents[pid] == self.me and self.template is not None \
+                    and pid == self.template.pid:
+                break
             if parents[pid] == self.me:       # an orphan that came back to us
                 leader = self.marks.get(process_mark(pid))
                 if leader is None:
@@ -4320,10 +4428,12 @@ class TaskTrees(object):
             pid = info.si_pid
             if pid in children:
                 # Before it is reaped, while its pid (and group id) stays ours.
-                end_task(pid, children[pid], self, everything=strays(children))
+                end_task(pid, children[pid], self, everything=strays(children, self.template))
                 ended.append((pid, os.wait4(pid, 0)))
             else:
                 os.waitpid(pid, 0)
+                if self.template is not None and pid == self.template.pid:
+                    self.template.pid = None
 
 
 def process_parents():

@@ -1,6 +1,7 @@
 """attack34: a task, its outputs and its artifacts as the attacker, against
 the worker's sandbox of today (the spawner, the per-device cache, uploads).
 Each test failed before the fix its docstring names."""
+import binascii
 import json
 import os
 import shutil
@@ -283,3 +284,42 @@ def test_workers_with_their_own_tmpdir_never_share_a_task_uid(cluster, drop_dir,
     outputs = [tasks.get(cluster.db, task_id)["result"]["output"].strip()
                for task_id in (first, second)]
     assert outputs[0] != outputs[1], outputs
+
+
+# -- the spawner's memory: what earlier tasks were sent ---------------------------------------
+
+READ_OWN_MEMORY = r'''
+import ctypes, re
+found = set()
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if "rw" not in fields[1]:
+        continue
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    try:
+        found.update(re.findall(rb"victim-[0-9a-f]{32}", ctypes.string_at(start, end - start)))
+    except (OSError, ValueError):
+        pass
+print(sorted(value.decode() for value in found))
+'''
+
+
+def test_a_python_task_finds_no_other_tasks_payload_in_its_memory(cluster):
+    """A Python task is a fork of the spawner, and the spawner's memory
+    held the payloads of the tasks it had started (freed, not wiped): a
+    task that read its own memory found another uid's task's `--env`
+    secret, and its code. Now Python tasks are forked from a template of
+    the spawner made before any payload came, and read their own request
+    themselves. Before: both secrets found."""
+    secrets = [binascii.hexlify(os.urandom(16)).decode() for _ in range(2)]
+    shell = cluster.rc("submit", "shell", "echo ran", "--env", "KEY=victim-" + secrets[0],
+                       "--require", "device_id=w34").stdout
+    python = cluster.rc("submit", "python_exec", "print('ran')", "--env",
+                        "KEY=victim-" + secrets[1], "--require", "device_id=w34").stdout
+    for task_id in (shell, python):
+        assert_completes(cluster, int(task_id), "ran")
+    attacker = int(cluster.rc("submit", "python_exec", READ_OWN_MEMORY,
+                              "--require", "device_id=w34").stdout)
+    assert_completes(cluster, attacker, "[")
+    output = tasks.get(cluster.db, attacker)["result"]["output"]
+    assert not any(secret in output for secret in secrets), output
