@@ -3721,7 +3721,8 @@ def serve_spawner(fd):
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children = {}     # pid of a task's first process -> the task's jail
     trees = TaskTrees.started()
-    if trees is not None:      # its tasks come back to us (subreaper): see Template
+    # Only root gives tasks uids of their own; their tasks come back to us (subreaper).
+    if trees is not None and os.geteuid() == 0:
         trees.template = Template.start(sock)
     while True:
         busy = trees is not None and trees.owner
