@@ -268,6 +268,10 @@ TASK_PROCESSES = 256            # processes (threads count) a task may have: RLI
                                 # what a uid it shares with others (the worker's) already has
 TASK_UID_BASE = 59000           # as root, tasks run as uids from here (none with an account),
 TASK_UID_COUNT = 256            # ... this many: one per running task (--task-user changes them)
+# Where root workers lock the task uids they use: one place for all of a
+# machine's, whatever each one's $TMPDIR (systemd's PrivateTmp gives each
+# service a /tmp of its own, and two workers of one uid kill each other's tasks).
+UID_LOCK_DIR = "/run/rc-worker"
 # Where any uid may leave files, and the kinds of SysV IPC object (the
 # /proc/sysvipc file, the call that removes one): a task's uid's are removed
 # before its next task (see Leftovers).
@@ -1823,14 +1827,29 @@ def own_cpu_seconds(task_sessions):
 ###############################################################################
 
 class BadPayload(Exception):
-    """The payload lacks the field this task type needs."""
+    """The payload lacks the field this task type needs (or, `device_fault`,
+    its inputs found no room on this device)."""
+
+    def __init__(self, message, device_fault=False):
+        Exception.__init__(self, message)
+        self.device_fault = device_fault
+
+
+def disk_full(error):
+    """Whether an error is the device's disk (or quota) being full: not the
+    task's fault, so that another device may run it."""
+    if isinstance(error, FilesError):
+        return error.code == "disk_full"
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                         getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def result_data(key, status, error=None, output="", stderr="", exit_code=None,
                 execution_time=0.0, cpu_time=0.0, peak_memory_kb=None, truncated=False,
-                environment_failed=False):
+                environment_failed=False, device_fault=False):
     """The data of a task_result. `environment_failed`: its pip packages
-    would not install here, so the main node sends the next attempt elsewhere."""
+    would not install here; `device_fault`: it could not start for want of
+    disk here. Either way the main node sends the next attempt elsewhere."""
     if error is not None and len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS]
     result = {"output": output, "stderr": stderr, "exit_code": exit_code,
@@ -1838,6 +1857,8 @@ def result_data(key, status, error=None, output="", stderr="", exit_code=None,
               "peak_memory_kb": peak_memory_kb, "truncated": truncated}
     if environment_failed:
         result["environment_failed"] = True
+    if device_fault:
+        result["device_fault"] = True
     return {"task_id": key[0], "attempt": key[1], "status": status, "error": error,
             "result": result}
 
@@ -2109,7 +2130,8 @@ class ProcessTask(Task):
                         preexec_fn=preexec)
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
             self.remove_workdir(worker)
-            worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e)
+            worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
+                          device_fault=disk_full(e))
             return
         if self.proc.pid is not None:     # a spawned one: told when the spawner answers
             worker.watchdog.group_started(self.proc.pid)
@@ -2579,6 +2601,7 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_CHILD_SUBREAPER = 36
+LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
                     (1024, 1024), (2048, 2048), (4096, 1 << 21))
@@ -2683,6 +2706,19 @@ def isolate(jail):
             between = os.path.dirname(between)
         libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
         os.chdir(path)
+    if uid != 0:
+        drop_capabilities()
+
+
+def drop_capabilities():
+    """Give up every capability the new user namespace gave. An exec of
+    another uid than 0 drops them, but a Python task runs without one: with
+    CAP_SYS_ADMIN there it could unmount the tmpfs over the state directory
+    and remount a --read-only path writable. Without them it cannot, nor
+    from a namespace of its own: the mounts it takes along are locked."""
+    import ctypes
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)   # this process
+    libc_call("capset", header, (ctypes.c_uint32 * 6)())    # effective, permitted, inheritable
 
 
 def isolation_works(hide_network=False):
@@ -2932,6 +2968,21 @@ def pid_alive(text):
 
 
 # -- the task directories -------------------------------------------------------
+
+def uid_lock_dir(fallback):
+    """UID_LOCK_DIR, made root's own, where it can be (Linux); else
+    `fallback`, this worker's task root's parent under $TMPDIR."""
+    import stat
+    try:
+        os.mkdir(UID_LOCK_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:           # no /run (macOS), or not root
+        return fallback
+    info = os.lstat(UID_LOCK_DIR)
+    return UID_LOCK_DIR if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() == 0 \
+        else fallback
+
 
 def task_root(device_id):
     """$TMPDIR/rc-worker-EUID/DEVICE_ID.PID: this worker's directory of task
@@ -3379,7 +3430,7 @@ class Sandbox(object):
         worker and a device's) must never share one: the end of a task kills
         every process of its uid."""
         import fcntl
-        top = os.path.dirname(self.workdirs.root)
+        top = uid_lock_dir(os.path.dirname(self.workdirs.root))
         while self.free_uids:
             uid = self.free_uids.pop(0)
             fd = os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT, 0o600)
@@ -3676,6 +3727,9 @@ def serve_spawner(fd):
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     children = {}     # pid of a task's first process -> the task's jail
     trees = TaskTrees.started()
+    # Only root gives tasks uids of their own; their tasks come back to us (subreaper).
+    if trees is not None and os.geteuid() == 0:
+        trees.template = Template.start(sock)
     while True:
         busy = trees is not None and trees.owner
         readable = select.select([sock, wakeup], [], [], TRACK_INTERVAL if busy else None)[0]
@@ -3728,9 +3782,13 @@ def serve_request(sock, children, trees):
         tracked = trees is not None and jail.get("track")
         if tracked:
             jail["mark"] = trees.new_mark()
+        template = trees.template if trees is not None else None
         if (request.get("self_limiting") and hasattr(os, "posix_spawn")
                 and not jail.get("isolate")):
             pid = spawn_command(request, fds[0], fds[1])
+        elif ("argv" not in request and jail.get("own_uid") and template is not None
+              and template.alive()):      # tasks of one uid could read each other anyway
+            pid = template.fork(request, fds[0], fds[1])
         else:
             pid = fork_child(request, fds[0], fds[1])
         children[pid] = jail
@@ -3743,6 +3801,101 @@ def serve_request(sock, children, trees):
         os.close(fd)
     sock.send(dumps(reply))
     return True
+
+
+class Template(object):
+    """The spawner's image as it started, before any task's payload came:
+    Python tasks of a uid of their own (a root worker's), which run without
+    an exec, are forked from it, never from the spawner, whose memory holds what earlier tasks were sent (their
+    code, commands and env: freed, not wiped), which a task reading its own
+    memory would find, another uid's too. For each task the template forks
+    a child that forks the task and exits: the task comes back to the
+    spawner (a subreaper), which reaps it as any other. The task reads its
+    request from a pipe the spawner writes: the template never sees one."""
+
+    def __init__(self, pid, sock):
+        self.pid, self.sock = pid, sock
+
+    @classmethod
+    def start(cls, spawner_sock):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                spawner_sock.close()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # its children reap themselves
+                serve_template(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        return cls(pid, ours)
+
+    def alive(self):
+        return self.pid is not None
+
+    def fork(self, request, stdout_fd, stderr_fd):
+        import array
+        reader, writer = os.pipe()
+        try:
+            try:
+                self.sock.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", (stdout_fd, stderr_fd, reader)))])
+                pid = loads(self.sock.recv(4096))["pid"]
+            except (OSError, ValueError, KeyError):
+                self.pid = None       # gone: Python tasks are forked as before
+                raise OSError(errno.ECHILD, "the spawner's template is gone")
+            finally:
+                os.close(reader)
+            try:
+                write_all(writer, dumps(request))
+            except OSError:
+                pass              # it died before it read: its end is reported
+            return pid
+        finally:
+            os.close(writer)
+
+
+def serve_template(sock):
+    """The template's life: a task process for each pair of output
+    descriptors and request pipe, until the spawner goes."""
+    import array
+    while True:
+        fds = array.array("i")
+        try:
+            data, ancillary, _, _ = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
+        except OSError:
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not data or len(fds) != 3:
+            return
+        if os.fork() == 0:
+            # Between the template and the task: it exits at once, and the
+            # task (even one ended already: a zombie, never reaped here, as
+            # SIG_IGN would) is the spawner's child then.
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                pid = os.fork()
+                if pid == 0:
+                    run_template_child(fds)
+                sock.send(dumps({"pid": pid}))
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+
+
+def run_template_child(fds):
+    """In a task forked from the template: read the request, become the task."""
+    try:
+        with os.fdopen(fds[2], "rb") as pipe:
+            request = loads(pipe.read())
+        run_spawned(request, None, fds[0], fds[1])
+    finally:
+        os._exit(127)
 
 
 def spawner_ignores():
@@ -4039,13 +4192,16 @@ def end_task(pid, jail, trees, everything):
         trees.end(pid)
 
 
-def strays(children):
-    """Whether the spawner has a child that is not a task's first process: an
-    orphan of some task (a subreaper gets every process a task left behind,
-    the topmost of each one it left). True where /proc does not say."""
+def strays(children, template=None):
+    """Whether the spawner has a child that is not a task's first process
+    (nor its Template): an orphan of some task (a subreaper gets every
+    process a task left behind, the topmost of each one it left). True
+    where /proc does not say."""
+    kept = template.pid if template is not None else None
     try:
         with open("/proc/self/task/%d/children" % os.getpid()) as f:
-            return any(int(pid) not in children for pid in f.read().split())
+            return any(int(pid) not in children and int(pid) != kept
+                       for pid in f.read().split())
     except (OSError, ValueError):
         return True
 
@@ -4195,6 +4351,7 @@ class TaskTrees(object):
         self.marks = {}       # TASK_MARK value -> the first pid of its task
         self.ended = set()    # first pids of tasks that ended: their processes die
         self.count = 0
+        self.template = None  # a Template, whose processes are no task's
 
     @classmethod
     def started(cls):
@@ -4233,6 +4390,9 @@ class TaskTrees(object):
         """Find the task of `pid` through its ancestors."""
         chain = []
         while pid not in self.owner and pid not in outside and pid in parents:
+            if parents[pid] == self.me and self.template is not None \
+                    and pid == self.template.pid:
+                break
             if parents[pid] == self.me:       # an orphan that came back to us
                 leader = self.marks.get(process_mark(pid))
                 if leader is None:
@@ -4276,10 +4436,12 @@ class TaskTrees(object):
             pid = info.si_pid
             if pid in children:
                 # Before it is reaped, while its pid (and group id) stays ours.
-                end_task(pid, children[pid], self, everything=strays(children))
+                end_task(pid, children[pid], self, everything=strays(children, self.template))
                 ended.append((pid, os.wait4(pid, 0)))
             else:
                 os.waitpid(pid, 0)
+                if self.template is not None and pid == self.template.pid:
+                    self.template.pid = None
 
 
 def process_parents():
@@ -5102,6 +5264,13 @@ class FileCache(object):
         except OSError:
             pass
 
+    def discard(self, sha):
+        """Drop a blob no task holds (a superseded checkpoint)."""
+        with self.lock:
+            if sha in self.pinned:
+                return
+        self.drop(sha)
+
     def pin(self, shas, by):
         with self.lock:
             for sha in shas:
@@ -5482,6 +5651,7 @@ class Job(object):
         self.cancelled = False
         self.done = False
         self.error = None
+        self.error_code = None    # FilesError's code: "disk_full" is the device's fault
         self.sockets = []
         self.ended = None         # a lock held until run() ends
         self.blobs = []           # staging: the sha256 of what it fetches
@@ -5508,9 +5678,10 @@ class Job(object):
         try:
             self.work(self)
         except FilesError as e:
-            self.error = str(e)
+            self.error, self.error_code = str(e), e.code
         except Exception as e:      # a bug or an OS error: contained to this task
             self.error = "%s: %s" % (type(e).__name__, e)
+            self.error_code = "disk_full" if disk_full(e) else None
         finally:
             self.done = True
             if self.wakes:
@@ -6341,7 +6512,8 @@ class Staging(Task):
             worker.files.cache.unpin(self.key)
             remove_tree(task.workdir)
             task.workdir = None
-            worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error)
+            worker.finish(self, OUTCOME_FAILED, error="inputs: %s" % self.job.error,
+                          device_fault=self.job.error_code == "disk_full")
             return
         task.staged = True        # its inputs stay pinned in the cache until it ends
         task.restored = self.job.restored
@@ -6525,8 +6697,11 @@ class Files(object):
             return False
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
-        task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
-            else worker.sandbox.workdirs.take()
+        try:
+            task.workdir = workdir = self.spare_dirs.pop() if self.spare_dirs \
+                else worker.sandbox.workdirs.take()
+        except OSError as e:        # a disk another task filled: not the worker's end
+            raise BadPayload("cannot start: %s" % e, device_fault=disk_full(e))
         unique = unique_blobs(inputs, stdin, checkpoint)
         link = worker.sandbox.may_link_inputs()
         self.cache.pin(unique, task.key)
@@ -6565,7 +6740,7 @@ class Files(object):
             self.cache.unpin(task.key)
             remove_tree(task.workdir)
             task.workdir = None
-            raise BadPayload("inputs: %s" % (input_error(e),))
+            raise BadPayload("inputs: %s" % (input_error(e),), device_fault=disk_full(e))
         log("debug", "inputs_ready", files=len(inputs), fetched=0, cached=len(unique))
         task.staged, task.restored = True, ()
         return True
@@ -6897,13 +7072,14 @@ class Files(object):
                                          % (key[0], key[1], new_nonce()[:8]))
         try:
             size, sha = write_checkpoint(directory, temporary)
+            previous = state[3]
             with open(temporary, "rb") as source:
                 state[3] = put_file(job, source, {"task_id": key[0], "attempt": key[1],
                                                   "name": CHECKPOINT_NAME})
             state[1] = signature
             log("info", "checkpoint_sent", task_id=key[0], attempt=key[1], size=size,
                 sha256=sha)
-            self.cache.add(sha, temporary)      # the next attempt here fetches nothing
+            self.cache_checkpoint(sha, size, temporary, previous)
         except FilesError as e:       # stale_attempt: a user's cancel, say; nothing lost
             log("info" if e.code == "stale_attempt" else "warning", "checkpoint_not_sent",
                 task_id=key[0], attempt=key[1], error=str(e))
@@ -6912,6 +7088,21 @@ class Files(object):
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def cache_checkpoint(self, sha, size, temporary, previous):
+        """The next attempt here fetches nothing: the checkpoint goes into
+        the cache in place of this attempt's previous one, within
+        --cache-mb. (Each was added as it stood, none evicted while the task
+        ran: a large checkpoint changing every few minutes filled the disk.)"""
+        if previous and previous["sha256"] != sha:
+            self.cache.discard(previous["sha256"])
+        if size > self.cache.cap:
+            return
+        try:
+            self.cache.make_room(size)
+        except FilesError:        # no disk for it: the next attempt fetches it
+            return
+        self.cache.add(sha, temporary)
 
     def keep_for_hand_back(self, task):
         """The task dir outlives abandon() when its checkpoint must go up first."""
@@ -8046,7 +8237,7 @@ class Worker(object):
             if not self.files.stage(self, task):   # files: inputs first (see Staging)
                 task.start(self)
         except BadPayload as e:
-            self.finish(task, OUTCOME_FAILED, error=str(e))
+            self.finish(task, OUTCOME_FAILED, error=str(e), device_fault=e.device_fault)
 
     def finish(self, task, status, error=None, **result):
         if self.files.upload_first(self, task, status, error, result):   # files: see Uploading

@@ -35,6 +35,22 @@ def children(pid):
         return f.read().split()
 
 
+def task_children(spawner):
+    """The spawner's children that are tasks: each in a session of its own
+    (its template, which forks Python tasks, stays in the spawner's)."""
+    def session(pid):
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[3]
+    found = []
+    for pid in children(spawner):
+        try:
+            if session(pid) != session(spawner):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def spawner_pids(worker):
     return [event["pid"] for event in worker.events("spawner_started")]
 
@@ -137,8 +153,8 @@ def test_a_simple_command_starts_without_a_shell_under_the_same_limits(main, spa
     # ... the hard ones and CPU time's (20 s timeout + 1 + a 5 s margin) set as it
     # starts (read here from outside).
     link.assign(6, "shell", {"command": "sleep 60"}, timeout=20)
-    assert wait_until(lambda: children(spawner_pids(worker)[0]), WAIT)
-    sleeper = int(children(spawner_pids(worker)[0])[0])
+    assert wait_until(lambda: task_children(spawner_pids(worker)[0]), WAIT)
+    sleeper = int(task_children(spawner_pids(worker)[0])[0])
 
     def read_limits():
         with open("/proc/%d/limits" % sleeper) as f:
@@ -197,8 +213,9 @@ def test_a_killed_spawner_restarts_the_worker(main, spawn):
     (and a task that kills the spawner ends as a poison pill)."""
     worker, link = registered(main, spawn, sys.executable)
     link.assign(1, "python_exec", {"code": "import time\ntime.sleep(60)\n"})
-    assert wait_until(lambda: spawner_pids(worker) and children(spawner_pids(worker)[0]), WAIT)
-    task_pid = int(children(spawner_pids(worker)[0])[0])
+    assert wait_until(lambda: spawner_pids(worker) and task_children(spawner_pids(worker)[0]),
+                      WAIT)
+    task_pid = int(task_children(spawner_pids(worker)[0])[0])
     os.kill(spawner_pids(worker)[0], signal.SIGKILL)
     # Frames sent before it may still be on their way; then the connection ends.
     assert any(link.recv() is None for _ in range(10)), "the old worker's connection ends"

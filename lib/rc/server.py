@@ -1530,6 +1530,10 @@ class Server:
                 and tasks.environment_failed(self.database, row, peer.device_id, error, now,
                                              self.config):
             pass
+        elif status == FAILED and (result or {}).get("device_fault") is True \
+                and tasks.device_fault(self.database, row, peer.device_id, error, now,
+                                       self.config):
+            pass
         elif status in (FAILED, TIMED_OUT) and tasks.retry_failed(
                 self.database, row, status, result, error, now, self.config):
             pass

@@ -824,6 +824,18 @@ def environment_failed(connection, task, device_id, error, now, config):
                     now, config, True, task["device_losses"])
 
 
+def device_fault(connection, task, device_id, error, now, config):
+    """The device had no disk to start the task (another task may have filled
+    it): not the task's code failing. The attempt is charged and the task
+    queued again, for any device (the disk may be free by then), while its
+    retries last; False when they are spent (it fails with the error)."""
+    if task["cancel_requested"] or task["retries_used"] >= task["max_retries"]:
+        return False
+    return _requeue(connection, task, "attempt %d: %s on %s" % (task["attempt"], error,
+                                                                device_id),
+                    now, config, True, task["device_losses"])
+
+
 def retry_failed(connection, task, state, result, error, now, config):
     """A task that asked to be retried when it fails itself: requeue it while
     its budget lasts. False when it is not to be retried."""
