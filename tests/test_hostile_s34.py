@@ -160,15 +160,6 @@ def worker_events(cluster, event, **fields):
     return found
 
 
-@pytest.fixture
-def drop_dir():
-    """A directory every uid can reach (pytest's tmp_path is root's own)."""
-    path = tempfile.mkdtemp(prefix="rc-test-s34-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_checkpoints_of_a_running_task_keep_the_cache_within_its_cap(cluster, drop_dir):
     """Each checkpoint a running task sent went into the cache as it
     stood (so that its next attempt here fetches nothing), and nothing was
