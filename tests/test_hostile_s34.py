@@ -259,7 +259,7 @@ def test_workers_with_their_own_tmpdir_never_share_a_task_uid(cluster, drop_dir,
     both tasks ran as 61350."""
     uids = ("--task-user", "61350:2", "--slots", "1")
     cluster.start_worker("tmp-a", *uids)
-    monkeypatch.setenv("TMPDIR", drop_dir)
+    monkeypatch.setenv("TMPDIR", str(drop_dir))
     cluster.start_worker("tmp-b", *uids)
     monkeypatch.delenv("TMPDIR")
     wait_for(lambda: {"tmp-a", "tmp-b"} <= set(online(cluster)), 30, "both workers")
