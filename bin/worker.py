@@ -6892,6 +6892,8 @@ class Files(object):
             # What the next attempt starts from; sent only if it changed (send_checkpoint).
             if self.has_checkpoint(directory):
                 checkpoint = state
+        if getattr(task, "spill_error", None) and not handed_back:
+            result["stderr"] = task.spill_error + "\n" + result.get("stderr", "")
         if self.service is None and globs:
             result["stderr"] = ("rc-worker: outputs not uploaded: the main node offers no"
                                 " file service\n" + result.get("stderr", ""))
@@ -7156,6 +7158,9 @@ def spill_stream(task, fd, buffer, chunk):
     except OSError as e:
         log("warning", "stream_not_kept", task_id=task.key[0], error=str(e))
         task.spill = None
+        # Said in the result too: its user sees `truncated`, not the worker's log.
+        task.spill_error = "rc-worker: %s past its first %d bytes not kept: %s" % (
+            ("stdout", "stderr")[index], OUTPUT_CAP, e)
 
 
 

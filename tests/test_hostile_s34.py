@@ -233,6 +233,25 @@ def test_a_task_that_fills_the_disk_neither_ends_the_worker_nor_fails_tasks_for_
     assert worker.poll() is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small file system")
+def test_output_past_the_cap_that_finds_no_room_says_so_in_the_result(
+        cluster, small_disk, monkeypatch):
+    """stdout past what the result carries goes to a file of the task
+    directory; on a full disk it could not, and the result said only
+    `truncated` (the reason was in the worker's log alone)."""
+    monkeypatch.setenv("TMPDIR", small_disk)
+    cluster.start_worker("spill34", "--slots", "1", "--task-user", "61344:2")
+    monkeypatch.delenv("TMPDIR")
+    wait_for(lambda: "spill34" in online(cluster), 30, "the worker spill34")
+    task_id = submit_to(cluster, "spill34", "head -c 8000000 /dev/zero | tr '\\0' a")
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in ("completed", "failed"), 60,
+             "the task ended")
+    result = tasks.get(cluster.db, task_id)["result"]
+    assert result["truncated"], result["stderr"]
+    assert "rc-worker: stdout past its first" in result["stderr"], result["stderr"]
+    assert "No space left on device" in result["stderr"], result["stderr"]
+
+
 def test_inputs_that_find_no_room_are_the_devices_fault(start, files):
     """The same for an input larger than the device's free disk: the
     attempt fails before a byte moves, and says it was the device's fault,
