@@ -819,9 +819,7 @@ def environment_failed(connection, task, device_id, error, now, config):
         avoided.append(device_id)
     connection.execute("UPDATE tasks SET requirements = ? WHERE task_id = ? AND attempt = ?",
                        (db.dumps(requirements), task["task_id"], task["attempt"]))
-    return _requeue(connection, task, "attempt %d: %s on %s" % (task["attempt"], error,
-                                                                device_id),
-                    now, config, True, task["device_losses"])
+    return device_fault(connection, task, device_id, error, now, config)
 
 
 def device_fault(connection, task, device_id, error, now, config):
