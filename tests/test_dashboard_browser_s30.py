@@ -110,7 +110,9 @@ def test_the_overview_lists_the_newest_tasks(browser, node, request):
         .locator(".chip").inner_text() for task_id in (node.echo_task, node.files_task)],
         15, "both tasks among the newest")
     assert "wc -c photo.jpg" in newest.inner_text()
-    assert newest.bounding_box()["y"] < 768                 # on arrival, without scrolling
+    # None while a live update redraws the panel: the box once it is laid out.
+    box = wait_for(lambda: newest.bounding_box(), 15, "the panel laid out")
+    assert box["y"] < 768                                   # on arrival, without scrolling
 
 
 def test_a_failure_just_now_counts_in_the_failed_tile(browser, node, request):
