@@ -233,5 +233,5 @@ def test_ctrl_c_says_how_many_tasks_run_on_once_it_has_been_answered(cluster_hom
     arguments = types.SimpleNamespace(keep_order=False, results=None, progress=False,
                                       resume=None, halt=None)
     assert map_cli.Runner(plan, arguments, context, None).interrupted() == 130
-    assert "map %d: 0 queued tasks cancelled; 1 running ones finish;" % group_id \
+    assert "map %d: 0 queued tasks cancelled; 1 assigned or running ones finish;" % group_id \
         in err.getvalue()

@@ -304,7 +304,7 @@ def test_interrupt_leaves_the_queue_then_cancel_and_resume(cluster):
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
         assert process.returncode == 130, err
-        assert "3 tasks queued and 0 running go on" in err
+        assert "3 tasks queued and 0 assigned or running go on" in err
         assert "rc map --resume %d" % group_id in err and "rc map --cancel %d" % group_id in err
         cancelled = cluster.rc("map", "--cancel", str(group_id))
         assert "3 queued tasks cancelled" in cancelled.stdout

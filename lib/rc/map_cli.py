@@ -759,8 +759,8 @@ class Runner:
         self.err.write("map %d: halted (--halt %s): %d queued tasks cancelled%s, %s\n" % (
             group_id, self.halt.text, queued,
             " and %d inputs never queued" % unqueued if unqueued else "",
-            "%d running ones asked to stop" % stopping if now else
-            "%d running ones finish" % running))
+            "%d assigned or running ones asked to stop" % stopping if now else
+            "%d assigned or running ones finish" % running))
         self.err.flush()
         if self.keep_order:
             self.show_in_order()
@@ -814,12 +814,12 @@ class Runner:
             active = self.counts()[1]   # tasks ended and started while the question waited
             self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                                user=user_name())
-            self.err.write("map %d: %d queued tasks cancelled; %d running ones finish;"
+            self.err.write("map %d: %d queued tasks cancelled; %d assigned or running ones finish;"
                            " `rc map --resume %d` runs the rest again\n"
                            % (group_id, queued, active, group_id))
         else:
-            self.err.write("map %d interrupted: %d tasks queued and %d running go on%s;"
-                           " `rc map --resume %d` waits for them and runs again what did not"
+            self.err.write("map %d interrupted: %d tasks queued and %d assigned or running"
+                           " go on%s; `rc map --resume %d` waits for them and runs again what did not"
                            " complete, `rc map --cancel %d` cancels them\n"
                            % (group_id, queued, active,
                               ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
