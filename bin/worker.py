@@ -3248,7 +3248,7 @@ class Sandbox(object):
         self.user_name = users[2] if users else None
         self.shared_uid = bool(users) and len(users[0]) == 1
         self.other_uid = bool(users) and users[0] != [os.geteuid()]   # tasks are not us
-        self.claimed = {}         # uid -> the descriptor of its lock (see claim_uid)
+        self.claimed = {}         # uid -> the descriptors of its locks (see claim_uid)
         self.idle_uids = []       # claimed uids no task runs as
         self.cgroups = TaskCgroups()
         self.leftovers = Leftovers()
@@ -3430,16 +3430,22 @@ class Sandbox(object):
         worker and a device's) must never share one: the end of a task kills
         every process of its uid."""
         import fcntl
-        top = uid_lock_dir(os.path.dirname(self.workdirs.root))
+        fallback = os.path.dirname(self.workdirs.root)
+        # Also where workers before UID_LOCK_DIR took it ($TMPDIR's): one may
+        # still run beside this one (an upgrade under way).
+        tops = sorted({uid_lock_dir(fallback), fallback})
         while self.free_uids:
             uid = self.free_uids.pop(0)
-            fd = os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT, 0o600)
+            fds = [os.open(os.path.join(top, "uid-%d.lock" % uid), os.O_RDWR | os.O_CREAT,
+                           0o600) for top in tops]
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for fd in fds:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:        # another worker's
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
                 continue
-            self.claimed[uid] = fd
+            self.claimed[uid] = fds
             self.idle_uids.append(uid)
             return
         raise OSError(errno.EAGAIN, "every task uid (%s) is in use" % self.user_name)

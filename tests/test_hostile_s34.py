@@ -296,6 +296,28 @@ def test_workers_with_their_own_tmpdir_never_share_a_task_uid(cluster, drop_dir,
     assert outputs[0] != outputs[1], outputs
 
 
+def test_a_uid_locked_where_workers_before_locked_it_is_not_taken(cluster, drop_dir,
+                                                                   monkeypatch):
+    """A worker from before /run/rc-worker (one left running through an
+    upgrade) locks its uids under $TMPDIR only: today's worker took the same
+    uid, and one task's end killed the other's (`sleep` tasks killed by
+    signal 9 while a test ran such a worker beside others). Before: the task
+    ran as 61360, the uid the old worker held."""
+    import fcntl
+    monkeypatch.setenv("TMPDIR", str(drop_dir))
+    top = os.path.join(str(drop_dir), "rc-worker-%d" % os.geteuid())
+    os.mkdir(top, 0o711)
+    held = os.open(os.path.join(top, "uid-61360.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)       # as the old worker does
+        cluster.start_worker("after-old", "--task-user", "61360:2", "--slots", "1")
+        monkeypatch.delenv("TMPDIR")
+        wait_for(lambda: "after-old" in online(cluster), 30, "the worker after-old")
+        assert_completes(cluster, submit_to(cluster, "after-old", "id -u"), "61361")
+    finally:
+        os.close(held)
+
+
 # -- the spawner's memory: what earlier tasks were sent ---------------------------------------
 
 READ_OWN_MEMORY = r'''
