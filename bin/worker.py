@@ -3812,9 +3812,9 @@ def serve_request(sock, children, trees):
 class Template(object):
     """The spawner's image as it started, before any task's payload came:
     Python tasks of a uid of their own (a root worker's), which run without
-    an exec, are forked from it, never from the spawner, whose memory holds what earlier tasks were sent (their
-    code, commands and env: freed, not wiped), which a task reading its own
-    memory would find, another uid's too. For each task the template forks
+    an exec, are forked from it, never from the spawner, whose memory holds
+    what earlier tasks were sent (their code, commands and env: freed, not
+    wiped), which a task reading its own memory would find, another uid's too. For each task the template forks
     a child that forks the task and exits: the task comes back to the
     spawner (a subreaper), which reaps it as any other. The task reads its
     request from a pipe the spawner writes: the template never sees one."""

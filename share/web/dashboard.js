@@ -433,8 +433,8 @@ function chart(title, history, value, unit, fixedTop, present, format) {
     const [t, v] = known[known.length - 1];
     box.append(svg("circle", {cx: x(t), cy: y(v), r: 3, class: "dot"}));
   }
-  const shown = format || (v => round(v) + unit);
-  const last = known.length ? shown(known[known.length - 1][1]) : "–";
+  const text = format || (v => round(v) + unit);
+  const last = known.length ? text(known[known.length - 1][1]) : "–";
   return el("figure", {class: "chart"},
     el("figcaption", {}, el("span", {text: title}), el("b", {text: last})),
     known.length ? box : el("p", {class: "empty chart-empty", text: "no figures yet this hour"}));
@@ -747,7 +747,7 @@ function deviceParts(d, recent, logs, watching) {
           ["task types", shown((d.task_types || []).join(", "))],
           ["capabilities", shown((d.capabilities || []).join(", "))],
           ["CPU speed", specs.cpu_speed !== undefined
-            ? shown(String(specs.cpu_speed)) + " million loop turns/s, one core" : null],
+            ? shown(specs.cpu_speed) + " million loop turns/s, one core" : null],
           ["address", shown(d.address)], ["joined", clock(d.registered_at)],
           ["connected since", d.connected ? clock(d.connected_at) : null],
           ["last heard", clock(d.last_seen)],
