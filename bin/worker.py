@@ -2601,6 +2601,9 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_PARENT = 0x00008000
+CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "armv7l": 120,
+                  "armv6l": 120, "i686": 120}      # clone's number, by machine
 LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
@@ -3814,10 +3817,10 @@ class Template(object):
     Python tasks of a uid of their own (a root worker's), which run without
     an exec, are forked from it, never from the spawner, whose memory holds
     what earlier tasks were sent (their code, commands and env: freed, not
-    wiped), which a task reading its own memory would find, another uid's too. For each task the template forks
-    a child that forks the task and exits: the task comes back to the
-    spawner (a subreaper), which reaps it as any other. The task reads its
-    request from a pipe the spawner writes: the template never sees one."""
+    wiped), which a task reading its own memory would find, another uid's
+    too. The template forks each task as the spawner's child (fork_sibling,
+    or answer_through_child), which reaps it as any other. The task reads
+    its request from a pipe the spawner writes: the template never sees one."""
 
     def __init__(self, pid, sock):
         self.pid, self.sock = pid, sock
@@ -3842,20 +3845,23 @@ class Template(object):
         return self.pid is not None
 
     def fork(self, request, stdout_fd, stderr_fd):
-        import array
+        import array, marshal
         reader, writer = os.pipe()
         try:
             try:
                 self.sock.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                array.array("i", (stdout_fd, stderr_fd, reader)))])
-                pid = loads(self.sock.recv(4096))["pid"]
-            except (OSError, ValueError, KeyError):
+                reply = loads(self.sock.recv(4096))
+            except (OSError, ValueError):
                 self.pid = None       # gone: Python tasks are forked as before
                 raise OSError(errno.ECHILD, "the spawner's template is gone")
             finally:
                 os.close(reader)
+            if "pid" not in reply:
+                raise OSError(errno.EAGAIN, reply.get("error", "the template forked nothing"))
+            pid = reply["pid"]
             try:
-                write_all(writer, dumps(request))
+                write_all(writer, marshal.dumps((dumps(request), python_code(request))))
             except OSError:
                 pass              # it died before it read: its end is reported
             return pid
@@ -3867,6 +3873,7 @@ def serve_template(sock):
     """The template's life: a task process for each pair of output
     descriptors and request pipe, until the spawner goes."""
     import array
+    fork_sibling = sibling_forker()
     while True:
         fds = array.array("i")
         try:
@@ -3878,28 +3885,87 @@ def serve_template(sock):
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         if not data or len(fds) != 3:
             return
-        if os.fork() == 0:
-            # Between the template and the task: it exits at once, and the
-            # task (even one ended already: a zombie, never reaped here, as
-            # SIG_IGN would) is the spawner's child then.
-            try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                pid = os.fork()
+        try:
+            if fork_sibling is None:
+                answer_through_child(sock, fds)
+            else:
+                pid = fork_sibling()
                 if pid == 0:
                     run_template_child(fds)
                 sock.send(dumps({"pid": pid}))
-            finally:
-                os._exit(0)
+        except OSError as e:        # no process to be had (nproc): this task fails
+            sock.send(dumps({"error": str(e)}))
         for fd in fds:
             os.close(fd)
+
+
+def answer_through_child(sock, fds):
+    """fork_sibling's work where it cannot be done: a child of the template
+    forks the task, answers its pid and exits at once, and the task (even
+    one ended already: a zombie, never reaped here, as SIG_IGN would) is the
+    spawner's child then."""
+    if os.fork() == 0:
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                pid = os.fork()
+            except OSError as e:
+                sock.send(dumps({"error": str(e)}))
+            else:
+                if pid == 0:
+                    run_template_child(fds)
+                sock.send(dumps({"pid": pid}))
+        finally:
+            os._exit(0)
+
+
+def sibling_forker():
+    """os.fork, but the child is our parent's (clone's CLONE_PARENT): the
+    template's task is the spawner's child from its first instruction, with
+    no process between them to fork it and exit (a fork and an exit a task:
+    ~1 ms on a small VM). What os.fork does around fork(), PyOS_BeforeFork
+    and PyOS_AfterFork_*, is done here too; the template runs no thread, so
+    no lock is held by another. Only on glibc 2.25 and later (glibc caches
+    no pid, and a raw clone leaves a cached one stale: bionic's, musl's
+    thread tid); None elsewhere, where a go-between forks the task."""
+    number = CLONE_SYSCALLS.get(os.uname().machine)
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION").split()[1]
+        if number is None or tuple(int(part) for part in version.split(".")[:2]) < (2, 25):
+            return None
+        import ctypes
+        api = ctypes.pythonapi
+        before, parent, child = (api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent,
+                                 api.PyOS_AfterFork_Child)       # Python 3.7 on
+        clone = ctypes.PyDLL(None, use_errno=True).syscall      # the GIL held, as os.fork
+    except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
+        return None
+    for function in (before, parent, child):
+        function.argtypes, function.restype = (), None
+    clone.argtypes, clone.restype = (ctypes.c_long,) * 6, ctypes.c_long
+    flags = CLONE_PARENT | signal.SIGCHLD
+
+    def fork_sibling():
+        before()
+        pid = clone(number, flags, 0, 0, 0, 0)
+        if pid == 0:
+            child()
+            return 0
+        parent()
+        if pid < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, "clone: %s" % os.strerror(code))
+        return pid
+    return fork_sibling
 
 
 def run_template_child(fds):
     """In a task forked from the template: read the request, become the task."""
     try:
+        import marshal
         with os.fdopen(fds[2], "rb") as pipe:
-            request = loads(pipe.read())
-        run_spawned(request, None, fds[0], fds[1])
+            request, code = marshal.loads(pipe.read())
+        run_spawned(loads(request), code, fds[0], fds[1])
     finally:
         os._exit(127)
 
