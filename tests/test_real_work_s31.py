@@ -66,6 +66,35 @@ def test_a_submit_while_rc_web_restarts_waits_for_it_and_goes_on(cluster, caplog
     assert tasks_with_command(cluster, "echo through") == 1
 
 
+def test_a_call_that_says_how_long_it_waits_gives_up_on_a_stopped_rc_web_in_that_time(
+        cluster):
+    """get_result(wait=S) and results(wait=S) while rc-web was stopped
+    waited for it UNREACHABLE_WAIT (10 minutes), however short S. Now a
+    call tries again no longer than its caller said it waits, then says
+    why, as a call that never reached rc-web does."""
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        task_id = connection.submit("shell", "true").wait_submitted(60)
+        assert connection.get_result(task_id, wait=30)["state"] == "completed"
+        cluster.supervisorctl("stop", "rc-web")
+        for name, call in (("get_result", lambda: connection.get_result(task_id, wait=2)),
+                           ("results", lambda: connection.results([task_id], wait=2))):
+            outcome = {}
+
+            def waiting():
+                started = time.monotonic()
+                try:
+                    outcome["value"] = call()
+                except client.ClusterError as e:
+                    outcome["error"] = e
+                outcome["seconds"] = time.monotonic() - started
+            thread = threading.Thread(target=waiting, daemon=True)
+            thread.start()
+            thread.join(30)
+            assert "seconds" in outcome, "%s still waiting after 30 s" % name
+            assert "cannot reach" in str(outcome.get("error")), (name, outcome)
+            assert 1.5 <= outcome["seconds"] < 10, (name, outcome)
+
+
 def test_a_client_that_never_reached_rc_web_fails_at_once(tmp_path):
     """The wait is for an rc-web that went away, not a wrong RC_URL: one
     that never answered is an error at once, as before."""

@@ -222,17 +222,19 @@ class Http:
         return sock, io.BufferedReader(paced), paced
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT,
-                bounded=True, with_fields=False, sink=None):
+                bounded=True, with_fields=False, sink=None, patience=UNREACHABLE_WAIT):
         """send(), tried again while an rc-web that answered this client
         before refuses to connect (restarting, or the main node stopped and
-        started again), for up to UNREACHABLE_WAIT, the wait doubling up to
-        UNREACHABLE_MAX_DELAY: nothing was sent, so nothing is done twice.
+        started again), for up to UNREACHABLE_WAIT (or `patience` seconds of
+        this call's: a caller that said how long it waits), the wait
+        doubling up to UNREACHABLE_MAX_DELAY: nothing was sent, so nothing
+        is done twice.
         An rc-web never reached (a wrong RC_URL) is an error at once. A
         request whose answer was cut (rc-web stopped while it worked on it)
         is sent again the same way, CUT_RETRIES times at most, if it is safe
         to: a GET, a put, or a submit with its Idempotency-Key (rc-web
         answers a key it has seen with what it queued then)."""
-        delay, cuts = RECONNECT_DELAY, 0
+        delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
             if start is not None:
@@ -244,9 +246,12 @@ class Http:
                 if isinstance(e, Cut):          # it took the connection: not a wrong RC_URL
                     self.reached, cuts = True, cuts + 1
                 lost_for = self.unreachable(e)
-                if lost_for is None or lost_for >= UNREACHABLE_WAIT or cuts > CUT_RETRIES:
+                if lost_for is None or cuts > CUT_RETRIES:
                     raise
-                time.sleep(min(delay, UNREACHABLE_WAIT - lost_for))
+                left = min(UNREACHABLE_WAIT - lost_for, patience - (time.monotonic() - began))
+                if left <= 0:
+                    raise
+                time.sleep(min(delay, left))
                 delay = min(delay * 2, UNREACHABLE_MAX_DELAY)
                 continue
             self.answered()
@@ -363,12 +368,12 @@ class Http:
             link[0].close()
 
     def json(self, method, path, value=None, ok=(200, 201), timeout=REQUEST_TIMEOUT,
-             raw_body=None, headers=None):
+             raw_body=None, headers=None, patience=UNREACHABLE_WAIT):
         body = raw_body if raw_body is not None else (
             None if value is None else json.dumps(value).encode())
         if body is not None:
             headers = dict(headers or {}, **{"Content-Type": "application/json"})
-        status, data = self.request(method, path, body, headers, timeout)
+        status, data = self.request(method, path, body, headers, timeout, patience=patience)
         return json_answer(method, path, status, data, ok)
 
     def stream(self, path, timeout):
@@ -467,6 +472,12 @@ class Paced(io.RawIOBase):
 class TooSlow(ClusterError):
     """An answer slower than its request's timeout and MIN_TRANSFER_RATE
     allow (Paced): never sent again, as the next would be as slow."""
+
+
+def waiting_patience(wait):
+    """How long a call with `wait` tries to reach an rc-web gone away: no
+    longer than the caller said it would wait."""
+    return UNREACHABLE_WAIT if wait is None else max(0.0, float(wait))
 
 
 class Unreachable(ClusterError):
@@ -1331,7 +1342,8 @@ class Cluster:
         path = "/api/v1/tasks/%d/result" % int(task_id)
         if wait is not None:
             path += "?wait=%g" % wait
-        return self.http.json("GET", path, ok=(200, 409), timeout=REQUEST_TIMEOUT + (wait or 0))
+        return self.http.json("GET", path, ok=(200, 409), timeout=REQUEST_TIMEOUT + (wait or 0),
+                              patience=waiting_patience(wait))
 
     def results(self, task_ids, wait=None, until="all"):
         """Many result records in one request (at most 10,000 ids):
@@ -1340,7 +1352,8 @@ class Cluster:
         if wait is not None:
             body["wait"] = wait
         return self.http.json("POST", "/api/v1/results", body,
-                              timeout=REQUEST_TIMEOUT + (wait or 0))
+                              timeout=REQUEST_TIMEOUT + (wait or 0),
+                              patience=waiting_patience(wait))
 
     def cancel(self, task):
         """Cancel a task: a TaskFuture (True when cancelled, as
