@@ -172,11 +172,13 @@ LEASE_CHECK_ACK = "lease_check_ack"
 DEVICE_LOG = "device_log"
 WATCH = "watch"
 MAIN_STOPPING = "main_stopping"
+TASK_WATCH = "task_watch"
+TASK_OUTPUT = "task_output"
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
                  PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH,
-                 MAIN_STOPPING)
+                 MAIN_STOPPING, TASK_WATCH, TASK_OUTPUT)
 
 TASK_TYPES = ("echo", "sleep", "system_info", "python_eval", "python_exec", "shell")
 INSTANT_TASK_TYPES = ("echo", "system_info")   # answered at once, without a slot
@@ -196,6 +198,7 @@ OUTCOMES = (OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_TIMED_OUT,
 INLINE_FILE_BYTES = 256 * 1024      # a file this small may ride in task_assign / task_result
 INLINE_TOTAL_BYTES = 512 * 1024     # ... and one message carries at most this much of them
 INLINE_MAX_FILES = 1000             # ... and at most this many of them (the rest: rc-files)
+TAIL_BYTES = 64 * 1024              # bytes of a stream one task_output carries at most
 
 ###############################################################################
 # Tunables ####################################################################
@@ -229,6 +232,8 @@ CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel
 READ_SIZE = 64 * 1024
 MAX_ERROR_CHARS = 2000          # a result's error message is cut to this length
 PROGRESS_INTERVAL = 0.5         # seconds between two task_progress frames of one task
+TAIL_INTERVAL = 1.0             # seconds between two task_output frames of one watched stream
+TAIL_WATCH_MAX = 600.0          # seconds one task_watch lasts at most
 PROGRESS_LINE_MAX = 4096        # bytes; a longer stdout line is output, never progress
 PROGRESS_MESSAGE_MAX = 200      # characters of a progress message that are sent
 SHEBANG_MAX = 256               # bytes of a script's #! line read, as Linux reads them
@@ -2078,6 +2083,8 @@ class ProcessTask(Task):
     line_start = True        # the next byte of stdout begins a line
     progress = None          # the latest task_progress data, not sent yet
     progress_sent = float("-inf")   # when the previous one was sent (monotonic seconds)
+    watched_until = None     # monotonic seconds someone wants its output until (task_watch)
+    tail_at = 0.0            # when the next task_output may go (monotonic seconds)
 
     def command(self, value):
         """The argv; may write files into self.workdir."""
@@ -2140,6 +2147,9 @@ class ProcessTask(Task):
         self.cap = worker.options.output_cap
         self.pipes = {}         # fd -> file object, while open
         self.buffers = {}       # fd -> what was read, up to the cap
+        self.seen = {}          # fd -> bytes of it so far (kept, spilled or not)
+        self.recent = {}        # fd -> its last TAIL_BYTES, once past the cap
+        self.tail_sent = {}     # fd -> the byte the last task_output of it ended at
         self.stream_fds = (self.proc.stdout.fileno(), self.proc.stderr.fileno())
         for pipe in (self.proc.stdout, self.proc.stderr):
             fd = pipe.fileno()
@@ -2168,13 +2178,58 @@ class ProcessTask(Task):
 
     def keep(self, fd, chunk):
         buffer = self.buffers[fd]
+        self.seen[fd] = self.seen.get(fd, 0) + len(chunk)
         room = self.cap - len(buffer)
         if len(chunk) > room:
             spill_stream(self, fd, buffer, chunk)    # files: the whole stream, to a file
             # Keep reading and discarding, or a chatty child would block on a full pipe.
             self.truncated = True
+            recent = self.recent.setdefault(fd, bytearray(buffer[-TAIL_BYTES:]))
+            recent += chunk
+            del recent[:-TAIL_BYTES]
             chunk = chunk[:max(room, 0)]
         buffer += chunk
+
+    def watch(self, seconds):
+        """Someone wants its output as it comes: task_output every
+        TAIL_INTERVAL for `seconds`, starting with what it wrote so far."""
+        now = time.monotonic()
+        self.watched_until = now + min(max(0.0, seconds), TAIL_WATCH_MAX)
+        self.tail_at = min(self.tail_at, now)
+
+    def tail_due(self):
+        """When the next task_output may go (monotonic seconds), or None."""
+        if self.watched_until is None or self.reaped or self.ending \
+                or time.monotonic() >= self.watched_until:
+            return None
+        seen = getattr(self, "seen", {})
+        if all(seen[fd] <= self.tail_sent.get(fd, 0) for fd in seen):
+            return max(self.tail_at, time.monotonic() + TAIL_INTERVAL)   # look again then
+        return self.tail_at
+
+    def send_tail(self, worker, now):
+        """A task_output for each stream that grew since the last one: the
+        bytes since, at most the latest TAIL_BYTES, as text (a character cut
+        at the end waits for the next)."""
+        due = self.tail_due()
+        if due is None or now < due:
+            return
+        self.tail_at = now + TAIL_INTERVAL
+        for index, fd in enumerate(getattr(self, "stream_fds", ())):
+            start, end = self.tail_sent.get(fd, 0), self.seen.get(fd, 0)
+            if end <= start:
+                continue
+            source = self.recent.get(fd, self.buffers[fd])     # holds bytes up to `end`
+            start = max(start, end - len(source), end - TAIL_BYTES)
+            data = bytes(source[len(source) - (end - start):])
+            whole = utf8_whole(data)
+            if not whole:
+                continue
+            worker.tell(TASK_OUTPUT, {"task_id": self.key[0], "attempt": self.key[1],
+                                      "stream": ("stdout", "stderr")[index], "start": start,
+                                      "end": start + whole,
+                                      "data": data[:whole].decode("utf-8", "replace")})
+            self.tail_sent[fd] = start + whole
 
     def without_progress(self, worker, chunk):
         """Stdout less its PROGRESS lines, which become task_progress frames."""
@@ -2266,11 +2321,13 @@ class ProcessTask(Task):
     def wake_at(self):
         if self.reaped:
             return self.drain_until
-        times = [t for t in (self.deadline, self.progress_due()) if t is not None]
+        times = [t for t in (self.deadline, self.progress_due(), self.tail_due())
+                 if t is not None]
         return None if self.ending or not times else min(times)
 
     def on_time(self, worker, now):
         self.send_progress(worker, now)
+        self.send_tail(worker, now)
         if self.reaped:
             if now >= self.drain_until:   # something it started still holds its pipes open
                 self.conclude(worker)
@@ -7202,6 +7259,21 @@ class Files(object):
             job.wait(max(0.0, give_up - time.monotonic()))
 
 
+def utf8_whole(data):
+    """How many bytes of `data` end on a whole UTF-8 character: those of a
+    character cut short at its end are left for the next read."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)
+        if 0xC0 <= byte < 0xF8:        # a lead byte: is its character whole?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+        if byte >= 0xF8:
+            break
+    return len(data)        # continuation bytes only, or no UTF-8: sent as it is
+
+
 def spill_stream(task, fd, buffer, chunk):
     """A stream past the inline cap goes on, in full up to --max-file-size,
     to a file of the task dir, opened once (never by name again: the upload
@@ -8095,6 +8167,14 @@ class Worker(object):
             log("info", "cancel_ignored", task_id=key[0], attempt=key[1],
                 reason="not running here")
 
+    def on_task_watch(self, data):
+        """Someone on the main node wants a running task's output as it
+        comes (`rc tail`): its task_output frames, for `seconds`."""
+        task = self.running.get((data.get("task_id"), data.get("attempt")))
+        seconds = data.get("seconds")
+        if task is not None and is_number(seconds) and hasattr(task, "watch"):
+            task.watch(float(seconds))
+
     def on_task_result_ack(self, data):
         key = (data.get("task_id"), data.get("attempt"))
         if self.unacked.pop(key, None) is not None:
@@ -8270,7 +8350,7 @@ class Worker(object):
     HANDLERS = {TASK_ASSIGN: on_task_assign, TASK_CANCEL: on_task_cancel,
                 TASK_RESULT_ACK: on_task_result_ack, HEARTBEAT_ACK: on_heartbeat_ack,
                 CONTROL: on_control, PING: on_ping, LEASE_CHECK_ACK: on_lease_check_ack,
-                WATCH: on_watch, MAIN_STOPPING: on_main_stopping}
+                WATCH: on_watch, MAIN_STOPPING: on_main_stopping, TASK_WATCH: on_task_watch}
 
     # -- tasks ---------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ SIZES = {"desktop": {"width": 1366, "height": 768}, "phone": {"width": 390, "hei
 # Steps of the long task whose progress the overview shows, and seconds between them.
 PROGRESS_STEPS, STEP_SECONDS = 400, 0.4
 LONG_TASK = ("for i in $(seq 1 %d); do echo \"PROGRESS $i/%d step $i of the render\";"
-             " sleep %s; done" % (PROGRESS_STEPS, PROGRESS_STEPS, STEP_SECONDS))
+             " echo \"rendered frame $i\"; sleep %s; done"
+             % (PROGRESS_STEPS, PROGRESS_STEPS, STEP_SECONDS))
 # Until devlogs20's routes land, these answer 404: the page says "no logs yet".
 NOT_YET_ROUTES = ("/watch", "/logs")
 
@@ -156,6 +157,11 @@ def test_links_open_the_task_device_and_group_views(browser, node, size):
     assert page.url.endswith("#/task/%d" % node.long_task)
     page.wait_for_selector("#view-object button:has-text('Cancel')")
     assert "EVENTS" in page.locator("#view-object").inner_text().upper()
+    # Its output so far, while it runs (rc tail's watch): it had none before.
+    output = page.locator("#view-object .panel", has=page.locator("h2", has_text="Output"))
+    output.locator("pre:has-text('rendered frame')").wait_for(timeout=15000)
+    assert "step" not in output.locator("pre").first.inner_text(), \
+        "PROGRESS lines are left out, as from its output"
     shoot(page, "task-running", size)
     page.goto(node.base + "/#/task/%d" % node.failed_task)
     page.wait_for_selector("#view-object h1:has-text('Task %d')" % node.failed_task)

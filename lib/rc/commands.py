@@ -23,7 +23,7 @@ from rc import config as rc_config
 from rc import audit, bell, bounded, db, defaults, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
-from rc import schedule_cli
+from rc import schedule_cli, tail_cli
 from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, ago,
                         battery_percent, device_metrics, device_record, device_row,
                         device_status, device_table_row, fraction, labels_text,
@@ -518,6 +518,15 @@ def stopped_watch(context):
     machine's command line: the web terminal runs only while it runs)."""
     return health.StoppedWatch(context.config, context.err, "rc") \
         if context.actor == "cli" else None
+
+
+def cmd_tail(arguments, context):
+    """`rc tail` lives in lib/rc/tail_cli.py; an ended task's output is rc wait's."""
+    try:
+        return tail_cli.run(arguments, context, lambda task_id: report_outcome(
+            context, tasks.get(context.connection, task_id)))
+    except tail_cli.TailError as e:
+        raise CommandError(str(e))
 
 
 def cmd_files(arguments, context):
@@ -1402,6 +1411,8 @@ def build_parser(out):
                   " unless it completed (as submit --wait)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     sub.add_argument("--timeout", type=float, metavar="SECONDS")
+    tail_cli.add_arguments(command("tail", cmd_tail, "a running task's output so far (-f: as"
+                                   " it comes, until it ends)"), whole_number)
     sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
                   " long stdout/stderr, checkpoint)", [formats])
     sub.add_argument("task_id", type=whole_number, metavar="ID")

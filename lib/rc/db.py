@@ -511,6 +511,23 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS tasks_by_device ON tasks(device_id, task_id)
         WHERE device_id IS NOT NULL;
     """,
+    # 21: a running task's output so far, for those someone watches (`rc tail`,
+    # lib/rc/tails.py): until when it is watched, and the last characters of
+    # each stream its device sent, with the byte each ends at. A row per
+    # watched task, deleted with the task.
+    """
+    CREATE TABLE IF NOT EXISTS task_tails (
+        task_id        INTEGER PRIMARY KEY,
+        watched_until  REAL,
+        attempt        INTEGER,
+        stdout         TEXT NOT NULL DEFAULT '',
+        stdout_end     INTEGER NOT NULL DEFAULT 0,
+        stderr         TEXT NOT NULL DEFAULT '',
+        stderr_end     INTEGER NOT NULL DEFAULT 0,
+        updated_at     REAL
+    );
+    CREATE INDEX IF NOT EXISTS task_tails_watched ON task_tails(watched_until);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

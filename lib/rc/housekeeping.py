@@ -50,6 +50,7 @@ def prune_tasks(connection, retention, now):
         # longer reads every row to find those of pruned tasks.
         connection.execute("DELETE FROM task_files WHERE task_id IN (%s)" % marks, ids)
         connection.execute("DELETE FROM task_events WHERE task_id IN (%s)" % marks, ids)
+        connection.execute("DELETE FROM task_tails WHERE task_id IN (%s)" % marks, ids)
         connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
     # Oldest first, in the order of the tasks_finished index: ordered by
     # task_id, SQLite walks the whole table (inside the write transaction).

@@ -35,7 +35,7 @@ import time
 from rc import config as config_module
 from rc import audit, bell, db, device_logs, device_secrets, devices, files, fleet, protocol
 from rc import tasks
-from rc import throttle, tls
+from rc import tails, throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
@@ -46,7 +46,8 @@ from rc.states import (ASSIGNED, CANCELLED, COMPLETED, CONTROL, CONTROL_ACK, DEV
                        OUTCOME_HANDED_BACK, OUTCOME_NOT_ALLOWED, PING, PONG,
                        OUTCOMES, PRIORITY_NAMES, PROTOCOL_VERSION, REGISTER, REGISTER_ACK,
                        RUNNING, TASK_ACCEPT, TASK_ASSIGN, TASK_CANCEL, TASK_PROGRESS,
-                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES)
+                       TASK_RESULT, TASK_RESULT_ACK, TIMED_OUT, MAX_FRAME_BYTES,
+                       TASK_OUTPUT, TASK_WATCH, TAIL_BYTES)
 from rc.states import INLINE_FILE_BYTES, INLINE_TOTAL_BYTES
 
 READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on every read
@@ -229,6 +230,7 @@ class Server:
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
+        self.task_watches_told = {}    # (task id, attempt) -> (peer, until) sent as task_watch
         self.outputs = OutputStore(config)
         self.stored_bytes = 0          # OutputStore's bytes whose rows this turn commits
         self.released = False          # a taken-back task's next attempt may go: ring rc-scheduler
@@ -838,6 +840,7 @@ class Server:
         self.close_stalled_readers(now)
         self.check_liveness(now)
         self.tell_watches()
+        self.tell_task_watches()
 
     def close_stalled_readers(self, now):
         deadline = now - STALLED_READER_SECONDS
@@ -1234,10 +1237,45 @@ class Server:
                            self.config.min_heartbeat_interval)
             self.send(peer, WATCH, {"interval": interval, "seconds": round(until - now, 3)})
 
+    def tell_task_watches(self):
+        """Tasks someone watches (POST /api/v1/tasks/ID/watch): the device
+        running each attempt is told once, and again when the watch grows or
+        the device connects again (lib/rc/tails.py). One indexed read a sweep."""
+        now = time.time()
+        told, self.task_watches_told = self.task_watches_told, {}
+        for task_id, attempt, device_id, until in tails.watched(self.database, now):
+            peer = self.peers_by_device.get(device_id)
+            if peer is None:
+                continue
+            self.task_watches_told[(task_id, attempt)] = (peer, until)
+            if told.get((task_id, attempt)) != (peer, until):
+                self.send(peer, TASK_WATCH, {"task_id": task_id, "attempt": attempt,
+                                             "seconds": round(until - now, 3)})
+
+    def on_task_output(self, peer, data):
+        """What a watched task's stream added: bytes `start` to `end` of it,
+        the latest TAIL_BYTES at most, as text."""
+        key = task_key(data)
+        stream = field(data, "stream", str)
+        if stream not in tails.STREAMS:
+            raise ProtocolError("stream must be one of %s" % ", ".join(tails.STREAMS))
+        start = field(data, "start", int, low=0)
+        end = field(data, "end", int, low=0)
+        text = field(data, "data", str)
+        if end < start or len(text) > TAIL_BYTES:
+            raise ProtocolError("task_output must have start <= end and at most %d characters"
+                                % TAIL_BYTES)
+        self.batch.append((Server.apply_task_output, peer, (key, stream, start, end, text)))
+
+    def apply_task_output(self, peer, data, now):
+        (task_id, attempt), stream, start, end, text = data
+        tails.store(self.database, task_id, attempt, peer.device_id, stream, start, end, text,
+                    now)
+
     HANDLERS = {REGISTER: on_register, HEARTBEAT: on_heartbeat, TASK_ACCEPT: on_accept,
                 TASK_PROGRESS: on_progress, TASK_RESULT: on_result,
                 CONTROL_ACK: on_control_ack, PONG: on_pong, LEASE_CHECK: on_lease_check,
-                DEVICE_LOG: on_device_log}
+                DEVICE_LOG: on_device_log, TASK_OUTPUT: on_task_output}
 
     # -- applying a turn's messages: one transaction (or one statement) ------------
 

@@ -65,12 +65,14 @@ LEASE_CHECK_ACK = "lease_check_ack"  # server -> worker: those that are, and tho
 DEVICE_LOG = "device_log"          # worker -> server: its warnings, errors and task events
 WATCH = "watch"                    # server -> worker: someone watches; heartbeat more often
 MAIN_STOPPING = "main_stopping"    # server -> worker: a graceful stop; your tasks are held
+TASK_WATCH = "task_watch"          # server -> worker: send this attempt's output as it comes
+TASK_OUTPUT = "task_output"        # worker -> server: what a watched task's stream added
 
 MESSAGE_TYPES = (HELLO, REGISTER, REGISTER_ACK, HEARTBEAT, HEARTBEAT_ACK,
                  TASK_ASSIGN, TASK_ACCEPT, TASK_PROGRESS, TASK_RESULT,
                  TASK_RESULT_ACK, TASK_CANCEL, ERROR, CONTROL, CONTROL_ACK,
                  PING, PONG, LEASE_CHECK, LEASE_CHECK_ACK, DEVICE_LOG, WATCH,
-                 MAIN_STOPPING)
+                 MAIN_STOPPING, TASK_WATCH, TASK_OUTPUT)
 
 # -- why a task attempt ended, as the worker reports it -----------------------
 # These are the outcomes a worker puts in task_result's "status".
@@ -94,3 +96,6 @@ INLINE_MAX_FILES = 1000       # files one task_result carries at most (the rest:
 # Outputs one attempt uploads (the worker), or stores (rc-files), at most:
 # empty files cost the quota nothing, yet each is a row of task_files.
 FILES_MAX_OUTPUTS = 1000
+# Bytes of a stream one task_output carries at most: the latest, when a
+# watched task wrote more between two of them (lib/rc/tails.py).
+TAIL_BYTES = 64 * 1024

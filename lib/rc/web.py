@@ -33,7 +33,7 @@ import orjson
 
 from rc import audit, bell, bounded, commands, db, devices, explain, fleet, files, health, render
 from rc import device_routes, logs, records, state_dir, web_results, web_schedules, web_server
-from rc import stats, tasks, throttle
+from rc import stats, tails, tasks, throttle
 from rc import config as rc_config
 from rc.log import LEVELS, Logger
 from rc.states import (COMPLETED, FAILED, ONLINE, PRIORITIES, TASK_STATES, TERMINAL_STATES,
@@ -511,6 +511,22 @@ class Web:
                          address=bottle.request.environ.get("REMOTE_ADDR"))
         self.audit("task_cancel_requested", task_id=task_id, state=state)
         return json_response({"task_id": task_id, "state": state})
+
+    def watch_task(self, task_id):
+        """Someone wants the task's output as it comes, for ?seconds=S (60;
+        at most 600): its device sends what each stream adds every second
+        (lib/rc/tails.py). A task not running or assigned: watched_until null."""
+        self.existing_task(task_id)
+        seconds = query_int("seconds", int(tails.WATCH_SECONDS))
+        with db.write(self.connection()):
+            until = tails.watch(self.connection(), task_id, seconds, time.time())
+        return json_response({"task_id": task_id, "watched_until": until})
+
+    def task_output(self, task_id):
+        """The task's output so far (docs/http.md): while it runs, what its
+        device sent during a watch; once it has ended, its result's."""
+        self.existing_task(task_id)
+        return json_response(tails.output(self.connection(), task_id))
 
     # -- the fleet -------------------------------------------------------------------
 
@@ -1561,6 +1577,10 @@ def make_app(config, logger=None):
         ("GET", "/api/v1/tasks/<task_id:id>/why", web.why, "read"),
         ("POST", "/api/v1/tasks", web.submit, "admin"),
         ("POST", "/api/v1/tasks/<task_id:id>/cancel", web.cancel, "admin"),
+        ("GET", "/api/v1/tasks/<task_id:id>/output", web.task_output, "read"),
+        # As a device's watch: read access from pages of this origin, bounded
+        # (one write per task every tails.WATCH_REFRESH seconds).
+        ("POST", "/api/v1/tasks/<task_id:id>/watch", web.watch_task, "command"),
         ("POST", "/api/v1/devices/<device_id>/drain", web.drain, "admin"),
         ("POST", "/api/v1/devices/<device_id>/resume", web.resume, "admin"),
         ("POST", "/api/v1/devices/<device_id>/forget", web.forget, "admin"),

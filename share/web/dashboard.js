@@ -508,6 +508,7 @@ function openObjectView(where) {
     watchDevice(state);
     state.timers.push(setInterval(() => watchDevice(state), WATCH_MS));
   }
+  if (where.kind === "task") state.timers.push(setInterval(() => state.loaded || watchTask(state), WATCH_MS));
 }
 
 function objectHeader(title, chip, actions) {
@@ -577,14 +578,55 @@ async function drawTask(state, view) {
   if (status !== 200) return notFound(view, state, "Task " + id, task.error);
   const terminal = TERMINAL_STATES.includes(task.state);
   if (terminal && state.loaded) return;       // it never changes again
-  const [[, why], [filesStatus, files]] = await Promise.all([
-    getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files")]);
+  if (!terminal && !state.watched) await watchTask(state);
+  const [[, why], [filesStatus, files], [liveStatus, live]] = await Promise.all([
+    getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files"),
+    terminal ? [0, null] : getJSON("/api/v1/tasks/" + id + "/output")]);
   state.loaded = terminal;
-  const key = JSON.stringify([task, why, files]);
-  update(view, state, key, () => taskParts(task, why, filesStatus === 200 ? files : null));
+  const key = JSON.stringify([task, why, files, live]);
+  update(view, state, key, () => taskParts(task, why, filesStatus === 200 ? files : null,
+                                           liveStatus === 200 && live.live ? live : null));
+  followLiveOutput(view, state);
 }
 
-function taskParts(task, why, files) {
+function followLiveOutput(view, state) {
+  // The newest lines in sight, as `rc tail -f` shows them, until the reader
+  // scrolls up in a box (then it stays where they put it).
+  state.pinned = state.pinned || {};
+  view.querySelectorAll("pre.live").forEach((box, i) => {
+    if (state.pinned[i] !== false) box.scrollTop = box.scrollHeight;
+    box.onscroll = () => {
+      state.pinned[i] = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
+    };
+  });
+}
+
+async function watchTask(state) {
+  // While a task runs, its device sends its output as it comes (rc tail):
+  // asked again every WATCH_MS while the view is open; fine to fail.
+  try {
+    const response = await fetch("/api/v1/tasks/" + state.id + "/watch",
+                                 {method: "POST", headers: window.rcToken.headers(), body: ""});
+    state.watched = response.ok;
+  } catch (e) { state.watched = false; }
+}
+
+function liveOutput(live) {
+  // What the device sent so far; more came than is kept when *_end passes its length.
+  const shown = (stream, trouble) => {
+    const box = pre((live[stream + "_end"] > new Blob([live[stream]]).size ? "… " : "") +
+                    live[stream], trouble);
+    box.classList.add("live");
+    return box;
+  };
+  return [
+    live.stdout ? shown("stdout")
+                : el("p", {class: "empty", text: live.updated_at ? "no output yet" : "not yet"}),
+    live.stderr ? [el("h3", {text: "stderr"}), shown("stderr", true)] : null,
+    el("p", {class: "dim", text: "so far, as it runs (every second or so)"})];
+}
+
+function taskParts(task, why, files, live) {
   const id = task.task_id, terminal = TERMINAL_STATES.includes(task.state);
   const actions = [];
   if (!terminal) actions.push(el("button", {type: "button", class: "danger", text: "Cancel",
@@ -616,7 +658,7 @@ function taskParts(task, why, files) {
         panel("Why", el("p", {text: (why && why.why) || ""})),
         laterPanel("Payload", pre(json(task.payload)))),
       el("div", {class: "column"},
-        panel("Output",
+        live ? panel("Output", liveOutput(live)) : panel("Output",
           result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
           result.stderr ? [el("h3", {text: "stderr"}), pre(result.stderr, true)] : null,
           task.error ? [el("h3", {text: "error"}), pre(task.error, true)] : null,
