@@ -260,5 +260,10 @@ def test_service_logs_of_a_first_run_still_running_says_why_it_shows_nothing(clu
         shown = cluster.rc("service", "logs", "ticker").stdout
         assert shown.startswith("== task ") and ", running on " in shown, shown
         assert "no run has ended yet: a run's output comes when it ends" in shown, shown
+        # ... and what shows it meanwhile (rc tail), which prints the ticks so far.
+        task_id = int(shown.split()[2].rstrip(","))
+        assert "`rc tail %d -f` shows it as it runs" % task_id in shown, shown
+        wait_for(lambda: cluster.rc("tail", str(task_id)).stdout.startswith("tick\n"), 30,
+                 "rc tail to show the running service's ticks")
     finally:
         cluster.rc("service", "remove", "ticker")

@@ -246,7 +246,7 @@ def cmd_service_logs(arguments, context):
             context.out.write("error: %s\n" % render.printable(run["error"]))
         if run["state"] not in TERMINAL_STATES and not (run["stdout"] or run["stderr"]):
             context.out.write("(no run has ended yet: a run's output comes when it"
-                              " ends)\n")
+                              " ends; `rc tail %d -f` shows it as it runs)\n" % run["task_id"])
 
 
 # -- shown -----------------------------------------------------------------------------
