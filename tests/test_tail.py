@@ -181,3 +181,22 @@ def test_the_worker_sends_whole_utf8_characters_only():
         assert text[:whole].decode() in ("", "a", "aé", "aé€", "aé€😀")
         assert cut - whole < 4
     assert worker.utf8_whole(b"\xff\xfe") == 2, "not UTF-8: sent as it is"
+
+
+def test_the_python_client_reads_a_running_tasks_output(cluster, gate):
+    from rc import client
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        future = connection.submit("shell", "echo from python; echo oops >&2;"
+                                            " while [ ! -e %s ]; do sleep 0.1; done" % gate)
+        record = {}
+
+        def reported():
+            record.update(connection.output(future))
+            return record["stdout"] == "from python\n"
+        wait_for(reported, 30, "the running task's output")
+        assert record["live"] and record["stderr"] == "oops\n"
+        assert not future.done()
+        open(gate, "w").close()
+        assert future.result(60) == "from python\n"
+        ended = connection.output(future.task_id)
+        assert ended["live"] is False and ended["stdout"] == "from python\n"

@@ -73,6 +73,8 @@ STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again; doubles
 RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
+OUTPUT_FIRST_WAIT = 3.0         # seconds output() waits for a running task's first report
+OUTPUT_POLL = 0.2               # seconds between its looks meanwhile
 UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
                                 # reached before that now refuses to connect (a restart,
                                 # `make stop` / `make run`): nothing of it was sent
@@ -1334,6 +1336,25 @@ class Cluster:
             settle(future, value)
 
     # -- one task by id ---------------------------------------------------------------
+
+    def output(self, task, wait=OUTPUT_FIRST_WAIT):
+        """A task's output so far (a future, or a task id), as `rc tail`
+        prints it: {"stdout", "stderr", "live", "state", "stdout_end", ...}
+        (docs/http.md, GET /api/v1/tasks/ID/output). While it runs, its
+        device sends what each stream adds once someone watches it, which
+        this does for the next minute: a first call waits up to `wait`
+        seconds for its first report; call again for more. Once it has
+        ended, its result's output and stderr."""
+        task_id = task.wait_submitted() if isinstance(task, TaskFuture) else int(task)
+        path = "/api/v1/tasks/%d" % task_id
+        self.http.json("POST", path + "/watch", ok=(200,))
+        deadline = time.monotonic() + wait
+        while True:
+            record = self.http.json("GET", path + "/output", ok=(200,))
+            if not record.get("live") or record.get("updated_at") is not None \
+                    or time.monotonic() >= deadline:
+                return record
+            time.sleep(OUTPUT_POLL)
 
     def get_result(self, task_id, wait=None):
         """A task's result record ({"task_id", "state", "completed",
