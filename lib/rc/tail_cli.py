@@ -56,18 +56,23 @@ def run(arguments, context, finished):
 
 
 def watched_output(connection, task_id, wait):
-    """tails.output() of the task, watched for the next minute (a write only
-    every tails.WATCH_REFRESH seconds); for up to `wait` seconds, until its
-    device has reported once. None: no such task."""
-    with db.write(connection):
-        tails.watch(connection, task_id, tails.WATCH_SECONDS, time.time())
+    """tails.output() of the task, which is watched for the next minute when
+    it runs (written only when the watch has less than WATCH_SECONDS -
+    WATCH_REFRESH left: -f looks twice a second); for up to `wait` seconds,
+    until its device has reported once. None: no such task."""
+    record, now = tails.output(connection, task_id), time.time()
+    # A watch that had lapsed: what was kept may be old, so wait for news.
+    fresh_after = now if record is not None and (record["watched_until"] or 0) < now else 0
+    if record is not None and record["live"] and (record["watched_until"] or 0) \
+            < now + tails.WATCH_SECONDS - tails.WATCH_REFRESH:
+        with db.write(connection):
+            tails.watch(connection, task_id, tails.WATCH_SECONDS, now)
     deadline = time.monotonic() + wait
-    while True:
-        record = tails.output(connection, task_id)
-        if record is None or not record["live"] or record["updated_at"] is not None \
-                or time.monotonic() >= deadline:
-            return record
+    while record is not None and record["live"] and (record["updated_at"] or 0) <= fresh_after \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
+        record = tails.output(connection, task_id)
+    return record
 
 
 class Printer:
