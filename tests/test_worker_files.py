@@ -909,6 +909,25 @@ def test_outputs_found_in_a_listing_are_those_a_walk_finds(tmp_path):
     assert len(notes) == 3 and all("refused" in note for note in notes), notes
 
 
+
+def test_hex_names_are_read_as_before_the_set_test():
+    """is_hex (every sha256 a task's files name passes it) is a set test now,
+    not a generator over the characters: the same answers, to the last code
+    point of the Basic Multilingual Plane (none lowers into 0-9a-f)."""
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+
+    def before(text, length):
+        return (isinstance(text, str) and len(text) == length
+                and all(c in "0123456789abcdef" for c in text.lower()))
+    digest = sha(b"x")
+    for text in [digest, digest.upper(), digest[:63], digest + "0", digest[:-1] + "g",
+                 digest[:-1] + "\u212a", "", None, b"ab", 64]:
+        assert worker.is_hex(text, 64) == before(text, 64), text
+    for point in range(0x10000):
+        assert worker.is_hex(chr(point), 1) == before(chr(point), 1), hex(point)
+    assert worker.is_sha256(digest) and not worker.is_sha256(digest.upper())
+
 @also_36
 def test_a_cache_over_a_cap_made_smaller_is_trimmed_at_start(start, files, tmp_path, python):
     """A worker started again with a smaller --cache-mb kept the cache it
