@@ -3588,11 +3588,17 @@ class Spawner(object):
             self.sock.sendmsg([dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                   array.array("i", (out_w, err_w)))])
         except (OSError, ValueError) as e:
+            os.close(out_r)
+            os.close(err_r)
+            if getattr(e, "errno", None) == errno.EMSGSIZE:
+                # Larger than one message may be (the socket's buffer, ~208 KiB
+                # by default; a payload may hold 768): this task alone starts
+                # as without a spawner, and the spawner serves the others.
+                log("debug", "spawner_request_too_large", bytes=len(dumps(request)))
+                return None
             log("warning", "spawner_failed", error=str(e))
             self.broken = True
             self.lost(worker)
-            os.close(out_r)
-            os.close(err_r)
             return None
         finally:
             os.close(out_w)
