@@ -2281,10 +2281,10 @@ class ProcessTask(Task):
         if self.ending or self.proc is None:
             return
         self.ending = outcome
-        if self.proc.pid is None:         # the spawner has not started it yet: it never will
+        if self.proc.pid is None:
+            # The spawner starts it all the same: ended when it answers, it
+            # concludes once reaped, and its uid is not lent again before.
             self.proc.doomed = True
-            self.reaped = True
-            self.conclude(worker)
         elif self.reaped:
             self.conclude(worker)
         else:
@@ -2292,6 +2292,9 @@ class ProcessTask(Task):
 
     def not_started(self, worker, error):
         self.reaped = True
+        if self.ending:         # cancelled or timed out as it started: as it was
+            self.conclude(worker)
+            return
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
         self.remove_workdir(worker)
@@ -3530,6 +3533,7 @@ class SpawnedChild(object):
     error = None
     returncode = None
     doomed = False       # killed before it started: kill it as soon as it has a pid
+    abandoned = False    # and its end is of no interest (ProcessTask.abandon)
 
     def __init__(self, stdout, stderr):
         self.stdout, self.stderr = stdout, stderr
@@ -3636,7 +3640,9 @@ class Spawner(object):
         child.pid = pid
         if child.doomed:            # its task ended (timed out, cancelled, dropped) meanwhile
             kill_group(pid)
-            return
+            self.end_tree(pid)      # it may have no session (nor uid) of its own yet
+            if child.abandoned:     # nothing waits for its end
+                return
         self.children.add(pid)
         worker.watchdog.group_started(pid)
 
@@ -3667,7 +3673,7 @@ class Spawner(object):
     def forget(self, worker, child):
         """An abandoned task: kill it; its end is of no more interest."""
         if child.pid is None:
-            child.doomed = True
+            child.doomed = child.abandoned = True
             return
         kill_group(child.pid)
         if child.pid in self.children:
@@ -4260,7 +4266,11 @@ def give_back_identity(jail, saved):
 def end_task(pid, jail, trees, everything):
     """In the spawner: kill what the task `pid` started. Its group and
     cgroup always (one signal, one write); its uid's processes and its
-    tree in /proc (a fork, a scan) when `everything`."""
+    tree in /proc (a fork, a scan) when `everything`. `pid` itself by its
+    pid too (our child, not yet reaped: no stranger's): until it has made
+    its session and taken its uid (a task forked from the Template reads its
+    request first), neither the group nor the uid names it."""
+    kill_pid(pid)
     kill_group(pid)
     if jail.get("cgroup"):
         TaskCgroups.kill(jail["cgroup"])

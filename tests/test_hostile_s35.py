@@ -2,6 +2,8 @@
 submitter, then what comes from outside into each main-node program.
 Each test failed before the fix its docstring names, or says what held."""
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -76,3 +78,64 @@ def test_a_large_task_neither_breaks_the_spawner_nor_ends_its_neighbours(root_wo
     spawner = worker.events("spawner_started")[-1]["pid"]
     assert result["result"]["output"] == str(spawner), "later tasks still come from the spawner"
     assert not worker.events("spawner_failed") and not worker.events("worker_restarting")
+
+
+# -- a task ended before the spawner answered ---------------------------------------------
+
+@own_uids
+def test_a_task_ended_before_its_process_started_keeps_its_uid_until_that_ends(
+        root_worker, tmp_path):
+    """A task that timed out (or was cancelled) before the spawner had
+    answered with its pid was reported at once and its uid lent to the
+    next task, though the spawner went on to start it: the worker then
+    killed its process group only, which a task forked from the Template
+    has not made yet (it reads its request first), so it could run on,
+    untimed, as the uid of the next task; and its end killed every
+    process of that uid, the next task's. Now its result waits for its
+    process, which the spawner kills by pid (the next test). Before: task
+    12 reported while the Template was stopped, and its uid given to 13."""
+    worker, link = root_worker
+    assert run(link, 10, "python_eval", {"expression": "1"})["status"] == "completed"
+    template = spawner_children(worker)
+    assert len(template) == 1, template       # the task reaped: the Template alone
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    os.chmod(str(drop), 0o1777)
+    code = ("import os, time\ntime.sleep(1)\nopen(%r, 'w').write(str(os.getuid()))\n"
+            % str(drop / "escaped"))
+    os.kill(template[0], signal.SIGSTOP)       # the spawner waits on it for the pid
+    try:
+        link.assign(12, "python_exec", {"code": code}, timeout=0.2)
+        frames = link.pump(1.2)
+        # The next task, meant for the one slot and the uid 61770 once 12 has ended.
+        link.assign(13, "python_exec", {"code": "import os, time\ntime.sleep(1.5)\n"
+                                                "print(os.getuid())"})
+        frames += link.pump(0.3)
+    finally:
+        os.kill(template[0], signal.SIGCONT)
+    early = {f["data"]["task_id"]: f["data"] for f in frames
+             if f["message_type"] == "task_result"}
+    results = dict(early)
+    results.update(link.results(2 - len(early)))
+    assert results[12]["status"] == "timed_out", results[12]
+    assert results[13]["status"] == "completed", results[13]
+    assert results[13]["result"]["output"] == "61770\n", results[13]
+    assert not early, "task 12 reported while its process was yet to start"
+    assert not os.path.exists(str(drop / "escaped")), "task 12 ran after its end"
+
+
+@own_uids
+def test_the_spawner_ends_a_task_that_has_no_session_nor_uid_yet(worker_module):
+    """end_task killed a task's group and uid: neither names a process
+    forked from the Template before it has made its session and taken its
+    uid (it reads its request first). Now the first process is killed by
+    its pid as well (the spawner's unreaped child: no stranger's).
+    Before: the child lived on."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        worker_module.end_task(child.pid, {"own_uid": True, "uid": 61771}, None,
+                               everything=True)
+        assert wait_until(lambda: child.poll() is not None, 10), "the child lives on"
+    finally:
+        child.kill()
+        child.wait()
