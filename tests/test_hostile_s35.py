@@ -1,15 +1,19 @@
 """attack35: the root worker's Template and spawner as a task and as its
 submitter, then what comes from outside into each main-node program.
 Each test failed before the fix its docstring names, or says what held."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rc import tasks  # noqa: E402
+from cluster_harness import Cluster, online, wait_for  # noqa: E402
+from hostile_harness import assert_completes, submit_to, unharmed  # noqa: E402
+from rc import state_dir, tasks  # noqa: E402
 from test_worker import WORKER, FakeMain, WorkerProcess, wait_until  # noqa: E402
 
 own_uids = pytest.mark.skipif(os.geteuid() != 0, reason="task uids of their own need root")
@@ -38,6 +42,32 @@ def root_worker(tmp_path_factory):
     yield worker, link
     worker.stop()
     main.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real cluster and a root worker, w35, of two slots."""
+    cluster = Cluster(tmp_path_factory.mktemp("s35"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        # Task uids (61780-61783) no other test's worker uses.
+        cluster.start_worker("w35", "--slots", "2", "--task-user", "61780:4")
+        wait_for(lambda: "w35" in online(cluster), 30, "the worker w35")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def api_submit(cluster, spec):
+    """POST /api/v1/tasks with the admin token: code larger than a command line takes."""
+    request = urllib.request.Request(
+        "http://127.0.0.1:%d/api/v1/tasks" % cluster.config.web_port,
+        data=json.dumps(spec).encode(), headers={
+            "Content-Type": "application/json", "Authorization": "Bearer "
+            + state_dir.read_secret(cluster.config.admin_token_path)})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["task_id"]
 
 
 def run(link, task_id, task_type, payload, timeout=30.0):
@@ -78,6 +108,25 @@ def test_a_large_task_neither_breaks_the_spawner_nor_ends_its_neighbours(root_wo
     spawner = worker.events("spawner_started")[-1]["pid"]
     assert result["result"]["output"] == str(spawner), "later tasks still come from the spawner"
     assert not worker.events("spawner_failed") and not worker.events("worker_restarting")
+
+
+@own_uids
+def test_a_large_task_beside_another_on_a_cluster(cluster):
+    """The same through a real main node: the worker restarted, its
+    neighbour went back to the queue with its attempt lost, and the large
+    task did the same to each device it was given. Before: the large
+    task never completed, the worker's log said worker_restarting."""
+    code = ("#" + "x" * 1000 + "\n") * (tasks.MAX_PAYLOAD_TEXT // 1002) + "print('large ran')\n"
+    with unharmed(cluster, "w35"):
+        neighbour = submit_to(cluster, "w35", "sleep 1; echo neighbour")
+        large = api_submit(cluster, {"task_type": "python_exec", "payload": {"code": code},
+                                     "requirements": {"device_id": "w35"}, "retries": 0})
+        assert_completes(cluster, large, "large ran")
+        assert_completes(cluster, neighbour, "neighbour")
+    for task_id in (neighbour, large):
+        assert tasks.get(cluster.db, task_id)["attempt"] == 1
+    with open(cluster.worker_log("w35")) as log:
+        assert "worker_restarting" not in log.read()
 
 
 # -- a task ended before the spawner answered ---------------------------------------------
