@@ -1835,6 +1835,11 @@ class BadPayload(Exception):
         self.device_fault = device_fault
 
 
+# fork's errors at a task's start: the device has no process (a task used up
+# a container's pids limit) or no memory to give it. Another device may run it.
+NO_PROCESS_ERRORS = (errno.EAGAIN, errno.ENOMEM)
+
+
 def disk_full(error):
     """Whether an error is the device's disk (or quota) being full: not the
     task's fault, so that another device may run it."""
@@ -1842,6 +1847,12 @@ def disk_full(error):
         return error.code == "disk_full"
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
                                                          getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def cannot_start_here(error):
+    """Whether a task failed to start for want of the device's disk,
+    processes or memory (see disk_full, NO_PROCESS_ERRORS)."""
+    return disk_full(error) or isinstance(error, OSError) and error.errno in NO_PROCESS_ERRORS
 
 
 def result_data(key, status, error=None, output="", stderr="", exit_code=None,
@@ -2131,7 +2142,7 @@ class ProcessTask(Task):
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
             self.remove_workdir(worker)
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
-                          device_fault=disk_full(e))
+                          device_fault=cannot_start_here(e))
             return
         if self.proc.pid is not None:     # a spawned one: told when the spawner answers
             worker.watchdog.group_started(self.proc.pid)
@@ -2298,7 +2309,8 @@ class ProcessTask(Task):
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
         self.remove_workdir(worker)
-        worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error)
+        worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error,
+                      device_fault=self.proc.error_number in NO_PROCESS_ERRORS)
 
     def maybe_done(self, worker):
         if self.reaped and not self.pipes:
@@ -2800,8 +2812,14 @@ def has_account(uid):
 
 def kill_uid(uid):
     """SIGKILL every process of `uid`, from a child that takes that uid (a
-    task's own: nothing else runs as it): kill(-1) until none is left."""
-    pid = os.fork()
+    task's own: nothing else runs as it): kill(-1) until none is left.
+    Where no child can be had (the task used up the processes a container
+    allows: its pids limit), through /proc, as kill_uid_except does."""
+    try:
+        pid = os.fork()
+    except OSError:
+        kill_uid_through_proc(uid)
+        return
     if pid == 0:
         try:
             os.setgroups([])
@@ -2811,6 +2829,26 @@ def kill_uid(uid):
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+def kill_uid_through_proc(uid):
+    """kill_uid without a child: each process whose real or saved uid is
+    `uid` (as kill(-1) from that uid finds them), read from its status (a
+    task's process that changed uids and never ran exec is root's in /proc),
+    round after round until none is left."""
+    for _ in range(KILL_ROUNDS):
+        found = False
+        for name in filter(str.isdigit, list_dir(PROC_ROOT)):
+            try:
+                with open(os.path.join(PROC_ROOT, name, "status"), "rb") as f:
+                    uids = next(line for line in f if line.startswith(b"Uid:")).split()
+                if uid in (int(uids[1]), int(uids[3])):
+                    os.kill(int(name), signal.SIGKILL)
+                    found = True
+            except (OSError, StopIteration, IndexError, ValueError):
+                pass
+        if not found:
+            return
 
 
 def kill_uid_except(uid, keep):
@@ -3531,6 +3569,7 @@ class SpawnedChild(object):
     answers (or the error that kept it from starting)."""
     pid = None
     error = None
+    error_number = None  # the error's errno, when it has one
     returncode = None
     doomed = False       # killed before it started: kill it as soon as it has a pid
     abandoned = False    # and its end is of no interest (ProcessTask.abandon)
@@ -3633,7 +3672,8 @@ class Spawner(object):
         elif "pid" in message:
             self.started(worker, self.starting.pop(0), message["pid"])
         else:
-            self.starting.pop(0).error = message["error"]
+            child = self.starting.pop(0)
+            child.error, child.error_number = message["error"], message.get("errno")
         return True
 
     def started(self, worker, child, pid):
@@ -3817,7 +3857,7 @@ def serve_request(sock, children, trees):
             trees.add(pid, jail["mark"])
         reply = {"pid": pid}
     except (OSError, ValueError) as e:
-        reply = {"error": str(e)}
+        reply = {"error": str(e), "errno": getattr(e, "errno", None)}
     for fd in fds:
         os.close(fd)
     sock.send(dumps(reply))
@@ -3870,7 +3910,8 @@ class Template(object):
             finally:
                 os.close(reader)
             if "pid" not in reply:
-                raise OSError(errno.EAGAIN, reply.get("error", "the template forked nothing"))
+                raise OSError(reply.get("errno") or errno.EAGAIN,
+                              reply.get("error", "the template forked nothing"))
             pid = reply["pid"]
             try:
                 write_all(writer, marshal.dumps((dumps(request), python_code(request))))
@@ -3905,8 +3946,8 @@ def serve_template(sock):
                 if pid == 0:
                     run_template_child(fds)
                 sock.send(dumps({"pid": pid}))
-        except OSError as e:        # no process to be had (nproc): this task fails
-            sock.send(dumps({"error": str(e)}))
+        except OSError as e:        # no process to be had (nproc, pids): this task fails
+            sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
         for fd in fds:
             os.close(fd)
 
@@ -3922,7 +3963,7 @@ def answer_through_child(sock, fds):
             try:
                 pid = os.fork()
             except OSError as e:
-                sock.send(dumps({"error": str(e)}))
+                sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
             else:
                 if pid == 0:
                     run_template_child(fds)

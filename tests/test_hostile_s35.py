@@ -133,7 +133,7 @@ def test_a_large_task_beside_another_on_a_cluster(cluster):
 
 @own_uids
 def test_a_task_ended_before_its_process_started_keeps_its_uid_until_that_ends(
-        root_worker, tmp_path):
+        root_worker, drop_dir):
     """A task that timed out (or was cancelled) before the spawner had
     answered with its pid was reported at once and its uid lent to the
     next task, though the spawner went on to start it: the worker then
@@ -147,11 +147,8 @@ def test_a_task_ended_before_its_process_started_keeps_its_uid_until_that_ends(
     assert run(link, 10, "python_eval", {"expression": "1"})["status"] == "completed"
     template = spawner_children(worker)
     assert len(template) == 1, template       # the task reaped: the Template alone
-    drop = tmp_path / "drop"
-    drop.mkdir()
-    os.chmod(str(drop), 0o1777)
     code = ("import os, time\ntime.sleep(1)\nopen(%r, 'w').write(str(os.getuid()))\n"
-            % str(drop / "escaped"))
+            % str(drop_dir / "escaped"))
     os.kill(template[0], signal.SIGSTOP)       # the spawner waits on it for the pid
     try:
         link.assign(12, "python_exec", {"code": code}, timeout=0.2)
@@ -170,7 +167,7 @@ def test_a_task_ended_before_its_process_started_keeps_its_uid_until_that_ends(
     assert results[13]["status"] == "completed", results[13]
     assert results[13]["result"]["output"] == "61770\n", results[13]
     assert not early, "task 12 reported while its process was yet to start"
-    assert not os.path.exists(str(drop / "escaped")), "task 12 ran after its end"
+    assert not os.path.exists(str(drop_dir / "escaped")), "task 12 ran after its end"
 
 
 @own_uids
@@ -188,3 +185,97 @@ def test_the_spawner_ends_a_task_that_has_no_session_nor_uid_yet(worker_module):
     finally:
         child.kill()
         child.wait()
+
+
+# -- a task that uses up the processes a container allows ---------------------------------
+
+PIDS_MAX = 40      # the worker, its watchdog, spawner and Template, and what a task takes
+PIDS_CGROUPS = "/sys/fs/cgroup/pids"      # cgroup v1's pids controller
+
+BOMB = """
+import os, time
+forked = 0
+while True:
+    try:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        forked += 1
+    except OSError:
+        break
+print("forked", forked, flush=True)
+while not os.path.exists(%r):
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def pids_limited(tmp_path):
+    """A root worker in a cgroup of PIDS_MAX processes (docker-compose.yml
+    gives the worker container 256, as many as one task may have)."""
+    if os.geteuid() != 0 or not os.access(PIDS_CGROUPS, os.W_OK):
+        pytest.skip("needs root and cgroup v1's pids controller")
+    group = os.path.join(PIDS_CGROUPS, "rc-test-s35-%d" % os.getpid())
+    os.mkdir(group)
+    main = FakeMain()
+    try:
+        with open(os.path.join(group, "pids.max"), "w") as f:
+            f.write(str(PIDS_MAX))
+        worker = WorkerProcess(sys.executable, main.port, str(tmp_path / "worker.log"),
+                               "--task-user", "61790:4", "--slots", "2")
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(worker.proc.pid))
+        link = main.accept()
+        link.handshake()
+        yield worker, link, group
+        worker.stop()
+    finally:
+        main.close()
+        wait_until(lambda: not open(os.path.join(group, "cgroup.procs")).read(), 10)
+        os.rmdir(group)
+
+
+def uid_processes(uid):
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/status" % name) as f:
+                if next(line for line in f if line.startswith("Uid:")).split()[1] == str(uid):
+                    found.append(int(name))
+        except (OSError, StopIteration):
+            pass
+    return found
+
+
+@own_uids
+def test_a_task_that_uses_up_the_pids_limit_ends_alone(pids_limited, drop_dir):
+    """A task forked as many processes as the container allowed (fewer
+    than its own RLIMIT_NPROC): the tasks that came meanwhile failed as
+    their own fault ('cannot start: EAGAIN', their retries spent), and at
+    its end the spawner could not fork the child that kills its uid
+    (kill_uid): the exception ended the spawner, the worker restarted and
+    every task it ran was lost. Now such a start is the device's fault
+    (the main node queues it again) and the uid is killed through /proc
+    when no child can be had. Before: no device_fault, then 'worker
+    closed the connection'."""
+    worker, link, group = pids_limited
+    assert run(link, 1, "python_eval", {"expression": "1"})["status"] == "completed"
+    stop = drop_dir / "stop"
+    link.assign(2, "python_exec", {"code": BOMB % str(stop)})
+
+    def pids():
+        with open(os.path.join(group, "pids.current")) as f:
+            return int(f.read())
+    assert wait_until(lambda: pids() >= PIDS_MAX, 15), pids()
+    for task_id, task_type, payload in ((3, "python_eval", {"expression": "2"}),
+                                        (4, "shell", {"command": "echo 4"})):
+        result = run(link, task_id, task_type, payload)
+        assert result["status"] == "failed", result
+        assert "Resource temporarily unavailable" in result["error"], result
+        assert result["result"].get("device_fault") is True, result
+    stop.write_text("")
+    result = link.results(1)[2]
+    assert result["status"] == "completed" and "forked" in result["result"]["output"], result
+    assert wait_until(lambda: not uid_processes(61790), 10), uid_processes(61790)
+    assert run(link, 5, "python_eval", {"expression": "5"})["result"]["output"] == "5"
+    assert not worker.events("spawner_lost") and not worker.events("worker_restarting")
