@@ -2382,7 +2382,12 @@ class ProcessTask(Task):
                 worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
-        self.remove_workdir(worker)
+        if isinstance(self.proc, SpawnedChild) and self.proc.abandoned:
+            # The spawner starts it all the same: its uid and directory are
+            # lent again once it has ended (Spawner.started, ended).
+            self.proc.release = lambda: self.remove_workdir(worker)
+        else:
+            self.remove_workdir(worker)
 
     def remove_workdir(self, worker):
         """Give back its directory, uid and cgroup (see Sandbox.close)."""
@@ -3573,6 +3578,7 @@ class SpawnedChild(object):
     returncode = None
     doomed = False       # killed before it started: kill it as soon as it has a pid
     abandoned = False    # and its end is of no interest (ProcessTask.abandon)
+    release = None       # an abandoned one's: gives its task's uid back, once it has ended
 
     def __init__(self, stdout, stderr):
         self.stdout, self.stderr = stdout, stderr
@@ -3594,6 +3600,7 @@ class Spawner(object):
         self.starting = []        # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
+        self.releases = {}        # pid of an abandoned child -> its release, at its end
         self.idle_since = time.monotonic()
         self.continue_at = 0.0
 
@@ -3674,6 +3681,8 @@ class Spawner(object):
         else:
             child = self.starting.pop(0)
             child.error, child.error_number = message["error"], message.get("errno")
+            if child.release is not None:
+                child.release()
         return True
 
     def started(self, worker, child, pid):
@@ -3681,12 +3690,17 @@ class Spawner(object):
         if child.doomed:            # its task ended (timed out, cancelled, dropped) meanwhile
             kill_group(pid)
             self.end_tree(pid)      # it may have no session (nor uid) of its own yet
-            if child.abandoned:     # nothing waits for its end
+            if child.abandoned:     # nothing waits for its end but its uid
+                if child.release is not None:
+                    self.releases[pid] = child.release
                 return
         self.children.add(pid)
         worker.watchdog.group_started(pid)
 
     def ended(self, pid, status, usage):
+        release = self.releases.pop(pid, None)
+        if release is not None:
+            release()
         if pid in self.children:
             self.children.discard(pid)
             self.exits[pid] = (status, usage)
@@ -3704,6 +3718,10 @@ class Spawner(object):
         for pid in self.children:
             kill_group(pid)
         serving = bool(self.children or self.starting)
+        for release in list(self.releases.values()) + [
+                child.release for child in self.starting if child.release is not None]:
+            release()
+        self.releases.clear()
         self.children.clear()
         self.starting.clear()
         self.stop(worker)

@@ -170,6 +170,55 @@ def test_a_task_ended_before_its_process_started_keeps_its_uid_until_that_ends(
     assert not os.path.exists(str(drop_dir / "escaped")), "task 12 ran after its end"
 
 
+FENCE = 2.0       # seconds without a lease renewed before the worker drops its tasks
+
+
+@pytest.fixture
+def fenced_worker(tmp_path):
+    """A root worker of one slot (uids 61775, 61776) that drops its tasks
+    when the fake main node renews no lease for FENCE seconds."""
+    main = FakeMain()
+    worker = WorkerProcess(sys.executable, main.port, str(tmp_path / "worker.log"),
+                           "--task-user", "61775:2", "--slots", "1")
+    link = main.accept()
+    link.handshake(fence_interval=FENCE)
+    yield worker, link
+    worker.stop()
+    main.close()
+
+
+@own_uids
+def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends(
+        fenced_worker):
+    """The same for a task dropped (fenced: no lease renewed; given away;
+    the device unavailable) before the spawner answered: its uid went
+    back at once, the next task took it while the spawner was yet to
+    start the first as that uid, and the first one's end killed the uid's
+    processes. Now its uid waits for that end. Before: task 22 ran as
+    61775, the uid of task 21, dropped and yet to start."""
+    worker, link = fenced_worker
+    assert run(link, 20, "python_eval", {"expression": "1"})["status"] == "completed"
+    link.pump(0.3)
+    template = spawner_children(worker)
+    assert len(template) == 1, template
+    os.kill(template[0], signal.SIGSTOP)
+    try:
+        link.assign(21, "python_exec", {"code": "import time; time.sleep(30)"})
+        link.pump(FENCE + 3, keep_alive=False, until=lambda: worker.events("task_fenced"))
+        assert worker.events("task_fenced"), "task 21 not dropped"
+        link.pump(0.3)        # leases renewed: the worker takes tasks again
+        link.assign(22, "python_eval", {"expression": "__import__('os').getuid()"})
+        link.pump(0.5)
+    finally:
+        os.kill(template[0], signal.SIGCONT)
+    result = link.results(1)[22]
+    assert result["status"] == "completed", result
+    assert result["result"]["output"] == "61776", "the uid of task 21, yet to start"
+    assert wait_until(lambda: not uid_processes(61775), 10), "task 21 runs on"
+    assert run(link, 23, "python_eval", {"expression": "__import__('os').getuid()"}
+               )["result"]["output"] == "61775", "its uid back once it has ended"
+
+
 @own_uids
 def test_the_spawner_ends_a_task_that_has_no_session_nor_uid_yet(worker_module):
     """end_task killed a task's group and uid: neither names a process
