@@ -59,15 +59,19 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
-def api_submit(cluster, spec):
-    """POST /api/v1/tasks with the admin token: code larger than a command line takes."""
+def api(cluster, method, path, body=None):
+    """rc-web's /api/v1 with the admin token (code larger than a command line takes)."""
     request = urllib.request.Request(
-        "http://127.0.0.1:%d/api/v1/tasks" % cluster.config.web_port,
-        data=json.dumps(spec).encode(), headers={
+        "http://127.0.0.1:%d%s" % (cluster.config.web_port, path), method=method,
+        data=None if body is None else json.dumps(body).encode(), headers={
             "Content-Type": "application/json", "Authorization": "Bearer "
             + state_dir.read_secret(cluster.config.admin_token_path)})
     with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())["task_id"]
+        return json.loads(response.read())
+
+
+def api_submit(cluster, spec):
+    return api(cluster, "POST", "/api/v1/tasks", spec)["task_id"]
 
 
 def run(link, task_id, task_type, payload, timeout=30.0):
@@ -127,6 +131,27 @@ def test_a_large_task_beside_another_on_a_cluster(cluster):
         assert tasks.get(cluster.db, task_id)["attempt"] == 1
     with open(cluster.worker_log("w35")) as log:
         assert "worker_restarting" not in log.read()
+
+
+def test_a_groups_view_holds_a_few_kilobytes_of_each_output(cluster):
+    """GET /api/v1/groups/ID (the dashboard reads it every 2 s while a map
+    or group is open) and `rc group` read every task's whole result: a map
+    of 300 tasks of 900 KB outputs cost rc-web 250 MB and 2 s a read, a
+    larger one all of a NAS's memory. Now each output, error and input is
+    cut at fleet.GROUP_TEXT_CHARS, by SQLite. Before: 300000 characters."""
+    from rc import fleet
+    spec = {"task_type": "python_eval", "payload": {"expression": "'y' * 300000"},
+            "requirements": {"device_id": "w35"}}
+    answer = api(cluster, "POST", "/api/v1/tasks?group=new", [spec, spec])
+    for task in answer["tasks"]:
+        assert_completes(cluster, task["task_id"], "yyy")
+    group = api(cluster, "GET", "/api/v1/groups/%d" % answer["group_id"])
+    assert group["summary"] == {"tasks": 2, "completed": 2}, group["summary"]
+    for member in group["tasks"]:
+        assert member["output"] == "'%s\n[cut at %d characters]" % (
+            "y" * (fleet.GROUP_TEXT_CHARS - 1), fleet.GROUP_TEXT_CHARS), member["output"][-80:]
+    shown = cluster.rc("group", str(answer["group_id"])).stdout
+    assert len(shown) < 3 * fleet.GROUP_TEXT_CHARS and "2 tasks: 2 completed" in shown, shown
 
 
 # -- a task ended before the spawner answered ---------------------------------------------
