@@ -3761,7 +3761,7 @@ class Spawner(object):
 
     def stop_when_idle(self, worker, now):
         if self.sock is not None and not self.children and not self.starting and \
-                now - self.idle_since >= SPAWNER_IDLE:
+                not self.releases and now - self.idle_since >= SPAWNER_IDLE:
             self.stop(worker)
 
     def stop(self, worker):

@@ -244,6 +244,19 @@ def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends
                )["result"]["output"] == "61775", "its uid back once it has ended"
 
 
+def test_an_idle_spawner_stays_while_a_dropped_task_holds_its_uid(worker_module):
+    """The uid of a dropped task waits for the spawner to report that
+    task's end: a spawner stopped as idle (no task of its own counted)
+    would never report it, and the uid stayed out of use for good."""
+    from types import SimpleNamespace
+    spawner = worker_module.Spawner()
+    spawner.sock = SimpleNamespace(close=lambda: None)
+    spawner.releases[12345] = lambda: None
+    worker = SimpleNamespace(selector=SimpleNamespace(unregister=lambda sock: None))
+    spawner.stop_when_idle(worker, spawner.idle_since + worker_module.SPAWNER_IDLE + 1)
+    assert spawner.sock is not None, "stopped"
+
+
 @own_uids
 def test_the_spawner_ends_a_task_that_has_no_session_nor_uid_yet(worker_module):
     """end_task killed a task's group and uid: neither names a process
