@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -212,6 +213,16 @@ def fenced_worker(tmp_path):
     main.close()
 
 
+def result_renewing(link, task_id, timeout=30):
+    """The task's result, heartbeats acknowledged meanwhile (leases renewed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for frame in link.pump(0.2):
+            if frame["message_type"] == "task_result" and frame["data"]["task_id"] == task_id:
+                return frame["data"]
+    raise AssertionError("no result of task %d within %g s" % (task_id, timeout))
+
+
 @own_uids
 def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends(
         fenced_worker):
@@ -222,8 +233,8 @@ def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends
     processes. Now its uid waits for that end. Before: task 22 ran as
     61775, the uid of task 21, dropped and yet to start."""
     worker, link = fenced_worker
-    assert run(link, 20, "python_eval", {"expression": "1"})["status"] == "completed"
-    link.pump(0.3)
+    link.assign(20, "python_eval", {"expression": "1"})
+    assert result_renewing(link, 20)["status"] == "completed"
     template = spawner_children(worker)
     assert len(template) == 1, template
     os.kill(template[0], signal.SIGSTOP)
@@ -236,12 +247,13 @@ def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends
         link.pump(0.5)
     finally:
         os.kill(template[0], signal.SIGCONT)
-    result = link.results(1)[22]
+    result = result_renewing(link, 22)
     assert result["status"] == "completed", result
     assert result["result"]["output"] == "61776", "the uid of task 21, yet to start"
     assert wait_until(lambda: not uid_processes(61775), 10), "task 21 runs on"
-    assert run(link, 23, "python_eval", {"expression": "__import__('os').getuid()"}
-               )["result"]["output"] == "61775", "its uid back once it has ended"
+    link.assign(23, "python_eval", {"expression": "__import__('os').getuid()"})
+    assert result_renewing(link, 23)["result"]["output"] == "61775", \
+        "its uid back once it has ended"
 
 
 def test_an_idle_spawner_stays_while_a_dropped_task_holds_its_uid(worker_module):
