@@ -2370,10 +2370,14 @@ class ProcessTask(Task):
         return stdout
 
     def abandon(self, worker):
-        if isinstance(self.proc, SpawnedChild) and not self.reaped:
+        spawned = isinstance(self.proc, SpawnedChild) and not self.reaped
+        if spawned:
             if self.jail is not None:
                 worker.sandbox.end(worker, self)
-            worker.spawner.forget(worker, self.proc)     # the spawner reaps it
+            # Its uid and directory are lent again once the spawner has
+            # reaped it (Spawner.forget): its end kills what the uid runs.
+            self.proc.release = lambda: self.remove_workdir(worker)
+            worker.spawner.forget(worker, self.proc)
         elif self.proc is not None and not self.reaped:
             worker.sandbox.end(worker, self)
             try:
@@ -2382,11 +2386,7 @@ class ProcessTask(Task):
                 worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
-        if isinstance(self.proc, SpawnedChild) and self.proc.abandoned:
-            # The spawner starts it all the same: its uid and directory are
-            # lent again once it has ended (Spawner.started, ended).
-            self.proc.release = lambda: self.remove_workdir(worker)
-        else:
+        if not spawned:
             self.remove_workdir(worker)
 
     def remove_workdir(self, worker):
@@ -3729,14 +3729,24 @@ class Spawner(object):
             worker.restart("the task spawner exited with tasks running", "error")
 
     def forget(self, worker, child):
-        """An abandoned task: kill it; its end is of no more interest."""
+        """An abandoned task: kill it; its end is of no more interest but
+        for its release, called once the spawner has reaped it (started,
+        ended), at once if it has."""
         if child.pid is None:
+            if child.error is not None:       # it could not start: nothing to wait for
+                if child.release is not None:
+                    child.release()
+                return
             child.doomed = child.abandoned = True
             return
         kill_group(child.pid)
         if child.pid in self.children:
             self.children.discard(child.pid)
             worker.watchdog.group_ended(child.pid)
+            if child.release is not None:
+                self.releases[child.pid] = child.release
+        elif child.release is not None:
+            child.release()
         self.exits.pop(child.pid, None)
 
     def end_tree(self, pid):

@@ -256,6 +256,33 @@ def test_a_task_dropped_before_its_process_started_keeps_its_uid_until_that_ends
         "its uid back once it has ended"
 
 
+def test_a_dropped_running_task_keeps_its_uid_until_the_spawner_reports_its_end(
+        worker_module):
+    """A running task dropped gave its uid and directory back at once,
+    before the spawner had reaped it (the spawner then ends what the uid
+    runs, where the task left orphans): a task started meanwhile with that
+    uid could be killed. Now they go back when the spawner reports its
+    end. Before: not released at the end (at the drop, by abandon)."""
+    from types import SimpleNamespace
+    released = []
+    spawner = worker_module.Spawner()
+    child = worker_module.SpawnedChild(None, None)
+    task = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        child.pid = task.pid
+        child.release = lambda: released.append(task.pid)
+        spawner.children.add(task.pid)
+        worker = SimpleNamespace(watchdog=SimpleNamespace(group_ended=lambda pid: None))
+        spawner.forget(worker, child)
+        assert task.wait(10) == -signal.SIGKILL
+        assert released == [], "released before the spawner reported its end"
+        spawner.ended(task.pid, 9, None)
+        assert released == [task.pid]
+    finally:
+        task.kill()
+        task.wait()
+
+
 def test_an_idle_spawner_stays_while_a_dropped_task_holds_its_uid(worker_module):
     """The uid of a dropped task waits for the spawner to report that
     task's end: a spawner stopped as idle (no task of its own counted)
