@@ -1844,6 +1844,11 @@ class BadPayload(Exception):
         self.device_fault = device_fault
 
 
+# fork's errors at a task's start: the device has no process (a task used up
+# a container's pids limit) or no memory to give it. Another device may run it.
+NO_PROCESS_ERRORS = (errno.EAGAIN, errno.ENOMEM)
+
+
 def disk_full(error):
     """Whether an error is the device's disk (or quota) being full: not the
     task's fault, so that another device may run it."""
@@ -1851,6 +1856,12 @@ def disk_full(error):
         return error.code == "disk_full"
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
                                                          getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def cannot_start_here(error):
+    """Whether a task failed to start for want of the device's disk,
+    processes or memory (see disk_full, NO_PROCESS_ERRORS)."""
+    return disk_full(error) or isinstance(error, OSError) and error.errno in NO_PROCESS_ERRORS
 
 
 def result_data(key, status, error=None, output="", stderr="", exit_code=None,
@@ -2142,7 +2153,7 @@ class ProcessTask(Task):
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
             self.remove_workdir(worker)
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
-                          device_fault=disk_full(e))
+                          device_fault=cannot_start_here(e))
             return
         if self.proc.pid is not None:     # a spawned one: told when the spawner answers
             worker.watchdog.group_started(self.proc.pid)
@@ -2342,10 +2353,10 @@ class ProcessTask(Task):
         if self.ending or self.proc is None:
             return
         self.ending = outcome
-        if self.proc.pid is None:         # the spawner has not started it yet: it never will
+        if self.proc.pid is None:
+            # The spawner starts it all the same: ended when it answers, it
+            # concludes once reaped, and its uid is not lent again before.
             self.proc.doomed = True
-            self.reaped = True
-            self.conclude(worker)
         elif self.reaped:
             self.conclude(worker)
         else:
@@ -2353,10 +2364,14 @@ class ProcessTask(Task):
 
     def not_started(self, worker, error):
         self.reaped = True
+        if self.ending:         # cancelled or timed out as it started: as it was
+            self.conclude(worker)
+            return
         for fd in list(self.pipes):
             self.close_pipe(worker, fd)
         self.remove_workdir(worker)
-        worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error)
+        worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % error,
+                      device_fault=self.proc.error_number in NO_PROCESS_ERRORS)
 
     def maybe_done(self, worker):
         if self.reaped and not self.pipes:
@@ -2416,10 +2431,14 @@ class ProcessTask(Task):
         return stdout
 
     def abandon(self, worker):
-        if isinstance(self.proc, SpawnedChild) and not self.reaped:
+        spawned = isinstance(self.proc, SpawnedChild) and not self.reaped
+        if spawned:
             if self.jail is not None:
                 worker.sandbox.end(worker, self)
-            worker.spawner.forget(worker, self.proc)     # the spawner reaps it
+            # Its uid and directory are lent again once the spawner has
+            # reaped it (Spawner.forget): its end kills what the uid runs.
+            self.proc.release = lambda: self.remove_workdir(worker)
+            worker.spawner.forget(worker, self.proc)
         elif self.proc is not None and not self.reaped:
             worker.sandbox.end(worker, self)
             try:
@@ -2428,7 +2447,8 @@ class ProcessTask(Task):
                 worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
-        self.remove_workdir(worker)
+        if not spawned:
+            self.remove_workdir(worker)
 
     def remove_workdir(self, worker):
         """Give back its directory, uid and cgroup (see Sandbox.close)."""
@@ -2858,8 +2878,14 @@ def has_account(uid):
 
 def kill_uid(uid):
     """SIGKILL every process of `uid`, from a child that takes that uid (a
-    task's own: nothing else runs as it): kill(-1) until none is left."""
-    pid = os.fork()
+    task's own: nothing else runs as it): kill(-1) until none is left.
+    Where no child can be had (the task used up the processes a container
+    allows: its pids limit), through /proc, as kill_uid_except does."""
+    try:
+        pid = os.fork()
+    except OSError:
+        kill_uid_through_proc(uid)
+        return
     if pid == 0:
         try:
             os.setgroups([])
@@ -2869,6 +2895,26 @@ def kill_uid(uid):
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+
+
+def kill_uid_through_proc(uid):
+    """kill_uid without a child: each process whose real or saved uid is
+    `uid` (as kill(-1) from that uid finds them), read from its status (a
+    task's process that changed uids and never ran exec is root's in /proc),
+    round after round until none is left."""
+    for _ in range(KILL_ROUNDS):
+        found = False
+        for name in filter(str.isdigit, list_dir(PROC_ROOT)):
+            try:
+                with open(os.path.join(PROC_ROOT, name, "status"), "rb") as f:
+                    uids = next(line for line in f if line.startswith(b"Uid:")).split()
+                if uid in (int(uids[1]), int(uids[3])):
+                    os.kill(int(name), signal.SIGKILL)
+                    found = True
+            except (OSError, StopIteration, IndexError, ValueError):
+                pass
+        if not found:
+            return
 
 
 def kill_uid_except(uid, keep):
@@ -3589,8 +3635,11 @@ class SpawnedChild(object):
     answers (or the error that kept it from starting)."""
     pid = None
     error = None
+    error_number = None  # the error's errno, when it has one
     returncode = None
     doomed = False       # killed before it started: kill it as soon as it has a pid
+    abandoned = False    # and its end is of no interest (ProcessTask.abandon)
+    release = None       # an abandoned one's: gives its task's uid back, once it has ended
 
     def __init__(self, stdout, stderr):
         self.stdout, self.stderr = stdout, stderr
@@ -3612,6 +3661,7 @@ class Spawner(object):
         self.starting = []        # SpawnedChild sent and not yet answered, in order
         self.children = set()     # pids of task processes not yet reported ended
         self.exits = {}           # pid -> (wait status, Usage), until its task takes it
+        self.releases = {}        # pid of an abandoned child -> its release, at its end
         self.idle_since = time.monotonic()
         self.continue_at = 0.0
 
@@ -3649,11 +3699,17 @@ class Spawner(object):
             self.sock.sendmsg([dumps(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                   array.array("i", (out_w, err_w)))])
         except (OSError, ValueError) as e:
+            os.close(out_r)
+            os.close(err_r)
+            if getattr(e, "errno", None) == errno.EMSGSIZE:
+                # Larger than one message may be (the socket's buffer, ~208 KiB
+                # by default; a payload may hold 768): this task alone starts
+                # as without a spawner, and the spawner serves the others.
+                log("debug", "spawner_request_too_large", bytes=len(dumps(request)))
+                return None
             log("warning", "spawner_failed", error=str(e))
             self.broken = True
             self.lost(worker)
-            os.close(out_r)
-            os.close(err_r)
             return None
         finally:
             os.close(out_w)
@@ -3684,18 +3740,28 @@ class Spawner(object):
         elif "pid" in message:
             self.started(worker, self.starting.pop(0), message["pid"])
         else:
-            self.starting.pop(0).error = message["error"]
+            child = self.starting.pop(0)
+            child.error, child.error_number = message["error"], message.get("errno")
+            if child.release is not None:
+                child.release()
         return True
 
     def started(self, worker, child, pid):
         child.pid = pid
         if child.doomed:            # its task ended (timed out, cancelled, dropped) meanwhile
             kill_group(pid)
-            return
+            self.end_tree(pid)      # it may have no session (nor uid) of its own yet
+            if child.abandoned:     # nothing waits for its end but its uid
+                if child.release is not None:
+                    self.releases[pid] = child.release
+                return
         self.children.add(pid)
         worker.watchdog.group_started(pid)
 
     def ended(self, pid, status, usage):
+        release = self.releases.pop(pid, None)
+        if release is not None:
+            release()
         if pid in self.children:
             self.children.discard(pid)
             self.exits[pid] = (status, usage)
@@ -3713,6 +3779,10 @@ class Spawner(object):
         for pid in self.children:
             kill_group(pid)
         serving = bool(self.children or self.starting)
+        for release in list(self.releases.values()) + [
+                child.release for child in self.starting if child.release is not None]:
+            release()
+        self.releases.clear()
         self.children.clear()
         self.starting.clear()
         self.stop(worker)
@@ -3720,14 +3790,24 @@ class Spawner(object):
             worker.restart("the task spawner exited with tasks running", "error")
 
     def forget(self, worker, child):
-        """An abandoned task: kill it; its end is of no more interest."""
+        """An abandoned task: kill it; its end is of no more interest but
+        for its release, called once the spawner has reaped it (started,
+        ended), at once if it has."""
         if child.pid is None:
-            child.doomed = True
+            if child.error is not None:       # it could not start: nothing to wait for
+                if child.release is not None:
+                    child.release()
+                return
+            child.doomed = child.abandoned = True
             return
         kill_group(child.pid)
         if child.pid in self.children:
             self.children.discard(child.pid)
             worker.watchdog.group_ended(child.pid)
+            if child.release is not None:
+                self.releases[child.pid] = child.release
+        elif child.release is not None:
+            child.release()
         self.exits.pop(child.pid, None)
 
     def end_tree(self, pid):
@@ -3752,7 +3832,7 @@ class Spawner(object):
 
     def stop_when_idle(self, worker, now):
         if self.sock is not None and not self.children and not self.starting and \
-                now - self.idle_since >= SPAWNER_IDLE:
+                not self.releases and now - self.idle_since >= SPAWNER_IDLE:
             self.stop(worker)
 
     def stop(self, worker):
@@ -3866,7 +3946,7 @@ def serve_request(sock, children, trees):
             trees.add(pid, jail["mark"])
         reply = {"pid": pid}
     except (OSError, ValueError) as e:
-        reply = {"error": str(e)}
+        reply = {"error": str(e), "errno": getattr(e, "errno", None)}
     for fd in fds:
         os.close(fd)
     sock.send(dumps(reply))
@@ -3919,7 +3999,8 @@ class Template(object):
             finally:
                 os.close(reader)
             if "pid" not in reply:
-                raise OSError(errno.EAGAIN, reply.get("error", "the template forked nothing"))
+                raise OSError(reply.get("errno") or errno.EAGAIN,
+                              reply.get("error", "the template forked nothing"))
             pid = reply["pid"]
             try:
                 write_all(writer, marshal.dumps((dumps(request), python_code(request))))
@@ -3954,8 +4035,8 @@ def serve_template(sock):
                 if pid == 0:
                     run_template_child(fds)
                 sock.send(dumps({"pid": pid}))
-        except OSError as e:        # no process to be had (nproc): this task fails
-            sock.send(dumps({"error": str(e)}))
+        except OSError as e:        # no process to be had (nproc, pids): this task fails
+            sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
         for fd in fds:
             os.close(fd)
 
@@ -3971,7 +4052,7 @@ def answer_through_child(sock, fds):
             try:
                 pid = os.fork()
             except OSError as e:
-                sock.send(dumps({"error": str(e)}))
+                sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
             else:
                 if pid == 0:
                     run_template_child(fds)
@@ -4315,7 +4396,11 @@ def give_back_identity(jail, saved):
 def end_task(pid, jail, trees, everything):
     """In the spawner: kill what the task `pid` started. Its group and
     cgroup always (one signal, one write); its uid's processes and its
-    tree in /proc (a fork, a scan) when `everything`."""
+    tree in /proc (a fork, a scan) when `everything`. `pid` itself by its
+    pid too (our child, not yet reaped: no stranger's): until it has made
+    its session and taken its uid (a task forked from the Template reads its
+    request first), neither the group nor the uid names it."""
+    kill_pid(pid)
     kill_group(pid)
     if jail.get("cgroup"):
         TaskCgroups.kill(jail["cgroup"])

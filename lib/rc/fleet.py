@@ -10,6 +10,11 @@ from rc import bell, db, devices, tasks
 from rc.states import ONLINE, RUNNING
 
 CONTROL_COMMANDS = ("reload", "report_profile", "drain", "upgrade")
+# Characters of each task's output, error and input in a group's view: the
+# dashboard, which reads it every 2 s, shows 300, `rc group` the first line
+# (or a short block each); `rc get TASK` has the rest. Whole, a map of 300
+# tasks of 900 KB outputs cost rc-web 250 MB and 2 s a read.
+GROUP_TEXT_CHARS = 4096
 
 
 class FleetError(ValueError):
@@ -199,24 +204,39 @@ def group(connection, group_id):
                              (group_id,)).fetchone()
     if row is None:
         raise FleetError("no group %s" % group_id)
-    members = [tasks.task_dict(r) for r in connection.execute(
-        "SELECT %s FROM tasks WHERE group_id = ? ORDER BY task_id" % tasks.TASK_COLUMNS,
-        (group_id,))]
+    # What each task shows, at most GROUP_TEXT_CHARS of each text (and one
+    # more, to tell a cut one), cut by SQLite: no whole result comes here.
+    members = [(task_id, state, device_id, cut(output), cut(error))
+               for task_id, state, device_id, output, error in connection.execute(
+        "SELECT task_id, state, coalesce(CASE WHEN json_valid(requirements)"
+        " THEN json_extract(requirements, '$.device_id') END, device_id),"
+        " CASE WHEN json_valid(result) AND json_type(result, '$.output') = 'text'"
+        " THEN substr(json_extract(result, '$.output'), 1, :most) END, substr(error, 1, :most)"
+        " FROM tasks WHERE group_id = :group ORDER BY task_id",
+        {"group": group_id, "most": GROUP_TEXT_CHARS + 1})]
     # A map's task: the input it ran (the value, or the path with --files).
-    inputs = dict(connection.execute("SELECT task_id, input FROM map_jobs WHERE group_id = ?"
-                                     " AND task_id IS NOT NULL", (group_id,)).fetchall())
+    inputs = {task_id: cut(text) for task_id, text in connection.execute(
+        "SELECT task_id, substr(input, 1, ?) FROM map_jobs WHERE group_id = ?"
+        " AND task_id IS NOT NULL", (GROUP_TEXT_CHARS + 1, group_id))}
     summary = {"tasks": len(members)}
     for member in members:
-        outcome = member["state"] if member["state"] in ("completed", "failed") else (
-            "running" if member["state"] == RUNNING else member["state"])
+        state = member[1]
+        outcome = state if state in ("completed", "failed") else (
+            "running" if state == RUNNING else state)
         summary[outcome] = summary.get(outcome, 0) + 1
     return {"group_id": group_id, "task_type": row["task_type"],
             "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
             "summary": summary,
-            "tasks": [{"device_id": m["requirements"].get("device_id") or m["device_id"],
-                       "task_id": m["task_id"], "input": inputs.get(m["task_id"]),
-                       "state": m["state"], "output": (m["result"] or {}).get("output"),
-                       "error": m["error"]} for m in members]}
+            "tasks": [{"device_id": device_id, "task_id": task_id,
+                       "input": inputs.get(task_id), "state": state, "output": output,
+                       "error": error} for task_id, state, device_id, output, error in members]}
+
+
+def cut(text):
+    """A text of a group's view: its first GROUP_TEXT_CHARS, said so when cut."""
+    if isinstance(text, str) and len(text) > GROUP_TEXT_CHARS:
+        return text[:GROUP_TEXT_CHARS] + "\n[cut at %d characters]" % GROUP_TEXT_CHARS
+    return text
 
 
 # -- control messages -------------------------------------------------------------
