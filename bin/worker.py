@@ -2625,6 +2625,11 @@ class PythonExecTask(PythonTask):
         return {"exec": code, "filename": self.write("script.py", code)}
 
 
+SIMPLE_COMMAND_MAX = 4096     # characters: a longer command goes to the shell (simple_command)
+COMMAND_ARGUMENT_MAX = 64 * 1024   # bytes of a shell command given as `sh -c`'s argument
+COMMAND_FILE = "command.sh"   # ... and where a longer one goes, in the task's directory
+
+
 class ShellTask(ProcessTask):
     """The shell sets the limits on itself (`ulimit`) before it runs the
     command, so no Python need run between fork and exec: the spawner (or
@@ -2636,12 +2641,20 @@ class ShellTask(ProcessTask):
     def command(self, command):
         if ShellTask.shell is None:
             ShellTask.shell = which("sh") or "/bin/sh"
+        if len(command.encode("utf-8", "surrogateescape")) > COMMAND_ARGUMENT_MAX:
+            # Too long for one argument (Linux takes 128 KiB): the same shell
+            # reads it from a file instead, once it has set its limits.
+            return [ShellTask.shell, "-c", shell_limits(self.limits) + ". ./" +
+                    self.write(COMMAND_FILE, command)]
         return [ShellTask.shell, "-c", shell_limits(self.limits) + command]
 
     def spawn_request(self, command):
         # The spawner may exec it straight away (posix_spawn): it limits itself;
         # a simple command it may start without the shell (simple_command).
-        return {"argv": self.command(command), "self_limiting": True, "command": command}
+        request = {"argv": self.command(command), "self_limiting": True}
+        if len(command) <= SIMPLE_COMMAND_MAX:
+            request["command"] = command
+        return request
 
     def preexec(self):
         if needs_child_setup(self.jail):
@@ -4219,7 +4232,6 @@ def simple_command(command):
     return argv, into.get("<", (None,))[0], stdout[0], stdout[1]
 
 
-SIMPLE_COMMAND_MAX = 4096     # characters: a longer command goes to the shell
 
 
 def spawn_simple(request, environment, actions, options):

@@ -278,3 +278,17 @@ def test_the_template_forks_each_task_as_the_spawners_child(python):
     if report["forks_as_sibling"]:
         assert report["sibling"]["seen"][1] == report["sibling"]["me"], \
             "the spawner's child from its start"
+
+
+def test_a_shell_command_too_long_for_one_argument_runs_from_a_file(main, spawn):
+    """The main node takes a command of up to 256 KiB, but Linux takes one
+    argument of 128 KiB at most: such a task failed on every device with
+    'Argument list too long'. The shell now reads a long one from a file."""
+    _, link = registered(main, spawn, sys.executable)
+    padding = "x" * 200000
+    link.assign(1, "shell", {"command": "x=%s; echo ${#x}; ulimit -c; echo $#" % padding})
+    link.assign(2, "shell", {"command": ": %s; exit 3" % padding})
+    results = link.results(2)
+    assert results[1]["status"] == "completed", results[1]
+    assert results[1]["result"]["output"] == "200000\n0\n0\n", "its limits set, no arguments"
+    assert (results[2]["status"], results[2]["error"]) == ("failed", "exit status 3")
