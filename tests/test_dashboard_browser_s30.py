@@ -194,6 +194,7 @@ def test_an_open_task_view_asks_one_read_at_a_time_on_a_slow_link(browser, node,
         if path.search(req.url):
             flying.add(req)
             most[0] = max(most[0], len(flying))
+            most.append(sorted(r.method + " " + r.url.split("/api/v1")[1] for r in flying))
     page.on("request", started)
     page.on("requestfinished", lambda req: flying.discard(req))
     page.on("requestfailed", lambda req: flying.discard(req))
@@ -205,7 +206,7 @@ def test_an_open_task_view_asks_one_read_at_a_time_on_a_slow_link(browser, node,
     page.goto(node.base + "/#/task/%d" % node.files_task)
     page.wait_for_selector("#view-object h1", timeout=60000)
     time.sleep(10)
-    assert most[0] <= 2, most[0]            # the task, then its why and files together
+    assert most[0] <= 2, (most[0], most[1:])  # the task, then its why and files together
 
 
 def tab_to(page, selector, most=40):

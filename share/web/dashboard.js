@@ -508,7 +508,6 @@ function openObjectView(where) {
     watchDevice(state);
     state.timers.push(setInterval(() => watchDevice(state), WATCH_MS));
   }
-  if (where.kind === "task") state.timers.push(setInterval(() => state.loaded || watchTask(state), WATCH_MS));
 }
 
 function objectHeader(title, chip, actions) {
@@ -578,10 +577,11 @@ async function drawTask(state, view) {
   if (status !== 200) return notFound(view, state, "Task " + id, task.error);
   const terminal = TERMINAL_STATES.includes(task.state);
   if (terminal && state.loaded) return;       // it never changes again
-  if (!terminal && !state.watched) await watchTask(state);
-  const [[, why], [filesStatus, files], [liveStatus, live]] = await Promise.all([
-    getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files"),
-    terminal ? [0, null] : getJSON("/api/v1/tasks/" + id + "/output")]);
+  // Two reads in flight at most: a slow link's answers must not pile up.
+  if (!terminal && !(Date.now() - (state.watchedAt || 0) < WATCH_MS)) await watchTask(state);
+  const [[, why], [filesStatus, files]] = await Promise.all([
+    getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files")]);
+  const [liveStatus, live] = terminal ? [0, null] : await getJSON("/api/v1/tasks/" + id + "/output");
   state.loaded = terminal;
   const key = JSON.stringify([task, why, files, live]);
   update(view, state, key, () => taskParts(task, why, filesStatus === 200 ? files : null,
@@ -604,11 +604,11 @@ function followLiveOutput(view, state) {
 async function watchTask(state) {
   // While a task runs, its device sends its output as it comes (rc tail):
   // asked again every WATCH_MS while the view is open; fine to fail.
+  state.watchedAt = Date.now();
   try {
-    const response = await fetch("/api/v1/tasks/" + state.id + "/watch",
-                                 {method: "POST", headers: window.rcToken.headers(), body: ""});
-    state.watched = response.ok;
-  } catch (e) { state.watched = false; }
+    await (await fetch("/api/v1/tasks/" + state.id + "/watch",
+                       {method: "POST", headers: window.rcToken.headers(), body: ""})).text();
+  } catch (e) { /* the output panel says "not yet" */ }
 }
 
 function liveOutput(live) {
