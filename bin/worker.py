@@ -278,7 +278,14 @@ UID_LOCK_DIR = "/run/rc-worker"
 SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
 SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))
 IPC_RMID = 0                    # the command that removes a SysV IPC object
-LEFTOVERS_SETTLED = 1.0         # seconds; a directory changed more recently is read again
+# Seconds since a directory last changed, after which a look at it is
+# remembered (a change more recent may share its timestamp with the next one,
+# which would then not show): 1 s where timestamps are whole seconds (HFS+,
+# FAT), a tenth where they have fractions (ext4, tmpfs, f2fs, APFS: the
+# kernel's clock tick, 10 ms at most). A /tmp that other programs change every
+# second was otherwise read again before every task (~0.2 ms of a `true` task).
+LEFTOVERS_SETTLED = 1.0
+LEFTOVERS_SETTLED_FINE = 0.1
 KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
 TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
 # What the main node sees of this worker beyond heartbeats (see LogForwarder, on_watch).
@@ -3160,8 +3167,14 @@ class Leftovers(object):
                 log("info", "task_leftovers_removed", path=directory, uid=uid, entries=removed)
             # Timestamps move in coarse ticks: a change in the same tick as
             # this look would not show, so a recent mtime is not remembered.
-            if time.time() - changed / 1e9 > LEFTOVERS_SETTLED:
+            if time.time() - changed / 1e9 > settled_after(changed):
                 self.seen[(uid, directory)] = changed
+
+
+def settled_after(mtime_ns):
+    """LEFTOVERS_SETTLED, or LEFTOVERS_SETTLED_FINE for a timestamp with a
+    fraction of a second (its filesystem keeps them)."""
+    return LEFTOVERS_SETTLED if mtime_ns % 1000000000 == 0 else LEFTOVERS_SETTLED_FINE
 
 
 def remove_ipc_of(uid):

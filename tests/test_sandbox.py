@@ -471,3 +471,33 @@ def test_the_state_dir_and_its_secrets_are_made_owner_only(module, tmp_path):
     module.Identity(str(home), "dev").prepare()
     assert stat.S_IMODE(os.stat(str(home)).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(str(home / "notes.txt")).st_mode) == 0o644
+
+
+def test_a_look_at_a_directory_settled_a_tenth_of_a_second_ago_is_remembered(module,
+                                                                           monkeypatch):
+    """Leftovers reads a shared temporary directory before a task of a uid
+    only when it changed since that uid's last look. A /tmp that other
+    programs change every second was read before every task: a look is
+    remembered once the change is LEFTOVERS_SETTLED_FINE old on a filesystem
+    whose timestamps have fractions of a second (1 s before), and a change
+    after it is still seen."""
+    directory = tempfile.mkdtemp(prefix="rc-test-leftovers-")
+    try:
+        open(os.path.join(directory, "theirs"), "w").close()
+        if os.stat(directory).st_mtime_ns % 1000000000 == 0:
+            pytest.skip("timestamps in whole seconds here")
+        reads = []
+        real = module.remove_entries_of
+        monkeypatch.setattr(module, "remove_entries_of",
+                            lambda path, uid: reads.append(path) or real(path, uid))
+        leftovers = module.Leftovers(directories=(directory,))
+        time.sleep(module.LEFTOVERS_SETTLED_FINE + 0.1)
+        leftovers.remove(os.geteuid() + 12345)
+        assert os.stat(directory).st_mtime_ns / 1e9 > time.time() - 0.9, "too slow: no test"
+        leftovers.remove(os.geteuid() + 12345)
+        assert reads == [directory], "read again though nothing changed"
+        open(os.path.join(directory, "new"), "w").close()
+        leftovers.remove(os.geteuid() + 12345)
+        assert reads == [directory, directory], "a change not seen"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
