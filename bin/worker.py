@@ -3266,6 +3266,7 @@ class Sandbox(object):
         self.other_uid = bool(users) and users[0] != [os.geteuid()]   # tasks are not us
         self.claimed = {}         # uid -> the descriptors of its locks (see claim_uid)
         self.idle_uids = []       # claimed uids no task runs as
+        self.watched_uids = set()     # claimed uids the watchdog knows (tell_watchdog)
         self.cgroups = TaskCgroups()
         self.leftovers = Leftovers()
         self.workdirs = None
@@ -3506,11 +3507,17 @@ class Sandbox(object):
             self.workdirs.give_back(jail["cwd"], jail.get("uid"))
 
     def tell_watchdog(self, worker, sign, jail):
-        """What the watchdog kills if the worker dies: the task's cgroup, its uid."""
+        """What the watchdog kills if the worker dies: the task's cgroup, its
+        uid. A uid of its own is told once, at its first task, and stays: it
+        is this worker's until it exits (claim_uid), and once idle it has no
+        process to kill in vain. A write (and a wake of the watchdog) less
+        for each task."""
         if jail.get("cgroup"):
             worker.watchdog.tell(sign + b"C" + jail["cgroup"].encode() + b"\n")
-        if jail.get("uid") is not None and not self.shared_uid:
-            worker.watchdog.tell(sign + b"U%d\n" % jail["uid"])
+        uid = jail.get("uid")
+        if uid is not None and not self.shared_uid and uid not in self.watched_uids:
+            self.watched_uids.add(uid)
+            worker.watchdog.tell(b"+U%d\n" % uid)
 
     def stop(self):
         if self.workdirs is not None:
