@@ -226,6 +226,12 @@ FREEZE_THRESHOLD = 2.0          # seconds the loop may lose (SIGSTOP, a suspend)
                                 # with a short assignment_lease (see freeze_threshold)
 OUTPUT_CAP = MAX_FRAME_BYTES - 64 * 1024  # bytes kept of a task's stdout, and of its stderr
 DRAIN_GRACE = 2.0               # seconds to read what an exited task left in its pipes
+# Seconds an outbox that holds only task_accept frames waits for company (a
+# result, a heartbeat) before it is sent: a short task's accept and result
+# then go in one send, and rc-server takes them in one turn and transaction;
+# an accept-only send was a fifth of a worker's sends under `rc map true`.
+# Nothing waits for an accept but the accept_timeout, seconds long.
+ACCEPT_HOLD = 0.01
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
 # Bytes per read from the socket or a pipe: a pipe holds 64 KiB, and a larger
 # buffer would be mmap-ed and unmapped again by malloc on every read.
@@ -283,7 +289,14 @@ UID_LOCK_DIR = "/run/rc-worker"
 SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
 SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))
 IPC_RMID = 0                    # the command that removes a SysV IPC object
-LEFTOVERS_SETTLED = 1.0         # seconds; a directory changed more recently is read again
+# Seconds since a directory last changed, after which a look at it is
+# remembered (a change more recent may share its timestamp with the next one,
+# which would then not show): 1 s where timestamps are whole seconds (HFS+,
+# FAT), a tenth where they have fractions (ext4, tmpfs, f2fs, APFS: the
+# kernel's clock tick, 10 ms at most). A /tmp that other programs change every
+# second was otherwise read again before every task (~0.2 ms of a `true` task).
+LEFTOVERS_SETTLED = 1.0
+LEFTOVERS_SETTLED_FINE = 0.1
 KILL_ROUNDS = 50                # passes over a task's processes to kill them all (a fork bomb)
 TRACK_INTERVAL = 0.2            # seconds between the spawner's /proc looks at its task trees
 # What the main node sees of this worker beyond heartbeats (see LogForwarder, on_watch).
@@ -3280,8 +3293,14 @@ class Leftovers(object):
                 log("info", "task_leftovers_removed", path=directory, uid=uid, entries=removed)
             # Timestamps move in coarse ticks: a change in the same tick as
             # this look would not show, so a recent mtime is not remembered.
-            if time.time() - changed / 1e9 > LEFTOVERS_SETTLED:
+            if time.time() - changed / 1e9 > settled_after(changed):
                 self.seen[(uid, directory)] = changed
+
+
+def settled_after(mtime_ns):
+    """LEFTOVERS_SETTLED, or LEFTOVERS_SETTLED_FINE for a timestamp with a
+    fraction of a second (its filesystem keeps them)."""
+    return LEFTOVERS_SETTLED if mtime_ns % 1000000000 == 0 else LEFTOVERS_SETTLED_FINE
 
 
 def remove_ipc_of(uid):
@@ -3373,6 +3392,7 @@ class Sandbox(object):
         self.other_uid = bool(users) and users[0] != [os.geteuid()]   # tasks are not us
         self.claimed = {}         # uid -> the descriptors of its locks (see claim_uid)
         self.idle_uids = []       # claimed uids no task runs as
+        self.watched_uids = set()     # claimed uids the watchdog knows (tell_watchdog)
         self.cgroups = TaskCgroups()
         self.leftovers = Leftovers()
         self.workdirs = None
@@ -3613,11 +3633,17 @@ class Sandbox(object):
             self.workdirs.give_back(jail["cwd"], jail.get("uid"))
 
     def tell_watchdog(self, worker, sign, jail):
-        """What the watchdog kills if the worker dies: the task's cgroup, its uid."""
+        """What the watchdog kills if the worker dies: the task's cgroup, its
+        uid. A uid of its own is told once, at its first task, and stays: it
+        is this worker's until it exits (claim_uid), and once idle it has no
+        process to kill in vain. A write (and a wake of the watchdog) less
+        for each task."""
         if jail.get("cgroup"):
             worker.watchdog.tell(sign + b"C" + jail["cgroup"].encode() + b"\n")
-        if jail.get("uid") is not None and not self.shared_uid:
-            worker.watchdog.tell(sign + b"U%d\n" % jail["uid"])
+        uid = jail.get("uid")
+        if uid is not None and not self.shared_uid and uid not in self.watched_uids:
+            self.watched_uids.add(uid)
+            worker.watchdog.tell(b"+U%d\n" % uid)
 
     def stop(self):
         if self.workdirs is not None:
@@ -4152,12 +4178,9 @@ def spawn_command(request, stdout_fd, stderr_fd):
     posix_spawn: vfork's speed, and no Python in the child at all. A simple
     command (simple_command) starts as its program alone, without a shell."""
     argv = request["argv"]
-    # What Python ignores for itself, and what we ignore, a command gets back.
-    default = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ")
-               if hasattr(signal, name)] + spawner_ignores()
+    default, environment = spawn_defaults()
     jail = request["jail"]
     os.chdir(request["cwd"])      # inherited: posix_spawn has no chdir of its own
-    environment = dict(os.environ)
     if jail.get("mark"):
         environment[TASK_MARK] = jail["mark"]
     saved = own_identity(jail)
@@ -4176,6 +4199,19 @@ def spawn_command(request, stdout_fd, stderr_fd):
     finally:
         give_back_identity(jail, saved)
         os.chdir("/")
+
+
+def spawn_defaults(made=[]):
+    """(the signals a command gets back to their default: what Python
+    ignores for itself and what we ignore; a copy of the spawner's
+    environment). Found once: nothing changes either in the spawner, and
+    copying os.environ (decoding every variable) and listing the signals
+    cost ~25 us of each task's start."""
+    if not made:
+        made.append([getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ")
+                     if hasattr(signal, name)] + spawner_ignores())
+        made.append(dict(os.environ))
+    return made[0], dict(made[1])
 
 
 # A simple command's words: what no POSIX shell expands, splits or treats as
@@ -4429,9 +4465,8 @@ def strays(children, template=None):
     where /proc does not say."""
     kept = template.pid if template is not None else None
     try:
-        with open("/proc/self/task/%d/children" % os.getpid()) as f:
-            return any(int(pid) not in children and int(pid) != kept
-                       for pid in f.read().split())
+        return any(int(pid) not in children and int(pid) != kept for pid in read_small_file(
+            "/proc/self/task/%d/children" % os.getpid()).split())
     except (OSError, ValueError):
         return True
 
@@ -4712,24 +4747,37 @@ def kill_pid(pid):
 # The watchdog: no orphaned tasks when the worker is killed ###################
 ###############################################################################
 # Each task runs in a session of its own, so nothing ends it when the worker is
-# killed with SIGKILL. A forked process reads "+PGID" and "-PGID" lines from a
-# pipe (and "+C" cgroup, "+U" uid lines from the sandbox); end of file means
-# the worker is gone, however it died.
+# killed with SIGKILL. A forked process reads "+C" cgroup and "+U" uid lines
+# (the sandbox's) from a pipe, and finds the tasks' process groups on a board
+# of shared memory (or, when the board is full, in "+PGID" and "-PGID" lines);
+# end of file means the worker is gone, however it died.
+
+WATCHDOG_BOARD_PLACES = 1024    # task process groups the board holds (4 bytes each)
+
 
 class Watchdog(object):
-    """What it must kill from now on ("+" lines) is told at once; what has
-    ended ("-" lines) waits for the next "+" line or the end of the turn
-    (release), so a short task costs two writes and wakes of the watchdog,
-    not four (they were a fifth of the worker loop's CPU per `shell true`).
-    Told late, an ended group or idle uid is only killed in vain."""
+    """What it must kill from now on is told at once: a task's process group
+    is put on the board (a store in shared memory, no system call), and off it
+    when the group has ended; a line (a uid, a cgroup) is written at once.
+    Lines of what has ended ("-") wait for the next "+" line or the end of the
+    turn (release). A short task costs no write and no wake of the watchdog
+    (they were a fifth of the worker loop's CPU per `shell true`, then half as
+    much with one write per task). Told late, an ended group or idle uid is
+    only killed in vain."""
     pid = None
     fd = None       # the pipe's write end, while the watchdog is there
-    ended = b""     # "-" lines not written yet
+
+    def __init__(self):
+        self.later = b""       # lines not written yet
+        self.board = None      # the groups running, 0 in a free place (shared with the watchdog)
+        self.places = {}       # pgid -> its place on the board
+        self.free_places = []
 
     def start(self):
         """Fork it; call before any socket is opened, so it holds none."""
         if not hasattr(os, "fork"):
             return
+        board = shared_board(WATCHDOG_BOARD_PLACES)
         read_fd, write_fd = os.pipe()        # not inherited by the tasks
         try:
             pid = os.fork()
@@ -4741,30 +4789,43 @@ class Watchdog(object):
         if pid == 0:
             try:
                 os.close(write_fd)
-                watch(read_fd)
+                watch(read_fd, board)
             finally:
                 os._exit(0)
         os.close(read_fd)
         self.pid, self.fd = pid, write_fd
+        if board is not None:
+            self.board, self.free_places = board, list(range(len(board) - 1, -1, -1))
 
     def group_started(self, pgid):
-        self.tell(b"+%d\n" % pgid)
+        place = self.places.get(pgid)
+        if place is None and self.free_places:
+            place = self.places[pgid] = self.free_places.pop()
+        if place is None:
+            self.later += b"+%d\n" % pgid
+        else:
+            self.board[place] = pgid
 
     def group_ended(self, pgid):
-        self.tell(b"-%d\n" % pgid)
+        place = self.places.pop(pgid, None)
+        if place is None:
+            self.later += b"-%d\n" % pgid
+        else:
+            self.board[place] = 0
+            self.free_places.append(place)
 
     def tell(self, line):
         if line[:1] == b"-":
-            self.ended += line
+            self.later += line
         else:
-            self.write(self.ended + line)
+            self.write(self.later + line)
 
     def release(self):
-        if self.ended:
-            self.write(self.ended)
+        if self.later:
+            self.write(self.later)
 
     def write(self, lines):
-        self.ended = b""
+        self.later = b""
         if self.fd is None:
             return
         try:
@@ -4778,12 +4839,12 @@ class Watchdog(object):
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        if self.ended:           # not to be killed, nor named as orphans
+        if self.later:           # what ended is not to be killed, nor named as orphans
             try:
-                os.write(fd, self.ended)
+                os.write(fd, self.later)
             except OSError:
                 pass
-            self.ended = b""
+            self.later = b""
         os.close(fd)
         give_up = time.monotonic() + WATCHDOG_EXIT_WAIT
         while time.monotonic() < give_up:
@@ -4795,7 +4856,17 @@ class Watchdog(object):
             time.sleep(0.01)
 
 
-def watch(read_fd):
+def shared_board(places):
+    """Places for as many process ids in memory that a forked child shares
+    (a memoryview of C ints), or None where there is no such memory."""
+    try:
+        import mmap
+        return memoryview(mmap.mmap(-1, places * 4)).cast("i")
+    except (ImportError, OSError, ValueError, TypeError):
+        return None
+
+
+def watch(read_fd, board=None):
     """The watchdog's life. It imports nothing, and in a session of its own and
     deaf to SIGINT, SIGTERM and SIGHUP it outlives the worker until EOF."""
     os.setsid()
@@ -4814,6 +4885,8 @@ def watch(read_fd):
         pending = lines.pop()
         for line in lines:
             (groups.add if line[:1] == b"+" else groups.discard)(line[1:])
+    # The worker is gone: what its board holds now is what still ran.
+    groups.update(b"%d" % pgid for pgid in (board or ()) if pgid > 0)
     killed = [int(pgid) for pgid in sorted(groups) if pgid.isdigit() and kill_group(int(pgid))]
     if killed:
         log("warning", "orphans_killed", pgids=killed)
@@ -7468,6 +7541,7 @@ class Worker(object):
         self.raw_wanted = None         # (line, bytes) of a frame whose raw bytes are due
         self.inline_raw = None         # those bytes, while its handler runs
         self.outbox = bytearray()
+        self.outbox_held = None        # when an outbox of accepts only goes (ACCEPT_HOLD)
         self.backoff = BACKOFF_START
         self.connect_at = time.monotonic() if options.join else None
         self.auth_deadline = None
@@ -7531,7 +7605,7 @@ class Worker(object):
     def select_timeout(self):
         now = time.monotonic()
         times = [self.connect_at, self.auth_deadline, self.next_heartbeat, self.silence_limit(),
-                 self.next_policy_check, self.hello_deadline]
+                 self.next_policy_check, self.hello_deadline, self.outbox_held]
         times.extend(task.wake_at() for task in self.running.values())
         times.append(self.queue_deadline())
         times.append(self.files.wake_at())      # files: checkpoints
@@ -7937,6 +8011,7 @@ class Worker(object):
         self.inbox = bytearray()
         self.raw_wanted = None
         self.outbox = bytearray()
+        self.outbox_held = None
         self.auth_deadline = self.next_heartbeat = self.hello_deadline = None
         self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
@@ -8024,6 +8099,10 @@ class Worker(object):
 
     def send(self, message_type, data):
         if self.sock is not None:
+            if message_type != TASK_ACCEPT:
+                self.outbox_held = None
+            elif not self.outbox:
+                self.outbox_held = time.monotonic() + ACCEPT_HOLD
             self.outbox += encode_frame(message_type, data, self.device_id)
 
     def tell(self, message_type, data):
@@ -8034,6 +8113,10 @@ class Worker(object):
     def flush(self):
         if self.sock is None or self.state in (CONNECTING, TLS_HANDSHAKE):
             return
+        if self.outbox_held is not None:
+            if time.monotonic() < self.outbox_held:
+                return        # accepts only: they wait a moment for company
+            self.outbox_held = None
         try:
             sent = self.sock.send(self.outbox) if self.outbox else 0
         except WOULD_BLOCK:

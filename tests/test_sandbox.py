@@ -221,6 +221,34 @@ def test_detached_processes_die_when_their_spawner_is_killed(start):
     assert wait_until(lambda: len(worker.events("worker_started")) == 2), "it restarted"
 
 
+def test_detached_processes_of_a_reused_uid_die_with_a_killed_worker_and_spawner(start,
+                                                                                 drop_dir):
+    """The watchdog hears of a task uid once, at its first task, not at every
+    task (Sandbox.tell_watchdog): a later task of that uid that detached dies
+    all the same when the worker and its spawner are killed at once (a
+    spawner left alive would end the tasks itself)."""
+    if start.runner != "machine" or not IS_ROOT:
+        pytest.skip("a uid per task needs a root worker")
+    worker, link = start("--slots", "1")
+    first = link.run("shell", {"command": "id -u"}, task_id=1)
+    assert first["status"] == "completed", first
+    uid = int(first["result"]["output"])
+    marker = new_marker()
+    link.assign(2, "shell", {"command": detaching_command(marker)}, timeout=60)
+    assert wait_until(lambda: len(marked(marker)) >= 6, timeout=10), marked(marker)
+    assert {psutil.Process(pid).uids().real for pid in marked(marker)} == {uid}, \
+        "not the first task's uid: no test"
+    watchdog = worker.events("worker_started")[0]["watchdog"]
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    for child in psutil.Process(worker.proc.pid).children():
+        if child.pid != watchdog:
+            child.kill()
+    worker.proc.kill()
+    worker.proc.wait()
+    assert wait_until(lambda: not marked(marker), timeout=10), \
+        "outlived the worker and its spawner: %s" % marked(marker)
+
+
 def test_two_workers_of_one_machine_never_share_a_task_uid(start):
     """The end of a task kills every process of its uid: a main node's local
     worker and a device's worker on the same box must not hit each other."""
@@ -471,3 +499,33 @@ def test_the_state_dir_and_its_secrets_are_made_owner_only(module, tmp_path):
     module.Identity(str(home), "dev").prepare()
     assert stat.S_IMODE(os.stat(str(home)).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(str(home / "notes.txt")).st_mode) == 0o644
+
+
+def test_a_look_at_a_directory_settled_a_tenth_of_a_second_ago_is_remembered(module,
+                                                                           monkeypatch):
+    """Leftovers reads a shared temporary directory before a task of a uid
+    only when it changed since that uid's last look. A /tmp that other
+    programs change every second was read before every task: a look is
+    remembered once the change is LEFTOVERS_SETTLED_FINE old on a filesystem
+    whose timestamps have fractions of a second (1 s before), and a change
+    after it is still seen."""
+    directory = tempfile.mkdtemp(prefix="rc-test-leftovers-")
+    try:
+        open(os.path.join(directory, "theirs"), "w").close()
+        if os.stat(directory).st_mtime_ns % 1000000000 == 0:
+            pytest.skip("timestamps in whole seconds here")
+        reads = []
+        real = module.remove_entries_of
+        monkeypatch.setattr(module, "remove_entries_of",
+                            lambda path, uid: reads.append(path) or real(path, uid))
+        leftovers = module.Leftovers(directories=(directory,))
+        time.sleep(module.LEFTOVERS_SETTLED_FINE + 0.1)
+        leftovers.remove(os.geteuid() + 12345)
+        assert os.stat(directory).st_mtime_ns / 1e9 > time.time() - 0.9, "too slow: no test"
+        leftovers.remove(os.geteuid() + 12345)
+        assert reads == [directory], "read again though nothing changed"
+        open(os.path.join(directory, "new"), "w").close()
+        leftovers.remove(os.geteuid() + 12345)
+        assert reads == [directory, directory], "a change not seen"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -290,9 +290,9 @@ def test_a_device_that_finishes_tasks_quickly_gets_some_beyond_its_slots(store):
     turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
     start_and_finish(connection, "quick", 2000.0, 2000.1)
     # One slot free, and 2 x prefetch_per_slot more to wait on the device.
-    assert config.prefetch_per_slot == 1
-    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 3
-    assert held_by(connection, "quick") == 4
+    assert config.prefetch_per_slot == 2
+    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 5
+    assert held_by(connection, "quick") == 6
     # Nothing finished since: nothing more, however quick it was.
     assert scheduler.schedule(connection, 2000.3, LOG, config, turnover) == 0
 
@@ -307,8 +307,8 @@ def test_a_result_waits_for_the_next_ones_only_while_every_quick_device_has_one_
     turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
     assert not turnover.buffered        # not known to be quick yet: nothing prefetched
     start_and_finish(connection, "quick", 2000.0, 2000.1)
-    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 3
-    assert turnover.buffered            # 2 running, 2 queued on the device
+    assert scheduler.schedule(connection, 2000.2, LOG, config, turnover) == 5
+    assert turnover.buffered            # 2 running, 4 queued on the device
     room, doorbell = object(), object()
     state = {"room_bell": room, "waiting": True, "turnover": turnover}
     assert scheduler.gathers([room], state)
@@ -339,6 +339,7 @@ def test_a_device_busy_with_long_tasks_gets_nothing_beyond_its_slots(store):
 
 def test_no_prefetch_without_a_setting_or_while_a_slot_elsewhere_is_idle(store):
     config, connection = store
+    config.prefetch_per_slot = 1
     turnover = first_pass_on_a_two_slot_device(connection, config, "quick")
     start_and_finish(connection, "quick", 2000.0, 2000.1)
     add_device(connection, "idle", slots=1)

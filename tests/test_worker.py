@@ -744,3 +744,71 @@ def test_self_test():
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert b"python_eval  completed    ok" in proc.stdout
+
+
+def test_accepts_wait_a_moment_for_company_before_they_are_sent(module, tmp_path):
+    """A short task's accept and result go to the main node in one send (one
+    turn and transaction of rc-server, not two): an outbox that holds only
+    task_accept frames waits ACCEPT_HOLD, and the loop wakes to send it then;
+    anything else goes at once, with the accepts before it."""
+    worker = module.Worker(module.parse_args(["--join", "127.0.0.1:1", "--token", "t",
+                                              "--state-dir", str(tmp_path)]))
+    worker.sock, main_end = socket.socketpair()
+    try:
+        worker.selector.register(worker.sock, module.selectors.EVENT_READ, lambda mask: None)
+        worker.state, worker.last_heard, worker.connect_at = module.READY, time.monotonic(), None
+        worker.next_policy_check = time.monotonic() + 60
+        main_end.settimeout(0)
+
+        def frames():
+            try:
+                data = main_end.recv(1 << 20)
+            except BlockingIOError:
+                return []
+            return [json.loads(line)["message_type"] for line in data.splitlines()]
+        worker.tell(module.TASK_ACCEPT, {"task_id": 1, "attempt": 1})
+        worker.tell(module.TASK_ACCEPT, {"task_id": 2, "attempt": 1})
+        worker.flush()
+        assert frames() == []
+        assert 0 < worker.select_timeout() <= module.ACCEPT_HOLD
+        worker.tell(module.TASK_RESULT, {"task_id": 1, "attempt": 1, "status": "completed"})
+        worker.flush()
+        assert frames() == ["task_accept", "task_accept", "task_result"]
+        worker.tell(module.TASK_ACCEPT, {"task_id": 3, "attempt": 1})
+        worker.flush()
+        assert frames() == []
+        time.sleep(module.ACCEPT_HOLD)
+        worker.flush()
+        assert frames() == ["task_accept"]
+    finally:
+        worker.sock.close()
+        main_end.close()
+
+
+def test_the_watchdog_learns_of_task_groups_without_a_write(module, monkeypatch):
+    """A task's process group goes on the watchdog's board in shared memory,
+    not down its pipe (a write, and a wake of the watchdog, per task): a
+    group that runs when the worker goes is killed all the same, one that
+    ended is not."""
+    watchdog = module.Watchdog()
+    watchdog.start()
+    running = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ended = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        writes = []
+        monkeypatch.setattr(module.Watchdog, "write", lambda self, lines: writes.append(lines))
+        for process in (running, ended):
+            watchdog.group_started(process.pid)
+        watchdog.release()
+        watchdog.group_ended(ended.pid)
+        watchdog.release()
+        assert writes == []
+        monkeypatch.undo()
+        watchdog.stop()                          # end of file: the worker is gone
+        assert running.wait(timeout=10) == -signal.SIGKILL
+        assert ended.poll() is None
+    finally:
+        for process in (running, ended):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
