@@ -4749,37 +4749,28 @@ def kill_pid(pid):
 # The watchdog: no orphaned tasks when the worker is killed ###################
 ###############################################################################
 # Each task runs in a session of its own, so nothing ends it when the worker is
-# killed with SIGKILL. A forked process reads "+C" cgroup and "+U" uid lines
-# (the sandbox's) from a pipe, and finds the tasks' process groups on a board
-# of shared memory (or, when the board is full, in "+PGID" and "-PGID" lines);
-# end of file means the worker is gone, however it died.
-
-WATCHDOG_BOARD_PLACES = 1024    # task process groups the board holds (4 bytes each)
-
+# killed with SIGKILL. A forked process reads "+PGID" and "-PGID" lines from a
+# pipe (and "+C" cgroup, "+U" uid lines from the sandbox); end of file means
+# the worker is gone, however it died.
 
 class Watchdog(object):
-    """What it must kill from now on is told at once: a task's process group
-    is put on the board (a store in shared memory, no system call), and off it
-    when the group has ended; a line (a uid, a cgroup) is written at once.
-    Lines of what has ended ("-") wait for the next "+" line or the end of the
-    turn (release). A short task costs no write and no wake of the watchdog
-    (they were a fifth of the worker loop's CPU per `shell true`, then half as
-    much with one write per task). Told late, an ended group or idle uid is
-    only killed in vain."""
+    """What it must kill from now on ("+" lines) is told at once, but for a
+    task's process group: that one, as what has ended ("-" lines), waits for
+    the next "+" line or the end of the turn (release), so a short task costs
+    one write and wake of the watchdog, not four (they were a fifth of the
+    worker loop's CPU per `shell true`). A group is known only once the
+    spawner has answered, after its task started; the end of that turn, before
+    the worker waits again, adds nothing that matters to that wait, and the
+    task's uid or cgroup, told before its start, covers it where there is one.
+    Told late, an ended group or idle uid is only killed in vain."""
     pid = None
     fd = None       # the pipe's write end, while the watchdog is there
-
-    def __init__(self):
-        self.later = b""       # lines not written yet
-        self.board = None      # the groups running, 0 in a free place (shared with the watchdog)
-        self.places = {}       # pgid -> its place on the board
-        self.free_places = []
+    later = b""     # lines not written yet
 
     def start(self):
         """Fork it; call before any socket is opened, so it holds none."""
         if not hasattr(os, "fork"):
             return
-        board = shared_board(WATCHDOG_BOARD_PLACES)
         read_fd, write_fd = os.pipe()        # not inherited by the tasks
         try:
             pid = os.fork()
@@ -4791,30 +4782,17 @@ class Watchdog(object):
         if pid == 0:
             try:
                 os.close(write_fd)
-                watch(read_fd, board)
+                watch(read_fd)
             finally:
                 os._exit(0)
         os.close(read_fd)
         self.pid, self.fd = pid, write_fd
-        if board is not None:
-            self.board, self.free_places = board, list(range(len(board) - 1, -1, -1))
 
     def group_started(self, pgid):
-        place = self.places.get(pgid)
-        if place is None and self.free_places:
-            place = self.places[pgid] = self.free_places.pop()
-        if place is None:
-            self.later += b"+%d\n" % pgid
-        else:
-            self.board[place] = pgid
+        self.later += b"+%d\n" % pgid
 
     def group_ended(self, pgid):
-        place = self.places.pop(pgid, None)
-        if place is None:
-            self.later += b"-%d\n" % pgid
-        else:
-            self.board[place] = 0
-            self.free_places.append(place)
+        self.later += b"-%d\n" % pgid
 
     def tell(self, line):
         if line[:1] == b"-":
@@ -4858,17 +4836,7 @@ class Watchdog(object):
             time.sleep(0.01)
 
 
-def shared_board(places):
-    """Places for as many process ids in memory that a forked child shares
-    (a memoryview of C ints), or None where there is no such memory."""
-    try:
-        import mmap
-        return memoryview(mmap.mmap(-1, places * 4)).cast("i")
-    except (ImportError, OSError, ValueError, TypeError):
-        return None
-
-
-def watch(read_fd, board=None):
+def watch(read_fd):
     """The watchdog's life. It imports nothing, and in a session of its own and
     deaf to SIGINT, SIGTERM and SIGHUP it outlives the worker until EOF."""
     os.setsid()
@@ -4887,8 +4855,6 @@ def watch(read_fd, board=None):
         pending = lines.pop()
         for line in lines:
             (groups.add if line[:1] == b"+" else groups.discard)(line[1:])
-    # The worker is gone: what its board holds now is what still ran.
-    groups.update(b"%d" % pgid for pgid in (board or ()) if pgid > 0)
     killed = [int(pgid) for pgid in sorted(groups) if pgid.isdigit() and kill_group(int(pgid))]
     if killed:
         log("warning", "orphans_killed", pgids=killed)

@@ -783,32 +783,3 @@ def test_accepts_wait_a_moment_for_company_before_they_are_sent(module, tmp_path
     finally:
         worker.sock.close()
         main_end.close()
-
-
-def test_the_watchdog_learns_of_task_groups_without_a_write(module, monkeypatch):
-    """A task's process group goes on the watchdog's board in shared memory,
-    not down its pipe (a write, and a wake of the watchdog, per task): a
-    group that runs when the worker goes is killed all the same, one that
-    ended is not."""
-    watchdog = module.Watchdog()
-    watchdog.start()
-    running = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    ended = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    try:
-        writes = []
-        monkeypatch.setattr(module.Watchdog, "write", lambda self, lines: writes.append(lines))
-        for process in (running, ended):
-            watchdog.group_started(process.pid)
-        watchdog.release()
-        watchdog.group_ended(ended.pid)
-        watchdog.release()
-        assert writes == []
-        monkeypatch.undo()
-        watchdog.stop()                          # end of file: the worker is gone
-        assert running.wait(timeout=10) == -signal.SIGKILL
-        assert ended.poll() is None
-    finally:
-        for process in (running, ended):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
