@@ -4754,18 +4754,14 @@ def kill_pid(pid):
 # the worker is gone, however it died.
 
 class Watchdog(object):
-    """What it must kill from now on ("+" lines) is told at once, but for a
-    task's process group: that one, as what has ended ("-" lines), waits for
-    the next "+" line or the end of the turn (release), so a short task costs
-    one write and wake of the watchdog, not four (they were a fifth of the
-    worker loop's CPU per `shell true`). A group is known only once the
-    spawner has answered, after its task started; the end of that turn, before
-    the worker waits again, adds nothing that matters to that wait, and the
-    task's uid or cgroup, told before its start, covers it where there is one.
+    """What it must kill from now on ("+" lines) is told at once; what has
+    ended ("-" lines) waits for the next "+" line or the end of the turn
+    (release), so a short task costs two writes and wakes of the watchdog,
+    not four (they were a fifth of the worker loop's CPU per `shell true`).
     Told late, an ended group or idle uid is only killed in vain."""
     pid = None
     fd = None       # the pipe's write end, while the watchdog is there
-    later = b""     # lines not written yet
+    ended = b""     # "-" lines not written yet
 
     def start(self):
         """Fork it; call before any socket is opened, so it holds none."""
@@ -4789,23 +4785,23 @@ class Watchdog(object):
         self.pid, self.fd = pid, write_fd
 
     def group_started(self, pgid):
-        self.later += b"+%d\n" % pgid
+        self.tell(b"+%d\n" % pgid)
 
     def group_ended(self, pgid):
-        self.later += b"-%d\n" % pgid
+        self.tell(b"-%d\n" % pgid)
 
     def tell(self, line):
         if line[:1] == b"-":
-            self.later += line
+            self.ended += line
         else:
-            self.write(self.later + line)
+            self.write(self.ended + line)
 
     def release(self):
-        if self.later:
-            self.write(self.later)
+        if self.ended:
+            self.write(self.ended)
 
     def write(self, lines):
-        self.later = b""
+        self.ended = b""
         if self.fd is None:
             return
         try:
@@ -4819,12 +4815,12 @@ class Watchdog(object):
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        if self.later:           # what ended is not to be killed, nor named as orphans
+        if self.ended:           # not to be killed, nor named as orphans
             try:
-                os.write(fd, self.later)
+                os.write(fd, self.ended)
             except OSError:
                 pass
-            self.later = b""
+            self.ended = b""
         os.close(fd)
         give_up = time.monotonic() + WATCHDOG_EXIT_WAIT
         while time.monotonic() < give_up:
