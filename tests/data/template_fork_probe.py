@@ -2,7 +2,7 @@
 spawner (a subreaper), its child the template, which forks a task each way
 the worker's template can (fork_sibling, answer_through_child); printed:
 whose child each task was, as the task saw it and as waitpid finds it."""
-import importlib.util, json, os, socket, sys, threading
+import importlib.util, json, os, socket, sys, threading, time
 spec = importlib.util.spec_from_file_location("rc_worker_fork", sys.argv[1])
 worker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(worker)
@@ -19,6 +19,22 @@ def task(fds):
 
 
 worker.run_template_child = task
+
+
+def reaped(pid):
+    """The task's wait status, ours to reap: ChildProcessError if it never
+    becomes our child. Through a child, it is ours once that go-between has
+    exited, which it may not have yet (a busy machine) when the pid comes."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 # As the spawner is: the through_child task's parent exits, and it comes to us.
 worker.libc_call("prctl", worker.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 for how in ("sibling", "through_child"):
@@ -40,7 +56,7 @@ for how in ("sibling", "through_child"):
     pid = json.loads(ours.recv(100))["pid"]
     os.waitpid(template, 0)
     seen = json.loads(os.read(reader, 100))
-    _, status = os.waitpid(pid, 0)       # ours to reap: ChildProcessError if not
+    status = reaped(pid)
     report[how] = {"pid": pid, "seen": seen, "status": os.WEXITSTATUS(status),
                    "me": os.getpid()}
 print(json.dumps(report))
