@@ -2089,6 +2089,21 @@ def remove_dir(path):
         remove_tree(path)
 
 
+def utf8_whole(data):
+    """How many bytes of `data` end on a whole UTF-8 character: those of a
+    character cut short at its end are left for the next read."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)
+        if 0xC0 <= byte < 0xF8:        # a lead byte: is its character whole?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+        if byte >= 0xF8:
+            break
+    return len(data)        # continuation bytes only, or no UTF-8: sent as it is
+
+
 class ProcessTask(Task):
     """Runs a child process in its own process group and an empty directory
     of its own (see WorkDirs)."""
@@ -4077,7 +4092,7 @@ def serve_template(sock):
                     run_template_child(fds)
                 sock.send(dumps({"pid": pid}))
         except OSError as e:        # no process to be had (nproc, pids): this task fails
-            sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
+            sock.send(fork_failed(e))
         for fd in fds:
             os.close(fd)
 
@@ -4093,13 +4108,18 @@ def answer_through_child(sock, fds):
             try:
                 pid = os.fork()
             except OSError as e:
-                sock.send(dumps({"error": e.strerror or str(e), "errno": e.errno}))
+                sock.send(fork_failed(e))
             else:
                 if pid == 0:
                     run_template_child(fds)
                 sock.send(dumps({"pid": pid}))
         finally:
             os._exit(0)
+
+
+def fork_failed(error):
+    """The template's answer when it could fork no task (Template.fork reads it)."""
+    return dumps({"error": error.strerror or str(error), "errno": error.errno})
 
 
 def sibling_forker():
@@ -4268,8 +4288,6 @@ def simple_command(command):
         return None
     stdout = into.get(">", (None, False))
     return argv, into.get("<", (None,))[0], stdout[0], stdout[1]
-
-
 
 
 def spawn_simple(request, environment, actions, options):
@@ -7395,21 +7413,6 @@ class Files(object):
         give_up = time.monotonic() + FILES_SHUTDOWN_WAIT
         for job in jobs:
             job.wait(max(0.0, give_up - time.monotonic()))
-
-
-def utf8_whole(data):
-    """How many bytes of `data` end on a whole UTF-8 character: those of a
-    character cut short at its end are left for the next read."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte < 0x80:
-            return len(data)
-        if 0xC0 <= byte < 0xF8:        # a lead byte: is its character whole?
-            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return len(data) if back >= need else len(data) - back
-        if byte >= 0xF8:
-            break
-    return len(data)        # continuation bytes only, or no UTF-8: sent as it is
 
 
 def spill_stream(task, fd, buffer, chunk):

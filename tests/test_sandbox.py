@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_worker import DEVICE_ID, FakeMain, WorkerProcess, WORKER, wait_until  # noqa: E402
+from test_worker import (DEVICE_ID, FakeMain, WorkerProcess, WORKER,  # noqa: E402
+                         kill_worker_and_spawner, wait_until)
 from cluster_harness import Cluster, wait_for  # noqa: E402
 from hostile_harness import submit_to  # noqa: E402
 from rc import tasks  # noqa: E402
@@ -238,13 +239,7 @@ def test_detached_processes_of_a_reused_uid_die_with_a_killed_worker_and_spawner
     assert wait_until(lambda: len(marked(marker)) >= 6, timeout=10), marked(marker)
     assert {psutil.Process(pid).uids().real for pid in marked(marker)} == {uid}, \
         "not the first task's uid: no test"
-    watchdog = worker.events("worker_started")[0]["watchdog"]
-    os.kill(worker.proc.pid, signal.SIGSTOP)
-    for child in psutil.Process(worker.proc.pid).children():
-        if child.pid != watchdog:
-            child.kill()
-    worker.proc.kill()
-    worker.proc.wait()
+    kill_worker_and_spawner(worker, worker.events("worker_started")[0]["watchdog"])
     assert wait_until(lambda: not marked(marker), timeout=10), \
         "outlived the worker and its spawner: %s" % marked(marker)
 

@@ -626,20 +626,25 @@ def test_progress_lines(main, spawn, python):
     assert values == sorted(values) and 30.0 not in values
 
 
-@detailed
-def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, drop_dir):
-    worker, link = registered(main, spawn, python)
-    link.assign(1, "shell", background_task(drop_dir / "pids"))
-    pids = task_pids(drop_dir / "pids")
-    watchdog = worker.watchdog_pid()
-    # The worker and its spawner killed as one: a spawner left alive ends the
-    # tasks itself, and under load it came first and the watchdog found none.
+def kill_worker_and_spawner(worker, watchdog):
+    """The worker and its spawner killed as one, its watchdog left: a
+    spawner left alive ends the tasks itself, and under load it came first
+    and the watchdog found none."""
     os.kill(worker.proc.pid, signal.SIGSTOP)
     for child in psutil.Process(worker.proc.pid).children():
         if child.pid != watchdog:
             child.kill()
     worker.proc.kill()
     worker.proc.wait()
+
+
+@detailed
+def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, drop_dir):
+    worker, link = registered(main, spawn, python)
+    link.assign(1, "shell", background_task(drop_dir / "pids"))
+    pids = task_pids(drop_dir / "pids")
+    watchdog = worker.watchdog_pid()
+    kill_worker_and_spawner(worker, watchdog)
     # Generous: under three test files at a time on two cores, 2 s was not.
     assert wait_until(lambda: all(map(process_gone, pids)), timeout=10)
     assert wait_until(lambda: process_gone(watchdog), timeout=10)

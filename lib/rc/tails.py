@@ -61,13 +61,15 @@ def store(connection, task_id, attempt, device_id, stream, start, end, data, now
         (task_id, attempt, device_id)).fetchone()
     if row is None:
         return False
-    kept, kept_end = (row[1], row[2]) if row[0] == attempt else ("", 0)
+    same = row[0] == attempt
+    kept, kept_end = (row[1], row[2]) if same else ("", 0)
     text = (kept + data if start == kept_end else data)[-TAIL_CHARS:]
-    if row[0] != attempt:      # a new attempt: the last one's streams are not its own
-        connection.execute("UPDATE task_tails SET attempt = ?, stdout = '', stdout_end = 0,"
-                           " stderr = '', stderr_end = 0 WHERE task_id = ?", (attempt, task_id))
-    connection.execute("UPDATE task_tails SET %s = ?, %s_end = ?, updated_at = ?"
-                       " WHERE task_id = ?" % (stream, stream), (text, end, now, task_id))
+    # A new attempt: the last one's other stream is not its own either.
+    other = "" if same else ", {0} = '', {0}_end = 0".format(
+        STREAMS[1 - STREAMS.index(stream)])
+    connection.execute("UPDATE task_tails SET attempt = ?, %s = ?, %s_end = ?, updated_at = ?%s"
+                       " WHERE task_id = ?" % (stream, stream, other),
+                       (attempt, text, end, now, task_id))
     return True
 
 

@@ -578,7 +578,7 @@ async function drawTask(state, view) {
   const terminal = TERMINAL_STATES.includes(task.state);
   if (terminal && state.loaded) return;       // it never changes again
   // Two reads in flight at most: a slow link's answers must not pile up.
-  if (!terminal && !(Date.now() - (state.watchedAt || 0) < WATCH_MS)) await watchTask(state);
+  if (!terminal && Date.now() - (state.watchedAt || 0) >= WATCH_MS) await watchTask(state);
   const [[, why], [filesStatus, files]] = await Promise.all([
     getJSON("/api/v1/tasks/" + id + "/why"), getJSON("/api/v1/tasks/" + id + "/files")]);
   const [liveStatus, live] = terminal ? [0, null] : await getJSON("/api/v1/tasks/" + id + "/output");
