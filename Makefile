@@ -4,7 +4,7 @@
 
 # The virtualenv's interpreter: the system's own python3 when it can make one
 # (distributions build it optimized; a default pyenv or source build is not,
-# and runs the main node markedly slower: README, Benchmarks), else the first
+# and runs the main node markedly slower: docs/benchmarks.md), else the first
 # python3 on PATH. `make clean install PYTHON=python3.12` picks another.
 SYSTEM_PYTHON := /usr/bin/python3
 PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import sys, ensurepip, venv; \
