@@ -1257,7 +1257,7 @@ def region_lines(lines):
 # one or more runs of whole top-level statements, each between
 #   # >>> Region "NAME": the worker process loads it on first use (load_region).
 #   # <<< The end of region "NAME".
-# tests/test_worker_identity.py checks that every function outside a region
+# tests/test_worker_regions.py checks that every function outside a region
 # that names something it defines calls load_region("NAME") first.
 REGION_BEGINS = b'# >>> Region "'
 REGION_ENDS = b'# <<< The end of region "'
