@@ -1037,6 +1037,8 @@ class UpgradeError(Exception):
     """The upgrade cannot be done; the message says why."""
 
 
+# >>> Region "upgrade": the worker process loads it on first use (load_region).
+
 def fetch_worker(host, port, expected_sha256=None):
     from urllib.request import urlopen
     url = "http://%s:%d/worker.py" % ("[%s]" % host if ":" in host else host, port)
@@ -1087,6 +1089,9 @@ def replace_worker_file(source):
     return True
 
 
+# <<< The end of region "upgrade".
+
+
 def interpreter_argv():
     """This interpreter with the flags it was started with (-S only if it was
     the user's, not start()'s)."""
@@ -1112,7 +1117,8 @@ def bytecode_argv(call, interpreter=None, tls=False, whole=True):
     leaves ~5 MiB in the process for good: too much for an idle worker on a
     phone. Imported, it is compiled once into __pycache__ and loaded from there.
     Not `whole`, it is loaded without the spawner's own code (see
-    compile_without_spawner): the long-lived worker process never runs it.
+    compile_without_spawner): the long-lived worker process never runs it;
+    nor the regions, which it runs once a task needs them (load_region).
     With `tls`, _ssl is loaded first and its error names dropped (see
     load_ssl): the memory they held then holds this file's code, where it
     would otherwise lie unused beside it (~0.15 MiB more of an idle worker)."""
@@ -1159,9 +1165,14 @@ def compile_bytecode():
 
 # The start of a bytecode_argv command without the spawner's code: its
 # bytecode, from compile_without_spawner's file, run as the module.
+# The file stays open (unbuffered: no 8 KiB buffer kept) for load_region: the
+# regions come from the bytecode the worker was started from, whatever
+# becomes of worker.py and its copies since. marshal.loads reads the module's
+# code and leaves the regions behind it.
 LOAD_WITHOUT_SPAWNER = (
     "import sys, marshal; worker = sys.modules[%r] = type(sys)(%r); worker.__file__ = %r;"
-    " f = open(%r, 'rb'); f.seek(%d); exec(marshal.loads(f.read()), vars(worker)); f.close();")
+    " f = open(%r, 'rb', 0); f.seek(%d); exec(marshal.loads(f.read()), vars(worker));"
+    " worker.lean_bytecode = f;")
 
 # The lines between these two hold what only the spawner runs (serve_spawner
 # and what it calls): ~600 lines, ~0.6 MiB of an idle worker's bytecode.
@@ -1177,9 +1188,10 @@ def path_without_spawner(source):
 
 
 def compile_without_spawner(source, cached):
-    """`source` compiled into `cached` without the spawner's own code (blank
-    lines in its place, so that every other line keeps its number in a
-    traceback)."""
+    """`source` compiled into `cached` without the spawner's own code nor the
+    regions (blank lines in their place, so that every other line keeps its
+    number in a traceback); each region's code follows the module's, and
+    after them an index of where each is (see load_region)."""
     import marshal
     info = os.stat(source)
     with open(source, "rb") as f:
@@ -1187,17 +1199,88 @@ def compile_without_spawner(source, cached):
     begin = lines.index(SPAWNER_CODE_BEGINS.encode())
     end = lines.index(SPAWNER_CODE_ENDS.encode(), begin)
     lines[begin:end] = [b""] * (end - begin)
-    # Without its docstrings (optimize=2, as `python -OO`; nothing here reads
-    # __doc__, and there is no assert to lose): ~0.1 MiB of an idle worker.
-    code = compile(b"\n".join(lines), source, "exec", dont_inherit=True, optimize=2)
+    regions = region_lines(lines)
+    whole = list(lines)
+    for numbers in regions.values():
+        for number in numbers:
+            lines[number] = b""
     magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
     header = magic + b"\0\0\0\0" * (sys.version_info >= (3, 7)) + b"".join(
         (value & 0xFFFFFFFF).to_bytes(4, "little") for value in (int(info.st_mtime), info.st_size))
+    parts = [header, marshal.dumps(compile_lines(lines, source))]
+    index, offset = {}, len(parts[0]) + len(parts[1])
+    for name, numbers in sorted(regions.items()):
+        kept = set(numbers)
+        parts.append(marshal.dumps(compile_lines(
+            [line if number in kept else b"" for number, line in enumerate(whole)], source)))
+        index[name] = (offset, len(parts[-1]))
+        offset += len(parts[-1])
+    parts.append(marshal.dumps(index))
+    parts.append(len(parts[-1]).to_bytes(4, "little"))
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     temporary = "%s.%d.tmp" % (cached, os.getpid())
     with open(temporary, "wb") as f:
-        f.write(header + marshal.dumps(code))
+        f.write(b"".join(parts))
     os.replace(temporary, cached)
+
+
+def compile_lines(lines, source):
+    # Without its docstrings (optimize=2, as `python -OO`; nothing here reads
+    # __doc__, and there is no assert to lose): ~0.1 MiB of an idle worker.
+    return compile(b"\n".join(lines), source, "exec", dont_inherit=True, optimize=2)
+
+
+def region_lines(lines):
+    """{region name: the numbers (from 0) of its lines}, markers included;
+    a region may be made of several runs of lines, each between a begin and
+    an end marker of its name."""
+    regions, name = {}, None
+    for number, line in enumerate(lines):
+        if line.startswith(REGION_BEGINS):
+            if name is not None:
+                raise ValueError("region %s begins inside %s" % (line, name))
+            name = line.split(b'"')[1].decode()
+        if name is not None:
+            regions.setdefault(name, []).append(number)
+        if line.startswith(REGION_ENDS):
+            if name != line.split(b'"')[1].decode():
+                raise ValueError("region %s ends at %s" % (name, line))
+            name = None
+    if name is not None:
+        raise ValueError("region %s does not end" % name)
+    return regions
+
+
+# Code the long-lived worker process loads only once a task needs it: the
+# lines of each region are left out of its bytecode (compile_without_spawner),
+# compiled beside it, and run into the module by load_region. A region is
+# one or more runs of whole top-level statements, each between
+#   # >>> Region "NAME": the worker process loads it on first use (load_region).
+#   # <<< The end of region "NAME".
+# tests/test_worker_regions.py checks that every function outside a region
+# that names something it defines calls load_region("NAME") first.
+REGION_BEGINS = b'# >>> Region "'
+REGION_ENDS = b'# <<< The end of region "'
+lean_bytecode = None    # the file LOAD_WITHOUT_SPAWNER ran; None: this file was loaded whole
+regions_loaded = set()
+
+
+def load_region(name):
+    """Define the region's names in this module, from the bytecode the
+    worker was started from (a no-op when the whole file was loaded, and
+    the second time). Called from the loop's thread, before the names are."""
+    f = lean_bytecode
+    if f is None or name in regions_loaded:
+        return
+    import marshal
+    f.seek(-4, 2)
+    size = int.from_bytes(f.read(4), "little")
+    f.seek(-4 - size, 2)
+    offset, length = marshal.loads(f.read(size))[name]
+    f.seek(offset)
+    exec(marshal.loads(f.read(length)), globals())
+    regions_loaded.add(name)
+    log("debug", "region_loaded", region=name)
 
 
 def bytecode_header_size():
@@ -2167,7 +2250,7 @@ class ProcessTask(Task):
             request = extra.pop("request", None)
             self.env = extra["env"]
             if self.payload.get(PIP_FIELD) is not None:     # its environment first
-                request = worker.environments.request(self, request, value)
+                request = worker.python_environments().request(self, request, value)
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
@@ -2417,7 +2500,8 @@ class ProcessTask(Task):
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
                       peak_memory_kb=self.peak_memory_kb, truncated=self.truncated, **extra)
-        worker.environments.after(self)     # while the task's uid is still known
+        if worker.environments is not None:     # while the task's uid is still known
+            worker.environments.after(self)
         self.remove_workdir(worker)     # after finish: files may take it for the upload
 
     def outcome(self, stderr):
@@ -2430,6 +2514,7 @@ class ProcessTask(Task):
         if self.exit_code == VENV_FAILED_EXIT and VENV_FAILED_MARK in stderr \
                 and self.payload.get(PIP_FIELD) is not None:
             self.environment_failed = True      # the device's fault: another may try
+            load_region("environments")     # loaded by its start: see python_environments
             return OUTCOME_FAILED, environment_error(stderr)
         return OUTCOME_FAILED, self.failure(stderr)
 
@@ -4922,6 +5007,8 @@ VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
 VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to adopt it
 
+# >>> Region "environments": the worker process loads it on first use (load_region).
+
 VENV_DRIVER = (
     "import fcntl, os, shutil, stat, subprocess, sys, time\n"
     "cache, key, wanted, worker_uid = sys.argv[1:5]\n"
@@ -4984,6 +5071,9 @@ VENV_DRIVER = (
     "os.execv(argv[0], argv)\n")
 
 
+# <<< The end of region "environments".
+
+
 def venv_capable():
     """Whether this Python can build a virtual environment with pip in it
     (some Debian and Termux installs leave venv or ensurepip out). Asked of
@@ -5004,6 +5094,8 @@ def default_venv_dir():
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "rc-worker", "venvs")
 
+
+# >>> Region "environments": the worker process loads it on first use (load_region).
 
 def environment_key(packages):
     """One environment per set of specifiers, Python version and machine."""
@@ -5201,6 +5293,9 @@ def tree_size(path):
             except OSError:
                 pass
     return total
+
+
+# <<< The end of region "environments".
 
 
 ###############################################################################
@@ -5631,6 +5726,8 @@ class FileCache(object):
 
 # -- the rc-files client -------------------------------------------------------
 
+# >>> Region "files": the worker process loads it on first use (load_region).
+
 class FilesConnection(object):
     """One authenticated connection to rc-files, used by one thread, blocking."""
 
@@ -5919,6 +6016,9 @@ class BlobWriter(object):
             raise self.error
 
 
+# <<< The end of region "files".
+
+
 class FileService(object):
     """Where rc-files is and how to prove ourselves to it."""
 
@@ -5926,6 +6026,8 @@ class FileService(object):
         self.host, self.port, self.fingerprint = host, port, fingerprint
         self.device_id, self.secret = device_id, secret
 
+
+# >>> Region "files": the worker process loads it on first use (load_region).
 
 class Job(object):
     """A transfer thread's handle: cancelled from the loop, done when it ends."""
@@ -6095,6 +6197,9 @@ class TransferThreads(object):
         return work
 
 
+# <<< The end of region "files".
+
+
 class FilesPool(object):
     """Authenticated rc-files connections kept open between transfers: a
     TLS handshake and a proof cost rc-files and the worker more than moving
@@ -6139,6 +6244,8 @@ class FilesPool(object):
         for connection in old:
             connection.close()
 
+
+# >>> Region "files": the worker process loads it on first use (load_region).
 
 def fetch_blob(job, cache, sha, size):
     """The blob in the cache, fetched if need be: resumed from a partial
@@ -6558,6 +6665,9 @@ def glob_match(pattern_parts, parts):
     return reached[-1]
 
 
+# <<< The end of region "files".
+
+
 def output_globs(payload):
     globs = payload.get("outputs") or []
     if not isinstance(globs, list) or len(globs) > 1000:
@@ -6565,6 +6675,8 @@ def output_globs(payload):
     return [glob.strip("/").split("/") for glob in globs
             if isinstance(glob, str) and glob and "\0" not in glob]
 
+
+# >>> Region "files": the worker process loads it on first use (load_region).
 
 def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
     """(matches, notes): the files to upload as (name, path) and a note for
@@ -6778,6 +6890,9 @@ def put_file(job, source, request):
     return {"name": request["name"], "size": size, "sha256": request["sha256"]}
 
 
+# <<< The end of region "files".
+
+
 # -- the worker's side: staging, launching, uploading, checkpoints ---------------
 
 class Staging(Task):
@@ -6980,6 +7095,7 @@ class Files(object):
         False if it needs none, or all were in the cache and are in place."""
         if not needs_staging(task):
             return False
+        load_region("files")
         inputs, stdin, checkpoint = task_inputs(task.payload)
         # The worker's own until the task starts: Sandbox.open hands it to the task's uid.
         try:
@@ -7007,6 +7123,7 @@ class Files(object):
         fetch or copy; BadPayload when placing failed."""
         if checkpoint or not self.cache.prepared:
             return False
+        load_region("files")
         copied = sum(size for _, _, size, mode in inputs if not link or mode & 0o111)
         if stdin and not link:
             copied += stdin[1]
@@ -7056,6 +7173,7 @@ class Files(object):
                 inputs, stdin, checkpoint = task_inputs(task.payload)
             except BadPayload:
                 continue            # said when it starts
+            load_region("files")
             unique = unique_blobs(inputs, stdin, checkpoint)
             if sum(unique.values()) > FILES_PREFETCH_MAX:
                 self.prefetching[key] = None       # fetched as it starts
@@ -7071,11 +7189,13 @@ class Files(object):
             busy += 1
 
     def fetch_ahead(self, job, unique):
+        load_region("files")
         self.cache.prepare()
         for sha, size in unique.items():
             fetch_blob(job, self.cache, sha, size)
 
     def fetch_inputs(self, job, workdir, inputs, stdin, checkpoint, link=True):
+        load_region("files")
         try:
             self.cache.prepare()
             unique = unique_blobs(inputs, stdin, checkpoint)
@@ -7188,6 +7308,7 @@ class Files(object):
             if state and state[3]:      # one went up while it ran
                 task.files_stored, task.files_elapsed = [state[3]], task.elapsed()
             return False
+        load_region("files")
         worker.sandbox.keep_for_upload(workdir)
         task.workdir = None           # ours now: removed when the upload ends
         task.files_elapsed = task.elapsed()
@@ -7207,6 +7328,7 @@ class Files(object):
         a transfer thread, its wake-up and a new directory cost the worker
         more than reading 100 KiB. False (nothing done) when one does not
         fit: a thread uploads them all (upload), never the loop."""
+        load_region("files")
         entries = few_entries(workdir) if self.inline else None
         if entries is None:
             return False
@@ -7238,6 +7360,7 @@ class Files(object):
     def send_or_inline(self, job, source, request, room):
         """An output into job.inline when it is small and room (a list of one,
         the bytes left) allows, else put to rc-files; the choice is the size's."""
+        load_region("files")
         limit = min(room[0], self.inline[0]) \
             if self.inline and len(job.inline) < INLINE_MAX_FILES else 0
         entry = read_inline(source, request["name"], limit)
@@ -7248,6 +7371,7 @@ class Files(object):
         job.stored.append(put_file(job, source, request))
 
     def upload(self, job, task, workdir, globs, spilled, checkpoint):
+        load_region("files")
         try:
             request = {"task_id": task.key[0], "attempt": task.key[1]}
             found, notes = find_outputs(workdir, globs, self.protected(),
@@ -7342,11 +7466,13 @@ class Files(object):
                 continue
             state[0] = now + self.every()
             directory = os.path.join(task.workdir, CHECKPOINT_DIR)
+            load_region("files")
             state[2] = Job(worker, lambda job, key=key, directory=directory, state=state:
                            self.send_checkpoint(job, key, directory, state)).start()
 
     def send_checkpoint(self, job, key, directory, state):
         """Tar the checkpoint directory and put it, if it changed since the last."""
+        load_region("files")
         signature = checkpoint_signature(directory)
         if signature is None:
             log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1],
@@ -7408,6 +7534,7 @@ class Files(object):
             task = worker.running.get(key)
             if isinstance(task, ProcessTask) and task.workdir is not None:
                 directory = os.path.join(task.workdir, CHECKPOINT_DIR)
+                load_region("files")
                 jobs.append(Job(worker, lambda job, key=key, directory=directory, state=state:
                                 self.send_checkpoint(job, key, directory, state)).start())
         give_up = time.monotonic() + FILES_SHUTDOWN_WAIT
@@ -7476,7 +7603,7 @@ class Worker(object):
         self.spawner = Spawner()       # started with the first task that needs a process
         self.sandbox = Sandbox(options)   # task users, cgroups, directories: run() prepares it
         self.files = Files(options)    # files: the cache, rc-files, transfers under way
-        self.environments = Environments(options)   # tasks' pip packages
+        self.environments = None       # tasks' pip packages (python_environments)
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # no_hello has looked at what answers there
         self.registered_once = False   # this process has been registered (see misdialled)
@@ -7526,6 +7653,14 @@ class Worker(object):
         self.watch_interval = None     # seconds between heartbeats while watched
         self.watched_until = None      # time.monotonic() when the watch ends
         self.exit_status = None        # set when the main node refused us for good
+
+    def python_environments(self):
+        """The cache of tasks' environments, made as the first task asks for
+        one: its code is a region (see load_region)."""
+        if self.environments is None:
+            load_region("environments")
+            self.environments = Environments(self.options)
+        return self.environments
 
     # -- the loop ---------------------------------------------------------------
 
@@ -8371,6 +8506,7 @@ class Worker(object):
         """Read --config again and apply what can change while running."""
         if not self.options.config:
             return True, "nothing to reload (started without --config)", None
+        load_region("options")
         try:
             fresh = parse_args(self.options.argv, reloading=True)
         except ReloadError as e:
@@ -8406,6 +8542,7 @@ class Worker(object):
         return True, "draining: no new tasks; %d running will finish" % len(self.running), None
 
     def control_upgrade(self, data):
+        load_region("upgrade")
         announced = data.get("sha256") if isinstance(data.get("sha256"), str) else None
         # Up to date, allowed or not: the main node's own worker (no --allow-upgrade)
         # and a device given the new file by hand are not failures in `rc control`.
@@ -8642,6 +8779,8 @@ SELF_TEST = (("echo", {"message": "hello"}, "hello"),
              ("shell", {"command": "echo ok"}, "ok\n"))
 
 
+# >>> Region "self_test": the worker process loads it on first use (load_region).
+
 def self_test(worker):
     import json as pretty
     worker.connect_at = None    # a --join given (or in --config) is not dialled: no main node
@@ -8699,6 +8838,9 @@ def print_sandbox(sandbox):
             print("note:           %s" % note)
 
 
+# <<< The end of region "self_test".
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -8719,6 +8861,8 @@ NEEDS_RESTART = ("join", "device_id", "token_file", "fingerprint", "state_dir", 
 class ReloadError(Exception):
     """--config, read again, does not parse; the message says why."""
 
+
+# >>> Region "options": the worker process loads it on first use (load_region).
 
 def join_address(text):
     """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT."""
@@ -9019,6 +9163,9 @@ def pinned_fingerprint(parser, options):
     return fingerprint
 
 
+# <<< The end of region "options".
+
+
 def read_option_file(parser, option, path):
     try:
         with open(os.path.expanduser(path)) as f:
@@ -9026,6 +9173,8 @@ def read_option_file(parser, option, path):
     except OSError as e:
         parser.error("cannot read %s: %s" % (option, e))
 
+
+# >>> Region "options": the worker process loads it on first use (load_region).
 
 def task_types(parser, allow, deny):
     def names(lists):
@@ -9038,6 +9187,9 @@ def task_types(parser, allow, deny):
     allowed = names(allow) or set(TASK_TYPES)
     denied = names(deny)
     return tuple(t for t in TASK_TYPES if t in allowed and t not in denied)
+
+
+# <<< The end of region "options".
 
 
 def join_token(parser, options):
@@ -9063,10 +9215,15 @@ def main(argv=None, options_fd=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--spawner"]:          # see Spawner: started by a worker, not by people
         return serve_spawner(int(argv[1]))
-    options = parse_args(argv) if options_fd is None else received_options(options_fd)
+    if options_fd is None:
+        load_region("options")      # loaded already: without start(), the whole file runs
+        options = parse_args(argv)
+    else:
+        options = received_options(options_fd)
     log_threshold = LOG_LEVELS[options.log_level]
     if options.self_test:
         log_threshold = LOG_LEVELS["warning"]    # the report is the output
+        load_region("self_test")
         return self_test(Worker(options))
     return Worker(options).run()
 
@@ -9084,6 +9241,7 @@ def start():
     carries neither. Where that cannot be done, the worker runs here."""
     if sys.argv[1:2] == ["--spawner"]:
         return main()
+    load_region("options")          # a no-op: this process runs the whole file
     options = parse_args(read_token=False)
     # -S as well: .pth files in site-packages may load anything, megabytes at
     # times; psutil, the one package the worker may use, finds its way back
