@@ -5317,6 +5317,9 @@ def tree_size(path):
 FILES_CHUNK = 1024 * 1024       # bytes per read and write of a transfer (bounded memory)
 FILES_BUFFER = 256 * 1024       # bytes of one buffer of a fetch (received, then written, then hashed)
 FILES_BUFFERS = 8               # FILES_BUFFER buffers one fetch holds: 2 MiB, slack for 3 stages
+FILES_DIRECT_MIN = 16 * 1048576  # bytes: a smaller file never bypasses the page cache (goes_direct)
+FILES_DIRECT_SHARE = 0.5        # of the memory available: a larger file bypasses it (goes_direct)
+FILES_DIRECT_ALIGN = 4096       # bytes: O_DIRECT's offsets and lengths are multiples of this
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
@@ -5864,7 +5867,7 @@ class FilesConnection(object):
         return chunk
 
     def get(self, sha, offset, size, sink, digest):
-        """Append blob `sha` from `offset` to file `sink`, hashing into `digest`."""
+        """Append blob `sha` from `offset` to `sink` (a FetchSink), hashing into `digest`."""
         self.send({"get": {"sha256": sha, "offset": offset}})
         answer = self.answer()
         total, length = answer.get("size"), answer.get("length")
@@ -5879,10 +5882,14 @@ class FilesConnection(object):
             self.raise_cut()
             return
         writer = BlobWriter(sink, digest)
+        # O_DIRECT writes whole blocks from a block's start: the first buffer of
+        # a resume from elsewhere (a cut leaves any length) ends at one.
+        head = (-offset) % FILES_DIRECT_ALIGN if writer.aligned else 0
         try:
             while length:
                 buffer = writer.free_buffer()
-                count = self.fill(memoryview(buffer)[:min(len(buffer), length)])
+                count = self.fill(memoryview(buffer)[:min(len(buffer), length, head or length)])
+                head = 0
                 writer.write(buffer, count)
                 self.raise_cut()
                 length -= count
@@ -5952,7 +5959,10 @@ class BlobWriter(object):
     alone costs more than the TLS, so on a device with two cores or more the
     three go on at once, each on a buffer of its own. FILES_BUFFERS buffers
     go round: received, written, hashed, free again. close() waits for the
-    last and raises what went wrong in a thread (a full disk)."""
+    last and raises what went wrong in a thread (a full disk). For a sink
+    that writes with O_DIRECT they are `aligned`: mmap's pages, whose start
+    O_DIRECT can write from (mmap is imported here only: the idle worker
+    has no room for its 0.3 MiB)."""
 
     def __init__(self, sink, digest):
         import queue
@@ -5960,8 +5970,12 @@ class BlobWriter(object):
         simple = getattr(queue, "SimpleQueue", queue.Queue)     # 3.7+: in C
         self.sink, self.digest = sink, digest
         self.free, self.to_write, self.to_hash = simple(), simple(), simple()
+        self.aligned = sink.direct
+        if self.aligned:
+            import mmap
         for _ in range(FILES_BUFFERS):
-            self.free.put(bytearray(FILES_BUFFER))
+            self.free.put(mmap.mmap(-1, FILES_BUFFER) if self.aligned
+                          else bytearray(FILES_BUFFER))
         self.error = None
         self.threads = []
         for name, run in (("rc-files-writer", self.write_all), ("rc-files-hasher", self.hash_all)):
@@ -5979,7 +5993,7 @@ class BlobWriter(object):
             buffer, count = item
             try:
                 if self.error is None:
-                    self.sink.write(memoryview(buffer)[:count])
+                    self.sink.write(memoryview(buffer)[:count], self.aligned)
                 else:
                     count = 0
             except BaseException as e:
@@ -6308,24 +6322,23 @@ def download(job, cache, sha, size):
     cache.make_room(size - have)
     digest = file_sha256()
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(partial, flags, 0o600), "r+b") as sink:
+    with os.fdopen(os.open(partial, flags, 0o600), "r+b") as partial_file:
         while True:
-            chunk = sink.read(FILES_CHUNK)       # hash what an earlier cut left
+            chunk = partial_file.read(FILES_CHUNK)       # hash what an earlier cut left
             if not chunk:
                 break
             digest.update(chunk)
-        have = sink.tell()
+        have = partial_file.tell()
+        sink = FetchSink(partial_file.fileno(), size)
 
         def resume(connection):
-            offset = sink.seek(0, 2)
-            if offset != have + fetched[0]:
+            offset = partial_file.seek(0, 2)
+            if offset != have + sink.written:
                 raise FilesError("partial file of %s changed under us" % sha)
-            before = offset
             try:
-                connection.get(sha, offset, size, CountingSink(sink, fetched), digest)
+                connection.get(sha, offset, size, sink, digest)
             finally:
-                log("debug", "file_fetched", sha256=sha, offset=before, bytes=fetched[0])
-        fetched = [0]
+                log("debug", "file_fetched", sha256=sha, offset=offset, bytes=sink.written)
         try:
             job.tries(resume)
         except OSError as e:
@@ -6341,15 +6354,100 @@ def download(job, cache, sha, size):
     return got
 
 
-class CountingSink(object):
-    """A sink that counts what is written to it."""
+def goes_direct(size):
+    """Whether a file of `size` bytes bypasses the page cache (O_DIRECT) as
+    a fetch writes it and a copy reads it: one that the cache would not keep
+    anyway, over FILES_DIRECT_SHARE of the memory available now (a 1 GB
+    Pi's 400 MB input). A smaller one stays cached for the task that reads
+    it next: read back from the disk, it would cost the task the pages the
+    fetch saved, and a wait (an SD card reads 40 MB/s). RC_TEST_DIRECT_IO=1
+    (tests only) sends every file of FILES_DIRECT_MIN bytes or more."""
+    if size < FILES_DIRECT_MIN or not hasattr(os, "O_DIRECT"):
+        return False
+    if os.environ.get("RC_TEST_DIRECT_IO") == "1":
+        return True
+    available = read_meminfo().get("MemAvailable")
+    return available is not None and size > available * 1024 * FILES_DIRECT_SHARE
 
-    def __init__(self, sink, count):
-        self.sink, self.count = sink, count
 
-    def write(self, chunk):
-        self.sink.write(chunk)
-        self.count[0] += len(chunk)
+def direct_io(fd, on, quiet=True):
+    """O_DIRECT turned on or off on descriptor `fd`; whether it is on now.
+    A file system that refuses it raises OSError, or returns False when `quiet`."""
+    import fcntl
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        if not quiet:
+            raise
+        return False
+    return on
+
+
+class FetchSink(object):
+    """The partial file a fetch appends to, written by its descriptor, and
+    how many bytes were written to it. A file too big for the page cache to
+    keep (goes_direct) goes to the disk with O_DIRECT where the file system
+    allows it: through the cache, it would push everything else out of a
+    small device's memory, and each new page costs CPU (a VM hands freed
+    pages back to its host, a Pi's memcpy is slow). O_DIRECT writes whole
+    blocks, from a block's start, out of aligned memory (BlobWriter's
+    buffers); what is not whole blocks there (the start of a resume, the
+    end, the last bytes before a cut) goes through the cache. A file system
+    that refuses it (ramfs, tmpfs before Linux 6.6, some FUSE; no O_DIRECT
+    on macOS) has the rest of the file through the cache: decided once a file."""
+
+    def __init__(self, fd, size):
+        self.fd, self.written = fd, 0
+        self.direct = goes_direct(size)
+        self.on = False         # O_DIRECT is on the descriptor now
+
+    def write(self, view, aligned=False):
+        """All of `view`; `aligned`: it starts on a page (O_DIRECT may write it)."""
+        done, whole = 0, len(view) - len(view) % FILES_DIRECT_ALIGN
+        if aligned and self.direct and whole and self.direct_on():
+            done = self.write_direct(view[:whole])
+        if done < len(view):
+            self.direct_off()
+            while done < len(view):
+                count = os.write(self.fd, view[done:])
+                done += count
+                self.written += count
+
+    def write_direct(self, view):
+        """How much of `view` O_DIRECT wrote: all of it, unless the file
+        system refused it (EINVAL) or a short write left a partial block."""
+        done = 0
+        try:
+            while done < len(view) and done % FILES_DIRECT_ALIGN == 0:
+                count = os.write(self.fd, view[done:])
+                done += count
+                self.written += count
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.refused(e)
+        return done
+
+    def direct_on(self):
+        """O_DIRECT on the descriptor if it is not yet, from a block's start;
+        False (and the cache from now on) where that cannot be."""
+        if not self.on and not os.lseek(self.fd, 0, os.SEEK_CUR) % FILES_DIRECT_ALIGN:
+            try:
+                self.on = direct_io(self.fd, True, quiet=False)
+            except OSError as e:
+                self.refused(e)
+        return self.on
+
+    def direct_off(self):
+        if self.on:
+            direct_io(self.fd, False)
+            self.on = False
+
+    def refused(self, error):
+        self.direct = False
+        log("debug", "direct_write_refused", error=str(error), message="the file system"
+            " refuses O_DIRECT here; this file is written through the page cache")
 
 
 def place(cache, sha, target, mode, link=True):
@@ -6383,6 +6481,9 @@ def copy_file(reader, writer, size=None):
     """All of descriptor `reader` into descriptor `writer`: in the kernel
     (sendfile) where it can, which copies a 1 GiB input about twice as fast
     as reads and writes. With its `size` known, no call is made to find the end."""
+    # A blob its fetch wrote past the page cache is read past it too: through
+    # the cache, its pages would cost as much as the copy's own.
+    direct = size is not None and goes_direct(size) and direct_io(reader, True)
     offset = 0
     if hasattr(os, "sendfile"):
         try:
@@ -6393,6 +6494,8 @@ def copy_file(reader, writer, size=None):
                 offset += sent
             return
         except OSError:         # not between two files here (macOS): by hand
+            if direct:
+                direct_io(reader, False)
             os.lseek(reader, offset, os.SEEK_SET)
             os.lseek(writer, offset, os.SEEK_SET)
     while True:
