@@ -231,6 +231,7 @@ class Server:
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
         self.task_watches_told = {}    # (task id, attempt) -> (peer, until) sent as task_watch
+        self.held_tails = tails.Held()  # task_output frames waiting to be written
         self.outputs = OutputStore(config)
         self.stored_bytes = 0          # OutputStore's bytes whose rows this turn commits
         self.released = False          # a taken-back task's next attempt may go: ring rc-scheduler
@@ -841,6 +842,7 @@ class Server:
         self.check_liveness(now)
         self.tell_watches()
         self.tell_task_watches()
+        self.write_tails(self.held_tails.due(now))
 
     def close_stalled_readers(self, now):
         deadline = now - STALLED_READER_SECONDS
@@ -1265,10 +1267,18 @@ class Server:
         if end < start or len(text) > TAIL_BYTES:
             raise ProtocolError("task_output must have start <= end and at most %d characters"
                                 % TAIL_BYTES)
-        self.batch.append((Server.apply_task_output, peer, (key, stream, start, end, text)))
+        told = self.task_watches_told.get(key)
+        if told is None or told[0] is not peer:
+            return       # a task nobody watches, or not this device's: nothing to keep
+        self.write_tails(self.held_tails.add(key + (stream,), peer, start, end, text,
+                                            time.monotonic()))
+
+    def write_tails(self, writes):
+        for key, (peer, start, end, text) in writes:
+            self.batch.append((Server.apply_task_output, peer, (key, start, end, text)))
 
     def apply_task_output(self, peer, data, now):
-        (task_id, attempt), stream, start, end, text = data
+        (task_id, attempt, stream), start, end, text = data
         tails.store(self.database, task_id, attempt, peer.device_id, stream, start, end, text,
                     now)
 
