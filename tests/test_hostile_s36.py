@@ -4,13 +4,14 @@ against a real TLS cluster: a device gone bad, a task, a user of the API.
 Each test failed before the fix its docstring names, or says what held."""
 import json
 import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import RC, Cluster, online, wait_for
 from hostile_harness import assert_completes, readable_by_others, submit_to, unharmed
 from rc import protocol, state_dir, tails, tasks
 from rc.states import TAIL_BYTES
@@ -118,3 +119,41 @@ def test_a_task_output_flood_costs_the_database_a_few_writes(cluster):
         "kept as before"
     assert written < 2.5 * 1024 * 1024, "%d bytes written for %d frames" % (written, FLOOD_FRAMES)
     device.sock.close()
+
+
+# -- what a task writes, as rc tail shows it ----------------------------------------------
+
+def running(cluster, task_id):
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "running", 60,
+             "task %d to run" % task_id)
+
+
+def test_rc_tail_of_output_that_is_not_utf8_loses_and_repeats_nothing(cluster, drop_dir):
+    """The worker sent each stream's offsets in the bytes the task wrote
+    but the text decoded (an undecodable byte as U+FFFD, three bytes), and
+    rc tail took the new part of the text by those offsets: 'line0' before
+    100 bytes of Latin-1 was never shown, and -f printed the end of the
+    result again once the task ended. Now the offsets count the text's
+    bytes, as the result's output does. Before: rc tail showed no line0."""
+    gate = drop_dir / "open"
+    task_id = submit_to(cluster, GOOD, "printf 'line0\\n'; head -c 100 /dev/zero | tr '\\0'"
+                        " '\\351'; printf '\\nline1\\n'; while [ ! -e %s ]; do sleep 0.05;"
+                        " done; echo line2" % gate)
+    running(cluster, task_id)
+    follow = subprocess.Popen([RC, "tail", "-f", str(task_id)], env=cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = b""
+        while not first.endswith(b"line1\n"):
+            line = follow.stdout.readline()
+            assert line, "rc tail -f ended early: %r" % (first + follow.stderr.read())
+            first += line
+        gate.write_text("")
+        rest, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    output = tasks.get(cluster.db, task_id)["result"]["output"]
+    assert output == "line0\n" + "\ufffd" * 100 + "\nline1\nline2\n", output
+    assert (first + rest).decode() == output, (first + rest, err)
+    assert follow.returncode == 0, err
