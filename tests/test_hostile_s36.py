@@ -121,6 +121,39 @@ def test_a_task_output_flood_costs_the_database_a_few_writes(cluster):
     device.sock.close()
 
 
+def test_a_task_progress_flood_costs_the_database_a_few_writes(cluster):
+    """The same for task_progress, an UPDATE of the task's row each (its
+    payload, up to 256 KiB, with it when the message's length changes): a
+    device flooding progress for a task with a large command had rc-server
+    write ~12 MB a second. Now a task's progress from one device is
+    written at most every PROGRESS_WRITE_GAP seconds, the last one kept.
+    Before: 100 frames, one every 20 ms, cost ~25 MB of writes."""
+    device = Device(cluster, "progress36")
+    command = ": %s; sleep 600" % ("p" * (tasks.MAX_PAYLOAD_TEXT - 100))
+    status, answer = api(cluster, "POST", "/api/v1/tasks", {
+        "task_type": "shell", "payload": {"command": command},
+        "requirements": {"device_id": "progress36"}})
+    assert status in (200, 201), answer
+    assign = device.next("task_assign")
+    assert assign["task_id"] == answer["task_id"]
+    key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+    device.send("task_accept", key)
+    running(cluster, key["task_id"])
+    pid = cluster.program_pid("rc-server")
+    with unharmed(cluster, GOOD):
+        before = written_bytes(pid)
+        for n in range(100):
+            device.send("task_progress", dict(key, progress=n % 100, message="m" * (n % 50)))
+            time.sleep(0.02)
+        device.send("task_progress", dict(key, progress=99.5, message="the last word"))
+        wait_for(lambda: tasks.get(cluster.db, key["task_id"])["progress_message"]
+                 == "the last word", 30, "the last progress written")
+        written = written_bytes(pid) - before
+    assert tasks.get(cluster.db, key["task_id"])["progress"] == 99.5
+    assert written < 16 * 1024 * 1024, "%d bytes written for 100 frames" % written
+    device.sock.close()
+
+
 # -- what a task writes, as rc tail shows it ----------------------------------------------
 
 def running(cluster, task_id):
@@ -157,3 +190,116 @@ def test_rc_tail_of_output_that_is_not_utf8_loses_and_repeats_nothing(cluster, d
     assert output == "line0\n" + "\ufffd" * 100 + "\nline1\nline2\n", output
     assert (first + rest).decode() == output, (first + rest, err)
     assert follow.returncode == 0, err
+
+
+def frame(device_id, data):
+    return protocol.encode("task_output", data, sender_id=device_id)
+
+
+def test_output_from_a_stranger_a_stale_attempt_or_malformed_is_kept_nowhere(cluster):
+    """What held: a device that does not hold the attempt (another device,
+    an attempt before or after) has nothing kept and pays nothing more; a
+    malformed task_output (a stream that is not one, a negative or huge
+    offset, an end before its start, text over TAIL_BYTES characters, a
+    list for text) gets an error and its connection goes on; NULs and
+    escape sequences are kept as sent, GET .../output gives them back, and
+    `rc tail` in the web terminal shows them as '?'."""
+    with unharmed(cluster, GOOD):
+        device, assign = watched_by_hand(cluster, "hand36")
+        other = Device(cluster, "other36")
+        key = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+        text = "a\x00b\x1b]0;title\x07c\x9b31m\u202ed\n"
+        other.sock.sendall(frame("other36", dict(key, stream="stdout", start=0, end=5,
+                                                 data="fake\n")))
+        device.sock.sendall(frame("hand36", dict(key, attempt=key["attempt"] + 1,
+                                                 stream="stdout", start=0, end=5,
+                                                 data="fake\n")))
+        for bad in (dict(stream="stdin"), dict(stream="stdout\x00"), dict(start=-1),
+                    dict(end=2 ** 63), dict(start=9, end=3), dict(data="x" * (TAIL_BYTES + 1)),
+                    dict(data=["x"]), dict(task_id=0), dict(attempt=2 ** 40),
+                    dict(start=1.5), dict(stream=None)):
+            data = dict(key, stream="stdout", start=0, end=3, data="bad")
+            data.update(bad)
+            device.sock.sendall(frame("hand36", data))
+            error = device.next("error")
+            assert error["code"] in ("bad_request", "bad_frame"), (bad, error)
+        device.sock.sendall(frame("hand36", dict(key, stream="stderr", start=0,
+                                                 end=len(text.encode()), data=text)))
+
+        def kept():
+            record = api(cluster, "GET", "/api/v1/tasks/%d/output" % key["task_id"])[1]
+            return record["stderr_end"] and record
+        record = wait_for(kept, 30, "the holder's frame kept")
+        assert (record["stdout"], record["stdout_end"]) == ("", 0), "another's kept"
+        assert record["stderr"] == text
+        status, shown = api(cluster, "POST", "/api/v1/command",
+                            {"command": "tail %d" % key["task_id"]})
+        assert status == 200 and shown["error"] == "a?b?]0;title?c?31m\u202ed\n", shown
+        for device_id, sock in (("hand36", device.sock), ("other36", other.sock)):
+            sock.sendall(protocol.encode("heartbeat", {"active_tasks": []},
+                                         sender_id=device_id))
+        device.next("heartbeat_ack")
+        other.next("heartbeat_ack")
+        device.sock.close()
+        other.sock.close()
+
+
+def test_watch_and_output_requests_out_of_range_are_answered_never_500(cluster):
+    """What held: ?seconds= negative, huge, not a number; a task id past
+    what SQLite holds, zero, unknown; a task that has ended: a 400 or 404,
+    or a watch of at least a second and at most tails.WATCH_MAX_SECONDS."""
+    task_id = submit_to(cluster, GOOD, "sleep 30")
+    running(cluster, task_id)
+    for seconds, lasts in (("-5", None), ("0", 1.0), ("99999999999999999999", None),
+                           ("1e30", None), ("nan", None), ("%00", None), ("7200", 600.0),
+                           ("9223372036854775807", 600.0)):
+        before = time.time()
+        status, answer = api(cluster, "POST", "/api/v1/tasks/%d/watch?seconds=%s"
+                             % (task_id, seconds))
+        if lasts is None:
+            assert status == 400, (seconds, status, answer)
+        else:
+            assert status == 200, (seconds, answer)
+            # Written only when it moves the watch on: the longest one stays.
+            assert answer["watched_until"] <= time.time() + tails.WATCH_MAX_SECONDS
+            assert answer["watched_until"] >= before + lasts - 1
+    for path in ("/api/v1/tasks/%d/watch" % 2 ** 63, "/api/v1/tasks/0/watch",
+                 "/api/v1/tasks/99999999/watch", "/api/v1/tasks/%d/output" % 2 ** 70):
+        status, _ = api(cluster, "GET" if path.endswith("output") else "POST", path)
+        assert status == 404, (path, status)
+    cluster.rc("cancel", str(task_id))
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "cancelled", 30, "cancelled")
+    status, answer = api(cluster, "POST", "/api/v1/tasks/%d/watch" % task_id)
+    assert (status, answer["watched_until"]) == (200, None)
+    status, answer = api(cluster, "GET", "/api/v1/tasks/%d/output" % task_id)
+    assert status == 200 and answer["live"] is False, answer
+
+
+# -- a shell command over 64 KiB, run from command.sh -------------------------------------
+
+def test_a_long_command_runs_as_sent_beside_an_input_named_command_sh(cluster, tmp_path):
+    """What held: a shell command over 64 KiB goes to the shell in
+    command.sh, which the worker writes after the task's inputs are in
+    place: an input of that name does not run instead,
+    and the task, run as a uid of its own, reads it. The input's name is
+    the command's: that input is not there (what the task sees of it is
+    its command), as for python_exec's script.py."""
+    (tmp_path / "command.sh").write_text("echo hijacked\n")
+    command = ": %s; echo long ran as $(id -u) in $(basename $PWD)" % ("x" * 70000)
+    done = cluster.rc("submit", "shell", command, "--input", str(tmp_path / "command.sh"),
+                      "--require", "device_id=%s" % GOOD)
+    task_id = int(done.stdout.strip())
+    assert_completes(cluster, task_id, "long ran as 618")
+    assert "hijacked" not in tasks.get(cluster.db, task_id)["result"]["output"]
+
+
+def test_rc_tail_of_an_ended_task_in_the_web_terminal_shows_escapes_as_question_marks(
+        cluster):
+    """What held: once the task has ended, rc tail prints its result as rc
+    wait does; in the web terminal its escape sequences show as '?'."""
+    task_id = submit_to(cluster, GOOD, "printf 'a\\033]0;t\\007b\\n'; printf 'e\\033[2Jf\\n' >&2")
+    assert_completes(cluster, task_id, "a\x1b]0;t\x07b")
+    status, shown = api(cluster, "POST", "/api/v1/command", {"command": "tail %d" % task_id})
+    assert status == 200, shown
+    assert "a?]0;t?b" in shown["output"] and "\x1b" not in shown["output"] + shown["error"], \
+        shown

@@ -74,40 +74,14 @@ def store(connection, task_id, attempt, device_id, stream, start, end, data, now
     return True
 
 
-class Held:
-    """rc-server's task_output frames on their way to store(): each stream
-    of an attempt is written at most every WRITE_GAP seconds, and what
-    comes sooner waits in memory, merged, to be written then (what is kept
-    is the same as if each had been written). A worker sends one a second;
-    a device sending thousands had rc-server write a row of up to
-    TAIL_CHARS characters for each (a turn's worth at a time): ~6 MB a
-    second of database, for as long as it liked."""
-
-    def __init__(self):
-        self.frames = {}     # (task id, attempt, stream) -> [sender, start, end, text]
-        self.written = {}    # (task id, attempt, stream) -> when last written (monotonic)
-
-    def add(self, key, sender, start, end, text, now):
-        """A frame from `sender` (rc-server's connection); the writes it
-        makes due now: (key, [sender, start, end, text]) each."""
-        held = self.frames.get(key)
-        if held is not None and held[0] is sender and start == held[2]:
-            held[2], held[3] = end, (held[3] + text)[-TAIL_CHARS:]
-        else:
-            self.frames[key] = [sender, start, end, text]
-        return self.due(now, [key])
-
-    def due(self, now, keys=None):
-        """The writes due now (of all that are held, or of `keys`)."""
-        writes = []
-        for key in list(self.frames) if keys is None else keys:
-            if now - self.written.get(key, now - WRITE_GAP) >= WRITE_GAP:
-                self.written[key] = now
-                writes.append((key, self.frames.pop(key)))
-        if keys is None:     # a stream written WRITE_GAP ago and quiet since is free again
-            self.written = {key: when for key, when in self.written.items()
-                            if now - when < WRITE_GAP}
-        return writes
+def merged(held, new):
+    """Two task_output frames of one stream as one (throttle.Spaced's merge:
+    rc-server writes a stream at most every WRITE_GAP): (sender, start, end,
+    text), the second added to the first when it follows on from it and
+    comes from the same connection, else in its place, as store() keeps them."""
+    if new[0] is held[0] and new[1] == held[2]:
+        return held[0], held[1], new[2], (held[3] + new[3])[-TAIL_CHARS:]
+    return new
 
 
 def output(connection, task_id):
