@@ -275,6 +275,31 @@ def test_watch_and_output_requests_out_of_range_are_answered_never_500(cluster):
     assert status == 200 and answer["live"] is False, answer
 
 
+def test_what_was_kept_of_a_watched_task_goes_once_it_has_ended(cluster, drop_dir):
+    """A watched task's row kept up to 64 Ki characters of each stream
+    after the task ended, never read again (GET .../output reads the
+    result then) until the task was pruned, 30 days later: a script
+    watching each task of a large map (Cluster.output) kept ~128 KiB a
+    task for a month. Now rc-reaper's upkeep deletes the rows of ended
+    tasks. Before: the row was still there after housekeeping.sweep."""
+    from rc import housekeeping
+    from rc.log import Logger
+    gate = drop_dir / "tail-gate"
+    task_id = submit_to(cluster, GOOD, "head -c 100000 /dev/zero | tr '\\0' y; echo; while"
+                        " [ ! -e %s ]; do sleep 0.05; done; echo done" % gate)
+    running(cluster, task_id)
+    assert api(cluster, "POST", "/api/v1/tasks/%d/watch" % task_id)[0] == 200
+    wait_for(lambda: api(cluster, "GET", "/api/v1/tasks/%d/output" % task_id)[1]["stdout_end"]
+             == 100001, 30, "the output so far")
+    gate.write_text("")
+    assert_completes(cluster, task_id, "y\ndone")
+    housekeeping.sweep(cluster.db, cluster.config, Logger("test", "error"), time.time())
+    assert cluster.db.execute("SELECT count(*) FROM task_tails WHERE task_id = ?",
+                              (task_id,)).fetchone()[0] == 0, "kept after the end"
+    record = api(cluster, "GET", "/api/v1/tasks/%d/output" % task_id)[1]
+    assert record["live"] is False and record["stdout"] == "y" * 100000 + "\ndone\n"
+
+
 # -- a shell command over 64 KiB, run from command.sh -------------------------------------
 
 def test_a_long_command_runs_as_sent_beside_an_input_named_command_sh(cluster, tmp_path):

@@ -10,7 +10,7 @@ each stream added (at most TAIL_BYTES of them, the latest); rc-server keeps
 the last TAIL_CHARS characters of each stream here. Nothing is sent for a
 task nobody watches. docs/protocol.md, "Output so far"."""
 from rc import db
-from rc.states import ACTIVE_STATES, TAIL_BYTES
+from rc.states import ACTIVE_STATES, TAIL_BYTES, TERMINAL_STATES
 
 WATCH_SECONDS = 60.0        # a watch's length when none is asked
 WATCH_MAX_SECONDS = 600.0   # ... and the longest one
@@ -82,6 +82,18 @@ def merged(held, new):
     if new[0] is held[0] and new[1] == held[2]:
         return held[0], held[1], new[2], (held[3] + new[3])[-TAIL_CHARS:]
     return new
+
+
+def forget_ended(connection):
+    """Delete the rows of tasks that have ended (rc-reaper's upkeep, once a
+    minute): output() reads their result now, and a row holds up to
+    TAIL_CHARS characters of each stream, which would stay until the task
+    is pruned (task_retention, 30 days). How many."""
+    with db.write(connection):
+        return connection.execute(
+            "DELETE FROM task_tails WHERE task_id IN (SELECT w.task_id FROM task_tails w"
+            " JOIN tasks t ON t.task_id = w.task_id WHERE t.state IN (%s))"
+            % db.sql_list(TERMINAL_STATES)).rowcount
 
 
 def output(connection, task_id):
