@@ -192,6 +192,48 @@ def test_rc_tail_of_output_that_is_not_utf8_loses_and_repeats_nothing(cluster, d
     assert follow.returncode == 0, err
 
 
+def next_within(device, kind, seconds):
+    """The data of the device's next frame of that kind within `seconds`
+    (pings answered on the way), or None."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        device.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            line = device.reader.readline()
+        except OSError:        # a timeout: the reader is spent, as is the test's use of it
+            return None
+        assert line, "rc-server closed %s's connection" % device.device_id
+        message = json.loads(line)
+        if message["message_type"] == "ping":
+            device.send("pong", {})
+        elif message["message_type"] == kind:
+            return message["data"]
+    return None
+
+
+def test_a_task_watched_before_it_starts_is_told_again_once_it_runs(cluster):
+    """A watch on a task assigned but not started yet (prefetched: the
+    worker holds up to prefetch_per_slot tasks a slot in its queue) was
+    told to the device once; the worker, which watches running tasks only,
+    ignored it, and nothing was told again when the task started: no
+    output until the watch was extended (rc tail -f: 15 s later; a single
+    look, never). Now the device is told again when the task starts.
+    Before: no second task_watch."""
+    device = Device(cluster, "prefetch36")
+    task_id = submit_to(cluster, "prefetch36", "sleep 600")
+    assign = device.next("task_assign")
+    assert assign["task_id"] == task_id
+    assert api(cluster, "POST", "/api/v1/tasks/%d/watch?seconds=300" % task_id)[0] == 200
+    assert device.next("task_watch")["task_id"] == task_id
+    device.send("task_accept", {"task_id": task_id, "attempt": assign["attempt"]})
+    running(cluster, task_id)
+    told = next_within(device, "task_watch", 15)
+    assert told is not None, "not told again"
+    assert (told["task_id"], told["attempt"]) == (task_id, assign["attempt"])
+    cluster.rc("cancel", str(task_id))
+    device.sock.close()
+
+
 def frame(device_id, data):
     return protocol.encode("task_output", data, sender_id=device_id)
 

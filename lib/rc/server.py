@@ -231,7 +231,7 @@ class Server:
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
-        self.task_watches_told = {}    # (task id, attempt) -> (peer, until) sent as task_watch
+        self.task_watches_told = {}    # (task id, attempt) -> (peer, until, state) sent as task_watch
         # task_output and task_progress frames that came sooner than a worker sends them
         self.held_tails = throttle.Spaced(tails.WRITE_GAP, tails.merged)
         self.held_progress = throttle.Spaced(PROGRESS_WRITE_GAP)
@@ -1250,16 +1250,18 @@ class Server:
 
     def tell_task_watches(self):
         """Tasks someone watches (POST /api/v1/tasks/ID/watch): the device
-        running each attempt is told once, and again when the watch grows or
-        the device connects again (lib/rc/tails.py). One indexed read a sweep."""
+        running each attempt is told once, and again when the watch grows,
+        the device connects again or the task starts (a worker watches the
+        tasks it runs, not those waiting in its queue) (lib/rc/tails.py).
+        One indexed read a sweep."""
         now = time.time()
         told, self.task_watches_told = self.task_watches_told, {}
-        for task_id, attempt, device_id, until in tails.watched(self.database, now):
+        for task_id, attempt, device_id, until, state in tails.watched(self.database, now):
             peer = self.peers_by_device.get(device_id)
             if peer is None:
                 continue
-            self.task_watches_told[(task_id, attempt)] = (peer, until)
-            if told.get((task_id, attempt)) != (peer, until):
+            self.task_watches_told[(task_id, attempt)] = (peer, until, state)
+            if told.get((task_id, attempt)) != (peer, until, state):
                 self.send(peer, TASK_WATCH, {"task_id": task_id, "attempt": attempt,
                                              "seconds": round(until - now, 3)})
 

@@ -39,10 +39,10 @@ def watch(connection, task_id, seconds, now):
 
 
 def watched(connection, now):
-    """(task id, attempt, device id, watched until) of every active task
-    watched now."""
+    """(task id, attempt, device id, watched until, state) of every active
+    task watched now."""
     return connection.execute(
-        "SELECT w.task_id, t.attempt, t.device_id, w.watched_until"
+        "SELECT w.task_id, t.attempt, t.device_id, w.watched_until, t.state"
         " FROM task_tails w JOIN tasks t ON t.task_id = w.task_id"
         " WHERE w.watched_until > ? AND t.state IN (%s) AND t.device_id IS NOT NULL"
         % db.sql_list(ACTIVE_STATES), (now,)).fetchall()
