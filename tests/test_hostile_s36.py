@@ -342,6 +342,20 @@ def test_what_was_kept_of_a_watched_task_goes_once_it_has_ended(cluster, drop_di
     assert record["live"] is False and record["stdout"] == "y" * 100000 + "\ndone\n"
 
 
+def test_the_python_clients_get_result_takes_a_wait_of_a_few_microseconds(cluster):
+    """Cluster.get_result(task, wait=S) wrote S with %g: what a program has
+    left of its deadline (3.2e-05 s) went as ?wait=3.2e-05, which rc-web
+    refuses (a 400, ClusterError), while results(wait=3.2e-05) took it.
+    Before: ClusterError 'wait must be a number of seconds'."""
+    from rc.client import Cluster as Client
+    client = Client("http://127.0.0.1:%d" % cluster.config.web_port, cluster.admin)
+    task_id = submit_to(cluster, GOOD, "echo waited")
+    assert_completes(cluster, task_id, "waited")
+    for wait in (3.2e-05, 0, 12.5, 59.9999999):
+        assert client.get_result(task_id, wait=wait)["state"] == "completed", wait
+        assert client.results([task_id], wait=wait)["results"][0]["task_id"] == task_id
+
+
 # -- a shell command over 64 KiB, run from command.sh -------------------------------------
 
 def test_a_long_command_runs_as_sent_beside_an_input_named_command_sh(cluster, tmp_path):
