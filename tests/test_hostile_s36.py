@@ -3,7 +3,6 @@ tail, GET .../output), long shell commands, and what comes from outside,
 against a real TLS cluster: a device gone bad, a task, a user of the API.
 Each test failed before the fix its docstring names, or says what held."""
 import json
-import os
 import subprocess
 import time
 import urllib.error

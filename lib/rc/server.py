@@ -54,7 +54,7 @@ READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on ever
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
 SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
-PROGRESS_WRITE_GAP = 0.25             # seconds between two writes of a task's progress (a worker: 0.5)
+PROGRESS_WRITE_GAP = 0.25             # seconds between two writes of a task's progress
 # Seconds a peer that ended its sending (a half-close) has to take the
 # answers owed it before it is closed anyway.
 HALF_CLOSED_GRACE = 30.0
@@ -231,7 +231,7 @@ class Server:
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
-        self.task_watches_told = {}    # (task id, attempt) -> (peer, until, state) sent as task_watch
+        self.task_watches_told = {}    # (task id, attempt) -> (peer, until, state) told
         # task_output and task_progress frames that came sooner than a worker sends them
         self.held_tails = throttle.Spaced(tails.WRITE_GAP, tails.merged)
         self.held_progress = throttle.Spaced(PROGRESS_WRITE_GAP)

@@ -16,7 +16,7 @@ WATCH_SECONDS = 60.0        # a watch's length when none is asked
 WATCH_MAX_SECONDS = 600.0   # ... and the longest one
 WATCH_REFRESH = 15.0        # a watch asked again with more than its length less this left: unwritten
 TAIL_CHARS = TAIL_BYTES     # characters kept of each stream (the worker sends at most TAIL_BYTES bytes)
-WRITE_GAP = 0.5             # seconds between two writes of one stream (a worker sends one a second)
+WRITE_GAP = 0.5             # seconds between two writes of a stream (a worker: one a second)
 STREAMS = ("stdout", "stderr")
 
 
