@@ -2277,7 +2277,7 @@ class ProcessTask(Task):
         self.buffers = {}       # fd -> what was read, up to the cap
         self.seen = {}          # fd -> bytes of it so far (kept, spilled or not)
         self.recent = {}        # fd -> its last TAIL_BYTES, once past the cap
-        self.tail_sent = {}     # fd -> the byte the last task_output of it ended at
+        self.tail_sent = {}     # fd -> (byte, text byte) the last task_output of it ended at
         self.stream_fds = (self.proc.stdout.fileno(), self.proc.stderr.fileno())
         for pipe in (self.proc.stdout, self.proc.stderr):
             fd = pipe.fileno()
@@ -2331,33 +2331,36 @@ class ProcessTask(Task):
                 or time.monotonic() >= self.watched_until:
             return None
         seen = getattr(self, "seen", {})
-        if all(seen[fd] <= self.tail_sent.get(fd, 0) for fd in seen):
+        if all(seen[fd] <= self.tail_sent.get(fd, (0,))[0] for fd in seen):
             return max(self.tail_at, time.monotonic() + TAIL_INTERVAL)   # look again then
         return self.tail_at
 
     def send_tail(self, worker, now):
         """A task_output for each stream that grew since the last one: the
         bytes since, at most the latest TAIL_BYTES, as text (a character cut
-        at the end waits for the next)."""
+        at the end waits for the next). Its offsets count the text's UTF-8
+        bytes, as the result's output will (an undecodable byte is U+FFFD's
+        three): rc tail takes the new part of the text by them."""
         due = self.tail_due()
         if due is None or now < due:
             return
         self.tail_at = now + TAIL_INTERVAL
         for index, fd in enumerate(getattr(self, "stream_fds", ())):
-            start, end = self.tail_sent.get(fd, 0), self.seen.get(fd, 0)
-            if end <= start:
+            sent, end = self.tail_sent.get(fd, (0, 0)), self.seen.get(fd, 0)
+            if end <= sent[0]:
                 continue
             source = self.recent.get(fd, self.buffers[fd])     # holds bytes up to `end`
-            start = max(start, end - len(source), end - TAIL_BYTES)
+            start = max(sent[0], end - len(source), end - TAIL_BYTES)
             data = bytes(source[len(source) - (end - start):])
             whole = utf8_whole(data)
             if not whole:
                 continue
+            text = data[:whole].decode("utf-8", "replace")
+            at = sent[1] + start - sent[0]        # bytes skipped count as they came
+            self.tail_sent[fd] = (start + whole, at + len(text.encode("utf-8")))
             worker.tell(TASK_OUTPUT, {"task_id": self.key[0], "attempt": self.key[1],
-                                      "stream": ("stdout", "stderr")[index], "start": start,
-                                      "end": start + whole,
-                                      "data": data[:whole].decode("utf-8", "replace")})
-            self.tail_sent[fd] = start + whole
+                                      "stream": ("stdout", "stderr")[index], "start": at,
+                                      "end": self.tail_sent[fd][1], "data": text})
 
     def without_progress(self, worker, chunk):
         """Stdout less its PROGRESS lines, which become task_progress frames."""

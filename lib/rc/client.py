@@ -1361,8 +1361,8 @@ class Cluster:
         "result", "error"}); with `wait`, waits up to that many seconds
         (at most 60) for it to finish. A task still running gives its state."""
         path = "/api/v1/tasks/%d/result" % int(task_id)
-        if wait is not None:
-            path += "?wait=%g" % wait
+        if wait is not None:     # as rc-web reads it: no exponent (%g wrote 3.2e-05)
+            path += "?wait=%.6f" % wait
         return self.http.json("GET", path, ok=(200, 409), timeout=REQUEST_TIMEOUT + (wait or 0),
                               patience=waiting_patience(wait))
 

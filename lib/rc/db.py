@@ -514,7 +514,7 @@ MIGRATIONS = [
     # 21: a running task's output so far, for those someone watches (`rc tail`,
     # lib/rc/tails.py): until when it is watched, and the last characters of
     # each stream its device sent, with the byte each ends at. A row per
-    # watched task, deleted with the task.
+    # watched task, deleted once the task has ended (rc-reaper's upkeep).
     """
     CREATE TABLE IF NOT EXISTS task_tails (
         task_id        INTEGER PRIMARY KEY,

@@ -1,7 +1,8 @@
 """Housekeeping the reaper does once a minute: finished tasks past
 `task_retention` are deleted with their events, then the groups and maps
 left without a task and the request keys of submits past an hour
-(lib/rc/tasks.py), leftover temporary files are
+(lib/rc/tasks.py), what was kept of ended tasks' output so far
+(lib/rc/tails.py), leftover temporary files are
 removed, stored files past `files_retention_days` are deleted
 (lib/rc/files.py), rc-cli.log is rotated, and the write-ahead log is truncated when it
 has grown past `wal_checkpoint_bytes` (the dashboard's readers keep SQLite
@@ -11,7 +12,7 @@ import glob
 import os
 import time
 
-from rc import alerts, db, files, stats, tasks
+from rc import alerts, db, files, stats, tails, tasks
 from rc.log import shift_backups
 from rc.states import TERMINAL_STATES
 
@@ -27,6 +28,7 @@ def sweep(connection, config, log, now):
     done = {"tasks_pruned": prune_tasks(connection, config.task_retention, now),
             "groups_pruned": prune_groups(connection, config.task_retention, now),
             "request_keys_forgotten": tasks.forget_request_keys(connection, now),
+            "task_tails_forgotten": tails.forget_ended(connection),
             "temp_files_removed": clean_temp(config.home, config.temp_file_age, now),
             "cli_log_rotated": rotate_cli_log(config.log_dir),
             "files_removed": files.sweep(connection, config, now)}

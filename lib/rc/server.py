@@ -54,6 +54,7 @@ READ_SIZE = 64 * 1024     # more would be mmap-ed and unmapped by malloc on ever
 BACKPRESSURE_BYTES = 1024 * 1024      # stop reading from a peer this far behind on ours
 MAX_OUTBOX_BYTES = 16 * 1024 * 1024   # a reader this far behind is dropped
 SWEEP_INTERVAL = 1.0                  # seconds between looks for stalled connections
+PROGRESS_WRITE_GAP = 0.25             # seconds between two writes of a task's progress
 # Seconds a peer that ended its sending (a half-close) has to take the
 # answers owed it before it is closed anyway.
 HALF_CLOSED_GRACE = 30.0
@@ -230,7 +231,10 @@ class Server:
         self.stopping = False
         self.log_allowance = device_logs.Allowance(config.device_log_rate)
         self.watches_told = {}         # device id -> (peer, watched until) sent as watch
-        self.task_watches_told = {}    # (task id, attempt) -> (peer, until) sent as task_watch
+        self.task_watches_told = {}    # (task id, attempt) -> (peer, until, state) told
+        # task_output and task_progress frames that came sooner than a worker sends them
+        self.held_tails = throttle.Spaced(tails.WRITE_GAP, tails.merged)
+        self.held_progress = throttle.Spaced(PROGRESS_WRITE_GAP)
         self.outputs = OutputStore(config)
         self.stored_bytes = 0          # OutputStore's bytes whose rows this turn commits
         self.released = False          # a taken-back task's next attempt may go: ring rc-scheduler
@@ -841,6 +845,8 @@ class Server:
         self.check_liveness(now)
         self.tell_watches()
         self.tell_task_watches()
+        self.write_tails(self.held_tails.due(now))
+        self.write_progress(self.held_progress.due(now))
 
     def close_stalled_readers(self, now):
         deadline = now - STALLED_READER_SECONDS
@@ -1117,7 +1123,12 @@ class Server:
         if not 0 <= progress <= 100:
             raise ProtocolError("progress must be from 0 to 100")
         message = field(data, "message", str, required=False, default="")[:200]
-        self.batch.append((Server.apply_progress, peer, (task_key(data), progress, message)))
+        self.write_progress(self.held_progress.add((peer, task_key(data)), (progress, message),
+                                                   time.monotonic()))
+
+    def write_progress(self, writes):
+        for (peer, key), (progress, message) in writes:
+            self.batch.append((Server.apply_progress, peer, (key, progress, message)))
 
     def on_result(self, peer, data):
         key = task_key(data)
@@ -1239,16 +1250,18 @@ class Server:
 
     def tell_task_watches(self):
         """Tasks someone watches (POST /api/v1/tasks/ID/watch): the device
-        running each attempt is told once, and again when the watch grows or
-        the device connects again (lib/rc/tails.py). One indexed read a sweep."""
+        running each attempt is told once, and again when the watch grows,
+        the device connects again or the task starts (a worker watches the
+        tasks it runs, not those waiting in its queue) (lib/rc/tails.py).
+        One indexed read a sweep."""
         now = time.time()
         told, self.task_watches_told = self.task_watches_told, {}
-        for task_id, attempt, device_id, until in tails.watched(self.database, now):
+        for task_id, attempt, device_id, until, state in tails.watched(self.database, now):
             peer = self.peers_by_device.get(device_id)
             if peer is None:
                 continue
-            self.task_watches_told[(task_id, attempt)] = (peer, until)
-            if told.get((task_id, attempt)) != (peer, until):
+            self.task_watches_told[(task_id, attempt)] = (peer, until, state)
+            if told.get((task_id, attempt)) != (peer, until, state):
                 self.send(peer, TASK_WATCH, {"task_id": task_id, "attempt": attempt,
                                              "seconds": round(until - now, 3)})
 
@@ -1265,10 +1278,18 @@ class Server:
         if end < start or len(text) > TAIL_BYTES:
             raise ProtocolError("task_output must have start <= end and at most %d characters"
                                 % TAIL_BYTES)
-        self.batch.append((Server.apply_task_output, peer, (key, stream, start, end, text)))
+        told = self.task_watches_told.get(key)
+        if told is None or told[0] is not peer:
+            return       # a task nobody watches, or not this device's: nothing to keep
+        self.write_tails(self.held_tails.add(key + (stream,), (peer, start, end, text),
+                                             time.monotonic()))
+
+    def write_tails(self, writes):
+        for key, (peer, start, end, text) in writes:
+            self.batch.append((Server.apply_task_output, peer, (key, start, end, text)))
 
     def apply_task_output(self, peer, data, now):
-        (task_id, attempt), stream, start, end, text = data
+        (task_id, attempt, stream), start, end, text = data
         tails.store(self.database, task_id, attempt, peer.device_id, stream, start, end, text,
                     now)
 

@@ -10,12 +10,13 @@ each stream added (at most TAIL_BYTES of them, the latest); rc-server keeps
 the last TAIL_CHARS characters of each stream here. Nothing is sent for a
 task nobody watches. docs/protocol.md, "Output so far"."""
 from rc import db
-from rc.states import ACTIVE_STATES, TAIL_BYTES
+from rc.states import ACTIVE_STATES, TAIL_BYTES, TERMINAL_STATES
 
 WATCH_SECONDS = 60.0        # a watch's length when none is asked
 WATCH_MAX_SECONDS = 600.0   # ... and the longest one
 WATCH_REFRESH = 15.0        # a watch asked again with more than its length less this left: unwritten
 TAIL_CHARS = TAIL_BYTES     # characters kept of each stream (the worker sends at most TAIL_BYTES bytes)
+WRITE_GAP = 0.5             # seconds between two writes of a stream (a worker: one a second)
 STREAMS = ("stdout", "stderr")
 
 
@@ -38,10 +39,10 @@ def watch(connection, task_id, seconds, now):
 
 
 def watched(connection, now):
-    """(task id, attempt, device id, watched until) of every active task
-    watched now."""
+    """(task id, attempt, device id, watched until, state) of every active
+    task watched now."""
     return connection.execute(
-        "SELECT w.task_id, t.attempt, t.device_id, w.watched_until"
+        "SELECT w.task_id, t.attempt, t.device_id, w.watched_until, t.state"
         " FROM task_tails w JOIN tasks t ON t.task_id = w.task_id"
         " WHERE w.watched_until > ? AND t.state IN (%s) AND t.device_id IS NOT NULL"
         % db.sql_list(ACTIVE_STATES), (now,)).fetchall()
@@ -71,6 +72,28 @@ def store(connection, task_id, attempt, device_id, stream, start, end, data, now
                        " WHERE task_id = ?" % (stream, stream, other),
                        (attempt, text, end, now, task_id))
     return True
+
+
+def merged(held, new):
+    """Two task_output frames of one stream as one (throttle.Spaced's merge:
+    rc-server writes a stream at most every WRITE_GAP): (sender, start, end,
+    text), the second added to the first when it follows on from it and
+    comes from the same connection, else in its place, as store() keeps them."""
+    if new[0] is held[0] and new[1] == held[2]:
+        return held[0], held[1], new[2], (held[3] + new[3])[-TAIL_CHARS:]
+    return new
+
+
+def forget_ended(connection):
+    """Delete the rows of tasks that have ended (rc-reaper's upkeep, once a
+    minute): output() reads their result now, and a row holds up to
+    TAIL_CHARS characters of each stream, which would stay until the task
+    is pruned (task_retention, 30 days). How many."""
+    with db.write(connection):
+        return connection.execute(
+            "DELETE FROM task_tails WHERE task_id IN (SELECT w.task_id FROM task_tails w"
+            " JOIN tasks t ON t.task_id = w.task_id WHERE t.state IN (%s))"
+            % db.sql_list(TERMINAL_STATES)).rowcount
 
 
 def output(connection, task_id):

@@ -92,6 +92,38 @@ class LimitedLog:
         return held is not None
 
 
+class Spaced:
+    """A write per key at most every `gap` seconds, for frames a device may
+    send faster than its worker does (task_output, task_progress): what
+    comes sooner waits here, merged into what waited (`merge(held, new)`,
+    by default the newer), and due() gives it back once its gap has passed.
+    The database pays for one write a gap whatever is sent, and the last
+    word is written."""
+
+    def __init__(self, gap, merge=lambda held, new: new):
+        self.gap, self.merge = gap, merge
+        self.held = {}       # key -> what waits
+        self.written = {}    # key -> when it was last written (monotonic)
+
+    def add(self, key, value, now):
+        """A frame's value; the writes it makes due now: [(key, value)] or []."""
+        self.held[key] = self.merge(self.held[key], value) if key in self.held else value
+        return self.due(now, [key])
+
+    def due(self, now, keys=None):
+        """The writes due now, of every key or of `keys`; a key written a gap
+        ago and quiet since is forgotten (the table holds one gap's keys)."""
+        writes = []
+        for key in list(self.held) if keys is None else keys:
+            if now - self.written.get(key, now - self.gap) >= self.gap:
+                self.written[key] = now
+                writes.append((key, self.held.pop(key)))
+        if keys is None:
+            self.written = {key: when for key, when in self.written.items()
+                            if now - when < self.gap}
+        return writes
+
+
 class WrongProofs:
     """Wrong proofs per key (an address, or an address and a device id) in
     the last `window` seconds; a key with `limit` of them is shut out until
