@@ -56,6 +56,8 @@ AUDIT_REFUSALS_PER_MINUTE = 10  # audit lines for refused connections, per addre
                                 # reason (the rest are counted, not written)
 AUDIT_LOG_MAX_BYTES = 10485760  # bytes; audit.log is rotated past this (5 backups kept)
 MAX_MESSAGE_RATE = 10000        # messages a second one connection may send (burst: twice)
+MAX_RECEIVE_MB = 64             # MiB a second rc-server reads from one connection (burst:
+                                # twice); what comes faster waits in the socket; 0: no limit
 FRAME_DEADLINE = 30.0           # seconds a frame may take to arrive once started
 PING_INTERVAL = 15.0            # seconds a connection may stay quiet (nothing received)
                                 # before rc-server pings it

@@ -143,6 +143,9 @@ class Peer:
         self.partial_since = None      # when the unfinished frame in inbox began
         self.allowance = None          # messages it may still send now (a token bucket)
         self.allowance_at = self.opened_at
+        self.byte_allowance = None     # bytes we may still read from it now (another)
+        self.byte_allowance_at = self.opened_at
+        self.paused_until = None       # over max_receive_mb: nothing read from it until then
         self.pushed = set()            # (task_id, attempt) sent as task_assign
         self.cancels_sent = set()
         self.closed = False
@@ -204,6 +207,7 @@ class Server:
         self.partial = set()           # peers in the middle of a frame
         self.ending = set()            # peers that ended their sending, owed answers still
         self.owing = set()             # peers with answers their socket did not take yet
+        self.paused = set()            # peers read no more until their paused_until
         self.next_sweep = 0.0
         # (address, None) for the join token, (address, device id) for a
         # device's own secret -> monotonic times of recent wrong proofs
@@ -346,6 +350,8 @@ class Server:
                 self.serve(key.data, events)
             except Exception as e:         # that peer's fault, or ours: it alone pays
                 self.contain(key.data, "serve", e)
+        if self.paused:
+            self.resume_paused()
         self.apply_batch()
         self.push_changes()
         self.send_queued()
@@ -359,6 +365,8 @@ class Server:
         due = self.looked_at + self.config.poll_interval
         if self.acks_due:
             due = min(due, next(iter(self.acks_due.values())))
+        if self.paused:
+            due = min(due, min(peer.paused_until for peer in self.paused))
         return max(0.0, due - time.monotonic())
 
     def serve(self, peer, events):
@@ -534,6 +542,7 @@ class Server:
     def read(self, peer):
         ended = False                  # whether an end of line came this time
         limit = self.frame_limit(peer)
+        before = len(peer.inbox)
         while True:
             try:
                 chunk = peer.sock.recv(READ_SIZE)
@@ -557,6 +566,8 @@ class Server:
             if not (self.tls and peer.sock.pending()) and (
                     chunk.endswith(b"\n") or len(peer.inbox) > limit):
                 break
+        if self.config.max_receive_mb:
+            self.charge_bytes(peer, len(peer.inbox) - before)
         if not peer.inbox:
             return
         if not ended and peer.raw_wanted is None and len(peer.inbox) <= limit:
@@ -625,6 +636,41 @@ class Server:
         elif peer.partial_since is None:
             peer.partial_since = time.monotonic()
             self.partial.add(peer)
+
+    def charge_bytes(self, peer, count):
+        """Another token bucket, of bytes: max_receive_mb a second, bursts
+        of twice that. Past it nothing more is read from the peer until the
+        bucket holds a byte again; what it sends meanwhile waits in its
+        socket, and TCP slows it. A device sending as fast as it can (frames
+        of any type, each answered or dropped) held rc-server's loop from
+        every other device, a core of the main node busy."""
+        now = time.monotonic()
+        rate = self.config.max_receive_mb * 1048576.0
+        if peer.byte_allowance is None:
+            peer.byte_allowance = 2.0 * rate
+        peer.byte_allowance = min(2.0 * rate, peer.byte_allowance
+                                  + (now - peer.byte_allowance_at) * rate) - count
+        peer.byte_allowance_at = now
+        if peer.byte_allowance < 0:
+            peer.paused_until = now - peer.byte_allowance / rate
+            self.paused.add(peer)
+            self.watch(peer)
+
+    def resume_paused(self):
+        """Read again from the peers whose pause is over; what TLS holds
+        decrypted already, the selector does not see, so it is read now."""
+        now = time.monotonic()
+        for peer in [p for p in self.paused if p.paused_until <= now]:
+            self.paused.discard(peer)
+            peer.paused_until = None
+            if peer.closed:
+                continue
+            self.watch(peer)
+            if self.tls and peer.sock.pending():
+                try:
+                    self.read(peer)
+                except Exception as e:
+                    self.contain(peer, "serve", e)
 
     def within_rate(self, peer, count):
         """A token bucket: max_message_rate a second, bursts of twice that."""
@@ -757,7 +803,8 @@ class Server:
         its messages would only make more replies; nor does one with as
         many results waiting for their files to be stored as storing_limit()."""
         reading = selectors.EVENT_READ if len(peer.outbox) < BACKPRESSURE_BYTES \
-            and len(peer.storing) < self.storing_limit() and not peer.input_ended else 0
+            and len(peer.storing) < self.storing_limit() and not peer.input_ended \
+            and peer.paused_until is None else 0
         wanted = reading | (selectors.EVENT_WRITE if peer.outbox else 0)
         if peer.outbox:
             self.owing.add(peer)
@@ -809,6 +856,7 @@ class Server:
         self.acks_due.pop(peer, None)
         self.ending.discard(peer)
         self.owing.discard(peer)
+        self.paused.discard(peer)
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError, OSError):

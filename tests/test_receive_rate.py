@@ -1,0 +1,75 @@
+"""max_receive_mb: rc-server reads at most so many MiB a second from one
+connection, so that a device sending as fast as it can does not hold the
+loop every other device waits on. What comes faster waits in its socket;
+the connection stays, and everything it sent is served, later."""
+import threading
+import time
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from hostile_harness import unharmed
+from rc import protocol, state_dir
+from test_inline_files import Device
+
+pytestmark = pytest.mark.e2e
+
+GOOD = "good-rate"
+RATE_MB = 1
+FRAME_CHARS = 64 * 1024
+FRAMES = 80             # 5 MiB: the 2 MiB burst, then 3 s at 1 MiB a second
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("rate"), base={"max_receive_mb": RATE_MB})
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker(GOOD, "--slots", "2")
+        wait_for(lambda: GOOD in online(cluster), 30, "the worker " + GOOD)
+        cluster.token = state_dir.read_secret(cluster.config.token_path)
+        cluster.secrets = {}
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_device_sending_fast_is_read_at_its_rate_and_kept(cluster):
+    """Before: rc-server read whatever a device sent as fast as it came (a
+    flood of 64 KiB frames of any type kept a core busy: ~250 MB/s), and
+    these 5 MiB were all served within a second. Now the marker frame sent
+    behind them is answered only once the bucket let them through (2 MiB of
+    burst, then 1 MiB a second), on the same connection, while the good
+    worker's tasks complete meanwhile."""
+    device = Device(cluster, "fast-rate")
+    # Output of a task nobody watches: dropped unread, the cheapest frame
+    # for rc-server, so what limits the pace here is the rate alone.
+    frame = protocol.encode("task_output", {
+        "task_id": 999999, "attempt": 1, "stream": "stdout", "start": 0,
+        "end": FRAME_CHARS, "data": "x" * FRAME_CHARS}, sender_id="fast-rate")
+    marker = protocol.encode("no_such_message", {}, sender_id="fast-rate")
+    errors = []
+
+    def flood():
+        try:
+            device.sock.sendall(frame * FRAMES + marker)
+        except OSError as e:
+            errors.append(e)
+    with unharmed(cluster, GOOD):
+        started = time.monotonic()
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        answer = device.next("error")
+        elapsed = time.monotonic() - started
+        sender.join(30)
+    assert not errors, errors
+    assert answer["code"] == "unknown_message", answer
+    sent_mb = len(frame) * FRAMES / 1048576.0
+    assert elapsed >= (sent_mb - 2 * RATE_MB) / RATE_MB * 0.8, \
+        "%.1f MiB read in %.2f s at %d MiB/s" % (sent_mb, elapsed, RATE_MB)
+    # Not refused: the same connection is served as before.
+    device.send("no_such_message_either", {})
+    assert device.next("error")["code"] == "unknown_message"
+    assert "fast-rate" in online(cluster)
+    device.sock.close()
