@@ -200,3 +200,31 @@ def test_the_python_client_reads_a_running_tasks_output(cluster, gate):
         assert future.result(60) == "from python\n"
         ended = connection.output(future.task_id)
         assert ended["live"] is False and ended["stdout"] == "from python\n"
+
+
+def test_the_client_after_a_lapsed_watch_waits_for_news(cluster, gate):
+    """Cluster.output() once the last watch had lapsed returned the report
+    kept from then at once (up to a minute old, more as the watch lapsed
+    longer ago), though the task had written on since: it waited only for
+    a first report. Now it waits for one sent after the new watch (the
+    main node's time, POST .../watch's "now"), as rc tail does."""
+    from rc import client
+    later = gate + "-later"
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        future = connection.submit("shell", "echo first; while [ ! -e %s ]; do sleep 0.1; done;"
+                                            " echo second; while [ ! -e %s ]; do sleep 0.1;"
+                                            " done" % (gate, later))
+        task_id = future.wait_submitted()
+        wait_for(lambda: state(cluster, task_id) == "running", 30, "the task running")
+        http(cluster, "POST", "/api/v1/tasks/%d/watch?seconds=1" % task_id)
+        wait_for(lambda: http(cluster, "GET", "/api/v1/tasks/%d/output" % task_id)["stdout"]
+                 == "first\n", 30, "the first report")
+        time.sleep(1.5)                 # the watch lapses, on the device too
+        open(gate, "w").close()         # "second" is written while nobody watches
+        wait_for(lambda: os.path.exists(gate), 5, "the gate")
+        time.sleep(0.5)
+        record = connection.output(future, wait=30)
+        assert record["live"] and record["stdout"] == "first\nsecond\n", record
+        open(later, "w").close()
+        assert future.result(60) == "first\nsecond\n"
+    os.unlink(later)

@@ -1347,11 +1347,19 @@ class Cluster:
         ended, its result's output and stderr."""
         task_id = task.wait_submitted() if isinstance(task, TaskFuture) else int(task)
         path = "/api/v1/tasks/%d" % task_id
-        self.http.json("POST", path + "/watch", ok=(200,))
+        record = self.http.json("GET", path + "/output", ok=(200,))
+        if not record.get("live"):
+            return record
+        watch = self.http.json("POST", path + "/watch", ok=(200,))
+        # A watch that had lapsed: what was kept may be minutes old, so wait
+        # for a report after now (the main node's time; an older one says none).
+        now = watch.get("now") or 0
+        fresh_after = now if (record.get("watched_until") or 0) < now else 0
         deadline = time.monotonic() + wait
         while True:
             record = self.http.json("GET", path + "/output", ok=(200,))
-            if not record.get("live") or record.get("updated_at") is not None \
+            if not record.get("live") or (record.get("updated_at") is not None and
+                                          record["updated_at"] > fresh_after) \
                     or time.monotonic() >= deadline:
                 return record
             time.sleep(OUTPUT_POLL)

@@ -517,10 +517,12 @@ class Web:
         at most 600): its device sends what each stream adds every second
         (lib/rc/tails.py). A task not running or assigned: watched_until null."""
         self.existing_task(task_id)
-        seconds = query_int("seconds", int(tails.WATCH_SECONDS))
+        seconds, now = query_int("seconds", int(tails.WATCH_SECONDS)), time.time()
         with db.write(self.connection()):
-            until = tails.watch(self.connection(), task_id, seconds, time.time())
-        return json_response({"task_id": task_id, "watched_until": until})
+            until = tails.watch(self.connection(), task_id, seconds, now)
+        # The main node's time: a report older than it, after a watch that had
+        # lapsed, is not news (its device sent nothing since).
+        return json_response({"task_id": task_id, "watched_until": until, "now": now})
 
     def task_output(self, task_id):
         """The task's output so far (docs/http.md): while it runs, what its
