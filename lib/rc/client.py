@@ -103,6 +103,11 @@ KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node w
 STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
+# The payload field a task type's argument fills (rc.states.PAYLOAD_FIELD):
+# submit("shell", "gzip -k a.txt", inputs=...) is {"command": ..., "inputs": ...}.
+PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
+                 "python_eval": "expression", "python_exec": "code",
+                 "shell": "command"}
 LOG = logging.getLogger("rc.client")    # its warnings reach stderr with no set-up
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
                 "retry_on_failure", "depends_on")
@@ -1579,6 +1584,10 @@ def task_spec(task_type, arg, options):
         payload = arg
     extra = {key: options[key] for key in PAYLOAD_OPTIONS if options.get(key) is not None}
     if extra:
+        if payload is None:             # submit("python_exec", file="job.py", inputs=...)
+            payload = {}
+        elif not isinstance(payload, dict) and PAYLOAD_FIELD.get(task_type):
+            payload = {PAYLOAD_FIELD[task_type]: payload}
         if not isinstance(payload, dict):
             raise TypeError("with %s, give the payload as a dict (payload={...})"
                             % ", ".join(sorted(extra)))
