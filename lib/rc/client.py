@@ -2088,6 +2088,7 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
+    space["_rc_pieces"] = pieces        # a traceback's lines (_rc_failure)
     try:
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
@@ -2137,6 +2138,7 @@ import io
 
 def _rc_failure(e):
     import traceback
+    _rc_lines_of_pieces()
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
     try:
         data = pickle.dumps(e, 4)
@@ -2144,6 +2146,23 @@ def _rc_failure(e):
     except BaseException:
         data = None
     return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
+
+
+def _rc_lines_of_pieces():
+    # The device has the function's source, not its file: put that source
+    # in linecache under the file's name, so the traceback shows each line
+    # of it as ProcessPoolExecutor's would.
+    import linecache
+    files = {}
+    for filename, line, source in globals().get("_rc_pieces", ()):
+        lines, texts = files.setdefault(filename, []), source.split("\\n")
+        if texts[-1] == "":
+            texts.pop()
+        for number, text in enumerate(texts, line - 1):
+            lines.extend(["\\n"] * (number + 1 - len(lines)))
+            lines[number] = text + "\\n"
+    for filename, lines in files.items():
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
 def _rc_load(data, home):
