@@ -231,6 +231,10 @@ def check_outputs(outputs):
         raise TaskError("a task names at most %d output globs" % MAX_OUTPUTS)
     for glob in outputs:
         problem = files.path_problem(glob)
+        if problem and glob.endswith("/") and not files.path_problem(glob.rstrip("/")):
+            raise TaskError("output glob %r names a directory; an output is a file: %r"
+                            " brings back every file under it" % (glob[:200], glob.rstrip("/")
+                                                                  + "/**"))
         if problem:
             raise TaskError("output glob %r %s" % (glob[:200], problem))
     return list(outputs)
