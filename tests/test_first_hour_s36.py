@@ -1,0 +1,125 @@
+"""A new user's first hour, session 36, commands copied from the README and
+docs/ (issues 18 and 19) on a fresh cluster: the join line of a main node
+bound to one address, the Python client's `submit(..., inputs=)`, an
+Executor's traceback on a device that has no copy of the function's file,
+and an `--output` that names a directory."""
+import linecache
+import sys
+import types
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from rc import client
+
+TIMEOUT = 60        # seconds any one task may take here
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("first-hour-s36"))
+    cluster.start()
+    try:
+        wait_for(lambda: online(cluster), 30, "the local worker online")
+        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+        with open(cluster.config.admin_token_path) as f:
+            cluster.token = f.read().strip()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_rc_join_names_the_address_the_main_node_listens_on(cluster):
+    """With `tcp_host` and `web_host` 127.0.0.1 (a cluster kept to the box,
+    as this one is), `rc join` printed the machine's LAN address, where
+    nothing listened: the line it says to copy could never connect. Now it
+    names the address the ports are bound to."""
+    out = cluster.rc("join").stdout
+    lines = out.splitlines()
+    assert lines[0] == "Dashboard: http://127.0.0.1:%d/" % cluster.config.web_port
+    assert " --join 127.0.0.1:%d " % cluster.config.tcp_port in lines[2]
+    assert lines[-1].startswith("curl -fsSO http://127.0.0.1:%d/worker.py && "
+                                % cluster.config.web_port)
+
+
+def test_cluster_submit_and_map_take_an_argument_with_inputs(cluster, tmp_path):
+    """docs/client.md: options are `payload` (instead of `arg`) and the
+    payload's `inputs`, `outputs`, ...; "a file of this machine goes with
+    `put` and `inputs=`". `submit("shell", "wc -l < data.txt", inputs=...)`
+    raised TypeError ("give the payload as a dict"), and so did `map`."""
+    data = tmp_path / "data.txt"
+    data.write_text("one\ntwo\nthree\n")
+    with client.Cluster(cluster.url, cluster.token) as rc:
+        stored = dict(rc.put(str(data)), path="data.txt")
+        counted = rc.submit("shell", "wc -l < data.txt", inputs=[stored])
+        assert counted.result(TIMEOUT).strip() == "3"
+        upper = rc.submit("shell", "tr a-z A-Z < data.txt > up.txt", inputs=[stored],
+                          outputs=["up.txt"], env={"LANG": "C"})
+        upper.result(TIMEOUT)
+        assert rc.get((upper.task_id, "up.txt")) == b"ONE\nTWO\nTHREE\n"
+        assert list(rc.map("shell", ["head -1 data.txt", "tail -1 data.txt"],
+                           inputs=[stored])) == ["one\n", "three\n"]
+        script = dict(rc.put(b"print(open('data.txt').read().count('o'))\n"), path="job.py")
+        job = rc.submit("python_exec", file="job.py", inputs=[script, stored])
+        assert job.result(TIMEOUT).strip() == "2"
+
+
+def failing_module():
+    """A module whose file exists only here, in linecache (as a module
+    typed into a notebook, or a file on a laptop): no device can read it."""
+    name, path = "u36_laptop_only", "/nonexistent-u36/u36_laptop_only.py"
+    source = ("import math\n\n\n"
+              "def halve(x):\n"
+              "    return math.floor(x) // 0\n\n\n"
+              "def job(x):\n"
+              "    return halve(x + 1)\n")
+    module = types.ModuleType(name)
+    module.__file__ = path
+    linecache.cache[path] = (len(source), None, source.splitlines(True), path)
+    exec(compile(source, path, "exec"), module.__dict__)
+    sys.modules[name] = module
+    return module
+
+
+def test_a_remote_traceback_shows_the_lines_of_a_file_the_device_lacks(cluster):
+    """The function goes to the device as source, compiled under its file's
+    name; its traceback showed only `File "...", line 5, in halve`, with no
+    line of code, wherever the device had no copy of the file (every
+    device but the laptop itself). ProcessPoolExecutor shows the lines.
+    Now the device shows them from the source it was sent, packed or not."""
+    module = failing_module()
+    try:
+        for pack in (1, 64):
+            with client.Executor(cluster.url, cluster.token, pack=pack) as executor:
+                with pytest.raises(ZeroDivisionError) as raised:
+                    executor.submit(module.job, 3).result(TIMEOUT)
+            text = raised.value.__cause__.text
+            assert 'u36_laptop_only.py", line 9, in job\n    return halve(x + 1)\n' in text
+            assert 'line 5, in halve\n    return math.floor(x) // 0\n' in text
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
+def test_an_output_that_names_a_directory_says_how_to_bring_its_files(cluster):
+    """`rc submit ... --output results` where results is a directory
+    completed with nothing brought back and nothing said; `--output
+    results/` was refused as having "empty or '.' parts". Now the first
+    says, on the task's stderr, that 'results/**' brings its files; the
+    second is refused saying the same; a glob that matched files too, or
+    one ending in **, says nothing."""
+    refused = cluster.rc("submit", "shell", "true", "--output", "results/", check=False)
+    assert refused.returncode == 2
+    assert "'results/' names a directory" in refused.stderr
+    assert "'results/**' brings back every file under it" in refused.stderr
+    make = "mkdir -p results/deep && echo 1 > results/deep/a.txt && echo 2 > b.txt"
+    done = cluster.rc("submit", "shell", make, "--output", "results", "--wait", check=False)
+    assert done.returncode == 0, done.stderr
+    assert ("rc-worker: output 'results' is a directory; outputs are files: 'results/**'"
+            " brings back the files under it") in done.stderr
+    task_id = cluster.rc("submit", "shell", make, "--output", "*", "--output",
+                         "results/**").stdout.strip()
+    quiet = cluster.rc("wait", task_id, check=False)
+    assert quiet.returncode == 0 and "rc-worker" not in quiet.stderr, quiet.stderr
+    names = cluster.rc("files", task_id, "--tsv", "--no-header").stdout
+    assert sorted(line.split("\t")[0] for line in names.splitlines()) == [
+        "b.txt", "results/deep/a.txt"]
