@@ -2,8 +2,11 @@
 docs/ (issues 18 and 19) on a fresh cluster: the join line of a main node
 bound to one address, the Python client's `submit(..., inputs=)`, an
 Executor's traceback on a device that has no copy of the function's file,
-and an `--output` that names a directory."""
+an `--output` that names a directory, and an upload sent as a form."""
+import hashlib
+import json
 import linecache
+import subprocess
 import sys
 import types
 
@@ -123,3 +126,27 @@ def test_an_output_that_names_a_directory_says_how_to_bring_its_files(cluster):
     names = cluster.rc("files", task_id, "--tsv", "--no-header").stdout
     assert sorted(line.split("\t")[0] for line in names.splitlines()) == [
         "b.txt", "results/deep/a.txt"]
+
+
+def test_an_upload_sent_as_a_form_is_refused_not_stored_as_the_form(cluster, tmp_path):
+    """`curl -F f=@photos/a.txt .../api/v1/files`, the way most web uploads
+    go, was stored with its multipart envelope as the file (201, 184 bytes
+    for a 4-byte file): the task then read boundaries and headers. Now it
+    is refused (415) saying to send the bytes, and nothing is stored."""
+    photo = tmp_path / "a.txt"
+    photo.write_text("one\n")
+    url = "%s/api/v1/files" % cluster.url
+    before = cluster.db.execute("SELECT count(*) FROM files").fetchone()[0]
+    form = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", "-H", "Authorization: Bearer " + cluster.token,
+         "-F", "f=@%s" % photo, url], stdout=subprocess.PIPE, universal_newlines=True,
+        timeout=TIMEOUT).stdout
+    body, status = form.rsplit("\n", 1)
+    assert status == "415", form
+    assert "--data-binary" in json.loads(body)["error"]
+    assert cluster.db.execute("SELECT count(*) FROM files").fetchone()[0] == before
+    raw = subprocess.run(
+        ["curl", "-sS", "-H", "Authorization: Bearer " + cluster.token,
+         "--data-binary", "@%s" % photo, url], stdout=subprocess.PIPE,
+        universal_newlines=True, timeout=TIMEOUT).stdout
+    assert json.loads(raw) == {"sha256": hashlib.sha256(b"one\n").hexdigest(), "size": 4}

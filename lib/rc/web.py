@@ -1318,6 +1318,10 @@ class FileRoutes:
         length = bottle.request.content_length
         if length < 0 or "HTTP_TRANSFER_ENCODING" in environ:
             raise ApiError(411, "send the file with a Content-Length")
+        if environ.get("CONTENT_TYPE", "").lower().startswith("multipart/"):
+            # curl -F wraps the file in a form, which would be stored as it came.
+            raise ApiError(415, "send the file's bytes as the body (curl --data-binary"
+                                " @FILE), not a multipart form (curl -F)")
         quota = config.files_quota_mb * files.MIB
         if length > quota:
             raise ApiError(413, "the file is %d bytes, over the store's quota of %d"
