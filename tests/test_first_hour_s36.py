@@ -150,3 +150,24 @@ def test_an_upload_sent_as_a_form_is_refused_not_stored_as_the_form(cluster, tmp
          "--data-binary", "@%s" % photo, url], stdout=subprocess.PIPE,
         universal_newlines=True, timeout=TIMEOUT).stdout
     assert json.loads(raw) == {"sha256": hashlib.sha256(b"one\n").hexdigest(), "size": 4}
+
+
+@pytest.mark.parametrize("header, status, length", [
+    ("bytes=0-9", 206, 10), ("bytes=-5", 206, 5), ("bytes=25-1000", 206, 5),
+    ("items=0-3", 200, 30), ("bytes=0-1,4-5", 200, 30), ("bytes=30-", 416, 33)])
+def test_range_reads_of_a_tasks_file(cluster, header, status, length):
+    """`GET /api/v1/tasks/ID/files/NAME` with Range, as curl sends it:
+    what held, and two that were 416: a unit other than bytes, which a
+    server must ignore (RFC 9110, 14.2), and several ranges, which it may:
+    now the whole file."""
+    if not hasattr(cluster, "thirty"):
+        task_id = cluster.rc("submit", "shell", "head -c 30 /dev/zero > z.bin", "--output",
+                             "z.bin").stdout.strip()
+        cluster.rc("wait", task_id)
+        cluster.thirty = task_id
+    answer = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+         "-H", "Authorization: Bearer " + cluster.token, "-H",
+         "Range: " + header, "%s/api/v1/tasks/%s/files/z.bin" % (cluster.url, cluster.thirty)],
+        stdout=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT).stdout
+    assert answer == "%d %d" % (status, length)
