@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import Cluster, free_port, online, wait_for
 from rc import client
 
 TIMEOUT = 60        # seconds any one task may take here
@@ -171,3 +171,25 @@ def test_range_reads_of_a_tasks_file(cluster, header, status, length):
          "Range: " + header, "%s/api/v1/tasks/%s/files/z.bin" % (cluster.url, cluster.thirty)],
         stdout=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT).stdout
     assert answer == "%d %d" % (status, length)
+
+
+def test_a_laptop_without_rc_url_or_rc_token_is_told_which_is_missing(cluster, monkeypatch):
+    """docs/client.md: `export RC_URL=... RC_TOKEN=...` on the laptop. With
+    one forgotten the error was `cannot reach http://127.0.0.1:5000` or
+    `missing or wrong admin token`; now it names the variable not set."""
+    monkeypatch.delenv("RC_URL", raising=False)
+    monkeypatch.delenv("RC_TOKEN", raising=False)
+    monkeypatch.delenv("RC_TOKEN_FILE", raising=False)
+    monkeypatch.setattr(client, "DEFAULT_URL", "http://127.0.0.1:%d" % free_port())
+    with client.Cluster() as nowhere:
+        with pytest.raises(client.Unreachable, match="RC_URL is not set"):
+            nowhere.submit("echo", "hi").result(TIMEOUT)
+    with client.Cluster(cluster.url) as tokenless:
+        with pytest.raises(client.ClusterError, match="RC_TOKEN is not set"):
+            tokenless.submit("echo", "hi").result(TIMEOUT)
+        with pytest.raises(client.ClusterError, match="RC_TOKEN is not set"):
+            tokenless.put(b"data")
+    with client.Cluster(cluster.url, "wrong") as wrong:
+        with pytest.raises(client.ClusterError) as raised:
+            wrong.submit("echo", "hi").result(TIMEOUT)
+        assert raised.value.status == 401 and "is not set" not in str(raised.value)

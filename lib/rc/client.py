@@ -193,6 +193,8 @@ class Http:
         self.ssl_context = ssl_context
         self.local = threading.local()
         self.reached = False            # rc-web has answered this client once
+        self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
+                                        # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
         if token is not None:
             header_text(token, "the token", " ")
@@ -253,6 +255,9 @@ class Http:
                 if isinstance(e, Cut):          # it took the connection: not a wrong RC_URL
                     self.reached, cuts = True, cuts + 1
                 lost_for = self.unreachable(e)
+                if lost_for is None and "RC_URL" in self.unset and not isinstance(e, Cut):
+                    raise Unreachable("%s (RC_URL is not set: give Cluster the main node's"
+                                      " dashboard address, http://NAS:5000)" % e) from None
                 if lost_for is None or cuts > CUT_RETRIES:
                     raise
                 left = min(UNREACHABLE_WAIT - lost_for, patience - (time.monotonic() - began))
@@ -381,7 +386,17 @@ class Http:
         if body is not None:
             headers = dict(headers or {}, **{"Content-Type": "application/json"})
         status, data = self.request(method, path, body, headers, timeout, patience=patience)
-        return json_answer(method, path, status, data, ok)
+        return self.answer(method, path, status, data, ok)
+
+    def answer(self, method, path, status, data, ok):
+        """json_answer's, a 401 for want of a token naming RC_TOKEN."""
+        try:
+            return json_answer(method, path, status, data, ok)
+        except ClusterError as e:
+            if e.status == 401 and "RC_TOKEN" in self.unset:
+                raise ClusterError("%s (RC_TOKEN is not set: `rc token --admin` on the"
+                                   " main node prints the token)" % e, 401) from None
+            raise
 
     def stream(self, path, timeout):
         """A ResultStream of GET `path`, on a connection of its own."""
@@ -914,6 +929,8 @@ class Cluster:
             token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
                 "RC_TOKEN_FILE"))
         self.http = Http(self.url, token, ssl_context)
+        self.http.unset = " ".join(name for name, value in (
+            ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
         self.lock = threading.Condition()
         self.queue = collections.deque()     # futures waiting to be sent
         self.waiting = {}                    # task id -> future, sent and not finished
@@ -1448,7 +1465,7 @@ class Cluster:
         headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}
         status, body = self.http.request("POST", "/api/v1/files", body, headers,
                                          REQUEST_TIMEOUT + size / 1e6)
-        return json_answer("POST", "/api/v1/files", status, body, (201,))
+        return self.http.answer("POST", "/api/v1/files", status, body, (201,))
 
     def get(self, ref, path=None, bounded=False):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
