@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from cluster_harness import Cluster, free_port, online, wait_for
+from cluster_harness import RC, Cluster, free_port, online, wait_for
 from rc import client
 
 TIMEOUT = 60        # seconds any one task may take here
@@ -193,3 +193,16 @@ def test_a_laptop_without_rc_url_or_rc_token_is_told_which_is_missing(cluster, m
         with pytest.raises(client.ClusterError) as raised:
             wrong.submit("echo", "hi").result(TIMEOUT)
         assert raised.value.status == 401 and "is not set" not in str(raised.value)
+
+
+def test_rc_map_files_of_a_directory_says_to_give_its_files(cluster, tmp_path):
+    """`rc map 'ls {}' --files photos/` said "'photos/' is not a regular
+    file"; now it says it is a directory and how to give its files."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.txt").write_text("one\n")
+    done = subprocess.run([RC, "map", "gzip -kf {}", "--files", "photos/"], cwd=str(tmp_path),
+                          env=cluster.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("rc: error: --files 'photos/' is a directory; give its files"
+                           " (--files photos/*)\n")

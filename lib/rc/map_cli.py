@@ -424,6 +424,9 @@ def file_input(path):
     out with "..", goes by its base name."""
     if not os.path.exists(path):
         raise MapUsageError("--files %r: no such file" % path)
+    if os.path.isdir(path):
+        raise MapUsageError("--files %r is a directory; give its files (--files %s*)"
+                            % (path, os.path.join(path, "")))
     try:
         files_cli.readable(path, "--files")
     except files_cli.FileOptionError as e:
