@@ -206,3 +206,22 @@ def test_rc_map_files_of_a_directory_says_to_give_its_files(cluster, tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == ("rc: error: --files 'photos/' is a directory; give its files"
                            " (--files photos/*)\n")
+
+
+def test_env_and_files_on_a_task_that_runs_no_process_are_refused(cluster):
+    """Issue 18: `--env` is "validated; never silently dropped". `rc submit
+    echo hi --env A=1` (or sleep, system_info, with --input or --output
+    too) was queued, the env and files dropped: those types run in the
+    worker, with no process. Now they are refused, on the command line and
+    over HTTP, before anything is stored or queued."""
+    before = cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    for arguments in (["echo", "hi", "--env", "A=1"], ["sleep", "0", "--output", "*.log"],
+                      ["system_info", "--env", "A=1"]):
+        refused = cluster.rc("submit", *arguments, check=False)
+        assert refused.returncode == 2, refused.stdout
+        assert "%s tasks run no process, so they take no" % arguments[0] in refused.stderr
+    with client.Cluster(cluster.url, cluster.token) as rc:
+        with pytest.raises(client.ClusterError, match="echo tasks run no process") as raised:
+            rc.submit("echo", "hi", env={"A": "1"}).result(TIMEOUT)
+        assert raised.value.status == 400
+    assert cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == before

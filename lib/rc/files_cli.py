@@ -102,6 +102,12 @@ def file_payload(connection, config, task_type, argument, options, stdin=None):
     `options` has inputs, stdin, file, env, outputs (lists or None) as
     argparse gives them. Everything is checked before anything is stored."""
     fields = {}
+    try:
+        tasks.check_process_fields(task_type, [name for name, given in (
+            ("inputs", options.input), ("stdin", options.stdin), ("env", options.env),
+            ("outputs", options.output)) if given])
+    except tasks.TaskError as e:
+        raise FileOptionError(str(e))
     if options.env:
         fields["env"] = tasks.parse_env(options.env)
     packages = python_packages(getattr(options, "requirements", None),
