@@ -225,3 +225,30 @@ def test_env_and_files_on_a_task_that_runs_no_process_are_refused(cluster):
             rc.submit("echo", "hi", env={"A": "1"}).result(TIMEOUT)
         assert raised.value.status == 400
     assert cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == before
+
+
+def test_a_command_naming_a_file_here_that_is_not_sent_gets_a_note(cluster, tmp_path):
+    """docs/map.md: `seq 100 | rc map 'python3 sim.py {}' --input sim.py`.
+    Without --input (the first thing a new user writes) every task failed
+    on the device with `can't open file '.../sim.py'` and nothing here said
+    why. Now `rc submit` and `rc map` say at once that sim.py is a file
+    here, not an input, and that --input sim.py sends it; with it, no note."""
+    (tmp_path / "sim.py").write_text("import sys\nprint(int(sys.argv[1]) ** 2)\n")
+    note = ("note: 'sim.py' is a file here but not an input: the task runs in an empty"
+            " directory on a device, where the command will not find it; --input sim.py"
+            " sends it\n")
+
+    def run(*arguments):
+        return subprocess.run([RC] + list(arguments), cwd=str(tmp_path), env=cluster.env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    alone = run("submit", "shell", "python3 sim.py 5")
+    assert alone.returncode == 0 and alone.stderr == "rc: " + note, alone.stderr
+    sent = run("submit", "shell", "python3 sim.py 5", "--input", "sim.py", "--wait")
+    assert (sent.returncode, sent.stdout, sent.stderr) == (0, "25\n", "")
+    mapped = run("map", "python3 sim.py {}", "3", "--input", "sim.py")
+    assert mapped.stdout == "9\n" and "note" not in mapped.stderr, mapped.stderr
+    forgot = run("map", "--dry-run", "python3 sim.py {}", "3")
+    assert forgot.returncode == 0 and forgot.stderr == ""      # --dry-run: nothing queued
+    forgot = run("map", "python3 sim.py {}", "3")
+    assert forgot.returncode == 1 and forgot.stderr.startswith("rc map: " + note)

@@ -504,6 +504,11 @@ def submitted_payload(arguments, context):
                                               arguments))
     except files_cli.FileOptionError as e:
         raise UsageError(str(e))
+    if arguments.task_type == "shell" and context.actor == "cli":   # "here": this shell's
+        note = files_cli.files_left_here(payload.get("command") or "",
+                                         payload.get("inputs", []))
+        if note:
+            context.err.write("rc: %s\n" % note)
     return payload
 
 

@@ -9,6 +9,7 @@ or any task queued; errors are FileOptionError, naming the path.
 """
 import hashlib
 import os
+import shlex
 import stat
 import sys
 
@@ -34,6 +35,37 @@ def looks_like_a_script_path(task_type, argument):
     if task_type == "shell" and (" " in argument.strip() or os.path.isabs(argument)):
         return False
     return os.path.isfile(argument)
+
+
+def files_left_here(command, inputs):
+    """A note on the words of a shell command that name a file here which is
+    none of the task's inputs (`rc submit shell 'python3 sim.py'` without
+    --input sim.py): the task runs in an empty directory on a device, where
+    the command will not find it. None when there are none."""
+    try:
+        words = shlex.split(command[:4096], comments=True)
+    except ValueError:
+        return None
+    sent = {entry["path"] for entry in inputs}
+    left = []
+    for word in words:
+        if word.startswith("-") or os.path.isabs(word) or any(c in word for c in "{}$*?[=<>|;&"):
+            continue
+        name = os.path.normpath(word).replace(os.sep, "/")
+        if name == ".." or name.startswith("../") or name in sent \
+                or any(path.startswith(name + "/") for path in sent):
+            continue
+        if word not in left and os.path.isfile(word):
+            left.append(word)
+    if not left:
+        return None
+    return ("note: %s %s here but not an input: the task runs in an empty directory on a"
+            " device, where the command will not find %s; %s sends %s" % (
+                " and ".join(repr(word) for word in left[:3]),
+                "is a file" if len(left) == 1 else "are files",
+                "it" if len(left) == 1 else "them",
+                " ".join("--input " + shlex.quote(word) for word in left[:3]),
+                "it" if len(left) == 1 else "them"))
 
 
 def planned_inputs(paths):

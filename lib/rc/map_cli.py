@@ -329,6 +329,10 @@ def new_map(context, arguments, task_options):
     template, outputs, jobs, requirements, options = map_parts(arguments, task_options)
     connection, config = context.connection, context.config
     shared = shared_fields(connection, config, task_type, arguments)
+    note = task_type == "shell" and files_cli.files_left_here(arguments.template,
+                                                             shared.get("inputs", []))
+    if note:
+        context.err.write("rc map: %s\n" % note)
     into = os.path.abspath(arguments.into or ".") if outputs else None
     plan = Plan(None, task_type, template, shared, outputs, requirements, options, into,
                 len(jobs))
