@@ -6,6 +6,7 @@ an `--output` that names a directory, and an upload sent as a form."""
 import hashlib
 import json
 import linecache
+import os
 import subprocess
 import sys
 import types
@@ -252,3 +253,21 @@ def test_a_command_naming_a_file_here_that_is_not_sent_gets_a_note(cluster, tmp_
     assert forgot.returncode == 0 and forgot.stderr == ""      # --dry-run: nothing queued
     forgot = run("map", "python3 sim.py {}", "3")
     assert forgot.returncode == 1 and forgot.stderr.startswith("rc map: " + note)
+
+
+def test_rc_get_into_a_file_says_so(cluster, tmp_path):
+    """`rc get ID -o out` where out is a file here (a user who meant the
+    name of the output) ended in a Python traceback (FileExistsError out of
+    os.makedirs). Now one line says what is in the way."""
+    task_id = cluster.rc("submit", "shell", "echo 1 > a.txt", "--output",
+                         "a.txt").stdout.strip()
+    cluster.rc("wait", task_id)
+    (tmp_path / "out").write_text("mine\n")
+    got = subprocess.run([RC, "get", task_id, "-o", "out"], cwd=str(tmp_path), env=cluster.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=TIMEOUT)
+    assert got.returncode == 1
+    assert got.stderr == ("rc: error: cannot write 'out/a.txt': 'out' is a file, not a"
+                          " directory\n")
+    assert (tmp_path / "out").read_text() == "mine\n"
+    assert sorted(os.listdir(str(tmp_path))) == ["out"]

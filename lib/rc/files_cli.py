@@ -245,7 +245,10 @@ def write_out(connection, config, entry, directory):
     if problem:
         raise FileOptionError("stored name %r %s; not written" % (entry["name"], problem))
     target = os.path.join(directory, *entry["name"].split("/"))
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    except OSError as e:
+        raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or e.strerror))
     temporary = target + ".rc-partial"
     blob, _ = files.open_blob(connection, config, entry["sha256"])
     digest = hashlib.sha256()
@@ -258,6 +261,18 @@ def write_out(connection, config, entry, directory):
             raise FileOptionError("%s: the stored blob is damaged (expected %s got %s)"
                                   % (entry["name"], entry["sha256"], digest.hexdigest()))
         os.replace(temporary, target)
+    except OSError as e:            # no room, no permission, a directory of that name
+        raise FileOptionError("cannot write %r: %s" % (target, e.strerror or e))
     finally:
         files.remove(temporary)
     return target
+
+
+def in_the_way(target):
+    """The file where `rc get` needs a directory (-o a file), said as such."""
+    parent = os.path.dirname(target)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return "%r is a file, not a directory" % parent
+    return None
