@@ -271,3 +271,24 @@ def test_rc_get_into_a_file_says_so(cluster, tmp_path):
                           " directory\n")
     assert (tmp_path / "out").read_text() == "mine\n"
     assert sorted(os.listdir(str(tmp_path))) == ["out"]
+
+
+def test_rc_submit_takes_its_argument_after_an_option(cluster, tmp_path):
+    """`rc submit shell --input a.txt 'cat a.txt'` (options first, as most
+    commands take them) said "unrecognized arguments: cat a.txt": argparse
+    reads TYPE alone once an option follows it. Now the word left over is
+    the argument; a second one is still refused."""
+    (tmp_path / "a.txt").write_text("one\n")
+
+    def run(*arguments):
+        return subprocess.run([RC, "submit"] + list(arguments), cwd=str(tmp_path),
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=TIMEOUT)
+    done = run("shell", "--input", "a.txt", "cat a.txt", "--wait")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "one\n", "")
+    done = run("shell", "--priority", "high", "--wait", "echo hi")
+    assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+    both = run("python_exec", "--file", "a.txt", "print(1)")
+    assert both.returncode == 2 and "give either --file or the code, not both" in both.stderr
+    extra = run("shell", "--priority", "high", "echo hi", "more")
+    assert extra.returncode == 2 and "unrecognized arguments: more" in extra.stderr

@@ -1627,11 +1627,22 @@ def parse(parser, argv):
         extra = map_cli.more_inputs(arguments, extra)
     if extra and arguments.command == "ctl":
         extra = more_programs(arguments, extra)
+    if extra and arguments.command == "submit":
+        extra = submit_argument(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def submit_argument(arguments, extra):
+    """The task's argument after an option (`rc submit shell --priority high
+    'echo hi'`), which argparse leaves over once it has read TYPE alone."""
+    if arguments.argument is None and not extra[0].startswith("-"):
+        arguments.argument = extra[0]
+        return extra[1:]
+    return extra
 
 
 def more_programs(arguments, extra):
