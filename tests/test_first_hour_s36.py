@@ -292,3 +292,33 @@ def test_rc_submit_takes_its_argument_after_an_option(cluster, tmp_path):
     assert both.returncode == 2 and "give either --file or the code, not both" in both.stderr
     extra = run("shell", "--priority", "high", "echo hi", "more")
     assert extra.returncode == 2 and "unrecognized arguments: more" in extra.stderr
+
+
+def count_in_data(word):
+    with open("data.txt") as f:
+        return f.read().count(word)
+
+
+def test_the_client_takes_inputs_as_paths_as_rc_submit_does(cluster, tmp_path, monkeypatch):
+    """`rc submit --input data.txt`; in Python, `inputs=["data.txt"]` was a
+    400 ("each input must be an object with path, sha256, size, mode"):
+    put() first, then a dict naming its path. Now a path of this machine
+    is put (once while it is unchanged, for map's many tasks) and goes by
+    its base name; stdin too; an Executor's inputs as well."""
+    data = tmp_path / "data.txt"
+    data.write_text("x\ny\nx\n")
+    monkeypatch.chdir(str(tmp_path))
+    with client.Cluster(cluster.url, cluster.token) as rc:
+        sent = []
+        real_put = rc.put
+        monkeypatch.setattr(rc, "put", lambda source: sent.append(source) or real_put(source))
+        assert rc.submit("shell", "wc -l < data.txt",
+                         inputs=["data.txt"]).result(TIMEOUT).strip() == "3"
+        assert list(rc.map("shell", ["head -1 data.txt", "tail -1 data.txt"],
+                           inputs=[str(data)])) == ["x\n", "x\n"]
+        assert rc.submit("shell", "sort -u", stdin="data.txt").result(TIMEOUT) == "x\ny\n"
+        assert [source for source in sent if isinstance(source, str)] == ["data.txt"]
+        with pytest.raises(TypeError, match="is a directory"):
+            rc.submit("shell", "ls", inputs=[str(tmp_path)])
+        with client.Executor(cluster=rc, inputs=["data.txt"]) as executor:
+            assert list(executor.map(count_in_data, ["x", "y"])) == [2, 1]

@@ -929,6 +929,7 @@ class Cluster:
             token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
                 "RC_TOKEN_FILE"))
         self.http = Http(self.url, token, ssl_context)
+        self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
         self.lock = threading.Condition()
@@ -989,9 +990,34 @@ class Cluster:
         `arg` is the type's argument (`shell`: the command); options: priority,
         timeout, retries, requirements, idempotency_key, retry_on_failure,
         depends_on (ids or futures), payload (instead of arg), and the
-        payload's inputs, stdin, env, outputs, file."""
+        payload's inputs, stdin, env, outputs, file. An input or stdin that
+        is a path of this machine is put first (once while it is unchanged),
+        an input under its base name, as `rc submit --input FILE`."""
+        if options.get("inputs"):
+            options["inputs"] = [self.local_input(item) for item in options["inputs"]]
+        if isinstance(options.get("stdin"), str):
+            options["stdin"] = self.put_once(options["stdin"])
         return self.submit_spec(task_spec(task_type, arg, options),
                                 functools.partial(output_of, cluster=self))
+
+    def local_input(self, item):
+        if not isinstance(item, str):
+            return item
+        if os.path.isdir(item):
+            raise TypeError("input %r is a directory: give its files (a path each), or"
+                            " dicts of put() with the path each has in the task" % item)
+        executable = os.stat(item).st_mode & stat.S_IXUSR
+        return dict(self.put_once(item), path=os.path.basename(item),
+                    mode=0o755 if executable else 0o644)
+
+    def put_once(self, path):
+        """put(path), or what it gave last time for the file unchanged since
+        (map() of many tasks with one input file sends it once)."""
+        info = os.stat(path)
+        key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
+        if key not in self.put_paths:
+            self.put_paths[key] = self.put(path)
+        return self.put_paths[key]
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1664,6 +1690,11 @@ class Executor(concurrent.futures.Executor):
         self.cluster = cluster or Cluster(url, token)
         self.own_cluster = cluster is None
         task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
+        if task_options.get("inputs"):      # paths of this machine: put once, here
+            task_options["inputs"] = [self.cluster.local_input(item)
+                                      for item in task_options["inputs"]]
+        if isinstance(task_options.get("stdin"), str):
+            task_options["stdin"] = self.cluster.put_once(task_options["stdin"])
         self.task_options = task_options
         self.pack = pack
         self.outstanding = set()        # futures not done: calls (and map's tasks)
