@@ -7,6 +7,7 @@ import hashlib
 import json
 import linecache
 import os
+import re
 import subprocess
 import sys
 import types
@@ -322,3 +323,29 @@ def test_the_client_takes_inputs_as_paths_as_rc_submit_does(cluster, tmp_path, m
             rc.submit("shell", "ls", inputs=[str(tmp_path)])
         with client.Executor(cluster=rc, inputs=["data.txt"]) as executor:
             assert list(executor.map(count_in_data, ["x", "y"])) == [2, 1]
+
+
+def test_a_syntax_error_on_the_device_names_its_python(cluster):
+    """A function from a 3.13 laptop with syntax a 3.6 Pi does not know
+    (`:=`) failed there with `SyntaxError: invalid syntax` in code that runs
+    here, and nothing said the device's Python was older. Now the remote
+    traceback ends with the device's version. (Here the source linecache
+    holds, which is what goes, is made not to compile: the local worker
+    runs a Python as new as this one.)"""
+    name, path = "u36_too_new", "/nonexistent-u36/u36_too_new.py"
+    module = types.ModuleType(name)
+    module.__file__ = path
+    exec(compile("def job(x):\n    return x\n", path, "exec"), module.__dict__)
+    broken = "def job(x):\n    return x +\n"
+    linecache.cache[path] = (len(broken), None, broken.splitlines(True), path)
+    sys.modules[name] = module
+    try:
+        with client.Executor(cluster.url, cluster.token, pack=1) as executor:
+            with pytest.raises(SyntaxError) as raised:
+                executor.submit(module.job, 1).result(TIMEOUT)
+        text = raised.value.__cause__.text
+        assert re.search(r"\nSyntaxError: .*\n\(this device runs Python 3\.\d+\.\d+\)\n\Z",
+                         text), text
+    finally:
+        sys.modules.pop(name, None)
+        linecache.cache.pop(path, None)

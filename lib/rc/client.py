@@ -2188,6 +2188,8 @@ def _rc_failure(e):
     import traceback
     _rc_lines_of_pieces()
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    if isinstance(e, SyntaxError):      # source the sender's Python compiled: too new here
+        text += "(this device runs Python %d.%d.%d)\\n" % tuple(sys.version_info[:3])
     try:
         data = pickle.dumps(e, 4)
         pickle.loads(data)
