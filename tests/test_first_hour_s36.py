@@ -349,3 +349,29 @@ def test_a_syntax_error_on_the_device_names_its_python(cluster):
     finally:
         sys.modules.pop(name, None)
         linecache.cache.pop(path, None)
+
+
+def test_an_input_tree_follows_a_link_to_a_directory(cluster, tmp_path):
+    """`--input data/` sent a linked file's bytes but left a linked
+    directory out without a word (`data/latest -> v2`: the task found no
+    latest/). Now a link to a directory is followed as a link to a file
+    is, and one that leads back up to a directory holding it (a loop) is
+    refused before anything is stored."""
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "model.bin").write_text("weights\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("notes\n")
+    os.symlink("../v2", str(tmp_path / "data" / "latest"))
+
+    def submit(*arguments):
+        return subprocess.run([RC, "submit", "shell"] + list(arguments), cwd=str(tmp_path),
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=TIMEOUT)
+    done = submit("find . -type f | sort; cat latest/model.bin", "--input", "data/", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "./latest/model.bin\n./notes.txt\nweights\n"
+    os.symlink("..", str(tmp_path / "data" / "up"))
+    looped = submit("true", "--input", "data/")
+    assert looped.returncode == 2 and looped.stdout == ""
+    assert "the link 'data/up' leads to %r, which holds it (a loop)" % os.path.realpath(
+        str(tmp_path)) in looped.stderr

@@ -99,7 +99,13 @@ def planned_inputs(paths):
 def tree(directory):
     top = "" if directory.endswith("/") else os.path.basename(os.path.normpath(directory))
     found = []
-    for here, subdirectories, names in os.walk(directory):
+    # A link to a directory is followed, as a link to a file is (its files
+    # go; a device has no link target), unless it leads back up to itself.
+    for here, subdirectories, names in os.walk(directory, followlinks=True):
+        looped = link_back_up(here)
+        if looped:
+            raise FileOptionError("input %r: the link %r leads to %r, which holds it (a loop)"
+                                  % (directory, here, looped))
         subdirectories.sort()
         for name in sorted(names):
             local = os.path.join(here, name)
@@ -110,6 +116,16 @@ def tree(directory):
     if not found:
         raise FileOptionError("input %r: the directory holds no files" % directory)
     return found
+
+
+def link_back_up(here):
+    """Where `here` leads when it is a link to a directory that holds the
+    link itself (`up -> ..`): following it would never end. Else None."""
+    if not os.path.islink(here):
+        return None
+    real = os.path.realpath(here)
+    holder = os.path.realpath(os.path.dirname(os.path.normpath(here)))
+    return real if holder == real or holder.startswith(real.rstrip(os.sep) + os.sep) else None
 
 
 def mode_of(path):
