@@ -375,3 +375,25 @@ def test_an_input_tree_follows_a_link_to_a_directory(cluster, tmp_path):
     assert looped.returncode == 2 and looped.stdout == ""
     assert "the link 'data/up' leads to %r, which holds it (a loop)" % os.path.realpath(
         str(tmp_path)) in looped.stderr
+
+
+def test_rc_map_says_when_inputs_outputs_replace_each_other_in_into(cluster, tmp_path):
+    """`rc map 'sort {} > out.txt' a b c --output out.txt --into o/`: every
+    input's out.txt went to o/out.txt, the last replacing the others, exit
+    0 and not a word. Now one line says so and how to name them apart; a
+    map whose outputs have names of their own says nothing."""
+    def run(*arguments):
+        return subprocess.run([RC, "map"] + list(arguments), cwd=str(tmp_path),
+                              env=cluster.env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=TIMEOUT)
+    same = run("echo {} > out.txt", "a", "b", "c", "--output", "out.txt", "--into", "o/")
+    assert same.returncode == 0, same.stderr
+    notes = [line for line in same.stderr.splitlines() if "replaces" in line]
+    assert len(notes) == 1 and re.match(
+        r"map \d+: input \d \('[abc]'\) output out.txt replaces input \d's in --into: give"
+        r" each input's outputs names of their own \('\{#\}.out', '\{/.\}.out'\)\Z",
+        notes[0]), notes
+    apart = run("echo {} > {}.txt", "a", "b", "--output", "{}.txt", "--into", "o/")
+    assert apart.returncode == 0 and "replaces" not in apart.stderr, apart.stderr
+    assert sorted(os.listdir(str(tmp_path / "o"))) == ["a.txt", "b.txt", "out.txt"]

@@ -572,6 +572,8 @@ class Runner:
         self.waiting_numbers = sorted(job.number for job in plan.to_run + plan.to_wait)
         self.next_to_print, self.held = 0, {}       # --keep-order: index, finished jobs
         self.failed = 0
+        self.written = {}               # --into: a file's name there -> the job that wrote it
+        self.told_replaced = False
         self.last_event, self.rechecked_at = 0, 0.0
         self.started, self.told_why = None, False
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
@@ -795,6 +797,18 @@ class Runner:
                                 OSError) as e:
                             outcome.notes.append("output %s not written: %s"
                                                  % (entry["name"], e))
+                        else:
+                            self.replaced(job, outcome, entry["name"])
+
+    def replaced(self, job, outcome, name):
+        """Two inputs' outputs of one name (`--output out.txt`): the later
+        replaces the earlier in --into; said once a map."""
+        earlier = self.written.setdefault(name, job.number)
+        if earlier != job.number and not self.told_replaced:
+            self.told_replaced = True
+            outcome.notes.append("output %s replaces input %d's in --into: give each input's"
+                                 " outputs names of their own ('{#}.out', '{/.}.out')"
+                                 % (name, earlier))
 
     def show_in_order(self):
         numbers = self.waiting_numbers
