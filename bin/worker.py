@@ -6795,6 +6795,7 @@ def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
     import stat
     root = os.path.realpath(workdir)
     matches, notes, seen, ignored = [], [], {}, 0
+    folders = {}        # a glob (not ending in **) that matched a directory: its first
     listing = walk_listing(root) if entries is None else flat_listing(root, entries)
     for base, names in listing:
         for name, path, info, is_dir in names:
@@ -6802,6 +6803,9 @@ def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
             if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:   # a lone link needs no count
                 seen[(info.st_dev, info.st_ino)] = seen.get((info.st_dev, info.st_ino), 0) + 1
             if is_dir and not stat.S_ISLNK(info.st_mode):
+                for number, glob in enumerate(globs):
+                    if number not in folders and glob[-1] != "**" and glob_match(glob, parts):
+                        folders[number] = "/".join(parts)
                 continue
             if any(glob_match(glob, parts) for glob in globs):
                 if len(matches) + len(notes) >= FILES_MAX_MATCHES:
@@ -6832,6 +6836,10 @@ def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
     if ignored:
         notes.append("rc-worker: %d more files matched the outputs' globs past the first %d;"
                      " not uploaded" % (ignored, FILES_MAX_MATCHES))
+    for number, folder in sorted(folders.items()):   # `--output results`: a directory
+        if not any(glob_match(globs[number], name.split("/")) for name, _ in matches):
+            notes.append("rc-worker: output %r is a directory; outputs are files: %r brings"
+                         " back the files under it" % (folder, folder + "/**"))
     return kept, notes
 
 

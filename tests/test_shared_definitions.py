@@ -69,5 +69,6 @@ def test_worker_agrees_with_the_python_environments_module(worker):
 def test_the_clients_copies_agree():
     """lib/rc/client.py is served as one file (/client.py) and imports
     nothing of rc: its copies of the main node's names are checked here."""
-    from rc import client, files
+    from rc import client, files, states
     assert client.KEPT_STDOUT == files.STREAM_NAMES[0]
+    assert client.PAYLOAD_FIELD == states.PAYLOAD_FIELD

@@ -103,6 +103,11 @@ KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node w
 STDERR_NOTE_MAX = 200           # characters of a failed command's stderr line TaskFailed quotes
 PICKLE_PROTOCOL = 4             # every CPython from 3.4 reads it
 PAYLOAD_OPTIONS = ("inputs", "stdin", "env", "outputs", "file", "pip")   # pip: docs/environments.md
+# The payload field a task type's argument fills (rc.states.PAYLOAD_FIELD):
+# submit("shell", "gzip -k a.txt", inputs=...) is {"command": ..., "inputs": ...}.
+PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
+                 "python_eval": "expression", "python_exec": "code",
+                 "shell": "command"}
 LOG = logging.getLogger("rc.client")    # its warnings reach stderr with no set-up
 TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_key",
                 "retry_on_failure", "depends_on")
@@ -188,6 +193,8 @@ class Http:
         self.ssl_context = ssl_context
         self.local = threading.local()
         self.reached = False            # rc-web has answered this client once
+        self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
+                                        # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
         if token is not None:
             header_text(token, "the token", " ")
@@ -248,6 +255,9 @@ class Http:
                 if isinstance(e, Cut):          # it took the connection: not a wrong RC_URL
                     self.reached, cuts = True, cuts + 1
                 lost_for = self.unreachable(e)
+                if lost_for is None and "RC_URL" in self.unset and not isinstance(e, Cut):
+                    raise Unreachable("%s (RC_URL is not set: give Cluster the main node's"
+                                      " dashboard address, http://NAS:5000)" % e) from None
                 if lost_for is None or cuts > CUT_RETRIES:
                     raise
                 left = min(UNREACHABLE_WAIT - lost_for, patience - (time.monotonic() - began))
@@ -376,7 +386,17 @@ class Http:
         if body is not None:
             headers = dict(headers or {}, **{"Content-Type": "application/json"})
         status, data = self.request(method, path, body, headers, timeout, patience=patience)
-        return json_answer(method, path, status, data, ok)
+        return self.answer(method, path, status, data, ok)
+
+    def answer(self, method, path, status, data, ok):
+        """json_answer's, a 401 for want of a token naming RC_TOKEN."""
+        try:
+            return json_answer(method, path, status, data, ok)
+        except ClusterError as e:
+            if e.status == 401 and "RC_TOKEN" in self.unset:
+                raise ClusterError("%s (RC_TOKEN is not set: `rc token --admin` on the"
+                                   " main node prints the token)" % e, 401) from None
+            raise
 
     def stream(self, path, timeout):
         """A ResultStream of GET `path`, on a connection of its own."""
@@ -909,6 +929,9 @@ class Cluster:
             token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
                 "RC_TOKEN_FILE"))
         self.http = Http(self.url, token, ssl_context)
+        self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
+        self.http.unset = " ".join(name for name, value in (
+            ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
         self.lock = threading.Condition()
         self.queue = collections.deque()     # futures waiting to be sent
         self.waiting = {}                    # task id -> future, sent and not finished
@@ -967,9 +990,34 @@ class Cluster:
         `arg` is the type's argument (`shell`: the command); options: priority,
         timeout, retries, requirements, idempotency_key, retry_on_failure,
         depends_on (ids or futures), payload (instead of arg), and the
-        payload's inputs, stdin, env, outputs, file."""
+        payload's inputs, stdin, env, outputs, file. An input or stdin that
+        is a path of this machine is put first (once while it is unchanged),
+        an input under its base name, as `rc submit --input FILE`."""
+        if options.get("inputs"):
+            options["inputs"] = [self.local_input(item) for item in options["inputs"]]
+        if isinstance(options.get("stdin"), str):
+            options["stdin"] = self.put_once(options["stdin"])
         return self.submit_spec(task_spec(task_type, arg, options),
                                 functools.partial(output_of, cluster=self))
+
+    def local_input(self, item):
+        if not isinstance(item, str):
+            return item
+        if os.path.isdir(item):
+            raise TypeError("input %r is a directory: give its files (a path each), or"
+                            " dicts of put() with the path each has in the task" % item)
+        executable = os.stat(item).st_mode & stat.S_IXUSR
+        return dict(self.put_once(item), path=os.path.basename(item),
+                    mode=0o755 if executable else 0o644)
+
+    def put_once(self, path):
+        """put(path), or what it gave last time for the file unchanged since
+        (map() of many tasks with one input file sends it once)."""
+        info = os.stat(path)
+        key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
+        if key not in self.put_paths:
+            self.put_paths[key] = self.put(path)
+        return self.put_paths[key]
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1451,7 +1499,7 @@ class Cluster:
         headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}
         status, body = self.http.request("POST", "/api/v1/files", body, headers,
                                          REQUEST_TIMEOUT + size / 1e6)
-        return json_answer("POST", "/api/v1/files", status, body, (201,))
+        return self.http.answer("POST", "/api/v1/files", status, body, (201,))
 
     def get(self, ref, path=None, bounded=False):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
@@ -1587,6 +1635,10 @@ def task_spec(task_type, arg, options):
         payload = arg
     extra = {key: options[key] for key in PAYLOAD_OPTIONS if options.get(key) is not None}
     if extra:
+        if payload is None:             # submit("python_exec", file="job.py", inputs=...)
+            payload = {}
+        elif not isinstance(payload, dict) and PAYLOAD_FIELD.get(task_type):
+            payload = {PAYLOAD_FIELD[task_type]: payload}
         if not isinstance(payload, dict):
             raise TypeError("with %s, give the payload as a dict (payload={...})"
                             % ", ".join(sorted(extra)))
@@ -1646,6 +1698,11 @@ class Executor(concurrent.futures.Executor):
         self.cluster = cluster or Cluster(url, token)
         self.own_cluster = cluster is None
         task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
+        if task_options.get("inputs"):      # paths of this machine: put once, here
+            task_options["inputs"] = [self.cluster.local_input(item)
+                                      for item in task_options["inputs"]]
+        if isinstance(task_options.get("stdin"), str):
+            task_options["stdin"] = self.cluster.put_once(task_options["stdin"])
         self.task_options = task_options
         self.pack = pack
         self.outstanding = set()        # futures not done: calls (and map's tasks)
@@ -2087,6 +2144,7 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
+    space["_rc_pieces"] = pieces        # a traceback's lines (_rc_failure)
     try:
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
@@ -2136,13 +2194,33 @@ import io
 
 def _rc_failure(e):
     import traceback
+    _rc_lines_of_pieces()
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    if isinstance(e, SyntaxError):      # source the sender's Python compiled: too new here
+        text += "(this device runs Python %d.%d.%d)\\n" % tuple(sys.version_info[:3])
     try:
         data = pickle.dumps(e, 4)
         pickle.loads(data)
     except BaseException:
         data = None
     return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
+
+
+def _rc_lines_of_pieces():
+    # The device has the function's source, not its file: put that source
+    # in linecache under the file's name, so the traceback shows each line
+    # of it as ProcessPoolExecutor's would.
+    import linecache
+    files = {}
+    for filename, line, source in globals().get("_rc_pieces", ()):
+        lines, texts = files.setdefault(filename, []), source.split("\\n")
+        if texts[-1] == "":
+            texts.pop()
+        for number, text in enumerate(texts, line - 1):
+            lines.extend(["\\n"] * (number + 1 - len(lines)))
+            lines[number] = text + "\\n"
+    for filename, lines in files.items():
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
 def _rc_load(data, home):

@@ -504,6 +504,11 @@ def submitted_payload(arguments, context):
                                               arguments))
     except files_cli.FileOptionError as e:
         raise UsageError(str(e))
+    if arguments.task_type == "shell" and context.actor == "cli":   # "here": this shell's
+        note = files_cli.files_left_here(payload.get("command") or "",
+                                         payload.get("inputs", []))
+        if note:
+            context.err.write("rc: %s\n" % note)
     return payload
 
 
@@ -1204,8 +1209,8 @@ def read_token(path):
 def cmd_join(arguments, context):
     config = context.config
     token = read_token(config.token_path)
-    address = lan_address()
-    context.out.write("Dashboard: http://%s:%d/\n" % (address, config.web_port))
+    address, web_address = reachable_host(config.tcp_host), reachable_host(config.web_host)
+    context.out.write("Dashboard: http://%s:%d/\n" % (web_address, config.web_port))
     context.out.write("Copy %s to the device, then run there:\n" % rc_config.WORKER_PATH)
     options = " --fingerprint=%s" % tls.fingerprint(config) if config.tls else ""
     # The worker fetches worker.py from the dashboard's port for `rc broadcast
@@ -1219,7 +1224,17 @@ def cmd_join(arguments, context):
     context.out.write(start + "\n")
     context.out.write("Or fetch it from the dashboard and start it, in one line:\n")
     context.out.write("curl -fsSO http://%s:%d/worker.py && %s\n"
-                      % (address, config.web_port, start))
+                      % (web_address, config.web_port, start))
+
+
+def reachable_host(listen_host):
+    """Where a device reaches a port bound to `listen_host`: the address
+    itself when it names one (127.0.0.1 reaches no other machine, and a LAN
+    address other than it would refuse), this machine's LAN address when
+    it listens on all of them."""
+    if listen_host in ("", "0.0.0.0", "::"):
+        return lan_address()
+    return "[%s]" % listen_host if ":" in listen_host else listen_host
 
 
 def lan_address():
@@ -1612,11 +1627,22 @@ def parse(parser, argv):
         extra = map_cli.more_inputs(arguments, extra)
     if extra and arguments.command == "ctl":
         extra = more_programs(arguments, extra)
+    if extra and arguments.command == "submit":
+        extra = submit_argument(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s" % " ".join(extra))
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def submit_argument(arguments, extra):
+    """The task's argument after an option (`rc submit shell --priority high
+    'echo hi'`), which argparse leaves over once it has read TYPE alone."""
+    if arguments.argument is None and not extra[0].startswith("-"):
+        arguments.argument = extra[0]
+        return extra[1:]
+    return extra
 
 
 def more_programs(arguments, extra):

@@ -9,6 +9,7 @@ or any task queued; errors are FileOptionError, naming the path.
 """
 import hashlib
 import os
+import shlex
 import stat
 import sys
 
@@ -34,6 +35,37 @@ def looks_like_a_script_path(task_type, argument):
     if task_type == "shell" and (" " in argument.strip() or os.path.isabs(argument)):
         return False
     return os.path.isfile(argument)
+
+
+def files_left_here(command, inputs):
+    """A note on the words of a shell command that name a file here which is
+    none of the task's inputs (`rc submit shell 'python3 sim.py'` without
+    --input sim.py): the task runs in an empty directory on a device, where
+    the command will not find it. None when there are none."""
+    try:
+        words = shlex.split(command[:4096], comments=True)
+    except ValueError:
+        return None
+    sent = {entry["path"] for entry in inputs}
+    left = []
+    for word in words:
+        if word.startswith("-") or os.path.isabs(word) or any(c in word for c in "{}$*?[=<>|;&"):
+            continue
+        name = os.path.normpath(word).replace(os.sep, "/")
+        if name == ".." or name.startswith("../") or name in sent \
+                or any(path.startswith(name + "/") for path in sent):
+            continue
+        if word not in left and os.path.isfile(word):
+            left.append(word)
+    if not left:
+        return None
+    return ("note: %s %s here but not an input: the task runs in an empty directory on a"
+            " device, where the command will not find %s; %s sends %s" % (
+                " and ".join(repr(word) for word in left[:3]),
+                "is a file" if len(left) == 1 else "are files",
+                "it" if len(left) == 1 else "them",
+                " ".join("--input " + shlex.quote(word) for word in left[:3]),
+                "it" if len(left) == 1 else "them"))
 
 
 def planned_inputs(paths):
@@ -67,7 +99,13 @@ def planned_inputs(paths):
 def tree(directory):
     top = "" if directory.endswith("/") else os.path.basename(os.path.normpath(directory))
     found = []
-    for here, subdirectories, names in os.walk(directory):
+    # A link to a directory is followed, as a link to a file is (its files
+    # go; a device has no link target), unless it leads back up to itself.
+    for here, subdirectories, names in os.walk(directory, followlinks=True):
+        looped = link_back_up(here)
+        if looped:
+            raise FileOptionError("input %r: the link %r leads to %r, which holds it (a loop)"
+                                  % (directory, here, looped))
         subdirectories.sort()
         for name in sorted(names):
             local = os.path.join(here, name)
@@ -78,6 +116,16 @@ def tree(directory):
     if not found:
         raise FileOptionError("input %r: the directory holds no files" % directory)
     return found
+
+
+def link_back_up(here):
+    """Where `here` leads when it is a link to a directory that holds the
+    link itself (`up -> ..`): following it would never end. Else None."""
+    if not os.path.islink(here):
+        return None
+    real = os.path.realpath(here)
+    holder = os.path.realpath(os.path.dirname(os.path.normpath(here)))
+    return real if holder == real or holder.startswith(real.rstrip(os.sep) + os.sep) else None
 
 
 def mode_of(path):
@@ -102,6 +150,12 @@ def file_payload(connection, config, task_type, argument, options, stdin=None):
     `options` has inputs, stdin, file, env, outputs (lists or None) as
     argparse gives them. Everything is checked before anything is stored."""
     fields = {}
+    try:
+        tasks.check_process_fields(task_type, [name for name, given in (
+            ("inputs", options.input), ("stdin", options.stdin), ("env", options.env),
+            ("outputs", options.output)) if given])
+    except tasks.TaskError as e:
+        raise FileOptionError(str(e))
     if options.env:
         fields["env"] = tasks.parse_env(options.env)
     packages = python_packages(getattr(options, "requirements", None),
@@ -207,7 +261,10 @@ def write_out(connection, config, entry, directory):
     if problem:
         raise FileOptionError("stored name %r %s; not written" % (entry["name"], problem))
     target = os.path.join(directory, *entry["name"].split("/"))
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    except OSError as e:
+        raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or e.strerror))
     temporary = target + ".rc-partial"
     blob, _ = files.open_blob(connection, config, entry["sha256"])
     digest = hashlib.sha256()
@@ -220,6 +277,18 @@ def write_out(connection, config, entry, directory):
             raise FileOptionError("%s: the stored blob is damaged (expected %s got %s)"
                                   % (entry["name"], entry["sha256"], digest.hexdigest()))
         os.replace(temporary, target)
+    except OSError as e:            # no room, no permission, a directory of that name
+        raise FileOptionError("cannot write %r: %s" % (target, e.strerror or e))
     finally:
         files.remove(temporary)
     return target
+
+
+def in_the_way(target):
+    """The file where `rc get` needs a directory (-o a file), said as such."""
+    parent = os.path.dirname(target)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return "%r is a file, not a directory" % parent
+    return None

@@ -329,6 +329,10 @@ def new_map(context, arguments, task_options):
     template, outputs, jobs, requirements, options = map_parts(arguments, task_options)
     connection, config = context.connection, context.config
     shared = shared_fields(connection, config, task_type, arguments)
+    note = task_type == "shell" and files_cli.files_left_here(arguments.template,
+                                                             shared.get("inputs", []))
+    if note:
+        context.err.write("rc map: %s\n" % note)
     into = os.path.abspath(arguments.into or ".") if outputs else None
     plan = Plan(None, task_type, template, shared, outputs, requirements, options, into,
                 len(jobs))
@@ -424,6 +428,9 @@ def file_input(path):
     out with "..", goes by its base name."""
     if not os.path.exists(path):
         raise MapUsageError("--files %r: no such file" % path)
+    if os.path.isdir(path):
+        raise MapUsageError("--files %r is a directory; give its files (--files %s*)"
+                            % (path, os.path.join(path, "")))
     try:
         files_cli.readable(path, "--files")
     except files_cli.FileOptionError as e:
@@ -565,6 +572,8 @@ class Runner:
         self.waiting_numbers = sorted(job.number for job in plan.to_run + plan.to_wait)
         self.next_to_print, self.held = 0, {}       # --keep-order: index, finished jobs
         self.failed = 0
+        self.written = {}               # --into: a file's name there -> the job that wrote it
+        self.told_replaced = False
         self.last_event, self.rechecked_at = 0, 0.0
         self.started, self.told_why = None, False
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
@@ -788,6 +797,18 @@ class Runner:
                                 OSError) as e:
                             outcome.notes.append("output %s not written: %s"
                                                  % (entry["name"], e))
+                        else:
+                            self.replaced(job, outcome, entry["name"])
+
+    def replaced(self, job, outcome, name):
+        """Two inputs' outputs of one name (`--output out.txt`): the later
+        replaces the earlier in --into; said once a map."""
+        earlier = self.written.setdefault(name, job.number)
+        if earlier != job.number and not self.told_replaced:
+            self.told_replaced = True
+            outcome.notes.append("output %s replaces input %d's in --into: give each input's"
+                                 " outputs names of their own ('{#}.out', '{/.}.out')"
+                                 % (name, earlier))
 
     def show_in_order(self):
         numbers = self.waiting_numbers

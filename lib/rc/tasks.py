@@ -129,10 +129,15 @@ ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 FILE_TASK_TYPES = ("python_exec", "shell")      # may run a script from an input file
 FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file", environments.PAYLOAD_FIELD)
 PIP_TASK_TYPES = ("python_eval", "python_exec", "shell")   # may ask for packages
+# Types that run a process of their own: only theirs have a directory, an
+# environment and a stdin (echo, sleep and system_info run in the worker).
+PROCESS_TASK_TYPES = PIP_TASK_TYPES
+PROCESS_FIELDS = ("inputs", "stdin", "env", "outputs")
 
 
 def check_file_fields(task_type, payload):
     """The payload's file fields, each checked; TaskError names the bad value."""
+    check_process_fields(task_type, [field for field in PROCESS_FIELDS if field in payload])
     checked = {}
     if "inputs" in payload:
         checked["inputs"] = check_inputs(payload["inputs"])
@@ -149,6 +154,14 @@ def check_file_fields(task_type, payload):
         checked[environments.PAYLOAD_FIELD] = check_packages(task_type,
                                                              payload[environments.PAYLOAD_FIELD])
     return checked
+
+
+def check_process_fields(task_type, fields):
+    """Inputs, stdin, env and outputs are a process's: refused for a type
+    that runs none, rather than accepted and dropped."""
+    if fields and task_type not in PROCESS_TASK_TYPES:
+        raise TaskError("%s tasks run no process, so they take no %s; %s tasks do"
+                        % (task_type, " or ".join(fields), ", ".join(PROCESS_TASK_TYPES)))
 
 
 def check_packages(task_type, packages):
@@ -231,6 +244,10 @@ def check_outputs(outputs):
         raise TaskError("a task names at most %d output globs" % MAX_OUTPUTS)
     for glob in outputs:
         problem = files.path_problem(glob)
+        if problem and glob.endswith("/") and not files.path_problem(glob.rstrip("/")):
+            raise TaskError("output glob %r names a directory; an output is a file: %r"
+                            " brings back every file under it" % (glob[:200], glob.rstrip("/")
+                                                                  + "/**"))
         if problem:
             raise TaskError("output glob %r %s" % (glob[:200], problem))
     return list(outputs)

@@ -1320,6 +1320,10 @@ class FileRoutes:
         length = bottle.request.content_length
         if length < 0 or "HTTP_TRANSFER_ENCODING" in environ:
             raise ApiError(411, "send the file with a Content-Length")
+        if environ.get("CONTENT_TYPE", "").lower().startswith("multipart/"):
+            # curl -F wraps the file in a form, which would be stored as it came.
+            raise ApiError(415, "send the file's bytes as the body (curl --data-binary"
+                                " @FILE), not a multipart form (curl -F)")
         quota = config.files_quota_mb * files.MIB
         if length > quota:
             raise ApiError(413, "the file is %d bytes, over the store's quota of %d"
@@ -1381,11 +1385,14 @@ class FileRoutes:
 def byte_range(header, size):
     """(start, end exclusive, status) for a Range header: one range, or the
     whole file (200) without one; ApiError(416) when it cannot be met."""
-    if not header:
+    unit, _, ranges = (header or "").strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
+        # A unit other than bytes must be ignored (RFC 9110, 14.2), and
+        # several ranges may be: the whole file, which any client takes.
         return 0, size, 200
-    match = RANGE.match(header.strip())
+    match = RANGE.match("bytes=" + ranges.strip())
     if not match or match.groups() == ("", ""):
-        raise ApiError(416, "only one range of bytes=START-END is served")
+        raise ApiError(416, "a range is bytes=START-END, START- or -LAST")
     first, last = (range_position(text) for text in match.groups())
     if first is None:
         start, end = max(0, size - last), size
