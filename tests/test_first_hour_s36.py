@@ -375,6 +375,16 @@ def test_an_input_tree_follows_a_link_to_a_directory(cluster, tmp_path):
     assert looped.returncode == 2 and looped.stdout == ""
     assert "the link 'data/up' leads to %r, which holds it (a loop)" % os.path.realpath(
         str(tmp_path)) in looped.stderr
+    # Two links that lead into each other: no link leads up, yet the walk would
+    # go round (a/to_b/to_a/to_b/...) until the path grew too long.
+    os.unlink(str(tmp_path / "data" / "up"))
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir()
+    os.symlink("../b", str(tmp_path / "data" / "a" / "to_b"))
+    os.symlink("../a", str(tmp_path / "data" / "b" / "to_a"))
+    crossed = submit("true", "--input", "data/")
+    assert crossed.returncode == 2 and crossed.stdout == "", crossed
+    assert "(a loop)" in crossed.stderr
 
 
 def test_rc_map_says_when_inputs_outputs_replace_each_other_in_into(cluster, tmp_path):

@@ -102,7 +102,7 @@ def tree(directory):
     # A link to a directory is followed, as a link to a file is (its files
     # go; a device has no link target), unless it leads back up to itself.
     for here, subdirectories, names in os.walk(directory, followlinks=True):
-        looped = link_back_up(here)
+        looped = link_loop(directory, here)
         if looped:
             raise FileOptionError("input %r: the link %r leads to %r, which holds it (a loop)"
                                   % (directory, here, looped))
@@ -118,14 +118,22 @@ def tree(directory):
     return found
 
 
-def link_back_up(here):
-    """Where `here` leads when it is a link to a directory that holds the
-    link itself (`up -> ..`): following it would never end. Else None."""
+def link_loop(top, here):
+    """Where `here` leads when it is a link to a directory that holds it on
+    the way down from `top` (`up -> ..`, or a/to_b -> b and b/to_a -> a):
+    following it would never end. Else None."""
     if not os.path.islink(here):
         return None
     real = os.path.realpath(here)
-    holder = os.path.realpath(os.path.dirname(os.path.normpath(here)))
-    return real if holder == real or holder.startswith(real.rstrip(os.sep) + os.sep) else None
+    inside = real.rstrip(os.sep) + os.sep
+    top, path = os.path.normpath(top), os.path.dirname(os.path.normpath(here))
+    while True:
+        holder = os.path.realpath(path)
+        if holder == real or holder.startswith(inside):
+            return real
+        if len(path) <= len(top):
+            return None
+        path = os.path.dirname(path)
 
 
 def mode_of(path):
