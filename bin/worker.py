@@ -6316,7 +6316,7 @@ def download(job, cache, sha, size):
     enters the cache. The sha256 found (the partial is deleted if wrong)."""
     partial = os.path.join(cache.dir, "partial", sha)
     try:
-        have = os.lstat(partial).st_size
+        have = 0 if other_than_a_file(partial) else os.lstat(partial).st_size
     except OSError:
         have = 0
     if have > size:
@@ -6324,8 +6324,7 @@ def download(job, cache, sha, size):
         have = 0
     cache.make_room(size - have)
     digest = file_sha256()
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(partial, flags, 0o600), "r+b") as partial_file:
+    with os.fdopen(open_partial(partial), "r+b") as partial_file:
         while True:
             chunk = partial_file.read(FILES_CHUNK)       # hash what an earlier cut left
             if not chunk:
@@ -6355,6 +6354,41 @@ def download(job, cache, sha, size):
     else:
         os.unlink(partial)
     return got
+
+
+def open_partial(path):
+    """A descriptor of the partial file at `path` (made if need be) for a
+    fetch to resume in: a regular file. Anything else of its name (a link,
+    a FIFO, a directory, left there by hand or another program) is removed
+    first: each failed every fetch of the blob (a link's O_NOFOLLOW, a
+    FIFO not seekable, a directory); O_NONBLOCK: a FIFO does not block."""
+    import stat
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except OSError:
+        if not other_than_a_file(path):
+            raise
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    log("warning", "partial_file_replaced", path=path,
+        message="not a regular file: removed, and the blob fetched from its start")
+    if os.path.isdir(path) and not os.path.islink(path):
+        remove_tree(path)
+    else:
+        os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o600)
+
+
+def other_than_a_file(path):
+    import stat
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def goes_direct(size):

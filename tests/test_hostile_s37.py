@@ -1,0 +1,119 @@
+"""attack37: what session 36 changed, attacked from outside on a real
+cluster: an upload sent chunked to rc-web, and a worker's cache of task
+files (its partial fetches) holding what a fetch does not expect. Each
+test failed before the fix its docstring names, or says what held."""
+import hashlib
+import os
+import socket
+
+import pytest
+
+from cluster_harness import Cluster, online, wait_for
+from hostile_harness import readable_by_others, unharmed
+from rc import state_dir
+
+pytestmark = pytest.mark.e2e
+
+GOOD = "good37"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real cluster with one good worker of two slots (root: its tasks
+    run as 61810-61813, uids no other test's worker uses)."""
+    cluster = Cluster(tmp_path_factory.mktemp("s37"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker(GOOD, "--slots", "2", "--task-user", "61810:4")
+        wait_for(lambda: GOOD in online(cluster), 30, "the worker " + GOOD)
+        cluster.admin = state_dir.read_secret(cluster.config.admin_token_path)
+        yield cluster
+    finally:
+        cluster.stop()
+    assert readable_by_others(cluster.home) == []
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def web_exchange(cluster, head, body=b""):
+    """Send a request by hand to rc-web; the answer's bytes, up to its end."""
+    with socket.create_connection(("127.0.0.1", cluster.config.web_port), timeout=20) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+def chunked_upload_head(cluster, extra=""):
+    return ("POST /api/v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n%s\r\n"
+            % (cluster.admin, extra))
+
+
+def test_an_upload_sent_chunked_is_refused_on_its_headers(cluster):
+    """docs/http.md says 411 without a length; waitress takes a chunked
+    body whole (up to files_quota_mb, into a temporary file) and hands it
+    on with a length of its own, so the app never saw it chunked: it was
+    stored (201), and an admin's chunked upload of the whole quota was
+    buffered before the app could refuse it. Now 411 on the headers, no
+    '100 Continue' asking for the body, nothing stored. Fails before: 201."""
+    data = b"chunked upload of attack37\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    with unharmed(cluster, GOOD):
+        answer = web_exchange(cluster, chunked_upload_head(cluster), body)
+        assert answer.startswith(b"HTTP/1.1 411 "), answer[:300]
+        assert cluster.db.execute("SELECT count(*) FROM files WHERE sha256 = ?",
+                                  (sha(data),)).fetchone()[0] == 0
+        # A client that waits to be asked for the body is refused at once.
+        answer = web_exchange(cluster, chunked_upload_head(cluster, "Expect: 100-continue\r\n"))
+        assert answer.startswith(b"HTTP/1.1 411 "), answer[:300]
+        # Held: one with a Content-Length is stored as ever.
+        answer = web_exchange(cluster, chunked_upload_head(cluster).replace(
+            "Transfer-Encoding: chunked", "Content-Length: %d" % len(data)), data)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+
+
+def partial_path(cluster, digest):
+    return os.path.join(cluster.home, "worker-state", "cache", "partial", digest)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "directory"])
+def test_a_partial_fetch_that_is_not_a_file_is_fetched_again(cluster, tmp_path, kind):
+    """The worker resumes a fetch from cache/partial/SHA. Something else of
+    that name (a FIFO, a link, a directory: left by hand, or by another
+    program of the device's user) is removed and the blob fetched whole;
+    the link's target is not written. Before (worker.open_partial): each
+    failed every task reading the blob on that device ("not seekable", the
+    link's ELOOP, "is a directory")."""
+    data = os.urandom(1048576 + 7)
+    source = tmp_path / "in.bin"
+    source.write_bytes(data)
+    partial = partial_path(cluster, sha(data))
+    for directory in (os.path.dirname(os.path.dirname(partial)), os.path.dirname(partial)):
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)      # as the worker makes them
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not yours")
+    if kind == "fifo":
+        os.mkfifo(partial, 0o600)
+    elif kind == "link":
+        os.symlink(str(outside), partial)
+    else:
+        os.mkdir(partial, 0o700)
+        os.mkdir(os.path.join(partial, "inside"), 0o700)
+    done = cluster.rc("submit", "shell", "sha256sum in.bin", "--input", str(source),
+                      "--require", "device_id=%s" % GOOD, "--wait", "--wait-timeout", "30",
+                      check=False)
+    assert done.returncode == 0 and done.stdout.split()[:1] == [sha(data)], done
+    assert outside.read_bytes() == b"not yours"
+    assert not os.path.lexists(partial)
