@@ -2,14 +2,16 @@
 cluster: an upload sent chunked to rc-web, and a worker's cache of task
 files (its partial fetches) holding what a fetch does not expect. Each
 test failed before the fix its docstring names, or says what held."""
+import fcntl
 import hashlib
+import json
 import os
 import socket
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
-from hostile_harness import readable_by_others, unharmed
+from cluster_harness import Cluster, online, rc_files_records, wait_for
+from hostile_harness import assert_completes, readable_by_others, unharmed
 from rc import state_dir
 
 pytestmark = pytest.mark.e2e
@@ -117,3 +119,48 @@ def test_a_partial_fetch_that_is_not_a_file_is_fetched_again(cluster, tmp_path, 
     assert done.returncode == 0 and done.stdout.split()[:1] == [sha(data)], done
     assert outside.read_bytes() == b"not yours"
     assert not os.path.lexists(partial)
+
+
+def test_a_blob_another_worker_of_the_state_directory_fetches_is_waited_for(cluster, tmp_path):
+    """Workers may share a state directory (the harness's all do; one
+    user's two workers on ~/.rc-worker). Two fetching one blob at once
+    wrote one partial file: the second's task failed ("No such file" as
+    the first moved it into the cache, or "changed under us"; 1 round in 3
+    of /tmp/attack37/shared_state.py, 48 MiB each). Now a fetch holds its
+    partial file (flock) and one that finds it held waits, then takes the
+    blob from the cache. Here the test is the other worker: it holds the
+    partial file, the worker waits, and takes the blob it leaves in the
+    cache without fetching it. Fails before: no wait, rc-files sent it."""
+    data = os.urandom(1048576 + 11)
+    source = tmp_path / "shared.bin"
+    source.write_bytes(data)
+    partial = partial_path(cluster, sha(data))
+    for directory in (os.path.dirname(os.path.dirname(partial)), os.path.dirname(partial)):
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data[:300000])
+        done = cluster.rc("submit", "shell", "sha256sum shared.bin", "--input", str(source),
+                          "--require", "device_id=%s" % GOOD)
+        task_id = int(done.stdout.strip())
+        wait_for(lambda: sha(data) in worker_events(cluster, GOOD, "fetch_waits"), 20,
+                 "the worker to wait for the other's fetch")
+        os.write(fd, data[300000:])
+        os.chmod(partial, 0o400)
+        os.rename(partial, os.path.join(os.path.dirname(os.path.dirname(partial)), sha(data)))
+    finally:
+        os.close(fd)
+    assert_completes(cluster, task_id, sha(data))
+    assert rc_files_records(cluster, "file_sent", sha(data)) == []
+
+
+def worker_events(cluster, device_id, event):
+    """The sha256 of each `event` line in the worker's log."""
+    found = []
+    with open(cluster.worker_log(device_id), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if '"event":"%s"' % event in line:
+                found.append(json.loads(line).get("sha256"))
+    return found
