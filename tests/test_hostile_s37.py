@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 
 import pytest
 
@@ -164,3 +165,30 @@ def worker_events(cluster, device_id, event):
             if '"event":"%s"' % event in line:
                 found.append(json.loads(line).get("sha256"))
     return found
+
+
+def test_the_client_refuses_an_input_path_that_is_not_a_regular_file(cluster, tmp_path):
+    """rc.client inputs=/stdin= as paths (session 36) put whatever the path
+    opened: a FIFO's bytes were taken as the file, and /dev/zero (a link
+    to it, a typo) was read into memory for ever; rc submit --input
+    refuses both. Now a TypeError names the path before anything is read
+    or sent. Fails before: the FIFO's bytes were submitted."""
+    from rc.client import Cluster as Client
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    def writer():
+        with open(fifo, "wb") as f:
+            f.write(b"from a fifo\n")
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    client = Client("http://127.0.0.1:%d" % cluster.config.web_port, cluster.admin)
+    try:
+        for given in ({"inputs": [fifo]}, {"stdin": fifo}):
+            with pytest.raises(TypeError, match="not a regular file"):
+                client.submit("shell", "cat fifo", **given)
+    finally:
+        if thread.is_alive():
+            with open(fifo, "rb") as f:      # the writer waits for a reader
+                f.read()
+        client.close()
