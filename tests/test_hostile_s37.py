@@ -7,11 +7,12 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 
 import pytest
 
-from cluster_harness import Cluster, online, rc_files_records, wait_for
+from cluster_harness import RC, Cluster, online, rc_files_records, wait_for
 from hostile_harness import assert_completes, readable_by_others, unharmed
 from rc import state_dir
 
@@ -192,3 +193,18 @@ def test_the_client_refuses_an_input_path_that_is_not_a_regular_file(cluster, tm
             with open(fifo, "rb") as f:      # the writer waits for a reader
                 f.read()
         client.close()
+
+
+def test_an_input_over_the_quota_is_refused_before_it_is_read(cluster, tmp_path):
+    """rc submit --input (on the main node) hashed a file whole before the
+    store's quota refused it: --input DIR now follows links to directories,
+    and a sparse disk image of a terabyte in one took hours of zeros to be
+    refused. Now its size is looked at first. Fails before: still hashing
+    after 30 s."""
+    image = tmp_path / "disk.img"
+    with open(str(image), "wb") as f:
+        f.truncate(1 << 40)
+    done = subprocess.run([RC, "submit", "shell", "ls", "--input", str(tmp_path)],
+                          env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=30)
+    assert done.returncode != 0 and "over the store's quota" in done.stderr, done
