@@ -6363,7 +6363,10 @@ def hold_partial(job, cache, sha, size, partial):
     into one partial file failed the second's task ("changed under us"), or
     left it writing a file the first had moved into the cache. The second
     waits until the first is done, then takes the blob from the cache."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:         # Windows: no locks, as it was
+        return open_partial(partial)
     told = False
     while True:
         if cached_by_another(cache, sha, size):
