@@ -1,7 +1,8 @@
-"""attack37: what session 36 changed, attacked from outside on a real
-cluster: an upload sent chunked to rc-web, and a worker's cache of task
-files (its partial fetches) holding what a fetch does not expect. Each
-test failed before the fix its docstring names, or says what held."""
+"""attack37: what session 36 changed, attacked on a real cluster: an
+upload sent chunked to rc-web; a worker's partial fetches holding what a
+fetch does not expect, or shared with another worker of its state
+directory; rc.client and rc submit given a FIFO or a terabyte for an
+input. Each test failed before the fix its docstring names."""
 import fcntl
 import hashlib
 import json
