@@ -6360,8 +6360,8 @@ def hold_partial(job, cache, sha, size, partial):
     """partial/<sha> opened (open_partial) and locked, for this fetch alone;
     None once the blob is in the cache. Workers may share a state directory
     (one user's two workers, ~/.rc-worker): two fetching one blob at once
-    into one partial file failed the second's task ("changed under us"), or
-    left it writing a file the first had moved into the cache. The second
+    into one partial file failed the second's task: "No such file" once the
+    first had moved it into the cache, or "changed under us". The second
     waits until the first is done, then takes the blob from the cache."""
     try:
         import fcntl
