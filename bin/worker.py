@@ -6315,17 +6315,14 @@ def download(job, cache, sha, size):
     """Fetch into partial/<sha>, resuming from its length; on a good hash it
     enters the cache. The sha256 found (the partial is deleted if wrong)."""
     partial = os.path.join(cache.dir, "partial", sha)
-    try:
-        have = os.lstat(partial).st_size
-    except OSError:
-        have = 0
-    if have > size:
-        os.unlink(partial)
-        have = 0
-    cache.make_room(size - have)
-    digest = file_sha256()
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(partial, flags, 0o600), "r+b") as partial_file:
+    fd = hold_partial(job, cache, sha, size, partial)
+    if fd is None:
+        return sha          # another worker sharing the state directory fetched it
+    with os.fdopen(fd, "r+b") as partial_file:
+        if os.fstat(fd).st_size > size:
+            partial_file.truncate(0)
+        cache.make_room(size - os.fstat(fd).st_size)
+        digest = file_sha256()
         while True:
             chunk = partial_file.read(FILES_CHUNK)       # hash what an earlier cut left
             if not chunk:
@@ -6349,12 +6346,106 @@ def download(job, cache, sha, size):
                 raise FilesError("the device's disk is full while fetching %s (%s): %s"
                                  % (sha[:12], mebibytes(size), e), code="disk_full")
             raise
-    got = digest.hexdigest()
-    if got == sha:
-        cache.add(sha, partial)
-    else:
-        os.unlink(partial)
+        # Into the cache (or gone) while it is held: a worker waiting for it
+        # finds it there, never a partial file it could take for its own.
+        got = digest.hexdigest()
+        if got == sha:
+            cache.add(sha, partial)
+        else:
+            os.unlink(partial)
     return got
+
+
+def hold_partial(job, cache, sha, size, partial):
+    """partial/<sha> opened (open_partial) and locked, for this fetch alone;
+    None once the blob is in the cache. Workers may share a state directory
+    (one user's two workers, ~/.rc-worker): two fetching one blob at once
+    into one partial file failed the second's task: "No such file" once the
+    first had moved it into the cache, or "changed under us". The second
+    waits until the first is done, then takes the blob from the cache."""
+    try:
+        import fcntl
+    except ImportError:         # Windows: no locks, as it was
+        return open_partial(partial)
+    told = False
+    while True:
+        if cached_by_another(cache, sha, size):
+            return None
+        fd = open_partial(partial)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return fd           # a file system without locks: as it was
+            busy = True
+        else:
+            busy = False
+            try:        # not moved into the cache (or removed) since it was opened
+                if os.path.samestat(os.fstat(fd), os.lstat(partial)):
+                    return fd
+            except OSError:
+                pass
+        os.close(fd)
+        if busy and not told:
+            told = True
+            log("info", "fetch_waits", sha256=sha, message="another worker sharing this"
+                " state directory is fetching it; its copy is taken once it is done")
+        if job.cancelled:
+            raise FilesError("cancelled", code="cancelled")
+        time.sleep(FILES_GATE_POLL / 5)
+
+
+def cached_by_another(cache, sha, size):
+    """Whether the cache holds the blob, at `size`, though its index did
+    not: another worker sharing the state directory put it there since the
+    index was read. Indexed now, as Cache.load would have it."""
+    import stat
+    try:
+        info = os.lstat(cache.path(sha))
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    cache.load()
+    with cache.lock:
+        cache.enter(sha, [info.st_size, info.st_atime, info.st_mtime_ns,
+                          (info.st_dev, info.st_ino)])
+    return True
+
+
+def open_partial(path):
+    """A descriptor of the partial file at `path` (made if need be) for a
+    fetch to resume in: a regular file. Anything else of its name (a link,
+    a FIFO, a directory, left there by hand or another program) is removed
+    first: each failed every fetch of the blob (a link's O_NOFOLLOW, a
+    FIFO not seekable, a directory); O_NONBLOCK: a FIFO does not block."""
+    import stat
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except OSError:
+        if not other_than_a_file(path):
+            raise
+    else:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    log("warning", "partial_file_replaced", path=path,
+        message="not a regular file: removed, and the blob fetched from its start")
+    if os.path.isdir(path) and not os.path.islink(path):
+        remove_tree(path)
+    else:
+        os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o600)
+
+
+def other_than_a_file(path):
+    import stat
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def goes_direct(size):

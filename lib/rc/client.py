@@ -1014,6 +1014,11 @@ class Cluster:
         """put(path), or what it gave last time for the file unchanged since
         (map() of many tasks with one input file sends it once)."""
         info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            # put() would read a device (/dev/zero: for ever, into memory) or
+            # wait on a FIFO; rc submit --input refuses them too.
+            raise TypeError("%r is not a regular file: a task's input or stdin given as"
+                            " a path must be one (put(data) stores bytes)" % path)
         key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
         if key not in self.put_paths:
             self.put_paths[key] = self.put(path)

@@ -399,7 +399,13 @@ def hash_file(path):
 
 def store_path(connection, config, path):
     """A local file into the store (the `rc` command on the main node):
-    hashed first, so a file the store holds already is not copied again."""
+    hashed first, so a file the store holds already is not copied again;
+    one over the quota is refused before (a sparse file of a terabyte took
+    its hours of zeros to be told so)."""
+    quota = config.files_quota_mb * MIB
+    if os.stat(path).st_size > quota:
+        raise FileStoreError("quota", "the file is %d bytes, over the store's quota of %d"
+                                      " (files_quota_mb)" % (os.stat(path).st_size, quota))
     sha256, size = hash_file(path)
     if hold(connection, config, sha256, size):
         return sha256, size

@@ -29,7 +29,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
-from waitress.utilities import RequestEntityTooLarge
+from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from rc import tls
 
@@ -88,6 +88,11 @@ def address_key(address):
     return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_PREFIX), strict=False))
 
 
+class LengthRequired(BadRequest):
+    code = 411
+    reason = "Length Required"
+
+
 class Request(HTTPRequestParser):
     """A request whose body limit is decided on its headers: `body_limit`,
     or what `long_body` allows it (then it is `long`: see Channel.overdue).
@@ -108,6 +113,12 @@ class Request(HTTPRequestParser):
             allowed = self.allowance()
             self.long = allowed is not None
             self.body_limit = allowed if self.long else self.limits["body_limit"]
+            if self.long and self.chunked:
+                # waitress would take the whole body (up to the allowance, to
+                # a temporary file) before the app could see there is no length.
+                self.error = LengthRequired("send the body with a Content-Length")
+                self.completed, self.expect_continue = True, False    # no 100 Continue
+                return consumed
         if max(self.content_length, self.body_bytes_received) > self.body_limit:
             self.error = RequestEntityTooLarge("exceeds max_body of %s" % self.body_limit)
             self.completed = True
