@@ -397,15 +397,21 @@ def hash_file(path):
     return digest.hexdigest(), size
 
 
+def check_quota(config, size):
+    """FileStoreError("quota") for a file bigger than the whole store may
+    hold, told before any of it is read."""
+    quota = config.files_quota_mb * MIB
+    if size > quota:
+        raise FileStoreError("quota", "the file is %d bytes, over the store's quota of %d"
+                                      " (files_quota_mb)" % (size, quota))
+
+
 def store_path(connection, config, path):
     """A local file into the store (the `rc` command on the main node):
     hashed first, so a file the store holds already is not copied again;
     one over the quota is refused before (a sparse file of a terabyte took
     its hours of zeros to be told so)."""
-    quota = config.files_quota_mb * MIB
-    if os.stat(path).st_size > quota:
-        raise FileStoreError("quota", "the file is %d bytes, over the store's quota of %d"
-                                      " (files_quota_mb)" % (os.stat(path).st_size, quota))
+    check_quota(config, os.stat(path).st_size)
     sha256, size = hash_file(path)
     if hold(connection, config, sha256, size):
         return sha256, size

@@ -141,10 +141,8 @@ class Peer:
         self.opened_at = time.monotonic()
         self.handshaking = False       # TLS handshake still going on
         self.partial_since = None      # when the unfinished frame in inbox began
-        self.allowance = None          # messages it may still send now (a token bucket)
-        self.allowance_at = self.opened_at
-        self.byte_allowance = None     # bytes we may still read from it now (another)
-        self.byte_allowance_at = self.opened_at
+        self.messages = None           # throttle.TokenBucket of what it may send, from its first
+        self.received = None           # ... and of the bytes we may read from it
         self.paused_until = None       # over max_receive_mb: nothing read from it until then
         self.pushed = set()            # (task_id, attempt) sent as task_assign
         self.cancels_sent = set()
@@ -638,21 +636,18 @@ class Server:
             self.partial.add(peer)
 
     def charge_bytes(self, peer, count):
-        """Another token bucket, of bytes: max_receive_mb a second, bursts
-        of twice that. Past it nothing more is read from the peer until the
+        """max_receive_mb of bytes a second, bursts of twice that. Past it nothing more is read from the peer until the
         bucket holds a byte again; what it sends meanwhile waits in its
         socket, and TCP slows it. A device sending as fast as it can (frames
         of any type, each answered or dropped) held rc-server's loop from
         every other device, a core of the main node busy."""
         now = time.monotonic()
-        rate = self.config.max_receive_mb * 1048576.0
-        if peer.byte_allowance is None:
-            peer.byte_allowance = 2.0 * rate
-        peer.byte_allowance = min(2.0 * rate, peer.byte_allowance
-                                  + (now - peer.byte_allowance_at) * rate) - count
-        peer.byte_allowance_at = now
-        if peer.byte_allowance < 0:
-            peer.paused_until = now - peer.byte_allowance / rate
+        if peer.received is None:
+            rate = self.config.max_receive_mb * 1048576.0
+            peer.received = throttle.TokenBucket(rate, 2.0 * rate, now)
+        left = peer.received.take(count, now)
+        if left < 0:
+            peer.paused_until = now - left / peer.received.rate
             self.paused.add(peer)
             self.watch(peer)
 
@@ -673,15 +668,12 @@ class Server:
                     self.contain(peer, "serve", e)
 
     def within_rate(self, peer, count):
-        """A token bucket: max_message_rate a second, bursts of twice that."""
+        """max_message_rate a second, bursts of twice that."""
         now = time.monotonic()
-        rate = self.config.max_message_rate
-        if peer.allowance is None:
-            peer.allowance = 2.0 * rate
-        peer.allowance = min(2.0 * rate, peer.allowance + (now - peer.allowance_at) * rate)
-        peer.allowance_at = now
-        peer.allowance -= count
-        return peer.allowance >= 0
+        if peer.messages is None:
+            rate = self.config.max_message_rate
+            peer.messages = throttle.TokenBucket(rate, 2.0 * rate, now)
+        return peer.messages.take(count, now) >= 0
 
     def receive(self, peer, line):
         self.heard_from(peer)

@@ -92,6 +92,20 @@ class LimitedLog:
         return held is not None
 
 
+class TokenBucket:
+    """`rate` a second, bursts of `burst`: take() spends and says what is
+    left, below 0 when overdrawn (rc-server's limits of one connection)."""
+    __slots__ = ("rate", "burst", "tokens", "at")
+
+    def __init__(self, rate, burst, now):
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, now
+
+    def take(self, count, now):
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate) - count
+        self.at = now
+        return self.tokens
+
+
 class Spaced:
     """A write per key at most every `gap` seconds, for frames a device may
     send faster than its worker does (task_output, task_progress): what

@@ -1324,10 +1324,10 @@ class FileRoutes:
             # curl -F wraps the file in a form, which would be stored as it came.
             raise ApiError(415, "send the file's bytes as the body (curl --data-binary"
                                 " @FILE), not a multipart form (curl -F)")
-        quota = config.files_quota_mb * files.MIB
-        if length > quota:
-            raise ApiError(413, "the file is %d bytes, over the store's quota of %d"
-                                " (files_quota_mb)" % (length, quota))
+        try:
+            files.check_quota(config, length)
+        except files.FileStoreError as e:
+            raise ApiError(FILE_STATUS[e.code], str(e))
         expected = raw_header("X-Content-SHA256") or None
         if expected is not None and not files.is_sha256(expected.strip().lower()):
             raise ApiError(400, "X-Content-SHA256 must be 64 hex digits, not %r"
