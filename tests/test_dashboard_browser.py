@@ -44,6 +44,14 @@ def wait_for(predicate, timeout, what):
     raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
 
 
+def wait_terminal(page, timeout=30):
+    """Until the page's terminal is made. Polled with page.evaluate, not
+    wait_for_function: that one polls by evaluating a string in the page,
+    which the dashboard's CSP (no 'unsafe-eval') refuses whenever its first
+    look finds nothing, as on a busy machine."""
+    wait_for(lambda: page.evaluate("window.rcTerm !== undefined"), timeout, "the terminal")
+
+
 class MainNode:
     """The four programs as processes, without supervisord, and workers."""
 
@@ -145,7 +153,7 @@ def page(browser, node, request):
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
     page.goto(node.base + "/#/terminal")
-    page.wait_for_function("window.rcTerm !== undefined")
+    wait_terminal(page)
     yield page
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, request.node.name + ".png"))
@@ -221,7 +229,7 @@ def test_history_survives_a_reload(page):
     type_line(page, "status")
     wait_screen(page, "devices_online")
     page.reload()
-    page.wait_for_function("window.rcTerm !== undefined")
+    wait_terminal(page)
     wait_prompt(page)
     page.keyboard.press("ArrowUp")
     wait_for(lambda: current_line(page) == "rc> status", 5, "the last command recalled")
@@ -233,7 +241,7 @@ def test_theme_is_switched_and_remembered(page):
     wait_screen(page, "theme amber")
     assert page.evaluate("document.body.className") == "theme-amber"
     page.reload()
-    page.wait_for_function("window.rcTerm !== undefined")
+    wait_terminal(page)
     assert page.evaluate("document.body.className") == "theme-amber"
     assert page.evaluate("window.rcTerm.options.theme.background") == "#140c00"
     type_line(page, "theme blue")

@@ -19,7 +19,7 @@ import pytest
 from rc import db, devices
 from test_dashboard_browser import (ARTIFACTS, CHROMIUM, MainNode, browser,  # noqa: F401
                                     current_line, joined_node, screen, type_line, wait_for,
-                                    wait_prompt, wait_screen)
+                                    wait_prompt, wait_screen, wait_terminal)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium"),
@@ -100,7 +100,7 @@ def open_page(browser, node, size, path="/"):
                                                   (message.location or {}).get("url"))))
     page.on("pageerror", lambda error: page.problems.append(str(error)))
     page.goto(node.base + path)
-    page.wait_for_function("window.rcTerm !== undefined")
+    wait_terminal(page)
     return page
 
 
@@ -369,7 +369,7 @@ def test_typing_on_the_overview_goes_to_the_terminal(browser, node):
     page = open_page(browser, node, "desktop")
     page.wait_for_selector('[data-device="browser-pi"]')
     page.keyboard.type("status")
-    page.wait_for_function("location.hash === '#/terminal'")
+    wait_for(lambda: page.evaluate("location.hash") == "#/terminal", 30, "the terminal's view")
     wait_for(lambda: current_line(page) == "rc> status", 5, "every key in the terminal")
     page.keyboard.press("Enter")
     wait_screen(page, "devices_online")

@@ -352,7 +352,8 @@ def test_the_dashboard_never_puts_the_token_in_a_url(cluster):
             page.on("response", lambda r: streams.append((r.url, r.status))
                     if "/stream/devices" in r.url or "/stream/tasks" in r.url else None)
             page.goto("http://127.0.0.1:%d/#/terminal" % cluster.config.web_port)
-            page.wait_for_function("window.rcTerm !== undefined")
+            # page.evaluate, not wait_for_function: the CSP refuses its polling
+            wait_for(lambda: page.evaluate("window.rcTerm !== undefined"), 30, "the terminal")
             page.keyboard.type("login")
             page.keyboard.press("Enter")
             page.keyboard.type(cluster.admin_token)
