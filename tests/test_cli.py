@@ -379,6 +379,52 @@ def test_local_worker_execs_the_worker_with_the_token_file(cluster_home, monkeyp
     assert argv[18:] == ["--slots", "2"] and commands.local_device_id().endswith("-local")
 
 
+def test_local_worker_options_come_after_its_own_and_before_the_command_lines(
+        cluster_home, monkeypatch, tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"local_worker_options": ["--slots", "1", "--tag", "nas"]}))
+    monkeypatch.setenv("RC_CONFIG", str(settings))
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
+    assert rc("local-worker", "--log-level", "debug")[0] == 0
+    assert calls[0][18:] == ["--slots", "1", "--tag", "nas", "--log-level", "debug"]
+
+
+@pytest.mark.parametrize("options, named", [
+    ([1], "must be strings"), (["--state-dir=/tmp/elsewhere"], "--state-dir"),
+    (["--state", "/tmp/elsewhere"], "--state"),          # argparse's abbreviation of it
+    (["--token-file", "/tmp/t"], "--token-file"), (["--hide"], "--hide"),
+    (["--slots", "2", "--join", "10.0.0.1"], "--join")])
+def test_local_worker_options_that_rc_local_worker_sets_are_refused(tmp_path, options, named):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"local_worker_options": options}))
+    with pytest.raises(config_module.ConfigError) as refused:
+        config_module.load(str(settings), environ={"RC_HOME": str(tmp_path / "var")})
+    assert named in str(refused.value) and "local_worker_options" in str(refused.value)
+
+
+def test_wait_ready_says_at_once_why_the_local_worker_exits(cluster_home, monkeypatch):
+    """A wrong option in local_worker_options: supervisord restarts the
+    worker, which exits as it starts, again and again (BACKOFF). make run
+    says the worker's own words, not 'no sign of a connected worker' after
+    its whole timeout."""
+    config, _ = cluster_home
+    states = {"rc-server": "RUNNING", "rc-worker": "STARTING"}
+    monkeypatch.setattr(commands, "accepts", lambda host, port: True)
+    monkeypatch.setattr(commands.health, "supervisor_answers", lambda config: True)
+    monkeypatch.setattr(commands.health, "program_states", lambda config: dict(states))
+    with open(os.path.join(config.log_dir, "rc-worker.log"), "w") as f:
+        f.write("usage: worker.py [-h] ...\nworker.py: error: unrecognized arguments: --slotz 2\n")
+    status, out, err = rc("wait-ready", "--timeout", "0.3")      # starting: it waits
+    assert status == 1 and "no sign of a connected worker" in err
+    states["rc-worker"] = "BACKOFF"
+    started = time.monotonic()
+    status, out, err = rc("wait-ready", "--timeout", "20")
+    assert status == 1 and time.monotonic() - started < 15
+    assert "rc-worker" in err and "unrecognized arguments: --slotz 2" in err
+    assert "BACKOFF" in err and "rc-worker.log" in err and len(err.splitlines()) == 1
+
+
 def test_wait_ready_gives_up_with_one_line(cluster_home, monkeypatch):
     monkeypatch.setenv("RC_TCP_PORT", "1")
     status, out, err = rc("wait-ready", "--timeout", "0.1")

@@ -1266,6 +1266,9 @@ def cmd_wait_ready(arguments, context):
     while waiting:
         if waiting[0][1]():
             waiting.pop(0)
+        elif len(waiting) == 1 and local_worker_failing(config):
+            raise CommandError("the local worker (rc-worker) exits as it starts: %s"
+                               % local_worker_failing(config))
         elif time.monotonic() >= deadline:
             raise CommandError("no sign of %s after %g s; see `rc logs`"
                                % (waiting[0][0], arguments.timeout))
@@ -1281,6 +1284,27 @@ def cmd_wait_ready(arguments, context):
     else:
         raise CommandError("the main node started but is not healthy: %s; `rc health -v`"
                            " and `rc logs` say more" % report.line())
+
+
+def local_worker_failing(config):
+    """The last line rc-worker wrote when supervisord finds it exiting as it
+    starts (BACKOFF, FATAL: a wrong option in local_worker_options, a
+    refusal), and where its log is; "" while it starts or runs."""
+    try:
+        state = health.program_states(config).get("rc-worker")
+    except (OSError, health.SupervisorError):
+        return ""
+    if state not in ("BACKOFF", "FATAL"):
+        return ""
+    path = os.path.join(config.log_dir, "rc-worker.log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        lines = []
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return "%s (%s, %s)" % (last[:300] or "it wrote nothing", state, path)
 
 
 # Health findings that settle by themselves in the first seconds after a
@@ -1372,7 +1396,7 @@ def cmd_local_worker(arguments, context):
     # it, and as root runs tasks as uids of their own; a worker that can do
     # neither accepts only echo, sleep and system_info, and logs why.
     argv += ["--hide", config.home, "--read-only", rc_config.CHECKOUT]
-    argv += extra
+    argv += config.local_worker_options + extra
     context.out.flush()
     os.execv(sys.executable, argv)
 

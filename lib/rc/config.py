@@ -27,6 +27,11 @@ STARTED_WITH = "started_with.json"    # in the state directory: those variables,
 PORTS = (("tcp_port", "tcp_host", "RC_TCP_PORT"), ("web_port", "web_host", "RC_WEB_PORT"),
          ("files_port", "tcp_host", "RC_FILES_PORT"))
 WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
+# The worker options `rc local-worker` gives itself (its main node, its
+# secret's place, what its tasks may not see): local_worker_options may not.
+LOCAL_WORKER_OWN_OPTIONS = ("--join", "--token", "--token-file", "--device-id", "--state-dir",
+                            "--web-port", "--fingerprint", "--fingerprint-file", "--hide",
+                            "--read-only")
 
 
 class ConfigError(Exception):
@@ -176,6 +181,23 @@ def check_together(settings, where):
     if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
         raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
                           % where)
+    check_local_worker_options(settings["local_worker_options"], where)
+
+
+def check_local_worker_options(options, where):
+    """Strings, each an option of bin/worker.py or its value (the worker
+    itself says which it does not know), none of those rc local-worker sets."""
+    for option in options:
+        if not isinstance(option, str):
+            raise ConfigError("%s: local_worker_options must be strings (the worker's command"
+                              " line), not %r" % (where, option))
+        name = option.split("=", 1)[0]
+        # The worker's argparse takes an abbreviation (--state for --state-dir),
+        # and the last of two wins: these come after rc local-worker's own.
+        if name.startswith("--") and len(name) > 2 and any(
+                own.startswith(name) for own in LOCAL_WORKER_OWN_OPTIONS):
+            raise ConfigError("%s: local_worker_options may not give %s: `rc local-worker`"
+                              " sets it for the main node's own worker" % (where, name))
 
 
 def parse_int(name, text):

@@ -107,6 +107,8 @@ POLL_INTERVAL = 0.05            # seconds between looks for changes in the datab
                                 # no doorbell rings (see lib/rc/bell.py)
 REAPER_INTERVAL = 1.0           # seconds between the reaper's sweeps
 LOG_LEVEL = "info"              # debug, info, warning or error
+LOCAL_WORKER_OPTIONS = []       # more options for the main node's own worker (rc-worker,
+                                # `rc local-worker`), e.g. ["--slots", "1", "--tag", "nas"]
 
 # -- operations: health, history, alerts, housekeeping ------------------------
 HEALTH_SUPERVISOR = True        # `rc health` checks that every supervisord program runs;
