@@ -12,7 +12,8 @@ Prints one table and writes it to test-artifacts/bench_files.json. The
 machine may be busy with other work: wall-clock rates move with it, so CPU
 seconds per GiB and per task are printed too (no target), and for the small
 files the whole machine's busy time per task (kernel work done outside the
-programs: the journal, writeback, loopback softirq). Next to the 1 GiB
+programs: the journal, writeback, loopback softirq) and what creating one
+file costs where the programs make theirs (file_create_us). Next to the 1 GiB
 share, the most the machine allows: the CPU the transfer cannot do without
 (the ceiling's TLS at both ends, SHA-256, the write and the read of the
 file, each measured here) spread perfectly over its cores.
