@@ -118,10 +118,10 @@ def file_create_us(directory, times=50):
     O_CREAT | O_EXCL, then close), the median of `times`; each is removed
     after. A condition of the machine where the bench's programs make their
     files, printed beside the figures it weighs on: on ext4 without a
-    journal (this VM's root file system) a new inode is never one freed in
-    the last 60 to 360 seconds, and the allocator looks at each of those in
+    journal (this VM's root file system) a new inode is not one freed in the
+    last 60 to 360 seconds, and the allocator looks at each of those in
     turn, so a file made where other work removed thousands (pytest's old
-    temporary directories, other clusters' task directories) costs 0.3-1 ms
+    temporary directories, other clusters' task directories) costs 0.2-1 ms
     of CPU instead of ~20-40 us. Few: the ones it removes are such inodes
     for the files the bench makes next."""
     samples, paths = [], []
