@@ -113,6 +113,32 @@ def process_start_ms(times=500):
     return samples[len(samples) // 2] * 1000
 
 
+def file_create_us(directory, times=50):
+    """Microseconds to create one empty file in `directory` (open with
+    O_CREAT | O_EXCL, then close), the median of `times`; each is removed
+    after. A condition of the machine where the bench's programs make their
+    files, printed beside the figures it weighs on: on ext4 without a
+    journal (this VM's root file system) a new inode is not one freed in the
+    last 60 to 360 seconds, and the allocator looks at each of those in
+    turn, so a file made where other work removed thousands (pytest's old
+    temporary directories, other clusters' task directories) costs 0.2-1 ms
+    of CPU instead of ~20-40 us. Few: the ones it removes are such inodes
+    for the files the bench makes next."""
+    samples, paths = [], []
+    try:
+        for number in range(times):
+            path = os.path.join(directory, "bench-probe-%d-%d" % (os.getpid(), number))
+            started = time.perf_counter()
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            samples.append(time.perf_counter() - started)
+            paths.append(path)
+    finally:
+        for path in paths:
+            os.unlink(path)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6
+
+
 # push rbx; mov eax, 4; xor ecx, ecx; cpuid; pop rbx; ret (x86-64): CPUID leaf
 # 4, the cache description the C library's start-up asks for again and again.
 CPUID_CODE = bytes.fromhex("53b80400000031c90fa25bc3")

@@ -12,7 +12,8 @@ Prints one table and writes it to test-artifacts/bench_files.json. The
 machine may be busy with other work: wall-clock rates move with it, so CPU
 seconds per GiB and per task are printed too (no target), and for the small
 files the whole machine's busy time per task (kernel work done outside the
-programs: the journal, writeback, loopback softirq). Next to the 1 GiB
+programs: the journal, writeback, loopback softirq) and what creating one
+file costs where the programs make theirs (file_create_us). Next to the 1 GiB
 share, the most the machine allows: the CPU the transfer cannot do without
 (the ceiling's TLS at both ends, SHA-256, the write and the read of the
 file, each measured here) spread perfectly over its cores.
@@ -32,7 +33,8 @@ import time
 import psutil
 import pytest
 
-from bench_common import RssSampler, Table, cpu_seconds, percentile, process_start_ms
+from bench_common import (RssSampler, Table, cpu_seconds, file_create_us, percentile,
+                          process_start_ms)
 from cluster_harness import REPO, Cluster, online, wait_for
 from rc import tls
 
@@ -375,10 +377,12 @@ def test_small_files_tasks(cluster):
         plain_busy = machine_busy_seconds() - busy
         plain_programs, programs = difference(cpu_by_program(cluster), programs), \
             cpu_by_program(cluster)
+        creating = files_created_us(cluster)
         busy = machine_busy_seconds()
         with_files, files_cpu = small_files_rate(cluster, api, SMALL_TASKS)
         files_busy = machine_busy_seconds() - busy
         files_programs = difference(cpu_by_program(cluster), programs)
+        creating = [(a + b) / 2 for a, b in zip(creating, files_created_us(cluster))]
         after, _ = shell_true_rate(cluster, api, SMALL_TASKS)
     finally:
         api.close()
@@ -399,11 +403,33 @@ def test_small_files_tasks(cluster):
                  " a task here starts one (tr, its simple command), as shell true does",
                  "-", process_start_ms(),
                  "ms", True)
+    TABLE.record("... this machine: one file created where rc-web and rc-server make blobs"
+                 " (median, mean of before and after; where the worker makes its tasks'"
+                 " directories %.0f us); a task here creates five (docs/benchmarks.md)"
+                 % creating[1], "-",
+                 creating[0], "us", True)
     for name in ("worker", "rc-files", "rc-web", "rc-server", "rc-scheduler"):
         TABLE.record("... of which %s (shell true: %.2f)" % (
             "the worker, its spawner and tasks" if name == "worker" else name,
             plain_programs[name] * 1000 / SMALL_TASKS), "-",
             files_programs[name] * 1000 / SMALL_TASKS, "ms", True)
+
+
+def files_created_us(cluster):
+    """file_create_us where rc-web and rc-server make the blobs, and where the
+    worker makes its tasks' files (made as rc-web would, if not yet)."""
+    partial = os.path.join(cluster.home, "files", "partial")
+    os.makedirs(partial, 0o700, exist_ok=True)
+    return [file_create_us(directory) for directory in (partial, worker_task_root(cluster))]
+
+
+def worker_task_root(cluster):
+    """The bench worker's directory of task directories (worker.py's
+    task_root), or its state directory if that is elsewhere (a $TMPDIR/
+    rc-worker-EUID someone else made)."""
+    root = os.path.join(os.environ.get("TMPDIR") or "/tmp", "rc-worker-%d" % os.geteuid(),
+                        "%s.%d" % (DEVICE, cluster.workers[DEVICE].pid))
+    return root if os.path.isdir(root) else os.path.join(cluster.home, "worker-state")
 
 
 # Every process, the bench's own, and kernel threads (journal, writeback, softirq),
