@@ -1040,12 +1040,11 @@ class UpgradeError(Exception):
 # >>> Region "upgrade": the worker process loads it on first use (load_region).
 
 def fetch_worker(host, port, expected_sha256=None):
-    from urllib.request import urlopen
     url = "http://%s:%d/worker.py" % ("[%s]" % host if ":" in host else host, port)
     try:
-        with urlopen(url, timeout=UPGRADE_TIMEOUT) as response:
-            source = response.read(UPGRADE_MAX_BYTES + 1)
-    except Exception as e:      # URLError, HTTPError, timeouts, bad responses
+        source = download_within(host, port, "/worker.py", UPGRADE_TIMEOUT,
+                                 UPGRADE_MAX_BYTES + 1)
+    except Exception as e:      # OSError, HTTPException, timeouts, bad responses
         raise UpgradeError("cannot download %s: %s" % (url, e))
     if len(source) > UPGRADE_MAX_BYTES:
         raise UpgradeError("%s is over %d bytes" % (url, UPGRADE_MAX_BYTES))
@@ -1058,6 +1057,44 @@ def fetch_worker(host, port, expected_sha256=None):
         raise UpgradeError("%s does not compile on Python %s: %s"
                            % (url, sys.version.split()[0], e))
     return source
+
+
+def download_within(host, port, path, seconds, limit):
+    """GET http://host:port/path, at most `limit` bytes, all within `seconds`.
+    A socket's timeout bounds each wait, not the whole: whoever answers at
+    the main node's address (rc-web on loopback only, a box that took the
+    address) dripping a byte a second held the worker's loop, and with it
+    every heartbeat and result, for as long as it liked. At the deadline the
+    socket is shut, which ends the read waiting on it."""
+    import http.client
+    import threading
+    deadline = time.monotonic() + seconds
+    connection = http.client.HTTPConnection(host, port, timeout=seconds)
+    try:
+        connection.connect()
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut_socket,
+                                (connection.sock,))
+        timer.start()
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            if response.status != 200:
+                raise UpgradeError("HTTP %d %s" % (response.status, response.reason[:100]))
+            body = response.read(limit)
+        finally:
+            timer.cancel()
+        if time.monotonic() >= deadline:
+            raise UpgradeError("not done within %g seconds" % seconds)
+        return body
+    finally:
+        connection.close()
+
+
+def shut_socket(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def is_own_file(expected_sha256):
