@@ -2853,6 +2853,9 @@ PR_SET_CHILD_SUBREAPER = 36
 CLONE_PARENT = 0x00008000
 CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "armv7l": 120,
                   "armv6l": 120, "i686": 120}      # clone's number, by machine
+KEYCTL_SYSCALLS = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "armv7l": 311,
+                   "armv6l": 311, "i686": 288}     # keyctl's number, by machine
+KEYCTL_JOIN_SESSION_KEYRING = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
@@ -2893,6 +2896,8 @@ def enter_sandbox(jail):
     cgroup, isolate it, bound its processes and become the task's uid."""
     if jail.get("cgroup"):
         write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
+    if jail.get("uid") is not None:
+        join_new_session_keyring()
     if jail.get("isolate"):
         isolate(jail)
     if jail.get("uid") is not None:
@@ -2905,6 +2910,29 @@ def enter_sandbox(jail):
         os.environ["PATH"] = jail["path"]
     if jail.get("mark"):
         os.environ[TASK_MARK] = jail["mark"]
+
+
+def join_new_session_keyring():
+    """Give this process (a task about to start, or the spawner about to
+    start one) a new, empty session keyring. A process keeps its parent's,
+    and whoever has a keyring as its session's possesses it, whatever its
+    uid: every task of a root worker could read and write the worker's
+    (a login's, holding root's own keys, or systemd's per service), a key
+    one task left there was any other task's to read, for the worker's
+    life. Nothing where the kernel has no keyrings or a container's seccomp
+    refuses keyctl (no task can use them then), nor on Android (whose
+    seccomp kills a process for it)."""
+    number = KEYCTL_SYSCALLS.get(os.uname().machine)
+    if number is None or not sys.platform.startswith("linux") or "ANDROID_ROOT" in os.environ:
+        return
+    import ctypes
+    if not libc:
+        libc.append(ctypes.CDLL(None, use_errno=True))
+    if libc[0].syscall(ctypes.c_long(number), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                       None) < 0:
+        number = ctypes.get_errno()
+        if number not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(number, "keyctl: %s" % os.strerror(number))
 
 
 def needs_child_setup(jail):
@@ -4331,6 +4359,8 @@ def spawn_command(request, stdout_fd, stderr_fd):
     if jail.get("mark"):
         environment[TASK_MARK] = jail["mark"]
     saved = own_identity(jail)
+    if jail.get("uid") is not None:
+        join_new_session_keyring()      # the child's: it is born with the spawner's
     try:
         borrow_task_identity(jail, environment)
         environment.update(request.get("env") or {})     # files: the task's env, last

@@ -4,13 +4,16 @@ in the session's report; each test here failed before the fix its
 docstring names."""
 import importlib.util
 import os
+import platform
 import socket
+import sys
 import threading
 import time
 
 import pytest
 
-WORKER = os.path.join(os.path.dirname(__file__), "..", "bin", "worker.py")
+from cluster_harness import WORKER, Cluster, online, private, wait_for
+from hostile_harness import assert_completes, readable_by_others, submit_to, unharmed
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +75,82 @@ def test_a_worker_py_served_a_byte_at_a_time_is_given_up_at_the_deadline(worker_
     listener.close()
     assert not fetching.is_alive(), "the download outlived its deadline"
     assert outcome and "within 2 seconds" in outcome[0], outcome
+
+
+# -- a root worker's tasks and the kernel's keyrings --------------------------------
+
+KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}.get(platform.machine())
+keyrings = pytest.mark.skipif(
+    os.geteuid() != 0 or KEYCTL is None or not os.path.exists("/proc/keys"),
+    reason="a uid per task needs a root worker; keyrings need Linux on x86-64 or arm64")
+
+# A worker started as systemd starts a service (KeyringMode=private: a
+# session keyring of its own) or from a root login (pam_keyinit), holding a
+# key of root's there.
+IN_A_SESSION_KEYRING = """import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(%(keyctl)d, ctypes.c_long(1), None) >= 0         # a session keyring
+secret = b"root's own key"
+assert libc.syscall(%(add_key)d, b"user", b"rc38-root", secret, ctypes.c_size_t(len(secret)),
+                    ctypes.c_long(-3)) >= 0
+os.execv(sys.executable, [sys.executable, "-I", %(worker)r] + sys.argv[1:])
+"""
+# A task: add a key to its session keyring (argument "add"), or print
+# what its session keyring gives for each name.
+KEY_TASK = ("python3 -c 'import ctypes, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "if sys.argv[1] == \"add\":\n"
+            "    libc.syscall(%(add_key)d, b\"user\", b\"rc38-task\", b\"a task secret\","
+            " ctypes.c_size_t(13), ctypes.c_long(-3)); print(\"added\")\n"
+            "for name in (b\"rc38-root\", b\"rc38-task\"):\n"
+            "    key = libc.syscall(%(keyctl)d, ctypes.c_long(10), ctypes.c_long(-3), b\"user\","
+            " name, ctypes.c_long(0))\n"
+            "    data = ctypes.create_string_buffer(64)\n"
+            "    size = libc.syscall(%(keyctl)d, ctypes.c_long(11), ctypes.c_long(key), data,"
+            " ctypes.c_long(64)) if key > 0 else -1\n"
+            "    print(name.decode(), data.raw[:size] if size > 0 else None)' %%s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real cluster; its good worker is root (tasks as 61820-61823) and,
+    as a system service's is, in a session keyring of its own."""
+    cluster = Cluster(tmp_path_factory.mktemp("s38"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        start_in_keyring(cluster, GOOD, "--slots", "2", "--task-user", "61820:4")
+        wait_for(lambda: GOOD in online(cluster), 30, "the worker " + GOOD)
+        yield cluster
+    finally:
+        cluster.stop()
+    assert readable_by_others(cluster.home) == []
+
+
+GOOD = "good38"
+
+
+def start_in_keyring(cluster, device_id, *extra):
+    if KEYCTL is None:
+        return cluster.start_worker(device_id, *extra)
+    wrapper = os.path.join(cluster.home, "in_keyring.py")
+    with open(wrapper, "w", opener=private) as f:
+        f.write(IN_A_SESSION_KEYRING % dict(keyctl=KEYCTL[1], add_key=KEYCTL[0],
+                                            worker=os.path.abspath(WORKER)))
+    return cluster.start_worker(device_id, *extra, worker=wrapper)
+
+
+@keyrings
+def test_a_task_has_a_session_keyring_of_its_own(cluster):
+    """A task's process was born with the worker's session keyring, and a
+    keyring one's session is, it possesses, whatever its uid: every task of
+    a root worker read root's own keys there, and what one task added any
+    other task read, as long as the worker ran. Fails before: the second
+    task (another uid, and the same one later) printed both keys."""
+    command = KEY_TASK % dict(keyctl=KEYCTL[1], add_key=KEYCTL[0])
+    with unharmed(cluster, GOOD):
+        writer = submit_to(cluster, GOOD, command % "add")
+        assert_completes(cluster, writer, "added")
+        for _ in range(2):      # one of each of the two slots' uids
+            reader = submit_to(cluster, GOOD, command % "look")
+            assert_completes(cluster, reader, "rc38-root None\nrc38-task None\n")
