@@ -2855,7 +2855,9 @@ CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "armv7l": 120,
                   "armv6l": 120, "i686": 120}      # clone's number, by machine
 KEYCTL_SYSCALLS = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "armv7l": 311,
                    "armv6l": 311, "i686": 288}     # keyctl's number, by machine
-KEYCTL_JOIN_SESSION_KEYRING = 1
+KEYCTL_GET_KEYRING_ID, KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEYCTL_LINK = 0, 1, 7, 8
+KEYCTL_INVALIDATE, KEYCTL_GET_PERSISTENT = 21, 22
+KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
 LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
@@ -3451,6 +3453,9 @@ class Leftovers(object):
         removed = remove_ipc_of(uid)
         if removed:
             log("info", "task_leftovers_removed", path="/proc/sysvipc", uid=uid, entries=removed)
+        removed = remove_keys_of(uid)
+        if removed:
+            log("info", "task_leftovers_removed", path="/proc/key-users", uid=uid, entries=removed)
         for directory in self.directories:
             try:
                 changed = os.stat(directory).st_mtime_ns
@@ -3503,6 +3508,65 @@ def remove_ipc_of(uid):
                 except (OSError, ValueError):
                     pass
     return removed
+
+
+def remove_keys_of(uid):
+    """Empty the kernel keyrings `uid` keeps beyond its processes (its user
+    keyring, user session keyring and persistent keyring, which lives three
+    days): the next task of that uid could link them into its session and
+    read what they hold. From a child that takes the uid, and only when
+    /proc/key-users charges it keys (nearly never: no fork per task). How
+    many keys it was charged."""
+    charged = keys_charged_to(uid)
+    if not charged or os.uname().machine not in KEYCTL_SYSCALLS:
+        return 0
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+            syscall = ctypes.CDLL(None, use_errno=True).syscall
+            number = KEYCTL_SYSCALLS[os.uname().machine]
+
+            def keyctl(*arguments):
+                return syscall(*[ctypes.c_long(a) for a in (number,) + arguments])
+            # Only a possessor may empty the persistent keyring: a session
+            # keyring of this child's own, made as root, with the uid's
+            # user keyring (which holds the persistent one) linked into it.
+            keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
+            os.setgroups([])
+            os.setuid(uid)
+            keyctl(KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING)
+            persistent = keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_USER_KEYRING)
+            if persistent > 0:
+                keyctl(KEYCTL_CLEAR, persistent)
+            # The user keyrings go, and what only they held with them. By
+            # their ids: naming one by its special number makes both again.
+            rings = [keyctl(KEYCTL_GET_KEYRING_ID, ring, 0) for ring in
+                     (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING)]
+            for ring in rings:
+                if ring > 0:
+                    keyctl(KEYCTL_INVALIDATE, ring)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return charged
+
+
+def keys_charged_to(uid):
+    """How many keys /proc/key-users says `uid` is charged (its quota's
+    count), 0 where there is no such file."""
+    try:
+        text = read_small_file("/proc/key-users").decode("ascii", "replace")
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        words = line.replace(":", " ").split()
+        if len(words) >= 4 and words[0] == str(uid):
+            try:
+                return int(words[3].split("/")[0])
+            except ValueError:
+                return 0
+    return 0
 
 
 def write_all(descriptor, data):

@@ -14,6 +14,7 @@ import pytest
 
 from cluster_harness import WORKER, Cluster, online, private, wait_for
 from hostile_harness import assert_completes, readable_by_others, submit_to, unharmed
+from rc import tasks
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,10 @@ def cluster(tmp_path_factory):
 GOOD = "good38"
 
 
+def output_of(cluster, task_id):
+    return tasks.get(cluster.db, task_id)["result"]["output"]
+
+
 def start_in_keyring(cluster, device_id, *extra):
     if KEYCTL is None:
         return cluster.start_worker(device_id, *extra)
@@ -154,3 +159,45 @@ def test_a_task_has_a_session_keyring_of_its_own(cluster):
         for _ in range(2):      # one of each of the two slots' uids
             reader = submit_to(cluster, GOOD, command % "look")
             assert_completes(cluster, reader, "rc38-root None\nrc38-task None\n")
+
+
+# A task of a uid: keep a key in the uid's user keyring and persistent
+# keyring ("add"), or link both into its session (as any process of the uid
+# may) and print what it finds there ("look"); its uid first.
+UID_KEY_TASK = ("python3 -c 'import ctypes, os, sys\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                "print(os.getuid())\n"
+                "libc.syscall(%(keyctl)d, ctypes.c_long(8), ctypes.c_long(-4), ctypes.c_long(-3))\n"
+                "persistent = libc.syscall(%(keyctl)d, ctypes.c_long(22), ctypes.c_long(-1),"
+                " ctypes.c_long(-4))\n"
+                "if sys.argv[1] == \"add\":\n"
+                "    for name, ring in ((b\"rc38-user\", -4), (b\"rc38-persistent\", persistent)):\n"
+                "        assert libc.syscall(%(add_key)d, b\"user\", name, b\"left behind\","
+                " ctypes.c_size_t(11), ctypes.c_long(ring)) > 0, name\n"
+                "    print(\"added\")\n"
+                "for name in (b\"rc38-user\", b\"rc38-persistent\"):\n"
+                "    key = libc.syscall(%(keyctl)d, ctypes.c_long(10), ctypes.c_long(-3), b\"user\","
+                " name, ctypes.c_long(0))\n"
+                "    print(name.decode(), \"found\" if key > 0 else None)' %%s")
+
+
+@keyrings
+def test_a_task_finds_no_key_its_uid_left(cluster):
+    """A uid's user keyring and persistent keyring outlive its task (the
+    persistent one three days), and task uids are reused: the next task of
+    the uid, any submitter's, linked them into its session and read what
+    the last one kept there (a credential a tool stores, a plant for the
+    next). As SysV IPC: removed before the uid's next task. Fails before:
+    the next task of the uid found both."""
+    command = UID_KEY_TASK % dict(keyctl=KEYCTL[1], add_key=KEYCTL[0])
+    with unharmed(cluster, GOOD):
+        writer = submit_to(cluster, GOOD, command % "add")
+        assert_completes(cluster, writer, "added")
+        uid = output_of(cluster, writer).split()[0]
+        for _ in range(8):      # the uids of both slots, taken in turn
+            reader = submit_to(cluster, GOOD, command % "look")
+            assert_completes(cluster, reader, "rc38-user None\nrc38-persistent None\n")
+            if output_of(cluster, reader).split()[0] == uid:
+                break
+        else:
+            pytest.fail("no task ran as %s again" % uid)
