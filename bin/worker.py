@@ -1081,6 +1081,10 @@ def download_within(host, port, path, seconds, limit):
             if response.status != 200:
                 raise UpgradeError("HTTP %d %s" % (response.status, response.reason[:100]))
             body = response.read(limit)
+        except Exception:
+            if time.monotonic() < deadline:
+                raise
+            body = None         # cut by the shut socket (an end of file, or a reset)
         finally:
             timer.cancel()
         if time.monotonic() >= deadline:
