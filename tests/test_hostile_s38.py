@@ -6,6 +6,7 @@ import importlib.util
 import os
 import platform
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -200,3 +201,50 @@ def test_a_task_finds_no_key_its_uid_left(cluster):
             assert_completes(cluster, reader, "rc38-user None\nrc38-persistent None\n")
         assert uid in [output_of(cluster, reader).split()[0] for reader in readers]
 
+
+# -- rc-web's read_access=local -------------------------------------------------------
+
+# As another local user: connect to rc-web from 127.0.0.N, bound to the port
+# of an established socket of the main node's user (rc-web's own listening
+# port: its side of this very connection is one), and print each answer.
+SAME_PORT_READER = r"""import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+port = int(sys.argv[1])
+for last in range(2, 22):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.%d" % last, port))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /api/v1/tasks HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    print(answer.split(b"\r\n")[0].decode())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/proc/net/tcp")
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="another uid needs root to become; socket owners need /proc")
+def test_another_local_user_is_not_taken_for_the_main_nodes_own(cluster):
+    """read_access=local: rc-web found the owner of a loopback client's
+    socket by its port alone in /proc/net/tcp, the first established
+    socket with that local port: another local user (or a task on the local
+    worker) bound to 127.0.0.2:WEB_PORT matched rc-web's own side of its
+    connection and read every task, payloads and results, without the
+    token (the local worker's connection's port serves as well with rc-web
+    on 0.0.0.0). Now the client's end is matched by its address and port,
+    and the remote end's port. Fails before: 200 for about half of the 20
+    connections."""
+    with unharmed(cluster, GOOD):
+        done = subprocess.run(["/usr/bin/python3", "-I", "-c", SAME_PORT_READER,
+                               str(cluster.config.web_port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+        answers = done.stdout.splitlines()
+        assert len(answers) == 20, done.stdout[-2000:]
+        assert all(" 401 " in answer for answer in answers), answers
