@@ -2902,7 +2902,7 @@ def enter_sandbox(jail):
     cgroup, isolate it, bound its processes and become the task's uid."""
     if jail.get("cgroup"):
         write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
-    if jail.get("uid") is not None:
+    if jail.get("uid") is not None or jail.get("isolate"):
         join_new_session_keyring()
     if jail.get("isolate"):
         isolate(jail)
@@ -2925,7 +2925,7 @@ def join_new_session_keyring():
     uid: every task of a root worker could read and write the worker's
     (a login's, holding root's own keys, or systemd's per service), a key
     one task left there was any other task's to read, for the worker's
-    life. Nothing where the kernel has no keyrings or a container's seccomp
+    life; an --isolate task, its user's login keyring. Nothing where the kernel has no keyrings or a container's seccomp
     refuses keyctl (no task can use them then), nor on Android (whose
     seccomp kills a process for it)."""
     number = KEYCTL_SYSCALLS.get(os.uname().machine)

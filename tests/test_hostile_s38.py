@@ -5,9 +5,11 @@ docstring names."""
 import importlib.util
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -248,3 +250,68 @@ def test_another_local_user_is_not_taken_for_the_main_nodes_own(cluster):
         answers = done.stdout.splitlines()
         assert len(answers) == 20, done.stdout[-2000:]
         assert all(" 401 " in answer for answer in answers), answers
+
+
+# -- a worker of a normal user with --isolate, in that user's login keyring ---------
+
+def nobody_can_isolate():
+    from test_hostile_s34 import nobody_has_user_namespaces
+    return os.geteuid() == 0 and KEYCTL is not None and nobody_has_user_namespaces()
+
+
+# The user's own "interpreter" for WorkerProcess: python3 as nobody, in a
+# session keyring that holds a key of the user's (a login's, pam_keyinit).
+AS_NOBODY_IN_A_KEYRING = """#!/bin/sh
+exec %(setpriv)s --reuid=%(nobody)d --regid=%(gid)d --clear-groups env HOME=%(home)s \\
+    %(python)s -I -c 'import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(%(keyctl)d, ctypes.c_long(1), None) >= 0
+secret = b"the user key"
+assert libc.syscall(%(add_key)d, b"user", b"rc38-user", secret, ctypes.c_size_t(len(secret)),
+                    ctypes.c_long(-3)) >= 0
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])' "$@"
+"""
+LOOK_FOR_THE_USER_KEY = ("python3 -c 'import ctypes\n"
+                         "libc = ctypes.CDLL(None, use_errno=True)\n"
+                         "key = libc.syscall(%d, ctypes.c_long(10), ctypes.c_long(-3), b\"user\","
+                         " b\"rc38-user\", ctypes.c_long(0))\n"
+                         "print(\"found\" if key > 0 else \"none\")'")
+
+
+@pytest.mark.skipif(not nobody_can_isolate(),
+                    reason="needs root (to run the worker as nobody), user namespaces and"
+                           " keyrings on x86-64 or arm64")
+def test_an_isolated_task_has_a_session_keyring_of_its_own():
+    """--isolate hides the worker's user's secrets from its tasks; its
+    session keyring (a login's, which pam_keyinit links to the user's own
+    keyring) stayed theirs to read. Fails before: 'found'."""
+    from test_sandbox import NOBODY, SETPRIV, SYSTEM_PYTHON
+    from test_worker import FakeMain, WorkerProcess
+    import pwd
+    top = tempfile.mkdtemp(prefix="rc-test-s38-")     # pytest's tmp_path is root's only
+    os.chmod(top, 0o755)
+    home = os.path.join(top, "home")
+    os.mkdir(home)
+    os.chown(home, NOBODY, -1)
+    python = os.path.join(home, "python-in-a-keyring")
+    with open(python, "w") as f:
+        f.write(AS_NOBODY_IN_A_KEYRING % dict(
+            setpriv=SETPRIV, nobody=NOBODY, gid=pwd.getpwnam("nobody").pw_gid, home=home,
+            python=SYSTEM_PYTHON, keyctl=KEYCTL[1], add_key=KEYCTL[0]))
+    os.chmod(python, 0o755)
+    state = os.path.join(home, "state")
+    os.mkdir(state, 0o700)
+    os.chown(state, NOBODY, -1)
+    main = FakeMain()
+    worker = WorkerProcess(python, main.port, os.path.join(home, "worker.log"),
+                           "--state-dir", state, "--isolate")
+    try:
+        link = main.accept()
+        link.handshake()
+        result = link.run("shell", {"command": LOOK_FOR_THE_USER_KEY % KEYCTL[1]})
+        assert result["status"] == "completed", result
+        assert result["result"]["output"] == "none\n", result
+    finally:
+        worker.stop()
+        main.close()
+        shutil.rmtree(top, ignore_errors=True)
