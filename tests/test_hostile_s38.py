@@ -315,3 +315,67 @@ def test_an_isolated_task_has_a_session_keyring_of_its_own():
         worker.stop()
         main.close()
         shutil.rmtree(top, ignore_errors=True)
+
+
+# -- the main node's clock jumps forward (an NTP step, a clock set by hand) --------
+
+class JumpingClock:
+    """time.time and time.monotonic for rc-reaper's loop, and its stop flag:
+    between its first and second sweep the wall clock jumps an hour ahead
+    while one second passes; it stops after the second."""
+
+    JUMP = 3600.0
+
+    def __init__(self, wall):
+        self.wall, self.mono, self.sweeps = wall, 100.0, 0
+
+    def time(self):
+        return self.wall
+
+    def monotonic(self):
+        return self.mono
+
+    def __call__(self):         # should_stop
+        return self.sweeps >= 2
+
+    def pause(self, seconds):
+        self.sweeps += 1
+        self.wall += self.JUMP + 1.0
+        self.mono += 1.0
+
+
+def test_a_forward_jump_of_the_clock_fails_no_running_task(tmp_path, monkeypatch):
+    """Every time in the database is the wall clock's: after a jump of an
+    hour the reaper's next sweep failed every task running for good
+    (timed_out: its device's result then went nowhere), took back every
+    lease and put every device offline, as if an hour had passed. Now
+    rc-reaper notices the jump (the wall clock moving past the monotonic
+    one) and moves the times written before it by as much. Fails before:
+    ('queued', 2): the device put offline, its running task taken back."""
+    import io
+    from rc import config as config_module
+    from rc import db, devices, reaper, scheduler
+    from rc.log import Logger
+    log = Logger("test", "error", io.BytesIO())
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    start = time.time()
+    data = {"device_info": {"platform": "linux", "architecture": "x86_64"},
+            "hardware_specs": {"cpu_cores": 2, "memory_gb": 4.0}, "task_types": ["shell"],
+            "slots": 1, "role": "compute"}
+    with db.write(connection):
+        devices.register(connection, "steady", data, "127.0.0.1:1", start)
+    task_id = tasks.submit(connection, config, "shell", {"command": "sleep 1200"},
+                           timeout=600)
+    scheduler.schedule(connection, start, log, config)
+    with db.write(connection):
+        tasks.accept(connection, task_id, 1, "steady", start, 180.0)
+        devices.heartbeat(connection, "steady", {}, start)
+    clock = JumpingClock(start + 1.0)
+    monkeypatch.setattr(reaper, "time", clock)
+    reaper.run(config, log, clock)
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"]) == ("running", 1), task
+    device = connection.execute("SELECT status FROM devices WHERE device_id = 'steady'")
+    assert device.fetchone()[0] == "online"
+    connection.close()
