@@ -379,3 +379,32 @@ def test_a_forward_jump_of_the_clock_fails_no_running_task(tmp_path, monkeypatch
     device = connection.execute("SELECT status FROM devices WHERE device_id = 'steady'")
     assert device.fetchone()[0] == "online"
     connection.close()
+
+
+class ClockSteppingBack(JumpingClock):
+    """A minute and a second pass between the two sweeps, while the wall
+    clock is set back a day."""
+
+    def pause(self, seconds):
+        self.sweeps += 1
+        self.wall -= 86400.0
+        self.mono += 61.0
+
+
+def test_a_backward_step_of_the_clock_holds_up_no_minute_of_upkeep(tmp_path, monkeypatch):
+    """rc-reaper ran its minute's upkeep (the history row, the alert rules,
+    retention and the file store's sweep) when the wall clock passed the
+    last run's plus a minute: set back a day, it ran none for a day, and
+    no alert fired meanwhile. Now the minute is the monotonic clock's.
+    Fails before: one run of the two."""
+    import io
+    from rc import config as config_module
+    from rc import housekeeping, reaper
+    from rc.log import Logger
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    runs = []
+    monkeypatch.setattr(housekeeping, "every_minute", lambda *arguments: runs.append(1))
+    clock = ClockSteppingBack(time.time())
+    monkeypatch.setattr(reaper, "time", clock)
+    reaper.run(config, Logger("test", "error", io.BytesIO()), clock)
+    assert len(runs) == 2

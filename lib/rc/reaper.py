@@ -228,8 +228,10 @@ def run(config, log, should_stop):
             if jump:
                 move_past_jump(connection, log, now, jump)
             sweep(connection, config, log, now, log_limited)
-            if now >= next_prune:
-                next_prune = now + PRUNE_INTERVAL
+            # By the monotonic clock: after the wall clock stepped back a
+            # day, the minute's upkeep (history, alerts, retention) waited a day.
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
                 prune(connection, config, now)
                 housekeeping.every_minute(connection, config, log, now)
         except Exception as e:     # the next sweep comes as usual
