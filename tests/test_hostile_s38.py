@@ -1,7 +1,12 @@
 """attack38: Retire-Cluster attacked from outside as a stranger on the LAN,
-a device gone bad, a hostile task and a hostile input would: what held is
-in the session's report; each test here failed before the fix its
-docstring names."""
+a device gone bad, a hostile task and a local user would: a worker.py
+download dripped by whoever answers at the main node's web port (rc
+broadcast upgrade); a root worker's tasks and the kernel's keyrings (the
+worker's session keyring, the user and persistent keyrings a reused uid
+keeps) and an --isolate task and its user's login keyring; rc-web's
+read_access=local taken by another local user bound to 127.0.0.2; the main
+node's wall clock stepped forward and back under rc-reaper. Each test
+failed before the fix its docstring names."""
 import importlib.util
 import os
 import platform
