@@ -2925,9 +2925,10 @@ def join_new_session_keyring():
     uid: every task of a root worker could read and write the worker's
     (a login's, holding root's own keys, or systemd's per service), a key
     one task left there was any other task's to read, for the worker's
-    life; an --isolate task, its user's login keyring. Nothing where the kernel has no keyrings or a container's seccomp
-    refuses keyctl (no task can use them then), nor on Android (whose
-    seccomp kills a process for it)."""
+    life; an --isolate task, its user's login keyring. Nothing where the
+    kernel has no keyrings or a container's seccomp refuses keyctl (no task
+    can use them then), nor on Android (whose seccomp kills a process for
+    it)."""
     number = KEYCTL_SYSCALLS.get(os.uname().machine)
     if number is None or not sys.platform.startswith("linux") or "ANDROID_ROOT" in os.environ:
         return

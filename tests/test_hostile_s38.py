@@ -13,7 +13,6 @@ import platform
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -179,13 +178,14 @@ UID_KEY_TASK = ("python3 -c 'import ctypes, os, sys\n"
                 "persistent = libc.syscall(%(keyctl)d, ctypes.c_long(22), ctypes.c_long(-1),"
                 " ctypes.c_long(-4))\n"
                 "if sys.argv[1] == \"add\":\n"
-                "    for name, ring in ((b\"rc38-user\", -4), (b\"rc38-persistent\", persistent)):\n"
+                "    for name, ring in ((b\"rc38-user\", -4),"
+                " (b\"rc38-persistent\", persistent)):\n"
                 "        assert libc.syscall(%(add_key)d, b\"user\", name, b\"left behind\","
                 " ctypes.c_size_t(11), ctypes.c_long(ring)) > 0, name\n"
                 "    print(\"added\")\n"
                 "for name in (b\"rc38-user\", b\"rc38-persistent\"):\n"
-                "    key = libc.syscall(%(keyctl)d, ctypes.c_long(10), ctypes.c_long(-3), b\"user\","
-                " name, ctypes.c_long(0))\n"
+                "    key = libc.syscall(%(keyctl)d, ctypes.c_long(10), ctypes.c_long(-3),"
+                " b\"user\", name, ctypes.c_long(0))\n"
                 "    print(name.decode(), \"found\" if key > 0 else None)' %%s")
 
 
