@@ -119,6 +119,13 @@ KEY_TASK = ("python3 -c 'import ctypes, sys\n"
             "    print(name.decode(), data.raw[:size] if size > 0 else None)' %%s")
 
 
+PYTHON_KEY_TASK = ("import ctypes\n"
+                   "libc = ctypes.CDLL(None, use_errno=True)\n"
+                   "key = libc.syscall(%d, ctypes.c_long(10), ctypes.c_long(-3), b'user',"
+                   " b'rc38-root', ctypes.c_long(0))\n"
+                   "print('rc38-root', 'found' if key > 0 else None)\n")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A real cluster; its good worker is root (tasks as 61820-61823) and,
@@ -166,6 +173,10 @@ def test_a_task_has_a_session_keyring_of_its_own(cluster):
         for _ in range(2):      # one of each of the two slots' uids
             reader = submit_to(cluster, GOOD, command % "look")
             assert_completes(cluster, reader, "rc38-root None\nrc38-task None\n")
+        # A Python task, forked from the spawner's template rather than spawned.
+        done = cluster.rc("submit", "python_exec", PYTHON_KEY_TASK % KEYCTL[1], "--require",
+                          "device_id=%s" % GOOD)
+        assert_completes(cluster, int(done.stdout.strip()), "rc38-root None\n")
 
 
 # A task of a uid: keep a key in the uid's user keyring and persistent
