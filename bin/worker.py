@@ -3445,9 +3445,9 @@ def remove_entry(name, dir_fd, remove):
 
 class Leftovers(object):
     """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
-    SysV IPC), removed before the next task of that uid starts: task uids
-    are reused, and a task must not read another's files (nor the disk or
-    memory keep them). A directory is read again only when it changed since
+    SysV IPC, kernel keyrings), removed when its task ends and again before
+    the next task of that uid starts: task uids are reused, and a task must
+    not read another's files (nor the disk or memory keep them). A directory is read again only when it changed since
     that uid's last look (a busy /tmp costs ~1 ms to scan)."""
 
     def __init__(self, directories=SHARED_TEMP_DIRS):
@@ -3866,6 +3866,11 @@ class Sandbox(object):
         if jail.get("cgroup"):
             self.cgroups.remove(jail["cgroup"])
         if jail.get("uid") is not None and not self.shared_uid:
+            # Now too, not only before its next task: uids are taken lowest
+            # first, and a second slot's may not run again for days, while
+            # its files in /dev/shm hold the device's memory.
+            if self.own_uids():
+                self.leftovers.remove(jail["uid"])
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         if task.workdir is not None:      # else files took it for an upload (upload_first)

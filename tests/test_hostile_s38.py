@@ -424,3 +424,29 @@ def test_a_backward_step_of_the_clock_holds_up_no_minute_of_upkeep(tmp_path, mon
     monkeypatch.setattr(reaper, "time", clock)
     reaper.run(config, Logger("test", "error", io.BytesIO()), clock)
     assert len(runs) == 2
+
+
+# -- what a task's uid leaves in shared places, after the task ----------------------
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/dev/shm"),
+                    reason="a uid per task needs a root worker")
+def test_what_a_task_leaves_in_dev_shm_goes_when_it_ends(cluster):
+    """/dev/shm is memory. What a task's uid left there (and in /tmp,
+    /var/tmp...) was removed only before that uid's next task, and uids are
+    taken lowest first: the uid of a second slot, used only while another
+    task ran, may not run again for days, and its task's files held the
+    device's memory (or disk) all that time. Now they go at its task's end
+    too. Fails before: the file is still there 10 s after its task ended."""
+    name = "/dev/shm/rc38-%d" % os.getpid()
+    try:
+        with unharmed(cluster, GOOD):
+            holder = submit_to(cluster, GOOD, "sleep 3; echo held")
+            wait_for(lambda: tasks.get(cluster.db, holder)["state"] == "running", 20,
+                     "the first slot taken")
+            leaver = submit_to(cluster, GOOD, "head -c 1048576 /dev/zero > %s; id -u" % name)
+            assert_completes(cluster, leaver, "\n")
+            assert_completes(cluster, holder, "held")
+            wait_for(lambda: not os.path.exists(name), 10, "%s removed" % name)
+    finally:
+        if os.path.exists(name):
+            os.remove(name)
