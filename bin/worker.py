@@ -1040,12 +1040,11 @@ class UpgradeError(Exception):
 # >>> Region "upgrade": the worker process loads it on first use (load_region).
 
 def fetch_worker(host, port, expected_sha256=None):
-    from urllib.request import urlopen
     url = "http://%s:%d/worker.py" % ("[%s]" % host if ":" in host else host, port)
     try:
-        with urlopen(url, timeout=UPGRADE_TIMEOUT) as response:
-            source = response.read(UPGRADE_MAX_BYTES + 1)
-    except Exception as e:      # URLError, HTTPError, timeouts, bad responses
+        source = download_within(host, port, "/worker.py", UPGRADE_TIMEOUT,
+                                 UPGRADE_MAX_BYTES + 1)
+    except Exception as e:      # OSError, HTTPException, timeouts, bad responses
         raise UpgradeError("cannot download %s: %s" % (url, e))
     if len(source) > UPGRADE_MAX_BYTES:
         raise UpgradeError("%s is over %d bytes" % (url, UPGRADE_MAX_BYTES))
@@ -1058,6 +1057,48 @@ def fetch_worker(host, port, expected_sha256=None):
         raise UpgradeError("%s does not compile on Python %s: %s"
                            % (url, sys.version.split()[0], e))
     return source
+
+
+def download_within(host, port, path, seconds, limit):
+    """GET http://host:port/path, at most `limit` bytes, all within `seconds`.
+    A socket's timeout bounds each wait, not the whole: whoever answers at
+    the main node's address (rc-web on loopback only, a box that took the
+    address) dripping a byte a second held the worker's loop, and with it
+    every heartbeat and result, for as long as it liked. At the deadline the
+    socket is shut, which ends the read waiting on it."""
+    import http.client
+    import threading
+    deadline = time.monotonic() + seconds
+    connection = http.client.HTTPConnection(host, port, timeout=seconds)
+    try:
+        connection.connect()
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut_socket,
+                                (connection.sock,))
+        timer.start()
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            if response.status != 200:
+                raise UpgradeError("HTTP %d %s" % (response.status, response.reason[:100]))
+            body = response.read(limit)
+        except Exception:
+            if time.monotonic() < deadline:
+                raise
+            body = None         # cut by the shut socket (an end of file, or a reset)
+        finally:
+            timer.cancel()
+        if time.monotonic() >= deadline:
+            raise UpgradeError("not done within %g seconds" % seconds)
+        return body
+    finally:
+        connection.close()
+
+
+def shut_socket(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def is_own_file(expected_sha256):
@@ -2816,6 +2857,11 @@ PR_SET_CHILD_SUBREAPER = 36
 CLONE_PARENT = 0x00008000
 CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "armv7l": 120,
                   "armv6l": 120, "i686": 120}      # clone's number, by machine
+KEYCTL_SYSCALLS = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "armv7l": 311,
+                   "armv6l": 311, "i686": 288}     # keyctl's number, by machine
+KEYCTL_GET_KEYRING_ID, KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CLEAR, KEYCTL_LINK = 0, 1, 7, 8
+KEYCTL_INVALIDATE, KEYCTL_GET_PERSISTENT = 21, 22
+KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
 LINUX_CAPABILITY_VERSION_3 = 0x20080522      # capset's header: two 32-bit words of each set
 # statvfs flags a bind remount must keep (the kernel locks them in a user namespace).
 KEPT_MOUNT_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
@@ -2856,6 +2902,8 @@ def enter_sandbox(jail):
     cgroup, isolate it, bound its processes and become the task's uid."""
     if jail.get("cgroup"):
         write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
+    if jail.get("uid") is not None or jail.get("isolate"):
+        join_new_session_keyring()
     if jail.get("isolate"):
         isolate(jail)
     if jail.get("uid") is not None:
@@ -2868,6 +2916,30 @@ def enter_sandbox(jail):
         os.environ["PATH"] = jail["path"]
     if jail.get("mark"):
         os.environ[TASK_MARK] = jail["mark"]
+
+
+def join_new_session_keyring():
+    """Give this process (a task about to start, or the spawner about to
+    start one) a new, empty session keyring. A process keeps its parent's,
+    and whoever has a keyring as its session's possesses it, whatever its
+    uid: every task of a root worker could read and write the worker's
+    (a login's, holding root's own keys, or systemd's per service), a key
+    one task left there was any other task's to read, for the worker's
+    life; an --isolate task, its user's login keyring. Nothing where the
+    kernel has no keyrings or a container's seccomp refuses keyctl (no task
+    can use them then), nor on Android (whose seccomp kills a process for
+    it)."""
+    number = KEYCTL_SYSCALLS.get(os.uname().machine)
+    if number is None or not sys.platform.startswith("linux") or "ANDROID_ROOT" in os.environ:
+        return
+    import ctypes
+    if not libc:
+        libc.append(ctypes.CDLL(None, use_errno=True))
+    if libc[0].syscall(ctypes.c_long(number), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                       None) < 0:
+        number = ctypes.get_errno()
+        if number not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(number, "keyctl: %s" % os.strerror(number))
 
 
 def needs_child_setup(jail):
@@ -3373,9 +3445,9 @@ def remove_entry(name, dir_fd, remove):
 
 class Leftovers(object):
     """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
-    SysV IPC), removed before the next task of that uid starts: task uids
-    are reused, and a task must not read another's files (nor the disk or
-    memory keep them). A directory is read again only when it changed since
+    SysV IPC, kernel keyrings), removed when its task ends and again before
+    the next task of that uid starts: task uids are reused, and a task must
+    not read another's files (nor the disk or memory keep them). A directory is read again only when it changed since
     that uid's last look (a busy /tmp costs ~1 ms to scan)."""
 
     def __init__(self, directories=SHARED_TEMP_DIRS):
@@ -3386,6 +3458,9 @@ class Leftovers(object):
         removed = remove_ipc_of(uid)
         if removed:
             log("info", "task_leftovers_removed", path="/proc/sysvipc", uid=uid, entries=removed)
+        removed = remove_keys_of(uid)
+        if removed:
+            log("info", "task_leftovers_removed", path="/proc/key-users", uid=uid, entries=removed)
         for directory in self.directories:
             try:
                 changed = os.stat(directory).st_mtime_ns
@@ -3438,6 +3513,65 @@ def remove_ipc_of(uid):
                 except (OSError, ValueError):
                     pass
     return removed
+
+
+def remove_keys_of(uid):
+    """Empty the kernel keyrings `uid` keeps beyond its processes (its user
+    keyring, user session keyring and persistent keyring, which lives three
+    days): the next task of that uid could link them into its session and
+    read what they hold. From a child that takes the uid, and only when
+    /proc/key-users charges it keys (nearly never: no fork per task). How
+    many keys it was charged."""
+    charged = keys_charged_to(uid)
+    if not charged or os.uname().machine not in KEYCTL_SYSCALLS:
+        return 0
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import ctypes
+            syscall = ctypes.CDLL(None, use_errno=True).syscall
+            number = KEYCTL_SYSCALLS[os.uname().machine]
+
+            def keyctl(*arguments):
+                return syscall(*[ctypes.c_long(a) for a in (number,) + arguments])
+            # Only a possessor may empty the persistent keyring: a session
+            # keyring of this child's own, made as root, with the uid's
+            # user keyring (which holds the persistent one) linked into it.
+            keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0)
+            os.setgroups([])
+            os.setuid(uid)
+            keyctl(KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING)
+            persistent = keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_USER_KEYRING)
+            if persistent > 0:
+                keyctl(KEYCTL_CLEAR, persistent)
+            # The user keyrings go, and what only they held with them. By
+            # their ids: naming one by its special number makes both again.
+            rings = [keyctl(KEYCTL_GET_KEYRING_ID, ring, 0) for ring in
+                     (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING)]
+            for ring in rings:
+                if ring > 0:
+                    keyctl(KEYCTL_INVALIDATE, ring)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return charged
+
+
+def keys_charged_to(uid):
+    """How many keys /proc/key-users says `uid` is charged (its quota's
+    count), 0 where there is no such file."""
+    try:
+        text = read_small_file("/proc/key-users").decode("ascii", "replace")
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        words = line.replace(":", " ").split()
+        if len(words) >= 4 and words[0] == str(uid):
+            try:
+                return int(words[3].split("/")[0])
+            except ValueError:
+                return 0
+    return 0
 
 
 def write_all(descriptor, data):
@@ -3732,6 +3866,11 @@ class Sandbox(object):
         if jail.get("cgroup"):
             self.cgroups.remove(jail["cgroup"])
         if jail.get("uid") is not None and not self.shared_uid:
+            # Now too, not only before its next task: uids are taken lowest
+            # first, and a second slot's may not run again for days, while
+            # its files in /dev/shm hold the device's memory.
+            if self.own_uids():
+                self.leftovers.remove(jail["uid"])
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         if task.workdir is not None:      # else files took it for an upload (upload_first)
@@ -4294,6 +4433,8 @@ def spawn_command(request, stdout_fd, stderr_fd):
     if jail.get("mark"):
         environment[TASK_MARK] = jail["mark"]
     saved = own_identity(jail)
+    if jail.get("uid") is not None:
+        join_new_session_keyring()      # the child's: it is born with the spawner's
     try:
         borrow_task_identity(jail, environment)
         environment.update(request.get("env") or {})     # files: the task's env, last

@@ -23,6 +23,10 @@ from rc import db, devices, housekeeping, program, tasks, throttle
 from rc.states import ASSIGNED, CANCELLED, OFFLINE, ONLINE, RUNNING, TIMED_OUT
 
 PRUNE_INTERVAL = 60.0   # seconds between trims of the heartbeat history
+# Seconds the wall clock may move forward past the monotonic clock between two
+# sweeps before it is a jump (an NTP step, a clock set by hand), whose times
+# written before it are moved with it (see ClockWatch).
+CLOCK_JUMP_SECONDS = 10.0
 TASK_ROW = "SELECT %s FROM tasks" % tasks.LEASE_COLUMNS
 
 
@@ -137,6 +141,51 @@ def fail_one_overdue(connection, log, now, grace, row):
                     device_id=row["device_id"])
 
 
+class ClockWatch:
+    """Notices the wall clock jumping forward: every time in the database
+    is the wall clock's, and after a jump of an hour the tasks running and
+    the devices heard from before it looked an hour older. Every running
+    task past its timeout by then was failed (timed_out, for good, though
+    its device ran it on), every lease expired, every device went offline.
+    A jump is what the wall clock moved past the monotonic one; the times
+    written before it (no later than the wall clock then) are moved with
+    it, so that durations stay what they were. (Backward, nothing moves:
+    what is overdue is only found later.)"""
+
+    def __init__(self):
+        self.last = None
+
+    def jump(self, wall, monotonic):
+        """Seconds the wall clock jumped forward since the last look, or 0."""
+        last, self.last = self.last, (wall, monotonic)
+        if last is None:
+            return 0.0
+        moved = (wall - last[0]) - (monotonic - last[1])
+        return moved if moved > CLOCK_JUMP_SECONDS else 0.0
+
+
+def move_past_jump(connection, log, now, jump):
+    """Move the times written before a forward jump of `jump` seconds (the
+    wall clock read `now - jump` or less then) by as much."""
+    before = now - jump
+    with db.write(connection):
+        for column in ("assigned_at", "started_at"):
+            connection.execute(
+                "UPDATE tasks SET %s = %s + :jump WHERE %s AND %s <= :before"
+                % (column, column, db.ACTIVE_SQL, column), {"jump": jump, "before": before})
+        # A lease (a time to come) runs out with the jump only if it ends before now.
+        connection.execute("UPDATE tasks SET lease_expires = lease_expires + :jump WHERE %s"
+                           " AND lease_expires < :now" % db.ACTIVE_SQL,
+                           {"jump": jump, "now": now})
+        for column in ("last_seen", "disconnected_at"):
+            connection.execute("UPDATE devices SET %s = %s + :jump WHERE %s <= :before"
+                               % (column, column, column), {"jump": jump, "before": before})
+        connection.execute("UPDATE devices SET held_until = held_until + :jump"
+                           " WHERE held_until > :before AND held_until < :now",
+                           {"jump": jump, "before": before, "now": now})
+    log.warning("clock_jumped", seconds=round(jump, 3))
+
+
 def prune(connection, config, now):
     """Keep about `heartbeat_history` heartbeats per device."""
     devices.prune_heartbeats(connection,
@@ -170,13 +219,19 @@ def run(config, log, should_stop):
              disconnect_grace=config.disconnect_grace)
     log_limited = throttle.LimitedLog(log)
     keeper = WalKeeper(connection)
+    clock = ClockWatch()
     next_prune = 0.0
     while not should_stop():
         now = time.time()
         try:
+            jump = clock.jump(now, time.monotonic())
+            if jump:
+                move_past_jump(connection, log, now, jump)
             sweep(connection, config, log, now, log_limited)
-            if now >= next_prune:
-                next_prune = now + PRUNE_INTERVAL
+            # By the monotonic clock: after the wall clock stepped back a
+            # day, the minute's upkeep (history, alerts, retention) waited a day.
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
                 prune(connection, config, now)
                 housekeeping.every_minute(connection, config, log, now)
         except Exception as e:     # the next sweep comes as usual

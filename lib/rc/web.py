@@ -1256,32 +1256,47 @@ def is_local_peer(environ):
     socket (no /proc/net/tcp), loopback is enough, as before."""
     if not web_results.is_loopback(environ.get("REMOTE_ADDR")):
         return False
-    owner = loopback_socket_owner(environ.get("REMOTE_PORT"))
+    owner = loopback_socket_owner(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"),
+                                  environ.get("SERVER_PORT"))
     return owner is None or owner == os.getuid()
 
 
-def loopback_socket_owner(client_port):
-    """The uid that owns the client's end (local port `client_port`, an
-    established connection) of a loopback connection, from /proc/net/tcp and
-    tcp6; None where unknown."""
+def loopback_socket_owner(client_address, client_port, server_port=None):
+    """The uid that owns the client's end of a loopback connection (an
+    established socket whose local end is `client_address`:`client_port`
+    and whose remote end's port is `server_port`), from /proc/net/tcp or
+    tcp6; None where unknown. The whole address, not the port alone: any
+    local user may bind 127.0.0.2 to a port a socket of ours has (rc-web's
+    own, the local worker's), and the first socket of that port in the
+    table was taken for the client's."""
     try:
-        wanted = ":%04X" % int(client_port)
+        address = ipaddress.ip_address(client_address)
+        local = proc_net_address(address, int(client_port))
     except (TypeError, ValueError):
         return None
-    found_table = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        found_table = True
-        for line in lines:
-            fields = line.split()
-            # sl local_address rem_address st(01: established) tx:rx tr:when retrnsmt uid
-            if len(fields) > 7 and fields[1].endswith(wanted) and fields[3] == "01":
-                return int(fields[7])
-    return -1 if found_table else None      # a table but no such socket: not ours
+    remote = ":%04X" % int(server_port) if str(server_port).isdigit() else None
+    try:
+        with open("/proc/net/tcp6" if address.version == 6 else "/proc/net/tcp") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # sl local_address rem_address st(01: established) tx:rx tr:when retrnsmt uid
+        if len(fields) > 7 and fields[1] == local and fields[3] == "01" \
+                and (remote is None or fields[2].endswith(remote)):
+            return int(fields[7])
+    return -1       # a table but no such socket: not ours
+
+
+def proc_net_address(address, port):
+    """An address and port as /proc/net/tcp (tcp6) writes them: each 32-bit
+    word of the address in hex, in this machine's byte order."""
+    packed = address.packed
+    words = [packed[i:i + 4] for i in range(0, len(packed), 4)]
+    if sys.byteorder == "little":
+        words = [word[::-1] for word in words]
+    return "%s:%04X" % ("".join(word.hex().upper() for word in words), port)
 
 
 def own_host_names(extra):
