@@ -71,7 +71,7 @@ STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* 
 # ...and a link save a task's file (GET .../files/NAME): a browser that kept
 # the token otherwise had to fetch the whole file into memory to send it.
 STREAM_COOKIE_PATHS = ("/stream", "/api/v1/tasks")
-COOKIE_DOWNLOAD = re.compile(r"/api/v1/tasks/[0-9]+/files/.")
+COOKIE_DOWNLOAD = re.compile(r"/api/v1/tasks/[0-9]+/files/.", re.DOTALL)
 STREAM_SESSION_SECONDS = 12 * 3600    # how long one stream cookie lasts
 THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
@@ -1628,7 +1628,10 @@ def file_routes(routes):
     return [("POST", UPLOAD_PATH, routes.upload, "admin"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
             ("GET", "/api/v1/tasks/<task_id:id>/files", routes.task_list, "read"),
-            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:path>", routes.task_file, "read")]
+            # Bottle's :path is ".+?", which stops at a newline: a file of a task
+            # may have one in its name (`rc map --files` of such a file).
+            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:re:[\\s\\S]+>", routes.task_file,
+             "read")]
 
 
 def upload_allowance(web, request, quota):
