@@ -52,3 +52,34 @@ def test_a_task_file_with_a_newline_in_its_name_downloads(cluster, tmp_path):
     assert "%0A" in url          # the dashboard's link, as encodeURIComponent makes it
     assert subprocess.run(["curl", "-fsS", url], stdout=subprocess.PIPE,
                           timeout=30).stdout == b"two lines\n"
+
+
+def map_group(cluster, stderr):
+    """The map number `rc map` printed first on stderr (`map 12: 40 inputs`)."""
+    first = stderr.splitlines()[0]
+    assert first.startswith("map "), stderr
+    return int(first.split()[1].rstrip(":"))
+
+
+def test_rc_map_into_head_stops_queuing_and_says_so(cluster, tmp_path):
+    """`seq 40 | rc map 'sleep 0.3; echo {}' | head -1`, as with GNU
+    Parallel or xargs, printed one line; rc map then died of the closed
+    pipe (status 141) without a word, and every one of the 40 tasks still
+    ran on the fleet, unseen. Now it cancels what is queued, as GNU
+    Parallel and xargs start nothing more once their output is gone, and
+    one line says so and how to run the rest."""
+    done = subprocess.run(
+        ["bash", "-c", "seq 40 | %s map 'sleep 0.3; echo {}' | head -1;"
+         " echo \"status ${PIPESTATUS[1]}\"" % RC], env=cluster.env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].isdigit() and lines[1] == "status 141", done
+    group_id = map_group(cluster, done.stderr)
+    states = dict(cluster.db.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                                     " GROUP BY state", (group_id,)).fetchall())
+    assert "queued" not in states and states.get("cancelled", 0) > 20, states
+    said = done.stderr.splitlines()[-1]
+    assert said.startswith("map %d: its output was closed (a reader such as `head` left): "
+                           % group_id), done.stderr
+    assert said.endswith("`rc map --resume %d` runs the rest again" % group_id)
+    assert "Traceback" not in done.stderr

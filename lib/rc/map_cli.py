@@ -620,6 +620,9 @@ class Runner:
                 self.progress.draw(self.failed)
         except KeyboardInterrupt:
             return self.interrupted()
+        except BrokenPipeError:
+            self.output_closed()
+            raise           # rc's exit status for it, 141, and nothing more written
         return self.finish()
 
     def resume_note(self):
@@ -847,6 +850,26 @@ class Runner:
                               group_id, group_id))
         self.err.flush()
         return INTERRUPTED_STATUS
+
+    def output_closed(self):
+        """The reader of stdout left (`rc map ... | head -1`): as GNU Parallel
+        and xargs, which die of it, start nothing more (queue no more inputs,
+        cancel the queued tasks; the running ones finish) and say so, where
+        the map went on unseen, every input run, and rc map ended without a
+        word."""
+        self.progress.clear()
+        group_id = self.plan.group_id
+        unqueued, self.unsubmitted = len(self.unsubmitted), []
+        queued, _ = cancel_group(self.connection, group_id)
+        active = self.counts()[1]
+        self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
+                           unqueued=unqueued, user=user_name())
+        self.err.write("map %d: its output was closed (a reader such as `head` left):"
+                       " %d queued tasks cancelled%s, %d assigned or running ones finish;"
+                       " `rc map --resume %d` runs the rest again\n"
+                       % (group_id, queued, " and %d inputs never queued" % unqueued
+                          if unqueued else "", active, group_id))
+        self.err.flush()
 
     def counts(self):
         row = self.connection.execute(
