@@ -83,3 +83,44 @@ def test_rc_map_into_head_stops_queuing_and_says_so(cluster, tmp_path):
                            % group_id), done.stderr
     assert said.endswith("`rc map --resume %d` runs the rest again" % group_id)
     assert "Traceback" not in done.stderr
+
+
+def test_an_executor_says_when_the_device_lacks_a_module_of_yours(cluster, tmp_path,
+                                                                   monkeypatch):
+    """A ProcessPoolExecutor program whose function uses a helper module
+    beside it (`import helpers`, then `helpers.ratio(data)`) moved to
+    `Executor` failed with a bare `ModuleNotFoundError: No module named
+    'helpers'` from the device: true, and documented, but nothing in it
+    says that the module is the user's own file, which the device cannot
+    have, nor what to do. The message now says both; the advice holds."""
+    (tmp_path / "u38_helpers.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "u38_job.py").write_text(
+        "import u38_helpers\n"
+        "from u38_helpers import double\n\n\n"
+        "def whole(x):\n"
+        "    return u38_helpers.double(x)\n\n\n"
+        "def by_value(x):\n"
+        "    return double(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import u38_job
+    with client.Executor(cluster.url, cluster.token) as executor:
+        with pytest.raises(ModuleNotFoundError) as raised:
+            executor.submit(u38_job.whole, 4).result(TIMEOUT)
+        assert executor.submit(u38_job.by_value, 4).result(TIMEOUT) == 8
+    told = str(raised.value)
+    assert told.startswith("No module named 'u38_helpers' (on the device: u38_helpers is a"
+                           " module of yours, %s, " % (tmp_path / "u38_helpers.py")), told
+    assert "`from u38_helpers import NAME` sends NAME with the function" in told
+    assert raised.value.name == "u38_helpers"
+    assert isinstance(raised.value.__cause__, client.RemoteTraceback)
+
+
+def test_a_missing_library_module_is_left_as_the_device_said_it():
+    """A module that is no file of this machine (a package the device
+    lacks) keeps its own message: the advice is for a user's own file."""
+    error = ModuleNotFoundError("No module named 'nowhere_u38'", name="nowhere_u38")
+    client.say_own_module(error)
+    assert str(error) == "No module named 'nowhere_u38'"
+    error = ModuleNotFoundError("No module named 'json'", name="json")
+    client.say_own_module(error)
+    assert str(error) == "No module named 'json'"

@@ -2121,8 +2121,26 @@ def remote_exception(outcome, home=None):
         error = BrokenProcessPool(message)
     if not isinstance(error, BaseException):
         error = RemoteError(type_name, message, traceback_text)
+    if isinstance(error, ImportError):
+        say_own_module(error)
     error.__cause__ = RemoteTraceback(traceback_text)
     return error
+
+
+def say_own_module(error):
+    """A module the device could not import that is a file of this machine
+    (`import helpers` beside the script, which a ProcessPoolExecutor's
+    processes find): the message says so and what to do, where a bare
+    "No module named 'helpers'" left the user to guess."""
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if not name or not path or is_library_module(name):
+        return
+    told = ("%s (on the device: %s is a module of yours, %s, which the device does not"
+            " have; `from %s import NAME` sends NAME with the function, or install %s on"
+            " the devices: docs/client.md)" % (error, name, path, name, name))
+    error.msg, error.args = told, (told,)
 
 
 # -- what goes to the device -------------------------------------------------------------
