@@ -4,9 +4,10 @@ fleet with /client.py (3.6, 3.8, 3.12, 3.13 against a 3.6 worker and the
 local one), then a shell user of GNU Parallel and xargs with `rc map`, its
 files, pipelines and the dashboard on a phone. Each test fails without its
 fix; they share one cluster."""
-import os
+import shlex
 import subprocess
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -124,3 +125,25 @@ def test_a_missing_library_module_is_left_as_the_device_said_it():
     error = ModuleNotFoundError("No module named 'json'", name="json")
     client.say_own_module(error)
     assert str(error) == "No module named 'json'"
+
+
+def test_a_downloaded_task_file_keeps_its_name(cluster):
+    """The dashboard's link to a task's file `it's "q".txt` (or `été.txt`)
+    saved it as `it_s__q_.txt` (`_t_.txt`): rc-web's Content-Disposition
+    named it with every other character replaced, and a browser takes that
+    over the link's own `download` name. filename* now carries the name."""
+    names = ["it's \"q\".txt", "été notes.txt", "plain-name.txt"]
+    command = "; ".join("printf x > %s" % shlex.quote(name) for name in names)
+    task_id = int(cluster.rc("submit", "shell", command, "--output", "*.txt").stdout)
+    assert cluster.rc("wait", str(task_id), "--timeout", str(TIMEOUT)).returncode == 0
+    for name in names:
+        url = "%s/api/v1/tasks/%d/files/%s" % (cluster.url, task_id, urllib.parse.quote(name))
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            said = answer.headers["Content-Disposition"]
+            assert answer.read() == b"x"
+        assert said.startswith('attachment; filename="'), said
+        if name == "plain-name.txt":
+            assert said == 'attachment; filename="plain-name.txt"'
+        else:
+            given = said.split("filename*=UTF-8''", 1)[1]
+            assert urllib.parse.unquote(given) == name, said

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import bottle
 import orjson
@@ -1367,8 +1367,7 @@ class FileRoutes:
         except files.FileStoreError as e:
             raise ApiError(FILE_STATUS.get(e.code, 400), str(e))
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "X-Content-SHA256": sha256, "Content-Disposition":
-                   "attachment; filename=\"%s\"" % re.sub(r'[^A-Za-z0-9._-]', "_", filename)}
+                   "X-Content-SHA256": sha256, "Content-Disposition": disposition(filename)}
         try:
             start, end, status = byte_range(raw_header("Range"), size)
         except ApiError:
@@ -1622,6 +1621,18 @@ def make_app(config, logger=None):
     app.add_hook("after_request", web.after_request)
     app.config["rc.web"] = web
     return app
+
+
+def disposition(filename):
+    """Content-Disposition of a download: the name itself in filename*
+    (RFC 6266, UTF-8 percent-encoded), which browsers prefer, and a plain
+    ASCII one for the others; a browser saved `it's "q".txt` or `été.jpg`
+    as `it_s__q_.txt` and `_t_.jpg`, whatever the dashboard's link said."""
+    plain = re.sub(r'[^A-Za-z0-9._-]', "_", filename)
+    if plain == filename:
+        return 'attachment; filename="%s"' % plain
+    return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (
+        plain, quote(filename, safe=""))
 
 
 def file_routes(routes):
