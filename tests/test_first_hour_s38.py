@@ -147,3 +147,31 @@ def test_a_downloaded_task_file_keeps_its_name(cluster):
         else:
             given = said.split("filename*=UTF-8''", 1)[1]
             assert urllib.parse.unquote(given) == name, said
+
+
+def test_gnu_parallel_and_xargs_options_are_named_with_what_to_do(cluster):
+    """Habit typed `rc map -j 4 ...`, `--bar`, `-a list.txt`: `rc: error:
+    unrecognized arguments: -j`, with no word of why. Worse, `find ...
+    -print0 | rc map -0 gzip` ran a task: argparse took `-0` (a number to
+    it) for the command, `gzip` for its one input, and the task failed
+    with status 127 (`-0: not found`). Each is now a usage error that says
+    what rc map does instead, and nothing is queued."""
+    tasks_before = cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    for words, instead in [(["-j", "4", "echo {}", "a"], "as many tasks at once as the fleet"),
+                           (["-j4", "echo {}", "a"], "free slots"),
+                           (["--jobs=4", "echo {}", "a"], "free slots"),
+                           (["-0", "gzip"], "one input a line of stdin"),
+                           (["echo {}", "--bar", "a"], "--progress"),
+                           (["echo {}", "-a", "list.txt"], "rc map CMD < FILE"),
+                           (["echo {}", "::::", "list.txt"], "rc map CMD < FILE"),
+                           (["-I{}", "echo {}", "a"], "{} is the input")]:
+        done = cluster.rc("map", *words, check=False)
+        assert done.returncode == 2, (words, done)
+        option = words[0] if words[0].startswith("-") else words[1]
+        assert done.stderr.startswith("rc: error: %s is GNU Parallel's or xargs' option, not"
+                                      " rc map's: " % option), done.stderr
+        assert instead in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert cluster.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == tasks_before
+    # An input that is such a word, after --, is an input as ever.
+    done = cluster.rc("map", "--dry-run", "echo {}", "--", "-0", "-j4")
+    assert done.stdout == "echo -0\necho -j4\n"

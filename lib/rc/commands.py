@@ -1623,8 +1623,13 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     arguments, extra = parser.parse_known_args(argv)
-    if extra and arguments.command == "map":
-        extra = map_cli.more_inputs(arguments, extra)
+    if arguments.command == "map":
+        extra = map_cli.more_inputs(arguments, extra) if extra else extra
+        # -0 is no option to argparse but a number: it would be the command.
+        foreign = map_cli.foreign_option(extra, [arguments.template] + [
+            value for value in arguments.values[:1] if value == "::::"])
+        if foreign:
+            parser.error(foreign)
     if extra and arguments.command == "ctl":
         extra = more_programs(arguments, extra)
     if extra and arguments.command == "submit":

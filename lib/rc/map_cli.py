@@ -154,6 +154,37 @@ def add_arguments(sub, whole_number):
                      help="start only when these tasks have completed")
 
 
+# GNU Parallel's and xargs' options that rc map has not, which habit types:
+# what to do instead, said in place of argparse's "unrecognized arguments".
+ONE_A_LINE = ("rc map takes one input a line of stdin (names that hold a newline: --files"
+              " FILE…, or find … -print0 | xargs -0 rc map CMD --files)")
+FOREIGN_OPTIONS = {
+    ("-j", "--jobs", "-P", "--max-procs"):
+        "rc map runs as many tasks at once as the fleet has free slots"
+        " (`rc slots DEVICE N` gives a device fewer)",
+    ("-0", "--null", "-d", "--delimiter"): ONE_A_LINE,
+    ("--bar", "--eta"): "--progress draws a progress bar with its rate and ETA",
+    ("--joblog",): "--results DIR keeps each input's state and exit code",
+    ("-a", "--arg-file", "::::"): "give the file's lines on stdin: rc map CMD < FILE",
+    ("-I", "-i", "--replace"): "{} is the input in the command, always",
+    ("-n", "--max-args", "-L", "--max-lines", "-N", "-X", "-m", "--xargs"):
+        "rc map runs the command once per input",
+}
+
+
+def foreign_option(options, words=()):
+    """A message for the first of `options` (unknown options, `-j4`,
+    `--jobs=4`) or of `words` (the command and first input, as they are:
+    `-0`, `::::`) that is GNU Parallel's or xargs' option; None if none."""
+    for word, exact in [(option, False) for option in options] + [(w, True) for w in words]:
+        name = word if exact else word.split("=", 1)[0] if word.startswith("--") else word[:2]
+        for names, instead in FOREIGN_OPTIONS.items():
+            if name in names:
+                return "%s is GNU Parallel's or xargs' option, not rc map's: %s" % (
+                    word, instead)
+    return None
+
+
 def more_inputs(arguments, extra):
     """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
     over since it takes positionals in one run: added to the inputs; what
