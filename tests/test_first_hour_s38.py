@@ -175,3 +175,27 @@ def test_gnu_parallel_and_xargs_options_are_named_with_what_to_do(cluster):
     # An input that is such a word, after --, is an input as ever.
     done = cluster.rc("map", "--dry-run", "echo {}", "--", "-0", "-j4")
     assert done.stdout == "echo -0\necho -j4\n"
+
+
+def test_rc_map_says_when_its_inputs_are_files_here(cluster, tmp_path):
+    """xargs' habit, `ls *.txt | rc map 'wc -l'`, sends each file's name
+    only: every task failed `wc: a.txt: No such file or directory` on its
+    device, without a word that the inputs were files here (the note for
+    a file the command names did not look at the inputs). One line now
+    says so and that --files sends them; with --files, no note."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("one\ntwo\n")
+
+    def rc_map(*words):
+        return subprocess.run([RC, "map"] + list(words), input="a.txt\nb.txt\n",
+                              cwd=str(tmp_path), env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    done = rc_map("wc -l")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        "rc map: note: the inputs 'a.txt' and 'b.txt' are files here, but each task runs in"
+        " an empty directory on a device, where the command will not find them; --files"
+        " sends each input's file to its task (ls *.txt | xargs bin/rc map CMD --files)")
+    done = rc_map("wc -l", "-k", "--files", "a.txt", "b.txt")
+    assert done.returncode == 0 and "note" not in done.stderr, done.stderr
+    assert done.stdout == "2 a.txt\n2 b.txt\n"

@@ -364,6 +364,10 @@ def new_map(context, arguments, task_options):
                                                              shared.get("inputs", []))
     if note:
         context.err.write("rc map: %s\n" % note)
+    note = task_type == "shell" and not arguments.files and files_cli.inputs_left_here(
+        [job.value for job in jobs[:files_cli.INPUTS_LOOKED_AT]], shared.get("inputs", []))
+    if note:
+        context.err.write("rc map: %s\n" % note)
     into = os.path.abspath(arguments.into or ".") if outputs else None
     plan = Plan(None, task_type, template, shared, outputs, requirements, options, into,
                 len(jobs))
