@@ -4,6 +4,7 @@ fleet with /client.py (3.6, 3.8, 3.12, 3.13 against a 3.6 worker and the
 local one), then a shell user of GNU Parallel and xargs with `rc map`, its
 files, pipelines and the dashboard on a phone. Each test fails without its
 fix; they share one cluster."""
+import re
 import shlex
 import subprocess
 import urllib.parse
@@ -199,3 +200,26 @@ def test_rc_map_says_when_its_inputs_are_files_here(cluster, tmp_path):
     done = rc_map("wc -l", "-k", "--files", "a.txt", "b.txt")
     assert done.returncode == 0 and "note" not in done.stderr, done.stderr
     assert done.stdout == "2 a.txt\n2 b.txt\n"
+
+
+def test_rc_map_says_when_inputs_leave_no_output_file(cluster, tmp_path):
+    """`rc map 'gzip -k {}' --files *.log --output '{.}.gz' --into out/`
+    (a slip: gzip writes a.log.gz) ended with status 0, out/ empty, and not
+    a word: GNU Parallel's --return complains of a file that is not there.
+    The first such input is named with the files it should have left, and
+    the end says how many."""
+    into = tmp_path / "out"
+    done = cluster.rc("map", "echo {} > {}.txt", "a", "b", "c", "-k", "--output", "{}.gz",
+                      "--into", str(into))
+    lines = done.stderr.splitlines()
+    group_id = map_group(cluster, done.stderr)
+    assert re.fullmatch(r"map %d: input \d \('([abc])'\) completed but left no file that"
+                        r" --output '\1\.gz' names \(`rc files \d+` lists what its task has\)"
+                        % group_id, lines[1]), done.stderr
+    assert lines[2:] == ["map %d: 3 completed inputs left no file that --output names"
+                         % group_id], done.stderr
+    assert not into.exists() or not list(into.iterdir())
+    done = cluster.rc("map", "echo {} > {}.txt", "a", "b", "--output", "{}.txt",
+                      "--into", str(into))
+    assert len(done.stderr.splitlines()) == 1, done.stderr      # map N: 2 inputs
+    assert sorted(p.name for p in into.iterdir()) == ["a.txt", "b.txt"]

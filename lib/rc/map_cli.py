@@ -609,6 +609,7 @@ class Runner:
         self.failed = 0
         self.written = {}               # --into: a file's name there -> the job that wrote it
         self.told_replaced = False
+        self.without_outputs = 0        # completed inputs that left no --output file
         self.last_event, self.rechecked_at = 0, 0.0
         self.started, self.told_why = None, False
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
@@ -825,7 +826,11 @@ class Runner:
                 except OSError as e:
                     outcome.notes.append("results not written: %s" % e)
             if self.plan.outputs:
-                for entry in files.task_files(self.connection, job.task_id):
+                entries = files.task_files(self.connection, job.task_id)
+                if job.state == COMPLETED and not missing_only and not any(
+                        entry["kind"] == files.OUTPUT for entry in entries):
+                    self.left_nothing(job, outcome)
+                for entry in entries:
                     if entry["kind"] == files.OUTPUT and not (missing_only and os.path.lexists(
                             os.path.join(self.plan.into, *entry["name"].split("/")))):
                         try:
@@ -837,6 +842,18 @@ class Runner:
                                                  % (entry["name"], e))
                         else:
                             self.replaced(job, outcome, entry["name"])
+
+    def left_nothing(self, job, outcome):
+        """A completed input that left no file its --output names (`gzip
+        {}` where `--output '{}.gz'` expected `a.txt.gz`, or a glob that
+        matched nothing): the first is said with its names, the count at
+        the end; the map's exit status was 0 with out/ empty, not a word."""
+        self.without_outputs += 1
+        if self.without_outputs == 1:
+            outcome.notes.append("completed but left no file that --output %s names (`rc files"
+                                 " %d` lists what its task has)" % (", ".join(
+                                     repr(glob.fill(job.value, job.number))
+                                     for glob in self.plan.outputs), job.task_id))
 
     def replaced(self, job, outcome, name):
         """Two inputs' outputs of one name (`--output out.txt`): the later
@@ -915,6 +932,9 @@ class Runner:
     def finish(self):
         self.progress.draw(self.failed, final=True)
         group_id = self.plan.group_id
+        if self.without_outputs > 1:
+            self.err.write("map %d: %d completed inputs left no file that --output names\n"
+                           % (group_id, self.without_outputs))
         if self.failed:
             self.err.write("map %d: %d of %s did not complete; `rc map --resume %d` runs"
                            " them again\n" % (group_id, self.failed,
