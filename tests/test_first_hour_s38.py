@@ -223,3 +223,19 @@ def test_rc_map_says_when_inputs_leave_no_output_file(cluster, tmp_path):
                       "--into", str(into))
     assert len(done.stderr.splitlines()) == 1, done.stderr      # map N: 2 inputs
     assert sorted(p.name for p in into.iterdir()) == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("port", ["tcp_port", "files_port"])
+def test_the_client_pointed_at_a_devices_port_says_so(cluster, port):
+    """RC_URL=http://nas:8080, the port `rc join` prints for the devices:
+    `Cut: no answer from http://nas:8080: [Errno 104] Connection reset by
+    peer`, after a warning that it waits for it to answer again (a
+    restart?). The error now asks whether that is rc-web and names the
+    dashboard's port."""
+    url = "http://127.0.0.1:%d" % getattr(cluster.config, port)
+    with client.Cluster(url, cluster.token) as rc:
+        with pytest.raises(client.ClusterError) as raised:
+            rc.submit("echo", "hi").result(TIMEOUT)
+    assert str(raised.value).endswith(
+        " (is %s rc-web? The client wants the dashboard's address, port 5000 unless"
+        " RC_WEB_PORT moved it, not the devices' ports, 8080 and 8081)" % url), raised.value

@@ -193,6 +193,7 @@ class Http:
         self.ssl_context = ssl_context
         self.local = threading.local()
         self.reached = False            # rc-web has answered this client once
+        self.heard = False              # ...with HTTP: a cut alone may be another program's
         self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
                                         # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
@@ -283,7 +284,7 @@ class Http:
         return now - self.lost_since
 
     def answered(self):
-        self.reached = True
+        self.reached = self.heard = True
         lost_since, self.lost_since = self.lost_since, None
         if lost_since is not None:
             LOG.warning("rc.client: %s://%s:%d answers again, after %.0f s", self.scheme,
@@ -337,8 +338,8 @@ class Http:
                 self.drop()
                 if not reused or attempt == 2 or delivered:
                     cut = Cut if repeatable(method, headers) and not delivered else ClusterError
-                    raise cut("no answer from %s://%s:%d: %s"
-                              % (self.scheme, self.host, self.port, e))
+                    raise cut("no answer from %s://%s:%d: %s%s"
+                              % (self.scheme, self.host, self.port, e, self.never_reached()))
             except CutShort as e:
                 # Answered, then cut: never the kept-alive connection's second try.
                 self.drop()
@@ -347,7 +348,8 @@ class Http:
             except BadAnswer as e:
                 self.drop()
                 raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
-                    "bad answer from %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
+                    "bad answer from %s://%s:%d: %s%s" % (self.scheme, self.host, self.port, e,
+                                                          self.never_reached()))
             except OSError as e:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
@@ -359,6 +361,16 @@ class Http:
             except BaseException:
                 self.drop()     # Ctrl-C mid-answer: its rest is not the next answer
                 raise
+
+    def never_reached(self):
+        """What to check when something that is not rc-web answered (or hung
+        up at) the first request: most often the devices' port, which `rc
+        join` prints beside the dashboard's."""
+        if self.heard:
+            return ""
+        return (" (is %s://%s:%d rc-web? The client wants the dashboard's address, port"
+                " 5000 unless RC_WEB_PORT moved it, not the devices' ports, 8080 and 8081)"
+                % (self.scheme, self.host, self.port))
 
     def head(self, method, path, body, headers, length=None):
         """The request's line and fields: ours, the caller's, the body's
