@@ -239,3 +239,29 @@ def test_the_client_pointed_at_a_devices_port_says_so(cluster, port):
     assert str(raised.value).endswith(
         " (is %s rc-web? The client wants the dashboard's address, port 5000 unless"
         " RC_WEB_PORT moved it, not the devices' ports, 8080 and 8081)" % url), raised.value
+
+
+def test_a_value_inside_the_commands_own_quotes_stays_one_value(cluster, tmp_path):
+    """`rc map "echo '{}'"`, a habit from find -exec and xargs -I: each value
+    was shlex-quoted as if bare, so inside the user's quotes it came out
+    unquoted: `it's` failed (Unterminated quoted string), `a b` lost its
+    quoting, and an input `x$(id)` ran `id`, where docs/map.md promises an
+    input is never run as code. Inside '...' and "..." a value is now
+    escaped for them; python_exec and python_eval refuse a replacement
+    string inside a string literal of the code, where repr() would end it."""
+    marker = tmp_path / "ran"
+    hostile = "x$(touch %s)`touch %s`" % (marker, marker)
+    values = ["a b", "it's", hostile, 'q"\\', "two\nlines"]
+    done = cluster.rc("map", "--dry-run", "echo '{}' \"{/}\" {} \\\"{}", "--", *values)
+    assert done.stdout.split("\n")[:2] == [
+        "echo 'a b' \"a b\" 'a b' \\\"'a b'", "echo 'it'\\''s' \"it's\" 'it'\"'\"'s' \\\"'it'\"'\"'s'"]
+    done = cluster.rc("map", "-k", "printf '%s|' '{}' \"{}\" {} \\\"{}; echo", "--", *values)
+    assert done.stdout == "".join("%s|%s|%s|\"%s|\n" % ((value,) * 4) for value in values)
+    assert not marker.exists()
+    for code in ("len('{}')", 'print("""{/.}""")', "print('%s' % '{.}')"):
+        done = cluster.rc("map", "--type", "python_eval" if code.startswith("len") else
+                          "python_exec", code, "a", check=False)
+        assert done.returncode == 2 and done.stderr.startswith(
+            "rc: error: a replacement string inside a string literal of the code"), done.stderr
+    done = cluster.rc("map", "--type", "python_exec", "-k", "print('job {#}', {})", "a", "b")
+    assert done.stdout == "job 1 a\njob 2 b\n"

@@ -19,12 +19,14 @@ import argparse
 import codecs
 import collections
 import getpass
+import io
 import os
 import re
 import shlex
 import shutil
 import sys
 import time
+import tokenize
 import types
 
 from rc import bell, db, explain, files, files_cli, health, render, tasks
@@ -47,7 +49,33 @@ MAP_TYPES = ("shell", "python_exec", "python_eval", "echo", "sleep")
 # Types whose output is a value (python_eval's repr, echo's message), not a
 # stream: each is printed on a line of its own.
 VALUE_TYPES = ("python_eval", "echo", "sleep")
-QUOTERS = {"shell": shlex.quote, "python_exec": repr, "python_eval": repr}
+# python_exec, python_eval: the tokens in which a value would be inside a
+# string literal of the code (f-strings are tokens of their own from 3.12).
+VALUE_MARK = "_rc_map_value_"
+STRING_TOKENS = {tokenize.STRING} | {getattr(tokenize, name) for name in (
+    "FSTRING_MIDDLE",) if hasattr(tokenize, name)}
+# The shell's quoting where a replacement string stands in the command:
+# bare, inside '...' or inside "..." (`echo '{}'`, a habit from find -exec).
+BARE, SINGLE, DOUBLE = "bare", "single", "double"
+SPECIAL_IN_DOUBLE = re.compile(r'([\\"$`])')     # what a backslash escapes in "..."
+
+
+def shell_quote(value, state):
+    """The value as one word of the command where it stands: quoted when
+    bare; inside quotes of the user's own, escaped for them, so that `echo
+    '{}'` with an input `x$(id)` or `it's` prints it, never runs it."""
+    if state == SINGLE:
+        return value.replace("'", "'\\''")
+    if state == DOUBLE:
+        return SPECIAL_IN_DOUBLE.sub(r"\\\1", value)
+    return shlex.quote(value)
+
+
+def python_quote(value, state):
+    return repr(value)
+
+
+QUOTERS = {"shell": shell_quote, "python_exec": python_quote, "python_eval": python_quote}
 # GNU Parallel's replacement strings that rc map knows, and what each makes
 # of the input (GNU Parallel's own rules: {.} drops the last extension of
 # the last path component only, {//} is dirname with "." for a bare name).
@@ -288,15 +316,16 @@ class Template:
             self.literals = [text + " ", ""]
             self.keys = [""]
         self.text = text
+        self.states = shell_states(self.literals)
 
     def fill(self, value, number, quote=None):
         pieces = [self.literals[0]]
-        for key, literal in zip(self.keys, self.literals[1:]):
+        for key, literal, state in zip(self.keys, self.literals[1:], self.states):
             if key == JOB_NUMBER:
                 pieces.append(str(number))
             else:
                 replaced = REPLACEMENTS[key](value)
-                pieces.append(quote(replaced) if quote else replaced)
+                pieces.append(quote(replaced, state) if quote else replaced)
             pieces.append(literal)
         return "".join(pieces)
 
@@ -351,6 +380,45 @@ class Plan:
             raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
 
 
+def shell_states(literals):
+    """The shell's quoting at each replacement string between `literals`,
+    read as sh reads them: a backslash escapes the next character (not
+    inside '...'), quotes open and close."""
+    states, state = [], BARE
+    for literal in literals[:-1]:
+        escaped = False
+        for char in literal:
+            if escaped:
+                escaped = False
+            elif state == SINGLE:
+                state = BARE if char == "'" else SINGLE
+            elif char == "\\":
+                escaped = True
+            elif state == DOUBLE:
+                state = BARE if char == '"' else DOUBLE
+            elif char in "'\"":
+                state = SINGLE if char == "'" else DOUBLE
+        states.append(state)
+    return states
+
+
+def refuse_value_in_string(code):
+    """python_exec, python_eval: each value goes as a string literal of its
+    own (repr), so one inside a literal of the code (`print('{}')`) would
+    end it: `'+__import__('os').system('id')+'` would run as code."""
+    marked = REPLACEMENT_TOKEN.sub(
+        lambda match: "0" if match.group(1) == JOB_NUMBER else VALUE_MARK, code)
+    try:
+        strings = [token.string for token in tokenize.generate_tokens(
+            io.StringIO(marked).readline) if token.type in STRING_TOKENS]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return          # Python says what is wrong with it on the device
+    if any(VALUE_MARK in string for string in strings):
+        raise MapUsageError("a replacement string inside a string literal of the code (%r):"
+                            " write it bare, print({}): rc map puts each value in as a"
+                            " string literal of its own" % code[:200])
+
+
 def shown(value):
     return repr(render.shorten(value, SHOWN_VALUE))
 
@@ -386,6 +454,8 @@ def map_parts(arguments, task_options):
         raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
                             " or --files FILE…")
     template = Template(arguments.template, "the command", append_input=True)
+    if arguments.type in ("python_exec", "python_eval"):
+        refuse_value_in_string(arguments.template)
     outputs = [Template(glob, "--output") for glob in arguments.output or []]
     if arguments.into and not outputs:
         raise MapUsageError("--into says where --output files go; give --output GLOB too")
