@@ -265,3 +265,19 @@ def test_a_value_inside_the_commands_own_quotes_stays_one_value(cluster, tmp_pat
             "rc: error: a replacement string inside a string literal of the code"), done.stderr
     done = cluster.rc("map", "--type", "python_exec", "-k", "print('job {#}', {})", "a", "b")
     assert done.stdout == "job 1 a\njob 2 b\n"
+
+
+def test_executor_takes_max_workers_first_as_process_pool_executor_does(cluster,
+                                                                         monkeypatch):
+    """`ProcessPoolExecutor(4)` changed to `Executor(4)`, the one-line
+    change the README promises: `AttributeError: 'int' object has no
+    attribute 'decode'`, since Executor's first parameter is the url. A
+    number there is max_workers now (ignored, as by name); a url that is
+    no string is a TypeError that says so."""
+    monkeypatch.setenv("RC_URL", cluster.url)
+    monkeypatch.setenv("RC_TOKEN", cluster.token)
+    with client.Executor(4) as executor:
+        assert list(executor.map(abs, [-1, -2])) == [1, 2]
+    with pytest.raises(TypeError) as raised:
+        client.Cluster(5000)
+    assert str(raised.value) == "url must be a string like http://HOST:PORT, not 5000"

@@ -183,6 +183,8 @@ class Http:
     result stream is a ResultStream."""
 
     def __init__(self, url, token, ssl_context=None):
+        if not isinstance(url, str):
+            raise TypeError("url must be a string like http://HOST:PORT, not %r" % (url,))
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must look like http://HOST:PORT, not %r" % url)
@@ -1712,6 +1714,8 @@ class Executor(concurrent.futures.Executor):
                  **task_options):
         if not isinstance(pack, int) or pack < 1:
             raise ValueError("pack must be a whole number >= 1, not %r" % (pack,))
+        if isinstance(url, int) and not isinstance(url, bool) and max_workers is None:
+            url = None          # Executor(4), as ProcessPoolExecutor(4): max_workers
         self.cluster = cluster or Cluster(url, token)
         self.own_cluster = cluster is None
         task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
