@@ -281,3 +281,47 @@ def test_executor_takes_max_workers_first_as_process_pool_executor_does(cluster,
     with pytest.raises(TypeError) as raised:
         client.Cluster(5000)
     assert str(raised.value) == "url must be a string like http://HOST:PORT, not 5000"
+
+
+def pool_module(tmp_path, monkeypatch):
+    """A program's module of a ProcessPoolExecutor's habits: an initializer
+    that sets a global its calls read, a call that names its process."""
+    (tmp_path / "u38_pool.py").write_text(
+        "import os\n\n"
+        "SETTINGS = {}\n\n\n"
+        "def setup(scale, fail=False):\n"
+        "    if fail:\n"
+        "        raise LookupError('no settings')\n"
+        "    SETTINGS['scale'] = scale\n\n\n"
+        "def scaled(x):\n"
+        "    return SETTINGS.get('scale'), x, os.getpid()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import u38_pool
+    return u38_pool
+
+
+def test_executor_takes_process_pool_executors_other_arguments(cluster, tmp_path,
+                                                               monkeypatch):
+    """`ProcessPoolExecutor(max_workers=4, initializer=setup, initargs=(3,))`
+    with Executor in its place: `TypeError: unknown task option initargs,
+    initializer`; `mp_context=` and `max_tasks_per_child=` alike. The
+    initializer now runs in each task's process before its calls (as in
+    each of a pool's processes), max_tasks_per_child gives each call of a
+    map's chunk a process of its own, and mp_context is accepted."""
+    pool = pool_module(tmp_path, monkeypatch)
+    with client.Executor(cluster.url, cluster.token, max_workers=4, initializer=pool.setup,
+                         initargs=(3,), mp_context=None) as executor:
+        assert executor.submit(pool.scaled, 1).result(TIMEOUT)[:2] == (3, 1)
+        assert [r[:2] for r in executor.map(pool.scaled, [1, 2, 3], chunksize=3)] == [
+            (3, 1), (3, 2), (3, 3)]
+        packed = [executor.submit(pool.scaled, x) for x in range(6)]
+        assert [f.result(TIMEOUT)[:2] for f in packed] == [(3, x) for x in range(6)]
+    with client.Executor(cluster.url, cluster.token, max_tasks_per_child=1) as executor:
+        pids = {r[2] for r in executor.map(pool.scaled, [1, 2, 3], chunksize=3)}
+        assert len(pids) == 3
+    with client.Executor(cluster.url, cluster.token, initializer=pool.setup,
+                         initargs=(3, True)) as executor:
+        with pytest.raises(LookupError):
+            executor.submit(pool.scaled, 1).result(TIMEOUT)
+    with pytest.raises(TypeError):
+        client.Executor(cluster.url, cluster.token, initializer=lambda: None)

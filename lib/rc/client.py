@@ -1711,9 +1711,24 @@ class Executor(concurrent.futures.Executor):
     of its own. map() sends its chunks as tasks (one process a chunk)."""
 
     def __init__(self, url=None, token=None, max_workers=None, cluster=None, pack=DEFAULT_PACK,
+                 *, initializer=None, initargs=(), mp_context=None, max_tasks_per_child=None,
                  **task_options):
         if not isinstance(pack, int) or pack < 1:
             raise ValueError("pack must be a whole number >= 1, not %r" % (pack,))
+        # ProcessPoolExecutor's own: the initializer runs in each task's
+        # process before its calls; every call has a process of its own
+        # (a map's chunk too, given max_tasks_per_child); no mp_context.
+        self.initializer = None
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            shipped(initializer)                    # TypeError now if it cannot go
+            try:
+                pickle.dumps(tuple(initargs), PICKLE_PROTOCOL)
+            except Exception as e:
+                raise TypeError("the initargs cannot be pickled: %s" % e)
+            self.initializer = (initializer, tuple(initargs))
+        self.each_own_process = max_tasks_per_child is not None
         if isinstance(url, int) and not isinstance(url, bool) and max_workers is None:
             url = None          # Executor(4), as ProcessPoolExecutor(4): max_workers
         self.cluster = cluster or Cluster(url, token)
@@ -1761,7 +1776,8 @@ class Executor(concurrent.futures.Executor):
 
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
-        code, home, inputs = call_code(fn, calls, store=self.cluster.put)
+        code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
+                                       store=self.cluster.put, initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
@@ -1959,7 +1975,8 @@ class PackFuture(TaskFuture):
             raise ValueError("a pack with no calls left")
         # A pack's arguments are at most MAX_ARGUMENT_BYTES (Executor.place):
         # they go in its code, with no file to store under the lock.
-        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True)
+        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True,
+                                  initializer=self.executor.initializer)
         self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
         self.decode = functools.partial(outcomes_and_home, home=home, cluster=self.cluster)
 
@@ -2174,7 +2191,7 @@ except ImportError:
     import pickle
 
 
-def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
+def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=None):
     # The function's prints, and what the tools it runs write on descriptor
     # 1, go to the task's stderr: stdout holds only the result line, which
     # data passing through a tool could otherwise forge for the client.
@@ -2183,11 +2200,19 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
-    space["_rc_pieces"] = pieces        # a traceback's lines (_rc_failure)
+    space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
     try:
+        if init:            # the Executor's initializer: its name may be the function's
+            for filename, line, source in init[1]:
+                exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+            initializer = space[init[0]]
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
         function = space[name]
+        if init:            # once in this process, before its calls, as in a pool's
+            initargs = binascii.a2b_base64(init[2])
+            initializer(*(pickle.loads(initargs) if home in (None, "__main__") else
+                          _rc_slow("load")(initargs, home)))
         if calls_file is None:
             calls = binascii.a2b_base64(calls)
         else:                   # arguments too large for the code: an input file
@@ -2366,15 +2391,21 @@ def _rc_died(signal_number, code):
 '''
 
 
-def call_code(fn, calls, each=False, store=None):
+def call_code(fn, calls, each=False, store=None, initializer=None):
     """(the python_exec script that makes `calls` ([(args, kwargs)]) of fn,
     each in a process of its own when `each`, the module whose definitions
     it carries, which is __main__ there, the inputs it needs). Pickled
     arguments over MAX_ARGUMENT_BYTES go as the input CALLS_FILE, stored
     with `store` (Cluster.put), as ProcessPoolExecutor takes arguments of
-    any size."""
+    any size. `initializer`, (function, args), runs first in the task's
+    process, as a ProcessPoolExecutor's in each of its processes."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
+    init = ""
+    if initializer is not None:
+        init_name, init_pieces, _ = shipped(initializer[0])
+        init = ", init=(%r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
+            pickle.dumps(tuple(initializer[1]), PICKLE_PROTOCOL)).decode())
     try:
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
     except Exception as e:
@@ -2388,10 +2419,10 @@ def call_code(fn, calls, each=False, store=None):
         inputs = [{"path": CALLS_FILE, "sha256": stored["sha256"], "size": stored["size"]}]
         calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
     # The first line is what `rc tasks` and the dashboard show of the task.
-    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s)\n" % (
+    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
         getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
-        ", each=True" if each else "", calls_file), home, inputs
+        ", each=True" if each else "", calls_file, init), home, inputs
 
 
 def unwrap_partial(fn, calls):
