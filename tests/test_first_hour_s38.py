@@ -226,12 +226,13 @@ def test_rc_map_says_when_inputs_leave_no_output_file(cluster, tmp_path):
 
 
 @pytest.mark.parametrize("port", ["tcp_port", "files_port"])
-def test_the_client_pointed_at_a_devices_port_says_so(cluster, port):
+def test_the_client_pointed_at_a_devices_port_says_so(cluster, port, monkeypatch):
     """RC_URL=http://nas:8080, the port `rc join` prints for the devices:
     `Cut: no answer from http://nas:8080: [Errno 104] Connection reset by
     peer`, after a warning that it waits for it to answer again (a
     restart?). The error now asks whether that is rc-web and names the
     dashboard's port."""
+    monkeypatch.setattr(client, "RECONNECT_DELAY", 0.01)     # its tries, without the waits
     url = "http://127.0.0.1:%d" % getattr(cluster.config, port)
     with client.Cluster(url, cluster.token) as rc:
         with pytest.raises(client.ClusterError) as raised:
