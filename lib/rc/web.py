@@ -613,7 +613,8 @@ class Web:
 
     def group(self, group_id):
         try:
-            return json_response(fleet.group(self.connection(), group_id))
+            return json_response(fleet.group(self.connection(), group_id,
+                                             query_int("limit", None)))
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
