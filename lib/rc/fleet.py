@@ -4,6 +4,7 @@ labels and roles, one task on every matching device, control broadcasts.
 What is set here is kept in the devices table next to what each device
 reports about itself, so it survives the device reconnecting.
 """
+import collections
 import time
 
 from rc import bell, db, devices, tasks
@@ -225,11 +226,11 @@ def group(connection, group_id, limit=None):
         " AND task_id IS NOT NULL%s" % ("" if limit is None else " AND task_id IN (%s)"
                                         % ",".join(str(member[0]) for member in members)),
         (GROUP_TEXT_CHARS + 1, group_id))}
-    summary = {"tasks": 0}
-    for state, count in connection.execute("SELECT state, count(*) FROM tasks"
-                                           " WHERE group_id = ? GROUP BY state", (group_id,)):
-        summary["tasks"] += count
-        summary[state] = count
+    # The summary of what is shown, or with a limit of all, counted apart.
+    counted = collections.Counter(member[1] for member in members) if limit is None else dict(
+        connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                           " GROUP BY state", (group_id,)).fetchall())
+    summary = dict(tasks=sum(counted.values()), **counted)
     shown = {"group_id": group_id, "task_type": row["task_type"],
              "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
              "summary": summary,
