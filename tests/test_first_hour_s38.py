@@ -353,3 +353,31 @@ def test_a_big_maps_page_reads_a_bounded_part_of_it(cluster):
         str(n) for n in range(1, 13)]
     with open(os.path.join(os.path.dirname(RC), "..", "share", "web", "dashboard.js")) as f:
         assert '"/api/v1/groups/" + state.id + "?limit=" + GROUP_VIEW_TASKS' in f.read()
+
+
+def test_rc_files_of_a_maps_number_says_it_is_a_maps(cluster, tmp_path):
+    """`rc map ... --output '{}.gz'` prints `map 12: 3 inputs`; `rc files 12`
+    and `rc get 12` then took 12 for a task's id: an empty table with
+    status 0, or "task 12 has no output files: it was submitted without
+    --output", of another task. Each now says 12 is also a map's number
+    and where its tasks' files are."""
+    def newest(table, column):
+        return cluster.db.execute("SELECT coalesce(max(%s), 0) FROM %s"
+                                  % (column, table)).fetchone()[0]
+    # A task, without files, whose id is the number the next map gets.
+    while newest("tasks", "task_id") < newest("task_groups", "group_id") + 1:
+        cluster.rc("submit", "echo", "a task without files")
+    (tmp_path / "a.txt").write_text("a\n")
+    done = cluster.rc("map", "gzip -kf {}", "--files", str(tmp_path / "a.txt"), "--output",
+                      "{}.gz", "--into", str(tmp_path / "out"))
+    group_id = map_group(cluster, done.stderr)
+    if cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?",
+                          (group_id,)).fetchone()[0]:
+        pytest.skip("task %d, of the map's number, has files of its own" % group_id)
+    note = ("%d is also a map's number (`map %d: ... inputs`): `rc group %d` lists the map's"
+            " tasks, whose files `rc files TASK` and `rc get TASK` show"
+            % (group_id, group_id, group_id))
+    listed = cluster.rc("files", str(group_id))
+    assert listed.stderr == "rc: task %d has no files; %s\n" % (group_id, note)
+    got = cluster.rc("get", str(group_id), "-o", str(tmp_path / "got"), check=False)
+    assert got.returncode == 1 and got.stderr.rstrip("\n").endswith("; " + note), got.stderr
