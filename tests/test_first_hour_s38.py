@@ -381,3 +381,15 @@ def test_rc_files_of_a_maps_number_says_it_is_a_maps(cluster, tmp_path):
     assert listed.stderr == "rc: task %d has no files; %s\n" % (group_id, note)
     got = cluster.rc("get", str(group_id), "-o", str(tmp_path / "got"), check=False)
     assert got.returncode == 1 and got.stderr.rstrip("\n").endswith("; " + note), got.stderr
+
+
+def test_a_line_of_stdin_that_is_not_utf8_is_shown(cluster):
+    """`ls | rc map ...` in a directory with a Latin-1 name said only
+    `stdin line 2 is not UTF-8 text`: which bytes, and what to do, were
+    left to find. The line is shown as bytes, with the way out."""
+    done = subprocess.run([RC, "map", "echo {}"], input=b"ok\ncaf\xe9.txt\n", env=cluster.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.decode() == (
+        "rc: error: stdin line 2 is not UTF-8 text: 'caf\\xe9.txt' (rc map takes UTF-8"
+        " lines; iconv -f latin1 -t utf8 makes them of a Latin-1 list)\n")

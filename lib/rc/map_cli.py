@@ -522,7 +522,9 @@ def stdin_lines():
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
-            raise MapUsageError("stdin line %d is not UTF-8 text" % number)
+            raise MapUsageError(
+                "stdin line %d is not UTF-8 text: %s (rc map takes UTF-8 lines; iconv -f"
+                " latin1 -t utf8 makes them of a Latin-1 list)" % (number, repr(line[:200])[1:]))
     return lines
 
 
