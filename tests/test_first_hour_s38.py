@@ -393,3 +393,17 @@ def test_a_line_of_stdin_that_is_not_utf8_is_shown(cluster):
     assert done.stderr.decode() == (
         "rc: error: stdin line 2 is not UTF-8 text: 'caf\\xe9.txt' (rc map takes UTF-8"
         " lines; iconv -f latin1 -t utf8 makes them of a Latin-1 list)\n")
+
+
+def test_rc_map_into_a_reader_that_left_after_every_task_ran(cluster):
+    """The same closed output once every task has ended: nothing is left
+    to cancel or run again, and the line says where the outputs are."""
+    done = subprocess.run(["bash", "-c", "%s map --type echo '{}' a | true;"
+                           " echo \"status ${PIPESTATUS[0]}\"" % RC], env=cluster.env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    assert done.stdout == "status 141\n", done
+    group_id = map_group(cluster, done.stderr)
+    assert done.stderr.splitlines()[1:] == [
+        "map %d: its output was closed (a reader such as `head` left); every task had run:"
+        " `rc group %d` shows their outputs" % (group_id, group_id)]

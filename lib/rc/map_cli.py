@@ -988,11 +988,16 @@ class Runner:
         active = self.counts()[1]
         self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                            unqueued=unqueued, user=user_name())
-        self.err.write("map %d: its output was closed (a reader such as `head` left):"
-                       " %d queued tasks cancelled%s, %d assigned or running ones finish;"
-                       " `rc map --resume %d` runs the rest again\n"
-                       % (group_id, queued, " and %d inputs never queued" % unqueued
-                          if unqueued else "", active, group_id))
+        if not (queued or unqueued or active):
+            self.err.write("map %d: its output was closed (a reader such as `head` left);"
+                           " every task had run: `rc group %d` shows their outputs\n"
+                           % (group_id, group_id))
+        else:
+            self.err.write("map %d: its output was closed (a reader such as `head` left):"
+                           " %d queued tasks cancelled%s, %d assigned or running ones"
+                           " finish; `rc map --resume %d` runs the rest again\n"
+                           % (group_id, queued, " and %d inputs never queued" % unqueued
+                              if unqueued else "", active, group_id))
         self.err.flush()
 
     def counts(self):
