@@ -16,6 +16,7 @@ import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import client
+from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
 TIMEOUT = 60        # seconds any one task may take here
 
@@ -407,3 +408,31 @@ def test_rc_map_into_a_reader_that_left_after_every_task_ran(cluster):
     assert done.stderr.splitlines()[1:] == [
         "map %d: its output was closed (a reader such as `head` left); every task had run:"
         " `rc group %d` shows their outputs" % (group_id, group_id)]
+
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2,
+         "is_mobile": True, "has_touch": True}
+
+
+def test_a_maps_page_says_what_it_runs_first(cluster):
+    """A map's page on a phone: `Map 23 · shell`, then its tasks; what the
+    map ran was in its Payload, below every row (500 on a big map). Maps
+    of one day are told apart by their command: the Summary says it."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    done = cluster.rc("map", "echo {} && date +%s", "alpha", "beta")
+    group_id = map_group(cluster, done.stderr)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(**PHONE).new_page()
+            page.goto("%s/#/map/%d" % (cluster.url, group_id))
+            summary = page.locator("section:has(h2:text-is('Summary')) dl")
+            summary.locator("dd code").wait_for(timeout=30000)
+            assert summary.locator("dt").first.inner_text() == "runs"
+            assert summary.locator("dd code").inner_text() == "echo {} && date +%s"
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            page.screenshot(path=os.path.join(ARTIFACTS, "s38_map.png"))
+        finally:
+            browser.close()

@@ -835,9 +835,14 @@ async function drawGroup(state, view) {
   const [status, group] = await getJSON("/api/v1/groups/" + state.id + "?limit=" + GROUP_VIEW_TASKS);
   const what = (state.kind === "map" ? "Map " : "Group ") + state.id;
   if (status !== 200) return notFound(view, state, what, group.error);
+  // What the tasks run, first: the payload comes after them all, 500 rows
+  // down on a phone, and maps of one day are told apart by their command.
+  const runs = ["command", "code", "expression", "message"].map(k => (group.payload || {})[k])
+    .find(v => typeof v === "string");
   update(view, state, JSON.stringify(group), () => [
     objectHeader(what + " · " + group.task_type),
-    panel("Summary", keyValues(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
+    panel("Summary", keyValues([["runs", runs ? el("code", {text: runs.slice(0, 300)}) : null]]
+      .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)])))),
     group.more ? el("p", {class: "dim group-more", text: group.tasks.length + " of " +
       group.summary.tasks + " tasks shown, those that did not complete first; `rc group " +
       state.id + "` lists them all"}) : null,
