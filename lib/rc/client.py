@@ -183,6 +183,8 @@ class Http:
     result stream is a ResultStream."""
 
     def __init__(self, url, token, ssl_context=None):
+        if not isinstance(url, str):
+            raise TypeError("url must be a string like http://HOST:PORT, not %r" % (url,))
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must look like http://HOST:PORT, not %r" % url)
@@ -193,6 +195,7 @@ class Http:
         self.ssl_context = ssl_context
         self.local = threading.local()
         self.reached = False            # rc-web has answered this client once
+        self.heard = False              # ...with HTTP: a cut alone may be another program's
         self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
                                         # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
@@ -283,7 +286,7 @@ class Http:
         return now - self.lost_since
 
     def answered(self):
-        self.reached = True
+        self.reached = self.heard = True
         lost_since, self.lost_since = self.lost_since, None
         if lost_since is not None:
             LOG.warning("rc.client: %s://%s:%d answers again, after %.0f s", self.scheme,
@@ -337,8 +340,8 @@ class Http:
                 self.drop()
                 if not reused or attempt == 2 or delivered:
                     cut = Cut if repeatable(method, headers) and not delivered else ClusterError
-                    raise cut("no answer from %s://%s:%d: %s"
-                              % (self.scheme, self.host, self.port, e))
+                    raise cut("no answer from %s://%s:%d: %s%s"
+                              % (self.scheme, self.host, self.port, e, self.never_reached()))
             except CutShort as e:
                 # Answered, then cut: never the kept-alive connection's second try.
                 self.drop()
@@ -347,7 +350,8 @@ class Http:
             except BadAnswer as e:
                 self.drop()
                 raise (AnswerTooLarge if isinstance(e, TooLarge) else ClusterError)(
-                    "bad answer from %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
+                    "bad answer from %s://%s:%d: %s%s" % (self.scheme, self.host, self.port, e,
+                                                          self.never_reached()))
             except OSError as e:
                 self.drop()
                 raise ClusterError("cannot reach %s://%s:%d: %s"
@@ -359,6 +363,16 @@ class Http:
             except BaseException:
                 self.drop()     # Ctrl-C mid-answer: its rest is not the next answer
                 raise
+
+    def never_reached(self):
+        """What to check when something that is not rc-web answered (or hung
+        up at) the first request: most often the devices' port, which `rc
+        join` prints beside the dashboard's."""
+        if self.heard:
+            return ""
+        return (" (is %s://%s:%d rc-web? The client wants the dashboard's address, port"
+                " 5000 unless RC_WEB_PORT moved it, not the devices' ports, 8080 and 8081)"
+                % (self.scheme, self.host, self.port))
 
     def head(self, method, path, body, headers, length=None):
         """The request's line and fields: ours, the caller's, the body's
@@ -1697,9 +1711,26 @@ class Executor(concurrent.futures.Executor):
     of its own. map() sends its chunks as tasks (one process a chunk)."""
 
     def __init__(self, url=None, token=None, max_workers=None, cluster=None, pack=DEFAULT_PACK,
+                 *, initializer=None, initargs=(), mp_context=None, max_tasks_per_child=None,
                  **task_options):
         if not isinstance(pack, int) or pack < 1:
             raise ValueError("pack must be a whole number >= 1, not %r" % (pack,))
+        # ProcessPoolExecutor's own: the initializer runs in each task's
+        # process before its calls; every call has a process of its own
+        # (a map's chunk too, given max_tasks_per_child); no mp_context.
+        self.initializer = None
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            shipped(initializer)                    # TypeError now if it cannot go
+            try:
+                pickle.dumps(tuple(initargs), PICKLE_PROTOCOL)
+            except Exception as e:
+                raise TypeError("the initargs cannot be pickled: %s" % e)
+            self.initializer = (initializer, tuple(initargs))
+        self.each_own_process = max_tasks_per_child is not None
+        if isinstance(url, int) and not isinstance(url, bool) and max_workers is None:
+            url = None          # Executor(4), as ProcessPoolExecutor(4): max_workers
         self.cluster = cluster or Cluster(url, token)
         self.own_cluster = cluster is None
         task_spec("python_exec", {"code": ""}, task_options)      # refuse unknown options now
@@ -1745,7 +1776,8 @@ class Executor(concurrent.futures.Executor):
 
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
-        code, home, inputs = call_code(fn, calls, store=self.cluster.put)
+        code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
+                                       store=self.cluster.put, initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
@@ -1943,7 +1975,8 @@ class PackFuture(TaskFuture):
             raise ValueError("a pack with no calls left")
         # A pack's arguments are at most MAX_ARGUMENT_BYTES (Executor.place):
         # they go in its code, with no file to store under the lock.
-        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True)
+        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True,
+                                  initializer=self.executor.initializer)
         self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
         self.decode = functools.partial(outcomes_and_home, home=home, cluster=self.cluster)
 
@@ -2121,8 +2154,26 @@ def remote_exception(outcome, home=None):
         error = BrokenProcessPool(message)
     if not isinstance(error, BaseException):
         error = RemoteError(type_name, message, traceback_text)
+    if isinstance(error, ImportError):
+        say_own_module(error)
     error.__cause__ = RemoteTraceback(traceback_text)
     return error
+
+
+def say_own_module(error):
+    """A module the device could not import that is a file of this machine
+    (`import helpers` beside the script, which a ProcessPoolExecutor's
+    processes find): the message says so and what to do, where a bare
+    "No module named 'helpers'" left the user to guess."""
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if not name or not path or is_library_module(name):
+        return
+    told = ("%s (on the device: %s is a module of yours, %s, which the device does not"
+            " have; `from %s import NAME` sends NAME with the function, or install %s on"
+            " the devices: docs/client.md)" % (error, name, path, name, name))
+    error.msg, error.args = told, (told,)
 
 
 # -- what goes to the device -------------------------------------------------------------
@@ -2140,7 +2191,7 @@ except ImportError:
     import pickle
 
 
-def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
+def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=None):
     # The function's prints, and what the tools it runs write on descriptor
     # 1, go to the task's stderr: stdout holds only the result line, which
     # data passing through a tool could otherwise forge for the client.
@@ -2149,11 +2200,19 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None):
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
-    space["_rc_pieces"] = pieces        # a traceback's lines (_rc_failure)
+    space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
     try:
+        if init:            # the Executor's initializer: its name may be the function's
+            for filename, line, source in init[1]:
+                exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+            initializer = space[init[0]]
         for filename, line, source in pieces:
             exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
         function = space[name]
+        if init:            # once in this process, before its calls, as in a pool's
+            initargs = binascii.a2b_base64(init[2])
+            initializer(*(pickle.loads(initargs) if home in (None, "__main__") else
+                          _rc_slow("load")(initargs, home)))
         if calls_file is None:
             calls = binascii.a2b_base64(calls)
         else:                   # arguments too large for the code: an input file
@@ -2332,15 +2391,21 @@ def _rc_died(signal_number, code):
 '''
 
 
-def call_code(fn, calls, each=False, store=None):
+def call_code(fn, calls, each=False, store=None, initializer=None):
     """(the python_exec script that makes `calls` ([(args, kwargs)]) of fn,
     each in a process of its own when `each`, the module whose definitions
     it carries, which is __main__ there, the inputs it needs). Pickled
     arguments over MAX_ARGUMENT_BYTES go as the input CALLS_FILE, stored
     with `store` (Cluster.put), as ProcessPoolExecutor takes arguments of
-    any size."""
+    any size. `initializer`, (function, args), runs first in the task's
+    process, as a ProcessPoolExecutor's in each of its processes."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
+    init = ""
+    if initializer is not None:
+        init_name, init_pieces, _ = shipped(initializer[0])
+        init = ", init=(%r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
+            pickle.dumps(tuple(initializer[1]), PICKLE_PROTOCOL)).decode())
     try:
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
     except Exception as e:
@@ -2354,10 +2419,10 @@ def call_code(fn, calls, each=False, store=None):
         inputs = [{"path": CALLS_FILE, "sha256": stored["sha256"], "size": stored["size"]}]
         calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
     # The first line is what `rc tasks` and the dashboard show of the task.
-    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s)\n" % (
+    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
         getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
-        ", each=True" if each else "", calls_file), home, inputs
+        ", each=True" if each else "", calls_file, init), home, inputs
 
 
 def unwrap_partial(fn, calls):

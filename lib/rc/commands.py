@@ -540,6 +540,9 @@ def cmd_files(arguments, context):
     rows = files_cli.listed(context.connection, arguments.task_id)
     records = files.task_files(context.connection, arguments.task_id)
     write_rows(context, arguments, rows, FILE_COLUMNS, records)
+    if not rows and is_a_map(context.connection, arguments.task_id):
+        context.err.write("rc: task %d has no files; %s\n" % (
+            arguments.task_id, map_number_note(arguments.task_id)))
 
 
 def cmd_get(arguments, context):
@@ -548,7 +551,8 @@ def cmd_get(arguments, context):
     try:
         chosen = files_cli.wanted(context.connection, arguments.task_id, arguments.names)
         if not chosen:
-            raise CommandError(no_outputs(task))
+            raise CommandError(no_outputs(task) + ("; %s" % map_number_note(task["task_id"])
+                               if is_a_map(context.connection, task["task_id"]) else ""))
         with users_umask():
             for entry in chosen:
                 path = files_cli.write_out(context.connection, context.config, entry,
@@ -556,6 +560,19 @@ def cmd_get(arguments, context):
                 context.out.write("%s\n" % render.cell(path))   # a device chose the name
     except (files_cli.FileOptionError, files.FileStoreError) as e:
         raise CommandError(str(e))
+
+
+def is_a_map(connection, number):
+    return connection.execute("SELECT 1 FROM maps WHERE group_id = ?",
+                              (number,)).fetchone() is not None
+
+
+def map_number_note(number):
+    """`rc files 12` where 12 is the number `rc map` printed (`map 12: 40
+    inputs`), not a task's: the task of that id is another."""
+    return ("%d is also a map's number (`map %d: ... inputs`): `rc group %d` lists the"
+            " map's tasks, whose files `rc files TASK` and `rc get TASK` show"
+            % (number, number, number))
 
 
 def no_outputs(task):
@@ -1647,8 +1664,13 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     arguments, extra = parser.parse_known_args(argv)
-    if extra and arguments.command == "map":
-        extra = map_cli.more_inputs(arguments, extra)
+    if arguments.command == "map":
+        extra = map_cli.more_inputs(arguments, extra) if extra else extra
+        # -0 is no option to argparse but a number: it would be the command.
+        foreign = map_cli.foreign_option(extra, [arguments.template] + [
+            value for value in arguments.values[:1] if value == "::::"])
+        if foreign:
+            parser.error(foreign)
     if extra and arguments.command == "ctl":
         extra = more_programs(arguments, extra)
     if extra and arguments.command == "submit":

@@ -17,6 +17,7 @@ from rc import environments, files, tasks
 from rc.states import PAYLOAD_FIELD
 
 EXECUTABLE_MODE, PLAIN_MODE = 0o755, 0o644
+INPUTS_LOOKED_AT = 100      # a map's first inputs checked for files left here: a stat each
 
 
 class FileOptionError(ValueError):
@@ -46,17 +47,8 @@ def files_left_here(command, inputs):
         words = shlex.split(command[:4096], comments=True)
     except ValueError:
         return None
-    sent = {entry["path"] for entry in inputs}
-    left = []
-    for word in words:
-        if word.startswith("-") or os.path.isabs(word) or any(c in word for c in "{}$*?[=<>|;&"):
-            continue
-        name = os.path.normpath(word).replace(os.sep, "/")
-        if name == ".." or name.startswith("../") or name in sent \
-                or any(path.startswith(name + "/") for path in sent):
-            continue
-        if word not in left and os.path.isfile(word):
-            left.append(word)
+    left = unsent_files([word for word in words if not word.startswith("-") and not any(
+        c in word for c in "{}$*?[=<>|;&")], inputs)
     if not left:
         return None
     return ("note: %s %s here but not an input: the task runs in an empty directory on a"
@@ -66,6 +58,42 @@ def files_left_here(command, inputs):
                 "it" if len(left) == 1 else "them",
                 " ".join("--input " + shlex.quote(word) for word in left[:3]),
                 "it" if len(left) == 1 else "them"))
+
+
+def unsent_files(words, inputs, most=3):
+    """Up to `most` of `words` that are relative paths of files here which
+    none of `inputs` (payload entries) sends."""
+    sent = {entry["path"] for entry in inputs}
+    left = []
+    for word in words:
+        if os.path.isabs(word) or "\n" in word:
+            continue
+        name = os.path.normpath(word).replace(os.sep, "/")
+        if name == ".." or name.startswith("../") or name in sent \
+                or any(path.startswith(name + "/") for path in sent):
+            continue
+        if word not in left and os.path.isfile(word):
+            left.append(word)
+            if len(left) == most:
+                break
+    return left
+
+
+def inputs_left_here(values, inputs):
+    """A note when the inputs of a shell map are files here (`ls *.txt |
+    rc map 'wc -l'`, an xargs habit) sent as their names only: each task
+    runs in an empty directory on a device, where its file is not; None
+    when the first INPUTS_LOOKED_AT are not."""
+    left = unsent_files(values[:INPUTS_LOOKED_AT], inputs)
+    if not left:
+        return None
+    return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
+            " device, where the command will not find %s; --files sends each input's file"
+            " to its task (ls *.txt | xargs bin/rc map CMD --files)" % (
+                "s" if len(left) > 1 else "",
+                " and ".join(repr(value) for value in left),
+                "are files" if len(left) > 1 else "is a file",
+                "them" if len(left) > 1 else "it"))
 
 
 def planned_inputs(paths):

@@ -4,6 +4,7 @@ labels and roles, one task on every matching device, control broadcasts.
 What is set here is kept in the devices table next to what each device
 reports about itself, so it survives the device reconnecting.
 """
+import collections
 import time
 
 from rc import bell, db, devices, tasks
@@ -195,11 +196,14 @@ def tasks_for_new_device(connection, config, device_id):
             continue
 
 
-def group(connection, group_id):
+def group(connection, group_id, limit=None):
     """Each device's task side by side, and a summary. A member's device is
     the one it is pinned to (`submit --each`), else the one it was given
     (a map's tasks are pinned to none), so `rc group` of a map says where
-    each input ran; `input` is a map's input (None in a `submit --each` group)."""
+    each input ran; `input` is a map's input (None in a `submit --each` group).
+    `limit`: at most that many tasks, those that have not completed first
+    (a map of 100,000 inputs was 10 MB for a phone's dashboard), the
+    summary of all of them, and "more": how many were left out."""
     row = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     if row is None:
@@ -212,24 +216,30 @@ def group(connection, group_id):
         " THEN json_extract(requirements, '$.device_id') END, device_id),"
         " CASE WHEN json_valid(result) AND json_type(result, '$.output') = 'text'"
         " THEN substr(json_extract(result, '$.output'), 1, :most) END, substr(error, 1, :most)"
-        " FROM tasks WHERE group_id = :group ORDER BY task_id",
-        {"group": group_id, "most": GROUP_TEXT_CHARS + 1})]
+        " FROM tasks WHERE group_id = :group ORDER BY %s LIMIT :limit"
+        % ("task_id" if limit is None else "state = 'completed', task_id"),
+        {"group": group_id, "most": GROUP_TEXT_CHARS + 1,
+         "limit": -1 if limit is None else limit})]
     # A map's task: the input it ran (the value, or the path with --files).
     inputs = {task_id: cut(text) for task_id, text in connection.execute(
         "SELECT task_id, substr(input, 1, ?) FROM map_jobs WHERE group_id = ?"
-        " AND task_id IS NOT NULL", (GROUP_TEXT_CHARS + 1, group_id))}
-    summary = {"tasks": len(members)}
-    for member in members:
-        state = member[1]
-        outcome = state if state in ("completed", "failed") else (
-            "running" if state == RUNNING else state)
-        summary[outcome] = summary.get(outcome, 0) + 1
-    return {"group_id": group_id, "task_type": row["task_type"],
-            "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
-            "summary": summary,
-            "tasks": [{"device_id": device_id, "task_id": task_id,
-                       "input": inputs.get(task_id), "state": state, "output": output,
-                       "error": error} for task_id, state, device_id, output, error in members]}
+        " AND task_id IS NOT NULL%s" % ("" if limit is None else " AND task_id IN (%s)"
+                                        % ",".join(str(member[0]) for member in members)),
+        (GROUP_TEXT_CHARS + 1, group_id))}
+    # The summary of what is shown, or with a limit of all, counted apart.
+    counted = collections.Counter(member[1] for member in members) if limit is None else dict(
+        connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                           " GROUP BY state", (group_id,)).fetchall())
+    summary = dict(tasks=sum(counted.values()), **counted)
+    shown = {"group_id": group_id, "task_type": row["task_type"],
+             "payload": db.loads(row["payload"]), "include_new": bool(row["include_new"]),
+             "summary": summary,
+             "tasks": [{"device_id": device_id, "task_id": task_id,
+                        "input": inputs.get(task_id), "state": state, "output": output,
+                        "error": error} for task_id, state, device_id, output, error in members]}
+    if limit is not None:
+        shown["more"] = summary["tasks"] - len(members)
+    return shown
 
 
 def cut(text):

@@ -19,12 +19,14 @@ import argparse
 import codecs
 import collections
 import getpass
+import io
 import os
 import re
 import shlex
 import shutil
 import sys
 import time
+import tokenize
 import types
 
 from rc import bell, db, explain, files, files_cli, health, render, tasks
@@ -47,7 +49,33 @@ MAP_TYPES = ("shell", "python_exec", "python_eval", "echo", "sleep")
 # Types whose output is a value (python_eval's repr, echo's message), not a
 # stream: each is printed on a line of its own.
 VALUE_TYPES = ("python_eval", "echo", "sleep")
-QUOTERS = {"shell": shlex.quote, "python_exec": repr, "python_eval": repr}
+# python_exec, python_eval: the tokens in which a value would be inside a
+# string literal of the code (f-strings are tokens of their own from 3.12).
+VALUE_MARK = "_rc_map_value_"
+STRING_TOKENS = {tokenize.STRING} | {getattr(tokenize, name) for name in (
+    "FSTRING_MIDDLE",) if hasattr(tokenize, name)}
+# The shell's quoting where a replacement string stands in the command:
+# bare, inside '...' or inside "..." (`echo '{}'`, a habit from find -exec).
+BARE, SINGLE, DOUBLE = "bare", "single", "double"
+SPECIAL_IN_DOUBLE = re.compile(r'([\\"$`])')     # what a backslash escapes in "..."
+
+
+def shell_quote(value, state):
+    """The value as one word of the command where it stands: quoted when
+    bare; inside quotes of the user's own, escaped for them, so that `echo
+    '{}'` with an input `x$(id)` or `it's` prints it, never runs it."""
+    if state == SINGLE:
+        return value.replace("'", "'\\''")
+    if state == DOUBLE:
+        return SPECIAL_IN_DOUBLE.sub(r"\\\1", value)
+    return shlex.quote(value)
+
+
+def python_quote(value, state):
+    return repr(value)
+
+
+QUOTERS = {"shell": shell_quote, "python_exec": python_quote, "python_eval": python_quote}
 # GNU Parallel's replacement strings that rc map knows, and what each makes
 # of the input (GNU Parallel's own rules: {.} drops the last extension of
 # the last path component only, {//} is dirname with "." for a bare name).
@@ -154,6 +182,37 @@ def add_arguments(sub, whole_number):
                      help="start only when these tasks have completed")
 
 
+# GNU Parallel's and xargs' options that rc map has not, which habit types:
+# what to do instead, said in place of argparse's "unrecognized arguments".
+ONE_A_LINE = ("rc map takes one input a line of stdin (names that hold a newline: --files"
+              " FILE…, or find … -print0 | xargs -0 rc map CMD --files)")
+FOREIGN_OPTIONS = {
+    ("-j", "--jobs", "-P", "--max-procs"):
+        "rc map runs as many tasks at once as the fleet has free slots"
+        " (`rc slots DEVICE N` gives a device fewer)",
+    ("-0", "--null", "-d", "--delimiter"): ONE_A_LINE,
+    ("--bar", "--eta"): "--progress draws a progress bar with its rate and ETA",
+    ("--joblog",): "--results DIR keeps each input's state and exit code",
+    ("-a", "--arg-file", "::::"): "give the file's lines on stdin: rc map CMD < FILE",
+    ("-I", "-i", "--replace"): "{} is the input in the command, always",
+    ("-n", "--max-args", "-L", "--max-lines", "-N", "-X", "-m", "--xargs"):
+        "rc map runs the command once per input",
+}
+
+
+def foreign_option(options, words=()):
+    """A message for the first of `options` (unknown options, `-j4`,
+    `--jobs=4`) or of `words` (the command and first input, as they are:
+    `-0`, `::::`) that is GNU Parallel's or xargs' option; None if none."""
+    for word, exact in [(option, False) for option in options] + [(w, True) for w in words]:
+        name = word if exact else word.split("=", 1)[0] if word.startswith("--") else word[:2]
+        for names, instead in FOREIGN_OPTIONS.items():
+            if name in names:
+                return "%s is GNU Parallel's or xargs' option, not rc map's: %s" % (
+                    word, instead)
+    return None
+
+
 def more_inputs(arguments, extra):
     """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
     over since it takes positionals in one run: added to the inputs; what
@@ -257,15 +316,16 @@ class Template:
             self.literals = [text + " ", ""]
             self.keys = [""]
         self.text = text
+        self.states = shell_states(self.literals)
 
     def fill(self, value, number, quote=None):
         pieces = [self.literals[0]]
-        for key, literal in zip(self.keys, self.literals[1:]):
+        for key, literal, state in zip(self.keys, self.literals[1:], self.states):
             if key == JOB_NUMBER:
                 pieces.append(str(number))
             else:
                 replaced = REPLACEMENTS[key](value)
-                pieces.append(quote(replaced) if quote else replaced)
+                pieces.append(quote(replaced, state) if quote else replaced)
             pieces.append(literal)
         return "".join(pieces)
 
@@ -320,6 +380,45 @@ class Plan:
             raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
 
 
+def shell_states(literals):
+    """The shell's quoting at each replacement string between `literals`,
+    read as sh reads them: a backslash escapes the next character (not
+    inside '...'), quotes open and close."""
+    states, state = [], BARE
+    for literal in literals[:-1]:
+        escaped = False
+        for char in literal:
+            if escaped:
+                escaped = False
+            elif state == SINGLE:
+                state = BARE if char == "'" else SINGLE
+            elif char == "\\":
+                escaped = True
+            elif state == DOUBLE:
+                state = BARE if char == '"' else DOUBLE
+            elif char in "'\"":
+                state = SINGLE if char == "'" else DOUBLE
+        states.append(state)
+    return states
+
+
+def refuse_value_in_string(code):
+    """python_exec, python_eval: each value goes as a string literal of its
+    own (repr), so one inside a literal of the code (`print('{}')`) would
+    end it: `'+__import__('os').system('id')+'` would run as code."""
+    marked = REPLACEMENT_TOKEN.sub(
+        lambda match: "0" if match.group(1) == JOB_NUMBER else VALUE_MARK, code)
+    try:
+        strings = [token.string for token in tokenize.generate_tokens(
+            io.StringIO(marked).readline) if token.type in STRING_TOKENS]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return          # Python says what is wrong with it on the device
+    if any(VALUE_MARK in string for string in strings):
+        raise MapUsageError("a replacement string inside a string literal of the code (%r):"
+                            " write it bare, print({}): rc map puts each value in as a"
+                            " string literal of its own" % code[:200])
+
+
 def shown(value):
     return repr(render.shorten(value, SHOWN_VALUE))
 
@@ -331,6 +430,10 @@ def new_map(context, arguments, task_options):
     shared = shared_fields(connection, config, task_type, arguments)
     note = task_type == "shell" and files_cli.files_left_here(arguments.template,
                                                              shared.get("inputs", []))
+    if note:
+        context.err.write("rc map: %s\n" % note)
+    note = task_type == "shell" and not arguments.files and files_cli.inputs_left_here(
+        [job.value for job in jobs[:files_cli.INPUTS_LOOKED_AT]], shared.get("inputs", []))
     if note:
         context.err.write("rc map: %s\n" % note)
     into = os.path.abspath(arguments.into or ".") if outputs else None
@@ -351,6 +454,8 @@ def map_parts(arguments, task_options):
         raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
                             " or --files FILE…")
     template = Template(arguments.template, "the command", append_input=True)
+    if arguments.type in ("python_exec", "python_eval"):
+        refuse_value_in_string(arguments.template)
     outputs = [Template(glob, "--output") for glob in arguments.output or []]
     if arguments.into and not outputs:
         raise MapUsageError("--into says where --output files go; give --output GLOB too")
@@ -417,7 +522,9 @@ def stdin_lines():
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
-            raise MapUsageError("stdin line %d is not UTF-8 text" % number)
+            raise MapUsageError(
+                "stdin line %d is not UTF-8 text: %s (rc map takes UTF-8 lines; iconv -f"
+                " latin1 -t utf8 makes them of a Latin-1 list)" % (number, repr(line[:200])[1:]))
     return lines
 
 
@@ -574,6 +681,7 @@ class Runner:
         self.failed = 0
         self.written = {}               # --into: a file's name there -> the job that wrote it
         self.told_replaced = False
+        self.without_outputs = 0        # completed inputs that left no --output file
         self.last_event, self.rechecked_at = 0, 0.0
         self.started, self.told_why = None, False
         self.progress = Progress(self.err, plan.group_id, plan.total, plan.done_before,
@@ -620,6 +728,9 @@ class Runner:
                 self.progress.draw(self.failed)
         except KeyboardInterrupt:
             return self.interrupted()
+        except BrokenPipeError:
+            self.output_closed()
+            raise           # rc's exit status for it, 141, and nothing more written
         return self.finish()
 
     def resume_note(self):
@@ -787,7 +898,11 @@ class Runner:
                 except OSError as e:
                     outcome.notes.append("results not written: %s" % e)
             if self.plan.outputs:
-                for entry in files.task_files(self.connection, job.task_id):
+                entries = files.task_files(self.connection, job.task_id)
+                if job.state == COMPLETED and not missing_only and not any(
+                        entry["kind"] == files.OUTPUT for entry in entries):
+                    self.left_nothing(job, outcome)
+                for entry in entries:
                     if entry["kind"] == files.OUTPUT and not (missing_only and os.path.lexists(
                             os.path.join(self.plan.into, *entry["name"].split("/")))):
                         try:
@@ -799,6 +914,18 @@ class Runner:
                                                  % (entry["name"], e))
                         else:
                             self.replaced(job, outcome, entry["name"])
+
+    def left_nothing(self, job, outcome):
+        """A completed input that left no file its --output names (`gzip
+        {}` where `--output '{}.gz'` expected `a.txt.gz`, or a glob that
+        matched nothing): the first is said with its names, the count at
+        the end; the map's exit status was 0 with out/ empty, not a word."""
+        self.without_outputs += 1
+        if self.without_outputs == 1:
+            outcome.notes.append("completed but left no file that --output %s names (`rc files"
+                                 " %d` lists what its task has)" % (", ".join(
+                                     repr(glob.fill(job.value, job.number))
+                                     for glob in self.plan.outputs), job.task_id))
 
     def replaced(self, job, outcome, name):
         """Two inputs' outputs of one name (`--output out.txt`): the later
@@ -848,6 +975,31 @@ class Runner:
         self.err.flush()
         return INTERRUPTED_STATUS
 
+    def output_closed(self):
+        """The reader of stdout left (`rc map ... | head -1`): as GNU Parallel
+        and xargs, which die of it, start nothing more (queue no more inputs,
+        cancel the queued tasks; the running ones finish) and say so, where
+        the map went on unseen, every input run, and rc map ended without a
+        word."""
+        self.progress.clear()
+        group_id = self.plan.group_id
+        unqueued, self.unsubmitted = len(self.unsubmitted), []
+        queued, _ = cancel_group(self.connection, group_id)
+        active = self.counts()[1]
+        self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
+                           unqueued=unqueued, user=user_name())
+        if not (queued or unqueued or active):
+            self.err.write("map %d: its output was closed (a reader such as `head` left);"
+                           " every task had run: `rc group %d` shows their outputs\n"
+                           % (group_id, group_id))
+        else:
+            self.err.write("map %d: its output was closed (a reader such as `head` left):"
+                           " %d queued tasks cancelled%s, %d assigned or running ones"
+                           " finish; `rc map --resume %d` runs the rest again\n"
+                           % (group_id, queued, " and %d inputs never queued" % unqueued
+                              if unqueued else "", active, group_id))
+        self.err.flush()
+
     def counts(self):
         row = self.connection.execute(
             "SELECT sum(state = ?), sum(%s) FROM tasks WHERE group_id = ?" % db.ACTIVE_SQL,
@@ -857,6 +1009,9 @@ class Runner:
     def finish(self):
         self.progress.draw(self.failed, final=True)
         group_id = self.plan.group_id
+        if self.without_outputs > 1:
+            self.err.write("map %d: %d completed inputs left no file that --output names\n"
+                           % (group_id, self.without_outputs))
         if self.failed:
             self.err.write("map %d: %d of %s did not complete; `rc map --resume %d` runs"
                            " them again\n" % (group_id, self.failed,

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import bottle
 import orjson
@@ -71,7 +71,7 @@ STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* 
 # ...and a link save a task's file (GET .../files/NAME): a browser that kept
 # the token otherwise had to fetch the whole file into memory to send it.
 STREAM_COOKIE_PATHS = ("/stream", "/api/v1/tasks")
-COOKIE_DOWNLOAD = re.compile(r"/api/v1/tasks/[0-9]+/files/.")
+COOKIE_DOWNLOAD = re.compile(r"/api/v1/tasks/[0-9]+/files/.", re.DOTALL)
 STREAM_SESSION_SECONDS = 12 * 3600    # how long one stream cookie lasts
 THROUGHPUT_WINDOWS = (60, 300)    # seconds over which /text/status counts completions
 WEB_ROOT = os.path.join(rc_config.CHECKOUT, "share", "web")
@@ -613,7 +613,8 @@ class Web:
 
     def group(self, group_id):
         try:
-            return json_response(fleet.group(self.connection(), group_id))
+            return json_response(fleet.group(self.connection(), group_id,
+                                             query_int("limit", None)))
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
@@ -1382,8 +1383,7 @@ class FileRoutes:
         except files.FileStoreError as e:
             raise ApiError(FILE_STATUS.get(e.code, 400), str(e))
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "X-Content-SHA256": sha256, "Content-Disposition":
-                   "attachment; filename=\"%s\"" % re.sub(r'[^A-Za-z0-9._-]', "_", filename)}
+                   "X-Content-SHA256": sha256, "Content-Disposition": disposition(filename)}
         try:
             start, end, status = byte_range(raw_header("Range"), size)
         except ApiError:
@@ -1639,11 +1639,26 @@ def make_app(config, logger=None):
     return app
 
 
+def disposition(filename):
+    """Content-Disposition of a download: the name itself in filename*
+    (RFC 6266, UTF-8 percent-encoded), which browsers prefer, and a plain
+    ASCII one for the others; a browser saved `it's "q".txt` or `été.jpg`
+    as `it_s__q_.txt` and `_t_.jpg`, whatever the dashboard's link said."""
+    plain = re.sub(r'[^A-Za-z0-9._-]', "_", filename)
+    if plain == filename:
+        return 'attachment; filename="%s"' % plain
+    return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (
+        plain, quote(filename, safe=""))
+
+
 def file_routes(routes):
     return [("POST", UPLOAD_PATH, routes.upload, "admin"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
             ("GET", "/api/v1/tasks/<task_id:id>/files", routes.task_list, "read"),
-            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:path>", routes.task_file, "read")]
+            # Bottle's :path is ".+?", which stops at a newline: a file of a task
+            # may have one in its name (`rc map --files` of such a file).
+            ("GET", "/api/v1/tasks/<task_id:id>/files/<name:re:[\\s\\S]+>", routes.task_file,
+             "read")]
 
 
 def upload_allowance(web, request, quota):
