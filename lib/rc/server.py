@@ -438,10 +438,8 @@ class Server:
         new_connections_per_address (before any TLS work: a stranger's
         handshakes, as fast as it could make them, took a third of the
         loop), else TLS wrapping, then the handshake or hello."""
-        key = throttle.address_key(address[0])
-        if not self.new_connections.allow(key):
-            self.log_limited("warning", "too_many_new_connections", key, address=key,
-                             limit=self.config.new_connections_per_address)
+        key = self.new_connections.admit(address[0], self.log_limited)
+        if key is None:
             sock.close()
             return
         sock.setblocking(False)

@@ -97,8 +97,19 @@ class NewConnections:
     a second; 0: no limit. Not thread-safe: the accepting thread alone."""
 
     def __init__(self, burst, clock=time.monotonic):
+        self.limit = burst
         self.throttle = Throttle(burst * 60.0 / NEW_CONNECTIONS_REFILL_SECONDS, burst,
                                  clock) if burst else None
+
+    def admit(self, address, log_limited):
+        """The key of a connection just accepted from `address` when it may
+        be served (it is counted); None when it must be closed now, which
+        `log_limited` (a LimitedLog) writes a few a minute per address."""
+        key = address_key(address)
+        if self.allow(key):
+            return key
+        log_limited("warning", "too_many_new_connections", key, address=key, limit=self.limit)
+        return None
 
     def allow(self, key):
         """Whether a connection from `key` (address_key) may be served; it is counted."""

@@ -104,10 +104,7 @@ class FilesServer:
                 continue
             # Each costs a thread, a timer and a TLS handshake (~2.5 ms of
             # CPU): past new_connections_per_address, closed before all that.
-            key = throttle.address_key(address[0])
-            if not self.new_connections.allow(key):
-                self.log_limited("warning", "too_many_new_connections", key, address=key,
-                                 limit=self.config.new_connections_per_address)
+            if self.new_connections.admit(address[0], self.log_limited) is None:
                 sock.close()
                 continue
             if not self.slots.acquire(blocking=False) and not self.make_room():
