@@ -115,9 +115,10 @@ class Flood:
     would hold the GIL while the device's answers wait to be read."""
 
     def __init__(self, port, source):
-        self.stop = multiprocessing.Event()
-        self.handshakes, self.refused = multiprocessing.Value("l", 0), multiprocessing.Value("l", 0)
-        self.processes = [multiprocessing.Process(target=flood, daemon=True, args=(
+        forks = multiprocessing.get_context("fork")      # they need nothing of this one
+        self.stop = forks.Event()
+        self.handshakes, self.refused = forks.Value("l", 0), forks.Value("l", 0)
+        self.processes = [forks.Process(target=flood, daemon=True, args=(
             port, source, self.stop, self.handshakes, self.refused))
             for _ in range(FLOOD_PROCESSES)]
 
