@@ -23,9 +23,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    # 500 idle connections from one address (test_idle_connections_that_never_authenticate)
+    # 500 idle connections from one address (test_idle_connections_that_never_authenticate),
+    # after the others' connections: more than new_connections_per_address's 500 at once
     cluster = Cluster(tmp_path_factory.mktemp("bad"), auth_timeout=2.0,
-                      max_unauthenticated_per_address=1000)
+                      max_unauthenticated_per_address=1000, new_connections_per_address=1000)
     cluster.start()
     cluster.supervisorctl("stop", "rc-worker")
     cluster.start_worker("good", "--slots", "2")

@@ -17,7 +17,7 @@ from cluster_harness import wait_for
 from rc import config as config_module
 from rc import server as server_module
 from rc import audit, bell, db, device_secrets, devices, files, fleet, protocol, scheduler
-from rc import state_dir, tasks
+from rc import state_dir, tasks, throttle
 from rc import tls
 from rc.log import Logger
 from rc.server import Server
@@ -386,6 +386,7 @@ def test_thousands_of_idle_connections_in_one_process(server):
     # One address, one token: lift the limits a fleet behind one address needs.
     instance.config.max_unauthenticated_per_address = 2000
     instance.config.max_devices_per_token = 2000
+    instance.new_connections = throttle.NewConnections(0)     # new_connections_per_address
     token = token_of(instance)
     clients = []
     for n in range(2000):

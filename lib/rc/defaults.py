@@ -37,6 +37,11 @@ MAX_UNAUTHENTICATED = 1000      # connections still authenticating at once; past
                                 # oldest (over 2 s; else the busiest address's oldest)
                                 # makes way for a new one
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8     # ... of those, from one address
+NEW_CONNECTIONS_PER_ADDRESS = 500       # connections one address (an IPv6 /64) may open
+                                # at once to rc-server, and to rc-files (a fleet behind one
+                                # NAT after a restart); it gets a twentieth of them back a
+                                # second; past them a connection is closed before any TLS
+                                # work; 0: no limit
 AUTH_FAILURES_PER_MINUTE = 10   # wrong join-token proofs from one address before it is
                                 # shut out for a minute (a device proving its own secret
                                 # is not)

@@ -212,6 +212,7 @@ class Server:
         self.wrong_proofs = throttle.WrongProofs(config.auth_failures_per_minute,
                                                  SHUT_OUT_SECONDS)
         self.unauthenticated_by_host = collections.Counter()
+        self.new_connections = throttle.NewConnections(config.new_connections_per_address)
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
         self.connected_lines = throttle.Throttle(CONNECTED_LINES_PER_MINUTE)
@@ -433,7 +434,14 @@ class Server:
                 sock.close()
 
     def take(self, sock, address):
-        """A new connection: TLS wrapping, then the handshake or hello."""
+        """A new connection: closed at once past its address's
+        new_connections_per_address (before any TLS work: a stranger's
+        handshakes, as fast as it could make them, took a third of the
+        loop), else TLS wrapping, then the handshake or hello."""
+        key = self.new_connections.admit(address[0], self.log_limited)
+        if key is None:
+            sock.close()
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
@@ -445,6 +453,7 @@ class Server:
             self.selector.register(sock, selectors.EVENT_READ, peer)
             too_many = self.too_many_authenticating(peer)
             if self.tls and too_many:
+                self.new_connections.give_back(key)     # it cost no handshake
                 self.close(peer, too_many)      # no TLS yet to say so
             elif self.tls:
                 peer.handshaking = True

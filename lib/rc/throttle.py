@@ -4,11 +4,16 @@ connections. Each key (an address and a code, say) gets a burst, then
 `per_minute`; what is held back is counted, and the count goes with the
 next line that is let through (or with held_back(), once the key may speak
 again), so nothing is hidden, only summed."""
+import ipaddress
 import threading
 import time
 
 MAX_KEYS = 10000      # keys a throttle tracks before it forgets the quiet ones
 HELD_BACK_INTERVAL = 2.0   # seconds between a program's looks for held-back lines to sum up
+IPV6_PREFIX = 64      # one IPv6 client usually holds a whole /64
+# Seconds a spent new_connections_per_address takes to come back whole: an
+# address that used all of it may open a twentieth of it a second after.
+NEW_CONNECTIONS_REFILL_SECONDS = 20.0
 
 
 class Throttle:
@@ -65,6 +70,56 @@ class Throttle:
         entry[0] = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
         entry[1] = now
         return entry
+
+
+def address_key(address):
+    """Whose connection this is, for a limit per address: an IPv4 address,
+    or an IPv6 address's /64."""
+    if ":" not in address:     # accept()'s IPv4 is written one way already (and 10x quicker)
+        return address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_PREFIX), strict=False))
+
+
+class NewConnections:
+    """New connections per address (its address_key), for a server to whom each
+    costs real work before anyone has proved anything: a TLS handshake was
+    ~0.9 ms of rc-server's one loop, ~2.5 ms of rc-files' CPU, and a
+    stranger made 540 a second from one address. `burst` at once (a fleet
+    behind one NAT, back together after a restart), then a twentieth of it
+    a second; 0: no limit. Not thread-safe: the accepting thread alone."""
+
+    def __init__(self, burst, clock=time.monotonic):
+        self.limit = burst
+        self.throttle = Throttle(burst * 60.0 / NEW_CONNECTIONS_REFILL_SECONDS, burst,
+                                 clock) if burst else None
+
+    def admit(self, address, log_limited):
+        """The key of a connection just accepted from `address` when it may
+        be served (it is counted); None when it must be closed now, which
+        `log_limited` (a LimitedLog) writes a few a minute per address."""
+        key = address_key(address)
+        if self.allow(key):
+            return key
+        log_limited("warning", "too_many_new_connections", key, address=key, limit=self.limit)
+        return None
+
+    def allow(self, key):
+        """Whether a connection from `key` (address_key) may be served; it is counted."""
+        return self.throttle is None or self.throttle.allow(key) is not None
+
+    def give_back(self, key):
+        """A connection allow() counted, closed before any work."""
+        if self.throttle is not None:
+            entry = self.throttle.refill(key)
+            entry[0] = min(self.throttle.burst, entry[0] + 1.0)
 
 
 class LimitedLog:

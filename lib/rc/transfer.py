@@ -69,6 +69,7 @@ class FilesServer:
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.wrong_proofs = throttle.WrongProofs(config.auth_failures_per_minute)
         self.authenticating = {}    # host -> connections still proving who they are
+        self.new_connections = throttle.NewConnections(config.new_connections_per_address)
         self.by_device = {}         # device_id -> connections it holds
         self.busy_partials = set()  # puts in progress, by partial file name
         # Connections make_room may hang up -> since when: sessions waiting for
@@ -100,6 +101,11 @@ class FilesServer:
             except OSError as e:        # out of descriptors, say: wait, go on
                 self.log_limited("error", "accept_failed", "accept", error=str(e))
                 time.sleep(ACCEPT_POLL)
+                continue
+            # Each costs a thread, a timer and a TLS handshake (~2.5 ms of
+            # CPU): past new_connections_per_address, closed before all that.
+            if self.new_connections.admit(address[0], self.log_limited) is None:
+                sock.close()
                 continue
             if not self.slots.acquire(blocking=False) and not self.make_room():
                 self.log_limited("warning", "too_many_connections", address[0],

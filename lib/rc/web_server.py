@@ -17,7 +17,6 @@ knocks. waitress has no TLS: a TLS channel does the handshake
 and the encryption inside waitress's own non-blocking loop, so nothing
 blocks it and every limit above applies to TLS connections too.
 """
-import ipaddress
 import logging
 import os
 import select
@@ -32,8 +31,8 @@ from waitress.task import ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from rc import tls
+from rc.throttle import address_key
 
-IPV6_PREFIX = 64            # one IPv6 client usually holds a whole /64
 # Seconds a request's thread, its answer sent, waits on the connection for
 # the client's next request and serves it itself (see Channel.linger): a
 # client submitting again within it skips waitress's loop and the hand-over
@@ -73,19 +72,6 @@ def route_waitress_log(log):
     logger.handlers = [WaitressLog(log)]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-def address_key(address):
-    """Whose connection this is, for the per-address limit."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 4:
-        return str(ip)
-    if ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.ip_network("%s/%d" % (ip, IPV6_PREFIX), strict=False))
 
 
 class LengthRequired(BadRequest):
