@@ -106,14 +106,22 @@ def sha(data):
 def assert_store_whole(cluster):
     """Every row names a blob of its size and SHA-256; the usage row is the
     sum of the rows; each task_files row names a stored blob."""
-    rows = cluster.db.execute("SELECT sha256, size FROM files").fetchall()
+    # One snapshot: a checkpoint committed or a replaced one deleted between
+    # two reads (the ended task's last put, rc-reaper's sweep) is no fault.
+    cluster.db.execute("BEGIN")
+    try:
+        rows = cluster.db.execute("SELECT sha256, size FROM files").fetchall()
+        used = files.used_bytes(cluster.db)
+        dangling = cluster.db.execute("SELECT count(*) FROM task_files WHERE sha256 NOT IN"
+                                      " (SELECT sha256 FROM files)").fetchone()[0]
+    finally:
+        cluster.db.execute("COMMIT")
+    assert used == sum(size for _, size in rows)
+    assert dangling == 0
     for digest, size in rows:
         path = files.blob_path(cluster.config, digest)
         assert os.path.getsize(path) == size, digest
         assert files.hash_file(path)[0] == digest
-    assert files.used_bytes(cluster.db) == sum(size for _, size in rows)
-    assert cluster.db.execute("SELECT count(*) FROM task_files WHERE sha256 NOT IN"
-                              " (SELECT sha256 FROM files)").fetchone()[0] == 0
 
 
 def terminal_once(cluster, task_id, timeout=60):
