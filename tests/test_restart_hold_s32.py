@@ -264,11 +264,12 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
     # A task runs as a user of its own: the flag is where any user may look.
     flags = tempfile.mkdtemp(prefix="rc-hold-")
     os.chmod(flags, 0o755)
-    flag = os.path.join(flags, "go")
+    flag, back = os.path.join(flags, "go"), os.path.join(flags, "back")
     try:
         short = submit(cluster, device_id, "while [ ! -e %s ]; do sleep 0.1; done; echo short"
                        % flag)
-        long = submit(cluster, device_id, "sleep 25; echo long")
+        long = submit(cluster, device_id, "while [ ! -e %s ]; do sleep 0.1; done; echo long"
+                      % back)
         wait_for(lambda: running(cluster, short, long), 60, "both tasks running")
 
         stopped = cluster.make("stop")
@@ -283,12 +284,17 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
         time.sleep(5)       # away five times disconnect_fence
         started = cluster.make("run")
         assert started.returncode == 0, started.stdout
+        # The long task ends once its worker is back on the new rc-server.
+        wait_for(lambda: len(worker_records(cluster, device_id, event="registered")) >= 2, 60,
+                 "the worker back")
+        open(back, "w").close()
+        for task_id in (short, long):
+            wait_for(lambda: state_of(cluster, task_id)["state"] == COMPLETED, 90,
+                     "task %d completed" % task_id)
     finally:
         shutil.rmtree(flags)
 
     for task_id, output in ((short, "short\n"), (long, "long\n")):
-        wait_for(lambda: state_of(cluster, task_id)["state"] == COMPLETED, 90,
-                 "task %d completed" % task_id)
         task = state_of(cluster, task_id)
         assert (task["attempt"], task["result"]["output"]) == (1, output), events(cluster, task_id)
         assert {e[1] for e in events(cluster, task_id)} == {1}, events(cluster, task_id)
