@@ -363,7 +363,7 @@ def test_make_stop_with_rc_server_killed_in_its_hold_then_a_restore(cluster, tmp
     """make stop, rc-server killed once it has written the hold: the hold
     ends when the workers are back. Then a backup taken while tasks run,
     and a restore: the counters are the copy's tasks each time."""
-    ids = run_tasks(cluster, 12, 4)
+    ids = run_tasks(cluster, 12, 2)
     pid = cluster.program_pid("rc-server")
     stopping = subprocess.Popen(["make", "-s", "-C", REPO, "stop"], env=cluster.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -383,7 +383,7 @@ def test_make_stop_with_rc_server_killed_in_its_hold_then_a_restore(cluster, tmp
     assert_counts_true(cluster.db)
     assert_one_terminal_state_each(cluster, ids)
 
-    ids = run_tasks(cluster, 12, 4)
+    ids = run_tasks(cluster, 12, 2)
     copy = str(tmp_path / "copy.db")
     cluster.rc("backup", copy)
     backup_db = sqlite3.connect("file:%s?mode=ro" % copy, uri=True, isolation_level=None)
