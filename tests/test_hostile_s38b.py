@@ -1,14 +1,22 @@
-"""attack38b: the main node fed hostile rows through its own inputs. A
-chain of dependencies deeper than SQLite's trigger depth (1,000), which
-anyone with the admin token builds with a submit per link (or a pipeline
-of a thousand steps does): the failure of its first task could not be
-written, so that task could be neither cancelled, failed nor timed out.
-Each test failed before the fix its docstring names."""
+"""attack38b: the main node fed hostile rows through its own inputs, and
+rc-server's protocol from a joined device. A chain of dependencies deeper
+than SQLite's trigger depth (1,000), which anyone with the admin token
+builds with a submit per link (or a pipeline of a thousand steps does):
+the failure of its first task could not be written, so that task could be
+neither cancelled, failed nor timed out. A joined device naming 10,000
+tasks in each lease_check (or heartbeat): a core of the main node held,
+every other device answered late. Each test failed before the fix its
+docstring names."""
+import threading
+
 import pytest
 
+from hostile_harness import unharmed
 from rc import config as config_module
-from rc import db, tasks
+from rc import db, protocol, tasks
 from rc.states import CANCELLED, FAILED, QUEUED
+from test_bad_input import read_frame, registered
+from test_inline_files import with_the_good_worker
 
 
 @pytest.fixture
@@ -65,3 +73,47 @@ def test_a_failure_reaches_every_dependent_of_a_lattice_once(store):
         "SELECT count(*) FROM task_events WHERE task_id IN (%s) AND state = 'failed'"
         % ",".join(map(str, dependents))).fetchone()[0]
     assert events == len(dependents)
+
+
+# -- a joined device names thousands of tasks in each message --------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s38b"), "good"):
+        yield cluster
+
+
+@pytest.mark.e2e
+def test_a_device_naming_thousands_of_tasks_a_message_is_held_to_the_message_rate(cluster):
+    """A lease_check may name 10,000 (task, attempt) pairs, and rc-server
+    runs two UPDATEs for each: ~0.1 s of its loop for a frame of 350 KB,
+    well within max_receive_mb. A device sending them as fast as rc-server
+    read them held a core of the main node for as long as it liked, and
+    another device's answers came ~0.4 s late instead of 2 ms (100 frames:
+    9.5 s). Each task named now counts as a message of max_message_rate
+    (10,000 a second, bursts of twice that): past it, the connection is
+    refused as for any flood (before: all ten frames answered)."""
+    frames = 10
+    keys = [{"task_id": 10 ** 9 + n, "attempt": 1} for n in range(10000)]
+    flood = protocol.encode("lease_check", {"tasks": keys}, sender_id="mallory") * frames
+    with unharmed(cluster, "good"):
+        mallory = registered(cluster, "mallory")
+
+        def send():
+            try:
+                mallory.sendall(flood)
+            except OSError:         # refused midway
+                pass
+        sender = threading.Thread(target=send)
+        sender.start()
+        answers = []
+        while len(answers) < frames:
+            frame = read_frame(mallory, timeout=60)
+            if frame is None:
+                break
+            answers.append(frame)
+        sender.join()
+        mallory.close()
+    assert answers[-1]["message_type"] == "error", answers[-1]
+    assert answers[-1]["data"]["code"] == "rate_limited", answers[-1]
+    assert [a["message_type"] for a in answers[:-1]] == ["lease_check_ack"] * (len(answers) - 1)

@@ -127,6 +127,10 @@ MAX_STORING_BYTES = 64 * 1024 * 1024
 STOP_DRAIN_SECONDS = 2.0
 
 
+class OverRate(Exception):
+    """A connection sent more than max_message_rate allows (Server.named_tasks)."""
+
+
 class Peer:
     """One worker connection and what the server knows about it."""
 
@@ -617,8 +621,7 @@ class Server:
             if not lines:
                 return
             if not self.within_rate(peer, len(lines)):
-                self.refuse(peer, "rate_limited", "more than %d messages a second"
-                            % self.config.max_message_rate)
+                self.refuse_over_rate(peer)
                 return
             for line in lines:
                 if peer.closed:
@@ -675,6 +678,22 @@ class Server:
             peer.messages = throttle.TokenBucket(rate, 2.0 * rate, now)
         return peer.messages.take(count, now) >= 0
 
+    def refuse_over_rate(self, peer):
+        self.refuse(peer, "rate_limited", "more than %d messages a second (a task named"
+                    " in a heartbeat or lease_check counts as one)" % self.config.max_message_rate)
+
+    def named_tasks(self, peer, data, name="active_tasks"):
+        """active_tasks(), each (task, attempt) named costing one message of
+        max_message_rate: rc-server writes or looks up each (a lease_check
+        of 10,000 is 20,000 UPDATEs, ~0.1 s of its loop), so a device naming
+        10,000 in each frame held a core of the main node, and every other
+        device's answers ~0.4 s late, for 350 KB a frame, well within
+        max_receive_mb. A worker names the few it holds."""
+        keys = active_tasks(data, name)
+        if keys and not self.within_rate(peer, len(keys)):
+            raise OverRate()
+        return keys
+
     def receive(self, peer, line):
         self.heard_from(peer)
         try:
@@ -726,6 +745,8 @@ class Server:
             handler(self, peer, data)
         except ProtocolError as e:
             self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
+        except OverRate:
+            self.refuse_over_rate(peer)
         finally:
             peer.raw = None
 
@@ -966,7 +987,7 @@ class Server:
         peer.answers_pings = True      # heard_from has done the rest
 
     def on_lease_check(self, peer, data):
-        self.batch.append((Server.apply_lease_check, peer, active_tasks(data, "tasks")))
+        self.batch.append((Server.apply_lease_check, peer, self.named_tasks(peer, data, "tasks")))
 
     def apply_lease_check(self, peer, asked, now):
         """Which attempts are still this device's: the worker asks after a
@@ -1131,8 +1152,8 @@ class Server:
         availability = field(data, "availability", dict, required=False)
         # A task whose result's files are being stored has ended there, and
         # is not lost: its result follows (OutputStore).
-        active = active_tasks(data) | peer.storing
-        fenced = active_tasks(data, "fenced_tasks")
+        active = self.named_tasks(peer, data) | peer.storing
+        fenced = self.named_tasks(peer, data, "fenced_tasks")
         # What the worker's file cache holds, for data-aware scheduling (issue 18).
         cached = devices.cached_files_text(data["cached_files"]) if "cached_files" in data \
             else None
