@@ -91,8 +91,11 @@ def test_a_device_naming_thousands_of_tasks_a_message_is_held_to_the_message_rat
     read them held a core of the main node for as long as it liked, and
     another device's answers came ~0.4 s late instead of 2 ms (100 frames:
     9.5 s). Each task named now counts as a message of max_message_rate
-    (10,000 a second, bursts of twice that): past it, the connection is
-    refused as for any flood (before: all ten frames answered)."""
+    (10,000 a second, bursts of twice that) for its device, across its
+    connections (a reconnect would give it the burst again): past it, the
+    connection is refused as for any flood (before: all ten frames
+    answered). The answers to frames read in the same turn as the one
+    refused may be lost with the connection: only their order is checked."""
     frames = 10
     keys = [{"task_id": 10 ** 9 + n, "attempt": 1} for n in range(10000)]
     flood = protocol.encode("lease_check", {"tasks": keys}, sender_id="mallory") * frames
