@@ -15,7 +15,7 @@ from hostile_harness import unharmed
 from rc import config as config_module
 from rc import db, protocol, tasks
 from rc.states import CANCELLED, FAILED, QUEUED
-from test_bad_input import read_frame, registered
+from test_bad_input import connect, read_frame, register_frame, registered
 from test_inline_files import with_the_good_worker
 
 
@@ -79,7 +79,11 @@ def test_a_failure_reaches_every_dependent_of_a_lattice_once(store):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s38b"), "good"):
+    """max_message_rate 1,000 (bursts of 2,000): a registration is at most
+    ~128 KiB (a profile and its lists), ~3,600 tasks, so at the default a
+    test would need registrations faster than 0.36 s each to pass it."""
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("hostile-s38b"), "good",
+                                        max_message_rate=1000):
         yield cluster
 
 
@@ -120,3 +124,31 @@ def test_a_device_naming_thousands_of_tasks_a_message_is_held_to_the_message_rat
     assert answers[-1]["message_type"] == "error", answers[-1]
     assert answers[-1]["data"]["code"] == "rate_limited", answers[-1]
     assert [a["message_type"] for a in answers[:-1]] == ["lease_check_ack"] * (len(answers) - 1)
+
+
+@pytest.mark.e2e
+def test_a_device_naming_thousands_of_tasks_as_it_registers_is_held_to_the_rate(cluster):
+    """A register may name ~3,600 active and fenced tasks (its frame is
+    held to ~128 KiB), each a look-up or a write, and a device may
+    register again as soon as it is answered (its own secret, no wrong
+    proof: nothing shuts it out), each connection a fresh allowance. They
+    count against the same allowance of its device as a lease_check's:
+    registrations naming 1,900 each, at max_message_rate 1,000, are
+    refused once the burst is spent (before: all answered register_ack)."""
+    device_id = "mallory-registers"
+    registered(cluster, device_id).close()      # joined: its secret is known now
+    named = {"active_tasks": [{"task_id": 10 ** 9 + n, "attempt": 1} for n in range(950)],
+             "fenced_tasks": [{"task_id": 2 * 10 ** 9 + n, "attempt": 1} for n in range(950)]}
+    answers = []
+    with unharmed(cluster, "good"):
+        while len(answers) < 5 and not (answers and answers[-1]["message_type"] == "error"):
+            sock, nonce = connect(cluster)
+            mine = protocol.new_nonce()
+            proof = protocol.worker_proof(cluster.secrets[device_id], nonce, mine, device_id)
+            sock.sendall(register_frame(cluster, nonce, device_id, proof, mine,
+                                        auth="device", **named))
+            answers.append(read_frame(sock, timeout=30))
+            sock.close()
+    assert answers[-1]["message_type"] == "error", answers
+    assert answers[-1]["data"]["code"] == "rate_limited", answers[-1]
+    assert all(a["message_type"] == "register_ack" for a in answers[:-1]), answers
