@@ -4,7 +4,7 @@ than SQLite's trigger depth (1,000), which anyone with the admin token
 builds with a submit per link (or a pipeline of a thousand steps does):
 the failure of its first task could not be written, so that task could be
 neither cancelled, failed nor timed out. A joined device naming 10,000
-tasks in each lease_check (or heartbeat): a core of the main node held,
+tasks in each lease_check (heartbeat, register): a core of the main node held,
 every other device answered late. Each test failed before the fix its
 docstring names."""
 import threading
@@ -12,19 +12,11 @@ import threading
 import pytest
 
 from hostile_harness import unharmed
-from rc import config as config_module
 from rc import db, protocol, tasks
 from rc.states import CANCELLED, FAILED, QUEUED
 from test_bad_input import connect, read_frame, register_frame, registered
 from test_inline_files import with_the_good_worker
-
-
-@pytest.fixture
-def store(tmp_path):
-    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
-    connection = db.open_database(config.db_path)
-    yield config, connection
-    connection.close()
+from test_store import store  # noqa: F401 (a fixture)
 
 
 def chain(connection, config, length):
