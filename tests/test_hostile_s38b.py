@@ -8,12 +8,14 @@ tasks in each lease_check (heartbeat, register): a core of the main node held,
 every other device answered late. Each test failed before the fix its
 docstring names."""
 import threading
+import time
 
 import pytest
 
 from hostile_harness import unharmed
-from rc import db, protocol, tasks
+from rc import db, protocol, scheduler, tasks, throttle
 from rc.states import CANCELLED, FAILED, QUEUED
+from test_hostile_rows import LOG, add_device
 from test_bad_input import connect, read_frame, register_frame, registered
 from test_inline_files import with_the_good_worker
 from test_store import store  # noqa: F401 (a fixture)
@@ -144,3 +146,30 @@ def test_a_device_naming_thousands_of_tasks_as_it_registers_is_held_to_the_rate(
     assert answers[-1]["message_type"] == "error", answers
     assert answers[-1]["data"]["code"] == "rate_limited", answers[-1]
     assert all(a["message_type"] == "register_ack" for a in answers[:-1]), answers
+
+
+# -- a task whose requirements take the scheduler's whole pass -------------------------
+
+def test_a_task_requiring_thousands_of_labels_is_refused_and_starves_no_queue(store):
+    """One urgent task requiring 20,000 labels (300 KB, one submit) that
+    no device has: rc-scheduler reads the head of the queue first at each
+    pass, and matching that task against 20 devices took longer than a
+    pass may spend (0.1 s), so each pass ended on it and no task behind it
+    was ever assigned (100 passes, 16 s: none). A requirement names at
+    most 64 now (before: queued); 64 labels at the head cost one pass."""
+    config, connection = store
+    for n in range(20):
+        add_device(connection, "d%d" % n)
+    too_many = {"k%d" % n: "v" for n in range(20000)}
+    with pytest.raises(tasks.TaskError, match="labels may name at most 64"):
+        tasks.submit(connection, config, "shell", {"command": "true"}, priority="urgent",
+                     requirements={"labels": too_many})
+    with pytest.raises(tasks.TaskError, match="tags may name at most 64"):
+        tasks.submit(connection, config, "shell", {"command": "true"},
+                     requirements={"tags": ["t%d" % n for n in range(65)]})
+    tasks.submit(connection, config, "shell", {"command": "true"}, priority="urgent",
+                 requirements={"labels": {"k%d" % n: "v" for n in range(64)}})
+    plain = tasks.submit(connection, config, "shell", {"command": "true"}, priority="low")
+    scheduler.assign_ready(connection, time.time(), LOG, config, None,
+                           throttle.LimitedLog(LOG), scheduler.QueueCursor())
+    assert tasks.get(connection, plain)["state"] == "assigned"
