@@ -191,7 +191,8 @@ MIGRATIONS = [
         SELECT RAISE(ABORT, 'a finished task cannot change state');
     END;
 
-    -- A task waits for the tasks it depends on; their failure is its own.
+    -- A task waits for the tasks it depends on; their failure is its own
+    -- (the trigger as migration 22 has it, for chains of any depth).
     CREATE TABLE task_dependencies (
         task_id     INTEGER NOT NULL REFERENCES tasks(task_id),
         depends_on  INTEGER NOT NULL REFERENCES tasks(task_id),
@@ -528,6 +529,33 @@ MIGRATIONS = [
     );
     CREATE INDEX IF NOT EXISTS task_tails_watched ON task_tails(watched_until);
     """,
+    # 22: a failed task fails all the queued tasks behind it in one UPDATE,
+    # found by a recursive query, rather than by the trigger firing again
+    # for each layer: SQLite stops a trigger nested past 1,000 levels, and
+    # the failure of the first of a chain of 1,001 tasks (a submit per
+    # link, with the admin token) could not be written at all: that task
+    # could be neither cancelled, failed nor timed out. The tasks it fails
+    # do not fire it again (their reason says so); they name the task that
+    # ended, which they depend on directly or through others.
+    """
+    DROP TRIGGER IF EXISTS dependency_did_not_complete;
+    CREATE TRIGGER dependency_did_not_complete AFTER UPDATE OF state ON tasks
+    WHEN NEW.state IN (%(unsuccessful)s) AND OLD.state NOT IN (%(terminal)s)
+         AND substr(coalesce(NEW.reason, ''), 1, 11) IS NOT 'dependency ' BEGIN
+        UPDATE tasks SET state = 'failed', finished_at = %(now)s,
+               error = 'task ' || NEW.task_id || ' it depends on ended ' || NEW.state,
+               reason = 'dependency ' || NEW.task_id || ' ' || NEW.state
+        WHERE state = 'queued' AND task_id IN (
+            WITH RECURSIVE behind(task_id) AS (
+                SELECT task_id FROM task_dependencies WHERE depends_on = NEW.task_id
+                UNION
+                SELECT d.task_id FROM task_dependencies d JOIN behind
+                    ON d.depends_on = behind.task_id)
+            SELECT task_id FROM behind);
+    END;
+    """ % {"terminal": sql_list(TERMINAL_STATES),
+           "unsuccessful": sql_list([s for s in TERMINAL_STATES if s != COMPLETED]),
+           "now": NOW},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -554,7 +582,9 @@ def connect(path):
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=%d" % BUSY_TIMEOUT_MS)
     connection.execute("PRAGMA foreign_keys=ON")
-    # A failed task fails its dependents, and theirs, through one trigger.
+    # Triggers fire for the rows other triggers change (a failed task's
+    # dependents, failed by dependency_did_not_complete, get their events
+    # and counts); that trigger itself does not fire again for them.
     connection.execute("PRAGMA recursive_triggers=ON")
     connection.execute("PRAGMA wal_autocheckpoint=%d" % WAL_BACKSTOP_PAGES)
     return connection

@@ -127,6 +127,10 @@ MAX_STORING_BYTES = 64 * 1024 * 1024
 STOP_DRAIN_SECONDS = 2.0
 
 
+class OverRate(Exception):
+    """A connection sent more than max_message_rate allows (Server.named_tasks)."""
+
+
 class Peer:
     """One worker connection and what the server knows about it."""
 
@@ -214,6 +218,7 @@ class Server:
         self.unauthenticated_by_host = collections.Counter()
         self.new_connections = throttle.NewConnections(config.new_connections_per_address)
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
+        self.tasks_named = {}          # device id -> throttle.TokenBucket (named_tasks)
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
         self.connected_lines = throttle.Throttle(CONNECTED_LINES_PER_MINUTE)
         self.log_limited = throttle.LimitedLog(log, LOG_LINES_PER_MINUTE)
@@ -626,8 +631,7 @@ class Server:
             if not lines:
                 return
             if not self.within_rate(peer, len(lines)):
-                self.refuse(peer, "rate_limited", "more than %d messages a second"
-                            % self.config.max_message_rate)
+                self.refuse_over_rate(peer)
                 return
             for line in lines:
                 if peer.closed:
@@ -684,6 +688,31 @@ class Server:
             peer.messages = throttle.TokenBucket(rate, 2.0 * rate, now)
         return peer.messages.take(count, now) >= 0
 
+    def refuse_over_rate(self, peer):
+        self.refuse(peer, "rate_limited", "more than %d messages a second (a task named"
+                    " in a register, heartbeat or lease_check counts as one)" % self.config.max_message_rate)
+
+    def named_tasks(self, device_id, data, name="active_tasks"):
+        """active_tasks(), each (task, attempt) named costing one message of
+        max_message_rate, per device across its connections: rc-server
+        writes or looks up each (a lease_check of 10,000 is 20,000 UPDATEs,
+        ~0.1 s of its loop), so a device naming 10,000 in each frame held a
+        core of the main node, and every other device's answers ~0.4 s late,
+        for 350 KB a frame, well within max_receive_mb; reconnecting, it
+        would start each connection with a full burst, and a register may
+        name 20,000 (active and fenced). A worker names the few it holds."""
+        keys = active_tasks(data, name)
+        if keys:
+            now = time.monotonic()
+            bucket = self.tasks_named.get(device_id)
+            if bucket is None:
+                rate = self.config.max_message_rate
+                bucket = self.tasks_named[device_id] = throttle.TokenBucket(
+                    rate, 2.0 * rate, now)
+            if bucket.take(len(keys), now) < 0:
+                raise OverRate()
+        return keys
+
     def receive(self, peer, line):
         self.heard_from(peer)
         try:
@@ -735,6 +764,8 @@ class Server:
             handler(self, peer, data)
         except ProtocolError as e:
             self.send_error(peer, "bad_request", "%s: %s" % (kind, e))
+        except OverRate:
+            self.refuse_over_rate(peer)
         finally:
             peer.raw = None
 
@@ -975,7 +1006,8 @@ class Server:
         peer.answers_pings = True      # heard_from has done the rest
 
     def on_lease_check(self, peer, data):
-        self.batch.append((Server.apply_lease_check, peer, active_tasks(data, "tasks")))
+        self.batch.append((Server.apply_lease_check, peer,
+                           self.named_tasks(peer.device_id, data, "tasks")))
 
     def apply_lease_check(self, peer, asked, now):
         """Which attempts are still this device's: the worker asks after a
@@ -1050,8 +1082,8 @@ class Server:
             self.refuse(peer, "profile_too_large", "the profile is %d bytes encoded, over"
                         " max_profile_bytes (%d)" % (size, self.config.max_profile_bytes))
             return
-        active = active_tasks(data)
-        fenced = active_tasks(data, "fenced_tasks")
+        active = self.named_tasks(device_id, data)
+        fenced = self.named_tasks(device_id, data, "fenced_tasks")
         previous = self.peers_by_device.get(device_id)
         if previous is not None:
             self.close(previous, "replaced by a new connection", record=False)
@@ -1140,8 +1172,8 @@ class Server:
         availability = field(data, "availability", dict, required=False)
         # A task whose result's files are being stored has ended there, and
         # is not lost: its result follows (OutputStore).
-        active = active_tasks(data) | peer.storing
-        fenced = active_tasks(data, "fenced_tasks")
+        active = self.named_tasks(peer.device_id, data) | peer.storing
+        fenced = self.named_tasks(peer.device_id, data, "fenced_tasks")
         # What the worker's file cache holds, for data-aware scheduling (issue 18).
         cached = devices.cached_files_text(data["cached_files"]) if "cached_files" in data \
             else None

@@ -45,6 +45,12 @@ REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
 # Set by rc-server, not by users: devices where the task's Python
 # environment failed to build, which its next attempts skip.
 AVOID_DEVICES = "avoid_devices"
+# Names one requirement may list (tags, capabilities, labels): rc-scheduler
+# matches each against every device, for each task it reads at the head of
+# the queue before anything else, and one task of 20,000 labels took more
+# than a pass's budget (PASS_BUDGET) there on 20 devices: no task was ever
+# assigned again.
+MAX_REQUIRED_NAMES = 64
 
 
 class TaskError(ValueError):
@@ -351,6 +357,9 @@ def check_requirements(requirements):
             raise TaskError("%s must be a name" % key)
         else:
             checked[key] = value
+        if kind in ("list", "map") and len(checked.get(key, ())) > MAX_REQUIRED_NAMES:
+            raise TaskError("%s may name at most %d, not %d"
+                            % (key, MAX_REQUIRED_NAMES, len(checked[key])))
     return checked
 
 
