@@ -4,7 +4,6 @@ which files, their last lines, the lines appended since a look, a line as a
 record, and which records a filter keeps. `rc logs` and rc-web (/text/logs,
 /stream/logs) both read them through here; how a line is shown is
 lib/rc/records.py (log_row, log_event) and lib/rc/render.py (log_line)."""
-import collections
 import glob
 import os
 import re
