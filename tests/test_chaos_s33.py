@@ -311,27 +311,31 @@ def test_a_prune_killed_half_way_leaves_the_counts_true(cluster):
     """rc-reaper prunes as it starts; killed between two of its chunks, the
     next one goes on from there, and the counters follow every chunk."""
     connection = cluster.db
-    old = time.time() - 7200
-    first = backlog(connection, 20000, old)
-    assert_counts_true(connection)
-    cluster.settings(task_retention=3600.0)
+    kills, first = 0, None
 
     def left():
         return connection.execute("SELECT count(*) FROM tasks WHERE task_id >= ?",
                                   (first,)).fetchone()[0]
-    kills = 0
-    cluster.kill("rc-reaper")                   # started again, it prunes at once
-    while left() and kills < 3:
-        before = left()
-        wait_for(lambda: left() < before, 60, "the prune under way")
-        pid = cluster.program_pid("rc-reaper")
-        if left():
-            os.kill(pid, signal.SIGKILL)        # between two chunks, or in one
-            kills += 1
-            wait_for(lambda: cluster.program_pid("rc-reaper") not in (0, pid), 60,
-                     "rc-reaper back")
+    # A prune over before this test looked again (its process held back on a
+    # busy machine: CI of af20821) is no finding: another backlog, up to 3.
+    for _ in range(3):
+        first = backlog(connection, 20000, time.time() - 7200)
         assert_counts_true(connection)
-    assert kills > 0, "the prune ended before it was killed"
+        cluster.settings(task_retention=3600.0)
+        cluster.kill("rc-reaper")                   # started again, it prunes at once
+        while left() and kills < 3:
+            before = left()
+            wait_for(lambda: left() < before, 60, "the prune under way")
+            pid = cluster.program_pid("rc-reaper")
+            if left():
+                os.kill(pid, signal.SIGKILL)        # between two chunks, or in one
+                kills += 1
+                wait_for(lambda: cluster.program_pid("rc-reaper") not in (0, pid), 60,
+                         "rc-reaper back")
+            assert_counts_true(connection)
+        if kills:
+            break
+    assert kills > 0, "the prune ended before it was killed, three times"
     print("prune of 20,000 tasks killed %d times" % kills)
     wait_for(lambda: left() == 0, 120, "the prune done")
     assert_counts_true(connection)
