@@ -209,6 +209,22 @@ def bench_ready(cluster):
     return cluster
 
 
+def with_the_local_worker(home):
+    """For a module-scoped fixture: a cluster started as `make run` starts
+    it, its local worker online, the client's url and token on it; stopped
+    after."""
+    cluster = Cluster(home)
+    cluster.start()
+    try:
+        wait_for(lambda: online(cluster), 30, "the local worker online")
+        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+        with open(cluster.config.admin_token_path) as f:
+            cluster.token = f.read().strip()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 def wait_all_finished(cluster, task_ids, timeout):
     def finished():
         rows = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id IN (%s)"

@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from cluster_harness import RC, Cluster, free_port, online, wait_for
+from cluster_harness import RC, free_port, with_the_local_worker
 from rc import client
 
 TIMEOUT = 60        # seconds any one task may take here
@@ -22,16 +22,7 @@ TIMEOUT = 60        # seconds any one task may take here
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("first-hour-s36"))
-    cluster.start()
-    try:
-        wait_for(lambda: online(cluster), 30, "the local worker online")
-        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
-        with open(cluster.config.admin_token_path) as f:
-            cluster.token = f.read().strip()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from with_the_local_worker(tmp_path_factory.mktemp("first-hour-s36"))
 
 
 def test_rc_join_names_the_address_the_main_node_listens_on(cluster):

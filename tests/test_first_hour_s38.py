@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import RC, Cluster, online, wait_for
+from cluster_harness import RC, with_the_local_worker
 from rc import client
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
@@ -23,16 +23,7 @@ TIMEOUT = 60        # seconds any one task may take here
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("first-hour-s38"))
-    cluster.start()
-    try:
-        wait_for(lambda: online(cluster), 30, "the local worker online")
-        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
-        with open(cluster.config.admin_token_path) as f:
-            cluster.token = f.read().strip()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from with_the_local_worker(tmp_path_factory.mktemp("first-hour-s38"))
 
 
 def test_a_task_file_with_a_newline_in_its_name_downloads(cluster, tmp_path):
