@@ -10,11 +10,11 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import RC, Cluster, online, wait_for
-from hostile_harness import assert_completes, readable_by_others, submit_to, unharmed
+from cluster_harness import RC, wait_for
+from hostile_harness import assert_completes, submit_to, unharmed
 from rc import protocol, state_dir, tails, tasks
 from rc.states import TAIL_BYTES
-from test_inline_files import Device
+from test_inline_files import Device, with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -26,19 +26,10 @@ def cluster(tmp_path_factory):
     """A real cluster, TLS on, with one good worker of two slots (root: its
     tasks run as 61800-61803, uids no other test's worker uses) and what
     test_inline_files.Device needs to play a device by hand."""
-    cluster = Cluster(tmp_path_factory.mktemp("s36"))
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker(GOOD, "--slots", "2", "--task-user", "61800:4")
-        wait_for(lambda: GOOD in online(cluster), 30, "the worker " + GOOD)
-        cluster.token = state_dir.read_secret(cluster.config.token_path)
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("s36"), GOOD,
+                                        ("--task-user", "61800:4")):
         cluster.admin = state_dir.read_secret(cluster.config.admin_token_path)
-        cluster.secrets = {}
         yield cluster
-    finally:
-        cluster.stop()
-    assert readable_by_others(cluster.home) == []
 
 
 def api(cluster, method, path, body=None):

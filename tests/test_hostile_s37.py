@@ -13,9 +13,10 @@ import threading
 
 import pytest
 
-from cluster_harness import RC, Cluster, online, rc_files_records, wait_for
-from hostile_harness import assert_completes, readable_by_others, unharmed
+from cluster_harness import RC, rc_files_records, wait_for
+from hostile_harness import assert_completes, unharmed
 from rc import state_dir
+from test_inline_files import with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -26,17 +27,10 @@ GOOD = "good37"
 def cluster(tmp_path_factory):
     """A real cluster with one good worker of two slots (root: its tasks
     run as 61810-61813, uids no other test's worker uses)."""
-    cluster = Cluster(tmp_path_factory.mktemp("s37"))
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker(GOOD, "--slots", "2", "--task-user", "61810:4")
-        wait_for(lambda: GOOD in online(cluster), 30, "the worker " + GOOD)
+    for cluster in with_the_good_worker(tmp_path_factory.mktemp("s37"), GOOD,
+                                        ("--task-user", "61810:4")):
         cluster.admin = state_dir.read_secret(cluster.config.admin_token_path)
         yield cluster
-    finally:
-        cluster.stop()
-    assert readable_by_others(cluster.home) == []
 
 
 def sha(data):
@@ -89,7 +83,12 @@ def test_an_upload_sent_chunked_is_refused_on_its_headers(cluster):
 
 
 def partial_path(cluster, digest):
-    return os.path.join(cluster.home, "worker-state", "cache", "partial", digest)
+    """The worker's cache/partial/DIGEST, its directories made as the worker makes them."""
+    path = os.path.join(cluster.home, "worker-state", "cache", "partial", digest)
+    for directory in (os.path.dirname(os.path.dirname(path)), os.path.dirname(path)):
+        if not os.path.isdir(directory):
+            os.mkdir(directory, 0o700)
+    return path
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link", "directory"])
@@ -104,9 +103,6 @@ def test_a_partial_fetch_that_is_not_a_file_is_fetched_again(cluster, tmp_path, 
     source = tmp_path / "in.bin"
     source.write_bytes(data)
     partial = partial_path(cluster, sha(data))
-    for directory in (os.path.dirname(os.path.dirname(partial)), os.path.dirname(partial)):
-        if not os.path.isdir(directory):
-            os.mkdir(directory, 0o700)      # as the worker makes them
     outside = tmp_path / "outside"
     outside.write_bytes(b"not yours")
     if kind == "fifo":
@@ -138,9 +134,6 @@ def test_a_blob_another_worker_of_the_state_directory_fetches_is_waited_for(clus
     source = tmp_path / "shared.bin"
     source.write_bytes(data)
     partial = partial_path(cluster, sha(data))
-    for directory in (os.path.dirname(os.path.dirname(partial)), os.path.dirname(partial)):
-        if not os.path.isdir(directory):
-            os.mkdir(directory, 0o700)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -31,15 +31,15 @@ def cluster(tmp_path_factory):
                                     files_quota_mb=QUOTA_MB, frame_deadline=FRAME_DEADLINE)
 
 
-def with_the_good_worker(home, good=GOOD, **settings):
-    """A module's cluster: the good worker (device id `good`) alone, 2
-    slots, and what Device needs to play another device; afterwards,
-    nothing readable by others."""
+def with_the_good_worker(home, good=GOOD, worker_options=(), **settings):
+    """A module's cluster: the good worker (device id `good`, with
+    `worker_options`) alone, 2 slots, and what Device needs to play another
+    device; afterwards, nothing readable by others."""
     cluster = Cluster(home, **settings)
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
-        cluster.start_worker(good, "--slots", "2")
+        cluster.start_worker(good, "--slots", "2", *worker_options)
         wait_for(lambda: good in online(cluster), 30, "the good worker")
         cluster.token = open(cluster.config.token_path).read().strip()
         cluster.secrets = {}
