@@ -29,11 +29,7 @@ ARG PIP_CERT
 COPY --chown=rc:rc requirements.txt setup.py ./
 USER rc
 RUN python3 -m venv .venv \
-    && grep -vE '^(pytest|pytest-timeout|pytest-xdist|playwright|prometheus_client|podman-compose|distributed)==' requirements.txt \
-       > /tmp/requirements-main.txt \
-    && .venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-       -r /tmp/requirements-main.txt \
-    && rm /tmp/requirements-main.txt
+    && .venv/bin/pip install --no-cache-dir --disable-pip-version-check -r requirements.txt
 
 COPY --chown=rc:rc bin ./bin
 COPY --chown=rc:rc lib ./lib

@@ -38,6 +38,11 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
+# What the tests need besides (pytest, Chromium's driver, Dask's client).
+$(VENV)/.installed-tests: requirements-test.txt $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	@touch $@
+
 # umask 077: supervisord opens its own log before it applies the umask in
 # etc/supervisord.conf, and everything under $(RC_HOME) is the owner's alone.
 # `make run` returns once `rc health` is OK (every program RUNNING, the local
@@ -81,13 +86,17 @@ status:
 	@$(PY) -m rc.cli ctl status || [ $$? -eq 3 ]
 
 # Test files run three at a time (--dist loadfile keeps a file's tests, and
-# the cluster they share, in one process): most of their time is spent
-# waiting on real processes, so 2 cores take three at once.
+# the cluster they share, in one process): three keep 2 cores busy (a run
+# used ~66 % of them, the VM's host took ~19 %; four flaked). The slowest
+# files start first (tests/slowest_files.txt; --no-loadscope-reorder keeps
+# the order tests/conftest.py gives them). -rs ends the
+# run with each skipped test and why (no Chromium, no root, a race not caught);
+# --durations the 15 slowest, for a suite that must stay under 15 minutes.
 TEST_JOBS ?= 3
-test: install
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
+test: install $(VENV)/.installed-tests
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -rs --durations=15
 
-bench: install
+bench: install $(VENV)/.installed-tests
 	$(PY) -m pytest -m bench -s -p no:cacheprovider tests
 
 # The main node as a container image (Dockerfile; docs/operations.md).

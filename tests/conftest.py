@@ -10,6 +10,23 @@ import pytest
 from rc import config as config_module
 from rc import db, devices, state_dir
 
+SLOWEST_FILES = os.path.join(os.path.dirname(__file__), "slowest_files.txt")
+
+
+def slowest_files_first():
+    """{file name: its place}, from slowest_files.txt (slowest_files.py)."""
+    with open(SLOWEST_FILES) as listing:
+        names = [line.split()[0] for line in listing if line.strip() and line[0] != "#"]
+    return {name: place for place, name in enumerate(names)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test files start first (make test gives xdist
+    --no-loadscope-reorder, which keeps this order): started last, a
+    100 s file kept one process busy while the other two had ended."""
+    place = slowest_files_first()
+    items.sort(key=lambda item: place.get(item.path.name, len(place)))   # stable
+
 
 @pytest.fixture
 def cluster_home(tmp_path, monkeypatch):
