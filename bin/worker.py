@@ -207,6 +207,8 @@ TAIL_BYTES = 64 * 1024              # bytes of a stream one task_output carries 
 DEFAULT_PORT = 8080             # the main node's port for workers
 DEFAULT_WEB_PORT = 5000         # the main node's dashboard port; it serves worker.py (upgrade)
 DEFAULT_STATE_DIR = "~/.rc-worker"  # where device secrets are kept (one per cluster and id)
+# Host names that name no one machine: every Android phone is localhost.
+PLACEHOLDER_HOSTNAMES = ("localhost", "localhost.localdomain", "")
 HELLO_TIMEOUT = 5.0             # seconds from connected to hello (a TLS main node sends none)
 FLUSH_TIMEOUT = 5.0             # seconds the last frames may take before a reconnect or re-exec
 UPGRADE_TIMEOUT = 30.0          # seconds the download of a new worker.py may take
@@ -233,6 +235,9 @@ DRAIN_GRACE = 2.0               # seconds to read what an exited task left in it
 # Nothing waits for an accept but the accept_timeout, seconds long.
 ACCEPT_HOLD = 0.01
 CPU_LIMIT_MARGIN = 5            # CPU seconds past its timeout before the kernel stops a task
+# The longest timeout a task gets (the main node allows a week, tasks.MAX_TIMEOUT):
+# 1e308 made a CPU rlimit of 309 digits, which no task could start with.
+LONGEST_TIMEOUT = 365 * 24 * 3600.0
 # Bytes per read from the socket or a pipe: a pipe holds 64 KiB, and a larger
 # buffer would be mmap-ed and unmapped again by malloc on every read.
 READ_SIZE = 64 * 1024
@@ -330,7 +335,33 @@ READY = "ready"
 # json's own modules load re and enum, over 1 MiB an idle worker would hold.
 
 JSON_SPACE = " \t\n\r"
-JSON_CONSTANTS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+# What comes from outside (the main node's frames, rc-files' lines, Termux's
+# battery) is read as numbers every reader can use: a timeout of Infinity
+# (or 1e999), or an integer past a double's range, made float() or a timer
+# raise in the worker's loop and ended the worker with every task it ran.
+# No message holds a number past a uint64 (an rlimit), nor NaN.
+JSON_INT_DIGITS = 20
+
+
+def json_int(text):
+    if len(text.lstrip("-")) > JSON_INT_DIGITS:
+        raise ValueError("an integer of more than %d digits" % JSON_INT_DIGITS)
+    return int(text)
+
+
+def json_float(text):
+    value = float(text)
+    if value - value != 0:           # inf - inf is nan, and nan is never 0
+        raise ValueError("a number past a double's range")
+    return value
+
+
+def json_constant(name):
+    raise ValueError("%s is not a number JSON holds" % name)
+
+
+JSON_HOOKS = {"parse_int": json_int, "parse_float": json_float,
+              "parse_constant": json_constant}
 # types.SimpleNamespace, without the types module: its only .py module from
 # the standard library's directory an idle worker would load (with struct:
 # see ipv4_address), and the import system's listing of that directory.
@@ -339,8 +370,7 @@ SimpleNamespace = type(sys.implementation)
 try:
     import _json
     json_scanner = _json.make_scanner(SimpleNamespace(
-        strict=True, object_hook=None, object_pairs_hook=None, parse_float=float,
-        parse_int=int, parse_constant=JSON_CONSTANTS.__getitem__))
+        strict=True, object_hook=None, object_pairs_hook=None, **JSON_HOOKS))
 except (ImportError, AttributeError):
     _json = None
 
@@ -376,15 +406,20 @@ def dumps(obj, default=None):
 
 
 def loads(data):
-    """json.loads(data) for UTF-8 bytes or text; bad JSON raises ValueError."""
+    """json.loads(data) for UTF-8 bytes or text; bad JSON raises ValueError,
+    and so does JSON nested past the recursion limit: a frame of 1,000 ['s
+    (RecursionError) from whoever answers at the main node's address, even
+    before the handshake, ended the worker's loop."""
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-    if _json is None:
-        return json_module().loads(text)
     start = len(text) - len(text.lstrip(JSON_SPACE))
     try:
+        if _json is None:
+            return json_module().loads(text, **JSON_HOOKS)
         value, end = json_scanner(text, start)
     except StopIteration:
         raise ValueError("no JSON value at character %d" % start)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
     if text[end:].strip(JSON_SPACE):
         raise ValueError("extra data at character %d" % end)
     return value
@@ -397,6 +432,16 @@ def json_module():
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 log_threshold = LOG_LEVELS["info"]
+# JSON escapes only what it must (below U+0020): the C1 controls (CSI, OSC
+# to a terminal that reads them) and the bidi overrides and isolates in
+# what the main node, a stranger answering for it, or a task chose went into
+# the log as they came, for whoever tails it. As \u escapes (or "?" in a
+# readable line) instead. lib/rc/log.py's, copied (tests/test_shared_definitions.py).
+TERMINAL_UNSAFE = (tuple(range(0x80, 0xa0)) + (0x061c, 0x200b, 0x200e, 0x200f)
+                   + tuple(range(0x202a, 0x202f)) + tuple(range(0x2066, 0x206a)) + (0xfeff,))
+LOG_ESCAPES = dict((c, "\\u%04x" % c) for c in TERMINAL_UNSAFE)
+# Their first bytes in UTF-8: a line that holds none of these holds none of them.
+LOG_ESCAPE_LEADS = tuple(set(chr(c).encode("utf-8")[:1] for c in TERMINAL_UNSAFE))
 log_forwarder = None          # a LogForwarder, once defined below
 
 
@@ -420,6 +465,8 @@ def log(level, event, **fields):
             line = readable_line(record).encode("utf-8", "replace")
         else:
             line = dumps(record, default=repr)
+            if any(lead in line for lead in LOG_ESCAPE_LEADS):
+                line = line.decode("utf-8").translate(LOG_ESCAPES).encode("utf-8")
         sys.stdout.buffer.write(line + b"\n")
         sys.stdout.buffer.flush()
     except (AttributeError, OSError, ValueError):
@@ -533,7 +580,8 @@ def readable_line(record):
         text += ": %s" % str(fields["error"]).strip().splitlines()[-1]
     level = record["level"]
     # A task's error or a device name could hold escape sequences: shown as "?".
-    text = "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+    text = "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 or ord(c) in LOG_ESCAPES else c
+                   for c in text)
     return "%s %s%s" % (time.strftime("%H:%M:%S", time.localtime(record["time"])),
                         level.upper() + " " if level in ("warning", "error") else "", text)
 
@@ -623,6 +671,14 @@ def is_number(value):
 
 def positive_or_none(value):
     return float(value) if is_number(value) and value > 0 else None
+
+
+def task_key(data):
+    """(task_id, attempt) of a frame's data, or None unless both are
+    integers: a list there cannot even be looked up (TypeError, which ended
+    the worker in the middle of its loop)."""
+    key = (data.get("task_id"), data.get("attempt"))
+    return key if is_int(key[0]) and is_int(key[1]) else None
 
 
 def task_keys(items):
@@ -1031,6 +1087,21 @@ REFUSED_FOR_GOOD = {
 }
 
 WORKER_FILE = os.path.abspath(__file__)
+
+
+def file_stamp(path):
+    """What changes when a file is replaced: its inode, size and mtime (None
+    when it cannot be read)."""
+    try:
+        info = os.stat(os.path.realpath(path))
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+# The file this process runs: one put in its place since (by hand, a git pull)
+# is not what it runs, whatever its SHA-256.
+STARTED_FROM = file_stamp(WORKER_FILE)
 
 
 class UpgradeError(Exception):
@@ -1813,21 +1884,30 @@ class Availability(object):
         self.hold = ""              # why the main node asked for no new tasks (drain, upgrade)
         self.owner_stopped = False  # the owner's rules, not a hold, stop tasks
         self.available, self.reason = True, ""
+        self.rules = ()             # which rules keep it from tasks: their names, in order
 
     def report(self):
         return {"available": self.available, "reason": self.reason}
 
     def check(self, own_cpu_seconds=0.0):
-        """Look again; True when availability changed."""
-        reasons = [reason for reason in (self.battery_rule(), self.temperature_rule(),
-                                         self.owner_rule(own_cpu_seconds),
-                                         self.quiet_hours_rule()) if reason]
-        owner_stopped = bool(reasons)
+        """Look again; True when availability changed, or the rules that keep
+        the device from tasks did (a battery charged past its rule on a phone
+        now too hot: the main node's reason must not stay "battery" for a
+        heartbeat's while). Not when a reason's figure alone moved (the
+        owner's seconds of idleness): that waits for the next heartbeat."""
+        found = [(name, reason) for name, reason in (
+            ("battery", self.battery_rule()), ("temperature", self.temperature_rule()),
+            ("owner", self.owner_rule(own_cpu_seconds)),
+            ("quiet_hours", self.quiet_hours_rule())) if reason]
+        owner_stopped = bool(found)
         if self.hold:
-            reasons.append(self.hold)
-        available, reason = not reasons, "; ".join(reasons)
-        changed = available != self.available or owner_stopped != self.owner_stopped
+            found.append(("hold", self.hold))
+        rules = tuple(name for name, _ in found)
+        available, reason = not found, "; ".join(reason for _, reason in found)
+        changed = available != self.available or owner_stopped != self.owner_stopped \
+            or rules != self.rules
         self.available, self.reason, self.owner_stopped = available, reason, owner_stopped
+        self.rules = rules
         return changed
 
     def options_changed(self):
@@ -2836,7 +2916,9 @@ TASK_CLASSES = {cls.task_type: cls for cls in (
 # - What it sees: with --isolate (or --hide/--read-only), a mount namespace (in
 #   a user namespace when not root) with the state dir, the home directory and
 #   each --hide path covered by an empty tmpfs, each --read-only path read-only,
-#   and with --isolate-network no network but a loopback that is down.
+#   and with --isolate-network no network but a loopback that is down; and a
+#   PID namespace with a /proc of its own, where the kernel allows one, so that
+#   the task sees and signals none but its own processes.
 # - The end of all it starts: with a uid of its own, every process of that
 #   uid; else a cgroup v2 per task where the worker may make one (cgroup.kill);
 #   else the spawner is a child subreaper that follows each task's tree in
@@ -2851,9 +2933,13 @@ TASK_MARK = "RC_TASK_MARK"      # environment variable naming a task's first pro
 HARMLESS_TASK_TYPES = ("echo", "sleep", "system_info")
 # ctypes numbers of Linux's unshare, mount and prctl.
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_REC, MS_PRIVATE = 16384, 1 << 18
-PR_SET_CHILD_SUBREAPER = 36
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 3, 4, 36
+PTRACE_DETACH = 17
+# Signals the init of a task's PID namespace passes on to the task (see serve_as_init).
+INIT_FORWARDS = ("SIGTERM", "SIGINT")
 CLONE_PARENT = 0x00008000
 CLONE_SYSCALLS = {"x86_64": 56, "aarch64": 220, "riscv64": 220, "armv7l": 120,
                   "armv6l": 120, "i686": 120}      # clone's number, by machine
@@ -2904,8 +2990,7 @@ def enter_sandbox(jail):
         write_file(os.path.join(jail["cgroup"], "cgroup.procs"), str(os.getpid()))
     if jail.get("uid") is not None or jail.get("isolate"):
         join_new_session_keyring()
-    if jail.get("isolate"):
-        isolate(jail)
+    report = isolate(jail) if jail.get("isolate") else None
     if jail.get("uid") is not None:
         os.setgroups([])
         os.setgid(jail["gid"])
@@ -2916,6 +3001,8 @@ def enter_sandbox(jail):
         os.environ["PATH"] = jail["path"]
     if jail.get("mark"):
         os.environ[TASK_MARK] = jail["mark"]
+    if report is not None:      # we are the init of its PID namespace: the task is our child
+        serve_as_init(report)
 
 
 def join_new_session_keyring():
@@ -2952,7 +3039,10 @@ def needs_child_setup(jail):
 def isolate(jail):
     """A mount namespace of its own (and a user namespace when not root):
     tmpfs over the hidden directories, /dev/null over hidden files, the
-    read-only paths bound read-only; a network namespace if asked."""
+    read-only paths bound read-only; a network namespace if asked; a PID
+    namespace if the jail says so, in whose init it returns then (see
+    enter_pid_namespace) with the descriptor it reports the task's end on;
+    None without one."""
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNS | (CLONE_NEWNET if jail.get("network") is False else 0)
     if uid != 0:
@@ -2993,8 +3083,153 @@ def isolate(jail):
             between = os.path.dirname(between)
         libc_call("mount", b"/proc/self/cwd", encoded(path), None, MS_BIND, None)
         os.chdir(path)
+    report = enter_pid_namespace() if jail.get("pid_namespace") else None
     if uid != 0:
         drop_capabilities()
+    return report
+
+
+# A PID namespace per task: the first process the unshare makes in it is its
+# init, which the kernel shields from every signal it has no handler for (but
+# SIGKILL from outside) and whose end kills every other process in it. That
+# init is not the task: a shell as pid 1 would shrug off a SIGTERM it has no
+# trap for (`kill $$`, `kill -TERM 1`), a Python task's os.wait() would reap
+# orphans it never started, and its exit status would be all there was. It is
+# a copy of the spawner's child (no exec: a fork costs less than any program
+# would), doing only an init's work: the task is its one child (pid 2, a
+# process group of its own, so that `kill 0` in it reaches its own processes,
+# as before, and no init), SIGTERM and SIGINT sent to pid 1 go on to the task,
+# orphans are reaped, and its own end when the task ends kills whatever the
+# task left. The process the spawner forked (the task's first process, whose
+# pid, group and exit the worker knows) stays outside: it waits for the init
+# and then ends as the task did, exit status or signal. The worker's SIGKILL
+# of that group (timeout, cancel, its watchdog) reaches the init, the one
+# signal that does from outside, and so the whole namespace at once.
+
+def enter_pid_namespace():
+    """Make a PID namespace and fork its init, which mounts a /proc of it
+    and returns the descriptor it reports the task's end on. The caller,
+    outside, never returns: it ends as the task does (follow_init)."""
+    libc_call("unshare", CLONE_NEWPID)
+    reader, writer = os.pipe()
+    # Listed now: the /proc the init mounts has no /proc/self for us.
+    inherited = open_descriptors()
+    init = os.fork()
+    if init:
+        os.close(writer)
+        follow_init(init, reader, inherited)
+    os.close(reader)
+    libc_call("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    return writer
+
+
+def plain_signals():
+    """A process that stays to wait (no exec) drops what it inherited of
+    its parent's signal handling: a subprocess's child has the worker's."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def follow_init(init, reader, inherited):
+    """Outside the task's PID namespace: wait for its init, and end as the
+    task ended, with its exit status or killed by its signal. An init that
+    said nothing was killed (SIGKILL, from outside): ended as it did."""
+    try:
+        close_all_but(reader, inherited)   # a subprocess's error pipe too: the task's exec closes it
+        plain_signals()
+        status = os.waitpid(init, 0)[1]
+        said = os.read(reader, 32)
+        if said:
+            status = int(said)
+        if os.WIFSIGNALED(status):
+            signum = os.WTERMSIG(status)
+            libc_call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)   # no core of ours in its place
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+            os.kill(os.getpid(), signum)
+            status = (128 + signum) << 8
+        os._exit(os.WEXITSTATUS(status))
+    finally:
+        os._exit(125)
+
+
+def serve_as_init(report):
+    """In the init of a task's PID namespace: fork the task, which returns
+    from here; be its init until it ends, then report its wait status on
+    `report` and exit, which ends whatever it left in the namespace."""
+    # A copy of the spawner, which held other tasks' payloads: not the
+    # task's to read (/proc/1/mem) nor to trace, even where it runs as its
+    # uid; from before the fork, the task taking back what it had.
+    dumpable = libc[0].prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    libc_call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)
+    blank_command_line()
+    task = os.fork()
+    if task == 0:
+        os.close(report)
+        os.setpgid(0, 0)
+        if dumpable == 1:     # (2, suid_dumpable's "suidsafe", cannot be set: 0 is as safe)
+            libc_call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
+        return
+    try:
+        try:
+            os.setpgid(task, task)      # whichever of us comes first
+        except OSError:
+            pass
+        close_all_but(report)
+        plain_signals()
+
+        def forward(signum, frame):
+            try:
+                os.kill(task, signum)
+            except OSError:
+                pass
+        for name in INIT_FORWARDS:
+            signal.signal(getattr(signal, name), forward)
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if os.WIFSTOPPED(status):       # only a child that made us its tracer stops here
+                untrace(pid, os.WSTOPSIG(status))
+                continue
+            if pid == task:
+                write_all(report, str(status).encode())
+                break
+    finally:
+        os._exit(0)
+
+
+def blank_command_line():
+    """Zero this process's copy of its command line, which /proc/PID/cmdline
+    shows whoever sees the process, no ptrace check between (environ and
+    mem have one): a PID namespace's init is pid 1 to its task, and for a
+    task too large for the spawner it is a copy of the worker, whose
+    command line may hold a --token. Python holds argv copied: nothing of
+    it reads these bytes again."""
+    import ctypes
+    try:
+        fields = read_small_file("/proc/self/stat").rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])       # arg_start, arg_end (48, 49)
+    except (OSError, IndexError, ValueError):      # a kernel before 3.5 says neither
+        return
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
+
+
+def untrace(pid, signum):
+    """A child of a PID namespace's init stopped in a trace: it asked to be
+    traced by its parent (PTRACE_TRACEME), which the init never wants.
+    Detach it, with the signal that stopped it (but a traced exec's
+    SIGTRAP, which an untraced process never gets), as if it were not
+    traced: not taken for the task's end (a wait status read as its exit
+    status 10, for a SIGUSR1), nor left stopped."""
+    import ctypes
+    signum = 0 if signum == signal.SIGTRAP else signum
+    libc[0].ptrace(ctypes.c_long(PTRACE_DETACH), ctypes.c_long(pid), None,
+                   ctypes.c_void_p(signum))
 
 
 def drop_capabilities():
@@ -3009,10 +3244,24 @@ def drop_capabilities():
 
 
 def isolation_works(hide_network=False):
-    """None if --isolate works here, else why not: tried in a forked child,
-    so that the worker itself loads no ctypes."""
+    """None if --isolate works here, else why not."""
     if not linux_kernel() or not hasattr(os, "fork"):
         return "no Linux namespaces on %s" % sys.platform
+    error = isolation_refused(hide_network, pid_namespace=False)
+    return error and "user and mount namespaces are not available (%s)" % error
+
+
+def pid_namespace_works(hide_network=False):
+    """None if an isolated task can have a PID namespace with a /proc of
+    its own here, else why not (a container's seccomp or masked /proc, an
+    old kernel). Asked once --isolate works."""
+    error = isolation_refused(hide_network, pid_namespace=True)
+    return error and "no PID namespace (%s)" % error
+
+
+def isolation_refused(hide_network, pid_namespace):
+    """Isolate a forked child as a task would be; None if it could, else
+    the error. In a child, so that the worker itself loads no ctypes."""
     import tempfile
     probe = tempfile.mkdtemp(prefix="rc-isolation-probe-")
     reader, writer = os.pipe()
@@ -3020,7 +3269,10 @@ def isolation_works(hide_network=False):
     if pid == 0:
         try:
             os.close(reader)
-            isolate({"hide": [probe], "read_only": [probe], "network": not hide_network})
+            isolate({"hide": [probe], "read_only": [probe], "network": not hide_network,
+                     "pid_namespace": pid_namespace})
+            if pid_namespace and [n for n in os.listdir("/proc") if n.isdigit()] != ["1"]:
+                raise OSError(errno.EPERM, "its /proc shows other processes")
             os._exit(0)
         except BaseException as e:
             os.write(writer, str(e).encode()[:500])
@@ -3033,7 +3285,7 @@ def isolation_works(hide_network=False):
     os.rmdir(probe)
     if status == 0:
         return None
-    return "user and mount namespaces are not available (%s)" % (error or "status %d" % status)
+    return error or "status %d" % status
 
 
 # -- whom tasks run as --------------------------------------------------------------
@@ -3121,12 +3373,12 @@ def kill_uid_through_proc(uid):
 
 
 def kill_uid_except(uid, keep):
-    """SIGKILL every process of `uid` but `keep`, round after round until
-    none is left (one may fork while we look)."""
+    """SIGKILL every process of `uid` but those of `keep` (pids), round
+    after round until none is left (one may fork while we look)."""
     for _ in range(KILL_ROUNDS):
         found = False
         for name in os.listdir(PROC_ROOT):
-            if name.isdigit() and int(name) != keep:
+            if name.isdigit() and int(name) not in keep:
                 try:
                     if os.stat(os.path.join(PROC_ROOT, name)).st_uid == uid:
                         os.kill(int(name), signal.SIGKILL)
@@ -3728,7 +3980,12 @@ class Sandbox(object):
         text = "%s hiding %s" % (kind, hidden)
         if self.options.read_only:
             text += "; read-only: %s" % ", ".join(self.options.read_only)
-        return text + ("; no network" if self.options.isolate_network else "")
+        text += "; no network" if self.options.isolate_network else ""
+        if getattr(self.options, "pid_namespace", False):
+            return text + "; a PID namespace of its own: it sees and signals only its processes"
+        return text + "; %s: it sees every process%s" % (
+            getattr(self.options, "pid_namespace_problem", None) or "no PID namespace",
+            "" if os.geteuid() == 0 else " and can signal the worker's")
 
     def hidden_paths(self):
         """What isolation covers: the state dir, the home directory, each --hide,
@@ -3772,7 +4029,8 @@ class Sandbox(object):
             jail.update(isolate=True, hide=self.hidden_paths(),
                         own_dir=(top, os.path.relpath(jail["cwd"], top)),
                         read_only=[os.path.abspath(p) for p in self.options.read_only],
-                        network=not self.options.isolate_network)
+                        network=not self.options.isolate_network,
+                        pid_namespace=getattr(self.options, "pid_namespace", False))
         return jail
 
     def may_link_inputs(self):
@@ -5112,22 +5370,25 @@ def watch(read_fd):
         TaskCgroups().sweep(os.path.dirname(path))
 
 
-def close_all_but(keep):
-    """Close every descriptor except stdin, stdout, stderr and `keep`."""
-    for directory in ("/proc/self/fd", "/dev/fd"):     # the open ones only
-        try:
-            fds = [int(name) for name in os.listdir(directory)]
-            break
-        except (OSError, ValueError):
-            pass
-    else:       # the limit may be "unlimited": trying each number could take minutes
-        fds = range(3, 65536)
-    for fd in fds:
+def close_all_but(keep, fds=None):
+    """Close every descriptor (of `fds`, if given: open_descriptors())
+    except stdin, stdout, stderr and `keep`."""
+    for fd in open_descriptors() if fds is None else fds:
         if fd > 2 and fd != keep:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def open_descriptors():
+    """The descriptors this process has open (or every one it may have)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):     # the open ones only
+        try:
+            return [int(name) for name in os.listdir(directory)]
+        except (OSError, ValueError):
+            pass
+    return range(3, 65536)   # the limit may be "unlimited": trying each could take minutes
 
 
 ###############################################################################
@@ -5155,8 +5416,8 @@ VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to 
 
 VENV_DRIVER = (
     "import fcntl, os, shutil, stat, subprocess, sys, time\n"
-    "cache, key, wanted, worker_uid = sys.argv[1:5]\n"
-    "argv = sys.argv[6:]\n"
+    "cache, key, wanted, worker_uid, word = sys.argv[1:6]\n"
+    "argv = sys.argv[7:]\n"
     "target = os.path.join(cache, key)\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
     "trusted = int(worker_uid)\n"
@@ -5195,7 +5456,7 @@ VENV_DRIVER = (
     "                     '\\n'.join(said[-30:]))\n"
     "        os.chmod(target, 0o755)\n"
     "        with open(ready, 'w') as f:\n"
-    "            f.write(str(os.getpid()))\n"        # the worker adopts what this one built
+    "            f.write(word)\n"        # the worker adopts what this one built
     "        deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
     "        while owner() != trusted and time.monotonic() < deadline:\n"
     "            time.sleep(0.05)\n"
@@ -5257,6 +5518,37 @@ def environment_error(stderr):
     return "%s: %s" % (said[0].rstrip(":"), detail[-1] if detail else "no output")[:2000]
 
 
+def task_leaders(pid):
+    """What stands for the task whose first process is `pid`: itself and,
+    where it waits outside the task's PID namespace (follow_init), that
+    namespace's init and the task's process in it (pids 1 and 2 there, one
+    namespace below ours: not of one the task made itself)."""
+    depth = len(namespace_pids(pid))
+    leaders, parents = {pid}, [pid]
+    while parents and depth:
+        parent = parents.pop()
+        try:
+            children = read_small_file("/proc/%d/task/%d/children" % (parent, parent)).split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            if namespace_pids(child)[depth:] in ([1], [2]):
+                leaders.add(child)
+                parents.append(child)
+    return leaders
+
+
+def namespace_pids(pid):
+    """The pids of process `pid` from our PID namespace inward (NSpid, Linux
+    4.1 on); [] where /proc does not say."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            return [int(n) for n in next(
+                line for line in f if line.startswith(b"NSpid:")).split()[1:]]
+    except (OSError, StopIteration, ValueError):
+        return []
+
+
 class Environments(object):
     """The cache of virtual environments, and the requests that use it."""
 
@@ -5286,8 +5578,13 @@ class Environments(object):
         # As root the task's own uid may build it: the worker adopts it then.
         task.environment_building = jail.get("uid") not in (None, os.geteuid())
         task.environment_since = time.time()
+        # What its driver writes in the ready mark: no earlier task of a
+        # reused uid can have planted it (its pid could be guessed, and is
+        # 2 for every task in a PID namespace of its own).
+        task.environment_word = os.urandom(16).hex()
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
-                         task.environment, wanted, str(os.geteuid()), "--"] + list(argv)}
+                         task.environment, wanted, str(os.geteuid()), task.environment_word,
+                         "--"] + list(argv)}
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
@@ -5331,7 +5628,7 @@ class Environments(object):
             return
         if info.st_uid != uid or not self.built_by(task, os.path.join(path, VENV_READY)):
             return
-        kill_uid_except(uid, task.proc.pid)
+        kill_uid_except(uid, task_leaders(task.proc.pid))
         self.adopt(path, uid, held_by_builder=True)
         task.environment_building = False
 
@@ -5344,7 +5641,7 @@ class Environments(object):
             if info.st_uid != task.jail["uid"] or info.st_mtime < task.environment_since - 1:
                 return False
             with open(ready) as f:
-                return f.read(32).strip() == str(task.proc.pid)
+                return f.read(64).strip() == task.environment_word
         except (OSError, ValueError):
             return False
 
@@ -7951,7 +8248,7 @@ class Worker(object):
         self.files = Files(options)    # files: the cache, rc-files, transfers under way
         self.environments = None       # tasks' pip packages (python_environments)
         # Self-fencing (see check_fence). Times are on contact_clock().
-        self.silence_looked_at = False  # no_hello has looked at what answers there
+        self.silence_looked_at = False  # look_at_silence has looked at what answers there
         self.registered_once = False   # this process has been registered (see misdialled)
         self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
@@ -8375,15 +8672,21 @@ class Worker(object):
         self.hello_deadline = time.monotonic() + HELLO_TIMEOUT
         self.watch_socket(writing=False)
 
+    def look_at_silence(self):
+        """diagnose_silence, once until the next registration: the look
+        blocks this loop for up to a few seconds, and a busy main node stays
+        busy. True if it told what answers there (and the worker stops)."""
+        if self.silence_looked_at:
+            return False
+        self.silence_looked_at = True
+        diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
+        if diagnosis is not None:
+            self.misdialled(*diagnosis)
+        return diagnosis is not None
+
     def no_hello(self):
-        # Looked at once until the next registration: the look blocks this
-        # loop for up to a few seconds, and a busy main node stays busy.
-        if not self.silence_looked_at:
-            self.silence_looked_at = True
-            diagnosis = diagnose_silence(self.options.join, bool(self.options.fingerprint))
-            if diagnosis is not None:
-                self.misdialled(*diagnosis)
-                return
+        if self.look_at_silence():
+            return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""
         log("error", "no_hello", main_node="%s:%d" % self.options.join,
@@ -8417,6 +8720,10 @@ class Worker(object):
             self.watch_socket(writing=True)
             return
         except (_ssl.SSLEOFError, _ssl.SSLZeroReturnError) as e:
+            # rc-web hangs up on a handshake at once (its port is plain
+            # HTTP): looked at as a silence is (no_hello).
+            if self.look_at_silence():
+                return
             self.disconnect("TLS handshake cut short: %s" % e)
             return
         except _ssl.SSLError as e:
@@ -8604,14 +8911,19 @@ class Worker(object):
             log("debug", "frame_ignored", message_type=kind[:50])
 
     def on_error(self, data):
+        # Read before anything is proved (from whatever answers at the main
+        # node's address): a code that is not text is none, never a lookup.
         code, message = data.get("code"), data.get("message")
+        code = code if isinstance(code, str) else None
         if code == "auth_failed" and self.auth == "device":
             log("error", "auth_failed", detail=message, message="the main node refused this"
                 " device's secret (%s); if the device was reset there, delete that file to"
                 " join again with the join token" % self.identity.path(self.cluster_id))
         elif code == "auth_failed":
             log("error", "auth_failed", message="wrong join token: the main node refused"
-                " this worker's proof; check --token", detail=message)
+                " this worker's proof; check %s against `rc token` there (after `rc token"
+                " --rotate` only devices that joined before come in with the old one)"
+                % getattr(self.options, "token_from", "--token"), detail=message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
             # The secret stays until that join gives a new one: whoever answers
@@ -8644,7 +8956,9 @@ class Worker(object):
         self.hello_deadline = None
         self.nonces = (server_nonce, new_nonce())
         # Our own secret for this cluster once we have one; the join token until then.
-        self.cluster_id = data.get("cluster_id")
+        # Not proved yet: a cluster_id that is not text is none (it names a file).
+        cluster_id = data.get("cluster_id")
+        self.cluster_id = cluster_id if isinstance(cluster_id, str) else None
         secret = None if self.join_with_token else self.identity.secret(self.cluster_id)
         self.join_with_token = False
         self.auth, self.key = ("device", secret) if secret else ("token", self.options.token)
@@ -8761,8 +9075,8 @@ class Worker(object):
         self.exit_status = EXIT_REFUSED
 
     def on_task_assign(self, data):
-        key = (data.get("task_id"), data.get("attempt"))
-        if not (is_int(key[0]) and is_int(key[1])):
+        key = task_key(data)
+        if key is None:
             self.send(ERROR, {"code": "bad_request",
                               "message": "task_assign needs integer task_id and attempt"})
             return
@@ -8780,7 +9094,8 @@ class Worker(object):
         if self.inline_raw is not None:      # files: small inputs, into the cache
             self.files.take_inline(data.get("files_inline"), self.inline_raw)
         timeout = data.get("timeout")
-        timeout = float(timeout) if is_number(timeout) and timeout > 0 else None
+        timeout = min(float(timeout), LONGEST_TIMEOUT) if is_number(timeout) and timeout > 0 \
+            else None
         task = TASK_CLASSES[task_type](key, data.get("payload"), timeout)
         if not self.availability.available and task_type not in INSTANT_TASK_TYPES:
             self.hand_back(task)      # assigned before our last heartbeat arrived
@@ -8790,25 +9105,25 @@ class Worker(object):
             self.unconfirmed.add(key)
 
     def on_task_cancel(self, data):
-        key = (data.get("task_id"), data.get("attempt"))
+        key = task_key(data)
         if key in self.queued:
             self.finish(self.queued.pop(key), OUTCOME_CANCELLED, error="cancelled")
         elif key in self.running:
             self.running[key].stop(self, OUTCOME_CANCELLED)
         else:
-            log("info", "cancel_ignored", task_id=key[0], attempt=key[1],
-                reason="not running here")
+            log("info", "cancel_ignored", task_id=key and key[0], attempt=key and key[1],
+                reason="not running here" if key else "no integer task_id and attempt")
 
     def on_task_watch(self, data):
         """Someone on the main node wants a running task's output as it
         comes (`rc tail`): its task_output frames, for `seconds`."""
-        task = self.running.get((data.get("task_id"), data.get("attempt")))
+        task = self.running.get(task_key(data))
         seconds = data.get("seconds")
         if task is not None and is_number(seconds) and hasattr(task, "watch"):
             task.watch(float(seconds))
 
     def on_task_result_ack(self, data):
-        key = (data.get("task_id"), data.get("attempt"))
+        key = task_key(data)
         if self.unacked.pop(key, None) is not None:
             log("debug", "result_acknowledged", task_id=key[0], attempt=key[1])
 
@@ -8892,8 +9207,15 @@ class Worker(object):
         announced = data.get("sha256") if isinstance(data.get("sha256"), str) else None
         # Up to date, allowed or not: the main node's own worker (no --allow-upgrade)
         # and a device given the new file by hand are not failures in `rc control`.
+        # A file put in place after this worker started is not what it runs, though.
+        fresh = file_stamp(WORKER_FILE) == STARTED_FROM
+        late = "%s is the served worker.py, put there after this worker started" % WORKER_FILE
         if announced and is_own_file(announced):
-            return True, "already the served worker.py; nothing to do", None
+            if fresh:
+                return True, "already the served worker.py; nothing to do", None
+            if not self.options.allow_upgrade:
+                return False, late + ": restart the worker to run it", None
+            return True, self.restart_for_upgrade(late), None
         if not self.options.allow_upgrade:
             return False, "upgrade not allowed on this device (start with --allow-upgrade)", None
         try:
@@ -8901,13 +9223,17 @@ class Worker(object):
             replaced = replace_worker_file(source)
         except UpgradeError as e:
             return False, str(e), None
-        if not replaced:
+        if not replaced and fresh:
             return True, "already the served worker.py; nothing to do", None
+        return True, self.restart_for_upgrade(
+            "%s replaced (%d bytes)" % (WORKER_FILE, len(source)) if replaced else late), None
+
+    def restart_for_upgrade(self, what):
+        """Run the new file once the running tasks end; what to acknowledge."""
         self.hold("restarting for an upgrade")
         self.restart_pending = True
         busy = len(self.running) + len(self.queued)
-        return True, "%s replaced (%d bytes); restarting %s" % (
-            WORKER_FILE, len(source), "once %d tasks finish" % busy if busy else "now"), None
+        return "%s; restarting %s" % (what, "once %d tasks finish" % busy if busy else "now")
 
     CONTROLS = {"reload": control_reload, "report_profile": control_report_profile,
                 "drain": control_drain, "upgrade": control_upgrade}
@@ -9144,6 +9470,7 @@ def self_test(worker):
     problem = worker.identity.prepare()
     print("state dir:      %s" % worker.identity.state_dir
           + (" UNUSABLE (%s): %s" % (problem, STATE_DIR_UNUSABLE) if problem else ""))
+    print("device id:      %s" % worker.device_id)      # the one it joins as (--device-id)
     # Whatever the owner's rules say now, the point is whether tasks can run here.
     worker.availability.available, worker.next_policy_check = True, float("inf")
     for number, (task_type, payload, _) in enumerate(SELF_TEST, 1):
@@ -9172,8 +9499,11 @@ def print_sandbox(sandbox):
     isolation = sandbox.describe_isolation()
     if isolation == "none":
         why_not = isolation_works()
+        pid_why_not = pid_namespace_works() if why_not is None else None
         isolation = "none" + (" (user namespaces work here: --isolate would hide the state"
-                              " dir and the home directory)" if why_not is None
+                              " dir and the home directory%s)" % (
+                                  ", and give each task a PID namespace" if pid_why_not is None
+                                  else "; %s" % pid_why_not) if why_not is None
                               else ": %s" % why_not)
         if not sandbox.user_name:
             isolation += "; tasks can read files of the worker's user"
@@ -9248,9 +9578,38 @@ def positive(kind):
     return number_type(kind, lambda value: value > 0, "a number above 0")
 
 
-def default_device_id():
+def default_device_id(state_dir):
+    """The host name; where that names no machine (Android calls every phone
+    localhost: the second phone of a drawer was refused, device_id_taken), an
+    id made once and kept in the state directory, `android-3fa2c1`. A device
+    that joined as localhost before (its secret is there) stays localhost."""
+    import glob
     import re
-    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "worker"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]
+    state_dir = os.path.expanduser(state_dir)
+    if name.lower() not in PLACEHOLDER_HOSTNAMES or glob.glob(
+            os.path.join(glob.escape(state_dir), "*", glob.escape(name) + ".secret")):
+        return name or "worker"
+    path = os.path.join(state_dir, "device_id")
+    try:
+        with open(path, "rb") as f:
+            # bytes: a damaged file, not text, raised UnicodeDecodeError
+            # and the worker never started (a phone's boot loop, for good)
+            kept = f.read(256).decode("ascii", "replace").strip()
+        if re.match(r"[A-Za-z0-9._-]{1,64}\Z", kept):
+            return kept
+    except OSError:
+        pass
+    made = "%s-%s" % (re.sub(r"[^a-z0-9]", "", device_platform().lower())[:16] or "device",
+                      os.urandom(3).hex())
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        with open(path + ".new", "w") as f:
+            f.write(made + "\n")
+        os.replace(path + ".new", path)
+    except OSError:
+        pass        # the worker says why it cannot use the state directory
+    return made
 
 
 def not_negative(kind):
@@ -9348,8 +9707,10 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--token", help="the join token (`rc token` on the main node);"
                         " write --token=TOKEN for one that begins with -")
     parser.add_argument("--token-file", metavar="FILE", help="read the join token from FILE")
-    parser.add_argument("--device-id", metavar="ID", default=default_device_id(),
-                        help="1-64 characters of [A-Za-z0-9._-] (default: the host name)")
+    parser.add_argument("--device-id", metavar="ID",
+                        help="1-64 characters of [A-Za-z0-9._-] (default: the host name;"
+                        " where it is localhost, as on a phone, an id such as"
+                        " android-3fa2c1 made once and kept in --state-dir)")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                         help="where this device's secret (one per cluster and device"
                         " id) and its cache of task files are kept; this user must be"
@@ -9411,7 +9772,8 @@ def parse_args(argv=None, reloading=False, read_token=True):
     sandbox.add_argument("--isolate", action="store_true",
                          help="run tasks in a mount namespace (a user namespace when not"
                          " root) that hides the state dir, the home directory and each"
-                         " --hide PATH; refuse to start where it cannot")
+                         " --hide PATH, and in a PID namespace each where the kernel"
+                         " allows; refuse to start where the mount namespace cannot be had")
     sandbox.add_argument("--isolate-network", action="store_true",
                          help="with --isolate: no network for tasks")
     sandbox.add_argument("--hide", action="append", default=[], metavar="PATH",
@@ -9457,6 +9819,8 @@ def parse_args(argv=None, reloading=False, read_token=True):
         options.resume_battery = min(100.0, options.min_battery + BATTERY_RESUME_MARGIN)
     if options.resume_battery is not None and options.resume_battery < (options.min_battery or 0):
         parser.error("--resume-battery must be at least --min-battery")
+    if options.device_id is None:
+        options.device_id = default_device_id(options.state_dir)
     if not re.match(r"[A-Za-z0-9._-]{1,64}\Z", options.device_id):
         parser.error("--device-id must be 1-64 characters of [A-Za-z0-9._-]")
     options.task_types = task_types(parser, options.allow, options.deny)
@@ -9480,6 +9844,9 @@ def sandbox_options(parser, options):
     wanted = options.isolate or bool(options.hide or options.read_only)
     why_not = isolation_works(options.isolate_network) if wanted else None
     options.isolated = wanted and why_not is None
+    options.pid_namespace_problem = (pid_namespace_works(options.isolate_network)
+                                     if options.isolated else None)
+    options.pid_namespace = options.isolated and options.pid_namespace_problem is None
     options.sandbox_notes = []
     if options.isolate and why_not:
         parser.error("--isolate: %s" % why_not)
@@ -9539,16 +9906,19 @@ def task_types(parser, allow, deny):
 
 
 def join_token(parser, options):
+    """The token; options.token_from says where it came from, for a message
+    that says what to fix when the main node refuses it."""
     # Tasks run with our environment: the token must not be in it.
-    token = os.environ.pop("RC_TOKEN", None)
+    token, options.token_from = os.environ.pop("RC_TOKEN", None), "RC_TOKEN"
     if options.token_file:
         if options.task_users is not None and not options.isolated \
                 and reachable(os.path.expanduser(options.token_file), True, ()):
             parser.error("--token-file %s may be read by every user, the uids tasks run as"
                          " included: chmod 600 it" % options.token_file)
         token = read_option_file(parser, "--token-file", options.token_file)
+        options.token_from = "--token-file %s" % options.token_file
     if options.token is not None:
-        token = options.token
+        token, options.token_from = options.token, "--token"
     token = (token or "").strip()
     if not token:
         parser.error("a join token is required: --token, --token-file or RC_TOKEN")

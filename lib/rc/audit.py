@@ -14,7 +14,7 @@ import time
 
 import orjson
 
-from rc.log import shift_backups
+from rc.log import json_line, shift_backups
 
 FILE_NAME = "audit.log"
 BACKUPS = 5          # rotated files kept: audit.log.1 (newest) ... audit.log.5
@@ -29,7 +29,7 @@ def record(config, event, actor, source, **fields):
     `cli`…) and source (an address, `local`)."""
     line = {"time": round(time.time(), 6), "event": event, "actor": actor, "source": source}
     line.update(fields)
-    data = orjson.dumps(line, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+    data = json_line(line)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
         descriptor = os.open(path(config), flags, 0o600)

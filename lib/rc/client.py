@@ -64,6 +64,7 @@ MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
 MAX_HEAD_FIELDS = 100           # header fields of one answer
 MAX_INTERIM_ANSWERS = 10        # 1xx answers before the answer (rc-web sends none)
 READ_PIECE = 1 << 20            # bytes read at once of a long body
+QUOTA_UNIT = 1 << 20            # bytes of one MiB of files_quota_mb: a body this small fits any
 MAX_ANSWER_BYTES = 64 * 1024 * 1024     # bytes of one answer's body the client holds
                                 # (rc-web's largest, a bulk result read, carries 8 MiB
                                 # of results); a main node sending more is refused
@@ -113,12 +114,20 @@ TASK_OPTIONS = ("priority", "timeout", "retries", "requirements", "idempotency_k
                 "retry_on_failure", "depends_on")
 
 
+def shown(text):
+    """Text a device or an answer chose, as a traceback may print it to a
+    terminal: lines and tabs kept, every other character that is not
+    printable (an escape sequence's ESC, a bidi override) as "?"."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in str(text))
+
+
 class ClusterError(Exception):
     """The main node refused a request or could not be reached; `status` is
-    the HTTP status (0 when there was no answer)."""
+    the HTTP status (0 when there was no answer). The message may quote the
+    answer (whoever gave it), so it is shown()."""
 
     def __init__(self, message, status=0):
-        super().__init__(message)
+        super().__init__(shown(message))
         self.status = status
 
 
@@ -130,13 +139,23 @@ class TaskFailed(Exception):
     """A task ended other than completed: `state` (failed, timed_out,
     cancelled), `error`, and the task's `result` (stderr, exit_code...)."""
 
-    def __init__(self, task_id, state, error, result=None):
-        super().__init__("task %s %s: %s" % (task_id, state, told_why(error, result or {})))
+    def __init__(self, task_id, state, error, result=None, note=""):
+        super().__init__("task %s %s: %s%s" % (task_id, state,
+                                               shown(told_why(error, result or {})), note))
         self.task_id, self.state, self.error, self.result = task_id, state, error, result or {}
 
     @property
     def stderr(self):
         return self.result.get("stderr") or ""
+
+
+def timeout_note(future, state):
+    """A task that named no timeout ran under the main node's default: a
+    limit neither Dask nor ProcessPoolExecutor has, which the user never set."""
+    if state != "timed_out" or (getattr(future, "spec", None) or {}).get("timeout") is not None:
+        return ""
+    return (" (the main node's default task_timeout, as no timeout was given:"
+            " submit(..., timeout=SECONDS) or Executor(timeout=SECONDS) gives a longer one)")
 
 
 def told_why(error, result):
@@ -222,6 +241,17 @@ class Http:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
                 sock = self.tls().wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLError as e:
+            sock.close()
+            # A certificate refused is not plain http: its own error (3.6
+            # has no SSLCertVerificationError, only the reason).
+            if isinstance(e, getattr(ssl, "SSLCertVerificationError", ())) or \
+                    getattr(e, "reason", None) == "CERTIFICATE_VERIFY_FAILED":
+                raise
+            raise ClusterError("no TLS handshake with https://%s:%d: %s (rc-web serves plain"
+                               " http unless \"web_tls\" is true in its etc/rc.json: then the"
+                               " url is http://%s:%d)" % (self.host, self.port, e, self.host,
+                                                          self.port))
         except BaseException:
             sock.close()
             raise
@@ -444,7 +474,7 @@ def json_answer(method, path, status, data, ok):
     is in `ok` (a proxy's HTML page of a 413 or a 502 included)."""
     try:
         answer = json.loads(data.decode("utf-8")) if data else {}
-    except ValueError:
+    except (ValueError, RecursionError):     # nested past the limit: not the rc-web we know
         answer = {"error": data[:200].decode("utf-8", "replace")}
     if status not in ok:
         raise ClusterError("%s %s: %s (HTTP %d)" % (method, path.split("?")[0],
@@ -780,7 +810,7 @@ def stream_record(line):
     has one, is a whole number; else BadAnswer naming the line."""
     try:
         record = json.loads(line.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
         record = None
     if not isinstance(record, dict) or "task_id" in record and (
             isinstance(record["task_id"], bool) or not isinstance(record["task_id"], int)):
@@ -944,6 +974,7 @@ class Cluster:
                 "RC_TOKEN_FILE"))
         self.http = Http(self.url, token, ssl_context)
         self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
+        self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
         self.lock = threading.Condition()
@@ -1393,7 +1424,7 @@ class Cluster:
         if state != "completed":
             result = record.get("result") or {}
             settle(future, error=TaskFailed(record["task_id"], state, record.get("error"),
-                                            result))
+                                            result, timeout_note(future, state)))
             return
         try:
             value = future.decode(record)
@@ -1508,6 +1539,7 @@ class Cluster:
         if not seekable:            # a pipe, a BytesIO: what it gives, held
             data = source.read()
             return self.put_body(data, hashlib.sha256(data).hexdigest(), len(data))
+        self.check_quota(info.st_size - start)      # before hours of reading
         digest = hashlib.sha256()
         for piece in iter(lambda: source.read(READ_PIECE), b""):
             digest.update(piece)
@@ -1515,10 +1547,34 @@ class Cluster:
         return self.put_body(source, digest.hexdigest(), info.st_size - start)
 
     def put_body(self, body, sha256, size):
+        self.check_quota(size)
         headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha256}
         status, body = self.http.request("POST", "/api/v1/files", body, headers,
                                          REQUEST_TIMEOUT + size / 1e6)
         return self.http.answer("POST", "/api/v1/files", status, body, (201,))
+
+    def check_quota(self, size):
+        """A ClusterError, rc-web's 413 in its words, for a file over the
+        store's quota, before it is read or sent: rc-web refuses it on the
+        request's headers, and the body still being sent met a reset
+        connection ("no answer"), not the refusal. The quota is asked once,
+        and again before a file over it is refused (it may have grown);
+        an rc-web that does not say (older, or behind a proxy that answers
+        with a page of its own) is left to refuse it itself."""
+        if size <= QUOTA_UNIT or (self.files_quota is not None and size <= self.files_quota):
+            return
+        status, data = self.http.request("GET", "/api/v1/files")
+        if status in (404, 405):
+            return
+        answer = self.http.answer("GET", "/api/v1/files", status, data, (200,))
+        quota = answer.get("quota_bytes") if isinstance(answer, dict) else None
+        if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
+            return
+        self.files_quota = quota
+        if size > self.files_quota:
+            raise ClusterError("POST /api/v1/files: the file is %d bytes, over the store's"
+                               " quota of %d (files_quota_mb) (HTTP 413)"
+                               % (size, self.files_quota), 413)
 
     def get(self, ref, path=None, bounded=False):
         """A stored file's bytes, or written to `path`: `ref` is a sha256 (or
@@ -1644,6 +1700,11 @@ def read_token_file(path):
 
 def task_spec(task_type, arg, options):
     """A task as POST /api/v1/tasks takes it, from submit()'s arguments."""
+    if callable(task_type):         # Dask's Client.submit(func, *args), by habit
+        raise TypeError("Cluster.submit and map take a task type first (\"shell\","
+                        " \"python_exec\", ...), not the function %s: Executor's submit(fn,"
+                        " *args) and map(fn, items) run a function on the fleet, as Dask's"
+                        " Client does (docs/client.md)" % describe(task_type))
     unknown = sorted(set(options) - set(PAYLOAD_OPTIONS) - set(TASK_OPTIONS) - {"payload"})
     if unknown:
         raise TypeError("unknown task option %s (known: %s)" % (", ".join(unknown), ", ".join(
@@ -1921,6 +1982,37 @@ class Executor(concurrent.futures.Executor):
                 call.local_cancel()
                 self.place(others, pack.fn)
                 return True
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        """As ProcessPoolExecutor's when the block ends: every call waited
+        for. Left by an exception (Ctrl-C in as_completed, a result that
+        raised), as Cluster's: at once, since the tasks run on the fleet
+        whether this program waits or not and nobody would read their
+        results (a pool's block waited, in silence, for calls of hours);
+        stderr names the tasks that go on."""
+        if exc_type is None:
+            self.shutdown(wait=True)
+            return False
+        self.shutdown(wait=False)
+        self.tell_going_on(exc_type)
+        if self.own_cluster:
+            self.cluster.close(wait=False)
+        return False
+
+    def tell_going_on(self, exc_type):
+        with self.lock:
+            futures = list(self.packs) + list(self.outstanding)
+        task_ids = sorted({future.task_id for future in futures
+                           if not future.done() and future.task_id is not None})
+        if not task_ids:
+            return
+        shown = ", ".join(map(str, task_ids[:10])) + (
+            " and %d more" % (len(task_ids) - 10) if len(task_ids) > 10 else "")
+        group_id = self.cluster.group_id if self.own_cluster else None
+        LOG.warning("rc.client: the Executor's block was left by %s; the cluster goes on with"
+                    " task%s %s (%s)", exc_type.__name__, "s" if len(task_ids) > 1 else "",
+                    shown, "`rc cancel --group %d` stops them" % group_id
+                    if group_id is not None else "`rc cancel %d` stops one" % task_ids[0])
 
     def shutdown(self, wait=True, cancel_futures=False):
         with self.lock:
@@ -2229,6 +2321,8 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
             outcomes = [call(function, args, kwargs) for args, kwargs in calls]
     except BaseException as e:
         outcomes = [_rc_slow("failure")(e)]
+    if sys.argv[1:2] != ["--rc-call"] and any(outcome[0] for outcome in outcomes):
+        _rc_slow("tell_failures")(outcomes)
     try:
         data = pickle.dumps(outcomes, 4)
     except BaseException:
@@ -2268,6 +2362,17 @@ def _rc_failure(e):
     except BaseException:
         data = None
     return (1, data, type(e).__name__, str(e)[:10000], text[-50000:])
+
+
+def _rc_tell_failures(outcomes):
+    # The task completes (its stdout carries every outcome to the client):
+    # its stderr is where rc task, rc logs and the dashboard show that a
+    # call raised, and how.
+    for number, outcome in enumerate(outcomes, 1):
+        if outcome[0]:
+            sys.stderr.write("rc.client: call %d of %d raised:\\n%s" % (number, len(outcomes),
+                                                                        outcome[4]))
+    sys.stderr.flush()
 
 
 def _rc_lines_of_pieces():

@@ -490,6 +490,10 @@ def submitted_payload(arguments, context):
     environment and outputs its options name (stored in the file store
     once all of them have been checked)."""
     if files_cli.looks_like_a_script_path(arguments.task_type, arguments.argument):
+        if arguments.task_type == "python_eval":     # an expression; --file is python_exec's
+            raise UsageError("%r is a file here, and python_eval takes an expression; did"
+                             " you mean python_exec --file %s?"
+                             % (arguments.argument, shlex.quote(arguments.argument)))
         raise UsageError("%r is a file here, and the task would run on another device;"
                          " did you mean --file %s?" % (arguments.argument,
                                                       shlex.quote(arguments.argument)))
@@ -536,13 +540,15 @@ def cmd_tail(arguments, context):
 
 def cmd_files(arguments, context):
     """The files a task reads and left."""
-    tasks.get(context.connection, arguments.task_id)        # "no task N" when there is none
+    task = tasks.get(context.connection, arguments.task_id)  # "no task N" when there is none
     rows = files_cli.listed(context.connection, arguments.task_id)
     records = files.task_files(context.connection, arguments.task_id)
     write_rows(context, arguments, rows, FILE_COLUMNS, records)
     if not rows and is_a_map(context.connection, arguments.task_id):
         context.err.write("rc: task %d has no files; %s\n" % (
             arguments.task_id, map_number_note(arguments.task_id)))
+    else:
+        note_unmatched_outputs(context, task, records)
 
 
 def cmd_get(arguments, context):
@@ -573,6 +579,21 @@ def map_number_note(number):
     return ("%d is also a map's number (`map %d: ... inputs`): `rc group %d` lists the"
             " map's tasks, whose files `rc files TASK` and `rc get TASK` show"
             % (number, number, number))
+
+
+def note_unmatched_outputs(context, task, entries):
+    """One line on stderr for each ended task's --output globs that matched
+    no file it left (`rc get` explains why it has nothing; `rc wait` and
+    `rc files` said nothing). `entries`: files.task_files of the task."""
+    globs = (task["payload"] or {}).get("outputs") or []
+    if not globs or task["state"] not in TERMINAL_STATES:
+        return
+    names = [entry["name"] for entry in entries if entry["kind"] == files.OUTPUT]
+    unmatched = [glob for glob in globs if not any(files.globs_match([glob], name)
+                                                   for name in names)]
+    if unmatched:
+        context.err.write("rc: task %d: --output %s matched no file it left\n" % (
+            task["task_id"], ", ".join(render.cell(glob) for glob in unmatched)))
 
 
 def no_outputs(task):
@@ -773,6 +794,8 @@ def report_outcome(context, task):
         context.out.flush()             # a terminal shows the two in the order written
         write_stream(context, task, result, "stderr", context.err)
     if task["state"] == COMPLETED:
+        note_unmatched_outputs(context, task,
+                               files.task_files(context.connection, task["task_id"]))
         return 0
     if task["state"] not in TERMINAL_STATES:
         raise CommandError("task %d is still %s; gave up waiting"
@@ -833,12 +856,29 @@ def cmd_why(arguments, context):
 
 
 def cmd_cancel(arguments, context):
+    if (arguments.task_id is None) == (arguments.group is None):
+        raise UsageError("rc cancel: give a task ID or --group ID (not both)")
+    if arguments.group is not None:
+        return cancel_group(arguments.group, context)
     state = tasks.cancel(context.connection, arguments.task_id)
     context.logger.info("task_cancel_requested", task_id=arguments.task_id, state=state,
                         user=user_name())
     context.audit("task_cancel_requested", task_id=arguments.task_id, state=state,
                   user=user_name())
     context.out.write("%s\n" % state)
+
+
+def cancel_group(group_id, context):
+    """Every task of a group that has not ended: a map's, a `submit
+    --each`'s, or a Python client's (the group its Ctrl-C message names)."""
+    queued, stopping = tasks.cancel_group(context.connection, group_id, active_too=True)
+    context.logger.info("group_cancel_requested", group_id=group_id, queued=queued,
+                        running=stopping, user=user_name())
+    context.audit("group_cancel_requested", group_id=group_id, queued=queued,
+                  running=stopping, user=user_name())
+    context.out.write("group %d: %s cancelled, %s asked to stop\n" % (
+        group_id, render.counted(queued, "queued task"),
+        render.counted(stopping, "running task")))
 
 
 # -- the fleet --------------------------------------------------------------------
@@ -859,7 +899,15 @@ def cmd_drain(arguments, context):
 def cmd_resume(arguments, context):
     fleet.resume(context.connection, context.config, arguments.device_id)
     context.audit("device_resumed", device_id=arguments.device_id, user=user_name())
-    context.out.write("%s resumed: it takes new tasks again\n" % arguments.device_id)
+    device = devices.get(context.connection, arguments.device_id)
+    # Drained no more here; its worker may still hold itself back (its own rule,
+    # or `rc broadcast drain`, which only a restart of the worker undoes).
+    if not device["available"]:
+        context.out.write("%s resumed, but its worker takes nothing new yet: %s\n"
+                          % (arguments.device_id, render.cell(device["unavailable_reason"]
+                                                              or "unavailable")))
+    else:
+        context.out.write("%s resumed: it takes new tasks again\n" % arguments.device_id)
 
 
 def cmd_forget(arguments, context):
@@ -895,8 +943,8 @@ def cmd_role(arguments, context):
                   user=user_name())
     device = devices.get(context.connection, arguments.device_id)
     context.out.write("%s role: %s%s\n" % (
-        arguments.device_id, device["role"] or "none",
-        " (it reports %s)" % (device["reported_role"] or "none") if arguments.role
+        arguments.device_id, render.cell(device["role"] or "none"),    # the device's, maybe
+        " (it reports %s)" % render.cell(device["reported_role"] or "none") if arguments.role
         else " (as it reports)"))
 
 
@@ -1078,7 +1126,9 @@ def monitor_task_lines(task, width, colour):
     progress = task["progress"] / 100.0 if task["progress"] is not None else None
     text = render.progress_line(label, progress, width, colour, calm=True) + "\n"
     if task.get("progress_message"):
-        text += "      " + render.shorten(render.printable(task["progress_message"]),
+        # One line, whatever a device sent (up to 200 characters, newlines,
+        # bidi overrides): it drew lines of its own into the screen otherwise.
+        text += "      " + render.shorten(render.cell(task["progress_message"]),
                                           max((width or 80) - 6, 10)) + "\n"
     return text
 
@@ -1098,16 +1148,40 @@ def cmd_logs(arguments, context):
             tail, offsets[path] = tail_lines(path, arguments.lines + LOG_CONTEXT_LINES)
             parsed = parse_log_lines(tail, program_of(path))
         lines.extend(parsed[-arguments.lines:] if arguments.lines else [])
-    device_lines = DeviceLines(context.connection, context.config, arguments.device, wanted) \
-        if arguments.device is not None and arguments.program is None else None
-    if device_lines:
-        lines.extend(device_lines.new())
+    device_lines = [DeviceLines(context.connection, context.config, device_id, wanted,
+                                logs_here=device_id == local_device_id())
+                    for device_id in devices_logged(context.connection, arguments)]
+    lines.extend(device_lines_new(device_lines, lines))
     lines.sort(key=lambda line: line[0])
     if not lines and arguments.task is not None:
         no_such_task(context, arguments.task)
     write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
     if arguments.follow:
         follow_logs(context, arguments.program, offsets, wanted, device_lines)
+
+
+def devices_logged(connection, arguments):
+    """The devices whose own lines (forwarded by their workers, kept in the
+    database) `rc logs` adds to the programs': the one --device names, or
+    with --task every device the task ran on."""
+    if arguments.program is not None:
+        return []
+    if arguments.device is not None:
+        return [arguments.device]
+    if arguments.task is not None:
+        return [row[0] for row in connection.execute(
+            "SELECT DISTINCT device_id FROM task_events WHERE task_id = ? AND device_id IS"
+            " NOT NULL", (arguments.task,))]
+    return []
+
+
+def device_lines_new(device_lines, file_lines):
+    """The devices' lines kept since the last look, but those read from the
+    log files too (`file_lines`, read just before): the main node's own
+    worker logs there and forwards its warnings and task events as well."""
+    for source in device_lines:
+        source.read_in_files(file_lines)
+    return [line for source in device_lines for line in source.new()]
 
 
 def no_such_task(context, task_id):
@@ -1129,14 +1203,15 @@ def write_log_lines(context, lines):
     context.out.flush()
 
 
-def follow_logs(context, program, offsets, wanted=None, device_lines=None):
+def follow_logs(context, program, offsets, wanted=None, device_lines=()):
     """Print lines as they are appended, until interrupted; a file that
-    shrank was rotated, so it is read again from the start."""
+    shrank was rotated, so it is read again from the start. The files are
+    read before the devices' lines: a worker logs a line, then forwards it."""
     wanted = wanted or LogFilter()
     while True:
         time.sleep(FOLLOW_POLL_INTERVAL)
-        lines = device_lines.new() if device_lines else []
-        lines.extend(new_lines(context.config.log_dir, program, offsets, wanted))
+        lines = new_lines(context.config.log_dir, program, offsets, wanted)
+        lines.extend(device_lines_new(device_lines, lines))
         lines.sort(key=lambda line: line[0])
         write_log_lines(context, lines)
 
@@ -1485,8 +1560,11 @@ def build_parser(out):
     sub.add_argument("group_id", type=whole_number, metavar="ID")
     sub = command("why", cmd_why, "why a task is where it is (e.g. still queued)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
-    sub = command("cancel", cmd_cancel, "cancel a task; prints its state after")
-    sub.add_argument("task_id", type=whole_number, metavar="ID")
+    sub = command("cancel", cmd_cancel, "cancel a task (prints its state after), or every"
+                  " task of a group that has not ended")
+    sub.add_argument("task_id", type=whole_number, metavar="ID", nargs="?")
+    sub.add_argument("--group", type=whole_number, metavar="ID",
+                     help="a map's, a `submit --each`'s or a Python client's group")
     sub = command("drain", cmd_drain, "no new tasks for a device; its running ones finish")
     sub.add_argument("device_id", metavar="DEVICE")
     sub.add_argument("--now", action="store_true",
@@ -1764,7 +1842,9 @@ def completion_words(web=True):
 
 
 def fail(err, error, status):
-    err.write("rc: error: %s\n" % " ".join(str(error).splitlines()))
+    """rc's last word, one line; it may quote what a device chose (a task's
+    error, a device's reason to pause), so control characters show as "?"."""
+    err.write("rc: error: %s\n" % render.cell(str(error)))
     return status
 
 

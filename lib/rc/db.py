@@ -556,6 +556,28 @@ MIGRATIONS = [
     """ % {"terminal": sql_list(TERMINAL_STATES),
            "unsuccessful": sql_list([s for s in TERMINAL_STATES if s != COMPLETED]),
            "now": NOW},
+    # 23: how many of the tasks a task depends on have not completed yet,
+    # counted down by a trigger as each completes, and the scheduler's walk
+    # through an index of the queued tasks that wait for none. It checked
+    # each queued task's dependencies as it walked: with 100,000 tasks behind
+    # one gate task (a map after its setup task) every pass read all of them,
+    # 0.33-0.58 s of rc-scheduler's CPU, and a pass follows every submit and
+    # result, so the rest of the queue crawled until the gate completed.
+    """
+    ALTER TABLE tasks ADD COLUMN unmet_dependencies INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET unmet_dependencies = (
+        SELECT count(*) FROM task_dependencies d JOIN tasks p ON p.task_id = d.depends_on
+        WHERE d.task_id = tasks.task_id AND p.state != '%(completed)s')
+    WHERE state = 'queued' AND task_id IN (SELECT task_id FROM task_dependencies);
+    CREATE TRIGGER IF NOT EXISTS dependency_completed AFTER UPDATE OF state ON tasks
+    WHEN NEW.state = '%(completed)s' AND OLD.state != '%(completed)s' BEGIN
+        UPDATE tasks SET unmet_dependencies = unmet_dependencies - 1
+        WHERE state = 'queued' AND unmet_dependencies > 0 AND task_id IN
+              (SELECT task_id FROM task_dependencies WHERE depends_on = NEW.task_id);
+    END;
+    CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(priority DESC, task_id)
+        WHERE state = 'queued' AND unmet_dependencies = 0;
+    """ % {"completed": COMPLETED},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -564,6 +586,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # literally, never through bound parameters: queries that look for queued or
 # active tasks among many use these fragments.
 QUEUED_SQL = "state = '%s'" % QUEUED
+# Queued and waiting for no other task (the tasks_ready index's condition).
+READY_SQL = QUEUED_SQL + " AND unmet_dependencies = 0"
 ACTIVE_SQL = "state IN (%s)" % sql_list(ACTIVE_STATES)
 FAILURES_SQL = "state IN (%s)" % sql_list((FAILED, TIMED_OUT))     # tasks_failures' tasks
 

@@ -99,6 +99,8 @@ POISON_LIMIT = 3                # devices a task may lose before it is failed as
 TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt
 RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries
+MAP_RECHECK_INTERVAL = 5.0      # seconds between rc map's reads of every ended task of its
+                                # map, and before it says why no input has ended yet
 
 # -- services (lib/rc/services.py) ---------------------------------------------
 SERVICE_RESTART_BACKOFF = 1.0   # seconds before a service whose run ended starts again;

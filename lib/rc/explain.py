@@ -7,12 +7,18 @@ slots, and the tasks ahead in the queue (like HTCondor's
 import time
 
 from rc import db, devices, files, tasks
-from rc.render import age, counted
+from rc.render import age, cell, counted
 from rc.states import ASSIGNED, INSTANT_TASK_TYPES, ONLINE, RUNNING, TERMINAL_STATES
 
 
 def why(connection, task_id, now=None):
-    now = time.time() if now is None else now
+    """The answer on one line: it quotes what devices chose (a task's error,
+    a reason to pause), which must not start lines of its own in a terminal
+    or in a script reading `rc why` line by line; shown as a table cell is."""
+    return cell(answer(connection, task_id, time.time() if now is None else now))
+
+
+def answer(connection, task_id, now):
     task = tasks.get(connection, task_id)
     if task["state"] in TERMINAL_STATES:
         reason = task["error"] or task["reason"] or "no reason recorded"
@@ -29,8 +35,9 @@ def why(connection, task_id, now=None):
                 % (task_id, task["device_id"], clock(task["lease_expires"]),
                    cache_note(connection, task_id, [task["device_id"]])))
     if task["state"] == RUNNING:
-        progress = "" if task["progress"] is None else ", %g%% done" % task["progress"]
-        return "Task %d is running on %s since %s ago (attempt %d%s).%s" % (
+        # Whole percents, never 100 before the end (%g said 23.3333).
+        progress = "" if task["progress"] is None else ", %d%% done" % task["progress"]
+        return "Task %d has been running on %s for %s (attempt %d%s).%s" % (
             task_id, task["device_id"], age(now - task["started_at"]), task["attempt"],
             progress, away_note(connection, task["device_id"], now))
     return "Task %d is queued: %s" % (task_id, why_queued(connection, task, now))

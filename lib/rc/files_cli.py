@@ -28,12 +28,15 @@ class FileOptionError(ValueError):
 
 def looks_like_a_script_path(task_type, argument):
     """`rc submit python_exec script.py`: the argument names a file here,
-    which the device would run as code (python_exec) or cannot see (a
-    relative path in a shell command)."""
-    if task_type not in tasks.FILE_TASK_TYPES or not argument or "\n" in argument \
-            or len(argument) > 4096:
+    which the device would run as code (python_exec, or python_eval, where
+    `script.py` reads as a name and fails there with a NameError) or cannot
+    see (a relative path in a shell command)."""
+    if task_type not in tasks.FILE_TASK_TYPES + ("python_eval",) or not argument \
+            or "\n" in argument or len(argument) > 4096:
         return False
-    if task_type == "shell" and (" " in argument.strip() or os.path.isabs(argument)):
+    if task_type != "python_exec" and " " in argument.strip():
+        return False
+    if task_type == "shell" and os.path.isabs(argument):
         return False
     return os.path.isfile(argument)
 
@@ -305,7 +308,7 @@ def write_out(connection, config, entry, directory):
     blob, _ = files.open_blob(connection, config, entry["sha256"])
     digest = hashlib.sha256()
     try:
-        with blob, open(temporary, "wb") as out:
+        with blob, fresh(temporary) as out:
             for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
                 digest.update(chunk)
                 out.write(chunk)
@@ -318,6 +321,15 @@ def write_out(connection, config, entry, directory):
     finally:
         files.remove(temporary)
     return target
+
+
+def fresh(path, mode="wb", **options):
+    """A file made anew at `path` (the umask applies), never written through
+    a link someone else left there: the directory may be shared. A stale one
+    (a cut run's) goes first."""
+    files.remove(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o666), mode, **options)
 
 
 def in_the_way(target):

@@ -130,11 +130,12 @@ def submit_each(connection, config, task_type, payload, requirements=None,
         targets = matching_devices(connection, task_type, task["requirements"])
         if not targets and not include_new:
             paused = paused_matching(connection, task_type, task["requirements"])
-            raise FleetError("no online device accepts %s tasks%s%s" % (
+            raise FleetError("no online device accepts %s tasks%s%s%s" % (
                 task_type, " with those requirements" if task["requirements"] else "",
                 " now (paused: %s)" % "; ".join("%s, %s" % item for item in sorted(
-                    paused.items())) if paused else ""))
-        tasks.refuse_unusable_dependencies(connection, task["depends_on"])
+                    paused.items())) if paused else "",
+                unmet_note(connection, task_type, task["requirements"])))
+        tasks.unmet_dependencies(connection, task["depends_on"])    # refuses what cannot start
         group_id = connection.execute(
             "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
             " include_new) VALUES (?, ?, ?, ?, ?, ?)",
@@ -160,6 +161,20 @@ def paused_matching(connection, task_type, requirements):
     return {d["device_id"]: d["unavailable_reason"] if not d["suspect"] else "suspect"
             for d in fitting_devices(connection, task_type, requirements)
             if not d["drained"] and (d["suspect"] or not d["available"])}
+
+
+def unmet_note(connection, task_type, requirements):
+    """What the online devices that take this type lack, by requirement:
+    `: needs label kind=pi (nas, phone)` (--require label.kind=pi where
+    no device has that label); "" when none of them lacks anything."""
+    lacking = {}
+    for device in devices.list_devices(connection, ONLINE):
+        if device["connected"] and task_type in device["task_types"]:
+            for reason in tasks.unmet_requirements(requirements, device):
+                lacking.setdefault(reason, []).append(device["device_id"])
+    return (": " if lacking else "") + "; ".join(
+        "%s (%s%s)" % (reason, ", ".join(names[:5]), ", …" if len(names) > 5 else "")
+        for reason, names in sorted(lacking.items()))
 
 
 def fitting_devices(connection, task_type, requirements):

@@ -221,16 +221,18 @@ def programs_note(config):
 
 
 def programs(config, without_supervisor=CRITICAL):
+    # programs_running=0 when none runs: a monitoring graph drops to 0 rather
+    # than losing the figure just when the main node is down.
     if not os.path.exists(supervisor_socket(config)):
         return Finding("programs", without_supervisor, "supervisord is not running (no %s)"
-                       % supervisor_socket(config))
+                       % supervisor_socket(config), programs_running=0)
     try:
         states = program_states(config)
     except (OSError, SupervisorError) as e:
         return Finding("programs", CRITICAL, "supervisord does not answer on %s (%s)"
-                       % (supervisor_socket(config), one_line(e)))
+                       % (supervisor_socket(config), one_line(e)), programs_running=0)
     if not states:
-        return Finding("programs", CRITICAL, "supervisord runs no programs")
+        return Finding("programs", CRITICAL, "supervisord runs no programs", programs_running=0)
     bad = {name: state for name, state in states.items() if PASSING_STATES.get(state) != OK}
     status = max([PASSING_STATES.get(state, CRITICAL) for state in states.values()])
     running = len(states) - len(bad)
@@ -292,9 +294,7 @@ def ready_queued(connection, now, older_than):
         "SELECT t.task_id, t.requirements, t.task_type,"
         " (SELECT max(e.time) FROM task_events e WHERE e.task_id = t.task_id) AS since"
         " FROM tasks t WHERE t.%s AND t.not_before <= ? AND t.created_at < ?"
-        " AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
-        " ON p.task_id = d.depends_on WHERE d.task_id = t.task_id AND p.state != 'completed')"
-        " ORDER BY +t.task_id LIMIT ?" % db.QUEUED_SQL,
+        " ORDER BY +t.task_id LIMIT ?" % db.READY_SQL,
         (now, older_than, STUCK_LOOKED_AT)).fetchall()
 
 

@@ -13,6 +13,23 @@ import time
 import orjson
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# orjson escapes only what JSON must (below U+0020): the C1 controls (U+0080-
+# U+009F: U+009B is CSI, U+009D OSC to a terminal that reads them, as
+# xterm.js does) and the bidi and invisible characters render.CONTROL shows
+# as "?" in a name a device chose went as they came to whoever reads the
+# JSON on a terminal (`rc ctl tail`, tail -f, `rc ... --json`). Written as
+# \u escapes (they occur only inside JSON strings), the text reads back the same.
+# Those characters beyond ASCII, defined once: render.CONTROL shows them as
+# "?", and bin/worker.py keeps a copy (tests/test_shared_definitions.py).
+TERMINAL_UNSAFE = (*range(0x80, 0xa0), 0x061c, 0x200b, 0x200e, 0x200f, *range(0x202a, 0x202f),
+                   *range(0x2066, 0x206a), 0xfeff)
+JSON_ESCAPES = {c: "\\u%04x" % c for c in TERMINAL_UNSAFE}
+
+
+def json_line(record):
+    """`record` as one line of JSON, safe to show on a terminal as it is."""
+    data = orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+    return data if data.isascii() else data.decode().translate(JSON_ESCAPES).encode()
 
 
 class Logger:
@@ -40,11 +57,12 @@ class Logger:
     def log(self, level, event, **fields):
         self.log_many([(level, event, fields)])
 
-    def log_many(self, lines):
+    def log_many(self, lines, now=None):
         """(level, event, fields) lines in one write: what one step of a
         program did (a scheduler pass, a turn of rc-server) reaches the log
-        with one wake-up of supervisord, not one a line."""
-        now = round(time.time(), 6)
+        with one wake-up of supervisord, not one a line. `now`: the time
+        they say (a line written after what it tells: when that was)."""
+        now = round(time.time() if now is None else now, 6)
         written = b"".join(self.line(now, level, event, fields) for level, event, fields in lines
                            if LEVELS[level] >= self.threshold)
         if written:
@@ -54,7 +72,7 @@ class Logger:
     def line(self, now, level, event, fields):
         record = {"time": now, "program": self.program, "level": level, "event": event}
         record.update(fields)
-        return orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
+        return json_line(record)
 
     def debug(self, event, **fields):
         self.log("debug", event, **fields)

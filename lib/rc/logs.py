@@ -4,6 +4,7 @@ which files, their last lines, the lines appended since a look, a line as a
 record, and which records a filter keeps. `rc logs` and rc-web (/text/logs,
 /stream/logs) both read them through here; how a line is shown is
 lib/rc/records.py (log_row, log_event) and lib/rc/render.py (log_line)."""
+import collections
 import glob
 import os
 import re
@@ -17,6 +18,10 @@ from rc.log import LEVELS
 TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
 SCAN_BLOCK = 1024 * 1024      # bytes a filtered read looks through at a time
 LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
+# The main node's own worker both logs into the files and forwards its lines:
+# those read from the files are remembered (this many at most) so that their
+# forwarded copies are not shown too.
+LINES_IN_FILES_KEPT = 10000
 # `logs --program audit`: who did what from where, for the admin only on the web.
 AUDIT_PROGRAM = os.path.splitext(audit.FILE_NAME)[0]
 LOG_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:[,.](\d+))?")
@@ -207,20 +212,48 @@ class DeviceLines:
     task events its worker forwarded, kept in the database), merged with
     what the main node's programs logged about it."""
 
-    def __init__(self, connection, config, device_id, wanted):
+    def __init__(self, connection, config, device_id, wanted, logs_here=False):
         self.connection, self.config = connection, config
         self.device_id, self.wanted = device_id, wanted
         self.after = 0        # the id of the last line read
+        # The main node's own worker (rc-worker) logs into the files too, its
+        # lines without a device_id as well: the ones read there, by
+        # (event, level, task_id, whole second), oldest first.
+        self.logs_here = logs_here
+        self.in_files = collections.OrderedDict()
+
+    def read_in_files(self, lines):
+        """Remember which of these lines, read from the log files, are its
+        worker's: their forwarded copies are the same lines."""
+        for _, record in lines:
+            if isinstance(record, dict) and record.get("program") == "worker" \
+                    and record.get("device_id", self.device_id if self.logs_here else None) \
+                    == self.device_id and isinstance(record.get("time"), (int, float)):
+                self.in_files[same_line(record, int(record["time"]))] = True
+                while len(self.in_files) > LINES_IN_FILES_KEPT:
+                    self.in_files.popitem(last=False)
+
+    def in_the_files(self, record):
+        # A worker stamps the line it forwards microseconds before the one it
+        # logs: the same second, or the next one.
+        second = int(record["time"])
+        return any(same_line(record, near) in self.in_files for near in (second, second + 1))
 
     def new(self):
-        """(time, record) of the lines kept since the last look."""
+        """(time, record) of the lines kept since the last look, but those
+        already read from the log files."""
         found = device_logs.recent(self.connection, self.device_id,
                                    self.config.device_log_lines
                                    + device_logs.TRIM_EVERY, self.after)
         if found:
             self.after = found[-1]["id"]
         records = (device_logs.as_log_line(self.device_id, line) for line in found)
-        return [(record["time"], record) for record in records if self.wanted(record)]
+        return [(record["time"], record) for record in records
+                if self.wanted(record) and not self.in_the_files(record)]
+
+
+def same_line(record, second):
+    return (record.get("event"), record.get("level"), record.get("task_id"), int(second))
 
 
 class Offsets(dict):

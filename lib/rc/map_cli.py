@@ -37,7 +37,6 @@ BATCH_SIZE = 500              # tasks queued in one transaction
 POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended, while they do
 MAX_POLL_INTERVAL = 0.02      # ... and at most, while none does
 PROGRESS_INTERVAL = 0.1       # seconds between redraws of the progress bar
-RECHECK_INTERVAL = 5.0        # seconds between reads of every ended task of the map
 MAX_EXIT_STATUS = 101         # GNU Parallel's: "more than 100 inputs failed"
 INTERRUPTED_STATUS = 130      # a shell's status for a command stopped by Ctrl-C
 MAX_INPUTS = 100000           # inputs of one map: each job's task is checked and held
@@ -57,13 +56,55 @@ STRING_TOKENS = {tokenize.STRING} | {getattr(tokenize, name) for name in (
 # The shell's quoting where a replacement string stands in the command:
 # bare, inside '...' or inside "..." (`echo '{}'`, a habit from find -exec).
 BARE, SINGLE, DOUBLE = "bare", "single", "double"
+SUBSHELL = "subshell"                              # $(...): a bare word again, even in "..."
+# $((...)), ((...)), $[...]: quotes are no quotes there, and bash reads a
+# name in it (a[$(id)]) as more arithmetic: only a whole number may stand there.
+ARITHMETIC = "arithmetic"
+# name[...] (a[{}]=1, unset 'a[{}]', read "a[{}]"): bash's subscript,
+# arithmetic too, whatever quotes the value is in (a['$(id)']=1 ran id).
+SUBSCRIPT = "subscript"
+LIST = "list"                   # bash's x=(...), where [k]=v is a subscript too
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+WHOLE_NUMBER = re.compile(r"\A[-+]?[0-9]+\Z")
+# bash reads a quoted word as a variable name or a number in places no
+# quoting reaches ([[ {} -eq 1 ]], [ -v {} ], printf -v {}, unset {}) and
+# runs what a subscript holds: a value a[$(id)] ran id wherever it stood;
+# declare -a x={} (local, readonly, typeset) reads a value ($(id)) as a
+# list to assign, and runs it too.
+SUBSCRIPT_CODE = re.compile(r"(\[|=\(|\A\().*[$`]", re.S)
+# Places where no escaping keeps a value one word, refused by name.
+ESCAPED, DOLLAR, BACKQUOTE, ANSI, PARAMETER, COMMENT, HEREDOC, CASE, HALF_CLOSED = (
+    "escaped", "dollar", "backquote", "ansi", "parameter", "comment", "heredoc", "case",
+    "half closed")
+REFUSED_PLACES = {
+    ESCAPED: "right after a backslash (\\{}), which escapes the value's first character",
+    DOLLAR: "right after a $ (${}), which makes the value an expansion",
+    BACKQUOTE: "inside `...`, which reads each backslash twice",
+    ANSI: "after a $'...', which bash reads to another end than sh",
+    PARAMETER: "inside ${...}",
+    COMMENT: "inside a # comment, which a newline in the value would end",
+    HEREDOC: "after a here-document's <<, whose lines are read unquoted",
+    CASE: "after a case inside $(...), whose ) may be the end of $(...)",
+    HALF_CLOSED: "after a (( closed by a single ), which sh and bash read apart",
+}
 SPECIAL_IN_DOUBLE = re.compile(r'([\\"$`])')     # what a backslash escapes in "..."
 
 
 def shell_quote(value, state):
     """The value as one word of the command where it stands: quoted when
     bare; inside quotes of the user's own, escaped for them, so that `echo
-    '{}'` with an input `x$(id)` or `it's` prints it, never runs it."""
+    '{}'` with an input `x$(id)` or `it's` prints it, never runs it; in
+    arithmetic, a whole number or MapUsageError."""
+    if state == ARITHMETIC:
+        if not WHOLE_NUMBER.match(value):
+            raise MapUsageError("not a whole number, which the command's arithmetic"
+                                " ($((...)), a subscript a[...]) needs where the replacement"
+                                " string stands")
+        return value
+    if SUBSCRIPT_CODE.search(value):
+        raise MapUsageError("a [ (or a ( that begins it or follows =) then $ or `, which bash"
+                            " runs where it reads a variable name, a number or a list"
+                            " ([[ {} -eq 1 ]], [ -v {} ], printf -v {}, declare -a x={})")
     if state == SINGLE:
         return value.replace("'", "'\\''")
     if state == DOUBLE:
@@ -259,7 +300,8 @@ def dry_run(context, arguments, task_options):
     field = PAYLOAD_FIELD[arguments.type]
     commands = []
     for job in jobs:
-        job = Job(job.number, job.name)     # a --files file by its name there, not stored
+        job = Job(job.number, job.name, file=job.file)   # a --files file by its name there,
+                                                         # not stored
         plan.checked_task(context.config, job)
         commands.append(plan.payload(job)[field])
     for command in commands:            # all checked first: a bad input prints nothing
@@ -299,7 +341,7 @@ class Template:
     """A command (or an output glob) cut at its replacement strings, so that
     each job's text is one join."""
 
-    def __init__(self, text, what, append_input=False):
+    def __init__(self, text, what, append_input=False, shell=False):
         self.literals, self.keys = [], []
         start = 0
         for match in REPLACEMENT_TOKEN.finditer(text):
@@ -316,15 +358,21 @@ class Template:
             self.literals = [text + " ", ""]
             self.keys = [""]
         self.text = text
-        self.states = shell_states(self.literals)
+        self.states = shell_states(self.literals, text) if shell else [BARE] * len(self.keys)
 
-    def fill(self, value, number, quote=None):
+    def fill(self, value, number, quote=None, file=False):
+        """The text for one job; a `file` (--files) whose name, base name or
+        stem begins with a dash is put as ./-x: --files ./* lost the ./ that
+        kept it a name, and a file named --checkpoint-action=exec=… in a
+        mapped folder was an option to tar."""
         pieces = [self.literals[0]]
         for key, literal, state in zip(self.keys, self.literals[1:], self.states):
             if key == JOB_NUMBER:
                 pieces.append(str(number))
             else:
                 replaced = REPLACEMENTS[key](value)
+                if file and replaced.startswith("-"):
+                    replaced = "./" + replaced
                 pieces.append(quote(replaced, state) if quote else replaced)
             pieces.append(literal)
         return "".join(pieces)
@@ -333,11 +381,12 @@ class Template:
 # -- a map's plan: what it runs -----------------------------------------------------
 
 class Job:
-    __slots__ = ("number", "value", "blob", "task_id", "state")
+    __slots__ = ("number", "value", "blob", "task_id", "state", "file")
 
-    def __init__(self, number, value, blob=None, task_id=None, state=None):
+    def __init__(self, number, value, blob=None, task_id=None, state=None, file=False):
         self.number, self.value, self.blob = number, value, blob
         self.task_id, self.state = task_id, state
+        self.file = file or blob is not None      # a --files file (stored or not yet)
 
     @property
     def name(self):
@@ -362,7 +411,7 @@ class Plan:
         self.checked = []                # to_run's tasks, checked before any is queued
 
     def payload(self, job):
-        text = self.template.fill(job.name, job.number, self.quote)
+        text = self.template.fill(job.name, job.number, self.quote, job.file)
         payload = tasks.payload_from_argument(self.task_type, text)
         payload.update(self.shared)
         if job.blob:
@@ -376,47 +425,172 @@ class Plan:
         try:
             return tasks.check_task(config, self.task_type, self.payload(job),
                                     self.requirements, **self.options)
-        except tasks.TaskError as e:
+        except (tasks.TaskError, MapUsageError) as e:
             raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
 
 
-def shell_states(literals):
+def shell_states(literals, command):
     """The shell's quoting at each replacement string between `literals`,
-    read as sh reads them: a backslash escapes the next character (not
-    inside '...'), quotes open and close."""
-    states, state = [], BARE
+    read as sh reads them: quotes open and close, a backslash escapes the
+    next character (not inside '...'), $(...) is a bare word again even
+    inside "...". Where no escaping keeps a value one word (REFUSED_PLACES),
+    the command is refused: `echo "$(echo {})"` escaped for "..." ran `a;id`."""
+    reader = ShellReader()
+    states = []
     for literal in literals[:-1]:
-        escaped = False
-        for char in literal:
-            if escaped:
-                escaped = False
-            elif state == SINGLE:
-                state = BARE if char == "'" else SINGLE
-            elif char == "\\":
-                escaped = True
-            elif state == DOUBLE:
-                state = BARE if char == '"' else DOUBLE
-            elif char in "'\"":
-                state = SINGLE if char == "'" else DOUBLE
+        reader.read(literal)
+        state = reader.place()
+        if state in REFUSED_PLACES:
+            raise MapUsageError("a replacement string %s: rc map cannot quote a value there"
+                                " (in %r); write it bare, in '...' or in \"...\""
+                                % (REFUSED_PLACES[state], command[:200]))
         states.append(state)
     return states
+
+
+class ShellReader:
+    """Where sh stands after each piece of a command: a stack of the places
+    opened and not yet closed (quotes, $(...), `...`, ${...}, comments)."""
+    WORD_BREAK = " \t\n;&|()<>"
+
+    def __init__(self):
+        self.stack = [[BARE, 0]]        # [place, ( open inside its $(...)]
+        self.escaped = self.dollar = False
+        self.previous = ""              # the last character read
+        self.word = ""                  # the bare word read so far (a name before a [?)
+        self.sticky = None              # a place that lasts to the end: heredoc, case
+
+    def place(self):
+        where = self.stack[-1][0]
+        self.previous = self.word = "}"     # the value is part of a word
+        if self.sticky:
+            return self.sticky
+        places = [frame[0] for frame in self.stack]
+        for refused in (COMMENT, BACKQUOTE, PARAMETER):   # '...' in "${x:-'{}'}" is no quote
+            if refused in places:
+                return refused
+        if self.escaped:
+            return ESCAPED
+        if self.dollar:
+            return DOLLAR
+        if ARITHMETIC in places or SUBSCRIPT in places:
+            return ARITHMETIC
+        return where if where in (SINGLE, DOUBLE) else BARE
+
+    def read(self, text):
+        i = 0
+        while i < len(text):
+            i = self.step(text, i) + 1
+
+    def step(self, text, i):
+        """Reads the character at i (and what it opens); returns the last index read."""
+        char, frame = text[i], self.stack[-1]
+        where, after = frame[0], text[i + 1:i + 2]
+        self.dollar = False
+        if self.escaped:
+            self.escaped = False
+        elif char == "[" and where in (BARE, SUBSHELL, SINGLE, DOUBLE, LIST) and (
+                NAME.match(self.word) or not self.word and (
+                    self.previous == "(" or where == LIST)):
+            # quoted too: unset 'a[{}]', read "a[{}]" and declare -a x='([{}]=1)' ran it
+            self.open(SUBSCRIPT)
+        elif where == SINGLE:
+            self.close(char == "'")
+        elif where == COMMENT:
+            self.close(char == "\n")
+        elif char == "\\":
+            self.escaped = True
+        elif char == "`" and where == BACKQUOTE:
+            self.close(True)
+        elif char == "`":
+            self.open(BACKQUOTE)
+        elif where == BACKQUOTE:
+            pass
+        elif char == "$" and after == "'" and where != DOUBLE:
+            self.sticky = ANSI          # bash's $'...' escapes a quote; to sh it is '...'
+        elif char == "$" and after and after in "$?#!@*-0123456789":
+            i += 1                      # a special parameter: $$ is no $ before (
+        elif char == "$" and text.startswith("((", i + 1) or char == "(" and text.startswith(
+                "((", i) and where in (BARE, SUBSHELL) and self.previous in self.WORD_BREAK:
+            self.open(ARITHMETIC)
+            i += 2 if char == "$" else 1
+        elif char == "$" and after == "[":
+            self.sticky = ARITHMETIC    # bash's old $[...]: every value after is a number
+        elif char == "$" and after in ("(", "{"):
+            self.open(SUBSHELL if after == "(" else PARAMETER)
+            i += 1
+        elif char == "$":
+            self.dollar = True
+        elif where == PARAMETER and char == "}":
+            self.close(True)
+        elif where == DOUBLE:
+            self.close(char == '"')
+        elif char == "'" and where == ARITHMETIC:
+            pass                        # no quote in arithmetic
+        elif char in "'\"":
+            self.open(SINGLE if char == "'" else DOUBLE)
+        elif where == ARITHMETIC and char in "()":
+            frame[1] += 1 if char == "(" else -1
+            if frame[1] < 0:            # its )), or a ) that sh and bash read apart
+                self.close(True)
+                if after != ")":
+                    self.sticky = HALF_CLOSED
+                i += after == ")"
+        elif where == SUBSCRIPT and char in "[]":
+            frame[1] += 1 if char == "[" else -1
+            self.close(frame[1] < 0)
+        elif where == LIST and char in "()":
+            frame[1] += 1 if char == "(" else -1
+            self.close(frame[1] < 0)
+        elif char == "(" and where in (BARE, SUBSHELL) and self.previous == "=":
+            self.open(LIST)
+        elif where not in (BARE, SUBSHELL, LIST):
+            pass                        # ${...}, arithmetic's << and #, a subscript's text
+        elif char == "#" and self.previous in self.WORD_BREAK:
+            self.open(COMMENT)
+        elif text.startswith("<<<", i):
+            i += 2                      # bash's here-string: a word follows
+        elif text.startswith("<<", i):
+            self.sticky = HEREDOC
+        elif where == SUBSHELL and char in "()":
+            frame[1] += 1 if char == "(" else -1
+            self.close(frame[1] < 0)
+        elif where == SUBSHELL and self.previous in self.WORD_BREAK and re.match(
+                r"case\s", text[i:i + 5]):
+            self.sticky = CASE
+        self.previous = text[i]
+        self.word = "" if text[i] in self.WORD_BREAK else self.word + text[i].strip("'\"")
+        return i
+
+    def open(self, where):
+        self.stack.append([where, 0])
+
+    def close(self, closes):
+        if closes and len(self.stack) > 1:
+            self.stack.pop()
 
 
 def refuse_value_in_string(code):
     """python_exec, python_eval: each value goes as a string literal of its
     own (repr), so one inside a literal of the code (`print('{}')`) would
-    end it: `'+__import__('os').system('id')+'` would run as code."""
+    end it: `'+__import__('os').system('id')+'` would run as code. So would
+    one right after a name, `print(f{})`, which makes it an f-string; and in
+    code Python cannot read (an unclosed \"\"\"), a value may close it."""
     marked = REPLACEMENT_TOKEN.sub(
         lambda match: "0" if match.group(1) == JOB_NUMBER else VALUE_MARK, code)
     try:
-        strings = [token.string for token in tokenize.generate_tokens(
-            io.StringIO(marked).readline) if token.type in STRING_TOKENS]
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return          # Python says what is wrong with it on the device
-    if any(VALUE_MARK in string for string in strings):
+        tokens = list(tokenize.generate_tokens(io.StringIO(marked).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError) as e:
+        raise MapUsageError("the code does not read as Python (%s): %r" % (e, code[:200]))
+    if any(VALUE_MARK in token.string for token in tokens if token.type in STRING_TOKENS):
         raise MapUsageError("a replacement string inside a string literal of the code (%r):"
                             " write it bare, print({}): rc map puts each value in as a"
                             " string literal of its own" % code[:200])
+    if any(VALUE_MARK in token.string != VALUE_MARK for token in tokens
+           if token.type != tokenize.COMMENT):
+        raise MapUsageError("a replacement string right after a name or a number (%r), as"
+                            " f{}, would be read with it: write it apart, print({})"
+                            % code[:200])
 
 
 def shown(value):
@@ -453,7 +627,8 @@ def map_parts(arguments, task_options):
     if not arguments.template:
         raise MapUsageError("rc map needs a command: rc map 'CMD {}' ARG…, or lines on stdin,"
                             " or --files FILE…")
-    template = Template(arguments.template, "the command", append_input=True)
+    template = Template(arguments.template, "the command", append_input=True,
+                        shell=arguments.type == "shell")
     if arguments.type in ("python_exec", "python_eval"):
         refuse_value_in_string(arguments.template)
     outputs = [Template(glob, "--output") for glob in arguments.output or []]
@@ -607,7 +782,7 @@ def resumed_map(context, arguments):
     recorded = db.loads(group["payload"])
     task_type = group["task_type"]
     template = Template(str(recorded.pop(PAYLOAD_FIELD[task_type])), "the command",
-                        append_input=True)
+                        append_input=True, shell=task_type == "shell")
     outputs = [Template(glob, "--output") for glob in recorded.pop("outputs", [])]
     into = os.path.abspath(arguments.into) if arguments.into else row["into_dir"]
     plan = Plan(group["group_id"], task_type, template, recorded, outputs,
@@ -636,7 +811,7 @@ def jobs_of(connection, group_id):
 def cancel_map(context, group_id):
     connection = context.connection
     recorded_map(connection, group_id)
-    queued, stopping = cancel_group(connection, group_id, active_too=True)
+    queued, stopping = tasks.cancel_group(connection, group_id, active_too=True)
     context.audit("map_cancelled", group_id=group_id, queued=queued, running=stopping,
                   user=user_name())
     if not queued and not stopping:
@@ -646,22 +821,6 @@ def cancel_map(context, group_id):
                       " `rc map --resume %d` runs them again\n"
                       % (group_id, queued, stopping, group_id))
     return 0
-
-
-def cancel_group(connection, group_id, active_too=False):
-    """Cancel the group's queued tasks (and ask its devices to stop the
-    active ones); returns how many of each."""
-    with db.write(connection):
-        queued = connection.execute(
-            "UPDATE tasks SET state = ?, finished_at = ?, reason = 'cancelled by user'"
-            " WHERE group_id = ? AND state = ?",
-            (CANCELLED, time.time(), group_id, QUEUED)).rowcount
-        stopping = 0
-        if active_too:
-            stopping = connection.execute(
-                "UPDATE tasks SET cancel_requested = 1 WHERE group_id = ? AND %s"
-                % db.ACTIVE_SQL, (group_id,)).rowcount
-    return queued, stopping
 
 
 # -- running it: queue in batches, collect what ended, print ------------------------
@@ -715,7 +874,7 @@ class Runner:
             while self.unsubmitted or self.pending:
                 if self.unsubmitted:
                     self.submit_batch()
-                if time.monotonic() - self.rechecked_at > RECHECK_INTERVAL:
+                if time.monotonic() - self.rechecked_at > self.config.map_recheck_interval:
                     self.recheck()
                 self.stopped_watch.look()
                 if self.collect() or self.unsubmitted:
@@ -766,7 +925,7 @@ class Runner:
     def recheck(self):
         """Every task of the group that has ended, whatever the events said:
         at the start (a --resume's tasks may have ended before the first
-        look) and every RECHECK_INTERVAL after, so that a missed event
+        look) and every map_recheck_interval after, so that a missed event
         costs seconds, never a map that waits for ever."""
         self.rechecked_at = time.monotonic()
         if not self.pending:
@@ -786,13 +945,13 @@ class Runner:
         takes shell tasks, every device is drained…): `rc why` of the first,
         so that a map that cannot run does not just sit there."""
         waited = time.monotonic() - self.started
-        if self.told_why or waited < RECHECK_INTERVAL or task_id not in self.pending:
+        if self.told_why or waited < self.config.map_recheck_interval \
+                or task_id not in self.pending:
             return
         self.told_why = True
         self.progress.clear()
         self.err.write("map %d: no input has ended after %d s. %s%s\n" % (
-            self.plan.group_id, waited, render.printable(explain.why(self.connection,
-                                                                     task_id)),
+            self.plan.group_id, waited, explain.why(self.connection, task_id),
             "" if self.stopped_watch.stopped else health.programs_note(self.config)))
         self.err.flush()
 
@@ -872,7 +1031,7 @@ class Runner:
         # --keep-order prints nothing of them (none was printed: none ended).
         self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
         _, running = self.counts()
-        queued, stopping = cancel_group(self.connection, group_id, active_too=now)
+        queued, stopping = tasks.cancel_group(self.connection, group_id, active_too=now)
         self.context.audit("map_halted", group_id=group_id, rule=self.halt.text, queued=queued,
                            running=stopping, unqueued=unqueued, user=user_name())
         self.progress.clear()
@@ -958,7 +1117,7 @@ class Runner:
         unsubmitted = len(self.unsubmitted)
         if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
                           % (queued, group_id)):
-            queued, _ = cancel_group(self.connection, group_id)
+            queued, _ = tasks.cancel_group(self.connection, group_id)
             active = self.counts()[1]   # tasks ended and started while the question waited
             self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                                user=user_name())
@@ -984,7 +1143,7 @@ class Runner:
         self.progress.clear()
         group_id = self.plan.group_id
         unqueued, self.unsubmitted = len(self.unsubmitted), []
-        queued, _ = cancel_group(self.connection, group_id)
+        queued, _ = tasks.cancel_group(self.connection, group_id)
         active = self.counts()[1]
         self.context.audit("map_cancelled", group_id=group_id, queued=queued, running=0,
                            unqueued=unqueued, user=user_name())
@@ -1059,10 +1218,12 @@ class Outcome:
                  ("stderr", self.stderr), ("state", self.job.state + "\n")]
         if self.exit_code is not None:
             texts.append(("exit_code", "%s\n" % self.exit_code))
-        for name, text in texts:
-            with open(os.path.join(here, name), "w", encoding="utf-8",
-                      errors="replace") as f:
+        for name, text in texts:        # a partial file renamed over what was there
+            path = os.path.join(here, name)
+            with files_cli.fresh(path + ".rc-partial", "w", encoding="utf-8",
+                                 errors="replace") as f:
                 copy(runner.connection, runner.config, text, f, False, self.notes)
+            os.replace(path + ".rc-partial", path)
 
 
 def stream(connection, task_id, result, field, index):

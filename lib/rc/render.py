@@ -11,6 +11,8 @@ import time
 
 import orjson
 
+from rc.log import JSON_ESCAPES, TERMINAL_UNSAFE
+
 ELLIPSIS = "…"
 MIN_COLUMN_WIDTH = 3      # a truncated column still shows two characters and "…"
 KEPT_VALUE = 16           # values (ids) up to this many characters a narrow table keeps whole
@@ -26,9 +28,10 @@ GRID_CELL_WIDTH = 24      # characters of one device's cell in the grid, borders
 # "doog" and can pass for another in `rc devices`), the zero-width space and
 # the BOM. Hebrew and Arabic letters are left alone, and so are the joiners
 # (U+200C, U+200D) that Persian and emoji sequences need.
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u202a-\u202e"
-                     "\u2066-\u2069\ufeff]")
+CONTROL = re.compile("[\x00-\x1f\x7f%s]" % "".join(map(chr, TERMINAL_UNSAFE)))
 CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")   # OWASP, CSV injection
+NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?\Z")
 
 COLOURS = {"red": 31, "green": 32, "yellow": 33, "blue": 34, "magenta": 35,
            "cyan": 36, "grey": 90, "bold": 1}
@@ -113,32 +116,47 @@ def fit(widths, room, least=None):
         widths[widest] -= 1
 
 
+def spreadsheet_cell(value):
+    """cell() for CSV or TSV, which a spreadsheet may open (or be pasted
+    into: it splits tab-separated text into cells): text a device chose that
+    begins with `=`, `+`, `-`, `@` (or a tab or CR) would run there as a
+    formula, so it gets a leading `'`, as OWASP recommends (CSV injection);
+    a plain number (`-3.5`) stays as it is."""
+    text = cell(value)
+    if text[:1] in FORMULA_STARTS and not NUMBER.match(text):
+        return "'" + text
+    return text
+
+
 def csv_text(rows, columns, header=True):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
         writer.writerow(columns)
     for row in rows:
-        writer.writerow([cell(row.get(column)) for column in columns])
+        writer.writerow([spreadsheet_cell(row.get(column)) for column in columns])
     return buffer.getvalue()
 
 
-def separated_text(rows, columns, separator, header=True):
+def separated_text(rows, columns, separator, header=True, shown=cell):
     """One row per line, fields joined by `separator` (tab, "|"); a separator
     inside a value becomes a space so `cut` and `awk -F` keep working."""
     lines = [columns] if header else []
-    lines += [[cell(row.get(column)) for column in columns] for row in rows]
+    lines += [[shown(row.get(column)) for column in columns] for row in rows]
     return "".join(separator.join(text.replace(separator, " ") for text in line) + "\n"
                    for line in lines)
 
 
 def tsv_text(rows, columns, header=True):
-    return separated_text(rows, columns, "\t", header)
+    return separated_text(rows, columns, "\t", header, spreadsheet_cell)
 
 
 def json_text(value):
+    """Indented JSON; what a device chose may be in it, so the characters a
+    terminal acts on that JSON need not escape are escaped (log.JSON_ESCAPES)."""
     return orjson.dumps(value, default=repr,
-                        option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode()
+                        option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE).decode() \
+        .translate(JSON_ESCAPES)
 
 
 def age(seconds):
@@ -159,8 +177,9 @@ def colour(text, name, enabled):
 
 
 def key_values(pairs, align=False):
-    """`key: value` lines; aligned for people, plain (one space) for scripts."""
-    pairs = list(pairs)
+    """`key: value` lines; aligned for people, plain (one space) for scripts.
+    Keys too may come from a device (its profile's and metrics' names)."""
+    pairs = [(cell(key), value) for key, value in pairs]
     width = max([len(key) + 1 for key, _ in pairs if align] or [0])
     return "".join(("%s %s" % ((key + ":").ljust(width), cell(value))).rstrip() + "\n"
                    for key, value in pairs)

@@ -41,10 +41,6 @@ PREFETCH_WINDOW = 0.5  # seconds; a device whose tasks all began within this is 
 # were a tenth of the main node's work).
 ROOM_GATHER = 0.002
 RECURRING_INTERVAL = 0.5   # seconds between looks at schedules and services
-# SQL: every task this one depends on has completed.
-DEPENDENCIES_MET = ("NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p"
-                    " ON p.task_id = d.depends_on WHERE d.task_id = tasks.task_id"
-                    " AND p.state != 'completed')")
 # SQL: the task has input files (then the device holding them is preferred).
 HAS_INPUTS = ("EXISTS (SELECT 1 FROM task_files f WHERE f.task_id = tasks.task_id"
               " AND f.kind = 'input')")
@@ -370,10 +366,10 @@ def walk_queue(connection, slots, now, deadline, chosen, log_limited, after=None
         parameters += (after[0], after[0], after[1])
     queued = connection.execute(
         "SELECT task_id, attempt, task_type, priority, requirements, %s AS has_inputs"
-        " FROM tasks INDEXED BY tasks_queue"
-        " WHERE %s AND not_before <= ?%s AND %s AND %s"
+        " FROM tasks INDEXED BY tasks_ready"
+        " WHERE %s AND not_before <= ?%s AND %s"
         " ORDER BY priority DESC, task_id LIMIT ?"
-        % (HAS_INPUTS, db.QUEUED_SQL, past, slots.type_filter(), DEPENDENCIES_MET),
+        % (HAS_INPUTS, db.READY_SQL, past, slots.type_filter()),
         parameters + (BATCH,))
     seen, last = 0, after
     for task in queued:

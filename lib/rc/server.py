@@ -681,12 +681,16 @@ class Server:
                     self.contain(peer, "serve", e)
 
     def within_rate(self, peer, count):
-        """max_message_rate a second, bursts of twice that."""
+        """Whether this connection may send `count` messages more now."""
         now = time.monotonic()
         if peer.messages is None:
-            rate = self.config.max_message_rate
-            peer.messages = throttle.TokenBucket(rate, 2.0 * rate, now)
+            peer.messages = self.message_bucket(now)
         return peer.messages.take(count, now) >= 0
+
+    def message_bucket(self, now):
+        """max_message_rate a second, bursts of twice that."""
+        rate = self.config.max_message_rate
+        return throttle.TokenBucket(rate, 2.0 * rate, now)
 
     def refuse_over_rate(self, peer):
         self.refuse(peer, "rate_limited", "more than %d messages a second (a task named"
@@ -706,9 +710,7 @@ class Server:
             now = time.monotonic()
             bucket = self.tasks_named.get(device_id)
             if bucket is None:
-                rate = self.config.max_message_rate
-                bucket = self.tasks_named[device_id] = throttle.TokenBucket(
-                    rate, 2.0 * rate, now)
+                bucket = self.tasks_named[device_id] = self.message_bucket(now)
             if bucket.take(len(keys), now) < 0:
                 raise OverRate()
         return keys

@@ -176,6 +176,21 @@ def summary(rows):
             "devices_online": last_known(rows, "devices_online")}
 
 
+def summary_to_now(connection, rows, now):
+    """summary(rows) with its success rate counting the outcomes since the
+    last minute recorded too: the overview's failed tile counts a failure
+    of the present minute, and `100%` beside `1 failed` read as none failed."""
+    total = summary(rows)
+    start = rows[-1]["minute"] + MINUTE if rows else now - 15 * MINUTE
+    present = dict.fromkeys(OUTCOME_COLUMN.values(), 0)
+    for event in events_between(connection, start, now + MINUTE):
+        if event["state"] in OUTCOME_COLUMN:
+            present[OUTCOME_COLUMN[event["state"]]] += 1
+    completed = total["completed"] + present["completed"]
+    judged = completed + total["failed"] + present["failed"]
+    return dict(total, success_rate=round(completed / judged, 4) if judged else None)
+
+
 def last_known(rows, column):
     for row in reversed(rows):
         if row[column] is not None:

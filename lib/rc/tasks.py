@@ -566,16 +566,16 @@ def insert(connection, task, idempotency_key=None, group_id=None):
     caller's write transaction; TaskError (before writing anything) when a
     task it depends on cannot complete. The caller rings the scheduler."""
     depends_on = task["depends_on"]
-    refuse_unusable_dependencies(connection, depends_on)
+    unmet = unmet_dependencies(connection, depends_on)
     cursor = connection.execute(
         "INSERT INTO tasks(task_type, payload, priority, requirements, timeout,"
-        " max_retries, idempotency_key, retry_on_failure, group_id, created_at, reason)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " max_retries, idempotency_key, retry_on_failure, group_id, created_at, reason,"
+        " unmet_dependencies) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (task["task_type"], db.dumps(task["payload"]), task["priority"],
          db.dumps(task["requirements"]), task["timeout"], task["max_retries"],
          idempotency_key, task["retry_on_failure"], group_id, time.time(),
          "submitted" if not depends_on else "waiting for %s" % ", ".join(
-             map(str, depends_on))))
+             map(str, depends_on)), unmet))
     if depends_on:
         connection.executemany(
             "INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
@@ -597,9 +597,12 @@ def check_dependencies(depends_on):
     return sorted(set(depends_on))
 
 
-def refuse_unusable_dependencies(connection, depends_on):
-    """Dependencies must exist, and must not have ended other than completed
-    (a task that can never start is refused, not queued)."""
+def unmet_dependencies(connection, depends_on):
+    """How many of the tasks in `depends_on` have not completed yet (the
+    trigger dependency_completed counts them down). TaskError when one does
+    not exist or has ended other than completed: a task that can never
+    start is refused, not queued."""
+    unmet = 0
     for parent in depends_on:
         row = connection.execute("SELECT state FROM tasks WHERE task_id = ?",
                                  (parent,)).fetchone()
@@ -608,6 +611,8 @@ def refuse_unusable_dependencies(connection, depends_on):
         if row["state"] in TERMINAL_STATES and row["state"] != COMPLETED:
             raise TaskError("task %d it would depend on has already %s"
                             % (parent, row["state"]))
+        unmet += row["state"] != COMPLETED
+    return unmet
 
 
 def parse_task_ids(texts):
@@ -639,6 +644,26 @@ def cancel(connection, task_id):
             connection.execute("UPDATE tasks SET cancel_requested = 1 WHERE task_id = ?",
                                (task_id,))
         return state
+
+
+def cancel_group(connection, group_id, active_too=False):
+    """Cancel a group's queued tasks (a map's, a `submit --each`'s, a
+    client's) and, with `active_too`, ask its devices to stop the active
+    ones. Returns (queued cancelled, active asked to stop)."""
+    with db.write(connection):
+        if connection.execute("SELECT 1 FROM task_groups WHERE group_id = ?",
+                              (group_id,)).fetchone() is None:
+            raise TaskError("no group %s" % group_id)
+        queued = connection.execute(
+            "UPDATE tasks SET state = ?, finished_at = ?, reason = 'cancelled by user'"
+            " WHERE group_id = ? AND state = ?",
+            (CANCELLED, time.time(), group_id, QUEUED)).rowcount
+        stopping = 0
+        if active_too:
+            stopping = connection.execute(
+                "UPDATE tasks SET cancel_requested = 1 WHERE group_id = ? AND %s"
+                % db.ACTIVE_SQL, (group_id,)).rowcount
+    return queued, stopping
 
 
 # -- reading -------------------------------------------------------------------

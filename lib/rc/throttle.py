@@ -62,6 +62,11 @@ class Throttle:
         if len(self.keys) >= MAX_KEYS:
             self.keys.clear()
 
+    def refund(self, key):
+        """Give back what allow() took from `key` (what it counted cost nothing)."""
+        entry = self.refill(key)
+        entry[0] = min(self.burst, entry[0] + 1.0)
+
     def refill(self, key):
         now = self.clock()
         entry = self.keys.get(key)
@@ -118,8 +123,7 @@ class NewConnections:
     def give_back(self, key):
         """A connection allow() counted, closed before any work."""
         if self.throttle is not None:
-            entry = self.throttle.refill(key)
-            entry[0] = min(self.throttle.burst, entry[0] + 1.0)
+            self.throttle.refund(key)
 
 
 class LimitedLog:
@@ -196,14 +200,24 @@ class Spaced:
 class WrongProofs:
     """Wrong proofs per key (an address, or an address and a device id) in
     the last `window` seconds; a key with `limit` of them is shut out until
-    they age. rc-server and rc-files both keep one."""
+    they age. rc-server and rc-files both keep one. A key is forgotten once
+    its proofs have aged, at the first add() a window after the last look at
+    them all: a stranger whose every attempt comes from a new address (127.x
+    on the main node, an IPv6 /64's) grew rc-server ~560 bytes an attempt,
+    for good."""
 
     def __init__(self, limit, window=60.0, clock=time.monotonic):
         self.limit, self.window, self.clock = limit, window, clock
-        self.times = {}      # key -> monotonic times of recent wrong proofs
+        self.times = {}      # key -> monotonic times of recent wrong proofs, oldest first
+        self.next_sweep = clock() + window
 
     def add(self, key):
-        self.times.setdefault(key, []).append(self.clock())
+        now = self.clock()
+        if now >= self.next_sweep:
+            since = now - self.window
+            self.times = {k: times for k, times in self.times.items() if times[-1] > since}
+            self.next_sweep = now + self.window
+        self.times.setdefault(key, []).append(now)
 
     def shut_out(self, key):
         since = self.clock() - self.window

@@ -230,9 +230,24 @@ class Web:
         return given is not None and hmac.compare_digest(given.encode(), token)
 
     def require_admin(self):
-        if not self.token_matches(self.given_token()):
+        given = self.given_token()
+        if not self.token_matches(given):
+            if self.is_join_token(given):
+                raise ApiError(401, "that is the join token, which devices join with (the"
+                                    " --token= of `rc join`); this needs the admin token,"
+                                    " which `rc token --admin` prints on the main node")
             raise ApiError(401, "missing or wrong admin token"
                                 " (send Authorization: Bearer TOKEN; see `rc token --admin`)")
+
+    def is_join_token(self, given):
+        """Whether a refused token is the devices' join token: `make run`
+        prints that one, and it looks like the admin token (rc1_...). Read
+        only for a refusal, never for a request that passes."""
+        try:
+            join_token = state_dir.read_secret(self.config.token_path)
+        except (OSError, ValueError):
+            return False
+        return given is not None and hmac.compare_digest(given.encode(), join_token.encode())
 
     def check_read(self):
         if self.reads_audit_log():
@@ -1212,8 +1227,10 @@ def separated(rows, columns):
     header = query.get("header", "1") not in ("0", "false", "no")
     if kind == "csv":
         text = render.csv_text(rows, columns, header)
+    elif kind == "tsv":
+        text = render.tsv_text(rows, columns, header)
     else:
-        text = render.separated_text(rows, columns, "\t" if kind == "tsv" else "|", header)
+        text = render.separated_text(rows, columns, "|", header)
     return text_response(text, TEXT_FORMATS[kind])
 
 
@@ -1362,6 +1379,11 @@ class FileRoutes:
         self.web.audit("file_uploaded", sha256=digest, size=size)
         return json_response({"sha256": digest, "size": size}, 201)
 
+    def limits(self):
+        """What an upload may be, for a client to refuse a file over it
+        before reading it (rc.client hashes a file before sending it)."""
+        return json_response({"quota_bytes": self.web.config.files_quota_mb * files.MIB})
+
     def blob(self, sha256):
         return self.serve(sha256, sha256)
 
@@ -1479,7 +1501,8 @@ class DashboardRoutes:
                 "devices": [overview_device(d) for d in overview_devices(connection)],
                 "running": running_tasks(connection), "failures": recent_failures(connection),
                 "recent": recent_tasks(connection),
-                "history": history, "history_summary": stats.summary(history[-15:])}
+                "history": history, "history_summary": stats.summary_to_now(
+                    connection, history[-15:], now)}
 
     def stream(self):
         """The overview again whenever the database changed, at most once per
@@ -1653,6 +1676,7 @@ def disposition(filename):
 
 def file_routes(routes):
     return [("POST", UPLOAD_PATH, routes.upload, "admin"),
+            ("GET", UPLOAD_PATH, routes.limits, "read"),
             ("GET", "/api/v1/files/<sha256>", routes.blob, "read"),
             ("GET", "/api/v1/tasks/<task_id:id>/files", routes.task_list, "read"),
             # Bottle's :path is ".+?", which stops at a newline: a file of a task
@@ -1674,6 +1698,23 @@ def upload_allowance(web, request, quota):
     return None
 
 
+def too_large_words(request, size, limit, config):
+    """For web_server, what its 413 says of a body refused on its headers
+    (the app never sees it): an upload with the admin token, in the words
+    of rc-web's own quota refusal; one without the token, that it needs
+    it; any other request, where files go instead."""
+    if request.long:
+        try:
+            files.check_quota(config, size)
+        except files.FileStoreError as e:
+            return str(e)
+    if request.command == "POST" and request.path == UPLOAD_PATH:
+        return ("an upload of more than %d bytes needs the admin token"
+                " (Authorization: Bearer ...)" % limit)
+    return ("a body of %d bytes, over rc-web's %d; send files with POST %s"
+            " (rc submit --input FILE)" % (size, limit, UPLOAD_PATH))
+
+
 def create_server(app, host, port, config):
     """waitress with enough threads that max_streams streams leave
     SPARE_THREADS for ordinary requests; lookahead lets a stream notice that
@@ -1686,6 +1727,8 @@ def create_server(app, host, port, config):
         app, {"connections_per_address": config.web_connections_per_address,
               "read_timeout": config.web_read_timeout, "body_limit": SERVER_BODY_LIMIT,
               "long_body": lambda request: upload_allowance(web, request, quota),
+              "too_large": lambda request, size, limit: too_large_words(request, size, limit,
+                                                                        config),
               "min_body_rate": MIN_UPLOAD_RATE},
         web.log, web_server.tls_context(config) if config.web_tls else None,
         host=host, port=port, ident="rc-web",

@@ -624,10 +624,14 @@ class ResultRoutes:
         types = sorted({spec["task_type"] for spec in specs})
         fields = dict(count=len(task_ids), first_task_id=task_ids[0],
                       last_task_id=task_ids[-1], task_types=types, group_id=group_id)
-        self.web.logger.info("tasks_submitted", address=self.address(), **fields)
         self.web.audit("tasks_submitted", task_ids=task_ids if len(task_ids) <= 10
                        else tasks.id_ranges(task_ids), **fields)
-        return batch_answer(task_ids, group_id)
+        # The log line goes once the answer is sent: writing it wakes
+        # supervisord, nothing the client waits for. It says when it was queued.
+        line = [("info", "tasks_submitted", dict(fields, address=self.address()))]
+        queued_at = time.time()
+        return batch_answer(task_ids, group_id,
+                            then=lambda: self.web.logger.log_many(line, now=queued_at))
 
     def queued_before(self, connection, key):
         """(task ids, group id) an earlier request with this key (request_key())
@@ -669,12 +673,34 @@ def group_answer(connection, group_id, after):
     return answer
 
 
-def batch_answer(task_ids, group_id):
+def batch_answer(task_ids, group_id, then=None):
+    """The answer to a batch; `then`, if given, runs once it is sent (or
+    its client gone)."""
     answer = {"tasks": [{"task_id": task_id, "url": "/api/v1/tasks/%d" % task_id}
                         for task_id in task_ids]}
     if group_id is not None:
         answer["group_id"] = group_id
-    return json_response(answer, 201)
+    if then is None:
+        return json_response(answer, 201)
+    data = orjson.dumps(answer)
+    return bottle.HTTPResponse(ThenBody(data, then), 201, {
+        "Content-Type": "application/json", "Content-Length": str(len(data))})
+
+
+class ThenBody:
+    """A body of one piece whose close() -- the WSGI server calls it once
+    the body is sent, or its client has gone -- runs `then`."""
+
+    def __init__(self, data, then):
+        self.data, self.then = data, then
+
+    def __iter__(self):
+        return iter((self.data,))
+
+    def close(self):
+        then, self.then = self.then, None
+        if then is not None:
+            then()
 
 
 def request_key():

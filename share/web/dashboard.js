@@ -236,12 +236,19 @@ function take(next) {
 
 // -- the overview --------------------------------------------------------------------
 
+// The first screen of a browser on another machine (read_access=local, the
+// default): the API's own words (`send Authorization: Bearer TOKEN`) are for
+// programs; a person is told where the token is, and how to open the page.
 function renderNeedsToken(error) {
   const view = document.getElementById("view-overview");
   view.replaceChildren(panel("This main node needs the admin token to be read",
-    el("p", {text: error || ""}),
+    el("p", {text: "The dashboard shows the cluster here once it has the admin token:"
+                   + " `bin/rc token --admin` on the main node prints it. (Without it, reading"
+                   + " is open to the main node itself; \"read_access\": \"open\" in its"
+                   + " etc/rc.json opens it to everyone on the network.)"}),
     el("button", {type: "button", class: "primary", text: "Give the admin token",
-                  onclick: () => askToken()})));
+                  onclick: () => askToken()}),
+    el("p", {class: "dim", text: error || ""})));
 }
 
 function renderOverview() {
@@ -256,11 +263,12 @@ function renderOverview() {
                 ? el("p", {class: "dim", text: (picture.summary.devices_total - picture.devices.length)
                                                + " more: `devices` in the terminal lists them all"})
                 : null),
-        panel("Running tasks", runningTable(picture.running))),
+        panel("Running tasks", runningTable(picture.running)),
+        // What failed belongs on the first screen (below the charts it was out of sight).
+        panel("Recent failures", failureTable(picture.failures))),
       el("div", {class: "column"},
         panel("Newest tasks", recentTable(picture.recent || [])),
-        panel("Last hour", charts(picture.history)),
-        panel("Recent failures", failureTable(picture.failures))))]);
+        panel("Last hour", charts(picture.history))))]);
 }
 
 function summaryTiles(p) {
@@ -498,8 +506,14 @@ function openObjectView(where) {
   const again = async () => {
     if (objectView !== state || state.drawing) return;
     state.drawing = true;
-    try { await draw(state, view); }
-    catch (e) { /* the connection dot says when the main node is out of reach */ }
+    try { await draw(state, view); state.drawn = true; }
+    catch (e) {
+      // The connection dot says when the main node is out of reach; a view
+      // never drawn said only "Loading…" under it, for as long as it lasted.
+      if (!state.drawn && objectView === state)
+        view.replaceChildren(el("p", {class: "empty", text: "Loading… the main node does not"
+          + " answer (restarting, or stopped?); trying again every few seconds."}));
+    }
     finally { state.drawing = false; }
   };
   again();
@@ -680,7 +694,8 @@ function filesTable(id, files) {
                                         f.name.split("/").map(encodeURIComponent).join("/"),
                                         download: f.name.split("/").pop(), text: f.name,
                                         onclick: downloadWithToken})},
-    {title: "kind", class: "opt2", cell: f => f.kind || ""},
+    // Kept on a phone: which are the inputs and which the task left (a failed one's too).
+    {title: "kind", cell: f => f.kind || ""},
     {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
   ], files.files || [], "no files");
 }
@@ -764,7 +779,8 @@ function deviceParts(d, recent, logs, watching) {
   const specs = (d.profile && d.profile.hardware_specs) || {};
   return [
     objectHeader("Device " + id, stateChip(state), actions),
-    el("div", {class: "object-columns"},
+    // Its logs' messages are the widest text: on a laptop their column gets more room.
+    el("div", {class: "object-columns device-columns"},
       el("div", {class: "column"},
         panel("Figures",
           el("p", {class: stale ? "stale-age" : "dim"},
@@ -802,8 +818,11 @@ function deviceParts(d, recent, logs, watching) {
           {title: "created", class: "opt2", cell: t => since(t.created_at)},
         ], recent, "no tasks on this device")),
         panel("Logs", logs === null ? el("p", {class: "empty", text: "no logs yet"}) : table([
-          // On a phone a line keeps its time; its level shows as the event's colour.
-          {title: "time", cell: l => clock(l.ts)},
+          // On a phone a line keeps its time, with its task under it (the message does
+          // not name the task: which one failed?); its level shows as the event's colour.
+          {title: "time", cell: l => [clock(l.ts), l.task_id ?
+            el("span", {class: "narrow-only"}, el("br"),
+               el("a", {href: "#/task/" + l.task_id, class: "id", text: "task " + l.task_id})) : null]},
           {title: "level", class: "opt2", cell: l => el("span", {class: levelClass(l), text: l.level})},
           {title: "event", cell: l => el("span", {class: levelClass(l), text: l.event})},
           {title: "task", class: "opt", cell: l => l.task_id ? taskLink(l.task_id) : ""},
@@ -933,7 +952,9 @@ async function submitModal(event) {
     if (outcome.status === 401) {
       window.rcToken.set(null);
       tokenField(document.getElementById("modal-fields"), true);
-      return showError("the admin token was not accepted; give it again");
+      // The join token `make run` prints looks like the admin token: say which it was.
+      return showError(/join token/.test(outcome.error || "") ? outcome.error
+                       : "the admin token was not accepted; give it again");
     }
     if (!outcome.ok) return showError(outcome.error || "refused");
     closeModal(true);

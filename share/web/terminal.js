@@ -326,10 +326,12 @@ function show(text, colour) {
 // A command the server refused for the token: a stored token that no longer
 // works is forgotten and a new one asked for, once; a token just given and
 // refused is forgotten too, and the next line is a command again.
-function refusedToken(text, justGiven) {
+function refusedToken(text, justGiven, error) {
   if (token()) {
     store(TOKEN_KEY, null);
-    term.writeln("\x1b[31mthe admin token was not accepted (forgotten)"
+    // The join token `make run` prints looks like the admin token: say which it was.
+    term.writeln("\x1b[31m" + (/join token/.test(error || "") ? error + " (forgotten)"
+                                : "the admin token was not accepted (forgotten)")
                  + (justGiven ? "; `login` to give another" : "") + "\x1b[0m");
   }
   if (justGiven) return prompt();
@@ -341,7 +343,7 @@ async function runRemote(text, justGiven) {
   try {
     const [status, body] = await command(text, waiting.controller.signal);
     if (!endBusy(waiting)) return;
-    if (status === 401) return refusedToken(text, justGiven);
+    if (status === 401) return refusedToken(text, justGiven, body.error);
     if (status !== 200) show("rc: " + (body.error || "HTTP " + status) + "\n", 31);
     else { show(body.output); show(body.error, 31); }
     noteSubmitted(text, status === 200 ? body.output : "");
@@ -410,7 +412,7 @@ async function submitAndWait(words, justGiven) {
                                          waiting.controller.signal);
     if (waiting.stopped) return;
     const taskId = status === 200 && (body.output || "").trim();
-    if (status === 401) { endBusy(waiting); return refusedToken(words.join(" "), justGiven); }
+    if (status === 401) { endBusy(waiting); return refusedToken(words.join(" "), justGiven, body.error); }
     if (!taskId || !/^\d+$/.test(taskId)) {
       endBusy(waiting);
       if (status !== 200) show("rc: " + (body.error || "HTTP " + status) + "\n", 31);
