@@ -16,16 +16,18 @@ from rc import tasks
 PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
 
 
-def program_pids(cluster):
-    return {name: cluster.program_pid(name) for name in PROGRAMS}
+def program_pids(cluster, programs=None):
+    """{program: pid}, 0 for one that is not running."""
+    programs = cluster.programs() if programs is None else programs
+    return {name: programs.get(name, ("", 0))[1] for name in PROGRAMS}
 
 
 def assert_programs_unharmed(cluster, pids_before):
-    status = cluster.supervisorctl("status")
+    programs = cluster.programs()
     for name in PROGRAMS:
-        line = next((l for l in status.splitlines() if l.startswith(name + " ")), "")
-        assert "RUNNING" in line, "%s is not running: %r" % (name, line)
-    assert program_pids(cluster) == pids_before, "a program was restarted"
+        state = programs.get(name, ("not configured", 0))[0]
+        assert state == "RUNNING", "%s is not running: %s" % (name, state)
+    assert program_pids(cluster, programs) == pids_before, "a program was restarted"
 
 
 def submit_to(cluster, device_id, command):

@@ -249,7 +249,12 @@ def test_a_frozen_worker_s_late_work_is_ignored(cluster):
         wait_all_finished(cluster, [task_id], 60)
     finally:
         cluster.thaw(device_id, family, stopped)
-    time.sleep(2 * CHAOS_SETTINGS["heartbeat_interval"])
+    # Thawed, the worker ends its frozen run (the event the checks below
+    # read) and is back on a connection of its own, where any late result of
+    # that run would have gone: waited for, not a fixed two heartbeats.
+    wait_for(lambda: (Executions(cluster).last_run((task_id, 1, device_id)) or [0, None])[1]
+             is not None, 60, "the frozen run's end in %s's log" % device_id)
+    wait_for(lambda: device_id in online(cluster), 60, "%s back online" % device_id)
     task = tasks.get(cluster.db, task_id)
     assert task["state"] == "completed" and task["device_id"] != device_id
     assert task["attempt"] >= 2

@@ -245,7 +245,10 @@ def test_counts_keys_and_holds_stay_true_when_each_program_is_killed(cluster, tm
     cluster.kill("f1")
     cluster.rc("forget", "f1")
     for name in PROGRAMS + ("w1",) + PROGRAMS:
-        time.sleep(1.5)
+        # Each kill under load: after the cluster has been seen at work since
+        # the one before (a task the client queued, a task ended), not after
+        # a fixed 1.5 s.
+        at_work(cluster, load)
         cluster.kill(name)
     watcher = db.connect(cluster.config.db_path)
     try:
@@ -289,6 +292,24 @@ def test_counts_keys_and_holds_stay_true_when_each_program_is_killed(cluster, tm
     print("tasks %d, submitted by the client %d of %d, sent again %d, states %s"
           % (len(every), len(submitted), len(load.futures),
              len(log_records(cluster, "rc-web", event="submit_repeated")), recount(connection)))
+
+
+def at_work(cluster, load, timeout=120):
+    """Back once, since the call, the client has had a task queued (its
+    answer come) and a task has ended: rc-web, rc-scheduler, rc-server and
+    a worker all at work between two kills."""
+    def newest():
+        return cluster.db.execute("SELECT coalesce(max(task_id), 0), coalesce(max(finished_at),"
+                                  " 0) FROM tasks").fetchone()
+    task_before, finish_before = newest()
+    answered_before = sum(1 for f in list(load.futures.values()) if f.task_id is not None)
+
+    def moved():
+        task_now, finish_now = newest()
+        answered = sum(1 for f in list(load.futures.values()) if f.task_id is not None)
+        return task_now > task_before and finish_now > finish_before \
+            and answered > answered_before
+    wait_for(moved, timeout, "the cluster at work under load")
 
 
 def backlog(connection, count, finished_at):

@@ -14,7 +14,8 @@ import time
 import orjson
 import pytest
 
-from rc import audit, commands, db, devices, fleet, logs, records, state_dir, tasks, tls
+from rc import (audit, commands, db, devices, fleet, logs, records, state_dir, tasks, tls,
+                web_results)
 from rc import config as config_module
 from rc.states import ASSIGNED, CANCELLED, COMPLETED, FAILED
 
@@ -273,6 +274,33 @@ def test_cancel_prints_the_state(cluster_home):
     assert rc("cancel", str(task_id)) == (0, CANCELLED + "\n", "")
     assert tasks.get(connection, task_id)["state"] == CANCELLED
     assert rc("cancel", "99")[0] == 1
+
+
+def test_cancel_group_stops_every_task_of_a_group_that_has_not_ended(cluster_home, add_device):
+    """A Python client's tasks (one group), left running by a Ctrl-C, could be
+    stopped only with one `rc cancel ID` each (`rc map --cancel` takes maps
+    only). `rc cancel --group G` cancels the queued ones and asks the
+    devices to stop the running ones; ended tasks and other groups stay."""
+    config, connection = cluster_home
+    add_device("dev-1")
+    with db.write(connection):
+        group_id = web_results.new_group(connection, [{"task_type": "sleep"}])
+    other = tasks.submit(connection, config, "sleep", {"seconds": 5})
+    done, running, waiting = [tasks.submit(connection, config, "sleep", {"seconds": 5},
+                                           group_id=group_id) for _ in range(3)]
+    finish_later(config, done, "dev-1", COMPLETED, "").join()
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = ?, device_id = 'dev-1' WHERE task_id = ?",
+                           (ASSIGNED, running))
+    status, out, err = rc("cancel", "--group", str(group_id))
+    assert (status, err) == (0, "")
+    assert out == "group %d: 1 queued task cancelled, 1 running task asked to stop\n" % group_id
+    state = {task_id: tasks.get(connection, task_id) for task_id in (other, done, running, waiting)}
+    assert [state[t]["state"] for t in (other, done, running, waiting)] \
+        == ["queued", COMPLETED, ASSIGNED, CANCELLED]
+    assert state[running]["cancel_requested"] and not state[other]["cancel_requested"]
+    assert rc("cancel", "--group", "999") == (1, "", "rc: error: no group 999\n")
+    assert rc("cancel")[0] == rc("cancel", "1", "--group", str(group_id))[0] == 2
 
 
 # -- logs -------------------------------------------------------------------------

@@ -33,6 +33,10 @@ LONG_TASK = ("for i in $(seq 1 %d); do echo \"PROGRESS $i/%d step $i of the rend
              % (PROGRESS_STEPS, PROGRESS_STEPS, STEP_SECONDS))
 # Until devlogs20's routes land, these answer 404: the page says "no logs yet".
 NOT_YET_ROUTES = ("/watch", "/logs")
+# Seconds without the stream before the dot turns red, as the page has it.
+with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "share",
+                       "web", "dashboard.js")) as script:
+    LOST_AFTER_S = int(re.search(r"const LOST_AFTER_S = (\d+);", script.read()).group(1))
 
 
 def api(node, method, path, body=None):
@@ -91,8 +95,11 @@ def node(tmp_path_factory):
         node.stop()
 
 
-def open_page(browser, node, size, path="/"):
+def open_page(browser, node, size, path="/", clock=False):
+    """`clock`: the page's time is Playwright's, which the test may move on."""
     context = browser.new_context(viewport=SIZES[size])
+    if clock:
+        context.clock.install()
     page = context.new_page()
     page.problems = []
     page.on("console", lambda message: message.type == "error" and not expected_404(message)
@@ -396,18 +403,23 @@ def test_device_view_asks_for_live_figures_and_shows_the_devices_logs(browser, n
     assert page.evaluate("document.querySelectorAll('img').length") == 0
     page.wait_for_selector("#view-object :text('every few seconds while this page is open')")
     logs = page.locator("#view-object tr", has=page.locator("td:has-text('task_failed')"))
-    assert logs.locator('a[href="#/task/%d"]' % node.failed_task).count() == 1
+    # One link a line that shows (a phone's is under the time, hidden here).
+    assert logs.locator('a[href="#/task/%d"] >> visible=true' % node.failed_task).count() == 1
     shoot(page, "device-logs", "desktop")
     close(page)
 
 
 def test_the_dot_turns_red_when_rc_web_is_gone_and_green_when_it_is_back(browser, node):
-    page = open_page(browser, node, "desktop")
+    page = open_page(browser, node, "desktop", clock=True)
     page.wait_for_selector("#connection.live")
     page.wait_for_selector('[data-device="browser-pi"]')
     web = node.processes["rc-web"]
     os.killpg(web.pid, signal.SIGTERM)
     web.wait(10)
+    # Red once the link has been down LOST_AFTER_S (10 s) by the page's
+    # clock: moved on past that, not waited out.
+    page.wait_for_selector("#connection.connecting", timeout=30000)
+    page.clock.fast_forward(LOST_AFTER_S * 1000 + 1000)
     page.wait_for_selector("#connection.lost", timeout=30000)
     assert "no link to the main node" in page.locator("#connection").inner_text()
     shoot(page, "connection-lost", "desktop")

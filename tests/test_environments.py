@@ -148,6 +148,12 @@ def test_a_long_running_task_does_not_hold_others_off_its_environment(cluster):
 @pytest.mark.e2e
 def test_a_set_pip_cannot_install_fails_with_pips_error_then_avoids_the_device(cluster):
     broken = "rc-no-such-package-anywhere==0.0.1"
+    # The task with a retry left is submitted first, with a set of its own:
+    # both environments fail to build at once in the worker's two slots,
+    # not one after the other (each build is a venv with pip, ~10 s).
+    retried = "rc-no-such-package-anywhere==0.0.2"
+    queued = cluster.rc("submit", "shell", "true", "--pip", retried, "--retries", "1").stdout
+    queued_id = int(queued.split()[-1])
     done = submit(cluster, "shell", "true", "--pip", broken, "--retries", "0")
     assert done.returncode != 0
     listed = json.loads(cluster.rc("tasks", "--json").stdout)
@@ -158,9 +164,6 @@ def test_a_set_pip_cannot_install_fails_with_pips_error_then_avoids_the_device(c
     assert "rc-no-such-package-anywhere" in task["error"]          # pip's own words
     assert task["result"]["environment_failed"] is True
     # With a retry left, the next attempt waits for another device, and says why.
-    queued = cluster.rc("submit", "shell", "true", "--pip", broken, "--retries", "1").stdout
-    queued_id = int(queued.split()[-1])
-
     def requeued():
         t = task_json(cluster, queued_id)
         return t["state"] == "queued" and t["attempt"] == 2

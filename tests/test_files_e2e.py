@@ -141,9 +141,13 @@ def test_a_task_drained_away_now_starts_elsewhere_from_the_checkpoint_it_was_sto
     cluster.start_worker("drain-1", "--slots", "1", "--tag", "drain",
                                  worker=E2E_WORKER)
     wait_for(lambda: "drain-1" in online(cluster), 30, "drain-1 online")
+    # The count written whole (a new file renamed over the old): stopped
+    # between `>`'s truncation and its write, the task left an empty n in
+    # its checkpoint, and the next attempt said "from " (a loaded run).
     script = ('n=$(cat "$RC_CHECKPOINT_DIR/n" 2>/dev/null || echo 0); start=$n;'
-              ' while [ "$n" -lt 120 ]; do n=$((n + 1)); echo $n > "$RC_CHECKPOINT_DIR/n";'
-              ' sleep 0.1; done; echo "from $start"')
+              ' while [ "$n" -lt 120 ]; do n=$((n + 1)); echo $n > "$RC_CHECKPOINT_DIR/n.new";'
+              ' mv "$RC_CHECKPOINT_DIR/n.new" "$RC_CHECKPOINT_DIR/n"; sleep 0.1; done;'
+              ' echo "from $start"')
     task_id = int(cluster.rc("submit", "shell", script, "--require", "tags=drain",
                              "--retries", "0").stdout)
     wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",

@@ -115,15 +115,24 @@ def test_a_worker_without_fingerprint_on_tls_says_what_is_missing(cluster, tmp_p
 
 
 def test_a_worker_pointed_at_the_dashboard_port_gets_a_hint(cluster, tmp_path):
-    for pin in ([], ["--fingerprint", "ab" * 32]):
-        process = subprocess.Popen(
-            [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % cluster.config.web_port,
-             "--token-file", cluster.config.token_path, "--device-id", "webport",
-             "--state-dir", str(tmp_path / "state")] + pin,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-        status, out = worker_output(process, 30)
-        assert status == 3, out
-        assert "this looks like the dashboard port (HTTP); the worker port is 8080" in out
+    # Both workers at once (each takes seconds to give up), a state
+    # directory each.
+    processes = [subprocess.Popen(
+        [sys.executable, "-I", WORKER, "--join", "127.0.0.1:%d" % cluster.config.web_port,
+         "--token-file", cluster.config.token_path, "--device-id", "webport",
+         "--state-dir", str(tmp_path / ("state-%d" % number))] + pin,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        for number, pin in enumerate(([], ["--fingerprint", "ab" * 32]))]
+    try:
+        for process in processes:
+            status, out = worker_output(process, 60)
+            assert status == 3, out
+            assert "this looks like the dashboard port (HTTP); the worker port is 8080" in out
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
 
 def test_the_worker_speaks_sentences_on_a_terminal_and_json_otherwise(cluster):
@@ -309,6 +318,11 @@ def test_a_new_user_follows_the_readme_on_a_fresh_clone(short_path):
         started = run("make run && bin/rc health", clone, first, timeout=300)
         assert started.returncode == 0, started.stdout
         assert "cluster healthy: RC OK" in started.stdout and "\nRC OK" in started.stdout
+        # The main node's packages only: the tests' (Chromium's driver, Dask) are make test's.
+        tests_only = run(".venv/bin/python -c 'import playwright'; .venv/bin/python -c"
+                         " 'import distributed'; .venv/bin/python -c 'import pytest'",
+                         clone, first)
+        assert tests_only.stdout.count("ModuleNotFoundError") == 3, tests_only.stdout
         # A new shell: no ports in the environment; what make run was given is recorded.
         assert run(readme_command(readme, "bin/rc health"), clone, shell).returncode == 0
         result = run(readme_command(

@@ -128,7 +128,12 @@ def test_a_result_sent_again_while_its_files_are_stored_stores_nothing_more(clus
             row = ended(cluster, assign["task_id"])
             assert row["state"] == "completed"
             assert outputs_of(cluster, assign["task_id"])["out/a.bin"]["sha256"] == sha(first)
-            time.sleep(2)                  # what else was queued is stored by now
+            # rc-server reads a connection's frames in order, and writes a
+            # result's small files on its loop as it reads the frame: once a
+            # heartbeat sent after them is answered, all 40 were dealt with
+            # (a fixed 2 s before).
+            device.send("heartbeat", {"active_tasks": []})
+            device.next("heartbeat_ack")
             assert [n for n, data in enumerate(again) if in_store(cluster, sha(data))] == []
     finally:
         device.close()

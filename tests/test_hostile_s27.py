@@ -413,7 +413,7 @@ print("made")
 """
 
 
-def test_an_output_name_that_is_not_utf8_smuggles_no_frame(cluster, tmp_path):
+def test_an_output_name_that_is_not_utf8_smuggles_no_frame(cluster, tmp_path, drop_dir):
     """A task leaves a file whose name is not UTF-8 (any bytes but / and NUL
     make a Linux name) where its --output glob looks: the worker sent the
     name as a lone surrogate, rc-server refused the task_result frame as
@@ -422,23 +422,30 @@ def test_an_output_name_that_is_not_utf8_smuggles_no_frame(cluster, tmp_path):
     then finished another task running on the same device, with output of
     the attacker's choosing (and the attacker's own result never came).
     The worker now refuses such a name, and rc-server hangs up on a frame
-    it cannot read that has raw bytes behind it."""
+    it cannot read that has raw bytes behind it. The victim runs until the
+    forging task has ended (a file the test makes then), not a fixed 4 s
+    that a slow machine could outlast."""
     script = tmp_path / "forge.py"
     script.write_text(FORGE)
+    forged = drop_dir / "forging-task-ended"
     pid = cluster.workers["good"].pid
     with unharmed(cluster, "good"):
-        victim = int(cluster.rc("submit", "shell", "sleep 4; echo genuine", "--require",
-                                "device_id=good").stdout.strip())
+        victim = int(cluster.rc(
+            "submit", "shell", "for n in $(seq 1200); do test -e %s && break; sleep 0.1; done;"
+            " echo genuine" % forged, "--require", "device_id=good").stdout.strip())
         wait_for(lambda: tasks.get(cluster.db, victim)["state"] == "running", 20, "the victim")
         done = cluster.rc("submit", "shell", "python3 forge.py %d" % victim, "--input",
                           str(script), "--output", "*.txt", "--require", "device_id=good")
         task_id = int(done.stdout.strip())
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 30,
+                 "the forging task")
+        assert tasks.get(cluster.db, victim)["state"] == "running", \
+            tasks.get(cluster.db, victim)
+        forged.touch()
         wait_for(lambda: tasks.get(cluster.db, victim)["state"] in TERMINAL_STATES, 30,
                  "the victim")
         assert "genuine" in tasks.get(cluster.db, victim)["result"]["output"], \
             tasks.get(cluster.db, victim)
-        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] in TERMINAL_STATES, 30,
-                 "the forging task")
         task = tasks.get(cluster.db, task_id)
         assert task["state"] == "completed" and "made" in task["result"]["output"], task
         assert "not UTF-8" in task["result"]["stderr"], task

@@ -124,6 +124,14 @@ def test_a_file_that_shrinks_while_it_is_put_is_a_clear_error_at_once(tmp_path):
         data = b""
         while b"\r\n\r\n" not in data:
             data += connection.recv(65536)
+        if data.startswith(b"GET /api/v1/files "):     # the quota, asked first: room enough
+            quota = b'{"quota_bytes": %d}' % (1 << 30)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(quota), quota))
+            data = data.partition(b"\r\n\r\n")[2]
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+        assert data.startswith(b"POST /api/v1/files "), data[:100]
         time.sleep(1)               # the client's sendfile fills the socket's buffers
         os.truncate(str(source), 1024 * 1024)
         connection.settimeout(10)   # rc-web's web_read_timeout, shorter: then it closes
@@ -318,7 +326,10 @@ def test_logs_follow_of_the_audit_log_outlives_its_rotation(cluster_home, tmp_pa
                                  "audit"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
     try:
-        time.sleep(1)
+        # Following before the rotation (a loaded machine may take longer
+        # than a second to start it): its first lines are out.
+        seen = follower.stdout.readline()
+        assert b"before_following" in seen, (seen, follower.stderr.read(500))
         for number in range(40):        # past 2000 bytes: rotated, no audit.log for now
             audit.record(config, "filler", "cli", "local", number=number)
             if not os.path.exists(audit.path(config)):

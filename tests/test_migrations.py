@@ -122,3 +122,27 @@ def test_the_frozen_first_schema_is_still_what_migration_1_makes(tmp_path):
         "migration 1 changed: regenerate with .venv/bin/python tests/schema_fixture.py"
     frozen.close()
     current.close()
+
+
+def test_a_queued_task_upgraded_into_migration_23_counts_what_it_still_waits_for(tmp_path):
+    """Migration 23 counts, for each queued task of an older database, the
+    tasks it depends on that have not completed: the scheduler's walk goes
+    by that count alone."""
+    path = str(tmp_path / "rc.db")
+    connection = db.connect(path)
+    for number in range(22):
+        for statement in db.split_statements(db.MIGRATIONS[number]):
+            connection.execute(statement)
+    connection.execute("PRAGMA user_version=22")
+    for task_id, state in ((1, "completed"), (2, "queued"), (3, "queued"), (4, "queued")):
+        connection.execute(
+            "INSERT INTO tasks(task_id, task_type, payload, timeout, max_retries, state,"
+            " created_at) VALUES (?, 'echo', '{}', 300, 3, ?, 1000)", (task_id, state))
+    connection.executemany("INSERT INTO task_dependencies(task_id, depends_on) VALUES (?, ?)",
+                           [(3, 1), (3, 2), (4, 1)])
+    connection.commit()
+    connection.close()
+    connection = db.open_database(path)
+    assert dict(connection.execute("SELECT task_id, unmet_dependencies FROM tasks")) == \
+        {1: 0, 2: 0, 3: 1, 4: 0}
+    connection.close()

@@ -17,16 +17,32 @@ from rc import client, tasks
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = Cluster(tmp_path / "home")
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    """One cluster for the module: a start and stop is ~3 s of supervisord
+    and five programs (more on a loaded machine), paid once instead of by
+    each test; `cluster` puts it back as each test found it."""
+    cluster = Cluster(tmp_path_factory.mktemp("real-work") / "home")
     cluster.start()
     wait_for(lambda: online(cluster), 60, "the local worker")
     cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
     with open(cluster.config.admin_token_path) as f:
         cluster.token = f.read().strip()
+    cluster.local = online(cluster)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's cluster, and after the test as before it: the main node
+    running with every program (a test stops rc-web, rc-scheduler, the local
+    worker or the whole main node), the test's own workers stopped, the
+    local worker the one device online."""
+    cluster = module_cluster
+    yield cluster
+    cluster.put_back()
+    wait_for(lambda: online(cluster) == cluster.local, 60, "only the local worker online")
 
 
 def tasks_with_command(cluster, command):

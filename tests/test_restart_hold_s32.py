@@ -245,12 +245,24 @@ def worker_records(cluster, device_id, **fields):
     return log_records(cluster, "worker-" + device_id, **fields)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = Cluster(tmp_path / "rc")
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    """One cluster for the tests below that need the test timings: a start
+    and stop is ~3 s of supervisord and five programs, paid once; each test
+    has a device of its own, and `cluster` stops its workers after it."""
+    cluster = Cluster(tmp_path_factory.mktemp("restart-hold") / "rc")
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's cluster, with the main node running after the test (a
+    test stops rc-server or the whole main node) and the test's workers
+    stopped."""
+    yield module_cluster
+    module_cluster.put_back()
 
 
 @pytest.mark.e2e
@@ -314,51 +326,64 @@ def test_running_tasks_survive_make_stop_and_make_run(cluster):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("python", ["current", "3.6"])
-def test_a_short_hold_runs_out_the_worker_stops_first_and_the_task_goes_back(tmp_path,
-                                                                              python):
+def test_a_short_hold_runs_out_the_worker_stops_first_and_the_task_goes_back(tmp_path):
     """restart_hold 3 s and rc-server kept down: the worker kills its task
     once the hold runs out, and only then (hold + disconnect_grace after the
     stop) does rc-reaper, still running, queue it again; it runs once
     rc-server is back, as attempt 2. Before: no notice, fenced after
-    disconnect_fence (2.5 s), requeued only when its lease ran out."""
-    if python == "3.6" and not os.path.exists(PYTHON36):
-        pytest.skip("no Python 3.6 here")
+    disconnect_fence (2.5 s), requeued only when its lease ran out. A
+    worker of this Python and one of Python 3.6, side by side on one
+    cluster through one stop (each was a cluster and a stop of its own)."""
+    pythons = {"current": None}
+    if os.path.exists(PYTHON36):
+        pythons["3.6"] = PYTHON36
+    else:
+        print("no Python 3.6 here: this Python's worker only")
     # A grace longer than the tests' 2 s: the margin between the worker's
     # deadline and the reaper's, on a busy machine.
     cluster = Cluster(tmp_path / "rc", restart_hold=3.0, disconnect_grace=5.0)
     cluster.start()
     try:
-        device_id = "short-hold"
-        start_worker(cluster, device_id, PYTHON36 if python == "3.6" else None)
-        task_id = submit(cluster, device_id, "sleep 60")
-        wait_for(lambda: running(cluster, task_id), 60, "the task running")
+        task_ids = {}
+        for python, interpreter in pythons.items():
+            device_id = "short-hold-%s" % python
+            start_worker(cluster, device_id, interpreter)
+            task_ids[device_id] = submit(cluster, device_id, "sleep 60")
+        wait_for(lambda: running(cluster, *task_ids.values()), 60, "the tasks running")
 
         before_stop = time.time()
         cluster.supervisorctl("stop", "rc-server")
-        notice = wait_for(lambda: worker_records(cluster, device_id, event="main_node_stopping"),
-                          30, "the worker told of the stop")[0]
-        assert notice["hold"] == 3.0
-        held = cluster.db.execute("SELECT held_until FROM devices WHERE device_id = ?",
-                                  (device_id,)).fetchone()[0]
-        assert held is not None and before_stop + 3.0 <= held <= notice["time"] + 3.0
+        helds = {}
+        for device_id, task_id in task_ids.items():
+            notice = wait_for(lambda: worker_records(cluster, device_id,
+                                                     event="main_node_stopping"),
+                              30, "%s told of the stop" % device_id)[0]
+            assert notice["hold"] == 3.0
+            held = cluster.db.execute("SELECT held_until FROM devices WHERE device_id = ?",
+                                      (device_id,)).fetchone()[0]
+            assert held is not None and before_stop + 3.0 <= held <= notice["time"] + 3.0
+            helds[device_id] = notice, held
 
-        fenced = wait_for(lambda: worker_records(cluster, device_id, event="task_fenced"),
-                          30, "the worker stopping its task")[0]
-        assert fenced["time"] >= notice["time"] + 2.9, (fenced, notice)
-        assert "restart hold" in fenced["reason"]
-        wait_for(lambda: state_of(cluster, task_id)["attempt"] == 2, 30, "the task requeued")
-        taken_back = [e for e in events(cluster, task_id) if e[1] == 2][0]
-        # Never twice at once: the worker gave it up before anyone could have it,
-        # and the reaper waited for the hold and the grace.
-        assert fenced["time"] < taken_back[0], (fenced, taken_back)
-        assert taken_back[0] >= held + cluster.config.disconnect_grace, (taken_back, held)
+        for device_id, task_id in task_ids.items():
+            notice, held = helds[device_id]
+            fenced = wait_for(lambda: worker_records(cluster, device_id, event="task_fenced"),
+                              30, "%s stopping its task" % device_id)[0]
+            assert fenced["time"] >= notice["time"] + 2.9, (fenced, notice)
+            assert "restart hold" in fenced["reason"]
+            wait_for(lambda: state_of(cluster, task_id)["attempt"] == 2, 30,
+                     "the task of %s requeued" % device_id)
+            taken_back = [e for e in events(cluster, task_id) if e[1] == 2][0]
+            # Never twice at once: the worker gave it up before anyone could have it,
+            # and the reaper waited for the hold and the grace.
+            assert fenced["time"] < taken_back[0], (fenced, taken_back)
+            assert taken_back[0] >= held + cluster.config.disconnect_grace, (taken_back, held)
 
         cluster.supervisorctl("start", "rc-server")
-        wait_for(lambda: state_of(cluster, task_id)["state"] == RUNNING, 60,
-                 "attempt 2 running on the worker")
-        assert state_of(cluster, task_id)["device_id"] == device_id
-        cluster.rc("cancel", str(task_id))
+        for device_id, task_id in task_ids.items():
+            wait_for(lambda: state_of(cluster, task_id)["state"] == RUNNING, 60,
+                     "attempt 2 running on %s" % device_id)
+            assert state_of(cluster, task_id)["device_id"] == device_id
+            cluster.rc("cancel", str(task_id))
     finally:
         cluster.stop()
 

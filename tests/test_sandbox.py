@@ -251,11 +251,15 @@ def test_two_workers_of_one_machine_never_share_a_task_uid(start):
         pytest.skip("task uids are for workers run as root")
     first, link1 = start()
     second, link2 = start()
-    link1.assign(1, "shell", {"command": "id -u; sleep 30"}, timeout=60)
+    nap = "30.%06d" % random.randrange(10 ** 6)       # this test's own sleep
+    link1.assign(1, "shell", {"command": "id -u; sleep %s" % nap}, timeout=60)
     link2.assign(1, "shell", {"command": "id -u; sleep 1; echo alive"}, timeout=60)
     link1.expect("task_accept")
     link2.expect("task_accept")
-    time.sleep(0.3)
+    # Cancelled once it sleeps, its uid written (a fixed 0.3 s was too
+    # short on a loaded machine: no output to read the uid from).
+    assert link1.wait_until(lambda: any(p.info["cmdline"] == ["sleep", nap] for p in
+                                        psutil.process_iter(["cmdline"]))), "never slept"
     link1.send("task_cancel", {"task_id": 1, "attempt": 1})
     cancelled, survivor = link1.results(1)[1], link2.results(1)[1]
     assert cancelled["status"] == "cancelled", cancelled
@@ -321,14 +325,18 @@ def test_rlimit_nproc_stops_a_fork_bomb_and_the_worker_carries_on(start):
             "except OSError as e:\n"
             "    print('stopped', len(pids), e.errno)\n"
             "print(' '.join(map(str, pids)))\n")
-    result = link.run("python_exec", {"code": bomb}, timeout=5.0)
+    # The bomb ends by itself once RLIMIT_NPROC stops it: the timeout is only
+    # a bound for a bomb that is not stopped (5 s was not enough for ~256
+    # forks on a loaded machine: timed_out in a group run).
+    link.assign(1, "python_exec", {"code": bomb}, timeout=60.0)
+    result = link.results(1, 60)[1]
     assert result["status"] == "completed", result
     first, children = result["result"]["output"].splitlines()
     words = first.split()
     assert words[0] == "stopped" and int(words[2]) == 11, first      # EAGAIN
     assert int(words[1]) <= 256 + 64, "RLIMIT_NPROC let %s processes through" % words[1]
     pids = [int(pid) for pid in children.split()]
-    assert wait_until(lambda: not any(map(alive, pids)), timeout=5), \
+    assert wait_until(lambda: not any(map(alive, pids)), timeout=30), \
         [pid for pid in pids if alive(pid)]
     assert worker.proc.poll() is None
     after = link.run("shell", {"command": "echo still-here"}, task_id=2)

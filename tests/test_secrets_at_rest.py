@@ -92,8 +92,8 @@ def undo_migrations_after(connection, version):
     later = "\n".join(db.MIGRATIONS[version:])
     for trigger in re.findall(r"CREATE TRIGGER (?:IF NOT EXISTS )?(\w+)", later):
         connection.execute("DROP TRIGGER IF EXISTS %s" % trigger)
-    # An index on a later column would stop its DROP COLUMN.
-    for index in re.findall(r"CREATE INDEX (?:IF NOT EXISTS )?(\w+) ON devices", later):
+    # An index on a later column would stop its DROP COLUMN (tasks_ready, 23).
+    for index in re.findall(r"CREATE INDEX (?:IF NOT EXISTS )?(\w+) ON", later):
         connection.execute("DROP INDEX IF EXISTS %s" % index)
     for table, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", later):
         connection.execute("ALTER TABLE %s DROP COLUMN %s" % (table, column))

@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from rc import states  # noqa: E402
+from rc import log, states  # noqa: E402
 
 WIRE_NAMES = (
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES",
@@ -35,6 +35,11 @@ def worker():
 @pytest.mark.parametrize("name", WIRE_NAMES)
 def test_worker_agrees_with_states(worker, name):
     assert getattr(worker, name) == getattr(states, name)
+
+
+def test_worker_escapes_in_its_log_what_the_main_nodes_logs_do(worker):
+    assert worker.TERMINAL_UNSAFE == log.TERMINAL_UNSAFE
+    assert worker.LOG_ESCAPES == log.JSON_ESCAPES
 
 
 def test_every_message_type_is_copied(worker):

@@ -159,7 +159,7 @@ def test_a_simple_command_starts_without_a_shell_under_the_same_limits(main, spa
     # ... the hard ones and CPU time's (20 s timeout + 1 + a 5 s margin) set as it
     # starts (read here from outside).
     link.assign(6, "shell", {"command": "sleep 60"}, timeout=20)
-    assert wait_until(lambda: task_children(spawner_pids(worker)[0]), WAIT)
+    assert link.wait_until(lambda: task_children(spawner_pids(worker)[0]))
     sleeper = int(task_children(spawner_pids(worker)[0])[0])
 
     def read_limits():
@@ -219,8 +219,8 @@ def test_a_killed_spawner_restarts_the_worker(main, spawn):
     (and a task that kills the spawner ends as a poison pill)."""
     worker, link = registered(main, spawn, sys.executable)
     link.assign(1, "python_exec", {"code": "import time\ntime.sleep(60)\n"})
-    assert wait_until(lambda: spawner_pids(worker) and task_children(spawner_pids(worker)[0]),
-                      WAIT)
+    assert link.wait_until(lambda: spawner_pids(worker)
+                           and task_children(spawner_pids(worker)[0]))
     task_pid = int(task_children(spawner_pids(worker)[0])[0])
     os.kill(spawner_pids(worker)[0], signal.SIGKILL)
     # Frames sent before it may still be on their way; then the connection ends.

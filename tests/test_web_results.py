@@ -1,6 +1,7 @@
 """rc-web's ChangeWatch (lib/rc/web_results.py) on a real SQLite file and a
 real doorbell: the waiter that watches for the others hands the watch on
 when its own wait ends, and a ring wakes whoever waits."""
+import io
 import json
 import os
 import threading
@@ -90,3 +91,39 @@ def test_one_address_but_loopback_holds_a_third_of_the_streams():
     assert slots.open == 5
     assert slots.take("192.168.1.50")[1] is None
     assert slots.take("fe80::1")[1] is not None and slots.open == 6
+
+
+def test_a_batch_submit_logs_its_line_once_its_answer_is_sent(cluster_home):
+    """The client waits for the answer, not for supervisord to be woken by
+    rc-web's log line: the line is written once the body is sent (the
+    server closes it), and says when the tasks were queued."""
+    from rc import web
+    from rc.log import Logger
+    from test_web import admin
+    config, connection = cluster_home
+    stream = io.BytesIO()
+    app = web.make_app(config, Logger("rc-web", stream=stream))
+    body = json.dumps([{"task_type": "echo", "payload": "x"}]).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/v1/tasks",
+               "QUERY_STRING": "group=new", "REMOTE_ADDR": "127.0.0.1",
+               "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5000",
+               "HTTP_HOST": "127.0.0.1:5000", "wsgi.input": io.BytesIO(body),
+               "CONTENT_LENGTH": str(len(body)), "wsgi.url_scheme": "http",
+               "SERVER_PROTOCOL": "HTTP/1.1",
+               "HTTP_AUTHORIZATION": admin(config)["Authorization"]}
+    answer = {}
+    before = time.time()
+    chunks = app(environ, lambda status, headers, exc_info=None: answer.update(
+        status=status, headers=dict(headers)))
+    data = b"".join(chunks)
+    answered = time.time()
+    assert answer["status"].startswith("201") and \
+        int(answer["headers"]["Content-Length"]) == len(data)
+    task_id = json.loads(data)["tasks"][0]["task_id"]
+    assert b"tasks_submitted" not in stream.getvalue()       # not yet: the answer goes first
+    time.sleep(0.05)
+    chunks.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    line = [line for line in lines if line["event"] == "tasks_submitted"][0]
+    assert line["first_task_id"] == task_id and line["address"] == "127.0.0.1"
+    assert before <= line["time"] <= answered           # when queued, not when written

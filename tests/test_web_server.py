@@ -245,6 +245,30 @@ def test_the_next_request_within_linger_is_served_by_the_thread_that_answered():
     assert len(served_by) == 20 and len(handed) <= 3, (len(handed), len(set(served_by)))
 
 
+def test_a_lingering_thread_wakes_the_loop_only_when_it_stops_lingering():
+    """Requests one after the other within LINGER, each caught by the
+    thread that answered the one before: the loop, which left the socket
+    out of its reads meanwhile, is woken once that thread stops lingering,
+    not after every answer (it was: 20 wake-ups for 20 requests)."""
+    server, handed, served_by = counting_server(threads=8)
+    pulls = []
+    real_pull = server.trigger.pull_trigger
+    server.trigger.pull_trigger = lambda *args: pulls.append(1) or real_pull(*args)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        for _ in range(20):
+            assert ask(connection) == b"ok"
+            time.sleep(web_server.LINGER / 10)
+        time.sleep(web_server.LINGER * 2)       # the last linger over: the loop woken
+        after_linger = len(pulls)
+        assert ask(connection) == b"ok"         # ... and reading the socket again
+        connection.close()
+    finally:
+        stopped(server)
+    assert len(served_by) == 21 and len(handed) <= 4, (len(handed), len(set(served_by)))
+    assert 1 <= after_linger <= 5, "the loop was woken %d times for 20 answers" % after_linger
+
+
 def test_a_request_after_the_linger_goes_through_the_loop_again(monkeypatch):
     monkeypatch.setattr(web_server, "LINGER", 0.05)
     server, handed, served_by = counting_server(threads=8)

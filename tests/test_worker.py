@@ -56,6 +56,10 @@ class Link:
         self.buffer = b""
         self.register = None
         self.heartbeats = []
+        self.assigned = set()       # (task_id, attempt) sent with assign()
+        self.unanswered = []        # lease_checks that came while we kept silent
+        self.sent_at = None         # time.monotonic() of the last frame we sent
+        self.kept = []              # frames wait_until() read, for the next reads
 
     def send(self, message_type, data):
         self.send_raw(json.dumps({"message_type": message_type, "sender_id": "main",
@@ -63,7 +67,9 @@ class Link:
                                   "data": data}).encode() + b"\n")
 
     def send_raw(self, frame):
+        self.answer_late()
         self.sock.sendall(frame)
+        self.sent_at = time.monotonic()
 
     def recv(self, timeout=WAIT):
         """The next envelope; None when the worker closed the connection."""
@@ -74,6 +80,8 @@ class Link:
 
     def try_recv(self, timeout):
         """The next envelope, None when the worker closed the connection, or "timeout"."""
+        if self.kept:
+            return self.kept.pop(0)
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
             remaining = deadline - time.monotonic()
@@ -92,31 +100,83 @@ class Link:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def pump(self, seconds, keep_alive=True, until=None):
-        """Every frame the worker sends for `seconds` (or until `until()`); with
-        keep_alive, a heartbeat_ack every 0.2 s, so the worker hears from us."""
+    def pump(self, seconds, keep_alive=True, until=None, answer_checks=True, wanted=None):
+        """Every frame the worker sends for `seconds`, or until `until()` or
+        `wanted(frames so far)`: a slow machine's late frames are waited for.
+        With keep_alive, a heartbeat_ack every 0.2 s, so the worker hears from
+        us, and (unless not answer_checks) each lease_check answered as
+        answered() does: a loaded machine may stall the worker into asking."""
         frames = []
         deadline = time.monotonic() + seconds
         next_ack = 0
-        while time.monotonic() < deadline and not (until and until()):
+        while time.monotonic() < deadline and not (until and until()) \
+                and not (wanted and wanted(frames)):
             if keep_alive and time.monotonic() >= next_ack:
                 self.send("heartbeat_ack", {})
                 next_ack = time.monotonic() + 0.2
             envelope = self.try_recv(0.05)
             if envelope is None:
                 break
-            if envelope != "timeout":
-                frames.append(envelope)
+            if envelope == "timeout":
+                continue
+            frames.append(envelope)
+            if envelope["message_type"] != "lease_check":
+                continue
+            if keep_alive and answer_checks:
+                self.answered(envelope)
+            elif not keep_alive:
+                self.unanswered.append(envelope)
         return frames
 
-    def next(self, timeout=WAIT):
-        """The next frame that is not a heartbeat (heartbeats are acknowledged)."""
-        while True:
-            envelope = self.recv(timeout)
-            if envelope is None or envelope["message_type"] != "heartbeat":
-                return envelope
+    def wait_until(self, condition, timeout=WAIT):
+        """wait_until() for something outside the link (a process, a file),
+        the link kept meanwhile as a main node keeps it: heartbeats and
+        lease_checks answered, the worker's other frames kept for the next
+        reads. A stalled worker asks before it starts a task it was sent."""
+        deadline = time.monotonic() + timeout
+        read = []
+        try:
+            while not condition() and time.monotonic() < deadline:
+                envelope = self.try_recv(0.05)
+                if envelope is None:
+                    break
+                if envelope != "timeout" and not self.answered(envelope):
+                    read.append(envelope)
+        finally:
+            self.kept = read + self.kept
+        return condition()
+
+    def answer_late(self):
+        """Answer the lease_checks a silence kept waiting, before anything
+        else we send, as a main node that speaks again does: the worker
+        starts nothing, and a fence_interval drops what it is sent, until then."""
+        late, self.unanswered = self.unanswered, []
+        for envelope in late:
+            self.answered(envelope)
+
+    def answered(self, envelope):
+        """Answer a heartbeat or a lease_check as a main node does (True if
+        it was one). A loaded machine may stall the worker's loop past
+        FREEZE_THRESHOLD: it then asks which tasks are still its own, and
+        this fake main node never gives one away: as rc-server, it names every
+        task it gave this device, asked about or not (one may be on its way)."""
+        kind = envelope["message_type"]
+        if kind == "heartbeat":
             self.heartbeats.append(envelope["data"])
             self.send("heartbeat_ack", {})
+        elif kind == "lease_check":
+            held = self.assigned | {(t["task_id"], t["attempt"]) for t in envelope["data"]["tasks"]}
+            self.send("lease_check_ack", {"active_tasks": [
+                {"task_id": task_id, "attempt": attempt} for task_id, attempt in sorted(held)]})
+        return kind in ("heartbeat", "lease_check")
+
+    def next(self, timeout=WAIT):
+        """The next frame that is not a heartbeat or a lease_check (both are answered)."""
+        self.answer_late()
+        while True:
+            envelope = self.recv(timeout)
+            if envelope is None or not self.answered(envelope):
+                return envelope
 
     def expect(self, message_type, timeout=WAIT):
         envelope = self.next(timeout)
@@ -141,6 +201,7 @@ class Link:
         return register
 
     def assign(self, task_id, task_type, payload, timeout=30.0, attempt=1):
+        self.assigned.add((task_id, attempt))
         self.send("task_assign", {"task_id": task_id, "attempt": attempt,
                                   "task_type": task_type, "payload": payload,
                                   "timeout": timeout, "priority": "normal"})
@@ -265,7 +326,7 @@ def process_gone(pid):
         return True
 
 
-def wait_until(condition, timeout=5.0):
+def wait_until(condition, timeout=WAIT):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -526,10 +587,16 @@ def test_sigterm_kills_running_tasks_and_exits_0(main, spawn, python, drop_dir):
 
 # -- self-fencing, progress, the watchdog, task log lines ------------------------
 
-def task_pids(path):
-    """The pids a shell task wrote to `path`: itself (its group) and its child."""
-    assert wait_until(lambda: path.exists() and len(path.read_text().split()) == 2)
-    return [int(pid) for pid in path.read_text().split()]
+def task_pids(link, path):
+    """The pids a shell task wrote to `path` (itself, its group, and its
+    child), and the frames read meanwhile: the link is kept alive and its
+    lease_checks answered, or a worker a loaded machine stalled would start
+    nothing."""
+    def written():
+        return path.exists() and len(path.read_text().split()) == 2
+    frames = link.pump(WAIT, until=written)
+    assert written(), frames
+    return [int(pid) for pid in path.read_text().split()], frames
 
 
 def background_task(path):
@@ -551,18 +618,22 @@ def assert_fenced(worker, frames, *task_ids):
 def test_fencing_while_connected(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=1.5, heartbeat_interval=0.5)
     link.assign(1, "shell", background_task(drop_dir / "pids"))
-    silent_since = time.monotonic()        # from here on the main node says nothing
-    pids = task_pids(drop_dir / "pids")
-    frames = link.pump(4, keep_alive=False, until=lambda: all(map(process_gone, pids)))
+    pids, frames = task_pids(link, drop_dir / "pids")
+    silent_since = link.sent_at            # from here on the main node says nothing
+    frames += link.pump(WAIT, keep_alive=False, until=lambda: all(map(process_gone, pids)))
     assert all(map(process_gone, pids)), "the fenced task is still running"
-    assert 1.4 < time.monotonic() - silent_since < 3.5
-    frames += link.pump(0.7, keep_alive=False)
-    assert [f["message_type"] for f in frames if f["message_type"] != "heartbeat"] \
-        == ["task_accept"]
-    assert_fenced(worker, frames, 1)
+    # After the fence_interval, and long before the task's own end (30 s).
+    assert 1.4 < time.monotonic() - silent_since < WAIT
     # Heartbeats tell the main node what was fenced, so the task is not blamed.
+    frames += link.pump(WAIT, keep_alive=False, wanted=lambda frames: any(
+        f["message_type"] == "heartbeat" and f["data"].get("fenced_tasks") for f in frames))
     assert any(f["data"].get("fenced_tasks") == [{"task_id": 1, "attempt": 1}]
                for f in frames if f["message_type"] == "heartbeat")
+    # (A stall of the worker on a loaded machine adds a lease_check.)
+    assert [f["message_type"] for f in frames
+            if f["message_type"] not in ("heartbeat", "lease_check")] == ["task_accept"]
+    assert_fenced(worker, frames, 1)
+    assert "no lease renewed" in worker.events("task_fenced")[0]["reason"]
     # The connection is still good, and so is the worker.
     assert link.run("echo", {"message": "after"}, task_id=2)["status"] == "completed"
 
@@ -571,13 +642,14 @@ def test_fencing_while_connected(main, spawn, python, drop_dir):
 def test_fencing_after_disconnect(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=60, disconnect_fence=1)
     link.assign(1, "shell", background_task(drop_dir / "pids"))
-    pids = task_pids(drop_dir / "pids")
-    frames = link.pump(0.2)
+    pids, frames = task_pids(link, drop_dir / "pids")
+    frames += link.pump(0.2)
     link.close()
     main.listener.close()                   # and no reconnecting
     lost = time.monotonic()
-    assert wait_until(lambda: all(map(process_gone, pids)), timeout=3.5)
-    assert 0.8 < time.monotonic() - lost < 3.0
+    assert wait_until(lambda: all(map(process_gone, pids)), timeout=WAIT)
+    # After the disconnect_fence, and long before the task's own end (30 s).
+    assert 0.8 < time.monotonic() - lost < WAIT
     assert_fenced(worker, frames, 1)
     assert "disconnected" in worker.events("task_fenced")[0]["reason"]
 
@@ -586,39 +658,53 @@ def test_fencing_after_disconnect(main, spawn, python, drop_dir):
 def test_fencing_checked_first_after_a_freeze(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python, fence_interval=1)
     link.assign(1, "shell", background_task(drop_dir / "pids"))
-    pids = task_pids(drop_dir / "pids")
+    pids, frames = task_pids(link, drop_dir / "pids")
     # Ends while the worker is frozen, however long the first took to start.
     link.assign(2, "shell", {"command": "sleep 1"})
-    frames = link.pump(0.3)
+    frames += link.pump(WAIT, wanted=lambda more: [
+        f["message_type"] for f in frames + more].count("task_accept") == 2)
     assert [f["message_type"] for f in frames].count("task_accept") == 2
     worker.proc.send_signal(signal.SIGSTOP)
     # Our heartbeat_acks wait in the worker's socket: it must not take them as
     # contact before it has looked at the clock.
     frames = link.pump(2.5)
     worker.proc.send_signal(signal.SIGCONT)
-    frames += link.pump(3, until=lambda: all(map(process_gone, pids)))
+    frames += link.pump(WAIT, until=lambda: all(map(process_gone, pids)))
     assert all(map(process_gone, pids))
     frames += link.pump(0.5)
     assert_fenced(worker, frames, 1, 2)
 
 
 @detailed
-def test_progress_lines(main, spawn, python):
+def test_progress_lines(main, spawn, python, drop_dir):
     _, link = registered(main, spawn, python)
-    code = ("import time\n"
+    # The task goes on only once we have seen its progress: however slow the
+    # machine, what the worker sends of it does not depend on when it runs.
+    code = ("import os, time\n"
             "def say(line):\n"
             "    print(line, flush=True)\n"
-            "say('PROGRESS 1/4 a')\n"      # sent at once
-            "say('PROGRESS 30')\n"         # within 0.5 s: replaced by the next one
-            "say('PROGRESS 40%')\n"        # sent 0.5 s after the first
-            "time.sleep(0.7)\n"
+            "def wait_for(path):\n"
+            "    while not os.path.exists(path):\n"
+            "        time.sleep(0.05)\n"
+            "say('PROGRESS 1/4 a\\n'\n"      # sent at once
+            "    'PROGRESS 30\\n'\n"         # within 0.5 s: replaced by the next one
+            "    'PROGRESS 40%%')\n"         # sent 0.5 s after the first
+            "wait_for(%r)\n"
             "say('PROGRESS 75')\n"
-            "time.sleep(0.7)\n"
-            "print('done')\n")
-    result = link.run("python_exec", {"code": code})
+            "wait_for(%r)\n"
+            "print('done')\n" % (str(drop_dir / "seen 40"), str(drop_dir / "seen 75")))
+    link.assign(1, "python_exec", {"code": code})
+    progress = []
+    for value in (40.0, 75.0):
+        frames = link.pump(WAIT, wanted=lambda frames: any(
+            f["message_type"] == "task_progress" and f["data"]["progress"] == value
+            for f in frames))
+        progress += [f["data"] for f in frames if f["message_type"] == "task_progress"]
+        (drop_dir / ("seen %g" % value)).touch()
+    result = link.results(1)[1]
     assert result["status"] == "completed"
     assert result["result"]["output"] == "done\n"
-    progress = link.progress
+    progress += link.progress
     assert len(progress) >= 2, progress
     assert progress[0] == {"task_id": 1, "attempt": 1, "progress": 25.0, "message": "a"}
     assert progress[-1]["progress"] == 75.0 and progress[-1]["message"] == ""
@@ -642,7 +728,7 @@ def kill_worker_and_spawner(worker, watchdog):
 def test_watchdog_kills_tasks_of_a_killed_worker(main, spawn, python, drop_dir):
     worker, link = registered(main, spawn, python)
     link.assign(1, "shell", background_task(drop_dir / "pids"))
-    pids = task_pids(drop_dir / "pids")
+    pids, _ = task_pids(link, drop_dir / "pids")
     watchdog = worker.watchdog_pid()
     kill_worker_and_spawner(worker, watchdog)
     # Generous: under three test files at a time on two cores, 2 s was not.

@@ -232,9 +232,10 @@ def state_dir(worker):
     return worker.log_path + ".state"
 
 
-def run(link, task_id, task_type, payload, attempt=1, timeout=30.0):
+def run(link, task_id, task_type, payload, attempt=1, timeout=30.0, wait=WAIT):
+    """The task's result; `wait`: the longest silence of the worker meanwhile."""
     link.assign(task_id, task_type, payload, timeout=timeout, attempt=attempt)
-    return link.results(1)[task_id]
+    return link.results(1, wait)[task_id]
 
 
 def stored_files(result):
@@ -384,14 +385,19 @@ def test_a_small_output_goes_up_with_its_request_when_rc_files_offers_it(start, 
 
 
 @also_36
-def test_inputs_of_a_task_waiting_for_a_slot_come_while_the_slot_is_busy(start, files, python):
+def test_inputs_of_a_task_waiting_for_a_slot_come_while_the_slot_is_busy(start, files, python,
+                                                                          drop_dir):
     worker, link = start("--slots", "1", python=python)
     first, second = files.add(b"first input\n"), files.add(b"second input\n")
-    link.assign(1, "shell", {"command": "sleep 1.5; cat in.txt",
-                             "inputs": [dict(first, path="in.txt")]})
+    # The first task holds the one slot until we have seen the second's input
+    # fetched (not for a time a slow machine may outlast).
+    gate = drop_dir / "fetched"
+    link.assign(1, "shell", {"command": "while [ ! -e %s ]; do sleep 0.05; done; cat in.txt"
+                             % gate, "inputs": [dict(first, path="in.txt")]})
     link.assign(2, "shell", {"command": "cat in.txt", "inputs": [dict(second, path="in.txt")]})
-    assert wait_until(lambda: (second["sha256"], 0) in files.gets, 1.2), \
-        "the waiting task's input was not fetched while the first task ran"
+    fetched = wait_until(lambda: (second["sha256"], 0) in files.gets, WAIT)
+    gate.touch()
+    assert fetched, "the waiting task's input was not fetched while the first task ran"
     results = link.results(2)
     assert results[1]["result"]["output"] == "first input\n"
     assert results[2]["status"] == "completed", results[2]
@@ -487,21 +493,29 @@ for i in range(n + 1, n + 4):
     with open(path + ".tmp", "w") as f:
         f.write(str(i))
     os.replace(path + ".tmp", path)
-    time.sleep(0.4)
+    while not os.path.exists(GATE):     # until the test has seen a checkpoint go up
+        time.sleep(0.05)
 raise SystemExit(1)
 """
 
 
 @also_36
-def test_a_checkpoint_goes_up_and_the_next_attempt_starts_from_it(start, files, python):
+def test_a_checkpoint_goes_up_and_the_next_attempt_starts_from_it(start, files, python,
+                                                                   drop_dir):
     worker, link = start("--checkpoint-every", "0.3", python=python)
-    first = run(link, 1, "python_exec", {"code": CHECKPOINTING})
+    gate = drop_dir / "seen"
+    code = CHECKPOINTING.replace("GATE", repr(str(gate)))
+    link.assign(1, "python_exec", {"code": code})
+    # It runs on once one checkpoint went up while it ran; the last goes at its end.
+    assert link.wait_until(lambda: worker.events("checkpoint_sent"))
+    gate.touch()
+    first = link.results(1)[1]
     assert first["status"] == "failed" and first["result"]["output"] == "from 0\n"
     checkpoint = files.stored[(1, 1, ".rc/checkpoint")]
     assert ".rc/checkpoint" in stored_files(first)
     assert len(worker.events("checkpoint_sent")) >= 2       # while running, and at the end
     fetched = len(files.gets)
-    second = run(link, 1, "python_exec", {"code": CHECKPOINTING,
+    second = run(link, 1, "python_exec", {"code": code,
                                           "checkpoint": files.add(checkpoint)}, attempt=2)
     assert second["result"]["output"] == "from 3\n", second
     assert len(files.gets) == fetched, "the checkpoint it sent was in its own cache"
@@ -690,7 +704,8 @@ def test_the_worker_moves_256_mib_in_bounded_memory(tmp_path, secure):
         try:
             result = run(link, 1, "shell", {"command": "cp big.bin out.bin",
                                             "inputs": [dict(ref, path="big.bin")],
-                                            "outputs": ["out.bin"]}, timeout=120)
+                                            "outputs": ["out.bin"]}, timeout=120,
+                         wait=120)   # no frame while 256 MiB go in: 15 s was not enough
         finally:
             done.append(True)
             sampler.join()
@@ -848,8 +863,10 @@ def test_a_task_cancelled_while_its_inputs_come_is_cancelled_and_the_fetch_resum
     ref = files.add(data)
     link.assign(1, "shell", {"command": "true", "inputs": [dict(ref, path="in.bin")]})
     assert link.expect("task_accept")["task_id"] == 1
-    assert wait_until(lambda: files.gets, 10)
-    time.sleep(0.3)
+    # Cancelled once some of the input is on the device (not 0.3 s after the
+    # fetch began, which a stalled worker may spend without reading).
+    partial = os.path.join(state_dir(worker), "cache", "partial", ref["sha256"])
+    assert link.wait_until(lambda: os.path.exists(partial) and os.path.getsize(partial) > 0)
     link.send("task_cancel", {"task_id": 1, "attempt": 1})
     assert link.results(1)[1]["status"] == "cancelled"
     files.pause = 0.0

@@ -13,14 +13,17 @@ true blobs in the device's cache, and leave the worker running the next
 honest task.
 """
 import hashlib
+import itertools
 import json
 import os
+import sys
 import time
 
 import pytest
 
-from test_worker import WAIT, main  # noqa: F401 (fixture)
-from test_worker_files import also_36, files, handshake, start, state_dir  # noqa: F401
+from test_worker import WAIT, FakeMain, WorkerProcess, main  # noqa: F401 (fixture)
+from test_worker_files import (FakeFiles, also_36, files, handshake, start,  # noqa: F401
+                               state_dir)
 
 GOOD = b"the true input\n" * 100
 BAD = b"THE TRUE INPUT\n" * 100          # same size, other bytes
@@ -48,6 +51,7 @@ def assign_with_bytes(link, task_id, payload, entries, raw, inline_bytes=None, a
             "inline_bytes": len(raw) if inline_bytes is None else inline_bytes}
     frame = json.dumps({"message_type": "task_assign", "sender_id": "main",
                         "timestamp": time.time(), "message_id": "t", "data": data})
+    link.assigned.add((task_id, 1))       # still its own, should a lease_check ask
     link.send_raw(frame.encode() + b"\n" + raw + after)
 
 
@@ -87,6 +91,87 @@ NOT_THERE = "inputs: in.txt (sha256 %s, %d bytes): rc-files: not_yours: no such 
 
 def refused(worker):
     return worker.events("inline_file_refused")
+
+
+# -- one worker for all the cases of a parametrized test ----------------------------
+#
+# A case costs a worker start and stop more than its two tasks: the cases of
+# one parametrized test share a worker (and its link and fake rc-files).
+# Each case lies with bytes of its own (the_case's good and bad: a cache
+# holding another case's blob cannot answer for this one), its own task ids,
+# and checks what this case added to the cache and the log. A case that
+# fails ends the shared worker: the next case starts a fresh one.
+
+class Case:
+    """One case on the shared worker: its bytes, its task ids, and what
+    the cache and the log held before it."""
+
+    def __init__(self, shared, number):
+        self.worker, self.link, self.files = shared.worker, shared.link, shared.files
+        self.good = b"the true input %d\n" % number * 100
+        self.bad = self.good.upper()           # same size, other bytes
+        self.task_ids = shared.task_ids
+        self.cache_before = cache_holds_only_true_blobs(self.worker)
+        self.refused_before = len(refused(self.worker))
+        self.home = shared.home
+
+    def task_id(self):
+        return next(self.task_ids)
+
+    def not_there(self):
+        return "inputs: in.txt (sha256 %s, %d bytes): rc-files: not_yours: no such file" % (
+            sha(self.good), len(self.good))
+
+    def cache_added(self):
+        """The blobs this case added to the cache (all of them true); none
+        it held before went missing."""
+        now = cache_holds_only_true_blobs(self.worker)
+        assert self.cache_before <= now, self.cache_before - now
+        return now - self.cache_before
+
+    def refused(self):
+        return refused(self.worker)[self.refused_before:]
+
+
+class Shared:
+    def __init__(self, home):
+        self.home = home
+        self.main, self.files = FakeMain(), FakeFiles()
+        self.worker = WorkerProcess(sys.executable, self.main.port,
+                                    os.path.join(home, "worker.log"))
+        self.link = self.main.accept()
+        handshake(self.link, self.files.port)
+        self.task_ids = itertools.count(1)
+        self.cases = itertools.count(1)
+
+    def close(self):
+        try:
+            self.worker.stop()
+        finally:
+            self.main.close()
+            self.files.close()
+
+
+@pytest.fixture(scope="module")
+def shared_workers():
+    workers = {}
+    yield workers
+    for shared in workers.values():
+        shared.close()
+
+
+@pytest.fixture
+def the_case(request, shared_workers, tmp_path_factory):
+    """A Case on the worker shared by the cases of this test function."""
+    name = request.function.__name__
+    shared = shared_workers.get(name)
+    if shared is None or shared.worker.proc.poll() is not None:
+        shared = shared_workers[name] = Shared(str(tmp_path_factory.mktemp("shared")))
+    failed = request.session.testsfailed
+    yield Case(shared, next(shared.cases))
+    if request.session.testsfailed != failed or shared.worker.proc.poll() is not None:
+        del shared_workers[name]             # out of step, maybe: a fresh one for the next
+        shared.close()
 
 
 # -- bytes that are not what they claim -------------------------------------------
@@ -190,17 +275,18 @@ def test_more_bytes_than_announced_are_a_bad_frame_not_a_task(start, files, pyth
 
 
 @pytest.mark.parametrize("count", [2 ** 40, -5, 1.5, "1500", True, None])
-def test_a_count_that_cannot_be_followed_sends_no_bytes_to_the_cache(start, files, count):
+def test_a_count_that_cannot_be_followed_sends_no_bytes_to_the_cache(the_case, count):
     """A huge, negative or not whole count: the worker reads no raw bytes
     (what follows is read as frames) and fetches the input instead."""
-    worker, link = start()
-    files.add(GOOD)
-    assign_with_bytes(link, 1, cat_payload(GOOD), [ref(GOOD)], b"", inline_bytes=count)
-    result = result_of(link, 1)
-    assert result["status"] == "completed" and result["result"]["output"] == GOOD.decode()
-    assert (sha(GOOD), 0) in files.gets
-    honest_task_runs(link, 2, files)
-    assert cache_holds_only_true_blobs(worker) == {sha(GOOD), sha(b"honest 2\n")}
+    case, link, files, good = the_case, the_case.link, the_case.files, the_case.good
+    files.add(good)
+    task_id, honest_id = case.task_id(), case.task_id()
+    assign_with_bytes(link, task_id, cat_payload(good), [ref(good)], b"", inline_bytes=count)
+    result = result_of(link, task_id)
+    assert result["status"] == "completed" and result["result"]["output"] == good.decode()
+    assert (sha(good), 0) in files.gets
+    honest_task_runs(link, honest_id, files)
+    assert case.cache_added() == {sha(good), sha(b"honest %d\n" % honest_id)}
 
 
 def test_a_count_up_to_the_frame_limit_is_read_then_checked(start, files):
@@ -216,24 +302,30 @@ def test_a_count_up_to_the_frame_limit_is_read_then_checked(start, files):
     honest_task_runs(link, 2, files)
 
 
-UNREADABLE = {"not a list": {"sha256": sha(GOOD), "size": len(GOOD)},
-              "none": None, "an entry not an object": [sha(GOOD)],
-              "upper-case hex": [{"sha256": sha(GOOD).upper(), "size": len(GOOD)}],
-              "a negative size": [ref(GOOD), {"sha256": sha(BAD), "size": -len(GOOD)}],
-              "a size not whole": [dict(ref(GOOD), size=len(GOOD) + 0.5)],
-              "sizes short of the bytes": [dict(ref(GOOD), size=len(GOOD) - 1)],
-              "sizes past the bytes": [ref(GOOD), ref(BAD)]}
+# files_inline entries, made of a case's good and bad bytes.
+UNREADABLE = {"not a list": lambda good, bad: {"sha256": sha(good), "size": len(good)},
+              "none": lambda good, bad: None,
+              "an entry not an object": lambda good, bad: [sha(good)],
+              "upper-case hex": lambda good, bad: [{"sha256": sha(good).upper(),
+                                                    "size": len(good)}],
+              "a negative size": lambda good, bad: [ref(good), {"sha256": sha(bad),
+                                                                "size": -len(good)}],
+              "a size not whole": lambda good, bad: [dict(ref(good), size=len(good) + 0.5)],
+              "sizes short of the bytes": lambda good, bad: [dict(ref(good),
+                                                                  size=len(good) - 1)],
+              "sizes past the bytes": lambda good, bad: [ref(good), ref(bad)]}
 
 
 @pytest.mark.parametrize("entries", list(UNREADABLE.values()), ids=list(UNREADABLE))
-def test_files_inline_that_says_nothing_usable_caches_nothing(start, files, entries):
-    worker, link = start()
-    assign_with_bytes(link, 1, cat_payload(GOOD), entries, GOOD)
-    result = result_of(link, 1)
-    assert result["status"] == "failed" and result["error"] == NOT_THERE, result
-    assert refused(worker)
-    assert cache_holds_only_true_blobs(worker) == set()
-    honest_task_runs(link, 2, files)
+def test_files_inline_that_says_nothing_usable_caches_nothing(the_case, entries):
+    case, link, good = the_case, the_case.link, the_case.good
+    task_id = case.task_id()
+    assign_with_bytes(link, task_id, cat_payload(good), entries(good, case.bad), good)
+    result = result_of(link, task_id)
+    assert result["status"] == "failed" and result["error"] == case.not_there(), result
+    assert case.refused()
+    assert case.cache_added() == set()
+    honest_task_runs(link, case.task_id(), case.files)
 
 
 def test_bytes_behind_a_frame_that_is_not_a_task_assign_are_skipped(start, files):
@@ -255,19 +347,21 @@ OUTSIDE_NAMES = ["../escaped", "../../../../../../../../tmp/rc-lying-main-escape
 
 
 @pytest.mark.parametrize("name", OUTSIDE_NAMES, ids=repr)
-def test_an_input_name_that_leaves_the_task_directory_fails_the_attempt(start, files,
-                                                                       tmp_path, name):
-    worker, link = start()
-    assign_with_bytes(link, 1, cat_payload(GOOD, name), [ref(GOOD)], GOOD)
-    result = result_of(link, 1)
+def test_an_input_name_that_leaves_the_task_directory_fails_the_attempt(the_case, name):
+    case, link, good = the_case, the_case.link, the_case.good
+    task_id = case.task_id()
+    assign_with_bytes(link, task_id, cat_payload(good, name), [ref(good)], good)
+    result = result_of(link, task_id)
     assert result["status"] == "failed", result
     assert "relative path inside the task directory" in result["error"], result
-    for escaped in ("/tmp/rc-lying-main-escaped", str(tmp_path / "escaped")):
+    # (case.home holds the worker's log and state, as tmp_path did when each
+    # case had a worker of its own.)
+    for escaped in ("/tmp/rc-lying-main-escaped", os.path.join(case.home, "escaped")):
         assert not os.path.lexists(escaped)
-    assert not [n for _, _, names in os.walk(str(tmp_path)) for n in names if "escaped" in n]
+    assert not [n for _, _, names in os.walk(case.home) for n in names if "escaped" in n]
     # The true bytes went to the cache nonetheless: they are what they say.
-    assert cache_holds_only_true_blobs(worker) == {sha(GOOD)}
-    honest_task_runs(link, 2, files)
+    assert case.cache_added() == {sha(good)}
+    honest_task_runs(link, case.task_id(), case.files)
 
 
 def test_inputs_that_collide_or_go_through_a_file_fail_the_attempt(start, files, tmp_path):
@@ -309,28 +403,32 @@ def test_inline_bytes_for_a_task_that_is_refused_stay_true(start, files):
     honest_task_runs(link, 2, files)
 
 
-BAD_PAYLOADS = {   # name -> (payload, words the task's error holds)
-    "inputs not a list": ({"command": "true", "inputs": {"path": "a"}}, "'inputs' must be a list"),
-    "too many inputs": ({"command": "true", "inputs": [{}] * 10001}, "at most 10000"),
-    "a path not a string": ({"command": "true", "inputs": [dict(ref(GOOD), path=["a"])]},
+BAD_PAYLOADS = {   # name -> (payload of a case's good bytes, words the task's error holds)
+    "inputs not a list": (lambda good: {"command": "true", "inputs": {"path": "a"}},
+                          "'inputs' must be a list"),
+    "too many inputs": (lambda good: {"command": "true", "inputs": [{}] * 10001},
+                        "at most 10000"),
+    "a path not a string": (lambda good: {"command": "true",
+                                          "inputs": [dict(ref(good), path=["a"])]},
                             "relative path"),
-    "stdin not a blob": ({"command": "true", "stdin": {"sha256": "x", "size": 1}},
+    "stdin not a blob": (lambda good: {"command": "true", "stdin": {"sha256": "x", "size": 1}},
                          "'stdin' must be"),
-    "checkpoint not a blob": ({"command": "true", "checkpoint": "../x"}, "'checkpoint' must be"),
-    "a script that is no input": ({"file": "../in.txt", "inputs": [dict(ref(GOOD),
-                                                                        path="in.txt")]},
-                                  "not one of the task's inputs"),
+    "checkpoint not a blob": (lambda good: {"command": "true", "checkpoint": "../x"},
+                              "'checkpoint' must be"),
+    "a script that is no input": (lambda good: {"file": "../in.txt", "inputs": [
+        dict(ref(good), path="in.txt")]}, "not one of the task's inputs"),
 }
 
 
 @pytest.mark.parametrize("payload, words", list(BAD_PAYLOADS.values()), ids=list(BAD_PAYLOADS))
-def test_a_payload_that_lies_about_its_inputs_fails_the_attempt(start, files, payload, words):
-    worker, link = start()
-    assign_with_bytes(link, 1, payload, [ref(GOOD)], GOOD)
-    result = result_of(link, 1)
+def test_a_payload_that_lies_about_its_inputs_fails_the_attempt(the_case, payload, words):
+    case, link, good = the_case, the_case.link, the_case.good
+    task_id = case.task_id()
+    assign_with_bytes(link, task_id, payload(good), [ref(good)], good)
+    result = result_of(link, task_id)
     assert result["status"] == "failed" and words in result["error"], result
-    assert cache_holds_only_true_blobs(worker) == {sha(GOOD)}
-    honest_task_runs(link, 2, files)
+    assert case.cache_added() == {sha(good)}
+    honest_task_runs(link, case.task_id(), case.files)
 
 
 def test_a_size_in_the_payload_that_is_not_the_blobs_fails_the_attempt(start, files):

@@ -26,7 +26,7 @@ from rc import db, tasks, tls  # noqa: E402
 from rc.states import TERMINAL_STATES  # noqa: E402
 
 from cluster_harness import free_ports  # noqa: E402
-from test_worker import (INTERPRETERS, short_name, process_gone,  # noqa: E402,F401
+from test_worker import (INTERPRETERS, WAIT, short_name, process_gone,  # noqa: E402,F401
                          wait_until)
 
 WORKER = os.path.join(ROOT, "bin", "worker.py")
@@ -206,7 +206,7 @@ def test_sandbox(node, drop_dir):
     assert timed_out["state"] == "timed_out", timed_out
     started = [int(pid) for pid in pids.read_text().split()]
     assert len(started) == 5
-    assert wait_until(lambda: all(map(process_gone, started)), timeout=3), \
+    assert wait_until(lambda: all(map(process_gone, started)), timeout=WAIT), \
         [pid for pid in started if not process_gone(pid)]
     printed = node.wait(chatty, timeout=60)
     assert printed["state"] == "completed" and printed["result"]["truncated"] is True
