@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rc import alerts, commands, db, fleet, housekeeping, map_cli, stats, tasks
+from rc import alerts, commands, db, fleet, health, housekeeping, map_cli, stats, tasks
 from rc.log import Logger
 
 
@@ -112,6 +112,25 @@ def test_failure_rate_and_queue_stuck_rules(cluster_home, add_device):
     fired = alerts.evaluate(connection, config, Logger("t", "info", io.BytesIO()), now + 1)
     assert sorted(a.rule for a in fired) == ["failure_rate", "queue_stuck"]
     assert "3 of 4 tasks failed" in [a for a in fired if a.rule == "failure_rate"][0].message
+
+
+def test_a_task_is_stuck_only_for_the_time_a_device_could_have_taken_it(cluster_home, add_device):
+    """A restored backup, or a main node back after a day: tasks queued long
+    ago are not "stuck" until the device that connected just now has had
+    health_queue_stuck to take them. Before, `make run` after a restore
+    said "queue stuck: task 78 waited 1796635434s" and exited 1."""
+    config, connection = cluster_home
+    connected = time.time()
+    add_device("pi", metrics={}, now=connected)
+    task_id = tasks.submit(connection, config, "echo", {"message": "from the backup"})
+    with db.write(connection):
+        connection.execute("UPDATE devices SET status = 'online', connected = 1")
+        connection.execute("UPDATE tasks SET created_at = 1000.0 WHERE task_id = ?", (task_id,))
+        connection.execute("UPDATE task_events SET time = 1000.0 WHERE task_id = ?", (task_id,))
+    config.health_queue_stuck = 600.0
+    assert health.stuck_tasks(connection, config, connected + 599) == []
+    [(stuck_id, waited, device_id)] = health.stuck_tasks(connection, config, connected + 601)
+    assert (stuck_id, device_id) == (task_id, "pi") and waited == pytest.approx(601)
 
 
 def test_bad_alert_rules_are_logged_not_fatal(cluster_home):

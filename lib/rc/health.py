@@ -307,7 +307,10 @@ def free_devices(connection):
 
 def stuck_tasks(connection, config, now):
     """Tasks waiting past health_queue_stuck that a device with a free slot
-    could run: the scheduler should have given them out."""
+    could run: the scheduler should have given them out. A task counts as
+    waiting for a device only since that device connected: after a restart
+    or a restored backup, tasks queued days ago are not stuck before the
+    scheduler's first pass over them."""
     limit = now - config.health_queue_stuck
     candidates = [row for row in ready_queued(connection, now, limit)
                   if (row["since"] or 0) < limit]
@@ -317,10 +320,12 @@ def stuck_tasks(connection, config, now):
     stuck = []
     for row in candidates:
         requirements = db.loads(row["requirements"], {})
-        fits = [d for d in free if not tasks.unmet_requirements(requirements, d)
-                and (not d["task_types"] or row["task_type"] in d["task_types"])]
-        if fits:
-            stuck.append((row["task_id"], now - row["since"], fits[0]["device_id"]))
+        waits = [(now - max(row["since"] or 0, d["connected_at"] or 0), d["device_id"])
+                 for d in free if not tasks.unmet_requirements(requirements, d)
+                 and (not d["task_types"] or row["task_type"] in d["task_types"])]
+        waited, device_id = max(waits, default=(0, None))
+        if waited > config.health_queue_stuck:
+            stuck.append((row["task_id"], waited, device_id))
     return stuck
 
 
