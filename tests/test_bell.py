@@ -1,5 +1,7 @@
 """Doorbells between programs: a ring wakes the sleeper at once; no listener
 is no error."""
+import os
+import socket
 import threading
 import time
 
@@ -38,3 +40,23 @@ def test_a_predecessor_s_stale_bell_is_replaced(tmp_path):
     bell.ring(str(tmp_path), "rc-server")
     assert second.wait(1.0)
     second.close()
+
+
+def test_a_pid_file_counts_only_while_supervisord_answers_on_its_socket(tmp_path):
+    """What a power cut leaves: a pid file whose pid another process has now,
+    and a socket file nobody listens on. `make stop` would signal that
+    process if the pid file alone were believed."""
+    run_dir = str(tmp_path)
+    with open(os.path.join(run_dir, bell.SUPERVISOR_PID_FILE), "w") as f:
+        f.write("%d\n" % os.getpid())
+    assert bell.supervisord_pid(run_dir) is None
+    path = os.path.join(run_dir, bell.SUPERVISOR_SOCKET)
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(path)
+    left.close()                                        # the socket file stays
+    assert bell.supervisord_pid(run_dir) is None
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(path)
+        listening.listen(1)
+        assert bell.supervisord_pid(run_dir) == os.getpid()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 from cluster_harness import REPO, Cluster, alive, wait_for
@@ -93,3 +94,30 @@ def test_make_stop_ends_once_supervisord_is_done_and_make_run_starts_again(clust
     assert not os.path.exists(os.path.join(cluster.home, "run", "supervisord.pid"))
     wait_for(lambda: not alive(pid), 30, "supervisord gone")
     assert cluster.make("run").returncode == 0
+
+
+def test_a_pid_file_left_by_a_power_cut_names_nothing_to_make_stop_or_run(cluster):
+    """A power cut leaves supervisord's pid file and socket behind, and after
+    the reboot that pid may be another program's. `make stop` must not
+    signal it, and `make run` must start the main node (lib/rc/bell.py
+    supervisord_pid: the socket must answer, not just the pid live)."""
+    pid_file = os.path.join(cluster.home, "run", "supervisord.pid")
+    supervisord = psutil.Process(int(open(pid_file).read()))
+    everything = supervisord.children(recursive=True) + [supervisord]
+    for process in everything:
+        process.kill()
+    psutil.wait_procs(everything, timeout=30)
+    assert os.path.exists(pid_file)
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        with open(pid_file, "w") as f:
+            f.write("%d\n" % bystander.pid)
+        stopped = cluster.make("stop")
+        assert stopped.returncode == 0 and stopped.stdout.strip() == "not running", stopped.stdout
+        assert bystander.poll() is None
+        started = cluster.make("run")
+        assert started.returncode == 0, started.stdout
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

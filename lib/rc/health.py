@@ -12,13 +12,12 @@ import socket
 import sqlite3
 import time
 
-from rc import db, devices, tasks
+from rc import bell, db, devices, tasks
 from rc.render import age
 from rc.states import ONLINE
 
 OK, WARNING, CRITICAL = 0, 1, 2
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
-SUPERVISOR_TIMEOUT = 5.0      # seconds to wait for supervisord's answer
 STOPPED_LOOK_INTERVAL = 1.0   # seconds between looks, by a command that waits for tasks,
                               # at whether the main node still runs
 # Seconds a passed `PRAGMA quick_check` is trusted: it reads the whole
@@ -110,15 +109,7 @@ class StoppedWatch:
 
 
 def supervisor_answers(config):
-    """Does a supervisord listen on this state directory's socket? (One left
-    behind by a supervisord that was killed refuses the connection.)"""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(SUPERVISOR_TIMEOUT)
-            probe.connect(supervisor_socket(config))
-        return True
-    except OSError:
-        return False
+    return bell.supervisor_answers(config.run_dir)
 
 
 def check(config, now=None, without_supervisor=CRITICAL):
@@ -166,7 +157,7 @@ def supervisor_proxy(path):
 
     class UnixConnection(xmlrpc.client.http.client.HTTPConnection):
         def __init__(self):
-            super().__init__("localhost", timeout=SUPERVISOR_TIMEOUT)
+            super().__init__("localhost", timeout=bell.SUPERVISOR_TIMEOUT)
 
         def connect(self):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -181,7 +172,7 @@ def supervisor_proxy(path):
 
 
 def supervisor_socket(config):
-    return os.path.join(config.run_dir, "supervisor.sock")
+    return os.path.join(config.run_dir, bell.SUPERVISOR_SOCKET)
 
 
 def program_states(config):
