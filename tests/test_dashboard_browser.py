@@ -140,10 +140,15 @@ def node(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    """One Chromium for a module's dashboard checks (other modules import it)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture

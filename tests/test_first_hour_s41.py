@@ -14,8 +14,8 @@ from cluster_harness import wait_for, with_the_local_worker
 from rc import client, db, state_dir, tasks
 from rc.states import COMPLETED
 from test_dashboard_api import failed_task, running_task
-from test_dashboard_browser import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, current_line,
-                                    screen, type_line)
+from test_dashboard_browser import ARTIFACTS, current_line, screen, type_line
+from test_dashboard_browser import browser  # noqa: F401 (its fixture: one Chromium a module)
 import test_web
 from test_polish_s40 import static_answer
 
@@ -155,18 +155,6 @@ def test_the_success_tile_counts_the_present_minute_as_the_failed_tile_does(
     assert body["history_summary"]["success_rate"] == 0.5, body["history_summary"]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """One Chromium for the module's dashboard checks."""
-    if CHROMIUM is None:
-        pytest.skip("no Chromium at /usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_the_dashboard_says_when_the_join_token_is_given_to_it(cluster, browser):
