@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cluster_harness import RC, REPO, WORKER, Cluster, wait_for
+from cluster_harness import PORT_TRIES, RC, REPO, WORKER, Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -291,6 +291,18 @@ def free_ports(count):
     return [str(port) for port in ports]
 
 
+def run_on_free_ports(start):
+    """start(tcp, web, files) on three free ports, again on new ones when
+    `make run` says another program took one of them between the pick and
+    its bind (as cluster_harness.Cluster.start does). The ports and the run."""
+    for _ in range(PORT_TRIES):
+        ports = free_ports(3)
+        done = start(*ports)
+        if done.returncode == 0 or "holds port" not in done.stdout:
+            break
+    return ports, done
+
+
 @pytest.fixture
 def short_path():
     """A short directory: supervisord's socket path must fit in AF_UNIX's
@@ -308,20 +320,19 @@ def test_a_new_user_follows_the_readme_on_a_fresh_clone(short_path):
     clone = str(tmp_path / "retire-cluster")
     subprocess.run(["git", "clone", "-q", REPO, clone], check=True, timeout=120)
     readme = open(os.path.join(clone, "README.md")).read()
-    tcp, web, files, tcp2, web2, files2 = free_ports(6)
     shell = {key: value for key, value in os.environ.items()
              if not key.startswith("RC_") and key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    first = dict(shell, RC_TCP_PORT=tcp, RC_WEB_PORT=web, RC_FILES_PORT=files)
     rc2 = str(tmp_path / "rc2")
-    second = {"/tmp/rc2": rc2, "8090": tcp2, "5010": web2, "8091": files2}
     try:
-        started = run("make run && bin/rc health", clone, first, timeout=300)
+        (tcp, web, files), started = run_on_free_ports(
+            lambda tcp, web, files: run("make run && bin/rc health", clone, dict(
+                shell, RC_TCP_PORT=tcp, RC_WEB_PORT=web, RC_FILES_PORT=files), timeout=300))
         assert started.returncode == 0, started.stdout
         assert "cluster healthy: RC OK" in started.stdout and "\nRC OK" in started.stdout
         # The main node's packages only: the tests' (Chromium's driver, Dask) are make test's.
         tests_only = run(".venv/bin/python -c 'import playwright'; .venv/bin/python -c"
                          " 'import distributed'; .venv/bin/python -c 'import pytest'",
-                         clone, first)
+                         clone, shell)
         assert tests_only.stdout.count("ModuleNotFoundError") == 3, tests_only.stdout
         # A new shell: no ports in the environment; what make run was given is recorded.
         assert run(readme_command(readme, "bin/rc health"), clone, shell).returncode == 0
@@ -348,10 +359,14 @@ def test_a_new_user_follows_the_readme_on_a_fresh_clone(short_path):
         assert "== %s (task " % local[0] in fleet.stdout and "Filesystem" in fleet.stdout
         assert len([line for line in fleet.stdout.splitlines() if line.endswith("/")]) >= 1
         # A second cluster beside the first, then read from a new shell.
-        for command in ("RC_HOME=/tmp/rc2 RC_TCP_PORT=8090 RC_WEB_PORT=5010"
-                        " RC_FILES_PORT=8091 make run",):
-            done = run(readme_command(readme, command, **second), clone, shell, timeout=300)
-            assert done.returncode == 0 and "cluster healthy" in done.stdout, done.stdout
+        second_run = ("RC_HOME=/tmp/rc2 RC_TCP_PORT=8090 RC_WEB_PORT=5010"
+                      " RC_FILES_PORT=8091 make run")
+        (tcp2, web2, files2), done = run_on_free_ports(
+            lambda tcp2, web2, files2: run(readme_command(readme, second_run, **{
+                "/tmp/rc2": rc2, "8090": tcp2, "5010": web2, "8091": files2}), clone, shell,
+                timeout=300))
+        assert done.returncode == 0 and "cluster healthy" in done.stdout, done.stdout
+        second = {"/tmp/rc2": rc2, "8090": tcp2, "5010": web2, "8091": files2}
         status2 = run(readme_command(readme, "RC_HOME=/tmp/rc2 bin/rc status", **second),
                       clone, shell)
         assert "devices_online: 1" in status2.stdout, status2.stdout
