@@ -138,6 +138,21 @@ def node(tmp_path_factory):
     node.stop()
 
 
+def panel_screenshot(panel, path):
+    """A panel's picture for a person to look at. A view redraws its panels
+    as news comes: one may be replaced between the locator finding it and
+    the picture (a CI run: "Element is not attached to the DOM"), so the
+    locator finds it again."""
+    from playwright.sync_api import Error
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for attempt in range(3):
+        try:
+            return panel.screenshot(path=path)
+        except Error as e:
+            if "not attached" not in str(e) or attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
 def browser():
     """One Chromium for a module's dashboard checks (other modules import it)."""

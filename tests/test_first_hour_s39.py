@@ -19,7 +19,7 @@ import pytest
 from cluster_harness import RC, WORKER as SERVED_WORKER, online, wait_for, with_the_local_worker
 from rc import db, device_logs, health, scheduler, tasks
 from test_cli import rc, task_count
-from test_dashboard_browser import ARTIFACTS
+from test_dashboard_browser import ARTIFACTS, panel_screenshot
 from test_first_hour import add
 from test_first_hour_s34 import phone  # noqa: F401 (a fixture: one Chromium, a phone's pages)
 from test_worker import DEVICE_ID, TOKEN, WORKER, main, wait_until  # noqa: F401 (a fixture)
@@ -341,18 +341,7 @@ def test_a_failed_tasks_files_say_input_or_output_on_a_phone(phone, failed_task)
 
 
 def screenshot(panel, name):
-    """A panel's picture for a person to look at. The view redraws its
-    panels as the stream brings news: one may be replaced between the
-    locator finding it and the picture (a CI run: "Element is not
-    attached to the DOM"), so the locator finds it again."""
-    from playwright.sync_api import Error
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    for attempt in range(3):
-        try:
-            return panel.screenshot(path=os.path.join(ARTIFACTS, name))
-        except Error as e:
-            if "not attached" not in str(e) or attempt == 2:
-                raise
+    panel_screenshot(panel, os.path.join(ARTIFACTS, name))
 
 
 def test_a_devices_log_lines_name_their_task_on_a_phone(cluster, phone, failed_task):

@@ -214,6 +214,7 @@ def test_a_devices_log_messages_on_a_laptop_keep_their_words_whole(tmp_path):
     column of Tasks and Logs more of the width: every word of these messages
     stays on one line, and the column is the table's widest."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from test_dashboard_browser import panel_screenshot
     if not os.path.exists(CHROMIUM):
         pytest.skip("no Chromium at %s" % CHROMIUM)
     with sync_api.sync_playwright() as playwright:
@@ -224,9 +225,8 @@ def test_a_devices_log_messages_on_a_laptop_keep_their_words_whole(tmp_path):
             page.goto(BASE + "/#/device/pi-kitchen")
             page.wait_for_selector("#view-object td.message:has-text('battery_below_minimum')")
             logs = page.locator(".panel", has=page.locator("h2", has_text="Logs"))
-            logs.screenshot(path=str(tmp_path / "logs.png"))
-            os.makedirs(os.path.join(ROOT, "test-artifacts"), exist_ok=True)
-            logs.screenshot(path=os.path.join(ROOT, "test-artifacts", "s40_device_logs.png"))
+            panel_screenshot(logs, str(tmp_path / "logs.png"))
+            panel_screenshot(logs, os.path.join(ROOT, "test-artifacts", "s40_device_logs.png"))
             # Each word's boxes: one line each, or the word was broken.
             split = page.evaluate(WORDS_SPLIT, "#view-object td.message")
             assert split == [], split

@@ -247,6 +247,7 @@ def test_log_lines_and_task_messages_on_a_phone_keep_their_words_whole(tmp_path)
     import os
     import test_polish_s40 as s40
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from test_dashboard_browser import panel_screenshot
     if not os.path.exists(s40.CHROMIUM):
         pytest.skip("no Chromium at %s" % s40.CHROMIUM)
     now = time.time()
@@ -273,8 +274,8 @@ def test_log_lines_and_task_messages_on_a_phone_keep_their_words_whole(tmp_path)
             page.route(s40.BASE + "/**", answer)
             page.goto(s40.BASE + "/#/device/pi-kitchen")
             page.wait_for_selector("#view-object td.message:has-text('battery_below_minimum')")
-            page.locator(".panel", has=page.locator("h2", has_text="Logs")).screenshot(
-                path=str(tmp_path / "phone-logs.png"))
+            panel_screenshot(page.locator(".panel", has=page.locator("h2", has_text="Logs")),
+                             str(tmp_path / "phone-logs.png"))
             assert page.evaluate(s40.WORDS_SPLIT, "#view-object td.message") == []
             assert page.locator("#view-object th:text-is('time')").is_visible()
             assert page.evaluate("document.documentElement.scrollWidth") <= 390
