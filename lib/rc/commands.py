@@ -1782,10 +1782,22 @@ def web_access(argv):
     """What the web terminal needs to run `argv`: "read" or "admin"; a
     CommandError when it must not run it there. May change argv (a
     `submit --wait` gets a bounded wait)."""
+    return web_rules(argv)[0]
+
+
+def web_rules(argv):
+    """(web_access(argv), whether it may hold the request up to
+    WEB_WAIT_LIMIT: `submit --wait`, which rc-web runs only in one of the
+    slots a long poll waits in, so that such requests at once cannot take
+    every one of its threads)."""
     try:
         arguments = parse(build_parser(io.StringIO()), argv)
     except (CommandError, ParserExit):
-        return "read"            # run_command reports the usage error itself
+        return "read", False     # run_command reports the usage error itself
+    return web_access_of(arguments, argv), arguments.command == "submit" and arguments.wait
+
+
+def web_access_of(arguments, argv):
     name = arguments.command
     if name == "monitor" and arguments.once:
         return "read"

@@ -1,0 +1,82 @@
+"""Stop 43's attack on issues 18 and 19's newest surfaces (the file store
+and transfer, the client interfaces) as a LAN stranger, as a holder of the
+admin token sending the worst of every value, as a device that lies and as
+a task's own code. One shared cluster: the good worker alone."""
+import http.client
+import json
+import os
+import sys
+import threading
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster_harness import wait_for  # noqa: E402
+from test_inline_files import with_the_good_worker  # noqa: E402
+from rc import web_results  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from with_the_good_worker(tmp_path_factory.mktemp("hostile-s43"))
+
+
+def admin_token(cluster):
+    return open(cluster.config.admin_token_path).read().strip()
+
+
+def post(cluster, path, value, timeout=60):
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
+                                            timeout=timeout)
+    try:
+        connection.request("POST", path, json.dumps(value).encode(), {
+            "Authorization": "Bearer " + admin_token(cluster),
+            "Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, dict(answer.getheaders()), json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+def queued_with(cluster, marker):
+    return [row[0] for row in cluster.db.execute(
+        "SELECT task_id FROM tasks WHERE payload LIKE ?", ("%" + marker + "%",))]
+
+
+# -- the web terminal's `submit --wait`, many at once ---------------------------------
+
+def test_submit_wait_through_the_command_route_waits_in_a_long_polls_slot(cluster):
+    """Before: POST /api/v1/command with `submit ... --wait` held one of
+    rc-web's threads for up to 30 s, without the cap GET ...?wait= has:
+    60 of them from two addresses held every thread, and /health from a
+    third address waited 25 s. Now it takes a long poll's slot (4 from one
+    address): the fifth is refused at once, 503, nothing queued for it."""
+    marker = "s43-held-%s" % os.getpid()
+    command = {"command": "submit echo %s --require device_id=nobody-here --wait" % marker}
+    answers = []
+    held = [threading.Thread(target=lambda: answers.append(post(cluster, "/api/v1/command",
+                                                                command)))
+            for _ in range(web_results.MAX_WAITERS_PER_ADDRESS)]
+    for thread in held:
+        thread.start()
+    try:
+        wait_for(lambda: len(queued_with(cluster, marker)) == len(held), 30,
+                 "the waiting submits to queue their tasks")
+        status, headers, answer = post(cluster, "/api/v1/command", command)
+        assert status == 503, (status, answer)
+        assert "nothing submitted" in answer["error"] and "GET /api/v1/tasks/ID/result" \
+            in answer["error"], answer
+        assert headers.get("Retry-After") == "1"
+        assert len(queued_with(cluster, marker)) == len(held)
+    finally:
+        for task_id in queued_with(cluster, marker):
+            cluster.rc("cancel", str(task_id))
+        for thread in held:
+            thread.join()
+    assert [status for status, _, _ in answers] == [200] * len(held), answers
+    # The slots are given back: the next one waits again (and ends at its cancel).
+    status, _, answer = post(cluster, "/api/v1/command", {
+        "command": "submit echo %s-after --wait --wait-timeout 30" % marker})
+    assert status == 200 and answer["output"] == "%s-after\n" % marker, answer
