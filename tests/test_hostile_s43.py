@@ -80,3 +80,55 @@ def test_submit_wait_through_the_command_route_waits_in_a_long_polls_slot(cluste
     status, _, answer = post(cluster, "/api/v1/command", {
         "command": "submit echo %s-after --wait --wait-timeout 30" % marker})
     assert status == 200 and answer["output"] == "%s-after\n" % marker, answer
+
+
+# -- a device revoked while it holds an rc-files connection ---------------------------
+
+def checkpoint_tar(name, data):
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_a_revoked_device_stores_and_reads_nothing_on_a_connection_opened_before(cluster):
+    """Before: rc-files looked at `revoked` only when a connection proved
+    its device's secret. A device revoked (its secret stolen, say) kept the
+    rc-files connection it had opened before, and on it stored a checkpoint
+    for the task it had held, which had gone back to the queue: the next
+    attempt, on any device, would have started from the revoked device's
+    files. Now each request looks again, and the connection is closed."""
+    import hashlib
+    from test_files_hostile import authenticated
+    from test_inline_files import Device
+    from rc import files, tasks, transfer
+    mallory = Device(cluster, "s43-revoked")
+    assign = mallory.take("sleep 60", "--output", "*", "--retries", "3")
+    task_id, attempt = assign["task_id"], assign["attempt"]
+    sock, reader, welcome = authenticated(cluster, "s43-revoked")
+    assert welcome == {"ok": True}
+    try:
+        cluster.rc("revoke", "s43-revoked")
+        wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "queued", 30,
+                 "the revoked device's task to go back to the queue")
+        data = checkpoint_tar("state.pickle", b"what the next attempt would unpickle")
+        request = {"task_id": task_id, "attempt": attempt, "name": files.CHECKPOINT_NAME,
+                   "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                   "whole": True}
+        assert len(data) <= transfer.WHOLE_PUT_BYTES
+        sock.sendall(json.dumps({"put": request}).encode() + b"\n" + data)
+        answer = json.loads(reader.readline())
+        assert answer.get("error", {}).get("code") == "unknown_device", answer
+        assert reader.readline() == b""         # and the connection is closed
+    finally:
+        sock.close()
+        mallory.close()
+        cluster.rc("cancel", str(task_id))
+    task = tasks.get(cluster.db, task_id)
+    assert "checkpoint" not in task["payload"], task["payload"]
+    assert [row for row in files.task_files(cluster.db, task_id)
+            if row["kind"] == files.CHECKPOINT] == []

@@ -430,6 +430,8 @@ class Session:
     def answer(self, request):
         """Serve one request; False when the peer said bye."""
         (verb, arguments), = request.items()
+        if verb in ("get", "put"):
+            self.check_still_joined()
         if verb == "get":
             self.get(arguments)
         elif verb == "put":
@@ -440,6 +442,18 @@ class Session:
             raise Refusal("bad_request", "unknown request %r (get, put, bye)" % verb[:50],
                           close=True)
         return True
+
+    def check_still_joined(self):
+        """A Refusal, the connection closed, once the device was revoked or
+        forgotten since it proved its secret: a revoked device kept the
+        connection it had, and on it put a checkpoint that the next
+        attempt of a task it had held, on any device, would start from."""
+        row = self.connection.execute(
+            "SELECT revoked, forgotten FROM devices WHERE device_id = ?",
+            (self.device_id,)).fetchone()
+        if row is None or row["revoked"] or row["forgotten"]:
+            raise Refusal("unknown_device", "device %s was revoked or forgotten since this"
+                          " connection proved its secret" % self.device_id, close=True)
 
     def get(self, arguments):
         sha256, offset = arguments.get("sha256"), arguments.get("offset", 0)
