@@ -132,3 +132,62 @@ def test_a_revoked_device_stores_and_reads_nothing_on_a_connection_opened_before
     assert "checkpoint" not in task["payload"], task["payload"]
     assert [row for row in files.task_files(cluster.db, task_id)
             if row["kind"] == files.CHECKPOINT] == []
+
+
+# -- outputs of an attempt that did not end the task ----------------------------------
+
+def test_outputs_an_earlier_attempt_left_are_not_the_tasks(cluster):
+    """Before: a task's files were, name by name, the latest attempt that
+    stored each: a device that put an output (planted.txt, any name its
+    globs match) and then let its attempt go (here taken back by `rc drain
+    --now`; a dropped connection does it too) had that file served as the
+    task's, beside what the attempt that completed it left: `rc get`, `rc
+    map --into` and GET .../files/NAME wrote it as the task's output. Now a
+    task's outputs and streams are its last attempt's only."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+    from test_files_hostile import authenticated, ask
+    from test_inline_files import Device, entry
+    from rc import files, tasks
+    liar = Device(cluster, "s43-liar")
+    first = liar.take("true", "--output", "*.txt", "--retries", "3")
+    task_id = first["task_id"]
+    sock, reader, welcome = authenticated(cluster, "s43-liar")
+    try:
+        data = b"forged by an attempt that never ended the task\n"
+        assert ask(sock, reader, {"put": {
+            "task_id": task_id, "attempt": first["attempt"], "name": "planted.txt",
+            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}) == \
+            {"ok": True, "have": 0}
+        sock.sendall(data)
+        assert json.loads(reader.readline()) == {"ok": True, "stored": True}
+    finally:
+        sock.close()
+    cluster.rc("drain", "s43-liar", "--now")
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "queued", 20,
+             "the drained attempt to go back to the queue")
+    cluster.rc("resume", "s43-liar")
+    while True:
+        second = liar.next("task_assign")
+        if second["task_id"] == task_id:
+            break
+    assert second["attempt"] > first["attempt"]
+    liar.send("task_accept", {"task_id": task_id, "attempt": second["attempt"]})
+    wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "running", 20,
+             "the second attempt to run")
+    try:
+        done = liar.finish(second, [entry("result.txt", b"the attempt that completed\n")])
+    finally:
+        liar.close()
+    assert done["state"] == "completed", done
+    outputs = {row["name"]: row["attempt"] for row in files.task_files(cluster.db, task_id)
+               if row["kind"] in (files.OUTPUT, files.STREAM)}
+    assert outputs == {"result.txt": second["attempt"]}, outputs
+    request = urllib.request.Request(
+        "http://127.0.0.1:%d/api/v1/tasks/%d/files/planted.txt"
+        % (cluster.config.web_port, task_id),
+        headers={"Authorization": "Bearer " + admin_token(cluster)})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=20)
+    assert refused.value.code == 404
