@@ -191,3 +191,41 @@ def test_outputs_an_earlier_attempt_left_are_not_the_tasks(cluster):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=20)
     assert refused.value.code == 404
+
+
+# -- rc get and rc map --into in a shared directory -----------------------------------
+
+def test_rc_get_writes_through_no_link_planted_in_a_folder_of_an_outputs_name(cluster,
+                                                                            tmp_path):
+    """Before: `rc get ID -o DIR` (and `rc map --into DIR`) made the folders
+    of an output's name with os.makedirs and opened the file under them,
+    following a link another local user planted in a shared DIR: DIR/sub to
+    the user's ~/.ssh, and an output sub/authorized_keys (a name a device
+    chooses within the task's globs) was written into ~/.ssh. The last
+    part was safe already (O_NOFOLLOW); now each folder is too."""
+    from rc import files, files_cli
+    victim, shared = tmp_path / "dot-ssh", tmp_path / "shared"
+    victim.mkdir()
+    shared.mkdir()
+    os.symlink(str(victim), str(shared / "sub"))
+    source = tmp_path / "from-a-device"
+    source.write_bytes(b"ssh-ed25519 AAAA the device's key\n")
+    umask = os.umask(0o077)         # as bin/rc stores files: for the owner only
+    try:
+        digest, size = files.store_path(cluster.db, cluster.config, str(source))
+    finally:
+        os.umask(umask)
+    entry = {"kind": files.OUTPUT, "name": "sub/authorized_keys", "sha256": digest,
+             "size": size}
+    with pytest.raises(files_cli.FileOptionError) as refused:
+        files_cli.write_out(cluster.db, cluster.config, entry, str(shared))
+    assert "is a link" in str(refused.value), refused.value
+    assert os.listdir(str(victim)) == []
+    # Folders that are folders are made or entered as before.
+    (shared / "made").mkdir()
+    for name in ("made/here/authorized_keys", "new/deep/x.txt", "top.txt"):
+        written = files_cli.write_out(cluster.db, cluster.config, dict(entry, name=name),
+                                      str(shared))
+        assert written == os.path.join(str(shared), name)
+        assert open(written, "rb").read() == source.read_bytes()
+    assert sorted(os.listdir(str(shared / "made" / "here"))) == ["authorized_keys"]
