@@ -229,3 +229,38 @@ def test_rc_get_writes_through_no_link_planted_in_a_folder_of_an_outputs_name(cl
         assert written == os.path.join(str(shared), name)
         assert open(written, "rb").read() == source.read_bytes()
     assert sorted(os.listdir(str(shared / "made" / "here"))) == ["authorized_keys"]
+
+
+# -- a task's folder swapped for a link while the worker reads its outputs ------------
+
+def test_an_output_whose_folder_becomes_a_link_after_it_was_checked_is_not_sent(tmp_path):
+    """The worker, as root, checks each output (inside the task directory,
+    a regular file, none of its own state's, no hard links out) and opens
+    it later, O_NOFOLLOW on its last part only. With --task-user USER, the
+    tasks of one uid can reach into each other's directories (a cwd kept
+    there, all of its folders theirs): one swapped a folder of another's
+    output for a link to the worker's state directory between the check
+    and the open, and the worker sent its own device secret as that task's
+    output. Now the file opened must be the file checked."""
+    from test_worker_identity import load_worker_module
+    worker = load_worker_module()
+    task, state = tmp_path / "task", tmp_path / "state"
+    (task / "sub").mkdir(parents=True)
+    state.mkdir()
+    (task / "sub" / "out.txt").write_bytes(b"the task's output\n")
+    (state / "out.txt").write_bytes(b"the device's secret\n")
+    protected = {(os.stat(str(state / "out.txt")).st_dev,
+                  os.stat(str(state / "out.txt")).st_ino)}
+    found, notes = worker.find_outputs(str(task), worker.output_globs({"outputs": ["**"]}),
+                                       protected)
+    assert [entry[0] for entry in found] == ["sub/out.txt"] and notes == []
+    os.rename(str(task / "sub"), str(task / "gone"))          # the other task's swap
+    os.symlink(str(state), str(task / "sub"))
+    name, path, *checked = found[0]
+    read = b""
+    try:
+        with worker.open_output(path, *checked) as source:    # as Files.upload opens it
+            read = source.read()
+    except OSError as e:
+        assert "replaced" in str(e)
+    assert b"secret" not in read
