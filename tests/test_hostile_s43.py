@@ -52,7 +52,8 @@ def test_submit_wait_through_the_command_route_waits_in_a_long_polls_slot(cluste
     rc-web's threads for up to 30 s, without the cap GET ...?wait= has:
     60 of them from two addresses held every thread, and /health from a
     third address waited 25 s. Now it takes a long poll's slot (4 from one
-    address): the fifth is refused at once, 503, nothing queued for it."""
+    address): the fifth is refused at once, 503, nothing queued for it; so
+    is a `tail`, which holds one for up to 3 s."""
     marker = "s43-held-%s" % os.getpid()
     command = {"command": "submit echo %s --require device_id=nobody-here --wait" % marker}
     answers = []
@@ -70,6 +71,11 @@ def test_submit_wait_through_the_command_route_waits_in_a_long_polls_slot(cluste
             in answer["error"], answer
         assert headers.get("Retry-After") == "1"
         assert len(queued_with(cluster, marker)) == len(held)
+        # `tail` of a running task waits up to 3 s for its first report: a
+        # long poll's slot too (a reader's, when read_access is open).
+        status, _, answer = post(cluster, "/api/v1/command", {
+            "command": "tail %d" % queued_with(cluster, marker)[0]})
+        assert status == 503 and "GET /api/v1/tasks/ID/output" in answer["error"], answer
     finally:
         for task_id in queued_with(cluster, marker):
             cluster.rc("cancel", str(task_id))

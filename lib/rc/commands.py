@@ -1786,15 +1786,22 @@ def web_access(argv):
 
 
 def web_rules(argv):
-    """(web_access(argv), whether it may hold the request up to
-    WEB_WAIT_LIMIT: `submit --wait`, which rc-web runs only in one of the
-    slots a long poll waits in, so that such requests at once cannot take
-    every one of its threads)."""
+    """(web_access(argv), None or, for a command that may hold its request
+    for seconds, what to do when rc-web has no room for it: `submit --wait`
+    (up to WEB_WAIT_LIMIT) and `tail` (a running task's first report, up to
+    tail_cli.FIRST_REPORT_WAIT) run only in one of the slots a long poll
+    waits in, so that many at once cannot take every thread of rc-web)."""
     try:
         arguments = parse(build_parser(io.StringIO()), argv)
     except (CommandError, ParserExit):
-        return "read", False     # run_command reports the usage error itself
-    return web_access_of(arguments, argv), arguments.command == "submit" and arguments.wait
+        return "read", None      # run_command reports the usage error itself
+    access = web_access_of(arguments, argv)
+    if arguments.command == "submit" and arguments.wait:
+        return access, ("nothing submitted; try again, or submit without --wait and ask"
+                        " GET /api/v1/tasks/ID/result?wait=S")
+    if arguments.command == "tail":
+        return access, "try again, or ask GET /api/v1/tasks/ID/output"
+    return access, None
 
 
 def web_access_of(arguments, argv):

@@ -690,14 +690,13 @@ class Web:
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
         address = bottle.request.environ.get("REMOTE_ADDR")
-        # `submit --wait` holds a thread up to WEB_WAIT_LIMIT: in a long poll's
-        # slot, or 60 at once held every thread of rc-web, /health too, for 30 s.
+        # `submit --wait` holds a thread up to WEB_WAIT_LIMIT, `tail` 3 s: in a
+        # long poll's slot, or 60 at once held every thread of rc-web, /health too.
         refused = waits and self.results.slots.take(address)
         if refused:
             return web_results.json_response(
-                {"error": "`submit --wait` not run, nothing submitted: %s; try again, or"
-                          " submit without --wait and ask GET /api/v1/tasks/ID/result?wait=S"
-                          % refused.split(";")[0]}, 503, {"Retry-After": "1"})
+                {"error": "`%s` not run: %s; %s" % (argv[0], refused.split(";")[0], waits)},
+                503, {"Retry-After": "1"})
         try:
             status = commands.run_command(argv, out, err, self.config, width,
                                           bool(body.get("colour", False)), self.logger,
