@@ -109,7 +109,7 @@ def test_a_revoked_device_stores_and_reads_nothing_on_a_connection_opened_before
     attempt, on any device, would have started from the revoked device's
     files. Now each request looks again, and the connection is closed."""
     import hashlib
-    from test_files_hostile import authenticated
+    from test_files_hostile import authenticated, ask
     from test_inline_files import Device
     from rc import files, tasks, transfer
     mallory = Device(cluster, "s43-revoked")
@@ -117,6 +117,14 @@ def test_a_revoked_device_stores_and_reads_nothing_on_a_connection_opened_before
     task_id, attempt = assign["task_id"], assign["attempt"]
     sock, reader, welcome = authenticated(cluster, "s43-revoked")
     assert welcome == {"ok": True}
+    # A put begun before the revocation, whose bytes come after it.
+    slow, slow_reader, welcome = authenticated(cluster, "s43-revoked")
+    assert welcome == {"ok": True}
+    late = checkpoint_tar("state.pickle", b"sent after the revocation")
+    assert ask(slow, slow_reader, {"put": {
+        "task_id": task_id, "attempt": attempt, "name": files.CHECKPOINT_NAME,
+        "size": len(late), "sha256": hashlib.sha256(late).hexdigest()}}) == \
+        {"ok": True, "have": 0}
     try:
         cluster.rc("revoke", "s43-revoked")
         wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "queued", 30,
@@ -130,8 +138,12 @@ def test_a_revoked_device_stores_and_reads_nothing_on_a_connection_opened_before
         answer = json.loads(reader.readline())
         assert answer.get("error", {}).get("code") == "unknown_device", answer
         assert reader.readline() == b""         # and the connection is closed
+        slow.sendall(late)
+        answer = json.loads(slow_reader.readline())
+        assert answer.get("error", {}).get("code") == "unknown_device", answer
     finally:
         sock.close()
+        slow.close()
         mallory.close()
         cluster.rc("cancel", str(task_id))
     task = tasks.get(cluster.db, task_id)
