@@ -7350,14 +7350,14 @@ def find_outputs(workdir, globs, protected, cached=frozenset(), entries=None):
                 matches.append(("/".join(parts), real))
     kept, names = [], 0
     for name, real in matches:
-        reason = refusal(root, real, seen, protected, cached)
+        reason, inode = refusal(root, real, seen, protected, cached)
         if reason is None and (len(kept) >= FILES_MAX_OUTPUTS or names > FILES_MAX_NAMES):
             reason = "over %d outputs or %d bytes of names in one task" % (
                 FILES_MAX_OUTPUTS, FILES_MAX_NAMES)
         if reason:
             notes.append("rc-worker: output %r refused: %s; not uploaded" % (name, reason))
         else:
-            kept.append((name, real))
+            kept.append((name, real, inode))
             names += len(name)
     if len(notes) > FILES_MAX_NOTES:
         notes[FILES_MAX_NOTES:] = ["rc-worker: and %d more outputs refused"
@@ -7424,21 +7424,23 @@ def utf8(parts):
 
 
 def refusal(root, real, seen, protected, cached):
+    """(why the output at `real` is not sent, None) or (None, its (device,
+    inode)): open_output sends that file only, whatever is at `real` then."""
     import stat
     if real != root and not real.startswith(root + os.sep):
-        return "it resolves outside the task directory (%s)" % real
+        return "it resolves outside the task directory (%s)" % real, None
     try:
         info = os.stat(real)
     except OSError as e:
-        return "cannot read it: %s" % e
+        return "cannot read it: %s" % e, None
     if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
+        return "not a regular file", None
     if (info.st_dev, info.st_ino) in protected:
-        return "it is a file of the worker's own state"
+        return "it is a file of the worker's own state", None
     inode = (info.st_dev, info.st_ino)
     if inode not in cached and info.st_nlink > max(1, seen.get(inode, 0)):   # an input's link is fine
-        return "it has hard links outside the task directory"
-    return None
+        return "it has hard links outside the task directory", None
+    return None, inode
 
 
 def read_inline(source, name, limit):
@@ -7508,11 +7510,18 @@ def empty_for_reuse(workdir, entries):
         return False
 
 
-def open_output(path):
-    """An output opened without following a link at its last step;
-    unbuffered: it is read in a few large pieces, and a buffered reader
-    costs a tty check and two seeks more."""
+def open_output(path, inode):
+    """An output opened without following a link at its last step, if it
+    is still the file find_outputs looked at (`inode`): a folder of its
+    path swapped for a link since then (by another task of a shared
+    --task-user uid, whose processes outlive this task) led the worker,
+    as root, to its own state. Unbuffered: it is read in a few large
+    pieces, and a buffered reader costs a tty check and two seeks more."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    info = os.fstat(descriptor)
+    if (info.st_dev, info.st_ino) != inode:
+        os.close(descriptor)
+        raise OSError(errno.ESTALE, "it was replaced after it was looked at")
     return os.fdopen(descriptor, "rb", 0)
 
 
@@ -7980,9 +7989,9 @@ class Files(object):
         if len(found) > INLINE_MAX_FILES:
             return False
         inline, room = [], self.inline[1]
-        for name, path in found:
+        for name, path, inode in found:
             try:
-                with open_output(path) as source:
+                with open_output(path, inode) as source:
                     entry = read_inline(source, name, min(room, self.inline[0]))
             except OSError as e:
                 notes.append("rc-worker: output %r not uploaded: %s" % (name, e))
@@ -8022,9 +8031,9 @@ class Files(object):
             job.notes.extend(notes)
             room = [self.inline[1] if self.inline else 0]    # bytes the result may carry
             if globs:
-                for name, path in found:
+                for name, path, inode in found:
                     try:
-                        with open_output(path) as source:
+                        with open_output(path, inode) as source:
                             self.send_or_inline(job, source, dict(request, name=name), room)
                     except OSError as e:
                         job.notes.append("rc-worker: output %r not uploaded: %s" % (name, e))

@@ -925,7 +925,7 @@ def test_outputs_found_in_a_listing_are_those_a_walk_finds(tmp_path):
     listed = worker.find_outputs(str(task), globs, frozenset(), entries=entries)
     assert listed == walked
     found, notes = listed
-    assert sorted(name for name, _ in found) == [".hidden", "inside", "out.bin"]
+    assert sorted(name for name, _, _ in found) == [".hidden", "inside", "out.bin"]
     assert len(notes) == 3 and all("refused" in note for note in notes), notes
 
 

@@ -1782,10 +1782,29 @@ def web_access(argv):
     """What the web terminal needs to run `argv`: "read" or "admin"; a
     CommandError when it must not run it there. May change argv (a
     `submit --wait` gets a bounded wait)."""
+    return web_rules(argv)[0]
+
+
+def web_rules(argv):
+    """(web_access(argv), None or, for a command that may hold its request
+    for seconds, what to do when rc-web has no room for it: `submit --wait`
+    (up to WEB_WAIT_LIMIT) and `tail` (a running task's first report, up to
+    tail_cli.FIRST_REPORT_WAIT) run only in one of the slots a long poll
+    waits in, so that many at once cannot take every thread of rc-web)."""
     try:
         arguments = parse(build_parser(io.StringIO()), argv)
     except (CommandError, ParserExit):
-        return "read"            # run_command reports the usage error itself
+        return "read", None      # run_command reports the usage error itself
+    access = web_access_of(arguments, argv)
+    if arguments.command == "submit" and arguments.wait:
+        return access, ("nothing submitted; try again, or submit without --wait and ask"
+                        " GET /api/v1/tasks/ID/result?wait=S")
+    if arguments.command == "tail":
+        return access, "try again, or ask GET /api/v1/tasks/ID/output"
+    return access, None
+
+
+def web_access_of(arguments, argv):
     name = arguments.command
     if name == "monitor" and arguments.once:
         return "read"

@@ -435,12 +435,16 @@ def open_blob(connection, config, sha256):
 
 
 def task_files(connection, task_id):
-    """What a task reads and left: inputs, then for outputs, streams and the
-    checkpoint the latest attempt that stored each name."""
+    """What a task reads and left: inputs, its checkpoint (one, whichever
+    attempt put it), then the outputs and streams of its last attempt only:
+    an attempt that did not end the task (taken back, lost, failed and
+    retried) left nothing that `rc get` or `rc map --into` should write as
+    the task's (a device that put planted.txt, then let its attempt go, had
+    it served beside what the attempt that completed the task left)."""
     rows = connection.execute(
         "SELECT kind, name, sha256, size, attempt, created_at FROM task_files t"
-        " WHERE task_id = ? AND attempt = (SELECT max(attempt) FROM task_files"
-        " WHERE task_id = t.task_id AND kind = t.kind AND name = t.name)"
+        " WHERE task_id = ? AND (kind IN ('input', 'checkpoint') OR attempt ="
+        " (SELECT attempt FROM tasks WHERE task_id = t.task_id))"
         " ORDER BY kind != 'input', kind, name", (task_id,))
     return [dict(row) for row in rows]
 

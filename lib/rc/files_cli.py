@@ -7,6 +7,7 @@ POST /api/v1/files instead.
 Every local path is checked (exists, readable) before any file is stored
 or any task queued; errors are FileOptionError, naming the path.
 """
+import errno
 import hashlib
 import os
 import shlex
@@ -294,42 +295,82 @@ def wanted(connection, task_id, names):
 
 def write_out(connection, config, entry, directory):
     """One stored file to directory/name, through a temporary file renamed
-    into place once its hash is checked; returns the path written."""
+    into place once its hash is checked; returns the path written. The
+    folders of its name are made and entered one at a time, never through
+    a link: another local user could plant one in a shared DIR (DIR/sub to
+    the user's ~/.ssh) where a device's output sub/authorized_keys went."""
     fixed = entry["kind"] in (files.STREAM, files.CHECKPOINT)     # the .rc/ names
     problem = None if fixed else files.path_problem(entry["name"])
     if problem:
         raise FileOptionError("stored name %r %s; not written" % (entry["name"], problem))
-    target = os.path.join(directory, *entry["name"].split("/"))
+    parts = entry["name"].split("/")
+    target = os.path.join(directory, *parts)
     try:
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        os.makedirs(directory or ".", exist_ok=True)
+        parent = open_parent(directory or ".", parts)
     except OSError as e:
-        raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or e.strerror))
-    temporary = target + ".rc-partial"
-    blob, _ = files.open_blob(connection, config, entry["sha256"])
-    digest = hashlib.sha256()
+        raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or (
+            "a folder of its name there is a link, which rc never writes through"
+            if e.errno == errno.ELOOP else e.strerror)))
+    temporary = parts[-1] + ".rc-partial"
     try:
-        with blob, fresh(temporary) as out:
+        blob, _ = files.open_blob(connection, config, entry["sha256"])
+        digest = hashlib.sha256()
+        with blob, fresh(temporary, dir_fd=parent) as out:
             for chunk in iter(lambda: blob.read(files.CHUNK_BYTES), b""):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != entry["sha256"]:
             raise FileOptionError("%s: the stored blob is damaged (expected %s got %s)"
                                   % (entry["name"], entry["sha256"], digest.hexdigest()))
-        os.replace(temporary, target)
+        os.replace(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as e:            # no room, no permission, a directory of that name
         raise FileOptionError("cannot write %r: %s" % (target, e.strerror or e))
     finally:
-        files.remove(temporary)
+        try:
+            os.unlink(temporary, dir_fd=parent)
+        except OSError:
+            pass
+        os.close(parent)
     return target
 
 
-def fresh(path, mode="wb", **options):
+def open_parent(directory, parts):
+    """A descriptor of the folder a file named `parts` goes in under
+    `directory`: each folder of the name made (the umask applies) and
+    opened from the one before, O_NOFOLLOW; OSError (ELOOP) at a link."""
+    parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, 0o777, dir_fd=parent)
+            except FileExistsError:
+                pass
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                dir_fd=parent)
+            except NotADirectoryError:       # what O_DIRECTORY says of a link
+                if stat.S_ISLNK(os.lstat(part, dir_fd=parent).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                raise
+            os.close(parent)
+            parent = inner
+    except BaseException:
+        os.close(parent)
+        raise
+    return parent
+
+
+def fresh(path, mode="wb", dir_fd=None, **options):
     """A file made anew at `path` (the umask applies), never written through
     a link someone else left there: the directory may be shared. A stale one
     (a cut run's) goes first."""
-    files.remove(path)
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             0o666), mode, **options)
+                             0o666, dir_fd=dir_fd), mode, **options)
 
 
 def in_the_way(target):

@@ -430,6 +430,8 @@ class Session:
     def answer(self, request):
         """Serve one request; False when the peer said bye."""
         (verb, arguments), = request.items()
+        if verb in ("get", "put"):
+            self.check_still_joined()
         if verb == "get":
             self.get(arguments)
         elif verb == "put":
@@ -440,6 +442,23 @@ class Session:
             raise Refusal("bad_request", "unknown request %r (get, put, bye)" % verb[:50],
                           close=True)
         return True
+
+    def check_still_joined(self):
+        """A Refusal, the connection closed, once the device was revoked or
+        forgotten since it proved its secret: a revoked device kept the
+        connection it had, and on it put a checkpoint that the next
+        attempt of a task it had held, on any device, would start from.
+        Asked before each request, and again as a put's rows are written
+        (its bytes may have taken minutes to come)."""
+        if not self.joined():
+            raise Refusal("unknown_device", "device %s was revoked or forgotten since this"
+                          " connection proved its secret" % self.device_id, close=True)
+
+    def joined(self):
+        row = self.connection.execute(
+            "SELECT revoked, forgotten FROM devices WHERE device_id = ?",
+            (self.device_id,)).fetchone()
+        return row is not None and not row["revoked"] and not row["forgotten"]
 
     def get(self, arguments):
         sha256, offset = arguments.get("sha256"), arguments.get("offset", 0)
@@ -637,7 +656,9 @@ class Session:
         and this time sends its bytes."""
         now = time.time()
         with db.write(self.connection):
-            holds = files.may_store(self.connection, self.device_id, task_id, attempt, name)
+            joined = self.joined()
+            holds = joined and files.may_store(self.connection, self.device_id, task_id,
+                                               attempt, name)
             # A blob new to the store whose attempt ended meanwhile is no
             # task's: the next sweep takes it, or it would hold the quota
             # for files_retention_days.
@@ -650,6 +671,8 @@ class Session:
             if holds:
                 kind = files.add_task_file(self.connection, task_id, attempt, name, sha256,
                                            size, now)
+        if not joined:
+            self.check_still_joined()
         if not holds:
             raise Refusal("stale_attempt", "%s no longer holds task %s attempt %s"
                           % (self.device_id, task_id, attempt))

@@ -675,7 +675,7 @@ class Web:
         if not argv:
             raise ApiError(400, "no command given; try `help`")
         try:
-            access = commands.web_access(argv)
+            access, waits = commands.web_rules(argv)
         except commands.CommandError as e:
             raise ApiError(403, str(e))
         actor = "admin" if access == "admin" else "reader"
@@ -689,9 +689,21 @@ class Web:
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
         out, err = io.StringIO(), io.StringIO()
-        status = commands.run_command(argv, out, err, self.config, width,
-                                      bool(body.get("colour", False)), self.logger,
-                                      (actor, bottle.request.environ.get("REMOTE_ADDR")))
+        address = bottle.request.environ.get("REMOTE_ADDR")
+        # `submit --wait` holds a thread up to WEB_WAIT_LIMIT, `tail` 3 s: in a
+        # long poll's slot, or 60 at once held every thread of rc-web, /health too.
+        refused = waits and self.results.slots.take(address)
+        if refused:
+            return web_results.json_response(
+                {"error": "`%s` not run: %s; %s" % (argv[0], refused.split(";")[0], waits)},
+                503, {"Retry-After": "1"})
+        try:
+            status = commands.run_command(argv, out, err, self.config, width,
+                                          bool(body.get("colour", False)), self.logger,
+                                          (actor, address))
+        finally:
+            if waits:
+                self.results.slots.give(address)
         self.logger.info("command", argv=argv[:1], status=status)
         self.audit("web_command", actor, argv=shown_argv, status=status)
         return json_response({"status": status, "output": out.getvalue(),
