@@ -108,7 +108,7 @@ def planned_inputs(paths):
     planned = []
     for given in paths:
         if not os.path.exists(given):
-            raise FileOptionError("input %r: no such file or directory" % given)
+            raise no_such_file("input", given)
         if os.path.isdir(given):
             planned.extend(tree(given))
         else:
@@ -174,7 +174,19 @@ def mode_of(path):
         return PLAIN_MODE
 
 
+def no_such_file(what, path):
+    """The error for a path that is not there. One that holds `*`, `?` or
+    `[` is most likely a pattern the shell matched to no file, which it
+    passes on as it is (`--files *.wav` in a folder of .mp3s): say so."""
+    message = "%s %r: no such file or directory" % (what, path)
+    if any(c in path for c in "*?["):
+        message += " (a pattern that matched no file here: the shell passes it on as it is)"
+    return FileOptionError(message)
+
+
 def readable(path, what):
+    if not os.path.lexists(path):
+        raise no_such_file(what, path)
     if not os.path.isfile(path):
         raise FileOptionError("%s %r is not a regular file" % (what, path))
     try:

@@ -709,7 +709,7 @@ def file_input(path):
     b/a.wav do not meet in --into); an absolute one, or one that climbs
     out with "..", goes by its base name."""
     if not os.path.exists(path):
-        raise MapUsageError("--files %r: no such file" % path)
+        raise MapUsageError(str(files_cli.no_such_file("--files", path)))
     if os.path.isdir(path):
         raise MapUsageError("--files %r is a directory; give its files (--files %s*)"
                             % (path, os.path.join(path, "")))
