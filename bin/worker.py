@@ -558,6 +558,7 @@ READABLE_EVENTS = {
     "connected": "reached %(main_node)s, proving the join token to each other",
     "registered": "connected to %(main_node)s, %(slots)s slots, waiting for tasks",
     "disconnected": "disconnected: %(reason)s; trying again in %(retry_in)gs",
+    "disconnected_for_good": "disconnected: %(reason)s; not trying again",
     "task_started": "task %(task_id)s (%(task_type)s) started",
     "task_finished": "task %(task_id)s (%(task_type)s) %(status)s after %(execution_time).1fs",
     "worker_stopped": "worker stopped",
@@ -568,8 +569,11 @@ def readable_line(record):
     """HH:MM:SS, WARNING/ERROR when it is one, then the event in words."""
     fields = dict((k, v) for k, v in record.items()
                   if k not in ("time", "program", "level", "event"))
+    event = record["event"]
+    if event == "disconnected" and fields.get("retry_in") is None:
+        event = "disconnected_for_good"        # a refusal the worker exits on
     try:
-        text = READABLE_EVENTS[record["event"]] % fields
+        text = READABLE_EVENTS[event] % fields
     except (KeyError, TypeError, ValueError):
         text = record["event"].replace("_", " ")
         if fields.get("message"):
@@ -8756,8 +8760,9 @@ class Worker(object):
         if key.events != events:
             self.selector.modify(self.sock, events, key.data)
 
-    def disconnect(self, reason, level="warning"):
-        """Close the connection (if any) and plan the next attempt."""
+    def disconnect(self, reason, level="warning", retry=True):
+        """Close the connection (if any) and plan the next attempt (none
+        when `retry` is False: the worker exits)."""
         if self.sock is not None:
             self.selector.unregister(self.sock)
             self.sock.close()
@@ -8771,6 +8776,10 @@ class Worker(object):
         self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
             self.lost_at = contact_clock()
+        if not retry:
+            self.connect_at = None
+            log(level, "disconnected", reason=reason, retry_in=None)
+            return
         if self.hold_until is not None:
             # Back within a second of the main node; a refusal a second is no news.
             delay, self.backoff = HOLD_RETRY * jitter(), BACKOFF_START
@@ -9070,8 +9079,7 @@ class Worker(object):
     def give_up(self, event, message):
         """A refusal that trying again cannot mend: say what to do, and exit."""
         log("error", event, device_id=self.device_id, message=message)
-        self.disconnect(event, level="info")
-        self.connect_at = None
+        self.disconnect(event, level="info", retry=False)
         self.exit_status = EXIT_REFUSED
 
     def on_task_assign(self, data):

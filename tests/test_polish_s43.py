@@ -36,3 +36,53 @@ def test_a_pattern_the_shell_left_unmatched_is_named_as_one(cluster_home, tmp_pa
     assert what + ": no such file or directory (a pattern that matched no file here" in err, err
     status, out, err = rc("submit", "shell", "cat", "--stdin", "missing.txt")
     assert status == 2 and "--stdin 'missing.txt': no such file or directory\n" in err, err
+
+
+# -- a worker that gives up does not say it is trying again ---------------------------------
+
+def test_a_worker_that_gives_up_does_not_say_it_tries_again(tmp_path):
+    """`python3 worker.py --join NAS:5000 ...` (the dashboard's port) said
+    `ERROR wrong port: ...`, then `disconnected: wrong_port; trying again
+    in 0.343s`, then `worker stopping` and exited 3: the line between
+    promised an attempt that never came. A refusal the worker exits on now
+    reads `disconnected: wrong_port; not trying again`, and its JSON line
+    has no time for a next attempt (retry_in null)."""
+    import http.server
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    worker_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bin", "worker.py")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", worker_py, "--join", "127.0.0.1:%d" % server.server_port,
+             "--token", "t" * 32, "--state-dir", str(tmp_path / "state"), "--device-id", "pi"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines()
+             if line.startswith("{")]
+    assert done.returncode == 3, done.stdout
+    assert [line["event"] for line in lines if line["level"] == "error"] == ["wrong_port"]
+    disconnected = [line for line in lines if line["event"] == "disconnected"]
+    assert len(disconnected) == 1 and disconnected[0]["retry_in"] is None, disconnected
+    sys.path.insert(0, os.path.dirname(worker_py))
+    try:
+        import worker
+    finally:
+        sys.path.remove(os.path.dirname(worker_py))
+    text = worker.readable_line(disconnected[0])
+    assert text.endswith("disconnected: wrong_port; not trying again"), text
+    again = dict(disconnected[0], retry_in=0.5, reason="cannot connect: Connection refused")
+    assert worker.readable_line(again).endswith("; trying again in 0.5s")
