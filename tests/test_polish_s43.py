@@ -86,3 +86,25 @@ def test_a_worker_that_gives_up_does_not_say_it_tries_again(tmp_path):
     assert text.endswith("disconnected: wrong_port; not trying again"), text
     again = dict(disconnected[0], retry_in=0.5, reason="cannot connect: Connection refused")
     assert worker.readable_line(again).endswith("; trying again in 0.5s")
+
+
+# -- a typo'd option is answered with the option meant -----------------------------------------
+
+@pytest.mark.parametrize("argv, meant", [
+    (["submit", "shell", "ls", "--inputs", "photos/"], "--input"),
+    (["submit", "shell", "ls", "--ouput", "*.gz"], "--output"),
+    (["map", "echo {}", "--keep-ordr", "a"], "--keep-order"),
+    (["map", "echo {}", "--resluts", "out", "a"], "--results"),
+    (["schedule", "add", "n", "@daily", "echo", "hi", "--alow-overlap"], "--allow-overlap"),
+])
+def test_a_typo_of_an_option_names_the_option_meant(cluster_home, argv, meant):
+    """`rc map 'echo {}' --keep-ordr a` said `unrecognized arguments:
+    --keep-ordr` and nothing more; the new user had to find the spelling
+    in `rc map --help`. Now the error ends `(did you mean --keep-order?)`
+    when an option of that command is that close, and adds nothing for a
+    word that is no near miss."""
+    status, out, err = rc(*argv)
+    assert status == 2 and "unrecognized arguments" in err, err
+    assert err.rstrip().endswith("(did you mean %s?)" % meant), err
+    status, out, err = rc("submit", "shell", "ls", "--bogus")
+    assert status == 2 and err.rstrip().endswith("unrecognized arguments: --bogus"), err
