@@ -108,3 +108,30 @@ def test_a_typo_of_an_option_names_the_option_meant(cluster_home, argv, meant):
     assert err.rstrip().endswith("(did you mean %s?)" % meant), err
     status, out, err = rc("submit", "shell", "ls", "--bogus")
     assert status == 2 and err.rstrip().endswith("unrecognized arguments: --bogus"), err
+
+
+# -- a wrong RC_URL says what to check --------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_url_that_never_answered_says_what_to_check(monkeypatch):
+    """RC_URL=http://nas:5001 (a typo of the port) gave `cannot reach
+    http://nas:5001: [Errno 111] Connection refused` and no word of what
+    to do, where an unset RC_URL was told to set it. A URL that never
+    answered this client now asks whether the main node runs and whether
+    this is the dashboard's address that `rc join` prints."""
+    from rc import client
+    url = "http://127.0.0.1:%d" % free_port()
+    monkeypatch.setenv("RC_URL", url)
+    with client.Cluster(token="t") as cluster:
+        with pytest.raises(client.Unreachable) as raised:
+            cluster.get_result(1)
+    message = str(raised.value)
+    assert message.startswith("cannot reach %s: " % url), message
+    assert "is the main node running" in message and "`rc join`" in message, message
+    assert "RC_URL is not set" not in message

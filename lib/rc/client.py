@@ -291,6 +291,10 @@ class Http:
                 if lost_for is None and "RC_URL" in self.unset and not isinstance(e, Cut):
                     raise Unreachable("%s (RC_URL is not set: give Cluster the main node's"
                                       " dashboard address, http://NAS:5000)" % e) from None
+                if lost_for is None and not isinstance(e, Cut):
+                    raise Unreachable("%s (it has never answered this client: is the main"
+                                      " node running, and is this the dashboard's address,"
+                                      " as `rc join` there prints it?)" % e) from None
                 if lost_for is None or cuts > CUT_RETRIES:
                     raise
                 left = min(UNREACHABLE_WAIT - lost_for, patience - (time.monotonic() - began))
