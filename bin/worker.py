@@ -8924,15 +8924,8 @@ class Worker(object):
         # node's address): a code that is not text is none, never a lookup.
         code, message = data.get("code"), data.get("message")
         code = code if isinstance(code, str) else None
-        if code == "auth_failed" and self.auth == "device":
-            log("error", "auth_failed", detail=message, message="the main node refused this"
-                " device's secret (%s); if the device was reset there, delete that file to"
-                " join again with the join token" % self.identity.path(self.cluster_id))
-        elif code == "auth_failed":
-            log("error", "auth_failed", message="wrong join token: the main node refused"
-                " this worker's proof; check %s against `rc token` there (after `rc token"
-                " --rotate` only devices that joined before come in with the old one)"
-                % getattr(self.options, "token_from", "--token"), detail=message)
+        if code == "auth_failed":
+            self.refused_proof(message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
             # The secret stays until that join gives a new one: whoever answers
@@ -8953,6 +8946,21 @@ class Worker(object):
         else:
             log("error" if self.state != READY else "warning", "error_from_main_node",
                 code=code, message=message)
+
+    def refused_proof(self, detail):
+        """auth_failed: say which proof was refused and what to check, then
+        hang up ourselves (the main node's close after it read as a TLS or
+        socket fault: `read failed: [SSL] unexpected eof`) and try again."""
+        if self.auth == "device":
+            log("error", "auth_failed", detail=detail, message="the main node refused this"
+                " device's secret (%s); if the device was reset there, delete that file to"
+                " join again with the join token" % self.identity.path(self.cluster_id))
+        else:
+            log("error", "auth_failed", message="wrong join token: the main node refused"
+                " this worker's proof; check %s against `rc token` there (after `rc token"
+                " --rotate` only devices that joined before come in with the old one)"
+                % getattr(self.options, "token_from", "--token"), detail=detail)
+        self.disconnect("auth_failed", level="info")
 
     def on_hello(self, data):
         server_nonce = data.get("nonce")

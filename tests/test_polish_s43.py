@@ -2,10 +2,16 @@
 with files, the Python client and rc map), each with the test that found
 it."""
 import io
+import os
+import sys
 
 import pytest
 
 from rc import commands
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_worker import main, spawn, wait_until  # noqa: E402,F401 (fixtures)
+from test_worker_identity import hello, start  # noqa: E402
 
 
 def rc(*argv):
@@ -49,9 +55,7 @@ def test_a_worker_that_gives_up_does_not_say_it_tries_again(tmp_path):
     has no time for a next attempt (retry_in null)."""
     import http.server
     import json
-    import os
     import subprocess
-    import sys
     import threading
     class Quiet(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -135,3 +139,23 @@ def test_a_url_that_never_answered_says_what_to_check(monkeypatch):
     assert message.startswith("cannot reach %s: " % url), message
     assert "is the main node running" in message and "`rc join`" in message, message
     assert "RC_URL is not set" not in message
+
+
+# -- a refused join token is not followed by a TLS fault ---------------------------------
+
+def test_a_refused_join_token_hangs_up_as_what_it_is(main, spawn, tmp_path):
+    """A worker with a wrong --token printed `ERROR auth failed: wrong join
+    token ...` and then `WARNING disconnected: read failed: [SSL]
+    unexpected eof while reading (_ssl.c:2309)`: the main node's close
+    after its refusal, read as a TLS fault, the last word a new user saw
+    before each retry. The worker now hangs up itself on the refusal: the
+    line reads `disconnected: auth_failed; trying again in ...`, at once,
+    with the connection left open by the main node."""
+    worker = start(spawn, sys.executable, tmp_path / "state")
+    link = main.accept()
+    hello(link)
+    link.send("error", {"code": "auth_failed", "message": "wrong join token"})
+    assert wait_until(lambda: worker.events("disconnected"), timeout=10), worker.log()
+    assert worker.events("disconnected")[0]["reason"] == "auth_failed"
+    assert "check --token" in worker.events("auth_failed")[0]["message"]
+    main.accept().close()        # and it tries again
