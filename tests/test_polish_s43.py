@@ -159,3 +159,42 @@ def test_a_refused_join_token_hangs_up_as_what_it_is(main, spawn, tmp_path):
     assert worker.events("disconnected")[0]["reason"] == "auth_failed"
     assert "check --token" in worker.events("auth_failed")[0]["message"]
     main.accept().close()        # and it tries again
+
+
+# -- a mistyped URL is answered with the one meant -----------------------------------------
+
+@pytest.mark.parametrize("path, meant", [
+    ("/api/v1/task/5", "/api/v1/tasks/5"),
+    ("/api/tasks", "/api/v1/tasks"),
+    ("/api/v1/tasks/5/resut", "/api/v1/tasks/5/result"),
+    ("/text/device", "/text/devices"),
+    ("/workers.py", "/worker.py"),
+])
+def test_a_mistyped_url_names_the_one_meant(cluster_home, path, meant):
+    """`curl http://nas:5000/api/v1/task/5` answered `{"error": "Not found:
+    '/api/v1/task/5'"}`, bottle's words, with nothing of what was meant.
+    A path that nearly names an endpoint now adds it, numbers kept (`did
+    you mean /api/v1/tasks/5?`), and any other unknown path where the
+    endpoints are listed."""
+    import http.client
+    import json
+    from test_web import serve, stop
+    config, _ = cluster_home
+    config.health_supervisor = False
+    server, thread = serve(config)
+    try:
+        answers = {}
+        for asked in (path, "/nothing/like/it"):
+            connection = http.client.HTTPConnection("127.0.0.1", server.effective_port,
+                                                    timeout=30)
+            connection.request("GET", asked)
+            answer = connection.getresponse()
+            answers[asked] = answer.status, json.loads(answer.read().decode())["error"]
+            connection.close()
+    finally:
+        stop(server, thread)
+    status, error = answers[path]
+    assert status == 404 and error.startswith("Not found: "), error
+    assert "(did you mean %s? docs/http.md lists the endpoints)" % meant in error, error
+    status, error = answers["/nothing/like/it"]
+    assert status == 404 and error.endswith("(docs/http.md lists the endpoints)"), error
