@@ -198,3 +198,38 @@ def test_a_mistyped_url_names_the_one_meant(cluster_home, path, meant):
     assert "(did you mean %s? docs/http.md lists the endpoints)" % meant in error, error
     status, error = answers["/nothing/like/it"]
     assert status == 404 and error.endswith("(docs/http.md lists the endpoints)"), error
+
+
+# -- Ctrl-C leaves an Executor's block at once ----------------------------------------------
+
+def waiting_in(thread, function):
+    """Whether `thread` is inside `function` now (its stack names it)."""
+    import traceback
+    frame = sys._current_frames().get(thread.ident) if thread is not None else None
+    return frame is not None and any(
+        entry.name == function for entry in traceback.extract_stack(frame))
+
+
+def test_closing_a_client_wakes_its_receiver_waiting_for_a_streams_head(cluster_home):
+    """Ctrl-C in `as_completed` printed `the Executor's block was left by
+    KeyboardInterrupt; the cluster goes on with tasks ...` at once, then
+    the program sat 5 s more before it ended: rc-web sends a result
+    stream's head with its first result or ping, and close() waited its
+    join's 5 s for the receiver thread, blocked reading that head (only a
+    stream already open was woken). Now close() wakes it there too: the
+    thread has ended when close() returns."""
+    from test_web import serve, stop
+    from rc import client, state_dir
+    config, _ = cluster_home
+    config.health_supervisor = False
+    server, thread = serve(config)
+    try:
+        cluster = client.Cluster("http://127.0.0.1:%d" % int(server.effective_port),
+                                 state_dir.read_secret(config.admin_token_path))
+        future = cluster.submit("shell", "true")       # queued: no device runs it
+        assert wait_until(lambda: waiting_in(cluster.receiver, "read_head"), timeout=60)
+        cluster.close(wait=False)
+        assert not cluster.receiver.is_alive()
+        assert not future.done()
+    finally:
+        stop(server, thread)

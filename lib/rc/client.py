@@ -218,6 +218,8 @@ class Http:
         self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
                                         # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
+        self.opening = None             # the socket of a stream whose head is awaited
+        self.streams_stopped = False    # stop_streams() was called: open no more
         if token is not None:
             header_text(token, "the token", " ")
         host = "[%s]" % self.host if ":" in self.host else self.host
@@ -455,7 +457,10 @@ class Http:
             raise
         except OSError as e:
             raise ClusterError("cannot open %s: %s" % (path, e))
+        self.opening = sock
         try:
+            if self.streams_stopped:
+                raise ClusterError("cannot open %s: the client is closed" % path)
             sock.sendall(self.head("GET", path, None, None))
             head, rest = read_head(sock, time.monotonic() + timeout)
             reader = io.BytesIO(head)
@@ -471,6 +476,20 @@ class Http:
             if isinstance(e, (OSError, BadAnswer)):
                 raise ClusterError("cannot open %s: %s" % (path, e))
             raise
+        finally:
+            self.opening = None
+
+    def stop_streams(self):
+        """Wake a thread waiting for a stream's head (rc-web sends it with
+        the first result or ping, seconds away), and open no more streams:
+        close() would wait for that thread up to its join's 5 s."""
+        self.streams_stopped = True
+        sock = self.opening
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass            # closed already
 
 
 def json_answer(method, path, status, data, ok):
@@ -1027,6 +1046,7 @@ class Cluster:
             stream = self.stream
         self.receiver_wake.set()
         stop_reading(stream)
+        self.http.stop_streams()
         for thread in (self.sender, self.receiver):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5)
