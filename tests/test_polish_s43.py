@@ -233,3 +233,45 @@ def test_closing_a_client_wakes_its_receiver_waiting_for_a_streams_head(cluster_
         assert not future.done()
     finally:
         stop(server, thread)
+
+
+# -- the client's mistakes said in the client's words ---------------------------------------
+
+def test_cluster_map_refuses_a_string_for_its_list():
+    """`cluster.map("shell", "ls")` ran two tasks, `l` and `s`, one per
+    character of the string, both failing on the device. A string (or
+    bytes) is refused at once with a TypeError saying how to run it."""
+    from rc import client
+    with client.Cluster("http://127.0.0.1:1", "t") as cluster:
+        with pytest.raises(TypeError) as raised:
+            cluster.map("shell", "ls")
+        assert not cluster.queue
+    assert "not the string 'ls'" in str(raised.value)
+    assert "map('shell', ['ls'])" in str(raised.value), raised.value
+
+
+def test_a_file_that_is_not_there_is_refused_in_rc_webs_words(cluster_home, tmp_path):
+    """`cluster.get((2, "nothere.gz"), "x.gz")` raised `GET
+    /api/v1/tasks/2/files/nothere.gz: {"error":"task 2 has no file
+    'nothere.gz'"} (HTTP 404)`, rc-web's JSON as it came, where every other
+    answer's error is its words alone (`get_result(99999)`: `no task
+    99999 (HTTP 404)`)."""
+    from test_web import serve, stop
+    from rc import client, state_dir
+    config, _ = cluster_home
+    config.health_supervisor = False
+    server, thread = serve(config)
+    try:
+        with client.Cluster("http://127.0.0.1:%d" % int(server.effective_port),
+                            state_dir.read_secret(config.admin_token_path)) as cluster:
+            errors = []
+            for name, where in (((5, "nothere.gz"), None), ((5, "nothere.gz"), "x.gz"),
+                                ("ab" * 32, None)):
+                with pytest.raises(client.ClusterError) as raised:
+                    cluster.get(name, where and str(tmp_path / where))
+                errors.append(str(raised.value))
+    finally:
+        stop(server, thread)
+    assert errors[0] == "GET /api/v1/tasks/5/files/nothere.gz: no task 5 (HTTP 404)", errors
+    assert errors[1] == errors[0] and not (tmp_path / "x.gz").exists()
+    assert errors[2].endswith(": no file %s in the store (HTTP 404)" % ("ab" * 32)), errors

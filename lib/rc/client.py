@@ -1122,6 +1122,11 @@ class Cluster:
 
     def map(self, task_type, args, **options):
         """One task per argument; their outputs in order, as they come."""
+        if isinstance(args, (str, bytes)):
+            raise TypeError("Cluster.map takes a list of arguments, one task each, not the"
+                            " string %r, which would be one task per character: map(%r, [%r])"
+                            " runs it once, as submit(%r, %r) does"
+                            % (args[:100], task_type, args[:100], task_type, args[:100]))
         futures = [self.submit(task_type, arg, **options) for arg in args]
         return results_in_order(futures, None)
 
@@ -2221,9 +2226,8 @@ def decode_outcomes(record, home=None, cluster=None):
 def checked(where, status, data, fields, expected, digest, size):
     """A file's answer, a ClusterError unless it is the file asked for: 200,
     its bytes' SHA-256 the one asked for or the one the main node names."""
-    if status != 200:
-        raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
-            "utf-8", "replace"), status), status)
+    if status != 200:       # rc-web's {"error": ...} as every other answer's
+        json_answer("GET", where, status, data[:4096], ())
     expected = (expected or fields.get("x-content-sha256", "")).strip().lower()
     got = digest.hexdigest()
     if got != expected:
