@@ -9682,13 +9682,29 @@ def config_arguments(parser, argv):
     for key, value in settings.items():
         option = "--" + key.replace("_", "-")
         if option not in parser._option_string_actions or option == "--config":
-            parser.error("--config %s: unknown setting %r" % (path, key))
+            meant = near_option(parser, [option])
+            parser.error("--config %s: unknown setting %r%s" % (
+                path, key, meant and " (did you mean %r?)" % meant[2:].replace("-", "_")))
         for value in (value if isinstance(value, list) else [value]):
             if value is True:
                 arguments.append(option)
             elif value not in (False, None):
                 arguments.extend([option, str(value)])
     return arguments + argv
+
+
+def near_option(parser, words):
+    """The long option the first of `words` that is one nearly names
+    (`--min-batery`: `--min-battery`), else "": argparse says only that
+    it does not know the word."""
+    import difflib      # only on this error's path
+    known = sorted(option for option in parser._option_string_actions
+                   if option.startswith("--") and option != "--config")
+    for word in words:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, 1, 0.8)
+            return close[0] if close else ""
+    return ""
 
 
 def help_formatter(prog):
@@ -9828,7 +9844,11 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--self-test", action="store_true",
                         help="print the profile, run each task type locally, and exit")
     parser.add_argument("--version", action="version", version=__version__)
-    options = parser.parse_args(config_arguments(parser, argv))
+    options, unknown = parser.parse_known_args(config_arguments(parser, argv))
+    if unknown:
+        meant = near_option(parser, unknown)
+        parser.error("unrecognized arguments: %s%s" % (
+            " ".join(unknown), meant and " (did you mean %s?)" % meant))
     options.argv = list(sys.argv[1:] if argv is None else argv)
     options.fingerprint = pinned_fingerprint(parser, options)
     if options.min_battery is not None and options.resume_battery is None:

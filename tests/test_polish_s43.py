@@ -275,3 +275,33 @@ def test_a_file_that_is_not_there_is_refused_in_rc_webs_words(cluster_home, tmp_
     assert errors[0] == "GET /api/v1/tasks/5/files/nothere.gz: no task 5 (HTTP 404)", errors
     assert errors[1] == errors[0] and not (tmp_path / "x.gz").exists()
     assert errors[2].endswith(": no file %s in the store (HTTP 404)" % ("ab" * 32)), errors
+
+
+# -- the worker's options misspelt, on the command line or in --config --------------------
+
+def test_a_worker_option_misspelt_names_the_one_meant(tmp_path):
+    """`python3 worker.py --join nas:8080 --min-batery 30` said
+    `unrecognized arguments: --min-batery 30`, and a --config file with
+    "min_batery" `unknown setting 'min_batery'`: the user typing options on
+    a phone's keyboard had to find the spelling in --help. Both now end
+    with the option meant, and say nothing more of a word that is no near
+    miss."""
+    import json
+    import subprocess
+    worker_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "bin", "worker.py")
+    config = tmp_path / "worker.json"
+    config.write_text(json.dumps({"join": "127.0.0.1:1", "min_batery": 30}))
+
+    def refusal(*argv):
+        done = subprocess.run([sys.executable, "-I", worker_py, "--token", "t" * 32] + list(argv),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        assert done.returncode == 2, done
+        return done.stderr.strip().splitlines()[-1]
+    assert refusal("--join", "127.0.0.1:1", "--min-batery", "30").endswith(
+        "unrecognized arguments: --min-batery 30 (did you mean --min-battery?)")
+    assert refusal("--config", str(config)).endswith(
+        "unknown setting 'min_batery' (did you mean 'min_battery'?)")
+    assert refusal("--join", "127.0.0.1:1", "--bogus").endswith(
+        "unrecognized arguments: --bogus")
