@@ -305,3 +305,19 @@ def test_a_worker_option_misspelt_names_the_one_meant(tmp_path):
         "unknown setting 'min_batery' (did you mean 'min_battery'?)")
     assert refusal("--join", "127.0.0.1:1", "--bogus").endswith(
         "unrecognized arguments: --bogus")
+
+
+# -- an optional positional is not named as required ---------------------------------------
+
+@pytest.mark.parametrize("argv, required", [
+    (["get"], "ID"),
+    (["ctl"], "ACTION"),
+])
+def test_what_is_missing_names_only_what_is_required(cluster_home, argv, required):
+    """`rc get` alone said `the following arguments are required: ID,
+    NAME`, and `rc ctl` alone `ACTION, PROGRAM`, though `rc get ID` writes
+    every file and `rc ctl status` takes no program (argparse counts a
+    positional of nargs="*" without a default as required)."""
+    status, out, err = rc(*argv)
+    assert status == 2, err
+    assert err.rstrip().endswith("the following arguments are required: %s" % required), err

@@ -1550,7 +1550,7 @@ def build_parser(out):
     sub = command("get", cmd_get, "write a task's output files (or those named) into a"
                   " directory; prints each path")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
-    sub.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_argument("names", nargs="*", default=[], metavar="NAME")
     sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                      help="where to write them (default: here)")
     map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
@@ -1632,7 +1632,9 @@ def build_parser(out):
                   " exit 3 when not running")
     sub.add_argument("action", choices=CTL_ACTIONS, metavar="ACTION",
                      help=", ".join(CTL_ACTIONS))
-    sub.add_argument("programs", nargs="*", metavar="PROGRAM",
+    # default=[]: without one, argparse counts a "*" positional as required,
+    # and `rc ctl` alone said PROGRAM was.
+    sub.add_argument("programs", nargs="*", default=[], metavar="PROGRAM",
                      help="%s, or all" % ", ".join(MAIN_PROGRAMS))
     sub.add_argument("-f", "--follow", action="store_true", help="with tail: keep printing")
     sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer,"
