@@ -321,3 +321,20 @@ def test_what_is_missing_names_only_what_is_required(cluster_home, argv, require
     status, out, err = rc(*argv)
     assert status == 2, err
     assert err.rstrip().endswith("the following arguments are required: %s" % required), err
+
+
+# -- the note on inputs that are files here points to a way that keeps their names ---------
+
+def test_the_note_on_file_names_as_inputs_suggests_what_keeps_them_whole(tmp_path,
+                                                                           monkeypatch):
+    """`ls *.txt | rc map 'wc -l'` in a folder holding `my file.txt` got
+    the note that --files sends each input's file, with the example `ls
+    *.txt | xargs bin/rc map CMD --files`: which splits `my file.txt` into
+    `my` and `file.txt` (and stops at a quote). The example is now the
+    shell's own glob, which keeps every name whole."""
+    from rc import files_cli
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my file.txt").write_text("one\n")
+    note = files_cli.inputs_left_here(["my file.txt"], [])
+    assert note is not None and "'my file.txt' is a file here" in note, note
+    assert "xargs" not in note and note.endswith("(bin/rc map CMD --files *.txt)"), note

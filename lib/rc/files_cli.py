@@ -86,13 +86,14 @@ def inputs_left_here(values, inputs):
     """A note when the inputs of a shell map are files here (`ls *.txt |
     rc map 'wc -l'`, an xargs habit) sent as their names only: each task
     runs in an empty directory on a device, where its file is not; None
-    when the first INPUTS_LOOKED_AT are not."""
+    when the first INPUTS_LOOKED_AT are not. It points to the shell's glob,
+    not to `ls | xargs`, which splits `my file.txt` at its space."""
     left = unsent_files(values[:INPUTS_LOOKED_AT], inputs)
     if not left:
         return None
     return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
             " device, where the command will not find %s; --files sends each input's file"
-            " to its task (ls *.txt | xargs bin/rc map CMD --files)" % (
+            " to its task (bin/rc map CMD --files *.txt)" % (
                 "s" if len(left) > 1 else "",
                 " and ".join(repr(value) for value in left),
                 "are files" if len(left) > 1 else "is a file",
