@@ -169,6 +169,7 @@ def test_a_refused_join_token_hangs_up_as_what_it_is(main, spawn, tmp_path):
     ("/api/v1/tasks/5/resut", "/api/v1/tasks/5/result"),
     ("/text/device", "/text/devices"),
     ("/workers.py", "/worker.py"),
+    ("/dashboard/api/v1/tasks/7/files", "/api/v1/tasks/7/files"),
 ])
 def test_a_mistyped_url_names_the_one_meant(cluster_home, path, meant):
     """`curl http://nas:5000/api/v1/task/5` answered `{"error": "Not found:

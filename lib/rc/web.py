@@ -944,7 +944,9 @@ def near_route(path, routes):
     rules = {}
     for route in routes:
         rules.setdefault(re.sub(r"<[^>]*>", "<>", route.rule), route.rule)
-    close = difflib.get_close_matches(shape, sorted(rules), 1, 0.8)
+    close = difflib.get_close_matches(shape, sorted(rules), 1, 0.8) or [
+        rule for rule in sorted(rules, key=len, reverse=True)    # a prefix before it:
+        if len(rule) > 1 and shape.endswith(rule)][:1]           # RC_URL=http://nas:5000/rc
     if not close:
         return " (docs/http.md lists the endpoints)"
     meant = close[0]
