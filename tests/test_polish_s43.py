@@ -339,3 +339,32 @@ def test_the_note_on_file_names_as_inputs_suggests_what_keeps_them_whole(tmp_pat
     note = files_cli.inputs_left_here(["my file.txt"], [])
     assert note is not None and "'my file.txt' is a file here" in note, note
     assert "xargs" not in note and note.endswith("(bin/rc map CMD --files *.txt)"), note
+
+
+# -- rc map --resume --into, for a map that brings back no files -----------------------------
+
+def test_resume_with_into_of_a_map_without_output_is_refused(cluster_home, tmp_path):
+    """`rc map 'echo {}' a --into out/` is refused (`--into says where
+    --output files go`), but `rc map --resume 1 --into out/` of a map
+    started without --output was taken in silence, and out/ stayed empty
+    for a reason not given. Now it is refused, saying the map has no
+    --output."""
+    import json
+    import time
+    from rc import db
+    config, connection = cluster_home
+    groups = {}
+    for name, payload in (("plain", {"command": "echo {}"}),
+                          ("with_outputs", {"command": "gzip -k {}", "outputs": ["{}.gz"]})):
+        with db.write(connection):
+            groups[name] = connection.execute(
+                "INSERT INTO task_groups(created_at, task_type, payload, requirements, options,"
+                " include_new) VALUES (?, 'shell', ?, '{}', '{}', 0)",
+                (time.time(), json.dumps(payload))).lastrowid
+            connection.execute("INSERT INTO maps(group_id, inputs, into_dir) VALUES (?, 0, ?)",
+                               (groups[name], str(tmp_path)))
+    status, out, err = rc("map", "--resume", str(groups["plain"]), "--into", str(tmp_path / "x"))
+    assert status == 2 and "map %d was started without --output" % groups["plain"] in err, err
+    status, out, err = rc("map", "--resume", str(groups["with_outputs"]),
+                          "--into", str(tmp_path / "x"))
+    assert "without --output" not in err, err
