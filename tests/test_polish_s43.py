@@ -368,3 +368,21 @@ def test_resume_with_into_of_a_map_without_output_is_refused(cluster_home, tmp_p
     status, out, err = rc("map", "--resume", str(groups["with_outputs"]),
                           "--into", str(tmp_path / "x"))
     assert "without --output" not in err, err
+
+
+# -- RC_URL without its scheme --------------------------------------------------------------
+
+def test_an_rc_url_without_http_is_named_as_rc_url(monkeypatch):
+    """`export RC_URL=nas:5000` (the address `rc join` prints, without
+    http://) failed in a program that names no URL with `url must look like
+    http://HOST:PORT, not 'nas:5000'`: which url? Now the error names
+    RC_URL and what is missing."""
+    from rc import client
+    monkeypatch.setenv("RC_URL", "nas:5000")
+    with pytest.raises(ValueError) as raised:
+        client.Cluster(token="t")
+    assert str(raised.value) == ("RC_URL: url must look like http://HOST:PORT, not"
+                                 " 'nas:5000' (http:// before it)"), raised.value
+    with pytest.raises(ValueError) as raised:
+        client.Cluster("nas:5000", token="t")
+    assert not str(raised.value).startswith("RC_URL"), raised.value

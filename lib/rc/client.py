@@ -206,7 +206,8 @@ class Http:
             raise TypeError("url must be a string like http://HOST:PORT, not %r" % (url,))
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("url must look like http://HOST:PORT, not %r" % url)
+            raise ValueError("url must look like http://HOST:PORT, not %r%s" % (
+                url, " (http:// before it)" if "://" not in url else ""))
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
@@ -995,7 +996,12 @@ class Cluster:
         if token is None:
             token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
                 "RC_TOKEN_FILE"))
-        self.http = Http(self.url, token, ssl_context)
+        try:
+            self.http = Http(self.url, token, ssl_context)
+        except ValueError as e:
+            if url or not os.environ.get("RC_URL"):
+                raise
+            raise ValueError("RC_URL: %s" % e) from None    # the program never named it
         self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
