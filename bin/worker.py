@@ -558,6 +558,7 @@ READABLE_EVENTS = {
     "connected": "reached %(main_node)s, proving the join token to each other",
     "registered": "connected to %(main_node)s, %(slots)s slots, waiting for tasks",
     "disconnected": "disconnected: %(reason)s; trying again in %(retry_in)gs",
+    "disconnected_for_good": "disconnected: %(reason)s; not trying again",
     "task_started": "task %(task_id)s (%(task_type)s) started",
     "task_finished": "task %(task_id)s (%(task_type)s) %(status)s after %(execution_time).1fs",
     "worker_stopped": "worker stopped",
@@ -568,8 +569,11 @@ def readable_line(record):
     """HH:MM:SS, WARNING/ERROR when it is one, then the event in words."""
     fields = dict((k, v) for k, v in record.items()
                   if k not in ("time", "program", "level", "event"))
+    event = record["event"]
+    if event == "disconnected" and fields.get("retry_in") is None:
+        event = "disconnected_for_good"        # a refusal the worker exits on
     try:
-        text = READABLE_EVENTS[record["event"]] % fields
+        text = READABLE_EVENTS[event] % fields
     except (KeyError, TypeError, ValueError):
         text = record["event"].replace("_", " ")
         if fields.get("message"):
@@ -8765,8 +8769,9 @@ class Worker(object):
         if key.events != events:
             self.selector.modify(self.sock, events, key.data)
 
-    def disconnect(self, reason, level="warning"):
-        """Close the connection (if any) and plan the next attempt."""
+    def disconnect(self, reason, level="warning", retry=True):
+        """Close the connection (if any) and plan the next attempt (none
+        when `retry` is False: the worker exits)."""
         if self.sock is not None:
             self.selector.unregister(self.sock)
             self.sock.close()
@@ -8780,6 +8785,10 @@ class Worker(object):
         self.checking = self.check_again = False   # a doubt is asked again once registered
         if self.lost_at is None:
             self.lost_at = contact_clock()
+        if not retry:
+            self.connect_at = None
+            log(level, "disconnected", reason=reason, retry_in=None)
+            return
         if self.hold_until is not None:
             # Back within a second of the main node; a refusal a second is no news.
             delay, self.backoff = HOLD_RETRY * jitter(), BACKOFF_START
@@ -8924,15 +8933,8 @@ class Worker(object):
         # node's address): a code that is not text is none, never a lookup.
         code, message = data.get("code"), data.get("message")
         code = code if isinstance(code, str) else None
-        if code == "auth_failed" and self.auth == "device":
-            log("error", "auth_failed", detail=message, message="the main node refused this"
-                " device's secret (%s); if the device was reset there, delete that file to"
-                " join again with the join token" % self.identity.path(self.cluster_id))
-        elif code == "auth_failed":
-            log("error", "auth_failed", message="wrong join token: the main node refused"
-                " this worker's proof; check %s against `rc token` there (after `rc token"
-                " --rotate` only devices that joined before come in with the old one)"
-                % getattr(self.options, "token_from", "--token"), detail=message)
+        if code == "auth_failed":
+            self.refused_proof(message)
         elif code == "unknown_device" and self.auth == "device":
             # The main node lost our secret (a new database?): join again as new.
             # The secret stays until that join gives a new one: whoever answers
@@ -8953,6 +8955,21 @@ class Worker(object):
         else:
             log("error" if self.state != READY else "warning", "error_from_main_node",
                 code=code, message=message)
+
+    def refused_proof(self, detail):
+        """auth_failed: say which proof was refused and what to check, then
+        hang up ourselves (the main node's close after it read as a TLS or
+        socket fault: `read failed: [SSL] unexpected eof`) and try again."""
+        if self.auth == "device":
+            log("error", "auth_failed", detail=detail, message="the main node refused this"
+                " device's secret (%s); if the device was reset there, delete that file to"
+                " join again with the join token" % self.identity.path(self.cluster_id))
+        else:
+            log("error", "auth_failed", message="wrong join token: the main node refused"
+                " this worker's proof; check %s against `rc token` there (after `rc token"
+                " --rotate` only devices that joined before come in with the old one)"
+                % getattr(self.options, "token_from", "--token"), detail=detail)
+        self.disconnect("auth_failed", level="info")
 
     def on_hello(self, data):
         server_nonce = data.get("nonce")
@@ -9079,8 +9096,7 @@ class Worker(object):
     def give_up(self, event, message):
         """A refusal that trying again cannot mend: say what to do, and exit."""
         log("error", event, device_id=self.device_id, message=message)
-        self.disconnect(event, level="info")
-        self.connect_at = None
+        self.disconnect(event, level="info", retry=False)
         self.exit_status = EXIT_REFUSED
 
     def on_task_assign(self, data):
@@ -9675,13 +9691,29 @@ def config_arguments(parser, argv):
     for key, value in settings.items():
         option = "--" + key.replace("_", "-")
         if option not in parser._option_string_actions or option == "--config":
-            parser.error("--config %s: unknown setting %r" % (path, key))
+            meant = near_option(parser, [option])
+            parser.error("--config %s: unknown setting %r%s" % (
+                path, key, meant and " (did you mean %r?)" % meant[2:].replace("-", "_")))
         for value in (value if isinstance(value, list) else [value]):
             if value is True:
                 arguments.append(option)
             elif value not in (False, None):
                 arguments.extend([option, str(value)])
     return arguments + argv
+
+
+def near_option(parser, words):
+    """The long option the first of `words` that is one nearly names
+    (`--min-batery`: `--min-battery`), else "": argparse says only that
+    it does not know the word."""
+    import difflib      # only on this error's path
+    known = sorted(option for option in parser._option_string_actions
+                   if option.startswith("--") and option != "--config")
+    for word in words:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, 1, 0.8)
+            return close[0] if close else ""
+    return ""
 
 
 def help_formatter(prog):
@@ -9821,7 +9853,11 @@ def parse_args(argv=None, reloading=False, read_token=True):
     parser.add_argument("--self-test", action="store_true",
                         help="print the profile, run each task type locally, and exit")
     parser.add_argument("--version", action="version", version=__version__)
-    options = parser.parse_args(config_arguments(parser, argv))
+    options, unknown = parser.parse_known_args(config_arguments(parser, argv))
+    if unknown:
+        meant = near_option(parser, unknown)
+        parser.error("unrecognized arguments: %s%s" % (
+            " ".join(unknown), meant and " (did you mean %s?)" % meant))
     options.argv = list(sys.argv[1:] if argv is None else argv)
     options.fingerprint = pinned_fingerprint(parser, options)
     if options.min_battery is not None and options.resume_battery is None:

@@ -80,7 +80,7 @@ def test_stdin_from_a_file(cluster_home, tmp_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["--input", "/no/such/file"], "input '/no/such/file': no such file or directory"),
-    (["--stdin", "/no/such/file"], "--stdin '/no/such/file' is not a regular file"),
+    (["--stdin", "/no/such/file"], "--stdin '/no/such/file': no such file or directory"),
     (["--env", "NOVALUE"], "--env 'NOVALUE' must look like KEY=VALUE"),
     (["--env", "1BAD=x"], "env name '1BAD' must match"),
     (["--env", "RC_TASK_ID=5"], "RC_ are the worker's own"),

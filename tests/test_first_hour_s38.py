@@ -190,7 +190,7 @@ def test_rc_map_says_when_its_inputs_are_files_here(cluster, tmp_path):
     assert done.stderr.splitlines()[0] == (
         "rc map: note: the inputs 'a.txt' and 'b.txt' are files here, but each task runs in"
         " an empty directory on a device, where the command will not find them; --files"
-        " sends each input's file to its task (ls *.txt | xargs bin/rc map CMD --files)")
+        " sends each input's file to its task (bin/rc map CMD --files *.txt)")
     done = rc_map("wc -l", "-k", "--files", "a.txt", "b.txt")
     assert done.returncode == 0 and "note" not in done.stderr, done.stderr
     assert done.stdout == "2 a.txt\n2 b.txt\n"

@@ -206,7 +206,8 @@ class Http:
             raise TypeError("url must be a string like http://HOST:PORT, not %r" % (url,))
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("url must look like http://HOST:PORT, not %r" % url)
+            raise ValueError("url must look like http://HOST:PORT, not %r%s" % (
+                url, " (http:// before it)" if "://" not in url else ""))
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
@@ -218,6 +219,8 @@ class Http:
         self.unset = ""                 # "RC_URL"/"RC_TOKEN" a default stood for: an
                                         # error the default likely caused names it
         self.lost_since = None          # time.monotonic() it stopped answering, while it does
+        self.opening = None             # the socket of a stream whose head is awaited
+        self.streams_stopped = False    # stop_streams() was called: open no more
         if token is not None:
             header_text(token, "the token", " ")
         host = "[%s]" % self.host if ":" in self.host else self.host
@@ -291,6 +294,10 @@ class Http:
                 if lost_for is None and "RC_URL" in self.unset and not isinstance(e, Cut):
                     raise Unreachable("%s (RC_URL is not set: give Cluster the main node's"
                                       " dashboard address, http://NAS:5000)" % e) from None
+                if lost_for is None and not isinstance(e, Cut):
+                    raise Unreachable("%s (it has never answered this client: is the main"
+                                      " node running, and is this the dashboard's address,"
+                                      " as `rc join` there prints it?)" % e) from None
                 if lost_for is None or cuts > CUT_RETRIES:
                     raise
                 left = min(UNREACHABLE_WAIT - lost_for, patience - (time.monotonic() - began))
@@ -451,7 +458,10 @@ class Http:
             raise
         except OSError as e:
             raise ClusterError("cannot open %s: %s" % (path, e))
+        self.opening = sock
         try:
+            if self.streams_stopped:
+                raise ClusterError("cannot open %s: the client is closed" % path)
             sock.sendall(self.head("GET", path, None, None))
             head, rest = read_head(sock, time.monotonic() + timeout)
             reader = io.BytesIO(head)
@@ -467,6 +477,20 @@ class Http:
             if isinstance(e, (OSError, BadAnswer)):
                 raise ClusterError("cannot open %s: %s" % (path, e))
             raise
+        finally:
+            self.opening = None
+
+    def stop_streams(self):
+        """Wake a thread waiting for a stream's head (rc-web sends it with
+        the first result or ping, seconds away), and open no more streams:
+        close() would wait for that thread up to its join's 5 s."""
+        self.streams_stopped = True
+        sock = self.opening
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass            # closed already
 
 
 def json_answer(method, path, status, data, ok):
@@ -972,7 +996,12 @@ class Cluster:
         if token is None:
             token = os.environ.get("RC_TOKEN") or read_token_file(os.environ.get(
                 "RC_TOKEN_FILE"))
-        self.http = Http(self.url, token, ssl_context)
+        try:
+            self.http = Http(self.url, token, ssl_context)
+        except ValueError as e:
+            if url or not os.environ.get("RC_URL"):
+                raise
+            raise ValueError("RC_URL: %s" % e) from None    # the program never named it
         self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
@@ -1023,6 +1052,7 @@ class Cluster:
             stream = self.stream
         self.receiver_wake.set()
         stop_reading(stream)
+        self.http.stop_streams()
         for thread in (self.sender, self.receiver):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5)
@@ -1098,6 +1128,11 @@ class Cluster:
 
     def map(self, task_type, args, **options):
         """One task per argument; their outputs in order, as they come."""
+        if isinstance(args, (str, bytes)):
+            raise TypeError("Cluster.map takes a list of arguments, one task each, not the"
+                            " string %r, which would be one task per character: map(%r, [%r])"
+                            " runs it once, as submit(%r, %r) does"
+                            % (args[:100], task_type, args[:100], task_type, args[:100]))
         futures = [self.submit(task_type, arg, **options) for arg in args]
         return results_in_order(futures, None)
 
@@ -2197,9 +2232,8 @@ def decode_outcomes(record, home=None, cluster=None):
 def checked(where, status, data, fields, expected, digest, size):
     """A file's answer, a ClusterError unless it is the file asked for: 200,
     its bytes' SHA-256 the one asked for or the one the main node names."""
-    if status != 200:
-        raise ClusterError("GET %s: %s (HTTP %d)" % (where, data[:300].decode(
-            "utf-8", "replace"), status), status)
+    if status != 200:       # rc-web's {"error": ...} as every other answer's
+        json_answer("GET", where, status, data[:4096], ())
     expected = (expected or fields.get("x-content-sha256", "")).strip().lower()
     got = digest.hexdigest()
     if got != expected:

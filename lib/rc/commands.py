@@ -1550,7 +1550,7 @@ def build_parser(out):
     sub = command("get", cmd_get, "write a task's output files (or those named) into a"
                   " directory; prints each path")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
-    sub.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_argument("names", nargs="*", default=[], metavar="NAME")
     sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                      help="where to write them (default: here)")
     map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
@@ -1632,7 +1632,9 @@ def build_parser(out):
                   " exit 3 when not running")
     sub.add_argument("action", choices=CTL_ACTIONS, metavar="ACTION",
                      help=", ".join(CTL_ACTIONS))
-    sub.add_argument("programs", nargs="*", metavar="PROGRAM",
+    # default=[]: without one, argparse counts a "*" positional as required,
+    # and `rc ctl` alone said PROGRAM was.
+    sub.add_argument("programs", nargs="*", default=[], metavar="PROGRAM",
                      help="%s, or all" % ", ".join(MAIN_PROGRAMS))
     sub.add_argument("-f", "--follow", action="store_true", help="with tail: keep printing")
     sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer,"
@@ -1754,10 +1756,39 @@ def parse(parser, argv):
     if extra and arguments.command == "submit":
         extra = submit_argument(arguments, extra)
     if extra and not hasattr(arguments, "worker_args"):
-        parser.error("unrecognized arguments: %s" % " ".join(extra))
+        parser.error("unrecognized arguments: %s%s" % (
+            " ".join(extra), did_you_mean(parser, arguments.command, extra)))
     if extra:
         arguments.worker_args = extra
     return arguments
+
+
+def did_you_mean(parser, command, extra):
+    """` (did you mean --keep-order?)` when the first unknown option is a
+    typo of one the command has (`--keep-ordr`, `--inputs`, `--ouput`),
+    else "": argparse names the word and not what was meant."""
+    import difflib      # only on this error's path
+    known, parsers = set(), [subparser(parser, command)]
+    while parsers:
+        found = parsers.pop()
+        if found is None:
+            continue
+        for action in found._actions:
+            known.update(option for option in action.option_strings if option.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    for word in extra:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], sorted(known), 1, 0.8)
+            return " (did you mean %s?)" % close[0] if close else ""
+    return ""
+
+
+def subparser(parser, command):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
 
 
 def submit_argument(arguments, extra):

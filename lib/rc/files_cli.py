@@ -87,13 +87,14 @@ def inputs_left_here(values, inputs):
     """A note when the inputs of a shell map are files here (`ls *.txt |
     rc map 'wc -l'`, an xargs habit) sent as their names only: each task
     runs in an empty directory on a device, where its file is not; None
-    when the first INPUTS_LOOKED_AT are not."""
+    when the first INPUTS_LOOKED_AT are not. It points to the shell's glob,
+    not to `ls | xargs`, which splits `my file.txt` at its space."""
     left = unsent_files(values[:INPUTS_LOOKED_AT], inputs)
     if not left:
         return None
     return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
             " device, where the command will not find %s; --files sends each input's file"
-            " to its task (ls *.txt | xargs bin/rc map CMD --files)" % (
+            " to its task (bin/rc map CMD --files *.txt)" % (
                 "s" if len(left) > 1 else "",
                 " and ".join(repr(value) for value in left),
                 "are files" if len(left) > 1 else "is a file",
@@ -109,7 +110,7 @@ def planned_inputs(paths):
     planned = []
     for given in paths:
         if not os.path.exists(given):
-            raise FileOptionError("input %r: no such file or directory" % given)
+            raise no_such_file("input", given)
         if os.path.isdir(given):
             planned.extend(tree(given))
         else:
@@ -175,7 +176,19 @@ def mode_of(path):
         return PLAIN_MODE
 
 
+def no_such_file(what, path):
+    """The error for a path that is not there. One that holds `*`, `?` or
+    `[` is most likely a pattern the shell matched to no file, which it
+    passes on as it is (`--files *.wav` in a folder of .mp3s): say so."""
+    message = "%s %r: no such file or directory" % (what, path)
+    if any(c in path for c in "*?["):
+        message += " (a pattern that matched no file here: the shell passes it on as it is)"
+    return FileOptionError(message)
+
+
 def readable(path, what):
+    if not os.path.lexists(path):
+        raise no_such_file(what, path)
     if not os.path.isfile(path):
         raise FileOptionError("%s %r is not a regular file" % (what, path))
     try:

@@ -709,7 +709,7 @@ def file_input(path):
     b/a.wav do not meet in --into); an absolute one, or one that climbs
     out with "..", goes by its base name."""
     if not os.path.exists(path):
-        raise MapUsageError("--files %r: no such file" % path)
+        raise MapUsageError(str(files_cli.no_such_file("--files", path)))
     if os.path.isdir(path):
         raise MapUsageError("--files %r is a directory; give its files (--files %s*)"
                             % (path, os.path.join(path, "")))
@@ -784,6 +784,10 @@ def resumed_map(context, arguments):
     template = Template(str(recorded.pop(PAYLOAD_FIELD[task_type])), "the command",
                         append_input=True, shell=task_type == "shell")
     outputs = [Template(glob, "--output") for glob in recorded.pop("outputs", [])]
+    if arguments.into and not outputs:
+        raise MapUsageError("--into says where --output files go, and map %d was started"
+                            " without --output: its tasks bring back no files"
+                            % group["group_id"])
     into = os.path.abspath(arguments.into) if arguments.into else row["into_dir"]
     plan = Plan(group["group_id"], task_type, template, recorded, outputs,
                 db.loads(group["requirements"]), db.loads(group["options"]), into,

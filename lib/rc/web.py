@@ -930,8 +930,11 @@ class Web:
                      method=bottle.request.method, path=render.shorten(bottle.request.path, 200),
                      error=render.shorten(repr(error.exception), 500),
                      traceback=error.traceback or traceback.format_exc())
+        message = error.body or error.status_line
+        if error.status_code == 404 and str(message).startswith("Not found: "):
+            message += near_route(bottle.request.path, bottle.request.app.routes)
         bottle.response.content_type = "application/json"
-        return orjson.dumps({"error": error.body or error.status_line})
+        return orjson.dumps({"error": message})
 
     def after_request(self):
         # Straight into bottle's header table (set_header checks each name and
@@ -941,6 +944,30 @@ class Web:
         if self.logger.threshold <= LEVELS["debug"]:      # its fields cost more than the check
             self.logger.debug("request", method=bottle.request.method,
                               path=bottle.request.path, status=bottle.response.status_code)
+
+
+def near_route(path, routes):
+    """` (did you mean /api/v1/tasks/5? ...)` for a path that no route has
+    but one nearly does (`/api/v1/task/5`, `/api/tasks`), its numbers kept;
+    else "". A mistyped URL got bottle's bare `Not found: '/api/v1/task/5'`."""
+    import difflib      # only on this error's path
+    numbers = re.findall(r"(?<=/)\d+(?=/|$)", path)
+    shape = re.sub(r"(?<=/)\d+(?=/|$)", "<>", path)
+    rules = {}
+    for route in routes:
+        rules.setdefault(re.sub(r"<[^>]*>", "<>", route.rule), route.rule)
+    close = difflib.get_close_matches(shape, sorted(rules), 1, 0.8) or [
+        rule for rule in sorted(rules, key=len, reverse=True)    # a prefix before it:
+        if len(rule) > 1 and shape.endswith(rule)][:1]           # RC_URL=http://nas:5000/rc
+    if not close:
+        return " (docs/http.md lists the endpoints)"
+    meant = close[0]
+    if meant.count("<>") == len(numbers):
+        for number in numbers:
+            meant = meant.replace("<>", number, 1)
+    else:
+        meant = rules[meant]
+    return " (did you mean %s? docs/http.md lists the endpoints)" % meant
 
 
 class StreamBody:
