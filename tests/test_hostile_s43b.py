@@ -17,7 +17,7 @@ import time
 import pytest
 
 from cluster_harness import Cluster, wait_for
-from rc import files
+from rc import client, files
 
 pytestmark = pytest.mark.e2e
 
@@ -194,3 +194,27 @@ def test_a_refusal_on_the_headers_closes_before_the_body(cluster):
         assert status == 413 and "files_quota_mb" in body, body
         readable, _, _ = select.select([sock], [], [], 10)
         assert readable and sock.recv(1) == b""
+
+
+def test_the_client_is_told_the_refusal_not_a_cut_connection(cluster, tmp_path):
+    """rc.client's put of a file that does not fit beside an upload in
+    flight: rc-web refuses it on its headers and closes; a client sending
+    the body meanwhile met a reset connection ("no answer", tried again).
+    It asks for 100 Continue and hears the 413 before sending."""
+    files.sweep(cluster.db, cluster.config,
+                time.time() + (cluster.config.files_retention_days + 1) * files.DAY)
+    sock, (head, _) = start_upload(cluster, MIB)     # holds 1 of the 8 MiB
+    assert head.startswith("HTTP/1.1 100"), head
+    try:
+        path = tmp_path / "big.bin"
+        path.write_bytes(os.urandom(QUOTA_MB * MIB))
+        url = "http://127.0.0.1:%d" % cluster.config.web_port
+        with client.Cluster(url, cluster.admin_token) as connection:
+            with pytest.raises(client.ClusterError) as refused:
+                connection.put(str(path))
+            assert refused.value.status == 413, refused.value
+            assert "more are on their way in" in str(refused.value), refused.value
+            small = connection.put(b"fits" * 1024)      # below the 100 Continue size
+            assert small["size"] == 4096
+    finally:
+        sock.close()
