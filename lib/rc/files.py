@@ -215,7 +215,7 @@ class Reservations:
     dead process; its partial files, unlocked, with the next sweep). rc-files
     writes a put's bytes to a partial file as they come, which this count
     sees; it does not see this count, so its puts and rc-web's uploads
-    together hold at most twice the quota (docs/architecture.md)."""
+    together hold at most about twice the quota (docs/architecture.md)."""
 
     def __init__(self):
         self.lock = threading.Lock()
