@@ -9,6 +9,7 @@ and one that does not fit is refused at once (real main node, 127.0.0.1)."""
 import hashlib
 import os
 import select
+import signal
 import socket
 import stat
 import threading
@@ -218,3 +219,36 @@ def test_the_client_is_told_the_refusal_not_a_cut_connection(cluster, tmp_path):
             assert small["size"] == 4096
     finally:
         sock.close()
+
+
+def test_a_restarted_rc_web_begins_with_nothing_reserved(cluster):
+    """rc-web killed with an upload in flight: its reservation was in its
+    memory and goes with it; its partial file, no longer locked, goes at
+    the next upkeep; then the whole quota is free again."""
+    files.sweep(cluster.db, cluster.config,
+                time.time() + (cluster.config.files_retention_days + 1) * files.DAY)
+    sock, (head, _) = start_upload(cluster, 6 * MIB)
+    assert head.startswith("HTTP/1.1 100"), head
+    sock.sendall(os.urandom(MIB))
+    pid = cluster.program_pid("rc-web")
+    wait_for(lambda: held_on_disk(pid) >= MIB, 30, "rc-web to take a MiB of the body")
+    os.kill(pid, signal.SIGKILL)
+    sock.close()
+    wait_for(lambda: cluster.program_pid("rc-web") not in (0, pid), 30, "rc-web restarted")
+    partial = files.partial_dir(cluster.config)
+    left = [name for name in os.listdir(partial) if name.startswith("upload-")]
+    assert left, "the killed upload's partial file"
+    for name in left:       # past the moment between its creation and its lock
+        old = time.time() - files.UNOWNED_UPLOAD_AGE - 1
+        os.utime(os.path.join(partial, name), (old, old))
+    files.sweep(cluster.db, cluster.config, time.time())     # rc-reaper's, each minute
+    assert not [name for name in os.listdir(partial) if name.startswith("upload-")]
+
+    def whole_quota_stored():
+        try:
+            status, body = upload(cluster, os.urandom(1024) * (QUOTA_MB * 1024))
+        except OSError:
+            return False        # not listening yet
+        assert status == 201, body
+        return True
+    wait_for(whole_quota_stored, 30, "the whole quota stored")
