@@ -6,6 +6,7 @@ then, per upload, against what was stored. Six parallel 60 MiB uploads to a
 ceiling was web_connection_limit x the quota. Now each upload's length is
 reserved on its headers, beside what is stored and the others in flight,
 and one that does not fit is refused at once (real main node, 127.0.0.1)."""
+import collections
 import hashlib
 import os
 import select
@@ -252,3 +253,31 @@ def test_a_restarted_rc_web_begins_with_nothing_reserved(cluster):
         assert status == 201, body
         return True
     wait_for(whole_quota_stored, 30, "the whole quota stored")
+
+
+def test_reservations_count_each_other_and_a_full_disk(cluster, monkeypatch):
+    """files.Reservations alone (rc-web's threads share one): each counts
+    the others until released; a disk that would keep less than its reserve
+    refuses with disk_full (507), naming the free and promised bytes."""
+    files.sweep(cluster.db, cluster.config,
+                time.time() + (cluster.config.files_retention_days + 1) * files.DAY)
+    uploads = files.Reservations()
+    first = uploads.reserve(cluster.db, cluster.config, 5 * MIB)
+    with pytest.raises(files.FileStoreError) as refused:
+        uploads.reserve(cluster.db, cluster.config, 4 * MIB)
+    assert refused.value.code == "quota"
+    assert "%d more are on their way in" % (5 * MIB) in str(refused.value)
+    first.release()
+    assert uploads.in_flight() == 0
+    second = uploads.reserve(cluster.db, cluster.config, 4 * MIB)
+    # A disk with 69.5 MiB free: 64 kept in reserve, 4 promised, 1.5 left.
+    free = files.DISK_RESERVE_BYTES + 5 * MIB + MIB // 2
+    monkeypatch.setattr(files.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("Usage", "free")(free))
+    uploads.reserve(cluster.db, cluster.config, MIB).release()
+    with pytest.raises(files.FileStoreError) as full:
+        uploads.reserve(cluster.db, cluster.config, 2 * MIB)
+    assert full.value.code == "disk_full" and "promised to uploads under way" \
+        in str(full.value), full.value
+    second.release()
+    uploads.reserve(cluster.db, cluster.config, 2 * MIB).release()
