@@ -72,6 +72,12 @@ MAX_STREAM_LINE = 8 * 1024 * 1024       # bytes of one result stream line (one t
                                 # result: a worker's whole frame is at most 1 MiB)
 STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
+EXPECT_BODY = 1 << 20           # bytes of a body past which it waits for 100 Continue, as
+                                # curl does: rc-web may refuse an upload on its headers
+                                # (no room beside the uploads in flight), and a client
+                                # still sending met a reset connection, not the refusal
+EXPECT_WAIT = 1.0               # seconds it waits for that before sending anyway (a proxy
+                                # may not pass 100 Continue on; curl's wait too)
 RECONNECT_DELAY = 0.5           # seconds before opening a broken stream again; doubles
 RECONNECT_MAX_DELAY = 30.0      # ... each time in a row, up to this
 OUTPUT_FIRST_WAIT = 3.0         # seconds output() waits for a running task's first report
@@ -337,9 +343,13 @@ class Http:
         caller asked for, whatever its size). `body` may be a file opened
         for reading at its start (a put: sent from it, never held whole);
         `sink` takes a 200 answer's body as it comes (read_answer)."""
+        length = os.fstat(body.fileno()).st_size - body.tell() if hasattr(body, "read") \
+            else len(body or b"")
+        expect = length > EXPECT_BODY
+        if expect:
+            headers = dict(headers or {}, Expect="100-continue")
         if hasattr(body, "read"):
             sending, start = body, body.tell()
-            length = os.fstat(body.fileno()).st_size - start
             message = [self.head(method, path, None, headers, length=length)]
         else:
             sending, head = None, self.head(method, path, body, headers)
@@ -358,7 +368,13 @@ class Http:
                 link[2].start(timeout, sum(map(len, message)) + (
                     0 if sending is None else length))
                 link[0].settimeout(timeout)
-                for data in message:
+                link[0].sendall(message[0])
+                answer = early_answer(link, method, limit, sink) if expect else None
+                if answer is not None:          # refused on its headers: the body unsent
+                    if not answer[2]:
+                        self.drop()
+                    return (answer[0], answer[1], answer[3]) if with_fields else answer[:2]
+                for data in message[1:]:
                     link[0].sendall(data)
                 if sending is not None:      # what it held when asked, from where it stood
                     sent = link[0].sendfile(sending, start, length)
@@ -605,21 +621,45 @@ class TooLarge(BadAnswer):
     """An answer's body over the limit the caller gave (MAX_ANSWER_BYTES)."""
 
 
+def early_answer(link, method, limit, sink):
+    """After the head of a request that asked for 100 Continue: None when
+    its body is to be sent (100 Continue came, or nothing within
+    EXPECT_WAIT), else the answer (read_answer's) that came instead."""
+    sock, reader = link[0], link[1]
+    pending = getattr(sock, "pending", lambda: 0)()       # TLS bytes already decrypted
+    if not pending and not select.select([sock], [], [], EXPECT_WAIT)[0]:
+        return None
+    version, status, fields = answer_head(reader)
+    if status == 100:
+        return None
+    return answer_body(reader, method, limit, sink, version, status, fields)
+
+
+def answer_head(reader):
+    """(version, status, fields) of an answer's status line and fields."""
+    line = reader.readline(MAX_HEAD_LINE + 1)
+    if not line:
+        raise NoAnswer("the connection closed")
+    version, status = status_line(line)
+    return version, status, head_fields(reader)
+
+
 def read_answer(reader, method, limit=None, sink=None):
     """(status, body, whether the connection stays open, header fields) of
     one answer; a body over `limit` bytes (None: no limit) is a BadAnswer.
     With `sink`, a 200 answer's body goes to sink(piece) as it comes, never
     held whole (the body returned is then b"")."""
     for _ in range(MAX_INTERIM_ANSWERS + 1):
-        line = reader.readline(MAX_HEAD_LINE + 1)
-        if not line:
-            raise NoAnswer("the connection closed")
-        version, status = status_line(line)
-        fields = head_fields(reader)
+        version, status, fields = answer_head(reader)
         if not 100 <= status < 200:
-            break                   # 1xx (never asked for): the answer follows
+            break                   # 1xx (a 100 Continue late, or never asked for)
     else:       # else read for as long as a hostile server sends them
         raise BadAnswer("more than %d interim (1xx) answers" % MAX_INTERIM_ANSWERS)
+    return answer_body(reader, method, limit, sink, version, status, fields)
+
+
+def answer_body(reader, method, limit, sink, version, status, fields):
+    """read_answer's, once the answer's head is read."""
     keep = version == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
     if method == "HEAD" or status in (204, 304):
         return status, b"", keep, fields

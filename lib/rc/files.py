@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 
 from rc import db
@@ -156,15 +157,18 @@ def exists(connection, sha256):
 
 def partial_bytes(config, leave_out=None):
     """Bytes in partial files: uploads on their way in, and cut puts kept
-    for their resume (the one named `leave_out` aside). They take the disk
-    as blobs do, so they count against the quota too."""
+    for their resume (the one named `leave_out`, or those in a set of
+    names, aside). They take the disk as blobs do, so they count against
+    the quota too."""
     total = 0
+    leave_out = () if leave_out is None else \
+        (leave_out,) if isinstance(leave_out, str) else leave_out
     try:
         entries = list(os.scandir(os.path.join(root(config), PARTIAL_DIR)))
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if entry.name != leave_out:
+        if entry.name not in leave_out:
             try:
                 total += entry.stat().st_size
             except OSError:
@@ -193,6 +197,95 @@ def check_room(connection, config, size, sha256=None, partial=None):
                              " the main node's disk (%d kept in reserve)"
                              % (size, free, DISK_RESERVE_BYTES))
     return quota - used
+
+
+class Reservations:
+    """rc-web's uploads in flight: each upload's declared length is
+    reserved against the quota when its headers arrive (before any of its
+    body, which the HTTP server holds whole before rc-web reads it) and
+    released when its request ends, stored, refused or cut. Checked one at
+    a time against what is stored, the partial files and the others in
+    flight, so rc-web holds at most the quota however many upload at once
+    (before, each was checked alone once it had all arrived: N uploads held
+    N times the quota first).
+
+    A count in this process, not rows: the reservations are taken in
+    waitress's loop, which must not wait on the database's write lock, and
+    a restart begins with none (the HTTP server's temporary files go with a
+    dead process; its partial files, unlocked, with the next sweep). rc-files
+    writes a put's bytes to a partial file as they come, which this count
+    sees; it does not see this count, so its puts and rc-web's uploads
+    together hold at most about twice the quota (docs/architecture.md)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = set()
+
+    def in_flight(self):
+        with self.lock:
+            return sum(reservation.size for reservation in self.held)
+
+    def reserve(self, connection, config, size):
+        """A Reservation of `size` bytes, or FileStoreError quota (naming the
+        quota, the stored and the in-flight bytes) or disk_full."""
+        quota = config.files_quota_mb * MIB
+        check_quota(config, size)
+        with self.lock:
+            reserved = sum(reservation.size for reservation in self.held)
+            # A reserved upload's own partial file is in its reservation already.
+            mine = {reservation.partial for reservation in self.held}
+            stored = used_bytes(connection)
+            in_flight = reserved + partial_bytes(config, mine)
+            if stored + in_flight + size > quota:
+                raise FileStoreError(
+                    "quota", "an upload of %d bytes does not fit: the store holds %d bytes and"
+                    " %d more are on their way in (uploads under way), of its quota of %d"
+                    " (files_quota_mb=%d); try again once they end or files expire"
+                    % (size, stored, in_flight, quota, config.files_quota_mb))
+            make_dir(root(config))
+            free = shutil.disk_usage(root(config)).free
+            if free < reserved + size + DISK_RESERVE_BYTES:
+                raise FileStoreError(
+                    "disk_full", "an upload of %d bytes does not fit on the main node's disk:"
+                    " %d bytes free, %d of them promised to uploads under way, %d kept in"
+                    " reserve" % (size, free, reserved, DISK_RESERVE_BYTES))
+            reservation = Reservation(self, size)
+            self.held.add(reservation)
+            return reservation
+
+    def release(self, reservation):
+        with self.lock:
+            self.held.discard(reservation)
+
+
+class Reservation:
+    """One upload's bytes held against the quota until release(), and the
+    partial file its body is received into (open()), which goes with it
+    unless it was stored (store_received() renamed it into place)."""
+
+    partial = None      # the name of its partial file, once open
+
+    def __init__(self, reservations, size):
+        self.reservations, self.size = reservations, size
+        self.path = None
+
+    def open(self, config):
+        """The partial file the body is to be written to, locked while this
+        process lives as a Writer's is (a killed rc-web's goes with the next
+        sweep); the file object."""
+        self.partial = "upload-%s" % secrets.token_hex(16)
+        self.path = os.path.join(partial_dir(config), self.partial)
+        body = open(self.path, "w+b")
+        try:
+            fcntl.flock(body.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+        return body
+
+    def release(self):
+        if self.path is not None:
+            remove(self.path)
+        self.reservations.release(self)
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -382,6 +475,22 @@ def store_stream(connection, config, stream, size=None, expected=None, limit=Non
         if size is None:
             check_room(connection, config, writer.size,
                        partial=os.path.basename(writer.path))
+        return writer.commit(connection, expected)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def store_received(connection, config, name, size, expected=None):
+    """A partial file an upload's body was received into whole (rc-web's
+    reserved uploads: Reservation.open) into the store, hashed where it
+    lies and renamed into place: no second copy on the disk."""
+    writer = Writer(config, partial_name=name)
+    try:
+        if writer.size != size:
+            raise FileStoreError("short", "the upload ended after %d of %d bytes"
+                                 % (writer.size, size))
+        check_room(connection, config, size, expected, partial=name)
         return writer.commit(connection, expected)
     except BaseException:
         writer.abort()

@@ -137,6 +137,7 @@ class Web:
     def __init__(self, config, logger):
         self.config, self.logger = config, logger
         self.local = threading.local()
+        self.uploads = files.Reservations()     # room held for uploads in flight
         self.started = time.time()
         self.stream_slots = web_results.StreamSlots(config.max_streams)
         self.closing = threading.Event()
@@ -1406,8 +1407,13 @@ class FileRoutes:
                                 % expected[:80])
         expected = expected and expected.strip().lower()
         try:
-            digest, size = files.store_stream(self.web.connection(), config,
-                                              environ["wsgi.input"], length, expected)
+            held = environ.get("rc.held")
+            if held is not None:        # its body is in its partial file (upload_allowance)
+                digest, size = files.store_received(self.web.connection(), config,
+                                                    held.partial, length, expected)
+            else:
+                digest, size = files.store_stream(self.web.connection(), config,
+                                                  environ["wsgi.input"], length, expected)
         except files.FileStoreError as e:
             raise ApiError(FILE_STATUS.get(e.code, 400), str(e))
         # The audit log keeps each upload (who, from where, which blob); the
@@ -1727,14 +1733,29 @@ def file_routes(routes):
 def upload_allowance(web, request, quota):
     """For web_server, on a request's headers: POST /api/v1/files with the
     admin token may send up to the store's quota and take its time
-    (MIN_UPLOAD_RATE); anything else is held to SERVER_BODY_LIMIT within
+    (MIN_UPLOAD_RATE), once its length is reserved against the quota
+    beside what is stored and the other uploads in flight (refused at
+    once, 413 or 507, when it does not fit: web_server holds a body whole
+    before rc-web reads it, so only a refusal on the headers bounds the
+    disk); anything else is held to SERVER_BODY_LIMIT within
     web_read_timeout, so no stranger gets a slow or large body in."""
     if request.command != "POST" or request.path != UPLOAD_PATH:
         return None
     scheme, _, given = request.headers.get("AUTHORIZATION", "").partition(" ")
-    if scheme.lower() == "bearer" and web.token_matches(given.strip()):
-        return quota
-    return None
+    if not (scheme.lower() == "bearer" and web.token_matches(given.strip())):
+        return None
+    if request.content_length > quota or request.chunked or request.content_length <= 0:
+        return quota        # refused on its size or its missing length, in their words
+    try:
+        request.held = web.uploads.reserve(web.connection(), web.config,
+                                           request.content_length)
+    except files.FileStoreError as e:
+        code = FILE_STATUS.get(e.code, 413)
+        raise web_server.Refused(code, bottle.HTTP_CODES.get(code, "Refused"), str(e))
+    # The body goes straight to the store's partial file, not to a
+    # temporary file to be copied from: the disk holds it once.
+    request.body_file = request.held.open(web.config)
+    return quota
 
 
 def too_large_words(request, size, limit, config):

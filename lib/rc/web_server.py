@@ -24,8 +24,10 @@ import ssl
 import threading
 import time
 
+from waitress.buffers import FileBasedBuffer
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
+from waitress.receiver import FixedStreamReceiver
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import BadRequest, RequestEntityTooLarge
@@ -82,13 +84,34 @@ class LengthRequired(BadRequest):
     reason = "Length Required"
 
 
+class Refused(Exception):
+    """What `long_body` raises to refuse a request on its headers, before
+    any of its body is read: an upload the store has no room for."""
+
+    def __init__(self, code, reason, message):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+class Refusal(BadRequest):
+    """A Refused as waitress answers it."""
+
+    def __init__(self, refused):
+        super().__init__(str(refused))
+        self.code, self.reason = refused.code, refused.reason
+
+
 class Request(HTTPRequestParser):
     """A request whose body limit is decided on its headers: `body_limit`,
     or what `long_body` allows it (then it is `long`: see Channel.overdue).
-    waitress's own max_request_body_size is the largest of them all."""
+    waitress's own max_request_body_size is the largest of them all.
+    `long_body` may leave in `held` something to release() when the
+    request ends, however it ends (an upload's room in the store)."""
 
     long = False
     body_limit = None         # bytes, once the headers are in
+    held = None
+    body_file = None          # where `long_body` wants the body written, if not a buffer
 
     def __init__(self, adj, limits):
         super().__init__(adj)
@@ -106,6 +129,12 @@ class Request(HTTPRequestParser):
             return consumed
         if self.body_limit is None:
             self.decide_body_limit()
+            if self.error is not None:          # refused on its headers (Refused)
+                self.completed, self.expect_continue = True, False    # no 100 Continue
+                return consumed
+            if self.body_file is not None and not self.chunked and self.body_rcv is not None:
+                self.body_rcv = FixedStreamReceiver(self.content_length,
+                                                    FileBasedBuffer(self.body_file))
             if self.long and self.chunked:
                 # waitress would take the whole body (up to the allowance, to
                 # a temporary file) before the app could see there is no length.
@@ -142,8 +171,21 @@ class Request(HTTPRequestParser):
             return None
         try:
             return long_body(self)
+        except Refused as e:
+            self.error = Refusal(e)
+            return None
         except Exception:       # whatever the app's check raises, no allowance
             return None
+
+    def close(self):
+        """The request has ended (answered, refused, or its connection
+        closed): what it held goes."""
+        held, self.held = self.held, None
+        try:
+            if held is not None:
+                held.release()
+        finally:
+            super().close()
 
 
 class OneSendTask(WSGITask):
@@ -151,6 +193,11 @@ class OneSendTask(WSGITask):
     (it sends as soon as it is given anything), and the client may wake
     for each: for a submit's answer, ~0.1 ms more on a busy machine. Here
     the head goes out with the body's first piece."""
+
+    def get_environment(self):
+        environ = super().get_environment()
+        environ["rc.held"] = self.request.held
+        return environ
 
     def write(self, data):
         if self.wrote_header or not data:
@@ -331,6 +378,14 @@ class Channel(HTTPChannel):
                 self.received(data)
             else:
                 self.input_ended = True
+
+    def del_channel(self, map=None):
+        """Every close comes here: a request whose body was still arriving
+        (cut, too slow) ends with its connection."""
+        super().del_channel(map)
+        request, self.request = self.request, None
+        if request is not None:
+            request.close()
 
     def check_client_disconnected(self):
         """For a stream or a long wait (waitress.client_disconnected): its
