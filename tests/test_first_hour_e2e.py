@@ -79,6 +79,16 @@ def test_rc_ctl_from_any_directory(cluster, tmp_path):
     assert status.returncode == 0, status.stdout
     assert "rc-scheduler" in status.stdout and "RUNNING" in status.stdout
     assert "ENV_" not in status.stdout
+    # `rc ctl status | head -1`, its reader gone before it writes: it ends as
+    # `cat` would, 141 and nothing on stderr (was supervisorctl's traceback).
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        piped = subprocess.run([RC, "ctl", "status"], env=env, cwd=str(tmp_path), stdout=writer,
+                               stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    finally:
+        os.close(writer)
+    assert (piped.returncode, piped.stderr) == (141, ""), piped
     before = cluster.program_pid("rc-scheduler")
     restarted = subprocess.run([RC, "ctl", "restart", "rc-scheduler"], env=env,
                                cwd=str(tmp_path), stdout=subprocess.PIPE,

@@ -17,7 +17,7 @@ def main(argv=None):
     except BrokenPipeError:
         # `rc logs | head`: the reader left; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return commands.BROKEN_PIPE
 
 
 if __name__ == "__main__":

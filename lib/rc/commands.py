@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sqlite3
 import sys
@@ -1424,6 +1425,12 @@ SUPERVISOR_CONF = os.path.join(rc_config.CHECKOUT, "etc", "supervisord.conf")
 CTL_ACTIONS = ("status", "start", "stop", "restart", "tail")
 MAIN_PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-files", "rc-web", "rc-worker")
 NOT_RUNNING = 3     # LSB's "program is not running", as supervisorctl status uses it
+BROKEN_PIPE = 128 + signal.SIGPIPE      # a shell's status for a reader that left (`| head`)
+# supervisorctl, ended by SIGPIPE as `cat` would be when its reader leaves
+# (`rc ctl status | head -1`): Python ignores SIGPIPE, and supervisorctl
+# printed a traceback of BrokenPipeError instead.
+SUPERVISORCTL = ("import runpy, signal; signal.signal(signal.SIGPIPE, signal.SIG_DFL);"
+                 " runpy.run_module('supervisor.supervisorctl', run_name='__main__')")
 
 
 def cmd_ctl(arguments, context):
@@ -1445,11 +1452,12 @@ def cmd_ctl(arguments, context):
                           % config.home)
         return NOT_RUNNING
     import subprocess       # here only: ~4 ms of every other command's start
-    argv = [sys.executable, "-m", "supervisor.supervisorctl", "-c", SUPERVISOR_CONF,
+    argv = [sys.executable, "-c", SUPERVISORCTL, "-c", SUPERVISOR_CONF,
             arguments.action] + (["-f"] if arguments.follow else []) + arguments.programs
     context.out.flush()
-    return subprocess.call(argv, env=dict(os.environ, RC_HOME=config.home),
-                           stdout=context.out.fileno() if has_fileno(context.out) else None)
+    status = subprocess.call(argv, env=dict(os.environ, RC_HOME=config.home),
+                             stdout=context.out.fileno() if has_fileno(context.out) else None)
+    return BROKEN_PIPE if status == -signal.SIGPIPE else status
 
 
 def has_fileno(stream):
