@@ -48,6 +48,10 @@ REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
 
 
 TLS_HANDSHAKE = b"\x16"       # a TLS record's first byte (a ClientHello's); no HTTP method's
+# Bytes of a body refused on its headers that are read and thrown away
+# before the answer, for a client that sends it all before it reads
+# (Request.refuse_once_sent); a larger one is answered at once.
+DISCARD_LIMIT = 4 * 1024 * 1024
 
 
 class WaitressLog(logging.Handler):
@@ -130,7 +134,7 @@ class Request(HTTPRequestParser):
         if self.body_limit is None:
             self.decide_body_limit()
             if self.error is not None:          # refused on its headers (Refused)
-                self.completed, self.expect_continue = True, False    # no 100 Continue
+                self.refuse_once_sent()
                 return consumed
             if self.body_file is not None and not self.chunked and self.body_rcv is not None:
                 self.body_rcv = FixedStreamReceiver(self.content_length,
@@ -144,8 +148,22 @@ class Request(HTTPRequestParser):
         size = max(self.content_length, self.body_bytes_received)
         if size > self.body_limit:
             self.error = RequestEntityTooLarge(self.too_large(size))
-            self.completed = True
+            self.refuse_once_sent()
         return consumed
+
+    def refuse_once_sent(self):
+        """Answer the refusal now, or, for a small body the client is
+        sending anyway (it did not ask first, Expect: 100-continue), once
+        that body is in, read and thrown away. urllib and requests send the
+        whole body before they read: closed on with its bytes unread, the
+        connection is reset, which loses the answer (a broken pipe, not
+        the 413 that says why)."""
+        left = self.content_length - self.body_bytes_received
+        if self.expect_continue or self.chunked or self.body_rcv is None \
+                or not 0 < left <= DISCARD_LIMIT:
+            self.completed, self.expect_continue = True, False    # no 100 Continue
+        else:
+            self.body_rcv = FixedStreamReceiver(left, Discarded())
 
     def decide_body_limit(self):
         allowed = self.allowance()
@@ -186,6 +204,19 @@ class Request(HTTPRequestParser):
                 held.release()
         finally:
             super().close()
+
+
+class Discarded:
+    """A body buffer that keeps nothing (Request.refuse_once_sent)."""
+
+    def append(self, data):
+        pass
+
+    def __len__(self):
+        return 0
+
+    def close(self):
+        pass
 
 
 class OneSendTask(WSGITask):
