@@ -2947,10 +2947,13 @@ TASK_ENV_KEPT_PREFIXES = ("LC_",)
 # Kept unless a URL in them holds a user (user:password@): pip's settings, proxies.
 TASK_ENV_NETWORK = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
 TASK_ENV_NETWORK_PREFIXES = ("PIP_",)
-# On Android, what Termux's shell has for programs to run at all: its prefix,
-# termux-exec's LD_PRELOAD (#! lines of /usr/bin/...), Android's runtime paths.
-TASK_ENV_ANDROID = ("PREFIX", "BOOTCLASSPATH", "DEX2OATBOOTCLASSPATH",
-                    "SYSTEMSERVERCLASSPATH", "EXTERNAL_STORAGE")
+# On Android, what Termux's shell has for programs to run at all (its app's
+# TermuxShellEnvironment, its login): its prefix, termux-exec's LD_PRELOAD
+# (#! lines of /usr/bin/...), LD_LIBRARY_PATH (Termux on Android 5 and 6),
+# Android's runtime paths (`am` needs them).
+TASK_ENV_ANDROID = ("PREFIX", "LD_LIBRARY_PATH", "BOOTCLASSPATH", "DEX2OATBOOTCLASSPATH",
+                    "SYSTEMSERVERCLASSPATH", "EXTERNAL_STORAGE", "ASEC_MOUNTPOINT",
+                    "LOOP_MOUNTPOINT")
 TASK_ENV_ANDROID_PREFIXES = ("ANDROID_", "TERMUX_")
 # Task types that run no code of the task's sender: what a worker that must
 # protect files (--hide, --read-only) but cannot isolate its tasks still runs.
@@ -3045,10 +3048,10 @@ def holds_password(value):
 
 def account_name(uid):
     """USER and LOGNAME of `uid`: its account's name, else its number."""
-    import pwd
     try:
+        import pwd
         return pwd.getpwuid(uid).pw_name
-    except (KeyError, OSError):
+    except (ImportError, KeyError, OSError):
         return str(uid)
 
 

@@ -145,6 +145,7 @@ def test_termux_keeps_what_its_programs_need(worker, monkeypatch):
               "TMPDIR": "/data/data/com.termux/files/usr/tmp", "TERMUX_VERSION": "0.118.0",
               "BOOTCLASSPATH": "/apex/core.jar", "EXTERNAL_STORAGE": "/sdcard",
               "LD_PRELOAD": "/data/data/com.termux/files/usr/lib/libtermux-exec.so",
+              "LD_LIBRARY_PATH": "/data/data/com.termux/files/usr/lib",    # Android 5 and 6
               "HOME": "/data/data/com.termux/files/home", "SSH_AUTH_SOCK": "/x/agent"}
     environment, withheld = environment_of(worker, monkeypatch, termux)
     assert set(environment) == set(termux) - {"SSH_AUTH_SOCK"} | {"USER", "LOGNAME"}
