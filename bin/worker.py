@@ -5969,7 +5969,7 @@ def task_env(payload):
         raise BadPayload("payload field 'env' must be an object of at most 256 names")
     for name, value in env.items():
         if (not name or len(name) > 128 or not set(name) <= ENV_NAME_CHARACTERS
-                or name[0].isdigit() or name.startswith("RC_")):
+                or name[0].isdigit() or name.upper().startswith("RC_")):
             raise BadPayload("payload env name %r is not allowed (letters, digits and _,"
                              " not starting with a digit or RC_)" % name[:130])
         if not isinstance(value, str) or "\0" in value or len(value) > 32768:
