@@ -37,6 +37,10 @@ TASKS = [("shell", {"command": "env"}), ("shell", {"command": "env; true"}),
          ("python_exec", {"code": PRINT_ENV})]
 
 
+# Over FILES_SPAWN_ENV (256 KiB): the task starts through subprocess.
+LARGE_ENV = {"BIG%d" % n: "x" * 32000 for n in range(9)}
+
+
 def parsed(task_type, output):
     if task_type == "shell":
         return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
@@ -46,12 +50,14 @@ def parsed(task_type, output):
 
 
 def environments(link, tasks, env=None):
-    """The environment each task saw, in order."""
-    for number, (task_type, payload) in enumerate(tasks, 1):
+    """The environment each task saw, in order (task ids new on `link`)."""
+    first = link.next_task_id = getattr(link, "next_task_id", 1)
+    link.next_task_id += len(tasks)
+    for number, (task_type, payload) in enumerate(tasks, first):
         link.assign(number, task_type, dict(payload, env=env) if env else payload)
     results = link.results(len(tasks))
     seen = []
-    for number, (task_type, _) in enumerate(tasks, 1):
+    for number, (task_type, _) in enumerate(tasks, first):
         assert results[number]["status"] == "completed", results[number]
         seen.append(parsed(task_type, results[number]["result"]["output"]))
     return seen
@@ -101,8 +107,7 @@ def test_pass_env_gives_tasks_a_variable_and_their_own_env_wins(start, owner_she
 def test_a_task_started_without_the_spawner_gets_none_either(start, owner_shell):
     """An env over FILES_SPAWN_ENV: subprocess starts the task, from the
     worker itself, whose environment holds the secrets."""
-    large = {"BIG%d" % n: "x" * 32000 for n in range(9)}
-    for environment in environments(start()[1], TASKS, env=large):
+    for environment in environments(start()[1], TASKS, env=LARGE_ENV):
         assert not set(SECRETS) & set(environment)
         assert environment["LANG"] == "C.UTF-8" and environment["BIG8"] == "x" * 32000
         assert environment["PATH"] and environment["RC_TASK_ID"]
@@ -117,10 +122,14 @@ OLDEST_AND_NEWEST = [p for p in INTERPRETERS if "/3.6." in p or "/3.13." in p]
 @pytest.mark.parametrize("python", OLDEST_AND_NEWEST, ids=short_name)
 def test_on_the_oldest_and_newest_python(main, spawn, python, owner_shell):
     _, link = registered(main, spawn, python, "--pass-env", "SECRET_FROM_OWNER")
-    for environment in environments(link, TASKS):
-        assert "SSH_AUTH_SOCK" not in environment and "AWS_SECRET_ACCESS_KEY" not in environment
-        assert environment["SECRET_FROM_OWNER"] == SECRETS["SECRET_FROM_OWNER"]
-        assert environment["LANG"] == "C.UTF-8" and environment["PATH"]
+    # With the spawner, and without it (an env too large for it: subprocess).
+    for env in (None, LARGE_ENV):
+        for environment in environments(link, TASKS, env=env):
+            assert "SSH_AUTH_SOCK" not in environment
+            assert "AWS_SECRET_ACCESS_KEY" not in environment
+            assert environment["SECRET_FROM_OWNER"] == SECRETS["SECRET_FROM_OWNER"]
+            assert environment["LANG"] == "C.UTF-8" and environment["PATH"]
+            assert ("BIG8" in environment) == (env is not None)
 
 
 # -- the worker's own pieces ----------------------------------------------------------
