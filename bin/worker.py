@@ -2350,17 +2350,19 @@ class ProcessTask(Task):
         command(); Python tasks ask it to run their code itself."""
         return {"argv": self.command(value)}
 
-    def popen_env(self, preexec):
-        """subprocess's env: None where preexec sets the task's own (after
-        the sandbox's), else ours with the task's added."""
-        return None if preexec or not self.env else dict(os.environ, **self.env)
+    def popen_env(self, worker, preexec):
+        """subprocess's env: None where preexec sets the task's own, else
+        the tasks' environment (Sandbox.environment) with the task's added."""
+        return None if preexec else dict(worker.sandbox.environment(), **self.env)
 
-    def preexec(self):
-        """What runs in the child between fork and exec: entering the
-        sandbox, setting the limits."""
-        jail, limits, env = self.jail, self.limits, self.env
+    def preexec(self, worker):
+        """What runs in the child between fork and exec: the tasks'
+        environment instead of the worker's, entering the sandbox, setting
+        the limits."""
+        jail, limits, env, base = self.jail, self.limits, self.env, worker.sandbox.environment()
         # The payload's env last: what the task asks for wins over the sandbox's PATH.
-        return lambda: (enter_sandbox(jail), os.environ.update(env), apply_rlimits(limits))
+        return lambda: (replace_environ(base), enter_sandbox(jail), os.environ.update(env),
+                        apply_rlimits(limits))
 
     def start(self, worker):
         import subprocess
@@ -2381,11 +2383,11 @@ class ProcessTask(Task):
                     request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
                     jail=self.jail, **extra))
             if self.proc is None:      # a process of our own
-                preexec = self.preexec()
+                preexec = self.preexec(worker)
                 with TaskStdin(extra["stdin"]) as stdin:
                     self.proc = subprocess.Popen(
                         request["argv"] if request else self.command(value), cwd=self.workdir,
-                        stdin=stdin, env=self.popen_env(preexec),
+                        stdin=stdin, env=self.popen_env(worker, preexec),
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                         preexec_fn=preexec)
         except (OSError, ValueError, BadPayload, subprocess.SubprocessError) as e:
@@ -2899,10 +2901,11 @@ class ShellTask(ProcessTask):
             request["command"] = command
         return request
 
-    def preexec(self):
+    def preexec(self, worker):
         if needs_child_setup(self.jail):
-            env = self.env
-            return lambda jail=self.jail: (enter_sandbox(jail), os.environ.update(env))
+            env, base = self.env, worker.sandbox.environment()
+            return lambda jail=self.jail: (replace_environ(base), enter_sandbox(jail),
+                                           os.environ.update(env))
         return None
 
 
@@ -2932,6 +2935,26 @@ TASK_CLASSES = {cls.task_type: cls for cls in (
 #   back to it, so it knows when there is anything to kill.
 
 TASK_MARK = "RC_TASK_MARK"      # environment variable naming a task's first process
+# A task's environment starts from these of the worker's, no more, as sudo's
+# env_reset and a systemd service's do: the worker's own may hold its owner's
+# secrets (cloud keys, tokens, SSH_AUTH_SOCK: the owner's ssh agent). Then
+# the sandbox's HOME, USER, LOGNAME, the RC_ variables, the task's --env.
+# docs/security.md says why each is kept; --pass-env NAME adds one.
+TASK_ENV_KEPT = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+                 # certificates to trust (paths): pip and curl behind a TLS proxy
+                 "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+TASK_ENV_KEPT_PREFIXES = ("LC_",)
+# Kept unless a URL in them holds a user (user:password@): pip's settings, proxies.
+TASK_ENV_NETWORK = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
+TASK_ENV_NETWORK_PREFIXES = ("PIP_",)
+# On Android, what Termux's shell has for programs to run at all (its app's
+# TermuxShellEnvironment, its login): its prefix, termux-exec's LD_PRELOAD
+# (#! lines of /usr/bin/...), LD_LIBRARY_PATH (Termux on Android 5 and 6),
+# Android's runtime paths (`am` needs them).
+TASK_ENV_ANDROID = ("PREFIX", "LD_LIBRARY_PATH", "BOOTCLASSPATH", "DEX2OATBOOTCLASSPATH",
+                    "SYSTEMSERVERCLASSPATH", "EXTERNAL_STORAGE", "ASEC_MOUNTPOINT",
+                    "LOOP_MOUNTPOINT")
+TASK_ENV_ANDROID_PREFIXES = ("ANDROID_", "TERMUX_")
 # Task types that run no code of the task's sender: what a worker that must
 # protect files (--hide, --read-only) but cannot isolate its tasks still runs.
 HARMLESS_TASK_TYPES = ("echo", "sleep", "system_info")
@@ -2985,6 +3008,58 @@ def encoded(path):
 def write_file(path, text):
     with open(path, "w") as f:
         f.write(text)
+
+
+def task_environment(pass_env=(), tmpdir_usable=lambda path: True):
+    """(the worker's variables a task starts from, names withheld because
+    they hold a password): TASK_ENV_KEPT and the rest above, --pass-env's
+    names, and HOME, USER and LOGNAME of the worker's user (a task of
+    another uid gets its own: enter_sandbox); TMPDIR only where the task
+    can write (else programs use /tmp)."""
+    android = "ANDROID_ROOT" in os.environ or sys.platform == "android"
+    environment, withheld = {}, []
+    for name, value in os.environ.items():
+        network = (name.lower() in TASK_ENV_NETWORK
+                   or name.startswith(TASK_ENV_NETWORK_PREFIXES))
+        if name in pass_env:
+            environment[name] = value
+        elif network and holds_password(value):
+            withheld.append(name)
+        elif network or name in TASK_ENV_KEPT or name.startswith(TASK_ENV_KEPT_PREFIXES):
+            environment[name] = value
+        elif android and (name in TASK_ENV_ANDROID or name.startswith(
+                TASK_ENV_ANDROID_PREFIXES) or (name == "LD_PRELOAD" and "termux-exec" in value)):
+            environment[name] = value
+    if "TMPDIR" in environment and "TMPDIR" not in pass_env \
+            and not tmpdir_usable(environment["TMPDIR"]):
+        del environment["TMPDIR"]
+    user = account_name(os.geteuid())
+    environment.update(HOME=os.environ.get("HOME") or os.path.expanduser("~"),
+                       USER=user, LOGNAME=user)
+    environment.update((name, os.environ[name]) for name in pass_env if name in os.environ)
+    return environment, sorted(withheld)
+
+
+def holds_password(value):
+    """Whether a URL in `value` names a user (user:password@host): a
+    proxy's or a package index's credentials."""
+    return any("@" in part.split("/", 1)[0] for part in value.split("://")[1:])
+
+
+def account_name(uid):
+    """USER and LOGNAME of `uid`: its account's name, else its number."""
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError, OSError):
+        return str(uid)
+
+
+def replace_environ(environment):
+    """In a task's child process that subprocess started (no spawner): the
+    tasks' environment instead of the worker's, which it inherited."""
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def enter_sandbox(jail):
@@ -3892,6 +3967,8 @@ class Sandbox(object):
         self.leftovers = Leftovers()
         self.workdirs = None
         self.tracking = None
+        self.environ = None       # what every task starts from (environment())
+        self.user_names = {}      # uid -> its USER and LOGNAME (account_name)
 
     def prepare(self, worker):
         """Called once, before the first task."""
@@ -3909,6 +3986,12 @@ class Sandbox(object):
         self.tracking = self.tracking_mechanism(worker)
         self.python_note = self.choose_python()
         self.path = self.task_path()
+        self.environ = None
+        withheld = self.environment(withheld=True)[1]
+        if withheld:
+            log("warning", "task_env_withheld", names=withheld,
+                message="not given to tasks: a URL in them holds a user or password;"
+                " --pass-env NAME gives one to every task")
         for note in getattr(self.options, "sandbox_notes", ()):
             log("warning", "task_sandbox_limited", message=note)
         if self.python_note:
@@ -3954,6 +4037,25 @@ class Sandbox(object):
         return os.pathsep.join(
             d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
             if d and os.path.isdir(d) and reachable(d, other_uid, hidden))
+
+    def environment(self, withheld=False):
+        """The worker's variables every task starts from (task_environment);
+        with `withheld`, (that, the names left out for a password in them)."""
+        if self.environ is None:
+            self.environ = task_environment(getattr(self.options, "pass_env", None) or (),
+                                            self.tmpdir_usable)
+        return self.environ if withheld else self.environ[0]
+
+    def tmpdir_usable(self, path):
+        """Whether tasks can write in the worker's $TMPDIR: one of another
+        uid, a directory every user may write (/tmp); an isolated one, one
+        not hidden."""
+        hidden = self.hidden_paths() if getattr(self.options, "isolated", False) else []
+        try:
+            writable = not self.other_uid or bool(os.stat(path).st_mode & 0o002)
+        except OSError:
+            return False
+        return writable and reachable(path, self.other_uid, hidden)
 
     def own_uids(self):
         """Whether each task runs as a uid of its own."""
@@ -4020,7 +4122,7 @@ class Sandbox(object):
                 remove_tree(staged)
                 task.workdir = None
             raise
-        jail = {"uid": uid, "gid": gid, "user": self.user_name or "",
+        jail = {"uid": uid, "gid": gid, "user": self.task_user_name(uid),
                 "cwd": cwd,
                 "cgroup": self.cgroups.make("task-%s-%s" % task.key),
                 "cgroup_home": self.cgroups.home if self.cgroups.base else None,
@@ -4036,6 +4138,14 @@ class Sandbox(object):
                         network=not self.options.isolate_network,
                         pid_namespace=getattr(self.options, "pid_namespace", False))
         return jail
+
+    def task_user_name(self, uid):
+        """USER and LOGNAME of a task of `uid` (None: the worker's own uid)."""
+        if uid is None:
+            return ""
+        if uid not in self.user_names:
+            self.user_names[uid] = account_name(uid)
+        return self.user_names[uid]
 
     def may_link_inputs(self):
         """Whether a task's inputs may be hard links to the cache's blobs
@@ -4223,8 +4333,10 @@ class Spawner(object):
         argv = bytecode_argv("serve_spawner(%d)" % fd, isolated) or isolated + [
             WORKER_FILE, "--spawner", str(fd)]
         try:
+            # Its environment is the tasks' (Sandbox.environment), not ours.
             self.process = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            env=worker.sandbox.environment())
         finally:
             theirs.close()
         self.sock = ours
@@ -5857,7 +5969,7 @@ def task_env(payload):
         raise BadPayload("payload field 'env' must be an object of at most 256 names")
     for name, value in env.items():
         if (not name or len(name) > 128 or not set(name) <= ENV_NAME_CHARACTERS
-                or name[0].isdigit() or name.startswith("RC_")):
+                or name[0].isdigit() or name.upper().startswith("RC_")):
             raise BadPayload("payload env name %r is not allowed (letters, digits and _,"
                              " not starting with a digit or RC_)" % name[:130])
         if not isinstance(value, str) or "\0" in value or len(value) > 32768:
@@ -9534,6 +9646,9 @@ def print_sandbox(sandbox):
             isolation += "; tasks can read files of the worker's user"
     print("task isolation: %s" % isolation)
     print("task tracking:  %s" % sandbox.tracking)
+    environment, withheld = sandbox.environment(withheld=True)
+    print("task env:       %s%s" % (" ".join(sorted(environment)), "; withheld (a password in"
+                                    " a URL): %s" % " ".join(withheld) if withheld else ""))
     for note in sandbox.options.sandbox_notes + [sandbox.python_note]:
         if note:
             print("note:           %s" % note)
@@ -9556,7 +9671,7 @@ RELOADABLE = ("task_types", "tags", "role", "slots", "max_memory", "max_file_siz
 PROFILE_OPTIONS = ("task_types", "tags", "role", "slots")
 NEEDS_RESTART = ("join", "device_id", "token_file", "fingerprint", "state_dir", "web_port",
                  "task_user", "isolate", "isolate_network", "hide", "read_only",
-                 "allow_upgrade")
+                 "allow_upgrade", "pass_env")
 
 
 class ReloadError(Exception):
@@ -9647,6 +9762,17 @@ def percent(text):
         import argparse
         raise argparse.ArgumentTypeError("must be a percentage from 0 to 100, got %r" % text)
     return value
+
+
+def passed_variable(name):
+    """--pass-env NAME: a variable's name, not one of the worker's RC_ ones."""
+    import argparse
+    if not name or not set(name) <= ENV_NAME_CHARACTERS or name[0].isdigit():
+        raise argparse.ArgumentTypeError("expected a variable's name ([A-Za-z_][A-Za-z0-9_]*),"
+                                         " got %r" % name)
+    if name.upper().startswith("RC_"):
+        raise argparse.ArgumentTypeError("%s: RC_ variables are the worker's own" % name)
+    return name
 
 
 def hours_window(text):
@@ -9823,6 +9949,11 @@ def parse_args(argv=None, reloading=False, read_token=True):
                          " %s tasks are accepted" % "/".join(HARMLESS_TASK_TYPES))
     sandbox.add_argument("--read-only", action="append", default=[], metavar="PATH",
                          help="a path tasks must not write (bound read-only, as --hide)")
+    sandbox.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                         type=passed_variable,
+                         help="give tasks this variable of the worker's environment too;"
+                         " may be repeated (tasks get PATH, LANG, LC_*, TZ, TERM, TMPDIR,"
+                         " proxies and PIP_* without a password, and no other)")
     guest = parser.add_argument_group("a good guest: when this device takes new tasks")
     guest.add_argument("--only-when-charging", action="store_true",
                        help="only while on external power")

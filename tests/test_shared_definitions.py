@@ -77,3 +77,29 @@ def test_the_clients_copies_agree():
     from rc import client, files, states
     assert client.KEPT_STDOUT == files.STREAM_NAMES[0]
     assert client.PAYLOAD_FIELD == states.PAYLOAD_FIELD
+
+
+@pytest.mark.parametrize("name", ["HOME", "_x", "A1", "RC_TASK_ID", "rc_token", "Rc_x",
+                                  "1A", "A-B", "", "X" * 129, "é"])
+def test_worker_takes_the_env_names_the_main_node_takes(worker, name):
+    """A task's --env (lib/rc/tasks.py check_env) and the worker's own check
+    of it, and of --pass-env: the same names, RC_ in any case the worker's."""
+    from rc import tasks
+    try:
+        tasks.check_env({name: "v"})
+        main_takes = True
+    except tasks.TaskError:
+        main_takes = False
+    try:
+        worker.task_env({"env": {name: "v"}})
+        worker_takes = True
+    except worker.BadPayload:
+        worker_takes = False
+    assert worker_takes == main_takes
+    if name and len(name) <= 128:
+        worker.load_region("options")
+        try:
+            passes = worker.passed_variable(name) == name
+        except Exception:
+            passes = False
+        assert passes == main_takes
