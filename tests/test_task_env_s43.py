@@ -11,7 +11,6 @@ and as nobody (the worker's own uid), through the spawner's three ways to
 start a task (posix_spawn of a simple command, a fork for the shell and
 for Python) and through subprocess (an env too large for the spawner)."""
 import ast
-import importlib.util
 import json
 import os
 import pwd
@@ -21,8 +20,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sandbox import IS_ROOT, drop_dir, start  # noqa: E402,F401
-from test_worker import (INTERPRETERS, ROOT, main, registered, short_name,  # noqa: E402,F401
+from test_worker import (INTERPRETERS, main, registered, short_name,  # noqa: E402,F401
                          spawn)
+from test_shared_definitions import worker  # noqa: E402,F401 (its fixture: bin/worker.py loaded)
 
 SECRETS = {"SECRET_FROM_OWNER": "owner-secret-6d1f", "SSH_AUTH_SOCK": "/tmp/ssh-agent-6d1f",
            "AWS_SECRET_ACCESS_KEY": "aws-secret-6d1f", "XDG_RUNTIME_DIR": "/run/user/6d1f",
@@ -133,15 +133,6 @@ def test_on_the_oldest_and_newest_python(main, spawn, python, owner_shell):
 
 
 # -- the worker's own pieces ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def worker():
-    spec = importlib.util.spec_from_file_location(
-        "rc_worker_env", os.path.join(ROOT, "bin", "worker.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def environment_of(worker, monkeypatch, variables, **arguments):
     monkeypatch.setattr(worker.os, "environ", dict(variables))
