@@ -223,7 +223,11 @@ class Reservations:
 
     def in_flight(self):
         with self.lock:
-            return sum(reservation.size for reservation in self.held)
+            return self.reserved()
+
+    def reserved(self):
+        """Bytes held by the reservations; the caller holds self.lock."""
+        return sum(reservation.size for reservation in self.held)
 
     def reserve(self, connection, config, size):
         """A Reservation of `size` bytes, or FileStoreError quota (naming the
@@ -231,7 +235,7 @@ class Reservations:
         quota = config.files_quota_mb * MIB
         check_quota(config, size)
         with self.lock:
-            reserved = sum(reservation.size for reservation in self.held)
+            reserved = self.reserved()
             # A reserved upload's own partial file is in its reservation already.
             mine = {reservation.partial for reservation in self.held}
             stored = used_bytes(connection)
