@@ -3986,7 +3986,7 @@ class Sandbox(object):
         self.tracking = self.tracking_mechanism(worker)
         self.python_note = self.choose_python()
         self.path = self.task_path()
-        self.environ = None     # made again: tmpdir_usable needs the uids chosen above
+        self.environ = None     # made again: tmpdir_usable needs the task root chosen above
         withheld = self.environment(withheld=True)[1]
         if withheld:
             log("warning", "task_env_withheld", names=withheld,
