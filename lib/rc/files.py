@@ -875,11 +875,12 @@ def remove_unrecorded(connection, config, found):
     the file under the same lock) keeps its file. Returns how many went."""
     removed = 0
     hashes = list(found)
+    started = time.monotonic()
     for first in range(0, len(hashes), REMOVE_CHUNK):
         chunk = hashes[first:first + REMOVE_CHUNK]
         if first:
             db.give_way(time.monotonic() - started)
-        started = time.monotonic()
+            started = time.monotonic()
         with db.write(connection):
             recorded = {row[0] for row in connection.execute(
                 "SELECT sha256 FROM files WHERE sha256 IN (%s)" % ",".join("?" * len(chunk)),
