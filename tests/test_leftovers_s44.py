@@ -1,0 +1,72 @@
+"""Faults earlier sessions noticed and left (the forty-fourth session's brief).
+
+Each test names the fault it keeps fixed."""
+import time
+
+from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
+from rc import db, scheduler, tasks
+
+
+# -- a task bounced between devices that will not start it ----------------------
+
+def assigned_to_dev1(instance, connection, client, task_id):
+    """Play rc-scheduler's next pass (past any backoff): the task goes to
+    dev1, which is sent it. Returns the attempt."""
+    assert scheduler.schedule(connection, time.time() + 3600, instance.log,
+                              instance.config) == 1
+    assign = client.receive()
+    assert (assign["message_type"], assign["data"]["task_id"]) == ("task_assign", task_id)
+    return assign["data"]["attempt"]
+
+
+def answer(client, task_id, attempt, status, error):
+    client.send("task_result", {"task_id": task_id, "attempt": attempt, "status": status,
+                                "error": error})
+    assert client.receive()["message_type"] == "task_result_ack"
+
+
+def test_a_device_refusing_what_it_claims_to_run_fails_the_task_after_bounce_limit(server):
+    # Before: not_allowed requeued the task uncharged every time, and the one
+    # device that fits got it again after each backoff, for ever.
+    instance, port = server
+    instance.config.bounce_limit = 3
+    client = Client(port)
+    client.register(token_of(instance), task_types=["echo", "shell"])   # a lie: no shell
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "shell", {"command": "true"})
+    for bounce in range(1, 4):
+        attempt = assigned_to_dev1(instance, connection, client, task_id)
+        answer(client, task_id, attempt, "not_allowed",
+               "this worker does not accept 'shell' tasks")
+        task = tasks.get(connection, task_id)
+        assert task["retries_used"] == 0
+        assert task["state"] == ("failed" if bounce == 3 else "queued")
+    assert "3 times in a row" in task["error"] and "dev1 (3)" in task["error"]
+    assert "does not accept 'shell' tasks" in task["error"]
+    connection.close()
+
+
+def test_a_started_attempt_resets_the_bounce_count_and_a_running_hand_back_is_no_bounce(
+        server):
+    instance, port = server
+    instance.config.bounce_limit = 2
+    client = Client(port)
+    client.register(token_of(instance), task_types=["echo", "shell"])
+    connection = db.connect(instance.config.db_path)
+    task_id = tasks.submit(connection, instance.config, "shell", {"command": "sleep 9"})
+    attempt = assigned_to_dev1(instance, connection, client, task_id)
+    answer(client, task_id, attempt, "handed_back", "waited 7.5 s for a free slot")
+    # Started, then given back with its checkpoint (battery low): no bounce,
+    # and the one before it no longer counts.
+    attempt = assigned_to_dev1(instance, connection, client, task_id)
+    client.send("task_accept", {"task_id": task_id, "attempt": attempt})
+    answer(client, task_id, attempt, "handed_back", "battery 12%")
+    attempt = assigned_to_dev1(instance, connection, client, task_id)
+    answer(client, task_id, attempt, "handed_back", "battery 12%")
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"], task["retries_used"]) == ("queued", 4, 0)
+    attempt = assigned_to_dev1(instance, connection, client, task_id)
+    answer(client, task_id, attempt, "handed_back", "battery 12%")
+    task = tasks.get(connection, task_id)
+    assert task["state"] == "failed" and "2 times in a row" in task["error"]
+    connection.close()
