@@ -1,10 +1,17 @@
 """Faults earlier sessions noticed and left (the forty-fourth session's brief).
 
 Each test names the fault it keeps fixed."""
+import os
 import time
 
+import pytest
+
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
-from rc import db, scheduler, tasks
+from test_transfer import Client as FilesClient
+from test_transfer import Node
+from rc import db, files, scheduler, tasks
+
+MIB = 1024 * 1024
 
 
 # -- a task bounced between devices that will not start it ----------------------
@@ -70,3 +77,35 @@ def test_a_started_attempt_resets_the_bounce_count_and_a_running_hand_back_is_no
     task = tasks.get(connection, task_id)
     assert task["state"] == "failed" and "2 times in a row" in task["error"]
     connection.close()
+
+
+# -- rc-files and rc-web count each other's bytes in flight ----------------------
+
+@pytest.fixture
+def files_node(tmp_path):
+    node = Node(tmp_path, files_quota_mb=8)
+    yield node
+    node.close()
+
+
+def test_rc_files_puts_count_rc_webs_uploads_in_flight(files_node):
+    # Before: rc-web's reservations were a count in its memory, which
+    # rc-files never saw: its puts and rc-web's uploads together could
+    # hold twice the quota.
+    node = files_node
+    node.add_device("pi")
+    task_id = node.running_task("pi")
+    uploads = files.Reservations()          # rc-web's, as an upload's headers arrive
+    held = uploads.reserve(node.db, node.config, 6 * MIB)
+    client = FilesClient(node, "pi")
+    answer, _ = client.put(task_id, 1, "out.bin", os.urandom(3 * MIB))
+    assert answer["error"]["code"] == "quota", answer
+    held.release()
+    answer, done = client.put(task_id, 1, "out.bin", os.urandom(3 * MIB))
+    assert answer == {"ok": True, "have": 0} and done == {"ok": True, "stored": True}
+    client.close()
+    # And rc-web counts what rc-files stored and holds.
+    with pytest.raises(files.FileStoreError) as refused:
+        uploads.reserve(node.db, node.config, 6 * MIB)
+    assert "the store holds %d bytes" % (3 * MIB) in str(refused.value)
+
