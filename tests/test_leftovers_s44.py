@@ -109,3 +109,14 @@ def test_rc_files_puts_count_rc_webs_uploads_in_flight(files_node):
         uploads.reserve(node.db, node.config, 6 * MIB)
     assert "the store holds %d bytes" % (3 * MIB) in str(refused.value)
 
+    # One whose rc-web was killed (its lock gone with it) goes when rc-web
+    # starts again, or at the sweep, and no longer counts.
+    dead = uploads.reserve(node.db, node.config, MIB)
+    dead.file.close()
+    alive = uploads.reserve(node.db, node.config, MIB)
+    assert files.partial_bytes(node.config) == 2 * MIB
+    files.drop_dead_reservations(node.config)
+    assert files.partial_bytes(node.config) == MIB
+    alive.file.close()
+    files.sweep(node.db, node.config, time.time() + files.UNOWNED_UPLOAD_AGE + 1)
+    assert files.partial_bytes(node.config) == 0
