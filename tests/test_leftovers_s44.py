@@ -1,7 +1,9 @@
 """Faults earlier sessions noticed and left (the forty-fourth session's brief).
 
 Each test names the fault it keeps fixed."""
+import glob
 import os
+import subprocess
 import time
 
 import pytest
@@ -120,3 +122,20 @@ def test_rc_files_puts_count_rc_webs_uploads_in_flight(files_node):
     alive.file.close()
     files.sweep(node.db, node.config, time.time() + files.UNOWNED_UPLOAD_AGE + 1)
     assert files.partial_bytes(node.config) == 0
+
+
+# -- an old Python running client.py --------------------------------------------
+
+PYTHON27 = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python")))
+CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "lib", "rc", "client.py")
+
+
+@pytest.mark.skipif(not PYTHON27, reason="no Python 2.7 under ~/.pyenv/versions")
+def test_python_2_7_is_shown_what_the_client_needs_not_a_line_deep_in_it():
+    # Before: a SyntaxError at line 302, `... from None`, which says nothing.
+    done = subprocess.run([PYTHON27[-1], CLIENT], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert done.returncode == 1
+    assert "client.py needs Python 3.6 or newer: run it with python3" in done.stderr, \
+        done.stderr
