@@ -3,14 +3,18 @@
 Each test names the fault it keeps fixed."""
 import glob
 import os
+import ssl
 import subprocess
+import threading
 import time
 
 import pytest
 
 from test_server import Client, server, token_of  # noqa: F401 (server is a fixture)
+from test_shared_definitions import worker  # noqa: F401 (a fixture: bin/worker.py loaded)
 from test_transfer import Client as FilesClient
 from test_transfer import Node
+from test_worker_identity import TlsMain
 from rc import db, files, scheduler, tasks
 
 MIB = 1024 * 1024
@@ -139,3 +143,51 @@ def test_python_2_7_is_shown_what_the_client_needs_not_a_line_deep_in_it():
     assert done.returncode == 1
     assert "client.py needs Python 3.6 or newer: run it with python3" in done.stderr, \
         done.stderr
+
+
+# -- a worker without --fingerprint against a TLS main node ----------------------
+
+def handshake_every_connection(main):
+    """What a TLS main node does with each connection: a handshake (the
+    worker's own connection, silent, waits in its thread for ever)."""
+    held = []
+
+    def handshake(sock):
+        try:
+            held.append(main.context.wrap_socket(sock, server_side=True))
+        except (OSError, ssl.SSLError):
+            sock.close()    # not TLS (the look for an HTTP server)
+    while True:
+        try:
+            sock, _ = main.listener.accept()
+        except OSError:
+            return          # closed: the test is over
+        threading.Thread(target=handshake, args=(sock,), daemon=True).start()
+
+
+def test_a_first_join_without_fingerprint_looks_at_a_silent_main_node_after_a_second(
+        worker, tmp_path):
+    # Before: it waited HELLO_TIMEOUT (5 s) for the hello a TLS main node
+    # never sends, saying nothing, then looked and said what was missing.
+    main = TlsMain(tmp_path)
+    threading.Thread(target=handshake_every_connection, args=(main,), daemon=True).start()
+    joining = worker.Worker(worker.parse_args([
+        "--join", "127.0.0.1:%d" % main.port, "--token", "t",
+        "--state-dir", str(tmp_path / "state")]))
+    try:
+        joining.connect()
+        joining.on_connected()
+        assert joining.state == worker.AWAIT_HELLO
+        assert joining.hello_deadline <= time.monotonic() + worker.HELLO_LOOK_AFTER
+        joining.no_hello()          # the loop, at that deadline
+        assert joining.exit_status == worker.EXIT_REFUSED     # fingerprint_missing
+        # A device that has joined before (a reconnect) gives a main node
+        # slow after its restart the whole HELLO_TIMEOUT, no early probes.
+        joining.registered_once = True
+        joining.connect()
+        joining.on_connected()
+        assert joining.hello_deadline > time.monotonic() + worker.HELLO_LOOK_AFTER
+    finally:
+        if joining.sock is not None:
+            joining.sock.close()
+        main.close()
