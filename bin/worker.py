@@ -210,6 +210,9 @@ DEFAULT_STATE_DIR = "~/.rc-worker"  # where device secrets are kept (one per clu
 # Host names that name no one machine: every Android phone is localhost.
 PLACEHOLDER_HOSTNAMES = ("localhost", "localhost.localdomain", "")
 HELLO_TIMEOUT = 5.0             # seconds from connected to hello (a TLS main node sends none)
+HELLO_LOOK_AFTER = 1.0          # seconds without a hello before looking at what answers (a
+                                # TLS main node, the dashboard's port); rc-server says hello
+                                # within milliseconds, and only a positive look ends a worker
 FLUSH_TIMEOUT = 5.0             # seconds the last frames may take before a reconnect or re-exec
 UPGRADE_TIMEOUT = 30.0          # seconds the download of a new worker.py may take
 UPGRADE_MAX_BYTES = 4 * 1024 * 1024   # a served worker.py larger than this is refused
@@ -8374,6 +8377,7 @@ class Worker(object):
         self.environments = None       # tasks' pip packages (python_environments)
         # Self-fencing (see check_fence). Times are on contact_clock().
         self.silence_looked_at = False  # look_at_silence has looked at what answers there
+        self.hello_early = False        # this connection's look comes after HELLO_LOOK_AFTER
         self.registered_once = False   # this process has been registered (see misdialled)
         self.join_with_token = False   # the next register proves the token, not our secret
         self.fence_interval = None     # from register_ack; None: never
@@ -8794,7 +8798,14 @@ class Worker(object):
 
     def await_hello(self):
         self.state = AWAIT_HELLO
-        self.hello_deadline = time.monotonic() + HELLO_TIMEOUT
+        # On a first join the look comes early: a worker started without
+        # --fingerprint against a TLS main node (the default) is told so in
+        # a second, not after HELLO_TIMEOUT of saying nothing. Not on a
+        # reconnect: a main node slow to answer its devices after a restart
+        # would get two probes from each of them on top.
+        self.hello_early = not (self.silence_looked_at or self.joined())
+        self.hello_deadline = time.monotonic() + (HELLO_LOOK_AFTER if self.hello_early
+                                                  else HELLO_TIMEOUT)
         self.watch_socket(writing=False)
 
     def look_at_silence(self):
@@ -8810,7 +8821,12 @@ class Worker(object):
         return diagnosis is not None
 
     def no_hello(self):
+        early = self.state == AWAIT_HELLO and self.hello_early
+        self.hello_early = False
         if self.look_at_silence():
+            return
+        if early:       # it told nothing: a slow main node, given the rest of HELLO_TIMEOUT
+            self.hello_deadline = time.monotonic() + HELLO_TIMEOUT - HELLO_LOOK_AFTER
             return
         hint = ("; if the main node uses TLS, start this worker with --fingerprint"
                 " (`rc join` on the main node prints it)") if not self.options.fingerprint else ""

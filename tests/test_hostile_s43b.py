@@ -223,9 +223,9 @@ def test_the_client_is_told_the_refusal_not_a_cut_connection(cluster, tmp_path):
 
 
 def test_a_restarted_rc_web_begins_with_nothing_reserved(cluster):
-    """rc-web killed with an upload in flight: its reservation was in its
-    memory and goes with it; its partial file, no longer locked, goes at
-    the next upkeep; then the whole quota is free again."""
+    """rc-web killed with an upload in flight: its reservation, a partial
+    file no longer locked, goes as rc-web starts again (before, at the next
+    upkeep's sweep, a minute on); then the whole quota is free again."""
     files.sweep(cluster.db, cluster.config,
                 time.time() + (cluster.config.files_retention_days + 1) * files.DAY)
     sock, (head, _) = start_upload(cluster, 6 * MIB)
@@ -233,17 +233,12 @@ def test_a_restarted_rc_web_begins_with_nothing_reserved(cluster):
     sock.sendall(os.urandom(MIB))
     pid = cluster.program_pid("rc-web")
     wait_for(lambda: held_on_disk(pid) >= MIB, 30, "rc-web to take a MiB of the body")
+    partial = files.partial_dir(cluster.config)
+    assert [name for name in os.listdir(partial) if name.startswith(files.RESERVED_PREFIX)]
     os.kill(pid, signal.SIGKILL)
     sock.close()
     wait_for(lambda: cluster.program_pid("rc-web") not in (0, pid), 30, "rc-web restarted")
-    partial = files.partial_dir(cluster.config)
-    left = [name for name in os.listdir(partial) if name.startswith("upload-")]
-    assert left, "the killed upload's partial file"
-    for name in left:       # past the moment between its creation and its lock
-        old = time.time() - files.UNOWNED_UPLOAD_AGE - 1
-        os.utime(os.path.join(partial, name), (old, old))
-    files.sweep(cluster.db, cluster.config, time.time())     # rc-reaper's, each minute
-    assert not [name for name in os.listdir(partial) if name.startswith("upload-")]
+    wait_for(lambda: not os.listdir(partial), 30, "the killed upload's reservation to go")
 
     def whole_quota_stored():
         try:

@@ -33,11 +33,11 @@ def sha(data):
 class Node:
     """A state directory, its database, and rc-files running on it."""
 
-    def __init__(self, home):
+    def __init__(self, home, **settings):
         self.env = dict(os.environ, RC_HOME=str(home), RC_FILES_PORT=str(free_port()),
                         RC_CONFIG=str(home / "rc.json"))
-        (home / "rc.json").write_text(json.dumps({"tcp_host": "127.0.0.1",
-                                                   "auth_timeout": 2.0}))
+        (home / "rc.json").write_text(json.dumps(dict({"tcp_host": "127.0.0.1",
+                                                        "auth_timeout": 2.0}, **settings)))
         self.config = config_module.load(environ=self.env)
         state_dir.init(self.config)
         self.db = db.connect(self.config.db_path)

@@ -19,6 +19,12 @@ tasks as they finish), never by polling each task. docs/client.md says what
 an Executor can ship to a device: module-level functions (with the imports,
 helpers and constants they use), not lambdas or closures.
 """
+# The first line an older Python cannot parse (an f-string: Python 2.7 and
+# 3.0-3.5), so its SyntaxError shows this line instead of one deep in the
+# file. A check that prints one line, as worker.py's does, would need the
+# whole file to parse under 2.7, and Executor.map's keyword-only timeout
+# and chunksize (concurrent.futures' signature) do not.
+f"client.py needs Python 3.6 or newer: run it with python3"
 import ast
 import base64
 import binascii

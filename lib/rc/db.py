@@ -578,6 +578,12 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(priority DESC, task_id)
         WHERE state = 'queued' AND unmet_dependencies = 0;
     """ % {"completed": COMPLETED},
+    # 24: the devices that gave a task back without starting it (not_allowed,
+    # handed_back while assigned), in a row: a JSON list, one entry a bounce,
+    # cleared when an attempt starts. bounce_limit of them fail the task.
+    """
+    ALTER TABLE tasks ADD COLUMN bounced_by TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -96,6 +96,9 @@ PREFETCH_PER_SLOT = 2           # tasks per slot a device that finishes tasks qu
                                 # 1 ran dry before the scheduler's refill came back: a
                                 # 4-slot device's 4 covered ~5 ms at 800 `true` tasks/s
 POISON_LIMIT = 3                # devices a task may lose before it is failed as poison
+BOUNCE_LIMIT = 10               # times in a row devices may give a task back before
+                                # starting it (not_allowed, handed_back) before it is
+                                # failed; 0: no limit. A started attempt resets the count
 TIMEOUT_GRACE = 30.0            # seconds past its timeout before the main node fails a task
 RETRY_BACKOFF = 1.0             # seconds before the first retry; doubles per attempt
 RETRY_BACKOFF_MAX = 60.0        # seconds, the longest wait between retries

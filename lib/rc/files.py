@@ -41,6 +41,9 @@ MIB = 1024 * 1024
 DAY = 86400.0
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 PARTIAL_DIR = "partial"
+# rc-web's reservation of an upload's length, as a partial file's name:
+# "reserved-<bytes>-<token>"; it counts as that many bytes (Reservations).
+RESERVED_PREFIX = "reserved-"
 INPUT, OUTPUT, STREAM, CHECKPOINT = "input", "output", "stream", "checkpoint"
 STDIN_NAME = ".rc/stdin"         # how a task's stdin is named among its inputs
 CHECKPOINT_NAME = ".rc/checkpoint"
@@ -159,7 +162,8 @@ def partial_bytes(config, leave_out=None):
     """Bytes in partial files: uploads on their way in, and cut puts kept
     for their resume (the one named `leave_out`, or those in a set of
     names, aside). They take the disk as blobs do, so they count against
-    the quota too."""
+    the quota too; an upload rc-web reserved counts as its whole length
+    from its headers on, whatever of it has arrived (Reservations)."""
     total = 0
     leave_out = () if leave_out is None else \
         (leave_out,) if isinstance(leave_out, str) else leave_out
@@ -170,10 +174,21 @@ def partial_bytes(config, leave_out=None):
     for entry in entries:
         if entry.name not in leave_out:
             try:
-                total += entry.stat().st_size
+                size = entry.stat().st_size
             except OSError:
-                pass        # finished or removed meanwhile
+                continue    # finished or removed meanwhile
+            if entry.name.startswith(RESERVED_PREFIX):
+                size = max(size, reserved_size(entry.name))
+            total += size
     return total
+
+
+def reserved_size(name):
+    """The bytes a reservation's partial file holds by its name."""
+    try:
+        return int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def check_room(connection, config, size, sha256=None, partial=None):
@@ -209,13 +224,17 @@ class Reservations:
     (before, each was checked alone once it had all arrived: N uploads held
     N times the quota first).
 
-    A count in this process, not rows: the reservations are taken in
-    waitress's loop, which must not wait on the database's write lock, and
-    a restart begins with none (the HTTP server's temporary files go with a
-    dead process; its partial files, unlocked, with the next sweep). rc-files
-    writes a put's bytes to a partial file as they come, which this count
-    sees; it does not see this count, so its puts and rc-web's uploads
-    together hold at most about twice the quota (docs/architecture.md)."""
+    An upload whose body goes to the disk is reserved as its partial file,
+    named with its length ("reserved-<bytes>-<token>"), which
+    partial_bytes() counts as that length from the headers on: rc-files'
+    puts and rc-server's inline outputs, which count the partial files,
+    count it, as rc-web counts theirs. A body held in memory (`in_memory`)
+    takes no disk until it is stored, and its store checks the room as a
+    put does: its reservation is a count in this process (a file a small
+    upload would cost ~30 us of rc-web's ~1 ms). Not rows: they are taken
+    in waitress's loop, which must not wait on the database's write lock.
+    Each file is locked while its holder lives: a killed rc-web's go when
+    it starts again (drop_dead_reservations) or at the next sweep."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -229,17 +248,17 @@ class Reservations:
         """Bytes held by the reservations; the caller holds self.lock."""
         return sum(reservation.size for reservation in self.held)
 
-    def reserve(self, connection, config, size):
+    def reserve(self, connection, config, size, in_memory=False):
         """A Reservation of `size` bytes, or FileStoreError quota (naming the
         quota, the stored and the in-flight bytes) or disk_full."""
         quota = config.files_quota_mb * MIB
         check_quota(config, size)
         with self.lock:
             reserved = self.reserved()
-            # A reserved upload's own partial file is in its reservation already.
-            mine = {reservation.partial for reservation in self.held}
             stored = used_bytes(connection)
-            in_flight = reserved + partial_bytes(config, mine)
+            # Every program's partial files, the reservations' among them.
+            in_flight = partial_bytes(config) + sum(
+                reservation.size for reservation in self.held if reservation.path is None)
             if stored + in_flight + size > quota:
                 raise FileStoreError(
                     "quota", "an upload of %d bytes does not fit: the store holds %d bytes and"
@@ -253,7 +272,7 @@ class Reservations:
                     "disk_full", "an upload of %d bytes does not fit on the main node's disk:"
                     " %d bytes free, %d of them promised to uploads under way, %d kept in"
                     " reserve" % (size, free, reserved, DISK_RESERVE_BYTES))
-            reservation = Reservation(self, size)
+            reservation = Reservation(self, size, None if in_memory else config)
             self.held.add(reservation)
             return reservation
 
@@ -263,33 +282,50 @@ class Reservations:
 
 
 class Reservation:
-    """One upload's bytes held against the quota until release(), and the
-    partial file its body is received into (open()), which goes with it
-    unless it was stored (store_received() renamed it into place)."""
+    """One upload's bytes held against the quota until release(), and, for
+    a body that goes to the disk, the partial file named with its length
+    that the body is received into (`file`), which goes with it unless it
+    was stored (store_received() renamed it into place)."""
 
-    partial = None      # the name of its partial file, once open
+    partial = path = file = None    # its partial file, if the body goes to the disk
 
-    def __init__(self, reservations, size):
+    def __init__(self, reservations, size, config=None):
         self.reservations, self.size = reservations, size
-        self.path = None
-
-    def open(self, config):
-        """The partial file the body is to be written to, locked while this
-        process lives as a Writer's is (a killed rc-web's goes with the next
-        sweep); the file object."""
-        self.partial = "upload-%s" % secrets.token_hex(16)
-        self.path = os.path.join(partial_dir(config), self.partial)
-        body = open(self.path, "w+b")
+        if config is None:
+            return          # held in memory
+        self.partial = "%s%d-%s" % (RESERVED_PREFIX, size, secrets.token_hex(16))
+        path = os.path.join(partial_dir(config), self.partial)
         try:
-            fcntl.flock(body.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.file = open(path, "x+b")
+        except OSError as e:
+            raise disk_error(e)
+        self.path = path
+        # Held while this process lives; the sweep leaves an unlocked one
+        # alone for UNOWNED_UPLOAD_AGE (the moment before this lock), and
+        # only rc-web, before it serves, drops unlocked ones at once.
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pass
-        return body
+            pass        # no locks here: the sweep's hour rule is left
 
     def release(self):
         if self.path is not None:
             remove(self.path)
+            self.file.close()
         self.reservations.release(self)
+
+
+def drop_dead_reservations(config):
+    """Remove the reservations no process holds (rc-web's at its start: a
+    killed one's, which would count against the quota until the sweep)."""
+    try:
+        names = os.listdir(partial_dir(config))
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(partial_dir(config), name)
+        if name.startswith(RESERVED_PREFIX) and unowned(path):
+            remove(path)
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -953,7 +989,7 @@ def clean_partials(connection, config, now):
             # late checkpoint may still be on its way in).
             stale = stale or ((int(parts[1]), int(parts[2])) not in active
                               and os.path.getmtime(path) < now - 60)
-        elif name.startswith("upload-"):
+        elif name.startswith(("upload-", RESERVED_PREFIX)):
             # An HTTP upload in progress writes at least every few seconds;
             # one whose writer was killed is nobody's, and holds quota.
             stale = stale or os.path.getmtime(path) < now - 3600 or (

@@ -1667,7 +1667,10 @@ class Server:
             # Not the task's fault: another device may run it.
             why = "%s by %s%s" % (status.replace("_", " "), peer.device_id,
                                   ": " + error if error else "")
-            tasks.take_back(self.database, row, why, now, self.config, charged=False)
+            if status != OUTCOME_CANCELLED and row["state"] == ASSIGNED:
+                tasks.bounce(self.database, row, peer.device_id, why, now, self.config)
+            else:      # it ran: a hand-back with its checkpoint (battery, owner)
+                tasks.take_back(self.database, row, why, now, self.config, charged=False)
         elif status == FAILED and (result or {}).get("environment_failed") is True \
                 and tasks.environment_failed(self.database, row, peer.device_id, error, now,
                                              self.config):

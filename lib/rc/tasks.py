@@ -774,8 +774,8 @@ def accept(connection, task_id, attempt, device_id, now, lease):
     """The device started the task; its lease runs from now. False when the
     message is stale."""
     cursor = connection.execute(
-        "UPDATE tasks SET state = ?, started_at = ?, lease_expires = ?, reason = 'accepted'"
-        " WHERE task_id = ? AND attempt = ? AND device_id = ? AND state = ?",
+        "UPDATE tasks SET state = ?, started_at = ?, lease_expires = ?, reason = 'accepted',"
+        " bounced_by = NULL WHERE task_id = ? AND attempt = ? AND device_id = ? AND state = ?",
         (RUNNING, now, now + lease, task_id, attempt, device_id, ASSIGNED))
     return cursor.rowcount == 1
 
@@ -830,6 +830,32 @@ def take_back(connection, task, reason, now, config, charged=None, not_before=No
     if charged and task["retries_used"] >= task["max_retries"]:
         return _end(connection, task, FAILED, "retries spent: " + reason, reason, now, losses)
     return _requeue(connection, task, reason, now, config, charged, losses, not_before)
+
+
+def bounce(connection, task, device_id, reason, now, config):
+    """The device gave back an attempt it had not started (not_allowed, or
+    handed_back while it waited): not the task's doing, so it is queued again
+    uncharged, like take_back(). But a device that refuses what it claims to
+    run, pinned by the task or the only one that fits it, would get it again
+    and again: `bounce_limit` such answers in a row (no attempt started in
+    between) fail the task, naming the devices. `task` holds LEASE_COLUMNS;
+    False when it has moved on."""
+    row = connection.execute("SELECT bounced_by FROM tasks WHERE task_id = ?",
+                             (task["task_id"],)).fetchone()
+    bounced_by = db.loads(row[0] if row else None, []) + [device_id]
+    if config.bounce_limit and len(bounced_by) >= config.bounce_limit \
+            and not task["cancel_requested"]:
+        counts = {}
+        for device in bounced_by:
+            counts[device] = counts.get(device, 0) + 1
+        error = ("given back %d times in a row without being started (bounce_limit), by %s;"
+                 " last: %s" % (len(bounced_by), ", ".join(
+                     "%s (%d)" % item for item in sorted(counts.items())), reason))
+        return _end(connection, task, FAILED, "bounced: " + reason, error, now,
+                    task["device_losses"])
+    connection.execute("UPDATE tasks SET bounced_by = ? WHERE task_id = ? AND attempt = ?",
+                       (db.dumps(bounced_by), task["task_id"], task["attempt"]))
+    return take_back(connection, task, reason, now, config, charged=False)
 
 
 def release_after_take_back(connection, device_id, task_id, attempt, now):
