@@ -1,0 +1,91 @@
+"""What a new user copied from the README and docs/ and found otherwise
+(docs44): who `read_access=local` lets read, what `Cluster.results()`
+returns, which logs operations.md lists, the output cap the README gives, a
+`--require device=` that differs from the id only by case, and where a root
+worker under supervisord's umask builds the environments of `--pip` tasks."""
+import os
+import re
+import stat
+import types
+
+from rc import tasks
+
+from test_shared_definitions import worker  # noqa: F401 (its fixture: bin/worker.py loaded)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_read_access_local_is_said_to_be_rc_webs_own_user_not_any_loopback_client():
+    # A second local user (or a task of the local worker) reading over
+    # 127.0.0.1 gets 401 (web.is_local_peer); the docs once said "127.0.0.1
+    # and ::1 only", which promises that user the cluster's data.
+    row = re.search(r"^\| `read_access` \|.*$", read("docs/configuration.md"), re.M).group(0)
+    assert "::1 only" not in row
+    assert "own user" in row and "needs the token" in row
+    assert "::1 only" not in read("lib/rc/defaults.py")
+
+
+def test_client_md_says_results_answers_an_object_not_a_list():
+    text = read("docs/client.md")
+    entry = text[text.index("- `results(task_ids"):]
+    entry = entry[:entry.index("\n- ")]
+    assert '"results"' in entry and '"pending"' in entry and '"unknown"' in entry
+
+
+def test_operations_md_lists_the_log_of_every_supervisord_program():
+    programs = re.findall(r"^\[program:([a-z-]+)\]", read("etc/supervisord.conf"), re.M)
+    assert "rc-files" in programs
+    table = read("docs/operations.md").split("**Rotation and retention**")[0]
+    for program in programs:
+        assert "`%s.log`" % program in table, program
+
+
+def test_the_rc_cli_log_events_operations_md_names_are_logged_by_rc():
+    row = re.search(r"^\| `rc-cli.log` \|.*$", read("docs/operations.md"), re.M).group(0)
+    named = re.findall(r"`([a-z_]+)`", row.split("|")[2])
+    assert len(named) >= 5
+    code = read("lib/rc/commands.py") + read("lib/rc/map_cli.py")
+    for event in named:
+        assert re.search(r"logger\.info\(\s*\"%s\"" % event, code), event
+
+
+def test_the_output_cap_the_readme_gives_is_the_workers(worker):  # noqa: F811
+    kib = int(re.search(r"capped output \((\d+) KiB", read("README.md")).group(1))
+    assert kib * 1024 == worker.OUTPUT_CAP
+
+
+def test_a_device_id_requirement_differing_only_by_case_is_named_as_such():
+    device = {"device_id": "vm-local"}
+    reasons = tasks.unmet_requirements({"device_id": "VM-LOCAL"}, device)
+    assert reasons and "not vm-local" in reasons[0]
+    assert tasks.unmet_requirements({"device_id": "vm-local"}, device) == []
+    assert tasks.unmet_requirements({"device_id": "pi"}, device) == ["needs device_id=pi"]
+
+
+def test_the_directories_a_root_worker_makes_for_environments_let_task_users_in(
+        worker, tmp_path):  # noqa: F811
+    # The main node's own worker runs under supervisord's umask=077: what
+    # makedirs made between was 0700, and every --pip task of a task uid
+    # failed with a PermissionError before its build began.
+    directory = str(tmp_path / "made" / "between" / "venvs")
+    environments = worker.Environments(types.SimpleNamespace(venv_dir=directory, venv_mb=1))
+    umask = os.umask(0o077)
+    try:
+        environments.make_directory({"uid": 59000, "gid": 59000})
+    finally:
+        os.umask(umask)
+    for path in (str(tmp_path / "made"), os.path.dirname(directory)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o755, path
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o1777
+
+
+def test_the_environment_driver_builds_under_a_umask_task_users_can_read(worker):  # noqa: F811
+    driver = worker.VENV_DRIVER
+    assert "os.umask(0o022)" in driver
+    # ... and gives the task its own umask back before running it.
+    assert driver.index("os.umask(task_umask)") < driver.index("os.execv(")
