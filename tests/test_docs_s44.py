@@ -89,3 +89,29 @@ def test_the_environment_driver_builds_under_a_umask_task_users_can_read(worker)
     assert "os.umask(0o022)" in driver
     # ... and gives the task its own umask back before running it.
     assert driver.index("os.umask(task_umask)") < driver.index("os.execv(")
+
+
+def test_make_run_is_up_with_a_warning_when_the_fleet_is_smaller_than_health_asks():
+    # health_min_devices_online 3 (configuration.md) on a one-box cluster:
+    # make run waited its 30 s and failed, every time, "not healthy".
+    from rc import commands, health
+
+    def report(online, total, programs=health.OK):
+        return health.Report([
+            health.Finding("programs", programs, "6 programs running"),
+            health.Finding("devices", health.WARNING if online < 3 else health.OK,
+                           "devices %d/%d online" % (online, total),
+                           devices_online=online, devices_total=total)])
+    assert commands.settled(report(1, 1))              # nothing more to wait for
+    assert not commands.settled(report(1, 2))          # one may still come back
+    assert not commands.settled(report(0, 1))
+    assert not commands.settled(report(1, 1, programs=health.WARNING))
+    assert commands.programs_running(report(1, 2))
+    assert not commands.programs_running(report(1, 1, programs=health.WARNING))
+
+
+def test_the_body_limits_http_md_gives_are_rc_webs():
+    from rc import web
+    text = read("docs/http.md")
+    assert "413 (a JSON body over %d MiB)" % (web.MAX_BODY_BYTES // 2 ** 20) in text
+    assert "413 for any body over %d MiB" % (web.SERVER_BODY_LIMIT // 2 ** 20) in text
