@@ -115,3 +115,13 @@ def test_the_body_limits_http_md_gives_are_rc_webs():
     text = read("docs/http.md")
     assert "413 (a JSON body over %d MiB)" % (web.MAX_BODY_BYTES // 2 ** 20) in text
     assert "413 for any body over %d MiB" % (web.SERVER_BODY_LIMIT // 2 ** 20) in text
+
+
+def test_the_worker_unit_makes_its_user_and_gives_it_the_token_file():
+    # The unit runs the worker as User=rc-worker; the token written by root
+    # under umask 077 was root's alone: "cannot read --token-file:
+    # Permission denied" at the first start.
+    text = read("share/systemd/rc-worker.service")
+    user = re.search(r"^User=(\S+)$", text, re.M).group(1)
+    assert re.search(r"useradd .*\b%s$" % user, text, re.M)
+    assert re.search(r"chown %s /opt/rc/token" % user, text)
