@@ -125,3 +125,42 @@ def test_the_worker_unit_makes_its_user_and_gives_it_the_token_file():
     user = re.search(r"^User=(\S+)$", text, re.M).group(1)
     assert re.search(r"useradd .*\b%s$" % user, text, re.M)
     assert re.search(r"chown %s /opt/rc/token" % user, text)
+
+
+def slow_call(seconds):
+    import time
+    time.sleep(seconds)
+    return seconds
+
+
+def test_an_executor_left_by_an_exception_names_every_task_that_goes_on(cluster_home, caplog):
+    # Calls submitted close together go as one batch while the first is on
+    # its way; left by an exception before that batch was answered, the
+    # block named the first call's task alone, though the others were
+    # queued too and ran (`goes on with task 1187`, then 1188 ran as well).
+    from test_web import serve, stop
+    from rc import client, db, state_dir
+    config, _ = cluster_home
+    config.health_supervisor = False
+    server, thread = serve(config)
+    try:
+        url = "http://127.0.0.1:%d" % int(server.effective_port)
+        try:
+            with client.Executor(url, state_dir.read_secret(config.admin_token_path),
+                                 pack=1) as executor:
+                for _ in range(3):
+                    executor.submit(slow_call, 300)
+                raise RuntimeError("left")
+        except RuntimeError:
+            pass
+        told = [r.getMessage() for r in caplog.records if r.name == "rc.client"]
+        connection = db.connect(config.db_path)
+        try:
+            queued = [row[0] for row in connection.execute("SELECT task_id FROM tasks")]
+        finally:
+            connection.close()
+        assert len(queued) == 3
+        line = [line for line in told if "goes on with" in line][0]
+        assert "tasks %s " % ", ".join(map(str, sorted(queued))) in line, line
+    finally:
+        stop(server, thread)
