@@ -164,3 +164,16 @@ def test_an_executor_left_by_an_exception_names_every_task_that_goes_on(cluster_
         assert "tasks %s " % ", ".join(map(str, sorted(queued))) in line, line
     finally:
         stop(server, thread)
+
+
+def test_configuration_md_names_everything_in_a_new_state_directory(cluster_home):
+    config, _ = cluster_home
+    text = read("docs/configuration.md")
+    section = text[text.index("## Files in the state directory"):]
+    section = section[:section.index("\n## ", 1)]
+    made = sorted(os.listdir(config.home)) + ["files", "worker", "started_with.json"]
+    for name in made:
+        shown = name + "/" if os.path.isdir(os.path.join(config.home, name)) else name
+        assert re.search(r"^- `(%s|%s[^`]*)`" % (re.escape(name), re.escape(shown)),
+                         section, re.M), name
+    assert "never overwritten; readable" not in section     # rc token --rotate does
