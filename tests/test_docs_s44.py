@@ -177,3 +177,11 @@ def test_configuration_md_names_everything_in_a_new_state_directory(cluster_home
         assert re.search(r"^- `(%s|%s[^`]*)`" % (re.escape(name), re.escape(shown)),
                          section, re.M), name
     assert "never overwritten; readable" not in section     # rc token --rotate does
+
+
+def test_the_readme_gives_every_requirement_alias():
+    text = read("README.md")
+    paragraph = text[text.index("Requirements (`--require`, repeatable)"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    for alias, key in tasks.REQUIREMENT_ALIASES.items():
+        assert re.search(r"`%s=[^`]*` \(`%s`\)" % (key, alias), paragraph), alias
