@@ -185,3 +185,18 @@ def test_the_readme_gives_every_requirement_alias():
     paragraph = paragraph[:paragraph.index("\n\n")]
     for alias, key in tasks.REQUIREMENT_ALIASES.items():
         assert re.search(r"`%s=[^`]*` \(`%s`\)" % (key, alias), paragraph), alias
+
+
+def test_a_broadcasts_acks_say_ok_as_json_true_or_false(cluster_home):
+    # /api/v1/controls/ID and `rc control ID --json` gave "ok": 1, where
+    # every other flag of the JSON answers is true or false (records.md).
+    import json
+    from rc import db, fleet
+    config, connection = cluster_home
+    with db.write(connection):
+        connection.execute("INSERT INTO controls (control_id, command, targets, created_at)"
+                           " VALUES (1, 'reload', '{}', 0)")
+        connection.execute("INSERT INTO control_acks (control_id, device_id, time, ok, detail)"
+                           " VALUES (1, 'pi', 0, 1, 'done'), (1, 'pc', 0, 0, 'no')")
+    acks = json.loads(json.dumps(fleet.control_status(connection, 1)))["acks"]
+    assert [(a["device_id"], a["ok"]) for a in acks] == [("pc", False), ("pi", True)]

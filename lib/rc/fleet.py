@@ -286,7 +286,7 @@ def control_status(connection, control_id):
                              (control_id,)).fetchone()
     if row is None:
         raise FleetError("no control %s" % control_id)
-    acks = [dict(r) for r in connection.execute(
+    acks = [dict(r, ok=bool(r["ok"])) for r in connection.execute(
         "SELECT device_id, time, ok, detail FROM control_acks WHERE control_id = ?"
         " ORDER BY device_id", (control_id,))]
     return {"control_id": control_id, "command": row["command"],
