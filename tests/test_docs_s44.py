@@ -200,3 +200,4 @@ def test_a_broadcasts_acks_say_ok_as_json_true_or_false(cluster_home):
                            " VALUES (1, 'pi', 0, 1, 'done'), (1, 'pc', 0, 0, 'no')")
     acks = json.loads(json.dumps(fleet.control_status(connection, 1)))["acks"]
     assert [(a["device_id"], a["ok"]) for a in acks] == [("pc", False), ("pi", True)]
+    assert [type(a["ok"]) for a in acks] == [bool, bool]
