@@ -201,3 +201,16 @@ def test_a_broadcasts_acks_say_ok_as_json_true_or_false(cluster_home):
     acks = json.loads(json.dumps(fleet.control_status(connection, 1)))["acks"]
     assert [(a["device_id"], a["ok"]) for a in acks] == [("pc", False), ("pi", True)]
     assert [type(a["ok"]) for a in acks] == [bool, bool]
+
+
+def test_each_with_every_fitting_device_drained_names_them(cluster_home, add_device):
+    # `rc submit --each` on a fleet whose devices are drained said "no online
+    # device accepts echo tasks", which sent people looking for another cause.
+    import pytest
+    from rc import fleet
+    config, connection = cluster_home
+    add_device("pi")
+    fleet.drain(connection, config, "pi")
+    with pytest.raises(fleet.FleetError) as refused:
+        fleet.submit_each(connection, config, "echo", {"message": "hi"})
+    assert "pi, drained: `rc resume pi`" in str(refused.value)

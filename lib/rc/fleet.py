@@ -130,6 +130,11 @@ def submit_each(connection, config, task_type, payload, requirements=None,
         targets = matching_devices(connection, task_type, task["requirements"])
         if not targets and not include_new:
             paused = paused_matching(connection, task_type, task["requirements"])
+            # Drained ones too: "no online device accepts shell tasks" of a
+            # fleet whose one device is drained sent people looking elsewhere.
+            paused.update((d["device_id"], "drained: `rc resume %s`" % d["device_id"])
+                          for d in fitting_devices(connection, task_type, task["requirements"])
+                          if d["drained"])
             raise FleetError("no online device accepts %s tasks%s%s%s" % (
                 task_type, " with those requirements" if task["requirements"] else "",
                 " now (paused: %s)" % "; ".join("%s, %s" % item for item in sorted(
