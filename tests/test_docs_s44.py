@@ -214,3 +214,28 @@ def test_each_with_every_fitting_device_drained_names_them(cluster_home, add_dev
     with pytest.raises(fleet.FleetError) as refused:
         fleet.submit_each(connection, config, "echo", {"message": "hi"})
     assert "pi, drained: `rc resume pi`" in str(refused.value)
+
+
+def test_a_main_node_started_after_a_night_off_gives_devices_time_before_alerting(
+        cluster_home, add_device):
+    # The reaper's first minute after `make run` alerted device_offline for
+    # every device at once ("offline for 1178s"): the hours the main node
+    # was stopped counted, though no device had had a moment to reconnect.
+    from rc import alerts, db, devices
+    config, connection = cluster_home
+    config.alerts = [{"rule": "device_offline", "after": 900}]
+    config.alert_command = ""
+    add_device("pi", now=1000.0)
+    with db.write(connection):
+        connection.execute("UPDATE devices SET status = 'offline', connected = 0")
+    assert devices.list_devices(connection, "offline")
+
+    class Log:
+        def warning(self, *a, **k):
+            pass
+        error = info = warning
+    started = 1000.0 + 8 * 3600          # a night later
+    assert alerts.evaluate(connection, config, Log(), started + 60, started) == []
+    fired = alerts.evaluate(connection, config, Log(), started + 901, started)
+    assert [a.subject for a in fired] == ["pi"]
+    assert "offline for %ds" % (started + 901 - 1000) in fired[0].message
