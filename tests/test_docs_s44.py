@@ -239,3 +239,15 @@ def test_a_main_node_started_after_a_night_off_gives_devices_time_before_alertin
     fired = alerts.evaluate(connection, config, Log(), started + 901, started)
     assert [a.subject for a in fired] == ["pi"]
     assert "offline for %ds" % (started + 901 - 1000) in fired[0].message
+
+
+def test_a_device_id_given_in_another_case_is_pointed_at_the_right_one(
+        cluster_home, add_device):
+    import pytest
+    from rc import devices, fleet
+    config, connection = cluster_home
+    add_device("pi-kitchen")
+    with pytest.raises(fleet.FleetError) as refused:
+        fleet.drain(connection, config, "Pi-Kitchen")
+    assert str(refused.value) == "no device 'Pi-Kitchen' (did you mean pi-kitchen?)"
+    assert devices.unknown(connection, "oven") == "no device 'oven'"

@@ -350,7 +350,7 @@ def cmd_devices(arguments, context):
 def cmd_device(arguments, context):
     device = devices.get(context.connection, arguments.device_id)
     if device is None:
-        raise CommandError("no device %r" % arguments.device_id)
+        raise CommandError(devices.unknown(context.connection, arguments.device_id))
     now = time.time()
     device = devices_as_last_seen(context, [device])[0]
     if arguments.format == "json":
@@ -924,7 +924,7 @@ def cmd_revoke(arguments, context):
     with db.write(context.connection):
         revoked = devices.revoke(context.connection, arguments.device_id)
     if not revoked:
-        raise CommandError("no device %r" % arguments.device_id)
+        raise CommandError(devices.unknown(context.connection, arguments.device_id))
     bell.ring(context.config.run_dir, bell.SERVER)      # rc-server hangs up on it now
     context.audit("device_revoked", device_id=arguments.device_id, user=user_name())
     context.out.write("%s revoked: rc-server closes its connection and it can no longer"

@@ -26,7 +26,7 @@ def known_device(connection, device_id):
     row = connection.execute("SELECT device_id, forgotten FROM devices WHERE device_id = ?",
                              (device_id,)).fetchone()
     if row is None or row["forgotten"]:
-        raise FleetError("no device %r" % device_id)
+        raise FleetError(devices.unknown(connection, device_id))
 
 
 def drain(connection, config, device_id, now=False):
