@@ -2705,8 +2705,15 @@ class ProcessTask(Task):
             self.jail = self.workdir = None
 
     def write(self, name, text):
-        with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
+        """A file of the worker's for the task's command (its code, its
+        requirements): the task's own, as its directory is, so that a task of
+        another uid reads it whatever the worker's umask."""
+        path = os.path.join(self.workdir, name)
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
+        jail = self.jail or {}
+        if jail.get("uid") is not None:
+            os.chown(path, jail["uid"], jail["gid"])
         return name
 
 
@@ -5537,6 +5544,9 @@ VENV_DRIVER = (
     "import fcntl, os, shutil, stat, subprocess, sys, time\n"
     "cache, key, wanted, worker_uid, word = sys.argv[1:6]\n"
     "argv = sys.argv[7:]\n"
+    # Every task uid opens the lock and runs what the build makes: under the
+    # worker's umask (077 under supervisord) they would be the builder's alone.
+    "task_umask = os.umask(0o022)\n"
     "target = os.path.join(cache, key)\n"
     "ready = os.path.join(target, '" + VENV_READY + "')\n"
     "trusted = int(worker_uid)\n"
@@ -5592,6 +5602,7 @@ VENV_DRIVER = (
     "os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')\n"
     "if argv[0] == sys.executable:\n"
     "    argv[0] = os.path.join(bin_dir, 'python')\n"
+    "os.umask(task_umask)\n"
     "os.execv(argv[0], argv)\n")
 
 
@@ -5610,11 +5621,14 @@ def venv_capable():
         return False
 
 
+ROOT_VENV_DIR = "/var/cache/rc-worker/venvs"    # default --venv-dir as root
+
+
 def default_venv_dir():
     """As root, where task users (--task-user) can build and read them;
     otherwise the user's cache."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return "/var/cache/rc-worker/venvs"
+        return ROOT_VENV_DIR
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "rc-worker", "venvs")
 
@@ -5690,8 +5704,6 @@ class Environments(object):
         self.make_directory(task.jail or {})
         wanted = task.write("requirements.txt", "\n".join(packages) + "\n")
         jail = task.jail or {}
-        if jail.get("uid") is not None:
-            os.chown(os.path.join(task.workdir, wanted), jail["uid"], jail["gid"])
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
         # As root the task's own uid may build it: the worker adopts it then.
@@ -5708,9 +5720,27 @@ class Environments(object):
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to
         all, like /tmp; the worker then makes each environment its own."""
+        shared = jail.get("uid") is not None
+        between = []
+        path = os.path.dirname(self.directory)
+        while shared and not os.path.isdir(path) and path != os.path.dirname(path):
+            between.append(path)
+            path = os.path.dirname(path)
         # exist_ok: workers sharing one --venv-dir start their first tasks at once.
         os.makedirs(self.directory, 0o700, exist_ok=True)
-        if jail.get("uid") is not None and os.stat(self.directory).st_mode & 0o7777 != 0o1777:
+        if not shared:
+            return
+        # makedirs makes the directories between with the worker's umask (0700
+        # under supervisord's umask=077), or with 0700 itself on Python 3.6:
+        # task users could not pass through them, and every build failed with
+        # a PermissionError. The default's parent is the worker's own, so one
+        # an older worker made so is opened too.
+        if self.directory == ROOT_VENV_DIR:
+            between.append(os.path.dirname(ROOT_VENV_DIR))
+        for path in between:
+            if os.stat(path).st_mode & 0o7777 != 0o755:
+                os.chmod(path, 0o755)
+        if os.stat(self.directory).st_mode & 0o7777 != 0o1777:
             os.chmod(self.directory, 0o1777)
 
     def after(self, task):

@@ -87,8 +87,15 @@ def cluster(tmp_path_factory):
     # A cache task users can write into (pytest's tmp dirs are not theirs).
     venvs = tempfile.mkdtemp(prefix="rc-test-venvs-")
     os.chmod(venvs, 0o755)
-    cluster.venvs = os.path.join(venvs, "cache")
-    cluster.start_worker("builder", "--slots", "2", "--venv-dir", cluster.venvs)
+    # A directory between for the worker to make, and the umask supervisord
+    # gives the main node's own worker (umask=077): as root, neither may keep
+    # task users out of what the worker makes and their builds.
+    cluster.venvs = os.path.join(venvs, "made-by-the-worker", "cache")
+    umask = os.umask(0o077)
+    try:
+        cluster.start_worker("builder", "--slots", "2", "--venv-dir", cluster.venvs)
+    finally:
+        os.umask(umask)
     wait_for(lambda: "builder" in cluster.rc("devices").stdout
              and "online" in cluster.rc("devices").stdout, 30, "the worker")
     yield cluster

@@ -54,20 +54,26 @@ def check_rules(rules):
     return checked
 
 
-def find(connection, config, rules, now):
-    """Every alert the rules raise now, cooldown aside."""
+def find(connection, config, rules, now, watching_since=None):
+    """Every alert the rules raise now, cooldown aside. `watching_since`:
+    when the main node (its reaper) started to hear devices, if known."""
     found = []
     for rule in rules:
-        found.extend(RULES[rule["rule"]](connection, config, rule, now))
+        found.extend(RULES[rule["rule"]](connection, config, rule, now, watching_since))
     return found
 
 
-def device_offline(connection, config, rule, now):
+def device_offline(connection, config, rule, now, watching_since=None):
     for device in devices.list_devices(connection, OFFLINE):
         if device.get("revoked"):
             continue
         quiet = now - device["last_seen"]
-        if quiet >= rule["after"]:
+        # While the main node was stopped nobody could hear the device: a
+        # main node started after a night off alerted at once for every
+        # device, before any had had a moment to reconnect. Each gets
+        # `after` from the start, as a clock jump's devices get their
+        # offline_timeout from the wake-up.
+        if now - max(device["last_seen"], watching_since or 0) >= rule["after"]:
             # Once for each time it goes away: a device gone for good and
             # never forgotten fired every alert_cooldown for ever (the
             # year's 1,333 such devices: 1,333 alert commands each hour).
@@ -77,7 +83,7 @@ def device_offline(connection, config, rule, now):
                         seconds=int(quiet))
 
 
-def queue_stuck(connection, config, rule, now):
+def queue_stuck(connection, config, rule, now, watching_since=None):
     stuck = health.stuck_tasks(connection, config, now)
     if stuck:
         task_id, waited, device_id = stuck[0]
@@ -87,7 +93,7 @@ def queue_stuck(connection, config, rule, now):
                     count=len(stuck))
 
 
-def failure_rate(connection, config, rule, now):
+def failure_rate(connection, config, rule, now, watching_since=None):
     """The same alert, on the same counts, as counting every task finished
     in the window; but the completed ones are counted only as far as the
     rate could still be over `above` (a busy window holds millions of them).
@@ -127,7 +133,7 @@ RULES = {"device_offline": device_offline, "queue_stuck": queue_stuck,
          "failure_rate": failure_rate}
 
 
-def evaluate(connection, config, log, now):
+def evaluate(connection, config, log, now, watching_since=None):
     """Check the rules; fire what holds and is out of its cooldown. Returns
     the alerts fired."""
     reap_children(now)
@@ -139,7 +145,7 @@ def evaluate(connection, config, log, now):
     fired = []
     # The rules read outside the write transaction: they may read many rows,
     # and rc-server's heartbeats and results would wait behind them.
-    found = list(find(connection, config, rules, now))
+    found = list(find(connection, config, rules, now, watching_since))
     with db.write(connection):
         for alert in found:
             row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",

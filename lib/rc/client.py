@@ -64,6 +64,8 @@ MIN_TRANSFER_RATE = 4096        # bytes a second: a request may take its timeout
 BATCH_MAX_TASKS = 2000          # tasks in one submit request
 BATCH_MAX_BYTES = 900 * 1024    # bytes of one submit request (rc-web takes 1 MiB)
 STREAM_IDLE = 5.0               # seconds the result stream stays open with nothing pending
+GOING_ON_WAIT = 2.0             # seconds an Executor's block left by an exception waits
+                                # for the batch on its way, to name its tasks on stderr
 STREAM_READ_TIMEOUT = 60.0      # seconds without a line (rc-web pings every 15) before
                                 # the stream is opened again
 MAX_HEAD_LINE = 65536           # bytes of a status line or header field we read
@@ -2083,6 +2085,15 @@ class Executor(concurrent.futures.Executor):
     def tell_going_on(self, exc_type):
         with self.lock:
             futures = list(self.packs) + list(self.outstanding)
+        # Calls of a pack on its way (submitted close together, just before
+        # the block was left) are queued all the same: name their task too.
+        deadline = time.monotonic() + GOING_ON_WAIT
+        for future in futures:
+            if not future.done() and future.task_id is None:
+                try:
+                    future.wait_submitted(max(0.0, deadline - time.monotonic()))
+                except Exception:       # not sent by then, refused, cancelled
+                    pass
         task_ids = sorted({future.task_id for future in futures
                            if not future.done() and future.task_id is not None})
         if not task_ids:

@@ -350,7 +350,7 @@ def cmd_devices(arguments, context):
 def cmd_device(arguments, context):
     device = devices.get(context.connection, arguments.device_id)
     if device is None:
-        raise CommandError("no device %r" % arguments.device_id)
+        raise CommandError(devices.unknown(context.connection, arguments.device_id))
     now = time.time()
     device = devices_as_last_seen(context, [device])[0]
     if arguments.format == "json":
@@ -924,7 +924,7 @@ def cmd_revoke(arguments, context):
     with db.write(context.connection):
         revoked = devices.revoke(context.connection, arguments.device_id)
     if not revoked:
-        raise CommandError("no device %r" % arguments.device_id)
+        raise CommandError(devices.unknown(context.connection, arguments.device_id))
     bell.ring(context.config.run_dir, bell.SERVER)      # rc-server hangs up on it now
     context.audit("device_revoked", device_id=arguments.device_id, user=user_name())
     context.out.write("%s revoked: rc-server closes its connection and it can no longer"
@@ -1370,9 +1370,10 @@ def cmd_wait_ready(arguments, context):
     report = wait_healthy(config, deadline)
     if report.status == health.OK:
         context.out.write("cluster healthy: %s\n" % report.line())
-    elif settled(report) and report.status == health.WARNING:
+    elif report.status == health.WARNING and programs_running(report):
         # Up, with something a person should look at (an old task nothing
-        # fits, a filling disk) that waiting longer would not change.
+        # fits, a filling disk, fewer devices back than
+        # health_min_devices_online) that waiting longer would not change.
         context.out.write("cluster up, with a warning: %s\n" % report.line())
     else:
         raise CommandError("the main node started but is not healthy: %s; `rc health -v`"
@@ -1416,7 +1417,19 @@ def wait_healthy(config, deadline):
 
 
 def settled(report):
-    return all(f.status == health.OK for f in report.findings if f.name in SETTLING_CHECKS)
+    """Whether waiting longer could change the settling checks: not once
+    they pass, nor once every device the cluster knows is online (a
+    health_min_devices_online above the fleet's size stays a warning)."""
+    return all(f.status == health.OK or (f.name == "devices" and every_device_online(f))
+               for f in report.findings if f.name in SETTLING_CHECKS)
+
+
+def every_device_online(finding):
+    return 0 < finding.values.get("devices_online", 0) == finding.values.get("devices_total")
+
+
+def programs_running(report):
+    return all(f.status == health.OK for f in report.findings if f.name == "programs")
 
 
 # -- supervisorctl, with the right config and RC_HOME from anywhere ----------------

@@ -7,8 +7,9 @@ TCP_PORT = 8080                 # port for workers (env RC_TCP_PORT wins)
 WEB_HOST = "0.0.0.0"            # address rc-web listens on
 WEB_PORT = 5000                 # dashboard and HTTP API port (env RC_WEB_PORT wins)
 READ_ACCESS = "local"           # who may read /text, GET /api/v1 and /stream without the
-                                # admin token: "open" (anyone), "local" (127.0.0.1 and
-                                # ::1 only), "token" (nobody)
+                                # admin token: "open" (anyone), "local" (rc-web's own user
+                                # over loopback: another local user or a task needs the
+                                # token), "token" (nobody)
 ALLOWED_HOSTS = []              # Host names rc-web answers to besides IP addresses,
                                 # localhost and this machine's own name
 MAX_STREAMS = 24                # /stream/* connections open at once; each holds a thread

@@ -382,6 +382,14 @@ def get(connection, device_id):
     return None
 
 
+def unknown(connection, device_id):
+    """`no device 'PI'`, and the id meant when one differs only by case:
+    ids are unique whatever their case, but matched as written."""
+    row = connection.execute("SELECT device_id FROM devices WHERE device_id = ? COLLATE NOCASE"
+                             " AND forgotten = 0", (str(device_id),)).fetchone()
+    return "no device %r%s" % (device_id, " (did you mean %s?)" % row[0] if row else "")
+
+
 def list_devices_where(connection, clause, parameters):
     return [device_dict(row) for row in device_rows(connection, clause, parameters)]
 

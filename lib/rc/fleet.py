@@ -26,7 +26,7 @@ def known_device(connection, device_id):
     row = connection.execute("SELECT device_id, forgotten FROM devices WHERE device_id = ?",
                              (device_id,)).fetchone()
     if row is None or row["forgotten"]:
-        raise FleetError("no device %r" % device_id)
+        raise FleetError(devices.unknown(connection, device_id))
 
 
 def drain(connection, config, device_id, now=False):
@@ -130,6 +130,11 @@ def submit_each(connection, config, task_type, payload, requirements=None,
         targets = matching_devices(connection, task_type, task["requirements"])
         if not targets and not include_new:
             paused = paused_matching(connection, task_type, task["requirements"])
+            # Drained ones too: "no online device accepts shell tasks" of a
+            # fleet whose one device is drained sent people looking elsewhere.
+            paused.update((d["device_id"], "drained: `rc resume %s`" % d["device_id"])
+                          for d in fitting_devices(connection, task_type, task["requirements"])
+                          if d["drained"])
             raise FleetError("no online device accepts %s tasks%s%s%s" % (
                 task_type, " with those requirements" if task["requirements"] else "",
                 " now (paused: %s)" % "; ".join("%s, %s" % item for item in sorted(
@@ -286,7 +291,7 @@ def control_status(connection, control_id):
                              (control_id,)).fetchone()
     if row is None:
         raise FleetError("no control %s" % control_id)
-    acks = [dict(r) for r in connection.execute(
+    acks = [dict(r, ok=bool(r["ok"])) for r in connection.execute(
         "SELECT device_id, time, ok, detail FROM control_acks WHERE control_id = ?"
         " ORDER BY device_id", (control_id,))]
     return {"control_id": control_id, "command": row["command"],

@@ -136,12 +136,13 @@ def rotate_cli_log(log_dir, max_bytes=CLI_LOG_MAX_BYTES, backups=CLI_LOG_BACKUPS
 
 
 
-def every_minute(connection, config, log, now):
+def every_minute(connection, config, log, now, started=None):
     """What rc-reaper runs once a minute, beside its sweeps: the minute's
     history row, the alert rules, then the housekeeping above. A failure
-    here is logged, never allowed to stop the reaper's own work."""
+    here is logged, never allowed to stop the reaper's own work. `started`:
+    when the reaper started (alerts count a device's absence from then)."""
     steps = (("stats", lambda: stats.record(connection, config, now)),
-             ("alerts", lambda: alerts.evaluate(connection, config, log, now)),
+             ("alerts", lambda: alerts.evaluate(connection, config, log, now, started)),
              ("housekeeping", lambda: sweep(connection, config, log, now)))
     for name, step in steps:
         try:

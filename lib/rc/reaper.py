@@ -220,6 +220,7 @@ def run(config, log, should_stop):
     log_limited = throttle.LimitedLog(log)
     keeper = WalKeeper(connection)
     clock = ClockWatch()
+    started = time.time()
     next_prune = 0.0
     while not should_stop():
         now = time.time()
@@ -233,7 +234,7 @@ def run(config, log, should_stop):
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL
                 prune(connection, config, now)
-                housekeeping.every_minute(connection, config, log, now)
+                housekeeping.every_minute(connection, config, log, now, started)
         except Exception as e:     # the next sweep comes as usual
             if connection.in_transaction:
                 connection.execute("ROLLBACK")

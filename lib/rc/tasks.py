@@ -381,6 +381,11 @@ def unmet_requirements(requirements, device):
             reasons.append("needs %d CPU cores" % wanted)
         elif key == "min_memory_gb" and (device["memory_gb"] or 0) < wanted:
             reasons.append("needs %g GB memory" % wanted)
+        elif key == "device_id" and device[key] != wanted \
+                and str(device[key]).lower() == str(wanted).lower():
+            # Ids are unique whatever their case, but matched as written.
+            reasons.append("needs device_id=%s, not %s (write the id as the device has it)"
+                           % (wanted, device[key]))
         elif key in ("platform", "architecture", "role", "device_id") \
                 and device[key] != wanted:
             reasons.append("needs %s=%s" % (key, wanted))

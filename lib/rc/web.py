@@ -360,7 +360,7 @@ class Web:
     def existing_device(self, device_id):
         device = devices.get(self.connection(), device_id)
         if device is None or device["forgotten"]:
-            raise ApiError(404, "no device %r" % device_id)
+            raise ApiError(404, devices.unknown(self.connection(), device_id))
         return device
 
     def existing_task(self, task_id):
@@ -447,7 +447,7 @@ class Web:
     def device(self, device_id):
         device = devices.get(self.connection(), device_id)
         if device is None:
-            raise ApiError(404, "no device %r" % device_id)
+            raise ApiError(404, devices.unknown(self.connection(), device_id))
         return json_response(records.device_record(device, time.time()))
 
     def tasks(self):
