@@ -1219,9 +1219,12 @@ class Outcome:
         here = os.path.join(directory, str(self.job.number))
         os.makedirs(here, exist_ok=True)
         texts = [("input", self.job.value + "\n"), ("stdout", self.stdout),
-                 ("stderr", self.stderr), ("state", self.job.state + "\n")]
+                 ("stderr", self.stderr)]
         if self.exit_code is not None:
             texts.append(("exit_code", "%s\n" % self.exit_code))
+        # Last: --resume takes an entry with its state for whole, so rc map
+        # killed before then leaves one it writes again, not one short.
+        texts.append(("state", self.job.state + "\n"))
         for name, text in texts:        # a partial file renamed over what was there
             path = os.path.join(here, name)
             with files_cli.fresh(path + ".rc-partial", "w", encoding="utf-8",
