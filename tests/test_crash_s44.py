@@ -5,19 +5,22 @@ back (or, for `rc map`, once `rc map --resume` has run).
 Moments are caught as test_chaos_files catches them: the program stopped
 (SIGSTOP) and let run a moment at a time until what it leaves on the disk
 shows it is there, then killed; no fault point in the product."""
+import io
 import os
-import signal
 import subprocess
+import threading
 
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
-from test_chaos_files import halt, halted_when
+from rc import client, db, files, state_dir
+from test_chaos_files import halt, halted_when, kill_program
 
 pytestmark = pytest.mark.e2e
 
 DEVICE = "crash44"
 RESULT_FILES = ("input", "stdout", "stderr", "exit_code", "state")
+BIG = 64 * 1024 * 1024      # bytes: more than the sockets hold, so a transfer is cut half way
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,41 @@ def test_rc_map_killed_as_it_writes_an_entry_s_last_result_file_resume_writes_it
             assert f.read() == "in-%d\n" % (number - 1), number
         with open(os.path.join(entry, "exit_code")) as f:
             assert f.read() == "0\n", number
+
+
+def test_a_new_clients_first_download_cut_by_rc_web_s_kill_is_taken_up_when_it_is_back(
+        cluster, tmp_path):
+    """The client's get() into a file asks for the rest (Range) once rc-web
+    answers again. As a Cluster's first request, cut mid-file, it failed at
+    once: 'it has never answered this client: is the main node running?'."""
+    data = os.urandom(BIG)
+    connection = db.connect(cluster.config.db_path)
+    try:
+        digest = files.store_stream(connection, cluster.config, io.BytesIO(data))[0]
+    finally:
+        connection.close()
+    token = state_dir.read_secret(cluster.config.admin_token_path)
+    url = "http://127.0.0.1:%d" % cluster.config.web_port
+    target = str(tmp_path / "got.bin")
+    done = {}
+
+    def download():
+        try:
+            with client.Cluster(url, token) as fresh:
+                done["path"] = fresh.get(digest, target)
+        except Exception as e:
+            done["error"] = e
+
+    def received():
+        return sum(os.path.getsize(str(path)) for path in tmp_path.glob(".got.bin.*.part"))
+    web = cluster.program_pid("rc-web")
+    halt(web)
+    downloading = threading.Thread(target=download, daemon=True)
+    downloading.start()
+    caught = halted_when(web, lambda: received() > 0)
+    cut_early = received() < BIG - 32 * 1024 * 1024
+    kill_program(cluster, "rc-web")
+    downloading.join(120)
+    assert caught and cut_early, "the download was not caught half way"
+    assert "error" not in done, done
+    assert done["path"] == target and files.hash_file(target)[0] == digest
