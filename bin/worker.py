@@ -5881,6 +5881,12 @@ FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_RETRY_MAX_WAIT = 4.0      # seconds between tries at most
+# Seconds a transfer waits for an rc-files that refuses connections, its
+# tries not spent meanwhile: it is restarting. supervisord starts it again at
+# once, but waits 1 s, 2 s, 3 s... after deaths in a row, and a small main
+# node takes seconds to start it; the 3.5 s of FILES_TRIES failed tasks.
+FILES_UNREACHABLE_WAIT = 60.0
 FILES_CONNECTIONS = 8           # transfers at once (a new connection opens only when none is kept)
 FILES_IDLE_MAX = FILES_CONNECTIONS   # connections to rc-files kept open between transfers
 FILES_PREFETCH = 4              # fetches at once of the inputs of tasks waiting for a slot
@@ -6314,7 +6320,8 @@ class FilesConnection(object):
             if self.service.fingerprint:
                 sock = self.secure(sock)
         except (OSError, ValueError) as e:
-            raise FilesError("cannot reach rc-files at %s:%d: %s" % (host, port, e), retry=True)
+            raise FilesError("cannot reach rc-files at %s:%d: %s" % (host, port, e),
+                             code="unreachable", retry=True)
         self.sock = sock
         self.authenticate()
         return self
@@ -6694,11 +6701,12 @@ class Job(object):
     def try_on_connections(self, files, action):
         """Run action(connection) again on a new connection after a cut, up
         to FILES_TRIES; a connection that rc-files closed while it was in the
-        pool is replaced at once, uncounted. A connection that served the
-        action goes back to the pool."""
-        wait, attempt = FILES_RETRY_WAIT, 0
+        pool is replaced at once, uncounted, and an rc-files that refuses
+        connections is waited for up to FILES_UNREACHABLE_WAIT, uncounted. A
+        connection that served the action goes back to the pool."""
+        wait, attempt, refused_since = FILES_RETRY_WAIT, 0, None
         while True:
-            connection, stale = None, False
+            connection, stale, restarting = None, False, False
             try:
                 connection = self.connection(files)
                 result = action(connection)
@@ -6707,7 +6715,13 @@ class Job(object):
                 return result
             except FilesError as e:
                 stale = connection is not None and connection.reused
-                if not e.retry or self.cancelled or (not stale and attempt == FILES_TRIES - 1):
+                if e.code == "unreachable":
+                    refused_since = refused_since or time.monotonic()
+                    restarting = time.monotonic() - refused_since < FILES_UNREACHABLE_WAIT
+                else:
+                    refused_since = None    # it answered: a later restart is waited for anew
+                if not e.retry or self.cancelled or (
+                        not stale and not restarting and attempt >= FILES_TRIES - 1):
                     raise
                 if not stale:
                     log("warning", "transfer_cut", error=str(e), retry_in=wait)
@@ -6716,8 +6730,10 @@ class Job(object):
                     connection.close()
             if not stale:
                 time.sleep(wait)
-                wait *= 2
-                attempt += 1
+                wait = min(wait * 2, FILES_RETRY_MAX_WAIT)
+                attempt += not restarting
+                if self.cancelled:
+                    raise FilesError("cancelled", code="cancelled")
 
 
 class TransferThreads(object):

@@ -5,15 +5,18 @@ back (or, for `rc map`, once `rc map --resume` has run).
 Moments are caught as test_chaos_files catches them: the program stopped
 (SIGSTOP) and let run a moment at a time until what it leaves on the disk
 shows it is there, then killed; no fault point in the product."""
+import hashlib
 import io
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import client, db, files, state_dir
+from rc.states import TERMINAL_STATES
 from test_chaos_files import halt, halted_when, kill_program
 
 pytestmark = pytest.mark.e2e
@@ -138,3 +141,50 @@ def test_a_new_clients_first_download_cut_by_rc_web_s_kill_is_taken_up_when_it_i
     assert caught and cut_early, "the download was not caught half way"
     assert "error" not in done, done
     assert done["path"] == target and files.hash_file(target)[0] == digest
+
+
+def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, tmp_path):
+    """rc-files killed in a row (supervisord waits 1 s, 2 s, 3 s... between
+    starts of a program that died at once) or slow to start on a small
+    main node: a worker gave up after 4 connections in 3.5 s, and a task
+    that fetched its inputs then failed for good ('inputs: cannot reach
+    rc-files'), one that put its output completed without it (a line of
+    stderr). Stopped here for 6 s, with each transfer under way."""
+    data = os.urandom(files.INLINE_FILE_BYTES + 1)     # past what rides the worker connection
+    (tmp_path / "in.bin").write_bytes(data)
+    producing = cluster.rc("submit", "shell", "sleep 1; head -c 400000 /dev/urandom > o.bin;"
+                           " sha256sum o.bin", "--output", "o.bin",
+                           "--require", "device_id=%s" % DEVICE)
+    producing = int(producing.stdout)
+    wait_for(lambda: state_of(cluster, producing) == "running", 30, "the task running")
+    cluster.supervisorctl("stop", "rc-files")
+    try:
+        reading = int(cluster.rc("submit", "shell", "sha256sum in.bin", "--input",
+                                 str(tmp_path / "in.bin"), "--require",
+                                 "device_id=%s" % DEVICE).stdout)
+        wait_for(lambda: transfer_cuts(cluster) >= 2, 30, "both transfers refused")
+        time.sleep(6)       # past the 3.5 s of 4 tries
+    finally:
+        cluster.supervisorctl("start", "rc-files")
+    for task_id in (producing, reading):
+        wait_for(lambda: state_of(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
+        row = cluster.db.execute("SELECT state, error, result FROM tasks WHERE task_id = ?",
+                                 (task_id,)).fetchone()
+        assert row[0] == "completed", tuple(row)
+    stored = [entry for entry in files.task_files(cluster.db, producing)
+              if entry["name"] == "o.bin"]
+    assert len(stored) == 1 and stored[0]["sha256"] in cluster.db.execute(
+        "SELECT result FROM tasks WHERE task_id = ?", (producing,)).fetchone()[0]
+    assert hashlib.sha256(data).hexdigest() in cluster.db.execute(
+        "SELECT result FROM tasks WHERE task_id = ?", (reading,)).fetchone()[0]
+
+
+def state_of(cluster, task_id):
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]
+
+
+def transfer_cuts(cluster):
+    """transfer_cut lines in the worker's log: a transfer refused, to be tried again."""
+    with open(cluster.worker_log(DEVICE), "rb") as log:
+        return sum(b'"transfer_cut"' in line for line in log)
