@@ -6099,6 +6099,9 @@ class FileCache(object):
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
+        # A temporary named after this pid but older is a run's before an
+        # execv restart (the spawner died), which keeps the pid: not ours.
+        self.opened_at = time.time()
 
     def path(self, sha):
         return os.path.join(self.dir, sha)
@@ -6270,16 +6273,17 @@ class FileCache(object):
         self.prepared = True
         # A fetch cut long ago whose task never came back, and temporaries of
         # a killed worker: at once when its process is gone (their name says
-        # which, see temporary(); workers may share a state directory), else
-        # after a day.
+        # which, see temporary(); workers may share a state directory) or is
+        # this one restarted (opened_at), else after a day.
         for folder, oldest in (("partial", time.time() - PARTIAL_MAX_AGE),
                                ("tmp", time.time() - 86400)):
             for name in list_dir(os.path.join(self.dir, folder)):
                 path = os.path.join(self.dir, folder, name)
                 owner = name[1:].partition("-")[0] if folder == "tmp" and name[:1] == "p" else ""
                 try:
-                    if (owner.isdigit() and not pid_alive(owner)) or \
-                            os.lstat(path).st_mtime < oldest:
+                    made = os.lstat(path).st_mtime
+                    if made < oldest or (owner.isdigit() and (not pid_alive(owner) or (
+                            int(owner) == os.getpid() and made < self.opened_at))):
                         os.unlink(path)
                 except OSError:
                     pass

@@ -8,6 +8,7 @@ shows it is there, then killed; no fault point in the product."""
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -188,3 +189,71 @@ def transfer_cuts(cluster):
     """transfer_cut lines in the worker's log: a transfer refused, to be tried again."""
     with open(cluster.worker_log(DEVICE), "rb") as log:
         return sum(b'"transfer_cut"' in line for line in log)
+
+
+CHECKPOINTING = "crash44-checkpoints"
+# A task that writes a checkpoint (a few MiB) and runs on: each attempt says where it started.
+COUNTING = ("n=$(cat \"$RC_CHECKPOINT_DIR/n\" 2>/dev/null || echo 0); echo start-$n;"
+            " head -c 8000000 /dev/urandom > \"$RC_CHECKPOINT_DIR/big\";"
+            " echo $((n + 1)) > \"$RC_CHECKPOINT_DIR/n\"; sleep 3; echo done-$n")
+
+
+def spawner_of(pid):
+    """The pid of a worker's task spawner (its child running serve_spawner)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                command = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and b"serve_spawner" in command:
+            return int(entry)
+    return None
+
+
+def restarted(log):
+    """Whether the worker's log shows it started again after restarting."""
+    with open(log, "rb") as f:
+        before, restarting, after = f.read().partition(b'"worker_restarting"')
+    return restarting and b'"worker_started"' in after
+
+
+def test_checkpoints_a_worker_restarted_by_its_spawner_s_death_left_are_removed(cluster):
+    """The spawner killed: the worker runs itself again in the same process
+    (execv), its checkpoint still going up after the 10 s it waits. The
+    tar, named after the pid, was kept for a day as a live process's."""
+    worker = cluster.start_worker(CHECKPOINTING, "--checkpoint-every", "1")
+    temporaries = os.path.join(cluster.home, "worker-state", "cache", "tmp")
+
+    def tars():
+        try:
+            return {name for name in os.listdir(temporaries)
+                    if name.startswith("p%d-checkpoint-" % worker.pid)}
+        except FileNotFoundError:
+            return set()
+    try:
+        wait_for(lambda: CHECKPOINTING in online(cluster), 30, "the worker online")
+        task_id = int(cluster.rc("submit", "shell", COUNTING, "--require",
+                                 "device_id=%s" % CHECKPOINTING).stdout)
+        wait_for(lambda: state_of(cluster, task_id) == "running", 30, "the task running")
+        files_server = cluster.program_pid("rc-files")
+        os.kill(files_server, signal.SIGSTOP)    # the checkpoint cannot go up
+        try:
+            wait_for(tars, 30, "a checkpoint made")
+            os.kill(spawner_of(worker.pid), signal.SIGKILL)
+            wait_for(lambda: restarted(cluster.worker_log(CHECKPOINTING)), 60,
+                     "the worker restarted")
+            left = tars()       # its checkpoints not sent in the 10 s it waited
+            assert left
+        finally:
+            os.kill(files_server, signal.SIGCONT)
+        assert worker.poll() is None, "the worker restarts in its own process"
+        wait_for(lambda: state_of(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
+        wait_for(lambda: not tars() & left, 30, "the checkpoint tars of the run before gone")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
