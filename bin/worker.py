@@ -6719,6 +6719,7 @@ class Job(object):
                 return result
             except FilesError as e:
                 stale = connection is not None and connection.reused
+                told = refused_since is not None        # of the refusals so far
                 if e.code == "unreachable":
                     refused_since = refused_since or time.monotonic()
                     restarting = time.monotonic() - refused_since < FILES_UNREACHABLE_WAIT
@@ -6727,7 +6728,7 @@ class Job(object):
                 if not e.retry or self.cancelled or (
                         not stale and not restarting and attempt >= FILES_TRIES - 1):
                     raise
-                if not stale:
+                if not stale and not (restarting and told):
                     log("warning", "transfer_cut", error=str(e), retry_in=wait)
             finally:
                 if connection is not None:
