@@ -5914,6 +5914,12 @@ FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
 FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
+FILES_RETRY_MAX_WAIT = 4.0      # seconds between tries at most
+# Seconds a transfer waits for an rc-files that refuses connections, its
+# tries not spent meanwhile: it is restarting. supervisord starts it again at
+# once, but waits 1 s, 2 s, 3 s... after deaths in a row, and a small main
+# node takes seconds to start it; the 3.5 s of FILES_TRIES failed tasks.
+FILES_UNREACHABLE_WAIT = 60.0
 FILES_CONNECTIONS = 8           # transfers at once (a new connection opens only when none is kept)
 FILES_IDLE_MAX = FILES_CONNECTIONS   # connections to rc-files kept open between transfers
 FILES_PREFETCH = 4              # fetches at once of the inputs of tasks waiting for a slot
@@ -6126,6 +6132,9 @@ class FileCache(object):
         self.pinned = {}           # sha256 -> tasks staging or running with it
         self.fetching = {}         # sha256 -> threading.Event of the fetch under way
         self.prepared = False
+        # A temporary named after this pid but older is a run's before an
+        # execv restart (the spawner died), which keeps the pid: not ours.
+        self.opened_at = time.time()
 
     def path(self, sha):
         return os.path.join(self.dir, sha)
@@ -6297,16 +6306,17 @@ class FileCache(object):
         self.prepared = True
         # A fetch cut long ago whose task never came back, and temporaries of
         # a killed worker: at once when its process is gone (their name says
-        # which, see temporary(); workers may share a state directory), else
-        # after a day.
+        # which, see temporary(); workers may share a state directory) or is
+        # this one restarted (opened_at), else after a day.
         for folder, oldest in (("partial", time.time() - PARTIAL_MAX_AGE),
                                ("tmp", time.time() - 86400)):
             for name in list_dir(os.path.join(self.dir, folder)):
                 path = os.path.join(self.dir, folder, name)
                 owner = name[1:].partition("-")[0] if folder == "tmp" and name[:1] == "p" else ""
                 try:
-                    if (owner.isdigit() and not pid_alive(owner)) or \
-                            os.lstat(path).st_mtime < oldest:
+                    made = os.lstat(path).st_mtime
+                    if made < oldest or (owner.isdigit() and (not pid_alive(owner) or (
+                            int(owner) == os.getpid() and made < self.opened_at))):
                         os.unlink(path)
                 except OSError:
                     pass
@@ -6347,7 +6357,8 @@ class FilesConnection(object):
             if self.service.fingerprint:
                 sock = self.secure(sock)
         except (OSError, ValueError) as e:
-            raise FilesError("cannot reach rc-files at %s:%d: %s" % (host, port, e), retry=True)
+            raise FilesError("cannot reach rc-files at %s:%d: %s" % (host, port, e),
+                             code="unreachable", retry=True)
         self.sock = sock
         self.authenticate()
         return self
@@ -6727,11 +6738,12 @@ class Job(object):
     def try_on_connections(self, files, action):
         """Run action(connection) again on a new connection after a cut, up
         to FILES_TRIES; a connection that rc-files closed while it was in the
-        pool is replaced at once, uncounted. A connection that served the
-        action goes back to the pool."""
-        wait, attempt = FILES_RETRY_WAIT, 0
+        pool is replaced at once, uncounted, and an rc-files that refuses
+        connections is waited for up to FILES_UNREACHABLE_WAIT, uncounted. A
+        connection that served the action goes back to the pool."""
+        wait, attempt, refused_since = FILES_RETRY_WAIT, 0, None
         while True:
-            connection, stale = None, False
+            connection, stale, restarting = None, False, False
             try:
                 connection = self.connection(files)
                 result = action(connection)
@@ -6740,17 +6752,26 @@ class Job(object):
                 return result
             except FilesError as e:
                 stale = connection is not None and connection.reused
-                if not e.retry or self.cancelled or (not stale and attempt == FILES_TRIES - 1):
+                told = refused_since is not None        # of the refusals so far
+                if e.code == "unreachable":
+                    refused_since = refused_since or time.monotonic()
+                    restarting = time.monotonic() - refused_since < FILES_UNREACHABLE_WAIT
+                else:
+                    refused_since = None    # it answered: a later restart is waited for anew
+                if not e.retry or self.cancelled or (
+                        not stale and not restarting and attempt >= FILES_TRIES - 1):
                     raise
-                if not stale:
+                if not stale and not (restarting and told):
                     log("warning", "transfer_cut", error=str(e), retry_in=wait)
             finally:
                 if connection is not None:
                     connection.close()
             if not stale:
                 time.sleep(wait)
-                wait *= 2
-                attempt += 1
+                wait = min(wait * 2, FILES_RETRY_MAX_WAIT)
+                attempt += not restarting
+                if self.cancelled:
+                    raise FilesError("cancelled", code="cancelled")
 
 
 class TransferThreads(object):

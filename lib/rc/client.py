@@ -405,7 +405,10 @@ class Http:
                               % (self.scheme, self.host, self.port, e, self.never_reached()))
             except CutShort as e:
                 # Answered, then cut: never the kept-alive connection's second try.
+                # It is rc-web (restarting, say), not a wrong RC_URL: a get() cut
+                # mid-file as the client's first request waits for it to come back.
                 self.drop()
+                self.reached = self.heard = True
                 cut = Cut if repeatable(method, headers) and not delivered else ClusterError
                 raise cut("answer cut by %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:

@@ -1218,10 +1218,17 @@ class Outcome:
     def write_results(self, runner, directory):
         here = os.path.join(directory, str(self.job.number))
         os.makedirs(here, exist_ok=True)
+        # The state goes first and comes back last: --resume takes an entry
+        # with one for whole, so rc map killed half way leaves one it writes
+        # again, not one short or mixed with an earlier run's (a re-run input).
+        files.remove(os.path.join(here, "state"))
         texts = [("input", self.job.value + "\n"), ("stdout", self.stdout),
-                 ("stderr", self.stderr), ("state", self.job.state + "\n")]
+                 ("stderr", self.stderr)]
         if self.exit_code is not None:
             texts.append(("exit_code", "%s\n" % self.exit_code))
+        else:
+            files.remove(os.path.join(here, "exit_code"))     # an earlier run's
+        texts.append(("state", self.job.state + "\n"))
         for name, text in texts:        # a partial file renamed over what was there
             path = os.path.join(here, name)
             with files_cli.fresh(path + ".rc-partial", "w", encoding="utf-8",
