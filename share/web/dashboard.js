@@ -674,7 +674,9 @@ function taskParts(task, why, files, live) {
       el("div", {class: "column"},
         live ? panel("Output", liveOutput(live)) : panel("Output",
           result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
+          restOf(id, result.output, files, ".rc/stdout"),
           result.stderr ? [el("h3", {text: "stderr"}), pre(result.stderr, true)] : null,
+          restOf(id, result.stderr, files, ".rc/stderr"),
           task.error ? [el("h3", {text: "error"}), pre(task.error, true)] : null,
           result.return_value !== undefined ? [el("h3", {text: "value"}), pre(json(result.return_value))] : null),
         panel("Files", filesTable(id, files)),
@@ -687,13 +689,25 @@ function taskParts(task, why, files, live) {
         ], task.events || [], "no events"))))];
 }
 
+// A stream past the inline cap: the page shows its beginning, cut mid-line;
+// the whole is the stored copy (`rc get` writes it), one tap away.
+function restOf(id, text, files, name) {
+  const entry = ((files && files.files) || []).find(f => f.name === name);
+  if (!entry || typeof entry.size !== "number") return null;
+  return el("p", {class: "stream-rest dim"},
+    "the first " + sizeText(new Blob([text || ""]).size) + " of " + sizeText(entry.size) +
+    " above; all of it: ", fileLink(id, entry));
+}
+
+function fileLink(id, f) {
+  return el("a", {href: "/api/v1/tasks/" + id + "/files/" + f.name.split("/").map(encodeURIComponent).join("/"),
+                  download: f.name.split("/").pop(), text: f.name, onclick: downloadWithToken});
+}
+
 function filesTable(id, files) {
   if (!files) return el("p", {class: "empty", text: "files cannot be listed"});
   return table([
-    {title: "name", cell: f => el("a", {href: "/api/v1/tasks/" + id + "/files/" +
-                                        f.name.split("/").map(encodeURIComponent).join("/"),
-                                        download: f.name.split("/").pop(), text: f.name,
-                                        onclick: downloadWithToken})},
+    {title: "name", cell: f => fileLink(id, f)},
     // Kept on a phone: which are the inputs and which the task left (a failed one's too).
     {title: "kind", cell: f => f.kind || ""},
     {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
