@@ -866,8 +866,11 @@ const GROUP_VIEW_TASKS = 500;
 
 async function drawGroup(state, view) {
   const [status, group] = await getJSON("/api/v1/groups/" + state.id + "?limit=" + GROUP_VIEW_TASKS);
-  const what = (state.kind === "map" ? "Map " : "Group ") + state.id;
-  if (status !== 200) return notFound(view, state, what, group.error);
+  if (status !== 200) return notFound(view, state, (state.kind === "map" ? "Map " : "Group ") + state.id,
+                                      group.error);
+  // A task's view links its group as #/group/ID: a map is told by its tasks' inputs.
+  const isMap = state.kind === "map" || group.tasks.some(t => typeof t.input === "string");
+  const what = (isMap ? "Map " : "Group ") + state.id;
   // What the tasks run, first: the payload comes after them all, 500 rows
   // down on a phone, and maps of one day are told apart by their command.
   const runs = ["command", "code", "expression", "message"].map(k => (group.payload || {})[k])
@@ -882,11 +885,13 @@ async function drawGroup(state, view) {
     panel("Tasks", table([
       {title: "task", cell: t => taskLink(t.task_id)},
       // A map's input says which task is which (12 files, 12 rows of `completed`).
-      state.kind === "map" ? {title: "input", class: "message", cell: t => t.input || ""} : null,
+      isMap ? {title: "input", class: "message", cell: t => t.input || ""} : null,
       {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
       {title: "state", cell: t => stateChip(t.state)},
       {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
-      {title: "error", class: "message opt", cell: t => (t.error || "").slice(0, 300)},
+      // Kept on a phone: a failed task's row said only its input (its output is empty).
+      {title: "error", class: "message", cell: t => t.error
+        ? el("span", {class: "error-text", text: t.error.slice(0, 300)}) : ""},
     ].filter(Boolean), group.tasks, "no tasks")),
     panel("Payload", pre(json(group.payload)))].filter(Boolean));
 }
