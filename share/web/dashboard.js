@@ -267,6 +267,7 @@ function renderOverview() {
         // What failed belongs on the first screen (below the charts it was out of sight).
         panel("Recent failures", failureTable(picture.failures))),
       el("div", {class: "column"},
+        (picture.groups || []).length ? panel("Maps and groups", groupTable(picture.groups)) : null,
         panel("Newest tasks", recentTable(picture.recent || [])),
         panel("Last hour", charts(picture.history))))]);
 }
@@ -371,6 +372,21 @@ function recentTable(list) {
     {title: "what", class: "message", cell: t => t.summary || ""},
     {title: "when", class: "opt2", cell: t => since(t.finished_at || t.created_at)},
   ], list, "No task yet: `submit` in the terminal queues one.");
+}
+
+// A map's progress: its tasks that ended among all, and how they ended.
+function groupTable(list) {
+  const ended = g => TERMINAL_STATES.reduce((n, state) => n + (g.states[state] || 0), 0);
+  return table([
+    {title: "map", cell: g => [g.kind === "map" ? "" : "group ", groupLink(g.group_id, g.kind)]},
+    {title: "done", cell: g => el("span", {class: "progress"},
+      bar(g.tasks ? ended(g) / g.tasks : 0, "progress", "tasks ended"),
+      el("span", {class: "progress-value", text: ended(g) + "/" + g.tasks}))},
+    {title: "tasks", cell: g => Object.entries(g.states).sort((a, b) => b[1] - a[1]).map(([state, n], i) =>
+      [i ? ", " : "", el("span", {class: /failed|timed_out/.test(state) ? "error-text" : null,
+                                  text: n + " " + state.replace("_", " ")})])},
+    {title: "runs", class: "message", cell: g => g.summary || g.task_type},
+  ], list, "");
 }
 
 function failureTable(list) {
