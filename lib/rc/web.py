@@ -634,6 +634,18 @@ class Web:
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
+    def cancel_group(self, group_id):
+        """Every task of the group that has not ended, as `rc cancel --group`."""
+        try:
+            queued, stopping = tasks.cancel_group(self.connection(), group_id, active_too=True)
+        except tasks.TaskError as e:
+            raise ApiError(404, str(e))
+        self.logger.info("group_cancel_requested", group_id=group_id, queued=queued,
+                         running=stopping, address=bottle.request.environ.get("REMOTE_ADDR"))
+        self.audit("group_cancel_requested", group_id=group_id, queued=queued, running=stopping)
+        return json_response({"group_id": group_id, "queued_cancelled": queued,
+                              "running_asked_to_stop": stopping})
+
     def broadcast(self):
         body = self.json_body()
         targets = body.get("targets") or {}
@@ -1724,6 +1736,7 @@ def make_app(config, logger=None):
         ("POST", "/api/v1/devices/<device_id>/role", web.role, "admin"),
         ("POST", "/api/v1/groups", web.submit_group, "admin"),
         ("GET", "/api/v1/groups/<group_id:id>", web.group, "read"),
+        ("POST", "/api/v1/groups/<group_id:id>/cancel", web.cancel_group, "admin"),
         ("POST", "/api/v1/broadcast", web.broadcast, "admin"),
         ("GET", "/api/v1/controls/<control_id:id>", web.control, "read"),
         ("POST", "/api/v1/command", web.command, "command"),

@@ -891,10 +891,18 @@ async function drawGroup(state, view) {
   // down on a phone, and maps of one day are told apart by their command.
   const runs = ["command", "code", "expression", "message"].map(k => (group.payload || {})[k])
     .find(v => typeof v === "string");
+  const left = Object.entries(group.summary).filter(([k]) => k !== "tasks" && !TERMINAL_STATES.includes(k))
+    .reduce((n, [, v]) => n + v, 0);
+  const notCompleted = group.summary.tasks - (group.summary.completed || 0);
+  const actions = left ? [el("button", {type: "button", class: "danger", text: "Cancel the rest",
+                                        onclick: () => cancelGroup(state.id, what, left)})] : [];
   update(view, state, JSON.stringify(group), () => [
-    objectHeader(what + " · " + group.task_type),
+    objectHeader(what + " · " + group.task_type, null, actions),
     panel("Summary", keyValues([["runs", runs ? el("code", {text: runs.slice(0, 300)}) : null]]
-      .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)])))),
+      .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
+      // What the CLI prints at the end of a map, for the one who reads it on a phone.
+      isMap && !left && notCompleted ? el("p", {class: "dim", text: "`rc map --resume " + state.id +
+        "` on the main node runs the " + notCompleted + " that did not complete again."}) : null),
     group.more ? el("p", {class: "dim group-more", text: group.tasks.length + " of " +
       group.summary.tasks + " tasks shown, those that did not complete first; `rc group " +
       state.id + "` lists them all"}) : null,
@@ -1016,6 +1024,13 @@ function refreshSoon() {
 function cancelTask(id) {
   confirmAction({title: "Cancel task " + id + "?", text: "A running task is stopped on its device.",
                  fields: [], run: () => post("/api/v1/tasks/" + id + "/cancel")});
+}
+
+function cancelGroup(id, what, left) {
+  confirmAction({title: "Cancel the rest of " + what.toLowerCase() + "?",
+                 text: left + (left === 1 ? " task has" : " tasks have") + " not ended: the queued ones are"
+                       + " cancelled, the running ones stopped on their devices. Those that ended stay.",
+                 fields: [], run: () => post("/api/v1/groups/" + id + "/cancel")});
 }
 
 function retryTask(task) {
