@@ -196,8 +196,13 @@ def task_table_row(record, now):
 
 
 def payload_summary(task):
+    """What the task runs, in brief; a script sent with `--file` by its name
+    (`--file sim.py`: its code is a stored file, and the column was blank)."""
     name = PAYLOAD_FIELD.get(task["task_type"])
-    return render.cell((task["payload"] or {}).get(name)) if name else ""
+    payload = task["payload"] or {}
+    if name and payload.get(name) is None and isinstance(payload.get("file"), str):
+        return render.cell("--file " + payload["file"])
+    return render.cell(payload.get(name)) if name else ""
 
 
 # -- log lines --------------------------------------------------------------------
