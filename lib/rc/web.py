@@ -1560,7 +1560,10 @@ class DashboardRoutes:
                 "running": running_tasks(connection), "failures": recent_failures(connection),
                 "recent": recent_tasks(connection), "groups": recent_groups(connection),
                 "history": history, "history_summary": stats.summary_to_now(
-                    connection, history[-15:], now)}
+                    connection, history[-15:], now),
+                # Where a failed upload's "does not fit" comes from, before it does.
+                "files": {"used_bytes": files.used_bytes(connection),
+                          "quota_bytes": self.web.config.files_quota_mb * files.MIB}}
 
     def stream(self):
         """The overview again whenever the database changed, at most once per

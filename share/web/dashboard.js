@@ -20,6 +20,7 @@ const WATCH_MS = 20000;             // an open device view asks for live figures
 const CHART_MINUTES = 60;           // the charts' time axis
 const CHART_TICK_MINUTES = 15;      // a labelled tick on the time axis this often
 const DEVICE_TASKS = 20;            // tasks listed in a device's view
+const STORE_FULL = 0.9;             // the file store's tile turns red past this much of its quota
 const SVG = "http://www.w3.org/2000/svg";
 const TERMINAL_STATES = ["completed", "failed", "timed_out", "cancelled"];
 // How a device's figures are named in its view (others: their own name).
@@ -294,7 +295,18 @@ function summaryTiles(p) {
     tile("done / min (5 min)", String(s.throughput_5m)),
     tile("success (15 min)", h.success_rate === null || h.success_rate === undefined
          ? "–" : percentText(h.success_rate * 100)),
-    tile("failed (15 min)", String(recentFailures), null, recentFailures > 0));
+    tile("failed (15 min)", String(recentFailures), null, recentFailures > 0),
+    p.files ? storeTile(p.files) : null);
+}
+
+// The file store's room: an upload, a map's --files or a task's outputs past
+// the quota are refused ("does not fit"); nearly full is said before then.
+function storeTile(f) {
+  const used = f.quota_bytes ? f.used_bytes / f.quota_bytes : 0;
+  return el("div", {class: "tile" + (used >= STORE_FULL ? " trouble" : "")},
+    el("div", {class: "tile-value", text: sizeText(f.used_bytes)}),
+    el("div", {class: "tile-label", text: "files of " + sizeText(f.quota_bytes)}),
+    bar(used, "store", "file store used"));
 }
 
 function deviceState(d) {
