@@ -544,6 +544,7 @@ function openObjectView(where) {
     }
     finally { state.drawing = false; }
   };
+  state.again = again;
   again();
   state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
   if (where.kind === "device") {
@@ -926,7 +927,8 @@ async function drawGroup(state, view) {
       {title: "state", cell: t => stateChip(t.state)},
       {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
       // Kept on a phone: a failed task's row said only its input (its output is empty).
-      {title: "error", class: "message", cell: t => t.error
+      // (a cancelled task's error, `cancelled`, says again what its state says, in red)
+      {title: "error", class: "message", cell: t => t.error && t.state !== "cancelled"
         ? el("span", {class: "error-text", text: t.error.slice(0, 300)}) : ""},
     ].filter(Boolean), group.tasks, "no tasks")),
     panel("Payload", pre(json(group.payload)))].filter(Boolean));
@@ -1029,7 +1031,11 @@ async function post(path, body) {
 }
 
 function refreshSoon() {
-  if (objectView) { delete document.getElementById("view-object").dataset.shown; objectView.loaded = false; }
+  if (objectView) {
+    delete document.getElementById("view-object").dataset.shown;
+    objectView.loaded = false;
+    objectView.again();          // now, not at the next tick: the button pressed said it was done
+  }
   fetchOverview();
 }
 

@@ -1,0 +1,152 @@
+"""The dashboard as a user meets it on a phone (390x844, touch) in the first
+hour, against a cluster started as `make run` starts it (rc-files too) with
+real work in it: a map of a few inputs with files, one of them failing; a
+task whose stdout passed the inline cap; a map still running. Each test
+is a rough edge found by using it and fixed; screenshots go to
+test-artifacts/s44_*.png. One cluster and one Chromium for the module."""
+import json
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster_harness import RC, wait_for, with_the_local_worker
+from rc import records
+from test_dashboard_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 3,
+         "is_mobile": True, "has_touch": True}
+# A script whose stdout passes the inline cap (960 KiB): 1.2 MB of rows.
+LOUD = "import sys\nfor i in range(100000): sys.stdout.write('row %06d\\n' % i)\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("phone-s44")
+    for cluster in with_the_local_worker(home):
+        inputs = home / "inputs"
+        inputs.mkdir()
+        for name in ("a.txt", "b.txt", "bad.txt"):
+            (inputs / name).write_text(name + "\n")
+        done = subprocess.run([RC, "map", "case {} in *bad*) echo no >&2; exit 4;; esac; cat {}",
+                               "--files", "a.txt", "b.txt", "bad.txt"], cwd=str(inputs),
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        assert done.returncode == 1, done.stderr          # one input did not complete
+        cluster.map = map_number(done.stderr)
+        (home / "loud.py").write_text(LOUD)
+        cluster.loud = int(cluster.rc("submit", "python_exec", "--file", str(home / "loud.py"))
+                           .stdout)
+        cluster.rc("wait", str(cluster.loud))
+        yield cluster
+
+
+def map_number(stderr):
+    """`map 12: 3 inputs`, rc map's first line on stderr."""
+    return int(re.search(r"^map (\d+): ", stderr, re.M).group(1))
+
+
+@pytest.fixture
+def phone(browser, cluster, request):  # noqa: F811
+    context = browser.new_context(**PHONE)
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda error: page.problems.append(str(error)))
+    page.open = lambda path: page.goto("http://127.0.0.1:%d/%s" % (cluster.config.web_port, path))
+    yield page
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "s44_%s.png" % request.node.name[5:45]))
+    context.close()
+    assert page.problems == []
+
+
+def test_a_script_sent_as_a_file_is_summed_up_by_its_name():
+    """`rc tasks`' SUMMARY and the overview's `what` were blank for a task
+    whose script came with --file: its code is a stored file."""
+    task = {"task_type": "shell", "payload": {"file": "ck.sh", "inputs": []}}
+    assert records.payload_summary(task) == "--file ck.sh"
+    assert records.payload_summary({"task_type": "shell", "payload": {"command": "ls"}}) == "ls"
+
+
+def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
+    """A map of three inputs showed on the overview only as its newest
+    tasks, with no word of the map; the file store's quota, which refuses
+    an upload, was shown nowhere."""
+    phone.open("#/")
+    row = phone.locator(".panel", has_text="Maps and groups").locator(
+        "tr", has=phone.locator('a[href="#/map/%d"]' % cluster.map))
+    row.wait_for()
+    assert "3/3" in row.inner_text() and "1 failed" in row.inner_text()
+    store = phone.locator(".tile", has_text="files of")
+    quota = "%.1f GiB" % (cluster.config.files_quota_mb / 1024)
+    assert store.inner_text().split("\n")[-1] == "files of " + quota
+    assert phone.locator(".tile", has_text="files of").locator(".bar").count() == 1
+    assert "--file loud.py" in phone.locator(".panel", has_text="Newest tasks").inner_text()
+
+
+def test_a_maps_failed_task_shows_its_error_and_the_way_to_resume(cluster, phone):
+    """On a phone a map's failed task said only its input (the error
+    column was dropped); #/group/ID, the link a task's view gives, did not
+    show it as a map with its inputs."""
+    phone.open("#/group/%d" % cluster.map)
+    row = phone.locator("#view-object tr", has_text="bad.txt")
+    row.wait_for()
+    assert phone.locator("#view-object h1").inner_text().startswith("Map %d" % cluster.map)
+    error = row.locator(".error-text")
+    assert error.is_visible() and error.inner_text() == "exit status 4"
+    assert "`rc map --resume %d` on the main node runs the 1" % cluster.map in \
+        phone.locator(".panel", has_text="Summary").inner_text()
+    assert phone.locator("text=Cancel the rest").count() == 0       # nothing is left
+
+
+def test_output_cut_at_the_inline_cap_says_so_and_downloads_whole(cluster, phone):
+    """The task's stdout ended mid-line at 960 KiB with no word that more
+    was kept; now a line under it names the stored copy, a download."""
+    phone.open("#/task/%d" % cluster.loud)
+    note = phone.locator(".stream-rest")
+    note.wait_for()
+    assert re.match(r"the first [0-9.]+ KiB of 1\.0 MiB above; all of it:", note.inner_text())
+    with phone.expect_download() as download:
+        note.locator("a").tap()
+    with open(download.value.path(), "rb") as f:
+        whole = f.read()
+    assert len(whole) == 1100000 and whole.endswith(b"row 099999\n")
+
+
+def test_the_rest_of_a_running_map_is_cancelled_from_a_phone(cluster, phone, tmp_path):
+    """From a phone a running map could not be stopped: no button, no
+    route (only `rc cancel --group` in the terminal)."""
+    runner = subprocess.Popen([RC, "map", "sleep 60; echo {}", "1", "2", "3", "4", "5"],
+                              env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              universal_newlines=True, start_new_session=True)
+    try:
+        group = map_number(runner.stderr.readline())
+        phone.open("#/map/%d" % group)
+        phone.locator("button", has_text="Cancel the rest").tap()
+        phone.locator("#modal-fields input[name=token]").fill(cluster.token)
+        phone.locator("#modal-confirm").tap()
+        # The view says so (the running ones end once their device stopped them).
+        phone.locator("#view-object dt", has_text="cancelled").wait_for()
+        wait_for(lambda: runner.poll() is not None, 60, "rc map to end")
+        states = cluster.db.execute("SELECT DISTINCT state FROM tasks WHERE group_id = ?",
+                                    (group,)).fetchall()
+        assert [row[0] for row in states] == ["cancelled"]
+        assert runner.returncode == 5                       # five inputs did not complete
+        phone.locator("#view-object dt", has_text="running").wait_for(state="detached")
+        assert phone.locator("button", has_text="Cancel the rest").count() == 0
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, 9)
+            runner.wait()
+        runner.stderr.close()
+    request = urllib.request.Request(cluster.url + "/api/v1/groups/99999/cancel", method="POST",
+                                     data=b"{}", headers={"Authorization": "Bearer " + cluster.token})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 404
+    assert json.loads(refused.value.read())["error"] == "no group 99999"
