@@ -73,6 +73,16 @@ def test_a_script_sent_as_a_file_is_summed_up_by_its_name():
     assert records.payload_summary({"task_type": "shell", "payload": {"command": "ls"}}) == "ls"
 
 
+def test_a_revoked_device_is_revoked_in_rc_devices_too():
+    """The dashboard's card said `revoked` at once; `rc devices` said
+    `online` for the revoked device until the reaper marked it offline, then
+    `offline`, as for a phone that only went out of Wi-Fi."""
+    device = {"status": "online", "revoked": True, "available": True}
+    assert records.device_status(device) == "online,revoked"
+    assert records.device_status(dict(device, status="offline")) == "offline,revoked"
+    assert records.device_status(dict(device, revoked=False)) == "online"
+
+
 def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
     """A map of three inputs showed on the overview only as its newest
     tasks, with no word of the map; the file store's quota, which refuses

@@ -151,8 +151,8 @@ def device_table_row(record, now):
 
 
 def device_status(device):
-    """online, offline, and why it takes nothing new: online,drained,paused,suspect
-    (the human table's STATUS; rows give the flags as columns of their own)."""
+    """online, offline, and why it takes nothing new: online,drained,paused,suspect,
+    offline,revoked (the human table's STATUS; rows give the flags as columns of their own)."""
     words = [device["status"]]
     if device.get("forgotten"):
         words.append("forgotten")
@@ -162,6 +162,8 @@ def device_status(device):
         words.append("paused")
     if device.get("suspect"):
         words.append("suspect")       # connected, but answers nothing: gets no new work
+    if device.get("revoked") and not device.get("forgotten"):   # forgetting revokes too
+        words.append("revoked")       # as the dashboard's chip: it can no longer connect
     return ",".join(words)
 
 
