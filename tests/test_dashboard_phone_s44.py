@@ -86,7 +86,8 @@ def test_a_revoked_device_is_revoked_in_rc_devices_too():
 def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
     """A map of three inputs showed on the overview only as its newest
     tasks, with no word of the map; the file store's quota, which refuses
-    an upload, was shown nowhere."""
+    an upload, was shown nowhere; a failure said `exit status 4` and not
+    which task of the map it was."""
     phone.open("#/")
     row = phone.locator(".panel", has_text="Maps and groups").locator(
         "tr", has=phone.locator('a[href="#/map/%d"]' % cluster.map))
@@ -97,6 +98,9 @@ def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
     assert store.inner_text().split("\n")[-1] == "files of " + quota
     assert phone.locator(".tile", has_text="files of").locator(".bar").count() == 1
     assert "--file loud.py" in phone.locator(".panel", has_text="Newest tasks").inner_text()
+    # Which of the map's look-alike tasks failed: its error says `exit status 4`, its command more.
+    failure = phone.locator(".panel", has_text="Recent failures").locator("tr", has_text="exit status 4")
+    assert "case bad.txt in" in failure.inner_text()
 
 
 def test_a_maps_failed_task_shows_its_error_and_the_way_to_resume(cluster, phone):

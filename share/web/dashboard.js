@@ -408,7 +408,9 @@ function failureTable(list) {
     {title: "state", class: "opt2", cell: t => stateChip(t.state)},
     {title: "device", class: "opt", cell: t => deviceLink(t.device_id)},
     {title: "when", class: "opt2", cell: t => since(t.finished_at)},
-    {title: "error", class: "message", cell: t => t.error || t.reason || ""},
+    // What it ran tells which of a map's 36 look-alike tasks it was (`exit status 2` did not).
+    {title: "error", class: "message", cell: t => [t.error || t.reason || "",
+      t.summary ? el("span", {class: "dim", text: " · " + t.summary}) : null]},
   ], list, "No failures lately.");
 }
 
