@@ -4,6 +4,7 @@ real work in it: a map of a few inputs with files, one of them failing; a
 task whose stdout passed the inline cap; a map still running. Each test
 is a rough edge found by using it and fixed; screenshots go to
 test-artifacts/s44_*.png. One cluster and one Chromium for the module."""
+import importlib.util
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import RC, wait_for, with_the_local_worker
+from cluster_harness import RC, WORKER, wait_for, with_the_local_worker
 from rc import records
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (a fixture)
 
@@ -81,6 +82,31 @@ def test_a_revoked_device_is_revoked_in_rc_devices_too():
     assert records.device_status(device) == "online,revoked"
     assert records.device_status(dict(device, status="offline")) == "offline,revoked"
     assert records.device_status(dict(device, revoked=False)) == "online"
+
+
+def test_lines_a_worker_did_not_forward_are_counted_once_a_minute(monkeypatch):
+    """A device's Logs on the dashboard were 13 notices in one second, each
+    `1 lines of this worker's log were not sent`, after a map of 36 tasks:
+    each drop's notice took one of the warnings' burst, whose room they were
+    kept for. Now one count goes at once, then one a minute at most."""
+    spec = importlib.util.spec_from_file_location("rc_worker_s44", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    moment = [1000.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: moment[0])
+    forwarder, sent = worker.LogForwarder(), []
+    for task_id in range(1, 80):                      # a busy map: over the task events' burst
+        forwarder.offer("info", "task_started", {"task_id": task_id})
+        sent += forwarder.take()
+        moment[0] += 0.01
+    forwarder.offer("error", "disk_full", {"message": "no room"})
+    sent += forwarder.take()
+    moment[0] += worker.LOG_DROPPED_EVERY
+    sent += forwarder.take()
+    notices = [line["message"] for line in sent if line["event"] == "log_lines_dropped"]
+    assert notices == ["1 line of this worker's log not sent: over its limit of 0.5 a second",
+                       "48 lines of this worker's log not sent: over its limit of 0.5 a second"]
+    assert [line["event"] for line in sent].count("disk_full") == 1
 
 
 def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
