@@ -40,6 +40,11 @@ def cluster(tmp_path_factory):
                               universal_newlines=True, timeout=60)
         assert done.returncode == 1, done.stderr          # one input did not complete
         cluster.map = map_number(done.stderr)
+        # Run again, and failed again: the group holds 4 tasks for its 3 inputs.
+        done = subprocess.run([RC, "map", "--resume", str(cluster.map)], cwd=str(inputs),
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+        assert "1 of 3 inputs did not complete" in done.stderr, done.stderr
         (home / "loud.py").write_text(LOUD)
         cluster.loud = int(cluster.rc("submit", "python_exec", "--file", str(home / "loud.py"))
                            .stdout)
@@ -118,14 +123,16 @@ def test_the_overview_shows_the_map_and_the_file_store(cluster, phone):
     row = phone.locator(".panel", has_text="Maps and groups").locator(
         "tr", has=phone.locator('a[href="#/map/%d"]' % cluster.map))
     row.wait_for()
-    assert "3/3" in row.inner_text() and "1 failed" in row.inner_text()
+    # By input, as rc map says `1 of 3 inputs did not complete` (not 4 tasks, 2 failed).
+    assert "3/3" in row.inner_text() and "2 completed, 1 failed" in row.inner_text()
     store = phone.locator(".tile", has_text="files of")
     quota = "%.1f GiB" % (cluster.config.files_quota_mb / 1024)
     assert store.inner_text().split("\n")[-1] == "files of " + quota
     assert phone.locator(".tile", has_text="files of").locator(".bar").count() == 1
     assert "--file loud.py" in phone.locator(".panel", has_text="Newest tasks").inner_text()
     # Which of the map's look-alike tasks failed: its error says `exit status 4`, its command more.
-    failure = phone.locator(".panel", has_text="Recent failures").locator("tr", has_text="exit status 4")
+    failures = phone.locator(".panel", has_text="Recent failures")
+    failure = failures.locator("tr", has_text="exit status 4").first
     assert "case bad.txt in" in failure.inner_text()
 
 
@@ -134,13 +141,14 @@ def test_a_maps_failed_task_shows_its_error_and_the_way_to_resume(cluster, phone
     column was dropped); #/group/ID, the link a task's view gives, did not
     show it as a map with its inputs."""
     phone.open("#/group/%d" % cluster.map)
-    row = phone.locator("#view-object tr", has_text="bad.txt")
+    row = phone.locator("#view-object tr", has_text="bad.txt").first
     row.wait_for()
     assert phone.locator("#view-object h1").inner_text().startswith("Map %d" % cluster.map)
     error = row.locator(".error-text")
     assert error.is_visible() and error.inner_text() == "exit status 4"
-    assert "`rc map --resume %d` on the main node runs the 1" % cluster.map in \
-        phone.locator(".panel", has_text="Summary").inner_text()
+    summary = phone.locator(".panel", has_text="Summary").inner_text()
+    assert "`rc map --resume %d` on the main node runs the 1 input that did not complete" \
+        % cluster.map in summary and "2 completed, 1 failed" in summary
     assert phone.locator("text=Cancel the rest").count() == 0       # nothing is left
 
 

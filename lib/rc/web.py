@@ -1647,16 +1647,17 @@ def recent_failures(connection):
 
 
 def recent_groups(connection):
-    """The newest maps and groups with their tasks counted by state: a map
-    of three dozen inputs was on the overview only as its newest 8 tasks,
-    with no word of the map, how far it was, or what had failed in it."""
+    """The newest maps and groups with their tasks (a map's inputs) counted
+    by state: a map of three dozen inputs was on the overview only as its
+    newest 8 tasks, with no word of the map, how far it was, or what had
+    failed in it."""
     rows = connection.execute(
         "SELECT g.group_id, g.created_at, g.task_type, g.payload, m.inputs FROM task_groups g"
         " LEFT JOIN maps m ON m.group_id = g.group_id ORDER BY g.group_id DESC LIMIT ?",
         (OVERVIEW_GROUPS,)).fetchall()
     shown = []
     for row in rows:
-        states = group_states(connection, row["group_id"])
+        states = group_states(connection, row["group_id"], row["inputs"] is not None)
         payload = db.loads(row["payload"], {})
         summary = records.payload_summary({"task_type": row["task_type"], "payload": payload})
         shown.append({"group_id": row["group_id"], "kind": "map" if row["inputs"] is not None
@@ -1671,16 +1672,21 @@ def recent_groups(connection):
 ENDED_GROUPS = {}
 
 
-def group_states(connection, group_id):
-    """The group's tasks counted by state; counted again only while one has
-    not ended, or when a task was added (`rc map --resume`)."""
+def group_states(connection, group_id, is_map):
+    """The group's tasks counted by state, or a map's inputs by the state of
+    the task that last ran each (`not queued` before it has one), as `rc map`
+    counts them: after `--resume` the group holds 38 tasks for 36 inputs.
+    Counted again only while one has not ended, or when a task was added."""
     newest = connection.execute("SELECT max(task_id) FROM tasks WHERE group_id = ?",
                                 (group_id,)).fetchone()[0]
     known = ENDED_GROUPS.get(group_id)
     if known is not None and known[0] == newest:
         return known[1]
-    states = dict(connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
-                                     " GROUP BY state", (group_id,)).fetchall())
+    if is_map:
+        states = fleet.map_input_states(connection, group_id)
+    else:
+        states = dict(connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                                         " GROUP BY state", (group_id,)).fetchall())
     if all(state in TERMINAL_STATES for state in states):
         if len(ENDED_GROUPS) >= OVERVIEW_GROUPS * 4:
             ENDED_GROUPS.clear()

@@ -391,6 +391,7 @@ function groupTable(list) {
   const ended = g => TERMINAL_STATES.reduce((n, state) => n + (g.states[state] || 0), 0);
   return table([
     {title: "map", cell: g => [g.kind === "map" ? "" : "group ", groupLink(g.group_id, g.kind)]},
+    // A map counts its inputs (`rc map`'s 2 of 36 did not complete), a group its tasks.
     {title: "done", cell: g => el("span", {class: "progress"},
       bar(g.tasks ? ended(g) / g.tasks : 0, "progress", "tasks ended"),
       el("span", {class: "progress-value", text: ended(g) + "/" + g.tasks}))},
@@ -908,16 +909,22 @@ async function drawGroup(state, view) {
     .find(v => typeof v === "string");
   const left = Object.entries(group.summary).filter(([k]) => k !== "tasks" && !TERMINAL_STATES.includes(k))
     .reduce((n, [, v]) => n + v, 0);
-  const notCompleted = group.summary.tasks - (group.summary.completed || 0);
+  // By input, as rc map counts: after a resume the group holds the old tasks too.
+  const counted = group.inputs || group.summary;
+  const notCompleted = Object.entries(counted).filter(([k]) => k !== "tasks" && k !== "completed")
+    .reduce((n, [, v]) => n + v, 0);
   const actions = left ? [el("button", {type: "button", class: "danger", text: "Cancel the rest",
                                         onclick: () => cancelGroup(state.id, what, left)})] : [];
   update(view, state, JSON.stringify(group), () => [
     objectHeader(what + " · " + group.task_type, null, actions),
     panel("Summary", keyValues([["runs", runs ? el("code", {text: runs.slice(0, 300)}) : null]]
+      .concat(group.inputs ? [["inputs", Object.entries(group.inputs).map(([k, v]) => v + " " + k)
+                                                                     .join(", ")]] : [])
       .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
       // What the CLI prints at the end of a map, for the one who reads it on a phone.
       isMap && !left && notCompleted ? el("p", {class: "dim", text: "`rc map --resume " + state.id +
-        "` on the main node runs the " + notCompleted + " that did not complete again."}) : null),
+        "` on the main node runs the " + notCompleted + (notCompleted === 1 ? " input" : " inputs") +
+        " that did not complete again."}) : null),
     group.more ? el("p", {class: "dim group-more", text: group.tasks.length + " of " +
       group.summary.tasks + " tasks shown, those that did not complete first; `rc group " +
       state.id + "` lists them all"}) : null,
