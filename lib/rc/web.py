@@ -1682,11 +1682,10 @@ def group_states(connection, group_id, is_map):
     known = ENDED_GROUPS.get(group_id)
     if known is not None and known[0] == newest:
         return known[1]
+    states = dict(connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
+                                     " GROUP BY state", (group_id,)).fetchall())
     if is_map:
-        states = fleet.map_input_states(connection, group_id)
-    else:
-        states = dict(connection.execute("SELECT state, count(*) FROM tasks WHERE group_id = ?"
-                                         " GROUP BY state", (group_id,)).fetchall())
+        states = fleet.map_input_states(connection, group_id, states)
     if all(state in TERMINAL_STATES for state in states):
         if len(ENDED_GROUPS) >= OVERVIEW_GROUPS * 4:
             ENDED_GROUPS.clear()
