@@ -9,13 +9,14 @@ import json
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from cluster_harness import RC, WORKER, wait_for, with_the_local_worker
-from rc import records
+from cluster_harness import RC, WORKER, online, wait_for, with_the_local_worker
+from rc import db, devices, records
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,6 +151,20 @@ def test_a_maps_failed_task_shows_its_error_and_the_way_to_resume(cluster, phone
     assert "`rc map --resume %d` on the main node runs the 1 input that did not complete" \
         % cluster.map in summary and "2 completed, 1 failed" in summary
     assert phone.locator("text=Cancel the rest").count() == 0       # nothing is left
+
+
+def test_a_revoked_device_offers_no_drain(cluster, phone):
+    """A revoked phone's view offered Drain, which can do nothing for a
+    device that never connects again."""
+    with db.write(cluster.db):
+        devices.register(cluster.db, "old-phone", {"device_info": {"hostname": "old-phone"}},
+                         "127.0.0.1:9", time.time() - 600)
+        devices.revoke(cluster.db, "old-phone")
+    phone.open("#/device/old-phone")
+    phone.locator("#view-object h1", has_text="revoked").wait_for()
+    assert phone.locator("#view-object .actions button").all_inner_texts() == ["Label"]
+    phone.open("#/device/%s" % online(cluster).pop())        # the main node's own worker
+    phone.locator("#view-object button", has_text="Drain").wait_for()
 
 
 def test_output_cut_at_the_inline_cap_says_so_and_downloads_whole(cluster, phone):

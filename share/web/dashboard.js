@@ -819,8 +819,10 @@ function deviceParts(d, recent, logs, watching) {
   const stale = state === "offline" || state === "revoked" || !d.connected;
   const id = d.device_id;
   const actions = [
-    d.drained ? el("button", {type: "button", text: "Resume", onclick: () => resumeDevice(id)})
-              : el("button", {type: "button", text: "Drain", onclick: () => drainDevice(id)}),
+    // A revoked device never connects again: draining or resuming it does nothing.
+    d.revoked ? null
+      : d.drained ? el("button", {type: "button", text: "Resume", onclick: () => resumeDevice(id)})
+      : el("button", {type: "button", text: "Drain", onclick: () => drainDevice(id)}),
     el("button", {type: "button", text: "Label", onclick: () => labelDevice(id, d.labels)})];
   const specs = (d.profile && d.profile.hardware_specs) || {};
   return [
