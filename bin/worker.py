@@ -314,6 +314,8 @@ LOG_FORWARD_RATE = 0.5          # lines a second forwarded (device_log), on aver
 LOG_FORWARD_BURST = 30          # lines of each kind that may go at once after a quiet spell
 LOG_FORWARD_QUEUE = 100         # lines held while not connected; the oldest make way
 LOG_FORWARD_BATCH = 50          # lines per device_log message (the main node takes 50)
+LOG_DROPPED_EVERY = 60.0        # seconds between two counts of the lines not forwarded: one a
+                                # drop had taken the warnings' burst (13 notices in a second)
 LOG_MESSAGE_MAX = 500           # characters of a forwarded line's message (the main node's cap)
 FORWARDED_EVENTS = ("task_started", "task_finished", "task_fenced", "task_not_allowed",
                     "registered", "availability_changed")   # info lines also forwarded
@@ -487,6 +489,7 @@ class LogForwarder(object):
         self.pending = []        # at most LOG_FORWARD_QUEUE (no deque: collections stays out)
         self.allowance = {}      # kind -> (lines it may send now, when that was reckoned)
         self.dropped = 0
+        self.dropped_told = None # when the last count of them was sent (time.monotonic)
 
     def offer(self, level, event, fields):
         problem = LOG_LEVELS[level] >= LOG_LEVELS["warning"]
@@ -512,11 +515,13 @@ class LogForwarder(object):
         count = min(len(self.pending), LOG_FORWARD_BATCH - 1)
         lines = self.pending[:count]
         del self.pending[:count]
-        if self.dropped and self.allowed(True):
+        now = time.monotonic()
+        if self.dropped and (self.dropped_told is None
+                             or now - self.dropped_told >= LOG_DROPPED_EVERY):
             lines.append(forwarded_line("warning", "log_lines_dropped", {
-                "message": "%d lines of this worker's log were not sent: over its limit of"
-                " %g a second" % (self.dropped, LOG_FORWARD_RATE)}))
-            self.dropped = 0
+                "message": "%d %s of this worker's log not sent: over its limit of %g a second"
+                % (self.dropped, "line" if self.dropped == 1 else "lines", LOG_FORWARD_RATE)}))
+            self.dropped, self.dropped_told = 0, now
         return lines
 
 

