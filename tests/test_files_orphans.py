@@ -119,3 +119,15 @@ def test_a_directory_of_many_old_blobs_is_looked_through_in_chunks(cluster_home,
     monkeypatch.setattr(files, "_orphan_blobs_checked_to", [0xab])
     assert files.drop_orphan_blobs(connection, config, time.time()) == 3
     assert sorted(os.listdir(directory)) == sorted(kept)
+
+
+def test_each_reaper_starts_its_round_of_directories_at_a_random_one():
+    """A reaper restarted more often than a round of 16 sweeps takes must
+    not look through the first directories only: each process starts at a
+    random one (all four equal by chance: 1 in 256**3)."""
+    import subprocess
+    import sys
+    code = "from rc import files; print(files._orphan_blobs_checked_to[0])"
+    starts = {subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.PIPE,
+                             universal_newlines=True).stdout.strip() for _ in range(4)}
+    assert len(starts) > 1, starts

@@ -865,7 +865,10 @@ def drop_orphan_rows(connection):
             % ",".join("?" * len(ids)), ids)
 
 
-_orphan_blobs_checked_to = [0]     # the var/files/<aa>/ directory the next sweep starts at
+# The var/files/<aa>/ directory the next sweep starts at: at a random one
+# in a new process, so that a reaper restarted more often than a round
+# takes (16 sweeps) still comes to every directory in time.
+_orphan_blobs_checked_to = [secrets.randbelow(256)]
 
 
 def drop_orphan_blobs(connection, config, now):
