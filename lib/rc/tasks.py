@@ -736,9 +736,11 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
         parameters.append(device_id)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     order = "+task_id" if len(clauses) > len(parameters) else "task_id"
+    # One row past the page says whether more follow (no more than SQLite holds:
+    # `rc tasks --limit 9223372036854775807` was an OverflowError).
     rows = connection.execute(
         "SELECT %s FROM tasks %s ORDER BY %s DESC LIMIT ? OFFSET ?"
-        % (columns, where, order), parameters + [limit + 1, offset])
+        % (columns, where, order), parameters + [min(limit, bounded.LARGEST - 1) + 1, offset])
     found, size = [], 0
     for row in rows:         # a row at a time: those past the page are never read
         size += len(row["payload"] or "") + len(row["result"] or "")
