@@ -5,11 +5,12 @@ which the HTTP routes beside them bound. One shared cluster."""
 import http.client
 import json
 import os
+import time
 
 import pytest
 
 from cluster_harness import Cluster
-from rc import bounded
+from rc import bounded, db
 
 pytestmark = pytest.mark.e2e
 
@@ -63,3 +64,48 @@ def test_the_largest_count_a_command_takes_is_answered_not_a_traceback(cluster):
         assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
         status, answer = command(cluster, " ".join(argv))
         assert status == 200 and answer["status"] == 0, (argv, status, answer)
+
+
+# -- the web terminal's `tasks` ---------------------------------------------------------
+
+LARGE_RESULTS = 150
+LARGE_OUTPUT = "x" * (1024 * 1024 - 100)
+
+
+@pytest.fixture(scope="module")
+def large_results(cluster):
+    """The ids of LARGE_RESULTS completed tasks whose results are ~1 MiB each
+    (what a device may return, and OUTPUT_CAP lets a task print)."""
+    result = json.dumps({"output": LARGE_OUTPUT, "exit_code": 0})
+    now = time.time()       # (not 0: the upkeep would prune them as long ended)
+    with db.write(cluster.db):
+        return [cluster.db.execute(
+            "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
+            " finished_at) VALUES ('echo', 10, 0, ?, 'completed', ?, ?)",
+            (now, result, now)).lastrowid for _ in range(LARGE_RESULTS)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")
+def test_the_web_terminals_task_list_holds_a_page_not_every_result(cluster, large_results):
+    """GET /api/v1/tasks ends a page at MAX_LIST_BYTES of payloads and
+    results (session 29), but the web terminal's `tasks --limit 1000` read
+    every listed task's whole result, which its table does not even show:
+    150 results of ~1 MiB grew rc-web by ~160 MiB for one reader's request
+    (1,000 of them, a gigabyte). Now the table reads no result, and the web
+    terminal reads a page as the route does, --json too, and says where
+    the rest are."""
+    pid = cluster.program_pid("rc-web")
+    for line in ("tasks --limit 1000", "tasks --json --limit 1000"):
+        reset_peak_rss(pid)
+        before = peak_rss_mib(pid)
+        status, answer = command(cluster, line)
+        grown = peak_rss_mib(pid) - before
+        assert status == 200 and answer["status"] == 0, (line, status, answer)
+        assert grown < 60, "rc-web grew by %d MiB for `%s`" % (grown, line)
+    listed = json.loads(answer["output"])
+    assert 0 < len(listed) < LARGE_RESULTS and listed[0]["result"]["output"] == LARGE_OUTPUT
+    assert "GET /api/v1/tasks?offset=%d" % len(listed) in answer["error"], answer["error"]
+    # On the main node's own terminal `rc tasks` lists them all, its table
+    # with no result read.
+    done = cluster.rc("tasks", "--limit", "1000")
+    assert all("\n%d " % task_id in done.stdout for task_id in large_results)

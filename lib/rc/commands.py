@@ -400,11 +400,25 @@ def devices_as_last_seen(context, records):
 
 
 def cmd_tasks(arguments, context):
-    records = tasks.list_tasks(context.connection, arguments.state, arguments.device,
-                               arguments.limit)
+    """Only --json shows results, so only it reads them. The web terminal
+    reads a page as GET /api/v1/tasks does: read whole, `tasks --limit 1000`
+    of tasks with ~1 MiB results held a gigabyte in rc-web for one reader."""
+    limit, max_bytes = arguments.limit, None
+    if context.actor != "cli":
+        limit, max_bytes = min(limit, tasks.MAX_PAGE_TASKS), tasks.MAX_PAGE_BYTES
+    records, more = tasks.task_page(context.connection, arguments.state, arguments.device,
+                                    limit, max_bytes=max_bytes,
+                                    results=arguments.format == "json")
     now = time.time()
     write_records(context, arguments, [task_record(task, now) for task in records], now,
                   (task_row, TASK_COLUMNS), (task_table_row, TASK_TABLE))
+    if more and len(records) < arguments.limit:
+        from urllib.parse import urlencode     # only here: rc starts without it
+        query = urlencode([(name, value) for name, value in (
+            ("state", arguments.state), ("device", arguments.device),
+            ("offset", len(records))) if value is not None])
+        context.err.write("rc: the first %d tasks, what the web terminal reads at once;"
+                          " GET /api/v1/tasks?%s lists the rest\n" % (len(records), query))
 
 
 def cmd_task(arguments, context):

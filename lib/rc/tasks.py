@@ -131,6 +131,11 @@ MAX_ENV = 256                  # environment variables of one task
 MAX_ENV_VALUE = 32 * 1024      # bytes of one variable's value
 # A task_assign frame must stay under the 1 MiB frame limit with room to spare.
 MAX_PAYLOAD_BYTES = 768 * 1024
+# What one page of the task list holds in rc-web (GET /api/v1/tasks, the web
+# terminal's `tasks`): at most this many tasks, and of their payloads and
+# results at most these bytes (the first task always); the next page goes on.
+MAX_PAGE_TASKS = 1000
+MAX_PAGE_BYTES = 8 * 1024 * 1024
 ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 FILE_TASK_TYPES = ("python_exec", "shell")      # may run a script from an input file
 FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file", environments.PAYLOAD_FIELD)

@@ -46,9 +46,9 @@ UPLOAD_PATH = "/api/v1/files"     # the one route whose body may be large and sl
 # bytes per second an upload's body must keep arriving at, past web_read_timeout
 # (a phone on poor Wi-Fi moves more; a slow-loris drip moves far less)
 MIN_UPLOAD_RATE = 32 * 1024
-MAX_LIST_LIMIT = 1000             # most rows one list request returns
-MAX_LIST_BYTES = 8 * 1024 * 1024  # of tasks' payloads and results one list page holds
-                                  # at most (the first task always); next_offset goes on
+MAX_LIST_LIMIT = tasks.MAX_PAGE_TASKS   # most rows one list request returns
+MAX_LIST_BYTES = tasks.MAX_PAGE_BYTES   # of tasks' payloads and results one list page
+                                        # holds (the first task always); next_offset goes on
 DEFAULT_LIST_LIMIT = 100
 # Threads beyond max_streams: ordinary requests always find one free.
 SPARE_THREADS = 8
