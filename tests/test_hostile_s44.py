@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cluster_harness import Cluster
-from rc import bounded, db
+from rc import bounded, db, logs
 
 pytestmark = pytest.mark.e2e
 
@@ -109,3 +109,32 @@ def test_the_web_terminals_task_list_holds_a_page_not_every_result(cluster, larg
     # with no result read.
     done = cluster.rc("tasks", "--limit", "1000")
     assert all("\n%d " % task_id in done.stdout for task_id in large_results)
+
+
+# -- the web terminal's `logs` ----------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")
+def test_the_web_terminals_logs_hold_what_text_logs_would(cluster):
+    """/text/logs shows at most 10,000 lines, but the web terminal's `logs
+    -n N` took any N: with a filter (--level, --task, --device) it read
+    every program's log and its rotated copies back to the first line and
+    held every line it kept. 20 MiB of one program's rotated logs (where
+    supervisord keeps up to 60 MiB of each) grew rc-web by ~120 MiB for one
+    reader's `logs --level info -n 100000000`; every program's full logs, gigabytes. Now it
+    shows the last 10,000 lines and says so."""
+    line = json.dumps({"time": time.time() - 3600, "program": "rc-reaper", "level": "info",
+                       "event": "upkeep_done", "took": 0.0123, "rows": 5},
+                      separators=(",", ":")) + "\n"
+    rotated = line * (4 * 1024 * 1024 // len(line))
+    for number in range(1, 6):
+        with open(os.path.join(cluster.config.log_dir, "rc-reaper.log.%d" % number), "w") as f:
+            f.write(rotated)
+    pid = cluster.program_pid("rc-web")
+    reset_peak_rss(pid)
+    before = peak_rss_mib(pid)
+    status, answer = command(cluster, "logs --level info -n 100000000")
+    grown = peak_rss_mib(pid) - before
+    assert status == 200 and answer["status"] == 0, (status, answer)
+    assert grown < 40, "rc-web grew by %d MiB for one `logs`" % grown
+    assert len(answer["output"].splitlines()) == logs.MAX_WEB_LINES
+    assert "the last %d lines" % logs.MAX_WEB_LINES in answer["error"], answer["error"]

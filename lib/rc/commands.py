@@ -31,8 +31,8 @@ from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, 
                         status_summary, table_columns, task_record, task_row,
                         task_table_row, when)
 from rc.log import LEVELS, Logger
-from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, DeviceLines, LogFilter, NoSuchLog,
-                     Offsets, log_paths, new_lines, parse_log_lines, program_of,
+from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, MAX_WEB_LINES, DeviceLines, LogFilter,
+                     NoSuchLog, Offsets, log_paths, new_lines, parse_log_lines, program_of,
                      rotated_paths, tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -1149,6 +1149,12 @@ def monitor_task_lines(task, width, colour):
 
 
 def cmd_logs(arguments, context):
+    if context.actor != "cli" and arguments.lines > MAX_WEB_LINES:
+        # What /text/logs shows at most: `logs --level info -n 100000000` read
+        # every log back to its first line, and held it, in rc-web.
+        arguments.lines = MAX_WEB_LINES
+        context.err.write("rc: the last %d lines, the most the web terminal shows;"
+                          " `rc logs` on the main node shows more\n" % MAX_WEB_LINES)
     wanted = LogFilter(arguments.task, arguments.device, arguments.level)
     paths = log_paths(context.config.log_dir, arguments.program)
     offsets, lines = Offsets(), []

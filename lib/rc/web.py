@@ -739,7 +739,7 @@ class Web:
 
     def text_logs(self):
         query = bottle.request.query
-        lines = min(query_int("lines", DEFAULT_LOG_LINES), 10000)
+        lines = min(query_int("lines", DEFAULT_LOG_LINES), logs.MAX_WEB_LINES)
         try:
             found = logs.recent_log_records(self.config.log_dir, query.get("program") or None,
                                             lines)
