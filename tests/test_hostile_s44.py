@@ -1,28 +1,28 @@
 """Session 44's attack: what a reader (anyone rc-web lets read: the default
 read_access=local, every local user and task of the main node; `open`, the
 LAN) can make rc-web hold or fail through the web terminal's commands,
-which the HTTP routes beside them bound. One shared cluster."""
+which the HTTP routes beside them bound; and what a joined device that
+gives back every task it is given holds from the others. One shared
+cluster: the good worker alone."""
 import http.client
 import json
 import os
+import threading
 import time
 
 import pytest
 
-from cluster_harness import Cluster
-from rc import bounded, db, logs
+from cluster_harness import online, private, wait_for
+from rc import bounded, db, logs, protocol, tasks
+from test_bad_input import connect, register_frame
+from test_inline_files import GOOD, with_the_good_worker
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("hostile-s44"))
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from with_the_good_worker(tmp_path_factory.mktemp("hostile-s44"))
 
 
 def command(cluster, line, timeout=120):
@@ -127,7 +127,8 @@ def test_the_web_terminals_logs_hold_what_text_logs_would(cluster):
                       separators=(",", ":")) + "\n"
     rotated = line * (4 * 1024 * 1024 // len(line))
     for number in range(1, 6):
-        with open(os.path.join(cluster.config.log_dir, "rc-reaper.log.%d" % number), "w") as f:
+        with open(os.path.join(cluster.config.log_dir, "rc-reaper.log.%d" % number), "w",
+                  opener=private) as f:
             f.write(rotated)
     pid = cluster.program_pid("rc-web")
     reset_peak_rss(pid)
@@ -138,3 +139,82 @@ def test_the_web_terminals_logs_hold_what_text_logs_would(cluster):
     assert grown < 40, "rc-web grew by %d MiB for one `logs`" % grown
     assert len(answer["output"].splitlines()) == logs.MAX_WEB_LINES
     assert "the last %d lines" % logs.MAX_WEB_LINES in answer["error"], answer["error"]
+
+
+# -- a device that gives back every task ------------------------------------------------
+
+class GivesEverythingBack:
+    """A joined device that claims every task type, 16 idle slots and an
+    idle CPU (the scheduler's first choice), and answers each assignment
+    with a result saying it gave the task back: not allowed here, handed
+    back, cancelled though nobody asked. Each is charged to nothing."""
+    STATUSES = ("not_allowed", "handed_back", "cancelled")
+
+    def __init__(self, cluster, device_id):
+        sock, nonce = connect(cluster)
+        mine = protocol.new_nonce()
+        sock.sendall(register_frame(
+            cluster, nonce, device_id, mine=mine, slots=16,
+            task_types=["echo", "sleep", "system_info", "python_eval", "python_exec", "shell"]))
+        self.sock, self.reader, self.device_id = sock, sock.makefile("rb"), device_id
+        sock.settimeout(None)
+        self.given_back = []        # (task_id, attempt) in the order given back
+        self.thread = threading.Thread(target=self.answer, daemon=True)
+        self.thread.start()
+
+    def answer(self):
+        try:
+            for line in self.reader:
+                frame = json.loads(line)
+                kind, data = frame["message_type"], frame["data"]
+                if kind == "ping":
+                    self.send("pong", {})
+                elif kind == "task_assign":
+                    status = self.STATUSES[len(self.given_back) % len(self.STATUSES)]
+                    self.given_back.append((data["task_id"], data["attempt"]))
+                    self.send("task_result", {"task_id": data["task_id"],
+                                              "attempt": data["attempt"], "status": status,
+                                              "error": "not here", "result": {}})
+        except (OSError, ValueError):
+            pass            # closed by the test
+
+    def send(self, kind, data):
+        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(10)
+
+
+def test_a_device_that_gives_every_task_back_holds_none_from_the_others(cluster):
+    """A device that refuses what it is given (`not_allowed`, `handed_back`,
+    an unasked `cancelled`) gives the task back uncharged: right for a
+    phone that went on battery. But a joined device claiming the most idle
+    slots was the scheduler's choice for the task again after each backoff,
+    for ever: the good worker, idle beside it, never ran it (attempt 9
+    after 60 s, then one a minute), and no task of the queue ever ended.
+    Now a device that gave a task back takes it again only when no other
+    fitting device has room."""
+    liar = GivesEverythingBack(cluster, "gives-back-44")
+    try:
+        wait_for(lambda: liar.device_id in online(cluster), 20,
+                 "the device that gives everything back online")
+        task_ids = [int(cluster.rc("submit", "shell", "echo s44-%d" % n).stdout)
+                    for n in range(3)]
+        wait_for(lambda: all(tasks.get(cluster.db, task_id)["state"] == "completed"
+                             for task_id in task_ids), 60, "the tasks done by the good worker")
+        # Where no other device fits (a task pinned to it, a phone that went
+        # on battery and came back), it is given the task again.
+        pinned = int(cluster.rc("submit", "shell", "echo pinned", "--require",
+                                "device_id=%s" % liar.device_id).stdout)
+        wait_for(lambda: sum(given[0] == pinned for given in liar.given_back) >= 2, 30,
+                 "the pinned task given to the device again")
+        cluster.rc("cancel", str(pinned))
+    finally:
+        liar.close()
+    for task_id in task_ids:
+        task = tasks.get(cluster.db, task_id)
+        assert task["device_id"] == GOOD and task["result"]["output"] == "s44-%d\n" % (
+            task_ids.index(task_id)), task
+        assert sum(given[0] == task_id for given in liar.given_back) == 1, liar.given_back
+        assert task["attempt"] == 2, task

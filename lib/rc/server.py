@@ -1667,7 +1667,7 @@ class Server:
             # Not the task's fault: another device may run it.
             why = "%s by %s%s" % (status.replace("_", " "), peer.device_id,
                                   ": " + error if error else "")
-            tasks.take_back(self.database, row, why, now, self.config, charged=False)
+            tasks.give_back(self.database, row, peer.device_id, why, now, self.config)
         elif status == FAILED and (result or {}).get("environment_failed") is True \
                 and tasks.environment_failed(self.database, row, peer.device_id, error, now,
                                              self.config):

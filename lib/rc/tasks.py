@@ -43,8 +43,11 @@ REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
 
 
 # Set by rc-server, not by users: devices where the task's Python
-# environment failed to build, which its next attempts skip.
+# environment failed to build, which its next attempts skip; and devices
+# that gave it back unrun (give_back), which they take only when no other
+# fitting device has room.
 AVOID_DEVICES = "avoid_devices"
+GAVE_BACK = "gave_back"
 # Names one requirement may list (tags, capabilities, labels): rc-scheduler
 # matches each against every device, for each task it reads at the head of
 # the queue before anything else, and one task of 20,000 labels took more
@@ -837,6 +840,27 @@ def take_back(connection, task, reason, now, config, charged=None, not_before=No
     if charged and task["retries_used"] >= task["max_retries"]:
         return _end(connection, task, FAILED, "retries spent: " + reason, reason, now, losses)
     return _requeue(connection, task, reason, now, config, charged, losses, not_before)
+
+
+def give_back(connection, task, device_id, reason, now, config):
+    """An attempt its device gave back unrun (not allowed there, handed back
+    as the device became unavailable, cancelled unasked): queued again,
+    charged to nothing, as a phone that went on battery should be; and the
+    device named in the task's GAVE_BACK, so that the scheduler gives the
+    next attempts to another fitting device with room first. A joined device
+    claiming the most idle slots and giving back all it was given was the
+    scheduler's choice for every task again after each backoff, for ever,
+    and the devices beside it ran none. `task` holds LEASE_COLUMNS; False
+    when the task has moved on."""
+    row = connection.execute("SELECT requirements FROM tasks WHERE task_id = ?",
+                             (task["task_id"],)).fetchone()
+    requirements = db.loads(row[0], {}) if row else {}
+    if isinstance(requirements, dict) and device_id not in requirements.get(GAVE_BACK, ()):
+        requirements.setdefault(GAVE_BACK, []).append(device_id)
+        connection.execute("UPDATE tasks SET requirements = ? WHERE task_id = ?"
+                           " AND attempt = ?", (db.dumps(requirements), task["task_id"],
+                                                task["attempt"]))
+    return take_back(connection, task, reason, now, config, charged=False)
 
 
 def release_after_take_back(connection, device_id, task_id, attempt, now):
