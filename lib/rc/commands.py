@@ -758,7 +758,14 @@ def cmd_map(arguments, context):
 
 
 def cmd_group(arguments, context):
-    summary = fleet.group(context.connection, arguments.group_id)
+    # The web terminal shows what GET /api/v1/groups/ID does: a page.
+    summary = fleet.group(context.connection, arguments.group_id,
+                          most=None if context.actor == "cli" else tasks.MAX_PAGE_TASKS)
+    if summary.get("more"):
+        context.err.write("rc: %d more tasks not shown, past the %d the web terminal shows"
+                          " (those not completed first); GET /api/v1/groups/%d/results has"
+                          " them all\n" % (summary["more"], tasks.MAX_PAGE_TASKS,
+                                            arguments.group_id))
     if arguments.format == "json":
         context.out.write(render.json_text(summary))
     elif arguments.format in ("csv", "tsv"):

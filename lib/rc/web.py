@@ -628,9 +628,12 @@ class Web:
                               "url": "/api/v1/groups/%d" % group_id}, 201)
 
     def group(self, group_id):
+        """At most MAX_LIST_LIMIT of its tasks, as ?limit= asks for fewer."""
+        limit = query_int("limit", None)
         try:
-            return json_response(fleet.group(self.connection(), group_id,
-                                             query_int("limit", None)))
+            return json_response(fleet.group(
+                self.connection(), group_id, None if limit is None else min(
+                    limit, MAX_LIST_LIMIT), most=MAX_LIST_LIMIT))
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
