@@ -16,6 +16,10 @@ from cluster_harness import online, private, wait_for
 from rc import bounded, db, logs, protocol, tasks
 from test_bad_input import connect, register_frame
 from test_inline_files import GOOD, with_the_good_worker
+from test_worker import main  # noqa: F401 (fixture)
+from test_worker_files import files, start, state_dir  # noqa: F401 (fixtures)
+from test_worker_lying_main import (assign_with_bytes, cat_payload, honest_task_runs, ref,
+                                    result_of, shared_workers, the_case)  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -273,3 +277,21 @@ def test_a_device_that_gives_every_task_back_holds_none_from_the_others(cluster)
             task_ids.index(task_id)), task
         assert sum(given[0] == task_id for given in liar.given_back) == 1, liar.given_back
         assert task["attempt"] == 2, task
+
+
+# -- a name no file system takes, from the main node ------------------------------------
+
+def test_an_input_name_no_file_system_takes_fails_the_attempt_not_the_worker(the_case):
+    """A task_assign (JSON: "\\ud800" is a lone surrogate) naming an input
+    whose bytes came with it: the worker placed it from its cache in its
+    loop, os.open raised UnicodeEncodeError, which is no OSError, and the
+    worker ended with a traceback and every task it ran. Now the name is
+    refused as one that leaves the task directory is."""
+    case, link, good = the_case, the_case.link, the_case.good
+    task_id = case.task_id()
+    assign_with_bytes(link, task_id, cat_payload(good, "lone\ud800"), [ref(good)], good)
+    result = result_of(link, task_id)
+    assert result["status"] == "failed", result
+    assert "relative path inside the task directory" in result["error"], result
+    honest_task_runs(link, case.task_id(), case.files)
+    assert case.worker.proc.poll() is None
