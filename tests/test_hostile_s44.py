@@ -1,9 +1,10 @@
 """Session 44's attack: what a reader (anyone rc-web lets read: the default
 read_access=local, every local user and task of the main node; `open`, the
 LAN) can make rc-web hold or fail through the web terminal's commands,
-which the HTTP routes beside them bound; and what a joined device that
-gives back every task it is given holds from the others. One shared
-cluster: the good worker alone."""
+which the HTTP routes beside them bound; what a joined device that
+gives back every task it is given holds from the others (one shared
+cluster: the good worker alone); and a name in a task_assign that no file
+system takes (the worker against test_worker_lying_main's fake main node)."""
 import http.client
 import json
 import os
