@@ -280,6 +280,36 @@ def test_a_device_that_gives_every_task_back_holds_none_from_the_others(cluster)
         assert task["attempt"] == 2, task
 
 
+
+def test_a_device_that_gives_its_own_task_back_stops_no_fleet_chore(cluster):
+    """A schedule --each fires a group, one task pinned to each device, and
+    skips a firing while the last group has not ended (no overlap). A
+    device that gives back the task pinned to it, and is its only taker,
+    kept that group unended for ever: every later firing was `skipped:
+    group N still running`, on the good worker too. Now a task still queued
+    for a device that gave it back, or that takes nothing now (offline,
+    drained), holds up no firing."""
+    liar = GivesEverythingBack(cluster, "gives-back-44b")
+    try:
+        wait_for(lambda: liar.device_id in online(cluster), 20,
+                 "the device that gives everything back online")
+        cluster.rc("schedule", "add", "chore44", "@every 2s", "shell", "echo chore", "--each")
+
+        def groups_fired():
+            return cluster.db.execute(
+                "SELECT count(DISTINCT group_id) FROM tasks WHERE group_id IN (SELECT group_id"
+                " FROM tasks WHERE requirements LIKE '%gives-back-44b%')").fetchone()[0]
+        wait_for(lambda: groups_fired() >= 3, 60, "three firings of the chore; last: %s"
+                 % cluster.rc("schedule", "list").stdout)
+        done = cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE state = 'completed' AND requirements LIKE ?",
+            ('%"device_id":"' + GOOD + '"%',)).fetchone()[0]
+        assert done >= 2
+    finally:
+        cluster.rc("schedule", "remove", "chore44", check=False)
+        liar.close()
+
+
 # -- a name no file system takes, from the main node ------------------------------------
 
 def test_an_input_name_no_file_system_takes_fails_the_attempt_not_the_worker(the_case):
