@@ -8,6 +8,7 @@ system takes (the worker against test_worker_lying_main's fake main node)."""
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 
@@ -242,6 +243,7 @@ class GivesEverythingBack:
         self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
 
     def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)      # the reading thread sees its end
         self.sock.close()
         self.thread.join(10)
 
@@ -293,7 +295,7 @@ def test_a_device_that_gives_its_own_task_back_stops_no_fleet_chore(cluster):
     try:
         wait_for(lambda: liar.device_id in online(cluster), 20,
                  "the device that gives everything back online")
-        cluster.rc("schedule", "add", "chore44", "@every 2s", "shell", "echo chore", "--each")
+        cluster.rc("schedule", "add", "chore44", "@every 1s", "shell", "echo chore", "--each")
 
         def groups_fired():
             return cluster.db.execute(
