@@ -72,6 +72,40 @@ def test_the_largest_count_a_command_takes_is_answered_not_a_traceback(cluster):
         assert status == 200 and answer["status"] == 0, (argv, status, answer)
 
 
+
+# -- a command line's size --------------------------------------------------------------
+
+def post_command(cluster, body, timeout=300):
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
+                                            timeout=timeout)
+    try:
+        connection.request("POST", "/api/v1/command", json.dumps(body).encode(),
+                           {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+def test_a_command_line_too_long_to_read_is_refused_before_it_is_read(cluster):
+    """The web terminal's route split a reader's line with shlex and parsed
+    it with argparse before anything else (the admin check too): shlex's
+    cost grows with the square of a word's length (800 KB: 13.6 s of CPU,
+    the 4 MiB a body may hold: minutes, rc-web's GIL held all along) and
+    argparse's with the square of the options (`tail 1 -f -f ...`, 50,000
+    of them: 90 s, twice). Now a line longer than the route reads, or of
+    more words, is refused at once, 400, naming the bound."""
+    status, answer = post_command(cluster, {"command": "why '%s'" % ("x" * 900000)})
+    assert status == 400 and "characters" in answer["error"], (status, answer)
+    status, answer = post_command(cluster, {"argv": ["tail", "1"] + ["-f"] * 5000})
+    assert status == 400 and "words" in answer["error"], (status, answer)
+    status, answer = post_command(cluster, {"command": "tail 1" + " -f" * 5000})
+    assert status == 400 and "words" in answer["error"], (status, answer)
+    # A long quoted word within the bound is read as before.
+    status, answer = post_command(cluster, {"command": "why '%s'" % ("1" * 30000)})
+    assert status == 200 and answer["status"] == 2, (status, answer)
+
+
 # -- the web terminal's `tasks` ---------------------------------------------------------
 
 LARGE_RESULTS = 150

@@ -66,6 +66,13 @@ WEB_LOG_LINES_PER_MINUTE = 1      # lines a minute per event and address a stran
 HEALTH_REUSE_SECONDS = 5.0
 DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
 MAX_TERMINAL_WIDTH = 500
+# One line of the web terminal (POST /api/v1/command), read before any other
+# check: shlex's cost grows with the square of a word's length (a 900 KB word
+# held rc-web's GIL for 30 s) and argparse's with the square of the options
+# (`tail 1 -f -f ...`, 50,000 of them: 90 s). A long script goes through
+# POST /api/v1/tasks instead.
+MAX_COMMAND_TEXT = 64 * 1024      # characters
+MAX_COMMAND_WORDS = 1000
 READ_ACCESS = ("open", "local", "token")
 STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
 # ...and a link save a task's file (GET .../files/NAME): a browser that kept
@@ -668,12 +675,19 @@ class Web:
             line = body.get("command")
             if not isinstance(line, str):
                 raise ApiError(400, "send {\"command\": \"a command line\"}")
+            if len(line) > MAX_COMMAND_TEXT:
+                raise ApiError(400, "a command line has at most %d characters, not %d; send a"
+                                    " long script with POST /api/v1/tasks"
+                               % (MAX_COMMAND_TEXT, len(line)))
             try:
                 argv = shlex.split(line)
             except ValueError as e:
                 raise ApiError(400, "cannot read the command line: %s" % e)
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ApiError(400, "argv must be a list of strings")
+        if len(argv) > MAX_COMMAND_WORDS:
+            raise ApiError(400, "a command line has at most %d words, not %d"
+                           % (MAX_COMMAND_WORDS, len(argv)))
         if argv[:1] == ["rc"]:
             argv = argv[1:]
         if not argv:
