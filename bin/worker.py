@@ -5981,12 +5981,17 @@ def is_sha256(text):
 
 def relative_path(text):
     """A payload's relative path as its components, or None if it could
-    leave the task directory (absolute, "..", NUL, empty parts)."""
+    leave the task directory (absolute, "..", NUL, empty parts) or is no
+    name the file system takes (a part over 255 bytes, a lone surrogate:
+    "\\ud800" in a task_assign raised UnicodeEncodeError out of the loop,
+    and ended the worker with every task it ran)."""
     if not isinstance(text, str) or not text or "\0" in text or text.startswith("/"):
         return None
     parts = text.split("/")
-    if any(part in ("", ".", "..") or len(part.encode("utf-8", "replace")) > 255
-           for part in parts):
+    try:
+        if any(part in ("", ".", "..") or len(os.fsencode(part)) > 255 for part in parts):
+            return None
+    except UnicodeError:
         return None
     if parts[0].startswith(".rc-") or parts[0] == ".rc":
         return None      # the worker's own names in the task directory

@@ -31,8 +31,8 @@ from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, 
                         status_summary, table_columns, task_record, task_row,
                         task_table_row, when)
 from rc.log import LEVELS, Logger
-from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, DeviceLines, LogFilter, NoSuchLog,
-                     Offsets, log_paths, new_lines, parse_log_lines, program_of,
+from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, MAX_WEB_LINES, DeviceLines, LogFilter,
+                     NoSuchLog, Offsets, log_paths, new_lines, parse_log_lines, program_of,
                      rotated_paths, tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
@@ -403,11 +403,25 @@ def devices_as_last_seen(context, records):
 
 
 def cmd_tasks(arguments, context):
-    records = tasks.list_tasks(context.connection, arguments.state, arguments.device,
-                               arguments.limit)
+    """Only --json shows results, so only it reads them. The web terminal
+    reads a page as GET /api/v1/tasks does: read whole, `tasks --limit 1000`
+    of tasks with ~1 MiB results held a gigabyte in rc-web for one reader."""
+    limit, max_bytes = arguments.limit, None
+    if context.actor != "cli":
+        limit, max_bytes = min(limit, tasks.MAX_PAGE_TASKS), tasks.MAX_PAGE_BYTES
+    records, more = tasks.task_page(context.connection, arguments.state, arguments.device,
+                                    limit, max_bytes=max_bytes,
+                                    results=arguments.format == "json")
     now = time.time()
     write_records(context, arguments, [task_record(task, now) for task in records], now,
                   (task_row, TASK_COLUMNS), (task_table_row, TASK_TABLE))
+    if more and len(records) < arguments.limit:
+        from urllib.parse import urlencode     # only here: rc starts without it
+        query = urlencode([(name, value) for name, value in (
+            ("state", arguments.state), ("device", arguments.device),
+            ("offset", len(records))) if value is not None])
+        context.err.write("rc: the first %d tasks, what the web terminal reads at once;"
+                          " GET /api/v1/tasks?%s lists the rest\n" % (len(records), query))
 
 
 def cmd_task(arguments, context):
@@ -747,7 +761,14 @@ def cmd_map(arguments, context):
 
 
 def cmd_group(arguments, context):
-    summary = fleet.group(context.connection, arguments.group_id)
+    # The web terminal shows what GET /api/v1/groups/ID does: a page.
+    summary = fleet.group(context.connection, arguments.group_id,
+                          most=None if context.actor == "cli" else tasks.MAX_PAGE_TASKS)
+    if summary.get("more"):
+        context.err.write("rc: %d more tasks not shown, past the %d the web terminal shows"
+                          " (those not completed first); GET /api/v1/groups/%d/results has"
+                          " them all\n" % (summary["more"], tasks.MAX_PAGE_TASKS,
+                                            arguments.group_id))
     if arguments.format == "json":
         context.out.write(render.json_text(summary))
     elif arguments.format in ("csv", "tsv"):
@@ -1138,6 +1159,12 @@ def monitor_task_lines(task, width, colour):
 
 
 def cmd_logs(arguments, context):
+    if context.actor != "cli" and arguments.lines > MAX_WEB_LINES:
+        # What /text/logs shows at most: `logs --level info -n 100000000` read
+        # every log back to its first line, and held it, in rc-web.
+        arguments.lines = MAX_WEB_LINES
+        context.err.write("rc: the last %d lines, the most the web terminal shows;"
+                          " `rc logs` on the main node shows more\n" % MAX_WEB_LINES)
     wanted = LogFilter(arguments.task, arguments.device, arguments.level)
     paths = log_paths(context.config.log_dir, arguments.program)
     offsets, lines = Offsets(), []

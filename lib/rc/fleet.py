@@ -216,18 +216,23 @@ def tasks_for_new_device(connection, config, device_id):
             continue
 
 
-def group(connection, group_id, limit=None):
+def group(connection, group_id, limit=None, most=None):
     """Each device's task side by side, and a summary. A member's device is
     the one it is pinned to (`submit --each`), else the one it was given
     (a map's tasks are pinned to none), so `rc group` of a map says where
     each input ran; `input` is a map's input (None in a `submit --each` group).
     `limit`: at most that many tasks, those that have not completed first
     (a map of 100,000 inputs was 10 MB for a phone's dashboard), the
-    summary of all of them, and "more": how many were left out."""
+    summary of all of them, and "more": how many were left out. `most`: the
+    same limit for a group of more tasks than that only (rc-web's bound: a
+    map of 20,000 inputs, its outputs a few KB, grew it by 455 MiB)."""
     row = connection.execute("SELECT * FROM task_groups WHERE group_id = ?",
                              (group_id,)).fetchone()
     if row is None:
         raise FleetError("no group %s" % group_id)
+    if limit is None and most is not None and connection.execute(
+            "SELECT count(*) > ? FROM tasks WHERE group_id = ?", (most, group_id)).fetchone()[0]:
+        limit = most
     # What each task shows, at most GROUP_TEXT_CHARS of each text (and one
     # more, to tell a cut one), cut by SQLite: no whole result comes here.
     members = [(task_id, state, device_id, cut(output), cut(error))

@@ -18,6 +18,10 @@ from rc.log import LEVELS
 TAIL_BLOCK = 64 * 1024        # bytes read at a time from the end of a log file
 SCAN_BLOCK = 1024 * 1024      # bytes a filtered read looks through at a time
 LOG_CONTEXT_LINES = 50        # lines read before those, so a non-JSON line has a time
+# The most lines rc-web reads for one request (/text/logs, the web terminal's
+# `logs -n`): a filtered read holds every line it keeps, and the programs'
+# logs and their rotated copies are up to 60 MiB each.
+MAX_WEB_LINES = 10000
 # The main node's own worker both logs into the files and forwards its lines:
 # those read from the files are remembered (this many at most) so that their
 # forwarded copies are not shown too.

@@ -190,10 +190,11 @@ class Slots:
         """The fitting device that should take the task next: the most idle
         slots, so a batch spreads out (and a prefetch never wins over an idle
         slot elsewhere), then the least busy CPU, then the fastest (when the
-        worker reported a speed)."""
+        worker reported a speed). A device that gave the task back before
+        (tasks.give_back) only when no other fits."""
         room = room_for(task_type)
         heap = self.heap(room, task_type)
-        refused, best = [], None
+        refused, best, gave_back = [], None, requirements.get(tasks.GAVE_BACK, ())
         # Best first; a device that misses a requirement is set aside for
         # this task only. Entries go stale when a device takes a task:
         # re-rank them and look again.
@@ -206,6 +207,9 @@ class Slots:
                 elif current != rank:
                     heapq.heapreplace(heap, (current, n, device))
                 elif requirements and tasks.unmet_requirements(requirements, device):
+                    refused.append(heapq.heappop(heap))
+                elif device["device_id"] in gave_back:
+                    best = best or device       # the best of them, if no other fits
                     refused.append(heapq.heappop(heap))
                 else:
                     best = device
@@ -221,12 +225,13 @@ class Slots:
         holds the most of its input bytes, so it fetches the least. A scan
         of the devices, for these tasks only."""
         room = room_for(task_type)
-        best, best_rank = None, None
+        best, best_rank, gave_back = None, None, requirements.get(tasks.GAVE_BACK, ())
         for device in self.devices:
             if device[room] <= 0 or task_type not in device["task_types"] \
                     or (requirements and tasks.unmet_requirements(requirements, device)):
                 continue
-            rank = (device["idle"] > 0, held_bytes(device, inputs), preference(device, room))
+            rank = (device["device_id"] not in gave_back, device["idle"] > 0,
+                    held_bytes(device, inputs), preference(device, room))
             if best_rank is None or rank > best_rank:
                 best, best_rank = device, rank
         return best

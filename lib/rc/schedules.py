@@ -447,14 +447,33 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
 def unfinished_run(connection, row):
     """"task N" or "group N" when the schedule's last run has not ended."""
     if row["each"] and row["last_group_id"] is not None:
-        if connection.execute("SELECT 1 FROM tasks WHERE group_id = ? AND %s LIMIT 1"
-                              % UNFINISHED, (row["last_group_id"],)).fetchone():
-            return "group %d" % row["last_group_id"]
+        for member in connection.execute("SELECT task_type, state, requirements FROM tasks"
+                                         " WHERE group_id = ? AND %s" % UNFINISHED,
+                                         (row["last_group_id"],)).fetchall():
+            if member["state"] != QUEUED or waits_for_its_device(connection, member):
+                return "group %d" % row["last_group_id"]
     elif not row["each"] and row["last_task_id"] is not None:
         if connection.execute("SELECT 1 FROM tasks WHERE task_id = ? AND %s"
                               % UNFINISHED, (row["last_task_id"],)).fetchone():
             return "task %d" % row["last_task_id"]
     return None
+
+
+def waits_for_its_device(connection, member):
+    """Whether a queued task of a fleet chore waits for a device that will
+    run it: one that takes new tasks now and has not given it back. One
+    that gave back the task pinned to it, its only taker, kept the group
+    unended, and every later firing skipped, on every device, for ever; so
+    did a device gone offline with its task queued."""
+    requirements = db.loads(member["requirements"], {})
+    if not isinstance(requirements, dict):
+        return False
+    device_id = requirements.get("device_id")
+    if device_id is None:
+        return True            # not pinned: any device may run it
+    if device_id in requirements.get(tasks.GAVE_BACK, ()):
+        return False
+    return device_id in fleet.matching_devices(connection, member["task_type"], requirements)
 
 
 # -- reading ---------------------------------------------------------------------------

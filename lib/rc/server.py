@@ -1670,7 +1670,7 @@ class Server:
             if status != OUTCOME_CANCELLED and row["state"] == ASSIGNED:
                 tasks.bounce(self.database, row, peer.device_id, why, now, self.config)
             else:      # it ran: a hand-back with its checkpoint (battery, owner)
-                tasks.take_back(self.database, row, why, now, self.config, charged=False)
+                tasks.give_back(self.database, row, peer.device_id, why, now, self.config)
         elif status == FAILED and (result or {}).get("environment_failed") is True \
                 and tasks.environment_failed(self.database, row, peer.device_id, error, now,
                                              self.config):

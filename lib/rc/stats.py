@@ -147,9 +147,12 @@ def gauges(connection):
 def history(connection, minutes, now=None):
     """The last `minutes` recorded minutes, oldest first, as dicts."""
     now = time.time() if now is None else now
+    # No minute is before the epoch: `rc history --minutes 9223372036854775807`
+    # asked SQLite for one it cannot hold (OverflowError).
+    since = max(0, minute_of(now) - minutes * MINUTE)
     rows = connection.execute(
         "SELECT %s FROM stats_minutes WHERE minute >= ? ORDER BY minute"
-        % ", ".join(COLUMNS), (minute_of(now) - minutes * MINUTE,)).fetchall()
+        % ", ".join(COLUMNS), (since,)).fetchall()
     return [dict(row) for row in rows]
 
 

@@ -43,8 +43,11 @@ REQUIREMENT_ALIASES = {"cores": "min_cpu_cores", "memory_gb": "min_memory_gb",
 
 
 # Set by rc-server, not by users: devices where the task's Python
-# environment failed to build, which its next attempts skip.
+# environment failed to build, which its next attempts skip; and devices
+# that gave it back unrun (give_back), which they take only when no other
+# fitting device has room.
 AVOID_DEVICES = "avoid_devices"
+GAVE_BACK = "gave_back"
 # Names one requirement may list (tags, capabilities, labels): rc-scheduler
 # matches each against every device, for each task it reads at the head of
 # the queue before anything else, and one task of 20,000 labels took more
@@ -131,6 +134,11 @@ MAX_ENV = 256                  # environment variables of one task
 MAX_ENV_VALUE = 32 * 1024      # bytes of one variable's value
 # A task_assign frame must stay under the 1 MiB frame limit with room to spare.
 MAX_PAYLOAD_BYTES = 768 * 1024
+# What one page of the task list holds in rc-web (GET /api/v1/tasks, the web
+# terminal's `tasks`): at most this many tasks, and of their payloads and
+# results at most these bytes (the first task always); the next page goes on.
+MAX_PAGE_TASKS = 1000
+MAX_PAGE_BYTES = 8 * 1024 * 1024
 ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 FILE_TASK_TYPES = ("python_exec", "shell")      # may run a script from an input file
 FILE_FIELDS = ("inputs", "stdin", "env", "outputs", "file", environments.PAYLOAD_FIELD)
@@ -741,9 +749,11 @@ def task_page(connection, state=None, device_id=None, limit=100, offset=0, max_b
         parameters.append(device_id)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     order = "+task_id" if len(clauses) > len(parameters) else "task_id"
+    # One row past the page says whether more follow (no more than SQLite holds:
+    # `rc tasks --limit 9223372036854775807` was an OverflowError).
     rows = connection.execute(
         "SELECT %s FROM tasks %s ORDER BY %s DESC LIMIT ? OFFSET ?"
-        % (columns, where, order), parameters + [limit + 1, offset])
+        % (columns, where, order), parameters + [min(limit, bounded.LARGEST - 1) + 1, offset])
     found, size = [], 0
     for row in rows:         # a row at a time: those past the page are never read
         size += len(row["payload"] or "") + len(row["result"] or "")
@@ -839,12 +849,12 @@ def take_back(connection, task, reason, now, config, charged=None, not_before=No
 
 def bounce(connection, task, device_id, reason, now, config):
     """The device gave back an attempt it had not started (not_allowed, or
-    handed_back while it waited): not the task's doing, so it is queued again
-    uncharged, like take_back(). But a device that refuses what it claims to
-    run, pinned by the task or the only one that fits it, would get it again
-    and again: `bounce_limit` such answers in a row (no attempt started in
-    between) fail the task, naming the devices. `task` holds LEASE_COLUMNS;
-    False when it has moved on."""
+    handed_back while it waited): not the task's doing, so it is given back
+    (give_back(): queued again uncharged, other devices first). But a device
+    that refuses what it claims to run, pinned by the task or the only one
+    that fits it, would get it again and again: `bounce_limit` such answers
+    in a row (no attempt started in between) fail the task, naming the
+    devices. `task` holds LEASE_COLUMNS; False when it has moved on."""
     row = connection.execute("SELECT bounced_by FROM tasks WHERE task_id = ?",
                              (task["task_id"],)).fetchone()
     bounced_by = db.loads(row[0] if row else None, []) + [device_id]
@@ -860,6 +870,27 @@ def bounce(connection, task, device_id, reason, now, config):
                     task["device_losses"])
     connection.execute("UPDATE tasks SET bounced_by = ? WHERE task_id = ? AND attempt = ?",
                        (db.dumps(bounced_by), task["task_id"], task["attempt"]))
+    return give_back(connection, task, device_id, reason, now, config)
+
+
+def give_back(connection, task, device_id, reason, now, config):
+    """An attempt its device gave back unrun (not allowed there, handed back
+    as the device became unavailable, cancelled unasked): queued again,
+    charged to nothing, as a phone that went on battery should be; and the
+    device named in the task's GAVE_BACK, so that the scheduler gives the
+    next attempts to another fitting device with room first. A joined device
+    claiming the most idle slots and giving back all it was given was the
+    scheduler's choice for every task again after each backoff, for ever,
+    and the devices beside it ran none. `task` holds LEASE_COLUMNS; False
+    when the task has moved on."""
+    row = connection.execute("SELECT requirements FROM tasks WHERE task_id = ?",
+                             (task["task_id"],)).fetchone()
+    requirements = db.loads(row[0], {}) if row else {}
+    if isinstance(requirements, dict) and device_id not in requirements.get(GAVE_BACK, ()):
+        requirements.setdefault(GAVE_BACK, []).append(device_id)
+        connection.execute("UPDATE tasks SET requirements = ? WHERE task_id = ?"
+                           " AND attempt = ?", (db.dumps(requirements), task["task_id"],
+                                                task["attempt"]))
     return take_back(connection, task, reason, now, config, charged=False)
 
 

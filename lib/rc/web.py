@@ -46,9 +46,9 @@ UPLOAD_PATH = "/api/v1/files"     # the one route whose body may be large and sl
 # bytes per second an upload's body must keep arriving at, past web_read_timeout
 # (a phone on poor Wi-Fi moves more; a slow-loris drip moves far less)
 MIN_UPLOAD_RATE = 32 * 1024
-MAX_LIST_LIMIT = 1000             # most rows one list request returns
-MAX_LIST_BYTES = 8 * 1024 * 1024  # of tasks' payloads and results one list page holds
-                                  # at most (the first task always); next_offset goes on
+MAX_LIST_LIMIT = tasks.MAX_PAGE_TASKS   # most rows one list request returns
+MAX_LIST_BYTES = tasks.MAX_PAGE_BYTES   # of tasks' payloads and results one list page
+                                        # holds (the first task always); next_offset goes on
 DEFAULT_LIST_LIMIT = 100
 # Threads beyond max_streams: ordinary requests always find one free.
 SPARE_THREADS = 8
@@ -66,6 +66,13 @@ WEB_LOG_LINES_PER_MINUTE = 1      # lines a minute per event and address a stran
 HEALTH_REUSE_SECONDS = 5.0
 DEFAULT_LOG_LINES = 20            # lines /text/logs and a fresh /stream/logs start with
 MAX_TERMINAL_WIDTH = 500
+# One line of the web terminal (POST /api/v1/command), read before any other
+# check: shlex's cost grows with the square of a word's length (a 900 KB word
+# held rc-web's GIL for 30 s) and argparse's with the square of the options
+# (`tail 1 -f -f ...`, 50,000 of them: 90 s). A long script goes through
+# POST /api/v1/tasks instead.
+MAX_COMMAND_TEXT = 64 * 1024      # characters
+MAX_COMMAND_WORDS = 1000
 READ_ACCESS = ("open", "local", "token")
 STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
 # ...and a link save a task's file (GET .../files/NAME): a browser that kept
@@ -628,9 +635,12 @@ class Web:
                               "url": "/api/v1/groups/%d" % group_id}, 201)
 
     def group(self, group_id):
+        """At most MAX_LIST_LIMIT of its tasks, as ?limit= asks for fewer."""
+        limit = query_int("limit", None)
         try:
-            return json_response(fleet.group(self.connection(), group_id,
-                                             query_int("limit", None)))
+            return json_response(fleet.group(
+                self.connection(), group_id, None if limit is None else min(
+                    limit, MAX_LIST_LIMIT), most=MAX_LIST_LIMIT))
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
@@ -677,12 +687,19 @@ class Web:
             line = body.get("command")
             if not isinstance(line, str):
                 raise ApiError(400, "send {\"command\": \"a command line\"}")
+            if len(line) > MAX_COMMAND_TEXT:
+                raise ApiError(400, "a command line has at most %d characters, not %d; send a"
+                                    " long script with POST /api/v1/tasks"
+                               % (MAX_COMMAND_TEXT, len(line)))
             try:
                 argv = shlex.split(line)
             except ValueError as e:
                 raise ApiError(400, "cannot read the command line: %s" % e)
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise ApiError(400, "argv must be a list of strings")
+        if len(argv) > MAX_COMMAND_WORDS:
+            raise ApiError(400, "a command line has at most %d words, not %d"
+                           % (MAX_COMMAND_WORDS, len(argv)))
         if argv[:1] == ["rc"]:
             argv = argv[1:]
         if not argv:
@@ -751,7 +768,7 @@ class Web:
 
     def text_logs(self):
         query = bottle.request.query
-        lines = min(query_int("lines", DEFAULT_LOG_LINES), 10000)
+        lines = min(query_int("lines", DEFAULT_LOG_LINES), logs.MAX_WEB_LINES)
         try:
             found = logs.recent_log_records(self.config.log_dir, query.get("program") or None,
                                             lines)
