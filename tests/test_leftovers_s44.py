@@ -54,6 +54,8 @@ def test_a_device_refusing_what_it_claims_to_run_fails_the_task_after_bounce_lim
         task = tasks.get(connection, task_id)
         assert task["retries_used"] == 0
         assert task["state"] == ("failed" if bounce == 3 else "queued")
+        # A bounce is also a give-back: other fitting devices go first.
+        assert task["requirements"].get(tasks.GAVE_BACK) == ["dev1"]
     assert "3 times in a row" in task["error"] and "dev1 (3)" in task["error"]
     assert "does not accept 'shell' tasks" in task["error"]
     connection.close()
