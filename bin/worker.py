@@ -7437,6 +7437,11 @@ def read_checkpoint(archive_path, directory):
         for number, member in enumerate(archive, 1):
             if number > CHECKPOINT_MAX_ENTRIES:
                 raise too_many_entries()
+            # A name this device cannot encode (an honest UTF-8 device's, on a
+            # C-locale 3.6) sets the checkpoint aside (UnicodeEncodeError): the
+            # task restored without that file would go on from a state it
+            # never had. relative_path() would skip it, as a hostile name.
+            os.fsencode(member.name)
             parts = relative_path(member.name.rstrip("/")) if member.name else None
             if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
                 skipped.append(member.name[:100])
