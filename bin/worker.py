@@ -6729,8 +6729,11 @@ class Job(object):
         if files.service is None:
             raise FilesError("the main node offers no file service (no files_port in its"
                              " register_ack)", code="no_service")
-        return files.pool.take(files.service, self) or \
-            FilesConnection(files.service, self).open()
+        connection = files.pool.take(files.service, self)
+        if connection is None:
+            connection = FilesConnection(files.service, self).open()
+            files.answered = True
+        return connection
 
     def tries(self, action):
         """action(connection), once one of the FILES_CONNECTIONS transfers
@@ -6763,7 +6766,7 @@ class Job(object):
             except FilesError as e:
                 stale = connection is not None and connection.reused
                 told = refused_since is not None        # of the refusals so far
-                if e.code == "unreachable":
+                if e.code == "unreachable" and files.answered:
                     refused_since = refused_since or time.monotonic()
                     restarting = time.monotonic() - refused_since < FILES_UNREACHABLE_WAIT
                 else:
@@ -7813,6 +7816,10 @@ class Files(object):
         self.cache = FileCache(options.state_dir, getattr(options, "cache_mb", CACHE_MB))
         self.service = None
         self.secret = None          # the device's own secret, for rc-files proofs
+        # Whether rc-files has taken our proof before: only then is a refused
+        # connection a restart to wait for (FILES_UNREACHABLE_WAIT), not a
+        # port nothing listens on (a firewall, no rc-files), which fails fast.
+        self.answered = False
         self.pool = FilesPool()
         self.gate = None            # FILES_CONNECTIONS transfers at once (made by Job.start)
         self.threads = None         # TransferThreads (made by Job.start)

@@ -153,6 +153,14 @@ def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, 
     stderr). Stopped here for 6 s, with each transfer under way."""
     data = os.urandom(files.INLINE_FILE_BYTES + 1)     # past what rides the worker connection
     (tmp_path / "in.bin").write_bytes(data)
+    # The worker has reached rc-files before (a refused connection is then
+    # a restart to wait for; one never reached fails fast: a firewall).
+    (tmp_path / "first.bin").write_bytes(os.urandom(files.INLINE_FILE_BYTES + 1))
+    first = cluster.rc("submit", "shell", "wc -c < first.bin", "--input",
+                       str(tmp_path / "first.bin"), "--require", "device_id=%s" % DEVICE,
+                       "--wait", check=False)
+    assert first.returncode == 0 and first.stdout.strip() == str(files.INLINE_FILE_BYTES + 1), \
+        first
     producing = cluster.rc("submit", "shell", "sleep 1; head -c 400000 /dev/urandom > o.bin;"
                            " sha256sum o.bin", "--output", "o.bin",
                            "--require", "device_id=%s" % DEVICE)
