@@ -890,7 +890,8 @@ class Runner:
                     pause = min(pause * 2, MAX_POLL_INTERVAL)
                 self.progress.draw(self.failed)
         except KeyboardInterrupt:
-            return self.interrupted()
+            self.interrupted()
+            raise           # rc's main ends by SIGINT, as a shell's loop expects
         except BrokenPipeError:
             self.output_closed()
             raise           # rc's exit status for it, 141, and nothing more written

@@ -1,0 +1,98 @@
+"""`rc map` as a GNU Parallel user drives it from a shell (session 44): a
+Ctrl-C in a shell loop, a progress bar on a narrow terminal while stdout
+goes to a file, output names near the 255-byte limit, an empty stdin, a
+map of tasks that run longer than the recheck interval, a file whose name
+begins with a dash, --into onto a file, and Ctrl-D at the Ctrl-C question.
+One cluster with one 4-slot worker for them all."""
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+from cluster_harness import RC, Cluster, online, wait_for
+
+DEVICE = "map44-worker"
+TIMEOUT = 120       # seconds any one `rc map` may take here
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # 1 s, not 5 s: rc map says why nothing ended after this long.
+    cluster = Cluster(tmp_path_factory.mktemp("map44-cluster"), map_recheck_interval=1.0)
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker(DEVICE, "--slots", "4")
+        wait_for(lambda: DEVICE in online(cluster), 30, "the map worker online")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def rc_map(cluster, *arguments, stdin="", cwd=None):
+    return subprocess.run([RC, "map"] + list(arguments), env=cluster.env, cwd=cwd,
+                          input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=TIMEOUT)
+
+
+def groups(cluster):
+    return cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0]
+
+
+def hears_ctrl_c():
+    """A child started from a background job inherits SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def on_a_terminal(columns=80):
+    """(the terminal's side, the program's side) of a new pty `columns` wide."""
+    terminal, device = os.openpty()
+    fcntl.ioctl(device, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return terminal, device
+
+
+def read_until(fd, pattern, timeout=60):
+    seen, deadline = b"", time.time() + timeout
+    while not re.search(pattern, seen):
+        assert time.time() < deadline, "no %r on the terminal: %r" % (pattern, seen)
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                raise AssertionError("no %r on the terminal: %r" % (pattern, seen))
+    return seen
+
+
+def test_ctrl_c_stops_the_shell_loop_that_runs_rc_map(cluster):
+    """A shell that hears Ctrl-C while it waits for a child goes on with its
+    loop unless the child died of SIGINT: rc map exited 130, and the next
+    map was queued after the user had pressed Ctrl-C."""
+    cluster.rc("drain", DEVICE)             # the tasks wait in the queue
+    try:
+        loop = subprocess.Popen(
+            ["bash", "-c", 'for i in 1 2; do echo "loop $i"; "$0" map "echo {}" a; done;'
+             ' echo after', RC], env=cluster.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            start_new_session=True, preexec_fn=hears_ctrl_c)
+        assert loop.stdout.readline() == "loop 1\n"
+        first = loop.stderr.readline()
+        assert re.match(r"map \d+: 1 input$", first), first
+        group_id = int(first.split()[1].rstrip(":"))
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0], 30,
+            "the map's task queued")
+        os.killpg(loop.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole job
+        out, err = loop.communicate(timeout=TIMEOUT)
+    finally:
+        cluster.rc("resume", DEVICE)
+    assert (loop.returncode, out) == (-signal.SIGINT, ""), err
+    assert "map %d interrupted" % group_id in err
+    assert groups(cluster) == group_id     # no second map
+    cluster.rc("map", "--cancel", str(group_id))
