@@ -96,3 +96,25 @@ def test_ctrl_c_stops_the_shell_loop_that_runs_rc_map(cluster):
     assert "map %d interrupted" % group_id in err
     assert groups(cluster) == group_id     # no second map
     cluster.rc("map", "--cancel", str(group_id))
+
+
+def test_the_progress_bar_fits_its_terminal_while_stdout_goes_to_a_file(cluster):
+    """shutil measures stdout's terminal: with stdout a file (`rc map … >
+    out.txt`) the bar was 80 wide on a 40-column terminal, and each redraw
+    wrapped into a new line."""
+    terminal, device = on_a_terminal(columns=40)
+    env = dict(cluster.env)
+    env.pop("COLUMNS", None)
+    try:
+        process = subprocess.Popen([RC, "map", "echo {}", "a", "b", "c"], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=device, start_new_session=True)
+        os.close(device)
+        shown = read_until(terminal, rb" 3/3 .*\n")
+        out = process.communicate(timeout=TIMEOUT)[0]
+        assert (process.returncode, sorted(out.split())) == (0, [b"a", b"b", b"c"])
+    finally:
+        os.close(terminal)
+    bars = [line for line in re.split(rb"[\r\n]+", shown.replace(b"\x1b[K", b""))
+            if b"ETA" in line]
+    assert bars and all(len(line) < 40 for line in bars), bars

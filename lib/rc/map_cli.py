@@ -1317,13 +1317,25 @@ class Progress:
         rate = (self.done - self.done_before) / elapsed
         left = self.total - self.done
         eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 else "-:--"
-        width = shutil.get_terminal_size().columns
+        width = self.columns()
         tail = " %d/%d %s %.0f/s ETA %s%s" % (self.done, self.total,
                                              render.percent(self.done / self.total), rate,
                                              eta, " failed %d" % failed if failed else "")
         head = "map %d " % self.group_id
         room = max(width - len(head) - len(tail) - 3, 4)
-        return head + render.bar(self.done / self.total, room) + tail
+        # Never the whole width, nor past it: a line that wraps is one that
+        # ERASE_LINE does not erase, and every redraw scrolled a new one.
+        return (head + render.bar(self.done / self.total, room) + tail)[:width - 1]
+
+    def columns(self):
+        """The width of the terminal the bar is drawn on: shutil asks
+        stdout's (or $COLUMNS), and under `rc map … > out.txt` stdout is a
+        file: it said 80 on a 40-column terminal."""
+        columns = shutil.get_terminal_size((0, 0)).columns
+        try:
+            return columns or os.get_terminal_size(self.err.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
 
     def clear(self):
         if self.shown:
