@@ -118,3 +118,14 @@ def test_the_progress_bar_fits_its_terminal_while_stdout_goes_to_a_file(cluster)
     bars = [line for line in re.split(rb"[\r\n]+", shown.replace(b"\x1b[K", b""))
             if b"ETA" in line]
     assert bars and all(len(line) < 40 for line in bars), bars
+
+
+def test_an_output_whose_name_is_near_the_limit_is_written_into(cluster, tmp_path):
+    """A name of 245 to 255 bytes is a good file name; its temporary
+    NAME.rc-partial was not ("File name too long"), so --into never had it."""
+    name = "é" * 100 + "x" * 49 + ".out"            # 253 bytes
+    done = rc_map(cluster, "touch {}", "--output", "{}", "--into", str(tmp_path / "out"),
+                  name)
+    assert done.returncode == 0, done.stderr
+    assert "not written" not in done.stderr, done.stderr
+    assert os.listdir(str(tmp_path / "out")) == [name]

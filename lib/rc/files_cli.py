@@ -19,6 +19,7 @@ from rc.states import PAYLOAD_FIELD
 
 EXECUTABLE_MODE, PLAIN_MODE = 0o755, 0o644
 INPUTS_LOOKED_AT = 100      # a map's first inputs checked for files left here: a stat each
+PARTIAL_SUFFIX = ".rc-partial"   # a file being written out, renamed to its name when whole
 
 
 class FileOptionError(ValueError):
@@ -325,7 +326,7 @@ def write_out(connection, config, entry, directory):
         raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or (
             "a folder of its name there is a link, which rc never writes through"
             if e.errno == errno.ELOOP else e.strerror)))
-    temporary = parts[-1] + ".rc-partial"
+    temporary = partial_name(parts[-1])
     try:
         blob, _ = files.open_blob(connection, config, entry["sha256"])
         digest = hashlib.sha256()
@@ -346,6 +347,15 @@ def write_out(connection, config, entry, directory):
             pass
         os.close(parent)
     return target
+
+
+def partial_name(name):
+    """NAME.rc-partial, the name cut short enough that it fits where NAME
+    does: a file name holds 255 bytes, and an output named with 245 or
+    more was never written ("File name too long")."""
+    while len(os.fsencode(name + PARTIAL_SUFFIX)) > files.MAX_COMPONENT_BYTES:
+        name = name[:-1]
+    return name + PARTIAL_SUFFIX
 
 
 def open_parent(directory, parts):
