@@ -409,7 +409,6 @@ def test_resume_waits_for_tasks_still_queued(cluster):
 @pytest.mark.parametrize("arguments, stdin, says", [
     ([], "1\n", "rc map needs a command"),
     (["echo {%}", "1"], "", "unknown replacement string {%}"),
-    (["echo {}"], "", "no inputs: stdin gave no lines"),
     (["cat {}", "--files", "no-such.txt"], "", "'no-such.txt': no such file"),
     (["echo", "1", "--files", "x"], "", "not both"),
     (["echo", "1", "--into", "out"], "", "--into says where --output files go"),

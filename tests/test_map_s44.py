@@ -129,3 +129,16 @@ def test_an_output_whose_name_is_near_the_limit_is_written_into(cluster, tmp_pat
     assert done.returncode == 0, done.stderr
     assert "not written" not in done.stderr, done.stderr
     assert os.listdir(str(tmp_path / "out")) == [name]
+
+
+def test_an_empty_stdin_runs_nothing_and_is_no_error(cluster):
+    """`find … -newer stamp | rc map …` in cron when nothing is new: GNU
+    Parallel and `xargs -r` run nothing and exit 0; rc map exited 2."""
+    before = groups(cluster)
+    done = rc_map(cluster, "gzip {}", stdin="")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert done.stderr == "rc map: stdin gave no lines: nothing to run\n"
+    assert groups(cluster) == before
+    # The command and the options are still checked.
+    done = rc_map(cluster, "gzip {}", "--require", "nonsense", stdin="")
+    assert done.returncode == 2 and "nonsense" in done.stderr, done.stderr

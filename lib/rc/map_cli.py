@@ -147,6 +147,13 @@ class MapUsageError(MapError):
     """The command line is wrong (exit status 2, as rc's other usage errors)."""
 
 
+class NoInputs(Exception):
+    """An empty stdin (`find … -newer stamp | rc map …` that found nothing):
+    nothing to run, exit status 0, as GNU Parallel's and `xargs -r`; a
+    cron job's map over what is new failed as a usage error whenever
+    nothing was."""
+
+
 # -- the command line ---------------------------------------------------------------
 
 class HaltRule(collections.namedtuple("HaltRule", "when failures percent text")):
@@ -279,15 +286,19 @@ def run(arguments, context, user_files, task_options):
         make_directory(arguments.results)
         if arguments.output or arguments.resume is not None:
             make_directory(arguments.into)
-    if arguments.dry_run:
+    try:
+        if arguments.dry_run:
+            if arguments.resume is not None:
+                raise MapUsageError("--dry-run shows a new map's commands; leave out --resume")
+            return dry_run(context, arguments, task_options)
         if arguments.resume is not None:
-            raise MapUsageError("--dry-run shows a new map's commands; leave out --resume")
-        return dry_run(context, arguments, task_options)
-    if arguments.resume is not None:
-        refuse_with(arguments, "--resume")
-        plan = resumed_map(context, arguments)
-    else:
-        plan = new_map(context, arguments, task_options)
+            refuse_with(arguments, "--resume")
+            plan = resumed_map(context, arguments)
+        else:
+            plan = new_map(context, arguments, task_options)
+    except NoInputs as e:
+        context.err.write(str(e))
+        return 0
     return Runner(plan, arguments, context, user_files).run()
 
 
@@ -634,12 +645,12 @@ def map_parts(arguments, task_options):
     outputs = [Template(glob, "--output") for glob in arguments.output or []]
     if arguments.into and not outputs:
         raise MapUsageError("--into says where --output files go; give --output GLOB too")
-    jobs = read_inputs(arguments)
     try:
         requirements = tasks.parse_requirements(arguments.require)
         options = task_options(arguments)
     except tasks.TaskError as e:
         raise MapUsageError(str(e))
+    jobs = read_inputs(arguments)       # last: an empty stdin is no error, a bad option is
     return template, outputs, jobs, requirements, options
 
 
@@ -669,7 +680,7 @@ def read_inputs(arguments):
     else:
         jobs = [Job(number, value) for number, value in enumerate(stdin_lines(), 1)]
     if not jobs:
-        raise MapUsageError("no inputs: stdin gave no lines (give ARG… or --files FILE…)")
+        raise NoInputs("rc map: stdin gave no lines: nothing to run\n")
     if len(jobs) > MAX_INPUTS:
         raise MapUsageError("a map takes at most %d inputs, not %d" % (MAX_INPUTS, len(jobs)))
     return jobs
