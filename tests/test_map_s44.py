@@ -142,3 +142,11 @@ def test_an_empty_stdin_runs_nothing_and_is_no_error(cluster):
     # The command and the options are still checked.
     done = rc_map(cluster, "gzip {}", "--require", "nonsense", stdin="")
     assert done.returncode == 2 and "nonsense" in done.stderr, done.stderr
+
+
+def test_no_word_on_why_nothing_ended_while_a_task_of_the_map_runs(cluster):
+    """'no input has ended after 1 s' is for a map that cannot run; a map
+    of tasks that each take longer said it, with 'Task 4 has been running'."""
+    done = rc_map(cluster, "sleep 2.5; echo {}", "a")
+    assert done.returncode == 0 and done.stdout == "a\n", done.stderr
+    assert "no input has ended" not in done.stderr, done.stderr
