@@ -150,3 +150,15 @@ def test_no_word_on_why_nothing_ended_while_a_task_of_the_map_runs(cluster):
     done = rc_map(cluster, "sleep 2.5; echo {}", "a")
     assert done.returncode == 0 and done.stdout == "a\n", done.stderr
     assert "no input has ended" not in done.stderr, done.stderr
+
+
+def test_a_file_whose_name_begins_with_a_dash_is_named_as_a_file(cluster, tmp_path):
+    """`--files *` in a folder holding -dash.txt was refused as GNU
+    Parallel's option -d."""
+    for name in ("-dash.txt", "a.txt"):
+        (tmp_path / name).write_text("x\n")
+    done = rc_map(cluster, "cat {}", "--files", "-dash.txt", "a.txt", cwd=str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr == ("rc: error: -dash.txt is a file here whose name begins with -,"
+                           " which reads as an option: give it as ./-dash.txt (--files ./*"
+                           " keeps every name a name)\n"), done.stderr

@@ -261,6 +261,19 @@ def foreign_option(options, words=()):
     return None
 
 
+def file_like_an_option(words, options):
+    """A message for the first of the command line's `words` (up to a --)
+    that names a file here and begins with a dash but is none of rc map's
+    `options` (`rc map CMD --files *` in a folder that holds -dash.txt),
+    None if none: it was refused as GNU Parallel's -d option, or first
+    after --files as "expected at least one argument"."""
+    for word in words[:words.index("--")] if "--" in words else words:
+        if word.startswith("-") and word not in options and os.path.lexists(word):
+            return ("%s is a file here whose name begins with -, which reads as an option:"
+                    " give it as ./%s (--files ./* keeps every name a name)" % (word, word))
+    return None
+
+
 def more_inputs(arguments, extra):
     """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
     over since it takes positionals in one run: added to the inputs; what
