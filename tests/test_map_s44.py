@@ -162,3 +162,12 @@ def test_a_file_whose_name_begins_with_a_dash_is_named_as_a_file(cluster, tmp_pa
     assert done.stderr == ("rc: error: -dash.txt is a file here whose name begins with -,"
                            " which reads as an option: give it as ./-dash.txt (--files ./*"
                            " keeps every name a name)\n"), done.stderr
+
+
+def test_into_onto_a_file_says_it_is_no_directory(cluster, tmp_path):
+    (tmp_path / "out").write_text("kept\n")
+    done = rc_map(cluster, "echo {} > x", "--output", "x", "--into", "out", "a",
+                  cwd=str(tmp_path))
+    assert done.returncode == 2
+    assert "'out' is there and is not a directory" in done.stderr, done.stderr
+    assert (tmp_path / "out").read_text() == "kept\n"

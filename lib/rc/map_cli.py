@@ -340,6 +340,9 @@ def make_directory(path):
         return
     try:
         os.makedirs(path, exist_ok=True)
+    except FileExistsError:         # said "cannot make directory 'out': File exists"
+        raise MapUsageError("%r is there and is not a directory: name a directory"
+                            % path)
     except OSError as e:
         raise MapUsageError("cannot make directory %r: %s" % (path, e.strerror or e))
 
