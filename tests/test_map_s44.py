@@ -171,3 +171,33 @@ def test_into_onto_a_file_says_it_is_no_directory(cluster, tmp_path):
     assert done.returncode == 2
     assert "'out' is there and is not a directory" in done.stderr, done.stderr
     assert (tmp_path / "out").read_text() == "kept\n"
+
+
+def test_ctrl_d_at_the_ctrl_c_question_ends_its_line(cluster):
+    """No answer (Ctrl-D) is a no; what followed was written on the
+    question's line."""
+    terminal, device = on_a_terminal()
+    cluster.rc("drain", DEVICE)
+    try:
+        process = subprocess.Popen(
+            [RC, "map", "--no-progress", "echo {}", "a"], env=cluster.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=device,
+            start_new_session=True,
+            preexec_fn=lambda: (hears_ctrl_c(), fcntl.ioctl(2, termios.TIOCSCTTY, 0)))
+        os.close(device)
+        group_id = int(re.search(rb"map (\d+): 1 input", read_until(
+            terminal, rb"map \d+: 1 input")).group(1))
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0], 30,
+            "the map's task queued")
+        process.send_signal(signal.SIGINT)
+        shown = read_until(terminal, rb"\[y/N\] ")
+        os.write(terminal, b"\x04")
+        shown += read_until(terminal, rb"cancels them")
+        assert process.wait(timeout=30) == -signal.SIGINT
+    finally:
+        cluster.rc("resume", DEVICE)
+        os.close(terminal)
+    assert re.search(rb"\[y/N\] \r?\nmap %d interrupted: 1 tasks queued" % group_id, shown), \
+        shown
+    cluster.rc("map", "--cancel", str(group_id))

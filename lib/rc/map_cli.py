@@ -1315,7 +1315,10 @@ def ask(err, question):
         # Python's text layer requires.
         with open("/dev/tty", "rb+", buffering=0) as terminal:
             terminal.write(question.encode())
-            return terminal.readline().strip().lower() in (b"y", b"yes")
+            answer = terminal.readline()
+            if not answer.endswith(b"\n"):
+                terminal.write(b"\n")      # Ctrl-D: what follows starts a line of its own
+            return answer.strip().lower() in (b"y", b"yes")
     except (OSError, KeyboardInterrupt):
         return False
 
