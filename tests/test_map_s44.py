@@ -17,6 +17,7 @@ import time
 import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
+from rc import db, tasks
 
 DEVICE = "map44-worker"
 TIMEOUT = 120       # seconds any one `rc map` may take here
@@ -201,3 +202,24 @@ def test_ctrl_d_at_the_ctrl_c_question_ends_its_line(cluster):
     assert re.search(rb"\[y/N\] \r?\nmap %d interrupted: 1 tasks queued" % group_id, shown), \
         shown
     cluster.rc("map", "--cancel", str(group_id))
+
+
+def test_a_maps_cancel_holds_the_write_lock_a_batch_at_a_time(cluster_home, monkeypatch):
+    """`rc map --cancel` of 27,500 queued tasks was one transaction of 14 s:
+    the map still queueing them, rc-scheduler and rc-server waited past
+    their busy_timeout and failed with "database is locked"."""
+    config, connection = cluster_home
+    with db.write(connection):
+        group_id = connection.execute(
+            "INSERT INTO task_groups(created_at, task_type, payload, options)"
+            " VALUES (?, 'echo', '{}', '{}')", (time.time(),)).lastrowid
+        for number in range(5):
+            tasks.insert(connection, tasks.check_task(config, "echo", {"message": str(number)}),
+                         group_id=group_id)
+    monkeypatch.setattr(tasks, "CANCEL_BATCH", 2, raising=False)
+    transactions, write = [], db.write
+    monkeypatch.setattr(db, "write", lambda c: transactions.append(1) or write(c))
+    assert tasks.cancel_group(connection, group_id, active_too=True) == (5, 0)
+    assert len(transactions) == 4       # 2 + 2 + 1 queued ones, then the active ones
+    assert {row[0] for row in connection.execute(
+        "SELECT state FROM tasks WHERE group_id = ?", (group_id,))} == {"cancelled"}
