@@ -223,3 +223,28 @@ def test_a_maps_cancel_holds_the_write_lock_a_batch_at_a_time(cluster_home, monk
     assert len(transactions) == 4       # 2 + 2 + 1 queued ones, then the active ones
     assert {row[0] for row in connection.execute(
         "SELECT state FROM tasks WHERE group_id = ?", (group_id,))} == {"cancelled"}
+
+
+def test_a_map_cancelled_from_elsewhere_stops_and_says_so_once(cluster):
+    """`rc map --cancel` from another terminal: the running rc map went on
+    queueing what it had not yet queued, and said each cancelled input on
+    a line of its own (80,000 lines for a map of 100,000)."""
+    cluster.rc("drain", DEVICE)
+    try:
+        process = subprocess.Popen([RC, "map", "echo {}"], env=cluster.env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True)
+        process.stdin.write("".join("%d\n" % n for n in range(20)))
+        process.stdin.close()
+        group_id = int(process.stderr.readline().split()[1].rstrip(":"))
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0] == 20,
+            30, "the map's tasks queued")
+        cluster.rc("map", "--cancel", str(group_id))
+        out, err = process.stdout.read(), process.stderr.read()
+        process.wait(timeout=TIMEOUT)
+    finally:
+        cluster.rc("resume", DEVICE)
+    assert (process.returncode, out) == (20, ""), err
+    assert "map %d: cancelled (`rc map --cancel %d`)" % (group_id, group_id) in err, err
+    assert "input 1 " not in err and len(err.splitlines()) <= 3, err

@@ -1037,6 +1037,8 @@ class Runner:
                 continue               # seen already, or not one this run waits for
             any_ended = True
             job.state = state
+            if state == CANCELLED and reason == tasks.GROUP_CANCELLED and not self.halted:
+                self.cancelled_elsewhere()
             self.progress.done += 1
             outcome = Outcome(self, job, db.loads(result) or {}, error or reason)
             if state != COMPLETED:
@@ -1059,13 +1061,8 @@ class Runner:
         is, the queued tasks are cancelled (and with `now` the running ones
         stopped); the map waits for its running tasks, and the inputs left
         count as not completed, for --resume to run later."""
-        self.halted = True
         group_id, now = self.plan.group_id, self.halt.when == "now"
-        never = {job.number for job, _ in self.unsubmitted}
-        unqueued, self.unsubmitted = len(never), []
-        self.failed += unqueued
-        # --keep-order prints nothing of them (none was printed: none ended).
-        self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
+        unqueued = self.stop_queueing()
         _, running = self.counts()
         queued, stopping = tasks.cancel_group(self.connection, group_id, active_too=now)
         self.context.audit("map_halted", group_id=group_id, rule=self.halt.text, queued=queued,
@@ -1079,6 +1076,33 @@ class Runner:
         self.err.flush()
         if self.keep_order:
             self.show_in_order()
+
+    def stop_queueing(self):
+        """What is not queued yet never is, and counts as not completed; the
+        tasks cancelled from here on are counted, not said one by one.
+        Returns how many inputs were never queued."""
+        self.halted = True
+        never = {job.number for job, _ in self.unsubmitted}
+        self.unsubmitted = []
+        self.failed += len(never)
+        # --keep-order prints nothing of them (none was printed: none ended).
+        self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
+        return len(never)
+
+    def cancelled_elsewhere(self):
+        """`rc map --cancel` (or `rc cancel --group`) from another terminal
+        while this map still queued: it went on queueing the rest (20,000
+        of 100,000 ran after the cancel) and said each of 80,000 cancelled
+        inputs on a line of its own."""
+        group_id = self.plan.group_id
+        unqueued = self.stop_queueing()
+        tasks.cancel_group(self.connection, group_id)       # those queued since it ran
+        self.progress.clear()
+        self.err.write("map %d: cancelled (`rc map --cancel %d`)%s; the assigned or running"
+                       " ones finish; `rc map --resume %d` runs the rest again\n"
+                       % (group_id, group_id, ": %d inputs never queued" % unqueued
+                          if unqueued else "", group_id))
+        self.err.flush()
 
     def keep(self, job, outcome, missing_only=False):
         """--results and --into: the job's streams and files, on disk here

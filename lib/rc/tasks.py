@@ -24,6 +24,9 @@ MAX_BATCH = 10000               # tasks in one submit_many (POST /api/v1/tasks w
 # 27,500 in one held the write lock 14 s, past every other writer's
 # busy_timeout (the map still queueing them died of "database is locked").
 CANCEL_BATCH = 500
+# The reason a group's cancel gives its tasks: a running `rc map` that sees
+# it stops queueing its inputs (`rc cancel ID` of one task does not).
+GROUP_CANCELLED = "group cancelled by user"
 # Seconds what a submit with a request key queued is remembered: a client
 # sends a request again within minutes (rc.client waits UNREACHABLE_WAIT at
 # most for an rc-web that stopped answering), so an hour is ample.
@@ -675,9 +678,9 @@ def cancel_group(connection, group_id, active_too=False):
                 " ORDER BY task_id LIMIT ?", (group_id, after, QUEUED, CANCEL_BATCH))]
             if ids:
                 queued += connection.execute(
-                    "UPDATE tasks SET state = ?, finished_at = ?, reason = 'cancelled by user'"
+                    "UPDATE tasks SET state = ?, finished_at = ?, reason = ?"
                     " WHERE task_id IN (%s) AND state = ?" % ",".join("?" * len(ids)),
-                    [CANCELLED, time.time()] + ids + [QUEUED]).rowcount
+                    [CANCELLED, time.time(), GROUP_CANCELLED] + ids + [QUEUED]).rowcount
         if len(ids) < CANCEL_BATCH:
             break
         after = ids[-1]
