@@ -248,3 +248,16 @@ def test_a_map_cancelled_from_elsewhere_stops_and_says_so_once(cluster):
     assert (process.returncode, out) == (20, ""), err
     assert "map %d: cancelled (`rc map --cancel %d`)" % (group_id, group_id) in err, err
     assert "input 1 " not in err and len(err.splitlines()) <= 3, err
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_as_its_bytes(cluster, tmp_path):
+    """A Latin-1 name was refused as 'bad\\udcff.txt', Python's escape."""
+    with open(os.path.join(os.fsencode(str(tmp_path)), b"bad\xff.txt"), "w") as f:
+        f.write("x\n")
+    done = subprocess.run([RC, "map", "cat {}", "--files", b"bad\xff.txt"], env=cluster.env,
+                          cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=TIMEOUT)
+    assert done.returncode == 2
+    assert done.stderr == ("rc: error: --files 'bad\\xff.txt': the name is not UTF-8, which a"
+                           " file's name in a task's directory must be; rename it, or send it"
+                           " in an archive\n"), done.stderr

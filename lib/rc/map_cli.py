@@ -747,6 +747,13 @@ def file_input(path):
     name = os.path.normpath(path).replace(os.sep, "/")
     if os.path.isabs(path) or name.split("/")[0] == "..":
         name = os.path.basename(name)
+    # A name of bytes that are not UTF-8 (a Latin-1 one), shown as its bytes:
+    # path_problem's message showed Python's 'bad\udcff.txt'.
+    shown_path = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if shown_path != path:
+        raise MapUsageError("--files '%s': the name is not UTF-8, which a file's name in a"
+                            " task's directory must be; rename it, or send it in an archive"
+                            % shown_path)
     problem = files.path_problem(name)
     if problem:
         raise MapUsageError("--files %r would be %r in the task's directory, which %s"
