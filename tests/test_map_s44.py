@@ -261,3 +261,16 @@ def test_a_file_name_that_is_not_utf8_is_shown_as_its_bytes(cluster, tmp_path):
     assert done.stderr == ("rc: error: --files 'bad\\xff.txt': the name is not UTF-8, which a"
                            " file's name in a task's directory must be; rename it, or send it"
                            " in an archive\n"), done.stderr
+
+
+def test_inputs_that_are_directories_here_get_a_note(cluster, tmp_path):
+    """`ls -d */ | rc map 'du -s {}'`: each task failed on its device
+    ('cannot access'), where inputs that are files here get a note."""
+    (tmp_path / "photos").mkdir()
+    done = rc_map(cluster, "test -d {}", stdin="photos/\n", cwd=str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "rc map: note: the input 'photos/' is a directory here, but each task runs in an"
+        " empty directory on a device, where the command will not find it; --files photos/*"
+        " sends each of its files to a task of its own, --input photos the whole directory"
+        " to every task\n"), done.stderr

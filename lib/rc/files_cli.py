@@ -65,9 +65,10 @@ def files_left_here(command, inputs):
                 "it" if len(left) == 1 else "them"))
 
 
-def unsent_files(words, inputs, most=3):
-    """Up to `most` of `words` that are relative paths of files here which
-    none of `inputs` (payload entries) sends."""
+def unsent_files(words, inputs, most=3, kind=os.path.isfile):
+    """Up to `most` of `words` that are relative paths of files here (or
+    of what else `kind` says yes to) which none of `inputs` (payload
+    entries) sends."""
     sent = {entry["path"] for entry in inputs}
     left = []
     for word in words:
@@ -77,7 +78,7 @@ def unsent_files(words, inputs, most=3):
         if name == ".." or name.startswith("../") or name in sent \
                 or any(path.startswith(name + "/") for path in sent):
             continue
-        if word not in left and os.path.isfile(word):
+        if word not in left and kind(word):
             left.append(word)
             if len(left) == most:
                 break
@@ -92,7 +93,7 @@ def inputs_left_here(values, inputs):
     not to `ls | xargs`, which splits `my file.txt` at its space."""
     left = unsent_files(values[:INPUTS_LOOKED_AT], inputs)
     if not left:
-        return None
+        return folders_left_here(values, inputs)
     return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
             " device, where the command will not find %s; --files sends each input's file"
             " to its task (bin/rc map CMD --files *.txt)" % (
@@ -100,6 +101,23 @@ def inputs_left_here(values, inputs):
                 " and ".join(repr(value) for value in left),
                 "are files" if len(left) > 1 else "is a file",
                 "them" if len(left) > 1 else "it"))
+
+
+def folders_left_here(values, inputs):
+    """inputs_left_here() for inputs that are directories here (`ls -d */ |
+    rc map 'du -s {}'`), which each failed on its device with no word why."""
+    left = unsent_files(values[:INPUTS_LOOKED_AT], inputs, kind=os.path.isdir)
+    if not left:
+        return None
+    return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
+            " device, where the command will not find %s; --files %s sends each of its"
+            " files to a task of its own, --input %s the whole directory to every task" % (
+                "s" if len(left) > 1 else "",
+                " and ".join(repr(value) for value in left),
+                "are directories" if len(left) > 1 else "is a directory",
+                "them" if len(left) > 1 else "it",
+                shlex.quote(os.path.join(left[0], "")) + "*",
+                shlex.quote(left[0].rstrip("/") or left[0])))   # bad/ would be its contents
 
 
 def planned_inputs(paths):
