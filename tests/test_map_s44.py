@@ -274,3 +274,25 @@ def test_inputs_that_are_directories_here_get_a_note(cluster, tmp_path):
         " empty directory on a device, where the command will not find it; --files photos/*"
         " sends each of its files to a task of its own, --input photos the whole directory"
         " to every task\n"), done.stderr
+
+
+def test_sigterm_says_what_goes_on_and_ends_by_it(cluster):
+    """`timeout 1h rc map …` ended it without a word: the tasks went on
+    unseen, and how to wait for them again or cancel them was not said."""
+    cluster.rc("drain", DEVICE)
+    try:
+        process = subprocess.Popen([RC, "map", "echo {}", "a"], env=cluster.env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True)
+        group_id = int(process.stderr.readline().split()[1].rstrip(":"))
+        wait_for(lambda: cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0], 30,
+            "the map's task queued")
+        process.terminate()
+        out, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        cluster.rc("resume", DEVICE)
+    assert (process.returncode, out) == (-signal.SIGTERM, ""), err
+    assert "map %d terminated (SIGTERM): 1 tasks queued and 0 assigned or running go on;" \
+        " `rc map --resume %d` waits for them" % (group_id, group_id) in err, err
+    cluster.rc("map", "--cancel", str(group_id))

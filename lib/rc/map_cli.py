@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import tokenize
@@ -145,6 +146,12 @@ class MapError(Exception):
 
 class MapUsageError(MapError):
     """The command line is wrong (exit status 2, as rc's other usage errors)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (`timeout 1h rc map …`, a kill) once the map has said what it
+    leaves running: rc's main then ends by SIGTERM. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` keeps it."""
 
 
 class NoInputs(Exception):
@@ -906,10 +913,15 @@ class Runner:
         # Every task that ends from here on has a task_events row past this one.
         self.last_event = self.newest_event()
         self.started = time.monotonic()
+        heard = []      # the handler only records SIGTERM; the loop acts on it
+        previous = signal.signal(signal.SIGTERM, lambda number, frame: heard.append(number))
         try:
             self.recheck()
             pause = POLL_INTERVAL
             while self.unsubmitted or self.pending:
+                if heard:
+                    self.left_running("terminated (SIGTERM)")
+                    raise Terminated()
                 if self.unsubmitted:
                     self.submit_batch()
                 if time.monotonic() - self.rechecked_at > self.config.map_recheck_interval:
@@ -929,6 +941,8 @@ class Runner:
         except BrokenPipeError:
             self.output_closed()
             raise           # rc's exit status for it, 141, and nothing more written
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return self.finish()
 
     def resume_note(self):
@@ -1192,14 +1206,26 @@ class Runner:
                            " `rc map --resume %d` runs the rest again\n"
                            % (group_id, queued, active, group_id))
         else:
-            self.err.write("map %d interrupted: %d tasks queued and %d assigned or running"
-                           " go on%s; `rc map --resume %d` waits for them and runs again what did not"
-                           " complete, `rc map --cancel %d` cancels them\n"
-                           % (group_id, queued, active,
-                              ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
-                              group_id, group_id))
+            self.left_running("interrupted", queued, active)
         self.err.flush()
         return INTERRUPTED_STATUS
+
+    def left_running(self, how, queued=None, active=None):
+        """Says what goes on without this rc map (a Ctrl-C answered no or
+        not asked, a SIGTERM), and how to wait for it again or cancel it:
+        `timeout 1h rc map …` ended it without a word."""
+        group_id = self.plan.group_id
+        if queued is None:
+            self.progress.clear()
+            queued, active = self.counts()
+        unsubmitted = len(self.unsubmitted)
+        self.err.write("map %d %s: %d tasks queued and %d assigned or running"
+                       " go on%s; `rc map --resume %d` waits for them and runs again what did not"
+                       " complete, `rc map --cancel %d` cancels them\n"
+                       % (group_id, how, queued, active,
+                          ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
+                          group_id, group_id))
+        self.err.flush()
 
     def output_closed(self):
         """The reader of stdout left (`rc map ... | head -1`): as GNU Parallel
