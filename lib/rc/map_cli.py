@@ -32,7 +32,7 @@ import types
 
 from rc import bell, db, explain, files, files_cli, health, render, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
-                       RUNNING, TERMINAL_STATES)
+                       TERMINAL_STATES)
 
 BATCH_SIZE = 500              # tasks queued in one transaction
 POLL_INTERVAL = 0.005         # seconds between looks for tasks that ended, while they do
@@ -997,13 +997,14 @@ class Runner:
         """Once, when no input has ended a while after the start (no device
         takes shell tasks, every device is drained…): `rc why` of the first,
         so that a map that cannot run does not just sit there. Not while
-        one of its tasks runs: a map of minute-long encodes said "no input
-        has ended after 5 s. Task 4 has been running on pi for 4s" every time."""
+        one of its tasks is on a device (assigned or running): a map of
+        minute-long encodes said "no input has ended after 5 s. Task 4 has
+        been running on pi for 4s" every time."""
         waited = time.monotonic() - self.started
         if self.told_why or waited < self.config.map_recheck_interval \
                 or task_id not in self.pending or self.connection.execute(
-                    "SELECT 1 FROM tasks WHERE group_id = ? AND state = ? LIMIT 1",
-                    (self.plan.group_id, RUNNING)).fetchone():
+                    "SELECT 1 FROM tasks WHERE group_id = ? AND %s LIMIT 1" % db.ACTIVE_SQL,
+                    (self.plan.group_id,)).fetchone():
             return
         self.told_why = True
         self.progress.clear()
