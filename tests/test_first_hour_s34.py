@@ -61,7 +61,7 @@ def test_resume_writes_the_files_of_inputs_that_ended_after_a_ctrl_c(cluster, tm
                  "the map's tasks queued")
         running.send_signal(signal.SIGINT)
         _, err = running.communicate(timeout=TIMEOUT)
-        assert running.returncode == 130, err
+        assert running.returncode == -signal.SIGINT, err
         assert "rc map --resume %d" % group_id in err
     finally:
         cluster.rc("resume", device)

@@ -1794,6 +1794,12 @@ def run_command(argv, out, err, config=None, width=None, colour=None, logger=Non
 def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command == "map":    # before argparse, which has its own words for --files -x.txt
+        named = map_cli.file_like_an_option(argv[argv.index("map") + 1:], subparser(
+            parser, "map")._option_string_actions)
+        if named:
+            parser.error(named)
     arguments, extra = parser.parse_known_args(argv)
     if arguments.command == "map":
         extra = map_cli.more_inputs(arguments, extra) if extra else extra

@@ -19,6 +19,7 @@ from rc.states import PAYLOAD_FIELD
 
 EXECUTABLE_MODE, PLAIN_MODE = 0o755, 0o644
 INPUTS_LOOKED_AT = 100      # a map's first inputs checked for files left here: a stat each
+PARTIAL_SUFFIX = ".rc-partial"   # a file being written out, renamed to its name when whole
 
 
 class FileOptionError(ValueError):
@@ -64,9 +65,10 @@ def files_left_here(command, inputs):
                 "it" if len(left) == 1 else "them"))
 
 
-def unsent_files(words, inputs, most=3):
-    """Up to `most` of `words` that are relative paths of files here which
-    none of `inputs` (payload entries) sends."""
+def unsent_files(words, inputs, most=3, kind=os.path.isfile):
+    """Up to `most` of `words` that are relative paths of files here (or
+    of what else `kind` says yes to) which none of `inputs` (payload
+    entries) sends."""
     sent = {entry["path"] for entry in inputs}
     left = []
     for word in words:
@@ -76,7 +78,7 @@ def unsent_files(words, inputs, most=3):
         if name == ".." or name.startswith("../") or name in sent \
                 or any(path.startswith(name + "/") for path in sent):
             continue
-        if word not in left and os.path.isfile(word):
+        if word not in left and kind(word):
             left.append(word)
             if len(left) == most:
                 break
@@ -91,7 +93,7 @@ def inputs_left_here(values, inputs):
     not to `ls | xargs`, which splits `my file.txt` at its space."""
     left = unsent_files(values[:INPUTS_LOOKED_AT], inputs)
     if not left:
-        return None
+        return folders_left_here(values, inputs)
     return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
             " device, where the command will not find %s; --files sends each input's file"
             " to its task (bin/rc map CMD --files *.txt)" % (
@@ -99,6 +101,23 @@ def inputs_left_here(values, inputs):
                 " and ".join(repr(value) for value in left),
                 "are files" if len(left) > 1 else "is a file",
                 "them" if len(left) > 1 else "it"))
+
+
+def folders_left_here(values, inputs):
+    """inputs_left_here() for inputs that are directories here (`ls -d */ |
+    rc map 'du -s {}'`), which each failed on its device with no word why."""
+    left = unsent_files(values[:INPUTS_LOOKED_AT], inputs, kind=os.path.isdir)
+    if not left:
+        return None
+    return ("note: the input%s %s %s here, but each task runs in an empty directory on a"
+            " device, where the command will not find %s; --files %s sends each of its"
+            " files to a task of its own, --input %s the whole directory to every task" % (
+                "s" if len(left) > 1 else "",
+                " and ".join(repr(value) for value in left),
+                "are directories" if len(left) > 1 else "is a directory",
+                "them" if len(left) > 1 else "it",
+                shlex.quote(os.path.join(left[0], "")) + "*",
+                shlex.quote(left[0].rstrip("/") or left[0])))   # bad/ would be its contents
 
 
 def planned_inputs(paths):
@@ -325,7 +344,7 @@ def write_out(connection, config, entry, directory):
         raise FileOptionError("cannot write %r: %s" % (target, in_the_way(target) or (
             "a folder of its name there is a link, which rc never writes through"
             if e.errno == errno.ELOOP else e.strerror)))
-    temporary = parts[-1] + ".rc-partial"
+    temporary = partial_name(parts[-1])
     try:
         blob, _ = files.open_blob(connection, config, entry["sha256"])
         digest = hashlib.sha256()
@@ -346,6 +365,15 @@ def write_out(connection, config, entry, directory):
             pass
         os.close(parent)
     return target
+
+
+def partial_name(name):
+    """NAME.rc-partial, the name cut short enough that it fits where NAME
+    does: a file name holds 255 bytes, and an output named with 245 or
+    more was never written ("File name too long")."""
+    while len(os.fsencode(name + PARTIAL_SUFFIX)) > files.MAX_COMPONENT_BYTES:
+        name = name[:-1]
+    return name + PARTIAL_SUFFIX
 
 
 def open_parent(directory, parts):

@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import tokenize
@@ -147,6 +148,19 @@ class MapUsageError(MapError):
     """The command line is wrong (exit status 2, as rc's other usage errors)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (`timeout 1h rc map …`, a kill) once the map has said what it
+    leaves running: rc's main then ends by SIGTERM. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` keeps it."""
+
+
+class NoInputs(Exception):
+    """An empty stdin (`find … -newer stamp | rc map …` that found nothing):
+    nothing to run, exit status 0, as GNU Parallel's and `xargs -r`; a
+    cron job's map over what is new failed as a usage error whenever
+    nothing was."""
+
+
 # -- the command line ---------------------------------------------------------------
 
 class HaltRule(collections.namedtuple("HaltRule", "when failures percent text")):
@@ -254,6 +268,19 @@ def foreign_option(options, words=()):
     return None
 
 
+def file_like_an_option(words, options):
+    """A message for the first of the command line's `words` (up to a --)
+    that names a file here and begins with a dash but is none of rc map's
+    `options` (`rc map CMD --files *` in a folder that holds -dash.txt),
+    None if none: it was refused as GNU Parallel's -d option, or first
+    after --files as "expected at least one argument"."""
+    for word in words[:words.index("--")] if "--" in words else words:
+        if word.startswith("-") and word not in options and os.path.lexists(word):
+            return ("%s is a file here whose name begins with -, which reads as an option:"
+                    " give it as ./%s (--files ./* keeps every name a name)" % (word, word))
+    return None
+
+
 def more_inputs(arguments, extra):
     """Inputs after an option (`rc map CMD -k a b`), which argparse leaves
     over since it takes positionals in one run: added to the inputs; what
@@ -279,15 +306,19 @@ def run(arguments, context, user_files, task_options):
         make_directory(arguments.results)
         if arguments.output or arguments.resume is not None:
             make_directory(arguments.into)
-    if arguments.dry_run:
+    try:
+        if arguments.dry_run:
+            if arguments.resume is not None:
+                raise MapUsageError("--dry-run shows a new map's commands; leave out --resume")
+            return dry_run(context, arguments, task_options)
         if arguments.resume is not None:
-            raise MapUsageError("--dry-run shows a new map's commands; leave out --resume")
-        return dry_run(context, arguments, task_options)
-    if arguments.resume is not None:
-        refuse_with(arguments, "--resume")
-        plan = resumed_map(context, arguments)
-    else:
-        plan = new_map(context, arguments, task_options)
+            refuse_with(arguments, "--resume")
+            plan = resumed_map(context, arguments)
+        else:
+            plan = new_map(context, arguments, task_options)
+    except NoInputs as e:
+        context.err.write(str(e))
+        return 0
     return Runner(plan, arguments, context, user_files).run()
 
 
@@ -316,6 +347,9 @@ def make_directory(path):
         return
     try:
         os.makedirs(path, exist_ok=True)
+    except FileExistsError:         # said "cannot make directory 'out': File exists"
+        raise MapUsageError("%r is there and is not a directory: name a directory"
+                            % path)
     except OSError as e:
         raise MapUsageError("cannot make directory %r: %s" % (path, e.strerror or e))
 
@@ -634,12 +668,12 @@ def map_parts(arguments, task_options):
     outputs = [Template(glob, "--output") for glob in arguments.output or []]
     if arguments.into and not outputs:
         raise MapUsageError("--into says where --output files go; give --output GLOB too")
-    jobs = read_inputs(arguments)
     try:
         requirements = tasks.parse_requirements(arguments.require)
         options = task_options(arguments)
     except tasks.TaskError as e:
         raise MapUsageError(str(e))
+    jobs = read_inputs(arguments)       # last: an empty stdin is no error, a bad option is
     return template, outputs, jobs, requirements, options
 
 
@@ -669,7 +703,7 @@ def read_inputs(arguments):
     else:
         jobs = [Job(number, value) for number, value in enumerate(stdin_lines(), 1)]
     if not jobs:
-        raise MapUsageError("no inputs: stdin gave no lines (give ARG… or --files FILE…)")
+        raise NoInputs("rc map: stdin gave no lines: nothing to run\n")
     if len(jobs) > MAX_INPUTS:
         raise MapUsageError("a map takes at most %d inputs, not %d" % (MAX_INPUTS, len(jobs)))
     return jobs
@@ -720,6 +754,13 @@ def file_input(path):
     name = os.path.normpath(path).replace(os.sep, "/")
     if os.path.isabs(path) or name.split("/")[0] == "..":
         name = os.path.basename(name)
+    # A name of bytes that are not UTF-8 (a Latin-1 one), shown as its bytes:
+    # path_problem's message showed Python's 'bad\udcff.txt'.
+    shown_path = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if shown_path != path:
+        raise MapUsageError("--files '%s': the name is not UTF-8, which a file's name in a"
+                            " task's directory must be; rename it, or send it in an archive"
+                            % shown_path)
     problem = files.path_problem(name)
     if problem:
         raise MapUsageError("--files %r would be %r in the task's directory, which %s"
@@ -872,10 +913,15 @@ class Runner:
         # Every task that ends from here on has a task_events row past this one.
         self.last_event = self.newest_event()
         self.started = time.monotonic()
+        heard = []      # the handler only records SIGTERM; the loop acts on it
+        previous = signal.signal(signal.SIGTERM, lambda number, frame: heard.append(number))
         try:
             self.recheck()
             pause = POLL_INTERVAL
             while self.unsubmitted or self.pending:
+                if heard:
+                    self.left_running("terminated (SIGTERM)")
+                    raise Terminated()
                 if self.unsubmitted:
                     self.submit_batch()
                 if time.monotonic() - self.rechecked_at > self.config.map_recheck_interval:
@@ -890,10 +936,13 @@ class Runner:
                     pause = min(pause * 2, MAX_POLL_INTERVAL)
                 self.progress.draw(self.failed)
         except KeyboardInterrupt:
-            return self.interrupted()
+            self.interrupted()
+            raise           # rc's main ends by SIGINT, as a shell's loop expects
         except BrokenPipeError:
             self.output_closed()
             raise           # rc's exit status for it, 141, and nothing more written
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return self.finish()
 
     def resume_note(self):
@@ -947,10 +996,15 @@ class Runner:
     def tell_why_nothing_ends(self, task_id):
         """Once, when no input has ended a while after the start (no device
         takes shell tasks, every device is drained…): `rc why` of the first,
-        so that a map that cannot run does not just sit there."""
+        so that a map that cannot run does not just sit there. Not while
+        one of its tasks is on a device (assigned or running): a map of
+        minute-long encodes said "no input has ended after 5 s. Task 4 has
+        been running on pi for 4s" every time."""
         waited = time.monotonic() - self.started
         if self.told_why or waited < self.config.map_recheck_interval \
-                or task_id not in self.pending:
+                or task_id not in self.pending or self.connection.execute(
+                    "SELECT 1 FROM tasks WHERE group_id = ? AND %s LIMIT 1" % db.ACTIVE_SQL,
+                    (self.plan.group_id,)).fetchone():
             return
         self.told_why = True
         self.progress.clear()
@@ -1005,6 +1059,8 @@ class Runner:
                 continue               # seen already, or not one this run waits for
             any_ended = True
             job.state = state
+            if state == CANCELLED and reason == tasks.GROUP_CANCELLED and not self.halted:
+                self.cancelled_elsewhere()
             self.progress.done += 1
             outcome = Outcome(self, job, db.loads(result) or {}, error or reason)
             if state != COMPLETED:
@@ -1027,13 +1083,8 @@ class Runner:
         is, the queued tasks are cancelled (and with `now` the running ones
         stopped); the map waits for its running tasks, and the inputs left
         count as not completed, for --resume to run later."""
-        self.halted = True
         group_id, now = self.plan.group_id, self.halt.when == "now"
-        never = {job.number for job, _ in self.unsubmitted}
-        unqueued, self.unsubmitted = len(never), []
-        self.failed += unqueued
-        # --keep-order prints nothing of them (none was printed: none ended).
-        self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
+        unqueued = self.stop_queueing()
         _, running = self.counts()
         queued, stopping = tasks.cancel_group(self.connection, group_id, active_too=now)
         self.context.audit("map_halted", group_id=group_id, rule=self.halt.text, queued=queued,
@@ -1047,6 +1098,33 @@ class Runner:
         self.err.flush()
         if self.keep_order:
             self.show_in_order()
+
+    def stop_queueing(self):
+        """What is not queued yet never is, and counts as not completed; the
+        tasks cancelled from here on are counted, not said one by one.
+        Returns how many inputs were never queued."""
+        self.halted = True
+        never = {job.number for job, _ in self.unsubmitted}
+        self.unsubmitted = []
+        self.failed += len(never)
+        # --keep-order prints nothing of them (none was printed: none ended).
+        self.waiting_numbers = [n for n in self.waiting_numbers if n not in never]
+        return len(never)
+
+    def cancelled_elsewhere(self):
+        """`rc map --cancel` (or `rc cancel --group`) from another terminal
+        while this map still queued: it went on queueing the rest (20,000
+        of 100,000 ran after the cancel) and said each of 80,000 cancelled
+        inputs on a line of its own."""
+        group_id = self.plan.group_id
+        unqueued = self.stop_queueing()
+        tasks.cancel_group(self.connection, group_id)       # those queued since it ran
+        self.progress.clear()
+        self.err.write("map %d: cancelled (`rc map --cancel %d`)%s; the assigned or running"
+                       " ones finish; `rc map --resume %d` runs the rest again\n"
+                       % (group_id, group_id, ": %d inputs never queued" % unqueued
+                          if unqueued else "", group_id))
+        self.err.flush()
 
     def keep(self, job, outcome, missing_only=False):
         """--results and --into: the job's streams and files, on disk here
@@ -1129,14 +1207,26 @@ class Runner:
                            " `rc map --resume %d` runs the rest again\n"
                            % (group_id, queued, active, group_id))
         else:
-            self.err.write("map %d interrupted: %d tasks queued and %d assigned or running"
-                           " go on%s; `rc map --resume %d` waits for them and runs again what did not"
-                           " complete, `rc map --cancel %d` cancels them\n"
-                           % (group_id, queued, active,
-                              ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
-                              group_id, group_id))
+            self.left_running("interrupted", queued, active)
         self.err.flush()
         return INTERRUPTED_STATUS
+
+    def left_running(self, how, queued=None, active=None):
+        """Says what goes on without this rc map (a Ctrl-C answered no or
+        not asked, a SIGTERM), and how to wait for it again or cancel it:
+        `timeout 1h rc map …` ended it without a word."""
+        group_id = self.plan.group_id
+        if queued is None:
+            self.progress.clear()
+            queued, active = self.counts()
+        unsubmitted = len(self.unsubmitted)
+        self.err.write("map %d %s: %d tasks queued and %d assigned or running"
+                       " go on%s; `rc map --resume %d` waits for them and runs again what did not"
+                       " complete, `rc map --cancel %d` cancels them\n"
+                       % (group_id, how, queued, active,
+                          ", %d inputs not yet queued" % unsubmitted if unsubmitted else "",
+                          group_id, group_id))
+        self.err.flush()
 
     def output_closed(self):
         """The reader of stdout left (`rc map ... | head -1`): as GNU Parallel
@@ -1290,7 +1380,10 @@ def ask(err, question):
         # Python's text layer requires.
         with open("/dev/tty", "rb+", buffering=0) as terminal:
             terminal.write(question.encode())
-            return terminal.readline().strip().lower() in (b"y", b"yes")
+            answer = terminal.readline()
+            if not answer.endswith(b"\n"):
+                terminal.write(b"\n")      # Ctrl-D: what follows starts a line of its own
+            return answer.strip().lower() in (b"y", b"yes")
     except (OSError, KeyboardInterrupt):
         return False
 
@@ -1323,13 +1416,25 @@ class Progress:
         rate = (self.done - self.done_before) / elapsed
         left = self.total - self.done
         eta = "%d:%02d" % divmod(int(left / rate), 60) if rate > 0 else "-:--"
-        width = shutil.get_terminal_size().columns
+        width = self.columns()
         tail = " %d/%d %s %.0f/s ETA %s%s" % (self.done, self.total,
                                              render.percent(self.done / self.total), rate,
                                              eta, " failed %d" % failed if failed else "")
         head = "map %d " % self.group_id
         room = max(width - len(head) - len(tail) - 3, 4)
-        return head + render.bar(self.done / self.total, room) + tail
+        # Never the whole width, nor past it: a line that wraps is one that
+        # ERASE_LINE does not erase, and every redraw scrolled a new one.
+        return (head + render.bar(self.done / self.total, room) + tail)[:width - 1]
+
+    def columns(self):
+        """The width of the terminal the bar is drawn on: shutil asks
+        stdout's (or $COLUMNS), and under `rc map … > out.txt` stdout is a
+        file: it said 80 on a 40-column terminal."""
+        columns = shutil.get_terminal_size((0, 0)).columns
+        try:
+            return columns or os.get_terminal_size(self.err.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
 
     def clear(self):
         if self.shown:
