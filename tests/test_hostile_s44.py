@@ -17,6 +17,7 @@ import pytest
 from cluster_harness import online, private, wait_for
 from rc import bounded, db, logs, protocol, tasks
 from test_bad_input import connect, register_frame
+from test_hostile_s29 import peak_rss_mib, reset_peak_rss
 from test_inline_files import GOOD, with_the_good_worker
 from test_worker import main  # noqa: F401 (fixture)
 from test_worker_files import files, start, state_dir  # noqa: F401 (fixtures)
@@ -42,19 +43,6 @@ def command(cluster, line, timeout=120):
         return answer.status, json.loads(answer.read())
     finally:
         connection.close()
-
-
-def peak_rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmHWM for %d" % pid)
-
-
-def reset_peak_rss(pid):
-    with open("/proc/%d/clear_refs" % pid, "w") as f:
-        f.write("5")
 
 
 # -- the largest count a command takes -------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import db, tasks
+from test_map import rc_map
 
 DEVICE = "map44-worker"
 TIMEOUT = 120       # seconds any one `rc map` may take here
@@ -35,12 +36,6 @@ def cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-
-
-def rc_map(cluster, *arguments, stdin="", cwd=None):
-    return subprocess.run([RC, "map"] + list(arguments), env=cluster.env, cwd=cwd,
-                          input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=TIMEOUT)
 
 
 def groups(cluster):
