@@ -58,6 +58,24 @@ def stopped(server):
 
 
 def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
+    # waitress's own pool hands the 20 requests to its 8 threads in turn; here
+    # the one that served the last takes the next, or, while it is still
+    # finishing that one, the one idle before it. A loaded machine may keep a
+    # thread past its linger now and then (one CI run: 5 threads): the
+    # fewest of up to five rounds counts; the fault gives 8 every round.
+    rounds = []
+    for _ in range(5):
+        served_by = threads_serving_one_client(20)
+        assert len(served_by) == 20
+        rounds.append([served_by.index(thread) for thread in served_by])
+        if len(set(served_by)) <= 3:
+            break
+    assert min(len(set(served)) for served in rounds) <= 3, rounds
+
+
+def threads_serving_one_client(requests):
+    """The thread that served each of `requests` sent one after another on
+    one kept-alive connection, 8 threads in the pool."""
     served_by = []
 
     def app(environ, start_response):
@@ -68,18 +86,14 @@ def test_one_client_at_a_time_is_served_by_a_warm_thread_or_two():
     threading.Thread(target=server.run, daemon=True).start()
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
-        for _ in range(20):
+        for _ in range(requests):
             connection.request("GET", "/")
             response = connection.getresponse()
             assert response.read() == b"ok"
         connection.close()
     finally:
         stopped(server)
-    # waitress's own pool hands the 20 requests to its 8 threads in turn; here
-    # the one that served the last takes the next, or, while it is still
-    # finishing that one, the one idle before it
-    assert len(served_by) == 20 and len(set(served_by)) <= 3, [
-        served_by.index(thread) for thread in served_by]
+    return served_by
 
 
 def test_an_answer_goes_out_in_one_send_head_and_body(monkeypatch):
