@@ -258,13 +258,18 @@ LARGE_OUTPUT = "x" * (1024 * 1024 - 100)
 @pytest.fixture(scope="module")
 def large_results(cluster):
     """The ids of LARGE_RESULTS completed tasks whose results are ~1 MiB each."""
+    return completed_with_large_results(cluster, LARGE_RESULTS)
+
+
+def completed_with_large_results(cluster, count):
+    """The ids of `count` completed tasks, each result's output LARGE_OUTPUT."""
     result = json.dumps({"output": LARGE_OUTPUT, "exit_code": 0})
     now = time.time()       # (not 0: the upkeep would prune them as long ended)
     with db.write(cluster.db):
         return [cluster.db.execute(
             "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
             " finished_at) VALUES ('echo', 10, 0, ?, 'completed', ?, ?)",
-            (now, result, now)).lastrowid for _ in range(LARGE_RESULTS)]
+            (now, result, now)).lastrowid for _ in range(count)]
 
 
 @pytest.mark.e2e

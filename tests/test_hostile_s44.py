@@ -17,7 +17,8 @@ import pytest
 from cluster_harness import online, private, wait_for
 from rc import bounded, db, logs, protocol, tasks
 from test_bad_input import connect, register_frame
-from test_hostile_s29 import peak_rss_mib, reset_peak_rss
+from test_hostile_s29 import (LARGE_OUTPUT, completed_with_large_results, peak_rss_mib,
+                              reset_peak_rss)
 from test_inline_files import GOOD, with_the_good_worker
 from test_worker import main  # noqa: F401 (fixture)
 from test_worker_files import files, start, state_dir  # noqa: F401 (fixtures)
@@ -97,20 +98,13 @@ def test_a_command_line_too_long_to_read_is_refused_before_it_is_read(cluster):
 # -- the web terminal's `tasks` ---------------------------------------------------------
 
 LARGE_RESULTS = 150
-LARGE_OUTPUT = "x" * (1024 * 1024 - 100)
 
 
 @pytest.fixture(scope="module")
 def large_results(cluster):
     """The ids of LARGE_RESULTS completed tasks whose results are ~1 MiB each
     (what a device may return, and OUTPUT_CAP lets a task print)."""
-    result = json.dumps({"output": LARGE_OUTPUT, "exit_code": 0})
-    now = time.time()       # (not 0: the upkeep would prune them as long ended)
-    with db.write(cluster.db):
-        return [cluster.db.execute(
-            "INSERT INTO tasks(task_type, timeout, max_retries, created_at, state, result,"
-            " finished_at) VALUES ('echo', 10, 0, ?, 'completed', ?, ?)",
-            (now, result, now)).lastrowid for _ in range(LARGE_RESULTS)]
+    return completed_with_large_results(cluster, LARGE_RESULTS)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="no /proc clear_refs")

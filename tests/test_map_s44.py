@@ -7,7 +7,6 @@ One cluster with one 4-slot worker for them all."""
 import fcntl
 import os
 import re
-import select
 import signal
 import struct
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import db, tasks
-from test_map import rc_map
+from test_map import rc_map, read_until
 
 DEVICE = "map44-worker"
 TIMEOUT = 120       # seconds any one `rc map` may take here
@@ -52,18 +51,6 @@ def on_a_terminal(columns=80):
     terminal, device = os.openpty()
     fcntl.ioctl(device, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     return terminal, device
-
-
-def read_until(fd, pattern, timeout=60):
-    seen, deadline = b"", time.time() + timeout
-    while not re.search(pattern, seen):
-        assert time.time() < deadline, "no %r on the terminal: %r" % (pattern, seen)
-        if select.select([fd], [], [], 0.1)[0]:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                raise AssertionError("no %r on the terminal: %r" % (pattern, seen))
-    return seen
 
 
 def test_ctrl_c_stops_the_shell_loop_that_runs_rc_map(cluster):
@@ -106,7 +93,7 @@ def test_the_progress_bar_fits_its_terminal_while_stdout_goes_to_a_file(cluster)
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=device, start_new_session=True)
         os.close(device)
-        shown = read_until(terminal, rb" 3/3 .*\n")
+        shown = read_until(terminal, rb" 3/3 .*\n", timeout=60)
         out = process.communicate(timeout=TIMEOUT)[0]
         assert (process.returncode, sorted(out.split())) == (0, [b"a", b"b", b"c"])
     finally:
@@ -182,14 +169,14 @@ def test_ctrl_d_at_the_ctrl_c_question_ends_its_line(cluster):
             preexec_fn=lambda: (hears_ctrl_c(), fcntl.ioctl(2, termios.TIOCSCTTY, 0)))
         os.close(device)
         group_id = int(re.search(rb"map (\d+): 1 input", read_until(
-            terminal, rb"map \d+: 1 input")).group(1))
+            terminal, rb"map \d+: 1 input", timeout=60)).group(1))
         wait_for(lambda: cluster.db.execute(
             "SELECT count(*) FROM tasks WHERE group_id = ?", (group_id,)).fetchone()[0], 30,
             "the map's task queued")
         process.send_signal(signal.SIGINT)
-        shown = read_until(terminal, rb"\[y/N\] ")
+        shown = read_until(terminal, rb"\[y/N\] ", timeout=60)
         os.write(terminal, b"\x04")
-        shown += read_until(terminal, rb"cancels them")
+        shown += read_until(terminal, rb"cancels them", timeout=60)
         assert process.wait(timeout=30) == -signal.SIGINT
     finally:
         cluster.rc("resume", DEVICE)
