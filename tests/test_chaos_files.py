@@ -172,7 +172,8 @@ def blob_files(cluster):
 
 def halt(pid):
     """SIGSTOP, and back once every thread of `pid` is stopped: the signal
-    arrives a moment later on another core."""
+    arrives a moment later on another core. False if `pid` has ended (a
+    zombie never stops), True once halted."""
     os.kill(pid, signal.SIGSTOP)
     directory = "/proc/%d/task" % pid
     while True:
@@ -183,22 +184,26 @@ def halt(pid):
                     states.append(f.read().rpartition(")")[2].split()[0])
             except OSError:
                 pass
+        if any(state in "ZX" for state in states):
+            return False
         if all(state in "tT" for state in states):
-            return
+            return True
 
 
 def halted_when(pid, predicate, timeout=30):
     """Let `pid` (halted) run a moment at a time (SIGCONT, 0.5 ms, halt)
     until `predicate` holds, and leave it halted; whether it did within
     `timeout`. A transfer is then caught half way however busy the machine
-    (polling while it runs free missed a 96 MiB fetch that took 0.3 s)."""
+    (polling while it runs free missed a 96 MiB fetch that took 0.3 s).
+    False too if `pid` ended first."""
     deadline = time.time() + timeout
     while not predicate():
         if time.time() > deadline:
             return False
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.0005)
-        halt(pid)
+        if not halt(pid):
+            return False
     return True
 
 

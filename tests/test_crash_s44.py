@@ -88,9 +88,13 @@ def test_rc_map_killed_as_it_writes_an_entry_s_last_result_file_resume_writes_it
                                      " AND state = 'completed'", group_id) == count, 60,
                  "every task completed")
         caught = halted_when(mapping.pid, lambda: last_result_file_being_written(results))
+        ended = mapping.poll() is not None
     finally:
         mapping.kill()
         mapping.wait()
+    if not caught and ended:
+        pytest.skip("rc map wrote its last entry between two of its steps this time"
+                    " (the moment lasts microseconds); nothing was cut")
     assert caught, "rc map was never caught writing an entry's last file"
     resumed = subprocess.run([RC, "map", "--resume", str(group_id), "--results", results],
                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
