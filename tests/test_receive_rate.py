@@ -2,7 +2,6 @@
 connection, so that a device sending as fast as it can does not hold the
 loop every other device waits on. What comes faster waits in its socket;
 the connection stays, and everything it sent is served, later."""
-import threading
 import time
 
 import pytest
@@ -50,21 +49,17 @@ def test_a_device_sending_fast_is_read_at_its_rate_and_kept(cluster):
         "task_id": 999999, "attempt": 1, "stream": "stdout", "start": 0,
         "end": FRAME_CHARS, "data": "x" * FRAME_CHARS}, sender_id="fast-rate")
     marker = protocol.encode("no_such_message", {}, sender_id="fast-rate")
-    errors = []
-
-    def flood():
-        try:
-            device.sock.sendall(frame * FRAMES + marker)
-        except OSError as e:
-            errors.append(e)
     with unharmed(cluster, GOOD):
         started = time.monotonic()
-        sender = threading.Thread(target=flood, daemon=True)
-        sender.start()
+        # Sent, then read: one thread at a time. A TLS socket (OpenSSL's SSL
+        # object) written by one thread while another reads it breaks now
+        # and then: in a CI run the test saw its connection end mid-flood.
+        # The answer can only be read later than it came, so the bound
+        # below still holds for a server that reads at the rate, and still
+        # fails for one that reads the 6 MiB at once (sendall returns then).
+        device.sock.sendall(frame * FRAMES + marker)
         answer = device.next("error")
         elapsed = time.monotonic() - started
-        sender.join(30)
-    assert not errors, errors
     assert answer["code"] == "unknown_message", answer
     # The burst, and the last read's bytes (a read is charged once made: up
     # to a frame's limit and one more recv), come at once; the rest at the rate.
