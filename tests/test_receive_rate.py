@@ -18,11 +18,15 @@ GOOD = "good-rate"
 RATE_MB = 1
 FRAME_CHARS = 64 * 1024
 FRAMES = 96             # 6 MiB: the 2 MiB burst and a read's 1 MiB, then ~3 s
+# Shorter than the flood: its frames come back to back, each read ending
+# inside the next, and none of them is late (see the test's docstring).
+FRAME_DEADLINE = 2.0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("rate"), base={"max_receive_mb": RATE_MB})
+    cluster = Cluster(tmp_path_factory.mktemp("rate"), base={"max_receive_mb": RATE_MB,
+                                                                 "frame_deadline": FRAME_DEADLINE})
     cluster.start()
     try:
         cluster.supervisorctl("stop", "rc-worker")
@@ -41,7 +45,10 @@ def test_a_device_sending_fast_is_read_at_its_rate_and_kept(cluster):
     these 5 MiB were all served within a second. Now the marker frame sent
     behind them is answered only once the bucket let them through (2 MiB of
     burst, then 1 MiB a second), on the same connection, while the good
-    worker's tasks complete meanwhile."""
+    worker's tasks complete meanwhile. And the flood lasts longer than
+    frame_deadline: rc-server once timed its frames from the first one left
+    unfinished at the end of a read, until a read ended on a frame's end
+    (never, here), and refused the device as a slow-loris (frame_timeout)."""
     device = Device(cluster, "fast-rate")
     # Output of a task nobody watches: dropped unread, the cheapest frame
     # for rc-server, so what limits the pace here is the rate alone.

@@ -620,6 +620,7 @@ class Server:
                     raw = inbox[:size].tobytes()
                 del peer.inbox[:size]
                 peer.raw_wanted = None
+                self.frame_ended(peer)
                 self.dispatch(peer, envelope, raw)
                 continue
             try:
@@ -633,10 +634,21 @@ class Server:
             if not self.within_rate(peer, len(lines)):
                 self.refuse_over_rate(peer)
                 return
+            self.frame_ended(peer)
             for line in lines:
                 if peer.closed:
                     return
                 self.receive(peer, line)
+
+    def frame_ended(self, peer):
+        """A frame is whole: the one after it began no earlier than now. A
+        device whose frames come back to back, each read ending inside the
+        next (a busy Wi-Fi link, max_receive_mb's pauses), had its first
+        unfinished frame's time kept for as long as that lasted, and was
+        refused frame_timeout as a slow-loris after frame_deadline. A frame that
+        trickles, or raw bytes that do, is still timed from its start."""
+        if peer.partial_since is not None:
+            peer.partial_since = time.monotonic()
 
     def note_partial(self, peer):
         """Remember when a frame started to trickle in (see sweep); a frame
