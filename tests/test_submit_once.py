@@ -75,6 +75,28 @@ def test_a_batch_sent_again_with_its_key_is_answered_with_the_first_tasks(cluste
                                  group_id=first["group_id"]), 30, "rc-web's line of the repeat")
 
 
+def test_a_batch_sent_again_into_its_group_is_answered_with_the_first_tasks(cluster):
+    """A client's session submits into its group (?group=ID), which rc-web
+    knows from the session's first batch: there a key used before is found
+    by its insert failing, not asked for first, and the repeat answers as
+    before, queueing nothing; a pruned group still answers from the key."""
+    status, made = post(cluster, "/api/v1/tasks?group=new", [shell("echo into-group-0")],
+                        key="k-into-0")
+    assert status == 201
+    path = "/api/v1/tasks?group=%d" % made["group_id"]
+    batch = [shell("echo into-group-a"), shell("echo into-group-b")]
+    status, first = post(cluster, path, batch, key="k-into-1")
+    assert status == 201 and len(first["tasks"]) == 2
+    repeats = len(log_records(cluster, "rc-web", event="submit_repeated"))
+    assert post(cluster, path, batch, key="k-into-1") == (201, first)
+    assert with_command(cluster, "echo into-group-a") == 1
+    wait_for(lambda: len(log_records(cluster, "rc-web", event="submit_repeated")) > repeats,
+             30, "rc-web's line of the repeat")
+    status, answer = post(cluster, path, [shell("echo into-group-c")], key="k-into-1")
+    assert status == 422 and "Idempotency-Key" in answer["error"], answer
+    assert with_command(cluster, "echo into-group-c") == 0
+
+
 def test_one_task_sent_again_with_its_key_is_the_same_task(cluster):
     status, first = post(cluster, "/api/v1/tasks", shell("echo single-once"), key="k-single")
     assert status == 201 and first["state"] in ("queued", "assigned", "running", "completed")

@@ -42,6 +42,15 @@ def sql_list(names):
     return ", ".join("'%s'" % name for name in names)
 
 
+def sql_one_of(expression, names):
+    """`expression IN (names)` as (expression = 'a' OR expression = 'b' ...):
+    for an IN list of more than two constants SQLite builds a temporary
+    index each time the statement runs, and in a trigger each time the
+    trigger fires: ~18 us here (a trigger's WHEN on every state change of
+    a task, two or three of them a change, cost a finish 93 us against 56)."""
+    return "(%s)" % " OR ".join("%s = '%s'" % (expression, name) for name in names)
+
+
 # Each entry upgrades the schema by one version; user_version counts them.
 MIGRATIONS = [
     """
@@ -584,6 +593,52 @@ MIGRATIONS = [
     """
     ALTER TABLE tasks ADD COLUMN bounced_by TEXT;
     """,
+    # 25: the triggers that fire on each state change of a task, as they
+    # were, but naming the states with sql_one_of() rather than IN lists:
+    # SQLite built a temporary index for each IN list of three or four
+    # states at each firing, three of them for an assignment and four for
+    # a finish (one echo task's assignment and finish: 73 + 93 us of SQLite
+    # CPU here, 62 + 53 without).
+    """
+    DROP TRIGGER IF EXISTS task_terminal_is_final;
+    CREATE TRIGGER task_terminal_is_final BEFORE UPDATE OF state, attempt ON tasks
+    WHEN %(old_terminal)s
+         AND (NEW.state != OLD.state OR NEW.attempt != OLD.attempt) BEGIN
+        SELECT RAISE(ABORT, 'a finished task cannot change state');
+    END;
+    DROP TRIGGER IF EXISTS dependency_did_not_complete;
+    CREATE TRIGGER dependency_did_not_complete AFTER UPDATE OF state ON tasks
+    WHEN %(new_unsuccessful)s AND NOT %(old_terminal)s
+         AND substr(coalesce(NEW.reason, ''), 1, 11) IS NOT 'dependency ' BEGIN
+        UPDATE tasks SET state = 'failed', finished_at = %(now)s,
+               error = 'task ' || NEW.task_id || ' it depends on ended ' || NEW.state,
+               reason = 'dependency ' || NEW.task_id || ' ' || NEW.state
+        WHERE state = 'queued' AND task_id IN (
+            WITH RECURSIVE behind(task_id) AS (
+                SELECT task_id FROM task_dependencies WHERE depends_on = NEW.task_id
+                UNION
+                SELECT d.task_id FROM task_dependencies d JOIN behind
+                    ON d.depends_on = behind.task_id)
+            SELECT task_id FROM behind);
+    END;
+    DROP TRIGGER IF EXISTS task_finished_count;
+    CREATE TRIGGER task_finished_count AFTER UPDATE OF state ON tasks
+    WHEN %(new_terminal)s AND NOT %(old_terminal)s BEGIN
+        INSERT INTO counters(name, value) VALUES ('tasks_' || NEW.state, 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+        INSERT INTO counters(name, value) VALUES ('kept_' || NEW.state, 1)
+        ON CONFLICT(name) DO UPDATE SET value = value + 1;
+    END;
+    DROP TRIGGER IF EXISTS task_pruned_count;
+    CREATE TRIGGER task_pruned_count AFTER DELETE ON tasks
+    WHEN %(old_terminal)s BEGIN
+        UPDATE counters SET value = value - 1 WHERE name = 'kept_' || OLD.state;
+    END;
+    """ % {"old_terminal": sql_one_of("OLD.state", TERMINAL_STATES),
+           "new_terminal": sql_one_of("NEW.state", TERMINAL_STATES),
+           "new_unsuccessful": sql_one_of("NEW.state",
+                                          [s for s in TERMINAL_STATES if s != COMPLETED]),
+           "now": NOW},
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -594,12 +594,18 @@ class ResultRoutes:
         if not is_list:
             raise ApiError(400, "group= goes with a list of tasks")
         connection, config = self.web.connection(), self.web.config
-        queued = self.queued_before(connection, key)
-        if queued is not None:
-            return batch_answer(*queued)
         group = bottle.request.query.get("group")
-        group_id = None if group in (None, "", "new") else self.client_groups.checked(
-            connection, request_number(group, "group", 1))
+        group_id = None if group in (None, "", "new") else request_number(group, "group", 1)
+        if group_id is not None and not self.client_groups.knows(group_id):
+            # The group's row is read: a request sent again may find it
+            # pruned since, and is to be answered from its key all the same.
+            queued = self.queued_before(connection, key)
+            if queued is not None:
+                return batch_answer(*queued)
+            group_id = self.client_groups.checked(connection, group_id)
+        # Otherwise a key used before is found by its insert, which fails
+        # (IntegrityError, below), not by a query before each submit: one
+        # statement less on a lone task's way.
         made = []           # ?group=new: its group, made in the batch's own transaction
 
         def make_group(connection):
@@ -767,6 +773,9 @@ class ClientGroups:
             self.known.clear()          # the next submit of each reads its row again
         self.known.add(group_id)
         return group_id
+
+    def knows(self, group_id):
+        return group_id in self.known
 
     def checked(self, connection, group_id):
         """`group_id`, if it is a client group (else ApiError)."""
