@@ -2815,7 +2815,8 @@ def outside_functions(tree):
         node = nodes.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             nodes.extend(getattr(node, "decorator_list", []))
-            nodes.extend(node.args.defaults + node.args.kw_defaults)
+            # kw_defaults holds None for a keyword-only argument without one
+            nodes.extend(d for d in node.args.defaults + node.args.kw_defaults if d)
             continue
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)

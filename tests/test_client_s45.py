@@ -1,0 +1,64 @@
+"""The Python client as users of ProcessPoolExecutor, Dask or Ray use it
+(the forty-fifth session's brief): real programs' shapes on one shared
+cluster. Each test names the fault it keeps fixed."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cluster_harness import REPO, Cluster, online, wait_for
+from rc import client
+
+pytestmark = pytest.mark.e2e
+
+CLIENT = os.path.join(REPO, "lib", "rc", "client.py")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("client_s45"))
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    cluster.start_worker("main", "--slots", "4")
+    wait_for(lambda: "main" in online(cluster), 30, "the worker")
+    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
+    with open(cluster.config.admin_token_path) as f:
+        cluster.token = f.read().strip()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def executor(cluster):
+    with client.Executor(cluster.url, cluster.token) as executor:
+        yield executor
+
+
+def script(cluster, tmp_path, source, timeout=120):
+    """`source` run as a user's script (its __main__) beside a copy of
+    client.py, as the dashboard serves it: (exit status, stdout, stderr)."""
+    with open(CLIENT, "rb") as f, open(str(tmp_path / "client.py"), "wb") as copy:
+        copy.write(f.read())
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(source))
+    env = dict(os.environ, RC_URL=cluster.url, RC_TOKEN=cluster.token)
+    done = subprocess.run([sys.executable, "-I", str(path)], cwd=str(tmp_path), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+# -- what a function may look like -----------------------------------------------------
+
+def keyword_only(a, *rest, scale, **more):
+    return (a, rest, scale, sorted(more.items()))
+
+
+def test_a_function_with_a_keyword_only_argument_without_default_ships(executor):
+    # Before: ast's kw_defaults holds None for `scale`, and the shipment
+    # walked it: AttributeError: 'NoneType' object has no attribute '_fields'.
+    assert executor.submit(keyword_only, 1, 2, scale=3, x=4).result(60) == \
+        (1, (2,), 3, [("x", 4)])
+
