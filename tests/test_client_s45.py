@@ -62,3 +62,17 @@ def test_a_function_with_a_keyword_only_argument_without_default_ships(executor)
     assert executor.submit(keyword_only, 1, 2, scale=3, x=4).result(60) == \
         (1, (2,), 3, [("x", 4)])
 
+
+# -- files -----------------------------------------------------------------------------
+
+def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):
+    # Before: put() of an empty file on the disk sent it with
+    # socket.sendfile(count=0): ValueError: count must be a positive integer.
+    empty = tmp_path / "marker"
+    empty.write_bytes(b"")
+    with client.Cluster(cluster.url, cluster.token) as connection:
+        stored = connection.put(str(empty))
+        assert stored["size"] == 0
+        assert connection.get(stored["sha256"]) == b""
+        assert connection.submit("shell", "wc -c < marker",
+                                 inputs=[str(empty)]).result(60).strip() == "0"

@@ -385,7 +385,8 @@ class Http:
                 for data in message[1:]:
                     link[0].sendall(data)
                 if sending is not None:      # what it held when asked, from where it stood
-                    sent = link[0].sendfile(sending, start, length)
+                    # (socket.sendfile refuses a count of 0: an empty file)
+                    sent = link[0].sendfile(sending, start, length) if length else 0
                     if sent != length:      # else rc-web waits for the rest, then closes
                         raise ClusterError("the file shrank while it was sent: %d of its %d"
                                            " bytes" % (sent, length))
