@@ -1,6 +1,7 @@
 """The Python client as users of ProcessPoolExecutor, Dask or Ray use it
 (the forty-fifth session's brief): real programs' shapes on one shared
 cluster. Each test names the fault it keeps fixed."""
+import glob
 import os
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from rc import client
 pytestmark = pytest.mark.e2e
 
 CLIENT = os.path.join(REPO, "lib", "rc", "client.py")
+# A client on Python 3.6 to 3.8, whose inspect gives a class's source from
+# its `class` line on, without its decorators.
+OLD_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[678].*/bin/python3")))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def executor(cluster):
         yield executor
 
 
-def script(cluster, tmp_path, source, timeout=120):
+def script(cluster, tmp_path, source, python=sys.executable, timeout=120):
     """`source` run as a user's script (its __main__) beside a copy of
     client.py, as the dashboard serves it: (exit status, stdout, stderr)."""
     with open(CLIENT, "rb") as f, open(str(tmp_path / "client.py"), "wb") as copy:
@@ -44,7 +48,7 @@ def script(cluster, tmp_path, source, timeout=120):
     path = tmp_path / "job.py"
     path.write_text(textwrap.dedent(source))
     env = dict(os.environ, RC_URL=cluster.url, RC_TOKEN=cluster.token)
-    done = subprocess.run([sys.executable, "-I", str(path)], cwd=str(tmp_path), env=env,
+    done = subprocess.run([python, "-s", str(path)], cwd=str(tmp_path), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=timeout)
     return done.returncode, done.stdout, done.stderr
@@ -61,6 +65,43 @@ def test_a_function_with_a_keyword_only_argument_without_default_ships(executor)
     # walked it: AttributeError: 'NoneType' object has no attribute '_fields'.
     assert executor.submit(keyword_only, 1, 2, scale=3, x=4).result(60) == \
         (1, (2,), 3, [("x", 4)])
+
+
+MADE_BY_CALLS = """
+    import collections, enum
+    from client import Executor
+
+    Point = collections.namedtuple(
+        "Point", "x y")
+    Shade = enum.Enum("Shade", "LIGHT DARK")
+
+    def tagged(cls):
+        cls.tag = "decorated"
+        return cls
+
+    @tagged
+    class Box:
+        pass
+
+    def make(x):
+        return Point(x, x + 1), Shade(x), Box.tag
+
+    if __name__ == "__main__":
+        with Executor() as executor:
+            print(executor.submit(make, 1).result(60))
+"""
+
+
+@pytest.mark.parametrize("python", [sys.executable] + OLD_PYTHONS[-1:])
+def test_classes_made_by_a_call_or_decorated_ship_with_the_function(cluster, tmp_path,
+                                                                    python):
+    # Before: a namedtuple or an Enum made by a call at the top level of the
+    # script was refused (TypeError: "its source cannot be read (defined in
+    # an interactive session...)"), and on Python 3.6-3.8 a decorated class
+    # went without its decorators (a @dataclass had no __init__ there).
+    status, out, err = script(cluster, tmp_path, MADE_BY_CALLS, python)
+    assert status == 0, err
+    assert out.strip() == "(Point(x=1, y=2), <Shade.LIGHT: 1>, 'decorated')"
 
 
 # -- files -----------------------------------------------------------------------------

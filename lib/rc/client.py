@@ -2715,18 +2715,23 @@ class Shipment:
             raise TypeError("%s uses more than %d functions and classes of its module; put"
                             " them in a package installed on the devices"
                             % (describe(self.fn), self.MAX_PIECES))
+        module = sys.modules.get(value.__module__)
+        statement = top_level_statement(module, value) if isinstance(value, type) else None
         try:
-            lines, first = inspect.getsourcelines(value)
-            filename = inspect.getsourcefile(value) or "<%s>" % describe(value)
+            if statement is None:
+                lines, first = inspect.getsourcelines(value)
+                filename = inspect.getsourcefile(value) or "<%s>" % describe(value)
+            else:
+                lines, first = statement
+                filename = inspect.getsourcefile(module) or "<%s>" % describe(value)
         except (OSError, TypeError):
-            raise TypeError("cannot ship %s to a device: its source cannot be read (defined"
-                            " in an interactive session or with python -c?); put it in a"
-                            " .py file" % describe(value))
+            raise TypeError("cannot ship %s to a device: its source cannot be read (made"
+                            " inside a function, in an interactive session or with python"
+                            " -c?); put it at the top level of a .py file" % describe(value))
         source = textwrap.dedent("".join(lines))
         if value.__name__ != name:
             source += "%s = %s\n" % (name, value.__name__)
         self.definitions[name] = (filename, first, source)
-        module = sys.modules.get(value.__module__)
         for used in sorted(self.names_used(value, source)):
             self.add_global(used, module, value)
 
@@ -2823,6 +2828,51 @@ def outside_functions(tree):
             names.add(node.id)
         nodes.extend(ast.iter_child_nodes(node))
     return names
+
+
+_module_statements = {}
+
+
+def top_level_statement(module, cls):
+    """(lines, first line number) of the statement at the top level of its
+    module that makes the class: its `class` with its decorators (before
+    Python 3.9 inspect gives a class's source from `class` on: a
+    @dataclass went without its decorator), else an assignment to its name
+    (`Point = namedtuple("Point", "x y")`, `Shade = Enum("Shade", "DARK")`:
+    no source of its own); None when there is neither."""
+    key = getattr(module, "__name__", None)
+    if key not in _module_statements:
+        _module_statements[key] = module_statements(module)
+    lines, classes, assignments = _module_statements[key]
+    span = classes.get(cls.__name__) or assignments.get(cls.__name__)
+    return None if span is None else (lines[span[0] - 1:span[1]], span[0])
+
+
+def module_statements(module):
+    """(the module's source lines, {class name: (first, last line)}, {name
+    assigned: (first, last line)}) of its top-level statements."""
+    try:
+        lines = inspect.getsourcelines(module)[0]
+        tree = ast.parse("".join(lines))
+    except (OSError, TypeError, SyntaxError):
+        return [], {}, {}
+    classes, assignments = {}, {}
+
+    def first_line(node):
+        return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    body = tree.body
+    for node, after in zip(body, body[1:] + [None]):
+        # end_lineno is 3.8's: before it, up to the next statement
+        last = getattr(node, "end_lineno", None) or (
+            first_line(after) - 1 if after is not None else len(lines))
+        span = (first_line(node), last)
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = span
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assignments[target.id] = span
+    return lines, classes, assignments
 
 
 _module_imports = {}
