@@ -104,6 +104,39 @@ def test_classes_made_by_a_call_or_decorated_ship_with_the_function(cluster, tmp
     assert out.strip() == "(Point(x=1, y=2), <Shade.LIGHT: 1>, 'decorated')"
 
 
+PASSED_THROUGH = """
+    import collections, enum
+    from client import Executor
+
+    Point = collections.namedtuple("Point", "x y")
+
+    class Mode(enum.Enum):
+        FAST = 1
+
+    def norm(point):
+        return abs(point.x) + abs(point.y)
+
+    def same(value):
+        return value
+
+    if __name__ == "__main__":
+        with Executor() as executor:
+            print(list(executor.map(norm, [Point(1, -2), Point(3, 4)])))
+            calls = [executor.submit(same, Mode.FAST) for _ in range(8)]    # packed
+            print([call.result(60) for call in calls] == [Mode.FAST] * 8)
+"""
+
+
+def test_classes_of_the_script_that_only_the_arguments_name_ship(cluster, tmp_path):
+    # Before: a namedtuple or Enum of the script given as an argument to a
+    # function that never names its class did not reach the device:
+    # AttributeError: Can't get attribute 'Point' on <module '__main__'>
+    # (a ProcessPoolExecutor's process has the whole script).
+    status, out, err = script(cluster, tmp_path, PASSED_THROUGH)
+    assert status == 0, err
+    assert out.split("\n")[:2] == ["[3, 7]", "True"]
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

@@ -2611,8 +2611,12 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     except Exception as e:
         raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
     # Arguments that name nothing of fn's module unpickle as they are there;
-    # others need that module read as the script's __main__ (a slower path).
-    renamed = home if home not in (None, "__main__") and home.encode() in data else None
+    # others need that module read as the script's __main__ (a slower path),
+    # and its classes they name that fn does not use sent too.
+    named = home is not None and home.encode() in data
+    renamed = home if named and home != "__main__" else None
+    if named:
+        pieces = pieces + argument_pieces(calls, home, pieces)
     inputs, calls_file = [], ""
     if len(data) > MAX_ARGUMENT_BYTES and store is not None:
         stored = store(data)
@@ -2623,6 +2627,58 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
         getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
         ", each=True" if each else "", calls_file, init), home, inputs
+
+
+def argument_pieces(calls, home, pieces):
+    """The pieces defining what of the module `home` the arguments name (a
+    namedtuple of the script that the function passes on but never names)
+    that `pieces`, the function's, do not: a ProcessPoolExecutor's process
+    has all of its module."""
+    referrer = Referrer(home)
+    referrer.dump(calls)
+    extra, known = [], set(pieces)
+    for value in referrer.found.values():
+        for piece in shipped_definition(value):
+            if piece not in known:
+                known.add(piece)
+                extra.append(piece)
+    return extra
+
+
+class Referrer(pickle.Pickler):
+    """Pickles to nowhere, noting the top-level classes and functions of the
+    module `home` that the pickle names."""
+
+    def __init__(self, home):
+        super().__init__(io.BytesIO(), PICKLE_PROTOCOL)
+        self.home, self.found = home, {}
+
+    def persistent_id(self, value):       # asked of every object pickled
+        if isinstance(value, (type, types.FunctionType)) and \
+                getattr(value, "__module__", None) == self.home:
+            name = value.__qualname__.partition(".")[0]     # Outer of Outer.Inner
+            self.found[name] = getattr(sys.modules.get(self.home), name, value)
+        return None
+
+
+_definitions = {}
+
+
+def shipped_definition(value):
+    """The pieces of a class or function of a module the device has not, with
+    what it uses of its module, made once per value."""
+    with _shipped_lock:
+        found = _definitions.get(id(value))
+        if found is not None and found[0] is value:
+            return found[1]
+    shipment = Shipment(value)
+    if isinstance(value, types.FunctionType):
+        refuse_unshippable(value)
+    shipment.add_definition(value.__name__, value)
+    made = shipment.collected()
+    with _shipped_lock:
+        _definitions[id(value)] = (value, made)
+    return made
 
 
 def unwrap_partial(fn, calls):
@@ -2688,12 +2744,17 @@ class Shipment:
         if is_library_module(fn.__module__) and fn.__module__ != "__main__":
             return self.by_reference(fn)
         self.add_definition(fn.__name__, fn)
+        return fn.__name__, self.collected(), fn.__module__
+
+    def collected(self):
+        """The pieces: imports, constants, then definitions in file order."""
+        module = self.fn.__module__
         ordered = sorted(self.definitions.values(), key=lambda piece: (piece[0], piece[1]))
-        pieces = [("<imports of %s>" % fn.__module__, 1, "\n".join(
+        pieces = [("<imports of %s>" % module, 1, "\n".join(
             statement for statement in self.imports.values()))] if self.imports else []
-        pieces += [("<constants of %s>" % fn.__module__, 1, "".join(self.constants.values()))] \
+        pieces += [("<constants of %s>" % module, 1, "".join(self.constants.values()))] \
             if self.constants else []
-        return fn.__name__, pieces + ordered, fn.__module__
+        return pieces + ordered
 
     def by_reference(self, fn):
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
