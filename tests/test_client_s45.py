@@ -1,11 +1,13 @@
 """The Python client as users of ProcessPoolExecutor, Dask or Ray use it
 (the forty-fifth session's brief): real programs' shapes on one shared
 cluster. Each test names the fault it keeps fixed."""
+import concurrent.futures
 import glob
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -135,6 +137,30 @@ def test_classes_of_the_script_that_only_the_arguments_name_ship(cluster, tmp_pa
     status, out, err = script(cluster, tmp_path, PASSED_THROUGH)
     assert status == 0, err
     assert out.split("\n")[:2] == ["[3, 7]", "True"]
+
+
+# -- waits -----------------------------------------------------------------------------
+
+def nap_s45(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_map_that_times_out_cancels_the_call_it_waited_for(cluster, executor):
+    # Before: the generator cancelled the calls after the one whose wait
+    # timed out (or met Ctrl-C), and that one went on on its device, where
+    # concurrent.futures' map cancels it too: nobody reads its result.
+    started = time.time()
+    results = executor.map(nap_s45, [60, 60], timeout=1, chunksize=1)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        next(results)
+
+    def states():
+        return [state for state, in cluster.db.execute(
+            "SELECT state FROM tasks WHERE payload LIKE '%# nap_s45, 1 call%'"
+            " AND created_at >= ? ORDER BY task_id", (started - 1,))]
+    assert wait_for(lambda: states() == ["cancelled", "cancelled"], 30,
+                    "the calls cancelled")
 
 
 # -- files -----------------------------------------------------------------------------

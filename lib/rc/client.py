@@ -1831,13 +1831,21 @@ def wire_spec(spec):
 
 def results_in_order(futures, timeout):
     """Each future's result in order (as Executor.map gives them); closing
-    the generator early cancels those not yet done."""
+    the generator early cancels those not yet done, and a wait that ends in
+    a TimeoutError or Ctrl-C the one it waited for too, as concurrent.futures'
+    map does (from Python 3.12): nobody can read its result any more."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         futures.reverse()
         while futures:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            yield futures.pop().result(left)
+            future = futures.pop()
+            try:
+                value = future.result(left)
+            except BaseException:
+                future.cancel()         # done (it raised): nothing to cancel
+                raise
+            yield value
     finally:
         for future in futures:
             future.cancel()
