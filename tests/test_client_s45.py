@@ -163,6 +163,23 @@ def test_a_map_that_times_out_cancels_the_call_it_waited_for(cluster, executor):
                     "the calls cancelled")
 
 
+# -- annotations -----------------------------------------------------------------------
+
+class Celsius(float):
+    pass
+
+
+def doubled(value: Celsius) -> Celsius:
+    return value * 2
+
+
+def test_a_class_named_only_in_annotations_ships(executor):
+    # Before: def evaluates its annotations (before Python 3.14), and a
+    # class or import they alone named was not sent: NameError: name
+    # 'Celsius' is not defined, on the device.
+    assert executor.submit(doubled, 1.5).result(60) == 3.0
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

@@ -2892,11 +2892,22 @@ def outside_functions(tree):
             nodes.extend(getattr(node, "decorator_list", []))
             # kw_defaults holds None for a keyword-only argument without one
             nodes.extend(d for d in node.args.defaults + node.args.kw_defaults if d)
+            nodes.extend(annotations(node))     # evaluated by def: names they use ship
             continue
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         nodes.extend(ast.iter_child_nodes(node))
     return names
+
+
+def annotations(node):
+    """The annotations of a def's arguments and of what it returns."""
+    args = node.args
+    found = [getattr(node, "returns", None)]
+    for arg in getattr(args, "posonlyargs", []) + args.args + args.kwonlyargs + [
+            args.vararg, args.kwarg]:
+        found.append(getattr(arg, "annotation", None))
+    return [annotation for annotation in found if annotation is not None]
 
 
 _module_statements = {}
