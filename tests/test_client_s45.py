@@ -180,6 +180,31 @@ def test_a_class_named_only_in_annotations_ships(executor):
     assert executor.submit(doubled, 1.5).result(60) == 3.0
 
 
+FUTURE_ANNOTATIONS = """
+    from __future__ import annotations
+    import typing
+    from client import Executor
+    if typing.TYPE_CHECKING:
+        from decimal import Decimal
+
+    def label(amount: Decimal | None) -> dict[str, Decimal]:
+        return {"amount": amount}
+
+    if __name__ == "__main__":
+        with Executor() as executor:
+            print(executor.submit(label, 2).result(60))
+"""
+
+
+def test_a_script_with_future_annotations_keeps_them_unevaluated(cluster, tmp_path):
+    # Before: its functions were compiled on the device without the
+    # script's `from __future__ import annotations`, which evaluated their
+    # annotations: NameError for what only typing.TYPE_CHECKING imports.
+    status, out, err = script(cluster, tmp_path, FUTURE_ANNOTATIONS)
+    assert status == 0, err
+    assert out.strip() == "{'amount': 2}"
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

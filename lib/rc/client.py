@@ -25,6 +25,7 @@ helpers and constants they use), not lambdas or closures.
 # whole file to parse under 2.7, and Executor.map's keyword-only timeout
 # and chunksize (concurrent.futures' signature) do not.
 f"client.py needs Python 3.6 or newer: run it with python3"
+import __future__
 import ast
 import base64
 import binascii
@@ -2398,11 +2399,9 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
     space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
     try:
         if init:            # the Executor's initializer: its name may be the function's
-            for filename, line, source in init[1]:
-                exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+            _rc_define(init[1], space)
             initializer = space[init[0]]
-        for filename, line, source in pieces:
-            exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+        _rc_define(pieces, space)
         function = space[name]
         if init:            # once in this process, before its calls, as in a pool's
             initargs = binascii.a2b_base64(init[2])
@@ -2434,6 +2433,16 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
     # whole stdout as a file, where the client reads the line.
     out.write(mark + binascii.b2a_base64(data, newline=False).decode() + "\n")
     out.flush()
+
+
+def _rc_define(pieces, space):
+    # (filename, line, source, *the __future__ features of its module)
+    for filename, line, source, *features in pieces:
+        flags = 0
+        for feature in features:            # annotations: not on Python 3.6
+            flags |= getattr(getattr(__import__("__future__"), feature, None),
+                             "compiler_flag", 0)
+        exec(compile("\n" * (line - 1) + source, filename, "exec", flags, True), space)
 
 
 def _rc_call(function, args, kwargs):
@@ -2484,7 +2493,7 @@ def _rc_lines_of_pieces():
     # of it as ProcessPoolExecutor's would.
     import linecache
     files = {}
-    for filename, line, source in globals().get("_rc_pieces", ()):
+    for filename, line, source, *_ in globals().get("_rc_pieces", ()):
         lines, texts = files.setdefault(filename, []), source.split("\\n")
         if texts[-1] == "":
             texts.pop()
@@ -2800,7 +2809,10 @@ class Shipment:
         source = textwrap.dedent("".join(lines))
         if value.__name__ != name:
             source += "%s = %s\n" % (name, value.__name__)
-        self.definitions[name] = (filename, first, source)
+        # `from __future__ import annotations` binds the name in its module
+        future = ("annotations",) if getattr(module, "annotations", None) is getattr(
+            __future__, "annotations", False) else ()
+        self.definitions[name] = (filename, first, source) + future
         for used in sorted(self.names_used(value, source)):
             self.add_global(used, module, value)
 
