@@ -1973,7 +1973,8 @@ class Executor(concurrent.futures.Executor):
         for call in calls:
             with self.cluster.lock:
                 pack = self.open_pack
-                if pack is not None and pack.fn is fn and not pack.sealed and not pack.done():
+                if pack is not None and same_callable(pack.fn, fn) and not pack.sealed \
+                        and not pack.done():
                     if bound is None:
                         bound = self.pack_bound()
                     if len(pack.calls) < bound and pack.weight + call.weight <= MAX_ARGUMENT_BYTES:
@@ -2445,6 +2446,10 @@ def _rc_define(pieces, space):
         exec(compile("\n" * (line - 1) + source, filename, "exec", flags, True), space)
 
 
+def _rc_invoke(function, *args, **kwargs):
+    return function(*args, **kwargs)
+
+
 def _rc_call(function, args, kwargs):
     try:
         return (0, function(*args, **kwargs))
@@ -2618,6 +2623,11 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     process, as a ProcessPoolExecutor's in each of its processes."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
+    title = getattr(fn, "__qualname__", name)
+    if fn is invoke:            # a callable object, pickled as the calls' first argument
+        callable_object = calls[0][0][0]
+        home, title = module_of_yours(callable_object), getattr(
+            callable_object, "__qualname__", type(callable_object).__qualname__)
     init = ""
     if initializer is not None:
         init_name, init_pieces, _ = shipped(initializer[0])
@@ -2641,7 +2651,7 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
         calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
     # The first line is what `rc tasks` and the dashboard show of the task.
     return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
-        getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
+        title, len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
         ", each=True" if each else "", calls_file, init), home, inputs
 
@@ -2664,18 +2674,39 @@ def argument_pieces(calls, home, pieces):
 
 class Referrer(pickle.Pickler):
     """Pickles to nowhere, noting the top-level classes and functions of the
-    module `home` that the pickle names."""
+    module `home` that the pickle names; with no home, of every module that
+    is not a library's, their modules in `modules`."""
 
-    def __init__(self, home):
+    def __init__(self, home=None):
         super().__init__(io.BytesIO(), PICKLE_PROTOCOL)
-        self.home, self.found = home, {}
+        self.home, self.found, self.modules, self.library = home, {}, set(), {}
 
     def persistent_id(self, value):       # asked of every object pickled
-        if isinstance(value, (type, types.FunctionType)) and \
-                getattr(value, "__module__", None) == self.home:
+        if not isinstance(value, (type, types.FunctionType)):
+            return None
+        module = getattr(value, "__module__", None)
+        if self.home is None and isinstance(module, str):
+            if module not in self.library:
+                self.library[module] = is_library_module(module)
+            if not self.library[module]:
+                self.modules.add(module)
+        elif module == self.home:
             name = value.__qualname__.partition(".")[0]     # Outer of Outer.Inner
             self.found[name] = getattr(sys.modules.get(self.home), name, value)
         return None
+
+
+def module_of_yours(value):
+    """The one module, not a library's, whose classes or functions the
+    pickle of `value` names (the device is sent them), or None."""
+    referrer = Referrer()
+    referrer.dump(value)
+    if len(referrer.modules) > 1:
+        raise TypeError("cannot ship %r to a device: it names classes or functions of"
+                        " modules %s, which the device has not, and only one can go with"
+                        " it; pass a function defined with def at the top level of a module"
+                        % (value, ", ".join(sorted(referrer.modules))))
+    return referrer.modules.pop() if referrer.modules else None
 
 
 _definitions = {}
@@ -2699,11 +2730,51 @@ def shipped_definition(value):
 
 
 def unwrap_partial(fn, calls):
+    """(the function to ship, its calls [(args, kwargs)]): a partial's
+    arguments join each call's; a callable that is neither a function nor
+    a library's function or class (str.upper, operator.itemgetter(1), a
+    bound method, an instance with __call__, a class of yours) is the first
+    argument of each call of invoke, pickled, as ProcessPoolExecutor sends a
+    callable; what it names of a module of yours goes as source."""
     while isinstance(fn, functools.partial):
         calls = [(fn.args + tuple(args), dict(fn.keywords or {}, **kwargs))
                  for args, kwargs in calls]
         fn = fn.func
+    method = isinstance(fn, types.FunctionType) and "." in fn.__qualname__ and \
+        "<" not in fn.__qualname__          # Class.method, named through its class
+    if method or not isinstance(fn, types.FunctionType) and not by_name(fn):
+        if not callable(fn):
+            raise TypeError("%r is not callable" % (fn,))
+        try:
+            pickle.dumps(fn, PICKLE_PROTOCOL)
+        except Exception as e:
+            raise TypeError("cannot ship %r to a device: it cannot be pickled (%s); pass a"
+                            " function defined with def at the top level of a module"
+                            " (docs/client.md)" % (fn, e))
+        fn, calls = invoke, [((fn,) + tuple(args), kwargs) for args, kwargs in calls]
     return fn, calls
+
+
+def same_callable(one, other):
+    """Whether calls of both can share a pack: one function, or one method
+    of one object (obj.method is a new bound method each time)."""
+    return one is other or isinstance(one, types.MethodType) and isinstance(
+        other, types.MethodType) and one.__self__ is other.__self__ and \
+        one.__func__ is other.__func__
+
+
+def invoke(function, *args, **kwargs):
+    """Stands for the runner's _rc_invoke: function(*args, **kwargs)."""
+    return function(*args, **kwargs)
+
+
+def by_name(fn):
+    """Whether fn is a function or class of a library module, which the
+    device imports by name (math.sqrt, collections.Counter)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    return isinstance(module, str) and isinstance(qualname, str) and bool(qualname) and \
+        "<" not in qualname and module != "__main__" and (
+            is_library_module(module.split(".")[0]) or is_library_module(module))
 
 
 _shipped = {}
@@ -2712,6 +2783,8 @@ _shipped_lock = threading.Lock()
 
 def shipped(fn):
     """(name to call, [(filename, first line, source)]) for fn, made once per function."""
+    if fn is invoke:
+        return "_rc_invoke", [], None           # the runner's own
     key = id(fn)
     with _shipped_lock:
         found = _shipped.get(key)
@@ -2775,8 +2848,7 @@ class Shipment:
 
     def by_reference(self, fn):
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-        if not module or not qualname or "<" in qualname or module == "__main__" \
-                or not is_library_module(module.split(".")[0]) and not is_library_module(module):
+        if not by_name(fn):
             raise TypeError("cannot ship %r to a device: pass a function defined with def at"
                             " the top level of a module (docs/client.md)" % (fn,))
         head, _, rest = qualname.partition(".")
