@@ -191,6 +191,18 @@ def test_callables_that_are_not_functions_ship_pickled(executor):
         executor.submit(42, 1)
 
 
+def named(fn=0, self=0):
+    return fn, self
+
+
+def test_submit_passes_keywords_named_fn_and_self_to_the_function(executor):
+    # Before: TypeError: Executor.submit() got multiple values for argument
+    # 'fn', where ProcessPoolExecutor's submit(fn, /, *args, **kwargs) passes them.
+    assert executor.submit(named, fn=1, self=2).result(60) == (1, 2)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'fn'"):
+        executor.submit()
+
+
 # -- annotations -----------------------------------------------------------------------
 
 class Celsius(float):

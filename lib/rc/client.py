@@ -1905,9 +1905,14 @@ class Executor(concurrent.futures.Executor):
         self.lock = threading.Lock()
         self.shut = False
 
-    def submit(self, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs) on a device; a future of its value.
-        fn must be shippable (docs/client.md): TypeError at once if not."""
+    def submit(*args, **kwargs):
+        """submit(fn, /, *args, **kwargs): run fn(*args, **kwargs) on a
+        device; a future of its value. fn must be shippable (docs/client.md):
+        TypeError at once if not. (Positional-only as ProcessPoolExecutor's,
+        so fn's own keywords may be `fn` and `self`; `/` is 3.8's syntax.)"""
+        if len(args) < 2:
+            raise TypeError("submit() missing 1 required positional argument: 'fn'")
+        self, fn, args = args[0], args[1], args[2:]
         if self.pack == 1:
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         self.refuse_after_shutdown()
