@@ -245,6 +245,23 @@ def test_a_script_with_future_annotations_keeps_them_unevaluated(cluster, tmp_pa
     assert out.strip() == "{'amount': 2}"
 
 
+def fails_at_five(number):
+    if number == 5:
+        raise ValueError("five")
+    return number
+
+
+def test_a_map_gives_the_values_before_the_first_call_that_raised(executor):
+    # Before: a chunk whose call raised gave none of its values, though the
+    # calls before it had run: ProcessPoolExecutor's map (chunksize 1) gives
+    # 0 to 4, then raises.
+    got = []
+    with pytest.raises(ValueError, match="five"):
+        for value in executor.map(fails_at_five, range(8), chunksize=8):
+            got.append(value)
+    assert got == [0, 1, 2, 3, 4]
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

@@ -1965,7 +1965,7 @@ class Executor(concurrent.futures.Executor):
             chunksize = default_chunksize(len(items), self.cluster.slots())
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        futures = [self.submit_calls(fn, chunk, all_outcomes)
+        futures = [self.submit_calls(fn, chunk, each_outcome)
                    for chunk in argument_chunks(items, chunksize)]
         return flatten(results_in_order(futures, timeout))
 
@@ -2251,13 +2251,28 @@ def argument_chunks(items, chunksize):
 
 
 def flatten(chunk_results):
-    for values in chunk_results:
-        for value in values:
-            yield value
+    """Each call's value, in order, from its chunk's each_outcome(): the
+    first call that raised raises there, after the values before it, its
+    chunk's too, as a ProcessPoolExecutor's map of chunksize 1 gives them."""
+    try:
+        for outcomes in chunk_results:
+            for value, error in outcomes:
+                if error is not None:
+                    raise error
+                yield value
+    finally:
+        chunk_results.close()       # the calls not yet done cancelled
 
 
 def first_outcome(record, home=None, cluster=None):
     return all_outcomes(record, home, cluster)[0]
+
+
+def each_outcome(record, home=None, cluster=None):
+    """[(value, None) or (None, exception)] of the calls of a python_exec
+    task made by call_code(), in order."""
+    return [(outcome[1], None) if outcome[0] == 0 else (None, remote_exception(outcome, home))
+            for outcome in decode_outcomes(record, home, cluster)]
 
 
 def all_outcomes(record, home=None, cluster=None):
