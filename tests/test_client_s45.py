@@ -262,6 +262,27 @@ def test_a_map_gives_the_values_before_the_first_call_that_raised(executor):
     assert got == [0, 1, 2, 3, 4]
 
 
+def count_lines(name):
+    with open(name) as f:
+        return len(f.readlines())
+
+
+def test_a_file_of_this_machine_the_call_cannot_open_is_named_with_the_fix(
+        cluster, executor, tmp_path, monkeypatch):
+    # Before: a bare "No such file or directory: 'table.csv'", where a
+    # ProcessPoolExecutor's process opens the file beside the script.
+    monkeypatch.chdir(str(tmp_path))
+    (tmp_path / "table.csv").write_text("a\nb\n")
+    with pytest.raises(FileNotFoundError, match=r"table.csv is a file of this machine: "
+                       r"Executor\(inputs=\['table.csv'\]\)"):
+        executor.submit(count_lines, "table.csv").result(60)
+    with pytest.raises(FileNotFoundError) as missing:
+        executor.submit(count_lines, "nowhere.csv").result(60)
+    assert "this machine" not in str(missing.value)
+    with client.Executor(cluster.url, cluster.token, inputs=["table.csv"]) as sending:
+        assert sending.submit(count_lines, "table.csv").result(60) == 2
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

@@ -2373,6 +2373,8 @@ def remote_exception(outcome, home=None):
         error = RemoteError(type_name, message, traceback_text)
     if isinstance(error, ImportError):
         say_own_module(error)
+    if isinstance(error, FileNotFoundError):
+        say_own_file(error)
     error.__cause__ = RemoteTraceback(traceback_text)
     return error
 
@@ -2391,6 +2393,17 @@ def say_own_module(error):
             " have; `from %s import NAME` sends NAME with the function, or install %s on"
             " the devices: docs/client.md)" % (error, name, path, name, name))
     error.msg, error.args = told, (told,)
+
+
+def say_own_file(error):
+    """A file the call could not open that is a file of this machine
+    (data.csv beside the script, which a ProcessPoolExecutor's processes
+    open): the message says so and how to send it."""
+    name = error.filename
+    if not isinstance(name, str) or os.path.isabs(name) or not os.path.isfile(name):
+        return
+    error.strerror = "%s on the device (%s is a file of this machine: Executor(inputs=[%r])" \
+        " puts it in each task's directory, docs/client.md)" % (error.strerror, name, name)
 
 
 # -- what goes to the device -------------------------------------------------------------
