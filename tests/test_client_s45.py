@@ -203,6 +203,24 @@ def test_submit_passes_keywords_named_fn_and_self_to_the_function(executor):
         executor.submit()
 
 
+TABLE = list(range(100000))        # 400 KB in base64: over the 256 KiB of a task's code
+
+
+def look_up(index):
+    return TABLE[index]
+
+
+def test_a_function_whose_globals_are_too_long_for_a_tasks_code_runs(executor):
+    # Before: its global went pickled in the task's code, which rc-web
+    # refused: ClusterError: python_exec code is over 262144 bytes (HTTP 400),
+    # or the batch's 1 MiB (HTTP 413); now the function's source and
+    # globals go as one input file that its tasks share.
+    assert executor.submit(look_up, 5).result(60) == 5
+    assert list(executor.map(look_up, [7, 99999], chunksize=1)) == [7, 99999]
+    calls = [executor.submit(look_up, n) for n in range(40)]     # packed
+    assert [call.result(60) for call in calls] == list(range(40))
+
+
 # -- annotations -----------------------------------------------------------------------
 
 class Celsius(float):

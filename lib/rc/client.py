@@ -113,6 +113,10 @@ MAX_ARGUMENT_BYTES = 128 * 1024     # pickled arguments a task's code carries (b
                                 # it: the main node takes 256 KiB of code); a task's
                                 # calls over it go as an input file, CALLS_FILE
 CALLS_FILE = "rc-client-calls.pickle"   # that input, in the task's directory
+PIECES_IN_CODE = 64 * 1024      # characters of a function's source and globals (pickled)
+                                # a task's code carries: more go as the input PIECES_FILE,
+                                # one file for all the function's tasks (devices cache it)
+PIECES_FILE = "rc-client-code.pickle"
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
 KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node when it
                                 # passed the worker's output cap (a long result line)
@@ -1055,7 +1059,7 @@ class Cluster:
             if url or not os.environ.get("RC_URL"):
                 raise
             raise ValueError("RC_URL: %s" % e) from None    # the program never named it
-        self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
+        self.put_paths = {}                  # (path, size, mtime) or sha256 -> put()'s answer
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
@@ -1151,6 +1155,17 @@ class Cluster:
         if key not in self.put_paths:
             self.put_paths[key] = self.put(path)
         return self.put_paths[key]
+
+    def put_data_once(self, data, cached_only=False):
+        """put(data), or what it gave last time for the same bytes (a
+        function's code, one file for all its tasks); `cached_only`: that,
+        or None (never a request: the cluster's lock may be held). `data`
+        may be (bytes, their SHA-256)."""
+        data, key = data if isinstance(data, tuple) else (data, hashlib.sha256(
+            data).hexdigest())
+        if key not in self.put_paths and not cached_only:
+            self.put_paths[key] = self.put_body(data, key, len(data))
+        return self.put_paths.get(key)
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1917,7 +1932,9 @@ class Executor(concurrent.futures.Executor):
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         self.refuse_after_shutdown()
         function, calls = unwrap_partial(fn, [(args, kwargs)])
-        shipped(function)                           # TypeError now, not when it is sent
+        pieces = shipped(function)[1]               # TypeError now, not when it is sent
+        if code_size(pieces) > PIECES_IN_CODE:      # stored now, for its packs
+            self.cluster.put_data_once(pieces_file(pieces))
         try:
             weight = len(pickle.dumps(calls[0], PICKLE_PROTOCOL))
         except Exception as e:
@@ -1939,7 +1956,8 @@ class Executor(concurrent.futures.Executor):
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
         code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
-                                       store=self.cluster.put, initializer=self.initializer)
+                                       store=self.cluster.put_data_once,
+                                       initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
@@ -2177,10 +2195,16 @@ class PackFuture(TaskFuture):
         if not self.calls:
             raise ValueError("a pack with no calls left")
         # A pack's arguments are at most MAX_ARGUMENT_BYTES (Executor.place):
-        # they go in its code, with no file to store under the lock.
-        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True,
-                                  initializer=self.executor.initializer)
-        self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
+        # they go in its code, with no file to store under the lock; a
+        # function too long for it was stored by Executor.submit.
+        code, home, inputs = call_code(
+            self.fn, [call.arguments for call in self.calls], each=True,
+            store=functools.partial(self.cluster.put_data_once, cached_only=True),
+            initializer=self.executor.initializer)
+        options = self.executor.task_options
+        if inputs:
+            options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
+        self.spec = task_spec("python_exec", {"code": code}, options)
         self.decode = functools.partial(outcomes_and_home, home=home, cluster=self.cluster)
 
 
@@ -2430,8 +2454,11 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
-    space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
     try:
+        if pieces and isinstance(pieces[0], str):   # the function's, too long for
+            with open(pieces[0], "rb") as f:        # the code: an input file
+                pieces = pickle.loads(f.read()) + pieces[1:]
+        space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
         if init:            # the Executor's initializer: its name may be the function's
             _rc_define(init[1], space)
             initializer = space[init[0]]
@@ -2675,13 +2702,21 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     # and its classes they name that fn does not use sent too.
     named = home is not None and home.encode() in data
     renamed = home if named and home != "__main__" else None
-    if named:
-        pieces = pieces + argument_pieces(calls, home, pieces)
+    extra = argument_pieces(calls, home, pieces) if named else []
     inputs, calls_file = [], ""
     if len(data) > MAX_ARGUMENT_BYTES and store is not None:
         stored = store(data)
         inputs = [{"path": CALLS_FILE, "sha256": stored["sha256"], "size": stored["size"]}]
         calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
+    # A function whose source and globals are too long for the code (a
+    # global table of megabytes) goes as a file, the same for all its tasks.
+    stored = store(pieces_file(pieces)) if store is not None and \
+        code_size(pieces) > PIECES_IN_CODE else None
+    if stored is not None:
+        inputs.append({"path": PIECES_FILE, "sha256": stored["sha256"],
+                       "size": stored["size"]})
+        pieces = [PIECES_FILE]
+    pieces = pieces + extra
     # The first line is what `rc tasks` and the dashboard show of the task.
     return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
         title, len(calls), "" if len(calls) == 1 else "s",
@@ -2759,6 +2794,27 @@ def shipped_definition(value):
     made = shipment.collected()
     with _shipped_lock:
         _definitions[id(value)] = (value, made)
+    return made
+
+
+def code_size(pieces):
+    """Characters of the source (and pickled globals) of shipped() pieces."""
+    return sum(len(piece[2]) for piece in pieces)
+
+
+_pieces_files = {}
+
+
+def pieces_file(pieces):
+    """(the PIECES_FILE of shipped() pieces, its SHA-256), made once per shipment."""
+    with _shipped_lock:
+        found = _pieces_files.get(id(pieces))
+        if found is not None and found[0] is pieces:
+            return found[1]
+    data = pickle.dumps(pieces, PICKLE_PROTOCOL)
+    made = (data, hashlib.sha256(data).hexdigest())
+    with _shipped_lock:
+        _pieces_files[id(pieces)] = (pieces, made)
     return made
 
 
