@@ -141,6 +141,36 @@ def test_classes_of_the_script_that_only_the_arguments_name_ship(cluster, tmp_pa
     assert out.split("\n")[:2] == ["[3, 7]", "True"]
 
 
+SCRIPT_FUNCTION_TO_A_MODULE = """
+    from client import Executor
+    from helpers import apply
+
+    def square(x):
+        return x * x
+
+    if __name__ == "__main__":
+        with Executor() as executor:
+            try:
+                executor.submit(apply, square, 3)
+            except TypeError as e:
+                print(e)
+"""
+
+
+def test_a_function_of_the_script_given_to_a_modules_function_is_refused_at_submit(
+        cluster, tmp_path):
+    # Before: the call failed on the device, AttributeError: Can't get
+    # attribute 'square' on <module '__main__'>, where the device's
+    # __main__ holds helpers' definitions.
+    (tmp_path / "helpers.py").write_text("def apply(f, x):\n    return f(x)\n")
+    status, out, err = script(cluster, tmp_path, SCRIPT_FUNCTION_TO_A_MODULE)
+    assert status == 0, err
+    assert out.strip() == (
+        "the arguments of helpers.apply name square of your script, which cannot go to a"
+        " device with a function of helpers (a call takes one module of yours): define"
+        " square in helpers, or the function in the script")
+
+
 # -- waits -----------------------------------------------------------------------------
 
 def nap_s45(seconds):

@@ -1932,13 +1932,16 @@ class Executor(concurrent.futures.Executor):
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         self.refuse_after_shutdown()
         function, calls = unwrap_partial(fn, [(args, kwargs)])
-        pieces = shipped(function)[1]               # TypeError now, not when it is sent
-        if code_size(pieces) > PIECES_IN_CODE:      # stored now, for its packs
-            self.cluster.put_data_once(pieces_file(pieces))
+        _, pieces, home = shipped(function)         # TypeError now, not when it is sent
         try:
-            weight = len(pickle.dumps(calls[0], PICKLE_PROTOCOL))
+            data = pickle.dumps(calls, PICKLE_PROTOCOL)
         except Exception as e:
             raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+        if home not in (None, "__main__") and b"__main__" in data:
+            refuse_script_arguments(function, calls, home)
+        if code_size(pieces) > PIECES_IN_CODE:      # stored now, for its packs
+            self.cluster.put_data_once(pieces_file(pieces))
+        weight = len(data)
         if weight > MAX_ARGUMENT_BYTES:     # a task of its own, its arguments a file
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         call = CallFuture(self, (args, kwargs), weight)
@@ -2703,6 +2706,8 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     named = home is not None and home.encode() in data
     renamed = home if named and home != "__main__" else None
     extra = argument_pieces(calls, home, pieces) if named else []
+    if home not in (None, "__main__") and b"__main__" in data:
+        refuse_script_arguments(fn, calls, home)
     inputs, calls_file = [], ""
     if len(data) > MAX_ARGUMENT_BYTES and store is not None:
         stored = store(data)
@@ -2738,6 +2743,20 @@ def argument_pieces(calls, home, pieces):
                 known.add(piece)
                 extra.append(piece)
     return extra
+
+
+def refuse_script_arguments(fn, calls, home):
+    """A TypeError if the arguments of a function of the module `home` (not
+    the script) name functions or classes of the script: the device runs
+    one module of yours, as its __main__, where they would not be found."""
+    referrer = Referrer("__main__")
+    referrer.dump(calls)
+    if referrer.found:
+        names = ", ".join(sorted(referrer.found))
+        raise TypeError("the arguments of %s name %s of your script, which cannot go to a"
+                        " device with a function of %s (a call takes one module of yours):"
+                        " define %s in %s, or the function in the script"
+                        % (describe(fn), names, home, names, home))
 
 
 class Referrer(pickle.Pickler):
