@@ -331,6 +331,24 @@ def test_a_file_of_this_machine_the_call_cannot_open_is_named_with_the_fix(
         assert sending.submit(count_lines, "table.csv").result(60) == 2
 
 
+def test_a_maps_timeout_counts_from_the_call_to_map(executor, monkeypatch):
+    # Before: from the first next(): a program that did other work after
+    # map() waited `timeout` more, where concurrent.futures' map's timeout
+    # counts "from the original call to Executor.map()".
+    waits = []
+    result = client.TaskFuture.result
+
+    def noted(future, timeout=None):
+        waits.append(timeout)
+        return result(future, timeout)
+    monkeypatch.setattr(client.TaskFuture, "result", noted)
+    results = executor.map(nap_s45, [60], timeout=0.5)
+    time.sleep(0.6)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        next(results)
+    assert waits == [0.0]       # the time left when it was asked: none
+
+
 # -- files -----------------------------------------------------------------------------
 
 def test_an_empty_file_is_put_and_given_as_an_input(cluster, tmp_path):

@@ -1845,12 +1845,12 @@ def wire_spec(spec):
                                   for d in depends])
 
 
-def results_in_order(futures, timeout):
-    """Each future's result in order (as Executor.map gives them); closing
-    the generator early cancels those not yet done, and a wait that ends in
-    a TimeoutError or Ctrl-C the one it waited for too, as concurrent.futures'
-    map does (from Python 3.12): nobody can read its result any more."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def results_in_order(futures, deadline):
+    """Each future's result in order (as Executor.map gives them), by the
+    time.monotonic() `deadline` (None: no limit); closing the generator
+    early cancels those not yet done, and a wait that ends in a TimeoutError
+    or Ctrl-C the one it waited for too, as concurrent.futures' map does
+    (from Python 3.12): nobody can read its result any more."""
     try:
         futures.reverse()
         while futures:
@@ -1980,7 +1980,9 @@ class Executor(concurrent.futures.Executor):
         """fn over the iterables' items, results in order. Calls go to the
         devices `chunksize` per task (one process a task); by default about
         CHUNKS_PER_SLOT tasks per slot of the fleet (at most MAX_CHUNKSIZE
-        calls each), fewer when their arguments are large."""
+        calls each), fewer when their arguments are large. `timeout`
+        counts from this call, as concurrent.futures' map's."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         items = list(zip(*iterables))
         if chunksize is None:
             chunksize = default_chunksize(len(items), self.cluster.slots())
@@ -1988,7 +1990,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         futures = [self.submit_calls(fn, chunk, each_outcome)
                    for chunk in argument_chunks(items, chunksize)]
-        return flatten(results_in_order(futures, timeout))
+        return flatten(results_in_order(futures, deadline))
 
     # -- packs -------------------------------------------------------------------------
 
