@@ -2,6 +2,7 @@
 (the forty-fifth session's brief): real programs' shapes on one shared
 cluster. Each test names the fault it keeps fixed."""
 import concurrent.futures
+import functools
 import glob
 import operator
 import os
@@ -249,6 +250,37 @@ def test_a_function_whose_globals_are_too_long_for_a_tasks_code_runs(executor):
     assert list(executor.map(look_up, [7, 99999], chunksize=1)) == [7, 99999]
     calls = [executor.submit(look_up, n) for n in range(40)]     # packed
     assert [call.result(60) for call in calls] == list(range(40))
+
+
+def tagged(function):
+    @functools.wraps(function)
+    def wrapper(*args):
+        return function(*args), "tagged"
+    return wrapper
+
+
+@tagged
+def plus_one(number):
+    return number + 1
+
+
+@functools.lru_cache(maxsize=None)
+def fibonacci(n):
+    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+
+
+def fibonacci_of(n):
+    return fibonacci(n)
+
+
+def test_functions_decorated_at_the_top_level_ship_and_are_decorated_again(executor):
+    # Before: a functools.wraps wrapper was refused as "a nested function or
+    # closure", an lru_cache as not "a function defined with def at the top
+    # level", and a function calling one failed on the device (Can't get
+    # attribute 'fibonacci'), where ProcessPoolExecutor runs them all.
+    assert executor.submit(plus_one, 1).result(60) == (2, "tagged")
+    assert executor.submit(fibonacci, 30).result(60) == 832040
+    assert executor.submit(fibonacci_of, 10).result(60) == 55
 
 
 # -- annotations -----------------------------------------------------------------------

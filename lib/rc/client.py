@@ -2852,7 +2852,8 @@ def unwrap_partial(fn, calls):
         fn = fn.func
     method = isinstance(fn, types.FunctionType) and "." in fn.__qualname__ and \
         "<" not in fn.__qualname__          # Class.method, named through its class
-    if method or not isinstance(fn, types.FunctionType) and not by_name(fn):
+    if method or not isinstance(fn, types.FunctionType) and not by_name(fn) and \
+            not decorated_at_top_level(fn):
         if not callable(fn):
             raise TypeError("%r is not callable" % (fn,))
         try:
@@ -2938,7 +2939,7 @@ class Shipment:
 
     def pieces(self):
         fn = self.fn
-        if not isinstance(fn, types.FunctionType):
+        if not isinstance(fn, types.FunctionType) and not decorated_at_top_level(fn):
             return self.by_reference(fn)
         refuse_unshippable(fn)
         if is_library_module(fn.__module__) and fn.__module__ != "__main__":
@@ -2978,9 +2979,10 @@ class Shipment:
         module = sys.modules.get(value.__module__)
         statement = top_level_statement(module, value) if isinstance(value, type) else None
         try:
-            if statement is None:
-                lines, first = inspect.getsourcelines(value)
-                filename = inspect.getsourcefile(value) or "<%s>" % describe(value)
+            if statement is None:       # a decorated function's: its def's, decorators too
+                lines, first = inspect.getsourcelines(inspect.unwrap(value))
+                filename = inspect.getsourcefile(inspect.unwrap(value)) or \
+                    "<%s>" % describe(value)
             else:
                 lines, first = statement
                 filename = inspect.getsourcefile(module) or "<%s>" % describe(value)
@@ -3002,7 +3004,7 @@ class Shipment:
         """Global names the definition reads: from the bytecode of a function
         (and of a class's methods), from the syntax outside function bodies
         (decorators, base classes, class attributes)."""
-        functions = [value] if isinstance(value, types.FunctionType) else [
+        functions = [inspect.unwrap(value)] if not isinstance(value, type) else [
             getattr(member, "__func__", member) for member in vars(value).values()]
         names = set()
         for function in functions:
@@ -3025,8 +3027,8 @@ class Shipment:
         if isinstance(value, types.ModuleType):
             self.imports[name] = import_statement(module, name) or (
                 "import %s as %s" % (value.__name__, name))
-        elif isinstance(value, (types.FunctionType, type)) and not is_library_module(
-                value.__module__):
+        elif (isinstance(value, (types.FunctionType, type)) or decorated_at_top_level(value)) \
+                and not is_library_module(value.__module__):
             if isinstance(value, types.FunctionType):
                 refuse_unshippable(value)
             self.add_definition(name, value)
@@ -3048,7 +3050,18 @@ def is_library_object(value):
     return isinstance(module, str) and isinstance(qualname, str) and is_library_module(module)
 
 
+def decorated_at_top_level(fn):
+    """Whether fn is what a decorator made of a def at the top level of its
+    module (functools.wraps's wrapper, an lru_cache): that def, decorators
+    and all, ships as source, decorated again on the device."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    return hasattr(fn, "__wrapped__") and isinstance(inspect.unwrap(fn), types.FunctionType) \
+        and getattr(module, getattr(fn, "__name__", ""), None) is fn
+
+
 def refuse_unshippable(fn):
+    if decorated_at_top_level(fn):
+        fn = inspect.unwrap(fn)                 # the def's own function is checked
     what = describe(fn)
     if fn.__name__ == "<lambda>":
         raise TypeError("cannot ship the lambda %s to a device: define the function with def"
