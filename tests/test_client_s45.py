@@ -281,6 +281,7 @@ def test_functions_decorated_at_the_top_level_ship_and_are_decorated_again(execu
     assert executor.submit(plus_one, 1).result(60) == (2, "tagged")
     assert executor.submit(fibonacci, 30).result(60) == 832040
     assert executor.submit(fibonacci_of, 10).result(60) == 55
+    assert executor.submit(operator.methodcaller("__call__", 12), fibonacci).result(60) == 144
 
 
 # -- annotations -----------------------------------------------------------------------

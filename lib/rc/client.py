@@ -1939,6 +1939,8 @@ class Executor(concurrent.futures.Executor):
             raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
         if home not in (None, "__main__") and b"__main__" in data:
             refuse_script_arguments(function, calls, home)
+        if function is invoke:
+            module_of_yours(calls, calls[0][0][0])  # TypeError now if two modules of yours
         if code_size(pieces) > PIECES_IN_CODE:      # stored now, for its packs
             self.cluster.put_data_once(pieces_file(pieces))
         weight = len(data)
@@ -2691,7 +2693,7 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     title = getattr(fn, "__qualname__", name)
     if fn is invoke:            # a callable object, pickled as the calls' first argument
         callable_object = calls[0][0][0]
-        home, title = module_of_yours(callable_object), getattr(
+        home, title = module_of_yours(calls, callable_object), getattr(
             callable_object, "__qualname__", type(callable_object).__qualname__)
     init = ""
     if initializer is not None:
@@ -2771,7 +2773,8 @@ class Referrer(pickle.Pickler):
         self.home, self.found, self.modules, self.library = home, {}, set(), {}
 
     def persistent_id(self, value):       # asked of every object pickled
-        if not isinstance(value, (type, types.FunctionType)):
+        if not isinstance(value, (type, types.FunctionType)) and \
+                not decorated_at_top_level(value):      # an lru_cache, pickled by name
             return None
         module = getattr(value, "__module__", None)
         if self.home is None and isinstance(module, str):
@@ -2785,16 +2788,17 @@ class Referrer(pickle.Pickler):
         return None
 
 
-def module_of_yours(value):
+def module_of_yours(calls, callable_object):
     """The one module, not a library's, whose classes or functions the
-    pickle of `value` names (the device is sent them), or None."""
+    pickle of the calls of a callable object (its first argument) names
+    (the device is sent them), or None."""
     referrer = Referrer()
-    referrer.dump(value)
+    referrer.dump(calls)
     if len(referrer.modules) > 1:
-        raise TypeError("cannot ship %r to a device: it names classes or functions of"
-                        " modules %s, which the device has not, and only one can go with"
-                        " it; pass a function defined with def at the top level of a module"
-                        % (value, ", ".join(sorted(referrer.modules))))
+        raise TypeError("cannot ship %r to a device with these arguments: they name classes"
+                        " or functions of modules %s, which the device has not, and one"
+                        " module of yours goes with a call" % (
+                            callable_object, ", ".join(sorted(referrer.modules))))
     return referrer.modules.pop() if referrer.modules else None
 
 
