@@ -2782,7 +2782,7 @@ class Referrer(pickle.Pickler):
                 self.library[module] = is_library_module(module)
             if not self.library[module]:
                 self.modules.add(module)
-        elif module == self.home:
+        elif self.home is not None and module == self.home:
             name = value.__qualname__.partition(".")[0]     # Outer of Outer.Inner
             self.found[name] = getattr(sys.modules.get(self.home), name, value)
         return None
