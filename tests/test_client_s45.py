@@ -284,6 +284,34 @@ def test_functions_decorated_at_the_top_level_ship_and_are_decorated_again(execu
     assert executor.submit(operator.methodcaller("__call__", 12), fibonacci).result(60) == 144
 
 
+LEVEL = {}
+
+
+def set_level(value, scale=1):
+    LEVEL["value"] = value * scale
+
+
+class Starter:
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self):
+        LEVEL["value"] = self.value
+
+
+def level(number):
+    return LEVEL.get("value"), number
+
+
+@pytest.mark.parametrize("initializer,expected", [
+    (functools.partial(set_level, 3, scale=2), 6), (Starter(7), 7)])
+def test_an_initializer_may_be_a_partial_or_a_callable_object(cluster, initializer, expected):
+    # Before: refused with "pass a function defined with def at the top level
+    # of a module", where ProcessPoolExecutor takes any picklable callable.
+    with client.Executor(cluster.url, cluster.token, initializer=initializer) as executor:
+        assert executor.submit(level, 1).result(60) == (expected, 1)
+
+
 # -- annotations -----------------------------------------------------------------------
 
 class Celsius(float):

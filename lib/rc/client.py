@@ -1894,9 +1894,11 @@ class Executor(concurrent.futures.Executor):
         if initializer is not None:
             if not callable(initializer):
                 raise TypeError("initializer must be a callable")
-            shipped(initializer)                    # TypeError now if it cannot go
+            # TypeError now if it cannot go (a partial, a callable object: as fn)
+            function, calls = unwrap_partial(initializer, [(tuple(initargs), {})])
+            shipped(function)
             try:
-                pickle.dumps(tuple(initargs), PICKLE_PROTOCOL)
+                pickle.dumps(calls, PICKLE_PROTOCOL)
             except Exception as e:
                 raise TypeError("the initargs cannot be pickled: %s" % e)
             self.initializer = (initializer, tuple(initargs))
@@ -2473,8 +2475,9 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
         function = space[name]
         if init:            # once in this process, before its calls, as in a pool's
             initargs = binascii.a2b_base64(init[2])
-            initializer(*(pickle.loads(initargs) if home in (None, "__main__") else
-                          _rc_slow("load")(initargs, home)))
+            args, kwargs = pickle.loads(initargs) if init[3] is None else \
+                _rc_slow("load")(initargs, init[3])     # its module's name, as home
+            initializer(*args, **kwargs)
         if calls_file is None:
             calls = binascii.a2b_base64(calls)
         else:                   # arguments too large for the code: an input file
@@ -2697,9 +2700,16 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
             callable_object, "__qualname__", type(callable_object).__qualname__)
     init = ""
     if initializer is not None:
-        init_name, init_pieces, _ = shipped(initializer[0])
-        init = ", init=(%r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
-            pickle.dumps(tuple(initializer[1]), PICKLE_PROTOCOL)).decode())
+        init_function, init_calls = unwrap_partial(initializer[0], [(initializer[1], {})])
+        init_name, init_pieces, init_home = shipped(init_function)
+        if init_function is invoke:
+            init_home = module_of_yours(init_calls, init_calls[0][0][0])
+        init_data = pickle.dumps(init_calls[0], PICKLE_PROTOCOL)      # (args, kwargs)
+        init_named = init_home is not None and init_home.encode() in init_data
+        if init_named:
+            init_pieces = init_pieces + argument_pieces(init_calls, init_home, init_pieces)
+        init = ", init=(%r, %r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
+            init_data).decode(), init_home if init_named and init_home != "__main__" else None)
     try:
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
     except Exception as e:
