@@ -25,6 +25,7 @@ helpers and constants they use), not lambdas or closures.
 # whole file to parse under 2.7, and Executor.map's keyword-only timeout
 # and chunksize (concurrent.futures' signature) do not.
 f"client.py needs Python 3.6 or newer: run it with python3"
+import __future__
 import ast
 import base64
 import binascii
@@ -112,6 +113,10 @@ MAX_ARGUMENT_BYTES = 128 * 1024     # pickled arguments a task's code carries (b
                                 # it: the main node takes 256 KiB of code); a task's
                                 # calls over it go as an input file, CALLS_FILE
 CALLS_FILE = "rc-client-calls.pickle"   # that input, in the task's directory
+PIECES_IN_CODE = 64 * 1024      # characters of a function's source and globals (pickled)
+                                # a task's code carries: more go as the input PIECES_FILE,
+                                # one file for all the function's tasks (devices cache it)
+PIECES_FILE = "rc-client-code.pickle"
 RESULT_MARK = "rc-client-result:1:"     # the line of a task's stdout with its outcomes
 KEPT_STDOUT = ".rc/stdout"      # a task's whole stdout, kept by the main node when it
                                 # passed the worker's output cap (a long result line)
@@ -385,7 +390,8 @@ class Http:
                 for data in message[1:]:
                     link[0].sendall(data)
                 if sending is not None:      # what it held when asked, from where it stood
-                    sent = link[0].sendfile(sending, start, length)
+                    # (socket.sendfile refuses a count of 0: an empty file)
+                    sent = link[0].sendfile(sending, start, length) if length else 0
                     if sent != length:      # else rc-web waits for the rest, then closes
                         raise ClusterError("the file shrank while it was sent: %d of its %d"
                                            " bytes" % (sent, length))
@@ -1053,7 +1059,7 @@ class Cluster:
             if url or not os.environ.get("RC_URL"):
                 raise
             raise ValueError("RC_URL: %s" % e) from None    # the program never named it
-        self.put_paths = {}                  # (path, size, mtime) -> put()'s answer
+        self.put_paths = {}                  # (path, size, mtime) or sha256 -> put()'s answer
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
@@ -1149,6 +1155,17 @@ class Cluster:
         if key not in self.put_paths:
             self.put_paths[key] = self.put(path)
         return self.put_paths[key]
+
+    def put_data_once(self, data, cached_only=False):
+        """put(data), or what it gave last time for the same bytes (a
+        function's code, one file for all its tasks); `cached_only`: that,
+        or None (never a request: the cluster's lock may be held). `data`
+        may be (bytes, their SHA-256)."""
+        data, key = data if isinstance(data, tuple) else (data, hashlib.sha256(
+            data).hexdigest())
+        if key not in self.put_paths and not cached_only:
+            self.put_paths[key] = self.put_body(data, key, len(data))
+        return self.put_paths.get(key)
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1828,15 +1845,23 @@ def wire_spec(spec):
                                   for d in depends])
 
 
-def results_in_order(futures, timeout):
-    """Each future's result in order (as Executor.map gives them); closing
-    the generator early cancels those not yet done."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def results_in_order(futures, deadline):
+    """Each future's result in order (as Executor.map gives them), by the
+    time.monotonic() `deadline` (None: no limit); closing the generator
+    early cancels those not yet done, and a wait that ends in a TimeoutError
+    or Ctrl-C the one it waited for too, as concurrent.futures' map does
+    (from Python 3.12): nobody can read its result any more."""
     try:
         futures.reverse()
         while futures:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            yield futures.pop().result(left)
+            future = futures.pop()
+            try:
+                value = future.result(left)
+            except BaseException:
+                future.cancel()         # done (it raised): nothing to cancel
+                raise
+            yield value
     finally:
         for future in futures:
             future.cancel()
@@ -1869,9 +1894,11 @@ class Executor(concurrent.futures.Executor):
         if initializer is not None:
             if not callable(initializer):
                 raise TypeError("initializer must be a callable")
-            shipped(initializer)                    # TypeError now if it cannot go
+            # TypeError now if it cannot go (a partial, a callable object: as fn)
+            function, calls = unwrap_partial(initializer, [(tuple(initargs), {})])
+            shipped(function)
             try:
-                pickle.dumps(tuple(initargs), PICKLE_PROTOCOL)
+                pickle.dumps(calls, PICKLE_PROTOCOL)
             except Exception as e:
                 raise TypeError("the initargs cannot be pickled: %s" % e)
             self.initializer = (initializer, tuple(initargs))
@@ -1895,18 +1922,30 @@ class Executor(concurrent.futures.Executor):
         self.lock = threading.Lock()
         self.shut = False
 
-    def submit(self, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs) on a device; a future of its value.
-        fn must be shippable (docs/client.md): TypeError at once if not."""
+    def submit(*args, **kwargs):
+        """submit(fn, /, *args, **kwargs): run fn(*args, **kwargs) on a
+        device; a future of its value. fn must be shippable (docs/client.md):
+        TypeError at once if not. (Positional-only as ProcessPoolExecutor's,
+        so fn's own keywords may be `fn` and `self`; `/` is 3.8's syntax.)"""
+        if len(args) < 2:
+            raise TypeError("submit() missing 1 required positional argument: 'fn'")
+        self, fn, args = args[0], args[1], args[2:]
         if self.pack == 1:
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         self.refuse_after_shutdown()
         function, calls = unwrap_partial(fn, [(args, kwargs)])
-        shipped(function)                           # TypeError now, not when it is sent
+        _, pieces, home = shipped(function)         # TypeError now, not when it is sent
         try:
-            weight = len(pickle.dumps(calls[0], PICKLE_PROTOCOL))
+            data = pickle.dumps(calls, PICKLE_PROTOCOL)
         except Exception as e:
             raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
+        if home not in (None, "__main__") and b"__main__" in data:
+            refuse_script_arguments(function, calls, home)
+        if function is invoke:
+            module_of_yours(calls, calls[0][0][0])  # TypeError now if two modules of yours
+        if code_size(pieces) > PIECES_IN_CODE:      # stored now, for its packs
+            self.cluster.put_data_once(pieces_file(pieces))
+        weight = len(data)
         if weight > MAX_ARGUMENT_BYTES:     # a task of its own, its arguments a file
             return self.submit_calls(fn, [(args, kwargs)], first_outcome)
         call = CallFuture(self, (args, kwargs), weight)
@@ -1924,7 +1963,8 @@ class Executor(concurrent.futures.Executor):
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
         code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
-                                       store=self.cluster.put, initializer=self.initializer)
+                                       store=self.cluster.put_data_once,
+                                       initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
@@ -1944,15 +1984,17 @@ class Executor(concurrent.futures.Executor):
         """fn over the iterables' items, results in order. Calls go to the
         devices `chunksize` per task (one process a task); by default about
         CHUNKS_PER_SLOT tasks per slot of the fleet (at most MAX_CHUNKSIZE
-        calls each), fewer when their arguments are large."""
+        calls each), fewer when their arguments are large. `timeout`
+        counts from this call, as concurrent.futures' map's."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         items = list(zip(*iterables))
         if chunksize is None:
             chunksize = default_chunksize(len(items), self.cluster.slots())
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        futures = [self.submit_calls(fn, chunk, all_outcomes)
+        futures = [self.submit_calls(fn, chunk, each_outcome)
                    for chunk in argument_chunks(items, chunksize)]
-        return flatten(results_in_order(futures, timeout))
+        return flatten(results_in_order(futures, deadline))
 
     # -- packs -------------------------------------------------------------------------
 
@@ -1963,7 +2005,8 @@ class Executor(concurrent.futures.Executor):
         for call in calls:
             with self.cluster.lock:
                 pack = self.open_pack
-                if pack is not None and pack.fn is fn and not pack.sealed and not pack.done():
+                if pack is not None and same_callable(pack.fn, fn) and not pack.sealed \
+                        and not pack.done():
                     if bound is None:
                         bound = self.pack_bound()
                     if len(pack.calls) < bound and pack.weight + call.weight <= MAX_ARGUMENT_BYTES:
@@ -2161,10 +2204,16 @@ class PackFuture(TaskFuture):
         if not self.calls:
             raise ValueError("a pack with no calls left")
         # A pack's arguments are at most MAX_ARGUMENT_BYTES (Executor.place):
-        # they go in its code, with no file to store under the lock.
-        code, home, _ = call_code(self.fn, [call.arguments for call in self.calls], each=True,
-                                  initializer=self.executor.initializer)
-        self.spec = task_spec("python_exec", {"code": code}, self.executor.task_options)
+        # they go in its code, with no file to store under the lock; a
+        # function too long for it was stored by Executor.submit.
+        code, home, inputs = call_code(
+            self.fn, [call.arguments for call in self.calls], each=True,
+            store=functools.partial(self.cluster.put_data_once, cached_only=True),
+            initializer=self.executor.initializer)
+        options = self.executor.task_options
+        if inputs:
+            options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
+        self.spec = task_spec("python_exec", {"code": code}, options)
         self.decode = functools.partial(outcomes_and_home, home=home, cluster=self.cluster)
 
 
@@ -2235,13 +2284,28 @@ def argument_chunks(items, chunksize):
 
 
 def flatten(chunk_results):
-    for values in chunk_results:
-        for value in values:
-            yield value
+    """Each call's value, in order, from its chunk's each_outcome(): the
+    first call that raised raises there, after the values before it, its
+    chunk's too, as a ProcessPoolExecutor's map of chunksize 1 gives them."""
+    try:
+        for outcomes in chunk_results:
+            for value, error in outcomes:
+                if error is not None:
+                    raise error
+                yield value
+    finally:
+        chunk_results.close()       # the calls not yet done cancelled
 
 
 def first_outcome(record, home=None, cluster=None):
     return all_outcomes(record, home, cluster)[0]
+
+
+def each_outcome(record, home=None, cluster=None):
+    """[(value, None) or (None, exception)] of the calls of a python_exec
+    task made by call_code(), in order."""
+    return [(outcome[1], None) if outcome[0] == 0 else (None, remote_exception(outcome, home))
+            for outcome in decode_outcomes(record, home, cluster)]
 
 
 def all_outcomes(record, home=None, cluster=None):
@@ -2342,6 +2406,8 @@ def remote_exception(outcome, home=None):
         error = RemoteError(type_name, message, traceback_text)
     if isinstance(error, ImportError):
         say_own_module(error)
+    if isinstance(error, FileNotFoundError):
+        say_own_file(error)
     error.__cause__ = RemoteTraceback(traceback_text)
     return error
 
@@ -2360,6 +2426,17 @@ def say_own_module(error):
             " have; `from %s import NAME` sends NAME with the function, or install %s on"
             " the devices: docs/client.md)" % (error, name, path, name, name))
     error.msg, error.args = told, (told,)
+
+
+def say_own_file(error):
+    """A file the call could not open that is a file of this machine
+    (data.csv beside the script, which a ProcessPoolExecutor's processes
+    open): the message says so and how to send it."""
+    name = error.filename
+    if not isinstance(name, str) or os.path.isabs(name) or not os.path.isfile(name):
+        return
+    error.strerror = "%s on the device (%s is a file of this machine: Executor(inputs=[%r])" \
+        " puts it in each task's directory, docs/client.md)" % (error.strerror, name, name)
 
 
 # -- what goes to the device -------------------------------------------------------------
@@ -2386,19 +2463,21 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
     _rc_os.dup2(2, 1)
     sys.stdout = sys.stderr
     space = globals()
-    space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
     try:
+        if pieces and isinstance(pieces[0], str):   # the function's, too long for
+            with open(pieces[0], "rb") as f:        # the code: an input file
+                pieces = pickle.loads(f.read()) + pieces[1:]
+        space["_rc_pieces"] = pieces + (init[1] if init else [])    # a traceback's lines
         if init:            # the Executor's initializer: its name may be the function's
-            for filename, line, source in init[1]:
-                exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+            _rc_define(init[1], space)
             initializer = space[init[0]]
-        for filename, line, source in pieces:
-            exec(compile("\n" * (line - 1) + source, filename, "exec"), space)
+        _rc_define(pieces, space)
         function = space[name]
         if init:            # once in this process, before its calls, as in a pool's
             initargs = binascii.a2b_base64(init[2])
-            initializer(*(pickle.loads(initargs) if home in (None, "__main__") else
-                          _rc_slow("load")(initargs, home)))
+            args, kwargs = pickle.loads(initargs) if init[3] is None else \
+                _rc_slow("load")(initargs, init[3])     # its module's name, as home
+            initializer(*args, **kwargs)
         if calls_file is None:
             calls = binascii.a2b_base64(calls)
         else:                   # arguments too large for the code: an input file
@@ -2425,6 +2504,20 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
     # whole stdout as a file, where the client reads the line.
     out.write(mark + binascii.b2a_base64(data, newline=False).decode() + "\n")
     out.flush()
+
+
+def _rc_define(pieces, space):
+    # (filename, line, source, *the __future__ features of its module)
+    for filename, line, source, *features in pieces:
+        flags = 0
+        for feature in features:            # annotations: not on Python 3.6
+            flags |= getattr(getattr(__import__("__future__"), feature, None),
+                             "compiler_flag", 0)
+        exec(compile("\n" * (line - 1) + source, filename, "exec", flags, True), space)
+
+
+def _rc_invoke(function, *args, **kwargs):
+    return function(*args, **kwargs)
 
 
 def _rc_call(function, args, kwargs):
@@ -2475,7 +2568,7 @@ def _rc_lines_of_pieces():
     # of it as ProcessPoolExecutor's would.
     import linecache
     files = {}
-    for filename, line, source in globals().get("_rc_pieces", ()):
+    for filename, line, source, *_ in globals().get("_rc_pieces", ()):
         lines, texts = files.setdefault(filename, []), source.split("\\n")
         if texts[-1] == "":
             texts.pop()
@@ -2600,36 +2693,213 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
     process, as a ProcessPoolExecutor's in each of its processes."""
     fn, calls = unwrap_partial(fn, calls)
     name, pieces, home = shipped(fn)
+    title = getattr(fn, "__qualname__", name)
+    if fn is invoke:            # a callable object, pickled as the calls' first argument
+        callable_object = calls[0][0][0]
+        home, title = module_of_yours(calls, callable_object), getattr(
+            callable_object, "__qualname__", type(callable_object).__qualname__)
     init = ""
     if initializer is not None:
-        init_name, init_pieces, _ = shipped(initializer[0])
-        init = ", init=(%r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
-            pickle.dumps(tuple(initializer[1]), PICKLE_PROTOCOL)).decode())
+        init_function, init_calls = unwrap_partial(initializer[0], [(initializer[1], {})])
+        init_name, init_pieces, init_home = shipped(init_function)
+        if init_function is invoke:
+            init_home = module_of_yours(init_calls, init_calls[0][0][0])
+        init_data = pickle.dumps(init_calls[0], PICKLE_PROTOCOL)      # (args, kwargs)
+        init_named = init_home is not None and init_home.encode() in init_data
+        if init_named:
+            init_pieces = init_pieces + argument_pieces(init_calls, init_home, init_pieces)
+        init = ", init=(%r, %r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
+            init_data).decode(), init_home if init_named and init_home != "__main__" else None)
     try:
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
     except Exception as e:
         raise TypeError("the arguments of %s cannot be pickled: %s" % (describe(fn), e))
     # Arguments that name nothing of fn's module unpickle as they are there;
-    # others need that module read as the script's __main__ (a slower path).
-    renamed = home if home not in (None, "__main__") and home.encode() in data else None
+    # others need that module read as the script's __main__ (a slower path),
+    # and its classes they name that fn does not use sent too.
+    named = home is not None and home.encode() in data
+    renamed = home if named and home != "__main__" else None
+    extra = argument_pieces(calls, home, pieces) if named else []
+    if home not in (None, "__main__") and b"__main__" in data:
+        refuse_script_arguments(fn, calls, home)
     inputs, calls_file = [], ""
     if len(data) > MAX_ARGUMENT_BYTES and store is not None:
         stored = store(data)
         inputs = [{"path": CALLS_FILE, "sha256": stored["sha256"], "size": stored["size"]}]
         calls_file, data = ", calls_file=%r" % CALLS_FILE, b""
+    # A function whose source and globals are too long for the code (a
+    # global table of megabytes) goes as a file, the same for all its tasks.
+    stored = store(pieces_file(pieces)) if store is not None and \
+        code_size(pieces) > PIECES_IN_CODE else None
+    if stored is not None:
+        inputs.append({"path": PIECES_FILE, "sha256": stored["sha256"],
+                       "size": stored["size"]})
+        pieces = [PIECES_FILE]
+    pieces = pieces + extra
     # The first line is what `rc tasks` and the dashboard show of the task.
     return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
-        getattr(fn, "__qualname__", name), len(calls), "" if len(calls) == 1 else "s",
+        title, len(calls), "" if len(calls) == 1 else "s",
         RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
         ", each=True" if each else "", calls_file, init), home, inputs
 
 
+def argument_pieces(calls, home, pieces):
+    """The pieces defining what of the module `home` the arguments name (a
+    namedtuple of the script that the function passes on but never names)
+    that `pieces`, the function's, do not: a ProcessPoolExecutor's process
+    has all of its module."""
+    referrer = Referrer(home)
+    referrer.dump(calls)
+    extra, known = [], set(pieces)
+    for value in referrer.found.values():
+        for piece in shipped_definition(value):
+            if piece not in known:
+                known.add(piece)
+                extra.append(piece)
+    return extra
+
+
+def refuse_script_arguments(fn, calls, home):
+    """A TypeError if the arguments of a function of the module `home` (not
+    the script) name functions or classes of the script: the device runs
+    one module of yours, as its __main__, where they would not be found."""
+    referrer = Referrer("__main__")
+    referrer.dump(calls)
+    if referrer.found:
+        names = ", ".join(sorted(referrer.found))
+        raise TypeError("the arguments of %s name %s of your script, which cannot go to a"
+                        " device with a function of %s (a call takes one module of yours):"
+                        " define %s in %s, or the function in the script"
+                        % (describe(fn), names, home, names, home))
+
+
+class Referrer(pickle.Pickler):
+    """Pickles to nowhere, noting the top-level classes and functions of the
+    module `home` that the pickle names; with no home, of every module that
+    is not a library's, their modules in `modules`."""
+
+    def __init__(self, home=None):
+        super().__init__(io.BytesIO(), PICKLE_PROTOCOL)
+        self.home, self.found, self.modules, self.library = home, {}, set(), {}
+
+    def persistent_id(self, value):       # asked of every object pickled
+        if not isinstance(value, (type, types.FunctionType)) and \
+                not decorated_at_top_level(value):      # an lru_cache, pickled by name
+            return None
+        module = getattr(value, "__module__", None)
+        if self.home is None and isinstance(module, str):
+            if module not in self.library:
+                self.library[module] = is_library_module(module)
+            if not self.library[module]:
+                self.modules.add(module)
+        elif self.home is not None and module == self.home:
+            name = value.__qualname__.partition(".")[0]     # Outer of Outer.Inner
+            self.found[name] = getattr(sys.modules.get(self.home), name, value)
+        return None
+
+
+def module_of_yours(calls, callable_object):
+    """The one module, not a library's, whose classes or functions the
+    pickle of the calls of a callable object (its first argument) names
+    (the device is sent them), or None."""
+    referrer = Referrer()
+    referrer.dump(calls)
+    if len(referrer.modules) > 1:
+        raise TypeError("cannot ship %r to a device with these arguments: they name classes"
+                        " or functions of modules %s, which the device has not, and one"
+                        " module of yours goes with a call" % (
+                            callable_object, ", ".join(sorted(referrer.modules))))
+    return referrer.modules.pop() if referrer.modules else None
+
+
+_definitions = {}
+
+
+def shipped_definition(value):
+    """The pieces of a class or function of a module the device has not, with
+    what it uses of its module, made once per value."""
+    with _shipped_lock:
+        found = _definitions.get(id(value))
+        if found is not None and found[0] is value:
+            return found[1]
+    shipment = Shipment(value)
+    if isinstance(value, types.FunctionType):
+        refuse_unshippable(value)
+    shipment.add_definition(value.__name__, value)
+    made = shipment.collected()
+    with _shipped_lock:
+        _definitions[id(value)] = (value, made)
+    return made
+
+
+def code_size(pieces):
+    """Characters of the source (and pickled globals) of shipped() pieces."""
+    return sum(len(piece[2]) for piece in pieces)
+
+
+_pieces_files = {}
+
+
+def pieces_file(pieces):
+    """(the PIECES_FILE of shipped() pieces, its SHA-256), made once per shipment."""
+    with _shipped_lock:
+        found = _pieces_files.get(id(pieces))
+        if found is not None and found[0] is pieces:
+            return found[1]
+    data = pickle.dumps(pieces, PICKLE_PROTOCOL)
+    made = (data, hashlib.sha256(data).hexdigest())
+    with _shipped_lock:
+        _pieces_files[id(pieces)] = (pieces, made)
+    return made
+
+
 def unwrap_partial(fn, calls):
+    """(the function to ship, its calls [(args, kwargs)]): a partial's
+    arguments join each call's; a callable that is neither a function nor
+    a library's function or class (str.upper, operator.itemgetter(1), a
+    bound method, an instance with __call__, a class of yours) is the first
+    argument of each call of invoke, pickled, as ProcessPoolExecutor sends a
+    callable; what it names of a module of yours goes as source."""
     while isinstance(fn, functools.partial):
         calls = [(fn.args + tuple(args), dict(fn.keywords or {}, **kwargs))
                  for args, kwargs in calls]
         fn = fn.func
+    method = isinstance(fn, types.FunctionType) and "." in fn.__qualname__ and \
+        "<" not in fn.__qualname__          # Class.method, named through its class
+    if method or not isinstance(fn, types.FunctionType) and not by_name(fn) and \
+            not decorated_at_top_level(fn):
+        if not callable(fn):
+            raise TypeError("%r is not callable" % (fn,))
+        try:
+            pickle.dumps(fn, PICKLE_PROTOCOL)
+        except Exception as e:
+            raise TypeError("cannot ship %r to a device: it cannot be pickled (%s); pass a"
+                            " function defined with def at the top level of a module"
+                            " (docs/client.md)" % (fn, e))
+        fn, calls = invoke, [((fn,) + tuple(args), kwargs) for args, kwargs in calls]
     return fn, calls
+
+
+def same_callable(one, other):
+    """Whether calls of both can share a pack: one function, or one method
+    of one object (obj.method is a new bound method each time)."""
+    return one is other or isinstance(one, types.MethodType) and isinstance(
+        other, types.MethodType) and one.__self__ is other.__self__ and \
+        one.__func__ is other.__func__
+
+
+def invoke(function, *args, **kwargs):
+    """Stands for the runner's _rc_invoke: function(*args, **kwargs)."""
+    return function(*args, **kwargs)
+
+
+def by_name(fn):
+    """Whether fn is a function or class of a library module, which the
+    device imports by name (math.sqrt, collections.Counter)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    return isinstance(module, str) and isinstance(qualname, str) and bool(qualname) and \
+        "<" not in qualname and module != "__main__" and (
+            is_library_module(module.split(".")[0]) or is_library_module(module))
 
 
 _shipped = {}
@@ -2638,6 +2908,8 @@ _shipped_lock = threading.Lock()
 
 def shipped(fn):
     """(name to call, [(filename, first line, source)]) for fn, made once per function."""
+    if fn is invoke:
+        return "_rc_invoke", [], None           # the runner's own
     key = id(fn)
     with _shipped_lock:
         found = _shipped.get(key)
@@ -2681,23 +2953,27 @@ class Shipment:
 
     def pieces(self):
         fn = self.fn
-        if not isinstance(fn, types.FunctionType):
+        if not isinstance(fn, types.FunctionType) and not decorated_at_top_level(fn):
             return self.by_reference(fn)
         refuse_unshippable(fn)
         if is_library_module(fn.__module__) and fn.__module__ != "__main__":
             return self.by_reference(fn)
         self.add_definition(fn.__name__, fn)
+        return fn.__name__, self.collected(), fn.__module__
+
+    def collected(self):
+        """The pieces: imports, constants, then definitions in file order."""
+        module = self.fn.__module__
         ordered = sorted(self.definitions.values(), key=lambda piece: (piece[0], piece[1]))
-        pieces = [("<imports of %s>" % fn.__module__, 1, "\n".join(
+        pieces = [("<imports of %s>" % module, 1, "\n".join(
             statement for statement in self.imports.values()))] if self.imports else []
-        pieces += [("<constants of %s>" % fn.__module__, 1, "".join(self.constants.values()))] \
+        pieces += [("<constants of %s>" % module, 1, "".join(self.constants.values()))] \
             if self.constants else []
-        return fn.__name__, pieces + ordered, fn.__module__
+        return pieces + ordered
 
     def by_reference(self, fn):
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-        if not module or not qualname or "<" in qualname or module == "__main__" \
-                or not is_library_module(module.split(".")[0]) and not is_library_module(module):
+        if not by_name(fn):
             raise TypeError("cannot ship %r to a device: pass a function defined with def at"
                             " the top level of a module (docs/client.md)" % (fn,))
         head, _, rest = qualname.partition(".")
@@ -2714,18 +2990,27 @@ class Shipment:
             raise TypeError("%s uses more than %d functions and classes of its module; put"
                             " them in a package installed on the devices"
                             % (describe(self.fn), self.MAX_PIECES))
+        module = sys.modules.get(value.__module__)
+        statement = top_level_statement(module, value) if isinstance(value, type) else None
         try:
-            lines, first = inspect.getsourcelines(value)
-            filename = inspect.getsourcefile(value) or "<%s>" % describe(value)
+            if statement is None:       # a decorated function's: its def's, decorators too
+                lines, first = inspect.getsourcelines(inspect.unwrap(value))
+                filename = inspect.getsourcefile(inspect.unwrap(value)) or \
+                    "<%s>" % describe(value)
+            else:
+                lines, first = statement
+                filename = inspect.getsourcefile(module) or "<%s>" % describe(value)
         except (OSError, TypeError):
-            raise TypeError("cannot ship %s to a device: its source cannot be read (defined"
-                            " in an interactive session or with python -c?); put it in a"
-                            " .py file" % describe(value))
+            raise TypeError("cannot ship %s to a device: its source cannot be read (made"
+                            " inside a function, in an interactive session or with python"
+                            " -c?); put it at the top level of a .py file" % describe(value))
         source = textwrap.dedent("".join(lines))
         if value.__name__ != name:
             source += "%s = %s\n" % (name, value.__name__)
-        self.definitions[name] = (filename, first, source)
-        module = sys.modules.get(value.__module__)
+        # `from __future__ import annotations` binds the name in its module
+        future = ("annotations",) if getattr(module, "annotations", None) is getattr(
+            __future__, "annotations", False) else ()
+        self.definitions[name] = (filename, first, source) + future
         for used in sorted(self.names_used(value, source)):
             self.add_global(used, module, value)
 
@@ -2733,7 +3018,7 @@ class Shipment:
         """Global names the definition reads: from the bytecode of a function
         (and of a class's methods), from the syntax outside function bodies
         (decorators, base classes, class attributes)."""
-        functions = [value] if isinstance(value, types.FunctionType) else [
+        functions = [inspect.unwrap(value)] if not isinstance(value, type) else [
             getattr(member, "__func__", member) for member in vars(value).values()]
         names = set()
         for function in functions:
@@ -2756,8 +3041,8 @@ class Shipment:
         if isinstance(value, types.ModuleType):
             self.imports[name] = import_statement(module, name) or (
                 "import %s as %s" % (value.__name__, name))
-        elif isinstance(value, (types.FunctionType, type)) and not is_library_module(
-                value.__module__):
+        elif (isinstance(value, (types.FunctionType, type)) or decorated_at_top_level(value)) \
+                and not is_library_module(value.__module__):
             if isinstance(value, types.FunctionType):
                 refuse_unshippable(value)
             self.add_definition(name, value)
@@ -2779,7 +3064,18 @@ def is_library_object(value):
     return isinstance(module, str) and isinstance(qualname, str) and is_library_module(module)
 
 
+def decorated_at_top_level(fn):
+    """Whether fn is what a decorator made of a def at the top level of its
+    module (functools.wraps's wrapper, an lru_cache): that def, decorators
+    and all, ships as source, decorated again on the device."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    return hasattr(fn, "__wrapped__") and isinstance(inspect.unwrap(fn), types.FunctionType) \
+        and getattr(module, getattr(fn, "__name__", ""), None) is fn
+
+
 def refuse_unshippable(fn):
+    if decorated_at_top_level(fn):
+        fn = inspect.unwrap(fn)                 # the def's own function is checked
     what = describe(fn)
     if fn.__name__ == "<lambda>":
         raise TypeError("cannot ship the lambda %s to a device: define the function with def"
@@ -2815,12 +3111,69 @@ def outside_functions(tree):
         node = nodes.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             nodes.extend(getattr(node, "decorator_list", []))
-            nodes.extend(node.args.defaults + node.args.kw_defaults)
+            # kw_defaults holds None for a keyword-only argument without one
+            nodes.extend(d for d in node.args.defaults + node.args.kw_defaults if d)
+            nodes.extend(annotations(node))     # evaluated by def: names they use ship
             continue
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         nodes.extend(ast.iter_child_nodes(node))
     return names
+
+
+def annotations(node):
+    """The annotations of a def's arguments and of what it returns."""
+    args = node.args
+    found = [getattr(node, "returns", None)]
+    for arg in getattr(args, "posonlyargs", []) + args.args + args.kwonlyargs + [
+            args.vararg, args.kwarg]:
+        found.append(getattr(arg, "annotation", None))
+    return [annotation for annotation in found if annotation is not None]
+
+
+_module_statements = {}
+
+
+def top_level_statement(module, cls):
+    """(lines, first line number) of the statement at the top level of its
+    module that makes the class: its `class` with its decorators (before
+    Python 3.9 inspect gives a class's source from `class` on: a
+    @dataclass went without its decorator), else an assignment to its name
+    (`Point = namedtuple("Point", "x y")`, `Shade = Enum("Shade", "DARK")`:
+    no source of its own); None when there is neither."""
+    key = getattr(module, "__name__", None)
+    if key not in _module_statements:
+        _module_statements[key] = module_statements(module)
+    lines, classes, assignments = _module_statements[key]
+    span = classes.get(cls.__name__) or assignments.get(cls.__name__)
+    return None if span is None else (lines[span[0] - 1:span[1]], span[0])
+
+
+def module_statements(module):
+    """(the module's source lines, {class name: (first, last line)}, {name
+    assigned: (first, last line)}) of its top-level statements."""
+    try:
+        lines = inspect.getsourcelines(module)[0]
+        tree = ast.parse("".join(lines))
+    except (OSError, TypeError, SyntaxError):
+        return [], {}, {}
+    classes, assignments = {}, {}
+
+    def first_line(node):
+        return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    body = tree.body
+    for node, after in zip(body, body[1:] + [None]):
+        # end_lineno is 3.8's: before it, up to the next statement
+        last = getattr(node, "end_lineno", None) or (
+            first_line(after) - 1 if after is not None else len(lines))
+        span = (first_line(node), last)
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = span
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assignments[target.id] = span
+    return lines, classes, assignments
 
 
 _module_imports = {}
