@@ -11,10 +11,12 @@ prints the ports the cluster listens on, `rc health` uses its thresholds.
 """
 import errno
 import json
+import math
 import os
 import socket
 
 from rc.defaults import DEFAULTS
+from rc.log import LEVELS
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG_PATH = os.path.join(CHECKOUT, "etc", "rc.json")
@@ -32,6 +34,14 @@ WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
 LOCAL_WORKER_OWN_OPTIONS = ("--join", "--token", "--token-file", "--device-id", "--state-dir",
                             "--web-port", "--fingerprint", "--fingerprint-file", "--hide",
                             "--read-only")
+
+
+# Settings that take one of a few words: checked as the file is read, so that
+# `make run` and `rc` refuse a wrong one, not each program as it starts.
+CHOICES = {"log_level": tuple(LEVELS),
+           "read_access": ("open", "local", "token")}
+# Settings that are lists of text (local_worker_options: check_local_worker_options).
+TEXT_LISTS = ("allowed_hosts",)
 
 
 class ConfigError(Exception):
@@ -168,8 +178,17 @@ def check(key, value, where="environment"):
     if type(value) is not type(default):
         raise ConfigError("%s: %s must be %s, not %r"
                           % (where, key, type(default).__name__, value))
+    if isinstance(value, float) and not math.isfinite(value):
+        # Python's json reads NaN and Infinity, which JSON does not allow,
+        # and NaN is not below zero: rc-reaper died at each start on it.
+        raise ConfigError("%s: %s must be a finite number, not %r" % (where, key, value))
     if isinstance(value, (int, float)) and value < 0:
         raise ConfigError("%s: %s must not be negative" % (where, key))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError("%s: %s must be one of %s, not %r"
+                          % (where, key, ", ".join(CHOICES[key]), value))
+    if key in TEXT_LISTS and not all(isinstance(item, str) for item in value):
+        raise ConfigError("%s: %s must be a list of strings, not %r" % (where, key, value))
     if key.endswith("_port") and not 0 <= value <= 65535:
         raise ConfigError("%s: %s must be a port number" % (where, key))
     return value

@@ -35,7 +35,7 @@ import time
 from rc import config as config_module
 from rc import audit, bell, db, device_logs, device_secrets, devices, files, fleet, protocol
 from rc import tasks
-from rc import tails, throttle, tls
+from rc import program, tails, throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
@@ -2062,7 +2062,7 @@ def raise_file_limit(log):
 
 def main():
     keep_files_private()
-    config = config_module.load()
+    config = program.load_config("rc-server")
     log = Logger("rc-server", config.log_level)
     raise_file_limit(log)
     server = Server(config, log)

@@ -1,0 +1,65 @@
+"""Session 45's attack: what earlier hostile rounds left untried. Settings
+an operator may write in etc/rc.json that no program can use (NaN,
+Infinity, a word no program knows, a host name that is a number)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cluster_harness
+from rc import config as config_module
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
+
+
+# -- settings no program can use ---------------------------------------------------------
+#
+# config.check refused a negative number and a wrong type, but Python's json
+# reads NaN and Infinity (which JSON itself does not allow), and NaN is not
+# below zero: {"reaper_interval": NaN} passed `make run`, and rc-reaper died
+# at its first pause (ValueError: Invalid value NaN) and again at each of
+# supervisord's restarts, for ever; rc-web could not listen with
+# web_channel_timeout NaN. log_level, read_access and allowed_hosts were
+# checked only by the programs, each as it started: `make run` went ahead,
+# then every program died with a traceback (log_level), rc-web alone
+# (read_access, allowed_hosts: AttributeError on an int), while the
+# cluster seemed started.
+
+UNUSABLE = [
+    ('"reaper_interval": NaN', "reaper_interval"),
+    ('"poll_interval": Infinity', "poll_interval"),
+    ('"web_channel_timeout": NaN', "web_channel_timeout"),
+    ('"log_level": "verbose"', "log_level"),
+    ('"read_access": "everyone"', "read_access"),
+    ('"allowed_hosts": ["nas", 1]', "allowed_hosts"),
+]
+
+
+@pytest.mark.parametrize("setting, name", UNUSABLE)
+def test_a_setting_no_program_can_use_is_refused_as_the_file_is_read(tmp_path, setting, name):
+    path = tmp_path / "rc.json"
+    path.write_text("{%s}" % setting)
+    with pytest.raises(config_module.ConfigError, match=name):
+        config_module.load(str(path), environ={"RC_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize("program", ["rc.reaper", "rc.server", "rc.scheduler", "rc.transfer",
+                                     "rc.web"])
+def test_a_program_given_such_a_setting_says_which_in_one_line(tmp_path, program):
+    """Started by supervisord with a file edited since `make run` (`rc ctl
+    restart`): one line naming the setting, no traceback, no pause first."""
+    path = tmp_path / "rc.json"
+    ports = cluster_harness.free_ports(3)
+    path.write_text('{"reaper_interval": NaN, "tcp_host": "127.0.0.1", "web_host": "127.0.0.1",'
+                    ' "tcp_port": %d, "web_port": %d, "files_port": %d}' % tuple(ports))
+    done = subprocess.run([PYTHON, "-m", program], cwd=os.path.join(REPO, "lib"),
+                          env=dict(os.environ, RC_HOME=str(tmp_path), RC_CONFIG=str(path)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=30)
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stdout and "reaper_interval" in done.stdout, done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
