@@ -36,6 +36,11 @@ UNUSABLE = [
     ('"log_level": "verbose"', "log_level"),
     ('"read_access": "everyone"', "read_access"),
     ('"allowed_hosts": ["nas", 1]', "allowed_hosts"),
+    # Finite, but past what a pause takes (OverflowError: rc-reaper died at
+    # each start, rc-server failed every turn) or SQLite holds.
+    ('"reaper_interval": 1e308', "reaper_interval"),
+    ('"poll_interval": 1e20', "poll_interval"),
+    ('"heartbeat_history": 100000000000000000000', "heartbeat_history"),
 ]
 
 

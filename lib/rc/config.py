@@ -15,6 +15,7 @@ import math
 import os
 import socket
 
+from rc.bounded import LARGEST as LARGEST_INT
 from rc.defaults import DEFAULTS
 from rc.log import LEVELS
 
@@ -40,6 +41,11 @@ LOCAL_WORKER_OWN_OPTIONS = ("--join", "--token", "--token-file", "--device-id", 
 # `make run` and `rc` refuse a wrong one, not each program as it starts.
 CHOICES = {"log_level": tuple(LEVELS),
            "read_access": ("open", "local", "token")}
+# The largest number a setting that is not a whole number may be: each is
+# seconds, days or a percentage, and a pause or a select() of more than ~292
+# years is an OverflowError (rc-reaper died at each start on reaper_interval
+# 1e308). A whole-number setting may be what SQLite holds (LARGEST_INT).
+LARGEST_FLOAT = 10 ** 9          # seconds: 31 years
 # Settings that are lists of text (local_worker_options: check_local_worker_options).
 TEXT_LISTS = ("allowed_hosts",)
 
@@ -184,6 +190,9 @@ def check(key, value, where="environment"):
         raise ConfigError("%s: %s must be a finite number, not %r" % (where, key, value))
     if isinstance(value, (int, float)) and value < 0:
         raise ConfigError("%s: %s must not be negative" % (where, key))
+    largest = LARGEST_FLOAT if isinstance(value, float) else LARGEST_INT
+    if isinstance(value, (int, float)) and value > largest:
+        raise ConfigError("%s: %s must be at most %d, not %r" % (where, key, largest, value))
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError("%s: %s must be one of %s, not %r"
                           % (where, key, ", ".join(CHOICES[key]), value))
