@@ -41,6 +41,19 @@ UNUSABLE = [
     ('"reaper_interval": 1e308', "reaper_interval"),
     ('"poll_interval": 1e20', "poll_interval"),
     ('"heartbeat_history": 100000000000000000000', "heartbeat_history"),
+    # Zero where nothing can be: rc-reaper swept without a pause (~35% of a
+    # core), rc-server and rc-scheduler polled the database without one.
+    ('"reaper_interval": 0', "reaper_interval"),
+    ('"poll_interval": 0', "poll_interval"),
+    # A heartbeat interval of 0 let lease_duration be 0 (1.5 x 0): every
+    # lease ran out as it was given.
+    ('"heartbeat_interval": 0, "lease_duration": 0', "heartbeat_interval"),
+    # A device went offline between two of its heartbeats, and the reaper
+    # took back what it ran: a `sleep 12` on a healthy connected worker
+    # failed "retries spent: device vm-local offline" with heartbeat_interval
+    # 4 and offline_timeout 2.
+    ('"heartbeat_interval": 4, "lease_duration": 6, "offline_timeout": 2', "offline_timeout"),
+    ('"offline_timeout": 60', "offline_timeout"),
 ]
 
 

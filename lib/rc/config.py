@@ -46,6 +46,10 @@ CHOICES = {"log_level": tuple(LEVELS),
 # years is an OverflowError (rc-reaper died at each start on reaper_interval
 # 1e308). A whole-number setting may be what SQLite holds (LARGEST_INT).
 LARGEST_FLOAT = 10 ** 9          # seconds: 31 years
+# Settings 0 cannot be: a pause of none is a busy loop (rc-reaper took ~35%
+# of a core with reaper_interval 0), and heartbeat_interval 0 let
+# lease_duration be 0.
+ABOVE_ZERO = ("heartbeat_interval", "poll_interval", "reaper_interval")
 # Settings that are lists of text (local_worker_options: check_local_worker_options).
 TEXT_LISTS = ("allowed_hosts",)
 
@@ -204,10 +208,19 @@ def check(key, value, where="environment"):
 
 
 def check_together(settings, where):
+    for key in ABOVE_ZERO:
+        if settings[key] == 0:
+            raise ConfigError("%s: %s must be more than 0" % (where, key))
     # A worker gives up its tasks half a heartbeat before its lease ends, and
     # must still hear at least one heartbeat acknowledged in that time.
     if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
         raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
+                          % where)
+    # Only a heartbeat shows a device is there: a shorter wait marked a
+    # connected device offline between two of them, and the reaper took back
+    # what it ran (a 12 s task failed "retries spent: device offline").
+    if settings["offline_timeout"] < 1.5 * settings["heartbeat_interval"]:
+        raise ConfigError("%s: offline_timeout must be at least 1.5 x heartbeat_interval"
                           % where)
     check_local_worker_options(settings["local_worker_options"], where)
 
