@@ -1,14 +1,20 @@
 """Session 45's attack: what earlier hostile rounds left untried. Settings
 an operator may write in etc/rc.json that no program can use (NaN,
-Infinity, a word no program knows, a host name that is a number)."""
+Infinity, a word no program knows, a host name that is a number); an
+IPv6 address, or one this machine does not have, for tcp_host."""
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import cluster_harness
 from rc import config as config_module
+from rc import state_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
@@ -81,3 +87,72 @@ def test_a_program_given_such_a_setting_says_which_in_one_line(tmp_path, program
     assert done.returncode != 0, done.stdout
     assert "Traceback" not in done.stdout and "reaper_interval" in done.stdout, done.stdout
     assert len(done.stdout.strip().splitlines()) == 1, done.stdout
+
+
+# -- the address the worker port and rc-files listen on ------------------------------------
+#
+# rc-server made an AF_INET socket whatever tcp_host said, and rc-files
+# asked socket.create_server for one too: tcp_host "::" (every IPv6 and IPv4
+# address: the docs count rc-server's clients by IPv6 /64) or "::1" passed
+# `make run`'s check (getaddrinfo), then both died at each start with a
+# traceback (gaierror: Address family for hostname not supported), while
+# rc-web listened there. A host no address of this machine has (the NAS's
+# old address after its lease changed) was a traceback too.
+
+def program_at(tmp_path, module, **settings):
+    """`module` started in a state directory of its own with `settings`."""
+    home = tmp_path / "home"
+    tcp_port, web_port, files_port = cluster_harness.free_ports(3)
+    path = tmp_path / "rc.json"
+    path.write_text(json.dumps(dict({"tls": False, "web_host": "127.0.0.1", "tcp_port": tcp_port,
+                                     "web_port": web_port, "files_port": files_port},
+                                    **settings)))
+    env = dict(os.environ, RC_HOME=str(home), RC_CONFIG=str(path))
+    config = config_module.load(environ=env)
+    state_dir.init(config)
+    process = subprocess.Popen([PYTHON, "-m", module], cwd=os.path.join(REPO, "lib"), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               universal_newlines=True, start_new_session=True)
+    return process, config
+
+
+def first_line_from(process, port):
+    """The first line rc-server or rc-files sends on [::1]:port (its hello)."""
+    while True:
+        try:
+            sock = socket.create_connection(("::1", port), timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None:      # it did not start
+                raise
+            time.sleep(0.05)
+    with sock:
+        return sock.makefile("rb").readline()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+@pytest.mark.parametrize("module, port_key", [("rc.server", "tcp_port"),
+                                              ("rc.transfer", "files_port")])
+def test_the_worker_port_and_rc_files_listen_on_an_ipv6_host(tmp_path, module, port_key):
+    process, config = program_at(tmp_path, module, tcp_host="::1")
+    try:
+        hello = json.loads(first_line_from(process, getattr(config, port_key)))
+        assert "hello" in (hello.get("message_type"), *hello), hello
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("module", ["rc.server", "rc.transfer"])
+def test_a_host_it_cannot_listen_on_is_one_line_naming_it(tmp_path, module):
+    process, config = program_at(tmp_path, module, tcp_host="192.0.2.1")   # TEST-NET-1
+    try:
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    lines = output.strip().splitlines()
+    assert process.returncode != 0 and "Traceback" not in output, output
+    assert "cannot_listen" in lines[-1] and "192.0.2.1" in lines[-1], output

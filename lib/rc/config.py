@@ -110,10 +110,8 @@ def ports_taken(config):
     for key, host_key, variable in PORTS:
         port = getattr(config, key)
         try:
-            family, kind, _, _, address = socket.getaddrinfo(
-                getattr(config, host_key) or None, port, type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE)[0]
-            with socket.socket(family, kind) as probe:
+            family, address = listen_address(getattr(config, host_key), port)
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
         except OSError as e:
@@ -126,6 +124,14 @@ def ports_taken(config):
             % (" and ".join(taken), config.home,
                " ".join("%s=%d" % (variable, getattr(config, key) + 10)
                         for key, _, variable in PORTS)))
+
+
+def listen_address(host, port):
+    """(family, address) a program listening on `host` binds: an IPv6 one
+    for "::" or "::1", every IPv4 address for "" as for "0.0.0.0"."""
+    family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    return family, address
 
 
 def started_with_path(home):

@@ -28,6 +28,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import termios
 import threading
 import time
@@ -250,9 +251,13 @@ class Server:
     # -- the loop ---------------------------------------------------------------
 
     def listen(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The family tcp_host is of: an AF_INET socket died at each start
+        # on "::" (gaierror: Address family for hostname not supported).
+        family, address = config_module.listen_address(self.config.tcp_host,
+                                                       self.config.tcp_port)
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.config.tcp_host, self.config.tcp_port))
+        listener.bind(address)
         listener.listen(1024)
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
@@ -265,7 +270,12 @@ class Server:
         return listener.getsockname()[1]
 
     def run(self):
-        port = self.listen()
+        try:
+            port = self.listen()
+        except OSError as e:        # an address this machine has not, a port taken
+            self.log.error("cannot_listen", host=self.config.tcp_host,
+                           port=self.config.tcp_port, error=str(e))
+            sys.exit(1)
         with db.write(self.database):
             devices.disconnect_all(self.database, time.time())
         self.log.info("server_started", host=self.config.tcp_host, port=port,
