@@ -2,6 +2,7 @@
 an operator may write in etc/rc.json that no program can use (NaN,
 Infinity, a word no program knows, a host name that is a number); an
 IPv6 address, or one this machine does not have, for tcp_host."""
+import io
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import pytest
 
 import cluster_harness
 from rc import config as config_module
-from rc import state_dir
+from rc import db, devices, reaper, services, state_dir, tasks
+from rc.log import Logger
+from rc.states import ASSIGNED, QUEUED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
@@ -156,3 +159,45 @@ def test_a_host_it_cannot_listen_on_is_one_line_naming_it(tmp_path, module):
     lines = output.strip().splitlines()
     assert process.returncode != 0 and "Traceback" not in output, output
     assert "cannot_listen" in lines[-1] and "192.0.2.1" in lines[-1], output
+
+
+# -- a retry or a restart past the thousandth ------------------------------------------------
+#
+# The backoff doubled per attempt as float * 2 ** (attempt - 1), capped by
+# min() only after: past attempt 1024 the product is OverflowError. An
+# attempt that is never charged (assigned, never accepted: a device that
+# heartbeats and lets every assignment run out; drained, handed back) is
+# queued again without end, a number up each time; at the 1025th the reaper
+# failed on it at every sweep (one error line a second), and the task stayed
+# assigned for good, neither queued nor ended. A service that exits at once
+# for ~85 hours (1025 quick exits at service_restart_backoff_max) was never
+# started again, rc-scheduler failing on it each pass.
+
+@pytest.fixture
+def store(tmp_path):
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    yield config, connection
+    connection.close()
+
+
+def test_an_attempt_past_the_thousandth_is_queued_again_not_wedged(store):
+    config, connection = store
+    with db.write(connection):
+        devices.register(connection, "liar", {"task_types": ["echo"], "slots": 1},
+                         "127.0.0.1:1", 1000.0)
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    with db.write(connection):
+        connection.execute("UPDATE tasks SET state = ?, attempt = 1100, device_id = 'liar',"
+                           " assigned_at = 1000, lease_expires = 1001 WHERE task_id = ?",
+                           (ASSIGNED, task_id))
+        connection.execute("UPDATE devices SET last_seen = 1999, status = 'online'")
+    reaper.sweep(connection, config, Logger("rc-reaper", "error", io.BytesIO()), 2000.0)
+    task = tasks.get(connection, task_id)
+    assert (task["state"], task["attempt"]) == (QUEUED, 1101), task
+    assert task["not_before"] <= 2000.0 + config.retry_backoff_max
+
+
+def test_a_service_past_its_thousandth_quick_exit_waits_the_longest_backoff(store):
+    config, _ = store
+    assert services.restart_delay(config, 1100) == config.service_restart_backoff_max
