@@ -9,15 +9,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 import cluster_harness
+from cluster_harness import online, wait_for
 from rc import config as config_module
-from rc import db, devices, reaper, services, state_dir, tasks
+from rc import db, devices, protocol, reaper, services, state_dir, tasks
 from rc.log import Logger
 from rc.states import ASSIGNED, QUEUED
+from test_bad_input import connect, register_frame
+from test_inline_files import GOOD, with_the_good_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
@@ -201,3 +205,99 @@ def test_an_attempt_past_the_thousandth_is_queued_again_not_wedged(store):
 def test_a_service_past_its_thousandth_quick_exit_waits_the_longest_backoff(store):
     config, _ = store
     assert services.restart_delay(config, 1100) == config.service_restart_backoff_max
+
+
+# -- a device that lets every assignment run out ------------------------------------------
+#
+# A device that gives a task back goes to the back of the line for it
+# (session 44's GAVE_BACK), but one that says nothing about an assignment,
+# while it heartbeats and answers pings (so it is never suspect), let the
+# accept_timeout run out, and the reaper queued the task again uncharged,
+# for the same device: claiming 16 idle slots, it was the scheduler's first
+# choice again after each backoff. 8 `echo` tasks on a cluster with an idle
+# good worker beside it: none ran in 60 s (attempt 8-9 each, every one
+# "lease on silent1 expired"), and none would ever end.
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from with_the_good_worker(tmp_path_factory.mktemp("hostile-s45"), bounce_limit=3)
+
+
+class LetsEveryAssignmentRunOut:
+    """A joined device claiming every task type and 16 idle slots, that
+    heartbeats each second and answers pings, and never accepts, starts nor
+    gives back what it is assigned. One thread reads and writes its (TLS)
+    socket."""
+
+    def __init__(self, cluster, device_id):
+        sock, nonce = connect(cluster)
+        sock.sendall(register_frame(
+            cluster, nonce, device_id, slots=16,
+            task_types=["echo", "sleep", "system_info", "python_eval", "python_exec", "shell"]))
+        self.sock, self.device_id, self.assigned = sock, device_id, []
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        buffer, next_heartbeat = b"", 0.0
+        self.sock.settimeout(0.2)
+        while not self.stopping:
+            if time.monotonic() >= next_heartbeat:
+                self.send("heartbeat", {"system_metrics": {}, "active_tasks": []})
+                next_heartbeat = time.monotonic() + 1.0
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                frame = json.loads(line)
+                if frame["message_type"] == "ping":
+                    self.send("pong", {})
+                elif frame["message_type"] == "task_assign":
+                    self.assigned.append((frame["data"]["task_id"], frame["data"]["attempt"]))
+
+    def send(self, kind, data):
+        self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_a_device_that_lets_every_assignment_run_out_holds_no_task(cluster):
+    silent = LetsEveryAssignmentRunOut(cluster, "silent-45")
+    try:
+        wait_for(lambda: silent.device_id in online(cluster), 20, "the silent device online")
+        task_ids = [int(cluster.rc("submit", "shell", "echo s45-%d" % n).stdout)
+                    for n in range(3)]
+        try:
+            wait_for(lambda: all(tasks.get(cluster.db, task_id)["state"] == "completed"
+                                 for task_id in task_ids), 90, "the good worker's tasks")
+        except AssertionError as e:
+            raise AssertionError("%s; given to the silent one: %s; %s" % (
+                e, silent.assigned, cluster.rc("tasks").stdout + cluster.rc(
+                    "why", str(task_ids[0])).stdout + cluster.rc("task", str(task_ids[0])).stdout))
+        # Pinned to it, the task is failed after bounce_limit (3 here) in a
+        # row, naming it: it had no end before.
+        pinned = int(cluster.rc("submit", "shell", "echo pinned", "--require",
+                                "device_id=%s" % silent.device_id).stdout)
+        wait_for(lambda: tasks.get(cluster.db, pinned)["state"] == "failed", 90,
+                 "the pinned task failed; given: %s" % silent.assigned)
+    finally:
+        silent.close()
+    for task_id in task_ids:
+        task = tasks.get(cluster.db, task_id)
+        assert task["device_id"] == GOOD and task["result"]["output"] == "s45-%d\n" % (
+            task_ids.index(task_id)), task
+        # Again only while the good worker's two slots were full.
+        assert sum(given[0] == task_id for given in silent.assigned) <= 2, silent.assigned
+    error = tasks.get(cluster.db, pinned)["error"]
+    assert "silent-45 (3)" in error and "accept" in error, error
