@@ -301,3 +301,36 @@ def test_a_device_that_lets_every_assignment_run_out_holds_no_task(cluster):
         assert sum(given[0] == task_id for given in silent.assigned) <= 2, silent.assigned
     error = tasks.get(cluster.db, pinned)["error"]
     assert "silent-45 (3)" in error and "accept" in error, error
+
+
+# -- the heartbeat history -------------------------------------------------------------------
+#
+# heartbeat_history (1440, "a day at 60 s") was kept by time only: every
+# heartbeat written, one a second at most (min_heartbeat_interval), went
+# into the history, read by nothing, pruned after heartbeat_history x
+# heartbeat_interval seconds. A device sending a heartbeat a second with 64
+# metrics of 200 characters (~17 KB a row) kept 86,400 rows, ~1.4 GB, a day;
+# 100 devices of one join token, ~140 GB of a NAS's disk.
+
+def test_a_device_heartbeating_each_second_keeps_one_history_row_an_interval(cluster):
+    sock, nonce = connect(cluster)
+    device_id = "hurried-45"
+    sock.sendall(register_frame(cluster, nonce, device_id, task_types=["echo"]))
+    reader = sock.makefile("rb")
+    assert json.loads(reader.readline())["message_type"] == "register_ack"
+    metrics = {"m%02d" % n: "x" * 200 for n in range(64)}
+    try:
+        for n in range(8):      # one heartbeat_interval (60 s) holds all of them
+            metrics["m00"] = "heartbeat %d" % n
+            sock.sendall(protocol.encode("heartbeat", {"system_metrics": metrics,
+                                                       "active_tasks": []}, sender_id=device_id))
+            assert json.loads(reader.readline())["message_type"] == "heartbeat_ack"
+            time.sleep(cluster.config.min_heartbeat_interval * 0.6)
+        # The device's own figures still follow each heartbeat written.
+        wait_for(lambda: (devices.get(cluster.db, device_id)["metrics"] or {}).get("m00")
+                 in ("heartbeat 6", "heartbeat 7"), 10, "the latest figures")
+    finally:
+        sock.close()
+    rows = cluster.db.execute("SELECT count(*) FROM heartbeats WHERE device_id = ?",
+                              (device_id,)).fetchone()[0]
+    assert rows == 1, rows
