@@ -229,12 +229,15 @@ class LetsEveryAssignmentRunOut:
     gives back what it is assigned. One thread reads and writes its (TLS)
     socket."""
 
+    fences = False      # FencesEverything: accepts, then says it stopped it
+
     def __init__(self, cluster, device_id):
         sock, nonce = connect(cluster)
         sock.sendall(register_frame(
             cluster, nonce, device_id, slots=16,
             task_types=["echo", "sleep", "system_info", "python_eval", "python_exec", "shell"]))
         self.sock, self.device_id, self.assigned = sock, device_id, []
+        self.fenced = []        # to name in the next heartbeat
         self.stopping = False
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -244,8 +247,9 @@ class LetsEveryAssignmentRunOut:
         self.sock.settimeout(0.2)
         while not self.stopping:
             if time.monotonic() >= next_heartbeat:
-                self.send("heartbeat", {"system_metrics": {}, "active_tasks": []})
-                next_heartbeat = time.monotonic() + 1.0
+                self.send("heartbeat", {"system_metrics": {}, "active_tasks": [],
+                                        "fenced_tasks": self.fenced})
+                self.fenced, next_heartbeat = [], time.monotonic() + 1.0
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
@@ -262,6 +266,11 @@ class LetsEveryAssignmentRunOut:
                     self.send("pong", {})
                 elif frame["message_type"] == "task_assign":
                     self.assigned.append((frame["data"]["task_id"], frame["data"]["attempt"]))
+                    if self.fences:
+                        key = {"task_id": frame["data"]["task_id"],
+                               "attempt": frame["data"]["attempt"]}
+                        self.send("task_accept", key)
+                        self.fenced.append(key)
 
     def send(self, kind, data):
         self.sock.sendall(protocol.encode(kind, data, sender_id=self.device_id))
@@ -334,3 +343,27 @@ def test_a_device_heartbeating_each_second_keeps_one_history_row_an_interval(clu
     rows = cluster.db.execute("SELECT count(*) FROM heartbeats WHERE device_id = ?",
                               (device_id,)).fetchone()[0]
     assert rows == 1, rows
+
+
+class FencesEverything(LetsEveryAssignmentRunOut):
+    """Accepts each task, then names it in its next heartbeat's fenced_tasks
+    (a worker that lost the main node stopped it): uncharged, and before,
+    given to it again after the backoff: none of 3 tasks ran on the idle
+    good worker beside it in 60 s."""
+    fences = True
+
+
+def test_a_device_that_fences_every_task_it_accepts_holds_none(cluster):
+    fencer = FencesEverything(cluster, "fencer-45")
+    try:
+        wait_for(lambda: fencer.device_id in online(cluster), 20, "the fencing device online")
+        task_ids = [int(cluster.rc("submit", "shell", "echo f45-%d" % n).stdout)
+                    for n in range(3)]
+        wait_for(lambda: all(tasks.get(cluster.db, task_id)["state"] == "completed"
+                             for task_id in task_ids), 60, "the good worker's tasks")
+    finally:
+        fencer.close()
+    for task_id in task_ids:
+        task = tasks.get(cluster.db, task_id)
+        assert task["device_id"] == GOOD and task["retries_used"] == 0, task
+

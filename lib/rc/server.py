@@ -1568,14 +1568,17 @@ class Server:
 
     def take_back_fenced(self, device_id, keys, now):
         """Tasks the worker stopped itself after losing us: the main node's
-        absence, not the task's doing, so the retry is not charged to it."""
+        absence, not the task's doing, so the retry is not charged to it.
+        Given back by the device (tasks.give_back): one that accepted every
+        task and named it fenced next was given it again after each backoff,
+        claiming the most idle slots, and no task ran elsewhere."""
         for task_id, attempt in keys:
             row = self.database.execute(
                 "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
                 " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
                 (task_id, attempt, device_id, ASSIGNED, RUNNING)).fetchone()
-            if row and tasks.take_back(self.database, row, "fenced by %s" % device_id, now,
-                                       self.config, charged=False):
+            if row and tasks.give_back(self.database, row, device_id, "fenced by %s" % device_id,
+                                       now, self.config):
                 self.note("info", "task_fenced", task_id=task_id, attempt=attempt,
                           device_id=device_id)
 
