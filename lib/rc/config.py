@@ -11,10 +11,13 @@ prints the ports the cluster listens on, `rc health` uses its thresholds.
 """
 import errno
 import json
+import math
 import os
 import socket
 
+from rc.bounded import LARGEST as LARGEST_INT
 from rc.defaults import DEFAULTS
+from rc.log import LEVELS
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG_PATH = os.path.join(CHECKOUT, "etc", "rc.json")
@@ -32,6 +35,23 @@ WORKER_PATH = os.path.join(CHECKOUT, "bin", "worker.py")
 LOCAL_WORKER_OWN_OPTIONS = ("--join", "--token", "--token-file", "--device-id", "--state-dir",
                             "--web-port", "--fingerprint", "--fingerprint-file", "--hide",
                             "--read-only")
+
+
+# Settings that take one of a few words: checked as the file is read, so that
+# `make run` and `rc` refuse a wrong one, not each program as it starts.
+CHOICES = {"log_level": tuple(LEVELS),
+           "read_access": ("open", "local", "token")}
+# The largest number a setting that is not a whole number may be: each is
+# seconds, days or a percentage, and a pause or a select() of more than ~292
+# years is an OverflowError (rc-reaper died at each start on reaper_interval
+# 1e308). A whole-number setting may be what SQLite holds (LARGEST_INT).
+LARGEST_FLOAT = 10 ** 9          # seconds: 31 years
+# Settings 0 cannot be: a pause of none is a busy loop (rc-reaper took ~35%
+# of a core with reaper_interval 0), and heartbeat_interval 0 let
+# lease_duration be 0.
+ABOVE_ZERO = ("heartbeat_interval", "poll_interval", "reaper_interval")
+# Settings that are lists of text (local_worker_options: check_local_worker_options).
+TEXT_LISTS = ("allowed_hosts",)
 
 
 class ConfigError(Exception):
@@ -90,10 +110,8 @@ def ports_taken(config):
     for key, host_key, variable in PORTS:
         port = getattr(config, key)
         try:
-            family, kind, _, _, address = socket.getaddrinfo(
-                getattr(config, host_key) or None, port, type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE)[0]
-            with socket.socket(family, kind) as probe:
+            family, address = listen_address(getattr(config, host_key), port)
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
         except OSError as e:
@@ -106,6 +124,14 @@ def ports_taken(config):
             % (" and ".join(taken), config.home,
                " ".join("%s=%d" % (variable, getattr(config, key) + 10)
                         for key, _, variable in PORTS)))
+
+
+def listen_address(host, port):
+    """(family, address) a program listening on `host` binds: an IPv6 one
+    for "::" or "::1", every IPv4 address for "" as for "0.0.0.0"."""
+    family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    return family, address
 
 
 def started_with_path(home):
@@ -168,18 +194,39 @@ def check(key, value, where="environment"):
     if type(value) is not type(default):
         raise ConfigError("%s: %s must be %s, not %r"
                           % (where, key, type(default).__name__, value))
+    if isinstance(value, float) and not math.isfinite(value):
+        # Python's json reads NaN and Infinity, which JSON does not allow,
+        # and NaN is not below zero: rc-reaper died at each start on it.
+        raise ConfigError("%s: %s must be a finite number, not %r" % (where, key, value))
     if isinstance(value, (int, float)) and value < 0:
         raise ConfigError("%s: %s must not be negative" % (where, key))
+    largest = LARGEST_FLOAT if isinstance(value, float) else LARGEST_INT
+    if isinstance(value, (int, float)) and value > largest:
+        raise ConfigError("%s: %s must be at most %d, not %r" % (where, key, largest, value))
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError("%s: %s must be one of %s, not %r"
+                          % (where, key, ", ".join(CHOICES[key]), value))
+    if key in TEXT_LISTS and not all(isinstance(item, str) for item in value):
+        raise ConfigError("%s: %s must be a list of strings, not %r" % (where, key, value))
     if key.endswith("_port") and not 0 <= value <= 65535:
         raise ConfigError("%s: %s must be a port number" % (where, key))
     return value
 
 
 def check_together(settings, where):
+    for key in ABOVE_ZERO:
+        if settings[key] == 0:
+            raise ConfigError("%s: %s must be more than 0" % (where, key))
     # A worker gives up its tasks half a heartbeat before its lease ends, and
     # must still hear at least one heartbeat acknowledged in that time.
     if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
         raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
+                          % where)
+    # Only a heartbeat shows a device is there: a shorter wait marked a
+    # connected device offline between two of them, and the reaper took back
+    # what it ran (a 12 s task failed "retries spent: device offline").
+    if settings["offline_timeout"] < 1.5 * settings["heartbeat_interval"]:
+        raise ConfigError("%s: offline_timeout must be at least 1.5 x heartbeat_interval"
                           % where)
     check_local_worker_options(settings["local_worker_options"], where)
 

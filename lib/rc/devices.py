@@ -101,15 +101,18 @@ def revoke(connection, device_id):
     return cursor.rowcount == 1
 
 
-def heartbeat(connection, device_id, metrics, now, availability=None):
+def heartbeat(connection, device_id, metrics, now, availability=None, history=True):
+    """The device's latest figures; with `history`, a row of its heartbeat
+    history too."""
     available, reason = availability_of(availability)
     metrics = clean_metrics(metrics)
     connection.execute(
         "UPDATE devices SET metrics = ?, last_seen = ?, figures_at = ?, status = ?,"
         " available = ?, unavailable_reason = ? WHERE device_id = ?",
         (db.dumps(metrics), now, now, ONLINE, available, reason, device_id))
-    connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
-                       (device_id, now, db.dumps(metrics)))
+    if history:
+        connection.execute("INSERT INTO heartbeats(device_id, time, metrics) VALUES (?, ?, ?)",
+                           (device_id, now, db.dumps(metrics)))
 
 
 def set_availability(connection, device_id, availability):

@@ -4,6 +4,7 @@ between steps), the loop."""
 import os
 import select
 import signal
+import sys
 
 from rc import config as config_module
 from rc import state_dir
@@ -13,10 +14,21 @@ from rc.log import Logger
 def serve(name, run):
     """Run `run(config, log, should_stop)` until SIGTERM or SIGINT."""
     state_dir.keep_files_private()
-    config = config_module.load()
+    config = load_config(name)
     log = Logger(name, config.log_level)
     run(config, log, StopFlag())
     log.info("stopped")
+
+
+def load_config(name):
+    """The settings; a setting no program can use ends this one with one
+    line naming it (supervisord starts it again, a second later each time,
+    until the file is mended), not a traceback."""
+    try:
+        return config_module.load()
+    except config_module.ConfigError as e:
+        Logger(name).error("config_error", error=str(e))
+        sys.exit(2)
 
 
 class StopFlag:

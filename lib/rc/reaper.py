@@ -4,8 +4,9 @@ A device that stopped heartbeating, or dropped its connection and did not
 come back, goes offline and its tasks go back to the queue (or fail when
 their retries are spent); one whose worker a graceful stop of rc-server
 told to hold its tasks (restart_hold) is left alone until that hold and
-disconnect_grace have passed, whichever program runs meanwhile. An assignment not accepted in time is taken back;
-one on a device rc-server found suspect, at once and uncharged.
+disconnect_grace have passed, whichever program runs meanwhile. An assignment not accepted in time is given back
+by its device (a bounce: expire_leases); one on a device rc-server found
+suspect, at once and uncharged.
 A task running far past its timeout is failed even if its device never says
 so. Heartbeat history is kept bounded. After each sweep it checkpoints
 the write-ahead log (db.checkpoint), so that the programs on a task's way
@@ -44,11 +45,7 @@ def sweep(connection, config, log, now, log_limited=None):
                   " WHERE %s AND device_id IN (SELECT device_id FROM devices"
                   " WHERE status = ?)" % db.ACTIVE_SQL, (OFFLINE,), "device {device_id} offline",
                   contained)
-        take_back(connection, config, log, now, TASK_ROW +
-                  " WHERE %s AND lease_expires < ? AND device_id NOT IN (SELECT device_id"
-                  " FROM devices WHERE %s)" % (db.ACTIVE_SQL, devices.HELD_SQL),
-                  (now, now - config.disconnect_grace), "lease on {device_id} expired",
-                  contained)
+        expire_leases(connection, config, log, now, contained)
         take_back(connection, config, log, now, TASK_ROW +
                   " WHERE %s AND cancel_requested = 1 AND device_id IN"
                   " (SELECT device_id FROM devices WHERE connected = 0)" % db.ACTIVE_SQL,
@@ -117,6 +114,31 @@ def take_back(connection, config, log, now, query, parameters, reason, contained
         with contained("task", row["task_id"]):
             why = reason.format(device_id=row["device_id"])
             if tasks.take_back(connection, row, why, now, config):
+                log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
+                            device_id=row["device_id"], state=row["state"], reason=why)
+
+
+def expire_leases(connection, config, log, now, contained):
+    """Attempts whose lease ran out on a device not held through a restart:
+    a running one is taken back; one never accepted is given back by its
+    device (tasks.bounce), as if it had answered handed_back. A device that
+    heartbeats and answers pings (never suspect) but lets every assignment
+    run out, claiming the most idle slots, was given each task again after
+    its backoff, for ever, and no task of the queue ran: now another fitting
+    device with room is given it first, and a task only it takes fails after
+    bounce_limit of them in a row, naming it."""
+    for row in connection.execute(
+            TASK_ROW + " WHERE %s AND lease_expires < ? AND device_id NOT IN (SELECT device_id"
+            " FROM devices WHERE %s)" % (db.ACTIVE_SQL, devices.HELD_SQL),
+            (now, now - config.disconnect_grace)).fetchall():
+        with contained("task", row["task_id"]):
+            if row["state"] == ASSIGNED:
+                why = "%s never accepted it within accept_timeout" % row["device_id"]
+                done = tasks.bounce(connection, row, row["device_id"], why, now, config)
+            else:
+                why = "lease on %s expired" % row["device_id"]
+                done = tasks.take_back(connection, row, why, now, config)
+            if done:
                 log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
                             device_id=row["device_id"], state=row["state"], reason=why)
 

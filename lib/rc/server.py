@@ -28,6 +28,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import termios
 import threading
 import time
@@ -35,7 +36,7 @@ import time
 from rc import config as config_module
 from rc import audit, bell, db, device_logs, device_secrets, devices, files, fleet, protocol
 from rc import tasks
-from rc import tails, throttle, tls
+from rc import program, tails, throttle, tls
 from rc.log import Logger
 from rc.protocol import ProtocolError, field
 from rc.state_dir import keep_files_private, read_secret
@@ -218,6 +219,7 @@ class Server:
         self.unauthenticated_by_host = collections.Counter()
         self.new_connections = throttle.NewConnections(config.new_connections_per_address)
         self.heartbeat_written = {}    # device id -> monotonic time its last heartbeat was
+        self.history_written = {}      # device id -> ... its last row of heartbeat history
         self.tasks_named = {}          # device id -> throttle.TokenBucket (named_tasks)
         self.refusal_lines = throttle.Throttle(config.audit_refusals_per_minute)
         self.connected_lines = throttle.Throttle(CONNECTED_LINES_PER_MINUTE)
@@ -250,9 +252,13 @@ class Server:
     # -- the loop ---------------------------------------------------------------
 
     def listen(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The family tcp_host is of: an AF_INET socket died at each start
+        # on "::" (gaierror: Address family for hostname not supported).
+        family, address = config_module.listen_address(self.config.tcp_host,
+                                                       self.config.tcp_port)
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.config.tcp_host, self.config.tcp_port))
+        listener.bind(address)
         listener.listen(1024)
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
@@ -265,7 +271,12 @@ class Server:
         return listener.getsockname()[1]
 
     def run(self):
-        port = self.listen()
+        try:
+            port = self.listen()
+        except OSError as e:        # an address this machine has not, a port taken
+            self.log.error("cannot_listen", host=self.config.tcp_host,
+                           port=self.config.tcp_port, error=str(e))
+            sys.exit(1)
         with db.write(self.database):
             devices.disconnect_all(self.database, time.time())
         self.log.info("server_started", host=self.config.tcp_host, port=port,
@@ -1193,9 +1204,10 @@ class Server:
             else None
         if cached is not None and peer.inline_files:
             self.know_blobs(peer, db.loads(cached))
+        due = self.heartbeat_due(peer)
         self.batch.append((Server.apply_heartbeat, peer,
-                           (metrics, availability, active, fenced, self.heartbeat_due(peer),
-                            cached)))
+                           (metrics, availability, active, fenced, due, cached,
+                            due and self.history_due(peer))))
 
     def heartbeat_due(self, peer):
         """Whether this heartbeat is written (metrics, history, leases): at
@@ -1208,6 +1220,20 @@ class Server:
         if last is not None and now - last < self.config.min_heartbeat_interval:
             return False
         self.heartbeat_written[peer.device_id] = now
+        return True
+
+    def history_due(self, peer):
+        """Whether a heartbeat written also goes into the heartbeat history:
+        one per heartbeat_interval (half of one: a worker's heartbeats come
+        with jitter), so that it holds about heartbeat_history rows a device,
+        as that setting says. Each one written went in before: a device
+        heartbeating each second with 17 KB of metrics kept 86,400 rows
+        (~1.4 GB) a day, where an honest one keeps 1,440 of ~300 bytes."""
+        now = time.monotonic()
+        last = self.history_written.get(peer.device_id)
+        if last is not None and now - last < self.config.heartbeat_interval / 2:
+            return False
+        self.history_written[peer.device_id] = now
         return True
 
     def on_accept(self, peer, data):
@@ -1542,26 +1568,30 @@ class Server:
 
     def take_back_fenced(self, device_id, keys, now):
         """Tasks the worker stopped itself after losing us: the main node's
-        absence, not the task's doing, so the retry is not charged to it."""
+        absence, not the task's doing, so the retry is not charged to it.
+        Given back by the device (tasks.give_back): one that accepted every
+        task and named it fenced next was given it again after each backoff,
+        claiming the most idle slots, and no task ran elsewhere."""
         for task_id, attempt in keys:
             row = self.database.execute(
                 "SELECT %s FROM tasks WHERE task_id = ? AND attempt = ? AND device_id = ?"
                 " AND state IN (?, ?)" % tasks.LEASE_COLUMNS,
                 (task_id, attempt, device_id, ASSIGNED, RUNNING)).fetchone()
-            if row and tasks.take_back(self.database, row, "fenced by %s" % device_id, now,
-                                       self.config, charged=False):
+            if row and tasks.give_back(self.database, row, device_id, "fenced by %s" % device_id,
+                                       now, self.config):
                 self.note("info", "task_fenced", task_id=task_id, attempt=attempt,
                           device_id=device_id)
 
     def apply_heartbeat(self, peer, data, now):
-        metrics, availability, active, fenced, due, cached = data
+        metrics, availability, active, fenced, due, cached, history = data
         if peer.held:       # it has its register_ack, so holds nothing any more
             devices.end_hold(self.database, peer.device_id)
             peer.held = False
         if due:
             if cached is not None:     # like metrics: at most once per min_heartbeat_interval
                 devices.set_cached_files(self.database, peer.device_id, cached)
-            devices.heartbeat(self.database, peer.device_id, metrics, now, availability)
+            devices.heartbeat(self.database, peer.device_id, metrics, now, availability,
+                              history)
             tasks.renew_leases(self.database, peer.device_id, active,
                                now + self.config.lease_duration)
         else:
@@ -2062,7 +2092,7 @@ def raise_file_limit(log):
 
 def main():
     keep_files_private()
-    config = config_module.load()
+    config = program.load_config("rc-server")
     log = Logger("rc-server", config.log_level)
     raise_file_limit(log)
     server = Server(config, log)

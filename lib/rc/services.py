@@ -247,7 +247,8 @@ def account(connection, config, log, service, run, task, now):
 def restart_delay(config, quick_exits):
     """Seconds before the next run: the base after a run that lasted, then
     doubling with each quick exit in a row, capped."""
-    return min(config.service_restart_backoff * 2 ** max(0, quick_exits - 1),
+    return min(config.service_restart_backoff
+               * 2 ** min(max(0, quick_exits - 1), tasks.MAX_DOUBLINGS),
                config.service_restart_backoff_max)
 
 

@@ -1009,8 +1009,16 @@ def _end(connection, task, state, reason, error, now, losses):
     return cursor.rowcount == 1
 
 
+# Doublings of a backoff past which it is at its cap whatever the setting
+# (10**9 s at most): at attempt 1025, float * 2 ** 1024 was OverflowError
+# and the reaper failed on the task at every sweep, for good. An attempt
+# that is never charged (assigned and never accepted) has no other bound.
+MAX_DOUBLINGS = 64
+
+
 def backoff(attempt, config):
     """Seconds before attempt+1 may start: doubling, capped, with jitter so
     that the tasks of one dead device do not all land at once."""
-    delay = min(config.retry_backoff * 2 ** (attempt - 1), config.retry_backoff_max)
+    delay = min(config.retry_backoff * 2 ** min(attempt - 1, MAX_DOUBLINGS),
+                config.retry_backoff_max)
     return delay * random.uniform(0.5, 1.0)

@@ -19,11 +19,13 @@ It never assigns, finishes or retries a task.
 import hmac
 import socket
 import ssl
+import sys
 import threading
 import time
 
 import orjson
 
+from rc import config as rc_config
 from rc import db, device_secrets, files, program, protocol, throttle, tls
 from rc.state_dir import read_secret
 
@@ -81,8 +83,16 @@ class FilesServer:
         database.close()
         self.cluster_id = read_secret(config.cluster_id_path)
         self.context = tls.server_context(config) if config.tls else None
-        self.listener = socket.create_server((config.tcp_host, config.files_port),
-                                             reuse_port=False, backlog=128)
+        try:
+            family, address = rc_config.listen_address(config.tcp_host, config.files_port)
+            # On "::" IPv4 too, as rc-server (create_server would make it IPv6 only).
+            self.listener = socket.create_server(
+                address, family=family, reuse_port=False, backlog=128,
+                dualstack_ipv6=family == socket.AF_INET6 and socket.has_dualstack_ipv6())
+        except OSError as e:        # an address this machine has not, a port taken
+            log.error("cannot_listen", host=config.tcp_host, port=config.files_port,
+                      error=str(e))
+            sys.exit(1)
         self.listener.settimeout(ACCEPT_POLL)
 
     @property

@@ -73,7 +73,7 @@ MAX_TERMINAL_WIDTH = 500
 # POST /api/v1/tasks instead.
 MAX_COMMAND_TEXT = 64 * 1024      # characters
 MAX_COMMAND_WORDS = 1000
-READ_ACCESS = ("open", "local", "token")
+READ_ACCESS = rc_config.CHOICES["read_access"]
 STREAM_COOKIE = "rc_stream"       # lets a browser's EventSource read /stream/* (no header)
 # ...and a link save a task's file (GET .../files/NAME): a browser that kept
 # the token otherwise had to fetch the whole file into memory to send it.
