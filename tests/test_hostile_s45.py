@@ -22,6 +22,7 @@ from rc.log import Logger
 from rc.states import ASSIGNED, QUEUED
 from test_bad_input import connect, register_frame
 from test_inline_files import GOOD, with_the_good_worker
+from test_store import store  # noqa: F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
@@ -177,12 +178,6 @@ def test_a_host_it_cannot_listen_on_is_one_line_naming_it(tmp_path, module):
 # for ~85 hours (1025 quick exits at service_restart_backoff_max) was never
 # started again, rc-scheduler failing on it each pass.
 
-@pytest.fixture
-def store(tmp_path):
-    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
-    connection = db.open_database(config.db_path)
-    yield config, connection
-    connection.close()
 
 
 def test_an_attempt_past_the_thousandth_is_queued_again_not_wedged(store):
