@@ -264,8 +264,8 @@ class GivesEverythingBack:
 
     def close(self):
         self.sock.shutdown(socket.SHUT_RDWR)      # the reading thread sees its end
+        self.thread.join(10)        # before the close: its fd is not another's under it
         self.sock.close()
-        self.thread.join(10)
 
 
 def test_a_device_that_gives_every_task_back_holds_none_from_the_others(cluster):
