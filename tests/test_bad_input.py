@@ -7,6 +7,8 @@ log does), and at the end the server's memory is back where it was.
 """
 import json
 import os
+import select
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -62,6 +64,60 @@ def read_frame(sock, timeout=1.0):
             return None
         data += chunk
     return json.loads(data)
+
+
+def send_while_reading(sock, data, wanted, idle=60.0):
+    """Send `data` on `sock` while reading the frames that come back, in
+    this one thread, until `wanted` frames have come and `data` is sent,
+    or the server hangs up: the frames read, as dicts. A TLS socket
+    written by one thread while another reads it (one OpenSSL SSL object)
+    breaks now and then; a flood's answers read only after it was sent
+    would fill the server's buffers. A write the server refused (it hung
+    up) ends the sending, not the reading. AssertionError when nothing
+    moves either way for `idle` seconds."""
+    view, sent, sending = memoryview(data), 0, True
+    inbox, frames, closed = bytearray(), [], False
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    still_since = time.monotonic()
+    try:
+        while not closed and (sending or len(frames) < wanted):
+            decrypted = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            readable, writable, _ = select.select(
+                [sock], [sock] if sending else [], [], 0 if decrypted else 0.5)
+            moved = False
+            if readable or decrypted:
+                try:
+                    chunk = sock.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    chunk = None        # not a whole TLS record yet
+                except (ConnectionResetError, BrokenPipeError):
+                    chunk = b""
+                closed, moved = chunk == b"", bool(chunk)
+                inbox += chunk or b""
+                while b"\n" in inbox:
+                    line, _, rest = bytes(inbox).partition(b"\n")
+                    inbox[:] = rest
+                    frames.append(json.loads(line))
+            if sending and writable:
+                try:
+                    # After a WantWrite, the same bytes again (as OpenSSL asks).
+                    sent += sock.send(view[sent:sent + 65536])
+                    moved = True
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except OSError:
+                    sending = False     # refused midway: the server hung up
+                sending = sending and sent < len(view)
+            if moved:
+                still_since = time.monotonic()
+            assert time.monotonic() - still_since < idle, \
+                "nothing sent or received for %g s (%d of %d bytes sent, %d frames read)" % (
+                    idle, sent, len(view), len(frames))
+    finally:
+        if sock.fileno() >= 0:
+            sock.settimeout(timeout)
+    return frames
 
 
 def answered_or_closed(sock):

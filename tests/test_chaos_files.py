@@ -120,8 +120,16 @@ def assert_store_whole(cluster):
     assert dangling == 0
     for digest, size in rows:
         path = files.blob_path(cluster.config, digest)
-        assert os.path.getsize(path) == size, digest
-        assert files.hash_file(path)[0] == digest
+        try:
+            assert os.path.getsize(path) == size, digest
+            assert files.hash_file(path)[0] == digest
+        except FileNotFoundError:
+            # rc-reaper's sweep deletes a row, then its blob: a blob swept
+            # since the snapshot (a replaced checkpoint's, last_used_at 0)
+            # is gone with its row. Gone under a row still there, a fault.
+            kept = cluster.db.execute("SELECT 1 FROM files WHERE sha256 = ?",
+                                      (digest,)).fetchone()
+            assert kept is None or os.path.exists(path), "blob %s gone, its row kept" % digest
 
 
 def terminal_once(cluster, task_id, timeout=60):

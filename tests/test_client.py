@@ -8,6 +8,7 @@ import concurrent.futures
 import glob
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -709,7 +710,14 @@ def test_a_lone_result_is_read_by_the_thread_that_waits_for_it(cluster):
             future.result(0.1)               # a timeout leaves the stream readable
         assert future.result(60) is not None and connection.reader is None
         future = lone_submit(connection, "echo", "later")
-        time.sleep(1)                       # its line waits on the socket, unread
+
+        def arrived():
+            """Its line waits on the socket, unread (a fixed second was too
+            short for the round trip on a loaded machine); or the receiver's
+            idle timer woke it to read it (base done(): no wake-up asked)."""
+            return concurrent.futures.Future.done(future) or \
+                select.select([connection.stream.sock], [], [], 0)[0]
+        wait_for(arrived, 60, "the result's line")
         assert future.result(0) == "later"      # a look without a wait reads it
 
 

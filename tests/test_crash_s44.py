@@ -148,7 +148,8 @@ def test_a_new_clients_first_download_cut_by_rc_web_s_kill_is_taken_up_when_it_i
     assert done["path"] == target and files.hash_file(target)[0] == digest
 
 
-def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, tmp_path):
+def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, tmp_path,
+                                                                       drop_dir):
     """rc-files killed in a row (supervisord waits 1 s, 2 s, 3 s... between
     starts of a program that died at once) or slow to start on a small
     main node: a worker gave up after 4 connections in 3.5 s, and a task
@@ -165,12 +166,16 @@ def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, 
                        "--wait", check=False)
     assert first.returncode == 0 and first.stdout.strip() == str(files.INLINE_FILE_BYTES + 1), \
         first
-    producing = cluster.rc("submit", "shell", "sleep 1; head -c 400000 /dev/urandom > o.bin;"
-                           " sha256sum o.bin", "--output", "o.bin",
-                           "--require", "device_id=%s" % DEVICE)
+    # It writes its output once rc-files is stopped: after a fixed second, a
+    # loaded run put it before `supervisorctl stop` had stopped rc-files.
+    go = drop_dir / "go"
+    producing = cluster.rc("submit", "shell", "until [ -e %s ]; do sleep 0.05; done;"
+                           " head -c 400000 /dev/urandom > o.bin; sha256sum o.bin" % go,
+                           "--output", "o.bin", "--require", "device_id=%s" % DEVICE)
     producing = int(producing.stdout)
     wait_for(lambda: state_of(cluster, producing) == "running", 30, "the task running")
     cluster.supervisorctl("stop", "rc-files")
+    go.touch()
     try:
         reading = int(cluster.rc("submit", "shell", "sha256sum in.bin", "--input",
                                  str(tmp_path / "in.bin"), "--require",

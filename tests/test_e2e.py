@@ -94,7 +94,7 @@ def test_cli_submit_refuses_bad_input_with_one_line(cluster):
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_a_killed_worker_s_task_finishes_on_another(cluster):
+def test_a_killed_worker_s_task_finishes_on_another(cluster, drop_dir):
     cluster.supervisorctl("stop", "rc-worker")
     for name in ("w1", "w2"):
         process = cluster.workers.pop(name, None)
@@ -103,13 +103,17 @@ def test_a_killed_worker_s_task_finishes_on_another(cluster):
             process.wait()
     victim = cluster.start_worker("victim")
     wait_for(lambda: "victim" in online(cluster), 30, "victim online")
-    task_id = tasks.submit(cluster.db, cluster.config, "shell",
-                           {"command": "sleep 2; echo survived"})
+    # It ends only once victim is killed: after a fixed 2 s, a rescuer slow
+    # to start on a loaded machine would find it done on victim.
+    go = drop_dir / "go"
+    task_id = tasks.submit(cluster.db, cluster.config, "shell", {
+        "command": "until [ -e %s ]; do sleep 0.05; done; echo survived" % go})
     wait_for(lambda: tasks.get(cluster.db, task_id)["state"] == "running", 30,
              "the task to run on victim")
     cluster.start_worker("rescuer")
     wait_for(lambda: "rescuer" in online(cluster), 30, "rescuer online")
     os.killpg(victim.pid, signal.SIGKILL)
+    go.touch()
     wait_all_finished(cluster, [task_id], 60)
     task = tasks.get(cluster.db, task_id)
     assert (task["state"], task["device_id"]) == ("completed", "rescuer")

@@ -13,6 +13,7 @@ import pytest
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import db
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from test_map import hears_ctrl_c
 
 TIMEOUT = 120       # seconds any one command may take here
 
@@ -53,7 +54,8 @@ def test_resume_writes_the_files_of_inputs_that_ended_after_a_ctrl_c(cluster, tm
             [RC, "map", "gzip -kf {}", "--files", "f1.log", "f2.log", "f3.log", "--output",
              "{}.gz", "--into", "out/", "--results", "res/"], cwd=str(tmp_path),
             env=cluster.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True, start_new_session=True)
+            stderr=subprocess.PIPE, universal_newlines=True, start_new_session=True,
+            preexec_fn=hears_ctrl_c)
         first = running.stderr.readline()
         assert first.startswith("map ") and first.endswith(": 3 inputs\n"), first
         group_id = int(first.split()[1].rstrip(":"))

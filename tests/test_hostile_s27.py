@@ -162,6 +162,8 @@ def test_transfers_that_barely_move_lock_no_worker_out_of_rc_files(cluster, tmp_
             assert task["result"]["output"].strip() == str(big.stat().st_size), task
     finally:
         stop.set()
+        if dripper.is_alive():
+            dripper.join(30)    # a socket closed under its sendall: its fd reused
         for sock in list(socks):
             sock.close()
         for device, (task_id, attempt) in held:

@@ -7,7 +7,6 @@ neither cancelled, failed nor timed out. A joined device naming 10,000
 tasks in each lease_check (heartbeat, register): a core of the main node held,
 every other device answered late. Each test failed before the fix its
 docstring names."""
-import threading
 import time
 
 import pytest
@@ -17,7 +16,8 @@ from hostile_harness import unharmed
 from rc import db, protocol, scheduler, tasks, throttle
 from rc.states import CANCELLED, FAILED, QUEUED
 from test_hostile_rows import LOG, add_device
-from test_bad_input import connect, read_frame, register_frame, registered
+from test_bad_input import (connect, read_frame, register_frame, registered,
+                            send_while_reading)
 from test_hostile_server import audit_lines
 from test_inline_files import with_the_good_worker
 from test_store import store  # noqa: F401 (a fixture)
@@ -101,21 +101,7 @@ def test_a_device_naming_thousands_of_tasks_a_message_is_held_to_the_message_rat
     flood = protocol.encode("lease_check", {"tasks": keys}, sender_id="mallory") * frames
     with unharmed(cluster, "good"):
         mallory = registered(cluster, "mallory")
-
-        def send():
-            try:
-                mallory.sendall(flood)
-            except OSError:         # refused midway
-                pass
-        sender = threading.Thread(target=send)
-        sender.start()
-        answers = []
-        while len(answers) < frames:
-            frame = read_frame(mallory, timeout=60)
-            if frame is None:
-                break
-            answers.append(frame)
-        sender.join()
+        answers = send_while_reading(mallory, flood, frames)[:frames]
         mallory.close()
     acks = answers
     if answers and answers[-1]["message_type"] == "error":

@@ -186,7 +186,11 @@ def test_a_large_groups_view_holds_a_page_of_its_tasks(cluster):
     request, and answered 167 MB (100,000 inputs: gigabytes); the web
     terminal's `group ID` as much. Now both show at most 1,000 tasks, those
     that did not complete first, with the summary of all and "more"."""
-    members = 3000
+    # A page of 1,000 grows rc-web by 36-40 MiB, however large the group
+    # (40 in a loaded run, when the bound was 40 and the group 3,000). The
+    # group is large enough that listing all of it, as before, is far past
+    # the bound: 191 MiB for these 6,000.
+    members = 6000
     result = json.dumps({"output": "y" * 5000, "exit_code": 0})
     now = time.time()
     with db.write(cluster.db):
@@ -206,7 +210,7 @@ def test_a_large_groups_view_holds_a_page_of_its_tasks(cluster):
     assert view["summary"] == {"tasks": members, "completed": members}
     assert len(view["tasks"]) == tasks.MAX_PAGE_TASKS
     assert view["more"] == members - tasks.MAX_PAGE_TASKS
-    assert grown < 40, "rc-web grew by %d MiB for one group's view" % grown
+    assert grown < 80, "rc-web grew by %d MiB for one group's view" % grown
     status, view = get(cluster, "/api/v1/groups/%d?limit=%d" % (group_id, members))
     assert len(view["tasks"]) == tasks.MAX_PAGE_TASKS
     status, answer = command(cluster, "group --csv %d" % group_id)
@@ -260,8 +264,8 @@ class GivesEverythingBack:
 
     def close(self):
         self.sock.shutdown(socket.SHUT_RDWR)      # the reading thread sees its end
+        self.thread.join(10)        # before the close: its fd is not another's under it
         self.sock.close()
-        self.thread.join(10)
 
 
 def test_a_device_that_gives_every_task_back_holds_none_from_the_others(cluster):
