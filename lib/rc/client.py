@@ -1060,6 +1060,7 @@ class Cluster:
                 raise
             raise ValueError("RC_URL: %s" % e) from None    # the program never named it
         self.put_paths = {}                  # (path, size, mtime) or sha256 -> put()'s answer
+        self.put_sources = {}                # sha256 -> the path or bytes put_paths' put sent
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
@@ -1154,6 +1155,7 @@ class Cluster:
         key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
         if key not in self.put_paths:
             self.put_paths[key] = self.put(path)
+            self.put_sources[self.put_paths[key]["sha256"]] = path
         return self.put_paths[key]
 
     def put_data_once(self, data, cached_only=False):
@@ -1165,7 +1167,26 @@ class Cluster:
             data).hexdigest())
         if key not in self.put_paths and not cached_only:
             self.put_paths[key] = self.put_body(data, key, len(data))
+            self.put_sources[key] = data
         return self.put_paths.get(key)
+
+    def put_again(self, error, tried):
+        """Whether the file rc-web refused a batch for ("no file SHA in the
+        store"), one this client put once for many tasks, was put again:
+        the store's sweep removes a file no task has used for
+        files_retention_days, which a long-lived Executor outlives, and
+        every later call of its function was refused. Once a sha a batch."""
+        text = str(error)
+        sha256 = text.split("no file ", 1)[1][:64] if error.status == 400 \
+            and "no file " in text else None
+        source = self.put_sources.get(sha256)
+        if source is None or sha256 in tried:
+            return False
+        tried.add(sha256)
+        try:
+            return self.put(source).get("sha256") == sha256     # a path may have changed since
+        except (OSError, ClusterError):
+            return False
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1260,6 +1281,7 @@ class Cluster:
         return list(zip(batch, encoded))
 
     def send(self, batch):
+        put_again = set()           # the files put again for this batch
         while batch:
             futures = [future for future, _ in batch]
             body = b"[" + b",".join(data for _, data in batch) + b"]"
@@ -1276,6 +1298,8 @@ class Cluster:
                     # Our session's group was pruned (idle past task_retention):
                     # nothing of it is pending, so a new one does.
                     self.group_id = None
+                    continue
+                if self.put_again(e, put_again):
                     continue
                 refused = refused_task(e, len(batch))
                 if refused is None:
