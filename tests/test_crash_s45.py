@@ -4,13 +4,18 @@ its insert failing (perf45), and the client's function stored once as an
 input file all its tasks share (client45)."""
 import http.client
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
-from rc import client, files
+from cluster_harness import (RC, Cluster, assert_one_terminal_state_each, log_records, online,
+                             wait_all_finished, wait_for)
+from rc import client, files, housekeeping
+from test_chaos_files import halt, halted_when, kill_program
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +89,6 @@ def test_a_batch_into_a_known_group_sent_again_after_rc_web_s_kill_is_queued_onc
     batch = [shell("echo kill-batch-%d" % n) for n in range(5)]
     status, first = post(cluster, path, batch, "kill-1")
     assert status == 201
-    from test_chaos_files import kill_program
     kill_program(cluster, "rc-web")
     wait_for(lambda: ready(cluster), 30, "rc-web back")
     status, again = post(cluster, path, batch, "kill-1")
@@ -96,6 +100,52 @@ def test_a_batch_into_a_known_group_sent_again_after_rc_web_s_kill_is_queued_onc
     status, other = post(cluster, path, batch[:1], "kill-1")
     assert status == 422, other
     assert count_tasks(cluster, "kill-batch-") == 5
+
+
+def test_rc_web_killed_after_a_client_s_batch_commits_before_its_answer(cluster):
+    with client.Cluster(cluster.url, cluster.token) as session:
+        assert session.submit("echo", "warm").result(60) == "warm"   # rc-web answered it
+        # Rounds until an answer was lost (the kill lands after the answer at
+        # times), into the group rc-web made or one it never knew.
+        for round_ in range(20):
+            if repeats(cluster):
+                break
+            pid = cluster.program_pid("rc-web")
+            assert halt(pid)
+            inputs = ["commit-%d-%d" % (round_, n) for n in range(50)]
+            outputs = []
+            mapping = threading.Thread(target=lambda: outputs.extend(
+                session.map("echo", inputs)))
+            mapping.start()
+            try:
+                assert stepped_until(pid, lambda: count_tasks(
+                    cluster, "commit-%d-" % round_) == 50), "the batch never committed"
+            finally:
+                kill_program(cluster, "rc-web")
+            mapping.join(120)
+            assert outputs == inputs
+            assert count_tasks(cluster, "commit-%d-" % round_) == 50
+        if not repeats(cluster):
+            pytest.skip("rc-web answered before each kill this time (the moment lasts"
+                        " microseconds); every batch was queued once all the same")
+
+
+def repeats(cluster):
+    """Batches rc-web answered from their key: sent again, their answer lost."""
+    return len(log_records(cluster, "rc-web", event="submit_repeated"))
+
+
+def stepped_until(pid, predicate, timeout=30):
+    """halted_when's, in the shortest steps there are (SIGCONT, then halt at
+    once): rc-web's answer follows its commit within a step of 0.5 ms."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            return False
+        os.kill(pid, signal.SIGCONT)
+        if not halt(pid):
+            return False
+    return True
 
 
 def ready(cluster):
@@ -120,6 +170,33 @@ def test_a_batch_with_group_new_sent_again_makes_one_group(cluster):
     assert count_tasks(cluster, "new-again-") == 3
 
 
+def test_a_batch_sent_again_into_its_known_group_pruned_since_answers_from_its_key(cluster):
+    status, made = post(cluster, "/api/v1/tasks?group=new", [shell("echo pruned-0")],
+                        "pruned-0")
+    group_id = made["group_id"]
+    path = "/api/v1/tasks?group=%d" % group_id
+    status, first = post(cluster, path, [shell("echo pruned-1")], "pruned-1")
+    assert status == 201
+    ids = [task["task_id"] for task in made["tasks"] + first["tasks"]]
+    wait_for(lambda: cluster.db.execute(
+        "SELECT count(*) FROM tasks WHERE group_id = ? AND finished_at IS NOT NULL",
+        (group_id,)).fetchone()[0] == 2, 30, "the group's tasks ended")
+    # Pruned (the tasks past task_retention, then their group) while rc-web
+    # still knows the group, within the keys' hour.
+    later = time.time()     # theirs alone are a retention old: the others stay
+    cluster.db.execute("UPDATE tasks SET finished_at = 1 WHERE task_id IN (%s)"
+                       % ",".join(map(str, ids)))
+    cluster.db.execute("UPDATE task_groups SET created_at = 1 WHERE group_id = ?", (group_id,))
+    housekeeping.prune_tasks(cluster.db, cluster.config.task_retention, later)
+    housekeeping.prune_groups(cluster.db, cluster.config.task_retention, later)
+    assert cluster.db.execute("SELECT count(*) FROM task_groups WHERE group_id = ?",
+                              (group_id,)).fetchone()[0] == 0
+    assert post(cluster, path, [shell("echo pruned-1")], "pruned-1") == (201, first)
+    status, answer = post(cluster, path, [shell("echo pruned-2")], "pruned-2")
+    assert status == 404, answer
+    assert count_tasks(cluster, "pruned-2") == 0
+
+
 # -- the client's function stored once ------------------------------------------------
 
 TABLE = list(range(100000))        # over PIECES_IN_CODE: the function goes as a file
@@ -129,12 +206,145 @@ def look_up(index):
     return TABLE[index]
 
 
-def test_a_long_lived_executor_whose_function_s_file_was_swept_goes_on(cluster):
-    with client.Executor(cluster.url, cluster.token) as executor:
-        assert executor.submit(look_up, 5).result(60) == 5
-        # Its file unused past files_retention_days: the upkeep's sweep
-        # (run here with its clock a retention ahead) removes it.
-        files.sweep(cluster.db, cluster.config, time.time() + cluster.config.files_retention_days
-                    * DAY + 60)
+def test_a_long_lived_executor_whose_function_s_file_was_swept_goes_on(cluster, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("kept\n")
+    with client.Executor(cluster.url, cluster.token, inputs=[str(data)]) as executor:
+        first = executor.submit(look_up, 5)
+        assert first.result(60) == 5
+        # A month idle (task_retention and files_retention_days are both 30
+        # days): its tasks and group pruned, then its files swept, by the
+        # upkeep run here with their clock made a retention old.
+        cluster.db.execute("UPDATE tasks SET finished_at = 1 WHERE task_id = ?",
+                           (first.task_id,))
+        cluster.db.execute("UPDATE task_groups SET created_at = 1 WHERE group_id = (SELECT"
+                           " group_id FROM tasks WHERE task_id = ?)", (first.task_id,))
+        assert housekeeping.prune_tasks(cluster.db, cluster.config.task_retention,
+                                        time.time()) == 1
+        assert housekeeping.prune_groups(cluster.db, cluster.config.task_retention,
+                                         time.time()) == 1
+        assert files.sweep(cluster.db, cluster.config, time.time()
+                           + cluster.config.files_retention_days * DAY + 60) >= 2
         assert executor.submit(look_up, 6).result(60) == 6
         assert list(executor.map(look_up, range(30))) == list(range(30))
+
+
+WIDE = list(range(100000, 200000))      # another file than TABLE's
+
+
+def look_up_wide(index):
+    return WIDE[index]
+
+
+def test_two_executors_in_two_threads_put_the_same_function_at_once(cluster):
+    start, outcomes = threading.Barrier(2), []
+
+    def run():
+        with client.Executor(cluster.url, cluster.token) as executor:
+            start.wait()
+            outcomes.append(list(executor.map(look_up_wide, range(50))))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert outcomes == [list(range(100000, 100050))] * 2
+
+
+DEEP = list(range(200000, 300000))
+
+
+def look_up_deep(index):
+    return DEEP[index]
+
+
+def test_rc_web_killed_while_the_function_s_file_is_put_the_calls_run_once(cluster):
+    with client.Executor(cluster.url, cluster.token) as executor:
+        assert executor.submit(look_up, 1).result(60) == 1      # rc-web answered it
+        pid = cluster.program_pid("rc-web")
+        assert halt(pid)
+        before = len(links(cluster))
+        calls = []
+        submitting = threading.Thread(target=lambda: calls.extend(
+            executor.submit(look_up_deep, n) for n in range(20)))
+        submitting.start()
+        try:
+            # The submitting thread's own connection, its put on the way.
+            wait_for(lambda: len(links(cluster)) > before, 30, "the put sent")
+        finally:
+            kill_program(cluster, "rc-web")
+        submitting.join(120)
+        assert [call.result(120) for call in calls] == list(range(200000, 200020))
+        ids = {call.task_id for call in calls}
+        assert cluster.db.execute(
+            "SELECT count(*) FROM tasks WHERE task_id IN (%s) AND state = 'completed'"
+            % ",".join(map(str, ids))).fetchone()[0] == len(ids)
+
+
+def links(cluster):
+    """This process's connections to rc-web."""
+    import psutil
+    return [link for link in psutil.Process().net_connections("tcp") if link.raddr
+            and link.raddr[1] == cluster.config.web_port and link.status == "ESTABLISHED"]
+
+
+# -- each main-node program killed during a client's map and an rc map ------------------
+
+PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")
+
+
+SQUARES = [n * n for n in range(100000)]     # a file, which devices fetch from rc-files
+
+
+def square(number):
+    return SQUARES[number]
+
+
+def test_each_program_killed_during_a_map_of_thousands_and_an_rc_map_with_outputs(
+        cluster, tmp_path):
+    count, inputs = 3000, 100
+    into = tmp_path / "into"
+    into.mkdir()
+    first = cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+    mapping = subprocess.Popen(
+        [RC, "map", "--require", "device_id=%s" % DEVICE, "--output", "{}.out", "--into",
+         str(into), "echo out-{} > {}.out"] + ["in%d" % n for n in range(inputs)],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True)
+    outcome = {}
+
+    def run():
+        with client.Executor(cluster.url, cluster.token) as executor:
+            try:
+                outcome["values"] = list(executor.map(square, range(count), chunksize=10))
+            except Exception as e:      # a clear error is an outcome too
+                outcome["error"] = e
+    mapper = threading.Thread(target=run)
+    mapper.start()
+    try:
+        for name in PROGRAMS * 2:
+            done = ended(cluster, first)
+            # Some work done since the last kill: each kill lands mid-way.
+            wait_for(lambda: ended(cluster, first) > done or not mapper.is_alive(), 60,
+                     "tasks ending before %s's kill" % name)
+            kill_program(cluster, name)
+        mapper.join(180)
+        out, err = mapping.communicate(timeout=180)
+    finally:
+        mapping.kill()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["values"] == [n * n for n in range(count)]
+    assert mapping.returncode == 0, err
+    for n in range(inputs):
+        assert (into / ("in%d.out" % n)).read_text() == "out-in%d\n" % n
+    ids = [row[0] for row in cluster.db.execute(
+        "SELECT task_id FROM tasks WHERE task_id > ?", (first,))]
+    wait_all_finished(cluster, ids, 30)
+    assert_one_terminal_state_each(cluster, ids)
+    assert cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ? AND state !="
+                              " 'completed'", (first,)).fetchone()[0] == 0
+
+
+def ended(cluster, first):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ? AND"
+                              " finished_at IS NOT NULL", (first,)).fetchone()[0]
