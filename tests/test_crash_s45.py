@@ -212,21 +212,32 @@ def test_a_long_lived_executor_whose_function_s_file_was_swept_goes_on(cluster, 
     with client.Executor(cluster.url, cluster.token, inputs=[str(data)]) as executor:
         first = executor.submit(look_up, 5)
         assert first.result(60) == 5
+        assert executor.submit(len, BIG_ARGUMENT).result(60) == len(BIG_ARGUMENT)
         # A month idle (task_retention and files_retention_days are both 30
         # days): its tasks and group pruned, then its files swept, by the
         # upkeep run here with their clock made a retention old.
-        cluster.db.execute("UPDATE tasks SET finished_at = 1 WHERE task_id = ?",
-                           (first.task_id,))
-        cluster.db.execute("UPDATE task_groups SET created_at = 1 WHERE group_id = (SELECT"
-                           " group_id FROM tasks WHERE task_id = ?)", (first.task_id,))
+        group_id = cluster.db.execute("SELECT group_id FROM tasks WHERE task_id = ?",
+                                      (first.task_id,)).fetchone()[0]
+        cluster.db.execute("UPDATE tasks SET finished_at = 1 WHERE group_id = ?", (group_id,))
+        cluster.db.execute("UPDATE task_groups SET created_at = 1 WHERE group_id = ?",
+                           (group_id,))
         assert housekeeping.prune_tasks(cluster.db, cluster.config.task_retention,
-                                        time.time()) == 1
+                                        time.time()) == 2
         assert housekeeping.prune_groups(cluster.db, cluster.config.task_retention,
                                          time.time()) == 1
         assert files.sweep(cluster.db, cluster.config, time.time()
-                           + cluster.config.files_retention_days * DAY + 60) >= 2
+                           + cluster.config.files_retention_days * DAY + 60) >= 3
         assert executor.submit(look_up, 6).result(60) == 6
         assert list(executor.map(look_up, range(30))) == list(range(30))
+        # A call's arguments are not held to be put again (each call has its
+        # own): the first call after the sweep is refused, saying why; the
+        # next puts them again (they were refused for ever).
+        with pytest.raises(client.ClusterError, match="no file .* in the store"):
+            executor.submit(len, BIG_ARGUMENT).result(60)
+        assert executor.submit(len, BIG_ARGUMENT).result(60) == len(BIG_ARGUMENT)
+
+
+BIG_ARGUMENT = b"x" * (client.MAX_ARGUMENT_BYTES + 1)    # goes as a file of its own
 
 
 WIDE = list(range(100000, 200000))      # another file than TABLE's

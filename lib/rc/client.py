@@ -1162,12 +1162,14 @@ class Cluster:
         """put(data), or what it gave last time for the same bytes (a
         function's code, one file for all its tasks); `cached_only`: that,
         or None (never a request: the cluster's lock may be held). `data`
-        may be (bytes, their SHA-256)."""
-        data, key = data if isinstance(data, tuple) else (data, hashlib.sha256(
-            data).hexdigest())
+        may be (bytes, their SHA-256): a function's file, which pieces_file()
+        holds, and so may put_again(); a call's arguments are not held."""
+        kept = isinstance(data, tuple)
+        data, key = data if kept else (data, hashlib.sha256(data).hexdigest())
         if key not in self.put_paths and not cached_only:
             self.put_paths[key] = self.put_body(data, key, len(data))
-            self.put_sources[key] = data
+            if kept:
+                self.put_sources[key] = data
         return self.put_paths.get(key)
 
     def put_again(self, error, tried):
@@ -1180,6 +1182,8 @@ class Cluster:
         sha256 = text.split("no file ", 1)[1][:64] if error.status == 400 \
             and "no file " in text else None
         source = self.put_sources.get(sha256)
+        if source is None:
+            self.put_paths.pop(sha256, None)    # bytes not held: the next call puts its own
         if source is None or sha256 in tried:
             return False
         tried.add(sha256)
