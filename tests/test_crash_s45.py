@@ -160,14 +160,30 @@ def ready(cluster):
         return False
 
 
-def test_a_batch_with_group_new_sent_again_makes_one_group(cluster):
+def test_a_batch_with_group_new_sent_again_and_racing_makes_one_group(cluster):
     before = cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0]
     batch = [shell("echo new-again-%d" % n) for n in range(3)]
     answers = [post(cluster, "/api/v1/tasks?group=new", batch, "new-again") for _ in range(3)]
     assert [status for status, _ in answers] == [201] * 3
     assert answers[0] == answers[1] == answers[2]
-    assert cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0] == before + 1
+    # Four copies at once on four connections: each makes its group in its
+    # own transaction, which the key's insert failing rolls back.
+    batch, start, raced = [shell("echo new-race-%d" % n) for n in range(3)], \
+        threading.Barrier(4), []
+
+    def send():
+        start.wait()
+        raced.append(post(cluster, "/api/v1/tasks?group=new", batch, "new-race"))
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in raced] == [201] * 4, raced
+    assert len({json.dumps(answer) for _, answer in raced}) == 1, raced
+    assert cluster.db.execute("SELECT count(*) FROM task_groups").fetchone()[0] == before + 2
     assert count_tasks(cluster, "new-again-") == 3
+    assert count_tasks(cluster, "new-race-") == 3
 
 
 def test_a_batch_sent_again_into_its_known_group_pruned_since_answers_from_its_key(cluster):
