@@ -315,6 +315,35 @@ def links(cluster):
             and link.raddr[1] == cluster.config.web_port and link.status == "ESTABLISHED"]
 
 
+def test_rc_web_killed_as_it_works_on_a_cancel_the_future_is_cancelled(cluster):
+    with client.Cluster(cluster.url, cluster.token) as session:
+        future = session.submit("sleep", 30, requirements={"device_id": "nobody"})
+        future.wait_submitted(30)
+        pid = cluster.program_pid("rc-web")
+        assert halt(pid)
+        before, outcome = len(links(cluster)), []
+        cancelling = threading.Thread(target=lambda: outcome.append(cancelled(future)))
+        cancelling.start()
+        try:
+            wait_for(lambda: len(links(cluster)) > before, 30, "the cancel sent")
+        finally:
+            kill_program(cluster, "rc-web")
+        cancelling.join(120)
+        # Before: ClusterError: no answer from http://...: Connection reset by
+        # peer, from Future.cancel(), and the task left queued.
+        assert outcome == [True]
+        assert future.cancelled()
+        assert cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                  (future.task_id,)).fetchone()[0] == "cancelled"
+
+
+def cancelled(future):
+    try:
+        return future.cancel()
+    except Exception as e:
+        return e
+
+
 # -- each main-node program killed during a client's map and an rc map ------------------
 
 PROGRAMS = ("rc-server", "rc-scheduler", "rc-reaper", "rc-web", "rc-files")

@@ -296,8 +296,8 @@ class Http:
         An rc-web never reached (a wrong RC_URL) is an error at once. A
         request whose answer was cut (rc-web stopped while it worked on it)
         is sent again the same way, CUT_RETRIES times at most, if it is safe
-        to: a GET, a put, or a submit with its Idempotency-Key (rc-web
-        answers a key it has seen with what it queued then)."""
+        to: a GET, a put, a cancel, or a submit with its Idempotency-Key
+        (rc-web answers a key it has seen with what it queued then)."""
         delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
@@ -406,7 +406,7 @@ class Http:
                     BrokenPipeError) as e:
                 self.drop()
                 if not reused or attempt == 2 or delivered:
-                    cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                    cut = Cut if repeatable(method, path, headers) and not delivered else ClusterError
                     raise cut("no answer from %s://%s:%d: %s%s"
                               % (self.scheme, self.host, self.port, e, self.never_reached()))
             except CutShort as e:
@@ -415,7 +415,7 @@ class Http:
                 # mid-file as the client's first request waits for it to come back.
                 self.drop()
                 self.reached = self.heard = True
-                cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                cut = Cut if repeatable(method, path, headers) and not delivered else ClusterError
                 raise cut("answer cut by %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
@@ -612,12 +612,17 @@ class Cut(ClusterError):
     sends it again)."""
 
 
-def repeatable(method, headers):
+def repeatable(method, path, headers):
     """Whether a request may be sent again when its answer was lost: rc-web
     may have done it already. A put (X-Content-SHA256) stores the same bytes
-    under the same name however often it is sent."""
+    under the same name however often it is sent; a task's cancel sent
+    again answers with the state the first left (Future.cancel raised
+    ClusterError when rc-web was killed as it worked on one, the task left
+    queued); POST /api/v1/results only reads."""
     return method in ("GET", "HEAD") or any(
-        name in (headers or {}) for name in ("Idempotency-Key", "X-Content-SHA256"))
+        name in (headers or {}) for name in ("Idempotency-Key", "X-Content-SHA256")) \
+        or (method == "POST" and (path.split("?")[0] == "/api/v1/results" or (
+            path.startswith("/api/v1/tasks/") and path.endswith("/cancel"))))
 
 
 class NoAnswer(Exception):
