@@ -404,3 +404,33 @@ def test_each_program_killed_during_a_map_of_thousands_and_an_rc_map_with_output
 def ended(cluster, first):
     return cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ? AND"
                               " finished_at IS NOT NULL", (first,)).fetchone()[0]
+
+
+def test_rc_web_killed_between_the_batches_of_a_map_s_submits(cluster):
+    count = 3000
+    first = cluster.db.execute("SELECT coalesce(max(task_id), 0) FROM tasks").fetchone()[0]
+    with client.Executor(cluster.url, cluster.token) as executor:
+        assert executor.submit(square, 2).result(60) == 4     # rc-web answered it
+        first = cluster.db.execute("SELECT max(task_id) FROM tasks").fetchone()[0]
+        pid = cluster.program_pid("rc-web")
+        assert halt(pid)
+        outcome = []
+        mapper = threading.Thread(target=lambda: outcome.append(
+            list(executor.map(square, range(count), chunksize=10))))
+        mapper.start()
+        try:
+            # Some batches queued, the rest still to send.
+            assert stepped_until(pid, lambda: 0 < queued_since(cluster, first)), \
+                "no batch was queued"
+            caught = queued_since(cluster, first) < count // 10
+        finally:
+            kill_program(cluster, "rc-web")
+        mapper.join(120)
+    assert outcome == [[n * n for n in range(count)]]
+    assert queued_since(cluster, first) == count // 10
+    assert caught, "rc-web queued every batch before its kill"
+
+
+def queued_since(cluster, first):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id > ?",
+                              (first,)).fetchone()[0]
