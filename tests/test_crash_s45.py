@@ -2,6 +2,7 @@
 real cluster: rc-web's batch submit that finds a used Idempotency-Key by
 its insert failing (perf45), and the client's function stored once as an
 input file all its tasks share (client45)."""
+import concurrent.futures
 import http.client
 import json
 import os
@@ -335,6 +336,29 @@ def test_rc_web_killed_as_it_works_on_a_cancel_the_future_is_cancelled(cluster):
         assert future.cancelled()
         assert cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                                   (future.task_id,)).fetchone()[0] == "cancelled"
+
+
+def test_a_map_s_timeout_with_rc_web_stopped_raises_without_waiting_for_it(cluster):
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "nobody"}) as executor:
+        calls = executor.map(never_run, range(4), timeout=3, chunksize=4)
+        wait_for(lambda: count_tasks(cluster, "never_run") == 1, 30, "its task queued")
+        cluster.supervisorctl("stop", "rc-web")
+        try:
+            began = time.monotonic()
+            with pytest.raises(concurrent.futures.TimeoutError):
+                list(calls)
+            # Before: its cancels waited for rc-web up to UNREACHABLE_WAIT
+            # (600 s), and map(timeout=3) raised ten minutes later.
+            assert time.monotonic() - began < client.UNREACHABLE_WAIT / 5
+        finally:
+            cluster.supervisorctl("start", "rc-web")
+            wait_for(lambda: ready(cluster), 30, "rc-web back")
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def never_run(number):      # required of a device that is not there
+    return number
 
 
 def cancelled(future):

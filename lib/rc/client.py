@@ -299,6 +299,8 @@ class Http:
         to: a GET, a put, a cancel, or a submit with its Idempotency-Key
         (rc-web answers a key it has seen with what it queued then)."""
         delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
+        if getattr(UNREAD, "cancelling", False):
+            patience = 0        # cancel_unread(): not waited for
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
             if start is not None:
@@ -1892,12 +1894,31 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                future.cancel()         # done (it raised): nothing to cancel
+                cancel_unread(future)   # done (it raised): nothing to cancel
                 raise
             yield value
     finally:
         for future in futures:
-            future.cancel()
+            cancel_unread(future)
+
+
+UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread
+
+
+def cancel_unread(future):
+    """future.cancel() for a call of a map that nobody will read, as far as
+    rc-web answers at once: a map's TimeoutError (or Ctrl-C) waited, with
+    rc-web down (restarting, stopped), for its cancels up to UNREACHABLE_WAIT
+    (map(timeout=5) raised after 10 minutes), and a cancel that could not
+    be sent raised in its place. Such a call's task runs on, as the cluster
+    keeps it."""
+    UNREAD.cancelling = True
+    try:
+        future.cancel()
+    except Exception:
+        pass
+    finally:
+        UNREAD.cancelling = False
 
 
 # -- Executor: Python functions on the fleet ---------------------------------------------
