@@ -296,9 +296,11 @@ class Http:
         An rc-web never reached (a wrong RC_URL) is an error at once. A
         request whose answer was cut (rc-web stopped while it worked on it)
         is sent again the same way, CUT_RETRIES times at most, if it is safe
-        to: a GET, a put, or a submit with its Idempotency-Key (rc-web
-        answers a key it has seen with what it queued then)."""
+        to: a GET, a put, a cancel, or a submit with its Idempotency-Key
+        (rc-web answers a key it has seen with what it queued then)."""
         delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
+        if getattr(UNREAD, "cancelling", False):
+            patience = 0        # cancel_unread(): not waited for
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
             if start is not None:
@@ -406,7 +408,7 @@ class Http:
                     BrokenPipeError) as e:
                 self.drop()
                 if not reused or attempt == 2 or delivered:
-                    cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                    cut = Cut if repeatable(method, path, headers) and not delivered else ClusterError
                     raise cut("no answer from %s://%s:%d: %s%s"
                               % (self.scheme, self.host, self.port, e, self.never_reached()))
             except CutShort as e:
@@ -415,7 +417,7 @@ class Http:
                 # mid-file as the client's first request waits for it to come back.
                 self.drop()
                 self.reached = self.heard = True
-                cut = Cut if repeatable(method, headers) and not delivered else ClusterError
+                cut = Cut if repeatable(method, path, headers) and not delivered else ClusterError
                 raise cut("answer cut by %s://%s:%d: %s" % (self.scheme, self.host, self.port, e))
             except BadAnswer as e:
                 self.drop()
@@ -612,12 +614,17 @@ class Cut(ClusterError):
     sends it again)."""
 
 
-def repeatable(method, headers):
+def repeatable(method, path, headers):
     """Whether a request may be sent again when its answer was lost: rc-web
     may have done it already. A put (X-Content-SHA256) stores the same bytes
-    under the same name however often it is sent."""
+    under the same name however often it is sent; a task's cancel sent
+    again answers with the state the first left (Future.cancel raised
+    ClusterError when rc-web was killed as it worked on one, the task left
+    queued); POST /api/v1/results only reads."""
     return method in ("GET", "HEAD") or any(
-        name in (headers or {}) for name in ("Idempotency-Key", "X-Content-SHA256"))
+        name in (headers or {}) for name in ("Idempotency-Key", "X-Content-SHA256")) \
+        or (method == "POST" and (path.split("?")[0] == "/api/v1/results" or (
+            path.startswith("/api/v1/tasks/") and path.endswith("/cancel"))))
 
 
 class NoAnswer(Exception):
@@ -1060,6 +1067,7 @@ class Cluster:
                 raise
             raise ValueError("RC_URL: %s" % e) from None    # the program never named it
         self.put_paths = {}                  # (path, size, mtime) or sha256 -> put()'s answer
+        self.put_sources = {}                # sha256 -> the path or bytes put_paths' put sent
         self.files_quota = None              # bytes, rc-web's files_quota_mb as last asked
         self.http.unset = " ".join(name for name, value in (
             ("RC_URL", url or os.environ.get("RC_URL")), ("RC_TOKEN", token)) if not value)
@@ -1154,18 +1162,42 @@ class Cluster:
         key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
         if key not in self.put_paths:
             self.put_paths[key] = self.put(path)
+            self.put_sources[self.put_paths[key]["sha256"]] = path
         return self.put_paths[key]
 
     def put_data_once(self, data, cached_only=False):
         """put(data), or what it gave last time for the same bytes (a
         function's code, one file for all its tasks); `cached_only`: that,
         or None (never a request: the cluster's lock may be held). `data`
-        may be (bytes, their SHA-256)."""
-        data, key = data if isinstance(data, tuple) else (data, hashlib.sha256(
-            data).hexdigest())
+        may be (bytes, their SHA-256): a function's file, which pieces_file()
+        holds, and so may put_again(); a call's arguments are not held."""
+        kept = isinstance(data, tuple)
+        data, key = data if kept else (data, hashlib.sha256(data).hexdigest())
         if key not in self.put_paths and not cached_only:
             self.put_paths[key] = self.put_body(data, key, len(data))
+            if kept:
+                self.put_sources[key] = data
         return self.put_paths.get(key)
+
+    def put_again(self, error, tried):
+        """Whether the file rc-web refused a batch for ("no file SHA in the
+        store"), one this client put once for many tasks, was put again:
+        the store's sweep removes a file no task has used for
+        files_retention_days, which a long-lived Executor outlives, and
+        every later call of its function was refused. Once a sha a batch."""
+        text = str(error)
+        sha256 = text.split("no file ", 1)[1][:64] if error.status == 400 \
+            and "no file " in text else None
+        source = self.put_sources.get(sha256)
+        if source is None:
+            self.put_paths.pop(sha256, None)    # bytes not held: the next call puts its own
+        if source is None or sha256 in tried:
+            return False
+        tried.add(sha256)
+        try:
+            return self.put(source).get("sha256") == sha256     # a path may have changed since
+        except (OSError, ClusterError):
+            return False
 
     def submit_spec(self, spec, decode):
         """Queue the task for the sender thread; or, when the client has been
@@ -1260,6 +1292,7 @@ class Cluster:
         return list(zip(batch, encoded))
 
     def send(self, batch):
+        put_again = set()           # the files put again for this batch
         while batch:
             futures = [future for future, _ in batch]
             body = b"[" + b",".join(data for _, data in batch) + b"]"
@@ -1276,6 +1309,8 @@ class Cluster:
                     # Our session's group was pruned (idle past task_retention):
                     # nothing of it is pending, so a new one does.
                     self.group_id = None
+                    continue
+                if self.put_again(e, put_again):
                     continue
                 refused = refused_task(e, len(batch))
                 if refused is None:
@@ -1859,12 +1894,31 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                future.cancel()         # done (it raised): nothing to cancel
+                cancel_unread(future)   # done (it raised): nothing to cancel
                 raise
             yield value
     finally:
         for future in futures:
-            future.cancel()
+            cancel_unread(future)
+
+
+UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread
+
+
+def cancel_unread(future):
+    """future.cancel() for a call of a map that nobody will read, as far as
+    rc-web answers at once: a map's TimeoutError (or Ctrl-C) waited, with
+    rc-web down (restarting, stopped), for its cancels up to UNREACHABLE_WAIT
+    (map(timeout=5) raised after 10 minutes), and a cancel that could not
+    be sent raised in its place. Such a call's task runs on, as the cluster
+    keeps it."""
+    UNREAD.cancelling = True
+    try:
+        future.cancel()
+    except Exception:
+        pass
+    finally:
+        UNREAD.cancelling = False
 
 
 # -- Executor: Python functions on the fleet ---------------------------------------------
