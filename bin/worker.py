@@ -5975,6 +5975,25 @@ class FilesError(Exception):
         self.code, self.retry = code, retry
 
 
+def remove_idle_partial(path):
+    """Unlink a partial file unless a fetch holds it (its flock; workers may
+    share a state directory); whether it went."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(
+            os, "O_NONBLOCK", 0))
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def is_sha256(text):
     return is_hex(text, 64) and text == text.lower()
 
@@ -6330,6 +6349,30 @@ class FileCache(object):
                         os.unlink(path)
                 except OSError:
                     pass
+        self.trim_partials()
+
+    def trim_partials(self, needed=0, keep=None):
+        """Remove partial fetches no fetch holds, oldest first, until they,
+        the blobs and `needed` more bytes fit the cap: a phone killed mid-fetch
+        (the OOM killer) whose task then ran elsewhere kept a partial file for
+        PARTIAL_MAX_AGE past --cache-mb. `keep` is the caller's own (held)."""
+        folder = os.path.join(self.dir, "partial")
+        found = []
+        for name in list_dir(folder):
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            if name != keep:
+                found.append((info.st_mtime, name, info.st_size))
+        over = self.used() + needed + sum(size for _, _, size in found) - self.cap
+        for _, name, size in sorted(found):
+            if over <= 0:
+                break
+            if remove_idle_partial(os.path.join(folder, name)):
+                over -= size
+                log("info", "partial_removed", sha256=name, bytes=size,
+                    message="a cut fetch no task waits for, past --cache-mb")
 
     def temporary(self, name):
         """A path under tmp/ named after this process, so that a worker
@@ -6939,9 +6982,18 @@ def download(job, cache, sha, size):
     fd = hold_partial(job, cache, sha, size, partial)
     if fd is None:
         return sha          # another worker sharing the state directory fetched it
+    try:
+        return download_into(job, cache, sha, size, partial, fd)
+    except BaseException:
+        cache.trim_partials()       # its partial, let go, counts against the cap
+        raise
+
+
+def download_into(job, cache, sha, size, partial, fd):
     with os.fdopen(fd, "r+b") as partial_file:
         if os.fstat(fd).st_size > size:
             partial_file.truncate(0)
+        cache.trim_partials(size, keep=sha)
         cache.make_room(size - os.fstat(fd).st_size)
         digest = file_sha256()
         while True:
