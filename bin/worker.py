@@ -2080,13 +2080,26 @@ class BadPayload(Exception):
 NO_PROCESS_ERRORS = (errno.EAGAIN, errno.ENOMEM)
 
 
+# A file this device cannot hold: its disk or quota full, or a file larger
+# than its file system takes (FAT32 on a Pi's or a phone's SD card: 4 GiB)
+# or than the worker's own `ulimit -f` (EFBIG: Python ignores SIGXFSZ).
+DISK_FULL_ERRORS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
 def disk_full(error):
-    """Whether an error is the device's disk (or quota) being full: not the
-    task's fault, so that another device may run it."""
+    """Whether an error is the device's storage failing it (DISK_FULL_ERRORS):
+    not the task's fault, so that another device may run it."""
     if isinstance(error, FilesError):
         return error.code == "disk_full"
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
-                                                         getattr(errno, "EDQUOT", errno.ENOSPC))
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRORS
+
+
+def disk_full_words(error):
+    """What disk_full's error means, for a task's error and its owner."""
+    if error.errno == errno.EFBIG:
+        return "a file too large for this device (its file system, or the worker's" \
+               " ulimit -f): %s" % error
+    return "the device's disk is full: %s" % error
 
 
 def cannot_start_here(error):
@@ -7015,9 +7028,9 @@ def download_into(job, cache, sha, size, partial, fd):
         try:
             job.tries(resume)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FilesError("the device's disk is full while fetching %s (%s): %s"
-                                 % (sha[:12], mebibytes(size), e), code="disk_full")
+            if disk_full(e):
+                raise FilesError("fetching %s (%s): %s" % (sha[:12], mebibytes(size),
+                                                         disk_full_words(e)), code="disk_full")
             raise
         # Into the cache (or gone) while it is held: a worker waiting for it
         # finds it there, never a partial file it could take for its own.
@@ -7322,8 +7335,8 @@ def make_checkpoint_dir(directory):
 
 def input_error(error):
     """What went wrong placing inputs, for the task's error."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return "the device's disk is full: %s" % error
+    if disk_full(error) and isinstance(error, OSError):
+        return disk_full_words(error)
     if isinstance(error, OSError):
         return "cannot place inputs: %s" % error
     return str(error)
@@ -7473,7 +7486,7 @@ def restore_checkpoint(archive_path, directory, sha):
     try:
         read_checkpoint(archive_path, directory)
     except (tarfile.TarError, FilesError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", 0)):
+        if disk_full(e):
             raise       # the device's disk is full: the attempt fails and runs elsewhere
         log("warning", "checkpoint_set_aside", sha256=sha,
             error=("%s: %s" % (type(e).__name__, e))[:300])
@@ -8106,8 +8119,7 @@ class Files(object):
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
                 fetched=fetched, cached=len(unique) - fetched)
         except OSError as e:
-            raise FilesError(input_error(e), code="disk_full" if e.errno == errno.ENOSPC
-                             else None)
+            raise FilesError(input_error(e), code="disk_full" if disk_full(e) else None)
         finally:
             if job.cancelled and job.remove_after:
                 remove_tree(job.remove_after)

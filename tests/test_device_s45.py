@@ -4,11 +4,14 @@ as test_chaos_files catches them (the program halted and let run a moment at
 a time until what it leaves on the disk shows it is there)."""
 import hashlib
 import os
+import resource
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from cluster_harness import Cluster, online, wait_for
+from cluster_harness import WORKER, Cluster, online, private, wait_for
 from test_chaos_files import halt, halted_when, terminal_once
 
 pytestmark = pytest.mark.e2e
@@ -76,3 +79,36 @@ def test_a_fetch_cut_by_the_oom_killer_leaves_no_partial_past_the_cache_cap(clus
                                          str(small))) == "completed"
     assert not os.path.exists(partial)
     assert cache_bytes(cluster) <= CACHE_MB * MIB
+
+
+def test_an_input_too_large_for_the_device_s_files_is_its_fault_not_the_task_s(
+        cluster, tmp_path):
+    """A file larger than the device's file system takes (FAT32 on an SD
+    card: 4 GiB) or its ulimit -f is EFBIG, not ENOSPC: the task failed for
+    good at its first attempt, "cannot place inputs: File too large", though
+    another device could run it. Now it is the device's fault (queued again
+    while its retries last) and says why."""
+    limit = 8 * MIB
+    path = tmp_path / "large.in"
+    path.write_bytes(os.urandom(2 * limit))
+    device = "sdcard45"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    with open(cluster.worker_log(device), "ab", opener=private) as log:
+        process = subprocess.Popen(
+            [sys.executable, "-I", WORKER] + cluster.worker_arguments(device) + [
+                "--state-dir", str(tmp_path / "sdcard-state")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=small_files)
+    cluster.workers[device] = process
+    wait_for(lambda: device in online(cluster), 30, "the device online")
+    task_id = int(cluster.rc("submit", "shell", "true", "--input", str(path), "--retries", "1",
+                             "--require", "device_id=%s" % device).stdout)
+    assert terminal_once(cluster, task_id) == "failed"
+    attempt, error = cluster.db.execute("SELECT attempt, error FROM tasks WHERE task_id = ?",
+                                        (task_id,)).fetchone()
+    assert attempt == 2, error
+    assert "too large for this device" in error
+    assert process.poll() is None
