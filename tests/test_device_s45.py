@@ -5,13 +5,16 @@ a time until what it leaves on the disk shows it is there)."""
 import hashlib
 import os
 import resource
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, online, private, wait_for
+from cluster_harness import REPO, WORKER, Cluster, free_port, online, private, wait_for
 from test_chaos_files import halt, halted_when, terminal_once
 
 pytestmark = pytest.mark.e2e
@@ -112,3 +115,89 @@ def test_an_input_too_large_for_the_device_s_files_is_its_fault_not_the_task_s(
     assert attempt == 2, error
     assert "too large for this device" in error
     assert process.poll() is None
+
+
+class StallingLink:
+    """A TCP relay on 127.0.0.1 that can stall (relay nothing, close
+    nothing: a Wi-Fi link gone quiet) and come back: what each side sent
+    meanwhile arrives late, as TCP would retransmit it."""
+
+    def __init__(self, port, target_port):
+        self.target_port, self.stalled, self.relayed = target_port, False, 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(16)
+        self.sockets = [self.listener]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self.sockets += [near, far]
+            threading.Thread(target=self.relay, args=(near, far), daemon=True).start()
+
+    def relay(self, near, far):
+        try:
+            while True:
+                readable = select.select([near, far], [], [], 0.05)[0] if not self.stalled \
+                    else select.select([], [], [], 0.05)[0]
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (far if sock is near else near).sendall(data)
+                    self.relayed += len(data)
+        except OSError:
+            pass
+        finally:
+            near.close()
+            far.close()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, tmp_path):
+    """Its link stalled mid-put past FILES_TIMEOUT, the worker gave up on
+    the connection and, closing it, said bye: the link back, rc-files read
+    the bye as eleven bytes of the file, the put resumed after them failed
+    its hash, and the task completed without its output ("not uploaded:
+    rc-files: hash_mismatch")."""
+    real_port = free_port()
+    cluster.supervisorctl("stop", "rc-files")
+    with open(os.path.join(cluster.home, "log", "rc-files-behind-link.log"), "ab") as log:
+        rc_files = subprocess.Popen([os.path.join(REPO, "bin", "rc-files")],
+                                    env=dict(cluster.env, RC_FILES_PORT=str(real_port)),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    link = StallingLink(cluster.config.files_port, real_port)
+    device = "wifi45"
+    os.environ["RC_TEST_FILES_TIMEOUT"] = "2"
+    try:
+        cluster.start_worker(device, "--state-dir", str(tmp_path / "wifi-state"))
+        wait_for(lambda: device in online(cluster), 30, "the device online")
+        task_id = int(cluster.rc("submit", "shell", "head -c 40000000 /dev/urandom > o.bin",
+                                 "--output", "o.bin", "--require",
+                                 "device_id=%s" % device).stdout)
+        wait_for(lambda: link.relayed > 10 * MIB, 60, "the upload under way")
+        link.stalled = True
+        wait_for(lambda: b"transfer_cut" in open(cluster.worker_log(device), "rb").read(), 30,
+                 "the worker giving the connection up")
+        link.stalled = False
+        assert terminal_once(cluster, task_id) == "completed"
+        result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                    (task_id,)).fetchone()[0]
+        assert "not uploaded" not in result
+        assert cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?",
+                                  (task_id,)).fetchone()[0] == 1
+    finally:
+        del os.environ["RC_TEST_FILES_TIMEOUT"]
+        link.close()
+        os.killpg(rc_files.pid, signal.SIGKILL)
+        rc_files.wait()
+        cluster.supervisorctl("start", "rc-files")
