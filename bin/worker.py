@@ -8368,7 +8368,10 @@ class Files(object):
             data["files"] = stored
         if getattr(task, "files_inline", None):
             data["files_inline"] = task.files_inline     # sent raw behind it (encode_frame)
-            data["result"]["execution_time"] = round(task.files_elapsed, 6)
+        # The process's time, not the upload's after it (a slow or stalled link).
+        elapsed = getattr(task, "files_elapsed", None)
+        if elapsed is not None and isinstance(data.get("result"), dict):
+            data["result"]["execution_time"] = round(elapsed, 6)
         self.cache.unpin(task.key)
 
     # -- checkpoints while a task runs, and when it is handed back

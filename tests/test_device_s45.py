@@ -3,6 +3,7 @@ cluster: killed by the OOM killer, frozen, its disk small. Moments are caught
 as test_chaos_files catches them (the program halted and let run a moment at
 a time until what it leaves on the disk shows it is there)."""
 import hashlib
+import json
 import os
 import resource
 import select
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -168,7 +170,9 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
     the connection and, closing it, said bye: the link back, rc-files read
     the bye as eleven bytes of the file, the put resumed after them failed
     its hash, and the task completed without its output ("not uploaded:
-    rc-files: hash_mismatch")."""
+    rc-files: hash_mismatch"). Its execution time counted the stall too: a
+    process that ended before the upload began was reported as running as
+    long as its output took to go up."""
     real_port = free_port()
     cluster.supervisorctl("stop", "rc-files")
     with open(os.path.join(cluster.home, "log", "rc-files-behind-link.log"), "ab") as log:
@@ -181,11 +185,13 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
     try:
         cluster.start_worker(device, "--state-dir", str(tmp_path / "wifi-state"))
         wait_for(lambda: device in online(cluster), 30, "the device online")
+        submitted = time.monotonic()
         task_id = int(cluster.rc("submit", "shell", "head -c 40000000 /dev/urandom > o.bin",
                                  "--output", "o.bin", "--require",
                                  "device_id=%s" % device).stdout)
         wait_for(lambda: link.relayed > 10 * MIB, 60, "the upload under way")
         link.stalled = True
+        stalled = time.monotonic()      # the task's process ended before its upload began
         wait_for(lambda: b"transfer_cut" in open(cluster.worker_log(device), "rb").read(), 30,
                  "the worker giving the connection up")
         link.stalled = False
@@ -193,6 +199,7 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
         result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
                                     (task_id,)).fetchone()[0]
         assert "not uploaded" not in result
+        assert json.loads(result)["execution_time"] < stalled - submitted
         assert cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?",
                                   (task_id,)).fetchone()[0] == 1
     finally:
