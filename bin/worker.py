@@ -1071,6 +1071,15 @@ class TlsSocket(object):
             view = view[self.tls.write(view):]
 
 
+def tls_cut_short(_ssl, error):
+    """Whether a TLS error is the other end closing: SSLEOFError, or on 3.6
+    and 3.7 built with OpenSSL 3 (newer than they are) a plain SSLError
+    "unexpected eof while reading", which a first join took for a main node
+    without TLS, and exited (status 3)."""
+    return isinstance(error, (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)) \
+        or "unexpected eof" in str(error).lower()
+
+
 def certificate_fingerprint(der):
     return sha256_function()(der).hexdigest()
 
@@ -9017,14 +9026,15 @@ class Worker(object):
         except _ssl.SSLWantWriteError:
             self.watch_socket(writing=True)
             return
-        except (_ssl.SSLEOFError, _ssl.SSLZeroReturnError) as e:
-            # rc-web hangs up on a handshake at once (its port is plain
-            # HTTP): looked at as a silence is (no_hello).
-            if self.look_at_silence():
-                return
-            self.disconnect("TLS handshake cut short: %s" % e)
-            return
         except _ssl.SSLError as e:
+            if tls_cut_short(_ssl, e):
+                # rc-web hangs up on a handshake at once (its port is plain
+                # HTTP), rc-server past new_connections_per_address, a link
+                # that dropped: looked at as a silence is (no_hello).
+                if self.look_at_silence():
+                    return
+                self.disconnect("TLS handshake cut short: %s" % e)
+                return
             if answers_http(self.options.join):
                 self.misdialled(DASHBOARD_PORT[0], DASHBOARD_PORT[1] % self.options.join)
                 return

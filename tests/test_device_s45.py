@@ -18,6 +18,7 @@ import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, free_port, online, private, wait_for
 from test_chaos_files import halt, halted_when, terminal_once
+from test_worker import INTERPRETERS
 
 pytestmark = pytest.mark.e2e
 
@@ -208,3 +209,46 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
         os.killpg(rc_files.pid, signal.SIGKILL)
         rc_files.wait()
         cluster.supervisorctl("start", "rc-files")
+
+
+OLD_PYTHONS = [path for path in INTERPRETERS if "/3.6." in path or "/3.7." in path]
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no CPython 3.6 or 3.7 under ~/.pyenv/versions")
+def test_a_first_join_whose_connection_is_closed_before_tls_tries_again(tmp_path):
+    """rc-server closes a connection past new_connections_per_address
+    before any TLS, as a dropping link does. On 3.6 and 3.7 built with
+    OpenSSL 3 the handshake's end is a plain SSLError ("unexpected eof
+    while reading"), and a first join took it for a main node without TLS:
+    "start this worker without --fingerprint", exit status 3, for good."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def hang_up():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(sock)
+            sock.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    log_path = str(tmp_path / "worker.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [OLD_PYTHONS[0], "-I", WORKER, "--join", "127.0.0.1:%d" % listener.getsockname()[1],
+             "--token=rc1_" + "00" * 24, "--fingerprint", "ab" * 32, "--device-id", "newphone",
+             "--state-dir", str(tmp_path / "state")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: len(accepted) >= 3 or process.poll() is not None, 60,
+                 "three tries or an exit")
+        with open(log_path) as f:
+            assert process.poll() is None, f.read()
+            assert "tls_failed" not in f.read()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        listener.close()
