@@ -2,6 +2,7 @@
 cluster: killed by the OOM killer, frozen, its disk small. Moments are caught
 as test_chaos_files catches them (the program halted and let run a moment at
 a time until what it leaves on the disk shows it is there)."""
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from cluster_harness import REPO, WORKER, Cluster, free_port, online, private, wait_for
-from test_chaos_files import halt, halted_when, terminal_once
+from test_chaos_files import terminal_once
 from test_worker import INTERPRETERS
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +57,76 @@ def cache_bytes(cluster):
     return total
 
 
+class StallingLink:
+    """A TCP relay on 127.0.0.1 that can stall (relay nothing, close
+    nothing: a Wi-Fi link gone quiet) and come back: what each side sent
+    meanwhile arrives late, as TCP would retransmit it."""
+
+    def __init__(self, port, target_port):
+        self.target_port, self.stalled, self.relayed = target_port, False, 0
+        self.stall_after, self.stalled_at = None, None     # bytes; time.monotonic()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(16)
+        self.sockets = [self.listener]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self.sockets += [near, far]
+            threading.Thread(target=self.relay, args=(near, far), daemon=True).start()
+
+    def relay(self, near, far):
+        try:
+            while True:
+                readable = select.select([near, far], [], [], 0.05)[0] if not self.stalled \
+                    else select.select([], [], [], 0.05)[0]
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (far if sock is near else near).sendall(data)
+                    self.relayed += len(data)
+                    if self.stall_after is not None and self.relayed >= self.stall_after:
+                        self.stall_after, self.stalled_at = None, time.monotonic()
+                        self.stalled = True
+        except (OSError, ValueError):      # ValueError: select on a socket close() closed
+            pass
+        finally:
+            near.close()
+            far.close()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def rc_files_behind_a_link(cluster):
+    """rc-files on a port of its own, the one workers are told of relayed to
+    it through a StallingLink."""
+    real_port = free_port()
+    cluster.supervisorctl("stop", "rc-files")
+    with open(os.path.join(cluster.home, "log", "rc-files-behind-link.log"), "ab") as log:
+        rc_files = subprocess.Popen([os.path.join(REPO, "bin", "rc-files")],
+                                    env=dict(cluster.env, RC_FILES_PORT=str(real_port)),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    link = StallingLink(cluster.config.files_port, real_port)
+    try:
+        yield link
+    finally:
+        link.close()
+        os.killpg(rc_files.pid, signal.SIGKILL)
+        rc_files.wait()
+        cluster.supervisorctl("start", "rc-files")
+
+
 def test_a_fetch_cut_by_the_oom_killer_leaves_no_partial_past_the_cache_cap(cluster, tmp_path):
     """Killed mid-fetch, its task cancelled meanwhile (or run elsewhere), a
     phone restarted by its boot script kept the partial file for a week
@@ -65,17 +136,15 @@ def test_a_fetch_cut_by_the_oom_killer_leaves_no_partial_past_the_cache_cap(clus
     path.write_bytes(data)
     partial = os.path.join(cluster.home, "worker-state", "cache", "partial",
                            hashlib.sha256(data).hexdigest())
-    phone = start_phone(cluster)
-    server = cluster.program_pid("rc-files")
-    halt(server)
-    try:
+    with rc_files_behind_a_link(cluster) as link:
+        phone = start_phone(cluster)
+        link.stall_after = link.relayed + 3 * CACHE_MB * MIB
         task_id = submit(cluster, "shell", "true", "--input", str(path))
-        assert halted_when(server, lambda: os.path.exists(partial)
-                           and os.path.getsize(partial) > 2 * CACHE_MB * MIB)
+        wait_for(lambda: os.path.exists(partial)
+                 and os.path.getsize(partial) > 2 * CACHE_MB * MIB, 60, "the fetch half way")
         os.killpg(phone.pid, signal.SIGKILL)
         phone.wait()
-    finally:
-        os.kill(server, signal.SIGCONT)
+        link.stalled = False
     cluster.rc("cancel", str(task_id))
     assert terminal_once(cluster, task_id) == "cancelled"
     start_phone(cluster)
@@ -120,52 +189,6 @@ def test_an_input_too_large_for_the_device_s_files_is_its_fault_not_the_task_s(
     assert process.poll() is None
 
 
-class StallingLink:
-    """A TCP relay on 127.0.0.1 that can stall (relay nothing, close
-    nothing: a Wi-Fi link gone quiet) and come back: what each side sent
-    meanwhile arrives late, as TCP would retransmit it."""
-
-    def __init__(self, port, target_port):
-        self.target_port, self.stalled, self.relayed = target_port, False, 0
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(16)
-        self.sockets = [self.listener]
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                near, _ = self.listener.accept()
-                far = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                return
-            self.sockets += [near, far]
-            threading.Thread(target=self.relay, args=(near, far), daemon=True).start()
-
-    def relay(self, near, far):
-        try:
-            while True:
-                readable = select.select([near, far], [], [], 0.05)[0] if not self.stalled \
-                    else select.select([], [], [], 0.05)[0]
-                for sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    (far if sock is near else near).sendall(data)
-                    self.relayed += len(data)
-        except OSError:
-            pass
-        finally:
-            near.close()
-            far.close()
-
-    def close(self):
-        for sock in self.sockets:
-            sock.close()
-
-
 def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, tmp_path):
     """Its link stalled mid-put past FILES_TIMEOUT, the worker gave up on
     the connection and, closing it, said bye: the link back, rc-files read
@@ -174,41 +197,30 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
     rc-files: hash_mismatch"). Its execution time counted the stall too: a
     process that ended before the upload began was reported as running as
     long as its output took to go up."""
-    real_port = free_port()
-    cluster.supervisorctl("stop", "rc-files")
-    with open(os.path.join(cluster.home, "log", "rc-files-behind-link.log"), "ab") as log:
-        rc_files = subprocess.Popen([os.path.join(REPO, "bin", "rc-files")],
-                                    env=dict(cluster.env, RC_FILES_PORT=str(real_port)),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    link = StallingLink(cluster.config.files_port, real_port)
     device = "wifi45"
     os.environ["RC_TEST_FILES_TIMEOUT"] = "2"
     try:
-        cluster.start_worker(device, "--state-dir", str(tmp_path / "wifi-state"))
-        wait_for(lambda: device in online(cluster), 30, "the device online")
-        submitted = time.monotonic()
-        task_id = int(cluster.rc("submit", "shell", "head -c 40000000 /dev/urandom > o.bin",
-                                 "--output", "o.bin", "--require",
-                                 "device_id=%s" % device).stdout)
-        wait_for(lambda: link.relayed > 10 * MIB, 60, "the upload under way")
-        link.stalled = True
-        stalled = time.monotonic()      # the task's process ended before its upload began
-        wait_for(lambda: b"transfer_cut" in open(cluster.worker_log(device), "rb").read(), 30,
-                 "the worker giving the connection up")
-        link.stalled = False
-        assert terminal_once(cluster, task_id) == "completed"
-        result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
-                                    (task_id,)).fetchone()[0]
-        assert "not uploaded" not in result
-        assert json.loads(result)["execution_time"] < stalled - submitted
-        assert cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?",
-                                  (task_id,)).fetchone()[0] == 1
+        with rc_files_behind_a_link(cluster) as link:
+            cluster.start_worker(device, "--state-dir", str(tmp_path / "wifi-state"))
+            wait_for(lambda: device in online(cluster), 30, "the device online")
+            submitted = time.monotonic()
+            link.stall_after = link.relayed + 10 * MIB
+            task_id = int(cluster.rc("submit", "shell", "head -c 40000000 /dev/urandom > o.bin",
+                                     "--output", "o.bin", "--require",
+                                     "device_id=%s" % device).stdout)
+            wait_for(lambda: b"transfer_cut" in open(cluster.worker_log(device), "rb").read(),
+                     60, "the worker giving the stalled connection up")
+            link.stalled = False
+            assert terminal_once(cluster, task_id) == "completed"
+            result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                        (task_id,)).fetchone()[0]
+            assert "not uploaded" not in result
+            # The task's process ended before its upload began (and stalled).
+            assert json.loads(result)["execution_time"] < link.stalled_at - submitted
+            assert cluster.db.execute("SELECT count(*) FROM task_files WHERE task_id = ?",
+                                      (task_id,)).fetchone()[0] == 1
     finally:
         del os.environ["RC_TEST_FILES_TIMEOUT"]
-        link.close()
-        os.killpg(rc_files.pid, signal.SIGKILL)
-        rc_files.wait()
-        cluster.supervisorctl("start", "rc-files")
 
 
 OLD_PYTHONS = [path for path in INTERPRETERS if "/3.6." in path or "/3.7." in path]
