@@ -1071,6 +1071,15 @@ class TlsSocket(object):
             view = view[self.tls.write(view):]
 
 
+def tls_cut_short(_ssl, error):
+    """Whether a TLS error is the other end closing: SSLEOFError, or on 3.6
+    and 3.7 built with OpenSSL 3 (newer than they are) a plain SSLError
+    "unexpected eof while reading", which a first join took for a main node
+    without TLS, and exited (status 3)."""
+    return isinstance(error, (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)) \
+        or "unexpected eof" in str(error).lower()
+
+
 def certificate_fingerprint(der):
     return sha256_function()(der).hexdigest()
 
@@ -2080,13 +2089,26 @@ class BadPayload(Exception):
 NO_PROCESS_ERRORS = (errno.EAGAIN, errno.ENOMEM)
 
 
+# A file this device cannot hold: its disk or quota full, or a file larger
+# than its file system takes (FAT32 on a Pi's or a phone's SD card: 4 GiB)
+# or than the worker's own `ulimit -f` (EFBIG: Python ignores SIGXFSZ).
+DISK_FULL_ERRORS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
 def disk_full(error):
-    """Whether an error is the device's disk (or quota) being full: not the
-    task's fault, so that another device may run it."""
+    """Whether an error is the device's storage failing it (DISK_FULL_ERRORS):
+    not the task's fault, so that another device may run it."""
     if isinstance(error, FilesError):
         return error.code == "disk_full"
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC,
-                                                         getattr(errno, "EDQUOT", errno.ENOSPC))
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRORS
+
+
+def disk_full_words(error):
+    """What disk_full's error means, for a task's error and its owner."""
+    if error.errno == errno.EFBIG:
+        return "a file too large for this device (its file system, or the worker's" \
+               " ulimit -f): %s" % error
+    return "the device's disk is full: %s" % error
 
 
 def cannot_start_here(error):
@@ -5916,7 +5938,8 @@ FILES_DIRECT_MIN = 16 * 1048576  # bytes: a smaller file never bypasses the page
 FILES_DIRECT_SHARE = 0.5        # of the memory available: a larger file bypasses it (goes_direct)
 FILES_DIRECT_ALIGN = 4096       # bytes: O_DIRECT's offsets and lengths are multiples of this
 FILES_LINE_MAX = 64 * 1024      # bytes, the longest control line of rc-files
-FILES_TIMEOUT = 30.0            # seconds a transfer may wait for a byte before it is cut
+FILES_TIMEOUT = float(os.environ.get("RC_TEST_FILES_TIMEOUT", 30.0))   # seconds a transfer
+#                                 may wait for a byte before it is cut (the variable: tests only)
 FILES_TRIES = 4                 # connections one transfer may use (a cut resumes from the last byte)
 FILES_RETRY_WAIT = 0.5          # seconds before the next try; doubles per try
 FILES_RETRY_MAX_WAIT = 4.0      # seconds between tries at most
@@ -5973,6 +5996,25 @@ class FilesError(Exception):
     def __init__(self, message, code=None, retry=False):
         Exception.__init__(self, message)
         self.code, self.retry = code, retry
+
+
+def remove_idle_partial(path):
+    """Unlink a partial file unless a fetch holds it (its flock; workers may
+    share a state directory); whether it went."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(
+            os, "O_NONBLOCK", 0))
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def is_sha256(text):
@@ -6330,6 +6372,30 @@ class FileCache(object):
                         os.unlink(path)
                 except OSError:
                     pass
+        self.trim_partials()
+
+    def trim_partials(self, needed=0, keep=None):
+        """Remove partial fetches no fetch holds, oldest first, until they,
+        the blobs and `needed` more bytes fit the cap: a phone killed mid-fetch
+        (the OOM killer) whose task then ran elsewhere kept a partial file for
+        PARTIAL_MAX_AGE past --cache-mb. `keep` is the caller's own (held)."""
+        folder = os.path.join(self.dir, "partial")
+        found = []
+        for name in list_dir(folder):
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            if name != keep:
+                found.append((info.st_mtime, name, info.st_size))
+        over = self.used() + needed + sum(size for _, _, size in found) - self.cap
+        for _, name, size in sorted(found):
+            if over <= 0:
+                break
+            if remove_idle_partial(os.path.join(folder, name)):
+                over -= size
+                log("info", "partial_removed", sha256=name, bytes=size,
+                    message="a cut fetch no task waits for, past --cache-mb")
 
     def temporary(self, name):
         """A path under tmp/ named after this process, so that a worker
@@ -6351,6 +6417,7 @@ class FilesConnection(object):
         self.reused = False             # taken from the pool (see FilesPool)
         self.cut = None                 # the FilesError that cut a fill()
         self.whole_put = 0              # bytes of a put sent with its request (see put_whole)
+        self.busy = False               # a get or put under way: the stream is out of step
 
     def open(self):
         host, port = self.service.host, self.service.port
@@ -6398,9 +6465,14 @@ class FilesConnection(object):
         self.whole_put = min(whole, FILES_CHUNK) if is_int(whole) and whole > 0 else 0
 
     def close(self):
+        """Closed, with a bye only between requests: cut in a put's bytes (a
+        network that stalled, then came back), rc-files took the bye as
+        eleven bytes of the file, and the put resumed after them failed its
+        hash: the output was lost."""
         if self.sock is not None:
             try:
-                self.send({"bye": {}})
+                if not self.busy:
+                    self.send({"bye": {}})
             except (OSError, FilesError):
                 pass
             self.sock.close()
@@ -6479,6 +6551,11 @@ class FilesConnection(object):
 
     def get(self, sha, offset, size, sink, digest):
         """Append blob `sha` from `offset` to `sink` (a FetchSink), hashing into `digest`."""
+        self.busy = True
+        self.get_body(sha, offset, size, sink, digest)
+        self.busy = False
+
+    def get_body(self, sha, offset, size, sink, digest):
         self.send({"get": {"sha256": sha, "offset": offset}})
         answer = self.answer()
         total, length = answer.get("size"), answer.get("length")
@@ -6529,8 +6606,13 @@ class FilesConnection(object):
     def put(self, request, source):
         """Send file object `source` under `request` (name, size, sha256...);
         True once rc-files said it is stored."""
-        if request["size"] <= self.whole_put:
-            return self.put_whole(request, source)
+        self.busy = True
+        stored = self.put_whole(request, source) if request["size"] <= self.whole_put \
+            else self.put_body(request, source)
+        self.busy = False
+        return stored
+
+    def put_body(self, request, source):
         self.send({"put": request})
         have = self.answer().get("have", 0)
         if not is_int(have) or not 0 <= have <= request["size"]:
@@ -6939,9 +7021,18 @@ def download(job, cache, sha, size):
     fd = hold_partial(job, cache, sha, size, partial)
     if fd is None:
         return sha          # another worker sharing the state directory fetched it
+    try:
+        return download_into(job, cache, sha, size, partial, fd)
+    except BaseException:
+        cache.trim_partials()       # its partial, let go, counts against the cap
+        raise
+
+
+def download_into(job, cache, sha, size, partial, fd):
     with os.fdopen(fd, "r+b") as partial_file:
         if os.fstat(fd).st_size > size:
             partial_file.truncate(0)
+        cache.trim_partials(size, keep=sha)
         cache.make_room(size - os.fstat(fd).st_size)
         digest = file_sha256()
         while True:
@@ -6963,9 +7054,9 @@ def download(job, cache, sha, size):
         try:
             job.tries(resume)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FilesError("the device's disk is full while fetching %s (%s): %s"
-                                 % (sha[:12], mebibytes(size), e), code="disk_full")
+            if disk_full(e):
+                raise FilesError("fetching %s (%s): %s" % (sha[:12], mebibytes(size),
+                                                         disk_full_words(e)), code="disk_full")
             raise
         # Into the cache (or gone) while it is held: a worker waiting for it
         # finds it there, never a partial file it could take for its own.
@@ -7270,8 +7361,8 @@ def make_checkpoint_dir(directory):
 
 def input_error(error):
     """What went wrong placing inputs, for the task's error."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return "the device's disk is full: %s" % error
+    if disk_full(error) and isinstance(error, OSError):
+        return disk_full_words(error)
     if isinstance(error, OSError):
         return "cannot place inputs: %s" % error
     return str(error)
@@ -7421,7 +7512,7 @@ def restore_checkpoint(archive_path, directory, sha):
     try:
         read_checkpoint(archive_path, directory)
     except (tarfile.TarError, FilesError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", 0)):
+        if disk_full(e):
             raise       # the device's disk is full: the attempt fails and runs elsewhere
         log("warning", "checkpoint_set_aside", sha256=sha,
             error=("%s: %s" % (type(e).__name__, e))[:300])
@@ -8054,8 +8145,7 @@ class Files(object):
             log("info" if fetched else "debug", "inputs_ready", files=len(inputs),
                 fetched=fetched, cached=len(unique) - fetched)
         except OSError as e:
-            raise FilesError(input_error(e), code="disk_full" if e.errno == errno.ENOSPC
-                             else None)
+            raise FilesError(input_error(e), code="disk_full" if disk_full(e) else None)
         finally:
             if job.cancelled and job.remove_after:
                 remove_tree(job.remove_after)
@@ -8287,7 +8377,10 @@ class Files(object):
             data["files"] = stored
         if getattr(task, "files_inline", None):
             data["files_inline"] = task.files_inline     # sent raw behind it (encode_frame)
-            data["result"]["execution_time"] = round(task.files_elapsed, 6)
+        # The process's time, not the upload's after it (a slow or stalled link).
+        elapsed = getattr(task, "files_elapsed", None)
+        if elapsed is not None and isinstance(data.get("result"), dict):
+            data["result"]["execution_time"] = round(elapsed, 6)
         self.cache.unpin(task.key)
 
     # -- checkpoints while a task runs, and when it is handed back
@@ -8933,14 +9026,15 @@ class Worker(object):
         except _ssl.SSLWantWriteError:
             self.watch_socket(writing=True)
             return
-        except (_ssl.SSLEOFError, _ssl.SSLZeroReturnError) as e:
-            # rc-web hangs up on a handshake at once (its port is plain
-            # HTTP): looked at as a silence is (no_hello).
-            if self.look_at_silence():
-                return
-            self.disconnect("TLS handshake cut short: %s" % e)
-            return
         except _ssl.SSLError as e:
+            if tls_cut_short(_ssl, e):
+                # rc-web hangs up on a handshake at once (its port is plain
+                # HTTP), rc-server past new_connections_per_address, a link
+                # that dropped: looked at as a silence is (no_hello).
+                if self.look_at_silence():
+                    return
+                self.disconnect("TLS handshake cut short: %s" % e)
+                return
             if answers_http(self.options.join):
                 self.misdialled(DASHBOARD_PORT[0], DASHBOARD_PORT[1] % self.options.join)
                 return
