@@ -198,7 +198,8 @@ def test_a_keyed_submit_whose_answer_is_cut_midway_is_sent_again(cut):
     server = Canned([(cut,), WHOLE])
     http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
     with pytest.raises(client.ClusterError, match="cut short|closed in the answer"):
-        http.json("POST", "/api/v1/tasks/7/cancel", {})
+        # A group's cancel: sent again, its counts would be the second's.
+        http.json("POST", "/api/v1/groups/3/cancel", {})
     assert len(server.requests) == 1
     server = Canned([(cut,), WHOLE])
     http = client.Http("http://127.0.0.1:%d" % server.port, "secret")
