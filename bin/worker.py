@@ -7805,7 +7805,22 @@ def open_output(path, inode):
 
 
 def put_file(job, source, request):
-    """Upload file object `source` (hashed first); the stored entry, or a FilesError."""
+    """Upload file object `source` (hashed first); the stored entry, or a
+    FilesError. A hash rc-files does not find in what came is hashed and
+    sent once more, from the start (rc-files drops what it received): a
+    file that changed between its hash and its sending, or bytes spoilt
+    on the way, would otherwise lose the task's output."""
+    try:
+        return put_file_once(job, source, request)
+    except FilesError as e:
+        if e.code != "hash_mismatch":
+            raise
+        log("warning", "output_hash_mismatch", name=request["name"], error=str(e),
+            message="sending it again")
+        return put_file_once(job, source, request)
+
+
+def put_file_once(job, source, request):
     digest = file_sha256()
     source.seek(0)
     size = 0

@@ -223,6 +223,41 @@ def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, t
         del os.environ["RC_TEST_FILES_TIMEOUT"]
 
 
+def test_an_output_that_changed_while_it_went_up_is_hashed_and_sent_again(cluster, tmp_path):
+    """The worker hashed an output, then sent it; what rc-files received
+    was not what was hashed (the file changed meanwhile, here while the
+    link stalled; or bytes spoilt on the way), rc-files refused it
+    (hash_mismatch), and the task completed without its output. The worker
+    now hashes and sends it once more, from the start."""
+    device = "writer45"
+    with rc_files_behind_a_link(cluster) as link:
+        cluster.start_worker(device, "--state-dir", str(tmp_path / "writer-state"))
+        wait_for(lambda: device in online(cluster), 30, "the device online")
+        link.stall_after = link.relayed + 2 * MIB
+        task_id = int(cluster.rc("submit", "shell", "head -c 20000000 /dev/zero > changed.bin",
+                                 "--output", "changed.bin", "--require",
+                                 "device_id=%s" % device).stdout)
+        wait_for(lambda: link.stalled, 60, "the upload under way, its link stalled")
+        # The task's directory, the worker's to remove once the result went
+        # (where test_bench_files' worker_task_root finds it).
+        root = os.path.join(os.environ.get("TMPDIR") or "/tmp", "rc-worker-%d" % os.geteuid(),
+                            "%s.%d" % (device, cluster.workers[device].pid))
+        path = next(os.path.join(folder, "changed.bin") for folder, _, names
+                    in os.walk(root) if "changed.bin" in names)
+        with open(path, "r+b") as f:
+            f.seek(-1000, os.SEEK_END)
+            f.write(b"x" * 1000)
+        link.stalled = False
+        assert terminal_once(cluster, task_id) == "completed"
+    result = cluster.db.execute("SELECT result FROM tasks WHERE task_id = ?",
+                                (task_id,)).fetchone()[0]
+    assert "not uploaded" not in result, result
+    stored = cluster.db.execute("SELECT sha256 FROM task_files WHERE task_id = ? AND name ="
+                                " 'changed.bin'", (task_id,)).fetchone()
+    assert stored is not None
+    assert stored[0] == hashlib.sha256(b"\0" * (20000000 - 1000) + b"x" * 1000).hexdigest()
+
+
 OLD_PYTHONS = [path for path in INTERPRETERS if "/3.6." in path or "/3.7." in path]
 
 
