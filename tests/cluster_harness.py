@@ -54,6 +54,22 @@ def free_port():
     raise RuntimeError("no free port in %d-%d" % FREE_PORTS)
 
 
+class PortTaken(Exception):
+    """A program could not listen on the port a test chose for it: another
+    process took it between free_port() and the program's bind."""
+
+
+def on_a_free_port(start):
+    """start(port) on a port free_port() chose, and on another each time it
+    raises PortTaken, PORT_TRIES times in all, as Cluster.start does."""
+    for tries_left in reversed(range(PORT_TRIES)):
+        try:
+            return start(free_port())
+        except PortTaken:
+            if not tries_left:
+                raise
+
+
 def free_ports(count):
     """`count` different free ports: free_port() twice may give one port
     twice (a make test run once gave rc-server and rc-files 28313 both)."""
