@@ -20,7 +20,7 @@ from rc import db, device_secrets, devices, files, protocol, state_dir, tasks, t
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cluster_harness import PortTaken, on_a_free_port, wait_for  # noqa: E402
+from cluster_harness import on_a_free_port, rc_files_on, wait_for  # noqa: E402
 
 RC_FILES = os.path.join(os.path.dirname(HERE), "bin", "rc-files")
 MIB = 1024 * 1024
@@ -37,41 +37,18 @@ class Node:
         (home / "rc.json").write_text(json.dumps(dict({"tcp_host": "127.0.0.1",
                                                         "auth_timeout": 2.0}, **settings)))
         self.home = home
-        self.log = open(str(home / "rc-files.log"), "ab")
-        on_a_free_port(self.start)
+        self.log_path = str(home / "rc-files.log")
+        self.env = dict(os.environ, RC_HOME=str(home), RC_CONFIG=str(home / "rc.json"))
+        self.process = on_a_free_port(self.start)
         self.db = db.connect(self.config.db_path)
         self.key = device_secrets.ensure_key(self.config)
         self.secrets = {}
 
     def start(self, port):
-        """rc-files on `port`, once its log says it listens there: a
-        connection that port accepts may be another test's server, which
-        took the port before rc-files could (then rc-files exits saying
-        cannot_listen, and PortTaken tries another)."""
-        self.env = dict(os.environ, RC_HOME=str(self.home), RC_FILES_PORT=str(port),
-                        RC_CONFIG=str(self.home / "rc.json"))
+        self.env["RC_FILES_PORT"] = str(port)
         self.config = config_module.load(environ=self.env)
         state_dir.init(self.config)
-        began = os.path.getsize(self.log.name)
-        self.process = subprocess.Popen([RC_FILES], env=self.env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        started = wait_for(lambda: self.started(began), 20, "rc-files to listen or exit")
-        if started == "cannot_listen":
-            self.process.wait(10)
-            raise PortTaken(port)
-        assert started == "files_started", started
-
-    def started(self, began):
-        """files_started or cannot_listen once rc-files has logged either,
-        or the end of its log (its exit status) if it exited otherwise."""
-        with open(self.log.name, "rb") as f:
-            f.seek(began)
-            for line in f:
-                whole = line.startswith(b"{") and line.endswith(b"\n")
-                event = json.loads(line).get("event") if whole else None
-                if event in ("files_started", "cannot_listen"):
-                    return event
-        return self.process.poll() is not None and "exit %s" % self.process.returncode
+        return rc_files_on(port, self.env, self.log_path, RC_FILES)
 
     def add_device(self, device_id):
         secret = protocol.new_device_secret()
@@ -103,7 +80,6 @@ class Node:
     def close(self):
         self.process.terminate()
         self.process.wait(10)
-        self.log.close()
         self.db.close()
 
 
