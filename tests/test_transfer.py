@@ -9,7 +9,6 @@ import os
 import select
 import socket
 import ssl
-import subprocess
 import sys
 import time
 
