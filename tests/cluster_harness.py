@@ -54,6 +54,51 @@ def free_port():
     raise RuntimeError("no free port in %d-%d" % FREE_PORTS)
 
 
+class PortTaken(Exception):
+    """A program could not listen on the port a test chose for it: another
+    process took it between free_port() and the program's bind."""
+
+
+def on_a_free_port(start):
+    """start(port) on a port free_port() chose, and on another each time it
+    raises PortTaken, PORT_TRIES times in all, as Cluster.start does."""
+    for tries_left in reversed(range(PORT_TRIES)):
+        try:
+            return start(free_port())
+        except PortTaken:
+            if not tries_left:
+                raise
+
+
+def rc_files_on(port, environ, log_path, program=None):
+    """rc-files (bin/rc-files) started listening on `port`, its output
+    appended to log_path, returned once its log says files_started: a
+    connection the port accepts before then may be another process's, which
+    took the port first (rc-files then says cannot_listen, here PortTaken)."""
+    began = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [program or os.path.join(REPO, "bin", "rc-files")],
+            env=dict(environ, RC_FILES_PORT=str(port)), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def said():
+        with open(log_path, "rb") as f:
+            f.seek(began)
+            for line in f:
+                whole = line.startswith(b"{") and line.endswith(b"\n")
+                event = json.loads(line).get("event") if whole else None
+                if event in ("files_started", "cannot_listen"):
+                    return event
+        return process.poll() is not None and "exit %s" % process.returncode
+    started = wait_for(said, 20, "rc-files to listen or exit")
+    if started == "cannot_listen":
+        process.wait(10)
+        raise PortTaken(port)
+    assert started == "files_started", started
+    return process
+
+
 def free_ports(count):
     """`count` different free ports: free_port() twice may give one port
     twice (a make test run once gave rc-server and rc-files 28313 both)."""

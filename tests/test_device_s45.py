@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from cluster_harness import REPO, WORKER, Cluster, free_port, online, private, wait_for
+from cluster_harness import WORKER, Cluster, on_a_free_port, online, private, rc_files_on
+from cluster_harness import wait_for
 from test_chaos_files import terminal_once
 from test_worker import INTERPRETERS
 
@@ -70,15 +71,20 @@ class StallingLink:
         self.listener.bind(("127.0.0.1", port))
         self.listener.listen(16)
         self.sockets = [self.listener]
-        threading.Thread(target=self.accept, daemon=True).start()
+        self.accepting = threading.Thread(target=self.accept, daemon=True)
+        self.accepting.start()
 
     def accept(self):
         while True:
             try:
                 near, _ = self.listener.accept()
-                far = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
+            except OSError:     # closed
                 return
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:     # nothing behind it: a link to a server that is down
+                near.close()
+                continue
             self.sockets += [near, far]
             threading.Thread(target=self.relay, args=(near, far), daemon=True).start()
 
@@ -103,20 +109,24 @@ class StallingLink:
             far.close()
 
     def close(self):
+        # Closing alone leaves the listener listening while accept() blocks
+        # on it (Linux), until a connection comes: rc-files, started on its
+        # port next, exited with "Address already in use" meanwhile and
+        # supervisord gave it up (the next test's fetch: connection refused).
+        self.listener.shutdown(socket.SHUT_RDWR)
         for sock in self.sockets:
             sock.close()
+        self.accepting.join(10)
 
 
 @contextlib.contextmanager
 def rc_files_behind_a_link(cluster):
     """rc-files on a port of its own, the one workers are told of relayed to
     it through a StallingLink."""
-    real_port = free_port()
     cluster.supervisorctl("stop", "rc-files")
-    with open(os.path.join(cluster.home, "log", "rc-files-behind-link.log"), "ab") as log:
-        rc_files = subprocess.Popen([os.path.join(REPO, "bin", "rc-files")],
-                                    env=dict(cluster.env, RC_FILES_PORT=str(real_port)),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = os.path.join(cluster.home, "log", "rc-files-behind-link.log")
+    real_port, rc_files = on_a_free_port(
+        lambda port: (port, rc_files_on(port, cluster.env, log_path)))
     link = StallingLink(cluster.config.files_port, real_port)
     try:
         yield link

@@ -22,7 +22,7 @@ from rc import db, device_secrets, devices, files, log, protocol, state_dir, tas
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cluster_harness import free_port  # noqa: E402
+from cluster_harness import PortTaken, on_a_free_port  # noqa: E402
 from test_transfer import Client  # noqa: E402
 
 
@@ -165,12 +165,8 @@ class InProcessFiles:
     that its connections can be traced; a device and its running task."""
 
     def __init__(self, home, monkeypatch):
-        environ = dict(os.environ, RC_HOME=str(home), RC_FILES_PORT=str(free_port()),
-                       RC_CONFIG=str(home / "rc.json"))
         (home / "rc.json").write_text(json.dumps({"tcp_host": "127.0.0.1"}))
-        self.config = config_module.load(environ=environ)
-        state_dir.init(self.config)
-        self.db = db.connect(self.config.db_path)
+        self.home = home
         self.secrets = {}
         self.connections = []
         connect = db.connect
@@ -181,11 +177,24 @@ class InProcessFiles:
                 self.connections.append(opened)
             return opened
         monkeypatch.setattr(transfer.db, "connect", traced_connect)
-        self.server = transfer.FilesServer(self.config, log.Logger("rc-files", "warning"))
+        self.server = on_a_free_port(self.listen)
+        self.db = db.connect(self.config.db_path)
         self.stop = []
         self.thread = threading.Thread(target=self.server.serve, args=(lambda: self.stop,),
                                        daemon=True)
         self.thread.start()
+
+    def listen(self, port):
+        """A FilesServer listening on `port`; one that cannot (another
+        process took the port since free_port) exits, here SystemExit."""
+        environ = dict(os.environ, RC_HOME=str(self.home), RC_FILES_PORT=str(port),
+                       RC_CONFIG=str(self.home / "rc.json"))
+        self.config = config_module.load(environ=environ)
+        state_dir.init(self.config)
+        try:
+            return transfer.FilesServer(self.config, log.Logger("rc-files", "warning"))
+        except SystemExit:
+            raise PortTaken(port)
 
     def add_device(self, device_id):
         key = device_secrets.ensure_key(self.config)

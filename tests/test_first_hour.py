@@ -264,7 +264,7 @@ def test_health_warns_of_a_task_no_device_can_ever_run(cluster_home):
 # -- device ids that differ only by case ----------------------------------------------
 
 def test_a_device_id_differing_only_by_case_is_refused(tmp_path):
-    from test_server import Client, token_of
+    from test_server import Client, committed, token_of
     import io as io_module
     import threading
     from rc import state_dir
@@ -286,7 +286,7 @@ def test_a_device_id_differing_only_by_case_is_refused(tmp_path):
         assert reply["data"]["code"] == "device_id_clash" and "pi" in reply["data"]["message"]
         # The same id again is the same device, as before.
         assert Client(port).register(token, "pi")["message_type"] == "register_ack"
-        ids = [row[0] for row in instance.database.execute("SELECT device_id FROM devices")]
+        ids = [row[0] for row in committed(instance, "SELECT device_id FROM devices")]
         assert ids == ["pi"]
     finally:
         instance.stopping = True

@@ -17,7 +17,7 @@ from rc.protocol import ProtocolError
 from rc.server import Server
 from rc.throttle import Throttle
 
-from test_server import Client, token_of
+from test_server import Client, committed, token_of
 
 
 # -- the wire: numbers SQLite cannot hold ---------------------------------------------
@@ -203,7 +203,7 @@ def test_heartbeats_closer_than_the_interval_are_acked_but_not_written(server):
         assert client.receive()["message_type"] == "heartbeat_ack"
         sent += 1
     instance.database.set_trace_callback(None)
-    written = instance.database.execute("SELECT count(*) FROM heartbeats").fetchone()[0]
+    written = committed(instance, "SELECT count(*) FROM heartbeats")[0][0]
     assert sent > 20 and 1 <= len(figures) <= 2 and written <= 2, (sent, len(figures), written)
 
 

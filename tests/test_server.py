@@ -101,11 +101,24 @@ def token_of(instance):
     return state_dir.read_secret(instance.config.token_path)
 
 
+def committed(instance, sql, *parameters):
+    """The rows of a query, read on the test's own connection to the
+    server's database as another program would read them: instance.database
+    is the server loop's, in its thread, and a read on it in the middle of
+    the loop's transaction sees rows not yet committed, or interleaves with
+    its statements."""
+    connection = db.connect(instance.config.db_path)
+    try:
+        return connection.execute(sql, parameters).fetchall()
+    finally:
+        connection.close()
+
+
 def test_register_proves_both_ways_and_records_the_device(server):
     instance, port = server
     client = Client(port)
     assert client.register(token_of(instance))["message_type"] == "register_ack"
-    row = instance.database.execute("SELECT connected, status FROM devices").fetchone()
+    row = committed(instance, "SELECT connected, status FROM devices")[0]
     assert tuple(row) == (1, "online")
 
 
@@ -115,7 +128,7 @@ def test_wrong_token_is_refused_and_nothing_recorded(server):
     reply = client.register("not-the-token")
     assert reply["data"]["code"] == "auth_failed"
     assert client.closed()
-    assert instance.database.execute("SELECT count(*) FROM devices").fetchone()[0] == 0
+    assert committed(instance, "SELECT count(*) FROM devices")[0][0] == 0
 
 
 def test_messages_before_register_close_the_connection(server):
@@ -375,10 +388,10 @@ def test_disconnect_is_recorded(server):
     client.sock.close()
     deadline = time.time() + 5
     while time.time() < deadline:
-        if instance.database.execute("SELECT connected FROM devices").fetchone()[0] == 0:
+        if committed(instance, "SELECT connected FROM devices")[0][0] == 0:
             break
         time.sleep(0.01)
-    assert instance.database.execute("SELECT connected FROM devices").fetchone()[0] == 0
+    assert committed(instance, "SELECT connected FROM devices")[0][0] == 0
 
 
 def test_thousands_of_idle_connections_in_one_process(server):
@@ -399,8 +412,7 @@ def test_thousands_of_idle_connections_in_one_process(server):
             "proof": protocol.worker_proof(token, hello["data"]["nonce"], nonce, device_id)})
         clients.append(client)
     assert all(c.receive()["message_type"] == "register_ack" for c in clients)
-    connected = instance.database.execute(
-        "SELECT count(*) FROM devices WHERE connected = 1").fetchone()[0]
+    connected = committed(instance, "SELECT count(*) FROM devices WHERE connected = 1")[0][0]
     assert connected == 2000
     clients[1234].send("heartbeat", {"active_tasks": []})
     assert clients[1234].receive()["message_type"] == "heartbeat_ack"
@@ -481,7 +493,7 @@ def test_a_device_gets_its_own_secret_and_its_id_cannot_be_taken(server):
     first = Client(port)
     first.register(token, "phone")
     secret = first.secret
-    clear, sealed = instance.database.execute("SELECT secret, sealed_secret FROM devices").fetchone()
+    clear, sealed = committed(instance, "SELECT secret, sealed_secret FROM devices")[0]
     assert len(secret) == 64 and clear is None and secret not in sealed     # never in clear
     assert device_secrets.unseal(instance.device_key, "phone", sealed) == secret
     first.sock.close()
@@ -589,14 +601,14 @@ def test_the_files_port_is_told_and_cached_files_are_stored_checked(server):
     client.send("heartbeat", {"active_tasks": [],
                               "cached_files": [good, "../../etc", 7, good.upper()] * 400})
     assert client.receive()["message_type"] == "heartbeat_ack"
-    stored = instance.database.execute(
-        "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0]
+    stored = committed(
+        instance, "SELECT cached_files FROM devices WHERE device_id = 'dev1'")[0][0]
     assert json.loads(stored) == [good] * 250      # the first 1,000 entries, checked
     time.sleep(instance.config.min_heartbeat_interval + 0.1)   # folded otherwise
     client.send("heartbeat", {"active_tasks": [], "cached_files": "not a list"})
     assert client.receive()["message_type"] == "heartbeat_ack"
-    assert instance.database.execute(
-        "SELECT cached_files FROM devices WHERE device_id = 'dev1'").fetchone()[0] == "[]"
+    assert committed(
+        instance, "SELECT cached_files FROM devices WHERE device_id = 'dev1'")[0][0] == "[]"
 
 
 def send_inline_results(client, ids, raw, name="out.bin"):

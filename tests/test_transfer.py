@@ -9,7 +9,6 @@ import os
 import select
 import socket
 import ssl
-import subprocess
 import sys
 import time
 
@@ -20,7 +19,7 @@ from rc import db, device_secrets, devices, files, protocol, state_dir, tasks, t
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from cluster_harness import free_port, wait_for  # noqa: E402
+from cluster_harness import on_a_free_port, rc_files_on, wait_for  # noqa: E402
 
 RC_FILES = os.path.join(os.path.dirname(HERE), "bin", "rc-files")
 MIB = 1024 * 1024
@@ -34,26 +33,21 @@ class Node:
     """A state directory, its database, and rc-files running on it."""
 
     def __init__(self, home, **settings):
-        self.env = dict(os.environ, RC_HOME=str(home), RC_FILES_PORT=str(free_port()),
-                        RC_CONFIG=str(home / "rc.json"))
         (home / "rc.json").write_text(json.dumps(dict({"tcp_host": "127.0.0.1",
                                                         "auth_timeout": 2.0}, **settings)))
-        self.config = config_module.load(environ=self.env)
-        state_dir.init(self.config)
+        self.home = home
+        self.log_path = str(home / "rc-files.log")
+        self.env = dict(os.environ, RC_HOME=str(home), RC_CONFIG=str(home / "rc.json"))
+        self.process = on_a_free_port(self.start)
         self.db = db.connect(self.config.db_path)
         self.key = device_secrets.ensure_key(self.config)
         self.secrets = {}
-        self.log = open(str(home / "rc-files.log"), "wb")
-        self.process = subprocess.Popen([RC_FILES], env=self.env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        wait_for(self.listening, 20, "rc-files to listen")
 
-    def listening(self):
-        try:
-            socket.create_connection(("127.0.0.1", self.config.files_port), 1).close()
-            return True
-        except OSError:
-            return False
+    def start(self, port):
+        self.env["RC_FILES_PORT"] = str(port)
+        self.config = config_module.load(environ=self.env)
+        state_dir.init(self.config)
+        return rc_files_on(port, self.env, self.log_path, RC_FILES)
 
     def add_device(self, device_id):
         secret = protocol.new_device_secret()
@@ -85,7 +79,6 @@ class Node:
     def close(self):
         self.process.terminate()
         self.process.wait(10)
-        self.log.close()
         self.db.close()
 
 
