@@ -362,3 +362,31 @@ def test_a_device_that_fences_every_task_it_accepts_holds_none(cluster):
         task = tasks.get(cluster.db, task_id)
         assert task["device_id"] == GOOD and task["retries_used"] == 0, task
 
+
+
+# -- a state directory damaged by hand or a partial restore ---------------------------------
+#
+# rc-server and rc-files read the cluster's id (and, with TLS, its certificate
+# and key) as they start: one of them gone, each died at every start with a
+# FileNotFoundError traceback naming no file of ours, and supervisord gave up
+# on it (FATAL). Now one line names what is missing and what makes it again.
+
+@pytest.mark.parametrize("module", ["rc.server", "rc.transfer"])
+@pytest.mark.parametrize("lost", ["cluster_id", os.path.join("tls", "cert.pem")])
+def test_a_program_missing_a_state_file_names_it_in_one_line(tmp_path, module, lost):
+    home = tmp_path / "home"
+    tcp_port, web_port, files_port = cluster_harness.free_ports(3)
+    path = tmp_path / "rc.json"
+    path.write_text(json.dumps({"tcp_host": "127.0.0.1", "tcp_port": tcp_port,
+                                "web_port": web_port, "files_port": files_port}))
+    env = dict(os.environ, RC_HOME=str(home), RC_CONFIG=str(path))
+    state_dir.init(config_module.load(environ=env))
+    os.remove(str(home / lost))
+    done = subprocess.run([PYTHON, "-m", module], cwd=os.path.join(REPO, "lib"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 2, done.stdout
+    assert "Traceback" not in done.stdout, done.stdout
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["event"] == "state_damaged" and line["missing"] == [str(home / lost)], line
+    assert "make run" in line["message"]

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from rc import config as config_module
-from rc import state_dir
+from rc import state_dir, tls
 from rc.log import Logger
 
 
@@ -28,6 +28,21 @@ def load_config(name):
         return config_module.load()
     except config_module.ConfigError as e:
         Logger(name).error("config_error", error=str(e))
+        sys.exit(2)
+
+
+def require_state(config, log):
+    """The files rc-server and rc-files cannot serve without (the cluster's
+    id; its certificate and key when TLS is on), or one line naming those
+    missing and exit 2: a state directory damaged by hand or a partial
+    restore had them fail at every start with a traceback naming no file."""
+    needed = [config.cluster_id_path] + (list(tls.paths(config)) if config.tls else [])
+    missing = [path for path in needed if not os.path.exists(path)]
+    if missing:
+        log.error("state_damaged", missing=missing,
+                  message="the state directory lacks these files: `make run` (or `rc init`)"
+                          " makes them again; a device that joined before may need joining"
+                          " again if the cluster id or certificate is new")
         sys.exit(2)
 
 

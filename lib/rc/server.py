@@ -2094,6 +2094,7 @@ def main():
     keep_files_private()
     config = program.load_config("rc-server")
     log = Logger("rc-server", config.log_level)
+    program.require_state(config, log)
     raise_file_limit(log)
     server = Server(config, log)
     signal.signal(signal.SIGTERM, server.stop)

@@ -690,6 +690,7 @@ class Session:
 
 
 def run(config, log, should_stop):
+    program.require_state(config, log)
     FilesServer(config, log).serve(should_stop)
 
 
