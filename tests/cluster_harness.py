@@ -284,9 +284,14 @@ def bench_ready(cluster):
     cluster.supervisorctl("stop", "rc-worker")
     cluster.start_worker("bench", "--slots", "4")
     wait_for(lambda: "bench" in online(cluster), 30, "the bench worker")
+    return for_the_client(cluster)
+
+
+def for_the_client(cluster):
+    """The cluster, with the url and admin token rc.client takes on it."""
+    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
     with open(cluster.config.admin_token_path) as f:
         cluster.token = f.read().strip()
-    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
     return cluster
 
 
@@ -298,10 +303,7 @@ def with_the_local_worker(home):
     cluster.start()
     try:
         wait_for(lambda: online(cluster), 30, "the local worker online")
-        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
-        with open(cluster.config.admin_token_path) as f:
-            cluster.token = f.read().strip()
-        yield cluster
+        yield for_the_client(cluster)
     finally:
         cluster.stop()
 

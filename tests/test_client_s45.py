@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cluster_harness import REPO, Cluster, online, wait_for
+from cluster_harness import REPO, Cluster, for_the_client, online, wait_for
 from rc import client
 
 pytestmark = pytest.mark.e2e
@@ -32,10 +32,7 @@ def cluster(tmp_path_factory):
     cluster.supervisorctl("stop", "rc-worker")
     cluster.start_worker("main", "--slots", "4")
     wait_for(lambda: "main" in online(cluster), 30, "the worker")
-    cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
-    with open(cluster.config.admin_token_path) as f:
-        cluster.token = f.read().strip()
-    yield cluster
+    yield for_the_client(cluster)
     cluster.stop()
 
 

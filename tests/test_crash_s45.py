@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from cluster_harness import (RC, Cluster, assert_one_terminal_state_each, log_records, online,
-                             wait_all_finished, wait_for)
+from cluster_harness import (RC, Cluster, assert_one_terminal_state_each, for_the_client,
+                             log_records, online, wait_all_finished, wait_for)
 from rc import client, files, housekeeping
-from test_chaos_files import halt, halted_when, kill_program
+from test_chaos_files import halt, kill_program
 
 pytestmark = pytest.mark.e2e
 
@@ -32,10 +32,7 @@ def cluster(tmp_path_factory):
         cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
         cluster.start_worker(DEVICE, "--slots", "4")
         wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
-        cluster.url = "http://127.0.0.1:%d" % cluster.config.web_port
-        with open(cluster.config.admin_token_path) as f:
-            cluster.token = f.read().strip()
-        yield cluster
+        yield for_the_client(cluster)
     finally:
         cluster.stop()
 
