@@ -9,6 +9,7 @@ the web terminal may run and with which token."""
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -1411,9 +1412,10 @@ def cmd_wait_ready(arguments, context):
 
 
 def local_worker_failing(config):
-    """The last line rc-worker wrote when supervisord finds it exiting as it
-    starts (BACKOFF, FATAL: a wrong option in local_worker_options, a
-    refusal), and where its log is; "" while it starts or runs."""
+    """What rc-worker last said (its last error, else its last line) when
+    supervisord finds it exiting as it starts (BACKOFF, FATAL: a wrong
+    option in local_worker_options, a refusal), and where its log is; ""
+    while it starts or runs."""
     try:
         state = health.program_states(config).get("rc-worker")
     except (OSError, health.SupervisorError):
@@ -1427,8 +1429,23 @@ def local_worker_failing(config):
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         lines = []
-    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-    return "%s (%s, %s)" % (last[:300] or "it wrote nothing", state, path)
+    return "%s (%s, %s)" % (last_word(lines)[:600] or "it wrote nothing", state, path)
+
+
+def last_word(lines):
+    """The worker's last error (`device_id_taken: the main node already
+    knows ...`), else its last line (argparse's `worker.py: error: ...`):
+    after its error a worker logs worker_stopping and worker_stopped, and
+    make run said only `{"event":"worker_stopped"}` of why it stopped."""
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+            return "%s: %s" % (record.get("event"), record.get("message") or record.get("error")
+                               or line.strip())
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 # Health findings that settle by themselves in the first seconds after a

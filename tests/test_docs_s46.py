@@ -1,0 +1,67 @@
+"""What a new user copied from the README and docs/ and found otherwise
+(docs46): why `make run` says the local worker stopped, what to do about a
+state directory that lost its cluster_id, ..."""
+import json
+import os
+import re
+import subprocess
+
+from rc import commands, health, program
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_make_run_names_the_local_workers_error_not_its_last_line(cluster_home, monkeypatch):
+    # After its error a worker logs worker_stopping and worker_stopped:
+    # make run said `exits as it starts: {..."event":"worker_stopped"}`.
+    config, _ = cluster_home
+    monkeypatch.setattr(health, "program_states", lambda config: {"rc-worker": "BACKOFF"})
+    lines = [{"level": "info", "event": "connected"},
+             {"level": "error", "event": "device_id_taken",
+              "message": "the main node already knows a device vm-local " + "x" * 300},
+             {"level": "info", "event": "worker_stopping"},
+             {"level": "info", "event": "worker_stopped"}]
+    with open(os.path.join(config.log_dir, "rc-worker.log"), "w") as f:
+        f.writelines(json.dumps(dict(line, program="worker")) + "\n" for line in lines)
+    said = commands.local_worker_failing(config)
+    assert said.startswith("device_id_taken: the main node already knows a device vm-local")
+    assert "worker_stopped" not in said and "BACKOFF" in said
+    with open(os.path.join(config.log_dir, "rc-worker.log"), "a") as f:
+        f.write("worker.py: error: unrecognized arguments: --slotz 2\n")
+    assert "device_id_taken" in commands.local_worker_failing(config)   # still its last error
+    with open(os.path.join(config.log_dir, "rc-worker.log"), "w") as f:
+        f.write("usage: worker.py [-h] ...\nworker.py: error: unrecognized arguments: --slotz 2\n")
+    assert commands.local_worker_failing(config).startswith("worker.py: error: unrecognized")
+
+
+def test_the_command_state_damaged_gives_puts_the_cluster_id_back(cluster_home):
+    # A new cluster_id (what `make run` made) stranded every device's secret,
+    # kept under the old one's name: each stopped with device_id_taken.
+    config, _ = cluster_home
+    with open(config.cluster_id_path, encoding="utf-8") as f:
+        cluster_id = f.read().strip()
+    os.makedirs(os.path.join(config.home, "worker", cluster_id))
+    os.remove(config.cluster_id_path)
+    advice = program.state_damaged_advice(config, [config.cluster_id_path])
+    assert "device_id_taken" in advice
+    command = re.search(r": (\(umask 077; .*\))$", advice).group(1)
+    subprocess.run(["sh", "-c", command], check=True)
+    with open(config.cluster_id_path, encoding="utf-8") as f:
+        assert f.read().strip() == cluster_id
+    assert os.stat(config.cluster_id_path).st_mode & 0o077 == 0
+    assert "fingerprint" in program.state_damaged_advice(config, [config.home + "/tls/cert.pem"])
+
+
+def test_troubleshooting_gives_the_state_supervisord_leaves_a_dying_program_in():
+    # supervisord never gives up on a program (startretries beyond reach):
+    # one missing its cluster_id shows BACKOFF in rc health, never FATAL.
+    assert re.search(r"^startretries=1000000000$", read("etc/supervisord.conf"), re.M)
+    row = next(line for line in read("docs/troubleshooting.md").splitlines()
+               if "state_damaged" in line and line.startswith("| `rc health`"))
+    assert "BACKOFF" in row and "FATAL" not in row
+    assert "grep ^rc1_ > var/cluster_id" in row
