@@ -6,7 +6,10 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from rc import commands, health, program
+from rc import config as config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +68,21 @@ def test_troubleshooting_gives_the_state_supervisord_leaves_a_dying_program_in()
                if "state_damaged" in line and line.startswith("| `rc health`"))
     assert "BACKOFF" in row and "FATAL" not in row
     assert "grep ^rc1_ > var/cluster_id" in row
+
+
+def test_a_heartbeat_rule_refusal_gives_both_values(tmp_path):
+    # A file raising heartbeat_interval alone was refused for a default the
+    # user never wrote: "lease_duration must be at least 1.5 x heartbeat_interval".
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"heartbeat_interval": 300}')
+    environ = {"RC_HOME": str(tmp_path / "var")}
+    with pytest.raises(config_module.ConfigError) as refused:
+        config_module.load(str(settings), environ=environ)
+    assert "lease_duration" in str(refused.value)
+    assert "450 s with heartbeat_interval 300), not 180" in str(refused.value)
+    settings.write_text('{"tcp_port": 70000}')
+    with pytest.raises(config_module.ConfigError) as refused:
+        config_module.load(str(settings), environ=environ)
+    assert "not 70000" in str(refused.value)
+    text = read("docs/configuration.md").split("Each setting is checked")[1].split("## ")[0]
+    assert "port past 65535" in text and "gives both values" in text

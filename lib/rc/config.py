@@ -209,7 +209,8 @@ def check(key, value, where="environment"):
     if key in TEXT_LISTS and not all(isinstance(item, str) for item in value):
         raise ConfigError("%s: %s must be a list of strings, not %r" % (where, key, value))
     if key.endswith("_port") and not 0 <= value <= 65535:
-        raise ConfigError("%s: %s must be a port number" % (where, key))
+        raise ConfigError("%s: %s must be a port number (0 to 65535), not %r"
+                          % (where, key, value))
     return value
 
 
@@ -219,16 +220,22 @@ def check_together(settings, where):
             raise ConfigError("%s: %s must be more than 0" % (where, key))
     # A worker gives up its tasks half a heartbeat before its lease ends, and
     # must still hear at least one heartbeat acknowledged in that time.
-    if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
-        raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
-                          % where)
+    check_heartbeats_fit("lease_duration", settings, where)
     # Only a heartbeat shows a device is there: a shorter wait marked a
     # connected device offline between two of them, and the reaper took back
     # what it ran (a 12 s task failed "retries spent: device offline").
-    if settings["offline_timeout"] < 1.5 * settings["heartbeat_interval"]:
-        raise ConfigError("%s: offline_timeout must be at least 1.5 x heartbeat_interval"
-                          % where)
+    check_heartbeats_fit("offline_timeout", settings, where)
     check_local_worker_options(settings["local_worker_options"], where)
+
+
+def check_heartbeats_fit(key, settings, where):
+    """`key` at least 1.5 heartbeat intervals, or a line giving both
+    values: the file may set one and the default the other."""
+    least = 1.5 * settings["heartbeat_interval"]
+    if settings[key] < least:
+        raise ConfigError("%s: %s must be at least 1.5 x heartbeat_interval (%g s with"
+                          " heartbeat_interval %g), not %g"
+                          % (where, key, least, settings["heartbeat_interval"], settings[key]))
 
 
 def check_local_worker_options(options, where):
