@@ -1,14 +1,17 @@
 """What a new user copied from the README and docs/ and found otherwise
 (docs46): why `make run` says the local worker stopped, what to do about a
 state directory that lost its cluster_id, ..."""
+import http.client
 import json
 import os
 import re
+import socket
 import subprocess
+import threading
 
 import pytest
 
-from rc import commands, health, program
+from rc import commands, health, program, web_server
 from rc import config as config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,3 +89,31 @@ def test_a_heartbeat_rule_refusal_gives_both_values(tmp_path):
     assert "not 70000" in str(refused.value)
     text = read("docs/configuration.md").split("Each setting is checked")[1].split("## ")[0]
     assert "port past 65535" in text and "gives both values" in text
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 here")
+def test_rc_web_on_every_address_answers_ipv4_as_ipv4():
+    # web_host "::": waitress made its socket IPv6 only, so 127.0.0.1 (make
+    # run's own check, and every IPv4 client) could not reach it; once it
+    # could, the client was ::ffff:127.0.0.1, not loopback to read_access=local.
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ["REMOTE_ADDR"])
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    limits = {"connections_per_address": 10, "read_timeout": 10, "body_limit": 1024}
+    server = web_server.Server(app, limits, lambda *args, **fields: None, host="::", port=0,
+                               threads=1)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        connection.request("GET", "/")
+        assert connection.getresponse().read() == b"ok"
+        connection.close()
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+    assert seen == ["127.0.0.1"]
+    row = re.search(r"^\| `web_host` \|.*$", read("docs/configuration.md"), re.M).group(0)
+    assert "`::`" in row
