@@ -1267,8 +1267,9 @@ class Runner:
                            % (group_id, self.without_outputs))
         if self.failed:
             self.err.write("map %d: %d of %s did not complete; `rc map --resume %d` runs"
-                           " them again\n" % (group_id, self.failed,
-                                              render.counted(self.plan.total, "input"), group_id))
+                           " %s again\n" % (group_id, self.failed,
+                                            render.counted(self.plan.total, "input"), group_id,
+                                            "it" if self.failed == 1 else "them"))
         self.context.logger.info("map_finished", group_id=group_id, failed=self.failed)
         return min(self.failed, MAX_EXIT_STATUS)
 
