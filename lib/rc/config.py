@@ -15,6 +15,7 @@ import math
 import os
 import socket
 
+from rc import alerts
 from rc.bounded import LARGEST as LARGEST_INT
 from rc.defaults import DEFAULTS
 from rc.log import LEVELS
@@ -226,6 +227,13 @@ def check_together(settings, where):
     # what it ran (a 12 s task failed "retries spent: device offline").
     check_heartbeats_fit("offline_timeout", settings, where)
     check_local_worker_options(settings["local_worker_options"], where)
+    # A rule misspelt was found only by rc-reaper, which logged
+    # alert_rules_invalid each minute and raised no alert, while make run
+    # said the cluster was healthy.
+    try:
+        alerts.check_rules(settings["alerts"])
+    except ValueError as e:
+        raise ConfigError("%s: alerts: %s" % (where, e))
 
 
 def check_heartbeats_fit(key, settings, where):
