@@ -14,6 +14,8 @@ import pytest
 from rc import commands, health, program, web_server
 from rc import config as config_module
 
+from test_web import client  # noqa: F401 (its fixture: rc-web under waitress)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -140,3 +142,12 @@ def test_the_alert_rules_operations_md_shows_are_taken(tmp_path):
     settings.write_text('{"alerts": %s}' % example)
     config = config_module.load(str(settings), environ={"RC_HOME": str(tmp_path / "var")})
     assert [rule["rule"] for rule in config.alerts] == ["device_offline", "failure_rate"]
+
+
+def test_a_method_an_endpoint_does_not_take_names_those_it_does(client):  # noqa: F811
+    # `curl -T -` (a PUT) for an upload, as http.md once said to send one
+    # chunked, got a bare "Method not allowed." and no word of POST.
+    status, answer = client.json("/api/v1/files", data=b"hi", method="PUT", token=client.token)
+    assert status == 405
+    assert answer["error"] == "Method not allowed: /api/v1/files takes GET or POST, not PUT"
+    assert "`curl -X POST -T -`" in read("docs/http.md")

@@ -963,6 +963,11 @@ class Web:
         message = error.body or error.status_line
         if error.status_code == 404 and str(message).startswith("Not found: "):
             message += near_route(bottle.request.path, bottle.request.app.routes)
+        elif error.status_code == 405 and error.get_header("Allow"):
+            # `curl -T -` (PUT) for an upload got a bare "Method not allowed."
+            message = "%s: %s takes %s, not %s" % (
+                str(error.body or "Method not allowed").rstrip("."), bottle.request.path,
+                " or ".join(error.get_header("Allow").split(",")), bottle.request.method)
         bottle.response.content_type = "application/json"
         return orjson.dumps({"error": message})
 
