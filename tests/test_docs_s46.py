@@ -151,3 +151,35 @@ def test_a_method_an_endpoint_does_not_take_names_those_it_does(client):  # noqa
     assert status == 405
     assert answer["error"] == "Method not allowed: /api/v1/files takes GET or POST, not PUT"
     assert "`curl -X POST -T -`" in read("docs/http.md")
+
+
+def test_the_client_at_a_port_that_hangs_up_does_not_promise_to_wait_600_s(caplog):
+    # The devices' port hangs up on HTTP: the client tries the request
+    # CUT_RETRIES times more and gives up in seconds, but said "waiting for
+    # it to answer again (a restart?), up to 600 s".
+    from rc import client
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def hang_up():
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.recv(65536)
+            connection.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with client.Cluster("http://127.0.0.1:%d" % listener.getsockname()[1], "token") as cluster:
+            with pytest.raises(client.ClusterError) as refused:
+                cluster.submit("echo", "hi").result(timeout=60)
+    finally:
+        done.set()
+        listener.shutdown(socket.SHUT_RDWR)     # ends the accept() the thread waits in
+        listener.close()
+    assert "rc-web?" in str(refused.value)
+    waiting = [record.getMessage() for record in caplog.records if "waiting for it" in
+               record.getMessage()]
+    assert waiting and "trying %d times more" % client.CUT_RETRIES in waiting[0]
+    assert "600" not in waiting[0]
