@@ -2,16 +2,18 @@
 (docs46): why `make run` says the local worker stopped, what to do about a
 state directory that lost its cluster_id, ..."""
 import http.client
+import io
 import json
 import os
 import re
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
-from rc import commands, health, program, web_server
+from rc import commands, health, program, tasks, web_server
 from rc import config as config_module
 
 from test_web import client  # noqa: F401 (its fixture: rc-web under waitress)
@@ -183,3 +185,23 @@ def test_the_client_at_a_port_that_hangs_up_does_not_promise_to_wait_600_s(caplo
                record.getMessage()]
     assert waiting and "trying %d times more" % client.CUT_RETRIES in waiting[0]
     assert "600" not in waiting[0]
+
+
+def test_a_wait_through_a_stopped_main_node_says_it_runs_again(cluster_home, monkeypatch):
+    # README: rc wait and rc map, through make stop ... make run, say once
+    # that the main node is not running and once that it runs again. A task
+    # that ended a moment after make run (before the next look was due)
+    # left the second unsaid.
+    config, connection = cluster_home
+    stopped = [time.time() - 3]
+    monkeypatch.setattr(health, "main_node_stopped", lambda config: stopped[0])
+    err = io.StringIO()
+    watch = health.StoppedWatch(config, err, "rc")
+    assert watch.look() and "not running" in err.getvalue()
+    stopped[0] = None
+    assert not watch.look()                      # its next look is not due yet
+    task_id = tasks.submit(connection, config, "echo", {"message": "hi"})
+    tasks.cancel(connection, task_id)
+    assert commands.wait_for(connection, task_id, 5, watch)["state"] == "cancelled"
+    assert err.getvalue().splitlines()[-1] == "rc: the main node is running again"
+    assert watch.back_at is not None

@@ -801,6 +801,8 @@ def wait_for(connection, task_id, timeout=None, watch=None):
         if version != seen_version:
             seen_version, task = version, tasks.get(connection, task_id)
             if task["state"] in TERMINAL_STATES:
+                if watch is not None:
+                    watch.ended()
                 return task
         if deadline is not None and time.monotonic() >= deadline:
             return task

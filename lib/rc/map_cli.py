@@ -935,6 +935,7 @@ class Runner:
                     time.sleep(pause)
                     pause = min(pause * 2, MAX_POLL_INTERVAL)
                 self.progress.draw(self.failed)
+            self.stopped_watch.ended()
         except KeyboardInterrupt:
             self.interrupted()
             raise           # rc's main ends by SIGINT, as a shell's loop expects
@@ -999,9 +1000,12 @@ class Runner:
         so that a map that cannot run does not just sit there. Not while
         one of its tasks is on a device (assigned or running): a map of
         minute-long encodes said "no input has ended after 5 s. Task 4 has
-        been running on pi for 4s" every time."""
-        waited = time.monotonic() - self.started
-        if self.told_why or waited < self.config.map_recheck_interval \
+        been running on pi for 4s" every time. Nor while the main node is
+        stopped, and counted from its return: at `make run` it said "no
+        device is online" before the devices were back."""
+        waited = time.monotonic() - max(self.started, self.stopped_watch.back_at or 0)
+        if self.told_why or self.stopped_watch.stopped \
+                or waited < self.config.map_recheck_interval \
                 or task_id not in self.pending or self.connection.execute(
                     "SELECT 1 FROM tasks WHERE group_id = ? AND %s LIMIT 1" % db.ACTIVE_SQL,
                     (self.plan.group_id,)).fetchone():
