@@ -16,6 +16,7 @@ import pytest
 from rc import commands, health, program, tasks, web_server
 from rc import config as config_module
 
+from cluster_harness import free_ports
 from test_web import client  # noqa: F401 (its fixture: rc-web under waitress)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,3 +206,35 @@ def test_a_wait_through_a_stopped_main_node_says_it_runs_again(cluster_home, mon
     assert commands.wait_for(connection, task_id, 5, watch)["state"] == "cancelled"
     assert err.getvalue().splitlines()[-1] == "rc: the main node is running again"
     assert watch.back_at is not None
+
+
+def test_the_ports_make_run_suggests_for_a_taken_one_are_free(cluster_home):
+    # It suggested each port + 10 unchecked: beside two clusters 10 apart,
+    # a third was told to use the second's ports.
+    config, _ = cluster_home
+    config.tcp_host = config.web_host = "127.0.0.1"
+    held = []
+    try:
+        for _ in range(40):         # a port and the one 10 above it, both held
+            first = socket.socket()
+            first.bind(("127.0.0.1", 0))
+            second = socket.socket()
+            try:
+                second.bind(("127.0.0.1", first.getsockname()[1] + 10))
+            except OSError:
+                first.close()
+                second.close()
+                continue
+            held = [first, second]
+            break
+        assert held, "no port with a free one 10 above it"
+        for sock in held:
+            sock.listen(1)
+        config.tcp_port = held[0].getsockname()[1]
+        config.web_port, config.files_port = free_ports(2)
+        problem = config_module.ports_taken(config)
+    finally:
+        for sock in held:
+            sock.close()
+    suggested = int(re.search(r"RC_TCP_PORT=(\d+)", problem).group(1))
+    assert suggested > config.tcp_port and suggested != config.tcp_port + 10

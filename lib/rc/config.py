@@ -107,24 +107,35 @@ def ports_taken(config):
         if len(variables) > 1:
             return ("%s are the same port, %d: the three ports must differ (README,"
                     " Configuration)" % (" and ".join(variables), port))
-    taken = []
-    for key, host_key, variable in PORTS:
-        port = getattr(config, key)
-        try:
-            family, address = listen_address(getattr(config, host_key), port)
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                taken.append("%d (%s, %s)" % (port, key, variable))
+    taken = ["%d (%s, %s)" % (getattr(config, key), key, variable)
+             for key, host_key, variable in PORTS
+             if port_in_use(getattr(config, host_key), getattr(config, key))]
     if not taken:
         return None
+    # Ports 10, 20, ... up that are free now: +10 alone was often the next
+    # cluster's (a third beside two was told the second's ports).
+    step = next((step for step in range(10, 210, 10)
+                 if all(getattr(config, key) + step <= 65535
+                        and not port_in_use(getattr(config, host_key), getattr(config, key) + step)
+                        for key, host_key, _ in PORTS)), 10)
     return ("another cluster or program on this box holds port %s: start this cluster on"
             " free ports, e.g. `RC_HOME=%s %s make run` (README, Configuration)"
             % (" and ".join(taken), config.home,
-               " ".join("%s=%d" % (variable, getattr(config, key) + 10)
+               " ".join("%s=%d" % (variable, getattr(config, key) + step)
                         for key, _, variable in PORTS)))
+
+
+def port_in_use(host, port):
+    """Whether something on this box listens on `port` where a program
+    listening on `host` would bind."""
+    try:
+        family, address = listen_address(host, port)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
 
 
 def listen_address(host, port):
