@@ -238,3 +238,12 @@ def test_the_ports_make_run_suggests_for_a_taken_one_are_free(cluster_home):
             sock.close()
     suggested = int(re.search(r"RC_TCP_PORT=(\d+)", problem).group(1))
     assert suggested > config.tcp_port and suggested != config.tcp_port + 10
+
+
+def test_a_task_type_misspelt_names_the_one_meant():
+    with pytest.raises(tasks.TaskError) as refused:
+        tasks.check_type("shel")
+    assert "did you mean shell?" in str(refused.value)
+    with pytest.raises(tasks.TaskError) as refused:
+        tasks.check_type("bash")
+    assert "did you mean" not in str(refused.value) and "known: echo" in str(refused.value)
