@@ -226,9 +226,14 @@ def add_arguments(sub, whole_number):
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for every task; repeatable")
     files_cli.add_package_arguments(sub, "every task's")
-    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent")
-    sub.add_argument("--timeout", metavar="SECONDS", help="each task's")
-    sub.add_argument("--retries", type=whole_number, metavar="N")
+    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent",
+                     help="every task's, as submit's (default normal)")
+    sub.add_argument("--timeout", metavar="SECONDS",
+                     help="how long each task may run on its device (default task_timeout,"
+                     " 300)")
+    sub.add_argument("--retries", type=whole_number, metavar="N",
+                     help="each task's re-runs after a device is lost while running it"
+                     " (default task_retries, 3)")
     sub.add_argument("--retry-on-failure", action="store_true",
                      help="also retry a task that fails (non-zero exit)")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
