@@ -247,3 +247,21 @@ def test_a_task_type_misspelt_names_the_one_meant():
     with pytest.raises(tasks.TaskError) as refused:
         tasks.check_type("bash")
     assert "did you mean" not in str(refused.value) and "known: echo" in str(refused.value)
+
+
+def test_every_option_of_every_rc_command_says_what_it_is():
+    # `rc map --help` said of --timeout only "each task's"; `rc tasks
+    # --help` nothing of --state, --device or --limit.
+    import argparse
+
+    def silent(name, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from silent(name + " " + sub_name, sub)
+            elif action.option_strings and (not action.help or len(action.help) < 10):
+                yield "%s %s" % (name, "/".join(action.option_strings))
+    found = []
+    for name, parser in commands.command_parsers(commands.build_parser(io.StringIO())).items():
+        found.extend(silent(name, parser))
+    assert found == []

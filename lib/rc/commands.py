@@ -1602,16 +1602,18 @@ def build_parser(out):
     sub = command("device", cmd_device, "everything about one device", [as_json])
     sub.add_argument("device_id", metavar="ID")
     sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
-    sub.add_argument("--state", choices=TASK_STATES)
-    sub.add_argument("--device", metavar="ID")
-    sub.add_argument("--limit", type=whole_number, default=DEFAULT_TASK_LIMIT, metavar="N")
+    sub.add_argument("--state", choices=TASK_STATES, help="only tasks in this state")
+    sub.add_argument("--device", metavar="ID", help="only tasks given to this device")
+    sub.add_argument("--limit", type=whole_number, default=DEFAULT_TASK_LIMIT, metavar="N",
+                     help="at most N tasks (default %d)" % DEFAULT_TASK_LIMIT)
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
     sub = command("wait", cmd_wait, "wait until a task ends; print its output and stderr, exit 1"
                   " unless it completed (as submit --wait)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
-    sub.add_argument("--timeout", type=float, metavar="SECONDS")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="give up waiting after this long (exit 1; the task goes on)")
     tail_cli.add_arguments(command("tail", cmd_tail, "a running task's output so far (-f: as"
                                    " it comes, until it ends)"), whole_number)
     sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
@@ -1666,7 +1668,8 @@ def build_parser(out):
     sub = command("logs", cmd_logs, "the programs' logs, merged by time")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
-    sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N")
+    sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N",
+                     help="the last N lines (default %d)" % DEFAULT_LOG_LINES)
     sub.add_argument("--task", type=whole_number, metavar="ID",
                      help="only lines about this task: submit, assignment, start, result")
     sub.add_argument("--device", metavar="ID", help="only lines about this device, and its"
@@ -1709,7 +1712,8 @@ def build_parser(out):
     sub.add_argument("-f", "--follow", action="store_true", help="with tail: keep printing")
     sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer,"
                   " a worker is connected and `rc health` is OK")
-    sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS")
+    sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS",
+                     help="give up after this long (default %g)" % DEFAULT_READY_TIMEOUT)
     sub = command("local-worker", cmd_local_worker,
                   "run bin/worker.py here; other arguments go to the worker")
     sub.set_defaults(worker_args=[])

@@ -209,7 +209,8 @@ def add_arguments(sub, whole_number):
                      help="where the --output files go (default: here)")
     sub.add_argument("--progress", action="store_true", default=None,
                      help="a progress bar on stderr (default: when stderr is a terminal)")
-    sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar, on a terminal too")
     sub.add_argument("--halt", type=halt_rule, metavar="soon|now,fail=N[%]",
                      help="once N inputs (or N%% of them) did not complete, cancel the"
                           " queued ones (soon) or the running ones too (now), as GNU"
