@@ -265,3 +265,13 @@ def test_every_option_of_every_rc_command_says_what_it_is():
     for name, parser in commands.command_parsers(commands.build_parser(io.StringIO())).items():
         found.extend(silent(name, parser))
     assert found == []
+
+
+def test_a_schedule_or_service_given_files_says_they_take_none(cluster_home):
+    # docs/schedules.md: not --input, --stdin, --file or --output yet; rc
+    # said only "unrecognized arguments: --input photos".
+    for argv in (["schedule", "add", "x", "@daily", "shell", "ls", "--input", "photos"],
+                 ["service", "add", "x", "python_exec", "--file=job.py"]):
+        out, err = io.StringIO(), io.StringIO()
+        assert commands.run_command(argv, out, err) == 2
+        assert "takes no --" in err.getvalue() and "docs/schedules.md" in err.getvalue()

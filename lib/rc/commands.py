@@ -1835,6 +1835,14 @@ def parse(parser, argv):
         extra = more_programs(arguments, extra)
     if extra and arguments.command == "submit":
         extra = submit_argument(arguments, extra)
+    if extra and arguments.command in ("schedule", "service"):
+        files_given = [word.split("=", 1)[0] for word in extra
+                       if word.split("=", 1)[0] in ("--input", "--stdin", "--file", "--output")]
+        if files_given:     # argparse said only "unrecognized arguments: --input photos"
+            parser.error("rc %s %s takes no %s: a %s's tasks carry no files yet (docs/"
+                         "schedules.md); give the command what it needs on the devices"
+                         % (arguments.command, arguments.action, files_given[0],
+                            arguments.command))
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s%s" % (
             " ".join(extra), did_you_mean(parser, arguments.command, extra)))
