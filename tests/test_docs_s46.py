@@ -275,3 +275,20 @@ def test_a_schedule_or_service_given_files_says_they_take_none(cluster_home):
         out, err = io.StringIO(), io.StringIO()
         assert commands.run_command(argv, out, err) == 2
         assert "takes no --" in err.getvalue() and "docs/schedules.md" in err.getvalue()
+
+
+def test_rc_token_admin_rotate_makes_a_new_admin_token(cluster_home):
+    # docs/http.md: "rotating the admin token (`rc token --admin --rotate`)
+    # ends every session"; rc refused it: "the admin token stays".
+    config, _ = cluster_home
+    with open(config.admin_token_path, encoding="utf-8") as f:
+        before = f.read().strip()
+    out, err = io.StringIO(), io.StringIO()
+    assert commands.run_command(["token", "--admin", "--rotate"], out, err) == 0, err.getvalue()
+    with open(config.admin_token_path, encoding="utf-8") as f:
+        after = f.read().strip()
+    assert after != before and out.getvalue().splitlines()[0] == after
+    assert os.stat(config.admin_token_path).st_mode & 0o777 == 0o600
+    with open(os.path.join(config.log_dir, "audit.log"), encoding="utf-8") as f:
+        assert '"admin_token_rotated"' in f.read()
+    assert "`rc token --admin --rotate`" in read("docs/http.md")

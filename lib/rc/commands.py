@@ -1311,9 +1311,15 @@ def cmd_token(arguments, context):
             raise CommandError("the worker port does not use TLS (tls is false): no fingerprint")
         context.out.write(tls.fingerprint(config) + "\n")
         return
+    if arguments.rotate and arguments.admin:
+        # docs/http.md said so (a leaked admin token), and it was refused.
+        token = state_dir.rotate_token(config, config.admin_token_path)
+        context.audit("admin_token_rotated", user=user_name())
+        context.out.write("%s\nHTTP clients (RC_TOKEN, curl, the dashboard's terminal) need this"
+                          " token now; the old one and every stream session it opened stop"
+                          " working\n" % token)
+        return
     if arguments.rotate:
-        if arguments.admin:
-            raise UsageError("--rotate makes a new join token; the admin token stays")
         token = state_dir.rotate_token(config)
         context.audit("join_token_rotated", user=user_name())
         context.out.write("%s\nnew devices join with this token; devices that have joined"
@@ -1693,7 +1699,8 @@ def build_parser(out):
     sub.add_argument("--admin", "--web", dest="admin", action="store_true",
                      help="print the admin token (HTTP: Authorization: Bearer) instead")
     sub.add_argument("--rotate", action="store_true",
-                     help="issue a new join token; devices that have joined keep working")
+                     help="issue a new join token (devices that have joined keep working),"
+                     " or with --admin a new admin token")
     sub.add_argument("--fingerprint", action="store_true",
                      help="print the SHA-256 fingerprint of the worker port's TLS"
                           " certificate (a worker's --fingerprint) instead")
