@@ -1,6 +1,10 @@
 """What a new user copied from the README and docs/ and found otherwise
 (docs46): why `make run` says the local worker stopped, what to do about a
-state directory that lost its cluster_id, ..."""
+state directory that lost its cluster_id, config refusals that name both
+values and misspelt alert rules, rc-web on "::", a 405's words, the
+client at a port that hangs up, a wait through make stop ... make run,
+free ports suggested, a task type misspelt, help for every option,
+schedules given files, and `rc token --admin --rotate`."""
 import http.client
 import io
 import json
@@ -292,3 +296,16 @@ def test_rc_token_admin_rotate_makes_a_new_admin_token(cluster_home):
     with open(os.path.join(config.log_dir, "audit.log"), encoding="utf-8") as f:
         assert '"admin_token_rotated"' in f.read()
     assert "`rc token --admin --rotate`" in read("docs/http.md")
+
+
+def test_make_run_refuses_a_listen_address_this_machine_has_not(cluster_home):
+    # rc-server exited with cannot_listen, and make run waited 30 s for it:
+    # "no sign of rc-server on 192.0.2.99:8080 after 30 s".
+    config, _ = cluster_home
+    config.web_host = "127.0.0.1"
+    config.tcp_port, config.web_port, config.files_port = free_ports(3)
+    config.tcp_host = "203.0.113.77"        # TEST-NET-3: no machine's own
+    problem = config_module.ports_taken(config)
+    assert "tcp_host is '203.0.113.77', not an address of this machine" in problem
+    config.tcp_host = "127.0.0.1"
+    assert config_module.ports_taken(config) is None

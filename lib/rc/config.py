@@ -98,8 +98,9 @@ def ports_taken(config):
     """Before a start: why the cluster's programs could not all listen, if
     one port is given twice or something on this box already holds one
     (another cluster, started with only RC_TCP_PORT and RC_WEB_PORT moved?),
-    saying which variable moves each; None when every one is free. Only a
-    port in use is named: the program itself reports any other reason."""
+    saying which variable moves each, or a host setting names an address
+    this machine has not; None when every one is free. Only these are
+    named: the program itself reports any other reason."""
     given = {}
     for key, _, variable in PORTS:
         given.setdefault(getattr(config, key), []).append(variable)
@@ -107,6 +108,13 @@ def ports_taken(config):
         if len(variables) > 1:
             return ("%s are the same port, %d: the three ports must differ (README,"
                     " Configuration)" % (" and ".join(variables), port))
+    for host_key in ("tcp_host", "web_host"):
+        # Its program exited with cannot_listen, and make run waited 30 s
+        # for it: "no sign of rc-server on 192.0.2.99:8080".
+        if address_not_here(getattr(config, host_key)):
+            return ("%s is %r, not an address of this machine: give one it has, or"
+                    " \"0.0.0.0\" (every IPv4 address) or \"::\" (IPv6 too)"
+                    " (docs/configuration.md)" % (host_key, getattr(config, host_key)))
     taken = ["%d (%s, %s)" % (getattr(config, key), key, variable)
              for key, host_key, variable in PORTS
              if port_in_use(getattr(config, host_key), getattr(config, key))]
@@ -123,6 +131,18 @@ def ports_taken(config):
             % (" and ".join(taken), config.home,
                " ".join("%s=%d" % (variable, getattr(config, key) + step)
                         for key, _, variable in PORTS)))
+
+
+def address_not_here(host):
+    """Whether `host` is an address (or a name of one) this machine cannot
+    listen on: binding to it, on any free port, is EADDRNOTAVAIL."""
+    try:
+        family, address = listen_address(host, 0)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as e:
+        return e.errno == errno.EADDRNOTAVAIL
+    return False
 
 
 def port_in_use(host, port):
