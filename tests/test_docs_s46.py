@@ -46,12 +46,14 @@ def test_make_run_names_the_local_workers_error_not_its_last_line(cluster_home, 
     said = commands.local_worker_failing(config)
     assert said.startswith("device_id_taken: the main node already knows a device vm-local")
     assert "worker_stopped" not in said and "BACKOFF" in said
+    # A later run that stopped otherwise: its own words, not the older error.
     with open(os.path.join(config.log_dir, "rc-worker.log"), "a") as f:
-        f.write("worker.py: error: unrecognized arguments: --slotz 2\n")
-    assert "device_id_taken" in commands.local_worker_failing(config)   # still its last error
-    with open(os.path.join(config.log_dir, "rc-worker.log"), "w") as f:
         f.write("usage: worker.py [-h] ...\nworker.py: error: unrecognized arguments: --slotz 2\n")
     assert commands.local_worker_failing(config).startswith("worker.py: error: unrecognized")
+    with open(os.path.join(config.log_dir, "rc-worker.log"), "a") as f:
+        for event in ("worker_started", "connected", "worker_stopped"):
+            f.write(json.dumps({"level": "info", "event": event}) + "\n")
+    assert '"worker_stopped"' in commands.local_worker_failing(config)
 
 
 def test_the_command_state_damaged_gives_puts_the_cluster_id_back(cluster_home):

@@ -1441,16 +1441,22 @@ def local_worker_failing(config):
 
 
 def last_word(lines):
-    """The worker's last error (`device_id_taken: the main node already
-    knows ...`), else its last line (argparse's `worker.py: error: ...`):
-    after its error a worker logs worker_stopping and worker_stopped, and
-    make run said only `{"event":"worker_stopped"}` of why it stopped."""
+    """Why the worker's last run stopped: its error (`device_id_taken: the
+    main node already knows ...`) or a line that is not its JSON
+    (argparse's `worker.py: error: ...`), whichever came last; else its last
+    line. After its error a worker logs worker_stopping and worker_stopped,
+    and make run said only `{"event":"worker_stopped"}` of why it stopped.
+    Not past the run's worker_started: an older run's error is not why."""
     for line in reversed(lines):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("level") in ("error", "critical"):
+            return line.strip()
+        if not isinstance(record, dict) or record.get("event") == "worker_started":
+            break
+        if record.get("level") in ("error", "critical"):
             return "%s: %s" % (record.get("event"), record.get("message") or record.get("error")
                                or line.strip())
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
