@@ -311,3 +311,13 @@ def test_make_run_refuses_a_listen_address_this_machine_has_not(cluster_home):
     assert "tcp_host is '203.0.113.77', not an address of this machine" in problem
     config.tcp_host = "127.0.0.1"
     assert config_module.ports_taken(config) is None
+
+
+def test_a_command_misspelt_names_the_one_meant(cluster_home):
+    # argparse said "invalid choice: 'stauts' (choose from 'help', 'init',
+    # ...)", all 39 of them, and not the one meant.
+    out, err = io.StringIO(), io.StringIO()
+    assert commands.run_command(["stauts"], out, err) == 2
+    assert "did you mean status?" in err.getvalue() and "choose from" not in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert commands.run_command(["stats", "--json"], out, err) == 0, err.getvalue()  # an alias

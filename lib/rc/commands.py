@@ -1831,6 +1831,13 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     command = next((word for word in argv if not word.startswith("-")), None)
+    if command is not None and subparser(parser, command) is None:
+        # argparse lists all 39 commands and not the one meant (`rc stauts`).
+        import difflib      # only on this error's path
+        names = sorted(command_parsers(parser))
+        close = difflib.get_close_matches(command, names, 1, 0.7)
+        parser.error("no command %r%s (`rc help` lists them)" % (
+            command, ": did you mean %s?" % close[0] if close else ""))
     if command == "map":    # before argparse, which has its own words for --files -x.txt
         named = map_cli.file_like_an_option(argv[argv.index("map") + 1:], subparser(
             parser, "map")._option_string_actions)
