@@ -1420,7 +1420,7 @@ def cmd_wait_ready(arguments, context):
 
 
 def local_worker_failing(config):
-    """What rc-worker last said (its last error, else its last line) when
+    """Why rc-worker stopped, as its log says (last_word), when
     supervisord finds it exiting as it starts (BACKOFF, FATAL: a wrong
     option in local_worker_options, a refusal), and where its log is; ""
     while it starts or runs."""
