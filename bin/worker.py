@@ -7054,6 +7054,14 @@ def download_into(job, cache, sha, size, partial, fd):
         try:
             job.tries(resume)
         except OSError as e:
+            if e.errno == errno.EFBIG:
+                # Never whole on this device (its file system, its ulimit -f):
+                # its partial was kept, up to the limit, for a resume that
+                # could only fail the same way. Held: no one else has it.
+                try:
+                    os.unlink(partial)
+                except OSError:
+                    pass
             if disk_full(e):
                 raise FilesError("fetching %s (%s): %s" % (sha[:12], mebibytes(size),
                                                          disk_full_words(e)), code="disk_full")

@@ -659,8 +659,13 @@ def test_token_rotate_prints_a_new_join_token(cluster_home):
     new = out.splitlines()[0]
     assert status == 0 and new != old and "keep working" in out
     assert rc("token")[1].strip() == new and rc("token", "--admin")[1].strip() == admin_token
-    assert rc("token", "--rotate", "--admin")[0] == 2
-    assert audit_events(config) == [("join_token_rotated", "cli", "local")]
+    # With --admin, the admin token (docs/http.md), and the join token stays.
+    status, out, err = rc("token", "--rotate", "--admin")
+    assert status == 0 and out.splitlines()[0] != admin_token
+    assert rc("token", "--admin")[1].strip() == out.splitlines()[0]
+    assert rc("token")[1].strip() == new
+    assert audit_events(config) == [("join_token_rotated", "cli", "local"),
+                                    ("admin_token_rotated", "cli", "local")]
 
 
 def test_join_prints_the_fingerprint_with_tls(cluster_home):

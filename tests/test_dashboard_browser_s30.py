@@ -248,3 +248,23 @@ def test_keyboard_only(browser, node, request):
     page.keyboard.press("Escape")
     page.wait_for_selector("#modal", state="hidden")
     assert page.evaluate("document.activeElement.textContent") == "Drain"
+
+
+def test_a_group_opened_again_is_drawn_again(browser, node, request):
+    """docs46: a map's view opened, then the overview, then the same map
+    again (or its #/group/ID, as a task's view links it) said "Loading…"
+    for good: the answer was the one the view had shown, so it was not
+    drawn again over the "Loading…" put in its place."""
+    group = api(node, "/api/v1/tasks?group=new", [{"task_type": "echo", "payload": "a"}])
+    group_id = group["group_id"]
+    page = open_page(browser, request, LAPTOP, token=node.admin_token)
+    page.goto(node.base + "/")
+    page.wait_for_selector("#connection.live", timeout=60000)
+    for fragment, title in (("#/group/%d", "Group %d"), ("#/", None), ("#/group/%d", "Group %d"),
+                            ("#/map/%d", "Map %d")):
+        page.evaluate("location.hash = %s" % json.dumps(fragment % group_id if title else "#/"))
+        if title:
+            page.wait_for_function(
+                "t => { const h = document.querySelector('#view-object h1');"
+                " return h && h.offsetParent && h.textContent.startsWith(t) }",
+                arg=title % group_id, timeout=15000)

@@ -197,6 +197,9 @@ def test_an_input_too_large_for_the_device_s_files_is_its_fault_not_the_task_s(
     assert attempt == 2, error
     assert "too large for this device" in error
     assert process.poll() is None
+    # Its partial file, as large as the limit let it grow, could never be
+    # resumed to the end here: it is gone, not kept in the cache.
+    assert os.listdir(str(tmp_path / "sdcard-state" / "cache" / "partial")) == []
 
 
 def test_an_upload_the_network_stalled_then_gave_back_is_stored_whole(cluster, tmp_path):

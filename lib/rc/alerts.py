@@ -45,6 +45,11 @@ def check_rules(rules):
         if not isinstance(rule, dict) or rule.get("rule") not in RULE_DEFAULTS:
             raise ValueError("alert rule %r: \"rule\" must be one of %s"
                              % (rule, ", ".join(RULE_DEFAULTS)))
+        unknown = sorted(set(rule) - set(RULE_DEFAULTS[rule["rule"]]) - {"rule"})
+        if unknown:
+            raise ValueError("alert rule %r: %s takes %s, not %s"
+                             % (rule, rule["rule"], ", ".join(RULE_DEFAULTS[rule["rule"]])
+                                or "no options", ", ".join(unknown)))
         options = dict(RULE_DEFAULTS[rule["rule"]], **rule)
         for name, value in options.items():
             if name != "rule" and (isinstance(value, bool) or

@@ -339,8 +339,11 @@ class Http:
         now = time.monotonic()
         if self.lost_since is None:
             self.lost_since = now
-            LOG.warning("rc.client: %s; waiting for it to answer again (a restart?), up to"
-                        " %d s", error, UNREACHABLE_WAIT)
+            # Never heard over HTTP (the devices' port hangs up): only the
+            # cut request is tried again, CUT_RETRIES times; said "up to 600 s".
+            LOG.warning("rc.client: %s; waiting for it to answer again (a restart?), %s", error,
+                        "up to %d s" % UNREACHABLE_WAIT if self.heard
+                        else "trying %d times more" % CUT_RETRIES)
         return now - self.lost_since
 
     def answered(self):

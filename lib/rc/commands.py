@@ -9,6 +9,7 @@ the web terminal may run and with which token."""
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -800,6 +801,8 @@ def wait_for(connection, task_id, timeout=None, watch=None):
         if version != seen_version:
             seen_version, task = version, tasks.get(connection, task_id)
             if task["state"] in TERMINAL_STATES:
+                if watch is not None:
+                    watch.ended()
                 return task
         if deadline is not None and time.monotonic() >= deadline:
             return task
@@ -1308,9 +1311,15 @@ def cmd_token(arguments, context):
             raise CommandError("the worker port does not use TLS (tls is false): no fingerprint")
         context.out.write(tls.fingerprint(config) + "\n")
         return
+    if arguments.rotate and arguments.admin:
+        # docs/http.md said so (a leaked admin token), and it was refused.
+        token = state_dir.rotate_token(config, config.admin_token_path)
+        context.audit("admin_token_rotated", user=user_name())
+        context.out.write("%s\nHTTP clients (RC_TOKEN, curl, the dashboard's terminal) need this"
+                          " token now; the old one and every stream session it opened stop"
+                          " working\n" % token)
+        return
     if arguments.rotate:
-        if arguments.admin:
-            raise UsageError("--rotate makes a new join token; the admin token stays")
         token = state_dir.rotate_token(config)
         context.audit("join_token_rotated", user=user_name())
         context.out.write("%s\nnew devices join with this token; devices that have joined"
@@ -1411,9 +1420,10 @@ def cmd_wait_ready(arguments, context):
 
 
 def local_worker_failing(config):
-    """The last line rc-worker wrote when supervisord finds it exiting as it
-    starts (BACKOFF, FATAL: a wrong option in local_worker_options, a
-    refusal), and where its log is; "" while it starts or runs."""
+    """Why rc-worker stopped, as its log says (last_word), when
+    supervisord finds it exiting as it starts (BACKOFF, FATAL: a wrong
+    option in local_worker_options, a refusal), and where its log is; ""
+    while it starts or runs."""
     try:
         state = health.program_states(config).get("rc-worker")
     except (OSError, health.SupervisorError):
@@ -1427,8 +1437,29 @@ def local_worker_failing(config):
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError:
         lines = []
-    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-    return "%s (%s, %s)" % (last[:300] or "it wrote nothing", state, path)
+    return "%s (%s, %s)" % (last_word(lines)[:600] or "it wrote nothing", state, path)
+
+
+def last_word(lines):
+    """Why the worker's last run stopped: its error (`device_id_taken: the
+    main node already knows ...`) or a line that is not its JSON
+    (argparse's `worker.py: error: ...`), whichever came last; else its last
+    line. After its error a worker logs worker_stopping and worker_stopped,
+    and make run said only `{"event":"worker_stopped"}` of why it stopped.
+    Not past the run's worker_started: an older run's error is not why."""
+    for line in reversed(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return line.strip()
+        if not isinstance(record, dict) or record.get("event") == "worker_started":
+            break
+        if record.get("level") in ("error", "critical"):
+            return "%s: %s" % (record.get("event"), record.get("message") or record.get("error")
+                               or line.strip())
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 # Health findings that settle by themselves in the first seconds after a
@@ -1583,16 +1614,18 @@ def build_parser(out):
     sub = command("device", cmd_device, "everything about one device", [as_json])
     sub.add_argument("device_id", metavar="ID")
     sub = command("tasks", cmd_tasks, "list tasks, newest first", [formats])
-    sub.add_argument("--state", choices=TASK_STATES)
-    sub.add_argument("--device", metavar="ID")
-    sub.add_argument("--limit", type=whole_number, default=DEFAULT_TASK_LIMIT, metavar="N")
+    sub.add_argument("--state", choices=TASK_STATES, help="only tasks in this state")
+    sub.add_argument("--device", metavar="ID", help="only tasks given to this device")
+    sub.add_argument("--limit", type=whole_number, default=DEFAULT_TASK_LIMIT, metavar="N",
+                     help="at most N tasks (default %d)" % DEFAULT_TASK_LIMIT)
     sub = command("task", cmd_task, "one task: result, error and events", [as_json])
     sub.add_argument("task_id", type=whole_number, metavar="ID")
     add_submit_arguments(command("submit", cmd_submit, "queue a task"))
     sub = command("wait", cmd_wait, "wait until a task ends; print its output and stderr, exit 1"
                   " unless it completed (as submit --wait)")
     sub.add_argument("task_id", type=whole_number, metavar="ID")
-    sub.add_argument("--timeout", type=float, metavar="SECONDS")
+    sub.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="give up waiting after this long (exit 1; the task goes on)")
     tail_cli.add_arguments(command("tail", cmd_tail, "a running task's output so far (-f: as"
                                    " it comes, until it ends)"), whole_number)
     sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
@@ -1647,7 +1680,8 @@ def build_parser(out):
     sub = command("logs", cmd_logs, "the programs' logs, merged by time")
     sub.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     sub.add_argument("--program", metavar="NAME", help="only this program's log")
-    sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N")
+    sub.add_argument("-n", "--lines", type=whole_number, default=DEFAULT_LOG_LINES, metavar="N",
+                     help="the last N lines (default %d)" % DEFAULT_LOG_LINES)
     sub.add_argument("--task", type=whole_number, metavar="ID",
                      help="only lines about this task: submit, assignment, start, result")
     sub.add_argument("--device", metavar="ID", help="only lines about this device, and its"
@@ -1671,7 +1705,8 @@ def build_parser(out):
     sub.add_argument("--admin", "--web", dest="admin", action="store_true",
                      help="print the admin token (HTTP: Authorization: Bearer) instead")
     sub.add_argument("--rotate", action="store_true",
-                     help="issue a new join token; devices that have joined keep working")
+                     help="issue a new join token (devices that have joined keep working),"
+                     " or with --admin a new admin token")
     sub.add_argument("--fingerprint", action="store_true",
                      help="print the SHA-256 fingerprint of the worker port's TLS"
                           " certificate (a worker's --fingerprint) instead")
@@ -1690,7 +1725,8 @@ def build_parser(out):
     sub.add_argument("-f", "--follow", action="store_true", help="with tail: keep printing")
     sub = command("wait-ready", cmd_wait_ready, "wait until rc-server and rc-web answer,"
                   " a worker is connected and `rc health` is OK")
-    sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS")
+    sub.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS",
+                     help="give up after this long (default %g)" % DEFAULT_READY_TIMEOUT)
     sub = command("local-worker", cmd_local_worker,
                   "run bin/worker.py here; other arguments go to the worker")
     sub.set_defaults(worker_args=[])
@@ -1795,6 +1831,13 @@ def parse(parser, argv):
     """Arguments; unknown options are an error except for local-worker,
     which hands them to the worker (argparse REMAINDER misses `--slots 2`)."""
     command = next((word for word in argv if not word.startswith("-")), None)
+    if command is not None and subparser(parser, command) is None:
+        # argparse lists all 39 commands and not the one meant (`rc stauts`).
+        import difflib      # only on this error's path
+        names = sorted(command_parsers(parser))
+        close = difflib.get_close_matches(command, names, 1, 0.7)
+        parser.error("no command %r%s (`rc help` lists them)" % (
+            command, ": did you mean %s?" % close[0] if close else ""))
     if command == "map":    # before argparse, which has its own words for --files -x.txt
         named = map_cli.file_like_an_option(argv[argv.index("map") + 1:], subparser(
             parser, "map")._option_string_actions)
@@ -1812,6 +1855,14 @@ def parse(parser, argv):
         extra = more_programs(arguments, extra)
     if extra and arguments.command == "submit":
         extra = submit_argument(arguments, extra)
+    if extra and arguments.command in ("schedule", "service"):
+        files_given = [word.split("=", 1)[0] for word in extra
+                       if word.split("=", 1)[0] in ("--input", "--stdin", "--file", "--output")]
+        if files_given:     # argparse said only "unrecognized arguments: --input photos"
+            parser.error("rc %s %s takes no %s: a %s's tasks carry no files yet (docs/"
+                         "schedules.md); give the command what it needs on the devices"
+                         % (arguments.command, arguments.action, files_given[0],
+                            arguments.command))
     if extra and not hasattr(arguments, "worker_args"):
         parser.error("unrecognized arguments: %s%s" % (
             " ".join(extra), did_you_mean(parser, arguments.command, extra)))

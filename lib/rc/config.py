@@ -97,8 +97,9 @@ def ports_taken(config):
     """Before a start: why the cluster's programs could not all listen, if
     one port is given twice or something on this box already holds one
     (another cluster, started with only RC_TCP_PORT and RC_WEB_PORT moved?),
-    saying which variable moves each; None when every one is free. Only a
-    port in use is named: the program itself reports any other reason."""
+    saying which variable moves each, or a host setting names an address
+    this machine has not; None when every one is free. Only these are
+    named: the program itself reports any other reason."""
     given = {}
     for key, _, variable in PORTS:
         given.setdefault(getattr(config, key), []).append(variable)
@@ -106,24 +107,54 @@ def ports_taken(config):
         if len(variables) > 1:
             return ("%s are the same port, %d: the three ports must differ (README,"
                     " Configuration)" % (" and ".join(variables), port))
-    taken = []
-    for key, host_key, variable in PORTS:
-        port = getattr(config, key)
-        try:
-            family, address = listen_address(getattr(config, host_key), port)
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                taken.append("%d (%s, %s)" % (port, key, variable))
+    for host_key in ("tcp_host", "web_host"):
+        # Its program exited with cannot_listen, and make run waited 30 s
+        # for it: "no sign of rc-server on 192.0.2.99:8080".
+        if address_not_here(getattr(config, host_key)):
+            return ("%s is %r, not an address of this machine: give one it has, or"
+                    " \"0.0.0.0\" (every IPv4 address) or \"::\" (IPv6 too)"
+                    " (docs/configuration.md)" % (host_key, getattr(config, host_key)))
+    taken = ["%d (%s, %s)" % (getattr(config, key), key, variable)
+             for key, host_key, variable in PORTS
+             if port_in_use(getattr(config, host_key), getattr(config, key))]
     if not taken:
         return None
+    # Ports 10, 20, ... up that are free now: +10 alone was often the next
+    # cluster's (a third beside two was told the second's ports).
+    step = next((step for step in range(10, 210, 10)
+                 if all(getattr(config, key) + step <= 65535
+                        and not port_in_use(getattr(config, host_key), getattr(config, key) + step)
+                        for key, host_key, _ in PORTS)), 10)
     return ("another cluster or program on this box holds port %s: start this cluster on"
             " free ports, e.g. `RC_HOME=%s %s make run` (README, Configuration)"
             % (" and ".join(taken), config.home,
-               " ".join("%s=%d" % (variable, getattr(config, key) + 10)
+               " ".join("%s=%d" % (variable, getattr(config, key) + step)
                         for key, _, variable in PORTS)))
+
+
+def address_not_here(host):
+    """Whether `host` is an address (or a name of one) this machine cannot
+    listen on: binding to it, on any free port, is EADDRNOTAVAIL."""
+    try:
+        family, address = listen_address(host, 0)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as e:
+        return e.errno == errno.EADDRNOTAVAIL
+    return False
+
+
+def port_in_use(host, port):
+    """Whether something on this box listens on `port` where a program
+    listening on `host` would bind."""
+    try:
+        family, address = listen_address(host, port)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
 
 
 def listen_address(host, port):
@@ -209,7 +240,8 @@ def check(key, value, where="environment"):
     if key in TEXT_LISTS and not all(isinstance(item, str) for item in value):
         raise ConfigError("%s: %s must be a list of strings, not %r" % (where, key, value))
     if key.endswith("_port") and not 0 <= value <= 65535:
-        raise ConfigError("%s: %s must be a port number" % (where, key))
+        raise ConfigError("%s: %s must be a port number (0 to 65535), not %r"
+                          % (where, key, value))
     return value
 
 
@@ -219,16 +251,30 @@ def check_together(settings, where):
             raise ConfigError("%s: %s must be more than 0" % (where, key))
     # A worker gives up its tasks half a heartbeat before its lease ends, and
     # must still hear at least one heartbeat acknowledged in that time.
-    if settings["lease_duration"] < 1.5 * settings["heartbeat_interval"]:
-        raise ConfigError("%s: lease_duration must be at least 1.5 x heartbeat_interval"
-                          % where)
+    check_heartbeats_fit("lease_duration", settings, where)
     # Only a heartbeat shows a device is there: a shorter wait marked a
     # connected device offline between two of them, and the reaper took back
     # what it ran (a 12 s task failed "retries spent: device offline").
-    if settings["offline_timeout"] < 1.5 * settings["heartbeat_interval"]:
-        raise ConfigError("%s: offline_timeout must be at least 1.5 x heartbeat_interval"
-                          % where)
+    check_heartbeats_fit("offline_timeout", settings, where)
     check_local_worker_options(settings["local_worker_options"], where)
+    # A rule misspelt was found only by rc-reaper, which logged
+    # alert_rules_invalid each minute and raised no alert, while make run
+    # said the cluster was healthy.
+    from rc import alerts       # here: it brings health and the database, which config needs not
+    try:
+        alerts.check_rules(settings["alerts"])
+    except ValueError as e:
+        raise ConfigError("%s: alerts: %s" % (where, e))
+
+
+def check_heartbeats_fit(key, settings, where):
+    """`key` at least 1.5 heartbeat intervals, or a line giving both
+    values: the file may set one and the default the other."""
+    least = 1.5 * settings["heartbeat_interval"]
+    if settings[key] < least:
+        raise ConfigError("%s: %s must be at least 1.5 x heartbeat_interval (%g s with"
+                          " heartbeat_interval %g), not %g"
+                          % (where, key, least, settings["heartbeat_interval"], settings[key]))
 
 
 def check_local_worker_options(options, where):

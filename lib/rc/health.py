@@ -85,11 +85,13 @@ class StoppedWatch:
         self.config, self.err, self.who = config, err, who
         self.before_saying = before_saying      # e.g. clear a progress bar
         self.looked_at, self.stopped = None, False
+        self.back_at = None         # time.monotonic() when it said it runs again
 
-    def look(self):
+    def look(self, at_once=False):
         """Whether it said something now."""
         now = time.monotonic()
-        if self.looked_at is not None and now - self.looked_at < STOPPED_LOOK_INTERVAL:
+        if not at_once and self.looked_at is not None and \
+                now - self.looked_at < STOPPED_LOOK_INTERVAL:
             return False
         self.looked_at = now
         stopped_at = main_node_stopped(self.config)
@@ -103,9 +105,17 @@ class StoppedWatch:
                            " it to start again (`make run`)\n"
                            % (self.who, age(time.time() - stopped_at)))
         else:
+            self.back_at = now
             self.err.write("%s: the main node is running again\n" % self.who)
         self.err.flush()
         return True
+
+    def ended(self):
+        """The wait is over: if it said the main node was not running, it
+        says it runs again, which a task ending a moment after `make run`
+        left unsaid (the next look was not due yet)."""
+        if self.stopped:
+            self.look(at_once=True)
 
 
 def supervisor_answers(config):

@@ -209,7 +209,8 @@ def add_arguments(sub, whole_number):
                      help="where the --output files go (default: here)")
     sub.add_argument("--progress", action="store_true", default=None,
                      help="a progress bar on stderr (default: when stderr is a terminal)")
-    sub.add_argument("--no-progress", dest="progress", action="store_false")
+    sub.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar, on a terminal too")
     sub.add_argument("--halt", type=halt_rule, metavar="soon|now,fail=N[%]",
                      help="once N inputs (or N%% of them) did not complete, cancel the"
                           " queued ones (soon) or the running ones too (now), as GNU"
@@ -226,9 +227,14 @@ def add_arguments(sub, whole_number):
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for every task; repeatable")
     files_cli.add_package_arguments(sub, "every task's")
-    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent")
-    sub.add_argument("--timeout", metavar="SECONDS", help="each task's")
-    sub.add_argument("--retries", type=whole_number, metavar="N")
+    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent",
+                     help="every task's, as submit's (default normal)")
+    sub.add_argument("--timeout", metavar="SECONDS",
+                     help="how long each task may run on its device (default task_timeout,"
+                     " 300)")
+    sub.add_argument("--retries", type=whole_number, metavar="N",
+                     help="each task's re-runs after a device is lost while running it"
+                     " (default task_retries, 3)")
     sub.add_argument("--retry-on-failure", action="store_true",
                      help="also retry a task that fails (non-zero exit)")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
@@ -935,6 +941,7 @@ class Runner:
                     time.sleep(pause)
                     pause = min(pause * 2, MAX_POLL_INTERVAL)
                 self.progress.draw(self.failed)
+            self.stopped_watch.ended()
         except KeyboardInterrupt:
             self.interrupted()
             raise           # rc's main ends by SIGINT, as a shell's loop expects
@@ -999,9 +1006,12 @@ class Runner:
         so that a map that cannot run does not just sit there. Not while
         one of its tasks is on a device (assigned or running): a map of
         minute-long encodes said "no input has ended after 5 s. Task 4 has
-        been running on pi for 4s" every time."""
-        waited = time.monotonic() - self.started
-        if self.told_why or waited < self.config.map_recheck_interval \
+        been running on pi for 4s" every time. Nor while the main node is
+        stopped, and counted from its return: at `make run` it said "no
+        device is online" before the devices were back."""
+        waited = time.monotonic() - max(self.started, self.stopped_watch.back_at or 0)
+        if self.told_why or self.stopped_watch.stopped \
+                or waited < self.config.map_recheck_interval \
                 or task_id not in self.pending or self.connection.execute(
                     "SELECT 1 FROM tasks WHERE group_id = ? AND %s LIMIT 1" % db.ACTIVE_SQL,
                     (self.plan.group_id,)).fetchone():
@@ -1267,8 +1277,9 @@ class Runner:
                            % (group_id, self.without_outputs))
         if self.failed:
             self.err.write("map %d: %d of %s did not complete; `rc map --resume %d` runs"
-                           " them again\n" % (group_id, self.failed,
-                                              render.counted(self.plan.total, "input"), group_id))
+                           " %s again\n" % (group_id, self.failed,
+                                            render.counted(self.plan.total, "input"), group_id,
+                                            "it" if self.failed == 1 else "them"))
         self.context.logger.info("map_finished", group_id=group_id, failed=self.failed)
         return min(self.failed, MAX_EXIT_STATUS)
 

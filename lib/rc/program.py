@@ -39,11 +39,26 @@ def require_state(config, log):
     needed = [config.cluster_id_path] + (list(tls.paths(config)) if config.tls else [])
     missing = [path for path in needed if not os.path.exists(path)]
     if missing:
-        log.error("state_damaged", missing=missing,
-                  message="the state directory lacks these files: `make run` (or `rc init`)"
-                          " makes them again; a device that joined before may need joining"
-                          " again if the cluster id or certificate is new")
+        log.error("state_damaged", missing=missing, message=state_damaged_advice(config, missing))
         sys.exit(2)
+
+
+def state_damaged_advice(config, missing):
+    """What to do about the files require_state misses. A new cluster_id
+    strands every device's secret, kept under the old one's name (each
+    worker then stops with device_id_taken), so the old one is better put
+    back: it is that name, in any worker's state directory."""
+    if config.cluster_id_path in missing:
+        return ("the state directory lacks these files. Put cluster_id back before `make run`"
+                " makes a new one, under which no device that joined can connect (each stops"
+                " with device_id_taken): it is the name of the rc1_ directory in a worker's"
+                " state directory, %s or ~/.rc-worker on a device:"
+                " (umask 077; ls %s | grep ^rc1_ > %s)"
+                % (os.path.join(config.home, "worker"), os.path.join(config.home, "worker"),
+                   config.cluster_id_path))
+    return ("the state directory lacks these files: `make run` (or `rc init`) makes them again,"
+            " a new certificate, whose fingerprint each device must then be given (`rc join`"
+            " prints it)")
 
 
 class StopFlag:

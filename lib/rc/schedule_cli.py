@@ -44,7 +44,8 @@ def add_commands(commands, out, formats, whole_number):
                      help="one task on every matching online device at each firing")
     sub.add_argument("--allow-overlap", action="store_true",
                      help="fire even while the last firing's task is unfinished")
-    sub.add_argument("--timeout", metavar="SECONDS")
+    sub.add_argument("--timeout", metavar="SECONDS",
+                     help="how long each task may run (default task_timeout, 300)")
     sub.add_argument("--retry-on-failure", action="store_true",
                      help="retry the task when it fails itself")
     action(actions, out, "list", cmd_schedule_list, "the schedules, next and last firing",
@@ -78,8 +79,10 @@ def add_commands(commands, out, formats, whole_number):
                  "the last run's stdout and stderr (each place's)")
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("-n", "--lines", type=whole_number, default=services.DEFAULT_LOG_LINES,
-                     metavar="N")
-    sub.add_argument("--json", dest="format", action="store_const", const="json")
+                     metavar="N", help="the last N lines of each stream (default %d)"
+                     % services.DEFAULT_LOG_LINES)
+    sub.add_argument("--json", dest="format", action="store_const", const="json",
+                     help="output JSON")
 
 
 def action(actions, out, name, handler, text, parents=()):
@@ -93,8 +96,11 @@ def add_task_arguments(sub):
     sub.add_argument("task_type", metavar="TYPE", help=", ".join(TASK_TYPES))
     sub.add_argument("argument", nargs="?", metavar="ARG",
                      help="the message, seconds, expression, code or command")
-    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES))
-    sub.add_argument("--retries", type=int, metavar="N")
+    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES),
+                     help="each task's, as submit's (default normal)")
+    sub.add_argument("--retries", type=int, metavar="N",
+                     help="each task's re-runs after a device is lost while running it"
+                     " (default task_retries, 3)")
     sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
                      help="as in submit: cores=4, platform=linux, tags=gpu, label.k=v")
     sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

@@ -79,15 +79,17 @@ def _make_private(path, changed, failed):
         failed.append((path, e.strerror or str(e)))
 
 
-def rotate_token(config):
-    """A new join token. Devices that have joined prove their own secrets,
-    so they keep working; only new joins need the new token."""
+def rotate_token(config, path=None):
+    """A new join token (or the secret at `path`: the admin token). Devices
+    that have joined prove their own secrets, so they keep working; only
+    new joins need the new token."""
+    path = path or config.token_path
     token = new_secret()
-    temporary = config.token_path + ".new"
+    temporary = path + ".new"
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(token + "\n")
-    os.replace(temporary, config.token_path)     # never half a token on disk
+    os.replace(temporary, path)     # never half a token on disk
     return token
 
 

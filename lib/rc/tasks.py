@@ -92,8 +92,11 @@ def payload_from_argument(task_type, argument):
 
 def check_type(task_type):
     if task_type not in TASK_TYPES:
-        raise TaskError("unknown task type %r (known: %s)"
-                        % (task_type, ", ".join(TASK_TYPES)))
+        import difflib      # only on this error's path
+        near = difflib.get_close_matches(str(task_type), TASK_TYPES, 1, 0.6)
+        raise TaskError("unknown task type %r (%sknown: %s)"
+                        % (task_type, "did you mean %s? " % near[0] if near else "",
+                           ", ".join(TASK_TYPES)))
 
 
 def check_payload(task_type, payload):

@@ -963,6 +963,11 @@ class Web:
         message = error.body or error.status_line
         if error.status_code == 404 and str(message).startswith("Not found: "):
             message += near_route(bottle.request.path, bottle.request.app.routes)
+        elif error.status_code == 405 and error.get_header("Allow"):
+            # `curl -T -` (PUT) for an upload got a bare "Method not allowed."
+            message = "%s: %s takes %s, not %s" % (
+                str(error.body or "Method not allowed").rstrip("."), bottle.request.path,
+                " or ".join(error.get_header("Allow").split(",")), bottle.request.method)
         bottle.response.content_type = "application/json"
         return orjson.dumps({"error": message})
 
@@ -1544,7 +1549,7 @@ OVERVIEW_DEVICES = 500            # devices the overview's grid shows (the rest:
 OVERVIEW_TASKS = 50               # running tasks the overview lists
 OVERVIEW_FAILURES = 8             # recent failures the overview lists
 OVERVIEW_RECENT = 8               # newest tasks, any state, the overview lists
-OVERVIEW_GROUPS = 4               # newest maps and `submit --each` groups the overview lists
+OVERVIEW_GROUPS = 4               # newest maps and groups (--each, clients') the overview lists
 FAILURE_LOOKBACK_EVENTS = 5000    # task events, newest first, searched for failures
 OVERVIEW_HISTORY_MINUTES = 60     # minutes of history the overview's charts draw
 OVERVIEW_MIN_INTERVAL = 1.0       # seconds between two overviews on /stream/overview

@@ -20,6 +20,7 @@ blocks it and every limit above applies to TLS connections too.
 import logging
 import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -622,6 +623,14 @@ class Server(TcpWSGIServer):
         super().__init__(application, dispatcher=WarmThreads(adjustments.get("threads", 4)),
                          **adjustments)
 
+    def bind_server_socket(self):
+        """On "::" IPv4 too, as rc-server and rc-files: waitress makes an
+        IPv6 socket IPv6 only, and rc-web on web_host "::" was out of reach
+        of every IPv4 client, 127.0.0.1 too (make run waited 30 s for it)."""
+        if self.family == socket.AF_INET6 and self.sockinfo[3][0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().bind_server_socket()
+
     def add_task(self, channel):
         """A request is whole: a thread serves it, unless it was read by the
         thread lingering on its connection (Channel.linger), which does."""
@@ -672,6 +681,11 @@ class Server(TcpWSGIServer):
         except OSError as e:      # a connection reset before we took it, or no file left
             self.log("info", "web_accept_failed", "", error=str(e))
             return
+        if addr[0].startswith("::ffff:") and "." in addr[0]:
+            # An IPv4 client of a socket on "::" is the IPv4 address it is
+            # (REMOTE_ADDR, the audit log): ::ffff:127.0.0.1 was not loopback
+            # to read_access=local, and /proc/net/tcp has its socket as IPv4.
+            addr = (addr[0][len("::ffff:"):], addr[1])
         key = address_key(addr[0])
         if self.over_address_limit(key):
             return self.refuse(conn, key)

@@ -528,6 +528,9 @@ function closeObjectView() {
 function openObjectView(where) {
   const view = document.getElementById("view-object");
   view.replaceChildren(el("p", {class: "empty", text: "Loading…"}));
+  // What it showed before is gone: a map opened again from the overview (or
+  // as #/group/ID) read the same answer, and update() kept "Loading…" for good.
+  delete view.dataset.shown;
   view.scrollTop = 0;
   const state = {kind: where.kind, id: where.id, timers: []};
   objectView = state;
