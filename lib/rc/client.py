@@ -1094,6 +1094,8 @@ class Cluster:
         # self.lock is taken before a future's, never after.
         self.receiver_wake = threading.Event()
         self.slots_seen = (-SLOTS_SECONDS, 1)    # (when, how many)
+        self.unsent_cancels = []             # futures whose cancel rc-web did not take
+        self.canceller = None                # the thread sending them again (cancel_later)
 
     def __enter__(self):
         return self
@@ -1647,6 +1649,44 @@ class Cluster:
             self.waiting.pop(task_id, None)
         return future.local_cancel()
 
+    def cancel_later(self, futures):
+        """Cancels rc-web did not take (a map left by its TimeoutError or
+        Ctrl-C while rc-web restarts), sent again by a thread of their own
+        as rc-web answers again (Http.request: up to UNREACHABLE_WAIT, while
+        this program runs); stderr names their tasks, which go on until
+        then, and says when the cancels reached the cluster or were given up."""
+        with self.lock:
+            self.unsent_cancels.extend(futures)
+            if self.canceller is None:
+                self.canceller = start_thread(self.send_cancels, "rc-client-cancels")
+        LOG.warning("rc.client: rc-web did not take the cancel of %s, which run on; it is"
+                    " sent again as rc-web answers (up to %d s, while this program runs):"
+                    " `rc cancel ID` stops one", tasks_named(futures), UNREACHABLE_WAIT)
+
+    def send_cancels(self):
+        sent = []
+        while True:
+            with self.lock:
+                if not self.unsent_cancels:
+                    self.canceller = None
+                    break
+                future = self.unsent_cancels[0]
+            try:
+                future.cancel()
+            except (Unreachable, Cut, TooSlow) as e:
+                with self.lock:
+                    given_up, self.unsent_cancels[:] = list(self.unsent_cancels), []
+                    self.canceller = None
+                LOG.warning("rc.client: gave up cancelling %s (%s): they may still run;"
+                            " `rc cancel ID` stops one", tasks_named(given_up), e)
+                return
+            except Exception:
+                pass            # rc-web answered (the task gone, ...): nothing more to do
+            with self.lock:
+                self.unsent_cancels.remove(future)
+            sent.append(future)
+        LOG.warning("rc.client: the cancel of %s reached the cluster", tasks_named(sent))
+
     @staticmethod
     def wait(futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
         """concurrent.futures.wait: (done, not_done)."""
@@ -1823,6 +1863,15 @@ def refused_task(error, count):
     return number - 1 if total == count and 0 < number <= count else None
 
 
+def tasks_named(futures):
+    """"tasks 12, 13 and 40 more" of futures (a task's id once it has one)."""
+    ids = sorted({future.task_id for future in futures if future.task_id is not None})
+    if not ids:
+        return "%d task%s not yet numbered" % (len(futures), "s" * (len(futures) != 1))
+    return "task%s %s" % ("s" * (len(ids) != 1), ", ".join(map(str, ids[:10])) + (
+        " and %d more" % (len(ids) - 10) if len(ids) > 10 else ""))
+
+
 def start_thread(target, name):
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -1886,6 +1935,7 @@ def results_in_order(futures, deadline):
     early cancels those not yet done, and a wait that ends in a TimeoutError
     or Ctrl-C the one it waited for too, as concurrent.futures' map does
     (from Python 3.12): nobody can read its result any more."""
+    unsent = []                 # their cancels rc-web did not take at once
     try:
         futures.reverse()
         while futures:
@@ -1894,12 +1944,14 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                cancel_unread(future)   # done (it raised): nothing to cancel
+                if not cancel_unread(future):   # done (it raised): nothing to cancel
+                    unsent.append(future)
                 raise
             yield value
     finally:
-        for future in futures:
-            cancel_unread(future)
+        unsent.extend(future for future in reversed(futures) if not cancel_unread(future))
+        if unsent:
+            unsent[0].cluster.cancel_later(unsent)
 
 
 UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread
@@ -1910,15 +1962,18 @@ def cancel_unread(future):
     rc-web answers at once: a map's TimeoutError (or Ctrl-C) waited, with
     rc-web down (restarting, stopped), for its cancels up to UNREACHABLE_WAIT
     (map(timeout=5) raised after 10 minutes), and a cancel that could not
-    be sent raised in its place. Such a call's task runs on, as the cluster
-    keeps it."""
+    be sent raised in its place. False when it could not be sent (rc-web
+    not answering): Cluster.cancel_later sends it again."""
     UNREAD.cancelling = True
     try:
         future.cancel()
+    except (Unreachable, Cut, TooSlow):
+        return False
     except Exception:
-        pass
+        pass                    # rc-web answered: sending it again would not help
     finally:
         UNREAD.cancelling = False
+    return True
 
 
 # -- Executor: Python functions on the fleet ---------------------------------------------

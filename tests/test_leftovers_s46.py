@@ -1,0 +1,76 @@
+"""What session 46 found left: a map's cancels made while rc-web restarts,
+an Executor's large arguments swept from the file store, absurd settings,
+a checkpoint upload that cannot fit, and a packed task's time per call."""
+import concurrent.futures
+import http.client
+import logging
+import time
+
+import pytest
+
+from cluster_harness import Cluster, for_the_client, online, wait_for
+from rc import client
+
+pytestmark = pytest.mark.e2e
+
+DEVICE = "leftovers46"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("leftovers46"))
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
+        cluster.start_worker(DEVICE, "--slots", "2")
+        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
+        yield for_the_client(cluster)
+    finally:
+        cluster.stop()
+
+
+def ready(cluster):
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
+                                                timeout=5)
+        connection.request("GET", "/api/v1/health")
+        connection.getresponse().read()
+        connection.close()
+        return True
+    except OSError:
+        return False
+
+
+def state_of(cluster, task_id):
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]
+
+
+# -- 1. a map's cancels while rc-web restarts -----------------------------------------
+
+def never_run(number):      # required of a device that is not there
+    return number
+
+
+def test_a_map_s_cancels_rc_web_did_not_take_reach_it_once_it_is_back(cluster, caplog):
+    executor = client.Executor(cluster.url, cluster.token,
+                               requirements={"device_id": "nobody"})
+    try:
+        calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
+        wait_for(lambda: len(executor.outstanding) == 2 and all(
+            future.task_id for future in executor.outstanding), 30, "its tasks queued")
+        task_ids = sorted(future.task_id for future in executor.outstanding)
+        cluster.supervisorctl("stop", "rc-web")
+        try:
+            with caplog.at_level(logging.WARNING, "rc.client"):
+                with pytest.raises(concurrent.futures.TimeoutError):
+                    list(calls)
+            # Before: the cancels were dropped and both tasks stayed queued.
+            assert "did not take the cancel of tasks %d, %d" % tuple(task_ids) in caplog.text
+        finally:
+            cluster.supervisorctl("start", "rc-web")
+        wait_for(lambda: all(state_of(cluster, task_id) == "cancelled"
+                             for task_id in task_ids), 60, "the cancels sent again")
+        wait_for(lambda: "reached the cluster" in caplog.text, 30, "said so")
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
