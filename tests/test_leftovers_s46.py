@@ -9,11 +9,12 @@ import time
 import pytest
 
 from cluster_harness import Cluster, for_the_client, online, wait_for
-from rc import client
+from rc import client, files
 
 pytestmark = pytest.mark.e2e
 
 DEVICE = "leftovers46"
+DAY = 86400.0
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,26 @@ def test_a_map_s_cancels_rc_web_did_not_take_reach_it_once_it_is_back(cluster, c
         wait_for(lambda: "reached the cluster" in caplog.text, 30, "said so")
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- 2. an Executor's large arguments swept from the file store ----------------------
+
+BIG_ARGUMENT = b"y" * (client.MAX_ARGUMENT_BYTES + 1)    # goes as a file of its own
+
+
+def test_a_call_whose_large_arguments_were_swept_since_they_were_put_puts_them_again(
+        cluster):
+    with client.Executor(cluster.url, cluster.token, pack=1) as executor:
+        first = executor.submit(len, BIG_ARGUMENT)
+        assert first.result(60) == len(BIG_ARGUMENT)
+        # A month idle: its task pruned (its file rows, as prune_tasks
+        # deletes them; the task's events kept, as a stream open over a
+        # prune of the newest events misses what comes next), then the file
+        # of its arguments swept.
+        cluster.db.execute("DELETE FROM task_files WHERE task_id = ?", (first.task_id,))
+        assert files.sweep(cluster.db, cluster.config, time.time()
+                           + cluster.config.files_retention_days * DAY + 60) >= 1
+        # Before: ClusterError: ... no file ... in the store, for this call
+        # (the client put the same bytes once, long ago, and held them not).
+        assert executor.submit(len, BIG_ARGUMENT).result(60) == len(BIG_ARGUMENT)
+        assert list(executor.map(len, [BIG_ARGUMENT] * 2)) == [len(BIG_ARGUMENT)] * 2

@@ -954,6 +954,8 @@ class TaskFuture(concurrent.futures.Future):
         self.submitted = threading.Event()
         self.cancel_lock = threading.Lock()
         self.submit_error = None
+        self.held = {}              # sha256 -> bytes of its input files that nothing else
+                                    # holds (large arguments), until rc-web queues it
         self.watched = False        # a callback or a wait() waits for it (want_results)
         self._waiters = Watchers(self)      # concurrent.futures.wait() adds its waiter here
 
@@ -1181,16 +1183,19 @@ class Cluster:
                 self.put_sources[key] = data
         return self.put_paths.get(key)
 
-    def put_again(self, error, tried):
+    def put_again(self, error, tried, futures=()):
         """Whether the file rc-web refused a batch for ("no file SHA in the
         store"), one this client put once for many tasks, was put again:
         the store's sweep removes a file no task has used for
         files_retention_days, which a long-lived Executor outlives, and
-        every later call of its function was refused. Once a sha a batch."""
+        every later call of its function was refused; or a call's large
+        arguments, put once for the same bytes long ago, which the batch's
+        `futures` hold until it is queued. Once a sha a batch."""
         text = str(error)
         sha256 = text.split("no file ", 1)[1][:64] if error.status == 400 \
             and "no file " in text else None
-        source = self.put_sources.get(sha256)
+        source = self.put_sources.get(sha256) or next(
+            (future.held[sha256] for future in futures if sha256 in future.held), None)
         if source is None:
             self.put_paths.pop(sha256, None)    # bytes not held: the next call puts its own
         if source is None or sha256 in tried:
@@ -1201,12 +1206,14 @@ class Cluster:
         except (OSError, ClusterError):
             return False
 
-    def submit_spec(self, spec, decode):
+    def submit_spec(self, spec, decode, held=None):
         """Queue the task for the sender thread; or, when the client has been
         idle for IDLE_GAP (one submit, its result awaited, then another),
         send it from this thread at once: a hand-over to the sender would
         cost the lone task its latency, and there is nothing to batch."""
-        return self.enqueue(TaskFuture(self, spec, decode))
+        future = TaskFuture(self, spec, decode)
+        future.held = held or {}
+        return self.enqueue(future)
 
     def enqueue(self, future):
         with self.lock:
@@ -1294,6 +1301,13 @@ class Cluster:
         return list(zip(batch, encoded))
 
     def send(self, batch):
+        try:
+            return self.send_held(batch)
+        finally:
+            for future, _ in batch:
+                future.held = {}        # queued (or failed): nothing to put again
+
+    def send_held(self, batch):
         put_again = set()           # the files put again for this batch
         while batch:
             futures = [future for future, _ in batch]
@@ -1312,7 +1326,7 @@ class Cluster:
                     # nothing of it is pending, so a new one does.
                     self.group_id = None
                     continue
-                if self.put_again(e, put_again):
+                if self.put_again(e, put_again, futures):
                     continue
                 refused = refused_task(e, len(batch))
                 if refused is None:
@@ -2071,15 +2085,21 @@ class Executor(concurrent.futures.Executor):
 
     def submit_calls(self, fn, calls, decode):
         self.refuse_after_shutdown()
+        held = {}
+
+        def store(data):
+            stored = self.cluster.put_data_once(data)
+            if not isinstance(data, tuple):     # a call's arguments: held until queued
+                held[stored["sha256"]] = data
+            return stored
         code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
-                                       store=self.cluster.put_data_once,
-                                       initializer=self.initializer)
+                                       store=store, initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
         spec = task_spec("python_exec", {"code": code}, options)
         future = self.cluster.submit_spec(spec, functools.partial(
-            decode, home=home, cluster=self.cluster))
+            decode, home=home, cluster=self.cluster), held)
         with self.lock:
             self.outstanding.add(future)
         future.add_done_callback(self.forget)
