@@ -4,17 +4,21 @@ a checkpoint upload that cannot fit, and a packed task's time per call."""
 import concurrent.futures
 import http.client
 import logging
+import os
 import time
 
 import pytest
 
 from cluster_harness import Cluster, for_the_client, online, wait_for
 from rc import client, files
+from rc import config as config_module
+from rc.defaults import DEFAULTS
 
 pytestmark = pytest.mark.e2e
 
 DEVICE = "leftovers46"
 DAY = 86400.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,30 @@ def test_a_call_whose_large_arguments_were_swept_since_they_were_put_puts_them_a
         # (the client put the same bytes once, long ago, and held them not).
         assert executor.submit(len, BIG_ARGUMENT).result(60) == len(BIG_ARGUMENT)
         assert list(executor.map(len, [BIG_ARGUMENT] * 2)) == [len(BIG_ARGUMENT)] * 2
+
+
+# -- 3. settings representable but absurd ---------------------------------------------
+
+ABSURD = [
+    ('"max_streams": 1000000', "max_streams must be at most 1,000"),   # a million threads
+    ('"poll_interval": 1000000', "poll_interval must be at most 86,400"),
+    ('"max_profile_bytes": 2097152', "max_profile_bytes must be at most 1,048,576"),
+    ('"health_disk_free_warning": 101', "health_disk_free_warning must be at most 100"),
+    ('"offline_timeout": 1e9', "offline_timeout must be at most 604,800"),
+]
+
+
+@pytest.mark.parametrize("setting, said", ABSURD)
+def test_a_setting_past_its_ceiling_is_refused_naming_it(tmp_path, setting, said):
+    path = tmp_path / "rc.json"
+    path.write_text("{%s}" % setting)
+    with pytest.raises(config_module.ConfigError, match=said):
+        config_module.load(str(path), environ={"RC_HOME": str(tmp_path)})
+
+
+def test_every_ceiling_is_above_its_default_and_in_the_docs():
+    with open(os.path.join(REPO, "docs", "configuration.md")) as f:
+        ceilings = f.read().split("The ceilings", 1)[1].split("\n\n", 2)[1]
+    for key, (largest, _) in config_module.LARGEST.items():
+        assert DEFAULTS[key] <= largest, key
+        assert "`%s`" % key in ceilings, key
