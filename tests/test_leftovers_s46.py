@@ -5,11 +5,15 @@ import concurrent.futures
 import http.client
 import logging
 import os
+import resource
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from cluster_harness import Cluster, for_the_client, online, wait_for
+from cluster_harness import WORKER, Cluster, for_the_client, log_records, online, wait_for
 from rc import client, files
 from rc import config as config_module
 from rc.defaults import DEFAULTS
@@ -129,3 +133,37 @@ def test_every_ceiling_is_above_its_default_and_in_the_docs():
     for key, (largest, _) in config_module.LARGEST.items():
         assert DEFAULTS[key] <= largest, key
         assert "`%s`" % key in ceilings, key
+
+
+# -- 4. a checkpoint that cannot be written or stored ---------------------------------
+
+def limited_file_size():
+    """The worker's own `ulimit -f` (soft: its tasks may have more): 1 MiB."""
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_checkpoint_too_large_for_the_device_is_one_warning_and_the_task_ends_well(cluster):
+    device = "efbig46"
+    with open(cluster.worker_log(device), "ab") as log:
+        cluster.workers[device] = subprocess.Popen(
+            [sys.executable, "-I", WORKER] + cluster.worker_arguments(device)
+            + ["--checkpoint-every", "0.2"], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=limited_file_size)
+    try:
+        wait_for(lambda: device in online(cluster), 30, "the worker online")
+        # Three files of 512 KiB: a 1.5 MiB tar, which the worker cannot write
+        # (EFBIG) each time it tries, for the ~4 s the task runs.
+        script = ('for n in 1 2 3; do head -c 524288 /dev/urandom > "$RC_CHECKPOINT_DIR/$n";'
+                  ' done; sleep 4; echo done')
+        with client.Cluster(cluster.url, cluster.token) as session:
+            future = session.submit("shell", script, requirements={"device_id": device})
+            assert future.result(60).strip() == "done"
+        warnings = log_records(cluster, "worker-" + device, event="checkpoint_not_sent")
+        assert warnings and "File too large" in warnings[0]["error"], warnings
+        # Before: one warning at each --checkpoint-every, ~20 of them.
+        assert len(warnings) == 1, warnings
+    finally:
+        process = cluster.workers.pop(device)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
