@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from cluster_harness import WORKER, Cluster, for_the_client, log_records, online
 from rc import client, files
 from rc import config as config_module
 from rc.defaults import DEFAULTS
+from test_chaos_files import halt
 
 pytestmark = pytest.mark.e2e
 
@@ -167,3 +169,56 @@ def test_a_checkpoint_too_large_for_the_device_is_one_warning_and_the_task_ends_
         process = cluster.workers.pop(device)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# -- 5. a packed task's time on the worker, and a map's submits --------------------------
+
+sys.path.insert(0, os.path.join(REPO, "tests", "data"))
+from client_functions import add_offset, unlucky  # noqa: E402
+
+
+def test_a_map_returns_its_iterator_without_waiting_for_rc_web_s_answers(cluster):
+    with client.Executor(cluster.url, cluster.token) as executor:
+        assert list(executor.map(add_offset, range(3))) == [10, 11, 12]     # its group
+        pid = cluster.program_pid("rc-web")
+        assert halt(pid)
+        returned = threading.Event()
+        try:
+            mapping = threading.Thread(target=lambda: (results.append(executor.map(
+                add_offset, range(20000), chunksize=1000)), returned.set()))
+            results = []
+            mapping.start()
+            # Before: its first chunk (each came more than IDLE_GAP after the
+            # last) was sent from this thread, which waited for rc-web's
+            # answer, and so on chunk after chunk: a map of 400 waited for
+            # 400 answers in turn before it gave its first result.
+            assert returned.wait(30), "map() waited for rc-web"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        mapping.join(60)
+        assert list(results[0]) == [n + 10 for n in range(20000)]
+
+
+def run_alone(code, tmp_path):
+    """The task's script in a Python of its own whose compile() raises: what
+    the device compiles in the task's process, not with the script."""
+    path = tmp_path / "script.py"
+    path.write_text(code)
+    return subprocess.run(
+        [sys.executable, "-I", "-c", "import builtins, sys\n"
+         "def refused(*args, **kwargs):\n    raise RuntimeError('compiled in the task')\n"
+         "code = compile(open(sys.argv[1]).read(), sys.argv[1], 'exec')\n"
+         "builtins.compile = refused\nexec(code, {'__name__': '__main__'})\n", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+def test_a_chunk_s_function_is_compiled_with_its_script_not_in_the_task_s_process(tmp_path):
+    code, home, _ = client.call_code(add_offset, [((n,), {}) for n in range(3)])
+    done = run_alone(code, tmp_path)
+    # Before: RuntimeError('compiled in the task'), from _rc_define.
+    outcomes = client.decode_outcomes({"result": {"output": done.stdout}, "task_id": 1}, home)
+    assert [outcome[1] for outcome in outcomes] == [10, 11, 12], done.stderr
+    # And a call that raises shows its own file and line, as before.
+    code, home, _ = client.call_code(unlucky, [((13,), {})])
+    done = run_alone(code, tmp_path)
+    assert 'client_functions.py", line 24, in unlucky' in done.stderr, done.stderr
