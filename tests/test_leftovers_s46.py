@@ -64,27 +64,24 @@ def never_run(number):      # required of a device that is not there
 
 
 def test_a_map_s_cancels_rc_web_did_not_take_reach_it_once_it_is_back(cluster, caplog):
-    executor = client.Executor(cluster.url, cluster.token,
-                               requirements={"device_id": "nobody"})
+    caplog.set_level(logging.WARNING, "rc.client")
     try:
-        calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
-        wait_for(lambda: len(executor.outstanding) == 2 and all(
-            future.task_id for future in executor.outstanding), 30, "its tasks queued")
-        task_ids = sorted(future.task_id for future in executor.outstanding)
-        cluster.supervisorctl("stop", "rc-web")
-        try:
-            with caplog.at_level(logging.WARNING, "rc.client"):
-                with pytest.raises(concurrent.futures.TimeoutError):
-                    list(calls)
-            # Before: the cancels were dropped and both tasks stayed queued.
-            assert "did not take the cancel of tasks %d, %d" % tuple(task_ids) in caplog.text
-        finally:
-            cluster.supervisorctl("start", "rc-web")
-        wait_for(lambda: all(state_of(cluster, task_id) == "cancelled"
-                             for task_id in task_ids), 60, "the cancels sent again")
-        wait_for(lambda: "reached the cluster" in caplog.text, 30, "said so")
+        with pytest.raises(concurrent.futures.TimeoutError):
+            with client.Executor(cluster.url, cluster.token,
+                                 requirements={"device_id": "nobody"}) as executor:
+                calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
+                wait_for(lambda: len(executor.outstanding) == 2 and all(
+                    future.task_id for future in executor.outstanding), 30, "its tasks queued")
+                task_ids = sorted(future.task_id for future in executor.outstanding)
+                cluster.supervisorctl("stop", "rc-web")
+                list(calls)
+        # Before: the cancels were dropped and both tasks stayed queued.
+        assert "did not take the cancel of tasks %d, %d" % tuple(task_ids) in caplog.text
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
+        cluster.supervisorctl("start", "rc-web")
+    wait_for(lambda: all(state_of(cluster, task_id) == "cancelled" for task_id in task_ids),
+             60, "the cancels sent again")
+    wait_for(lambda: "reached the cluster" in caplog.text, 30, "said so")
 
 
 # -- 2. an Executor's large arguments swept from the file store ----------------------
