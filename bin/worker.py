@@ -5960,6 +5960,9 @@ FILES_IDLE_SECONDS = 60.0       # seconds one is kept (rc-files closes them afte
 FILES_SHUTDOWN_WAIT = 10.0      # seconds a stopping worker waits for checkpoints to go up
 CACHE_MB = 1024                 # MiB the input cache keeps (--cache-mb), least recently used out first
 CHECKPOINT_EVERY = 300.0        # seconds between checkpoints of a running task (--checkpoint-every)
+CHECKPOINT_BACKOFF_MAX = 3600.0 # seconds at most between tries of a checkpoint that keeps
+                                # failing (a full disk, EFBIG, the store's quota): the wait
+                                # doubles from --checkpoint-every, as each try writes the tar
 # Files and directories one checkpoint holds at most; one with more is not
 # sent (nor unpacked): each costs the worker a list entry and a tar member
 # held in memory, and the tar 512 bytes, however empty the file.
@@ -8200,8 +8203,10 @@ class Files(object):
         task.spill = {}          # streams past the cap are kept in full (see spill_stream)
         if task.key not in self.checkpoints:
             # A restored checkpoint is not sent again until it changes.
+            # [next try, signature sent, its Job, stored entry, failures in
+            # a row, what the last failure was (checkpoint_failed)]
             self.checkpoints[task.key] = [time.monotonic() + self.every(),
-                                          getattr(task, "restored", ()), None, None]
+                                          getattr(task, "restored", ()), None, None, 0, None]
         return extra
 
     @staticmethod
@@ -8435,8 +8440,7 @@ class Files(object):
         load_region("files")
         signature = checkpoint_signature(directory)
         if signature is None:
-            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1],
-                error=str(too_many_entries()))
+            self.checkpoint_failed(key, state, too_many_entries())
             return
         if not signature or signature == state[1]:
             return
@@ -8451,16 +8455,38 @@ class Files(object):
                                                   "name": CHECKPOINT_NAME})
             state[1] = signature
             log("info", "checkpoint_sent", task_id=key[0], attempt=key[1], size=size,
-                sha256=sha)
+                sha256=sha, **({"after_failures": state[4]} if state[4] else {}))
+            state[4], state[5] = 0, None
             self.cache_checkpoint(sha, size, temporary, previous)
         except FilesError as e:       # stale_attempt: a user's cancel, say; nothing lost
-            log("info" if e.code == "stale_attempt" else "warning", "checkpoint_not_sent",
-                task_id=key[0], attempt=key[1], error=str(e))
-        except OSError as e:      # a file changed while it was read: the next one
-            log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(e))
+            if e.code == "stale_attempt":
+                log("info", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(e))
+            else:
+                self.checkpoint_failed(key, state, e)
+        except OSError as e:    # a file changed while it was read, the disk full: the next one
+            self.checkpoint_failed(key, state, e)
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def checkpoint_failed(self, key, state, error):
+        """A warning for a checkpoint that could not go up, then none while
+        it fails the same way, and the next tries further apart (up to
+        CHECKPOINT_BACKOFF_MAX): a full disk, EFBIG or the store's quota
+        logged the same warning at every --checkpoint-every for as long as
+        the task ran, each try writing the whole tar again. The task runs
+        on either way."""
+        kind = getattr(error, "code", None) or getattr(error, "errno", None) or str(error)
+        state[4] += 1
+        wait = min(self.every() * 2 ** min(state[4], 30), max(self.every(),
+                                                                CHECKPOINT_BACKOFF_MAX))
+        state[0] = time.monotonic() + wait
+        if kind == state[5]:
+            return
+        state[5] = kind
+        log("warning", "checkpoint_not_sent", task_id=key[0], attempt=key[1], error=str(error),
+            next_try_in=round(wait, 3), message="said once while it fails so; tried again"
+            " further apart")
 
     def cache_checkpoint(self, sha, size, temporary, previous):
         """The next attempt here fetches nothing: the checkpoint goes into

@@ -50,6 +50,7 @@ import sysconfig
 import textwrap
 import threading
 import time
+import tokenize
 import types
 import urllib.parse
 
@@ -957,6 +958,8 @@ class TaskFuture(concurrent.futures.Future):
         self.submitted = threading.Event()
         self.cancel_lock = threading.Lock()
         self.submit_error = None
+        self.held = {}              # sha256 -> bytes of its input files that nothing else
+                                    # holds (large arguments), until rc-web queues it
         self.watched = False        # a callback or a wait() waits for it (want_results)
         self._waiters = Watchers(self)      # concurrent.futures.wait() adds its waiter here
 
@@ -1097,6 +1100,8 @@ class Cluster:
         # self.lock is taken before a future's, never after.
         self.receiver_wake = threading.Event()
         self.slots_seen = (-SLOTS_SECONDS, 1)    # (when, how many)
+        self.unsent_cancels = []             # futures whose cancel rc-web did not take
+        self.canceller = None                # the thread sending them again (cancel_later)
 
     def __enter__(self):
         return self
@@ -1182,16 +1187,19 @@ class Cluster:
                 self.put_sources[key] = data
         return self.put_paths.get(key)
 
-    def put_again(self, error, tried):
+    def put_again(self, error, tried, futures=()):
         """Whether the file rc-web refused a batch for ("no file SHA in the
         store"), one this client put once for many tasks, was put again:
         the store's sweep removes a file no task has used for
         files_retention_days, which a long-lived Executor outlives, and
-        every later call of its function was refused. Once a sha a batch."""
+        every later call of its function was refused; or a call's large
+        arguments, put once for the same bytes long ago, which the batch's
+        `futures` hold until it is queued. Once a sha a batch."""
         text = str(error)
         sha256 = text.split("no file ", 1)[1][:64] if error.status == 400 \
             and "no file " in text else None
-        source = self.put_sources.get(sha256)
+        source = self.put_sources.get(sha256) or next(
+            (future.held[sha256] for future in futures if sha256 in future.held), None)
         if source is None:
             self.put_paths.pop(sha256, None)    # bytes not held: the next call puts its own
         if source is None or sha256 in tried:
@@ -1202,19 +1210,23 @@ class Cluster:
         except (OSError, ClusterError):
             return False
 
-    def submit_spec(self, spec, decode):
+    def submit_spec(self, spec, decode, held=None, more_coming=False):
         """Queue the task for the sender thread; or, when the client has been
         idle for IDLE_GAP (one submit, its result awaited, then another),
         send it from this thread at once: a hand-over to the sender would
-        cost the lone task its latency, and there is nothing to batch."""
-        return self.enqueue(TaskFuture(self, spec, decode))
+        cost the lone task its latency, and there is nothing to batch.
+        `more_coming` (a map's chunks, each a few ms apart as its code is
+        made): the sender's, batched, even then."""
+        future = TaskFuture(self, spec, decode)
+        future.held = held or {}
+        return self.enqueue(future, more_coming)
 
-    def enqueue(self, future):
+    def enqueue(self, future, more_coming=False):
         with self.lock:
             if self.closed:
                 raise RuntimeError("cannot submit to a closed Cluster")
             alone = self.group_id is not None and not self.queue and not self.sending \
-                and time.monotonic() - self.last_submit > IDLE_GAP
+                and time.monotonic() - self.last_submit > IDLE_GAP and not more_coming
             if alone:
                 self.sending = True
                 self.queue.append(future)
@@ -1295,6 +1307,13 @@ class Cluster:
         return list(zip(batch, encoded))
 
     def send(self, batch):
+        try:
+            return self.send_held(batch)
+        finally:
+            for future, _ in batch:
+                future.held = {}        # queued (or failed): nothing to put again
+
+    def send_held(self, batch):
         put_again = set()           # the files put again for this batch
         while batch:
             futures = [future for future, _ in batch]
@@ -1313,7 +1332,7 @@ class Cluster:
                     # nothing of it is pending, so a new one does.
                     self.group_id = None
                     continue
-                if self.put_again(e, put_again):
+                if self.put_again(e, put_again, futures):
                     continue
                 refused = refused_task(e, len(batch))
                 if refused is None:
@@ -1650,6 +1669,44 @@ class Cluster:
             self.waiting.pop(task_id, None)
         return future.local_cancel()
 
+    def cancel_later(self, futures):
+        """Cancels rc-web did not take (a map left by its TimeoutError or
+        Ctrl-C while rc-web restarts), sent again by a thread of their own
+        as rc-web answers again (Http.request: up to UNREACHABLE_WAIT, while
+        this program runs); stderr names their tasks, which go on until
+        then, and says when the cancels reached the cluster or were given up."""
+        with self.lock:
+            self.unsent_cancels.extend(futures)
+            if self.canceller is None:
+                self.canceller = start_thread(self.send_cancels, "rc-client-cancels")
+        LOG.warning("rc.client: rc-web did not take the cancel of %s, which run on; it is"
+                    " sent again as rc-web answers (up to %d s, while this program runs):"
+                    " `rc cancel ID` stops one", tasks_named(futures), UNREACHABLE_WAIT)
+
+    def send_cancels(self):
+        sent = []
+        while True:
+            with self.lock:
+                if not self.unsent_cancels:
+                    self.canceller = None
+                    break
+                future = self.unsent_cancels[0]
+            try:
+                future.cancel()
+            except (Unreachable, Cut, TooSlow) as e:
+                with self.lock:
+                    given_up, self.unsent_cancels[:] = list(self.unsent_cancels), []
+                    self.canceller = None
+                LOG.warning("rc.client: gave up cancelling %s (%s): they may still run;"
+                            " `rc cancel ID` stops one", tasks_named(given_up), e)
+                return
+            except Exception:
+                pass            # rc-web answered (the task gone, ...): nothing more to do
+            with self.lock:
+                self.unsent_cancels.remove(future)
+            sent.append(future)
+        LOG.warning("rc.client: the cancel of %s reached the cluster", tasks_named(sent))
+
     @staticmethod
     def wait(futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
         """concurrent.futures.wait: (done, not_done)."""
@@ -1826,6 +1883,15 @@ def refused_task(error, count):
     return number - 1 if total == count and 0 < number <= count else None
 
 
+def tasks_named(futures):
+    """"tasks 12, 13 and 40 more" of futures (a task's id once it has one)."""
+    ids = sorted({future.task_id for future in futures if future.task_id is not None})
+    if not ids:
+        return "%d task%s not yet numbered" % (len(futures), "s" * (len(futures) != 1))
+    return "task%s %s" % ("s" * (len(ids) != 1), ", ".join(map(str, ids[:10])) + (
+        " and %d more" % (len(ids) - 10) if len(ids) > 10 else ""))
+
+
 def start_thread(target, name):
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
@@ -1889,6 +1955,7 @@ def results_in_order(futures, deadline):
     early cancels those not yet done, and a wait that ends in a TimeoutError
     or Ctrl-C the one it waited for too, as concurrent.futures' map does
     (from Python 3.12): nobody can read its result any more."""
+    unsent = []                 # their cancels rc-web did not take at once
     try:
         futures.reverse()
         while futures:
@@ -1897,12 +1964,14 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                cancel_unread(future)   # done (it raised): nothing to cancel
+                if not cancel_unread(future):   # done (it raised): nothing to cancel
+                    unsent.append(future)
                 raise
             yield value
     finally:
-        for future in futures:
-            cancel_unread(future)
+        unsent.extend(future for future in reversed(futures) if not cancel_unread(future))
+        if unsent:
+            unsent[0].cluster.cancel_later(unsent)
 
 
 UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread
@@ -1913,15 +1982,18 @@ def cancel_unread(future):
     rc-web answers at once: a map's TimeoutError (or Ctrl-C) waited, with
     rc-web down (restarting, stopped), for its cancels up to UNREACHABLE_WAIT
     (map(timeout=5) raised after 10 minutes), and a cancel that could not
-    be sent raised in its place. Such a call's task runs on, as the cluster
-    keeps it."""
+    be sent raised in its place. False when it could not be sent (rc-web
+    not answering): Cluster.cancel_later sends it again."""
     UNREAD.cancelling = True
     try:
         future.cancel()
+    except (Unreachable, Cut, TooSlow):
+        return False
     except Exception:
-        pass
+        pass                    # rc-web answered: sending it again would not help
     finally:
         UNREAD.cancelling = False
+    return True
 
 
 # -- Executor: Python functions on the fleet ---------------------------------------------
@@ -2017,17 +2089,23 @@ class Executor(concurrent.futures.Executor):
             if self.shut:
                 raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def submit_calls(self, fn, calls, decode):
+    def submit_calls(self, fn, calls, decode, more_coming=False):
         self.refuse_after_shutdown()
+        held = {}
+
+        def store(data):
+            stored = self.cluster.put_data_once(data)
+            if not isinstance(data, tuple):     # a call's arguments: held until queued
+                held[stored["sha256"]] = data
+            return stored
         code, home, inputs = call_code(fn, calls, each=self.each_own_process and len(calls) > 1,
-                                       store=self.cluster.put_data_once,
-                                       initializer=self.initializer)
+                                       store=store, initializer=self.initializer)
         options = self.task_options
         if inputs:
             options = dict(options, inputs=list(options.get("inputs") or ()) + inputs)
         spec = task_spec("python_exec", {"code": code}, options)
         future = self.cluster.submit_spec(spec, functools.partial(
-            decode, home=home, cluster=self.cluster))
+            decode, home=home, cluster=self.cluster), held, more_coming)
         with self.lock:
             self.outstanding.add(future)
         future.add_done_callback(self.forget)
@@ -2049,7 +2127,11 @@ class Executor(concurrent.futures.Executor):
             chunksize = default_chunksize(len(items), self.cluster.slots())
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        futures = [self.submit_calls(fn, chunk, each_outcome)
+        # Each chunk to the sender thread, which sends those made while its
+        # last request was on its way together: sent from here one at a time
+        # (each came after IDLE_GAP, its code being made), a map of 400
+        # chunks waited for 400 answers of rc-web in turn, ~12 ms each.
+        futures = [self.submit_calls(fn, chunk, each_outcome, more_coming=True)
                    for chunk in argument_chunks(items, chunksize)]
         return flatten(results_in_order(futures, deadline))
 
@@ -2327,17 +2409,28 @@ def default_chunksize(count, slots):
 
 def argument_chunks(items, chunksize):
     """Lists of (args, {}) of at most `chunksize` calls and, past the first
-    call, MAX_ARGUMENT_BYTES of pickled arguments."""
+    call, MAX_ARGUMENT_BYTES of pickled arguments. A whole chunk is weighed
+    at once (each call's arguments pickled alone took 1.6 s of a map of
+    400,000 small calls), its calls one by one only when it is too heavy."""
+    start = 0
+    while start < len(items):
+        chunk = items[start:start + chunksize]
+        if chunksize > 1 and len(pickle.dumps(chunk, PICKLE_PROTOCOL)) > MAX_ARGUMENT_BYTES:
+            chunk = lightest_chunk(items, start, chunksize)
+        start += len(chunk)
+        yield [(args, {}) for args in chunk]
+
+
+def lightest_chunk(items, start, chunksize):
+    """The calls from `start` that fit MAX_ARGUMENT_BYTES (at least one)."""
     chunk, size = [], 0
-    for args in items:
-        weight = len(pickle.dumps(args, PICKLE_PROTOCOL)) if chunksize > 1 else 0
-        if chunk and (len(chunk) >= chunksize or size + weight > MAX_ARGUMENT_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((args, {}))
+    for args in items[start:start + chunksize]:
+        weight = len(pickle.dumps(args, PICKLE_PROTOCOL))
+        if chunk and size + weight > MAX_ARGUMENT_BYTES:
+            break
+        chunk.append(args)
         size += weight
-    if chunk:
-        yield chunk
+    return chunk
 
 
 def flatten(chunk_results):
@@ -2564,13 +2657,34 @@ def _rc_run(name, pieces, calls, mark, home, each=False, calls_file=None, init=N
 
 
 def _rc_define(pieces, space):
-    # (filename, line, source, *the __future__ features of its module)
+    # (filename, line, source, *the __future__ features of its module), or
+    # (filename, line, None, wrapper, lines): the piece is the body of the
+    # function `wrapper` of this script, compiled with it before the task's
+    # process was forked (compile() in that process cost ~2 ms of fresh
+    # memory a task); its code is moved to the file and line it came from.
     for filename, line, source, *features in pieces:
+        if source is None:
+            code = space[features[0]].__code__
+            type(_rc_define)(_rc_moved(code, filename, line - code.co_firstlineno - 2),
+                             space)()
+            continue
         flags = 0
         for feature in features:            # annotations: not on Python 3.6
             flags |= getattr(getattr(__import__("__future__"), feature, None),
                              "compiler_flag", 0)
         exec(compile("\n" * (line - 1) + source, filename, "exec", flags, True), space)
+
+
+def _rc_moved(code, filename, delta):
+    consts = tuple(_rc_moved(value, filename, delta) if isinstance(value, type(code))
+                   else value for value in code.co_consts)
+    first = max(1, code.co_firstlineno + delta)     # a wrapper of a piece at line 1 or 2
+    if hasattr(code, "replace"):
+        return code.replace(co_filename=filename, co_firstlineno=first, co_consts=consts)
+    return type(code)(code.co_argcount, code.co_kwonlyargcount, code.co_nlocals,  # 3.6, 3.7
+                      code.co_stacksize, code.co_flags, code.co_code, consts, code.co_names,
+                      code.co_varnames, filename, code.co_name, first, code.co_lnotab,
+                      code.co_freevars, code.co_cellvars)
 
 
 def _rc_invoke(function, *args, **kwargs):
@@ -2625,7 +2739,11 @@ def _rc_lines_of_pieces():
     # of it as ProcessPoolExecutor's would.
     import linecache
     files = {}
-    for filename, line, source, *_ in globals().get("_rc_pieces", ()):
+    for filename, line, source, *wrapper in globals().get("_rc_pieces", ()):
+        if source is None:      # a wrapper's body, in this script: indented, as its code
+            code = globals()[wrapper[0]].__code__
+            source = "".join(linecache.getlines(code.co_filename)[
+                code.co_firstlineno + 1:code.co_firstlineno + 1 + wrapper[1]])
         lines, texts = files.setdefault(filename, []), source.split("\\n")
         if texts[-1] == "":
             texts.pop()
@@ -2755,7 +2873,7 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
         callable_object = calls[0][0][0]
         home, title = module_of_yours(calls, callable_object), getattr(
             callable_object, "__qualname__", type(callable_object).__qualname__)
-    init = ""
+    init, wrappers = "", []
     if initializer is not None:
         init_function, init_calls = unwrap_partial(initializer[0], [(initializer[1], {})])
         init_name, init_pieces, init_home = shipped(init_function)
@@ -2765,7 +2883,8 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
         init_named = init_home is not None and init_home.encode() in init_data
         if init_named:
             init_pieces = init_pieces + argument_pieces(init_calls, init_home, init_pieces)
-        init = ", init=(%r, %r, %r, %r)" % (init_name, init_pieces, base64.b64encode(
+        init = ", init=(%r, %r, %r, %r)" % (init_name, placed(init_pieces, wrappers),
+                                            base64.b64encode(
             init_data).decode(), init_home if init_named and init_home != "__main__" else None)
     try:
         data = pickle.dumps(calls, PICKLE_PROTOCOL)
@@ -2792,12 +2911,104 @@ def call_code(fn, calls, each=False, store=None, initializer=None):
         inputs.append({"path": PIECES_FILE, "sha256": stored["sha256"],
                        "size": stored["size"]})
         pieces = [PIECES_FILE]
-    pieces = pieces + extra
+    pieces = placed(pieces + extra, wrappers)
     # The first line is what `rc tasks` and the dashboard show of the task.
-    return "# %s, %d call%s (rc.client)\n%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
+    return "# %s, %d call%s (rc.client)\n%s%s_rc_run(%r, %r, %r, %r, %r%s%s%s)\n" % (
         title, len(calls), "" if len(calls) == 1 else "s",
-        RUNNER, name, pieces, base64.b64encode(data).decode(), RESULT_MARK, renamed,
-        ", each=True" if each else "", calls_file, init), home, inputs
+        RUNNER, "".join(wrappers), name, pieces, base64.b64encode(data).decode(), RESULT_MARK,
+        renamed, ", each=True" if each else "", calls_file, init), home, inputs
+
+
+def placed(pieces, wrappers):
+    """The pieces as _rc_define takes them: each that can be, the body of a
+    function of the script (its text added to `wrappers`), which the worker
+    compiles with the script before it forks the task's process, instead
+    of a string the task's process compiles (~2 ms a task, most of a small
+    chunk's own time: the compiler's first use in a fresh process)."""
+    runner_pieces = []
+    for piece in pieces:
+        body = wrapped_body(piece) if isinstance(piece, tuple) else None
+        if body is None:
+            runner_pieces.append(piece)
+            continue
+        name = "_rc_piece_%d" % len(wrappers)
+        wrappers.append("\n\ndef %s():\n%s\n\n" % (name, body[0]))
+        runner_pieces.append((piece[0], piece[1], None, name, body[1]))
+    return runner_pieces
+
+
+@functools.lru_cache(maxsize=128)
+def wrapped_body(piece):
+    """(a function body running the piece's statements in the module's
+    globals: every name they bind declared global, each line indented but
+    those inside a string, the number of the piece's lines), or None when
+    it cannot be one (__future__ features, an annotated or star-importing
+    statement, a match: left to compile on the device as before)."""
+    filename, line, source = piece[:3]
+    if len(piece) > 3:
+        return None
+    try:
+        names = names_bound(ast.parse(source))
+        inside = rows_inside_strings(source)
+    except (SyntaxError, ValueError, tokenize.TokenError, NotWrappable):
+        return None
+    texts = source.split("\n")
+    if texts[-1] == "":
+        texts.pop()
+    body = "    %s\n%s" % ("global " + ", ".join(sorted(names)) if names else "pass", "\n".join(
+        text if row in inside or not text else "    " + text
+        for row, text in enumerate(texts, 1)))
+    try:
+        compile("def _rc_piece():\n" + body + "\n", filename, "exec")
+    except (SyntaxError, ValueError):
+        return None
+    return body, len(texts)
+
+
+class NotWrappable(Exception):
+    pass
+
+
+def names_bound(tree):
+    """The names a module's statements bind in its globals (not those of
+    the functions, classes and comprehensions they hold, but a walrus's)."""
+    names = set()
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            return
+        if isinstance(node, ast.Lambda):
+            return
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            names.update(inner.target.id for inner in ast.walk(node)
+                         if type(inner).__name__ == "NamedExpr")
+            return
+        if isinstance(node, (ast.AnnAssign, ast.Nonlocal)) or type(node).__name__ in (
+                "Match", "match_case") or isinstance(node, ast.ImportFrom) and any(
+                alias.name == "*" for alias in node.names):
+            raise NotWrappable()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.Global):
+            names.update(node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(tree)
+    return names
+
+
+def rows_inside_strings(source):
+    """The rows (from 1) of the source that begin inside a string token
+    (a triple-quoted string's later lines): indenting them would change it."""
+    rows = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        rows.update(range(token.start[0] + 1, token.end[0] + 1))
+    return rows
 
 
 def argument_pieces(calls, home, pieces):

@@ -46,6 +46,40 @@ CHOICES = {"log_level": tuple(LEVELS),
 # years is an OverflowError (rc-reaper died at each start on reaper_interval
 # 1e308). A whole-number setting may be what SQLite holds (LARGEST_INT).
 LARGEST_FLOAT = 10 ** 9          # seconds: 31 years
+DAY = 86400.0
+WEEK = 7 * DAY
+# Settings with a smaller ceiling, where a value representable but absurd
+# costs something: threads or connections held, memory or rows kept, a pause
+# of more than a day in a loop (nothing looked at meanwhile), a timeout past
+# a day that holds a connection or a task. max_streams 10**6 made waitress
+# start a million threads. docs/configuration.md lists them.
+LARGEST = {
+    "max_streams": (1000, "each holds one of rc-web's threads, started with it"),
+    "web_connection_limit": (65536, "each is a file descriptor of rc-web's"),
+    "web_connections_per_address": (65536, "each is a file descriptor of rc-web's"),
+    "max_unauthenticated": (65536, "each is a file descriptor of rc-server's"),
+    "max_unauthenticated_per_address": (65536, "each is a file descriptor of rc-server's"),
+    "max_profile_bytes": (1 << 20, "a frame is at most 1 MiB"),
+    "max_device_slots": (1024, "each slot is a task on the device at once"),
+    "instant_per_slot": (1024, "each may hold a 256 KiB payload on the device"),
+    "prefetch_per_slot": (100, "each waits in the worker's memory"),
+    "heartbeat_history": (10 ** 6, "rows kept per device"),
+    "device_log_lines": (10 ** 6, "rows kept per device"),
+    "stats_history": (10 ** 7, "rows kept, one a minute: 19 years"),
+    "health_disk_free_warning": (100.0, "a percentage"),
+    "health_disk_free_critical": (100.0, "a percentage"),
+    "offline_timeout": (WEEK, "a device gone that long still gets tasks"),
+    "lease_duration": (WEEK, "a lost device's task waits that long"),
+}
+LARGEST.update((key, (DAY, "a day: a longer pause or timeout holds up what waits on it"))
+               for key in ("heartbeat_interval", "min_heartbeat_interval",
+                           "watch_report_interval", "ping_interval", "poll_interval",
+                           "reaper_interval", "map_recheck_interval", "retry_backoff",
+                           "retry_backoff_max", "service_restart_backoff",
+                           "service_restart_backoff_max", "auth_timeout", "frame_deadline",
+                           "web_channel_timeout", "web_read_timeout", "suspect_after",
+                           "disconnect_grace", "accept_timeout", "restart_hold",
+                           "timeout_grace"))
 # Settings 0 cannot be: a pause of none is a busy loop (rc-reaper took ~35%
 # of a core with reaper_interval 0), and heartbeat_interval 0 let
 # lease_duration be 0.
@@ -234,6 +268,9 @@ def check(key, value, where="environment"):
     largest = LARGEST_FLOAT if isinstance(value, float) else LARGEST_INT
     if isinstance(value, (int, float)) and value > largest:
         raise ConfigError("%s: %s must be at most %d, not %r" % (where, key, largest, value))
+    if key in LARGEST and value > LARGEST[key][0]:
+        raise ConfigError("%s: %s must be at most %s (%s), not %r"
+                          % (where, key, shown_number(LARGEST[key][0]), LARGEST[key][1], value))
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError("%s: %s must be one of %s, not %r"
                           % (where, key, ", ".join(CHOICES[key]), value))
@@ -291,6 +328,10 @@ def check_local_worker_options(options, where):
                 own.startswith(name) for own in LOCAL_WORKER_OWN_OPTIONS):
             raise ConfigError("%s: local_worker_options may not give %s: `rc local-worker`"
                               " sets it for the main node's own worker" % (where, name))
+
+
+def shown_number(number):
+    return "{:,}".format(int(number)) if number == int(number) else repr(number)
 
 
 def parse_int(name, text):
