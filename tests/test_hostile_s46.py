@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +148,145 @@ def test_a_checkpoint_whose_headers_are_huge_is_set_aside_unread(tmp_path, pytho
     assert len(set_aside) == 2 and all("CHECKPOINT_HEADER_MAX" in line["error"]
                                        for line in set_aside), done.stdout
     assert int(lines[-1]) < HEADER_BYTES // 1024, "peak RSS %s KiB" % lines[-1]
+
+
+# -- a main node that streams results of tasks it never names --------------------------
+
+class StreamingWeb:
+    """An rc-web of our own on 127.0.0.1: POST /api/v1/tasks names the next
+    task ids (group 1), each done at once; GET of the group's result stream
+    sends `before(after)`'s lines, then the record of every done task past
+    `after`, then holds the stream open."""
+
+    def __init__(self, before=lambda after: (), on_batch=None):
+        import http.server
+        import threading
+        self.done, self.next_id, self.streams, self.opened = [], 1, [], []
+        self.pushed = {}        # a stream -> the ids whose results were sent on it early
+        self.lock = threading.Condition()
+        web = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                batch = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with web.lock:
+                    ids = list(range(web.next_id, web.next_id + len(batch)))
+                    web.next_id += len(batch)
+                done = ids if on_batch is None else on_batch(web, ids)
+                web.finish(done)
+                body = json.dumps({"group_id": 1, "tasks": [{"task_id": i} for i in ids]})
+                self.send_response(201)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_GET(self):
+                after = int(self.path.rsplit("after=", 1)[1])
+                web.opened.append(after)
+                self.send_response(200)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                web.streams.append(self.wfile)
+                try:
+                    for line in before(after):
+                        self.wfile.write(line)
+                    sent = set()
+                    while True:
+                        with web.lock:
+                            web.lock.wait_for(lambda: any(i > after and i not in sent
+                                                          for i in web.done), 60)
+                            new = sorted(i for i in web.done if i > after and i not in sent)
+                        if not new:
+                            return
+                        for task_id in new:
+                            if task_id not in web.pushed.get(self.wfile, ()):
+                                self.wfile.write(record_line(task_id, "out %d" % task_id))
+                        self.wfile.flush()
+                        sent.update(new)
+                except OSError:
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def finish(self, ids):
+        with self.lock:
+            self.done.extend(ids)
+            self.lock.notify_all()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def record_line(task_id, output):
+    return json.dumps({"task_id": task_id, "state": "completed",
+                       "result": {"output": output}}).encode() + b"\n"
+
+
+def test_results_of_task_ids_never_named_are_held_bounded(monkeypatch):
+    """A result that comes on the group's stream before the batch's answer
+    named its task id is held for that answer (Cluster.early). Nothing
+    bounded them: a main node (compromised, or a man in the middle on plain
+    http) streaming results of ids it never names grew the client's memory
+    by each line, 500 MiB sent, 530 MiB of the laptop's memory taken, and
+    on until the OOM killer. Now at most EARLY_MAX results and
+    EARLY_MAX_BYTES of lines are held; the rest are dropped (and read again
+    from the stream if a batch's answer names their ids)."""
+    from rc import client
+    monkeypatch.setattr(client, "EARLY_MAX_BYTES", 8 << 20)
+    junk = "x" * (1 << 20)
+    web = StreamingWeb(before=lambda after: (record_line(task_id, junk)
+                                             for task_id in range(1000, 1040)))
+    try:
+        with client.Cluster(web.url, "token") as cluster:
+            assert cluster.submit("echo", "x").result(timeout=60) == "out 1"
+            held = [size for _, size in cluster.early.values()] \
+                if cluster.early and isinstance(next(iter(cluster.early.values())), tuple) \
+                else [len(json.dumps(record)) for record in cluster.early.values()]
+            assert sum(held) <= 8 << 20, "%d results held, %d bytes" % (len(held), sum(held))
+    finally:
+        web.close()
+
+
+def test_results_dropped_early_are_read_again_once_their_ids_are_named(monkeypatch):
+    """The honest side of that bound: a batch's tasks that end before its
+    answer is read, more of them than the client holds early, still each
+    get their result: the stream is opened again from the first pending id."""
+    from rc import client
+    monkeypatch.setattr(client, "EARLY_MAX", 2)
+
+    def on_batch(web, ids):         # results first, on the stream already open
+        if ids == [1]:
+            return []               # pending until the end: the stream is read meanwhile
+        for stream in list(web.streams):
+            try:
+                stream.write(b"".join(record_line(task_id, "out %d" % task_id)
+                                      for task_id in ids))
+                stream.flush()
+                web.pushed.setdefault(stream, set()).update(ids)    # not sent on it again
+            except OSError:
+                web.streams.remove(stream)      # one the client closed
+        time.sleep(0.3)             # read by the client before the answer comes
+        return ids
+
+    web = StreamingWeb(on_batch=on_batch)
+    try:
+        with client.Cluster(web.url, "token") as cluster:
+            first = cluster.submit("echo", "x")
+            first.wait_submitted(60)
+            futures = [cluster.submit("echo", value) for value in "abcdefgh"]
+            assert [future.result(timeout=60) for future in futures] == [
+                "out %d" % task_id for task_id in range(2, 10)]
+            web.finish([1])
+            assert first.result(timeout=60) == "out 1"
+            assert len(web.opened) > 1 and not cluster.early, web.opened
+    finally:
+        web.close()
