@@ -5,9 +5,11 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -290,3 +292,60 @@ def test_results_dropped_early_are_read_again_once_their_ids_are_named(monkeypat
             assert len(web.opened) > 1 and not cluster.early, web.opened
     finally:
         web.close()
+
+
+# -- a map resumed after the file store's sweep took its files -------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from cluster_harness import with_the_local_worker
+    yield from with_the_local_worker(tmp_path_factory.mktemp("hostile-s46"))
+
+
+def test_a_map_resumed_after_the_sweep_stores_its_files_again_or_says_why_not(
+        cluster, tmp_path):
+    """The store's sweep removes a file files_retention_days after its last
+    task ended; a map's failed inputs stay resumable as long as their tasks
+    are kept (task_retention, set apart). `rc map --resume` of such a map
+    stopped with "input f1.txt: no file SHA in the store; upload it first
+    ...; `rc map --resume 2` tries again", which never could. Now a --files
+    file still where the map read it, unchanged, is stored again and run;
+    one gone or changed is refused by name, saying to run it in a new map."""
+    from cluster_harness import RC
+    from rc import db, files
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "f1.txt").write_text("one\n")
+    (work / "f2.txt").write_text("two\n")
+    # Where the task's uid (the worker's --task-user) may look: tmp_path is 0700.
+    shared = tempfile.mkdtemp(prefix="rc-s46-")
+    os.chmod(shared, 0o755)
+    ok = os.path.join(shared, "ok")
+
+    def rc_map(*args):
+        return subprocess.run([RC, "map"] + list(args), env=cluster.env, cwd=str(work),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120)
+    first = rc_map("cat {} && test -e %s" % ok, "--files", "f1.txt", "f2.txt")
+    assert first.returncode == 2, first.stderr
+    group_id = int(first.stderr.split("map ", 1)[1].split(":", 1)[0])
+    connection = db.connect(cluster.config.db_path)
+    try:
+        files.sweep(connection, cluster.config,
+                    time.time() + cluster.config.files_retention_days * 86400 + 60)
+        assert not files.exists(connection, files.hash_file(str(work / "f2.txt"))[0])
+    finally:
+        connection.close()
+    (work / "f2.txt").rename(work / "away.txt")
+    refused = rc_map("--resume", str(group_id))
+    assert refused.returncode != 0 and "input 2 ('f2.txt')" in refused.stderr \
+        and "no longer in the file store" in refused.stderr \
+        and "new map" in refused.stderr and "tries again" not in refused.stderr, refused.stderr
+    (work / "away.txt").rename(work / "f2.txt")
+    open(ok, "w").close()
+    try:
+        resumed = rc_map("--resume", str(group_id))
+    finally:
+        shutil.rmtree(shared)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(resumed.stdout.split()) == ["one", "two"]

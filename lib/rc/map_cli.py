@@ -842,8 +842,40 @@ def resumed_map(context, arguments):
             plan.to_wait.append(job)
         else:
             plan.to_run.append(job)       # failed, cancelled, timed out, or never queued
+    restore_swept_files(connection, context.config, plan)
     plan.checked = [plan.checked_task(context.config, job) for job in plan.to_run]
     return plan
+
+
+def restore_swept_files(connection, config, plan):
+    """The files of the inputs to run again, stored again when the store's
+    sweep removed them (files_retention_days after their last task ended,
+    which a map resumed later outlives): a --files file from where the map
+    read it, if it is still there unchanged. One that is not, or an --input
+    (its path here is not recorded), is a MapUsageError saying so: the map
+    stopped with "no file SHA in the store; `rc map --resume` tries again",
+    which never could."""
+    gone = "is no longer in the file store (removed files_retention_days after its last task" \
+           " ended)"
+    for item in plan.shared.get("inputs", []):
+        if not files.exists(connection, item["sha256"]):
+            raise MapUsageError("map %d's --input %s %s: run its inputs in a new map"
+                                % (plan.group_id, item["path"], gone))
+    for job in plan.to_run:
+        if not job.blob or files.exists(connection, job.blob["sha256"]):
+            continue
+        why = "is not here to store again"
+        if os.path.isfile(job.value):
+            if files.hash_file(job.value)[0] == job.blob["sha256"]:
+                try:
+                    files.store_path(connection, config, job.value)
+                except files.FileStoreError as e:
+                    raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
+                continue
+            why = "has changed here since"
+        raise MapUsageError("input %d (%s): its file %s, and %s: run it in a new map"
+                            " (rc map CMD --files ...)" % (job.number, shown(job.value), gone,
+                                                          why))
 
 
 def jobs_of(connection, group_id):
