@@ -163,7 +163,8 @@ class StreamingWeb:
     def __init__(self, before=lambda after: (), on_batch=None):
         import http.server
         import threading
-        self.done, self.next_id, self.streams, self.opened = [], 1, [], []
+        self.done, self.next_id, self.opened = [], 1, []
+        self.streams = []       # each stream's writer, in the order they opened
         self.pushed = {}        # a stream -> the ids whose results were sent on it early
         self.lock = threading.Condition()
         web = self
@@ -261,35 +262,40 @@ def test_results_of_task_ids_never_named_are_held_bounded(monkeypatch):
 def test_results_dropped_early_are_read_again_once_their_ids_are_named(monkeypatch):
     """The honest side of that bound: a batch's tasks that end before its
     answer is read, more of them than the client holds early, still each
-    get their result: the stream is opened again from the first pending id."""
+    get their result: the stream is opened again from the first pending id
+    (here EARLY_MAX is 0: every such result is dropped, and read again)."""
     from rc import client
-    monkeypatch.setattr(client, "EARLY_MAX", 2)
+    monkeypatch.setattr(client, "EARLY_MAX", 0)       # every such result dropped
+
+    from cluster_harness import wait_for
+    clients = []
 
     def on_batch(web, ids):         # results first, on the stream already open
         if ids == [1]:
             return []               # pending until the end: the stream is read meanwhile
-        for stream in list(web.streams):
-            try:
-                stream.write(b"".join(record_line(task_id, "out %d" % task_id)
-                                      for task_id in ids))
-                stream.flush()
-                web.pushed.setdefault(stream, set()).update(ids)    # not sent on it again
-            except OSError:
-                web.streams.remove(stream)      # one the client closed
-        time.sleep(0.3)             # read by the client before the answer comes
+        stream = web.streams[-1]    # the newest: the client's
+        stream.write(b"".join(record_line(task_id, "out %d" % task_id) for task_id in ids))
+        stream.flush()
+        web.pushed.setdefault(stream, set()).update(ids)    # not sent on it again
+        # Read by the client before this answer comes: past EARLY_MAX, dropped.
+        wait_for(lambda: clients[0].early_dropped, 30, "results dropped")
         return ids
 
     web = StreamingWeb(on_batch=on_batch)
     try:
         with client.Cluster(web.url, "token") as cluster:
+            clients.append(cluster)
             first = cluster.submit("echo", "x")
             first.wait_submitted(60)
-            futures = [cluster.submit("echo", value) for value in "abcdefgh"]
-            assert [future.result(timeout=60) for future in futures] == [
-                "out %d" % task_id for task_id in range(2, 10)]
+            wait_for(lambda: web.streams, 30, "the result stream open")
+            for task_id in (2, 3):
+                opened = len(web.streams)
+                assert cluster.submit("echo", "y").result(timeout=60) == "out %d" % task_id
+                # Read again from a stream opened anew, the one the next batch meets.
+                wait_for(lambda: len(web.streams) == opened + 1, 30, "the stream open again")
             web.finish([1])
             assert first.result(timeout=60) == "out 1"
-            assert len(web.opened) > 1 and not cluster.early, web.opened
+            assert len(web.opened) == 3 and not cluster.early, web.opened
     finally:
         web.close()
 
