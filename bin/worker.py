@@ -7539,6 +7539,10 @@ def read_checkpoint(archive_path, directory):
             for number, member in enumerate(archive, 1):
                 reads.headers = 0           # the next member's count from here
                 unpack_member(archive, member, number, directory, skipped, reads)
+                # tarfile keeps each member it read (for getmembers()), with
+                # its headers: up to CHECKPOINT_HEADER_MAX each, for every
+                # member. Its iteration reads on once the list is emptied.
+                del archive.members[:]
     if skipped:
         log("warning", "checkpoint_members_skipped", members=skipped[:20])
 

@@ -68,13 +68,20 @@ spec = importlib.util.spec_from_file_location("worker", sys.argv[1])
 worker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(worker)
 worker.load_region("files")
+
+
+def peak():         # KiB; ru_maxrss keeps the forking pytest's
+    with open("/proc/self/status") as f:
+        return int([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
+
+
+before = peak()
 for archive in sys.argv[3:]:
     worker.restore_checkpoint(archive, sys.argv[2], "0" * 64)
     print(json.dumps(sorted(os.listdir(sys.argv[2]))))
     worker.remove_tree(sys.argv[2])
     os.mkdir(sys.argv[2])
-with open("/proc/self/status") as f:       # ru_maxrss keeps the forking pytest's
-    print([line.split()[1] for line in f if line.startswith("VmHWM:")][0])
+print(peak() - before)
 """
 HEADER_BYTES = 48 << 20        # a pax header, a sparse map: 48 MiB each
 
@@ -93,8 +100,9 @@ def member_bytes(info, data):
 
 def hostile_checkpoints(directory):
     """A tar whose first member's pax header is HEADER_BYTES long; one whose
-    GNU sparse 1.0 map is; an honest one (the worker's own, deep names)."""
-
+    GNU sparse 1.0 map is; one of members whose pax headers are each under
+    CHECKPOINT_HEADER_MAX and HEADER_BYTES together; an honest one (the
+    worker's own, deep names)."""
     a_file = tarfile.TarInfo("a.txt")
     a_file.size = 1
     header = tarfile.TarInfo("././@PaxHeader")
@@ -114,6 +122,13 @@ def hostile_checkpoints(directory):
     with open(os.path.join(directory, "sparse.tar"), "wb") as f:
         f.write(member_bytes(header, data) + member_bytes(sparse, sparse_map)
                 + member_bytes(a_file, b"a") + b"\0" * 1024)
+    with open(os.path.join(directory, "many.tar"), "wb") as f:
+        for number in range(HEADER_BYTES // (900 << 10)):      # each under the bound
+            data = pax_record(b"comment", b"x" * (900 << 10))
+            header.size = len(data)
+            a_file.name = "f%d" % number
+            f.write(member_bytes(header, data) + member_bytes(a_file, b"a"))
+        f.write(b"\0" * 1024)
     honest = os.path.join(directory, "honest")
     deep = os.path.join(honest, *["d" * 200] * 10)
     os.makedirs(deep)
@@ -122,7 +137,8 @@ def hostile_checkpoints(directory):
     from test_worker_identity import load_worker_module
     load_worker_module().write_checkpoint(honest, os.path.join(directory, "honest.tar"))
 
-    return [os.path.join(directory, name) for name in ("pax.tar", "sparse.tar", "honest.tar")]
+    return [os.path.join(directory, name) for name in ("pax.tar", "sparse.tar", "many.tar",
+                                                       "honest.tar")]
 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda path: path.split("/versions/")[-1])
@@ -134,8 +150,10 @@ def test_a_checkpoint_whose_headers_are_huge_is_set_aside_unread(tmp_path, pytho
     an OOM kill on a phone or a Pi, on each device the task moved to; a
     sparse map of "1\\n"s cost a list entry each. Now a member's headers
     past CHECKPOINT_HEADER_MAX set the checkpoint aside before tarfile reads
-    them, and the attempt starts afresh; the worker's own checkpoints (a
-    name 20 folders deep) restore as before."""
+    them, and the attempt starts afresh. Nor does tarfile keep each member
+    read (with its headers: 185 MB of them held 196 MB) while the rest are
+    unpacked. The worker's own checkpoints (a name 10 folders deep) restore
+    as before."""
     archives = hostile_checkpoints(str(tmp_path))
     directory = tmp_path / "restored"
     directory.mkdir()
@@ -145,11 +163,12 @@ def test_a_checkpoint_whose_headers_are_huge_is_set_aside_unread(tmp_path, pytho
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()        # the worker's log lines among them
     assert [json.loads(line) for line in lines if line.startswith("[")] == [
-        [], [], ["d" * 200]], done.stdout
+        [], [], sorted("f%d" % n for n in range(HEADER_BYTES // (900 << 10))), ["d" * 200]], \
+        done.stdout
     set_aside = [json.loads(line) for line in lines if '"checkpoint_set_aside"' in line]
     assert len(set_aside) == 2 and all("CHECKPOINT_HEADER_MAX" in line["error"]
                                        for line in set_aside), done.stdout
-    assert int(lines[-1]) < HEADER_BYTES // 1024, "peak RSS %s KiB" % lines[-1]
+    assert int(lines[-1]) < HEADER_BYTES // 1024 // 2, "peak RSS grew %s KiB" % lines[-1]
 
 
 # -- a main node that streams results of tasks it never names --------------------------
