@@ -5972,6 +5972,12 @@ CHECKPOINT_MAX_ENTRIES = 10000
 # main node's quota and the link would pay for in zeros; a memory-mapped
 # array half written (a few MiB of holes) still goes up whole.
 CHECKPOINT_HOLES_MAX = 64 * 1024 * 1024
+# Bytes of a checkpoint member's headers (its tar header, a pax header, a
+# GNU long name, a sparse map) read before its data, at most: tarfile holds
+# them whole, decoded, several times over (a 300 MB pax header from a lying
+# device took 1.2 GB of the next device's memory). The worker's own are a
+# few KiB: a name of TREE_DEPTH parts of 255 bytes, its times.
+CHECKPOINT_HEADER_MAX = 1024 * 1024
 FILES_SPAWN_ENV = 256 * 1024    # bytes of task env past which the task starts without the spawner
 CACHED_FILES_MAX = 1000         # sha256 of cached blobs a heartbeat lists, most recent first
 # Seconds within which a cached blob's last use is not written to its atime
@@ -7538,34 +7544,71 @@ def read_checkpoint(archive_path, directory):
     have us write terabytes of zeros, on each device the task moved to."""
     import tarfile
     skipped = []
-    with tarfile.open(archive_path, "r:") as archive:
-        for number, member in enumerate(archive, 1):
-            if number > CHECKPOINT_MAX_ENTRIES:
-                raise too_many_entries()
-            # A name this device cannot encode (an honest UTF-8 device's, on a
-            # C-locale 3.6) sets the checkpoint aside (UnicodeEncodeError): the
-            # task restored without that file would go on from a state it
-            # never had. relative_path() would skip it, as a hostile name.
-            os.fsencode(member.name)
-            parts = relative_path(member.name.rstrip("/")) if member.name else None
-            if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
-                skipped.append(member.name[:100])
-                continue
-            if member.isdir():
-                make_parents(directory, parts + ["-"])
-                continue
-            target = make_parents(directory, parts)
-            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | getattr(os, "O_NOFOLLOW", 0), member.mode & 0o755 | 0o600)
-            with os.fdopen(descriptor, "wb") as writer:
-                source = archive.extractfile(member)
-                while True:
-                    chunk = source.read(FILES_CHUNK)
-                    if not chunk:
-                        break
-                    writer.write(chunk)
+    with open(archive_path, "rb") as raw:
+        reads = HeaderReads(raw)
+        with tarfile.open(fileobj=reads, mode="r:") as archive:
+            for number, member in enumerate(archive, 1):
+                reads.headers = 0           # the next member's count from here
+                unpack_member(archive, member, number, directory, skipped, reads)
+                # tarfile keeps each member it read (for getmembers()), with
+                # its headers: up to CHECKPOINT_HEADER_MAX each, for every
+                # member. Its iteration reads on once the list is emptied.
+                del archive.members[:]
     if skipped:
         log("warning", "checkpoint_members_skipped", members=skipped[:20])
+
+
+class HeaderReads:
+    """A checkpoint tar's file, for tarfile: the bytes read of one member's
+    headers are FilesError past CHECKPOINT_HEADER_MAX, before tarfile holds
+    them (the member's data, read by unpack_member, is not counted)."""
+
+    def __init__(self, raw):
+        self.raw, self.headers, self.data = raw, 0, False
+        self.seek, self.tell = raw.seek, raw.tell
+
+    def read(self, size=-1):
+        if not self.data:
+            if size is None or size < 0:
+                size = os.fstat(self.raw.fileno()).st_size
+            self.headers += size
+            if self.headers > CHECKPOINT_HEADER_MAX:
+                raise FilesError("a member's headers are over %d bytes"
+                                 " (CHECKPOINT_HEADER_MAX)" % CHECKPOINT_HEADER_MAX)
+        return self.raw.read(size)
+
+
+def unpack_member(archive, member, number, directory, skipped, reads):
+    """One member of read_checkpoint's tar into `directory`, or its name
+    into `skipped`."""
+    if number > CHECKPOINT_MAX_ENTRIES:
+        raise too_many_entries()
+    # A name this device cannot encode (an honest UTF-8 device's, on a
+    # C-locale 3.6) sets the checkpoint aside (UnicodeEncodeError): the
+    # task restored without that file would go on from a state it
+    # never had. relative_path() would skip it, as a hostile name.
+    os.fsencode(member.name)
+    parts = relative_path(member.name.rstrip("/")) if member.name else None
+    if parts is None or not (member.isfile() or member.isdir()) or member.issparse():
+        skipped.append(member.name[:100])
+        return
+    if member.isdir():
+        make_parents(directory, parts + ["-"])
+        return
+    target = make_parents(directory, parts)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), member.mode & 0o755 | 0o600)
+    with os.fdopen(descriptor, "wb") as writer:
+        source = archive.extractfile(member)
+        reads.data = True           # its bytes, in FILES_CHUNK pieces
+        try:
+            while True:
+                chunk = source.read(FILES_CHUNK)
+                if not chunk:
+                    break
+                writer.write(chunk)
+        finally:
+            reads.data = False
 
 
 # -- outputs: globs matched in the task directory, nothing outside it ---------

@@ -81,6 +81,11 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024     # bytes of one answer's body the client 
 MAX_STREAM_LINE = 8 * 1024 * 1024       # bytes of one result stream line (one task's
                                 # result: a worker's whole frame is at most 1 MiB)
 STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
+EARLY_MAX = 2 * BATCH_MAX_TASKS     # results held for task ids no batch's answer has named
+EARLY_MAX_BYTES = 64 * 1024 * 1024  # ... and their bytes (as JSON): only the batches on
+                                # their way may have such results; more (a main node
+                                # streaming ids it never names) are dropped, and read
+                                # again from rc-web once a batch's answer names its ids
 SMALL_BODY = 64 * 1024          # bytes of a body sent in one write with its head
 EXPECT_BODY = 1 << 20           # bytes of a body past which it waits for 100 Continue, as
                                 # curl does: rc-web may refuse an upload on its headers
@@ -1081,6 +1086,8 @@ class Cluster:
         self.queue = collections.deque()     # futures waiting to be sent
         self.waiting = {}                    # task id -> future, sent and not finished
         self.early = {}                      # task id -> record that came before its id
+        self.early_bytes = 0                 # ... their bytes as JSON
+        self.early_dropped = False           # one came past EARLY_MAX or EARLY_MAX_BYTES
         self.group_id = None
         self.highest = 0                     # the largest task id sent so far
         self.sending = False                 # a submit request is on its way
@@ -1362,12 +1369,21 @@ class Cluster:
             for future, entry in zip(futures, answer["tasks"]):
                 future.task_id = entry["task_id"]
                 self.highest = max(self.highest, future.task_id)
-                record = self.early.pop(future.task_id, None)
+                record, size = self.early.pop(future.task_id, (None, 0))
+                self.early_bytes -= size
                 if record is not None:
                     self.finish(future, record)
                 elif not future.done():
                     self.waiting[future.task_id] = future
                 future.submitted.set()
+            if self.early_dropped:
+                # Results were dropped that may be these tasks': the stream is
+                # opened again from the first task pending (open_stream), and
+                # whatever was held early comes again with it.
+                self.early_dropped = False
+                self.early.clear()
+                self.early_bytes = 0
+                stop_reading(self.stream)
             if self.receiver is None and self.group_id is not None:
                 self.receiver = start_thread(self.receive_results, "rc-client-results")
             # A lone submit's caller reads its own result (read_for) once the
@@ -1564,7 +1580,13 @@ class Cluster:
             future = self.waiting.pop(record["task_id"], None)
             if future is None:
                 if record["task_id"] > self.highest:    # its batch's answer is on its way
-                    self.early[record["task_id"]] = record
+                    room = len(self.early) < EARLY_MAX and self.early_bytes < EARLY_MAX_BYTES
+                    size = len(json.dumps(record)) if room else 0
+                    if room and self.early_bytes + size <= EARLY_MAX_BYTES:
+                        self.early_bytes += size - self.early.get(record["task_id"], (0, 0))[1]
+                        self.early[record["task_id"]] = (record, size)
+                    else:
+                        self.early_dropped = True
                 return              # one that ended already (a stream opened again)
             self.stream_refusals = 0
             # It was pending until now: the stream stays open STREAM_IDLE from

@@ -18,6 +18,7 @@ reads this machine's stdin and files, and holds on until the map ends).
 import argparse
 import codecs
 import collections
+import errno
 import getpass
 import io
 import os
@@ -847,8 +848,40 @@ def resumed_map(context, arguments):
             plan.to_wait.append(job)
         else:
             plan.to_run.append(job)       # failed, cancelled, timed out, or never queued
+    restore_swept_files(connection, context.config, plan)
     plan.checked = [plan.checked_task(context.config, job) for job in plan.to_run]
     return plan
+
+
+def restore_swept_files(connection, config, plan):
+    """The files of the inputs to run again, stored again when the store's
+    sweep removed them (files_retention_days after their last task ended,
+    which a map resumed later outlives): a --files file from where the map
+    read it, if it is still there unchanged. One that is not, or an --input
+    (its path here is not recorded), is a MapUsageError saying so: the map
+    stopped with "no file SHA in the store; `rc map --resume` tries again",
+    which never could."""
+    gone = "is no longer in the file store (removed files_retention_days after its last task" \
+           " ended)"
+    for item in plan.shared.get("inputs", []):
+        if not files.exists(connection, item["sha256"]):
+            raise MapUsageError("map %d's --input %s %s: run its inputs in a new map"
+                                % (plan.group_id, item["path"], gone))
+    for job in plan.to_run:
+        if not job.blob or files.exists(connection, job.blob["sha256"]):
+            continue
+        why = "is not here to store again"
+        if os.path.isfile(job.value):
+            if files.hash_file(job.value)[0] == job.blob["sha256"]:
+                try:
+                    files.store_path(connection, config, job.value)
+                except files.FileStoreError as e:
+                    raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
+                continue
+            why = "has changed here since"
+        raise MapUsageError("input %d (%s): its file %s, and %s: run it in a new map"
+                            " (rc map CMD --files ...)" % (job.number, shown(job.value), gone,
+                                                          why))
 
 
 def jobs_of(connection, group_id):
@@ -1317,25 +1350,46 @@ class Outcome:
                 render.printable(note)))
 
     def write_results(self, runner, directory):
-        here = os.path.join(directory, str(self.job.number))
-        os.makedirs(here, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
+        # DIR/N made and entered never through a link (as --into's folders):
+        # in a shared DIR another local user could plant N as a link to a
+        # folder of the user's, whose state, stdout... would be replaced.
+        try:
+            here = files_cli.open_parent(directory, [str(self.job.number), "state"])
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OSError(e.errno, "%s is a link, which rc never writes through" %
+                              os.path.join(directory, str(self.job.number)))
+            raise
+        try:
+            self.write_texts(runner, here)
+        finally:
+            os.close(here)
+
+    def write_texts(self, runner, here):
         # The state goes first and comes back last: --resume takes an entry
         # with one for whole, so rc map killed half way leaves one it writes
         # again, not one short or mixed with an earlier run's (a re-run input).
-        files.remove(os.path.join(here, "state"))
+        remove_at(here, "state")
         texts = [("input", self.job.value + "\n"), ("stdout", self.stdout),
                  ("stderr", self.stderr)]
         if self.exit_code is not None:
             texts.append(("exit_code", "%s\n" % self.exit_code))
         else:
-            files.remove(os.path.join(here, "exit_code"))     # an earlier run's
+            remove_at(here, "exit_code")     # an earlier run's
         texts.append(("state", self.job.state + "\n"))
         for name, text in texts:        # a partial file renamed over what was there
-            path = os.path.join(here, name)
-            with files_cli.fresh(path + ".rc-partial", "w", encoding="utf-8",
+            with files_cli.fresh(name + ".rc-partial", "w", dir_fd=here, encoding="utf-8",
                                  errors="replace") as f:
                 copy(runner.connection, runner.config, text, f, False, self.notes)
-            os.replace(path + ".rc-partial", path)
+            os.replace(name + ".rc-partial", name, src_dir_fd=here, dst_dir_fd=here)
+
+
+def remove_at(directory_fd, name):
+    try:
+        os.unlink(name, dir_fd=directory_fd)
+    except FileNotFoundError:
+        pass
 
 
 def stream(connection, task_id, result, field, index):
