@@ -3815,12 +3815,38 @@ class Leftovers(object):
     """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
     SysV IPC, kernel keyrings), removed when its task ends and again before
     the next task of that uid starts: task uids are reused, and a task must
-    not read another's files (nor the disk or memory keep them). A directory is read again only when it changed since
-    that uid's last look (a busy /tmp costs ~1 ms to scan)."""
+    not read another's files (nor the disk or memory keep them). Before,
+    only when the last removal may have missed some: the uid's first task
+    in this run of the worker, or one whose processes may have outlived its
+    end (an abandoned task's). After a removal made once all of them had
+    gone, nothing of the uid has run since. A directory is read again only
+    when it changed since that uid's last look (a busy /tmp costs ~1 ms to
+    scan)."""
 
     def __init__(self, directories=SHARED_TEMP_DIRS):
         self.directories = directories
         self.seen = {}       # (uid, directory) -> its mtime (ns) at that uid's last look
+        self.clean = set()   # uids with none left: removed since their processes all ended
+
+    def before_task(self, uid):
+        """The uid has none left, as of each directory's time now."""
+        if uid not in self.clean:
+            self.remove(uid)
+            return
+        self.clean.discard(uid)
+        for directory in self.directories:
+            try:
+                changed = os.stat(directory).st_mtime_ns
+            except OSError:
+                continue
+            if time.time() - changed / 1e9 > settled_after(changed):
+                self.seen[(uid, directory)] = changed
+
+    def after_task(self, uid, ended):
+        """`ended`: every process of the uid has gone (its task was reaped)."""
+        self.remove(uid)
+        if ended:
+            self.clean.add(uid)
 
     def remove(self, uid):
         removed = remove_ipc_of(uid)
@@ -4147,7 +4173,7 @@ class Sandbox(object):
         """The jail of a task about to start: the request's "jail" field."""
         uid = self.task_uid()
         if self.own_uids():
-            self.leftovers.remove(uid)
+            self.leftovers.before_task(uid)
         gid = self.gid if self.gid is not None else uid
         staged = task.workdir      # files: made and filled by the worker (Files.stage)
         try:
@@ -4279,7 +4305,7 @@ class Sandbox(object):
             # first, and a second slot's may not run again for days, while
             # its files in /dev/shm hold the device's memory.
             if self.own_uids():
-                self.leftovers.remove(jail["uid"])
+                self.leftovers.after_task(jail["uid"], ended=task.reaped)
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         if task.workdir is not None:      # else files took it for an upload (upload_first)
