@@ -2425,8 +2425,9 @@ class ProcessTask(Task):
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
                           device_fault=cannot_start_here(e))
             return
-        if self.proc.pid is not None and self.watched_group():   # a spawned one: told
-            worker.watchdog.group_started(self.proc.pid)              # when the spawner answers
+        # A spawned one's pid comes with the spawner's answer (Spawner.started).
+        if self.proc.pid is not None and self.watched_group():
+            worker.watchdog.group_started(self.proc.pid)
         self.memory_limit = worker.options.max_memory
         self.file_limit = worker.options.max_file_size
         self.cap = worker.options.output_cap
