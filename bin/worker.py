@@ -2425,7 +2425,8 @@ class ProcessTask(Task):
             worker.finish(self, OUTCOME_FAILED, error="cannot start: %s" % e,
                           device_fault=cannot_start_here(e))
             return
-        if self.proc.pid is not None:     # a spawned one: told when the spawner answers
+        # A spawned one's pid comes with the spawner's answer (Spawner.started).
+        if self.proc.pid is not None and self.watched_group():
             worker.watchdog.group_started(self.proc.pid)
         self.memory_limit = worker.options.max_memory
         self.file_limit = worker.options.max_file_size
@@ -2600,7 +2601,8 @@ class ProcessTask(Task):
         """Take what os.wait4() says (the spawner sends the same, in numbers)."""
         _, status, usage = wait_status
         self.reaped = True
-        worker.watchdog.group_ended(self.proc.pid)
+        if self.watched_group():
+            worker.watchdog.group_ended(self.proc.pid)
         worker.sandbox.end(worker, self)       # whatever it left running, however detached
         self.exit_code = exit_code(status)
         self.proc.returncode = self.exit_code    # so subprocess never waits for it again
@@ -2719,11 +2721,18 @@ class ProcessTask(Task):
             try:
                 self.record_exit(worker, os.wait4(self.proc.pid, 0))
             except ChildProcessError:
-                worker.watchdog.group_ended(self.proc.pid)
+                if self.watched_group():
+                    worker.watchdog.group_ended(self.proc.pid)
         for fd in list(getattr(self, "pipes", ())):
             self.close_pipe(worker, fd)
         if not spawned:
             self.remove_workdir(worker)
+
+    def watched_group(self):
+        """Whether the watchdog hears of its process group: not for a task of
+        a uid of its own, every process of which it kills (Sandbox.tell_watchdog;
+        two writes and wakes of the watchdog less per task)."""
+        return not (self.jail or {}).get("own_uid")
 
     def remove_workdir(self, worker):
         """Give back its directory, uid and cgroup (see Sandbox.close)."""
@@ -3488,6 +3497,20 @@ def kill_uid_through_proc(uid):
             return
 
 
+def uid_alive(uid):
+    """Whether a process of `uid` runs (not a zombie), as kill_uid would find it."""
+    for name in filter(str.isdigit, list_dir(PROC_ROOT)):
+        try:
+            with open(os.path.join(PROC_ROOT, name, "status"), "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f if b":" in line)
+            uids = fields[b"Uid"].split()
+            if uid in (int(uids[0]), int(uids[2])) and fields[b"State"].split()[0] != b"Z":
+                return True
+        except (OSError, KeyError, IndexError, ValueError):
+            pass
+    return False
+
+
 def kill_uid_except(uid, keep):
     """SIGKILL every process of `uid` but those of `keep` (pids), round
     after round until none is left (one may fork while we look)."""
@@ -3815,12 +3838,38 @@ class Leftovers(object):
     """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
     SysV IPC, kernel keyrings), removed when its task ends and again before
     the next task of that uid starts: task uids are reused, and a task must
-    not read another's files (nor the disk or memory keep them). A directory is read again only when it changed since
-    that uid's last look (a busy /tmp costs ~1 ms to scan)."""
+    not read another's files (nor the disk or memory keep them). Before,
+    only when the last removal may have missed some: the uid's first task
+    in this run of the worker, or one whose processes may have outlived its
+    end (an abandoned task's). After a removal made once all of them had
+    gone, nothing of the uid has run since. A directory is read again only
+    when it changed since that uid's last look (a busy /tmp costs ~1 ms to
+    scan)."""
 
     def __init__(self, directories=SHARED_TEMP_DIRS):
         self.directories = directories
         self.seen = {}       # (uid, directory) -> its mtime (ns) at that uid's last look
+        self.clean = set()   # uids with none left: removed since their processes all ended
+
+    def before_task(self, uid):
+        """The uid has none left, as of each directory's time now."""
+        if uid not in self.clean:
+            self.remove(uid)
+            return
+        self.clean.discard(uid)
+        for directory in self.directories:
+            try:
+                changed = os.stat(directory).st_mtime_ns
+            except OSError:
+                continue
+            if time.time() - changed / 1e9 > settled_after(changed):
+                self.seen[(uid, directory)] = changed
+
+    def after_task(self, uid, ended):
+        """`ended`: every process of the uid has gone (its task was reaped)."""
+        self.remove(uid)
+        if ended:
+            self.clean.add(uid)
 
     def remove(self, uid):
         removed = remove_ipc_of(uid)
@@ -4147,7 +4196,7 @@ class Sandbox(object):
         """The jail of a task about to start: the request's "jail" field."""
         uid = self.task_uid()
         if self.own_uids():
-            self.leftovers.remove(uid)
+            self.leftovers.before_task(uid)
         gid = self.gid if self.gid is not None else uid
         staged = task.workdir      # files: made and filled by the worker (Files.stage)
         try:
@@ -4279,7 +4328,7 @@ class Sandbox(object):
             # first, and a second slot's may not run again for days, while
             # its files in /dev/shm hold the device's memory.
             if self.own_uids():
-                self.leftovers.remove(jail["uid"])
+                self.leftovers.after_task(jail["uid"], ended=task.reaped)
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         if task.workdir is not None:      # else files took it for an upload (upload_first)
@@ -4332,6 +4381,7 @@ class SpawnedChild(object):
     doomed = False       # killed before it started: kill it as soon as it has a pid
     abandoned = False    # and its end is of no interest (ProcessTask.abandon)
     release = None       # an abandoned one's: gives its task's uid back, once it has ended
+    watched = True       # the watchdog hears of its group (ProcessTask.watched_group)
 
     def __init__(self, stdout, stderr):
         self.stdout, self.stderr = stdout, stderr
@@ -4409,6 +4459,7 @@ class Spawner(object):
             os.close(out_w)
             os.close(err_w)
         child = SpawnedChild(os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0))
+        child.watched = not request.get("jail", {}).get("own_uid")
         self.starting.append(child)
         return child
 
@@ -4450,7 +4501,8 @@ class Spawner(object):
                     self.releases[pid] = child.release
                 return
         self.children.add(pid)
-        worker.watchdog.group_started(pid)
+        if child.watched:
+            worker.watchdog.group_started(pid)
 
     def ended(self, pid, status, usage):
         release = self.releases.pop(pid, None)
@@ -4497,7 +4549,8 @@ class Spawner(object):
         kill_group(child.pid)
         if child.pid in self.children:
             self.children.discard(child.pid)
-            worker.watchdog.group_ended(child.pid)
+            if child.watched:
+                worker.watchdog.group_ended(child.pid)
             if child.release is not None:
                 self.releases[child.pid] = child.release
         elif child.release is not None:
@@ -5473,12 +5526,11 @@ class Watchdog(object):
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        if self.ended:           # not to be killed, nor named as orphans
-            try:
-                os.write(fd, self.ended)
-            except OSError:
-                pass
-            self.ended = b""
+        try:        # the ended, not to be killed nor named as orphans; then "." (see watch)
+            os.write(fd, self.ended + b".\n")
+        except OSError:
+            pass
+        self.ended = b""
         os.close(fd)
         give_up = time.monotonic() + WATCHDOG_EXIT_WAIT
         while time.monotonic() < give_up:
@@ -5497,7 +5549,7 @@ def watch(read_fd):
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     close_all_but(read_fd)
-    groups, pending = set(), b""
+    groups, pending, stopping = set(), b"", False
     while True:
         try:
             chunk = os.read(read_fd, 4096)
@@ -5508,17 +5560,24 @@ def watch(read_fd):
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
         for line in lines:
-            (groups.add if line[:1] == b"+" else groups.discard)(line[1:])
+            if line[:1] == b"+":
+                groups.add(line[1:])
+            elif line[:1] == b"-":
+                groups.discard(line[1:])
+            stopping = stopping or line == b"."     # it ended its tasks itself
     killed = [int(pgid) for pgid in sorted(groups) if pgid.isdigit() and kill_group(int(pgid))]
-    if killed:
-        log("warning", "orphans_killed", pgids=killed)
     # What the sandbox knows of the tasks (see Sandbox.tell_watchdog): all they started.
     cgroups = [entry[1:].decode() for entry in groups if entry[:1] == b"C"]
     for path in cgroups:
         TaskCgroups.kill(path)
-    for entry in groups:
-        if entry[:1] == b"U" and entry[1:].isdigit():
-            kill_uid(int(entry[1:]))
+    uids = [int(entry[1:]) for entry in sorted(groups)
+            if entry[:1] == b"U" and entry[1:].isdigit()]
+    # A task of a uid of its own is told by its uid alone (ProcessTask.watched_group).
+    running = [] if stopping else [uid for uid in uids if uid_alive(uid)]
+    for uid in uids:
+        kill_uid(uid)
+    if killed or running:
+        log("warning", "orphans_killed", pgids=killed, uids=running)
     for path in cgroups:      # and the worker's own, once the last is gone
         TaskCgroups().sweep(os.path.dirname(path))
 

@@ -217,7 +217,7 @@ def latency(cluster, meter, http, count):
 def start_worker(cluster, device_id, private_tmp, *extra):
     """cluster.start_worker, or the same worker with a /tmp of its own (a
     mount namespace with a tmpfs there): on a machine shared with other work,
-    /tmp changes all the time, and the worker then reads it before each task
+    /tmp changes all the time, and the worker then reads it after each task
     (Leftovers), which a device's quiet /tmp spares it."""
     if not private_tmp:
         return cluster.start_worker(device_id, *extra)

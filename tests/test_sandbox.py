@@ -532,3 +532,39 @@ def test_a_look_at_a_directory_settled_a_tenth_of_a_second_ago_is_remembered(mod
         assert reads == [directory, directory], "a change not seen"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_uid_whose_last_task_ended_whole_is_not_looked_at_again_before_its_next(
+        module, monkeypatch):
+    """A task uid's leftovers go when its task ends; before its next task
+    they are looked for again only when that removal may have missed some:
+    the uid's first task in this worker's life, or a task whose processes
+    may not all have ended (an abandoned one's). Else nothing of the uid
+    has run since: the look cost two passes over /proc/sysvipc, the keys
+    and every shared directory per task. What the next task leaves is still
+    found at its end: a directory it changed is read."""
+    if not IS_ROOT:
+        pytest.skip("a file of another uid needs root")
+    directory = tempfile.mkdtemp(prefix="rc-test-leftovers-")
+    looks = []
+    monkeypatch.setattr(module, "remove_ipc_of", lambda uid: looks.append(uid) or 0)
+    monkeypatch.setattr(module, "remove_keys_of", lambda uid: 0)
+    uid = 59000 + random.randrange(200)
+    try:
+        leftovers = module.Leftovers(directories=(directory,))
+        leftovers.before_task(uid)
+        assert looks == [uid], "the uid's first task in this worker: looked for"
+        leftovers.after_task(uid, ended=True)
+        assert looks == [uid, uid]
+        time.sleep(module.LEFTOVERS_SETTLED + 0.1)     # settled, whatever the timestamps
+        leftovers.before_task(uid)
+        assert looks == [uid, uid], "looked for though nothing of the uid ran since"
+        left = os.path.join(directory, "left-by-the-task")
+        open(left, "w").close()
+        os.chown(left, uid, uid)
+        leftovers.after_task(uid, ended=False)
+        assert not os.path.exists(left), "what the task left stayed"
+        leftovers.before_task(uid)
+        assert looks == [uid, uid, uid, uid], "not looked for after a task that may live on"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
