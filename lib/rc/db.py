@@ -639,6 +639,31 @@ MIGRATIONS = [
            "new_unsuccessful": sql_one_of("NEW.state",
                                           [s for s in TERMINAL_STATES if s != COMPLETED]),
            "now": NOW},
+
+    # 26: task_events' ids never come again. Without AUTOINCREMENT an id is
+    # the largest one plus 1, so pruning the newest events (a cluster idle
+    # past task_retention) handed their ids to the next ones, and a result
+    # stream or `rc map`, reading past the id it saw last, never saw them.
+    # The table is made anew (SQLite cannot add AUTOINCREMENT); the triggers
+    # that write it name it, so the rename leaves them be (legacy mode).
+    """
+    PRAGMA legacy_alter_table=ON;
+    CREATE TABLE task_events_rising (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id    INTEGER NOT NULL REFERENCES tasks(task_id),
+        time       REAL NOT NULL,
+        attempt    INTEGER NOT NULL,
+        state      TEXT NOT NULL,
+        device_id  TEXT,
+        reason     TEXT
+    );
+    INSERT INTO task_events_rising(id, task_id, time, attempt, state, device_id, reason)
+        SELECT id, task_id, time, attempt, state, device_id, reason FROM task_events;
+    DROP TABLE task_events;
+    ALTER TABLE task_events_rising RENAME TO task_events;
+    PRAGMA legacy_alter_table=OFF;
+    CREATE INDEX task_events_by_task ON task_events(task_id, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -56,12 +56,8 @@ def prune_tasks(connection, retention, now):
         connection.execute("DELETE FROM tasks WHERE task_id IN (%s)" % marks, ids)
     # Oldest first, in the order of the tasks_finished index: ordered by
     # task_id, SQLite walks the whole table (inside the write transaction).
-    # The task of the newest event stays: an event's id is the largest one
-    # plus 1 (INTEGER PRIMARY KEY), so with it gone the next events would take
-    # ids a result stream or `rc map` has read past, and never be seen.
     return delete_in_chunks(
         connection, "SELECT task_id FROM tasks WHERE finished_at < ? AND state IN (%s)"
-        " AND task_id IS NOT (SELECT task_id FROM task_events ORDER BY id DESC LIMIT 1)"
         " ORDER BY finished_at" % db.sql_list(TERMINAL_STATES), now - retention, delete)
 
 
