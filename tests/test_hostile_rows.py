@@ -39,6 +39,19 @@ def test_numbers_in_range_and_digits_in_text_pass():
     assert protocol.decode(frame)["data"]["n"] == 2 ** 63 - 1
 
 
+@pytest.mark.parametrize("frame", [
+    b'{"message_type":"heartbeat","message_type":"register","data":{}}',
+    b'{"message_type":"task_result","data":{"files_inline":[{"size":1,"size":2}]}}',
+    b'{"message_type":"task_result","data":{"x":1,"x":1}}'])
+def test_a_key_twice_is_refused_in_a_compact_frame_too(frame):
+    """decode() leaves out its duplicate-key parse for a frame that is
+    exactly what orjson writes of it: a compact one with a key twice is not."""
+    with pytest.raises(ProtocolError, match="duplicate key"):
+        protocol.decode(frame)
+    once = orjson.dumps(orjson.loads(frame))
+    assert protocol.decode(once) == orjson.loads(frame)
+
+
 def test_field_checks_bounds_and_names_the_field():
     assert protocol.field({"slots": 4}, "slots", int, low=0) == 4
     for value in (-1, 2 ** 63):

@@ -103,6 +103,41 @@ def make_dir(path):
         os.makedirs(path, mode=0o700, exist_ok=True)
 
 
+def partial_path(config, name):
+    """Where the partial file `name` goes, its directory not looked at:
+    whoever creates the file makes the directory if the creation says it is
+    missing (create_in), a system call less per blob than partial_dir()."""
+    return os.path.join(root(config), PARTIAL_DIR, name)
+
+
+def create_in(path, create):
+    """create(path), and again once its directory is made if it said that
+    was missing: the store's directories are there nearly always, and a
+    stat of each before every blob was most of their cost (rc-web's upload
+    threads hand the GIL over at each system call)."""
+    try:
+        return create(path)
+    except FileNotFoundError:
+        make_dir(os.path.dirname(path))
+        return create(path)
+
+
+def move_into_place(source, target):
+    """os.replace into a blob's directory, made only if the rename says it
+    is missing (create_in)."""
+    create_in(target, lambda path: os.replace(source, path))
+
+
+def disk_free(path):
+    """Free bytes on the disk that holds the directory `path`, made if it
+    is missing (create_in)."""
+    try:
+        return shutil.disk_usage(path).free
+    except FileNotFoundError:
+        make_dir(path)
+        return shutil.disk_usage(path).free
+
+
 # -- names inside a task directory -------------------------------------------------------
 
 MAX_PATH_BYTES = 4096
@@ -205,8 +240,7 @@ def check_room(connection, config, size, sha256=None, partial=None):
         raise FileStoreError("quota", "a file of %d bytes does not fit: the store holds %d"
                              " of %d bytes, uploads under way included (files_quota_mb=%d)"
                              % (size, held, quota, config.files_quota_mb))
-    make_dir(root(config))
-    free = shutil.disk_usage(root(config)).free
+    free = disk_free(root(config))
     if free < size + DISK_RESERVE_BYTES:
         raise FileStoreError("disk_full", "a file of %d bytes does not fit: %d bytes free on"
                              " the main node's disk (%d kept in reserve)"
@@ -265,8 +299,7 @@ class Reservations:
                     " %d more are on their way in (uploads under way), of its quota of %d"
                     " (files_quota_mb=%d); try again once they end or files expire"
                     % (size, stored, in_flight, quota, config.files_quota_mb))
-            make_dir(root(config))
-            free = shutil.disk_usage(root(config)).free
+            free = disk_free(root(config))
             if free < reserved + size + DISK_RESERVE_BYTES:
                 raise FileStoreError(
                     "disk_full", "an upload of %d bytes does not fit on the main node's disk:"
@@ -338,7 +371,7 @@ class Writer:
     def __init__(self, config, partial_name=None, room=None):
         self.config = config
         name = partial_name or "upload-%s" % secrets.token_hex(16)
-        self.path = os.path.join(partial_dir(config), name)
+        self.path = partial_path(config, name)
         self.hash = hashlib.sha256()
         self.size = 0
         # Each upload was checked against the room when it began; uploads
@@ -348,7 +381,7 @@ class Writer:
             self._rehash()
         # Unbuffered: bytes come in large pieces, and the buffered layer cost
         # a copy, a tty check and an 8 KiB buffer per file.
-        self.file = open(self.path, "ab", buffering=0)
+        self.file = create_in(self.path, lambda path: open(path, "ab", buffering=0))
         if not partial_name:
             # Held while it is written: the lock goes with a killed writer,
             # and the sweep then removes the file (unowned()) at once. Where
@@ -426,8 +459,7 @@ class Writer:
             self.abort()
             raise FileStoreError("hash_mismatch", "expected %s got %s" % (expected, sha256))
         target = blob_path(self.config, sha256)
-        make_dir(os.path.dirname(target))
-        os.replace(self.path, target)
+        move_into_place(self.path, target)
         fsync_directory(os.path.dirname(target))
         return sha256, self.size
 
@@ -1147,23 +1179,22 @@ def write_inline_outputs(config, plan, notes):
 def write_unsynced(config, data, sha256):
     """Bytes whose SHA-256 the caller checked, into place as the blob:
     (its open descriptor, its directory) for sync_placed."""
-    path = os.path.join(partial_dir(config), "inline-%s" % secrets.token_hex(16))
+    path = partial_path(config, "inline-%s" % secrets.token_hex(16))
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        descriptor = create_in(path, lambda path: os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except OSError as e:
         raise disk_error(e)
     try:
         view, written = memoryview(data), 0
         while written < len(data):
             written += os.write(descriptor, view[written:])
-        target = blob_path(config, sha256)
-        make_dir(os.path.dirname(target))
-        os.replace(path, target)
+        move_into_place(path, blob_path(config, sha256))
     except OSError as e:
         os.close(descriptor)
         remove(path)
         raise disk_error(e)
-    return descriptor, os.path.dirname(target)
+    return descriptor, os.path.dirname(blob_path(config, sha256))
 
 
 def sync_placed(placed):

@@ -96,10 +96,15 @@ def decode(line):
 
     orjson refuses what JSON does not allow (NaN, Infinity, invalid UTF-8,
     lone surrogates, numbers out of range); a second, stdlib parse refuses
-    duplicate keys, which orjson would silently resolve to the last one."""
+    duplicate keys, which orjson would silently resolve to the last one.
+    That parse is left out for a line that is byte for byte what orjson
+    writes of what it read (as a worker's frames nearly always are): a text
+    with a key twice in an object cannot be the writing of a dict. The
+    writing costs ~1 us, the parse ~13 for a task_result here."""
     try:
         envelope = orjson.loads(line)
-        _find_duplicate_keys(line.decode("utf-8").lstrip(JSON_SPACE), 0)
+        if not written_as_read(envelope, line):
+            _find_duplicate_keys(line.decode("utf-8").lstrip(JSON_SPACE), 0)
     except (orjson.JSONDecodeError, ValueError) as e:
         raise ProtocolError("frame is not valid JSON: %s" % str(e)[:200])
     except RecursionError:
@@ -114,6 +119,14 @@ def decode(line):
         check_numbers(envelope, "frame")
     envelope.setdefault("data", {})
     return envelope
+
+
+def written_as_read(value, line):
+    """Whether orjson writes `value` (what it read from `line`) as `line`."""
+    try:
+        return orjson.dumps(value) == line
+    except orjson.JSONEncodeError:      # nested past orjson's writing depth
+        return False
 
 
 # A frame whose data holds "inline_bytes": N is followed on the wire by N
