@@ -513,7 +513,8 @@ class ResultRoutes:
         if refused:
             raise ApiError(503, refused)
         try:
-            lines = self.group_lines(group_id, self.web.connection(), after, follow)
+            lines = self.group_lines(group_id, self.web.connection(), after, follow,
+                                     self.web.still_allowed())
             body = StreamBody(lines, give_back)
         except BaseException:
             give_back()
@@ -523,7 +524,7 @@ class ResultRoutes:
         bottle.response.set_header("X-Accel-Buffering", "no")
         return body
 
-    def group_lines(self, group_id, connection, after, follow):
+    def group_lines(self, group_id, connection, after, follow, allowed=lambda: True):
         """The stream's lines. The group's tasks are read once, and only
         those not ended yet are remembered, with the largest id: a set of
         every id sent was ~90 MB a stream for a group of a million. Those
@@ -562,6 +563,8 @@ class ResultRoutes:
                                             option=orjson.OPT_APPEND_NEWLINE) for row in page)
         ended, quiet_since = [], time.monotonic()
         while True:
+            if not allowed():   # the admin token rotated: the client's reopen gets the 401
+                return
             fresh = [row for row in ended if row[0] > newest or row[0] in pending]
             if fresh:
                 pending.difference_update(row[0] for row in fresh)
