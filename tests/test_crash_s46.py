@@ -2,15 +2,21 @@
 on one real cluster: the client's cancels sent again, its early results,
 its batched chunks, `rc map --resume`, pruning that keeps the newest event,
 and `rc token --admin --rotate`."""
+import concurrent.futures
 import http.client
 import json
+import logging
+import os
 import re
+import signal
 import socket
 import time
 
 import pytest
 
 from cluster_harness import Cluster, for_the_client, online, wait_for
+from rc import client
+from test_chaos_files import halt
 
 pytestmark = pytest.mark.e2e
 
@@ -120,3 +126,39 @@ def test_streams_opened_with_the_old_admin_token_end_when_it_is_rotated(cluster)
                                   ("/stream/tasks", {"token": old})):
         with pytest.raises(AssertionError, match="401"):
             opened(cluster, path, **cookie_or_token)
+
+
+# -- 1. a map's cancels while rc-web is halted -------------------------------------------
+
+def never_run(number):      # required of a device that is not there
+    return number
+
+
+def test_a_map_s_timeout_with_rc_web_halted_raises_without_waiting_for_it(cluster, caplog):
+    caplog.set_level(logging.WARNING, "rc.client")
+    pid = None
+    try:
+        with pytest.raises(concurrent.futures.TimeoutError):
+            with client.Executor(cluster.url, cluster.token,
+                                 requirements={"device_id": "nobody"}) as executor:
+                calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
+                wait_for(lambda: len(executor.outstanding) == 2 and all(
+                    future.task_id for future in executor.outstanding), 30, "its tasks queued")
+                task_ids = sorted({future.task_id for future in executor.outstanding})
+                pid = cluster.program_pid("rc-web")
+                assert halt(pid)        # hung, not gone: its port takes connections
+                began = time.monotonic()
+                list(calls)
+        # Before: each call's cancel waited REQUEST_TIMEOUT (60 s) for an
+        # answer, one after the other: map(timeout=3) raised after 4 minutes.
+        assert time.monotonic() - began < client.REQUEST_TIMEOUT
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all(state_of(cluster, task_id) == "cancelled" for task_id in task_ids),
+             120, "the cancels sent again")
+
+
+def state_of(cluster, task_id):
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]

@@ -100,6 +100,8 @@ OUTPUT_POLL = 0.2               # seconds between its looks meanwhile
 UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
                                 # reached before that now refuses to connect (a restart,
                                 # `make stop` / `make run`): nothing of it was sent
+UNREAD_CANCEL_TIMEOUT = 5.0     # seconds a map's cancel on its way out (cancel_unread) waits
+                                # for rc-web's answer; past it, a thread sends it again
 UNREACHABLE_MAX_DELAY = 2.0     # seconds between tries at most while it refuses: a refused
                                 # connection costs neither side anything, and the main
                                 # node back is used within this, not RECONNECT_MAX_DELAY
@@ -306,7 +308,9 @@ class Http:
         (rc-web answers a key it has seen with what it queued then)."""
         delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
         if getattr(UNREAD, "cancelling", False):
-            patience = 0        # cancel_unread(): not waited for
+            # cancel_unread(): not waited for, an rc-web that hangs (halted,
+            # its disk stalled) neither: each such cancel waited REQUEST_TIMEOUT
+            patience, timeout = 0, min(timeout, UNREAD_CANCEL_TIMEOUT)
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
             if start is not None:
@@ -1991,9 +1995,19 @@ def results_in_order(futures, deadline):
                 raise
             yield value
     finally:
-        unsent.extend(future for future in reversed(futures) if not cancel_unread(future))
-        if unsent:
-            unsent[0].cluster.cancel_later(unsent)
+        # Once one cancel was not taken, the others go to the thread at once:
+        # each would wait as long (a map of 400 chunks, 400 times); and a
+        # second Ctrl-C in these cancels leaves the rest to it, not dropped.
+        left, tried = futures[::-1], 0
+        try:
+            while tried < len(left) and not unsent:
+                if not cancel_unread(left[tried]):
+                    unsent.append(left[tried])
+                tried += 1
+        finally:
+            unsent.extend(left[tried:])
+            if unsent:
+                unsent[0].cluster.cancel_later(unsent)
 
 
 UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread
