@@ -162,3 +162,30 @@ def test_a_map_s_timeout_with_rc_web_halted_raises_without_waiting_for_it(cluste
 def state_of(cluster, task_id):
     return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                               (task_id,)).fetchone()[0]
+
+
+def test_a_map_s_timeout_while_its_chunk_is_being_submitted_to_a_stopped_rc_web(cluster):
+    with client.Executor(cluster.url, cluster.token,
+                         requirements={"device_id": "nobody"}) as executor:
+        first = executor.submit(never_run, 0)          # rc-web has answered this client
+        wait_for(lambda: first.task_id, 30, "the first call queued")
+        try:
+            cluster.supervisorctl("stop", "rc-web")
+            calls = executor.map(never_run, range(4), timeout=2, chunksize=2)
+            began = time.monotonic()
+            with pytest.raises(concurrent.futures.TimeoutError):
+                list(calls)
+            # Before: the cancel of a chunk the sender was submitting waited
+            # REQUEST_TIMEOUT for its task id, then gave up in silence.
+            assert time.monotonic() - began < client.REQUEST_TIMEOUT
+        finally:
+            cluster.supervisorctl("start", "rc-web")
+        first.cancel()
+        # Its chunks, submitted once rc-web is back, are cancelled then (or never queued).
+        wait_for(lambda: count_live(cluster, "never_run") == 0, 120, "no chunk left to run")
+
+
+def count_live(cluster, text):
+    return cluster.db.execute("SELECT count(*) FROM tasks WHERE payload LIKE ? AND state NOT IN"
+                              " ('completed', 'failed', 'timed_out', 'cancelled')",
+                              ("%" + text + "%",)).fetchone()[0]

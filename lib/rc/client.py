@@ -1684,8 +1684,19 @@ class Cluster:
                 future.submit_error = concurrent.futures.CancelledError()
                 future.submitted.set()
                 return future.local_cancel()
+        # A map's cancel on its way out waits a moment for the sender's submit
+        # (it waited REQUEST_TIMEOUT a chunk, with rc-web down, then was
+        # dropped in silence and the task queued later ran): send_cancels,
+        # which sends it again, as long as the sender tries.
+        wait = UNREAD_CANCEL_TIMEOUT if getattr(UNREAD, "cancelling", False) else \
+            UNREACHABLE_WAIT + REQUEST_TIMEOUT if getattr(UNREAD, "resending", False) else \
+            REQUEST_TIMEOUT
         try:
-            task_id = future.wait_submitted(REQUEST_TIMEOUT)
+            task_id = future.wait_submitted(wait)
+        except concurrent.futures.TimeoutError:
+            if wait == REQUEST_TIMEOUT:
+                return future.cancelled()
+            raise TooSlow("its task not queued within %g s" % wait) from None
         except BaseException:
             return future.cancelled()
         state = self.http.json("POST", "/api/v1/tasks/%d/cancel" % task_id, {})["state"]
@@ -1710,6 +1721,7 @@ class Cluster:
                     " `rc cancel ID` stops one", tasks_named(futures), UNREACHABLE_WAIT)
 
     def send_cancels(self):
+        UNREAD.resending = True     # cancel_future waits for a submit in flight
         sent = []
         while True:
             with self.lock:
