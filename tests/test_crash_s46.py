@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import time
+import types
 
 import pytest
 
@@ -189,3 +190,27 @@ def count_live(cluster, text):
     return cluster.db.execute("SELECT count(*) FROM tasks WHERE payload LIKE ? AND state NOT IN"
                               " ('completed', 'failed', 'timed_out', 'cancelled')",
                               ("%" + text + "%",)).fetchone()[0]
+
+
+# -- 4. rc map --resume storing a swept --files file again ------------------------------
+
+def test_a_resumed_map_s_file_changed_as_it_is_stored_again_is_refused(cluster_home,
+                                                                       tmp_path, monkeypatch):
+    from rc import files, map_cli
+    config, connection = cluster_home
+    path = tmp_path / "f1.txt"
+    path.write_text("one\n")
+    job = types.SimpleNamespace(number=1, value=str(path),
+                                blob={"sha256": files.hash_file(str(path))[0]})
+    plan = types.SimpleNamespace(group_id=7, shared={}, to_run=[job])
+    real_hash = files.hash_file
+
+    def hash_then_change(name):         # the user saves the file just after it was read
+        digest = real_hash(name)
+        path.write_text("one, edited\n")
+        return digest
+    monkeypatch.setattr(files, "hash_file", hash_then_change)
+    # Before: the edited bytes were stored, and the task queued named the old ones.
+    with pytest.raises(map_cli.MapUsageError, match="has changed here since: run it in a new map"):
+        map_cli.restore_swept_files(connection, config, plan)
+    assert not files.exists(connection, job.blob["sha256"])

@@ -872,11 +872,16 @@ def restore_swept_files(connection, config, plan):
             continue
         why = "is not here to store again"
         if os.path.isfile(job.value):
-            if files.hash_file(job.value)[0] == job.blob["sha256"]:
-                try:
-                    files.store_path(connection, config, job.value)
-                except files.FileStoreError as e:
+            # Stored, then compared: a file that changed between a check and
+            # the store was stored as its new bytes, and the task queued
+            # named the old ones, still not in the store.
+            try:
+                stored, _ = files.store_path(connection, config, job.value)
+            except files.FileStoreError as e:
+                if e.code != "hash_mismatch":       # that one: it changed as it was read
                     raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
+                stored = None
+            if stored == job.blob["sha256"]:
                 continue
             why = "has changed here since"
         raise MapUsageError("input %d (%s): its file %s, and %s: run it in a new map"
