@@ -10,12 +10,13 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 import types
 
 import pytest
 
-from cluster_harness import Cluster, for_the_client, online, wait_for
+from cluster_harness import RC, Cluster, for_the_client, online, wait_for
 from rc import client
 from test_chaos_files import halt
 
@@ -214,3 +215,32 @@ def test_a_resumed_map_s_file_changed_as_it_is_stored_again_is_refused(cluster_h
     with pytest.raises(map_cli.MapUsageError, match="has changed here since: run it in a new map"):
         map_cli.restore_swept_files(connection, config, plan)
     assert not files.exists(connection, job.blob["sha256"])
+
+
+def test_two_resumes_of_one_map_at_once_run_each_input_once(cluster, tmp_path):
+    import argparse
+    import io
+    from rc import commands, map_cli
+    failed = subprocess.run([RC, "map", "exit 3 {}", ":::", "a", "b"], env=cluster.env,
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=120)
+    assert failed.returncode == 2, failed.stderr
+    group_id = int(failed.stderr.split("map ", 1)[1].split(":", 1)[0])
+    arguments = argparse.Namespace(resume=group_id, into=None, keep_order=False, results=None,
+                                   progress=False, halt=None)
+    runners = []
+    for _ in range(2):          # both read the failed tasks before either queues again
+        context = commands.Context(io.StringIO(), io.StringIO(), config=cluster.config)
+        plan = map_cli.resumed_map(context, arguments)
+        assert len(plan.to_run) == 2
+        runners.append(map_cli.Runner(plan, arguments, context, None))
+    try:
+        for runner in runners:
+            runner.submit_batch()
+    finally:
+        for runner in runners:
+            runner.context.close()
+    # Before: each queued both inputs again, and each ran twice.
+    assert cluster.db.execute("SELECT count(*) FROM tasks WHERE group_id = ?",
+                              (group_id,)).fetchone()[0] == 4
+    assert sorted(runners[0].pending) == sorted(runners[1].pending)

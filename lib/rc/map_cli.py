@@ -1067,10 +1067,19 @@ class Runner:
         try:
             with db.write(connection):
                 for job, task in batch:
+                    # Another `rc map --resume` of this map, which read the same
+                    # failed task, queued it meanwhile: this one waits for that
+                    # run (each queued its own, and the input ran twice).
+                    now = connection.execute(
+                        "SELECT task_id FROM map_jobs WHERE group_id = ? AND job = ?",
+                        (group_id, job.number)).fetchone()
+                    if now is not None and now[0] != job.task_id:
+                        job.task_id = now[0]
+                        continue
                     job.task_id = tasks.insert(connection, task, group_id=group_id)
-                connection.executemany(
-                    "UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
-                    [(job.task_id, group_id, job.number) for job, _ in batch])
+                    connection.execute(
+                        "UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
+                        (job.task_id, group_id, job.number))
         except tasks.TaskError as e:
             raise MapError("map %d: %s; `rc map --resume %d` tries again"
                            % (group_id, e, group_id))
