@@ -244,3 +244,24 @@ def test_two_resumes_of_one_map_at_once_run_each_input_once(cluster, tmp_path):
     assert cluster.db.execute("SELECT count(*) FROM tasks WHERE group_id = ?",
                               (group_id,)).fetchone()[0] == 4
     assert sorted(runners[0].pending) == sorted(runners[1].pending)
+
+
+def test_a_long_poll_waiting_when_the_admin_token_is_rotated_is_refused(cluster):
+    for _ in range(5):      # until the rotation came while it waited (`rc` takes ~0.3 s)
+        status, made = submit(cluster, cluster.token, [
+            {"task_type": "echo", "payload": {"message": "w"},
+             "requirements": {"device_id": "nobody"}}])
+        assert status == 201, made
+        task_id = made["task_ids"][0]
+        connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port, timeout=90)
+        connection.request("GET", "/api/v1/tasks/%d/result?wait=60" % task_id,
+                           headers={"Authorization": "Bearer %s" % cluster.token})
+        cluster.token = cluster.rc("token", "--admin", "--rotate").stdout.split()[0]
+        cluster.rc("cancel", str(task_id))
+        answer = connection.getresponse()
+        body = answer.read()
+        connection.close()
+        if b"missing or wrong admin token" not in body:     # it waited: the case here
+            break
+    # Before: 200 and the task's result, to the old token's holder.
+    assert answer.status == 401 and b"replaced while it waited" in body, (answer.status, body)

@@ -409,6 +409,7 @@ class ResultRoutes:
             return 0.0, refused
         started = time.monotonic()
         deadline = started + seconds
+        allowed = self.web.still_allowed()
         try:
             while not progress.satisfied(until) and not self.disconnected():
                 left = deadline - time.monotonic()
@@ -418,6 +419,9 @@ class ResultRoutes:
                 progress.look_again(connection)
         finally:
             self.slots.give(self.address())
+        if not allowed():       # `rc token --admin --rotate` while it waited: not answered
+            raise ApiError(401, "the admin token this request came with was replaced while"
+                                " it waited (rc token --admin --rotate): send the new one")
         return round(time.monotonic() - started, 6), None
 
     # GET /api/v1/tasks/ID/result?wait=S
