@@ -343,15 +343,16 @@ class Web:
         a stream (a group's results with follow=1, /stream/*) opened with an
         admin token or a stream cookie went on for hours after `rc token
         --admin --rotate`, and past the cookie's expiry."""
-        mode = self.config.read_access
-        if not self.reads_audit_log() and (mode == "open" or (
-                mode == "local" and is_local_peer(bottle.request.environ))):
-            return lambda: True         # no token needed: none to lose
         given = self.given_token()
         if given is not None and self.token_matches(given):
             return lambda: self.token_matches(given)
         cookie = bottle.request.get_cookie(STREAM_COOKIE) or ""
-        return lambda: self.cookie_holds(cookie)
+        if cookie and self.cookie_holds(cookie):
+            return lambda: self.cookie_holds(cookie)
+        # Let in by read_access (open, or this machine's user): nothing to lose.
+        # (With a token or cookie too, that ends it all the same: it is opened
+        # again at once. Not is_local_peer's ~1 ms again for each long poll.)
+        return lambda: True
 
     # -- request helpers ---------------------------------------------------------
 
