@@ -2002,22 +2002,23 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                if not cancel_unread(future):   # done (it raised): nothing to cancel
-                    unsent.append(future)
+                unsent.append(future)       # until its cancel is taken: a second
+                if cancel_unread(future):   # Ctrl-C in it leaves it to the thread
+                    unsent.pop()            # (or done, it raised: nothing to cancel)
                 raise
             yield value
     finally:
         # Once one cancel was not taken, the others go to the thread at once:
         # each would wait as long (a map of 400 chunks, 400 times); and a
         # second Ctrl-C in these cancels leaves the rest to it, not dropped.
-        left, tried = futures[::-1], 0
+        rest, tried = futures[::-1], 0
         try:
-            while tried < len(left) and not unsent:
-                if not cancel_unread(left[tried]):
-                    unsent.append(left[tried])
+            while tried < len(rest) and not unsent:
+                if not cancel_unread(rest[tried]):
+                    unsent.append(rest[tried])
                 tried += 1
         finally:
-            unsent.extend(left[tried:])
+            unsent.extend(rest[tried:])
             if unsent:
                 unsent[0].cluster.cancel_later(unsent)
 
