@@ -345,14 +345,23 @@ class Web:
         --admin --rotate`, and past the cookie's expiry."""
         given = self.given_token()
         if given is not None and self.token_matches(given):
-            return lambda: self.token_matches(given)
+            return lambda: self.holds(self.token_matches, given)
         cookie = bottle.request.get_cookie(STREAM_COOKIE) or ""
         if cookie and self.cookie_holds(cookie):
-            return lambda: self.cookie_holds(cookie)
+            return lambda: self.holds(self.cookie_holds, cookie)
         # Let in by read_access (open, or this machine's user): nothing to lose.
         # (With a token or cookie too, that ends it all the same: it is opened
         # again at once. Not is_local_peer's ~1 ms again for each long poll.)
         return lambda: True
+
+    @staticmethod
+    def holds(check, credential):
+        """check(credential), False when the token file is gone (its 503):
+        a stream's body cannot answer with an error any more."""
+        try:
+            return check(credential)
+        except ApiError:
+            return False
 
     # -- request helpers ---------------------------------------------------------
 
