@@ -100,6 +100,8 @@ OUTPUT_POLL = 0.2               # seconds between its looks meanwhile
 UNREACHABLE_WAIT = 600.0        # seconds a request waits, trying again, for an rc-web it
                                 # reached before that now refuses to connect (a restart,
                                 # `make stop` / `make run`): nothing of it was sent
+UNREAD_CANCEL_TIMEOUT = 5.0     # seconds a map's cancel on its way out (cancel_unread) waits
+                                # for rc-web's answer; past it, a thread sends it again
 UNREACHABLE_MAX_DELAY = 2.0     # seconds between tries at most while it refuses: a refused
                                 # connection costs neither side anything, and the main
                                 # node back is used within this, not RECONNECT_MAX_DELAY
@@ -306,7 +308,9 @@ class Http:
         (rc-web answers a key it has seen with what it queued then)."""
         delay, cuts, began = RECONNECT_DELAY, 0, time.monotonic()
         if getattr(UNREAD, "cancelling", False):
-            patience = 0        # cancel_unread(): not waited for
+            # cancel_unread(): not waited for, an rc-web that hangs (halted,
+            # its disk stalled) neither: each such cancel waited REQUEST_TIMEOUT
+            patience, timeout = 0, min(timeout, UNREAD_CANCEL_TIMEOUT)
         start = body.tell() if hasattr(body, "read") else None     # a put's file
         while True:
             if start is not None:
@@ -1680,8 +1684,19 @@ class Cluster:
                 future.submit_error = concurrent.futures.CancelledError()
                 future.submitted.set()
                 return future.local_cancel()
+        # A map's cancel on its way out waits a moment for the sender's submit
+        # (it waited REQUEST_TIMEOUT a chunk, with rc-web down, then was
+        # dropped in silence and the task queued later ran): send_cancels,
+        # which sends it again, as long as the sender tries.
+        wait = UNREAD_CANCEL_TIMEOUT if getattr(UNREAD, "cancelling", False) else \
+            UNREACHABLE_WAIT + REQUEST_TIMEOUT if getattr(UNREAD, "resending", False) else \
+            REQUEST_TIMEOUT
         try:
-            task_id = future.wait_submitted(REQUEST_TIMEOUT)
+            task_id = future.wait_submitted(wait)
+        except concurrent.futures.TimeoutError:
+            if wait == REQUEST_TIMEOUT:
+                return future.cancelled()
+            raise TooSlow("its task not queued within %g s" % wait) from None
         except BaseException:
             return future.cancelled()
         state = self.http.json("POST", "/api/v1/tasks/%d/cancel" % task_id, {})["state"]
@@ -1706,6 +1721,7 @@ class Cluster:
                     " `rc cancel ID` stops one", tasks_named(futures), UNREACHABLE_WAIT)
 
     def send_cancels(self):
+        UNREAD.resending = True     # cancel_future waits for a submit in flight
         sent = []
         while True:
             with self.lock:
@@ -1986,14 +2002,25 @@ def results_in_order(futures, deadline):
             try:
                 value = future.result(left)
             except BaseException:
-                if not cancel_unread(future):   # done (it raised): nothing to cancel
-                    unsent.append(future)
+                unsent.append(future)       # until its cancel is taken: a second
+                if cancel_unread(future):   # Ctrl-C in it leaves it to the thread
+                    unsent.pop()            # (or done, it raised: nothing to cancel)
                 raise
             yield value
     finally:
-        unsent.extend(future for future in reversed(futures) if not cancel_unread(future))
-        if unsent:
-            unsent[0].cluster.cancel_later(unsent)
+        # Once one cancel was not taken, the others go to the thread at once:
+        # each would wait as long (a map of 400 chunks, 400 times); and a
+        # second Ctrl-C in these cancels leaves the rest to it, not dropped.
+        rest, tried = futures[::-1], 0
+        try:
+            while tried < len(rest) and not unsent:
+                if not cancel_unread(rest[tried]):
+                    unsent.append(rest[tried])
+                tried += 1
+        finally:
+            unsent.extend(rest[tried:])
+            if unsent:
+                unsent[0].cluster.cancel_later(unsent)
 
 
 UNREAD = threading.local()      # .cancelling: in cancel_unread(), this thread

@@ -872,11 +872,16 @@ def restore_swept_files(connection, config, plan):
             continue
         why = "is not here to store again"
         if os.path.isfile(job.value):
-            if files.hash_file(job.value)[0] == job.blob["sha256"]:
-                try:
-                    files.store_path(connection, config, job.value)
-                except files.FileStoreError as e:
+            # Stored, then compared: a file that changed between a check and
+            # the store was stored as its new bytes, and the task queued
+            # named the old ones, still not in the store.
+            try:
+                stored, _ = files.store_path(connection, config, job.value)
+            except files.FileStoreError as e:
+                if e.code != "hash_mismatch":       # that one: it changed as it was read
                     raise MapUsageError("input %d (%s): %s" % (job.number, shown(job.value), e))
+                stored = None
+            if stored == job.blob["sha256"]:
                 continue
             why = "has changed here since"
         raise MapUsageError("input %d (%s): its file %s, and %s: run it in a new map"
@@ -1062,10 +1067,19 @@ class Runner:
         try:
             with db.write(connection):
                 for job, task in batch:
+                    # Another `rc map --resume` of this map, which read the same
+                    # failed task, queued it meanwhile: this one waits for that
+                    # run (each queued its own, and the input ran twice).
+                    now = connection.execute(
+                        "SELECT task_id FROM map_jobs WHERE group_id = ? AND job = ?",
+                        (group_id, job.number)).fetchone()
+                    if now is not None and now[0] != job.task_id:
+                        job.task_id = now[0]
+                        continue
                     job.task_id = tasks.insert(connection, task, group_id=group_id)
-                connection.executemany(
-                    "UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
-                    [(job.task_id, group_id, job.number) for job, _ in batch])
+                    connection.execute(
+                        "UPDATE map_jobs SET task_id = ? WHERE group_id = ? AND job = ?",
+                        (job.task_id, group_id, job.number))
         except tasks.TaskError as e:
             raise MapError("map %d: %s; `rc map --resume %d` tries again"
                            % (group_id, e, group_id))

@@ -326,13 +326,42 @@ class Web:
         if not (path.startswith("/stream/") or (bottle.request.method in ("GET", "HEAD")
                                                 and COOKIE_DOWNLOAD.match(path))):
             return False
-        expires, _, proof = (bottle.request.get_cookie(STREAM_COOKIE) or "").partition(".")
+        return self.cookie_holds(bottle.request.get_cookie(STREAM_COOKIE) or "")
+
+    def cookie_holds(self, cookie):
+        expires, _, proof = cookie.partition(".")
         try:
             expires = bounded.whole(expires, "expiry")
         except ValueError:
             return False
         return expires > time.time() and hmac.compare_digest(
             proof.encode(), self.stream_proof(expires).encode())
+
+    def still_allowed(self):
+        """For a stream, as it opens (check_read let it in): a function that
+        says, as it runs, whether what let it in still holds. Checked once,
+        a stream (a group's results with follow=1, /stream/*) opened with an
+        admin token or a stream cookie went on for hours after `rc token
+        --admin --rotate`, and past the cookie's expiry."""
+        given = self.given_token()
+        if given is not None and self.token_matches(given):
+            return lambda: self.holds(self.token_matches, given)
+        cookie = bottle.request.get_cookie(STREAM_COOKIE) or ""
+        if cookie and self.cookie_holds(cookie):
+            return lambda: self.holds(self.cookie_holds, cookie)
+        # Let in by read_access (open, or this machine's user): nothing to lose.
+        # (With a token or cookie too, that ends it all the same: it is opened
+        # again at once. Not is_local_peer's ~1 ms again for each long poll.)
+        return lambda: True
+
+    @staticmethod
+    def holds(check, credential):
+        """check(credential), False when the token file is gone (its 503):
+        a stream's body cannot answer with an error any more."""
+        try:
+            return check(credential)
+        except ApiError:
+            return False
 
     # -- request helpers ---------------------------------------------------------
 
@@ -800,7 +829,8 @@ class Web:
             raise ApiError(503, refused)
         try:
             disconnected = bottle.request.environ.get("waitress.client_disconnected")
-            body = StreamBody(self.paced(make_events(), disconnected), give_back)
+            body = StreamBody(self.paced(make_events(), disconnected, self.still_allowed()),
+                              give_back)
         except BaseException:
             give_back()
             raise
@@ -809,14 +839,19 @@ class Web:
         bottle.response.set_header("X-Accel-Buffering", "no")
         return body
 
-    def paced(self, events, disconnected):
+    def paced(self, events, disconnected, allowed):
         """The stream's text: its events as they come, a comment ping when it
-        has been quiet, and an end when the client has gone."""
+        has been quiet, and an end when the client has gone or what let it
+        in no longer does (`allowed`: the browser's reconnect gets the 401)."""
         yield ("retry: %d\n\n" % STREAM_RETRY_MS).encode()
         quiet_since = time.monotonic()
         try:
             for chunk in self.contained(events, bottle.request.path):
                 if self.closing.is_set() or (disconnected and disconnected()):
+                    return
+                if not allowed():
+                    yield b": the admin token or stream session that opened this stream" \
+                          b" no longer holds\n\n"
                     return
                 if chunk:
                     quiet_since = time.monotonic()

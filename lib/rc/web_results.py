@@ -409,6 +409,7 @@ class ResultRoutes:
             return 0.0, refused
         started = time.monotonic()
         deadline = started + seconds
+        allowed = self.web.still_allowed()
         try:
             while not progress.satisfied(until) and not self.disconnected():
                 left = deadline - time.monotonic()
@@ -418,6 +419,9 @@ class ResultRoutes:
                 progress.look_again(connection)
         finally:
             self.slots.give(self.address())
+        if not allowed():       # `rc token --admin --rotate` while it waited: not answered
+            raise ApiError(401, "the admin token this request came with was replaced while"
+                                " it waited (rc token --admin --rotate): send the new one")
         return round(time.monotonic() - started, 6), None
 
     # GET /api/v1/tasks/ID/result?wait=S
@@ -513,7 +517,8 @@ class ResultRoutes:
         if refused:
             raise ApiError(503, refused)
         try:
-            lines = self.group_lines(group_id, self.web.connection(), after, follow)
+            lines = self.group_lines(group_id, self.web.connection(), after, follow,
+                                     self.web.still_allowed())
             body = StreamBody(lines, give_back)
         except BaseException:
             give_back()
@@ -523,7 +528,7 @@ class ResultRoutes:
         bottle.response.set_header("X-Accel-Buffering", "no")
         return body
 
-    def group_lines(self, group_id, connection, after, follow):
+    def group_lines(self, group_id, connection, after, follow, allowed=lambda: True):
         """The stream's lines. The group's tasks are read once, and only
         those not ended yet are remembered, with the largest id: a set of
         every id sent was ~90 MB a stream for a group of a million. Those
@@ -562,6 +567,8 @@ class ResultRoutes:
                                             option=orjson.OPT_APPEND_NEWLINE) for row in page)
         ended, quiet_since = [], time.monotonic()
         while True:
+            if not allowed():   # the admin token rotated: the client's reopen gets the 401
+                return
             fresh = [row for row in ended if row[0] > newest or row[0] in pending]
             if fresh:
                 pending.difference_update(row[0] for row in fresh)
