@@ -152,6 +152,25 @@ def test_the_worker_port_and_rc_files_listen_on_an_ipv6_host(tmp_path, module, p
     assert "Traceback" not in output, output
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_an_ipv4_client_of_the_worker_port_on_every_address_is_named_by_its_ipv4(tmp_path):
+    """On tcp_host "::" an IPv4 client came as ::ffff:127.0.0.1, and the logs
+    and the audit named it so (rc-web, rc-files alike: throttle.as_accepted)."""
+    process, config = program_at(tmp_path, "rc.server", tcp_host="::")
+    try:
+        first_line_from(process, config.tcp_port)
+        with socket.create_connection(("127.0.0.1", config.tcp_port), timeout=5) as sock:
+            sock.makefile("rb").readline()
+            sock.sendall(b"{not json\n")
+            assert sock.recv(65536) is not None      # its error, or the close
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+    named = [json.loads(line)["address"] for line in output.splitlines()
+             if '"bad_frame"' in line]
+    assert named and named[0].startswith("127.0.0.1:"), output
+
+
 @pytest.mark.parametrize("module", ["rc.server", "rc.transfer"])
 def test_a_host_it_cannot_listen_on_is_one_line_naming_it(tmp_path, module):
     process, config = program_at(tmp_path, module, tcp_host="192.0.2.1")   # TEST-NET-1

@@ -441,6 +441,7 @@ class Server:
             except OSError as e:    # out of descriptors: keep serving those we have
                 self.log_limited("error", "accept_failed", "listener", error=str(e))
                 return
+            address = throttle.as_accepted(address)
             try:
                 self.take(sock, address)
             except Exception as e:

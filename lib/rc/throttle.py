@@ -77,6 +77,15 @@ class Throttle:
         return entry
 
 
+def as_accepted(address):
+    """accept()'s address with an IPv4 client of a socket on "::" as the
+    IPv4 address it is: ("::ffff:10.0.0.7", port) was written so in the
+    logs and the audit, and was not loopback to read_access=local."""
+    if address[0].startswith("::ffff:") and "." in address[0]:
+        return (address[0][len("::ffff:"):],) + tuple(address[1:2])
+    return address
+
+
 def address_key(address):
     """Whose connection this is, for a limit per address: an IPv4 address,
     or an IPv6 address's /64."""

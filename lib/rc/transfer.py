@@ -106,6 +106,7 @@ class FilesServer:
             self.tell_held_back()
             try:
                 sock, address = self.listener.accept()
+                address = throttle.as_accepted(address)
             except socket.timeout:
                 continue
             except OSError as e:        # out of descriptors, say: wait, go on

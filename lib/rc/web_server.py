@@ -34,7 +34,7 @@ from waitress.task import ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from rc import tls
-from rc.throttle import address_key
+from rc.throttle import address_key, as_accepted
 
 # Seconds a request's thread, its answer sent, waits on the connection for
 # the client's next request and serves it itself (see Channel.linger): a
@@ -681,11 +681,7 @@ class Server(TcpWSGIServer):
         except OSError as e:      # a connection reset before we took it, or no file left
             self.log("info", "web_accept_failed", "", error=str(e))
             return
-        if addr[0].startswith("::ffff:") and "." in addr[0]:
-            # An IPv4 client of a socket on "::" is the IPv4 address it is
-            # (REMOTE_ADDR, the audit log): ::ffff:127.0.0.1 was not loopback
-            # to read_access=local, and /proc/net/tcp has its socket as IPv4.
-            addr = (addr[0][len("::ffff:"):], addr[1])
+        addr = as_accepted(addr)    # REMOTE_ADDR; /proc/net/tcp has it as IPv4 too
         key = address_key(addr[0])
         if self.over_address_limit(key):
             return self.refuse(conn, key)
