@@ -308,6 +308,21 @@ def with_the_local_worker(home):
         cluster.stop()
 
 
+def with_one_worker(home, device_id, slots, **settings):
+    """For a module-scoped fixture: a cluster whose one worker is
+    `device_id` with `slots` (the local worker stopped), online, the client's
+    url and token on it; stopped after."""
+    cluster = Cluster(home, **settings)
+    cluster.start()
+    try:
+        cluster.supervisorctl("stop", "rc-worker")
+        cluster.start_worker(device_id, "--slots", str(slots))
+        wait_for(lambda: device_id in online(cluster), 30, "the worker online")
+        yield for_the_client(cluster)
+    finally:
+        cluster.stop()
+
+
 def wait_all_finished(cluster, task_ids, timeout):
     def finished():
         rows = cluster.db.execute("SELECT count(*) FROM tasks WHERE task_id IN (%s)"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cluster_harness import RC, Cluster, online, wait_for
+from cluster_harness import RC, online, wait_for, with_one_worker
 from rc import client, db, files, state_dir
 from rc.states import TERMINAL_STATES
 from test_chaos_files import halt, halted_when, kill_program
@@ -29,15 +29,7 @@ BIG = 64 * 1024 * 1024      # bytes: more than the sockets hold, so a transfer i
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("crash44"))
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
-        cluster.start_worker(DEVICE, "--slots", "4")
-        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from with_one_worker(tmp_path_factory.mktemp("crash44"), DEVICE, 4)
 
 
 def group_count(cluster, sql, group_id):

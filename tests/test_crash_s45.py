@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from cluster_harness import (RC, Cluster, assert_one_terminal_state_each, for_the_client,
-                             log_records, online, wait_all_finished, wait_for)
+from cluster_harness import (RC, assert_one_terminal_state_each, log_records,
+                             wait_all_finished, wait_for, with_one_worker)
 from rc import client, files, housekeeping
 from test_chaos_files import halt, kill_program
 
@@ -26,15 +26,7 @@ DAY = 86400.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("crash45"))
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
-        cluster.start_worker(DEVICE, "--slots", "4")
-        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
-        yield for_the_client(cluster)
-    finally:
-        cluster.stop()
+    yield from with_one_worker(tmp_path_factory.mktemp("crash45"), DEVICE, 4)
 
 
 def post(cluster, path, body, key):

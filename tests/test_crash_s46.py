@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from cluster_harness import RC, Cluster, for_the_client, online, wait_for
+from cluster_harness import RC, wait_for, with_one_worker
 from rc import client
 from test_chaos_files import halt
 
@@ -29,15 +29,7 @@ DEVICE = "crash46"
 def cluster(tmp_path_factory):
     # read_access "token": a loopback reader of the main node's user needs
     # no token otherwise, and the token test has one to lose.
-    cluster = Cluster(tmp_path_factory.mktemp("crash46"), read_access="token")
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
-        cluster.start_worker(DEVICE, "--slots", "4")
-        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
-        yield for_the_client(cluster)
-    finally:
-        cluster.stop()
+    yield from with_one_worker(tmp_path_factory.mktemp("crash46"), DEVICE, 4, read_access="token")
 
 
 def opened(cluster, path, token=None, cookie=None):

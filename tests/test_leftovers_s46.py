@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cluster_harness import WORKER, Cluster, for_the_client, log_records, online, wait_for
+from cluster_harness import WORKER, log_records, online, wait_for, with_one_worker
 from rc import client, files
 from rc import config as config_module
 from rc.defaults import DEFAULTS
@@ -29,15 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("leftovers46"))
-    cluster.start()
-    try:
-        cluster.supervisorctl("stop", "rc-worker")     # one worker: this module's
-        cluster.start_worker(DEVICE, "--slots", "2")
-        wait_for(lambda: DEVICE in online(cluster), 30, "the worker online")
-        yield for_the_client(cluster)
-    finally:
-        cluster.stop()
+    yield from with_one_worker(tmp_path_factory.mktemp("leftovers46"), DEVICE, 2)
 
 
 def ready(cluster):
