@@ -1,0 +1,55 @@
+"""Session 47's attacks on what landed in session 46: each test is a fault
+found, and fails without its fix."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from test_worker_identity import load_worker_module
+
+
+@pytest.fixture
+def module():
+    return load_worker_module()
+
+
+def watched_directory(module, monkeypatch):
+    # Only the directories: never the test machine's IPC and keyrings.
+    monkeypatch.setattr(module, "remove_ipc_of", lambda uid: 0)
+    monkeypatch.setattr(module, "remove_keys_of", lambda uid: 0)
+    directory = tempfile.mkdtemp(prefix="rc-test-s47-")
+    leftovers = module.Leftovers(directories=(directory,))
+    if not leftovers.watch():
+        shutil.rmtree(directory)
+        pytest.skip("no inotify here")
+    return directory, leftovers
+
+
+def test_a_followed_directory_replaced_then_changed_does_not_raise(module, monkeypatch):
+    """A shared directory replaced since its watch was set (renamed away and
+    made again, or mounted over) is no longer followed: follows() forgot its
+    names. An event on the old one (a process still in it) then raised
+    KeyError in read(), out of the end of every task after (Sandbox.close:
+    its uid never idle again, its directory never given back)."""
+    if os.geteuid() != 0:
+        pytest.skip("gives a file away (chown): root only")
+    directory, leftovers = watched_directory(module, monkeypatch)
+    task = 59993
+    old = directory + "-old"
+    try:
+        leftovers.remove(task + 1)       # read whole: followed
+        assert leftovers.watching.follows(directory)
+        os.rename(directory, old)                    # replaced ...
+        os.mkdir(directory)
+        leftovers.remove(task + 1)       # ... and seen so: looked at by its mtime
+        assert not leftovers.watching.follows(directory)
+        open(os.path.join(old, "late"), "w").close()   # an event on the old one
+        open(os.path.join(directory, "left"), "w").close()
+        os.chown(os.path.join(directory, "left"), task, task)
+        leftovers.remove(task)
+        assert os.listdir(directory) == [], "the directory's leftovers stayed"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
