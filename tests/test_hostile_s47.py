@@ -53,3 +53,26 @@ def test_a_followed_directory_replaced_then_changed_does_not_raise(module, monke
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.mark.parametrize("rules, named", [
+    ('[{"rule": ["device_offline"]}]', "must be one of"),
+    ('[{"rule": {"device_offline": 1}}]', "must be one of"),
+    ('[{"rule": "device_offline", "after": NaN}]', "after must be a number"),
+    ('[{"rule": "failure_rate", "window": Infinity}]', "window must be a number"),
+    ('[{"rule": "failure_rate", "above": 1e999}]', "above must be a number"),
+    ('[{"rule": "failure_rate", "above": 2}]', "above must be a rate")])
+def test_alert_rules_json_allows_but_no_rule_can_use_are_refused_in_one_line(
+        tmp_path, monkeypatch, rules, named):
+    """The alerts rules are checked as the file is read (make run, every rc
+    command): a rule named by a list raised TypeError out of config.load (a
+    traceback from `rc status`), and NaN or Infinity (json reads both) went
+    through to rc-reaper, where the rule never fired, or raised there each
+    minute ('%ds' of an infinite window)."""
+    from rc import config
+    monkeypatch.setenv("RC_HOME", str(tmp_path / "var"))
+    path = tmp_path / "rc.json"
+    path.write_text('{"alerts": %s}' % rules)
+    with pytest.raises(config.ConfigError, match=named):
+        config.load(str(path))
+

@@ -12,6 +12,7 @@ Rules:
   {"rule": "queue_stuck"}                         as `rc health` sees it
   {"rule": "failure_rate", "above": 0.5, "window": 900, "min_tasks": 10}
 """
+import math
 import os
 
 from rc import db, devices, health
@@ -42,7 +43,8 @@ def check_rules(rules):
     """The rules with their defaults filled in; ValueError names a bad one."""
     checked = []
     for rule in rules:
-        if not isinstance(rule, dict) or rule.get("rule") not in RULE_DEFAULTS:
+        if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str) \
+                or rule["rule"] not in RULE_DEFAULTS:
             raise ValueError("alert rule %r: \"rule\" must be one of %s"
                              % (rule, ", ".join(RULE_DEFAULTS)))
         unknown = sorted(set(rule) - set(RULE_DEFAULTS[rule["rule"]]) - {"rule"})
@@ -52,9 +54,11 @@ def check_rules(rules):
                                 or "no options", ", ".join(unknown)))
         options = dict(RULE_DEFAULTS[rule["rule"]], **rule)
         for name, value in options.items():
-            if name != "rule" and (isinstance(value, bool) or
-                                   not isinstance(value, (int, float)) or value < 0):
+            if name != "rule" and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not math.isfinite(value) or value < 0):
                 raise ValueError("alert rule %r: %s must be a number" % (rule, name))
+        if options.get("above", 0) > 1:         # a rate over 1 is never reached
+            raise ValueError("alert rule %r: above must be a rate, 0 to 1" % (rule,))
         checked.append(options)
     return checked
 
