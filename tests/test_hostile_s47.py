@@ -76,3 +76,25 @@ def test_alert_rules_json_allows_but_no_rule_can_use_are_refused_in_one_line(
     with pytest.raises(config.ConfigError, match=named):
         config.load(str(path))
 
+
+def test_a_failure_rate_rule_with_a_tiny_threshold_fires(cluster_home, add_device):
+    """failure_rate with a small `above` (1e-300: any failure at all) counted
+    completed tasks up to failed / above, past SQLite's integers: OverflowError
+    in rc-reaper each minute, and the alert never fired."""
+    import time
+    from rc import alerts, db, tasks
+    from rc.log import Logger
+    import io
+    config, connection = cluster_home
+    now = time.time()
+    add_device("pi", metrics={}, now=now)
+    config.alerts = [{"rule": "failure_rate", "above": 1e-300, "min_tasks": 1}]
+    ids = [tasks.submit(connection, config, "echo", {"message": "x"}) for _ in range(3)]
+    with db.write(connection):
+        for n, task_id in enumerate(ids):
+            connection.execute("UPDATE tasks SET state = 'running', device_id = 'pi',"
+                               " started_at = ? WHERE task_id = ?", (now - 5, task_id))
+            connection.execute("UPDATE tasks SET state = ?, finished_at = ? WHERE task_id = ?",
+                               ("failed" if n else "completed", now - 1, task_id))
+    fired = alerts.evaluate(connection, config, Logger("t", "info", io.BytesIO()), now + 1)
+    assert [a.message for a in fired] == ["2 of 3 tasks failed in the last 900s"]

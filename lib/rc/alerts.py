@@ -19,6 +19,7 @@ from rc import db, devices, health
 from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
+COUNT_LIMIT = 2 ** 62      # completed tasks failure_rate counts at most (SQLite's integers)
 COMMANDS_AT_ONCE = 10       # alert commands started in one minute, the last for the rest
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
                  "queue_stuck": {},
@@ -129,8 +130,9 @@ def failure_rate(connection, config, rule, now, watching_since=None):
 
 def completed_enough(failed, above):
     """How many completed tasks bring `failed` failures to a rate of `above`
-    or under (None: no number does, with `above` 0)."""
-    if not above:
+    or under (None: no number does, with `above` 0, or more than SQLite
+    counts, with an `above` as small as 1e-300)."""
+    if not above or failed / above >= COUNT_LIMIT:   # past what SQLite's LIMIT takes
         return None
     enough = int(failed / above) + 1
     while failed / (failed + enough) > above:      # float rounding, should it ever matter
