@@ -98,3 +98,15 @@ def test_a_failure_rate_rule_with_a_tiny_threshold_fires(cluster_home, add_devic
                                ("failed" if n else "completed", now - 1, task_id))
     fired = alerts.evaluate(connection, config, Logger("t", "info", io.BytesIO()), now + 1)
     assert [a.message for a in fired] == ["2 of 3 tasks failed in the last 900s"]
+
+
+def test_a_host_setting_no_address_can_have_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """make run's check of tcp_host and web_host before it starts the
+    cluster: a name with a label past 63 characters (a typo'd paste) raised
+    UnicodeError (idna) out of ports_taken, a traceback from make run."""
+    from rc import config
+    monkeypatch.setenv("RC_HOME", str(tmp_path / "var"))
+    path = tmp_path / "rc.json"
+    path.write_text('{"web_host": "%s.local"}' % ("n" * 70))
+    problem = config.ports_taken(config.load(str(path)))
+    assert problem is not None and problem.startswith("web_host is 'nnnn"), problem
