@@ -4010,6 +4010,10 @@ class DirectoryWatch(object):
             return False
         if identity(directory) != self.identities[directory]:
             del self.names[directory]
+            # Nor are the old one's events heard of (a process still in it)
+            for descriptor, watched in list(self.directories.items()):
+                if watched == directory:
+                    del self.directories[descriptor]
             return False
         return True
 

@@ -12,12 +12,14 @@ Rules:
   {"rule": "queue_stuck"}                         as `rc health` sees it
   {"rule": "failure_rate", "above": 0.5, "window": 900, "min_tasks": 10}
 """
+import math
 import os
 
 from rc import db, devices, health
 from rc.states import COMPLETED, OFFLINE
 
 COMMAND_TIMEOUT = 60.0      # seconds an alert command may run before it is killed
+COUNT_LIMIT = 2 ** 62      # completed tasks failure_rate counts at most (SQLite's integers)
 COMMANDS_AT_ONCE = 10       # alert commands started in one minute, the last for the rest
 RULE_DEFAULTS = {"device_offline": {"after": 900.0},
                  "queue_stuck": {},
@@ -42,7 +44,8 @@ def check_rules(rules):
     """The rules with their defaults filled in; ValueError names a bad one."""
     checked = []
     for rule in rules:
-        if not isinstance(rule, dict) or rule.get("rule") not in RULE_DEFAULTS:
+        if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str) \
+                or rule["rule"] not in RULE_DEFAULTS:
             raise ValueError("alert rule %r: \"rule\" must be one of %s"
                              % (rule, ", ".join(RULE_DEFAULTS)))
         unknown = sorted(set(rule) - set(RULE_DEFAULTS[rule["rule"]]) - {"rule"})
@@ -52,9 +55,11 @@ def check_rules(rules):
                                 or "no options", ", ".join(unknown)))
         options = dict(RULE_DEFAULTS[rule["rule"]], **rule)
         for name, value in options.items():
-            if name != "rule" and (isinstance(value, bool) or
-                                   not isinstance(value, (int, float)) or value < 0):
+            if name != "rule" and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not math.isfinite(value) or value < 0):
                 raise ValueError("alert rule %r: %s must be a number" % (rule, name))
+        if options.get("above", 0) > 1:         # a rate over 1 is never reached
+            raise ValueError("alert rule %r: above must be a rate, 0 to 1" % (rule,))
         checked.append(options)
     return checked
 
@@ -125,8 +130,9 @@ def failure_rate(connection, config, rule, now, watching_since=None):
 
 def completed_enough(failed, above):
     """How many completed tasks bring `failed` failures to a rate of `above`
-    or under (None: no number does, with `above` 0)."""
-    if not above:
+    or under (None: no number does, with `above` 0, or more than SQLite
+    counts, with an `above` as small as 1e-300)."""
+    if not above or failed / above >= COUNT_LIMIT:   # past what SQLite's LIMIT takes
         return None
     enough = int(failed / above) + 1
     while failed / (failed + enough) > above:      # float rounding, should it ever matter

@@ -175,6 +175,8 @@ def address_not_here(host):
             probe.bind(address)
     except OSError as e:
         return e.errno == errno.EADDRNOTAVAIL
+    except UnicodeError:          # a name no resolver takes (a label past 63 characters)
+        return True
     return False
 
 
