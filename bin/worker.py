@@ -5399,14 +5399,26 @@ def python_source(request):
     return request["exec"], request["filename"], "exec"
 
 
+# CPython 3.7-3.9's compiler recurses on C's stack for each level of an
+# expression without a limit: a chain of 30,000 `1+` (60 KB) ends it with
+# SIGSEGV under a 1 MiB stack (3.6 and 3.10 on raise RecursionError). Past
+# this size such code is compiled in the task's own process, where a crash
+# ends that task alone, not the spawner and every task it started.
+UNSAFE_COMPILE = (3, 7) <= sys.version_info[:2] <= (3, 9)
+PRE_COMPILE_MAX = 32 * 1024
+
+
 def python_code(request):
     """A Python task's code, compiled before the fork: compiling in the child
     costs it a millisecond of copied pages. None for a shell task, and for
     code that does not compile, which the child compiles again to report."""
     if "argv" in request:
         return None
+    source = python_source(request)
+    if UNSAFE_COMPILE and len(source[0]) > PRE_COMPILE_MAX:
+        return None
     try:
-        return compile(*python_source(request))
+        return compile(*source)
     except Exception:      # SyntaxError, ValueError (a NUL), RecursionError, MemoryError
         return None
 

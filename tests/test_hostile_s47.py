@@ -1,13 +1,17 @@
 """Session 47's attacks on what landed in session 46: each test is a fault
 found, and fails without its fix."""
 
+import glob
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 
 from test_worker_identity import load_worker_module
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -110,3 +114,28 @@ def test_a_host_setting_no_address_can_have_is_named_not_a_traceback(tmp_path, m
     path.write_text('{"web_host": "%s.local"}' % ("n" * 70))
     problem = config.ports_taken(config.load(str(path)))
     assert problem is not None and problem.startswith("web_host is 'nnnn"), problem
+
+
+# -- code that crashes CPython 3.7-3.9's compiler -------------------------------------------
+#
+# The spawner compiles a Python task's code before it forks (python_code). On
+# 3.7-3.9 the compiler recurses on C's stack without a limit: a chain of
+# `1+` 20,000 long (40 KB, under the 256 KiB payload limit) under a small
+# stack was SIGSEGV in the spawner, which took every task it had started
+# with it. Past PRE_COMPILE_MAX such code is compiled in the task's process.
+
+UNSAFE_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[789].*/bin/python3")))
+
+
+@pytest.mark.skipif(not UNSAFE_PYTHONS, reason="no CPython 3.7-3.9 under ~/.pyenv/versions")
+@pytest.mark.parametrize("python", UNSAFE_PYTHONS[-1:])
+def test_deep_code_is_not_compiled_in_the_spawner_of_a_3_9_worker(python):
+    probe = ("import sys; sys.path.insert(0, %r); import worker\n"
+             "print(worker.python_code({'exec': 'x = ' + '1+' * 20000 + '1', 'filename': 't'}))\n"
+             "print(worker.python_code({'exec': 'x = 1', 'filename': 't'}) is not None)\n"
+             % os.path.join(REPO, "bin"))
+    done = subprocess.run(["sh", "-c", 'ulimit -s 512 && exec "$0" -c "$1"', python, probe],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["None", "True"], done.stdout
