@@ -2,7 +2,6 @@
 an Executor's large arguments swept from the file store, absurd settings,
 a checkpoint upload that cannot fit, and a packed task's time per call."""
 import concurrent.futures
-import http.client
 import logging
 import os
 import resource
@@ -30,18 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     yield from with_one_worker(tmp_path_factory.mktemp("leftovers46"), DEVICE, 2)
-
-
-def ready(cluster):
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", cluster.config.web_port,
-                                                timeout=5)
-        connection.request("GET", "/api/v1/health")
-        connection.getresponse().read()
-        connection.close()
-        return True
-    except OSError:
-        return False
 
 
 def state_of(cluster, task_id):
