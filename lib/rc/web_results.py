@@ -404,13 +404,13 @@ class ResultRoutes:
         progress.look(connection)
         if seconds <= 0 or progress.satisfied(until):
             return 0.0, None
-        allowed = self.web.still_allowed()    # before the slot: its 503 would keep it
         refused = self.slots.take(self.address())
         if refused:
             return 0.0, refused
         started = time.monotonic()
         deadline = started + seconds
         try:
+            allowed = self.web.still_allowed()     # in here: its 503 gives the slot back
             while not progress.satisfied(until) and not self.disconnected():
                 left = deadline - time.monotonic()
                 if left <= 0:
