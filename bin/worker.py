@@ -2729,10 +2729,7 @@ class ProcessTask(Task):
             self.remove_workdir(worker)
 
     def watched_group(self):
-        """Whether the watchdog hears of its process group: not for a task of
-        a uid of its own, every process of which it kills (Sandbox.tell_watchdog;
-        two writes and wakes of the watchdog less per task)."""
-        return not (self.jail or {}).get("own_uid")
+        return group_watched(self.jail)
 
     def remove_workdir(self, worker):
         """Give back its directory, uid and cgroup (see Sandbox.close)."""
@@ -3478,20 +3475,15 @@ def kill_uid(uid):
 
 
 def kill_uid_through_proc(uid):
-    """kill_uid without a child: each process whose real or saved uid is
-    `uid` (as kill(-1) from that uid finds them), read from its status (a
-    task's process that changed uids and never ran exec is root's in /proc),
-    round after round until none is left."""
+    """kill_uid without a child: each of processes_of(uid), round after
+    round until none is left."""
     for _ in range(KILL_ROUNDS):
         found = False
-        for name in filter(str.isdigit, list_dir(PROC_ROOT)):
+        for pid, _ in processes_of(uid):
             try:
-                with open(os.path.join(PROC_ROOT, name, "status"), "rb") as f:
-                    uids = next(line for line in f if line.startswith(b"Uid:")).split()
-                if uid in (int(uids[1]), int(uids[3])):
-                    os.kill(int(name), signal.SIGKILL)
-                    found = True
-            except (OSError, StopIteration, IndexError, ValueError):
+                os.kill(pid, signal.SIGKILL)
+                found = True
+            except OSError:
                 pass
         if not found:
             return
@@ -3499,16 +3491,29 @@ def kill_uid_through_proc(uid):
 
 def uid_alive(uid):
     """Whether a process of `uid` runs (not a zombie), as kill_uid would find it."""
+    return any(state != b"Z" for _, state in processes_of(uid))
+
+
+def processes_of(uid):
+    """(pid, state letter) of each process whose real or saved uid is `uid`
+    (as kill(-1) from that uid finds them), read from its status in /proc (a
+    task's process that changed uids and never ran exec is root's there)."""
     for name in filter(str.isdigit, list_dir(PROC_ROOT)):
         try:
             with open(os.path.join(PROC_ROOT, name, "status"), "rb") as f:
                 fields = dict(line.split(b":", 1) for line in f if b":" in line)
             uids = fields[b"Uid"].split()
-            if uid in (int(uids[0]), int(uids[2])) and fields[b"State"].split()[0] != b"Z":
-                return True
+            if uid in (int(uids[0]), int(uids[2])):
+                yield int(name), fields[b"State"].split()[0]
         except (OSError, KeyError, IndexError, ValueError):
             pass
-    return False
+
+
+def group_watched(jail):
+    """Whether the watchdog hears of a task's process group: not for a task
+    of a uid of its own, every process of which it kills by the uid
+    (Sandbox.tell_watchdog; two writes and wakes of the watchdog less per task)."""
+    return not (jail or {}).get("own_uid")
 
 
 def kill_uid_except(uid, keep):
@@ -4643,7 +4648,7 @@ class Spawner(object):
             os.close(out_w)
             os.close(err_w)
         child = SpawnedChild(os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0))
-        child.watched = not request.get("jail", {}).get("own_uid")
+        child.watched = group_watched(request.get("jail"))
         self.starting.append(child)
         return child
 

@@ -700,8 +700,8 @@ def test_a_lone_result_is_read_by_the_thread_that_waits_for_it(cluster):
         assert connection.submit("echo", "first").result(60) == "first"     # opens the stream
         readers = []
         take = connection.take_result
-        connection.take_result = lambda record: readers.append(
-            threading.current_thread().name) or take(record)
+        connection.take_result = lambda record, size: readers.append(
+            threading.current_thread().name) or take(record, size)
         for n in range(5):
             assert lone_submit(connection, "echo", "x%d" % n).result(60) == "x%d" % n
         assert readers == [threading.current_thread().name] * 5

@@ -82,7 +82,7 @@ MAX_STREAM_LINE = 8 * 1024 * 1024       # bytes of one result stream line (one t
                                 # result: a worker's whole frame is at most 1 MiB)
 STREAM_PIECE = 64 * 1024        # bytes read at once of a result stream
 EARLY_MAX = 2 * BATCH_MAX_TASKS     # results held for task ids no batch's answer has named
-EARLY_MAX_BYTES = 64 * 1024 * 1024  # ... and their bytes (as JSON): only the batches on
+EARLY_MAX_BYTES = 64 * 1024 * 1024  # ... and their bytes (stream lines): only the batches on
                                 # their way may have such results; more (a main node
                                 # streaming ids it never names) are dropped, and read
                                 # again from rc-web once a batch's answer names its ids
@@ -1090,7 +1090,7 @@ class Cluster:
         self.queue = collections.deque()     # futures waiting to be sent
         self.waiting = {}                    # task id -> future, sent and not finished
         self.early = {}                      # task id -> record that came before its id
-        self.early_bytes = 0                 # ... their bytes as JSON
+        self.early_bytes = 0                 # ... their bytes as their stream lines
         self.early_dropped = False           # one came past EARLY_MAX or EARLY_MAX_BYTES
         self.group_id = None
         self.highest = 0                     # the largest task id sent so far
@@ -1575,18 +1575,17 @@ class Cluster:
             if line.strip():
                 record = stream_record(line)
                 if "task_id" in record:
-                    self.take_result(record)
+                    self.take_result(record, len(line))
         if lines:
             self.stream_failures = 0    # it works (a refusal in it is still counted)
 
-    def take_result(self, record):
+    def take_result(self, record, size):
+        """A result of the stream, `size` bytes of its line."""
         with self.lock:
             future = self.waiting.pop(record["task_id"], None)
             if future is None:
                 if record["task_id"] > self.highest:    # its batch's answer is on its way
-                    room = len(self.early) < EARLY_MAX and self.early_bytes < EARLY_MAX_BYTES
-                    size = len(json.dumps(record)) if room else 0
-                    if room and self.early_bytes + size <= EARLY_MAX_BYTES:
+                    if len(self.early) < EARLY_MAX and self.early_bytes + size <= EARLY_MAX_BYTES:
                         self.early_bytes += size - self.early.get(record["task_id"], (0, 0))[1]
                         self.early[record["task_id"]] = (record, size)
                     else:

@@ -1189,12 +1189,13 @@ def write_unsynced(config, data, sha256):
         view, written = memoryview(data), 0
         while written < len(data):
             written += os.write(descriptor, view[written:])
-        move_into_place(path, blob_path(config, sha256))
+        target = blob_path(config, sha256)
+        move_into_place(path, target)
     except OSError as e:
         os.close(descriptor)
         remove(path)
         raise disk_error(e)
-    return descriptor, os.path.dirname(blob_path(config, sha256))
+    return descriptor, os.path.dirname(target)
 
 
 def sync_placed(placed):
