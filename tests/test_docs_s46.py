@@ -313,6 +313,24 @@ def test_make_run_refuses_a_listen_address_this_machine_has_not(cluster_home):
     assert config_module.ports_taken(config) is None
 
 
+def test_make_run_refuses_a_listen_name_that_resolves_to_nothing(cluster_home, monkeypatch):
+    # A misspelt name ("nas.lan" for "nas.local") was not refused: rc-server
+    # exited with cannot_listen and make run waited 30 s for it. The
+    # resolver's answer is stood in for: a test sends no query to a name server.
+    config, _ = cluster_home
+    config.tcp_host, config.web_host = "nas.lan", "127.0.0.1"
+    config.tcp_port, config.web_port, config.files_port = free_ports(3)
+    resolve = socket.getaddrinfo
+
+    def no_such_name(host, *args, **kwargs):
+        if host == "nas.lan":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    problem = config_module.ports_taken(config)
+    assert "tcp_host is 'nas.lan', not an address of this machine" in problem
+
+
 def test_a_command_misspelt_names_the_one_meant(cluster_home):
     # argparse said "invalid choice: 'stauts' (choose from 'help', 'init',
     # ...)", all 39 of them, and not the one meant.

@@ -173,6 +173,8 @@ def address_not_here(host):
         family, address = listen_address(host, 0)
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind(address)
+    except socket.gaierror:       # a name that resolves to nothing: make run waited 30 s
+        return True
     except OSError as e:
         return e.errno == errno.EADDRNOTAVAIL
     except UnicodeError:          # a name no resolver takes (a label past 63 characters)
