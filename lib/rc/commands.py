@@ -25,7 +25,8 @@ from rc import config as rc_config
 from rc import audit, bell, bounded, db, defaults, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
-from rc import schedule_cli, tail_cli
+from rc import schedule_cli, tail_cli, task_options
+from rc.task_options import whole_number
 from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, ago,
                         battery_percent, device_metrics, device_record, device_row,
                         device_status, device_table_row, fraction, labels_text,
@@ -1627,7 +1628,7 @@ def build_parser(out):
     sub.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="give up waiting after this long (exit 1; the task goes on)")
     tail_cli.add_arguments(command("tail", cmd_tail, "a running task's output so far (-f: as"
-                                   " it comes, until it ends)"), whole_number)
+                                   " it comes, until it ends)"))
     sub = command("files", cmd_files, "the files a task reads and left (inputs, outputs,"
                   " long stdout/stderr, checkpoint)", [formats])
     sub.add_argument("task_id", type=whole_number, metavar="ID")
@@ -1638,7 +1639,7 @@ def build_parser(out):
     sub.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                      help="where to write them (default: here)")
     map_cli.add_arguments(command("map", cmd_map, "run a command once per input (arguments,"
-                                  " stdin lines or --files), as GNU Parallel"), whole_number)
+                                  " stdin lines or --files), as GNU Parallel"))
     sub = command("group", cmd_group, "each device's task of a `submit --each` (or a map's"
                   " tasks, with where each ran), side by side", [formats])
     sub.add_argument("group_id", type=whole_number, metavar="ID")
@@ -1730,7 +1731,7 @@ def build_parser(out):
     sub = command("local-worker", cmd_local_worker,
                   "run bin/worker.py here; other arguments go to the worker")
     sub.set_defaults(worker_args=[])
-    schedule_cli.add_commands(commands, out, formats, whole_number)
+    schedule_cli.add_commands(commands, out, formats)
     return parser
 
 
@@ -1739,23 +1740,9 @@ def add_submit_arguments(sub):
                      " python_eval, python_exec or shell")
     sub.add_argument("argument", nargs="?", metavar="ARG",
                      help="the message, seconds, expression, code or command")
-    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES),
-                     help="urgent before high before normal before low (default normal)")
-    sub.add_argument("--timeout", metavar="SECONDS",
-                     help="how long the task may run on its device (default task_timeout,"
-                     " 300)")
-    sub.add_argument("--retries", type=whole_number, metavar="N",
-                     help="re-runs after a device is lost while running it (default"
-                     " task_retries, 3)")
-    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
-                     help="e.g. cores=4, memory_gb=2, platform=linux, tags=gpu,"
-                     " label.disk=big")
+    task_options.add(sub, "the task's")
     sub.add_argument("--key", metavar="IDEMPOTENCY_KEY",
                      help="a second submit with the same key returns the first task")
-    sub.add_argument("--retry-on-failure", action="store_true",
-                     help="also retry when the task itself fails (non-zero exit, exception)")
-    sub.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
-                     help="start only when these tasks have completed; fail if one fails")
     sub.add_argument("--each", action="store_true",
                      help="one task on every matching online device; prints the group id")
     sub.add_argument("--include-new", action="store_true",
@@ -1779,15 +1766,6 @@ def add_submit_arguments(sub):
 
 
 # -- entry points -------------------------------------------------------------------
-
-def whole_number(text):
-    """argparse's type for counts and ids: digits only, within what SQLite
-    holds, so `--limit 99999999999999999999` is a usage error, not a traceback."""
-    try:
-        return bounded.whole(text, "the value")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
 
 NO_COMMAND_HINT = ("usage: rc COMMAND [options]   (`rc --help` lists every command,"
                    " `rc COMMAND --help` its options)\n"

@@ -31,7 +31,7 @@ import time
 import tokenize
 import types
 
-from rc import bell, db, explain, files, files_cli, health, render, tasks
+from rc import bell, db, explain, files, files_cli, health, render, task_options, tasks
 from rc.states import (ACTIVE_STATES, CANCELLED, COMPLETED, PAYLOAD_FIELD, QUEUED,
                        TERMINAL_STATES)
 
@@ -187,7 +187,7 @@ def halt_rule(text):
     return HaltRule(when, number, bool(match.group(2)), text)
 
 
-def add_arguments(sub, whole_number):
+def add_arguments(sub):
     sub.add_argument("template", nargs="?", metavar="COMMAND",
                      help="run once per input: {} is the input (quoted), {/} its base name,"
                      " {.} without extension, {/.} both, {//} its directory, {#} the job"
@@ -219,29 +219,16 @@ def add_arguments(sub, whole_number):
     sub.add_argument("--dry-run", action="store_true",
                      help="print the command each input would run, one a line, and"
                           " queue nothing (as GNU Parallel's --dry-run)")
-    sub.add_argument("--resume", type=whole_number, metavar="MAP",
+    sub.add_argument("--resume", type=task_options.whole_number, metavar="MAP",
                      help="run again the inputs of map MAP that did not complete")
-    sub.add_argument("--cancel", type=whole_number, metavar="MAP",
+    sub.add_argument("--cancel", type=task_options.whole_number, metavar="MAP",
                      help="cancel map MAP's queued tasks and stop its running ones")
     sub.add_argument("--input", action="append", metavar="PATH",
                      help="a file or directory every task gets (as submit --input)")
     sub.add_argument("--env", action="append", metavar="KEY=VALUE",
                      help="an environment variable for every task; repeatable")
     files_cli.add_package_arguments(sub, "every task's")
-    sub.add_argument("--priority", default="normal", metavar="low|normal|high|urgent",
-                     help="every task's, as submit's (default normal)")
-    sub.add_argument("--timeout", metavar="SECONDS",
-                     help="how long each task may run on its device (default task_timeout,"
-                     " 300)")
-    sub.add_argument("--retries", type=whole_number, metavar="N",
-                     help="each task's re-runs after a device is lost while running it"
-                     " (default task_retries, 3)")
-    sub.add_argument("--retry-on-failure", action="store_true",
-                     help="also retry a task that fails (non-zero exit)")
-    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
-                     help="as in submit: cores=4, platform=linux, label.disk=big")
-    sub.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
-                     help="start only when these tasks have completed")
+    task_options.add(sub, "each task's")
 
 
 # GNU Parallel's and xargs' options that rc map has not, which habit types:
@@ -1253,7 +1240,6 @@ class Runner:
         self.progress.clear()
         group_id = self.plan.group_id
         queued, active = self.counts()
-        unsubmitted = len(self.unsubmitted)
         if queued and ask(self.err, "cancel the %d queued tasks of map %d? [y/N] "
                           % (queued, group_id)):
             queued, _ = tasks.cancel_group(self.connection, group_id)

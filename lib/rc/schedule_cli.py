@@ -5,8 +5,8 @@ The web terminal runs them too: list and logs read, the rest need the
 admin token (web_access)."""
 import time
 
-from rc import bell, environments, files_cli, render, schedules, services, tasks
-from rc.states import PAYLOAD_FIELD, PRIORITIES, TASK_TYPES, TERMINAL_STATES
+from rc import bell, environments, files_cli, render, schedules, services, task_options, tasks
+from rc.states import PAYLOAD_FIELD, TASK_TYPES, TERMINAL_STATES
 
 COMMANDS = ("schedule", "service")
 READ_ACTIONS = ("list", "logs")     # what a reader may run in the web terminal
@@ -25,7 +25,7 @@ def web_access(arguments):
 
 # -- grammar ------------------------------------------------------------------------
 
-def add_commands(commands, out, formats, whole_number):
+def add_commands(commands, out, formats):
     """`schedule` and `service`, each with its actions, under rc's commands."""
     schedule = commands.add_parser("schedule", out=out, help="recurring tasks (cron):"
                                    " add, list, pause, resume, remove, run-now",
@@ -36,7 +36,7 @@ def add_commands(commands, out, formats, whole_number):
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("when", metavar="CRON",
                      help="'*/5 * * * *', @hourly, @daily, @weekly, '@every 10m'")
-    add_task_arguments(sub)
+    add_task_arguments(sub, timeout=True)
     sub.add_argument("--tz", metavar="ZONE",
                      help="read the cron line in this time zone (e.g. Europe/Paris);"
                      " default: the main node's local time")
@@ -44,10 +44,6 @@ def add_commands(commands, out, formats, whole_number):
                      help="one task on every matching online device at each firing")
     sub.add_argument("--allow-overlap", action="store_true",
                      help="fire even while the last firing's task is unfinished")
-    sub.add_argument("--timeout", metavar="SECONDS",
-                     help="how long each task may run (default task_timeout, 300)")
-    sub.add_argument("--retry-on-failure", action="store_true",
-                     help="retry the task when it fails itself")
     action(actions, out, "list", cmd_schedule_list, "the schedules, next and last firing",
            [formats])
     for name, handler, text in (
@@ -65,7 +61,7 @@ def add_commands(commands, out, formats, whole_number):
     sub = action(actions, out, "add", cmd_service_add,
                  "add a service: NAME TYPE ARG, restarted whenever it ends")
     sub.add_argument("name", metavar="NAME")
-    add_task_arguments(sub)
+    add_task_arguments(sub, timeout=False)
     sub.add_argument("--each", action="store_true",
                      help="one run on every matching device, including devices that join later")
     action(actions, out, "list", cmd_service_list, "the services and where each runs",
@@ -78,7 +74,7 @@ def add_commands(commands, out, formats, whole_number):
     sub = action(actions, out, "logs", cmd_service_logs,
                  "the last run's stdout and stderr (each place's)")
     sub.add_argument("name", metavar="NAME")
-    sub.add_argument("-n", "--lines", type=whole_number, default=services.DEFAULT_LOG_LINES,
+    sub.add_argument("-n", "--lines", type=task_options.whole_number, default=services.DEFAULT_LOG_LINES,
                      metavar="N", help="the last N lines of each stream (default %d)"
                      % services.DEFAULT_LOG_LINES)
     sub.add_argument("--json", dest="format", action="store_const", const="json",
@@ -92,17 +88,12 @@ def action(actions, out, name, handler, text, parents=()):
     return sub
 
 
-def add_task_arguments(sub):
+def add_task_arguments(sub, timeout):
     sub.add_argument("task_type", metavar="TYPE", help=", ".join(TASK_TYPES))
     sub.add_argument("argument", nargs="?", metavar="ARG",
                      help="the message, seconds, expression, code or command")
-    sub.add_argument("--priority", default="normal", metavar="|".join(PRIORITIES),
-                     help="each task's, as submit's (default normal)")
-    sub.add_argument("--retries", type=int, metavar="N",
-                     help="each task's re-runs after a device is lost while running it"
-                     " (default task_retries, 3)")
-    sub.add_argument("--require", action="append", default=[], metavar="KEY=VALUE",
-                     help="as in submit: cores=4, platform=linux, tags=gpu, label.k=v")
+    task_options.add(sub, "each run's", timeout=timeout, retry_on_failure=timeout,
+                     after=False)
     sub.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="an environment variable for the task; repeatable")
     files_cli.add_package_arguments(sub, "each run's")

@@ -4,7 +4,7 @@ node). Stdout goes to stdout and stderr to stderr, as if the task ran here;
 a terminal gets escape sequences shown as "?", since a device chose them."""
 import time
 
-from rc import db, render, tails
+from rc import db, render, tails, task_options
 from rc.states import COMPLETED, TERMINAL_STATES
 
 FIRST_REPORT_WAIT = 3.0     # seconds `rc tail` waits for a running task's first report
@@ -12,8 +12,8 @@ FOLLOW_POLL = 0.5           # seconds between two looks of `rc tail -f`
 STREAMS = (("stdout", "out"), ("stderr", "err"))
 
 
-def add_arguments(sub, whole_number):
-    sub.add_argument("task_id", type=whole_number, metavar="ID")
+def add_arguments(sub):
+    sub.add_argument("task_id", type=task_options.whole_number, metavar="ID")
     sub.add_argument("-f", "--follow", action="store_true",
                      help="go on printing its output as it comes, until it ends"
                           " (exit status 0 if it completed, else 1)")
