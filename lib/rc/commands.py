@@ -25,7 +25,7 @@ from rc import config as rc_config
 from rc import audit, bell, bounded, db, defaults, device_secrets, devices, explain, fleet
 from rc import health
 from rc import files, files_cli, housekeeping, map_cli, render, state_dir, stats, tasks, tls
-from rc import schedule_cli, tail_cli, task_options
+from rc import program, schedule_cli, tail_cli, task_options
 from rc.task_options import whole_number
 from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, ago,
                         battery_percent, device_metrics, device_record, device_row,
@@ -1573,6 +1573,7 @@ def cmd_local_worker(arguments, context):
     argv += ["--hide", config.home, "--read-only", rc_config.CHECKOUT]
     argv += config.local_worker_options + extra
     context.out.flush()
+    program.end_with_supervisord(config.run_dir)
     os.execv(sys.executable, argv)
 
 

@@ -7,14 +7,17 @@ import signal
 import sys
 
 from rc import config as config_module
-from rc import state_dir, tls
+from rc import bell, state_dir, tls
 from rc.log import Logger
+
+PR_SET_PDEATHSIG = 1        # <linux/prctl.h>: the signal this process gets when its parent dies
 
 
 def serve(name, run):
     """Run `run(config, log, should_stop)` until SIGTERM or SIGINT."""
     state_dir.keep_files_private()
     config = load_config(name)
+    end_with_supervisord(config.run_dir)
     log = Logger(name, config.log_level)
     run(config, log, StopFlag())
     log.info("stopped")
@@ -29,6 +32,28 @@ def load_config(name):
     except config_module.ConfigError as e:
         Logger(name).error("config_error", error=str(e))
         sys.exit(2)
+
+
+def end_with_supervisord(run_dir):
+    """Under supervisord, on Linux: SIGTERM to this process when supervisord
+    dies, as at `make stop`. One killed with -9 (or by the OOM killer) left
+    every program running, orphaned: `make run` then refused, saying another
+    cluster held the ports and to start this one on others (a second set of
+    programs on the same database, two local workers in one state
+    directory), and `make stop` said "not running" and stopped none. The
+    setting outlives exec (rc local-worker's worker.py keeps it), not fork."""
+    if os.environ.get("SUPERVISOR_ENABLED") != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+        with open(os.path.join(run_dir, bell.SUPERVISOR_PID_FILE)) as f:
+            supervisord = int(f.read())
+    except (AttributeError, OSError, ValueError):
+        return
+    if os.getppid() != supervisord:         # it died before the prctl: no signal will come
+        sys.exit("supervisord (pid %d) is gone" % supervisord)
 
 
 def require_state(config, log):

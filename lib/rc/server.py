@@ -2094,6 +2094,7 @@ def raise_file_limit(log):
 def main():
     keep_files_private()
     config = program.load_config("rc-server")
+    program.end_with_supervisord(config.run_dir)
     log = Logger("rc-server", config.log_level)
     program.require_state(config, log)
     raise_file_limit(log)

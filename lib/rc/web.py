@@ -33,7 +33,7 @@ import orjson
 
 from rc import audit, bell, bounded, commands, db, devices, explain, fleet, files, health, render
 from rc import device_routes, logs, records, state_dir, web_results, web_schedules, web_server
-from rc import stats, tails, tasks, throttle
+from rc import program, stats, tails, tasks, throttle
 from rc import config as rc_config
 from rc.log import LEVELS, Logger
 from rc.states import (COMPLETED, FAILED, ONLINE, PRIORITIES, TASK_STATES, TERMINAL_STATES,
@@ -1934,6 +1934,7 @@ def main():
     logger = Logger("rc-web")
     try:
         config = rc_config.load()
+        program.end_with_supervisord(config.run_dir)
         logger = Logger("rc-web", config.log_level)
         app = make_app(config, logger)
     except (rc_config.ConfigError, ValueError) as e:

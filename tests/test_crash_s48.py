@@ -1,0 +1,45 @@
+"""kill -9, restarts, full disks and time where no test looked before
+session 48, on one real cluster started as `make run` starts it (the local
+worker included): supervisord itself killed."""
+import os
+import signal
+
+import pytest
+
+from cluster_harness import (alive, assert_one_terminal_state_each, online, wait_all_finished,
+                             wait_for, with_the_local_worker)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from with_the_local_worker(tmp_path_factory.mktemp("crash48"))
+
+
+def supervisord_pid(cluster):
+    with open(os.path.join(cluster.config.run_dir, "supervisord.pid")) as f:
+        return int(f.read())
+
+
+def test_supervisord_killed_takes_its_programs_and_make_run_brings_the_cluster_back(cluster):
+    # A task running on the local worker when supervisord dies.
+    task_id = int(cluster.rc("submit", "sleep", "2", "--retries", "3").stdout.split()[0])
+    wait_for(lambda: cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                                        (task_id,)).fetchone()[0] == "running",
+             30, "the task running")
+    pids = {name: pid for name, (_, pid) in cluster.programs().items()}
+    assert all(pids.values()), pids
+    os.kill(supervisord_pid(cluster), signal.SIGKILL)
+    # Orphaned, they went on: rc-web, rc-files, rc-reaper and the local
+    # worker for good (the others at their next log line, a broken pipe),
+    # and `make run` refused, saying another cluster held the ports.
+    wait_for(lambda: not any(alive(pid) for pid in pids.values()), 30,
+             "every program of the killed supervisord to end: %s still run" % pids)
+    cluster.db.close()
+    cluster.start()
+    wait_for(lambda: online(cluster), 30, "the local worker back online")
+    wait_all_finished(cluster, [task_id], 60)
+    assert_one_terminal_state_each(cluster, [task_id])
+    assert cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0] == "completed"
