@@ -43,3 +43,23 @@ def test_supervisord_killed_takes_its_programs_and_make_run_brings_the_cluster_b
     assert_one_terminal_state_each(cluster, [task_id])
     assert cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
                               (task_id,)).fetchone()[0] == "completed"
+
+
+def test_submit_on_a_full_disk_that_takes_its_task_but_not_its_log_line_says_its_id(cluster):
+    # The database had room (its write-ahead log reuses its pages), rc-cli.log
+    # none: /dev/full fails each write as a full disk does (ENOSPC). Seen on a
+    # full tmpfs as RC_HOME: a traceback, exit 1 and no id, the task queued.
+    log_path = os.path.join(cluster.config.log_dir, "rc-cli.log")
+    os.symlink("/dev/full", log_path + ".full")
+    os.replace(log_path + ".full", log_path)
+    try:
+        done = cluster.rc("submit", "echo", "full disk", check=False)
+    finally:
+        os.unlink(log_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "cannot write %s: [Errno 28] No space left on device" % log_path in done.stderr
+    task_id = int(done.stdout)
+    assert cluster.db.execute("SELECT count(*) FROM tasks WHERE payload LIKE '%full disk%'"
+                              ).fetchone()[0] == 1
+    wait_all_finished(cluster, [task_id], 30)

@@ -173,12 +173,16 @@ class Context:
     def logger(self):
         """The web's own logger in the web terminal; otherwise rc-cli.log,
         since no supervisor files this command's stdout. A log that cannot
-        be opened is no reason to refuse the command."""
+        be opened is no reason to refuse the command, nor one that cannot be
+        written (a full disk): its lines tell of changes made already, and
+        `rc submit` said "No space left on device" with a traceback, no id,
+        of a task it had queued (sent again, it ran twice)."""
         if self._logger is None:
+            path = os.path.join(self.config.log_dir, housekeeping.CLI_LOG)
             try:
-                self._logger = Logger.appending(
-                    "rc-cli", os.path.join(self.config.log_dir, housekeeping.CLI_LOG),
-                    self.config.log_level)
+                self._logger = Logger.appending("rc-cli", path, self.config.log_level)
+                self._logger.on_write_error = lambda e: self.err.write(
+                    "rc: warning: cannot write %s: %s\n" % (path, e))
                 self._own_logger = True
             except OSError:
                 self._logger = Logger("rc-cli", "error", io.BytesIO())

@@ -40,6 +40,7 @@ class Logger:
         self.threshold = LEVELS[level]
         self.stream = sys.stdout.buffer if stream is None else stream
         self.owns_stream = False
+        self.on_write_error = None      # called with the OSError of a failed write; None: raise it
 
     @classmethod
     def appending(cls, program, path, level="info"):
@@ -66,8 +67,13 @@ class Logger:
         written = b"".join(self.line(now, level, event, fields) for level, event, fields in lines
                            if LEVELS[level] >= self.threshold)
         if written:
-            self.stream.write(written)
-            self.stream.flush()
+            try:
+                self.stream.write(written)
+                self.stream.flush()
+            except OSError as e:
+                if self.on_write_error is None:
+                    raise
+                self.on_write_error(e)
 
     def line(self, now, level, event, fields):
         record = {"time": now, "program": self.program, "level": level, "event": event}
