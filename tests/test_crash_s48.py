@@ -3,6 +3,7 @@ session 48, on one real cluster started as `make run` starts it (the local
 worker included): supervisord itself killed."""
 import os
 import signal
+import time
 
 import pytest
 
@@ -63,3 +64,40 @@ def test_submit_on_a_full_disk_that_takes_its_task_but_not_its_log_line_says_its
     assert cluster.db.execute("SELECT count(*) FROM tasks WHERE payload LIKE '%full disk%'"
                               ).fetchone()[0] == 1
     wait_all_finished(cluster, [task_id], 30)
+
+
+class ClockSetBack:
+    """time.time and time.monotonic for rc-scheduler: each look() sets the
+    wall clock back a day while a second passes."""
+
+    def __init__(self):
+        self.wall, self.mono = time.time(), 100.0
+
+    def time(self):
+        return self.wall
+
+    def monotonic(self):
+        return self.mono
+
+    def step_back(self):
+        self.wall -= 86400.0
+        self.mono += 1.0
+
+
+def test_a_clock_set_back_a_day_holds_up_no_schedule_nor_service(tmp_path, monkeypatch):
+    """rc-scheduler looked at schedules and services again when the wall
+    clock passed its last look's plus half a second: set back a day, it
+    fired no schedule and started no service again for a day."""
+    from rc import config as config_module
+    from rc import scheduler
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    looks = []
+    monkeypatch.setattr(scheduler.schedules, "fire_due", lambda *_: looks.append("s") or 0)
+    monkeypatch.setattr(scheduler.services, "tend", lambda *_: looks.append("t") or 0)
+    clock = ClockSetBack()
+    monkeypatch.setattr(scheduler, "time", clock)
+    state = {}
+    scheduler.look_after_recurring(None, config, None, None, state)
+    clock.step_back()
+    scheduler.look_after_recurring(None, config, None, None, state)
+    assert looks == ["s", "t", "s", "t"]

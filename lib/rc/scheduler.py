@@ -529,8 +529,10 @@ def look_after_recurring(connection, config, log, log_limited, state):
     """Fire the schedules that are due and keep services running
     (lib/rc/schedules.py, services.py), at most every RECURRING_INTERVAL;
     a failure is logged and tried at the next look. True when it queued
-    something."""
-    now = time.time()
+    something. By the monotonic clock: by the wall clock's, set back a day
+    (an NTP step, a clock set by hand), no schedule fired and no service
+    was started again for a day."""
+    now = time.monotonic()
     if now < state.get("recurring_at", 0.0):
         return False
     state["recurring_at"] = now + RECURRING_INTERVAL
