@@ -4,6 +4,7 @@ worker included): supervisord itself killed."""
 import os
 import signal
 import time
+import types
 
 import pytest
 
@@ -101,3 +102,35 @@ def test_a_clock_set_back_a_day_holds_up_no_schedule_nor_service(tmp_path, monke
     clock.step_back()
     scheduler.look_after_recurring(None, config, None, None, state)
     assert looks == ["s", "t", "s", "t"]
+
+
+def test_a_schedule_fires_on_after_the_clock_is_set_back_and_a_firing_come_again_runs_once(
+        tmp_path, monkeypatch):
+    """A schedule's next firing was counted from its last: set back a day,
+    a schedule of every minute fired nothing for a day."""
+    from rc import config as config_module
+    from rc import db, schedules
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    clock_file = tmp_path / "clock"
+    monkeypatch.setenv(schedules.TEST_CLOCK_VARIABLE, str(clock_file))
+    midnight = 1893456000.0         # 2030-01-01 00:00 UTC
+
+    def fire_at(moment):
+        clock_file.write_text(repr(moment))
+        schedules.fire_due(connection, config, types.SimpleNamespace(info=lambda *_, **__: None))
+        return [row[0] for row in connection.execute(
+            "SELECT idempotency_key FROM tasks ORDER BY task_id")]
+
+    clock_file.write_text(repr(midnight + 30))
+    spec = schedules.task_spec(config, "echo", {"message": "tick"})
+    schedules.add(connection, config, "tick", "* * * * *", spec, "UTC", allow_overlap=True)
+    assert fire_at(midnight + 60.5) == ["schedule:tick:%d" % (midnight + 60)]
+    # Set back 30 s: the minute that fired comes again, and fires no second task.
+    assert fire_at(midnight + 40) == ["schedule:tick:%d" % (midnight + 60)]
+    assert fire_at(midnight + 61) == ["schedule:tick:%d" % (midnight + 60)]
+    # Set back a day: the next minute fires.
+    fired = fire_at(midnight + 61 - 86400)
+    assert fire_at(midnight + 120.5 - 86400) == fired + ["schedule:tick:%d"
+                                                       % (midnight + 120 - 86400)]
+    connection.close()

@@ -372,6 +372,7 @@ def fire_due(connection, config, log, clock=None):
     """Fire every schedule whose time has come, each in its own fenced
     transaction; returns how many submitted something."""
     clock = now() if clock is None else clock
+    count_again_after_a_step_back(connection, clock)
     fired, failed = 0, []
     for row in connection.execute("SELECT name, next_fire FROM schedules"
                                   " WHERE paused = 0 AND next_fire <= ?", (clock,)).fetchall():
@@ -387,6 +388,26 @@ def fire_due(connection, config, log, clock=None):
     if failed:
         raise failed[0]            # rc-scheduler logs it (rate-limited) and looks again
     return fired
+
+
+def count_again_after_a_step_back(connection, clock):
+    """Schedules added or fired later than now: the clock was set back (an
+    NTP step, a clock set by hand). Their next firing, counted from then,
+    waited for that time to come again: `* * * * *` set back a day fired
+    nothing for a day. It is counted from now; a firing made already, its
+    time come again, has its task's key (schedule:NAME:EPOCH) and runs once."""
+    for row in connection.execute(
+            "SELECT name, cron, time_zone, created_at, next_fire FROM schedules WHERE paused = 0"
+            " AND max(created_at, coalesce(last_fired, 0), coalesce(last_run_at, 0)) > ?",
+            (clock,)).fetchall():
+        try:
+            following = next_fire(row["cron"], row["time_zone"], clock, row["created_at"])
+        except ScheduleError:
+            continue            # fire_one pauses it, saying why, when it is due
+        if following < row["next_fire"]:
+            with db.write(connection):
+                connection.execute("UPDATE schedules SET next_fire = ? WHERE name = ?"
+                                   " AND next_fire = ?", (following, row["name"], row["next_fire"]))
 
 
 def fire_one(connection, config, name, due, clock):
