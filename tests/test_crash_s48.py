@@ -1,6 +1,7 @@
 """kill -9, restarts, full disks and time where no test looked before
 session 48, on one real cluster started as `make run` starts it (the local
 worker included): supervisord itself killed."""
+import io
 import os
 import signal
 import time
@@ -134,3 +135,29 @@ def test_a_schedule_fires_on_after_the_clock_is_set_back_and_a_firing_come_again
     assert fire_at(midnight + 120.5 - 86400) == fired + ["schedule:tick:%d"
                                                        % (midnight + 120 - 86400)]
     connection.close()
+
+
+def test_alerts_fired_before_the_clock_was_set_back_silence_no_rule(cluster_home, add_device):
+    """An alert's cooldown and its once-an-outage were judged against when
+    it last fired: set back a day, every rule that had fired stayed silent
+    for a day (a failure rate of 4 in 4, a device gone since)."""
+    from rc import alerts, db, tasks
+    from rc.log import Logger
+    config, connection = cluster_home
+    config.alerts = [{"rule": "failure_rate", "above": 0.5, "min_tasks": 1, "window": 600},
+                     {"rule": "device_offline", "after": 60}]
+    log = Logger("rc-reaper", "error", io.BytesIO())
+    ahead = time.time() + 86400          # the clock a day ahead, before it is put right
+    add_device("pi", now=ahead - 120)
+
+    def gone_and_failing(now):
+        task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+        with db.write(connection):
+            connection.execute("UPDATE devices SET status = 'offline', connected = 0,"
+                               " last_seen = ?", (now - 120,))
+            connection.execute("UPDATE tasks SET state = 'failed', finished_at = ?"
+                               " WHERE task_id = ?", (now - 1, task_id))
+        return sorted(alert.rule for alert in alerts.evaluate(connection, config, log, now))
+
+    assert gone_and_failing(ahead) == ["device_offline", "failure_rate"]
+    assert gone_and_failing(ahead - 86400 + 300) == ["device_offline", "failure_rate"]

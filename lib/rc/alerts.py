@@ -161,8 +161,11 @@ def evaluate(connection, config, log, now, watching_since=None):
         for alert in found:
             row = connection.execute("SELECT fired_at FROM alert_state WHERE key = ?",
                                      (alert.key,)).fetchone()
-            if row is not None and (now - row[0] < config.alert_cooldown
-                                    or alert.since is not None and row[0] >= alert.since):
+            # An alert fired later than now tells of a clock since set back (an
+            # NTP step): kept, it silenced its rule for the whole step, a day.
+            if row is not None and row[0] <= now and (
+                    now - row[0] < config.alert_cooldown
+                    or alert.since is not None and row[0] >= alert.since):
                 continue
             connection.execute("INSERT OR REPLACE INTO alert_state(key, fired_at, message)"
                                " VALUES (?, ?, ?)", (alert.key, now, alert.message))
