@@ -161,3 +161,22 @@ def test_alerts_fired_before_the_clock_was_set_back_silence_no_rule(cluster_home
 
     assert gone_and_failing(ahead) == ["device_offline", "failure_rate"]
     assert gone_and_failing(ahead - 86400 + 300) == ["device_offline", "failure_rate"]
+
+
+def test_a_service_waiting_to_restart_when_the_clock_is_set_back_restarts(cluster_home,
+                                                                          add_device):
+    """Its run's restart time, set before the step, waited the whole step
+    (a day) though no backoff is longer than service_restart_backoff_max."""
+    from rc import schedules, services
+    from test_schedules import Log, end_run
+    config, connection = cluster_home
+    add_device("pi")
+    services.add(connection, config, "svc", schedules.task_spec(config, "shell",
+                                                                {"command": "false"}))
+    now = time.time() + 86400           # the clock a day ahead, before it is put right
+    assert services.tend(connection, config, Log(), now) == 1
+    task_id = services.get(connection, config, "svc", now)["runs"][0]["task_id"]
+    end_run(connection, task_id, "failed", now, now + 1, {"exit_code": 1}, "exit status 1")
+    services.tend(connection, config, Log(), now + 1)            # takes the end in
+    assert services.tend(connection, config, Log(), now + 1.01) == 0     # its backoff
+    assert services.tend(connection, config, Log(), now - 86400 + 10) == 1

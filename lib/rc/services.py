@@ -153,13 +153,13 @@ def chores(connection, config, service, now):
         if place not in wanted:
             continue
         task = task_of(connection, run["task_id"])
-        action = chore_for(run, task, now)
+        action = chore_for(run, task, now, config)
         if action:
             todo.append((action, place, run, task))
     return todo
 
 
-def chore_for(run, task, now):
+def chore_for(run, task, now, config):
     if task is not None and task["state"] not in TERMINAL_STATES:
         if task["state"] == RUNNING and task["cancel_requested"] == 0 \
                 and task["available"] == 0:
@@ -169,7 +169,9 @@ def chore_for(run, task, now):
         return None
     if task is not None and run["ended_task_id"] != task["task_id"]:
         return "account"
-    if run["restart_at"] <= now:
+    # A restart further away than the longest backoff was set before the
+    # clock was set back (an NTP step): the service waited the whole step.
+    if not now < run["restart_at"] <= now + config.service_restart_backoff_max:
         return "start"
     return None
 
