@@ -180,3 +180,41 @@ def test_a_service_waiting_to_restart_when_the_clock_is_set_back_restarts(cluste
     services.tend(connection, config, Log(), now + 1)            # takes the end in
     assert services.tend(connection, config, Log(), now + 1.01) == 0     # its backoff
     assert services.tend(connection, config, Log(), now - 86400 + 10) == 1
+
+
+def test_a_task_in_its_retry_backoff_when_the_clock_is_set_back_runs_at_once(tmp_path,
+                                                                             monkeypatch):
+    """Its not_before, set before the step, held it a day; and rc-scheduler,
+    which looks again without a ring when a backoff ends, judged that by
+    the wall clock too: set back a day, it looked at nothing not rung for a
+    day."""
+    from rc import config as config_module
+    from rc import db, devices, reaper, scheduler, tasks
+    from rc.log import Logger
+    config = config_module.load(environ={"RC_HOME": str(tmp_path)})
+    connection = db.open_database(config.db_path)
+    reaper_connection = db.open_database(config.db_path)
+    log = Logger("test", "error", io.BytesIO())
+    clock = ClockSetBack()
+    clock.wall += 86400                  # the clock a day ahead, before it is put right
+    data = {"device_info": {"platform": "linux", "architecture": "x86_64"},
+            "hardware_specs": {"cpu_cores": 2, "memory_gb": 4.0}, "task_types": ["echo"],
+            "slots": 1, "role": "compute"}
+    with db.write(connection):
+        devices.register(connection, "pi", data, "127.0.0.1:1", clock.wall)
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    with db.write(connection):           # in its retry's backoff, as tasks.take_back leaves it
+        connection.execute("UPDATE tasks SET not_before = ? WHERE task_id = ?",
+                           (clock.wall + 30, task_id))
+    monkeypatch.setattr(scheduler, "time", clock)
+    state = {"seen": None, "wake_at": 0.0, "turnover": scheduler.Turnover(), "rung": True,
+             "passed_at": 0.0, "cursor": scheduler.QueueCursor(), "waiting": False}
+    scheduler.one_look(connection, config, log, log, state)
+    clock.step_back()
+    clock.mono += config.poll_interval
+    reaper.sweep(reaper_connection, config, log, clock.wall)
+    state["rung"] = False                # nothing rang: the reaper's sweep rings nobody
+    scheduler.one_look(connection, config, log, log, state)
+    assert tasks.get(connection, task_id)["state"] == "assigned"
+    connection.close()
+    reaper_connection.close()

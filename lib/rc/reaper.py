@@ -52,6 +52,7 @@ def sweep(connection, config, log, now, log_limited=None):
                   (), "device {device_id} not connected", contained)
         hand_back_from_suspects(connection, log, now, contained)
         fail_overdue(connection, log, now, config.timeout_grace, contained)
+        release_held_too_long(connection, config, now)
 
 
 class RowGuard:
@@ -141,6 +142,15 @@ def expire_leases(connection, config, log, now, contained):
             if done:
                 log.warning("task_taken_back", task_id=row["task_id"], attempt=row["attempt"],
                             device_id=row["device_id"], state=row["state"], reason=why)
+
+
+def release_held_too_long(connection, config, now):
+    """Queued tasks held back (a retry's backoff, a wait for a checkpoint)
+    past the longest hold there is: set before the wall clock was set back
+    (an NTP step), they waited the whole step, a day. They may start now."""
+    longest = max(config.retry_backoff_max, tasks.HAND_BACK_CHECKPOINT_WAIT)
+    connection.execute("UPDATE tasks SET not_before = ? WHERE %s AND not_before > ?"
+                       % db.QUEUED_SQL, (now, now + longest))
 
 
 def fail_overdue(connection, log, now, grace, contained):

@@ -440,12 +440,12 @@ def run(config, log, should_stop):
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             log_limited("error", "pass_failed", "pass", error=repr(e)[:500])
-            state["wake_at"] = time.time() + FAILED_PASS_PAUSE
+            state["wake_at"] = time.monotonic() + FAILED_PASS_PAUSE
         if listen_for_room(config, state, log_limited):
             continue
         bells = [doorbell] + ([state["room_bell"]] if state["room_bell"] else [])
         rung = bell.rung(bells, min(config.poll_interval,
-                                    max(0.0, state["wake_at"] - time.time())))
+                                    max(0.0, state["wake_at"] - time.monotonic())))
         state["rung"] = bool(rung)
         if gathers(rung, state):
             time.sleep(ROOM_GATHER)
@@ -494,19 +494,21 @@ def one_look(connection, config, log, log_limited, state):
     result, a device joining): then the pass is now. Other commits (an
     acceptance, progress, a heartbeat: one or two for every task) are
     looked at once per poll_interval, so that a busy cluster is not walked
-    again after each of them."""
-    now = time.time()
+    again after each of them. When to look again is the monotonic clock's
+    (the database's times are the wall clock's): set back a day, the wall
+    clock held up every look not rung (a backoff's end) for a day."""
+    now, clock = time.time(), time.monotonic()
     # And when a backoff ends, in the same statement: a pass only takes
     # tasks out of the queue, so what it leaves waits no less than that.
     version, earliest, backoff_end, queued = db.data_version_and(
         connection, "(%s), (%s), (%s)" % (EARLIEST_QUEUED, NEXT_BACKOFF_END, QUEUED_COUNT),
         (now,))
-    if version == state["seen"] and now < state["wake_at"]:
+    if version == state["seen"] and clock < state["wake_at"]:
         return False
-    if not state["rung"] and now < state["wake_at"] \
-            and now - state["passed_at"] < config.poll_interval:
+    if not state["rung"] and clock < state["wake_at"] \
+            and clock - state["passed_at"] < config.poll_interval:
         return False      # looked at again when the wait below ends
-    state["seen"], state["rung"], state["passed_at"] = version, True, now
+    state["seen"], state["rung"], state["passed_at"] = version, True, clock
     # Our own commit does not change data_version for us; nothing to undo.
     later = earliest
     if earliest is None:
@@ -518,10 +520,10 @@ def one_look(connection, config, log, log_limited, state):
         # result or a device: listen for them (see listen_for_room).
         state["waiting"] = cut_short or not (assigned == queued < QUEUED_COUNT_CAP)
         if assigned and cut_short:
-            state["wake_at"] = now
+            state["wake_at"] = clock
             return True
         later = backoff_end       # what is left waits
-    state["wake_at"] = min(later, now + IDLE_CHECK) if later else now + IDLE_CHECK
+    state["wake_at"] = clock + (min(later - now, IDLE_CHECK) if later else IDLE_CHECK)
     return False
 
 
