@@ -218,3 +218,23 @@ def test_a_task_in_its_retry_backoff_when_the_clock_is_set_back_runs_at_once(tmp
     assert tasks.get(connection, task_id)["state"] == "assigned"
     connection.close()
     reaper_connection.close()
+
+
+def test_an_output_the_full_disk_refused_is_not_said_to_match_no_file():
+    """On a main node whose disk was full, `rc submit --wait --output` said
+    rc-server's line (not stored: does not fit), then that the glob
+    "matched no file it left"; `rc get` said so alone."""
+    from rc import commands
+    task = {"task_id": 7, "state": "completed", "payload": {"outputs": ["out.bin", "*.log"]},
+            "result": {"stderr": "rc-server: output 'out.bin' not stored: a file of 100000"
+                                 " bytes does not fit: 41029632 bytes free on the main node's"
+                                 " disk (67108864 kept in reserve)\n"}}
+    err = io.StringIO()
+    commands.note_unmatched_outputs(types.SimpleNamespace(err=err), task, [])
+    assert err.getvalue() == ("rc: task 7: --output out.bin, *.log brought back no file: its"
+                              " stderr says why\n")
+    assert "out.bin, *.log brought back no file: its stderr says why" in commands.no_outputs(task)
+    task["result"]["stderr"] = ""
+    err = io.StringIO()
+    commands.note_unmatched_outputs(types.SimpleNamespace(err=err), task, [])
+    assert err.getvalue() == "rc: task 7: --output out.bin, *.log matched no file it left\n"

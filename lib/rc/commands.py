@@ -616,8 +616,24 @@ def note_unmatched_outputs(context, task, entries):
     unmatched = [glob for glob in globs if not any(files.globs_match([glob], name)
                                                    for name in names)]
     if unmatched:
-        context.err.write("rc: task %d: --output %s matched no file it left\n" % (
-            task["task_id"], ", ".join(render.cell(glob) for glob in unmatched)))
+        context.err.write("rc: task %d: --output %s %s\n" % (
+            task["task_id"], ", ".join(render.cell(glob) for glob in unmatched),
+            unmatched_because(task)))
+
+
+# The line rc-server or the worker adds to a task's stderr for an output it
+# left that was not kept (the main node's disk full, its quota, a name refused).
+OUTPUT_NOT_KEPT = re.compile(r"^rc-(?:server|worker): outputs? ", re.MULTILINE)
+
+
+def unmatched_because(task):
+    """Why --output globs brought back nothing: a file the task left that
+    was not kept, said in its stderr, was "matched no file it left" (the
+    disk full, after the line that said so)."""
+    stderr = (task.get("result") or {}).get("stderr")
+    if isinstance(stderr, str) and OUTPUT_NOT_KEPT.search(stderr):
+        return "brought back no file: its stderr says why"
+    return "matched no file it left"
 
 
 def no_outputs(task):
@@ -629,8 +645,8 @@ def no_outputs(task):
     elif not globs:
         why = "no output files: it was submitted without --output"
     else:
-        why = "no output files: it %s, and %s matched no file it left" % (
-            task["state"], ", ".join(render.cell(glob) for glob in globs))
+        why = "no output files: it %s, and %s %s" % (
+            task["state"], ", ".join(render.cell(glob) for glob in globs), unmatched_because(task))
     return "task %d has %s; `rc files %d` lists what it has" % (task["task_id"], why,
                                                                  task["task_id"])
 
