@@ -1,16 +1,19 @@
 """kill -9, restarts, full disks and time where no test looked before
-session 48, on one real cluster started as `make run` starts it (the local
-worker included): supervisord itself killed."""
+session 48: supervisord itself killed, on a real cluster started as `make
+run` starts it (the local worker included); a full disk under the state
+directory and rc-cli.log; the main node's clock set back a day under
+rc-scheduler, rc-reaper, schedules, services and alerts."""
 import io
 import os
 import signal
+import subprocess
 import time
 import types
 
 import pytest
 
-from cluster_harness import (alive, assert_one_terminal_state_each, online, wait_all_finished,
-                             wait_for, with_the_local_worker)
+from cluster_harness import (RC, alive, assert_one_terminal_state_each, online,
+                             wait_all_finished, wait_for, with_the_local_worker)
 
 pytestmark = pytest.mark.e2e
 
@@ -238,3 +241,38 @@ def test_an_output_the_full_disk_refused_is_not_said_to_match_no_file():
     err = io.StringIO()
     commands.note_unmatched_outputs(types.SimpleNamespace(err=err), task, [])
     assert err.getvalue() == "rc: task 7: --output out.bin, *.log matched no file it left\n"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A state directory made by `rc init` on a tmpfs of 8 MiB, then filled."""
+    path = str(tmp_path / "small")
+    os.mkdir(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                                            path], stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        env = dict(os.environ, RC_HOME=os.path.join(path, "var"),
+                   RC_CONFIG=os.path.join(path, "no-such-rc.json"))
+        assert subprocess.run([RC, "init"], env=env, stdout=subprocess.DEVNULL).returncode == 0
+        with open(os.path.join(path, "filler"), "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        yield env
+    finally:
+        subprocess.run(["umount", "-l", path])
+
+
+def test_a_command_on_a_full_disk_says_the_disk_is_full(full_disk):
+    """With the main node stopped, SQLite cannot make the database's
+    shared-memory file and says "disk I/O error": `make run` (its `rc
+    init`) and every command said only that."""
+    done = subprocess.run([RC, "status"], env=full_disk, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert done.returncode == 1
+    assert "the disk that holds %s/var/db is full (" % os.path.dirname(full_disk["RC_CONFIG"]) \
+        in done.stderr, done.stderr
