@@ -276,3 +276,20 @@ def test_a_command_on_a_full_disk_says_the_disk_is_full(full_disk):
     assert done.returncode == 1
     assert "the disk that holds %s/var/db is full (" % os.path.dirname(full_disk["RC_CONFIG"]) \
         in done.stderr, done.stderr
+
+
+def test_rc_web_on_a_full_disk_answers_507_saying_so(full_disk):
+    """It answered 500 "Internal Server Error" to a submit."""
+    from rc import config as config_module
+    from rc import state_dir
+    from test_web import Client, serve, stop
+    config = config_module.load(environ=full_disk)
+    config.health_supervisor = False
+    server, thread = serve(config)
+    try:
+        client = Client(server.effective_port, state_dir.read_secret(config.admin_token_path))
+        status, body = client.submit({"task_type": "echo", "payload": {"message": "x"}})
+    finally:
+        stop(server, thread)
+    assert status == 507, body
+    assert "the disk that holds %s is full (" % os.path.dirname(config.db_path) in body["error"]

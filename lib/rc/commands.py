@@ -1822,28 +1822,9 @@ def run_command(argv, out, err, config=None, width=None, colour=None, logger=Non
     except (tasks.TaskError, fleet.FleetError, rc_config.ConfigError, NoSuchLog) as e:
         return fail(err, e, 1)
     except sqlite3.Error as e:
-        return fail(err, database_error(e, context.config), 1)
+        return fail(err, db.on_full_disk(e, context.config.db_path) or e, 1)
     finally:
         context.close()
-
-
-DISK_FULL_BYTES = 1048576       # free bytes under which a database error is put down to a full disk
-
-
-def database_error(error, config):
-    """A database error, saying so when the disk that holds the database is
-    full: SQLite's word for a shared-memory file it could not make (the
-    main node stopped) is "disk I/O error", and `make run` on a full disk
-    said only that, as did every command."""
-    directory = os.path.dirname(config.db_path)
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return error
-    if free >= DISK_FULL_BYTES:
-        return error
-    return "%s: the disk that holds %s is full (%d bytes free); make room there and run this" \
-        " again" % (error, directory, free)
 
 
 def parse(parser, argv):

@@ -7,6 +7,7 @@ or is one statement, which SQLite commits on its own (see write_statements).
 """
 import contextlib
 import os
+import shutil
 import sqlite3
 import time
 
@@ -801,6 +802,26 @@ def split_statements(script):
 def data_version(connection):
     """Changes when any other connection commits: the cheap way to wake up."""
     return connection.execute("PRAGMA data_version").fetchone()[0]
+
+
+DISK_FULL_BYTES = 1048576       # free bytes under which a database error is put down to a full disk
+
+
+def on_full_disk(error, db_path):
+    """A database error said again, when the disk that holds the database
+    is full, to say so; None otherwise. SQLite's word for a shared-memory
+    file it could not make (the main node stopped) is "disk I/O error", and
+    `make run` on a full disk said only that; rc-web said "Internal Server
+    Error"."""
+    directory = os.path.dirname(db_path)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free >= DISK_FULL_BYTES:
+        return None
+    return ("%s: the disk that holds %s is full (%d bytes free); make room there and try"
+            " again" % (error, directory, free))
 
 
 def data_version_and(connection, columns, parameters=()):

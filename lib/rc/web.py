@@ -996,7 +996,11 @@ class Web:
                      error=render.shorten(repr(error.exception), 500),
                      traceback=error.traceback or traceback.format_exc())
         message = error.body or error.status_line
-        if error.status_code == 404 and str(message).startswith("Not found: "):
+        full = isinstance(error.exception, sqlite3.Error) and db.on_full_disk(
+            error.exception, self.config.db_path)
+        if full:
+            bottle.response.status, message = 507, full     # as POST /api/v1/files says it
+        elif error.status_code == 404 and str(message).startswith("Not found: "):
             message += near_route(bottle.request.path, bottle.request.app.routes)
         elif error.status_code == 405 and error.get_header("Allow"):
             # `curl -T -` (PUT) for an upload got a bare "Method not allowed."
