@@ -28,6 +28,16 @@ def supervisord_pid(cluster):
         return int(f.read())
 
 
+def running(pid):
+    """Alive and not a zombie that nobody reaped yet (init, or a subreaper
+    pytest runs under, reaps the orphans of a killed supervisord)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return alive(pid)
+
+
 def test_supervisord_killed_takes_its_programs_and_make_run_brings_the_cluster_back(cluster):
     # A task running on the local worker when supervisord dies.
     task_id = int(cluster.rc("submit", "sleep", "2", "--retries", "3").stdout.split()[0])
@@ -40,7 +50,7 @@ def test_supervisord_killed_takes_its_programs_and_make_run_brings_the_cluster_b
     # Orphaned, they went on: rc-web, rc-files, rc-reaper and the local
     # worker for good (the others at their next log line, a broken pipe),
     # and `make run` refused, saying another cluster held the ports.
-    wait_for(lambda: not any(alive(pid) for pid in pids.values()), 30,
+    wait_for(lambda: not any(running(pid) for pid in pids.values()), 30,
              "every program of the killed supervisord to end: %s still run" % pids)
     cluster.db.close()
     cluster.start()
