@@ -61,6 +61,15 @@ STREAM_PING_INTERVAL = 15.0       # seconds between comment pings on a quiet str
 STREAM_BATCH = 500                # task events one look sends at most
 STREAM_RETRY_MS = 2000            # the browser reconnects after this
 WEB_LOG_LINES_PER_MINUTE = 1      # lines a minute per event and address a stranger can cause
+# Audit lines a minute per address (bursts of twice as many) of web-terminal
+# commands that need no admin token (actor "reader", whoever sent them) and those
+# refused for want of the token; the rest are counted in the next line
+# (`suppressed`) or a `web_commands_held_back` line. Each was a line, with
+# up to 50 words of 200 characters: a reader (anyone on the LAN with
+# read_access=open) rotated the whole audit log away in about a minute.
+READER_AUDIT_LINES_PER_MINUTE = 6
+READER_AUDIT_WORDS = 10           # words of such a command its line shows ...
+READER_AUDIT_WORD = 100           # ... each cut to as many characters
 # Seconds a /health report is given again to clients that may not read the
 # cluster (see Web.health).
 HEALTH_REUSE_SECONDS = 5.0
@@ -151,6 +160,10 @@ class Web:
         self.host_names = own_host_names(config.allowed_hosts)
         # Lines a stranger can cause: one a minute per event and address.
         self.log = throttle.LimitedLog(logger, per_minute=WEB_LOG_LINES_PER_MINUTE)
+        self.reader_lines = throttle.Throttle(READER_AUDIT_LINES_PER_MINUTE,
+                                              2 * READER_AUDIT_LINES_PER_MINUTE)
+        self.reader_lock = threading.Lock()
+        self.next_held_back = 0.0    # monotonic time of the next look at reader_lines
         self.token_cache = None      # (the token file's stamp, the token) (see admin_token)
         self.health_lock = threading.Lock()     # one health check at a time
         self.health_report = None    # (monotonic time, wall time, report) of the last one
@@ -392,6 +405,38 @@ class Web:
                          **fields)
         except OSError as e:
             self.logger.error("audit_failed", audit_event=event, error=str(e))
+
+    def audit_reader(self, event, actor, argv, **fields):
+        """The audit line of a web-terminal command run (or refused) without
+        the admin token, at most READER_AUDIT_LINES_PER_MINUTE per address
+        and shorter than an admin's: whether it was written."""
+        self.tell_held_back()
+        key = throttle.address_key(bottle.request.environ.get("REMOTE_ADDR") or "")
+        with self.reader_lock:
+            held = self.reader_lines.allow(key)
+        if held is None:
+            return False
+        if held:
+            fields["suppressed"] = held
+        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD)
+                                       for a in argv[:READER_AUDIT_WORDS]], **fields)
+        return True
+
+    def tell_held_back(self):
+        """Now and then, a line per address with reader commands held back
+        since its last line, so a flood that stops still leaves its size."""
+        now = time.monotonic()
+        with self.reader_lock:
+            if now < self.next_held_back:
+                return
+            self.next_held_back = now + throttle.HELD_BACK_INTERVAL
+            told = self.reader_lines.held_back()
+        for key, count in told:
+            try:
+                audit.record(self.config, "web_commands_held_back", "reader", key, count=count)
+            except OSError as e:
+                self.logger.error("audit_failed", audit_event="web_commands_held_back",
+                                  error=str(e))
 
     def existing_device(self, device_id):
         device = devices.get(self.connection(), device_id)
@@ -738,12 +783,11 @@ class Web:
         except commands.CommandError as e:
             raise ApiError(403, str(e))
         actor = "admin" if access == "admin" else "reader"
-        shown_argv = [render.shorten(a, 200) for a in argv[:50]]   # a script can be long
         if access == "admin":
             try:
                 self.require_admin()
             except ApiError:
-                self.audit("web_command_refused", "anonymous", argv=shown_argv)
+                self.audit_reader("web_command_refused", "anonymous", argv)
                 raise
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
@@ -763,8 +807,12 @@ class Web:
         finally:
             if waits:
                 self.results.slots.give(address)
-        self.logger.info("command", argv=argv[:1], status=status)
-        self.audit("web_command", actor, argv=shown_argv, status=status)
+        if actor == "admin":
+            self.logger.info("command", argv=argv[:1], status=status)
+            self.audit("web_command", actor, status=status,
+                       argv=[render.shorten(a, 200) for a in argv[:50]])  # a script is long
+        elif self.audit_reader("web_command", actor, argv, status=status):
+            self.logger.info("command", argv=argv[:1], status=status)
         return json_response({"status": status, "output": out.getvalue(),
                               "error": err.getvalue()})
 

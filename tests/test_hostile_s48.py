@@ -1,0 +1,61 @@
+"""Session 48's attacks: each test is a fault found, and fails without its fix."""
+import json
+import os
+import time
+
+from rc import audit, web
+
+from test_web import call
+
+STRANGER = "192.168.1.66"
+
+
+def audit_lines(config):
+    """Every line of the audit log and its backups, oldest file first."""
+    path = audit.path(config)
+    lines = []
+    for name in ["%s.%d" % (path, n) for n in range(audit.BACKUPS, 0, -1)] + [path]:
+        if os.path.exists(name):
+            with open(name, "rb") as f:
+                lines.extend(json.loads(line) for line in f if line.strip())
+    return lines
+
+
+def test_a_reader_cannot_rotate_the_audit_log_away(cluster_home):
+    """Every web-terminal command was an audit line, a reader's and one
+    refused for want of the token alike, with up to 50 words of 200
+    characters each: a reader (anyone on the LAN with read_access=open, the
+    main node's user with local; the dashboard's `monitor` alone sends one
+    every 5 s) rotated the whole audit log (6 x audit_log_max_bytes: 60 MB)
+    away in about a minute, the admin's revocations and joins with it. A
+    reader's lines are now a few a minute per address, the rest counted."""
+    config, connection = cluster_home
+    config.health_supervisor = False
+    config.read_access = "open"
+    config.audit_log_max_bytes = 64 * 1024
+    app = web.make_app(config)
+    audit.record(config, "device_revoked", "admin", "10.0.0.1", device_id="stolen")
+    long_words = ["x" * 200] * 48
+    sent = 0
+    for _ in range(150):
+        for argv in (["status"] + long_words,                   # a reader's, a usage error
+                     ["label", "a"] + ["k=" + word for word in long_words]):   # refused
+            status, _, _ = call(app, "/api/v1/command", "POST", remote=STRANGER,
+                                body=json.dumps({"argv": argv}).encode())
+            assert status in (200, 401)
+            sent += 1
+    lines = audit_lines(config)
+    assert [line["device_id"] for line in lines if line["event"] == "device_revoked"] \
+        == ["stolen"], "the admin's line was rotated away"
+    assert len([line for line in lines if line["source"] == STRANGER]) <= 40
+    # A minute later the stranger's next command tells what was held back.
+    web_app, later = app.config["rc.web"], time.monotonic() + 60
+    web_app.reader_lines.clock = lambda: later
+    web_app.next_held_back = 0.0
+    assert call(app, "/api/v1/command", "POST", remote=STRANGER,
+                body=json.dumps({"argv": ["status"]}).encode())[0] == 200
+    sent += 1
+    strangers = [line for line in audit_lines(config) if line["source"] == STRANGER]
+    told = sum(line["count"] if line["event"] == "web_commands_held_back"
+               else 1 + line.get("suppressed", 0) for line in strangers)
+    assert told == sent, "the commands held back were not counted"
