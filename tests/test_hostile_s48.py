@@ -1,6 +1,7 @@
 """Session 48's attacks: each test is a fault found, and fails without its fix."""
 import json
 import os
+import threading
 import time
 
 from rc import audit, web
@@ -59,3 +60,35 @@ def test_a_reader_cannot_rotate_the_audit_log_away(cluster_home):
     told = sum(line["count"] if line["event"] == "web_commands_held_back"
                else 1 + line.get("suppressed", 0) for line in strangers)
     assert told == sent, "the commands held back were not counted"
+
+
+def test_a_task_directory_left_full_is_emptied_off_the_workers_loop(tmp_path, monkeypatch):
+    """A task directory left with files in it was removed in the worker's
+    loop as its task ended: a task that left 300,000 files held the loop
+    ~5 s (a million, ~17 s), no heartbeat sent nor ping answered (the main
+    node held the device suspect), no other task's output read, and the
+    worker took itself for frozen (leases_in_doubt). It is now made the
+    worker's (no task of its uid reaches into it) and emptied by a thread."""
+    from test_worker_identity import load_worker_module
+    module = load_worker_module()
+    removed_in, done = [], threading.Event()
+
+    def removing(path):
+        removed_in.append(threading.current_thread())
+        original(path)
+        done.set()
+    original = module.remove_tree
+    monkeypatch.setattr(module, "remove_tree", removing)
+    workdirs = module.WorkDirs(0, str(tmp_path))
+    path = workdirs.take()
+    os.mkdir(os.path.join(path, "deep"))
+    for n in range(100):
+        open(os.path.join(path, "deep", "f%d" % n), "w").close()
+    workdirs.give_back(path)
+    assert done.wait(30), "the directory was not removed"
+    assert removed_in and removed_in[0] is not threading.main_thread(), \
+        "removed in the worker's loop"
+    assert not os.path.exists(path)
+    empty = workdirs.take()            # an empty one still goes at once, in the loop
+    workdirs.give_back(empty)
+    assert not os.path.exists(empty) and len(removed_in) == 1
