@@ -3841,19 +3841,35 @@ def remove_task_dir(path):
 
 
 class Remover(object):
-    """Removes the task directories tasks left full off the worker's loop,
-    one at a time in a thread of its own, started at the first
-    (WorkDirs.give_back). A task that left 300,000 files
-    in its directory held the loop ~5 s at its end while they went (a
-    million, ~17 s): no heartbeat, no ping answered (the main node held the
-    device suspect), no other task's output read, and the worker took
-    itself for frozen (leases_in_doubt). A tree handed over is the
-    worker's (0700) first, so the next task of its uid cannot reach into
-    it meanwhile; one left when the worker ends goes at its next start
-    (task_root)."""
+    """Removes the task directories tasks left full (WorkDirs.give_back),
+    and the trees their uids left in /tmp (Leftovers), off the worker's
+    loop, one at a time in a thread of its own, started at the first. A
+    task that left 300,000 files in its directory held the loop ~5 s at
+    its end while they went (a million, ~17 s): no heartbeat, no ping
+    answered (the main node held the device suspect), no other task's
+    output read, and the worker took itself for frozen (leases_in_doubt).
+    A tree handed over is the worker's (0700) first, so the next task of
+    its uid cannot reach into it meanwhile; one left when the worker ends
+    goes at its next start (task_root)."""
 
     def __init__(self):
         self.queue = None
+        self.root = None         # the task root, where take() moves a tree first
+        self.taken = 0
+
+    def take(self, path):
+        """A tree a task's uid left elsewhere (Leftovers: /tmp...) moved into
+        the task root, the worker's, and emptied from there off the loop;
+        False where it cannot be moved so (another file system)."""
+        if self.root is None or not hasattr(os, "fwalk"):
+            return False
+        self.taken += 1
+        held = os.path.join(self.root, ".rc-left-%d" % self.taken)
+        try:
+            os.rename(path, held)
+        except OSError:
+            return False
+        return self.remove(held)
 
     def remove(self, path):
         """Whether `path` is gone, or handed over to go."""
@@ -4270,6 +4286,8 @@ def remove_leftover(path, is_dir):
     try:
         if not is_dir:
             os.unlink(path)
+        elif REMOVER.take(path):          # out of the shared directory, emptied off the loop
+            return True
         elif hasattr(os, "fwalk"):        # remove_tree never follows a link there
             remove_tree(path)
             return not os.path.lexists(path)
@@ -4315,6 +4333,7 @@ class Sandbox(object):
             root = tempfile.mkdtemp(prefix="rc-worker-")
             log("warning", "task_root_unusable", error=str(e), path=root)
         self.workdirs = WorkDirs(self.options.slots, root)
+        REMOVER.root = root
         self.tracking = self.tracking_mechanism(worker)
         self.python_note = self.choose_python()
         self.path = self.task_path()

@@ -4,6 +4,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from rc import audit, web
 
 from test_web import call
@@ -92,3 +94,42 @@ def test_a_task_directory_left_full_is_emptied_off_the_workers_loop(tmp_path, mo
     empty = workdirs.take()            # an empty one still goes at once, in the loop
     workdirs.give_back(empty)
     assert not os.path.exists(empty) and len(removed_in) == 1
+
+
+def test_a_tree_a_tasks_uid_left_in_tmp_is_emptied_off_the_workers_loop(tmp_path, monkeypatch):
+    """What a task's uid left in /tmp went in the worker's loop as the task
+    ended, a tree of hundreds of thousands of files holding it for seconds
+    as its own directory did (above). A tree is now moved into the task
+    root (the worker's, the same file system), made the worker's, and
+    emptied by the remover's thread; the name in /tmp is free at once."""
+    if os.geteuid() != 0:
+        pytest.skip("gives a tree away (chown): root only")
+    from test_worker_identity import load_worker_module
+    module = load_worker_module()
+    monkeypatch.setattr(module, "remove_ipc_of", lambda uid: 0)
+    monkeypatch.setattr(module, "remove_keys_of", lambda uid: 0)
+    removed_in, done = [], threading.Event()
+
+    def removing(path):
+        removed_in.append(threading.current_thread())
+        original(path)
+        done.set()
+    original = module.remove_tree
+    monkeypatch.setattr(module, "remove_tree", removing)
+    shared, root = tmp_path / "tmp", tmp_path / "tasks"
+    shared.mkdir()
+    os.chmod(str(shared), 0o1777)
+    root.mkdir()
+    module.REMOVER.root = str(root)
+    uid, tree = 59996, shared / "build"
+    (tree / "deep").mkdir(parents=True)
+    for n in range(100):
+        (tree / "deep" / ("f%d" % n)).touch()
+    for path in [tree, tree / "deep"] + list((tree / "deep").iterdir()):
+        os.chown(str(path), uid, uid)
+    module.Leftovers(directories=(str(shared),), watch=False).remove(uid)
+    assert not tree.exists(), "the tree is still in /tmp"
+    assert done.wait(30), "the tree was not removed"
+    assert removed_in and removed_in[0] is not threading.main_thread(), \
+        "removed in the worker's loop"
+    assert os.listdir(str(root)) == []
