@@ -133,3 +133,24 @@ def test_a_tree_a_tasks_uid_left_in_tmp_is_emptied_off_the_workers_loop(tmp_path
     assert removed_in and removed_in[0] is not threading.main_thread(), \
         "removed in the worker's loop"
     assert os.listdir(str(root)) == []
+
+
+def test_the_open_health_names_no_device_nor_task(cluster_home, add_device):
+    """/health is open to anyone, and a stuck queue's finding named the
+    device with a free slot and the task waiting (`queue stuck: task 1
+    waited 900s while kitchen-pi had a free slot`): a stranger learnt a
+    joined device's id, which rc-server tells no one before a proof. A
+    client that may not read the cluster gets the counts only."""
+    from test_web import admin
+    from rc import tasks
+    config, connection = cluster_home
+    config.health_supervisor = False
+    config.health_queue_stuck = 0
+    add_device("kitchen-pi")
+    task_id = tasks.submit(connection, config, "echo", {"message": "x"})
+    app = web.make_app(config)
+    status, _, text = call(app, "/health", remote="192.168.1.20")
+    assert status == 503 and "queue stuck: 1 tasks waited" in text, text
+    assert "kitchen-pi" not in text and "task %d" % task_id not in text, text
+    status, _, text = call(app, "/api/v1/health", remote="192.168.1.20", headers=admin(config))
+    assert status == 503 and "kitchen-pi" in text, text

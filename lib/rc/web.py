@@ -497,7 +497,9 @@ class Web:
                 last = self.health_report = (time.monotonic(), time.time(), health.check(
                     self.config, without_supervisor=health.WARNING))
         _, checked_at, report = last
-        return json_response(dict(report.as_dict(), checked_at=round(checked_at, 3)),
+        # Named devices and tasks only to a client that may read them.
+        return json_response(dict(report.as_dict(public=not fresh),
+                                  checked_at=round(checked_at, 3)),
                              503 if report.status == health.CRITICAL else 200)
 
     def stats(self):
