@@ -154,3 +154,37 @@ def test_the_open_health_names_no_device_nor_task(cluster_home, add_device):
     assert "kitchen-pi" not in text and "task %d" % task_id not in text, text
     status, _, text = call(app, "/api/v1/health", remote="192.168.1.20", headers=admin(config))
     assert status == 503 and "kitchen-pi" in text, text
+
+
+def test_a_local_user_reaching_another_loopback_address_is_not_taken_for_the_owner(
+        tmp_path, monkeypatch):
+    """read_access=local asks /proc/net/tcp who owns the client's end of a
+    loopback connection, matched by its address and port and by rc-web's
+    port only. rc-web on 0.0.0.0 (the default) answers at 127.0.0.2 too,
+    and the kernel gives a connect() there the very address and port of
+    one of the owner's own connections to 127.0.0.1 (a dashboard, a
+    client's long poll: its port is in /proc/net/tcp for anyone to read),
+    as the two go to different places: when the owner's came first in the
+    table, another local user (or a task of the local worker, as a uid of
+    its own) read every task as the main node's user. The client's socket
+    must now lead to the address it reached."""
+    from ipaddress import ip_address
+    port, web_port, owner, other = 40001, 5000, os.getuid(), 65534
+    client = web.proc_net_address(ip_address("127.0.0.1"), port)
+
+    def row(number, remote, uid):
+        return ("%4d: %s %s 01 00000000:00000000 00:00000000 00000000 %5d        0 %d 1"
+                " 0000000000000000 20 4 30 10 -1\n"
+                % (number, client, web.proc_net_address(ip_address(remote), web_port), uid,
+                   1000 + number))
+    (tmp_path / "tcp").write_text("  sl  local_address rem_address   st tx_queue rx_queue tr"
+                                  " tm->when retrnsmt   uid  timeout inode\n"
+                                  + row(0, "127.0.0.1", owner) + row(1, "127.0.0.2", other))
+    monkeypatch.setattr(web, "PROC_NET", str(tmp_path))
+    environ = {"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": str(port),
+               "SERVER_PORT": str(web_port), "rc.local_address": "127.0.0.2"}
+    assert not web.is_local_peer(environ), "another user's connection read as the owner's"
+    environ["rc.local_address"] = "::ffff:127.0.0.2"       # rc-web on "::"
+    assert not web.is_local_peer(environ)
+    environ["rc.local_address"] = "127.0.0.1"
+    assert web.is_local_peer(environ)

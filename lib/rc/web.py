@@ -1434,26 +1434,42 @@ def is_local_peer(environ):
     if not web_results.is_loopback(environ.get("REMOTE_ADDR")):
         return False
     owner = loopback_socket_owner(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"),
-                                  environ.get("SERVER_PORT"))
+                                  environ.get("SERVER_PORT"), environ.get("rc.local_address"))
     return owner is None or owner == os.getuid()
 
 
-def loopback_socket_owner(client_address, client_port, server_port=None):
+PROC_NET = "/proc/net"      # where the kernel lists this machine's sockets (tests: a copy)
+
+
+def loopback_socket_owner(client_address, client_port, server_port=None, server_address=None):
     """The uid that owns the client's end of a loopback connection (an
     established socket whose local end is `client_address`:`client_port`
-    and whose remote end's port is `server_port`), from /proc/net/tcp or
-    tcp6; None where unknown. The whole address, not the port alone: any
-    local user may bind 127.0.0.2 to a port a socket of ours has (rc-web's
-    own, the local worker's), and the first socket of that port in the
-    table was taken for the client's."""
+    and whose remote end is `server_address`:`server_port`, the address the
+    client reached), from /proc/net/tcp or tcp6; None where unknown. The
+    whole addresses, not the ports alone: any local user may bind 127.0.0.2
+    to a port a socket of ours has (rc-web's own, the local worker's), and
+    the first socket of that port in the table was taken for the client's;
+    and a connection to 127.0.0.2 (rc-web on 0.0.0.0 answers there) may
+    have the very address and port of ours to 127.0.0.1 as its own end,
+    which the kernel gives a connect() when the two go to different places:
+    the owner's, if first in the table, was taken for it."""
     try:
         address = ipaddress.ip_address(client_address)
         local = proc_net_address(address, int(client_port))
     except (TypeError, ValueError):
         return None
     remote = ":%04X" % int(server_port) if str(server_port).isdigit() else None
+    if remote is not None and server_address:
+        try:
+            server = ipaddress.ip_address(server_address)
+        except ValueError:
+            server = None
+        # rc-web on "::": the client's own socket is IPv4, as its address is.
+        server = getattr(server, "ipv4_mapped", None) or server
+        if server is not None and server.version == address.version:
+            remote = proc_net_address(server, int(server_port))
     try:
-        with open("/proc/net/tcp6" if address.version == 6 else "/proc/net/tcp") as f:
+        with open(os.path.join(PROC_NET, "tcp6" if address.version == 6 else "tcp")) as f:
             lines = f.readlines()[1:]
     except OSError:
         return None
