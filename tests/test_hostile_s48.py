@@ -188,3 +188,26 @@ def test_a_local_user_reaching_another_loopback_address_is_not_taken_for_the_own
     assert not web.is_local_peer(environ)
     environ["rc.local_address"] = "127.0.0.1"
     assert web.is_local_peer(environ)
+
+
+def test_a_checkpoint_of_many_sparse_files_is_one_line_of_the_workers_log(
+        tmp_path, monkeypatch):
+    """Each sparse file left out of a checkpoint was a warning line of the
+    worker's own log: a task touching its 10,000 files (CHECKPOINT_MAX_ENTRIES)
+    between checkpoints wrote 2.5 MB of the device's log at each one, every
+    CHECKPOINT_EVERY while it ran. One line a checkpoint, with the count."""
+    from test_worker_identity import load_worker_module
+    module = load_worker_module()
+    lines = []
+    monkeypatch.setattr(module, "log", lambda level, event, **fields: lines.append(
+        (event, fields)))
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    for n in range(40):
+        with open(str(directory / ("sparse%d" % n)), "wb") as f:
+            f.truncate(module.CHECKPOINT_HOLES_MAX + 1024 * 1024)
+    (directory / "kept").write_text("kept")
+    module.write_checkpoint(str(directory), str(tmp_path / "c.tar"))
+    left_out = [fields for event, fields in lines if "left_out" in event]
+    assert len(left_out) == 1, len(left_out)
+    assert left_out[0]["count"] == 40 and len(left_out[0]["names"]) == 5
