@@ -211,3 +211,43 @@ def test_a_checkpoint_of_many_sparse_files_is_one_line_of_the_workers_log(
     left_out = [fields for event, fields in lines if "left_out" in event]
     assert len(left_out) == 1, len(left_out)
     assert left_out[0]["count"] == 40 and len(left_out[0]["names"]) == 5
+
+
+def test_a_task_filling_tmp_does_not_grow_the_worker_by_its_names(tmp_path, monkeypatch):
+    """Leftovers kept the name and owner of every entry of a shared
+    directory between its looks: a task that left 300,000 files in /tmp
+    while it ran grew the worker from 21 to 117 MB at the next task's end
+    (a million: ~330 MB, a phone's worker killed). It keeps at most
+    LEFTOVERS_NAMES_KEPT names of one owner; that owner's entries are found
+    by reading the directory whole, at its own task's end."""
+    if os.geteuid() != 0:
+        pytest.skip("gives files away (chown): root only")
+    from test_worker_identity import load_worker_module
+    module = load_worker_module()
+    monkeypatch.setattr(module, "remove_ipc_of", lambda uid: 0)
+    monkeypatch.setattr(module, "remove_keys_of", lambda uid: 0)
+    monkeypatch.setattr(module, "LEFTOVERS_NAMES_KEPT", 10, raising=False)
+    shared = str(tmp_path / "tmp")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    leftovers = module.Leftovers(directories=(shared,))
+    if not leftovers.watch():
+        pytest.skip("no inotify here")
+    filler, other = 59994, 59995
+
+    def make(uid, count, prefix):
+        for n in range(count):
+            path = os.path.join(shared, "%s%d" % (prefix, n))
+            open(path, "w").close()
+            os.chown(path, uid, uid)
+    make(filler, 30, "a")
+    leftovers.remove(other)                # read whole: the filler's 30 are too many
+    make(filler, 30, "b")
+    make(other, 3, "o")
+    leftovers.remove(other + 1)            # the names since: the filler's not kept
+    assert len(leftovers.owner_of[shared]) <= 10 + 3, len(leftovers.owner_of[shared])
+    assert leftovers.names_of[shared][filler] is None
+    leftovers.remove(filler)               # its own end: every one of its 60 found
+    assert sorted(os.listdir(shared)) == ["o0", "o1", "o2"]
+    leftovers.remove(other)
+    assert os.listdir(shared) == []
