@@ -30,12 +30,15 @@ PASSING_STATES = {"RUNNING": OK, "STARTING": WARNING}
 
 
 class Finding:
-    def __init__(self, name, status, message, **values):
+    def __init__(self, name, status, message, public=None, **values):
+        """`public`: the message as anyone may read it (the open /health),
+        where `message` names a device or a task; else `message` itself."""
         self.name, self.status, self.message, self.values = name, status, message, values
+        self.public = message if public is None else public
 
-    def as_dict(self):
+    def as_dict(self, public=False):
         return dict({"check": self.name, "status": NAMES[self.status].lower(),
-                     "message": self.message}, **self.values)
+                     "message": self.public if public else self.message}, **self.values)
 
 
 class Report:
@@ -43,20 +46,21 @@ class Report:
         self.findings = findings
         self.status = max([f.status for f in findings] or [OK])
 
-    def line(self):
+    def line(self, public=False):
         """One line: `RC CRITICAL - what is wrong; ... | perfdata`."""
         worst = [f for f in self.findings if f.status == self.status]
-        if self.status == OK:
-            text = ", ".join(f.message for f in self.findings)
-        else:
-            text = "; ".join(f.message for f in worst)
+        shown = [f.public if public else f.message
+                 for f in (self.findings if self.status == OK else worst)]
+        text = (", " if self.status == OK else "; ").join(shown)
         perf = " ".join("%s=%s" % (key, value) for f in self.findings
                         for key, value in f.values.items() if isinstance(value, (int, float)))
         return "RC %s - %s%s" % (NAMES[self.status], text, " | " + perf if perf else "")
 
-    def as_dict(self):
+    def as_dict(self, public=False):
+        """`public`: for a client that may not read the cluster (docs/http.md),
+        whose answer names no device and no task."""
         return {"status": NAMES[self.status].lower(), "code": self.status,
-                "line": self.line(), "checks": [f.as_dict() for f in self.findings]}
+                "line": self.line(public), "checks": [f.as_dict(public) for f in self.findings]}
 
 
 def main_node_stopped(config):
@@ -338,7 +342,8 @@ def queue(connection, config, now):
         task_id, waited, device_id = stuck[0]
         return Finding("queue", CRITICAL, "queue stuck: task %d waited %ds while %s had a"
                        " free slot (%d such tasks)" % (task_id, waited, device_id, len(stuck)),
-                       queued=queued, stuck=len(stuck))
+                       "queue stuck: %d tasks waited while a device had a free slot"
+                       % len(stuck), queued=queued, stuck=len(stuck))
     return Finding("queue", OK, "queue %d" % queued, queued=queued, stuck=0)
 
 
@@ -374,7 +379,8 @@ def unfit_tasks(connection, config, now):
     return Finding("unfit", WARNING, "task %d has waited %s and no known device fits it"
                    " (%d such tasks); `rc why %d` says what it needs"
                    % (first["task_id"], age(now - first["created_at"]), len(unfit),
-                      first["task_id"]), unfit=len(unfit))
+                      first["task_id"]),
+                   "%d tasks wait that no known device fits" % len(unfit), unfit=len(unfit))
 
 
 def devices_online(connection, config, stopped_at=None):

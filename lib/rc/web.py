@@ -61,6 +61,15 @@ STREAM_PING_INTERVAL = 15.0       # seconds between comment pings on a quiet str
 STREAM_BATCH = 500                # task events one look sends at most
 STREAM_RETRY_MS = 2000            # the browser reconnects after this
 WEB_LOG_LINES_PER_MINUTE = 1      # lines a minute per event and address a stranger can cause
+# Audit lines a minute per address (bursts of twice as many) of web-terminal
+# commands that need no admin token (actor "reader", whoever sent them) and those
+# refused for want of the token; the rest are counted in the next line
+# (`suppressed`) or a `web_commands_held_back` line. Each was a line, with
+# up to 50 words of 200 characters: a reader (anyone on the LAN with
+# read_access=open) rotated the whole audit log away in about a minute.
+READER_AUDIT_LINES_PER_MINUTE = 6
+READER_AUDIT_WORDS = 10           # words of such a command its line shows ...
+READER_AUDIT_WORD = 100           # ... each cut to as many characters
 # Seconds a /health report is given again to clients that may not read the
 # cluster (see Web.health).
 HEALTH_REUSE_SECONDS = 5.0
@@ -151,6 +160,10 @@ class Web:
         self.host_names = own_host_names(config.allowed_hosts)
         # Lines a stranger can cause: one a minute per event and address.
         self.log = throttle.LimitedLog(logger, per_minute=WEB_LOG_LINES_PER_MINUTE)
+        self.reader_lines = throttle.Throttle(READER_AUDIT_LINES_PER_MINUTE,
+                                              2 * READER_AUDIT_LINES_PER_MINUTE)
+        self.reader_lock = threading.Lock()
+        self.next_held_back = 0.0    # monotonic time of the next look at reader_lines
         self.token_cache = None      # (the token file's stamp, the token) (see admin_token)
         self.health_lock = threading.Lock()     # one health check at a time
         self.health_report = None    # (monotonic time, wall time, report) of the last one
@@ -393,6 +406,38 @@ class Web:
         except OSError as e:
             self.logger.error("audit_failed", audit_event=event, error=str(e))
 
+    def audit_reader(self, event, actor, argv, **fields):
+        """The audit line of a web-terminal command run (or refused) without
+        the admin token, at most READER_AUDIT_LINES_PER_MINUTE per address
+        and shorter than an admin's: whether it was written."""
+        self.tell_held_back()
+        key = throttle.address_key(bottle.request.environ.get("REMOTE_ADDR") or "")
+        with self.reader_lock:
+            held = self.reader_lines.allow(key)
+        if held is None:
+            return False
+        if held:
+            fields["suppressed"] = held
+        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD)
+                                       for a in argv[:READER_AUDIT_WORDS]], **fields)
+        return True
+
+    def tell_held_back(self):
+        """Now and then, a line per address with reader commands held back
+        since its last line, so a flood that stops still leaves its size."""
+        now = time.monotonic()
+        with self.reader_lock:
+            if now < self.next_held_back:
+                return
+            self.next_held_back = now + throttle.HELD_BACK_INTERVAL
+            told = self.reader_lines.held_back()
+        for key, count in told:
+            try:
+                audit.record(self.config, "web_commands_held_back", "reader", key, count=count)
+            except OSError as e:
+                self.logger.error("audit_failed", audit_event="web_commands_held_back",
+                                  error=str(e))
+
     def existing_device(self, device_id):
         device = devices.get(self.connection(), device_id)
         if device is None or device["forgotten"]:
@@ -452,7 +497,9 @@ class Web:
                 last = self.health_report = (time.monotonic(), time.time(), health.check(
                     self.config, without_supervisor=health.WARNING))
         _, checked_at, report = last
-        return json_response(dict(report.as_dict(), checked_at=round(checked_at, 3)),
+        # Named devices and tasks only to a client that may read them.
+        return json_response(dict(report.as_dict(public=not fresh),
+                                  checked_at=round(checked_at, 3)),
                              503 if report.status == health.CRITICAL else 200)
 
     def stats(self):
@@ -738,12 +785,11 @@ class Web:
         except commands.CommandError as e:
             raise ApiError(403, str(e))
         actor = "admin" if access == "admin" else "reader"
-        shown_argv = [render.shorten(a, 200) for a in argv[:50]]   # a script can be long
         if access == "admin":
             try:
                 self.require_admin()
             except ApiError:
-                self.audit("web_command_refused", "anonymous", argv=shown_argv)
+                self.audit_reader("web_command_refused", "anonymous", argv)
                 raise
         width = body.get("width")
         width = min(max(width, 20), MAX_TERMINAL_WIDTH) if isinstance(width, int) else None
@@ -763,8 +809,12 @@ class Web:
         finally:
             if waits:
                 self.results.slots.give(address)
-        self.logger.info("command", argv=argv[:1], status=status)
-        self.audit("web_command", actor, argv=shown_argv, status=status)
+        if actor == "admin":
+            self.logger.info("command", argv=argv[:1], status=status)
+            self.audit("web_command", actor, status=status,
+                       argv=[render.shorten(a, 200) for a in argv[:50]])  # a script is long
+        elif self.audit_reader("web_command", actor, argv, status=status):
+            self.logger.info("command", argv=argv[:1], status=status)
         return json_response({"status": status, "output": out.getvalue(),
                               "error": err.getvalue()})
 
@@ -1388,26 +1438,42 @@ def is_local_peer(environ):
     if not web_results.is_loopback(environ.get("REMOTE_ADDR")):
         return False
     owner = loopback_socket_owner(environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"),
-                                  environ.get("SERVER_PORT"))
+                                  environ.get("SERVER_PORT"), environ.get("rc.local_address"))
     return owner is None or owner == os.getuid()
 
 
-def loopback_socket_owner(client_address, client_port, server_port=None):
+PROC_NET = "/proc/net"      # where the kernel lists this machine's sockets (tests: a copy)
+
+
+def loopback_socket_owner(client_address, client_port, server_port=None, server_address=None):
     """The uid that owns the client's end of a loopback connection (an
     established socket whose local end is `client_address`:`client_port`
-    and whose remote end's port is `server_port`), from /proc/net/tcp or
-    tcp6; None where unknown. The whole address, not the port alone: any
-    local user may bind 127.0.0.2 to a port a socket of ours has (rc-web's
-    own, the local worker's), and the first socket of that port in the
-    table was taken for the client's."""
+    and whose remote end is `server_address`:`server_port`, the address the
+    client reached), from /proc/net/tcp or tcp6; None where unknown. The
+    whole addresses, not the ports alone: any local user may bind 127.0.0.2
+    to a port a socket of ours has (rc-web's own, the local worker's), and
+    the first socket of that port in the table was taken for the client's;
+    and a connection to 127.0.0.2 (rc-web on 0.0.0.0 answers there) may
+    have the very address and port of ours to 127.0.0.1 as its own end,
+    which the kernel gives a connect() when the two go to different places:
+    the owner's, if first in the table, was taken for it."""
     try:
         address = ipaddress.ip_address(client_address)
         local = proc_net_address(address, int(client_port))
     except (TypeError, ValueError):
         return None
     remote = ":%04X" % int(server_port) if str(server_port).isdigit() else None
+    if remote is not None and server_address:
+        try:
+            server = ipaddress.ip_address(server_address)
+        except ValueError:
+            server = None
+        # rc-web on "::": the client's own socket is IPv4, as its address is.
+        server = getattr(server, "ipv4_mapped", None) or server
+        if server is not None and server.version == address.version:
+            remote = proc_net_address(server, int(server_port))
     try:
-        with open("/proc/net/tcp6" if address.version == 6 else "/proc/net/tcp") as f:
+        with open(os.path.join(PROC_NET, "tcp6" if address.version == 6 else "tcp")) as f:
             lines = f.readlines()[1:]
     except OSError:
         return None

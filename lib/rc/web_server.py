@@ -229,6 +229,7 @@ class OneSendTask(WSGITask):
     def get_environment(self):
         environ = super().get_environment()
         environ["rc.held"] = self.request.held
+        environ["rc.local_address"] = self.channel.local_address()
         return environ
 
     def write(self, data):
@@ -282,6 +283,18 @@ class Channel(HTTPChannel):
         self.parser_class = lambda adj: Request(adj, limits)
         self.read_lock = threading.Lock()       # the loop's reads and a lingering thread's
         super().__init__(server, sock, addr, adj, map)
+
+    local = None
+
+    def local_address(self):
+        """The address the client reached (this end of its connection), for
+        is_local_peer; None once the socket is gone."""
+        if self.local is None:
+            try:
+                self.local = self.socket.getsockname()[0]
+            except OSError:
+                return None
+        return self.local
 
     def received(self, data):
         if self.request is None:
