@@ -100,31 +100,38 @@ def restore(backup_path, db_path, device_key=None):
     clear and counts the devices whose seal it cannot open (they rejoin)."""
     if not os.path.exists(backup_path):
         raise BackupError("no backup at %s" % backup_path)
-    check = sqlite3.connect("file:%s?mode=ro" % backup_path, uri=True)
-    try:
-        summary = describe(check)
-    except sqlite3.DatabaseError as e:      # "file is not a database": which file?
-        raise BackupError("%s is not a backup: %s" % (backup_path, e))
-    finally:
-        check.close()
-    if summary["integrity"] != "ok":
-        raise BackupError("%s fails its integrity check: %s" % (backup_path, summary["integrity"]))
-    if summary["schema_version"] > db.SCHEMA_VERSION:
-        raise BackupError("%s has schema %d, newer than this code's %d"
-                          % (backup_path, summary["schema_version"], db.SCHEMA_VERSION))
     os.makedirs(os.path.dirname(db_path), exist_ok=True)
     partial = db_path + ".partial"
     if os.path.exists(partial):
         os.remove(partial)
-    create_private(partial)
-    with open(backup_path, "rb") as source, open(partial, "wb") as target:
-        while True:
-            block = source.read(1024 * 1024)
-            if not block:
-                break
-            target.write(block)
-        target.flush()
-        os.fsync(target.fileno())
+    # Copied by SQLite, not byte by byte: a copy an admin made of a live
+    # database (`cp rc.db* /mnt/usb/`) holds its latest commits in a -wal
+    # beside it, which the count below reads and a byte copy left behind.
+    check = sqlite3.connect("file:%s?mode=ro" % backup_path, uri=True)
+    try:
+        try:
+            summary = describe(check)
+        except sqlite3.DatabaseError as e:      # "file is not a database": which file?
+            raise BackupError("%s is not a backup: %s" % (backup_path, e))
+        if summary["integrity"] != "ok":
+            raise BackupError("%s fails its integrity check: %s"
+                              % (backup_path, summary["integrity"]))
+        if summary["schema_version"] > db.SCHEMA_VERSION:
+            raise BackupError("%s has schema %d, newer than this code's %d"
+                              % (backup_path, summary["schema_version"], db.SCHEMA_VERSION))
+        create_private(partial)
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            check.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    finally:
+        check.close()
     for suffix in ("-wal", "-shm"):
         if os.path.exists(db_path + suffix):
             os.remove(db_path + suffix)
