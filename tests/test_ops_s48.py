@@ -6,6 +6,8 @@ import shutil
 import sqlite3
 import subprocess
 
+import pytest
+
 from cluster_harness import RC
 from rc import db, tasks
 
@@ -40,3 +42,25 @@ def test_a_restore_from_a_copy_with_its_wal_keeps_what_the_wal_holds(cluster_hom
             == sorted(ids)
     finally:
         restored.close()
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_rc_backup_force_never_writes_over_the_live_database(cluster_home, suffix):
+    """`rc backup --force var/db/rc.db` (restore's arguments, typed for
+    backup) put the copy in place of the live database, or of its -wal:
+    the running programs went on writing to the file unlinked, and what
+    they committed was gone for every later reader."""
+    config, connection = cluster_home
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    before = os.stat(config.db_path + suffix).st_ino
+    done = rc("backup", "--force", config.db_path + suffix)
+    assert done.returncode != 0
+    assert "the live database" in done.stderr
+    assert os.stat(config.db_path + suffix).st_ino == before
+    task_id = tasks.submit(connection, config, "echo", {"message": "after"})
+    later = db.connect(config.db_path)
+    try:
+        assert later.execute("SELECT count(*) FROM tasks WHERE task_id = ?",
+                             (task_id,)).fetchone()[0] == 1
+    finally:
+        later.close()

@@ -44,6 +44,10 @@ def backup(source_path, target_path, overwrite=False):
         raise BackupError("%s exists; pass --force to replace it" % target_path)
     if not os.path.exists(source_path):
         raise BackupError("no database at %s" % source_path)
+    if is_live_file(target_path, source_path):
+        # The programs would go on writing to the file unlinked: --force or not.
+        raise BackupError("%s is the live database; name a file elsewhere (to put a backup"
+                          " in its place, `make stop` then `rc restore FILE`)" % target_path)
     partial = target_path + ".partial"
     try:
         if os.path.exists(partial):
@@ -75,6 +79,21 @@ def backup(source_path, target_path, overwrite=False):
     summary["path"] = target_path
     summary["bytes"] = os.path.getsize(target_path)
     return summary
+
+
+def is_live_file(path, db_path):
+    """Whether path is the database at db_path, or its -wal, -shm or
+    -journal, by another name (a link) too."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        live = db_path + suffix
+        if os.path.realpath(path) == os.path.realpath(live):
+            return True
+        try:
+            if os.path.samefile(path, live):
+                return True
+        except OSError:         # either is not there
+            pass
+    return False
 
 
 def drop_clear_secrets(connection):
