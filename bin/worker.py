@@ -2407,7 +2407,8 @@ class ProcessTask(Task):
             request = extra.pop("request", None)
             self.env = extra["env"]
             if self.payload.get(PIP_FIELD) is not None:     # its environment first
-                request = worker.python_environments().request(self, request, value)
+                request = worker.python_environments().request(
+                    self, request, value, worker.sandbox.environment())
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
@@ -5824,13 +5825,18 @@ VENV_FAILED_EXIT = 97                 # the driver's exit status when the build 
 VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
 VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to adopt it
+VENV_BUILD_ENV = "RC_VENV_BUILD_ENV"  # the driver's variable: the environment pip runs in
 
 # >>> Region "environments": the worker process loads it on first use (load_region).
 
 VENV_DRIVER = (
-    "import fcntl, os, shutil, stat, subprocess, sys, time\n"
+    "import fcntl, json, os, shutil, stat, subprocess, sys, time\n"
     "cache, key, wanted, worker_uid, word = sys.argv[1:6]\n"
     "argv = sys.argv[7:]\n"
+    # pip runs with the worker's variables, not the task's: the environment
+    # serves every task that names the set, so no task's PIP_* or HOME (a
+    # pip.conf among its inputs) may choose where its packages come from.
+    "build_env = json.loads(os.environ.pop('" + VENV_BUILD_ENV + "'))\n"
     # Every task uid opens the lock and runs what the build makes: under the
     # worker's umask (077 under supervisord) they would be the builder's alone.
     "task_umask = os.umask(0o022)\n"
@@ -5864,7 +5870,7 @@ VENV_DRIVER = (
     "                     [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
     "                      '--no-input', '--quiet', '-r', wanted]):\n"
     "            done = subprocess.run(step, stdout=subprocess.PIPE,\n"
-    "                                  stderr=subprocess.STDOUT)\n"
+    "                                  stderr=subprocess.STDOUT, env=build_env)\n"
     "            if done.returncode != 0:\n"
     "                shutil.rmtree(target, ignore_errors=True)\n"
     "                said = done.stdout.decode('utf-8', 'replace').strip().splitlines()\n"
@@ -5978,9 +5984,10 @@ class Environments(object):
         self.cap = getattr(options, "venv_mb", VENV_MB) * 1024 * 1024
         self.next_trim = 0.0
 
-    def request(self, task, request, value):
+    def request(self, task, request, value, build_env):
         """The spawner's request that builds or finds the task's environment
-        and then runs what `request` (or the task's command) would."""
+        and then runs what `request` (or the task's command) would; pip runs
+        in `build_env`, the worker's variables every task starts from."""
         packages = task.payload.get(PIP_FIELD)
         # One line each, not an option: the list becomes a requirements file.
         if not isinstance(packages, list) or not packages or not all(
@@ -6000,6 +6007,7 @@ class Environments(object):
         # reused uid can have planted it (its pid could be guessed, and is
         # 2 for every task in a PID namespace of its own).
         task.environment_word = os.urandom(16).hex()
+        task.env[VENV_BUILD_ENV] = json_text(build_env, True, None)
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
                          task.environment, wanted, str(os.geteuid()), task.environment_word,
                          "--"] + list(argv)}

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from cluster_harness import RC
+from cluster_harness import RC, Cluster, online, wait_for
 from rc import db, tasks
 
 
@@ -64,3 +64,73 @@ def test_rc_backup_force_never_writes_over_the_live_database(cluster_home, suffi
                              (task_id,)).fetchone()[0] == 1
     finally:
         later.close()
+
+
+# -- environments -----------------------------------------------------------------------
+
+def wheel(directory, who):
+    """A wheel of package rcdemo 1.0 whose WHO says where it came from."""
+    import zipfile
+    os.makedirs(directory, 0o755, exist_ok=True)
+    info = "rcdemo-1.0.dist-info/"
+    members = {"rcdemo.py": "WHO = %r\n" % who,
+               info + "METADATA": "Metadata-Version: 2.1\nName: rcdemo\nVersion: 1.0\n",
+               info + "WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                               "Tag: py3-none-any\n"}
+    members[info + "RECORD"] = "".join("%s,,\n" % name for name in members) + info + "RECORD,,\n"
+    path = os.path.join(directory, "rcdemo-1.0-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    os.chmod(path, 0o644)
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    """A cluster with one worker that builds environments; its own pip
+    configuration (the device's index) offers the good rcdemo only."""
+    import tempfile
+    cluster = Cluster(tmp_path_factory.mktemp("ops48-venvs"))
+    cluster.start()
+    cluster.supervisorctl("stop", "rc-worker")
+    places = tempfile.mkdtemp(prefix="rc-ops48-")      # task users pass through it
+    os.chmod(places, 0o755)
+    cluster.places = places
+    wheel(os.path.join(places, "good"), "the device's own index")
+    wheel(os.path.join(places, "evil"), "a submitter's index")
+    saved = {name: os.environ.get(name) for name in ("PIP_FIND_LINKS", "PIP_NO_INDEX",
+                                                     "PIP_CONFIG_FILE")}
+    os.environ.update(PIP_FIND_LINKS=os.path.join(places, "good"), PIP_NO_INDEX="1")
+    os.environ.pop("PIP_CONFIG_FILE", None)
+    try:
+        cluster.start_worker("builder", "--venv-dir", os.path.join(places, "cache"))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    wait_for(lambda: "builder" in online(cluster), 30, "the worker")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(places, ignore_errors=True)
+
+
+def submitted(cluster, *args):
+    done = cluster.rc("submit", *args, "--retries", "0", "--wait",
+                      "--wait-timeout", "90", check=False)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+def test_a_submitter_cannot_choose_the_index_another_tasks_environment_comes_from(builder):
+    """One environment per set of specifiers serves every task that names
+    the set; the build ran with the task's own variables, so a task's `--env
+    PIP_FIND_LINKS=...` (or PIP_INDEX_URL) chose where the packages came
+    from, and the next submitter's task with the same `--pip` imported that
+    submitter's code."""
+    first = submitted(builder, "shell", "true", "--pip", "rcdemo==1.0",
+                      "--env", "PIP_FIND_LINKS=" + os.path.join(builder.places, "evil"))
+    victim = submitted(builder, "python_eval", "__import__('rcdemo').WHO",
+                       "--pip", "rcdemo==1.0")
+    assert "the device's own index" in victim, (first, victim)
