@@ -6000,6 +6000,7 @@ class Environments(object):
         jail = task.jail or {}
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
+        self.clear_cut_build(os.path.join(self.directory, task.environment))
         # As root the task's own uid may build it: the worker adopts it then.
         task.environment_building = jail.get("uid") not in (None, os.geteuid())
         task.environment_since = time.time()
@@ -6011,6 +6012,30 @@ class Environments(object):
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
                          task.environment, wanted, str(os.geteuid()), task.environment_word,
                          "--"] + list(argv)}
+
+    @staticmethod
+    def clear_cut_build(path):
+        """Remove a directory of the set that the worker never adopted and no
+        task holds: a build cut short (the worker killed mid-build) or a
+        plant. The task's driver, as another uid, would refuse it: a failed
+        attempt that then avoids this device. Only one a driver made (with
+        its lock file): the worker's umask would keep task users out of one
+        it made itself; trim judges the others."""
+        import fcntl
+        try:
+            if os.lstat(path).st_uid == os.geteuid():
+                return
+            lock = os.open(path + ".lock", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_tree(path)
+            log("info", "venv_cut_build_removed", path=path)
+        except OSError:         # held: a task builds it, or runs in it
+            pass
+        finally:
+            os.close(lock)
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to

@@ -1,8 +1,10 @@
 """Operations features under an admin's mistakes, attacks and crashes
 (session 48): backups and restores, upgrades, environments, schedules,
 services and device logs. Each test is one fault found, and its fix."""
+import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 
@@ -10,6 +12,7 @@ import pytest
 
 from cluster_harness import RC, Cluster, online, wait_for
 from rc import db, tasks
+from rc.states import TERMINAL_STATES
 
 
 def rc(*args):
@@ -98,12 +101,21 @@ def builder(tmp_path_factory):
     cluster.places = places
     wheel(os.path.join(places, "good"), "the device's own index")
     wheel(os.path.join(places, "evil"), "a submitter's index")
+    cluster.venvs = os.path.join(places, "cache")
+    start_builder(cluster)
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(places, ignore_errors=True)
+
+
+def start_builder(cluster):
+    """The worker, its pip told to take packages from the good place only."""
     saved = {name: os.environ.get(name) for name in ("PIP_FIND_LINKS", "PIP_NO_INDEX",
                                                      "PIP_CONFIG_FILE")}
-    os.environ.update(PIP_FIND_LINKS=os.path.join(places, "good"), PIP_NO_INDEX="1")
+    os.environ.update(PIP_FIND_LINKS=os.path.join(cluster.places, "good"), PIP_NO_INDEX="1")
     os.environ.pop("PIP_CONFIG_FILE", None)
     try:
-        cluster.start_worker("builder", "--venv-dir", os.path.join(places, "cache"))
+        cluster.start_worker("builder", "--slots", "2", "--venv-dir", cluster.venvs)
     finally:
         for name, value in saved.items():
             if value is None:
@@ -111,9 +123,6 @@ def builder(tmp_path_factory):
             else:
                 os.environ[name] = value
     wait_for(lambda: "builder" in online(cluster), 30, "the worker")
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(places, ignore_errors=True)
 
 
 def submitted(cluster, *args):
@@ -134,3 +143,34 @@ def test_a_submitter_cannot_choose_the_index_another_tasks_environment_comes_fro
     victim = submitted(builder, "python_eval", "__import__('rcdemo').WHO",
                        "--pip", "rcdemo==1.0")
     assert "the device's own index" in victim, (first, victim)
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_mid_build_builds_again_when_it_is_back(builder):
+    """kill -9 of the worker while a task user built an environment left a
+    directory of that uid, never adopted. The task's next attempt, back on
+    the same device (another uid), refused it ("belongs to uid N ... another
+    task may have made it"): an environment failure charged to the task,
+    which then avoided the device, its only one."""
+    # A task that holds the first uid, so the build runs as another one.
+    holder = builder.rc("submit", "shell", "sleep 300").stdout.split()[-1]
+    wait_for(lambda: task_state(builder, holder) == "running", 30, "the first task")
+    task_id = builder.rc("submit", "shell", "true", "--pip", "rcdemo>=0.9",
+                         "--retries", "1").stdout.split()[-1]
+
+    def building():
+        return os.path.isdir(builder.venvs) and [
+            name for name in os.listdir(builder.venvs) if not name.endswith(".lock")
+            and os.lstat(os.path.join(builder.venvs, name)).st_uid != os.geteuid()]
+    wait_for(building, 60, "the build to start")
+    worker = builder.workers["builder"]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    builder.rc("cancel", holder)
+    start_builder(builder)
+    wait_for(lambda: task_state(builder, task_id) in TERMINAL_STATES, 90, "the task to end")
+    assert task_state(builder, task_id) == "completed", builder.rc("task", task_id).stdout
+
+
+def task_state(cluster, task_id):
+    return json.loads(cluster.rc("task", str(task_id), "--json").stdout)["state"]
