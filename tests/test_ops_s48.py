@@ -174,3 +174,17 @@ def test_a_worker_killed_mid_build_builds_again_when_it_is_back(builder):
 
 def task_state(cluster, task_id):
     return json.loads(cluster.rc("task", str(task_id), "--json").stdout)["state"]
+
+
+# -- rc logs ----------------------------------------------------------------------------
+
+def test_rc_logs_device_names_a_device_that_does_not_exist(cluster_home, add_device):
+    """`rc logs --device PI` (a typo, a case that differs) printed nothing
+    and exited 0, as for a device with no lines: `rc logs --task N` says
+    "no task N"."""
+    add_device("pi")
+    done = rc("logs", "--device", "PI")
+    assert done.returncode != 0
+    assert "no device 'PI' (did you mean pi?)" in done.stderr
+    known = rc("logs", "--device", "pi")
+    assert known.returncode == 0, known.stderr
