@@ -188,3 +188,30 @@ def test_rc_logs_device_names_a_device_that_does_not_exist(cluster_home, add_dev
     assert "no device 'PI' (did you mean pi?)" in done.stderr
     known = rc("logs", "--device", "pi")
     assert known.returncode == 0, known.stderr
+
+
+@pytest.mark.parametrize("name", ["rc #2.db", "rc?.db", "rc 100%25.db"])
+def test_a_backup_restores_whatever_its_file_is_named(cluster_home, tmp_path, name):
+    """restore opened the backup as the URI file:PATH?mode=ro, unquoted:
+    'rc #2.db' opened (and made) an empty database 'rc ' beside it, and was
+    refused as "not a backup: no such table: tasks"; in 'rc 100%25.db' the
+    %25 was read as an escape, and no such file opened."""
+    config, connection = cluster_home
+    task_id = tasks.submit(connection, config, "echo", {"message": "kept"})
+    assert rc("backup", str(tmp_path / name)).returncode == 0
+    tasks.submit(connection, config, "echo", {"message": "after the backup"})
+    connection.close()
+    done = rc("restore", str(tmp_path / name))
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(str(tmp_path))) == sorted([name, "var"])
+    restored = db.connect(config.db_path)
+    try:
+        assert [row[0] for row in restored.execute("SELECT task_id FROM tasks")] == [task_id]
+    finally:
+        restored.close()
+
+
+def test_restore_of_a_directory_says_so(cluster_home, tmp_path):
+    done = rc("restore", str(tmp_path))
+    assert done.returncode != 0
+    assert "is a directory; name the backup file" in done.stderr
