@@ -102,17 +102,57 @@ def builder(tmp_path_factory):
     wheel(os.path.join(places, "good"), "the device's own index")
     wheel(os.path.join(places, "evil"), "a submitter's index")
     cluster.venvs = os.path.join(places, "cache")
-    start_builder(cluster)
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(places, ignore_errors=True)
+    cluster.index = HeldIndex()
+    try:
+        start_builder(cluster)
+        yield cluster
+    finally:
+        cluster.index.close()
+        cluster.stop()
+        shutil.rmtree(places, ignore_errors=True)
+
+
+class HeldIndex:
+    """A find-links page on 127.0.0.1 that lists nothing, and that a test
+    can make pip wait for (a slow index), so that a build is surely under
+    way when it acts."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        self.hold, self.release = threading.Event(), threading.Event()
+        index = self
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if index.hold.is_set():
+                    index.release.wait(60)
+                body = b"<html><body></body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def start_builder(cluster):
     """The worker, its pip told to take packages from the good place only."""
     saved = {name: os.environ.get(name) for name in ("PIP_FIND_LINKS", "PIP_NO_INDEX",
                                                      "PIP_CONFIG_FILE")}
-    os.environ.update(PIP_FIND_LINKS=os.path.join(cluster.places, "good"), PIP_NO_INDEX="1")
+    os.environ.update(PIP_FIND_LINKS=os.path.join(cluster.places, "good") + " "
+                      + cluster.index.url, PIP_NO_INDEX="1")
     os.environ.pop("PIP_CONFIG_FILE", None)
     try:
         cluster.start_worker("builder", "--slots", "2", "--venv-dir", cluster.venvs)
@@ -170,6 +210,44 @@ def test_a_worker_killed_mid_build_builds_again_when_it_is_back(builder):
     start_builder(builder)
     wait_for(lambda: task_state(builder, task_id) in TERMINAL_STATES, 90, "the task to end")
     assert task_state(builder, task_id) == "completed", builder.rc("task", task_id).stdout
+
+
+@pytest.mark.e2e
+def test_a_task_waiting_for_a_build_that_is_cut_short_builds_it_itself(builder):
+    """Two tasks with one set: the second waits for the first's build. The
+    first was cancelled (or timed out: a package that builds for an hour)
+    mid-build, and the second, running as another uid, woke to a directory
+    of the first's uid and refused it: "belongs to uid N ... another task
+    may have made it", an environment failure, the device then avoided."""
+    builder.index.hold.set()           # the first build waits on the index
+    try:
+        first = builder.rc("submit", "shell", "true", "--pip", "rcdemo<2").stdout.split()[-1]
+
+        def building():
+            return os.path.isdir(builder.venvs) and [
+                os.path.join(builder.venvs, name) for name in os.listdir(builder.venvs)
+                if not name.endswith(".lock")
+                and os.lstat(os.path.join(builder.venvs, name)).st_uid != os.geteuid()]
+        target = wait_for(building, 60, "the first build")[0]
+        second = builder.rc("submit", "shell", "true", "--pip", "rcdemo<2",
+                            "--retries", "1").stdout.split()[-1]
+        lock = "%d" % os.stat(target + ".lock").st_ino
+
+        def waiting():      # the second's driver waits for the lock (a blocked flock)
+            with open("/proc/locks") as f:
+                return any("->" in line and ":%s " % lock in line for line in f)
+        wait_for(waiting, 60, "the second task to wait for the build")
+        builder.rc("cancel", first)
+    finally:
+        builder.index.hold.clear()
+        builder.index.release.set()
+    wait_for(lambda: ended_or_retried(builder, second), 90, "the second task")
+    assert task_state(builder, second) == "completed", builder.rc("task", second).stdout
+
+
+def ended_or_retried(cluster, task_id):
+    task = json.loads(cluster.rc("task", str(task_id), "--json").stdout)
+    return task["state"] in TERMINAL_STATES or task["attempt"] > 1
 
 
 def task_state(cluster, task_id):
