@@ -293,3 +293,32 @@ def test_restore_of_a_directory_says_so(cluster_home, tmp_path):
     done = rc("restore", str(tmp_path))
     assert done.returncode != 0
     assert "is a directory; name the backup file" in done.stderr
+
+
+def small_disk():
+    """The child may write files of 100 kB at most: a disk that fills up
+    (the write fails with EFBIG instead of killing it)."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(cluster_home, tmp_path):
+    """A backup onto a full USB disk said only `rc: error: disk I/O error`
+    (or `database or disk is full`): not which file, which disk."""
+    config, connection = cluster_home
+    target = str(tmp_path / "usb.db")
+    done = subprocess.run([RC, "backup", target], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                          preexec_fn=small_disk)
+    assert done.returncode == 1
+    assert "cannot write %s" % target in done.stderr
+    assert not os.path.exists(target) and not os.path.exists(target + ".partial")
+    assert rc("backup", target).returncode == 0
+    connection.close()
+    done = subprocess.run([RC, "restore", target], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                          preexec_fn=small_disk)
+    assert done.returncode == 1
+    assert "cannot write %s" % config.db_path in done.stderr
+    assert not os.path.exists(config.db_path + ".partial")

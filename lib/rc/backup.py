@@ -59,10 +59,13 @@ def backup(source_path, target_path, overwrite=False):
     try:
         target = sqlite3.connect(partial, isolation_level=None)   # autocommit: VACUUM below
         try:
-            source.backup(target)           # all pages in one step: one snapshot
-            # A single file is easier to carry about than a WAL database.
-            target.execute("PRAGMA journal_mode=DELETE")
-            drop_clear_secrets(target)
+            try:
+                source.backup(target)           # all pages in one step: one snapshot
+                # A single file is easier to carry about than a WAL database.
+                target.execute("PRAGMA journal_mode=DELETE")
+                drop_clear_secrets(target)
+            except sqlite3.OperationalError as e:   # a full disk: which one?
+                raise BackupError("cannot write %s: %s" % (target_path, e))
             summary = describe(target)
         finally:
             target.close()
@@ -148,6 +151,8 @@ def restore(backup_path, db_path, device_key=None):
         try:
             check.backup(target)
             target.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.OperationalError as e:       # a full disk: which one?
+            raise BackupError("cannot write %s: %s" % (db_path, e))
         finally:
             target.close()
     except BaseException:
