@@ -322,3 +322,23 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(cluster_home, tmp_path)
     assert done.returncode == 1
     assert "cannot write %s" % config.db_path in done.stderr
     assert not os.path.exists(config.db_path + ".partial")
+
+
+@pytest.mark.e2e
+def test_a_tasks_input_files_do_not_run_in_the_build_of_an_environment(builder, tmp_path):
+    """The build ran `python -m venv` and `python -m pip` in the task's
+    directory, which `-m` puts first on sys.path: a `pip/` among the task's
+    inputs ran instead of pip, as the task, before the worker adopted the
+    environment, and wrote what the next task with the same set imported."""
+    fake = tmp_path / "inputs" / "pip"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(
+        "import os, sysconfig\n"
+        "with open(os.path.join(sysconfig.get_paths()['purelib'], 'rcdemo.py'), 'w') as f:\n"
+        "    f.write('WHO = \"a task\\'s own pip\"\\n')\n")
+    first = submitted(builder, "shell", "true", "--pip", "rcdemo==1.0.0",
+                      "--input", str(tmp_path / "inputs") + "/")
+    victim = submitted(builder, "python_eval", "__import__('rcdemo').WHO",
+                       "--pip", "rcdemo==1.0.0")
+    assert "the device's own index" in victim, (first, victim)
