@@ -342,3 +342,23 @@ def test_a_tasks_input_files_do_not_run_in_the_build_of_an_environment(builder, 
     victim = submitted(builder, "python_eval", "__import__('rcdemo').WHO",
                        "--pip", "rcdemo==1.0.0")
     assert "the device's own index" in victim, (first, victim)
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_second_backup_to_the_same_file_is_refused_while_the_first_writes(cluster_home, tmp_path, command):
+    """Two `rc backup --force FILE` at once (cron's and one by hand) each
+    removed the other's FILE.partial as it began: all failed ('disk I/O
+    error', 'attempt to write a readonly database'), and one could have
+    renamed the other's half-written copy to FILE. The same for restore."""
+    import fcntl
+    config, connection = cluster_home
+    copy = str(tmp_path / "copy.db")
+    assert rc("backup", copy).returncode == 0
+    connection.close()
+    written = copy if command == "backup" else config.db_path
+    with open(written + ".partial", "w") as held:      # one under way
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = rc(command, "--force", copy) if command == "backup" else rc("restore", copy)
+        assert done.returncode == 1
+        assert "another `rc %s` is writing %s now" % (command, written) in done.stderr
+        assert os.path.samefile(held.name, written + ".partial")
