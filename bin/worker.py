@@ -2659,6 +2659,11 @@ class ProcessTask(Task):
         stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
                           for fd in self.stream_fds]
         status, error = self.outcome(stderr)
+        if status == OUTCOME_TIMED_OUT and getattr(self, "environment", None) \
+                and not worker.environments.whole(self.environment):
+            # pip's words are kept for a failed build only: nothing else says it.
+            error += (" while building its Python environment (pip); a longer --timeout"
+                      " lets the first build finish (docs/environments.md)")
         extra = {"environment_failed": True} if self.environment_failed else {}
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
@@ -6050,6 +6055,15 @@ class Environments(object):
             pass
         finally:
             os.close(lock)
+
+    def whole(self, key):
+        """Whether the environment `key` is built and the worker's."""
+        path = os.path.join(self.directory, key)
+        try:
+            return os.lstat(path).st_uid == os.geteuid() \
+                and os.path.exists(os.path.join(path, VENV_READY))
+        except OSError:
+            return False
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to

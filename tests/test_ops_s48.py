@@ -141,6 +141,14 @@ class HeldIndex:
         self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def stall(self):
+        self.release.clear()
+        self.hold.set()
+
+    def answer(self):
+        self.hold.clear()
+        self.release.set()
+
     def close(self):
         self.release.set()
         self.server.shutdown()
@@ -219,7 +227,7 @@ def test_a_task_waiting_for_a_build_that_is_cut_short_builds_it_itself(builder):
     mid-build, and the second, running as another uid, woke to a directory
     of the first's uid and refused it: "belongs to uid N ... another task
     may have made it", an environment failure, the device then avoided."""
-    builder.index.hold.set()           # the first build waits on the index
+    builder.index.stall()              # the first build waits on the index
     try:
         first = builder.rc("submit", "shell", "true", "--pip", "rcdemo<2").stdout.split()[-1]
 
@@ -239,8 +247,7 @@ def test_a_task_waiting_for_a_build_that_is_cut_short_builds_it_itself(builder):
         wait_for(waiting, 60, "the second task to wait for the build")
         builder.rc("cancel", first)
     finally:
-        builder.index.hold.clear()
-        builder.index.release.set()
+        builder.index.answer()
     wait_for(lambda: ended_or_retried(builder, second), 90, "the second task")
     assert task_state(builder, second) == "completed", builder.rc("task", second).stdout
 
@@ -362,3 +369,21 @@ def test_a_second_backup_to_the_same_file_is_refused_while_the_first_writes(clus
         assert done.returncode == 1
         assert "another `rc %s` is writing %s now" % (command, written) in done.stderr
         assert os.path.samefile(held.name, written + ".partial")
+
+
+@pytest.mark.e2e
+def test_a_task_that_times_out_building_its_environment_says_so(builder):
+    """A package that builds for an hour (or an index that does not answer)
+    ended the task 'timed out after 4 s' and nothing else: its stdout and
+    stderr empty, as pip's output is kept for a failed build only."""
+    builder.index.stall()
+    try:
+        task_id = builder.rc("submit", "shell", "true", "--pip", "rcdemo!=0.1",
+                             "--timeout", "4", "--retries", "0").stdout.split()[-1]
+        wait_for(lambda: task_state(builder, task_id) in TERMINAL_STATES, 60, "the timeout")
+    finally:
+        builder.index.answer()
+    task = json.loads(builder.rc("task", task_id, "--json").stdout)
+    assert task["state"] == "timed_out"
+    assert "while building its Python environment" in task["error"], task["error"]
+    assert "--timeout" in task["error"]
