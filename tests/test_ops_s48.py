@@ -1,6 +1,7 @@
 """Operations features under an admin's mistakes, attacks and crashes
 (session 48): backups and restores, upgrades, environments, schedules,
 services and device logs. Each test is one fault found, and its fix."""
+import io
 import json
 import os
 import shutil
@@ -387,3 +388,27 @@ def test_a_task_that_times_out_building_its_environment_says_so(builder):
     assert task["state"] == "timed_out"
     assert "while building its Python environment" in task["error"], task["error"]
     assert "--timeout" in task["error"]
+
+
+# -- schedules --------------------------------------------------------------------------
+
+def test_a_firing_skipped_for_a_task_that_never_started_says_queued(cluster_home,
+                                                                    monkeypatch, tmp_path):
+    """A schedule for a task no device takes (`--require tags=gpu`, no such
+    device): its first task waits queued, and every later firing said
+    `skipped: task 1 still running`, a task that never ran."""
+    from rc import commands, schedules
+    config, connection = cluster_home
+    clock = tmp_path / "clock"
+    clock.write_text(repr(float(schedules.now() + 3600)))
+    assert commands.run_command(["schedule", "add", "train", "@every 1m", "shell", "train.sh",
+                                 "--require", "tags=gpu"], io.StringIO(), io.StringIO(),
+                                config) == 0
+    monkeypatch.setenv(schedules.TEST_CLOCK_VARIABLE, str(clock))
+    log = type("Log", (), {"info": lambda *a, **k: None, "warning": lambda *a, **k: None})()
+    assert schedules.fire_due(connection, config, log) == 1
+    [task_id] = [row[0] for row in connection.execute("SELECT task_id FROM tasks")]
+    clock.write_text(repr(float(schedules.now() + 60)))
+    schedules.fire_due(connection, config, log)
+    outcome = schedules.get(connection, "train")["last_outcome"]
+    assert outcome == "skipped: task %d still queued (`rc why %d`)" % (task_id, task_id)
