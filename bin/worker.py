@@ -2423,7 +2423,8 @@ class ProcessTask(Task):
             request = extra.pop("request", None)
             self.env = extra["env"]
             if self.payload.get(PIP_FIELD) is not None:     # its environment first
-                request = worker.python_environments().request(self, request, value)
+                request = worker.python_environments().request(
+                    self, request, value, worker.sandbox.environment())
             if self.spawned and worker.spawner.usable():
                 self.proc = worker.spawner.spawn(worker, dict(
                     request or self.spawn_request(value), cwd=self.workdir, limits=self.limits,
@@ -2674,6 +2675,11 @@ class ProcessTask(Task):
         stdout, stderr = [bytes(self.buffers[fd]).decode("utf-8", "replace")
                           for fd in self.stream_fds]
         status, error = self.outcome(stderr)
+        if status == OUTCOME_TIMED_OUT and getattr(self, "environment", None) \
+                and not worker.environments.whole(self.environment):
+            # pip's words are kept for a failed build only: nothing else says it.
+            error += (" while building its Python environment (pip); a longer --timeout"
+                      " lets the first build finish (docs/environments.md)")
         extra = {"environment_failed": True} if self.environment_failed else {}
         worker.finish(self, status, error=error, output=self.output_text(stdout),
                       stderr=stderr, exit_code=self.exit_code, cpu_time=self.cpu_time,
@@ -5931,13 +5937,18 @@ VENV_FAILED_EXIT = 97                 # the driver's exit status when the build 
 VENV_FAILED_MARK = "rc: could not build the Python environment"
 VENV_READY = ".rc-ready"              # written last: the environment is whole
 VENV_ADOPT_WAIT = 30.0                # seconds a build waits for the worker to adopt it
+VENV_BUILD_ENV = "RC_VENV_BUILD_ENV"  # the driver's variable: the environment pip runs in
 
 # >>> Region "environments": the worker process loads it on first use (load_region).
 
 VENV_DRIVER = (
-    "import fcntl, os, shutil, stat, subprocess, sys, time\n"
+    "import fcntl, json, os, shutil, stat, subprocess, sys, time\n"
     "cache, key, wanted, worker_uid, word = sys.argv[1:6]\n"
     "argv = sys.argv[7:]\n"
+    # pip runs with the worker's variables, not the task's: the environment
+    # serves every task that names the set, so no task's PIP_* or HOME (a
+    # pip.conf among its inputs) may choose where its packages come from.
+    "build_env = json.loads(os.environ.pop('" + VENV_BUILD_ENV + "'))\n"
     # Every task uid opens the lock and runs what the build makes: under the
     # worker's umask (077 under supervisord) they would be the builder's alone.
     "task_umask = os.umask(0o022)\n"
@@ -5958,24 +5969,38 @@ VENV_DRIVER = (
     "def fail(why, said=''):\n"
     "    sys.stderr.write('" + VENV_FAILED_MARK + " (%s):\\n%s\\n' % (why, said))\n"
     "    sys.exit(" + str(VENV_FAILED_EXIT) + ")\n"
+    "def whole():\n"
+    "    return os.path.exists(ready) and owner() == trusted\n"
+    "def foreign():\n"
+    "    return owner() not in (None, trusted, os.geteuid())\n"
     "fcntl.flock(lock, fcntl.LOCK_SH)\n"
-    "if not (os.path.exists(ready) and owner() == trusted):\n"
+    "if not whole():\n"
     "    fcntl.flock(lock, fcntl.LOCK_EX)\n"
-    "    if not (os.path.exists(ready) and owner() == trusted):\n"
-    "        if owner() not in (None, trusted, os.geteuid()):\n"
+    # Another uid's build cut short (its task cancelled, timed out) is
+    # the worker's to remove, which it does once nobody holds the lock:
+    # let go of it a while rather than fail this task for it.
+    "    deadline = time.monotonic() + " + repr(VENV_ADOPT_WAIT) + "\n"
+    "    while not whole() and foreign() and time.monotonic() < deadline:\n"
+    "        fcntl.flock(lock, fcntl.LOCK_UN)\n"
+    "        time.sleep(0.2)\n"
+    "        fcntl.flock(lock, fcntl.LOCK_EX)\n"
+    "    if not whole():\n"
+    "        if foreign():\n"
     "            fail('%s belongs to uid %d' % (target, owner()),\n"
     "                 'not used: another task may have made it')\n"
     "        shutil.rmtree(target, ignore_errors=True)\n"
     "        python = os.path.join(target, 'bin', 'python')\n"
-    "        for step in ([sys.executable, '-m', 'venv', target],\n"
-    "                     [python, '-m', 'pip', 'install', '--disable-pip-version-check',\n"
+    # -I: `-m` would put the task's directory, its input files, first on
+    # sys.path (a pip/ among them ran instead of pip, as the task).
+    "        for step in ([sys.executable, '-I', '-m', 'venv', target],\n"
+    "                     [python, '-I', '-m', 'pip', 'install', '--disable-pip-version-check',\n"
     "                      '--no-input', '--quiet', '-r', wanted]):\n"
     "            done = subprocess.run(step, stdout=subprocess.PIPE,\n"
-    "                                  stderr=subprocess.STDOUT)\n"
+    "                                  stderr=subprocess.STDOUT, env=build_env)\n"
     "            if done.returncode != 0:\n"
     "                shutil.rmtree(target, ignore_errors=True)\n"
     "                said = done.stdout.decode('utf-8', 'replace').strip().splitlines()\n"
-    "                fail('%s exited %d' % (' '.join(step[1:4]), done.returncode),\n"
+    "                fail('%s exited %d' % (' '.join(step[2:5]), done.returncode),\n"
     "                     '\\n'.join(said[-30:]))\n"
     "        os.chmod(target, 0o755)\n"
     "        with open(ready, 'w') as f:\n"
@@ -6085,9 +6110,10 @@ class Environments(object):
         self.cap = getattr(options, "venv_mb", VENV_MB) * 1024 * 1024
         self.next_trim = 0.0
 
-    def request(self, task, request, value):
+    def request(self, task, request, value, build_env):
         """The spawner's request that builds or finds the task's environment
-        and then runs what `request` (or the task's command) would."""
+        and then runs what `request` (or the task's command) would; pip runs
+        in `build_env`, the worker's variables every task starts from."""
         packages = task.payload.get(PIP_FIELD)
         # One line each, not an option: the list becomes a requirements file.
         if not isinstance(packages, list) or not packages or not all(
@@ -6100,6 +6126,7 @@ class Environments(object):
         jail = task.jail or {}
         argv = request["argv"] if request else task.command(value)
         task.environment = environment_key(packages)
+        self.clear_cut_build(os.path.join(self.directory, task.environment))
         # As root the task's own uid may build it: the worker adopts it then.
         task.environment_building = jail.get("uid") not in (None, os.geteuid())
         task.environment_since = time.time()
@@ -6107,9 +6134,43 @@ class Environments(object):
         # reused uid can have planted it (its pid could be guessed, and is
         # 2 for every task in a PID namespace of its own).
         task.environment_word = os.urandom(16).hex()
+        task.env[VENV_BUILD_ENV] = json_text(build_env, True, None)
         return {"argv": [python_executable(), "-I", "-c", VENV_DRIVER, self.directory,
                          task.environment, wanted, str(os.geteuid()), task.environment_word,
                          "--"] + list(argv)}
+
+    @staticmethod
+    def clear_cut_build(path):
+        """Remove a directory of the set that the worker never adopted and no
+        task holds: a build cut short (the worker killed mid-build) or a
+        plant. The task's driver, as another uid, would refuse it: a failed
+        attempt that then avoids this device. Only one a driver made (with
+        its lock file): the worker's umask would keep task users out of one
+        it made itself; trim judges the others."""
+        import fcntl
+        try:
+            if os.lstat(path).st_uid == os.geteuid():
+                return
+            lock = os.open(path + ".lock", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_tree(path)
+            log("info", "venv_cut_build_removed", path=path)
+        except OSError:         # held: a task builds it, or runs in it
+            pass
+        finally:
+            os.close(lock)
+
+    def whole(self, key):
+        """Whether the environment `key` is built and the worker's."""
+        path = os.path.join(self.directory, key)
+        try:
+            return os.lstat(path).st_uid == os.geteuid() \
+                and os.path.exists(os.path.join(path, VENV_READY))
+        except OSError:
+            return False
 
     def make_directory(self, jail):
         """Task users build there too, so as root it is sticky and open to

@@ -1210,6 +1210,8 @@ def cmd_logs(arguments, context):
     lines.sort(key=lambda line: line[0])
     if not lines and arguments.task is not None:
         no_such_task(context, arguments.task)
+    if not lines and arguments.device is not None and not arguments.follow:
+        no_such_device(context, arguments.device)
     write_log_lines(context, lines[-arguments.lines:] if arguments.lines else [])
     if arguments.follow:
         follow_logs(context, arguments.program, offsets, wanted, device_lines)
@@ -1246,6 +1248,15 @@ def no_such_task(context, task_id):
         tasks.get(context.connection, task_id)
     except tasks.TaskError:
         raise CommandError("no task %d (and no log line names it)" % task_id)
+
+
+def no_such_device(context, device_id):
+    """`rc logs --device ID` found nothing: an error when no device has that
+    id (a typo, a case that differs), rather than an empty answer."""
+    if context.connection.execute("SELECT 1 FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone() is None:
+        raise CommandError("%s (and no log line names it)"
+                           % devices.unknown(context.connection, device_id))
 
 
 def format_log_line(record, colour=False):

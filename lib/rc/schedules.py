@@ -434,7 +434,7 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
     record the outcome on the schedule; returns the outcome text."""
     running = unfinished_run(connection, row)
     if overlap_checked and running and not row["allow_overlap"]:
-        outcome = "skipped: %s still running" % running
+        outcome = "skipped: %s" % running
         connection.execute("UPDATE schedules SET last_outcome = ? WHERE name = ?",
                            (outcome, row["name"]))
         return outcome
@@ -466,17 +466,22 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
 
 
 def unfinished_run(connection, row):
-    """"task N" or "group N" when the schedule's last run has not ended."""
+    """"task N still running" (or "group N ...") when the schedule's last run
+    has not ended; "still queued" for a task that has not started (one no
+    device takes: `rc why` says why, "running" did not)."""
     if row["each"] and row["last_group_id"] is not None:
         for member in connection.execute("SELECT task_type, state, requirements FROM tasks"
                                          " WHERE group_id = ? AND %s" % UNFINISHED,
                                          (row["last_group_id"],)).fetchall():
             if member["state"] != QUEUED or waits_for_its_device(connection, member):
-                return "group %d" % row["last_group_id"]
+                return "group %d still running" % row["last_group_id"]
     elif not row["each"] and row["last_task_id"] is not None:
-        if connection.execute("SELECT 1 FROM tasks WHERE task_id = ? AND %s"
-                              % UNFINISHED, (row["last_task_id"],)).fetchone():
-            return "task %d" % row["last_task_id"]
+        task = connection.execute("SELECT task_id, state FROM tasks WHERE task_id = ? AND %s"
+                                  % UNFINISHED, (row["last_task_id"],)).fetchone()
+        if task is not None and task["state"] == QUEUED:
+            return "task %d still queued (`rc why %d`)" % (task["task_id"], task["task_id"])
+        if task is not None:
+            return "task %d still running" % task["task_id"]
     return None
 
 
