@@ -3924,6 +3924,28 @@ def remove_entry(name, dir_fd, remove):
         return False
 
 
+def write_all(descriptor, data):
+    """os.write until all of `data` is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+
+
+def read_small_file(path):
+    """A file of /proc, whole, in a few system calls (no text layer)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(descriptor, READ_SIZE)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(descriptor)
+
+
+# >>> Region "leftovers": the worker process loads it on first use (load_region).
 class Leftovers(object):
     """What a task's uid left where every user may write (SHARED_TEMP_DIRS,
     SysV IPC, kernel keyrings), removed when its task ends and again before
@@ -4246,27 +4268,6 @@ def keys_charged_to(uid):
     return 0
 
 
-def write_all(descriptor, data):
-    """os.write until all of `data` is written."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view):]
-
-
-def read_small_file(path):
-    """A file of /proc, whole, in a few system calls (no text layer)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(descriptor, READ_SIZE)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(descriptor)
-
-
 def remove_entries_of(directory, uid, owners=None, most=None):
     """Remove the entries of `directory` that `uid` owns (none of its
     processes is left: the end of its task killed them); how many.
@@ -4335,6 +4336,9 @@ def remove_leftover(path, is_dir):
         return False
 
 
+# <<< The end of region "leftovers".
+
+
 class Sandbox(object):
     """The worker's side of the sandbox: a uid, a cgroup and a directory for
     each process task, and the end of everything the task started."""
@@ -4351,7 +4355,7 @@ class Sandbox(object):
         self.idle_uids = []       # claimed uids no task runs as
         self.watched_uids = set()     # claimed uids the watchdog knows (tell_watchdog)
         self.cgroups = TaskCgroups()
-        self.leftovers = Leftovers()
+        self.leftovers = None     # Leftovers, made at the first task's need (shared_leftovers)
         self.workdirs = None
         self.tracking = None
         self.environ = None       # what every task starts from (environment())
@@ -4498,7 +4502,7 @@ class Sandbox(object):
         """The jail of a task about to start: the request's "jail" field."""
         uid = self.task_uid()
         if self.own_uids():
-            self.leftovers.before_task(uid)
+            self.shared_leftovers().before_task(uid)
         gid = self.gid if self.gid is not None else uid
         staged = task.workdir      # files: made and filled by the worker (Files.stage)
         try:
@@ -4565,6 +4569,15 @@ class Sandbox(object):
             self.claim_uid()
         return self.idle_uids.pop(0)
 
+    def shared_leftovers(self):
+        """The Leftovers of this worker's task uids, made (and its code
+        loaded: an idle worker, or one whose tasks run as itself, holds
+        none of it) when a task first needs it."""
+        if self.leftovers is None:
+            load_region("leftovers")
+            self.leftovers = Leftovers()
+        return self.leftovers
+
     def claim_uid(self):
         """Take one more uid of the range for this worker, for as long as it
         lives: a lock (flock) on TOP/uid-UID.lock, which no other worker of
@@ -4630,7 +4643,7 @@ class Sandbox(object):
             # first, and a second slot's may not run again for days, while
             # its files in /dev/shm hold the device's memory.
             if self.own_uids():
-                self.leftovers.after_task(jail["uid"], ended=task.reaped)
+                self.shared_leftovers().after_task(jail["uid"], ended=task.reaped)
             self.idle_uids.append(jail["uid"])
             self.idle_uids.sort()     # the lowest first: its spare directory waits for it
         if task.workdir is not None:      # else files took it for an upload (upload_first)
