@@ -1135,6 +1135,41 @@ class UpgradeError(Exception):
     """The upgrade cannot be done; the message says why."""
 
 
+def upgrade_temporary(path, pid):
+    """Where the worker of `pid` writes an upgrade of `path` before it
+    replaces the file (replace_worker_file)."""
+    return "%s.%d.new" % (path, pid)
+
+
+def remove_dead_upgrades():
+    """Remove the upgrades that workers killed while writing them left
+    beside this file, ~0.5 MB each, one per kill, for ever: those of pids
+    that no longer run, and this process's own (an exec keeps the pid, and
+    it writes none before it runs). Another worker's, running from the same
+    file, may be under way and stays. Returns the paths removed."""
+    path = os.path.realpath(WORKER_FILE)
+    folder, name = os.path.split(path)
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry[len(name) + 1:-len(".new")]
+        if not (entry.startswith(name + ".") and entry.endswith(".new") and pid
+                and pid.strip("0123456789") == ""
+                and entry == upgrade_temporary(name, int(pid))):
+            continue
+        if int(pid) != os.getpid() and pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+        except OSError:
+            pass        # not ours to remove (another user's directory): it harms nothing
+    return removed
+
+
 # >>> Region "upgrade": the worker process loads it on first use (load_region).
 
 def fetch_worker(host, port, expected_sha256=None):
@@ -1216,7 +1251,7 @@ def replace_worker_file(source):
             if f.read() == source:
                 return False
         mode = os.stat(path).st_mode & 0o777
-        temporary = "%s.%d.new" % (path, os.getpid())
+        temporary = upgrade_temporary(path, os.getpid())
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(descriptor, "wb") as f:
             f.write(source)
@@ -9140,6 +9175,8 @@ class Worker(object):
         self.sandbox.prepare(self)
         # A cache over its cap: --cache-mb made smaller since the last run.
         self.files.cache.make_room(0)
+        for path in remove_dead_upgrades():
+            log("info", "upgrade_leftover_removed", path=path)
         self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,

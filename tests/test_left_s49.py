@@ -3,10 +3,17 @@ fix: a schedule allowed to overlap that piled up queued tasks, upgrades
 killed mid-write that left their new file, and a shared temporary tree
 removed in the worker's loop."""
 import io
+import json
+import os
+import shutil
+import signal
+import subprocess
 
 import pytest
 
 from rc import commands, db, schedules
+from test_worker import DEVICE_ID, TOKEN, WORKER, main  # noqa: F401 (fixture)
+from test_worker_identity import edges
 
 MIDNIGHT = 1893456000.0         # 2030-01-01 00:00 UTC
 
@@ -88,3 +95,48 @@ def test_an_overlapping_fleet_chore_skips_a_firing_while_a_task_of_it_waits(clus
     start(connection, first)
     assert fire_at(connection, config, clock, MIDNIGHT + 3.5).startswith("group ")
     assert len(task_ids(connection)) == 2
+
+
+# -- 2. an upgrade killed while it was written -------------------------------------------
+
+@edges
+def test_a_worker_removes_the_upgrades_of_dead_workers_at_its_start(main, python, tmp_path):
+    """A worker killed (-9) while it wrote an upgrade (`rc broadcast
+    upgrade`) left worker.py.PID.new, ~0.5 MB, beside worker.py: one per
+    kill, for ever. A worker now removes those of pids that no longer run
+    as it starts; a running worker's (one writing now) and other names stay."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    worker = folder / "worker.py"
+    shutil.copy(WORKER, str(worker))
+    ended = subprocess.Popen(["true"])
+    ended.wait()                             # its pid no longer runs
+    dead = folder / ("worker.py.%d.new" % ended.pid)
+    dead.write_bytes(b"#" * 500000)
+    kept = [folder / ("worker.py.%d.new" % os.getpid()),      # alive: maybe writing now
+            folder / ("worker.py.0%d.new" % ended.pid), folder / "worker.py.new",
+            folder / ("other.py.%d.new" % ended.pid), folder / ("worker.py.%d" % ended.pid)]
+    for path in kept:
+        path.write_bytes(b"x")
+    log_path = tmp_path / "worker.log"
+    with open(str(log_path), "wb") as log_file:
+        process = subprocess.Popen(
+            [python, "-I", "-S", str(worker), "--join", "127.0.0.1:%d" % main.port,
+             "--token", TOKEN, "--device-id", DEVICE_ID, "--state-dir", str(tmp_path / "state")],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        main.accept()                        # it connects once it has started
+        assert not dead.exists()
+        assert all(path.exists() for path in kept), kept
+        with open(str(log_path)) as f:
+            removed = [json.loads(line)["path"] for line in f
+                       if '"upgrade_leftover_removed"' in line]
+        assert removed == [str(dead)]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
