@@ -295,6 +295,9 @@ UID_LOCK_DIR = "/run/rc-worker"
 # /proc/sysvipc file, the call that removes one): a task's uid's are removed
 # before its next task (see Leftovers).
 SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+# A tree a task's uid left there, made the worker's and renamed in place to
+# LEFT_BEHIND + "PID-RANDOM" while a thread removes it (Remover.take_in_place).
+LEFT_BEHIND = ".rc-left-"
 SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))
 IPC_RMID = 0                    # the command that removes a SysV IPC object
 # Names Leftovers keeps of one owner's entries in a shared directory between
@@ -1135,6 +1138,41 @@ class UpgradeError(Exception):
     """The upgrade cannot be done; the message says why."""
 
 
+def upgrade_temporary(path, pid):
+    """Where the worker of `pid` writes an upgrade of `path` before it
+    replaces the file (replace_worker_file)."""
+    return "%s.%d.new" % (path, pid)
+
+
+def remove_dead_upgrades():
+    """Remove the upgrades that workers killed while writing them left
+    beside this file, ~0.5 MB each, one per kill, for ever: those of pids
+    that no longer run, and this process's own (an exec keeps the pid, and
+    it writes none before it runs). Another worker's, running from the same
+    file, may be under way and stays. Returns the paths removed."""
+    path = os.path.realpath(WORKER_FILE)
+    folder, name = os.path.split(path)
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry[len(name) + 1:-len(".new")]
+        if not (entry.startswith(name + ".") and entry.endswith(".new") and pid
+                and pid.strip("0123456789") == ""
+                and entry == upgrade_temporary(name, int(pid))):
+            continue
+        if int(pid) != os.getpid() and pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, entry))
+            removed.append(os.path.join(folder, entry))
+        except OSError:
+            pass        # not ours to remove (another user's directory): it harms nothing
+    return removed
+
+
 # >>> Region "upgrade": the worker process loads it on first use (load_region).
 
 def fetch_worker(host, port, expected_sha256=None):
@@ -1216,7 +1254,7 @@ def replace_worker_file(source):
             if f.read() == source:
                 return False
         mode = os.stat(path).st_mode & 0o777
-        temporary = "%s.%d.new" % (path, os.getpid())
+        temporary = upgrade_temporary(path, os.getpid())
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(descriptor, "wb") as f:
             f.write(source)
@@ -3854,34 +3892,83 @@ def remove_task_dir(path):
 
 class Remover(object):
     """Removes the task directories tasks left full (WorkDirs.give_back),
-    and the trees their uids left in /tmp (Leftovers), off the worker's
-    loop, one at a time in a thread of its own, started at the first. A
-    task that left 300,000 files in its directory held the loop ~5 s at
-    its end while they went (a million, ~17 s): no heartbeat, no ping
-    answered (the main node held the device suspect), no other task's
-    output read, and the worker took itself for frozen (leases_in_doubt).
-    A tree handed over is the worker's (0700) first, so the next task of
-    its uid cannot reach into it meanwhile; one left when the worker ends
-    goes at its next start (task_root)."""
+    and the trees their uids left in shared directories (Leftovers: /tmp,
+    /var/tmp, /dev/shm...), off the worker's loop, one at a time in a
+    thread of its own, started at the first. A task that left 300,000
+    files in its directory held the loop ~5 s at its end while they went (a
+    million, ~17 s): no heartbeat, no ping answered (the main node held the
+    device suspect), no other task's output read, and the worker took
+    itself for frozen (leases_in_doubt). A tree handed over is the
+    worker's (0700) first, so the next task of its uid cannot reach into
+    it meanwhile; one left when the worker ends goes at its next start
+    (task_root, remove_left_behind)."""
 
     def __init__(self):
         self.queue = None
         self.root = None         # the task root, where take() moves a tree first
         self.taken = 0
 
-    def take(self, path):
-        """A tree a task's uid left elsewhere (Leftovers: /tmp...) moved into
-        the task root, the worker's, and emptied from there off the loop;
-        False where it cannot be moved so (another file system)."""
-        if self.root is None or not hasattr(os, "fwalk"):
+    def take(self, path, uid):
+        """A tree `uid` left in a shared directory, emptied off the loop:
+        moved into the task root, the worker's, on the same file system;
+        else made the worker's where it is (take_in_place). False where
+        neither can be done: it is removed in the loop, as before."""
+        if not hasattr(os, "fwalk"):
             return False
-        self.taken += 1
-        held = os.path.join(self.root, ".rc-left-%d" % self.taken)
+        if self.root is not None:
+            self.taken += 1
+            held = os.path.join(self.root, ".rc-left-%d" % self.taken)
+            try:
+                os.rename(path, held)
+                return self.remove(held)
+            except OSError:
+                pass            # another file system (/var/tmp, /dev/shm often are)
+        held = self.take_in_place(path, uid)
+        if held is None:
+            return False
+        self.hand_over(held)
+        return True
+
+    @staticmethod
+    def take_in_place(path, uid):
+        """Make the tree at `path`, the uid's, the worker's (0700) where it
+        is, and rename it there to LEFT_BEHIND + PID-RANDOM, freeing its
+        name for the uid's next task at once; the new path, or None. Only
+        in a sticky directory that is root's or ours (/tmp, /var/tmp and
+        /dev/shm are): once the tree is ours no other uid can move it or
+        put anything in its place, so the delayed removal takes this tree
+        and nothing the uid makes later. On a descriptor, for the uid's
+        processes may still run and swap a link in under the name."""
+        import stat
+        directory = os.path.dirname(path)
         try:
+            parent = os.stat(directory)
+            if not parent.st_mode & stat.S_ISVTX or parent.st_uid not in (0, os.geteuid()):
+                return None
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (OSError, AttributeError):
+            return None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != uid or uid == os.geteuid():
+                return None
+            os.fchown(fd, os.geteuid(), os.getegid())
+            os.fchmod(fd, 0o700)
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                # Moved away before it was ours: the uid's again, and whatever
+                # is at `path` now goes in the loop, as before.
+                os.fchown(fd, info.st_uid, info.st_gid)
+                os.fchmod(fd, stat.S_IMODE(info.st_mode))
+                return None
+            held = os.path.join(directory, "%s%d-%s" % (LEFT_BEHIND, os.getpid(),
+                                                        os.urandom(8).hex()))
             os.rename(path, held)
+            return held
         except OSError:
-            return False
-        return self.remove(held)
+            return None        # ours or not, what is at `path` goes in the loop
+        finally:
+            os.close(fd)
 
     def remove(self, path):
         """Whether `path` is gone, or handed over to go."""
@@ -3897,6 +3984,11 @@ class Remover(object):
         except OSError:
             remove_tree(path)       # not ours to hand over: here, as before
             return not os.path.lexists(path)
+        self.hand_over(path)
+        return True
+
+    def hand_over(self, path):
+        """`path`, the worker's, to the thread."""
         if self.queue is None:
             import queue
             import threading
@@ -3905,11 +3997,38 @@ class Remover(object):
             thread.daemon = True
             thread.start()
         self.queue.put(path)
-        return True
 
     def run(self):
         while True:
             remove_tree(self.queue.get())
+
+    def remove_left_behind(self, directories):
+        """The trees take_in_place renamed that a worker which ended before
+        they went left behind (ours: its pid no longer runs, or is ours
+        after an exec); another running worker's stay. How many."""
+        import stat
+        found = []
+        for directory in directories:
+            try:
+                with os.scandir(directory) as listing:     # a /tmp may hold a million
+                    found.extend(entry.path for entry in listing
+                                 if entry.name.startswith(LEFT_BEHIND))
+            except OSError:
+                continue
+        count = 0
+        for path in found:
+            pid = os.path.basename(path)[len(LEFT_BEHIND):].partition("-")[0]
+            if not pid or pid.strip("0123456789") or (int(pid) != os.getpid()
+                                                      and pid_alive(pid)):
+                continue
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+                self.hand_over(path)
+                count += 1
+        return count
 
 
 REMOVER = Remover()
@@ -4051,7 +4170,7 @@ class Leftovers(object):
                 names_of[owner].discard(name)
             if info is None:
                 continue
-            if info.st_uid == uid and remove_leftover(path, stat.S_ISDIR(info.st_mode)):
+            if info.st_uid == uid and remove_leftover(path, stat.S_ISDIR(info.st_mode), uid):
                 removed += 1
             elif names_of.get(info.st_uid, ()) is not None:      # else too many to keep
                 owned = names_of.setdefault(info.st_uid, set())
@@ -4302,7 +4421,7 @@ def remove_entries_of(directory, uid, owners=None, most=None):
         return 0
     removed = 0
     for name, is_dir in mine:
-        if remove_leftover(os.path.join(directory, name), is_dir):
+        if remove_leftover(os.path.join(directory, name), is_dir, uid):
             removed += 1
         else:
             note(uid, name)
@@ -4318,13 +4437,13 @@ def identity(path):
     return info.st_dev, info.st_ino
 
 
-def remove_leftover(path, is_dir):
-    """Remove an entry a task's uid left (a directory with all it holds,
-    never through a link); whether it went."""
+def remove_leftover(path, is_dir, uid):
+    """Remove an entry `uid` left (a directory with all it holds, never
+    through a link); whether it went."""
     try:
         if not is_dir:
             os.unlink(path)
-        elif REMOVER.take(path):          # out of the shared directory, emptied off the loop
+        elif REMOVER.take(path, uid):     # the worker's, emptied off the loop
             return True
         elif hasattr(os, "fwalk"):        # remove_tree never follows a link there
             remove_tree(path)
@@ -4375,6 +4494,10 @@ class Sandbox(object):
             log("warning", "task_root_unusable", error=str(e), path=root)
         self.workdirs = WorkDirs(self.options.slots, root)
         REMOVER.root = root
+        if self.own_uids():
+            left = REMOVER.remove_left_behind(self.leftovers.directories)
+            if left:
+                log("info", "task_leftovers_removed", path=LEFT_BEHIND + "*", entries=left)
         self.tracking = self.tracking_mechanism(worker)
         self.python_note = self.choose_python()
         self.path = self.task_path()
@@ -9153,6 +9276,8 @@ class Worker(object):
         self.sandbox.prepare(self)
         # A cache over its cap: --cache-mb made smaller since the last run.
         self.files.cache.make_room(0)
+        for path in remove_dead_upgrades():
+            log("info", "upgrade_leftover_removed", path=path)
         self.watchdog.start()
         self.install_signals()
         log("info", "worker_started", device_id=self.device_id, version=__version__,

@@ -43,7 +43,8 @@ def add_commands(commands, out, formats):
     sub.add_argument("--each", action="store_true",
                      help="one task on every matching online device at each firing")
     sub.add_argument("--allow-overlap", action="store_true",
-                     help="fire even while the last firing's task is unfinished")
+                     help="fire even while the last firing's task runs (never while"
+                     " it is still queued)")
     action(actions, out, "list", cmd_schedule_list, "the schedules, next and last firing",
            [formats])
     for name, handler, text in (

@@ -432,9 +432,9 @@ def fire_one(connection, config, name, due, clock):
 def submit_firing(connection, config, row, key, clock, overlap_checked=True):
     """Submit the schedule's task(s) inside the caller's transaction and
     record the outcome on the schedule; returns the outcome text."""
-    running = unfinished_run(connection, row)
-    if overlap_checked and running and not row["allow_overlap"]:
-        outcome = "skipped: %s" % running
+    held = holding_run(connection, row) if overlap_checked else None
+    if held:
+        outcome = "skipped: %s" % held
         connection.execute("UPDATE schedules SET last_outcome = ? WHERE name = ?",
                            (outcome, row["name"]))
         return outcome
@@ -465,24 +465,42 @@ def submit_firing(connection, config, row, key, clock, overlap_checked=True):
     return outcome
 
 
-def unfinished_run(connection, row):
-    """"task N still running" (or "group N ...") when the schedule's last run
-    has not ended; "still queued" for a task that has not started (one no
-    device takes: `rc why` says why, "running" did not)."""
+def holding_run(connection, row):
+    """What holds a firing back, as its outcome's text ("task N still
+    running"), or None. The last run unended (queued, assigned, running)
+    holds it; with --allow-overlap only a last run still queued does:
+    overlap is runs side by side, and a task no device takes otherwise
+    gained one more queued task at every firing (`@every 1s`: 86,400 a day)."""
+    started, queued = unended_run(connection, row)
+    if started and not row["allow_overlap"]:
+        return started
+    return queued
+
+
+def unended_run(connection, row):
+    """The schedule's last run, when it has not ended, as (text if a task
+    of it started, text if one still waits queued): "task N still running",
+    "task N still queued (`rc why N`)" (one no device takes: `rc why` says
+    why, "running" did not); for a group, a member queued for a device
+    that takes nothing now waits for no firing (waits_for_its_device)."""
+    started = queued = None
     if row["each"] and row["last_group_id"] is not None:
+        group_id = row["last_group_id"]
         for member in connection.execute("SELECT task_type, state, requirements FROM tasks"
                                          " WHERE group_id = ? AND %s" % UNFINISHED,
-                                         (row["last_group_id"],)).fetchall():
-            if member["state"] != QUEUED or waits_for_its_device(connection, member):
-                return "group %d still running" % row["last_group_id"]
+                                         (group_id,)).fetchall():
+            if member["state"] != QUEUED:
+                started = "group %d still running" % group_id
+            elif queued is None and waits_for_its_device(connection, member):
+                queued = "group %d still queued (`rc group %d`)" % (group_id, group_id)
     elif not row["each"] and row["last_task_id"] is not None:
         task = connection.execute("SELECT task_id, state FROM tasks WHERE task_id = ? AND %s"
                                   % UNFINISHED, (row["last_task_id"],)).fetchone()
         if task is not None and task["state"] == QUEUED:
-            return "task %d still queued (`rc why %d`)" % (task["task_id"], task["task_id"])
-        if task is not None:
-            return "task %d still running" % task["task_id"]
-    return None
+            queued = "task %d still queued (`rc why %d`)" % (task["task_id"], task["task_id"])
+        elif task is not None:
+            started = "task %d still running" % task["task_id"]
+    return started, queued
 
 
 def waits_for_its_device(connection, member):
