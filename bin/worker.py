@@ -4495,7 +4495,8 @@ class Sandbox(object):
         self.workdirs = WorkDirs(self.options.slots, root)
         REMOVER.root = root
         if self.own_uids():
-            left = REMOVER.remove_left_behind(self.leftovers.directories)
+            left = REMOVER.remove_left_behind(SHARED_TEMP_DIRS if self.leftovers is None
+                                              else self.leftovers.directories)
             if left:
                 log("info", "task_leftovers_removed", path=LEFT_BEHIND + "*", entries=left)
         self.tracking = self.tracking_mechanism(worker)
