@@ -38,7 +38,7 @@ from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, MAX_WEB_LINES, DeviceLine
                      rotated_paths, tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
-                       TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
+                       TASK_TYPES, TERMINAL_STATES, TIMED_OUT, WITHHELD)
 
 WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
 FOLLOW_POLL_INTERVAL = 0.2    # seconds between looks at the log files in logs -f
@@ -1963,6 +1963,35 @@ def web_rules(argv):
     if arguments.command == "tail":
         return access, "try again, or ask GET /api/v1/tasks/ID/output"
     return access, None
+
+
+def withheld_argv(argv):
+    """argv with each --env value withheld (KEY=(withheld)), for the audit
+    log: it says who ran what, not the secrets given to a task. Read word by
+    word, not parsed, so that a command line argparse refuses is covered
+    too: `--env K=V`, `--env=K=V` and the abbreviations argparse takes
+    (`--en K=V`; `--e` where no other option begins so)."""
+    shown, value_next = [], False
+    for word in argv:
+        option, equals, value = word.partition("=")
+        if value_next:
+            shown.append(withheld_entry(word))
+        elif equals and is_env_option(option):
+            shown.append(option + "=" + withheld_entry(value))
+        else:
+            shown.append(word)
+        value_next = not value_next and not equals and is_env_option(word)
+    return shown
+
+
+def is_env_option(word):
+    return len(word) >= 3 and "--env".startswith(word)
+
+
+def withheld_entry(entry):
+    """KEY=VALUE as KEY=(withheld); a word without a name, withheld whole."""
+    name, equals, _ = entry.partition("=")
+    return name + "=" + WITHHELD if equals else WITHHELD
 
 
 def web_access_of(arguments, argv):

@@ -425,8 +425,9 @@ class Web:
             return False
         if held:
             fields["suppressed"] = held
-        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD)
-                                       for a in argv[:READER_AUDIT_WORDS]], **fields)
+        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD) for a in
+                                       commands.withheld_argv(argv[:READER_AUDIT_WORDS])],
+                   **fields)
         return True
 
     def tell_held_back(self):
@@ -821,8 +822,8 @@ class Web:
                 self.results.slots.give(address)
         if actor == "admin":
             self.logger.info("command", argv=argv[:1], status=status)
-            self.audit("web_command", actor, status=status,
-                       argv=[render.shorten(a, 200) for a in argv[:50]])  # a script is long
+            self.audit("web_command", actor, status=status,     # a script is long
+                       argv=[render.shorten(a, 200) for a in commands.withheld_argv(argv[:50])])
         elif self.audit_reader("web_command", actor, argv, status=status):
             self.logger.info("command", argv=argv[:1], status=status)
         return json_response({"status": status, "output": out.getvalue(),
