@@ -31,14 +31,14 @@ from rc.records import (DEVICE_COLUMNS, DEVICE_TABLE, TASK_COLUMNS, TASK_TABLE, 
                         battery_percent, device_metrics, device_record, device_row,
                         device_status, device_table_row, fraction, labels_text,
                         status_summary, table_columns, task_record, task_row,
-                        task_table_row, when)
+                        task_table_row, when, withheld_task)
 from rc.log import LEVELS, Logger
 from rc.logs import (AUDIT_PROGRAM, LOG_CONTEXT_LINES, MAX_WEB_LINES, DeviceLines, LogFilter,
                      NoSuchLog, Offsets, log_paths, new_lines, parse_log_lines, program_of,
                      rotated_paths, tail_lines)
 from rc.states import (ASSIGNED, CANCELLED, COMPLETED, FAILED, OFFLINE, ONLINE,
                        PRIORITIES, QUEUED, RUNNING, TASK_STATES,
-                       TASK_TYPES, TERMINAL_STATES, TIMED_OUT)
+                       TASK_TYPES, TERMINAL_STATES, TIMED_OUT, WITHHELD)
 
 WAIT_POLL_INTERVAL = 0.005    # seconds between looks at PRAGMA data_version in --wait
 FOLLOW_POLL_INTERVAL = 0.2    # seconds between looks at the log files in logs -f
@@ -139,9 +139,13 @@ class Context:
     only when the command needs them (so --help works on a broken install)."""
 
     def __init__(self, out, err, config=None, width=None, colour=None, logger=None,
-                 actor=("cli", "local")):
+                 actor=("cli", "local"), env_values=True):
         self.out, self.err = out, err
         self.actor, self.source = actor
+        # Whether tasks' --env values are shown: on the main node to its owner
+        # (who can read the database anyway) and in the web terminal to the
+        # admin token's holder; to anyone else each is WITHHELD (rc.states).
+        self.env_values = env_values
         self._config, self._connection = config, None
         self._logger, self._own_logger = logger, False
         tty = hasattr(out, "isatty") and out.isatty()
@@ -195,6 +199,10 @@ class Context:
             audit.record(self.config, event, self.actor, self.source, **fields)
         except OSError as e:
             self.err.write("rc: warning: cannot write the audit log: %s\n" % e)
+
+    def as_read(self, task):
+        """A task or a group as this command may show it (env_values)."""
+        return task if self.env_values else withheld_task(task)
 
     def close(self):
         if self._connection is not None:
@@ -419,7 +427,8 @@ def cmd_tasks(arguments, context):
                                     limit, max_bytes=max_bytes,
                                     results=arguments.format == "json")
     now = time.time()
-    write_records(context, arguments, [task_record(task, now) for task in records], now,
+    write_records(context, arguments, [context.as_read(task_record(task, now))
+                                       for task in records], now,
                   (task_row, TASK_COLUMNS), (task_table_row, TASK_TABLE))
     if more and len(records) < arguments.limit:
         from urllib.parse import urlencode     # only here: rc starts without it
@@ -431,7 +440,7 @@ def cmd_tasks(arguments, context):
 
 
 def cmd_task(arguments, context):
-    task = tasks.get(context.connection, arguments.task_id)
+    task = context.as_read(tasks.get(context.connection, arguments.task_id))
     if arguments.format == "json":
         context.out.write(render.json_text(task))
         return
@@ -784,8 +793,9 @@ def cmd_map(arguments, context):
 
 def cmd_group(arguments, context):
     # The web terminal shows what GET /api/v1/groups/ID does: a page.
-    summary = fleet.group(context.connection, arguments.group_id,
-                          most=None if context.actor == "cli" else tasks.MAX_PAGE_TASKS)
+    summary = context.as_read(fleet.group(
+        context.connection, arguments.group_id,
+        most=None if context.actor == "cli" else tasks.MAX_PAGE_TASKS))
     if summary.get("more"):
         context.err.write("rc: %d more tasks not shown, past the %d the web terminal shows"
                           " (those not completed first); GET /api/v1/groups/%d/results has"
@@ -1814,15 +1824,16 @@ def at_least_one(text):
 
 
 def run_command(argv, out, err, config=None, width=None, colour=None, logger=None,
-                actor=("cli", "local")):
+                actor=("cli", "local"), env_values=True):
     """Run one `rc` command line; returns the exit status, never exits.
     `width` and `colour` are for a terminal that is not this process's;
     `logger` is where task_submitted lines go (default var/log/rc-cli.log);
-    `actor` is who and from where, for the audit log."""
+    `actor` is who and from where, for the audit log; `env_values` whether
+    tasks' --env values are shown (Context)."""
     if not argv:
         err.write(NO_COMMAND_HINT)
         return UsageError.status
-    context = Context(out, err, config, width, colour, logger, actor)
+    context = Context(out, err, config, width, colour, logger, actor, env_values)
     try:
         arguments = parse(build_parser(out), argv)
         return arguments.handler(arguments, context) or 0
@@ -1952,6 +1963,35 @@ def web_rules(argv):
     if arguments.command == "tail":
         return access, "try again, or ask GET /api/v1/tasks/ID/output"
     return access, None
+
+
+def withheld_argv(argv):
+    """argv with each --env value withheld (KEY=(withheld)), for the audit
+    log: it says who ran what, not the secrets given to a task. Read word by
+    word, not parsed, so that a command line argparse refuses is covered
+    too: `--env K=V`, `--env=K=V` and the abbreviations argparse takes
+    (`--en K=V`; `--e` where no other option begins so)."""
+    shown, value_next = [], False
+    for word in argv:
+        option, equals, value = word.partition("=")
+        if value_next:
+            shown.append(withheld_entry(word))
+        elif equals and is_env_option(option):
+            shown.append(option + "=" + withheld_entry(value))
+        else:
+            shown.append(word)
+        value_next = not value_next and not equals and is_env_option(word)
+    return shown
+
+
+def is_env_option(word):
+    return len(word) >= 3 and "--env".startswith(word)
+
+
+def withheld_entry(entry):
+    """KEY=VALUE as KEY=(withheld); a word without a name, withheld whole."""
+    name, equals, _ = entry.partition("=")
+    return name + "=" + WITHHELD if equals else WITHHELD
 
 
 def web_access_of(arguments, argv):

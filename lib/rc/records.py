@@ -13,7 +13,7 @@ Columns are only ever added at the end."""
 import time
 
 from rc import devices, render, services, tasks
-from rc.states import PAYLOAD_FIELD, QUEUED
+from rc.states import PAYLOAD_FIELD, QUEUED, WITHHELD
 
 SUMMARY_WIDTH = 40            # characters of payload in the summary column
 
@@ -205,6 +205,30 @@ def payload_summary(task):
     if name and payload.get(name) is None and isinstance(payload.get("file"), str):
         return render.cell("--file " + payload["file"])
     return render.cell(payload.get(name)) if name else ""
+
+
+def withheld_payload(payload):
+    """A task's payload as one without the admin token sees it: its env's
+    names, each value WITHHELD; the rest as it is (an env stays an object of
+    names to text, so a program that reads its own task back still reads it)."""
+    env = payload.get("env") if isinstance(payload, dict) else None
+    if not isinstance(env, dict):
+        return payload
+    return dict(payload, env=dict.fromkeys(env, WITHHELD))
+
+
+def withheld_task(task):
+    """A task, a group or a schedule's or service's task (anything with a
+    "payload") with withheld_payload()."""
+    if isinstance(task, dict) and "payload" in task:
+        return dict(task, payload=withheld_payload(task["payload"]))
+    return task
+
+
+def withheld_spec(record):
+    """A schedule or a service (its "task" holds the payload) as one without
+    the admin token sees it."""
+    return dict(record, task=withheld_task(record.get("task")))
 
 
 # -- log lines --------------------------------------------------------------------

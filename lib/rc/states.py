@@ -37,6 +37,11 @@ INSTANT_TASK_TYPES = ("echo", "system_info")
 PAYLOAD_FIELD = {"echo": "message", "sleep": "seconds", "system_info": None,
                  "python_eval": "expression", "python_exec": "code",
                  "shell": "command"}
+# What one without the admin token sees in place of each of a task's --env
+# values (lib/rc/records.py, docs/security.md): a secret given with --env is
+# for the task and the admin, not for everyone who may read the cluster.
+# Never a value a task is given (tasks.check_env refuses it).
+WITHHELD = "(withheld)"
 
 # -- device states -------------------------------------------------------------
 ONLINE = "online"

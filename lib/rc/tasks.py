@@ -13,7 +13,7 @@ import time
 from rc import bell, bounded, db, environments, files
 from rc.states import (ACTIVE_STATES, ASSIGNED, CANCELLED, COMPLETED, FAILED, PAYLOAD_FIELD,
                        PRIORITIES, PRIORITY_NAMES, QUEUED, RUNNING, TASK_TYPES,
-                       TERMINAL_STATES)
+                       TERMINAL_STATES, WITHHELD)
 
 MAX_PAYLOAD_TEXT = 256 * 1024   # bytes of code, command or message in one task
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a week is plenty for an old laptop
@@ -253,13 +253,24 @@ def check_env(env):
                             % name[:200])
         if name.upper().startswith("RC_"):
             raise TaskError("env name %r: names starting with RC_ are the worker's own" % name)
-        if not isinstance(value, str):
-            raise TaskError("env %s must be text, not %r" % (name, str(value)[:80]))
+        if not isinstance(value, str):      # its kind, not the value: it may be a secret
+            raise TaskError("env %s must be text, not %s" % (name, json_kind(value)))
+        if value == WITHHELD:
+            raise TaskError("env %s is %s, what a task's value reads as without the admin"
+                            " token; give the value itself" % (name, WITHHELD))
         if "\x00" in value:
             raise TaskError("env %s must not contain NUL" % name)
         if len(value.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE:
             raise TaskError("env %s is over %d bytes" % (name, MAX_ENV_VALUE))
     return dict(env)
+
+
+def json_kind(value):
+    """What a JSON value is, in words: a number, true or false, an object..."""
+    if isinstance(value, bool):
+        return "true or false"
+    return {int: "a number", float: "a number", dict: "an object", list: "a list",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def check_outputs(outputs):

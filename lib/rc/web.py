@@ -293,6 +293,13 @@ class Web:
         given = self.given_token()
         return given is not None and self.token_matches(given)
 
+    def as_read(self, task):
+        """A task (or a group) as this request may see it: whole with the
+        admin token, else with its --env values withheld (rc.states.WITHHELD):
+        read_access lets in everyone on the LAN (open) or every process of
+        this machine's user (local), and a secret given with --env is not theirs."""
+        return task if self.has_read_token() else records.withheld_task(task)
+
     def reads_audit_log(self):
         """The audit log says who did what from where: the admin token
         always, from this machine too."""
@@ -418,8 +425,9 @@ class Web:
             return False
         if held:
             fields["suppressed"] = held
-        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD)
-                                       for a in argv[:READER_AUDIT_WORDS]], **fields)
+        self.audit(event, actor, argv=[render.shorten(a, READER_AUDIT_WORD) for a in
+                                       commands.withheld_argv(argv[:READER_AUDIT_WORDS])],
+                   **fields)
         return True
 
     def tell_held_back(self):
@@ -538,6 +546,8 @@ class Web:
         now = time.time()
         page, more = self.listed_tasks()
         found = [records.task_record(task, now) for task in page]
+        if not self.has_read_token():
+            found = [records.withheld_task(task) for task in found]
         limit = max(1, min(query_int("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT))
         offset = query_int("offset", 0)
         return json_response({"tasks": found, "limit": limit, "offset": offset,
@@ -545,7 +555,8 @@ class Web:
                               "state": query.get("state") or None})
 
     def task(self, task_id):
-        return json_response(records.task_record(self.existing_task(task_id), time.time()))
+        return json_response(self.as_read(records.task_record(self.existing_task(task_id),
+                                                              time.time())))
 
     def result(self, task_id):
         # One row, three columns: a client polls this (tasks.get also reads
@@ -714,9 +725,9 @@ class Web:
         """At most MAX_LIST_LIMIT of its tasks, as ?limit= asks for fewer."""
         limit = query_int("limit", None)
         try:
-            return json_response(fleet.group(
+            return json_response(self.as_read(fleet.group(
                 self.connection(), group_id, None if limit is None else min(
-                    limit, MAX_LIST_LIMIT), most=MAX_LIST_LIMIT))
+                    limit, MAX_LIST_LIMIT), most=MAX_LIST_LIMIT)))
         except fleet.FleetError as e:
             raise ApiError(404, str(e))
 
@@ -805,14 +816,14 @@ class Web:
         try:
             status = commands.run_command(argv, out, err, self.config, width,
                                           bool(body.get("colour", False)), self.logger,
-                                          (actor, address))
+                                          (actor, address), self.has_read_token())
         finally:
             if waits:
                 self.results.slots.give(address)
         if actor == "admin":
             self.logger.info("command", argv=argv[:1], status=status)
-            self.audit("web_command", actor, status=status,
-                       argv=[render.shorten(a, 200) for a in argv[:50]])  # a script is long
+            self.audit("web_command", actor, status=status,     # a script is long
+                       argv=[render.shorten(a, 200) for a in commands.withheld_argv(argv[:50])])
         elif self.audit_reader("web_command", actor, argv, status=status):
             self.logger.info("command", argv=argv[:1], status=status)
         return json_response({"status": status, "output": out.getvalue(),

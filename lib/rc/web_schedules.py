@@ -2,7 +2,7 @@
 services.py): /api/v1/schedules, /api/v1/services, /text/schedules and
 /text/services. Reading follows read_access; every change needs the admin
 token, as everywhere in rc-web."""
-from rc import schedules, services, tasks
+from rc import records, schedules, services, tasks
 
 # Fields of POST /api/v1/schedules and /api/v1/services.
 TASK_FIELDS = {"task_type", "payload", "requirements", "priority", "timeout", "retries",
@@ -25,8 +25,9 @@ class ScheduleRoutes:
     # -- schedules ---------------------------------------------------------------
 
     def schedules(self):
-        return self.h.json_response({"schedules": schedules.list_schedules(
-            self.web.connection())})
+        return self.h.json_response({"schedules": [self.as_read(record) for record in
+                                                   schedules.list_schedules(
+                                                       self.web.connection())]})
 
     def add_schedule(self):
         body = self.body(SCHEDULE_FIELDS)
@@ -40,7 +41,8 @@ class ScheduleRoutes:
                                      "url": "/api/v1/schedules/%s" % body["name"]}, 201)
 
     def schedule(self, name):
-        return self.h.json_response(self.found(schedules.get, self.web.connection(), name))
+        return self.h.json_response(self.as_read(self.found(schedules.get,
+                                                            self.web.connection(), name)))
 
     def remove_schedule(self, name):
         self.found(schedules.remove, self.web.connection(), name)
@@ -55,8 +57,9 @@ class ScheduleRoutes:
     # -- services ------------------------------------------------------------------
 
     def services(self):
-        return self.h.json_response({"services": services.list_services(
-            self.web.connection(), self.web.config)})
+        return self.h.json_response({"services": [self.as_read(record) for record in
+                                                  services.list_services(
+                                                      self.web.connection(), self.web.config)]})
 
     def add_service(self):
         body = self.body(SERVICE_FIELDS)
@@ -68,8 +71,8 @@ class ScheduleRoutes:
                                      "url": "/api/v1/services/%s" % body["name"]}, 201)
 
     def service(self, name):
-        return self.h.json_response(self.found(services.get, self.web.connection(),
-                                               self.web.config, name))
+        return self.h.json_response(self.as_read(self.found(
+            services.get, self.web.connection(), self.web.config, name)))
 
     def stop_service(self, name):
         cancelled = self.found(services.stop, self.web.connection(), self.web.config, name)
@@ -110,6 +113,11 @@ class ScheduleRoutes:
         return schedules.task_spec(self.web.config, body.get("task_type"),
                                    self.h.submitted_payload(body),
                                    self.h.submitted_requirements(body), **options)
+
+    def as_read(self, record):
+        """A schedule or service as this request may see it: its task's
+        --env values withheld without the admin token (Web.as_read)."""
+        return record if self.web.has_read_token() else records.withheld_spec(record)
 
     def flag(self, body, name):
         value = body.get(name, False)

@@ -1065,15 +1065,23 @@ function cancelGroup(id, what, left) {
                  fields: [], run: () => post("/api/v1/groups/" + id + "/cancel")});
 }
 
-function retryTask(task) {
+function retrySpec(task) {
   const spec = {task_type: task.task_type, payload: task.payload, priority: task.priority,
                 requirements: task.requirements || {}, retry_on_failure: Boolean(task.retry_on_failure)};
   if (task.timeout !== null && task.timeout !== undefined) spec.timeout = task.timeout;
   if (task.max_retries !== null && task.max_retries !== undefined) spec.retries = task.max_retries;
+  return spec;
+}
+
+function retryTask(task) {
   confirmAction({title: "Retry task " + task.task_id + "?",
                  text: "A copy is submitted as a new task; this one stays as it is.", fields: [],
                  run: async () => {
-                   const outcome = await post("/api/v1/tasks", spec);
+                   // Read again with the token the copy goes with: a view drawn without
+                   // it shows each --env value as "(withheld)", not the value.
+                   const [status, fresh] = await getJSON("/api/v1/tasks/" + task.task_id);
+                   if (status !== 200) return {ok: false, status: status, error: fresh.error};
+                   const outcome = await post("/api/v1/tasks", retrySpec(fresh));
                    if (outcome.ok) outcome.after = () => { location.hash = "#/task/" + outcome.body.task_id; };
                    return outcome;
                  }});
