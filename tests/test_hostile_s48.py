@@ -64,6 +64,20 @@ def test_a_reader_cannot_rotate_the_audit_log_away(cluster_home):
     assert told == sent, "the commands held back were not counted"
 
 
+def spy_on_removals(module, monkeypatch):
+    """([the thread of each remove_tree call], an Event set after each) of
+    the worker module's remove_tree, which still removes."""
+    removed_in, done = [], threading.Event()
+    original = module.remove_tree
+
+    def removing(path):
+        removed_in.append(threading.current_thread())
+        original(path)
+        done.set()
+    monkeypatch.setattr(module, "remove_tree", removing)
+    return removed_in, done
+
+
 def test_a_task_directory_left_full_is_emptied_off_the_workers_loop(tmp_path, monkeypatch):
     """A task directory left with files in it was removed in the worker's
     loop as its task ended: a task that left 300,000 files held the loop
@@ -73,14 +87,7 @@ def test_a_task_directory_left_full_is_emptied_off_the_workers_loop(tmp_path, mo
     worker's (no task of its uid reaches into it) and emptied by a thread."""
     from test_worker_identity import load_worker_module
     module = load_worker_module()
-    removed_in, done = [], threading.Event()
-
-    def removing(path):
-        removed_in.append(threading.current_thread())
-        original(path)
-        done.set()
-    original = module.remove_tree
-    monkeypatch.setattr(module, "remove_tree", removing)
+    removed_in, done = spy_on_removals(module, monkeypatch)
     workdirs = module.WorkDirs(0, str(tmp_path))
     path = workdirs.take()
     os.mkdir(os.path.join(path, "deep"))
@@ -108,14 +115,7 @@ def test_a_tree_a_tasks_uid_left_in_tmp_is_emptied_off_the_workers_loop(tmp_path
     module = load_worker_module()
     monkeypatch.setattr(module, "remove_ipc_of", lambda uid: 0)
     monkeypatch.setattr(module, "remove_keys_of", lambda uid: 0)
-    removed_in, done = [], threading.Event()
-
-    def removing(path):
-        removed_in.append(threading.current_thread())
-        original(path)
-        done.set()
-    original = module.remove_tree
-    monkeypatch.setattr(module, "remove_tree", removing)
+    removed_in, done = spy_on_removals(module, monkeypatch)
     shared, root = tmp_path / "tmp", tmp_path / "tasks"
     shared.mkdir()
     os.chmod(str(shared), 0o1777)
