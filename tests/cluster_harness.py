@@ -246,6 +246,20 @@ def wait_for(predicate, timeout, what):
     raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
 
 
+def task_state(cluster, task_id):
+    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
+                              (task_id,)).fetchone()[0]
+
+
+def map_queued(executor, function):
+    """executor.map(function, range(4), timeout=3, chunksize=2), once both
+    its chunks are queued: (its results' iterator, their task ids, in order)."""
+    calls = executor.map(function, range(4), timeout=3, chunksize=2)
+    wait_for(lambda: len(executor.outstanding) == 2 and all(
+        future.task_id for future in executor.outstanding), 30, "its tasks queued")
+    return calls, sorted({future.task_id for future in executor.outstanding})
+
+
 def online(cluster):
     return {row[0] for row in cluster.db.execute(
         "SELECT device_id FROM devices WHERE status = 'online' AND connected = 1")}

@@ -20,7 +20,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from cluster_harness import REPO, WORKER, Cluster, online, private, wait_for
+from cluster_harness import (REPO, WORKER, Cluster, online, private, task_state,
+                             wait_for)
 from hostile_harness import unharmed
 from rc import audit, client, files, web_results
 
@@ -200,21 +201,16 @@ def test_cancel_a_queued_and_a_running_call(cluster):
         queued = nowhere.submit(functions.noop, 1)
         queued.wait_submitted(30)
         assert queued.cancel() and queued.cancelled()
-        assert state_of(cluster, queued.task_id) == "cancelled"
+        assert task_state(cluster, queued.task_id) == "cancelled"
     with client.Executor(cluster.url, cluster.token,
                          requirements={"device_id": "main"}) as executor:
         running = executor.submit(functions.nap, 60)
         task_id = running.wait_submitted(30)
-        wait_for(lambda: state_of(cluster, task_id) == "running", 30, "the nap to start")
+        wait_for(lambda: task_state(cluster, task_id) == "running", 30, "the nap to start")
         assert running.cancel() and running.cancelled()
-        wait_for(lambda: state_of(cluster, task_id) == "cancelled", 30, "the task to stop")
+        wait_for(lambda: task_state(cluster, task_id) == "cancelled", 30, "the task to stop")
         finished = executor.submit(functions.noop, 2)
         assert finished.result(60) == 2 and not finished.cancel()
-
-
-def state_of(cluster, task_id):
-    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
-                              (task_id,)).fetchone()[0]
 
 
 def tasks_after(cluster, task_id):
@@ -287,7 +283,7 @@ def test_cancel_a_pending_call_leaves_its_pack_to_the_others(cluster, rc_cluster
         pack_task = futures[packed[len(packed) // 2]].task_id
         for n in victims:
             assert futures[n].cancel() and futures[n].cancelled()
-        assert state_of(cluster, pack_task) == "cancelled"      # the others went again
+        assert task_state(cluster, pack_task) == "cancelled"      # the others went again
         for n, future in enumerate(futures):
             if n not in victims:
                 assert future.result(120) == n

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cluster_harness import RC, online, wait_for, with_one_worker
+from cluster_harness import RC, online, task_state, wait_for, with_one_worker
 from rc import client, db, files, state_dir
 from rc.states import TERMINAL_STATES
 from test_chaos_files import halt, halted_when, kill_program
@@ -165,7 +165,7 @@ def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, 
                            " head -c 400000 /dev/urandom > o.bin; sha256sum o.bin" % go,
                            "--output", "o.bin", "--require", "device_id=%s" % DEVICE)
     producing = int(producing.stdout)
-    wait_for(lambda: state_of(cluster, producing) == "running", 30, "the task running")
+    wait_for(lambda: task_state(cluster, producing) == "running", 30, "the task running")
     cluster.supervisorctl("stop", "rc-files")
     go.touch()
     try:
@@ -177,7 +177,7 @@ def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, 
     finally:
         cluster.supervisorctl("start", "rc-files")
     for task_id in (producing, reading):
-        wait_for(lambda: state_of(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
+        wait_for(lambda: task_state(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
         row = cluster.db.execute("SELECT state, error, result FROM tasks WHERE task_id = ?",
                                  (task_id,)).fetchone()
         assert row[0] == "completed", tuple(row)
@@ -187,11 +187,6 @@ def test_tasks_moving_files_while_rc_files_is_down_a_while_wait_for_it(cluster, 
         "SELECT result FROM tasks WHERE task_id = ?", (producing,)).fetchone()[0]
     assert hashlib.sha256(data).hexdigest() in cluster.db.execute(
         "SELECT result FROM tasks WHERE task_id = ?", (reading,)).fetchone()[0]
-
-
-def state_of(cluster, task_id):
-    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
-                              (task_id,)).fetchone()[0]
 
 
 def transfer_cuts(cluster):
@@ -248,7 +243,7 @@ def test_checkpoints_a_worker_restarted_by_its_spawner_s_death_left_are_removed(
         wait_for(lambda: CHECKPOINTING in online(cluster), 30, "the worker online")
         task_id = int(cluster.rc("submit", "shell", COUNTING, "--require",
                                  "device_id=%s" % CHECKPOINTING).stdout)
-        wait_for(lambda: state_of(cluster, task_id) == "running", 30, "the task running")
+        wait_for(lambda: task_state(cluster, task_id) == "running", 30, "the task running")
         files_server = cluster.program_pid("rc-files")
         os.kill(files_server, signal.SIGSTOP)    # the checkpoint cannot go up
         try:
@@ -261,7 +256,7 @@ def test_checkpoints_a_worker_restarted_by_its_spawner_s_death_left_are_removed(
         finally:
             os.kill(files_server, signal.SIGCONT)
         assert worker.poll() is None, "the worker restarts in its own process"
-        wait_for(lambda: state_of(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
+        wait_for(lambda: task_state(cluster, task_id) in TERMINAL_STATES, 60, "the task ended")
         wait_for(lambda: not tars() & left, 30, "the checkpoint tars of the run before gone")
     finally:
         os.killpg(worker.pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from cluster_harness import RC, wait_for, with_one_worker
+from cluster_harness import RC, map_queued, task_state, wait_for, with_one_worker
 from rc import client
 from test_chaos_files import halt
 
@@ -135,10 +135,7 @@ def test_a_map_s_timeout_with_rc_web_halted_raises_without_waiting_for_it(cluste
         with pytest.raises(concurrent.futures.TimeoutError):
             with client.Executor(cluster.url, cluster.token,
                                  requirements={"device_id": "nobody"}) as executor:
-                calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
-                wait_for(lambda: len(executor.outstanding) == 2 and all(
-                    future.task_id for future in executor.outstanding), 30, "its tasks queued")
-                task_ids = sorted({future.task_id for future in executor.outstanding})
+                calls, task_ids = map_queued(executor, never_run)
                 pid = cluster.program_pid("rc-web")
                 assert halt(pid)        # hung, not gone: its port takes connections
                 began = time.monotonic()
@@ -149,13 +146,8 @@ def test_a_map_s_timeout_with_rc_web_halted_raises_without_waiting_for_it(cluste
     finally:
         if pid:
             os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: all(state_of(cluster, task_id) == "cancelled" for task_id in task_ids),
+    wait_for(lambda: all(task_state(cluster, task_id) == "cancelled" for task_id in task_ids),
              120, "the cancels sent again")
-
-
-def state_of(cluster, task_id):
-    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
-                              (task_id,)).fetchone()[0]
 
 
 def test_a_map_s_timeout_while_its_chunk_is_being_submitted_to_a_stopped_rc_web(cluster):

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from cluster_harness import WORKER, log_records, online, wait_for, with_one_worker
+from cluster_harness import (WORKER, log_records, map_queued, online, task_state, wait_for,
+                             with_one_worker)
 from rc import client, files
 from rc import config as config_module
 from rc.defaults import DEFAULTS
@@ -31,11 +32,6 @@ def cluster(tmp_path_factory):
     yield from with_one_worker(tmp_path_factory.mktemp("leftovers46"), DEVICE, 2)
 
 
-def state_of(cluster, task_id):
-    return cluster.db.execute("SELECT state FROM tasks WHERE task_id = ?",
-                              (task_id,)).fetchone()[0]
-
-
 # -- 1. a map's cancels while rc-web restarts -----------------------------------------
 
 def never_run(number):      # required of a device that is not there
@@ -48,17 +44,14 @@ def test_a_map_s_cancels_rc_web_did_not_take_reach_it_once_it_is_back(cluster, c
         with pytest.raises(concurrent.futures.TimeoutError):
             with client.Executor(cluster.url, cluster.token,
                                  requirements={"device_id": "nobody"}) as executor:
-                calls = executor.map(never_run, range(4), timeout=3, chunksize=2)
-                wait_for(lambda: len(executor.outstanding) == 2 and all(
-                    future.task_id for future in executor.outstanding), 30, "its tasks queued")
-                task_ids = sorted(future.task_id for future in executor.outstanding)
+                calls, task_ids = map_queued(executor, never_run)
                 cluster.supervisorctl("stop", "rc-web")
                 list(calls)
         # Before: the cancels were dropped and both tasks stayed queued.
         assert "did not take the cancel of tasks %d, %d" % tuple(task_ids) in caplog.text
     finally:
         cluster.supervisorctl("start", "rc-web")
-    wait_for(lambda: all(state_of(cluster, task_id) == "cancelled" for task_id in task_ids),
+    wait_for(lambda: all(task_state(cluster, task_id) == "cancelled" for task_id in task_ids),
              60, "the cancels sent again")
     wait_for(lambda: "reached the cluster" in caplog.text, 30, "said so")
 

@@ -201,7 +201,8 @@ class Context:
             self.err.write("rc: warning: cannot write the audit log: %s\n" % e)
 
     def as_read(self, task):
-        """A task or a group as this command may show it (env_values)."""
+        """A task, a group, a schedule or a service as this command may show
+        it (env_values)."""
         return task if self.env_values else withheld_task(task)
 
     def close(self):

@@ -217,18 +217,14 @@ def withheld_payload(payload):
     return dict(payload, env=dict.fromkeys(env, WITHHELD))
 
 
-def withheld_task(task):
-    """A task, a group or a schedule's or service's task (anything with a
-    "payload") with withheld_payload()."""
-    if isinstance(task, dict) and "payload" in task:
-        return dict(task, payload=withheld_payload(task["payload"]))
-    return task
-
-
-def withheld_spec(record):
-    """A schedule or a service (its "task" holds the payload) as one without
-    the admin token sees it."""
-    return dict(record, task=withheld_task(record.get("task")))
+def withheld_task(record):
+    """A task or a group (anything with a "payload"), or a schedule or a
+    service (its "task" holds the payload), with withheld_payload()."""
+    if isinstance(record, dict) and "payload" in record:
+        return dict(record, payload=withheld_payload(record["payload"]))
+    if isinstance(record, dict) and isinstance(record.get("task"), dict):
+        return dict(record, task=withheld_task(record["task"]))
+    return record
 
 
 # -- log lines --------------------------------------------------------------------

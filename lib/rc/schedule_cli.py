@@ -5,7 +5,7 @@ The web terminal runs them too: list and logs read, the rest need the
 admin token (web_access)."""
 import time
 
-from rc import bell, environments, files_cli, records, render, schedules, services
+from rc import bell, environments, files_cli, render, schedules, services
 from rc import task_options, tasks
 from rc.states import PAYLOAD_FIELD, TASK_TYPES, TERMINAL_STATES
 
@@ -133,7 +133,7 @@ def cmd_schedule_add(arguments, context):
 
 def cmd_schedule_list(arguments, context):
     from rc import commands
-    found = [as_read(context, record) for record in schedules.list_schedules(
+    found = [context.as_read(record) for record in schedules.list_schedules(
         context.connection)]
     rows = [schedule_row(record) for record in found]
     commands.write_rows(context, arguments, rows, SCHEDULE_COLUMNS, found)
@@ -189,7 +189,7 @@ def cmd_service_add(arguments, context):
 
 def cmd_service_list(arguments, context):
     from rc import commands
-    found = [as_read(context, record) for record in services.list_services(
+    found = [context.as_read(record) for record in services.list_services(
         context.connection, context.config)]
     rows = [row for record in found for row in service_rows(record)]
     commands.write_rows(context, arguments, rows, SERVICE_COLUMNS, found)
@@ -251,11 +251,6 @@ def cmd_service_logs(arguments, context):
 
 
 # -- shown -----------------------------------------------------------------------------
-
-def as_read(context, record):
-    """A schedule or service as the command may show it (Context.env_values)."""
-    return record if context.env_values else records.withheld_spec(record)
-
 
 def task_summary(spec):
     field = PAYLOAD_FIELD.get(spec["task_type"])

@@ -294,10 +294,11 @@ class Web:
         return given is not None and self.token_matches(given)
 
     def as_read(self, task):
-        """A task (or a group) as this request may see it: whole with the
-        admin token, else with its --env values withheld (rc.states.WITHHELD):
-        read_access lets in everyone on the LAN (open) or every process of
-        this machine's user (local), and a secret given with --env is not theirs."""
+        """A task, a group, a schedule or a service as this request may see
+        it: whole with the admin token, else with its --env values withheld
+        (rc.states.WITHHELD): read_access lets in everyone on the LAN (open)
+        or every process of this machine's user (local), and a secret given
+        with --env is not theirs."""
         return task if self.has_read_token() else records.withheld_task(task)
 
     def reads_audit_log(self):

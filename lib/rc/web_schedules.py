@@ -2,7 +2,7 @@
 services.py): /api/v1/schedules, /api/v1/services, /text/schedules and
 /text/services. Reading follows read_access; every change needs the admin
 token, as everywhere in rc-web."""
-from rc import records, schedules, services, tasks
+from rc import schedules, services, tasks
 
 # Fields of POST /api/v1/schedules and /api/v1/services.
 TASK_FIELDS = {"task_type", "payload", "requirements", "priority", "timeout", "retries",
@@ -25,7 +25,7 @@ class ScheduleRoutes:
     # -- schedules ---------------------------------------------------------------
 
     def schedules(self):
-        return self.h.json_response({"schedules": [self.as_read(record) for record in
+        return self.h.json_response({"schedules": [self.web.as_read(record) for record in
                                                    schedules.list_schedules(
                                                        self.web.connection())]})
 
@@ -41,7 +41,7 @@ class ScheduleRoutes:
                                      "url": "/api/v1/schedules/%s" % body["name"]}, 201)
 
     def schedule(self, name):
-        return self.h.json_response(self.as_read(self.found(schedules.get,
+        return self.h.json_response(self.web.as_read(self.found(schedules.get,
                                                             self.web.connection(), name)))
 
     def remove_schedule(self, name):
@@ -57,7 +57,7 @@ class ScheduleRoutes:
     # -- services ------------------------------------------------------------------
 
     def services(self):
-        return self.h.json_response({"services": [self.as_read(record) for record in
+        return self.h.json_response({"services": [self.web.as_read(record) for record in
                                                   services.list_services(
                                                       self.web.connection(), self.web.config)]})
 
@@ -71,7 +71,7 @@ class ScheduleRoutes:
                                      "url": "/api/v1/services/%s" % body["name"]}, 201)
 
     def service(self, name):
-        return self.h.json_response(self.as_read(self.found(
+        return self.h.json_response(self.web.as_read(self.found(
             services.get, self.web.connection(), self.web.config, name)))
 
     def stop_service(self, name):
@@ -113,11 +113,6 @@ class ScheduleRoutes:
         return schedules.task_spec(self.web.config, body.get("task_type"),
                                    self.h.submitted_payload(body),
                                    self.h.submitted_requirements(body), **options)
-
-    def as_read(self, record):
-        """A schedule or service as this request may see it: its task's
-        --env values withheld without the admin token (Web.as_read)."""
-        return record if self.web.has_read_token() else records.withheld_spec(record)
 
     def flag(self, body, name):
         value = body.get(name, False)
